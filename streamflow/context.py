@@ -1,0 +1,136 @@
+"""What a handler receives besides its payload: the message's context and its cancel token."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+
+logger = logging.getLogger("streamflow.handler")
+
+
+class CancelToken:
+    """A read-only view of whether the message's work was cancelled.
+
+    Handlers check it cooperatively: ``ctx.cancel.cancelled``, ``ctx.cancel.raise_if_cancelled()``
+    or ``await ctx.cancel.wait_cancelled()``. The worker sets it; handlers never do.
+    """
+
+    __slots__ = ("_event", "_reason")
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+        self._reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether cancel was requested."""
+        return self._reason is not None
+
+    @property
+    def reason(self) -> str | None:
+        """The reason given with the cancel, or None while not cancelled."""
+        return self._reason
+
+    async def wait_cancelled(self) -> None:
+        """Return once cancel has been requested."""
+        if self._reason is not None:
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`Cancelled` if cancel was requested."""
+        if self._reason is not None:
+            raise Cancelled(self._reason)
+
+    def _set(self, reason: str) -> None:
+        """Request cancel (worker side only)."""
+        if self._reason is None:
+            self._reason = reason or "cancelled"
+            if self._event is not None:
+                self._event.set()
+
+
+class Cancelled(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by :meth:`CancelToken.raise_if_cancelled` to stop a cancelled handler."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Context:
+    """The context of one delivery of a message, passed to the handler.
+
+    Attributes:
+        message_id: The publisher's message id (kept across retries).
+        entry_id: The stream entry id of this delivery.
+        role: The role being run.
+        attempt: 1 for the first attempt.
+        consumer: The consumer name of the worker running it.
+        created_at_ms: When the message was first published (ms since the epoch).
+        deadline_ms: The message's deadline, if any.
+        task_id: The DAG task, if any.
+        node_id: The DAG node, if any.
+        cancel: The cancel token.
+    """
+
+    __slots__ = (
+        "_log",
+        "attempt",
+        "cancel",
+        "consumer",
+        "created_at_ms",
+        "deadline_ms",
+        "entry_id",
+        "message_id",
+        "node_id",
+        "role",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        message_id: str,
+        entry_id: str,
+        role: str,
+        attempt: int,
+        consumer: str,
+        created_at_ms: int,
+        deadline_ms: int | None = None,
+        task_id: str | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.message_id = message_id
+        self.entry_id = entry_id
+        self.role = role
+        self.attempt = attempt
+        self.consumer = consumer
+        self.created_at_ms = created_at_ms
+        self.deadline_ms = deadline_ms
+        self.task_id = task_id
+        self.node_id = node_id
+        self.cancel = CancelToken()
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the role, message id and attempt."""
+        if self._log is None:
+            extra: dict[str, Any] = {
+                "role": self.role,
+                "message_id": self.message_id,
+                "attempt": self.attempt,
+            }
+            self._log = logging.LoggerAdapter(logger, extra)
+        return self._log
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(role={self.role!r}, message_id={self.message_id!r}, "
+            f"attempt={self.attempt}, entry_id={self.entry_id!r})"
+        )

@@ -1,0 +1,46 @@
+"""Every exception streamflow raises, in one tree.
+
+StreamflowError
+├── ConfigError        a setting, URL, app path or role is wrong; raised at start-up
+├── InvalidNameError   a name that would reach a Redis key does not match the name pattern
+├── ProtocolError      bytes that are not a valid wire-protocol entry
+├── PayloadError       a payload that the handler's declared type rejects
+└── RedisUnavailable   Redis cannot be reached (connection refused, timed out, auth failed)
+"""
+
+from __future__ import annotations
+
+
+class StreamflowError(Exception):
+    """Base class of every streamflow error."""
+
+
+class ConfigError(StreamflowError):
+    """A setting, URL, application path or role name is wrong."""
+
+
+class InvalidNameError(StreamflowError, ValueError):
+    """A name that would become part of a Redis key does not match the allowed pattern."""
+
+
+class ProtocolError(StreamflowError):
+    """Bytes that are not a valid wire-protocol entry.
+
+    Attributes:
+        reason: A short machine-readable reason, used as the dead-letter reason.
+        raw: The offending bytes (possibly truncated by the caller for logging).
+    """
+
+    def __init__(self, reason: str, detail: str, raw: bytes | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.raw = raw
+
+
+class PayloadError(StreamflowError):
+    """A payload that does not validate against the handler's declared payload type."""
+
+
+class RedisUnavailable(StreamflowError):
+    """Redis cannot be reached or refused the connection."""

@@ -1,0 +1,272 @@
+"""The wire protocol: the models of every stream entry, and bytes to models and back.
+
+Every entry streamflow writes is one of the models below, encoded as JSON (orjson) in a single
+stream field. A role stream entry holds a :class:`Job` in the field ``message``; a dead-letter
+stream entry holds a :class:`DeadLetter` in the field ``dead_letter`` and the original entry's
+fields verbatim as ``raw:<field>``. ``docs/protocol.md`` is the reference for other languages.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streamflow.errors import ProtocolError
+from streamflow.keys import NAME_PATTERN
+
+#: The protocol version this code writes and reads.
+PROTOCOL_VERSION = 1
+#: The stream field that holds a job's JSON envelope.
+MESSAGE_FIELD = b"message"
+#: The dead-letter stream field that holds the :class:`DeadLetter` JSON.
+DEAD_LETTER_FIELD = b"dead_letter"
+#: Prefix of the dead-letter fields that keep the original entry's fields verbatim.
+RAW_FIELD_PREFIX = b"raw:"
+#: Default limit on one encoded message; larger entries are dead-lettered unread.
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
+MessageId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+DeadLetterReason = Literal[
+    "too_large",
+    "invalid_json",
+    "unsupported_version",
+    "unknown_kind",
+    "invalid_message",
+    "wrong_role",
+    "invalid_payload",
+    "failed",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class Job(_Model):
+    """A unit of work for one role: the entry of a role stream.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"job"``.
+        id: The message id chosen by the publisher; unique per message, kept across retries.
+        role: The role that handles it; must match the stream it is on.
+        payload: Any JSON value; the handler's declared type validates it.
+        attempt: 1 for the first attempt, growing with each retry.
+        created_at_ms: When it was first published, milliseconds since the Unix epoch.
+        deadline_ms: Optional time after which it must not start, ms since the epoch.
+        task_id: The DAG task it belongs to, if any.
+        node_id: The DAG node it belongs to, if any.
+        dedup_key: Optional publisher key; publishing twice with one key publishes once.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["job"] = "job"
+    id: MessageId
+    role: Name
+    payload: Any = None
+    attempt: Annotated[int, Field(ge=1)] = 1
+    created_at_ms: Annotated[int, Field(ge=0)]
+    deadline_ms: Annotated[int, Field(ge=0)] | None = None
+    task_id: Name | None = None
+    node_id: Name | None = None
+    dedup_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+
+class ErrorInfo(_Model):
+    """What went wrong in a handler or while decoding.
+
+    Attributes:
+        type: The exception's class name.
+        message: ``str(exception)``, truncated.
+        traceback: The last lines of the traceback, if any.
+    """
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class DeadLetter(_Model):
+    """An entry of a role's dead-letter stream.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"dead_letter"``.
+        reason: Why the entry was dead-lettered (see ``DeadLetterReason``).
+        detail: A human-readable explanation.
+        role: The role stream the entry came from.
+        entry_id: The original stream entry id.
+        message_id: The job's id, when the entry decoded far enough to have one.
+        consumer: The consumer that dead-lettered it.
+        attempts: How many attempts were made (0 when it never started).
+        dead_at_ms: When it was dead-lettered, ms since the epoch.
+        error: The last error, when a handler or decoder raised.
+        job: The decoded job, when the entry was a valid job.
+    """
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["dead_letter"] = "dead_letter"
+    reason: DeadLetterReason
+    detail: str
+    role: Name
+    entry_id: str
+    message_id: str | None = None
+    consumer: str
+    attempts: Annotated[int, Field(ge=0)] = 0
+    dead_at_ms: Annotated[int, Field(ge=0)]
+    error: ErrorInfo | None = None
+    job: Job | None = None
+
+
+#: Every message kind, by the value of its ``kind`` field.
+MESSAGE_KINDS: dict[str, type[_Model]] = {"job": Job, "dead_letter": DeadLetter}
+
+
+def now_ms() -> int:
+    """The current time in milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def new_message_id() -> str:
+    """A fresh random message id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def encode(model: BaseModel) -> bytes:
+    """Encode any protocol model as compact JSON bytes."""
+    return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
+
+
+def encode_job_fields(
+    *,
+    message_id: str,
+    role: str,
+    payload: Any,
+    created_at_ms: int,
+    deadline_ms: int | None = None,
+    task_id: str | None = None,
+    node_id: str | None = None,
+    dedup_key: str | None = None,
+    attempt: int = 1,
+) -> bytes:
+    """Encode a job envelope straight from its fields, for publishing in bulk.
+
+    This skips building a :class:`Job` (the fast path of ``publish_many``); the caller has
+    validated the names. The bytes decode to exactly the :class:`Job` with these fields.
+    """
+    doc: dict[str, Any] = {
+        "protocol": PROTOCOL_VERSION,
+        "kind": "job",
+        "id": message_id,
+        "role": role,
+        "payload": payload,
+        "attempt": attempt,
+        "created_at_ms": created_at_ms,
+    }
+    if deadline_ms is not None:
+        doc["deadline_ms"] = deadline_ms
+    if task_id is not None:
+        doc["task_id"] = task_id
+    if node_id is not None:
+        doc["node_id"] = node_id
+    if dedup_key is not None:
+        doc["dedup_key"] = dedup_key
+    return orjson.dumps(doc)
+
+
+def decode_job(fields: dict[bytes, bytes], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Job:
+    """Turn a role stream entry's fields into a :class:`Job`.
+
+    Args:
+        fields: The entry's fields as Redis returned them.
+        max_bytes: Entries whose ``message`` field is larger are refused before parsing.
+
+    Raises:
+        ProtocolError: With ``reason`` one of the dead-letter reasons ``too_large``,
+            ``invalid_json``, ``unsupported_version``, ``unknown_kind`` or ``invalid_message``.
+    """
+    raw = fields.get(MESSAGE_FIELD)
+    if raw is None:
+        names = ", ".join(repr(k.decode(errors="replace")) for k in fields) or "none"
+        raise ProtocolError(
+            "invalid_message", f"entry has no 'message' field (fields: {names})", None
+        )
+    if len(raw) > max_bytes:
+        raise ProtocolError("too_large", f"message is {len(raw)} bytes, limit {max_bytes}", raw)
+    try:
+        return Job.model_validate_json(raw)
+    except ValidationError:
+        pass
+    # The fast path failed: parse again only to name the reason precisely.
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}", raw) from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("invalid_message", "message is not a JSON object", raw)
+    _check_header(doc, raw, expected_kind="job")
+    try:
+        Job.model_validate(doc)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", _summarize(exc), raw) from None
+    raise ProtocolError("invalid_message", "message does not match the job schema", raw)
+
+
+def _check_header(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> None:
+    version = doc.get("protocol")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError(
+            "unsupported_version",
+            f"protocol version {version!r} is not supported (this worker speaks "
+            f"{PROTOCOL_VERSION})",
+            raw,
+        )
+    kind = doc.get("kind")
+    if kind != expected_kind:
+        raise ProtocolError(
+            "unknown_kind", f"kind {kind!r} is not valid here (expected {expected_kind!r})", raw
+        )
+
+
+def decode_dead_letter(fields: dict[bytes, bytes]) -> tuple[DeadLetter, dict[str, bytes]]:
+    """Turn a dead-letter stream entry into its model and the original raw fields.
+
+    Raises:
+        ProtocolError: The entry is not a valid dead-letter entry.
+    """
+    raw = fields.get(DEAD_LETTER_FIELD)
+    if raw is None:
+        raise ProtocolError("invalid_message", "entry has no 'dead_letter' field")
+    try:
+        letter = DeadLetter.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", _summarize(exc), raw) from None
+    originals = {
+        name[len(RAW_FIELD_PREFIX) :].decode(errors="replace"): value
+        for name, value in fields.items()
+        if name.startswith(RAW_FIELD_PREFIX)
+    }
+    return letter, originals
+
+
+def _summarize(exc: ValidationError, limit: int = 5) -> str:
+    """One line per validation problem, the first ``limit`` of them."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every message kind, keyed by kind."""
+    return {kind: model.model_json_schema() for kind, model in MESSAGE_KINDS.items()}

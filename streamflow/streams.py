@@ -1,0 +1,241 @@
+"""Redis access: connections, scripts, and raw stream replies turned into typed objects.
+
+Everything above this module sees :class:`Entry` objects and plain results; no other module
+parses an XREADGROUP reply or calls a Lua script by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streamflow.errors import ConfigError, RedisUnavailable
+from streamflow.keys import GROUP
+
+logger = logging.getLogger(__name__)
+
+URL_SCHEMES = ("redis", "rediss", "unix")
+#: Errors after which a command may or may not have run; callers reconnect and go on.
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry as Redis returned it.
+
+    Attributes:
+        id: The stream entry id, e.g. ``b"1718000000000-0"``.
+        fields: The entry's field/value pairs.
+    """
+
+    id: bytes
+    fields: dict[bytes, bytes]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe to log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def validate_url(url: str) -> str:
+    """Return ``url`` if it is a Redis URL streamflow accepts, else raise :class:`ConfigError`."""
+    parts = urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise ConfigError(
+            f"invalid Redis URL {redact_url(url)!r}: the scheme must be one of "
+            + ", ".join(f"{s}://" for s in URL_SCHEMES)
+        )
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: unix:// needs a socket path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: no host")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port lazily
+    except ValueError:
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: bad port") from None
+    return url
+
+
+def connect(url: str, *, socket_timeout: float | None = 10.0, name: str | None = None) -> Redis:
+    """Create an asyncio Redis client for ``url`` with client-side retries turned off.
+
+    redis-py would otherwise retry any command whose reply was lost, including ones that already
+    ran (a retried XADD publishes twice). streamflow decides per command instead: its loops
+    reconnect and carry on, and publishing reports the failure.
+
+    Args:
+        url: A ``redis://``, ``rediss://`` or ``unix://`` URL, with optional user and password.
+        socket_timeout: Seconds to wait for a reply; must exceed any BLOCK time used.
+        name: A client name shown by ``CLIENT LIST``.
+    """
+    validate_url(url)
+    return Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        retry=Retry(NoBackoff(), 0),
+        client_name=name,
+        health_check_interval=30,
+    )
+
+
+async def ping(redis: Redis, url: str = "") -> None:
+    """Check that Redis answers, raising :class:`RedisUnavailable` with a one-line reason."""
+    try:
+        await redis.ping()
+    except TRANSIENT_ERRORS as exc:
+        where = f" at {redact_url(url)}" if url else ""
+        raise RedisUnavailable(f"cannot connect to Redis{where}: {_one_line(exc)}") from None
+    except ResponseError as exc:
+        where = f" at {redact_url(url)}" if url else ""
+        raise RedisUnavailable(f"Redis{where} refused the connection: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class Scripts:
+    """The Lua scripts, registered on one client.
+
+    Real Redis gets them with the ``#!lua`` shebang, so a key not declared in KEYS is refused
+    (as Redis Cluster requires); fakeredis does not parse the shebang and gets them without it.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        strip = type(redis).__module__.startswith("fakeredis")
+        self.settle = redis.register_script(_load("settle.lua", strip))
+        self.dead_letter = redis.register_script(_load("dead_letter.lua", strip))
+        self.publish_dedup = redis.register_script(_load("publish_dedup.lua", strip))
+
+    @staticmethod
+    def source(name: str) -> str:
+        """The text of the Lua script ``name`` as shipped (with its shebang)."""
+        return resources.files("streamflow").joinpath("lua").joinpath(name).read_text()
+
+
+def _load(name: str, strip_shebang: bool) -> str:
+    text = Scripts.source(name)
+    if strip_shebang and text.startswith("#!"):
+        text = text.split("\n", 1)[1]
+    return text
+
+
+async def ensure_group(redis: Redis, stream: str) -> None:
+    """Create the role's consumer group (and the stream) if missing.
+
+    The group starts at ``0``, not ``$``: a group lost with a Redis restart must not skip the
+    entries already in the stream.
+    """
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def read_group(
+    redis: Redis, stream: str, consumer: str, *, count: int, block_ms: int | None
+) -> list[Entry]:
+    """Read up to ``count`` new entries for ``consumer`` (XREADGROUP ... >).
+
+    Args:
+        redis: The client; its socket timeout must exceed ``block_ms``.
+        stream: The role stream.
+        consumer: This worker's consumer name.
+        count: The most entries to return.
+        block_ms: How long to wait when there is nothing; None returns at once.
+    """
+    reply = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
+    return _entries(reply)
+
+
+def _entries(reply: Any) -> list[Entry]:
+    if not reply:
+        return []
+    # RESP2 reply: [[stream, [(id, {field: value}), ...]]]; one stream per read.
+    _, items = reply[0]
+    return [Entry(entry_id, fields or {}) for entry_id, fields in items]
+
+
+async def settle(
+    scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
+) -> list[bytes]:
+    """Acknowledge and delete entries ``consumer`` still owns; return the refused ids."""
+    refused = await scripts.settle(keys=[stream], args=[GROUP, consumer, *ids], client=redis)
+    return list(refused or [])
+
+
+async def dead_letter(
+    scripts: Scripts,
+    redis: Redis,
+    *,
+    stream: str,
+    dead_stream: str,
+    consumer: str,
+    entry_id: bytes,
+    fields: Iterable[tuple[bytes, bytes]],
+    max_len: int,
+) -> bytes | None:
+    """Move an entry to the dead-letter stream; None if ``consumer`` no longer owns it."""
+    flat: list[bytes | str | int] = [GROUP, consumer, entry_id, max_len]
+    for name, value in fields:
+        flat += (name, value)
+    result = await scripts.dead_letter(keys=[stream, dead_stream], args=flat, client=redis)
+    return result if result else None
+
+
+async def publish(redis: Redis, stream: str, message: bytes) -> bytes:
+    """XADD one encoded job; returns the stream entry id."""
+    entry_id: bytes = await redis.xadd(stream, {b"message": message})
+    return entry_id
+
+
+async def publish_many(redis: Redis, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
+    """XADD many encoded jobs in one pipeline (no MULTI); returns their entry ids in order."""
+    pipe = redis.pipeline(transaction=False)
+    for stream, message in items:
+        pipe.xadd(stream, {b"message": message})
+    ids: list[bytes] = await pipe.execute()
+    return ids
+
+
+async def publish_dedup(
+    scripts: Scripts,
+    redis: Redis,
+    *,
+    stream: str,
+    marker: str,
+    message_id: str,
+    message: bytes,
+    window_ms: int,
+) -> tuple[bool, str]:
+    """Publish unless ``marker`` exists; returns (published, entry id or first message id)."""
+    flag, value = await scripts.publish_dedup(
+        keys=[stream, marker], args=[message_id, window_ms, message], client=redis
+    )
+    return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether ``exc`` says the consumer group (or its stream) is gone."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
