@@ -54,7 +54,7 @@ class CancelToken:
                 self._event.set()
 
 
-class Cancelled(Exception):  # noqa: N818 - a control-flow signal, not an error
+class Cancelled(Exception):
     """Raised by :meth:`CancelToken.raise_if_cancelled` to stop a cancelled handler."""
 
     def __init__(self, reason: str) -> None:

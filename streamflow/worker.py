@@ -156,6 +156,7 @@ class Worker:
         self._in_flight = 0
         self._capacity = anyio.Event()
         self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
         self._acker = _Acker(self)
 
@@ -163,7 +164,10 @@ class Worker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop` is called, then finish in-flight work and return."""
-        await self._serve(burst=False, task_status=task_status)
+        try:
+            await self._serve(burst=False, task_status=task_status)
+        finally:
+            self._stopped.set()
 
     async def drain(self) -> None:
         """Process everything queued on the served roles, then return (burst mode).
@@ -180,6 +184,15 @@ class Worker:
         """Ask the worker to stop: reading stops at once, in-flight handlers get the grace."""
         self._stopping.set()
         self._capacity.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`run` has returned (or was never started and stop() was called)."""
+        await self._stopped.wait()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopping.is_set()
 
     def statistics(self) -> WorkerStatistics:
         """A snapshot of the worker's counters."""

@@ -1,0 +1,182 @@
+"""One streamflow worker process for the benchmarks (started by throughput.py and soak.py).
+
+Every mode serves the role ``bench`` of an app with a no-op async handler and writes one JSON
+object per line to stdout:
+
+* ``drain``: ``Worker.drain()`` what is queued, then ``{"event": "drained", ...}`` with the
+  elapsed wall time and the process CPU time of the drain alone (imports and connecting are
+  outside the timed part).
+* ``latency``: ``Worker.run()``; prints ``{"event": "ready"}`` once the consumer group exists,
+  records ``time.time_ns()`` minus the payload's ``t`` for each message, and after ``--expected``
+  messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
+* ``soak``: ``Worker.run()``; prints ``{"event": "ready"}``, then an ``rss`` sample every
+  ``--interval`` seconds, and a ``done`` sample when ``--expected`` messages were acked (taken
+  before the worker shuts down), then exits.
+
+SIGTERM or SIGINT stop the worker gracefully in the ``run`` modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import anyio
+import psutil
+from anyio.abc import TaskStatus
+
+from streamflow import App, Context, Outcome, Worker, streams
+
+ROLE = "bench"
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def worker_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the options given on the command line: the rest keep Worker's defaults."""
+    options: dict[str, Any] = {"namespace": args.namespace}
+    if args.concurrency is not None:
+        options["concurrency"] = args.concurrency
+    if args.read_count is not None:
+        options["read_count"] = args.read_count
+    return options
+
+
+async def drain(args: argparse.Namespace) -> None:
+    app = App()
+
+    @app.role(ROLE)
+    async def noop(ctx: Context, payload: Any) -> None:
+        pass
+
+    redis = streams.connect(args.url)
+    try:
+        await redis.ping()
+        worker = Worker(app, redis, **worker_options(args))
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await worker.drain()
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        stats = worker.statistics()
+        emit(
+            "drained",
+            elapsed=elapsed,
+            cpu=cpu,
+            received=stats.received,
+            acked=stats.acked,
+            dead_lettered=stats.dead_lettered,
+            refused=stats.refused,
+            concurrency=worker.concurrency,
+        )
+    finally:
+        await redis.aclose()
+
+
+async def stop_on_signal(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            worker.stop()
+            return
+
+
+async def latency(args: argparse.Namespace) -> None:
+    app = App()
+    samples: list[int] = []
+    worker: Worker | None = None
+
+    @app.role(ROLE)
+    async def record(ctx: Context, payload: Any) -> None:
+        samples.append(time.time_ns() - int(payload["t"]))
+        if len(samples) >= args.expected and worker is not None:
+            worker.stop()
+
+    redis = streams.connect(args.url)
+    try:
+        await redis.ping()
+        worker = Worker(app, redis, **worker_options(args))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signal, worker)
+            # run() returns once the handler has seen --expected messages (or on a signal).
+            await tg.start(run_then_cancel, worker, tg.cancel_scope)
+            emit("ready")
+        emit("latencies", ns=samples)
+    finally:
+        await redis.aclose()
+
+
+async def run_then_cancel(
+    worker: Worker, scope: anyio.CancelScope, *, task_status: TaskStatus[None]
+) -> None:
+    """Run the worker; when it returns, cancel the helper tasks beside it."""
+    await worker.run(task_status=task_status)
+    scope.cancel()
+
+
+async def soak(args: argparse.Namespace) -> None:
+    app = App()
+    process = psutil.Process(os.getpid())
+    start = time.monotonic()
+    worker: Worker | None = None
+    acked = 0
+
+    def sample(event: str) -> None:
+        emit(event, t=time.monotonic() - start, acked=acked, rss=process.memory_info().rss)
+
+    @app.role(ROLE)
+    async def noop(ctx: Context, payload: Any) -> None:
+        pass
+
+    def on_outcome(outcome: Outcome) -> None:
+        nonlocal acked
+        if outcome.status == "acked":
+            acked += 1
+            if acked == args.expected and worker is not None:
+                sample("done")
+                worker.stop()
+
+    async def report() -> None:
+        while True:
+            await anyio.sleep(args.interval)
+            sample("rss")
+
+    redis = streams.connect(args.url)
+    try:
+        await redis.ping()
+        worker = Worker(app, redis, on_outcome=on_outcome, **worker_options(args))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signal, worker)
+            await tg.start(run_then_cancel, worker, tg.cancel_scope)
+            sample("ready")
+            tg.start_soon(report)
+    finally:
+        await redis.aclose()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("mode", choices=["drain", "latency", "soak"])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--read-count", type=int)
+    parser.add_argument("--expected", type=int, default=0, help="messages to wait for")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    args = parse_args(argv)
+    modes = {"drain": drain, "latency": latency, "soak": soak}
+    anyio.run(modes[args.mode], args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""The ``streamflow`` command line: worker, publish, schema and demo."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
+
+import anyio
+import click
+import orjson
+
+from streamflow import config, streams
+from streamflow.client import Client
+from streamflow.errors import ConfigError, StreamflowError
+from streamflow.protocol import json_schemas
+from streamflow.worker import Worker
+
+logger = logging.getLogger("streamflow")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errors_to_exit(func: F) -> F:
+    """Report a streamflow error as one line on stderr and exit 2, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except StreamflowError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _connection_options(func: F) -> F:
+    func = click.option(
+        "--namespace",
+        envvar="STREAMFLOW_NAMESPACE",
+        default="sf",
+        show_default=True,
+        help="Prefix of every key.",
+    )(func)
+    return click.option(
+        "--redis-url",
+        envvar="STREAMFLOW_REDIS_URL",
+        default=config.DEFAULT_REDIS_URL,
+        show_default=True,
+        help="redis://, rediss:// or unix:// URL, with optional user and password.",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    envvar="STREAMFLOW_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.version_option(package_name="streamflow")
+@_errors_to_exit
+def main(log_level: str) -> None:
+    """streamflow: workers and publishers on Redis Streams."""
+    config.check_environment()
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.option(
+    "--app",
+    "app_path",
+    envvar="STREAMFLOW_APP",
+    required=True,
+    help="The App to load, as package.module:attribute.",
+)
+@click.option(
+    "--role",
+    "roles",
+    envvar="STREAMFLOW_ROLES",
+    multiple=True,
+    help="A role to serve; repeat for several. Default: every role of the app.",
+)
+@click.option(
+    "--concurrency",
+    envvar="STREAMFLOW_CONCURRENCY",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Handlers run at once per process.",
+)
+@click.option(
+    "--consumer-name",
+    envvar="STREAMFLOW_CONSUMER_NAME",
+    help="Stable consumer name (default: host-pid-random). Unique per process.",
+)
+@click.option(
+    "--processes",
+    envvar="STREAMFLOW_PROCESSES",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes under one supervising parent.",
+)
+@click.option(
+    "--read-count",
+    envvar="STREAMFLOW_READ_COUNT",
+    type=int,
+    default=256,
+    show_default=True,
+    help="The most entries one read fetches.",
+)
+@click.option(
+    "--block-ms",
+    envvar="STREAMFLOW_BLOCK_MS",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="How long an idle read blocks.",
+)
+@click.option(
+    "--max-message-bytes",
+    envvar="STREAMFLOW_MAX_MESSAGE_BYTES",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Larger messages are dead-lettered.",
+)
+@click.option(
+    "--shutdown-grace",
+    envvar="STREAMFLOW_SHUTDOWN_GRACE",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight handlers get to finish on SIGTERM.",
+)
+@_connection_options
+@_errors_to_exit
+def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
+    """Serve roles of an app: streamflow worker --app pkg.module:app --role ROLE."""
+    settings = config.build(config.WorkerSettings, app=app_path, roles=roles, **options)
+    assert isinstance(settings, config.WorkerSettings)
+    app = config.load_app(settings.app)
+    for role in settings.roles:
+        app.get_role(role)
+    if not app.roles:
+        raise ConfigError(f"app {settings.app!r} has no roles")
+    if settings.processes > 1:
+        from streamflow.supervisor import supervise
+
+        sys.exit(supervise(settings))
+    anyio.run(_serve, settings, app)
+
+
+async def _serve(settings: config.WorkerSettings, app: Any) -> None:
+    redis = streams.connect(
+        settings.url,
+        socket_timeout=settings.block_ms / 1000 + 10,
+        name=f"streamflow-worker-{settings.consumer_name or ''}".rstrip("-"),
+    )
+    await streams.ping(redis, settings.url)
+    worker = Worker(
+        app,
+        redis,
+        roles=settings.roles or None,
+        namespace=settings.namespace,
+        concurrency=settings.concurrency,
+        consumer=settings.consumer_name,
+        read_count=settings.read_count,
+        block_ms=settings.block_ms,
+        max_message_bytes=settings.max_message_bytes,
+        shutdown_grace=settings.shutdown_grace,
+    )
+    roles = ", ".join(settings.roles or tuple(app.roles))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+            await tg.start(worker.run)
+            logger.info(
+                "worker %s serving %s on %s (namespace %s, concurrency %d)",
+                worker.consumer,
+                roles,
+                settings.safe_url,
+                settings.namespace,
+                worker.concurrency,
+            )
+            await worker.wait_stopped()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+    logger.info("worker %s stopped", worker.consumer)
+
+
+async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not worker.stopping:
+                name = signal.Signals(signum).name
+                logger.info("%s: finishing in-flight work (signal again to exit now)", name)
+                worker.stop()
+            else:
+                logger.warning("second signal: exiting now; unfinished entries stay pending")
+                scope.cancel()
+                return
+
+
+@main.command()
+@click.argument("role")
+@click.option("--json", "json_text", help="The payload, as one JSON document.")
+@click.option(
+    "--file",
+    "file",
+    type=click.File("rb"),
+    help="Read one JSON payload per line from a file ('-' for stdin).",
+)
+@click.option("--id", "message_id", help="The message id (single publish only).")
+@click.option("--dedup-key", help="Publish at most once per key within the dedup window.")
+@_connection_options
+@_errors_to_exit
+def publish(
+    role: str,
+    json_text: str | None,
+    file: IO[bytes] | None,
+    message_id: str | None,
+    dedup_key: str | None,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    """Publish jobs to ROLE; prints one message id per line."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    if (json_text is None) == (file is None):
+        raise ConfigError("give exactly one of --json or --file")
+    if file is not None and (message_id or dedup_key):
+        raise ConfigError("--id and --dedup-key apply to a single --json publish")
+    if json_text is not None:
+        payloads = [_parse_json(json_text.encode(), "--json")]
+    else:
+        assert file is not None
+        payloads = list(_read_lines(file))
+    ids = anyio.run(_publish, settings, role, payloads, message_id, dedup_key)
+    for one in ids:
+        click.echo(one)
+
+
+def _parse_json(raw: bytes, where: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: invalid JSON: {exc}") from None
+
+
+def _read_lines(file: IO[bytes]) -> Iterator[Any]:
+    for number, line in enumerate(file, start=1):
+        if line.strip():
+            yield _parse_json(line, f"line {number}")
+
+
+async def _publish(
+    settings: config.ConnectionSettings,
+    role: str,
+    payloads: list[Any],
+    message_id: str | None,
+    dedup_key: str | None,
+) -> list[str]:
+    redis = streams.connect(settings.url, name="streamflow-cli")
+    try:
+        await streams.ping(redis, settings.url)
+        client = Client(redis, namespace=settings.namespace)
+        if len(payloads) == 1:
+            return [
+                await client.publish(role, payloads[0], message_id=message_id, dedup_key=dedup_key)
+            ]
+        return await client.publish_many(role, payloads)
+    finally:
+        await redis.aclose()
+
+
+@main.command()
+@click.option("--kind", type=click.Choice(sorted(json_schemas())), help="Only this kind.")
+def schema(kind: str | None) -> None:
+    """Print the JSON Schema of every message kind of the wire protocol."""
+    schemas = json_schemas()
+    out = schemas[kind] if kind else schemas
+    click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())

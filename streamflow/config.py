@@ -1,0 +1,154 @@
+"""Settings: one frozen, validated object built from CLI options and STREAMFLOW_* variables."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Mapping
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from streamflow import streams
+from streamflow.app import App
+from streamflow.errors import ConfigError
+from streamflow.keys import validate_name
+
+ENV_PREFIX = "STREAMFLOW_"
+#: Settings fields whose CLI option has another name.
+_OPTION_NAMES = {"roles": "role"}
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+#: Every environment variable streamflow reads; any other STREAMFLOW_* is a start-up error, so a
+#: misspelt setting is never silently ignored.
+ENV_VARS = frozenset(
+    {
+        "STREAMFLOW_REDIS_URL",
+        "STREAMFLOW_NAMESPACE",
+        "STREAMFLOW_APP",
+        "STREAMFLOW_ROLES",
+        "STREAMFLOW_CONCURRENCY",
+        "STREAMFLOW_CONSUMER_NAME",
+        "STREAMFLOW_PROCESSES",
+        "STREAMFLOW_READ_COUNT",
+        "STREAMFLOW_BLOCK_MS",
+        "STREAMFLOW_MAX_MESSAGE_BYTES",
+        "STREAMFLOW_SHUTDOWN_GRACE",
+        "STREAMFLOW_LOG_LEVEL",
+    }
+)
+
+
+class ConnectionSettings(BaseModel):
+    """Where Redis is and which namespace to use.
+
+    The URL is held as a secret: its password never shows in a repr, log or error.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
+    namespace: str = "sf"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            streams.validate_url(value.get_secret_value())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        return validate_name(value, "namespace")
+
+    @property
+    def url(self) -> str:
+        """The Redis URL, password included: pass it to a client, never to a log."""
+        return self.redis_url.get_secret_value()
+
+    @property
+    def safe_url(self) -> str:
+        """The Redis URL with its password masked."""
+        return streams.redact_url(self.url)
+
+
+class WorkerSettings(ConnectionSettings):
+    """Everything ``streamflow worker`` needs."""
+
+    app: Annotated[str, Field(pattern=r"^[\w.]+:[\w.]+$")]
+    roles: tuple[str, ...] = ()
+    concurrency: Annotated[int, Field(ge=1, le=100_000)] = 32
+    consumer_name: str | None = None
+    processes: Annotated[int, Field(ge=1, le=256)] = 1
+    read_count: Annotated[int, Field(ge=1, le=100_000)] = 256
+    block_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
+
+    @field_validator("roles")
+    @classmethod
+    def _check_roles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(validate_name(role, "role") for role in value)
+
+    @field_validator("consumer_name")
+    @classmethod
+    def _check_consumer(cls, value: str | None) -> str | None:
+        return None if value is None else validate_name(value, "consumer name")
+
+
+def build(model: type[ConnectionSettings], **values: object) -> ConnectionSettings:
+    """Build settings, turning validation errors into one readable :class:`ConfigError`."""
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            where = _OPTION_NAMES.get(where, where).replace("_", "-")
+            message = str(err.get("ctx", {}).get("error") or err["msg"]).removeprefix(
+                "Value error, "
+            )
+            problems.append(f"--{where}: {message}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def check_environment(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse unknown STREAMFLOW_* variables (likely misspelt settings)."""
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in ENV_VARS)
+    if unknown:
+        raise ConfigError(
+            f"unknown environment variable{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; known: {', '.join(sorted(ENV_VARS))}"
+        )
+
+
+def load_app(path: str) -> App:
+    """Import ``module:attribute`` and return the :class:`App` it names.
+
+    The current directory is importable, as with ``python -m``.
+
+    Raises:
+        ConfigError: The module or attribute is missing, or it is not an App.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"invalid app {path!r}: expected 'package.module:attribute'")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from None
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, App):
+        raise ConfigError(f"{path!r} is a {type(obj).__name__}, not a streamflow.App")
+    return obj

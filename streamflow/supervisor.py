@@ -1,0 +1,126 @@
+"""``streamflow worker --processes N``: run N worker processes under one parent.
+
+The parent forwards SIGTERM/SIGINT to every child (a second signal kills them), and restarts a
+child that dies, with a capped backoff so a child that crashes at start-up does not spin.
+Children run in their own session, so a Ctrl-C in the terminal reaches them only through the
+parent, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+from streamflow.config import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+#: A child that lived at least this long is considered healthy: its restart backoff resets.
+HEALTHY_AFTER = 10.0
+MAX_RESTART_DELAY = 30.0
+
+
+@dataclass
+class _Child:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restart_delay: float = 0.5
+    restart_at: float = 0.0
+
+
+def child_command(settings: WorkerSettings, index: int) -> list[str]:
+    """The command line of child ``index`` (the Redis URL goes in its environment instead)."""
+    cmd = [sys.executable, "-m", "streamflow", "worker", "--app", settings.app, "--processes", "1"]
+    for role in settings.roles:
+        cmd += ["--role", role]
+    cmd += ["--concurrency", str(settings.concurrency)]
+    cmd += ["--read-count", str(settings.read_count), "--block-ms", str(settings.block_ms)]
+    cmd += ["--max-message-bytes", str(settings.max_message_bytes)]
+    cmd += ["--shutdown-grace", str(settings.shutdown_grace)]
+    if settings.consumer_name:
+        cmd += ["--consumer-name", f"{settings.consumer_name}-{index}"]
+    return cmd
+
+
+def supervise(settings: WorkerSettings) -> int:
+    """Run ``settings.processes`` workers until a signal stops them; returns the exit code."""
+    env = dict(os.environ)
+    env.pop("STREAMFLOW_PROCESSES", None)
+    env["STREAMFLOW_REDIS_URL"] = settings.url
+    env["STREAMFLOW_NAMESPACE"] = settings.namespace
+    children = [_Child(i) for i in range(settings.processes)]
+    signals: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signals.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _loop(settings, env, children, signals)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for child in children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.kill()
+                child.process.wait()
+
+
+def _loop(
+    settings: WorkerSettings, env: dict[str, str], children: list[_Child], signals: list[int]
+) -> int:
+    forwarded = 0
+    while True:
+        if len(signals) > forwarded:
+            forwarded = len(signals)
+            _forward(children, signal.SIGTERM if forwarded == 1 else signal.SIGKILL)
+        if forwarded:
+            if all(c.process is None or c.process.poll() is not None for c in children):
+                logger.info("all %d worker processes stopped", len(children))
+                return 0
+        else:
+            for child in children:
+                _keep_alive(settings, env, child)
+        time.sleep(0.1)
+
+
+def _forward(children: list[_Child], signum: signal.Signals) -> None:
+    logger.info("sending %s to %d worker processes", signum.name, len(children))
+    for child in children:
+        if child.process is not None and child.process.poll() is None:
+            child.process.send_signal(signum)
+
+
+def _keep_alive(settings: WorkerSettings, env: dict[str, str], child: _Child) -> None:
+    now = time.monotonic()
+    if child.process is None:
+        if now >= child.restart_at:
+            child.process = subprocess.Popen(
+                child_command(settings, child.index), env=env, start_new_session=True
+            )
+            child.started = now
+            logger.info("worker process %d started (pid %d)", child.index, child.process.pid)
+        return
+    code = child.process.poll()
+    if code is None:
+        return
+    lived = now - child.started
+    child.restart_delay = (
+        0.5 if lived >= HEALTHY_AFTER else min(child.restart_delay * 2, MAX_RESTART_DELAY)
+    )
+    child.restart_at = now + child.restart_delay
+    child.process = None
+    logger.warning(
+        "worker process %d exited with %s after %.1fs; restarting in %.1fs",
+        child.index,
+        code,
+        lived,
+        child.restart_delay,
+    )
