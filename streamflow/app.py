@@ -67,12 +67,17 @@ class App:
     def __init__(self) -> None:
         self._roles: dict[str, Role] = {}
 
-    def role(self, name: str) -> Callable[[HandlerT], HandlerT]:
+    def role(self, name: str, *, payload: Any = None) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
         The function takes ``(ctx, payload)``. The payload parameter's annotation (a pydantic
         model or any type pydantic validates) is checked on every message; a payload that fails
         goes to the dead-letter stream. Plain functions run in worker threads.
+
+        Args:
+            name: The role name.
+            payload: The payload type, when it cannot be read from the annotation (e.g. a class
+                defined inside a function under ``from __future__ import annotations``).
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -83,7 +88,7 @@ class App:
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
                 raise ConfigError(f"role {name!r} already has a handler")
-            self._roles[name] = _make_role(name, func)
+            self._roles[name] = _make_role(name, func, payload)
             return func
 
         return register
@@ -106,21 +111,29 @@ class App:
             raise ConfigError(f"unknown role {name!r} (this app has: {known})") from None
 
 
-def _make_role(name: str, func: Callable[..., Any]) -> Role:
+def _make_role(name: str, func: Callable[..., Any], payload_type: Any = None) -> Role:
     params = list(inspect.signature(func).parameters.values())
     if len(params) != 2:
         raise ConfigError(
             f"handler {func.__qualname__} of role {name!r} must take (ctx, payload), "
             f"not {len(params)} parameters"
         )
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception as exc:  # a forward reference that cannot be resolved
-        raise ConfigError(f"cannot resolve annotations of {func.__qualname__}: {exc}") from None
-    payload_type = hints.get(params[1].name, Any)
+    if payload_type is None:
+        payload_type = _annotation(func, params[1].name)
     adapter = None if payload_type is Any else TypeAdapter(payload_type)
     is_async = inspect.iscoroutinefunction(func)
     return Role(name, func, is_async, payload_type, adapter)
+
+
+def _annotation(func: Callable[..., Any], parameter: str) -> Any:
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:  # a forward reference that cannot be resolved
+        raise ConfigError(
+            f"cannot resolve the annotations of {func.__qualname__} ({exc}); "
+            "pass the payload type explicitly: @app.role(name, payload=Model)"
+        ) from None
+    return hints.get(parameter, Any)
 
 
 def _first_errors(exc: ValidationError, limit: int = 3) -> str:

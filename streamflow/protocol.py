@@ -29,7 +29,12 @@ RAW_FIELD_PREFIX = b"raw:"
 #: Default limit on one encoded message; larger entries are dead-lettered unread.
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
+Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN.pattern}$")]
+# An int, not Literal[1]: JSON ``true`` would pass as 1 in a Literal. Required on the wire.
+Version = Annotated[
+    int,
+    Field(ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION, json_schema_extra={"const": PROTOCOL_VERSION}),
+]
 MessageId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 DeadLetterReason = Literal[
@@ -65,8 +70,8 @@ class Job(_Model):
         dedup_key: Optional publisher key; publishing twice with one key publishes once.
     """
 
-    protocol: Literal[1] = PROTOCOL_VERSION
-    kind: Literal["job"] = "job"
+    protocol: Version
+    kind: Literal["job"]
     id: MessageId
     role: Name
     payload: Any = None
@@ -110,8 +115,8 @@ class DeadLetter(_Model):
         job: The decoded job, when the entry was a valid job.
     """
 
-    protocol: Literal[1] = PROTOCOL_VERSION
-    kind: Literal["dead_letter"] = "dead_letter"
+    protocol: Version
+    kind: Literal["dead_letter"]
     reason: DeadLetterReason
     detail: str
     role: Name

@@ -177,6 +177,12 @@ def _entries(reply: Any) -> list[Entry]:
     return [Entry(entry_id, fields or {}) for entry_id, fields in items]
 
 
+async def read_range(redis: Redis, stream: str, *, count: int | None = None) -> list[Entry]:
+    """The entries of ``stream`` from the oldest (XRANGE - +), at most ``count``."""
+    reply: Any = await redis.xrange(stream, count=count)
+    return [Entry(entry_id, fields or {}) for entry_id, fields in reply or []]
+
+
 async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
@@ -206,8 +212,8 @@ async def dead_letter(
 
 async def publish(redis: Redis, stream: str, message: bytes) -> bytes:
     """XADD one encoded job; returns the stream entry id."""
-    entry_id: bytes = await redis.xadd(stream, {b"message": message})
-    return entry_id
+    entry_id = await redis.xadd(stream, {b"message": message})
+    return bytes(entry_id) if not isinstance(entry_id, str) else entry_id.encode()
 
 
 async def publish_many(redis: Redis, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
@@ -236,6 +242,10 @@ async def publish_dedup(
     return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
 
 
-def is_nogroup(exc: BaseException) -> bool:
-    """Whether ``exc`` says the consumer group (or its stream) is gone."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+def is_group_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the consumer group or its stream is gone.
+
+    ``NOGROUP`` comes after a Redis restart without persistence; ``UNBLOCKED`` when the stream
+    is deleted (or its slot migrates) under a blocked read.
+    """
+    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))

@@ -128,8 +128,8 @@ class Harness:
 
     async def dead_letters(self, role: str) -> list[DeadLetter]:
         """The entries of a role's dead-letter stream, oldest first."""
-        entries = await self.redis.xrange(self.keys.dead_letters(role))
-        return [decode_dead_letter(fields)[0] for _, fields in entries]
+        entries = await streams.read_range(self.redis, self.keys.dead_letters(role))
+        return [decode_dead_letter(entry.fields)[0] for entry in entries]
 
     async def queued(self, role: str) -> int:
         """How many entries the role stream holds (not yet acknowledged or never read)."""

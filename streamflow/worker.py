@@ -40,6 +40,7 @@ from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
     DEAD_LETTER_FIELD,
     DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     RAW_FIELD_PREFIX,
     DeadLetter,
     DeadLetterReason,
@@ -262,7 +263,7 @@ class Worker:
                     await backoff.failed(exc)
                     continue
                 except ResponseError as exc:
-                    if not streams.is_nogroup(exc):
+                    if not streams.is_group_lost(exc):
                         raise
                     logger.warning("consumer group of %s is gone; recreating it", stream)
                     await streams.ensure_group(self._redis, stream)
@@ -363,6 +364,8 @@ class Worker:
     ) -> None:
         entry = delivery.entry
         letter = DeadLetter(
+            protocol=PROTOCOL_VERSION,
+            kind="dead_letter",
             reason=reason,
             detail=detail,
             role=delivery.role.name,

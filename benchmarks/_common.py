@@ -1,0 +1,211 @@
+"""Helpers shared by the benchmark scripts: the worker subprocess, Redis figures, formatting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from redis.asyncio import Redis
+
+from streamflow.server import RedisServer
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+WORKER_SCRIPT = BENCH_DIR / "_worker.py"
+ROLE = "bench"
+#: The stdout of a worker process is read line by line; the latency report is one long line.
+_LINE_LIMIT = 1 << 24
+_STOP_TIMEOUT = 10.0
+
+
+class WorkerProcessError(RuntimeError):
+    """The worker subprocess exited early or did not report in time."""
+
+
+class WorkerProcess:
+    """``benchmarks/_worker.py`` in a subprocess, read as JSON lines; always reaped on exit.
+
+    Args:
+        mode: ``drain``, ``latency`` or ``soak`` (see ``_worker.py``).
+        url: The Redis URL.
+        namespace: The streamflow namespace.
+        options: More ``--name value`` options for the worker script.
+        profile: Run the worker under cProfile and write the stats to this file.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        url: str,
+        namespace: str,
+        options: dict[str, object] | None = None,
+        *,
+        profile: Path | None = None,
+    ) -> None:
+        argv = [str(WORKER_SCRIPT), mode, "--url", url, "--namespace", namespace]
+        for name, value in (options or {}).items():
+            if value is not None:
+                argv += [f"--{name.replace('_', '-')}", str(value)]
+        prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        self.argv = [sys.executable, *prefix, *argv]
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Self:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        self._process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            limit=_LINE_LIMIT,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def pid(self) -> int:
+        return self._require().pid
+
+    def _require(self) -> asyncio.subprocess.Process:
+        if self._process is None:
+            raise WorkerProcessError("the worker process was not started")
+        return self._process
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The JSON objects the worker prints, until its stdout closes."""
+        process = self._require()
+        assert process.stdout is not None
+        while line := await process.stdout.readline():
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)
+
+    async def wait_event(self, name: str) -> dict[str, Any]:
+        """The next event called ``name``; raises if the worker exits first.
+
+        Bound the wait with ``asyncio.timeout()``.
+        """
+        async for event in self.events():
+            if event.get("event") == name:
+                return event
+        code = await self._require().wait()
+        raise WorkerProcessError(f"worker exited with code {code} before reporting {name!r}")
+
+    async def wait(self) -> int:
+        """Wait for the worker to exit on its own; its exit code (bound it with a timeout)."""
+        return await self._require().wait()
+
+    async def close(self) -> None:
+        """Stop the worker if it still runs: SIGTERM (graceful), then SIGKILL."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), _STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
+
+
+@contextlib.contextmanager
+def redis_url(url: str | None) -> Iterator[str]:
+    """``url`` as it is, or the URL of a private redis-server started for the duration."""
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+async def redis_cpu_seconds(redis: Redis) -> float:
+    """CPU time (user + system) the redis-server process has used so far."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def pending_count(redis: Redis, stream: str, group: str) -> int:
+    """How many entries of ``stream`` are delivered to ``group`` but not acknowledged."""
+    summary = await redis.xpending(stream, group)
+    return int(summary["pending"])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(out)
+
+
+def git_revision() -> str:
+    """The short commit of the work tree, with ``+dirty`` when streamflow/ has local changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "streamflow"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def replace_section(path: Path, heading: str, body: str, title: str = "# Benchmarks") -> None:
+    """Replace the ``heading`` section of a markdown file (up to the next ``## ``) with ``body``.
+
+    ``body`` starts with the heading itself. The file is created, and the section appended,
+    when missing.
+    """
+    text = path.read_text() if path.exists() else f"{title}\n"
+    lines = text.splitlines()
+    try:
+        start = lines.index(heading)
+    except ValueError:
+        new = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        tail = lines[end:]
+        new = "\n".join([*lines[:start], body.rstrip("\n"), *(["", *tail] if tail else [])])
+        new = new.rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)

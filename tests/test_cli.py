@@ -1,0 +1,343 @@
+"""The ``streamflow`` command line, run as real subprocesses against a private redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from streamflow.keys import Keys
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "streamflow"]
+CLI_TIMEOUT = 20.0
+CANARY = "S3cretCanary"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(0.02)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The inherited environment without any STREAMFLOW_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m streamflow ARGS`` to completion (killed if it outlives the timeout)."""
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=ROOT,
+        env=env if env is not None else clean_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+
+
+def recorded(path: Path) -> list[str]:
+    """The message ids the ``record`` role appended to ``path`` so far."""
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``process`` and every descendant still alive, and reap ``process``."""
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for proc in family:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+
+
+@dataclass
+class WorkerProcess:
+    """A ``streamflow worker`` subprocess whose stderr goes to ``log``."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until the worker logs that it is serving; fail at once if it exits."""
+
+        def serving() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.stderr()}")
+            return "serving" in self.stderr()
+
+        wait_for(serving, timeout, "worker logs 'serving'")
+
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def record_file(tmp_path: Path) -> Path:
+    return tmp_path / "record.txt"
+
+
+@pytest.fixture
+def start_worker(
+    tmp_path: Path, redis_url: str, namespace: str, record_file: Path
+) -> Iterator[StartWorker]:
+    """Start ``streamflow worker --app tests.apps:app ARGS``; every one is killed at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(started)}.log"
+        with open(log, "wb") as err:
+            process = subprocess.Popen(
+                [*CLI, "worker", "--app", "tests.apps:app"]
+                + ["--redis-url", redis_url, "--namespace", namespace, *args],
+                cwd=ROOT,
+                env=clean_env(SFTEST_RECORD=str(record_file)),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        worker = WorkerProcess(process, log)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        kill_tree(worker.process)
+
+
+# -- publish -> handle ----------------------------------------------------------------------
+
+
+def test_cli_published_jobs_are_handled_and_worker_exits_0_on_sigterm(
+    start_worker: StartWorker, redis_url: str, namespace: str, record_file: Path
+) -> None:
+    worker = start_worker("--role", "record")
+    worker.wait_ready()
+    conn = ["--redis-url", redis_url, "--namespace", namespace]
+
+    single = run_cli("publish", "record", "--json", '{"n": 1}', *conn)
+    assert single.returncode == 0, single.stderr
+    [first_id] = single.stdout.split()
+    wait_for(lambda: first_id in recorded(record_file), 10, "the --json job is recorded")
+
+    lines = '{"n": 2}\n{"n": 3}\n\n{"n": 4}\n'
+    many = run_cli("publish", "record", "--file", "-", *conn, stdin=lines)
+    assert many.returncode == 0, many.stderr
+    ids = many.stdout.split()
+    assert len(ids) == 3 and len(set(ids)) == 3 and first_id not in ids
+    wait_for(lambda: set(ids) <= set(recorded(record_file)), 10, "the 3 --file jobs are recorded")
+    assert sorted(recorded(record_file)) == sorted([first_id, *ids])
+
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=10) == 0
+    assert "Traceback" not in worker.stderr()
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+def test_schema_prints_json_schema_of_every_message_kind() -> None:
+    result = run_cli("schema")
+    assert result.returncode == 0, result.stderr
+    schemas = json.loads(result.stdout)
+    assert {"job", "dead_letter"} <= set(schemas)
+    for kind in ("job", "dead_letter"):
+        assert isinstance(schemas[kind]["properties"], dict), kind
+        assert schemas[kind]["properties"]
+
+
+def test_schema_kind_job_prints_only_the_job_schema() -> None:
+    result = run_cli("schema", "--kind", "job")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert "properties" in schema
+    assert {"id", "role", "payload"} <= set(schema["properties"])
+    assert "job" not in schema and "dead_letter" not in schema
+
+
+# -- configuration errors -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    redis_url: str
+    namespace: str
+    closed_port: int
+
+
+def _worker(t: Target, *args: str) -> list[str]:
+    return ["worker", "--app", "tests.apps:app", "--namespace", t.namespace, *args]
+
+
+def _publish(t: Target, *args: str) -> list[str]:
+    return ["publish", "record", "--namespace", t.namespace, *args]
+
+
+#: id -> (arguments, extra environment, substrings the one error line must contain; ``{port}``
+#: stands for the closed port)
+CONFIG_ERRORS: dict[str, tuple[Callable[[Target], list[str]], dict[str, str], list[str]]] = {
+    "worker-bad-scheme": (
+        lambda t: _worker(t, "--redis-url", "http://x"),
+        {},
+        ["--redis-url", "scheme"],
+    ),
+    "publish-bad-scheme": (
+        lambda t: _publish(t, "--json", "1", "--redis-url", "http://x"),
+        {},
+        ["--redis-url", "scheme"],
+    ),
+    "worker-unreachable-redis": (
+        lambda t: _worker(t, "--redis-url", f"redis://127.0.0.1:{t.closed_port}/0"),
+        {},
+        ["cannot connect to Redis", "127.0.0.1:{port}"],
+    ),
+    "publish-unreachable-redis": (
+        lambda t: _publish(t, "--json", "1", "--redis-url", f"redis://127.0.0.1:{t.closed_port}/0"),
+        {},
+        ["cannot connect to Redis", "127.0.0.1:{port}"],
+    ),
+    "worker-unknown-role": (
+        lambda t: _worker(t, "--role", "nope", "--redis-url", t.redis_url),
+        {},
+        ["unknown role", "nope", "record", "sleepy"],
+    ),
+    "worker-missing-module": (
+        lambda t: ["worker", "--app", "nosuch.module:app", "--redis-url", t.redis_url],
+        {},
+        ["nosuch.module"],
+    ),
+    "worker-missing-attribute": (
+        lambda t: ["worker", "--app", "tests.apps:missing", "--redis-url", t.redis_url],
+        {},
+        ["tests.apps", "missing"],
+    ),
+    "misspelt-env-var": (
+        lambda t: _worker(t, "--redis-url", t.redis_url),
+        {"STREAMFLOW_CONCURENCY": "4"},
+        ["STREAMFLOW_CONCURENCY", "STREAMFLOW_CONCURRENCY"],
+    ),
+    "worker-invalid-namespace": (
+        lambda t: (
+            ["worker", "--app", "tests.apps:app", "--namespace", "a:b"]
+            + ["--redis-url", t.redis_url]
+        ),
+        {},
+        ["--namespace", "a:b"],
+    ),
+    "publish-without-payload": (
+        lambda t: _publish(t, "--redis-url", t.redis_url),
+        {},
+        ["--json", "--file"],
+    ),
+    "publish-invalid-json": (
+        lambda t: _publish(t, "--json", "{bad", "--redis-url", t.redis_url),
+        {},
+        ["--json", "invalid JSON"],
+    ),
+}
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit code 2, nothing on stdout, one ``error:`` line on stderr and no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def target(redis_url: str, namespace: str) -> Target:
+    return Target(redis_url, namespace, closed_port())
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_config_error_is_one_line_on_stderr_with_exit_code_2(case: str, target: Target) -> None:
+    build_args, extra_env, expected = CONFIG_ERRORS[case]
+    result = run_cli(*build_args(target), env=clean_env(**extra_env))
+    line = assert_one_error_line(result)
+    for text in expected:
+        text = text.format(port=target.closed_port)
+        assert text in line, (text, line)
+
+
+@pytest.mark.parametrize("command", ["worker", "publish"])
+def test_redis_password_never_appears_in_output_when_redis_is_unreachable(
+    command: str, target: Target
+) -> None:
+    url = f"redis://user:{CANARY}@127.0.0.1:{target.closed_port}/0"
+    if command == "worker":
+        args = _worker(target, "--redis-url", url)
+    else:
+        args = _publish(target, "--json", "1", "--redis-url", url)
+    result = run_cli(*args)
+    line = assert_one_error_line(result)
+    assert CANARY not in result.stdout + result.stderr
+    assert "cannot connect to Redis" in line and "user:***@" in line
+
+
+def test_publish_reads_redis_url_and_namespace_from_the_environment(
+    redis_url: str, namespace: str
+) -> None:
+    env = clean_env(STREAMFLOW_REDIS_URL=redis_url, STREAMFLOW_NAMESPACE=namespace)
+    result = run_cli("publish", "record", "--json", '{"n": 1}', env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 1
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.xlen(Keys(namespace).role_stream("record")) == 1
+
+
+# -- idle -----------------------------------------------------------------------------------
+
+
+def test_idle_worker_does_not_spin(start_worker: StartWorker) -> None:
+    worker = start_worker("--role", "record")
+    worker.wait_ready()
+    proc = psutil.Process(worker.process.pid)
+    before = proc.cpu_times()
+    time.sleep(2.0)  # the test measures CPU use over this idle time
+    after = proc.cpu_times()
+    used = (after.user + after.system) - (before.user + before.system)
+    assert used < 0.1, f"idle worker used {used:.3f} s of CPU in 2 s"
+    assert worker.process.poll() is None

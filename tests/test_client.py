@@ -1,0 +1,73 @@
+"""Publishing: async and sync clients, bulk, dedup, errors."""
+
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from streamflow import Client, PayloadError, RedisUnavailable, SyncClient, streams
+from streamflow.keys import Keys
+from streamflow.protocol import decode_job
+
+
+class Invoice(BaseModel):
+    number: int
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_sync_client_publishes_single_bulk_and_dedup(redis_url: str, namespace: str) -> None:
+    with SyncClient(redis_url, namespace=namespace) as client:
+        one = client.publish("billing", Invoice(number=7), deadline=timedelta(minutes=5))
+        many = client.publish_many("billing", [{"n": i} for i in range(2500)])
+        first = client.publish("billing", 1, dedup_key="inv-7")
+        assert client.publish("billing", 2, dedup_key="inv-7") == first
+        entries = client.redis.xrange(Keys(namespace).role_stream("billing"))
+    jobs = [decode_job(fields) for _, fields in entries]
+    assert [j.id for j in jobs] == [one, *many, first]
+    assert jobs[0].payload == {"number": 7}
+    assert jobs[0].deadline_ms is not None and jobs[0].deadline_ms > jobs[0].created_at_ms
+    assert jobs[-1].dedup_key == "inv-7"
+
+
+@pytest.mark.anyio
+async def test_async_publish_many_keeps_order_and_ids(redis_url: str, namespace: str) -> None:
+    async with Client.from_url(redis_url, namespace=namespace) as client:
+        ids = await client.publish_many("r", range(2100), chunk_size=500)
+        entries = await client.redis.xrange(Keys(namespace).role_stream("r"))
+    jobs = [decode_job(fields) for _, fields in entries]
+    assert [j.id for j in jobs] == ids
+    assert [j.payload for j in jobs] == list(range(2100))
+
+
+@pytest.mark.anyio
+async def test_publishing_to_an_unreachable_redis_fails_fast_and_clearly() -> None:
+    url = f"redis://user:S3cretCanary@127.0.0.1:{closed_port()}/0"
+    client = Client.from_url(url)
+    start = time.monotonic()
+    with anyio.fail_after(10), pytest.raises(RedisUnavailable) as info:
+        await client.publish("r", 1)
+    assert time.monotonic() - start < 5
+    assert "S3cretCanary" not in str(info.value)
+    await client.aclose()
+    with pytest.raises(RedisUnavailable):
+        SyncClient(url).publish("r", 1)
+
+
+@pytest.mark.anyio
+async def test_payload_that_is_not_json_is_refused_before_publishing(
+    redis_url: str, namespace: str
+) -> None:
+    async with Client(streams.connect(redis_url), namespace=namespace) as client:
+        with pytest.raises(PayloadError, match="JSON"):
+            await client.publish("r", {"x": object()})
+        assert await client.redis.xlen(Keys(namespace).role_stream("r")) == 0

@@ -1,0 +1,126 @@
+"""Unit tests of the wire protocol (no Redis)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from streamflow.errors import ProtocolError
+from streamflow.protocol import (
+    MESSAGE_FIELD,
+    DeadLetter,
+    Job,
+    decode_dead_letter,
+    decode_job,
+    encode,
+    encode_job_fields,
+    json_schemas,
+)
+
+GOOD = {
+    "protocol": 1,
+    "kind": "job",
+    "id": "3f2c",
+    "role": "echo",
+    "payload": {"text": "hi"},
+    "attempt": 1,
+    "created_at_ms": 1_700_000_000_000,
+}
+
+
+def fields(doc: object) -> dict[bytes, bytes]:
+    return {MESSAGE_FIELD: orjson.dumps(doc)}
+
+
+def test_fast_encoder_and_model_agree() -> None:
+    raw = encode_job_fields(
+        message_id="m1",
+        role="echo",
+        payload=[1, "x"],
+        created_at_ms=5,
+        deadline_ms=9,
+        task_id="t1",
+        node_id="n1",
+        dedup_key="k",
+    )
+    job = decode_job({MESSAGE_FIELD: raw})
+    assert job == Job(
+        protocol=1,
+        kind="job",
+        id="m1",
+        role="echo",
+        payload=[1, "x"],
+        created_at_ms=5,
+        deadline_ms=9,
+        task_id="t1",
+        node_id="n1",
+        dedup_key="k",
+    )
+    assert orjson.loads(encode(job)) == orjson.loads(raw)
+
+
+def test_minimal_raw_document_decodes_with_defaults() -> None:
+    job = decode_job(fields({k: v for k, v in GOOD.items() if k != "attempt"}))
+    assert job.attempt == 1 and job.deadline_ms is None and job.payload == {"text": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({MESSAGE_FIELD: b"{not json"}, "invalid_json"),
+        ({MESSAGE_FIELD: b"\xff\xfe"}, "invalid_json"),
+        ({MESSAGE_FIELD: b"[1, 2]"}, "invalid_message"),
+        ({b"other": b"{}"}, "invalid_message"),
+        (fields({**GOOD, "protocol": 2}), "unsupported_version"),
+        (fields({k: v for k, v in GOOD.items() if k != "protocol"}), "unsupported_version"),
+        (fields({**GOOD, "protocol": True}), "unsupported_version"),
+        (fields({**GOOD, "kind": "signal"}), "unknown_kind"),
+        (fields({**GOOD, "extra": 1}), "invalid_message"),
+        (fields({**GOOD, "attempt": "1"}), "invalid_message"),
+        (fields({**GOOD, "attempt": 0}), "invalid_message"),
+        (fields({**GOOD, "role": "bad:role"}), "invalid_message"),
+        (fields({**GOOD, "id": ""}), "invalid_message"),
+        ({MESSAGE_FIELD: b" " * 2048}, "too_large"),
+    ],
+)
+def test_every_malformed_entry_gets_its_reason(raw: dict[bytes, bytes], reason: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_job(raw, max_bytes=1024)
+    assert info.value.reason == reason
+    assert info.value.detail
+
+
+def test_models_are_frozen_and_reject_extra_fields() -> None:
+    job = Job(protocol=1, kind="job", id="a", role="r", created_at_ms=0)
+    with pytest.raises(ValidationError):
+        job.attempt = 2  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        Job(protocol=1, kind="job", id="a", role="r", created_at_ms=0, colour="red")  # type: ignore[call-arg]
+
+
+def test_dead_letter_round_trip_keeps_raw_fields() -> None:
+    letter = DeadLetter(
+        protocol=1,
+        kind="dead_letter",
+        reason="invalid_json",
+        detail="bad",
+        role="r",
+        entry_id="1-0",
+        consumer="c",
+        dead_at_ms=1,
+    )
+    decoded, raw = decode_dead_letter(
+        {b"dead_letter": encode(letter), b"raw:message": b"\xff{", b"raw:x": b"y"}
+    )
+    assert decoded == letter
+    assert raw == {"message": b"\xff{", "x": b"y"}
+
+
+def test_schema_lists_every_kind() -> None:
+    schemas = json_schemas()
+    assert set(schemas) == {"job", "dead_letter"}
+    assert schemas["job"]["additionalProperties"] is False
+    assert schemas["job"]["properties"]["protocol"]["const"] == 1
+    assert {"protocol", "kind", "id", "role"} <= set(schemas["job"]["required"])
+    assert {"id", "role", "payload", "created_at_ms"} <= set(schemas["job"]["properties"])

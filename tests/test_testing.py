@@ -1,0 +1,61 @@
+"""streamflow.testing: the harness users test their handlers with, on fakeredis and real Redis."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from streamflow import App, Context
+from streamflow.testing import Harness
+
+pytestmark = pytest.mark.anyio
+
+
+class Resize(BaseModel):
+    width: int
+
+
+def make_app(sizes: list[int]) -> App:
+    app = App()
+
+    @app.role("resize")
+    async def resize(ctx: Context, job: Resize) -> None:
+        if job.width > 10_000:
+            raise ValueError("too wide")
+        sizes.append(job.width)
+
+    @app.role("notify")
+    def notify(ctx: Context, payload: str) -> None:  # a plain function: runs in a thread
+        sizes.append(len(payload))
+
+    return app
+
+
+@pytest.fixture(params=["fakeredis", "real"])
+def redis_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "fakeredis":
+        return None
+    server = request.getfixturevalue("redis_server")
+    return str(server.url)
+
+
+async def test_harness_runs_handlers_until_idle_and_reports_outcomes(
+    redis_url: str | None,
+) -> None:
+    sizes: list[int] = []
+    async with Harness(make_app(sizes), redis_url=redis_url) as h:
+        ok = [await h.publish("resize", {"width": w}) for w in (100, 200)]
+        too_wide = await h.publish("resize", {"width": 20_000})
+        bad = await h.publish("resize", {"width": "wide"})
+        note = await h.publish("notify", "hello")
+        await h.drain()
+        assert sorted(h.acked) == sorted([*ok, note])
+        assert {(o.message_id, o.reason) for o in h.dead_lettered} == {
+            (too_wide, "failed"),
+            (bad, "invalid_payload"),
+        }
+        letters = await h.dead_letters("resize")
+        assert {letter.message_id for letter in letters} == {too_wide, bad}
+        assert await h.queued("resize") == 0
+        assert await h.drain() == []  # idle: nothing more happens
+    assert sorted(sizes) == [5, 100, 200]

@@ -1,0 +1,335 @@
+"""The worker against a real redis-server: round trips, interop, concurrency, bad input."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from streamflow import App, Client, Context, Worker, streams
+from streamflow.keys import GROUP, Keys
+from streamflow.protocol import decode_dead_letter
+from streamflow.worker import Outcome
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = streams.connect(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[Worker]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.stop()
+
+
+async def pending_count(redis: Redis, stream: str) -> int:
+    info = await redis.xpending(stream, GROUP)
+    return int(info["pending"])
+
+
+async def test_published_jobs_are_handled_acked_and_deleted(redis: Redis, namespace: str) -> None:
+    app = App()
+    seen: list[Any] = []
+
+    @app.role("echo")
+    async def echo(ctx: Context, payload: Any) -> None:
+        seen.append(payload)
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(20):
+        async with running(Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)):
+            first = await client.publish("echo", {"n": -1})
+            ids = await client.publish_many("echo", ({"n": i} for i in range(500)))
+            await wait_until(lambda: len(outcomes) == 501)
+    assert sorted(p["n"] for p in seen) == list(range(-1, 500))
+    assert {o.message_id for o in outcomes} == {first, *ids}
+    assert {o.status for o in outcomes} == {"acked"}
+    stream = Keys(namespace).role_stream("echo")
+    assert await redis.xlen(stream) == 0
+    assert await pending_count(redis, stream) == 0
+
+
+async def test_raw_xadd_from_another_language_is_processed(redis: Redis, namespace: str) -> None:
+    """Publish exactly as docs/protocol.md tells a non-Python service to: no streamflow code."""
+    app = App()
+    seen: list[tuple[str, Any, int]] = []
+
+    @app.role("greet")
+    async def greet(ctx: Context, payload: Greeting) -> None:
+        seen.append((ctx.message_id, payload.text, ctx.attempt))
+
+    key = f"{namespace}:{{role:greet}}:stream"
+    body = (
+        b'{"protocol":1,"kind":"job","id":"2b1f0c9e4d5a4e7f9a1b2c3d4e5f6a7b","role":"greet",'
+        b'"payload":{"text":"hello from redis-cli"},"created_at_ms":1763800000000}'
+    )
+    await redis.execute_command("XADD", key, "*", "message", body)  # before any worker exists
+    with anyio.fail_after(10):
+        async with running(Worker(app, redis, namespace=namespace)):
+            await redis.execute_command("XADD", key, "*", "message", body.replace(b"2b1f", b"ffff"))
+            await wait_until(lambda: len(seen) == 2)
+    assert sorted(seen) == [
+        ("2b1f0c9e4d5a4e7f9a1b2c3d4e5f6a7b", "hello from redis-cli", 1),
+        ("ffff0c9e4d5a4e7f9a1b2c3d4e5f6a7b", "hello from redis-cli", 1),
+    ]
+
+
+async def test_concurrency_n_runs_exactly_n_handlers_at_once(redis: Redis, namespace: str) -> None:
+    app = App()
+    n = 8
+    active = peak = done = 0
+    full = anyio.Event()
+
+    @app.role("slow")
+    async def slow(ctx: Context, payload: Any) -> None:
+        nonlocal active, peak, done
+        active += 1
+        peak = max(peak, active)
+        if active == n:
+            full.set()
+        await full.wait()  # only returns once n handlers were running together
+        await anyio.sleep(0.001)
+        active -= 1
+        done += 1
+
+    await Client(redis, namespace=namespace).publish_many("slow", range(3 * n))
+    with anyio.fail_after(10):
+        async with running(Worker(app, redis, namespace=namespace, concurrency=n)):
+            await wait_until(lambda: done == 3 * n)
+    assert peak == n
+
+
+async def test_sync_handlers_run_in_threads_without_blocking_the_loop(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    release = threading.Event()
+    threads: list[int] = []
+    async_done = anyio.Event()
+
+    @app.role("blocking")
+    def blocking(ctx: Context, payload: Any) -> None:
+        threads.append(threading.get_ident())
+        assert release.wait(10)
+
+    @app.role("quick")
+    async def quick(ctx: Context, payload: Any) -> None:
+        async_done.set()
+
+    client = Client(redis, namespace=namespace)
+    with anyio.fail_after(15):
+        async with running(Worker(app, redis, namespace=namespace, concurrency=4)) as worker:
+            await client.publish("blocking", 1)
+            await wait_until(lambda: len(threads) == 1)
+            # The sync handler is blocked in its thread; async work still flows.
+            await client.publish("quick", 2)
+            await async_done.wait()
+            release.set()
+            await wait_until(lambda: worker.statistics().acked == 2)
+    assert threads[0] != threading.get_ident()
+
+
+class Greeting(BaseModel):
+    text: str
+
+
+class Order(BaseModel):
+    sku: str
+    quantity: int
+
+
+def _job(role: str, payload: Any, message_id: str, **extra: Any) -> bytes:
+    doc = {"protocol": 1, "kind": "job", "id": message_id, "role": role, "payload": payload}
+    return orjson.dumps({**doc, "created_at_ms": 1, **extra})
+
+
+BAD_ENTRIES: list[tuple[str, dict[bytes, bytes]]] = [
+    ("invalid_json", {b"message": b"{not json"}),
+    ("invalid_json", {b"message": b"\xff\xfe\x00"}),
+    ("invalid_message", {b"message": b'"just a string"'}),
+    ("invalid_message", {b"payload": b"{}"}),
+    ("invalid_message", {b"message": _job("orders", {}, "x1", colour="red")}),
+    ("unsupported_version", {b"message": _job("orders", {}, "x2", protocol=99)}),
+    ("unknown_kind", {b"message": _job("orders", {}, "x3", kind="mystery")}),
+    ("too_large", {b"message": _job("orders", {"sku": "a" * 5000, "quantity": 1}, "x4")}),
+    ("wrong_role", {b"message": _job("invoices", {"sku": "a", "quantity": 1}, "x5")}),
+    ("invalid_payload", {b"message": _job("orders", {"sku": "a", "quantity": "many"}, "x6")}),
+    ("failed", {b"message": _job("orders", {"sku": "boom", "quantity": 1}, "x7")}),
+]
+
+
+async def test_malformed_entries_are_dead_lettered_and_neighbours_still_processed(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    handled: list[str] = []
+
+    @app.role("orders")
+    async def orders(ctx: Context, order: Order) -> None:
+        if order.sku == "boom":
+            raise RuntimeError("the handler blew up")
+        handled.append(ctx.message_id)
+
+    keys = Keys(namespace)
+    stream = keys.role_stream("orders")
+    good_ids = []
+    for i, (_, fields) in enumerate(BAD_ENTRIES):
+        good = f"good{i}"
+        good_ids.append(good)
+        await redis.xadd(stream, {b"message": _job("orders", {"sku": "s", "quantity": i}, good)})
+        await redis.xadd(stream, fields)
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app, redis, namespace=namespace, max_message_bytes=4096, on_outcome=outcomes.append
+    )
+    with anyio.fail_after(10):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 2 * len(BAD_ENTRIES))
+            assert not worker.stopping
+    assert sorted(handled) == sorted(good_ids)
+    letters = [decode_dead_letter(f) for _, f in await redis.xrange(keys.dead_letters("orders"))]
+    # Handlers run concurrently, so dead letters come in any order: match them by raw bytes.
+    expected = {tuple(sorted(f.items())): reason for reason, f in BAD_ENTRIES}
+    got = {}
+    for letter, raw in letters:
+        assert letter.detail and letter.role == "orders" and letter.consumer == worker.consumer
+        got[tuple(sorted((k.encode(), v) for k, v in raw.items()))] = letter.reason
+    assert got == expected  # every bad entry, verbatim, with its own reason
+    (failed,) = [letter for letter, _ in letters if letter.reason == "failed"]
+    assert failed.error is not None and failed.error.type == "RuntimeError"
+    assert failed.job is not None and failed.job.id == "x7" and failed.attempts == 1
+    assert await redis.xlen(stream) == 0
+    assert await pending_count(redis, stream) == 0
+    assert worker.statistics().dead_lettered == len(BAD_ENTRIES)
+
+
+async def test_ack_is_refused_for_an_entry_another_consumer_owns(
+    redis: Redis, namespace: str
+) -> None:
+    stream = Keys(namespace).role_stream("r")
+    await streams.ensure_group(redis, stream)
+    entry_id = await redis.xadd(stream, {b"message": b"{}"})
+    await streams.read_group(redis, stream, "alice", count=10, block_ms=None)
+    await redis.xclaim(stream, GROUP, "bob", 0, [entry_id])  # bob adopted it
+    scripts = streams.Scripts(redis)
+    assert await streams.settle(scripts, redis, stream, "alice", [entry_id]) == [entry_id]
+    pending = await redis.xpending_range(stream, GROUP, "-", "+", 10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(entry_id, b"bob")]
+    moved = await streams.dead_letter(
+        scripts,
+        redis,
+        stream=stream,
+        dead_stream=stream + "x",
+        consumer="alice",
+        entry_id=entry_id,
+        fields=[(b"dead_letter", b"{}")],
+        max_len=10,
+    )
+    assert moved is None
+    assert await streams.settle(scripts, redis, stream, "bob", [entry_id]) == []
+    assert await redis.xlen(stream) == 0
+
+
+async def test_a_lost_consumer_group_is_recreated_and_work_continues(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    seen: list[int] = []
+
+    @app.role("echo")
+    async def echo(ctx: Context, payload: int) -> None:
+        seen.append(payload)
+
+    client = Client(redis, namespace=namespace)
+    stream = Keys(namespace).role_stream("echo")
+    with anyio.fail_after(15):
+        async with running(Worker(app, redis, namespace=namespace, block_ms=100)):
+            await client.publish("echo", 1)
+            await wait_until(lambda: seen == [1])
+            await redis.delete(stream)  # as after a restart of a Redis without persistence
+            await client.publish("echo", 2)
+            await wait_until(lambda: seen == [1, 2])
+
+
+async def test_stop_lets_in_flight_handlers_finish_and_acks_them(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    started = anyio.Event()
+    finished: list[str] = []
+
+    @app.role("slow")
+    async def slow(ctx: Context, payload: Any) -> None:
+        started.set()
+        await anyio.sleep(0.3)
+        finished.append(ctx.message_id)
+
+    worker = Worker(app, redis, namespace=namespace, block_ms=100)
+    message_id = await Client(redis, namespace=namespace).publish("slow")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await started.wait()
+            worker.stop()
+    assert finished == [message_id]
+    assert worker.statistics().acked == 1
+    assert await redis.xlen(Keys(namespace).role_stream("slow")) == 0
+
+
+async def test_handlers_past_the_shutdown_grace_are_cancelled_and_stay_pending(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    started = anyio.Event()
+    cleaned_up: list[bool] = []
+
+    @app.role("stuck")
+    async def stuck(ctx: Context, payload: Any) -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaned_up.append(True)
+
+    worker = Worker(app, redis, namespace=namespace, block_ms=100, shutdown_grace=0.2)
+    await Client(redis, namespace=namespace).publish("stuck")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await started.wait()
+            worker.stop()
+    assert cleaned_up == [True]
+    # Not acknowledged: the entry stays pending, to be adopted by another worker.
+    assert await pending_count(redis, Keys(namespace).role_stream("stuck")) == 1
+
+
+async def test_dedup_key_publishes_once(redis: Redis, namespace: str) -> None:
+    client = Client(redis, namespace=namespace)
+    first = await client.publish("echo", 1, dedup_key="order-42")
+    again = await client.publish("echo", 2, dedup_key="order-42")
+    other = await client.publish("echo", 3, dedup_key="order-43")
+    assert again == first != other
+    assert await redis.xlen(Keys(namespace).role_stream("echo")) == 2
