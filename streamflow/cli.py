@@ -291,3 +291,23 @@ def schema(kind: str | None) -> None:
     schemas = json_schemas()
     out = schemas[kind] if kind else schemas
     click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+
+
+@main.command()
+@click.option(
+    "--redis-url",
+    envvar="STREAMFLOW_REDIS_URL",
+    default=None,
+    help="Use this Redis instead of starting a private redis-server.",
+)
+@click.option("--messages", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 10_000), default=32, show_default=True)
+@_errors_to_exit
+def demo(redis_url: str | None, messages: int, concurrency: int) -> None:
+    """Run a worker on published messages, on a Redis the demo starts (and stops) itself."""
+    from streamflow.demo import redis_for_demo, run_demo
+
+    if redis_url is not None:
+        streams.validate_url(redis_url)
+    with redis_for_demo(redis_url, click.echo) as url:
+        anyio.run(run_demo, url, messages, concurrency, click.echo)

@@ -154,9 +154,15 @@ async def ensure_group(redis: Redis, stream: str) -> None:
 
 
 async def read_group(
-    redis: Redis, stream: str, consumer: str, *, count: int, block_ms: int | None
+    redis: Redis,
+    stream: str,
+    consumer: str,
+    *,
+    count: int,
+    block_ms: int | None,
+    after: bytes | str = ">",
 ) -> list[Entry]:
-    """Read up to ``count`` new entries for ``consumer`` (XREADGROUP ... >).
+    """Read up to ``count`` entries for ``consumer`` with XREADGROUP.
 
     Args:
         redis: The client; its socket timeout must exceed ``block_ms``.
@@ -164,8 +170,10 @@ async def read_group(
         consumer: This worker's consumer name.
         count: The most entries to return.
         block_ms: How long to wait when there is nothing; None returns at once.
+        after: ``">"`` for new entries; an id (``"0"`` first) to re-read the entries already
+            pending under ``consumer`` after that id. Re-reading counts as a delivery.
     """
-    reply = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
+    reply = await redis.xreadgroup(GROUP, consumer, {stream: after}, count=count, block=block_ms)
     return _entries(reply)
 
 

@@ -246,6 +246,9 @@ class Worker:
     ) -> None:
         stream = self._keys.role_stream(role.name)
         backoff = _Backoff(f"reading {stream}")
+        # First the entries already pending under this consumer name (a restart with the same
+        # --consumer-name resumes them), then new ones.
+        history: bytes | None = b"0"
         async with send:
             while not self._stopping.is_set():
                 free = await self._wait_capacity()
@@ -257,7 +260,8 @@ class Worker:
                         stream,
                         self.consumer,
                         count=min(free, self._read_count),
-                        block_ms=None if burst else self._block_ms,
+                        block_ms=None if burst or history else self._block_ms,
+                        after=history or ">",
                     )
                 except streams.TRANSIENT_ERRORS as exc:
                     await backoff.failed(exc)
@@ -269,15 +273,29 @@ class Worker:
                     await streams.ensure_group(self._redis, stream)
                     continue
                 backoff.succeeded()
-                if entries:
-                    self._in_flight += len(entries)
-                    self._stats.received += len(entries)
-                    for entry in entries:
-                        send.send_nowait(_Delivery(role, stream, entry))
+                if history is not None:
+                    history = entries[-1].id if entries else None
+                    if entries:
+                        logger.info("resuming %d entries pending on %s", len(entries), stream)
+                    self._dispatch(role, stream, entries, send)
+                elif entries:
+                    self._dispatch(role, stream, entries, send)
                 elif burst:
                     if self._in_flight == 0:
                         return
                     await self._wait_progress()
+
+    def _dispatch(
+        self,
+        role: Role,
+        stream: str,
+        entries: list[streams.Entry],
+        send: MemoryObjectSendStream[_Delivery],
+    ) -> None:
+        self._in_flight += len(entries)
+        self._stats.received += len(entries)
+        for entry in entries:
+            send.send_nowait(_Delivery(role, stream, entry))
 
     async def _wait_capacity(self) -> int:
         while self._in_flight >= self.concurrency and not self._stopping.is_set():

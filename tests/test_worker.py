@@ -333,3 +333,26 @@ async def test_dedup_key_publishes_once(redis: Redis, namespace: str) -> None:
     other = await client.publish("echo", 3, dedup_key="order-43")
     assert again == first != other
     assert await redis.xlen(Keys(namespace).role_stream("echo")) == 2
+
+
+async def test_a_restart_with_the_same_consumer_name_resumes_its_pending_entries(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    seen: list[int] = []
+
+    @app.role("echo")
+    async def echo(ctx: Context, payload: int) -> None:
+        seen.append(payload)
+
+    stream = Keys(namespace).role_stream("echo")
+    await streams.ensure_group(redis, stream)
+    await Client(redis, namespace=namespace).publish_many("echo", range(5))
+    # A previous run of "w1" read three entries and died before acknowledging them.
+    await streams.read_group(redis, stream, "w1", count=3, block_ms=None)
+    assert await pending_count(redis, stream) == 3
+    with anyio.fail_after(10):
+        async with running(Worker(app, redis, namespace=namespace, consumer="w1")):
+            await wait_until(lambda: len(seen) == 5)
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    assert await pending_count(redis, stream) == 0
