@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 from pydantic import BaseModel
+from redis.asyncio import Redis
 
 from streamflow import streams
 from streamflow.app import App
@@ -59,6 +60,7 @@ def redis_for_demo(url: str | None, echo: Echo) -> Iterator[str | None]:
 
 async def run_demo(url: str | None, messages: int, concurrency: int, echo: Echo) -> dict[str, Any]:
     """Publish ``messages`` readings plus two malformed entries and let a worker process them."""
+    redis: Redis
     if url is None:
         import fakeredis
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -78,10 +79,8 @@ def kill_tree(process: subprocess.Popen[bytes]) -> None:
     except psutil.NoSuchProcess:
         family = []
     for proc in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     if process.poll() is None:
         process.kill()
     process.wait(timeout=10)
@@ -125,10 +124,10 @@ def start_worker(
 
     def start(*args: str) -> WorkerProcess:
         log = tmp_path / f"worker-{len(started)}.log"
+        connection = ["--redis-url", redis_url, "--namespace", namespace]
         with open(log, "wb") as err:
             process = subprocess.Popen(
-                [*CLI, "worker", "--app", "tests.apps:app"]
-                + ["--redis-url", redis_url, "--namespace", namespace, *args],
+                [*CLI, "worker", "--app", "tests.apps:app", *connection, *args],
                 cwd=ROOT,
                 env=clean_env(SFTEST_RECORD=str(record_file)),
                 stdin=subprocess.DEVNULL,
@@ -256,10 +255,15 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[Target], list[str]], dict[str, str], li
         ["STREAMFLOW_CONCURENCY", "STREAMFLOW_CONCURRENCY"],
     ),
     "worker-invalid-namespace": (
-        lambda t: (
-            ["worker", "--app", "tests.apps:app", "--namespace", "a:b"]
-            + ["--redis-url", t.redis_url]
-        ),
+        lambda t: [
+            "worker",
+            "--app",
+            "tests.apps:app",
+            "--namespace",
+            "a:b",
+            "--redis-url",
+            t.redis_url,
+        ],
         {},
         ["--namespace", "a:b"],
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,10 +81,8 @@ class Supervisor:
 
     def kill_all(self) -> None:
         for pid in self.seen:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
@@ -100,11 +99,11 @@ def supervisor(
 ) -> Iterator[Supervisor]:
     """A parent serving role ``record`` with 2 worker processes; all are killed at teardown."""
     log = tmp_path / "supervisor.log"
+    command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
+    command += ["--role", "record", "--processes", "2"]
     with open(log, "wb") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
-            + ["--role", "record", "--processes", "2"]
-            + ["--redis-url", redis_url, "--namespace", namespace],
+            [*command, "--redis-url", redis_url, "--namespace", namespace],
             cwd=ROOT,
             env=clean_env(SFTEST_RECORD=str(record_file)),
             stdin=subprocess.DEVNULL,
