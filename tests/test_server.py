@@ -162,11 +162,13 @@ def test_pause_of_a_stopped_server_is_an_error() -> None:
         server.pause()
 
 
-def test_atexit_hook_kills_leftover_servers() -> None:
+def test_atexit_hook_kills_leftover_servers(monkeypatch: pytest.MonkeyPatch) -> None:
     server = RedisServer()
     server.start()
     pid, directory = server.pid, server.directory
     assert pid is not None
+    # Only this server: the hook must not kill the session server the other tests use.
+    monkeypatch.setattr(server_module, "_RUNNING", {server})
     server_module._kill_leftovers()
     assert pid_gone(pid)
     assert not server.running
