@@ -15,6 +15,7 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 
+import streamflow
 from streamflow.server import RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -60,7 +61,9 @@ class WorkerProcess:
 
     async def __aenter__(self) -> Self:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        # The caller's PYTHONPATH comes first, so that the worker imports the same streamflow
+        # as this process (e.g. a snapshot of one commit instead of the work tree).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
         self._process = await asyncio.create_subprocess_exec(
             *self.argv,
             cwd=REPO_ROOT,
@@ -167,25 +170,22 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def git_revision() -> str:
-    """The short commit of the work tree, with ``+dirty`` when streamflow/ has local changes."""
+    """Which streamflow was measured: the work tree's commit (``+dirty`` with local changes to
+    streamflow/), or the directory it was imported from when that is outside the work tree."""
+    package = Path(streamflow.__file__).resolve().parent
+    if package != REPO_ROOT / "streamflow":
+        return f"imported from {package.parent} (not the work tree)"
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "streamflow"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--", "streamflow")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
 def replace_section(path: Path, heading: str, body: str, title: str = "# Benchmarks") -> None:

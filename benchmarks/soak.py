@@ -87,7 +87,7 @@ async def collect(worker: WorkerProcess, result: SoakResult, done: asyncio.Event
 async def wait_backlog_below(redis: Redis, stream: str, limit: int) -> None:
     """Poll XLEN until the worker has caught up to at most ``limit`` queued entries."""
     # The state lives in Redis, so there is no local event to wait on: poll it.
-    while await redis.xlen(stream) > limit:  # noqa: ASYNC110
+    while await redis.xlen(stream) > limit:
         await asyncio.sleep(BACKLOG_POLL)
 
 

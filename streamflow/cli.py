@@ -142,6 +142,14 @@ def main(log_level: str) -> None:
     show_default=True,
     help="Seconds in-flight handlers get to finish on SIGTERM.",
 )
+@click.option(
+    "--dead-letter-max-len",
+    envvar="STREAMFLOW_DEAD_LETTER_MAX_LEN",
+    type=int,
+    default=100_000,
+    show_default=True,
+    help="Each dead-letter stream is capped near this many entries (oldest go first).",
+)
 @_connection_options
 @_errors_to_exit
 def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
@@ -178,6 +186,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         block_ms=settings.block_ms,
         max_message_bytes=settings.max_message_bytes,
         shutdown_grace=settings.shutdown_grace,
+        dead_letter_max_len=settings.dead_letter_max_len,
     )
     roles = ", ".join(settings.roles or tuple(app.roles))
     try:

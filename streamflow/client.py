@@ -18,7 +18,7 @@ from redis.retry import Retry as SyncRetry
 from streamflow import streams
 from streamflow.errors import PayloadError, RedisUnavailable
 from streamflow.keys import Keys, validate_name
-from streamflow.protocol import encode_job_fields, new_message_id, now_ms
+from streamflow.protocol import check_publish_fields, encode_job_fields, new_message_id, now_ms
 
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
@@ -52,12 +52,14 @@ class _Publisher:
     ) -> _Prepared:
         stream = self.keys.role_stream(role)
         message_id = message_id or new_message_id()
+        deadline_ms = _deadline_ms(deadline)
+        check_publish_fields(message_id, dedup_key, deadline_ms)
         body = _encode(
             message_id,
             role,
             payload,
             now_ms(),
-            deadline_ms=_deadline_ms(deadline),
+            deadline_ms=deadline_ms,
             task_id=validate_name(task_id, "task id") if task_id else None,
             node_id=validate_name(node_id, "node id") if node_id else None,
             dedup_key=dedup_key,
@@ -135,6 +137,7 @@ class Client:
             RedisUnavailable: Redis could not be reached; the job may or may not be published.
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
+            ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
         prepared = self._pub.prepare(
             role,

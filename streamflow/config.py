@@ -35,6 +35,7 @@ ENV_VARS = frozenset(
         "STREAMFLOW_BLOCK_MS",
         "STREAMFLOW_MAX_MESSAGE_BYTES",
         "STREAMFLOW_SHUTDOWN_GRACE",
+        "STREAMFLOW_DEAD_LETTER_MAX_LEN",
         "STREAMFLOW_LOG_LEVEL",
     }
 )
@@ -88,6 +89,7 @@ class WorkerSettings(ConnectionSettings):
     block_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
+    dead_letter_max_len: Annotated[int, Field(ge=1)] = 100_000
 
     @field_validator("roles")
     @classmethod

@@ -13,7 +13,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from streamflow.errors import ProtocolError
 from streamflow.keys import NAME_PATTERN
@@ -35,6 +35,10 @@ Version = Annotated[
     int,
     Field(ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION, json_schema_extra={"const": PROTOCOL_VERSION}),
 ]
+#: Integers stay within 64 bits so that every language can hold them.
+INT64_MAX = 2**63 - 1
+Timestamp = Annotated[int, Field(ge=0, le=INT64_MAX)]
+DedupKey = Annotated[str, Field(min_length=1, max_length=256)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 DeadLetterReason = Literal[
@@ -75,12 +79,12 @@ class Job(_Model):
     id: MessageId
     role: Name
     payload: Any = None
-    attempt: Annotated[int, Field(ge=1)] = 1
-    created_at_ms: Annotated[int, Field(ge=0)]
-    deadline_ms: Annotated[int, Field(ge=0)] | None = None
+    attempt: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
+    created_at_ms: Timestamp
+    deadline_ms: Timestamp | None = None
     task_id: Name | None = None
     node_id: Name | None = None
-    dedup_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    dedup_key: DedupKey | None = None
 
 
 class ErrorInfo(_Model):
@@ -111,7 +115,7 @@ class DeadLetter(_Model):
         consumer: The consumer that dead-lettered it.
         attempts: How many attempts were made (0 when it never started).
         dead_at_ms: When it was dead-lettered, ms since the epoch.
-        error: The last error, when a handler or decoder raised.
+        error: The handler's error, for reason ``failed``.
         job: The decoded job, when the entry was a valid job.
     """
 
@@ -123,14 +127,38 @@ class DeadLetter(_Model):
     entry_id: str
     message_id: str | None = None
     consumer: str
-    attempts: Annotated[int, Field(ge=0)] = 0
-    dead_at_ms: Annotated[int, Field(ge=0)]
+    attempts: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0
+    dead_at_ms: Timestamp
     error: ErrorInfo | None = None
     job: Job | None = None
 
 
 #: Every message kind, by the value of its ``kind`` field.
 MESSAGE_KINDS: dict[str, type[_Model]] = {"job": Job, "dead_letter": DeadLetter}
+
+
+_MESSAGE_ID = TypeAdapter(MessageId)
+_DEDUP_KEY = TypeAdapter(DedupKey)
+_TIMESTAMP = TypeAdapter(Timestamp)
+
+
+def check_publish_fields(message_id: str, dedup_key: str | None, deadline_ms: int | None) -> None:
+    """Refuse, at the publisher, fields that a worker would dead-letter as ``invalid_message``.
+
+    Raises:
+        ValueError: Naming the field and the rule it breaks.
+    """
+    for adapter, value, name in (
+        (_MESSAGE_ID, message_id, "message id"),
+        (_DEDUP_KEY, dedup_key, "dedup key"),
+        (_TIMESTAMP, deadline_ms, "deadline"),
+    ):
+        if value is None:
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"invalid {name} {value!r}: {exc.errors()[0]['msg']}") from None
 
 
 def now_ms() -> int:

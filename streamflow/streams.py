@@ -125,8 +125,9 @@ def _one_line(exc: BaseException) -> str:
 class Scripts:
     """The Lua scripts, registered on one client.
 
-    Real Redis gets them with the ``#!lua`` shebang, so a key not declared in KEYS is refused
-    (as Redis Cluster requires); fakeredis does not parse the shebang and gets them without it.
+    Real Redis gets them with the ``#!lua`` shebang (Redis 7 function flags: no cross-slot
+    keys, so Redis Cluster refuses a script that touches a key outside its slot); fakeredis does
+    not parse the shebang and gets them without it. Every key a script touches is in KEYS.
     """
 
     def __init__(self, redis: Redis) -> None:

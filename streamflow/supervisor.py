@@ -44,6 +44,7 @@ def child_command(settings: WorkerSettings, index: int) -> list[str]:
     cmd += ["--read-count", str(settings.read_count), "--block-ms", str(settings.block_ms)]
     cmd += ["--max-message-bytes", str(settings.max_message_bytes)]
     cmd += ["--shutdown-grace", str(settings.shutdown_grace)]
+    cmd += ["--dead-letter-max-len", str(settings.dead_letter_max_len)]
     if settings.consumer_name:
         cmd += ["--consumer-name", f"{settings.consumer_name}-{index}"]
     return cmd

@@ -98,7 +98,9 @@ class _Delivery:
 
 def default_consumer_name() -> str:
     """A consumer name unique to this process: host, pid and a random suffix."""
-    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())
+    host = "".join(
+        c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in socket.gethostname()
+    ).lstrip("-_.")
     return f"{host[:40] or 'host'}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -254,36 +256,46 @@ class Worker:
                 free = await self._wait_capacity()
                 if free <= 0:
                     continue
-                try:
-                    entries = await streams.read_group(
-                        self._redis,
-                        stream,
-                        self.consumer,
-                        count=min(free, self._read_count),
-                        block_ms=None if burst or history else self._block_ms,
-                        after=history or ">",
-                    )
-                except streams.TRANSIENT_ERRORS as exc:
-                    await backoff.failed(exc)
+                block = None if burst or history else self._block_ms
+                entries = await self._read(stream, free, block, history or b">", backoff)
+                if entries is None:
                     continue
-                except ResponseError as exc:
-                    if not streams.is_group_lost(exc):
-                        raise
-                    logger.warning("consumer group of %s is gone; recreating it", stream)
-                    await streams.ensure_group(self._redis, stream)
-                    continue
-                backoff.succeeded()
+                if entries:
+                    self._dispatch(role, stream, entries, send)
                 if history is not None:
-                    history = entries[-1].id if entries else None
+                    # Re-reading our own pending entries: go on after the last one, until none.
                     if entries:
                         logger.info("resuming %d entries pending on %s", len(entries), stream)
-                    self._dispatch(role, stream, entries, send)
-                elif entries:
-                    self._dispatch(role, stream, entries, send)
-                elif burst:
+                    history = entries[-1].id if entries else None
+                elif burst and not entries:
                     if self._in_flight == 0:
                         return
                     await self._wait_progress()
+
+    async def _read(
+        self, stream: str, free: int, block_ms: int | None, after: bytes, backoff: _Backoff
+    ) -> list[streams.Entry] | None:
+        """One XREADGROUP; None after an error that was handled (the caller just reads again)."""
+        try:
+            entries = await streams.read_group(
+                self._redis,
+                stream,
+                self.consumer,
+                count=min(free, self._read_count),
+                block_ms=block_ms,
+                after=after,
+            )
+        except streams.TRANSIENT_ERRORS as exc:
+            await backoff.failed(exc)
+            return None
+        except ResponseError as exc:
+            if not streams.is_group_lost(exc):
+                raise
+            logger.warning("consumer group of %s is gone; recreating it", stream)
+            await streams.ensure_group(self._redis, stream)
+            return None
+        backoff.succeeded()
+        return entries
 
     def _dispatch(
         self,
@@ -396,7 +408,12 @@ class Worker:
             job=job,
         )
         fields = [(DEAD_LETTER_FIELD, encode(letter))]
-        fields += [(RAW_FIELD_PREFIX + name, value) for name, value in entry.fields.items()]
+        # Raw fields are kept verbatim, but cut at the message size limit: a flood of oversized
+        # messages must not fill Redis through the dead-letter stream.
+        fields += [
+            (RAW_FIELD_PREFIX + name, value[: self._max_bytes])
+            for name, value in entry.fields.items()
+        ]
         with anyio.move_on_after(10, shield=True):
             try:
                 moved = await streams.dead_letter(
@@ -410,7 +427,8 @@ class Worker:
                     max_len=self._dead_max_len,
                 )
             except streams.TRANSIENT_ERRORS as exc:
-                # The entry stays pending under this consumer and is delivered again later.
+                # The entry stays pending under this consumer: a restart with the same consumer
+                # name resumes it (and lease reclaim will adopt it once leases land).
                 logger.warning("could not dead-letter %s: %s", letter.entry_id, exc)
                 return
         if moved is None:

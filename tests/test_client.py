@@ -71,3 +71,22 @@ async def test_payload_that_is_not_json_is_refused_before_publishing(
         with pytest.raises(PayloadError, match="JSON"):
             await client.publish("r", {"x": object()})
         assert await client.redis.xlen(Keys(namespace).role_stream("r")) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"message_id": "a b"}, "message id"),
+        ({"message_id": "x" * 129}, "message id"),
+        ({"dedup_key": ""}, "dedup key"),
+        ({"dedup_key": "k" * 257}, "dedup key"),
+    ],
+)
+async def test_fields_a_worker_would_reject_are_refused_at_publish(
+    redis_url: str, namespace: str, options: dict[str, str], match: str
+) -> None:
+    async with Client.from_url(redis_url, namespace=namespace) as client:
+        with pytest.raises(ValueError, match=match):
+            await client.publish("r", 1, **options)  # type: ignore[arg-type]
+        assert await client.redis.xlen(Keys(namespace).role_stream("r")) == 0
