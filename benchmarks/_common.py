@@ -66,7 +66,9 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
         self._process = await asyncio.create_subprocess_exec(
             *self.argv,
-            cwd=REPO_ROOT,
+            # Not the repo root: `python -m cProfile` puts the cwd first on sys.path, and the
+            # worker must import streamflow the way PYTHONPATH says.
+            cwd=BENCH_DIR,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -4,9 +4,9 @@ Declare roles on an :class:`App`, run them with ``streamflow worker``, publish w
 :class:`Client` (or :class:`SyncClient`, the CLI, or a plain XADD from any language).
 """
 
-from streamflow.app import App
+from streamflow.app import App, RetryPolicy
 from streamflow.client import Client, SyncClient
-from streamflow.context import Cancelled, CancelToken, Context
+from streamflow.context import Cancelled, CancelToken, Context, Fatal, Retry
 from streamflow.errors import (
     ConfigError,
     InvalidNameError,
@@ -15,6 +15,7 @@ from streamflow.errors import (
     RedisUnavailable,
     StreamflowError,
 )
+from streamflow.leases import LeaseSettings
 from streamflow.worker import Outcome, Worker
 
 __version__ = "0.1.0"
@@ -26,11 +27,15 @@ __all__ = [
     "Client",
     "ConfigError",
     "Context",
+    "Fatal",
     "InvalidNameError",
+    "LeaseSettings",
     "Outcome",
     "PayloadError",
     "ProtocolError",
     "RedisUnavailable",
+    "Retry",
+    "RetryPolicy",
     "StreamflowError",
     "SyncClient",
     "Worker",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import random
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,35 @@ Handler = Callable[[Context, Any], Awaitable[Any]] | Callable[[Context, Any], An
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a role retries a failed message: capped exponential backoff with jitter.
+
+    The n-th retry waits a random time between half and all of
+    ``min(max_backoff, backoff * factor ** (n - 1))`` seconds.
+
+    Attributes:
+        max_attempts: Attempts in all (1 means never retry); then the message is dead-lettered.
+        backoff: The first retry's base delay in seconds.
+        factor: Growth of the base delay per attempt.
+        max_backoff: The cap on the base delay in seconds.
+    """
+
+    max_attempts: int = 3
+    backoff: float = 1.0
+    factor: float = 2.0
+    max_backoff: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.backoff < 0 or self.factor < 1 or self.max_backoff < 0:
+            raise ConfigError(f"invalid retry policy {self!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before the attempt after ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.backoff * self.factor ** max(attempt - 1, 0))
+        return random.uniform(base / 2, base)
+
+
+@dataclass(frozen=True, slots=True)
 class Role:
     """A role: its name, handler and how its payload is validated.
 
@@ -29,6 +59,10 @@ class Role:
         handler: The function that handles one message.
         is_async: Whether the handler is a coroutine function (else it runs in a thread).
         payload_type: The declared type of the payload parameter (``Any`` when undeclared).
+        retry: The retry policy.
+        timeout: Seconds a handler may run before it is cancelled (a failed attempt).
+        max_deliveries: Deliveries (first read, adoptions after crashes) before the message is
+            dead-lettered as poison without being started again.
     """
 
     name: str
@@ -36,6 +70,9 @@ class Role:
     is_async: bool
     payload_type: Any
     _adapter: TypeAdapter[Any] | None
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = None
+    max_deliveries: int = 5
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -67,7 +104,15 @@ class App:
     def __init__(self) -> None:
         self._roles: dict[str, Role] = {}
 
-    def role(self, name: str, *, payload: Any = None) -> Callable[[HandlerT], HandlerT]:
+    def role(
+        self,
+        name: str,
+        *,
+        payload: Any = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_deliveries: int = 5,
+    ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
         The function takes ``(ctx, payload)``. The payload parameter's annotation (a pydantic
@@ -78,17 +123,25 @@ class App:
             name: The role name.
             payload: The payload type, when it cannot be read from the annotation (e.g. a class
                 defined inside a function under ``from __future__ import annotations``).
+            retry: The retry policy; by default 3 attempts with 1 s, 2 s backoff (jittered).
+            timeout: Seconds a handler may run before it is cancelled as a failed attempt.
+            max_deliveries: Deliveries (including adoptions after a worker died) after which a
+                message is dead-lettered as poison instead of started again.
 
         Raises:
             InvalidNameError: The role name is not valid.
             ConfigError: The role already has a handler, or the function's signature is wrong.
         """
         validate_name(name, "role")
+        if max_deliveries < 1 or (timeout is not None and timeout <= 0):
+            raise ConfigError("max_deliveries must be at least 1 and timeout positive")
 
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
                 raise ConfigError(f"role {name!r} already has a handler")
-            self._roles[name] = _make_role(name, func, payload)
+            self._roles[name] = _make_role(
+                name, func, payload, retry or RetryPolicy(), timeout, max_deliveries
+            )
             return func
 
         return register
@@ -111,7 +164,14 @@ class App:
             raise ConfigError(f"unknown role {name!r} (this app has: {known})") from None
 
 
-def _make_role(name: str, func: Callable[..., Any], payload_type: Any = None) -> Role:
+def _make_role(
+    name: str,
+    func: Callable[..., Any],
+    payload_type: Any,
+    retry: RetryPolicy,
+    timeout: float | None,
+    max_deliveries: int,
+) -> Role:
     params = list(inspect.signature(func).parameters.values())
     if len(params) != 2:
         raise ConfigError(
@@ -122,7 +182,7 @@ def _make_role(name: str, func: Callable[..., Any], payload_type: Any = None) ->
         payload_type = _annotation(func, params[1].name)
     adapter = None if payload_type is Any else TypeAdapter(payload_type)
     is_async = inspect.iscoroutinefunction(func)
-    return Role(name, func, is_async, payload_type, adapter)
+    return Role(name, func, is_async, payload_type, adapter, retry, timeout, max_deliveries)
 
 
 def _annotation(func: Callable[..., Any], parameter: str) -> Any:

@@ -62,6 +62,22 @@ class Cancelled(Exception):
         self.reason = reason
 
 
+class Retry(Exception):
+    """Raise in a handler to retry the message, after ``delay`` seconds if given.
+
+    It counts as an attempt: past the role's ``max_attempts`` the message is dead-lettered.
+    Without a delay the role's backoff applies.
+    """
+
+    def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Fatal(Exception):
+    """Raise in a handler when retrying cannot help: the message goes to dead letters at once."""
+
+
 class Context:
     """The context of one delivery of a message, passed to the handler.
 

@@ -3,8 +3,9 @@
 Nothing else in the package builds a key by hand. Every key has the form
 ``<namespace>:{<tag>}:<part>``: the part in braces is the Redis Cluster hash tag, so all keys that
 one Lua script or pipeline touches together share a slot. A role's stream, its dead-letter stream
-and its dedup markers share the tag ``{role:<name>}`` because publishing with a dedup key and
-dead-lettering are single scripts over them.
+its delayed schedule and its dedup markers share the tag ``{role:<name>}`` because
+dead-lettering, retry scheduling, promotion of due retries, replay and publishing with a dedup key
+are single scripts over them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ class Keys:
     def dead_letters(self, role: str) -> str:
         """The role's dead-letter stream."""
         return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:dead"
+
+    def delayed(self, role: str) -> str:
+        """The role's delayed schedule: a sorted set of messages scored by due time (ms)."""
+        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:delayed"
+
+    def consumer_alive(self, consumer: str) -> str:
+        """The liveness key held by the one live process using a consumer name."""
+        return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:alive"
 
     def dedup(self, role: str, dedup_key: str) -> str:
         """The marker that makes publishing with ``dedup_key`` happen at most once.

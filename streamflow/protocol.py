@@ -50,6 +50,9 @@ DeadLetterReason = Literal[
     "wrong_role",
     "invalid_payload",
     "failed",
+    "fatal",
+    "max_deliveries",
+    "expired",
 ]
 
 

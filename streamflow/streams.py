@@ -38,10 +38,13 @@ class Entry:
     Attributes:
         id: The stream entry id, e.g. ``b"1718000000000-0"``.
         fields: The entry's field/value pairs.
+        deliveries: The pending list's delivery counter: 1 for a first read, higher after
+            adoptions and re-reads.
     """
 
     id: bytes
     fields: dict[bytes, bytes]
+    deliveries: int = 1
 
 
 def redact_url(url: str) -> str:
@@ -135,6 +138,13 @@ class Scripts:
         self.settle = redis.register_script(_load("settle.lua", strip))
         self.dead_letter = redis.register_script(_load("dead_letter.lua", strip))
         self.publish_dedup = redis.register_script(_load("publish_dedup.lua", strip))
+        self.renew = redis.register_script(_load("renew.lua", strip))
+        self.claim = redis.register_script(_load("claim.lua", strip))
+        self.release = redis.register_script(_load("release.lua", strip))
+        self.retry = redis.register_script(_load("retry.lua", strip))
+        self.promote = redis.register_script(_load("promote.lua", strip))
+        self.replay = redis.register_script(_load("replay.lua", strip))
+        self.alive = redis.register_script(_load("alive.lua", strip))
 
     @staticmethod
     def source(name: str) -> str:
@@ -184,6 +194,29 @@ async def read_group(
     """
     reply = await redis.xreadgroup(GROUP, consumer, {stream: after}, count=count, block=block_ms)
     return _entries(reply)
+
+
+async def read_own_pending(
+    redis: Redis, stream: str, consumer: str, *, after: bytes, count: int
+) -> list[Entry]:
+    """Re-read entries already pending under ``consumer`` after id ``after``, with counts.
+
+    Used at start-up: a worker restarted under the same consumer name resumes its entries at
+    once instead of waiting a lease TTL for them to be adopted.
+    """
+    entries = await read_group(redis, stream, consumer, count=count, block_ms=None, after=after)
+    if not entries:
+        return []
+    rows = await redis.xpending_range(
+        stream,
+        GROUP,
+        min=entries[0].id,
+        max=entries[-1].id,
+        count=len(entries),
+        consumername=consumer,
+    )
+    counts = {row["message_id"]: int(row["times_delivered"]) for row in rows}
+    return [Entry(e.id, e.fields, counts.get(e.id, 1)) for e in entries]
 
 
 def _entries(reply: Any) -> list[Entry]:
@@ -257,6 +290,129 @@ async def publish_dedup(
         keys=[stream, marker], args=[message_id, window_ms, message], client=redis
     )
     return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: Lua's unpack() has a stack limit; scripts get ids in chunks of this size.
+_CHUNK = 1000
+
+
+async def renew(
+    scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
+) -> list[bytes]:
+    """Renew the leases of ``ids`` still owned by ``consumer``; return the ids whose lease is lost.
+
+    One round trip for up to 1,000 entries.
+    """
+    lost: list[bytes] = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        lost += await scripts.renew(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
+    return lost
+
+
+async def claim(
+    scripts: Scripts,
+    redis: Redis,
+    stream: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    cursor: bytes,
+    count: int,
+) -> tuple[bytes, list[Entry], list[bytes]]:
+    """One bounded XAUTOCLAIM step: (next cursor, adopted entries with counts, deleted ids)."""
+    next_cursor, adopted, deleted = await scripts.claim(
+        keys=[stream], args=[GROUP, consumer, min_idle_ms, cursor, count], client=redis
+    )
+    entries = [
+        Entry(entry_id, _pairs(fields), int(deliveries)) for entry_id, fields, deliveries in adopted
+    ]
+    return next_cursor, entries, list(deleted)
+
+
+def _pairs(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:
+    if not flat:
+        return {}
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+async def release(
+    scripts: Scripts,
+    redis: Redis,
+    stream: str,
+    consumer: str,
+    ids: Sequence[bytes],
+    *,
+    idle_ms: int,
+) -> int:
+    """Hand entries back for immediate adoption without counting a delivery; returns how many."""
+    released = 0
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        released += int(
+            await scripts.release(
+                keys=[stream], args=[GROUP, consumer, idle_ms, *chunk], client=redis
+            )
+        )
+    return released
+
+
+async def schedule_retry(
+    scripts: Scripts,
+    redis: Redis,
+    *,
+    stream: str,
+    schedule: str,
+    consumer: str,
+    entry_id: bytes,
+    due_ms: int,
+    message: bytes,
+) -> bool:
+    """Settle the entry and schedule its next attempt (due 0: at once); False if not ours."""
+    result = await scripts.retry(
+        keys=[stream, schedule], args=[GROUP, consumer, entry_id, due_ms, message], client=redis
+    )
+    return bool(result)
+
+
+async def promote(
+    scripts: Scripts,
+    redis: Redis,
+    stream: str,
+    schedule: str,
+    *,
+    limit: int = 500,
+    horizon: str | None = None,
+) -> tuple[int, int | None]:
+    """Move due scheduled messages to the stream: (how many, next due ms or None).
+
+    ``horizon`` (a score such as ``"+inf"``) moves everything scheduled up to it instead of up
+    to now; the test harness uses it to fast-forward retries.
+    """
+    args: list[str | int] = [limit] if horizon is None else [limit, horizon]
+    moved, next_due = await scripts.promote(keys=[stream, schedule], args=args, client=redis)
+    due = int(float(next_due)) if next_due not in (-1, b"-1", None) else None
+    return int(moved), due
+
+
+async def schedule(redis: Redis, schedule_key: str, due_ms: int, message: bytes) -> None:
+    """Add a message to a delayed schedule (publishing with a delay)."""
+    await redis.zadd(schedule_key, {message: due_ms})
+
+
+async def replay(
+    scripts: Scripts, redis: Redis, *, stream: str, dead_stream: str, dead_id: bytes, message: bytes
+) -> bytes | None:
+    """Move one dead letter back as ``message``, exactly once; None if it was already gone."""
+    result = await scripts.replay(keys=[stream, dead_stream], args=[dead_id, message], client=redis)
+    return result if result else None
+
+
+async def liveness(
+    scripts: Scripts, redis: Redis, key: str, action: str, token: str, ttl_ms: int
+) -> bool:
+    """Acquire, refresh or release a consumer name's liveness key."""
+    return bool(await scripts.alive(keys=[key], args=[action, token, ttl_ms], client=redis))
 
 
 def is_group_lost(exc: BaseException) -> bool:

@@ -100,8 +100,16 @@ class Harness:
         """Publish one job (see :meth:`Client.publish`); returns its message id."""
         return await self.client.publish(role, payload, **options)
 
-    async def drain(self, roles: list[str] | None = None) -> list[Outcome]:
-        """Run a worker until every queued job is settled; returns this drain's outcomes."""
+    async def drain(
+        self, roles: list[str] | None = None, *, run_scheduled: bool = True
+    ) -> list[Outcome]:
+        """Run a worker until every queued job is settled; returns this drain's outcomes.
+
+        Args:
+            roles: The roles to run; all of the app's by default.
+            run_scheduled: Treat retries (and delayed publishes) as due at once, so a drain
+                runs every attempt to its end without waiting out the backoff.
+        """
         seen: list[Outcome] = []
         worker = Worker(
             self.app,
@@ -112,9 +120,32 @@ class Harness:
             on_outcome=seen.append,
             **self._worker_options,
         )
-        await worker.drain()
+        names = roles if roles is not None else list(self.app.roles)
+        while True:
+            await worker.drain()
+            if not run_scheduled or not await self._fast_forward(names):
+                break
         self.outcomes += seen
         return seen
+
+    async def _fast_forward(self, roles: list[str]) -> int:
+        scripts = streams.Scripts(self.redis)
+        moved = 0
+        for role in roles:
+            count, _ = await streams.promote(
+                scripts,
+                self.redis,
+                self.keys.role_stream(role),
+                self.keys.delayed(role),
+                horizon="+inf",
+            )
+            moved += count
+        return moved
+
+    @property
+    def retried(self) -> list[Outcome]:
+        """Outcomes that scheduled another attempt."""
+        return [o for o in self.outcomes if o.status == "retried"]
 
     @property
     def acked(self) -> list[str]:

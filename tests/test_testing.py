@@ -54,6 +54,8 @@ async def test_harness_runs_handlers_until_idle_and_reports_outcomes(
             (too_wide, "failed"),
             (bad, "invalid_payload"),
         }
+        # The failing one was tried 3 times (the default policy), then dead-lettered.
+        assert [o.message_id for o in h.retried] == [too_wide, too_wide]
         letters = await h.dead_letters("resize")
         assert {letter.message_id for letter in letters} == {too_wide, bad}
         assert await h.queued("resize") == 0

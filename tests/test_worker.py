@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, Worker, streams
+from streamflow import App, Client, Context, RetryPolicy, Worker, streams
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import decode_dead_letter
 from streamflow.worker import Outcome
@@ -187,7 +187,7 @@ async def test_malformed_entries_are_dead_lettered_and_neighbours_still_processe
     app = App()
     handled: list[str] = []
 
-    @app.role("orders")
+    @app.role("orders", retry=RetryPolicy(max_attempts=1))
     async def orders(ctx: Context, order: Order) -> None:
         if order.sku == "boom":
             raise RuntimeError("the handler blew up")

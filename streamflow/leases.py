@@ -1,0 +1,276 @@
+"""Leases: keep in-flight entries owned, adopt abandoned ones, hand entries back on shutdown.
+
+A delivered entry is leased to the consumer that holds it in the group's pending list. While a
+worker lives it renews the entries it is running (owner-checked, one round trip per stream per
+tick); any worker adopts entries idle past the lease TTL (one bounded XAUTOCLAIM per stream per
+tick, following its cursor). A renewal that finds the entry gone or owned by another consumer
+means the lease is lost: the handler is cancelled and nothing is applied for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import anyio
+from redis.asyncio import Redis
+
+from streamflow import streams
+from streamflow.app import Role
+from streamflow.context import Context
+from streamflow.errors import ConfigError
+from streamflow.keys import Keys
+
+logger = logging.getLogger(__name__)
+
+#: Idle time given to released entries: past any lease TTL, so the next reclaim adopts them.
+RELEASE_IDLE_MS = 10 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    """Lease timing.
+
+    Attributes:
+        ttl: Seconds an entry may go unrenewed before any worker may adopt it.
+        renew_interval: Seconds between renewals; at most a third of ``ttl`` (default).
+        reclaim_interval: Seconds between adoption steps (one bounded XAUTOCLAIM per role).
+        reclaim_count: The most entries one adoption step looks at is ten times this.
+    """
+
+    ttl: float = 30.0
+    renew_interval: float | None = None
+    reclaim_interval: float = 2.0
+    reclaim_count: int = 100
+
+    def __post_init__(self) -> None:
+        if self.ttl <= 0 or self.reclaim_interval <= 0:
+            raise ConfigError("lease TTL and reclaim interval must be positive")
+        if self.renew_interval is not None and not 0 < self.renew_interval <= self.ttl / 3:
+            raise ConfigError(
+                f"renew interval {self.renew_interval}s must be positive and at most a third "
+                f"of the lease TTL ({self.ttl}s)"
+            )
+
+    @property
+    def renew_every(self) -> float:
+        """The renewal period in seconds."""
+        return self.renew_interval if self.renew_interval is not None else self.ttl / 3
+
+    @property
+    def ttl_ms(self) -> int:
+        """The lease TTL in milliseconds."""
+        return int(self.ttl * 1000)
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """One entry this process holds, from read (or adoption) until it is settled.
+
+    Attributes:
+        role: The role it belongs to.
+        stream: The role stream key.
+        entry: The entry as read.
+        scope: The cancel scope of its running handler, once started.
+        context: Its handler's context, once started.
+        lost: The lease was lost: another consumer owns it now; apply nothing.
+        released: The worker is shutting down: hand it back instead of settling.
+    """
+
+    role: Role
+    stream: str
+    entry: streams.Entry
+    scope: anyio.CancelScope | None = None
+    context: Context | None = None
+    lost: bool = False
+    released: bool = False
+
+
+@dataclass(slots=True)
+class InFlight:
+    """Every entry this process holds, by stream and entry id."""
+
+    _by_stream: dict[str, dict[bytes, Delivery]] = field(default_factory=dict)
+
+    def add(self, delivery: Delivery) -> None:
+        """Hold a delivery (from read or adoption until settled)."""
+        self._by_stream.setdefault(delivery.stream, {})[delivery.entry.id] = delivery
+
+    def discard(self, delivery: Delivery) -> None:
+        """Stop holding a delivery (settled, released or lost)."""
+        held = self._by_stream.get(delivery.stream)
+        if held is not None and held.get(delivery.entry.id) is delivery:
+            del held[delivery.entry.id]
+
+    def holds(self, stream: str, entry_id: bytes) -> bool:
+        """Whether this process holds that entry."""
+        return entry_id in self._by_stream.get(stream, ())
+
+    def by_stream(self) -> Iterator[tuple[str, list[Delivery]]]:
+        """(stream, held deliveries) for every stream with any, as a snapshot."""
+        for stream, held in list(self._by_stream.items()):
+            if held:
+                yield stream, list(held.values())
+
+    def __iter__(self) -> Iterator[Delivery]:
+        for _, deliveries in self.by_stream():
+            yield from deliveries
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._by_stream.values())
+
+
+class LeaseKeeper:
+    """Renews, adopts and releases entries for one worker process.
+
+    Args:
+        redis: The client.
+        scripts: The registered Lua scripts.
+        keys: Key names.
+        consumer: This process's consumer name.
+        in_flight: The registry of entries this process holds.
+        settings: Lease timing.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: streams.Scripts,
+        keys: Keys,
+        consumer: str,
+        in_flight: InFlight,
+        settings: LeaseSettings,
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._keys = keys
+        self._consumer = consumer
+        self._in_flight = in_flight
+        self.settings = settings
+        self._cursors: dict[str, bytes] = {}
+        self._token = uuid.uuid4().hex
+        self.renewals = 0
+        self.adopted = 0
+        self.lost = 0
+        self.deleted = 0
+
+    # -- the consumer name is ours alone ----------------------------------------------------
+
+    async def acquire_name(self) -> None:
+        """Take the consumer name's liveness key, or refuse to start.
+
+        Raises:
+            ConfigError: Another live process uses this consumer name.
+        """
+        key = self._keys.consumer_alive(self._consumer)
+        if not await streams.liveness(
+            self._scripts, self._redis, key, "acquire", self._token, self._name_ttl_ms
+        ):
+            raise ConfigError(
+                f"consumer name {self._consumer!r} is in use by another live worker; "
+                "give each process its own --consumer-name"
+            )
+
+    async def release_name(self) -> None:
+        """Give the consumer name up (on a clean stop)."""
+        key = self._keys.consumer_alive(self._consumer)
+        await streams.liveness(self._scripts, self._redis, key, "release", self._token, 0)
+
+    @property
+    def _name_ttl_ms(self) -> int:
+        return max(self.settings.ttl_ms, 1000)
+
+    # -- renewal ----------------------------------------------------------------------------
+
+    async def renew_forever(self) -> None:
+        """Renew every held entry (and the consumer name) each renewal period."""
+        failures = 0
+        while True:
+            await anyio.sleep(self.settings.renew_every)
+            try:
+                await self.renew_once()
+            except streams.TRANSIENT_ERRORS as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("lease renewal failed (%s); retrying next tick", exc)
+            else:
+                failures = 0
+
+    async def renew_once(self) -> None:
+        """One renewal round: one script call per stream with held entries."""
+        key = self._keys.consumer_alive(self._consumer)
+        await streams.liveness(
+            self._scripts, self._redis, key, "refresh", self._token, self._name_ttl_ms
+        )
+        for stream, held in self._in_flight.by_stream():
+            ids = [d.entry.id for d in held]
+            lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
+            self.renewals += len(ids) - len(lost)
+            for delivery in held:
+                if delivery.entry.id in lost:
+                    self._lose(delivery)
+
+    def _lose(self, delivery: Delivery) -> None:
+        if delivery.lost:
+            return
+        self.lost += 1
+        delivery.lost = True
+        logger.warning(
+            "lease lost on %s entry %s (adopted elsewhere or gone): cancelling its handler",
+            delivery.role.name,
+            delivery.entry.id.decode(),
+        )
+        if delivery.context is not None:
+            delivery.context.cancel._set("lease lost")
+        if delivery.scope is not None:
+            delivery.scope.cancel()
+
+    # -- adoption ---------------------------------------------------------------------------
+
+    async def adopt(self, stream: str, count: int) -> list[streams.Entry]:
+        """One bounded adoption step on ``stream`` for up to ``count`` entries.
+
+        Entries this process already holds are not returned again (it owns them once more and
+        its handler goes on).
+        """
+        cursor = self._cursors.get(stream, b"0-0")
+        cursor, entries, deleted = await streams.claim(
+            self._scripts,
+            self._redis,
+            stream,
+            self._consumer,
+            min_idle_ms=self.settings.ttl_ms,
+            cursor=cursor,
+            count=count,
+        )
+        self._cursors[stream] = cursor
+        if deleted:
+            self.deleted += len(deleted)
+            logger.error(
+                "%d pending entries of %s were deleted from the stream before they were "
+                "acknowledged (trimmed or deleted by hand): that work is lost: %s",
+                len(deleted),
+                stream,
+                ", ".join(d.decode() for d in deleted[:10]),
+            )
+        fresh = [e for e in entries if not self._in_flight.holds(stream, e.id)]
+        self.adopted += len(fresh)
+        if fresh:
+            logger.info("adopted %d entries idle past the lease TTL on %s", len(fresh), stream)
+        return fresh
+
+    # -- release ----------------------------------------------------------------------------
+
+    async def release(self, delivery: Delivery) -> bool:
+        """Hand an entry back for immediate adoption elsewhere; False if it was not ours."""
+        released = await streams.release(
+            self._scripts,
+            self._redis,
+            delivery.stream,
+            self._consumer,
+            [delivery.entry.id],
+            idle_ms=RELEASE_IDLE_MS,
+        )
+        return released == 1
