@@ -6,7 +6,9 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import IO, Any, TypeVar
 
 import anyio
@@ -14,7 +16,7 @@ import click
 import orjson
 
 from streamflow import config, streams
-from streamflow.client import Client
+from streamflow.client import Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.protocol import json_schemas
 from streamflow.worker import Worker
@@ -150,6 +152,28 @@ def main(log_level: str) -> None:
     show_default=True,
     help="Each dead-letter stream is capped near this many entries (oldest go first).",
 )
+@click.option(
+    "--lease-ttl",
+    envvar="STREAMFLOW_LEASE_TTL",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds an entry may go unrenewed before another worker adopts it.",
+)
+@click.option(
+    "--renew-interval",
+    envvar="STREAMFLOW_RENEW_INTERVAL",
+    type=float,
+    help="Seconds between lease renewals (default: a third of --lease-ttl).",
+)
+@click.option(
+    "--reclaim-interval",
+    envvar="STREAMFLOW_RECLAIM_INTERVAL",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds between adoption steps for entries idle past the lease TTL.",
+)
 @_connection_options
 @_errors_to_exit
 def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
@@ -187,6 +211,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         max_message_bytes=settings.max_message_bytes,
         shutdown_grace=settings.shutdown_grace,
         dead_letter_max_len=settings.dead_letter_max_len,
+        lease=settings.lease_settings(),
     )
     roles = ", ".join(settings.roles or tuple(app.roles))
     try:
@@ -233,6 +258,13 @@ async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
 )
 @click.option("--id", "message_id", help="The message id (single publish only).")
 @click.option("--dedup-key", help="Publish at most once per key within the dedup window.")
+@click.option("--delay", type=float, help="Start no earlier than this many seconds from now.")
+@click.option(
+    "--at",
+    "at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S"]),
+    help="Start no earlier than this time (ISO 8601; local time without an offset).",
+)
 @_connection_options
 @_errors_to_exit
 def publish(
@@ -241,6 +273,8 @@ def publish(
     file: IO[bytes] | None,
     message_id: str | None,
     dedup_key: str | None,
+    delay: float | None,
+    at: datetime | None,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -248,14 +282,17 @@ def publish(
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if (json_text is None) == (file is None):
         raise ConfigError("give exactly one of --json or --file")
-    if file is not None and (message_id or dedup_key):
-        raise ConfigError("--id and --dedup-key apply to a single --json publish")
+    if file is not None and (message_id or dedup_key or delay is not None or at):
+        raise ConfigError("--id, --dedup-key, --delay and --at apply to a single --json publish")
+    if delay is not None and at is not None:
+        raise ConfigError("give --delay or --at, not both")
     if json_text is not None:
         payloads = [_parse_json(json_text.encode(), "--json")]
     else:
         assert file is not None
         payloads = list(_read_lines(file))
-    ids = anyio.run(_publish, settings, role, payloads, message_id, dedup_key)
+    when = at if at is not None else delay
+    ids = anyio.run(_publish, settings, role, payloads, message_id, dedup_key, when)
     for one in ids:
         click.echo(one)
 
@@ -279,16 +316,23 @@ async def _publish(
     payloads: list[Any],
     message_id: str | None,
     dedup_key: str | None,
+    when: datetime | float | None,
 ) -> list[str]:
+    async with _client(settings) as client:
+        if len(payloads) == 1:
+            one = await client.publish(
+                role, payloads[0], message_id=message_id, dedup_key=dedup_key, delay=when
+            )
+            return [one]
+        return await client.publish_many(role, payloads)
+
+
+@asynccontextmanager
+async def _client(settings: config.ConnectionSettings) -> AsyncIterator[Client]:
     redis = streams.connect(settings.url, name="streamflow-cli")
     try:
         await streams.ping(redis, settings.url)
-        client = Client(redis, namespace=settings.namespace)
-        if len(payloads) == 1:
-            return [
-                await client.publish(role, payloads[0], message_id=message_id, dedup_key=dedup_key)
-            ]
-        return await client.publish_many(role, payloads)
+        yield Client(redis, namespace=settings.namespace)
     finally:
         await redis.aclose()
 
@@ -320,3 +364,115 @@ def demo(redis_url: str | None, messages: int, concurrency: int) -> None:
         streams.validate_url(redis_url)
     with redis_for_demo(redis_url, click.echo) as url:
         anyio.run(run_demo, url, messages, concurrency, click.echo)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list, show, replay, purge."""
+
+
+@dlq.command("list")
+@click.argument("role")
+@click.option("--count", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per line.")
+@_connection_options
+@_errors_to_exit
+def dlq_list(role: str, count: int, as_json: bool, redis_url: str, namespace: str) -> None:
+    """List the oldest dead letters of ROLE."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    total, entries = anyio.run(_dlq_list, settings, role, count)
+    for entry in entries:
+        letter = entry.letter
+        if as_json:
+            click.echo(orjson.dumps({"id": entry.id, **letter.model_dump(mode="json")}).decode())
+        else:
+            when = datetime.fromtimestamp(letter.dead_at_ms / 1000).isoformat(timespec="seconds")
+            click.echo(
+                f"{entry.id}  {when}  {letter.reason:<19} message={letter.message_id or '-'} "
+                f"attempts={letter.attempts}  {letter.detail[:100]}"
+            )
+    if not as_json:
+        click.echo(
+            f"{total} dead letters in {role!r}"
+            + (f" (showing {len(entries)})" if total > len(entries) else "")
+        )
+
+
+async def _dlq_list(
+    settings: config.ConnectionSettings, role: str, count: int
+) -> tuple[int, list[DeadLetterEntry]]:
+    async with _client(settings) as client:
+        return await client.dead_letter_count(role), await client.dead_letters(role, count=count)
+
+
+@dlq.command("show")
+@click.argument("role")
+@click.argument("dead_id")
+@_connection_options
+@_errors_to_exit
+def dlq_show(role: str, dead_id: str, redis_url: str, namespace: str) -> None:
+    """Show one dead letter of ROLE in full, with its original fields."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    entry = anyio.run(_dlq_show, settings, role, dead_id)
+    if entry is None:
+        raise ConfigError(f"no dead letter {dead_id!r} in role {role!r}")
+    doc = {
+        "id": entry.id,
+        **entry.letter.model_dump(mode="json"),
+        "raw": {k: v.decode(errors="backslashreplace") for k, v in entry.raw.items()},
+    }
+    click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
+async def _dlq_show(
+    settings: config.ConnectionSettings, role: str, dead_id: str
+) -> DeadLetterEntry | None:
+    async with _client(settings) as client:
+        return await client.dead_letter(role, dead_id)
+
+
+@dlq.command("replay")
+@click.argument("role")
+@click.argument("dead_ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of ROLE.")
+@_connection_options
+@_errors_to_exit
+def dlq_replay(
+    role: str, dead_ids: tuple[str, ...], replay_all: bool, redis_url: str, namespace: str
+) -> None:
+    """Send dead letters back to ROLE's stream, attempts reset (each exactly once)."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    if bool(dead_ids) == replay_all:
+        raise ConfigError("give dead-letter ids or --all")
+    result = anyio.run(_dlq_replay, settings, role, None if replay_all else list(dead_ids))
+    for dead_id, new_id in result.replayed:
+        click.echo(f"replayed {dead_id} -> {new_id}")
+    for dead_id, why in result.skipped:
+        click.echo(f"skipped {dead_id}: {why}", err=True)
+    click.echo(f"{len(result.replayed)} replayed, {len(result.skipped)} skipped")
+
+
+async def _dlq_replay(
+    settings: config.ConnectionSettings, role: str, dead_ids: list[str] | None
+) -> ReplayResult:
+    async with _client(settings) as client:
+        return await client.replay(role, dead_ids)
+
+
+@dlq.command("purge")
+@click.argument("role")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_connection_options
+@_errors_to_exit
+def dlq_purge(role: str, yes: bool, redis_url: str, namespace: str) -> None:
+    """Delete every dead letter of ROLE."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    if not yes:
+        click.confirm(f"delete every dead letter of {role!r}?", abort=True)
+    count = anyio.run(_dlq_purge, settings, role)
+    click.echo(f"purged {count} dead letters from {role!r}")
+
+
+async def _dlq_purge(settings: config.ConnectionSettings, role: str) -> int:
+    async with _client(settings) as client:
+        return await client.purge_dead_letters(role)

@@ -1,9 +1,13 @@
-"""Publishing jobs from any Python service: :class:`Client` (async) and :class:`SyncClient`."""
+"""Publishing from any Python service, and dead-letter operations.
+
+:class:`Client` (async) and :class:`SyncClient` publish jobs; :class:`Client` also lists, shows,
+replays and purges dead letters.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -16,28 +20,40 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from streamflow import streams
-from streamflow.errors import PayloadError, RedisUnavailable
+from streamflow.errors import PayloadError, ProtocolError, RedisUnavailable
 from streamflow.keys import Keys, validate_name
-from streamflow.protocol import check_publish_fields, encode_job_fields, new_message_id, now_ms
+from streamflow.protocol import (
+    DeadLetter,
+    check_publish_fields,
+    decode_dead_letter,
+    encode,
+    encode_job_fields,
+    new_message_id,
+    now_ms,
+)
 
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
+
+When = datetime | timedelta | float | None
 
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     stream: str
+    schedule: str
     message_id: str
     body: bytes
     dedup_marker: str | None
+    due_ms: int
 
 
 class _Publisher:
-    """Builds the bytes to publish; the async and sync clients only do the I/O."""
+    """Builds what to publish; the async and sync clients only do the I/O."""
 
     def __init__(self, namespace: str, dedup_window: timedelta) -> None:
         self.keys = Keys(namespace)
-        self._dedup_ms = int(dedup_window.total_seconds() * 1000)
+        self.dedup_ms = int(dedup_window.total_seconds() * 1000)
 
     def prepare(
         self,
@@ -47,12 +63,12 @@ class _Publisher:
         message_id: str | None,
         dedup_key: str | None,
         deadline: datetime | timedelta | None,
+        delay: When,
         task_id: str | None,
         node_id: str | None,
     ) -> _Prepared:
-        stream = self.keys.role_stream(role)
         message_id = message_id or new_message_id()
-        deadline_ms = _deadline_ms(deadline)
+        deadline_ms = _absolute_ms(deadline)
         check_publish_fields(message_id, dedup_key, deadline_ms)
         body = _encode(
             message_id,
@@ -64,8 +80,14 @@ class _Publisher:
             node_id=validate_name(node_id, "node id") if node_id else None,
             dedup_key=dedup_key,
         )
-        marker = self.keys.dedup(role, dedup_key) if dedup_key else None
-        return _Prepared(stream, message_id, body, marker)
+        return _Prepared(
+            stream=self.keys.role_stream(role),
+            schedule=self.keys.delayed(role),
+            message_id=message_id,
+            body=body,
+            dedup_marker=self.keys.dedup(role, dedup_key) if dedup_key else None,
+            due_ms=_absolute_ms(delay) or 0,
+        )
 
     def bodies(self, role: str, payloads: Iterable[Any]) -> list[tuple[str, str, bytes]]:
         stream = self.keys.role_stream(role)
@@ -76,13 +98,37 @@ class _Publisher:
             out.append((stream, message_id, _encode(message_id, role, payload, created)))
         return out
 
-    @property
-    def dedup_ms(self) -> int:
-        return self._dedup_ms
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    """One entry of a dead-letter stream.
+
+    Attributes:
+        id: Its id in the dead-letter stream (what ``dlq show``/``replay`` take).
+        letter: The decoded dead letter.
+        raw: The original entry's fields, verbatim (cut at the worker's size limit).
+    """
+
+    id: str
+    letter: DeadLetter
+    raw: dict[str, bytes]
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """What a replay did.
+
+    Attributes:
+        replayed: (dead-letter id, new role-stream entry id) for each entry sent back.
+        skipped: (dead-letter id, why) for each entry not sent back.
+    """
+
+    replayed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Client:
-    """Publishes jobs to roles from async code.
+    """Publishes jobs to roles from async code, and manages dead letters.
 
     Publishing is never retried behind your back: a retried XADD whose first reply was lost
     would publish twice. On a connection failure the call raises :class:`RedisUnavailable`;
@@ -103,6 +149,7 @@ class Client:
     ) -> None:
         self.redis = redis
         self._pub = _Publisher(namespace, dedup_window)
+        self.keys = self._pub.keys
         self._scripts = streams.Scripts(redis)
 
     @classmethod
@@ -118,6 +165,7 @@ class Client:
         message_id: str | None = None,
         dedup_key: str | None = None,
         deadline: datetime | timedelta | None = None,
+        delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
     ) -> str:
@@ -130,6 +178,8 @@ class Client:
             dedup_key: When given, publishing again with the same key within the dedup window
                 publishes nothing and returns the first message's id.
             deadline: When the job must not start any more (absolute, or relative to now).
+            delay: Start no earlier than this: seconds or a timedelta from now, or a datetime.
+                The job waits in the role's delayed schedule, not in a worker.
             task_id: The DAG task it belongs to.
             node_id: The DAG node it belongs to.
 
@@ -139,32 +189,37 @@ class Client:
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
-        prepared = self._pub.prepare(
+        p = self._pub.prepare(
             role,
             payload,
             message_id=message_id,
             dedup_key=dedup_key,
             deadline=deadline,
+            delay=delay,
             task_id=task_id,
             node_id=node_id,
         )
         try:
-            if prepared.dedup_marker is None:
-                await streams.publish(self.redis, prepared.stream, prepared.body)
-                return prepared.message_id
-            result = await streams.publish_dedup(
-                self._scripts,
-                self.redis,
-                stream=prepared.stream,
-                marker=prepared.dedup_marker,
-                message_id=prepared.message_id,
-                message=prepared.body,
-                window_ms=self._pub.dedup_ms,
-            )
+            if p.dedup_marker is not None:
+                published, first = await streams.publish_dedup(
+                    self._scripts,
+                    self.redis,
+                    stream=p.stream,
+                    marker=p.dedup_marker,
+                    schedule=p.schedule,
+                    message_id=p.message_id,
+                    message=p.body,
+                    window_ms=self._pub.dedup_ms,
+                    due_ms=p.due_ms,
+                )
+                return p.message_id if published else first
+            if p.due_ms:
+                await streams.schedule(self.redis, p.schedule, p.due_ms, p.body)
+            else:
+                await streams.publish(self.redis, p.stream, p.body)
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
-        published, first = result
-        return prepared.message_id if published else first
+        return p.message_id
 
     async def publish_many(
         self, role: str, payloads: Iterable[Any], *, chunk_size: int = 1000
@@ -181,6 +236,79 @@ class Client:
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         return [message_id for _, message_id, _ in prepared]
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def dead_letters(
+        self, role: str, *, count: int = 100, after: str = "-"
+    ) -> list[DeadLetterEntry]:
+        """The oldest ``count`` dead letters of ``role`` after id ``after`` (exclusive)."""
+        start = after if after == "-" else f"({after}"
+        reply: Any = await self.redis.xrange(self.keys.dead_letters(role), start, "+", count)
+        return [_dead_letter_entry(entry_id, fields) for entry_id, fields in reply]
+
+    async def dead_letter(self, role: str, dead_id: str) -> DeadLetterEntry | None:
+        """One dead letter by its id, or None."""
+        reply: Any = await self.redis.xrange(self.keys.dead_letters(role), dead_id, dead_id)
+        return _dead_letter_entry(*reply[0]) if reply else None
+
+    async def dead_letter_count(self, role: str) -> int:
+        """How many dead letters ``role`` has."""
+        return int(await self.redis.xlen(self.keys.dead_letters(role)))
+
+    async def replay(self, role: str, dead_ids: Sequence[str] | None = None) -> ReplayResult:
+        """Send dead letters back to the role's stream with their attempts reset.
+
+        Each dead letter is sent back exactly once, even when two replays run at the same time:
+        the one that deletes it from the dead-letter stream is the one that publishes it.
+
+        Args:
+            role: The role.
+            dead_ids: The dead letters to replay; all of them when None.
+        """
+        result = ReplayResult()
+        if dead_ids is not None:
+            for dead_id in dead_ids:
+                entry = await self.dead_letter(role, dead_id)
+                if entry is None:
+                    result.skipped.append((dead_id, "no such dead letter"))
+                else:
+                    await self._replay_one(role, entry, result)
+            return result
+        after = "-"
+        while page := await self.dead_letters(role, count=100, after=after):
+            for entry in page:
+                await self._replay_one(role, entry, result)
+            after = page[-1].id
+        return result
+
+    async def _replay_one(self, role: str, entry: DeadLetterEntry, result: ReplayResult) -> None:
+        job = entry.letter.job
+        if job is None:
+            why = f"not a valid job ({entry.letter.reason}): nothing to replay"
+            result.skipped.append((entry.id, why))
+            return
+        new_id = await streams.replay(
+            self._scripts,
+            self.redis,
+            stream=self.keys.role_stream(role),
+            dead_stream=self.keys.dead_letters(role),
+            dead_id=entry.id.encode(),
+            message=encode(job.model_copy(update={"attempt": 1})),
+        )
+        if new_id is None:
+            result.skipped.append((entry.id, "already replayed or purged"))
+        else:
+            result.replayed.append((entry.id, new_id.decode()))
+
+    async def purge_dead_letters(self, role: str) -> int:
+        """Delete every dead letter of ``role``; returns how many there were."""
+        key = self.keys.dead_letters(role)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xlen(key)
+        pipe.delete(key)
+        count, _ = await pipe.execute()
+        return int(count)
 
     async def aclose(self) -> None:
         """Close the connections."""
@@ -199,7 +327,7 @@ class Client:
 
 
 class SyncClient:
-    """The blocking twin of :class:`Client`, for services that are not async.
+    """The blocking twin of :class:`Client`'s publishing, for services that are not async.
 
     Args:
         url: A ``redis://``, ``rediss://`` or ``unix://`` URL.
@@ -219,8 +347,7 @@ class SyncClient:
             url, socket_timeout=10.0, socket_connect_timeout=5.0, retry=SyncRetry(NoBackoff(), 0)
         )
         self._pub = _Publisher(namespace, dedup_window)
-        script_text = streams.Scripts.source("publish_dedup.lua")
-        self._dedup = self.redis.register_script(script_text)
+        self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))
 
     def publish(
         self,
@@ -230,30 +357,35 @@ class SyncClient:
         message_id: str | None = None,
         dedup_key: str | None = None,
         deadline: datetime | timedelta | None = None,
+        delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
-        prepared = self._pub.prepare(
+        p = self._pub.prepare(
             role,
             payload,
             message_id=message_id,
             dedup_key=dedup_key,
             deadline=deadline,
+            delay=delay,
             task_id=task_id,
             node_id=node_id,
         )
         try:
-            if prepared.dedup_marker is None:
-                self.redis.xadd(prepared.stream, {b"message": prepared.body})
-                return prepared.message_id
-            flag, value = self._dedup(
-                keys=[prepared.stream, prepared.dedup_marker],
-                args=[prepared.message_id, self._pub.dedup_ms, prepared.body],
-            )
+            if p.dedup_marker is not None:
+                flag, value = self._dedup(
+                    keys=[p.stream, p.dedup_marker, p.schedule],
+                    args=[p.message_id, self._pub.dedup_ms, p.body, p.due_ms],
+                )
+                return p.message_id if flag else bytes(value).decode()
+            if p.due_ms:
+                self.redis.zadd(p.schedule, {p.body: p.due_ms})
+            else:
+                self.redis.xadd(p.stream, {b"message": p.body})
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
-        return prepared.message_id if flag else bytes(value).decode()
+        return p.message_id
 
     def publish_many(
         self, role: str, payloads: Iterable[Any], *, chunk_size: int = 1000
@@ -302,12 +434,22 @@ def _encode(message_id: str, role: str, payload: Any, created_at_ms: int, **extr
         raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
 
 
-def _deadline_ms(deadline: datetime | timedelta | None) -> int | None:
-    if deadline is None:
+def _absolute_ms(when: When) -> int | None:
+    """A datetime, or a timedelta / seconds from now, as ms since the epoch."""
+    if when is None:
         return None
-    if isinstance(deadline, timedelta):
-        return now_ms() + int(deadline.total_seconds() * 1000)
-    return int(deadline.timestamp() * 1000)
+    if isinstance(when, datetime):
+        return int(when.timestamp() * 1000)
+    seconds = when.total_seconds() if isinstance(when, timedelta) else float(when)
+    return now_ms() + int(seconds * 1000)
+
+
+def _dead_letter_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetterEntry:
+    try:
+        letter, raw = decode_dead_letter(fields)
+    except ProtocolError as exc:
+        raise ProtocolError(exc.reason, f"dead letter {entry_id.decode()}: {exc.detail}") from None
+    return DeadLetterEntry(entry_id.decode(), letter, raw)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

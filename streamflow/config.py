@@ -6,14 +6,23 @@ import importlib
 import os
 import sys
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from streamflow import streams
 from streamflow.app import App
 from streamflow.errors import ConfigError
 from streamflow.keys import validate_name
+from streamflow.leases import LeaseSettings
 
 ENV_PREFIX = "STREAMFLOW_"
 #: Settings fields whose CLI option has another name.
@@ -36,6 +45,9 @@ ENV_VARS = frozenset(
         "STREAMFLOW_MAX_MESSAGE_BYTES",
         "STREAMFLOW_SHUTDOWN_GRACE",
         "STREAMFLOW_DEAD_LETTER_MAX_LEN",
+        "STREAMFLOW_LEASE_TTL",
+        "STREAMFLOW_RENEW_INTERVAL",
+        "STREAMFLOW_RECLAIM_INTERVAL",
         "STREAMFLOW_LOG_LEVEL",
     }
 )
@@ -90,6 +102,26 @@ class WorkerSettings(ConnectionSettings):
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
     dead_letter_max_len: Annotated[int, Field(ge=1)] = 100_000
+    lease_ttl: Annotated[float, Field(gt=0)] = 30.0
+    renew_interval: Annotated[float, Field(gt=0)] | None = None
+    reclaim_interval: Annotated[float, Field(gt=0)] = 2.0
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> Self:
+        if self.renew_interval is not None and self.renew_interval > self.lease_ttl / 3:
+            raise ValueError(
+                f"--renew-interval {self.renew_interval}s must be at most a third of "
+                f"--lease-ttl {self.lease_ttl}s, or a live worker's entries could be adopted"
+            )
+        return self
+
+    def lease_settings(self) -> LeaseSettings:
+        """The lease timing of these settings."""
+        return LeaseSettings(
+            ttl=self.lease_ttl,
+            renew_interval=self.renew_interval,
+            reclaim_interval=self.reclaim_interval,
+        )
 
     @field_validator("roles")
     @classmethod
@@ -109,12 +141,13 @@ def build(model: type[ConnectionSettings], **values: object) -> ConnectionSettin
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            where = _OPTION_NAMES.get(where, where).replace("_", "-")
             message = str(err.get("ctx", {}).get("error") or err["msg"]).removeprefix(
                 "Value error, "
             )
-            problems.append(f"--{where}: {message}")
+            where = ".".join(str(p) for p in err["loc"])
+            if where:
+                message = f"--{_OPTION_NAMES.get(where, where).replace('_', '-')}: {message}"
+            problems.append(message)
         raise ConfigError("; ".join(problems)) from None
 
 

@@ -281,13 +281,20 @@ async def publish_dedup(
     *,
     stream: str,
     marker: str,
+    schedule: str,
     message_id: str,
     message: bytes,
     window_ms: int,
+    due_ms: int = 0,
 ) -> tuple[bool, str]:
-    """Publish unless ``marker`` exists; returns (published, entry id or first message id)."""
+    """Publish (or schedule, with ``due_ms``) unless ``marker`` exists.
+
+    Returns (published, entry id or ``"scheduled"``, or the first message's id).
+    """
     flag, value = await scripts.publish_dedup(
-        keys=[stream, marker], args=[message_id, window_ms, message], client=redis
+        keys=[stream, marker, schedule],
+        args=[message_id, window_ms, message, due_ms],
+        client=redis,
     )
     return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
 

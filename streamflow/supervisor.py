@@ -45,6 +45,10 @@ def child_command(settings: WorkerSettings, index: int) -> list[str]:
     cmd += ["--max-message-bytes", str(settings.max_message_bytes)]
     cmd += ["--shutdown-grace", str(settings.shutdown_grace)]
     cmd += ["--dead-letter-max-len", str(settings.dead_letter_max_len)]
+    cmd += ["--lease-ttl", str(settings.lease_ttl)]
+    cmd += ["--reclaim-interval", str(settings.reclaim_interval)]
+    if settings.renew_interval is not None:
+        cmd += ["--renew-interval", str(settings.renew_interval)]
     if settings.consumer_name:
         cmd += ["--consumer-name", f"{settings.consumer_name}-{index}"]
     return cmd
