@@ -16,7 +16,8 @@ from streamflow.errors import (
     StreamflowError,
 )
 from streamflow.leases import LeaseSettings
-from streamflow.worker import Outcome, Worker
+from streamflow.settle import Outcome
+from streamflow.worker import Worker
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -420,6 +421,31 @@ async def liveness(
 ) -> bool:
     """Acquire, refresh or release a consumer name's liveness key."""
     return bool(await scripts.alive(keys=[key], args=[action, token, ttl_ms], client=redis))
+
+
+class Backoff:
+    """Capped exponential backoff that logs once per outage, not once per failed call."""
+
+    def __init__(self, what: str, *, first: float = 0.05, cap: float = 5.0) -> None:
+        self._what = what
+        self._first = first
+        self._cap = cap
+        self._delay = 0.0
+
+    async def failed(self, exc: BaseException) -> None:
+        """Log (once per outage) and wait before the caller tries again."""
+        if self._delay == 0.0:
+            logger.warning("Redis unavailable while %s (%s); retrying", self._what, exc)
+            self._delay = self._first
+        else:
+            self._delay = min(self._delay * 2, self._cap)
+        await anyio.sleep(self._delay)
+
+    def succeeded(self) -> None:
+        """Reset after a success, logging the recovery if there was an outage."""
+        if self._delay:
+            logger.warning("Redis is back; %s resumed", self._what)
+            self._delay = 0.0
 
 
 def is_group_lost(exc: BaseException) -> bool:

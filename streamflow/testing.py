@@ -31,7 +31,8 @@ from streamflow.app import App
 from streamflow.client import Client
 from streamflow.keys import Keys
 from streamflow.protocol import DeadLetter, decode_dead_letter
-from streamflow.worker import Outcome, Worker
+from streamflow.settle import Outcome
+from streamflow.worker import Worker
 
 
 class Harness:

@@ -15,10 +15,7 @@ One anyio task group owns all of a worker's loops:
 A consumer drains the memory stream with ``receive_nowait`` and awaits only when it is empty, so
 a burst of fast handlers costs no event-loop round trip per message.
 
-Every delivery ends in exactly one decision, applied in one place (:meth:`Worker._apply`):
-ack, retry (the next attempt goes to the delayed schedule), dead-letter, release (shutdown: hand
-back for immediate adoption, not a failed attempt) or lost (another consumer owns it: apply
-nothing).
+Every delivery ends in exactly one decision, applied in one place, :mod:`streamflow.settle`.
 """
 
 from __future__ import annotations
@@ -27,13 +24,10 @@ import contextlib
 import logging
 import os
 import socket
-import traceback
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -48,85 +42,23 @@ from streamflow.errors import PayloadError, ProtocolError
 from streamflow.keys import Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
 from streamflow.protocol import (
-    DEAD_LETTER_FIELD,
     DEFAULT_MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
-    RAW_FIELD_PREFIX,
-    DeadLetter,
-    DeadLetterReason,
-    ErrorInfo,
     Job,
     decode_job,
-    encode,
     now_ms,
+)
+from streamflow.settle import (
+    LOST,
+    RELEASE,
+    Decision,
+    Outcome,
+    Settler,
+    WorkerStatistics,
+    dead,
+    error_info,
 )
 
 logger = logging.getLogger(__name__)
-
-OutcomeStatus = Literal["acked", "retried", "dead_lettered", "released", "lost"]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one delivery ended, as reported to ``on_outcome`` listeners.
-
-    Attributes:
-        role: The role stream it came from.
-        entry_id: The stream entry id.
-        message_id: The job's id, if the entry decoded far enough.
-        status: ``acked``; ``retried`` (next attempt scheduled); ``dead_lettered``;
-            ``released`` (handed back on shutdown); ``lost`` (another consumer owns it now).
-        reason: The dead-letter reason, when dead-lettered.
-        error: The handler's or decoder's error, when there was one.
-    """
-
-    role: str
-    entry_id: str
-    message_id: str | None
-    status: OutcomeStatus
-    reason: str | None = None
-    error: ErrorInfo | None = None
-
-
-@dataclass(slots=True)
-class WorkerStatistics:
-    """Counters of one worker since it started."""
-
-    received: int = 0
-    acked: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    released: int = 0
-    lost: int = 0
-    adopted: int = 0
-    renewals: int = 0
-    in_flight: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
-
-
-DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost"]
-
-
-@dataclass(frozen=True, slots=True)
-class _Decision:
-    """How a delivery ends; applied by :meth:`Worker._apply`."""
-
-    kind: DecisionKind
-    job: Job | None = None
-    reason: DeadLetterReason | None = None
-    detail: str = ""
-    error: ErrorInfo | None = None
-    delay: float = 0.0
-
-
-_RELEASE = _Decision("release")
-_LOST = _Decision("lost")
-
-
-def _dead(
-    reason: DeadLetterReason, detail: str, job: Job | None = None, error: ErrorInfo | None = None
-) -> _Decision:
-    return _Decision("dead_letter", job, reason, detail, error)
 
 
 def default_consumer_name() -> str:
@@ -187,21 +119,28 @@ class Worker:
         self._read_count = read_count
         self._block_ms = block_ms
         self._max_bytes = max_message_bytes
-        self._dead_max_len = dead_letter_max_len
         self._grace = shutdown_grace
-        self._on_outcome = on_outcome
         self._scripts = streams.Scripts(redis)
-        self._stats = WorkerStatistics()
         self._in_flight = 0
         self._held = InFlight()
         self._leases = LeaseKeeper(
             redis, self._scripts, self._keys, self.consumer, self._held, lease or LeaseSettings()
         )
+        self._settler = Settler(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            self._held,
+            self._leases,
+            max_message_bytes=max_message_bytes,
+            dead_letter_max_len=dead_letter_max_len,
+            on_outcome=on_outcome,
+        )
         self._capacity = anyio.Event()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
-        self._acker = _Acker(self)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -223,9 +162,9 @@ class Worker:
         Due retries are moved to the stream first; retries not yet due are left scheduled.
         """
         while True:
-            before = self._stats.received
+            before = self._settler.stats.received
             await self._serve(burst=True, task_status=anyio.TASK_STATUS_IGNORED)
-            if self._stats.received == before or self._stopping.is_set():
+            if self._settler.stats.received == before or self._stopping.is_set():
                 return
 
     def stop(self) -> None:
@@ -244,7 +183,7 @@ class Worker:
 
     def statistics(self) -> WorkerStatistics:
         """A snapshot of the worker's counters."""
-        stats = self._stats
+        stats = self._settler.stats
         return WorkerStatistics(
             received=stats.received,
             acked=stats.acked,
@@ -266,12 +205,12 @@ class Worker:
         await self._leases.acquire_name()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._acker.run)
+                tg.start_soon(self._settler.acker.run)
                 tg.start_soon(self._leases.renew_forever)
                 tg.start_soon(self._enforce_grace)
                 task_status.started()
                 await self._pipeline(burst)
-                await self._acker.flush()
+                await self._settler.acker.flush()
                 tg.cancel_scope.cancel()
         finally:
             with (
@@ -317,7 +256,7 @@ class Worker:
     async def _read_loop(
         self, role: Role, stream: str, send: MemoryObjectSendStream[Delivery], burst: bool
     ) -> None:
-        backoff = _Backoff(f"reading {stream}")
+        backoff = streams.Backoff(f"reading {stream}")
         # First the entries already pending under this consumer name (a restart with the same
         # --consumer-name resumes them at once), then new ones.
         history: bytes | None = b"0"
@@ -347,7 +286,7 @@ class Worker:
         free: int,
         block_ms: int | None,
         history: bytes | None,
-        backoff: _Backoff,
+        backoff: streams.Backoff,
     ) -> list[streams.Entry] | None:
         """One read; None after an error that was handled (the caller just reads again)."""
         count = min(free, self._read_count)
@@ -376,7 +315,7 @@ class Worker:
         self, role: Role, stream: str, send: MemoryObjectSendStream[Delivery]
     ) -> None:
         settings = self._leases.settings
-        backoff = _Backoff(f"adopting idle entries of {stream}")
+        backoff = streams.Backoff(f"adopting idle entries of {stream}")
         async with send:
             while not await self._sleep_unless_stopping(settings.reclaim_interval):
                 free = self.concurrency - self._in_flight
@@ -431,7 +370,7 @@ class Worker:
         send: MemoryObjectSendStream[Delivery],
     ) -> None:
         self._in_flight += len(entries)
-        self._stats.received += len(entries)
+        self._settler.stats.received += len(entries)
         for entry in entries:
             delivery = Delivery(role, stream, entry)
             self._held.add(delivery)
@@ -462,18 +401,18 @@ class Worker:
                 try:
                     if self._stopping.is_set():
                         # Read but not started: hand it back now rather than start it.
-                        await self._apply(delivery, _RELEASE)
+                        await self._settler.apply(delivery, RELEASE)
                     else:
-                        await self._apply(delivery, await self._process(delivery))
+                        await self._settler.apply(delivery, await self._process(delivery))
                 finally:
                     self._in_flight -= 1
                     self._capacity.set()
 
     # -- one delivery: decode -> preflight -> execute -> apply ------------------------------
 
-    async def _process(self, delivery: Delivery) -> _Decision:
+    async def _process(self, delivery: Delivery) -> Decision:
         checked = self._preflight(delivery)
-        if isinstance(checked, _Decision):
+        if isinstance(checked, Decision):
             return checked
         job, payload = checked
         role = delivery.role
@@ -492,39 +431,39 @@ class Worker:
         with anyio.CancelScope() as scope:
             delivery.scope = scope
             if delivery.lost:  # lost while it waited in the buffer
-                return _LOST
+                return LOST
             try:
                 await self._execute(role, ctx, payload)
             except Fatal as exc:
-                return _dead("fatal", str(exc) or "fatal error", job, _error_info(exc))
+                return dead("fatal", str(exc) or "fatal error", job, error_info(exc))
             except Exception as exc:
                 return self._failure(role, job, exc)
         if scope.cancelled_caught:
-            return _LOST if delivery.lost else _RELEASE
-        return _Decision("ack", job)
+            return LOST if delivery.lost else RELEASE
+        return Decision("ack", job)
 
-    def _preflight(self, delivery: Delivery) -> _Decision | tuple[Job, Any]:
+    def _preflight(self, delivery: Delivery) -> Decision | tuple[Job, Any]:
         """Decode and check an entry before it starts; a decision when it must not start."""
         role, entry = delivery.role, delivery.entry
         try:
             job = decode_job(entry.fields, max_bytes=self._max_bytes)
         except ProtocolError as exc:
-            return _dead(exc.reason, exc.detail)  # type: ignore[arg-type]
+            return dead(exc.reason, exc.detail)  # type: ignore[arg-type]
         if job.role != role.name:
-            return _dead("wrong_role", f"message is for {job.role!r}, not {role.name!r}", job)
+            return dead("wrong_role", f"message is for {job.role!r}, not {role.name!r}", job)
         if entry.deliveries > role.max_deliveries:
             detail = (
                 f"delivered {entry.deliveries} times (limit {role.max_deliveries}) without "
                 "finishing: its worker likely crashed or froze each time"
             )
-            return _dead("max_deliveries", detail, job)
+            return dead("max_deliveries", detail, job)
         if job.deadline_ms is not None and job.deadline_ms < now_ms():
-            return _dead("expired", f"deadline passed {now_ms() - job.deadline_ms} ms ago", job)
+            return dead("expired", f"deadline passed {now_ms() - job.deadline_ms} ms ago", job)
         try:
             return job, role.validate_payload(job.payload)
         except PayloadError as exc:
             detail = f"payload does not match {_type_name(role.payload_type)}: {exc}"
-            return _dead("invalid_payload", detail, job)
+            return dead("invalid_payload", detail, job)
 
     async def _execute(self, role: Role, ctx: Context, payload: Any) -> None:
         with anyio.fail_after(role.timeout) if role.timeout else contextlib.nullcontext():
@@ -535,240 +474,18 @@ class Worker:
                     partial(role.handler, ctx, payload), limiter=self._threads
                 )
 
-    def _failure(self, role: Role, job: Job, exc: Exception) -> _Decision:
-        info = _error_info(exc)
+    def _failure(self, role: Role, job: Job, exc: Exception) -> Decision:
+        info = error_info(exc)
         if isinstance(exc, TimeoutError) and role.timeout:
             info = info.model_copy(update={"message": f"timed out after {role.timeout}s"})
         policy = role.retry
         if job.attempt >= policy.max_attempts:
             detail = f"attempt {job.attempt} of {policy.max_attempts} failed: {info.message}"
-            return _dead("failed", detail, job, info)
+            return dead("failed", detail, job, info)
         delay = policy.delay(job.attempt)
         if isinstance(exc, Retry) and exc.delay is not None:
             delay = exc.delay
-        return _Decision("retry", job, detail=info.message, error=info, delay=delay)
-
-    async def _apply(self, delivery: Delivery, decision: _Decision) -> None:
-        """Settle a delivery in Redis according to its decision (the one place that does)."""
-        if decision.kind == "ack":
-            assert decision.job is not None
-            self._acker.add(delivery, decision.job.id)  # the acker forgets it once acked
-            return
-        # Settling writes finish even when the worker is being cancelled, within a time limit.
-        with anyio.move_on_after(10, shield=True):
-            try:
-                status = await self._settle_one(delivery, decision)
-            except streams.TRANSIENT_ERRORS as exc:
-                # Still pending under this consumer: adopted after the lease TTL, or resumed by
-                # a restart with the same consumer name.
-                logger.warning(
-                    "could not settle %s entry %s (%s): %s",
-                    delivery.role.name,
-                    delivery.entry.id.decode(),
-                    decision.kind,
-                    exc,
-                )
-                self._held.discard(delivery)
-                return
-            self._held.discard(delivery)
-            job = decision.job
-            self._report(delivery, job.id if job else None, status, decision.reason, decision.error)
-
-    async def _settle_one(self, delivery: Delivery, decision: _Decision) -> OutcomeStatus:
-        if decision.kind == "lost" or delivery.lost:
-            return "lost"
-        if decision.kind == "release":
-            return "released" if await self._leases.release(delivery) else "lost"
-        if decision.kind == "retry":
-            return "retried" if await self._schedule_retry(delivery, decision) else "lost"
-        return "dead_lettered" if await self._dead_letter(delivery, decision) else "lost"
-
-    async def _schedule_retry(self, delivery: Delivery, decision: _Decision) -> bool:
-        job = decision.job
-        assert job is not None
-        following = job.model_copy(update={"attempt": job.attempt + 1})
-        due = 0 if decision.delay <= 0 else now_ms() + int(decision.delay * 1000)
-        scheduled = await streams.schedule_retry(
-            self._scripts,
-            self._redis,
-            stream=delivery.stream,
-            schedule=self._keys.delayed(delivery.role.name),
-            consumer=self.consumer,
-            entry_id=delivery.entry.id,
-            due_ms=due,
-            message=encode(following),
-        )
-        if scheduled:
-            logger.info(
-                "retrying %s message %s (attempt %d of %d) in %.2fs: %s",
-                delivery.role.name,
-                job.id,
-                job.attempt + 1,
-                delivery.role.retry.max_attempts,
-                decision.delay,
-                decision.detail,
-            )
-        return scheduled
-
-    async def _dead_letter(self, delivery: Delivery, decision: _Decision) -> bool:
-        entry, job = delivery.entry, decision.job
-        assert decision.reason is not None
-        letter = DeadLetter(
-            protocol=PROTOCOL_VERSION,
-            kind="dead_letter",
-            reason=decision.reason,
-            detail=decision.detail,
-            role=delivery.role.name,
-            entry_id=entry.id.decode(),
-            message_id=job.id if job else None,
-            consumer=self.consumer,
-            attempts=job.attempt if job and decision.error else 0,
-            dead_at_ms=now_ms(),
-            error=decision.error,
-            job=job,
-        )
-        fields = [(DEAD_LETTER_FIELD, encode(letter))]
-        # Raw fields are kept verbatim, but cut at the message size limit: a flood of oversized
-        # messages must not fill Redis through the dead-letter stream.
-        fields += [
-            (RAW_FIELD_PREFIX + name, value[: self._max_bytes])
-            for name, value in entry.fields.items()
-        ]
-        moved = await streams.dead_letter(
-            self._scripts,
-            self._redis,
-            stream=delivery.stream,
-            dead_stream=self._keys.dead_letters(delivery.role.name),
-            consumer=self.consumer,
-            entry_id=entry.id,
-            fields=fields,
-            max_len=self._dead_max_len,
-        )
-        if moved is not None:
-            logger.warning(
-                "dead-lettered %s entry %s (message %s): %s: %s",
-                delivery.role.name,
-                letter.entry_id,
-                letter.message_id,
-                decision.reason,
-                decision.detail,
-            )
-        return moved is not None
-
-    def _report(
-        self,
-        delivery: Delivery,
-        message_id: str | None,
-        status: OutcomeStatus,
-        reason: str | None = None,
-        error: ErrorInfo | None = None,
-    ) -> None:
-        stats = self._stats
-        if status == "acked":
-            stats.acked += 1
-        elif status == "retried":
-            stats.retried += 1
-        elif status == "released":
-            stats.released += 1
-        elif status == "lost":
-            stats.lost += 1
-            logger.warning(
-                "lease on %s entry %s was lost; its outcome was not applied",
-                delivery.role.name,
-                delivery.entry.id.decode(),
-            )
-        else:
-            stats.dead_lettered += 1
-            if reason is not None:
-                stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
-        if self._on_outcome is not None:
-            self._on_outcome(
-                Outcome(
-                    delivery.role.name,
-                    delivery.entry.id.decode(),
-                    message_id,
-                    status,
-                    reason if status == "dead_lettered" else None,
-                    error,
-                )
-            )
-
-
-class _Acker:
-    """Batches acknowledgements: one owner-checked settle call per stream per flush."""
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-        self._pending: dict[str, list[tuple[Delivery, str]]] = defaultdict(list)
-        self._wakeup = anyio.Event()
-        self._lock = anyio.Lock()
-        self._backoff = _Backoff("acknowledging")
-
-    def add(self, delivery: Delivery, message_id: str) -> None:
-        self._pending[delivery.stream].append((delivery, message_id))
-        self._wakeup.set()
-
-    async def run(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = anyio.Event()
-            await self.flush()
-
-    async def flush(self) -> None:
-        # Shielded: a flush that started must finish even when the worker is being cancelled,
-        # or handlers that completed would be run again elsewhere.
-        with anyio.move_on_after(30, shield=True):
-            async with self._lock:
-                while self._pending:
-                    batch, self._pending = self._pending, defaultdict(list)
-                    try:
-                        await self._settle(batch)
-                    except streams.TRANSIENT_ERRORS as exc:
-                        for stream, items in batch.items():
-                            self._pending[stream][:0] = items
-                        await self._backoff.failed(exc)
-                    else:
-                        self._backoff.succeeded()
-
-    async def _settle(self, batch: dict[str, list[tuple[Delivery, str]]]) -> None:
-        worker = self._worker
-        for stream, items in batch.items():
-            ids = [delivery.entry.id for delivery, _ in items]
-            refused = set(
-                await streams.settle(worker._scripts, worker._redis, stream, worker.consumer, ids)
-            )
-            for delivery, message_id in items:
-                worker._held.discard(delivery)
-                status: OutcomeStatus = "lost" if delivery.entry.id in refused else "acked"
-                worker._report(delivery, message_id, status)
-
-
-class _Backoff:
-    """Capped exponential backoff that logs once per outage, not once per failed call."""
-
-    def __init__(self, what: str, *, first: float = 0.05, cap: float = 5.0) -> None:
-        self._what = what
-        self._first = first
-        self._cap = cap
-        self._delay = 0.0
-
-    async def failed(self, exc: BaseException) -> None:
-        if self._delay == 0.0:
-            logger.warning("Redis unavailable while %s (%s); retrying", self._what, exc)
-            self._delay = self._first
-        else:
-            self._delay = min(self._delay * 2, self._cap)
-        await anyio.sleep(self._delay)
-
-    def succeeded(self) -> None:
-        if self._delay:
-            logger.warning("Redis is back; %s resumed", self._what)
-            self._delay = 0.0
-
-
-def _error_info(exc: BaseException) -> ErrorInfo:
-    tb = "".join(traceback.format_exception(exc, limit=-5))
-    return ErrorInfo(type=type(exc).__name__, message=str(exc)[:2000], traceback=tb[-4000:])
+        return Decision("retry", job, detail=info.message, error=info, delay=delay)
 
 
 def _type_name(tp: Any) -> str:

@@ -1,0 +1,347 @@
+"""Settling deliveries: every delivery ends in one decision, applied here and only here.
+
+The worker decides (decode -> preflight -> execute); the :class:`Settler` applies the decision
+to Redis: ack (batched by the acker), retry (next attempt to the delayed schedule), dead-letter,
+release (shutdown: hand back for immediate adoption, not a failed attempt) or lost (another
+consumer owns the entry: apply nothing). Every write is owner-checked in a Lua script, so a
+worker that lost its lease can never apply an outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+from redis.asyncio import Redis
+
+from streamflow import streams
+from streamflow.keys import Keys
+from streamflow.leases import Delivery, InFlight, LeaseKeeper
+from streamflow.protocol import (
+    DEAD_LETTER_FIELD,
+    PROTOCOL_VERSION,
+    RAW_FIELD_PREFIX,
+    DeadLetter,
+    DeadLetterReason,
+    ErrorInfo,
+    Job,
+    encode,
+    now_ms,
+)
+
+logger = logging.getLogger("streamflow.worker")
+
+OutcomeStatus = Literal["acked", "retried", "dead_lettered", "released", "lost"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one delivery ended, as reported to ``on_outcome`` listeners.
+
+    Attributes:
+        role: The role stream it came from.
+        entry_id: The stream entry id.
+        message_id: The job's id, if the entry decoded far enough.
+        status: ``acked``; ``retried`` (next attempt scheduled); ``dead_lettered``;
+            ``released`` (handed back on shutdown); ``lost`` (another consumer owns it now).
+        reason: The dead-letter reason, when dead-lettered.
+        error: The handler's or decoder's error, when there was one.
+    """
+
+    role: str
+    entry_id: str
+    message_id: str | None
+    status: OutcomeStatus
+    reason: str | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(slots=True)
+class WorkerStatistics:
+    """Counters of one worker since it started."""
+
+    received: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+    lost: int = 0
+    adopted: int = 0
+    renewals: int = 0
+    in_flight: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """How a delivery ends; applied by :meth:`Settler.apply`."""
+
+    kind: DecisionKind
+    job: Job | None = None
+    reason: DeadLetterReason | None = None
+    detail: str = ""
+    error: ErrorInfo | None = None
+    delay: float = 0.0
+
+
+RELEASE = Decision("release")
+LOST = Decision("lost")
+
+
+def dead(
+    reason: DeadLetterReason, detail: str, job: Job | None = None, error: ErrorInfo | None = None
+) -> Decision:
+    """A decision to dead-letter with ``reason``."""
+    return Decision("dead_letter", job, reason, detail, error)
+
+
+class Settler:
+    """Applies decisions for one worker: the only code that settles entries in Redis.
+
+    Args:
+        redis: The client.
+        scripts: The registered Lua scripts.
+        keys: Key names.
+        consumer: The worker's consumer name.
+        held: The registry of entries the worker holds; settled entries leave it.
+        leases: The lease keeper (releases entries).
+        max_message_bytes: Raw fields kept in dead letters are cut at this size.
+        dead_letter_max_len: Dead-letter streams are capped near this many entries.
+        on_outcome: Called with every :class:`Outcome`.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: streams.Scripts,
+        keys: Keys,
+        consumer: str,
+        held: InFlight,
+        leases: LeaseKeeper,
+        *,
+        max_message_bytes: int,
+        dead_letter_max_len: int,
+        on_outcome: Callable[[Outcome], None] | None,
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._keys = keys
+        self.consumer = consumer
+        self._held = held
+        self._leases = leases
+        self._max_bytes = max_message_bytes
+        self._dead_max_len = dead_letter_max_len
+        self._on_outcome = on_outcome
+        self.stats = WorkerStatistics()
+        self.acker = _Acker(self)
+
+    async def apply(self, delivery: Delivery, decision: Decision) -> None:
+        """Settle a delivery in Redis according to its decision (the one place that does)."""
+        if decision.kind == "ack":
+            assert decision.job is not None
+            self.acker.add(delivery, decision.job.id)  # the acker forgets it once acked
+            return
+        # Settling writes finish even when the worker is being cancelled, within a time limit.
+        with anyio.move_on_after(10, shield=True):
+            try:
+                status = await self._settle_one(delivery, decision)
+            except streams.TRANSIENT_ERRORS as exc:
+                # Still pending under this consumer: adopted after the lease TTL, or resumed by
+                # a restart with the same consumer name.
+                logger.warning(
+                    "could not settle %s entry %s (%s): %s",
+                    delivery.role.name,
+                    delivery.entry.id.decode(),
+                    decision.kind,
+                    exc,
+                )
+                self._held.discard(delivery)
+                return
+            self._held.discard(delivery)
+            job = decision.job
+            self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
+
+    async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
+        if decision.kind == "lost" or delivery.lost:
+            return "lost"
+        if decision.kind == "release":
+            return "released" if await self._leases.release(delivery) else "lost"
+        if decision.kind == "retry":
+            return "retried" if await self._schedule_retry(delivery, decision) else "lost"
+        return "dead_lettered" if await self._dead_letter(delivery, decision) else "lost"
+
+    async def _schedule_retry(self, delivery: Delivery, decision: Decision) -> bool:
+        job = decision.job
+        assert job is not None
+        following = job.model_copy(update={"attempt": job.attempt + 1})
+        due = 0 if decision.delay <= 0 else now_ms() + int(decision.delay * 1000)
+        scheduled = await streams.schedule_retry(
+            self._scripts,
+            self._redis,
+            stream=delivery.stream,
+            schedule=self._keys.delayed(delivery.role.name),
+            consumer=self.consumer,
+            entry_id=delivery.entry.id,
+            due_ms=due,
+            message=encode(following),
+        )
+        if scheduled:
+            logger.info(
+                "retrying %s message %s (attempt %d of %d) in %.2fs: %s",
+                delivery.role.name,
+                job.id,
+                job.attempt + 1,
+                delivery.role.retry.max_attempts,
+                decision.delay,
+                decision.detail,
+            )
+        return scheduled
+
+    async def _dead_letter(self, delivery: Delivery, decision: Decision) -> bool:
+        entry, job = delivery.entry, decision.job
+        assert decision.reason is not None
+        letter = DeadLetter(
+            protocol=PROTOCOL_VERSION,
+            kind="dead_letter",
+            reason=decision.reason,
+            detail=decision.detail,
+            role=delivery.role.name,
+            entry_id=entry.id.decode(),
+            message_id=job.id if job else None,
+            consumer=self.consumer,
+            attempts=job.attempt if job and decision.error else 0,
+            dead_at_ms=now_ms(),
+            error=decision.error,
+            job=job,
+        )
+        fields = [(DEAD_LETTER_FIELD, encode(letter))]
+        # Raw fields are kept verbatim, but cut at the message size limit: a flood of oversized
+        # messages must not fill Redis through the dead-letter stream.
+        fields += [
+            (RAW_FIELD_PREFIX + name, value[: self._max_bytes])
+            for name, value in entry.fields.items()
+        ]
+        moved = await streams.dead_letter(
+            self._scripts,
+            self._redis,
+            stream=delivery.stream,
+            dead_stream=self._keys.dead_letters(delivery.role.name),
+            consumer=self.consumer,
+            entry_id=entry.id,
+            fields=fields,
+            max_len=self._dead_max_len,
+        )
+        if moved is not None:
+            logger.warning(
+                "dead-lettered %s entry %s (message %s): %s: %s",
+                delivery.role.name,
+                letter.entry_id,
+                letter.message_id,
+                decision.reason,
+                decision.detail,
+            )
+        return moved is not None
+
+    def report(
+        self,
+        delivery: Delivery,
+        message_id: str | None,
+        status: OutcomeStatus,
+        reason: str | None = None,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        """Count an applied outcome and tell the ``on_outcome`` listener."""
+        stats = self.stats
+        if status == "acked":
+            stats.acked += 1
+        elif status == "retried":
+            stats.retried += 1
+        elif status == "released":
+            stats.released += 1
+        elif status == "lost":
+            stats.lost += 1
+            logger.warning(
+                "lease on %s entry %s was lost; its outcome was not applied",
+                delivery.role.name,
+                delivery.entry.id.decode(),
+            )
+        else:
+            stats.dead_lettered += 1
+            if reason is not None:
+                stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
+        if self._on_outcome is not None:
+            self._on_outcome(
+                Outcome(
+                    delivery.role.name,
+                    delivery.entry.id.decode(),
+                    message_id,
+                    status,
+                    reason if status == "dead_lettered" else None,
+                    error,
+                )
+            )
+
+
+class _Acker:
+    """Batches acknowledgements: one owner-checked settle call per stream per flush."""
+
+    def __init__(self, settler: Settler) -> None:
+        self._settler = settler
+        self._pending: dict[str, list[tuple[Delivery, str]]] = defaultdict(list)
+        self._wakeup = anyio.Event()
+        self._lock = anyio.Lock()
+        self._backoff = streams.Backoff("acknowledging")
+
+    def add(self, delivery: Delivery, message_id: str) -> None:
+        self._pending[delivery.stream].append((delivery, message_id))
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        # Shielded: a flush that started must finish even when the worker is being cancelled,
+        # or handlers that completed would be run again elsewhere.
+        with anyio.move_on_after(30, shield=True):
+            async with self._lock:
+                while self._pending:
+                    batch, self._pending = self._pending, defaultdict(list)
+                    try:
+                        await self._settle(batch)
+                    except streams.TRANSIENT_ERRORS as exc:
+                        for stream, items in batch.items():
+                            self._pending[stream][:0] = items
+                        await self._backoff.failed(exc)
+                    else:
+                        self._backoff.succeeded()
+
+    async def _settle(self, batch: dict[str, list[tuple[Delivery, str]]]) -> None:
+        settler = self._settler
+        for stream, items in batch.items():
+            ids = [delivery.entry.id for delivery, _ in items]
+            refused = set(
+                await streams.settle(
+                    settler._scripts, settler._redis, stream, settler.consumer, ids
+                )
+            )
+            for delivery, message_id in items:
+                settler._held.discard(delivery)
+                status: OutcomeStatus = "lost" if delivery.entry.id in refused else "acked"
+                settler.report(delivery, message_id, status)
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """What a dead letter records of an exception: type, message and the traceback's tail."""
+    tb = "".join(traceback.format_exception(exc, limit=-5))
+    return ErrorInfo(type=type(exc).__name__, message=str(exc)[:2000], traceback=tb[-4000:])
