@@ -445,6 +445,10 @@ class Worker:
     def _preflight(self, delivery: Delivery) -> Decision | tuple[Job, Any]:
         """Decode and check an entry before it starts; a decision when it must not start."""
         role, entry = delivery.role, delivery.entry
+        if not entry.fields:
+            # Re-read from the pending list after the entry itself was deleted (XDEL, MAXLEN).
+            detail = "the entry was deleted from the stream while pending: its content is lost"
+            return dead("invalid_message", detail)
         try:
             job = decode_job(entry.fields, max_bytes=self._max_bytes)
         except ProtocolError as exc:

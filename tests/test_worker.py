@@ -360,3 +360,30 @@ async def test_a_restart_with_the_same_consumer_name_resumes_its_pending_entries
             await wait_until(lambda: len(seen) == 5)
     assert sorted(seen) == [0, 1, 2, 3, 4]
     assert await pending_count(redis, stream) == 0
+
+
+async def test_a_pending_entry_deleted_from_the_stream_is_reported_not_silently_dropped(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("echo")
+    async def echo(ctx: Context, payload: int) -> None:
+        pass
+
+    keys = Keys(namespace)
+    stream = keys.role_stream("echo")
+    await streams.ensure_group(redis, stream)
+    await Client(redis, namespace=namespace).publish("echo", 1)
+    (entry,) = await streams.read_group(redis, stream, "w1", count=1, block_ms=None)
+    await redis.xdel(stream, entry.id)  # e.g. a blind MAXLEN trim
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(10):
+        async with running(
+            Worker(app, redis, namespace=namespace, consumer="w1", on_outcome=outcomes.append)
+        ):
+            await wait_until(lambda: len(outcomes) == 1)
+    assert outcomes[0].status == "dead_lettered" and outcomes[0].reason == "invalid_message"
+    (letter,) = [decode_dead_letter(f)[0] for _, f in await redis.xrange(keys.dead_letters("echo"))]
+    assert "deleted from the stream" in letter.detail
+    assert await pending_count(redis, stream) == 0
