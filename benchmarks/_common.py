@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -47,7 +47,7 @@ class WorkerProcess:
         mode: str,
         url: str,
         namespace: str,
-        options: dict[str, object] | None = None,
+        options: Mapping[str, object] | None = None,
         *,
         profile: Path | None = None,
     ) -> None:

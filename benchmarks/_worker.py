@@ -19,6 +19,7 @@ SIGTERM or SIGINT stop the worker gracefully in the ``run`` modes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import time
 from typing import Any
 
 import anyio
-import psutil
+import psutil  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
 from streamflow import App, Context, Outcome, Worker, streams
@@ -64,17 +65,8 @@ async def drain(args: argparse.Namespace) -> None:
         cpu0, t0 = time.process_time(), time.perf_counter()
         await worker.drain()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        stats = worker.statistics()
-        emit(
-            "drained",
-            elapsed=elapsed,
-            cpu=cpu,
-            received=stats.received,
-            acked=stats.acked,
-            dead_lettered=stats.dead_lettered,
-            refused=stats.refused,
-            concurrency=worker.concurrency,
-        )
+        stats = dataclasses.asdict(worker.statistics())
+        emit("drained", elapsed=elapsed, cpu=cpu, concurrency=worker.concurrency, **stats)
     finally:
         await redis.aclose()
 

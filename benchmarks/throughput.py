@@ -133,7 +133,8 @@ async def bare_loop(url: str, n: int) -> Drain:
                 pipe.xadd(key, {b"message": body})
             await pipe.execute()
 
-        handled, previous = 0, []
+        handled = 0
+        previous: list[bytes] = []
         cpu_t0, t0 = time.process_time(), time.perf_counter()
         while True:
             pipe = redis.pipeline(transaction=False)

@@ -72,6 +72,37 @@ class Keys:
         """The liveness key held by the one live process using a consumer name."""
         return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:alive"
 
+    def signals(self) -> str:
+        """The signals stream every worker reads (a broadcast, not a consumer group)."""
+        return f"{self.namespace}:{{signals}}:stream"
+
+    def cancel_marker(self, target: str, target_id: str) -> str:
+        """The persistent marker of a cancel of a ``task`` or ``message`` id.
+
+        It shares the ``{signals}`` tag with the stream, so setting it and announcing the cancel
+        are one script.
+        """
+        return f"{self.namespace}:{{signals}}:cancel:{target}:{target_id}"
+
+    def cancel_marker_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every cancel marker of the namespace."""
+        return f"{self.namespace}:{{signals}}:cancel:*"
+
+    def cancel_report(self, signal_id: str) -> str:
+        """Where workers report what a cancel stopped (a hash: consumer -> report)."""
+        return f"{self.namespace}:{{signals}}:report:{signal_id}"
+
+    def consumer_alive_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for the liveness keys of every live worker."""
+        return f"{self.namespace}:{{consumer:*}}:alive"
+
+    def consumer_of_alive_key(self, key: str) -> str | None:
+        """The consumer name of a liveness key, or None."""
+        prefix, suffix = f"{self.namespace}:{{consumer:", "}:alive"
+        if key.startswith(prefix) and key.endswith(suffix):
+            return key[len(prefix) : -len(suffix)] or None
+        return None
+
     def dedup(self, role: str, dedup_key: str) -> str:
         """The marker that makes publishing with ``dedup_key`` happen at most once.
 

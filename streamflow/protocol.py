@@ -55,6 +55,9 @@ DeadLetterReason = Literal[
     "expired",
 ]
 
+#: How a delivery ended when it was cancelled (acknowledged, not dead-lettered or retried).
+CANCELLED = "cancelled"
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -136,8 +139,56 @@ class DeadLetter(_Model):
     job: Job | None = None
 
 
+class CancelSignal(_Model):
+    """A cancel command on the signals stream (field ``signal``); every worker sees it.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"cancel"``.
+        id: The signal's id, chosen by the sender (reports of what it stopped use it).
+        target: What to cancel: every message of a ``task``, one ``message``, or ``any``
+            message whose id or task id is ``target_id``.
+        target_id: The task id or message id.
+        reason: Why; handlers see it as ``ctx.cancel.reason``.
+        requested_by: Who asked (a user, a service), for the logs.
+        created_at_ms: When it was sent, ms since the epoch.
+    """
+
+    protocol: Version
+    kind: Literal["cancel"]
+    id: MessageId
+    target: Literal["task", "message", "any"]
+    target_id: MessageId
+    reason: Annotated[str, Field(max_length=1000)] = "cancelled"
+    requested_by: Annotated[str, Field(max_length=200)] = ""
+    created_at_ms: Timestamp
+
+
+class CancelReport(_Model):
+    """What one worker did about one cancel signal (written to the signal's report hash).
+
+    Attributes:
+        consumer: The worker's consumer name.
+        stopped: Message ids it stopped while running, or refused to start.
+        running: Message ids matching the cancel still running on it (0 once they stopped).
+        at_ms: When it wrote this report.
+    """
+
+    consumer: str
+    stopped: list[str]
+    running: int
+    at_ms: Timestamp
+
+
+#: The stream field that holds a signal's JSON.
+SIGNAL_FIELD = b"signal"
+
 #: Every message kind, by the value of its ``kind`` field.
-MESSAGE_KINDS: dict[str, type[_Model]] = {"job": Job, "dead_letter": DeadLetter}
+MESSAGE_KINDS: dict[str, type[_Model]] = {
+    "job": Job,
+    "dead_letter": DeadLetter,
+    "cancel": CancelSignal,
+}
 
 
 _MESSAGE_ID = TypeAdapter(MessageId)
@@ -301,6 +352,23 @@ def _summarize(exc: ValidationError, limit: int = 5) -> str:
     if more > 0:
         parts.append(f"... and {more} more")
     return "; ".join(parts)
+
+
+def decode_signal(fields: dict[bytes, bytes]) -> CancelSignal:
+    """Turn a signals stream entry into its model.
+
+    Raises:
+        ProtocolError: Not a valid signal (bad JSON, unknown kind or version, wrong fields).
+    """
+    raw = fields.get(SIGNAL_FIELD)
+    if raw is None:
+        raise ProtocolError("invalid_message", "signal entry has no 'signal' field")
+    if len(raw) > 64 * 1024:
+        raise ProtocolError("too_large", f"signal is {len(raw)} bytes", raw)
+    try:
+        return CancelSignal.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", _summarize(exc), raw) from None
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

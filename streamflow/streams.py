@@ -146,6 +146,7 @@ class Scripts:
         self.promote = redis.register_script(_load("promote.lua", strip))
         self.replay = redis.register_script(_load("replay.lua", strip))
         self.alive = redis.register_script(_load("alive.lua", strip))
+        self.cancel = redis.register_script(_load("cancel.lua", strip))
 
     @staticmethod
     def source(name: str) -> str:
@@ -298,6 +299,45 @@ async def publish_dedup(
         client=redis,
     )
     return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def last_id(redis: Redis, stream: str) -> bytes:
+    """The id of the newest entry of ``stream``, or ``0-0`` if it is empty or missing."""
+    reply: Any = await redis.xrevrange(stream, count=1)
+    return bytes(reply[0][0]) if reply else b"0-0"
+
+
+async def read_broadcast(
+    redis: Redis, stream: str, *, after: bytes, count: int, block_ms: int | None
+) -> list[Entry]:
+    """Plain XREAD of entries after ``after``: each reader keeps its own position."""
+    reply: Any = await redis.xread({stream: after}, count=count, block=block_ms)
+    return _entries(reply)
+
+
+async def scan_keys(redis: Redis, pattern: str) -> list[str]:
+    """Every key matching ``pattern`` (SCAN, never KEYS)."""
+    found: list[str] = []
+    async for key in redis.scan_iter(match=pattern, count=1000):
+        found.append(key.decode() if isinstance(key, bytes) else str(key))
+    return found
+
+
+async def get_many(redis: Redis, keys: Sequence[str]) -> list[bytes | None]:
+    """GET of each key, pipelined (keys may be in different cluster slots)."""
+    if not keys:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.get(key)
+    values: list[bytes | None] = await pipe.execute()
+    return values
+
+
+async def hash_items(redis: Redis, key: str) -> dict[str, bytes]:
+    """HGETALL with field names decoded."""
+    reply: Any = await redis.hgetall(key)
+    return {bytes(k).decode(): bytes(v) for k, v in reply.items()}
 
 
 #: Lua's unpack() has a stack limit; scripts get ids in chunks of this size.

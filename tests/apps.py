@@ -7,11 +7,22 @@ another handler on ``app`` below; reuse :func:`record` to leave a trace the test
 Roles:
     record: appends ``ctx.message_id`` and a newline to the file named by ``SFTEST_RECORD``.
     sleepy: sleeps ``payload["seconds"]``, then records like ``record``.
+    work: the crash-test handler (see :func:`work`); it appends :func:`trace` lines to the file
+        named by ``SFTEST_RECORD``. Retries: 3 attempts, 2 s base backoff.
+    poison: the same handler with ``max_deliveries=3``, for messages that kill their worker.
+
+Trace lines (one ``write`` each, so lines from several processes never interleave) are
+``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
+handler began), ``DONE`` (it returned normally: the worker will try to ack), ``FAIL`` (it is
+about to raise :class:`streamflow.Retry`) and ``CANCELLED`` (the worker cancelled it: lease
+lost, shutdown grace over). A SIGKILLed handler leaves its ``START`` line only.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import time
 from typing import Any
 
 import anyio
@@ -31,6 +42,16 @@ def record(ctx: streamflow.Context) -> None:
         out.flush()
 
 
+def trace(ctx: streamflow.Context, event: str) -> None:
+    """Append one trace line (see the module docstring) to the file named by ``SFTEST_RECORD``."""
+    line = (
+        f"{event} {ctx.message_id} {ctx.entry_id} {ctx.attempt} {os.getpid()} {ctx.consumer} "
+        f"{time.time():.6f}\n"
+    )
+    with open(os.environ[RECORD_ENV], "a", encoding="utf-8") as out:
+        out.write(line)
+
+
 @app.role("record")
 async def record_role(ctx: streamflow.Context, payload: Any) -> None:
     record(ctx)
@@ -40,3 +61,40 @@ async def record_role(ctx: streamflow.Context, payload: Any) -> None:
 async def sleepy_role(ctx: streamflow.Context, payload: Any) -> None:
     await anyio.sleep(float(payload["seconds"]))
     record(ctx)
+
+
+async def work(ctx: streamflow.Context, payload: Any) -> None:
+    """Trace START, then do what the payload (a dict, every key optional) says.
+
+    * ``kill``: SIGKILL this worker process right after START.
+    * ``fail_attempts`` (int): on attempts up to this one, trace FAIL and raise
+      ``Retry(delay=payload["retry_delay"])`` (None: the role's backoff).
+    * ``seconds``: sleep this long; ``seconds_by_consumer`` ({consumer name: seconds})
+      overrides it for the named workers, so one message can be slow on one worker and quick
+      on another.
+    * ``shield``: sleep shielded from cancellation (a handler that ignores cancel and
+      finishes its side effect anyway).
+
+    Then trace DONE. A cancellation while sleeping traces CANCELLED and propagates.
+    """
+    payload = payload or {}
+    trace(ctx, "START")
+    if payload.get("kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if ctx.attempt <= int(payload.get("fail_attempts", 0)):
+        trace(ctx, "FAIL")
+        raise streamflow.Retry("failing as asked", delay=payload.get("retry_delay"))
+    by_consumer = payload.get("seconds_by_consumer", {})
+    seconds = float(by_consumer.get(ctx.consumer, payload.get("seconds", 0)))
+    try:
+        if seconds > 0:
+            with anyio.CancelScope(shield=bool(payload.get("shield"))):
+                await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        trace(ctx, "CANCELLED")
+        raise
+    trace(ctx, "DONE")
+
+
+app.role("work", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0))(work)
+app.role("poison", max_deliveries=3)(work)

@@ -1,0 +1,236 @@
+"""The signals stream and cooperative cancel.
+
+Sending a cancel (:func:`send_cancel`) sets a persistent marker and appends a signal to the
+signals stream in one script. Every worker runs a :class:`SignalListener`: at start it takes the
+stream's position, then loads every live marker into its :class:`CancelBook`, then follows the
+stream from that position with its own cursor (plain XREAD, a broadcast: a consumer group would
+give each signal to one worker only). So a cancel sent while no worker runs, or while the
+listener was not reading, is still honoured, and checking whether a message may start costs no
+Redis round trip.
+
+Workers report what each cancel stopped in a hash per signal (consumer -> :class:`CancelReport`),
+which ``streamflow cancel --wait`` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskStatus
+from redis.asyncio import Redis
+
+from streamflow import streams
+from streamflow.errors import ProtocolError
+from streamflow.keys import Keys
+from streamflow.protocol import (
+    PROTOCOL_VERSION,
+    SIGNAL_FIELD,
+    CancelReport,
+    CancelSignal,
+    Job,
+    decode_signal,
+    encode,
+    new_message_id,
+    now_ms,
+)
+
+logger = logging.getLogger(__name__)
+
+#: How long a cancel marker lives: long enough to outlive any queued or delayed message.
+DEFAULT_MARKER_TTL_MS = 7 * 24 * 3600 * 1000
+#: The signals stream keeps about this many recent signals (markers keep older cancels alive).
+SIGNALS_MAX_LEN = 10_000
+#: How long a cancel's report hash is kept.
+REPORT_TTL_MS = 3600 * 1000
+
+
+@dataclass(slots=True)
+class CancelBook:
+    """Which task and message ids are cancelled, held in memory by each worker."""
+
+    _by_target: dict[tuple[str, str], tuple[CancelSignal, float]] = field(default_factory=dict)
+    marker_ttl_ms: int = DEFAULT_MARKER_TTL_MS
+
+    def add(self, signal: CancelSignal) -> None:
+        """Record a cancel until its marker would expire."""
+        expires = (signal.created_at_ms + self.marker_ttl_ms) / 1000
+        self._by_target[(signal.target, signal.target_id)] = (signal, expires)
+
+    def match(self, job: Job) -> CancelSignal | None:
+        """The cancel that applies to ``job``, if any."""
+        if not self._by_target:
+            return None
+        for key in (
+            ("message", job.id),
+            ("any", job.id),
+            ("task", job.task_id),
+            ("any", job.task_id),
+        ):
+            if key[1] is None:
+                continue
+            found = self._by_target.get(key)  # type: ignore[arg-type]
+            if found is not None:
+                if found[1] >= time.time():
+                    return found[0]
+                del self._by_target[key]  # type: ignore[arg-type]
+        return None
+
+    def __len__(self) -> int:
+        return len(self._by_target)
+
+
+def matches(signal: CancelSignal, job: Job) -> bool:
+    """Whether ``signal`` cancels ``job``."""
+    if signal.target in ("message", "any") and job.id == signal.target_id:
+        return True
+    return signal.target in ("task", "any") and job.task_id == signal.target_id
+
+
+class SignalListener:
+    """Follows the signals stream for one worker and keeps its :class:`CancelBook`.
+
+    Args:
+        redis: The client (the listener's blocking reads take one of its connections).
+        keys: Key names.
+        book: The cancel book to fill.
+        on_cancel: Called for every cancel signal that arrives while listening.
+        block_ms: How long one blocking read waits.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        book: CancelBook,
+        on_cancel: Callable[[CancelSignal], None],
+        *,
+        block_ms: int = 1000,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._book = book
+        self._on_cancel = on_cancel
+        self._block_ms = block_ms
+        self._position = b"0-0"
+        self.signals_seen = 0
+        self.bad_signals = 0
+
+    async def load(self) -> None:
+        """Take the stream's position, then load every live cancel marker."""
+        self._position = await streams.last_id(self._redis, self._keys.signals())
+        markers = await streams.scan_keys(self._redis, self._keys.cancel_marker_pattern())
+        for raw in await streams.get_many(self._redis, markers):
+            if raw is not None:
+                self._remember({SIGNAL_FIELD: raw}, announce=False)
+        if len(self._book):
+            logger.info("%d cancels in force", len(self._book))
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow the stream from the loaded position until cancelled."""
+        backoff = streams.Backoff("reading the signals stream")
+        task_status.started()
+        while True:
+            try:
+                entries = await streams.read_broadcast(
+                    self._redis,
+                    self._keys.signals(),
+                    after=self._position,
+                    count=100,
+                    block_ms=self._block_ms,
+                )
+            except streams.TRANSIENT_ERRORS as exc:
+                await backoff.failed(exc)
+                continue
+            backoff.succeeded()
+            for entry in entries:
+                self._position = entry.id
+                signal = self._remember(entry.fields, announce=True)
+                if signal is not None:
+                    await self._persist(signal)
+
+    def _remember(self, fields: dict[bytes, bytes], *, announce: bool) -> CancelSignal | None:
+        try:
+            signal = decode_signal(fields)
+        except ProtocolError as exc:
+            # A bad signal never stops a worker: log it once and go on.
+            self.bad_signals += 1
+            logger.warning("ignoring a malformed signal: %s", exc)
+            return None
+        self.signals_seen += 1
+        self._book.add(signal)
+        if announce:
+            logger.info(
+                "cancel of %s %s (%s) requested by %s",
+                signal.target,
+                signal.target_id,
+                signal.reason,
+                signal.requested_by or "unknown",
+            )
+            self._on_cancel(signal)
+        return signal
+
+    async def _persist(self, signal: CancelSignal) -> None:
+        # A signal sent by a plain XADD (no marker) becomes persistent too; SET NX keeps the
+        # sender's marker and TTL when there is one.
+        marker = self._keys.cancel_marker(signal.target, signal.target_id)
+        remaining = signal.created_at_ms + self._book.marker_ttl_ms - now_ms()
+        if remaining > 0:
+            # On failure it is in memory already; the next worker to see it tries again.
+            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+                await self._redis.set(marker, encode(signal), nx=True, px=remaining)
+
+
+async def report(redis: Redis, keys: Keys, signal_id: str, report: CancelReport) -> None:
+    """Write one worker's report on a cancel."""
+    key = keys.cancel_report(signal_id)
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(key, report.consumer, encode(report))
+    pipe.pexpire(key, REPORT_TTL_MS)
+    await pipe.execute()
+
+
+async def send_cancel(
+    redis: Redis,
+    scripts: streams.Scripts,
+    keys: Keys,
+    *,
+    target: str,
+    target_id: str,
+    reason: str,
+    requested_by: str,
+    marker_ttl_ms: int = DEFAULT_MARKER_TTL_MS,
+) -> CancelSignal:
+    """Set the cancel marker and announce the cancel on the signals stream."""
+    signal = CancelSignal(
+        protocol=PROTOCOL_VERSION,
+        kind="cancel",
+        id=new_message_id(),
+        target=target,  # type: ignore[arg-type]
+        target_id=target_id,
+        reason=reason,
+        requested_by=requested_by,
+        created_at_ms=now_ms(),
+    )
+    await scripts.cancel(
+        keys=[keys.signals(), keys.cancel_marker(target, target_id)],
+        args=[encode(signal), marker_ttl_ms, SIGNALS_MAX_LEN],
+        client=redis,
+    )
+    return signal
+
+
+async def read_reports(redis: Redis, keys: Keys, signal_id: str) -> dict[str, CancelReport]:
+    """Every worker's report on a cancel, by consumer name."""
+    raw = await streams.hash_items(redis, keys.cancel_report(signal_id))
+    return {name: CancelReport.model_validate_json(value) for name, value in raw.items()}
+
+
+async def live_consumers(redis: Redis, keys: Keys) -> set[str]:
+    """The consumer names of every live worker (from their liveness keys)."""
+    found = await streams.scan_keys(redis, keys.consumer_alive_pattern())
+    return {name for key in found if (name := keys.consumer_of_alive_key(key))}
