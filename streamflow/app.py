@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import random
 import typing
@@ -63,6 +64,8 @@ class Role:
         timeout: Seconds a handler may run before it is cancelled (a failed attempt).
         max_deliveries: Deliveries (first read, adoptions after crashes) before the message is
             dead-lettered as poison without being started again.
+        cancel_grace: Seconds a cancelled handler gets to stop by itself before it is
+            hard-cancelled.
     """
 
     name: str
@@ -73,6 +76,7 @@ class Role:
     retry: RetryPolicy = RetryPolicy()
     timeout: float | None = None
     max_deliveries: int = 5
+    cancel_grace: float = 5.0
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -112,6 +116,7 @@ class App:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         max_deliveries: int = 5,
+        cancel_grace: float = 5.0,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -127,21 +132,24 @@ class App:
             timeout: Seconds a handler may run before it is cancelled as a failed attempt.
             max_deliveries: Deliveries (including adoptions after a worker died) after which a
                 message is dead-lettered as poison instead of started again.
+            cancel_grace: Seconds a cancelled handler gets to stop by itself (checking
+                ``ctx.cancel``) before it is hard-cancelled.
 
         Raises:
             InvalidNameError: The role name is not valid.
             ConfigError: The role already has a handler, or the function's signature is wrong.
         """
         validate_name(name, "role")
-        if max_deliveries < 1 or (timeout is not None and timeout <= 0):
-            raise ConfigError("max_deliveries must be at least 1 and timeout positive")
+        if max_deliveries < 1 or (timeout is not None and timeout <= 0) or cancel_grace < 0:
+            raise ConfigError(
+                "max_deliveries must be at least 1, timeout positive, cancel_grace not negative"
+            )
 
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
                 raise ConfigError(f"role {name!r} already has a handler")
-            self._roles[name] = _make_role(
-                name, func, payload, retry or RetryPolicy(), timeout, max_deliveries
-            )
+            role = _make_role(name, func, payload, retry or RetryPolicy(), timeout, max_deliveries)
+            self._roles[name] = dataclasses.replace(role, cancel_grace=cancel_grace)
             return func
 
         return register

@@ -16,7 +16,7 @@ import click
 import orjson
 
 from streamflow import config, streams
-from streamflow.client import Client, DeadLetterEntry, ReplayResult
+from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.protocol import json_schemas
 from streamflow.worker import Worker
@@ -476,3 +476,69 @@ def dlq_purge(role: str, yes: bool, redis_url: str, namespace: str) -> None:
 async def _dlq_purge(settings: config.ConnectionSettings, role: str) -> int:
     async with _client(settings) as client:
         return await client.purge_dead_letters(role)
+
+
+@main.command()
+@click.argument("target_id")
+@click.option("--task", "target", flag_value="task", help="TARGET_ID is a task id.")
+@click.option("--message", "target", flag_value="message", help="TARGET_ID is a message id.")
+@click.option("--reason", default="cancelled", show_default=True, help="Shown to handlers.")
+@click.option("--requested-by", default="cli", show_default=True, help="Who asks, for logs.")
+@click.option("--wait", is_flag=True, help="Return when the cancel has taken effect.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="With --wait: give up after this many seconds (exit 1).",
+)
+@_connection_options
+@_errors_to_exit
+def cancel(
+    target_id: str,
+    target: str | None,
+    reason: str,
+    requested_by: str,
+    wait: bool,
+    timeout: float,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    """Cancel a task (all its messages) or one message by id, on every worker."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    try:
+        result = anyio.run(
+            _cancel, settings, target_id, target or "any", reason, requested_by, wait, timeout
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    click.echo(f"cancel {result.signal_id} sent for {target or 'task or message'} {target_id}")
+    for consumer, message_id in result.stopped:
+        click.echo(f"stopped {message_id} on {consumer}")
+    if wait and not result.complete:
+        if result.stopped:
+            why = f"still running on {', '.join(result.running_on)}"
+        else:
+            why = f"nothing matching {target_id!r} was stopped (unknown id, or not picked up yet)"
+        click.echo(f"error: timed out after {timeout:g}s: {why}", err=True)
+        sys.exit(1)
+
+
+async def _cancel(
+    settings: config.ConnectionSettings,
+    target_id: str,
+    target: Any,
+    reason: str,
+    requested_by: str,
+    wait: bool,
+    timeout: float,  # noqa: ASYNC109 - passed through to Client.cancel
+) -> CancelResult:
+    async with _client(settings) as client:
+        return await client.cancel(
+            target_id,
+            target=target,
+            reason=reason,
+            requested_by=requested_by,
+            wait=wait,
+            timeout=timeout,
+        )

@@ -10,8 +10,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
+import anyio
 import orjson
 import redis as redis_sync
 from pydantic import BaseModel
@@ -19,7 +20,7 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
-from streamflow import streams
+from streamflow import signals, streams
 from streamflow.errors import PayloadError, ProtocolError, RedisUnavailable
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
@@ -125,6 +126,23 @@ class ReplayResult:
 
     replayed: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CancelResult:
+    """What a cancel did, as far as the workers reported.
+
+    Attributes:
+        signal_id: The id of the cancel signal.
+        stopped: (consumer, message id) of each handler stopped or message refused.
+        running_on: Live workers still running something matching (or not yet reporting).
+        complete: With ``wait``: something was stopped and nothing matching still runs.
+    """
+
+    signal_id: str
+    stopped: list[tuple[str, str]] = field(default_factory=list)
+    running_on: list[str] = field(default_factory=list)
+    complete: bool = False
 
 
 class Client:
@@ -309,6 +327,60 @@ class Client:
         pipe.delete(key)
         count, _ = await pipe.execute()
         return int(count)
+
+    # -- cancel -----------------------------------------------------------------------------
+
+    async def cancel(
+        self,
+        target_id: str,
+        *,
+        target: Literal["task", "message", "any"] = "any",
+        reason: str = "cancelled",
+        requested_by: str = "",
+        wait: bool = False,
+        timeout: float = 30.0,  # noqa: ASYNC109 - part of the public API, as in httpx
+    ) -> CancelResult:
+        """Cancel a task's messages or one message, wherever they are.
+
+        Running handlers see ``ctx.cancel`` set at once and are hard-cancelled after their
+        role's grace; queued, delayed or later-adopted messages are never started. Either way
+        they are acknowledged with outcome ``cancelled``.
+
+        Args:
+            target_id: A task id or a message id.
+            target: ``task``, ``message``, or ``any`` (either).
+            reason: Shown to handlers as ``ctx.cancel.reason`` and in logs.
+            requested_by: Who asked, for the logs.
+            wait: Return only when something matching was stopped and no live worker still
+                runs a matching handler (or when ``timeout`` passes).
+            timeout: Seconds to wait at most.
+        """
+        check_publish_fields(target_id, None, None)
+        sig = await signals.send_cancel(
+            self.redis,
+            self._scripts,
+            self.keys,
+            target=target,
+            target_id=target_id,
+            reason=reason,
+            requested_by=requested_by,
+        )
+        result = CancelResult(sig.id)
+        if not wait:
+            return result
+        with anyio.move_on_after(timeout):
+            # The state is in Redis (workers' reports): there is no local event to wait on.
+            while not await self._cancel_done(result):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        return result
+
+    async def _cancel_done(self, result: CancelResult) -> bool:
+        reports = await signals.read_reports(self.redis, self.keys, result.signal_id)
+        live = await signals.live_consumers(self.redis, self.keys)
+        result.stopped = [(c, m) for c, r in sorted(reports.items()) for m in r.stopped]
+        result.running_on = sorted(c for c in live if c not in reports or reports[c].running)
+        result.complete = bool(result.stopped) and not result.running_on
+        return result.complete
 
     async def aclose(self) -> None:
         """Close the connections."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import anyio
 
 logger = logging.getLogger("streamflow.handler")
+T = TypeVar("T")
 
 
 class CancelToken:
@@ -144,6 +146,36 @@ class Context:
             }
             self._log = logging.LoggerAdapter(logger, extra)
         return self._log
+
+    async def cancellable(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable``, abandoning it if the message is cancelled first.
+
+        Raises:
+            Cancelled: Cancel arrived before ``awaitable`` finished (it was cancelled).
+        """
+        results: list[T] = []
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                results.append(await awaitable)
+                tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await self.cancel.wait_cancelled()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run)
+            tg.start_soon(watch)
+        if results:
+            return results[0]
+        raise Cancelled(self.cancel.reason or "cancelled")
+
+    def shield(self) -> anyio.CancelScope:
+        """A scope that protects a critical section from hard cancel (use with ``with``).
+
+        The cancel token still reports the cancel; the hard cancel lands when the section ends.
+        """
+        return anyio.CancelScope(shield=True)
 
     def __repr__(self) -> str:
         return (

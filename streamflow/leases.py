@@ -22,6 +22,7 @@ from streamflow.app import Role
 from streamflow.context import Context
 from streamflow.errors import ConfigError
 from streamflow.keys import Keys
+from streamflow.protocol import CancelSignal, Job
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,11 @@ class Delivery:
         entry: The entry as read.
         scope: The cancel scope of its running handler, once started.
         context: Its handler's context, once started.
+        job: The decoded job, once decoded.
         lost: The lease was lost: another consumer owns it now; apply nothing.
         released: The worker is shutting down: hand it back instead of settling.
+        cancel: The cancel signal that stopped it, if any.
+        finished: Set when its handling has ended (created only when someone waits for it).
     """
 
     role: Role
@@ -84,8 +88,11 @@ class Delivery:
     entry: streams.Entry
     scope: anyio.CancelScope | None = None
     context: Context | None = None
+    job: Job | None = None
     lost: bool = False
     released: bool = False
+    cancel: CancelSignal | None = None
+    finished: anyio.Event | None = None
 
 
 @dataclass(slots=True)

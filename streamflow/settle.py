@@ -36,7 +36,7 @@ from streamflow.protocol import (
 
 logger = logging.getLogger("streamflow.worker")
 
-OutcomeStatus = Literal["acked", "retried", "dead_lettered", "released", "lost"]
+OutcomeStatus = Literal["acked", "retried", "dead_lettered", "released", "lost", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,8 @@ class Outcome:
         entry_id: The stream entry id.
         message_id: The job's id, if the entry decoded far enough.
         status: ``acked``; ``retried`` (next attempt scheduled); ``dead_lettered``;
-            ``released`` (handed back on shutdown); ``lost`` (another consumer owns it now).
+            ``released`` (handed back on shutdown); ``lost`` (another consumer owns it now);
+            ``cancelled`` (acknowledged without finishing, because of a cancel).
         reason: The dead-letter reason, when dead-lettered.
         error: The handler's or decoder's error, when there was one.
     """
@@ -71,13 +72,14 @@ class WorkerStatistics:
     dead_lettered: int = 0
     released: int = 0
     lost: int = 0
+    cancelled: int = 0
     adopted: int = 0
     renewals: int = 0
     in_flight: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost"]
+DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +92,16 @@ class Decision:
     detail: str = ""
     error: ErrorInfo | None = None
     delay: float = 0.0
+    signal_id: str | None = None
 
 
 RELEASE = Decision("release")
 LOST = Decision("lost")
+
+
+def cancelled(job: Job | None, signal_id: str, reason: str) -> Decision:
+    """A decision to acknowledge as ``cancelled``."""
+    return Decision("cancelled", job, detail=reason, signal_id=signal_id)
 
 
 def dead(
@@ -145,9 +153,10 @@ class Settler:
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
-        if decision.kind == "ack":
-            assert decision.job is not None
-            self.acker.add(delivery, decision.job.id)  # the acker forgets it once acked
+        if decision.kind in ("ack", "cancelled"):
+            # Batched; the acker forgets the delivery once acknowledged.
+            status: OutcomeStatus = "acked" if decision.kind == "ack" else "cancelled"
+            self.acker.add(delivery, decision.job.id if decision.job else None, status)
             return
         # Settling writes finish even when the worker is being cancelled, within a time limit.
         with anyio.move_on_after(10, shield=True):
@@ -260,23 +269,16 @@ class Settler:
     ) -> None:
         """Count an applied outcome and tell the ``on_outcome`` listener."""
         stats = self.stats
-        if status == "acked":
-            stats.acked += 1
-        elif status == "retried":
-            stats.retried += 1
-        elif status == "released":
-            stats.released += 1
+        # Every status is also the name of its counter.
+        setattr(stats, status, getattr(stats, status) + 1)
+        if status == "dead_lettered" and reason is not None:
+            stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
         elif status == "lost":
-            stats.lost += 1
             logger.warning(
                 "lease on %s entry %s was lost; its outcome was not applied",
                 delivery.role.name,
                 delivery.entry.id.decode(),
             )
-        else:
-            stats.dead_lettered += 1
-            if reason is not None:
-                stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
         if self._on_outcome is not None:
             self._on_outcome(
                 Outcome(
@@ -290,18 +292,22 @@ class Settler:
             )
 
 
+#: An acknowledgement waiting for the next flush: delivery, message id, status once applied.
+_Ack = tuple[Delivery, str | None, OutcomeStatus]
+
+
 class _Acker:
     """Batches acknowledgements: one owner-checked settle call per stream per flush."""
 
     def __init__(self, settler: Settler) -> None:
         self._settler = settler
-        self._pending: dict[str, list[tuple[Delivery, str]]] = defaultdict(list)
+        self._pending: dict[str, list[_Ack]] = defaultdict(list)
         self._wakeup = anyio.Event()
         self._lock = anyio.Lock()
         self._backoff = streams.Backoff("acknowledging")
 
-    def add(self, delivery: Delivery, message_id: str) -> None:
-        self._pending[delivery.stream].append((delivery, message_id))
+    def add(self, delivery: Delivery, message_id: str | None, status: OutcomeStatus) -> None:
+        self._pending[delivery.stream].append((delivery, message_id, status))
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -326,19 +332,20 @@ class _Acker:
                     else:
                         self._backoff.succeeded()
 
-    async def _settle(self, batch: dict[str, list[tuple[Delivery, str]]]) -> None:
+    async def _settle(self, batch: dict[str, list[_Ack]]) -> None:
         settler = self._settler
         for stream, items in batch.items():
-            ids = [delivery.entry.id for delivery, _ in items]
+            ids = [delivery.entry.id for delivery, _, _ in items]
             refused = set(
                 await streams.settle(
                     settler._scripts, settler._redis, stream, settler.consumer, ids
                 )
             )
-            for delivery, message_id in items:
+            for delivery, message_id, status in items:
                 settler._held.discard(delivery)
-                status: OutcomeStatus = "lost" if delivery.entry.id in refused else "acked"
-                settler.report(delivery, message_id, status)
+                settler.report(
+                    delivery, message_id, "lost" if delivery.entry.id in refused else status
+                )
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -21,12 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 
 from streamflow import streams
 from streamflow.errors import ProtocolError
 from streamflow.keys import Keys
+from streamflow.leases import Delivery, InFlight
 from streamflow.protocol import (
     PROTOCOL_VERSION,
     SIGNAL_FIELD,
@@ -57,8 +58,12 @@ class CancelBook:
     marker_ttl_ms: int = DEFAULT_MARKER_TTL_MS
 
     def add(self, signal: CancelSignal) -> None:
-        """Record a cancel until its marker would expire."""
-        expires = (signal.created_at_ms + self.marker_ttl_ms) / 1000
+        """Record a cancel for the marker TTL, counted from now.
+
+        Not from the signal's ``created_at_ms``: a sender with a skewed clock must not have its
+        cancel ignored.
+        """
+        expires = time.time() + self.marker_ttl_ms / 1000
         self._by_target[(signal.target, signal.target_id)] = (signal, expires)
 
     def match(self, job: Job) -> CancelSignal | None:
@@ -178,11 +183,92 @@ class SignalListener:
         # A signal sent by a plain XADD (no marker) becomes persistent too; SET NX keeps the
         # sender's marker and TTL when there is one.
         marker = self._keys.cancel_marker(signal.target, signal.target_id)
-        remaining = signal.created_at_ms + self._book.marker_ttl_ms - now_ms()
-        if remaining > 0:
-            # On failure it is in memory already; the next worker to see it tries again.
-            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
-                await self._redis.set(marker, encode(signal), nx=True, px=remaining)
+        # On failure it is in memory already; the next worker to see it tries again.
+        with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+            await self._redis.set(marker, encode(signal), nx=True, px=self._book.marker_ttl_ms)
+
+
+class StopReporter:
+    """Applies cancel signals to what one worker holds, and reports what they stopped.
+
+    A matching handler has its cancel token set at once; if it has not stopped after its
+    role's ``cancel_grace`` its cancel scope is cancelled (a hard cancel: its cleanup still
+    runs). Either way the delivery is acknowledged as ``cancelled``. Queued messages that match
+    are refused before they start (the worker checks the book).
+
+    Args:
+        redis: The client.
+        keys: Key names.
+        consumer: The worker's consumer name (the report's field).
+        held: The deliveries the worker holds.
+        book: The worker's cancel book.
+    """
+
+    def __init__(
+        self, redis: Redis, keys: Keys, consumer: str, held: InFlight, book: CancelBook
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._consumer = consumer
+        self._held = held
+        self.book = book
+        self.task_group: TaskGroup | None = None
+        self._stopped: dict[str, list[str]] = {}
+        self._running: dict[str, set[Delivery]] = {}
+
+    def on_signal(self, signal: CancelSignal) -> None:
+        """Cancel the running handlers ``signal`` matches (called by the listener)."""
+        matched = [
+            d
+            for d in self._held
+            if d.job is not None and d.cancel is None and not d.lost and matches(signal, d.job)
+        ]
+        for delivery in matched:
+            delivery.cancel = signal
+            if delivery.context is not None:
+                delivery.context.cancel._set(signal.reason)
+            if delivery.finished is None:
+                delivery.finished = anyio.Event()
+        self._running[signal.id] = set(matched)
+        if self.task_group is not None:
+            self.task_group.start_soon(self._enforce, signal.id, matched)
+
+    async def _enforce(self, signal_id: str, matched: list[Delivery]) -> None:
+        await self._write(signal_id)
+        if not matched:
+            return
+        grace = max(d.role.cancel_grace for d in matched)
+        with anyio.move_on_after(grace):
+            for delivery in matched:
+                assert delivery.finished is not None
+                await delivery.finished.wait()
+        stubborn = [d for d in matched if d.finished is not None and not d.finished.is_set()]
+        for delivery in stubborn:
+            if delivery.scope is not None:
+                logger.warning(
+                    "hard-cancelling %s message %s: it did not stop within %.1fs of the cancel",
+                    delivery.role.name,
+                    delivery.job.id if delivery.job else "?",
+                    grace,
+                )
+                delivery.scope.cancel()
+
+    async def stopped(self, signal_id: str, delivery: Delivery) -> None:
+        """Record that ``delivery`` was stopped (or refused) because of ``signal_id``."""
+        if delivery.job is not None:
+            self._stopped.setdefault(signal_id, []).append(delivery.job.id)
+        self._running.get(signal_id, set()).discard(delivery)
+        await self._write(signal_id)
+
+    async def _write(self, signal_id: str) -> None:
+        state = CancelReport(
+            consumer=self._consumer,
+            stopped=self._stopped.get(signal_id, []),
+            running=len(self._running.get(signal_id, ())),
+            at_ms=now_ms(),
+        )
+        with anyio.move_on_after(5, shield=True), contextlib.suppress(*streams.TRANSIENT_ERRORS):
+            await report(self._redis, self._keys, signal_id, state)
 
 
 async def report(redis: Redis, keys: Keys, signal_id: str, report: CancelReport) -> None:

@@ -54,9 +54,11 @@ from streamflow.settle import (
     Outcome,
     Settler,
     WorkerStatistics,
+    cancelled,
     dead,
     error_info,
 )
+from streamflow.signals import CancelBook, SignalListener, StopReporter
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,10 @@ class Worker:
             dead_letter_max_len=dead_letter_max_len,
             on_outcome=on_outcome,
         )
+        self._cancels = StopReporter(redis, self._keys, self.consumer, self._held, CancelBook())
+        self._signals = SignalListener(
+            redis, self._keys, self._cancels.book, self._cancels.on_signal, block_ms=block_ms
+        )
         self._capacity = anyio.Event()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -191,6 +197,7 @@ class Worker:
             dead_lettered=stats.dead_lettered,
             released=stats.released,
             lost=stats.lost,
+            cancelled=stats.cancelled,
             adopted=self._leases.adopted,
             renewals=self._leases.renewals,
             in_flight=self._in_flight,
@@ -204,7 +211,11 @@ class Worker:
             await streams.ensure_group(self._redis, self._keys.role_stream(role.name))
         await self._leases.acquire_name()
         try:
+            await self._signals.load()
             async with anyio.create_task_group() as tg:
+                self._cancels.task_group = tg
+                if not burst:
+                    tg.start_soon(self._signals.run)
                 tg.start_soon(self._settler.acker.run)
                 tg.start_soon(self._leases.renew_forever)
                 tg.start_soon(self._enforce_grace)
@@ -403,10 +414,15 @@ class Worker:
                         # Read but not started: hand it back now rather than start it.
                         await self._settler.apply(delivery, RELEASE)
                     else:
-                        await self._settler.apply(delivery, await self._process(delivery))
+                        decision = await self._process(delivery)
+                        await self._settler.apply(delivery, decision)
+                        if decision.signal_id is not None:
+                            await self._cancels.stopped(decision.signal_id, delivery)
                 finally:
                     self._in_flight -= 1
                     self._capacity.set()
+                    if delivery.finished is not None:
+                        delivery.finished.set()
 
     # -- one delivery: decode -> preflight -> execute -> apply ------------------------------
 
@@ -416,6 +432,7 @@ class Worker:
             return checked
         job, payload = checked
         role = delivery.role
+        delivery.job = job
         ctx = Context(
             message_id=job.id,
             entry_id=delivery.entry.id.decode(),
@@ -434,13 +451,28 @@ class Worker:
                 return LOST
             try:
                 await self._execute(role, ctx, payload)
-            except Fatal as exc:
-                return dead("fatal", str(exc) or "fatal error", job, error_info(exc))
             except Exception as exc:
-                return self._failure(role, job, exc)
+                return self._after_error(delivery, job, exc)
+        if delivery.lost:
+            return LOST
+        if delivery.cancel is not None:
+            # Cancelled, whether the handler stopped by itself or was hard-cancelled.
+            return cancelled(job, delivery.cancel.id, delivery.cancel.reason)
         if scope.cancelled_caught:
-            return LOST if delivery.lost else RELEASE
+            return RELEASE
         return Decision("ack", job)
+
+    def _after_error(self, delivery: Delivery, job: Job, exc: Exception) -> Decision:
+        if delivery.lost:
+            return LOST
+        if delivery.cancel is not None:
+            # Cancelled work is never retried, whatever the handler raised on its way out.
+            return cancelled(job, delivery.cancel.id, delivery.cancel.reason)
+        if delivery.released:
+            return RELEASE
+        if isinstance(exc, Fatal):
+            return dead("fatal", str(exc) or "fatal error", job, error_info(exc))
+        return self._failure(delivery.role, job, exc)
 
     def _preflight(self, delivery: Delivery) -> Decision | tuple[Job, Any]:
         """Decode and check an entry before it starts; a decision when it must not start."""
@@ -455,6 +487,9 @@ class Worker:
             return dead(exc.reason, exc.detail)  # type: ignore[arg-type]
         if job.role != role.name:
             return dead("wrong_role", f"message is for {job.role!r}, not {role.name!r}", job)
+        signal = self._cancels.book.match(job)
+        if signal is not None:
+            return cancelled(job, signal.id, signal.reason)
         if entry.deliveries > role.max_deliveries:
             detail = (
                 f"delivered {entry.deliveries} times (limit {role.max_deliveries}) without "

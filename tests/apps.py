@@ -74,6 +74,9 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
       on another.
     * ``shield``: sleep shielded from cancellation (a handler that ignores cancel and
       finishes its side effect anyway).
+    * ``end_by_consumer`` ({consumer name: "retry" | "fatal"}): after the sleep, the named
+      workers trace FAIL and raise ``Retry(delay=0)`` (re-queue at once) or ``Fatal``
+      (dead-letter) instead of finishing.
 
     Then trace DONE. A cancellation while sleeping traces CANCELLED and propagates.
     """
@@ -93,6 +96,12 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
     except anyio.get_cancelled_exc_class():
         trace(ctx, "CANCELLED")
         raise
+    end = payload.get("end_by_consumer", {}).get(ctx.consumer)
+    if end is not None:
+        trace(ctx, "FAIL")
+        if end == "fatal":
+            raise streamflow.Fatal("fatal as asked")
+        raise streamflow.Retry("retrying at once as asked", delay=0)
     trace(ctx, "DONE")
 
 

@@ -1,0 +1,369 @@
+"""Cancel through the signals stream and persistent markers, on a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from streamflow import App, Client, Context, LeaseSettings, Retry, Worker, streams
+from streamflow.context import Cancelled
+from streamflow.keys import GROUP, Keys
+from streamflow.settle import Outcome
+
+pytestmark = pytest.mark.anyio
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = streams.connect(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def running(*workers: Worker) -> AsyncIterator[None]:
+    async with anyio.create_task_group() as tg:
+        for worker in workers:
+            await tg.start(worker.run)
+        try:
+            yield
+        finally:
+            for worker in workers:
+                worker.stop()
+
+
+def worker(app: App, redis: Redis, namespace: str, outcomes: list[Outcome], **kw: Any) -> Worker:
+    return Worker(
+        app,
+        redis,
+        namespace=namespace,
+        block_ms=100,
+        on_outcome=outcomes.append,
+        lease=LeaseSettings(ttl=1.0, reclaim_interval=0.1),
+        **kw,
+    )
+
+
+def statuses(outcomes: list[Outcome]) -> dict[str | None, str]:
+    return {o.message_id: o.status for o in outcomes}
+
+
+async def test_a_cooperative_handler_observes_cancel_quickly_and_cleans_up(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    started, cleaned = anyio.Event(), []
+    observed_after: list[float] = []
+
+    @app.role("long")
+    async def long(ctx: Context, payload: Any) -> None:
+        started.set()
+        try:
+            await ctx.cancel.wait_cancelled()
+            observed_after.append(time.monotonic())
+            ctx.cancel.raise_if_cancelled()
+        finally:
+            cleaned.append(ctx.cancel.reason)
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(10):
+        async with running(worker(app, redis, namespace, outcomes)):
+            message_id = await client.publish("long", task_id="t1")
+            await started.wait()
+            sent = time.monotonic()
+            await client.cancel("t1", target="task", reason="user asked")
+            await wait_until(lambda: outcomes)
+    assert observed_after[0] - sent < 1.0
+    assert cleaned == ["user asked"]
+    assert statuses(outcomes) == {message_id: "cancelled"}
+    assert await redis.xlen(Keys(namespace).role_stream("long")) == 0
+
+
+async def test_a_handler_that_ignores_cancel_is_hard_cancelled_after_the_grace(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    started, cleaned = anyio.Event(), []
+
+    @app.role("stubborn", cancel_grace=0.2)
+    async def stubborn(ctx: Context, payload: Any) -> None:
+        if payload == "other":
+            return
+        started.set()
+        try:
+            await anyio.sleep(60)
+        finally:
+            cleaned.append(True)
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(10):
+        async with running(worker(app, redis, namespace, outcomes)):
+            stuck = await client.publish("stubborn", "x")
+            await started.wait()
+            await client.cancel(stuck, target="message")
+            await wait_until(lambda: len(outcomes) == 1)
+            other = await client.publish("stubborn", "other")  # the worker keeps serving
+            await wait_until(lambda: len(outcomes) == 2)
+    assert cleaned == [True]
+    assert statuses(outcomes) == {stuck: "cancelled", other: "acked"}
+
+
+async def test_a_queued_message_cancelled_before_it_is_read_never_starts(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    ran: list[str] = []
+
+    @app.role("r")
+    async def handler(ctx: Context, payload: Any) -> None:
+        ran.append(ctx.message_id)
+
+    client = Client(redis, namespace=namespace)
+    doomed = await client.publish("r", 1)
+    kept = await client.publish("r", 2)
+    # Sent while no worker runs: the marker makes a worker started later honour it.
+    await client.cancel(doomed, target="message")
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(10):
+        async with running(worker(app, redis, namespace, outcomes)):
+            await wait_until(lambda: len(outcomes) == 2)
+    assert ran == [kept]
+    assert statuses(outcomes) == {doomed: "cancelled", kept: "acked"}
+
+
+async def test_a_message_waiting_for_a_retry_is_not_retried_after_cancel(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    attempts: list[int] = []
+
+    @app.role("flaky")
+    async def flaky(ctx: Context, payload: Any) -> None:
+        attempts.append(ctx.attempt)
+        raise Retry(delay=0.5)
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    keys = Keys(namespace)
+    with anyio.fail_after(10):
+        async with running(worker(app, redis, namespace, outcomes)):
+            message_id = await client.publish("flaky", task_id="job7")
+            await wait_until(lambda: [o.status for o in outcomes] == ["retried"])
+            await client.cancel("job7", target="task")
+            await wait_until(lambda: len(outcomes) == 2)
+    assert attempts == [1]
+    assert [o.status for o in outcomes] == ["retried", "cancelled"]
+    assert outcomes[1].message_id == message_id
+    assert await redis.zcard(keys.delayed("flaky")) == 0
+
+
+async def test_an_adopted_entry_of_a_dead_worker_is_not_restarted_after_cancel(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    ran: list[str] = []
+
+    @app.role("r")
+    async def handler(ctx: Context, payload: Any) -> None:
+        ran.append(ctx.message_id)
+
+    keys = Keys(namespace)
+    stream = keys.role_stream("r")
+    await streams.ensure_group(redis, stream)
+    client = Client(redis, namespace=namespace)
+    message_id = await client.publish("r", 1)
+    await streams.read_group(redis, stream, "dead-worker", count=1, block_ms=None)
+    await client.cancel(message_id)
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(10):
+        async with running(worker(app, redis, namespace, outcomes)):
+            await wait_until(lambda: outcomes)  # adopted after the 1 s TTL
+    assert ran == []
+    assert statuses(outcomes) == {message_id: "cancelled"}
+    assert (await redis.xpending(stream, GROUP))["pending"] == 0
+
+
+async def test_cancel_of_one_task_stops_only_its_handlers_across_two_workers(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    release = anyio.Event()
+    started: list[str] = []
+
+    @app.role("job", cancel_grace=5)
+    async def job(ctx: Context, payload: Any) -> None:
+        started.append(ctx.message_id)
+        with anyio.CancelScope() as scope:
+            ctx_cancelled = ctx.cancel
+            async with anyio.create_task_group() as tg:
+
+                async def stop_on_cancel() -> None:
+                    await ctx_cancelled.wait_cancelled()
+                    scope.cancel()
+
+                tg.start_soon(stop_on_cancel)
+                await release.wait()
+                tg.cancel_scope.cancel()
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    w1 = worker(app, redis, namespace, outcomes, concurrency=4)
+    w2 = worker(app, redis, namespace, outcomes, concurrency=4)
+    with anyio.fail_after(15):
+        async with running(w1, w2):
+            doomed = [await client.publish("job", i, task_id="doomed") for i in range(3)]
+            kept = [await client.publish("job", i, task_id="kept") for i in range(3)]
+            await wait_until(lambda: len(started) == 6)
+            result = await client.cancel("doomed", target="task", wait=True, timeout=5)
+            assert result.complete
+            assert sorted(m for _, m in result.stopped) == sorted(doomed)
+            release.set()
+            await wait_until(lambda: len(outcomes) == 6)
+    got = statuses(outcomes)
+    assert {got[m] for m in doomed} == {"cancelled"}
+    assert {got[m] for m in kept} == {"acked"}
+
+
+async def test_cancel_wait_times_out_for_an_unknown_id(redis: Redis, namespace: str) -> None:
+    app = App()
+
+    @app.role("r")
+    async def handler(ctx: Context, payload: Any) -> None:
+        pass
+
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(10):
+        async with running(worker(app, redis, namespace, outcomes)):
+            client = Client(redis, namespace=namespace)
+            result = await client.cancel("no-such-task", wait=True, timeout=0.5)
+    assert not result.complete and result.stopped == []
+
+
+async def test_raw_xadd_cancel_from_outside_works_and_bad_signals_are_ignored(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    started = anyio.Event()
+
+    @app.role("long")
+    async def long(ctx: Context, payload: Any) -> None:
+        started.set()
+        await ctx.cancel.wait_cancelled()
+
+    keys = Keys(namespace)
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    w = worker(app, redis, namespace, outcomes)
+    with anyio.fail_after(10):
+        async with running(w):
+            message_id = await client.publish("long", 1)
+            await started.wait()
+            for bad in (b"{nope", b'{"protocol":1,"kind":"explode"}', b'{"protocol":9}'):
+                await redis.xadd(keys.signals(), {b"signal": bad})
+            await redis.xadd(keys.signals(), {b"other": b"x"})
+            signal = {
+                "protocol": 1,
+                "kind": "cancel",
+                "id": "sig-from-go",
+                "target": "message",
+                "target_id": message_id,
+                "reason": "from go",
+                "created_at_ms": 1763800000000,
+            }
+            await redis.execute_command("XADD", keys.signals(), "*", "signal", orjson.dumps(signal))
+            await wait_until(lambda: outcomes)
+            # The worker made the raw cancel persistent (its marker outlives the broadcast).
+            marker = keys.cancel_marker("message", message_id)
+            with anyio.fail_after(5):
+                while not await redis.exists(marker):
+                    await anyio.sleep(0.01)
+    assert statuses(outcomes) == {message_id: "cancelled"}
+    assert w._signals.bad_signals == 4
+
+
+async def test_cancellable_abandons_an_awaitable_and_shield_protects_a_section(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    events: list[str] = []
+    started = anyio.Event()
+
+    @app.role("r", cancel_grace=0.1)
+    async def handler(ctx: Context, payload: Any) -> None:
+        started.set()
+        try:
+            await ctx.cancellable(anyio.sleep(60))
+        except Cancelled:
+            events.append("abandoned")
+        with ctx.shield():
+            await anyio.sleep(0.3)  # past the grace: the hard cancel waits for the section
+            events.append("section done")
+        await anyio.sleep(60)
+        events.append("never")
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(10):
+        async with running(worker(app, redis, namespace, outcomes)):
+            message_id = await client.publish("r", 1)
+            await started.wait()
+            await client.cancel(message_id)
+            await wait_until(lambda: outcomes)
+    assert events == ["abandoned", "section done"]
+    assert statuses(outcomes) == {message_id: "cancelled"}
+
+
+def test_cli_cancel_wait_reports_what_stopped(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
+    env.update(
+        STREAMFLOW_REDIS_URL=redis_url,
+        STREAMFLOW_NAMESPACE=namespace,
+        SFTEST_RECORD=str(tmp_path / "record"),
+    )
+    cli = [sys.executable, "-m", "streamflow"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=40
+        )
+
+    worker_proc = subprocess.Popen(
+        [*cli, "worker", "--app", "tests.apps:app", "--role", "sleepy", "--block-ms", "100"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        published = run("publish", "sleepy", "--json", '{"seconds": 30}', "--id", "long-one")
+        assert published.stdout.strip() == "long-one", published.stderr
+        done = run("cancel", "long-one", "--message", "--wait", "--timeout", "20")
+        assert done.returncode == 0, done.stderr
+        assert "stopped long-one on " in done.stdout
+        missing = run("cancel", "nobody", "--wait", "--timeout", "0.5")
+        assert missing.returncode == 1
+        assert "nothing matching 'nobody' was stopped" in missing.stderr
+    finally:
+        worker_proc.kill()
+        worker_proc.wait()

@@ -1,0 +1,336 @@
+"""Redis outages under load: killed and restarted, connections killed, frozen, down.
+
+Worker subprocesses (``streamflow worker --app tests.apps:app --role record``) run against a
+private redis-server with an fsync-always AOF, which the tests kill, restart and pause. The
+workers must ride every outage out by themselves; the test's own publisher retries with a dedup
+key per message, which makes its retries safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+from redis.asyncio import Redis
+
+from streamflow import Client, RedisUnavailable, SyncClient, streams
+from streamflow.keys import GROUP, Keys
+from streamflow.server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLE = "record"
+#: The worker's blocking reads use a socket timeout of block time + 10 s (see cli._serve).
+WORKER_READ_TIMEOUT = 0.2 + 10.0
+
+
+@dataclass
+class WorkerProcess:
+    """A ``streamflow worker`` subprocess whose stderr goes to ``log``."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def serving(self) -> bool:
+        if not self.alive:
+            raise AssertionError(f"worker exited early:\n{self.stderr()}")
+        return "serving" in self.stderr()
+
+    def kill(self) -> None:
+        """SIGKILL it and every descendant, and reap it."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+StartWorker = Callable[[RedisServer, str], WorkerProcess]
+
+
+@pytest.fixture
+def record_file(tmp_path: Path) -> Path:
+    return tmp_path / "record.txt"
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, record_file: Path) -> Iterator[StartWorker]:
+    """Start a ``record`` worker on a server and namespace; all are killed at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(server: RedisServer, namespace: str) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(started)}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
+        env["SFTEST_RECORD"] = str(record_file)
+        command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
+        command += ["--role", ROLE, "--redis-url", server.url, "--namespace", namespace]
+        command += ["--block-ms", "200", "--lease-ttl", "2", "--reclaim-interval", "0.2"]
+        with open(log, "wb") as err:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        worker = WorkerProcess(process, log)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+@pytest.fixture
+def server(private_redis: Callable[..., RedisServer]) -> RedisServer:
+    """A private redis-server with an AOF synced on every write, safe to kill -9."""
+    return private_redis(appendonly=True, appendfsync="always")
+
+
+@pytest.fixture
+async def admin(server: RedisServer) -> AsyncIterator[Redis]:
+    """The test's own connection for inspecting the server (a short timeout, no retries)."""
+    client = streams.connect(server.url, socket_timeout=2.0, name="test-admin")
+    yield client
+    await client.aclose()
+
+
+def recorded(path: Path) -> set[str]:
+    return set(path.read_text().splitlines()) if path.exists() else set()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    """Poll ``predicate`` (sync) until true; fail naming ``what`` after ``timeout`` s."""
+    try:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within {timeout} s") from None
+
+
+async def start_workers(
+    start_worker: StartWorker, server: RedisServer, namespace: str, n: int
+) -> list[WorkerProcess]:
+    workers = [start_worker(server, namespace) for _ in range(n)]
+    for worker in workers:
+        await wait_until(worker.serving, 20, "worker logs 'serving'")
+    return workers
+
+
+async def publish_reliably(client: Client, message_id: str, *, give_up_after: float = 30) -> int:
+    """Publish until Redis takes it; returns how many attempts failed.
+
+    The dedup key makes a retry safe even when the failed attempt did reach Redis.
+    """
+    failures = 0
+    deadline = time.monotonic() + give_up_after
+    while True:
+        try:
+            got = await client.publish(
+                ROLE, {"n": message_id}, message_id=message_id, dedup_key=message_id
+            )
+        except RedisUnavailable:
+            failures += 1
+            if time.monotonic() > deadline:
+                raise
+            await anyio.sleep(0.05)
+        else:
+            assert got == message_id
+            return failures
+
+
+async def settled(admin: Redis, namespace: str) -> bool:
+    """Whether the role stream is empty and nothing is pending (everything acknowledged)."""
+    stream = Keys(namespace).role_stream(ROLE)
+    info = await admin.xpending(stream, GROUP)
+    return int(info["pending"]) == 0 and await admin.xlen(stream) == 0
+
+
+async def wait_settled(admin: Redis, namespace: str, timeout: float) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+                if await settled(admin, namespace):
+                    return
+            await anyio.sleep(0.05)
+
+
+def assert_healthy(workers: list[WorkerProcess]) -> None:
+    """Still the same processes, each started once, no traceback in their logs."""
+    for worker in workers:
+        log = worker.stderr()
+        assert worker.alive, log
+        assert log.count(" serving ") == 1, log
+        assert "Traceback" not in log, log
+
+
+async def test_workers_ride_out_a_redis_kill_and_restart_under_load(
+    server: RedisServer,
+    admin: Redis,
+    start_worker: StartWorker,
+    record_file: Path,
+    namespace: str,
+) -> None:
+    workers = await start_workers(start_worker, server, namespace, 2)
+    ids = [f"kill-{n:04d}" for n in range(300)]
+    published: list[str] = []
+    failures = 0
+    client = Client(streams.connect(server.url, socket_timeout=2.0), namespace=namespace)
+    try:
+        with anyio.fail_after(60):
+
+            async def publisher(share: list[str]) -> None:
+                nonlocal failures
+                for message_id in share:
+                    failures += await publish_reliably(client, message_id)
+                    published.append(message_id)
+                    await anyio.sleep(0.005)
+
+            async with anyio.create_task_group() as tg:
+                for start in range(3):  # three publishers at once
+                    tg.start_soon(publisher, ids[start::3])
+                await wait_until(lambda: len(recorded(record_file)) >= 80, 20, "80 recorded")
+                await anyio.to_thread.run_sync(server.kill)
+                await anyio.sleep(1.0)  # the outage: publishing fails meanwhile
+                await anyio.to_thread.run_sync(server.restart)
+            await wait_until(
+                lambda: set(ids) <= recorded(record_file), 30, "every published id recorded"
+            )
+            await wait_settled(admin, namespace, 20)
+    finally:
+        await client.aclose()
+    assert sorted(published) == ids
+    assert failures > 0, "the publisher never saw the outage"
+    assert await admin.xlen(Keys(namespace).dead_letters(ROLE)) == 0
+    assert_healthy(workers)
+    assert any("Redis unavailable" in w.stderr() for w in workers)
+
+
+async def test_killing_every_client_connection_changes_nothing_but_a_short_pause(
+    server: RedisServer,
+    admin: Redis,
+    start_worker: StartWorker,
+    record_file: Path,
+    namespace: str,
+) -> None:
+    workers = await start_workers(start_worker, server, namespace, 2)
+    client = Client(streams.connect(server.url, socket_timeout=2.0), namespace=namespace)
+    before = [f"before-{n:03d}" for n in range(100)]
+    after = [f"after-{n:03d}" for n in range(100)]
+    try:
+        with anyio.fail_after(40):
+            for message_id in before[:50]:
+                await publish_reliably(client, message_id)
+            killed = await admin.execute_command(
+                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+            )
+            # Both workers' connections, and the test publisher's, went.
+            assert int(killed) >= 3
+            for message_id in before[50:]:
+                await publish_reliably(client, message_id)
+            await wait_until(lambda: set(before) <= recorded(record_file), 15, "before recorded")
+            # Work published after the kill is handled promptly: no lease TTL to wait out.
+            began = time.monotonic()
+            for message_id in after:
+                await publish_reliably(client, message_id)
+            await wait_until(lambda: set(after) <= recorded(record_file), 15, "after recorded")
+            assert time.monotonic() - began < 5
+            await wait_settled(admin, namespace, 15)
+    finally:
+        await client.aclose()
+    assert_healthy(workers)
+
+
+async def test_workers_carry_on_after_redis_was_frozen_past_their_read_timeout(
+    server: RedisServer,
+    admin: Redis,
+    start_worker: StartWorker,
+    record_file: Path,
+    namespace: str,
+) -> None:
+    workers = await start_workers(start_worker, server, namespace, 2)
+    client = Client(streams.connect(server.url, socket_timeout=2.0), namespace=namespace)
+    first = [f"first-{n:03d}" for n in range(50)]
+    frozen = [f"frozen-{n:03d}" for n in range(50)]
+    last = [f"last-{n:03d}" for n in range(50)]
+    try:
+        with anyio.fail_after(60):
+            for message_id in first:
+                await publish_reliably(client, message_id)
+            await wait_until(lambda: set(first) <= recorded(record_file), 15, "first recorded")
+            for message_id in frozen:  # some of these are in flight when Redis freezes
+                await publish_reliably(client, message_id)
+            server.pause()
+            try:
+                await anyio.sleep(WORKER_READ_TIMEOUT + 1.0)  # the freeze must outlast it
+            finally:
+                server.resume()
+            for message_id in last:
+                await publish_reliably(client, message_id)
+            everything = set(first) | set(frozen) | set(last)
+            await wait_until(lambda: everything <= recorded(record_file), 30, "all recorded")
+            await wait_settled(admin, namespace, 20)
+    finally:
+        await client.aclose()
+    assert_healthy(workers)
+    # The freeze did reach the workers: their reads timed out and they reconnected.
+    assert any("Redis unavailable" in w.stderr() for w in workers)
+
+
+async def test_publishing_to_a_redis_that_is_down_fails_fast(server: RedisServer) -> None:
+    url = server.url
+    await anyio.to_thread.run_sync(server.kill)
+    async with Client.from_url(url, namespace="down") as client:
+        for publish in (
+            lambda: client.publish(ROLE, 1),
+            lambda: client.publish(ROLE, 1, dedup_key="k"),
+            lambda: client.publish(ROLE, 1, delay=5),
+            lambda: client.publish_many(ROLE, [1, 2]),
+        ):
+            began = time.monotonic()
+            with anyio.fail_after(10), pytest.raises(RedisUnavailable):
+                await publish()
+            assert time.monotonic() - began < 5
+    began = time.monotonic()
+    with SyncClient(url, namespace="down") as sync_client, pytest.raises(RedisUnavailable):
+        sync_client.publish(ROLE, 1)
+    assert time.monotonic() - began < 5
+
+
+async def test_publishing_to_a_frozen_redis_fails_after_the_socket_timeout(
+    server: RedisServer,
+) -> None:
+    """A frozen Redis accepts connections but never answers: the socket timeout bounds it."""
+    client = Client(streams.connect(server.url, socket_timeout=1.0), namespace="frozen")
+    server.pause()
+    try:
+        began = time.monotonic()
+        with anyio.fail_after(10), pytest.raises(RedisUnavailable):
+            await client.publish(ROLE, 1)
+        assert time.monotonic() - began < 5
+    finally:
+        server.resume()
+        await client.aclose()
