@@ -79,6 +79,7 @@ class Delivery:
         job: The decoded job, once decoded.
         lost: The lease was lost: another consumer owns it now; apply nothing.
         released: The worker is shutting down: hand it back instead of settling.
+        settling: Its acknowledgement is on its way to Redis.
         cancel: The cancel signal that stopped it, if any.
         finished: Set when its handling has ended (created only when someone waits for it).
     """
@@ -91,6 +92,7 @@ class Delivery:
     job: Job | None = None
     lost: bool = False
     released: bool = False
+    settling: bool = False
     cancel: CancelSignal | None = None
     finished: anyio.Event | None = None
 
@@ -216,7 +218,8 @@ class LeaseKeeper:
             lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
             self.renewals += len(ids) - len(lost)
             for delivery in held:
-                if delivery.entry.id in lost:
+                # An entry whose ack is on its way was likely just acknowledged, not lost.
+                if delivery.entry.id in lost and not delivery.settling:
                     self._lose(delivery)
 
     def _lose(self, delivery: Delivery) -> None:

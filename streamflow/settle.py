@@ -323,6 +323,9 @@ class _Acker:
             async with self._lock:
                 while self._pending:
                     batch, self._pending = self._pending, defaultdict(list)
+                    for items in batch.values():
+                        for delivery, _, _ in items:
+                            delivery.settling = True
                     try:
                         await self._settle(batch)
                     except streams.TRANSIENT_ERRORS as exc:

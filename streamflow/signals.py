@@ -215,6 +215,9 @@ class StopReporter:
         self.task_group: TaskGroup | None = None
         self._stopped: dict[str, list[str]] = {}
         self._running: dict[str, set[Delivery]] = {}
+        # Reports are written from several tasks over different connections: one at a time,
+        # each with the state as of its write, or a stale report could land last.
+        self._write_lock = anyio.Lock()
 
     def on_signal(self, signal: CancelSignal) -> None:
         """Cancel the running handlers ``signal`` matches (called by the listener)."""
@@ -261,14 +264,15 @@ class StopReporter:
         await self._write(signal_id)
 
     async def _write(self, signal_id: str) -> None:
-        state = CancelReport(
-            consumer=self._consumer,
-            stopped=self._stopped.get(signal_id, []),
-            running=len(self._running.get(signal_id, ())),
-            at_ms=now_ms(),
-        )
         with anyio.move_on_after(5, shield=True), contextlib.suppress(*streams.TRANSIENT_ERRORS):
-            await report(self._redis, self._keys, signal_id, state)
+            async with self._write_lock:
+                state = CancelReport(
+                    consumer=self._consumer,
+                    stopped=list(self._stopped.get(signal_id, [])),
+                    running=len(self._running.get(signal_id, ())),
+                    at_ms=now_ms(),
+                )
+                await report(self._redis, self._keys, signal_id, state)
 
 
 async def report(redis: Redis, keys: Keys, signal_id: str, report: CancelReport) -> None:

@@ -235,7 +235,7 @@ async def test_cancel_of_one_task_stops_only_its_handlers_across_two_workers(
             kept = [await client.publish("job", i, task_id="kept") for i in range(3)]
             await wait_until(lambda: len(started) == 6)
             result = await client.cancel("doomed", target="task", wait=True, timeout=5)
-            assert result.complete
+            assert result.complete, result
             assert sorted(m for _, m in result.stopped) == sorted(doomed)
             release.set()
             await wait_until(lambda: len(outcomes) == 6)
