@@ -121,6 +121,14 @@ def main(log_level: str) -> None:
     help="The most entries one read fetches.",
 )
 @click.option(
+    "--prefetch",
+    envvar="STREAMFLOW_PREFETCH",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Entries read ahead of free handler slots (raise it for many short jobs).",
+)
+@click.option(
     "--block-ms",
     envvar="STREAMFLOW_BLOCK_MS",
     type=int,
@@ -207,6 +215,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         concurrency=settings.concurrency,
         consumer=settings.consumer_name,
         read_count=settings.read_count,
+        prefetch=settings.prefetch,
         block_ms=settings.block_ms,
         max_message_bytes=settings.max_message_bytes,
         shutdown_grace=settings.shutdown_grace,

@@ -250,7 +250,10 @@ class Client:
         prepared = self._pub.bodies(role, payloads)
         try:
             for chunk in _chunks(prepared, chunk_size):
-                await streams.publish_many(self.redis, [(s, body) for s, _, body in chunk])
+                stream = chunk[0][0]
+                await streams.publish_many(
+                    self._scripts, self.redis, stream, [body for _, _, body in chunk]
+                )
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         return [message_id for _, message_id, _ in prepared]

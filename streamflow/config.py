@@ -41,6 +41,7 @@ ENV_VARS = frozenset(
         "STREAMFLOW_CONSUMER_NAME",
         "STREAMFLOW_PROCESSES",
         "STREAMFLOW_READ_COUNT",
+        "STREAMFLOW_PREFETCH",
         "STREAMFLOW_BLOCK_MS",
         "STREAMFLOW_MAX_MESSAGE_BYTES",
         "STREAMFLOW_SHUTDOWN_GRACE",
@@ -98,6 +99,7 @@ class WorkerSettings(ConnectionSettings):
     consumer_name: str | None = None
     processes: Annotated[int, Field(ge=1, le=256)] = 1
     read_count: Annotated[int, Field(ge=1, le=100_000)] = 256
+    prefetch: Annotated[int, Field(ge=0, le=100_000)] = 0
     block_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0

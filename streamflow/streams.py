@@ -147,6 +147,7 @@ class Scripts:
         self.replay = redis.register_script(_load("replay.lua", strip))
         self.alive = redis.register_script(_load("alive.lua", strip))
         self.cancel = redis.register_script(_load("cancel.lua", strip))
+        self.publish_many = redis.register_script(_load("publish_many.lua", strip))
 
     @staticmethod
     def source(name: str) -> str:
@@ -235,12 +236,32 @@ async def read_range(redis: Redis, stream: str, *, count: int | None = None) -> 
     return [Entry(entry_id, fields or {}) for entry_id, fields in reply or []]
 
 
+#: Lua's unpack() has a stack limit; scripts get ids in chunks of this size.
+_CHUNK = 1000
+
+
+def id_range(ids: Sequence[bytes]) -> tuple[bytes, bytes]:
+    """The lowest and highest stream ids of ``ids`` (compared as numbers, not strings)."""
+
+    def key(entry_id: bytes) -> tuple[int, int]:
+        ms, _, seq = entry_id.partition(b"-")
+        return int(ms), int(seq or 0)
+
+    return min(ids, key=key), max(ids, key=key)
+
+
 async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
     """Acknowledge and delete entries ``consumer`` still owns; return the refused ids."""
-    refused = await scripts.settle(keys=[stream], args=[GROUP, consumer, *ids], client=redis)
-    return list(refused or [])
+    refused: list[bytes] = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        low, high = id_range(chunk)
+        refused += await scripts.settle(
+            keys=[stream], args=[GROUP, consumer, low, high, *chunk], client=redis
+        )
+    return refused
 
 
 async def dead_letter(
@@ -268,12 +289,11 @@ async def publish(redis: Redis, stream: str, message: bytes) -> bytes:
     return bytes(entry_id) if not isinstance(entry_id, str) else entry_id.encode()
 
 
-async def publish_many(redis: Redis, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
-    """XADD many encoded jobs in one pipeline (no MULTI); returns their entry ids in order."""
-    pipe = redis.pipeline(transaction=False)
-    for stream, message in items:
-        pipe.xadd(stream, {b"message": message})
-    ids: list[bytes] = await pipe.execute()
+async def publish_many(
+    scripts: Scripts, redis: Redis, stream: str, messages: Sequence[bytes]
+) -> list[bytes]:
+    """XADD many encoded jobs to one stream in one script call; returns their entry ids."""
+    ids: list[bytes] = await scripts.publish_many(keys=[stream], args=list(messages), client=redis)
     return ids
 
 
@@ -340,10 +360,6 @@ async def hash_items(redis: Redis, key: str) -> dict[str, bytes]:
     return {bytes(k).decode(): bytes(v) for k, v in reply.items()}
 
 
-#: Lua's unpack() has a stack limit; scripts get ids in chunks of this size.
-_CHUNK = 1000
-
-
 async def renew(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
@@ -354,7 +370,10 @@ async def renew(
     lost: list[bytes] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
-        lost += await scripts.renew(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
+        low, high = id_range(chunk)
+        lost += await scripts.renew(
+            keys=[stream], args=[GROUP, consumer, low, high, *chunk], client=redis
+        )
     return lost
 
 

@@ -42,6 +42,7 @@ def child_command(settings: WorkerSettings, index: int) -> list[str]:
         cmd += ["--role", role]
     cmd += ["--concurrency", str(settings.concurrency)]
     cmd += ["--read-count", str(settings.read_count), "--block-ms", str(settings.block_ms)]
+    cmd += ["--prefetch", str(settings.prefetch)]
     cmd += ["--max-message-bytes", str(settings.max_message_bytes)]
     cmd += ["--shutdown-grace", str(settings.shutdown_grace)]
     cmd += ["--dead-letter-max-len", str(settings.dead_letter_max_len)]

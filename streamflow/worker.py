@@ -25,13 +25,13 @@ import logging
 import os
 import socket
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -83,6 +83,9 @@ class Worker:
         concurrency: How many handlers run at once.
         consumer: This worker's consumer name; unique per live process (enforced).
         read_count: The most entries one read fetches.
+        prefetch: Entries read ahead of free handler slots, so that reading overlaps handling.
+            They wait leased to this worker, where no other worker can take them: keep it 0
+            (the default) for slow jobs, raise it for many short ones.
         block_ms: How long an idle read waits before looking again (bounds shutdown time).
         max_message_bytes: Larger entries are dead-lettered as ``too_large`` before parsing.
         dead_letter_max_len: Dead-letter streams are capped near this many entries.
@@ -102,6 +105,7 @@ class Worker:
         concurrency: int = 32,
         consumer: str | None = None,
         read_count: int = 256,
+        prefetch: int = 0,
         block_ms: int = 1000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         dead_letter_max_len: int = 100_000,
@@ -143,7 +147,14 @@ class Worker:
         self._signals = SignalListener(
             redis, self._keys, self._cancels.book, self._cancels.on_signal, block_ms=block_ms
         )
+        self._prefetch = prefetch
+        self._held_limit = concurrency + self._prefetch
+        self._queue: deque[Delivery] = deque()
+        self._idle: deque[anyio.Event] = deque()
+        self._waking = 0
+        self._queue_closed = False
         self._capacity = anyio.Event()
+        self._reader_waiting = False
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
@@ -231,25 +242,31 @@ class Worker:
                 await self._leases.release_name()
 
     async def _pipeline(self, burst: bool) -> None:
-        send, receive = anyio.create_memory_object_stream[Delivery](self.concurrency)
+        self._queue_closed = False
         async with anyio.create_task_group() as consumers:
-            async with receive:
-                for _ in range(self.concurrency):
-                    consumers.start_soon(self._consume, receive.clone())
-            async with send, anyio.create_task_group() as readers:
-                for role in self._roles:
-                    stream = self._keys.role_stream(role.name)
-                    if burst:
-                        await self._promote_due(role)
-                    else:
-                        readers.start_soon(self._promote_loop, role)
-                        readers.start_soon(self._adopt_loop, role, stream, send.clone())
-                    readers.start_soon(self._read_loop, role, stream, send.clone(), burst)
+            for _ in range(self.concurrency):
+                consumers.start_soon(self._consume)
+            try:
+                async with anyio.create_task_group() as readers:
+                    for role in self._roles:
+                        stream = self._keys.role_stream(role.name)
+                        if burst:
+                            await self._promote_due(role)
+                        else:
+                            readers.start_soon(self._promote_loop, role)
+                            readers.start_soon(self._adopt_loop, role, stream)
+                        readers.start_soon(self._read_loop, role, stream, burst)
+            finally:
+                # No more entries: consumers finish what is queued, then return.
+                self._queue_closed = True
+                while self._idle:
+                    self._waking += 1
+                    self._idle.popleft().set()
 
     async def _enforce_grace(self) -> None:
         await self._stopping.wait()
         await anyio.sleep(self._grace)
-        running = [d for d in self._held if d.scope is not None and not d.scope.cancel_called]
+        running = [d for d in self._held if d.scope is not None]
         if running:
             logger.warning(
                 "cancelling %d handlers still running after the %.0fs shutdown grace; "
@@ -264,32 +281,29 @@ class Worker:
             assert delivery.scope is not None
             delivery.scope.cancel()
 
-    async def _read_loop(
-        self, role: Role, stream: str, send: MemoryObjectSendStream[Delivery], burst: bool
-    ) -> None:
+    async def _read_loop(self, role: Role, stream: str, burst: bool) -> None:
         backoff = streams.Backoff(f"reading {stream}")
         # First the entries already pending under this consumer name (a restart with the same
         # --consumer-name resumes them at once), then new ones.
         history: bytes | None = b"0"
-        async with send:
-            while not self._stopping.is_set():
-                free = await self._wait_capacity()
-                if free <= 0:
-                    continue
-                block = None if burst or history else self._block_ms
-                entries = await self._read(stream, free, block, history, backoff)
-                if entries is None:
-                    continue
+        while not self._stopping.is_set():
+            free = await self._wait_capacity()
+            if free <= 0:
+                continue
+            block = None if burst or history else self._block_ms
+            entries = await self._read(stream, free, block, history, backoff)
+            if entries is None:
+                continue
+            if entries:
+                self._dispatch(role, stream, entries)
+            if history is not None:
                 if entries:
-                    self._dispatch(role, stream, entries, send)
-                if history is not None:
-                    if entries:
-                        logger.info("resuming %d entries pending on %s", len(entries), stream)
-                    history = entries[-1].id if entries else None
-                elif burst and not entries:
-                    if self._in_flight == 0:
-                        return
-                    await self._wait_progress()
+                    logger.info("resuming %d entries pending on %s", len(entries), stream)
+                history = entries[-1].id if entries else None
+            elif burst and not entries:
+                if self._in_flight == 0:
+                    return
+                await self._wait_progress()
 
     async def _read(
         self,
@@ -322,28 +336,25 @@ class Worker:
         backoff.succeeded()
         return entries
 
-    async def _adopt_loop(
-        self, role: Role, stream: str, send: MemoryObjectSendStream[Delivery]
-    ) -> None:
+    async def _adopt_loop(self, role: Role, stream: str) -> None:
         settings = self._leases.settings
         backoff = streams.Backoff(f"adopting idle entries of {stream}")
-        async with send:
-            while not await self._sleep_unless_stopping(settings.reclaim_interval):
-                free = self.concurrency - self._in_flight
-                if free <= 0:
-                    continue
-                try:
-                    entries = await self._leases.adopt(stream, min(free, settings.reclaim_count))
-                except streams.TRANSIENT_ERRORS as exc:
-                    await backoff.failed(exc)
-                    continue
-                except ResponseError as exc:
-                    if not streams.is_group_lost(exc):
-                        raise
-                    continue  # the reader recreates the group
-                backoff.succeeded()
-                if entries:
-                    self._dispatch(role, stream, entries, send)
+        while not await self._sleep_unless_stopping(settings.reclaim_interval):
+            free = self._held_limit - self._in_flight
+            if free <= 0:
+                continue
+            try:
+                entries = await self._leases.adopt(stream, min(free, settings.reclaim_count))
+            except streams.TRANSIENT_ERRORS as exc:
+                await backoff.failed(exc)
+                continue
+            except ResponseError as exc:
+                if not streams.is_group_lost(exc):
+                    raise
+                continue  # the reader recreates the group
+            backoff.succeeded()
+            if entries:
+                self._dispatch(role, stream, entries)
 
     async def _promote_loop(self, role: Role) -> None:
         while not self._stopping.is_set():
@@ -373,60 +384,108 @@ class Worker:
             await self._stopping.wait()
         return self._stopping.is_set()
 
-    def _dispatch(
-        self,
-        role: Role,
-        stream: str,
-        entries: list[streams.Entry],
-        send: MemoryObjectSendStream[Delivery],
-    ) -> None:
+    def _dispatch(self, role: Role, stream: str, entries: list[streams.Entry]) -> None:
         self._in_flight += len(entries)
         self._settler.stats.received += len(entries)
         for entry in entries:
             delivery = Delivery(role, stream, entry)
             self._held.add(delivery)
-            send.send_nowait(delivery)
+            self._queue.append(delivery)
+        self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        """Wake one idle consumer, unless one is already on its way.
+
+        A woken consumer that finds more queued wakes the next one, so slow handlers fan out
+        over every consumer while a burst of fast ones is drained by one or two consumers
+        without a task switch per entry.
+        """
+        if self._waking == 0 and self._idle:
+            self._waking += 1
+            self._idle.popleft().set()
+
+    def _read_budget(self) -> int:
+        """How many entries to read now: 0 while the prefetch buffer is still well stocked."""
+        free = self._held_limit - self._in_flight
+        if free <= 0:
+            return 0
+        if self._in_flight < self.concurrency or free >= max(1, self._prefetch // 2):
+            return free  # a handler slot is idle, or the buffer is half drained
+        return 0
 
     async def _wait_capacity(self) -> int:
-        while self._in_flight >= self.concurrency and not self._stopping.is_set():
+        while (budget := self._read_budget()) == 0 and not self._stopping.is_set():
             await self._wait_progress()
-        return self.concurrency - self._in_flight
+        return budget
 
     async def _wait_progress(self) -> None:
         if self._capacity.is_set():
             self._capacity = anyio.Event()
+        self._reader_waiting = True
         await self._capacity.wait()
 
-    async def _consume(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
-        async with receive:
-            while True:
-                try:
-                    delivery = receive.receive_nowait()
-                except anyio.WouldBlock:
-                    try:
-                        delivery = await receive.receive()
-                    except anyio.EndOfStream:
-                        return
-                except anyio.EndOfStream:
+    def _wake_reader(self) -> None:
+        # Only when the reader would act on it: waking it per finished entry costs a task
+        # switch per message.
+        if self._reader_waiting and (self._read_budget() or self._in_flight == 0):
+            self._reader_waiting = False
+            self._capacity.set()
+
+    async def _consume(self) -> None:
+        # Handlers run inside one cancel scope per consumer, not one per message (a scope costs
+        # about 5 us). Stopping one handler (hard cancel, lost lease, shutdown) cancels its
+        # consumer's scope; the consumer then settles that delivery from its flags and opens a
+        # new scope.
+        while True:
+            stopped: list[Delivery] = []
+            with anyio.CancelScope() as scope:
+                if await self._consume_in(scope, stopped):
                     return
-                try:
-                    if self._stopping.is_set():
-                        # Read but not started: hand it back now rather than start it.
-                        await self._settler.apply(delivery, RELEASE)
-                    else:
-                        decision = await self._process(delivery)
-                        await self._settler.apply(delivery, decision)
-                        if decision.signal_id is not None:
-                            await self._cancels.stopped(decision.signal_id, delivery)
-                finally:
-                    self._in_flight -= 1
-                    self._capacity.set()
-                    if delivery.finished is not None:
-                        delivery.finished.set()
+            for delivery in stopped:
+                await self._finish(delivery, self._stopped_decision(delivery))
+
+    async def _consume_in(self, scope: anyio.CancelScope, stopped: list[Delivery]) -> bool:
+        """Handle queued deliveries until the queue closes (True) or ``scope`` is cancelled."""
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._queue_closed:
+                    return True
+                woken = anyio.Event()
+                self._idle.append(woken)
+                await woken.wait()
+                self._waking -= 1
+                continue
+            delivery = queue.popleft()
+            if queue:
+                self._wake_consumer()
+            if self._stopping.is_set():
+                # Read but not started: hand it back now rather than start it.
+                await self._finish(delivery, RELEASE)
+                continue
+            stopped.append(delivery)
+            decision = await self._process(delivery, scope)
+            stopped.clear()
+            if scope.cancel_called:
+                # Stopped after the handler's last checkpoint: settle it outside this scope.
+                stopped.append(delivery)
+                return False
+            await self._finish(delivery, decision)
+
+    async def _finish(self, delivery: Delivery, decision: Decision) -> None:
+        try:
+            await self._settler.apply(delivery, decision)
+            if decision.signal_id is not None:
+                await self._cancels.stopped(decision.signal_id, delivery)
+        finally:
+            self._in_flight -= 1
+            self._wake_reader()
+            if delivery.finished is not None:
+                delivery.finished.set()
 
     # -- one delivery: decode -> preflight -> execute -> apply ------------------------------
 
-    async def _process(self, delivery: Delivery) -> Decision:
+    async def _process(self, delivery: Delivery, scope: anyio.CancelScope) -> Decision:
         checked = self._preflight(delivery)
         if isinstance(checked, Decision):
             return checked
@@ -445,22 +504,27 @@ class Worker:
             node_id=job.node_id,
         )
         delivery.context = ctx
-        with anyio.CancelScope() as scope:
-            delivery.scope = scope
-            if delivery.lost:  # lost while it waited in the buffer
-                return LOST
-            try:
-                await self._execute(role, ctx, payload)
-            except Exception as exc:
-                return self._after_error(delivery, job, exc)
+        if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
+            return self._stopped_decision(delivery)
+        delivery.scope = scope
+        try:
+            await self._execute(role, ctx, payload)
+        except Exception as exc:
+            return self._after_error(delivery, job, exc)
+        finally:
+            delivery.scope = None
+        if delivery.lost or delivery.cancel is not None:
+            return self._stopped_decision(delivery)
+        return Decision("ack", job)
+
+    def _stopped_decision(self, delivery: Delivery) -> Decision:
+        """The decision for a delivery whose handler was stopped from outside."""
         if delivery.lost:
             return LOST
         if delivery.cancel is not None:
             # Cancelled, whether the handler stopped by itself or was hard-cancelled.
-            return cancelled(job, delivery.cancel.id, delivery.cancel.reason)
-        if scope.cancelled_caught:
-            return RELEASE
-        return Decision("ack", job)
+            return cancelled(delivery.job, delivery.cancel.id, delivery.cancel.reason)
+        return RELEASE  # shutdown past the grace
 
     def _after_error(self, delivery: Delivery, job: Job, exc: Exception) -> Decision:
         if delivery.lost:
