@@ -95,7 +95,7 @@ def main(log_level: str) -> None:
     "--concurrency",
     envvar="STREAMFLOW_CONCURRENCY",
     type=int,
-    default=32,
+    default=64,
     show_default=True,
     help="Handlers run at once per process.",
 )
@@ -363,7 +363,7 @@ def schema(kind: str | None) -> None:
     help="Use this Redis instead of starting a private redis-server.",
 )
 @click.option("--messages", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True)
-@click.option("--concurrency", type=click.IntRange(1, 10_000), default=32, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 10_000), default=64, show_default=True)
 @_errors_to_exit
 def demo(redis_url: str | None, messages: int, concurrency: int) -> None:
     """Run a worker on published messages, on a Redis the demo starts (and stops) itself."""

@@ -95,7 +95,7 @@ class WorkerSettings(ConnectionSettings):
 
     app: Annotated[str, Field(pattern=r"^[\w.]+:[\w.]+$")]
     roles: tuple[str, ...] = ()
-    concurrency: Annotated[int, Field(ge=1, le=100_000)] = 32
+    concurrency: Annotated[int, Field(ge=1, le=100_000)] = 64
     consumer_name: str | None = None
     processes: Annotated[int, Field(ge=1, le=256)] = 1
     read_count: Annotated[int, Field(ge=1, le=100_000)] = 256

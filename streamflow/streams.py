@@ -240,16 +240,6 @@ async def read_range(redis: Redis, stream: str, *, count: int | None = None) -> 
 _CHUNK = 1000
 
 
-def id_range(ids: Sequence[bytes]) -> tuple[bytes, bytes]:
-    """The lowest and highest stream ids of ``ids`` (compared as numbers, not strings)."""
-
-    def key(entry_id: bytes) -> tuple[int, int]:
-        ms, _, seq = entry_id.partition(b"-")
-        return int(ms), int(seq or 0)
-
-    return min(ids, key=key), max(ids, key=key)
-
-
 async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
@@ -257,10 +247,7 @@ async def settle(
     refused: list[bytes] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
-        low, high = id_range(chunk)
-        refused += await scripts.settle(
-            keys=[stream], args=[GROUP, consumer, low, high, *chunk], client=redis
-        )
+        refused += await scripts.settle(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
     return refused
 
 
@@ -370,10 +357,7 @@ async def renew(
     lost: list[bytes] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
-        low, high = id_range(chunk)
-        lost += await scripts.renew(
-            keys=[stream], args=[GROUP, consumer, low, high, *chunk], client=redis
-        )
+        lost += await scripts.renew(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
     return lost
 
 

@@ -102,7 +102,7 @@ class Worker:
         *,
         roles: Sequence[str] | None = None,
         namespace: str = "sf",
-        concurrency: int = 32,
+        concurrency: int = 64,
         consumer: str | None = None,
         read_count: int = 256,
         prefetch: int = 0,

@@ -53,7 +53,7 @@ def test_build_ignores_none_values_and_keeps_defaults() -> None:
     assert isinstance(settings, WorkerSettings)
     assert settings.consumer_name is None
     assert settings.roles == ("record",)
-    assert settings.concurrency == 32
+    assert settings.concurrency == 64
     assert settings.namespace == "sf"
 
 

@@ -3,14 +3,14 @@
 -- Any consumer may XACK any pending id, so the owner check and the ack must be one atomic step:
 -- a worker that lost its lease must not acknowledge an entry another worker is now running.
 -- KEYS[1] role stream
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] lowest id, ARGV[4] highest id, ARGV[5..n] entry ids
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3..n] entry ids
 -- Returns the ids that were refused (no longer pending, or owned by another consumer).
 local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
--- One ranged XPENDING over the batch (this consumer's entries only, paged) instead of one
--- call per id: the owner check costs a fraction of a microsecond per entry.
-local mine, start, page = {}, ARGV[3], 1000
+-- One XPENDING of this consumer's entries (paged) instead of one call per id. A consumer name
+-- belongs to one live process, so that list holds only what this worker holds: a few dozen.
+local mine, start, page = {}, '-', 1000
 while true do
-  local rows = redis.call('XPENDING', stream, group, start, ARGV[4], page, me)
+  local rows = redis.call('XPENDING', stream, group, start, '+', page, me)
   for _, row in ipairs(rows) do
     mine[row[1]] = true
   end
@@ -20,7 +20,7 @@ while true do
   start = '(' .. rows[#rows][1]
 end
 local owned, refused = {}, {}
-for i = 5, #ARGV do
+for i = 3, #ARGV do
   if mine[ARGV[i]] then
     owned[#owned + 1] = ARGV[i]
   else
