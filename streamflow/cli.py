@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import IO, Any, TypeVar
@@ -392,6 +393,12 @@ def dlq_list(role: str, count: int, as_json: bool, redis_url: str, namespace: st
     total, entries = anyio.run(_dlq_list, settings, role, count)
     for entry in entries:
         letter = entry.letter
+        if letter is None:
+            if as_json:
+                click.echo(orjson.dumps({"id": entry.id, "problem": entry.problem}).decode())
+            else:
+                click.echo(f"{entry.id}  unreadable: {entry.problem}")
+            continue
         if as_json:
             click.echo(orjson.dumps({"id": entry.id, **letter.model_dump(mode="json")}).decode())
         else:
@@ -422,15 +429,22 @@ async def _dlq_list(
 def dlq_show(role: str, dead_id: str, redis_url: str, namespace: str) -> None:
     """Show one dead letter of ROLE in full, with its original fields."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    _check_entry_ids([dead_id])
     entry = anyio.run(_dlq_show, settings, role, dead_id)
     if entry is None:
         raise ConfigError(f"no dead letter {dead_id!r} in role {role!r}")
     doc = {
         "id": entry.id,
-        **entry.letter.model_dump(mode="json"),
+        **(entry.letter.model_dump(mode="json") if entry.letter else {"problem": entry.problem}),
         "raw": {k: v.decode(errors="backslashreplace") for k, v in entry.raw.items()},
     }
     click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
+def _check_entry_ids(ids: Sequence[str]) -> None:
+    for entry_id in ids:
+        if not re.fullmatch(r"\d+-\d+", entry_id):
+            raise ConfigError(f"{entry_id!r} is not a stream entry id (like 1718000000000-0)")
 
 
 async def _dlq_show(
@@ -453,6 +467,7 @@ def dlq_replay(
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if bool(dead_ids) == replay_all:
         raise ConfigError("give dead-letter ids or --all")
+    _check_entry_ids(dead_ids)
     result = anyio.run(_dlq_replay, settings, role, None if replay_all else list(dead_ids))
     for dead_id, new_id in result.replayed:
         click.echo(f"replayed {dead_id} -> {new_id}")

@@ -106,13 +106,15 @@ class DeadLetterEntry:
 
     Attributes:
         id: Its id in the dead-letter stream (what ``dlq show``/``replay`` take).
-        letter: The decoded dead letter.
+        letter: The decoded dead letter; None when the entry cannot be read (see ``problem``).
         raw: The original entry's fields, verbatim (cut at the worker's size limit).
+        problem: Why the entry could not be read, when it could not.
     """
 
     id: str
-    letter: DeadLetter
+    letter: DeadLetter | None
     raw: dict[str, bytes]
+    problem: str | None = None
 
 
 @dataclass(slots=True)
@@ -171,9 +173,19 @@ class Client:
         self._scripts = streams.Scripts(redis)
 
     @classmethod
-    def from_url(cls, url: str, *, namespace: str = "sf", **kwargs: Any) -> Self:
-        """A client connected to ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
-        return cls(streams.connect(url, name="streamflow-client"), namespace=namespace, **kwargs)
+    def from_url(
+        cls, url: str, *, namespace: str = "sf", socket_timeout: float = 5.0, **kwargs: Any
+    ) -> Self:
+        """A client connected to ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+
+        Args:
+            url: The Redis URL.
+            namespace: The key namespace shared with the workers.
+            socket_timeout: Seconds a command may wait for Redis before it fails.
+            **kwargs: More options for the client (``dedup_window``).
+        """
+        redis = streams.connect(url, socket_timeout=socket_timeout, name="streamflow-client")
+        return cls(redis, namespace=namespace, **kwargs)
 
     async def publish(
         self,
@@ -304,6 +316,9 @@ class Client:
         return result
 
     async def _replay_one(self, role: str, entry: DeadLetterEntry, result: ReplayResult) -> None:
+        if entry.letter is None:
+            result.skipped.append((entry.id, f"unreadable dead letter: {entry.problem}"))
+            return
         job = entry.letter.job
         if job is None:
             why = f"not a valid job ({entry.letter.reason}): nothing to replay"
@@ -523,7 +538,9 @@ def _dead_letter_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLette
     try:
         letter, raw = decode_dead_letter(fields)
     except ProtocolError as exc:
-        raise ProtocolError(exc.reason, f"dead letter {entry_id.decode()}: {exc.detail}") from None
+        # One corrupt entry must not hide the others: it is listed with its problem.
+        raw = {k.decode(errors="replace"): v for k, v in fields.items()}
+        return DeadLetterEntry(entry_id.decode(), None, raw, f"{exc.reason}: {exc.detail}")
     return DeadLetterEntry(entry_id.decode(), letter, raw)
 
 

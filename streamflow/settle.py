@@ -124,6 +124,7 @@ class Settler:
         max_message_bytes: Raw fields kept in dead letters are cut at this size.
         dead_letter_max_len: Dead-letter streams are capped near this many entries.
         on_outcome: Called with every :class:`Outcome`.
+        on_scheduled: Called with the role name when a retry is scheduled (wakes its promoter).
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class Settler:
         max_message_bytes: int,
         dead_letter_max_len: int,
         on_outcome: Callable[[Outcome], None] | None,
+        on_scheduled: Callable[[str], None] | None = None,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -148,6 +150,7 @@ class Settler:
         self._max_bytes = max_message_bytes
         self._dead_max_len = dead_letter_max_len
         self._on_outcome = on_outcome
+        self._on_scheduled = on_scheduled
         self.stats = WorkerStatistics()
         self.acker = _Acker(self)
 
@@ -175,7 +178,7 @@ class Settler:
                 self._held.discard(delivery)
                 return
             self._held.discard(delivery)
-            job = decision.job
+            job = decision.job or delivery.job
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
 
     async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
@@ -202,6 +205,8 @@ class Settler:
             due_ms=due,
             message=encode(following),
         )
+        if scheduled and self._on_scheduled is not None:
+            self._on_scheduled(delivery.role.name)
         if scheduled:
             logger.info(
                 "retrying %s message %s (attempt %d of %d) in %.2fs: %s",

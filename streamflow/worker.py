@@ -62,6 +62,9 @@ from streamflow.signals import CancelBook, SignalListener, StopReporter
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between looks at a role's delayed schedule when nothing is due sooner.
+PROMOTE_POLL = 0.5
+
 
 def default_consumer_name() -> str:
     """A consumer name unique to this process: host, pid and a random suffix."""
@@ -142,6 +145,7 @@ class Worker:
             max_message_bytes=max_message_bytes,
             dead_letter_max_len=dead_letter_max_len,
             on_outcome=on_outcome,
+            on_scheduled=self._wake_promoter,
         )
         self._cancels = StopReporter(redis, self._keys, self.consumer, self._held, CancelBook())
         self._signals = SignalListener(
@@ -155,6 +159,7 @@ class Worker:
         self._queue_closed = False
         self._capacity = anyio.Event()
         self._reader_waiting = False
+        self._promoter_wakeups: dict[str, anyio.Event] = {}
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
@@ -188,6 +193,8 @@ class Worker:
         """Ask the worker to stop: reading stops at once, in-flight handlers get the grace."""
         self._stopping.set()
         self._capacity.set()
+        for wakeup in self._promoter_wakeups.values():
+            wakeup.set()
 
     async def wait_stopped(self) -> None:
         """Return once :meth:`run` has returned."""
@@ -291,6 +298,9 @@ class Worker:
             if free <= 0:
                 continue
             block = None if burst or history else self._block_ms
+            # Readers of several roles (and the adopter) may count the same free slots while a
+            # blocking read waits; the queue is unbounded, so that overshoots the limit by at
+            # most one read per role instead of starving a role behind another's blocked read.
             entries = await self._read(stream, free, block, history, backoff)
             if entries is None:
                 continue
@@ -340,11 +350,11 @@ class Worker:
         settings = self._leases.settings
         backoff = streams.Backoff(f"adopting idle entries of {stream}")
         while not await self._sleep_unless_stopping(settings.reclaim_interval):
-            free = self._held_limit - self._in_flight
+            free = min(self._held_limit - self._in_flight, settings.reclaim_count)
             if free <= 0:
                 continue
             try:
-                entries = await self._leases.adopt(stream, min(free, settings.reclaim_count))
+                entries = await self._leases.adopt(stream, free)
             except streams.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
@@ -358,10 +368,18 @@ class Worker:
 
     async def _promote_loop(self, role: Role) -> None:
         while not self._stopping.is_set():
+            wakeup = self._promoter_wakeups[role.name] = anyio.Event()
             next_due = await self._promote_due(role)
-            wait = 1.0 if next_due is None else (next_due - now_ms()) / 1000
-            if await self._sleep_unless_stopping(min(max(wait, 0.01), 1.0)):
-                return
+            # Sleep until the next due retry; a retry scheduled here wakes us at once, and the
+            # poll picks up delayed messages other processes schedule.
+            wait = PROMOTE_POLL if next_due is None else (next_due - now_ms()) / 1000
+            with anyio.move_on_after(min(max(wait, 0.002), PROMOTE_POLL)):
+                await wakeup.wait()
+
+    def _wake_promoter(self, role: str) -> None:
+        wakeup = self._promoter_wakeups.get(role)
+        if wakeup is not None:
+            wakeup.set()
 
     async def _promote_due(self, role: Role) -> int | None:
         """Move due retries of ``role`` to its stream; returns the next due time (ms) if any."""

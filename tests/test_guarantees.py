@@ -7,6 +7,7 @@ dead-letter replay (API and CLI) and graceful stop.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -145,7 +146,7 @@ async def test_failed_attempts_are_retried_with_backoff_from_the_schedule_withou
             await wait_until(lambda: statuses(outcomes, message_id)[-1:] == ["acked"])
     assert [a for a, _, _ in attempts] == [1, 2, 3]
     assert {m for _, m, _ in attempts} == {message_id}
-    gaps = [later[2] - earlier[2] for earlier, later in zip(attempts, attempts[1:], strict=False)]
+    gaps = [later[2] - earlier[2] for earlier, later in itertools.pairwise(attempts)]
     # The n-th retry waits at least half its base delay (the jitter's lower bound).
     assert gaps[0] >= base / 2, gaps
     assert gaps[1] >= base * 2 / 2, gaps
@@ -156,6 +157,30 @@ async def test_failed_attempts_are_retried_with_backoff_from_the_schedule_withou
 
 async def _equals(value: Awaitable[Any], expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def test_short_backoffs_are_not_stretched_to_the_schedule_poll_interval(
+    redis: Redis, namespace: str
+) -> None:
+    """Four retries with a 0.02 s base backoff each wait at most 0.02 s (plus overhead), not
+    until the next one-second look at the delayed schedule."""
+    app = App()
+    starts: list[float] = []
+
+    @app.role("quick", retry=RetryPolicy(max_attempts=5, backoff=0.02, factor=1.0))
+    async def quick(ctx: Context, payload: Any) -> None:
+        starts.append(time.monotonic())
+        if ctx.attempt < 5:
+            raise RuntimeError("again")
+
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(15):
+        async with running(make_worker(app, redis, namespace, outcomes)):
+            message_id = await Client(redis, namespace=namespace).publish("quick")
+            await wait_until(lambda: statuses(outcomes, message_id)[-1:] == ["acked"])
+    gaps = [round(later - earlier, 3) for earlier, later in itertools.pairwise(starts)]
+    assert len(gaps) == 4
+    assert max(gaps) < 0.5, f"retries due after <= 0.02 s started after {gaps} s"
 
 
 async def test_raise_retry_with_a_delay_overrides_the_role_backoff(
@@ -611,6 +636,28 @@ async def test_a_live_consumer_name_cannot_be_used_by_a_second_worker(
     assert handled == ["same-name", "same-name"]
 
 
+async def test_the_name_of_a_crashed_worker_is_free_again_after_its_liveness_ttl(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    handled: list[str] = []
+
+    @app.role("named")
+    async def named(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.consumer)
+
+    # A worker that died without a clean stop left its liveness key behind (TTL 1 s here).
+    alive = Keys(namespace).consumer_alive("crashed")
+    await redis.set(alive, "token-of-a-dead-process", px=LEASE.ttl_ms)
+    with pytest.raises(ConfigError, match="crashed"):
+        await make_worker(app, redis, namespace, consumer="crashed").run()
+    await wait_for(lambda: _equals(redis.exists(alive), 0), timeout=5)
+    with anyio.fail_after(10):
+        async with running(make_worker(app, redis, namespace, consumer="crashed")):
+            await Client(redis, namespace=namespace).publish("named")
+            await wait_until(lambda: handled == ["crashed"])
+
+
 # -- dead letters: replay --------------------------------------------------------------------
 
 
@@ -689,7 +736,7 @@ async def test_replay_skips_a_corrupt_dead_letter_entry_with_a_reason(
     with anyio.fail_after(10):
         result = await Client(redis, namespace=namespace).replay("mixed")
     assert len(result.replayed) == 2
-    assert [dead_id for dead_id, _ in result.skipped] == [corrupt.decode()]
+    assert [dead_id for dead_id, _ in result.skipped] == [_text(corrupt)]
     jobs = [
         decode_job(e.fields) for e in await streams.read_range(redis, keys.role_stream("mixed"))
     ]
@@ -762,23 +809,51 @@ async def test_dlq_cli_lists_shows_replays_and_purges(
     assert await redis.xlen(keys.role_stream("cli-dead")) == 1
 
 
+async def test_dlq_cli_answers_a_malformed_dead_letter_id_with_one_line_not_a_traceback(
+    redis_url: str, namespace: str
+) -> None:
+    conn = ["--redis-url", redis_url, "--namespace", namespace]
+    for command in ("show", "replay"):
+        code, _, err = await cli("dlq", command, "cli-bad", "not-an-id", *conn)
+        assert "Traceback" not in err, err
+        assert code == 2 and err.startswith("error:"), (code, err)
+
+
+async def test_dlq_cli_list_shows_the_readable_dead_letters_beside_a_corrupt_one(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    await _dead_letter_all(redis, namespace, "cli-corrupt", 2)
+    await redis.xadd(keys.dead_letters("cli-corrupt"), {b"dead_letter": b"{garbage"})
+    code, out, err = await cli(
+        "dlq", "list", "cli-corrupt", "--redis-url", redis_url, "--namespace", namespace
+    )
+    assert code == 0, err
+    assert sum("failed" in line for line in out.splitlines()) == 2, out
+
+
 # -- graceful stop ---------------------------------------------------------------------------
 
 
-async def test_stop_after_the_first_of_five_starts_runs_one_and_leaves_four_undelivered(
+async def test_stop_runs_only_the_started_message_and_hands_back_the_rest_unstarted(
     redis: Redis, namespace: str
 ) -> None:
-    """With concurrency 1 the reader fetches one entry at a time: the other four are never
-    delivered before the stop, so they stay in the stream with no delivery counted."""
+    """Concurrency 1, five slow messages, stop once the first has started: the first finishes
+    and is acked; none of the other four starts. Those the worker had read ahead are released
+    (idle past any TTL, delivery count lowered so adoption restores it); the rest were never
+    delivered. The next worker runs all four as first attempts, each with delivery count 1."""
     app = App()
+    stream = Keys(namespace).role_stream("queue")
     started: list[tuple[str, int]] = []
+    delivery_counts: dict[str, int] = {}
 
     @app.role("queue")
     async def queue(ctx: Context, payload: Any) -> None:
         started.append((ctx.message_id, ctx.attempt))
+        (row,) = await redis.xpending_range(stream, GROUP, ctx.entry_id, ctx.entry_id, 1)
+        delivery_counts[ctx.message_id] = int(row["times_delivered"])
         await anyio.sleep(0.3)
 
-    stream = Keys(namespace).role_stream("queue")
     ids = await Client(redis, namespace=namespace).publish_many("queue", range(5))
     outcomes: list[Outcome] = []
     worker = make_worker(app, redis, namespace, outcomes, concurrency=1)
@@ -787,17 +862,28 @@ async def test_stop_after_the_first_of_five_starts_runs_one_and_leaves_four_unde
             await tg.start(worker.run)
             await wait_until(lambda: started)
             worker.stop()
-    assert [(o.message_id, o.status) for o in outcomes] == [(ids[0], "acked")]
-    assert worker.statistics().received == 1
-    assert await pending(redis, stream) == []
+    assert started == [(ids[0], 1)]
+    # (Acks are batched, so a release may be reported before the ack.)
+    assert [o.message_id for o in outcomes if o.status == "acked"] == [ids[0]]
+    released = [o for o in outcomes if o.status != "acked"]
+    assert {o.status for o in released} <= {"released"}
+    assert worker.statistics().released == len(released)
+    rows = await pending(redis, stream)
+    assert sorted(r["message_id"].decode() for r in rows) == sorted(o.entry_id for o in released)
+    for row in rows:
+        assert row["consumer"].decode() == worker.consumer
+        assert row["time_since_delivered"] >= RELEASE_IDLE_MS - 60_000  # past any lease TTL
+        assert row["times_delivered"] == 0  # adoption adds the 1 back
     assert await redis.xlen(stream) == 4
-    # The next worker gets each of them as a first delivery and a first attempt.
     after = make_worker(app, redis, namespace, outcomes, concurrency=1)
-    with anyio.fail_after(10):
+    with anyio.fail_after(15):
         async with running(after):
-            await wait_until(lambda: len(outcomes) == 5)
-    assert started == [(i, 1) for i in ids]
-    assert after.statistics().adopted == 0 and after.statistics().received == 4
+            await wait_until(lambda: len(started) == 5 and outcomes[-1].status == "acked")
+    assert sorted(started[1:]) == sorted((i, 1) for i in ids[1:])
+    assert delivery_counts == dict.fromkeys(ids, 1)
+    assert after.statistics().adopted == len(released)
+    assert await pending(redis, stream) == []
+    assert await redis.xlen(stream) == 0
 
 
 async def test_a_handler_past_the_shutdown_grace_is_released_for_immediate_adoption(
@@ -841,8 +927,10 @@ async def test_a_handler_past_the_shutdown_grace_is_released_for_immediate_adopt
 async def test_more_roles_than_free_slots_do_not_overflow_the_worker(
     redis_url: str, namespace: str
 ) -> None:
-    """Each role's reader sizes its read by the free slots it sees: three readers blocked at
-    once with concurrency 1 must not hand the consumers more than they can take."""
+    """Three roles, concurrency 1: the three readers each see the one free slot, so one message
+    per role arriving at once gives the worker three entries for one slot. It must queue them,
+    not crash (it once raised WouldBlock from a bounded memory stream), and still run one
+    handler at a time."""
     app = App()
     active = peak = 0
     handled: list[str] = []
@@ -902,3 +990,7 @@ def _job(role: str) -> bytes:
         "created_at_ms": now_ms(),
     }
     return orjson.dumps(doc)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

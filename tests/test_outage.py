@@ -244,9 +244,7 @@ async def test_killing_every_client_connection_changes_nothing_but_a_short_pause
         with anyio.fail_after(40):
             for message_id in before[:50]:
                 await publish_reliably(client, message_id)
-            killed = await admin.execute_command(
-                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
-            )
+            killed = await admin.client_kill_filter(_type="normal", skipme=True)
             # Both workers' connections, and the test publisher's, went.
             assert int(killed) >= 3
             for message_id in before[50:]:
