@@ -128,8 +128,9 @@ class App:
             name: The role name.
             payload: The payload type, when it cannot be read from the annotation (e.g. a class
                 defined inside a function under ``from __future__ import annotations``).
-            retry: The retry policy; by default 3 attempts with 1 s, 2 s backoff (jittered).
-            timeout: Seconds a handler may run before it is cancelled as a failed attempt.
+            retry: The retry policy; by default 3 attempts, waiting 0.5-1 s then 1-2 s.
+            timeout: Seconds an async handler may run before it is cancelled as a failed
+                attempt (a plain-function handler runs in a thread and cannot be cancelled).
             max_deliveries: Deliveries (including adoptions after a worker died) after which a
                 message is dead-lettered as poison instead of started again.
             cancel_grace: Seconds a cancelled handler gets to stop by itself (checking

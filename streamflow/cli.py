@@ -1,4 +1,4 @@
-"""The ``streamflow`` command line: worker, publish, schema and demo."""
+"""The ``streamflow`` command line: worker, publish, cancel, dlq, schema and demo."""
 
 from __future__ import annotations
 
@@ -508,7 +508,12 @@ async def _dlq_purge(settings: config.ConnectionSettings, role: str) -> int:
 @click.option("--message", "target", flag_value="message", help="TARGET_ID is a message id.")
 @click.option("--reason", default="cancelled", show_default=True, help="Shown to handlers.")
 @click.option("--requested-by", default="cli", show_default=True, help="Who asks, for logs.")
-@click.option("--wait", is_flag=True, help="Return when the cancel has taken effect.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Return once something matching was stopped and nothing matching still runs "
+    "(a cancel of work not yet started stays in force, but --wait then times out).",
+)
 @click.option(
     "--timeout",
     type=float,

@@ -148,7 +148,7 @@ class CancelResult:
 
 
 class Client:
-    """Publishes jobs to roles from async code, and manages dead letters.
+    """Publishes jobs to roles from async code, cancels them, and manages dead letters.
 
     Publishing is never retried behind your back: a retried XADD whose first reply was lost
     would publish twice. On a connection failure the call raises :class:`RedisUnavailable`;
@@ -254,7 +254,7 @@ class Client:
     async def publish_many(
         self, role: str, payloads: Iterable[Any], *, chunk_size: int = 1000
     ) -> list[str]:
-        """Publish many jobs to one role in pipelined chunks; returns their message ids.
+        """Publish many jobs to one role, one script call per chunk; returns their message ids.
 
         Raises:
             RedisUnavailable: Redis could not be reached; earlier chunks were published.

@@ -77,7 +77,7 @@ class Keys:
         return f"{self.namespace}:{{signals}}:stream"
 
     def cancel_marker(self, target: str, target_id: str) -> str:
-        """The persistent marker of a cancel of a ``task`` or ``message`` id.
+        """The persistent marker of a cancel of a ``task``, ``message`` or ``any`` id.
 
         It shares the ``{signals}`` tag with the stream, so setting it and announcing the cancel
         are one script.

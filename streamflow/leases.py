@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -141,6 +141,8 @@ class LeaseKeeper:
         consumer: This process's consumer name.
         in_flight: The registry of entries this process holds.
         settings: Lease timing.
+        on_name_lost: Called when another process took this consumer name (this one was
+            frozen past the name's TTL): the worker must stop, or two would share a name.
     """
 
     def __init__(
@@ -151,6 +153,8 @@ class LeaseKeeper:
         consumer: str,
         in_flight: InFlight,
         settings: LeaseSettings,
+        *,
+        on_name_lost: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -158,6 +162,7 @@ class LeaseKeeper:
         self._consumer = consumer
         self._in_flight = in_flight
         self.settings = settings
+        self._on_name_lost = on_name_lost
         self._cursors: dict[str, bytes] = {}
         self._token = uuid.uuid4().hex
         self.renewals = 0
@@ -210,9 +215,16 @@ class LeaseKeeper:
     async def renew_once(self) -> None:
         """One renewal round: one script call per stream with held entries."""
         key = self._keys.consumer_alive(self._consumer)
-        await streams.liveness(
+        if not await streams.liveness(
             self._scripts, self._redis, key, "refresh", self._token, self._name_ttl_ms
-        )
+        ):
+            logger.error(
+                "consumer name %r was taken by another process while this one was frozen; "
+                "stopping this worker",
+                self._consumer,
+            )
+            if self._on_name_lost is not None:
+                self._on_name_lost()
         for stream, held in self._in_flight.by_stream():
             ids = [d.entry.id for d in held]
             lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))

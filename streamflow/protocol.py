@@ -119,9 +119,9 @@ class DeadLetter(_Model):
         entry_id: The original stream entry id.
         message_id: The job's id, when the entry decoded far enough to have one.
         consumer: The consumer that dead-lettered it.
-        attempts: How many attempts were made (0 when it never started).
+        attempts: The job's attempt number when it was dead-lettered (0 if it never decoded).
         dead_at_ms: When it was dead-lettered, ms since the epoch.
-        error: The handler's error, for reason ``failed``.
+        error: The handler's error, for reasons ``failed`` and ``fatal``.
         job: The decoded job, when the entry was a valid job.
     """
 

@@ -231,7 +231,7 @@ class Settler:
             entry_id=entry.id.decode(),
             message_id=job.id if job else None,
             consumer=self.consumer,
-            attempts=job.attempt if job and decision.error else 0,
+            attempts=job.attempt if job else 0,
             dead_at_ms=now_ms(),
             error=decision.error,
             job=job,

@@ -128,16 +128,20 @@ class SignalListener:
     async def load(self) -> None:
         """Take the stream's position, then load every live cancel marker."""
         self._position = await streams.last_id(self._redis, self._keys.signals())
+        await self._reload_markers()
+        if len(self._book):
+            logger.info("%d cancels in force", len(self._book))
+
+    async def _reload_markers(self) -> None:
         markers = await streams.scan_keys(self._redis, self._keys.cancel_marker_pattern())
         for raw in await streams.get_many(self._redis, markers):
             if raw is not None:
                 self._remember({SIGNAL_FIELD: raw}, announce=False)
-        if len(self._book):
-            logger.info("%d cancels in force", len(self._book))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the stream from the loaded position until cancelled."""
         backoff = streams.Backoff("reading the signals stream")
+        outage = False
         task_status.started()
         while True:
             try:
@@ -150,8 +154,14 @@ class SignalListener:
                 )
             except streams.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
+                outage = True
                 continue
             backoff.succeeded()
+            if outage:
+                # Signals may have been trimmed from the stream while we could not read it:
+                # their markers are still there.
+                outage = False
+                await self._reload_markers()
             for entry in entries:
                 self._position = entry.id
                 signal = self._remember(entry.fields, announce=True)

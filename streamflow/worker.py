@@ -2,18 +2,16 @@
 
 One anyio task group owns all of a worker's loops:
 
-* per role, a **reader** fetches only as many entries as there are free handler slots
-  (XREADGROUP COUNT = free capacity, BLOCK when idle) into a bounded memory stream; an
-  **adopter** takes over entries idle past the lease TTL; a **promoter** moves due retries from
-  the delayed schedule back to the stream;
-* ``concurrency`` **consumer** tasks take entries from the memory stream and run the pipeline
-  decode -> preflight -> execute -> apply, one entry at a time each;
-* the **acker** batches acknowledgements: all entries finished while the previous batch was in
-  flight go in one owner-checked script call (XPENDING owner check, XACK, XDEL);
-* the **lease keeper** renews every held entry each tick and cancels handlers whose lease is lost.
-
-A consumer drains the memory stream with ``receive_nowait`` and awaits only when it is empty, so
-a burst of fast handlers costs no event-loop round trip per message.
+* per role, a **reader** fetches entries (XREADGROUP COUNT = free handler slots plus the
+  optional prefetch, BLOCK when idle); an **adopter** takes over entries idle past the lease
+  TTL; a **promoter** moves due retries from the delayed schedule back to the stream;
+* ``concurrency`` **consumer** tasks take entries from a shared queue (one wakes the next only
+  while more are queued, so a burst of fast handlers costs no task switch per entry) and run
+  decode -> preflight -> execute, each handler inside its consumer's cancel scope;
+* the **acker** batches acknowledgements into one owner-checked script call per stream;
+* the **lease keeper** renews every held entry each tick and cancels handlers whose lease is
+  lost; the **signal listener** follows the signals stream and stops cancelled handlers; the
+  **grace enforcer** cancels what still runs after the shutdown grace.
 
 Every delivery ends in exactly one decision, applied in one place, :mod:`streamflow.settle`.
 """
@@ -133,7 +131,13 @@ class Worker:
         self._in_flight = 0
         self._held = InFlight()
         self._leases = LeaseKeeper(
-            redis, self._scripts, self._keys, self.consumer, self._held, lease or LeaseSettings()
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            self._held,
+            lease or LeaseSettings(),
+            on_name_lost=self.stop,
         )
         self._settler = Settler(
             redis,
@@ -274,9 +278,20 @@ class Worker:
         await self._stopping.wait()
         await anyio.sleep(self._grace)
         running = [d for d in self._held if d.scope is not None]
+        # A plain-function handler runs in a thread and cannot be cancelled: releasing its
+        # entry would let another worker run it again while it still runs here. It finishes.
+        stuck = [d for d in running if not d.role.is_async]
+        running = [d for d in running if d.role.is_async]
+        if stuck:
+            logger.warning(
+                "%d thread handlers still running after the %.1fs shutdown grace; waiting for "
+                "them (thread handlers can only stop cooperatively, via ctx.cancel)",
+                len(stuck),
+                self._grace,
+            )
         if running:
             logger.warning(
-                "cancelling %d handlers still running after the %.0fs shutdown grace; "
+                "cancelling %d handlers still running after the %.1fs shutdown grace; "
                 "their entries are released for another worker",
                 len(running),
                 self._grace,
