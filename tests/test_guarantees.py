@@ -341,7 +341,8 @@ async def test_a_message_past_its_deadline_is_dead_lettered_as_expired_and_never
         for e in await streams.read_range(redis, keys.dead_letters("timely"))
     ]
     assert {letter.reason for letter in letters} == {"expired"}
-    assert all(letter.attempts == 0 and "deadline passed" in letter.detail for letter in letters)
+    # attempts is the job's attempt number when it was dead-lettered: its first, never started.
+    assert all(letter.attempts == 1 and "deadline passed" in letter.detail for letter in letters)
 
 
 async def test_a_retry_whose_deadline_passes_during_the_backoff_expires(
