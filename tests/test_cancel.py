@@ -14,9 +14,10 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+import redis as redis_sync
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, LeaseSettings, Retry, Worker, streams
+from streamflow import App, Client, Context, LeaseSettings, Retry, SyncClient, Worker, streams
 from streamflow.context import Cancelled
 from streamflow.keys import GROUP, Keys
 from streamflow.settle import Outcome
@@ -367,3 +368,76 @@ def test_cli_cancel_wait_reports_what_stopped(
     finally:
         worker_proc.kill()
         worker_proc.wait()
+
+
+def test_cancel_while_the_worker_is_sigkilled_is_honoured_by_the_worker_that_adopts_it(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Real processes: the handler runs on A, A is SIGKILLed, the cancel is sent, B adopts."""
+    trace = tmp_path / "trace"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
+    env.update(
+        STREAMFLOW_REDIS_URL=redis_url, STREAMFLOW_NAMESPACE=namespace, SFTEST_RECORD=str(trace)
+    )
+    worker_cmd = [
+        sys.executable,
+        "-m",
+        "streamflow",
+        "worker",
+        "--app",
+        "tests.apps:app",
+        "--role",
+        "work",
+        "--block-ms",
+        "100",
+        "--lease-ttl",
+        "1.5",
+        "--reclaim-interval",
+        "0.2",
+    ]
+
+    def starts() -> list[str]:
+        text = trace.read_text() if trace.exists() else ""
+        return [line for line in text.splitlines() if line.startswith("START ")]
+
+    def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+
+    r = redis_sync.Redis.from_url(redis_url)
+    keys = Keys(namespace)
+    a = subprocess.Popen(worker_cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    b = None
+    try:
+        message_id = publish_sync(redis_url, namespace, {"seconds": 60})
+        wait_for(lambda: len(starts()) == 1)
+        a.kill()
+        a.wait()
+        cancel = subprocess.run(
+            [sys.executable, "-m", "streamflow", "cancel", message_id, "--message"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert cancel.returncode == 0, cancel.stderr
+        b = subprocess.Popen(worker_cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        # B adopts the entry after the lease TTL and settles it as cancelled, never starting it.
+        wait_for(lambda: r.xlen(keys.role_stream("work")) == 0)
+        assert int(r.xpending(keys.role_stream("work"), GROUP)["pending"]) == 0
+        assert len(starts()) == 1
+        assert r.xlen(keys.dead_letters("work")) == 0
+    finally:
+        for proc in (a, b):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        r.close()
+
+
+def publish_sync(redis_url: str, namespace: str, payload: Any) -> str:
+    with SyncClient(redis_url, namespace=namespace) as client:
+        return client.publish("work", payload)
