@@ -48,6 +48,8 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
         options["concurrency"] = args.concurrency
     if args.read_count is not None:
         options["read_count"] = args.read_count
+    if args.prefetch is not None:
+        options["prefetch"] = args.prefetch
     return options
 
 
@@ -158,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--read-count", type=int)
+    parser.add_argument("--prefetch", type=int)
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
     return parser.parse_args(argv)

@@ -41,8 +41,8 @@ DOC = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "## Throughput (core)"
 DEFAULT_MESSAGES = 100_000
 QUICK_MESSAGES = 20_000
-#: Concurrency x read_count combinations tried for the "best settings" figure.
-GRID = [(c, r) for c in (16, 64, 256) for r in (100, 256, 1000)]
+#: (concurrency, read_count, prefetch) combinations tried for the "best settings" figure.
+GRID = [(c, r, p) for c in (64, 128, 256) for r, p in ((256, 0), (256, 256), (1000, 1000))]
 BARE_READ_COUNT = 100
 PUBLISH_CHUNK = 1000
 BIG_CHUNK = 10_000
@@ -69,6 +69,7 @@ class Drain:
     publish_rate: float | None = None
     concurrency: int | None = None
     read_count: int | None = None
+    prefetch: int | None = None
 
     @property
     def rate(self) -> float:
@@ -170,6 +171,7 @@ async def worker_drain(
     *,
     concurrency: int | None = None,
     read_count: int | None = None,
+    prefetch: int | None = None,
     profile: Path | None = None,
 ) -> Drain:
     """Publish n jobs with Client.publish_many, then drain them with one worker process."""
@@ -183,7 +185,7 @@ async def worker_drain(
         t0 = time.perf_counter()
         await client.publish_many(ROLE, payloads)
         publish_rate = n / (time.perf_counter() - t0)
-        options = {"concurrency": concurrency, "read_count": read_count}
+        options = {"concurrency": concurrency, "read_count": read_count, "prefetch": prefetch}
         async with WorkerProcess("drain", url, namespace, options, profile=profile) as worker:
             async with asyncio.timeout(120 + n / 500):
                 report = await worker.wait_event("drained")
@@ -201,6 +203,7 @@ async def worker_drain(
             publish_rate=publish_rate,
             concurrency=report["concurrency"],
             read_count=read_count,
+            prefetch=prefetch,
         )
     finally:
         await admin.delete(stream, Keys(namespace).dead_letters(ROLE))
@@ -268,9 +271,11 @@ async def run(url: str, n: int, repeats: int) -> Results:
         progress(f"bare loop #{i + 1}: {results.bare[-1].rate:,.0f} msgs/s")
         results.default.append(await worker_drain(url, n, "streamflow worker, default"))
         progress(f"worker default #{i + 1}: {results.default[-1].rate:,.0f} msgs/s")
-    for concurrency, read_count in GRID:
-        label = f"concurrency {concurrency}, read_count {read_count}"
-        drain = await worker_drain(url, n, label, concurrency=concurrency, read_count=read_count)
+    for concurrency, read_count, prefetch in GRID:
+        label = f"concurrency {concurrency}, read_count {read_count}, prefetch {prefetch}"
+        drain = await worker_drain(
+            url, n, label, concurrency=concurrency, read_count=read_count, prefetch=prefetch
+        )
         results.grid.append(drain)
         progress(f"worker {label}: {drain.rate:,.0f} msgs/s")
     for chunk in (PUBLISH_CHUNK, BIG_CHUNK):
@@ -300,8 +305,8 @@ def verdict(ok: bool) -> str:
 
 def settings(d: Drain) -> str:
     if d.read_count is None:
-        return f"defaults (concurrency {d.concurrency}, read_count 256)"
-    return f"concurrency {d.concurrency}, read_count {d.read_count}"
+        return f"defaults (concurrency {d.concurrency}, read_count 256, prefetch 0)"
+    return f"concurrency {d.concurrency}, read_count {d.read_count}, prefetch {d.prefetch}"
 
 
 def summary_rows(r: Results) -> list[list[str]]:
