@@ -240,15 +240,22 @@ async def read_range(redis: Redis, stream: str, *, count: int | None = None) -> 
 _CHUNK = 1000
 
 
+async def _owned_ids_script(
+    script: Any, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
+) -> list[bytes]:
+    """Run an owner-checking script over ``ids`` in chunks; returns the ids it refused."""
+    refused: list[bytes] = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        refused += await script(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
+    return refused
+
+
 async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
     """Acknowledge and delete entries ``consumer`` still owns; return the refused ids."""
-    refused: list[bytes] = []
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        refused += await scripts.settle(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
-    return refused
+    return await _owned_ids_script(scripts.settle, redis, stream, consumer, ids)
 
 
 async def dead_letter(
@@ -354,11 +361,7 @@ async def renew(
 
     One round trip for up to 1,000 entries.
     """
-    lost: list[bytes] = []
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        lost += await scripts.renew(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
-    return lost
+    return await _owned_ids_script(scripts.renew, redis, stream, consumer, ids)
 
 
 async def claim(

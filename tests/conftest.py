@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
+from streamflow import streams
 from streamflow.server import RedisServer
 
 
@@ -69,3 +71,11 @@ def private_redis() -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """An asyncio client of the session server (streamflow's settings: no client retries)."""
+    client = streams.connect(redis_url)
+    yield client
+    await client.aclose()

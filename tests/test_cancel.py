@@ -6,8 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +20,9 @@ from streamflow import App, Client, Context, LeaseSettings, Retry, SyncClient, W
 from streamflow.context import Cancelled
 from streamflow.keys import GROUP, Keys
 from streamflow.settle import Outcome
+from tests.helpers import ROOT, running, wait_until
 
 pytestmark = pytest.mark.anyio
-ROOT = str(Path(__file__).resolve().parents[1])
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = streams.connect(redis_url)
-    yield client
-    await client.aclose()
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.005)
-
-
-@asynccontextmanager
-async def running(*workers: Worker) -> AsyncIterator[None]:
-    async with anyio.create_task_group() as tg:
-        for worker in workers:
-            await tg.start(worker.run)
-        try:
-            yield
-        finally:
-            for worker in workers:
-                worker.stop()
 
 
 def worker(app: App, redis: Redis, namespace: str, outcomes: list[Outcome], **kw: Any) -> Worker:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,29 +18,14 @@ import pytest
 import redis
 
 from streamflow.keys import Keys
+from tests.helpers import ROOT, clean_env, recorded, wait_for
 
 pytestmark = pytest.mark.redis
 
-ROOT = Path(__file__).resolve().parent.parent
+
 CLI = [sys.executable, "-m", "streamflow"]
 CLI_TIMEOUT = 20.0
 CANARY = "S3cretCanary"
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The inherited environment without any STREAMFLOW_* variable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
-    env.update(extra)
-    return env
 
 
 def run_cli(
@@ -57,11 +41,6 @@ def run_cli(
         text=True,
         timeout=CLI_TIMEOUT,
     )
-
-
-def recorded(path: Path) -> list[str]:
-    """The message ids the ``record`` role appended to ``path`` so far."""
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def closed_port() -> int:

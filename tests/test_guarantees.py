@@ -12,8 +12,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,43 +39,13 @@ from streamflow import (
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import RELEASE_IDLE_MS
 from streamflow.protocol import decode_dead_letter, decode_job, now_ms
+from tests.helpers import running, wait_for_query, wait_until
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Short leases so that adoption happens within a test: TTL 1 s, renewal every 1/3 s.
 LEASE = LeaseSettings(ttl=1.0, reclaim_interval=0.1)
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = streams.connect(redis_url)
-    yield client
-    await client.aclose()
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    """Poll a plain condition until it holds; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.005)
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> None:
-    """Poll an async condition (a Redis query) until it holds; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not await check():
-            await anyio.sleep(0.01)
-
-
-@asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[Worker]:
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
 
 
 def make_worker(
@@ -136,7 +105,7 @@ async def test_failed_attempts_are_retried_with_backoff_from_the_schedule_withou
             message_id = await client.publish("flaky", "job")
             await wait_until(lambda: len(attempts) == 1)
             # The next attempt waits in the delayed schedule, not in the stream or the worker.
-            await wait_for(lambda: _equals(redis.zcard(keys.delayed("flaky")), 1))
+            await wait_for_query(lambda: _equals(redis.zcard(keys.delayed("flaky")), 1))
             assert len(attempts) == 1
             assert await redis.xlen(keys.role_stream("flaky")) == 0
             # The only handler slot is free during the backoff: another message runs now.
@@ -652,7 +621,7 @@ async def test_the_name_of_a_crashed_worker_is_free_again_after_its_liveness_ttl
     await redis.set(alive, "token-of-a-dead-process", px=LEASE.ttl_ms)
     with pytest.raises(ConfigError, match="crashed"):
         await make_worker(app, redis, namespace, consumer="crashed").run()
-    await wait_for(lambda: _equals(redis.exists(alive), 0), timeout=5)
+    await wait_for_query(lambda: _equals(redis.exists(alive), 0), timeout=5)
     with anyio.fail_after(10):
         async with running(make_worker(app, redis, namespace, consumer="crashed")):
             await Client(redis, namespace=namespace).publish("named")
@@ -968,7 +937,7 @@ async def test_more_roles_than_free_slots_do_not_overflow_the_worker(
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 await tg.start(run_worker)
-                await wait_for(readers_blocked)
+                await wait_for_query(readers_blocked)
                 pipe = redis.pipeline(transaction=True)
                 for role in roles:
                     pipe.xadd(keys.role_stream(role), {b"message": _job(role)})

@@ -7,39 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from streamflow.client import SyncClient
+from tests.helpers import ROOT, clean_env, recorded, wait_for
 
 pytestmark = pytest.mark.redis
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The inherited environment without any STREAMFLOW_* variable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
-    env.update(extra)
-    return env
-
-
-def recorded(path: Path) -> list[str]:
-    """The message ids the ``record`` role appended to ``path`` so far."""
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def live_children(parent: subprocess.Popen[bytes]) -> set[int]:

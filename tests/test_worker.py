@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -17,36 +15,9 @@ from streamflow import App, Client, Context, RetryPolicy, Worker, streams
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import decode_dead_letter
 from streamflow.worker import Outcome
+from tests.helpers import pending_count, running, wait_until
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = streams.connect(redis_url)
-    yield client
-    await client.aclose()
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.005)
-
-
-@asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[Worker]:
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
-
-
-async def pending_count(redis: Redis, stream: str) -> int:
-    info = await redis.xpending(stream, GROUP)
-    return int(info["pending"])
 
 
 async def test_published_jobs_are_handled_acked_and_deleted(redis: Redis, namespace: str) -> None:
