@@ -157,9 +157,7 @@ class Settler:
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
         if decision.kind in ("ack", "cancelled"):
-            # Batched; the acker forgets the delivery once acknowledged.
-            status: OutcomeStatus = "acked" if decision.kind == "ack" else "cancelled"
-            self.acker.add(delivery, decision.job.id if decision.job else None, status)
+            self.ack_nowait(delivery, decision)
             return
         # Settling writes finish even when the worker is being cancelled, within a time limit.
         with anyio.move_on_after(10, shield=True):
@@ -180,6 +178,12 @@ class Settler:
             self._held.discard(delivery)
             job = decision.job or delivery.job
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
+
+    def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
+        """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
+        # The acker forgets the delivery once acknowledged.
+        status: OutcomeStatus = "acked" if decision.kind == "ack" else "cancelled"
+        self.acker.add(delivery, decision.job.id if decision.job else None, status)
 
     async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
         if decision.kind == "lost" or delivery.lost:

@@ -507,7 +507,10 @@ class Worker:
 
     async def _finish(self, delivery: Delivery, decision: Decision) -> None:
         try:
-            await self._settler.apply(delivery, decision)
+            if decision.kind == "ack":
+                self._settler.ack_nowait(delivery, decision)  # the hot path: no await
+            else:
+                await self._settler.apply(delivery, decision)
             if decision.signal_id is not None:
                 await self._cancels.stopped(decision.signal_id, delivery)
         finally:
@@ -541,7 +544,10 @@ class Worker:
             return self._stopped_decision(delivery)
         delivery.scope = scope
         try:
-            await self._execute(role, ctx, payload)
+            if role.is_async and not role.timeout:
+                await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
+            else:
+                await self._execute(role, ctx, payload)
         except Exception as exc:
             return self._after_error(delivery, job, exc)
         finally:
