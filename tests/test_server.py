@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +15,7 @@ import redis
 
 from streamflow import server as server_module
 from streamflow.server import RedisServer, RedisServerError, RedisServerNotFound
+from tests.helpers import ROOT, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -173,3 +178,25 @@ def test_atexit_hook_kills_leftover_servers(monkeypatch: pytest.MonkeyPatch) -> 
     assert pid_gone(pid)
     assert not server.running
     assert not directory.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_server_dies_with_a_parent_that_is_killed_outright() -> None:
+    code = (
+        "from streamflow.server import RedisServer\n"
+        "server = RedisServer()\nserver.start()\nprint(server.pid, flush=True)\n"
+        "import time\ntime.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: no atexit hook runs
+    parent.wait()
+    parent.stdout.close()
+    try:
+        wait_for(lambda: pid_gone(pid), 5, "redis-server to exit")
+    finally:
+        if not pid_gone(pid):
+            os.kill(pid, signal.SIGKILL)
