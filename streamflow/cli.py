@@ -206,6 +206,8 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         settings.url,
         socket_timeout=settings.block_ms / 1000 + 10,
         name=f"streamflow-worker-{settings.consumer_name or ''}".rstrip("-"),
+        # A blocking reader per role and the signal listener hold one connection each.
+        max_connections=len(settings.roles or app.roles) + 32,
     )
     await streams.ping(redis, settings.url)
     worker = Worker(

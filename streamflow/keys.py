@@ -72,6 +72,10 @@ class Keys:
         """The liveness key held by the one live process using a consumer name."""
         return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:alive"
 
+    def starts(self, role: str, entry_id: str) -> str:
+        """How many times an entry delivered more than once was started (poison detection)."""
+        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:starts:{entry_id}"
+
     def signals(self) -> str:
         """The signals stream every worker reads (a broadcast, not a consumer group)."""
         return f"{self.namespace}:{{signals}}:stream"

@@ -26,8 +26,7 @@ from streamflow.protocol import CancelSignal, Job
 
 logger = logging.getLogger(__name__)
 
-#: Idle time given to released entries: past any lease TTL, so the next reclaim adopts them.
-RELEASE_IDLE_MS = 10 * 24 * 3600 * 1000
+RELEASE_IDLE_MS = streams.RELEASE_IDLE_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +60,15 @@ class LeaseSettings:
         return self.renew_interval if self.renew_interval is not None else self.ttl / 3
 
     @property
+    def unsafe_after(self) -> float:
+        """Seconds after which a read entry may lose its lease before its first renewal.
+
+        A read that returned later than this after it was sent is confirmed before its entries
+        start.
+        """
+        return max(self.ttl - self.renew_every, 0.0)
+
+    @property
     def ttl_ms(self) -> int:
         """The lease TTL in milliseconds."""
         return int(self.ttl * 1000)
@@ -79,7 +87,8 @@ class Delivery:
         job: The decoded job, once decoded.
         lost: The lease was lost: another consumer owns it now; apply nothing.
         released: The worker is shutting down: hand it back instead of settling.
-        settling: Its acknowledgement is on its way to Redis.
+        settling: Its outcome (ack, retry, dead letter, release) is on its way to Redis: a
+            renewal that finds it gone is not a lost lease.
         cancel: The cancel signal that stopped it, if any.
         finished: Set when its handling has ended (created only when someone waits for it).
     """
@@ -248,6 +257,27 @@ class LeaseKeeper:
             delivery.context.cancel._set("lease lost")
         if delivery.scope is not None:
             delivery.scope.cancel()
+
+    async def confirm(self, stream: str, entries: list[streams.Entry]) -> list[streams.Entry]:
+        """Renew freshly read entries at once; return those still owned (the rest are lost).
+
+        For a read that returned long after it was sent (this process froze): another worker
+        may have adopted its entries meanwhile, and both would run them.
+        """
+        ids = [entry.id for entry in entries]
+        try:
+            lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
+        except streams.TRANSIENT_ERRORS:
+            return []  # still pending under this consumer: resumed or adopted later
+        if lost:
+            self.lost += len(lost)
+            logger.warning(
+                "%d entries of %s were adopted elsewhere before this worker could start them "
+                "(it was frozen in its read): not starting them",
+                len(lost),
+                stream,
+            )
+        return [entry for entry in entries if entry.id not in lost]
 
     # -- adoption ---------------------------------------------------------------------------
 

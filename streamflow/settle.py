@@ -159,6 +159,7 @@ class Settler:
         if decision.kind in ("ack", "cancelled"):
             self.ack_nowait(delivery, decision)
             return
+        delivery.settling = True
         # Settling writes finish even when the worker is being cancelled, within a time limit.
         with anyio.move_on_after(10, shield=True):
             try:

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -86,27 +86,40 @@ def validate_url(url: str) -> str:
     return url
 
 
-def connect(url: str, *, socket_timeout: float | None = 10.0, name: str | None = None) -> Redis:
+def connect(
+    url: str,
+    *,
+    socket_timeout: float | None = 10.0,
+    name: str | None = None,
+    max_connections: int = 64,
+) -> Redis:
     """Create an asyncio Redis client for ``url`` with client-side retries turned off.
 
     redis-py would otherwise retry any command whose reply was lost, including ones that already
     ran (a retried XADD publishes twice). streamflow decides per command instead: its loops
     reconnect and carry on, and publishing reports the failure.
 
+    The pool blocks (up to 20 s) when all ``max_connections`` are busy instead of failing: a
+    burst of settling writes (hundreds of handlers released at shutdown) waits its turn.
+
     Args:
         url: A ``redis://``, ``rediss://`` or ``unix://`` URL, with optional user and password.
         socket_timeout: Seconds to wait for a reply; must exceed any BLOCK time used.
         name: A client name shown by ``CLIENT LIST``.
+        max_connections: The pool's size; each blocking reader holds one connection.
     """
     validate_url(url)
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=20,
         socket_timeout=socket_timeout,
         socket_connect_timeout=5.0,
         retry=Retry(NoBackoff(), 0),
         client_name=name,
         health_check_interval=30,
     )
+    return Redis(connection_pool=pool)
 
 
 async def ping(redis: Redis, url: str = "") -> None:
@@ -241,13 +254,14 @@ _CHUNK = 1000
 
 
 async def _owned_ids_script(
-    script: Any, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
+    script: Any, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes], *extra: Any
 ) -> list[bytes]:
     """Run an owner-checking script over ``ids`` in chunks; returns the ids it refused."""
     refused: list[bytes] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
-        refused += await script(keys=[stream], args=[GROUP, consumer, *chunk], client=redis)
+        args = [GROUP, consumer, *extra, *chunk]
+        refused += await script(keys=[stream], args=args, client=redis)
     return refused
 
 
@@ -315,6 +329,19 @@ async def publish_dedup(
     return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: How long an entry's start count is kept: far longer than any sane redelivery loop.
+START_COUNT_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+async def count_start(redis: Redis, key: str) -> int:
+    """Count one more start of a redelivered entry; returns the starts counted before it."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.incr(key)
+    pipe.pexpire(key, START_COUNT_TTL_MS)
+    count, _ = await pipe.execute()
+    return int(count) - 1
+
+
 async def last_id(redis: Redis, stream: str) -> bytes:
     """The id of the newest entry of ``stream``, or ``0-0`` if it is empty or missing."""
     reply: Any = await redis.xrevrange(stream, count=1)
@@ -354,14 +381,18 @@ async def hash_items(redis: Redis, key: str) -> dict[str, bytes]:
     return {bytes(k).decode(): bytes(v) for k, v in reply.items()}
 
 
+#: Idle time given to released entries: past any lease TTL, so the next reclaim adopts them.
+RELEASE_IDLE_MS = 10 * 24 * 3600 * 1000
+
+
 async def renew(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
     """Renew the leases of ``ids`` still owned by ``consumer``; return the ids whose lease is lost.
 
-    One round trip for up to 1,000 entries.
+    One round trip for up to 1,000 entries. Released entries are not renewed.
     """
-    return await _owned_ids_script(scripts.renew, redis, stream, consumer, ids)
+    return await _owned_ids_script(scripts.renew, redis, stream, consumer, ids, RELEASE_IDLE_MS)
 
 
 async def claim(

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -167,6 +168,7 @@ class Worker:
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
+        self._suspects = anyio.Lock()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -316,9 +318,14 @@ class Worker:
             # Readers of several roles (and the adopter) may count the same free slots while a
             # blocking read waits; the queue is unbounded, so that overshoots the limit by at
             # most one read per role instead of starving a role behind another's blocked read.
+            issued = time.monotonic()
             entries = await self._read(stream, free, block, history, backoff)
             if entries is None:
                 continue
+            if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
+                # Redis may have delivered these long ago (this process was frozen in the read):
+                # another worker may own them by now. Start only what is still ours.
+                entries = await self._leases.confirm(stream, entries)
             if entries:
                 self._dispatch(role, stream, entries)
             if history is not None:
@@ -540,6 +547,46 @@ class Worker:
             node_id=job.node_id,
         )
         delivery.context = ctx
+        if delivery.entry.deliveries > 1:
+            # A suspect: delivered before, so its last worker may have died running it.
+            return await self._run_suspect(delivery, scope, job, payload, ctx)
+        return await self._run(delivery, scope, job, payload, ctx)
+
+    async def _run_suspect(
+        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
+    ) -> Decision:
+        """Run an entry delivered before, counting its starts to catch poison messages.
+
+        The pending list's delivery counter rises for every entry a dead worker held, started or
+        not, so it cannot tell a poison message from its neighbours. Starts can. The first rerun
+        of an adopted entry runs alongside others (recovery stays fast); an entry that already
+        failed to finish after a rerun runs alone among suspects, with completed work
+        acknowledged first, so a poison message stops taking its neighbours down with it.
+        """
+        role = delivery.role
+        try:
+            reruns = await streams.count_start(
+                self._redis, self._keys.starts(role.name, delivery.entry.id.decode())
+            )
+        except streams.TRANSIENT_ERRORS:
+            return RELEASE  # cannot count: hand it back rather than risk a poison loop
+        starts = reruns + 2  # its first start, the reruns before, and this one
+        if starts > role.max_deliveries:
+            detail = (
+                f"started {starts - 1} times (limit {role.max_deliveries}) without finishing: "
+                "its worker crashed or froze each time"
+            )
+            return dead("max_deliveries", detail, job)
+        if reruns == 0:
+            return await self._run(delivery, scope, job, payload, ctx)
+        async with self._suspects:
+            await self._settler.acker.flush()
+            return await self._run(delivery, scope, job, payload, ctx)
+
+    async def _run(
+        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
+    ) -> Decision:
+        role = delivery.role
         if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
             return self._stopped_decision(delivery)
         delivery.scope = scope
@@ -593,12 +640,6 @@ class Worker:
         signal = self._cancels.book.match(job)
         if signal is not None:
             return cancelled(job, signal.id, signal.reason)
-        if entry.deliveries > role.max_deliveries:
-            detail = (
-                f"delivered {entry.deliveries} times (limit {role.max_deliveries}) without "
-                "finishing: its worker likely crashed or froze each time"
-            )
-            return dead("max_deliveries", detail, job)
         if job.deadline_ms is not None and job.deadline_ms < now_ms():
             return dead("expired", f"deadline passed {now_ms() - job.deadline_ms} ms ago", job)
         try:

@@ -3,14 +3,18 @@
 -- A plain XCLAIM JUSTID would also take back an entry another worker has adopted (two would run
 -- it), so only entries still owned by this consumer are renewed; the others are reported lost.
 -- KEYS[1] role stream
--- ARGV[1] group, ARGV[2] consumer, ARGV[3..n] entry ids
--- Returns the ids whose lease is lost (owned by another consumer, or no longer pending).
-local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
+-- An entry released at shutdown (idle set at or past ARGV[3]) is not renewed: a renewal that
+-- raced the release would otherwise pull it back from immediate adoption for a whole TTL.
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms of a released entry, ARGV[4..n] entry ids
+-- Returns the ids whose lease is lost (owned by another consumer, no longer pending, released).
+local stream, group, me, released = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local mine, start, page = {}, '-', 1000
 while true do
   local rows = redis.call('XPENDING', stream, group, start, '+', page, me)
   for _, row in ipairs(rows) do
-    mine[row[1]] = true
+    if row[3] < released then
+      mine[row[1]] = true
+    end
   end
   if #rows < page then
     break
@@ -18,7 +22,7 @@ while true do
   start = '(' .. rows[#rows][1]
 end
 local claim, lost = {stream, group, me, 0}, {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if mine[ARGV[i]] then
     claim[#claim + 1] = ARGV[i]
   else
