@@ -119,7 +119,7 @@ def connect(
         client_name=name,
         health_check_interval=30,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 async def ping(redis: Redis, url: str = "") -> None:
