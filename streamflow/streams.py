@@ -342,6 +342,12 @@ async def count_start(redis: Redis, key: str) -> int:
     return int(count) - 1
 
 
+async def get_count(redis: Redis, key: str) -> int:
+    """An integer counter's value (0 when missing)."""
+    value = await redis.get(key)
+    return int(value) if value is not None else 0
+
+
 async def last_id(redis: Redis, stream: str) -> bytes:
     """The id of the newest entry of ``stream``, or ``0-0`` if it is empty or missing."""
     reply: Any = await redis.xrevrange(stream, count=1)

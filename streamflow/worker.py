@@ -563,25 +563,39 @@ class Worker:
         failed to finish after a rerun runs alone among suspects, with completed work
         acknowledged first, so a poison message stops taking its neighbours down with it.
         """
-        role = delivery.role
+        key = self._keys.starts(delivery.role.name, delivery.entry.id.decode())
         try:
-            reruns = await streams.count_start(
-                self._redis, self._keys.starts(role.name, delivery.entry.id.decode())
-            )
+            reruns = await streams.get_count(self._redis, key)
         except streams.TRANSIENT_ERRORS:
             return RELEASE  # cannot count: hand it back rather than risk a poison loop
-        starts = reruns + 2  # its first start, the reruns before, and this one
-        if starts > role.max_deliveries:
-            detail = (
-                f"started {starts - 1} times (limit {role.max_deliveries}) without finishing: "
-                "its worker crashed or froze each time"
-            )
-            return dead("max_deliveries", detail, job)
         if reruns == 0:
-            return await self._run(delivery, scope, job, payload, ctx)
+            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
         async with self._suspects:
             await self._settler.acker.flush()
-            return await self._run(delivery, scope, job, payload, ctx)
+            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
+
+    async def _count_and_run(
+        self,
+        key: str,
+        delivery: Delivery,
+        scope: anyio.CancelScope,
+        job: Job,
+        payload: Any,
+        ctx: Context,
+    ) -> Decision:
+        # Counted only now, as it starts: waiting behind another suspect is not a start.
+        try:
+            reruns = await streams.count_start(self._redis, key)
+        except streams.TRANSIENT_ERRORS:
+            return RELEASE
+        starts = reruns + 2  # its first start, the reruns before, and this one
+        if starts > delivery.role.max_deliveries:
+            detail = (
+                f"started {starts - 1} times (limit {delivery.role.max_deliveries}) without "
+                "finishing: its worker crashed or froze each time"
+            )
+            return dead("max_deliveries", detail, job)
+        return await self._run(delivery, scope, job, payload, ctx)
 
     async def _run(
         self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
