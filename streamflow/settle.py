@@ -10,7 +10,6 @@ worker that lost its lease can never apply an outcome.
 from __future__ import annotations
 
 import logging
-import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import anyio
 from redis.asyncio import Redis
 
 from streamflow import streams
+from streamflow.decisions import Decision
 from streamflow.keys import Keys
 from streamflow.leases import Delivery, InFlight, LeaseKeeper
 from streamflow.protocol import (
@@ -27,9 +27,7 @@ from streamflow.protocol import (
     PROTOCOL_VERSION,
     RAW_FIELD_PREFIX,
     DeadLetter,
-    DeadLetterReason,
     ErrorInfo,
-    Job,
     encode,
     now_ms,
 )
@@ -77,38 +75,6 @@ class WorkerStatistics:
     renewals: int = 0
     in_flight: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
-
-
-DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost", "cancelled"]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """How a delivery ends; applied by :meth:`Settler.apply`."""
-
-    kind: DecisionKind
-    job: Job | None = None
-    reason: DeadLetterReason | None = None
-    detail: str = ""
-    error: ErrorInfo | None = None
-    delay: float = 0.0
-    signal_id: str | None = None
-
-
-RELEASE = Decision("release")
-LOST = Decision("lost")
-
-
-def cancelled(job: Job | None, signal_id: str, reason: str) -> Decision:
-    """A decision to acknowledge as ``cancelled``."""
-    return Decision("cancelled", job, detail=reason, signal_id=signal_id)
-
-
-def dead(
-    reason: DeadLetterReason, detail: str, job: Job | None = None, error: ErrorInfo | None = None
-) -> Decision:
-    """A decision to dead-letter with ``reason``."""
-    return Decision("dead_letter", job, reason, detail, error)
 
 
 class Settler:
@@ -359,9 +325,3 @@ class _Acker:
                 settler.report(
                     delivery, message_id, "lost" if delivery.entry.id in refused else status
                 )
-
-
-def error_info(exc: BaseException) -> ErrorInfo:
-    """What a dead letter records of an exception: type, message and the traceback's tail."""
-    tb = "".join(traceback.format_exception(exc, limit=-5))
-    return ErrorInfo(type=type(exc).__name__, message=str(exc)[:2000], traceback=tb[-4000:])

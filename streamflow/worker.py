@@ -34,29 +34,18 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import decisions, streams
 from streamflow.app import App, Role
-from streamflow.context import Context, Fatal, Retry
-from streamflow.errors import PayloadError, ProtocolError
+from streamflow.context import Context
+from streamflow.decisions import RELEASE, Decision, dead
 from streamflow.keys import Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Job,
-    decode_job,
     now_ms,
 )
-from streamflow.settle import (
-    LOST,
-    RELEASE,
-    Decision,
-    Outcome,
-    Settler,
-    WorkerStatistics,
-    cancelled,
-    dead,
-    error_info,
-)
+from streamflow.settle import Outcome, Settler, WorkerStatistics
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 
 logger = logging.getLogger(__name__)
@@ -482,7 +471,7 @@ class Worker:
                 if await self._consume_in(scope, stopped):
                     return
             for delivery in stopped:
-                await self._finish(delivery, self._stopped_decision(delivery))
+                await self._finish(delivery, decisions.stopped(delivery))
 
     async def _consume_in(self, scope: anyio.CancelScope, stopped: list[Delivery]) -> bool:
         """Handle queued deliveries until the queue closes (True) or ``scope`` is cancelled."""
@@ -529,7 +518,7 @@ class Worker:
     # -- one delivery: decode -> preflight -> execute -> apply ------------------------------
 
     async def _process(self, delivery: Delivery, scope: anyio.CancelScope) -> Decision:
-        checked = self._preflight(delivery)
+        checked = decisions.preflight(delivery, self._cancels.book, self._max_bytes)
         if isinstance(checked, Decision):
             return checked
         job, payload = checked
@@ -602,7 +591,7 @@ class Worker:
     ) -> Decision:
         role = delivery.role
         if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
-            return self._stopped_decision(delivery)
+            return decisions.stopped(delivery)
         delivery.scope = scope
         try:
             if role.is_async and not role.timeout:
@@ -610,57 +599,12 @@ class Worker:
             else:
                 await self._execute(role, ctx, payload)
         except Exception as exc:
-            return self._after_error(delivery, job, exc)
+            return decisions.after_error(delivery, job, exc)
         finally:
             delivery.scope = None
         if delivery.lost or delivery.cancel is not None:
-            return self._stopped_decision(delivery)
+            return decisions.stopped(delivery)
         return Decision("ack", job)
-
-    def _stopped_decision(self, delivery: Delivery) -> Decision:
-        """The decision for a delivery whose handler was stopped from outside."""
-        if delivery.lost:
-            return LOST
-        if delivery.cancel is not None:
-            # Cancelled, whether the handler stopped by itself or was hard-cancelled.
-            return cancelled(delivery.job, delivery.cancel.id, delivery.cancel.reason)
-        return RELEASE  # shutdown past the grace
-
-    def _after_error(self, delivery: Delivery, job: Job, exc: Exception) -> Decision:
-        if delivery.lost:
-            return LOST
-        if delivery.cancel is not None:
-            # Cancelled work is never retried, whatever the handler raised on its way out.
-            return cancelled(job, delivery.cancel.id, delivery.cancel.reason)
-        if delivery.released:
-            return RELEASE
-        if isinstance(exc, Fatal):
-            return dead("fatal", str(exc) or "fatal error", job, error_info(exc))
-        return self._failure(delivery.role, job, exc)
-
-    def _preflight(self, delivery: Delivery) -> Decision | tuple[Job, Any]:
-        """Decode and check an entry before it starts; a decision when it must not start."""
-        role, entry = delivery.role, delivery.entry
-        if not entry.fields:
-            # Re-read from the pending list after the entry itself was deleted (XDEL, MAXLEN).
-            detail = "the entry was deleted from the stream while pending: its content is lost"
-            return dead("invalid_message", detail)
-        try:
-            job = decode_job(entry.fields, max_bytes=self._max_bytes)
-        except ProtocolError as exc:
-            return dead(exc.reason, exc.detail)  # type: ignore[arg-type]
-        if job.role != role.name:
-            return dead("wrong_role", f"message is for {job.role!r}, not {role.name!r}", job)
-        signal = self._cancels.book.match(job)
-        if signal is not None:
-            return cancelled(job, signal.id, signal.reason)
-        if job.deadline_ms is not None and job.deadline_ms < now_ms():
-            return dead("expired", f"deadline passed {now_ms() - job.deadline_ms} ms ago", job)
-        try:
-            return job, role.validate_payload(job.payload)
-        except PayloadError as exc:
-            detail = f"payload does not match {_type_name(role.payload_type)}: {exc}"
-            return dead("invalid_payload", detail, job)
 
     async def _execute(self, role: Role, ctx: Context, payload: Any) -> None:
         with anyio.fail_after(role.timeout) if role.timeout else contextlib.nullcontext():
@@ -670,20 +614,3 @@ class Worker:
                 await anyio.to_thread.run_sync(
                     partial(role.handler, ctx, payload), limiter=self._threads
                 )
-
-    def _failure(self, role: Role, job: Job, exc: Exception) -> Decision:
-        info = error_info(exc)
-        if isinstance(exc, TimeoutError) and role.timeout:
-            info = info.model_copy(update={"message": f"timed out after {role.timeout}s"})
-        policy = role.retry
-        if job.attempt >= policy.max_attempts:
-            detail = f"attempt {job.attempt} of {policy.max_attempts} failed: {info.message}"
-            return dead("failed", detail, job, info)
-        delay = policy.delay(job.attempt)
-        if isinstance(exc, Retry) and exc.delay is not None:
-            delay = exc.delay
-        return Decision("retry", job, detail=info.message, error=info, delay=delay)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or repr(tp)
