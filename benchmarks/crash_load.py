@@ -42,6 +42,7 @@ import redis
 from streamflow.client import SyncClient
 from streamflow.keys import GROUP, Keys
 from streamflow.server import RedisServer
+from tests.apps import read_trace
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROLE = "work"
@@ -58,30 +59,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: fl
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout} s")
         time.sleep(every)
-
-
-@dataclass(frozen=True)
-class Line:
-    """One trace line of the ``work`` role (``tests/apps.py``)."""
-
-    event: str
-    message_id: str
-    entry_id: str
-    attempt: int
-    pid: int
-    consumer: str
-    at: float
-
-
-def read_record(path: Path) -> list[Line]:
-    """The complete trace lines of ``path`` (a half-written last line is left out)."""
-    if not path.exists():
-        return []
-    out = []
-    for raw in path.read_text().split("\n")[:-1]:
-        event, message_id, entry_id, attempt, pid, consumer, at = raw.split(" ")
-        out.append(Line(event, message_id, entry_id, int(attempt), int(pid), consumer, float(at)))
-    return out
 
 
 @dataclass
@@ -261,7 +238,7 @@ def run(args: argparse.Namespace, url: str) -> Result:
         finally:
             workers.close()
             client.close()
-        lines = read_record(record)
+        lines = read_trace(record)
 
     completions = Counter(line.message_id for line in lines if line.event == "DONE")
     lost = sum(1 for message_id in ids if completions[message_id] == 0)

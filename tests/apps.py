@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -40,6 +42,34 @@ def record(ctx: streamflow.Context) -> None:
     with open(os.environ[RECORD_ENV], "a", encoding="utf-8") as out:
         out.write(ctx.message_id + "\n")
         out.flush()
+
+
+@dataclass(frozen=True)
+class Line:
+    """One trace line, as :func:`trace` writes it."""
+
+    event: str
+    message_id: str
+    entry_id: str
+    attempt: int
+    pid: int
+    consumer: str
+    at: float
+
+
+def read_trace(path: Path) -> list[Line]:
+    """The complete trace lines of ``path``.
+
+    A line is written with one ``write``; a reader may still catch the last one half written,
+    so only lines ending in a newline count.
+    """
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_text().split("\n")[:-1]:
+        event, message_id, entry_id, attempt, pid, consumer, at = raw.split(" ")
+        out.append(Line(event, message_id, entry_id, int(attempt), int(pid), consumer, float(at)))
+    return out
 
 
 def trace(ctx: streamflow.Context, event: str) -> None:

@@ -33,13 +33,15 @@ async def wait_for_query(check: Callable[[], Awaitable[Any]], timeout: float = 1
             await anyio.sleep(0.01)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
-    """Poll ``predicate`` from synchronous code; fail after ``timeout`` seconds."""
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str = "condition", every: float = 0.02
+) -> None:
+    """Poll ``predicate`` from synchronous code every ``every`` s; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
+        time.sleep(every)
 
 
 @asynccontextmanager

@@ -28,7 +28,8 @@ import redis
 
 from streamflow.client import SyncClient
 from streamflow.keys import GROUP, Keys
-from tests.helpers import ROOT, clean_env
+from tests.apps import Line, read_trace
+from tests.helpers import ROOT, clean_env, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -42,31 +43,7 @@ FAST_LEASE = ("--lease-ttl", str(TTL), "--reclaim-interval", str(RECLAIM), "--bl
 MARGIN = 1.0
 
 
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str = "condition", every: float = 0.02
-) -> None:
-    """Poll ``predicate`` every ``every`` seconds until it is true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(every)
-
-
 # -- the external record ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Line:
-    """One line a ``work`` handler traced (see ``tests/apps.py``)."""
-
-    event: str
-    message_id: str
-    entry_id: str
-    attempt: int
-    pid: int
-    consumer: str
-    at: float
 
 
 class Record:
@@ -76,17 +53,7 @@ class Record:
         self.path = path
 
     def lines(self) -> list[Line]:
-        if not self.path.exists():
-            return []
-        out = []
-        # A line is written with one write(); a reader may still catch the last one half
-        # written, so only lines ending in a newline count.
-        for raw in self.path.read_text().split("\n")[:-1]:
-            event, message_id, entry_id, attempt, pid, consumer, at = raw.split(" ")
-            out.append(
-                Line(event, message_id, entry_id, int(attempt), int(pid), consumer, float(at))
-            )
-        return out
+        return read_trace(self.path)
 
     def events(self, event: str, consumer: str | None = None) -> list[Line]:
         return [
