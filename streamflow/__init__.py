@@ -1,12 +1,14 @@
 """streamflow: a broker-and-worker toolkit on Redis Streams.
 
 Declare roles on an :class:`App`, run them with ``streamflow worker``, publish with
-:class:`Client` (or :class:`SyncClient`, the CLI, or a plain XADD from any language).
+:class:`Client` (or :class:`SyncClient`, the CLI, or a plain XADD from any language), and run
+DAG tasks (:class:`Graph`) with ``streamflow coordinator``.
 """
 
 from streamflow.app import App, RetryPolicy
 from streamflow.client import Client, SyncClient
-from streamflow.context import Cancelled, CancelToken, Context, Fatal, Retry
+from streamflow.context import Batch, Cancelled, CancelToken, Context, Fatal, Retry
+from streamflow.coordinator import Coordinator
 from streamflow.errors import (
     ConfigError,
     InvalidNameError,
@@ -15,22 +17,29 @@ from streamflow.errors import (
     RedisUnavailable,
     StreamflowError,
 )
+from streamflow.graph import Graph, GraphError
 from streamflow.leases import LeaseSettings
 from streamflow.settle import Outcome
+from streamflow.tasks import NodeState, TaskState
 from streamflow.worker import Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "Batch",
     "CancelToken",
     "Cancelled",
     "Client",
     "ConfigError",
     "Context",
+    "Coordinator",
     "Fatal",
+    "Graph",
+    "GraphError",
     "InvalidNameError",
     "LeaseSettings",
+    "NodeState",
     "Outcome",
     "PayloadError",
     "ProtocolError",
@@ -39,6 +48,7 @@ __all__ = [
     "RetryPolicy",
     "StreamflowError",
     "SyncClient",
+    "TaskState",
     "Worker",
     "__version__",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import random
+import re
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -14,7 +15,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from streamflow.context import Context
 from streamflow.errors import ConfigError, PayloadError
+from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
 from streamflow.keys import validate_name
+
+#: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
+FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
 
@@ -107,6 +112,7 @@ class App:
 
     def __init__(self) -> None:
         self._roles: dict[str, Role] = {}
+        self._functions: dict[str, Function] = dict(BUILTINS)
 
     def role(
         self,
@@ -155,6 +161,30 @@ class App:
 
         return register
 
+    def function(self, name: str, *, reduce: ReduceFn = concatenate) -> Callable[[MapFn], MapFn]:
+        """Register the decorated ``map(params, batches) -> partial`` as a coordinator function.
+
+        Task nodes with ``function: name`` run it inside the coordinator (see
+        :mod:`streamflow.functions`): ``map`` per invocation, then ``reduce(params, partials)``
+        once for the node's output batch; by default the partials (lists) are concatenated.
+
+        Raises:
+            ConfigError: The name is taken or not a dotted name.
+        """
+        if FUNCTION_NAME.fullmatch(name) is None or name in self._functions:
+            raise ConfigError(f"function name {name!r} is taken or invalid")
+
+        def register(func: MapFn) -> MapFn:
+            self._functions[name] = Function(name, func, reduce)
+            return func
+
+        return register
+
+    @property
+    def functions(self) -> Mapping[str, Function]:
+        """The coordinator functions by name, the built-in ones included."""
+        return dict(self._functions)
+
     @property
     def roles(self) -> Mapping[str, Role]:
         """The registered roles by name."""
@@ -190,8 +220,26 @@ def _make_role(
     if payload_type is None:
         payload_type = _annotation(func, params[1].name)
     adapter = None if payload_type is Any else TypeAdapter(payload_type)
-    is_async = inspect.iscoroutinefunction(func)
-    return Role(name, func, is_async, payload_type, adapter, retry, timeout, max_deliveries)
+    handler: Handler = func
+    if inspect.isasyncgenfunction(func):
+        handler = _emitting(func)
+    is_async = inspect.iscoroutinefunction(handler)
+    return Role(name, handler, is_async, payload_type, adapter, retry, timeout, max_deliveries)
+
+
+def _emitting(func: Callable[..., Any]) -> Callable[[Context, Any], Awaitable[None]]:
+    """Run an async generator handler, emitting each value it yields as one batch."""
+
+    async def handler(ctx: Context, payload: Any) -> None:
+        batches = func(ctx, payload)
+        try:
+            async for batch in batches:
+                await ctx.emit(batch)
+        finally:
+            await batches.aclose()
+
+    handler.__qualname__ = func.__qualname__
+    return handler
 
 
 def _annotation(func: Callable[..., Any], parameter: str) -> Any:

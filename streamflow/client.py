@@ -1,7 +1,7 @@
-"""Publishing from any Python service, and dead-letter operations.
+"""Publishing from any Python service, DAG tasks, and dead-letter operations.
 
-:class:`Client` (async) and :class:`SyncClient` publish jobs; :class:`Client` also lists, shows,
-replays and purges dead letters.
+:class:`Client` (async) and :class:`SyncClient` publish jobs; :class:`Client` also submits and
+follows tasks, and lists, shows, replays and purges dead letters.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
+from streamflow import graph as graphs
 from streamflow import signals, streams
 from streamflow.errors import PayloadError, ProtocolError, RedisUnavailable
+from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
     DeadLetter,
@@ -32,6 +34,8 @@ from streamflow.protocol import (
     new_message_id,
     now_ms,
 )
+from streamflow.tasks import TaskState, TaskStatus
+from streamflow.taskstore import TaskStore
 
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
@@ -171,6 +175,7 @@ class Client:
         self._pub = _Publisher(namespace, dedup_window)
         self.keys = self._pub.keys
         self._scripts = streams.Scripts(redis)
+        self._tasks = TaskStore(redis, self.keys, self._scripts)
 
     @classmethod
     def from_url(
@@ -391,6 +396,93 @@ class Client:
             while not await self._cancel_done(result):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
         return result
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        graph: graphs.Graph | graphs.GraphSpec | dict[str, Any],
+        *,
+        params: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        roles: Iterable[str] | None = None,
+        functions: Iterable[str] | None = None,
+    ) -> str:
+        """Submit a DAG task; returns its id.
+
+        The graph is checked first and nothing is written for an invalid one. Its roles must be
+        served by a worker (one that ever started in this namespace) and its functions provided
+        by a coordinator, unless ``roles`` and ``functions`` say which exist.
+
+        Args:
+            graph: A :class:`~streamflow.Graph`, a parsed spec, or a JSON-like dict.
+            params: Task parameters, updating the graph's own ``params``.
+            task_id: The task's id (default: a fresh random one).
+            roles: The roles to check the graph against, instead of those registered.
+            functions: The coordinator functions to check against, instead of those registered.
+
+        Raises:
+            GraphError: The graph is invalid; every problem is listed.
+            ValueError: The task id is taken or invalid.
+        """
+        spec = graphs.parse(graph)
+        if params:
+            spec = spec.model_copy(update={"params": {**spec.params, **params}})
+        if roles is None:
+            roles = [streams.text(r) for r in await self.redis.smembers(self.keys.known_roles())]
+        if functions is None:
+            found = await self.redis.smembers(self.keys.known_functions())
+            functions = {*BUILTINS, *(streams.text(f) for f in found)}
+        spec = graphs.validated(spec, roles=set(roles), functions=set(functions))
+        task_id = validate_name(task_id or new_message_id(), "task id")
+        await self._tasks.create(spec, TaskState.new(task_id, spec, now_ms()))
+        return task_id
+
+    async def task(self, task_id: str) -> TaskState | None:
+        """A task's state (with every node's), or None if unknown or expired."""
+        return await self._tasks.state(validate_name(task_id, "task id"))
+
+    async def tasks(self, *, state: TaskStatus | None = None, limit: int = 100) -> list[TaskState]:
+        """The newest tasks first, optionally only those in ``state``."""
+        return await self._tasks.find(state=state, limit=limit)
+
+    async def result(self, task_id: str, node: str | None = None) -> dict[str, list[Any]]:
+        """The items each node produced (by default the nodes without children), by node id.
+
+        Raises:
+            LookupError: The task is unknown or a batch expired.
+        """
+        spec = await self._tasks.spec(validate_name(task_id, "task id"))
+        if spec is None:
+            raise LookupError(f"unknown task {task_id!r}")
+        if node is not None:
+            spec.node(node)  # KeyError for an unknown node
+            names = [node]
+        else:
+            names = [n.id for n in spec.nodes if not spec.children(n.id)]
+        return {name: await self._tasks.output(task_id, name) for name in names}
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - public API, as in httpx
+        poll: float = 0.1,
+    ) -> TaskState:
+        """Wait until a task finishes; returns its final state.
+
+        Raises:
+            LookupError: The task is unknown.
+            TimeoutError: It did not finish within ``timeout`` seconds.
+        """
+        with anyio.fail_after(timeout):
+            while True:
+                task = await self.task(task_id)
+                if task is None:
+                    raise LookupError(f"unknown task {task_id!r}")
+                if task.terminal:
+                    return task
+                await anyio.sleep(poll)  # the state lives in Redis: poll it
 
     async def _cancel_done(self, result: CancelResult) -> bool:
         reports = await signals.read_reports(self.redis, self.keys, result.signal_id)

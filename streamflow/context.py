@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+
+if TYPE_CHECKING:
+    from streamflow.nodes import NodeRun
 
 logger = logging.getLogger("streamflow.handler")
 T = TypeVar("T")
@@ -80,6 +84,21 @@ class Fatal(Exception):
     """Raise in a handler when retrying cannot help: the message goes to dead letters at once."""
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One batch of a task node's output, as a child node receives it.
+
+    Attributes:
+        node: The node that produced it.
+        index: Its index among that node's batches (0, 1, ...).
+        items: The items.
+    """
+
+    node: str
+    index: int
+    items: list[Any]
+
+
 class Context:
     """The context of one delivery of a message, passed to the handler.
 
@@ -93,17 +112,25 @@ class Context:
         deadline_ms: The message's deadline, if any.
         task_id: The DAG task, if any.
         node_id: The DAG node, if any.
+        invocation: For a task node: which run of the node (one per parent batch when it is
+            fed per batch).
+        batch: For a node fed per batch: the parent batch to process (parent, index, items).
+        failures: For a remediation node: the error of each failed parent.
         cancel: The cancel token.
     """
 
     __slots__ = (
         "_log",
+        "_node",
         "attempt",
+        "batch",
         "cancel",
         "consumer",
         "created_at_ms",
         "deadline_ms",
         "entry_id",
+        "failures",
+        "invocation",
         "message_id",
         "node_id",
         "role",
@@ -134,6 +161,40 @@ class Context:
         self.node_id = node_id
         self.cancel = CancelToken()
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        self._node: NodeRun | None = None
+        self.invocation: int | None = None
+        self.batch: Batch | None = None
+        self.failures: dict[str, str] = {}
+
+    async def emit(self, items: Iterable[Any]) -> None:
+        """Emit one batch of this task node's output (a list of JSON values).
+
+        The batch is stored once and each child fed per batch starts on it as soon as the
+        coordinator hears of it. Emit batches in a deterministic order: when a run is retried,
+        batches it emits under numbers already recorded from an earlier run are dropped.
+
+        Raises:
+            RuntimeError: This message is not a task node.
+            PayloadError: The batch is not JSON-serializable or too large.
+        """
+        if self._node is None:
+            raise RuntimeError("ctx.emit() is only for task nodes (jobs with a task and node)")
+        await self._node.emit(items)
+
+    @property
+    def emitted(self) -> int:
+        """How many batches this run has emitted."""
+        return self._node.emitted if self._node is not None else 0
+
+    def inputs(self) -> AsyncIterator[Batch]:
+        """Every batch of the parents, parent by parent in order (nodes fed ``on: done``).
+
+        Raises:
+            RuntimeError: This message is not a task node.
+        """
+        if self._node is None:
+            raise RuntimeError("ctx.inputs() is only for task nodes (jobs with a task and node)")
+        return self._node.inputs()
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

@@ -10,7 +10,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from streamflow.app import Role
+from streamflow.app import RetryPolicy, Role
 from streamflow.context import Fatal, Retry
 from streamflow.errors import PayloadError, ProtocolError
 from streamflow.leases import Delivery
@@ -107,9 +107,12 @@ def preflight(delivery: Delivery, book: CancelBook, max_bytes: int) -> Decision 
 def failure(role: Role, job: Job, exc: Exception) -> Decision:
     """Retry per the role's policy, or dead-letter as ``failed`` once attempts run out."""
     info = error_info(exc)
-    if isinstance(exc, TimeoutError) and role.timeout:
-        info = info.model_copy(update={"message": f"timed out after {role.timeout}s"})
+    timeout = job.timeout or role.timeout
+    if isinstance(exc, TimeoutError) and timeout:
+        info = info.model_copy(update={"message": f"timed out after {timeout}s"})
     policy = role.retry
+    if job.retry is not None:  # a task node's own policy
+        policy = RetryPolicy(**job.retry.model_dump())
     if job.attempt >= policy.max_attempts:
         detail = f"attempt {job.attempt} of {policy.max_attempts} failed: {info.message}"
         return dead("failed", detail, job, info)

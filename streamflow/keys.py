@@ -23,6 +23,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 #: The consumer group every role stream has; one per stream, shared by all workers of the role.
 GROUP = "workers"
+#: The consumer group of every role's events stream, shared by all coordinators.
+COORDINATORS = "coordinators"
 
 
 def validate_name(value: str, what: str = "name") -> str:
@@ -125,3 +127,82 @@ class Keys:
         if key.startswith(prefix) and key.endswith(suffix):
             return key[len(prefix) : -len(suffix)] or None
         return None
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def events(self, role: str) -> str:
+        """The stream where workers of a role report on task nodes (for the coordinators).
+
+        It shares the role's tag, so settling a job and reporting it are one script.
+        """
+        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:events"
+
+    def batch(self, role: str, task_id: str, node_id: str, invocation: int, seq: int) -> str:
+        """Where a worker stores one batch a task node emitted (a JSON array, with a TTL).
+
+        In the role's slot, so storing it and reporting it are one owner-checked script.
+        """
+        validate_name(task_id, "task id")
+        validate_name(node_id, "node id")
+        tag = f"{{role:{validate_name(role, 'role')}}}"
+        return f"{self.namespace}:{tag}:batch:{task_id}:{node_id}:{int(invocation)}:{int(seq)}"
+
+    def role_slots(self, role: str) -> str:
+        """The nodes (``task/node``) holding one of a role's node slots (per-role limit)."""
+        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:slots"
+
+    def task(self, task_id: str, part: str) -> str:
+        """A key of one task, named by ``part``.
+
+        Parts: ``state`` (hash), ``outbox`` (hash), ``out:<node>`` (list of the node's batch
+        keys), ``partials:<node>`` (hash) or ``result:<node>`` (a batch). Every key of a task
+        shares the tag ``{task:<id>}``, so one script updates them together.
+        """
+        return f"{self.namespace}:{{task:{validate_name(task_id, 'task id')}}}:{part}"
+
+    def task_state(self, task_id: str) -> str:
+        """The task's state hash: spec, task and node states, invocations, version."""
+        return self.task(task_id, "state")
+
+    def task_outbox(self, task_id: str) -> str:
+        """Dispatches decided but not yet confirmed published (hash: dispatch id -> item)."""
+        return self.task(task_id, "outbox")
+
+    def task_output(self, task_id: str, node_id: str) -> str:
+        """The list of a node's batch keys, in batch index order."""
+        return self.task(task_id, f"out:{validate_name(node_id, 'node id')}")
+
+    def task_partials(self, task_id: str, node_id: str) -> str:
+        """A coordinator function node's partial results by invocation."""
+        return self.task(task_id, f"partials:{validate_name(node_id, 'node id')}")
+
+    def task_result(self, task_id: str, node_id: str) -> str:
+        """The one batch a coordinator function node outputs."""
+        return self.task(task_id, f"result:{validate_name(node_id, 'node id')}")
+
+    def task_pattern(self, task_id: str) -> str:
+        """A ``SCAN MATCH`` pattern for every key of one task."""
+        return f"{self.namespace}:{{task:{validate_name(task_id, 'task id')}}}:*"
+
+    def tasks_index(self) -> str:
+        """Every task by creation time (sorted set: task id -> created ms)."""
+        return f"{self.namespace}:{{tasks}}:index"
+
+    def tasks_active(self) -> str:
+        """The tasks not yet finished (a set), swept by the coordinators."""
+        return f"{self.namespace}:{{tasks}}:active"
+
+    def tasks_control(self) -> str:
+        """The stream that tells coordinators a task was submitted or cancelled."""
+        return f"{self.namespace}:{{tasks}}:control"
+
+    def known_roles(self) -> str:
+        """The roles that workers serve or tasks use (a set).
+
+        Coordinators follow their events streams; submit checks graphs against it.
+        """
+        return f"{self.namespace}:{{tasks}}:roles"
+
+    def known_functions(self) -> str:
+        """The coordinator functions that running coordinators provide (a set)."""
+        return f"{self.namespace}:{{tasks}}:functions"

@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 from redis.asyncio import Redis
@@ -23,6 +24,9 @@ from streamflow.context import Context
 from streamflow.errors import ConfigError
 from streamflow.keys import Keys
 from streamflow.protocol import CancelSignal, Job
+
+if TYPE_CHECKING:
+    from streamflow.nodes import NodeRun
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class Delivery:
             renewal that finds it gone is not a lost lease.
         cancel: The cancel signal that stopped it, if any.
         finished: Set when its handling has ended (created only when someone waits for it).
+        node: For a task node's job: its run (batches emitted, events).
     """
 
     role: Role
@@ -104,6 +109,7 @@ class Delivery:
     settling: bool = False
     cancel: CancelSignal | None = None
     finished: anyio.Event | None = None
+    node: NodeRun | None = None
 
 
 @dataclass(slots=True)

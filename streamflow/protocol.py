@@ -53,6 +53,7 @@ DeadLetterReason = Literal[
     "fatal",
     "max_deliveries",
     "expired",
+    "missing_input",
 ]
 
 #: How a delivery ended when it was cancelled (acknowledged, not dead-lettered or retried).
@@ -61,6 +62,29 @@ CANCELLED = "cancelled"
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class BatchRef(_Model):
+    """One batch of a parent node, given to a child fed ``on: batch``.
+
+    Attributes:
+        node: The parent node id.
+        index: The batch's index among the parent's batches (0, 1, ...).
+        ref: The Redis key that holds the batch (a JSON array).
+    """
+
+    node: Name
+    index: Annotated[int, Field(ge=0, le=INT64_MAX)]
+    ref: Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class JobRetry(_Model):
+    """A task node's retry policy, carried by its jobs (overrides the role's policy)."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 3
+    backoff: Annotated[float, Field(ge=0, le=86_400)] = 1.0
+    factor: Annotated[float, Field(ge=1, le=100)] = 2.0
+    max_backoff: Annotated[float, Field(ge=0, le=86_400)] = 300.0
 
 
 class Job(_Model):
@@ -78,6 +102,14 @@ class Job(_Model):
         task_id: The DAG task it belongs to, if any.
         node_id: The DAG node it belongs to, if any.
         dedup_key: Optional publisher key; publishing twice with one key publishes once.
+        invocation: For a task node: which run of the node this is (0, 1, ...; a node fed per
+            batch runs once per parent batch).
+        input: For a node fed ``on: batch``: the parent batch it processes.
+        inputs: For a node fed ``on: done`` or ``on: failure``: how many batches each parent
+            produced (their keys are listed in the task's output lists).
+        failures: For a remediation node: the error of each failed parent.
+        retry: The node's retry policy, overriding the role's.
+        timeout: The node's time limit in seconds, overriding the role's.
     """
 
     protocol: Version
@@ -91,6 +123,12 @@ class Job(_Model):
     task_id: Name | None = None
     node_id: Name | None = None
     dedup_key: DedupKey | None = None
+    invocation: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    input: BatchRef | None = None
+    inputs: dict[Name, Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
+    failures: dict[Name, Annotated[str, Field(max_length=4000)]] | None = None
+    retry: JobRetry | None = None
+    timeout: Annotated[float, Field(gt=0, le=7 * 86_400)] | None = None
 
 
 class ErrorInfo(_Model):
@@ -180,6 +218,56 @@ class CancelReport(_Model):
     at_ms: Timestamp
 
 
+EventType = Literal["accepted", "batch", "done", "failed", "cancelled"]
+
+
+class TaskEvent(_Model):
+    """What a worker reports about a task node's job, on its role's events stream.
+
+    The coordinator turns these into task state. A worker writes ``accepted`` when a run
+    starts; ``batch`` for each batch it emits (after storing the batch at ``ref``); and one of
+    ``done`` (with the number of batches emitted), ``failed`` (no attempts left) or
+    ``cancelled`` in the same step that settles the job. ``attempt`` and ``delivery`` order the
+    runs of one invocation: events of an older run than one already seen are ignored.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"event"``.
+        type: ``accepted``, ``batch``, ``done``, ``failed`` or ``cancelled``.
+        task_id: The task.
+        node_id: The node.
+        invocation: The node invocation (the job's ``invocation``).
+        attempt: The job's attempt.
+        delivery: The stream entry's delivery count (grows when another worker adopts it).
+        at_ms: When it happened, ms since the epoch.
+        seq: For ``batch``: the batch's number within this invocation (0, 1, ...).
+        ref: For ``batch``: the key holding the batch.
+        items: For ``batch``: how many items it holds.
+        total: For ``done``: how many batches the invocation emitted.
+        error: For ``failed``: what went wrong.
+        consumer: The worker's consumer name.
+    """
+
+    protocol: Version
+    kind: Literal["event"]
+    type: EventType
+    task_id: Name
+    node_id: Name
+    invocation: Annotated[int, Field(ge=0, le=INT64_MAX)]
+    attempt: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
+    delivery: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
+    at_ms: Timestamp
+    seq: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    ref: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    items: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    total: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    error: Annotated[str, Field(max_length=4000)] | None = None
+    consumer: Annotated[str, Field(max_length=200)] | None = None
+
+
+#: The events stream field that holds a :class:`TaskEvent`'s JSON.
+EVENT_FIELD = b"event"
+
 #: The stream field that holds a signal's JSON.
 SIGNAL_FIELD = b"signal"
 
@@ -188,6 +276,7 @@ MESSAGE_KINDS: dict[str, type[_Model]] = {
     "job": Job,
     "dead_letter": DeadLetter,
     "cancel": CancelSignal,
+    "event": TaskEvent,
 }
 
 
@@ -374,3 +463,20 @@ def decode_signal(fields: dict[bytes, bytes]) -> CancelSignal:
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of every message kind, keyed by kind."""
     return {kind: model.model_json_schema() for kind, model in MESSAGE_KINDS.items()}
+
+
+def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
+    """Turn an events stream entry into its model.
+
+    Raises:
+        ProtocolError: Not a valid event.
+    """
+    raw = fields.get(EVENT_FIELD)
+    if raw is None:
+        raise ProtocolError("invalid_message", "event entry has no 'event' field")
+    if len(raw) > 64 * 1024:
+        raise ProtocolError("too_large", f"event is {len(raw)} bytes", raw)
+    try:
+        return TaskEvent.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", _summarize(exc), raw) from None

@@ -18,7 +18,7 @@ from typing import Literal
 import anyio
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import nodes, streams
 from streamflow.decisions import Decision
 from streamflow.keys import Keys
 from streamflow.leases import Delivery, InFlight, LeaseKeeper
@@ -28,6 +28,7 @@ from streamflow.protocol import (
     RAW_FIELD_PREFIX,
     DeadLetter,
     ErrorInfo,
+    EventType,
     encode,
     now_ms,
 )
@@ -122,7 +123,8 @@ class Settler:
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
-        if decision.kind in ("ack", "cancelled"):
+        job = decision.job or delivery.job
+        if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
             self.ack_nowait(delivery, decision)
             return
         delivery.settling = True
@@ -143,7 +145,6 @@ class Settler:
                 self._held.discard(delivery)
                 return
             self._held.discard(delivery)
-            job = decision.job or delivery.job
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
 
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
@@ -159,7 +160,37 @@ class Settler:
             return "released" if await self._leases.release(delivery) else "lost"
         if decision.kind == "retry":
             return "retried" if await self._schedule_retry(delivery, decision) else "lost"
+        if decision.kind in ("ack", "cancelled"):
+            return await self._finish_node(delivery, decision)
         return "dead_lettered" if await self._dead_letter(delivery, decision) else "lost"
+
+    def _node_event(self, delivery: Delivery, decision: Decision, type_: EventType) -> bytes:
+        job = decision.job or delivery.job
+        assert job is not None
+        fields: dict[str, object] = {}
+        if type_ == "done":
+            fields["total"] = delivery.node.emitted if delivery.node is not None else 0
+        elif type_ == "failed":
+            fields["error"] = f"{decision.reason}: {decision.detail}"[:4000]
+        return nodes.event(
+            job, type_, delivery=delivery.entry.deliveries, consumer=self.consumer, **fields
+        )
+
+    async def _finish_node(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
+        """Acknowledge a task node's job and report ``done`` or ``cancelled``, in one step."""
+        done = decision.kind == "ack"
+        finished = await streams.finish(
+            self._scripts,
+            self._redis,
+            stream=delivery.stream,
+            consumer=self.consumer,
+            entry_id=delivery.entry.id,
+            events=self._keys.events(delivery.role.name),
+            event=self._node_event(delivery, decision, "done" if done else "cancelled"),
+        )
+        if not finished:
+            return "lost"
+        return "acked" if done else "cancelled"
 
     async def _schedule_retry(self, delivery: Delivery, decision: Decision) -> bool:
         job = decision.job
@@ -214,6 +245,7 @@ class Settler:
             (RAW_FIELD_PREFIX + name, value[: self._max_bytes])
             for name, value in entry.fields.items()
         ]
+        node_job = nodes.is_node_job(job)
         moved = await streams.dead_letter(
             self._scripts,
             self._redis,
@@ -223,6 +255,8 @@ class Settler:
             entry_id=entry.id,
             fields=fields,
             max_len=self._dead_max_len,
+            events=self._keys.events(delivery.role.name) if node_job else None,
+            event=self._node_event(delivery, decision, "failed") if node_job else b"",
         )
         if moved is not None:
             logger.warning(

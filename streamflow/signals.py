@@ -85,6 +85,14 @@ class CancelBook:
                 del self._by_target[key]  # type: ignore[arg-type]
         return None
 
+    def for_task(self, task_id: str) -> CancelSignal | None:
+        """The cancel of a whole task, if any."""
+        for key in (("task", task_id), ("any", task_id)):
+            found = self._by_target.get(key)
+            if found is not None and found[1] >= time.time():
+                return found[0]
+        return None
+
     def __len__(self) -> int:
         return len(self._by_target)
 

@@ -161,6 +161,10 @@ class Scripts:
         self.alive = redis.register_script(_load("alive.lua", strip))
         self.cancel = redis.register_script(_load("cancel.lua", strip))
         self.publish_many = redis.register_script(_load("publish_many.lua", strip))
+        self.emit = redis.register_script(_load("emit.lua", strip))
+        self.finish = redis.register_script(_load("finish.lua", strip))
+        self.task_commit = redis.register_script(_load("task_commit.lua", strip))
+        self.slot = redis.register_script(_load("slot.lua", strip))
 
     @staticmethod
     def source(name: str) -> str:
@@ -235,6 +239,11 @@ async def read_own_pending(
     return [Entry(e.id, e.fields, counts.get(e.id, 1)) for e in entries]
 
 
+def text(value: Any) -> str:
+    """A Redis reply item (bytes, or str with decoding on) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _entries(reply: Any) -> list[Entry]:
     if not reply:
         return []
@@ -282,13 +291,58 @@ async def dead_letter(
     entry_id: bytes,
     fields: Iterable[tuple[bytes, bytes]],
     max_len: int,
+    events: str | None = None,
+    event: bytes = b"",
 ) -> bytes | None:
-    """Move an entry to the dead-letter stream; None if ``consumer`` no longer owns it."""
-    flat: list[bytes | str | int] = [GROUP, consumer, entry_id, max_len]
+    """Move an entry to the dead-letter stream; None if ``consumer`` no longer owns it.
+
+    With ``events`` and ``event``, the same step reports a task node's failure.
+    """
+    flat: list[bytes | str | int] = [GROUP, consumer, entry_id, max_len, event]
     for name, value in fields:
         flat += (name, value)
-    result = await scripts.dead_letter(keys=[stream, dead_stream], args=flat, client=redis)
+    keys = [stream, dead_stream, events or stream]
+    result = await scripts.dead_letter(keys=keys, args=flat, client=redis)
     return result if result else None
+
+
+async def emit_batch(
+    scripts: Scripts,
+    redis: Redis,
+    *,
+    stream: str,
+    consumer: str,
+    entry_id: bytes,
+    key: str,
+    batch: bytes,
+    ttl_ms: int,
+    events: str,
+    event: bytes,
+) -> bool:
+    """Store a task node's batch and report it, if ``consumer`` still owns the job's entry."""
+    done = await scripts.emit(
+        keys=[stream, key, events],
+        args=[GROUP, consumer, entry_id, batch, ttl_ms, event],
+        client=redis,
+    )
+    return bool(done)
+
+
+async def finish(
+    scripts: Scripts,
+    redis: Redis,
+    *,
+    stream: str,
+    consumer: str,
+    entry_id: bytes,
+    events: str,
+    event: bytes,
+) -> bool:
+    """Acknowledge a task node's job and report how it ended, if ``consumer`` still owns it."""
+    done = await scripts.finish(
+        keys=[stream, events], args=[GROUP, consumer, entry_id, event], client=redis
+    )
+    return bool(done)
 
 
 async def publish(redis: Redis, stream: str, message: bytes) -> bytes:

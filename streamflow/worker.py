@@ -34,7 +34,7 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import decisions, streams
+from streamflow import decisions, nodes, streams
 from streamflow.app import App, Role
 from streamflow.context import Context
 from streamflow.decisions import RELEASE, Decision, dead
@@ -222,6 +222,8 @@ class Worker:
     async def _serve(self, *, burst: bool, task_status: TaskStatus[None]) -> None:
         for role in self._roles:
             await streams.ensure_group(self._redis, self._keys.role_stream(role.name))
+        # Task graphs are checked against the roles that workers serve.
+        await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
         await self._leases.acquire_name()
         try:
             await self._signals.load()
@@ -503,7 +505,7 @@ class Worker:
 
     async def _finish(self, delivery: Delivery, decision: Decision) -> None:
         try:
-            if decision.kind == "ack":
+            if decision.kind == "ack" and delivery.node is None:
                 self._settler.ack_nowait(delivery, decision)  # the hot path: no await
             else:
                 await self._settler.apply(delivery, decision)
@@ -536,10 +538,39 @@ class Worker:
             node_id=job.node_id,
         )
         delivery.context = ctx
+        if nodes.is_node_job(job):
+            failed = await self._start_node(delivery, job, ctx)
+            if failed is not None:
+                return failed
         if delivery.entry.deliveries > 1:
             # A suspect: delivered before, so its last worker may have died running it.
             return await self._run_suspect(delivery, scope, job, payload, ctx)
         return await self._run(delivery, scope, job, payload, ctx)
+
+    async def _start_node(self, delivery: Delivery, job: Job, ctx: Context) -> Decision | None:
+        """Prepare a task node's run: its input batch, its emitter, the ``accepted`` event."""
+        run = delivery.node = nodes.NodeRun(
+            self._redis,
+            self._scripts,
+            self._keys,
+            job,
+            stream=delivery.stream,
+            entry_id=delivery.entry.id,
+            delivery=delivery.entry.deliveries,
+            consumer=self.consumer,
+            max_batch_bytes=self._max_bytes,
+        )
+        ctx._node = run
+        ctx.invocation = job.invocation
+        ctx.failures = dict(job.failures or {})
+        try:
+            ctx.batch = await run.load_input()
+            await run.accepted()
+        except LookupError as exc:
+            return dead("missing_input", str(exc), job)
+        except streams.TRANSIENT_ERRORS:
+            return RELEASE  # cannot read its input now: hand it back
+        return None
 
     async def _run_suspect(
         self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
@@ -593,11 +624,15 @@ class Worker:
         if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
             return decisions.stopped(delivery)
         delivery.scope = scope
+        timeout = job.timeout or role.timeout
         try:
-            if role.is_async and not role.timeout:
+            if role.is_async and not timeout:
                 await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
             else:
-                await self._execute(role, ctx, payload)
+                await self._execute(role, ctx, payload, timeout)
+        except nodes.LeaseLost:
+            delivery.lost = True
+            return decisions.LOST
         except Exception as exc:
             return decisions.after_error(delivery, job, exc)
         finally:
@@ -606,8 +641,14 @@ class Worker:
             return decisions.stopped(delivery)
         return Decision("ack", job)
 
-    async def _execute(self, role: Role, ctx: Context, payload: Any) -> None:
-        with anyio.fail_after(role.timeout) if role.timeout else contextlib.nullcontext():
+    async def _execute(
+        self,
+        role: Role,
+        ctx: Context,
+        payload: Any,
+        timeout: float | None,  # noqa: ASYNC109 - the node's or the role's limit, applied here
+    ) -> None:
+        with anyio.fail_after(timeout) if timeout else contextlib.nullcontext():
             if role.is_async:
                 await role.handler(ctx, payload)
             else:

@@ -1,16 +1,20 @@
 #!lua
 -- Move one entry to the dead-letter stream, if this consumer still owns it.
 -- Adding the dead letter, acknowledging and deleting the original happen in one step, so the
--- entry is never in neither stream nor in both.
--- KEYS[1] role stream, KEYS[2] dead-letter stream
+-- entry is never in neither stream nor in both. For a task node's job the same step reports
+-- the failure on the role's events stream.
+-- KEYS[1] role stream, KEYS[2] dead-letter stream, KEYS[3] role events stream
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] dead-letter stream max length,
--- ARGV[5..n] field, value pairs of the dead-letter entry
+-- ARGV[5] failure event JSON or '', ARGV[6..n] field, value pairs of the dead-letter entry
 -- Returns the dead-letter entry id, or false when the entry is no longer ours.
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then
   return false
 end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 6))
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'event', ARGV[5])
+end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return id

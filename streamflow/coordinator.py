@@ -1,0 +1,594 @@
+"""The coordinator: turns the events workers report into task state, and fans out work.
+
+Any number of coordinators run at once. They share every role's events stream (and the tasks
+control stream) as the consumer group ``coordinators`` and adopt each other's events left
+pending past the lease TTL, as workers adopt jobs. For each task with new events a coordinator:
+
+1. loads the task's state (one HMGET) and applies the events with the pure state machine of
+   :mod:`streamflow.tasks` (duplicates, stale runs and any order are harmless);
+2. commits the new state and the dispatches it justifies into the task's outbox, in one
+   version-checked script (a concurrent commit by another coordinator makes it load again);
+3. carries out the outbox: publishes each job with a dedup marker named after its
+   ``(task, node, invocation)``, runs coordinator functions, sends cancels, frees role slots;
+   then removes the items;
+4. acknowledges and deletes the events.
+
+A coordinator killed anywhere in between leaves its events pending: another adopts them, finds
+nothing new to record, and finishes the outbox; the dedup markers keep a dispatch from being
+published twice. A sweep re-evaluates unfinished tasks every second (limits freed, outboxes
+left behind by a crash during submit, cancels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import orjson
+from anyio.abc import TaskStatus
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from streamflow import signals, streams
+from streamflow.app import App
+from streamflow.context import Batch
+from streamflow.errors import ProtocolError
+from streamflow.functions import BUILTINS, Function
+from streamflow.graph import GraphSpec
+from streamflow.keys import COORDINATORS, Keys, validate_name
+from streamflow.protocol import (
+    EVENT_FIELD,
+    PROTOCOL_VERSION,
+    BatchRef,
+    CancelSignal,
+    Job,
+    JobRetry,
+    TaskEvent,
+    decode_event,
+    encode,
+    now_ms,
+)
+from streamflow.tasks import Dispatch, Event, Internal, Step, advance
+from streamflow.taskstore import DEFAULT_RETENTION_MS, Loaded, TaskStore
+from streamflow.worker import default_consumer_name
+
+logger = logging.getLogger(__name__)
+
+#: Commits retried after losing a race with another coordinator, before giving up for now.
+COMMIT_ATTEMPTS = 50
+
+
+class Coordinator:
+    """Drives DAG tasks.
+
+    Args:
+        redis: An asyncio client; its socket timeout must exceed ``block_ms``.
+        app: Provides user coordinator functions (the built-in ones are always there).
+        namespace: The key namespace.
+        consumer: This coordinator's consumer name (unique per process; random by default).
+        role_limits: Per role, the most nodes of that role that may run at once across all
+            tasks. Give every coordinator the same limits.
+        lease_ttl: Seconds an event may stay pending before another coordinator adopts it.
+        block_ms: How long an idle read waits.
+        read_count: The most events one read fetches.
+        sweep_interval: Seconds between re-evaluations of every unfinished task.
+        retention: Seconds a finished task's state and outputs are kept.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        app: App | None = None,
+        namespace: str = "sf",
+        consumer: str | None = None,
+        role_limits: Mapping[str, int] | None = None,
+        lease_ttl: float = 30.0,
+        block_ms: int = 1000,
+        read_count: int = 500,
+        sweep_interval: float = 1.0,
+        retention: float = DEFAULT_RETENTION_MS / 1000,
+    ) -> None:
+        self._redis = redis
+        self._keys = Keys(namespace)
+        self._scripts = streams.Scripts(redis)
+        self.store = TaskStore(redis, self._keys, self._scripts, retention_ms=int(retention * 1000))
+        self.functions: dict[str, Function] = dict(app.functions if app else BUILTINS)
+        self.consumer = validate_name(consumer or "coord-" + default_consumer_name(), "consumer")
+        self.role_limits = {
+            validate_name(r, "role"): int(n) for r, n in (role_limits or {}).items()
+        }
+        if any(n < 1 for n in self.role_limits.values()):
+            raise ValueError("role limits must be at least 1")
+        self._limited = frozenset(self.role_limits)
+        self._lease_ms = int(lease_ttl * 1000)
+        self._block_ms = block_ms
+        self._read_count = read_count
+        self._sweep_interval = sweep_interval
+        self._book = signals.CancelBook()
+        self._signals = signals.SignalListener(
+            redis, self._keys, self._book, self._on_cancel, block_ms=block_ms
+        )
+        self._streams: list[str] = [self._keys.tasks_control()]
+        self._ticks: set[str] = set()
+        self._tick_wakeup = anyio.Event()
+        self._locks: dict[str, anyio.Lock] = {}
+        self._stopping = anyio.Event()
+        self.events_processed = 0
+        self.dispatches = 0
+        self.commits = 0
+        self.conflicts = 0
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Coordinate until :meth:`stop` is called."""
+        await self._prepare()
+        await self._signals.load()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._signals.run)
+            tg.start_soon(self._read_loop)
+            tg.start_soon(self._adopt_loop)
+            tg.start_soon(self._sweep_loop)
+            tg.start_soon(self._tick_loop)
+            task_status.started()
+            await self._stopping.wait()
+            tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Ask the coordinator to stop (it finishes the task it is processing)."""
+        self._stopping.set()
+
+    async def drain(self) -> int:
+        """Process every pending event and re-evaluate every unfinished task, then return.
+
+        Reads never block (burst mode, also on fakeredis). Returns the events processed.
+        """
+        await self._prepare()
+        await self._signals.load()
+        before = self.events_processed
+        while True:
+            entries = await self._read(block_ms=None)
+            if not entries:
+                break
+            await self._handle(entries)
+        await self._sweep()
+        await self._run_ticks()
+        return self.events_processed - before
+
+    # -- loops ------------------------------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        await self._redis.sadd(self._keys.known_functions(), *self.functions)
+        await self._refresh_streams()
+
+    async def _refresh_streams(self) -> None:
+        found = await self._redis.smembers(self._keys.known_roles())
+        roles = sorted(streams.text(r) for r in found)
+        wanted = [self._keys.tasks_control(), *(self._keys.events(r) for r in roles)]
+        for stream in wanted:
+            if stream not in self._streams or stream == self._keys.tasks_control():
+                await _ensure_group(self._redis, stream)
+        self._streams = wanted
+
+    async def _read_loop(self) -> None:
+        backoff = streams.Backoff("reading task events")
+        while not self._stopping.is_set():
+            try:
+                await self._refresh_streams()
+                entries = await self._read(block_ms=self._block_ms)
+                await self._handle(entries)
+            except streams.TRANSIENT_ERRORS as exc:
+                await backoff.failed(exc)
+                continue
+            except ResponseError as exc:
+                if not streams.is_group_lost(exc):
+                    raise
+                self._streams = [self._keys.tasks_control()]  # recreate the groups
+                continue
+            backoff.succeeded()
+
+    async def _read(self, *, block_ms: int | None) -> list[tuple[str, streams.Entry]]:
+        reply: Any = await self._redis.xreadgroup(
+            COORDINATORS,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self._read_count,
+            block=block_ms,
+        )
+        return _flatten(reply)
+
+    async def _adopt_loop(self) -> None:
+        backoff = streams.Backoff("adopting task events")
+        interval = min(max(self._lease_ms / 3000, 0.05), 2.0)
+        while not self._stopping.is_set():
+            with anyio.move_on_after(interval):
+                await self._stopping.wait()
+            try:
+                for stream in list(self._streams):
+                    reply: Any = await self._redis.xautoclaim(
+                        stream,
+                        COORDINATORS,
+                        self.consumer,
+                        self._lease_ms,
+                        "0-0",
+                        count=self._read_count,
+                    )
+                    entries = [(stream, e) for e in streams._entries([[stream, reply[1]]])]
+                    if entries:
+                        logger.info("adopted %d task events of %s", len(entries), stream)
+                        await self._handle(entries)
+            except streams.TRANSIENT_ERRORS as exc:
+                await backoff.failed(exc)
+                continue
+            except ResponseError as exc:
+                if not streams.is_group_lost(exc):
+                    raise
+                continue
+            backoff.succeeded()
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping.is_set():
+            with anyio.move_on_after(self._sweep_interval):
+                await self._stopping.wait()
+            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+                await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Queue a re-evaluation of every unfinished task; free leaked role slots."""
+        active = await self._redis.smembers(self._keys.tasks_active())
+        self._ticks.update(streams.text(t) for t in active)
+        self._tick_wakeup.set()
+        for role, limit in self.role_limits.items():
+            await self._free_leaked_slots(role, limit)
+
+    async def _tick_loop(self) -> None:
+        while not self._stopping.is_set():
+            await self._tick_wakeup.wait()
+            self._tick_wakeup = anyio.Event()
+            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+                await self._run_ticks()
+
+    async def _run_ticks(self) -> None:
+        while self._ticks:
+            task_id = self._ticks.pop()
+            await self.process(task_id, [Internal("tick")])
+
+    def _on_cancel(self, signal: CancelSignal) -> None:
+        if signal.target in ("task", "any"):
+            self._ticks.add(signal.target_id)
+            self._tick_wakeup.set()
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def _handle(self, entries: list[tuple[str, streams.Entry]]) -> None:
+        """Apply a read's events task by task, then acknowledge and delete them."""
+        by_task: dict[str, list[Event]] = defaultdict(list)
+        for stream, entry in entries:
+            if stream == self._keys.tasks_control():
+                task_id = entry.fields.get(b"task", b"").decode(errors="replace")
+                with contextlib.suppress(ValueError):
+                    by_task[validate_name(task_id, "task id")].append(Internal("tick"))
+                continue
+            try:
+                event = decode_event(entry.fields)
+            except ProtocolError as exc:
+                await self._reject(stream, entry, exc)
+                continue
+            by_task[event.task_id].append(event)
+        for task_id, events in by_task.items():
+            await self.process(task_id, events)
+            self.events_processed += sum(1 for e in events if isinstance(e, TaskEvent))
+        by_stream: dict[str, list[bytes]] = defaultdict(list)
+        for stream, entry in entries:
+            by_stream[stream].append(entry.id)
+        pipe = self._redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, COORDINATORS, *ids)
+            pipe.xdel(stream, *ids)
+        await pipe.execute()
+
+    async def _reject(self, stream: str, entry: streams.Entry, exc: ProtocolError) -> None:
+        """A malformed event is kept in the role's dead-letter stream, not dropped."""
+        role = stream.split("{role:", 1)[-1].split("}", 1)[0]
+        logger.warning("malformed task event %s on %s: %s", entry.id.decode(), stream, exc)
+        fields: dict[Any, Any] = {b"invalid_event": f"{exc.reason}: {exc.detail}".encode()}
+        fields.update({b"raw:" + k: v for k, v in entry.fields.items()})
+        with contextlib.suppress(ValueError):
+            await self._redis.xadd(self._keys.dead_letters(role), fields)
+
+    async def process(
+        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None = None
+    ) -> None:
+        """Apply events to one task, commit, and carry out its outbox."""
+        lock = self._locks.setdefault(task_id, anyio.Lock())
+        try:
+            async with lock:
+                await self._apply(task_id, events, partials)
+                # Function runs commit new steps, whose outbox items are carried out in turn.
+                for _ in range(100):
+                    if not await self._carry_out(task_id):
+                        break
+        finally:
+            if not lock.locked():
+                self._locks.pop(task_id, None)
+
+    async def _apply(
+        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None
+    ) -> None:
+        wanted = sorted(
+            {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
+        )
+        for _ in range(COMMIT_ATTEMPTS):
+            loaded = await self.store.load(task_id, wanted)
+            if loaded is None:
+                return  # unknown or expired: nothing to do
+            if loaded.task.terminal:
+                await self._redis.srem(self._keys.tasks_active(), task_id)
+                return
+            todo = list(events)
+            cancel = self._book.for_task(task_id)
+            if cancel is not None:
+                todo.append(Internal("cancel", reason=cancel.reason or "cancelled"))
+            step = self._advance(loaded, todo, partials, frozenset())
+            if step.wants_slot:
+                granted = await self._take_slots(task_id, loaded.spec, step.wants_slot)
+                if granted:
+                    step = self._advance(loaded, todo, partials, granted)
+            if not step.changed:
+                return
+            outbox = await self._outbox_items(loaded, step)
+            version = await self.store.commit(loaded, step, outbox, retention=step.task.terminal)
+            if version is not None:
+                self.commits += 1
+                if step.task.terminal:
+                    await self._redis.srem(self._keys.tasks_active(), task_id)
+                    logger.info("task %s %s", task_id, step.task.state)
+                return
+            self.conflicts += 1
+        logger.warning("task %s: gave up committing after %d races", task_id, COMMIT_ATTEMPTS)
+
+    def _advance(
+        self,
+        loaded: Loaded,
+        events: list[Event],
+        partials: dict[tuple[str, int], Any] | None,
+        granted: frozenset[str],
+    ) -> Step:
+        return advance(
+            loaded.spec,
+            loaded.task,
+            dict(loaded.invocations),
+            events,
+            now=now_ms(),
+            limited_roles=self._limited,
+            granted=granted,
+            partials=partials,
+        )
+
+    # -- the outbox -------------------------------------------------------------------------
+
+    async def _outbox_items(self, loaded: Loaded, step: Step) -> dict[str, bytes]:
+        """The step's decisions as outbox items, named so that sorting keeps their order."""
+        prefix = f"{loaded.version + 1:012d}"
+        items: dict[str, bytes] = {}
+        refs = await self._input_refs(loaded, step)
+        for number, dispatch in enumerate(step.dispatches):
+            node = loaded.spec.node(dispatch.node_id)
+            name = f"{prefix}.{number:06d}"
+            if node.function is not None:
+                item: dict[str, Any] = {"kind": "function", "node": dispatch.node_id}
+                item["invocation"] = dispatch.invocation
+                if dispatch.batch is not None:
+                    item["batch"] = [*dispatch.batch, refs[dispatch.batch]]
+                else:
+                    item["inputs"] = dispatch.inputs
+            else:
+                job = self._job(loaded.spec, step.task.id, dispatch, refs)
+                item = {"kind": "job", "role": job.role, "id": job.id, "job": encode(job).decode()}
+            items[name] = orjson.dumps(item)
+        for node_id in step.reduce:
+            items[f"{prefix}.r.{node_id}"] = orjson.dumps({"kind": "reduce", "node": node_id})
+        for node_id in step.released:
+            role = loaded.spec.node(node_id).role
+            items[f"{prefix}.s.{node_id}"] = orjson.dumps(
+                {"kind": "release", "role": role, "node": node_id}
+            )
+        if step.cancel is not None:
+            items[f"{prefix}.c"] = orjson.dumps({"kind": "cancel", "reason": step.cancel})
+        return items
+
+    async def _input_refs(self, loaded: Loaded, step: Step) -> dict[tuple[str, int], str]:
+        """The batch key of every parent batch the step dispatches."""
+        refs: dict[tuple[str, int], str] = {}
+        missing: dict[str, list[int]] = defaultdict(list)
+        for dispatch in step.dispatches:
+            if dispatch.batch is None:
+                continue
+            parent, index = dispatch.batch
+            known = loaded.task.nodes[parent].batches_out
+            new = step.outputs.get(parent, [])
+            if index >= known and index - known < len(new):
+                refs[dispatch.batch] = new[index - known]
+            else:
+                missing[parent].append(index)
+        for parent, indexes in missing.items():
+            found = await self.store.batch_refs(step.task.id, parent, min(indexes), max(indexes))
+            for index in indexes:
+                refs[(parent, index)] = found[index - min(indexes)]
+        return refs
+
+    def _job(
+        self, spec: GraphSpec, task_id: str, dispatch: Dispatch, refs: dict[tuple[str, int], str]
+    ) -> Job:
+        node = spec.node(dispatch.node_id)
+        assert node.role is not None
+        batch = None
+        if dispatch.batch is not None:
+            parent, index = dispatch.batch
+            batch = BatchRef(node=parent, index=index, ref=refs[dispatch.batch])
+        return Job(
+            protocol=PROTOCOL_VERSION,
+            kind="job",
+            id=f"{task_id}.{dispatch.node_id}.{dispatch.invocation}",
+            role=node.role,
+            payload={**spec.params, **node.params},
+            created_at_ms=now_ms(),
+            task_id=task_id,
+            node_id=dispatch.node_id,
+            invocation=dispatch.invocation,
+            input=batch,
+            inputs=dispatch.inputs,
+            failures=dispatch.failures,
+            retry=JobRetry(**node.retry.model_dump()) if node.retry else None,
+            timeout=node.timeout,
+        )
+
+    async def _carry_out(self, task_id: str) -> bool:
+        """Carry out the task's outbox; False when it was empty."""
+        items = await self.store.outbox(task_id)
+        if not items:
+            return False
+        done: list[str] = []
+        jobs = [(name, item) for name, item in items if item["kind"] == "job"]
+        if jobs:
+            await self._publish(jobs)
+            done += [name for name, _ in jobs]
+        events: list[Event] = []
+        partials: dict[tuple[str, int], Any] = {}
+        spec = await self._spec(task_id)
+        for name, item in items:
+            kind = item["kind"]
+            if kind == "function" and spec is not None:
+                node = spec.node(item["node"])
+                partials[(node.id, item["invocation"])] = await self._run_function(
+                    task_id, spec, node.id, item
+                )
+                events.append(Internal("function_done", node.id, item["invocation"]))
+            elif kind == "reduce" and spec is not None:
+                events.append(await self._reduce(task_id, spec, item["node"]))
+            elif kind == "cancel":
+                await signals.send_cancel(
+                    self._redis,
+                    self._scripts,
+                    self._keys,
+                    target="task",
+                    target_id=task_id,
+                    reason=item["reason"][:1000],
+                    requested_by=f"coordinator {self.consumer}",
+                )
+            elif kind == "release":
+                await self._redis.srem(
+                    self._keys.role_slots(item["role"]), f"{task_id}/{item['node']}"
+                )
+            done.append(name)
+        if events:
+            # Function results are recorded first: their items go only once that is committed.
+            await self._apply(task_id, events, partials)
+        await self.store.clear_outbox(task_id, done)
+        return True
+
+    async def _publish(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for _, item in jobs:
+            role = item["role"]
+            await self._scripts.publish_dedup(  # queued on the pipeline
+                keys=[
+                    self._keys.role_stream(role),
+                    self._keys.dedup(role, "dispatch:" + item["id"]),
+                    self._keys.delayed(role),
+                ],
+                args=[item["id"], self.store.retention_ms, item["job"].encode(), 0],
+                client=pipe,
+            )
+        results = await pipe.execute()
+        self.dispatches += sum(1 for flag, _ in results if int(flag) == 1)
+
+    async def _spec(self, task_id: str) -> GraphSpec | None:
+        loaded = await self.store.load(task_id)
+        return loaded.spec if loaded else None
+
+    async def _inputs(self, task_id: str, item: dict[str, Any]) -> list[Batch]:
+        if "batch" in item:
+            parent, index, ref = item["batch"]
+            (items,) = await self.store.batches([ref])
+            return [Batch(parent, index, items or [])]
+        out: list[Batch] = []
+        for parent, count in (item.get("inputs") or {}).items():
+            refs = await self.store.batch_refs(task_id, parent, 0, count - 1) if count else []
+            for index, items in enumerate(await self.store.batches(refs)):
+                out.append(Batch(parent, index, items or []))
+        return out
+
+    async def _run_function(
+        self, task_id: str, spec: GraphSpec, node_id: str, item: dict[str, Any]
+    ) -> Any:
+        node = spec.node(node_id)
+        assert node.function is not None
+        function = self.functions[node.function]
+        params = {**spec.params, **node.params}
+        return function.map(params, await self._inputs(task_id, item))
+
+    async def _reduce(self, task_id: str, spec: GraphSpec, node_id: str) -> Internal:
+        node = spec.node(node_id)
+        assert node.function is not None
+        function = self.functions[node.function]
+        raw = await streams.hash_items(self._redis, self._keys.task_partials(task_id, node_id))
+        partials = [orjson.loads(raw[k]) for k in sorted(raw, key=int)]
+        result = function.reduce({**spec.params, **node.params}, partials)
+        if result is None:
+            return Internal("reduced", node_id, at_ms=now_ms())
+        key = self._keys.task_result(task_id, node_id)
+        await self._redis.set(key, orjson.dumps(result))
+        return Internal("reduced", node_id, ref=key, items=len(result), at_ms=now_ms())
+
+    # -- role slots -------------------------------------------------------------------------
+
+    async def _take_slots(self, task_id: str, spec: GraphSpec, nodes: set[str]) -> frozenset[str]:
+        granted = set()
+        for node_id in sorted(nodes):
+            role = spec.node(node_id).role
+            assert role is not None
+            taken = await self._scripts.slot(
+                keys=[self._keys.role_slots(role)],
+                args=[f"{task_id}/{node_id}", self.role_limits[role]],
+                client=self._redis,
+            )
+            if int(taken):
+                granted.add(node_id)
+        return frozenset(granted)
+
+    async def _free_leaked_slots(self, role: str, limit: int) -> None:
+        """Free slots of nodes that finished without freeing them (a crash in between)."""
+        for raw in await self._redis.smembers(self._keys.role_slots(role)):
+            member = streams.text(raw)
+            task_id, _, node_id = member.partition("/")
+            task = await self.store.state(task_id)
+            node = task.nodes.get(node_id) if task else None
+            if task is None or task.terminal or node is None or node.terminal:
+                await self._redis.srem(self._keys.role_slots(role), member)
+
+
+async def _ensure_group(redis: Redis, stream: str) -> None:
+    try:
+        await redis.xgroup_create(stream, COORDINATORS, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _flatten(reply: Any) -> list[tuple[str, streams.Entry]]:
+    out: list[tuple[str, streams.Entry]] = []
+    for stream, rows in reply or []:
+        name = stream.decode() if isinstance(stream, bytes) else str(stream)
+        out += [(name, e) for e in streams._entries([[stream, rows]])]
+    return out
+
+
+def event_fields(event: TaskEvent) -> dict[bytes, bytes]:
+    """The stream fields of an event (for tests and tools that write events by hand)."""
+    return {EVENT_FIELD: encode(event)}

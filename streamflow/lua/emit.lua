@@ -1,0 +1,14 @@
+#!lua
+-- Store one batch a task node emitted and report it, if this consumer still owns the job.
+-- The owner check fences a worker that lost its lease: its batches are refused at the source.
+-- KEYS[1] role stream, KEYS[2] batch key, KEYS[3] role events stream
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] batch JSON, ARGV[5] batch TTL ms,
+-- ARGV[6] event JSON
+-- Returns 1, or false when the entry is no longer ours.
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then
+  return false
+end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('XADD', KEYS[3], '*', 'event', ARGV[6])
+return 1

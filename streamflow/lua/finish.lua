@@ -1,0 +1,15 @@
+#!lua
+-- Settle a task node's job (acknowledge and delete it) and report how it ended, in one step,
+-- if this consumer still owns it: the coordinator never misses the end of a job that is gone,
+-- and never hears of one from a worker that lost its lease.
+-- KEYS[1] role stream, KEYS[2] role events stream
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] event JSON
+-- Returns 1, or false when the entry is no longer ours.
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then
+  return false
+end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1

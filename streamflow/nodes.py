@@ -1,0 +1,174 @@
+"""Task nodes on the worker side: a node job's inputs, the batches it emits, its events.
+
+A job with a task id, node id and invocation is one run of a task node. Its worker reports on
+the role's events stream: ``accepted`` when it starts; one ``batch`` per emitted batch, stored
+in the role's slot and reported in one owner-checked script; and ``done``, ``failed`` or
+``cancelled`` in the same script that settles the job (see :mod:`streamflow.settle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from streamflow import streams
+from streamflow.context import Batch
+from streamflow.errors import PayloadError
+from streamflow.keys import Keys
+from streamflow.protocol import PROTOCOL_VERSION, EventType, Job, TaskEvent, encode, now_ms
+
+#: Largest encoded batch a node may emit.
+DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+#: How long an emitted batch is kept (ms): it must outlive the task that reads it.
+DEFAULT_BATCH_TTL_MS = 7 * 24 * 3600 * 1000
+#: Batch keys read per round trip when a node reads its parents' whole output.
+READ_CHUNK = 100
+
+
+class LeaseLost(Exception):
+    """Raised by ``ctx.emit`` when the worker no longer owns the job (another runs it now)."""
+
+
+def is_node_job(job: Job | None) -> bool:
+    """Whether ``job`` is one run of a task node."""
+    return (
+        job is not None
+        and job.task_id is not None
+        and job.node_id is not None
+        and job.invocation is not None
+    )
+
+
+def event(job: Job, type_: EventType, *, delivery: int, consumer: str, **fields: Any) -> bytes:
+    """The encoded :class:`TaskEvent` of ``type_`` about a node job."""
+    assert job.task_id is not None and job.node_id is not None and job.invocation is not None
+    return encode(
+        TaskEvent(
+            protocol=PROTOCOL_VERSION,
+            kind="event",
+            type=type_,
+            task_id=job.task_id,
+            node_id=job.node_id,
+            invocation=job.invocation,
+            attempt=job.attempt,
+            delivery=max(delivery, 1),
+            at_ms=now_ms(),
+            consumer=consumer,
+            **fields,
+        )
+    )
+
+
+class NodeRun:
+    """One run of a task node: emits its batches and reads its inputs.
+
+    Args:
+        redis: The client.
+        scripts: The registered scripts.
+        keys: Key names.
+        job: The node's job.
+        stream: The role stream the job is on.
+        entry_id: Its entry id (emits are owner-checked against it).
+        delivery: The entry's delivery count.
+        consumer: This worker's consumer name.
+        max_batch_bytes: The largest encoded batch accepted.
+        batch_ttl_ms: How long emitted batches are kept.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: streams.Scripts,
+        keys: Keys,
+        job: Job,
+        *,
+        stream: str,
+        entry_id: bytes,
+        delivery: int,
+        consumer: str,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        batch_ttl_ms: int = DEFAULT_BATCH_TTL_MS,
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._keys = keys
+        self.job = job
+        self._stream = stream
+        self._entry_id = entry_id
+        self.delivery = delivery
+        self.consumer = consumer
+        self._max_bytes = max_batch_bytes
+        self._ttl_ms = batch_ttl_ms
+        self.emitted = 0
+
+    def event(self, type_: EventType, **fields: Any) -> bytes:
+        """An encoded event about this run."""
+        return event(self.job, type_, delivery=self.delivery, consumer=self.consumer, **fields)
+
+    async def accepted(self) -> None:
+        """Report that this run started."""
+        await self._redis.xadd(self._keys.events(self.job.role), {b"event": self.event("accepted")})
+
+    async def load_input(self) -> Batch | None:
+        """The parent batch this run processes (nodes fed per batch), or None.
+
+        Raises:
+            LookupError: The batch is gone (expired or deleted).
+        """
+        ref = self.job.input
+        if ref is None:
+            return None
+        raw = await self._redis.get(ref.ref)
+        if raw is None:
+            raise LookupError(f"input batch {ref.index} of {ref.node!r} is gone ({ref.ref})")
+        return Batch(ref.node, ref.index, orjson.loads(raw))
+
+    async def inputs(self) -> AsyncIterator[Batch]:
+        """Every batch of every parent (nodes fed when their parents are done), in order."""
+        job = self.job
+        assert job.task_id is not None
+        for parent, count in (job.inputs or {}).items():
+            key = self._keys.task_output(job.task_id, parent)
+            refs = [streams.text(r) for r in await self._redis.lrange(key, 0, count - 1)]
+            for start in range(0, len(refs), READ_CHUNK):
+                chunk = refs[start : start + READ_CHUNK]
+                for offset, raw in enumerate(await streams.get_many(self._redis, chunk)):
+                    if raw is None:
+                        raise LookupError(f"batch {start + offset} of {parent!r} is gone")
+                    yield Batch(parent, start + offset, orjson.loads(raw))
+
+    async def emit(self, items: Iterable[Any]) -> None:
+        """Store one batch and report it.
+
+        Raises:
+            PayloadError: The batch does not encode as JSON or is too large.
+            LeaseLost: Another worker owns this job now.
+        """
+        batch = list(items)
+        try:
+            body = orjson.dumps(batch)
+        except TypeError as exc:
+            raise PayloadError(f"batch is not JSON-serializable: {exc}") from None
+        if len(body) > self._max_bytes:
+            raise PayloadError(f"batch is {len(body)} bytes, limit {self._max_bytes}")
+        job, seq = self.job, self.emitted
+        assert job.task_id is not None and job.node_id is not None and job.invocation is not None
+        key = self._keys.batch(job.role, job.task_id, job.node_id, job.invocation, seq)
+        stored = await streams.emit_batch(
+            self._scripts,
+            self._redis,
+            stream=self._stream,
+            consumer=self.consumer,
+            entry_id=self._entry_id,
+            key=key,
+            batch=body,
+            ttl_ms=self._ttl_ms,
+            events=self._keys.events(job.role),
+            event=self.event("batch", seq=seq, ref=key, items=len(batch)),
+        )
+        if not stored:
+            raise LeaseLost(f"job {job.id} is owned by another worker now")
+        self.emitted += 1
