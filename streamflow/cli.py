@@ -1,4 +1,7 @@
-"""The ``streamflow`` command line: worker, publish, cancel, dlq, schema and demo."""
+"""The ``streamflow`` command line: worker, publish, cancel, dlq, schema and demo.
+
+The task commands are in :mod:`streamflow.cli_tasks`.
+"""
 
 from __future__ import annotations
 
@@ -573,3 +576,8 @@ async def _cancel(
             wait=wait,
             timeout=timeout,
         )
+
+
+# The task commands (coordinator, submit, status, tasks, result) live in their own module and
+# register themselves on ``main``; importing it here makes them part of the CLI.
+from streamflow import cli_tasks as _cli_tasks  # noqa: E402, F401

@@ -1,0 +1,285 @@
+"""The task commands of the ``streamflow`` CLI: coordinator, submit, status, tasks, result."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import anyio
+import click
+import orjson
+
+from streamflow import config, streams
+from streamflow.cli import _client, _connection_options, _errors_to_exit, logger, main
+from streamflow.client import Client
+from streamflow.coordinator import Coordinator
+from streamflow.errors import ConfigError
+from streamflow.graph import GraphError, load
+from streamflow.tasks import TaskState
+
+
+@main.command()
+@click.option("--app", "app_path", envvar="STREAMFLOW_APP", help="App with coordinator functions.")
+@click.option(
+    "--role-limit",
+    "role_limits",
+    multiple=True,
+    metavar="ROLE=N",
+    help="At most N nodes of ROLE run at once across all tasks; repeat for several roles.",
+)
+@click.option("--consumer-name", help="Stable consumer name (default: coord-host-pid-random).")
+@click.option("--lease-ttl", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option("--sweep-interval", type=float, default=1.0, show_default=True, help="Seconds.")
+@click.option(
+    "--retention",
+    type=float,
+    default=7 * 24 * 3600.0,
+    show_default=True,
+    help="Seconds a finished task's state and results are kept.",
+)
+@click.option("--block-ms", type=int, default=1000, show_default=True)
+@_connection_options
+@_errors_to_exit
+def coordinator(
+    app_path: str | None,
+    role_limits: tuple[str, ...],
+    consumer_name: str | None,
+    lease_ttl: float,
+    sweep_interval: float,
+    retention: float,
+    block_ms: int,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    """Drive DAG tasks: turn workers' events into task state and fan out work."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    app = config.load_app(app_path) if app_path else None
+    limits: dict[str, int] = {}
+    for item in role_limits:
+        role, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"--role-limit {item!r}: use ROLE=N with N at least 1")
+        limits[role] = int(count)
+    options = {
+        "app": app,
+        "namespace": settings.namespace,
+        "consumer": consumer_name,
+        "role_limits": limits,
+        "lease_ttl": lease_ttl,
+        "block_ms": block_ms,
+        "sweep_interval": sweep_interval,
+        "retention": retention,
+    }
+    try:
+        anyio.run(_coordinate, settings, options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def _coordinate(settings: config.ConnectionSettings, options: dict[str, Any]) -> None:
+    redis = streams.connect(
+        settings.url,
+        socket_timeout=options["block_ms"] / 1000 + 10,
+        name="streamflow-coordinator",
+    )
+    await streams.ping(redis, settings.url)
+    coord = Coordinator(redis, **options)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(coord.run)
+            logger.info(
+                "coordinator %s on %s (namespace %s)",
+                coord.consumer,
+                settings.safe_url,
+                settings.namespace,
+            )
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for _ in received:
+                    coord.stop()
+                    break
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+    logger.info("coordinator %s stopped", coord.consumer)
+
+
+@main.command()
+@click.argument("graph_file", type=click.File("rb"))
+@click.option("--params", "params_json", help="Task parameters as a JSON object.")
+@click.option("--id", "task_id", help="The task id (default: a random one).")
+@click.option("--wait", is_flag=True, help="Show progress until the task ends; exit 1 unless ok.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@_connection_options
+@_errors_to_exit
+def submit(
+    graph_file: Any,
+    params_json: str | None,
+    task_id: str | None,
+    wait: bool,
+    timeout: float | None,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    """Submit the task graph in GRAPH_FILE (JSON, or YAML by extension; - for stdin)."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    try:
+        spec = load(graph_file.read(), filename=getattr(graph_file, "name", "") or "")
+    except GraphError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    params = None
+    if params_json is not None:
+        try:
+            params = orjson.loads(params_json)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"--params is not valid JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise ConfigError("--params must be a JSON object")
+    try:
+        final = anyio.run(_submit, settings, spec, params, task_id, wait, timeout)
+    except GraphError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if final is not None:
+        click.echo(f"task {final.id} {final.state}" + (f": {final.error}" if final.error else ""))
+        sys.exit(0 if final.state == "succeeded" else 1)
+
+
+async def _submit(
+    settings: config.ConnectionSettings,
+    spec: Any,
+    params: dict[str, Any] | None,
+    task_id: str | None,
+    wait: bool,
+    timeout: float | None,  # noqa: ASYNC109 - the --timeout option
+) -> TaskState | None:
+    async with _client(settings) as client:
+        task_id = await client.submit(spec, params=params, task_id=task_id)
+        click.echo(task_id)
+        if not wait:
+            return None
+        try:
+            with anyio.fail_after(timeout):
+                return await _follow(client, task_id)
+        except TimeoutError:
+            click.echo(f"error: task {task_id} still running after {timeout:g}s", err=True)
+            sys.exit(1)
+
+
+async def _follow(client: Client, task_id: str) -> TaskState:
+    """Show progress until the task ends: a live table on a terminal, changed lines otherwise."""
+    live = sys.stdout.isatty()
+    shown: dict[str, str] = {}
+    drawn = 0
+    while True:
+        task = await client.task(task_id)
+        if task is None:
+            raise ConfigError(f"task {task_id} disappeared (expired?)")
+        lines = _progress_lines(task)
+        if live:
+            if drawn:
+                click.echo(f"\x1b[{drawn}F\x1b[J", nl=False)
+            click.echo("\n".join(lines))
+            drawn = len(lines)
+        else:
+            for line in lines[1:]:
+                node = line.split()[0]
+                if shown.get(node) != line:
+                    shown[node] = line
+                    click.echo(line)
+        if task.terminal:
+            return task
+        await anyio.sleep(0.2)  # the state lives in Redis: poll it
+
+
+def _progress_lines(task: TaskState) -> list[str]:
+    width = max(len(n) for n in task.nodes)
+    head = f"{'node':<{width}}  {'state':<9} {'runs':>11} {'in':>7} {'out':>7} {'items':>9}"
+    lines = [head]
+    for node_id, node in task.nodes.items():
+        runs = f"{node.completed}/{node.dispatched}"
+        lines.append(
+            f"{node_id:<{width}}  {node.state:<9} {runs:>11} {node.batches_in:>7} "
+            f"{node.batches_out:>7} {node.items_out:>9}"
+            + (f"  ({node.waiting})" if node.waiting else "")
+        )
+    return lines
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="The full state as JSON.")
+@_connection_options
+@_errors_to_exit
+def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
+    """Show a task's state and every node's."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    task = anyio.run(_status, settings, task_id)
+    if task is None:
+        raise ConfigError(f"unknown task {task_id!r} (or it expired)")
+    if as_json:
+        click.echo(task.model_dump_json(indent=2))
+        return
+    click.echo(f"task {task.id} ({task.name}): {task.state}")
+    if task.error:
+        click.echo(f"error: {task.error}")
+    click.echo("\n".join(_progress_lines(task)))
+
+
+async def _status(settings: config.ConnectionSettings, task_id: str) -> TaskState | None:
+    async with _client(settings) as client:
+        return await client.task(task_id)
+
+
+@main.command()
+@click.option(
+    "--state",
+    type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+    help="Only tasks in this state.",
+)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per line.")
+@_connection_options
+@_errors_to_exit
+def tasks(state: Any, limit: int, as_json: bool, redis_url: str, namespace: str) -> None:
+    """List tasks, newest first."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    found = anyio.run(_tasks, settings, state, limit)
+    if not found and not as_json:
+        click.echo("no tasks" + (f" in state {state}" if state else ""))
+    for task in found:
+        if as_json:
+            click.echo(task.model_dump_json())
+        else:
+            done = sum(1 for n in task.nodes.values() if n.terminal)
+            click.echo(f"{task.id}  {task.state:<9}  {done}/{len(task.nodes)} nodes  {task.name}")
+
+
+async def _tasks(settings: config.ConnectionSettings, state: Any, limit: int) -> list[TaskState]:
+    async with _client(settings) as client:
+        return await client.tasks(state=state, limit=limit)
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--node", help="This node's output (default: every node without children).")
+@_connection_options
+@_errors_to_exit
+def result(task_id: str, node: str | None, redis_url: str, namespace: str) -> None:
+    """Print a task's results as JSON: {node: [items...]}."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    try:
+        out = anyio.run(_result, settings, task_id, node)
+    except (LookupError, KeyError) as exc:
+        raise ConfigError(str(exc).strip("'\"")) from None
+    click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+
+
+async def _result(
+    settings: config.ConnectionSettings, task_id: str, node: str | None
+) -> dict[str, list[Any]]:
+    async with _client(settings) as client:
+        return await client.result(task_id, node)
