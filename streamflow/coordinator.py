@@ -146,11 +146,12 @@ class Coordinator:
     async def drain(self) -> int:
         """Process every pending event and re-evaluate every unfinished task, then return.
 
-        Reads never block (burst mode, also on fakeredis). Returns the events processed.
+        Reads never block (burst mode, also on fakeredis). Returns how many events it
+        processed and task steps it committed (0: nothing happened).
         """
         await self._prepare()
         await self._signals.load()
-        before = self.events_processed
+        before = self.events_processed + self.commits
         while True:
             entries = await self._read(block_ms=None)
             if not entries:
@@ -158,7 +159,7 @@ class Coordinator:
             await self._handle(entries)
         await self._sweep()
         await self._run_ticks()
-        return self.events_processed - before
+        return self.events_processed + self.commits - before
 
     # -- loops ------------------------------------------------------------------------------
 

@@ -13,6 +13,9 @@ Example:
             assert h.acked == [...]
     ```
 
+It also runs whole DAG tasks (:meth:`Harness.run_task`): workers for the app's roles and a
+coordinator, in turns, until the task ends.
+
 fakeredis is fine for handler logic; lease, claim and blocking-read behaviour must be tested on
 a real redis-server (pass ``redis_url``).
 """
@@ -20,6 +23,7 @@ a real redis-server (pass ``redis_url``).
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -29,10 +33,33 @@ from redis.asyncio import Redis
 from streamflow import streams
 from streamflow.app import App
 from streamflow.client import Client
+from streamflow.coordinator import Coordinator
+from streamflow.graph import Graph, GraphSpec
 from streamflow.keys import Keys
 from streamflow.protocol import DeadLetter, decode_dead_letter
 from streamflow.settle import Outcome
+from streamflow.tasks import TaskState
 from streamflow.worker import Worker
+
+
+@dataclass(slots=True)
+class TaskRun:
+    """How a task run by :meth:`Harness.run_task` ended.
+
+    Attributes:
+        task_id: The task id.
+        state: Its final state, with every node's.
+        results: The items of each node without children (of every node with ``all_nodes``).
+    """
+
+    task_id: str
+    state: TaskState
+    results: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the task succeeded."""
+        return self.state.state == "succeeded"
 
 
 class Harness:
@@ -142,6 +169,49 @@ class Harness:
             )
             moved += count
         return moved
+
+    async def run_task(
+        self,
+        graph: Graph | GraphSpec | dict[str, Any],
+        *,
+        params: dict[str, Any] | None = None,
+        all_nodes: bool = False,
+        max_rounds: int = 1000,
+        **coordinator_options: Any,
+    ) -> TaskRun:
+        """Submit a task and run it to its end in-process; returns its state and results.
+
+        Workers for every role of the app and a coordinator (with the app's functions) take
+        turns until the task ends. Retries run at once (see :meth:`drain`).
+
+        Raises:
+            GraphError: The graph is invalid.
+            RuntimeError: The task stopped making progress (e.g. a role the app lacks).
+        """
+        coordinator = Coordinator(
+            self.redis, app=self.app, namespace=self.namespace, **coordinator_options
+        )
+        task_id = await self.client.submit(
+            graph, params=params, roles=self.app.roles, functions=self.app.functions
+        )
+        for _ in range(max_rounds):
+            handled = len(await self.drain())
+            handled += await coordinator.drain()
+            state = await self.client.task(task_id)
+            assert state is not None
+            if state.terminal:
+                results: dict[str, list[Any]] = {}
+                if state.state == "succeeded":
+                    nodes = list(state.nodes) if all_nodes else None
+                    if nodes is None:
+                        results = await self.client.result(task_id)
+                    else:
+                        for node in nodes:
+                            results.update(await self.client.result(task_id, node))
+                return TaskRun(task_id, state, results)
+            if handled == 0:
+                raise RuntimeError(f"task {task_id} stopped making progress: {state}")
+        raise RuntimeError(f"task {task_id} did not finish in {max_rounds} rounds")
 
     @property
     def retried(self) -> list[Outcome]:

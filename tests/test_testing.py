@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import BaseModel
 
+import streamflow
 from streamflow import App, Context
 from streamflow.testing import Harness
 
@@ -61,3 +64,27 @@ async def test_harness_runs_handlers_until_idle_and_reports_outcomes(
         assert await h.queued("resize") == 0
         assert await h.drain() == []  # idle: nothing more happens
     assert sorted(sizes) == [5, 100, 200]
+
+
+async def test_run_task_in_process_on_fakeredis() -> None:
+    app = streamflow.App()
+
+    @app.role("lines")
+    async def lines(ctx: streamflow.Context, params: dict[str, Any]) -> Any:
+        for start in range(0, params["n"], 4):
+            yield [{"n": i} for i in range(start, min(start + 4, params["n"]))]
+
+    @app.role("square")
+    async def square(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+        assert ctx.batch is not None
+        await ctx.emit([{"n": item["n"] ** 2} for item in ctx.batch.items])
+
+    graph = streamflow.Graph("squares", params={"n": 10})
+    graph.node("lines", role="lines").node("square", role="square")
+    graph.node("sum", function="metrics.aggregate")
+    graph.edge("lines", "square", on="batch").edge("square", "sum", on="batch")
+    async with Harness(app) as h:
+        run = await h.run_task(graph)
+    assert run.succeeded
+    assert run.results == {"sum": [{"count": 10, "sum": 0, "sums": {"n": 285}}]}
+    assert run.state.nodes["square"].dispatched == 3
