@@ -479,4 +479,8 @@ def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
     try:
         return TaskEvent.model_validate_json(raw)
     except ValidationError as exc:
+        try:
+            orjson.loads(raw)
+        except orjson.JSONDecodeError as bad:
+            raise ProtocolError("invalid_json", f"event is not valid JSON: {bad}", raw) from None
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None

@@ -243,14 +243,15 @@ def advance(
         spec: The task's graph.
         task: Its state (not modified: the step holds a copy).
         invocations: The invocation records the events refer to, by ``node:invocation``
-            (missing ones start empty).
+            (missing ones start empty; not modified).
         events: Events to apply, in order; duplicates and stale runs are ignored.
         now: The time, ms since the epoch.
         limited_roles: Roles with a per-role node limit.
         granted: Nodes that were just granted a role slot.
         partials: Partial results of ``function_done`` events, by (node, invocation).
     """
-    machine = _Machine(spec, task.model_copy(deep=True), invocations, now)
+    copies = {key: inv.model_copy(deep=True) for key, inv in invocations.items()}
+    machine = _Machine(spec, task.model_copy(deep=True), copies, now)
     for event in events:
         machine.apply(event, partials or {})
     machine.settle(limited_roles, granted)
@@ -511,7 +512,10 @@ class _Machine:
     ) -> str | None:
         limit = self.spec.max_running_nodes
         if limit is not None:
+            # Nodes asking for a role slot in this step count as running: a node the task
+            # limit would hold back must not take a slot another task could use.
             running = sum(1 for n in self.task.nodes.values() if n.active)
+            running += len(self.step.wants_slot)
             if running >= limit:
                 return f"task limit: {running} of {limit} nodes running"
         limited = spec.role is not None and spec.role in limited_roles

@@ -1,0 +1,423 @@
+"""DAG tasks end to end on a real redis-server: workers and a coordinator in this process.
+
+Crash scenarios (SIGKILLed workers and coordinators) are in test_task_crash.py; the state
+machine's rules alone are in test_task_machine.py.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+import streamflow
+from streamflow import Client, Coordinator, Graph, GraphError, Worker, streams
+from streamflow.graph import RetrySpec
+from streamflow.keys import Keys
+from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
+from streamflow.settle import Outcome
+from tests.helpers import wait_for_query, wait_until
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+app = streamflow.App()
+#: What handlers saw, by test (keyed by task id where it matters).
+seen: dict[str, list[Any]] = {}
+
+
+@app.role("source")
+async def source(ctx: streamflow.Context, params: dict[str, Any]) -> Any:
+    """Emit ints 0 .. n-1 in batches of ``size``, pausing between batches."""
+    for start in range(0, params["n"], params["size"]):
+        yield list(range(start, min(start + params["size"], params["n"])))
+        await anyio.sleep(params.get("pause", 0))
+
+
+@app.role("enrich")
+async def enrich(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    assert ctx.batch is not None
+    seen.setdefault(f"enrich:{ctx.task_id}", []).append((ctx.batch.node, ctx.batch.index))
+    await ctx.emit([x + 1 for x in ctx.batch.items])
+
+
+@app.role("ocr")
+async def ocr(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    assert ctx.batch is not None
+    await ctx.emit([x * 2 for x in ctx.batch.items])
+
+
+@app.role("analyze")
+async def analyze(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Count and sum every input, per parent."""
+    per_parent: dict[str, list[int]] = {}
+    async for batch in ctx.inputs():
+        per_parent.setdefault(batch.node, []).extend(batch.items)
+    await ctx.emit(
+        [{"parent": p, "count": len(v), "sum": sum(v)} for p, v in sorted(per_parent.items())]
+    )
+
+
+@app.role("parents")
+async def parents(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Emit the parents whose output this node received."""
+    names = set()
+    async for batch in ctx.inputs():
+        names.add(batch.node)
+    await ctx.emit(sorted(names))
+
+
+@app.role("fail", retry=streamflow.RetryPolicy(max_attempts=1))
+async def fail(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    raise RuntimeError("broken on purpose")
+
+
+@app.role("fix")
+async def fix(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    await ctx.emit([ctx.failures])
+
+
+@app.role("slow")
+async def slow(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Run until cancelled (or for ``seconds``), recording start and cancel."""
+    seen.setdefault(f"slow:{ctx.task_id}", []).append(("start", ctx.node_id))
+    with anyio.move_on_after(params.get("seconds", 30)):
+        await ctx.cancel.wait_cancelled()
+    if ctx.cancel.cancelled:
+        seen[f"slow:{ctx.task_id}"].append(("cancelled", ctx.node_id))
+        ctx.cancel.raise_if_cancelled()
+    await ctx.emit([ctx.node_id])
+
+
+@app.role("flaky")
+async def flaky(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    seen.setdefault(f"flaky:{ctx.task_id}", []).append(ctx.attempt)
+    raise streamflow.Retry("not yet", delay=params["delay"])
+
+
+@asynccontextmanager
+async def system(
+    redis_url: str, namespace: str, *, workers: bool = True, **coordinator_options: Any
+) -> AsyncIterator[tuple[Client, Coordinator, list[Outcome]]]:
+    """A worker for every role of ``app`` and a coordinator, running in the background."""
+    redis = streams.connect(redis_url)
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, shutdown_grace=1, on_outcome=outcomes.append
+    )
+    coordinator = Coordinator(
+        redis, namespace=namespace, block_ms=100, sweep_interval=0.1, **coordinator_options
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            if workers:
+                await tg.start(worker.run)
+            await tg.start(coordinator.run)
+            yield (
+                Client(
+                    redis,
+                    namespace=namespace,
+                ),
+                coordinator,
+                outcomes,
+            )
+            worker.stop()
+            coordinator.stop()
+    finally:
+        await redis.aclose()
+
+
+def chain(n: int, size: int, pause: float = 0.0) -> Graph:
+    graph = Graph("five", params={"n": n, "size": size, "pause": pause})
+    graph.node("source", role="source")
+    graph.node("enrich", role="enrich")
+    graph.node("ocr", role="ocr")
+    graph.node("merge", function="merge.generic")
+    graph.node("analyze", role="analyze")
+    graph.edge("source", "enrich", on="batch").edge("enrich", "ocr", on="batch")
+    graph.edge("source", "merge").edge("enrich", "merge")
+    graph.edge("ocr", "analyze").edge("merge", "analyze")
+    return graph
+
+
+async def test_five_node_streaming_graph(redis_url: str, namespace: str) -> None:
+    async with system(redis_url, namespace) as (client, _, _):
+        task_id = await client.submit(chain(60, 6, pause=0.05))
+        task = await client.wait(task_id, timeout=30)
+        result = await client.result(task_id)
+    assert task.state == "succeeded", task.error
+    expected_ocr = sum((x + 1) * 2 for x in range(60))
+    assert result == {
+        "analyze": [
+            {"parent": "merge", "count": 120, "sum": sum(range(60)) + sum(range(1, 61))},
+            {"parent": "ocr", "count": 60, "sum": expected_ocr},
+        ]
+    }
+    nodes = task.nodes
+    assert (nodes["source"].batches_out, nodes["enrich"].batches_in) == (10, 10)
+    assert nodes["enrich"].dispatched == nodes["enrich"].completed == 10
+    assert nodes["ocr"].batches_out == 10 and nodes["merge"].batches_out == 1
+    # Streaming: each per-batch child started while its parent was still running.
+    assert nodes["enrich"].started_at_ms < nodes["source"].finished_at_ms  # type: ignore[operator]
+    assert nodes["ocr"].started_at_ms < nodes["enrich"].finished_at_ms  # type: ignore[operator]
+    # Each parent batch reached the child once, in order.
+    assert seen[f"enrich:{task_id}"] == [("source", i) for i in range(10)]
+
+
+async def test_fan_in_all_any_count_and_done_waits(redis_url: str, namespace: str) -> None:
+    graph = Graph("fan-in", params={"size": 2})
+    for name, n in (("a", 2), ("b", 4), ("c", 6)):
+        graph.node(name, role="source", params={"n": n, "pause": 0.02 * n})
+    graph.node("all", role="parents").node("any", role="parents", fan_in="any")
+    graph.node("two", role="parents", fan_in=2)
+    graph.node("per-batch", role="enrich").node("whole", role="analyze")
+    for parent in ("a", "b", "c"):
+        for child in ("all", "any", "two"):
+            graph.edge(parent, child)
+    graph.edge("c", "per-batch", on="batch").edge("c", "whole")
+    async with system(redis_url, namespace) as (client, _, _):
+        task_id = await client.submit(graph)
+        task = await client.wait(task_id, timeout=30)
+        result = await client.result(task_id)
+    assert task.state == "succeeded", task.error
+    assert result["all"] == ["a", "b", "c"]
+    assert len(result["any"]) == 1 and len(result["two"]) == 2
+    assert result["per-batch"] == [x + 1 for x in range(6)]
+    assert result["whole"] == [{"parent": "c", "count": 6, "sum": 15}]
+    nodes = task.nodes
+    # on: done waits for the whole parent; one parent feeds a per-batch and a done child.
+    assert nodes["whole"].started_at_ms >= nodes["c"].finished_at_ms  # type: ignore[operator]
+    assert nodes["per-batch"].dispatched == 3
+    assert nodes["all"].started_at_ms >= max(  # type: ignore[operator]
+        nodes[p].finished_at_ms
+        for p in "abc"  # type: ignore[type-var]
+    )
+
+
+async def test_permanent_failure_cascades(redis_url: str, namespace: str) -> None:
+    graph = Graph("cascade", params={"n": 4, "size": 2})
+    graph.node("source", role="source").node("fail", role="fail")
+    graph.node("after", role="enrich").node("sibling", role="slow")
+    graph.edge("source", "fail", on="batch").edge("fail", "after", on="batch")
+    async with system(redis_url, namespace) as (client, _, _):
+        task_id = await client.submit(graph)
+        task = await client.wait(task_id, timeout=30)
+        await wait_until(lambda: ("cancelled", "sibling") in seen.get(f"slow:{task_id}", []))
+        letters = await client.dead_letters("fail")
+    assert task.state == "failed"
+    assert "node 'fail' failed" in (task.error or "")
+    assert task.nodes["fail"].state == "failed"
+    assert task.nodes["after"].state == "cancelled"
+    assert task.nodes["after"].started_at_ms is None  # downstream never started
+    assert task.nodes["sibling"].state == "cancelled"  # the running one got the cancel
+    assert letters and letters[0].letter.reason == "failed"
+
+
+async def test_on_failure_runs_only_on_failure(redis_url: str, namespace: str) -> None:
+    broken = Graph("remedy", params={"n": 2, "size": 2})
+    broken.node("source", role="source").node("fail", role="fail").node("fix", role="fix")
+    broken.edge("source", "fail", on="batch").edge("fail", "fix", on="failure")
+    fine = Graph("fine", params={"n": 2, "size": 2})
+    fine.node("source", role="source").node("ok", role="enrich").node("fix", role="fix")
+    fine.edge("source", "ok", on="batch").edge("ok", "fix", on="failure")
+    async with system(redis_url, namespace) as (client, _, _):
+        broken_id = await client.submit(broken)
+        fine_id = await client.submit(fine)
+        broken_task = await client.wait(broken_id, timeout=30)
+        fine_task = await client.wait(fine_id, timeout=30)
+        remedy = await client.result(broken_id, "fix")
+    assert broken_task.state == "succeeded", broken_task.error
+    assert broken_task.nodes["fail"].state == "failed"
+    assert broken_task.nodes["fix"].state == "succeeded"
+    assert remedy["fix"][0]["fail"].startswith("failed: attempt 1 of 1 failed")
+    assert fine_task.state == "succeeded"
+    assert fine_task.nodes["fix"].state == "skipped"
+    assert fine_task.nodes["fix"].dispatched == 0
+
+
+async def test_cancel_mid_task(redis_url: str, namespace: str) -> None:
+    graph = Graph("cancel-mid", params={"n": 4, "size": 1})
+    graph.node("source", role="source").node("slow", role="slow").node("after", role="enrich")
+    graph.edge("source", "slow", on="batch").edge("slow", "after", on="batch")
+    async with system(redis_url, namespace) as (client, _, _):
+        task_id = await client.submit(graph)
+        await wait_until(lambda: len(seen.get(f"slow:{task_id}", [])) >= 2)
+        await client.cancel(task_id, target="task", reason="changed my mind")
+        task = await client.wait(task_id, timeout=10)
+        await wait_until(
+            lambda: (
+                sum(1 for e in seen[f"slow:{task_id}"] if e[0] == "cancelled")
+                == sum(1 for e in seen[f"slow:{task_id}"] if e[0] == "start")
+            )
+        )
+    assert task.state == "cancelled"
+    assert task.error == "changed my mind"
+    assert all(n.state == "cancelled" for i, n in task.nodes.items() if i != "source")
+    assert task.nodes["after"].started_at_ms is None
+
+
+async def test_cancel_before_any_node_starts(redis_url: str, namespace: str) -> None:
+    graph = Graph("cancel-early", params={"n": 4, "size": 2})
+    graph.node("source", role="source").node("next", role="enrich")
+    graph.edge("source", "next", on="batch")
+    async with system(redis_url, namespace, workers=False) as (client, _, _):
+        await client.redis.sadd(Keys(namespace).known_roles(), "source", "enrich")
+        task_id = await client.submit(graph)
+        await client.cancel(task_id, target="task")
+        task = await client.wait(task_id, timeout=10)
+    assert task.state == "cancelled"
+    # Now workers run: the queued source job is dropped as cancelled, never started.
+    async with system(redis_url, namespace) as (client, _, outcomes):
+        await wait_until(lambda: any(o.status == "cancelled" for o in outcomes))
+        task = await client.wait(task_id, timeout=10)
+    assert [o.role for o in outcomes] == ["source"]
+    assert task.nodes["source"].started_at_ms is None
+    assert task.nodes["next"].dispatched == 0
+
+
+async def test_cancel_while_a_node_waits_for_a_retry(redis_url: str, namespace: str) -> None:
+    graph = Graph("cancel-retry", params={"delay": 1.0})
+    graph.node("flaky", role="flaky", retry=RetrySpec(max_attempts=5))
+    async with system(redis_url, namespace) as (client, _, outcomes):
+        task_id = await client.submit(graph)
+        await wait_until(lambda: any(o.status == "retried" for o in outcomes))
+        await client.cancel(task_id, target="task")
+        task = await client.wait(task_id, timeout=10)
+        # The retry comes due, and is dropped as cancelled instead of run.
+        await wait_until(lambda: any(o.status == "cancelled" for o in outcomes))
+    assert task.state == "cancelled"
+    assert seen[f"flaky:{task_id}"] == [1]
+
+
+async def test_concurrent_tasks_with_the_same_node_ids(redis_url: str, namespace: str) -> None:
+    async with system(redis_url, namespace) as (client, _, _):
+        first = await client.submit(chain(30, 5))
+        second = await client.submit(chain(12, 4))
+        one, two = await client.wait(first, timeout=30), await client.wait(second, timeout=30)
+        results = [await client.result(first), await client.result(second)]
+    assert one.state == two.state == "succeeded"
+    counts = [{r["parent"]: r["count"] for r in res["analyze"]} for res in results]
+    assert counts == [{"merge": 60, "ocr": 30}, {"merge": 24, "ocr": 12}]
+
+
+async def test_empty_source_finishes_with_count_zero(redis_url: str, namespace: str) -> None:
+    graph = Graph("empty", params={"n": 0, "size": 5})
+    graph.node("source", role="source").node("enrich", role="enrich")
+    graph.node("total", function="metrics.aggregate")
+    graph.edge("source", "enrich", on="batch").edge("enrich", "total", on="batch")
+    async with system(redis_url, namespace) as (client, _, _):
+        task_id = await client.submit(graph)
+        task = await client.wait(task_id, timeout=10)
+        result = await client.result(task_id)
+    assert task.state == "succeeded"
+    assert task.nodes["enrich"].dispatched == 0
+    assert result == {"total": [{"count": 0, "sum": 0, "sums": {}}]}
+
+
+def _intervals(tasks: list[streamflow.TaskState], role_nodes: set[str]) -> list[tuple[int, int]]:
+    return sorted(
+        (n.started_at_ms, n.finished_at_ms)  # type: ignore[misc]
+        for t in tasks
+        for i, n in t.nodes.items()
+        if i in role_nodes
+    )
+
+
+async def test_task_and_role_limits_hold(redis_url: str, namespace: str) -> None:
+    per_task = Graph("limited", params={"seconds": 0.2}, max_running_nodes=1)
+    for name in ("a", "b", "c"):
+        per_task.node(name, role="slow")
+    per_role = Graph("role-limited", params={"n": 1, "size": 1, "seconds": 0.2})
+    per_role.node("x", role="slow").node("y", role="slow")
+    async with system(redis_url, namespace, role_limits={"slow": 2}) as (client, _, _):
+        limited = await client.submit(per_task)
+        others = [await client.submit(per_role) for _ in range(3)]
+        done = [await client.wait(t, timeout=30) for t in [limited, *others]]
+    assert all(t.state == "succeeded" for t in done)
+    runs = _intervals(done[:1], {"a", "b", "c"})
+    # One node of the limited task at a time: each starts after the previous finished.
+    assert all(later[0] >= earlier[1] for earlier, later in zip(runs, runs[1:], strict=False))
+    # At most two 'slow' nodes at once across all tasks.
+    every = _intervals(done, {"a", "b", "c", "x", "y"})
+    for start, _ in every:
+        assert sum(1 for s, f in every if s <= start < f) <= 2
+
+
+async def test_invalid_graph_is_rejected_and_nothing_written(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    graph = Graph("bad")
+    graph.node("a", role="source").node("a", role="nope").node("b", function="no.such")
+    graph.edge("a", "b").edge("b", "a").edge("a", "ghost")
+    client = Client(redis, namespace=namespace)
+    with pytest.raises(GraphError) as caught:
+        await client.submit(graph, roles=["source"])
+    problems = "\n".join(caught.value.problems)
+    for part in ("duplicate node id 'a'", "unknown role 'nope'", "unknown function", "cycle"):
+        assert part in problems
+    assert "unknown node 'ghost'" in problems
+    assert [k async for k in redis.scan_iter(match=f"{namespace}:*")] == []
+
+
+def _event(task_id: str, type_: str, invocation: int = 0, **fields: Any) -> dict[bytes, bytes]:
+    event = TaskEvent(
+        protocol=PROTOCOL_VERSION,
+        kind="event",
+        type=type_,  # type: ignore[arg-type]
+        task_id=task_id,
+        node_id="source",
+        invocation=invocation,
+        at_ms=now_ms(),
+        **fields,
+    )
+    return {b"event": encode(event)}
+
+
+async def test_duplicated_late_and_out_of_order_events(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    """Batch events written by hand, each twice, shuffled, 'done' first: counts stay exact."""
+    graph = Graph("by-hand")
+    graph.node("source", role="manual").node("enrich", role="enrich")
+    graph.node("total", function="metrics.aggregate")
+    graph.edge("source", "enrich", on="batch").edge("enrich", "total", on="batch")
+    keys = Keys(namespace)
+    async with system(redis_url, namespace) as (client, _, outcomes):
+        task_id = await client.submit(graph, roles=["manual", "enrich"])
+        events = [_event(task_id, "done", total=20)]
+        for seq in range(20):
+            ref = keys.batch("manual", task_id, "source", 0, seq)
+            await redis.set(ref, f"[{seq}, {seq + 100}]")
+            events += [_event(task_id, "batch", seq=seq, ref=ref, items=2)] * 2
+        random.Random(7).shuffle(events)
+        for fields in events:
+            await redis.xadd(keys.events("manual"), fields)  # type: ignore[arg-type]
+        task = await client.wait(task_id, timeout=20)
+        result = await client.result(task_id)
+    assert task.state == "succeeded"
+    assert task.nodes["source"].batches_out == 20
+    assert task.nodes["enrich"].dispatched == task.nodes["enrich"].completed == 20
+    assert len([o for o in outcomes if o.role == "enrich"]) == 20  # no duplicate dispatch
+    expected = sum(seq + 1 + seq + 101 for seq in range(20))
+    assert result == {"total": [{"count": 40, "sum": expected, "sums": {}}]}
+
+
+async def test_malformed_event_is_dead_lettered(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    keys = Keys(namespace)
+    await redis.sadd(keys.known_roles(), "source")
+    async with system(redis_url, namespace) as (client, _, _):
+        await redis.xadd(keys.events("source"), {"event": b"{not json"})
+        await wait_for_query(lambda: redis.xlen(keys.dead_letters("source")))
+        # The coordinator keeps serving.
+        graph = Graph("after", params={"n": 2, "size": 2}).node("source", role="source")
+        task = await client.wait(await client.submit(graph), timeout=10)
+    assert task.state == "succeeded"
+    [(_, fields)] = await redis.xrange(keys.dead_letters("source"))
+    assert fields[b"invalid_event"].startswith(b"invalid_json")
+    assert fields[b"raw:event"] == b"{not json"
