@@ -6,6 +6,7 @@ machine's rules alone are in test_task_machine.py.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -340,7 +341,7 @@ async def test_task_and_role_limits_hold(redis_url: str, namespace: str) -> None
     assert all(t.state == "succeeded" for t in done)
     runs = _intervals(done[:1], {"a", "b", "c"})
     # One node of the limited task at a time: each starts after the previous finished.
-    assert all(later[0] >= earlier[1] for earlier, later in zip(runs, runs[1:], strict=False))
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(runs))
     # At most two 'slow' nodes at once across all tasks.
     every = _intervals(done, {"a", "b", "c", "x", "y"})
     for start, _ in every:
