@@ -242,6 +242,11 @@ def load(text: str | bytes, *, filename: str = "") -> GraphSpec:
             document = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise GraphError([f"not valid YAML: {exc}"]) from None
+        # YAML 1.1 reads a bare ``on`` key as the boolean true: give edges their key back.
+        edges = document.get("edges") if isinstance(document, dict) else None
+        for edge in edges if isinstance(edges, list) else []:
+            if isinstance(edge, dict) and True in edge and "on" not in edge:
+                edge["on"] = edge.pop(True)
     else:
         try:
             document = orjson.loads(text)

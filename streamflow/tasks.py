@@ -8,8 +8,8 @@ another that simply processes the same events again.
 
 States only move forward: a task goes ``queued -> running -> succeeded | failed | cancelled``;
 a node goes ``queued -> running -> succeeded | failed | cancelled | skipped`` (``skipped``: a
-remediation node whose parents all succeeded, or a node that can never run because a parent
-failed and the failure was remediated).
+remediation node whose parents all succeeded; a node that can never run because a parent
+failed, even a remediated one, is ``cancelled``).
 """
 
 from __future__ import annotations
@@ -515,7 +515,7 @@ class _Machine:
             # Nodes asking for a role slot in this step count as running: a node the task
             # limit would hold back must not take a slot another task could use.
             running = sum(1 for n in self.task.nodes.values() if n.active)
-            running += len(self.step.wants_slot)
+            running += len(self.step.wants_slot - {node_id})
             if running >= limit:
                 return f"task limit: {running} of {limit} nodes running"
         limited = spec.role is not None and spec.role in limited_roles
