@@ -348,6 +348,7 @@ class Coordinator:
                 self.commits += 1
                 if step.task.terminal:
                     await self._redis.srem(self._keys.tasks_active(), task_id)
+                    await self.store.expire_batches(loaded.spec, task_id)
                     logger.info("task %s %s", task_id, step.task.state)
                 return
             self.conflicts += 1

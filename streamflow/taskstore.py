@@ -160,6 +160,19 @@ class TaskStore:
         result = await self._scripts.task_commit(keys=keys, args=args, client=self._redis)
         return None if result is None else int(result)
 
+    async def expire_batches(self, spec: GraphSpec, task_id: str) -> None:
+        """Give every batch a finished task's nodes stored the task's retention.
+
+        Workers store batches with their own TTL; a finished task's batches go with it.
+        """
+        for node in spec.nodes:
+            refs = await self.batch_refs(task_id, node.id)
+            for start in range(0, len(refs), 1000):
+                pipe = self._redis.pipeline(transaction=False)
+                for ref in refs[start : start + 1000]:
+                    pipe.pexpire(ref, self.retention_ms)
+                await pipe.execute()
+
     async def outbox(self, task_id: str) -> list[tuple[str, dict[str, Any]]]:
         """The task's outbox items in the order they were decided."""
         raw = await streams.hash_items(self._redis, self.keys.task_outbox(task_id))

@@ -422,3 +422,32 @@ async def test_malformed_event_is_dead_lettered(
     [(_, fields)] = await redis.xrange(keys.dead_letters("source"))
     assert fields[b"invalid_event"].startswith(b"invalid_json")
     assert fields[b"raw:event"] == b"{not json"
+
+
+async def test_finished_tasks_expire_after_the_retention(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    graph = Graph("short-lived", params={"n": 6, "size": 2})
+    graph.node("source", role="source").node("enrich", role="enrich")
+    graph.edge("source", "enrich", on="batch")
+    async with system(redis_url, namespace, retention=60) as (client, _, _):
+        task_id = await client.submit(graph)
+        await client.wait(task_id, timeout=10)
+    keys = Keys(namespace)
+    refs = [*await redis.lrange(keys.task_output(task_id, "source"), 0, -1)]
+    refs += await redis.lrange(keys.task_output(task_id, "enrich"), 0, -1)
+    assert len(refs) == 6
+    for key in [keys.task_state(task_id), keys.task_output(task_id, "enrich"), *refs]:
+        assert 0 < await redis.pttl(key) <= 60_000, key
+
+
+async def test_node_timeout_and_retry_override_the_role(redis_url: str, namespace: str) -> None:
+    graph = Graph("timeout", params={"seconds": 30})
+    graph.node("slow", role="slow", timeout=0.2, retry={"max_attempts": 2, "backoff": 0})
+    async with system(redis_url, namespace) as (client, _, outcomes):
+        task_id = await client.submit(graph)
+        task = await client.wait(task_id, timeout=15)
+    assert task.state == "failed"
+    assert task.nodes["slow"].attempts == 2
+    assert "timed out after 0.2s" in (task.nodes["slow"].error or "")
+    assert [o.status for o in outcomes] == ["retried", "dead_lettered"]
