@@ -88,3 +88,34 @@ async def test_run_task_in_process_on_fakeredis() -> None:
     assert run.succeeded
     assert run.results == {"sum": [{"count": 10, "sum": 0, "sums": {"n": 285}}]}
     assert run.state.nodes["square"].dispatched == 3
+
+
+async def test_user_coordinator_function_with_reduce() -> None:
+    app = streamflow.App()
+
+    @app.role("words")
+    async def words(ctx: streamflow.Context, params: dict[str, Any]) -> Any:
+        yield ["a", "bb"]
+        yield ["ccc"]
+
+    def longest(params: dict[str, Any], partials: Any) -> list[Any]:
+        return [max((w for part in partials for w in part), key=len)]
+
+    @app.function("text.longest", reduce=longest)
+    def lengths(params: dict[str, Any], batches: Any) -> list[str]:
+        return [word for batch in batches for word in batch.items]
+
+    graph = streamflow.Graph("words").node("words", role="words")
+    graph.node("longest", function="text.longest").edge("words", "longest", on="batch")
+    async with Harness(app) as h:
+        run = await h.run_task(graph)
+    assert run.results == {"longest": ["ccc"]}
+    assert run.state.nodes["longest"].dispatched == 2
+
+
+def test_function_names_are_checked() -> None:
+    app = streamflow.App()
+    with pytest.raises(streamflow.ConfigError):
+        app.function("merge.generic")  # taken by a built-in
+    with pytest.raises(streamflow.ConfigError):
+        app.function("bad name")
