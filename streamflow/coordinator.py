@@ -281,11 +281,23 @@ class Coordinator:
                 await self._reject(stream, entry, exc)
                 continue
             by_task[event.task_id].append(event)
+        failed: set[str] = set()
         for task_id, events in by_task.items():
-            await self.process(task_id, events)
+            try:
+                await self.process(task_id, events)
+            except (*streams.TRANSIENT_ERRORS, ResponseError):
+                raise
+            except Exception:
+                # A bug or bad data in one task must not stop every other task: its events
+                # stay pending, to be adopted and tried again after the lease TTL.
+                logger.exception("task %s: processing events failed", task_id)
+                failed.add(task_id)
+                continue
             self.events_processed += sum(1 for e in events if isinstance(e, TaskEvent))
         by_stream: dict[str, list[bytes]] = defaultdict(list)
         for stream, entry in entries:
+            if failed and _task_of(entry) in failed:
+                continue
             by_stream[stream].append(entry.id)
         pipe = self._redis.pipeline(transaction=False)
         for stream, ids in by_stream.items():
@@ -465,14 +477,13 @@ class Coordinator:
         spec = await self._spec(task_id)
         for name, item in items:
             kind = item["kind"]
-            if kind == "function" and spec is not None:
-                node = spec.node(item["node"])
-                partials[(node.id, item["invocation"])] = await self._run_function(
-                    task_id, spec, node.id, item
-                )
-                events.append(Internal("function_done", node.id, item["invocation"]))
-            elif kind == "reduce" and spec is not None:
-                events.append(await self._reduce(task_id, spec, item["node"]))
+            if kind in ("function", "reduce") and spec is not None:
+                function = spec.node(item["node"]).function
+                if function not in self.functions:
+                    # Another coordinator (with the app that has it) carries it out.
+                    logger.warning("task %s needs function %r: not here", task_id, function)
+                    continue
+                events.append(await self._call(task_id, spec, item, partials))
             elif kind == "cancel":
                 await signals.send_cancel(
                     self._redis,
@@ -526,6 +537,28 @@ class Coordinator:
                 out.append(Batch(parent, index, items or []))
         return out
 
+    async def _call(
+        self,
+        task_id: str,
+        spec: GraphSpec,
+        item: dict[str, Any],
+        partials: dict[tuple[str, int], Any],
+    ) -> Internal:
+        """Run a function invocation's map, or a function node's reduce; failures fail it."""
+        node_id = item["node"]
+        try:
+            if item["kind"] == "reduce":
+                return await self._reduce(task_id, spec, node_id)
+            partial = await self._run_function(task_id, spec, node_id, item)
+            orjson.dumps(partial)  # must be storable
+        except (*streams.TRANSIENT_ERRORS, ResponseError):
+            raise
+        except Exception as exc:
+            logger.warning("task %s: function node %r failed: %r", task_id, node_id, exc)
+            return Internal("function_failed", node_id, reason=f"{type(exc).__name__}: {exc}")
+        partials[(node_id, item["invocation"])] = partial
+        return Internal("function_done", node_id, item["invocation"])
+
     async def _run_function(
         self, task_id: str, spec: GraphSpec, node_id: str, item: dict[str, Any]
     ) -> Any:
@@ -573,6 +606,16 @@ class Coordinator:
             node = task.nodes.get(node_id) if task else None
             if task is None or task.terminal or node is None or node.terminal:
                 await self._redis.srem(self._keys.role_slots(role), member)
+
+
+def _task_of(entry: streams.Entry) -> str | None:
+    """The task id an events or control entry is about, if it can be read."""
+    if b"task" in entry.fields:
+        return entry.fields[b"task"].decode(errors="replace")
+    try:
+        return decode_event(entry.fields).task_id
+    except ProtocolError:
+        return None
 
 
 async def _ensure_group(redis: Redis, stream: str) -> None:

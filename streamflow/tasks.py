@@ -157,11 +157,12 @@ class Internal:
     """An event the coordinator makes itself (not read from a stream).
 
     ``tick`` re-evaluates the task; ``cancel`` cancels it; ``function_done`` records a
-    coordinator function invocation's partial result; ``reduced`` records a function node's
-    final batch (``ref`` None when it produced nothing).
+    coordinator function invocation's partial result; ``function_failed`` fails its node (the
+    function raised); ``reduced`` records a function node's final batch (``ref`` None when it
+    produced nothing).
     """
 
-    type: Literal["tick", "cancel", "function_done", "reduced"]
+    type: Literal["tick", "cancel", "function_done", "function_failed", "reduced"]
     node_id: str = ""
     invocation: int = 0
     reason: str = ""
@@ -349,6 +350,8 @@ class _Machine:
                 (event.node_id, event.invocation)
             )
             self._keep(key, inv, before)
+        elif event.type == "function_failed":
+            self._fail(event.node_id, event.reason or "the function failed")
         elif event.type == "reduced" and node.reducing:
             if event.ref is not None:
                 node.batches_out += 1

@@ -119,3 +119,22 @@ def test_function_names_are_checked() -> None:
         app.function("merge.generic")  # taken by a built-in
     with pytest.raises(streamflow.ConfigError):
         app.function("bad name")
+
+
+async def test_a_failing_function_fails_its_node_not_the_coordinator() -> None:
+    app = streamflow.App()
+
+    @app.role("one")
+    async def one(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+        await ctx.emit([1])
+
+    @app.function("broken.fn")
+    def broken(params: dict[str, Any], batches: Any) -> Any:
+        raise ValueError("cannot")
+
+    graph = streamflow.Graph("fn-fails").node("one", role="one")
+    graph.node("fn", function="broken.fn").edge("one", "fn", on="batch")
+    async with Harness(app) as h:
+        run = await h.run_task(graph)
+    assert run.state.state == "failed"
+    assert run.state.nodes["fn"].error == "ValueError: cannot"
