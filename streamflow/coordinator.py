@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -179,19 +179,25 @@ class Coordinator:
     async def _read_loop(self) -> None:
         backoff = streams.Backoff("reading task events")
         while not self._stopping.is_set():
-            try:
-                await self._refresh_streams()
-                entries = await self._read(block_ms=self._block_ms)
-                await self._handle(entries)
-            except streams.TRANSIENT_ERRORS as exc:
-                await backoff.failed(exc)
-                continue
-            except ResponseError as exc:
-                if not streams.is_group_lost(exc):
-                    raise
-                self._streams = [self._keys.tasks_control()]  # recreate the groups
-                continue
-            backoff.succeeded()
+            await self._guarded(self._read_and_handle, backoff)
+
+    async def _read_and_handle(self) -> None:
+        await self._refresh_streams()
+        await self._handle(await self._read(block_ms=self._block_ms))
+
+    async def _guarded(self, step: Callable[[], Awaitable[None]], backoff: streams.Backoff) -> None:
+        """Run one step of a loop: outages back off, a lost consumer group is recreated."""
+        try:
+            await step()
+        except streams.TRANSIENT_ERRORS as exc:
+            await backoff.failed(exc)
+            return
+        except ResponseError as exc:
+            if not streams.is_group_lost(exc):
+                raise
+            self._streams = [self._keys.tasks_control()]  # the next read recreates the groups
+            return
+        backoff.succeeded()
 
     async def _read(self, *, block_ms: int | None) -> list[tuple[str, streams.Entry]]:
         reply: Any = await self._redis.xreadgroup(
@@ -209,28 +215,18 @@ class Coordinator:
         while not self._stopping.is_set():
             with anyio.move_on_after(interval):
                 await self._stopping.wait()
-            try:
-                for stream in list(self._streams):
-                    reply: Any = await self._redis.xautoclaim(
-                        stream,
-                        COORDINATORS,
-                        self.consumer,
-                        self._lease_ms,
-                        "0-0",
-                        count=self._read_count,
-                    )
-                    entries = [(stream, e) for e in streams._entries([[stream, reply[1]]])]
-                    if entries:
-                        logger.info("adopted %d task events of %s", len(entries), stream)
-                        await self._handle(entries)
-            except streams.TRANSIENT_ERRORS as exc:
-                await backoff.failed(exc)
-                continue
-            except ResponseError as exc:
-                if not streams.is_group_lost(exc):
-                    raise
-                continue
-            backoff.succeeded()
+            await self._guarded(self._adopt, backoff)
+
+    async def _adopt(self) -> None:
+        """Take over events another coordinator left pending past the lease TTL."""
+        for stream in list(self._streams):
+            reply: Any = await self._redis.xautoclaim(
+                stream, COORDINATORS, self.consumer, self._lease_ms, "0-0", count=self._read_count
+            )
+            entries = [(stream, e) for e in streams._entries([[stream, reply[1]]])]
+            if entries:
+                logger.info("adopted %d task events of %s", len(entries), stream)
+                await self._handle(entries)
 
     async def _sweep_loop(self) -> None:
         while not self._stopping.is_set():

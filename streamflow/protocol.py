@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -449,20 +449,7 @@ def decode_signal(fields: dict[bytes, bytes]) -> CancelSignal:
     Raises:
         ProtocolError: Not a valid signal (bad JSON, unknown kind or version, wrong fields).
     """
-    raw = fields.get(SIGNAL_FIELD)
-    if raw is None:
-        raise ProtocolError("invalid_message", "signal entry has no 'signal' field")
-    if len(raw) > 64 * 1024:
-        raise ProtocolError("too_large", f"signal is {len(raw)} bytes", raw)
-    try:
-        return CancelSignal.model_validate_json(raw)
-    except ValidationError as exc:
-        raise ProtocolError("invalid_message", _summarize(exc), raw) from None
-
-
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """The JSON Schema of every message kind, keyed by kind."""
-    return {kind: model.model_json_schema() for kind, model in MESSAGE_KINDS.items()}
+    return _decode_small(fields, SIGNAL_FIELD, CancelSignal)
 
 
 def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
@@ -471,16 +458,30 @@ def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
     Raises:
         ProtocolError: Not a valid event.
     """
-    raw = fields.get(EVENT_FIELD)
+    return _decode_small(fields, EVENT_FIELD, TaskEvent)
+
+
+_SmallT = TypeVar("_SmallT", CancelSignal, TaskEvent)
+
+
+def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT]) -> _SmallT:
+    """Decode a signal or event: entries of at most 64 KiB in one field ``name``."""
+    what = name.decode()
+    raw = fields.get(name)
     if raw is None:
-        raise ProtocolError("invalid_message", "event entry has no 'event' field")
+        raise ProtocolError("invalid_message", f"{what} entry has no {what!r} field")
     if len(raw) > 64 * 1024:
-        raise ProtocolError("too_large", f"event is {len(raw)} bytes", raw)
+        raise ProtocolError("too_large", f"{what} is {len(raw)} bytes", raw)
     try:
-        return TaskEvent.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         try:
             orjson.loads(raw)
         except orjson.JSONDecodeError as bad:
-            raise ProtocolError("invalid_json", f"event is not valid JSON: {bad}", raw) from None
+            raise ProtocolError("invalid_json", f"{what} is not valid JSON: {bad}", raw) from None
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every message kind, keyed by kind."""
+    return {kind: model.model_json_schema() for kind, model in MESSAGE_KINDS.items()}
