@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 #: Commits retried after losing a race with another coordinator, before giving up for now.
 COMMIT_ATTEMPTS = 50
+#: Seconds between looks at the set of known roles, for events streams to follow.
+ROLES_REFRESH = 0.5
 
 
 class Coordinator:
@@ -113,7 +115,8 @@ class Coordinator:
         self._signals = signals.SignalListener(
             redis, self._keys, self._book, self._on_cancel, block_ms=block_ms
         )
-        self._streams: list[str] = [self._keys.tasks_control()]
+        self._streams: list[str] = []
+        self._refreshed = float("-inf")
         self._ticks: set[str] = set()
         self._tick_wakeup = anyio.Event()
         self._locks: dict[str, anyio.Lock] = {}
@@ -168,13 +171,15 @@ class Coordinator:
         await self._refresh_streams()
 
     async def _refresh_streams(self) -> None:
+        """Follow the events stream of every known role (new roles appear with new tasks)."""
         found = await self._redis.smembers(self._keys.known_roles())
         roles = sorted(streams.text(r) for r in found)
         wanted = [self._keys.tasks_control(), *(self._keys.events(r) for r in roles)]
         for stream in wanted:
-            if stream not in self._streams or stream == self._keys.tasks_control():
+            if stream not in self._streams:
                 await _ensure_group(self._redis, stream)
         self._streams = wanted
+        self._refreshed = anyio.current_time()
 
     async def _read_loop(self) -> None:
         backoff = streams.Backoff("reading task events")
@@ -182,7 +187,8 @@ class Coordinator:
             await self._guarded(self._read_and_handle, backoff)
 
     async def _read_and_handle(self) -> None:
-        await self._refresh_streams()
+        if anyio.current_time() - self._refreshed > ROLES_REFRESH:
+            await self._refresh_streams()
         await self._handle(await self._read(block_ms=self._block_ms))
 
     async def _guarded(self, step: Callable[[], Awaitable[None]], backoff: streams.Backoff) -> None:
@@ -195,7 +201,7 @@ class Coordinator:
         except ResponseError as exc:
             if not streams.is_group_lost(exc):
                 raise
-            self._streams = [self._keys.tasks_control()]  # the next read recreates the groups
+            self._streams, self._refreshed = [], float("-inf")  # recreate every group
             return
         backoff.succeeded()
 
@@ -317,28 +323,31 @@ class Coordinator:
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
-                await self._apply(task_id, events, partials)
-                # Function runs commit new steps, whose outbox items are carried out in turn.
-                for _ in range(100):
-                    if not await self._carry_out(task_id):
-                        break
+                written = await self._apply(task_id, events, partials)
+                # A tick also finishes an outbox that a crashed coordinator left behind.
+                if written or any(isinstance(e, Internal) and e.type == "tick" for e in events):
+                    # Function runs commit new steps, whose items are carried out in turn.
+                    for _ in range(100):
+                        if not await self._carry_out(task_id):
+                            break
         finally:
             if not lock.locked():
                 self._locks.pop(task_id, None)
 
     async def _apply(
         self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None
-    ) -> None:
+    ) -> int:
+        """Apply events and commit; returns how many outbox items the commit wrote."""
         wanted = sorted(
             {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
         )
         for _ in range(COMMIT_ATTEMPTS):
             loaded = await self.store.load(task_id, wanted)
             if loaded is None:
-                return  # unknown or expired: nothing to do
+                return 0  # unknown or expired: nothing to do
             if loaded.task.terminal:
                 await self._redis.srem(self._keys.tasks_active(), task_id)
-                return
+                return 0
             todo = list(events)
             cancel = self._book.for_task(task_id)
             if cancel is not None:
@@ -349,7 +358,7 @@ class Coordinator:
                 if granted:
                     step = self._advance(loaded, todo, partials, granted)
             if not step.changed:
-                return
+                return 0
             outbox = await self._outbox_items(loaded, step)
             version = await self.store.commit(loaded, step, outbox, retention=step.task.terminal)
             if version is not None:
@@ -358,9 +367,10 @@ class Coordinator:
                     await self._redis.srem(self._keys.tasks_active(), task_id)
                     await self.store.expire_batches(loaded.spec, task_id)
                     logger.info("task %s %s", task_id, step.task.state)
-                return
+                return len(outbox)
             self.conflicts += 1
         logger.warning("task %s: gave up committing after %d races", task_id, COMMIT_ATTEMPTS)
+        return 0
 
     def _advance(
         self,
@@ -458,11 +468,11 @@ class Coordinator:
             timeout=node.timeout,
         )
 
-    async def _carry_out(self, task_id: str) -> bool:
-        """Carry out the task's outbox; False when it was empty."""
+    async def _carry_out(self, task_id: str) -> int:
+        """Carry out the task's outbox; returns how many items function results added."""
         items = await self.store.outbox(task_id)
         if not items:
-            return False
+            return 0
         done: list[str] = []
         jobs = [(name, item) for name, item in items if item["kind"] == "job"]
         if jobs:
@@ -470,7 +480,7 @@ class Coordinator:
             done += [name for name, _ in jobs]
         events: list[Event] = []
         partials: dict[tuple[str, int], Any] = {}
-        spec = await self._spec(task_id)
+        spec = await self.store.spec(task_id)
         for name, item in items:
             kind = item["kind"]
             if kind in ("function", "reduce") and spec is not None:
@@ -495,11 +505,12 @@ class Coordinator:
                     self._keys.role_slots(item["role"]), f"{task_id}/{item['node']}"
                 )
             done.append(name)
+        written = 0
         if events:
             # Function results are recorded first: their items go only once that is committed.
-            await self._apply(task_id, events, partials)
+            written = await self._apply(task_id, events, partials)
         await self.store.clear_outbox(task_id, done)
-        return True
+        return written
 
     async def _publish(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -516,10 +527,6 @@ class Coordinator:
             )
         results = await pipe.execute()
         self.dispatches += sum(1 for flag, _ in results if int(flag) == 1)
-
-    async def _spec(self, task_id: str) -> GraphSpec | None:
-        loaded = await self.store.load(task_id)
-        return loaded.spec if loaded else None
 
     async def _inputs(self, task_id: str, item: dict[str, Any]) -> list[Batch]:
         if "batch" in item:

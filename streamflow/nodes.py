@@ -108,23 +108,26 @@ class NodeRun:
         """An encoded event about this run."""
         return event(self.job, type_, delivery=self.delivery, consumer=self.consumer, **fields)
 
-    async def accepted(self) -> None:
-        """Report that this run started."""
-        await self._redis.xadd(self._keys.events(self.job.role), {b"event": self.event("accepted")})
+    async def start(self) -> Batch | None:
+        """Report that this run started, and read its input batch (one round trip).
 
-    async def load_input(self) -> Batch | None:
-        """The parent batch this run processes (nodes fed per batch), or None.
+        Returns:
+            The parent batch this run processes (nodes fed per batch), or None.
 
         Raises:
-            LookupError: The batch is gone (expired or deleted).
+            LookupError: The input batch is gone (expired or deleted).
         """
         ref = self.job.input
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._keys.events(self.job.role), {b"event": self.event("accepted")})
+        if ref is not None:
+            pipe.get(ref.ref)
+        replies = await pipe.execute()
         if ref is None:
             return None
-        raw = await self._redis.get(ref.ref)
-        if raw is None:
+        if replies[-1] is None:
             raise LookupError(f"input batch {ref.index} of {ref.node!r} is gone ({ref.ref})")
-        return Batch(ref.node, ref.index, orjson.loads(raw))
+        return Batch(ref.node, ref.index, orjson.loads(replies[-1]))
 
     async def inputs(self) -> AsyncIterator[Batch]:
         """Every batch of every parent (nodes fed when their parents are done), in order."""

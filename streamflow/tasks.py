@@ -134,6 +134,18 @@ class Invocation(BaseModel):
     state: Literal["pending", "done", "failed", "cancelled"] = "pending"
     counted: bool = False
 
+    def snapshot(self) -> tuple[Any, ...]:
+        """Every field, cheaply comparable (a deep copy per event costs more than the event)."""
+        return (
+            self.attempt,
+            self.delivery,
+            self.upto,
+            tuple(self.extra),
+            self.total,
+            self.state,
+            self.counted,
+        )
+
     def seen(self, seq: int) -> bool:
         """Whether batch ``seq`` was already recorded."""
         return seq < self.upto or seq in self.extra
@@ -293,7 +305,7 @@ class _Machine:
             return  # a superseded run: fenced
         if inv.state != "pending" and event.type != "batch":
             return  # already decided
-        before = inv.model_copy(deep=True)
+        before = inv.snapshot()
         inv.attempt, inv.delivery = event.attempt, event.delivery
         node.attempts = max(node.attempts, event.attempt)
         self._record(event, node, inv)
@@ -319,12 +331,12 @@ class _Machine:
             inv.state = "cancelled"
             self._cancel_task(f"node {event.node_id!r} was cancelled")
 
-    def _keep(self, key: str, inv: Invocation, before: Invocation) -> None:
+    def _keep(self, key: str, inv: Invocation, before: tuple[Any, ...]) -> None:
         if inv.complete and not inv.counted:
             inv.counted = True
             self.node(key.rsplit(":", 1)[0]).completed += 1
         self.invocations[key] = inv
-        if inv != before:
+        if inv.snapshot() != before:
             self.step.invocations[key] = inv
             self.step.changed = True
 
@@ -344,7 +356,7 @@ class _Machine:
             inv = self.invocations.get(key) or Invocation()
             if inv.state != "pending" or event.invocation >= node.dispatched:
                 return
-            before = inv.model_copy(deep=True)
+            before = inv.snapshot()
             inv.state, inv.total = "done", 0
             self.step.partials[(event.node_id, event.invocation)] = partials.get(
                 (event.node_id, event.invocation)

@@ -190,8 +190,13 @@ class TaskStore:
 
     async def spec(self, task_id: str) -> GraphSpec | None:
         """A task's graph, or None if the task is unknown (or expired)."""
-        raw = await self._redis.hget(self.keys.task_state(task_id), "spec")
-        return GraphSpec.model_validate_json(raw) if raw is not None else None
+        spec = self._specs.get(task_id)
+        if spec is None:
+            raw = await self._redis.hget(self.keys.task_state(task_id), "spec")
+            if raw is None:
+                return None
+            spec = GraphSpec.model_validate_json(raw)
+        return spec
 
     async def find(self, *, state: TaskStatus | None = None, limit: int = 100) -> list[TaskState]:
         """The newest tasks first, optionally only those in ``state``."""

@@ -564,8 +564,7 @@ class Worker:
         ctx.invocation = job.invocation
         ctx.failures = dict(job.failures or {})
         try:
-            ctx.batch = await run.load_input()
-            await run.accepted()
+            ctx.batch = await run.start()
         except LookupError as exc:
             return dead("missing_input", str(exc), job)
         except streams.TRANSIENT_ERRORS:
