@@ -273,8 +273,8 @@ def result(task_id: str, node: str | None, redis_url: str, namespace: str) -> No
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     try:
         out = anyio.run(_result, settings, task_id, node)
-    except (LookupError, KeyError) as exc:
-        raise ConfigError(str(exc).strip("'\"")) from None
+    except LookupError as exc:
+        raise ConfigError(str(exc)) from None
     click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
 
 

@@ -456,7 +456,8 @@ class Client:
         if spec is None:
             raise LookupError(f"unknown task {task_id!r}")
         if node is not None:
-            spec.node(node)  # KeyError for an unknown node
+            if node not in {n.id for n in spec.nodes}:
+                raise LookupError(f"task {task_id!r} has no node {node!r}")
             names = [node]
         else:
             names = [n.id for n in spec.nodes if not spec.children(n.id)]

@@ -16,12 +16,13 @@ pending past the lease TTL, as workers adopt jobs. For each task with new events
 A coordinator killed anywhere in between leaves its events pending: another adopts them, finds
 nothing new to record, and finishes the outbox; the dedup markers keep a dispatch from being
 published twice. A sweep re-evaluates unfinished tasks every second (limits freed, outboxes
-left behind by a crash during submit, cancels).
+left behind by a crashed coordinator, submits cut short, cancels).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
@@ -314,7 +315,9 @@ class Coordinator:
         fields: dict[Any, Any] = {b"invalid_event": f"{exc.reason}: {exc.detail}".encode()}
         fields.update({b"raw:" + k: v for k, v in entry.fields.items()})
         with contextlib.suppress(ValueError):
-            await self._redis.xadd(self._keys.dead_letters(role), fields)
+            await self._redis.xadd(
+                self._keys.dead_letters(role), fields, maxlen=100_000, approximate=True
+            )
 
     async def process(
         self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None = None
@@ -369,8 +372,8 @@ class Coordinator:
                     logger.info("task %s %s", task_id, step.task.state)
                 return len(outbox)
             self.conflicts += 1
-        logger.warning("task %s: gave up committing after %d races", task_id, COMMIT_ATTEMPTS)
-        return 0
+        # Its events stay pending (see _handle) and are tried again after the lease TTL.
+        raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
 
     def _advance(
         self,
@@ -454,7 +457,7 @@ class Coordinator:
         return Job(
             protocol=PROTOCOL_VERSION,
             kind="job",
-            id=f"{task_id}.{dispatch.node_id}.{dispatch.invocation}",
+            id=_job_id(task_id, dispatch.node_id, dispatch.invocation),
             role=node.role,
             payload={**spec.params, **node.params},
             created_at_ms=now_ms(),
@@ -532,12 +535,16 @@ class Coordinator:
         if "batch" in item:
             parent, index, ref = item["batch"]
             (items,) = await self.store.batches([ref])
-            return [Batch(parent, index, items or [])]
+            if items is None:
+                raise LookupError(f"input batch {index} of {parent!r} is gone ({ref})")
+            return [Batch(parent, index, items)]
         out: list[Batch] = []
         for parent, count in (item.get("inputs") or {}).items():
             refs = await self.store.batch_refs(task_id, parent, 0, count - 1) if count else []
             for index, items in enumerate(await self.store.batches(refs)):
-                out.append(Batch(parent, index, items or []))
+                if items is None:
+                    raise LookupError(f"batch {index} of {parent!r} is gone")
+                out.append(Batch(parent, index, items))
         return out
 
     async def _call(
@@ -581,7 +588,7 @@ class Coordinator:
         if result is None:
             return Internal("reduced", node_id, at_ms=now_ms())
         key = self._keys.task_result(task_id, node_id)
-        await self._redis.set(key, orjson.dumps(result))
+        await self._redis.set(key, orjson.dumps(result), px=self.store.retention_ms)
         return Internal("reduced", node_id, ref=key, items=len(result), at_ms=now_ms())
 
     # -- role slots -------------------------------------------------------------------------
@@ -609,6 +616,15 @@ class Coordinator:
             node = task.nodes.get(node_id) if task else None
             if task is None or task.terminal or node is None or node.terminal:
                 await self._redis.srem(self._keys.role_slots(role), member)
+
+
+def _job_id(task_id: str, node_id: str, invocation: int) -> str:
+    """The id of a node invocation's job: ``task.node.invocation``, hashed when too long."""
+    readable = f"{task_id}.{node_id}.{invocation}"
+    if len(readable) <= 128:
+        return readable
+    digest = hashlib.blake2b(f"{task_id}.{node_id}".encode(), digest_size=16).hexdigest()
+    return f"{digest}.{invocation}"
 
 
 def _task_of(entry: streams.Entry) -> str | None:

@@ -358,7 +358,8 @@ def _check_inputs(spec: GraphSpec, node: NodeSpec) -> list[str]:
             problems.append(f"{name}: fan_in count needs 'on: done' parents")
         elif fan_in.count > len(edges):
             problems.append(f"{name}: fan_in count {fan_in.count} exceeds its {len(edges)} parents")
-    elif fan_in == "any" and kinds - {"done", "failure"}:
+    elif fan_in == "any" and kinds != {"done"}:
+        # A remediation node runs on the first failure of any parent: it takes no fan_in.
         problems.append(f"{name}: fan_in 'any' needs 'on: done' parents")
     return problems
 

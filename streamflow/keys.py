@@ -193,7 +193,7 @@ class Keys:
         return f"{self.namespace}:{{tasks}}:active"
 
     def tasks_control(self) -> str:
-        """The stream that tells coordinators a task was submitted or cancelled."""
+        """The stream that tells coordinators a task was submitted (the sweep also finds it)."""
         return f"{self.namespace}:{{tasks}}:control"
 
     def known_roles(self) -> str:

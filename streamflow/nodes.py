@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from streamflow import streams
 from streamflow.context import Batch
-from streamflow.errors import PayloadError
+from streamflow.errors import PayloadError, StreamflowError
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, EventType, Job, TaskEvent, encode, now_ms
 
@@ -28,7 +28,7 @@ DEFAULT_BATCH_TTL_MS = 7 * 24 * 3600 * 1000
 READ_CHUNK = 100
 
 
-class LeaseLost(Exception):
+class LeaseLost(StreamflowError):
     """Raised by ``ctx.emit`` when the worker no longer owns the job (another runs it now)."""
 
 

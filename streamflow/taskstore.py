@@ -65,18 +65,22 @@ class TaskStore:
         Raises:
             ValueError: A task with this id exists.
         """
-        fields = {"spec": spec.to_json(), "task": task.model_dump_json().encode()}
-        version = await self._commit(task.id, -1, fields, {}, [], [], 0)
-        if version is None:
-            raise ValueError(f"task {task.id!r} exists")
+        # Listed as active first: if the submit stops half-way, the coordinators' sweep still
+        # finds the task and starts it.
         roles = sorted({n.role for n in spec.nodes if n.role is not None})
         pipe = self._redis.pipeline(transaction=False)
         pipe.zadd(self.keys.tasks_index(), {task.id: task.created_at_ms})
         pipe.sadd(self.keys.tasks_active(), task.id)
         if roles:
             pipe.sadd(self.keys.known_roles(), *roles)
-        pipe.xadd(self.keys.tasks_control(), {b"task": task.id.encode(), b"type": b"submitted"})
         await pipe.execute()
+        fields = {"spec": spec.to_json(), "task": task.model_dump_json().encode()}
+        version = await self._commit(task.id, -1, fields, {}, [], [], 0)
+        if version is None:
+            raise ValueError(f"task {task.id!r} exists")
+        await self._redis.xadd(
+            self.keys.tasks_control(), {b"task": task.id.encode(), b"type": b"submitted"}
+        )
 
     async def load(self, task_id: str, invocations: Sequence[str] = ()) -> Loaded | None:
         """The task's state and the named invocation records (``node:n``); None if unknown."""

@@ -185,8 +185,8 @@ class Harness:
         turns until the task ends. Retries run at once (see :meth:`drain`).
 
         Raises:
-            GraphError: The graph is invalid.
-            RuntimeError: The task stopped making progress (e.g. a role the app lacks).
+            GraphError: The graph is invalid (e.g. a role the app lacks).
+            RuntimeError: The task stopped making progress.
         """
         coordinator = Coordinator(
             self.redis, app=self.app, namespace=self.namespace, **coordinator_options

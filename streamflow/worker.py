@@ -223,7 +223,8 @@ class Worker:
         for role in self._roles:
             await streams.ensure_group(self._redis, self._keys.role_stream(role.name))
         # Task graphs are checked against the roles that workers serve.
-        await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
+        if self._roles:
+            await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
         await self._leases.acquire_name()
         try:
             await self._signals.load()

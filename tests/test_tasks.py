@@ -22,7 +22,7 @@ from streamflow.graph import RetrySpec
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
 from streamflow.settle import Outcome
-from tests.helpers import wait_for_query, wait_until
+from tests.helpers import pending_count, wait_for_query, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -271,13 +271,19 @@ async def test_cancel_before_any_node_starts(redis_url: str, namespace: str) -> 
         await client.cancel(task_id, target="task")
         task = await client.wait(task_id, timeout=10)
     assert task.state == "cancelled"
-    # Now workers run: the queued source job is dropped as cancelled, never started.
+    # Now workers run: the source job, if it was dispatched before the cancel, is dropped as
+    # cancelled, never started.
+    stream = Keys(namespace).role_stream("source")
     async with system(redis_url, namespace) as (client, _, outcomes):
-        await wait_until(lambda: any(o.status == "cancelled" for o in outcomes))
+        await wait_for_query(lambda: _drained(client.redis, stream))
         task = await client.wait(task_id, timeout=10)
-    assert [o.role for o in outcomes] == ["source"]
+    assert all((o.role, o.status) == ("source", "cancelled") for o in outcomes)
     assert task.nodes["source"].started_at_ms is None
     assert task.nodes["next"].dispatched == 0
+
+
+async def _drained(redis: Redis, stream: str) -> bool:
+    return await redis.xlen(stream) == 0 and await pending_count(redis, stream) == 0
 
 
 async def test_cancel_while_a_node_waits_for_a_retry(redis_url: str, namespace: str) -> None:

@@ -9,6 +9,8 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then
   return false
 end
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+-- NX: a rerun (a retry) that emits under a number already stored keeps the first content, the
+-- one the coordinator recorded and children may already have read.
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5], 'NX')
 redis.call('XADD', KEYS[3], '*', 'event', ARGV[6])
 return 1
