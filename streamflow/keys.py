@@ -98,6 +98,14 @@ class Keys:
         """Where workers report what a cancel stopped (a hash: consumer -> report)."""
         return f"{self.namespace}:{{signals}}:report:{signal_id}"
 
+    def consumer_info(self, consumer: str) -> str:
+        """What a live worker says about itself (the registry), with the liveness key's TTL."""
+        return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:info"
+
+    def consumer_info_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for the registry entries of every live worker."""
+        return f"{self.namespace}:{{consumer:*}}:info"
+
     def consumer_alive_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for the liveness keys of every live worker."""
         return f"{self.namespace}:{{consumer:*}}:alive"

@@ -158,6 +158,7 @@ class LeaseKeeper:
         settings: Lease timing.
         on_name_lost: Called when another process took this consumer name (this one was
             frozen past the name's TTL): the worker must stop, or two would share a name.
+        describe: Returns this worker's registry entry, written with the liveness key.
     """
 
     def __init__(
@@ -170,6 +171,7 @@ class LeaseKeeper:
         settings: LeaseSettings,
         *,
         on_name_lost: Callable[[], None] | None = None,
+        describe: Callable[[], bytes] | None = None,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -178,6 +180,7 @@ class LeaseKeeper:
         self._in_flight = in_flight
         self.settings = settings
         self._on_name_lost = on_name_lost
+        self._describe = describe
         self._cursors: dict[str, bytes] = {}
         self._token = uuid.uuid4().hex
         self.renewals = 0
@@ -201,11 +204,18 @@ class LeaseKeeper:
                 f"consumer name {self._consumer!r} is in use by another live worker; "
                 "give each process its own --consumer-name"
             )
+        await self._register()
 
     async def release_name(self) -> None:
         """Give the consumer name up (on a clean stop)."""
         key = self._keys.consumer_alive(self._consumer)
         await streams.liveness(self._scripts, self._redis, key, "release", self._token, 0)
+        await self._redis.delete(self._keys.consumer_info(self._consumer))
+
+    async def _register(self) -> None:
+        if self._describe is not None:
+            key = self._keys.consumer_info(self._consumer)
+            await self._redis.set(key, self._describe(), px=self._name_ttl_ms)
 
     @property
     def _name_ttl_ms(self) -> int:
@@ -240,6 +250,8 @@ class LeaseKeeper:
             )
             if self._on_name_lost is not None:
                 self._on_name_lost()
+        else:
+            await self._register()
         for stream, held in self._in_flight.by_stream():
             ids = [d.entry.id for d in held]
             lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))

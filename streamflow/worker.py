@@ -19,6 +19,7 @@ Every delivery ends in exactly one decision, applied in one place, :mod:`streamf
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import os
 import socket
@@ -45,10 +46,13 @@ from streamflow.protocol import (
     Job,
     now_ms,
 )
+from streamflow.registry import WorkerInfo
 from streamflow.settle import Outcome, Settler, WorkerStatistics
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 
 logger = logging.getLogger(__name__)
+
+VERSION = importlib.metadata.version("streamflow")
 
 #: Seconds between looks at a role's delayed schedule when nothing is due sooner.
 PROMOTE_POLL = 0.5
@@ -128,6 +132,7 @@ class Worker:
             self._held,
             lease or LeaseSettings(),
             on_name_lost=self.stop,
+            describe=self._describe,
         )
         self._settler = Settler(
             redis,
@@ -157,6 +162,7 @@ class Worker:
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
+        self._started_at_ms = now_ms()
         self._suspects = anyio.Lock()
 
     # -- public API -------------------------------------------------------------------------
@@ -216,6 +222,23 @@ class Worker:
             in_flight=self._in_flight,
             by_reason=dict(stats.by_reason),
         )
+
+    def _describe(self) -> bytes:
+        """This worker's registry entry (see :mod:`streamflow.registry`)."""
+        stats = self._settler.stats
+        info = WorkerInfo(
+            consumer=self.consumer,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            roles=[role.name for role in self._roles],
+            version=VERSION,
+            concurrency=self.concurrency,
+            started_at_ms=self._started_at_ms,
+            in_flight=self._in_flight,
+            processed=stats.received - self._in_flight,
+            updated_at_ms=now_ms(),
+        )
+        return info.model_dump_json().encode()
 
     # -- the loops --------------------------------------------------------------------------
 
