@@ -10,18 +10,22 @@ import logging
 import re
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import IO, Any, TypeVar
 
 import anyio
 import click
 import orjson
+from prometheus_client import CollectorRegistry
 
 from streamflow import config, streams
 from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
+from streamflow.metrics import Health, MetricsServer
 from streamflow.protocol import json_schemas
 from streamflow.worker import Worker
 
@@ -186,6 +190,13 @@ def main(log_level: str) -> None:
     show_default=True,
     help="Seconds between adoption steps for entries idle past the lease TTL.",
 )
+@click.option(
+    "--metrics-port",
+    envvar="STREAMFLOW_METRICS_PORT",
+    type=click.IntRange(0, 65_535),
+    help="Serve /metrics, /healthz and /readyz on this port (with --processes N, child i "
+    "uses PORT+i).",
+)
 @_connection_options
 @_errors_to_exit
 def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
@@ -229,24 +240,49 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         lease=settings.lease_settings(),
     )
     roles = ", ".join(settings.roles or tuple(app.roles))
+    health = Health(redis)
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, worker, tg.cancel_scope)
-            await tg.start(worker.run)
-            logger.info(
-                "worker %s serving %s on %s (namespace %s, concurrency %d)",
-                worker.consumer,
-                roles,
-                settings.safe_url,
-                settings.namespace,
-                worker.concurrency,
-            )
-            await worker.wait_stopped()
-            tg.cancel_scope.cancel()
+        with _serving_metrics(
+            worker.enable_metrics if settings.metrics_port is not None else None,
+            health,
+            settings.metrics_port,
+        ):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+                tg.start_soon(health.run)
+                await tg.start(worker.run)
+                health.started = True
+                logger.info(
+                    "worker %s serving %s on %s (namespace %s, concurrency %d)",
+                    worker.consumer,
+                    roles,
+                    settings.safe_url,
+                    settings.namespace,
+                    worker.concurrency,
+                )
+                await worker.wait_stopped()
+                tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await redis.aclose()
     logger.info("worker %s stopped", worker.consumer)
+
+
+@contextmanager
+def _serving_metrics(
+    make_registry: Callable[[], CollectorRegistry] | None, health: Health, port: int | None
+) -> Iterator[None]:
+    """Serve metrics and health checks for the block, when a port is given."""
+    if make_registry is None or port is None:
+        yield
+        return
+    try:
+        server = MetricsServer(make_registry(), health, port=port)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}") from None
+    with server:
+        logger.info("metrics on http://0.0.0.0:%d/metrics (/healthz, /readyz)", server.port)
+        yield
 
 
 async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
@@ -379,6 +415,53 @@ def demo(redis_url: str | None, messages: int, concurrency: int) -> None:
         streams.validate_url(redis_url)
     with redis_for_demo(redis_url, click.echo) as url:
         anyio.run(run_demo, url, messages, concurrency, click.echo)
+
+
+@main.command()
+@click.option(
+    "--url",
+    help="A health URL of a worker or coordinator, e.g. http://127.0.0.1:9100/readyz. "
+    "Without it, check that Redis answers.",
+)
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds.")
+@_connection_options
+@_errors_to_exit
+def check(url: str | None, timeout: float, redis_url: str, namespace: str) -> None:
+    """Probe: exit 0 when healthy, 1 when not (for container health checks)."""
+    if url is not None:
+        ok, detail = _probe_url(url, timeout)
+    else:
+        settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+        ok, detail = anyio.run(_probe_redis, settings, timeout)
+    click.echo(("ok: " if ok else "not ok: ") + detail)
+    sys.exit(0 if ok else 1)
+
+
+def _probe_url(url: str, timeout: float) -> tuple[bool, str]:
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url must be an http:// or https:// URL, not {url!r}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return True, reply.read().decode(errors="replace").strip()
+    except urllib.error.HTTPError as exc:
+        return False, f"{exc.code}: {exc.read().decode(errors='replace').strip()}"
+    except OSError as exc:
+        return False, f"{url}: {getattr(exc, 'reason', exc)}"
+
+
+async def _probe_redis(
+    settings: config.ConnectionSettings,
+    timeout: float,  # noqa: ASYNC109 - the --timeout option
+) -> tuple[bool, str]:
+    redis = streams.connect(settings.url, socket_timeout=timeout, name="streamflow-check")
+    try:
+        with anyio.fail_after(timeout):
+            await redis.ping()
+    except (*streams.TRANSIENT_ERRORS, TimeoutError) as exc:
+        return False, f"Redis at {settings.safe_url} does not answer: {exc}"
+    finally:
+        await redis.aclose()
+    return True, f"Redis at {settings.safe_url} answers"
 
 
 @main.group()

@@ -11,11 +11,19 @@ import click
 import orjson
 
 from streamflow import config, streams
-from streamflow.cli import _client, _connection_options, _errors_to_exit, logger, main
+from streamflow.cli import (
+    _client,
+    _connection_options,
+    _errors_to_exit,
+    _serving_metrics,
+    logger,
+    main,
+)
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
 from streamflow.errors import ConfigError
 from streamflow.graph import GraphError, load
+from streamflow.metrics import Health
 from streamflow.tasks import TaskState
 
 
@@ -39,6 +47,11 @@ from streamflow.tasks import TaskState
     help="Seconds a finished task's state and results are kept.",
 )
 @click.option("--block-ms", type=int, default=1000, show_default=True)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65_535),
+    help="Serve /metrics, /healthz and /readyz on this port.",
+)
 @_connection_options
 @_errors_to_exit
 def coordinator(
@@ -49,6 +62,7 @@ def coordinator(
     sweep_interval: float,
     retention: float,
     block_ms: int,
+    metrics_port: int | None,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -72,12 +86,14 @@ def coordinator(
         "retention": retention,
     }
     try:
-        anyio.run(_coordinate, settings, options)
+        anyio.run(_coordinate, settings, options, metrics_port)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-async def _coordinate(settings: config.ConnectionSettings, options: dict[str, Any]) -> None:
+async def _coordinate(
+    settings: config.ConnectionSettings, options: dict[str, Any], metrics_port: int | None
+) -> None:
     redis = streams.connect(
         settings.url,
         socket_timeout=options["block_ms"] / 1000 + 10,
@@ -85,19 +101,25 @@ async def _coordinate(settings: config.ConnectionSettings, options: dict[str, An
     )
     await streams.ping(redis, settings.url)
     coord = Coordinator(redis, **options)
+    health = Health(redis)
+    metrics = coord.enable_metrics if metrics_port is not None else None
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(coord.run)
-            logger.info(
-                "coordinator %s on %s (namespace %s)",
-                coord.consumer,
-                settings.safe_url,
-                settings.namespace,
-            )
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-                async for _ in received:
-                    coord.stop()
-                    break
+        with _serving_metrics(metrics, health, metrics_port):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(health.run)
+                await tg.start(coord.run)
+                health.started = True
+                logger.info(
+                    "coordinator %s on %s (namespace %s)",
+                    coord.consumer,
+                    settings.safe_url,
+                    settings.namespace,
+                )
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                    async for _ in received:
+                        coord.stop()
+                        break
+                tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await redis.aclose()

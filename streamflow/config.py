@@ -50,6 +50,8 @@ ENV_VARS = frozenset(
         "STREAMFLOW_RENEW_INTERVAL",
         "STREAMFLOW_RECLAIM_INTERVAL",
         "STREAMFLOW_LOG_LEVEL",
+        "STREAMFLOW_LOG_FORMAT",
+        "STREAMFLOW_METRICS_PORT",
     }
 )
 
@@ -107,6 +109,7 @@ class WorkerSettings(ConnectionSettings):
     lease_ttl: Annotated[float, Field(gt=0)] = 30.0
     renew_interval: Annotated[float, Field(gt=0)] | None = None
     reclaim_interval: Annotated[float, Field(gt=0)] = 2.0
+    metrics_port: Annotated[int, Field(ge=0, le=65_535)] | None = None
 
     @model_validator(mode="after")
     def _check_lease(self) -> Self:

@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import orjson
 from anyio.abc import TaskStatus
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -126,6 +127,9 @@ class Coordinator:
         self.dispatches = 0
         self.commits = 0
         self.conflicts = 0
+        self.finished: dict[str, int] = {}
+        self.active_tasks = 0
+        self.observe_dispatch: Callable[[float], None] | None = None
 
     # -- public API -------------------------------------------------------------------------
 
@@ -142,6 +146,12 @@ class Coordinator:
             task_status.started()
             await self._stopping.wait()
             tg.cancel_scope.cancel()
+
+    def enable_metrics(self) -> CollectorRegistry:
+        """Returns the registry with this coordinator's metrics (and starts timing dispatch)."""
+        from streamflow.metrics import coordinator_registry
+
+        return coordinator_registry(self)
 
     def stop(self) -> None:
         """Ask the coordinator to stop (it finishes the task it is processing)."""
@@ -245,6 +255,7 @@ class Coordinator:
     async def _sweep(self) -> None:
         """Queue a re-evaluation of every unfinished task; free leaked role slots."""
         active = await self._redis.smembers(self._keys.tasks_active())
+        self.active_tasks = len(active)
         self._ticks.update(streams.text(t) for t in active)
         self._tick_wakeup.set()
         for role, limit in self.role_limits.items():
@@ -333,6 +344,11 @@ class Coordinator:
                     for _ in range(100):
                         if not await self._carry_out(task_id):
                             break
+                if self.observe_dispatch is not None:
+                    now = now_ms()
+                    for event in events:
+                        if isinstance(event, TaskEvent) and event.type == "batch":
+                            self.observe_dispatch(max(now - event.at_ms, 0) / 1000)
         finally:
             if not lock.locked():
                 self._locks.pop(task_id, None)
@@ -369,7 +385,9 @@ class Coordinator:
                 if step.task.terminal:
                     await self._redis.srem(self._keys.tasks_active(), task_id)
                     await self.store.expire_batches(loaded.spec, task_id)
-                    logger.info("task %s %s", task_id, step.task.state)
+                    state = step.task.state
+                    self.finished[state] = self.finished.get(state, 0) + 1
+                    logger.info("task %s %s", task_id, state)
                 return len(outbox)
             self.conflicts += 1
         # Its events stay pending (see _handle) and are tried again after the lease TTL.

@@ -56,6 +56,19 @@ DeadLetterReason = Literal[
     "missing_input",
 ]
 
+#: Dead-letter reasons that mean the entry itself was malformed (metrics outcome ``rejected``).
+MALFORMED_REASONS = frozenset(
+    {
+        "too_large",
+        "invalid_json",
+        "unsupported_version",
+        "unknown_kind",
+        "invalid_message",
+        "wrong_role",
+        "invalid_payload",
+    }
+)
+
 #: How a delivery ended when it was cancelled (acknowledged, not dead-lettered or retried).
 CANCELLED = "cancelled"
 

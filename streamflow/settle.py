@@ -24,6 +24,7 @@ from streamflow.keys import Keys
 from streamflow.leases import Delivery, InFlight, LeaseKeeper
 from streamflow.protocol import (
     DEAD_LETTER_FIELD,
+    MALFORMED_REASONS,
     PROTOCOL_VERSION,
     RAW_FIELD_PREFIX,
     DeadLetter,
@@ -76,6 +77,10 @@ class WorkerStatistics:
     renewals: int = 0
     in_flight: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    #: (role, outcome) -> count; outcome ``rejected`` for malformed input dead-lettered.
+    by_role: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (role, dead-letter reason) -> count.
+    dead_by_role: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Settler:
@@ -281,14 +286,20 @@ class Settler:
         stats = self.stats
         # Every status is also the name of its counter.
         setattr(stats, status, getattr(stats, status) + 1)
+        role = delivery.role.name
+        outcome: str = status
         if status == "dead_lettered" and reason is not None:
             stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
+            stats.dead_by_role[role, reason] = stats.dead_by_role.get((role, reason), 0) + 1
+            if reason in MALFORMED_REASONS:
+                outcome = "rejected"
         elif status == "lost":
             logger.warning(
                 "lease on %s entry %s was lost; its outcome was not applied",
                 delivery.role.name,
                 delivery.entry.id.decode(),
             )
+        stats.by_role[role, outcome] = stats.by_role.get((role, outcome), 0) + 1
         if self._on_outcome is not None:
             self._on_outcome(
                 Outcome(

@@ -563,6 +563,9 @@ async def liveness(
 class Backoff:
     """Capped exponential backoff that logs once per outage, not once per failed call."""
 
+    #: Outages recovered from in this process (all loops together), for the metrics.
+    recoveries = 0
+
     def __init__(self, what: str, *, first: float = 0.05, cap: float = 5.0) -> None:
         self._what = what
         self._first = first
@@ -583,6 +586,7 @@ class Backoff:
         if self._delay:
             logger.warning("Redis is back; %s resumed", self._what)
             self._delay = 0.0
+            Backoff.recoveries += 1
 
 
 def is_group_lost(exc: BaseException) -> bool:

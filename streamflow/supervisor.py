@@ -48,6 +48,8 @@ def child_command(settings: WorkerSettings, index: int) -> list[str]:
     cmd += ["--dead-letter-max-len", str(settings.dead_letter_max_len)]
     cmd += ["--lease-ttl", str(settings.lease_ttl)]
     cmd += ["--reclaim-interval", str(settings.reclaim_interval)]
+    if settings.metrics_port:
+        cmd += ["--metrics-port", str(settings.metrics_port + index)]  # one port per child
     if settings.renew_interval is not None:
         cmd += ["--renew-interval", str(settings.renew_interval)]
     if settings.consumer_name:

@@ -32,6 +32,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -163,6 +164,11 @@ class Worker:
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
         self._started_at_ms = now_ms()
+        # Metrics: counts kept here, read at scrape time (see streamflow.metrics).
+        self._redeliveries: dict[str, int] = {}
+        self._reclaims: dict[str, int] = {}
+        self._observe: Callable[[str, float], None] | None = None
+        self._signals_latency: Callable[[float], None] | None = None
         self._suspects = anyio.Lock()
 
     # -- public API -------------------------------------------------------------------------
@@ -205,6 +211,13 @@ class Worker:
     def stopping(self) -> bool:
         """Whether :meth:`stop` was called."""
         return self._stopping.is_set()
+
+    def enable_metrics(self) -> CollectorRegistry:
+        """Start timing handlers; returns the registry with this worker's metrics."""
+        from streamflow.metrics import worker_registry
+
+        registry, self._observe = worker_registry(self)
+        return registry
 
     def statistics(self) -> WorkerStatistics:
         """A snapshot of the worker's counters."""
@@ -401,6 +414,7 @@ class Worker:
                 continue  # the reader recreates the group
             backoff.succeeded()
             if entries:
+                self._reclaims[role.name] = self._reclaims.get(role.name, 0) + len(entries)
                 self._dispatch(role, stream, entries)
 
     async def _promote_loop(self, role: Role) -> None:
@@ -534,6 +548,9 @@ class Worker:
             else:
                 await self._settler.apply(delivery, decision)
             if decision.signal_id is not None:
+                if self._signals_latency is not None and delivery.cancel is not None:
+                    waited = now_ms() - delivery.cancel.created_at_ms
+                    self._signals_latency(max(waited, 0) / 1000)
                 await self._cancels.stopped(decision.signal_id, delivery)
         finally:
             self._in_flight -= 1
@@ -568,6 +585,7 @@ class Worker:
                 return failed
         if delivery.entry.deliveries > 1:
             # A suspect: delivered before, so its last worker may have died running it.
+            self._redeliveries[role.name] = self._redeliveries.get(role.name, 0) + 1
             return await self._run_suspect(delivery, scope, job, payload, ctx)
         return await self._run(delivery, scope, job, payload, ctx)
 
@@ -648,6 +666,7 @@ class Worker:
             return decisions.stopped(delivery)
         delivery.scope = scope
         timeout = job.timeout or role.timeout
+        started = time.perf_counter()
         try:
             if role.is_async and not timeout:
                 await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
@@ -660,6 +679,8 @@ class Worker:
             return decisions.after_error(delivery, job, exc)
         finally:
             delivery.scope = None
+            if self._observe is not None:
+                self._observe(role.name, time.perf_counter() - started)
         if delivery.lost or delivery.cancel is not None:
             return decisions.stopped(delivery)
         return Decision("ack", job)

@@ -467,7 +467,7 @@ def test_valid_shapes_pass_the_checks() -> None:
             role("each"),
             role("join", fan_in={"count": 2}),
             role("first", fan_in="any"),
-            role("fix", fan_in="any"),
+            role("fix"),
             {"id": "total", "function": "metrics.aggregate"},
         ],
         "edges": [

@@ -1,0 +1,304 @@
+"""Read-only views of a namespace's roles for operators and scripts (``streamflow inspect``).
+
+Everything here only reads. A role is listed when its stream exists (found by ``SCAN``, never
+``KEYS``) or when it is in the set of roles that workers serve and tasks use. For each role the
+view gives its stream's length, its consumer groups with their consumers, pending counts, lag
+and the age of the oldest pending entry, the size of its delayed schedule and of its
+dead-letter stream. Ages come from entry ids and are measured against the Redis server's clock
+(``TIME``), so a CLI on another host with a skewed clock still reports them right.
+
+The replies of ``XINFO GROUPS``, ``XINFO CONSUMERS`` and ``XPENDING`` are parsed here, not in
+:mod:`streamflow.streams`: nothing on the worker's path needs them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from streamflow import streams
+from streamflow.keys import NAME_PATTERN, Keys, validate_name
+
+#: The error prefixes of a key or group that vanished between two reads; they read as empty.
+_GONE = ("no such key", "NOGROUP")
+
+
+class ConsumerInfo(BaseModel):
+    """One consumer of a consumer group.
+
+    Attributes:
+        name: The consumer name (for a worker, its ``--consumer-name``).
+        pending: Entries delivered to it and not yet settled.
+        idle_ms: Milliseconds since it last read or claimed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    pending: int
+    idle_ms: int
+
+
+class GroupInfo(BaseModel):
+    """One consumer group of a role stream (workers share the group ``workers``).
+
+    Attributes:
+        name: The group name.
+        consumers: Its consumers, by name.
+        pending: Entries delivered and not yet settled, over all its consumers.
+        lag: Entries in the stream not yet delivered to the group; None when Redis cannot tell
+            (entries were deleted after the group's position).
+        last_delivered_id: The id of the newest entry delivered to the group.
+        oldest_pending_id: The id of its oldest pending entry, or None.
+        oldest_pending_age_ms: Milliseconds since that entry was added to the stream, or None.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    consumers: list[ConsumerInfo]
+    pending: int
+    lag: int | None
+    last_delivered_id: str
+    oldest_pending_id: str | None
+    oldest_pending_age_ms: int | None
+
+
+class RoleInfo(BaseModel):
+    """One role's stream, groups, delayed schedule and dead letters.
+
+    Attributes:
+        role: The role name.
+        length: Entries in the role stream (not yet delivered, or pending).
+        groups: The stream's consumer groups, by name (none before a worker served the role).
+        delayed: Jobs waiting in the delayed schedule (delayed publishes and retries).
+        dead_letters: Entries in the role's dead-letter stream.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: str
+    length: int
+    groups: list[GroupInfo]
+    delayed: int
+    dead_letters: int
+
+
+class PendingEntry(BaseModel):
+    """One pending entry: delivered to a consumer and not yet settled.
+
+    Attributes:
+        id: The stream entry id.
+        group: The consumer group it is pending in.
+        consumer: The consumer that holds it.
+        idle_ms: Milliseconds since it was last delivered or its lease renewed.
+        deliveries: How many times it was delivered (1, plus one per adoption).
+        age_ms: Milliseconds since it was added to the stream.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    group: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+    age_ms: int
+
+
+class RoleDetail(RoleInfo):
+    """A role's :class:`RoleInfo` with its oldest pending entries.
+
+    Attributes:
+        oldest_pending: The oldest pending entries over all groups, oldest first.
+    """
+
+    oldest_pending: list[PendingEntry]
+
+
+async def role_names(redis: Redis, keys: Keys) -> list[str]:
+    """The roles of the namespace, sorted: role streams found by ``SCAN``, and known roles.
+
+    Names that do not match :data:`~streamflow.keys.NAME_PATTERN` (keys written by something
+    else) are left out.
+    """
+    found = {
+        keys.role_of_stream(key) for key in await streams.scan_keys(redis, keys.role_pattern())
+    }
+    known = {_text(role) for role in await redis.smembers(keys.known_roles())}
+    return sorted(r for r in found | known if r and NAME_PATTERN.fullmatch(r))
+
+
+async def inspect_roles(redis: Redis, keys: Keys) -> list[RoleInfo]:
+    """Every role of the namespace (see :func:`role_names`), sorted by name.
+
+    Three round trips whatever the number of roles: the listing, then one pipeline of
+    ``XLEN``/``ZCARD``/``XLEN``/``XINFO GROUPS`` per role, then one of ``XINFO CONSUMERS`` and
+    ``XPENDING`` per group, with ``TIME``.
+    """
+    return await _role_infos(redis, keys, await role_names(redis, keys))
+
+
+async def inspect_role(
+    redis: Redis, keys: Keys, role: str, *, count: int = 10
+) -> RoleDetail | None:
+    """One role in detail, with its ``count`` oldest pending entries; None if it is unknown.
+
+    A role is unknown when it has no stream, no delayed schedule, no dead letters and is not in
+    the set of known roles.
+
+    Raises:
+        InvalidNameError: ``role`` is not a valid role name.
+    """
+    validate_name(role, "role")
+    if not await _role_exists(redis, keys, role):
+        return None
+    [info] = await _role_infos(redis, keys, [role])
+    pending = await _oldest_pending(redis, keys, info, count) if count > 0 else []
+    return RoleDetail(**dict(info), oldest_pending=pending)
+
+
+async def _role_exists(redis: Redis, keys: Keys, role: str) -> bool:
+    pipe = redis.pipeline(transaction=False)
+    pipe.exists(keys.role_stream(role), keys.delayed(role), keys.dead_letters(role))
+    pipe.sismember(keys.known_roles(), role)
+    existing, known = await pipe.execute()
+    return bool(existing) or bool(known)
+
+
+async def _role_infos(redis: Redis, keys: Keys, roles: list[str]) -> list[RoleInfo]:
+    if not roles:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for role in roles:
+        pipe.xlen(keys.role_stream(role))
+        pipe.zcard(keys.delayed(role))
+        pipe.xlen(keys.dead_letters(role))
+        pipe.xinfo_groups(keys.role_stream(role))
+    replies = await pipe.execute(raise_on_error=False)
+    groups_by_role = [_present(replies[i * 4 + 3], []) for i in range(len(roles))]
+    groups = await _groups(redis, keys, roles, groups_by_role)
+    return [
+        RoleInfo(
+            role=role,
+            length=_present(replies[i * 4], 0),
+            groups=groups[role],
+            delayed=_present(replies[i * 4 + 1], 0),
+            dead_letters=_present(replies[i * 4 + 2], 0),
+        )
+        for i, role in enumerate(roles)
+    ]
+
+
+async def _groups(
+    redis: Redis, keys: Keys, roles: list[str], raw_groups: list[list[dict[str, Any]]]
+) -> dict[str, list[GroupInfo]]:
+    """Each role's groups, with consumers and oldest pending entry: one pipeline for all."""
+    wanted = [(role, raw) for role, raws in zip(roles, raw_groups, strict=True) for raw in raws]
+    out: dict[str, list[GroupInfo]] = {role: [] for role in roles}
+    if not wanted:
+        return out
+    pipe = redis.pipeline(transaction=False)
+    for role, raw in wanted:
+        pipe.xinfo_consumers(keys.role_stream(role), raw["name"])
+        pipe.xpending(keys.role_stream(role), raw["name"])
+    pipe.time()
+    replies = await pipe.execute(raise_on_error=False)
+    now = _time_ms(replies[-1])
+    for i, (role, raw) in enumerate(wanted):
+        consumers = _present(replies[i * 2], [])
+        summary = _present(replies[i * 2 + 1], {})
+        out[role].append(_group(raw, consumers, summary, now))
+    for infos in out.values():
+        infos.sort(key=lambda group: group.name)
+    return out
+
+
+def _group(
+    raw: dict[str, Any], consumers: list[dict[str, Any]], summary: dict[str, Any], now_ms: int
+) -> GroupInfo:
+    oldest = summary.get("min")
+    lag = raw.get("lag")
+    return GroupInfo(
+        name=_text(raw["name"]),
+        consumers=sorted(
+            (
+                ConsumerInfo(
+                    name=_text(c["name"]), pending=int(c["pending"]), idle_ms=int(c["idle"])
+                )
+                for c in consumers
+            ),
+            key=lambda consumer: consumer.name,
+        ),
+        pending=int(summary.get("pending") or 0),
+        lag=int(lag) if lag is not None else None,
+        last_delivered_id=_text(raw["last-delivered-id"]),
+        oldest_pending_id=_text(oldest) if oldest else None,
+        oldest_pending_age_ms=_age_ms(oldest, now_ms) if oldest else None,
+    )
+
+
+async def _oldest_pending(
+    redis: Redis, keys: Keys, info: RoleInfo, count: int
+) -> list[PendingEntry]:
+    """The ``count`` oldest pending entries of the role over all its groups."""
+    groups = [group.name for group in info.groups if group.pending]
+    if not groups:
+        return []
+    stream = keys.role_stream(info.role)
+    pipe = redis.pipeline(transaction=False)
+    for group in groups:
+        pipe.xpending_range(stream, group, min="-", max="+", count=count)
+    pipe.time()
+    replies = await pipe.execute(raise_on_error=False)
+    now = _time_ms(replies[-1])
+    entries = [
+        PendingEntry(
+            id=_text(row["message_id"]),
+            group=group,
+            consumer=_text(row["consumer"]),
+            idle_ms=int(row["time_since_delivered"]),
+            deliveries=int(row["times_delivered"]),
+            age_ms=_age_ms(row["message_id"], now),
+        )
+        for group, rows in zip(groups, replies[:-1], strict=True)
+        for row in _present(rows, [])
+    ]
+    entries.sort(key=lambda entry: (_id_key(entry.id), entry.group))
+    return entries[:count]
+
+
+def _present(reply: Any, empty: Any) -> Any:
+    """A pipelined reply, or ``empty`` if its key or group vanished since it was listed."""
+    if isinstance(reply, ResponseError):
+        if str(reply).startswith(_GONE):
+            return empty
+        raise reply
+    return reply
+
+
+def _text(value: Any) -> str:
+    """A name from a reply; undecodable bytes (a name written by something else) escaped."""
+    if isinstance(value, bytes):
+        return value.decode(errors="backslashreplace")
+    return str(value)
+
+
+def _time_ms(reply: Any) -> int:
+    if isinstance(reply, BaseException):
+        raise reply
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _age_ms(entry_id: Any, now_ms: int) -> int:
+    """Milliseconds since the entry was added: its id starts with the server's time in ms."""
+    return max(0, now_ms - _id_key(_text(entry_id))[0])

@@ -1,0 +1,310 @@
+"""Prometheus metrics, health checks and the HTTP server that serves them.
+
+Each worker and coordinator process has its own registry. Most figures are counters the
+process keeps anyway (the settler's outcomes, the lease keeper's renewals, the coordinator's
+events): a collector reads them at scrape time, so metrics cost the hot path nothing but the
+handler-duration histogram. Queue-level gauges (stream length, lag, pending, ...) are per role,
+not per process: ``streamflow exporter`` serves them once for the namespace, so that they are
+not counted once per worker (see docs/metrics.md).
+
+The server runs in a thread (prometheus-client's WSGI app behind ``wsgiref``), so a scrape never
+waits for the event loop; ``/healthz`` reports whether the loop still turns, ``/readyz`` whether
+the process reaches Redis and has set up its streams.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import anyio
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+
+from streamflow import streams
+
+if TYPE_CHECKING:
+    from streamflow.coordinator import Coordinator
+    from streamflow.worker import Worker
+
+#: Handler duration buckets (seconds): from sub-millisecond handlers to ten-minute jobs.
+DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    600.0,
+)
+#: Latency buckets (seconds) for cancel and batch-to-dispatch latencies.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Health:
+    """Liveness and readiness of one process, for ``/healthz`` and ``/readyz``.
+
+    Args:
+        redis: The client whose connection is checked.
+        interval: Seconds between heartbeats and Redis pings.
+        stale_after: A heartbeat or successful ping older than this fails the check.
+    """
+
+    def __init__(self, redis: Redis, *, interval: float = 1.0, stale_after: float = 5.0) -> None:
+        self._redis = redis
+        self._interval = interval
+        self._stale = stale_after
+        self._beat = time.monotonic()
+        self._redis_ok: float | None = None
+        self.started = False  # set once the process set up its streams and groups
+
+    async def run(self) -> None:
+        """Beat and ping forever (run it in the process's task group)."""
+        while True:
+            self._beat = time.monotonic()
+            try:
+                with anyio.fail_after(self._stale):
+                    await self._redis.ping()
+            except (*streams.TRANSIENT_ERRORS, TimeoutError):
+                self._redis_ok = None
+            else:
+                self._redis_ok = time.monotonic()
+            await anyio.sleep(self._interval)
+
+    def live(self) -> tuple[bool, str]:
+        """Whether the event loop still turns."""
+        age = time.monotonic() - self._beat
+        return age < self._stale + self._interval, f"event loop heartbeat {age:.1f}s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the process is set up and Redis answers."""
+        if not self.started:
+            return False, "starting"
+        if self._redis_ok is None or time.monotonic() - self._redis_ok > self._stale:
+            return False, "Redis does not answer"
+        return True, "ready"
+
+
+class WorkerCollector(Collector):
+    """The metrics of one worker, read from its counters at scrape time."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the worker's metric families."""
+        worker = self._worker
+        stats = worker._settler.stats
+        messages = CounterMetricFamily(
+            "streamflow_messages",
+            "Deliveries by how they ended: acked, retried, dead_lettered (handler failures, "
+            "poison, expired), rejected (malformed input, dead-lettered), cancelled, released "
+            "(handed back on shutdown), lost (the lease was lost).",
+            labels=["role", "outcome"],
+        )
+        for (role, outcome), count in sorted(stats.by_role.items()):
+            messages.add_metric([role, outcome], count)
+        yield messages
+        dead = CounterMetricFamily(
+            "streamflow_dead_letters",
+            "Dead-lettered deliveries by reason.",
+            labels=["role", "reason"],
+        )
+        for (role, reason), count in sorted(stats.dead_by_role.items()):
+            dead.add_metric([role, reason], count)
+        yield dead
+        yield _per_role(
+            "streamflow_redeliveries",
+            "Deliveries of entries delivered before (adopted from a dead worker, or resumed).",
+            worker._redeliveries,
+        )
+        yield _per_role(
+            "streamflow_reclaims",
+            "Entries this worker adopted after their lease expired.",
+            worker._reclaims,
+        )
+        yield _counter(
+            "streamflow_lease_renewals", "Entry leases renewed.", worker._leases.renewals
+        )
+        yield _counter(
+            "streamflow_leases_lost", "Leases found lost at renewal.", worker._leases.lost
+        )
+        yield _counter(
+            "streamflow_cancel_signals",
+            "Cancel signals this worker received.",
+            worker._signals.signals_seen,
+        )
+        yield _counter(
+            "streamflow_redis_reconnects",
+            "Redis outages this process recovered from.",
+            streams.Backoff.recoveries,
+        )
+        yield _gauge(
+            "streamflow_in_flight", "Entries held: running or queued for a slot.", worker._in_flight
+        )
+        yield _gauge(
+            "streamflow_concurrency_limit", "Handlers this worker runs at once.", worker.concurrency
+        )
+
+
+class CoordinatorCollector(Collector):
+    """The metrics of one coordinator, read from its counters at scrape time."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the coordinator's metric families."""
+        coord = self._coordinator
+        yield _counter(
+            "streamflow_coordinator_events", "Task events processed.", coord.events_processed
+        )
+        yield _counter(
+            "streamflow_coordinator_dispatches", "Node jobs published.", coord.dispatches
+        )
+        yield _counter("streamflow_coordinator_commits", "Task steps committed.", coord.commits)
+        yield _counter(
+            "streamflow_coordinator_commit_conflicts",
+            "Commits that lost a race with another coordinator (and were retried).",
+            coord.conflicts,
+        )
+        finished = CounterMetricFamily(
+            "streamflow_coordinator_tasks_finished",
+            "Tasks this coordinator finished, by final state.",
+            labels=["state"],
+        )
+        for state, count in sorted(coord.finished.items()):
+            finished.add_metric([state], count)
+        yield finished
+        yield _gauge(
+            "streamflow_coordinator_active_tasks",
+            "Unfinished tasks of the namespace, at the last sweep.",
+            coord.active_tasks,
+        )
+        yield _counter(
+            "streamflow_redis_reconnects",
+            "Redis outages this process recovered from.",
+            streams.Backoff.recoveries,
+        )
+
+
+def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Callable[[str, float], None]]:
+    """A registry with the worker's metrics, and the function that observes handler durations."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(WorkerCollector(worker))
+    durations = Histogram(
+        "streamflow_handler_duration_seconds",
+        "Handler run time, by role (successes and failures).",
+        ["role"],
+        buckets=DURATION_BUCKETS,
+        registry=registry,
+    )
+    cancel = Histogram(
+        "streamflow_cancel_latency_seconds",
+        "From a cancel signal's creation to the handler it matched stopping.",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    worker._signals_latency = cancel.observe
+    children: dict[str, Any] = {}
+
+    def observe(role: str, seconds: float) -> None:
+        child = children.get(role)
+        if child is None:
+            child = children[role] = durations.labels(role)
+        child.observe(seconds)
+
+    return registry, observe
+
+
+def coordinator_registry(coordinator: Coordinator) -> CollectorRegistry:
+    """A registry with the coordinator's metrics."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(CoordinatorCollector(coordinator))
+    latency = Histogram(
+        "streamflow_coordinator_batch_to_dispatch_seconds",
+        "From a batch's report to the end of the step it caused (its children dispatched).",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    coordinator.observe_dispatch = latency.observe
+    return registry
+
+
+class MetricsServer:
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` from a thread.
+
+    Args:
+        registry: The metrics to serve.
+        health: The process's health.
+        port: The TCP port (0: any free one; see :attr:`port`).
+        host: The address to listen on.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, health: Health, *, port: int, host: str = "0.0.0.0"
+    ) -> None:
+        metrics_app = make_wsgi_app(registry)
+        self._health = health
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path in ("/healthz", "/readyz"):
+                ok, detail = health.live() if path == "/healthz" else health.ready()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+                return [detail.encode() + b"\n"]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        self._server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="streamflow-metrics", daemon=True
+        )
+
+    def __enter__(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (one line per scrape would drown the process's logs)."""
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _per_role(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["role"])
+    for role, count in sorted(counts.items()):
+        family.add_metric([role], count)
+    return family
