@@ -22,7 +22,7 @@ import click
 import orjson
 from prometheus_client import CollectorRegistry
 
-from streamflow import config, streams
+from streamflow import config, logs, streams
 from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.metrics import Health, MetricsServer
@@ -72,16 +72,20 @@ def _connection_options(func: F) -> F:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
+@click.option(
+    "--log-format",
+    envvar="STREAMFLOW_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one object per line, with role, message, task and node ids as fields.",
+)
 @click.version_option(package_name="streamflow")
 @_errors_to_exit
-def main(log_level: str) -> None:
+def main(log_level: str, log_format: str) -> None:
     """streamflow: workers and publishers on Redis Streams."""
     config.check_environment()
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(log_level, log_format)
 
 
 @main.command()
@@ -661,6 +665,8 @@ async def _cancel(
         )
 
 
-# The task commands (coordinator, submit, status, tasks, result) live in their own module and
-# register themselves on ``main``; importing it here makes them part of the CLI.
+# The task commands (coordinator, submit, status, tasks, result) and the observability commands
+# (inspect, workers) live in their own modules and register themselves on ``main``; importing
+# them here makes them part of the CLI.
+from streamflow import cli_inspect as _cli_inspect  # noqa: E402, F401
 from streamflow import cli_tasks as _cli_tasks  # noqa: E402, F401

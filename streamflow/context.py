@@ -205,6 +205,10 @@ class Context:
                 "message_id": self.message_id,
                 "attempt": self.attempt,
             }
+            if self.task_id is not None:
+                extra["task_id"] = self.task_id
+            if self.node_id is not None:
+                extra["node_id"] = self.node_id
             self._log = logging.LoggerAdapter(logger, extra)
         return self._log
 

@@ -13,12 +13,12 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from redis.asyncio import Redis
 
-from streamflow import nodes, streams
+from streamflow import logs, nodes, streams
 from streamflow.decisions import Decision
 from streamflow.keys import Keys
 from streamflow.leases import Delivery, InFlight, LeaseKeeper
@@ -30,6 +30,7 @@ from streamflow.protocol import (
     DeadLetter,
     ErrorInfo,
     EventType,
+    Job,
     encode,
     now_ms,
 )
@@ -146,6 +147,7 @@ class Settler:
                     delivery.entry.id.decode(),
                     decision.kind,
                     exc,
+                    extra=_log_fields(delivery, decision.job),
                 )
                 self._held.discard(delivery)
                 return
@@ -220,9 +222,10 @@ class Settler:
                 delivery.role.name,
                 job.id,
                 job.attempt + 1,
-                delivery.role.retry.max_attempts,
+                job.retry.max_attempts if job.retry else delivery.role.retry.max_attempts,
                 decision.delay,
                 decision.detail,
+                extra=_log_fields(delivery, job),
             )
         return scheduled
 
@@ -271,6 +274,7 @@ class Settler:
                 letter.message_id,
                 decision.reason,
                 decision.detail,
+                extra=_log_fields(delivery, job),
             )
         return moved is not None
 
@@ -298,6 +302,7 @@ class Settler:
                 "lease on %s entry %s was lost; its outcome was not applied",
                 delivery.role.name,
                 delivery.entry.id.decode(),
+                extra=_log_fields(delivery),
             )
         stats.by_role[role, outcome] = stats.by_role.get((role, outcome), 0) + 1
         if self._on_outcome is not None:
@@ -311,6 +316,19 @@ class Settler:
                     error,
                 )
             )
+
+
+def _log_fields(delivery: Delivery, job: Job | None = None) -> dict[str, Any]:
+    """The fields of a log line about a delivery (ids only, never the payload)."""
+    job = job or delivery.job
+    return logs.message_fields(
+        delivery.role.name,
+        message_id=job.id if job else None,
+        task_id=job.task_id if job else None,
+        node_id=job.node_id if job else None,
+        attempt=job.attempt if job else None,
+        entry_id=delivery.entry.id.decode(),
+    )
 
 
 #: An acknowledgement waiting for the next flush: delivery, message id, status once applied.
