@@ -1,0 +1,201 @@
+"""Metrics, health checks and JSON logs of worker and coordinator processes, over HTTP."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamflow.client import SyncClient
+from streamflow.keys import Keys
+from streamflow.server import RedisServer
+from tests.apps import read_trace
+from tests.helpers import ROOT, clean_env, wait_for
+from tests.test_cli import CLI, kill_tree, run_cli
+
+pytestmark = pytest.mark.redis
+
+LEASE = ("--lease-ttl", "1", "--reclaim-interval", "0.2", "--block-ms", "200")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a process's /metrics: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def start_worker(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], int]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        name: str, *extra: str, url: str = redis_url, metrics: bool = True
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        args = [*CLI, "--log-format", "json", "worker", "--app", "tests.apps:app"]
+        args += ["--role", "work", "--consumer-name", name, *LEASE, *extra]
+        args += ["--redis-url", url, "--namespace", namespace]
+        if metrics:
+            args += ["--metrics-port", str(port)]
+        env = clean_env(SFTEST_RECORD=str(tmp_path / "record"))
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=log)
+        log.close()
+        procs.append(proc)
+        if metrics:
+            wait_for(lambda: status(port, "/readyz") == 200, 20, f"{name} ready")
+        return proc, port
+
+    yield start
+    for proc in procs:
+        kill_tree(proc)
+
+
+def test_worker_counts_every_outcome_exactly(
+    start_worker: Callable[..., tuple[subprocess.Popen[bytes], int]],
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    _, port = start_worker("metered")
+    keys = Keys(namespace)
+    with SyncClient(redis_url, namespace=namespace) as client:
+        for _ in range(5):
+            client.publish("work", {})
+        for _ in range(2):
+            client.publish("work", {"fail_attempts": 3, "retry_delay": 0})
+        long_id = client.publish("work", {"seconds": 30})
+    plain = redis.Redis.from_url(redis_url)
+    plain.xadd(keys.role_stream("work"), {"message": b"{broken"})
+
+    def started_long() -> bool:
+        return any(line.message_id == long_id for line in read_trace(tmp_path / "record"))
+
+    wait_for(started_long, 20, "the long job started")
+    conn = ("--redis-url", redis_url, "--namespace", namespace)
+    assert run_cli("cancel", long_id, "--message", *conn).returncode == 0
+
+    def settled() -> bool:
+        return plain.xlen(keys.role_stream("work")) == 0 and plain.zcard(keys.delayed("work")) == 0
+
+    wait_for(settled, 20, "every job settled")
+    samples = scrape(port)
+    role = (("role", "work"),)
+
+    def outcome(name: str) -> float:
+        return samples.get(("streamflow_messages_total", (("outcome", name), *role)), 0.0)
+
+    assert {
+        name: outcome(name)
+        for name in ("acked", "retried", "dead_lettered", "rejected", "cancelled")
+    } == {
+        "acked": 5,
+        "retried": 4,
+        "dead_lettered": 2,
+        "rejected": 1,
+        "cancelled": 1,
+    }
+    assert samples[("streamflow_dead_letters_total", (("reason", "failed"), *role))] == 2
+    assert samples[("streamflow_dead_letters_total", (("reason", "invalid_json"), *role))] == 1
+    # Every handler run is timed: 5 + 2 x 3 attempts + the cancelled one.
+    assert samples[("streamflow_handler_duration_seconds_count", role)] == 12
+    assert samples[("streamflow_cancel_signals_total", ())] == 1
+    assert samples[("streamflow_cancel_latency_seconds_count", ())] == 1
+    assert samples[("streamflow_in_flight", ())] == 0
+    assert samples[("streamflow_concurrency_limit", ())] == 64
+    assert plain.xlen(keys.dead_letters("work")) == 3
+    plain.close()
+
+
+def test_adopted_entries_count_as_reclaims_and_redeliveries(
+    start_worker: Callable[..., tuple[subprocess.Popen[bytes], int]],
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    doomed, _ = start_worker("doomed", metrics=False)
+    with SyncClient(redis_url, namespace=namespace) as client:
+        message_id = client.publish("work", {"seconds_by_consumer": {"doomed": 60}})
+
+    def started() -> bool:
+        return any(line.message_id == message_id for line in read_trace(tmp_path / "record"))
+
+    wait_for(started, 20, "the job started on the doomed worker")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    _, port = start_worker("heir")
+    wait_for(
+        lambda: (
+            scrape(port).get(
+                ("streamflow_messages_total", (("outcome", "acked"), ("role", "work")))
+            )
+            == 1
+        ),
+        20,
+        "adopted and acked",
+    )
+    samples = scrape(port)
+    assert samples[("streamflow_reclaims_total", (("role", "work"),))] == 1
+    assert samples[("streamflow_redeliveries_total", (("role", "work"),))] == 1
+
+
+def test_readyz_follows_redis_and_logs_are_json(
+    start_worker: Callable[..., tuple[subprocess.Popen[bytes], int]],
+    private_redis: Callable[..., RedisServer],
+    tmp_path: Path,
+) -> None:
+    server = private_redis(appendonly=False)
+    _, port = start_worker("probe", url=server.url)
+    assert status(port, "/healthz") == 200
+    assert run_cli("check", "--url", f"http://127.0.0.1:{port}/readyz").returncode == 0
+    server.kill()
+    wait_for(lambda: status(port, "/readyz") == 503, 20, "unready without Redis")
+    assert status(port, "/healthz") == 200  # alive all the same
+    assert run_cli("check", "--url", f"http://127.0.0.1:{port}/readyz").returncode == 1
+    server.start()
+    wait_for(lambda: status(port, "/readyz") == 200, 30, "ready again")
+    lines = (tmp_path / "probe.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any("Redis unavailable" in r["message"] for r in records)
+
+
+def test_check_pings_redis(redis_url: str) -> None:
+    assert run_cli("check", "--redis-url", redis_url).returncode == 0
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    done = run_cli("check", "--redis-url", down, "--timeout", "2")
+    assert done.returncode == 1
+    assert done.stdout.startswith("not ok: ")
