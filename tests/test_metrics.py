@@ -199,3 +199,47 @@ def test_check_pings_redis(redis_url: str) -> None:
     done = run_cli("check", "--redis-url", down, "--timeout", "2")
     assert done.returncode == 1
     assert done.stdout.startswith("not ok: ")
+
+
+def test_coordinator_metrics(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    port = free_port()
+    conn = ["--redis-url", redis_url, "--namespace", namespace]
+    worker = subprocess.Popen(
+        [*CLI, "worker", "--app", "tests.test_tasks:app", "--block-ms", "200", *conn],
+        cwd=ROOT,
+        env=clean_env(),
+        stderr=subprocess.DEVNULL,
+    )
+    coordinator = subprocess.Popen(
+        [*CLI, "coordinator", "--block-ms", "200", "--metrics-port", str(port), *conn],
+        cwd=ROOT,
+        env=clean_env(),
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: status(port, "/readyz") == 200, 20, "coordinator ready")
+        plain = redis.Redis.from_url(redis_url)
+        wait_for(lambda: plain.scard(Keys(namespace).known_roles()) > 0, 20, "worker up")
+        graph = tmp_path / "graph.json"
+        graph.write_text(
+            json.dumps(
+                {
+                    "params": {"n": 6, "size": 2},
+                    "nodes": [{"id": "source", "role": "source"}, {"id": "e", "role": "enrich"}],
+                    "edges": [{"from": "source", "to": "e", "on": "batch"}],
+                }
+            )
+        )
+        done = run_cli("submit", str(graph), "--wait", "--timeout", "30", *conn)
+        assert done.returncode == 0, done.stderr
+        finished = ("streamflow_coordinator_tasks_finished_total", (("state", "succeeded"),))
+        wait_for(lambda: scrape(port).get(finished) == 1, 10, "the task counted")
+        samples = scrape(port)
+        # source: accepted, 3 batches, done; e: 3 runs x (accepted, batch, done).
+        assert samples[("streamflow_coordinator_events_total", ())] == 14
+        assert samples[("streamflow_coordinator_dispatches_total", ())] == 4
+        assert samples[("streamflow_coordinator_batch_to_dispatch_seconds_count", ())] == 6
+        plain.close()
+    finally:
+        kill_tree(worker)
+        kill_tree(coordinator)
