@@ -32,7 +32,10 @@ class ConsumerInfo(BaseModel):
     Attributes:
         name: The consumer name (for a worker, its ``--consumer-name``).
         pending: Entries delivered to it and not yet settled.
-        idle_ms: Milliseconds since it last read or claimed.
+        idle_ms: Milliseconds since it last interacted with the group (``XINFO CONSUMERS``).
+        alive: Whether a live process holds the name (its liveness key exists). Redis keeps a
+            group's consumers until they are deleted, so the names of stopped workers stay
+            listed; their pending entries are adopted after the lease TTL.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -40,6 +43,7 @@ class ConsumerInfo(BaseModel):
     name: str
     pending: int
     idle_ms: int
+    alive: bool
 
 
 class GroupInfo(BaseModel):
@@ -135,9 +139,10 @@ async def role_names(redis: Redis, keys: Keys) -> list[str]:
 async def inspect_roles(redis: Redis, keys: Keys) -> list[RoleInfo]:
     """Every role of the namespace (see :func:`role_names`), sorted by name.
 
-    Three round trips whatever the number of roles: the listing, then one pipeline of
-    ``XLEN``/``ZCARD``/``XLEN``/``XINFO GROUPS`` per role, then one of ``XINFO CONSUMERS`` and
-    ``XPENDING`` per group, with ``TIME``.
+    The listing (a ``SCAN`` and ``SMEMBERS``) and then three pipelined round trips whatever
+    the number of roles: ``XLEN``, ``ZCARD``, ``XLEN`` and ``XINFO GROUPS`` per role; ``XINFO
+    CONSUMERS`` and ``XPENDING`` per group, and ``TIME``; ``EXISTS`` of each consumer's
+    liveness key.
     """
     return await _role_infos(redis, keys, await role_names(redis, keys))
 
@@ -208,29 +213,29 @@ async def _groups(
     pipe.time()
     replies = await pipe.execute(raise_on_error=False)
     now = _time_ms(replies[-1])
+    consumers = [_present(replies[i * 2], []) for i in range(len(wanted))]
+    alive = await _alive(redis, keys, {_text(c["name"]) for group in consumers for c in group})
     for i, (role, raw) in enumerate(wanted):
-        consumers = _present(replies[i * 2], [])
         summary = _present(replies[i * 2 + 1], {})
-        out[role].append(_group(raw, consumers, summary, now))
+        out[role].append(_group(raw, consumers[i], summary, now, alive))
     for infos in out.values():
         infos.sort(key=lambda group: group.name)
     return out
 
 
 def _group(
-    raw: dict[str, Any], consumers: list[dict[str, Any]], summary: dict[str, Any], now_ms: int
+    raw: dict[str, Any],
+    consumers: list[dict[str, Any]],
+    summary: dict[str, Any],
+    now_ms: int,
+    alive: set[str],
 ) -> GroupInfo:
     oldest = summary.get("min")
     lag = raw.get("lag")
     return GroupInfo(
         name=_text(raw["name"]),
         consumers=sorted(
-            (
-                ConsumerInfo(
-                    name=_text(c["name"]), pending=int(c["pending"]), idle_ms=int(c["idle"])
-                )
-                for c in consumers
-            ),
+            (_consumer(consumer, alive) for consumer in consumers),
             key=lambda consumer: consumer.name,
         ),
         pending=int(summary.get("pending") or 0),
@@ -239,6 +244,25 @@ def _group(
         oldest_pending_id=_text(oldest) if oldest else None,
         oldest_pending_age_ms=_age_ms(oldest, now_ms) if oldest else None,
     )
+
+
+def _consumer(raw: dict[str, Any], alive: set[str]) -> ConsumerInfo:
+    name = _text(raw["name"])
+    return ConsumerInfo(
+        name=name, pending=int(raw["pending"]), idle_ms=int(raw["idle"]), alive=name in alive
+    )
+
+
+async def _alive(redis: Redis, keys: Keys, names: set[str]) -> set[str]:
+    """The consumer names among ``names`` that a live process holds."""
+    valid = sorted(name for name in names if NAME_PATTERN.fullmatch(name))
+    if not valid:
+        return set()
+    pipe = redis.pipeline(transaction=False)
+    for name in valid:
+        pipe.exists(keys.consumer_alive(name))
+    found = await pipe.execute()
+    return {name for name, exists in zip(valid, found, strict=True) if exists}
 
 
 async def _oldest_pending(

@@ -1,0 +1,322 @@
+"""The observability commands of the ``streamflow`` CLI: ``inspect`` and ``workers``.
+
+The views themselves are built by :mod:`streamflow.inspect` and :mod:`streamflow.registry`;
+this module only prints them, as text for people or as JSON for scripts.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import anyio
+import click
+import orjson
+from anyio.abc import TaskStatus
+from redis.asyncio import Redis
+
+from streamflow import config, streams
+from streamflow.cli import _connection_options, _errors_to_exit, main
+from streamflow.errors import ConfigError, RedisUnavailable, StreamflowError
+from streamflow.inspect import (
+    ConsumerInfo,
+    GroupInfo,
+    RoleDetail,
+    RoleInfo,
+    inspect_role,
+    inspect_roles,
+)
+from streamflow.keys import Keys
+from streamflow.protocol import now_ms
+from streamflow.registry import WorkerInfo, live_workers
+
+#: How many of the oldest pending entries ``inspect ROLE`` lists unless told.
+DEFAULT_COUNT = 10
+#: The refresh interval of a bare ``--watch``, in seconds.
+DEFAULT_WATCH = 2.0
+
+T = TypeVar("T")
+Render = Callable[[], Awaitable[str]]
+
+
+@main.command("inspect")
+@click.argument("role", required=False)
+@click.option(
+    "--count",
+    type=click.IntRange(0, 10_000),
+    help=f"With ROLE: how many of the oldest pending entries to list. [default: {DEFAULT_COUNT}]",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (see docs/operations.md).")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.1),
+    is_flag=False,
+    flag_value=DEFAULT_WATCH,
+    default=None,
+    metavar="[SECONDS]",
+    help=f"Redraw every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C. Put ROLE first.",
+)
+@_connection_options
+@_errors_to_exit
+def inspect_command(
+    role: str | None,
+    count: int | None,
+    as_json: bool,
+    watch: float | None,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    """Show every role (or ROLE in detail): stream, groups, consumers, pending, lag, retries."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    if count is not None and role is None:
+        raise ConfigError("--count applies to 'streamflow inspect ROLE' only")
+    keys = Keys(settings.namespace)
+
+    async def render(redis: Redis) -> str:
+        if role is None:
+            roles = await inspect_roles(redis, keys)
+            return _roles_json(keys, roles, watch) if as_json else _roles_text(keys, roles)
+        detail = await inspect_role(
+            redis, keys, role, count=DEFAULT_COUNT if count is None else count
+        )
+        if detail is None:
+            raise ConfigError(f"unknown role {role!r} in namespace {keys.namespace!r}")
+        return _role_json(keys, detail, watch) if as_json else _role_text(detail)
+
+    title = f"streamflow inspect {role or ''}".rstrip() + f" (namespace {keys.namespace})"
+    try:
+        anyio.run(_show, settings, render, watch, None if as_json else title)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
+        if watch is None:
+            raise
+        sys.exit(0)
+
+
+async def _show(
+    settings: config.ConnectionSettings,
+    render: Callable[[Redis], Awaitable[str]],
+    watch: float | None,
+    title: str | None,
+) -> None:
+    """Print one view, or with ``watch`` redraw it every ``watch`` seconds until a signal."""
+    redis = streams.connect(settings.url, name="streamflow-cli")
+    try:
+        await streams.ping(redis, settings.url)
+        # The first view comes before the watch, so that an unknown role ends the command.
+        view = await _once(lambda: render(redis))
+        if watch is None:
+            click.echo(view)
+            return
+        async with anyio.create_task_group() as tg:
+            await tg.start(_stop_on_signal, tg.cancel_scope)
+            await _watch(lambda: render(redis), view, watch, title)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+
+
+async def _once(read: Callable[[], Awaitable[T]]) -> T:
+    """``await read()``, with a lost connection reported as one line rather than a traceback."""
+    try:
+        return await read()
+    except streams.TRANSIENT_ERRORS as exc:
+        raise RedisUnavailable(f"lost the connection to Redis: {exc}") from None
+
+
+async def _watch(render: Render, view: str, every: float, title: str | None) -> None:
+    """Clear the screen and draw ``view``, then a new one every ``every`` seconds, forever.
+
+    Off a terminal the views follow one another. With JSON (``title`` None) each view is one
+    compact line and problems go to stderr, so that stdout stays JSON Lines. An outage does not
+    end the watch: it is reported and the next refresh tries again.
+    """
+    shown: str | None = view
+    while True:
+        if shown is not None:
+            if title is not None:
+                click.clear()
+                stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
+                click.echo(f"{title} at {stamp}, every {every:g}s (Ctrl-C to stop)\n")
+            click.echo(shown)
+        await anyio.sleep(every)
+        try:
+            shown = await render()
+        except StreamflowError as exc:
+            shown = _problem(f"error: {exc}", title)
+        except streams.TRANSIENT_ERRORS as exc:
+            shown = _problem(f"Redis unavailable ({exc}); retrying every {every:g}s", title)
+
+
+def _problem(text: str, title: str | None) -> str | None:
+    """What a watch shows after a failed refresh: ``text``, or with JSON nothing (see stderr)."""
+    if title is None:
+        click.echo(text, err=True)
+        return None
+    return text
+
+
+async def _stop_on_signal(
+    scope: anyio.CancelScope, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def _dump(doc: dict[str, Any], watch: float | None) -> str:
+    option = orjson.OPT_INDENT_2 if watch is None else 0
+    return orjson.dumps(doc, option=option).decode()
+
+
+def _roles_json(keys: Keys, roles: list[RoleInfo], watch: float | None) -> str:
+    doc = {"namespace": keys.namespace, "roles": [r.model_dump(mode="json") for r in roles]}
+    return _dump(doc, watch)
+
+
+def _role_json(keys: Keys, detail: RoleDetail, watch: float | None) -> str:
+    return _dump({"namespace": keys.namespace, "role": detail.model_dump(mode="json")}, watch)
+
+
+def _roles_text(keys: Keys, roles: list[RoleInfo]) -> str:
+    if not roles:
+        return f"no roles in namespace {keys.namespace}"
+    lines: list[str] = []
+    for info in roles:
+        lines += _role_lines(info)
+    return "\n".join(lines)
+
+
+def _role_text(detail: RoleDetail) -> str:
+    lines = _role_lines(detail)
+    if not detail.oldest_pending:
+        return "\n".join([*lines, "no pending entries"])
+    rows = [["ID", "GROUP", "CONSUMER", "IDLE", "DELIVERIES", "AGE"]]
+    rows += [
+        [e.id, e.group, e.consumer, _duration(e.idle_ms), str(e.deliveries), _duration(e.age_ms)]
+        for e in detail.oldest_pending
+    ]
+    total = sum(group.pending for group in detail.groups)
+    lines.append(f"oldest pending entries ({len(detail.oldest_pending)} of {total}):")
+    return "\n".join(lines + ["  " + line for line in _table(rows)])
+
+
+def _role_lines(info: RoleInfo) -> list[str]:
+    lines = [
+        f"role {info.role}: {info.length} in stream, {info.delayed} delayed, "
+        + _plural(info.dead_letters, "dead letter")
+    ]
+    if not info.groups:
+        lines.append("  no consumer group (no worker has served this role)")
+    for group in info.groups:
+        lag = "unknown" if group.lag is None else str(group.lag)
+        oldest = (
+            f", oldest pending {_duration(group.oldest_pending_age_ms)} old"
+            if group.oldest_pending_age_ms is not None
+            else ""
+        )
+        lines.append(f"  group {group.name}: {group.pending} pending, lag {lag}{oldest}")
+        lines += ["    " + line for line in _consumer_lines(group)]
+    return lines
+
+
+def _consumer_lines(group: GroupInfo) -> list[str]:
+    """The live consumers and those holding entries; the others are only counted.
+
+    Redis keeps every consumer name a group ever saw, so stopped workers pile up there.
+    """
+    shown = [c for c in group.consumers if c.alive or c.pending]
+    rows = [
+        [c.name, f"{c.pending} pending", f"idle {_duration(c.idle_ms)}", _state(c)] for c in shown
+    ]
+    lines = _table(rows)
+    hidden = len(group.consumers) - len(shown)
+    if hidden:
+        lines.append(f"and {_plural(hidden, 'stopped consumer')} holding nothing")
+    if not group.consumers:
+        lines.append("no consumers")
+    return lines
+
+
+def _state(consumer: ConsumerInfo) -> str:
+    return "alive" if consumer.alive else "stopped"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per line.")
+@_connection_options
+@_errors_to_exit
+def workers(as_json: bool, redis_url: str, namespace: str) -> None:
+    """List the live workers of the namespace (a killed one is gone after its lease TTL)."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    found = anyio.run(_workers, settings)
+    if as_json:
+        for info in found:
+            click.echo(info.model_dump_json())
+        return
+    if not found:
+        click.echo(f"no live workers in namespace {settings.namespace}")
+        return
+    now = now_ms()
+    rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found]
+    click.echo("\n".join(_table(rows)))
+
+
+_WORKER_COLUMNS = "CONSUMER HOST PID ROLES VERSION STARTED IN-FLIGHT PROCESSED UPDATED"
+
+
+def _worker_row(info: WorkerInfo, now: int) -> list[str]:
+    started = datetime.fromtimestamp(info.started_at_ms / 1000).isoformat(timespec="seconds")
+    return [
+        info.consumer,
+        info.host,
+        str(info.pid),
+        ",".join(info.roles),
+        info.version,
+        started,
+        str(info.in_flight),
+        str(info.processed),
+        _duration(max(0, now - info.updated_at_ms)) + " ago",
+    ]
+
+
+async def _workers(settings: config.ConnectionSettings) -> list[WorkerInfo]:
+    redis = streams.connect(settings.url, name="streamflow-cli")
+    try:
+        await streams.ping(redis, settings.url)
+        return await _once(lambda: live_workers(redis, Keys(settings.namespace)))
+    finally:
+        await redis.aclose()
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _duration(ms: int) -> str:
+    """A duration for people: ``850ms``, ``12.3s``, ``4m05s``, ``2h03m``, ``3d04h``."""
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f}s"
+    seconds = ms // 1000
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86_400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86_400}d{seconds % 86_400 // 3600:02d}h"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as lines of left-aligned columns two spaces apart."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
