@@ -1,4 +1,4 @@
-"""The observability commands of the ``streamflow`` CLI: ``inspect`` and ``workers``.
+"""The observability commands of the ``streamflow`` CLI: ``inspect``, ``workers``, ``exporter``.
 
 The views themselves are built by :mod:`streamflow.inspect` and :mod:`streamflow.registry`;
 this module only prints them, as text for people or as JSON for scripts.
@@ -19,8 +19,9 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
 from streamflow import config, streams
-from streamflow.cli import _connection_options, _errors_to_exit, main
+from streamflow.cli import _connection_options, _errors_to_exit, _serving_metrics, logger, main
 from streamflow.errors import ConfigError, RedisUnavailable, StreamflowError
+from streamflow.exporter import Exporter
 from streamflow.inspect import (
     ConsumerInfo,
     GroupInfo,
@@ -30,6 +31,7 @@ from streamflow.inspect import (
     inspect_roles,
 )
 from streamflow.keys import Keys
+from streamflow.metrics import Health
 from streamflow.protocol import now_ms
 from streamflow.registry import WorkerInfo, live_workers
 
@@ -320,3 +322,47 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+
+
+@main.command()
+@click.option(
+    "--metrics-port",
+    envvar="STREAMFLOW_METRICS_PORT",
+    type=click.IntRange(0, 65_535),
+    required=True,
+    help="Serve the queue gauges on /metrics (and /healthz, /readyz) on this port.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 3600),
+    default=5.0,
+    show_default=True,
+    help="Seconds between reads of the queue figures.",
+)
+@_connection_options
+@_errors_to_exit
+def exporter(metrics_port: int, interval: float, redis_url: str, namespace: str) -> None:
+    """Serve the namespace's queue gauges (run one per namespace, beside the workers)."""
+    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    anyio.run(_export, settings, metrics_port, interval)
+
+
+async def _export(settings: config.ConnectionSettings, port: int, interval: float) -> None:
+    redis = streams.connect(settings.url, name="streamflow-exporter")
+    await streams.ping(redis, settings.url)
+    queues = Exporter(redis, namespace=settings.namespace, interval=interval)
+    health = Health(redis)
+    try:
+        with _serving_metrics(queues.registry, health, port):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(health.run)
+                tg.start_soon(queues.run)
+                health.started = True
+                logger.info("exporting queue figures of namespace %s", settings.namespace)
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                    async for _ in received:
+                        break
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()

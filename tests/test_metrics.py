@@ -243,3 +243,40 @@ def test_coordinator_metrics(redis_url: str, namespace: str, tmp_path: Path) -> 
     finally:
         kill_tree(worker)
         kill_tree(coordinator)
+
+
+def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
+    keys = Keys(namespace)
+    plain = redis.Redis.from_url(redis_url)
+    stream = keys.role_stream("work")
+    for n in range(5):
+        plain.xadd(stream, {"message": f"{{{n}}}"})
+    plain.xgroup_create(stream, "workers", id="0")
+    plain.xreadgroup("workers", "holder", {stream: ">"}, count=2)
+    plain.zadd(keys.delayed("work"), {"a": 1, "b": 2, "c": 3})
+    plain.xadd(keys.dead_letters("work"), {"dead_letter": "{}"})
+    port = free_port()
+    conn = ("--redis-url", redis_url, "--namespace", namespace)
+    exporter = subprocess.Popen(
+        [*CLI, "exporter", "--metrics-port", str(port), "--interval", "0.2", *conn],
+        cwd=ROOT,
+        env=clean_env(),
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        length = ("streamflow_stream_length", (("role", "work"),))
+        wait_for(lambda: status(port, "/readyz") == 200 and length in scrape(port), 20, "up")
+        samples = scrape(port)
+        group = (("group", "workers"), ("role", "work"))
+        [info] = plain.xinfo_groups(stream)
+        assert samples[length] == plain.xlen(stream) == 5
+        assert samples[("streamflow_pending", group)] == info["pending"] == 2
+        assert samples[("streamflow_group_lag", group)] == info["lag"] == 3
+        assert samples[("streamflow_delayed", (("role", "work"),))] == 3
+        assert samples[("streamflow_dead_letter_depth", (("role", "work"),))] == 1
+        assert samples[("streamflow_consumers", group)] == 1
+        assert samples[("streamflow_oldest_pending_age_seconds", group)] >= 0
+        assert samples[("streamflow_live_workers", ())] == 0
+    finally:
+        kill_tree(exporter)
+        plain.close()
