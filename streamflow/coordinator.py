@@ -128,7 +128,6 @@ class Coordinator:
         self.commits = 0
         self.conflicts = 0
         self.finished: dict[str, int] = {}
-        self.active_tasks = 0
         self.observe_dispatch: Callable[[float], None] | None = None
 
     # -- public API -------------------------------------------------------------------------
@@ -255,7 +254,6 @@ class Coordinator:
     async def _sweep(self) -> None:
         """Queue a re-evaluation of every unfinished task; free leaked role slots."""
         active = await self._redis.smembers(self._keys.tasks_active())
-        self.active_tasks = len(active)
         self._ticks.update(streams.text(t) for t in active)
         self._tick_wakeup.set()
         for role, limit in self.role_limits.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import anyio
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
@@ -73,7 +73,13 @@ class Exporter(Collector):
                 self.failures += 1
                 await backoff.failed(exc)
                 continue
-            backoff.succeeded()
+            except Exception:
+                # Bad data (a corrupt task state, a key of the wrong type) must not stop the
+                # exporter: the last snapshot stays served and ages.
+                self.failures += 1
+                logger.exception("reading queue figures failed; trying again")
+            else:
+                backoff.succeeded()
             await anyio.sleep(self.interval)
 
     async def refresh(self) -> Snapshot:
@@ -84,8 +90,11 @@ class Exporter(Collector):
         for info in roles:
             backlog[info.role] = int(await redis.xlen(keys.events(info.role)))
         tasks: dict[str, int] = {}
-        for raw in await redis.smembers(keys.tasks_active()):
-            state = await redis.hget(keys.task_state(streams.text(raw)), "task")
+        active = [streams.text(raw) for raw in await redis.smembers(keys.tasks_active())]
+        pipe = redis.pipeline(transaction=False)
+        for task_id in active:
+            pipe.hget(keys.task_state(task_id), "task")
+        for state in await pipe.execute() if active else []:
             if state is not None:
                 name = TaskState.model_validate_json(state).state
                 tasks[name] = tasks.get(name, 0) + 1
@@ -104,7 +113,7 @@ class Exporter(Collector):
             "streamflow_stream_length", "Entries in the role stream.", labels=by_role
         )
         delayed = GaugeMetricFamily(
-            "streamflow_delayed",
+            "streamflow_delayed_jobs",
             "Jobs waiting in the delayed schedule (retries, delayed publishes).",
             labels=by_role,
         )
@@ -117,7 +126,7 @@ class Exporter(Collector):
             labels=by_role,
         )
         pending = GaugeMetricFamily(
-            "streamflow_pending",
+            "streamflow_pending_entries",
             "Entries delivered and not yet settled (held under a lease).",
             labels=by_group,
         )
@@ -154,6 +163,11 @@ class Exporter(Collector):
         for state in ("queued", "running"):
             tasks.add_metric([state], snap.tasks.get(state, 0))
         yield tasks
+        yield CounterMetricFamily(
+            "streamflow_exporter_refresh_failures",
+            "Reads of the queue figures that failed.",
+            value=self.failures,
+        )
         yield GaugeMetricFamily(
             "streamflow_exporter_snapshot_age_seconds",
             "Seconds since the figures were read from Redis.",

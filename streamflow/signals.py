@@ -184,9 +184,9 @@ class SignalListener:
             self.bad_signals += 1
             logger.warning("ignoring a malformed signal: %s", exc)
             return None
-        self.signals_seen += 1
         self._book.add(signal)
         if announce:
+            self.signals_seen += 1  # live arrivals only, not markers loaded at start
             logger.info(
                 "cancel of %s %s (%s) requested by %s",
                 signal.target,

@@ -142,7 +142,7 @@ def test_alert_rules_parse_with_the_prometheus_structure() -> None:
 def test_alert_rules_cover_the_operational_signals() -> None:
     used = referenced(" ".join(rule["expr"] for rule in alert_rules()))
     for name in (
-        "streamflow_pending",
+        "streamflow_pending_entries",
         "streamflow_group_lag",
         "streamflow_oldest_pending_age_seconds",
         "streamflow_dead_letter_depth",

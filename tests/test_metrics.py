@@ -134,7 +134,7 @@ def test_worker_counts_every_outcome_exactly(
     assert samples[("streamflow_handler_duration_seconds_count", role)] == 12
     assert samples[("streamflow_cancel_signals_total", ())] == 1
     assert samples[("streamflow_cancel_latency_seconds_count", ())] == 1
-    assert samples[("streamflow_in_flight", ())] == 0
+    assert samples[("streamflow_in_flight_entries", ())] == 0
     assert samples[("streamflow_concurrency_limit", ())] == 64
     assert plain.xlen(keys.dead_letters("work")) == 3
     plain.close()
@@ -270,9 +270,9 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
         group = (("group", "workers"), ("role", "work"))
         [info] = plain.xinfo_groups(stream)
         assert samples[length] == plain.xlen(stream) == 5
-        assert samples[("streamflow_pending", group)] == info["pending"] == 2
+        assert samples[("streamflow_pending_entries", group)] == info["pending"] == 2
         assert samples[("streamflow_group_lag", group)] == info["lag"] == 3
-        assert samples[("streamflow_delayed", (("role", "work"),))] == 3
+        assert samples[("streamflow_delayed_jobs", (("role", "work"),))] == 3
         assert samples[("streamflow_dead_letter_depth", (("role", "work"),))] == 1
         assert samples[("streamflow_consumers", group)] == 1
         assert samples[("streamflow_oldest_pending_age_seconds", group)] >= 0
