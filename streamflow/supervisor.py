@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from streamflow.config import WorkerSettings
+from streamflow.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,12 @@ def child_command(settings: WorkerSettings, index: int) -> list[str]:
     cmd += ["--dead-letter-max-len", str(settings.dead_letter_max_len)]
     cmd += ["--lease-ttl", str(settings.lease_ttl)]
     cmd += ["--reclaim-interval", str(settings.reclaim_interval)]
-    if settings.metrics_port:
-        cmd += ["--metrics-port", str(settings.metrics_port + index)]  # one port per child
+    if settings.metrics_port is not None:
+        # One port per child (0: each picks a free one).
+        port = settings.metrics_port and settings.metrics_port + index
+        if port > 65_535:
+            raise ConfigError(f"--metrics-port {settings.metrics_port} + {index} is past 65535")
+        cmd += ["--metrics-port", str(port)]
     if settings.renew_interval is not None:
         cmd += ["--renew-interval", str(settings.renew_interval)]
     if settings.consumer_name:
