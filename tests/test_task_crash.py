@@ -1,0 +1,550 @@
+"""Crash tests of DAG tasks: workers and coordinators SIGKILLed while a task runs.
+
+Every worker is a ``python -m streamflow worker --app tests.task_apps:app`` process and every
+coordinator a ``python -m streamflow coordinator`` process. The task is always the same chain:
+
+    src (40 batches of 5 ints, 0.1 s apart) --batch--> step (x2, 0.3 s per batch)
+        --batch--> total (metrics.aggregate, in the coordinator)
+
+Handlers append START / DONE lines to a record file outside the processes (see
+``tests/task_apps.py``); Redis is inspected directly: the task's state hash, the role streams'
+``entries-added`` (every job ever published to a role, deleted or not), pending lists and the
+outbox. Coordinators are killed at chosen moments (holding unpublished jobs, holding published
+ones not yet cleared, holding unacknowledged events): the moment is polled for, the process
+frozen with SIGSTOP, the moment checked again, then SIGKILL (:meth:`Process.kill_when`).
+Leases are about a second so that the file runs in well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+import redis
+
+from streamflow import Client, Graph
+from streamflow.keys import COORDINATORS, GROUP, Keys
+from streamflow.tasks import Invocation, TaskState
+from tests.helpers import ROOT, clean_env, wait_for
+from tests.task_apps import Line, read_trace
+
+pytestmark = pytest.mark.redis
+
+CLI = [sys.executable, "-m", "streamflow"]
+APP = "tests.task_apps:app"
+ROLES = ("src", "step")
+WORKER_LEASE = ("--lease-ttl", "1", "--reclaim-interval", "0.2", "--block-ms", "200")
+COORDINATOR_LEASE = ("--lease-ttl", "1", "--sweep-interval", "0.2", "--block-ms", "200")
+BATCHES, SIZE, PAUSE, STEP_SECONDS = 40, 5, 0.1, 0.3
+ITEMS = BATCHES * SIZE
+#: What ``total`` must hold: every source item, doubled by ``step``, counted once.
+EXPECTED_TOTAL = [{"count": ITEMS, "sum": 2 * sum(range(ITEMS)), "sums": {}}]
+#: A task's whole run, kills and adoptions included, on a loaded 2-core machine.
+TASK_DEADLINE = 40.0
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    """A worker or coordinator subprocess; stderr goes to ``log``."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    ready_line: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until the process logs that it runs; fail at once if it exits."""
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited early:\n{self.stderr()}")
+            return self.ready_line in self.stderr()
+
+        wait_for(ready, timeout, f"{self.name} logs {self.ready_line!r}")
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it (it must have been alive)."""
+        assert self.alive(), f"{self.name} died before it was killed:\n{self.stderr()}"
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=10) == -signal.SIGKILL
+
+    def kill_when(
+        self,
+        condition: Callable[[], bool],
+        timeout: float,
+        what: str,
+        *,
+        while_frozen: Callable[[], bool] | None = None,
+    ) -> None:
+        """SIGKILL the process at a moment ``condition`` holds.
+
+        The condition is polled; when it holds, the process is frozen (SIGSTOP) and the
+        condition checked again: a process that moved on in between is thawed and polled
+        again, so the kill lands in the state the condition describes, however brief. Before a
+        thaw, ``while_frozen`` (if given) is awaited, e.g. until work piles up for the process.
+        """
+        deadline = time.monotonic() + timeout
+
+        def alive_and_condition() -> bool:
+            assert self.alive(), f"{self.name} exited before the kill:\n{self.stderr()}"
+            return condition()
+
+        while True:
+            left = max(deadline - time.monotonic(), 0)
+            wait_for(alive_and_condition, left, what, every=0.001)
+            self.process.send_signal(signal.SIGSTOP)
+            if condition():
+                self.kill()
+                return
+            if while_frozen is not None:
+                left = max(deadline - time.monotonic(), 0)
+                wait_for(while_frozen, left, f"{what} (frozen)", every=0.01)
+            self.process.send_signal(signal.SIGCONT)
+
+    def assert_clean_log(self) -> None:
+        log = self.stderr()
+        assert "Traceback" not in log and "gave up" not in log, log
+
+
+class Processes:
+    """Starts workers and coordinators of one namespace; all are SIGKILLed at teardown."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, namespace: str, record: Path) -> None:
+        self._tmp = tmp_path
+        self._connection = ["--redis-url", redis_url, "--namespace", namespace]
+        self._env = clean_env(SFTEST_RECORD=str(record))
+        self.started: list[Process] = []
+
+    def worker(self, name: str, *, concurrency: int = 4) -> Process:
+        """A worker serving ``src`` and ``step`` with consumer name ``name``."""
+        command = [*CLI, "worker", "--app", APP, *self._connection]
+        for role in ROLES:
+            command += ["--role", role]
+        command += ["--consumer-name", name, "--concurrency", str(concurrency), *WORKER_LEASE]
+        return self._start(name, command, " serving ")
+
+    def coordinator(self, name: str) -> Process:
+        command = [*CLI, "coordinator", *self._connection, "--consumer-name", name]
+        return self._start(name, [*command, *COORDINATOR_LEASE], f" coordinator {name} on ")
+
+    def _start(self, name: str, command: list[str], ready_line: str) -> Process:
+        log = self._tmp / f"{name}.log"
+        with open(log, "wb") as err:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        started = Process(name, process, log, ready_line)
+        self.started.append(started)
+        return started
+
+    def kill_all(self) -> None:
+        for started in self.started:
+            if started.process.poll() is None:
+                started.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                started.process.wait(timeout=10)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+# -- the record and Redis, as the tests see them ----------------------------------------------
+
+
+class Record:
+    """The trace file every handler of a test appends to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def lines(self, event: str | None = None, node: str | None = None) -> list[Line]:
+        return [
+            line
+            for line in read_trace(self.path)
+            if (event is None or line.event == event) and (node is None or line.node == node)
+        ]
+
+    def in_flight(self, node: str, pid: int) -> set[int]:
+        """Invocations of ``node`` that process ``pid`` started and has not finished."""
+        started = {line.invocation for line in self.lines("START", node) if line.pid == pid}
+        return started - {line.invocation for line in self.lines("DONE", node) if line.pid == pid}
+
+
+class Store:
+    """Read-only views of one namespace's keys."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.keys = Keys(namespace)
+
+    def task(self, task_id: str) -> TaskState:
+        raw: Any = self.client.hget(self.keys.task_state(task_id), "task")
+        assert raw is not None, f"task {task_id} not found"
+        return TaskState.model_validate_json(raw)
+
+    def invocation(self, task_id: str, node: str, number: int) -> Invocation:
+        raw: Any = self.client.hget(self.keys.task_state(task_id), f"inv:{node}:{number}")
+        assert raw is not None, f"no record of invocation {node}:{number}"
+        return Invocation.model_validate_json(raw)
+
+    def outbox(self, task_id: str) -> int:
+        return int(self.client.hlen(self.keys.task_outbox(task_id)))
+
+    def outbox_jobs(self, task_id: str) -> set[int]:
+        """Invocations of the jobs the task's outbox holds (decided, not confirmed published)."""
+        return self.outbox_and_stream(task_id, "step")[0]
+
+    def outbox_and_stream(self, task_id: str, role: str) -> tuple[set[int], set[int]]:
+        """One snapshot (MULTI/EXEC) of the invocations of the jobs in the task's outbox and of
+        those in the role's stream (published, not yet acknowledged)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hvals(self.keys.task_outbox(task_id))
+        pipe.xrange(self.keys.role_stream(role))
+        outbox, rows = pipe.execute()
+        items = [orjson.loads(value) for value in outbox]
+        decided = {orjson.loads(i["job"])["invocation"] for i in items if i["kind"] == "job"}
+        return decided, {orjson.loads(fields[b"message"])["invocation"] for _, fields in rows}
+
+    def unread_events(self, role: str) -> int:
+        """Events of the role that no coordinator read yet (acknowledged ones are deleted)."""
+        events = self.keys.events(role)
+        return int(self.client.xlen(events)) - _pending(self.client, events, COORDINATORS)
+
+    def events_held(self, consumer: str) -> int:
+        """Task events that coordinator ``consumer`` read and has not acknowledged."""
+        held = 0
+        for role in ROLES:
+            stream = self.keys.events(role)
+            rows: Any = self.client.xpending_range(
+                stream, COORDINATORS, "-", "+", 1000, consumername=consumer
+            )
+            held += len(rows)
+        return held
+
+    def jobs_published(self, role: str) -> int:
+        """Entries ever added to the role's stream (acknowledged ones are deleted, not these)."""
+        info: Any = self.client.xinfo_stream(self.keys.role_stream(role))
+        return int(info["entries-added"])
+
+    def leftovers(self, task_id: str) -> dict[str, int]:
+        """Everything that should be gone once a task ended and its events were handled."""
+        found = {"outbox": self.outbox(task_id)}
+        for role in ROLES:
+            stream, events = self.keys.role_stream(role), self.keys.events(role)
+            found[f"{role} stream"] = int(self.client.xlen(stream))
+            found[f"{role} pending"] = _pending(self.client, stream, GROUP)
+            found[f"{role} events"] = int(self.client.xlen(events))
+            found[f"{role} events pending"] = _pending(self.client, events, COORDINATORS)
+            found[f"{role} dead letters"] = int(self.client.xlen(self.keys.dead_letters(role)))
+        return {name: n for name, n in found.items() if n}
+
+
+def _pending(client: redis.Redis, stream: str, group: str) -> int:
+    info: Any = client.xpending(stream, group)
+    return int(info["pending"])
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> Record:
+    return Record(tmp_path / "record.txt")
+
+
+@pytest.fixture
+def processes(
+    tmp_path: Path, redis_url: str, namespace: str, record: Record
+) -> Iterator[Processes]:
+    started = Processes(tmp_path, redis_url, namespace, record.path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+
+
+@pytest.fixture
+def store(redis_url: str, namespace: str) -> Iterator[Store]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield Store(client, namespace)
+    finally:
+        client.close()
+
+
+def submit(redis_url: str, namespace: str) -> str:
+    """Submit the test chain (see the module docstring); returns the task id."""
+    graph = Graph("crash", params={"n": BATCHES, "size": SIZE, "pause": PAUSE})
+    graph.node("src", role="src")
+    graph.node("step", role="step", params={"seconds": STEP_SECONDS})
+    graph.node("total", function="metrics.aggregate")
+    graph.edge("src", "step", on="batch").edge("step", "total", on="batch")
+
+    async def send() -> str:
+        async with Client.from_url(redis_url, namespace=namespace) as client:
+            return await client.submit(graph)
+
+    return anyio.run(send)
+
+
+def result(redis_url: str, namespace: str, task_id: str) -> dict[str, list[Any]]:
+    async def fetch() -> dict[str, list[Any]]:
+        async with Client.from_url(redis_url, namespace=namespace) as client:
+            return await client.result(task_id)
+
+    return anyio.run(fetch)
+
+
+def wait_finished(store: Store, task_id: str) -> TaskState:
+    wait_for(lambda: store.task(task_id).terminal, TASK_DEADLINE, "the task ends", 0.1)
+    task = store.task(task_id)
+    assert task.state == "succeeded", task.model_dump_json(indent=1)
+    wait_for(lambda: not store.leftovers(task_id), 10, "nothing left over", 0.1)
+    return task
+
+
+# -- the checks shared by every test -----------------------------------------------------------
+
+
+def assert_counts_exact(task: TaskState) -> None:
+    """Every node ran once per input and produced exactly what it should, no more."""
+    src, step, total = task.nodes["src"], task.nodes["step"], task.nodes["total"]
+    assert (src.state, src.dispatched, src.completed) == ("succeeded", 1, 1), src
+    assert (src.batches_out, src.items_out) == (BATCHES, ITEMS), src
+    assert step.state == "succeeded", step
+    assert step.dispatched == step.completed == BATCHES, step
+    assert step.batches_in == step.batches_out == BATCHES, step
+    assert step.fed == {"src": BATCHES} and step.items_out == ITEMS, step
+    assert total.state == "succeeded", total
+    assert total.dispatched == total.completed == total.batches_in == BATCHES, total
+    assert total.batches_out == 1, total
+
+
+def assert_each_invocation_ran_once(
+    record: Record, store: Store, task_id: str, killed: set[int]
+) -> None:
+    """Per node, every invocation has exactly one run that finished and was accepted: its last
+    run, which traced DONE. Earlier runs of it (START, maybe DONE) may only come from a killed
+    process; a live process never runs an invocation twice. Each ``step`` invocation processes
+    its own parent batch: invocations and source batches match one to one."""
+    for node, expected in (("src", 1), ("step", BATCHES)):
+        starts: dict[int, list[Line]] = defaultdict(list)
+        for line in sorted(record.lines("START", node), key=lambda line: line.at):
+            assert line.task == task_id and line.attempt == 1, line
+            starts[line.invocation].append(line)
+        done: dict[int, list[int]] = defaultdict(list)
+        for line in record.lines("DONE", node):
+            done[line.invocation].append(line.pid)
+        assert sorted(starts) == list(range(expected)), f"{node}: invocations {sorted(starts)}"
+        for number, runs in starts.items():
+            *earlier, last = runs
+            where = f"{node}:{number} runs {[(r.pid, r.consumer) for r in runs]}"
+            assert all(run.pid in killed for run in earlier), f"run again by a live {where}"
+            assert last.pid in done[number], f"the last run did not finish: {where}"
+            live_done = [pid for pid in done[number] if pid not in killed]
+            assert len(live_done) <= 1, f"{where}: DONE on live pids {live_done}"
+            inv = store.invocation(task_id, node, number)
+            assert inv.state == "done" and inv.counted and inv.attempt == 1, (where, inv)
+            if earlier:
+                assert inv.delivery >= 2, (where, inv)
+        if node == "step":
+            fed = {n: {(run.parent, run.index) for run in runs} for n, runs in starts.items()}
+            assert all(len(batches) == 1 for batches in fed.values()), fed
+            every = sorted(batch for batches in fed.values() for batch in batches)
+            assert every == [("src", index) for index in range(BATCHES)], every
+
+
+def assert_task_exact(
+    redis_url: str,
+    namespace: str,
+    store: Store,
+    record: Record,
+    task_id: str,
+    *,
+    killed: set[int],
+    survivors: Sequence[Process],
+) -> None:
+    task = wait_finished(store, task_id)
+    assert_counts_exact(task)
+    assert result(redis_url, namespace, task_id) == {"total": EXPECTED_TOTAL}
+    # No duplicated dispatch: one job ever published per invocation.
+    published = {role: store.jobs_published(role) for role in ROLES}
+    assert published == {"src": 1, "step": BATCHES}, f"jobs ever published: {published}"
+    assert_each_invocation_ran_once(record, store, task_id, killed)
+    for process in survivors:
+        assert process.alive(), process.stderr()
+        process.assert_clean_log()
+
+
+# -- 1. a worker killed mid-node ----------------------------------------------------------------
+
+
+def test_worker_sigkilled_mid_node_is_adopted_and_the_task_counts_every_item_once(
+    processes: Processes, store: Store, record: Record, redis_url: str, namespace: str
+) -> None:
+    """Two workers; the one running the source is SIGKILLed while it also runs step
+    invocations. The other adopts the source (which emits every batch again: the numbers
+    already recorded are dropped) and the interrupted step runs."""
+    coordinator = processes.coordinator(unique("c"))
+    workers = [processes.worker(unique("a")), processes.worker(unique("b"))]
+    for process in [coordinator, *workers]:
+        process.wait_ready()
+    task_id = submit(redis_url, namespace)
+
+    wait_for(lambda: bool(record.lines("START", "src")), 10, "the source starts")
+    [src_run] = record.lines("START", "src")
+    [victim] = [w for w in workers if w.pid == src_run.pid]
+    [survivor] = [w for w in workers if w is not victim]
+
+    def mid_node() -> bool:
+        # The victim runs a step invocation while its source is still emitting, and a few
+        # invocations finished already.
+        return bool(record.in_flight("step", victim.pid)) and len(record.lines("DONE")) >= 3
+
+    wait_for(mid_node, 10, "the victim runs step while its source emits")
+    victim.kill()
+    assert not record.lines("DONE", "src"), "the source finished before the kill"
+    interrupted = record.in_flight("step", victim.pid)
+    assert interrupted, "the kill did not land mid-node"
+    at_kill = store.task(task_id).nodes
+    assert at_kill["src"].batches_out < BATCHES and at_kill["step"].dispatched < BATCHES
+
+    assert_task_exact(
+        redis_url,
+        namespace,
+        store,
+        record,
+        task_id,
+        killed={victim.pid},
+        survivors=[coordinator, survivor],
+    )
+    # The survivor adopted the source and the victim's unfinished step runs, and ran them again.
+    rerun = {line.invocation for line in record.lines("DONE", "step") if line.pid == survivor.pid}
+    assert interrupted <= rerun, (interrupted, rerun)
+    assert [line.pid for line in record.lines("DONE", "src")] == [survivor.pid]
+
+
+# -- 2. a coordinator killed mid fan-out, then a new one -----------------------------------------
+
+
+def test_coordinators_sigkilled_mid_fan_out_are_replaced_without_duplicate_dispatch(
+    processes: Processes, store: Store, record: Record, redis_url: str, namespace: str
+) -> None:
+    """Two kills, one in each window of the outbox: first with step jobs committed and not yet
+    published, then with step jobs published and not yet cleared from the outbox. Each time a
+    new coordinator takes over and must publish the first kind once and not the second again."""
+    worker = processes.worker(unique("w"), concurrency=8)
+    first = processes.coordinator(unique("c1"))
+    for process in (worker, first):
+        process.wait_ready()
+    task_id = submit(redis_url, namespace)
+    wait_for(
+        lambda: store.task(task_id).nodes["step"].dispatched >= 8, 15, "8 step jobs dispatched"
+    )
+
+    def unsent() -> set[int]:
+        outbox, in_stream = store.outbox_and_stream(task_id, "step")
+        # An entry leaves the stream only once acknowledged, after its handler traced START.
+        return outbox - in_stream - {line.invocation for line in record.lines("START", "step")}
+
+    def sent_not_cleared() -> set[int]:
+        outbox, in_stream = store.outbox_and_stream(task_id, "step")
+        return outbox & (in_stream | {line.invocation for line in record.lines("START", "step")})
+
+    def piled_up() -> bool:
+        # Source batches and step results waiting: the next step fans out jobs and runs
+        # functions (reading their inputs) between publishing and clearing its outbox.
+        return store.unread_events("src") >= 3 and store.unread_events("step") >= 3
+
+    first.kill_when(
+        lambda: bool(unsent()) and not record.lines("DONE", "src"),
+        10,
+        "the outbox holds unpublished step jobs while the source emits",
+    )
+    at_first_kill = store.task(task_id).nodes["step"].dispatched
+    assert unsent() and at_first_kill < BATCHES, at_first_kill
+
+    # Events pile up meanwhile: the new coordinator's first steps fan out many jobs at once.
+    second = processes.coordinator(unique("c2"))
+    second.kill_when(
+        lambda: bool(sent_not_cleared()),
+        20,
+        "the outbox holds step jobs already published",
+        while_frozen=piled_up,
+    )
+    at_second_kill = store.task(task_id).nodes["step"].dispatched
+    assert sent_not_cleared() and at_second_kill < BATCHES, at_second_kill
+    print(f"killed at {at_first_kill} and {at_second_kill} of {BATCHES} step jobs dispatched")
+
+    third = processes.coordinator(unique("c3"))
+    third.wait_ready()
+    assert_task_exact(
+        redis_url, namespace, store, record, task_id, killed=set(), survivors=[worker, third]
+    )
+
+
+# -- 3. two coordinators, one killed ------------------------------------------------------------
+
+
+def test_one_of_two_coordinators_sigkilled_mid_task_the_other_finishes_it_exactly(
+    processes: Processes, store: Store, record: Record, redis_url: str, namespace: str
+) -> None:
+    """Both coordinators share the events from the start; one is SIGKILLed holding events it
+    read and did not acknowledge. The other adopts them after the lease TTL."""
+    worker = processes.worker(unique("w"), concurrency=8)
+    coordinators = [processes.coordinator(unique("c1")), processes.coordinator(unique("c2"))]
+    for process in (worker, *coordinators):
+        process.wait_ready()
+    task_id = submit(redis_url, namespace)
+
+    wait_for(
+        lambda: store.task(task_id).nodes["step"].dispatched >= 8, 15, "8 step jobs dispatched"
+    )
+    victim = coordinators[0]
+
+    def handling_events() -> bool:
+        # The victim read task events and has not acknowledged them; more batches to come.
+        return store.events_held(victim.name) > 0 and not record.lines("DONE", "src")
+
+    victim.kill_when(handling_events, 10, "the victim holds task events while the source emits")
+    held, at_kill = store.events_held(victim.name), store.task(task_id).nodes["step"]
+    assert held and at_kill.dispatched < BATCHES, (held, at_kill)
+    print(f"killed at {at_kill.dispatched} dispatched, holding {held} events")
+
+    assert_task_exact(
+        redis_url,
+        namespace,
+        store,
+        record,
+        task_id,
+        killed=set(),
+        survivors=[worker, coordinators[1]],
+    )
