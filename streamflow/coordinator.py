@@ -118,6 +118,7 @@ class Coordinator:
             redis, self._keys, self._book, self._on_cancel, block_ms=block_ms
         )
         self._streams: list[str] = []
+        self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
         self._ticks: set[str] = set()
         self._tick_wakeup = anyio.Event()
@@ -234,11 +235,20 @@ class Coordinator:
             await self._guarded(self._adopt, backoff)
 
     async def _adopt(self) -> None:
-        """Take over events another coordinator left pending past the lease TTL."""
+        """Take over events another coordinator left pending past the lease TTL.
+
+        Each stream's scan follows XAUTOCLAIM's cursor, one bounded step per tick, so a long
+        pending list is covered in turns instead of rescanned from the start every time.
+        """
         for stream in list(self._streams):
+            cursor = self._adopt_cursors.get(stream, "0-0")
             reply: Any = await self._redis.xautoclaim(
-                stream, COORDINATORS, self.consumer, self._lease_ms, "0-0", count=self._read_count
+                stream, COORDINATORS, self.consumer, self._lease_ms, cursor, count=self._read_count
             )
+            self._adopt_cursors[stream] = streams.text(reply[0])
+            if len(reply) > 2 and reply[2]:
+                # Pending events whose entries were deleted: XAUTOCLAIM dropped them.
+                logger.warning("%d pending task events of %s were deleted", len(reply[2]), stream)
             entries = [(stream, e) for e in streams._entries([[stream, reply[1]]])]
             if entries:
                 logger.info("adopted %d task events of %s", len(entries), stream)
