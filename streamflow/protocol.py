@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from streamflow import hostile
 from streamflow.errors import ProtocolError
 from streamflow.keys import NAME_PATTERN
 
@@ -54,6 +55,7 @@ DeadLetterReason = Literal[
     "max_deliveries",
     "expired",
     "missing_input",
+    "too_complex",
 ]
 
 #: Dead-letter reasons that mean the entry itself was malformed (metrics outcome ``rejected``).
@@ -66,6 +68,7 @@ MALFORMED_REASONS = frozenset(
         "invalid_message",
         "wrong_role",
         "invalid_payload",
+        "too_complex",
     }
 )
 
@@ -388,10 +391,17 @@ def decode_job(fields: dict[bytes, bytes], *, max_bytes: int = DEFAULT_MAX_MESSA
         )
     if len(raw) > max_bytes:
         raise ProtocolError("too_large", f"message is {len(raw)} bytes, limit {max_bytes}", raw)
+    suspect, key_tokens = hostile.screen(raw)
+    if suspect:
+        hostile.check(raw)  # raises for hostile input; else the normal path goes on
     try:
-        return Job.model_validate_json(raw)
+        job = Job.model_validate_json(raw)
     except ValidationError:
         pass
+    else:
+        if key_tokens != _keys_kept(job):
+            hostile.check(raw)  # perhaps a duplicate key, which the fast parser dropped
+        return job
     # The fast path failed: parse again only to name the reason precisely.
     try:
         doc = orjson.loads(raw)
@@ -405,6 +415,20 @@ def decode_job(fields: dict[bytes, bytes], *, max_bytes: int = DEFAULT_MAX_MESSA
     except ValidationError as exc:
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None
     raise ProtocolError("invalid_message", "message does not match the job schema", raw)
+
+
+def _keys_kept(job: Job) -> int:
+    """How many object keys the parsed job holds, at every level."""
+    count = len(job.model_fields_set)
+    payload = job.payload
+    if isinstance(payload, dict | list):
+        count += hostile.count_keys(payload)
+    if job.task_id is not None:  # the task node fields, rare on the hot path
+        for value in (job.input, job.retry):
+            if value is not None:
+                count += len(value.model_fields_set)
+        count += len(job.inputs or ()) + len(job.failures or ())
+    return count
 
 
 def _check_header(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> None:
@@ -485,6 +509,7 @@ def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT])
         raise ProtocolError("invalid_message", f"{what} entry has no {what!r} field")
     if len(raw) > 64 * 1024:
         raise ProtocolError("too_large", f"{what} is {len(raw)} bytes", raw)
+    hostile.check(raw, what)  # rare and small: always the full check
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
