@@ -21,8 +21,9 @@ import anyio
 import click
 import orjson
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
-from streamflow import config, logs, streams
+from streamflow import config, guard, logs, streams
 from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.metrics import Health, MetricsServer
@@ -47,7 +48,38 @@ def _errors_to_exit(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: Where the --tls-* options of the running command are kept (in ``click.Context.meta``).
+_TLS_META = "streamflow.tls"
+
+
+def _remember_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None and param.name is not None:
+        ctx.meta.setdefault(_TLS_META, {})[param.name] = value
+
+
+def _tls_options() -> dict[str, str]:
+    """The --tls-* options given to the running command (or their STREAMFLOW_TLS_* variables)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get(_TLS_META, {})) if ctx is not None else {}
+
+
 def _connection_options(func: F) -> F:
+    """Add --redis-url, --namespace and the --tls-* options to a command.
+
+    The TLS options are not passed to the command function: they are kept on the click context
+    and applied by :func:`_connect` (and so :func:`_client`), so every command that connects
+    takes them without a parameter of its own. Commands that build their own settings (worker,
+    coordinator) put :func:`_tls_options` in them, and so validate them at start-up.
+    """
+    for option, envvar, text in reversed(_TLS_OPTIONS):
+        func = click.option(
+            option,
+            envvar=envvar,
+            expose_value=False,
+            callback=_remember_tls,
+            metavar="FILE",
+            help=text,
+        )(func)
     func = click.option(
         "--namespace",
         envvar="STREAMFLOW_NAMESPACE",
@@ -62,6 +94,55 @@ def _connection_options(func: F) -> F:
         show_default=True,
         help="redis://, rediss:// or unix:// URL, with optional user and password.",
     )(func)
+
+
+_TLS_OPTIONS = (
+    (
+        "--tls-ca-file",
+        "STREAMFLOW_TLS_CA_FILE",
+        "rediss://: CA certificates (PEM) that signed the server's (default: the system's).",
+    ),
+    (
+        "--tls-cert-file",
+        "STREAMFLOW_TLS_CERT_FILE",
+        "rediss://: client certificate (PEM), for servers with tls-auth-clients.",
+    ),
+    (
+        "--tls-key-file",
+        "STREAMFLOW_TLS_KEY_FILE",
+        "rediss://: the client certificate's private key (PEM, unencrypted).",
+    ),
+)
+
+
+def _connect(
+    settings: config.ConnectionSettings,
+    *,
+    name: str,
+    socket_timeout: float | None = 10.0,
+    max_connections: int = 64,
+) -> Redis:
+    """A client of the Redis of ``settings``, over TLS with the command's --tls-* options.
+
+    Raises:
+        ConfigError: A TLS file is missing or unreadable, or does not fit the URL.
+    """
+    given = _tls_options()
+    if given and not settings.tls:
+        settings = config.build(type(settings), **{**dict(settings), **given})
+    return streams.connect(
+        settings.url,
+        socket_timeout=socket_timeout,
+        name=name,
+        max_connections=max_connections,
+        **settings.tls,
+    )
+
+
+async def _check_server(redis: Redis, url: str, *, strict: bool) -> None:
+    """The start-up checks: warn once each, or (``strict``) refuse in one line listing them."""
+    warnings = await guard.check_server(redis, url, log=not strict)
+    guard.enforce(warnings, strict=strict, url=url)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -201,11 +282,24 @@ def main(log_level: str, log_format: str) -> None:
     help="Serve /metrics, /healthz and /readyz on this port (with --processes N, child i "
     "uses PORT+i).",
 )
+@click.option(
+    "--strict",
+    envvar="STREAMFLOW_STRICT",
+    is_flag=True,
+    help="Refuse to start when the start-up checks of Redis warn (no AOF, an evicting "
+    "maxmemory-policy, the password-less default user, plaintext to another host).",
+)
+# Children of --processes N skip the checks: their parent ran them once for all.
+@click.option(
+    "--no-server-checks", "server_checks", is_flag=True, flag_value=False, default=True, hidden=True
+)
 @_connection_options
 @_errors_to_exit
 def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
     """Serve roles of an app: streamflow worker --app pkg.module:app --role ROLE."""
-    settings = config.build(config.WorkerSettings, app=app_path, roles=roles, **options)
+    settings = config.build(
+        config.WorkerSettings, app=app_path, roles=roles, **options, **_tls_options()
+    )
     assert isinstance(settings, config.WorkerSettings)
     app = config.load_app(settings.app)
     for role in settings.roles:
@@ -215,19 +309,37 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
     if settings.processes > 1:
         from streamflow.supervisor import supervise
 
+        if settings.server_checks:
+            anyio.run(_check_once, settings)
         sys.exit(supervise(settings))
     anyio.run(_serve, settings, app)
 
 
+async def _check_once(settings: config.WorkerSettings) -> None:
+    """The start-up checks in the parent of --processes N, once for all its children."""
+    redis = _connect(settings, name="streamflow-supervisor")
+    try:
+        await streams.ping(redis, settings.url)
+        await _check_server(redis, settings.url, strict=settings.strict)
+    finally:
+        await redis.aclose()
+
+
 async def _serve(settings: config.WorkerSettings, app: Any) -> None:
-    redis = streams.connect(
-        settings.url,
+    redis = _connect(
+        settings,
         socket_timeout=settings.block_ms / 1000 + 10,
         name=f"streamflow-worker-{settings.consumer_name or ''}".rstrip("-"),
         # A blocking reader per role and the signal listener hold one connection each.
         max_connections=len(settings.roles or app.roles) + 32,
     )
-    await streams.ping(redis, settings.url)
+    try:
+        await streams.ping(redis, settings.url)
+        if settings.server_checks:
+            await _check_server(redis, settings.url, strict=settings.strict)
+    except BaseException:
+        await redis.aclose()
+        raise
     worker = Worker(
         app,
         redis,
@@ -384,7 +496,7 @@ async def _publish(
 
 @asynccontextmanager
 async def _client(settings: config.ConnectionSettings) -> AsyncIterator[Client]:
-    redis = streams.connect(settings.url, name="streamflow-cli")
+    redis = _connect(settings, name="streamflow-cli")
     try:
         await streams.ping(redis, settings.url)
         yield Client(redis, namespace=settings.namespace)
@@ -457,7 +569,7 @@ async def _probe_redis(
     settings: config.ConnectionSettings,
     timeout: float,  # noqa: ASYNC109 - the --timeout option
 ) -> tuple[bool, str]:
-    redis = streams.connect(settings.url, socket_timeout=timeout, name="streamflow-check")
+    redis = _connect(settings, socket_timeout=timeout, name="streamflow-check")
     try:
         with anyio.fail_after(timeout):
             await redis.ping()
@@ -665,8 +777,9 @@ async def _cancel(
         )
 
 
-# The task commands (coordinator, submit, status, tasks, result) and the observability commands
-# (inspect, workers) live in their own modules and register themselves on ``main``; importing
-# them here makes them part of the CLI.
+# The task commands (coordinator, submit, status, tasks, result), the observability commands
+# (inspect, workers, exporter) and the security command (acl) live in their own modules and
+# register themselves on ``main``; importing them here makes them part of the CLI.
 from streamflow import cli_inspect as _cli_inspect  # noqa: E402, F401
+from streamflow import cli_security as _cli_security  # noqa: E402, F401
 from streamflow import cli_tasks as _cli_tasks  # noqa: E402, F401

@@ -19,7 +19,14 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
 from streamflow import config, streams
-from streamflow.cli import _connection_options, _errors_to_exit, _serving_metrics, logger, main
+from streamflow.cli import (
+    _connect,
+    _connection_options,
+    _errors_to_exit,
+    _serving_metrics,
+    logger,
+    main,
+)
 from streamflow.errors import ConfigError, RedisUnavailable, StreamflowError
 from streamflow.exporter import Exporter
 from streamflow.inspect import (
@@ -104,7 +111,7 @@ async def _show(
     title: str | None,
 ) -> None:
     """Print one view, or with ``watch`` redraw it every ``watch`` seconds until a signal."""
-    redis = streams.connect(settings.url, name="streamflow-cli")
+    redis = _connect(settings, name="streamflow-cli")
     try:
         await streams.ping(redis, settings.url)
         # The first view comes before the watch, so that an unknown role ends the command.
@@ -287,7 +294,7 @@ def _worker_row(info: WorkerInfo, now: int) -> list[str]:
 
 
 async def _workers(settings: config.ConnectionSettings) -> list[WorkerInfo]:
-    redis = streams.connect(settings.url, name="streamflow-cli")
+    redis = _connect(settings, name="streamflow-cli")
     try:
         await streams.ping(redis, settings.url)
         return await _once(lambda: live_workers(redis, Keys(settings.namespace)))
@@ -348,7 +355,7 @@ def exporter(metrics_port: int, interval: float, redis_url: str, namespace: str)
 
 
 async def _export(settings: config.ConnectionSettings, port: int, interval: float) -> None:
-    redis = streams.connect(settings.url, name="streamflow-exporter")
+    redis = _connect(settings, name="streamflow-exporter")
     await streams.ping(redis, settings.url)
     queues = Exporter(redis, namespace=settings.namespace, interval=interval)
     health = Health(redis)

@@ -12,10 +12,13 @@ import orjson
 
 from streamflow import config, streams
 from streamflow.cli import (
+    _check_server,
     _client,
+    _connect,
     _connection_options,
     _errors_to_exit,
     _serving_metrics,
+    _tls_options,
     logger,
     main,
 )
@@ -52,6 +55,12 @@ from streamflow.tasks import TaskState
     type=click.IntRange(0, 65_535),
     help="Serve /metrics, /healthz and /readyz on this port.",
 )
+@click.option(
+    "--strict",
+    envvar="STREAMFLOW_STRICT",
+    is_flag=True,
+    help="Refuse to start when the start-up checks of Redis warn (see `worker --strict`).",
+)
 @_connection_options
 @_errors_to_exit
 def coordinator(
@@ -63,11 +72,14 @@ def coordinator(
     retention: float,
     block_ms: int,
     metrics_port: int | None,
+    strict: bool,
     redis_url: str,
     namespace: str,
 ) -> None:
     """Drive DAG tasks: turn workers' events into task state and fan out work."""
-    settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+    settings = config.build(
+        config.ConnectionSettings, redis_url=redis_url, namespace=namespace, **_tls_options()
+    )
     app = config.load_app(app_path) if app_path else None
     limits: dict[str, int] = {}
     for item in role_limits:
@@ -86,20 +98,26 @@ def coordinator(
         "retention": retention,
     }
     try:
-        anyio.run(_coordinate, settings, options, metrics_port)
+        anyio.run(_coordinate, settings, options, metrics_port, strict)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
 async def _coordinate(
-    settings: config.ConnectionSettings, options: dict[str, Any], metrics_port: int | None
+    settings: config.ConnectionSettings,
+    options: dict[str, Any],
+    metrics_port: int | None,
+    strict: bool = False,
 ) -> None:
-    redis = streams.connect(
-        settings.url,
-        socket_timeout=options["block_ms"] / 1000 + 10,
-        name="streamflow-coordinator",
+    redis = _connect(
+        settings, socket_timeout=options["block_ms"] / 1000 + 10, name="streamflow-coordinator"
     )
-    await streams.ping(redis, settings.url)
+    try:
+        await streams.ping(redis, settings.url)
+        await _check_server(redis, settings.url, strict=strict)
+    except BaseException:
+        await redis.aclose()
+        raise
     coord = Coordinator(redis, **options)
     health = Health(redis)
     metrics = coord.enable_metrics if metrics_port is not None else None

@@ -179,7 +179,15 @@ class Client:
 
     @classmethod
     def from_url(
-        cls, url: str, *, namespace: str = "sf", socket_timeout: float = 5.0, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        namespace: str = "sf",
+        socket_timeout: float = 5.0,
+        tls_ca_file: streams.TLSPath | None = None,
+        tls_cert_file: streams.TLSPath | None = None,
+        tls_key_file: streams.TLSPath | None = None,
+        **kwargs: Any,
     ) -> Self:
         """A client connected to ``url`` (``redis://``, ``rediss://`` or ``unix://``).
 
@@ -187,9 +195,22 @@ class Client:
             url: The Redis URL.
             namespace: The key namespace shared with the workers.
             socket_timeout: Seconds a command may wait for Redis before it fails.
+            tls_ca_file: ``rediss://``: the CA certificates that signed the server's (PEM).
+            tls_cert_file: ``rediss://``: a client certificate (PEM).
+            tls_key_file: ``rediss://``: the client certificate's unencrypted key (PEM).
             **kwargs: More options for the client (``dedup_window``).
+
+        Raises:
+            ConfigError: The URL is invalid or the TLS files do not fit it.
         """
-        redis = streams.connect(url, socket_timeout=socket_timeout, name="streamflow-client")
+        redis = streams.connect(
+            url,
+            socket_timeout=socket_timeout,
+            name="streamflow-client",
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+        )
         return cls(redis, namespace=namespace, **kwargs)
 
     async def publish(
@@ -516,6 +537,9 @@ class SyncClient:
         url: A ``redis://``, ``rediss://`` or ``unix://`` URL.
         namespace: The key namespace shared with the workers.
         dedup_window: How long a dedup key is remembered.
+        tls_ca_file: ``rediss://``: the CA certificates that signed the server's (PEM).
+        tls_cert_file: ``rediss://``: a client certificate (PEM).
+        tls_key_file: ``rediss://``: the client certificate's unencrypted key (PEM).
     """
 
     def __init__(
@@ -524,10 +548,20 @@ class SyncClient:
         *,
         namespace: str = "sf",
         dedup_window: timedelta = DEFAULT_DEDUP_WINDOW,
+        tls_ca_file: streams.TLSPath | None = None,
+        tls_cert_file: streams.TLSPath | None = None,
+        tls_key_file: streams.TLSPath | None = None,
     ) -> None:
         streams.validate_url(url)
+        tls = streams.tls_arguments(
+            url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
+        )
         self.redis = redis_sync.Redis.from_url(
-            url, socket_timeout=10.0, socket_connect_timeout=5.0, retry=SyncRetry(NoBackoff(), 0)
+            url,
+            socket_timeout=10.0,
+            socket_connect_timeout=5.0,
+            retry=SyncRetry(NoBackoff(), 0),
+            **tls,
         )
         self._pub = _Publisher(namespace, dedup_window)
         self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))

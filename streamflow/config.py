@@ -6,6 +6,7 @@ import importlib
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Self
 
 from pydantic import (
@@ -52,20 +53,29 @@ ENV_VARS = frozenset(
         "STREAMFLOW_LOG_LEVEL",
         "STREAMFLOW_LOG_FORMAT",
         "STREAMFLOW_METRICS_PORT",
+        "STREAMFLOW_TLS_CA_FILE",
+        "STREAMFLOW_TLS_CERT_FILE",
+        "STREAMFLOW_TLS_KEY_FILE",
+        "STREAMFLOW_STRICT",
     }
 )
 
 
 class ConnectionSettings(BaseModel):
-    """Where Redis is and which namespace to use.
+    """Where Redis is, how to reach it over TLS, and which namespace to use.
 
-    The URL is held as a secret: its password never shows in a repr, log or error.
+    The URL is held as a secret: its password never shows in a repr, log or error. The TLS
+    key file is a path: streamflow checks that it is a readable file and hands the path to
+    OpenSSL, and never reads, logs or copies the key itself.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
     namespace: str = "sf"
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @field_validator("redis_url")
     @classmethod
@@ -80,6 +90,45 @@ class ConnectionSettings(BaseModel):
     @classmethod
     def _check_namespace(cls, value: str) -> str:
         return validate_name(value, "namespace")
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _check_tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                streams.check_tls_file(value, "file")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        try:
+            streams.tls_arguments(self.url, **self.tls)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def tls(self) -> streams.TLSFiles:
+        """The TLS files given, as keyword arguments of :func:`streams.connect`."""
+        files = streams.TLSFiles()
+        if self.tls_ca_file is not None:
+            files["tls_ca_file"] = self.tls_ca_file
+        if self.tls_cert_file is not None:
+            files["tls_cert_file"] = self.tls_cert_file
+        if self.tls_key_file is not None:
+            files["tls_key_file"] = self.tls_key_file
+        return files
+
+    def environment(self) -> dict[str, str]:
+        """These settings as STREAMFLOW_* variables, for a child process (password included)."""
+        env = {"STREAMFLOW_REDIS_URL": self.url, "STREAMFLOW_NAMESPACE": self.namespace}
+        files = {"CA": self.tls_ca_file, "CERT": self.tls_cert_file, "KEY": self.tls_key_file}
+        for which, path in files.items():
+            if path is not None:
+                env[f"{ENV_PREFIX}TLS_{which}_FILE"] = str(path)
+        return env
 
     @property
     def url(self) -> str:
@@ -110,6 +159,10 @@ class WorkerSettings(ConnectionSettings):
     renew_interval: Annotated[float, Field(gt=0)] | None = None
     reclaim_interval: Annotated[float, Field(gt=0)] = 2.0
     metrics_port: Annotated[int, Field(ge=0, le=65_535)] | None = None
+    #: Refuse to start when the start-up checks of the Redis server warn of anything.
+    strict: bool = False
+    #: Run the start-up checks (off in the children of ``--processes N``: the parent ran them).
+    server_checks: bool = True
 
     @model_validator(mode="after")
     def _check_lease(self) -> Self:

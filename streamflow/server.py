@@ -25,6 +25,7 @@ _INSTALL_HINT = (
     "install it with: apt-get install redis-server (Debian/Ubuntu) or brew install redis (macOS)"
 )
 _FSYNC_POLICIES = frozenset({"always", "everysec", "no"})
+_TLS_AUTH_CLIENTS = frozenset({"yes", "no", "optional"})
 _START_TIMEOUT = 10.0
 _BIND_RETRY_TIMEOUT = 5.0
 _STOP_TIMEOUT = 5.0
@@ -68,6 +69,10 @@ class RedisServer:
         appendfsync: str = "everysec",
         extra_args: Sequence[str] = (),
         directory: str | Path | None = None,
+        tls_cert_file: str | Path | None = None,
+        tls_key_file: str | Path | None = None,
+        tls_ca_file: str | Path | None = None,
+        tls_auth_clients: str = "yes",
     ) -> None:
         """Describe a server; nothing is started until `start()`.
 
@@ -78,14 +83,34 @@ class RedisServer:
             appendfsync: AOF fsync policy: "always", "everysec" or "no".
             extra_args: More command-line arguments passed to redis-server as they are.
             directory: Data directory; a temporary one (removed by `stop()`) when omitted.
+            tls_cert_file: With `tls_key_file`: also listen for TLS on a second free port
+                (`tls_port`, `tls_url`) with this server certificate (PEM). The plain port
+                stays open on loopback (start-up polls it).
+            tls_key_file: The server certificate's key (PEM).
+            tls_ca_file: CA certificates (PEM) that client certificates must chain to.
+            tls_auth_clients: "yes" (clients need a certificate), "optional" or "no".
 
         Raises:
             RedisServerNotFound: redis-server cannot be found.
-            ValueError: `appendfsync` or `port` is not valid.
+            ValueError: `appendfsync`, `port` or the TLS options are not valid.
         """
         self._executable = _find_executable(executable)
         if appendfsync not in _FSYNC_POLICIES:
             raise ValueError(f"appendfsync must be one of {sorted(_FSYNC_POLICIES)}")
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise ValueError("give tls_cert_file and tls_key_file together")
+        if tls_auth_clients not in _TLS_AUTH_CLIENTS:
+            raise ValueError(f"tls_auth_clients must be one of {sorted(_TLS_AUTH_CLIENTS)}")
+        self._tls_args: tuple[str, ...] = ()
+        if tls_cert_file is not None and tls_key_file is not None:
+            self._tls_args = (
+                "--tls-cert-file", str(tls_cert_file),
+                "--tls-key-file", str(tls_key_file),
+                "--tls-auth-clients", tls_auth_clients,
+            )  # fmt: skip
+            if tls_ca_file is not None:
+                self._tls_args += ("--tls-ca-cert-file", str(tls_ca_file))
+        self._tls_port: int | None = None
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
         self._port = port
@@ -123,6 +148,18 @@ class RedisServer:
     def url(self) -> str:
         """A redis:// URL for database 0 of this server."""
         return f"redis://{_HOST}:{self.port}/0"
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS port; known once a server with TLS files has been started."""
+        if self._tls_port is None:
+            raise RedisServerError("no TLS port: give TLS files and call start() first")
+        return self._tls_port
+
+    @property
+    def tls_url(self) -> str:
+        """A rediss:// URL for database 0 of this server's TLS port."""
+        return f"rediss://{_HOST}:{self.tls_port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -233,6 +270,8 @@ class RedisServer:
             self._directory.mkdir(parents=True, exist_ok=True)
         if self._port is None:
             self._port = _free_port()
+        if self._tls_args and self._tls_port is None:
+            self._tls_port = _free_port(other_than=self._port)
 
     def _discard_directory(self) -> None:
         """Remove the directory if it is our temporary one, and forget a port we picked."""
@@ -242,6 +281,7 @@ class RedisServer:
             self._owns_directory = False
         if not self._port_given:
             self._port = None
+            self._tls_port = None
 
     def _command(self) -> list[str]:
         directory = str(self.directory)
@@ -256,6 +296,7 @@ class RedisServer:
             "--logfile", os.path.join(directory, _LOG_NAME),
             "--enable-debug-command", "local",
             "--protected-mode", "no",
+            *(("--tls-port", str(self._tls_port), *self._tls_args) if self._tls_args else ()),
             *self._extra_args,
         ]  # fmt: skip
 
@@ -279,6 +320,8 @@ class RedisServer:
                 )
             if not self._port_given:
                 self._port = _free_port()
+                if self._tls_args:
+                    self._tls_port = _free_port(other_than=self._port)
             time.sleep(0.05)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -365,11 +408,13 @@ def _find_executable(executable: str | None) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((_HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
+def _free_port(other_than: int | None = None) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((_HOST, 0))
+            port: int = probe.getsockname()[1]
+        if port != other_than:
+            return port
 
 
 def _ping(port: int) -> bool:

@@ -7,11 +7,13 @@ parses an XREADGROUP reply or calls a Lua script by hand.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import anyio
@@ -86,12 +88,102 @@ def validate_url(url: str) -> str:
     return url
 
 
+#: A TLS file: a path given as text or a path object.
+TLSPath = str | os.PathLike[str]
+
+
+class TLSFiles(TypedDict, total=False):
+    """The TLS files of a ``rediss://`` connection, as keyword arguments of :func:`connect`."""
+
+    tls_ca_file: TLSPath | None
+    tls_cert_file: TLSPath | None
+    tls_key_file: TLSPath | None
+
+
+def check_tls_file(path: TLSPath, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``path`` is a readable file (its content is not read)."""
+    shown = os.fspath(path)
+    if not os.path.exists(shown):
+        raise ConfigError(f"{what} {shown!r} does not exist")
+    if not os.path.isfile(shown):
+        raise ConfigError(f"{what} {shown!r} is not a file")
+    if not os.access(shown, os.R_OK):
+        raise ConfigError(f"{what} {shown!r} is not readable")
+
+
+def tls_arguments(
+    url: str,
+    *,
+    tls_ca_file: TLSPath | None = None,
+    tls_cert_file: TLSPath | None = None,
+    tls_key_file: TLSPath | None = None,
+) -> dict[str, Any]:
+    """redis-py's ``ssl_*`` arguments for ``url`` and the TLS files (empty unless ``rediss://``).
+
+    Certificates are always verified (``ssl_cert_reqs="required"``), and so is the host name:
+    a host given as an IP address must be among the certificate's IP subject alternative names.
+    An encrypted key is refused with a clear error instead of OpenSSL prompting on the terminal.
+
+    Raises:
+        ConfigError: TLS files with a URL that is not ``rediss://``, a key without its
+            certificate, a file that is missing or unreadable, or ``ssl_*`` URL parameters
+            (redis-py would take them, ``ssl_cert_reqs=none`` included).
+    """
+    query = urlsplit(url).query
+    if any(name.strip().lower().startswith("ssl") for name, _, _ in _params(query)):
+        # redis-py would take them, and ssl_cert_reqs=none would turn verification off.
+        raise ConfigError(
+            f"invalid Redis URL {redact_url(url)!r}: give TLS settings as options, "
+            "not ssl_* URL parameters"
+        )
+    given = {
+        "TLS CA file": tls_ca_file,
+        "TLS certificate file": tls_cert_file,
+        "TLS key file": tls_key_file,
+    }
+    if urlsplit(url).scheme != "rediss":
+        if any(path is not None for path in given.values()):
+            raise ConfigError(
+                f"TLS files need a rediss:// URL, not {redact_url(url).partition(':')[0]}://"
+            )
+        return {}
+    if tls_key_file is not None and tls_cert_file is None:
+        raise ConfigError("a TLS key file needs its certificate file (--tls-cert-file)")
+    for what, path in given.items():
+        if path is not None:
+            check_tls_file(path, what)
+    return {
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_ca_certs": _fspath(tls_ca_file),
+        "ssl_certfile": _fspath(tls_cert_file),
+        "ssl_keyfile": _fspath(tls_key_file),
+        "ssl_password": _refuse_passphrase,
+    }
+
+
+def _params(query: str) -> list[tuple[str, str, str]]:
+    return [part.partition("=") for part in query.split("&") if part]
+
+
+def _fspath(path: TLSPath | None) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
+def _refuse_passphrase() -> str:
+    """OpenSSL asks for a key's passphrase with this: refuse rather than prompt on a terminal."""
+    raise ssl.SSLError("the TLS key file is encrypted; give an unencrypted key")
+
+
 def connect(
     url: str,
     *,
     socket_timeout: float | None = 10.0,
     name: str | None = None,
     max_connections: int = 64,
+    tls_ca_file: TLSPath | None = None,
+    tls_cert_file: TLSPath | None = None,
+    tls_key_file: TLSPath | None = None,
 ) -> Redis:
     """Create an asyncio Redis client for ``url`` with client-side retries turned off.
 
@@ -107,8 +199,21 @@ def connect(
         socket_timeout: Seconds to wait for a reply; must exceed any BLOCK time used.
         name: A client name shown by ``CLIENT LIST``.
         max_connections: The pool's size; each blocking reader holds one connection.
+        tls_ca_file: ``rediss://`` only: the CA certificates (PEM) that signed the server's
+            certificate; the system's CAs when omitted. The server certificate and its host
+            name are always verified.
+        tls_cert_file: ``rediss://`` only: the client certificate (PEM), for servers that
+            require one (``tls-auth-clients yes``); it may hold the key too.
+        tls_key_file: The client certificate's private key (PEM, unencrypted).
+
+    Raises:
+        ConfigError: The URL is invalid, or the TLS files do not fit it (see
+            :func:`tls_arguments`).
     """
     validate_url(url)
+    tls = tls_arguments(
+        url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
+    )
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -118,20 +223,66 @@ def connect(
         retry=Retry(NoBackoff(), 0),
         client_name=name,
         health_check_interval=30,
+        **tls,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 async def ping(redis: Redis, url: str = "") -> None:
-    """Check that Redis answers, raising :class:`RedisUnavailable` with a one-line reason."""
+    """Check that Redis answers, raising :class:`RedisUnavailable` with a one-line reason.
+
+    A failed TLS handshake is named as such, with OpenSSL's reason (e.g. ``certificate verify
+    failed: unable to get local issuer certificate``).
+    """
     try:
         await redis.ping()
     except TRANSIENT_ERRORS as exc:
+        tls = _tls_failure(redis, exc)
+        if tls is not None:
+            raise RedisUnavailable(tls) from None
         where = f" at {redact_url(url)}" if url else ""
         raise RedisUnavailable(f"cannot connect to Redis{where}: {_one_line(exc)}") from None
     except ResponseError as exc:
         where = f" at {redact_url(url)}" if url else ""
         raise RedisUnavailable(f"Redis{where} refused the connection: {_one_line(exc)}") from None
+
+
+def _tls_failure(redis: Redis, exc: BaseException) -> str | None:
+    """A one-line reason if ``exc`` came from TLS (redis-py wraps the SSL error), else None."""
+    kwargs = redis.connection_pool.connection_kwargs
+    if "ssl_cert_reqs" not in kwargs:
+        return None
+    where = f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
+    # TLS 1.3 servers check the client certificate after the handshake, then alert or hang up.
+    hint = (
+        " (does the server require a client certificate? give --tls-cert-file and --tls-key-file)"
+        if kwargs.get("ssl_certfile") is None
+        else ""
+    )
+    for cause in _chain(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS handshake with {where} failed: certificate verify failed: " + str(
+                cause.verify_message
+            )
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake with {where} failed: {_ssl_reason(cause)}{hint}"
+    if hint and any(isinstance(c, ConnectionResetError | BrokenPipeError) for c in _chain(exc)):
+        return f"TLS connection to {where} closed by the server: {_one_line(exc)}{hint}"
+    return None
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    cause: BaseException | None = exc
+    while cause is not None:
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def _ssl_reason(err: ssl.SSLError) -> str:
+    # ssl.SSLError's str() of a one-argument error is the tuple; its text is the last string.
+    texts = [arg for arg in err.args if isinstance(arg, str)]
+    text = texts[-1] if texts else type(err).__name__
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text.strip())
 
 
 def _one_line(exc: BaseException) -> str:

@@ -37,8 +37,10 @@ class _Child:
 
 
 def child_command(settings: WorkerSettings, index: int) -> list[str]:
-    """The command line of child ``index`` (the Redis URL goes in its environment instead)."""
+    """The command line of child ``index`` (the Redis URL and TLS files go in its environment)."""
     cmd = [sys.executable, "-m", "streamflow", "worker", "--app", settings.app, "--processes", "1"]
+    # The parent ran the start-up checks of Redis once for all children.
+    cmd += ["--no-server-checks"]
     for role in settings.roles:
         cmd += ["--role", role]
     cmd += ["--concurrency", str(settings.concurrency)]
@@ -66,8 +68,7 @@ def supervise(settings: WorkerSettings) -> int:
     """Run ``settings.processes`` workers until a signal stops them; returns the exit code."""
     env = dict(os.environ)
     env.pop("STREAMFLOW_PROCESSES", None)
-    env["STREAMFLOW_REDIS_URL"] = settings.url
-    env["STREAMFLOW_NAMESPACE"] = settings.namespace
+    env.update(settings.environment())  # the URL, namespace and TLS files
     children = [_Child(i) for i in range(settings.processes)]
     signals: list[int] = []
 

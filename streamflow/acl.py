@@ -1,0 +1,444 @@
+"""Least-privilege Redis ACL rules for each part of streamflow, as data.
+
+Each part (``worker``, ``coordinator``, ``publisher``, ``operator``) gets one Redis user whose
+rules allow exactly what that part's code sends, on exactly the key families it touches, and
+nothing else. The tables below list every command with who sends it and every key pattern with
+what it holds; :func:`rules` turns one table into the words of an ``ACL SETUSER`` command.
+
+How Redis checks them, and why the tables look the way they do:
+
+* A command is allowed when the user's root permissions, or one of its selectors, allow the
+  command *and* every key it names. So commands that can overwrite or remove a key of any type
+  (``SET``, ``DEL``, ``PEXPIRE``), ``XDEL`` and the consumer-group commands are granted in
+  selectors (:class:`Narrow`), on the few key families that need them: a worker may ``XADD``
+  to a role stream but not ``DEL`` it or ``SET`` over it, and may not read the events streams
+  with ``XREADGROUP``; a coordinator publishes jobs but cannot read or acknowledge them.
+* The commands a Lua script calls are checked against the same rules as the user's own
+  commands, when the script reaches them, so every command of every script a part runs is
+  listed, and a script can never do more than its caller may: loading one's own script gains
+  nothing. The script's ``KEYS`` must match the user's root patterns.
+* Scripts reach Redis through redis-py's ``Script``: ``EVALSHA``, then ``SCRIPT LOAD`` and
+  ``EVALSHA`` again after ``NOSCRIPT``. A script queued on a pipeline first sends
+  ``SCRIPT EXISTS`` (only the coordinator does that). ``EVAL`` is never sent and not granted.
+* The names are those on the wire, not redis-py's: ``incr`` sends ``INCRBY``.
+* Connecting needs ``CLIENT SETNAME`` when the client has a name
+  (:func:`streamflow.streams.connect` names most of them); ``AUTH`` and ``HELLO`` (redis-py 8
+  speaks RESP3: ``HELLO 3 AUTH``) need no permission. ``PING`` is the health check. On newer
+  servers redis-py also sends ``CLIENT SETINFO`` (Redis 7.2+) and ``CLIENT
+  MAINT_NOTIFICATIONS`` and ignores a refusal; they are not granted, because Redis 7.0 does not
+  know them and would refuse the whole rule. Each refusal is an ``ACL LOG`` entry.
+* ``streamflow worker`` and ``coordinator`` check the server at start-up
+  (:mod:`streamflow.guard`): they get ``INFO`` and ``ACL WHOAMI``, not ``CONFIG GET``, whose
+  refusal the checks expect (one ``ACL LOG`` entry per start).
+* ``SELECT`` is not granted: use database 0 (the default), or add ``+select``.
+* ``SCAN`` is keyless: Redis cannot limit it to a pattern, so a part that scans (worker,
+  coordinator, operator) can list every key *name* in the database, though it can read only
+  its own keys.
+* Nothing subscribes to pub/sub channels: ``resetchannels``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from streamflow.keys import Keys, validate_name
+
+Part = Literal["worker", "coordinator", "publisher", "operator"]
+#: The parts that can be given a user, in the order the documentation describes them.
+PARTS: tuple[Part, ...] = get_args(Part)
+
+#: An environment variable name, as a shell accepts it.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A password given by its SHA-256, as ``ACL SETUSER`` takes it.
+SHA256_WORD = re.compile(r"#[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Narrow:
+    """Commands granted only on some of a part's key families (one ACL selector).
+
+    Attributes:
+        commands: Each command, with who sends it.
+        keys: The key families (patterns after ``<namespace>:``) it may touch.
+    """
+
+    commands: Mapping[str, str]
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PartRules:
+    """What one part may do.
+
+    Attributes:
+        summary: One line on what the part does with these rights.
+        keys: Every key family it touches (patterns after ``<namespace>:``), with what for.
+        commands: The commands it may send on any of those keys, with who sends them.
+        narrow: Commands allowed on fewer key families (see :class:`Narrow`).
+    """
+
+    summary: str
+    keys: Mapping[str, str]
+    commands: Mapping[str, str]
+    narrow: tuple[Narrow, ...] = field(default=())
+
+
+#: Sent by every part on every connection.
+_CONNECTION = {
+    "ping": "health checks, the start-up check and redis-py's check of idle connections",
+    "client|setname": "streams.connect names its connections (CLIENT SETNAME on connect)",
+}
+#: How every Lua script is run.
+_SCRIPTS = {
+    "evalsha": "every Lua script (redis-py's Script)",
+    "script|load": "redis-py's Script after NOSCRIPT (a restarted or new Redis)",
+}
+
+#: The start-up checks of ``streamflow worker`` and ``coordinator`` (:mod:`streamflow.guard`).
+#: ``CONFIG GET`` is not granted: the checks read the AOF flag and the eviction policy from
+#: ``INFO`` instead and skip the RDB snapshot schedule; ``ACL GETUSER`` (asked only of the
+#: ``default`` user) is not needed.
+_STARTUP_CHECKS = {
+    "info": "start-up checks: Redis version, AOF, maxmemory-policy",
+    "acl|whoami": "start-up checks: the connection's user",
+}
+
+PUBLISHER = PartRules(
+    summary="publishes jobs (now, delayed, deduplicated, in bulk) and submits tasks",
+    keys={
+        "{role:*}:stream": "XADD of jobs (also in publish_many.lua and publish_dedup.lua)",
+        "{role:*}:delayed": "ZADD of delayed jobs (also in publish_dedup.lua)",
+        "{role:*}:dedup:*": "publish_dedup.lua: GET, SET of the dedup marker",
+        "{tasks}:roles": "submit: SMEMBERS (graph check), SADD of the graph's roles",
+        "{tasks}:functions": "submit: SMEMBERS (graph check)",
+        "{tasks}:index": "submit: ZADD",
+        "{tasks}:active": "submit: SADD",
+        "{tasks}:control": "submit: XADD 'task <id> type submitted'",
+        "{task:*}:state": "submit: task_commit.lua (HGET v, HSET); submit --wait: HGET",
+        "{task:*}:outbox": "submit: a key of task_commit.lua (not written at creation)",
+    },
+    commands={
+        **_CONNECTION,
+        **_SCRIPTS,
+        "xadd": "publish, SyncClient.publish_many, publish_many.lua, publish_dedup.lua, submit",
+        "zadd": "delayed publish, publish_dedup.lua, submit (index)",
+        "get": "publish_dedup.lua (is the dedup key used?)",
+        "smembers": "submit (known roles and functions)",
+        "sadd": "submit (active set, known roles)",
+        "hget": "task_commit.lua (version), submit --wait",
+        "hset": "task_commit.lua (the new task's state)",
+    },
+    narrow=(Narrow({"set": "publish_dedup.lua (the dedup marker)"}, ("{role:*}:dedup:*",)),),
+)
+
+WORKER = PartRules(
+    summary="reads its roles' streams, runs handlers, settles, retries, dead-letters, "
+    "follows cancels, and runs task nodes",
+    keys={
+        "{role:*}:stream": "XGROUP CREATE, XREADGROUP, XPENDING; every settling script",
+        "{role:*}:delayed": "retry.lua ZADD, promote.lua ZRANGE and ZREM",
+        "{role:*}:dead": "dead_letter.lua XADD",
+        "{role:*}:events": "task node events: XADD accepted, emit/finish/dead_letter.lua",
+        "{role:*}:starts:*": "starts of redelivered entries: GET, MULTI INCRBY PEXPIRE EXEC",
+        "{role:*}:batch:*": "emit.lua SET of an emitted batch; GET of an input batch",
+        "{signals}:stream": "XREVRANGE (start position), XREAD (follow)",
+        "{signals}:cancel:*": "SCAN + GET at start-up; SET NX PX of a marker-less signal",
+        "{signals}:report:*": "HSET + PEXPIRE of its cancel report",
+        "{consumer:*}:alive": "alive.lua: GET, SET PX, DEL of its liveness key",
+        "{consumer:*}:info": "its registry entry: SET PX, DEL",
+        "{tasks}:roles": "SADD of the roles it serves",
+        "{task:*}:out:*": "ctx.inputs(): LRANGE of a parent's batch keys",
+        "{task:*}:result:*": "ctx.inputs() and input batches: GET of a function node's output",
+    },
+    commands={
+        **_CONNECTION,
+        **_SCRIPTS,
+        **_STARTUP_CHECKS,
+        "xadd": "retry, promote, dead_letter, emit and finish.lua; the accepted event",
+        "zadd": "retry.lua",
+        "zrange": "promote.lua",
+        "zrem": "promote.lua",
+        "time": "promote.lua (the server's clock)",
+        "get": "alive.lua, cancel markers, start counts, input batches",
+        "incrby": "start counts of redelivered entries (redis-py's incr sends INCRBY)",
+        "multi": "start counts (INCRBY and PEXPIRE in one transaction)",
+        "exec": "start counts",
+        "xrevrange": "signals listener (start position)",
+        "xread": "signals listener",
+        "scan": "signals listener (cancel markers)",
+        "hset": "cancel reports",
+        "sadd": "known roles",
+        "lrange": "ctx.inputs()",
+    },
+    narrow=(
+        # The consumer group commands on role streams only: not on the events streams, whose
+        # group belongs to the coordinators.
+        Narrow(
+            {
+                "xgroup|create": "streams.ensure_group at start-up and after NOGROUP",
+                "xreadgroup": "the reader",
+                "xpending": "the reader (resumed entries' counts); owner-checking scripts",
+                "xclaim": "renew.lua, release.lua",
+                "xautoclaim": "claim.lua",
+                "xack": "settle, retry, dead_letter and finish.lua",
+                "xdel": "settle, retry, dead_letter and finish.lua",
+            },
+            ("{role:*}:stream",),
+        ),
+        Narrow(
+            {"set": "alive.lua, registry entry, marker of a signal, emit.lua"},
+            ("{consumer:*}:alive", "{consumer:*}:info", "{signals}:cancel:*", "{role:*}:batch:*"),
+        ),
+        Narrow(
+            {"del": "alive.lua release, registry entry on a clean stop"},
+            ("{consumer:*}:alive", "{consumer:*}:info"),
+        ),
+        Narrow(
+            {"pexpire": "start counts, cancel reports"},
+            ("{role:*}:starts:*", "{signals}:report:*"),
+        ),
+    ),
+)
+
+COORDINATOR = PartRules(
+    summary="turns task events into task state and publishes, cancels and limits task nodes",
+    keys={
+        "{tasks}:functions": "SADD of the functions it provides",
+        "{tasks}:roles": "SMEMBERS (which events streams to read)",
+        "{tasks}:control": "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
+        "{tasks}:active": "SMEMBERS (sweep), SREM of ended tasks",
+        "{role:*}:events": "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
+        "{role:*}:dead": "XADD of a malformed event",
+        "{role:*}:stream": "publish_dedup.lua: XADD of a node's job",
+        "{role:*}:dedup:*": "publish_dedup.lua: GET, SET of the dispatch marker",
+        "{role:*}:delayed": "publish_dedup.lua: a key of the script, never written (due 0)",
+        "{role:*}:slots": "slot.lua (SISMEMBER, SCARD, SADD); sweep SMEMBERS, SREM",
+        "{role:*}:batch:*": "GET of a function's inputs; PEXPIRE when the task ends",
+        "{task:*}:state": "HMGET, HGET; task_commit.lua",
+        "{task:*}:outbox": "HGETALL, HDEL; task_commit.lua",
+        "{task:*}:out:*": "LRANGE; task_commit.lua RPUSH",
+        "{task:*}:partials:*": "HGETALL; task_commit.lua HSET",
+        "{task:*}:result:*": "SET PX of a reduce's result; GET as an input",
+        "{signals}:stream": "XREVRANGE, XREAD (cancels); cancel.lua XADD",
+        "{signals}:cancel:*": "SCAN + GET at start-up; SET NX PX; cancel.lua SET",
+    },
+    commands={
+        **_CONNECTION,
+        **_SCRIPTS,
+        **_STARTUP_CHECKS,
+        "script|exists": "publish_dedup.lua queued on a pipeline (redis-py checks first)",
+        "sadd": "known functions; slot.lua",
+        "smembers": "known roles, active tasks, role slots",
+        "srem": "ended tasks, freed role slots",
+        "sismember": "slot.lua",
+        "scard": "slot.lua",
+        "xadd": "publish_dedup.lua, cancel.lua, malformed events",
+        "get": "publish_dedup.lua, batches, cancel markers",
+        "hmget": "loading a task",
+        "hget": "task states, specs",
+        "hgetall": "outboxes, partials",
+        "hset": "task_commit.lua",
+        "hdel": "outbox items carried out",
+        "rpush": "task_commit.lua",
+        "lrange": "batch keys of a node",
+        "xrevrange": "signals listener",
+        "xread": "signals listener",
+        "scan": "signals listener (cancel markers)",
+    },
+    narrow=(
+        Narrow(
+            {"set": "publish_dedup.lua, a reduce's result, cancel.lua, a signal's marker"},
+            ("{role:*}:dedup:*", "{task:*}:result:*", "{signals}:cancel:*"),
+        ),
+        Narrow(
+            {"pexpire": "task_commit.lua (retention of an ended task), its batches"},
+            (
+                "{task:*}:state",
+                "{task:*}:outbox",
+                "{task:*}:out:*",
+                "{task:*}:partials:*",
+                "{task:*}:result:*",
+                "{role:*}:batch:*",
+            ),
+        ),
+        # The consumer group commands on the control and events streams only: a coordinator
+        # publishes jobs but never reads or acknowledges them.
+        Narrow(
+            {
+                "xgroup|create": "the coordinators group of the control and events streams",
+                "xreadgroup": "control and events",
+                "xack": "control and events, once applied",
+                "xdel": "control and events, once applied",
+                "xautoclaim": "adoption of another coordinator's events",
+            },
+            ("{tasks}:control", "{role:*}:events"),
+        ),
+    ),
+)
+
+OPERATOR = PartRules(
+    summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result "
+    "(and the exporter)",
+    keys={
+        "{role:*}:stream": "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD",
+        "{role:*}:delayed": "inspect: EXISTS, ZCARD",
+        "{role:*}:dead": "dlq: XLEN, XRANGE; replay.lua XDEL; purge MULTI XLEN DEL EXEC",
+        "{role:*}:events": "exporter: XLEN (task events backlog)",
+        "{role:*}:batch:*": "result: GET",
+        "{consumer:*}:alive": "inspect: EXISTS; cancel --wait: SCAN",
+        "{consumer:*}:info": "workers: SCAN + GET",
+        "{signals}:stream": "cancel.lua XADD",
+        "{signals}:cancel:*": "cancel.lua SET",
+        "{signals}:report:*": "cancel --wait: HGETALL",
+        "{tasks}:roles": "inspect: SMEMBERS, SISMEMBER",
+        "{tasks}:index": "tasks: ZREVRANGE",
+        "{tasks}:active": "exporter: SMEMBERS",
+        "{task:*}:state": "tasks, status, result: HGET",
+        "{task:*}:out:*": "result: LRANGE",
+        "{task:*}:result:*": "result: GET",
+    },
+    commands={
+        **_CONNECTION,
+        **_SCRIPTS,
+        "scan": "inspect (role streams), workers (registry), cancel --wait (liveness keys)",
+        "smembers": "inspect, exporter",
+        "sismember": "inspect ROLE",
+        "exists": "inspect",
+        "xlen": "inspect, dlq list, purge, exporter",
+        "zcard": "inspect",
+        "xinfo|groups": "inspect",
+        "xinfo|consumers": "inspect",
+        "xpending": "inspect",
+        "time": "inspect (ages by the server's clock)",
+        "get": "workers, result",
+        "xrange": "dlq list, show, replay",
+        "xadd": "replay.lua, cancel.lua",
+        "multi": "dlq purge",
+        "exec": "dlq purge",
+        "hgetall": "cancel --wait",
+        "zrevrange": "tasks",
+        "hget": "tasks, status, result",
+        "lrange": "result",
+    },
+    narrow=(
+        Narrow({"set": "cancel.lua (the cancel marker)"}, ("{signals}:cancel:*",)),
+        Narrow({"del": "dlq purge", "xdel": "replay.lua"}, ("{role:*}:dead",)),
+    ),
+)
+
+#: Every part's table.
+TABLES: dict[Part, PartRules] = {
+    "worker": WORKER,
+    "coordinator": COORDINATOR,
+    "publisher": PUBLISHER,
+    "operator": OPERATOR,
+}
+
+
+def default_user(part: Part) -> str:
+    """The user name a part gets unless told: ``sf-<part>``."""
+    return f"sf-{part}"
+
+
+def default_password_env(part: Part) -> str:
+    """The variable that holds a part's password unless told: ``SF_<PART>_PASSWORD``.
+
+    Not ``STREAMFLOW_*``: streamflow refuses to start when an unknown variable with that prefix
+    is set.
+    """
+    return f"SF_{part.upper()}_PASSWORD"
+
+
+def rules(
+    namespace: str, part: Part, user: str | None = None, *, password: str | None = None
+) -> list[str]:
+    """The words of the ``ACL SETUSER`` command that gives ``part`` its rights.
+
+    The words are ``ACL SETUSER <user> reset on``, the password word if given, the key
+    patterns, ``resetchannels``, ``-@all``, the commands, then one selector word
+    ``(~pattern ... +command)`` per :class:`Narrow`. ``reset`` makes the command replace
+    whatever the user had, so running it again is safe. Without a password word the user
+    cannot log in.
+
+    Args:
+        namespace: The key namespace the part works in.
+        part: ``worker``, ``coordinator``, ``publisher`` or ``operator``.
+        user: The ACL user name; ``sf-<part>`` by default.
+        password: A password word, ``#<sha-256 hex>`` or ``>password`` (see
+            :func:`password_word`).
+
+    Raises:
+        InvalidNameError: The namespace or user name is not a valid name.
+        ValueError: ``part`` is not a part.
+    """
+    table = TABLES.get(part)
+    if table is None:
+        raise ValueError(f"unknown part {part!r}: use one of {', '.join(PARTS)}")
+    prefix = Keys(namespace).namespace
+    name = validate_name(user or default_user(part), "user name")
+    words = ["ACL", "SETUSER", name, "reset", "on"]
+    if password is not None:
+        if not (password.startswith(">") or SHA256_WORD.fullmatch(password)):
+            raise ValueError("a password word is '#' and 64 hex digits (a SHA-256), or '>password'")
+        words.append(password)
+    words += [f"~{prefix}:{pattern}" for pattern in table.keys]
+    words += ["resetchannels", "-@all"]
+    words += [f"+{command}" for command in table.commands]
+    for narrow in table.narrow:
+        inner = [f"~{prefix}:{pattern}" for pattern in narrow.keys]
+        inner += [f"+{command}" for command in narrow.commands]
+        words.append("(" + " ".join(inner) + ")")
+    return words
+
+
+def granted(part: Part) -> frozenset[str]:
+    """Every command ``part`` may send on some of its keys (``xinfo|groups`` style names)."""
+    table = TABLES[part]
+    return frozenset(table.commands).union(*(narrow.commands for narrow in table.narrow))
+
+
+def password_word(var: str, environ: Mapping[str, str]) -> tuple[str, bool]:
+    """The ACL word that sets the password held in the environment variable ``var``.
+
+    Returns ``(word, hashed)``: ``#<sha-256 hex>`` of the variable's value when it is set
+    (the password itself never appears), else the placeholder ``>${var}`` for a tool such as
+    ``envsubst`` to fill in.
+
+    Raises:
+        ValueError: ``var`` is not a variable name, starts with ``STREAMFLOW_``, or is set but
+            empty.
+    """
+    if ENV_NAME.fullmatch(var) is None:
+        raise ValueError(f"{var!r} is not an environment variable name")
+    if var.upper().startswith("STREAMFLOW_"):
+        raise ValueError(
+            f"{var}: choose a name outside STREAMFLOW_*: streamflow refuses to start while an "
+            "unknown STREAMFLOW_* variable is set"
+        )
+    value = environ.get(var)
+    if value is None:
+        return ">${" + var + "}", False
+    if value == "":
+        raise ValueError(f"{var} is set but empty: a user needs a password")
+    # Redis hashes the password's bytes; os.fsencode gives back the bytes the value came from.
+    return "#" + hashlib.sha256(os.fsencode(value)).hexdigest(), True
+
+
+def line(words: list[str]) -> str:
+    """``words`` as one line that ``redis-cli`` (and ``shlex.split``) split back into them.
+
+    A word with a space (a selector), a quote or a backslash is double-quoted, with its quotes
+    and backslashes escaped; names are validated, so only a literal password could hold them.
+    """
+    return " ".join(_quoted(word) for word in words)
+
+
+def _quoted(word: str) -> str:
+    if word and not any(c in word for c in " \"\\'\t\n"):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
