@@ -188,7 +188,7 @@ class Coordinator:
         wanted = [self._keys.tasks_control(), *(self._keys.events(r) for r in roles)]
         for stream in wanted:
             if stream not in self._streams:
-                await _ensure_group(self._redis, stream)
+                await streams.ensure_group(self._redis, stream, COORDINATORS)
         self._streams = wanted
         self._refreshed = anyio.current_time()
 
@@ -661,14 +661,6 @@ def _task_of(entry: streams.Entry) -> str | None:
         return decode_event(entry.fields).task_id
     except ProtocolError:
         return None
-
-
-async def _ensure_group(redis: Redis, stream: str) -> None:
-    try:
-        await redis.xgroup_create(stream, COORDINATORS, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 def _flatten(reply: Any) -> list[tuple[str, streams.Entry]]:

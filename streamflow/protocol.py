@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -42,35 +42,21 @@ Timestamp = Annotated[int, Field(ge=0, le=INT64_MAX)]
 DedupKey = Annotated[str, Field(min_length=1, max_length=256)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
-DeadLetterReason = Literal[
+#: Dead-letter reasons that mean the entry itself was malformed (metrics outcome ``rejected``).
+MalformedReason = Literal[
     "too_large",
     "invalid_json",
+    "too_complex",
     "unsupported_version",
     "unknown_kind",
     "invalid_message",
     "wrong_role",
     "invalid_payload",
-    "failed",
-    "fatal",
-    "max_deliveries",
-    "expired",
-    "missing_input",
-    "too_complex",
 ]
-
-#: Dead-letter reasons that mean the entry itself was malformed (metrics outcome ``rejected``).
-MALFORMED_REASONS = frozenset(
-    {
-        "too_large",
-        "invalid_json",
-        "unsupported_version",
-        "unknown_kind",
-        "invalid_message",
-        "wrong_role",
-        "invalid_payload",
-        "too_complex",
-    }
+DeadLetterReason = (
+    MalformedReason | Literal["failed", "fatal", "max_deliveries", "expired", "missing_input"]
 )
+MALFORMED_REASONS: frozenset[str] = frozenset(get_args(MalformedReason))
 
 #: How a delivery ended when it was cancelled (acknowledged, not dead-lettered or retried).
 CANCELLED = "cancelled"

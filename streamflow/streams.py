@@ -330,14 +330,14 @@ def _load(name: str, strip_shebang: bool) -> str:
     return text
 
 
-async def ensure_group(redis: Redis, stream: str) -> None:
+async def ensure_group(redis: Redis, stream: str, group: str = GROUP) -> None:
     """Create the role's consumer group (and the stream) if missing.
 
     The group starts at ``0``, not ``$``: a group lost with a Redis restart must not skip the
     entries already in the stream.
     """
     try:
-        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
