@@ -1,4 +1,9 @@
-# A streamflow worker image. Build context: the repository root.
+# The streamflow image: the package and its `streamflow` command, for workers, coordinators,
+# the exporter and the operator commands (see docker-compose.yml and docs/deployment.md).
+# Build context: the repository root.
+#
+# Your own handlers: build an image FROM this one that installs or copies your package, and
+# point --app (or STREAMFLOW_APP) at it.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -8,19 +13,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Install the package first so that editing the examples does not rebuild this layer.
-COPY pyproject.toml README.md ./
-COPY streamflow ./streamflow
-RUN pip install .
+# The package, with its example app (streamflow.demo_app), installed from a copy of the source
+# that is then removed. Installing it before copying the examples keeps this layer when only
+# the examples change.
+COPY pyproject.toml README.md /tmp/src/
+COPY streamflow /tmp/src/streamflow
+RUN pip install /tmp/src && rm -rf /tmp/src
 
-# The worker imports the application by module path (examples.quickstart.app:app).
+# The examples are importable as examples.<name>.app:app (the working directory is on the path).
 COPY examples ./examples
-ENV PYTHONPATH=/app
 
 RUN useradd --system --uid 10001 --no-create-home streamflow
 USER streamflow
 
-# streamflow handles SIGTERM as a graceful shutdown: stop reading, finish or release in-flight
-# work within the grace period.
+# streamflow handles SIGTERM as a graceful shutdown: stop reading, let running handlers finish
+# within --shutdown-grace, then release the rest to other workers.
 STOPSIGNAL SIGTERM
-CMD ["streamflow", "worker", "--app", "examples.quickstart.app:app", "--role", "echo", "--concurrency", "32"]
+CMD ["streamflow", "worker", "--app", "streamflow.demo_app:app"]
