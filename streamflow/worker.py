@@ -197,7 +197,17 @@ class Worker:
                 return
 
     def stop(self) -> None:
-        """Ask the worker to stop: reading stops at once, in-flight handlers get the grace."""
+        """Ask the worker to stop: reading stops at once, in-flight handlers get the grace.
+
+        Running handlers see ``ctx.cancel`` set (reason "worker shutting down") so that they can
+        stop at a safe point; one that stops that way, or fails, has its entry released for
+        another worker (not a failed attempt); one that finishes is acknowledged as usual.
+        """
+        if not self._stopping.is_set():
+            for delivery in self._held:
+                if delivery.scope is not None and delivery.context is not None:
+                    delivery.released = True
+                    delivery.context.cancel._set("worker shutting down")
         self._stopping.set()
         self._capacity.set()
         for wakeup in self._promoter_wakeups.values():

@@ -358,3 +358,34 @@ async def test_a_pending_entry_deleted_from_the_stream_is_reported_not_silently_
     (letter,) = [decode_dead_letter(f)[0] for _, f in await redis.xrange(keys.dead_letters("echo"))]
     assert "deleted from the stream" in letter.detail
     assert await pending_count(redis, stream) == 0
+
+
+async def test_shutdown_sets_the_cancel_token_so_handlers_stop_at_a_safe_point(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    steps: list[int] = []
+    reasons: list[str | None] = []
+
+    @app.role("steps")
+    async def work(ctx: Context, payload: Any) -> None:
+        for step in range(1000):
+            if ctx.cancel.cancelled:
+                reasons.append(ctx.cancel.reason)
+                ctx.cancel.raise_if_cancelled()
+            steps.append(step)
+            await anyio.sleep(0.01)
+
+    outcomes: list[Outcome] = []
+    worker = Worker(app, redis, namespace=namespace, shutdown_grace=30, on_outcome=outcomes.append)
+    await Client(redis, namespace=namespace).publish("steps", {})
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await wait_until(lambda: len(steps) >= 3)
+            worker.stop()  # well within the 30 s grace: the handler stops by itself
+            await worker.wait_stopped()
+    assert reasons == ["worker shutting down"]
+    assert [o.status for o in outcomes] == ["released"]
+    stream = Keys(namespace).role_stream("steps")
+    assert await pending_count(redis, stream) == 1  # handed back for another worker
