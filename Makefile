@@ -5,14 +5,14 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint typecheck pytest test demo bench fmt clean distclean
+.PHONY: venv lint typecheck pytest docs test demo bench fmt clean distclean
 
 venv: $(STAMP)
 
 # Reinstall whenever pyproject.toml changes; the stamp records the last good install.
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -e '.[test]'
+	$(VPY) -m pip install -e '.[test,docs]'
 	touch $(STAMP)
 
 lint: venv
@@ -25,15 +25,22 @@ typecheck: venv
 pytest: venv
 	$(VENV)/bin/pytest -q
 
+# The documentation site into site/; --strict fails on any warning, broken links and anchors
+# included. NO_MKDOCS_2_WARNING silences mkdocs-material's notice about MkDocs 2.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 # Sequential on purpose: cheap checks fail first.
 test:
 	$(MAKE) venv
 	$(MAKE) lint
+	$(MAKE) docs
 	$(MAKE) typecheck
 	$(MAKE) pytest
 
+# The streaming DAG demo on a private redis-server; `make demo ARGS=--keep` leaves it running.
 demo: venv
-	$(VENV)/bin/streamflow demo
+	$(VENV)/bin/streamflow demo $(ARGS)
 
 bench: venv
 	$(VPY) benchmarks/throughput.py

@@ -518,19 +518,42 @@ def schema(kind: str | None) -> None:
     "--redis-url",
     envvar="STREAMFLOW_REDIS_URL",
     default=None,
-    help="Use this Redis instead of starting a private redis-server.",
+    help="Use this Redis (in a fresh namespace) instead of starting a private redis-server.",
 )
-@click.option("--messages", type=click.IntRange(1, 10_000_000), default=20_000, show_default=True)
-@click.option("--concurrency", type=click.IntRange(1, 10_000), default=64, show_default=True)
+@click.option(
+    "--batches",
+    type=click.IntRange(1, 100_000),
+    default=20,
+    show_default=True,
+    help="Batches of 100 readings the source emits.",
+)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave Redis, the worker and the coordinator running until Ctrl-C, and print "
+    "commands to try on them.",
+)
 @_errors_to_exit
-def demo(redis_url: str | None, messages: int, concurrency: int) -> None:
-    """Run a worker on published messages, on a Redis the demo starts (and stops) itself."""
-    from streamflow.demo import redis_for_demo, run_demo
-
+def demo(redis_url: str | None, batches: int, keep: bool) -> None:
+    """Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself."""
     if redis_url is not None:
         streams.validate_url(redis_url)
-    with redis_for_demo(redis_url, click.echo) as url:
-        anyio.run(run_demo, url, messages, concurrency, click.echo)
+    try:
+        from streamflow import demo as demo_module
+        from streamflow.server import RedisServer
+
+        if keep and redis_url is None and not RedisServer.available():
+            raise ConfigError(
+                "--keep needs a real Redis: put redis-server on PATH or use --redis-url"
+            )
+        code = demo_module.main(
+            redis_url, batches=batches, keep=keep, echo=click.echo, live=sys.stdout.isatty()
+        )
+    except KeyboardInterrupt:  # before the demo listens for signals itself
+        code = 128 + signal.SIGINT
+    if code > 128:
+        click.echo("interrupted: the demo stopped everything it started", err=True)
+    sys.exit(code)
 
 
 @main.command()
