@@ -218,7 +218,7 @@ async def _follow(client: Client, task_id: str) -> TaskState:
         task = await client.task(task_id)
         if task is None:
             raise ConfigError(f"task {task_id} disappeared (expired?)")
-        lines = _progress_lines(task)
+        lines = progress_lines(task)
         if live:
             if drawn:
                 click.echo(f"\x1b[{drawn}F\x1b[J", nl=False)
@@ -235,7 +235,8 @@ async def _follow(client: Client, task_id: str) -> TaskState:
         await anyio.sleep(0.2)  # the state lives in Redis: poll it
 
 
-def _progress_lines(task: TaskState) -> list[str]:
+def progress_lines(task: TaskState) -> list[str]:
+    """A header and one line per node: state, runs done/dispatched, batches in/out, items."""
     width = max(len(n) for n in task.nodes)
     head = f"{'node':<{width}}  {'state':<9} {'runs':>11} {'in':>7} {'out':>7} {'items':>9}"
     lines = [head]
@@ -266,7 +267,7 @@ def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
     click.echo(f"task {task.id} ({task.name}): {task.state}")
     if task.error:
         click.echo(f"error: {task.error}")
-    click.echo("\n".join(_progress_lines(task)))
+    click.echo("\n".join(progress_lines(task)))
 
 
 async def _status(settings: config.ConnectionSettings, task_id: str) -> TaskState | None:

@@ -328,7 +328,7 @@ def _quiet_info_logs() -> Iterator[None]:
 
 async def _follow(client: Client, task_id: str, echo: Echo, live: bool) -> TaskState:
     """Show per-node progress until the task ends: redrawn in place, or changed lines."""
-    from streamflow.cli_tasks import _progress_lines
+    from streamflow.cli_tasks import progress_lines
 
     drawn = 0
     shown: dict[str, str] = {}
@@ -337,7 +337,7 @@ async def _follow(client: Client, task_id: str, echo: Echo, live: bool) -> TaskS
         task = await client.task(task_id)
         if task is None:
             raise LookupError(f"task {task_id} disappeared")
-        lines = _progress_lines(task)
+        lines = progress_lines(task)
         if live:
             echo((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(lines))
             drawn = len(lines)
