@@ -16,7 +16,7 @@ WORKDIR /app
 # The package, with its example app (streamflow.demo_app), installed from a copy of the source
 # that is then removed. Installing it before copying the examples keeps this layer when only
 # the examples change.
-COPY pyproject.toml README.md /tmp/src/
+COPY pyproject.toml README.md LICENSE CHANGELOG.md MANIFEST.in /tmp/src/
 COPY streamflow /tmp/src/streamflow
 RUN pip install /tmp/src && rm -rf /tmp/src
 
