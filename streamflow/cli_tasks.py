@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -203,36 +204,57 @@ async def _submit(
             return None
         try:
             with anyio.fail_after(timeout):
-                return await _follow(client, task_id)
+                return await follow(client, task_id)
         except TimeoutError:
             click.echo(f"error: task {task_id} still running after {timeout:g}s", err=True)
             sys.exit(1)
 
 
-async def _follow(client: Client, task_id: str) -> TaskState:
-    """Show progress until the task ends: a live table on a terminal, changed lines otherwise."""
-    live = sys.stdout.isatty()
-    shown: dict[str, str] = {}
+async def follow(
+    client: Client,
+    task_id: str,
+    *,
+    echo: Callable[[str], None] = click.echo,
+    live: bool | None = None,
+    every: float = 0.0,
+    poll: float = 0.2,
+) -> TaskState:
+    """Show per-node progress until the task ends; returns its final state.
+
+    Args:
+        client: The client.
+        task_id: The task.
+        echo: Where lines go.
+        live: Redraw the table in place (default: when stdout is a terminal); otherwise print
+            each node's line when it changed, at most every ``every`` seconds.
+        every: The least time between two printed updates, when not live.
+        poll: Seconds between reads of the task state (it lives in Redis: it is polled).
+
+    Raises:
+        ConfigError: The task disappeared (it expired).
+    """
+    live = sys.stdout.isatty() if live is None else live
     drawn = 0
+    shown: dict[str, str] = {}
+    last_print = float("-inf")
     while True:
         task = await client.task(task_id)
         if task is None:
             raise ConfigError(f"task {task_id} disappeared (expired?)")
         lines = progress_lines(task)
         if live:
-            if drawn:
-                click.echo(f"\x1b[{drawn}F\x1b[J", nl=False)
-            click.echo("\n".join(lines))
+            echo((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(lines))
             drawn = len(lines)
-        else:
-            for line in lines[1:]:
-                node = line.split()[0]
-                if shown.get(node) != line:
-                    shown[node] = line
-                    click.echo(line)
+        elif task.terminal or anyio.current_time() - last_print >= every:
+            last_print = anyio.current_time()
+            for line in lines if not shown else lines[1:]:
+                key = line.split()[0]
+                if shown.get(key) != line:
+                    shown[key] = line
+                    echo(line)
         if task.terminal:
             return task
-        await anyio.sleep(0.2)  # the state lives in Redis: poll it
+        await anyio.sleep(poll)
 
 
 def progress_lines(task: TaskState) -> list[str]:

@@ -293,7 +293,11 @@ async def _run_task(run: _Run, batches: int, *, keep: bool, live: bool) -> None:
         "-> clean -> enrich (each per batch) -> totals (metrics.aggregate) -> report"
     )
     with anyio.fail_after(60 + batches * TIME_PER_BATCH), _quiet_info_logs():
-        run.task = await _follow(client, run.task_id, run.echo, live)
+        from streamflow.cli_tasks import follow
+
+        run.task = await follow(
+            client, run.task_id, echo=run.echo, live=live, every=PRINT_EVERY, poll=REDRAW
+        )
     task = run.task
     run.echo(f"task {task.id} {task.state}" + (f": {task.error}" if task.error else ""))
     if task.state == "succeeded":
@@ -324,33 +328,6 @@ def _quiet_info_logs() -> Iterator[None]:
         yield
     finally:
         log.setLevel(logging.NOTSET)
-
-
-async def _follow(client: Client, task_id: str, echo: Echo, live: bool) -> TaskState:
-    """Show per-node progress until the task ends: redrawn in place, or changed lines."""
-    from streamflow.cli_tasks import progress_lines
-
-    drawn = 0
-    shown: dict[str, str] = {}
-    last_print = float("-inf")
-    while True:
-        task = await client.task(task_id)
-        if task is None:
-            raise LookupError(f"task {task_id} disappeared")
-        lines = progress_lines(task)
-        if live:
-            echo((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(lines))
-            drawn = len(lines)
-        elif task.terminal or anyio.current_time() - last_print >= PRINT_EVERY:
-            last_print = anyio.current_time()
-            for line in lines if not shown else lines[1:]:
-                key = line.split()[0]
-                if shown.get(key) != line:
-                    shown[key] = line
-                    echo(line)
-        if task.terminal:
-            return task
-        await anyio.sleep(REDRAW)
 
 
 def figures(task: TaskState, *, fake: bool = False) -> list[str]:
