@@ -22,7 +22,7 @@ from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
 from streamflow import signals, streams
-from streamflow.errors import PayloadError, ProtocolError, RedisUnavailable
+from streamflow.errors import ConfigError, PayloadError, ProtocolError, RedisUnavailable
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
@@ -189,7 +189,7 @@ class Client:
         tls_key_file: streams.TLSPath | None = None,
         **kwargs: Any,
     ) -> Self:
-        """A client connected to ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+        """A client connected to ``url`` (``redis[s]://``, ``unix://`` or ``redis+cluster://``).
 
         Args:
             url: The Redis URL.
@@ -366,7 +366,9 @@ class Client:
     async def purge_dead_letters(self, role: str) -> int:
         """Delete every dead letter of ``role``; returns how many there were."""
         key = self.keys.dead_letters(role)
-        pipe = self.redis.pipeline(transaction=True)
+        # In MULTI on a single node; on a cluster a dead letter added between XLEN and DEL
+        # is deleted without being counted (see streams.one_slot_pipeline).
+        pipe = streams.one_slot_pipeline(self.redis)
         pipe.xlen(key)
         pipe.delete(key)
         count, _ = await pipe.execute()
@@ -553,6 +555,8 @@ class SyncClient:
         tls_key_file: streams.TLSPath | None = None,
     ) -> None:
         streams.validate_url(url)
+        if url.startswith(f"{streams.CLUSTER_SCHEME}://"):
+            raise ConfigError("SyncClient does not support redis+cluster:// yet; use Client")
         tls = streams.tls_arguments(
             url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
         )

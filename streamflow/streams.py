@@ -13,11 +13,13 @@ import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypedDict
-from urllib.parse import urlsplit
+from typing import Any, TypedDict, cast
+from urllib.parse import unquote, urlsplit
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,7 +31,9 @@ from streamflow.keys import GROUP
 
 logger = logging.getLogger(__name__)
 
-URL_SCHEMES = ("redis", "rediss", "unix")
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
+#: The scheme of a Redis Cluster URL: ``redis+cluster://[user:password@]host:port[,host:port]``.
+CLUSTER_SCHEME = "redis+cluster"
 #: Errors after which a command may or may not have run; callers reconnect and go on.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -77,6 +81,9 @@ def validate_url(url: str) -> str:
             f"invalid Redis URL {redact_url(url)!r}: the scheme must be one of "
             + ", ".join(f"{s}://" for s in URL_SCHEMES)
         )
+    if parts.scheme == CLUSTER_SCHEME:
+        cluster_nodes(url)
+        return url
     if parts.scheme == "unix" and not parts.path:
         raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: unix:// needs a socket path")
     if parts.scheme != "unix" and not parts.hostname:
@@ -86,6 +93,37 @@ def validate_url(url: str) -> str:
     except ValueError:
         raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: bad port") from None
     return url
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The seed nodes of a ``redis+cluster://`` URL as (host, port) pairs.
+
+    Several seeds are separated by commas (``host:port,host:port``); one reachable seed is
+    enough for redis-py to discover the rest of the cluster. A port is required: a cluster's
+    nodes rarely all listen on 6379, and a guessed port would only fail later.
+
+    Raises:
+        ConfigError: No seed, a seed without host or with a missing or bad port, or URL
+            parameters or a path (not supported for a cluster yet).
+    """
+    shown = redact_url(url)
+    rest = url.partition("://")[2]
+    hosts = rest.rpartition("@")[2]
+    if any(char in hosts for char in "/?#"):
+        raise ConfigError(
+            f"invalid Redis URL {shown!r}: a redis+cluster:// URL takes no path or parameters"
+        )
+    seeds: list[tuple[str, int]] = []
+    for seed in hosts.split(","):
+        host, colon, port = seed.strip().rpartition(":")
+        host = host.strip("[]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"invalid Redis URL {shown!r}: each cluster node must be host:port, "
+                f"got {seed.strip()!r}"
+            )
+        seeds.append((host, int(port)))
+    return seeds
 
 
 #: A TLS file: a path given as text or a path object.
@@ -195,7 +233,9 @@ def connect(
     burst of settling writes (hundreds of handlers released at shutdown) waits its turn.
 
     Args:
-        url: A ``redis://``, ``rediss://`` or ``unix://`` URL, with optional user and password.
+        url: A ``redis://``, ``rediss://`` or ``unix://`` URL, with optional user and password,
+            or ``redis+cluster://host:port[,host:port...]`` for a Redis Cluster (see
+            :func:`cluster_nodes`); the latter gives redis-py's ``RedisCluster``.
         socket_timeout: Seconds to wait for a reply; must exceed any BLOCK time used.
         name: A client name shown by ``CLIENT LIST``.
         max_connections: The pool's size; each blocking reader holds one connection.
@@ -208,9 +248,16 @@ def connect(
 
     Raises:
         ConfigError: The URL is invalid, or the TLS files do not fit it (see
-            :func:`tls_arguments`).
+            :func:`tls_arguments`; TLS files with a cluster URL are refused for now).
     """
     validate_url(url)
+    if urlsplit(url).scheme == CLUSTER_SCHEME:
+        tls_given = (tls_ca_file, tls_cert_file, tls_key_file)
+        if any(path is not None for path in tls_given):
+            raise ConfigError("TLS is not supported with redis+cluster:// yet")
+        return _connect_cluster(
+            url, socket_timeout=socket_timeout, name=name, max_connections=max_connections
+        )
     tls = tls_arguments(
         url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
     )
@@ -226,6 +273,45 @@ def connect(
         **tls,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+def _connect_cluster(
+    url: str, *, socket_timeout: float | None, name: str | None, max_connections: int
+) -> Redis:
+    """A :class:`RedisCluster` client for a ``redis+cluster://`` URL, with no retries.
+
+    ``retry=Retry(NoBackoff(), 0)`` turns off the cluster client's own loop, which would
+    otherwise re-send a command after a connection or timeout error (10 times by default),
+    exactly the double XADD the single-node client avoids; its node connections get no retry
+    object and so do not retry either. MOVED and ASK redirects are still followed: Redis
+    refused the command there, so sending it to the right node cannot run it twice.
+
+    redis-py's cluster pool does not block: past ``max_connections`` per node a command fails
+    at once (``MaxConnectionsError``) instead of waiting its turn.
+
+    The client is typed as :class:`Redis`: it offers the same commands with the same
+    signatures for everything streamflow sends (single-slot keys, scripts, non-transactional
+    pipelines), which keeps the modules above this one free of a client union.
+    """
+    parts = url.partition("://")[2]
+    userinfo, at, _ = parts.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    cluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        username=username,
+        password=password,
+        retry=Retry(NoBackoff(), 0),
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        client_name=name,
+        health_check_interval=30,
+        max_connections=max_connections,
+    )
+    return cast(Redis, cluster)
 
 
 async def ping(redis: Redis, url: str = "") -> None:
@@ -249,7 +335,10 @@ async def ping(redis: Redis, url: str = "") -> None:
 
 def _tls_failure(redis: Redis, exc: BaseException) -> str | None:
     """A one-line reason if ``exc`` came from TLS (redis-py wraps the SSL error), else None."""
-    kwargs = redis.connection_pool.connection_kwargs
+    pool = getattr(redis, "connection_pool", None)  # a RedisCluster has none (and no TLS yet)
+    if pool is None:
+        return None
+    kwargs = pool.connection_kwargs
     if "ssl_cert_reqs" not in kwargs:
         return None
     where = f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
@@ -534,13 +623,34 @@ async def publish_dedup(
     return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
 
 
+def is_cluster(redis: Redis) -> bool:
+    """Whether ``redis`` is a Redis Cluster client (from a ``redis+cluster://`` URL)."""
+    return isinstance(redis, RedisCluster)
+
+
+def one_slot_pipeline(redis: Redis) -> Pipeline:
+    """A MULTI/EXEC pipeline for commands on one slot; a plain pipeline on a cluster.
+
+    redis-py 8.1's asyncio cluster client runs a transaction pipeline's commands in a helper
+    thread with an event loop of its own: the connection it opens there belongs to that loop,
+    and closing the client later fails with "Event loop is closed". So on a cluster the
+    commands go in one round trip but without MULTI; callers say what that costs them.
+    """
+    return redis.pipeline(transaction=not is_cluster(redis))
+
+
 #: How long an entry's start count is kept: far longer than any sane redelivery loop.
 START_COUNT_TTL_MS = 7 * 24 * 3600 * 1000
 
 
 async def count_start(redis: Redis, key: str) -> int:
-    """Count one more start of a redelivered entry; returns the starts counted before it."""
-    pipe = redis.pipeline(transaction=True)
+    """Count one more start of a redelivered entry; returns the starts counted before it.
+
+    On a cluster the INCR and PEXPIRE are sent together but not in MULTI (see
+    :func:`one_slot_pipeline`): INCR alone is atomic, and a connection lost between the two
+    only leaves the counter without its week-long TTL until the entry's next start sets it.
+    """
+    pipe = one_slot_pipeline(redis)
     pipe.incr(key)
     pipe.pexpire(key, START_COUNT_TTL_MS)
     count, _ = await pipe.execute()
