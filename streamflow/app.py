@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from streamflow.context import Context
 from streamflow.errors import ConfigError, PayloadError
 from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
-from streamflow.keys import validate_name
+from streamflow.keys import MAX_PARTITIONS, validate_name
 
 #: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
 FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
@@ -71,6 +71,7 @@ class Role:
             dead-lettered as poison without being started again.
         cancel_grace: Seconds a cancelled handler gets to stop by itself before it is
             hard-cancelled.
+        partitions: How many partition streams the role has (see :mod:`streamflow.partitions`).
     """
 
     name: str
@@ -82,6 +83,7 @@ class Role:
     timeout: float | None = None
     max_deliveries: int = 5
     cancel_grace: float = 5.0
+    partitions: int = 1
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -123,6 +125,7 @@ class App:
         timeout: float | None = None,
         max_deliveries: int = 5,
         cancel_grace: float = 5.0,
+        partitions: int = 1,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -141,6 +144,9 @@ class App:
                 message is dead-lettered as poison instead of started again.
             cancel_grace: Seconds a cancelled handler gets to stop by itself (checking
                 ``ctx.cancel``) before it is hard-cancelled.
+            partitions: Split the role into this many streams, spread over a Redis Cluster's
+                masters (see :mod:`streamflow.partitions`). Fixed when the role is created:
+                a worker whose app declares another number refuses to start.
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -151,12 +157,16 @@ class App:
             raise ConfigError(
                 "max_deliveries must be at least 1, timeout positive, cancel_grace not negative"
             )
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise ConfigError(f"partitions must be 1 to {MAX_PARTITIONS}")
 
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
                 raise ConfigError(f"role {name!r} already has a handler")
             role = _make_role(name, func, payload, retry or RetryPolicy(), timeout, max_deliveries)
-            self._roles[name] = dataclasses.replace(role, cancel_grace=cancel_grace)
+            self._roles[name] = dataclasses.replace(
+                role, cancel_grace=cancel_grace, partitions=partitions
+            )
             return func
 
         return register

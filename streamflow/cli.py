@@ -423,6 +423,10 @@ async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
     type=click.File("rb"),
     help="Read one JSON payload per line from a file ('-' for stdin).",
 )
+@click.option(
+    "--key",
+    help="A partitioned role: jobs with the same key go to the same partition, in order.",
+)
 @click.option("--id", "message_id", help="The message id (single publish only).")
 @click.option("--dedup-key", help="Publish at most once per key within the dedup window.")
 @click.option("--delay", type=float, help="Start no earlier than this many seconds from now.")
@@ -438,6 +442,7 @@ def publish(
     role: str,
     json_text: str | None,
     file: IO[bytes] | None,
+    key: str | None,
     message_id: str | None,
     dedup_key: str | None,
     delay: float | None,
@@ -459,7 +464,7 @@ def publish(
         assert file is not None
         payloads = list(_read_lines(file))
     when = at if at is not None else delay
-    ids = anyio.run(_publish, settings, role, payloads, message_id, dedup_key, when)
+    ids = anyio.run(_publish, settings, role, payloads, key, message_id, dedup_key, when)
     for one in ids:
         click.echo(one)
 
@@ -481,6 +486,7 @@ async def _publish(
     settings: config.ConnectionSettings,
     role: str,
     payloads: list[Any],
+    key: str | None,
     message_id: str | None,
     dedup_key: str | None,
     when: datetime | float | None,
@@ -488,10 +494,11 @@ async def _publish(
     async with _client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
-                role, payloads[0], message_id=message_id, dedup_key=dedup_key, delay=when
+                role, payloads[0], key=key, message_id=message_id, dedup_key=dedup_key, delay=when
             )
             return [one]
-        return await client.publish_many(role, payloads)
+        keys = None if key is None else [key] * len(payloads)
+        return await client.publish_many(role, payloads, keys=keys)
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ follows tasks, and lists, shows, replays and purges dead letters.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
-from streamflow import signals, streams
+from streamflow import partitions, signals, streams
 from streamflow.errors import ConfigError, PayloadError, ProtocolError, RedisUnavailable
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
@@ -65,6 +66,7 @@ class _Publisher:
         role: str,
         payload: Any,
         *,
+        shard: str,
         message_id: str | None,
         dedup_key: str | None,
         deadline: datetime | timedelta | None,
@@ -86,19 +88,26 @@ class _Publisher:
             dedup_key=dedup_key,
         )
         return _Prepared(
-            stream=self.keys.role_stream(role),
-            schedule=self.keys.delayed(role),
+            stream=self.keys.role_stream(shard),
+            schedule=self.keys.delayed(shard),
             message_id=message_id,
             body=body,
-            dedup_marker=self.keys.dedup(role, dedup_key) if dedup_key else None,
+            dedup_marker=self.keys.dedup(shard, dedup_key) if dedup_key else None,
             due_ms=_absolute_ms(delay) or 0,
         )
 
-    def bodies(self, role: str, payloads: Iterable[Any]) -> list[tuple[str, str, bytes]]:
-        stream = self.keys.role_stream(role)
+    def bodies(
+        self, layout: partitions.Layout, payloads: Iterable[Any], keys: Iterable[str] | None
+    ) -> list[tuple[str, str, bytes]]:
+        """(stream, message id, body) per payload, each on its key's partition or round-robin."""
+        role = layout.role
+        streams_of = {shard: self.keys.role_stream(shard) for shard in layout.shards}
         created = now_ms()
         out = []
+        message_keys = iter(keys) if keys is not None else None
         for payload in payloads:
+            key = next(message_keys) if message_keys is not None else None
+            stream = streams_of[layout.pick(key)]
             message_id = new_message_id()
             out.append((stream, message_id, _encode(message_id, role, payload, created)))
         return out
@@ -176,6 +185,7 @@ class Client:
         self.keys = self._pub.keys
         self._scripts = streams.Scripts(redis)
         self._tasks = TaskStore(redis, self.keys, self._scripts)
+        self._layouts = partitions.Layouts(redis, self.keys)
 
     @classmethod
     def from_url(
@@ -218,6 +228,7 @@ class Client:
         role: str,
         payload: Any = None,
         *,
+        key: str | None = None,
         message_id: str | None = None,
         dedup_key: str | None = None,
         deadline: datetime | timedelta | None = None,
@@ -230,9 +241,13 @@ class Client:
         Args:
             role: The role that handles it.
             payload: Any JSON-serializable value or a pydantic model.
+            key: For a partitioned role: jobs with the same key go to the same partition, in
+                publishing order. Without it, a partition is picked round-robin (or by the
+                dedup key, when given). Ignored for a role with one partition.
             message_id: The message id; a random one by default.
             dedup_key: When given, publishing again with the same key within the dedup window
-                publishes nothing and returns the first message's id.
+                publishes nothing and returns the first message's id. On a partitioned role
+                the dedup key is remembered per partition: repeat the same ``key`` with it.
             deadline: When the job must not start any more (absolute, or relative to now).
             delay: Start no earlier than this: seconds or a timedelta from now, or a datetime.
                 The job waits in the role's delayed schedule, not in a worker.
@@ -245,9 +260,14 @@ class Client:
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
+        try:
+            layout = await self._layouts.get(validate_name(role, "role"))
+        except streams.TRANSIENT_ERRORS as exc:
+            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         p = self._pub.prepare(
             role,
             payload,
+            shard=layout.pick(key, dedup_key),
             message_id=message_id,
             dedup_key=dedup_key,
             deadline=deadline,
@@ -278,14 +298,30 @@ class Client:
         return p.message_id
 
     async def publish_many(
-        self, role: str, payloads: Iterable[Any], *, chunk_size: int = 1000
+        self,
+        role: str,
+        payloads: Iterable[Any],
+        *,
+        keys: Iterable[str] | None = None,
+        chunk_size: int = 1000,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
+
+        Args:
+            role: The role that handles them.
+            payloads: The payloads.
+            keys: For a partitioned role, one key per payload (see :meth:`publish`); without
+                them the jobs are spread round-robin over the partitions.
+            chunk_size: Jobs per script call.
 
         Raises:
             RedisUnavailable: Redis could not be reached; earlier chunks were published.
         """
-        prepared = self._pub.bodies(role, payloads)
+        try:
+            layout = await self._layouts.get(validate_name(role, "role"))
+        except streams.TRANSIENT_ERRORS as exc:
+            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
+        prepared = self._pub.bodies(layout, payloads, keys)
         try:
             for chunk in _chunks(prepared, chunk_size):
                 stream = chunk[0][0]
@@ -301,19 +337,44 @@ class Client:
     async def dead_letters(
         self, role: str, *, count: int = 100, after: str = "-"
     ) -> list[DeadLetterEntry]:
-        """The oldest ``count`` dead letters of ``role`` after id ``after`` (exclusive)."""
-        start = after if after == "-" else f"({after}"
-        reply: Any = await self.redis.xrange(self.keys.dead_letters(role), start, "+", count)
-        return [_dead_letter_entry(entry_id, fields) for entry_id, fields in reply]
+        """The oldest ``count`` dead letters of ``role`` after id ``after`` (exclusive).
+
+        A partitioned role's dead letters are listed partition by partition, with ids
+        ``<partition>:<entry id>``.
+        """
+        layout = await self._layouts.get(validate_name(role, "role"))
+        first, start = (0, "-") if after == "-" else _split_dead_id(layout, after)
+        out: list[DeadLetterEntry] = []
+        for index in range(first, layout.count):
+            if index > first:
+                start = "-"
+            key = self.keys.dead_letters(layout.shards[index])
+            reply: Any = await self.redis.xrange(
+                key, start if start == "-" else f"({start}", "+", count - len(out)
+            )
+            out += [_dead_letter_entry(i, f, _prefix(layout, index)) for i, f in reply]
+            if len(out) >= count:
+                break
+        return out
 
     async def dead_letter(self, role: str, dead_id: str) -> DeadLetterEntry | None:
         """One dead letter by its id, or None."""
-        reply: Any = await self.redis.xrange(self.keys.dead_letters(role), dead_id, dead_id)
-        return _dead_letter_entry(*reply[0]) if reply else None
+        layout = await self._layouts.get(validate_name(role, "role"))
+        index, entry_id = _split_dead_id(layout, dead_id)
+        key = self.keys.dead_letters(layout.shards[index])
+        reply: Any = await self.redis.xrange(key, entry_id, entry_id)
+        if not reply:
+            return None
+        found_id, fields = reply[0]
+        return _dead_letter_entry(found_id, fields, _prefix(layout, index))
 
     async def dead_letter_count(self, role: str) -> int:
-        """How many dead letters ``role`` has."""
-        return int(await self.redis.xlen(self.keys.dead_letters(role)))
+        """How many dead letters ``role`` has (in all its partitions)."""
+        layout = await self._layouts.get(validate_name(role, "role"))
+        total = 0
+        for shard in layout.shards:
+            total += int(await self.redis.xlen(self.keys.dead_letters(shard)))
+        return total
 
     async def replay(self, role: str, dead_ids: Sequence[str] | None = None) -> ReplayResult:
         """Send dead letters back to the role's stream with their attempts reset.
@@ -350,12 +411,15 @@ class Client:
             why = f"not a valid job ({entry.letter.reason}): nothing to replay"
             result.skipped.append((entry.id, why))
             return
+        layout = await self._layouts.get(role)
+        index, entry_id = _split_dead_id(layout, entry.id)
+        shard = layout.shards[index]  # back to the partition it came from
         new_id = await streams.replay(
             self._scripts,
             self.redis,
-            stream=self.keys.role_stream(role),
-            dead_stream=self.keys.dead_letters(role),
-            dead_id=entry.id.encode(),
+            stream=self.keys.role_stream(shard),
+            dead_stream=self.keys.dead_letters(shard),
+            dead_id=entry_id.encode(),
             message=encode(job.model_copy(update={"attempt": 1})),
         )
         if new_id is None:
@@ -365,14 +429,18 @@ class Client:
 
     async def purge_dead_letters(self, role: str) -> int:
         """Delete every dead letter of ``role``; returns how many there were."""
-        key = self.keys.dead_letters(role)
-        # In MULTI on a single node; on a cluster a dead letter added between XLEN and DEL
-        # is deleted without being counted (see streams.one_slot_pipeline).
-        pipe = streams.one_slot_pipeline(self.redis)
-        pipe.xlen(key)
-        pipe.delete(key)
-        count, _ = await pipe.execute()
-        return int(count)
+        layout = await self._layouts.get(validate_name(role, "role"))
+        total = 0
+        for shard in layout.shards:
+            key = self.keys.dead_letters(shard)
+            # In MULTI on a single node; on a cluster a dead letter added between XLEN and DEL
+            # is deleted without being counted (see streams.one_slot_pipeline).
+            pipe = streams.one_slot_pipeline(self.redis)
+            pipe.xlen(key)
+            pipe.delete(key)
+            count, _ = await pipe.execute()
+            total += int(count)
+        return total
 
     # -- cancel -----------------------------------------------------------------------------
 
@@ -569,12 +637,29 @@ class SyncClient:
         )
         self._pub = _Publisher(namespace, dedup_window)
         self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))
+        self._layouts: dict[str, partitions.Layout] = {}
+        self._missing: dict[str, float] = {}
+
+    def _layout(self, role: str) -> partitions.Layout:
+        """The role's partitions, read once (see :class:`streamflow.partitions.Layouts`)."""
+        layout = self._layouts.get(validate_name(role, "role"))
+        if layout is not None:
+            return layout
+        if time.monotonic() < self._missing.get(role, 0.0):
+            return partitions.single(role)
+        recorded = self.redis.hget(self._pub.keys.role_config(role), partitions.SHARDS_FIELD)
+        if recorded is None:
+            self._missing[role] = time.monotonic() + partitions.Layouts.RECHECK
+            return partitions.single(role)
+        layout = self._layouts[role] = partitions.parse(role, recorded)
+        return layout
 
     def publish(
         self,
         role: str,
         payload: Any = None,
         *,
+        key: str | None = None,
         message_id: str | None = None,
         dedup_key: str | None = None,
         deadline: datetime | timedelta | None = None,
@@ -583,9 +668,14 @@ class SyncClient:
         node_id: str | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
+        try:
+            layout = self._layout(role)
+        except streams.TRANSIENT_ERRORS as exc:
+            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         p = self._pub.prepare(
             role,
             payload,
+            shard=layout.pick(key, dedup_key),
             message_id=message_id,
             dedup_key=dedup_key,
             deadline=deadline,
@@ -609,11 +699,17 @@ class SyncClient:
         return p.message_id
 
     def publish_many(
-        self, role: str, payloads: Iterable[Any], *, chunk_size: int = 1000
+        self,
+        role: str,
+        payloads: Iterable[Any],
+        *,
+        keys: Iterable[str] | None = None,
+        chunk_size: int = 1000,
     ) -> list[str]:
         """Publish many jobs to one role in pipelined chunks; returns their message ids."""
-        prepared = self._pub.bodies(role, payloads)
         try:
+            layout = self._layout(role)
+            prepared = self._pub.bodies(layout, payloads, keys)
             for chunk in _chunks(prepared, chunk_size):
                 pipe = self.redis.pipeline(transaction=False)
                 for stream, _, body in chunk:
@@ -665,16 +761,43 @@ def _absolute_ms(when: When) -> int | None:
     return now_ms() + int(seconds * 1000)
 
 
-def _dead_letter_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetterEntry:
+def _dead_letter_entry(
+    entry_id: bytes, fields: dict[bytes, bytes], prefix: str = ""
+) -> DeadLetterEntry:
+    shown = prefix + entry_id.decode()
     try:
         letter, raw = decode_dead_letter(fields)
     except ProtocolError as exc:
         # One corrupt entry must not hide the others: it is listed with its problem.
         raw = {k.decode(errors="replace"): v for k, v in fields.items()}
-        return DeadLetterEntry(entry_id.decode(), None, raw, f"{exc.reason}: {exc.detail}")
-    return DeadLetterEntry(entry_id.decode(), letter, raw)
+        return DeadLetterEntry(shown, None, raw, f"{exc.reason}: {exc.detail}")
+    return DeadLetterEntry(shown, letter, raw)
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _prefix(layout: partitions.Layout, index: int) -> str:
+    """How a dead letter's id starts: its partition, for a partitioned role."""
+    return f"{index}:" if layout.count > 1 else ""
+
+
+def _split_dead_id(layout: partitions.Layout, dead_id: str) -> tuple[int, str]:
+    """(partition index, entry id) of a dead letter id as :meth:`Client.dead_letters` shows it.
+
+    Raises:
+        ValueError: It names a partition the role does not have.
+    """
+    index, colon, entry_id = dead_id.partition(":")
+    if not colon:
+        return 0, dead_id
+    if not index.isdigit() or int(index) >= layout.count:
+        raise ValueError(f"no partition {index!r} in role {layout.role!r}: {dead_id!r}")
+    return int(index), entry_id
+
+
+def _chunks(items: Sequence[tuple[str, str, bytes]], size: int) -> Iterable[Sequence[Any]]:
+    """Chunks of at most ``size`` items, each on one stream (one partition), in order."""
+    by_stream: dict[str, list[tuple[str, str, bytes]]] = {}
+    for item in items:
+        by_stream.setdefault(item[0], []).append(item)
+    for group in by_stream.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]

@@ -35,10 +35,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import signals, streams
+from streamflow import partitions, signals, streams
 from streamflow.app import App
 from streamflow.context import Batch
-from streamflow.errors import ProtocolError
+from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
 from streamflow.graph import GraphSpec
 from streamflow.keys import COORDINATORS, Keys, validate_name
@@ -118,6 +118,7 @@ class Coordinator:
             redis, self._keys, self._book, self._on_cancel, block_ms=block_ms
         )
         self._streams: list[str] = []
+        self._layouts = partitions.Layouts(redis, self._keys)
         self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
         self._ticks: set[str] = set()
@@ -182,10 +183,16 @@ class Coordinator:
         await self._refresh_streams()
 
     async def _refresh_streams(self) -> None:
-        """Follow the events stream of every known role (new roles appear with new tasks)."""
+        """Follow the events stream of every partition of every known role.
+
+        New roles appear with new tasks and workers.
+        """
         found = await self._redis.smembers(self._keys.known_roles())
-        roles = sorted(streams.text(r) for r in found)
-        wanted = [self._keys.tasks_control(), *(self._keys.events(r) for r in roles)]
+        wanted = [self._keys.tasks_control()]
+        for role in sorted(streams.text(r) for r in found):
+            with contextlib.suppress(ConfigError, InvalidNameError):
+                layout = await self._layouts.get(role)
+                wanted += [self._keys.events(shard) for shard in layout.shards]
         for stream in wanted:
             if stream not in self._streams:
                 await streams.ensure_group(self._redis, stream, COORDINATORS)
@@ -193,9 +200,44 @@ class Coordinator:
         self._refreshed = anyio.current_time()
 
     async def _read_loop(self) -> None:
+        if streams.is_cluster(self._redis):
+            await self._read_per_stream()
+            return
         backoff = streams.Backoff("reading task events")
         while not self._stopping.is_set():
             await self._guarded(self._read_and_handle, backoff)
+
+    async def _read_per_stream(self) -> None:
+        """On a cluster: one blocking reader per events stream.
+
+        The streams live in different slots (every role partition has its own), and one
+        XREADGROUP cannot span slots. Roles are only ever added, so readers are only added.
+        """
+        backoff = streams.Backoff("following task event streams")
+        following: set[str] = set()
+        async with anyio.create_task_group() as tg:
+            while not self._stopping.is_set():
+                await self._guarded(self._refresh_streams, backoff)
+                for stream in self._streams:
+                    if stream not in following:
+                        following.add(stream)
+                        tg.start_soon(self._stream_loop, stream)
+                with anyio.move_on_after(ROLES_REFRESH):
+                    await self._stopping.wait()
+
+    async def _stream_loop(self, stream: str) -> None:
+        backoff = streams.Backoff(f"reading {stream}")
+
+        async def step() -> None:
+            try:
+                await self._handle(await self._read_one(stream, block_ms=self._block_ms))
+            except ResponseError as exc:
+                if not streams.is_group_lost(exc):
+                    raise
+                await streams.ensure_group(self._redis, stream, COORDINATORS)
+
+        while not self._stopping.is_set():
+            await self._guarded(step, backoff)
 
     async def _read_and_handle(self) -> None:
         if anyio.current_time() - self._refreshed > ROLES_REFRESH:
@@ -217,12 +259,26 @@ class Coordinator:
         backoff.succeeded()
 
     async def _read(self, *, block_ms: int | None) -> list[tuple[str, streams.Entry]]:
+        if streams.is_cluster(self._redis):
+            assert block_ms is None, "blocking reads on a cluster go per stream"
+            entries = []
+            for stream in self._streams:
+                entries += await self._read_one(stream, block_ms=None)
+            return entries
         reply: Any = await self._redis.xreadgroup(
             COORDINATORS,
             self.consumer,
             dict.fromkeys(self._streams, ">"),
             count=self._read_count,
             block=block_ms,
+        )
+        return _flatten(reply)
+
+    async def _read_one(
+        self, stream: str, *, block_ms: int | None
+    ) -> list[tuple[str, streams.Entry]]:
+        reply: Any = await self._redis.xreadgroup(
+            COORDINATORS, self.consumer, {stream: ">"}, count=self._read_count, block=block_ms
         )
         return _flatten(reply)
 
@@ -505,7 +561,7 @@ class Coordinator:
         done: list[str] = []
         jobs = [(name, item) for name, item in items if item["kind"] == "job"]
         if jobs:
-            await self._publish(jobs)
+            await self._publish(task_id, jobs)
             done += [name for name, _ in jobs]
         events: list[Event] = []
         partials: dict[tuple[str, int], Any] = {}
@@ -541,20 +597,29 @@ class Coordinator:
         await self.store.clear_outbox(task_id, done)
         return written
 
-    async def _publish(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+    async def _publish(self, task_id: str, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+        calls = []
         for _, item in jobs:
-            role = item["role"]
-            await self._scripts.publish_dedup(  # queued on the pipeline
-                keys=[
-                    self._keys.role_stream(role),
-                    self._keys.dedup(role, "dispatch:" + item["id"]),
-                    self._keys.delayed(role),
-                ],
-                args=[item["id"], self.store.retention_ms, item["job"].encode(), 0],
-                client=pipe,
-            )
-        results = await pipe.execute()
+            # A partitioned role gets all of one task's jobs on one partition (by task id), so
+            # each task's events come back on one stream and tasks spread over the partitions.
+            shard = (await self._layouts.get(item["role"])).for_key(task_id)
+            keys = [
+                self._keys.role_stream(shard),
+                self._keys.dedup(shard, "dispatch:" + item["id"]),
+                self._keys.delayed(shard),
+            ]
+            calls.append((keys, [item["id"], self.store.retention_ms, item["job"].encode(), 0]))
+        if streams.is_cluster(self._redis):
+            # redis-py refuses scripts in a cluster pipeline: one call each, in turn.
+            results = [
+                await self._scripts.publish_dedup(keys=k, args=a, client=self._redis)
+                for k, a in calls
+            ]
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            for k, a in calls:
+                await self._scripts.publish_dedup(keys=k, args=a, client=pipe)  # queued
+            results = await pipe.execute()
         self.dispatches += sum(1 for flag, _ in results if int(flag) == 1)
 
     async def _inputs(self, task_id: str, item: dict[str, Any]) -> list[Batch]:

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import partitions, streams
 from streamflow.inspect import RoleInfo, inspect_roles
 from streamflow.keys import Keys
 from streamflow.registry import live_workers
@@ -88,7 +88,10 @@ class Exporter(Collector):
         roles = await inspect_roles(redis, keys)
         backlog = {}
         for info in roles:
-            backlog[info.role] = int(await redis.xlen(keys.events(info.role)))
+            layout = await partitions.load(redis, keys, info.role) or partitions.single(info.role)
+            backlog[info.role] = 0
+            for shard in layout.shards:
+                backlog[info.role] += int(await redis.xlen(keys.events(shard)))
         tasks: dict[str, int] = {}
         active = [streams.text(raw) for raw in await redis.smembers(keys.tasks_active())]
         pipe = redis.pipeline(transaction=False)

@@ -13,13 +13,15 @@ The replies of ``XINFO GROUPS``, ``XINFO CONSUMERS`` and ``XPENDING`` are parsed
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import partitions, streams
+from streamflow.errors import ConfigError
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
 
 #: The error prefixes of a key or group that vanished between two reads; they read as empty.
@@ -80,6 +82,9 @@ class RoleInfo(BaseModel):
         groups: The stream's consumer groups, by name (none before a worker served the role).
         delayed: Jobs waiting in the delayed schedule (delayed publishes and retries).
         dead_letters: Entries in the role's dead-letter stream.
+        partitions: How many partitions the role has; the figures above are their totals
+            (groups of the same name merged: pending and lag summed, consumers merged by name,
+            the oldest pending entry of any partition).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -89,6 +94,7 @@ class RoleInfo(BaseModel):
     groups: list[GroupInfo]
     delayed: int
     dead_letters: int
+    partitions: int = 1
 
 
 class PendingEntry(BaseModel):
@@ -101,6 +107,7 @@ class PendingEntry(BaseModel):
         idle_ms: Milliseconds since it was last delivered or its lease renewed.
         deliveries: How many times it was delivered (1, plus one per adoption).
         age_ms: Milliseconds since it was added to the stream.
+        partition: The role partition whose stream holds it (0 for an unpartitioned role).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -111,6 +118,7 @@ class PendingEntry(BaseModel):
     idle_ms: int
     deliveries: int
     age_ms: int
+    partition: int = 0
 
 
 class RoleDetail(RoleInfo):
@@ -161,9 +169,15 @@ async def inspect_role(
     validate_name(role, "role")
     if not await _role_exists(redis, keys, role):
         return None
-    [info] = await _role_infos(redis, keys, [role])
-    pending = await _oldest_pending(redis, keys, info, count) if count > 0 else []
-    return RoleDetail(**dict(info), oldest_pending=pending)
+    shards = (await _shards(redis, keys, [role]))[role]
+    parts = await _shard_infos(redis, keys, list(shards))
+    pending: list[PendingEntry] = []
+    if count > 0:
+        for index, part in enumerate(parts):
+            found = await _oldest_pending(redis, keys, part, count)
+            pending += [entry.model_copy(update={"partition": index}) for entry in found]
+        pending.sort(key=lambda entry: (-entry.age_ms, entry.partition))
+    return RoleDetail(**dict(_merge(role, parts)), oldest_pending=pending[:count])
 
 
 async def _role_exists(redis: Redis, keys: Keys, role: str) -> bool:
@@ -174,7 +188,83 @@ async def _role_exists(redis: Redis, keys: Keys, role: str) -> bool:
     return bool(existing) or bool(known)
 
 
+async def _shards(redis: Redis, keys: Keys, roles: list[str]) -> dict[str, tuple[str, ...]]:
+    """Each role's partitions as recorded (the role alone when nothing is recorded)."""
+    if not roles:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for role in roles:
+        pipe.hget(keys.role_config(role), partitions.SHARDS_FIELD)
+    out: dict[str, tuple[str, ...]] = {}
+    for role, recorded in zip(roles, await pipe.execute(), strict=True):
+        out[role] = (role,)
+        if recorded is not None:
+            with contextlib.suppress(ConfigError):
+                out[role] = partitions.parse(role, recorded).shards
+    return out
+
+
 async def _role_infos(redis: Redis, keys: Keys, roles: list[str]) -> list[RoleInfo]:
+    """Each role's info, its partitions' figures merged."""
+    shards = await _shards(redis, keys, roles)
+    parts = await _shard_infos(redis, keys, [s for role in roles for s in shards[role]])
+    out, start = [], 0
+    for role in roles:
+        count = len(shards[role])
+        out.append(_merge(role, parts[start : start + count]))
+        start += count
+    return out
+
+
+def _merge(role: str, parts: list[RoleInfo]) -> RoleInfo:
+    """One role's info from its partitions' (each named by its shard)."""
+    by_name: dict[str, list[GroupInfo]] = {}
+    for part in parts:
+        for group in part.groups:
+            by_name.setdefault(group.name, []).append(group)
+    return RoleInfo(
+        role=role,
+        length=sum(part.length for part in parts),
+        groups=[_merge_groups(groups) for _, groups in sorted(by_name.items())],
+        delayed=sum(part.delayed for part in parts),
+        dead_letters=sum(part.dead_letters for part in parts),
+        partitions=len(parts),
+    )
+
+
+def _merge_groups(groups: list[GroupInfo]) -> GroupInfo:
+    if len(groups) == 1:
+        return groups[0]
+    consumers: dict[str, ConsumerInfo] = {}
+    for group in groups:
+        for c in group.consumers:
+            seen = consumers.get(c.name)
+            consumers[c.name] = (
+                c
+                if seen is None
+                else ConsumerInfo(
+                    name=c.name,
+                    pending=seen.pending + c.pending,
+                    idle_ms=min(seen.idle_ms, c.idle_ms),
+                    alive=seen.alive or c.alive,
+                )
+            )
+    pending = [g for g in groups if g.oldest_pending_age_ms is not None]
+    oldest = max(pending, key=lambda g: g.oldest_pending_age_ms or 0) if pending else None
+    lags = [g.lag for g in groups]
+    return GroupInfo(
+        name=groups[0].name,
+        consumers=sorted(consumers.values(), key=lambda c: c.name),
+        pending=sum(g.pending for g in groups),
+        lag=None if None in lags else sum(lag or 0 for lag in lags),
+        last_delivered_id=max((g.last_delivered_id for g in groups), key=_id_key),
+        oldest_pending_id=oldest.oldest_pending_id if oldest else None,
+        oldest_pending_age_ms=oldest.oldest_pending_age_ms if oldest else None,
+    )
+
+
+async def _shard_infos(redis: Redis, keys: Keys, roles: list[str]) -> list[RoleInfo]:
+    """Infos of role partitions (``roles`` may name shards), three round trips for all."""
     if not roles:
         return []
     pipe = redis.pipeline(transaction=False)

@@ -6,6 +6,12 @@ one Lua script or pipeline touches together share a slot. A role's stream, its d
 its delayed schedule and its dedup markers share the tag ``{role:<name>}`` because
 dead-lettering, retry scheduling, promotion of due retries, replay and publishing with a dedup key
 are single scripts over them.
+
+A role split into partitions has one such family of keys per partition, each under its own tag
+``{role:<role>#<index>[.<salt>]}`` (a "shard"; the first partition keeps the plain
+``{role:<role>}``), chosen so that the partitions' slots fall on different cluster masters.
+Methods below that take ``role`` accept a shard too; which shards a role has is recorded in its
+``config`` hash (see :mod:`streamflow.partitions`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,16 @@ from streamflow.errors import InvalidNameError
 #: starting with a letter or digit, at most 64 characters. This excludes the separator ``:``,
 #: the hash-tag braces and the ``SCAN MATCH`` glob characters ``* ? [ ]``.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+#: A role's partition, as named in keys ("a shard"): the role's name, then for partitions after
+#: the first ``#<index>`` and, when needed to land it on its own slot range, ``.<salt>``. ``#``
+#: cannot appear in a role name, so a shard never names another role.
+SHARD_PATTERN = re.compile(
+    r"(?P<role>[A-Za-z0-9][A-Za-z0-9_.\-]{0,63})(?:#[1-9][0-9]{0,3}(?:\.[0-9]{1,6})?)?"
+)
+
+#: The most partitions a role may have.
+MAX_PARTITIONS = 64
 
 #: The consumer group every role stream has; one per stream, shared by all workers of the role.
 GROUP = "workers"
@@ -45,6 +61,27 @@ def validate_name(value: str, what: str = "name") -> str:
     return value
 
 
+def validate_shard(value: str) -> str:
+    """Return ``value`` if it names a role or one of its partitions, else raise.
+
+    Raises:
+        InvalidNameError: It is neither a role name nor ``<role>#<index>[.<salt>]``.
+    """
+    if not isinstance(value, str) or SHARD_PATTERN.fullmatch(value) is None:
+        raise InvalidNameError(f"invalid role partition {value!r}: expected ROLE or ROLE#N[.S]")
+    return value
+
+
+def role_of_shard(shard: str) -> str:
+    """The role a shard (partition name) belongs to."""
+    return shard.partition("#")[0]
+
+
+def shard_tag(shard: str) -> str:
+    """The hash tag (the text inside the braces) of a shard's keys."""
+    return f"role:{validate_shard(shard)}"
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names under one namespace.
@@ -58,17 +95,24 @@ class Keys:
     def __post_init__(self) -> None:
         validate_name(self.namespace, "namespace")
 
+    def role_config(self, role: str) -> str:
+        """The role's recorded settings (a hash): ``shards``, its partitions' names in order.
+
+        Under the first partition's tag; written once when the role is created.
+        """
+        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:config"
+
     def role_stream(self, role: str) -> str:
         """The stream that carries a role's jobs."""
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:stream"
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:stream"
 
     def dead_letters(self, role: str) -> str:
         """The role's dead-letter stream."""
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:dead"
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:dead"
 
     def delayed(self, role: str) -> str:
         """The role's delayed schedule: a sorted set of messages scored by due time (ms)."""
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:delayed"
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:delayed"
 
     def consumer_alive(self, consumer: str) -> str:
         """The liveness key held by the one live process using a consumer name."""
@@ -76,7 +120,7 @@ class Keys:
 
     def starts(self, role: str, entry_id: str) -> str:
         """How many times an entry delivered more than once was started (poison detection)."""
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:starts:{entry_id}"
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:starts:{entry_id}"
 
     def signals(self) -> str:
         """The signals stream every worker reads (a broadcast, not a consumer group)."""
@@ -123,14 +167,14 @@ class Keys:
         The user's key is hashed, so it may hold any characters.
         """
         digest = hashlib.blake2b(dedup_key.encode(), digest_size=16).hexdigest()
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:dedup:{digest}"
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:dedup:{digest}"
 
     def role_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
         return f"{self.namespace}:{{role:*}}:stream"
 
     def role_of_stream(self, key: str) -> str | None:
-        """The role name of a role stream key, or None if ``key`` is not one."""
+        """The shard (role or role partition) of a role stream key, or None if it is not one."""
         prefix, suffix = f"{self.namespace}:{{role:", "}:stream"
         if key.startswith(prefix) and key.endswith(suffix):
             return key[len(prefix) : -len(suffix)] or None
@@ -143,7 +187,7 @@ class Keys:
 
         It shares the role's tag, so settling a job and reporting it are one script.
         """
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:events"
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:events"
 
     def batch(self, role: str, task_id: str, node_id: str, invocation: int, seq: int) -> str:
         """Where a worker stores one batch a task node emitted (a JSON array, with a TTL).
@@ -152,12 +196,12 @@ class Keys:
         """
         validate_name(task_id, "task id")
         validate_name(node_id, "node id")
-        tag = f"{{role:{validate_name(role, 'role')}}}"
+        tag = f"{{role:{validate_shard(role)}}}"
         return f"{self.namespace}:{tag}:batch:{task_id}:{node_id}:{int(invocation)}:{int(seq)}"
 
     def role_slots(self, role: str) -> str:
         """The nodes (``task/node``) holding one of a role's node slots (per-role limit)."""
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:slots"
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:slots"
 
     def task(self, task_id: str, part: str) -> str:
         """A key of one task, named by ``part``.

@@ -84,7 +84,9 @@ class Delivery:
 
     Attributes:
         role: The role it belongs to.
-        stream: The role stream key.
+        shard: The role's partition it came from (the role's name when not partitioned); its
+            keys (dead letters, schedule, events, ...) are the partition's.
+        stream: The role stream key (the partition's).
         entry: The entry as read.
         scope: The cancel scope of its running handler, once started.
         context: Its handler's context, once started.
@@ -99,6 +101,7 @@ class Delivery:
     """
 
     role: Role
+    shard: str
     stream: str
     entry: streams.Entry
     scope: anyio.CancelScope | None = None

@@ -71,6 +71,7 @@ class NodeRun:
         keys: Key names.
         job: The node's job.
         stream: The role stream the job is on.
+        shard: The role partition it is on; its batches and events go to that partition.
         entry_id: Its entry id (emits are owner-checked against it).
         delivery: The entry's delivery count.
         consumer: This worker's consumer name.
@@ -86,6 +87,7 @@ class NodeRun:
         job: Job,
         *,
         stream: str,
+        shard: str,
         entry_id: bytes,
         delivery: int,
         consumer: str,
@@ -97,6 +99,7 @@ class NodeRun:
         self._keys = keys
         self.job = job
         self._stream = stream
+        self._shard = shard
         self._entry_id = entry_id
         self.delivery = delivery
         self.consumer = consumer
@@ -119,7 +122,7 @@ class NodeRun:
         """
         ref = self.job.input
         pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self._keys.events(self.job.role), {b"event": self.event("accepted")})
+        pipe.xadd(self._keys.events(self._shard), {b"event": self.event("accepted")})
         if ref is not None:
             pipe.get(ref.ref)
         replies = await pipe.execute()
@@ -159,7 +162,7 @@ class NodeRun:
             raise PayloadError(f"batch is {len(body)} bytes, limit {self._max_bytes}")
         job, seq = self.job, self.emitted
         assert job.task_id is not None and job.node_id is not None and job.invocation is not None
-        key = self._keys.batch(job.role, job.task_id, job.node_id, job.invocation, seq)
+        key = self._keys.batch(self._shard, job.task_id, job.node_id, job.invocation, seq)
         stored = await streams.emit_batch(
             self._scripts,
             self._redis,
@@ -169,7 +172,7 @@ class NodeRun:
             key=key,
             batch=body,
             ttl_ms=self._ttl_ms,
-            events=self._keys.events(job.role),
+            events=self._keys.events(self._shard),
             event=self.event("batch", seq=seq, ref=key, items=len(batch)),
         )
         if not stored:

@@ -97,7 +97,7 @@ class Settler:
         max_message_bytes: Raw fields kept in dead letters are cut at this size.
         dead_letter_max_len: Dead-letter streams are capped near this many entries.
         on_outcome: Called with every :class:`Outcome`.
-        on_scheduled: Called with the role name when a retry is scheduled (wakes its promoter).
+        on_scheduled: Called with the shard when a retry is scheduled (wakes its promoter).
     """
 
     def __init__(
@@ -192,7 +192,7 @@ class Settler:
             stream=delivery.stream,
             consumer=self.consumer,
             entry_id=delivery.entry.id,
-            events=self._keys.events(delivery.role.name),
+            events=self._keys.events(delivery.shard),
             event=self._node_event(delivery, decision, "done" if done else "cancelled"),
         )
         if not finished:
@@ -208,14 +208,14 @@ class Settler:
             self._scripts,
             self._redis,
             stream=delivery.stream,
-            schedule=self._keys.delayed(delivery.role.name),
+            schedule=self._keys.delayed(delivery.shard),
             consumer=self.consumer,
             entry_id=delivery.entry.id,
             due_ms=due,
             message=encode(following),
         )
         if scheduled and self._on_scheduled is not None:
-            self._on_scheduled(delivery.role.name)
+            self._on_scheduled(delivery.shard)
         if scheduled:
             logger.info(
                 "retrying %s message %s (attempt %d of %d) in %.2fs: %s",
@@ -258,12 +258,12 @@ class Settler:
             self._scripts,
             self._redis,
             stream=delivery.stream,
-            dead_stream=self._keys.dead_letters(delivery.role.name),
+            dead_stream=self._keys.dead_letters(delivery.shard),
             consumer=self.consumer,
             entry_id=entry.id,
             fields=fields,
             max_len=self._dead_max_len,
-            events=self._keys.events(delivery.role.name) if node_job else None,
+            events=self._keys.events(delivery.shard) if node_job else None,
             event=self._node_event(delivery, decision, "failed") if node_job else b"",
         )
         if moved is not None:

@@ -30,7 +30,7 @@ from typing import Any, Self
 import fakeredis
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import partitions, streams
 from streamflow.app import App
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
@@ -160,15 +160,20 @@ class Harness:
         scripts = streams.Scripts(self.redis)
         moved = 0
         for role in roles:
-            count, _ = await streams.promote(
-                scripts,
-                self.redis,
-                self.keys.role_stream(role),
-                self.keys.delayed(role),
-                horizon="+inf",
-            )
-            moved += count
+            for shard in await self._shards(role):
+                count, _ = await streams.promote(
+                    scripts,
+                    self.redis,
+                    self.keys.role_stream(shard),
+                    self.keys.delayed(shard),
+                    horizon="+inf",
+                )
+                moved += count
         return moved
+
+    async def _shards(self, role: str) -> tuple[str, ...]:
+        layout = await partitions.load(self.redis, self.keys, role)
+        return layout.shards if layout is not None else (role,)
 
     async def run_task(
         self,
@@ -229,11 +234,16 @@ class Harness:
         return [o for o in self.outcomes if o.status == "dead_lettered"]
 
     async def dead_letters(self, role: str) -> list[DeadLetter]:
-        """The entries of a role's dead-letter stream, oldest first."""
-        entries = await streams.read_range(self.redis, self.keys.dead_letters(role))
-        return [decode_dead_letter(entry.fields)[0] for entry in entries]
+        """The entries of a role's dead-letter streams, oldest first (partition by partition)."""
+        letters = []
+        for shard in await self._shards(role):
+            entries = await streams.read_range(self.redis, self.keys.dead_letters(shard))
+            letters += [decode_dead_letter(entry.fields)[0] for entry in entries]
+        return letters
 
     async def queued(self, role: str) -> int:
-        """How many entries the role stream holds (not yet acknowledged or never read)."""
-        length: int = await self.redis.xlen(self.keys.role_stream(role))
-        return length
+        """How many entries the role's streams hold (not yet acknowledged or never read)."""
+        total = 0
+        for shard in await self._shards(role):
+            total += int(await self.redis.xlen(self.keys.role_stream(shard)))
+        return total

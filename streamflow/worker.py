@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import decisions, nodes, streams
+from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
 from streamflow.context import Context
 from streamflow.decisions import RELEASE, Decision, dead
@@ -160,6 +160,8 @@ class Worker:
         self._capacity = anyio.Event()
         self._reader_waiting = False
         self._promoter_wakeups: dict[str, anyio.Event] = {}
+        # Each role's partitions (shards), as recorded in Redis; set when serving starts.
+        self._shards: dict[str, tuple[str, ...]] = {}
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
@@ -267,7 +269,11 @@ class Worker:
 
     async def _serve(self, *, burst: bool, task_status: TaskStatus[None]) -> None:
         for role in self._roles:
-            await streams.ensure_group(self._redis, self._keys.role_stream(role.name))
+            # Creates the role with the app's partitions, or refuses if it has other ones.
+            layout = await partitions.ensure(self._redis, self._keys, role.name, role.partitions)
+            self._shards[role.name] = layout.shards
+            for shard in layout.shards:
+                await streams.ensure_group(self._redis, self._keys.role_stream(shard))
         # Task graphs are checked against the roles that workers serve.
         if self._roles:
             await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
@@ -299,14 +305,17 @@ class Worker:
                 consumers.start_soon(self._consume)
             try:
                 async with anyio.create_task_group() as readers:
+                    # Every partition gets its own reader: a blocking read cannot span the
+                    # slots of several partitions on a cluster, and separate readers share
+                    # the free capacity fairly between partitions.
                     for role in self._roles:
-                        stream = self._keys.role_stream(role.name)
-                        if burst:
-                            await self._promote_due(role)
-                        else:
-                            readers.start_soon(self._promote_loop, role)
-                            readers.start_soon(self._adopt_loop, role, stream)
-                        readers.start_soon(self._read_loop, role, stream, burst)
+                        for shard in self._shards[role.name]:
+                            if burst:
+                                await self._promote_due(shard)
+                            else:
+                                readers.start_soon(self._promote_loop, shard)
+                                readers.start_soon(self._adopt_loop, role, shard)
+                            readers.start_soon(self._read_loop, role, shard, burst)
             finally:
                 # No more entries: consumers finish what is queued, then return.
                 self._queue_closed = True
@@ -343,7 +352,8 @@ class Worker:
             assert delivery.scope is not None
             delivery.scope.cancel()
 
-    async def _read_loop(self, role: Role, stream: str, burst: bool) -> None:
+    async def _read_loop(self, role: Role, shard: str, burst: bool) -> None:
+        stream = self._keys.role_stream(shard)
         backoff = streams.Backoff(f"reading {stream}")
         # First the entries already pending under this consumer name (a restart with the same
         # --consumer-name resumes them at once), then new ones.
@@ -365,7 +375,7 @@ class Worker:
                 # another worker may own them by now. Start only what is still ours.
                 entries = await self._leases.confirm(stream, entries)
             if entries:
-                self._dispatch(role, stream, entries)
+                self._dispatch(role, shard, stream, entries)
             if history is not None:
                 if entries:
                     logger.info("resuming %d entries pending on %s", len(entries), stream)
@@ -406,7 +416,8 @@ class Worker:
         backoff.succeeded()
         return entries
 
-    async def _adopt_loop(self, role: Role, stream: str) -> None:
+    async def _adopt_loop(self, role: Role, shard: str) -> None:
+        stream = self._keys.role_stream(shard)
         settings = self._leases.settings
         backoff = streams.Backoff(f"adopting idle entries of {stream}")
         while not await self._sleep_unless_stopping(settings.reclaim_interval):
@@ -425,36 +436,36 @@ class Worker:
             backoff.succeeded()
             if entries:
                 self._reclaims[role.name] = self._reclaims.get(role.name, 0) + len(entries)
-                self._dispatch(role, stream, entries)
+                self._dispatch(role, shard, stream, entries)
 
-    async def _promote_loop(self, role: Role) -> None:
+    async def _promote_loop(self, shard: str) -> None:
         while not self._stopping.is_set():
-            wakeup = self._promoter_wakeups[role.name] = anyio.Event()
-            next_due = await self._promote_due(role)
+            wakeup = self._promoter_wakeups[shard] = anyio.Event()
+            next_due = await self._promote_due(shard)
             # Sleep until the next due retry; a retry scheduled here wakes us at once, and the
             # poll picks up delayed messages other processes schedule.
             wait = PROMOTE_POLL if next_due is None else (next_due - now_ms()) / 1000
             with anyio.move_on_after(min(max(wait, 0.002), PROMOTE_POLL)):
                 await wakeup.wait()
 
-    def _wake_promoter(self, role: str) -> None:
-        wakeup = self._promoter_wakeups.get(role)
+    def _wake_promoter(self, shard: str) -> None:
+        wakeup = self._promoter_wakeups.get(shard)
         if wakeup is not None:
             wakeup.set()
 
-    async def _promote_due(self, role: Role) -> int | None:
-        """Move due retries of ``role`` to its stream; returns the next due time (ms) if any."""
+    async def _promote_due(self, shard: str) -> int | None:
+        """Move due retries of a role partition to its stream; returns the next due time (ms)."""
         try:
             moved, next_due = await streams.promote(
                 self._scripts,
                 self._redis,
-                self._keys.role_stream(role.name),
-                self._keys.delayed(role.name),
+                self._keys.role_stream(shard),
+                self._keys.delayed(shard),
             )
         except streams.TRANSIENT_ERRORS:
             return None  # the reader's backoff reports the outage
         if moved:
-            logger.debug("moved %d due retries of %s to its stream", moved, role.name)
+            logger.debug("moved %d due retries of %s to its stream", moved, shard)
         return next_due
 
     async def _sleep_unless_stopping(self, seconds: float) -> bool:
@@ -463,11 +474,11 @@ class Worker:
             await self._stopping.wait()
         return self._stopping.is_set()
 
-    def _dispatch(self, role: Role, stream: str, entries: list[streams.Entry]) -> None:
+    def _dispatch(self, role: Role, shard: str, stream: str, entries: list[streams.Entry]) -> None:
         self._in_flight += len(entries)
         self._settler.stats.received += len(entries)
         for entry in entries:
-            delivery = Delivery(role, stream, entry)
+            delivery = Delivery(role, shard, stream, entry)
             self._held.add(delivery)
             self._queue.append(delivery)
         self._wake_consumer()
@@ -607,6 +618,7 @@ class Worker:
             self._keys,
             job,
             stream=delivery.stream,
+            shard=delivery.shard,
             entry_id=delivery.entry.id,
             delivery=delivery.entry.deliveries,
             consumer=self.consumer,
@@ -634,7 +646,7 @@ class Worker:
         failed to finish after a rerun runs alone among suspects, with completed work
         acknowledged first, so a poison message stops taking its neighbours down with it.
         """
-        key = self._keys.starts(delivery.role.name, delivery.entry.id.decode())
+        key = self._keys.starts(delivery.shard, delivery.entry.id.decode())
         try:
             reruns = await streams.get_count(self._redis, key)
         except streams.TRANSIENT_ERRORS:

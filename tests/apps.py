@@ -10,6 +10,7 @@ Roles:
     work: the crash-test handler (see :func:`work`); it appends :func:`trace` lines to the file
         named by ``SFTEST_RECORD``. Retries: 3 attempts, 2 s base backoff.
     poison: the same handler with ``max_deliveries=3``, for messages that kill their worker.
+    work3: the same handler on a role with 3 partitions (the cluster tests).
 
 Trace lines (one ``write`` each, so lines from several processes never interleave) are
 ``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
@@ -137,3 +138,4 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
 
 app.role("work", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0))(work)
 app.role("poison", max_deliveries=3)(work)
+app.role("work3", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0), partitions=3)(work)

@@ -16,10 +16,13 @@ from streamflow import (
     App,
     Client,
     Context,
+    Coordinator,
+    Graph,
     LeaseSettings,
     RetryPolicy,
     SyncClient,
     Worker,
+    partitions,
     streams,
 )
 from streamflow.errors import ConfigError
@@ -241,3 +244,211 @@ async def test_scan_keys_finds_keys_on_every_master(
     found = await streams.scan_keys(cluster_redis, f"{namespace}:*")
     assert sorted(found) == sorted(keys)
     assert await streams.get_many(cluster_redis, keys) == [b"1"] * len(keys)
+
+
+# -- partitioned roles -----------------------------------------------------------------------
+
+
+async def _layout(redis: Redis, namespace: str, role: str) -> partitions.Layout:
+    layout = await partitions.load(redis, Keys(namespace), role)
+    assert layout is not None, f"role {role} was not created"
+    return layout
+
+
+def _added(cluster: LocalCluster, stream: str) -> int:
+    """How many entries were ever added to ``stream`` (XINFO STREAM entries-added)."""
+    host, port = master_of(cluster, stream).rsplit(":", 1)
+    with redis_sync.Redis(host=host, port=int(port)) as node:
+        return int(node.xinfo_stream(stream)["entries-added"])
+
+
+@pytest.mark.anyio
+async def test_a_partitioned_role_spreads_over_every_master_and_keeps_each_keys_order(
+    cluster: LocalCluster, cluster_redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    app = App()
+    started: list[Any] = []
+
+    @app.role("hot", partitions=3)
+    async def hot(ctx: Context, payload: Any) -> None:
+        started.append(payload)  # first, before any await: the order handlers started in
+        await anyio.sleep(0.001)
+
+    client = Client(cluster_redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(30):
+        async with running(worker(app, cluster_redis, namespace, outcomes)):
+            layout = await _layout(cluster_redis, namespace, "hot")
+            shards = layout.shards
+            # Each partition's keys live on their own master: all three masters are used.
+            homes = [master_of(cluster, keys.role_stream(shard)) for shard in shards]
+            assert len(set(homes)) == 3, homes
+            await client.publish_many("hot", ({"n": i} for i in range(300)))
+            for i in range(20):
+                for key in ("alpha", "beta", "gamma", "delta"):
+                    await client.publish("hot", {"key": key, "i": i}, key=key)
+            await wait_until(lambda: len(outcomes) == 380, timeout=20)
+            await wait_until(lambda: all(o.status == "acked" for o in outcomes), timeout=5)
+
+    # Round-robin: 100 each; keyed: 20 per key on the key's partition.
+    per_key = {key: partitions.partition_of(key, 3) for key in ("alpha", "beta", "gamma", "delta")}
+    for index, shard in enumerate(shards):
+        keyed = 20 * sum(1 for p in per_key.values() if p == index)
+        assert _added(cluster, keys.role_stream(shard)) == 100 + keyed
+    for key in per_key:
+        order = [p["i"] for p in started if isinstance(p, dict) and p.get("key") == key]
+        assert order == list(range(20)), (key, order)
+    assert sorted(p["n"] for p in started if "n" in p) == list(range(300))
+    for shard in shards:
+        assert await cluster_redis.xlen(keys.role_stream(shard)) == 0
+        assert await pending_count(cluster_redis, keys.role_stream(shard)) == 0
+
+
+@pytest.mark.anyio
+async def test_retries_dead_letters_replay_and_cancel_work_per_partition(
+    cluster: LocalCluster, cluster_redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    app = App()
+    attempts: dict[int, int] = {}
+    fixed = anyio.Event()
+    running_now: dict[str, anyio.Event] = {}
+    cancelled: list[str] = []
+
+    @app.role("flaky", partitions=3, retry=RetryPolicy(max_attempts=2, backoff=0.05))
+    async def flaky(ctx: Context, payload: Any) -> None:
+        n = payload["n"]
+        attempts[n] = attempts.get(n, 0) + 1
+        if payload.get("hang"):
+            running_now.setdefault(ctx.message_id, anyio.Event()).set()
+            await ctx.cancel.wait_cancelled()
+            cancelled.append(ctx.message_id)
+            ctx.cancel.raise_if_cancelled()
+        if not fixed.is_set():
+            raise RuntimeError(f"broken {n}")
+
+    client = Client(cluster_redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    with anyio.fail_after(40):
+        async with running(worker(app, cluster_redis, namespace, outcomes)):
+            layout = await _layout(cluster_redis, namespace, "flaky")
+            # One failing job on each partition: retried there, then dead-lettered there.
+            keys_by_partition = {}
+            for i in range(100):
+                keys_by_partition.setdefault(partitions.partition_of(f"k{i}", 3), f"k{i}")
+            for n, key in sorted(keys_by_partition.items()):
+                await client.publish("flaky", {"n": n}, key=key)
+            await wait_until(lambda: sum(o.status == "dead_lettered" for o in outcomes) == 3, 20)
+            assert attempts == {0: 2, 1: 2, 2: 2}
+            for shard in layout.shards:
+                assert await cluster_redis.xlen(keys.dead_letters(shard)) == 1
+            assert await client.dead_letter_count("flaky") == 3
+            letters = await client.dead_letters("flaky")
+            assert sorted(e.id.split(":")[0] for e in letters) == ["0", "1", "2"]
+            page = await client.dead_letters("flaky", count=2)
+            rest = await client.dead_letters("flaky", after=page[-1].id)
+            assert [e.id for e in page + rest] == [e.id for e in letters]
+            one = await client.dead_letter("flaky", letters[1].id)
+            assert one is not None and one.letter is not None
+            assert one.letter.reason == "failed"
+            # Replayed, each goes back to its own partition and now succeeds.
+            fixed.set()
+            result = await client.replay("flaky")
+            assert len(result.replayed) == 3 and not result.skipped
+            await wait_until(lambda: sum(o.status == "acked" for o in outcomes) == 3, 20)
+            for shard in layout.shards:
+                # publish, its retry (promoted from the schedule) and the replay, all on it
+                assert _added(cluster, keys.role_stream(shard)) == 3
+            assert await client.dead_letter_count("flaky") == 0
+            # Cancel reaches a handler whatever partition its job is on.
+            hung = [
+                await client.publish("flaky", {"n": 10 + n, "hang": True}, key=key)
+                for n, key in sorted(keys_by_partition.items())
+            ]
+            await wait_until(lambda: set(hung) <= set(running_now), 10)
+            for message_id in hung:
+                await client.cancel(message_id, target="message", reason="test")
+            await wait_until(lambda: sorted(cancelled) == sorted(hung), 10)
+
+
+def _fan_out_app() -> App:
+    """``emit`` sends its first batch and waits for ``double`` to start on it (per task)."""
+    app = App()
+    child_started: dict[str | None, anyio.Event] = {}
+
+    @app.role("emit", partitions=3)
+    async def emit(ctx: Context, params: Any) -> None:
+        await ctx.emit([0, 1])
+        # The child starts on the first batch, before this node finishes (per-batch fan-out).
+        await child_started.setdefault(ctx.task_id, anyio.Event()).wait()
+        for start in range(2, params["n"], 2):
+            await ctx.emit([start, start + 1])
+
+    @app.role("double", partitions=3)
+    async def double(ctx: Context, params: Any) -> None:
+        assert ctx.batch is not None
+        child_started.setdefault(ctx.task_id, anyio.Event()).set()
+        await ctx.emit([x * 2 for x in ctx.batch.items])
+
+    return app
+
+
+def _tasks_on_every_master(cluster: LocalCluster, keys: Keys) -> list[str]:
+    """Three task ids whose state keys are served by three different masters."""
+    found: dict[str, str] = {}
+    for i in range(200):
+        found.setdefault(master_of(cluster, keys.task_state(f"t{i}")), f"t{i}")
+        if len(found) == 3:
+            break
+    return list(found.values())
+
+
+@pytest.mark.anyio
+async def test_a_dag_with_per_batch_fan_out_runs_on_partitioned_roles_with_two_coordinators(
+    cluster: LocalCluster, cluster_redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    app = _fan_out_app()
+    graph = Graph("fan-out", params={"n": 10})
+    graph.node("emit", role="emit").node("double", role="double")
+    graph.node("total", function="merge.generic")
+    graph.edge("emit", "double", on="batch").edge("double", "total")
+
+    # Task ids whose state lives on three different masters.
+    task_ids = _tasks_on_every_master(cluster, keys)
+    assert len({master_of(cluster, keys.task_state(t)) for t in task_ids}) == 3
+
+    outcomes: list[Outcome] = []
+    coordinators = [
+        Coordinator(cluster_redis, namespace=namespace, block_ms=100, sweep_interval=0.2)
+        for _ in range(2)
+    ]
+    client = Client(cluster_redis, namespace=namespace)
+    with anyio.fail_after(60):
+        async with (
+            running(worker(app, cluster_redis, namespace, outcomes)),
+            anyio.create_task_group() as tg,
+        ):
+            for coordinator in coordinators:
+                await tg.start(coordinator.run)
+            for task_id in task_ids:
+                await client.submit(graph, task_id=task_id)
+            states = [await client.wait(t, timeout=40) for t in task_ids]
+            results = [await client.result(t) for t in task_ids]
+            for coordinator in coordinators:
+                coordinator.stop()
+    for state in states:
+        assert state.state == "succeeded", state.error
+        nodes = state.nodes
+        assert nodes["emit"].batches_out == 5 and nodes["double"].dispatched == 5
+        assert nodes["double"].started_at_ms < nodes["emit"].finished_at_ms  # type: ignore[operator]
+    for result in results:
+        assert sorted(result["total"]) == [x * 2 for x in range(10)]
+    # Each task's jobs went to one partition of each role (chosen by task id).
+    for role in ("emit", "double"):
+        layout = await _layout(cluster_redis, namespace, role)
+        for task_id in task_ids:
+            home = layout.for_key(task_id)
+            assert _added(cluster, keys.role_stream(home)) >= 1
+    assert sum(c.events_processed for c in coordinators) > 0
