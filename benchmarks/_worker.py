@@ -5,7 +5,8 @@ object per line to stdout:
 
 * ``drain``: ``Worker.drain()`` what is queued, then ``{"event": "drained", ...}`` with the
   elapsed wall time and the process CPU time of the drain alone (imports and connecting are
-  outside the timed part).
+  outside the timed part), and its start and end as Unix times (to time several processes).
+  ``--partitions P`` declares the role with P partitions.
 * ``latency``: ``Worker.run()``; prints ``{"event": "ready"}`` once the consumer group exists,
   records ``time.time_ns()`` minus the payload's ``t`` for each message, and after ``--expected``
   messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
@@ -56,7 +57,7 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
 async def drain(args: argparse.Namespace) -> None:
     app = App()
 
-    @app.role(ROLE)
+    @app.role(ROLE, partitions=args.partitions)
     async def noop(ctx: Context, payload: Any) -> None:
         pass
 
@@ -64,11 +65,21 @@ async def drain(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        if args.start_at:  # several processes start draining together
+            await anyio.sleep(max(0.0, args.start_at - time.time()))
+        cpu0, t0, started_at = time.process_time(), time.perf_counter(), time.time()
         await worker.drain()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stats = dataclasses.asdict(worker.statistics())
-        emit("drained", elapsed=elapsed, cpu=cpu, concurrency=worker.concurrency, **stats)
+        emit(
+            "drained",
+            elapsed=elapsed,
+            cpu=cpu,
+            concurrency=worker.concurrency,
+            started_at=started_at,
+            ended_at=time.time(),
+            **stats,
+        )
     finally:
         await redis.aclose()
 
@@ -161,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--read-count", type=int)
     parser.add_argument("--prefetch", type=int)
+    parser.add_argument("--partitions", type=int, default=1, help="drain: the role's partitions")
+    parser.add_argument("--start-at", type=float, default=0.0, help="drain: Unix time to start")
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
     return parser.parse_args(argv)

@@ -44,8 +44,22 @@ def _errors_to_exit(func: F) -> F:
         except StreamflowError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except BaseExceptionGroup as group:
+            # Raised inside a task group (e.g. a worker's start-up check): the same one line.
+            ours, rest = group.split(StreamflowError)
+            if ours is None or rest is not None:
+                raise
+            click.echo(f"error: {_leaves(ours)[0]}", err=True)
+            sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 #: Where the --tls-* options of the running command are kept (in ``click.Context.meta``).

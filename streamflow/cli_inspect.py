@@ -206,7 +206,14 @@ def _role_text(detail: RoleDetail) -> str:
         return "\n".join([*lines, "no pending entries"])
     rows = [["ID", "GROUP", "CONSUMER", "IDLE", "DELIVERIES", "AGE"]]
     rows += [
-        [e.id, e.group, e.consumer, _duration(e.idle_ms), str(e.deliveries), _duration(e.age_ms)]
+        [
+            f"{e.partition}:{e.id}" if detail.partitions > 1 else e.id,
+            e.group,
+            e.consumer,
+            _duration(e.idle_ms),
+            str(e.deliveries),
+            _duration(e.age_ms),
+        ]
         for e in detail.oldest_pending
     ]
     total = sum(group.pending for group in detail.groups)
@@ -215,8 +222,9 @@ def _role_text(detail: RoleDetail) -> str:
 
 
 def _role_lines(info: RoleInfo) -> list[str]:
+    split = f" ({info.partitions} partitions)" if info.partitions > 1 else ""
     lines = [
-        f"role {info.role}: {info.length} in stream, {info.delayed} delayed, "
+        f"role {info.role}{split}: {info.length} in stream, {info.delayed} delayed, "
         + _plural(info.dead_letters, "dead letter")
     ]
     if not info.groups:

@@ -113,7 +113,12 @@ class Exporter(Collector):
         by_role = ["role"]
         by_group = ["role", "group"]
         length = GaugeMetricFamily(
-            "streamflow_stream_length", "Entries in the role stream.", labels=by_role
+            "streamflow_stream_length",
+            "Entries in the role stream (all its partitions).",
+            labels=by_role,
+        )
+        split = GaugeMetricFamily(
+            "streamflow_role_partitions", "Partition streams of the role.", labels=by_role
         )
         delayed = GaugeMetricFamily(
             "streamflow_delayed_jobs",
@@ -146,6 +151,7 @@ class Exporter(Collector):
         )
         for info in snap.roles:
             length.add_metric([info.role], info.length)
+            split.add_metric([info.role], info.partitions)
             delayed.add_metric([info.role], info.delayed)
             dead.add_metric([info.role], info.dead_letters)
             backlog.add_metric([info.role], snap.events_backlog.get(info.role, 0))
@@ -156,7 +162,7 @@ class Exporter(Collector):
                 if group.lag is not None:
                     lag.add_metric(labels, group.lag)
                 oldest.add_metric(labels, (group.oldest_pending_age_ms or 0) / 1000)
-        yield from (length, delayed, dead, backlog, pending, lag, oldest, consumers)
+        yield from (length, split, delayed, dead, backlog, pending, lag, oldest, consumers)
         yield GaugeMetricFamily(
             "streamflow_live_workers", "Worker processes in the registry.", value=snap.workers
         )

@@ -176,7 +176,7 @@ async def _allowed(command: Awaitable[_T]) -> tuple[_T | None, str]:
 
 async def _who(redis: Redis, skipped: list[str]) -> tuple[str, bool | None, bool]:
     """(ACL user, whether ``default`` takes any password, whether we send AUTH)."""
-    kwargs = redis.connection_pool.connection_kwargs
+    kwargs = _connection_kwargs(redis)
     authenticated = bool(kwargs.get("password") or kwargs.get("credential_provider"))
     whoami, _ = await _allowed(redis.acl_whoami())
     # Without AUTH a connection is the default user; AUTH with a password alone is too.
@@ -193,11 +193,26 @@ async def _who(redis: Redis, skipped: list[str]) -> tuple[str, bool | None, bool
     return str(user), nopass, authenticated
 
 
+def _connection_kwargs(redis: Redis) -> dict[str, Any]:
+    """How the client connects (host, password, ...); a cluster's from its default node."""
+    if streams.is_cluster(redis):
+        node = redis.get_default_node()  # type: ignore[attr-defined]
+        return dict(node.connection_kwargs, host=node.host)
+    return dict(redis.connection_pool.connection_kwargs)
+
+
 def _transport(redis: Redis) -> tuple[str, str | None]:
+    if streams.is_cluster(redis):
+        # Every node is reached the same way (TLS is refused with a cluster URL for now).
+        return "tcp", str(_connection_kwargs(redis)["host"])
     pool = redis.connection_pool
     if issubclass(pool.connection_class, UnixDomainSocketConnection):
         return "unix", None
     host = pool.connection_kwargs.get("host")
+    if host is None:
+        # A Sentinel pool has no fixed host: judge the master it connected to (the ping).
+        master = getattr(pool, "master_address", None)
+        host = master[0] if master else None
     kind = "tls" if issubclass(pool.connection_class, SSLConnection) else "tcp"
     return kind, None if host is None else str(host)
 

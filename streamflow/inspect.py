@@ -300,9 +300,7 @@ async def _groups(
     for role, raw in wanted:
         pipe.xinfo_consumers(keys.role_stream(role), raw["name"])
         pipe.xpending(keys.role_stream(role), raw["name"])
-    pipe.time()
-    replies = await pipe.execute(raise_on_error=False)
-    now = _time_ms(replies[-1])
+    replies, now = await _execute_with_time(redis, pipe)
     consumers = [_present(replies[i * 2], []) for i in range(len(wanted))]
     alive = await _alive(redis, keys, {_text(c["name"]) for group in consumers for c in group})
     for i, (role, raw) in enumerate(wanted):
@@ -366,9 +364,7 @@ async def _oldest_pending(
     pipe = redis.pipeline(transaction=False)
     for group in groups:
         pipe.xpending_range(stream, group, min="-", max="+", count=count)
-    pipe.time()
-    replies = await pipe.execute(raise_on_error=False)
-    now = _time_ms(replies[-1])
+    replies, now = await _execute_with_time(redis, pipe)
     entries = [
         PendingEntry(
             id=_text(row["message_id"]),
@@ -378,11 +374,25 @@ async def _oldest_pending(
             deliveries=int(row["times_delivered"]),
             age_ms=_age_ms(row["message_id"], now),
         )
-        for group, rows in zip(groups, replies[:-1], strict=True)
+        for group, rows in zip(groups, replies, strict=True)
         for row in _present(rows, [])
     ]
     entries.sort(key=lambda entry: (_id_key(entry.id), entry.group))
     return entries[:count]
+
+
+async def _execute_with_time(redis: Redis, pipe: Any) -> tuple[list[Any], int]:
+    """The pipeline's replies and the server's clock (ms), read in the same round trip.
+
+    On a cluster redis-py refuses TIME in a pipeline: it is asked on its own (of one node;
+    the masters' clocks agree closely enough for ages in milliseconds).
+    """
+    if streams.is_cluster(redis):
+        replies = await pipe.execute(raise_on_error=False)
+        return list(replies), _time_ms(await redis.time())
+    pipe.time()
+    replies = await pipe.execute(raise_on_error=False)
+    return list(replies[:-1]), _time_ms(replies[-1])
 
 
 def _present(reply: Any, empty: Any) -> Any:

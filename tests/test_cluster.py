@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,16 +23,20 @@ from streamflow import (
     RetryPolicy,
     SyncClient,
     Worker,
+    guard,
     partitions,
     streams,
 )
 from streamflow.errors import ConfigError
+from streamflow.exporter import Exporter
+from streamflow.inspect import inspect_roles
 from streamflow.keys import Keys
 from streamflow.protocol import decode_dead_letter
 from streamflow.server import RedisServer
 from streamflow.settle import Outcome
 from tests.cluster import LocalCluster, local_cluster
-from tests.helpers import pending_count, running, wait_until
+from tests.helpers import pending_count, running, wait_for, wait_until
+from tests.test_crash import Record, Workers, assert_none_lost_and_duplicates_allowed, unique
 
 
 @pytest.fixture(scope="module")
@@ -452,3 +457,101 @@ async def test_a_dag_with_per_batch_fan_out_runs_on_partitioned_roles_with_two_c
             home = layout.for_key(task_id)
             assert _added(cluster, keys.role_stream(home)) >= 1
     assert sum(c.events_processed for c in coordinators) > 0
+
+
+def test_a_sigkilled_workers_jobs_on_every_partition_are_adopted_by_another_process(
+    cluster: LocalCluster, namespace: str, tmp_path: Path
+) -> None:
+    """Worker processes on the cluster: one is SIGKILLed holding jobs of all three partitions
+    (on three masters); the other adopts each of them after the lease TTL and finishes it."""
+    record = Record(tmp_path / "record.txt")
+    workers = Workers(tmp_path, cluster.url, namespace, record.path)
+    victim_name, survivor_name = unique("victim"), unique("survivor")
+    try:
+        victim = workers.start(victim_name, roles=["work3"], concurrency=6)
+        victim.wait_ready()
+        with_client = anyio.run(_layout_via_url, cluster.url, namespace, "work3")
+        shards = with_client.shards
+        assert len({master_of(cluster, Keys(namespace).role_stream(s)) for s in shards}) == 3
+        slow = {victim_name: 60, survivor_name: 0.2}
+        ids = anyio.run(
+            _publish_via_url, cluster.url, namespace, [{"seconds_by_consumer": slow}] * 6
+        )
+        wait_for(lambda: set(ids) <= record.ids("START", victim_name), 20, "the victim starts 6")
+        # The victim holds two jobs on each partition (published round-robin).
+        pending = _pending_by_consumer(cluster, namespace, shards)
+        assert [pending[s].get(victim_name, 0) for s in shards] == [2, 2, 2], pending
+        survivor = workers.start(survivor_name, roles=["work3"], concurrency=8)
+        survivor.wait_ready()
+        victim.kill()
+        more = anyio.run(_publish_via_url, cluster.url, namespace, [{"seconds": 0.05}] * 6)
+        wait_for(lambda: set(ids) <= record.ids("DONE", survivor_name), 30, "all 6 adopted, done")
+        wait_for(lambda: set(more) <= record.ids("DONE", survivor_name), 10, "the later 6 done")
+        wait_for(
+            lambda: not any(_pending_by_consumer(cluster, namespace, shards).values()),
+            10,
+            "nothing left pending on any partition",
+        )
+    finally:
+        workers.kill_all()
+    assert_none_lost_and_duplicates_allowed(record, ids + more, set(ids))
+    assert not record.ids("DONE", victim_name)
+    survivor.assert_clean_log()
+
+
+async def _layout_via_url(url: str, namespace: str, role: str) -> partitions.Layout:
+    redis = streams.connect(url)
+    try:
+        return await _layout(redis, namespace, role)
+    finally:
+        await redis.aclose()
+
+
+async def _publish_via_url(url: str, namespace: str, payloads: list[Any]) -> list[str]:
+    async with Client.from_url(url, namespace=namespace) as client:
+        return await client.publish_many("work3", payloads)
+
+
+def _pending_by_consumer(
+    cluster: LocalCluster, namespace: str, shards: tuple[str, ...]
+) -> dict[str, dict[str, int]]:
+    """Per partition: consumer name -> pending entries (XPENDING summary on its master)."""
+    out = {}
+    for shard in shards:
+        stream = Keys(namespace).role_stream(shard)
+        host, port = master_of(cluster, stream).rsplit(":", 1)
+        with redis_sync.Redis(host=host, port=int(port)) as node:
+            summary = node.xpending(stream, "workers")
+        out[shard] = {c["name"].decode(): int(c["pending"]) for c in summary["consumers"] or []}
+    return out
+
+
+@pytest.mark.anyio
+async def test_the_start_up_checks_run_on_a_cluster(
+    cluster: LocalCluster, cluster_redis: Redis
+) -> None:
+    facts = await guard.gather(cluster_redis)
+    assert facts.transport == "tcp" and facts.host == "127.0.0.1"
+    assert facts.version is not None and facts.user == "default"
+    # The test cluster has no password and no AOF: both are reported, nothing else.
+    assert {w.code for w in guard.assess(facts)} == {"default-user", "persistence"}
+
+
+@pytest.mark.anyio
+async def test_inspect_and_the_exporter_report_a_partitioned_role_on_the_cluster(
+    cluster_redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    app = App()
+
+    @app.role("wide", partitions=3)
+    async def wide(ctx: Context, payload: Any) -> None:
+        pass
+
+    await Worker(app, cluster_redis, namespace=namespace).drain()
+    await Client(cluster_redis, namespace=namespace).publish_many("wide", [{}] * 7)
+    [info] = [r for r in await inspect_roles(cluster_redis, keys) if r.role == "wide"]
+    assert (info.partitions, info.length, info.groups[0].lag) == (3, 7, 7)
+    snapshot = await Exporter(cluster_redis, namespace=namespace).refresh()
+    assert [(r.role, r.partitions, r.length) for r in snapshot.roles] == [("wide", 3, 7)]
+    assert snapshot.events_backlog == {"wide": 0}
