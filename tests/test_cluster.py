@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -43,7 +44,10 @@ from tests.test_crash import Record, Workers, assert_none_lost_and_duplicates_al
 def cluster() -> Iterator[LocalCluster]:
     """A 3-master cluster for this module (about 3 s to start), torn down after it."""
     if not RedisServer.available() or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server and redis-cli are needed for the cluster tests")
+        message = "redis-server and redis-cli are needed for the cluster tests"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {message}", pytrace=False)
+        pytest.skip(message)
     with local_cluster() as running_cluster:
         yield running_cluster
 
