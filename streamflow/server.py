@@ -32,6 +32,7 @@ _STOP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.02
 _LOG_NAME = "redis.log"
 _STDERR_NAME = "redis.stderr"
+_SENTINEL_CONFIG_NAME = "sentinel.conf"
 _ADDRESS_IN_USE = "Address already in use"
 
 # Servers whose process is alive. A strong reference keeps a forgotten server from being
@@ -73,6 +74,7 @@ class RedisServer:
         tls_key_file: str | Path | None = None,
         tls_ca_file: str | Path | None = None,
         tls_auth_clients: str = "yes",
+        sentinel: Sequence[str] | None = None,
     ) -> None:
         """Describe a server; nothing is started until `start()`.
 
@@ -89,6 +91,11 @@ class RedisServer:
             tls_key_file: The server certificate's key (PEM).
             tls_ca_file: CA certificates (PEM) that client certificates must chain to.
             tls_auth_clients: "yes" (clients need a certificate), "optional" or "no".
+            sentinel: Run a Redis Sentinel (``redis-server sentinel.conf --sentinel``) instead
+                of a data server, configured by these ``sentinel ...`` directives without the
+                leading word, e.g. ``"monitor mymaster 127.0.0.1 6380 1"``. They are written
+                to ``sentinel.conf`` in the directory, which the sentinel rewrites with what it
+                learns (kept across `kill()` and `restart()`).
 
         Raises:
             RedisServerNotFound: redis-server cannot be found.
@@ -118,6 +125,9 @@ class RedisServer:
         self._appendonly = appendonly
         self._appendfsync = appendfsync
         self._extra_args = tuple(extra_args)
+        self._sentinel = None if sentinel is None else tuple(sentinel)
+        if self._sentinel is not None and any("\n" in line for line in self._sentinel):
+            raise ValueError("sentinel directives must be single lines")
         self._directory = Path(directory) if directory is not None else None
         self._owns_directory = False
         self._process: subprocess.Popen[bytes] | None = None
@@ -272,6 +282,10 @@ class RedisServer:
             self._port = _free_port()
         if self._tls_args and self._tls_port is None:
             self._tls_port = _free_port(other_than=self._port)
+        config = self._directory / _SENTINEL_CONFIG_NAME
+        if self._sentinel is not None and not config.exists():
+            # Sentinel insists on a config file it may rewrite (its state lives there).
+            config.write_text("".join(f"sentinel {line}\n" for line in self._sentinel))
 
     def _discard_directory(self) -> None:
         """Remove the directory if it is our temporary one, and forget a port we picked."""
@@ -285,8 +299,14 @@ class RedisServer:
 
     def _command(self) -> list[str]:
         directory = str(self.directory)
+        sentinel_mode = (
+            (str(self.directory / _SENTINEL_CONFIG_NAME), "--sentinel")
+            if self._sentinel is not None
+            else ()
+        )
         return [
             self._executable,
+            *sentinel_mode,
             "--port", str(self.port),
             "--bind", _HOST,
             "--save", "",

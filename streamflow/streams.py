@@ -26,12 +26,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streamflow import sentinel
 from streamflow.errors import ConfigError, RedisUnavailable
 from streamflow.keys import GROUP
 
 logger = logging.getLogger(__name__)
 
-URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", sentinel.SCHEME)
 #: The scheme of a Redis Cluster URL: ``redis+cluster://[user:password@]host:port[,host:port]``.
 CLUSTER_SCHEME = "redis+cluster"
 #: Errors after which a command may or may not have run; callers reconnect and go on.
@@ -58,23 +59,40 @@ def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, safe to log.
 
     Plain string splitting, not ``urlsplit``: a password holding ``/``, ``#`` or ``?`` (often
-    pasted without percent-encoding) makes ``urlsplit`` misread the host and miss it.
+    pasted without percent-encoding) makes ``urlsplit`` misread the host and miss it. The
+    userinfo password and the ``password``/``sentinel_password`` parameters are found
+    independently and every character either method calls secret is masked: a stray ``@`` in
+    one of them may mask more than needed, never less.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    userinfo, at, host = rest.rpartition("@")
+    spans: list[tuple[int, int]] = []
+    userinfo, at, _ = rest.rpartition("@")
     if at and ":" in userinfo:
-        rest = f"{userinfo.partition(':')[0]}:***@{host}"
-    rest = _PASSWORD_PARAM.sub(r"\1***", rest)
-    return f"{scheme}{sep}{rest}"
+        spans.append((userinfo.index(":") + 1, len(userinfo)))
+    spans += [match.span(2) for match in _PASSWORD_PARAM.finditer(rest)]
+    masked, end = [], 0
+    for start, stop in sorted(spans):
+        if start < end:  # overlaps the previous span: extend it
+            end = max(end, stop)
+            continue
+        masked += [rest[end:start], "***"]
+        end = stop
+    return f"{scheme}{sep}{''.join(masked)}{rest[end:]}"
 
 
-_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_PASSWORD_PARAM = re.compile(r"([?&](?:sentinel_)?password=)([^&#]*)", re.IGNORECASE)
 
 
 def validate_url(url: str) -> str:
     """Return ``url`` if it is a Redis URL streamflow accepts, else raise :class:`ConfigError`."""
+    if url.startswith(f"{sentinel.SCHEME}://"):
+        try:
+            sentinel.parse_url(url)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
+        return url
     parts = urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
         raise ConfigError(
@@ -235,7 +253,10 @@ def connect(
     Args:
         url: A ``redis://``, ``rediss://`` or ``unix://`` URL, with optional user and password,
             or ``redis+cluster://host:port[,host:port...]`` for a Redis Cluster (see
-            :func:`cluster_nodes`); the latter gives redis-py's ``RedisCluster``.
+            :func:`cluster_nodes`); the latter gives redis-py's ``RedisCluster``. Or
+            ``redis+sentinel://host:port[,host:port...]/SERVICE`` for the master of a
+            Sentinel-monitored group (see :mod:`streamflow.sentinel`), followed through
+            failovers.
         socket_timeout: Seconds to wait for a reply; must exceed any BLOCK time used.
         name: A client name shown by ``CLIENT LIST``.
         max_connections: The pool's size; each blocking reader holds one connection.
@@ -248,7 +269,8 @@ def connect(
 
     Raises:
         ConfigError: The URL is invalid, or the TLS files do not fit it (see
-            :func:`tls_arguments`; TLS files with a cluster URL are refused for now).
+            :func:`tls_arguments`; TLS files with a cluster or sentinel URL are refused for
+            now).
     """
     validate_url(url)
     if urlsplit(url).scheme == CLUSTER_SCHEME:
@@ -256,6 +278,12 @@ def connect(
         if any(path is not None for path in tls_given):
             raise ConfigError("TLS is not supported with redis+cluster:// yet")
         return _connect_cluster(
+            url, socket_timeout=socket_timeout, name=name, max_connections=max_connections
+        )
+    if url.startswith(f"{sentinel.SCHEME}://"):
+        if any(path is not None for path in (tls_ca_file, tls_cert_file, tls_key_file)):
+            raise ConfigError("TLS is not supported with redis+sentinel:// yet")
+        return sentinel.connect(
             url, socket_timeout=socket_timeout, name=name, max_connections=max_connections
         )
     tls = tls_arguments(
