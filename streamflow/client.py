@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
-from streamflow import partitions, signals, streams
+from streamflow import partitions, sentinel, signals, streams
 from streamflow.errors import ConfigError, PayloadError, ProtocolError, RedisUnavailable
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
@@ -604,7 +604,7 @@ class SyncClient:
     """The blocking twin of :class:`Client`'s publishing, for services that are not async.
 
     Args:
-        url: A ``redis://``, ``rediss://`` or ``unix://`` URL.
+        url: A ``redis://``, ``rediss://`` or ``unix://`` URL (not a cluster or Sentinel one).
         namespace: The key namespace shared with the workers.
         dedup_window: How long a dedup key is remembered.
         tls_ca_file: ``rediss://``: the CA certificates that signed the server's (PEM).
@@ -623,8 +623,9 @@ class SyncClient:
         tls_key_file: streams.TLSPath | None = None,
     ) -> None:
         streams.validate_url(url)
-        if url.startswith(f"{streams.CLUSTER_SCHEME}://"):
-            raise ConfigError("SyncClient does not support redis+cluster:// yet; use Client")
+        for scheme in (streams.CLUSTER_SCHEME, sentinel.SCHEME):
+            if url.startswith(f"{scheme}://"):
+                raise ConfigError(f"SyncClient does not support {scheme}:// yet; use Client")
         tls = streams.tls_arguments(
             url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
         )

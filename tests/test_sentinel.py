@@ -26,7 +26,7 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from streamflow import Client, RedisUnavailable, config, sentinel, streams
+from streamflow import Client, RedisUnavailable, SyncClient, config, sentinel, streams
 from streamflow.errors import ConfigError
 from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
@@ -129,6 +129,11 @@ def test_tls_files_with_a_sentinel_url_are_refused(tmp_path: Path) -> None:
     ca.write_text("not read")
     with pytest.raises(ConfigError, match="TLS is not supported with redis\\+sentinel"):
         streams.connect("redis+sentinel://h:26379/m", tls_ca_file=ca)
+
+
+def test_the_sync_client_refuses_a_sentinel_url_clearly() -> None:
+    with pytest.raises(ConfigError, match="SyncClient does not support redis\\+sentinel"):
+        SyncClient("redis+sentinel://127.0.0.1:26379/mymaster")
 
 
 @pytest.mark.anyio
