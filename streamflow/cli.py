@@ -28,7 +28,7 @@ from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResul
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.metrics import Health, MetricsServer
 from streamflow.protocol import json_schemas
-from streamflow.worker import Worker
+from streamflow.worker import Worker, freeze_startup_heap
 
 logger = logging.getLogger("streamflow")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,7 +106,8 @@ def _connection_options(func: F) -> F:
         envvar="STREAMFLOW_REDIS_URL",
         default=config.DEFAULT_REDIS_URL,
         show_default=True,
-        help="redis://, rediss:// or unix:// URL, with optional user and password.",
+        help="redis://, rediss://, unix://, redis+cluster://, rediss+cluster:// or "
+        "redis+sentinel:// URL, with optional user and password.",
     )(func)
 
 
@@ -371,6 +372,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
     )
     roles = ", ".join(settings.roles or tuple(app.roles))
     health = Health(redis)
+    freeze_startup_heap()  # this process is the worker's alone
     try:
         with _serving_metrics(
             worker.enable_metrics if settings.metrics_port is not None else None,

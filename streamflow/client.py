@@ -623,7 +623,7 @@ class SyncClient:
         tls_key_file: streams.TLSPath | None = None,
     ) -> None:
         streams.validate_url(url)
-        for scheme in (streams.CLUSTER_SCHEME, sentinel.SCHEME):
+        for scheme in (streams.CLUSTER_SCHEME, streams.CLUSTER_TLS_SCHEME, sentinel.SCHEME):
             if url.startswith(f"{scheme}://"):
                 raise ConfigError(f"SyncClient does not support {scheme}:// yet; use Client")
         tls = streams.tls_arguments(

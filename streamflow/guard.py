@@ -203,8 +203,10 @@ def _connection_kwargs(redis: Redis) -> dict[str, Any]:
 
 def _transport(redis: Redis) -> tuple[str, str | None]:
     if streams.is_cluster(redis):
-        # Every node is reached the same way (TLS is refused with a cluster URL for now).
-        return "tcp", str(_connection_kwargs(redis)["host"])
+        # Every node is reached the same way: judge the default one.
+        node = redis.get_default_node()  # type: ignore[attr-defined]
+        kind = "tls" if issubclass(node.connection_class, SSLConnection) else "tcp"
+        return kind, str(node.host)
     pool = redis.connection_pool
     if issubclass(pool.connection_class, UnixDomainSocketConnection):
         return "unix", None

@@ -23,7 +23,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamflow import sentinel
@@ -32,9 +32,13 @@ from streamflow.keys import GROUP
 
 logger = logging.getLogger(__name__)
 
-URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", sentinel.SCHEME)
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", sentinel.SCHEME)
 #: The scheme of a Redis Cluster URL: ``redis+cluster://[user:password@]host:port[,host:port]``.
 CLUSTER_SCHEME = "redis+cluster"
+#: The same over TLS (every node, ``tls-cluster yes``).
+CLUSTER_TLS_SCHEME = "rediss+cluster"
+#: The schemes whose connections are TLS.
+TLS_SCHEMES = ("rediss", CLUSTER_TLS_SCHEME)
 #: Errors after which a command may or may not have run; callers reconnect and go on.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -99,7 +103,7 @@ def validate_url(url: str) -> str:
             f"invalid Redis URL {redact_url(url)!r}: the scheme must be one of "
             + ", ".join(f"{s}://" for s in URL_SCHEMES)
         )
-    if parts.scheme == CLUSTER_SCHEME:
+    if parts.scheme in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME):
         cluster_nodes(url)
         return url
     if parts.scheme == "unix" and not parts.path:
@@ -128,9 +132,7 @@ def cluster_nodes(url: str) -> list[tuple[str, int]]:
     rest = url.partition("://")[2]
     hosts = rest.rpartition("@")[2]
     if any(char in hosts for char in "/?#"):
-        raise ConfigError(
-            f"invalid Redis URL {shown!r}: a redis+cluster:// URL takes no path or parameters"
-        )
+        raise ConfigError(f"invalid Redis URL {shown!r}: a cluster URL takes no path or parameters")
     seeds: list[tuple[str, int]] = []
     for seed in hosts.split(","):
         host, colon, port = seed.strip().rpartition(":")
@@ -197,10 +199,11 @@ def tls_arguments(
         "TLS certificate file": tls_cert_file,
         "TLS key file": tls_key_file,
     }
-    if urlsplit(url).scheme != "rediss":
+    if urlsplit(url).scheme not in TLS_SCHEMES:
         if any(path is not None for path in given.values()):
             raise ConfigError(
-                f"TLS files need a rediss:// URL, not {redact_url(url).partition(':')[0]}://"
+                "TLS files need a rediss:// or rediss+cluster:// URL, not "
+                f"{redact_url(url).partition(':')[0]}://"
             )
         return {}
     if tls_key_file is not None and tls_cert_file is None:
@@ -252,33 +255,38 @@ def connect(
 
     Args:
         url: A ``redis://``, ``rediss://`` or ``unix://`` URL, with optional user and password,
-            or ``redis+cluster://host:port[,host:port...]`` for a Redis Cluster (see
-            :func:`cluster_nodes`); the latter gives redis-py's ``RedisCluster``. Or
+            or ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` over TLS)
+            for a Redis Cluster (see :func:`cluster_nodes`), which gives redis-py's
+            ``RedisCluster``. Or
             ``redis+sentinel://host:port[,host:port...]/SERVICE`` for the master of a
             Sentinel-monitored group (see :mod:`streamflow.sentinel`), followed through
             failovers.
         socket_timeout: Seconds to wait for a reply; must exceed any BLOCK time used.
         name: A client name shown by ``CLIENT LIST``.
         max_connections: The pool's size; each blocking reader holds one connection.
-        tls_ca_file: ``rediss://`` only: the CA certificates (PEM) that signed the server's
-            certificate; the system's CAs when omitted. The server certificate and its host
-            name are always verified.
-        tls_cert_file: ``rediss://`` only: the client certificate (PEM), for servers that
-            require one (``tls-auth-clients yes``); it may hold the key too.
+        tls_ca_file: ``rediss://`` and ``rediss+cluster://`` only: the CA certificates (PEM)
+            that signed the server's certificate; the system's CAs when omitted. The server
+            certificate and its host name are always verified.
+        tls_cert_file: ``rediss://`` and ``rediss+cluster://`` only: the client certificate
+            (PEM), for servers that require one (``tls-auth-clients yes``); it may hold the
+            key too.
         tls_key_file: The client certificate's private key (PEM, unencrypted).
 
     Raises:
         ConfigError: The URL is invalid, or the TLS files do not fit it (see
-            :func:`tls_arguments`; TLS files with a cluster or sentinel URL are refused for
-            now).
+            :func:`tls_arguments`; TLS files with a Sentinel URL are refused for now).
     """
     validate_url(url)
-    if urlsplit(url).scheme == CLUSTER_SCHEME:
-        tls_given = (tls_ca_file, tls_cert_file, tls_key_file)
-        if any(path is not None for path in tls_given):
-            raise ConfigError("TLS is not supported with redis+cluster:// yet")
+    if urlsplit(url).scheme in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME):
+        tls = tls_arguments(
+            url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
+        )
         return _connect_cluster(
-            url, socket_timeout=socket_timeout, name=name, max_connections=max_connections
+            url,
+            socket_timeout=socket_timeout,
+            name=name,
+            max_connections=max_connections,
+            tls=tls,
         )
     if url.startswith(f"{sentinel.SCHEME}://"):
         if any(path is not None for path in (tls_ca_file, tls_cert_file, tls_key_file)):
@@ -304,7 +312,12 @@ def connect(
 
 
 def _connect_cluster(
-    url: str, *, socket_timeout: float | None, name: str | None, max_connections: int
+    url: str,
+    *,
+    socket_timeout: float | None,
+    name: str | None,
+    max_connections: int,
+    tls: dict[str, Any],
 ) -> Redis:
     """A :class:`RedisCluster` client for a ``redis+cluster://`` URL, with no retries.
 
@@ -320,7 +333,16 @@ def _connect_cluster(
     The client is typed as :class:`Redis`: it offers the same commands with the same
     signatures for everything streamflow sends (single-slot keys, scripts, non-transactional
     pipelines), which keeps the modules above this one free of a client union.
+
+    Over TLS (``rediss+cluster://``) every node's certificate and host name are verified as
+    for ``rediss://``. redis-py's cluster client takes no passphrase callback, so an encrypted
+    key is refused here, before OpenSSL could prompt for it on a terminal.
     """
+    if tls:
+        tls = dict(tls, ssl=True)
+        del tls["ssl_password"]
+        if tls.get("ssl_keyfile") or tls.get("ssl_certfile"):
+            _refuse_encrypted_key(tls.get("ssl_keyfile") or tls["ssl_certfile"])
     parts = url.partition("://")[2]
     userinfo, at, _ = parts.rpartition("@")
     username = password = None
@@ -338,8 +360,17 @@ def _connect_cluster(
         client_name=name,
         health_check_interval=30,
         max_connections=max_connections,
+        **tls,
     )
     return cast(Redis, cluster)
+
+
+def _refuse_encrypted_key(path: str) -> None:
+    """Raise :class:`ConfigError` if the PEM file holds an encrypted private key."""
+    with open(path, "rb") as pem:
+        text = pem.read(1 << 20)
+    if b"ENCRYPTED PRIVATE KEY" in text or b"Proc-Type: 4,ENCRYPTED" in text:
+        raise ConfigError(f"the TLS key file {path!r} is encrypted; give an unencrypted key")
 
 
 async def ping(redis: Redis, url: str = "") -> None:
@@ -350,7 +381,13 @@ async def ping(redis: Redis, url: str = "") -> None:
     """
     try:
         await redis.ping()
-    except TRANSIENT_ERRORS as exc:
+    except (*TRANSIENT_ERRORS, RedisClusterException) as exc:
+        # A cluster client that reaches no seed raises RedisClusterException at its first
+        # command, with the connection error as its cause.
+        if isinstance(exc, RedisClusterException) and not isinstance(
+            exc.__cause__, TRANSIENT_ERRORS
+        ):
+            raise
         tls = _tls_failure(redis, exc)
         if tls is not None:
             raise RedisUnavailable(tls) from None
@@ -363,13 +400,17 @@ async def ping(redis: Redis, url: str = "") -> None:
 
 def _tls_failure(redis: Redis, exc: BaseException) -> str | None:
     """A one-line reason if ``exc`` came from TLS (redis-py wraps the SSL error), else None."""
-    pool = getattr(redis, "connection_pool", None)  # a RedisCluster has none (and no TLS yet)
-    if pool is None:
-        return None
-    kwargs = pool.connection_kwargs
+    if is_cluster(redis):
+        # Before the first successful command there is no default node, only the seeds.
+        seeds = redis.nodes_manager.startup_nodes.values()  # type: ignore[attr-defined]
+        node = redis.get_default_node() or next(iter(seeds))  # type: ignore[attr-defined]
+        kwargs = node.connection_kwargs
+        where = f"{node.host}:{node.port}"
+    else:
+        kwargs = redis.connection_pool.connection_kwargs
+        where = f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
     if "ssl_cert_reqs" not in kwargs:
         return None
-    where = f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
     # TLS 1.3 servers check the client certificate after the handshake, then alert or hang up.
     hint = (
         " (does the server require a client certificate? give --tls-cert-file and --tls-key-file)"

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
@@ -23,10 +24,13 @@ class LocalCluster:
     """The running cluster: its nodes and the ``redis+cluster://`` URL naming all of them."""
 
     servers: tuple[RedisServer, ...]
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        """A cluster URL with every node as a seed."""
+        """A cluster URL with every node as a seed (``rediss+cluster://`` for a TLS cluster)."""
+        if self.tls:
+            return "rediss+cluster://" + ",".join(f"{s.host}:{s.tls_port}" for s in self.servers)
         return "redis+cluster://" + ",".join(f"{s.host}:{s.port}" for s in self.servers)
 
     def node_of_slot(self, slot: int) -> str:
@@ -52,8 +56,20 @@ def _cluster_ok(server: RedisServer, masters: int) -> bool:
     return bool(info.get("cluster_state") == "ok" and int(info["cluster_known_nodes"]) == masters)
 
 
+@dataclass(frozen=True)
+class ClusterTLS:
+    """PEM files of a TLS cluster: each node serves ``cert`` and joins the cluster bus (and
+    nothing else) with ``client_cert``; clients need a certificate signed by ``ca``."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+
 @contextmanager
-def local_cluster(masters: int = 3) -> Iterator[LocalCluster]:
+def local_cluster(masters: int = 3, tls: ClusterTLS | None = None) -> Iterator[LocalCluster]:
     """Start ``masters`` cluster-enabled redis-servers, join them, wait for ``cluster_state:ok``.
 
     Every server is stopped (and its directory removed) on the way out, also when start-up
@@ -65,6 +81,15 @@ def local_cluster(masters: int = 3) -> Iterator[LocalCluster]:
     with ExitStack() as stack:
         servers = []
         for _ in range(masters):
+            extra: tuple[str, ...] = ()
+            if tls is not None:
+                # The bus and the announced client ports are TLS; the plain port stays open on
+                # loopback for start-up polling and redis-cli.
+                extra = (
+                    "--tls-cluster", "yes",
+                    "--tls-client-cert-file", str(tls.client_cert),
+                    "--tls-client-key-file", str(tls.client_key),
+                )  # fmt: skip
             server = RedisServer(
                 extra_args=(
                     "--cluster-enabled", "yes",
@@ -72,7 +97,11 @@ def local_cluster(masters: int = 3) -> Iterator[LocalCluster]:
                     "--cluster-node-timeout", "5000",
                     # The bus defaults to port + 10000, impossible above 55535: pick one.
                     "--cluster-port", str(_free_port()),
-                )
+                    *extra,
+                ),
+                tls_cert_file=None if tls is None else tls.cert,
+                tls_key_file=None if tls is None else tls.key,
+                tls_ca_file=None if tls is None else tls.ca,
             )  # fmt: skip
             stack.enter_context(server)
             servers.append(server)
@@ -86,4 +115,4 @@ def local_cluster(masters: int = 3) -> Iterator[LocalCluster]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cluster not ok within {READY_TIMEOUT:g} s")
             time.sleep(0.05)
-        yield LocalCluster(tuple(servers))
+        yield LocalCluster(tuple(servers), tls=tls is not None)

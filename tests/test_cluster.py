@@ -100,9 +100,11 @@ def test_cluster_urls_are_validated_and_redacted() -> None:
             streams.validate_url(bad)
 
 
-def test_tls_files_with_a_cluster_url_are_refused(tmp_path: Any) -> None:
-    with pytest.raises(ConfigError, match="TLS is not supported with redis\\+cluster"):
+def test_tls_files_need_a_tls_cluster_url(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="TLS files need a rediss:// or rediss\\+cluster://"):
         streams.connect("redis+cluster://127.0.0.1:7000", tls_ca_file=tmp_path / "ca.pem")
+    with pytest.raises(ConfigError, match=r"TLS CA file .* does not exist"):
+        streams.connect("rediss+cluster://127.0.0.1:7000", tls_ca_file=tmp_path / "ca.pem")
 
 
 # -- against the cluster ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ for TLS on a free loopback port.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,11 @@ import anyio
 import pytest
 import redis
 
-from streamflow import App, Client, Context, SyncClient, Worker, config, streams
+from streamflow import App, Client, Context, SyncClient, Worker, config, guard, streams
 from streamflow.errors import ConfigError, RedisUnavailable
 from streamflow.keys import Keys
 from streamflow.server import RedisServer
+from tests.cluster import ClusterTLS, LocalCluster, local_cluster
 from tests.helpers import ROOT, clean_env, recorded, running, wait_for, wait_until
 
 pytestmark = pytest.mark.redis
@@ -279,7 +281,7 @@ async def test_a_certificate_for_another_host_name_is_refused(
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
-        ({"redis_url": "redis://h/0", "tls_ca_file": "CA"}, "TLS files need a rediss:// URL"),
+        ({"redis_url": "redis://h/0", "tls_ca_file": "CA"}, "TLS files need a rediss:// or"),
         (
             {"tls_ca_file": "/no/such/ca.pem"},
             "--tls-ca-file: file '/no/such/ca.pem' does not exist",
@@ -416,7 +418,10 @@ def test_cli_with_the_wrong_ca_exits_2_with_one_line_naming_the_tls_failure(
             ["--tls-ca-file", "/no/such/ca.pem"],
             "--tls-ca-file: file '/no/such/ca.pem' does not exist",
         ),
-        (["--redis-url", "redis://127.0.0.1:1/0", "--tls-ca-file", "CA"], "need a rediss:// URL"),
+        (
+            ["--redis-url", "redis://127.0.0.1:1/0", "--tls-ca-file", "CA"],
+            "need a rediss:// or rediss+cluster:// URL",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["publish", "worker"])
@@ -433,3 +438,72 @@ def test_cli_tls_option_errors_are_one_line(
         extra += ["--redis-url", f"rediss://sf:{CANARY}@127.0.0.1:1/0"]
     line = one_error_line(run_cli(*args, *extra))
     assert expected in line, line
+
+
+# -- a TLS cluster ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(certs: Certs) -> Iterator[LocalCluster]:
+    """A 3-master cluster whose nodes speak TLS to clients and to each other."""
+    if shutil.which("redis-cli") is None:
+        pytest.fail("redis-cli is needed for the cluster tests", pytrace=False)
+    files = ClusterTLS(
+        certs.ca, certs.server_cert, certs.server_key, certs.client_cert, certs.client_key
+    )
+    with local_cluster(tls=files) as cluster:
+        yield cluster
+
+
+@pytest.mark.anyio
+async def test_a_tls_cluster_url_runs_a_partitioned_role_over_tls_on_every_master(
+    tls_cluster: LocalCluster, certs: Certs, namespace: str
+) -> None:
+    app = App()
+    seen: list[Any] = []
+
+    @app.role("echo", partitions=3)
+    async def echo(ctx: Context, payload: Any) -> None:
+        seen.append(payload)
+
+    url = tls_cluster.url
+    assert url.startswith("rediss+cluster://")
+    worker_redis = streams.connect(url, name="tls-worker", **certs.files())
+    try:
+        with anyio.fail_after(20):
+            async with (
+                running(Worker(app, worker_redis, namespace=namespace)),
+                Client.from_url(url, namespace=namespace, **certs.files()) as client,
+            ):
+                await client.publish_many("echo", ({"n": i} for i in range(30)))
+                await wait_until(lambda: len(seen) == 30)
+            facts = await guard.gather(worker_redis)
+        assert sorted(p["n"] for p in seen) == list(range(30))
+        assert (facts.transport, facts.host) == ("tls", "127.0.0.1")
+        # Every master served one partition, over TLS.
+        for node in worker_redis.get_nodes():  # type: ignore[attr-defined]
+            assert node.connection_kwargs["ssl_cert_reqs"] == "required"
+            assert node.connection_kwargs["ssl_check_hostname"] is True
+    finally:
+        await worker_redis.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_tls_cluster_refuses_a_wrong_ca_and_an_encrypted_key_in_one_line(
+    tls_cluster: LocalCluster, certs: Certs
+) -> None:
+    wrong = streams.connect(tls_cluster.url, **certs.files(ca=certs.wrong_ca))
+    try:
+        with pytest.raises(RedisUnavailable, match="certificate verify failed"):
+            await streams.ping(wrong, tls_cluster.url)
+    finally:
+        await wrong.aclose()
+    with pytest.raises(ConfigError, match=r"the TLS key file .* is encrypted"):
+        streams.connect(
+            tls_cluster.url,
+            tls_ca_file=certs.ca,
+            tls_cert_file=certs.client_cert,
+            tls_key_file=certs.encrypted_key,
+        )
+    with pytest.raises(ConfigError, match="TLS files need a rediss:// or rediss\\+cluster://"):
+        streams.connect(tls_cluster.url.replace("rediss+", "redis+"), **certs.files())
