@@ -92,6 +92,8 @@ class PartRules:
 _CONNECTION = {
     "ping": "health checks, the start-up check and redis-py's check of idle connections",
     "client|setname": "streams.connect names its connections (CLIENT SETNAME on connect)",
+    "cluster|slots": "a redis+cluster:// client reads the slot map (refused outside a cluster)",
+    "command": "a redis+cluster:// client learns where each command's keys are (COMMAND)",
 }
 #: How every Lua script is run.
 _SCRIPTS = {

@@ -24,6 +24,7 @@ from streamflow import (
     RetryPolicy,
     SyncClient,
     Worker,
+    acl,
     guard,
     partitions,
     streams,
@@ -561,3 +562,40 @@ async def test_inspect_and_the_exporter_report_a_partitioned_role_on_the_cluster
     snapshot = await Exporter(cluster_redis, namespace=namespace).refresh()
     assert [(r.role, r.partitions, r.length) for r in snapshot.roles] == [("wide", 3, 7)]
     assert snapshot.events_backlog == {"wide": 0}
+
+
+@pytest.mark.anyio
+async def test_least_privilege_users_work_on_the_cluster(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    """The ``streamflow acl`` rules of a worker and a publisher, set on every node, are
+    enough for a partitioned role on the cluster: nothing lands in any node's ACL LOG."""
+    for server in cluster.servers:
+        with redis_sync.Redis(host=server.host, port=server.port) as node:
+            node.execute_command("ACL", "LOG", "RESET")
+            for part in ("worker", "publisher"):
+                node.execute_command(*acl.rules(namespace, part, password=">pw-" + part))
+    seeds = ",".join(f"{s.host}:{s.port}" for s in cluster.servers)
+    app = App()
+    seen: list[Any] = []
+
+    @app.role("guarded", partitions=3)
+    async def guarded(ctx: Context, payload: Any) -> None:
+        seen.append(payload)
+
+    worker_redis = streams.connect(f"redis+cluster://sf-worker:pw-worker@{seeds}")
+    try:
+        async with Client.from_url(
+            f"redis+cluster://sf-publisher:pw-publisher@{seeds}", namespace=namespace
+        ) as client:
+            await Worker(app, worker_redis, namespace=namespace).drain()
+            await client.publish_many("guarded", ({"n": i} for i in range(9)))
+            await client.publish("guarded", {"n": 9}, key="k", dedup_key="d")
+            await Worker(app, worker_redis, namespace=namespace).drain()
+    finally:
+        await worker_redis.aclose()
+    assert sorted(p["n"] for p in seen) == list(range(10))
+    for server in cluster.servers:
+        with redis_sync.Redis(host=server.host, port=server.port) as node:
+            log = node.execute_command("ACL", "LOG")
+        assert not log, log
