@@ -38,6 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streamflow.connection import SafeWrites
 from streamflow.errors import ConfigError
 
 __all__ = ["DEFAULT_PORT", "SCHEME", "SentinelURL", "connect", "parse_url"]
@@ -193,7 +194,7 @@ def _address(address: Any) -> str:
     return f"{host}:{port}"
 
 
-class _Connection(SentinelManagedConnection):
+class _Connection(SafeWrites, SentinelManagedConnection):
     """A master connection that turns "this is not the master any more" into an outage.
 
     The connection is closed and a connection error raised: streamflow's loops treat it like

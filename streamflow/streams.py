@@ -22,11 +22,11 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamflow import sentinel
+from streamflow import connection, sentinel
 from streamflow.errors import ConfigError, RedisUnavailable
 from streamflow.keys import GROUP
 
@@ -39,8 +39,17 @@ CLUSTER_SCHEME = "redis+cluster"
 CLUSTER_TLS_SCHEME = "rediss+cluster"
 #: The schemes whose connections are TLS.
 TLS_SCHEMES = ("rediss", CLUSTER_TLS_SCHEME)
-#: Errors after which a command may or may not have run; callers reconnect and go on.
-TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: Errors after which a command may or may not have run; callers reconnect and go on. On a
+#: cluster, CLUSTERDOWN (slots without a master, e.g. a master lost before its replica took
+#: over) and TRYAGAIN (a slot being migrated) are outages of the same kind: wait and retry.
+TRANSIENT_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +317,7 @@ def connect(
         health_check_interval=30,
         **tls,
     )
+    pool.connection_class = connection.safe(pool.connection_class)
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
@@ -362,6 +372,13 @@ def _connect_cluster(
         max_connections=max_connections,
         **tls,
     )
+    # Every node, known now or discovered later, gets connections whose writes fail as
+    # connection errors (see streamflow.connection): redis-py takes no connection class here.
+    cluster.connection_kwargs["connection_class"] = connection.safe(
+        cluster.connection_kwargs["connection_class"]
+    )
+    for node in cluster.nodes_manager.startup_nodes.values():
+        node.connection_class = cluster.connection_kwargs["connection_class"]
     return cast(Redis, cluster)
 
 

@@ -69,7 +69,9 @@ class ClusterTLS:
 
 
 @contextmanager
-def local_cluster(masters: int = 3, tls: ClusterTLS | None = None) -> Iterator[LocalCluster]:
+def local_cluster(
+    masters: int = 3, tls: ClusterTLS | None = None, node_timeout_ms: int = 5000
+) -> Iterator[LocalCluster]:
     """Start ``masters`` cluster-enabled redis-servers, join them, wait for ``cluster_state:ok``.
 
     Every server is stopped (and its directory removed) on the way out, also when start-up
@@ -94,7 +96,7 @@ def local_cluster(masters: int = 3, tls: ClusterTLS | None = None) -> Iterator[L
                 extra_args=(
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", "5000",
+                    "--cluster-node-timeout", str(node_timeout_ms),
                     # The bus defaults to port + 10000, impossible above 55535: pick one.
                     "--cluster-port", str(_free_port()),
                     *extra,

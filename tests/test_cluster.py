@@ -29,7 +29,7 @@ from streamflow import (
     partitions,
     streams,
 )
-from streamflow.errors import ConfigError
+from streamflow.errors import ConfigError, RedisUnavailable
 from streamflow.exporter import Exporter
 from streamflow.inspect import inspect_roles
 from streamflow.keys import Keys
@@ -599,3 +599,66 @@ async def test_least_privilege_users_work_on_the_cluster(
         with redis_sync.Redis(host=server.host, port=server.port) as node:
             log = node.execute_command("ACL", "LOG")
         assert not log, log
+
+
+@pytest.mark.anyio
+async def test_a_worker_rides_out_a_master_lost_and_back_while_the_cluster_is_down(
+    namespace: str,
+) -> None:
+    """A master of a replica-less cluster is killed: its slots are lost, every node answers
+    CLUSTERDOWN. The worker backs off instead of crashing, and once the master is back it
+    handles what is published then, on every partition."""
+    if not RedisServer.available() or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are needed")
+    app = App()
+    seen: list[Any] = []
+
+    @app.role("steady", partitions=3)
+    async def steady(ctx: Context, payload: Any) -> None:
+        seen.append(payload["n"])
+
+    # A short node timeout: the cluster notices the lost master (and its return) sooner.
+    with local_cluster(node_timeout_ms=1000) as down_cluster:
+        redis = streams.connect(down_cluster.url)
+        outcomes: list[Outcome] = []
+        client = Client(redis, namespace=namespace)
+        try:
+            with anyio.fail_after(60):
+                async with running(worker(app, redis, namespace, outcomes)):
+                    await client.publish_many("steady", ({"n": i} for i in range(6)))
+                    await wait_until(lambda: len(seen) == 6, timeout=10)
+                    layout = await _layout(redis, namespace, "steady")
+                    victim = down_cluster.servers[-1]
+                    victim.kill()
+                    other = down_cluster.servers[0]
+                    await wait_until(lambda: not _cluster_ok_on(other), timeout=20)
+                    victim.restart()
+                    await wait_until(
+                        lambda: all(_cluster_ok_on(s) for s in down_cluster.servers), timeout=20
+                    )
+                    await _publish_retrying(client, layout, range(6, 12))
+                    await wait_until(lambda: len(seen) >= 12, timeout=20)
+        finally:
+            await redis.aclose()
+    assert sorted(set(seen)) == list(range(12))
+
+
+def _cluster_ok_on(server: RedisServer) -> bool:
+    with redis_sync.Redis(host=server.host, port=server.port, socket_timeout=2) as node:
+        return bool(node.cluster("INFO").get("cluster_state") == "ok")
+
+
+async def _publish_retrying(client: Client, layout: partitions.Layout, numbers: range) -> None:
+    """Publish one job per number, each by a key on a partition in turn; retry (with its dedup
+    key) while the client still reconnects to the restarted master."""
+    for n in numbers:
+        key = next(
+            k for k in (f"k{i}" for i in range(100)) if layout.for_key(k) == layout.shards[n % 3]
+        )
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    await client.publish("steady", {"n": n}, key=key, dedup_key=f"n{n}")
+                    break
+                except RedisUnavailable:  # also CLUSTERDOWN until every node agrees
+                    await anyio.sleep(0.1)

@@ -1,0 +1,67 @@
+"""redis-py connection classes whose writes fail with a connection error, never anything else.
+
+redis-py 8.1's asyncio connections can leak ``AttributeError`` (``'NoneType' object has no
+attribute 'writelines'``) or ``TypeError`` from a write when the transport was torn down under
+it: a peer reset of an idle pooled connection (redis-py issue #4287), or, on a cluster, the
+client disconnecting every node's connections after one failed while other tasks were still
+connecting or writing. Neither is a ``RedisError``, so they escaped every loop's outage
+handling and stopped workers during a cluster failover. These classes turn them into
+``ConnectionError``: the command was not sent completely, the caller reconnects and goes on.
+
+Only the write path is wrapped: arguments are encoded before it, so a bad argument still
+raises its own error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+
+class SafeWrites(AbstractConnection):
+    """Mix-in for a redis-py asyncio connection class (put it first in the bases)."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        """Send a packed command; a write on a torn-down transport raises ConnectionError."""
+        try:
+            await super().send_packed_command(command, check_health)
+        except (AttributeError, TypeError) as exc:
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(
+                f"connection to {self._host_error()} lost while writing "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+class SafeConnection(SafeWrites, Connection):
+    """A TCP connection (``redis://``)."""
+
+
+class SafeSSLConnection(SafeWrites, SSLConnection):
+    """A TLS connection (``rediss://``)."""
+
+
+class SafeUnixDomainSocketConnection(SafeWrites, UnixDomainSocketConnection):
+    """A Unix socket connection (``unix://``)."""
+
+
+_SAFE: dict[type[Any], type[Any]] = {
+    Connection: SafeConnection,
+    SSLConnection: SafeSSLConnection,
+    UnixDomainSocketConnection: SafeUnixDomainSocketConnection,
+}
+
+
+def safe(connection_class: type[Any]) -> type[Any]:
+    """The safe twin of one of redis-py's connection classes (others are returned as is)."""
+    return _SAFE.get(connection_class, connection_class)
