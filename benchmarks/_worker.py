@@ -14,7 +14,9 @@ object per line to stdout:
   ``--interval`` seconds, and a ``done`` sample when ``--expected`` messages were acked (taken
   before the worker shuts down), then exits.
 
-SIGTERM or SIGINT stop the worker gracefully in the ``run`` modes.
+SIGTERM or SIGINT stop the worker gracefully in the ``run`` modes. Like ``streamflow worker``,
+every mode calls ``freeze_startup_heap()`` once the worker is built (the process is the
+worker's alone).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import psutil  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
 from streamflow import App, Context, Outcome, Worker, streams
+from streamflow.worker import freeze_startup_heap
 
 ROLE = "bench"
 
@@ -65,6 +68,7 @@ async def drain(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
+        freeze_startup_heap()
         if args.start_at:  # several processes start draining together
             await anyio.sleep(max(0.0, args.start_at - time.time()))
         cpu0, t0, started_at = time.process_time(), time.perf_counter(), time.time()
@@ -106,6 +110,7 @@ async def latency(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
+        freeze_startup_heap()
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_signal, worker)
             # run() returns once the handler has seen --expected messages (or on a signal).
@@ -155,6 +160,7 @@ async def soak(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, on_outcome=on_outcome, **worker_options(args))
+        freeze_startup_heap()
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_signal, worker)
             await tg.start(run_then_cancel, worker, tg.cancel_scope)

@@ -120,11 +120,11 @@ class Context:
     """
 
     __slots__ = (
+        "_cancel",
         "_log",
         "_node",
         "attempt",
         "batch",
-        "cancel",
         "consumer",
         "created_at_ms",
         "deadline_ms",
@@ -159,12 +159,20 @@ class Context:
         self.deadline_ms = deadline_ms
         self.task_id = task_id
         self.node_id = node_id
-        self.cancel = CancelToken()
+        self._cancel: CancelToken | None = None  # made on first use: most handlers never look
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._node: NodeRun | None = None
         self.invocation: int | None = None
         self.batch: Batch | None = None
         self.failures: dict[str, str] = {}
+
+    @property
+    def cancel(self) -> CancelToken:
+        """The cancel token."""
+        token = self._cancel
+        if token is None:
+            token = self._cancel = CancelToken()
+        return token
 
     async def emit(self, items: Iterable[Any]) -> None:
         """Emit one batch of this task node's output (a list of JSON values).

@@ -35,6 +35,9 @@ class Decision:
 
 RELEASE = Decision("release")
 LOST = Decision("lost")
+#: The handler returned: acknowledge. One shared object (the job is the delivery's), so the hot
+#: path builds no decision per message.
+ACK = Decision("ack")
 
 
 def cancelled(job: Job | None, signal_id: str, reason: str) -> Decision:

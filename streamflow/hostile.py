@@ -7,10 +7,14 @@ limit (checked before parsing) a message is refused when it nests deeper than
 by lenient parsers), a duplicate key (parsers disagree on which value wins: a classic smuggling
 trick), or invalid UTF-8.
 
-The full check parses with hooks and costs a few microseconds, so the worker's hot path runs
-cheap byte-level screen first (:func:`screen`) and the full check only when it fires; a
-duplicate key, which the fast parser silently drops, is caught by comparing the number of key
-tokens in the bytes with the number of keys the parser kept.
+The full check parses with hooks and costs about ten microseconds, so the worker's hot path
+lets the fast parser (pydantic's) read the message first and then looks at what it returned
+(:func:`measure`): the fast parser keeps integers past 64 bits, infinities and ``NaN`` as
+values, so a walk of the parsed payload sees every limit break but one, and runs the full check
+only when it finds one. That one is a duplicate key, which the fast parser silently drops: it is
+caught by comparing the number of key tokens in the bytes (:func:`key_tokens`) with the number
+of keys the parser kept. A message the fast parser refuses gets the byte-level :func:`screen`,
+and the full check when it fires, before the reason is named.
 """
 
 from __future__ import annotations
@@ -71,18 +75,66 @@ def screen(raw: bytes) -> tuple[bool, int]:
     return suspect, classes.count(b"qc") + classes.count(b"qw")
 
 
-def count_keys(value: Any) -> int:
-    """How many object keys a parsed JSON value holds, at every level."""
-    count = 0
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            count += len(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+def key_tokens(raw: bytes) -> int:
+    """An upper bound on the object keys written in ``raw`` (the count :func:`screen` returns).
+
+    A key's closing quote is followed by ``:`` or white space; a string value's may be too, so
+    the bound can only be too high. When it equals the number of keys the parser kept, no key
+    was written twice.
+    """
+    count = raw.count(b'":')
+    if b'" ' in raw or b'"\n' in raw or b'"\t' in raw or b'"\r' in raw:
+        count += raw.count(b'" ') + raw.count(b'"\n') + raw.count(b'"\t') + raw.count(b'"\r')
     return count
+
+
+def measure(value: Any, depth: int = 1) -> int | None:
+    """Walk a value the fast parser returned: how many object keys it holds, at every level.
+
+    Args:
+        value: A parsed JSON value (dicts, lists, str, int, float, bool, None).
+        depth: The nesting depth of ``value`` in its message (1 for the message itself).
+
+    Returns:
+        The number of keys; or None when the value breaks (or may break) a limit of
+        :func:`check`: nesting past :data:`MAX_DEPTH`, a list longer than :data:`MAX_ITEMS`, a
+        string longer than :data:`MAX_STRING`, an integer outside 64 bits, or a float that is
+        not finite (``NaN``, ``Infinity`` or an overflowing number, which the fast parser
+        accepts). Then the caller runs :func:`check`, which names the reason.
+    """
+    if type(value) is not dict and type(value) is not list:
+        return 0 if _scalar_ok(value) else None
+    keys = 0
+    stack: list[tuple[Any, int]] = [(value, depth)]
+    while stack:
+        item, level = stack.pop()
+        is_dict = type(item) is dict
+        if level > MAX_DEPTH or (not is_dict and len(item) > MAX_ITEMS):
+            return None
+        if is_dict:
+            keys += len(item)
+        for child in item.values() if is_dict else item:
+            kind = type(child)
+            if kind is int:  # the most common scalar first
+                if not INT64_MIN <= child <= INT64_MAX:
+                    return None
+            elif kind is dict or kind is list:
+                stack.append((child, level + 1))
+            elif not _scalar_ok(child):
+                return None
+    return keys
+
+
+def _scalar_ok(value: Any) -> bool:
+    """Whether a parsed scalar is within the limits."""
+    kind = type(value)
+    if kind is int:
+        return INT64_MIN <= value <= INT64_MAX  # type: ignore[no-any-return]
+    if kind is str:
+        return len(value) <= MAX_STRING
+    if kind is float:
+        return math.isfinite(value)
+    return True  # bool or None
 
 
 def check(raw: bytes, what: str = "message") -> Any:

@@ -131,6 +131,24 @@ class InFlight:
         if held is not None and held.get(delivery.entry.id) is delivery:
             del held[delivery.entry.id]
 
+    def add_many(self, stream: str, deliveries: list[Delivery]) -> None:
+        """Hold deliveries of one stream (one read)."""
+        held = self._by_stream.get(stream)
+        if held is None:
+            held = self._by_stream[stream] = {}
+        for delivery in deliveries:
+            held[delivery.entry.id] = delivery
+
+    def discard_many(self, stream: str, deliveries: list[Delivery]) -> None:
+        """Stop holding deliveries of one stream (settled in one batch)."""
+        held = self._by_stream.get(stream)
+        if held is None:
+            return
+        for delivery in deliveries:
+            entry_id = delivery.entry.id
+            if held.get(entry_id) is delivery:
+                del held[entry_id]
+
     def holds(self, stream: str, entry_id: bytes) -> bool:
         """Whether this process holds that entry."""
         return entry_id in self._by_stream.get(stream, ())

@@ -158,7 +158,8 @@ class Settler:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
         # The acker forgets the delivery once acknowledged.
         status: OutcomeStatus = "acked" if decision.kind == "ack" else "cancelled"
-        self.acker.add(delivery, decision.job.id if decision.job else None, status)
+        job = decision.job or delivery.job
+        self.acker.add(delivery, job.id if job else None, status)
 
     async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
         if decision.kind == "lost" or delivery.lost:
@@ -317,6 +318,18 @@ class Settler:
                 )
             )
 
+    def report_many(self, items: list[tuple[Delivery, str | None, OutcomeStatus]]) -> None:
+        """Count applied acks and cancels in bulk (no ``on_outcome`` listener, none lost)."""
+        stats, by_role = self.stats, self.stats.by_role
+        counts: dict[tuple[str, OutcomeStatus], int] = {}
+        for delivery, _, status in items:
+            key = (delivery.role.name, status)
+            counts[key] = counts.get(key, 0) + 1
+        for (role, status), count in counts.items():
+            # Every status is also the name of its counter.
+            setattr(stats, status, getattr(stats, status) + count)
+            by_role[role, status] = by_role.get((role, status), 0) + count
+
 
 def _log_fields(delivery: Delivery, job: Job | None = None) -> dict[str, Any]:
     """The fields of a log line about a delivery (ids only, never the payload)."""
@@ -346,8 +359,11 @@ class _Acker:
         self._backoff = streams.Backoff("acknowledging")
 
     def add(self, delivery: Delivery, message_id: str | None, status: OutcomeStatus) -> None:
+        if not self._pending:
+            # Only the first entry of a batch wakes the acker: while it is non-empty, the
+            # wake-up is set or a flush in progress takes the batch.
+            self._wakeup.set()
         self._pending[delivery.stream].append((delivery, message_id, status))
-        self._wakeup.set()
 
     async def run(self) -> None:
         while True:
@@ -383,8 +399,10 @@ class _Acker:
                     settler._scripts, settler._redis, stream, settler.consumer, ids
                 )
             )
-            for delivery, message_id, status in items:
-                settler._held.discard(delivery)
-                settler.report(
-                    delivery, message_id, "lost" if delivery.entry.id in refused else status
-                )
+            settler._held.discard_many(stream, [delivery for delivery, _, _ in items])
+            if refused or settler._on_outcome is not None:
+                for delivery, message_id, status in items:
+                    lost = delivery.entry.id in refused
+                    settler.report(delivery, message_id, "lost" if lost else status)
+            else:
+                settler.report_many(items)

@@ -604,7 +604,12 @@ async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
     """Acknowledge and delete entries ``consumer`` still owns; return the refused ids."""
-    return await _owned_ids_script(scripts.settle, redis, stream, consumer, ids)
+    refused: list[bytes] = []
+    for start in range(0, len(ids), _CHUNK):
+        # One argument for the whole chunk: redis-py packs each argument in Python.
+        args: list[str | bytes] = [GROUP, consumer, b" ".join(ids[start : start + _CHUNK])]
+        refused += await scripts.settle(keys=[stream], args=args, client=redis)
+    return refused
 
 
 async def dead_letter(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from typing import Any
 
 import anyio
@@ -11,7 +13,7 @@ from redis.asyncio import Redis
 from streamflow import App, Context, Outcome, Worker, hostile
 from streamflow.errors import ProtocolError
 from streamflow.keys import Keys
-from streamflow.protocol import decode_dead_letter, decode_job
+from streamflow.protocol import Job, decode_dead_letter, decode_job
 from tests.helpers import pending_count, running, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -69,6 +71,73 @@ def test_decode_refuses(reason: str, detail: str, raw: bytes) -> None:
 def test_decode_accepts_strict_json_near_the_limits(payload: bytes) -> None:
     decoded = decode_job({b"message": job("fine", payload)}, max_bytes=10_000_000)
     assert decoded.id == "fine"
+
+
+def _random_value(rng: random.Random, depth: int) -> Any:
+    """A JSON value that is sometimes near or past a limit."""
+    kind = rng.choice(["int", "big", "float", "huge", "str", "dict", "list", "deep", "const"])
+    if kind == "int":
+        return rng.choice([0, -1, 2**63 - 1, -(2**63), rng.randrange(-(10**18), 10**18)])
+    if kind == "big":
+        return rng.choice([2**63, -(2**63) - 1, 10**30])
+    if kind == "float":
+        return rng.choice([1.5e300, -2e-300, 0.1, 1e308])
+    if kind == "huge":
+        return rng.choice(["1e400", "-1E309", "NaN", "Infinity"])  # written raw below
+    if kind == "str":
+        return rng.choice(['a":b', 'x" :y', "1e234", "e0001", "NaN", "é€😀", "\u0000", ""])
+    if kind == "const":
+        return rng.choice([True, False, None])
+    if depth > 3:
+        return 1
+    if kind == "dict":
+        return {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randrange(4))}
+    if kind == "list":
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return rng.choice([[[[[[1]]]]], [1] * 10_001, [1] * 10_000])
+
+
+def _write(value: Any, rng: random.Random) -> bytes:
+    """JSON text of ``value`` with random white space, some strings raw (see above), sometimes
+    a duplicate key."""
+    sep = rng.choice([(",", ":"), (", ", ": "), (",", " :"), (",\n", ":\t")])
+    text = json.dumps(value, separators=sep, ensure_ascii=False)
+    for raw in ("1e400", "-1E309", "NaN", "Infinity"):
+        text = text.replace(f'"{raw}"', raw, 1 if rng.random() < 0.5 else -1)
+    if rng.random() < 0.2:
+        text = text.replace('"k1"', '"k0"', 1)  # a duplicate key where both are written
+    return text.encode()
+
+
+def _full_check_first(raw: bytes) -> Job | tuple[str, str]:
+    """What decoding must give a message valid but for hostile content: the full check's
+    reason, or the job as the strict parser reads it."""
+    try:
+        hostile.check(raw)
+    except ProtocolError as exc:
+        return exc.reason, exc.detail
+    return Job.model_validate_json(raw)
+
+
+def test_fast_decode_agrees_with_running_the_full_check_first() -> None:
+    """The hot path skips the full check unless a look at the parsed job calls for it; on
+    every message below it must decide exactly as the full check run first would."""
+    rng = random.Random(20261122)
+    # All but the oversized one, and invalid UTF-8, which the parser refuses too (the reason
+    # is the same, the detail the parser's, as it always was).
+    messages = [raw for _, detail, raw in HOSTILE[:-1] if detail != "UTF-8"]
+    for n in range(3000):
+        payload = _write(_random_value(rng, 1), rng)
+        tail = rng.choice([b"", b',"payload":1', b',"attempt":2', b',"dedup_key":"a:b"'])
+        message_id = rng.choice(["a1e234b", f"m{n}", "x:y", "e000e000"])
+        messages.append(job(message_id, payload, tail))
+    for raw in messages:
+        expected = _full_check_first(raw)
+        try:
+            got: Job | tuple[str, str] = decode_job({b"message": raw})
+        except ProtocolError as exc:
+            got = exc.reason, exc.detail
+        assert got == expected, raw[:200]
 
 
 @pytest.mark.redis
