@@ -693,8 +693,12 @@ def dlq_show(role: str, dead_id: str, redis_url: str, namespace: str) -> None:
 
 def _check_entry_ids(ids: Sequence[str]) -> None:
     for entry_id in ids:
-        if not re.fullmatch(r"\d+-\d+", entry_id):
-            raise ConfigError(f"{entry_id!r} is not a stream entry id (like 1718000000000-0)")
+        # A partitioned role's dead letters are <partition>:<entry id>.
+        if not re.fullmatch(r"(\d+:)?\d+-\d+", entry_id):
+            raise ConfigError(
+                f"{entry_id!r} is not a dead letter id (like 1718000000000-0, or 2:1718000000000-0 "
+                "for a partitioned role)"
+            )
 
 
 async def _dlq_show(

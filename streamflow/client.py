@@ -358,9 +358,12 @@ class Client:
         return out
 
     async def dead_letter(self, role: str, dead_id: str) -> DeadLetterEntry | None:
-        """One dead letter by its id, or None."""
+        """One dead letter by its id, or None (also for a partition the role does not have)."""
         layout = await self._layouts.get(validate_name(role, "role"))
-        index, entry_id = _split_dead_id(layout, dead_id)
+        try:
+            index, entry_id = _split_dead_id(layout, dead_id)
+        except ValueError:
+            return None
         key = self.keys.dead_letters(layout.shards[index])
         reply: Any = await self.redis.xrange(key, entry_id, entry_id)
         if not reply:

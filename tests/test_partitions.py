@@ -6,6 +6,7 @@ SIGKILL, a DAG) are in test_cluster.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zlib
@@ -15,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+import streamflow
 from streamflow import App, Client, Context, SyncClient, Worker, partitions
 from streamflow.errors import ConfigError, InvalidNameError
 from streamflow.inspect import inspect_role, inspect_roles
@@ -218,3 +220,39 @@ async def test_the_harness_runs_a_partitioned_role_on_fakeredis() -> None:
         assert sorted(calls) == [0, 1, 2, 4, 5, 6, 7]
         assert [d.reason for d in await harness.dead_letters("hot")] == ["failed"]
         assert await harness.queued("hot") == 0
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_the_dlq_commands_take_partitioned_dead_letter_ids(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("hot", partitions=3)
+    async def hot(ctx: Context, payload: Any) -> None:
+        raise streamflow.Fatal("no")
+
+    client = Client(redis, namespace=namespace)
+    await Worker(app, redis, namespace=namespace).drain()  # creates the partitions
+    await client.publish_many("hot", [{"n": i} for i in range(3)])  # one per partition
+    await Worker(app, redis, namespace=namespace).drain()
+    conn = ["--redis-url", redis_url, "--namespace", namespace]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "streamflow", *args, *conn]
+        return subprocess.run(
+            command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60
+        )
+
+    listed = cli("dlq", "list", "hot", "--json")
+    assert listed.returncode == 0, listed.stderr
+    ids = [json.loads(line)["id"] for line in listed.stdout.splitlines()]
+    assert sorted(i.split(":")[0] for i in ids) == ["0", "1", "2"]
+    shown = cli("dlq", "show", "hot", ids[1])
+    assert shown.returncode == 0 and ids[1] in shown.stdout, shown.stderr
+    missing = cli("dlq", "show", "hot", "7:1-0")  # no partition 7
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    replayed = cli("dlq", "replay", "hot", ids[2])
+    assert replayed.returncode == 0 and "1 replayed" in replayed.stdout, replayed.stderr
+    assert await client.dead_letter_count("hot") == 2
