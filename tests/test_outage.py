@@ -65,6 +65,26 @@ class WorkerProcess:
         self.process.wait(timeout=10)
 
 
+def spawn_worker(
+    url: str, namespace: str, role: str, log: Path, env: dict[str, str]
+) -> WorkerProcess:
+    """``streamflow worker --app tests.apps:app --role ROLE`` with short block, lease and
+    reclaim times, its stderr in ``log``."""
+    command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
+    command += ["--role", role, "--redis-url", url, "--namespace", namespace]
+    command += ["--block-ms", "200", "--lease-ttl", "2", "--reclaim-interval", "0.2"]
+    with open(log, "wb") as err:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    return WorkerProcess(process, log)
+
+
 StartWorker = Callable[[RedisServer, str], WorkerProcess]
 
 
@@ -82,19 +102,7 @@ def start_worker(tmp_path: Path, record_file: Path) -> Iterator[StartWorker]:
         log = tmp_path / f"worker-{len(started)}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
         env["SFTEST_RECORD"] = str(record_file)
-        command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
-        command += ["--role", ROLE, "--redis-url", server.url, "--namespace", namespace]
-        command += ["--block-ms", "200", "--lease-ttl", "2", "--reclaim-interval", "0.2"]
-        with open(log, "wb") as err:
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        worker = WorkerProcess(process, log)
+        worker = spawn_worker(server.url, namespace, ROLE, log, env)
         started.append(worker)
         return worker
 

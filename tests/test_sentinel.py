@@ -11,8 +11,6 @@ are printed (``pytest -s``) and checked against the bounds in docs/operations.md
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,9 +29,9 @@ from streamflow.errors import ConfigError
 from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
 from tests.conftest import _require_redis_server
-from tests.helpers import ROOT, clean_env
+from tests.helpers import clean_env
 from tests.sentinel import SERVICE, LocalSentinel, local_sentinel
-from tests.test_outage import WorkerProcess
+from tests.test_outage import WorkerProcess, spawn_worker
 
 ROLE = "work"
 CANARY = "Canary-S3cret-7f1d"
@@ -226,19 +224,7 @@ def start_worker(tmp_path: Path, trace_file: Path) -> Iterator[StartWorker]:
 
     def start(url: str, namespace: str) -> WorkerProcess:
         log = tmp_path / f"worker-{len(started)}.log"
-        command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
-        command += ["--role", ROLE, "--redis-url", url, "--namespace", namespace]
-        command += ["--block-ms", "200", "--lease-ttl", "2", "--reclaim-interval", "0.2"]
-        with open(log, "wb") as err:
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=clean_env(SFTEST_RECORD=str(trace_file)),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        worker = WorkerProcess(process, log)
+        worker = spawn_worker(url, namespace, ROLE, log, clean_env(SFTEST_RECORD=str(trace_file)))
         started.append(worker)
         return worker
 
