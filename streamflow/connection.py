@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote
 
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -60,6 +61,19 @@ _SAFE: dict[type[Any], type[Any]] = {
     SSLConnection: SafeSSLConnection,
     UnixDomainSocketConnection: SafeUnixDomainSocketConnection,
 }
+
+
+def split_credentials(rest: str) -> tuple[str | None, str | None, str]:
+    """(user, password, what follows ``@``) of a URL after its ``scheme://``.
+
+    The last ``@`` ends the credentials, so a password may hold ``@`` unencoded; both are
+    percent-decoded and None when absent or empty.
+    """
+    userinfo, at, tail = rest.rpartition("@")
+    if not at:
+        return None, None, rest
+    user, colon, secret = userinfo.partition(":")
+    return unquote(user) or None, unquote(secret) if colon else None, tail
 
 
 def safe(connection_class: type[Any]) -> type[Any]:

@@ -38,7 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamflow.connection import SafeWrites
+from streamflow.connection import SafeWrites, split_credentials
 from streamflow.errors import ConfigError
 
 __all__ = ["DEFAULT_PORT", "SCHEME", "SentinelURL", "connect", "parse_url"]
@@ -96,12 +96,7 @@ def parse_url(url: str) -> SentinelURL:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme != SCHEME:
         raise ConfigError(f"not a {SCHEME}:// URL")
-    userinfo, at, tail = rest.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    username, password, tail = split_credentials(rest)
     if "#" in tail:
         raise ConfigError(f"a {SCHEME}:// URL takes no #fragment")
     location, _, query = tail.partition("?")

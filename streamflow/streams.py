@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypedDict, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -353,13 +353,7 @@ def _connect_cluster(
         del tls["ssl_password"]
         if tls.get("ssl_keyfile") or tls.get("ssl_certfile"):
             _refuse_encrypted_key(tls.get("ssl_keyfile") or tls["ssl_certfile"])
-    parts = url.partition("://")[2]
-    userinfo, at, _ = parts.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    username, password, _ = connection.split_credentials(url.partition("://")[2])
     cluster = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
         username=username,

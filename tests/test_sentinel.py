@@ -31,7 +31,7 @@ from tests.apps import Line, read_trace
 from tests.conftest import _require_redis_server
 from tests.helpers import clean_env
 from tests.sentinel import SERVICE, LocalSentinel, local_sentinel
-from tests.test_outage import WorkerProcess, spawn_worker
+from tests.test_outage import WorkerProcess, assert_healthy, spawn_worker
 
 ROLE = "work"
 CANARY = "Canary-S3cret-7f1d"
@@ -311,11 +311,7 @@ async def wait_settled(admin: Redis, namespace: str, timeout: float) -> None:
 
 def assert_same_processes_kept_working(workers: list[WorkerProcess]) -> None:
     """Each worker is the process that was started, started once and logged no traceback."""
-    for worker in workers:
-        log = worker.stderr()
-        assert worker.alive, log
-        assert log.count(" serving ") == 1, log
-        assert "Traceback" not in log, log
+    assert_healthy(workers)
 
 
 @dataclass
