@@ -16,12 +16,14 @@ object per line to stdout:
 
 SIGTERM or SIGINT stop the worker gracefully in the ``run`` modes. Like ``streamflow worker``,
 every mode calls ``freeze_startup_heap()`` once the worker is built (the process is the
-worker's alone).
+worker's alone). ``--loop asyncio|uvloop`` picks the event loop (default asyncio); the
+``drained`` event names the loop that actually ran, so a benchmark can check it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -43,6 +45,13 @@ ROLE = "bench"
 
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the event loop this coroutine runs on."""
+    return (
+        "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    )
 
 
 def worker_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,6 +89,7 @@ async def drain(args: argparse.Namespace) -> None:
             elapsed=elapsed,
             cpu=cpu,
             concurrency=worker.concurrency,
+            loop=loop_name(),
             started_at=started_at,
             ended_at=time.time(),
             **stats,
@@ -182,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--start-at", type=float, default=0.0, help="drain: Unix time to start")
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     return parser.parse_args(argv)
 
 
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args = parse_args(argv)
     modes = {"drain": drain, "latency": latency, "soak": soak}
-    anyio.run(modes[args.mode], args)
+    anyio.run(modes[args.mode], args, backend_options={"use_uvloop": args.loop == "uvloop"})
 
 
 if __name__ == "__main__":
