@@ -345,8 +345,10 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         settings,
         socket_timeout=settings.block_ms / 1000 + 10,
         name=f"streamflow-worker-{settings.consumer_name or ''}".rstrip("-"),
-        # A blocking reader per role and the signal listener hold one connection each.
-        max_connections=len(settings.roles or app.roles) + 32,
+        # A blocking reader per role partition and the signal listener hold one connection
+        # each (on a cluster, per node: this bounds every node's share).
+        max_connections=sum(app.get_role(name).partitions for name in settings.roles or app.roles)
+        + 32,
     )
     try:
         await streams.ping(redis, settings.url)

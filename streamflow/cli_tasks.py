@@ -111,7 +111,12 @@ async def _coordinate(
     strict: bool = False,
 ) -> None:
     redis = _connect(
-        settings, socket_timeout=options["block_ms"] / 1000 + 10, name="streamflow-coordinator"
+        settings,
+        socket_timeout=options["block_ms"] / 1000 + 10,
+        name="streamflow-coordinator",
+        # On a cluster it holds a blocking reader per events stream (a role partition's), and
+        # redis-py's cluster pool fails at its limit instead of waiting: room for many.
+        max_connections=512 if streams.is_cluster_url(settings.url) else 64,
     )
     try:
         await streams.ping(redis, settings.url)

@@ -104,9 +104,12 @@ class _Publisher:
         streams_of = {shard: self.keys.role_stream(shard) for shard in layout.shards}
         created = now_ms()
         out = []
-        message_keys = iter(keys) if keys is not None else None
-        for payload in payloads:
-            key = next(message_keys) if message_keys is not None else None
+        pairs: Iterable[tuple[Any, str | None]] = (
+            zip(payloads, keys, strict=True)
+            if keys is not None
+            else ((payload, None) for payload in payloads)
+        )
+        for payload, key in pairs:
             stream = streams_of[layout.pick(key)]
             message_id = new_message_id()
             out.append((stream, message_id, _encode(message_id, role, payload, created)))
@@ -315,7 +318,9 @@ class Client:
             chunk_size: Jobs per script call.
 
         Raises:
-            RedisUnavailable: Redis could not be reached; earlier chunks were published.
+            RedisUnavailable: Redis could not be reached; some chunks may have been published
+                (each chunk holds jobs of one partition, in order): retry with dedup keys.
+            ValueError: ``keys`` and ``payloads`` differ in length.
         """
         try:
             layout = await self._layouts.get(validate_name(role, "role"))

@@ -41,7 +41,7 @@ from streamflow.context import Batch
 from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
 from streamflow.graph import GraphSpec
-from streamflow.keys import COORDINATORS, Keys, validate_name
+from streamflow.keys import COORDINATORS, Keys, validate_name, validate_shard
 from streamflow.protocol import (
     EVENT_FIELD,
     PROTOCOL_VERSION,
@@ -494,7 +494,16 @@ class Coordinator:
                     item["inputs"] = dispatch.inputs
             else:
                 job = self._job(loaded.spec, step.task.id, dispatch, refs)
-                item = {"kind": "job", "role": job.role, "id": job.id, "job": encode(job).decode()}
+                # The partition is chosen now and recorded: a retried dispatch goes to the same
+                # one, where its dedup marker is.
+                shard = (await self._layouts.get(job.role)).for_key(job.task_id or "")
+                item = {
+                    "kind": "job",
+                    "role": job.role,
+                    "shard": shard,
+                    "id": job.id,
+                    "job": encode(job).decode(),
+                }
             items[name] = orjson.dumps(item)
         for node_id in step.reduce:
             items[f"{prefix}.r.{node_id}"] = orjson.dumps({"kind": "reduce", "node": node_id})
@@ -602,7 +611,8 @@ class Coordinator:
         for _, item in jobs:
             # A partitioned role gets all of one task's jobs on one partition (by task id), so
             # each task's events come back on one stream and tasks spread over the partitions.
-            shard = (await self._layouts.get(item["role"])).for_key(task_id)
+            # Items written before partitions existed have no shard: the role's first.
+            shard = validate_shard(item.get("shard") or item["role"])
             keys = [
                 self._keys.role_stream(shard),
                 self._keys.dedup(shard, "dispatch:" + item["id"]),

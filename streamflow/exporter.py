@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from streamflow import partitions, streams
+from streamflow.errors import ConfigError
 from streamflow.inspect import RoleInfo, inspect_roles
 from streamflow.keys import Keys
 from streamflow.registry import live_workers
@@ -88,7 +89,11 @@ class Exporter(Collector):
         roles = await inspect_roles(redis, keys)
         backlog = {}
         for info in roles:
-            layout = await partitions.load(redis, keys, info.role) or partitions.single(info.role)
+            try:
+                layout = await partitions.load(redis, keys, info.role)
+            except ConfigError:  # a corrupt record: inspect shows the role as one partition
+                layout = None
+            layout = layout or partitions.single(info.role)
             backlog[info.role] = 0
             for shard in layout.shards:
                 backlog[info.role] += int(await redis.xlen(keys.events(shard)))

@@ -199,12 +199,14 @@ async def ensure(redis: Redis, keys: Keys, role: str, count: int) -> Layout:
     Raises:
         PartitionMismatch: The role exists with another number of partitions.
     """
-    if streams.is_cluster(redis):
-        await redis.initialize()  # load the slot map
-    shards = plan(role, count, _owner_of(redis))
-    await redis.hsetnx(keys.role_config(role), SHARDS_FIELD, " ".join(shards))
     layout = await load(redis, keys, role)
-    assert layout is not None  # just written (or written before by someone else)
+    if layout is None:
+        if streams.is_cluster(redis):
+            await redis.initialize()  # load the slot map
+        shards = plan(role, count, _owner_of(redis))
+        await redis.hsetnx(keys.role_config(role), SHARDS_FIELD, " ".join(shards))
+        layout = await load(redis, keys, role)  # ours, or another worker's written first
+        assert layout is not None
     if layout.count != count:
         raise PartitionMismatch(
             f"role {role!r} was created with {layout.count} partition(s) but the app declares "

@@ -22,7 +22,13 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, RedisClusterException, ResponseError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -49,6 +55,7 @@ TRANSIENT_ERRORS = (
     OSError,
     ClusterDownError,
     TryAgainError,
+    SlotNotCoveredError,
 )
 
 
@@ -354,7 +361,7 @@ def _connect_cluster(
         if tls.get("ssl_keyfile") or tls.get("ssl_certfile"):
             _refuse_encrypted_key(tls.get("ssl_keyfile") or tls["ssl_certfile"])
     username, password, _ = connection.split_credentials(url.partition("://")[2])
-    cluster = RedisCluster(
+    cluster = _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
         username=username,
         password=password,
@@ -374,6 +381,24 @@ def _connect_cluster(
     for node in cluster.nodes_manager.startup_nodes.values():
         node.connection_class = cluster.connection_kwargs["connection_class"]
     return cast(Redis, cluster)
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, whose failure to reach any node is a connection error.
+
+    After a connection error the client reloads the slot map before its next command; when no
+    node answers it raises ``RedisClusterException("Redis Cluster cannot be connected")``,
+    which is not a ``ConnectionError`` and would stop every loop instead of backing off.
+    Other ``RedisClusterException``s (keys in different slots, ...) stay errors.
+    """
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            if not isinstance(exc.__cause__, TRANSIENT_ERRORS):
+                raise
+            raise RedisConnectionError(f"no cluster node answers: {exc.__cause__}") from exc
 
 
 def _refuse_encrypted_key(path: str) -> None:
@@ -706,6 +731,11 @@ async def publish_dedup(
         client=redis,
     )
     return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.partition("://")[0] in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
 
 
 def is_cluster(redis: Redis) -> bool:

@@ -70,7 +70,10 @@ class ClusterTLS:
 
 @contextmanager
 def local_cluster(
-    masters: int = 3, tls: ClusterTLS | None = None, node_timeout_ms: int = 5000
+    masters: int = 3,
+    tls: ClusterTLS | None = None,
+    node_timeout_ms: int = 5000,
+    appendonly: bool = False,
 ) -> Iterator[LocalCluster]:
     """Start ``masters`` cluster-enabled redis-servers, join them, wait for ``cluster_state:ok``.
 
@@ -104,6 +107,8 @@ def local_cluster(
                 tls_cert_file=None if tls is None else tls.cert,
                 tls_key_file=None if tls is None else tls.key,
                 tls_ca_file=None if tls is None else tls.ca,
+                appendonly=appendonly,
+                appendfsync="always",
             )  # fmt: skip
             stack.enter_context(server)
             servers.append(server)

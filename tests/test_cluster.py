@@ -607,7 +607,8 @@ async def test_a_worker_rides_out_a_master_lost_and_back_while_the_cluster_is_do
 ) -> None:
     """A master of a replica-less cluster is killed: its slots are lost, every node answers
     CLUSTERDOWN. The worker backs off instead of crashing, and once the master is back it
-    handles what is published then, on every partition."""
+    handles what is published then, on every partition. Then every node is killed at once
+    (no node answers the client's slot-map reload) and restarted: the same again."""
     if not RedisServer.available() or shutil.which("redis-cli") is None:
         pytest.skip("redis-server and redis-cli are needed")
     app = App()
@@ -617,8 +618,9 @@ async def test_a_worker_rides_out_a_master_lost_and_back_while_the_cluster_is_do
     async def steady(ctx: Context, payload: Any) -> None:
         seen.append(payload["n"])
 
-    # A short node timeout: the cluster notices the lost master (and its return) sooner.
-    with local_cluster(node_timeout_ms=1000) as down_cluster:
+    # A short node timeout: the cluster notices the lost master (and its return) sooner. An
+    # AOF synced on every write: the killed nodes come back with their data.
+    with local_cluster(node_timeout_ms=1000, appendonly=True) as down_cluster:
         redis = streams.connect(down_cluster.url)
         outcomes: list[Outcome] = []
         client = Client(redis, namespace=namespace)
@@ -638,9 +640,24 @@ async def test_a_worker_rides_out_a_master_lost_and_back_while_the_cluster_is_do
                     )
                     await _publish_retrying(client, layout, range(6, 12))
                     await wait_until(lambda: len(seen) >= 12, timeout=20)
+                    # Then every node at once: no node answers the client's slot-map reload.
+                    for server in down_cluster.servers:
+                        server.kill()
+                    # The first publish loses its connection; the next ones find no node to
+                    # reload the slot map from: an outage too, not a crash.
+                    for _ in range(3):
+                        with pytest.raises(RedisUnavailable):
+                            await client.publish("steady", {"n": -1})
+                    for server in down_cluster.servers:
+                        server.restart()
+                    await wait_until(
+                        lambda: all(_cluster_ok_on(s) for s in down_cluster.servers), timeout=20
+                    )
+                    await _publish_retrying(client, layout, range(12, 18))
+                    await wait_until(lambda: len(seen) >= 18, timeout=20)
         finally:
             await redis.aclose()
-    assert sorted(set(seen)) == list(range(12))
+    assert sorted(set(seen)) == list(range(18))
 
 
 def _cluster_ok_on(server: RedisServer) -> bool:

@@ -256,3 +256,20 @@ async def test_the_dlq_commands_take_partitioned_dead_letter_ids(
     replayed = cli("dlq", "replay", "hot", ids[2])
     assert replayed.returncode == 0 and "1 replayed" in replayed.stdout, replayed.stderr
     assert await client.dead_letter_count("hot") == 2
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_publish_many_needs_one_key_per_payload(redis: Redis, namespace: str) -> None:
+    await Worker(hot_app(3), redis, namespace=namespace).drain()
+    client = Client(redis, namespace=namespace)
+    with pytest.raises(ValueError):
+        await client.publish_many("hot", [{"n": 1}, {"n": 2}], keys=["only-one"])
+    assert await queued_jobs(redis, namespace) == 0
+
+
+async def queued_jobs(redis: Redis, namespace: str) -> int:
+    """Jobs in the role's partition streams (nothing is published when the keys are wrong)."""
+    layout = await partitions.load(redis, Keys(namespace), "hot")
+    assert layout is not None
+    return sum([await redis.xlen(Keys(namespace).role_stream(s)) for s in layout.shards])
