@@ -54,7 +54,8 @@ class Demo:
             return
         for child in children:
             try:
-                self.seen.setdefault(child.pid, child.name())
+                # The latest name: a child sampled between fork and exec is still "python".
+                self.seen[child.pid] = child.name()
             except psutil.NoSuchProcess:
                 continue
 

@@ -279,7 +279,9 @@ class Publisher:
                 return
 
     def acked_after(self, moment: float) -> set[str]:
-        return {m for m, at in self.acked.items() if at > moment}
+        # A copy first (one C call): a waiting thread reads this while publishers add to it.
+        acked = self.acked.copy()
+        return {m for m, at in acked.items() if at > moment}
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
