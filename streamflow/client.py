@@ -6,7 +6,6 @@ follows tasks, and lists, shows, replays and purges dead letters.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -646,21 +645,14 @@ class SyncClient:
         )
         self._pub = _Publisher(namespace, dedup_window)
         self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))
-        self._layouts: dict[str, partitions.Layout] = {}
-        self._missing: dict[str, float] = {}
+        self._layouts = partitions.LayoutCache()
 
     def _layout(self, role: str) -> partitions.Layout:
-        """The role's partitions, read once (see :class:`streamflow.partitions.Layouts`)."""
-        layout = self._layouts.get(validate_name(role, "role"))
-        if layout is not None:
-            return layout
-        if time.monotonic() < self._missing.get(role, 0.0):
-            return partitions.single(role)
-        recorded = self.redis.hget(self._pub.keys.role_config(role), partitions.SHARDS_FIELD)
-        if recorded is None:
-            self._missing[role] = time.monotonic() + partitions.Layouts.RECHECK
-            return partitions.single(role)
-        layout = self._layouts[role] = partitions.parse(role, recorded)
+        """The role's partitions, read once (see :class:`streamflow.partitions.LayoutCache`)."""
+        layout = self._layouts.cached(validate_name(role, "role"))
+        if layout is None:
+            key = self._pub.keys.role_config(role)
+            layout = self._layouts.record(role, self.redis.hget(key, partitions.SHARDS_FIELD))
         return layout
 
     def publish(

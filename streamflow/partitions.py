@@ -216,37 +216,50 @@ async def ensure(redis: Redis, keys: Keys, role: str, count: int) -> Layout:
     return layout
 
 
-class Layouts:
+class LayoutCache:
     """Layouts of roles as a publisher sees them, read from Redis once per role.
 
     A role not created yet is published to as one partition (its first shard, which every
     layout has) and looked up again a second later, so a publisher started before the workers
-    soon spreads its messages over the partitions they create.
+    soon spreads its messages over the partitions they create. The cache does no I/O: the
+    async :class:`Layouts` and the sync client read the record themselves.
     """
 
     #: Seconds before a role found not created is looked up again.
     RECHECK = 1.0
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
-        self._redis = redis
-        self._keys = keys
+    def __init__(self) -> None:
         self._known: dict[str, Layout] = {}
         self._missing: dict[str, float] = {}
 
-    async def get(self, role: str) -> Layout:
-        """The layout of ``role``."""
+    def cached(self, role: str) -> Layout | None:
+        """The layout to use without reading Redis, or None when the record must be read."""
         layout = self._known.get(role)
-        if layout is not None:
-            return layout
-        if time.monotonic() < self._missing.get(role, 0.0):
+        if layout is None and time.monotonic() < self._missing.get(role, 0.0):
             return single(role)
-        layout = await load(self._redis, self._keys, role)
-        if layout is None:
-            self._missing[role] = time.monotonic() + self.RECHECK
-            return single(role)
-        self._known[role] = layout
         return layout
 
-    def forget(self, role: str) -> None:
-        """Drop a cached layout (after the role was deleted and recreated)."""
-        self._known.pop(role, None)
+    def record(self, role: str, recorded: bytes | str | None) -> Layout:
+        """Remember what Redis holds for ``role`` (None: not created yet); its layout."""
+        if recorded is None:
+            self._missing[role] = time.monotonic() + self.RECHECK
+            return single(role)
+        layout = self._known[role] = parse(role, recorded)
+        return layout
+
+
+class Layouts(LayoutCache):
+    """A :class:`LayoutCache` that reads the records through an async client."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        super().__init__()
+        self._redis = redis
+        self._keys = keys
+
+    async def get(self, role: str) -> Layout:
+        """The layout of ``role``."""
+        layout = self.cached(role)
+        if layout is None:
+            recorded = await self._redis.hget(self._keys.role_config(role), SHARDS_FIELD)
+            layout = self.record(role, recorded)
+        return layout
