@@ -15,7 +15,7 @@ object per line to stdout:
   before the worker shuts down), then exits.
 
 SIGTERM or SIGINT stop the worker gracefully in the ``run`` modes. Like ``streamflow worker``,
-every mode calls ``freeze_startup_heap()`` once the worker is built (the process is the
+every mode calls ``tune_garbage_collector()`` once the worker is built (the process is the
 worker's alone). ``--loop asyncio|uvloop`` picks the event loop (default asyncio); the
 ``drained`` event names the loop that actually ran, so a benchmark can check it.
 """
@@ -38,7 +38,7 @@ import psutil  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
 from streamflow import App, Context, Outcome, Worker, streams
-from streamflow.worker import freeze_startup_heap
+from streamflow.worker import tune_garbage_collector
 
 ROLE = "bench"
 
@@ -77,7 +77,7 @@ async def drain(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
-        freeze_startup_heap()
+        tune_garbage_collector()
         if args.start_at:  # several processes start draining together
             await anyio.sleep(max(0.0, args.start_at - time.time()))
         cpu0, t0, started_at = time.process_time(), time.perf_counter(), time.time()
@@ -120,7 +120,7 @@ async def latency(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
-        freeze_startup_heap()
+        tune_garbage_collector()
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_signal, worker)
             # run() returns once the handler has seen --expected messages (or on a signal).
@@ -170,7 +170,7 @@ async def soak(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, on_outcome=on_outcome, **worker_options(args))
-        freeze_startup_heap()
+        tune_garbage_collector()
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_signal, worker)
             await tg.start(run_then_cancel, worker, tg.cancel_scope)

@@ -28,7 +28,7 @@ from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResul
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.metrics import Health, MetricsServer
 from streamflow.protocol import json_schemas
-from streamflow.worker import Worker, freeze_startup_heap
+from streamflow.worker import Worker, tune_garbage_collector
 
 logger = logging.getLogger("streamflow")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -374,7 +374,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
     )
     roles = ", ".join(settings.roles or tuple(app.roles))
     health = Health(redis)
-    freeze_startup_heap()  # this process is the worker's alone
+    tune_garbage_collector()  # this process is the worker's alone
     try:
         with _serving_metrics(
             worker.enable_metrics if settings.metrics_port is not None else None,

@@ -220,7 +220,8 @@ class _Sentinel(Sentinel):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # Untyped before redis-py 8.2, typed since: the ignore must fit both.
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call,unused-ignore]
         self._asking = anyio.Lock()
 
     async def discover_master(self, service_name: str) -> Any:

@@ -17,6 +17,7 @@ from typing import Any, TypedDict, cast
 from urllib.parse import urlsplit
 
 import anyio
+import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -45,9 +46,16 @@ CLUSTER_SCHEME = "redis+cluster"
 CLUSTER_TLS_SCHEME = "rediss+cluster"
 #: The schemes whose connections are TLS.
 TLS_SCHEMES = ("rediss", CLUSTER_TLS_SCHEME)
+# redis-py 8.2 raises RedisClusterUnreachableError from a cluster command when no node answers
+# (a connection error is its cause); earlier versions have no such class (see _Cluster), and
+# ClusterDownError, listed anyway, stands in for it.
+_UNREACHABLE: type[Exception] = getattr(
+    redis.exceptions, "RedisClusterUnreachableError", ClusterDownError
+)
 #: Errors after which a command may or may not have run; callers reconnect and go on. On a
 #: cluster, CLUSTERDOWN (slots without a master, e.g. a master lost before its replica took
-#: over) and TRYAGAIN (a slot being migrated) are outages of the same kind: wait and retry.
+#: over), TRYAGAIN (a slot being migrated) and no node answering are outages of the same kind:
+#: wait and retry.
 TRANSIENT_ERRORS = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -56,12 +64,16 @@ TRANSIENT_ERRORS = (
     ClusterDownError,
     TryAgainError,
     SlotNotCoveredError,
+    _UNREACHABLE,
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
-    """One stream entry as Redis returned it.
+    """One stream entry as Redis returned it (read-only by convention).
+
+    Not a frozen dataclass: a worker makes one per entry it reads, and a frozen one costs three
+    times as much to build (0.41 us against 0.14).
 
     Attributes:
         id: The stream entry id, e.g. ``b"1718000000000-0"``.
