@@ -187,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--read-count", type=int)
-    parser.add_argument("--prefetch", type=int)
+    parser.add_argument("--prefetch", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--partitions", type=int, default=1, help="drain: the role's partitions")
     parser.add_argument("--start-at", type=float, default=0.0, help="drain: Unix time to start")
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")

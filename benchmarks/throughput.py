@@ -49,7 +49,11 @@ SECTION = "## Throughput (core)"
 DEFAULT_MESSAGES = 100_000
 QUICK_MESSAGES = 20_000
 #: (concurrency, read_count, prefetch) combinations tried for the "best settings" figure.
-GRID = [(c, r, p) for c in (64, 128, 256) for r, p in ((256, 0), (256, 256), (1000, 1000))]
+GRID: list[tuple[int, int, int | str]] = [
+    (c, r, p)
+    for c in (64, 128, 256)
+    for r, p in ((256, 0), (256, 256), (1000, 1000), (1000, "auto"))
+]
 BARE_READ_COUNT = 100
 PUBLISH_CHUNK = 1000
 BIG_CHUNK = 10_000
@@ -81,7 +85,7 @@ class Drain:
     publish_rate: float | None = None
     concurrency: int | None = None
     read_count: int | None = None
-    prefetch: int | None = None
+    prefetch: int | str | None = None
 
     @property
     def rate(self) -> float:
@@ -221,7 +225,7 @@ async def worker_drain(
     loop: str = "asyncio",
     concurrency: int | None = None,
     read_count: int | None = None,
-    prefetch: int | None = None,
+    prefetch: int | str | None = None,
     profile: Path | None = None,
 ) -> Drain:
     """Publish n jobs with Client.publish_many, then drain them with one worker process."""
@@ -423,7 +427,7 @@ def verdict(ok: bool) -> str:
 
 def settings(d: Drain) -> str:
     if d.read_count is None:
-        return f"defaults (concurrency {d.concurrency}, read_count 256, prefetch 0)"
+        return f"defaults (concurrency {d.concurrency}, read_count 256, prefetch auto)"
     return f"concurrency {d.concurrency}, read_count {d.read_count}, prefetch {d.prefetch}"
 
 

@@ -231,10 +231,10 @@ def main(log_level: str, log_format: str) -> None:
 @click.option(
     "--prefetch",
     envvar="STREAMFLOW_PREFETCH",
-    type=int,
-    default=0,
+    default="auto",
     show_default=True,
-    help="Entries read ahead of free handler slots (raise it for many short jobs).",
+    help="Entries read ahead of free handler slots: 'auto' (what the worker starts in about "
+    "50 ms, at most --read-count) or a number (0: none).",
 )
 @click.option(
     "--block-ms",

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -150,7 +150,7 @@ class WorkerSettings(ConnectionSettings):
     consumer_name: str | None = None
     processes: Annotated[int, Field(ge=1, le=256)] = 1
     read_count: Annotated[int, Field(ge=1, le=100_000)] = 256
-    prefetch: Annotated[int, Field(ge=0, le=100_000)] = 0
+    prefetch: int | Literal["auto"] = "auto"
     block_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
@@ -185,6 +185,16 @@ class WorkerSettings(ConnectionSettings):
     @classmethod
     def _check_roles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(validate_name(role, "role") for role in value)
+
+    @field_validator("prefetch", mode="before")
+    @classmethod
+    def _check_prefetch(cls, value: object) -> object:
+        if value == "auto":
+            return value
+        number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if type(number) is int and 0 <= number <= 100_000:
+            return number
+        raise ValueError(f"must be 'auto' or a whole number from 0 to 100,000, not {value!r}")
 
     @field_validator("consumer_name")
     @classmethod

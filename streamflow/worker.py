@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskStatus
@@ -58,6 +58,11 @@ VERSION = importlib.metadata.version("streamflow")
 
 #: Seconds between looks at a role's delayed schedule when nothing is due sooner.
 PROMOTE_POLL = 0.5
+#: ``prefetch="auto"`` reads ahead about as many entries as the worker starts in this many
+#: seconds at its recent pace, so that an entry waits about this long for a handler slot.
+AUTO_PREFETCH_WAIT = 0.05
+#: The shortest period over which the pace is measured (reads closer together reuse it).
+PACE_WINDOW = 0.01
 
 
 #: The garbage collector's first threshold in a process dedicated to a worker (CPython: 700).
@@ -109,8 +114,10 @@ class Worker:
         consumer: This worker's consumer name; unique per live process (enforced).
         read_count: The most entries one read fetches.
         prefetch: Entries read ahead of free handler slots, so that reading overlaps handling.
-            They wait leased to this worker, where no other worker can take them: keep it 0
-            (the default) for slow jobs, raise it for many short ones.
+            They wait leased to this worker, where no other worker can take them. ``"auto"``
+            (the default) reads ahead what this worker starts in about
+            :data:`AUTO_PREFETCH_WAIT` seconds at its recent pace, at most ``read_count``: many
+            for short jobs, none for slow ones. 0 never holds more entries than handler slots.
         block_ms: How long an idle read waits before looking again (bounds shutdown time).
         max_message_bytes: Larger entries are dead-lettered as ``too_large`` before parsing.
         dead_letter_max_len: Dead-letter streams are capped near this many entries.
@@ -130,7 +137,7 @@ class Worker:
         concurrency: int = 64,
         consumer: str | None = None,
         read_count: int = 256,
-        prefetch: int = 0,
+        prefetch: int | Literal["auto"] = "auto",
         block_ms: int = 1000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         dead_letter_max_len: int = 100_000,
@@ -140,6 +147,8 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if prefetch != "auto" and not (isinstance(prefetch, int) and prefetch >= 0):
+            raise ValueError(f"prefetch must be 'auto' or a whole number >= 0, not {prefetch!r}")
         self._app = app
         self._redis = redis
         self._keys = Keys(namespace)
@@ -180,8 +189,12 @@ class Worker:
         self._signals = SignalListener(
             redis, self._keys, self._cancels.book, self._cancels.on_signal, block_ms=block_ms
         )
-        self._prefetch = prefetch
-        self._held_limit = concurrency + self._prefetch
+        self._auto_prefetch = prefetch == "auto"
+        self._set_prefetch(0 if prefetch == "auto" else prefetch)
+        # The pace (entries finished per second) that "auto" sizes the prefetch by.
+        self._pace = 0.0
+        self._paced_at = time.monotonic()
+        self._paced_done = 0
         self._queue: deque[Delivery] = deque()
         self._idle: deque[anyio.Event] = deque()
         self._waking = 0
@@ -191,7 +204,6 @@ class Worker:
         # A reader was woken and has not run yet; a consumer lets it in once this many entries
         # can be read, so that the read overlaps handling what is still queued.
         self._reader_woken = False
-        self._read_ahead_at = max(1, self._held_limit // 2)
         self._promoter_wakeups: dict[str, anyio.Event] = {}
         # Each role's partitions (shards), as recorded in Redis; set when serving starts.
         self._shards: dict[str, tuple[str, ...]] = {}
@@ -526,6 +538,29 @@ class Worker:
             self._waking += 1
             self._idle.popleft().set()
 
+    def _set_prefetch(self, prefetch: int) -> None:
+        self._prefetch = prefetch
+        self._held_limit = self.concurrency + prefetch
+        self._read_ahead_at = max(1, self._held_limit // 2)
+
+    def _adapt_prefetch(self) -> None:
+        """With ``prefetch="auto"``: read ahead what the worker starts in a short wait.
+
+        Measured once per read, from the entries finished since the last measurement, so the
+        hot path pays nothing for it. An idle worker's pace falls towards 0, and so does its
+        prefetch; slow jobs (1 s each on 64 slots: 64 per second) get about 3.
+        """
+        now = time.monotonic()
+        elapsed = now - self._paced_at
+        if elapsed < PACE_WINDOW:
+            return
+        done = self._settler.stats.received - self._in_flight
+        pace = (done - self._paced_done) / elapsed
+        self._paced_at, self._paced_done = now, done
+        # Smoothed over a few reads, so that one slow handler does not empty the buffer.
+        self._pace = (self._pace + pace) / 2
+        self._set_prefetch(min(self._read_count, int(self._pace * AUTO_PREFETCH_WAIT)))
+
     def _read_budget(self) -> int:
         """How many entries to read now: 0 while the prefetch buffer is still well stocked."""
         free = self._held_limit - self._in_flight
@@ -536,6 +571,8 @@ class Worker:
         return 0
 
     async def _wait_capacity(self) -> int:
+        if self._auto_prefetch:
+            self._adapt_prefetch()
         while (budget := self._read_budget()) == 0 and not self._stopping.is_set():
             await self._wait_progress()
         return budget

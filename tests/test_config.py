@@ -57,6 +57,23 @@ def test_build_ignores_none_values_and_keeps_defaults() -> None:
     assert settings.namespace == "sf"
 
 
+@pytest.mark.parametrize(("given", "expected"), [("auto", "auto"), ("0", 0), ("256", 256), (7, 7)])
+def test_prefetch_is_auto_or_a_whole_number(given: object, expected: object) -> None:
+    settings = build(WorkerSettings, app="tests.apps:app", prefetch=given)
+    assert isinstance(settings, WorkerSettings)
+    assert settings.prefetch == expected
+    assert WorkerSettings(app="tests.apps:app").prefetch == "auto"
+
+
+@pytest.mark.parametrize("given", ["many", "-1", "100001", "2.5", True])
+def test_a_bad_prefetch_is_one_clear_error(given: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(WorkerSettings, app="tests.apps:app", prefetch=given)
+    assert str(caught.value) == (
+        f"--prefetch: must be 'auto' or a whole number from 0 to 100,000, not {given!r}"
+    )
+
+
 def test_settings_are_frozen() -> None:
     settings = build(ConnectionSettings, namespace="ns1")
     with pytest.raises(Exception, match="frozen"):

@@ -389,3 +389,47 @@ async def test_shutdown_sets_the_cancel_token_so_handlers_stop_at_a_safe_point(
     assert [o.status for o in outcomes] == ["released"]
     stream = Keys(namespace).role_stream("steps")
     assert await pending_count(redis, stream) == 1  # handed back for another worker
+
+
+async def _peak_in_flight(
+    redis: Redis, namespace: str, jobs: int, seconds: float, **options: Any
+) -> tuple[int, int]:
+    """Handle ``jobs`` jobs of ``seconds`` each; the most entries the worker held, and its
+    concurrency."""
+    app = App()
+    peak = done = 0
+
+    @app.role("paced")
+    async def paced(ctx: Context, payload: Any) -> None:
+        nonlocal peak, done
+        peak = max(peak, worker.statistics().in_flight)
+        if seconds:
+            await anyio.sleep(seconds)
+        done += 1
+
+    worker = Worker(app, redis, namespace=namespace, **options)
+    await Client(redis, namespace=namespace).publish_many("paced", ({"n": i} for i in range(jobs)))
+    async with running(worker):
+        await wait_until(lambda: done == jobs, timeout=30)
+    return peak, worker.concurrency
+
+
+async def test_auto_prefetch_reads_ahead_for_short_jobs(redis: Redis, namespace: str) -> None:
+    peak, concurrency = await _peak_in_flight(redis, namespace, 5000, 0, concurrency=4)
+    # Held beyond the handler slots: read ahead, at most read_count more.
+    assert concurrency < peak <= concurrency + 256, peak
+
+
+async def test_auto_prefetch_holds_almost_nothing_ahead_of_slow_jobs(
+    redis: Redis, namespace: str
+) -> None:
+    # 0.2 s jobs on 2 slots: 10 finish a second, 0.5 start within the 50 ms the prefetch covers.
+    peak, concurrency = await _peak_in_flight(redis, namespace, 16, 0.2, concurrency=2)
+    assert peak <= concurrency + 1, peak
+
+
+async def test_prefetch_0_never_holds_more_than_the_handler_slots(
+    redis: Redis, namespace: str
+) -> None:
+    peak, concurrency = await _peak_in_flight(redis, namespace, 2000, 0, concurrency=4, prefetch=0)
+    assert peak == concurrency
