@@ -427,7 +427,7 @@ def verdict(ok: bool) -> str:
 
 def settings(d: Drain) -> str:
     if d.read_count is None:
-        return f"defaults (concurrency {d.concurrency}, read_count 256, prefetch auto)"
+        return f"defaults (concurrency {d.concurrency}, read_count 1000, prefetch auto)"
     return f"concurrency {d.concurrency}, read_count {d.read_count}, prefetch {d.prefetch}"
 
 

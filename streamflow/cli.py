@@ -224,7 +224,7 @@ def main(log_level: str, log_format: str) -> None:
     "--read-count",
     envvar="STREAMFLOW_READ_COUNT",
     type=int,
-    default=256,
+    default=1000,
     show_default=True,
     help="The most entries one read fetches.",
 )
@@ -234,7 +234,7 @@ def main(log_level: str, log_format: str) -> None:
     default="auto",
     show_default=True,
     help="Entries read ahead of free handler slots: 'auto' (what the worker starts in about "
-    "50 ms, at most --read-count) or a number (0: none).",
+    "50 ms, at most --read-count and about 16 MiB) or a number (0: none).",
 )
 @click.option(
     "--block-ms",

@@ -149,7 +149,7 @@ class WorkerSettings(ConnectionSettings):
     concurrency: Annotated[int, Field(ge=1, le=100_000)] = 64
     consumer_name: str | None = None
     processes: Annotated[int, Field(ge=1, le=256)] = 1
-    read_count: Annotated[int, Field(ge=1, le=100_000)] = 256
+    read_count: Annotated[int, Field(ge=1, le=100_000)] = 1000
     prefetch: int | Literal["auto"] = "auto"
     block_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024

@@ -45,6 +45,7 @@ from streamflow.keys import Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MESSAGE_FIELD,
     Job,
     now_ms,
 )
@@ -63,6 +64,9 @@ PROMOTE_POLL = 0.5
 AUTO_PREFETCH_WAIT = 0.05
 #: The shortest period over which the pace is measured (reads closer together reuse it).
 PACE_WINDOW = 0.01
+#: ``prefetch="auto"`` holds at most about this many bytes of messages read ahead (at the size of
+#: recent messages), so that a burst of large messages does not fill the worker's memory.
+AUTO_PREFETCH_BYTES = 16 * 1024 * 1024
 
 
 #: The garbage collector's first threshold in a process dedicated to a worker (CPython: 700).
@@ -116,8 +120,9 @@ class Worker:
         prefetch: Entries read ahead of free handler slots, so that reading overlaps handling.
             They wait leased to this worker, where no other worker can take them. ``"auto"``
             (the default) reads ahead what this worker starts in about
-            :data:`AUTO_PREFETCH_WAIT` seconds at its recent pace, at most ``read_count``: many
-            for short jobs, none for slow ones. 0 never holds more entries than handler slots.
+            :data:`AUTO_PREFETCH_WAIT` seconds at its recent pace, at most ``read_count`` and
+            about :data:`AUTO_PREFETCH_BYTES` of messages: many for short jobs, none for slow
+            ones. 0 never holds more entries than handler slots.
         block_ms: How long an idle read waits before looking again (bounds shutdown time).
         max_message_bytes: Larger entries are dead-lettered as ``too_large`` before parsing.
         dead_letter_max_len: Dead-letter streams are capped near this many entries.
@@ -136,7 +141,7 @@ class Worker:
         namespace: str = "sf",
         concurrency: int = 64,
         consumer: str | None = None,
-        read_count: int = 256,
+        read_count: int = 1000,
         prefetch: int | Literal["auto"] = "auto",
         block_ms: int = 1000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -195,6 +200,7 @@ class Worker:
         self._pace = 0.0
         self._paced_at = time.monotonic()
         self._paced_done = 0
+        self._message_bytes = 0.0  # the size of recent messages, sampled once per read
         self._queue: deque[Delivery] = deque()
         self._idle: deque[anyio.Event] = deque()
         self._waking = 0
@@ -520,6 +526,10 @@ class Worker:
         return self._stopping.is_set()
 
     def _dispatch(self, role: Role, shard: str, stream: str, entries: list[streams.Entry]) -> None:
+        if self._auto_prefetch:
+            sample = len(entries[0].fields.get(MESSAGE_FIELD, b""))
+            recent = self._message_bytes
+            self._message_bytes = (recent + sample) / 2 if recent else float(sample)
         self._in_flight += len(entries)
         self._settler.stats.received += len(entries)
         deliveries = [Delivery(role, shard, stream, entry) for entry in entries]
@@ -559,7 +569,8 @@ class Worker:
         self._paced_at, self._paced_done = now, done
         # Smoothed over a few reads, so that one slow handler does not empty the buffer.
         self._pace = (self._pace + pace) / 2
-        self._set_prefetch(min(self._read_count, int(self._pace * AUTO_PREFETCH_WAIT)))
+        fit = int(AUTO_PREFETCH_BYTES / max(self._message_bytes, 1.0))
+        self._set_prefetch(min(self._read_count, fit, int(self._pace * AUTO_PREFETCH_WAIT)))
 
     def _read_budget(self) -> int:
         """How many entries to read now: 0 while the prefetch buffer is still well stocked."""

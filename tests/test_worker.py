@@ -8,10 +8,12 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from fakeredis import FakeAsyncRedis as FakeRedis
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, RetryPolicy, Worker, streams
+from streamflow import worker as worker_module
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import decode_dead_letter
 from streamflow.worker import Outcome
@@ -416,8 +418,8 @@ async def _peak_in_flight(
 
 async def test_auto_prefetch_reads_ahead_for_short_jobs(redis: Redis, namespace: str) -> None:
     peak, concurrency = await _peak_in_flight(redis, namespace, 5000, 0, concurrency=4)
-    # Held beyond the handler slots: read ahead, at most read_count more.
-    assert concurrency < peak <= concurrency + 256, peak
+    # Held beyond the handler slots: read ahead, at most read_count (1000) more.
+    assert concurrency < peak <= concurrency + 1000, peak
 
 
 async def test_auto_prefetch_holds_almost_nothing_ahead_of_slow_jobs(
@@ -433,3 +435,39 @@ async def test_prefetch_0_never_holds_more_than_the_handler_slots(
 ) -> None:
     peak, concurrency = await _peak_in_flight(redis, namespace, 2000, 0, concurrency=4, prefetch=0)
     assert peak == concurrency
+
+
+def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sizing rule alone, on a clock the test moves: what the worker finishes in 50 ms,
+    at most read_count entries and about 16 MiB of messages at their recent size."""
+    clock = [1000.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    app = App()
+
+    @app.role("paced")
+    async def paced(ctx: Context, payload: Any) -> None:
+        pass
+
+    worker = Worker(app, FakeRedis(), concurrency=64)
+    role = app.get_role("paced")
+
+    def read(size: int, finished: int, seconds: float) -> int:
+        """A read of one entry of ``size`` bytes after ``finished`` entries in ``seconds``."""
+        clock[0] += seconds
+        worker._in_flight = 0
+        worker._settler.stats.received += finished - 1
+        worker._dispatch(role, "paced", "s", [streams.Entry(b"1-0", {b"message": b"x" * size})])
+        worker._adapt_prefetch()
+        return worker._prefetch
+
+    assert worker._prefetch == 0  # nothing measured yet
+    # Short jobs: 100,000 a second; read_count (1000) bounds it.
+    assert [read(200, 10_000, 0.1) for _ in range(3)] == [1000, 1000, 1000]
+    # 1 MiB messages at the same pace: 16 MiB of them, once their size settled.
+    assert [read(1024 * 1024, 10_000, 0.1) for _ in range(10)][-1] == 16
+    # Slow jobs: 64 a second (1 s each on 64 slots) holds 3 read ahead, once the pace settled.
+    assert [read(200, 64, 1.0) for _ in range(20)][-1] == 3
+    # An idle worker's prefetch falls to 0.
+    assert [read(200, 1, 1.0) for _ in range(20)][-1] == 0
