@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import logs, nodes, streams
 from streamflow.decisions import Decision
@@ -151,6 +152,10 @@ class Settler:
                 )
                 self._held.discard(delivery)
                 return
+            except ResponseError as exc:
+                if not streams.is_group_lost(exc):
+                    raise
+                status = "lost"  # the group is gone with its pending list: nothing to apply
             self._held.discard(delivery)
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
 
@@ -394,11 +399,18 @@ class _Acker:
         settler = self._settler
         for stream, items in batch.items():
             ids = [delivery.entry.id for delivery, _, _ in items]
-            refused = set(
-                await streams.settle(
-                    settler._scripts, settler._redis, stream, settler.consumer, ids
+            try:
+                refused = set(
+                    await streams.settle(
+                        settler._scripts, settler._redis, stream, settler.consumer, ids
+                    )
                 )
-            )
+            except ResponseError as exc:
+                if not streams.is_group_lost(exc):
+                    raise
+                # The group and its pending list are gone (a Redis restarted without
+                # persistence): nothing is left to acknowledge.
+                refused = set(ids)
             settler._held.discard_many(stream, [delivery for delivery, _, _ in items])
             if refused or settler._on_outcome is not None:
                 for delivery, message_id, status in items:

@@ -14,7 +14,9 @@ from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, RetryPolicy, Worker, streams
 from streamflow import worker as worker_module
+from streamflow.decisions import dead
 from streamflow.keys import GROUP, Keys
+from streamflow.leases import Delivery
 from streamflow.protocol import decode_dead_letter
 from streamflow.worker import Outcome
 from tests.helpers import pending_count, running, wait_until
@@ -249,6 +251,40 @@ async def test_a_lost_consumer_group_is_recreated_and_work_continues(
             await redis.delete(stream)  # as after a restart of a Redis without persistence
             await client.publish("echo", 2)
             await wait_until(lambda: seen == [1, 2])
+
+
+async def test_renewals_and_acks_that_find_the_group_gone_lose_their_entries_not_the_worker(
+    redis: Redis, namespace: str
+) -> None:
+    """After a Redis restart without persistence, a publisher may recreate a role's stream
+    before the reader recreates its group: the worker's renewal and acknowledgement then get
+    NOGROUP. Their entries are lost (the group's pending list is gone), and nothing raises."""
+    app = App()
+
+    @app.role("held")
+    async def held(ctx: Context, payload: int) -> None:
+        pass
+
+    outcomes: list[Outcome] = []
+    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    stream = Keys(namespace).role_stream("held")
+    await Client(redis, namespace=namespace).publish_many("held", [1, 2, 3])  # no group yet
+    running_one, finished_one, failed_one = (
+        Delivery(app.get_role("held"), "held", stream, entry)
+        for entry in await streams.read_range(redis, stream)
+    )
+    for delivery in (running_one, finished_one, failed_one):
+        worker._held.add(delivery)
+    with anyio.fail_after(10):
+        worker._settler.acker.add(finished_one, None, "acked")
+        await worker._settler.acker.flush()
+        await worker._settler.apply(failed_one, dead("fatal", "gave up"))
+        await worker._leases.renew_once()
+    assert [(o.entry_id, o.status) for o in outcomes] == [
+        (finished_one.entry.id.decode(), "lost"),
+        (failed_one.entry.id.decode(), "lost"),
+    ]
+    assert running_one.lost
 
 
 async def test_stop_lets_in_flight_handlers_finish_and_acks_them(
