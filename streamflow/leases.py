@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from streamflow import streams
 from streamflow.app import Role
@@ -276,16 +275,7 @@ class LeaseKeeper:
             await self._register()
         for stream, held in self._in_flight.by_stream():
             ids = [d.entry.id for d in held]
-            try:
-                lost = set(
-                    await streams.renew(self._scripts, self._redis, stream, self._consumer, ids)
-                )
-            except ResponseError as exc:
-                if not streams.is_group_lost(exc):
-                    raise
-                # The group is gone (a Redis restarted without persistence), and every lease
-                # with it; the reader recreates the group.
-                lost = set(ids)
+            lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
             self.renewals += len(ids) - len(lost)
             for delivery in held:
                 # An entry whose ack is on its way was likely just acknowledged, not lost.

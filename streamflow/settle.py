@@ -399,18 +399,11 @@ class _Acker:
         settler = self._settler
         for stream, items in batch.items():
             ids = [delivery.entry.id for delivery, _, _ in items]
-            try:
-                refused = set(
-                    await streams.settle(
-                        settler._scripts, settler._redis, stream, settler.consumer, ids
-                    )
+            refused = set(
+                await streams.settle(
+                    settler._scripts, settler._redis, stream, settler.consumer, ids
                 )
-            except ResponseError as exc:
-                if not streams.is_group_lost(exc):
-                    raise
-                # The group and its pending list are gone (a Redis restarted without
-                # persistence): nothing is left to acknowledge.
-                refused = set(ids)
+            )
             settler._held.discard_many(stream, [delivery for delivery, _, _ in items])
             if refused or settler._on_outcome is not None:
                 for delivery, message_id, status in items:

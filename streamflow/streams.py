@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypedDict, cast
@@ -620,14 +620,27 @@ _CHUNK = 1000
 
 
 async def _owned_ids_script(
-    script: Any, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes], *extra: Any
+    script: Any,
+    redis: Redis,
+    stream: str,
+    ids: Sequence[bytes],
+    args_of: Callable[[Sequence[bytes]], list[Any]],
 ) -> list[bytes]:
-    """Run an owner-checking script over ``ids`` in chunks; returns the ids it refused."""
+    """Run an owner-checking script over ``ids`` in chunks; returns the ids it refused.
+
+    A consumer group that is gone owns nothing, so every id is refused: ``NOGROUP`` after a
+    Redis restart without persistence, when a publisher recreated the stream before a reader
+    recreated the group (the entries' pending list went with the restart).
+    """
     refused: list[bytes] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
-        args = [GROUP, consumer, *extra, *chunk]
-        refused += await script(keys=[stream], args=args, client=redis)
+        try:
+            refused += await script(keys=[stream], args=args_of(chunk), client=redis)
+        except ResponseError as exc:
+            if not is_group_lost(exc):
+                raise
+            refused += chunk
     return refused
 
 
@@ -635,12 +648,10 @@ async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
     """Acknowledge and delete entries ``consumer`` still owns; return the refused ids."""
-    refused: list[bytes] = []
-    for start in range(0, len(ids), _CHUNK):
-        # One argument for the whole chunk: redis-py packs each argument in Python.
-        args: list[str | bytes] = [GROUP, consumer, b" ".join(ids[start : start + _CHUNK])]
-        refused += await scripts.settle(keys=[stream], args=args, client=redis)
-    return refused
+    # One argument for the whole chunk: redis-py packs each argument in Python.
+    return await _owned_ids_script(
+        scripts.settle, redis, stream, ids, lambda chunk: [GROUP, consumer, b" ".join(chunk)]
+    )
 
 
 async def dead_letter(
@@ -840,7 +851,9 @@ async def renew(
 
     One round trip for up to 1,000 entries. Released entries are not renewed.
     """
-    return await _owned_ids_script(scripts.renew, redis, stream, consumer, ids, RELEASE_IDLE_MS)
+    return await _owned_ids_script(
+        scripts.renew, redis, stream, ids, lambda chunk: [GROUP, consumer, RELEASE_IDLE_MS, *chunk]
+    )
 
 
 async def claim(
