@@ -4,6 +4,10 @@ VENV ?= .venv
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make demo` has its own venv with the package and the testing extra only (the demo falls back
+# to the in-process fake Redis when redis-server is not on PATH): no test, lint or docs tools.
+DEMO_VENV ?= .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.installed
 
 .PHONY: venv lint typecheck pytest docs test demo bench fmt clean distclean
 
@@ -38,9 +42,14 @@ test:
 	$(MAKE) typecheck
 	$(MAKE) pytest
 
+$(DEMO_STAMP): pyproject.toml
+	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install -e '.[testing]'
+	touch $(DEMO_STAMP)
+
 # The streaming DAG demo on a private redis-server; `make demo ARGS=--keep` leaves it running.
-demo: venv
-	$(VENV)/bin/streamflow demo $(ARGS)
+demo: $(DEMO_STAMP)
+	$(DEMO_VENV)/bin/streamflow demo $(ARGS)
 
 bench: venv
 	$(VPY) benchmarks/throughput.py
@@ -51,7 +60,8 @@ fmt: venv
 
 clean:
 	rm -rf build dist site .pytest_cache .mypy_cache .ruff_cache *.egg-info
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(DEMO_VENV) \) -prune -o -name __pycache__ -type d \
+		-exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(DEMO_VENV)

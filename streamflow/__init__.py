@@ -12,6 +12,7 @@ from streamflow.coordinator import Coordinator
 from streamflow.errors import (
     ConfigError,
     InvalidNameError,
+    MissingExtraError,
     PayloadError,
     ProtocolError,
     RedisUnavailable,
@@ -39,6 +40,7 @@ __all__ = [
     "GraphError",
     "InvalidNameError",
     "LeaseSettings",
+    "MissingExtraError",
     "NodeState",
     "Outcome",
     "PayloadError",

@@ -31,7 +31,7 @@ import orjson
 from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 
-from streamflow import demo_app, streams
+from streamflow import demo_app, extras, streams
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
 from streamflow.metrics import Health, MetricsServer
@@ -58,6 +58,8 @@ STOP_TIMEOUT = 5.0
 TIME_PER_BATCH = 1.0
 #: The signals that stop the demo.
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: What needs the ``testing`` extra (fakeredis), in the error when it is missing.
+FAKE_FEATURE = "the demo without redis-server on PATH"
 INSTALL_HINT = "For a real one: apt-get install redis-server (Debian/Ubuntu), brew install redis."
 
 
@@ -102,12 +104,17 @@ def redis_for_demo(url: str | None, echo: Echo) -> Iterator[str | None]:
     """Yield a Redis URL: the given one, a private redis-server's, or None for the fake one.
 
     A private server is stopped, and its temporary directory removed, when the block ends.
+
+    Raises:
+        MissingExtraError: No redis-server on PATH, and the ``testing`` extra (the fake Redis)
+            is not installed.
     """
     if url is not None:
         echo(f"using the Redis at {streams.redact_url(url)}")
         yield url
         return
     if not RedisServer.available():
+        extras.require("testing", FAKE_FEATURE)  # before saying that the fake one is used
         echo("redis-server is not on PATH: running everything in this one process on the")
         echo(f"in-process fake Redis (fakeredis) instead. {INSTALL_HINT}")
         yield None
@@ -156,8 +163,7 @@ async def run_demo(
     is left to look at.
     """
     if url is None:
-        import fakeredis
-
+        fakeredis = extras.require("testing", FAKE_FEATURE)
         redis: Redis = fakeredis.FakeAsyncRedis()
     else:
         redis = streams.connect(url, name="streamflow-demo")

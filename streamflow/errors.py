@@ -2,6 +2,7 @@
 
 StreamflowError
 ├── ConfigError        a setting, URL, app path or role is wrong; raised at start-up
+│   └── MissingExtraError  a feature needs an optional extra that is not installed
 ├── InvalidNameError   a name that would reach a Redis key does not match the name pattern
 ├── ProtocolError      bytes that are not a valid wire-protocol entry
 ├── PayloadError       a payload that the handler's declared type rejects
@@ -17,6 +18,20 @@ class StreamflowError(Exception):
 
 class ConfigError(StreamflowError):
     """A setting, URL, application path or role name is wrong."""
+
+
+class MissingExtraError(ConfigError):
+    """A feature needs an optional extra (``pip install 'streamflow[NAME]'``) that is missing.
+
+    Attributes:
+        extra: The extra to install, e.g. ``yaml`` or ``testing``.
+        feature: What needed it, e.g. ``a YAML task graph``.
+    """
+
+    def __init__(self, extra: str, feature: str) -> None:
+        super().__init__(f"{feature} needs the {extra} extra: pip install 'streamflow[{extra}]'")
+        self.extra = extra
+        self.feature = feature
 
 
 class InvalidNameError(StreamflowError, ValueError):

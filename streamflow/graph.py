@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from streamflow import extras
 from streamflow.errors import StreamflowError
 from streamflow.keys import NAME_PATTERN
 
@@ -230,13 +231,15 @@ def parse(document: Any) -> GraphSpec:
 def load(text: str | bytes, *, filename: str = "") -> GraphSpec:
     """Read a graph from JSON or YAML text (YAML when ``filename`` ends in .yaml or .yml).
 
-    YAML is read with the safe loader: plain data only, never objects.
+    YAML is read with the safe loader: plain data only, never objects. It needs the ``yaml``
+    extra (``pip install 'streamflow[yaml]'``); JSON needs nothing more.
 
     Raises:
         GraphError: The text does not parse, or the graph is malformed.
+        MissingExtraError: A YAML graph, and the ``yaml`` extra is not installed.
     """
     if filename.endswith((".yaml", ".yml")):
-        import yaml  # only needed for YAML graphs
+        yaml = extras.require("yaml", "a YAML task graph")
 
         try:
             document = yaml.safe_load(text)

@@ -17,7 +17,8 @@ It also runs whole DAG tasks (:meth:`Harness.run_task`): workers for the app's r
 coordinator, in turns, until the task ends.
 
 fakeredis is fine for handler logic; lease, claim and blocking-read behaviour must be tested on
-a real redis-server (pass ``redis_url``).
+a real redis-server (pass ``redis_url``). The fake Redis comes with the ``testing`` extra
+(``pip install 'streamflow[testing]'``); a harness on a real Redis URL does not need it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-import fakeredis
 from redis.asyncio import Redis
 
-from streamflow import partitions, streams
+from streamflow import extras, partitions, streams
 from streamflow.app import App
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
@@ -67,7 +67,8 @@ class Harness:
 
     Args:
         app: The application under test.
-        redis_url: A real Redis to use; an in-process fakeredis when None.
+        redis_url: A real Redis to use; an in-process fakeredis when None (that needs the
+            ``testing`` extra: :class:`~streamflow.errors.MissingExtraError` otherwise).
         namespace: The key namespace; a fresh random one by default, so tests never collide.
         concurrency: Handlers run at once.
         **worker_options: More keyword arguments for :class:`~streamflow.worker.Worker`.
@@ -94,6 +95,7 @@ class Harness:
 
     async def __aenter__(self) -> Self:
         if self._url is None:
+            fakeredis = extras.require("testing", "streamflow.testing without a redis_url")
             self._redis = fakeredis.FakeAsyncRedis()
         else:
             self._redis = streams.connect(self._url, name="streamflow-testing")

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import streamflow
+from tests.helpers import recorded, wait_for
 
 pytestmark = pytest.mark.packaging
 
@@ -65,17 +66,24 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list[str | Path], *, timeout: float, cwd: Path) -> str:
-    """Run a command; fail with its output when it fails. Returns stdout."""
-    done = subprocess.run(
+def _call(
+    args: list[str | Path], *, timeout: float, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion, whatever its exit code."""
+    return subprocess.run(
         [str(arg) for arg in args],
         cwd=cwd,
-        env=_env(),
+        env=env if env is not None else _env(),
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+def _run(args: list[str | Path], *, timeout: float, cwd: Path) -> str:
+    """Run a command; fail with its output when it fails. Returns stdout."""
+    done = _call(args, timeout=timeout, cwd=cwd)
     assert done.returncode == 0, (
         f"{' '.join(map(str, args))} exited {done.returncode}\n"
         f"--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}"
@@ -99,7 +107,7 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
 
 @pytest.fixture(scope="module")
 def venv(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtualenv with the wheel installed; its dependencies come from the index."""
+    """A fresh virtualenv with the wheel installed, no extras; dependencies from the index."""
     tmp = tmp_path_factory.mktemp("venv")
     env_dir = tmp / "venv"
     _run([sys.executable, "-m", "venv", env_dir], timeout=120, cwd=tmp)
@@ -160,3 +168,125 @@ def test_installed_package_version_equals_its_metadata(venv: Path, tmp_path: Pat
     version, metadata_version, module_file = out.split()
     assert version == metadata_version == streamflow.__version__
     assert Path(module_file).is_relative_to(venv), module_file
+
+
+# -- the base install: no extras -------------------------------------------------------------
+
+#: An app for the installed wheel's worker: each job appends its payload's text to a file.
+RECORD_APP = """
+import os
+from typing import Any
+
+import streamflow
+
+app = streamflow.App()
+
+
+@app.role("record")
+async def record(ctx: streamflow.Context, payload: Any) -> None:
+    with open(os.environ["SFTEST_RECORD"], "a", encoding="utf-8") as out:
+        out.write(payload["text"] + "\\n")
+"""
+
+#: The harness without a redis_url needs the fake Redis of the testing extra.
+HARNESS_ON_FAKE_REDIS = """
+import anyio, streamflow
+from streamflow.errors import MissingExtraError
+from streamflow.testing import Harness
+
+async def main() -> None:
+    try:
+        async with Harness(streamflow.App()):
+            print("no error")
+    except MissingExtraError as exc:
+        print(f"{type(exc).__name__}: {exc}")
+
+anyio.run(main)
+"""
+
+
+def test_the_base_install_has_neither_the_fake_redis_nor_a_yaml_parser(
+    venv: Path, tmp_path: Path
+) -> None:
+    # The premise of the next tests: a production install (no extras) leaves test tooling out.
+    code = (
+        "import importlib.util as u; "
+        "print([m for m in ('fakeredis', 'lupa', 'yaml') if u.find_spec(m) is not None])"
+    )
+    out = _run([venv / "bin" / "python", "-I", "-c", code], timeout=60, cwd=tmp_path)
+    assert out.strip() == "[]"
+
+
+@pytest.mark.redis
+def test_the_base_install_runs_a_worker_that_handles_published_jobs(
+    venv: Path, tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    (tmp_path / "recordapp.py").write_text(RECORD_APP)
+    record = tmp_path / "record.txt"
+    env = {**_env(), "SFTEST_RECORD": str(record)}
+    env = {key: value for key, value in env.items() if not key.startswith("STREAMFLOW_")}
+    cli = venv / "bin" / "streamflow"
+    connection = ["--redis-url", redis_url, "--namespace", namespace]
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as err:
+        worker = subprocess.Popen(
+            [cli, "worker", "--app", "recordapp:app", *connection],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        for text in ("one", "two"):
+            publish = [cli, "publish", "record", "--json", f'{{"text": "{text}"}}', *connection]
+            done = _call(publish, timeout=60, cwd=tmp_path, env=env)
+            assert done.returncode == 0, done.stderr
+
+        def handled() -> bool:
+            assert worker.poll() is None, f"the worker exited:\n{log.read_text()}"
+            return sorted(recorded(record)) == ["one", "two"]
+
+        wait_for(handled, 60, "both jobs handled")
+    finally:
+        worker.terminate()
+        code = worker.wait(timeout=60)
+    assert code == 0, log.read_text()
+
+
+def test_a_yaml_graph_without_the_yaml_extra_is_one_clear_error(venv: Path, tmp_path: Path) -> None:
+    graph = tmp_path / "graph.yaml"
+    graph.write_text("nodes:\n  - {id: a, role: demo.readings}\nedges: []\n")
+    # Refused while reading the file, before any connection: the URL names a port that no
+    # Redis listens on (never the machine's own Redis).
+    submit = [venv / "bin" / "streamflow", "submit", graph, "--redis-url", "redis://127.0.0.1:1"]
+    done = _call(submit, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: a YAML task graph needs the yaml extra: pip install 'streamflow[yaml]'\n"
+    )
+
+
+def test_the_harness_on_the_fake_redis_without_the_testing_extra_is_one_clear_error(
+    venv: Path, tmp_path: Path
+) -> None:
+    # Importing streamflow.testing works (a harness on a real Redis needs no extra).
+    code = HARNESS_ON_FAKE_REDIS
+    out = _run([venv / "bin" / "python", "-I", "-c", code], timeout=60, cwd=tmp_path)
+    assert out == (
+        "MissingExtraError: streamflow.testing without a redis_url needs the testing extra: "
+        "pip install 'streamflow[testing]'\n"
+    )
+
+
+def test_the_demo_without_redis_server_or_the_testing_extra_is_one_clear_error(
+    venv: Path, tmp_path: Path
+) -> None:
+    # A PATH without redis-server: the demo would fall back on the fake Redis.
+    env = {**_env(), "PATH": str(venv / "bin")}
+    done = _call([venv / "bin" / "streamflow", "demo"], timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: the demo without redis-server on PATH needs the testing extra: "
+        "pip install 'streamflow[testing]'\n"
+    )

@@ -1,0 +1,67 @@
+"""Optional extras: a feature whose extra is missing says which one to install, in one line.
+
+The fresh-venv checks (a wheel installed without extras) are in tests/test_packaging.py; these
+hide a module in-process (``sys.modules[name] = None`` makes its import fail as if it were not
+installed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import streamflow
+from streamflow import extras, graph
+from streamflow.errors import ConfigError, MissingExtraError
+from streamflow.testing import Harness
+
+YAML_GRAPH = "nodes:\n  - {id: a, role: demo.readings}\nedges: []\n"
+
+
+def test_a_yaml_graph_without_pyyaml_names_the_yaml_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(MissingExtraError) as caught:
+        graph.load(YAML_GRAPH, filename="graph.yml")
+    assert str(caught.value) == (
+        "a YAML task graph needs the yaml extra: pip install 'streamflow[yaml]'"
+    )
+    assert isinstance(caught.value, ConfigError)
+    assert (caught.value.extra, caught.value.feature) == ("yaml", "a YAML task graph")
+
+
+def test_a_json_graph_needs_no_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    spec = graph.load('{"nodes": [{"id": "a", "role": "demo.readings"}], "edges": []}')
+    assert [node.id for node in spec.nodes] == ["a"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("missing", ["fakeredis", "lupa"])
+async def test_the_harness_on_the_fake_redis_without_the_testing_extra_names_it(
+    monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    # lupa counts too: without it the fake Redis would fail on the first script call instead.
+    monkeypatch.setitem(sys.modules, missing, None)
+    with (
+        anyio.fail_after(10),
+        pytest.raises(MissingExtraError, match=r"pip install 'streamflow\[testing\]'"),
+    ):
+        async with Harness(streamflow.App()):
+            pass
+
+
+def test_a_broken_install_is_not_reported_as_a_missing_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The extra's module is there but one of its own imports is missing: that error shows as is.
+    (tmp_path / "sf_fake_extra.py").write_text("import sf_fake_extra_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(extras.EXTRAS, "fake", ("sf_fake_extra",))
+    with pytest.raises(ModuleNotFoundError) as caught:
+        extras.require("fake", "a feature")
+    assert caught.value.name == "sf_fake_extra_dependency"
