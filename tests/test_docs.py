@@ -1,0 +1,80 @@
+"""The documentation site's sources: what the strict build does not check by itself.
+
+``make docs`` (``mkdocs build --strict``) fails on broken links and anchors. These check the
+rest: Mermaid diagrams are drawn by a copy of Mermaid served with the site (never a CDN), the
+home page's code fits its column, and links are titled, not named after files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+
+#: Monospace characters a code block shows without scrolling on the home page at 1280 px
+#: (about 84 with Material's default fonts, measured in chromium; a margin for other fonts).
+HOME_CODE_WIDTH = 80
+
+#: A link whose text is a bare file name or path, e.g. [tasks.md](tasks.md).
+FILE_NAME_LINK = re.compile(r"\[`?[\w./-]+\.(?:md|py|json|ya?ml|lua|txt)`?\]\(")
+
+
+def _mkdocs_config() -> dict[str, Any]:
+    """mkdocs.yml, with its ``!!python/name:`` tags read as None."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    config: dict[str, Any] = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
+    return config
+
+
+def _code_lines(markdown: str) -> list[str]:
+    """The lines inside the fenced code blocks of ``markdown``."""
+    lines, inside = [], False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def test_mermaid_blocks_are_drawn_by_a_copy_served_with_the_site() -> None:
+    config = _mkdocs_config()
+    fences = [
+        fence
+        for ext in config["markdown_extensions"]
+        if isinstance(ext, dict) and "pymdownx.superfences" in ext
+        for fence in ext["pymdownx.superfences"]["custom_fences"]
+    ]
+    assert [(f["name"], f["class"]) for f in fences] == [("mermaid", "mermaid")]
+    # Material draws a diagram with the global `mermaid` when a page loaded one, and fetches
+    # it from unpkg.com otherwise: the site must load its own.
+    scripts = config["extra_javascript"]
+    assert not [s for s in scripts if "//" in s], scripts
+    [mermaid] = [DOCS / s for s in scripts if s.endswith("mermaid.min.js")]
+    assert mermaid.stat().st_size > 1_000_000  # the whole library, not a stub
+    assert "MIT License" in (mermaid.parent / "LICENSE").read_text()
+    assert any("```mermaid" in page.read_text() for page in PAGES)
+
+
+def test_the_home_page_code_fits_its_column_at_1280_px() -> None:
+    lines = _code_lines((DOCS / "index.md").read_text())
+    assert [line for line in lines if len(line) > HOME_CODE_WIDTH] == []
+
+
+def test_link_texts_are_titles_not_file_names() -> None:
+    found = [
+        f"{page.name}: {match.group(0)}"
+        for page in [*PAGES, ROOT / "benchmarks" / "README.md"]
+        for match in FILE_NAME_LINK.finditer(page.read_text())
+    ]
+    assert found == []
