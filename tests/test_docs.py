@@ -7,7 +7,11 @@ home page's code fits its column, and links are titled, not named after files.
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +82,37 @@ def test_link_texts_are_titles_not_file_names() -> None:
         for match in FILE_NAME_LINK.finditer(page.read_text())
     ]
     assert found == []
+
+
+def _left_out(directory: str, names: list[str]) -> set[str]:
+    """What a copy of the repository for a docs build leaves out: VCS data, venvs, outputs."""
+    return {
+        name
+        for name in names
+        if name in {".git", "site", "build", "dist"}
+        or name.endswith(("_cache", ".egg-info"))
+        or (Path(directory, name) / "pyvenv.cfg").exists()
+    }
+
+
+def test_make_docs_fails_on_a_broken_link_and_a_broken_anchor(tmp_path: Path) -> None:
+    # The command `make docs` runs, taken from the Makefile, so that a flag that hides warnings
+    # from strict mode (mkdocs build --strict --quiet passes broken links) is caught.
+    plan = subprocess.run(
+        ["make", "-n", "-s", "docs"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    [command] = [line for line in plan.splitlines() if "mkdocs build" in line]
+    args = shlex.split(command)
+    env = dict(os.environ)
+    while "=" in args[0]:  # VAR=value before the command
+        name, _, value = args.pop(0).partition("=")
+        env[name] = value
+    args[0] = str(ROOT / args[0])  # the repository's venv, run in the copy
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=_left_out)
+    page = copy / "docs" / "contributing.md"
+    page.write_text(page.read_text() + "\n[a](no-such-page.md), [b](concepts.md#no-such-heading)\n")
+    done = subprocess.run(args, cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "'no-such-page.md', but the target is not found" in done.stderr
+    assert "does not contain an anchor '#no-such-heading'" in done.stderr
