@@ -15,7 +15,8 @@ WORKDIR /app
 
 # The package, with its example app (streamflow.demo_app), installed from a copy of the source
 # that is then removed. Installing it before copying the examples keeps this layer when only
-# the examples change.
+# the examples change. No extras: a YAML task graph (`streamflow submit graph.yaml`) needs
+# `pip install 'streamflow[yaml]'` in an image built FROM this one; JSON graphs need nothing.
 COPY pyproject.toml README.md LICENSE CHANGELOG.md MANIFEST.in /tmp/src/
 COPY streamflow /tmp/src/streamflow
 RUN pip install /tmp/src && rm -rf /tmp/src
