@@ -1,12 +1,15 @@
 """The documentation site's sources: what the strict build does not check by itself.
 
-``make docs`` (``mkdocs build --strict``) fails on broken links and anchors. These check the
-rest: Mermaid diagrams are drawn by a copy of Mermaid served with the site (never a CDN), the
-home page's code fits its column, and links are titled, not named after files.
+``make docs`` (``mkdocs build --strict``) fails on broken links and anchors (checked here too).
+These check the rest: every Mermaid diagram draws, in a real browser, with the copy of Mermaid
+served with the site (never a CDN); the home page's code fits its column; links are titled, not
+named after files.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import re
 import shlex
@@ -27,6 +30,31 @@ HOME_CODE_WIDTH = 80
 
 #: A link whose text is a bare file name or path, e.g. [tasks.md](tasks.md).
 FILE_NAME_LINK = re.compile(r"\[`?[\w./-]+\.(?:md|py|json|ya?ml|lua|txt)`?\]\(")
+
+
+#: A page that draws every diagram with the site's Mermaid and writes the outcomes in a <pre>.
+DRAW_PAGE = """<!doctype html><html><body>
+<script src="%(mermaid)s"></script>
+<script>
+mermaid.initialize({startOnLoad: false});
+const sources = %(sources)s;
+(async () => {
+  const out = [];
+  for (const [i, source] of sources.entries()) {
+    try {
+      const {svg} = await mermaid.render("diagram" + i, source);
+      out.push(svg.includes("<svg") ? "ok" : "no svg");
+    } catch (e) {
+      out.push("error: " + e.message);
+    }
+  }
+  const pre = document.createElement("pre");
+  pre.id = "result";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+})();
+</script></body></html>
+"""
 
 
 def _mkdocs_config() -> dict[str, Any]:
@@ -68,6 +96,43 @@ def test_mermaid_blocks_are_drawn_by_a_copy_served_with_the_site() -> None:
     assert mermaid.stat().st_size > 1_000_000  # the whole library, not a stub
     assert "MIT License" in (mermaid.parent / "LICENSE").read_text()
     assert any("```mermaid" in page.read_text() for page in PAGES)
+
+
+def test_every_diagram_draws_with_the_served_mermaid_in_chromium(tmp_path: Path) -> None:
+    # A diagram with a syntax error shows as an error box on the page; the build never notices.
+    sources = [
+        source
+        for page in PAGES
+        for source in re.findall(r"^```mermaid\n(.*?)^```", page.read_text(), re.S | re.M)
+    ]
+    sources.append("flowchart LR\n    a -- broken -->\n")  # proves that errors are reported
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser is not None, "chromium is needed (apt-get install chromium; .ci/run does)"
+    page = tmp_path / "draw.html"
+    mermaid = (DOCS / "assets" / "vendor" / "mermaid" / "mermaid.min.js").as_uri()
+    encoded = json.dumps(sources).replace("</", "<\\/")
+    page.write_text(DRAW_PAGE % {"mermaid": mermaid, "sources": encoded})
+    done = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # nothing from the network
+            "--virtual-time-budget=60000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    found = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.S)
+    assert found is not None, done.stderr[-2000:]
+    outcomes = json.loads(html.unescape(found.group(1)))
+    assert len(outcomes) == len(sources) > 1
+    assert outcomes[:-1] == ["ok"] * (len(sources) - 1)
+    assert outcomes[-1].startswith("error: Parse error")
 
 
 def test_the_home_page_code_fits_its_column_at_1280_px() -> None:
