@@ -457,6 +457,49 @@ def test_entry_delivered_to_a_frozen_worker_and_adopted_elsewhere_is_not_started
     assert frozen.alive() and adopter.alive()
 
 
+def test_read_ahead_entries_adopted_during_a_freeze_are_not_started_on_resume(
+    workers: Workers, store: Store, publish: Publish, record: Record
+) -> None:
+    """A frozen worker's read-ahead buffer: its entries are adopted by another worker during
+    the freeze. On resume the frozen worker must not start any of them (handlers that do not
+    yield would all start before its next renewal noticed): only the handler it was running
+    when it froze may run twice (the documented mid-handler window)."""
+    a_name, b_name = unique("a"), unique("b")
+    # Published before A starts, so that one read takes them all: 1 running, 10 read ahead.
+    [running_id] = publish([{"seconds_by_consumer": {a_name: 1.0, b_name: 0.1}}])
+    buffered = publish([{}] * 10)  # handlers that never yield
+    frozen = workers.start(a_name, "--prefetch", "10", concurrency=1)
+    frozen.wait_ready()
+    wait_for(lambda: running_id in record.ids("START", a_name), 10, "A starts the first")
+    wait_for(lambda: len(store.pending(consumer=a_name)) == 11, 10, "A holds all 11")
+    frozen.signal(signal.SIGSTOP)
+    adopter = workers.start(b_name)
+    wait_for(lambda: set(buffered) <= record.ids("DONE", b_name), 20, "B adopts and runs all")
+    wait_for(store.settled, 10, "B's acks")
+    frozen.signal(signal.SIGCONT)
+    # A resumes: its first handler's sleep is over; then it takes its buffer up again.
+    wait_for(lambda: running_id in record.ids("DONE", a_name), 10, "A's running handler ends")
+    wait_for(
+        lambda: (
+            "not starting them" in frozen.stderr()
+            or "its outcome was not applied" in frozen.stderr()
+        ),
+        10,
+        "A reports the entries it no longer owns",
+    )
+    wait_for(lambda: frozen.process.poll() is None and store.settled(), 5, "nothing left")
+
+    started_on_a = record.ids("START", a_name)
+    assert started_on_a == {running_id}, (
+        f"A started {len(started_on_a - {running_id})} entries B had adopted:\n"
+        + "\n".join(f"{line.event} {line.consumer} {line.at:.3f}" for line in record.lines())
+    )
+    assert record.ids("START", b_name) == {running_id, *buffered}
+    assert frozen.alive() and adopter.alive()
+    frozen.assert_clean_log()
+    adopter.assert_clean_log()
+
+
 # -- 4. poison: a message that kills its worker --------------------------------------------------
 
 
