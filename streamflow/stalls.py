@@ -85,12 +85,13 @@ class LoopWatchdog:
     def _watch(self, loop_thread: int) -> None:
         last = time.monotonic()
         stalled = False
+        since = 0.0  # the loop's last beat before a blocked stall
         while not self._stop.wait(self._interval):
             now = time.monotonic()
             paused, last = now - last, now
             if paused > self.threshold:
                 # This thread did not run either: the whole process was paused.
-                stalled = True
+                stalled, since = True, 0.0
                 self._count("frozen")
                 logger.warning(
                     "this worker process did not run for %.1f s (frozen: SIGSTOP, a VM or "
@@ -102,7 +103,7 @@ class LoopWatchdog:
                 continue
             blocked = now - self._beat
             if blocked > self.threshold and not stalled:
-                stalled = True
+                stalled, since = True, self._beat
                 self._count("blocked")
                 frame = sys._current_frames().get(loop_thread)
                 logger.warning(
@@ -117,6 +118,9 @@ class LoopWatchdog:
                 )
             elif blocked <= self.threshold and stalled:
                 stalled = False
+                if since:
+                    logger.warning("event loop ran again after %.1f s", self._beat - since)
+                    since = 0.0
 
     def _count(self, kind: StallKind) -> None:
         self._stalls[kind] = self._stalls.get(kind, 0) + 1

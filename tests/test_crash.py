@@ -495,9 +495,38 @@ def test_read_ahead_entries_adopted_during_a_freeze_are_not_started_on_resume(
         + "\n".join(f"{line.event} {line.consumer} {line.at:.3f}" for line in record.lines())
     )
     assert record.ids("START", b_name) == {running_id, *buffered}
+    assert "this worker process did not run for" in frozen.stderr()  # the watchdog saw it
     assert frozen.alive() and adopter.alive()
     frozen.assert_clean_log()
     adopter.assert_clean_log()
+
+
+def test_handler_blocking_the_event_loop_past_the_ttl_is_reported_and_dead_lettered_truthfully(
+    workers: Workers, store: Store, publish: Publish, record: Record
+) -> None:
+    """An async handler that blocks the loop longer than the lease TTL: each worker that runs
+    it stops renewing, the other one takes it over, and after max_deliveries starts it is
+    dead-lettered. The workers warn while it blocks, naming the handler and the message, count
+    the lost leases they find at settle, and the dead letter says what happened."""
+    a_name, b_name = unique("a"), unique("b")
+    running = [workers.start(a_name, roles=("poison",)), workers.start(b_name, roles=("poison",))]
+    for worker in running:
+        worker.wait_ready()
+    [blocker] = publish([{"block": 2.5}], role="poison")
+    wait_for(lambda: bool(store.dead_letters("poison")), 40, "the blocker is dead-lettered")
+
+    [fields] = store.dead_letters("poison")
+    doc = orjson.loads(fields[b"dead_letter"])
+    assert doc["reason"] == "max_deliveries", doc
+    assert "lease expired" in doc["detail"] and "event loop blocked" in doc["detail"], doc
+    assert "crashed or froze each time" not in doc["detail"]
+    assert record.counts("START")[blocker] == 3  # max_deliveries of the role "poison"
+    logs = "".join(worker.stderr() for worker in running)
+    assert "event loop blocked" in logs and "tests.apps.work" in logs and blocker in logs
+    assert "may have run twice" in logs  # a lost lease found when its outcome was refused
+    for worker in running:
+        assert worker.alive()
+        worker.assert_clean_log()
 
 
 # -- 4. poison: a message that kills its worker --------------------------------------------------
