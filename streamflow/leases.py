@@ -100,6 +100,8 @@ class Delivery:
             keys (dead letters, schedule, events, ...) are the partition's.
         stream: The role stream key (the partition's).
         entry: The entry as read.
+        confirmed_at: When its lease was last confirmed (``time.monotonic()`` when the read,
+            adoption or renewal that confirmed it was sent).
         scope: The cancel scope of its running handler, once started.
         context: Its handler's context, once started.
         job: The decoded job, once decoded.
@@ -108,8 +110,6 @@ class Delivery:
         settling: Its outcome (ack, retry, dead letter, release) is on its way to Redis: a
             renewal that finds it gone is not a lost lease.
         started: Its handler has started.
-        confirmed_at: When its lease was last confirmed (``time.monotonic()`` when the read,
-            adoption or renewal that confirmed it was sent).
         ack_unknown: An acknowledgement of it was sent but its reply was lost: it may have
             been applied.
         cancel: The cancel signal that stopped it, if any.
@@ -121,6 +121,8 @@ class Delivery:
     shard: str
     stream: str
     entry: streams.Entry
+    # Fifth, so that the worker passes it positionally (the cheapest way, once per entry).
+    confirmed_at: float = 0.0
     scope: anyio.CancelScope | None = None
     context: Context | None = None
     job: Job | None = None
@@ -128,7 +130,6 @@ class Delivery:
     released: bool = False
     settling: bool = False
     started: bool = False
-    confirmed_at: float = 0.0
     ack_unknown: bool = False
     cancel: CancelSignal | None = None
     finished: anyio.Event | None = None

@@ -105,7 +105,7 @@ def fencing_token(attempt: int, deliveries: int) -> int:
     Both only rise while a message changes hands (see :attr:`Context.fencing_token`); the
     coordinator orders a task node's runs by the same pair.
     """
-    return (attempt << 32) | min(max(deliveries, 0), 0xFFFFFFFF)
+    return (attempt << 32) | (deliveries & 0xFFFFFFFF)
 
 
 def default_consumer_name() -> str:
@@ -596,9 +596,7 @@ class Worker:
             self._message_bytes = (recent + sample) / 2 if recent else float(sample)
         self._in_flight += len(entries)
         self._settler.stats.received += len(entries)
-        deliveries = [Delivery(role, shard, stream, entry) for entry in entries]
-        for delivery in deliveries:
-            delivery.confirmed_at = confirmed_at
+        deliveries = [Delivery(role, shard, stream, entry, confirmed_at) for entry in entries]
         self._held.add_many(stream, deliveries)
         self._queue.extend(deliveries)
         self._wake_consumer()
@@ -809,7 +807,8 @@ class Worker:
             job.deadline_ms,
             job.task_id,
             job.node_id,
-            fencing_token(job.attempt, delivery.entry.deliveries),
+            # fencing_token(), inline: a function call per message costs more than this.
+            (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
         )
         delivery.context = ctx
         if job.task_id is None and delivery.entry.deliveries == 1:
@@ -921,7 +920,8 @@ class Worker:
                 await self._execute(role, ctx, payload, timeout)
         except nodes.LeaseLost:
             # An owner-checked write of the handler (a task node's emit) was refused.
-            self._leases.count_loss("settle")
+            if not delivery.lost:
+                self._leases.count_loss("settle")
             delivery.lost = True
             return decisions.LOST
         except Exception as exc:
