@@ -297,8 +297,8 @@ class LeaseKeeper:
             self._scripts, self._redis, key, "refresh", self._token, self._name_ttl_ms
         ):
             logger.error(
-                "consumer name %r was taken by another process while this one was frozen; "
-                "stopping this worker",
+                "consumer name %r was taken by another process while this one was frozen or "
+                "its event loop blocked; stopping this worker",
                 self._consumer,
             )
             if self._on_name_lost is not None:

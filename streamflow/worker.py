@@ -734,10 +734,8 @@ class Worker:
         have expired and another worker adopted it: its lease is confirmed first, so that two
         workers never start it. Read but not started when the worker stops: handed back.
         """
-        if time.monotonic() - delivery.confirmed_at > self._unsafe_after:
-            await self._confirm_held(delivery)
-            if delivery.lost:
-                return decisions.LOST
+        if not await self._still_ours(delivery):
+            return decisions.LOST
         return RELEASE if self._stopping.is_set() else None
 
     async def _confirm_held(self, delivery: Delivery) -> None:
@@ -828,7 +826,19 @@ class Worker:
             role = delivery.role
             self._redeliveries[role.name] = self._redeliveries.get(role.name, 0) + 1
             return await self._run_suspect(delivery, scope, job, payload, ctx)
+        if not await self._still_ours(delivery):  # it may have waited for its input batch
+            return decisions.stopped(delivery)
         return await self._run(delivery, scope, job, payload, ctx)
+
+    async def _still_ours(self, delivery: Delivery) -> bool:
+        """Whether a delivery may still start: False if its lease turned out lost.
+
+        One held longer than the lease's unsafe age (queued, waiting for its input or behind
+        another suspect, while this process froze or its loop was blocked) is confirmed first.
+        """
+        if time.monotonic() - delivery.confirmed_at > self._unsafe_after:
+            await self._confirm_held(delivery)
+        return not delivery.lost
 
     async def _start_node(self, delivery: Delivery, job: Job, ctx: Context) -> Decision | None:
         """Prepare a task node's run: its input batch, its emitter, the ``accepted`` event."""
@@ -886,7 +896,10 @@ class Worker:
         payload: Any,
         ctx: Context,
     ) -> Decision:
-        # Counted only now, as it starts: waiting behind another suspect is not a start.
+        # Counted only now, as it starts: waiting behind another suspect is not a start, and
+        # neither is an entry found owned by another worker after that wait.
+        if not await self._still_ours(delivery):
+            return decisions.stopped(delivery)
         try:
             reruns = await streams.count_start(self._redis, key)
         except streams.TRANSIENT_ERRORS:
