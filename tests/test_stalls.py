@@ -38,18 +38,23 @@ async def test_a_handler_blocking_the_loop_is_named_in_a_warning_and_counted(
         async with running(worker):
             message_id = await Client(redis, namespace=namespace).publish("blocker", {})
             await wait_until(lambda: bool(outcomes), 15)
-    warnings = [r.getMessage() for r in caplog.records if "event loop blocked" in r.getMessage()]
+    # Only the handler's own stall names it (a loaded machine may add stalls of its own).
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if "event loop blocked" in r.getMessage() and "blocks_the_loop" in r.getMessage()
+    ]
     assert len(warnings) == 1, warnings
     [warning] = warnings
-    assert "blocks_the_loop" in warning and "'blocker'" in warning and message_id in warning
+    assert "'blocker'" in warning and message_id in warning
     assert "plain def" in warning  # says what to do
-    assert worker.statistics().loop_stalls.get("blocked") == 1
-    assert registry.get_sample_value("streamflow_loop_stalls_total", {"kind": "blocked"}) == 1
+    assert worker.statistics().loop_stalls.get("blocked", 0) >= 1
+    assert registry.get_sample_value("streamflow_loop_stalls_total", {"kind": "blocked"}) >= 1
     assert [o.status for o in outcomes] == ["acked"]
 
 
 async def test_plain_def_handlers_that_block_do_not_stall_the_loop(
-    redis: Redis, namespace: str
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What the warning advises: the same blocking call in a plain def runs in a thread."""
     app = App()
@@ -65,7 +70,8 @@ async def test_plain_def_handlers_that_block_do_not_stall_the_loop(
             await Client(redis, namespace=namespace).publish("threaded", {})
             await wait_until(lambda: bool(outcomes), 15)
     assert [o.status for o in outcomes] == ["acked"]
-    assert worker.statistics().loop_stalls.get("blocked", 0) == 0
+    # A loaded machine may stall the loop by itself, but never in this handler.
+    assert not [r for r in caplog.records if "blocks_a_thread" in r.getMessage()]
 
 
 async def test_max_deliveries_dead_letter_says_the_lease_expired_not_that_the_worker_crashed(
