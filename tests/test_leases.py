@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import pytest
+import redis as sync_redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -178,3 +180,57 @@ async def test_renewal_latency_is_observed(redis: Redis, namespace: str) -> None
             gate.set()
     total = sample(registry, "streamflow_lease_renewal_seconds_sum")
     assert total is not None and 0 < total < renewals() * 0.3
+
+
+async def test_entries_taken_over_while_the_loop_was_blocked_are_not_started(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """One handler blocks the event loop past the lease's safe age; meanwhile another worker
+    takes over the two entries this worker holds (one queued, one waiting behind the blocker
+    as a suspect). Neither may start here once the loop runs again."""
+    app = App()
+    keys = Keys(namespace)
+    stream = keys.role_stream("mixed")
+    started: list[str] = []
+
+    @app.role("mixed")
+    async def mixed(ctx: Context, payload: Any) -> None:
+        started.append(payload["name"])
+        if payload["name"] == "blocker":
+            # Another worker adopts the others while this one cannot renew (the loop blocks).
+            with sync_redis.Redis.from_url(redis_url) as other:
+                rows: Any = other.xpending_range(stream, GROUP, "-", "+", 10)
+                others = [r["message_id"] for r in rows if r["message_id"] != blocker_entry]
+                other.xclaim(stream, GROUP, "thief", 0, others, justid=True)
+            time.sleep(1.0)  # noqa: ASYNC251 - the blocked loop this test is about
+
+    client = Client(redis, namespace=namespace)
+    await streams.ensure_group(redis, stream)
+    for name in ("blocker", "suspect", "queued"):
+        await client.publish("mixed", {"name": name})
+    # All three were read before by this consumer name: a restart resumes them as suspects
+    # (delivered twice). Each already had a rerun, so each runs alone among suspects.
+    entries = await streams.read_group(redis, stream, "resumer", count=3, block_ms=None)
+    blocker_entry, suspect_entry, _ = (e.id for e in entries)
+    for entry in entries[:2]:
+        await redis.set(keys.starts("mixed", entry.id.decode()), 1)
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app,
+        redis,
+        namespace=namespace,
+        consumer="resumer",
+        concurrency=2,
+        prefetch=1,
+        lease=LeaseSettings(ttl=0.9, renew_interval=0.3),  # confirmed again after 0.6 s
+        on_outcome=outcomes.append,
+    )
+    with anyio.fail_after(20):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 3, 15)
+    assert started == ["blocker"]
+    statuses = {o.entry_id.encode(): o.status for o in outcomes}
+    assert statuses == {blocker_entry: "acked", suspect_entry: "lost", entries[2].id: "lost"}
+    assert worker.statistics().lease_losses == {"unstarted": 2}
+    rows: Any = await redis.xpending_range(stream, GROUP, "-", "+", 10)
+    assert {r["consumer"] for r in rows} == {b"thief"}
