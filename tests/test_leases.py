@@ -106,30 +106,6 @@ async def test_a_lease_lost_found_only_at_settle_is_counted_as_such(
     assert await redis.xlen(stream) == 1
 
 
-async def test_a_lease_lost_found_at_renewal_cancels_the_handler_and_is_counted_as_such(
-    redis: Redis, namespace: str
-) -> None:
-    gate, started = anyio.Event(), anyio.Event()
-    outcomes: list[Outcome] = []
-    worker = Worker(
-        lease_app(gate, started),  # the handler waits for a gate that never opens
-        redis,
-        namespace=namespace,
-        lease=LeaseSettings(ttl=0.6),
-        on_outcome=outcomes.append,
-    )
-    registry = worker.enable_metrics()
-    with anyio.fail_after(20):
-        async with running(worker):
-            await Client(redis, namespace=namespace).publish("held", {})
-            await started.wait()
-            await steal(redis, Keys(namespace).role_stream("held"))
-            await wait_until(lambda: bool(outcomes), 10)
-    assert [o.status for o in outcomes] == ["lost"]
-    assert worker.statistics().lease_losses == {"renewal": 1}
-    assert sample(registry, "streamflow_lease_losses_total", found="renewal") == 1
-
-
 @pytest.mark.parametrize("applied", [True, False], ids=["ack_applied", "ack_not_applied"])
 async def test_an_acknowledgement_whose_reply_was_lost_is_checked_before_it_is_called_lost(
     redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch, applied: bool

@@ -1,5 +1,4 @@
-"""The loop-stall watchdog against a real redis-server: blocked loops are named and counted,
-and a message that keeps outliving its lease is dead-lettered with a truthful detail."""
+"""The loop-stall watchdog against a real redis-server: blocked loops are named and counted."""
 
 from __future__ import annotations
 
@@ -11,10 +10,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, Worker, streams
-from streamflow.keys import Keys
-from streamflow.leases import LeaseSettings
-from streamflow.protocol import decode_dead_letter
+from streamflow import App, Client, Context, Worker
 from streamflow.worker import Outcome
 from tests.helpers import running, wait_until
 
@@ -72,38 +68,3 @@ async def test_plain_def_handlers_that_block_do_not_stall_the_loop(
     assert [o.status for o in outcomes] == ["acked"]
     # A loaded machine may stall the loop by itself, but never in this handler.
     assert not [r for r in caplog.records if "blocks_a_thread" in r.getMessage()]
-
-
-async def test_max_deliveries_dead_letter_says_the_lease_expired_not_that_the_worker_crashed(
-    redis: Redis, namespace: str
-) -> None:
-    """An entry already started max_deliveries times (here: counted by hand) is dead-lettered
-    when it is adopted again; the detail names what is known: its lease expired before its
-    outcome was settled, with the possible causes, the blocked loop among them."""
-    app = App()
-    ran: list[str] = []
-
-    @app.role("outlived", max_deliveries=2)
-    async def outlived(ctx: Context, payload: Any) -> None:
-        ran.append(ctx.message_id)
-
-    keys = Keys(namespace)
-    stream = keys.role_stream("outlived")
-    await Client(redis, namespace=namespace).publish("outlived", {})
-    await streams.ensure_group(redis, stream)
-    [entry] = await streams.read_group(redis, stream, "gone-1", count=1, block_ms=None)
-    # Its first start, and one rerun counted before: the next start would be the third.
-    await redis.set(keys.starts("outlived", entry.id.decode()), 1)
-    outcomes: list[Outcome] = []
-    lease = LeaseSettings(ttl=0.3, reclaim_interval=0.05)
-    worker = Worker(app, redis, namespace=namespace, lease=lease, on_outcome=outcomes.append)
-    with anyio.fail_after(20):
-        async with running(worker):
-            await wait_until(lambda: bool(outcomes), 15)
-    assert not ran
-    assert [(o.status, o.reason) for o in outcomes] == [("dead_lettered", "max_deliveries")]
-    [(_, fields)] = await redis.xrange(keys.dead_letters("outlived"))
-    letter, _ = decode_dead_letter(fields)
-    assert "crashed or froze each time" not in letter.detail
-    assert "lease expired" in letter.detail
-    assert "event loop blocked" in letter.detail
