@@ -116,6 +116,21 @@ class Context:
             fed per batch).
         batch: For a node fed per batch: the parent batch to process (parent, index, items).
         failures: For a remediation node: the error of each failed parent.
+        fencing_token: A number that rises with every change of owner of this message's run:
+            the job's attempt in the high 32 bits, the pending list's delivery count of this
+            entry in the low 32 (an adoption by another worker adds 1; a retry is a new entry
+            with a higher attempt). A worker that lost its lease (frozen, or blocked past the
+            lease TTL) still runs with its older, lower token, so a store that refuses writes
+            carrying a lower token than the last one it accepted for ``message_id`` keeps
+            such a late write from overwriting the new owner's. Equal tokens mean the same run,
+            or an entry handed back at shutdown after its handler stopped. It fits a signed
+            64-bit column while attempts stay below 2**31. Example (SQL)::
+
+                UPDATE orders SET status = :status, fence = :token
+                WHERE id = :message_id AND fence <= :token
+
+            (0 rows updated: a newer run owns this message; stop). A Redis example is in
+            the Concepts page, under "Fencing side effects".
         cancel: The cancel token.
     """
 
@@ -130,6 +145,7 @@ class Context:
         "deadline_ms",
         "entry_id",
         "failures",
+        "fencing_token",
         "invocation",
         "message_id",
         "node_id",
@@ -138,7 +154,7 @@ class Context:
     )
 
     # Not keyword-only: the worker builds one per message, and a positional call costs half
-    # as much as one with nine keywords (0.35 us against 0.65).
+    # as much as one with ten keywords (0.35 us against 0.65).
     def __init__(
         self,
         message_id: str,
@@ -150,6 +166,7 @@ class Context:
         deadline_ms: int | None = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        fencing_token: int = 0,
     ) -> None:
         self.message_id = message_id
         self.entry_id = entry_id
@@ -160,6 +177,7 @@ class Context:
         self.deadline_ms = deadline_ms
         self.task_id = task_id
         self.node_id = node_id
+        self.fencing_token = fencing_token
         self._cancel: CancelToken | None = None  # made on first use: most handlers never look
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._node: NodeRun | None = None

@@ -5,15 +5,22 @@ worker lives it renews the entries it is running (owner-checked, one round trip 
 tick); any worker adopts entries idle past the lease TTL (one bounded XAUTOCLAIM per stream per
 tick, following its cursor). A renewal that finds the entry gone or owned by another consumer
 means the lease is lost: the handler is cancelled and nothing is applied for it.
+
+Every held delivery remembers when its lease was last confirmed (read, adopted or renewed: the
+time the request was sent). A worker that resumes from a freeze holds entries whose leases may
+have expired and been adopted elsewhere; before such an entry starts, the worker renews everything
+it holds in one round trip per stream (:meth:`LeaseKeeper.renew_held`) and starts only what it
+still owns.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 from redis.asyncio import Redis
@@ -31,6 +38,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RELEASE_IDLE_MS = streams.RELEASE_IDLE_MS
+
+#: Where a lost lease was found: ``renewal`` (its handler was running: cancelled),
+#: ``settle`` (its handler had run: an owner-checked write was refused), ``unstarted`` (found
+#: before its handler started here: nothing ran twice).
+LossFound = Literal["renewal", "settle", "unstarted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +100,8 @@ class Delivery:
             keys (dead letters, schedule, events, ...) are the partition's.
         stream: The role stream key (the partition's).
         entry: The entry as read.
+        confirmed_at: When its lease was last confirmed (``time.monotonic()`` when the read,
+            adoption or renewal that confirmed it was sent).
         scope: The cancel scope of its running handler, once started.
         context: Its handler's context, once started.
         job: The decoded job, once decoded.
@@ -95,6 +109,9 @@ class Delivery:
         released: The worker is shutting down: hand it back instead of settling.
         settling: Its outcome (ack, retry, dead letter, release) is on its way to Redis: a
             renewal that finds it gone is not a lost lease.
+        started: Its handler has started.
+        ack_unknown: An acknowledgement of it was sent but its reply was lost: it may have
+            been applied.
         cancel: The cancel signal that stopped it, if any.
         finished: Set when its handling has ended (created only when someone waits for it).
         node: For a task node's job: its run (batches emitted, events).
@@ -104,12 +121,16 @@ class Delivery:
     shard: str
     stream: str
     entry: streams.Entry
+    # Fifth, so that the worker passes it positionally (the cheapest way, once per entry).
+    confirmed_at: float = 0.0
     scope: anyio.CancelScope | None = None
     context: Context | None = None
     job: Job | None = None
     lost: bool = False
     released: bool = False
     settling: bool = False
+    started: bool = False
+    ack_unknown: bool = False
     cancel: CancelSignal | None = None
     finished: anyio.Event | None = None
     node: NodeRun | None = None
@@ -180,6 +201,7 @@ class LeaseKeeper:
         on_name_lost: Called when another process took this consumer name (this one was
             frozen past the name's TTL): the worker must stop, or two would share a name.
         describe: Returns this worker's registry entry, written with the liveness key.
+        on_renewal: Called with the seconds each renewal round took (for the metrics).
     """
 
     def __init__(
@@ -193,6 +215,7 @@ class LeaseKeeper:
         *,
         on_name_lost: Callable[[], None] | None = None,
         describe: Callable[[], bytes] | None = None,
+        on_renewal: Callable[[float], None] | None = None,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -202,11 +225,13 @@ class LeaseKeeper:
         self.settings = settings
         self._on_name_lost = on_name_lost
         self._describe = describe
+        self.on_renewal = on_renewal
         self._cursors: dict[str, bytes] = {}
         self._token = uuid.uuid4().hex
         self.renewals = 0
         self.adopted = 0
-        self.lost = 0
+        #: Leases found lost, by where (see :data:`LossFound`).
+        self.losses: dict[str, int] = {}
         self.deleted = 0
 
     # -- the consumer name is ours alone ----------------------------------------------------
@@ -259,36 +284,68 @@ class LeaseKeeper:
                 failures = 0
 
     async def renew_once(self) -> None:
-        """One renewal round: one script call per stream with held entries."""
+        """One renewal round: the consumer name, then one script call per stream."""
+        started = time.monotonic()
+        await self._renew_name()
+        await self.renew_held()
+        if self.on_renewal is not None:
+            self.on_renewal(time.monotonic() - started)
+
+    async def _renew_name(self) -> None:
         key = self._keys.consumer_alive(self._consumer)
         if not await streams.liveness(
             self._scripts, self._redis, key, "refresh", self._token, self._name_ttl_ms
         ):
             logger.error(
-                "consumer name %r was taken by another process while this one was frozen; "
-                "stopping this worker",
+                "consumer name %r was taken by another process while this one was frozen or "
+                "its event loop blocked; stopping this worker",
                 self._consumer,
             )
             if self._on_name_lost is not None:
                 self._on_name_lost()
         else:
             await self._register()
+
+    async def renew_held(self) -> None:
+        """Renew every held entry (owner-checked, one script call per stream); lose the rest.
+
+        Each renewed entry's lease counts as confirmed when its call was sent.
+        """
         for stream, held in self._in_flight.by_stream():
             ids = [d.entry.id for d in held]
+            sent = time.monotonic()
             lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
             self.renewals += len(ids) - len(lost)
+            unstarted = 0
             for delivery in held:
+                if delivery.entry.id not in lost:
+                    delivery.confirmed_at = max(delivery.confirmed_at, sent)
                 # An entry whose ack is on its way was likely just acknowledged, not lost.
-                if delivery.entry.id in lost and not delivery.settling:
+                elif not delivery.settling and not delivery.lost:
+                    unstarted += not delivery.started
                     self._lose(delivery)
+            if unstarted:
+                logger.warning(
+                    "%d entries of %s that this worker held but had not started are owned by "
+                    "another worker now (this worker was frozen or its event loop blocked past "
+                    "the lease TTL): not starting them",
+                    unstarted,
+                    stream,
+                )
+
+    def count_loss(self, found: LossFound, count: int = 1) -> None:
+        """Count leases found lost (see :data:`LossFound`)."""
+        self.losses[found] = self.losses.get(found, 0) + count
 
     def _lose(self, delivery: Delivery) -> None:
-        if delivery.lost:
-            return
-        self.lost += 1
         delivery.lost = True
+        if not delivery.started:
+            self.count_loss("unstarted")
+            return
+        self.count_loss("renewal")
         logger.warning(
-            "lease lost on %s entry %s (adopted elsewhere or gone): cancelling its handler",
+            "lease lost on %s entry %s while its handler ran (another worker owns it now, or it "
+            "is gone): cancelling the handler; it may have run twice",
             delivery.role.name,
             delivery.entry.id.decode(),
         )
@@ -309,7 +366,7 @@ class LeaseKeeper:
         except streams.TRANSIENT_ERRORS:
             return []  # still pending under this consumer: resumed or adopted later
         if lost:
-            self.lost += len(lost)
+            self.count_loss("unstarted", len(lost))
             logger.warning(
                 "%d entries of %s were adopted elsewhere before this worker could start them "
                 "(it was frozen in its read): not starting them",

@@ -127,6 +127,7 @@ class WorkerCollector(Collector):
         """Yield the worker's metric families."""
         worker = self._worker
         stats = worker._settler.stats
+        snapshot = worker.statistics()
         messages = CounterMetricFamily(
             "streamflow_messages",
             "Deliveries by how they ended: acked, retried, dead_lettered (handler failures, "
@@ -158,9 +159,33 @@ class WorkerCollector(Collector):
         yield _counter(
             "streamflow_lease_renewals", "Entry leases renewed.", worker._leases.renewals
         )
-        yield _counter(
-            "streamflow_lease_losses", "Leases found lost at renewal.", worker._leases.lost
+        losses = CounterMetricFamily(
+            "streamflow_lease_losses",
+            "Leases found lost (another worker owns the entry, or it is gone), by where: "
+            "renewal (the handler was running: cancelled), settle (the handler had run: its "
+            "outcome was refused), unstarted (found before the handler started here). "
+            "renewal and settle may mean a handler ran twice.",
+            labels=["found"],
         )
+        for found in ("renewal", "settle", "unstarted"):
+            losses.add_metric([found], snapshot.lease_losses.get(found, 0))
+        yield losses
+        yield _counter(
+            "streamflow_ack_replies_lost",
+            "Acknowledgements whose reply was lost and whose entries were then no longer "
+            "pending: taken as applied.",
+            snapshot.ack_replies_lost,
+        )
+        stalls = CounterMetricFamily(
+            "streamflow_loop_stalls",
+            "Times the event loop did not run for longer than the stall threshold: blocked "
+            "(code on the loop, usually a handler, did not yield) or frozen (the whole process "
+            "was paused).",
+            labels=["kind"],
+        )
+        for kind in ("blocked", "frozen"):
+            stalls.add_metric([kind], snapshot.loop_stalls.get(kind, 0))
+        yield stalls
         yield _counter(
             "streamflow_cancel_signals",
             "Cancel signals this worker received.",
@@ -230,6 +255,15 @@ def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Callable[[str, f
         registry=registry,
     )
     worker._signals_latency = cancel.observe
+    renewals = Histogram(
+        "streamflow_lease_renewal_seconds",
+        "How long one lease renewal round took (the consumer name and every held entry, one "
+        "script call per stream). Leases expire if rounds take longer than the TTL minus the "
+        "renewal period.",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    worker.observe_renewals(renewals.observe)
     return registry, durations.observe
 
 

@@ -75,10 +75,20 @@ class WorkerStatistics:
     released: int = 0
     lost: int = 0
     cancelled: int = 0
+    #: Acknowledgements whose reply was lost (the connection dropped) and whose entries were
+    #: then no longer pending: taken as applied, not as lost leases.
+    ack_replies_lost: int = 0
     adopted: int = 0
     renewals: int = 0
     in_flight: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    #: Leases found lost, by where: ``renewal`` (the handler was running and was cancelled),
+    #: ``settle`` (the handler had run; an owner-checked write was refused) and ``unstarted``
+    #: (found before the handler started here). The first two may mean a handler ran twice.
+    lease_losses: dict[str, int] = field(default_factory=dict)
+    #: Times the event loop did not run for longer than the stall threshold, by ``kind``:
+    #: ``blocked`` (code on the loop did not yield) or ``frozen`` (the whole process was paused).
+    loop_stalls: dict[str, int] = field(default_factory=dict)
     #: (role, outcome) -> count; outcome ``rejected`` for malformed input dead-lettered.
     by_role: dict[tuple[str, str], int] = field(default_factory=dict)
     #: (role, dead-letter reason) -> count.
@@ -140,10 +150,11 @@ class Settler:
             try:
                 status = await self._settle_one(delivery, decision)
             except streams.TRANSIENT_ERRORS as exc:
-                # Still pending under this consumer: adopted after the lease TTL, or resumed by
-                # a restart with the same consumer name.
+                # Applied, or still pending under this consumer: then adopted after the lease
+                # TTL, or resumed by a restart with the same consumer name.
                 logger.warning(
-                    "could not settle %s entry %s (%s): %s",
+                    "could not settle %s entry %s (%s), outcome unknown: it was applied, or the "
+                    "entry stays pending and is run again after the lease TTL: %s",
                     delivery.role.name,
                     delivery.entry.id.decode(),
                     decision.kind,
@@ -304,12 +315,7 @@ class Settler:
             if reason in MALFORMED_REASONS:
                 outcome = "rejected"
         elif status == "lost":
-            logger.warning(
-                "lease on %s entry %s was lost; its outcome was not applied",
-                delivery.role.name,
-                delivery.entry.id.decode(),
-                extra=_log_fields(delivery),
-            )
+            self._report_lost(delivery)
         stats.by_role[role, outcome] = stats.by_role.get((role, outcome), 0) + 1
         if self._on_outcome is not None:
             self._on_outcome(
@@ -322,6 +328,33 @@ class Settler:
                     error,
                 )
             )
+
+    def _report_lost(self, delivery: Delivery) -> None:
+        """Log a lost lease once, and count it where it was found."""
+        if delivery.lost:
+            # Found earlier (renewal, confirmation before start), counted and logged there.
+            if delivery.started:
+                logger.warning(
+                    "lease on %s entry %s was lost while its handler ran; its outcome was not "
+                    "applied",
+                    delivery.role.name,
+                    delivery.entry.id.decode(),
+                    extra=_log_fields(delivery),
+                )
+            return
+        delivery.lost = True
+        if not delivery.started:
+            self._leases.count_loss("unstarted")
+            return
+        self._leases.count_loss("settle")
+        logger.warning(
+            "lease on %s entry %s was lost before its outcome could be applied (another worker "
+            "owns it now, or it is gone): its handler ran here and may have run twice; its "
+            "outcome was not applied",
+            delivery.role.name,
+            delivery.entry.id.decode(),
+            extra=_log_fields(delivery),
+        )
 
     def report_many(self, items: list[tuple[Delivery, str | None, OutcomeStatus]]) -> None:
         """Count applied acks and cancels in bulk (no ``on_outcome`` listener, none lost)."""
@@ -389,25 +422,60 @@ class _Acker:
                     try:
                         await self._settle(batch)
                     except streams.TRANSIENT_ERRORS as exc:
+                        # What is left of the batch goes again; its outcome is unknown (the
+                        # connection may have dropped after Redis applied it).
                         for stream, items in batch.items():
+                            for delivery, _, _ in items:
+                                delivery.ack_unknown = True
                             self._pending[stream][:0] = items
                         await self._backoff.failed(exc)
                     else:
                         self._backoff.succeeded()
 
     async def _settle(self, batch: dict[str, list[_Ack]]) -> None:
+        """Settle ``batch``, removing each stream's items from it once they are reported."""
         settler = self._settler
-        for stream, items in batch.items():
+        for stream in list(batch):
+            items = batch[stream]
             ids = [delivery.entry.id for delivery, _, _ in items]
             refused = set(
                 await streams.settle(
                     settler._scripts, settler._redis, stream, settler.consumer, ids
                 )
             )
+            if refused:
+                refused -= await self._applied_before(stream, items, refused)
             settler._held.discard_many(stream, [delivery for delivery, _, _ in items])
+            del batch[stream]
             if refused or settler._on_outcome is not None:
                 for delivery, message_id, status in items:
                     lost = delivery.entry.id in refused
                     settler.report(delivery, message_id, "lost" if lost else status)
             else:
                 settler.report_many(items)
+
+    async def _applied_before(
+        self, stream: str, items: list[_Ack], refused: set[bytes]
+    ) -> set[bytes]:
+        """Of the refused ids, those an earlier try whose reply was lost had acknowledged.
+
+        Refused means "not pending under this consumer". After a lost reply that is what an
+        applied acknowledgement leaves too, so such an id counts as lost only if another
+        consumer holds it now; one that is not pending at all was acknowledged (and deleted).
+        """
+        unknown = [d.entry.id for d, _, _ in items if d.ack_unknown and d.entry.id in refused]
+        if not unknown:
+            return set()
+        owners = await streams.pending_owners(self._settler._redis, stream, unknown)
+        applied = {entry_id for entry_id in unknown if entry_id not in owners}
+        if applied:
+            self._settler.stats.ack_replies_lost += len(applied)
+            logger.warning(
+                "the reply to an acknowledgement of %d entries of %s was lost (the connection "
+                "dropped); they are no longer pending, so it was applied (unless the outage "
+                "outlasted the lease TTL and another worker adopted and finished them): counted "
+                "as settled, not as lost leases",
+                len(applied),
+                stream,
+            )
+        return applied

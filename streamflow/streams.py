@@ -644,6 +644,21 @@ async def _owned_ids_script(
     return refused
 
 
+async def pending_owners(redis: Redis, stream: str, ids: Sequence[bytes]) -> dict[bytes, bytes]:
+    """The consumer each of ``ids`` is pending under; ids that are not pending are left out.
+
+    One round trip (one XPENDING range per id, pipelined); for the rare checks after a reply
+    was lost, not for the hot path.
+    """
+    pipe = one_slot_pipeline(redis)
+    for entry_id in ids:
+        pipe.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
+    replies: list[Any] = await pipe.execute()
+    return {
+        bytes(row["message_id"]): bytes(row["consumer"]) for rows in replies for row in rows[:1]
+    }
+
+
 async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:

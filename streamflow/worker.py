@@ -29,6 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
+from types import FrameType
 from typing import Any, Literal
 
 import anyio
@@ -52,6 +53,7 @@ from streamflow.protocol import (
 from streamflow.registry import WorkerInfo
 from streamflow.settle import Outcome, Settler, WorkerStatistics
 from streamflow.signals import CancelBook, SignalListener, StopReporter
+from streamflow.stalls import LoopWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,15 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_THRESHOLD, middle, oldest)
 
 
+def fencing_token(attempt: int, deliveries: int) -> int:
+    """A delivery's fencing token: the attempt in the high 32 bits, the delivery count below.
+
+    Both only rise while a message changes hands (see :attr:`Context.fencing_token`); the
+    coordinator orders a task node's runs by the same pair.
+    """
+    return (attempt << 32) | (deliveries & 0xFFFFFFFF)
+
+
 def default_consumer_name() -> str:
     """A consumer name unique to this process: host, pid and a random suffix."""
     host = "".join(
@@ -130,6 +141,9 @@ class Worker:
             are cancelled and released for immediate adoption by another worker.
         lease: Lease TTL, renewal and reclaim timing.
         on_outcome: Called with every :class:`Outcome` (after it is settled in Redis).
+        stall_warning: Seconds the event loop may go without running before a warning names
+            the handler blocking it (see :mod:`streamflow.stalls`); by default the lease
+            renewal period, at most 5 s.
     """
 
     def __init__(
@@ -149,6 +163,7 @@ class Worker:
         shutdown_grace: float = 30.0,
         lease: LeaseSettings | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
+        stall_warning: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -223,6 +238,15 @@ class Worker:
         self._observe: Callable[[str, float], None] | None = None
         self._signals_latency: Callable[[float], None] | None = None
         self._suspects = anyio.Lock()
+        self._confirming = anyio.Lock()
+        self._confirm_backoff = streams.Backoff("confirming held leases")
+        self._unsafe_after = self._leases.settings.unsafe_after
+        settings = self._leases.settings
+        self._watchdog = LoopWatchdog(
+            stall_warning or min(settings.renew_every, 5.0),
+            self._describe_stall,
+            lease_ttl=settings.ttl,
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -293,10 +317,35 @@ class Worker:
             released=stats.released,
             lost=stats.lost,
             cancelled=stats.cancelled,
+            ack_replies_lost=stats.ack_replies_lost,
             adopted=self._leases.adopted,
             renewals=self._leases.renewals,
             in_flight=self._in_flight,
             by_reason=dict(stats.by_reason),
+            lease_losses=dict(self._leases.losses),
+            loop_stalls=self._watchdog.stalls(),
+        )
+
+    def observe_renewals(self, callback: Callable[[float], None] | None) -> None:
+        """Call ``callback`` with the seconds each lease renewal round takes (None: stop)."""
+        self._leases.on_renewal = callback
+
+    def _describe_stall(self, frame: FrameType | None) -> str:
+        """What runs on the stalled loop: the handler whose run ``frame``'s stack holds.
+
+        Called from the watchdog's thread while the loop is blocked, so it only reads.
+        """
+        while frame is not None and frame.f_code is not _RUN_CODE:
+            frame = frame.f_back
+        delivery = frame.f_locals.get("delivery") if frame is not None else None
+        if not isinstance(delivery, Delivery):
+            return "code outside any handler (streamflow, a library, or the garbage collector)"
+        handler = delivery.role.handler
+        name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
+        job = delivery.job
+        return (
+            f"handler {name} (role {delivery.role.name!r}, message "
+            f"{job.id if job else '?'}, entry {delivery.entry.id.decode()})"
         )
 
     def _describe(self) -> bytes:
@@ -331,23 +380,28 @@ class Worker:
         await self._leases.acquire_name()
         try:
             await self._signals.load()
-            async with anyio.create_task_group() as tg:
-                self._cancels.task_group = tg
-                if not burst:
-                    tg.start_soon(self._signals.run)
-                tg.start_soon(self._settler.acker.run)
-                tg.start_soon(self._leases.renew_forever)
-                tg.start_soon(self._enforce_grace)
-                task_status.started()
-                await self._pipeline(burst)
-                await self._settler.acker.flush()
-                tg.cancel_scope.cancel()
+            with self._watchdog.watching():
+                await self._serve_loops(burst, task_status)
         finally:
             with (
                 anyio.move_on_after(5, shield=True),
                 contextlib.suppress(*streams.TRANSIENT_ERRORS),
             ):
                 await self._leases.release_name()
+
+    async def _serve_loops(self, burst: bool, task_status: TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tg:
+            self._cancels.task_group = tg
+            if not burst:
+                tg.start_soon(self._signals.run)
+            tg.start_soon(self._settler.acker.run)
+            tg.start_soon(self._leases.renew_forever)
+            tg.start_soon(self._enforce_grace)
+            tg.start_soon(self._watchdog.beat_forever)
+            task_status.started()
+            await self._pipeline(burst)
+            await self._settler.acker.flush()
+            tg.cancel_scope.cancel()
 
     async def _pipeline(self, burst: bool) -> None:
         self._queue_closed = False
@@ -424,9 +478,10 @@ class Worker:
             if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
                 # Redis may have delivered these long ago (this process was frozen in the read):
                 # another worker may own them by now. Start only what is still ours.
+                issued = time.monotonic()
                 entries = await self._leases.confirm(stream, entries)
             if entries:
-                self._dispatch(role, shard, stream, entries)
+                self._dispatch(role, shard, stream, entries, issued)
             if history is not None:
                 if entries:
                     logger.info("resuming %d entries pending on %s", len(entries), stream)
@@ -475,6 +530,7 @@ class Worker:
             free = min(self._held_limit - self._in_flight, settings.reclaim_count)
             if free <= 0:
                 continue
+            issued = time.monotonic()
             try:
                 entries = await self._leases.adopt(stream, free)
             except streams.TRANSIENT_ERRORS as exc:
@@ -487,7 +543,7 @@ class Worker:
             backoff.succeeded()
             if entries:
                 self._reclaims[role.name] = self._reclaims.get(role.name, 0) + len(entries)
-                self._dispatch(role, shard, stream, entries)
+                self._dispatch(role, shard, stream, entries, issued)
 
     async def _promote_loop(self, shard: str) -> None:
         while not self._stopping.is_set():
@@ -525,14 +581,22 @@ class Worker:
             await self._stopping.wait()
         return self._stopping.is_set()
 
-    def _dispatch(self, role: Role, shard: str, stream: str, entries: list[streams.Entry]) -> None:
+    def _dispatch(
+        self,
+        role: Role,
+        shard: str,
+        stream: str,
+        entries: list[streams.Entry],
+        confirmed_at: float,
+    ) -> None:
+        """Hold and queue entries whose leases were confirmed at ``confirmed_at`` (monotonic)."""
         if self._auto_prefetch:
             sample = len(entries[0].fields.get(MESSAGE_FIELD, b""))
             recent = self._message_bytes
             self._message_bytes = (recent + sample) / 2 if recent else float(sample)
         self._in_flight += len(entries)
         self._settler.stats.received += len(entries)
-        deliveries = [Delivery(role, shard, stream, entry) for entry in entries]
+        deliveries = [Delivery(role, shard, stream, entry, confirmed_at) for entry in entries]
         self._held.add_many(stream, deliveries)
         self._queue.extend(deliveries)
         self._wake_consumer()
@@ -631,10 +695,14 @@ class Worker:
             delivery = queue.popleft()
             if queue:
                 self._wake_consumer()
-            if self._stopping.is_set():
-                # Read but not started: hand it back now rather than start it.
-                await self._finish(delivery, RELEASE)
-                continue
+            if (
+                self._stopping.is_set()
+                or time.monotonic() - delivery.confirmed_at > self._unsafe_after
+            ):
+                ending = await self._before_start(delivery)
+                if ending is not None:
+                    await self._finish(delivery, ending)
+                    continue
             stopped.append(delivery)
             step = self._process(delivery, scope)
             decision = step if isinstance(step, Decision) else await step
@@ -658,6 +726,36 @@ class Worker:
                 # requests now, so that the replies come back while this consumer handles what
                 # is still queued, instead of after the queue ran dry.
                 await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _before_start(self, delivery: Delivery) -> Decision | None:
+        """Check a delivery held long or read while stopping; the decision if it must not start.
+
+        Held so long (this process froze, or its event loop was blocked) that its lease may
+        have expired and another worker adopted it: its lease is confirmed first, so that two
+        workers never start it. Read but not started when the worker stops: handed back.
+        """
+        if not await self._still_ours(delivery):
+            return decisions.LOST
+        return RELEASE if self._stopping.is_set() else None
+
+    async def _confirm_held(self, delivery: Delivery) -> None:
+        """Renew every held entry until ``delivery``'s lease is confirmed or lost.
+
+        One renewal round trip per stream for everything held (not one per entry), by one
+        consumer at a time: the others find their entries confirmed by it.
+        """
+        async with self._confirming:
+            while (
+                time.monotonic() - delivery.confirmed_at > self._unsafe_after
+                and not delivery.lost
+                and not self._stopping.is_set()
+            ):
+                try:
+                    await self._leases.renew_held()
+                except streams.TRANSIENT_ERRORS as exc:
+                    await self._confirm_backoff.failed(exc)
+                else:
+                    self._confirm_backoff.succeeded()
 
     async def _finish(self, delivery: Delivery, decision: Decision) -> None:
         try:
@@ -707,6 +805,8 @@ class Worker:
             job.deadline_ms,
             job.task_id,
             job.node_id,
+            # fencing_token(), inline: a function call per message costs more than this.
+            (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
         )
         delivery.context = ctx
         if job.task_id is None and delivery.entry.deliveries == 1:
@@ -726,7 +826,19 @@ class Worker:
             role = delivery.role
             self._redeliveries[role.name] = self._redeliveries.get(role.name, 0) + 1
             return await self._run_suspect(delivery, scope, job, payload, ctx)
+        if not await self._still_ours(delivery):  # it may have waited for its input batch
+            return decisions.stopped(delivery)
         return await self._run(delivery, scope, job, payload, ctx)
+
+    async def _still_ours(self, delivery: Delivery) -> bool:
+        """Whether a delivery may still start: False if its lease turned out lost.
+
+        One held longer than the lease's unsafe age (queued, waiting for its input or behind
+        another suspect, while this process froze or its loop was blocked) is confirmed first.
+        """
+        if time.monotonic() - delivery.confirmed_at > self._unsafe_after:
+            await self._confirm_held(delivery)
+        return not delivery.lost
 
     async def _start_node(self, delivery: Delivery, job: Job, ctx: Context) -> Decision | None:
         """Prepare a task node's run: its input batch, its emitter, the ``accepted`` event."""
@@ -784,7 +896,10 @@ class Worker:
         payload: Any,
         ctx: Context,
     ) -> Decision:
-        # Counted only now, as it starts: waiting behind another suspect is not a start.
+        # Counted only now, as it starts: waiting behind another suspect is not a start, and
+        # neither is an entry found owned by another worker after that wait.
+        if not await self._still_ours(delivery):
+            return decisions.stopped(delivery)
         try:
             reruns = await streams.count_start(self._redis, key)
         except streams.TRANSIENT_ERRORS:
@@ -792,8 +907,11 @@ class Worker:
         starts = reruns + 2  # its first start, the reruns before, and this one
         if starts > delivery.role.max_deliveries:
             detail = (
-                f"started {starts - 1} times (limit {delivery.role.max_deliveries}) without "
-                "finishing: its worker crashed or froze each time"
+                f"started {starts - 1} times (limit {delivery.role.max_deliveries}) without an "
+                "outcome: each run ended with its lease expired before its outcome was "
+                "settled, because its worker died (crash, OOM kill), was frozen, or had its "
+                "event loop blocked past the lease TTL (an async handler that does not yield: "
+                "look for 'event loop blocked' warnings naming it)"
             )
             return dead("max_deliveries", detail, job)
         return await self._run(delivery, scope, job, payload, ctx)
@@ -805,6 +923,7 @@ class Worker:
         if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
             return decisions.stopped(delivery)
         delivery.scope = scope
+        delivery.started = True
         timeout = job.timeout or role.timeout
         started = time.perf_counter() if self._observe is not None else 0.0
         try:
@@ -813,6 +932,9 @@ class Worker:
             else:
                 await self._execute(role, ctx, payload, timeout)
         except nodes.LeaseLost:
+            # An owner-checked write of the handler (a task node's emit) was refused.
+            if not delivery.lost:
+                self._leases.count_loss("settle")
             delivery.lost = True
             return decisions.LOST
         except Exception as exc:
@@ -839,3 +961,7 @@ class Worker:
                 await anyio.to_thread.run_sync(
                     partial(role.handler, ctx, payload), limiter=self._threads
                 )
+
+
+#: The code of the coroutine that runs a handler: the stall watchdog finds it on the stack.
+_RUN_CODE = Worker._run.__code__

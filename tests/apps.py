@@ -98,6 +98,8 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
     """Trace START, then do what the payload (a dict, every key optional) says.
 
     * ``kill``: SIGKILL this worker process right after START.
+    * ``block`` (seconds): block the event loop this long right after START (``time.sleep``
+      in an async handler: the mistake the loop-stall watchdog reports).
     * ``fail_attempts`` (int): on attempts up to this one, trace FAIL and raise
       ``Retry(delay=payload["retry_delay"])`` (None: the role's backoff).
     * ``seconds``: sleep this long; ``seconds_by_consumer`` ({consumer name: seconds})
@@ -115,6 +117,8 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
     trace(ctx, "START")
     if payload.get("kill"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if payload.get("block"):
+        time.sleep(float(payload["block"]))  # noqa: ASYNC251 - the deliberate mistake
     if ctx.attempt <= int(payload.get("fail_attempts", 0)):
         trace(ctx, "FAIL")
         raise streamflow.Retry("failing as asked", delay=payload.get("retry_delay"))

@@ -457,6 +457,78 @@ def test_entry_delivered_to_a_frozen_worker_and_adopted_elsewhere_is_not_started
     assert frozen.alive() and adopter.alive()
 
 
+def test_read_ahead_entries_adopted_during_a_freeze_are_not_started_on_resume(
+    workers: Workers, store: Store, publish: Publish, record: Record
+) -> None:
+    """A frozen worker's read-ahead buffer: its entries are adopted by another worker during
+    the freeze. On resume the frozen worker must not start any of them (handlers that do not
+    yield would all start before its next renewal noticed): only the handler it was running
+    when it froze may run twice (the documented mid-handler window)."""
+    a_name, b_name = unique("a"), unique("b")
+    # Published before A starts, so that one read takes them all: 1 running, 10 read ahead.
+    [running_id] = publish([{"seconds_by_consumer": {a_name: 1.0, b_name: 0.1}}])
+    buffered = publish([{}] * 10)  # handlers that never yield
+    frozen = workers.start(a_name, "--prefetch", "10", concurrency=1)
+    frozen.wait_ready()
+    wait_for(lambda: running_id in record.ids("START", a_name), 10, "A starts the first")
+    wait_for(lambda: len(store.pending(consumer=a_name)) == 11, 10, "A holds all 11")
+    frozen.signal(signal.SIGSTOP)
+    adopter = workers.start(b_name)
+    wait_for(lambda: set(buffered) <= record.ids("DONE", b_name), 20, "B adopts and runs all")
+    wait_for(store.settled, 10, "B's acks")
+    frozen.signal(signal.SIGCONT)
+    # A resumes: its first handler's sleep is over; then it takes its buffer up again.
+    wait_for(lambda: running_id in record.ids("DONE", a_name), 10, "A's running handler ends")
+    wait_for(
+        lambda: (
+            "not starting them" in frozen.stderr()
+            or "its outcome was not applied" in frozen.stderr()
+        ),
+        10,
+        "A reports the entries it no longer owns",
+    )
+    wait_for(lambda: frozen.process.poll() is None and store.settled(), 5, "nothing left")
+
+    started_on_a = record.ids("START", a_name)
+    assert started_on_a == {running_id}, (
+        f"A started {len(started_on_a - {running_id})} entries B had adopted:\n"
+        + "\n".join(f"{line.event} {line.consumer} {line.at:.3f}" for line in record.lines())
+    )
+    assert record.ids("START", b_name) == {running_id, *buffered}
+    assert "this worker process did not run for" in frozen.stderr()  # the watchdog saw it
+    assert frozen.alive() and adopter.alive()
+    frozen.assert_clean_log()
+    adopter.assert_clean_log()
+
+
+def test_handler_blocking_the_event_loop_past_the_ttl_is_reported_and_dead_lettered_truthfully(
+    workers: Workers, store: Store, publish: Publish, record: Record
+) -> None:
+    """An async handler that blocks the loop longer than the lease TTL: each worker that runs
+    it stops renewing, the other one takes it over, and after max_deliveries starts it is
+    dead-lettered. The workers warn while it blocks, naming the handler and the message, count
+    the lost leases they find at settle, and the dead letter says what happened."""
+    a_name, b_name = unique("a"), unique("b")
+    running = [workers.start(a_name, roles=("poison",)), workers.start(b_name, roles=("poison",))]
+    for worker in running:
+        worker.wait_ready()
+    [blocker] = publish([{"block": 2.5}], role="poison")
+    wait_for(lambda: bool(store.dead_letters("poison")), 40, "the blocker is dead-lettered")
+
+    [fields] = store.dead_letters("poison")
+    doc = orjson.loads(fields[b"dead_letter"])
+    assert doc["reason"] == "max_deliveries", doc
+    assert "lease expired" in doc["detail"] and "event loop blocked" in doc["detail"], doc
+    assert "crashed or froze each time" not in doc["detail"]
+    assert record.counts("START")[blocker] == 3  # max_deliveries of the role "poison"
+    logs = "".join(worker.stderr() for worker in running)
+    assert "event loop blocked" in logs and "tests.apps.work" in logs and blocker in logs
+    assert "may have run twice" in logs  # a lost lease found when its outcome was refused
+    for worker in running:
+        assert worker.alive()
+        worker.assert_clean_log()
+
+
 # -- 4. poison: a message that kills its worker --------------------------------------------------
 
 

@@ -496,6 +496,10 @@ async def test_an_entry_delivered_more_than_max_deliveries_is_dead_lettered_as_p
     (dead,) = await streams.read_range(redis, keys.dead_letters("poison"))
     letter, _ = decode_dead_letter(dead.fields)
     assert letter.reason == "max_deliveries" and "started 2 times (limit 2)" in letter.detail
+    # What is known, not a guess: the lease expired before an outcome was settled, whether
+    # the worker died, froze, or had its event loop blocked by the handler.
+    assert "crashed or froze each time" not in letter.detail
+    assert "lease expired" in letter.detail and "event loop blocked" in letter.detail
 
 
 #: Lost-lease tests renew often and adopt late: the loss is seen at once, and the worker does
@@ -539,6 +543,7 @@ async def test_a_lost_lease_cancels_the_handler_and_applies_no_outcome(
     assert await redis.zcard(keys.delayed("stolen")) == 0
     stats = worker.statistics()
     assert (stats.lost, stats.acked, stats.retried, stats.dead_lettered) == (1, 0, 0, 0)
+    assert stats.lease_losses == {"renewal": 1}  # found while the handler ran
     # The outcome still names the message (the job was decoded and ran).
     assert outcomes[0].message_id == message_id
 
@@ -575,6 +580,8 @@ async def test_a_sync_handler_that_finishes_after_losing_its_lease_is_not_acknow
     assert [(r["message_id"], r["consumer"]) for r in rows] == [(row["message_id"], b"thief")]
     assert await redis.xlen(stream) == 1  # the refused ack deleted nothing
     assert worker.statistics().acked == 0
+    # Found at renewal; the refused ack of the same delivery is not counted again.
+    assert worker.statistics().lease_losses == {"renewal": 1}
     assert outcomes[0].message_id == message_id
 
 

@@ -494,7 +494,8 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
         clock[0] += seconds
         worker._in_flight = 0
         worker._settler.stats.received += finished - 1
-        worker._dispatch(role, "paced", "s", [streams.Entry(b"1-0", {b"message": b"x" * size})])
+        entry = streams.Entry(b"1-0", {b"message": b"x" * size})
+        worker._dispatch(role, "paced", "s", [entry], confirmed_at=clock[0])
         worker._adapt_prefetch()
         return worker._prefetch
 

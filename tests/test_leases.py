@@ -1,0 +1,236 @@
+"""Leases against a real redis-server: fencing tokens and where a lost lease is found."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import pytest
+import redis as sync_redis
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from streamflow import App, Client, Context, Retry, Worker, streams
+from streamflow.keys import GROUP, Keys
+from streamflow.leases import LeaseSettings
+from streamflow.worker import Outcome, fencing_token
+from tests.helpers import running, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+async def test_fencing_token_rises_with_every_change_of_owner(redis: Redis, namespace: str) -> None:
+    """A dead worker's delivery, the adoption of it, then a retry: each run's token is larger
+    than every token before it."""
+    app = App()
+    runs: list[tuple[int, int]] = []  # (attempt, token)
+
+    @app.role("fenced")
+    async def fenced(ctx: Context, payload: Any) -> None:
+        runs.append((ctx.attempt, ctx.fencing_token))
+        if ctx.attempt == 1:
+            raise Retry("again", delay=0)
+
+    keys = Keys(namespace)
+    stream = keys.role_stream("fenced")
+    await Client(redis, namespace=namespace).publish("fenced", {"n": 1})
+    await streams.ensure_group(redis, stream)
+    # A worker that took the entry and died: its delivery counted 1.
+    [ghost] = await streams.read_group(redis, stream, "ghost-1", count=1, block_ms=None)
+    ghost_token = fencing_token(1, ghost.deliveries)
+    lease = LeaseSettings(ttl=0.3, reclaim_interval=0.05)
+    with anyio.fail_after(20):
+        async with running(Worker(app, redis, namespace=namespace, lease=lease)):
+            await wait_until(lambda: len(runs) == 2, 15)
+    (first_attempt, adopted), (second_attempt, retried) = runs
+    assert (first_attempt, second_attempt) == (1, 2)
+    assert ghost_token == (1 << 32) | 1
+    assert adopted == (1 << 32) | 2 > ghost_token  # the adoption added a delivery
+    assert retried == (2 << 32) | 1 > adopted  # a retry is a new entry with a higher attempt
+
+
+def lease_app(gate: anyio.Event, started: anyio.Event) -> App:
+    app = App()
+
+    @app.role("held")
+    async def held(ctx: Context, payload: Any) -> None:
+        started.set()
+        await gate.wait()
+
+    return app
+
+
+async def steal(redis: Redis, stream: str, to: str = "thief") -> None:
+    """Give every pending entry of ``stream`` to consumer ``to`` (as an adoption would)."""
+    rows: Any = await redis.xpending_range(stream, GROUP, "-", "+", 100)
+    ids = [row["message_id"] for row in rows]
+    await redis.xclaim(stream, GROUP, to, 0, ids, justid=True)
+
+
+async def test_a_lease_lost_found_only_at_settle_is_counted_as_such(
+    redis: Redis, namespace: str
+) -> None:
+    """The handler finishes before any renewal notices that another worker took the entry:
+    the refused acknowledgement is a lost lease (the handler may have run twice) and is
+    counted in streamflow_lease_losses_total{found="settle"}."""
+    gate, started = anyio.Event(), anyio.Event()
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        lease_app(gate, started),
+        redis,
+        namespace=namespace,
+        lease=LeaseSettings(ttl=60),  # no renewal during the test
+        on_outcome=outcomes.append,
+    )
+    registry = worker.enable_metrics()
+    stream = Keys(namespace).role_stream("held")
+    with anyio.fail_after(20):
+        async with running(worker):
+            await Client(redis, namespace=namespace).publish("held", {})
+            await started.wait()
+            await steal(redis, stream)
+            gate.set()
+            await wait_until(lambda: bool(outcomes))
+    assert [o.status for o in outcomes] == ["lost"]
+    assert worker.statistics().lease_losses == {"settle": 1}
+    assert sample(registry, "streamflow_lease_losses_total", found="settle") == 1
+    assert sample(registry, "streamflow_lease_losses_total", found="renewal") == 0
+    # The other consumer still holds it: nothing was applied.
+    assert await redis.xlen(stream) == 1
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["ack_applied", "ack_not_applied"])
+async def test_an_acknowledgement_whose_reply_was_lost_is_checked_before_it_is_called_lost(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch, applied: bool
+) -> None:
+    """The connection drops after the acknowledgement was sent. If Redis applied it (the entry
+    is gone), it is acknowledged, not a lost lease; if another consumer holds the entry now,
+    it is a lost lease found at settle."""
+    app = App()
+
+    @app.role("acked")
+    async def acked(ctx: Context, payload: Any) -> None:
+        pass
+
+    stream = Keys(namespace).role_stream("acked")
+    real_settle = streams.settle
+    calls = 0
+
+    async def settle_then_drop(
+        scripts: streams.Scripts, client: Redis, key: str, consumer: str, ids: Sequence[bytes]
+    ) -> list[bytes]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            if applied:
+                await real_settle(scripts, client, key, consumer, ids)
+            else:
+                await steal(client, key)  # the lease expired meanwhile: adopted elsewhere
+            raise RedisConnectionError("Connection reset by peer (the reply is lost)")
+        return await real_settle(scripts, client, key, consumer, ids)
+
+    monkeypatch.setattr(streams, "settle", settle_then_drop)
+    outcomes: list[Outcome] = []
+    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    registry = worker.enable_metrics()
+    with anyio.fail_after(20):
+        async with running(worker):
+            await Client(redis, namespace=namespace).publish("acked", {})
+            await wait_until(lambda: bool(outcomes))
+    stats = worker.statistics()
+    assert calls == 2
+    if applied:
+        assert [o.status for o in outcomes] == ["acked"]
+        assert stats.lease_losses == {}
+        assert stats.ack_replies_lost == 1
+        assert sample(registry, "streamflow_ack_replies_lost_total") == 1
+        assert await redis.xlen(stream) == 0
+    else:
+        assert [o.status for o in outcomes] == ["lost"]
+        assert stats.lease_losses == {"settle": 1}
+        assert stats.ack_replies_lost == 0
+        assert sample(registry, "streamflow_lease_losses_total", found="settle") == 1
+
+
+async def test_renewal_latency_is_observed(redis: Redis, namespace: str) -> None:
+    gate, started = anyio.Event(), anyio.Event()
+    worker = Worker(
+        lease_app(gate, started),
+        redis,
+        namespace=namespace,
+        lease=LeaseSettings(ttl=0.3),
+    )
+    registry = worker.enable_metrics()
+
+    def renewals() -> float:
+        return sample(registry, "streamflow_lease_renewal_seconds_count") or 0.0
+
+    with anyio.fail_after(20):
+        async with running(worker):
+            await Client(redis, namespace=namespace).publish("held", {})
+            await started.wait()
+            await wait_until(lambda: renewals() >= 3, 10)
+            gate.set()
+    total = sample(registry, "streamflow_lease_renewal_seconds_sum")
+    assert total is not None and 0 < total < renewals() * 0.3
+
+
+async def test_entries_taken_over_while_the_loop_was_blocked_are_not_started(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """One handler blocks the event loop past the lease's safe age; meanwhile another worker
+    takes over the two entries this worker holds (one queued, one waiting behind the blocker
+    as a suspect). Neither may start here once the loop runs again."""
+    app = App()
+    keys = Keys(namespace)
+    stream = keys.role_stream("mixed")
+    started: list[str] = []
+
+    @app.role("mixed")
+    async def mixed(ctx: Context, payload: Any) -> None:
+        started.append(payload["name"])
+        if payload["name"] == "blocker":
+            # Another worker adopts the others while this one cannot renew (the loop blocks).
+            with sync_redis.Redis.from_url(redis_url) as other:
+                rows: Any = other.xpending_range(stream, GROUP, "-", "+", 10)
+                others = [r["message_id"] for r in rows if r["message_id"] != blocker_entry]
+                other.xclaim(stream, GROUP, "thief", 0, others, justid=True)
+            time.sleep(1.0)  # noqa: ASYNC251 - the blocked loop this test is about
+
+    client = Client(redis, namespace=namespace)
+    await streams.ensure_group(redis, stream)
+    for name in ("blocker", "suspect", "queued"):
+        await client.publish("mixed", {"name": name})
+    # All three were read before by this consumer name: a restart resumes them as suspects
+    # (delivered twice). Each already had a rerun, so each runs alone among suspects.
+    entries = await streams.read_group(redis, stream, "resumer", count=3, block_ms=None)
+    blocker_entry, suspect_entry, _ = (e.id for e in entries)
+    for entry in entries[:2]:
+        await redis.set(keys.starts("mixed", entry.id.decode()), 1)
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app,
+        redis,
+        namespace=namespace,
+        consumer="resumer",
+        concurrency=2,
+        prefetch=1,
+        lease=LeaseSettings(ttl=0.9, renew_interval=0.3),  # confirmed again after 0.6 s
+        on_outcome=outcomes.append,
+    )
+    with anyio.fail_after(20):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 3, 15)
+    assert started == ["blocker"]
+    statuses = {o.entry_id.encode(): o.status for o in outcomes}
+    assert statuses == {blocker_entry: "acked", suspect_entry: "lost", entries[2].id: "lost"}
+    assert worker.statistics().lease_losses == {"unstarted": 2}
+    rows: Any = await redis.xpending_range(stream, GROUP, "-", "+", 10)
+    assert {r["consumer"] for r in rows} == {b"thief"}
