@@ -435,7 +435,9 @@ def _keys_kept(job: Job) -> int:
 
 def _check_header(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> None:
     version = doc.get("protocol")
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    # ``type() is int``: ``1.0`` and ``true`` compare equal to 1 in Python, and the docs promise
+    # ``unsupported_version`` for anything but the JSON integer 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             "unsupported_version",
             f"protocol version {version!r} is not supported (this worker speaks "
@@ -516,9 +518,12 @@ def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT])
         return model.model_validate_json(raw)
     except ValidationError as exc:
         try:
-            orjson.loads(raw)
+            doc = orjson.loads(raw)
         except orjson.JSONDecodeError as bad:
             raise ProtocolError("invalid_json", f"{what} is not valid JSON: {bad}", raw) from None
+        if isinstance(doc, dict):  # the same reasons, in the same order, as a job's
+            kind = "cancel" if model is CancelSignal else "event"
+            _check_header(doc, raw, expected_kind=kind)
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None
 
 
