@@ -154,6 +154,10 @@ class Coordinator:
 
         return coordinator_registry(self)
 
+    def bad_records(self) -> dict[str, int]:
+        """Malformed records read back from Redis and skipped so far, by kind."""
+        return self._signals.statistics()
+
     def stop(self) -> None:
         """Ask the coordinator to stop (it finishes the task it is processing)."""
         self._stopping.set()

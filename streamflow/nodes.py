@@ -13,11 +13,13 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import streams
 from streamflow.context import Batch
-from streamflow.errors import PayloadError, StreamflowError
+from streamflow.errors import InputError, PayloadError, StreamflowError
 from streamflow.keys import Keys
+from streamflow.logs import shown
 from streamflow.protocol import PROTOCOL_VERSION, EventType, Job, TaskEvent, encode, now_ms
 
 #: Largest encoded batch a node may emit.
@@ -119,18 +121,55 @@ class NodeRun:
 
         Raises:
             LookupError: The input batch is gone (expired or deleted).
+            InputError: ``input.ref`` is not a batch key of this task and parent, or the key
+                holds something else than a JSON array.
         """
         ref = self.job.input
+        if ref is not None:
+            self._check_ref(ref.ref, ref.node, f"input.ref {shown(ref.ref)}")
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self._keys.events(self._shard), {b"event": self.event("accepted")})
         if ref is not None:
             pipe.get(ref.ref)
-        replies = await pipe.execute()
+        # Errors as values: a wrong-type input key must not hide that the XADD went through.
+        replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
         if ref is None:
             return None
+        what = f"input batch {ref.index} of {ref.node!r} ({shown(ref.ref)})"
         if replies[-1] is None:
-            raise LookupError(f"input batch {ref.index} of {ref.node!r} is gone ({ref.ref})")
-        return Batch(ref.node, ref.index, orjson.loads(replies[-1]))
+            raise LookupError(f"{what} is gone")
+        return Batch(ref.node, ref.index, self._batch(replies[-1], what))
+
+    def _check_ref(self, key: str, parent: str, what: str) -> None:
+        """Refuse a key that is not one of this task's batches of node ``parent``.
+
+        That is a batch a worker emitted for it, or a coordinator function node's result.
+        """
+        task_id = self.job.task_id
+        assert task_id is not None
+        if key == self._keys.task_result(task_id, parent):
+            return
+        named = self._keys.parse_batch(key)
+        if named is None or named.task_id != task_id or named.node_id != parent:
+            raise InputError(
+                f"{what} is not a batch key of task {self.job.task_id!r}, node {parent!r}"
+            )
+
+    def _batch(self, raw: Any, what: str) -> list[Any]:
+        """The items of a batch value read back from Redis (untrusted: checked, never raised)."""
+        if isinstance(raw, ResponseError):
+            raise InputError(f"{what} cannot be read: {shown(str(raw))}")
+        if len(raw) > self._max_bytes:
+            raise InputError(f"{what} is {len(raw)} bytes, limit {self._max_bytes}")
+        try:
+            items = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"{what} is not JSON: {exc}") from None
+        if not isinstance(items, list):
+            raise InputError(f"{what} is not a JSON array")
+        return items
 
     async def inputs(self) -> AsyncIterator[Batch]:
         """Every batch of every parent (nodes fed when their parents are done), in order."""
@@ -138,13 +177,21 @@ class NodeRun:
         assert job.task_id is not None
         for parent, count in (job.inputs or {}).items():
             key = self._keys.task_output(job.task_id, parent)
-            refs = [streams.text(r) for r in await self._redis.lrange(key, 0, count - 1)]
+            try:
+                listed = await self._redis.lrange(key, 0, count - 1)
+            except ResponseError as exc:  # another type at the list's key
+                raise InputError(f"the batch list of {parent!r} cannot be read: {exc}") from None
+            refs = [r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in listed]
+            for index, ref in enumerate(refs):
+                self._check_ref(ref, parent, f"batch {index} of {parent!r} ({shown(ref)})")
             for start in range(0, len(refs), READ_CHUNK):
                 chunk = refs[start : start + READ_CHUNK]
-                for offset, raw in enumerate(await streams.get_many(self._redis, chunk)):
+                values = await streams.get_many(self._redis, chunk, raise_on_error=False)
+                for offset, raw in enumerate(values):
+                    what = f"batch {start + offset} of {parent!r} ({shown(chunk[offset])})"
                     if raw is None:
-                        raise LookupError(f"batch {start + offset} of {parent!r} is gone")
-                    yield Batch(parent, start + offset, orjson.loads(raw))
+                        raise LookupError(f"{what} is gone")
+                    yield Batch(parent, start + offset, self._batch(raw, what))
 
     async def emit(self, items: Iterable[Any]) -> None:
         """Store one batch and report it.

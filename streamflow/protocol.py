@@ -54,7 +54,8 @@ MalformedReason = Literal[
     "invalid_payload",
 ]
 DeadLetterReason = (
-    MalformedReason | Literal["failed", "fatal", "max_deliveries", "expired", "missing_input"]
+    MalformedReason
+    | Literal["failed", "fatal", "max_deliveries", "expired", "missing_input", "invalid_input"]
 )
 MALFORMED_REASONS: frozenset[str] = frozenset(get_args(MalformedReason))
 

@@ -83,6 +83,10 @@ class WorkerStatistics:
     by_role: dict[tuple[str, str], int] = field(default_factory=dict)
     #: (role, dead-letter reason) -> count.
     dead_by_role: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Malformed records read back from Redis and skipped, by kind (see
+    #: :attr:`streamflow.signals.SignalListener.bad_records`; ``signal`` for a malformed
+    #: cancel signal).
+    bad_records: dict[str, int] = field(default_factory=dict)
 
 
 class Settler:

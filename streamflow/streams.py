@@ -517,6 +517,7 @@ class Scripts:
         self.replay = redis.register_script(_load("replay.lua", strip))
         self.alive = redis.register_script(_load("alive.lua", strip))
         self.cancel = redis.register_script(_load("cancel.lua", strip))
+        self.mark_cancel = redis.register_script(_load("mark_cancel.lua", strip))
         self.publish_many = redis.register_script(_load("publish_many.lua", strip))
         self.emit = redis.register_script(_load("emit.lua", strip))
         self.finish = redis.register_script(_load("finish.lua", strip))
@@ -823,14 +824,20 @@ async def scan_keys(redis: Redis, pattern: str) -> list[str]:
     return found
 
 
-async def get_many(redis: Redis, keys: Sequence[str]) -> list[bytes | None]:
-    """GET of each key, pipelined (keys may be in different cluster slots)."""
+async def get_many(redis: Redis, keys: Sequence[str], *, raise_on_error: bool = True) -> list[Any]:
+    """GET of each key, pipelined (keys may be in different cluster slots).
+
+    Returns:
+        Each key's value, or None when it is missing; with ``raise_on_error=False``, the
+        ``ResponseError`` of a key that holds another type, in its place, instead of raising
+        the first one.
+    """
     if not keys:
         return []
     pipe = redis.pipeline(transaction=False)
     for key in keys:
         pipe.get(key)
-    values: list[bytes | None] = await pipe.execute()
+    values: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
     return values
 
 

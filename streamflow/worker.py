@@ -41,6 +41,7 @@ from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
 from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, Decision, dead
+from streamflow.errors import InputError
 from streamflow.keys import Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
 from streamflow.protocol import (
@@ -297,6 +298,7 @@ class Worker:
             renewals=self._leases.renewals,
             in_flight=self._in_flight,
             by_reason=dict(stats.by_reason),
+            bad_records=self._signals.statistics(),
         )
 
     def _describe(self) -> bytes:
@@ -749,6 +751,8 @@ class Worker:
             ctx.batch = await run.start()
         except LookupError as exc:
             return dead("missing_input", str(exc), job)
+        except InputError as exc:
+            return dead("invalid_input", str(exc), job)
         except streams.TRANSIENT_ERRORS:
             return RELEASE  # cannot read its input now: hand it back
         return None

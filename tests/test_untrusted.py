@@ -1,0 +1,309 @@
+"""Everything read back from Redis is untrusted: forged keys never crash or redirect a worker.
+
+Anyone with write access to the namespace (a publisher or worker ACL user) can write a key of
+any type where streamflow expects a batch, a cancel marker, the cancel index or the signals
+stream, and put hostile text into what ends up in logs and terminals. Workers run as OS
+processes here where the issue saw them exit; what they handled is recorded in a file.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis as redis_sync
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamflow.keys import Keys
+from streamflow.protocol import CancelSignal, decode_dead_letter, encode, encode_job_fields
+from tests.helpers import ROOT, clean_env, recorded, wait_for
+from tests.test_crash import WorkerProcess, Workers
+from tests.test_metrics import free_port
+
+pytestmark = pytest.mark.redis
+
+CLI = [sys.executable, "-m", "streamflow"]
+#: Generous for a shared 2-core machine: these wait for outcomes, never for a duration.
+DEADLINE = 30.0
+
+
+@pytest.fixture
+def record_path(tmp_path: Path) -> Path:
+    return tmp_path / "record.txt"
+
+
+@pytest.fixture
+def workers(tmp_path: Path, redis_url: str, namespace: str, record_path: Path) -> Iterator[Workers]:
+    started = Workers(tmp_path, redis_url, namespace, record_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis_sync.Redis]:
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def node_job(message_id: str, role: str, **fields: Any) -> bytes:
+    """A task node's job envelope written by hand, as a publisher could XADD it."""
+    doc = {
+        "protocol": 1,
+        "kind": "job",
+        "id": message_id,
+        "role": role,
+        "payload": {"n": 1},
+        "created_at_ms": 1,
+        "task_id": "t1",
+        "node_id": "n1",
+        "invocation": 0,
+        **fields,
+    }
+    return orjson.dumps(doc)
+
+
+def plain_job(message_id: str, role: str, payload: Any = None) -> bytes:
+    return encode_job_fields(message_id=message_id, role=role, payload=payload, created_at_ms=1)
+
+
+def dead_letters(client: redis_sync.Redis, keys: Keys, role: str) -> dict[str, Any]:
+    """The role's dead letters by message id."""
+    out = {}
+    for _, fields in client.xrange(keys.dead_letters(role)):
+        letter, _ = decode_dead_letter(fields)
+        out[letter.message_id or "?"] = letter
+    return out
+
+
+def wait_serving(worker: WorkerProcess, predicate: Any, what: str) -> None:
+    """Wait for ``predicate`` while the worker stays up (fail at once if it exits)."""
+
+    def check() -> bool:
+        if not worker.alive():
+            raise AssertionError(f"worker {worker.name} exited:\n{worker.stderr()}")
+        return bool(predicate())
+
+    wait_for(check, DEADLINE, what)
+
+
+# -- item 1: input batches named by a job or a task's output list -------------------------------
+
+
+def test_forged_input_refs_are_dead_lettered_and_the_worker_keeps_serving(
+    workers: Workers, sync_redis: redis_sync.Redis, namespace: str, record_path: Path
+) -> None:
+    keys = Keys(namespace)
+    stream = keys.role_stream("record")
+    hashed = keys.batch("p-role", "t1", "p", 0, 1)
+    sync_redis.hset(hashed, "a", "b")
+    garbage = keys.batch("p-role", "t1", "p", 0, 2)
+    sync_redis.set(garbage, b"\xff not json")
+    an_object = keys.batch("p-role", "t1", "p", 0, 3)
+    sync_redis.set(an_object, b'{"a": 1}')
+    other_task = keys.batch("p-role", "t2", "p", 0, 0)
+    sync_redis.set(other_task, b"[1, 2]")
+    forged = {
+        "x1": stream,  # the issue's XADD: the role stream itself (WRONGTYPE)
+        "x2": garbage,
+        "x3": other_task,  # a real batch, of another task
+        "x4": hashed,
+        "x5": an_object,
+        "x6": f"{namespace}:{{role:p-role}}:batch:t1:p:00:0",  # not as the builder writes it
+        "x7": keys.batch("p-role", "t1", "other-node", 0, 0),  # not the ref's node
+    }
+    for n, (message_id, ref) in enumerate(forged.items()):
+        sync_redis.xadd(stream, {"message": plain_job(f"g{n}", "record")})
+        entry = node_job(message_id, "record", input={"node": "p", "index": 0, "ref": ref})
+        sync_redis.xadd(stream, {"message": entry})
+    # A node fed by its parents' whole output reads the keys a task's output list names.
+    good = keys.batch("p-role", "t1", "p", 0, 0)
+    sync_redis.set(good, b"[1]")
+    sync_redis.rpush(keys.task_output("t1", "p"), good, stream)
+    sync_redis.hset(keys.task_output("t1", "q"), "a", "b")
+    gather = keys.role_stream("gather")
+    sync_redis.xadd(gather, {"message": node_job("y1", "gather", inputs={"p": 2})})
+    sync_redis.xadd(gather, {"message": node_job("y2", "gather", inputs={"q": 1})})
+    sync_redis.xadd(gather, {"message": plain_job("g-gather", "gather")})
+
+    worker = workers.start("untrusted-1", roles=("record", "gather"))
+    worker.wait_ready()
+    expected = {*forged, "y1", "y2"}
+    wait_serving(
+        worker,
+        lambda: (
+            set(dead_letters(sync_redis, keys, "record"))
+            | set(dead_letters(sync_redis, keys, "gather"))
+            >= expected
+        ),
+        "every forged job dead-lettered",
+    )
+    wait_serving(worker, lambda: len(recorded(record_path)) >= len(forged) + 1, "neighbours run")
+
+    letters = {
+        **dead_letters(sync_redis, keys, "record"),
+        **dead_letters(sync_redis, keys, "gather"),
+    }
+    assert set(letters) == expected
+    for message_id in expected:
+        assert letters[message_id].reason == "invalid_input", letters[message_id]
+    assert "is not a batch key of task 't1', node 'p'" in letters["x1"].detail
+    assert "WRONGTYPE" in letters["x4"].detail
+    assert "not JSON" in letters["x2"].detail
+    assert "not a JSON array" in letters["x5"].detail
+    assert sorted(recorded(record_path)) == sorted(
+        [f"g{n}" for n in range(len(forged))] + ["g-gather"]
+    )
+    assert worker.alive()
+    worker.assert_clean_log()
+
+
+# -- item 2 and the index of item 6: cancel markers ---------------------------------------------
+
+
+def cancel_signal(target: str, target_id: str) -> bytes:
+    return encode(
+        CancelSignal(
+            protocol=1,
+            kind="cancel",
+            id=f"sig-{target_id}",
+            target=target,  # type: ignore[arg-type]
+            target_id=target_id,
+            created_at_ms=1,
+        )
+    )
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_bad_cancel_markers_are_skipped_counted_and_a_marker_means_what_its_key_says(
+    workers: Workers, sync_redis: redis_sync.Redis, namespace: str, record_path: Path
+) -> None:
+    keys = Keys(namespace)
+    # Spelt out, as docs/protocol.md gives them (and so that this test runs on older code).
+    index = f"{namespace}:{{signals}}:cancels"
+    far = 10**13  # expiry scores far in the future
+    bad = {
+        ("task", "x"): lambda key: sync_redis.hset(key, "a", "b"),
+        ("task", "y"): lambda key: sync_redis.xadd(key, {"a": "b"}),
+        ("any", "z"): lambda key: sync_redis.rpush(key, "a"),
+        ("message", "garbage"): lambda key: sync_redis.set(key, b"not json"),
+    }
+    for target, write in bad.items():
+        write(keys.cancel_marker(*target))
+        sync_redis.zadd(index, {":".join(target): far})
+    # A marker whose signal names another target: it cancels what its key says, nothing else.
+    sync_redis.set(keys.cancel_marker("task", "victim"), cancel_signal("message", "innocent"))
+    sync_redis.zadd(index, {"task:victim": far, "bogus": far})
+    stream = keys.role_stream("record")
+    sync_redis.xadd(stream, {"message": plain_job("innocent", "record")})
+    victim = encode_job_fields(
+        message_id="v1", role="record", payload=None, created_at_ms=1, task_id="victim"
+    )
+    sync_redis.xadd(stream, {"message": victim})
+    sync_redis.xadd(stream, {"message": plain_job("plain", "record")})
+
+    port = free_port()
+    worker = workers.start("markers-1", "--metrics-port", str(port), roles=("record",))
+    worker.wait_ready()
+    wait_serving(
+        worker,
+        lambda: sync_redis.xlen(stream) == 0 and len(recorded(record_path)) >= 2,
+        "the three jobs settled",
+    )
+    assert sorted(recorded(record_path)) == ["innocent", "plain"]
+    samples = scrape(port)
+    assert samples[("streamflow_bad_records_total", (("kind", "cancel_marker"),))] == 6
+    warnings = [line for line in worker.stderr().splitlines() if "malformed cancel markers" in line]
+    assert len(warnings) == 1 and "skipped 6 malformed cancel markers" in warnings[0], warnings
+    worker.assert_clean_log()
+
+
+# -- item 3: log and terminal injection ---------------------------------------------------------
+
+FORGED = "boom\r\nERROR forged line\x1b[31m red \x1b[0m\u202eevil\u2066\x85"
+RAW_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def run_cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args, "--redis-url", redis_url, "--namespace", namespace],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_hostile_text_never_forges_a_log_line_or_reaches_a_terminal_raw(
+    workers: Workers,
+    sync_redis: redis_sync.Redis,
+    namespace: str,
+    redis_url: str,
+) -> None:
+    keys = Keys(namespace)
+    sync_redis.xadd(
+        keys.role_stream("forge"), {"message": plain_job("f1", "forge", {"text": FORGED})}
+    )
+    # A dead letter written by hand: every field is text from outside.
+    letter = {
+        "protocol": 1,
+        "kind": "dead_letter",
+        "reason": "fatal",
+        "detail": "line one\nERROR forged dlq line\x1b]0;title\x07\u202e",
+        "role": "forge",
+        "entry_id": "1-1\r\nERROR forged",
+        "message_id": "m\x1b[2J",
+        "consumer": "c\u2067",
+        "dead_at_ms": 1,
+    }
+    sync_redis.xadd(keys.dead_letters("forge"), {"dead_letter": orjson.dumps(letter)})
+
+    worker = workers.start("forge-1", roles=("forge",))
+    worker.wait_ready()
+    wait_serving(worker, lambda: sync_redis.xlen(keys.dead_letters("forge")) == 2, "dead letter")
+    worker.signal(signal.SIGTERM)
+    worker.process.wait(timeout=DEADLINE)
+    log = worker.stderr()
+    assert "ERROR forged line" in log  # the text is there, escaped, on its record's line
+    assert not [line for line in log.splitlines() if line.startswith("ERROR forged")]
+    assert not RAW_CONTROLS.search(log.replace("\n", "")), repr(log)
+
+    listed = run_cli(redis_url, namespace, "dlq", "list", "forge")
+    assert listed.returncode == 0, listed.stderr
+    assert "fatal" in listed.stdout and "forged dlq line" in listed.stdout
+    assert not [line for line in listed.stdout.splitlines() if "forged" in line.split("  ")[0]]
+    assert not [line for line in listed.stdout.splitlines() if line.startswith("ERROR")]
+    assert not RAW_CONTROLS.search(listed.stdout.replace("\n", "")), repr(listed.stdout)
+    as_json = run_cli(redis_url, namespace, "dlq", "list", "forge", "--json")
+    docs = [orjson.loads(line) for line in as_json.stdout.splitlines()]
+    assert {doc["detail"] for doc in docs} >= {letter["detail"]}  # JSON stays exact JSON
+    assert not RAW_CONTROLS.search(as_json.stdout.replace("\n", "")), repr(as_json.stdout)
+
+    huge = "r" * 10_000 + "\x1b[2J"
+    refused = run_cli(redis_url, namespace, "dlq", "list", huge)
+    assert refused.returncode == 2
+    assert "invalid role" in refused.stderr and len(refused.stderr) < 1000, len(refused.stderr)
+    assert "\x1b" not in refused.stderr
