@@ -22,6 +22,7 @@ import click
 import orjson
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import config, guard, logs, streams
 from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
@@ -44,6 +45,10 @@ def _errors_to_exit(func: F) -> F:
             return func(*args, **kwargs)
         except StreamflowError as exc:
             echo(f"error: {_bounded(exc)}", err=True)
+            sys.exit(2)
+        except ResponseError as exc:
+            # E.g. WRONGTYPE: someone wrote another type of key at one of ours. One line too.
+            echo(f"error: Redis refused a command: {_bounded(exc)}", err=True)
             sys.exit(2)
         except BaseExceptionGroup as group:
             # Raised inside a task group (e.g. a worker's start-up check): the same one line.

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -444,8 +445,19 @@ async def send_cancel(
 
 async def read_reports(redis: Redis, keys: Keys, signal_id: str) -> dict[str, CancelReport]:
     """Every worker's report on a cancel, by consumer name."""
-    raw = await streams.hash_items(redis, keys.cancel_report(signal_id))
-    return {name: CancelReport.model_validate_json(value) for name, value in raw.items()}
+    key = keys.cancel_report(signal_id)
+    try:
+        raw = await streams.hash_items(redis, key)
+    except ResponseError as exc:  # another type at the report's name: no report to read
+        logger.warning("cannot read the cancel reports %s: %s", key, shown(exc))
+        return {}
+    reports = {}
+    for name, value in raw.items():
+        try:
+            reports[name] = CancelReport.model_validate_json(value)
+        except ValidationError as exc:  # anyone with write access may have written it
+            logger.warning("skipping a malformed cancel report in %s: %s", key, shown(exc))
+    return reports
 
 
 async def live_consumers(redis: Redis, keys: Keys) -> set[str]:

@@ -44,6 +44,7 @@ from streamflow.decisions import ACK, RELEASE, Decision, dead
 from streamflow.errors import InputError
 from streamflow.keys import Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
+from streamflow.logs import shown
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MESSAGE_FIELD,
@@ -773,6 +774,8 @@ class Worker:
             reruns = await streams.get_count(self._redis, key)
         except streams.TRANSIENT_ERRORS:
             return RELEASE  # cannot count: hand it back rather than risk a poison loop
+        except (ResponseError, ValueError) as exc:
+            return _uncountable(key, exc, job)
         if reruns == 0:
             return await self._count_and_run(key, delivery, scope, job, payload, ctx)
         async with self._suspects:
@@ -793,6 +796,8 @@ class Worker:
             reruns = await streams.count_start(self._redis, key)
         except streams.TRANSIENT_ERRORS:
             return RELEASE
+        except ResponseError as exc:
+            return _uncountable(key, exc, job)
         starts = reruns + 2  # its first start, the reruns before, and this one
         if starts > delivery.role.max_deliveries:
             detail = (
@@ -843,3 +848,13 @@ class Worker:
                 await anyio.to_thread.run_sync(
                     partial(role.handler, ctx, payload), limiter=self._threads
                 )
+
+
+def _uncountable(key: str, exc: Exception, job: Job) -> Decision:
+    """The decision for a redelivered entry whose start count holds garbage (not a counter).
+
+    Anyone with write access to the namespace may have written it. Running the entry uncounted
+    would let a poison message loop for ever, so it is dead-lettered, visibly and replayable.
+    """
+    detail = f"its start count {key} is not a counter ({shown(exc)}): delete it, then replay"
+    return dead("max_deliveries", detail, job)

@@ -12,19 +12,44 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+import anyio
 import orjson
 import pytest
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
+from redis.asyncio import Redis
 
-from streamflow.keys import Keys
-from streamflow.protocol import CancelSignal, decode_dead_letter, encode, encode_job_fields
-from tests.helpers import ROOT, clean_env, recorded, wait_for
+from streamflow import (
+    App,
+    Context,
+    Fatal,
+    Outcome,
+    RetryPolicy,
+    Worker,
+    partitions,
+    signals,
+    streams,
+)
+from streamflow.errors import ConfigError
+from streamflow.inspect import inspect_roles
+from streamflow.keys import GROUP, Keys
+from streamflow.protocol import (
+    CancelSignal,
+    DeadLetterReason,
+    decode_dead_letter,
+    encode,
+    encode_job_fields,
+)
+from streamflow.registry import live_workers
+from streamflow.server import RedisServer
+from tests.helpers import ROOT, clean_env, recorded, running, wait_for, wait_for_query, wait_until
 from tests.test_crash import WorkerProcess, Workers
 from tests.test_metrics import free_port
 
@@ -307,3 +332,287 @@ def test_hostile_text_never_forges_a_log_line_or_reaches_a_terminal_raw(
     assert refused.returncode == 2
     assert "invalid role" in refused.stderr and len(refused.stderr) < 1000, len(refused.stderr)
     assert "\x1b" not in refused.stderr
+
+
+# -- the cancel index (item 6): start-up reads one key, whatever else the database holds --------
+
+
+def collecting_app(handled: list[str]) -> App:
+    app = App()
+
+    @app.role("echo")
+    async def echo(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+
+    return app
+
+
+async def publish(redis: Redis, keys: Keys, message_id: str, task_id: str | None = None) -> None:
+    message = encode_job_fields(
+        message_id=message_id, role="echo", payload=None, created_at_ms=1, task_id=task_id
+    )
+    await redis.xadd(keys.role_stream("echo"), {"message": message})
+
+
+async def cancel(redis: Redis, keys: Keys, target: str, target_id: str) -> None:
+    await signals.send_cancel(
+        redis,
+        streams.Scripts(redis),
+        keys,
+        target=target,
+        target_id=target_id,
+        reason="test",
+        requested_by="test",
+    )
+
+
+@pytest.mark.anyio
+async def test_start_up_loads_cancels_from_the_index_and_never_scans(
+    private_redis: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = private_redis()
+    redis = streams.connect(server.url)
+    try:
+        keys = Keys(namespace)
+        pipe = redis.pipeline(transaction=False)
+        for n in range(20_000):  # unrelated keys: start-up must not look at them
+            pipe.set(f"unrelated:{n}", b"x")
+        await pipe.execute()
+        await cancel(redis, keys, "task", "t9")
+        await publish(redis, keys, "in-t9", task_id="t9")
+        await publish(redis, keys, "plain")
+        await redis.config_resetstat()
+        handled: list[str] = []
+        outcomes: list[Outcome] = []
+        worker = Worker(
+            collecting_app(handled), redis, namespace=namespace, on_outcome=outcomes.append
+        )
+        with anyio.fail_after(DEADLINE):
+            async with running(worker):
+                await wait_until(lambda: len(outcomes) == 2, DEADLINE)
+        stats = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    assert handled == ["plain"]
+    assert {o.message_id: o.status for o in outcomes}["in-t9"] == "cancelled"
+    assert "cmdstat_scan" not in stats, stats.get("cmdstat_scan")
+    assert stats["cmdstat_zrange"]["calls"] >= 1
+
+
+@pytest.mark.anyio
+async def test_a_marker_less_signal_is_indexed_for_later_workers_and_expired_entries_go(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    index = keys.cancel_index()
+    handled: list[str] = []
+    first = Worker(collecting_app(handled), redis, namespace=namespace, consumer=f"{namespace}-1")
+    with anyio.fail_after(DEADLINE):
+        async with running(first):
+            # A plain XADD of a signal, as a service without the script may send it.
+            await redis.xadd(keys.signals(), {"signal": cancel_signal("message", "m-late")})
+            await wait_for_query(lambda: redis.zscore(index, "message:m-late"), DEADLINE)
+    assert await redis.get(keys.cancel_marker("message", "m-late")) is not None
+    expiry = await redis.zscore(index, "message:m-late")
+    assert expiry is not None and expiry > time.time() * 1000 + 6 * 24 * 3600 * 1000
+
+    outcomes: list[Outcome] = []
+    later = Worker(
+        collecting_app(handled),
+        redis,
+        namespace=namespace,
+        consumer=f"{namespace}-2",
+        on_outcome=outcomes.append,
+    )
+    await publish(redis, keys, "m-late")
+    await publish(redis, keys, "m-other")
+    with anyio.fail_after(DEADLINE):
+        async with running(later):
+            await wait_until(lambda: len(outcomes) == 2, DEADLINE)
+    assert handled == ["m-other"]
+
+    await redis.zadd(index, {"task:long-gone": 1})  # expired long ago
+    await cancel(redis, keys, "task", "t-new")
+    assert await redis.zscore(index, "task:long-gone") is None
+    assert await redis.zscore(index, "task:t-new") is not None
+
+
+@pytest.mark.anyio
+async def test_a_wrong_type_index_or_signals_stream_is_counted_and_cancels_still_work(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    await redis.hset(keys.cancel_index(), "a", "b")
+    await cancel(redis, keys, "task", "t-before")  # the marker is set; the index is skipped
+    handled: list[str] = []
+    worker = Worker(collecting_app(handled), redis, namespace=namespace)
+    await publish(redis, keys, "ok-1")
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: handled == ["ok-1"], DEADLINE)
+            assert worker.statistics().bad_records == {"cancel_index": 1}
+            await cancel(redis, keys, "task", "t-live")  # reaches it by the broadcast
+            await wait_until(lambda: worker._cancels.book.for_task("t-live") is not None)
+
+    other = Keys(namespace + "b")
+    await redis.hset(other.signals(), "a", "b")
+    worker = Worker(collecting_app(handled), redis, namespace=other.namespace)
+    await publish(redis, other, "ok-2")
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: "ok-2" in handled, DEADLINE)
+            assert worker.statistics().bad_records == {"signals_stream": 1}
+
+
+# -- item 1, as a class: the other values workers and tools read back -------------------------
+
+
+@pytest.mark.anyio
+async def test_other_values_read_back_are_refused_clearly_without_a_crash(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    stream = keys.role_stream("echo")
+    consumer = f"{namespace}-w"
+    # A redelivered entry whose start counter is not a counter: dead-lettered, not run.
+    await streams.ensure_group(redis, stream)
+    await publish(redis, keys, "suspect")
+    await redis.xreadgroup(GROUP, consumer, {stream: ">"})  # pending: resumed as a redelivery
+    entry_id = (await redis.xrange(stream))[0][0].decode()
+    await redis.hset(keys.starts("echo", entry_id), "a", "b")
+    # Registry entries, cancel reports and a role's config written by someone else.
+    await redis.set(keys.consumer_info("bogus"), b"\x1b[2J not json")
+    await redis.hset(keys.cancel_report("sig-x"), mapping={"w1": b"garbage"})
+    await redis.set(keys.role_config("other"), b"not a hash")
+    await redis.xadd(keys.role_stream("other"), {"message": b"x"})
+
+    handled: list[str] = []
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        collecting_app(handled),
+        redis,
+        namespace=namespace,
+        consumer=consumer,
+        on_outcome=outcomes.append,
+    )
+    await publish(redis, keys, "after")
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 2, DEADLINE)
+            assert [w.consumer for w in await live_workers(redis, keys)] == [consumer]
+    assert handled == ["after"]
+    letters = [decode_dead_letter(f)[0] for _, f in await redis.xrange(keys.dead_letters("echo"))]
+    assert [(d.message_id, d.reason) for d in letters] == [("suspect", "max_deliveries")]
+    assert "is not a counter" in letters[0].detail
+    assert await signals.read_reports(redis, keys, "sig-x") == {}
+    with pytest.raises(ConfigError, match="is not a hash"):
+        await partitions.load(redis, keys, "other")
+    assert [info.role for info in await inspect_roles(redis, keys)] == ["echo", "other"]
+
+
+# -- item 4: every documented dead-letter reason, from a real worker ----------------------------
+
+
+class Size(BaseModel):
+    width: int
+
+
+def documented_reasons() -> list[str]:
+    """The reasons listed in docs/protocol.md's table of reasons, in order."""
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    section = text.split("### Reasons", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE)
+
+
+def test_the_documented_reasons_are_exactly_the_code_s() -> None:
+    coded = {reason for part in get_args(DeadLetterReason) for reason in get_args(part)}
+    documented = documented_reasons()
+    assert len(documented) == len(set(documented))
+    assert set(documented) == coded
+
+
+def reason_cases(keys: Keys) -> dict[str, dict[bytes, bytes]]:
+    """For each documented reason, the fields of an entry that a worker dead-letters for it."""
+
+    def job(message_id: str, **fields: Any) -> dict[bytes, bytes]:
+        doc = {
+            "protocol": 1,
+            "kind": "job",
+            "id": message_id,
+            "role": "typed",
+            "payload": {"width": 5},
+            "created_at_ms": 1,
+            **fields,
+        }
+        return {b"message": orjson.dumps(doc)}
+
+    node = {"task_id": "t1", "node_id": "n1", "invocation": 0}
+    ref = {"node": "p", "index": 0}
+    missing = keys.batch("parent", "t1", "p", 0, 0)  # a batch key, of nothing
+    forged = keys.role_stream("typed")  # not a batch key at all
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    return {
+        "too_large": job("too_large", payload="x" * 70_000),
+        "invalid_json": {b"message": b'{"protocol": 1, "kind": "job", "id": "invalid_json"'},
+        "too_complex": job(
+            "too_complex", payload=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]
+        ),
+        "unsupported_version": job("unsupported_version", protocol=1.0),
+        "unknown_kind": job("unknown_kind", kind="signal"),
+        "invalid_message": job("invalid_message", attempt="1"),
+        "wrong_role": job("wrong_role", role="elsewhere"),
+        "invalid_payload": job("invalid_payload", payload={"width": "wide"}),
+        "fatal": job("fatal", payload={"width": 0}),
+        "failed": job("failed", payload={"width": 1}),
+        "expired": job("expired", deadline_ms=1),
+        "missing_input": job("missing_input", **node, input={**ref, "ref": missing}),
+        "invalid_input": job("invalid_input", **node, input={**ref, "ref": forged}),
+        "max_deliveries": job("max_deliveries"),  # see below: it was started too often
+    }
+
+
+@pytest.mark.anyio
+async def test_every_documented_reason_is_what_a_real_worker_dead_letters_with(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("typed", retry=RetryPolicy(max_attempts=1))
+    async def typed(ctx: Context, payload: Size) -> None:
+        if payload.width == 0:
+            raise Fatal("fatal as asked")
+        if payload.width == 1:
+            raise ValueError("failing as asked")
+
+    keys = Keys(namespace)
+    stream = keys.role_stream("typed")
+    consumer = f"{namespace}-w"
+    cases = reason_cases(keys)
+    assert set(cases) == set(documented_reasons())
+    await streams.ensure_group(redis, stream)
+    poison = await redis.xadd(stream, cases["max_deliveries"])
+    await redis.xreadgroup(GROUP, consumer, {stream: ">"})  # resumed at start: a redelivery
+    await redis.set(keys.starts("typed", poison.decode()), 10)  # restarted 10 times already
+    entry_reason = {poison: "max_deliveries"}
+    for reason, fields in cases.items():
+        if reason != "max_deliveries":
+            entry_reason[await redis.xadd(stream, fields)] = reason
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app,
+        redis,
+        namespace=namespace,
+        consumer=consumer,
+        max_message_bytes=64 * 1024,
+        on_outcome=outcomes.append,
+    )
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == len(cases), DEADLINE)
+    got = {}
+    for _, fields in await redis.xrange(keys.dead_letters("typed")):
+        letter, _ = decode_dead_letter(fields)
+        got[entry_reason[letter.entry_id.encode()]] = letter.reason
+    assert got == {reason: reason for reason in cases}
