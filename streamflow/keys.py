@@ -267,6 +267,17 @@ class Keys:
             return None
         return BatchKey(shard, task_id, node_id, int(invocation), int(seq))
 
+    def is_batch_of(self, key: str, task_id: str, node_id: str) -> bool:
+        """Whether ``key`` may hold a batch of node ``node_id`` of task ``task_id``.
+
+        That is a key :meth:`batch` builds for them (a worker's emitted batch, in any role's
+        slot) or the node's :meth:`task_result` (a coordinator function's output).
+        """
+        if key == self.task_result(task_id, node_id):
+            return True
+        named = self.parse_batch(key)
+        return named is not None and (named.task_id, named.node_id) == (task_id, node_id)
+
     def role_slots(self, role: str) -> str:
         """The nodes (``task/node``) holding one of a role's node slots (per-role limit)."""
         return f"{self.namespace}:{{role:{validate_shard(role)}}}:slots"

@@ -20,7 +20,15 @@ from streamflow.context import Batch
 from streamflow.errors import InputError, PayloadError, StreamflowError
 from streamflow.keys import Keys
 from streamflow.logs import shown
-from streamflow.protocol import PROTOCOL_VERSION, EventType, Job, TaskEvent, encode, now_ms
+from streamflow.protocol import (
+    PROTOCOL_VERSION,
+    EventType,
+    Job,
+    TaskEvent,
+    decode_batch,
+    encode,
+    now_ms,
+)
 
 #: Largest encoded batch a node may emit.
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
@@ -140,36 +148,15 @@ class NodeRun:
         what = f"input batch {ref.index} of {ref.node!r} ({shown(ref.ref)})"
         if replies[-1] is None:
             raise LookupError(f"{what} is gone")
-        return Batch(ref.node, ref.index, self._batch(replies[-1], what))
+        return Batch(ref.node, ref.index, decode_batch(replies[-1], what, self._max_bytes))
 
     def _check_ref(self, key: str, parent: str, what: str) -> None:
-        """Refuse a key that is not one of this task's batches of node ``parent``.
-
-        That is a batch a worker emitted for it, or a coordinator function node's result.
-        """
-        task_id = self.job.task_id
-        assert task_id is not None
-        if key == self._keys.task_result(task_id, parent):
-            return
-        named = self._keys.parse_batch(key)
-        if named is None or named.task_id != task_id or named.node_id != parent:
+        """Refuse a key that is not one of this task's batches of node ``parent``."""
+        assert self.job.task_id is not None
+        if not self._keys.is_batch_of(key, self.job.task_id, parent):
             raise InputError(
                 f"{what} is not a batch key of task {self.job.task_id!r}, node {parent!r}"
             )
-
-    def _batch(self, raw: Any, what: str) -> list[Any]:
-        """The items of a batch value read back from Redis (untrusted: checked, never raised)."""
-        if isinstance(raw, ResponseError):
-            raise InputError(f"{what} cannot be read: {shown(str(raw))}")
-        if len(raw) > self._max_bytes:
-            raise InputError(f"{what} is {len(raw)} bytes, limit {self._max_bytes}")
-        try:
-            items = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InputError(f"{what} is not JSON: {exc}") from None
-        if not isinstance(items, list):
-            raise InputError(f"{what} is not a JSON array")
-        return items
 
     async def inputs(self) -> AsyncIterator[Batch]:
         """Every batch of every parent (nodes fed when their parents are done), in order."""
@@ -191,7 +178,7 @@ class NodeRun:
                     what = f"batch {start + offset} of {parent!r} ({shown(chunk[offset])})"
                     if raw is None:
                         raise LookupError(f"{what} is gone")
-                    yield Batch(parent, start + offset, self._batch(raw, what))
+                    yield Batch(parent, start + offset, decode_batch(raw, what, self._max_bytes))
 
     async def emit(self, items: Iterable[Any]) -> None:
         """Store one batch and report it.

@@ -16,7 +16,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from streamflow import hostile
-from streamflow.errors import ProtocolError
+from streamflow.errors import InputError, ProtocolError
 from streamflow.keys import NAME_PATTERN
 
 #: The protocol version this code writes and reads.
@@ -526,6 +526,31 @@ def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT])
             kind = "cancel" if model is CancelSignal else "event"
             _check_header(doc, raw, expected_kind=kind)
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None
+
+
+def decode_batch(raw: bytes | Exception, what: str, max_bytes: int) -> list[Any]:
+    """The items of a task node's batch as read back from Redis (a GET's reply).
+
+    Args:
+        raw: The value, or the error Redis gave for the key (another type: ``WRONGTYPE``).
+        what: The batch, named for the error message.
+        max_bytes: The largest batch accepted.
+
+    Raises:
+        InputError: The key holds another type, or a value that is not a JSON array, or one
+            larger than ``max_bytes``.
+    """
+    if isinstance(raw, Exception):
+        raise InputError(f"{what} cannot be read: {raw}")
+    if len(raw) > max_bytes:
+        raise InputError(f"{what} is {len(raw)} bytes, limit {max_bytes}")
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise InputError(f"{what} is not a JSON array")
+    return items
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -37,7 +37,8 @@ from streamflow import (
     signals,
     streams,
 )
-from streamflow.errors import ConfigError
+from streamflow.errors import ConfigError, InputError
+from streamflow.graph import Graph
 from streamflow.inspect import inspect_roles
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import (
@@ -49,6 +50,7 @@ from streamflow.protocol import (
 )
 from streamflow.registry import live_workers
 from streamflow.server import RedisServer
+from streamflow.taskstore import TaskStore
 from tests.helpers import ROOT, clean_env, recorded, running, wait_for, wait_for_query, wait_until
 from tests.test_crash import WorkerProcess, Workers
 from tests.test_metrics import free_port
@@ -616,3 +618,35 @@ async def test_every_documented_reason_is_what_a_real_worker_dead_letters_with(
         letter, _ = decode_dead_letter(fields)
         got[entry_reason[letter.entry_id.encode()]] = letter.reason
     assert got == {reason: reason for reason in cases}
+
+
+@pytest.mark.anyio
+async def test_a_task_s_forged_output_refs_are_never_read_or_expired_as_batches(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    store = TaskStore(redis, keys)
+    graph = Graph("g")
+    graph.node("p", role="r")
+    graph.node("c", role="r")
+    graph.edge("p", "c")
+    stream = keys.role_stream("r")
+    await redis.xadd(stream, {"message": b"precious"})
+    good = keys.batch("r", "t1", "p", 0, 0)
+    await redis.set(good, b"[1, 2]")
+    await redis.rpush(keys.task_output("t1", "p"), good, stream)
+    # A finished task's batches get its retention: never the role stream a forged ref names.
+    await store.expire_batches(graph.spec(), "t1")
+    assert await redis.pttl(good) > 0
+    assert await redis.pttl(stream) == -1
+    with pytest.raises(InputError, match="is not a batch key of node 'p'"):
+        await store.output("t1", "p")
+    # Another type or garbage at a batch key, or at the list's key: an InputError, not a crash.
+    bad = keys.batch("r", "t2", "p", 0, 0)
+    await redis.hset(bad, "a", "b")
+    await redis.rpush(keys.task_output("t2", "p"), bad)
+    with pytest.raises(InputError, match="WRONGTYPE"):
+        await store.output("t2", "p")
+    await redis.hset(keys.task_output("t3", "p"), "a", "b")
+    with pytest.raises(InputError, match="cannot be read"):
+        await store.output("t3", "p")
