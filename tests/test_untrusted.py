@@ -650,3 +650,16 @@ async def test_a_task_s_forged_output_refs_are_never_read_or_expired_as_batches(
     await redis.hset(keys.task_output("t3", "p"), "a", "b")
     with pytest.raises(InputError, match="cannot be read"):
         await store.output("t3", "p")
+
+
+def test_a_wrong_type_liveness_key_refuses_the_name_with_one_error_line(
+    workers: Workers, sync_redis: redis_sync.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    sync_redis.hset(keys.consumer_alive("victim"), "a", "b")
+    worker = workers.start("victim", roles=("record",))
+    assert worker.process.wait(timeout=DEADLINE) == 2, worker.stderr()
+    assert "error: consumer name 'victim' is in use" in worker.stderr()
+    assert keys.consumer_alive("victim") in worker.stderr()
+    worker.assert_clean_log()
+    assert sync_redis.type(keys.consumer_alive("victim")) == b"hash"  # never overwritten
