@@ -132,7 +132,9 @@ class JsonFormatter(logging.Formatter):
                 doc[name] = value
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        # orjson escapes C0 controls; bidi, C1 and other non-printable characters it leaves
+        # raw, and they rewrite a terminal that shows the line: \uXXXX keeps it JSON.
+        return terminal(orjson.dumps(doc, default=str).decode())
 
 
 class TextFormatter(logging.Formatter):
