@@ -119,6 +119,7 @@ class Coordinator:
             redis, self._keys, self._book, self._on_cancel, block_ms=block_ms
         )
         self._streams: list[str] = []
+        self._unreadable: set[str] = set()
         self._layouts = partitions.Layouts(redis, self._keys)
         self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
@@ -198,10 +199,18 @@ class Coordinator:
             with contextlib.suppress(ConfigError, InvalidNameError):
                 layout = await self._layouts.get(role)
                 wanted += [self._keys.events(shard) for shard in layout.shards]
+        followed = []
         for stream in wanted:
             if stream not in self._streams:
-                await streams.ensure_group(self._redis, stream, COORDINATORS)
-        self._streams = wanted
+                try:
+                    await streams.ensure_group(self._redis, stream, COORDINATORS)
+                except ConfigError as exc:  # another type of key there: it cannot be read
+                    if stream not in self._unreadable:
+                        self._unreadable.add(stream)
+                        logger.warning("not following %s: %s", stream, exc)
+                    continue
+            followed.append(stream)
+        self._streams = followed
         self._refreshed = anyio.current_time()
 
     async def _read_loop(self) -> None:

@@ -542,10 +542,18 @@ async def ensure_group(redis: Redis, stream: str, group: str = GROUP) -> None:
 
     The group starts at ``0``, not ``$``: a group lost with a Redis restart must not skip the
     entries already in the stream.
+
+    Raises:
+        ConfigError: Another type of key is at the stream's name.
     """
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            # Anyone with write access to the namespace may have put another type there.
+            raise ConfigError(
+                f"{stream} is not a stream (another type of key is at its name): delete it"
+            ) from None
         if "BUSYGROUP" not in str(exc):
             raise
 

@@ -54,6 +54,7 @@ from streamflow.taskstore import TaskStore
 from tests.helpers import ROOT, clean_env, recorded, running, wait_for, wait_for_query, wait_until
 from tests.test_crash import WorkerProcess, Workers
 from tests.test_metrics import free_port
+from tests.test_tasks import system as task_system
 
 pytestmark = pytest.mark.redis
 
@@ -663,3 +664,30 @@ def test_a_wrong_type_liveness_key_refuses_the_name_with_one_error_line(
     assert keys.consumer_alive("victim") in worker.stderr()
     worker.assert_clean_log()
     assert sync_redis.type(keys.consumer_alive("victim")) == b"hash"  # never overwritten
+
+
+def test_a_wrong_type_role_stream_refuses_the_start_with_one_error_line(
+    workers: Workers, sync_redis: redis_sync.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    sync_redis.hset(keys.role_stream("record"), "a", "b")
+    worker = workers.start("stream-1", roles=("record",))
+    assert worker.process.wait(timeout=DEADLINE) == 2, worker.stderr()
+    assert f"error: {keys.role_stream('record')} is not a stream" in worker.stderr()
+    worker.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_a_wrong_type_events_stream_is_skipped_and_the_coordinator_runs_tasks(
+    redis_url: str, redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    # A role that someone registered, whose events stream is something else.
+    await redis.sadd(keys.known_roles(), "ghost")
+    await redis.hset(keys.events("ghost"), "a", "b")
+    graph = Graph("one")
+    graph.node("source", role="source")
+    async with task_system(redis_url, namespace) as (client, _, _):
+        task_id = await client.submit(graph, params={"n": 3, "size": 2})
+        task = await client.wait(task_id, timeout=DEADLINE)
+    assert task.state == "succeeded", task.error
