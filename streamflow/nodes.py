@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from streamflow import streams
 from streamflow.context import Batch
@@ -164,11 +163,7 @@ class NodeRun:
         assert job.task_id is not None
         for parent, count in (job.inputs or {}).items():
             key = self._keys.task_output(job.task_id, parent)
-            try:
-                listed = await self._redis.lrange(key, 0, count - 1)
-            except ResponseError as exc:  # another type at the list's key
-                raise InputError(f"the batch list of {parent!r} cannot be read: {exc}") from None
-            refs = [r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in listed]
+            refs = await streams.batch_refs(self._redis, key, 0, count - 1)
             for index, ref in enumerate(refs):
                 self._check_ref(ref, parent, f"batch {index} of {parent!r} ({shown(ref)})")
             for start in range(0, len(refs), READ_CHUNK):

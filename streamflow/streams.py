@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamflow import connection, sentinel
-from streamflow.errors import ConfigError, RedisUnavailable
+from streamflow.errors import ConfigError, InputError, RedisUnavailable
 from streamflow.keys import GROUP
 
 logger = logging.getLogger(__name__)
@@ -847,6 +847,21 @@ async def get_many(redis: Redis, keys: Sequence[str], *, raise_on_error: bool = 
         pipe.get(key)
     values: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
     return values
+
+
+async def batch_refs(redis: Redis, key: str, start: int = 0, stop: int = -1) -> list[str]:
+    """The batch keys a task's output list holds, ``start .. stop``, as listed (unchecked).
+
+    Raises:
+        InputError: Another type of key is at the list's name (a data problem, not an outage).
+    """
+    try:
+        refs: list[Any] = await redis.lrange(key, start, stop)
+    except ResponseError as exc:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        raise InputError(f"the batch list {key} cannot be read: {exc}") from None
+    return [r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in refs]
 
 
 async def hash_items(redis: Redis, key: str) -> dict[str, bytes]:

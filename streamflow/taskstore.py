@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from streamflow import streams
 from streamflow.errors import InputError
@@ -245,12 +244,9 @@ class TaskStore:
         Raises:
             InputError: Another type of key is at the list's name.
         """
-        key = self.keys.task_output(task_id, node_id)
-        try:
-            refs = await self._redis.lrange(key, start, stop)
-        except ResponseError as exc:  # WRONGTYPE: a data problem, not an outage
-            raise InputError(f"the batch list {key} cannot be read: {exc}") from None
-        return [r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in refs]
+        return await streams.batch_refs(
+            self._redis, self.keys.task_output(task_id, node_id), start, stop
+        )
 
     async def batches(
         self, refs: Sequence[str], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
