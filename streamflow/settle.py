@@ -234,7 +234,7 @@ class Settler:
                 job.attempt + 1,
                 job.retry.max_attempts if job.retry else delivery.role.retry.max_attempts,
                 decision.delay,
-                decision.detail,
+                logs.printable(decision.detail),  # a handler's text: escaped whatever formats it
                 extra=_log_fields(delivery, job),
             )
         return scheduled
@@ -283,7 +283,7 @@ class Settler:
                 letter.entry_id,
                 letter.message_id,
                 decision.reason,
-                decision.detail,
+                logs.printable(decision.detail),  # a handler's text: escaped whatever formats it
                 extra=_log_fields(delivery, job),
             )
         return moved is not None

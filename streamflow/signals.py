@@ -291,11 +291,11 @@ class SignalListener:
         if announce:
             self.signals_seen += 1  # live arrivals only, not markers loaded at start
             logger.info(
-                "cancel of %s %s (%s) requested by %s",  # escaped by the log formatter
+                "cancel of %s %s (%s) requested by %s",
                 signal.target,
                 signal.target_id,
-                signal.reason,
-                signal.requested_by or "unknown",
+                shown(signal.reason),  # the sender's text: escaped whatever formats the log
+                shown(signal.requested_by or "unknown"),
             )
             self._on_cancel(signal)
         return signal
