@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MARKER_TTL_MS = 7 * 24 * 3600 * 1000
 #: The signals stream keeps about this many recent signals (markers keep older cancels alive).
 SIGNALS_MAX_LEN = 10_000
+#: Cancel markers read per round trip at start-up.
+MARKERS_PER_READ = 1000
 #: How often an unreadable signals stream (another type at its name) is tried again.
 UNREADABLE_RETRY_S = 5.0
 #: How long a cancel's report hash is kept.
@@ -165,7 +167,10 @@ class SignalListener:
         problems: list[str] = []
         targets = await self._indexed_targets(problems)
         names = [self._keys.cancel_marker(*target) for target in targets]
-        values = await streams.get_many(self._redis, names, raise_on_error=False)
+        values = []
+        for start in range(0, len(names), MARKERS_PER_READ):
+            chunk = names[start : start + MARKERS_PER_READ]
+            values += await streams.get_many(self._redis, chunk, raise_on_error=False)
         for target, name, raw in zip(targets, names, values, strict=True):
             if raw is None:
                 continue  # expired or deleted since it was indexed
