@@ -762,7 +762,8 @@ async def publish_dedup(
         args=[message_id, window_ms, message, due_ms],
         client=redis,
     )
-    return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
+    # The first id is read back from the marker: whoever wrote it, it decodes.
+    return bool(flag), value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def is_cluster_url(url: str) -> bool:

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from streamflow import (
     App,
+    Client,
     Context,
     Fatal,
     Outcome,
@@ -691,3 +692,18 @@ async def test_a_wrong_type_events_stream_is_skipped_and_the_coordinator_runs_ta
         task_id = await client.submit(graph, params={"n": 3, "size": 2})
         task = await client.wait(task_id, timeout=DEADLINE)
     assert task.state == "succeeded", task.error
+
+
+@pytest.mark.anyio
+async def test_a_wrong_type_dedup_marker_is_replaced_not_a_publish_error(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    marker = keys.dedup("echo", "k1")
+    await redis.hset(marker, "a", "b")  # e.g. at the name of a coordinator's next dispatch
+    async with Client(redis, namespace=namespace) as client:
+        first = await client.publish("echo", {}, dedup_key="k1")
+        again = await client.publish("echo", {}, dedup_key="k1")
+    assert again == first
+    assert await redis.xlen(keys.role_stream("echo")) == 1
+    assert await redis.get(marker) == first.encode()
