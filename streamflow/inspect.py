@@ -406,11 +406,8 @@ def _present(reply: Any, empty: Any) -> Any:
     return reply
 
 
-def _text(value: Any) -> str:
-    """A name from a reply; undecodable bytes (a name written by something else) escaped."""
-    if isinstance(value, bytes):
-        return value.decode(errors="backslashreplace")
-    return str(value)
+#: A name from a reply; undecodable bytes (a name written by something else) escaped.
+_text = streams.text_lenient
 
 
 def _time_ms(reply: Any) -> int:

@@ -610,6 +610,11 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def text_lenient(value: Any) -> str:
+    """A reply item as str, whatever bytes it holds (values written by anyone: escaped)."""
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
+
+
 def _entries(reply: Any) -> list[Entry]:
     if not reply:
         return []
@@ -862,7 +867,7 @@ async def batch_refs(redis: Redis, key: str, start: int = 0, stop: int = -1) -> 
         if not str(exc).startswith("WRONGTYPE"):
             raise
         raise InputError(f"the batch list {key} cannot be read: {exc}") from None
-    return [r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in refs]
+    return [text_lenient(r) for r in refs]
 
 
 async def hash_items(redis: Redis, key: str) -> dict[str, bytes]:

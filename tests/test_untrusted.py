@@ -39,6 +39,7 @@ from streamflow import (
     streams,
 )
 from streamflow.errors import ConfigError, InputError
+from streamflow.exporter import Exporter
 from streamflow.graph import Graph
 from streamflow.inspect import inspect_roles
 from streamflow.keys import GROUP, Keys
@@ -707,3 +708,15 @@ async def test_a_wrong_type_dedup_marker_is_replaced_not_a_publish_error(
     assert again == first
     assert await redis.xlen(keys.role_stream("echo")) == 1
     assert await redis.get(marker) == first.encode()
+
+
+@pytest.mark.anyio
+async def test_the_exporter_reads_past_forged_task_ids_and_states(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    await redis.sadd(keys.tasks_active(), "bad:name\x1b", b"\xff\xfe", "garbled", "hashed")
+    await redis.hset(keys.task_state("garbled"), "task", b"not json")
+    await redis.set(keys.task_state("hashed"), b"a string, not a hash")
+    snapshot = await Exporter(redis, namespace=namespace).refresh()
+    assert snapshot.tasks == {}
