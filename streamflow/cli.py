@@ -22,10 +22,12 @@ import click
 import orjson
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import config, guard, logs, streams
 from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
+from streamflow.logs import echo, shown
 from streamflow.metrics import Health, MetricsServer
 from streamflow.protocol import json_schemas
 from streamflow.worker import Worker, tune_garbage_collector
@@ -42,17 +44,27 @@ def _errors_to_exit(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except StreamflowError as exc:
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {_bounded(exc)}", err=True)
+            sys.exit(2)
+        except ResponseError as exc:
+            # E.g. WRONGTYPE: someone wrote another type of key at one of ours. One line too.
+            echo(f"error: Redis refused a command: {_bounded(exc)}", err=True)
             sys.exit(2)
         except BaseExceptionGroup as group:
             # Raised inside a task group (e.g. a worker's start-up check): the same one line.
             ours, rest = group.split(StreamflowError)
             if ours is None or rest is not None:
                 raise
-            click.echo(f"error: {_leaves(ours)[0]}", err=True)
+            echo(f"error: {_bounded(_leaves(ours)[0])}", err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _bounded(exc: BaseException, limit: int = 4000) -> str:
+    """An error's text, cut to ``limit`` characters (it may echo rejected input)."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + logs.ELISION
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
@@ -484,7 +496,7 @@ def publish(
     when = at if at is not None else delay
     ids = anyio.run(_publish, settings, role, payloads, key, message_id, dedup_key, when)
     for one in ids:
-        click.echo(one)
+        echo(one)
 
 
 def _parse_json(raw: bytes, where: str) -> Any:
@@ -535,7 +547,7 @@ def schema(kind: str | None) -> None:
     """Print the JSON Schema of every message kind of the wire protocol."""
     schemas = json_schemas()
     out = schemas[kind] if kind else schemas
-    click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
 
 
 @main.command()
@@ -577,7 +589,7 @@ def demo(redis_url: str | None, batches: int, keep: bool) -> None:
     except KeyboardInterrupt:  # before the demo listens for signals itself
         code = 128 + signal.SIGINT
     if code > 128:
-        click.echo("interrupted: the demo stopped everything it started", err=True)
+        echo("interrupted: the demo stopped everything it started", err=True)
     sys.exit(code)
 
 
@@ -597,7 +609,7 @@ def check(url: str | None, timeout: float, redis_url: str, namespace: str) -> No
     else:
         settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
         ok, detail = anyio.run(_probe_redis, settings, timeout)
-    click.echo(("ok: " if ok else "not ok: ") + detail)
+    echo(("ok: " if ok else "not ok: ") + detail)
     sys.exit(0 if ok else 1)
 
 
@@ -647,20 +659,21 @@ def dlq_list(role: str, count: int, as_json: bool, redis_url: str, namespace: st
         letter = entry.letter
         if letter is None:
             if as_json:
-                click.echo(orjson.dumps({"id": entry.id, "problem": entry.problem}).decode())
+                echo(orjson.dumps({"id": entry.id, "problem": entry.problem}).decode())
             else:
-                click.echo(f"{entry.id}  unreadable: {entry.problem}")
+                echo(f"{entry.id}  unreadable: {shown(entry.problem)}")
             continue
         if as_json:
-            click.echo(orjson.dumps({"id": entry.id, **letter.model_dump(mode="json")}).decode())
+            echo(orjson.dumps({"id": entry.id, **letter.model_dump(mode="json")}).decode())
         else:
             when = datetime.fromtimestamp(letter.dead_at_ms / 1000).isoformat(timespec="seconds")
-            click.echo(
-                f"{entry.id}  {when}  {letter.reason:<19} message={letter.message_id or '-'} "
-                f"attempts={letter.attempts}  {letter.detail[:100]}"
+            # Every field was written by whoever could write the stream: one line each.
+            echo(
+                f"{entry.id}  {when}  {letter.reason:<19} message={shown(letter.message_id or '-')}"
+                f" attempts={letter.attempts}  {shown(letter.detail, 100)}"
             )
     if not as_json:
-        click.echo(
+        echo(
             f"{total} dead letters in {role!r}"
             + (f" (showing {len(entries)})" if total > len(entries) else "")
         )
@@ -690,7 +703,7 @@ def dlq_show(role: str, dead_id: str, redis_url: str, namespace: str) -> None:
         **(entry.letter.model_dump(mode="json") if entry.letter else {"problem": entry.problem}),
         "raw": {k: v.decode(errors="backslashreplace") for k, v in entry.raw.items()},
     }
-    click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
 
 
 def _check_entry_ids(ids: Sequence[str]) -> None:
@@ -726,10 +739,10 @@ def dlq_replay(
     _check_entry_ids(dead_ids)
     result = anyio.run(_dlq_replay, settings, role, None if replay_all else list(dead_ids))
     for dead_id, new_id in result.replayed:
-        click.echo(f"replayed {dead_id} -> {new_id}")
+        echo(f"replayed {dead_id} -> {new_id}")
     for dead_id, why in result.skipped:
-        click.echo(f"skipped {dead_id}: {why}", err=True)
-    click.echo(f"{len(result.replayed)} replayed, {len(result.skipped)} skipped")
+        echo(f"skipped {dead_id}: {why}", err=True)
+    echo(f"{len(result.replayed)} replayed, {len(result.skipped)} skipped")
 
 
 async def _dlq_replay(
@@ -750,7 +763,7 @@ def dlq_purge(role: str, yes: bool, redis_url: str, namespace: str) -> None:
     if not yes:
         click.confirm(f"delete every dead letter of {role!r}?", abort=True)
     count = anyio.run(_dlq_purge, settings, role)
-    click.echo(f"purged {count} dead letters from {role!r}")
+    echo(f"purged {count} dead letters from {role!r}")
 
 
 async def _dlq_purge(settings: config.ConnectionSettings, role: str) -> int:
@@ -797,15 +810,15 @@ def cancel(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    click.echo(f"cancel {result.signal_id} sent for {target or 'task or message'} {target_id}")
+    echo(f"cancel {result.signal_id} sent for {target or 'task or message'} {target_id}")
     for consumer, message_id in result.stopped:
-        click.echo(f"stopped {message_id} on {consumer}")
+        echo(f"stopped {shown(message_id)} on {shown(consumer)}")
     if wait and not result.complete:
         if result.stopped:
-            why = f"still running on {', '.join(result.running_on)}"
+            why = f"still running on {shown(', '.join(result.running_on), 1000)}"
         else:
             why = f"nothing matching {target_id!r} was stopped (unknown id, or not picked up yet)"
-        click.echo(f"error: timed out after {timeout:g}s: {why}", err=True)
+        echo(f"error: timed out after {timeout:g}s: {why}", err=True)
         sys.exit(1)
 
 

@@ -18,7 +18,7 @@ import orjson
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
-from streamflow import config, streams
+from streamflow import config, logs, streams
 from streamflow.cli import (
     _connect,
     _connection_options,
@@ -38,6 +38,7 @@ from streamflow.inspect import (
     inspect_roles,
 )
 from streamflow.keys import Keys
+from streamflow.logs import echo
 from streamflow.metrics import Health
 from streamflow.protocol import now_ms
 from streamflow.registry import WorkerInfo, live_workers
@@ -117,7 +118,7 @@ async def _show(
         # The first view comes before the watch, so that an unknown role ends the command.
         view = await _once(lambda: render(redis))
         if watch is None:
-            click.echo(view)
+            echo(view)
             return
         async with anyio.create_task_group() as tg:
             await tg.start(_stop_on_signal, tg.cancel_scope)
@@ -148,8 +149,8 @@ async def _watch(render: Render, view: str, every: float, title: str | None) -> 
             if title is not None:
                 click.clear()
                 stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
-                click.echo(f"{title} at {stamp}, every {every:g}s (Ctrl-C to stop)\n")
-            click.echo(shown)
+                echo(f"{title} at {stamp}, every {every:g}s (Ctrl-C to stop)\n")
+            echo(shown)
         await anyio.sleep(every)
         try:
             shown = await render()
@@ -162,7 +163,7 @@ async def _watch(render: Render, view: str, every: float, title: str | None) -> 
 def _problem(text: str, title: str | None) -> str | None:
     """What a watch shows after a failed refresh: ``text``, or with JSON nothing (see stderr)."""
     if title is None:
-        click.echo(text, err=True)
+        echo(text, err=True)
         return None
     return text
 
@@ -224,7 +225,7 @@ def _role_text(detail: RoleDetail) -> str:
 def _role_lines(info: RoleInfo) -> list[str]:
     split = f" ({info.partitions} partitions)" if info.partitions > 1 else ""
     lines = [
-        f"role {info.role}{split}: {info.length} in stream, {info.delayed} delayed, "
+        f"role {logs.shown(info.role)}{split}: {info.length} in stream, {info.delayed} delayed, "
         + _plural(info.dead_letters, "dead letter")
     ]
     if not info.groups:
@@ -273,14 +274,14 @@ def workers(as_json: bool, redis_url: str, namespace: str) -> None:
     found = anyio.run(_workers, settings)
     if as_json:
         for info in found:
-            click.echo(info.model_dump_json())
+            echo(info.model_dump_json())
         return
     if not found:
-        click.echo(f"no live workers in namespace {settings.namespace}")
+        echo(f"no live workers in namespace {settings.namespace}")
         return
     now = now_ms()
     rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found]
-    click.echo("\n".join(_table(rows)))
+    echo("\n".join(_table(rows)))
 
 
 _WORKER_COLUMNS = "CONSUMER HOST PID ROLES VERSION STARTED IN-FLIGHT PROCESSED UPDATED"
@@ -329,9 +330,14 @@ def _duration(ms: int) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows as lines of left-aligned columns two spaces apart."""
+    """Rows as lines of left-aligned columns two spaces apart.
+
+    Cells are read back from Redis (names of roles and consumers, what workers say about
+    themselves): each is escaped and bounded, so that none adds a line or a terminal control.
+    """
     if not rows:
         return []
+    rows = [[logs.shown(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

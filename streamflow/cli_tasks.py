@@ -27,6 +27,7 @@ from streamflow.client import Client
 from streamflow.coordinator import Coordinator
 from streamflow.errors import ConfigError
 from streamflow.graph import GraphError, load
+from streamflow.logs import echo, printable
 from streamflow.metrics import Health
 from streamflow.tasks import TaskState
 
@@ -172,7 +173,7 @@ def submit(
     try:
         spec = load(graph_file.read(), filename=getattr(graph_file, "name", "") or "")
     except GraphError as exc:
-        click.echo(f"error: {exc}", err=True)
+        echo(f"error: {exc}", err=True)
         sys.exit(2)
     params = None
     if params_json is not None:
@@ -185,12 +186,16 @@ def submit(
     try:
         final = anyio.run(_submit, settings, spec, params, task_id, wait, timeout)
     except GraphError as exc:
-        click.echo(f"error: {exc}", err=True)
+        echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if final is not None:
-        click.echo(f"task {final.id} {final.state}" + (f": {final.error}" if final.error else ""))
+        echo(
+            printable(
+                f"task {final.id} {final.state}" + (f": {final.error}" if final.error else "")
+            )
+        )
         sys.exit(0 if final.state == "succeeded" else 1)
 
 
@@ -204,14 +209,14 @@ async def _submit(
 ) -> TaskState | None:
     async with _client(settings) as client:
         task_id = await client.submit(spec, params=params, task_id=task_id)
-        click.echo(task_id)
+        echo(task_id)
         if not wait:
             return None
         try:
             with anyio.fail_after(timeout):
                 return await follow(client, task_id)
         except TimeoutError:
-            click.echo(f"error: task {task_id} still running after {timeout:g}s", err=True)
+            echo(f"error: task {task_id} still running after {timeout:g}s", err=True)
             sys.exit(1)
 
 
@@ -274,7 +279,8 @@ def progress_lines(task: TaskState) -> list[str]:
             f"{node.batches_out:>7} {node.items_out:>9}"
             + (f"  ({node.waiting})" if node.waiting else "")
         )
-    return lines
+    # Read back from Redis: no value may add a line or a terminal control of its own.
+    return [printable(line) for line in lines]
 
 
 @main.command()
@@ -289,12 +295,12 @@ def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
     if task is None:
         raise ConfigError(f"unknown task {task_id!r} (or it expired)")
     if as_json:
-        click.echo(task.model_dump_json(indent=2))
+        echo(task.model_dump_json(indent=2))
         return
-    click.echo(f"task {task.id} ({task.name}): {task.state}")
+    echo(printable(f"task {task.id} ({task.name}): {task.state}"))
     if task.error:
-        click.echo(f"error: {task.error}")
-    click.echo("\n".join(progress_lines(task)))
+        echo(f"error: {printable(task.error)}")
+    echo("\n".join(progress_lines(task)))
 
 
 async def _status(settings: config.ConnectionSettings, task_id: str) -> TaskState | None:
@@ -317,13 +323,14 @@ def tasks(state: Any, limit: int, as_json: bool, redis_url: str, namespace: str)
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     found = anyio.run(_tasks, settings, state, limit)
     if not found and not as_json:
-        click.echo("no tasks" + (f" in state {state}" if state else ""))
+        echo("no tasks" + (f" in state {state}" if state else ""))
     for task in found:
         if as_json:
-            click.echo(task.model_dump_json())
+            echo(task.model_dump_json())
         else:
             done = sum(1 for n in task.nodes.values() if n.terminal)
-            click.echo(f"{task.id}  {task.state:<9}  {done}/{len(task.nodes)} nodes  {task.name}")
+            line = f"{task.id}  {task.state:<9}  {done}/{len(task.nodes)} nodes  {task.name}"
+            echo(printable(line))
 
 
 async def _tasks(settings: config.ConnectionSettings, state: Any, limit: int) -> list[TaskState]:
@@ -343,7 +350,7 @@ def result(task_id: str, node: str | None, redis_url: str, namespace: str) -> No
         out = anyio.run(_result, settings, task_id, node)
     except LookupError as exc:
         raise ConfigError(str(exc)) from None
-    click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
 
 
 async def _result(

@@ -690,7 +690,7 @@ class SyncClient:
                     keys=[p.stream, p.dedup_marker, p.schedule],
                     args=[p.message_id, self._pub.dedup_ms, p.body, p.due_ms],
                 )
-                return p.message_id if flag else bytes(value).decode()
+                return p.message_id if flag else bytes(value).decode(errors="replace")
             if p.due_ms:
                 self.redis.zadd(p.schedule, {p.body: p.due_ms})
             else:

@@ -38,10 +38,11 @@ from redis.exceptions import ResponseError
 from streamflow import partitions, signals, streams
 from streamflow.app import App
 from streamflow.context import Batch
-from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
+from streamflow.errors import ConfigError, InputError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
 from streamflow.graph import GraphSpec
 from streamflow.keys import COORDINATORS, Keys, validate_name, validate_shard
+from streamflow.logs import shown
 from streamflow.protocol import (
     EVENT_FIELD,
     PROTOCOL_VERSION,
@@ -118,6 +119,7 @@ class Coordinator:
             redis, self._keys, self._book, self._on_cancel, block_ms=block_ms
         )
         self._streams: list[str] = []
+        self._unreadable: set[str] = set()
         self._layouts = partitions.Layouts(redis, self._keys)
         self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
@@ -153,6 +155,10 @@ class Coordinator:
         from streamflow.metrics import coordinator_registry
 
         return coordinator_registry(self)
+
+    def bad_records(self) -> dict[str, int]:
+        """Malformed records read back from Redis and skipped so far, by kind."""
+        return self._signals.statistics()
 
     def stop(self) -> None:
         """Ask the coordinator to stop (it finishes the task it is processing)."""
@@ -193,10 +199,18 @@ class Coordinator:
             with contextlib.suppress(ConfigError, InvalidNameError):
                 layout = await self._layouts.get(role)
                 wanted += [self._keys.events(shard) for shard in layout.shards]
+        followed = []
         for stream in wanted:
             if stream not in self._streams:
-                await streams.ensure_group(self._redis, stream, COORDINATORS)
-        self._streams = wanted
+                try:
+                    await streams.ensure_group(self._redis, stream, COORDINATORS)
+                except ConfigError as exc:  # another type of key there: it cannot be read
+                    if stream not in self._unreadable:
+                        self._unreadable.add(stream)
+                        logger.warning("not following %s: %s", stream, exc)
+                    continue
+            followed.append(stream)
+        self._streams = followed
         self._refreshed = anyio.current_time()
 
     async def _read_loop(self) -> None:
@@ -635,6 +649,7 @@ class Coordinator:
     async def _inputs(self, task_id: str, item: dict[str, Any]) -> list[Batch]:
         if "batch" in item:
             parent, index, ref = item["batch"]
+            _check_ref(self._keys, task_id, parent, ref)
             (items,) = await self.store.batches([ref])
             if items is None:
                 raise LookupError(f"input batch {index} of {parent!r} is gone ({ref})")
@@ -642,6 +657,8 @@ class Coordinator:
         out: list[Batch] = []
         for parent, count in (item.get("inputs") or {}).items():
             refs = await self.store.batch_refs(task_id, parent, 0, count - 1) if count else []
+            for ref in refs:
+                _check_ref(self._keys, task_id, parent, ref)
             for index, items in enumerate(await self.store.batches(refs)):
                 if items is None:
                     raise LookupError(f"batch {index} of {parent!r} is gone")
@@ -683,7 +700,11 @@ class Coordinator:
         node = spec.node(node_id)
         assert node.function is not None
         function = self.functions[node.function]
-        raw = await streams.hash_items(self._redis, self._keys.task_partials(task_id, node_id))
+        key = self._keys.task_partials(task_id, node_id)
+        try:
+            raw = await streams.hash_items(self._redis, key)
+        except ResponseError as exc:  # WRONGTYPE: the function fails, Redis is not down
+            raise InputError(f"the partial results {key} cannot be read: {exc}") from None
         partials = [orjson.loads(raw[k]) for k in sorted(raw, key=int)]
         result = function.reduce({**spec.params, **node.params}, partials)
         if result is None:
@@ -749,3 +770,9 @@ def _flatten(reply: Any) -> list[tuple[str, streams.Entry]]:
 def event_fields(event: TaskEvent) -> dict[bytes, bytes]:
     """The stream fields of an event (for tests and tools that write events by hand)."""
     return {EVENT_FIELD: encode(event)}
+
+
+def _check_ref(keys: Keys, task_id: str, parent: str, ref: str) -> None:
+    """Refuse (``InputError``: the function fails) a ref that is not a batch of ``parent``."""
+    if not keys.is_batch_of(ref, task_id, parent):
+        raise InputError(f"{shown(ref)} is not a batch key of task {task_id!r}, node {parent!r}")

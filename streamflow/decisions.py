@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from streamflow.app import RetryPolicy, Role
 from streamflow.context import Fatal, Retry
-from streamflow.errors import PayloadError, ProtocolError
+from streamflow.errors import InputError, PayloadError, ProtocolError
 from streamflow.leases import Delivery
 from streamflow.protocol import DeadLetterReason, ErrorInfo, Job, decode_job, now_ms
 from streamflow.signals import CancelBook
@@ -77,6 +77,8 @@ def after_error(delivery: Delivery, job: Job, exc: Exception) -> Decision:
         return cancelled(job, delivery.cancel.id, delivery.cancel.reason)
     if delivery.released:
         return RELEASE
+    if isinstance(exc, InputError):  # ctx.inputs() found a forged or garbled batch
+        return dead("invalid_input", str(exc), job, error_info(exc))
     if isinstance(exc, Fatal):
         return dead("fatal", str(exc) or "fatal error", job, error_info(exc))
     return failure(delivery.role, job, exc)

@@ -6,6 +6,7 @@ StreamflowError
 ├── InvalidNameError   a name that would reach a Redis key does not match the name pattern
 ├── ProtocolError      bytes that are not a valid wire-protocol entry
 ├── PayloadError       a payload that the handler's declared type rejects
+├── InputError         a task node's input (a batch read back from Redis) cannot be used
 └── RedisUnavailable   Redis cannot be reached (connection refused, timed out, auth failed)
 """
 
@@ -55,6 +56,10 @@ class ProtocolError(StreamflowError):
 
 class PayloadError(StreamflowError):
     """A payload that does not validate against the handler's declared payload type."""
+
+
+class InputError(StreamflowError):
+    """A task node's input batch read back from Redis is unusable (wrong key, type or JSON)."""
 
 
 class RedisUnavailable(StreamflowError):

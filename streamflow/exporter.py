@@ -10,21 +10,24 @@ waits for Redis and many scrapers cost Redis nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from streamflow import partitions, streams
 from streamflow.errors import ConfigError
 from streamflow.inspect import RoleInfo, inspect_roles
-from streamflow.keys import Keys
+from streamflow.keys import NAME_PATTERN, Keys
 from streamflow.registry import live_workers
 from streamflow.tasks import TaskState
 
@@ -97,15 +100,7 @@ class Exporter(Collector):
             backlog[info.role] = 0
             for shard in layout.shards:
                 backlog[info.role] += int(await redis.xlen(keys.events(shard)))
-        tasks: dict[str, int] = {}
-        active = [streams.text(raw) for raw in await redis.smembers(keys.tasks_active())]
-        pipe = redis.pipeline(transaction=False)
-        for task_id in active:
-            pipe.hget(keys.task_state(task_id), "task")
-        for state in await pipe.execute() if active else []:
-            if state is not None:
-                name = TaskState.model_validate_json(state).state
-                tasks[name] = tasks.get(name, 0) + 1
+        tasks = await _task_states(redis, keys)
         workers = len(await live_workers(redis, keys))
         self.snapshot = Snapshot(roles, backlog, workers, tasks, time.monotonic())
         return self.snapshot
@@ -187,3 +182,27 @@ class Exporter(Collector):
             "Seconds since the figures were read from Redis.",
             value=time.monotonic() - snap.taken_at,
         )
+
+
+async def _task_states(redis: Redis, keys: Keys) -> dict[str, int]:
+    """How many active tasks are in each state.
+
+    The active set and the states are read back from Redis, where a publisher may write: a
+    name that is not a task id, a state of another type or shape is left out, not an error
+    that would leave every figure stale.
+    """
+    listed: Any = await redis.smembers(keys.tasks_active())
+    active = [t for raw in listed if NAME_PATTERN.fullmatch(t := streams.text_lenient(raw))]
+    if not active:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for task_id in active:
+        pipe.hget(keys.task_state(task_id), "task")
+    tasks: dict[str, int] = {}
+    for state in await pipe.execute(raise_on_error=False):
+        if state is None or isinstance(state, Exception):
+            continue
+        with contextlib.suppress(ValidationError):
+            name = TaskState.model_validate_json(state).state
+            tasks[name] = tasks.get(name, 0) + 1
+    return tasks

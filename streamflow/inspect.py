@@ -196,9 +196,11 @@ async def _shards(redis: Redis, keys: Keys, roles: list[str]) -> dict[str, tuple
     for role in roles:
         pipe.hget(keys.role_config(role), partitions.SHARDS_FIELD)
     out: dict[str, tuple[str, ...]] = {}
-    for role, recorded in zip(roles, await pipe.execute(), strict=True):
+    # Errors as values: another type of key at a config's name is the role alone, like a
+    # garbled record.
+    for role, recorded in zip(roles, await pipe.execute(raise_on_error=False), strict=True):
         out[role] = (role,)
-        if recorded is not None:
+        if recorded is not None and not isinstance(recorded, Exception):
             with contextlib.suppress(ConfigError):
                 out[role] = partitions.parse(role, recorded).shards
     return out
@@ -404,11 +406,8 @@ def _present(reply: Any, empty: Any) -> Any:
     return reply
 
 
-def _text(value: Any) -> str:
-    """A name from a reply; undecodable bytes (a name written by something else) escaped."""
-    if isinstance(value, bytes):
-        return value.decode(errors="backslashreplace")
-    return str(value)
+#: A name from a reply; undecodable bytes (a name written by something else) escaped.
+_text = streams.text_lenient
 
 
 def _time_ms(reply: Any) -> int:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from streamflow.errors import InvalidNameError
+from streamflow.logs import shown
 
 #: Role, namespace, consumer, task and node names: letters, digits, ``_``, ``-`` and ``.``,
 #: starting with a letter or digit, at most 64 characters. This excludes the separator ``:``,
@@ -55,7 +56,7 @@ def validate_name(value: str, what: str = "name") -> str:
     """
     if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
         raise InvalidNameError(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            f"invalid {what} {shown(repr(value))}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
         )
     return value
@@ -68,8 +69,33 @@ def validate_shard(value: str) -> str:
         InvalidNameError: It is neither a role name nor ``<role>#<index>[.<salt>]``.
     """
     if not isinstance(value, str) or SHARD_PATTERN.fullmatch(value) is None:
-        raise InvalidNameError(f"invalid role partition {value!r}: expected ROLE or ROLE#N[.S]")
+        raise InvalidNameError(
+            f"invalid role partition {shown(repr(value))}: expected ROLE or ROLE#N[.S]"
+        )
     return value
+
+
+#: The targets of a cancel, as named in its marker's key.
+CANCEL_TARGETS = ("task", "message", "any")
+#: A cancel's target id (a task id or a message id), as the protocol allows it.
+_TARGET_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+
+def cancel_member(target: str, target_id: str) -> str:
+    """The cancel index's member for a marker: ``<target>:<target id>``."""
+    return f"{target}:{target_id}"
+
+
+def cancel_target(member: str) -> tuple[str, str] | None:
+    """The (target, target id) a cancel index member names, or None if it names no marker.
+
+    The index is read back from Redis, so a member is untrusted: only what
+    :func:`cancel_member` could have written is accepted.
+    """
+    target, sep, target_id = member.partition(":")
+    if not sep or target not in CANCEL_TARGETS or _TARGET_ID.fullmatch(target_id) is None:
+        return None
+    return target, target_id
 
 
 def role_of_shard(shard: str) -> str:
@@ -80,6 +106,21 @@ def role_of_shard(shard: str) -> str:
 def shard_tag(shard: str) -> str:
     """The hash tag (the text inside the braces) of a shard's keys."""
     return f"role:{validate_shard(shard)}"
+
+
+#: A batch key's invocation or sequence number: a decimal integer within 64 bits.
+_INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """What a batch key names (see :meth:`Keys.batch`)."""
+
+    shard: str
+    task_id: str
+    node_id: str
+    invocation: int
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +175,14 @@ class Keys:
         """
         return f"{self.namespace}:{{signals}}:cancel:{target}:{target_id}"
 
-    def cancel_marker_pattern(self) -> str:
-        """A ``SCAN MATCH`` pattern for every cancel marker of the namespace."""
-        return f"{self.namespace}:{{signals}}:cancel:*"
+    def cancel_index(self) -> str:
+        """The index of the cancel markers (a sorted set).
+
+        Members name a marker (:func:`cancel_member`), scored by the marker's expiry in ms by
+        the server's clock; written in the same script as the marker, so that a starting worker
+        reads this one key instead of scanning the keyspace for markers.
+        """
+        return f"{self.namespace}:{{signals}}:cancels"
 
     def cancel_report(self, signal_id: str) -> str:
         """Where workers report what a cancel stopped (a hash: consumer -> report)."""
@@ -198,6 +244,39 @@ class Keys:
         validate_name(node_id, "node id")
         tag = f"{{role:{validate_shard(role)}}}"
         return f"{self.namespace}:{tag}:batch:{task_id}:{node_id}:{int(invocation)}:{int(seq)}"
+
+    def parse_batch(self, key: str) -> BatchKey | None:
+        """What a batch key names, or None if ``key`` is not exactly a key :meth:`batch` builds.
+
+        Keys read back from Redis or from a message (a job's ``input.ref``, a task's output
+        lists) are untrusted: only a key this builder would have written may be read as a batch.
+        """
+        prefix = f"{self.namespace}:{{role:"
+        shard, sep, rest = key.removeprefix(prefix).partition("}:batch:")
+        parts = rest.split(":")
+        if not key.startswith(prefix) or not sep or len(parts) != 4:
+            return None
+        task_id, node_id, invocation, seq = parts
+        if not (_INDEX.fullmatch(invocation) and _INDEX.fullmatch(seq)):
+            return None
+        try:
+            rebuilt = self.batch(shard, task_id, node_id, int(invocation), int(seq))
+        except InvalidNameError:
+            return None
+        if rebuilt != key:  # e.g. an index written with leading zeros
+            return None
+        return BatchKey(shard, task_id, node_id, int(invocation), int(seq))
+
+    def is_batch_of(self, key: str, task_id: str, node_id: str) -> bool:
+        """Whether ``key`` may hold a batch of node ``node_id`` of task ``task_id``.
+
+        That is a key :meth:`batch` builds for them (a worker's emitted batch, in any role's
+        slot) or the node's :meth:`task_result` (a coordinator function's output).
+        """
+        if key == self.task_result(task_id, node_id):
+            return True
+        named = self.parse_batch(key)
+        return named is not None and (named.task_id, named.node_id) == (task_id, node_id)
 
     def role_slots(self, role: str) -> str:
         """The nodes (``task/node``) holding one of a role's node slots (per-role limit)."""

@@ -248,7 +248,8 @@ class LeaseKeeper:
         ):
             raise ConfigError(
                 f"consumer name {self._consumer!r} is in use by another live worker; "
-                "give each process its own --consumer-name"
+                "give each process its own --consumer-name (or, if none runs, its liveness "
+                f"key {key} holds something else: delete it)"
             )
         await self._register()
 

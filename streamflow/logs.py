@@ -1,8 +1,14 @@
-"""Log output: plain text for people, or one JSON object per line for log pipelines.
+r"""Log output: plain text for people, or one JSON object per line for log pipelines.
 
 Log lines about a message carry its ids as record attributes (``role``, ``message_id``,
 ``task_id``, ``node_id``, ``attempt``, ``entry_id``): :func:`message_fields` builds them for
 ``logger.info(..., extra=...)``. Payloads are never logged; URLs are logged redacted.
+
+Text from outside (handler exception texts, names and fields read back from Redis) can hold
+control characters (``\r``, ``\n``, ANSI escapes) and bidi or other format characters that
+forge log lines or rewrite a terminal. :func:`printable` escapes them; the text formatter
+applies it to every message and traceback line, and the CLI to every value it prints.
+:func:`shown` also bounds the echo of rejected input.
 """
 
 from __future__ import annotations
@@ -12,7 +18,77 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+import click
 import orjson
+
+#: The most characters of rejected input echoed in an error or a log line.
+MAX_ECHO = 200
+#: Marks where :func:`printable` cut a text.
+ELISION = "…"
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    r"""``text`` safe to put in one log line or terminal line.
+
+    Every character that is not printable (C0 and C1 controls such as ``\r``, ``\n`` and
+    ESC; format characters such as the bidi overrides U+202A-U+202E and isolates
+    U+2066-U+2069; line and paragraph separators; unassigned code points) is written as a
+    Python-style escape (``\n``, ``\x1b``, ``\u202e``).
+
+    Args:
+        text: Any text.
+        limit: If given, the result is cut to at most this many characters plus
+            :data:`ELISION`.
+    """
+    cut = limit is not None and len(text) > limit
+    if cut:
+        text = text[:limit]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape(c) for c in text)
+    if limit is not None and len(text) > limit:
+        text, cut = text[:limit], True
+    return text + ELISION if cut else text
+
+
+def shown(value: object, limit: int = MAX_ECHO) -> str:
+    """``value`` (``str()`` of it) escaped by :func:`printable` and bounded to ``limit`` chars."""
+    return printable(value if isinstance(value, str) else str(value), limit)
+
+
+def terminal(text: str) -> str:
+    r"""``text`` safe to print on a terminal, line breaks kept (for what the CLI composed).
+
+    Every other character that is not printable is written as ``\uXXXX`` (a surrogate pair
+    past U+FFFF): a valid JSON escape, so JSON output stays JSON. Values that must not add
+    lines of their own go through :func:`printable` or :func:`shown` first.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else _json_escape(c) for c in text)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def echo(message: str = "", *, err: bool = False) -> None:
+    """``click.echo`` of ``message`` made safe by :func:`terminal` (every CLI output)."""
+    click.echo(terminal(message), err=err)
+
 
 #: Record attributes copied into JSON lines when a log call set them.
 FIELDS = ("role", "message_id", "task_id", "node_id", "attempt", "entry_id", "consumer")
@@ -56,7 +132,34 @@ class JsonFormatter(logging.Formatter):
                 doc[name] = value
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        # orjson escapes C0 controls; bidi, C1 and other non-printable characters it leaves
+        # raw, and they rewrite a terminal that shows the line: \uXXXX keeps it JSON.
+        return terminal(orjson.dumps(doc, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, with outside text unable to forge or hide a line.
+
+    The message is escaped by :func:`printable`; a traceback keeps its lines, each escaped and
+    indented, so that no line of it can pass for a log record of its own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """Format the record's line with its message escaped."""
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        """The traceback, every line escaped and indented."""
+        lines = super().formatException(ei).split("\n")
+        return "\n".join("    " + printable(line) for line in lines)
+
+    def formatStack(self, stack_info: str) -> str:
+        """The stack, every line escaped and indented."""
+        return "\n".join("    " + printable(line) for line in stack_info.split("\n"))
 
 
 def configure(level: str, fmt: str) -> None:
@@ -65,7 +168,7 @@ def configure(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -196,6 +196,7 @@ class WorkerCollector(Collector):
             "Recoveries from a Redis outage, counted by each Redis loop of the process.",
             streams.Backoff.recoveries,
         )
+        yield _bad_records(worker.statistics().bad_records)
         yield _gauge(
             "streamflow_in_flight_entries",
             "Entries held: running or queued for a slot.",
@@ -235,6 +236,7 @@ class CoordinatorCollector(Collector):
         for state, count in sorted(coord.finished.items()):
             finished.add_metric([state], count)
         yield finished
+        yield _bad_records(coord.bad_records())
         yield _counter(
             "streamflow_redis_reconnects",
             "Recoveries from a Redis outage, counted by each Redis loop of the process.",
@@ -363,6 +365,18 @@ class MetricsServer:
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged (one line per scrape would drown the process's logs)."""
+
+
+def _bad_records(counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "streamflow_bad_records",
+        "Malformed records read back from Redis and skipped (a cancel marker, the cancel "
+        "index, the signals stream, a signal), by kind.",
+        labels=["kind"],
+    )
+    for kind, count in sorted(counts.items()):
+        family.add_metric([kind], count)
+    return family
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

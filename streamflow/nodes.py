@@ -16,9 +16,18 @@ from redis.asyncio import Redis
 
 from streamflow import streams
 from streamflow.context import Batch
-from streamflow.errors import PayloadError, StreamflowError
+from streamflow.errors import InputError, PayloadError, StreamflowError
 from streamflow.keys import Keys
-from streamflow.protocol import PROTOCOL_VERSION, EventType, Job, TaskEvent, encode, now_ms
+from streamflow.logs import shown
+from streamflow.protocol import (
+    PROTOCOL_VERSION,
+    EventType,
+    Job,
+    TaskEvent,
+    decode_batch,
+    encode,
+    now_ms,
+)
 
 #: Largest encoded batch a node may emit.
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
@@ -119,18 +128,34 @@ class NodeRun:
 
         Raises:
             LookupError: The input batch is gone (expired or deleted).
+            InputError: ``input.ref`` is not a batch key of this task and parent, or the key
+                holds something else than a JSON array.
         """
         ref = self.job.input
+        if ref is not None:
+            self._check_ref(ref.ref, ref.node, f"input.ref {shown(ref.ref)}")
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self._keys.events(self._shard), {b"event": self.event("accepted")})
         if ref is not None:
             pipe.get(ref.ref)
-        replies = await pipe.execute()
+        # Errors as values: a wrong-type input key must not hide that the XADD went through.
+        replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
         if ref is None:
             return None
+        what = f"input batch {ref.index} of {ref.node!r} ({shown(ref.ref)})"
         if replies[-1] is None:
-            raise LookupError(f"input batch {ref.index} of {ref.node!r} is gone ({ref.ref})")
-        return Batch(ref.node, ref.index, orjson.loads(replies[-1]))
+            raise LookupError(f"{what} is gone")
+        return Batch(ref.node, ref.index, decode_batch(replies[-1], what, self._max_bytes))
+
+    def _check_ref(self, key: str, parent: str, what: str) -> None:
+        """Refuse a key that is not one of this task's batches of node ``parent``."""
+        assert self.job.task_id is not None
+        if not self._keys.is_batch_of(key, self.job.task_id, parent):
+            raise InputError(
+                f"{what} is not a batch key of task {self.job.task_id!r}, node {parent!r}"
+            )
 
     async def inputs(self) -> AsyncIterator[Batch]:
         """Every batch of every parent (nodes fed when their parents are done), in order."""
@@ -138,13 +163,17 @@ class NodeRun:
         assert job.task_id is not None
         for parent, count in (job.inputs or {}).items():
             key = self._keys.task_output(job.task_id, parent)
-            refs = [streams.text(r) for r in await self._redis.lrange(key, 0, count - 1)]
+            refs = await streams.batch_refs(self._redis, key, 0, count - 1)
+            for index, ref in enumerate(refs):
+                self._check_ref(ref, parent, f"batch {index} of {parent!r} ({shown(ref)})")
             for start in range(0, len(refs), READ_CHUNK):
                 chunk = refs[start : start + READ_CHUNK]
-                for offset, raw in enumerate(await streams.get_many(self._redis, chunk)):
+                values = await streams.get_many(self._redis, chunk, raise_on_error=False)
+                for offset, raw in enumerate(values):
+                    what = f"batch {start + offset} of {parent!r} ({shown(chunk[offset])})"
                     if raw is None:
-                        raise LookupError(f"batch {start + offset} of {parent!r} is gone")
-                    yield Batch(parent, start + offset, orjson.loads(raw))
+                        raise LookupError(f"{what} is gone")
+                    yield Batch(parent, start + offset, decode_batch(raw, what, self._max_bytes))
 
     async def emit(self, items: Iterable[Any]) -> None:
         """Store one batch and report it.

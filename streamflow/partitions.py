@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import ResponseError
 
 from streamflow import streams
 from streamflow.errors import ConfigError, InvalidNameError
@@ -167,7 +168,8 @@ def parse(role: str, recorded: bytes | str) -> Layout:
     Raises:
         ConfigError: The record is not a list of ``role``'s shards starting with ``role``.
     """
-    text = recorded.decode() if isinstance(recorded, bytes) else recorded
+    # Read back from Redis: anyone with write access to the namespace may have written it.
+    text = recorded.decode(errors="replace") if isinstance(recorded, bytes) else recorded
     shards = tuple(text.split())
     try:
         ok = bool(shards) and shards[0] == role and len(set(shards)) == len(shards)
@@ -189,8 +191,22 @@ def _owner_of(redis: Redis) -> Callable[[int], str] | None:
 
 async def load(redis: Redis, keys: Keys, role: str) -> Layout | None:
     """The role's recorded layout, or None when the role was not created yet."""
-    recorded = await redis.hget(keys.role_config(role), SHARDS_FIELD)
+    recorded = await read_record(redis, keys, role)
     return None if recorded is None else parse(role, recorded)
+
+
+async def read_record(redis: Redis, keys: Keys, role: str) -> bytes | str | None:
+    """The role's recorded ``shards`` field, or None.
+
+    Raises:
+        ConfigError: Another type of key is at the config hash's name.
+    """
+    key = keys.role_config(role)
+    try:
+        recorded: bytes | str | None = await redis.hget(key, SHARDS_FIELD)
+    except ResponseError as exc:
+        raise ConfigError(f"the config of role {role!r} ({key}) is not a hash: {exc}") from None
+    return recorded
 
 
 async def ensure(redis: Redis, keys: Keys, role: str, count: int) -> Layout:
@@ -260,6 +276,5 @@ class Layouts(LayoutCache):
         """The layout of ``role``."""
         layout = self.cached(role)
         if layout is None:
-            recorded = await self._redis.hget(self._keys.role_config(role), SHARDS_FIELD)
-            layout = self.record(role, recorded)
+            layout = self.record(role, await read_record(self._redis, self._keys, role))
         return layout

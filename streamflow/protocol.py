@@ -16,7 +16,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from streamflow import hostile
-from streamflow.errors import ProtocolError
+from streamflow.errors import InputError, ProtocolError
 from streamflow.keys import NAME_PATTERN
 
 #: The protocol version this code writes and reads.
@@ -54,7 +54,8 @@ MalformedReason = Literal[
     "invalid_payload",
 ]
 DeadLetterReason = (
-    MalformedReason | Literal["failed", "fatal", "max_deliveries", "expired", "missing_input"]
+    MalformedReason
+    | Literal["failed", "fatal", "max_deliveries", "expired", "missing_input", "invalid_input"]
 )
 MALFORMED_REASONS: frozenset[str] = frozenset(get_args(MalformedReason))
 
@@ -435,7 +436,9 @@ def _keys_kept(job: Job) -> int:
 
 def _check_header(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> None:
     version = doc.get("protocol")
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    # ``type() is int``: ``1.0`` and ``true`` compare equal to 1 in Python, and the docs promise
+    # ``unsupported_version`` for anything but the JSON integer 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             "unsupported_version",
             f"protocol version {version!r} is not supported (this worker speaks "
@@ -516,10 +519,38 @@ def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT])
         return model.model_validate_json(raw)
     except ValidationError as exc:
         try:
-            orjson.loads(raw)
+            doc = orjson.loads(raw)
         except orjson.JSONDecodeError as bad:
             raise ProtocolError("invalid_json", f"{what} is not valid JSON: {bad}", raw) from None
+        if isinstance(doc, dict):  # the same reasons, in the same order, as a job's
+            kind = "cancel" if model is CancelSignal else "event"
+            _check_header(doc, raw, expected_kind=kind)
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None
+
+
+def decode_batch(raw: bytes | Exception, what: str, max_bytes: int) -> list[Any]:
+    """The items of a task node's batch as read back from Redis (a GET's reply).
+
+    Args:
+        raw: The value, or the error Redis gave for the key (another type: ``WRONGTYPE``).
+        what: The batch, named for the error message.
+        max_bytes: The largest batch accepted.
+
+    Raises:
+        InputError: The key holds another type, or a value that is not a JSON array, or one
+            larger than ``max_bytes``.
+    """
+    if isinstance(raw, Exception):
+        raise InputError(f"{what} cannot be read: {raw}")
+    if len(raw) > max_bytes:
+        raise InputError(f"{what} is {len(raw)} bytes, limit {max_bytes}")
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise InputError(f"{what} is not a JSON array")
+    return items
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -7,11 +7,16 @@ with its liveness key. ``streamflow workers`` lists them.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import logging
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
 
 from streamflow import streams
 from streamflow.keys import Keys
+from streamflow.logs import shown
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerInfo(BaseModel):
@@ -47,8 +52,22 @@ class WorkerInfo(BaseModel):
 async def live_workers(redis: Redis, keys: Keys) -> list[WorkerInfo]:
     """Every live worker of the namespace, by consumer name."""
     found = sorted(await streams.scan_keys(redis, keys.consumer_info_pattern()))
-    workers = []
-    for raw in await streams.get_many(redis, found):
-        if raw is not None:  # expired between the scan and the read
-            workers.append(WorkerInfo.model_validate_json(raw))
-    return workers
+    values = await streams.get_many(redis, found, raise_on_error=False)
+    return [info for key, raw in zip(found, values, strict=True) if (info := _entry(key, raw))]
+
+
+def _entry(key: str, raw: bytes | Exception | None) -> WorkerInfo | None:
+    """One registry entry; None when it expired or is malformed (skipped, with a warning).
+
+    Anyone with write access to the namespace may have written it: another type of key, or a
+    value that is not an entry, must not fail the whole listing.
+    """
+    if raw is None:  # expired between the scan and the read
+        return None
+    if not isinstance(raw, Exception):
+        try:
+            return WorkerInfo.model_validate_json(raw)
+        except ValidationError as exc:
+            raw = exc
+    logger.warning("skipping the malformed registry entry %s: %s", shown(key), shown(raw))
+    return None

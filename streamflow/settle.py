@@ -93,6 +93,10 @@ class WorkerStatistics:
     by_role: dict[tuple[str, str], int] = field(default_factory=dict)
     #: (role, dead-letter reason) -> count.
     dead_by_role: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Malformed records read back from Redis and skipped, by kind (see
+    #: :attr:`streamflow.signals.SignalListener.bad_records`; ``signal`` for a malformed
+    #: cancel signal).
+    bad_records: dict[str, int] = field(default_factory=dict)
 
 
 class Settler:
@@ -241,7 +245,7 @@ class Settler:
                 job.attempt + 1,
                 job.retry.max_attempts if job.retry else delivery.role.retry.max_attempts,
                 decision.delay,
-                decision.detail,
+                logs.printable(decision.detail),  # a handler's text: escaped whatever formats it
                 extra=_log_fields(delivery, job),
             )
         return scheduled
@@ -290,7 +294,7 @@ class Settler:
                 letter.entry_id,
                 letter.message_id,
                 decision.reason,
-                decision.detail,
+                logs.printable(decision.detail),  # a handler's text: escaped whatever formats it
                 extra=_log_fields(delivery, job),
             )
         return moved is not None

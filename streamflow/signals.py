@@ -19,15 +19,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import streams
 from streamflow.errors import ProtocolError
-from streamflow.keys import Keys
+from streamflow.keys import Keys, cancel_member, cancel_target
 from streamflow.leases import Delivery, InFlight
+from streamflow.logs import shown
 from streamflow.protocol import (
     PROTOCOL_VERSION,
     SIGNAL_FIELD,
@@ -46,6 +50,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MARKER_TTL_MS = 7 * 24 * 3600 * 1000
 #: The signals stream keeps about this many recent signals (markers keep older cancels alive).
 SIGNALS_MAX_LEN = 10_000
+#: Cancel markers read per round trip at start-up.
+MARKERS_PER_READ = 1000
+#: How often an unreadable signals stream (another type at its name) is tried again.
+UNREADABLE_RETRY_S = 5.0
 #: How long a cancel's report hash is kept.
 REPORT_TTL_MS = 3600 * 1000
 
@@ -129,22 +137,117 @@ class SignalListener:
         self._book = book
         self._on_cancel = on_cancel
         self._block_ms = block_ms
+        self._scripts = streams.Scripts(redis)
         self._position = b"0-0"
         self.signals_seen = 0
         self.bad_signals = 0
+        #: Records read back from Redis that were skipped as malformed, by kind:
+        #: ``cancel_marker`` (a marker or index member), ``cancel_index`` (the index itself),
+        #: ``signals_stream`` (another type at the signals stream's name).
+        self.bad_records: dict[str, int] = {}
+        self._stream_broken = False
 
     async def load(self) -> None:
         """Take the stream's position, then load every live cancel marker."""
-        self._position = await streams.last_id(self._redis, self._keys.signals())
+        try:
+            self._position = await streams.last_id(self._redis, self._keys.signals())
+        except ResponseError as exc:
+            self._unreadable_stream(exc)
         await self._reload_markers()
         if len(self._book):
             logger.info("%d cancels in force", len(self._book))
 
     async def _reload_markers(self) -> None:
-        markers = await streams.scan_keys(self._redis, self._keys.cancel_marker_pattern())
-        for raw in await streams.get_many(self._redis, markers):
-            if raw is not None:
-                self._remember({SIGNAL_FIELD: raw}, announce=False)
+        """Load every live marker the index names (its cost grows with cancels, not keys).
+
+        Everything read here may have been written by anyone with write access to the
+        namespace: a bad index, member or marker is skipped and counted, with one warning per
+        load, and never stops the worker.
+        """
+        problems: list[str] = []
+        targets = await self._indexed_targets(problems)
+        names = [self._keys.cancel_marker(*target) for target in targets]
+        values = []
+        for start in range(0, len(names), MARKERS_PER_READ):
+            chunk = names[start : start + MARKERS_PER_READ]
+            values += await streams.get_many(self._redis, chunk, raise_on_error=False)
+        for target, name, raw in zip(targets, names, values, strict=True):
+            if raw is None:
+                continue  # expired or deleted since it was indexed
+            problem = self._load_marker(target, raw)
+            if problem is not None:
+                problems.append(f"{name}: {problem}")
+        if problems:
+            logger.warning(
+                "skipped %d malformed cancel markers (first: %s)",
+                len(problems),
+                shown(problems[0]),
+            )
+
+    async def _indexed_targets(self, problems: list[str]) -> list[tuple[str, str]]:
+        """The (target, target id) of every marker the index lists as live (or nearly)."""
+        index = self._keys.cancel_index()
+        # Scores are expiry times by the server's clock: a day of slack for this one's.
+        since = now_ms() - 24 * 3600 * 1000
+        try:
+            members: Any = await self._redis.zrange(index, since, "+inf", byscore=True)
+        except ResponseError as exc:  # another type at the index's name
+            self._count_bad("cancel_index")
+            problems.append(f"{index}: {exc}")
+            return []
+        targets = []
+        for member in members:
+            target = cancel_target(bytes(member).decode(errors="replace"))
+            if target is None:
+                self._count_bad("cancel_marker")
+                problems.append(f"{index}: member {member!r} names no cancel marker")
+            else:
+                targets.append(target)
+        return targets
+
+    def _load_marker(self, target: tuple[str, str], raw: bytes | Exception) -> str | None:
+        """Add one marker's cancel to the book; what is wrong with it, if it was skipped.
+
+        A marker means what its key says: a signal whose own target disagrees is applied to
+        the key's target (and counted), so a marker cannot redirect a cancel elsewhere.
+        """
+        if isinstance(raw, Exception):  # WRONGTYPE: not a string
+            self._count_bad("cancel_marker")
+            return str(raw)
+        try:
+            signal = decode_signal({SIGNAL_FIELD: raw})
+        except ProtocolError as exc:
+            self._count_bad("cancel_marker")
+            return str(exc)
+        if (signal.target, signal.target_id) != target:
+            self._count_bad("cancel_marker")
+            self._book.add(signal.model_copy(update={"target": target[0], "target_id": target[1]}))
+            return f"its signal names {signal.target} {signal.target_id}: applied to its key's"
+        self._book.add(signal)
+        return None
+
+    def statistics(self) -> dict[str, int]:
+        """Malformed records skipped so far, by kind (``signal`` for malformed signals)."""
+        counts = dict(self.bad_records)
+        if self.bad_signals:
+            counts["signal"] = self.bad_signals
+        return counts
+
+    def _unreadable_stream(self, exc: ResponseError) -> None:
+        """Warn (once until it is readable again) that the signals stream cannot be read."""
+        if not self._stream_broken:
+            self._stream_broken = True
+            self._count_bad("signals_stream")
+            logger.warning(
+                "cannot read the signals stream %s (%s): new cancels do not reach this worker "
+                "until it is fixed (it loads their markers only at start); retrying every %gs",
+                self._keys.signals(),
+                exc,
+                UNREADABLE_RETRY_S,
+            )
+
+    def _count_bad(self, kind: str) -> None:
+        self.bad_records[kind] = self.bad_records.get(kind, 0) + 1
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the stream from the loaded position until cancelled."""
@@ -164,6 +267,11 @@ class SignalListener:
                 await backoff.failed(exc)
                 outage = True
                 continue
+            except ResponseError as exc:
+                self._unreadable_stream(exc)
+                await anyio.sleep(UNREADABLE_RETRY_S)
+                continue
+            self._stream_broken = False
             backoff.succeeded()
             if outage:
                 # Signals may have been trimmed from the stream while we could not read it:
@@ -191,8 +299,8 @@ class SignalListener:
                 "cancel of %s %s (%s) requested by %s",
                 signal.target,
                 signal.target_id,
-                signal.reason,
-                signal.requested_by or "unknown",
+                shown(signal.reason),  # the sender's text: escaped whatever formats the log
+                shown(signal.requested_by or "unknown"),
             )
             self._on_cancel(signal)
         return signal
@@ -203,7 +311,15 @@ class SignalListener:
         marker = self._keys.cancel_marker(signal.target, signal.target_id)
         # On failure it is in memory already; the next worker to see it tries again.
         with contextlib.suppress(*streams.TRANSIENT_ERRORS):
-            await self._redis.set(marker, encode(signal), nx=True, px=self._book.marker_ttl_ms)
+            await self._scripts.mark_cancel(
+                keys=[marker, self._keys.cancel_index()],
+                args=[
+                    encode(signal),
+                    self._book.marker_ttl_ms,
+                    cancel_member(signal.target, signal.target_id),
+                ],
+                client=self._redis,
+            )
 
 
 class StopReporter:
@@ -325,8 +441,8 @@ async def send_cancel(
         created_at_ms=now_ms(),
     )
     await scripts.cancel(
-        keys=[keys.signals(), keys.cancel_marker(target, target_id)],
-        args=[encode(signal), marker_ttl_ms, SIGNALS_MAX_LEN],
+        keys=[keys.signals(), keys.cancel_marker(target, target_id), keys.cancel_index()],
+        args=[encode(signal), marker_ttl_ms, SIGNALS_MAX_LEN, cancel_member(target, target_id)],
         client=redis,
     )
     return signal
@@ -334,8 +450,19 @@ async def send_cancel(
 
 async def read_reports(redis: Redis, keys: Keys, signal_id: str) -> dict[str, CancelReport]:
     """Every worker's report on a cancel, by consumer name."""
-    raw = await streams.hash_items(redis, keys.cancel_report(signal_id))
-    return {name: CancelReport.model_validate_json(value) for name, value in raw.items()}
+    key = keys.cancel_report(signal_id)
+    try:
+        raw = await streams.hash_items(redis, key)
+    except ResponseError as exc:  # another type at the report's name: no report to read
+        logger.warning("cannot read the cancel reports %s: %s", key, shown(exc))
+        return {}
+    reports = {}
+    for name, value in raw.items():
+        try:
+            reports[name] = CancelReport.model_validate_json(value)
+        except ValidationError as exc:  # anyone with write access may have written it
+            logger.warning("skipping a malformed cancel report in %s: %s", key, shown(exc))
+    return reports
 
 
 async def live_consumers(redis: Redis, keys: Keys) -> set[str]:

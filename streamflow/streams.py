@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamflow import connection, sentinel
-from streamflow.errors import ConfigError, RedisUnavailable
+from streamflow.errors import ConfigError, InputError, RedisUnavailable
 from streamflow.keys import GROUP
 
 logger = logging.getLogger(__name__)
@@ -517,6 +517,7 @@ class Scripts:
         self.replay = redis.register_script(_load("replay.lua", strip))
         self.alive = redis.register_script(_load("alive.lua", strip))
         self.cancel = redis.register_script(_load("cancel.lua", strip))
+        self.mark_cancel = redis.register_script(_load("mark_cancel.lua", strip))
         self.publish_many = redis.register_script(_load("publish_many.lua", strip))
         self.emit = redis.register_script(_load("emit.lua", strip))
         self.finish = redis.register_script(_load("finish.lua", strip))
@@ -541,10 +542,18 @@ async def ensure_group(redis: Redis, stream: str, group: str = GROUP) -> None:
 
     The group starts at ``0``, not ``$``: a group lost with a Redis restart must not skip the
     entries already in the stream.
+
+    Raises:
+        ConfigError: Another type of key is at the stream's name.
     """
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            # Anyone with write access to the namespace may have put another type there.
+            raise ConfigError(
+                f"{stream} is not a stream (another type of key is at its name): delete it"
+            ) from None
         if "BUSYGROUP" not in str(exc):
             raise
 
@@ -599,6 +608,11 @@ async def read_own_pending(
 def text(value: Any) -> str:
     """A Redis reply item (bytes, or str with decoding on) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def text_lenient(value: Any) -> str:
+    """A reply item as str, whatever bytes it holds (values written by anyone: escaped)."""
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def _entries(reply: Any) -> list[Entry]:
@@ -768,7 +782,8 @@ async def publish_dedup(
         args=[message_id, window_ms, message, due_ms],
         client=redis,
     )
-    return bool(flag), value.decode() if isinstance(value, bytes) else str(value)
+    # The first id is read back from the marker: whoever wrote it, it decodes.
+    return bool(flag), value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -838,15 +853,36 @@ async def scan_keys(redis: Redis, pattern: str) -> list[str]:
     return found
 
 
-async def get_many(redis: Redis, keys: Sequence[str]) -> list[bytes | None]:
-    """GET of each key, pipelined (keys may be in different cluster slots)."""
+async def get_many(redis: Redis, keys: Sequence[str], *, raise_on_error: bool = True) -> list[Any]:
+    """GET of each key, pipelined (keys may be in different cluster slots).
+
+    Returns:
+        Each key's value, or None when it is missing; with ``raise_on_error=False``, the
+        ``ResponseError`` of a key that holds another type, in its place, instead of raising
+        the first one.
+    """
     if not keys:
         return []
     pipe = redis.pipeline(transaction=False)
     for key in keys:
         pipe.get(key)
-    values: list[bytes | None] = await pipe.execute()
+    values: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
     return values
+
+
+async def batch_refs(redis: Redis, key: str, start: int = 0, stop: int = -1) -> list[str]:
+    """The batch keys a task's output list holds, ``start .. stop``, as listed (unchecked).
+
+    Raises:
+        InputError: Another type of key is at the list's name (a data problem, not an outage).
+    """
+    try:
+        refs: list[Any] = await redis.lrange(key, start, stop)
+    except ResponseError as exc:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        raise InputError(f"the batch list {key} cannot be read: {exc}") from None
+    return [text_lenient(r) for r in refs]
 
 
 async def hash_items(redis: Redis, key: str) -> dict[str, bytes]:

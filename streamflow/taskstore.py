@@ -9,6 +9,7 @@ goes through one version-checked script (``task_commit.lua``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +18,14 @@ import orjson
 from redis.asyncio import Redis
 
 from streamflow import streams
+from streamflow.errors import InputError
 from streamflow.graph import GraphSpec
 from streamflow.keys import Keys
+from streamflow.logs import shown
+from streamflow.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_batch
 from streamflow.tasks import Invocation, Step, TaskState, TaskStatus
+
+logger = logging.getLogger(__name__)
 
 #: How long a finished task (state, outputs) is kept, by default: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
@@ -170,7 +176,13 @@ class TaskStore:
         Workers store batches with their own TTL; a finished task's batches go with it.
         """
         for node in spec.nodes:
-            refs = await self.batch_refs(task_id, node.id)
+            try:
+                listed = await self.batch_refs(task_id, node.id)
+            except InputError as exc:
+                logger.warning("task %s: not expiring the batches of %r: %s", task_id, node.id, exc)
+                continue
+            # Only keys that are batches of this node: a forged ref must not expire a stream.
+            refs = [ref for ref in listed if self.keys.is_batch_of(ref, task_id, node.id)]
             for start in range(0, len(refs), 1000):
                 pipe = self._redis.pipeline(transaction=False)
                 for ref in refs[start : start + 1000]:
@@ -225,16 +237,33 @@ class TaskStore:
     async def batch_refs(
         self, task_id: str, node_id: str, start: int = 0, stop: int = -1
     ) -> list[str]:
-        """Keys of a node's batches ``start .. stop`` (inclusive) in index order."""
-        refs = await self._redis.lrange(self.keys.task_output(task_id, node_id), start, stop)
-        return [streams.text(r) for r in refs]
+        """Keys of a node's batches ``start .. stop`` (inclusive) in index order.
 
-    async def batches(self, refs: Sequence[str]) -> list[list[Any] | None]:
-        """The batches stored at ``refs`` (None for one that expired)."""
+        As listed, unchecked (check them with :meth:`Keys.is_batch_of` before reading one).
+
+        Raises:
+            InputError: Another type of key is at the list's name.
+        """
+        return await streams.batch_refs(
+            self._redis, self.keys.task_output(task_id, node_id), start, stop
+        )
+
+    async def batches(
+        self, refs: Sequence[str], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> list[list[Any] | None]:
+        """The batches stored at ``refs`` (None for one that expired).
+
+        Raises:
+            InputError: A key holds another type, or not a JSON array (see
+                :func:`~streamflow.protocol.decode_batch`).
+        """
         out: list[list[Any] | None] = []
         for start in range(0, len(refs), 500):
-            for raw in await streams.get_many(self._redis, refs[start : start + 500]):
-                out.append(orjson.loads(raw) if raw is not None else None)
+            chunk = refs[start : start + 500]
+            values = await streams.get_many(self._redis, chunk, raise_on_error=False)
+            for ref, raw in zip(chunk, values, strict=True):
+                what = f"batch {shown(ref)}"
+                out.append(None if raw is None else decode_batch(raw, what, max_bytes))
         return out
 
     async def output(self, task_id: str, node_id: str) -> list[Any]:
@@ -244,7 +273,11 @@ class TaskStore:
             LookupError: A batch expired.
         """
         items: list[Any] = []
-        for index, batch in enumerate(await self.batches(await self.batch_refs(task_id, node_id))):
+        refs = await self.batch_refs(task_id, node_id)
+        for ref in refs:
+            if not self.keys.is_batch_of(ref, task_id, node_id):
+                raise InputError(f"{shown(ref)} is not a batch key of node {node_id!r}")
+        for index, batch in enumerate(await self.batches(refs)):
             if batch is None:
                 raise LookupError(f"batch {index} of node {node_id!r} expired")
             items.extend(batch)

@@ -42,8 +42,10 @@ from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
 from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, Decision, dead
+from streamflow.errors import InputError
 from streamflow.keys import Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
+from streamflow.logs import shown
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MESSAGE_FIELD,
@@ -324,6 +326,7 @@ class Worker:
             by_reason=dict(stats.by_reason),
             lease_losses=dict(self._leases.losses),
             loop_stalls=self._watchdog.stalls(),
+            bad_records=self._signals.statistics(),
         )
 
     def observe_renewals(self, callback: Callable[[float], None] | None) -> None:
@@ -861,6 +864,8 @@ class Worker:
             ctx.batch = await run.start()
         except LookupError as exc:
             return dead("missing_input", str(exc), job)
+        except InputError as exc:
+            return dead("invalid_input", str(exc), job)
         except streams.TRANSIENT_ERRORS:
             return RELEASE  # cannot read its input now: hand it back
         return None
@@ -881,6 +886,8 @@ class Worker:
             reruns = await streams.get_count(self._redis, key)
         except streams.TRANSIENT_ERRORS:
             return RELEASE  # cannot count: hand it back rather than risk a poison loop
+        except (ResponseError, ValueError) as exc:
+            return _uncountable(key, exc, job)
         if reruns == 0:
             return await self._count_and_run(key, delivery, scope, job, payload, ctx)
         async with self._suspects:
@@ -904,6 +911,8 @@ class Worker:
             reruns = await streams.count_start(self._redis, key)
         except streams.TRANSIENT_ERRORS:
             return RELEASE
+        except ResponseError as exc:
+            return _uncountable(key, exc, job)
         starts = reruns + 2  # its first start, the reruns before, and this one
         if starts > delivery.role.max_deliveries:
             detail = (
@@ -965,3 +974,13 @@ class Worker:
 
 #: The code of the coroutine that runs a handler: the stall watchdog finds it on the stack.
 _RUN_CODE = Worker._run.__code__
+
+
+def _uncountable(key: str, exc: Exception, job: Job) -> Decision:
+    """The decision for a redelivered entry whose start count holds garbage (not a counter).
+
+    Anyone with write access to the namespace may have written it. Running the entry uncounted
+    would let a poison message loop for ever, so it is dead-lettered, visibly and replayable.
+    """
+    detail = f"its start count {key} is not a counter ({shown(exc)}): delete it, then replay"
+    return dead("max_deliveries", detail, job)

@@ -11,6 +11,9 @@ Roles:
         named by ``SFTEST_RECORD``. Retries: 3 attempts, 2 s base backoff.
     poison: the same handler with ``max_deliveries=3``, for messages that kill their worker.
     work3: the same handler on a role with 3 partitions (the cluster tests).
+    forge: raises ``Fatal(payload["text"])`` (text from outside, in the logs and dead letters).
+    gather: a task node's job reads every input batch (``ctx.inputs()``); then it records like
+        ``record``.
 
 Trace lines (one ``write`` each, so lines from several processes never interleave) are
 ``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
@@ -143,3 +146,16 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
 app.role("work", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0))(work)
 app.role("poison", max_deliveries=3)(work)
 app.role("work3", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0), partitions=3)(work)
+
+
+@app.role("forge")
+async def forge_role(ctx: streamflow.Context, payload: Any) -> None:
+    raise streamflow.Fatal(payload["text"])
+
+
+@app.role("gather")
+async def gather_role(ctx: streamflow.Context, payload: Any) -> None:
+    if ctx.task_id is not None:
+        async for _ in ctx.inputs():
+            pass
+    record(ctx)

@@ -5,7 +5,12 @@
 -- KEYS[1] liveness key
 -- ARGV[1] 'acquire' | 'refresh' | 'release', ARGV[2] this process's token, ARGV[3] ttl ms
 -- Returns 1 on success; for acquire, 0 when another process holds it; for refresh, 0 when lost.
-local holder = redis.call('GET', KEYS[1])
+-- pcall: another type of key at the name (anyone with write access may make one) counts as
+-- held by someone else: never overwritten, and never an error that stops a worker.
+local holder = redis.pcall('GET', KEYS[1])
+if type(holder) == 'table' and holder.err then
+  return 0
+end
 if ARGV[1] == 'release' then
   if holder == ARGV[2] then
     redis.call('DEL', KEYS[1])

@@ -5,7 +5,12 @@
 -- ARGV[4] due time in ms for a delayed publish (0: publish now)
 -- Returns {1, entry id or 'scheduled'} when published, {0, id of the message that used the key
 -- first}.
-local first = redis.call('GET', KEYS[2])
+-- pcall: another type of key at the marker's name (anyone with write access may make one) is
+-- no publish of ours; the SET below replaces it, rather than every publish of the key failing.
+local first = redis.pcall('GET', KEYS[2])
+if type(first) == 'table' and first.err then
+  first = false
+end
 if first then
   return {0, first}
 end
