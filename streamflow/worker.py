@@ -319,18 +319,13 @@ class Worker:
     # -- the loops --------------------------------------------------------------------------
 
     async def _serve(self, *, burst: bool, task_status: TaskStatus[None]) -> None:
-        for role in self._roles:
-            # Creates the role with the app's partitions, or refuses if it has other ones.
-            layout = await partitions.ensure(self._redis, self._keys, role.name, role.partitions)
-            self._shards[role.name] = layout.shards
-            for shard in layout.shards:
-                await streams.ensure_group(self._redis, self._keys.role_stream(shard))
-        # Task graphs are checked against the roles that workers serve.
-        if self._roles:
-            await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
-        await self._leases.acquire_name()
+        started = await streams.retry_outages(
+            self._start_up, f"starting worker {self.consumer}", stopping=self._stopping.is_set
+        )
+        if not started:  # stopped while Redis was unavailable: nothing was taken
+            task_status.started()
+            return
         try:
-            await self._signals.load()
             async with anyio.create_task_group() as tg:
                 self._cancels.task_group = tg
                 if not burst:
@@ -343,11 +338,34 @@ class Worker:
                 await self._settler.acker.flush()
                 tg.cancel_scope.cancel()
         finally:
-            with (
-                anyio.move_on_after(5, shield=True),
-                contextlib.suppress(*streams.TRANSIENT_ERRORS),
-            ):
+            await self._give_up_name()
+
+    async def _start_up(self) -> bool:
+        """Every start-up step. Each can run again: after an outage they all do, in order."""
+        for role in self._roles:
+            # Creates the role with the app's partitions, or refuses if it has other ones.
+            layout = await partitions.ensure(self._redis, self._keys, role.name, role.partitions)
+            self._shards[role.name] = layout.shards
+            for shard in layout.shards:
+                await streams.ensure_group(self._redis, self._keys.role_stream(shard))
+        # Task graphs are checked against the roles that workers serve.
+        if self._roles:
+            await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
+        await self._leases.acquire_name()  # ours already after a retry: same token
+        await self._signals.load()
+        return True
+
+    async def _give_up_name(self) -> None:
+        """Release the consumer name, never raising over the error that ended serving."""
+        with anyio.move_on_after(5, shield=True):
+            try:
                 await self._leases.release_name()
+            except Exception as exc:  # cleanup: whatever ended the worker is what to report
+                logger.warning(
+                    "could not give up consumer name %s (%s); its key expires by itself",
+                    self.consumer,
+                    exc if streams.is_outage(exc) else repr(exc),
+                )
 
     async def _pipeline(self, burst: bool) -> None:
         self._queue_closed = False
@@ -462,7 +480,10 @@ class Worker:
             if not streams.is_group_lost(exc):
                 raise
             logger.warning("consumer group of %s is gone; recreating it", stream)
-            await streams.ensure_group(self._redis, stream)
+            try:
+                await streams.ensure_group(self._redis, stream)
+            except streams.TRANSIENT_ERRORS as again:
+                await backoff.failed(again)
             return None
         backoff.succeeded()
         return entries
