@@ -14,6 +14,7 @@ from streamflow.errors import (
     InvalidNameError,
     PayloadError,
     ProtocolError,
+    RedisCommandError,
     RedisUnavailable,
     StreamflowError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Outcome",
     "PayloadError",
     "ProtocolError",
+    "RedisCommandError",
     "RedisUnavailable",
     "Retry",
     "RetryPolicy",

@@ -24,6 +24,7 @@ from streamflow.cli import (
     _connection_options,
     _errors_to_exit,
     _serving_metrics,
+    _wait_for_server,
     logger,
     main,
 )
@@ -132,7 +133,7 @@ async def _once(read: Callable[[], Awaitable[T]]) -> T:
     try:
         return await read()
     except streams.TRANSIENT_ERRORS as exc:
-        raise RedisUnavailable(f"lost the connection to Redis: {exc}") from None
+        raise RedisUnavailable(f"Redis unavailable: {exc}") from None
 
 
 async def _watch(render: Render, view: str, every: float, title: str | None) -> None:
@@ -364,7 +365,14 @@ def exporter(metrics_port: int, interval: float, redis_url: str, namespace: str)
 
 async def _export(settings: config.ConnectionSettings, port: int, interval: float) -> None:
     redis = _connect(settings, name="streamflow-exporter")
-    await streams.ping(redis, settings.url)
+    try:
+        up = await _wait_for_server(redis, settings.url, checks=False, strict=False)
+    except BaseException:
+        await redis.aclose()
+        raise
+    if not up:
+        await redis.aclose()
+        return
     queues = Exporter(redis, namespace=settings.namespace, interval=interval)
     health = Health(redis)
     try:

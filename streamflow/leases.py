@@ -246,20 +246,30 @@ class LeaseKeeper:
 
     async def renew_forever(self) -> None:
         """Renew every held entry (and the consumer name) each renewal period."""
-        failures = 0
+        backoff = streams.Backoff("renewing leases")
         while True:
             await anyio.sleep(self.settings.renew_every)
             try:
                 await self.renew_once()
             except streams.TRANSIENT_ERRORS as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning("lease renewal failed (%s); retrying next tick", exc)
+                backoff.note(exc)  # logged and counted once per outage; retried next tick
             else:
-                failures = 0
+                backoff.succeeded()
 
     async def renew_once(self) -> None:
-        """One renewal round: one script call per stream with held entries."""
+        """One renewal round: one script call per stream with held entries, then the name.
+
+        Entries first: their script runs when Redis is full (``allow-oom``), the name's
+        ``SET`` does not, and a full Redis must not cost the entries their leases.
+        """
+        for stream, held in self._in_flight.by_stream():
+            ids = [d.entry.id for d in held]
+            lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
+            self.renewals += len(ids) - len(lost)
+            for delivery in held:
+                # An entry whose ack is on its way was likely just acknowledged, not lost.
+                if delivery.entry.id in lost and not delivery.settling:
+                    self._lose(delivery)
         key = self._keys.consumer_alive(self._consumer)
         if not await streams.liveness(
             self._scripts, self._redis, key, "refresh", self._token, self._name_ttl_ms
@@ -273,14 +283,6 @@ class LeaseKeeper:
                 self._on_name_lost()
         else:
             await self._register()
-        for stream, held in self._in_flight.by_stream():
-            ids = [d.entry.id for d in held]
-            lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
-            self.renewals += len(ids) - len(lost)
-            for delivery in held:
-                # An entry whose ack is on its way was likely just acknowledged, not lost.
-                if delivery.entry.id in lost and not delivery.settling:
-                    self._lose(delivery)
 
     def _lose(self, delivery: Delivery) -> None:
         if delivery.lost:

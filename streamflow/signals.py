@@ -153,6 +153,11 @@ class SignalListener:
         task_status.started()
         while True:
             try:
+                if outage:
+                    # Signals may have been trimmed from the stream while we could not read
+                    # it: their markers are still there.
+                    await self._reload_markers()
+                    outage = False
                 entries = await streams.read_broadcast(
                     self._redis,
                     self._keys.signals(),
@@ -165,11 +170,6 @@ class SignalListener:
                 outage = True
                 continue
             backoff.succeeded()
-            if outage:
-                # Signals may have been trimmed from the stream while we could not read it:
-                # their markers are still there.
-                outage = False
-                await self._reload_markers()
             for entry in entries:
                 self._position = entry.id
                 signal = self._remember(entry.fields, announce=True)

@@ -10,7 +10,8 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypedDict, TypeVar, cast
@@ -32,6 +33,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     SlotNotCoveredError,
     TryAgainError,
@@ -40,7 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamflow import connection, sentinel
-from streamflow.errors import ConfigError, RedisUnavailable
+from streamflow.errors import ConfigError, RedisCommandError, RedisUnavailable, StreamflowError
 from streamflow.keys import GROUP
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,26 @@ def is_outage(exc: BaseException) -> bool:
         # leave slots uncovered (mid-resharding, mid-failover).
         return isinstance(exc.__cause__, TRANSIENT_ERRORS) or str(exc).startswith(_REFRESH_FAILURES)
     return False
+
+
+@contextmanager
+def public_errors(what: str) -> Iterator[None]:
+    """Raise a Redis failure inside the block as a documented :class:`StreamflowError`.
+
+    What the public API (``Client``, ``SyncClient``, the CLI) promises: an outage becomes
+    :class:`RedisUnavailable` (a write may or may not have happened), any other refusal
+    :class:`RedisCommandError`; the original error is kept as the cause.
+    """
+    try:
+        yield
+    except StreamflowError:
+        raise
+    except Exception as exc:
+        if is_outage(exc):
+            raise RedisUnavailable(f"{what} failed: {_one_line(exc)}") from exc
+        if isinstance(exc, RedisError | RedisClusterException):
+            raise RedisCommandError(f"{what} failed: Redis refused: {_one_line(exc)}") from exc
+        raise
 
 
 _REFRESH_FAILURES = (
