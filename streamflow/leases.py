@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from streamflow import streams
 from streamflow.app import Role
@@ -218,14 +219,28 @@ class LeaseKeeper:
             ConfigError: Another live process uses this consumer name.
         """
         key = self._keys.consumer_alive(self._consumer)
-        if not await streams.liveness(
-            self._scripts, self._redis, key, "acquire", self._token, self._name_ttl_ms
-        ):
+        try:
+            taken = await streams.liveness(
+                self._scripts, self._redis, key, "acquire", self._token, self._name_ttl_ms
+            )
+            await self._register()
+        except OutOfMemoryError:
+            # A full Redis refuses the key's SET; a worker started to drain it must not wait
+            # for memory it is there to free. A live holder still refuses it (GET is a read);
+            # otherwise the first renewal Redis accepts takes the name.
+            holder = await self._redis.get(key)
+            taken = holder is None or streams.text(holder) == self._token
+            if taken:
+                logger.warning(
+                    "Redis is full (OOM): starting without the liveness key of consumer name %s; "
+                    "it is taken at the first renewal Redis accepts",
+                    self._consumer,
+                )
+        if not taken:
             raise ConfigError(
                 f"consumer name {self._consumer!r} is in use by another live worker; "
                 "give each process its own --consumer-name"
             )
-        await self._register()
 
     async def release_name(self) -> None:
         """Give the consumer name up (on a clean stop)."""

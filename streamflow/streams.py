@@ -662,9 +662,22 @@ async def ensure_group(redis: Redis, stream: str, group: str = GROUP) -> None:
     """
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except OutOfMemoryError:
+        # Redis refuses XGROUP CREATE when full, even for a group that exists: a worker
+        # started to drain a full Redis must not wait for memory it is there to free.
+        if not await _has_group(redis, stream, group):
+            raise
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+async def _has_group(redis: Redis, stream: str, group: str) -> bool:
+    try:
+        groups: Any = await redis.xinfo_groups(stream)
+    except ResponseError:  # no such key
+        return False
+    return any(text(info.get("name", b"")) == group for info in groups)
 
 
 async def read_group(

@@ -35,7 +35,7 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
@@ -349,8 +349,15 @@ class Worker:
             for shard in layout.shards:
                 await streams.ensure_group(self._redis, self._keys.role_stream(shard))
         # Task graphs are checked against the roles that workers serve.
-        if self._roles:
-            await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
+        names = [r.name for r in self._roles]
+        # Read first: a full Redis refuses SADD even of members it has (see ensure_group).
+        if names and not all(await self._redis.smismember(self._keys.known_roles(), names)):
+            try:
+                await self._redis.sadd(self._keys.known_roles(), *names)
+            except OutOfMemoryError:  # only task submission needs it: drain first
+                logger.warning(
+                    "Redis is full (OOM): roles %s not registered for task graphs", names
+                )
         await self._leases.acquire_name()  # ours already after a retry: same token
         await self._signals.load()
         return True

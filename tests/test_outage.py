@@ -23,7 +23,7 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
-from streamflow import Client, RedisUnavailable, SyncClient, streams
+from streamflow import Client, RedisUnavailable, SyncClient, partitions, streams
 from streamflow.keys import GROUP, Keys
 from streamflow.server import RedisServer
 
@@ -340,3 +340,63 @@ async def test_publishing_to_a_frozen_redis_fails_after_the_socket_timeout(
     finally:
         server.resume()
         await client.aclose()
+
+
+async def fill_until_refused(client: Client, payload: dict[str, str]) -> tuple[list[str], Any]:
+    """Publish chunks of 20 jobs until Redis is full; (the ids taken, the error raised)."""
+    published: list[str] = []
+    with anyio.fail_after(120):
+        while True:
+            try:
+                published += await client.publish_many(ROLE, [payload] * 20)
+            except Exception as exc:  # what the public API raises is what the test checks
+                return published, exc
+
+
+async def test_a_worker_started_on_a_full_redis_stays_up_and_drains_it(
+    private_redis: Callable[..., RedisServer],
+    start_worker: StartWorker,
+    record_file: Path,
+) -> None:
+    # Redis full (maxmemory + noeviction): XADD is refused, and so was every script,
+    # including the acknowledgement that deletes entries, the one thing that frees memory.
+    server = private_redis(extra_args=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
+    namespace = "full"
+    keys = Keys(namespace)
+    admin = streams.connect(server.url, socket_timeout=5.0, name="test-admin")
+    try:
+        # The role as earlier workers left it: its record and consumer group exist.
+        await partitions.ensure(admin, keys, ROLE, 1)
+        await streams.ensure_group(admin, keys.role_stream(ROLE))
+        async with Client(admin, namespace=namespace) as client:
+            published, refused = await fill_until_refused(client, {"pad": "x" * 2000})
+            # Publishers see the documented error, never a raw redis-py one.
+            assert isinstance(refused, RedisUnavailable), repr(refused)
+            assert "maxmemory" in str(refused)
+            # Then one by one, to the last byte (memory moves a little between calls).
+            with pytest.raises(RedisUnavailable, match="maxmemory"):
+                for _ in range(100):
+                    published.append(await client.publish(ROLE, {"pad": "x" * 2000}))
+            with (
+                SyncClient(server.url, namespace=namespace) as sync_client,
+                pytest.raises(RedisUnavailable, match="maxmemory"),
+            ):
+                sync_client.publish(ROLE, {"pad": "x" * 2000})
+            assert len(published) > 500
+            started = time.monotonic()
+            worker = start_worker(server, namespace)
+            await wait_until(
+                lambda: set(published) <= recorded(record_file) or not worker.alive,
+                120,
+                "every job handled",
+            )
+            assert worker.alive, worker.stderr()
+            drained = time.monotonic() - started
+            await wait_settled(admin, namespace, 60)
+            # Memory came back: publishing works again, and the same worker handles it.
+            after = await client.publish(ROLE, {"after": "drain"})
+            await wait_until(lambda: after in recorded(record_file), 30, "new job handled")
+        assert_healthy([worker])
+        print(f"drained {len(published)} jobs from a full Redis in {drained:.1f} s")
+    finally:
+        await admin.aclose()
