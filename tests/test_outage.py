@@ -400,3 +400,25 @@ async def test_a_worker_started_on_a_full_redis_stays_up_and_drains_it(
         print(f"drained {len(published)} jobs from a full Redis in {drained:.1f} s")
     finally:
         await admin.aclose()
+
+
+async def test_a_worker_started_while_redis_is_down_waits_for_it_and_serves(
+    server: RedisServer, admin: Redis, start_worker: StartWorker, record_file: Path
+) -> None:
+    # A deploy that starts workers before Redis, or during a restart or failover.
+    server.kill()
+    worker = start_worker(server, "late")
+    await wait_until(
+        lambda: "Redis unavailable while connecting" in worker.stderr() or not worker.alive,
+        30,
+        "the worker reports the outage",
+    )
+    assert worker.alive, worker.stderr()
+    server.start()
+    await wait_until(worker.serving, 60, "worker logs 'serving'")
+    async with Client(admin, namespace="late") as client:
+        message_id = await client.publish(ROLE, {"n": 1})
+        await wait_until(lambda: message_id in recorded(record_file), 30, "job handled")
+    log = worker.stderr()
+    assert log.count("Redis unavailable while connecting") == 1, log  # logged once
+    assert_healthy([worker])
