@@ -141,9 +141,9 @@ def public_errors(what: str) -> Iterator[None]:
         raise
     except Exception as exc:
         if is_outage(exc):
-            raise RedisUnavailable(f"{what} failed: {_one_line(exc)}") from exc
+            raise RedisUnavailable(f"{what} failed: {describe(exc)}") from exc
         if isinstance(exc, RedisError | RedisClusterException):
-            raise RedisCommandError(f"{what} failed: Redis refused: {_one_line(exc)}") from exc
+            raise RedisCommandError(f"{what} failed: Redis refused: {describe(exc)}") from exc
         raise
 
 
@@ -607,6 +607,19 @@ def _ssl_reason(err: ssl.SSLError) -> str:
     texts = [arg for arg in err.args if isinstance(arg, str)]
     text = texts[-1] if texts else type(err).__name__
     return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text.strip())
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or an error message: a refusal keeps its code (``OOM ...``).
+
+    redis-py strips the code from the text of the refusals it has a class for.
+    """
+    text = _one_line(exc)
+    if isinstance(exc, ResponseError):
+        code = connection.error_code(exc)
+        if code and not text.startswith(code):
+            return f"{code} {text}"
+    return text
 
 
 def _one_line(exc: BaseException) -> str:
@@ -1109,7 +1122,7 @@ class Backoff:
     def note(self, exc: BaseException) -> float:
         """Log (once per outage) and count a failure; returns the seconds to wait."""
         if self._delay == 0.0:
-            logger.warning("Redis unavailable while %s (%s); retrying", self._what, _one_line(exc))
+            logger.warning("Redis unavailable while %s (%s); retrying", self._what, describe(exc))
             self._delay = self._first
             Backoff.outages += 1
         else:

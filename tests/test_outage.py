@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,9 +22,18 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError
 
-from streamflow import Client, RedisUnavailable, SyncClient, partitions, streams
+from streamflow import (
+    Client,
+    RedisCommandError,
+    RedisUnavailable,
+    SyncClient,
+    partitions,
+    streams,
+)
 from streamflow.keys import GROUP, Keys
 from streamflow.server import RedisServer
 
@@ -422,3 +432,131 @@ async def test_a_worker_started_while_redis_is_down_waits_for_it_and_serves(
     log = worker.stderr()
     assert log.count("Redis unavailable while connecting") == 1, log  # logged once
     assert_healthy([worker])
+
+
+async def publish_and_wait_handled(
+    client: Client, record_file: Path, count: int, what: str
+) -> list[str]:
+    """Publish ``count`` jobs and wait until the workers recorded every one."""
+    ids = await client.publish_many(ROLE, [{"n": i} for i in range(count)])
+    await wait_until(lambda: set(ids) <= recorded(record_file), 60, what)
+    return ids
+
+
+async def test_workers_ride_out_a_redis_that_turned_replica_and_back(
+    server: RedisServer, admin: Redis, start_worker: StartWorker, record_file: Path
+) -> None:
+    # A demoted master: blocked reads are released with UNBLOCKED, every write (and every
+    # script) is refused with READONLY until it is a master again.
+    workers = await start_workers(start_worker, server, "demoted", 2)
+    async with Client(admin, namespace="demoted") as client:
+        await publish_and_wait_handled(client, record_file, 20, "jobs before")
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(closed_port()))
+        await wait_until(
+            lambda: all("READONLY" in w.stderr() or not w.alive for w in workers),
+            30,
+            "every worker meets READONLY",
+        )
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await publish_and_wait_handled(client, record_file, 50, "jobs after")
+    await wait_settled(admin, "demoted", 30)
+    assert_healthy(workers)
+
+
+async def test_workers_ride_out_a_busy_script(
+    server: RedisServer, admin: Redis, start_worker: StartWorker, record_file: Path
+) -> None:
+    # A script running past busy-reply-threshold: every other command is refused with BUSY.
+    workers = await start_workers(start_worker, server, "busy", 1)
+    await admin.config_set("busy-reply-threshold", 100)
+    busy = streams.connect(server.url, socket_timeout=None, name="test-busy")
+    async with Client(admin, namespace="busy") as client, anyio.create_task_group() as tg:
+        await publish_and_wait_handled(client, record_file, 20, "jobs before")
+
+        async def spin() -> None:
+            with contextlib.suppress(ResponseError):  # ended by SCRIPT KILL
+                await busy.eval("while true do end", 0)
+
+        tg.start_soon(spin)
+        await wait_until(
+            lambda: all("BUSY" in w.stderr() or not w.alive for w in workers),
+            30,
+            "the worker meets BUSY",
+        )
+        await admin.script_kill()
+        await wait_answers(admin)
+        await publish_and_wait_handled(client, record_file, 50, "jobs after")
+    await busy.aclose()
+    await wait_settled(admin, "busy", 30)
+    assert_healthy(workers)
+
+
+async def wait_answers(admin: Redis) -> None:
+    """Wait until Redis answers PING again (a killed script ends a moment after SCRIPT KILL)."""
+    with anyio.fail_after(30):
+        while True:
+            try:
+                await admin.ping()
+                return
+            except ResponseError:
+                await anyio.sleep(0.02)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("reply", "outage", "group_lost"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", True, False),
+        ("READONLY You can't write against a read only replica.", True, False),
+        (
+            "MISCONF Redis is configured to save RDB snapshots, but it's unable to persist",
+            True,
+            False,
+        ),
+        ("LOADING Redis is loading the dataset in memory", True, False),
+        ("BUSY Redis is busy running a script.", True, False),
+        ("MASTERDOWN Link with MASTER is down", True, False),
+        ("NOREPLICAS Not enough good replicas to write.", True, False),
+        ("CLUSTERDOWN The cluster is down", True, False),
+        ("TRYAGAIN Multiple keys request during rehashing of slot", True, False),
+        ("MOVED 3999 127.0.0.1:6381", True, False),
+        ("ASK 3999 127.0.0.1:6381", True, False),
+        ("UNBLOCKED the stream key no longer exists", True, False),
+        ("NOGROUP No such key 's' or consumer group 'g'", False, True),
+        ("NOPERM this user has no permissions to run the 'xadd' command", False, False),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False, False),
+        ("BUSYGROUP Consumer Group name already exists", False, False),
+        ("ERR Error running script, @user_script:1: bad", False, False),
+    ],
+)
+def test_one_classifier_tells_outages_from_the_callers_errors(
+    reply: str, outage: bool, group_lost: bool
+) -> None:
+    # As redis-py parses the reply (the class it picks, or a plain ResponseError).
+    exc = BaseParser.parse_error(reply)
+    assert streams.is_outage(exc) is outage
+    assert streams.is_group_lost(exc) is group_lost
+    # The public API's promise: a documented error, the original kept as the cause.
+    expected = RedisUnavailable if outage else RedisCommandError
+    with pytest.raises(expected) as caught, streams.public_errors("doing it"):
+        raise exc
+    assert caught.value.__cause__ is exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ClusterError("TTL exhausted."),
+        RedisClusterException("Redis Cluster cannot be connected. Please provide at least"),
+        RedisClusterException("startup_nodes could not agree on a valid slots cache: a vs b"),
+        ConnectionResetError(104, "Connection reset by peer"),
+    ],
+)
+def test_cluster_redirection_failures_are_outages(exc: Exception) -> None:
+    assert streams.is_outage(exc)
