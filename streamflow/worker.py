@@ -371,7 +371,7 @@ class Worker:
                 logger.warning(
                     "could not give up consumer name %s (%s); its key expires by itself",
                     self.consumer,
-                    exc if streams.is_outage(exc) else repr(exc),
+                    streams.describe(exc) if streams.is_outage(exc) else repr(exc),
                 )
 
     async def _pipeline(self, burst: bool) -> None:

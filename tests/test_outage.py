@@ -24,7 +24,11 @@ import psutil
 import pytest
 from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
-from redis.exceptions import ClusterError, RedisClusterException, ResponseError
+from redis.exceptions import (
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+)
 
 from streamflow import (
     Client,
@@ -560,3 +564,38 @@ def test_one_classifier_tells_outages_from_the_callers_errors(
 )
 def test_cluster_redirection_failures_are_outages(exc: Exception) -> None:
     assert streams.is_outage(exc)
+
+
+async def make_full(admin: Redis) -> None:
+    """Make Redis full for good: 1 MB of padding, then ``maxmemory`` below what it uses.
+
+    With ``noeviction`` nothing can be evicted, so every command that may add memory is
+    refused with OOM until the padding is deleted.
+    """
+    await admin.setrange("pad", 1_000_000, "x")  # small command: no large query buffer
+    used = int((await admin.info("memory"))["used_memory"])
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", used - 300_000)
+
+
+async def test_a_running_worker_rides_out_redis_filling_up_and_resumes(
+    server: RedisServer, admin: Redis, start_worker: StartWorker, record_file: Path
+) -> None:
+    # Full while a worker runs: its lease renewal, liveness refresh and acknowledgements
+    # meet OOM within one renewal tick.
+    workers = await start_workers(start_worker, server, "filling", 1)
+    async with Client(admin, namespace="filling") as client:
+        await publish_and_wait_handled(client, record_file, 20, "jobs before")
+        await make_full(admin)
+        await wait_until(
+            lambda: "OOM" in workers[0].stderr() or not workers[0].alive,
+            30,
+            "the worker meets OOM",
+        )
+        assert workers[0].alive, workers[0].stderr()
+        with pytest.raises(RedisUnavailable, match="OOM"):
+            await client.publish(ROLE, {"too": "much"})
+        await admin.delete("pad")
+        await publish_and_wait_handled(client, record_file, 50, "jobs after")
+    await wait_settled(admin, "filling", 30)
+    assert_healthy(workers)
