@@ -599,3 +599,14 @@ async def test_a_running_worker_rides_out_redis_filling_up_and_resumes(
         await publish_and_wait_handled(client, record_file, 50, "jobs after")
     await wait_settled(admin, "filling", 30)
     assert_healthy(workers)
+
+
+async def test_an_outage_is_logged_once_and_counted_once(caplog: pytest.LogCaptureFixture) -> None:
+    backoff = streams.Backoff("testing", first=0.001, cap=0.002)
+    outages, recoveries = streams.Backoff.outages, streams.Backoff.recoveries
+    for _ in range(3):
+        await backoff.failed(OutOfMemoryError("command not allowed", status_code="OOM"))
+    backoff.succeeded()
+    unavailable = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert unavailable == ["Redis unavailable while testing (OOM command not allowed); retrying"]
+    assert (streams.Backoff.outages, streams.Backoff.recoveries) == (outages + 1, recoveries + 1)
