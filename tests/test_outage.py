@@ -26,6 +26,7 @@ from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.exceptions import (
     ClusterError,
+    OutOfMemoryError,
     RedisClusterException,
     ResponseError,
 )
