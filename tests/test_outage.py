@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -611,3 +612,53 @@ async def test_an_outage_is_logged_once_and_counted_once(caplog: pytest.LogCaptu
     unavailable = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     assert unavailable == ["Redis unavailable while testing (OOM command not allowed); retrying"]
     assert (streams.Backoff.outages, streams.Backoff.recoveries) == (outages + 1, recoveries + 1)
+
+
+def spawn(command: list[str], log: Path) -> WorkerProcess:
+    """``python -m streamflow COMMAND...`` with its stderr in ``log``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
+    with open(log, "wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamflow", *command],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    return WorkerProcess(process, log)
+
+
+def reported_outage(process: WorkerProcess) -> bool:
+    """Whether ``process`` logged waiting for Redis at start-up (or exited)."""
+    return "Redis unavailable while connecting" in process.stderr() or not process.alive
+
+
+async def test_a_coordinator_and_an_exporter_started_while_redis_is_down_come_up(
+    server: RedisServer, admin: Redis, tmp_path: Path
+) -> None:
+    server.kill()
+    connection = ["--redis-url", server.url, "--namespace", "late"]
+    port = closed_port()
+    started = [
+        spawn(["coordinator", *connection], tmp_path / "coordinator.log"),
+        spawn(["exporter", "--metrics-port", str(port), *connection], tmp_path / "exporter.log"),
+    ]
+    try:
+        for process in started:
+            await wait_until(partial(reported_outage, process), 30, "the outage is reported")
+            assert process.alive, process.stderr()
+        server.start()
+        coordinator, exporter = started
+        # Up: the coordinator registered its functions, the exporter serves queue figures.
+        await wait_until(lambda: " coordinator " in coordinator.stderr(), 60, "coordinator up")
+        assert await admin.smembers(Keys("late").known_functions())
+        await wait_until(lambda: "exporting" in exporter.stderr(), 60, "exporter up")
+        for process in started:
+            log = process.stderr()
+            assert process.alive, log
+            assert log.count("Redis unavailable while connecting") == 1, log
+            assert "Traceback" not in log, log
+    finally:
+        for process in started:
+            process.kill()
