@@ -42,6 +42,8 @@ from streamflow import (
 )
 from streamflow.keys import GROUP, Keys
 from streamflow.server import RedisServer
+from streamflow.worker import Worker
+from tests.apps import app
 
 pytestmark = pytest.mark.anyio
 
@@ -662,3 +664,25 @@ async def test_a_coordinator_and_an_exporter_started_while_redis_is_down_come_up
     finally:
         for process in started:
             process.kill()
+
+
+async def test_the_error_that_stops_a_worker_is_not_hidden_by_its_cleanup_on_a_full_redis(
+    server: RedisServer, admin: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Giving the consumer name up at shutdown is a script Redis refuses when full: the error
+    # that ended the worker must be the one raised, not that OOM.
+    redis = streams.connect(server.url, socket_timeout=5.0, name="test-worker")
+    worker = Worker(app, redis, roles=[ROLE], namespace="hidden", block_ms=100)
+
+    async def break_down() -> None:
+        await make_full(admin)
+        raise RuntimeError("the real failure")
+
+    monkeypatch.setattr(worker._leases, "renew_forever", break_down)
+    try:
+        with anyio.fail_after(30), pytest.raises(BaseExceptionGroup) as caught:
+            await worker.run()
+    finally:
+        await redis.aclose()
+    assert caught.group_contains(RuntimeError, match="the real failure")
+    assert not caught.group_contains(OutOfMemoryError)
