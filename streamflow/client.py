@@ -190,8 +190,10 @@ class Client:
     """Publishes jobs to roles from async code, cancels them, and manages dead letters.
 
     Publishing is never retried behind your back: a retried XADD whose first reply was lost
-    would publish twice. On a connection failure the call raises :class:`RedisUnavailable`;
-    pass a ``dedup_key`` to make a retry of your own safe.
+    would publish twice. On an outage (connection lost, Redis full, read-only, loading, a
+    cluster moving slots) every method raises :class:`RedisUnavailable`, on any other refusal
+    :class:`RedisCommandError`, never a redis-py exception; pass a ``dedup_key`` to make a
+    retry of your own safe.
 
     Args:
         redis: An asyncio Redis client, e.g. from :meth:`from_url`.
@@ -281,7 +283,9 @@ class Client:
             node_id: The DAG node it belongs to.
 
         Raises:
-            RedisUnavailable: Redis could not be reached; the job may or may not be published.
+            RedisUnavailable: Redis could not be reached or refused for now (full, read-only,
+                loading, failing over); the job may or may not be published.
+            RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
@@ -337,8 +341,10 @@ class Client:
             chunk_size: Jobs per script call.
 
         Raises:
-            RedisUnavailable: Redis could not be reached; some chunks may have been published
-                (each chunk holds jobs of one partition, in order): retry with dedup keys.
+            RedisUnavailable: Redis could not be reached or refused for now; some chunks may
+                have been published (each chunk holds jobs of one partition, in order): retry
+                with dedup keys.
+            RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             ValueError: ``keys`` and ``payloads`` differ in length.
         """
         with streams.public_errors(f"publishing to role {role!r}"):
