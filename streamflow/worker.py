@@ -229,6 +229,10 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop` is called, then finish or release in-flight work and return.
 
+        A Redis outage (:func:`streamflow.streams.is_outage`) never ends it: start-up steps and
+        every loop log it once, back off and retry, until Redis serves again or :meth:`stop`
+        is called.
+
         Raises:
             ConfigError: Another live process uses this worker's consumer name.
         """
