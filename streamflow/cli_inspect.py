@@ -129,11 +129,9 @@ async def _show(
 
 
 async def _once(read: Callable[[], Awaitable[T]]) -> T:
-    """``await read()``, with a lost connection reported as one line rather than a traceback."""
-    try:
+    """``await read()``, with Redis failures reported as one line rather than a traceback."""
+    with streams.public_errors("reading from Redis"):
         return await read()
-    except streams.TRANSIENT_ERRORS as exc:
-        raise RedisUnavailable(f"Redis unavailable: {exc}") from None
 
 
 async def _watch(render: Render, view: str, every: float, title: str | None) -> None:
@@ -153,11 +151,11 @@ async def _watch(render: Render, view: str, every: float, title: str | None) -> 
             click.echo(shown)
         await anyio.sleep(every)
         try:
-            shown = await render()
+            shown = await _once(render)
+        except RedisUnavailable as exc:
+            shown = _problem(f"Redis unavailable ({exc}); retrying every {every:g}s", title)
         except StreamflowError as exc:
             shown = _problem(f"error: {exc}", title)
-        except streams.TRANSIENT_ERRORS as exc:
-            shown = _problem(f"Redis unavailable ({exc}); retrying every {every:g}s", title)
 
 
 def _problem(text: str, title: str | None) -> str | None:
