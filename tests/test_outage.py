@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -686,3 +687,47 @@ async def test_the_error_that_stops_a_worker_is_not_hidden_by_its_cleanup_on_a_f
         await redis.aclose()
     assert caught.group_contains(RuntimeError, match="the real failure")
     assert not caught.group_contains(OutOfMemoryError)
+
+
+async def test_workers_ride_out_redis_failing_to_persist(
+    private_redis: Callable[..., RedisServer],
+    tmp_path: Path,
+    start_worker: StartWorker,
+    record_file: Path,
+) -> None:
+    # A failed BGSAVE with stop-writes-on-bgsave-error (the default): every write and every
+    # script is refused with MISCONF, which redis-py raises as a plain ResponseError.
+    data = tmp_path / "data"
+    server = private_redis(directory=data, extra_args=["--save", "3600 1"])
+    admin = streams.connect(server.url, socket_timeout=5.0, name="test-admin")
+    try:
+        workers = await start_workers(start_worker, server, "misconf", 1)
+        async with Client(admin, namespace="misconf") as client:
+            await publish_and_wait_handled(client, record_file, 20, "jobs before")
+            shutil.rmtree(data)  # the disk is gone: the next snapshot fails
+            await admin.bgsave()
+            await wait_for_query(lambda: admin.info("persistence"), "rdb_last_bgsave_status", "err")
+            await wait_until(
+                lambda: "MISCONF" in workers[0].stderr() or not workers[0].alive,
+                30,
+                "the worker meets MISCONF",
+            )
+            with pytest.raises(RedisUnavailable, match="MISCONF"):
+                await client.publish(ROLE, {"not": "persisted"})
+            # The operator's way out when snapshots can wait.
+            await admin.config_set("stop-writes-on-bgsave-error", "no")
+            await publish_and_wait_handled(client, record_file, 50, "jobs after")
+        await wait_settled(admin, "misconf", 30)
+        assert_healthy(workers)
+    finally:
+        await admin.config_set("save", "")  # a shutdown must not try to save
+        await admin.aclose()
+
+
+async def wait_for_query(
+    query: Callable[[], Awaitable[dict[str, Any]]], field: str, value: str
+) -> None:
+    """Poll an INFO section until ``field`` is ``value``."""
+    with anyio.fail_after(30):
+        while (await query()).get(field) != value:
+            await anyio.sleep(0.05)
