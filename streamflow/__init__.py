@@ -15,6 +15,7 @@ from streamflow.errors import (
     MissingExtraError,
     PayloadError,
     ProtocolError,
+    RedisCommandError,
     RedisUnavailable,
     StreamflowError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Outcome",
     "PayloadError",
     "ProtocolError",
+    "RedisCommandError",
     "RedisUnavailable",
     "Retry",
     "RetryPolicy",

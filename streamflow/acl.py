@@ -156,7 +156,7 @@ WORKER = PartRules(
         "{signals}:report:*": "HSET + PEXPIRE of its cancel report",
         "{consumer:*}:alive": "alive.lua: GET, SET PX, DEL of its liveness key",
         "{consumer:*}:info": "its registry entry: SET PX, DEL",
-        "{tasks}:roles": "SADD of the roles it serves",
+        "{tasks}:roles": "SMISMEMBER, then SADD of the roles it serves",
         "{task:*}:out:*": "ctx.inputs(): LRANGE of a parent's batch keys",
         "{task:*}:result:*": "ctx.inputs() and input batches: GET of a function node's output",
     },
@@ -178,6 +178,7 @@ WORKER = PartRules(
         "xread": "signals listener",
         "hset": "cancel reports",
         "sadd": "known roles",
+        "smismember": "known roles (read first: a full Redis refuses even a needless SADD)",
         "lrange": "ctx.inputs()",
         "hsetnx": "a role's partitions, recorded by the first worker",
         "hget": "a role's partitions",
@@ -188,6 +189,7 @@ WORKER = PartRules(
         Narrow(
             {
                 "xgroup|create": "streams.ensure_group at start-up and after NOGROUP",
+                "xinfo|groups": "streams.ensure_group when Redis is full (does it exist?)",
                 "xreadgroup": "the reader",
                 "xpending": "the reader (resumed entries' counts); owner-checking scripts",
                 "xclaim": "renew.lua, release.lua",
@@ -284,6 +286,7 @@ COORDINATOR = PartRules(
         Narrow(
             {
                 "xgroup|create": "the coordinators group of the control and events streams",
+                "xinfo|groups": "streams.ensure_group when Redis is full (does it exist?)",
                 "xreadgroup": "control and events",
                 "xack": "control and events, once applied",
                 "xdel": "control and events, once applied",

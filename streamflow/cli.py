@@ -172,6 +172,37 @@ async def _check_server(redis: Redis, url: str, *, strict: bool) -> None:
     guard.enforce(warnings, strict=strict, url=url)
 
 
+async def _wait_for_server(redis: Redis, url: str, *, checks: bool, strict: bool) -> bool:
+    """Start-up of a long-running command: wait for Redis, then run the checks.
+
+    Redis down, restarting or loading is an outage: logged once and retried with backoff, so
+    that a deploy may start workers before Redis or during a failover. SIGTERM or SIGINT
+    while waiting returns False (nothing was started, nothing to finish).
+
+    Raises:
+        RedisUnavailable: A failure that waiting cannot cure (credentials, TLS).
+        ConfigError: The checks refuse (``strict``, or a refuse-level warning).
+    """
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+        await streams.wait_until_up(redis, url)
+        if checks:
+            await streams.retry_outages(
+                lambda: _check_server(redis, url, strict=strict), "running the start-up checks"
+            )
+        tg.cancel_scope.cancel()
+        return True
+    logger.info("stopped while waiting for Redis")
+    return False
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
@@ -346,8 +377,8 @@ async def _check_once(settings: config.WorkerSettings) -> None:
     """The start-up checks in the parent of --processes N, once for all its children."""
     redis = _connect(settings, name="streamflow-supervisor")
     try:
-        await streams.ping(redis, settings.url)
-        await _check_server(redis, settings.url, strict=settings.strict)
+        if not await _wait_for_server(redis, settings.url, checks=True, strict=settings.strict):
+            sys.exit(0)
     finally:
         await redis.aclose()
 
@@ -363,12 +394,14 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         + 32,
     )
     try:
-        await streams.ping(redis, settings.url)
-        if settings.server_checks:
-            await _check_server(redis, settings.url, strict=settings.strict)
+        checks = settings.server_checks
+        up = await _wait_for_server(redis, settings.url, checks=checks, strict=settings.strict)
     except BaseException:
         await redis.aclose()
         raise
+    if not up:
+        await redis.aclose()
+        return
     worker = Worker(
         app,
         redis,

@@ -24,6 +24,7 @@ from streamflow.cli import (
     _connection_options,
     _errors_to_exit,
     _serving_metrics,
+    _wait_for_server,
     logger,
     main,
 )
@@ -129,11 +130,9 @@ async def _show(
 
 
 async def _once(read: Callable[[], Awaitable[T]]) -> T:
-    """``await read()``, with a lost connection reported as one line rather than a traceback."""
-    try:
+    """``await read()``, with Redis failures reported as one line rather than a traceback."""
+    with streams.public_errors("reading from Redis"):
         return await read()
-    except streams.TRANSIENT_ERRORS as exc:
-        raise RedisUnavailable(f"lost the connection to Redis: {exc}") from None
 
 
 async def _watch(render: Render, view: str, every: float, title: str | None) -> None:
@@ -153,11 +152,11 @@ async def _watch(render: Render, view: str, every: float, title: str | None) -> 
             echo(shown)
         await anyio.sleep(every)
         try:
-            shown = await render()
+            shown = await _once(render)
+        except RedisUnavailable as exc:
+            shown = _problem(f"Redis unavailable ({exc}); retrying every {every:g}s", title)
         except StreamflowError as exc:
             shown = _problem(f"error: {exc}", title)
-        except streams.TRANSIENT_ERRORS as exc:
-            shown = _problem(f"Redis unavailable ({exc}); retrying every {every:g}s", title)
 
 
 def _problem(text: str, title: str | None) -> str | None:
@@ -370,7 +369,14 @@ def exporter(metrics_port: int, interval: float, redis_url: str, namespace: str)
 
 async def _export(settings: config.ConnectionSettings, port: int, interval: float) -> None:
     redis = _connect(settings, name="streamflow-exporter")
-    await streams.ping(redis, settings.url)
+    try:
+        up = await _wait_for_server(redis, settings.url, checks=False, strict=False)
+    except BaseException:
+        await redis.aclose()
+        raise
+    if not up:
+        await redis.aclose()
+        return
     queues = Exporter(redis, namespace=settings.namespace, interval=interval)
     health = Health(redis)
     try:

@@ -13,13 +13,13 @@ import orjson
 
 from streamflow import config, streams
 from streamflow.cli import (
-    _check_server,
     _client,
     _connect,
     _connection_options,
     _errors_to_exit,
     _serving_metrics,
     _tls_options,
+    _wait_for_server,
     logger,
     main,
 )
@@ -120,11 +120,13 @@ async def _coordinate(
         max_connections=512 if streams.is_cluster_url(settings.url) else 64,
     )
     try:
-        await streams.ping(redis, settings.url)
-        await _check_server(redis, settings.url, strict=strict)
+        up = await _wait_for_server(redis, settings.url, checks=True, strict=strict)
     except BaseException:
         await redis.aclose()
         raise
+    if not up:
+        await redis.aclose()
+        return
     coord = Coordinator(redis, **options)
     health = Health(redis)
     metrics = coord.enable_metrics if metrics_port is not None else None

@@ -6,11 +6,12 @@ follows tasks, and lists, shows, replays and purges dead letters.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 import anyio
 import orjson
@@ -22,7 +23,7 @@ from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
 from streamflow import partitions, sentinel, signals, streams
-from streamflow.errors import ConfigError, PayloadError, ProtocolError, RedisUnavailable
+from streamflow.errors import ConfigError, PayloadError, ProtocolError
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
@@ -36,6 +37,9 @@ from streamflow.protocol import (
 )
 from streamflow.tasks import TaskState, TaskStatus
 from streamflow.taskstore import TaskStore
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
@@ -162,12 +166,34 @@ class CancelResult:
     complete: bool = False
 
 
+def _public(
+    what: str,
+) -> Callable[[Callable[_P, Awaitable[_T]]], Callable[_P, Coroutine[Any, Any, _T]]]:
+    """A public coroutine method whose Redis failures are documented errors.
+
+    See :func:`streamflow.streams.public_errors`: an outage raises :class:`RedisUnavailable`,
+    another refusal :class:`RedisCommandError`, never a redis-py exception.
+    """
+
+    def wrap(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+        @functools.wraps(method)
+        async def public(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            with streams.public_errors(what):
+                return await method(*args, **kwargs)
+
+        return public
+
+    return wrap
+
+
 class Client:
     """Publishes jobs to roles from async code, cancels them, and manages dead letters.
 
     Publishing is never retried behind your back: a retried XADD whose first reply was lost
-    would publish twice. On a connection failure the call raises :class:`RedisUnavailable`;
-    pass a ``dedup_key`` to make a retry of your own safe.
+    would publish twice. On an outage (connection lost, Redis full, read-only, loading, a
+    cluster moving slots) every method raises :class:`RedisUnavailable`, on any other refusal
+    :class:`RedisCommandError`, never a redis-py exception; pass a ``dedup_key`` to make a
+    retry of your own safe.
 
     Args:
         redis: An asyncio Redis client, e.g. from :meth:`from_url`.
@@ -257,15 +283,15 @@ class Client:
             node_id: The DAG node it belongs to.
 
         Raises:
-            RedisUnavailable: Redis could not be reached; the job may or may not be published.
+            RedisUnavailable: Redis could not be reached or refused for now (full, read-only,
+                loading, failing over); the job may or may not be published.
+            RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
-        try:
+        with streams.public_errors(f"publishing to role {role!r}"):
             layout = await self._layouts.get(validate_name(role, "role"))
-        except streams.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         p = self._pub.prepare(
             role,
             payload,
@@ -277,7 +303,7 @@ class Client:
             task_id=task_id,
             node_id=node_id,
         )
-        try:
+        with streams.public_errors(f"publishing to role {role!r}"):
             if p.dedup_marker is not None:
                 published, first = await streams.publish_dedup(
                     self._scripts,
@@ -295,8 +321,6 @@ class Client:
                 await streams.schedule(self.redis, p.schedule, p.due_ms, p.body)
             else:
                 await streams.publish(self.redis, p.stream, p.body)
-        except streams.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         return p.message_id
 
     async def publish_many(
@@ -317,27 +341,26 @@ class Client:
             chunk_size: Jobs per script call.
 
         Raises:
-            RedisUnavailable: Redis could not be reached; some chunks may have been published
-                (each chunk holds jobs of one partition, in order): retry with dedup keys.
+            RedisUnavailable: Redis could not be reached or refused for now; some chunks may
+                have been published (each chunk holds jobs of one partition, in order): retry
+                with dedup keys.
+            RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             ValueError: ``keys`` and ``payloads`` differ in length.
         """
-        try:
+        with streams.public_errors(f"publishing to role {role!r}"):
             layout = await self._layouts.get(validate_name(role, "role"))
-        except streams.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         prepared = self._pub.bodies(layout, payloads, keys)
-        try:
+        with streams.public_errors(f"publishing to role {role!r}"):
             for chunk in _chunks(prepared, chunk_size):
                 stream = chunk[0][0]
                 await streams.publish_many(
                     self._scripts, self.redis, stream, [body for _, _, body in chunk]
                 )
-        except streams.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         return [message_id for _, message_id, _ in prepared]
 
     # -- dead letters -----------------------------------------------------------------------
 
+    @_public("listing dead letters")
     async def dead_letters(
         self, role: str, *, count: int = 100, after: str = "-"
     ) -> list[DeadLetterEntry]:
@@ -361,6 +384,7 @@ class Client:
                 break
         return out
 
+    @_public("reading a dead letter")
     async def dead_letter(self, role: str, dead_id: str) -> DeadLetterEntry | None:
         """One dead letter by its id, or None (also for a partition the role does not have)."""
         layout = await self._layouts.get(validate_name(role, "role"))
@@ -375,6 +399,7 @@ class Client:
         found_id, fields = reply[0]
         return _dead_letter_entry(found_id, fields, _prefix(layout, index))
 
+    @_public("counting dead letters")
     async def dead_letter_count(self, role: str) -> int:
         """How many dead letters ``role`` has (in all its partitions)."""
         layout = await self._layouts.get(validate_name(role, "role"))
@@ -383,6 +408,7 @@ class Client:
             total += int(await self.redis.xlen(self.keys.dead_letters(shard)))
         return total
 
+    @_public("replaying dead letters")
     async def replay(self, role: str, dead_ids: Sequence[str] | None = None) -> ReplayResult:
         """Send dead letters back to the role's stream with their attempts reset.
 
@@ -434,6 +460,7 @@ class Client:
         else:
             result.replayed.append((entry.id, new_id.decode()))
 
+    @_public("purging dead letters")
     async def purge_dead_letters(self, role: str) -> int:
         """Delete every dead letter of ``role``; returns how many there were."""
         layout = await self._layouts.get(validate_name(role, "role"))
@@ -451,6 +478,7 @@ class Client:
 
     # -- cancel -----------------------------------------------------------------------------
 
+    @_public("cancelling")
     async def cancel(
         self,
         target_id: str,
@@ -497,6 +525,7 @@ class Client:
 
     # -- tasks --------------------------------------------------------------------------------
 
+    @_public("submitting a task")
     async def submit(
         self,
         graph: graphs.Graph | graphs.GraphSpec | dict[str, Any],
@@ -536,14 +565,17 @@ class Client:
         await self._tasks.create(spec, TaskState.new(task_id, spec, now_ms()))
         return task_id
 
+    @_public("reading a task")
     async def task(self, task_id: str) -> TaskState | None:
         """A task's state (with every node's), or None if unknown or expired."""
         return await self._tasks.state(validate_name(task_id, "task id"))
 
+    @_public("listing tasks")
     async def tasks(self, *, state: TaskStatus | None = None, limit: int = 100) -> list[TaskState]:
         """The newest tasks first, optionally only those in ``state``."""
         return await self._tasks.find(state=state, limit=limit)
 
+    @_public("reading a task's result")
     async def result(self, task_id: str, node: str | None = None) -> dict[str, list[Any]]:
         """The items each node produced (by default the nodes without children), by node id.
 
@@ -561,6 +593,7 @@ class Client:
             names = [n.id for n in spec.nodes if not spec.children(n.id)]
         return {name: await self._tasks.output(task_id, name) for name in names}
 
+    @_public("waiting for a task")
     async def wait(
         self,
         task_id: str,
@@ -669,10 +702,8 @@ class SyncClient:
         node_id: str | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
-        try:
+        with streams.public_errors(f"publishing to role {role!r}"):
             layout = self._layout(role)
-        except streams.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         p = self._pub.prepare(
             role,
             payload,
@@ -684,7 +715,7 @@ class SyncClient:
             task_id=task_id,
             node_id=node_id,
         )
-        try:
+        with streams.public_errors(f"publishing to role {role!r}"):
             if p.dedup_marker is not None:
                 flag, value = self._dedup(
                     keys=[p.stream, p.dedup_marker, p.schedule],
@@ -695,8 +726,6 @@ class SyncClient:
                 self.redis.zadd(p.schedule, {p.body: p.due_ms})
             else:
                 self.redis.xadd(p.stream, {b"message": p.body})
-        except streams.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         return p.message_id
 
     def publish_many(
@@ -708,7 +737,7 @@ class SyncClient:
         chunk_size: int = 1000,
     ) -> list[str]:
         """Publish many jobs to one role in pipelined chunks; returns their message ids."""
-        try:
+        with streams.public_errors(f"publishing to role {role!r}"):
             layout = self._layout(role)
             prepared = self._pub.bodies(layout, payloads, keys)
             for chunk in _chunks(prepared, chunk_size):
@@ -716,8 +745,6 @@ class SyncClient:
                 for stream, _, body in chunk:
                     pipe.xadd(stream, {b"message": body})
                 pipe.execute()
-        except streams.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         return [message_id for _, message_id, _ in prepared]
 
     def close(self) -> None:

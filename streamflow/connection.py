@@ -1,4 +1,8 @@
-"""redis-py connection classes whose writes fail with a connection error, never anything else.
+"""redis-py connection classes whose failures streamflow can classify.
+
+Writes fail with a connection error, never anything else, and a refusal that redis-py has no
+class for but that is an outage (``MISCONF``, ``BUSY``, ``NOREPLICAS``, ``UNBLOCKED``) is raised
+as :class:`Refused`, so that catching :data:`streamflow.streams.TRANSIENT_ERRORS` catches it.
 
 redis-py 8.1's asyncio connections can leak ``AttributeError`` (``'NoneType' object has no
 attribute 'writelines'``) or ``TypeError`` from a write when the transport was torn down under
@@ -25,6 +29,33 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+#: Error codes of refusals that are the server's state, not the command's fault, and that
+#: redis-py raises as a plain ``ResponseError``: persistence failing (``MISCONF``), a script
+#: or module command running too long (``BUSY``), too few replicas for ``min-replicas-to-write``
+#: (``NOREPLICAS``), a blocked read released because its key moved or vanished (``UNBLOCKED``).
+REFUSAL_CODES = frozenset({"MISCONF", "BUSY", "NOREPLICAS", "UNBLOCKED"})
+
+
+class Refused(ResponseError):
+    """Redis refused a command because of its own state (one of :data:`REFUSAL_CODES`).
+
+    Its text is the server's, code included, so tests on the text still hold.
+    """
+
+
+def error_code(exc: ResponseError) -> str:
+    """The error code of a refusal (``OOM``, ``NOGROUP``, ...), or "" when it has none.
+
+    redis-py 8.2 strips the code of the refusals it has a class for from the text and keeps
+    it in ``status_code``; others keep it as the text's first word.
+    """
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code:
+        return code
+    first = str(exc).split(" ", 1)[0]
+    return first if first.isupper() else ""
 
 
 class SafeWrites(AbstractConnection):
@@ -42,6 +73,15 @@ class SafeWrites(AbstractConnection):
                 f"connection to {self._host_error()} lost while writing "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        """Read a reply; an outage refusal without a redis-py class is raised as Refused."""
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if type(exc) is ResponseError and error_code(exc) in REFUSAL_CODES:
+                raise Refused(*exc.args, status_code=error_code(exc)) from exc
+            raise
 
 
 class SafeConnection(SafeWrites, Connection):

@@ -137,9 +137,17 @@ class Coordinator:
     # -- public API -------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Coordinate until :meth:`stop` is called."""
-        await self._prepare()
-        await self._signals.load()
+        """Coordinate until :meth:`stop` is called.
+
+        Start-up retries outages (logged once, with backoff) until Redis answers or
+        :meth:`stop` is called.
+        """
+        started = await streams.retry_outages(
+            self._start_up, f"starting coordinator {self.consumer}", stopping=self._stopping.is_set
+        )
+        if not started:
+            task_status.started()
+            return
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals.run)
             tg.start_soon(self._read_loop)
@@ -183,6 +191,11 @@ class Coordinator:
         return self.events_processed + self.commits - before
 
     # -- loops ------------------------------------------------------------------------------
+
+    async def _start_up(self) -> bool:
+        await self._prepare()
+        await self._signals.load()
+        return True
 
     async def _prepare(self) -> None:
         await self._redis.sadd(self._keys.known_functions(), *self.functions)
@@ -325,11 +338,11 @@ class Coordinator:
                 await self._handle(entries)
 
     async def _sweep_loop(self) -> None:
+        sweep_backoff = streams.Backoff("sweeping unfinished tasks")
         while not self._stopping.is_set():
             with anyio.move_on_after(self._sweep_interval):
                 await self._stopping.wait()
-            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
-                await self._sweep()
+            await self._guarded(self._sweep, sweep_backoff)
 
     async def _sweep(self) -> None:
         """Queue a re-evaluation of every unfinished task; free leaked role slots."""
@@ -340,11 +353,11 @@ class Coordinator:
             await self._free_leaked_slots(role, limit)
 
     async def _tick_loop(self) -> None:
+        tick_backoff = streams.Backoff("re-evaluating tasks")
         while not self._stopping.is_set():
             await self._tick_wakeup.wait()
             self._tick_wakeup = anyio.Event()
-            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
-                await self._run_ticks()
+            await self._guarded(self._run_ticks, tick_backoff)
 
     async def _run_ticks(self) -> None:
         while self._ticks:
@@ -377,9 +390,9 @@ class Coordinator:
         for task_id, events in by_task.items():
             try:
                 await self.process(task_id, events)
-            except (*streams.TRANSIENT_ERRORS, ResponseError):
-                raise
-            except Exception:
+            except Exception as exc:
+                if streams.is_outage(exc) or streams.is_group_lost(exc):
+                    raise  # the loop backs off, or recreates the groups, and reads again
                 # A bug or bad data in one task must not stop every other task: its events
                 # stay pending, to be adopted and tried again after the lease TTL.
                 logger.exception("task %s: processing events failed", task_id)
@@ -679,9 +692,9 @@ class Coordinator:
                 return await self._reduce(task_id, spec, node_id)
             partial = await self._run_function(task_id, spec, node_id, item)
             orjson.dumps(partial)  # must be storable
-        except (*streams.TRANSIENT_ERRORS, ResponseError):
-            raise
         except Exception as exc:
+            if streams.is_outage(exc):
+                raise  # not the function's failure: the step is retried
             logger.warning("task %s: function node %r failed: %r", task_id, node_id, exc)
             return Internal("function_failed", node_id, reason=f"{type(exc).__name__}: {exc}")
         partials[(node_id, item["invocation"])] = partial

@@ -7,7 +7,8 @@ StreamflowError
 ├── ProtocolError      bytes that are not a valid wire-protocol entry
 ├── PayloadError       a payload that the handler's declared type rejects
 ├── InputError         a task node's input (a batch read back from Redis) cannot be used
-└── RedisUnavailable   Redis cannot be reached (connection refused, timed out, auth failed)
+├── RedisUnavailable   Redis cannot serve now: unreachable, full, read-only, loading, failing over
+└── RedisCommandError  Redis refused a command for good (no permission under an ACL, wrong type)
 """
 
 from __future__ import annotations
@@ -63,4 +64,13 @@ class InputError(StreamflowError):
 
 
 class RedisUnavailable(StreamflowError):
-    """Redis cannot be reached or refused the connection."""
+    """Redis cannot serve now: an outage (see :func:`streamflow.streams.is_outage`).
+
+    Unreachable, connection lost or timed out, authentication failed, full (``OOM`` with
+    ``noeviction``), read-only, loading, persistence failing, a cluster slot moving or without
+    a master. A write may or may not have happened: retry with a dedup key.
+    """
+
+
+class RedisCommandError(StreamflowError):
+    """Redis refused a command, and retrying will not help (e.g. ``NOPERM``, ``WRONGTYPE``)."""

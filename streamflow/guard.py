@@ -24,7 +24,7 @@ from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ResponseError
 
 from streamflow import streams
-from streamflow.errors import ConfigError, RedisUnavailable
+from streamflow.errors import ConfigError
 
 __all__ = ["MIN_VERSION", "ServerFacts", "ServerWarning", "assess", "check_server", "enforce"]
 
@@ -94,8 +94,8 @@ async def check_server(redis: Redis, url: str, *, log: bool = True) -> list[Serv
     Returns:
         The warnings, in a fixed order (see :func:`assess`); empty when all is well.
 
-    Raises:
-        RedisUnavailable: Redis stopped answering during the checks.
+    An outage during the checks (:func:`streamflow.streams.is_outage`) is raised as it is,
+    for the caller to retry.
     """
     facts = await gather(redis)
     warnings = assess(facts)
@@ -129,18 +129,14 @@ def enforce(warnings: Sequence[ServerWarning], *, strict: bool, url: str = "") -
 async def gather(redis: Redis) -> ServerFacts:
     """Ask the server for everything :func:`assess` judges.
 
-    Raises:
-        RedisUnavailable: Redis stopped answering.
+    An outage (:func:`streamflow.streams.is_outage`) is raised as it is: callers retry.
     """
     skipped: list[str] = []
-    try:
-        info, info_refused = await _allowed(redis.info())
-        config, config_refused = await _allowed(
-            redis.config_get("appendonly", "save", "maxmemory-policy")
-        )
-        user, nopass, authenticated = await _who(redis, skipped)
-    except streams.TRANSIENT_ERRORS as exc:
-        raise RedisUnavailable(f"Redis stopped answering the start-up checks: {exc}") from None
+    info, info_refused = await _allowed(redis.info())
+    config, config_refused = await _allowed(
+        redis.config_get("appendonly", "save", "maxmemory-policy")
+    )
+    user, nopass, authenticated = await _who(redis, skipped)
     if info_refused:
         skipped.append(f"INFO refused ({info_refused}): Redis version not checked")
     if config_refused:
@@ -170,6 +166,8 @@ async def _allowed(command: Awaitable[_T]) -> tuple[_T | None, str]:
     try:
         return await command, ""
     except ResponseError as exc:
+        if streams.is_outage(exc):
+            raise  # LOADING, BUSY, ...: not a refusal of this command
         # NOPERM under an ACL, or "unknown command" when the command is renamed away.
         return None, _first_line(exc)
 

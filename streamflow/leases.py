@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from streamflow import streams
 from streamflow.app import Role
@@ -243,15 +244,29 @@ class LeaseKeeper:
             ConfigError: Another live process uses this consumer name.
         """
         key = self._keys.consumer_alive(self._consumer)
-        if not await streams.liveness(
-            self._scripts, self._redis, key, "acquire", self._token, self._name_ttl_ms
-        ):
+        try:
+            taken = await streams.liveness(
+                self._scripts, self._redis, key, "acquire", self._token, self._name_ttl_ms
+            )
+            await self._register()
+        except OutOfMemoryError:
+            # A full Redis refuses the key's SET; a worker started to drain it must not wait
+            # for memory it is there to free. A live holder still refuses it (GET is a read);
+            # otherwise the first renewal Redis accepts takes the name.
+            holder = await self._redis.get(key)
+            taken = holder is None or streams.text(holder) == self._token
+            if taken:
+                logger.warning(
+                    "Redis is full (OOM): starting without the liveness key of consumer name %s; "
+                    "it is taken at the first renewal Redis accepts",
+                    self._consumer,
+                )
+        if not taken:
             raise ConfigError(
                 f"consumer name {self._consumer!r} is in use by another live worker; "
                 "give each process its own --consumer-name (or, if none runs, its liveness "
                 f"key {key} holds something else: delete it)"
             )
-        await self._register()
 
     async def release_name(self) -> None:
         """Give the consumer name up (on a clean stop)."""
@@ -272,23 +287,25 @@ class LeaseKeeper:
 
     async def renew_forever(self) -> None:
         """Renew every held entry (and the consumer name) each renewal period."""
-        failures = 0
+        backoff = streams.Backoff("renewing leases")
         while True:
             await anyio.sleep(self.settings.renew_every)
             try:
                 await self.renew_once()
             except streams.TRANSIENT_ERRORS as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning("lease renewal failed (%s); retrying next tick", exc)
+                backoff.note(exc)  # logged and counted once per outage; retried next tick
             else:
-                failures = 0
+                backoff.succeeded()
 
     async def renew_once(self) -> None:
-        """One renewal round: the consumer name, then one script call per stream."""
+        """One renewal round: held entries (one script call per stream), then the name.
+
+        Entries first: their script runs when Redis is full (``allow-oom``), the name's
+        ``SET`` does not, and a full Redis must not cost the entries their leases.
+        """
         started = time.monotonic()
-        await self._renew_name()
         await self.renew_held()
+        await self._renew_name()
         if self.on_renewal is not None:
             self.on_renewal(time.monotonic() - started)
 

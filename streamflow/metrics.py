@@ -197,6 +197,12 @@ class WorkerCollector(Collector):
             streams.Backoff.recoveries,
         )
         yield _bad_records(worker.statistics().bad_records)
+        yield _counter(
+            "streamflow_redis_outages",
+            "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
+            "Redis loop of the process when the outage starts.",
+            streams.Backoff.outages,
+        )
         yield _gauge(
             "streamflow_in_flight_entries",
             "Entries held: running or queued for a slot.",
@@ -241,6 +247,12 @@ class CoordinatorCollector(Collector):
             "streamflow_redis_reconnects",
             "Recoveries from a Redis outage, counted by each Redis loop of the process.",
             streams.Backoff.recoveries,
+        )
+        yield _counter(
+            "streamflow_redis_outages",
+            "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
+            "Redis loop of the process when the outage starts.",
+            streams.Backoff.outages,
         )
 
 

@@ -256,6 +256,11 @@ class SignalListener:
         task_status.started()
         while True:
             try:
+                if outage:
+                    # Signals may have been trimmed from the stream while we could not read
+                    # it: their markers are still there.
+                    await self._reload_markers()
+                    outage = False
                 entries = await streams.read_broadcast(
                     self._redis,
                     self._keys.signals(),
@@ -273,11 +278,6 @@ class SignalListener:
                 continue
             self._stream_broken = False
             backoff.succeeded()
-            if outage:
-                # Signals may have been trimmed from the stream while we could not read it:
-                # their markers are still there.
-                outage = False
-                await self._reload_markers()
             for entry in entries:
                 self._position = entry.id
                 signal = self._remember(entry.fields, announce=True)

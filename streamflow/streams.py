@@ -10,10 +10,11 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict, TypeVar, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -24,8 +25,15 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthorizationError,
     ClusterDownError,
+    ClusterError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     SlotNotCoveredError,
     TryAgainError,
@@ -34,10 +42,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamflow import connection, sentinel
-from streamflow.errors import ConfigError, InputError, RedisUnavailable
+from streamflow.errors import (
+    ConfigError,
+    InputError,
+    RedisCommandError,
+    RedisUnavailable,
+    StreamflowError,
+)
 from streamflow.keys import GROUP
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", sentinel.SCHEME)
 #: The scheme of a Redis Cluster URL: ``redis+cluster://[user:password@]host:port[,host:port]``.
@@ -52,19 +67,96 @@ TLS_SCHEMES = ("rediss", CLUSTER_TLS_SCHEME)
 _UNREACHABLE: type[Exception] = getattr(
     redis.exceptions, "RedisClusterUnreachableError", ClusterDownError
 )
-#: Errors after which a command may or may not have run; callers reconnect and go on. On a
-#: cluster, CLUSTERDOWN (slots without a master, e.g. a master lost before its replica took
-#: over), TRYAGAIN (a slot being migrated) and no node answering are outages of the same kind:
-#: wait and retry.
+#: The outage classifier, part 1: errors after which a command may or may not have run, and
+#: refusals that are not the caller's fault. Callers back off, reconnect and retry, exactly as
+#: for a dropped connection; :func:`is_outage` is the whole rule (use it where an error is not
+#: caught by class). Besides connection errors and timeouts (``LOADING``, a password refused
+#: and ``max number of clients`` are connection errors in redis-py):
+#:
+#: * Redis refusing writes: ``OOM`` (``maxmemory`` reached with ``noeviction``), ``READONLY``
+#:   (a replica, e.g. a demoted master), and, as :class:`~streamflow.connection.Refused`,
+#:   ``MISCONF`` (persistence failing), ``BUSY`` (a script running too long) and
+#:   ``NOREPLICAS`` (``min-replicas-to-write`` unmet);
+#: * a blocked read released with ``UNBLOCKED`` (its key moved to another cluster node or was
+#:   deleted: the retry finds it, or finds no group and recreates it);
+#: * on a cluster: ``CLUSTERDOWN`` and ``MASTERDOWN``, ``TRYAGAIN`` (a slot being migrated),
+#:   ``MOVED``/``ASK`` that escaped redis-py's redirection, ``ClusterError`` ("TTL exhausted":
+#:   redirections that did not settle) and no node, or no agreeing slot map, answering.
 TRANSIENT_ERRORS = (
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
     OSError,
-    ClusterDownError,
+    ClusterError,
     TryAgainError,
+    AskError,
     SlotNotCoveredError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    connection.Refused,
     _UNREACHABLE,
+)
+#: The same refusals by their error code (the reply's first word), for errors that did not
+#: pass through streamflow's connection classes (the synchronous client, a transaction's
+#: queued replies).
+OUTAGE_CODES = frozenset(
+    {
+        *connection.REFUSAL_CODES,
+        "OOM",
+        "READONLY",
+        "LOADING",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "MOVED",
+        "ASK",
+    }
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is an outage: back off and retry, never crash, never blame the caller.
+
+    The one classification every Redis loop, start-up step and public method uses (see
+    :data:`TRANSIENT_ERRORS`). ``NOGROUP`` is not an outage but a lost group
+    (:func:`is_group_lost`); ``NOPERM``, ``WRONGTYPE``, ``CROSSSLOT`` and script errors are the
+    caller's, and stay errors.
+    """
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, ResponseError):
+        return connection.error_code(exc) in OUTAGE_CODES
+    if isinstance(exc, RedisClusterException):
+        # Raised when refreshing the slot map: no node answered, or their maps disagree or
+        # leave slots uncovered (mid-resharding, mid-failover).
+        return isinstance(exc.__cause__, TRANSIENT_ERRORS) or str(exc).startswith(_REFRESH_FAILURES)
+    return False
+
+
+@contextmanager
+def public_errors(what: str) -> Iterator[None]:
+    """Raise a Redis failure inside the block as a documented :class:`StreamflowError`.
+
+    What the public API (``Client``, ``SyncClient``, the CLI) promises: an outage becomes
+    :class:`RedisUnavailable` (a write may or may not have happened), any other refusal
+    :class:`RedisCommandError`; the original error is kept as the cause.
+    """
+    try:
+        yield
+    except StreamflowError:
+        raise
+    except Exception as exc:
+        if is_outage(exc):
+            raise RedisUnavailable(f"{what} failed: {describe(exc)}") from exc
+        if isinstance(exc, RedisError | RedisClusterException):
+            raise RedisCommandError(f"{what} failed: Redis refused: {describe(exc)}") from exc
+        raise
+
+
+_REFRESH_FAILURES = (
+    "Redis Cluster cannot be connected",
+    "startup_nodes could not agree",
+    "All slots are not covered",
 )
 
 
@@ -400,17 +492,18 @@ class _Cluster(RedisCluster):
 
     After a connection error the client reloads the slot map before its next command; when no
     node answers it raises ``RedisClusterException("Redis Cluster cannot be connected")``,
-    which is not a ``ConnectionError`` and would stop every loop instead of backing off.
-    Other ``RedisClusterException``s (keys in different slots, ...) stay errors.
+    which is not a ``ConnectionError`` and would stop every loop instead of backing off; the
+    same for nodes whose slot maps disagree or leave slots uncovered (mid-resharding or
+    failover). Other ``RedisClusterException``s (keys in different slots, ...) stay errors.
     """
 
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:
             return await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
-            if not isinstance(exc.__cause__, TRANSIENT_ERRORS):
+            if not is_outage(exc):
                 raise
-            raise RedisConnectionError(f"no cluster node answers: {exc.__cause__}") from exc
+            raise RedisConnectionError(f"no cluster node answers: {exc.__cause__ or exc}") from exc
 
 
 def _refuse_encrypted_key(path: str) -> None:
@@ -429,21 +522,52 @@ async def ping(redis: Redis, url: str = "") -> None:
     """
     try:
         await redis.ping()
-    except (*TRANSIENT_ERRORS, RedisClusterException) as exc:
-        # A cluster client that reaches no seed raises RedisClusterException at its first
-        # command, with the connection error as its cause.
-        if isinstance(exc, RedisClusterException) and not isinstance(
-            exc.__cause__, TRANSIENT_ERRORS
-        ):
+    except Exception as exc:
+        if not (is_outage(exc) or isinstance(exc, ResponseError)):
             raise
-        tls = _tls_failure(redis, exc)
-        if tls is not None:
-            raise RedisUnavailable(tls) from None
-        where = f" at {redact_url(url)}" if url else ""
-        raise RedisUnavailable(f"cannot connect to Redis{where}: {_one_line(exc)}") from None
-    except ResponseError as exc:
-        where = f" at {redact_url(url)}" if url else ""
-        raise RedisUnavailable(f"Redis{where} refused the connection: {_one_line(exc)}") from None
+        raise RedisUnavailable(_unavailable(redis, url, exc)) from None
+
+
+async def wait_until_up(
+    redis: Redis, url: str = "", *, stopping: Callable[[], bool] | None = None
+) -> bool:
+    """Ping until Redis answers; False if ``stopping`` said to give up first.
+
+    For start-up: Redis down, restarting, loading its data or failing over is an outage,
+    logged once and retried with backoff (a deploy may start workers before Redis). What
+    waiting cannot cure is raised at once.
+
+    Raises:
+        RedisUnavailable: Authentication or the TLS handshake failed, or Redis refused PING.
+    """
+
+    async def attempt() -> bool:
+        try:
+            await redis.ping()
+        except Exception as exc:
+            if is_outage(exc) and not _incurable(redis, exc):
+                raise
+            if not (is_outage(exc) or isinstance(exc, ResponseError)):
+                raise
+            raise RedisUnavailable(_unavailable(redis, url, exc)) from None
+        return True
+
+    where = f" at {redact_url(url)}" if url else ""
+    return bool(await retry_outages(attempt, f"connecting to Redis{where}", stopping=stopping))
+
+
+def _incurable(redis: Redis, exc: BaseException) -> bool:
+    """Whether a failure to connect is one that waiting will not cure (credentials, TLS)."""
+    auth = (AuthenticationError, AuthorizationError)
+    return any(isinstance(c, auth) for c in _chain(exc)) or _tls_failure(redis, exc) is not None
+
+
+def _unavailable(redis: Redis, url: str, exc: BaseException) -> str:
+    """The one-line reason of a failed PING."""
+    where = f" at {redact_url(url)}" if url else ""
+    if isinstance(exc, ResponseError) and not is_outage(exc):
+        return f"Redis{where} refused the connection: {_one_line(exc)}"
+    return _tls_failure(redis, exc) or f"cannot connect to Redis{where}: {_one_line(exc)}"
 
 
 def _tls_failure(redis: Redis, exc: BaseException) -> str | None:
@@ -489,6 +613,19 @@ def _ssl_reason(err: ssl.SSLError) -> str:
     texts = [arg for arg in err.args if isinstance(arg, str)]
     text = texts[-1] if texts else type(err).__name__
     return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text.strip())
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or an error message: a refusal keeps its code (``OOM ...``).
+
+    redis-py strips the code from the text of the refusals it has a class for.
+    """
+    text = _one_line(exc)
+    if isinstance(exc, ResponseError):
+        code = connection.error_code(exc)
+        if code and not text.startswith(code):
+            return f"{code} {text}"
+    return text
 
 
 def _one_line(exc: BaseException) -> str:
@@ -548,6 +685,11 @@ async def ensure_group(redis: Redis, stream: str, group: str = GROUP) -> None:
     """
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except OutOfMemoryError:
+        # Redis refuses XGROUP CREATE when full, even for a group that exists: a worker
+        # started to drain a full Redis must not wait for memory it is there to free.
+        if not await _has_group(redis, stream, group):
+            raise
     except ResponseError as exc:
         if str(exc).startswith("WRONGTYPE"):
             # Anyone with write access to the namespace may have put another type there.
@@ -556,6 +698,14 @@ async def ensure_group(redis: Redis, stream: str, group: str = GROUP) -> None:
             ) from None
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+async def _has_group(redis: Redis, stream: str, group: str) -> bool:
+    try:
+        groups: Any = await redis.xinfo_groups(stream)
+    except ResponseError:  # no such key
+        return False
+    return any(text(info.get("name", b"")) == group for info in groups)
 
 
 async def read_group(
@@ -1017,6 +1167,8 @@ class Backoff:
 
     #: Outages recovered from in this process (all loops together), for the metrics.
     recoveries = 0
+    #: Outages met in this process (all loops together: one per loop that met it).
+    outages = 0
 
     def __init__(self, what: str, *, first: float = 0.05, cap: float = 5.0) -> None:
         self._what = what
@@ -1024,14 +1176,19 @@ class Backoff:
         self._cap = cap
         self._delay = 0.0
 
-    async def failed(self, exc: BaseException) -> None:
-        """Log (once per outage) and wait before the caller tries again."""
+    def note(self, exc: BaseException) -> float:
+        """Log (once per outage) and count a failure; returns the seconds to wait."""
         if self._delay == 0.0:
-            logger.warning("Redis unavailable while %s (%s); retrying", self._what, exc)
+            logger.warning("Redis unavailable while %s (%s); retrying", self._what, describe(exc))
             self._delay = self._first
+            Backoff.outages += 1
         else:
             self._delay = min(self._delay * 2, self._cap)
-        await anyio.sleep(self._delay)
+        return self._delay
+
+    async def failed(self, exc: BaseException) -> None:
+        """Log (once per outage) and wait before the caller tries again."""
+        await anyio.sleep(self.note(exc))
 
     def succeeded(self) -> None:
         """Reset after a success, logging the recovery if there was an outage."""
@@ -1041,10 +1198,34 @@ class Backoff:
             Backoff.recoveries += 1
 
 
-def is_group_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the consumer group or its stream is gone.
+async def retry_outages(
+    step: Callable[[], Awaitable[_T]], what: str, *, stopping: Callable[[], bool] | None = None
+) -> _T | None:
+    """Run ``step`` until it succeeds, backing off and retrying on outages (:func:`is_outage`).
 
-    ``NOGROUP`` comes after a Redis restart without persistence; ``UNBLOCKED`` when the stream
-    is deleted (or its slot migrates) under a blocked read.
+    Any other error is raised. Returns None, without running ``step`` again, once ``stopping``
+    says so (a worker asked to stop while Redis is down).
     """
-    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+    backoff = Backoff(what)
+    while stopping is None or not stopping():
+        try:
+            result = await step()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            await backoff.failed(exc)
+            continue
+        backoff.succeeded()
+        return result
+    return None
+
+
+def is_group_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the consumer group or its stream is gone (``NOGROUP``).
+
+    It comes after a Redis restart without persistence, or when the stream was deleted. A
+    blocked read released with ``UNBLOCKED`` (the stream moved to another cluster node, or was
+    deleted) is an outage instead: the read is retried where the key now lives, and finds the
+    group there, or ``NOGROUP``.
+    """
+    return isinstance(exc, ResponseError) and connection.error_code(exc) == "NOGROUP"

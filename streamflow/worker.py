@@ -36,7 +36,7 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
@@ -255,6 +255,10 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop` is called, then finish or release in-flight work and return.
 
+        A Redis outage (:func:`streamflow.streams.is_outage`) never ends it: start-up steps and
+        every loop log it once, back off and retry, until Redis serves again or :meth:`stop`
+        is called.
+
         Raises:
             ConfigError: Another live process uses this worker's consumer name.
         """
@@ -371,6 +375,20 @@ class Worker:
     # -- the loops --------------------------------------------------------------------------
 
     async def _serve(self, *, burst: bool, task_status: TaskStatus[None]) -> None:
+        started = await streams.retry_outages(
+            self._start_up, f"starting worker {self.consumer}", stopping=self._stopping.is_set
+        )
+        if not started:  # stopped while Redis was unavailable: nothing was taken
+            task_status.started()
+            return
+        try:
+            with self._watchdog.watching():
+                await self._serve_loops(burst, task_status)
+        finally:
+            await self._give_up_name()
+
+    async def _start_up(self) -> bool:
+        """Every start-up step. Each can run again: after an outage they all do, in order."""
         for role in self._roles:
             # Creates the role with the app's partitions, or refuses if it has other ones.
             layout = await partitions.ensure(self._redis, self._keys, role.name, role.partitions)
@@ -378,19 +396,30 @@ class Worker:
             for shard in layout.shards:
                 await streams.ensure_group(self._redis, self._keys.role_stream(shard))
         # Task graphs are checked against the roles that workers serve.
-        if self._roles:
-            await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
-        await self._leases.acquire_name()
-        try:
-            await self._signals.load()
-            with self._watchdog.watching():
-                await self._serve_loops(burst, task_status)
-        finally:
-            with (
-                anyio.move_on_after(5, shield=True),
-                contextlib.suppress(*streams.TRANSIENT_ERRORS),
-            ):
+        names = [r.name for r in self._roles]
+        # Read first: a full Redis refuses SADD even of members it has (see ensure_group).
+        if names and not all(await self._redis.smismember(self._keys.known_roles(), names)):
+            try:
+                await self._redis.sadd(self._keys.known_roles(), *names)
+            except OutOfMemoryError:  # only task submission needs it: drain first
+                logger.warning(
+                    "Redis is full (OOM): roles %s not registered for task graphs", names
+                )
+        await self._leases.acquire_name()  # ours already after a retry: same token
+        await self._signals.load()
+        return True
+
+    async def _give_up_name(self) -> None:
+        """Release the consumer name, never raising over the error that ended serving."""
+        with anyio.move_on_after(5, shield=True):
+            try:
                 await self._leases.release_name()
+            except Exception as exc:  # cleanup: whatever ended the worker is what to report
+                logger.warning(
+                    "could not give up consumer name %s (%s); its key expires by itself",
+                    self.consumer,
+                    streams.describe(exc) if streams.is_outage(exc) else repr(exc),
+                )
 
     async def _serve_loops(self, burst: bool, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -520,7 +549,10 @@ class Worker:
             if not streams.is_group_lost(exc):
                 raise
             logger.warning("consumer group of %s is gone; recreating it", stream)
-            await streams.ensure_group(self._redis, stream)
+            try:
+                await streams.ensure_group(self._redis, stream)
+            except streams.TRANSIENT_ERRORS as again:
+                await backoff.failed(again)
             return None
         backoff.succeeded()
         return entries

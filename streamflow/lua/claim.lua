@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Adopt entries idle past the lease TTL (a crashed or frozen worker's work), one bounded step.
 -- Without JUSTID, so the adoption counts as a delivery: a message that kills every worker that
 -- runs it reaches max_deliveries instead of being adopted forever.

@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Hand entries back on shutdown so that any worker's next reclaim adopts them at once.
 -- Their idle time is set past any lease TTL, and their delivery counter one lower, so that the
 -- adoption (which adds one) leaves it unchanged: a release is not a failed delivery.

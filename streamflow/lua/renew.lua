@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Renew the leases of entries this process is running: reset their idle time.
 -- A plain XCLAIM JUSTID would also take back an entry another worker has adopted (two would run
 -- it), so only entries still owned by this consumer are renewed; the others are reported lost.

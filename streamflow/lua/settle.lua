@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 -- Acknowledge and delete entries that this consumer still owns (fenced ack).
 -- Any consumer may XACK any pending id, so the owner check and the ack must be one atomic step:
 -- a worker that lost its lease must not acknowledge an entry another worker is now running.
