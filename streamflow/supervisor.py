@@ -15,7 +15,6 @@ of a SIGKILLed supervisor kept serving with no one to stop or restart them.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -29,14 +28,13 @@ import anyio
 
 from streamflow.config import WorkerSettings
 from streamflow.errors import ConfigError
+from streamflow.server import set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
 #: A child that lived at least this long is considered healthy: its restart backoff resets.
 HEALTHY_AFTER = 10.0
 MAX_RESTART_DELAY = 30.0
-#: ``prctl`` option: the signal the kernel sends a process when its parent dies (linux/prctl.h).
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -191,19 +189,8 @@ def die_with_parent(parent_pid: int) -> bool:
     Args:
         parent_pid: The supervising parent's pid, as it gave it.
     """
-    _set_parent_death_signal(signal.SIGTERM)
+    set_parent_death_signal(signal.SIGTERM)
     return os.getppid() == parent_pid
-
-
-def _set_parent_death_signal(signum: signal.Signals) -> bool:
-    """``prctl(PR_SET_PDEATHSIG, signum)``; False where there is no such call."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return False
-    return bool(prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0)
 
 
 async def wait_parent_gone(fd: int) -> None:
