@@ -155,6 +155,7 @@ WORKER = PartRules(
         "{signals}:report:*": "HSET + PEXPIRE of its cancel report",
         "{consumer:*}:alive": "alive.lua: GET, SET PX, DEL of its liveness key",
         "{consumer:*}:info": "its registry entry: SET PX, DEL",
+        "{role:*}:alive:*": "its marks: SET PX, DEL; forget.lua EXISTS of other workers' marks",
         "{tasks}:roles": "SADD of the roles it serves",
         "{task:*}:out:*": "ctx.inputs(): LRANGE of a parent's batch keys",
         "{task:*}:result:*": "ctx.inputs() and input batches: GET of a function node's output",
@@ -180,6 +181,8 @@ WORKER = PartRules(
         "lrange": "ctx.inputs()",
         "hsetnx": "a role's partitions, recorded by the first worker",
         "hget": "a role's partitions",
+        "exists": "forget.lua (is a consumer's mark alive?)",
+        "xinfo|consumers": "the cleanup of dead consumer names",
     },
     narrow=(
         # The consumer group commands on role streams only: not on the events streams, whose
@@ -193,16 +196,23 @@ WORKER = PartRules(
                 "xautoclaim": "claim.lua",
                 "xack": "settle, retry, dead_letter and finish.lua",
                 "xdel": "settle, retry, dead_letter and finish.lua",
+                "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
             ("{role:*}:stream",),
         ),
         Narrow(
-            {"set": "alive.lua, registry entry, marker of a signal, emit.lua"},
-            ("{consumer:*}:alive", "{consumer:*}:info", "{signals}:cancel:*", "{role:*}:batch:*"),
+            {"set": "alive.lua, registry entry, marks, marker of a signal, emit.lua"},
+            (
+                "{consumer:*}:alive",
+                "{consumer:*}:info",
+                "{role:*}:alive:*",
+                "{signals}:cancel:*",
+                "{role:*}:batch:*",
+            ),
         ),
         Narrow(
-            {"del": "alive.lua release, registry entry on a clean stop"},
-            ("{consumer:*}:alive", "{consumer:*}:info"),
+            {"del": "alive.lua release, registry entry and marks on a clean stop"},
+            ("{consumer:*}:alive", "{consumer:*}:info", "{role:*}:alive:*"),
         ),
         Narrow(
             {"pexpire": "start counts, cancel reports"},

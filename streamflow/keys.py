@@ -118,6 +118,15 @@ class Keys:
         """The liveness key held by the one live process using a consumer name."""
         return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:alive"
 
+    def consumer_mark(self, role: str, consumer: str) -> str:
+        """A live worker's mark in a role partition's slot (a TTL, refreshed with its name).
+
+        The consumer cleanup checks it and the group's pending list in one script, so it
+        lives in the stream's slot, not in the ``{consumer:<name>}`` one of the liveness key.
+        """
+        name = validate_name(consumer, "consumer name")
+        return f"{self.namespace}:{{role:{validate_shard(role)}}}:alive:{name}"
+
     def starts(self, role: str, entry_id: str) -> str:
         """How many times an entry delivered more than once was started (poison detection)."""
         return f"{self.namespace}:{{role:{validate_shard(role)}}}:starts:{entry_id}"

@@ -39,6 +39,7 @@ from redis.exceptions import ResponseError
 
 from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
+from streamflow.consumers import ConsumerNames
 from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, Decision, dead
 from streamflow.keys import Keys, validate_name
@@ -177,6 +178,14 @@ class Worker:
             lease or LeaseSettings(),
             on_name_lost=self.stop,
             describe=self._describe,
+        )
+        self._names = ConsumerNames(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            ttl_ms=self._leases.settings.ttl_ms,
+            every=self._leases.settings.renew_every,
         )
         self._settler = Settler(
             redis,
@@ -330,11 +339,15 @@ class Worker:
             await self._redis.sadd(self._keys.known_roles(), *[r.name for r in self._roles])
         await self._leases.acquire_name()
         try:
+            # Marked before the first read creates this consumer: a live name is never deleted.
+            self._names.serve([shard for shards in self._shards.values() for shard in shards])
+            await self._names.mark()
             await self._signals.load()
             async with anyio.create_task_group() as tg:
                 self._cancels.task_group = tg
                 if not burst:
                     tg.start_soon(self._signals.run)
+                    tg.start_soon(self._names.run)
                 tg.start_soon(self._settler.acker.run)
                 tg.start_soon(self._leases.renew_forever)
                 tg.start_soon(self._enforce_grace)
@@ -348,6 +361,11 @@ class Worker:
                 contextlib.suppress(*streams.TRANSIENT_ERRORS),
             ):
                 await self._leases.release_name()
+            with (
+                anyio.move_on_after(5, shield=True),
+                contextlib.suppress(*streams.TRANSIENT_ERRORS, ResponseError),
+            ):
+                await self._names.unmark()
 
     async def _pipeline(self, burst: bool) -> None:
         self._queue_closed = False

@@ -1,0 +1,132 @@
+"""Dead consumer names are deleted once they hold nothing; live ones and holders never."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from streamflow import streams
+from streamflow.client import SyncClient
+from streamflow.consumers import ConsumerNames
+from streamflow.keys import GROUP, Keys
+from tests.helpers import wait_for
+from tests.test_crash import Record, Workers
+
+pytestmark = pytest.mark.redis
+
+
+def group_consumers(client: sync_redis.Redis, keys: Keys, role: str = "work") -> dict[str, int]:
+    """The group's consumer names with their pending counts."""
+    found = client.xinfo_consumers(keys.role_stream(role), GROUP)
+    return {c["name"].decode(): int(c["pending"]) for c in found}  # type: ignore[union-attr]
+
+
+def test_crash_loop_of_sigkilled_workers_leaves_only_live_consumer_names(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    record = Record(tmp_path / "record.txt")
+    workers = Workers(tmp_path, redis_url, namespace, record.path)
+    client = sync_redis.Redis.from_url(redis_url)
+    keys = Keys(namespace)
+    try:
+        keeper = workers.start("keeper")
+        keeper.wait_ready()
+        published: list[str] = []
+        most = 0
+        with SyncClient(redis_url, namespace=namespace) as publisher:
+            for round_ in range(8):
+                name = f"crash-{round_}"
+                victim = workers.start(name, concurrency=2)
+                victim.wait_ready()
+                # Every other victim dies holding work: its name must stay until that work is
+                # adopted, and the work must not be lost with it (DELCONSUMER would drop it).
+                if round_ % 2 == 0:
+                    slow = {"seconds_by_consumer": {name: 600}, "seconds": 0.05}
+                    ids = set(publisher.publish_many("work", [slow, slow]))
+                    published += ids
+                    wait_for(lambda: ids <= record.ids("START"), 20, f"{name} starts")  # noqa: B023
+                victim.kill()
+                most = max(most, len(group_consumers(client, keys)))
+        assert most >= 2, "no dead name was ever seen"
+
+        # Live: the keeper. Recently dead: none once their work was adopted and a lease TTL
+        # (1 s) and a few cleanup ticks (0.33 s each) passed.
+        wait_for(
+            lambda: set(group_consumers(client, keys)) == {"keeper"},
+            30,
+            "only the live worker's name left",
+            every=0.1,
+        )
+        wait_for(lambda: set(published) <= record.ids("DONE"), 30, "the adopted work finished")
+        assert "consumer names of stopped workers" in keeper.stderr()
+        keeper.assert_clean_log()
+    finally:
+        workers.kill_all()
+        client.close()
+
+
+# -- the script and the step, against a real Redis ---------------------------------------------
+
+
+async def hold_entry(redis: Redis, stream: str, consumer: str) -> None:
+    """Give ``consumer`` one pending entry."""
+    await redis.xadd(stream, {"message": b"{}"})
+    await streams.read_group(redis, stream, consumer, count=1, block_ms=None)
+
+
+async def names(redis: Redis, stream: str) -> set[str]:
+    return {streams.text(c["name"]) for c in await redis.xinfo_consumers(stream, GROUP)}
+
+
+@pytest.mark.anyio
+async def test_only_a_dead_empty_consumer_is_deleted(redis: Redis, namespace: str) -> None:
+    keys = Keys(namespace)
+    stream = keys.role_stream("r")
+    await streams.ensure_group(redis, stream)
+    # dead-holder: holds an entry, no mark. live: marked, holds nothing. dead: neither.
+    await hold_entry(redis, stream, "dead-holder")
+    for name in ("live", "dead", "me"):
+        await redis.xgroup_createconsumer(stream, GROUP, name)
+    # Not a name a worker could hold: written by something else, left alone.
+    await redis.xgroup_createconsumer(stream, GROUP, "odd{name}")
+    scripts = streams.Scripts(redis)
+    live = ConsumerNames(redis, scripts, keys, "live", ttl_ms=60_000, every=20)
+    live.serve(["r"])
+    await live.mark()
+    # ttl 0: every consumer counts as idle long enough.
+    me = ConsumerNames(redis, scripts, keys, "me", ttl_ms=0, every=1)
+    with anyio.fail_after(10):
+        assert await me.forget_dead("r") == ["dead"]
+        assert await names(redis, stream) == {"dead-holder", "live", "me", "odd{name}"}
+        assert me.forgotten == 1
+
+        # The script checks again, whatever the caller believed: a holder and a marked name
+        # passed as candidates are refused.
+        candidates = [
+            (name.encode(), keys.consumer_mark("r", name)) for name in ("dead-holder", "live")
+        ]
+        assert await streams.forget_consumers(scripts, redis, stream, candidates) == []
+        assert (await redis.xpending(stream, GROUP))["pending"] == 1
+
+        # Once its entry is acknowledged, the former holder goes too; the live one stays.
+        [(entry_id, _)] = await redis.xrange(stream, count=1)
+        await redis.xack(stream, GROUP, entry_id)
+        assert await me.forget_dead("r") == ["dead-holder"]
+        assert await names(redis, stream) == {"live", "me", "odd{name}"}
+
+
+@pytest.mark.anyio
+async def test_a_stopped_worker_deletes_its_marks(redis: Redis, namespace: str) -> None:
+    keys = Keys(namespace)
+    names_ = ConsumerNames(redis, streams.Scripts(redis), keys, "w", ttl_ms=30_000, every=10)
+    names_.serve(["r", "r#1"])
+    await names_.mark()
+    marks = [keys.consumer_mark("r", "w"), keys.consumer_mark("r#1", "w")]
+    assert await redis.exists(*marks) == 2
+    assert 0 < await redis.pttl(marks[0]) <= 30_000
+    await names_.unmark()
+    assert await redis.exists(*marks) == 0
