@@ -129,6 +129,8 @@ class Coordinator:
         self.dispatches = 0
         self.commits = 0
         self.conflicts = 0
+        #: Pending task events found deleted from their stream before they were applied.
+        self.trimmed_events = 0
         self.finished: dict[str, int] = {}
         self.observe_dispatch: Callable[[float], None] | None = None
 
@@ -304,6 +306,7 @@ class Coordinator:
             self._adopt_cursors[stream] = streams.text(reply[0])
             if len(reply) > 2 and reply[2]:
                 # Pending events whose entries were deleted: XAUTOCLAIM dropped them.
+                self.trimmed_events += len(reply[2])
                 logger.warning("%d pending task events of %s were deleted", len(reply[2]), stream)
             entries = [(stream, e) for e in streams._entries([[stream, reply[1]]])]
             if entries:

@@ -60,6 +60,11 @@ class GroupInfo(BaseModel):
         last_delivered_id: The id of the newest entry delivered to the group.
         oldest_pending_id: The id of its oldest pending entry, or None.
         oldest_pending_age_ms: Milliseconds since that entry was added to the stream, or None.
+        oldest_pending_idle_ms: The longest idle time of its pending entries: milliseconds
+            since the entry left alone the longest was delivered, renewed or adopted (see
+            :func:`longest_idle`), or None when nothing is pending. Live workers renew every
+            lease TTL / 3, so above the lease TTL its holder stopped renewing; an entry released
+            by a worker's shutdown shows about 10 days until it is adopted.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -71,6 +76,7 @@ class GroupInfo(BaseModel):
     last_delivered_id: str
     oldest_pending_id: str | None
     oldest_pending_age_ms: int | None
+    oldest_pending_idle_ms: int | None = None
 
 
 class RoleInfo(BaseModel):
@@ -251,6 +257,7 @@ def _merge_groups(groups: list[GroupInfo]) -> GroupInfo:
             )
     pending = [g for g in groups if g.oldest_pending_age_ms is not None]
     oldest = max(pending, key=lambda g: g.oldest_pending_age_ms or 0) if pending else None
+    idle = [g.oldest_pending_idle_ms for g in groups if g.oldest_pending_idle_ms is not None]
     lags = [g.lag for g in groups]
     return GroupInfo(
         name=groups[0].name,
@@ -260,6 +267,7 @@ def _merge_groups(groups: list[GroupInfo]) -> GroupInfo:
         last_delivered_id=max((g.last_delivered_id for g in groups), key=_id_key),
         oldest_pending_id=oldest.oldest_pending_id if oldest else None,
         oldest_pending_age_ms=oldest.oldest_pending_age_ms if oldest else None,
+        oldest_pending_idle_ms=max(idle) if idle else None,
     )
 
 
@@ -303,9 +311,17 @@ async def _groups(
     replies, now = await _execute_with_time(redis, pipe)
     consumers = [_present(replies[i * 2], []) for i in range(len(wanted))]
     alive = await _alive(redis, keys, {_text(c["name"]) for group in consumers for c in group})
+    summaries = [_present(replies[i * 2 + 1], {}) for i in range(len(wanted))]
+    idle = await longest_idle(
+        redis,
+        [
+            (keys.role_stream(role), raw["name"]) if summary.get("pending") else None
+            for (role, raw), summary in zip(wanted, summaries, strict=True)
+        ],
+    )
     for i, (role, raw) in enumerate(wanted):
-        summary = _present(replies[i * 2 + 1], {})
-        out[role].append(_group(raw, consumers[i], summary, now, alive))
+        group = _group(raw, consumers[i], summaries[i], now, alive)
+        out[role].append(group.model_copy(update={"oldest_pending_idle_ms": idle[i]}))
     for infos in out.values():
         infos.sort(key=lambda group: group.name)
     return out
@@ -351,6 +367,52 @@ async def _alive(redis: Redis, keys: Keys, names: set[str]) -> set[str]:
         pipe.exists(keys.consumer_alive(name))
     found = await pipe.execute()
     return {name for name, exists in zip(valid, found, strict=True) if exists}
+
+
+#: Steps of :func:`longest_idle` that find the exact longest idle time; later ones double it.
+EXACT_IDLE_STEPS = 16
+#: The most steps (round trips) of :func:`longest_idle`.
+MAX_IDLE_STEPS = 64
+
+
+async def longest_idle(redis: Redis, groups: list[tuple[str, Any] | None]) -> list[int | None]:
+    """For each (stream, group): the longest idle time (ms) of its pending entries.
+
+    ``XPENDING <stream> <group> IDLE <t> - + 1`` returns the first pending entry (in id order)
+    idle at least ``t`` ms, with its idle time; asking again just above that finds the next idler
+    one, until none is. That takes as many steps as there are entries idler than every older one
+    (a handful, whatever the size of the pending list, which Redis scans without replying it),
+    all groups in lockstep, one pipelined round trip per step. After :data:`EXACT_IDLE_STEPS`
+    the threshold doubles instead, so that a list ordered against it costs at most
+    :data:`MAX_IDLE_STEPS`; the result may then be up to half the true value.
+
+    Args:
+        redis: The client.
+        groups: (stream, group name) pairs; None for a group known to have nothing pending.
+
+    Returns:
+        Per pair, the longest idle time, or None (nothing pending).
+    """
+    best: list[int | None] = [None] * len(groups)
+    above = [0] * len(groups)
+    searching = [(i, group) for i, group in enumerate(groups) if group is not None]
+    for step in range(MAX_IDLE_STEPS):
+        if not searching:
+            break
+        pipe = redis.pipeline(transaction=False)
+        for i, (stream, group) in searching:
+            pipe.xpending_range(stream, group, min="-", max="+", count=1, idle=above[i])
+        replies = await pipe.execute(raise_on_error=False)
+        found = []
+        for (i, target), rows in zip(searching, replies, strict=True):
+            first = _present(rows, [])
+            if first:
+                idle = int(first[0]["time_since_delivered"])
+                best[i] = idle
+                above[i] = idle + 1 if step < EXACT_IDLE_STEPS else max(idle + 1, 2 * idle)
+                found.append((i, target))
+        searching = found
+    return best
 
 
 async def _oldest_pending(

@@ -208,6 +208,8 @@ class LeaseKeeper:
         self.adopted = 0
         self.lost = 0
         self.deleted = 0
+        #: Pending entries found deleted from the stream before they were settled, by stream.
+        self.trimmed: dict[str, int] = {}
 
     # -- the consumer name is ours alone ----------------------------------------------------
 
@@ -339,6 +341,7 @@ class LeaseKeeper:
         self._cursors[stream] = cursor
         if deleted:
             self.deleted += len(deleted)
+            self.trimmed[stream] = self.trimmed.get(stream, 0) + len(deleted)
             logger.error(
                 "%d pending entries of %s were deleted from the stream before they were "
                 "acknowledged (trimmed or deleted by hand): that work is lost: %s",
