@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import signal
 import sys
@@ -319,6 +320,8 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
         config.WorkerSettings, app=app_path, roles=roles, **options, **_tls_options()
     )
     assert isinstance(settings, config.WorkerSettings)
+    if settings.parent_fd is not None and not _is_open(settings.parent_fd):
+        raise ConfigError(f"--parent-fd {settings.parent_fd} is not an open file descriptor")
     if settings.parent_pid is not None:
         from streamflow.supervisor import die_with_parent
 
@@ -337,6 +340,14 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
             anyio.run(_check_once, settings)
         sys.exit(supervise(settings))
     anyio.run(_serve, settings, app)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 async def _check_once(settings: config.WorkerSettings) -> None:

@@ -427,6 +427,13 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
                 await wait_until(lambda: statuses(outcomes, "slow-1") == ["cancelled"])
                 await operator_views(users, failing)
 
+                # The dead consumer's name is deleted once its entry was adopted.
+                async def ghost_gone() -> bool:
+                    found = await admin.xinfo_consumers(stream, GROUP)
+                    return b"ghost" not in {c["name"] for c in found}
+
+                await wait_for_query(ghost_gone, 10)
+
                 # Replayed once, dead-lettered again; then purged.
                 assert "1 replayed" in await ok(
                     users, "operator", "dlq", "replay", "flaky", "--all"

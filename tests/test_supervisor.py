@@ -297,3 +297,19 @@ def test_worker_whose_parent_died_before_it_started_exits_at_once(
     assert reply.returncode == 0, reply.stderr
     assert b"is gone; not starting" in reply.stderr
     assert b" serving " not in reply.stderr
+
+
+def test_worker_refuses_a_parent_fd_that_is_not_open(redis_url: str, namespace: str) -> None:
+    command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
+    command += ["--role", "record", "--redis-url", redis_url, "--namespace", namespace]
+    reply = subprocess.run(
+        [*command, "--parent-fd", "987"],
+        cwd=ROOT,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert reply.returncode == 2, reply.stderr
+    assert b"--parent-fd 987 is not an open file descriptor" in reply.stderr
+    assert b"Traceback" not in reply.stderr
