@@ -243,11 +243,15 @@ COORDINATOR = PartRules(
         "{task:*}:result:*": "SET PX of a reduce's result; GET as an input",
         "{signals}:stream": "XREVRANGE, XREAD (cancels); cancel.lua XADD",
         "{signals}:cancel:*": "SCAN + GET at start-up; SET NX PX; cancel.lua SET",
+        "{tasks}:alive:*": "its mark by the control stream: SET PX, DEL; forget.lua EXISTS",
+        "{role:*}:alive:*": "its marks by the events streams: SET PX, DEL; forget.lua EXISTS",
     },
     commands={
         **_CONNECTION,
         **_SCRIPTS,
         **_STARTUP_CHECKS,
+        "exists": "forget.lua (is a consumer's mark alive?)",
+        "xinfo|consumers": "the cleanup of dead consumer names",
         "script|exists": "publish_dedup.lua queued on a pipeline (redis-py checks first)",
         "sadd": "known functions; slot.lua",
         "smembers": "known roles, active tasks, role slots",
@@ -269,8 +273,18 @@ COORDINATOR = PartRules(
     },
     narrow=(
         Narrow(
-            {"set": "publish_dedup.lua, a reduce's result, cancel.lua, a signal's marker"},
-            ("{role:*}:dedup:*", "{task:*}:result:*", "{signals}:cancel:*"),
+            {"set": "publish_dedup.lua, a reduce's result, cancel.lua, a signal's marker, marks"},
+            (
+                "{role:*}:dedup:*",
+                "{task:*}:result:*",
+                "{signals}:cancel:*",
+                "{tasks}:alive:*",
+                "{role:*}:alive:*",
+            ),
+        ),
+        Narrow(
+            {"del": "its marks on a clean stop"},
+            ("{tasks}:alive:*", "{role:*}:alive:*"),
         ),
         Narrow(
             {"pexpire": "task_commit.lua (retention of an ended task), its batches"},
@@ -292,6 +306,7 @@ COORDINATOR = PartRules(
                 "xack": "control and events, once applied",
                 "xdel": "control and events, once applied",
                 "xautoclaim": "adoption of another coordinator's events",
+                "xgroup|delconsumer": "forget.lua (a dead coordinator that holds nothing)",
             },
             ("{tasks}:control", "{role:*}:events"),
         ),

@@ -1,12 +1,12 @@
-"""Consumer names of dead workers: marked while their process lives, deleted once they hold nothing.
+"""Consumer names of dead processes: marked while their process lives, deleted once empty.
 
 Redis keeps every consumer a group ever saw until it is deleted, so each crashed or stopped
-worker left its name behind (a crash loop under ``--processes`` left 39 names for 3 live
-workers). A live worker marks every role partition it serves with a key in that partition's
-slot, ``<ns>:{role:<shard>}:alive:<consumer>``, whose TTL is that of its consumer name and which
-it refreshes every lease renewal period; on a clean stop it deletes its marks. In the same loop
-it looks at one partition per tick (in turn) and deletes at most :data:`MAX_FORGET` consumers
-of the group that
+worker (or coordinator) left its name behind (a crash loop under ``--processes`` left 39 names
+for 3 live workers). A live process marks every stream it reads with a key in that stream's
+slot, ``<ns>:{<tag>}:alive:<consumer>`` (:meth:`Keys.consumer_mark`), whose TTL is the lease TTL
+and which it refreshes every third of it; on a clean stop it deletes its marks. In the same
+loop it looks at one of those streams per tick (in turn) and deletes at most
+:data:`MAX_FORGET` consumers of its group that
 
 * are not itself, and that Redis reports idle for longer than the lease TTL with no pending
   entry (``XINFO CONSUMERS``), and
@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamflow import streams
-from streamflow.keys import GROUP, NAME_PATTERN, Keys
+from streamflow.keys import NAME_PATTERN, Keys
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,13 @@ MAX_FORGET = 32
 
 
 class ConsumerNames:
-    """Marks one worker's consumer name in the partitions it serves, and deletes dead names.
+    """Marks one process's consumer name next to the streams it reads, and deletes dead names.
 
     Args:
         redis: The client.
         scripts: The registered Lua scripts.
         keys: Key names.
-        consumer: This worker's consumer name.
+        consumer: This process's consumer name.
         ttl_ms: The lease TTL (ms): a mark lives this long (at least 1 s) unless refreshed, and
             only consumers idle longer than this are looked at.
         every: Seconds between refreshes (and cleanup steps); at most a third of ``ttl_ms``.
@@ -67,30 +67,31 @@ class ConsumerNames:
         self._ttl_ms = max(ttl_ms, 1000)
         self._idle_ms = ttl_ms
         self._every = every
-        self._shards: list[str] = []
+        self._streams: list[tuple[str, str]] = []
         self._turn = 0
-        #: Dead consumer names this worker deleted.
+        #: Dead consumer names this process deleted.
         self.forgotten = 0
 
-    def serve(self, shards: Sequence[str]) -> None:
-        """Set the role partitions this worker serves (before :meth:`mark`)."""
-        self._shards = list(shards)
+    def serve(self, streams_: Sequence[tuple[str, str]]) -> None:
+        """Set the (stream, group) pairs this process reads (then :meth:`mark` them)."""
+        self._streams = list(streams_)
+
+    def _marks(self) -> list[str]:
+        return [self._keys.consumer_mark(stream, self._consumer) for stream, _ in self._streams]
 
     async def mark(self) -> None:
-        """Set or refresh this worker's mark in every partition it serves (one round trip)."""
-        if not self._shards:
+        """Set or refresh this process's marks next to every stream it reads (one round trip)."""
+        if not self._streams:
             return
         pipe = self._redis.pipeline(transaction=False)
-        for shard in self._shards:
-            pipe.set(self._keys.consumer_mark(shard, self._consumer), b"1", px=self._ttl_ms)
+        for mark in self._marks():
+            pipe.set(mark, b"1", px=self._ttl_ms)
         await pipe.execute()
 
     async def unmark(self) -> None:
-        """Delete this worker's marks (a clean stop), so its name can go once it holds nothing."""
-        if self._shards:
-            await self._redis.delete(
-                *[self._keys.consumer_mark(shard, self._consumer) for shard in self._shards]
-            )
+        """Delete this process's marks (a clean stop): its names go once they hold nothing."""
+        if self._streams:
+            await self._redis.delete(*self._marks())
 
     async def run(self) -> None:
         """Refresh the marks and take one cleanup step, every ``every`` seconds, forever."""
@@ -99,36 +100,37 @@ class ConsumerNames:
             await anyio.sleep(self._every)
             try:
                 await self.mark()
-                if self._shards:
-                    shard = self._shards[self._turn % len(self._shards)]
+                if self._streams:
+                    stream, group = self._streams[self._turn % len(self._streams)]
                     self._turn += 1
-                    await self.forget_dead(shard)
+                    await self.forget_dead(stream, group)
             except streams.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
             except ResponseError as exc:
-                if not streams.is_group_lost(exc):  # the reader recreates a lost group
+                if not streams.is_group_lost(exc):  # its reader recreates a lost group
                     await backoff.failed(exc)  # refused (a full Redis, ...): next tick
                 continue
             backoff.succeeded()
 
-    async def forget_dead(self, shard: str) -> list[str]:
-        """One cleanup step on a role partition; returns the consumer names deleted."""
-        stream = self._keys.role_stream(shard)
-        found: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, GROUP)
+    async def forget_dead(self, stream: str, group: str) -> list[str]:
+        """One cleanup step on a stream's group; returns the consumer names deleted."""
+        found: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, group)
         candidates = []
         for consumer in found:
             name = self._candidate(consumer)
             if name is not None:
-                candidates.append((consumer["name"], self._keys.consumer_mark(shard, name)))
+                candidates.append((consumer["name"], self._keys.consumer_mark(stream, name)))
             if len(candidates) == MAX_FORGET:
                 break
-        deleted = await streams.forget_consumers(self._scripts, self._redis, stream, candidates)
+        deleted = await streams.forget_consumers(
+            self._scripts, self._redis, stream, group, candidates
+        )
         names = [name.decode() for name in deleted]
         if names:
             self.forgotten += len(names)
             logger.info(
-                "deleted %d consumer names of stopped workers from %s: %s",
+                "deleted %d consumer names of stopped processes from %s: %s",
                 len(names),
                 stream,
                 ", ".join(names[:10]),

@@ -37,6 +37,7 @@ from redis.exceptions import ResponseError
 
 from streamflow import partitions, signals, streams
 from streamflow.app import App
+from streamflow.consumers import ConsumerNames
 from streamflow.context import Batch
 from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
@@ -118,6 +119,15 @@ class Coordinator:
             redis, self._keys, self._book, self._on_cancel, block_ms=block_ms
         )
         self._streams: list[str] = []
+        # Marks this coordinator's name next to the streams it reads; deletes dead coordinators'.
+        self._names = ConsumerNames(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            ttl_ms=self._lease_ms,
+            every=max(self._lease_ms / 3000, 0.05),
+        )
         self._layouts = partitions.Layouts(redis, self._keys)
         self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
@@ -140,15 +150,23 @@ class Coordinator:
         """Coordinate until :meth:`stop` is called."""
         await self._prepare()
         await self._signals.load()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals.run)
-            tg.start_soon(self._read_loop)
-            tg.start_soon(self._adopt_loop)
-            tg.start_soon(self._sweep_loop)
-            tg.start_soon(self._tick_loop)
-            task_status.started()
-            await self._stopping.wait()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._signals.run)
+                tg.start_soon(self._read_loop)
+                tg.start_soon(self._adopt_loop)
+                tg.start_soon(self._sweep_loop)
+                tg.start_soon(self._tick_loop)
+                tg.start_soon(self._names.run)
+                task_status.started()
+                await self._stopping.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with (
+                anyio.move_on_after(5, shield=True),
+                contextlib.suppress(*streams.TRANSIENT_ERRORS, ResponseError),
+            ):
+                await self._names.unmark()
 
     def enable_metrics(self) -> CollectorRegistry:
         """Returns the registry with this coordinator's metrics (and starts timing dispatch)."""
@@ -195,9 +213,13 @@ class Coordinator:
             with contextlib.suppress(ConfigError, InvalidNameError):
                 layout = await self._layouts.get(role)
                 wanted += [self._keys.events(shard) for shard in layout.shards]
-        for stream in wanted:
-            if stream not in self._streams:
-                await streams.ensure_group(self._redis, stream, COORDINATORS)
+        added = [stream for stream in wanted if stream not in self._streams]
+        for stream in added:
+            await streams.ensure_group(self._redis, stream, COORDINATORS)
+        if added:
+            # Marked before the first read from them: a live name is never deleted.
+            self._names.serve([(stream, COORDINATORS) for stream in wanted])
+            await self._names.mark()
         self._streams = wanted
         self._refreshed = anyio.current_time()
 

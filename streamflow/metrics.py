@@ -204,7 +204,7 @@ class HygieneCollector(Collector):
         )
         yield _counter(
             "streamflow_consumers_deleted",
-            "Consumer names of stopped workers this worker deleted (they held nothing).",
+            "Consumer names of stopped processes this process deleted (they held nothing).",
             worker._names.forgotten,
         )
 
@@ -229,6 +229,11 @@ class CoordinatorCollector(Collector):
             "streamflow_coordinator_commit_conflicts",
             "Commits that lost a race with another coordinator (and were retried).",
             coord.conflicts,
+        )
+        yield _counter(
+            "streamflow_consumers_deleted",
+            "Consumer names of stopped processes this process deleted (they held nothing).",
+            coord._names.forgotten,
         )
         yield _counter(
             "streamflow_coordinator_trimmed_events",

@@ -963,15 +963,20 @@ async def liveness(
 
 
 async def forget_consumers(
-    scripts: Scripts, redis: Redis, stream: str, candidates: Sequence[tuple[bytes, str]]
+    scripts: Scripts,
+    redis: Redis,
+    stream: str,
+    group: str,
+    candidates: Sequence[tuple[bytes, str]],
 ) -> list[bytes]:
     """Delete the consumers among ``candidates`` that hold nothing and whose mark is gone.
 
     Args:
         scripts: The registered scripts.
         redis: The client.
-        stream: The role stream (its group :data:`GROUP`).
-        candidates: (consumer name as read, its liveness mark key) pairs.
+        stream: The stream.
+        group: Its consumer group.
+        candidates: (consumer name as read, its mark key) pairs.
 
     Returns:
         The names deleted.
@@ -980,7 +985,7 @@ async def forget_consumers(
         return []
     names = [name for name, _ in candidates]
     deleted = await scripts.forget(
-        keys=[stream, *(mark for _, mark in candidates)], args=[GROUP, *names], client=redis
+        keys=[stream, *(mark for _, mark in candidates)], args=[group, *names], client=redis
     )
     return [bytes(name) for name in deleted]
 

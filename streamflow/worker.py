@@ -42,7 +42,7 @@ from streamflow.app import App, Role
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, Decision, dead
-from streamflow.keys import Keys, validate_name
+from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -340,7 +340,8 @@ class Worker:
         await self._leases.acquire_name()
         try:
             # Marked before the first read creates this consumer: a live name is never deleted.
-            self._names.serve([shard for shards in self._shards.values() for shard in shards])
+            streams_ = [s for shards in self._shards.values() for s in shards]
+            self._names.serve([(self._keys.role_stream(s), GROUP) for s in streams_])
             await self._names.mark()
             await self._signals.load()
             async with anyio.create_task_group() as tg:

@@ -117,7 +117,7 @@ TASK_ROLES = ["source", "enrich", "analyze", "boom"]
 #: The parts that run each Lua script.
 SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "alive.lua": ("worker",),
-    "forget.lua": ("worker",),
+    "forget.lua": ("worker", "coordinator"),
     "claim.lua": ("worker",),
     "dead_letter.lua": ("worker",),
     "emit.lua": ("worker",),

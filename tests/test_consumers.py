@@ -12,7 +12,9 @@ from redis.asyncio import Redis
 from streamflow import streams
 from streamflow.client import SyncClient
 from streamflow.consumers import ConsumerNames
-from streamflow.keys import GROUP, Keys
+from streamflow.coordinator import Coordinator
+from streamflow.errors import InvalidNameError
+from streamflow.keys import COORDINATORS, GROUP, Keys
 from tests.helpers import wait_for
 from tests.test_crash import Record, Workers
 
@@ -62,7 +64,7 @@ def test_crash_loop_of_sigkilled_workers_leaves_only_live_consumer_names(
             every=0.1,
         )
         wait_for(lambda: set(published) <= record.ids("DONE"), 30, "the adopted work finished")
-        assert "consumer names of stopped workers" in keeper.stderr()
+        assert "consumer names of stopped processes" in keeper.stderr()
         keeper.assert_clean_log()
     finally:
         workers.kill_all()
@@ -78,8 +80,8 @@ async def hold_entry(redis: Redis, stream: str, consumer: str) -> None:
     await streams.read_group(redis, stream, consumer, count=1, block_ms=None)
 
 
-async def names(redis: Redis, stream: str) -> set[str]:
-    return {streams.text(c["name"]) for c in await redis.xinfo_consumers(stream, GROUP)}
+async def names(redis: Redis, stream: str, group: str = GROUP) -> set[str]:
+    return {streams.text(c["name"]) for c in await redis.xinfo_consumers(stream, group)}
 
 
 @pytest.mark.anyio
@@ -95,27 +97,27 @@ async def test_only_a_dead_empty_consumer_is_deleted(redis: Redis, namespace: st
     await redis.xgroup_createconsumer(stream, GROUP, "odd{name}")
     scripts = streams.Scripts(redis)
     live = ConsumerNames(redis, scripts, keys, "live", ttl_ms=60_000, every=20)
-    live.serve(["r"])
+    live.serve([(stream, GROUP)])
     await live.mark()
     # ttl 0: every consumer counts as idle long enough.
     me = ConsumerNames(redis, scripts, keys, "me", ttl_ms=0, every=1)
     with anyio.fail_after(10):
-        assert await me.forget_dead("r") == ["dead"]
+        assert await me.forget_dead(stream, GROUP) == ["dead"]
         assert await names(redis, stream) == {"dead-holder", "live", "me", "odd{name}"}
         assert me.forgotten == 1
 
         # The script checks again, whatever the caller believed: a holder and a marked name
         # passed as candidates are refused.
         candidates = [
-            (name.encode(), keys.consumer_mark("r", name)) for name in ("dead-holder", "live")
+            (name.encode(), keys.consumer_mark(stream, name)) for name in ("dead-holder", "live")
         ]
-        assert await streams.forget_consumers(scripts, redis, stream, candidates) == []
+        assert await streams.forget_consumers(scripts, redis, stream, GROUP, candidates) == []
         assert (await redis.xpending(stream, GROUP))["pending"] == 1
 
         # Once its entry is acknowledged, the former holder goes too; the live one stays.
         [(entry_id, _)] = await redis.xrange(stream, count=1)
         await redis.xack(stream, GROUP, entry_id)
-        assert await me.forget_dead("r") == ["dead-holder"]
+        assert await me.forget_dead(stream, GROUP) == ["dead-holder"]
         assert await names(redis, stream) == {"live", "me", "odd{name}"}
 
 
@@ -123,10 +125,49 @@ async def test_only_a_dead_empty_consumer_is_deleted(redis: Redis, namespace: st
 async def test_a_stopped_worker_deletes_its_marks(redis: Redis, namespace: str) -> None:
     keys = Keys(namespace)
     names_ = ConsumerNames(redis, streams.Scripts(redis), keys, "w", ttl_ms=30_000, every=10)
-    names_.serve(["r", "r#1"])
+    names_.serve([(keys.role_stream("r"), GROUP), (keys.tasks_control(), "coordinators")])
     await names_.mark()
-    marks = [keys.consumer_mark("r", "w"), keys.consumer_mark("r#1", "w")]
+    marks = [f"{namespace}:{{role:r}}:alive:w", f"{namespace}:{{tasks}}:alive:w"]
+    assert [
+        keys.consumer_mark(keys.role_stream("r"), "w"),
+        keys.consumer_mark(keys.tasks_control(), "w"),
+    ] == marks
     assert await redis.exists(*marks) == 2
     assert 0 < await redis.pttl(marks[0]) <= 30_000
     await names_.unmark()
     assert await redis.exists(*marks) == 0
+
+
+@pytest.mark.anyio
+async def test_coordinator_deletes_dead_coordinators_names_and_spares_live_ones(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    control = keys.tasks_control()
+    await streams.ensure_group(redis, control, COORDINATORS)
+    for name in ("coord-dead", "coord-live"):
+        await redis.xgroup_createconsumer(control, COORDINATORS, name)
+    await redis.set(keys.consumer_mark(control, "coord-live"), b"1", px=60_000)
+    coordinator = Coordinator(
+        redis, namespace=namespace, consumer="coord-me", lease_ttl=0.3, block_ms=100
+    )
+    mark = keys.consumer_mark(control, "coord-me")
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(coordinator.run)
+            assert await redis.exists(mark)  # marked as soon as it reads the stream
+            while "coord-dead" in await names(redis, control, COORDINATORS):
+                await anyio.sleep(0.05)
+            coordinator.stop()
+    assert "coord-live" in await names(redis, control, COORDINATORS)
+    assert not await redis.exists(mark)  # a clean stop gives its marks up
+
+
+def test_a_mark_is_in_the_slot_of_its_stream() -> None:
+    keys = Keys("sf")
+    assert keys.consumer_mark(keys.role_stream("r#2.7"), "w-1") == "sf:{role:r#2.7}:alive:w-1"
+    assert keys.consumer_mark(keys.events("r"), "c") == "sf:{role:r}:alive:c"
+    with pytest.raises(InvalidNameError):
+        keys.consumer_mark("other:{role:r}:stream", "w-1")
+    with pytest.raises(InvalidNameError):
+        keys.consumer_mark(keys.role_stream("r"), "bad{name}")

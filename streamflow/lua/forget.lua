@@ -3,7 +3,7 @@
 -- XGROUP DELCONSUMER drops a consumer's pending entries for good (never delivered again), so
 -- the checks and the delete are one script: nothing can be delivered to the consumer between
 -- them. It only reads and deletes, which frees memory, so it may run when Redis is full.
--- KEYS[1] role stream, KEYS[2..n] the candidates' liveness marks (in the stream's slot)
+-- KEYS[1] stream, KEYS[2..n] the candidates' marks (in the stream's slot)
 -- ARGV[1] group, ARGV[2..n] the candidates' consumer names, in the order of their marks
 -- Returns the names deleted.
 local stream, group = KEYS[1], ARGV[1]
