@@ -307,6 +307,7 @@ COORDINATOR = PartRules(
                 "xdel": "control and events, once applied",
                 "xautoclaim": "adoption of another coordinator's events",
                 "xgroup|delconsumer": "forget.lua (a dead coordinator that holds nothing)",
+                "xpending": "forget.lua (does a dead coordinator hold anything?)",
             },
             ("{tasks}:control", "{role:*}:events"),
         ),

@@ -43,7 +43,7 @@ from streamflow import (
 )
 from streamflow.cli_security import acl_command
 from streamflow.exporter import Exporter
-from streamflow.keys import GROUP, Keys
+from streamflow.keys import COORDINATORS, GROUP, Keys
 from streamflow.server import RedisServer
 from streamflow.settle import Outcome
 from tests.helpers import ROOT, clean_env, wait_for, wait_for_query, wait_until
@@ -500,6 +500,10 @@ async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: User
     graph.node("source", role="source").node("enrich", role="enrich")
     graph.node("merge", function="merge.generic").node("analyze", role="analyze")
     graph.edge("source", "enrich", on="batch").edge("enrich", "merge").edge("merge", "analyze")
+    # A coordinator that died holding nothing: the live one deletes its name.
+    control = KEYS.tasks_control()
+    await admin.xgroup_create(control, COORDINATORS, id="0", mkstream=True)
+    await admin.xgroup_createconsumer(control, COORDINATORS, "coord-ghost")
     try:
         with anyio.fail_after(40):
             async with anyio.create_task_group() as tg:
@@ -514,6 +518,12 @@ async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: User
                 dead = KEYS.dead_letters("source")
                 await wait_for_query(lambda: _has_entries(admin, dead))
                 snapshot = await Exporter(operator_redis, namespace=NS).refresh()
+
+                async def ghost_gone() -> bool:
+                    found = await admin.xinfo_consumers(control, COORDINATORS)
+                    return b"coord-ghost" not in {c["name"] for c in found}
+
+                await wait_for_query(ghost_gone, 10)
                 worker.stop()
                 coordinator.stop()
         assert task.state == "succeeded", task.error
