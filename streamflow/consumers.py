@@ -72,9 +72,9 @@ class ConsumerNames:
         #: Dead consumer names this process deleted.
         self.forgotten = 0
 
-    def serve(self, streams_: Sequence[tuple[str, str]]) -> None:
+    def serve(self, groups: Sequence[tuple[str, str]]) -> None:
         """Set the (stream, group) pairs this process reads (then :meth:`mark` them)."""
-        self._streams = list(streams_)
+        self._streams = list(groups)
 
     def _marks(self) -> list[str]:
         return [self._keys.consumer_mark(stream, self._consumer) for stream, _ in self._streams]

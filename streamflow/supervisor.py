@@ -199,6 +199,7 @@ async def wait_parent_gone(fd: int) -> None:
     The portable way to notice the parent's death: it needs no ``prctl`` and no polling.
     """
     os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)  # not into the handlers' own child processes
     try:
         while True:
             await anyio.wait_readable(fd)

@@ -340,8 +340,8 @@ class Worker:
         await self._leases.acquire_name()
         try:
             # Marked before the first read creates this consumer: a live name is never deleted.
-            streams_ = [s for shards in self._shards.values() for s in shards]
-            self._names.serve([(self._keys.role_stream(s), GROUP) for s in streams_])
+            shards = [shard for layout in self._shards.values() for shard in layout]
+            self._names.serve([(self._keys.role_stream(shard), GROUP) for shard in shards])
             await self._names.mark()
             await self._signals.load()
             async with anyio.create_task_group() as tg:
