@@ -249,8 +249,7 @@ def test_worker_gets_sigterm_from_the_kernel_when_its_parent_dies(
     """The Linux path alone: the pipe stays open (this test holds it), the parent is killed."""
     log = tmp_path / "child.log"
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
-    command += ["--role", "record", "--redis-url", redis_url, "--namespace", namespace]
+    command = record_worker(redis_url, namespace)
     pid = 0
     try:
         with open(log, "wb") as err:
@@ -280,36 +279,36 @@ def test_worker_gets_sigterm_from_the_kernel_when_its_parent_dies(
             os.kill(pid, signal.SIGKILL)
 
 
-def test_worker_whose_parent_died_before_it_started_exits_at_once(
-    tmp_path: Path, redis_url: str, namespace: str
-) -> None:
-    """The race: the parent died before the child asked to be signalled (getppid differs)."""
+def record_worker(redis_url: str, namespace: str) -> list[str]:
+    """The command of a worker serving role ``record``."""
     command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
-    command += ["--role", "record", "--redis-url", redis_url, "--namespace", namespace]
-    reply = subprocess.run(
-        [*command, "--parent-pid", str(os.getpid() + 100_000)],
+    return [*command, "--role", "record", "--redis-url", redis_url, "--namespace", namespace]
+
+
+def run_worker(redis_url: str, namespace: str, *options: str) -> subprocess.CompletedProcess[bytes]:
+    """Run a worker that is expected to exit by itself."""
+    return subprocess.run(
+        [*record_worker(redis_url, namespace), *options],
         cwd=ROOT,
         env=clean_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=60,
     )
+
+
+def test_worker_whose_parent_died_before_it_started_exits_at_once(
+    redis_url: str, namespace: str
+) -> None:
+    """The race: the parent died before the child asked to be signalled (getppid differs)."""
+    reply = run_worker(redis_url, namespace, "--parent-pid", str(os.getpid() + 100_000))
     assert reply.returncode == 0, reply.stderr
     assert b"is gone; not starting" in reply.stderr
     assert b" serving " not in reply.stderr
 
 
 def test_worker_refuses_a_parent_fd_that_is_not_open(redis_url: str, namespace: str) -> None:
-    command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
-    command += ["--role", "record", "--redis-url", redis_url, "--namespace", namespace]
-    reply = subprocess.run(
-        [*command, "--parent-fd", "987"],
-        cwd=ROOT,
-        env=clean_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-    )
+    reply = run_worker(redis_url, namespace, "--parent-fd", "987")
     assert reply.returncode == 2, reply.stderr
     assert b"--parent-fd 987 is not an open file descriptor" in reply.stderr
     assert b"Traceback" not in reply.stderr
