@@ -176,7 +176,7 @@ def test_children_of_a_sigkilled_supervisor_stop_and_release_their_work(
     record = Record(tmp_path / "record.txt")
     workers = Workers(tmp_path, redis_url, namespace, record.path)
     options = ["--role", "work", "--processes", "2", "--consumer-name", "sup"]
-    options += ["--concurrency", "2", "--shutdown-grace", "1", *LONG_LEASE]
+    options += ["--concurrency", "2", "--prefetch", "0", "--shutdown-grace", "1", *LONG_LEASE]
     sup = start_supervisor(tmp_path, redis_url, namespace, record.path, *options)
     try:
         wait_for(lambda: sup.serving_count() >= 2, 30, "both children log 'serving'")
