@@ -33,8 +33,10 @@ from streamflow.keys import NAME_PATTERN, Keys
 
 logger = logging.getLogger(__name__)
 
-#: The most consumers one cleanup step deletes (one script call, one partition).
+#: The most consumers one cleanup step deletes (one script call, one stream).
 MAX_FORGET = 32
+#: Error prefixes of a stream or group that does not exist.
+_GONE = ("no such key", "NOGROUP")
 
 
 class ConsumerNames:
@@ -115,7 +117,12 @@ class ConsumerNames:
 
     async def forget_dead(self, stream: str, group: str) -> list[str]:
         """One cleanup step on a stream's group; returns the consumer names deleted."""
-        found: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, group)
+        try:
+            found: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, group)
+        except ResponseError as exc:
+            if str(exc).startswith(_GONE):
+                return []  # no stream or group yet (or any more): no names to delete
+            raise
         candidates = []
         for consumer in found:
             name = self._candidate(consumer)

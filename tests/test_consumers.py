@@ -8,6 +8,7 @@ import anyio
 import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import streams
 from streamflow.client import SyncClient
@@ -171,3 +172,21 @@ def test_a_mark_is_in_the_slot_of_its_stream() -> None:
         keys.consumer_mark("other:{role:r}:stream", "w-1")
     with pytest.raises(InvalidNameError):
         keys.consumer_mark(keys.role_stream("r"), "bad{name}")
+
+
+@pytest.mark.anyio
+async def test_a_stream_or_group_that_is_gone_is_no_crash(redis: Redis, namespace: str) -> None:
+    keys = Keys(namespace)
+    stream = keys.role_stream("gone")
+    scripts = streams.Scripts(redis)
+    me = ConsumerNames(redis, scripts, keys, "me", ttl_ms=0, every=1)
+    candidates = [(b"dead", keys.consumer_mark(stream, "dead"))]
+    with anyio.fail_after(10):
+        assert await me.forget_dead(stream, GROUP) == []  # no stream
+        await redis.xadd(stream, {"message": b"{}"})
+        assert await me.forget_dead(stream, GROUP) == []  # no group
+        # The script itself (a group deleted between the listing and the script): NOGROUP,
+        # which the cleanup loop takes for a lost group (its reader recreates it).
+        with pytest.raises(ResponseError) as raised:
+            await streams.forget_consumers(scripts, redis, stream, GROUP, candidates)
+        assert streams.is_group_lost(raised.value), raised.value
