@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
@@ -55,6 +56,7 @@ def test_crash_loop_of_sigkilled_workers_leaves_only_live_consumer_names(
                 victim.kill()
                 most = max(most, len(group_consumers(client, keys)))
         assert most >= 2, "no dead name was ever seen"
+        last_kill = time.monotonic()
 
         # Live: the keeper. Recently dead: none once their work was adopted and a lease TTL
         # (1 s) and a few cleanup ticks (0.33 s each) passed.
@@ -64,6 +66,7 @@ def test_crash_loop_of_sigkilled_workers_leaves_only_live_consumer_names(
             "only the live worker's name left",
             every=0.1,
         )
+        print(f"up to {most} names; 1 left {time.monotonic() - last_kill:.1f}s after the last kill")
         wait_for(lambda: set(published) <= record.ids("DONE"), 30, "the adopted work finished")
         assert "consumer names of stopped processes" in keeper.stderr()
         keeper.assert_clean_log()
