@@ -156,6 +156,7 @@ WORKER = PartRules(
         "{signals}:report:*": "HSET + PEXPIRE of its cancel report",
         "{consumer:*}:alive": "alive.lua: GET, SET PX, DEL of its liveness key",
         "{consumer:*}:info": "its registry entry: SET PX, DEL",
+        "{role:*}:alive:*": "its marks: SET PX, DEL; forget.lua EXISTS of other workers' marks",
         "{tasks}:roles": "SMISMEMBER, then SADD of the roles it serves",
         "{task:*}:out:*": "ctx.inputs(): LRANGE of a parent's batch keys",
         "{task:*}:result:*": "ctx.inputs() and input batches: GET of a function node's output",
@@ -182,6 +183,8 @@ WORKER = PartRules(
         "lrange": "ctx.inputs()",
         "hsetnx": "a role's partitions, recorded by the first worker",
         "hget": "a role's partitions",
+        "exists": "forget.lua (is a consumer's mark alive?)",
+        "xinfo|consumers": "the cleanup of dead consumer names",
     },
     narrow=(
         # The consumer group commands on role streams only: not on the events streams, whose
@@ -196,16 +199,23 @@ WORKER = PartRules(
                 "xautoclaim": "claim.lua",
                 "xack": "settle, retry, dead_letter and finish.lua",
                 "xdel": "settle, retry, dead_letter and finish.lua",
+                "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
             ("{role:*}:stream",),
         ),
         Narrow(
-            {"set": "alive.lua, registry entry, mark_cancel.lua, emit.lua"},
-            ("{consumer:*}:alive", "{consumer:*}:info", "{signals}:cancel:*", "{role:*}:batch:*"),
+            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua"},
+            (
+                "{consumer:*}:alive",
+                "{consumer:*}:info",
+                "{role:*}:alive:*",
+                "{signals}:cancel:*",
+                "{role:*}:batch:*",
+            ),
         ),
         Narrow(
-            {"del": "alive.lua release, registry entry on a clean stop"},
-            ("{consumer:*}:alive", "{consumer:*}:info"),
+            {"del": "alive.lua release, registry entry and marks on a clean stop"},
+            ("{consumer:*}:alive", "{consumer:*}:info", "{role:*}:alive:*"),
         ),
         Narrow(
             {"pexpire": "start counts, cancel reports"},
@@ -237,11 +247,15 @@ COORDINATOR = PartRules(
         "{signals}:stream": "XREVRANGE, XREAD (cancels); cancel.lua XADD",
         "{signals}:cancel:*": "GET at start-up; mark_cancel.lua SET NX PX, PTTL; cancel.lua SET",
         "{signals}:cancels": "ZRANGE at start-up; cancel.lua and mark_cancel.lua ZADD",
+        "{tasks}:alive:*": "its mark by the control stream: SET PX, DEL; forget.lua EXISTS",
+        "{role:*}:alive:*": "its marks by the events streams: SET PX, DEL; forget.lua EXISTS",
     },
     commands={
         **_CONNECTION,
         **_SCRIPTS,
         **_STARTUP_CHECKS,
+        "exists": "forget.lua (is a consumer's mark alive?)",
+        "xinfo|consumers": "the cleanup of dead consumer names",
         "script|exists": "publish_dedup.lua queued on a pipeline (redis-py checks first)",
         "sadd": "known functions; slot.lua",
         "smembers": "known roles, active tasks, role slots",
@@ -267,8 +281,18 @@ COORDINATOR = PartRules(
     },
     narrow=(
         Narrow(
-            {"set": "publish_dedup.lua, a reduce's result, cancel.lua, mark_cancel.lua"},
-            ("{role:*}:dedup:*", "{task:*}:result:*", "{signals}:cancel:*"),
+            {"set": "publish_dedup.lua, a reduce's result, cancel.lua, mark_cancel.lua, marks"},
+            (
+                "{role:*}:dedup:*",
+                "{task:*}:result:*",
+                "{signals}:cancel:*",
+                "{tasks}:alive:*",
+                "{role:*}:alive:*",
+            ),
+        ),
+        Narrow(
+            {"del": "its marks on a clean stop"},
+            ("{tasks}:alive:*", "{role:*}:alive:*"),
         ),
         Narrow(
             {"pexpire": "task_commit.lua (retention of an ended task), its batches"},
@@ -291,6 +315,8 @@ COORDINATOR = PartRules(
                 "xack": "control and events, once applied",
                 "xdel": "control and events, once applied",
                 "xautoclaim": "adoption of another coordinator's events",
+                "xgroup|delconsumer": "forget.lua (a dead coordinator that holds nothing)",
+                "xpending": "forget.lua (does a dead coordinator hold anything?)",
             },
             ("{tasks}:control", "{role:*}:events"),
         ),

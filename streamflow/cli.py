@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import signal
 import sys
@@ -351,6 +352,9 @@ def main(log_level: str, log_format: str) -> None:
 @click.option(
     "--no-server-checks", "server_checks", is_flag=True, flag_value=False, default=True, hidden=True
 )
+# Children of --processes N die with their parent: its pid, and the pipe whose EOF means it died.
+@click.option("--parent-pid", type=int, hidden=True)
+@click.option("--parent-fd", type=int, hidden=True)
 @_connection_options
 @_errors_to_exit
 def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
@@ -359,6 +363,14 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
         config.WorkerSettings, app=app_path, roles=roles, **options, **_tls_options()
     )
     assert isinstance(settings, config.WorkerSettings)
+    if settings.parent_fd is not None and not _is_open(settings.parent_fd):
+        raise ConfigError(f"--parent-fd {settings.parent_fd} is not an open file descriptor")
+    if settings.parent_pid is not None:
+        from streamflow.supervisor import die_with_parent
+
+        if not die_with_parent(settings.parent_pid):
+            logger.warning("supervising process %d is gone; not starting", settings.parent_pid)
+            sys.exit(0)
     app = config.load_app(settings.app)
     for role in settings.roles:
         app.get_role(role)
@@ -371,6 +383,14 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
             anyio.run(_check_once, settings)
         sys.exit(supervise(settings))
     anyio.run(_serve, settings, app)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 async def _check_once(settings: config.WorkerSettings) -> None:
@@ -428,6 +448,8 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         ):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+                if settings.parent_fd is not None:
+                    tg.start_soon(_watch_parent, worker, settings.parent_fd)
                 tg.start_soon(health.run)
                 await tg.start(worker.run)
                 health.started = True
@@ -465,9 +487,13 @@ def _serving_metrics(
 
 
 async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
+    received = 0
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            if not worker.stopping:
+            # Counted here, not read from worker.stopping: a stop that came another way (the
+            # supervisor's death, then its SIGTERM from the kernel) still gets its grace.
+            received += 1
+            if received == 1:
                 name = signal.Signals(signum).name
                 logger.info("%s: finishing in-flight work (signal again to exit now)", name)
                 worker.stop()
@@ -475,6 +501,18 @@ async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
                 logger.warning("second signal: exiting now; unfinished entries stay pending")
                 scope.cancel()
                 return
+
+
+async def _watch_parent(worker: Worker, fd: int) -> None:
+    from streamflow.supervisor import wait_parent_gone
+
+    await wait_parent_gone(fd)
+    if not worker.stopping:
+        logger.warning(
+            "supervising process is gone: stopping (in-flight work gets the shutdown grace, "
+            "the rest is released)"
+        )
+        worker.stop()
 
 
 @main.command()

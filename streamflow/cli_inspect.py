@@ -236,6 +236,8 @@ def _role_lines(info: RoleInfo) -> list[str]:
             if group.oldest_pending_age_ms is not None
             else ""
         )
+        if group.oldest_pending_idle_ms is not None:
+            oldest += f", longest idle {_duration(group.oldest_pending_idle_ms)}"
         lines.append(f"  group {group.name}: {group.pending} pending, lag {lag}{oldest}")
         lines += ["    " + line for line in _consumer_lines(group)]
     return lines

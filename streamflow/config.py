@@ -163,6 +163,10 @@ class WorkerSettings(ConnectionSettings):
     strict: bool = False
     #: Run the start-up checks (off in the children of ``--processes N``: the parent ran them).
     server_checks: bool = True
+    #: In a child of ``--processes N``: the supervising parent's pid, and the read end of the
+    #: pipe that reaches EOF when the parent dies (the child then stops).
+    parent_pid: Annotated[int, Field(ge=1)] | None = None
+    parent_fd: Annotated[int, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _check_lease(self) -> Self:

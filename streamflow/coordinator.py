@@ -37,6 +37,7 @@ from redis.exceptions import ResponseError
 
 from streamflow import partitions, signals, streams
 from streamflow.app import App
+from streamflow.consumers import ConsumerNames
 from streamflow.context import Batch
 from streamflow.errors import ConfigError, InputError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
@@ -120,6 +121,15 @@ class Coordinator:
         )
         self._streams: list[str] = []
         self._unreadable: set[str] = set()
+        # Marks this coordinator's name next to the streams it reads; deletes dead coordinators'.
+        self._names = ConsumerNames(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            ttl_ms=self._lease_ms,
+            every=max(self._lease_ms / 3000, 0.05),
+        )
         self._layouts = partitions.Layouts(redis, self._keys)
         self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
@@ -131,6 +141,8 @@ class Coordinator:
         self.dispatches = 0
         self.commits = 0
         self.conflicts = 0
+        #: Pending task events found deleted from their stream before they were applied.
+        self.trimmed_events = 0
         self.finished: dict[str, int] = {}
         self.observe_dispatch: Callable[[float], None] | None = None
 
@@ -148,12 +160,23 @@ class Coordinator:
         if not started:
             task_status.started()
             return
+        try:
+            await self._serve(task_status)
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                try:
+                    await self._names.unmark()
+                except Exception as exc:  # cleanup: its marks expire by themselves
+                    logger.warning("could not delete the marks of %s (%r)", self.consumer, exc)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals.run)
             tg.start_soon(self._read_loop)
             tg.start_soon(self._adopt_loop)
             tg.start_soon(self._sweep_loop)
             tg.start_soon(self._tick_loop)
+            tg.start_soon(self._names.run)
             task_status.started()
             await self._stopping.wait()
             tg.cancel_scope.cancel()
@@ -223,6 +246,10 @@ class Coordinator:
                         logger.warning("not following %s: %s", stream, exc)
                     continue
             followed.append(stream)
+        if followed != self._streams:
+            # Marked before the first read from them: a live name is never deleted.
+            self._names.serve([(stream, COORDINATORS) for stream in followed])
+            await self._names.mark()
         self._streams = followed
         self._refreshed = anyio.current_time()
 
@@ -331,6 +358,7 @@ class Coordinator:
             self._adopt_cursors[stream] = streams.text(reply[0])
             if len(reply) > 2 and reply[2]:
                 # Pending events whose entries were deleted: XAUTOCLAIM dropped them.
+                self.trimmed_events += len(reply[2])
                 logger.warning("%d pending task events of %s were deleted", len(reply[2]), stream)
             entries = [(stream, e) for e in streams._entries([[stream, reply[1]]])]
             if entries:

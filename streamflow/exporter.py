@@ -149,6 +149,11 @@ class Exporter(Collector):
         consumers = GaugeMetricFamily(
             "streamflow_consumers", "Consumers the group knows (live or not).", labels=by_group
         )
+        idle = GaugeMetricFamily(
+            "streamflow_oldest_pending_idle_seconds",
+            "The longest a pending entry has gone without being delivered, renewed or adopted.",
+            labels=by_group,
+        )
         for info in snap.roles:
             length.add_metric([info.role], info.length)
             split.add_metric([info.role], info.partitions)
@@ -162,7 +167,8 @@ class Exporter(Collector):
                 if group.lag is not None:
                     lag.add_metric(labels, group.lag)
                 oldest.add_metric(labels, (group.oldest_pending_age_ms or 0) / 1000)
-        yield from (length, split, delayed, dead, backlog, pending, lag, oldest, consumers)
+                idle.add_metric(labels, (group.oldest_pending_idle_ms or 0) / 1000)
+        yield from (length, split, delayed, dead, backlog, pending, lag, oldest, consumers, idle)
         yield GaugeMetricFamily(
             "streamflow_live_workers", "Worker processes in the registry.", value=snap.workers
         )

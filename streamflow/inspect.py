@@ -14,6 +14,8 @@ The replies of ``XINFO GROUPS``, ``XINFO CONSUMERS`` and ``XPENDING`` are parsed
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -60,6 +62,11 @@ class GroupInfo(BaseModel):
         last_delivered_id: The id of the newest entry delivered to the group.
         oldest_pending_id: The id of its oldest pending entry, or None.
         oldest_pending_age_ms: Milliseconds since that entry was added to the stream, or None.
+        oldest_pending_idle_ms: The longest idle time of its pending entries: milliseconds
+            since the entry left alone the longest was delivered, renewed or adopted (see
+            :func:`longest_idle`), or None when nothing is pending. Live workers renew every
+            lease TTL / 3, so above the lease TTL its holder stopped renewing; an entry released
+            by a worker's shutdown shows about 10 days until it is adopted.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -71,6 +78,7 @@ class GroupInfo(BaseModel):
     last_delivered_id: str
     oldest_pending_id: str | None
     oldest_pending_age_ms: int | None
+    oldest_pending_idle_ms: int | None = None
 
 
 class RoleInfo(BaseModel):
@@ -253,6 +261,7 @@ def _merge_groups(groups: list[GroupInfo]) -> GroupInfo:
             )
     pending = [g for g in groups if g.oldest_pending_age_ms is not None]
     oldest = max(pending, key=lambda g: g.oldest_pending_age_ms or 0) if pending else None
+    idle = [g.oldest_pending_idle_ms for g in groups if g.oldest_pending_idle_ms is not None]
     lags = [g.lag for g in groups]
     return GroupInfo(
         name=groups[0].name,
@@ -262,6 +271,7 @@ def _merge_groups(groups: list[GroupInfo]) -> GroupInfo:
         last_delivered_id=max((g.last_delivered_id for g in groups), key=_id_key),
         oldest_pending_id=oldest.oldest_pending_id if oldest else None,
         oldest_pending_age_ms=oldest.oldest_pending_age_ms if oldest else None,
+        oldest_pending_idle_ms=max(idle) if idle else None,
     )
 
 
@@ -305,9 +315,17 @@ async def _groups(
     replies, now = await _execute_with_time(redis, pipe)
     consumers = [_present(replies[i * 2], []) for i in range(len(wanted))]
     alive = await _alive(redis, keys, {_text(c["name"]) for group in consumers for c in group})
+    summaries = [_present(replies[i * 2 + 1], {}) for i in range(len(wanted))]
+    idle = await longest_idle(
+        redis,
+        [
+            (keys.role_stream(role), raw["name"]) if summary.get("pending") else None
+            for (role, raw), summary in zip(wanted, summaries, strict=True)
+        ],
+    )
     for i, (role, raw) in enumerate(wanted):
-        summary = _present(replies[i * 2 + 1], {})
-        out[role].append(_group(raw, consumers[i], summary, now, alive))
+        group = _group(raw, consumers[i], summaries[i], now, alive)
+        out[role].append(group.model_copy(update={"oldest_pending_idle_ms": idle[i]}))
     for infos in out.values():
         infos.sort(key=lambda group: group.name)
     return out
@@ -353,6 +371,61 @@ async def _alive(redis: Redis, keys: Keys, names: set[str]) -> set[str]:
         pipe.exists(keys.consumer_alive(name))
     found = await pipe.execute()
     return {name for name, exists in zip(valid, found, strict=True) if exists}
+
+
+#: Steps of :func:`longest_idle` that find the exact longest idle time; later ones double it.
+EXACT_IDLE_STEPS = 16
+#: The most steps (round trips) of :func:`longest_idle`.
+MAX_IDLE_STEPS = 64
+
+
+async def longest_idle(redis: Redis, groups: list[tuple[str, Any] | None]) -> list[int | None]:
+    """For each (stream, group): the longest idle time (ms) of its pending entries.
+
+    ``XPENDING <stream> <group> IDLE <t> <start> + 1`` returns the first pending entry from
+    ``start`` (in id order) idle at least ``t`` ms, with its idle time. Every entry before the
+    one found is less idle than it, so the next step asks only after it (an exclusive start) for
+    one idler by more than 1% (and by the time since the last step: idle times grow while the
+    steps run, and entries renewed together share one), until none is. That takes one step per
+    entry clearly idler than every older one (a handful: the pending list is scanned by Redis,
+    once over all steps, and never sent), all groups in lockstep, one pipelined round trip per
+    step; the figure is within 1% of the true one. After :data:`EXACT_IDLE_STEPS` the threshold
+    doubles instead, so that a list ordered against the search costs at most
+    :data:`MAX_IDLE_STEPS` steps; the figure may then be up to half the true one.
+
+    Args:
+        redis: The client.
+        groups: (stream, group name) pairs; None for a group known to have nothing pending.
+
+    Returns:
+        Per pair, the longest idle time, or None (nothing pending).
+    """
+    best: list[int | None] = [None] * len(groups)
+    above = [0] * len(groups)
+    start = ["-"] * len(groups)
+    searching = [(i, group) for i, group in enumerate(groups) if group is not None]
+    sent = time.monotonic()
+    for step in range(MAX_IDLE_STEPS):
+        if not searching:
+            break
+        grown = math.ceil((time.monotonic() - sent) * 1000)
+        sent = time.monotonic()
+        pipe = redis.pipeline(transaction=False)
+        for i, (stream, group) in searching:
+            idle = above[i] + grown if step else 0
+            pipe.xpending_range(stream, group, min=start[i], max="+", count=1, idle=idle)
+        replies = await pipe.execute(raise_on_error=False)
+        found = []
+        for (i, target), rows in zip(searching, replies, strict=True):
+            first = _present(rows, [])
+            if first:
+                idle = best[i] = int(first[0]["time_since_delivered"])
+                exact = step < EXACT_IDLE_STEPS
+                above[i] = idle + max(1, idle // 100) if exact else max(idle + 1, 2 * idle)
+                start[i] = "(" + _text(first[0]["message_id"])
+                found.append((i, target))
+        searching = found
+    return best
 
 
 async def _oldest_pending(

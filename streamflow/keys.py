@@ -159,6 +159,27 @@ class Keys:
         """The liveness key held by the one live process using a consumer name."""
         return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:alive"
 
+    def consumer_mark(self, stream: str, consumer: str) -> str:
+        """A live consumer's mark next to a stream it reads: ``<ns>:{<tag>}:alive:<name>``.
+
+        A worker or coordinator keeps one per stream it reads (a TTL, refreshed while it lives).
+        The consumer cleanup checks it and the group's pending list in one script, so it lives
+        in the stream's slot, not in the ``{consumer:<name>}`` one of the liveness key.
+
+        Args:
+            stream: A stream key of this namespace (built by this class).
+            consumer: The consumer name.
+
+        Raises:
+            InvalidNameError: ``stream`` is not a key of this namespace, or the name is invalid.
+        """
+        name = validate_name(consumer, "consumer name")
+        prefix = f"{self.namespace}:{{"
+        end = stream.find("}:", len(prefix))
+        if not stream.startswith(prefix) or end < 0:
+            raise InvalidNameError(f"{stream!r} is not a stream of namespace {self.namespace!r}")
+        return f"{stream[: end + 1]}:alive:{name}"
+
     def starts(self, role: str, entry_id: str) -> str:
         """How many times an entry delivered more than once was started (poison detection)."""
         return f"{self.namespace}:{{role:{validate_shard(role)}}}:starts:{entry_id}"

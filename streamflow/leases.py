@@ -234,6 +234,8 @@ class LeaseKeeper:
         #: Leases found lost, by where (see :data:`LossFound`).
         self.losses: dict[str, int] = {}
         self.deleted = 0
+        #: Pending entries found deleted from the stream before they were settled, by stream.
+        self.trimmed: dict[str, int] = {}
 
     # -- the consumer name is ours alone ----------------------------------------------------
 
@@ -414,6 +416,7 @@ class LeaseKeeper:
         self._cursors[stream] = cursor
         if deleted:
             self.deleted += len(deleted)
+            self.trimmed[stream] = self.trimmed.get(stream, 0) + len(deleted)
             logger.error(
                 "%d pending entries of %s were deleted from the stream before they were "
                 "acknowledged (trimmed or deleted by hand): that work is lost: %s",

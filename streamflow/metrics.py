@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from streamflow import streams
+from streamflow.keys import role_of_shard
 
 if TYPE_CHECKING:
     from streamflow.coordinator import Coordinator
@@ -213,6 +214,33 @@ class WorkerCollector(Collector):
         )
 
 
+class HygieneCollector(Collector):
+    """A worker's counts of work lost to trimming and of dead consumer names it deleted."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the families."""
+        worker = self._worker
+        trimmed: dict[str, int] = {}
+        for stream, count in list(worker._leases.trimmed.items()):
+            shard = worker._keys.role_of_stream(stream) or stream
+            role = role_of_shard(shard)
+            trimmed[role] = trimmed.get(role, 0) + count
+        yield _per_role(
+            "streamflow_trimmed_pending_entries",
+            "Pending entries found deleted from the stream (trimmed, XDEL) before they were "
+            "settled: lost work, reported by XAUTOCLAIM when adopting.",
+            trimmed,
+        )
+        yield _counter(
+            "streamflow_consumers_deleted",
+            "Consumer names of stopped processes this process deleted (they held nothing).",
+            worker._names.forgotten,
+        )
+
+
 class CoordinatorCollector(Collector):
     """The metrics of one coordinator, read from its counters at scrape time."""
 
@@ -233,6 +261,16 @@ class CoordinatorCollector(Collector):
             "streamflow_coordinator_commit_conflicts",
             "Commits that lost a race with another coordinator (and were retried).",
             coord.conflicts,
+        )
+        yield _counter(
+            "streamflow_consumers_deleted",
+            "Consumer names of stopped processes this process deleted (they held nothing).",
+            coord._names.forgotten,
+        )
+        yield _counter(
+            "streamflow_coordinator_trimmed_events",
+            "Pending task events found deleted from their stream before they were applied.",
+            coord.trimmed_events,
         )
         finished = CounterMetricFamily(
             "streamflow_coordinator_tasks_finished",
@@ -260,6 +298,7 @@ def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Callable[[str, f
     """A registry with the worker's metrics, and the function that observes handler durations."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(WorkerCollector(worker))
+    registry.register(HygieneCollector(worker))
     durations = Durations()
     registry.register(durations)
     cancel = Histogram(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -352,7 +353,7 @@ class RedisServer:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )
 
     def _wait_ready(
@@ -447,16 +448,31 @@ def _ping(port: int) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """In the child, before exec: on Linux, ask for SIGTERM when the parent dies.
 
     The atexit hook covers a normal exit; this covers a parent killed outright (SIGKILL, or a
-    SIGTERM that skips atexit), so a crashed demo or test run never leaves a server behind.
+    SIGTERM that skips atexit), so a crashed demo or test run never leaves a server behind. A
+    parent that died before the request took effect sends nothing: then the child exits now.
     """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """On Linux, have the kernel send ``signum`` to this process when its parent dies.
+
+    ``prctl(PR_SET_PDEATHSIG)``. It does not fire for a parent that is already gone: check
+    ``os.getppid()`` afterwards. Returns False where there is no such call.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return bool(prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0)
 
 
 _PR_SET_PDEATHSIG = 1

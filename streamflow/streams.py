@@ -660,6 +660,7 @@ class Scripts:
         self.finish = redis.register_script(_load("finish.lua", strip))
         self.task_commit = redis.register_script(_load("task_commit.lua", strip))
         self.slot = redis.register_script(_load("slot.lua", strip))
+        self.forget = redis.register_script(_load("forget.lua", strip))
 
     @staticmethod
     def source(name: str) -> str:
@@ -1160,6 +1161,34 @@ async def liveness(
 ) -> bool:
     """Acquire, refresh or release a consumer name's liveness key."""
     return bool(await scripts.alive(keys=[key], args=[action, token, ttl_ms], client=redis))
+
+
+async def forget_consumers(
+    scripts: Scripts,
+    redis: Redis,
+    stream: str,
+    group: str,
+    candidates: Sequence[tuple[bytes, str]],
+) -> list[bytes]:
+    """Delete the consumers among ``candidates`` that hold nothing and whose mark is gone.
+
+    Args:
+        scripts: The registered scripts.
+        redis: The client.
+        stream: The stream.
+        group: Its consumer group.
+        candidates: (consumer name as read, its mark key) pairs.
+
+    Returns:
+        The names deleted.
+    """
+    if not candidates:
+        return []
+    names = [name for name, _ in candidates]
+    deleted = await scripts.forget(
+        keys=[stream, *(mark for _, mark in candidates)], args=[group, *names], client=redis
+    )
+    return [bytes(name) for name in deleted]
 
 
 class Backoff:

@@ -4,6 +4,13 @@ The parent forwards SIGTERM/SIGINT to every child (a second signal kills them), 
 child that dies, with a capped backoff so a child that crashes at start-up does not spin.
 Children run in their own session, so a Ctrl-C in the terminal reaches them only through the
 parent, once.
+
+Children die with their parent, however it ends (SIGKILL, OOM killer, crash): each child holds
+the read end of a pipe whose only write end the parent holds, so the child reads EOF the moment
+the parent is gone (every POSIX system), and on Linux it also asks the kernel for SIGTERM when its
+parent dies (``PR_SET_PDEATHSIG``). Either way it stops as on SIGTERM: in-flight handlers get the
+shutdown grace and unfinished entries are released for another worker. Without this, the children
+of a SIGKILLed supervisor kept serving with no one to stop or restart them.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+import anyio
+
 from streamflow.config import WorkerSettings
 from streamflow.errors import ConfigError
+from streamflow.server import set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +44,8 @@ class _Child:
     started: float = 0.0
     restart_delay: float = 0.5
     restart_at: float = 0.0
+    # The parent's end of the child's lifeline pipe: closed when the parent dies, however.
+    lifeline: int | None = None
 
 
 def child_command(settings: WorkerSettings, index: int) -> list[str]:
@@ -85,6 +97,7 @@ def supervise(settings: WorkerSettings) -> int:
             if child.process is not None and child.process.poll() is None:
                 child.process.kill()
                 child.process.wait()
+            _cut_lifeline(child)
 
 
 def _loop(
@@ -116,15 +129,13 @@ def _keep_alive(settings: WorkerSettings, env: dict[str, str], child: _Child) ->
     now = time.monotonic()
     if child.process is None:
         if now >= child.restart_at:
-            child.process = subprocess.Popen(
-                child_command(settings, child.index), env=env, start_new_session=True
-            )
+            _spawn(settings, env, child)
             child.started = now
-            logger.info("worker process %d started (pid %d)", child.index, child.process.pid)
         return
     code = child.process.poll()
     if code is None:
         return
+    _cut_lifeline(child)
     lived = now - child.started
     child.restart_delay = (
         0.5 if lived >= HEALTHY_AFTER else min(child.restart_delay * 2, MAX_RESTART_DELAY)
@@ -138,3 +149,64 @@ def _keep_alive(settings: WorkerSettings, env: dict[str, str], child: _Child) ->
         lived,
         child.restart_delay,
     )
+
+
+def _spawn(settings: WorkerSettings, env: dict[str, str], child: _Child) -> None:
+    """Start child ``child.index`` with a lifeline: the read end of a pipe only we write to."""
+    # os.pipe() fds are not inherited (O_CLOEXEC): every child gets its own read end only, so
+    # no child holds another's write end open past the parent's death.
+    read_end, write_end = os.pipe()
+    command = child_command(settings, child.index)
+    command += ["--parent-pid", str(os.getpid()), "--parent-fd", str(read_end)]
+    try:
+        child.process = subprocess.Popen(
+            command, env=env, start_new_session=True, pass_fds=(read_end,)
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    child.lifeline = write_end
+    logger.info("worker process %d started (pid %d)", child.index, child.process.pid)
+
+
+def _cut_lifeline(child: _Child) -> None:
+    if child.lifeline is not None:
+        os.close(child.lifeline)
+        child.lifeline = None
+
+
+# -- in the child ---------------------------------------------------------------------------------
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """In a child of ``--processes N``: have SIGTERM sent when the parent dies (Linux).
+
+    Returns False when the parent is already gone (it died before the request took effect:
+    the kernel will not signal for a death that already happened), so the caller exits.
+
+    Args:
+        parent_pid: The supervising parent's pid, as it gave it.
+    """
+    set_parent_death_signal(signal.SIGTERM)
+    return os.getppid() == parent_pid
+
+
+async def wait_parent_gone(fd: int) -> None:
+    """Return once the parent's end of the lifeline pipe ``fd`` is closed (the parent died).
+
+    The portable way to notice the parent's death: it needs no ``prctl`` and no polling.
+    """
+    os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)  # not into the handlers' own child processes
+    try:
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                if not os.read(fd, 512):
+                    return  # EOF: no process holds the write end any more
+            except BlockingIOError:
+                continue
+    finally:
+        os.close(fd)

@@ -40,10 +40,11 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
+from streamflow.consumers import ConsumerNames
 from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, Decision, dead
 from streamflow.errors import InputError
-from streamflow.keys import Keys, validate_name
+from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
 from streamflow.logs import shown
 from streamflow.protocol import (
@@ -194,6 +195,14 @@ class Worker:
             lease or LeaseSettings(),
             on_name_lost=self.stop,
             describe=self._describe,
+        )
+        self._names = ConsumerNames(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            ttl_ms=self._leases.settings.ttl_ms,
+            every=self._leases.settings.renew_every,
         )
         self._settler = Settler(
             redis,
@@ -406,26 +415,43 @@ class Worker:
                     "Redis is full (OOM): roles %s not registered for task graphs", names
                 )
         await self._leases.acquire_name()  # ours already after a retry: same token
+        await self._mark_name()
         await self._signals.load()
         return True
 
+    async def _mark_name(self) -> None:
+        """Mark this consumer name next to every partition it reads, before the first read.
+
+        A live name is never deleted by another worker's cleanup (streamflow.consumers). A full
+        Redis refuses the marks' SET: the worker starts anyway (it is there to drain) and the
+        marks follow at the first refresh Redis accepts; until then its reads keep it active.
+        """
+        shards = [shard for layout in self._shards.values() for shard in layout]
+        self._names.serve([(self._keys.role_stream(shard), GROUP) for shard in shards])
+        try:
+            await self._names.mark()
+        except OutOfMemoryError:
+            logger.warning("Redis is full (OOM): consumer name %s not marked yet", self.consumer)
+
     async def _give_up_name(self) -> None:
-        """Release the consumer name, never raising over the error that ended serving."""
-        with anyio.move_on_after(5, shield=True):
-            try:
-                await self._leases.release_name()
-            except Exception as exc:  # cleanup: whatever ended the worker is what to report
-                logger.warning(
-                    "could not give up consumer name %s (%s); its key expires by itself",
-                    self.consumer,
-                    streams.describe(exc) if streams.is_outage(exc) else repr(exc),
-                )
+        """Release the consumer name and its marks, never raising over what ended serving."""
+        for release in (self._leases.release_name, self._names.unmark):
+            with anyio.move_on_after(5, shield=True):
+                try:
+                    await release()
+                except Exception as exc:  # cleanup: whatever ended the worker is what to report
+                    logger.warning(
+                        "could not give up consumer name %s (%s); its keys expire by themselves",
+                        self.consumer,
+                        streams.describe(exc) if streams.is_outage(exc) else repr(exc),
+                    )
 
     async def _serve_loops(self, burst: bool, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             self._cancels.task_group = tg
             if not burst:
                 tg.start_soon(self._signals.run)
+                tg.start_soon(self._names.run)
             tg.start_soon(self._settler.acker.run)
             tg.start_soon(self._leases.renew_forever)
             tg.start_soon(self._enforce_grace)

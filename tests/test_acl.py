@@ -43,7 +43,7 @@ from streamflow import (
 )
 from streamflow.cli_security import acl_command
 from streamflow.exporter import Exporter
-from streamflow.keys import GROUP, Keys
+from streamflow.keys import COORDINATORS, GROUP, Keys
 from streamflow.server import RedisServer
 from streamflow.settle import Outcome
 from tests.helpers import ROOT, clean_env, wait_for, wait_for_query, wait_until
@@ -117,6 +117,7 @@ TASK_ROLES = ["source", "enrich", "analyze", "boom"]
 #: The parts that run each Lua script.
 SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "alive.lua": ("worker",),
+    "forget.lua": ("worker", "coordinator"),
     "claim.lua": ("worker",),
     "dead_letter.lua": ("worker",),
     "emit.lua": ("worker",),
@@ -150,8 +151,11 @@ def test_every_lua_script_is_covered_by_the_parts_that_run_it() -> None:
     assert {path.name for path in lua.glob("*.lua")} == set(SCRIPT_USERS)
     for name, parts in SCRIPT_USERS.items():
         called = {
-            command.lower()
-            for command in re.findall(r"redis\.p?call\('([A-Z]+)'", (lua / name).read_text())
+            # XGROUP and XINFO are granted by subcommand: xgroup|delconsumer.
+            (f"{command}|{sub}" if command in ("XGROUP", "XINFO") else command).lower()
+            for command, sub in re.findall(
+                r"redis\.p?call\('([A-Z]+)'(?:, '([A-Z]+)')?", (lua / name).read_text()
+            )
         }
         assert called, name
         for part in parts:
@@ -424,6 +428,13 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
                 await wait_until(lambda: statuses(outcomes, "slow-1") == ["cancelled"])
                 await operator_views(users, failing)
 
+                # The dead consumer's name is deleted once its entry was adopted.
+                async def ghost_gone() -> bool:
+                    found = await admin.xinfo_consumers(stream, GROUP)
+                    return b"ghost" not in {c["name"] for c in found}
+
+                await wait_for_query(ghost_gone, 10)
+
                 # Replayed once, dead-lettered again; then purged.
                 assert "1 replayed" in await ok(
                     users, "operator", "dlq", "replay", "flaky", "--all"
@@ -490,6 +501,10 @@ async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: User
     graph.node("source", role="source").node("enrich", role="enrich")
     graph.node("merge", function="merge.generic").node("analyze", role="analyze")
     graph.edge("source", "enrich", on="batch").edge("enrich", "merge").edge("merge", "analyze")
+    # A coordinator that died holding nothing: the live one deletes its name.
+    control = KEYS.tasks_control()
+    await admin.xgroup_create(control, COORDINATORS, id="0", mkstream=True)
+    await admin.xgroup_createconsumer(control, COORDINATORS, "coord-ghost")
     try:
         with anyio.fail_after(40):
             async with anyio.create_task_group() as tg:
@@ -504,6 +519,12 @@ async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: User
                 dead = KEYS.dead_letters("source")
                 await wait_for_query(lambda: _has_entries(admin, dead))
                 snapshot = await Exporter(operator_redis, namespace=NS).refresh()
+
+                async def ghost_gone() -> bool:
+                    found = await admin.xinfo_consumers(control, COORDINATORS)
+                    return b"coord-ghost" not in {c["name"] for c in found}
+
+                await wait_for_query(ghost_gone, 10)
                 worker.stop()
                 coordinator.stop()
         assert task.state == "succeeded", task.error

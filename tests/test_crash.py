@@ -125,6 +125,7 @@ class Workers:
         roles: Sequence[str] = (ROLE,),
         concurrency: int = 4,
         lease: Sequence[str] = FAST_LEASE,
+        pass_fds: Sequence[int] = (),
     ) -> WorkerProcess:
         """Start a worker with consumer name ``name`` (unique within the test)."""
         log = self._tmp / f"worker-{name}.log"
@@ -140,6 +141,7 @@ class Workers:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
+                pass_fds=pass_fds,
             )
         worker = WorkerProcess(name, process, log)
         self.started.append(worker)

@@ -151,6 +151,9 @@ def test_alert_rules_cover_the_operational_signals() -> None:
         "streamflow_live_workers",
         "streamflow_redis_reconnects_total",
         "streamflow_task_events_backlog",
+        "streamflow_oldest_pending_idle_seconds",
+        "streamflow_trimmed_pending_entries_total",
+        "streamflow_coordinator_trimmed_events_total",
     ):
         assert name in used, name
 

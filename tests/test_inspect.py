@@ -15,7 +15,7 @@ import redis
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, SyncClient, Worker
-from streamflow.inspect import inspect_role, inspect_roles
+from streamflow.inspect import inspect_role, inspect_roles, longest_idle
 from streamflow.keys import GROUP, Keys
 from tests.helpers import ROOT, clean_env, running, wait_for, wait_for_query
 from tests.test_cli import CLI, kill_tree, run_cli
@@ -62,7 +62,8 @@ def blank_volatile(doc: Any) -> Any:
         return doc
     out = {}
     for name, value in doc.items():
-        if name in ("idle_ms", "age_ms", "oldest_pending_age_ms") and value is not None:
+        volatile = ("idle_ms", "age_ms", "oldest_pending_age_ms", "oldest_pending_idle_ms")
+        if name in volatile and value is not None:
             assert 0 <= value < MAX_AGE_MS, (name, value)
             value = "*"
         out[name] = blank_volatile(value)
@@ -111,6 +112,7 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
         "last_delivered_id": w2[0],
         "oldest_pending_id": w1[0],
         "oldest_pending_age_ms": "*",
+        "oldest_pending_idle_ms": "*",
     }
     audit_gamma = {
         "name": "audit",
@@ -123,6 +125,7 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
         "last_delivered_id": audit[0],
         "oldest_pending_id": audit[0],
         "oldest_pending_age_ms": "*",
+        "oldest_pending_idle_ms": "*",
     }
     workers_gamma = {
         "name": GROUP,
@@ -132,6 +135,7 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
         "last_delivered_id": "0-0",
         "oldest_pending_id": None,
         "oldest_pending_age_ms": None,
+        "oldest_pending_idle_ms": None,
     }
     assert doc == {
         "namespace": namespace,
@@ -384,3 +388,60 @@ def test_workers_lists_a_live_worker_until_it_is_killed_and_its_ttl_passes(
         wait_for(lambda: not live(redis_url, namespace), 5, "the killed worker is gone", every=0.1)
     finally:
         kill_tree(process)
+
+
+@pytest.mark.anyio
+async def test_inspect_reports_the_longest_idle_pending_entry_wherever_it_sits(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = Keys(namespace)
+    stream = keys.role_stream("idle")
+    for _ in range(40):
+        await redis.xadd(stream, {"message": b"{}"})
+    await redis.xgroup_create(stream, GROUP, id="0")
+    [[_, entries]] = await redis.xreadgroup(GROUP, "w-1", {stream: ">"}, count=40)
+    ids = [entry_id for entry_id, _ in entries]
+
+    async def set_idle(idle_by_index: dict[int, int]) -> None:
+        for index, idle in idle_by_index.items():
+            await redis.xclaim(stream, GROUP, "w-1", 0, [ids[index]], idle=idle, justid=True)
+
+    # The idlest entry sits neither first nor last, behind a less idle older one.
+    await set_idle({3: 20_000, 17: 90_000, 30: 50_000})
+    with anyio.fail_after(10):
+        detail = await inspect_role(redis, keys, "idle")
+    assert detail is not None
+    [group] = detail.groups
+    assert group.oldest_pending_idle_ms is not None
+    assert 90_000 <= group.oldest_pending_idle_ms < 90_000 + MAX_AGE_MS
+
+    # Ordered against the search (each entry idler than every older one): the answer stays
+    # within a factor of 2, in a bounded number of steps.
+    await set_idle({i: 1_000 * (i + 1) for i in range(40)})
+    with anyio.fail_after(10):
+        [info] = [role for role in await inspect_roles(redis, keys) if role.role == "idle"]
+    idle = info.groups[0].oldest_pending_idle_ms
+    assert idle is not None and 20_000 <= idle < 40_000 + MAX_AGE_MS
+
+    # Renewed together (one idle time for all), one entry left behind at the end: found in a
+    # few round trips, not one per entry, although idle times grow while the steps run.
+    await set_idle({i: 10_000 for i in range(39)} | {39: 60_000})
+    steps = 0
+    pipeline = redis.pipeline
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "pipeline", counting)
+    with anyio.fail_after(10):
+        [found] = await longest_idle(redis, [(stream, GROUP)])
+    assert found is not None and 60_000 <= found < 60_000 + MAX_AGE_MS
+    assert steps <= 4, steps
+
+    # Nothing pending: no idle time.
+    await redis.xack(stream, GROUP, *ids)
+    with anyio.fail_after(10):
+        detail = await inspect_role(redis, keys, "idle")
+    assert detail is not None and detail.groups[0].oldest_pending_idle_ms is None

@@ -11,12 +11,15 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamflow import streams
 from streamflow.client import SyncClient
-from streamflow.keys import Keys
+from streamflow.coordinator import Coordinator
+from streamflow.keys import COORDINATORS, Keys
 from streamflow.server import RedisServer
 from tests.apps import read_trace
 from tests.helpers import ROOT, clean_env, wait_for
@@ -172,6 +175,47 @@ def test_adopted_entries_count_as_reclaims_and_redeliveries(
     assert samples[("streamflow_redeliveries_total", (("role", "work"),))] == 1
 
 
+def test_work_trimmed_while_pending_is_counted_and_the_dead_name_deleted(
+    start_worker: Callable[..., tuple[subprocess.Popen[bytes], int]],
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    stream = Keys(namespace).role_stream("work")
+    doomed, _ = start_worker("doomed", metrics=False)
+    with SyncClient(redis_url, namespace=namespace) as client:
+        ids = client.publish_many("work", [{"seconds_by_consumer": {"doomed": 60}}] * 2)
+
+    def started() -> bool:
+        return {line.message_id for line in read_trace(tmp_path / "record")} >= set(ids)
+
+    wait_for(started, 20, "both jobs started on the doomed worker")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        [first, _] = plain.xpending_range(stream, "workers", "-", "+", 10)  # type: ignore[misc]
+        plain.xdel(stream, first["message_id"])  # trimmed while pending: that work is lost
+        _, port = start_worker("heir")
+        role = (("role", "work"),)
+        wait_for(
+            lambda: scrape(port).get(("streamflow_trimmed_pending_entries_total", role)) == 1,
+            20,
+            "the trimmed entry counted",
+        )
+        wait_for(
+            lambda: scrape(port).get(("streamflow_consumers_deleted_total", ())) == 1,
+            20,
+            "the dead name deleted",
+        )
+        samples = scrape(port)
+        assert samples[("streamflow_reclaims_total", role)] == 1  # the other one was adopted
+        names = {c["name"] for c in plain.xinfo_consumers(stream, "workers")}  # type: ignore[union-attr]
+        assert names == {b"heir"}
+    finally:
+        plain.close()
+
+
 def test_readyz_follows_redis_and_logs_are_json(
     start_worker: Callable[..., tuple[subprocess.Popen[bytes], int]],
     private_redis: Callable[..., RedisServer],
@@ -252,7 +296,9 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
     for n in range(5):
         plain.xadd(stream, {"message": f"{{{n}}}"})
     plain.xgroup_create(stream, "workers", id="0")
-    plain.xreadgroup("workers", "holder", {stream: ">"}, count=2)
+    [[_, held]] = plain.xreadgroup("workers", "holder", {stream: ">"}, count=2)  # type: ignore[misc]
+    # The second held entry went unrenewed for 7 s (its holder froze or died).
+    plain.xclaim(stream, "workers", "holder", 0, [held[1][0]], idle=7000, justid=True)
     plain.zadd(keys.delayed("work"), {"a": 1, "b": 2, "c": 3})
     plain.xadd(keys.dead_letters("work"), {"dead_letter": "{}"})
     port = free_port()
@@ -276,7 +322,36 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
         assert samples[("streamflow_dead_letter_depth", (("role", "work"),))] == 1
         assert samples[("streamflow_consumers", group)] == 1
         assert samples[("streamflow_oldest_pending_age_seconds", group)] >= 0
+        assert 7 <= samples[("streamflow_oldest_pending_idle_seconds", group)] < 60
         assert samples[("streamflow_live_workers", ())] == 0
     finally:
         kill_tree(exporter)
         plain.close()
+
+
+@pytest.mark.anyio
+async def test_coordinator_counts_task_events_trimmed_while_pending(
+    redis_url: str, namespace: str
+) -> None:
+    client = streams.connect(redis_url)
+    keys = Keys(namespace)
+    control = keys.tasks_control()
+    try:
+        await streams.ensure_group(client, control, COORDINATORS)
+        await client.xadd(control, {"task": "x", "type": "submitted"})
+        # Read by a coordinator that then died, and deleted before anyone applied it.
+        [[_, [(entry_id, _)]]] = await client.xreadgroup(
+            COORDINATORS, "coord-dead", {control: ">"}, count=1
+        )
+        await client.xdel(control, entry_id)
+        coordinator = Coordinator(client, namespace=namespace, lease_ttl=0.3, block_ms=100)
+        registry = coordinator.enable_metrics()
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                await tg.start(coordinator.run)
+                while not registry.get_sample_value("streamflow_coordinator_trimmed_events_total"):
+                    await anyio.sleep(0.05)
+                coordinator.stop()
+        assert registry.get_sample_value("streamflow_coordinator_trimmed_events_total") == 1
+    finally:
+        await client.aclose()
