@@ -461,8 +461,13 @@ class Worker:
         except ResponseError as exc:
             if not streams.is_group_lost(exc):
                 raise
-            logger.warning("consumer group of %s is gone; recreating it", stream)
-            await streams.ensure_group(self._redis, stream)
+            logger.warning("consumer group of %s is gone or moved (%s); recreating it", stream, exc)
+            # issue-26: reconciled with the outage classifier at merge. While its slot
+            # migrates, recreating the group can meet TRYAGAIN: an outage like the read's.
+            try:
+                await streams.ensure_group(self._redis, stream)
+            except streams.TRANSIENT_ERRORS as again:
+                await backoff.failed(again)
             return None
         backoff.succeeded()
         return entries

@@ -11,6 +11,9 @@ Roles:
         named by ``SFTEST_RECORD``. Retries: 3 attempts, 2 s base backoff.
     poison: the same handler with ``max_deliveries=3``, for messages that kill their worker.
     work3: the same handler on a role with 3 partitions (the cluster tests).
+    ops1007: the same again, 3 partitions, for the cluster operations tests: its first
+        partition's hash slot is 4, so ``redis-cli --cluster reshard --cluster-slots 5`` from the
+        first master of a fresh cluster moves it (and only four empty slots besides).
 
 Trace lines (one ``write`` each, so lines from several processes never interleave) are
 ``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
@@ -139,3 +142,4 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
 app.role("work", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0))(work)
 app.role("poison", max_deliveries=3)(work)
 app.role("work3", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0), partitions=3)(work)
+app.role("ops1007", partitions=3)(work)
