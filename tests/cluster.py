@@ -89,8 +89,10 @@ class LocalCluster:
         return "redis+cluster://" + ",".join(f"{s.host}:{s.port}" for s in self.servers)
 
     def node_of_slot(self, slot: int) -> str:
-        """The ``host:port`` of the master serving ``slot`` (CLUSTER SLOTS of the first node)."""
-        with redis.Redis(host=self.servers[0].host, port=self.servers[0].port) as client:
+        """The ``host:port`` of the master serving ``slot`` (CLUSTER SLOTS of the first node
+        still running)."""
+        first = next(s for s in self.servers if s.running)
+        with redis.Redis(host=first.host, port=first.port) as client:
             ranges = client.execute_command("CLUSTER SLOTS")
         for start, end, master, *_ in ranges:
             if int(start) <= slot <= int(end):

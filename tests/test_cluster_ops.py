@@ -27,15 +27,19 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
 import redis as redis_sync
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
-from streamflow import Client
+from streamflow import Client, Graph
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import Keys
 from streamflow.server import RedisServer
+from tests import test_task_crash as tasks
 from tests.cluster import LocalCluster, local_cluster, wait_ok
 from tests.helpers import wait_for
 from tests.test_crash import Record, Workers
@@ -162,6 +166,8 @@ class Load:
         seconds = time.monotonic() - since
 
         def drained() -> bool:
+            for worker in self.workers.started:  # a dead worker fails the test at once
+                assert worker.alive(), f"worker {worker.name} died:\n{worker.stderr()}"
             return acked <= self.record.ids("DONE")
 
         try:
@@ -306,19 +312,23 @@ def test_a_fourth_master_added_and_rebalanced_under_load_stops_no_worker(
     assert not outcome.duplicated, outcome.duplicated
 
 
-def wait_served_by(cluster: LocalCluster, server: RedisServer, timeout: float = 30.0) -> float:
-    """Wait until ``server`` is the master of ``SLOT`` and writes there succeed; the time."""
+def wait_served_by(
+    cluster: LocalCluster, server: RedisServer, *, slot: int = SLOT, timeout: float = 30.0
+) -> float:
+    """Wait until ``server``, a master, serves ``slot`` with the cluster ok; the time."""
 
     def serving() -> bool:
         try:
             with redis_sync.Redis(host=server.host, port=server.port, socket_timeout=2) as node:
                 if node.cluster("INFO").get("cluster_state") != "ok":
                     return False
-                return bool(node.execute_command("ROLE")[0] == b"master")
+                if node.execute_command("ROLE")[0] != b"master":
+                    return False
         except redis_sync.RedisError:
             return False
+        return cluster.node_of_slot(slot) == cluster.address(server)
 
-    wait_for(serving, timeout, f"{cluster.address(server)} serves slot {SLOT}")
+    wait_for(serving, timeout, f"{cluster.address(server)} serves slot {slot}")
     return time.time()
 
 
@@ -356,3 +366,82 @@ def test_cluster_failover_on_a_replica_under_load_loses_nothing(
     outcome = load.finish(began)
     assert not outcome.lost, f"{len(outcome.lost)} of {outcome.published} lost"
     load.assert_within(outcome, started_at, promoted)
+
+
+# -- DAG tasks --------------------------------------------------------------------------------
+
+#: A task id whose state slot is 5461, the first slot of the second master of a fresh cluster.
+TASK_ID, TASK_SLOT = "dag10930", 5461
+
+
+def submit_chain(url: str, namespace: str) -> str:
+    """The chain of tests/test_task_crash.py (src -> step -> total) as task ``TASK_ID``."""
+    graph = Graph("chain", params={"n": tasks.BATCHES, "size": tasks.SIZE, "pause": tasks.PAUSE})
+    graph.node("src", role="src")
+    graph.node("step", role="step", params={"seconds": tasks.STEP_SECONDS})
+    graph.node("total", function="metrics.aggregate")
+    graph.edge("src", "step", on="batch").edge("step", "total", on="batch")
+
+    async def send() -> str:
+        async with Client.from_url(url, namespace=namespace) as client:
+            return await client.submit(graph, task_id=TASK_ID)
+
+    return anyio.run(send)
+
+
+def test_a_task_completes_while_its_state_slot_is_resharded_and_its_master_fails_over(
+    cluster: LocalCluster, namespace: str, tmp_path: Path
+) -> None:
+    """A DAG task runs on two workers and two coordinators. Mid-task, ``redis-cli --cluster
+    reshard`` moves the slot of the task's state (state hash, outbox, batches) to another
+    master; later that master is SIGKILLed and its replica takes over. The task succeeds with
+    every item counted once, and each node's jobs run once, except jobs that finished inside
+    the failover window (documented: a second before the kill to a lease after the
+    promotion)."""
+    assert key_slot(f"task:{TASK_ID}".encode()) == TASK_SLOT
+    record = tasks.Record(tmp_path / "record.txt")
+    processes = tasks.Processes(tmp_path, cluster.url, namespace, record.path)
+    node = cluster.servers[0]
+    store = tasks.Store(
+        cast(redis_sync.Redis, RedisCluster(host=node.host, port=node.port)), namespace
+    )
+    try:
+        started = [processes.worker(f"w{i}") for i in range(2)]
+        started += [processes.coordinator(f"c{i}") for i in range(2)]
+        for process in started:
+            process.wait_ready()
+        submit_chain(cluster.url, namespace)
+        wait_for(lambda: len(record.lines("DONE", "step")) >= 5, 30, "5 step jobs done")
+        target = next(m for m in cluster.masters() if m is not master_of_slot(cluster, TASK_SLOT))
+        seconds = reshard_through(cluster, TASK_SLOT, target)
+        print(f"measured: reshard of the task's slot took {seconds:.2f} s")
+        wait_for(lambda: len(record.lines("DONE", "step")) >= 15, 30, "15 step jobs done")
+        replica = cluster.replica_of(target)
+        killed_at = time.time()
+        target.kill()
+        promoted = wait_served_by(cluster, replica, slot=TASK_SLOT)
+        print(f"measured: the task's master replaced {promoted - killed_at:.2f} s after the kill")
+        task = tasks.wait_finished(store, TASK_ID)
+        tasks.assert_counts_exact(task)
+        assert tasks.result(cluster.url, namespace, TASK_ID) == {"total": tasks.EXPECTED_TOTAL}
+        for process in started:
+            assert process.alive(), process.stderr()
+            process.assert_clean_log()
+        assert_runs_once_outside(record, killed_at - 1, promoted + 2)
+    finally:
+        processes.kill_all()
+        store.client.close()
+
+
+def assert_runs_once_outside(record: tasks.Record, start: float, end: float) -> None:
+    """Every src/step invocation finished; one that finished more than once did so first
+    between ``start`` and ``end``."""
+    for node, expected in (("src", 1), ("step", tasks.BATCHES)):
+        done: dict[int, list[float]] = {}
+        for line in record.lines("DONE", node):
+            done.setdefault(line.invocation, []).append(line.at)
+        assert sorted(done) == list(range(expected)), f"{node}: {sorted(done)}"
+        twice = {n: min(at) for n, at in done.items() if len(at) > 1}
+        print(f"measured: {node} invocations run twice: {len(twice)}")
+        outside = {n: at for n, at in twice.items() if not start <= at <= end}
+        assert not outside, f"{node} run twice outside the window: {outside}"
