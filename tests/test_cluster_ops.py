@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -35,7 +35,7 @@ import redis as redis_sync
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from streamflow import Client, Graph
+from streamflow import Client, Graph, streams
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import Keys
 from streamflow.server import RedisServer
@@ -445,3 +445,86 @@ def assert_runs_once_outside(record: tasks.Record, start: float, end: float) -> 
         print(f"measured: {node} invocations run twice: {len(twice)}")
         outside = {n: at for n, at in twice.items() if not start <= at <= end}
         assert not outside, f"{node} run twice outside the window: {outside}"
+
+
+# -- what streamflow writes while a slot migrates -----------------------------------------------
+
+
+def test_writes_during_a_slot_migration_never_create_a_key_that_the_migration_still_moves(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    """The slot of a partition is migrated by hand, step by step as redis-cli does it, and at
+    each step streamflow writes what it writes under load: the group creation a reader does
+    after ``UNBLOCKED`` (``XGROUP CREATE ... MKSTREAM``), dedup publishes (a new marker, the
+    stream, maybe the schedule: one script), plain publishes. None of them creates on the
+    importing master a key that the source still holds (which would make the next ``MIGRATE``
+    fail with ``BUSYKEY``): the source runs what touches only keys it has, redirects (``ASK``)
+    what touches only keys it no longer has, and refuses the mix (``TRYAGAIN``, an outage
+    that streamflow backs off from). The migration then completes without ``REPLACE``."""
+    keys = Keys(namespace)
+    stream = keys.role_stream(ROLE)
+    source = master_of_slot(cluster, SLOT)
+    target = next(m for m in cluster.masters() if m is not source)
+    anyio.run(_publish_some, cluster.url, namespace, "before", 50)
+    src, dst = _node(source), _node(target)
+    try:
+        dst.execute_command("CLUSTER SETSLOT", SLOT, "IMPORTING", cluster.node_id(source))
+        src.execute_command("CLUSTER SETSLOT", SLOT, "MIGRATING", cluster.node_id(target))
+        markers = [k for k in _keys_in_slot(src) if k != stream.encode()]
+        _migrate(src, target, markers[:25])  # the slot is split: some markers moved
+        refused = anyio.run(_write_everything, cluster.url, namespace, "split")
+        assert refused >= 1, "a dedup publish mixing moved and unmoved keys must be refused"
+        _migrate(src, target, [k for k in _keys_in_slot(src) if k != stream.encode()])
+        _migrate(src, target, [stream.encode()])  # the stream last: everything has moved
+        anyio.run(_write_everything, cluster.url, namespace, "moved")
+        assert _keys_in_slot(src) == [], "the source got a key back while migrating"
+        for node in cluster.masters():
+            _node(node).execute_command("CLUSTER SETSLOT", SLOT, "NODE", cluster.node_id(target))
+    finally:
+        src.close()
+        dst.close()
+    assert cluster.node_of_slot(SLOT) == cluster.address(target)
+    assert int(_node(target).xlen(stream)) >= 50
+
+
+def _node(server: RedisServer) -> Any:  # redis-py's execute_command is untyped
+    return redis_sync.Redis(host=server.host, port=server.port, socket_timeout=10)
+
+
+def _keys_in_slot(node: Any) -> list[bytes]:
+    return list(node.execute_command("CLUSTER GETKEYSINSLOT", SLOT, 100_000))
+
+
+def _migrate(source: Any, target: RedisServer, names: list[bytes]) -> None:
+    """MIGRATE without REPLACE, as ``redis-cli --cluster reshard`` does (10 keys a call)."""
+    for start in range(0, len(names), 10):
+        batch = names[start : start + 10]
+        reply = source.execute_command(
+            "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *batch
+        )
+        assert reply in (b"OK", b"NOKEY", True), reply
+
+
+async def _publish_some(url: str, namespace: str, prefix: str, count: int) -> None:
+    async with Client.from_url(url, namespace=namespace) as client:
+        for n in range(count):
+            key = f"{prefix}-{n}"
+            await client.publish(ROLE, {}, message_id=key, dedup_key=key)
+
+
+async def _write_everything(url: str, namespace: str, prefix: str) -> int:
+    """Every kind of write to the migrating slot; how many were refused as outages."""
+    keys = Keys(namespace)
+    refused = 0
+    async with Client.from_url(url, namespace=namespace) as client:
+        try:
+            await streams.ensure_group(client.redis, keys.role_stream(ROLE))
+        except streams.TRANSIENT_ERRORS:
+            refused += 1
+        for n in range(3):  # a refused one takes redis-py ~0.4 s of TRYAGAIN retries
+            for dedup_key in (f"{prefix}-{n}", f"before-{n}", f"before-{40 + n}"):
+                try:
+                    await client.publish(ROLE, {}, dedup_key=dedup_key, key=dedup_key)
+                except RedisUnavailable:
+                    refused += 1
+    return refused
