@@ -97,6 +97,7 @@ class LocalCluster:
         for start, end, master, *_ in ranges:
             if int(start) <= slot <= int(end):
                 host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+                host = host or first.host  # a lone node that met no other knows no own IP
                 return f"{host}:{int(master[1])}"
         raise AssertionError(f"slot {slot} is not served by any master")
 
@@ -208,7 +209,8 @@ def local_cluster(
     replicas: int = 0,
 ) -> Iterator[LocalCluster]:
     """Start ``masters`` cluster-enabled redis-servers (and ``replicas`` replicas of each),
-    join them, wait for ``cluster_state:ok`` and every replica in sync.
+    join them, wait for ``cluster_state:ok`` and every replica in sync. One master without
+    replicas is a cluster too (the benchmarks compare it with three).
 
     Every server is stopped (and its directory removed) on the way out, also when start-up
     fails half way.
@@ -219,11 +221,16 @@ def local_cluster(
             _start_node(stack, node_timeout_ms, tls, appendonly=appendonly)
             for _ in range(masters * (1 + replicas))
         )
-        subprocess.run(
-            [cli, "--cluster", "create", *(f"{s.host}:{s.port}" for s in servers),
-             "--cluster-replicas", str(replicas), "--cluster-yes"],
-            check=True, capture_output=True, timeout=READY_TIMEOUT,
-        )  # fmt: skip
+        if masters == 1 and replicas == 0:
+            # redis-cli creates clusters of 3 masters or more: one node takes every slot.
+            with _client(servers[0]) as client:
+                client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+        else:
+            subprocess.run(
+                [cli, "--cluster", "create", *(f"{s.host}:{s.port}" for s in servers),
+                 "--cluster-replicas", str(replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=READY_TIMEOUT,
+            )  # fmt: skip
         cluster = LocalCluster(servers, tls=tls is not None, _stack=stack)
         cluster._node_timeout_ms = node_timeout_ms
         wait_ok(cluster)
