@@ -178,10 +178,33 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
         f"Median drain rates, measured in the same run, order alternated: {medians}.\n\n"
         "Caveat: on 2 cores the worker processes' Python is the bottleneck and the masters "
         "compete with them for the same cores, so spreading one role's stream over three "
-        "masters cannot show the gain it brings where each master has its own machine; what "
-        "this run shows is that partitioning costs little here and that the jobs and the "
-        "masters' work are spread evenly (the last column). See the paper estimate below for "
-        "three machines.\n"
+        "masters cannot show the gain it brings where each master has its own machine. What "
+        "this run shows is the cost of splitting on a machine without a spare core (the "
+        "ratios: a worker reads three streams in smaller batches, so it makes more round trips "
+        "per job, about 2 x 120 us of client CPU each here, and Redis spends more per job, "
+        "the CPU column) and that the jobs and the masters' work are spread evenly (the last "
+        "column).\n\n"
+        f"{paper(runs)}"
+    )
+
+
+def paper(runs: list[Run]) -> str:
+    """What three machines would give, worked out from this run's Redis CPU per job."""
+    single = statistics.median(r.redis_cpu_us for r in runs if r.partitions == 1)
+    split = statistics.median(r.redis_cpu_us for r in runs if (r.masters, r.partitions) == (3, 3))
+    one_ceiling, three_ceiling = 1e6 / single, 3 * 1e6 / split
+    return (
+        "**On paper, three machines.** A master runs commands on one thread, so a role on "
+        f"one master drains at most about 1 s / {single:.1f} us = {one_ceiling / 1000:,.0f}k "
+        "jobs a second (this run's Redis CPU per job with one partition; the publishes and a "
+        "real network's system calls come on top, so the real ceiling is lower). With three "
+        f"partitions on three masters on their own machines, each master does a third at "
+        f"{split:.1f} us a job: about {three_ceiling / 1000:,.0f}k jobs a second in all, "
+        f"{three_ceiling / one_ceiling:.1f}x one master, and the workers can only use it if "
+        "they have the CPU (at the 8-9 us of worker CPU per job measured in the throughput "
+        "section, a worker core drains at most about 110k jobs a second, so several worker "
+        "cores per master). Below one master's ceiling, partitions add nothing but round "
+        "trips; above it, they add capacity nearly in proportion to the masters.\n"
     )
 
 

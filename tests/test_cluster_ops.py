@@ -372,6 +372,8 @@ def test_cluster_failover_on_a_replica_under_load_loses_nothing(
 
 #: A task id whose state slot is 5461, the first slot of the second master of a fresh cluster.
 TASK_ID, TASK_SLOT = "dag10930", 5461
+#: A hash tag in the same slot, for other keys that share it (as other tasks' keys would).
+FILLER_TAG = "filler5080"
 
 
 def submit_chain(url: str, namespace: str) -> str:
@@ -393,12 +395,19 @@ def test_a_task_completes_while_its_state_slot_is_resharded_and_its_master_fails
     cluster: LocalCluster, namespace: str, tmp_path: Path
 ) -> None:
     """A DAG task runs on two workers and two coordinators. Mid-task, ``redis-cli --cluster
-    reshard`` moves the slot of the task's state (state hash, outbox, batches) to another
-    master; later that master is SIGKILLed and its replica takes over. The task succeeds with
-    every item counted once, and each node's jobs run once, except jobs that finished inside
-    the failover window (documented: a second before the kill to a lease after the
-    promotion)."""
-    assert key_slot(f"task:{TASK_ID}".encode()) == TASK_SLOT
+    reshard`` moves the slot of the task's state (state hash, outbox, batches, and 20,000 other
+    keys) to another master; later that master is SIGKILLed and its replica takes over. The
+    task succeeds with every item counted once, and each node's jobs run once, except jobs
+    that finished inside the failover window (documented: a second before the kill to 2 s
+    after the promotion)."""
+    assert key_slot(f"task:{TASK_ID}".encode()) == TASK_SLOT == key_slot(FILLER_TAG.encode())
+    # A slot holds more than one task: 20,000 other keys make its migration last (about 0.7 s
+    # here) past redis-py's own retries of TRYAGAIN.
+    with _node(master_of_slot(cluster, TASK_SLOT)) as home:
+        pipe = home.pipeline(transaction=False)
+        for n in range(MARKERS):
+            pipe.set(f"other:{{{FILLER_TAG}}}:{n}", n)
+        pipe.execute()
     record = tasks.Record(tmp_path / "record.txt")
     processes = tasks.Processes(tmp_path, cluster.url, namespace, record.path)
     node = cluster.servers[0]
