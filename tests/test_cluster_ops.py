@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -420,11 +420,20 @@ def test_a_task_completes_while_its_state_slot_is_resharded_and_its_master_fails
         for process in started:
             process.wait_ready()
         submit_chain(cluster.url, namespace)
-        wait_for(lambda: len(record.lines("DONE", "step")) >= 5, 30, "5 step jobs done")
+
+        def steps_done(count: int) -> Callable[[], bool]:
+            def check() -> bool:
+                for process in started:  # a crashed process fails the test at once
+                    assert process.alive(), f"{process.name} died:\n{process.stderr()}"
+                return len(record.lines("DONE", "step")) >= count
+
+            return check
+
+        wait_for(steps_done(5), 30, "5 step jobs done")
         target = next(m for m in cluster.masters() if m is not master_of_slot(cluster, TASK_SLOT))
         seconds = reshard_through(cluster, TASK_SLOT, target)
         print(f"measured: reshard of the task's slot took {seconds:.2f} s")
-        wait_for(lambda: len(record.lines("DONE", "step")) >= 15, 30, "15 step jobs done")
+        wait_for(steps_done(15), 30, "15 step jobs done")
         replica = cluster.replica_of(target)
         killed_at = time.time()
         target.kill()
