@@ -23,6 +23,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.cluster import PRIMARY
 from redis.exceptions import (
     ClusterDownError,
     ClusterError,
@@ -421,7 +422,7 @@ class _Cluster(RedisCluster):
         """
         node = super().get_node(host, port, node_name)
         if node is None and host and port:
-            node = ClusterNode(host, port, "primary", **self.nodes_manager.connection_kwargs)
+            node = ClusterNode(host, port, PRIMARY, **self.nodes_manager.connection_kwargs)
             self.nodes_manager.set_nodes(self.nodes_manager.nodes_cache, {node.name: node})
         return node
 
