@@ -2,14 +2,15 @@
 
 Each test runs a real cluster (three masters with one replica each, ``cluster-node-timeout
 2000``), two ``streamflow worker`` processes serving a role with three partitions
-(``tests.apps``: each handler appends a START and a DONE line to a record file), and a publisher
+(``tests.apps``: each handler appends a START and a DONE line to a record file), two
+``streamflow coordinator`` processes following the role's events streams, and a publisher
 thread that publishes jobs one by one with a dedup key each and retries on
 :class:`RedisUnavailable`, as an application would. While it runs, the operator does what
 operators do, with the operator's tool: ``redis-cli --cluster reshard`` of the slot holding a
 partition (with 20,000 dedup markers in it), ``add-node`` and ``rebalance``, a master SIGKILLed,
 ``CLUSTER FAILOVER``; a DAG task run by two coordinators while its state's slot is resharded
 and its master fails over; and, step by step, what streamflow's writes do during a slot's
-migration. Every test then checks that the same worker processes are alive with
+migration. Every test then checks that the same worker and coordinator processes are alive with
 clean logs, that every job the publisher was told about is handled, that losses and duplicates
 stay inside the window docs/operations.md states, and that the publisher saw nothing but
 ``RedisUnavailable``.
@@ -151,12 +152,19 @@ class Load:
         self.namespace = namespace
         self.record = Record(tmp_path / "record.txt")
         self.workers = Workers(tmp_path, cluster.url, namespace, self.record.path)
+        # Coordinators follow the events stream of every partition of the role (in the
+        # partitions' slots, which move too); no task runs here, they must just carry on.
+        self.coordinators = tasks.Processes(
+            tmp_path, cluster.url, namespace, tmp_path / "coordinators.txt"
+        )
         self.publisher = Publisher(cluster.url, namespace)
 
     def start(self) -> None:
         started = [self.workers.start(f"w{i}", roles=[ROLE], lease=LEASE) for i in range(2)]
         for worker in started:
             worker.wait_ready()
+        for coordinator in [self.coordinators.coordinator(f"c{i}") for i in range(2)]:
+            coordinator.wait_ready()
         self.publisher.start()
         self.publisher.wait_acked(100)
         wait_for(lambda: len(self.record.ids("DONE")) >= 50, 30, "the workers handle jobs")
@@ -182,6 +190,9 @@ class Load:
         for worker in self.workers.started:
             assert worker.alive(), f"worker {worker.name} died:\n{worker.stderr()}"
             worker.assert_clean_log()
+        for coordinator in self.coordinators.started:
+            assert coordinator.alive(), f"{coordinator.name} died:\n{coordinator.stderr()}"
+            coordinator.assert_clean_log()
         assert not self.publisher.foreign, self.publisher.foreign[:5]
         counts = self.record.counts("DONE")
         duplicated = Counter({m: n - 1 for m, n in counts.items() if n > 1 and m in acked})
@@ -218,6 +229,7 @@ class Load:
         if self.publisher.is_alive():
             self.publisher.join(timeout=90)
         self.workers.kill_all()
+        self.coordinators.kill_all()
 
 
 @pytest.fixture
