@@ -24,6 +24,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.cluster import PRIMARY
 from redis.exceptions import (
     AskError,
     AuthenticationError,
@@ -496,6 +497,22 @@ class _Cluster(RedisCluster):
     same for nodes whose slot maps disagree or leave slots uncovered (mid-resharding or
     failover). Other ``RedisClusterException``s (keys in different slots, ...) stay errors.
     """
+
+    def get_node(
+        self, host: str | None = None, port: int | None = None, node_name: str | None = None
+    ) -> ClusterNode | None:
+        """The node at ``host:port``, added to the client's nodes if it is new to it.
+
+        redis-py 8.2 follows an ``ASK`` redirection with ``get_node(host, port)`` and fails with
+        ``AttributeError`` when that node is not in its cache yet: the first slot moved to a
+        master just added (``redis-cli --cluster add-node`` then ``rebalance``) did so, under
+        every command of that slot. A ``MOVED`` to a new node already adds it this way.
+        """
+        node = super().get_node(host, port, node_name)
+        if node is None and host and port:
+            node = ClusterNode(host, port, PRIMARY, **self.nodes_manager.connection_kwargs)
+            self.nodes_manager.set_nodes(self.nodes_manager.nodes_cache, {node.name: node})
+        return node
 
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:

@@ -575,6 +575,7 @@ class Worker:
             if not streams.is_group_lost(exc):
                 raise
             logger.warning("consumer group of %s is gone; recreating it", stream)
+            # Recreating it can meet TRYAGAIN while its slot migrates: an outage like the read's.
             try:
                 await streams.ensure_group(self._redis, stream)
             except streams.TRANSIENT_ERRORS as again:

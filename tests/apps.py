@@ -14,6 +14,9 @@ Roles:
     forge: raises ``Fatal(payload["text"])`` (text from outside, in the logs and dead letters).
     gather: a task node's job reads every input batch (``ctx.inputs()``); then it records like
         ``record``.
+    ops1007: the same again, 3 partitions, for the cluster operations tests: its first
+        partition's hash slot is 4, so ``redis-cli --cluster reshard --cluster-slots 5`` from the
+        first master of a fresh cluster moves it (and only four empty slots besides).
 
 Trace lines (one ``write`` each, so lines from several processes never interleave) are
 ``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
@@ -159,3 +162,6 @@ async def gather_role(ctx: streamflow.Context, payload: Any) -> None:
         async for _ in ctx.inputs():
             pass
     record(ctx)
+
+
+app.role("ops1007", partitions=3)(work)
