@@ -268,13 +268,6 @@ class SignalListener:
                     count=100,
                     block_ms=self._block_ms,
                 )
-                if outage:
-                    # Signals may have been trimmed from the stream while we could not read
-                    # it: their markers are still there. On a cluster the scan visits every
-                    # master, and one may still be down after the signals' own came back
-                    # (the entries just read are read again: the position did not move).
-                    await self._reload_markers()
-                    outage = False
             except streams.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
                 outage = True

@@ -419,18 +419,18 @@ def publish_sync(redis_url: str, namespace: str, payload: Any) -> str:
         return client.publish("work", payload)
 
 
-async def test_the_marker_reload_after_an_outage_backs_off_while_a_scanned_master_is_down(
+async def test_the_marker_reload_after_an_outage_backs_off_while_redis_still_fails(
     redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After an outage the listener reloads the cancel markers (the signals may have been
-    trimmed meanwhile). On a cluster that reload scans every master, and one can still be down
-    when the signals' own master answers again (seen in tests/test_cluster_ops.py with a master
-    SIGKILLed): the failed scan is an outage too, backed off and retried, and the cancel whose
-    signal was trimmed is still learnt from its marker."""
+    trimmed meanwhile). Redis can fail again during that reload (seen in
+    tests/test_cluster_ops.py with a master SIGKILLed): the failed reload is an outage too,
+    backed off and retried, and the cancel whose signal was trimmed is still learnt from its
+    marker."""
     await Client(redis, namespace=namespace).cancel("m-trimmed", target="message")
     await redis.xtrim(Keys(namespace).signals(), maxlen=0)  # only the marker is left
-    real_read, real_scan = streams.read_broadcast, streams.scan_keys
-    calls = {"read": 0, "scan": 0}
+    real_read, real_get = streams.read_broadcast, streams.get_many
+    calls = {"read": 0, "get": 0}
 
     async def read_failing_once(*args: Any, **kwargs: Any) -> list[streams.Entry]:
         calls["read"] += 1
@@ -438,14 +438,14 @@ async def test_the_marker_reload_after_an_outage_backs_off_while_a_scanned_maste
             raise redis_exceptions.ConnectionError("the signals' master is down")
         return await real_read(*args, **kwargs)
 
-    async def scan_failing_once(*args: Any, **kwargs: Any) -> list[str]:
-        calls["scan"] += 1
-        if calls["scan"] == 1:
-            raise redis_exceptions.ConnectionError("another master is still down")
-        return await real_scan(*args, **kwargs)
+    async def get_failing_once(*args: Any, **kwargs: Any) -> list[bytes | None]:
+        calls["get"] += 1
+        if calls["get"] == 1:
+            raise redis_exceptions.ConnectionError("Redis is still down")
+        return await real_get(*args, **kwargs)
 
     monkeypatch.setattr(streams, "read_broadcast", read_failing_once)
-    monkeypatch.setattr(streams, "scan_keys", scan_failing_once)
+    monkeypatch.setattr(streams, "get_many", get_failing_once)
     book = CancelBook()
     listener = SignalListener(redis, Keys(namespace), book, lambda signal: None, block_ms=50)
     with anyio.fail_after(20):
@@ -453,4 +453,4 @@ async def test_the_marker_reload_after_an_outage_backs_off_while_a_scanned_maste
             tg.start_soon(listener.run)
             await wait_until(lambda: len(book) == 1, timeout=15)
             tg.cancel_scope.cancel()
-    assert calls["scan"] == 2, calls
+    assert calls["get"] == 2, calls
