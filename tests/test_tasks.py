@@ -100,6 +100,24 @@ async def flaky(ctx: streamflow.Context, params: dict[str, Any]) -> None:
     raise streamflow.Retry("not yet", delay=params["delay"])
 
 
+@app.role("noop")
+async def noop(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Nothing: a node whose only cost is the coordinator's and the worker's."""
+
+
+#: Per task id, what the ``gate`` role waits for before it finishes.
+gates: dict[str, anyio.Event] = {}
+
+
+@app.role("gate")
+async def gate(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Record its start, wait until the test opens its task's gate, emit one batch."""
+    assert ctx.task_id is not None
+    seen.setdefault(f"gate:{ctx.task_id}", []).append("start")
+    await gates.setdefault(ctx.task_id, anyio.Event()).wait()
+    await ctx.emit([ctx.node_id])
+
+
 @asynccontextmanager
 async def system(
     redis_url: str, namespace: str, *, workers: bool = True, **coordinator_options: Any
@@ -110,9 +128,8 @@ async def system(
     worker = Worker(
         app, redis, namespace=namespace, block_ms=100, shutdown_grace=1, on_outcome=outcomes.append
     )
-    coordinator = Coordinator(
-        redis, namespace=namespace, block_ms=100, sweep_interval=0.1, **coordinator_options
-    )
+    options: dict[str, Any] = {"block_ms": 100, "sweep_interval": 0.1, **coordinator_options}
+    coordinator = Coordinator(redis, namespace=namespace, **options)
     try:
         async with anyio.create_task_group() as tg:
             if workers:
@@ -457,3 +474,107 @@ async def test_node_timeout_and_retry_override_the_role(redis_url: str, namespac
     assert task.nodes["slow"].attempts == 2
     assert "timed out after 0.2s" in (task.nodes["slow"].error or "")
     assert [o.status for o in outcomes] == ["retried", "dead_lettered"]
+
+
+# -- scale: a step costs what its events touch, not what the graph holds --------------------
+
+
+async def test_a_step_looks_only_at_the_nodes_its_events_touch(
+    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph is indexed once per task, and a step evaluates the touched nodes only.
+
+    Before, every step recomputed the graph's order and evaluated every node at least once:
+    a chain of n nodes cost n evaluations per step, n * steps in all.
+    """
+    length = 40
+    builds: list[int] = []
+    evaluated: list[str] = []
+    real_build = streamflow.graph.GraphIndex.build.__func__  # type: ignore[attr-defined]
+    real_settle = streamflow.tasks._Machine._settle_node
+
+    def build(cls: type[Any], spec: Any) -> Any:
+        builds.append(len(spec.nodes))
+        return real_build(cls, spec)
+
+    def settle_node(machine: Any, node_id: str, *args: Any) -> bool:
+        evaluated.append(node_id)
+        return real_settle(machine, node_id, *args)
+
+    monkeypatch.setattr(streamflow.graph.GraphIndex, "build", classmethod(build))
+    monkeypatch.setattr(streamflow.tasks._Machine, "_settle_node", settle_node)
+    graph = Graph("long-chain")
+    for i in range(length):
+        graph.node(f"n{i}", role="noop")
+        if i:
+            graph.edge(f"n{i - 1}", f"n{i}")
+    # No sweep during the task: its ticks evaluate every node, once a minute by default.
+    async with system(redis_url, namespace, sweep_interval=3600) as (client, coordinator, _):
+        task_id = await client.submit(graph)
+        task = await client.wait(task_id, timeout=60)
+    assert task.state == "succeeded"
+    assert all(n.state == "succeeded" for n in task.nodes.values())
+    # One index for the client's check of the graph, one for the coordinator's copy of it:
+    # not one per step.
+    assert builds == [length, length]
+    assert coordinator.commits >= length
+    # The first step (submit) looks at every node; each later one at a node and its child.
+    assert len(evaluated) <= length + 4 * coordinator.commits
+    assert len(evaluated) < length * coordinator.commits / 4
+
+
+# -- tasks the coordinator cannot run, and cancels it did not see ------------------------------
+
+
+async def test_a_cancel_sent_while_no_coordinator_runs_keeps_its_reason_and_finished_nodes(
+    redis_url: str, namespace: str
+) -> None:
+    """A node that finished before the cancel stays succeeded; the task keeps the reason.
+
+    Both news reach the coordinator in one step once it runs again: the finished node's events
+    and the cancelled node's report (whose own wording must not replace the sender's reason).
+    """
+    graph = Graph("cancel-offline").node("first", role="gate")
+    graph.node("long", role="slow", params={"seconds": 120})
+    redis = streams.connect(redis_url)
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, shutdown_grace=1, on_outcome=outcomes.append
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            async with coordinating(redis, namespace):
+                task_id = await client.submit(graph)
+                await wait_until(lambda: seen.get(f"gate:{task_id}") == ["start"], timeout=20)
+                await wait_until(lambda: seen.get(f"slow:{task_id}") == [("start", "long")])
+            # No coordinator runs now: the first node finishes, then the task is cancelled.
+            gates.setdefault(task_id, anyio.Event()).set()
+            await wait_until(lambda: ("gate", "acked") in {(o.role, o.status) for o in outcomes})
+            await client.cancel(task_id, target="task", reason="operator: stop now")
+            await wait_until(
+                lambda: ("slow", "cancelled") in {(o.role, o.status) for o in outcomes}
+            )
+            assert not (await client.task(task_id)).terminal  # type: ignore[union-attr]
+            async with coordinating(redis, namespace):
+                task = await client.wait(task_id, timeout=20)
+            worker.stop()
+    finally:
+        await redis.aclose()
+    assert task.state == "cancelled"
+    assert task.error == "operator: stop now"
+    assert task.nodes["first"].state == "succeeded"
+    assert task.nodes["first"].batches_out == 1
+    assert task.nodes["long"].state == "cancelled"
+    assert task.nodes["long"].error == "operator: stop now"
+
+
+@asynccontextmanager
+async def coordinating(redis: Redis, namespace: str) -> AsyncIterator[Coordinator]:
+    """A coordinator running in the background until the block ends."""
+    coordinator = Coordinator(redis, namespace=namespace, block_ms=100, sweep_interval=0.1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(coordinator.run)
+        yield coordinator
+        coordinator.stop()
