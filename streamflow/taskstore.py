@@ -9,20 +9,40 @@ goes through one version-checked script (``task_commit.lua``).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import orjson
+from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from streamflow import graph as graphs
 from streamflow import streams
 from streamflow.graph import GraphSpec
 from streamflow.keys import Keys
-from streamflow.tasks import Invocation, Step, TaskState, TaskStatus
+from streamflow.tasks import Invocation, Step, TaskState, TaskStatus, failed_state
 
 #: How long a finished task (state, outputs) is kept, by default: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+#: Task graphs (with what they imply, see graph.GraphIndex) one store keeps in memory; the
+#: least recently used is dropped first, a finished task's at once.
+SPEC_CACHE_SIZE = 256
+
+
+class UnrunnableTask(ValueError):
+    """A task's stored state cannot be run (written by hand, or corrupted): why.
+
+    ``writable`` is False when its state key is not a hash, so that no failed state can be
+    recorded there.
+    """
+
+    def __init__(self, reason: str, *, writable: bool = True) -> None:
+        super().__init__(reason[:1000])
+        self.reason = reason[:1000]
+        self.writable = writable
 
 
 @dataclass(slots=True)
@@ -57,7 +77,7 @@ class TaskStore:
         self.keys = keys
         self._scripts = scripts or streams.Scripts(redis)
         self.retention_ms = retention_ms
-        self._specs: dict[str, GraphSpec] = {}
+        self._specs: OrderedDict[str, GraphSpec] = OrderedDict()
 
     async def create(self, spec: GraphSpec, task: TaskState) -> None:
         """Write a new task and announce it to the coordinators.
@@ -83,23 +103,92 @@ class TaskStore:
         )
 
     async def load(self, task_id: str, invocations: Sequence[str] = ()) -> Loaded | None:
-        """The task's state and the named invocation records (``node:n``); None if unknown."""
-        spec = self._specs.get(task_id)
+        """The task's state and the named invocation records (``node:n``); None if unknown.
+
+        Everything read is checked (it may have been written by hand): the graph once per task,
+        against the DAG rules and the size limits; the state on every load.
+
+        Raises:
+            UnrunnableTask: The stored task cannot be run; the reason says why.
+        """
+        spec = self._cached_spec(task_id)
         names = ["v", "task", *(f"inv:{key}" for key in invocations)]
         if spec is None:
             names.append("spec")
-        values = await self._redis.hmget(self.keys.task_state(task_id), names)
-        if values[0] is None or values[1] is None or (spec is None and values[-1] is None):
+        try:
+            values = await self._redis.hmget(self.keys.task_state(task_id), names)
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            raise UnrunnableTask("its state key is not a hash", writable=False) from None
+        wanted = values[:2] + ([values[-1]] if spec is None else [])
+        if all(v is None for v in wanted):
             return None
+        if any(v is None for v in wanted):
+            raise UnrunnableTask("its stored state is incomplete")
         if spec is None:
-            spec = GraphSpec.model_validate_json(values[-1] or b"")
+            spec = self._checked_spec(values[-1] or b"")
             self._specs[task_id] = spec
+            if len(self._specs) > SPEC_CACHE_SIZE:
+                self._specs.popitem(last=False)
+        task = _parsed(TaskState, values[1], "its state")
+        if task.id != task_id or task.nodes.keys() != spec.index.nodes.keys():
+            raise UnrunnableTask("its state does not match its graph")
         invs = {
-            key: Invocation.model_validate_json(raw)
+            key: _parsed(Invocation, raw, f"its invocation record {key!r}")
             for key, raw in zip(invocations, values[2:], strict=False)
             if raw is not None
         }
-        return Loaded(int(values[0]), spec, TaskState.model_validate_json(values[1]), invs)
+        version = streams.text(values[0] or b"")
+        if not version.isdigit():
+            raise UnrunnableTask("its version is not a number")
+        return Loaded(int(version), spec, task, invs)
+
+    def _cached_spec(self, task_id: str) -> GraphSpec | None:
+        spec = self._specs.get(task_id)
+        if spec is not None:
+            self._specs.move_to_end(task_id)
+        return spec
+
+    @staticmethod
+    def _checked_spec(raw: bytes | str) -> GraphSpec:
+        if len(raw) > graphs.MAX_DOCUMENT_BYTES:
+            limit = graphs.MAX_DOCUMENT_BYTES
+            raise UnrunnableTask(f"its graph is {len(raw):,} bytes; at most {limit:,} are allowed")
+        spec = _parsed(GraphSpec, raw, "its graph")
+        problems = graphs.check(spec)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise UnrunnableTask("its graph is invalid: " + "; ".join(problems[:3]) + more)
+        return spec
+
+    async def fail(
+        self, task_id: str, reason: str, now: int
+    ) -> Literal["failed", "ended", "raced"]:
+        """Record that a task that cannot be run failed, with ``reason``.
+
+        The stored state is kept where it reads (its nodes that finished stay so); its outbox
+        is dropped, and everything of the task gets the retention. Returns ``failed``;
+        ``ended`` when its state says it had ended already (nothing is written); ``raced`` when
+        another commit came first.
+        """
+        key = self.keys.task_state(task_id)
+        version, raw = await self._redis.hmget(key, ["v", "task"])
+        try:
+            task = TaskState.model_validate_json(raw or b"")
+        except ValidationError:
+            task = None
+        if task is None or task.id != task_id:
+            task = TaskState(id=task_id, nodes={}, created_at_ms=now)
+        elif task.terminal:
+            return "ended"
+        fields = {"task": failed_state(task, reason, now).model_dump_json().encode()}
+        expected = -1 if version is None else version
+        if await self._commit(task_id, expected, fields, {}, [], [], self.retention_ms) is None:
+            return "raced"
+        await self._redis.delete(self.keys.task_outbox(task_id))
+        self._specs.pop(task_id, None)
+        return "failed"
 
     async def commit(
         self, loaded: Loaded, step: Step, outbox: dict[str, bytes], *, retention: bool
@@ -127,7 +216,7 @@ class TaskStore:
     async def _commit(
         self,
         task_id: str,
-        version: int,
+        version: int | bytes | str,
         fields: dict[str, bytes],
         outbox: dict[str, bytes],
         appends: list[tuple[str, str]],
@@ -249,3 +338,19 @@ class TaskStore:
                 raise LookupError(f"batch {index} of node {node_id!r} expired")
             items.extend(batch)
         return items
+
+
+_M = TypeVar("_M", GraphSpec, TaskState, Invocation)
+
+
+def _parsed(model: type[_M], raw: bytes | str | None, what: str) -> _M:
+    """``raw`` read as ``model``; a clear :class:`UnrunnableTask` when it does not parse."""
+    try:
+        return model.model_validate_json(raw or b"")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UnrunnableTask(
+            f"{what} does not parse ({exc.error_count()} errors; first: {where or 'document'}: "
+            f"{first['msg']})"
+        ) from None

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -524,6 +525,90 @@ async def test_a_step_looks_only_at_the_nodes_its_events_touch(
 
 
 # -- tasks the coordinator cannot run, and cancels it did not see ------------------------------
+
+
+def forged_graph(*, cyclic: bool = False) -> bytes:
+    """Node a feeding b (and b feeding a when ``cyclic``: a cycle, which submit refuses)."""
+    edges = [{"from": "a", "to": "b"}] + ([{"from": "b", "to": "a"}] if cyclic else [])
+    nodes = [{"id": "a", "role": "noop"}, {"id": "b", "role": "noop"}]
+    return orjson.dumps({"nodes": nodes, "edges": edges})
+
+
+def forged_state(task_id: str) -> bytes:
+    nodes: dict[str, dict[str, Any]] = {"a": {}, "b": {}}
+    return orjson.dumps({"id": task_id, "nodes": nodes, "created_at_ms": now_ms()})
+
+
+FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
+    "cyclic": ({"spec": forged_graph(cyclic=True)}, "its graph is invalid: cycle: a -> b -> a"),
+    "over-the-node-limit": (
+        {"spec": orjson.dumps({"nodes": [{"id": f"n{i}", "role": "noop"} for i in range(10_001)]})},
+        "its graph is invalid: the graph has 10,001 nodes; at most 10,000 are allowed",
+    ),
+    "garbage-spec": ({"spec": b"\\x00not json"}, "its graph does not parse"),
+    "garbage-state": ({"task": b"[1, 2"}, "its state does not parse"),
+    "state-of-other-nodes": (
+        {"spec": orjson.dumps({"nodes": [{"id": "z", "role": "noop"}]})},
+        "its state does not match its graph",
+    ),
+    "garbage-version": ({"v": b"x1"}, "its version is not a number"),
+    "missing-graph": ({"spec": None}, "its stored state is incomplete"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+async def test_a_forged_task_the_coordinator_cannot_run_ends_failed_with_the_reason(
+    redis_url: str, namespace: str, forgery: str
+) -> None:
+    """Written by raw HSET/SADD/XADD (any worker ACL user can): never left queued for ever."""
+    keys = Keys(namespace)
+    task_id = f"forged-{forgery}"
+    changes, reason = FORGERIES[forgery]
+    fields: dict[str, Any] = {"v": b"0", "spec": forged_graph()}
+    fields["task"] = forged_state(task_id)
+    fields.update(changes)
+    async with system(redis_url, namespace) as (client, _, _):
+        await client.redis.hset(
+            keys.task_state(task_id), mapping={k: v for k, v in fields.items() if v is not None}
+        )
+        await client.redis.sadd(keys.tasks_active(), task_id)
+        await client.redis.xadd(keys.tasks_control(), {"task": task_id, "type": "submitted"})
+        # Until the coordinator replaces it, a forged state may not even parse.
+        await wait_for_query(lambda: _has_ended(client, task_id), timeout=20)
+        task = await client.wait(task_id, timeout=1)
+        # The coordinator goes on with other tasks.
+        good = await client.submit(Graph("after").node("only", role="noop"))
+        assert (await client.wait(good, timeout=20)).state == "succeeded"
+        assert not await client.redis.sismember(keys.tasks_active(), task_id)
+    assert task.state == "failed"
+    assert task.error is not None
+    assert task.error.startswith(f"the coordinator cannot run this task: {reason}")
+    assert all(n.state == "cancelled" for n in task.nodes.values())
+
+
+async def test_a_task_whose_state_key_is_not_a_hash_is_dropped_and_others_run(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    async with system(redis_url, namespace) as (client, _, _):
+        await client.redis.rpush(keys.task_state("wrong-type"), "x")
+        await client.redis.sadd(keys.tasks_active(), "wrong-type", "not a {task} id")
+        await client.redis.xadd(keys.tasks_control(), {"task": "wrong-type", "type": "submitted"})
+        await wait_for_query(lambda: _none_active(client.redis, keys.tasks_active()), timeout=20)
+        good = await client.submit(Graph("after").node("only", role="noop"))
+        assert (await client.wait(good, timeout=20)).state == "succeeded"
+
+
+async def _has_ended(client: Client, task_id: str) -> bool:
+    try:
+        task = await client.task(task_id)
+    except ValueError:  # pydantic's ValidationError
+        return False
+    return task is not None and task.terminal
+
+
+async def _none_active(redis: Redis, key: str) -> bool:
+    return await redis.scard(key) == 0
 
 
 async def test_a_cancel_sent_while_no_coordinator_runs_keeps_its_reason_and_finished_nodes(
