@@ -32,6 +32,15 @@ DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 SPEC_CACHE_SIZE = 256
 
 
+@dataclass(slots=True)
+class _Cached:
+    """What a store keeps of a task it steps: its checked graph, and the state it committed."""
+
+    spec: GraphSpec
+    version: int = -1
+    task: TaskState | None = None
+
+
 class UnrunnableTask(ValueError):
     """A task's stored state cannot be run (written by hand, or corrupted): why.
 
@@ -77,7 +86,7 @@ class TaskStore:
         self.keys = keys
         self._scripts = scripts or streams.Scripts(redis)
         self.retention_ms = retention_ms
-        self._specs: OrderedDict[str, GraphSpec] = OrderedDict()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
 
     async def create(self, spec: GraphSpec, task: TaskState) -> None:
         """Write a new task and announce it to the coordinators.
@@ -106,49 +115,74 @@ class TaskStore:
         """The task's state and the named invocation records (``node:n``); None if unknown.
 
         Everything read is checked (it may have been written by hand): the graph once per task,
-        against the DAG rules and the size limits; the state on every load.
+        against the DAG rules and the size limits; the state whenever it is read. The state this
+        store committed last is kept, and read again only when the version moved.
 
         Raises:
             UnrunnableTask: The stored task cannot be run; the reason says why.
         """
-        spec = self._cached_spec(task_id)
-        names = ["v", "task", *(f"inv:{key}" for key in invocations)]
-        if spec is None:
+        cached = self._cached(task_id)
+        names = ["v", *(f"inv:{key}" for key in invocations)]
+        if cached is None:
             names.append("spec")
+        if cached is None or cached.task is None:
+            names.append("task")
+        got = dict(zip(names, await self._hmget(task_id, names), strict=True))
+        if got["v"] is None:
+            if got.get("task") is None and got.get("spec") is None:
+                self._cache.pop(task_id, None)
+                return None  # unknown or expired
+            raise UnrunnableTask("its stored state is incomplete")
+        version = streams.text(got["v"])
+        if not version.isdigit():
+            raise UnrunnableTask("its version is not a number")
+        spec = cached.spec if cached is not None else self._remember_spec(task_id, got["spec"])
+        task = await self._state_at(task_id, int(version), got.get("task", b""), spec)
+        invs = {
+            key: _parsed(Invocation, got[f"inv:{key}"], f"its invocation record {key!r}")
+            for key in invocations
+            if got[f"inv:{key}"] is not None
+        }
+        return Loaded(int(version), spec, task, invs)
+
+    async def _hmget(self, task_id: str, names: list[str]) -> list[Any]:
         try:
-            values = await self._redis.hmget(self.keys.task_state(task_id), names)
+            return list(await self._redis.hmget(self.keys.task_state(task_id), names))
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
             raise UnrunnableTask("its state key is not a hash", writable=False) from None
-        wanted = values[:2] + ([values[-1]] if spec is None else [])
-        if all(v is None for v in wanted):
-            return None
-        if any(v is None for v in wanted):
+
+    def _cached(self, task_id: str) -> _Cached | None:
+        cached = self._cache.get(task_id)
+        if cached is not None:
+            self._cache.move_to_end(task_id)
+        return cached
+
+    def _remember_spec(self, task_id: str, raw: bytes | None) -> GraphSpec:
+        if raw is None:
             raise UnrunnableTask("its stored state is incomplete")
-        if spec is None:
-            spec = self._checked_spec(values[-1] or b"")
-            self._specs[task_id] = spec
-            if len(self._specs) > SPEC_CACHE_SIZE:
-                self._specs.popitem(last=False)
-        task = _parsed(TaskState, values[1], "its state")
+        spec = self._checked_spec(raw)
+        self._cache[task_id] = _Cached(spec)
+        if len(self._cache) > SPEC_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return spec
+
+    async def _state_at(
+        self, task_id: str, version: int, raw: bytes | None, spec: GraphSpec
+    ) -> TaskState:
+        """The state at ``version``: the one this store committed, or ``raw`` read and checked."""
+        cached = self._cache.get(task_id)
+        if cached is not None and cached.task is not None and cached.version == version:
+            return cached.task
+        if raw == b"":  # not fetched (a state was cached): another commit came since
+            (raw,) = await self._hmget(task_id, ["task"])
+        if raw is None:
+            raise UnrunnableTask("its stored state is incomplete")
+        task = _parsed(TaskState, raw, "its state")
         if task.id != task_id or task.nodes.keys() != spec.index.nodes.keys():
             raise UnrunnableTask("its state does not match its graph")
-        invs = {
-            key: _parsed(Invocation, raw, f"its invocation record {key!r}")
-            for key, raw in zip(invocations, values[2:], strict=False)
-            if raw is not None
-        }
-        version = streams.text(values[0] or b"")
-        if not version.isdigit():
-            raise UnrunnableTask("its version is not a number")
-        return Loaded(int(version), spec, task, invs)
-
-    def _cached_spec(self, task_id: str) -> GraphSpec | None:
-        spec = self._specs.get(task_id)
-        if spec is not None:
-            self._specs.move_to_end(task_id)
-        return spec
+        return task
 
     @staticmethod
     def _checked_spec(raw: bytes | str) -> GraphSpec:
@@ -187,7 +221,7 @@ class TaskStore:
         if await self._commit(task_id, expected, fields, {}, [], [], self.retention_ms) is None:
             return "raced"
         await self._redis.delete(self.keys.task_outbox(task_id))
-        self._specs.pop(task_id, None)
+        self._cache.pop(task_id, None)
         return "failed"
 
     async def commit(
@@ -210,7 +244,9 @@ class TaskStore:
             task_id, loaded.version, fields, outbox, appends, partials, expire_ms, loaded.spec
         )
         if retention and version is not None:
-            self._specs.pop(task_id, None)
+            self._cache.pop(task_id, None)
+        elif version is not None and task_id in self._cache:
+            self._cache[task_id].version, self._cache[task_id].task = version, step.task
         return version
 
     async def _commit(
@@ -283,7 +319,7 @@ class TaskStore:
 
     async def spec(self, task_id: str) -> GraphSpec | None:
         """A task's graph, or None if the task is unknown (or expired)."""
-        spec = self._specs.get(task_id)
+        spec = self._cache[task_id].spec if task_id in self._cache else None
         if spec is None:
             raw = await self._redis.hget(self.keys.task_state(task_id), "spec")
             if raw is None:
