@@ -188,7 +188,8 @@ def section(rows: list[dict[str, Any]], before: list[dict[str, Any]], before_rev
 Measured {now} by `benchmarks/dag_scale.py --write`; machine: 2 cores, shared by other
 engineers' test runs; one `python -m streamflow worker` process and one `python -m streamflow
 coordinator` process (defaults), private redis-server; after: streamflow {git_revision()},
-before: {before_rev}; Python {sys.version.split()[0]}.
+before: {before_rev}, measured by earlier runs of this script on a snapshot of that commit
+(`PYTHONPATH=<snapshot> ... --json-out`, then `--before`); Python {sys.version.split()[0]}.
 
 Each task is no-op nodes of role `{ROLE}` (the handler returns at once): a chain `n0 -> n1 ->
 ...` fed `on: done` (one node runs at a time, so every node costs the coordinator a few steps on
