@@ -198,10 +198,11 @@ end is the task's `created_at_ms` to its `finished_at_ms`; CPU is user + system 
 process over the task (psutil); commits is the task's state version. Before, the coordinator
 recomputed the graph's order and looked nodes and edges up by scanning the spec on every step,
 so a step cost grew with the square of the graph; now what a graph implies is indexed once per
-task, a step looks only at the nodes its events touched (and their children), and the
-coordinator keeps the state it committed instead of parsing it again. What is left that grows
-with the graph is storing the task's state (one JSON document with every node's state) once
-per commit: see the coordinator CPU per commit.
+task, a step looks only at the nodes its events touched (and their children), the coordinator
+keeps the state it committed instead of reading it again, and a commit writes the nodes the
+step touched, not every node: the coordinator CPU per commit no longer grows with the graph
+(the chains). Independent nodes come in bigger steps (many events per commit), so their cost
+per commit is per event.
 
 {table(rows, before)}
 """

@@ -225,6 +225,7 @@ class Step:
         cancel: A reason to send the task a cancel signal (it failed or was cancelled).
         wants_slot: Ready nodes of a limited role that need a role slot to start.
         released: Nodes that hold a role slot and just finished.
+        touched: Nodes whose state the step copied: only these may have changed.
         changed: Whether anything changed.
     """
 
@@ -237,6 +238,7 @@ class Step:
     cancel: str | None = None
     wants_slot: set[str] = field(default_factory=set)
     released: set[str] = field(default_factory=set)
+    touched: set[str] = field(default_factory=set)
     changed: bool = False
 
 
@@ -291,7 +293,7 @@ class _Machine:
         self.cancel_reason: str | None = None  # a cancel of the whole task among the events
         self.full = False  # a tick: evaluate every node, not only those the events touched
         self.touched: set[str] = set()
-        self._copied: set[str] = set()
+        self._copied = self.step.touched
         self._running: int | None = None  # active nodes, counted when the task limit needs it
 
     @property

@@ -1,16 +1,17 @@
 """Tasks in Redis: creating them, loading and committing their state, reading their results.
 
 A task's keys share the hash tag ``{task:<id>}``. Its state hash holds the version ``v``, the
-graph ``spec``, the ``task`` state (with every node's) and one ``inv:<node>:<n>`` record per
-invocation; ``out:<node>`` lists the keys of a node's batches in index order; ``outbox`` holds
-the dispatches a committed step decided and that are not yet confirmed published. Every change
-goes through one version-checked script (``task_commit.lua``).
+graph ``spec``, the ``task``'s own state, one ``node:<id>`` state per node (a step rewrites only
+the nodes it touched) and one ``inv:<node>:<n>`` record per invocation; ``out:<node>`` lists
+the keys of a node's batches in index order; ``outbox`` holds the dispatches a committed step
+decided and that are not yet confirmed published. Every change goes through one
+version-checked script (``task_commit.lua``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -23,7 +24,7 @@ from streamflow import graph as graphs
 from streamflow import streams
 from streamflow.graph import GraphSpec
 from streamflow.keys import Keys
-from streamflow.tasks import Invocation, Step, TaskState, TaskStatus, failed_state
+from streamflow.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
 
 #: How long a finished task (state, outputs) is kept, by default: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
@@ -103,7 +104,7 @@ class TaskStore:
         if roles:
             pipe.sadd(self.keys.known_roles(), *roles)
         await pipe.execute()
-        fields = {"spec": spec.to_json(), "task": task.model_dump_json().encode()}
+        fields = {"spec": spec.to_json(), **encode_state(task, task.nodes)}
         version = await self._commit(task.id, -1, fields, {}, [], [], 0)
         if version is None:
             raise ValueError(f"task {task.id!r} exists")
@@ -137,7 +138,7 @@ class TaskStore:
         if not version.isdigit():
             raise UnrunnableTask("its version is not a number")
         spec = cached.spec if cached is not None else self._remember_spec(task_id, got["spec"])
-        task = await self._state_at(task_id, int(version), got.get("task", b""), spec)
+        task = await self._state_at(task_id, int(version), got.get("task"), spec)
         invs = {
             key: _parsed(Invocation, got[f"inv:{key}"], f"its invocation record {key!r}")
             for key in invocations
@@ -171,16 +172,16 @@ class TaskStore:
     async def _state_at(
         self, task_id: str, version: int, raw: bytes | None, spec: GraphSpec
     ) -> TaskState:
-        """The state at ``version``: the one this store committed, or ``raw`` read and checked."""
+        """The state at ``version``: the one this store committed, or read and checked."""
         cached = self._cache.get(task_id)
         if cached is not None and cached.task is not None and cached.version == version:
             return cached.task
-        if raw == b"":  # not fetched (a state was cached): another commit came since
-            (raw,) = await self._hmget(task_id, ["task"])
-        if raw is None:
-            raise UnrunnableTask("its stored state is incomplete")
-        task = _parsed(TaskState, raw, "its state")
-        if task.id != task_id or task.nodes.keys() != spec.index.nodes.keys():
+        ids = list(spec.index.nodes)
+        values = await self._hmget(task_id, ["task", *(node_field(n) for n in ids)])
+        # The task's own state as read with the version, if it was (a commit in between moves
+        # the version: the commit of this step then loses the race, and the step is redone).
+        task = decode_state(raw or values[0], dict(zip(ids, values[1:], strict=True)))
+        if task.id != task_id:
             raise UnrunnableTask("its state does not match its graph")
         return task
 
@@ -206,17 +207,23 @@ class TaskStore:
         ``ended`` when its state says it had ended already (nothing is written); ``raced`` when
         another commit came first.
         """
-        key = self.keys.task_state(task_id)
-        version, raw = await self._redis.hmget(key, ["v", "task"])
-        try:
-            task = TaskState.model_validate_json(raw or b"")
-        except ValidationError:
-            task = None
-        if task is None or task.id != task_id:
-            task = TaskState(id=task_id, nodes={}, created_at_ms=now)
-        elif task.terminal:
+        version, raw, spec = await self._hmget(task_id, ["v", "task", "spec"])
+        own = _tolerant(TaskState, raw)
+        if own is not None and own.id == task_id and own.terminal:
             return "ended"
-        fields = {"task": failed_state(task, reason, now).model_dump_json().encode()}
+        ids = _node_ids(spec)
+        if len(ids) > graphs.MAX_NODES:
+            ids = []  # readers of an ended task skip nodes without a record
+        values = await self._hmget(task_id, [node_field(n) for n in ids]) if ids else []
+        nodes = {}
+        for node_id, value in zip(ids, values, strict=True):
+            node = _tolerant(NodeState, value)
+            nodes[node_id] = node if node is not None and node.terminal else NodeState()
+        if own is None or own.id != task_id:
+            own = TaskState(id=task_id, nodes={}, created_at_ms=now)
+        task = own.model_copy(update={"nodes": nodes})
+        ended = failed_state(task, reason, now)
+        fields = encode_state(ended, ended.nodes)
         expected = -1 if version is None else version
         if await self._commit(task_id, expected, fields, {}, [], [], self.retention_ms) is None:
             return "raced"
@@ -229,7 +236,7 @@ class TaskStore:
     ) -> int | None:
         """Commit a step with its outbox items; None when another commit came first."""
         task_id = step.task.id
-        fields = {"task": step.task.model_dump_json().encode()}
+        fields = encode_state(step.task, step.touched)
         for key, inv in step.invocations.items():
             fields[f"inv:{key}"] = inv.model_dump_json().encode()
         appends = [
@@ -313,9 +320,36 @@ class TaskStore:
             await self._redis.hdel(self.keys.task_outbox(task_id), *names)
 
     async def state(self, task_id: str) -> TaskState | None:
-        """A task's state, or None if it is unknown (or expired)."""
-        raw = await self._redis.hget(self.keys.task_state(task_id), "task")
-        return TaskState.model_validate_json(raw) if raw is not None else None
+        """A task's state, or None if it is unknown (or expired).
+
+        Raises:
+            UnrunnableTask: The stored state does not read (written by hand, or damaged).
+        """
+        return await self._read_state(task_id)
+
+    async def _read_state(self, task_id: str, raw: bytes | str | None = None) -> TaskState | None:
+        """Its own state (``raw`` if given) with every node's, the nodes named by the graph.
+
+        HGETs in pipelines, not HMGET: the publisher and operator ACL users may only HGET.
+        """
+        key = self.keys.task_state(task_id)
+        if raw is None:
+            raw, spec = await self._hget_many(key, ["task", "spec"])
+        else:
+            (spec,) = await self._hget_many(key, ["spec"])
+        if raw is None:
+            return None
+        ids = _node_ids(spec)
+        if not ids and not _parsed(TaskState, raw, "its state").terminal:
+            raise UnrunnableTask("its graph does not parse")
+        values = await self._hget_many(key, [node_field(n) for n in ids])
+        return decode_state(raw, dict(zip(ids, values, strict=True)))
+
+    async def _hget_many(self, key: str, names: list[str]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(key, name)
+        return list(await pipe.execute()) if names else []
 
     async def spec(self, task_id: str) -> GraphSpec | None:
         """A task's graph, or None if the task is unknown (or expired)."""
@@ -339,12 +373,13 @@ class TaskStore:
             pipe = self._redis.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hget(self.keys.task_state(streams.text(task_id)), "task")
-            for raw in await pipe.execute():
-                if raw is None:
+            for task_id, raw in zip(ids, await pipe.execute(), strict=True):
+                if raw is None or len(found) >= limit:
                     continue
-                task = TaskState.model_validate_json(raw)
-                if state is None or task.state == state:
-                    found.append(task)
+                if state is None or TaskState.model_validate_json(raw).state == state:
+                    task = await self._read_state(streams.text(task_id), raw)
+                    if task is not None:
+                        found.append(task)
         return found[:limit]
 
     async def batch_refs(
@@ -376,7 +411,7 @@ class TaskStore:
         return items
 
 
-_M = TypeVar("_M", GraphSpec, TaskState, Invocation)
+_M = TypeVar("_M", GraphSpec, TaskState, NodeState, Invocation)
 
 
 def _parsed(model: type[_M], raw: bytes | str | None, what: str) -> _M:
@@ -390,3 +425,53 @@ def _parsed(model: type[_M], raw: bytes | str | None, what: str) -> _M:
             f"{what} does not parse ({exc.error_count()} errors; first: {where or 'document'}: "
             f"{first['msg']})"
         ) from None
+
+
+def node_field(node_id: str) -> str:
+    """The field of the state hash that holds a node's state."""
+    return f"node:{node_id}"
+
+
+def encode_state(task: TaskState, nodes: Iterable[str]) -> dict[str, bytes]:
+    """State hash fields: the task's own state (``task``, its nodes left out) and ``nodes``'.
+
+    One field per node, so that a step writes the nodes it touched, not every node.
+    """
+    fields = {"task": task.model_copy(update={"nodes": {}}).model_dump_json().encode()}
+    for node_id in nodes:
+        fields[node_field(node_id)] = task.nodes[node_id].model_dump_json().encode()
+    return fields
+
+
+def decode_state(raw: bytes | str | None, nodes: Mapping[str, bytes | str | None]) -> TaskState:
+    """A task's state from its ``task`` field and the ``node:<id>`` fields of ``nodes``.
+
+    A task that ended may lack some: one that could not be run ended with those it had.
+
+    Raises:
+        UnrunnableTask: A field is missing or does not parse.
+    """
+    task = _parsed(TaskState, raw, "its state")
+    states = {}
+    for node_id, value in nodes.items():
+        if value is None and task.terminal:
+            continue  # a task that could not run ended with the node records it had
+        if value is None:
+            raise UnrunnableTask(f"its state has no record of node {node_id!r}")
+        states[node_id] = _parsed(NodeState, value, f"its record of node {node_id!r}")
+    return task.model_copy(update={"nodes": states})
+
+
+def _node_ids(spec: bytes | str | None) -> list[str]:
+    """The node ids of a stored graph, read without a full parse; empty if it does not read."""
+    try:
+        return [str(n["id"]) for n in orjson.loads(spec or b"")["nodes"]]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return []
+
+
+def _tolerant(model: type[_M], raw: bytes | str | None) -> _M | None:
+    try:
+        return model.model_validate_json(raw or b"")
+    except ValidationError:
+        return None

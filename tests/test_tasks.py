@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client, Coordinator, Graph, GraphError, Worker, streams
+from streamflow import Client, Coordinator, Graph, GraphError, Worker, streams, taskstore
 from streamflow.graph import RetrySpec
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
@@ -502,8 +502,17 @@ async def test_a_step_looks_only_at_the_nodes_its_events_touch(
         evaluated.append(node_id)
         return real_settle(machine, node_id, *args)
 
+    written: list[int] = []
+    real_encode = taskstore.encode_state
+
+    def encode_state(task: Any, nodes: Any) -> Any:
+        nodes = list(nodes)
+        written.append(len(nodes))
+        return real_encode(task, nodes)
+
     monkeypatch.setattr(streamflow.graph.GraphIndex, "build", classmethod(build))
     monkeypatch.setattr(streamflow.tasks._Machine, "_settle_node", settle_node)
+    monkeypatch.setattr(taskstore, "encode_state", encode_state)
     graph = Graph("long-chain")
     for i in range(length):
         graph.node(f"n{i}", role="noop")
@@ -522,6 +531,10 @@ async def test_a_step_looks_only_at_the_nodes_its_events_touch(
     # The first step (submit) looks at every node; each later one at a node and its child.
     assert len(evaluated) <= length + 4 * coordinator.commits
     assert len(evaluated) < length * coordinator.commits / 4
+    # Each commit stores the nodes its step touched, not the whole task: the first (submit)
+    # writes every node, the steps after it a node or two each.
+    assert written[0] == length
+    assert sum(written[1:]) <= 4 * coordinator.commits
 
 
 # -- tasks the coordinator cannot run, and cancels it did not see ------------------------------
@@ -534,9 +547,10 @@ def forged_graph(*, cyclic: bool = False) -> bytes:
     return orjson.dumps({"nodes": nodes, "edges": edges})
 
 
-def forged_state(task_id: str) -> bytes:
-    nodes: dict[str, dict[str, Any]] = {"a": {}, "b": {}}
-    return orjson.dumps({"id": task_id, "nodes": nodes, "created_at_ms": now_ms()})
+def forged_state(task_id: str) -> dict[str, Any]:
+    """The task's own state, queued, and its two nodes', as the store writes them."""
+    task = orjson.dumps({"id": task_id, "nodes": {}, "created_at_ms": now_ms()})
+    return {"task": task, "node:a": b"{}", "node:b": b"{}"}
 
 
 FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
@@ -549,8 +563,9 @@ FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
     "garbage-state": ({"task": b"[1, 2"}, "its state does not parse"),
     "state-of-other-nodes": (
         {"spec": orjson.dumps({"nodes": [{"id": "z", "role": "noop"}]})},
-        "its state does not match its graph",
+        "its state has no record of node 'z'",
     ),
+    "garbage-node": ({"node:a": b'{"state": "dancing"}'}, "its record of node 'a' does not parse"),
     "garbage-version": ({"v": b"x1"}, "its version is not a number"),
     "missing-graph": ({"spec": None}, "its stored state is incomplete"),
 }
@@ -565,7 +580,7 @@ async def test_a_forged_task_the_coordinator_cannot_run_ends_failed_with_the_rea
     task_id = f"forged-{forgery}"
     changes, reason = FORGERIES[forgery]
     fields: dict[str, Any] = {"v": b"0", "spec": forged_graph()}
-    fields["task"] = forged_state(task_id)
+    fields.update(forged_state(task_id))
     fields.update(changes)
     async with system(redis_url, namespace) as (client, _, _):
         await client.redis.hset(
