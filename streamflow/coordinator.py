@@ -311,11 +311,21 @@ class Coordinator:
                 await self._handle(entries)
 
     async def _sweep_loop(self) -> None:
+        refused = ""
         while not self._stopping.is_set():
             with anyio.move_on_after(self._sweep_interval):
                 await self._stopping.wait()
-            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+            try:
                 await self._sweep()
+            except streams.TRANSIENT_ERRORS:
+                continue
+            except ResponseError as exc:
+                # A key of the wrong type (written by hand): say so once, and keep sweeping.
+                if str(exc) != refused:
+                    logger.warning("sweeping tasks: Redis refused: %s", exc)
+                refused = str(exc)
+                continue
+            refused = ""
 
     async def _sweep(self) -> None:
         """Queue a re-evaluation of every unfinished task; free leaked role slots."""
@@ -765,12 +775,7 @@ class Coordinator:
         for raw in await self._redis.smembers(self._keys.role_slots(role)):
             member = streams.text(raw)
             task_id, _, node_id = member.partition("/")
-            try:
-                task = await self.store.state(task_id)
-            except ValueError:  # a state that does not parse (ValidationError) runs nothing
-                task = None
-            node = task.nodes.get(node_id) if task else None
-            if task is None or task.terminal or node is None or node.terminal:
+            if not await self.store.node_running(task_id, node_id):
                 await self._redis.srem(self._keys.role_slots(role), member)
 
 

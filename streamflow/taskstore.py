@@ -327,6 +327,17 @@ class TaskStore:
         """
         return await self._read_state(task_id)
 
+    async def node_running(self, task_id: str, node_id: str) -> bool:
+        """Whether a task and its node exist and have not ended (two fields read, not the task).
+
+        A state that does not read counts as ended: nothing can run it.
+        """
+        raw, node = await self._hget_many(
+            self.keys.task_state(task_id), ["task", node_field(node_id)]
+        )
+        own, state = _tolerant(TaskState, raw), _tolerant(NodeState, node)
+        return own is not None and not own.terminal and state is not None and not state.terminal
+
     async def _read_state(self, task_id: str, raw: bytes | str | None = None) -> TaskState | None:
         """Its own state (``raw`` if given) with every node's, the nodes named by the graph.
 

@@ -372,6 +372,45 @@ async def test_task_and_role_limits_hold(redis_url: str, namespace: str) -> None
         assert sum(1 for s, f in every if s <= start < f) <= 2
 
 
+async def test_the_sweep_frees_leaked_role_slots_and_keeps_those_of_running_nodes(
+    redis_url: str, namespace: str
+) -> None:
+    """Slots of nodes that ended, of unknown tasks or of states that do not read are freed."""
+    keys = Keys(namespace)
+    graph = Graph("holds-a-slot").node("long", role="slow", params={"seconds": 120})
+    async with system(redis_url, namespace, role_limits={"slow": 5}) as (client, _, _):
+        task_id = await client.submit(graph)
+        await wait_until(lambda: seen.get(f"slow:{task_id}") == [("start", "long")], timeout=20)
+        done = await client.submit(Graph("short").node("only", role="noop"))
+        await client.wait(done, timeout=20)
+        await client.redis.hset(keys.task_state("garbled"), mapping={"v": "1", "task": "[1"})
+        held = f"{task_id}/long"
+        leaked = [f"{done}/only", "gone/x", "garbled/x", f"{task_id}/no-such-node"]
+        await client.redis.sadd(keys.role_slots("slow"), *leaked)
+        await wait_for_query(
+            lambda: _members_are(client.redis, keys.role_slots("slow"), {held}), timeout=20
+        )
+        await client.cancel(task_id, target="task")
+        await client.wait(task_id, timeout=20)
+
+
+async def test_a_wrong_type_active_set_does_not_stop_the_coordinator(
+    redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys(namespace)
+    async with system(redis_url, namespace) as (client, _, _):
+        await client.redis.set(keys.tasks_active(), "not a set")
+        await wait_until(lambda: "sweeping tasks: Redis refused: WRONGTYPE" in caplog.text)
+        await client.redis.delete(keys.tasks_active())
+        task_id = await client.submit(Graph("after").node("only", role="noop"))
+        assert (await client.wait(task_id, timeout=20)).state == "succeeded"
+    assert caplog.text.count("sweeping tasks: Redis refused") == 1
+
+
+async def _members_are(redis: Redis, key: str, expected: set[str]) -> bool:
+    return {streams.text(m) for m in await redis.smembers(key)} == expected
+
+
 async def test_invalid_graph_is_rejected_and_nothing_written(
     redis_url: str, namespace: str, redis: Redis
 ) -> None:
