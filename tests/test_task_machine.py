@@ -598,6 +598,29 @@ def test_cancel_stops_the_task_and_nothing_starts_afterwards() -> None:
     assert [d.node_id for d in run.dispatches] == ["src", "each"]
 
 
+def test_a_node_whose_runs_all_finished_stays_succeeded_when_cancelled_in_the_same_step() -> None:
+    graph = Graph("pair").node("a", role="work").node("b", role="work").node("c", role="work")
+    graph.edge("a", "c")
+    run = Run(graph)
+    run.feed(tick())
+
+    # What a coordinator that was down finds: a's run finished, b's handler was stopped by the
+    # cancel (its report says so), and the cancel itself.
+    run.feed(
+        *run_of("a", batches=1),
+        accepted("b"),
+        event("cancelled", "b"),
+        Internal("cancel", reason="operator: stop now"),
+    )
+
+    assert run.status() == "cancelled"
+    assert run.task.error == "operator: stop now"
+    assert run.states() == {"a": "succeeded", "b": "cancelled", "c": "cancelled"}
+    assert run.task.nodes["a"].error is None
+    assert run.task.nodes["b"].error == "operator: stop now"
+    assert run.dispatched("c") == []
+
+
 def test_states_only_move_forward() -> None:
     run = Run(chain())
     run.feed(tick())
