@@ -292,8 +292,7 @@ class _Machine:
         self.index = spec.index  # built once per spec, not per step
         self.cancel_reason: str | None = None  # a cancel of the whole task among the events
         self.full = False  # a tick: evaluate every node, not only those the events touched
-        self.touched: set[str] = set()
-        self._copied = self.step.touched
+        self.touched = self.step.touched  # nodes copied (and perhaps changed) by this step
         self._running: int | None = None  # active nodes, counted when the task limit needs it
 
     @property
@@ -303,11 +302,10 @@ class _Machine:
     def node(self, node_id: str) -> NodeState:
         """The node's state, copied on first use: the caller's task is never modified."""
         node = self.task.nodes[node_id]
-        if node_id not in self._copied:
+        if node_id not in self.touched:
             # Its one mutable field copied by hand: a deep copy costs ten times as much.
             node = node.model_copy(update={"fed": dict(node.fed)})
             self.task.nodes[node_id] = node
-            self._copied.add(node_id)
             self.touched.add(node_id)
         return node
 
@@ -419,7 +417,7 @@ class _Machine:
             queue = [(rank[n], n) for n in self.index.order]
         else:
             # A node the events changed (a batch out, a run done) may feed its children.
-            seeds = self.touched | {
+            seeds = set(self.touched) | {
                 e.target for n in self.touched for e in self.index.children.get(n, ())
             }
             queue = sorted((rank[n], n) for n in (seeds | granted) & rank.keys())

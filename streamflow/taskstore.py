@@ -431,7 +431,9 @@ def _parsed(model: type[_M], raw: bytes | str | None, what: str) -> _M:
         return model.model_validate_json(raw or b"")
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        # A location may name a key of the input: escaped (control and bidi characters become
+        # backslash escapes) and bounded, as it reaches logs and terminals.
+        where = ".".join(str(p) for p in first["loc"])[:100].encode("unicode_escape").decode()
         raise UnrunnableTask(
             f"{what} does not parse ({exc.error_count()} errors; first: {where or 'document'}: "
             f"{first['msg']})"

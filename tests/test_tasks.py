@@ -599,6 +599,10 @@ FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
         "its graph is invalid: the graph has 10,001 nodes; at most 10,000 are allowed",
     ),
     "garbage-spec": ({"spec": b"\\x00not json"}, "its graph does not parse"),
+    "hostile-key": (
+        {"spec": b'{"nodes": [], "x\\r\\nERROR forged\\u202e": 1}'},
+        "its graph does not parse (1 errors; first: x\\r\\nERROR forged\\u202e: Extra inputs",
+    ),
     "garbage-state": ({"task": b"[1, 2"}, "its state does not parse"),
     "state-of-other-nodes": (
         {"spec": orjson.dumps({"nodes": [{"id": "z", "role": "noop"}]})},
