@@ -28,9 +28,11 @@ from streamflow.tasks import Invocation, NodeState, Step, TaskState, TaskStatus,
 
 #: How long a finished task (state, outputs) is kept, by default: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
-#: Task graphs (with what they imply, see graph.GraphIndex) one store keeps in memory; the
-#: least recently used is dropped first, a finished task's at once.
+#: Tasks whose graph (with what it implies, see graph.GraphIndex) and last committed state one
+#: store keeps in memory; the least recently used is dropped first, a finished task's at once.
 SPEC_CACHE_SIZE = 256
+#: And at most this many nodes in all of them (about 1 KB of memory each).
+SPEC_CACHE_NODES = 100_000
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ class TaskStore:
         self._scripts = scripts or streams.Scripts(redis)
         self.retention_ms = retention_ms
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cached_nodes = 0
 
     async def create(self, spec: GraphSpec, task: TaskState) -> None:
         """Write a new task and announce it to the coordinators.
@@ -131,7 +134,7 @@ class TaskStore:
         got = dict(zip(names, await self._hmget(task_id, names), strict=True))
         if got["v"] is None:
             if got.get("task") is None and got.get("spec") is None:
-                self._cache.pop(task_id, None)
+                self._forget(task_id)
                 return None  # unknown or expired
             raise UnrunnableTask("its stored state is incomplete")
         version = streams.text(got["v"])
@@ -165,9 +168,18 @@ class TaskStore:
             raise UnrunnableTask("its stored state is incomplete")
         spec = self._checked_spec(raw)
         self._cache[task_id] = _Cached(spec)
-        if len(self._cache) > SPEC_CACHE_SIZE:
-            self._cache.popitem(last=False)
+        self._cached_nodes += len(spec.nodes)
+        # The newest entry stays, even alone past the node bound: it is the one being stepped.
+        while len(self._cache) > 1 and (
+            len(self._cache) > SPEC_CACHE_SIZE or self._cached_nodes > SPEC_CACHE_NODES
+        ):
+            self._forget(next(iter(self._cache)))
         return spec
+
+    def _forget(self, task_id: str) -> None:
+        cached = self._cache.pop(task_id, None)
+        if cached is not None:
+            self._cached_nodes -= len(cached.spec.nodes)
 
     async def _state_at(
         self, task_id: str, version: int, raw: bytes | None, spec: GraphSpec
@@ -228,7 +240,7 @@ class TaskStore:
         if await self._commit(task_id, expected, fields, {}, [], [], self.retention_ms) is None:
             return "raced"
         await self._redis.delete(self.keys.task_outbox(task_id))
-        self._cache.pop(task_id, None)
+        self._forget(task_id)
         return "failed"
 
     async def commit(
@@ -251,7 +263,7 @@ class TaskStore:
             task_id, loaded.version, fields, outbox, appends, partials, expire_ms, loaded.spec
         )
         if retention and version is not None:
-            self._cache.pop(task_id, None)
+            self._forget(task_id)
         elif version is not None and task_id in self._cache:
             self._cache[task_id].version, self._cache[task_id].task = version, step.task
         return version
@@ -301,8 +313,11 @@ class TaskStore:
 
         Workers store batches with their own TTL; a finished task's batches go with it.
         """
-        for node in spec.nodes:
-            refs = await self.batch_refs(task_id, node.id)
+        for first in range(0, len(spec.nodes), 500):  # one round trip per 500 nodes, not each
+            pipe = self._redis.pipeline(transaction=False)
+            for node in spec.nodes[first : first + 500]:
+                pipe.lrange(self.keys.task_output(task_id, node.id), 0, -1)
+            refs = [streams.text(r) for found in await pipe.execute() for r in found]
             for start in range(0, len(refs), 1000):
                 pipe = self._redis.pipeline(transaction=False)
                 for ref in refs[start : start + 1000]:

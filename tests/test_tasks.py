@@ -721,3 +721,35 @@ async def coordinating(redis: Redis, namespace: str) -> AsyncIterator[Coordinato
         await tg.start(coordinator.run)
         yield coordinator
         coordinator.stop()
+
+
+async def test_the_store_keeps_a_bounded_number_of_tasks_and_nodes_in_memory(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(taskstore, "SPEC_CACHE_NODES", 100)
+    monkeypatch.setattr(taskstore, "SPEC_CACHE_SIZE", 3)
+    store = taskstore.TaskStore(redis, Keys(namespace))
+    small = Graph("small").node("only", role="noop").spec()
+    wide = Graph("wide")
+    for i in range(60):
+        wide.node(f"n{i}", role="noop")
+    tasks = {**{f"s{i}": small for i in range(1, 5)}, "w1": wide.spec(), "w2": wide.spec()}
+    kept = []
+    for task_id, spec in tasks.items():
+        await store.create(spec, streamflow.TaskState.new(task_id, spec, now_ms()))
+        assert await store.load(task_id) is not None
+        kept.append((list(store._cache), store._cached_nodes))
+
+    # At most 3 tasks, the least recently used dropped first; then at most 100 nodes in all.
+    assert kept == [
+        (["s1"], 1),
+        (["s1", "s2"], 2),
+        (["s1", "s2", "s3"], 3),
+        (["s2", "s3", "s4"], 3),
+        (["s3", "s4", "w1"], 62),
+        (["w2"], 60),
+    ]
+    # A task dropped is read again, whole.
+    loaded = await store.load("w1")
+    assert loaded is not None and len(loaded.task.nodes) == 60
+    assert list(store._cache) == ["w1"]
