@@ -448,27 +448,29 @@ class _Machine:
     def _settle_node(
         self, node_id: str, limited_roles: frozenset[str], granted: frozenset[str]
     ) -> bool:
+        # Read without a copy; copied (and so written back) only once something changes: a
+        # tick passes over ended nodes and nodes still waiting for their parents for free.
         peeked = self._peek(node_id)
         if peeked.terminal or peeked.reducing or self.task.terminal:
-            return False  # looked at, not copied: a tick passes over ended nodes for free
-        node, spec = self.node(node_id), self.index.nodes[node_id]
-        kind = self.spec.input_kind(node_id)
+            return False
+        spec, kind = self.index.nodes[node_id], self.spec.input_kind(node_id)
         # A node fed per batch whose parents produced nothing completes without running.
-        if (node.dispatched or kind == "batch") and self._complete(node_id, node, kind):
+        if (peeked.dispatched or kind == "batch") and self._complete(node_id, peeked, kind):
             if spec.function is not None:
-                node.reducing = True  # its result is computed, then it succeeds
+                self.node(node_id).reducing = True  # its result is computed, then it succeeds
                 self.step.reduce.append(node_id)
             else:
                 self._finish(node_id, "succeeded")
             self.step.changed = True
             return True
-        work = self._ready_work(node_id, node, kind, spec)
+        work = self._ready_work(node_id, peeked, kind, spec)
         if isinstance(work, str):  # can never run
             self._finish(node_id, "skipped" if kind == "failure" or work == "" else "cancelled")
-            node.error = work or None
+            self.node(node_id).error = work or None
             return True
         if not work:
             return False
+        node = self.node(node_id)
         if node.dispatched == 0 and not self._start(node_id, node, spec, limited_roles, granted):
             return False
         self._dispatch(node, work)
