@@ -437,7 +437,10 @@ class _Machine:
         self._finish_task()
 
     def _finish_task(self) -> None:
-        if not self.task.terminal and all(n.terminal for n in self.task.nodes.values()):
+        nodes = self.task.nodes
+        # Children first: a task that has not ended usually has a last node that has not, so
+        # the look stops at once instead of passing every node that ended.
+        if not self.task.terminal and all(nodes[n].terminal for n in reversed(self.index.order)):
             failed = [
                 i
                 for i, n in self.task.nodes.items()
