@@ -420,6 +420,8 @@ class _Machine:
             seeds = set(self.touched) | {
                 e.target for n in self.touched for e in self.index.children.get(n, ())
             }
+            if any(self.task.nodes[n].terminal for n in self.touched):
+                seeds |= self._waiting()  # one ended (failed, reduced): a place may be free
             queue = sorted((rank[n], n) for n in (seeds | granted) & rank.keys())
         queued = {n for _, n in queue}
         while queue and not self.task.terminal:
@@ -428,13 +430,19 @@ class _Machine:
             if not self._settle_node(node_id, limited_roles, granted):
                 continue
             following = [e.target for e in self.index.children.get(node_id, ())]
-            if self.spec.max_running_nodes is not None and self.node(node_id).terminal:
-                following += [n for n, s in self.task.nodes.items() if s.waiting is not None]
+            if self.task.nodes[node_id].terminal:
+                following += self._waiting()
             for child in following:
                 if child in rank and child not in queued:
                     queued.add(child)
                     heapq.heappush(queue, (rank[child], child))
         self._finish_task()
+
+    def _waiting(self) -> set[str]:
+        """Nodes held back by the task limit, when it has one (a node that ends frees a place)."""
+        if self.spec.max_running_nodes is None:
+            return set()
+        return {n for n, state in self.task.nodes.items() if state.waiting is not None}
 
     def _finish_task(self) -> None:
         nodes = self.task.nodes

@@ -770,6 +770,21 @@ def test_max_running_nodes_limits_active_nodes() -> None:
     assert run.status() == "succeeded"
 
 
+def test_a_place_freed_under_the_task_limit_by_a_function_node_is_taken_in_the_same_step() -> None:
+    graph = Graph("limited", max_running_nodes=1)
+    graph.node("m", function="merge.generic").node("y", role="work")
+    run = Run(graph)
+    run.feed(tick())
+    assert [d.node_id for d in run.dispatches] == ["m"]
+    assert run.task.nodes["y"].waiting == "task limit: 1 of 1 nodes running"
+    run.feed(Internal("function_done", "m", 0), partials={("m", 0): None})
+
+    step = run.feed(Internal("reduced", "m"))  # m ends in the event itself, not in settling
+
+    assert run.state("m") == "succeeded"
+    assert [d.node_id for d in step.dispatches] == ["y"]
+
+
 def test_max_running_nodes_holds_a_per_batch_child_until_its_parent_finishes() -> None:
     run = Run(chain(limit=1))
     run.feed(tick())
