@@ -172,6 +172,7 @@ class GraphIndex:
             the nodes all of whose parents came before, layer by layer in spec order. Nodes on
             or after a cycle (an invalid graph) come last, in spec order.
         rank: Each node id's position in ``order``.
+        roles: The roles its nodes run on.
         built_for: Identities of the node and edge lists it was built from.
     """
 
@@ -180,6 +181,7 @@ class GraphIndex:
     children: Mapping[str, tuple[EdgeSpec, ...]]
     order: tuple[str, ...]
     rank: Mapping[str, int]
+    roles: frozenset[str]
     built_for: tuple[int, int]
 
     @classmethod
@@ -200,6 +202,7 @@ class GraphIndex:
             children={k: tuple(v) for k, v in children.items()},
             order=tuple(order),
             rank={node_id: i for i, node_id in enumerate(order)},
+            roles=frozenset(n.role for n in nodes.values() if n.role is not None),
             built_for=(id(spec.nodes), id(spec.edges)),
         )
 

@@ -420,8 +420,9 @@ class _Machine:
             seeds = set(self.touched) | {
                 e.target for n in self.touched for e in self.index.children.get(n, ())
             }
-            if any(self.task.nodes[n].terminal for n in self.touched):
-                seeds |= self._waiting()  # one ended (failed, reduced): a place may be free
+            # Nodes held back by a limit are looked at again on every step, as a place may
+            # have come free (a node that ended, a slot another task released).
+            seeds |= self._waiting(limited_roles)
             queue = sorted((rank[n], n) for n in (seeds | granted) & rank.keys())
         queued = {n for _, n in queue}
         while queue and not self.task.terminal:
@@ -431,16 +432,16 @@ class _Machine:
                 continue
             following = [e.target for e in self.index.children.get(node_id, ())]
             if self.task.nodes[node_id].terminal:
-                following += self._waiting()
+                following += self._waiting(limited_roles)
             for child in following:
                 if child in rank and child not in queued:
                     queued.add(child)
                     heapq.heappush(queue, (rank[child], child))
         self._finish_task()
 
-    def _waiting(self) -> set[str]:
-        """Nodes held back by the task limit, when it has one (a node that ends frees a place)."""
-        if self.spec.max_running_nodes is None:
+    def _waiting(self, limited_roles: frozenset[str]) -> set[str]:
+        """Nodes held back by a limit (none looked for when the task is under no limit)."""
+        if self.spec.max_running_nodes is None and not self.index.roles & limited_roles:
             return set()
         return {n for n, state in self.task.nodes.items() if state.waiting is not None}
 

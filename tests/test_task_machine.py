@@ -836,6 +836,21 @@ def test_a_limited_role_waits_for_a_slot_and_releases_it() -> None:
     assert run.status() == "succeeded"
 
 
+def test_a_node_waiting_for_a_role_slot_asks_again_on_any_later_step() -> None:
+    graph = Graph("two").node("a", role="work").node("b", role="work").node("c", role="other")
+    run = Run(graph, limited_roles={"work"})
+    first = run.feed(tick(), granted={"a"})
+    assert first.wants_slot == {"b"}
+    assert run.task.nodes["b"].waiting == "role limit of 'work'"
+
+    # News of another node only: b is not its child, yet it asks for a slot again, as a slot
+    # may have come free since (the coordinator takes slots for the nodes that ask).
+    step = run.preview(accepted("c"))
+
+    assert step.wants_slot == {"b"}
+    assert [d.node_id for d in run.preview(accepted("c"), granted={"b"}).dispatches] == ["b"]
+
+
 def test_a_granted_slot_is_released_when_the_task_is_cancelled() -> None:
     run = Run(chain(), limited_roles={"transform"})
     run.feed(tick())
