@@ -129,9 +129,7 @@ class TaskStore:
         cached = self._cached(task_id)
         names = ["v", *(f"inv:{key}" for key in invocations)]
         if cached is None:
-            names.append("spec")
-        if cached is None or cached.task is None:
-            names.append("task")
+            names += ["spec", "task"]  # the task only to tell unknown from incomplete
         got = dict(zip(names, await self._hmget(task_id, names), strict=True))
         if got["v"] is None:
             if got.get("task") is None and got.get("spec") is None:
@@ -142,7 +140,7 @@ class TaskStore:
         if not version.isdigit():
             raise UnrunnableTask("its version is not a number")
         spec = cached.spec if cached is not None else self._remember_spec(task_id, got["spec"])
-        task = await self._state_at(task_id, int(version), got.get("task"), spec)
+        task = await self._state_at(task_id, int(version), spec)
         invs = {
             key: _parsed(Invocation, got[f"inv:{key}"], f"its invocation record {key!r}")
             for key in invocations
@@ -182,20 +180,23 @@ class TaskStore:
         if cached is not None:
             self._cached_nodes -= len(cached.spec.nodes)
 
-    async def _state_at(
-        self, task_id: str, version: int, raw: bytes | None, spec: GraphSpec
-    ) -> TaskState:
-        """The state at ``version``: the one this store committed, or read and checked."""
+    async def _state_at(self, task_id: str, version: int, spec: GraphSpec) -> TaskState:
+        """The state at ``version``: the one this store committed or read last, else read.
+
+        A state read after ``version`` was (a commit came in between) is newer than its label:
+        harmless, as the version moved too, so that the step's commit loses the race and the
+        next load reads the state again.
+        """
         cached = self._cache.get(task_id)
         if cached is not None and cached.task is not None and cached.version == version:
             return cached.task
         ids = list(spec.index.nodes)
         values = await self._hmget(task_id, ["task", *(node_field(n) for n in ids)])
-        # The task's own state as read with the version, if it was (a commit in between moves
-        # the version: the commit of this step then loses the race, and the step is redone).
-        task = decode_state(raw or values[0], dict(zip(ids, values[1:], strict=True)))
+        task = decode_state(values[0], dict(zip(ids, values[1:], strict=True)))
         if task.id != task_id:
             raise UnrunnableTask("its state does not match its graph")
+        if cached is not None:
+            cached.version, cached.task = version, task
         return task
 
     @staticmethod
