@@ -344,6 +344,15 @@ class TaskStore:
         """
         return await self._read_state(task_id)
 
+    async def own_state(self, task_id: str) -> TaskState | None:
+        """The task's own state, its nodes left out (one field read); None if unknown.
+
+        Raises:
+            UnrunnableTask: It does not parse.
+        """
+        raw = await self._redis.hget(self.keys.task_state(task_id), "task")
+        return None if raw is None else _parsed(TaskState, raw, "its state")
+
     async def node_running(self, task_id: str, node_id: str) -> bool:
         """Whether a task and its node exist and have not ended (two fields read, not the task).
 
