@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from streamflow import graph as graphs
 from streamflow import streams
+from streamflow.errors import StreamflowError
 from streamflow.graph import GraphSpec
 from streamflow.keys import Keys
 from streamflow.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
@@ -45,7 +46,7 @@ class _Cached:
     task: TaskState | None = None
 
 
-class UnrunnableTask(ValueError):
+class UnrunnableTask(StreamflowError, ValueError):
     """A task's stored state cannot be run (written by hand, or corrupted): why.
 
     ``writable`` is False when its state key is not a hash, so that no failed state can be
