@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import click
@@ -175,8 +175,7 @@ def submit(
     try:
         spec = load(graph_file.read(), filename=getattr(graph_file, "name", "") or "")
     except GraphError as exc:
-        echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _refused(exc)
     params = None
     if params_json is not None:
         try:
@@ -188,8 +187,7 @@ def submit(
     try:
         final = anyio.run(_submit, settings, spec, params, task_id, wait, timeout)
     except GraphError as exc:
-        echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _refused(exc)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if final is not None:
@@ -199,6 +197,15 @@ def submit(
             )
         )
         sys.exit(0 if final.state == "succeeded" else 1)
+
+
+def _refused(exc: GraphError) -> NoReturn:
+    """Print why a graph is refused (one problem: one line) and exit with status 2."""
+    if len(exc.problems) == 1:
+        echo(f"error: invalid task graph: {exc.problems[0]}", err=True)
+    else:
+        echo(f"error: {exc}", err=True)
+    sys.exit(2)
 
 
 async def _submit(

@@ -607,13 +607,17 @@ class Client:
             LookupError: The task is unknown.
             TimeoutError: It did not finish within ``timeout`` seconds.
         """
+        validate_name(task_id, "task id")
         with anyio.fail_after(timeout):
             while True:
-                task = await self.task(task_id)
-                if task is None:
+                # The task's own state only (one field): its nodes are read once it has ended.
+                own = await self._tasks.own_state(task_id)
+                if own is not None and own.terminal:
+                    task = await self._tasks.state(task_id)
+                    if task is not None:
+                        return task
+                if own is None:
                     raise LookupError(f"unknown task {task_id!r}")
-                if task.terminal:
-                    return task
                 await anyio.sleep(poll)  # the state lives in Redis: poll it
 
     async def _cancel_done(self, result: CancelResult) -> bool:

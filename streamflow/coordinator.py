@@ -57,7 +57,7 @@ from streamflow.protocol import (
     now_ms,
 )
 from streamflow.tasks import Dispatch, Event, Internal, Step, advance
-from streamflow.taskstore import DEFAULT_RETENTION_MS, Loaded, TaskStore
+from streamflow.taskstore import DEFAULT_RETENTION_MS, Loaded, TaskStore, UnrunnableTask
 from streamflow.worker import default_consumer_name
 
 logger = logging.getLogger(__name__)
@@ -366,16 +366,32 @@ class Coordinator:
                 await self._handle(entries)
 
     async def _sweep_loop(self) -> None:
-        sweep_backoff = streams.Backoff("sweeping unfinished tasks")
+        backoff = streams.Backoff("sweeping unfinished tasks")
+        refused = ""
         while not self._stopping.is_set():
             with anyio.move_on_after(self._sweep_interval):
                 await self._stopping.wait()
-            await self._guarded(self._sweep, sweep_backoff)
+            try:
+                await self._guarded(self._sweep, backoff)
+            except ResponseError as exc:
+                # A key of the wrong type (written by hand): say so once, and keep sweeping.
+                if str(exc) != refused:
+                    logger.warning("sweeping tasks: Redis refused: %s", shown(str(exc)))
+                refused = str(exc)
+                continue
+            refused = ""
 
     async def _sweep(self) -> None:
         """Queue a re-evaluation of every unfinished task; free leaked role slots."""
         active = await self._redis.smembers(self._keys.tasks_active())
-        self._ticks.update(streams.text(t) for t in active)
+        for raw in active:
+            task_id = streams.text(raw)
+            try:
+                self._ticks.add(validate_name(task_id, "task id"))
+            except InvalidNameError:
+                # Not one of ours (written by hand): it names no task this could run.
+                logger.warning("not a task id in the active tasks set: %r", task_id[:200])
+                await self._redis.srem(self._keys.tasks_active(), raw)
         self._tick_wakeup.set()
         for role, limit in self.role_limits.items():
             await self._free_leaked_slots(role, limit)
@@ -390,7 +406,19 @@ class Coordinator:
     async def _run_ticks(self) -> None:
         while self._ticks:
             task_id = self._ticks.pop()
-            await self.process(task_id, [Internal("tick")])
+            await self._process_guarded(task_id, [Internal("tick")])
+
+    async def _process_guarded(self, task_id: str, events: list[Event]) -> bool:
+        """:meth:`process`; False when it failed for a reason other than an outage."""
+        try:
+            await self.process(task_id, events)
+        except Exception as exc:
+            if streams.is_outage(exc) or streams.is_group_lost(exc):
+                raise  # the loop backs off, or recreates the groups, and reads again
+            # A bug or bad data in one task must not stop every other task, nor the loop.
+            logger.exception("task %s: processing events failed", task_id)
+            return False
+        return True
 
     def _on_cancel(self, signal: CancelSignal) -> None:
         if signal.target in ("task", "any"):
@@ -416,14 +444,8 @@ class Coordinator:
             by_task[event.task_id].append(event)
         failed: set[str] = set()
         for task_id, events in by_task.items():
-            try:
-                await self.process(task_id, events)
-            except Exception as exc:
-                if streams.is_outage(exc) or streams.is_group_lost(exc):
-                    raise  # the loop backs off, or recreates the groups, and reads again
-                # A bug or bad data in one task must not stop every other task: its events
-                # stay pending, to be adopted and tried again after the lease TTL.
-                logger.exception("task %s: processing events failed", task_id)
+            if not await self._process_guarded(task_id, events):
+                # Its events stay pending, to be adopted and tried again after the lease TTL.
                 failed.add(task_id)
                 continue
             self.events_processed += sum(1 for e in events if isinstance(e, TaskEvent))
@@ -480,21 +502,18 @@ class Coordinator:
             {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
         )
         for _ in range(COMMIT_ATTEMPTS):
-            loaded = await self.store.load(task_id, wanted)
+            try:
+                loaded = await self.store.load(task_id, wanted)
+            except UnrunnableTask as exc:
+                if await self._give_up(task_id, exc):
+                    return 0
+                continue  # the state changed under us: look again
             if loaded is None:
                 return 0  # unknown or expired: nothing to do
             if loaded.task.terminal:
                 await self._redis.srem(self._keys.tasks_active(), task_id)
                 return 0
-            todo = list(events)
-            cancel = self._book.for_task(task_id)
-            if cancel is not None:
-                todo.append(Internal("cancel", reason=cancel.reason or "cancelled"))
-            step = self._advance(loaded, todo, partials, frozenset())
-            if step.wants_slot:
-                granted = await self._take_slots(task_id, loaded.spec, step.wants_slot)
-                if granted:
-                    step = self._advance(loaded, todo, partials, granted)
+            step = await self._decide(loaded, events, partials)
             if not step.changed:
                 return 0
             outbox = await self._outbox_items(loaded, step)
@@ -502,15 +521,57 @@ class Coordinator:
             if version is not None:
                 self.commits += 1
                 if step.task.terminal:
-                    await self._redis.srem(self._keys.tasks_active(), task_id)
-                    await self.store.expire_batches(loaded.spec, task_id)
-                    state = step.task.state
-                    self.finished[state] = self.finished.get(state, 0) + 1
-                    logger.info("task %s %s", task_id, state)
+                    await self._ended(loaded, step)
                 return len(outbox)
             self.conflicts += 1
         # Its events stay pending (see _handle) and are tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
+
+    async def _decide(
+        self, loaded: Loaded, events: list[Event], partials: dict[tuple[str, int], Any] | None
+    ) -> Step:
+        """The step the events (and a cancel of the task, if any) justify, slots taken."""
+        task_id = loaded.task.id
+        todo = list(events)
+        cancel = self._book.for_task(task_id)
+        if cancel is not None:
+            todo.append(Internal("cancel", reason=cancel.reason or "cancelled"))
+        step = self._advance(loaded, todo, partials, frozenset())
+        if step.wants_slot:
+            granted = await self._take_slots(task_id, loaded.spec, step.wants_slot)
+            if granted:
+                step = self._advance(loaded, todo, partials, granted)
+        return step
+
+    async def _ended(self, loaded: Loaded, step: Step) -> None:
+        task_id, state = step.task.id, step.task.state
+        await self._redis.srem(self._keys.tasks_active(), task_id)
+        await self.store.expire_batches(loaded.spec, task_id)
+        self.finished[state] = self.finished.get(state, 0) + 1
+        logger.info("task %s %s", task_id, state)
+
+    async def _give_up(self, task_id: str, exc: UnrunnableTask) -> bool:
+        """End a task that cannot be run ``failed`` with the reason; False on a commit race."""
+        reason = f"the coordinator cannot run this task: {exc.reason}"
+        outcome = await self.store.fail(task_id, reason, now_ms()) if exc.writable else "failed"
+        if outcome == "raced":
+            return False
+        await self._redis.srem(self._keys.tasks_active(), task_id)
+        if outcome == "ended":
+            return True  # failed by an earlier look (or ended before it was damaged)
+        logger.warning("task %s cannot run: %s", task_id, exc.reason)
+        # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
+        await signals.send_cancel(
+            self._redis,
+            self._scripts,
+            self._keys,
+            target="task",
+            target_id=task_id,
+            reason=reason[:1000],
+            requested_by=f"coordinator {self.consumer}",
+        )
+        self.finished["failed"] = self.finished.get("failed", 0) + 1
+        return True
 
     def _advance(
         self,
@@ -775,9 +836,7 @@ class Coordinator:
         for raw in await self._redis.smembers(self._keys.role_slots(role)):
             member = streams.text(raw)
             task_id, _, node_id = member.partition("/")
-            task = await self.store.state(task_id)
-            node = task.nodes.get(node_id) if task else None
-            if task is None or task.terminal or node is None or node.terminal:
+            if not await self.store.node_running(task_id, node_id):
                 await self._redis.srem(self._keys.role_slots(role), member)
 
 

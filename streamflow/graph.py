@@ -9,12 +9,20 @@ coordinator). Edges say when a child runs:
 * ``on: failure`` -- once, only if the parent fails permanently (a remediation node).
 
 A node's incoming edges are all of one kind. :func:`check` lists every problem of a graph at
-once; :meth:`Graph.validated` raises :class:`GraphError` with that list.
+once; :meth:`Graph.validated` raises :class:`GraphError` with that list. A graph may have at
+most :data:`MAX_NODES` nodes, :data:`MAX_EDGES` edges and :data:`MAX_DOCUMENT_BYTES` of JSON:
+the coordinator refuses (fails) a stored task past them too.
+
+What a graph implies (nodes by id, parents, children, a topological order) is computed once per
+spec, in linear time, by :class:`GraphIndex`: no step of a task costs more for a bigger graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+import functools
+import heapq
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -28,6 +36,13 @@ Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN.pattern}$")]
 #: A coordinator function name: dotted names such as ``merge.generic``.
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*$")]
 EdgeKind = Literal["batch", "done", "failure"]
+
+#: The most nodes a task graph may have.
+MAX_NODES = 10_000
+#: The most edges a task graph may have.
+MAX_EDGES = 50_000
+#: The largest graph document (JSON or YAML text, or the spec as stored) accepted, in bytes.
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 
 class GraphError(StreamflowError, ValueError):
@@ -111,28 +126,114 @@ class GraphSpec(_Spec):
     max_running_nodes: Annotated[int, Field(ge=1)] | None = None
 
     def node(self, node_id: str) -> NodeSpec:
-        """The node called ``node_id``."""
-        for node in self.nodes:
-            if node.id == node_id:
-                return node
-        raise KeyError(node_id)
+        """The node called ``node_id`` (the first, if the id is duplicated)."""
+        return self.index.nodes[node_id]
 
     def parents(self, node_id: str) -> list[EdgeSpec]:
         """The edges into ``node_id``, in spec order."""
-        return [e for e in self.edges if e.target == node_id]
+        return list(self.index.parents.get(node_id, ()))
 
     def children(self, node_id: str) -> list[EdgeSpec]:
         """The edges out of ``node_id``, in spec order."""
-        return [e for e in self.edges if e.source == node_id]
+        return list(self.index.children.get(node_id, ()))
 
     def input_kind(self, node_id: str) -> EdgeKind | None:
         """How the node is fed: ``batch``, ``done``, ``failure``, or None for a source."""
-        edges = self.parents(node_id)
+        edges = self.index.parents.get(node_id)
         return edges[0].on if edges else None
+
+    @property
+    def index(self) -> GraphIndex:
+        """What the graph implies, computed once per spec (see :class:`GraphIndex`)."""
+        slot = self._index_slot
+        # A model_copy shares the slot: an index built for other node or edge lists is stale.
+        if not slot or slot[0].built_for != (id(self.nodes), id(self.edges)):
+            slot[:] = [GraphIndex.build(self)]
+        return slot[0]
+
+    @functools.cached_property
+    def _index_slot(self) -> list[GraphIndex]:
+        # A cached_property is not a field: it is neither dumped nor compared.
+        return []
 
     def to_json(self) -> bytes:
         """The spec as JSON, with edge keys ``from`` and ``to`` as written by users."""
         return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_defaults=True))
+
+
+@dataclass(frozen=True, slots=True)
+class GraphIndex:
+    """What a graph implies, built in linear time once per spec.
+
+    Attributes:
+        nodes: Nodes by id (the first of a duplicated id).
+        parents: Per node id, the edges into it, in spec order.
+        children: Per node id, the edges out of it, in spec order.
+        order: Every node id once, parents before children: the sources in spec order, then
+            the nodes all of whose parents came before, layer by layer in spec order. Nodes on
+            or after a cycle (an invalid graph) come last, in spec order.
+        rank: Each node id's position in ``order``.
+        roles: The roles its nodes run on.
+        built_for: Identities of the node and edge lists it was built from.
+    """
+
+    nodes: Mapping[str, NodeSpec]
+    parents: Mapping[str, tuple[EdgeSpec, ...]]
+    children: Mapping[str, tuple[EdgeSpec, ...]]
+    order: tuple[str, ...]
+    rank: Mapping[str, int]
+    roles: frozenset[str]
+    built_for: tuple[int, int]
+
+    @classmethod
+    def build(cls, spec: GraphSpec) -> GraphIndex:
+        """Index ``spec``: one pass over its nodes and edges, then Kahn's algorithm."""
+        nodes: dict[str, NodeSpec] = {}
+        for node in spec.nodes:
+            nodes.setdefault(node.id, node)
+        parents: dict[str, list[EdgeSpec]] = {}
+        children: dict[str, list[EdgeSpec]] = {}
+        for edge in spec.edges:
+            parents.setdefault(edge.target, []).append(edge)
+            children.setdefault(edge.source, []).append(edge)
+        order = _layered_order(list(nodes), children, parents)
+        return cls(
+            nodes=nodes,
+            parents={k: tuple(v) for k, v in parents.items()},
+            children={k: tuple(v) for k, v in children.items()},
+            order=tuple(order),
+            rank={node_id: i for i, node_id in enumerate(order)},
+            roles=frozenset(n.role for n in nodes.values() if n.role is not None),
+            built_for=(id(spec.nodes), id(spec.edges)),
+        )
+
+
+def _layered_order(
+    ids: list[str], children: dict[str, list[EdgeSpec]], parents: dict[str, list[EdgeSpec]]
+) -> list[str]:
+    """Kahn's algorithm, layer by layer, each layer in spec order; cycles last, in spec order."""
+    position = {node_id: i for i, node_id in enumerate(ids)}
+    # Only edges between known nodes count (an edge to a missing node is reported by check).
+    waiting = {
+        n: sum(1 for e in parents.get(n, ()) if e.source in position and e.source != n) for n in ids
+    }
+    layer = [n for n in ids if waiting[n] == 0]
+    order: list[str] = []
+    while layer:
+        order += layer
+        following: list[tuple[int, str]] = []
+        for node_id in layer:
+            for edge in children.get(node_id, ()):
+                child = edge.target
+                if child in waiting and child != node_id:
+                    waiting[child] -= 1
+                    if waiting[child] == 0:
+                        heapq.heappush(following, (position[child], child))
+        layer = [heapq.heappop(following)[1] for _ in range(len(following))]
+    if len(order) < len(ids):  # a cycle: validation refuses these; place the rest anyway
+        placed = set(order)
+        order += [n for n in ids if n not in placed]
+    return order
 
 
 class Graph:
@@ -218,6 +319,9 @@ def parse(document: Any) -> GraphSpec:
         return document
     if isinstance(document, Graph):
         return document.spec()
+    if isinstance(document, dict):
+        # Refused before pydantic builds a model per node: a huge graph costs nothing here.
+        _raise_over_limits(document.get("nodes"), document.get("edges"))
     try:
         return GraphSpec.model_validate(document)
     except ValidationError as exc:
@@ -235,9 +339,12 @@ def load(text: str | bytes, *, filename: str = "") -> GraphSpec:
     extra (``pip install 'streamflow[yaml]'``); JSON needs nothing more.
 
     Raises:
-        GraphError: The text does not parse, or the graph is malformed.
+        GraphError: The text is over :data:`MAX_DOCUMENT_BYTES`, does not parse, or the graph is
+            malformed.
         MissingExtraError: A YAML graph, and the ``yaml`` extra is not installed.
     """
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise GraphError([_too_big("the graph document", len(text))])
     if filename.endswith((".yaml", ".yml")):
         yaml = extras.require("yaml", "a YAML task graph")
 
@@ -273,6 +380,12 @@ def check(
         roles: The roles that exist; None skips the check.
         functions: The coordinator functions that exist; None skips the check.
     """
+    over = _over_limits(len(spec.nodes), len(spec.edges))
+    if over:
+        return over  # refused whole: listing a huge graph's every problem helps nobody
+    size = len(spec.to_json())
+    if size > MAX_DOCUMENT_BYTES:
+        return [_too_big("the graph as JSON", size)]
     problems: list[str] = []
     ids = [n.id for n in spec.nodes]
     if not ids:
@@ -290,7 +403,7 @@ def check(
         problems += _check_inputs(spec, node)
     cycle = _find_cycle(ids, [(e.source, e.target) for e in spec.edges if e.target in known])
     if cycle:
-        problems.append("cycle: " + " -> ".join(cycle))
+        problems.append("cycle: " + _path(cycle))
     return problems
 
 
@@ -368,29 +481,66 @@ def _check_inputs(spec: GraphSpec, node: NodeSpec) -> list[str]:
 
 
 def _find_cycle(ids: Iterable[str], edges: list[tuple[str, str]]) -> list[str]:
-    """One cycle as a closed path of node ids, or an empty list."""
+    """One cycle as a closed path of node ids, or an empty list.
+
+    A depth-first search with its own stack (a long chain must not hit Python's recursion
+    limit), visiting nodes in ``ids`` order and children in edge order; linear time.
+    """
     children: dict[str, list[str]] = {}
     for source, target in edges:
         children.setdefault(source, []).append(target)
     state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        path.append(node)
-        for child in children.get(node, []):
-            if state.get(child) == 1:
-                return [*path[path.index(child) :], child]
-            if child not in state and (found := visit(child)):
-                return found
-        path.pop()
-        state[node] = 2
-        return []
-
-    for node in ids:
-        if node not in state and (found := visit(node)):
-            return found
+    for root in ids:
+        if root in state:
+            continue
+        path = [root]
+        state[root] = 1
+        stack: list[Iterator[str]] = [iter(children.get(root, ()))]
+        where = {root: 0}  # position on the path, to cut the cycle out of it
+        while stack:
+            child = next(stack[-1], None)
+            if child is None:
+                stack.pop()
+                done = path.pop()
+                state[done] = 2
+                del where[done]
+            elif state.get(child) == 1:
+                return [*path[where[child] :], child]
+            elif child not in state:
+                state[child] = 1
+                where[child] = len(path)
+                path.append(child)
+                stack.append(iter(children.get(child, ())))
     return []
+
+
+def _path(cycle: list[str], shown: int = 8) -> str:
+    """A cycle for people: a long one shows its ends and how many nodes it skips."""
+    if len(cycle) <= 2 * shown + 1:
+        return " -> ".join(cycle)
+    skipped = len(cycle) - 2 * shown
+    return " -> ".join([*cycle[:shown], f"... {skipped:,} more ...", *cycle[-shown:]])
+
+
+def _over_limits(nodes: int, edges: int) -> list[str]:
+    problems = []
+    if nodes > MAX_NODES:
+        problems.append(f"the graph has {nodes:,} nodes; at most {MAX_NODES:,} are allowed")
+    if edges > MAX_EDGES:
+        problems.append(f"the graph has {edges:,} edges; at most {MAX_EDGES:,} are allowed")
+    return problems
+
+
+def _raise_over_limits(nodes: Any, edges: Any) -> None:
+    over = _over_limits(
+        len(nodes) if isinstance(nodes, list) else 0, len(edges) if isinstance(edges, list) else 0
+    )
+    if over:
+        raise GraphError(over)
+
+
+def _too_big(what: str, size: int) -> str:
+    return f"{what} is {size:,} bytes; at most {MAX_DOCUMENT_BYTES:,} are allowed"
 
 
 def _where(document: Any, loc: tuple[int | str, ...]) -> str:

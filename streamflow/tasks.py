@@ -14,6 +14,7 @@ failed, even a remediated one, is ``cancelled``).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -224,6 +225,7 @@ class Step:
         cancel: A reason to send the task a cancel signal (it failed or was cancelled).
         wants_slot: Ready nodes of a limited role that need a role slot to start.
         released: Nodes that hold a role slot and just finished.
+        touched: Nodes whose state the step copied: only these may have changed.
         changed: Whether anything changed.
     """
 
@@ -236,6 +238,7 @@ class Step:
     cancel: str | None = None
     wants_slot: set[str] = field(default_factory=set)
     released: set[str] = field(default_factory=set)
+    touched: set[str] = field(default_factory=set)
     changed: bool = False
 
 
@@ -264,7 +267,14 @@ def advance(
         partials: Partial results of ``function_done`` events, by (node, invocation).
     """
     copies = {key: inv.model_copy(deep=True) for key, inv in invocations.items()}
-    machine = _Machine(spec, task.model_copy(deep=True), copies, now)
+    # Nodes are copied when the step first touches them (see _Machine.node), not all up front:
+    # a step costs what its events touch, not what the graph holds.
+    shallow = task.model_copy(update={"nodes": dict(task.nodes)})
+    machine = _Machine(spec, shallow, copies, now)
+    machine.cancel_reason = next(
+        (e.reason or "cancelled" for e in events if isinstance(e, Internal) and e.type == "cancel"),
+        None,
+    )
     for event in events:
         machine.apply(event, partials or {})
     machine.settle(limited_roles, granted)
@@ -279,14 +289,25 @@ class _Machine:
         self.now = now
         self.invocations = invocations
         self.step = Step(task)
-        self.order = _topological(spec)
+        self.index = spec.index  # built once per spec, not per step
+        self.cancel_reason: str | None = None  # a cancel of the whole task among the events
+        self.full = False  # a tick: evaluate every node, not only those the events touched
+        self.touched = self.step.touched  # nodes copied (and perhaps changed) by this step
+        self._running: int | None = None  # active nodes, counted when the task limit needs it
 
     @property
     def task(self) -> TaskState:
         return self.step.task
 
     def node(self, node_id: str) -> NodeState:
-        return self.task.nodes[node_id]
+        """The node's state, copied on first use: the caller's task is never modified."""
+        node = self.task.nodes[node_id]
+        if node_id not in self.touched:
+            # Its one mutable field copied by hand: a deep copy costs ten times as much.
+            node = node.model_copy(update={"fed": dict(node.fed)})
+            self.task.nodes[node_id] = node
+            self.touched.add(node_id)
+        return node
 
     # -- events -------------------------------------------------------------------------
 
@@ -329,7 +350,8 @@ class _Machine:
             self._fail(event.node_id, event.error or "failed")
         else:  # cancelled by a signal that named this node's message
             inv.state = "cancelled"
-            self._cancel_task(f"node {event.node_id!r} was cancelled")
+            # The echo of the task's own cancel, when that is among the events, keeps its reason.
+            self._cancel_task(self.cancel_reason or f"node {event.node_id!r} was cancelled")
 
     def _keep(self, key: str, inv: Invocation, before: tuple[Any, ...]) -> None:
         if inv.complete and not inv.counted:
@@ -342,6 +364,7 @@ class _Machine:
 
     def _internal(self, event: Internal, partials: dict[tuple[str, int], Any]) -> None:
         if event.type == "tick":
+            self.full = True
             return
         if event.type == "cancel":
             self._cancel_task(event.reason or "cancelled")
@@ -383,14 +406,50 @@ class _Machine:
     # -- decisions ------------------------------------------------------------------------
 
     def settle(self, limited_roles: frozenset[str], granted: frozenset[str]) -> None:
-        """Complete what can complete, cascade failures, dispatch what is ready; repeat."""
-        while not self.task.terminal:
-            progressed = False
-            for node_id in self.order:
-                progressed |= self._settle_node(node_id, limited_roles, granted)
-            if not progressed:
-                break
-        if not self.task.terminal and all(n.terminal for n in self.task.nodes.values()):
+        """Complete what can complete, cascade failures, dispatch what is ready.
+
+        Only the nodes the events touched, those granted a slot and, as they change, their
+        children are looked at, parents first (every node on a tick). A node that frees a
+        place under the task limit brings in the nodes waiting for one.
+        """
+        rank = self.index.rank
+        if self.full:
+            queue = [(rank[n], n) for n in self.index.order]
+        else:
+            # A node the events changed (a batch out, a run done) may feed its children.
+            seeds = set(self.touched) | {
+                e.target for n in self.touched for e in self.index.children.get(n, ())
+            }
+            # Nodes held back by a limit are looked at again on every step, as a place may
+            # have come free (a node that ended, a slot another task released).
+            seeds |= self._waiting(limited_roles)
+            queue = sorted((rank[n], n) for n in (seeds | granted) & rank.keys())
+        queued = {n for _, n in queue}
+        while queue and not self.task.terminal:
+            _, node_id = heapq.heappop(queue)
+            queued.discard(node_id)
+            if not self._settle_node(node_id, limited_roles, granted):
+                continue
+            following = [e.target for e in self.index.children.get(node_id, ())]
+            if self.task.nodes[node_id].terminal:
+                following += self._waiting(limited_roles)
+            for child in following:
+                if child in rank and child not in queued:
+                    queued.add(child)
+                    heapq.heappush(queue, (rank[child], child))
+        self._finish_task()
+
+    def _waiting(self, limited_roles: frozenset[str]) -> set[str]:
+        """Nodes held back by a limit (none looked for when the task is under no limit)."""
+        if self.spec.max_running_nodes is None and not self.index.roles & limited_roles:
+            return set()
+        return {n for n, state in self.task.nodes.items() if state.waiting is not None}
+
+    def _finish_task(self) -> None:
+        nodes = self.task.nodes
+        # Children first: a task that has not ended usually has a last node that has not, so
+        # the look stops at once instead of passing every node that ended.
+        if not self.task.terminal and all(nodes[n].terminal for n in reversed(self.index.order)):
             failed = [
                 i
                 for i, n in self.task.nodes.items()
@@ -401,26 +460,29 @@ class _Machine:
     def _settle_node(
         self, node_id: str, limited_roles: frozenset[str], granted: frozenset[str]
     ) -> bool:
-        node, spec = self.node(node_id), self.spec.node(node_id)
-        if node.terminal or node.reducing or self.task.terminal:
+        # Read without a copy; copied (and so written back) only once something changes: a
+        # tick passes over ended nodes and nodes still waiting for their parents for free.
+        peeked = self._peek(node_id)
+        if peeked.terminal or peeked.reducing or self.task.terminal:
             return False
-        kind = self.spec.input_kind(node_id)
+        spec, kind = self.index.nodes[node_id], self.spec.input_kind(node_id)
         # A node fed per batch whose parents produced nothing completes without running.
-        if (node.dispatched or kind == "batch") and self._complete(node_id, node, kind):
+        if (peeked.dispatched or kind == "batch") and self._complete(node_id, peeked, kind):
             if spec.function is not None:
-                node.reducing = True  # its result is computed, then it succeeds
+                self.node(node_id).reducing = True  # its result is computed, then it succeeds
                 self.step.reduce.append(node_id)
             else:
                 self._finish(node_id, "succeeded")
             self.step.changed = True
             return True
-        work = self._ready_work(node_id, node, kind, spec)
+        work = self._ready_work(node_id, peeked, kind, spec)
         if isinstance(work, str):  # can never run
             self._finish(node_id, "skipped" if kind == "failure" or work == "" else "cancelled")
-            node.error = work or None
+            self.node(node_id).error = work or None
             return True
         if not work:
             return False
+        node = self.node(node_id)
         if node.dispatched == 0 and not self._start(node_id, node, spec, limited_roles, granted):
             return False
         self._dispatch(node, work)
@@ -443,6 +505,8 @@ class _Machine:
             return False
         node.waiting = None
         node.dispatched_at_ms = self.now
+        if self._running is not None:
+            self._running += 1  # it is dispatched next: active from now on
         if spec.role is not None and spec.role in limited_roles:
             node.slot = True
         if spec.function is not None:
@@ -465,7 +529,7 @@ class _Machine:
         self, node_id: str, node: NodeState, kind: str | None, spec: NodeSpec
     ) -> list[Dispatch] | str | None:
         """The dispatches the node may take now; a reason string when it can never run."""
-        states = {e.source: self.node(e.source) for e in self.spec.parents(node_id)}
+        states = {e.source: self._peek(e.source) for e in self.index.parents.get(node_id, ())}
         if kind == "batch":
             return self._batch_work(node_id, node, states)
         if node.dispatched:
@@ -510,11 +574,10 @@ class _Machine:
             return False
         if kind != "batch":
             return True
-        parents = self.spec.parents(node_id)
         return all(
-            self.node(e.source).state == "succeeded"
-            and node.fed.get(e.source, 0) == self.node(e.source).batches_out
-            for e in parents
+            self._peek(e.source).state == "succeeded"
+            and node.fed.get(e.source, 0) == self._peek(e.source).batches_out
+            for e in self.index.parents.get(node_id, ())
         )
 
     def _blocked(
@@ -529,8 +592,9 @@ class _Machine:
         if limit is not None:
             # Nodes asking for a role slot in this step count as running: a node the task
             # limit would hold back must not take a slot another task could use.
-            running = sum(1 for n in self.task.nodes.values() if n.active)
-            running += len(self.step.wants_slot - {node_id})
+            if self._running is None:
+                self._running = sum(1 for n in self.task.nodes.values() if n.active)
+            running = self._running + len(self.step.wants_slot - {node_id})
             if running >= limit:
                 return f"task limit: {running} of {limit} nodes running"
         limited = spec.role is not None and spec.role in limited_roles
@@ -539,8 +603,12 @@ class _Machine:
             return f"role limit of {spec.role!r}"
         return None
 
+    def _peek(self, node_id: str) -> NodeState:
+        """A node's state to read only (a parent's): not copied, not counted as touched."""
+        return self.task.nodes[node_id]
+
     def _remediated(self, node_id: str) -> bool:
-        return any(e.on == "failure" for e in self.spec.children(node_id))
+        return any(e.on == "failure" for e in self.index.children.get(node_id, ()))
 
     def _fail(self, node_id: str, error: str) -> None:
         node = self.node(node_id)
@@ -557,16 +625,29 @@ class _Machine:
         self.task.state = state
         self.task.error = error
         self.task.finished_at_ms = self.now
-        for node_id, node in self.task.nodes.items():
-            if not node.terminal:
+        for node_id in self.index.order:  # parents first: a node's completion reads theirs
+            if self.task.nodes[node_id].terminal:
+                continue
+            node = self.node(node_id)
+            if self._work_done(node_id, node):
+                self._finish(node_id, "succeeded")  # its work all finished: not cancelled
+            else:
                 self._finish(node_id, "cancelled")
                 node.error = node.error or error
         if state != "succeeded":
             self.step.cancel = error or state
         self.step.changed = True
 
+    def _work_done(self, node_id: str, node: NodeState) -> bool:
+        """Whether a worker node ran and every invocation finished (its events are in)."""
+        if not node.dispatched or self.index.nodes[node_id].function is not None:
+            return False  # a function node's result is computed at its end: never got there
+        return self._complete(node_id, node, self.spec.input_kind(node_id))
+
     def _finish(self, node_id: str, state: NodeStatus) -> None:
         node = self.node(node_id)
+        if self._running is not None and node.active:
+            self._running -= 1
         self._move(node, state)
         node.finished_at_ms = self.now
         node.waiting = None
@@ -584,22 +665,23 @@ class _Machine:
             self.step.changed = True
 
 
+def failed_state(task: TaskState, reason: str, now: int) -> TaskState:
+    """``task`` ended ``failed`` with ``reason``, as it cannot be run at all.
+
+    For a stored graph or state that is invalid: nodes that ended keep their state, the others
+    are cancelled.
+    """
+    nodes = {
+        node_id: node
+        if node.terminal
+        else node.model_copy(update={"state": "cancelled", "error": reason, "finished_at_ms": now})
+        for node_id, node in task.nodes.items()
+    }
+    update = {"state": "failed", "error": reason, "finished_at_ms": now, "nodes": nodes}
+    return task.model_copy(update=update)
+
+
 def _needed(spec: NodeSpec, parents: int) -> int:
     if isinstance(spec.fan_in, FanInCount):
         return spec.fan_in.count
     return 1 if spec.fan_in == "any" else parents
-
-
-def _topological(spec: GraphSpec) -> list[str]:
-    order: list[str] = []
-    placed: set[str] = set()
-    remaining = [n.id for n in spec.nodes]
-    while remaining:
-        ready = [n for n in remaining if all(e.source in placed for e in spec.parents(n))]
-        if not ready:  # a cycle: validation refuses these; keep going rather than loop
-            ready = remaining[:1]
-        for node_id in ready:
-            order.append(node_id)
-            placed.add(node_id)
-        remaining = [n for n in remaining if n not in placed]
-    return order

@@ -1,34 +1,67 @@
 """Tasks in Redis: creating them, loading and committing their state, reading their results.
 
 A task's keys share the hash tag ``{task:<id>}``. Its state hash holds the version ``v``, the
-graph ``spec``, the ``task`` state (with every node's) and one ``inv:<node>:<n>`` record per
-invocation; ``out:<node>`` lists the keys of a node's batches in index order; ``outbox`` holds
-the dispatches a committed step decided and that are not yet confirmed published. Every change
-goes through one version-checked script (``task_commit.lua``).
+graph ``spec``, the ``task``'s own state, one ``node:<id>`` state per node (a step rewrites only
+the nodes it touched) and one ``inv:<node>:<n>`` record per invocation; ``out:<node>`` lists
+the keys of a node's batches in index order; ``outbox`` holds the dispatches a committed step
+decided and that are not yet confirmed published. Every change goes through one
+version-checked script (``task_commit.lua``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import orjson
+from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from streamflow import graph as graphs
 from streamflow import streams
-from streamflow.errors import InputError
+from streamflow.errors import InputError, StreamflowError
 from streamflow.graph import GraphSpec
 from streamflow.keys import Keys
 from streamflow.logs import shown
 from streamflow.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_batch
-from streamflow.tasks import Invocation, Step, TaskState, TaskStatus
+from streamflow.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
 
 logger = logging.getLogger(__name__)
 
 #: How long a finished task (state, outputs) is kept, by default: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+#: Tasks whose graph (with what it implies, see graph.GraphIndex) and last committed state one
+#: store keeps in memory; the least recently used is dropped first, a finished task's at once.
+SPEC_CACHE_SIZE = 256
+#: And at most this many nodes in all of them: a node's spec, index and state take about
+#: 2.5 KB (24 MB for a 10,000-node chain, measured), so about 120 MB at most.
+SPEC_CACHE_NODES = 50_000
+
+
+@dataclass(slots=True)
+class _Cached:
+    """What a store keeps of a task it steps: its checked graph, and the state it committed."""
+
+    spec: GraphSpec
+    version: int = -1
+    task: TaskState | None = None
+
+
+class UnrunnableTask(StreamflowError, ValueError):
+    """A task's stored state cannot be run (written by hand, or corrupted): why.
+
+    ``writable`` is False when its state key is not a hash, so that no failed state can be
+    recorded there.
+    """
+
+    def __init__(self, reason: str, *, writable: bool = True) -> None:
+        super().__init__(reason[:1000])
+        self.reason = reason[:1000]
+        self.writable = writable
 
 
 @dataclass(slots=True)
@@ -63,7 +96,8 @@ class TaskStore:
         self.keys = keys
         self._scripts = scripts or streams.Scripts(redis)
         self.retention_ms = retention_ms
-        self._specs: dict[str, GraphSpec] = {}
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cached_nodes = 0
 
     async def create(self, spec: GraphSpec, task: TaskState) -> None:
         """Write a new task and announce it to the coordinators.
@@ -80,7 +114,7 @@ class TaskStore:
         if roles:
             pipe.sadd(self.keys.known_roles(), *roles)
         await pipe.execute()
-        fields = {"spec": spec.to_json(), "task": task.model_dump_json().encode()}
+        fields = {"spec": spec.to_json(), **encode_state(task, task.nodes)}
         version = await self._commit(task.id, -1, fields, {}, [], [], 0)
         if version is None:
             raise ValueError(f"task {task.id!r} exists")
@@ -89,30 +123,140 @@ class TaskStore:
         )
 
     async def load(self, task_id: str, invocations: Sequence[str] = ()) -> Loaded | None:
-        """The task's state and the named invocation records (``node:n``); None if unknown."""
-        spec = self._specs.get(task_id)
-        names = ["v", "task", *(f"inv:{key}" for key in invocations)]
-        if spec is None:
-            names.append("spec")
-        values = await self._redis.hmget(self.keys.task_state(task_id), names)
-        if values[0] is None or values[1] is None or (spec is None and values[-1] is None):
-            return None
-        if spec is None:
-            spec = GraphSpec.model_validate_json(values[-1] or b"")
-            self._specs[task_id] = spec
+        """The task's state and the named invocation records (``node:n``); None if unknown.
+
+        Everything read is checked (it may have been written by hand): the graph once per task,
+        against the DAG rules and the size limits; the state whenever it is read. The state this
+        store committed last is kept, and read again only when the version moved.
+
+        Raises:
+            UnrunnableTask: The stored task cannot be run; the reason says why.
+        """
+        cached = self._cached(task_id)
+        names = ["v", *(f"inv:{key}" for key in invocations)]
+        if cached is None:
+            names += ["spec", "task"]  # the task only to tell unknown from incomplete
+        got = dict(zip(names, await self._hmget(task_id, names), strict=True))
+        if got["v"] is None:
+            if got.get("task") is None and got.get("spec") is None:
+                self._forget(task_id)
+                return None  # unknown or expired
+            raise UnrunnableTask("its stored state is incomplete")
+        version = streams.text(got["v"])
+        if not version.isdigit():
+            raise UnrunnableTask("its version is not a number")
+        spec = cached.spec if cached is not None else self._remember_spec(task_id, got["spec"])
+        task = await self._state_at(task_id, int(version), spec)
         invs = {
-            key: Invocation.model_validate_json(raw)
-            for key, raw in zip(invocations, values[2:], strict=False)
-            if raw is not None
+            key: _parsed(Invocation, got[f"inv:{key}"], f"its invocation record {key!r}")
+            for key in invocations
+            if got[f"inv:{key}"] is not None
         }
-        return Loaded(int(values[0]), spec, TaskState.model_validate_json(values[1]), invs)
+        return Loaded(int(version), spec, task, invs)
+
+    async def _hmget(self, task_id: str, names: list[str]) -> list[Any]:
+        try:
+            return list(await self._redis.hmget(self.keys.task_state(task_id), names))
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            raise UnrunnableTask("its state key is not a hash", writable=False) from None
+
+    def _cached(self, task_id: str) -> _Cached | None:
+        cached = self._cache.get(task_id)
+        if cached is not None:
+            self._cache.move_to_end(task_id)
+        return cached
+
+    def _remember_spec(self, task_id: str, raw: bytes | None) -> GraphSpec:
+        if raw is None:
+            raise UnrunnableTask("its stored state is incomplete")
+        spec = self._checked_spec(raw)
+        self._cache[task_id] = _Cached(spec)
+        self._cached_nodes += len(spec.nodes)
+        # The newest entry stays, even alone past the node bound: it is the one being stepped.
+        while len(self._cache) > 1 and (
+            len(self._cache) > SPEC_CACHE_SIZE or self._cached_nodes > SPEC_CACHE_NODES
+        ):
+            self._forget(next(iter(self._cache)))
+        return spec
+
+    def _forget(self, task_id: str) -> None:
+        cached = self._cache.pop(task_id, None)
+        if cached is not None:
+            self._cached_nodes -= len(cached.spec.nodes)
+
+    async def _state_at(self, task_id: str, version: int, spec: GraphSpec) -> TaskState:
+        """The state at ``version``: the one this store committed or read last, else read.
+
+        A state read after ``version`` was (a commit came in between) is newer than its label:
+        harmless, as the version moved too, so that the step's commit loses the race and the
+        next load reads the state again.
+        """
+        cached = self._cache.get(task_id)
+        if cached is not None and cached.task is not None and cached.version == version:
+            return cached.task
+        ids = list(spec.index.nodes)
+        values = await self._hmget(task_id, ["task", *(node_field(n) for n in ids)])
+        task = decode_state(values[0], dict(zip(ids, values[1:], strict=True)))
+        if task.id != task_id:
+            raise UnrunnableTask("its state does not match its graph")
+        if cached is not None:
+            cached.version, cached.task = version, task
+        return task
+
+    @staticmethod
+    def _checked_spec(raw: bytes | str) -> GraphSpec:
+        if len(raw) > graphs.MAX_DOCUMENT_BYTES:
+            limit = graphs.MAX_DOCUMENT_BYTES
+            raise UnrunnableTask(f"its graph is {len(raw):,} bytes; at most {limit:,} are allowed")
+        spec = _parsed(GraphSpec, raw, "its graph")
+        problems = graphs.check(spec)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise UnrunnableTask("its graph is invalid: " + "; ".join(problems[:3]) + more)
+        return spec
+
+    async def fail(
+        self, task_id: str, reason: str, now: int
+    ) -> Literal["failed", "ended", "raced"]:
+        """Record that a task that cannot be run failed, with ``reason``.
+
+        The stored state is kept where it reads (its nodes that finished stay so); its outbox
+        is dropped, and everything of the task gets the retention. Returns ``failed``;
+        ``ended`` when its state says it had ended already (nothing is written); ``raced`` when
+        another commit came first.
+        """
+        version, raw, spec = await self._hmget(task_id, ["v", "task", "spec"])
+        own = _tolerant(TaskState, raw)
+        if own is not None and own.id == task_id and own.terminal:
+            return "ended"
+        ids = _node_ids(spec)
+        if len(ids) > graphs.MAX_NODES:
+            ids = []  # readers of an ended task skip nodes without a record
+        values = await self._hmget(task_id, [node_field(n) for n in ids]) if ids else []
+        nodes = {}
+        for node_id, value in zip(ids, values, strict=True):
+            node = _tolerant(NodeState, value)
+            nodes[node_id] = node if node is not None and node.terminal else NodeState()
+        if own is None or own.id != task_id:
+            own = TaskState(id=task_id, nodes={}, created_at_ms=now)
+        task = own.model_copy(update={"nodes": nodes})
+        ended = failed_state(task, reason, now)
+        fields = encode_state(ended, ended.nodes)
+        expected = -1 if version is None else version
+        if await self._commit(task_id, expected, fields, {}, [], [], self.retention_ms) is None:
+            return "raced"
+        await self._redis.delete(self.keys.task_outbox(task_id))
+        self._forget(task_id)
+        return "failed"
 
     async def commit(
         self, loaded: Loaded, step: Step, outbox: dict[str, bytes], *, retention: bool
     ) -> int | None:
         """Commit a step with its outbox items; None when another commit came first."""
         task_id = step.task.id
-        fields = {"task": step.task.model_dump_json().encode()}
+        fields = encode_state(step.task, step.touched)
         for key, inv in step.invocations.items():
             fields[f"inv:{key}"] = inv.model_dump_json().encode()
         appends = [
@@ -127,13 +271,15 @@ class TaskStore:
             task_id, loaded.version, fields, outbox, appends, partials, expire_ms, loaded.spec
         )
         if retention and version is not None:
-            self._specs.pop(task_id, None)
+            self._forget(task_id)
+        elif version is not None and task_id in self._cache:
+            self._cache[task_id].version, self._cache[task_id].task = version, step.task
         return version
 
     async def _commit(
         self,
         task_id: str,
-        version: int,
+        version: int | bytes | str,
         fields: dict[str, bytes],
         outbox: dict[str, bytes],
         appends: list[tuple[str, str]],
@@ -175,19 +321,34 @@ class TaskStore:
 
         Workers store batches with their own TTL; a finished task's batches go with it.
         """
-        for node in spec.nodes:
-            try:
-                listed = await self.batch_refs(task_id, node.id)
-            except InputError as exc:
-                logger.warning("task %s: not expiring the batches of %r: %s", task_id, node.id, exc)
-                continue
-            # Only keys that are batches of this node: a forged ref must not expire a stream.
-            refs = [ref for ref in listed if self.keys.is_batch_of(ref, task_id, node.id)]
+        for first in range(0, len(spec.nodes), 500):  # one round trip per 500 nodes, not each
+            refs = await self._listed_batches(task_id, spec.nodes[first : first + 500])
             for start in range(0, len(refs), 1000):
                 pipe = self._redis.pipeline(transaction=False)
                 for ref in refs[start : start + 1000]:
                     pipe.pexpire(ref, self.retention_ms)
                 await pipe.execute()
+
+    async def _listed_batches(self, task_id: str, nodes: Sequence[Any]) -> list[str]:
+        """The batch keys that ``nodes`` listed, each checked to be a batch of its node.
+
+        A forged ref must not give a stream the task's retention; a list of another type is
+        skipped with a warning.
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        for node in nodes:
+            pipe.lrange(self.keys.task_output(task_id, node.id), 0, -1)
+        found: list[Any] = await pipe.execute(raise_on_error=False)
+        refs: list[str] = []
+        for node, listed in zip(nodes, found, strict=True):
+            if isinstance(listed, Exception):
+                logger.warning(
+                    "task %s: not expiring the batches of %r: %s", task_id, node.id, shown(listed)
+                )
+                continue
+            texts = (streams.text_lenient(ref) for ref in listed)
+            refs += [ref for ref in texts if self.keys.is_batch_of(ref, task_id, node.id)]
+        return refs
 
     async def outbox(self, task_id: str) -> list[tuple[str, dict[str, Any]]]:
         """The task's outbox items in the order they were decided."""
@@ -200,13 +361,60 @@ class TaskStore:
             await self._redis.hdel(self.keys.task_outbox(task_id), *names)
 
     async def state(self, task_id: str) -> TaskState | None:
-        """A task's state, or None if it is unknown (or expired)."""
+        """A task's state, or None if it is unknown (or expired).
+
+        Raises:
+            UnrunnableTask: The stored state does not read (written by hand, or damaged).
+        """
+        return await self._read_state(task_id)
+
+    async def own_state(self, task_id: str) -> TaskState | None:
+        """The task's own state, its nodes left out (one field read); None if unknown.
+
+        Raises:
+            UnrunnableTask: It does not parse.
+        """
         raw = await self._redis.hget(self.keys.task_state(task_id), "task")
-        return TaskState.model_validate_json(raw) if raw is not None else None
+        return None if raw is None else _parsed(TaskState, raw, "its state")
+
+    async def node_running(self, task_id: str, node_id: str) -> bool:
+        """Whether a task and its node exist and have not ended (two fields read, not the task).
+
+        A state that does not read counts as ended: nothing can run it.
+        """
+        raw, node = await self._hget_many(
+            self.keys.task_state(task_id), ["task", node_field(node_id)]
+        )
+        own, state = _tolerant(TaskState, raw), _tolerant(NodeState, node)
+        return own is not None and not own.terminal and state is not None and not state.terminal
+
+    async def _read_state(self, task_id: str, raw: bytes | str | None = None) -> TaskState | None:
+        """Its own state (``raw`` if given) with every node's, the nodes named by the graph.
+
+        HGETs in pipelines, not HMGET: the publisher and operator ACL users may only HGET.
+        """
+        key = self.keys.task_state(task_id)
+        if raw is None:
+            raw, spec = await self._hget_many(key, ["task", "spec"])
+        else:
+            (spec,) = await self._hget_many(key, ["spec"])
+        if raw is None:
+            return None
+        ids = _node_ids(spec)
+        if not ids and not _parsed(TaskState, raw, "its state").terminal:
+            raise UnrunnableTask("its graph does not parse")
+        values = await self._hget_many(key, [node_field(n) for n in ids])
+        return decode_state(raw, dict(zip(ids, values, strict=True)))
+
+    async def _hget_many(self, key: str, names: list[str]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(key, name)
+        return list(await pipe.execute()) if names else []
 
     async def spec(self, task_id: str) -> GraphSpec | None:
         """A task's graph, or None if the task is unknown (or expired)."""
-        spec = self._specs.get(task_id)
+        spec = self._cache[task_id].spec if task_id in self._cache else None
         if spec is None:
             raw = await self._redis.hget(self.keys.task_state(task_id), "spec")
             if raw is None:
@@ -226,12 +434,13 @@ class TaskStore:
             pipe = self._redis.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hget(self.keys.task_state(streams.text(task_id)), "task")
-            for raw in await pipe.execute():
-                if raw is None:
+            for task_id, raw in zip(ids, await pipe.execute(), strict=True):
+                if raw is None or len(found) >= limit:
                     continue
-                task = TaskState.model_validate_json(raw)
-                if state is None or task.state == state:
-                    found.append(task)
+                if state is None or TaskState.model_validate_json(raw).state == state:
+                    task = await self._read_state(streams.text(task_id), raw)
+                    if task is not None:
+                        found.append(task)
         return found[:limit]
 
     async def batch_refs(
@@ -282,3 +491,71 @@ class TaskStore:
                 raise LookupError(f"batch {index} of node {node_id!r} expired")
             items.extend(batch)
         return items
+
+
+_M = TypeVar("_M", GraphSpec, TaskState, NodeState, Invocation)
+
+
+def _parsed(model: type[_M], raw: bytes | str | None, what: str) -> _M:
+    """``raw`` read as ``model``; a clear :class:`UnrunnableTask` when it does not parse."""
+    try:
+        return model.model_validate_json(raw or b"")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # A location may name a key of the input: escaped (control and bidi characters become
+        # backslash escapes) and bounded, as it reaches logs and terminals.
+        where = ".".join(str(p) for p in first["loc"])[:100].encode("unicode_escape").decode()
+        raise UnrunnableTask(
+            f"{what} does not parse ({exc.error_count()} errors; first: {where or 'document'}: "
+            f"{first['msg']})"
+        ) from None
+
+
+def node_field(node_id: str) -> str:
+    """The field of the state hash that holds a node's state."""
+    return f"node:{node_id}"
+
+
+def encode_state(task: TaskState, nodes: Iterable[str]) -> dict[str, bytes]:
+    """State hash fields: the task's own state (``task``, its nodes left out) and ``nodes``'.
+
+    One field per node, so that a step writes the nodes it touched, not every node.
+    """
+    fields = {"task": task.model_copy(update={"nodes": {}}).model_dump_json().encode()}
+    for node_id in nodes:
+        fields[node_field(node_id)] = task.nodes[node_id].model_dump_json().encode()
+    return fields
+
+
+def decode_state(raw: bytes | str | None, nodes: Mapping[str, bytes | str | None]) -> TaskState:
+    """A task's state from its ``task`` field and the ``node:<id>`` fields of ``nodes``.
+
+    A task that ended may lack some: one that could not be run ended with those it had.
+
+    Raises:
+        UnrunnableTask: A field is missing or does not parse.
+    """
+    task = _parsed(TaskState, raw, "its state")
+    states = {}
+    for node_id, value in nodes.items():
+        if value is None and task.terminal:
+            continue  # a task that could not run ended with the node records it had
+        if value is None:
+            raise UnrunnableTask(f"its state has no record of node {node_id!r}")
+        states[node_id] = _parsed(NodeState, value, f"its record of node {node_id!r}")
+    return task.model_copy(update={"nodes": states})
+
+
+def _node_ids(spec: bytes | str | None) -> list[str]:
+    """The node ids of a stored graph, read without a full parse; empty if it does not read."""
+    try:
+        return [str(n["id"]) for n in orjson.loads(spec or b"")["nodes"]]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return []
+
+
+def _tolerant(model: type[_M], raw: bytes | str | None) -> _M | None:
+    try:
+        return model.model_validate_json(raw or b"")
+    except ValidationError:
+        return None

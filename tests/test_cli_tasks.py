@@ -126,3 +126,37 @@ def test_unknown_task(redis_url: str, namespace: str) -> None:
     done = run_cli("status", "nope", "--redis-url", redis_url, "--namespace", namespace)
     assert done.returncode == 2
     assert "unknown task 'nope'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("document", "error"),
+    [
+        pytest.param(
+            {
+                "nodes": [{"id": f"n{i}", "role": "work"} for i in range(1_000)],
+                "edges": [{"from": f"n{i}", "to": f"n{(i + 1) % 1_000}"} for i in range(1_000)],
+            },
+            "error: invalid task graph: cycle: n0 -> n1 -> ",
+            id="1000-node-cycle",
+        ),
+        pytest.param(
+            {"nodes": [{"id": f"n{i}", "role": "work"} for i in range(20_001)]},
+            "error: invalid task graph: the graph has 20,001 nodes; at most 10,000 are allowed",
+            id="over-the-node-limit",
+        ),
+    ],
+)
+def test_a_huge_or_cyclic_graph_is_refused_in_one_line(
+    redis_url: str, namespace: str, tmp_path: Path, document: dict[str, object], error: str
+) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        client.sadd(Keys(namespace).known_roles(), "work")
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps(document))
+
+    done = run_cli("submit", str(graph), "--redis-url", redis_url, "--namespace", namespace)
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(error)
+    assert len(done.stderr.splitlines()) == 1
+    assert "Traceback" not in done.stderr

@@ -8,6 +8,9 @@ import orjson
 import pytest
 
 from streamflow.graph import (
+    MAX_DOCUMENT_BYTES,
+    MAX_EDGES,
+    MAX_NODES,
     EdgeSpec,
     FanInCount,
     Graph,
@@ -485,3 +488,92 @@ def test_valid_shapes_pass_the_checks() -> None:
     spec = validated(document, roles={"work"}, functions={"metrics.aggregate"})
 
     assert [n.id for n in spec.nodes] == ["src", "side", "each", "join", "first", "fix", "total"]
+
+
+def chain_document(length: int) -> dict[str, Any]:
+    nodes = [role(f"n{i}") for i in range(length)]
+    return {"nodes": nodes, "edges": [edge(f"n{i}", f"n{i + 1}") for i in range(length - 1)]}
+
+
+def fan_out_document(children: int) -> dict[str, Any]:
+    nodes = [role("root"), *(role(f"c{i}") for i in range(children))]
+    return {"nodes": nodes, "edges": [edge("root", f"c{i}") for i in range(children)]}
+
+
+@pytest.mark.parametrize("length", [1_000, 5_000, MAX_NODES])
+def test_a_long_chain_validates_without_recursion(length: int) -> None:
+    spec = validated(chain_document(length), roles={"work"})
+
+    assert spec.index.order == tuple(f"n{i}" for i in range(length))
+    assert spec.parents(f"n{length - 1}") == [
+        EdgeSpec(source=f"n{length - 2}", target=f"n{length - 1}")
+    ]
+
+
+def test_a_long_cycle_is_found_and_shown_shortened() -> None:
+    document = chain_document(3_000)
+    document["edges"].append(edge("n2999", "n5"))
+
+    with pytest.raises(GraphError) as caught:
+        validated(document, roles={"work"})
+
+    (problem,) = caught.value.problems
+    assert problem.startswith("cycle: n5 -> n6 -> ")
+    assert "... 2,980 more ..." in problem
+    assert problem.endswith("-> n2998 -> n2999 -> n5")
+
+
+def test_the_widest_fan_out_allowed_validates() -> None:
+    spec = validated(fan_out_document(MAX_NODES - 1), roles={"work"})
+
+    assert len(spec.children("root")) == MAX_NODES - 1
+    assert spec.index.order[0] == "root"
+
+
+def test_twenty_thousand_children_are_refused_at_once_by_the_size_limit() -> None:
+    document = fan_out_document(20_000)
+
+    with pytest.raises(GraphError) as caught:
+        validated(document, roles={"work"})
+
+    assert caught.value.problems == ["the graph has 20,001 nodes; at most 10,000 are allowed"]
+    # The same answer for a spec that got past parse (built in Python, or stored).
+    spec = GraphSpec.model_construct(
+        nodes=[NodeSpec(**n) for n in document["nodes"]],
+        edges=[EdgeSpec.model_validate(e) for e in document["edges"]],
+    )
+    assert check(spec) == caught.value.problems
+
+
+def test_too_many_edges_and_too_large_a_document_are_refused() -> None:
+    document = chain_document(300)
+    document["edges"] = [edge("n0", "n1")] * (MAX_EDGES + 1)
+    with pytest.raises(GraphError) as caught:
+        parse(document)
+    assert caught.value.problems == ["the graph has 50,001 edges; at most 50,000 are allowed"]
+
+    big = orjson.dumps({"params": {"blob": "x" * MAX_DOCUMENT_BYTES}, "nodes": [role("a")]})
+    with pytest.raises(GraphError) as caught:
+        load(big)
+    assert caught.value.problems == [
+        f"the graph document is {len(big):,} bytes; at most 4,194,304 are allowed"
+    ]
+    # Built in Python, the same limit holds for the spec as it would be stored.
+    spec = parse({"params": {"blob": "x" * MAX_DOCUMENT_BYTES}, "nodes": [role("a")]})
+    (problem,) = check(spec)
+    assert problem.startswith("the graph as JSON is ") and "at most 4,194,304" in problem
+
+
+def test_the_order_puts_parents_first_layer_by_layer_in_spec_order() -> None:
+    document = {
+        "nodes": [role("d"), role("b"), role("a"), role("c"), role("e")],
+        "edges": [edge("a", "d"), edge("b", "d"), edge("d", "e"), edge("c", "e")],
+    }
+
+    spec = validated(document)
+
+    assert spec.index.order == ("b", "a", "c", "d", "e")
+    assert spec.index is spec.index  # built once
+    copied = spec.model_copy(update={"nodes": spec.nodes[:3], "edges": []})
+    assert copied.index.order == ("d", "b", "a")  # a copy with other nodes is indexed anew
+    assert spec.index.order == ("b", "a", "c", "d", "e")

@@ -35,8 +35,10 @@ import pytest
 import redis
 
 from streamflow import Client, Graph
+from streamflow.graph import GraphSpec
 from streamflow.keys import COORDINATORS, GROUP, Keys
 from streamflow.tasks import Invocation, TaskState
+from streamflow.taskstore import decode_state, node_field
 from tests.helpers import ROOT, clean_env, wait_for
 from tests.task_apps import Line, read_trace
 
@@ -209,9 +211,12 @@ class Store:
         self.keys = Keys(namespace)
 
     def task(self, task_id: str) -> TaskState:
-        raw: Any = self.client.hget(self.keys.task_state(task_id), "task")
+        key = self.keys.task_state(task_id)
+        raw, spec = self.client.hmget(key, ["task", "spec"])  # type: ignore[misc]
         assert raw is not None, f"task {task_id} not found"
-        return TaskState.model_validate_json(raw)
+        ids = [n.id for n in GraphSpec.model_validate_json(spec).nodes]
+        nodes: Any = self.client.hmget(key, [node_field(n) for n in ids])
+        return decode_state(raw, dict(zip(ids, nodes, strict=True)))
 
     def invocation(self, task_id: str, node: str, number: int) -> Invocation:
         raw: Any = self.client.hget(self.keys.task_state(task_id), f"inv:{node}:{number}")

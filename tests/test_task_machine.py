@@ -598,6 +598,29 @@ def test_cancel_stops_the_task_and_nothing_starts_afterwards() -> None:
     assert [d.node_id for d in run.dispatches] == ["src", "each"]
 
 
+def test_a_node_whose_runs_all_finished_stays_succeeded_when_cancelled_in_the_same_step() -> None:
+    graph = Graph("pair").node("a", role="work").node("b", role="work").node("c", role="work")
+    graph.edge("a", "c")
+    run = Run(graph)
+    run.feed(tick())
+
+    # What a coordinator that was down finds: a's run finished, b's handler was stopped by the
+    # cancel (its report says so), and the cancel itself.
+    run.feed(
+        *run_of("a", batches=1),
+        accepted("b"),
+        event("cancelled", "b"),
+        Internal("cancel", reason="operator: stop now"),
+    )
+
+    assert run.status() == "cancelled"
+    assert run.task.error == "operator: stop now"
+    assert run.states() == {"a": "succeeded", "b": "cancelled", "c": "cancelled"}
+    assert run.task.nodes["a"].error is None
+    assert run.task.nodes["b"].error == "operator: stop now"
+    assert run.dispatched("c") == []
+
+
 def test_states_only_move_forward() -> None:
     run = Run(chain())
     run.feed(tick())
@@ -747,6 +770,21 @@ def test_max_running_nodes_limits_active_nodes() -> None:
     assert run.status() == "succeeded"
 
 
+def test_a_place_freed_under_the_task_limit_by_a_function_node_is_taken_in_the_same_step() -> None:
+    graph = Graph("limited", max_running_nodes=1)
+    graph.node("m", function="merge.generic").node("y", role="work")
+    run = Run(graph)
+    run.feed(tick())
+    assert [d.node_id for d in run.dispatches] == ["m"]
+    assert run.task.nodes["y"].waiting == "task limit: 1 of 1 nodes running"
+    run.feed(Internal("function_done", "m", 0), partials={("m", 0): None})
+
+    step = run.feed(Internal("reduced", "m"))  # m ends in the event itself, not in settling
+
+    assert run.state("m") == "succeeded"
+    assert [d.node_id for d in step.dispatches] == ["y"]
+
+
 def test_max_running_nodes_holds_a_per_batch_child_until_its_parent_finishes() -> None:
     run = Run(chain(limit=1))
     run.feed(tick())
@@ -796,6 +834,21 @@ def test_a_limited_role_waits_for_a_slot_and_releases_it() -> None:
 
     assert step.released == {"each"}
     assert run.status() == "succeeded"
+
+
+def test_a_node_waiting_for_a_role_slot_asks_again_on_any_later_step() -> None:
+    graph = Graph("two").node("a", role="work").node("b", role="work").node("c", role="other")
+    run = Run(graph, limited_roles={"work"})
+    first = run.feed(tick(), granted={"a"})
+    assert first.wants_slot == {"b"}
+    assert run.task.nodes["b"].waiting == "role limit of 'work'"
+
+    # News of another node only: b is not its child, yet it asks for a slot again, as a slot
+    # may have come free since (the coordinator takes slots for the nodes that ask).
+    step = run.preview(accepted("c"))
+
+    assert step.wants_slot == {"b"}
+    assert [d.node_id for d in run.preview(accepted("c"), granted={"b"}).dispatches] == ["b"]
 
 
 def test_a_granted_slot_is_released_when_the_task_is_cancelled() -> None:

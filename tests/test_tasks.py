@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client, Coordinator, Graph, GraphError, Worker, streams
+from streamflow import Client, Coordinator, Graph, GraphError, Worker, streams, taskstore
 from streamflow.graph import RetrySpec
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
@@ -100,6 +101,24 @@ async def flaky(ctx: streamflow.Context, params: dict[str, Any]) -> None:
     raise streamflow.Retry("not yet", delay=params["delay"])
 
 
+@app.role("noop")
+async def noop(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Nothing: a node whose only cost is the coordinator's and the worker's."""
+
+
+#: Per task id, what the ``gate`` role waits for before it finishes.
+gates: dict[str, anyio.Event] = {}
+
+
+@app.role("gate")
+async def gate(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Record its start, wait until the test opens its task's gate, emit one batch."""
+    assert ctx.task_id is not None
+    seen.setdefault(f"gate:{ctx.task_id}", []).append("start")
+    await gates.setdefault(ctx.task_id, anyio.Event()).wait()
+    await ctx.emit([ctx.node_id])
+
+
 @asynccontextmanager
 async def system(
     redis_url: str, namespace: str, *, workers: bool = True, **coordinator_options: Any
@@ -110,9 +129,8 @@ async def system(
     worker = Worker(
         app, redis, namespace=namespace, block_ms=100, shutdown_grace=1, on_outcome=outcomes.append
     )
-    coordinator = Coordinator(
-        redis, namespace=namespace, block_ms=100, sweep_interval=0.1, **coordinator_options
-    )
+    options: dict[str, Any] = {"block_ms": 100, "sweep_interval": 0.1, **coordinator_options}
+    coordinator = Coordinator(redis, namespace=namespace, **options)
     try:
         async with anyio.create_task_group() as tg:
             if workers:
@@ -354,6 +372,45 @@ async def test_task_and_role_limits_hold(redis_url: str, namespace: str) -> None
         assert sum(1 for s, f in every if s <= start < f) <= 2
 
 
+async def test_the_sweep_frees_leaked_role_slots_and_keeps_those_of_running_nodes(
+    redis_url: str, namespace: str
+) -> None:
+    """Slots of nodes that ended, of unknown tasks or of states that do not read are freed."""
+    keys = Keys(namespace)
+    graph = Graph("holds-a-slot").node("long", role="slow", params={"seconds": 120})
+    async with system(redis_url, namespace, role_limits={"slow": 5}) as (client, _, _):
+        task_id = await client.submit(graph)
+        await wait_until(lambda: seen.get(f"slow:{task_id}") == [("start", "long")], timeout=20)
+        done = await client.submit(Graph("short").node("only", role="noop"))
+        await client.wait(done, timeout=20)
+        await client.redis.hset(keys.task_state("garbled"), mapping={"v": "1", "task": "[1"})
+        held = f"{task_id}/long"
+        leaked = [f"{done}/only", "gone/x", "garbled/x", f"{task_id}/no-such-node"]
+        await client.redis.sadd(keys.role_slots("slow"), *leaked)
+        await wait_for_query(
+            lambda: _members_are(client.redis, keys.role_slots("slow"), {held}), timeout=20
+        )
+        await client.cancel(task_id, target="task")
+        await client.wait(task_id, timeout=20)
+
+
+async def test_a_wrong_type_active_set_does_not_stop_the_coordinator(
+    redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys(namespace)
+    async with system(redis_url, namespace) as (client, _, _):
+        await client.redis.set(keys.tasks_active(), "not a set")
+        await wait_until(lambda: "sweeping tasks: Redis refused: WRONGTYPE" in caplog.text)
+        await client.redis.delete(keys.tasks_active())
+        task_id = await client.submit(Graph("after").node("only", role="noop"))
+        assert (await client.wait(task_id, timeout=20)).state == "succeeded"
+    assert caplog.text.count("sweeping tasks: Redis refused") == 1
+
+
+async def _members_are(redis: Redis, key: str, expected: set[str]) -> bool:
+    return {streams.text(m) for m in await redis.smembers(key)} == expected
+
+
 async def test_invalid_graph_is_rejected_and_nothing_written(
     redis_url: str, namespace: str, redis: Redis
 ) -> None:
@@ -457,3 +514,242 @@ async def test_node_timeout_and_retry_override_the_role(redis_url: str, namespac
     assert task.nodes["slow"].attempts == 2
     assert "timed out after 0.2s" in (task.nodes["slow"].error or "")
     assert [o.status for o in outcomes] == ["retried", "dead_lettered"]
+
+
+# -- scale: a step costs what its events touch, not what the graph holds --------------------
+
+
+async def test_a_step_looks_only_at_the_nodes_its_events_touch(
+    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph is indexed once per task, and a step evaluates the touched nodes only.
+
+    Before, every step recomputed the graph's order and evaluated every node at least once:
+    a chain of n nodes cost n evaluations per step, n * steps in all.
+    """
+    length = 40
+    builds: list[int] = []
+    evaluated: list[str] = []
+    real_build = streamflow.graph.GraphIndex.build.__func__  # type: ignore[attr-defined]
+    real_settle = streamflow.tasks._Machine._settle_node
+
+    def build(cls: type[Any], spec: Any) -> Any:
+        builds.append(len(spec.nodes))
+        return real_build(cls, spec)
+
+    def settle_node(machine: Any, node_id: str, *args: Any) -> bool:
+        evaluated.append(node_id)
+        return real_settle(machine, node_id, *args)
+
+    written: list[int] = []
+    real_encode = taskstore.encode_state
+
+    def encode_state(task: Any, nodes: Any) -> Any:
+        nodes = list(nodes)
+        written.append(len(nodes))
+        return real_encode(task, nodes)
+
+    monkeypatch.setattr(streamflow.graph.GraphIndex, "build", classmethod(build))
+    monkeypatch.setattr(streamflow.tasks._Machine, "_settle_node", settle_node)
+    monkeypatch.setattr(taskstore, "encode_state", encode_state)
+    graph = Graph("long-chain")
+    for i in range(length):
+        graph.node(f"n{i}", role="noop")
+        if i:
+            graph.edge(f"n{i - 1}", f"n{i}")
+    # No sweep during the task: its ticks evaluate every node, once a minute by default.
+    async with system(redis_url, namespace, sweep_interval=3600) as (client, coordinator, _):
+        task_id = await client.submit(graph)
+        task = await client.wait(task_id, timeout=60)
+    assert task.state == "succeeded"
+    assert all(n.state == "succeeded" for n in task.nodes.values())
+    # One index for the client's check of the graph, one for the coordinator's copy of it:
+    # not one per step.
+    assert builds == [length, length]
+    assert coordinator.commits >= length
+    # The first step (submit) looks at every node; each later one at a node and its child.
+    assert len(evaluated) <= length + 4 * coordinator.commits
+    assert len(evaluated) < length * coordinator.commits / 4
+    # Each commit stores the nodes its step touched, not the whole task: the first (submit)
+    # writes every node, the steps after it a node or two each.
+    assert written[0] == length
+    assert sum(written[1:]) <= 4 * coordinator.commits
+
+
+# -- tasks the coordinator cannot run, and cancels it did not see ------------------------------
+
+
+def forged_graph(*, cyclic: bool = False) -> bytes:
+    """Node a feeding b (and b feeding a when ``cyclic``: a cycle, which submit refuses)."""
+    edges = [{"from": "a", "to": "b"}] + ([{"from": "b", "to": "a"}] if cyclic else [])
+    nodes = [{"id": "a", "role": "noop"}, {"id": "b", "role": "noop"}]
+    return orjson.dumps({"nodes": nodes, "edges": edges})
+
+
+def forged_state(task_id: str) -> dict[str, Any]:
+    """The task's own state, queued, and its two nodes', as the store writes them."""
+    task = orjson.dumps({"id": task_id, "nodes": {}, "created_at_ms": now_ms()})
+    return {"task": task, "node:a": b"{}", "node:b": b"{}"}
+
+
+FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
+    "cyclic": ({"spec": forged_graph(cyclic=True)}, "its graph is invalid: cycle: a -> b -> a"),
+    "over-the-node-limit": (
+        {"spec": orjson.dumps({"nodes": [{"id": f"n{i}", "role": "noop"} for i in range(10_001)]})},
+        "its graph is invalid: the graph has 10,001 nodes; at most 10,000 are allowed",
+    ),
+    "garbage-spec": ({"spec": b"\\x00not json"}, "its graph does not parse"),
+    "hostile-key": (
+        {"spec": b'{"nodes": [], "x\\r\\nERROR forged\\u202e": 1}'},
+        "its graph does not parse (1 errors; first: x\\r\\nERROR forged\\u202e: Extra inputs",
+    ),
+    "garbage-state": ({"task": b"[1, 2"}, "its state does not parse"),
+    "state-of-other-nodes": (
+        {"spec": orjson.dumps({"nodes": [{"id": "z", "role": "noop"}]})},
+        "its state has no record of node 'z'",
+    ),
+    "garbage-node": ({"node:a": b'{"state": "dancing"}'}, "its record of node 'a' does not parse"),
+    "garbage-version": ({"v": b"x1"}, "its version is not a number"),
+    "missing-graph": ({"spec": None}, "its stored state is incomplete"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+async def test_a_forged_task_the_coordinator_cannot_run_ends_failed_with_the_reason(
+    redis_url: str, namespace: str, forgery: str
+) -> None:
+    """Written by raw HSET/SADD/XADD (any worker ACL user can): never left queued for ever."""
+    keys = Keys(namespace)
+    task_id = f"forged-{forgery}"
+    changes, reason = FORGERIES[forgery]
+    fields: dict[str, Any] = {"v": b"0", "spec": forged_graph()}
+    fields.update(forged_state(task_id))
+    fields.update(changes)
+    async with system(redis_url, namespace) as (client, _, _):
+        await client.redis.hset(
+            keys.task_state(task_id), mapping={k: v for k, v in fields.items() if v is not None}
+        )
+        await client.redis.sadd(keys.tasks_active(), task_id)
+        await client.redis.xadd(keys.tasks_control(), {"task": task_id, "type": "submitted"})
+        # Until the coordinator replaces it, a forged state may not even parse.
+        await wait_for_query(lambda: _has_ended(client, task_id), timeout=20)
+        task = await client.wait(task_id, timeout=1)
+        # The coordinator goes on with other tasks.
+        good = await client.submit(Graph("after").node("only", role="noop"))
+        assert (await client.wait(good, timeout=20)).state == "succeeded"
+        assert not await client.redis.sismember(keys.tasks_active(), task_id)
+    assert task.state == "failed"
+    assert task.error is not None
+    assert task.error.startswith(f"the coordinator cannot run this task: {reason}")
+    assert all(n.state == "cancelled" for n in task.nodes.values())
+
+
+async def test_a_task_whose_state_key_is_not_a_hash_is_dropped_and_others_run(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    async with system(redis_url, namespace) as (client, _, _):
+        await client.redis.rpush(keys.task_state("wrong-type"), "x")
+        await client.redis.sadd(keys.tasks_active(), "wrong-type", "not a {task} id")
+        await client.redis.xadd(keys.tasks_control(), {"task": "wrong-type", "type": "submitted"})
+        await wait_for_query(lambda: _none_active(client.redis, keys.tasks_active()), timeout=20)
+        good = await client.submit(Graph("after").node("only", role="noop"))
+        assert (await client.wait(good, timeout=20)).state == "succeeded"
+
+
+async def _has_ended(client: Client, task_id: str) -> bool:
+    try:
+        task = await client.task(task_id)
+    except ValueError:  # pydantic's ValidationError
+        return False
+    return task is not None and task.terminal
+
+
+async def _none_active(redis: Redis, key: str) -> bool:
+    return await redis.scard(key) == 0
+
+
+async def test_a_cancel_sent_while_no_coordinator_runs_keeps_its_reason_and_finished_nodes(
+    redis_url: str, namespace: str
+) -> None:
+    """A node that finished before the cancel stays succeeded; the task keeps the reason.
+
+    Both news reach the coordinator in one step once it runs again: the finished node's events
+    and the cancelled node's report (whose own wording must not replace the sender's reason).
+    """
+    graph = Graph("cancel-offline").node("first", role="gate")
+    graph.node("long", role="slow", params={"seconds": 120})
+    redis = streams.connect(redis_url)
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, shutdown_grace=1, on_outcome=outcomes.append
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            async with coordinating(redis, namespace):
+                task_id = await client.submit(graph)
+                await wait_until(lambda: seen.get(f"gate:{task_id}") == ["start"], timeout=20)
+                await wait_until(lambda: seen.get(f"slow:{task_id}") == [("start", "long")])
+            # No coordinator runs now: the first node finishes, then the task is cancelled.
+            gates.setdefault(task_id, anyio.Event()).set()
+            await wait_until(lambda: ("gate", "acked") in {(o.role, o.status) for o in outcomes})
+            await client.cancel(task_id, target="task", reason="operator: stop now")
+            await wait_until(
+                lambda: ("slow", "cancelled") in {(o.role, o.status) for o in outcomes}
+            )
+            assert not (await client.task(task_id)).terminal  # type: ignore[union-attr]
+            async with coordinating(redis, namespace):
+                task = await client.wait(task_id, timeout=20)
+            worker.stop()
+    finally:
+        await redis.aclose()
+    assert task.state == "cancelled"
+    assert task.error == "operator: stop now"
+    assert task.nodes["first"].state == "succeeded"
+    assert task.nodes["first"].batches_out == 1
+    assert task.nodes["long"].state == "cancelled"
+    assert task.nodes["long"].error == "operator: stop now"
+
+
+@asynccontextmanager
+async def coordinating(redis: Redis, namespace: str) -> AsyncIterator[Coordinator]:
+    """A coordinator running in the background until the block ends."""
+    coordinator = Coordinator(redis, namespace=namespace, block_ms=100, sweep_interval=0.1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(coordinator.run)
+        yield coordinator
+        coordinator.stop()
+
+
+async def test_the_store_keeps_a_bounded_number_of_tasks_and_nodes_in_memory(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(taskstore, "SPEC_CACHE_NODES", 100)
+    monkeypatch.setattr(taskstore, "SPEC_CACHE_SIZE", 3)
+    store = taskstore.TaskStore(redis, Keys(namespace))
+    small = Graph("small").node("only", role="noop").spec()
+    wide = Graph("wide")
+    for i in range(60):
+        wide.node(f"n{i}", role="noop")
+    tasks = {**{f"s{i}": small for i in range(1, 5)}, "w1": wide.spec(), "w2": wide.spec()}
+    kept = []
+    for task_id, spec in tasks.items():
+        await store.create(spec, streamflow.TaskState.new(task_id, spec, now_ms()))
+        assert await store.load(task_id) is not None
+        kept.append((list(store._cache), store._cached_nodes))
+
+    # At most 3 tasks, the least recently used dropped first; then at most 100 nodes in all.
+    assert kept == [
+        (["s1"], 1),
+        (["s1", "s2"], 2),
+        (["s1", "s2", "s3"], 3),
+        (["s2", "s3", "s4"], 3),
+        (["s3", "s4", "w1"], 62),
+        (["w2"], 60),
+    ]
+    # A task dropped is read again, whole.
+    loaded = await store.load("w1")
+    assert loaded is not None and len(loaded.task.nodes) == 60
+    assert list(store._cache) == ["w1"]

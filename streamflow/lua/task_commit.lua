@@ -7,7 +7,8 @@
 -- followed by its items:
 --   state fields (field, value), outbox items (field, value),
 --   appends (key index, value), partials (key index, field, value)
--- Returns the new version, or false when the version moved (load again and retry).
+-- Returns the new version, or false when the version moved (load again and retry). An
+-- expected version that is not a number matches a stored one that is not a number either.
 local state = KEYS[1]
 local version = tonumber(redis.call('HGET', state, 'v') or '-1')
 if version ~= tonumber(ARGV[1]) then
@@ -30,6 +31,8 @@ n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   redis.call('HSET', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]); i = i + 3
 end
+-- A version that is not a number (hand-written) is only ever replaced by a failed state.
+version = version or 0
 redis.call('HSET', state, 'v', version + 1)
 local retention = tonumber(ARGV[2])
 if retention > 0 then
