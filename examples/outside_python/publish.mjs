@@ -11,13 +11,24 @@ const [url = "redis://127.0.0.1:6379/0", ns = "sf"] = process.argv.slice(2);
 
 // streamflow/lua/cancel.lua, verbatim (the example's test checks that they are the same).
 const CANCEL_LUA = `#!lua
--- Cancel a task or a message: set its persistent marker, then announce it on the signals stream.
--- The marker makes the cancel outlive the broadcast: work queued, waiting for a retry, adopted
--- later, or read by a worker started after the signal is still never started.
--- KEYS[1] signals stream, KEYS[2] cancel marker
--- ARGV[1] signal JSON, ARGV[2] marker TTL ms, ARGV[3] signals stream max length
+-- Cancel a task or a message: set its persistent marker, index it, then announce it on the
+-- signals stream. The marker makes the cancel outlive the broadcast: work queued, waiting for a
+-- retry, adopted later, or read by a worker started after the signal is still never started.
+-- The index lets a starting worker find the live markers without scanning the keyspace.
+-- KEYS[1] signals stream, KEYS[2] cancel marker, KEYS[3] cancel index (optional: callers of
+-- the two-key form set no index entry, and workers started later do not see the marker)
+-- ARGV[1] signal JSON, ARGV[2] marker TTL ms, ARGV[3] signals stream max length,
+-- ARGV[4] index member ('<target>:<target id>', with KEYS[3])
 -- Returns the signal's stream entry id.
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if KEYS[3] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- pcall: a key of another type at the index's name (anyone with write access may make one)
+  -- must not stop a cancel; workers warn about it when they load the index.
+  redis.pcall('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[4])
+  redis.pcall('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'signal', ARGV[1])
 `;
 const MARKER_TTL_MS = 7 * 24 * 3600 * 1000;
@@ -77,7 +88,8 @@ try {
     }
   });
 
-  // Cancel it by message id with cancel.lua: the persistent marker and the signal in one step.
+  // Cancel it by message id with cancel.lua: the persistent marker, its entry in the cancel
+  // index (so workers started later find it) and the signal, in one step.
   const signal = {
     protocol: 1,
     kind: "cancel",
@@ -89,8 +101,12 @@ try {
     created_at_ms: Date.now(),
   };
   await client.eval(CANCEL_LUA, {
-    keys: [`${ns}:{signals}:stream`, `${ns}:{signals}:cancel:message:${slow.id}`],
-    arguments: [JSON.stringify(signal), String(MARKER_TTL_MS), "10000"],
+    keys: [
+      `${ns}:{signals}:stream`,
+      `${ns}:{signals}:cancel:message:${slow.id}`,
+      `${ns}:{signals}:cancels`,
+    ],
+    arguments: [JSON.stringify(signal), String(MARKER_TTL_MS), "10000", `message:${slow.id}`],
   });
 
   // Each worker that stopped (or refused) the job lists it in its report on the signal.

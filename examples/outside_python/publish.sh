@@ -51,12 +51,16 @@ echo "published slow $slow_id (entry $slow_entry)"
 taken() { [ "$(rcli XPENDING "$ns:{role:slow}:stream" workers "$slow_entry" "$slow_entry" 1 | head -n 1)" = "$slow_entry" ]; }
 wait_for "a worker to take $slow_id" taken
 
-# 3. Cancel it by message id: the persistent marker first (workers started later honour it),
-#    then the signal that running workers act on at once. The marker's key names the same
+# 3. Cancel it by message id: the persistent marker and its index entry first (workers started
+#    later honour it), then the signal that running workers act on at once. The marker's key names the same
 #    target and target_id as the JSON it holds.
 sig_id=$(new_id)
 sig="{\"protocol\":1,\"kind\":\"cancel\",\"id\":\"$sig_id\",\"target\":\"message\",\"target_id\":\"$slow_id\",\"reason\":\"cancelled from the shell\",\"requested_by\":\"publish.sh\",\"created_at_ms\":$(now_ms)}"
 rcli SET "$ns:{signals}:cancel:message:$slow_id" "$sig" PX 604800000 >/dev/null
+# Its entry in the cancel index, scored with the marker's expiry by the server's clock: workers
+# started later find the markers through the index, never by scanning the keyspace.
+expiry=$(( $(rcli TIME | head -n 1) * 1000 + 604800000 ))
+rcli ZADD "$ns:{signals}:cancels" "$expiry" "message:$slow_id" >/dev/null
 rcli XADD "$ns:{signals}:stream" MAXLEN '~' 10000 '*' signal "$sig" >/dev/null
 
 # 4. Each worker that stopped (or refused) the job lists it in its report on the signal.
