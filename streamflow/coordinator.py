@@ -561,6 +561,12 @@ class Coordinator:
             return True  # failed by an earlier look (or ended before it was damaged)
         logger.warning("task %s cannot run: %s", task_id, exc.reason)
         # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
+        await self._cancel_task(task_id, reason)
+        self.finished["failed"] = self.finished.get("failed", 0) + 1
+        return True
+
+    async def _cancel_task(self, task_id: str, reason: str) -> None:
+        """Send a task cancel on behalf of this coordinator (its running jobs stop)."""
         await signals.send_cancel(
             self._redis,
             self._scripts,
@@ -570,8 +576,6 @@ class Coordinator:
             reason=reason[:1000],
             requested_by=f"coordinator {self.consumer}",
         )
-        self.finished["failed"] = self.finished.get("failed", 0) + 1
-        return True
 
     def _advance(
         self,
@@ -701,15 +705,7 @@ class Coordinator:
                     continue
                 events.append(await self._call(task_id, spec, item, partials))
             elif kind == "cancel":
-                await signals.send_cancel(
-                    self._redis,
-                    self._scripts,
-                    self._keys,
-                    target="task",
-                    target_id=task_id,
-                    reason=item["reason"][:1000],
-                    requested_by=f"coordinator {self.consumer}",
-                )
+                await self._cancel_task(task_id, item["reason"])
             elif kind == "release":
                 await self._redis.srem(
                     self._keys.role_slots(item["role"]), f"{task_id}/{item['node']}"
