@@ -245,6 +245,11 @@ def finished(record: Record, count: int, consumer: str | None = None) -> Callabl
     return lambda: len(record.ids("DONE", consumer)) >= count
 
 
+def started(record: Record, count: int, consumer: str) -> Callable[[], bool]:
+    """A condition: ``consumer`` started at least ``count`` messages."""
+    return lambda: len(record.ids("START", consumer)) >= count
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
@@ -796,27 +801,32 @@ def test_single_live_worker_never_reports_a_lost_lease(
 def test_load_with_a_worker_sigkilled_and_restarted_twice_loses_nothing(
     workers: Workers, store: Store, publish: Publish, record: Record
 ) -> None:
+    """Each kill finds the victim with its handler slots full, whatever the relative speed of
+    the processes: the victims' handlers run until they are killed (``seconds_by_consumer``),
+    and the second half of the work is published only once the first restart is serving (the
+    steady workers could otherwise finish everything while it starts on a busy machine)."""
     messages, concurrency = 3000, 8
     lease = ("--lease-ttl", "1.5", "--reclaim-interval", str(RECLAIM), "--block-ms", "200")
+    victims = [unique(f"k{i}") for i in range(2)]
+    payload = {"seconds": 0.05, "seconds_by_consumer": dict.fromkeys(victims, 3600)}
 
     def start(name: str) -> WorkerProcess:
         return workers.start(name, concurrency=concurrency, lease=lease)
 
     steady = [start(unique(f"s{i}")) for i in range(3)]
-    target = start(unique("k0"))
+    target = start(victims[0])
     for worker in [*steady, target]:
         worker.wait_ready()
-    ids = publish([{"seconds": 0.05}] * messages)
+    ids = publish([payload] * (messages // 2))
 
     may_repeat: Counter[str] = Counter()
     in_pel_at_kills: list[int] = []
     for kill in range(2):
-        if kill == 0:
-            wait_for(finished(record, messages // 20), 30, "5% done", 0.05)
-        else:
+        if kill == 1:
             target.wait_ready()
-            wait_for(finished(record, 20, target.name), 30, "the restart finishes 20", 0.05)
-        assert len(record.ids("DONE")) < messages, "the run ended before the kill"
+            ids += publish([payload] * (messages // 2))
+        busy = started(record, concurrency, target.name)
+        wait_for(busy, 60, f"{target.name} runs {concurrency} handlers", 0.05)
         target.kill()
         entries = {p.entry_id for p in store.pending(consumer=target.name)}
         in_pel_at_kills.append(len(entries))
@@ -827,11 +837,12 @@ def test_load_with_a_worker_sigkilled_and_restarted_twice_loses_nothing(
                 if line.entry_id in entries
             }
         )
-        target = start(unique(f"k{kill + 1}"))
+        target = start(unique("k2") if kill else victims[1])
 
-    wait_for(lambda: set(ids) <= record.ids("DONE"), 60, "every message finished", 0.2)
+    wait_for(lambda: set(ids) <= record.ids("DONE"), 120, "every message finished", 0.2)
     wait_for(store.settled, 10, "everything settled")
 
+    assert min(in_pel_at_kills) >= concurrency, in_pel_at_kills  # each kill was mid-work
     done = assert_none_lost_and_duplicates_allowed(record, ids, may_repeat)
     duplicates = sum(n - 1 for n in done.values())
     print(f"duplicates {duplicates}; pending under the victim at each kill: {in_pel_at_kills}")
