@@ -691,7 +691,8 @@ def sigterm_release_round(
     terminated_at = time.monotonic()
     assert leaving.process.wait(timeout=grace + 10) == 0, leaving.stderr()
     exited_after = time.monotonic() - terminated_at
-    assert exited_after <= grace + 3.0, f"A took {exited_after:.2f}s to exit"
+    # Far below the handlers' minute, with room for a loaded machine's slow interpreter exit.
+    assert exited_after <= grace + 8.0, f"A took {exited_after:.2f}s to exit"
     assert record.ids("CANCELLED", a_name) == set(ids)
 
     adopted: dict[str, Pending] = {}
@@ -701,12 +702,15 @@ def sigterm_release_round(
         return len(adopted) == in_flight
 
     try:
-        wait_for(all_adopted, 5.0, "B adopts the released entries")
+        # Adoption at the TTL would come at least 2/3 of it (13 s) after the exit: 10 s tells
+        # a release from an expiry on a busy machine too.
+        wait_for(all_adopted, ttl / 2, "B adopts the released entries")
     except AssertionError:
         left = store.pending(consumer=a_name)
         failed = leaving.stderr().count("could not settle")
         raise AssertionError(
-            f"{len(left)} of {in_flight} entries still pending under A 5 s after it exited "
+            f"{len(left)} of {in_flight} entries still pending under A {ttl / 2:.0f} s after "
+            "it exited "
             f"(idle ms: {sorted({p.idle_ms for p in left})[:5]}; they wait for the {ttl}s "
             f"TTL); A logged {failed} 'could not settle' warnings:\n"
             + "\n".join(leaving.stderr().splitlines()[-5:])
