@@ -126,13 +126,16 @@ class Shell:
         self._port = str(free_port())
         self._background: list[subprocess.Popen[bytes]] = []
 
-    def run(self, command: Command) -> None:
-        """Run ``command``; fail unless it exits 0 and prints what the page shows."""
-        line = command.line.replace("9100", self._port)
+    def run(self, command: Command, *, once: bool = False) -> None:
+        """Run ``command``; fail unless it exits 0 and prints what the page shows.
+
+        A command that only reads is run again until it does (not with ``once``).
+        """
+        line = re.sub(r"(?<![0-9])9100(?![0-9])", self._port, command.line)
         if line.endswith("&"):
             self._start(line[:-1])
             return
-        again = not command.line.startswith(MUTATING)
+        again = not once and not command.line.startswith(MUTATING)
         deadline = time.monotonic() + DEADLINE
         while True:
             done = subprocess.run(

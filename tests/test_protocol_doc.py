@@ -4,6 +4,12 @@ A console block of the page preceded by ``<!-- protocol-example: ID=OUTCOME ... 
 ``$ redis-cli XADD ...`` lines; OUTCOME is ``handled:N`` (the handler ran, the last time at
 attempt N) or ``dead:REASON`` (dead-lettered with that reason). Every raw XADD of a job on the
 page must be in such a block, so an example cannot drift from what a worker does.
+
+A console block preceded by ``<!-- protocol-cancel-example: TARGET ID -->`` sends a cancel by
+hand: its commands run as one bash script (with ``redis-cli`` pointed at the test's server, from
+the repository root), then each command followed by output lines runs again until it prints
+them. A message cancelled while its handler runs is stopped and reported; a task cancelled
+before its job is read never starts it.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ import redis as redis_sync
 
 from streamflow.server import RedisServer
 from tests.helpers import clean_env, recorded, wait_for
+from tests.test_getting_started import Command, Shell
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "protocol.md"
 MARKER = re.compile(r"<!-- protocol-example: (.+?) -->\n```console\n(.*?)```", re.S)
 #: A raw publish of a job: XADD to a role stream.
 XADD = re.compile(r"\$ redis-cli XADD 'sf:\{role:[^}]+\}:stream' ")
+CANCEL = re.compile(
+    r"<!-- protocol-cancel-example: (task|message) (\S+) -->\n```console\n(.*?)```", re.S
+)
 
 
 @dataclass(frozen=True)
@@ -47,11 +57,29 @@ def examples(text: str) -> list[Example]:
     return found
 
 
+def console_commands(block: str) -> list[Command]:
+    """The ``$`` commands of a console block (``\\`` continues a line) and their output lines."""
+    commands: list[Command] = []
+    for line in block.replace("\\\n", " ").splitlines():
+        if line.startswith("$ "):
+            commands.append(Command(" ".join(line[2:].split(" ")).strip()))
+        elif commands:
+            commands[-1].shown.append(line)
+    return commands
+
+
 def test_every_raw_xadd_of_a_job_on_the_page_is_a_checked_example() -> None:
     text = PAGE.read_text()
     marked = sum(len(e.commands) for e in examples(text))
     assert marked == sum(bool(XADD.match(line)) for line in text.splitlines())
     assert marked >= 4
+
+
+def test_both_ways_of_sending_a_cancel_are_checked_examples() -> None:
+    assert [(t, i) for t, i, _ in CANCEL.findall(PAGE.read_text())] == [
+        ("task", "report-7"),
+        ("message", "slow-2"),
+    ]
 
 
 @pytest.fixture
@@ -119,3 +147,51 @@ def test_the_pages_xadd_examples_have_their_documented_effect(
     assert {k: v for k, v in written.items() if k not in volatile} == {
         k: v for k, v in shown.items() if k not in volatile
     }
+
+
+def job(message_id: str, image: str, task_id: str | None = None) -> str:
+    """A job's JSON, as the page writes them."""
+    doc = {"protocol": 1, "kind": "job", "id": message_id, "role": "resize"}
+    doc |= {"payload": {"image": image, "width": 1}, "created_at_ms": 1795327855701}
+    return orjson.dumps(doc | ({"task_id": task_id} if task_id else {})).decode()
+
+
+def test_the_pages_cancels_stop_a_running_job_and_refuse_a_later_one(
+    worker: tuple[redis_sync.Redis, Path, Callable[[], None]], tmp_path: Path
+) -> None:
+    client, record, start = worker
+    shell = Shell(ROOT, tmp_path, _url(client))
+    examples = {(t, i): block for t, i, block in CANCEL.findall(PAGE.read_text())}
+    stream = "sf:{role:resize}:stream"
+
+    # A task cancelled before any worker runs: the worker that starts later finds the marker
+    # through the index (the signal was sent before it listened) and never starts the job.
+    run_block(shell, examples[("task", "report-7")])
+    client.xadd(stream, {"message": job("report-7.a", "cat.png", task_id="report-7")})
+    client.xadd(stream, {"message": job("after", "cat.png")})  # runs: the worker went past
+    start()
+    wait_for(lambda: "after 1" in recorded(record), 60, "the job after it runs")
+    wait_for(lambda: client.xlen(stream) == 0, 60, "everything settled")
+    assert not any(line.startswith("report-7.a") for line in recorded(record))
+
+    # A message cancelled while its handler runs: stopped, reported, acknowledged as cancelled.
+    client.xadd(stream, {"message": job("slow-2", "slow.png")})
+    wait_for(lambda: "slow-2 1" in recorded(record), 60, "slow-2 starts")
+    run_block(shell, examples[("message", "slow-2")])
+    wait_for(lambda: "slow-2 end" in recorded(record), 60, "slow-2 stops")
+    wait_for(lambda: client.xlen(stream) == 0, 60, "slow-2 settled")
+    assert client.xlen("sf:{role:resize}:dead") == 0  # cancelled, not dead-lettered
+
+
+def _url(client: redis_sync.Redis) -> str:
+    kwargs = client.get_connection_kwargs()
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+def run_block(shell: Shell, block: str) -> None:
+    """All of a block's commands as one script, then each one that shows output until it does."""
+    commands = console_commands(block)
+    shell.run(Command("\n".join(c.line for c in commands)), once=True)
+    for command in commands:
+        if command.shown:
+            shell.run(command)
