@@ -75,6 +75,20 @@ def test_every_raw_xadd_of_a_job_on_the_page_is_a_checked_example() -> None:
     assert marked >= 4
 
 
+def code_lines(script: str) -> list[str]:
+    """A Lua script without its comments, blank lines and ``#!lua`` line."""
+    lines = (line.rstrip() for line in script.splitlines())
+    return [x for x in lines if x and x != "#!lua" and not x.lstrip().startswith("--")]
+
+
+def test_every_script_listed_on_the_page_is_the_one_that_ships() -> None:
+    shipped = [code_lines(p.read_text()) for p in (ROOT / "streamflow" / "lua").glob("*.lua")]
+    listed = re.findall(r"```lua\n(.*?)```", PAGE.read_text(), re.S)
+    assert len(listed) >= 4
+    for script in listed:
+        assert code_lines(script) in shipped, script
+
+
 def test_both_ways_of_sending_a_cancel_are_checked_examples() -> None:
     assert [(t, i) for t, i, _ in CANCEL.findall(PAGE.read_text())] == [
         ("task", "report-7"),
