@@ -5,25 +5,63 @@ Declare roles on an :class:`App`, run them with ``streamflow worker``, publish w
 DAG tasks (:class:`Graph`) with ``streamflow coordinator``.
 """
 
-from streamflow.app import App, RetryPolicy
-from streamflow.client import Client, SyncClient
-from streamflow.context import Batch, Cancelled, CancelToken, Context, Fatal, Retry
-from streamflow.coordinator import Coordinator
-from streamflow.errors import (
-    ConfigError,
-    InvalidNameError,
-    MissingExtraError,
-    PayloadError,
-    ProtocolError,
-    RedisCommandError,
-    RedisUnavailable,
-    StreamflowError,
-)
-from streamflow.graph import Graph, GraphError
-from streamflow.leases import LeaseSettings
-from streamflow.settle import Outcome
-from streamflow.tasks import NodeState, TaskState
-from streamflow.worker import Worker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streamflow.app import App, RetryPolicy
+    from streamflow.client import Client, SyncClient
+    from streamflow.context import Batch, Cancelled, CancelToken, Context, Fatal, Retry
+    from streamflow.coordinator import Coordinator
+    from streamflow.errors import (
+        ConfigError,
+        InvalidNameError,
+        MissingExtraError,
+        PayloadError,
+        ProtocolError,
+        RedisCommandError,
+        RedisUnavailable,
+        StreamflowError,
+    )
+    from streamflow.graph import Graph, GraphError
+    from streamflow.leases import LeaseSettings
+    from streamflow.settle import Outcome
+    from streamflow.tasks import NodeState, TaskState
+    from streamflow.worker import Worker
+
+#: Where each public name lives. ``import streamflow`` (which every ``streamflow`` command does,
+#: as a package) imports none of them: each is imported on first use (PEP 562), so that
+#: ``streamflow --version`` does not pay for redis, pydantic and prometheus-client.
+_EXPORTS = {
+    "App": "streamflow.app",
+    "RetryPolicy": "streamflow.app",
+    "Client": "streamflow.client",
+    "SyncClient": "streamflow.client",
+    "Batch": "streamflow.context",
+    "Cancelled": "streamflow.context",
+    "CancelToken": "streamflow.context",
+    "Context": "streamflow.context",
+    "Fatal": "streamflow.context",
+    "Retry": "streamflow.context",
+    "Coordinator": "streamflow.coordinator",
+    "ConfigError": "streamflow.errors",
+    "InvalidNameError": "streamflow.errors",
+    "MissingExtraError": "streamflow.errors",
+    "PayloadError": "streamflow.errors",
+    "ProtocolError": "streamflow.errors",
+    "RedisCommandError": "streamflow.errors",
+    "RedisUnavailable": "streamflow.errors",
+    "StreamflowError": "streamflow.errors",
+    "Graph": "streamflow.graph",
+    "GraphError": "streamflow.graph",
+    "LeaseSettings": "streamflow.leases",
+    "Outcome": "streamflow.settle",
+    "NodeState": "streamflow.tasks",
+    "TaskState": "streamflow.tasks",
+    "Worker": "streamflow.worker",
+}
 
 __version__ = "0.1.0"
 
@@ -56,3 +94,16 @@ __all__ = [
     "Worker",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,6 +1,8 @@
-"""The ``streamflow`` command line: worker, publish, cancel, dlq, schema and demo.
+"""The ``streamflow`` commands worker, publish, cancel, dlq, check, schema and demo.
 
-The task commands are in :mod:`streamflow.cli_tasks`.
+The root group is :mod:`streamflow.cli_root` (it imports this module when one of these commands
+is run); the task commands are in :mod:`streamflow.cli_tasks`, the observability commands in
+:mod:`streamflow.cli_inspect` and ``acl`` in :mod:`streamflow.cli_security`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamflow import config, guard, logs, streams
+from streamflow.cli_root import main as main  # re-exported: the command modules register on it
 from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.logs import echo, shown
@@ -204,26 +207,9 @@ async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
             return
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--log-level",
-    envvar="STREAMFLOW_LOG_LEVEL",
-    default="INFO",
-    show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
-@click.option(
-    "--log-format",
-    envvar="STREAMFLOW_LOG_FORMAT",
-    default="text",
-    show_default=True,
-    type=click.Choice(["text", "json"]),
-    help="json: one object per line, with role, message, task and node ids as fields.",
-)
-@click.version_option(package_name="streamflow")
 @_errors_to_exit
-def main(log_level: str, log_format: str) -> None:
-    """streamflow: workers and publishers on Redis Streams."""
+def configure(log_level: str, log_format: str) -> None:
+    """What the root group does before any command: check the environment, set up logging."""
     config.check_environment()
     logs.configure(log_level, log_format)
 
@@ -911,11 +897,3 @@ async def _cancel(
             wait=wait,
             timeout=timeout,
         )
-
-
-# The task commands (coordinator, submit, status, tasks, result), the observability commands
-# (inspect, workers, exporter) and the security command (acl) live in their own modules and
-# register themselves on ``main``; importing them here makes them part of the CLI.
-from streamflow import cli_inspect as _cli_inspect  # noqa: E402, F401
-from streamflow import cli_security as _cli_security  # noqa: E402, F401
-from streamflow import cli_tasks as _cli_tasks  # noqa: E402, F401

@@ -7,10 +7,14 @@ from several processes never interleave.
 Roles (their payload is the task's params updated with the node's own):
     src: a source node. Emits ``n`` batches of ``size`` consecutive ints (batch ``b`` holds
         ``b * size .. b * size + size - 1``), sleeping ``pause`` seconds after each, so that a
-        kill can land while it is still emitting. Rerun from scratch after a crash, it emits the
-        same batches in the same order (the coordinator drops the numbers already recorded).
+        kill can land while it is still emitting; with ``gate`` (a file path) and ``gate_after``
+        (a batch count), it waits after that many batches until the file exists, so that it is
+        still emitting at a kill however slow the rest is. Rerun from scratch after a crash, it
+        emits the same batches in the same order (the coordinator drops the numbers already
+        recorded).
     step: a node fed per batch. Traces START, sleeps ``seconds``, emits the parent batch with
-        every item multiplied by ``factor`` (default 2), traces DONE.
+        every item multiplied by ``factor`` (default 2), traces DONE. With the source's
+        ``gate``, the runs of the second quarter of batches also wait for it before emitting.
 
 Trace lines are ``EVENT task node invocation parent index attempt pid consumer unix_time``:
 EVENT is ``START`` (the handler began) or ``DONE`` (it emitted everything and returned: its
@@ -84,7 +88,15 @@ async def src(ctx: streamflow.Context, params: dict[str, Any]) -> None:
         await ctx.emit(range(batch * size, (batch + 1) * size))
         if pause > 0:
             await anyio.sleep(pause)
+        if batch + 1 == params.get("gate_after"):
+            await wait_for_file(anyio.Path(params["gate"]))
     trace(ctx, "DONE")
+
+
+async def wait_for_file(path: anyio.Path) -> None:
+    """Return once ``path`` exists (the test opens a gate by creating it)."""
+    while not await path.exists():
+        await anyio.sleep(0.02)
 
 
 @app.role("step")
@@ -92,6 +104,8 @@ async def step(ctx: streamflow.Context, params: dict[str, Any]) -> None:
     assert ctx.batch is not None, "step is fed per batch"
     trace(ctx, "START")
     await anyio.sleep(float(params.get("seconds", 0)))
+    if "gate" in params and ctx.batch.index >= int(params["gate_after"]) // 2:
+        await wait_for_file(anyio.Path(params["gate"]))  # in flight until the gate opens
     factor = int(params.get("factor", 2))
     await ctx.emit([item * factor for item in ctx.batch.items])
     trace(ctx, "DONE")

@@ -247,6 +247,11 @@ def finished(record: Record, count: int, consumer: str | None = None) -> Callabl
     return lambda: len(record.ids("DONE", consumer)) >= count
 
 
+def started(record: Record, count: int, consumer: str) -> Callable[[], bool]:
+    """A condition: ``consumer`` started at least ``count`` messages."""
+    return lambda: len(record.ids("START", consumer)) >= count
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
@@ -305,14 +310,17 @@ def test_sigkilled_worker_in_flight_messages_are_adopted_within_lease_ttl_and_fi
     assert {line.entry_id for line in started if line.message_id in in_flight} <= in_pel
 
     wait_for(lambda: not store.pending(consumer=a_name), 10, "the victim's entries adopted")
-    adopted_after = time.monotonic() - killed_at
     wait_for(lambda: set(slow) <= record.ids("DONE", b_name), 10, "the adopted entries finished")
+    # When the survivor started them, by its own trace lines: how often this test's process got
+    # the CPU to poll (a loaded machine may starve it for seconds) does not count.
+    adopted_at = max(line.at for line in record.events("START", b_name) if line.message_id in slow)
+    adopted_after = adopted_at - killed_wall
     finished_after = max(line.at for line in record.events("DONE") if line.message_id in slow)
     finished_after -= killed_wall
     wait_for(store.settled, 5, "every entry acknowledged")
     print(f"kill -> adopted {adopted_after:.2f}s, -> finished {finished_after:.2f}s (TTL {TTL}s)")
 
-    # Not before the leases expired (TTL after their last renewal)
+    # Not before the leases expired (TTL after their last renewal; started after adopted)
     assert adopted_after >= TTL - renewed_ago - 0.05, (adopted_after, renewed_ago)
     # and within one TTL plus one reclaim step (plus scheduling slack).
     assert adopted_after <= TTL + RECLAIM + MARGIN, (
@@ -688,7 +696,8 @@ def sigterm_release_round(
     terminated_at = time.monotonic()
     assert leaving.process.wait(timeout=grace + 10) == 0, leaving.stderr()
     exited_after = time.monotonic() - terminated_at
-    assert exited_after <= grace + 3.0, f"A took {exited_after:.2f}s to exit"
+    # Far below the handlers' minute, with room for a loaded machine's slow interpreter exit.
+    assert exited_after <= grace + 8.0, f"A took {exited_after:.2f}s to exit"
     assert record.ids("CANCELLED", a_name) == set(ids)
 
     adopted: dict[str, Pending] = {}
@@ -698,12 +707,15 @@ def sigterm_release_round(
         return len(adopted) == in_flight
 
     try:
-        wait_for(all_adopted, 5.0, "B adopts the released entries")
+        # Adoption at the TTL would come at least 2/3 of it (13 s) after the exit: 10 s tells
+        # a release from an expiry on a busy machine too.
+        wait_for(all_adopted, ttl / 2, "B adopts the released entries")
     except AssertionError:
         left = store.pending(consumer=a_name)
         failed = leaving.stderr().count("could not settle")
         raise AssertionError(
-            f"{len(left)} of {in_flight} entries still pending under A 5 s after it exited "
+            f"{len(left)} of {in_flight} entries still pending under A {ttl / 2:.0f} s after "
+            "it exited "
             f"(idle ms: {sorted({p.idle_ms for p in left})[:5]}; they wait for the {ttl}s "
             f"TTL); A logged {failed} 'could not settle' warnings:\n"
             + "\n".join(leaving.stderr().splitlines()[-5:])
@@ -798,27 +810,32 @@ def test_single_live_worker_never_reports_a_lost_lease(
 def test_load_with_a_worker_sigkilled_and_restarted_twice_loses_nothing(
     workers: Workers, store: Store, publish: Publish, record: Record
 ) -> None:
+    """Each kill finds the victim with its handler slots full, whatever the relative speed of
+    the processes: the victims' handlers run until they are killed (``seconds_by_consumer``),
+    and the second half of the work is published only once the first restart is serving (the
+    steady workers could otherwise finish everything while it starts on a busy machine)."""
     messages, concurrency = 3000, 8
     lease = ("--lease-ttl", "1.5", "--reclaim-interval", str(RECLAIM), "--block-ms", "200")
+    victims = [unique(f"k{i}") for i in range(2)]
+    payload = {"seconds": 0.05, "seconds_by_consumer": dict.fromkeys(victims, 3600)}
 
     def start(name: str) -> WorkerProcess:
         return workers.start(name, concurrency=concurrency, lease=lease)
 
     steady = [start(unique(f"s{i}")) for i in range(3)]
-    target = start(unique("k0"))
+    target = start(victims[0])
     for worker in [*steady, target]:
         worker.wait_ready()
-    ids = publish([{"seconds": 0.05}] * messages)
+    ids = publish([payload] * (messages // 2))
 
     may_repeat: Counter[str] = Counter()
     in_pel_at_kills: list[int] = []
     for kill in range(2):
-        if kill == 0:
-            wait_for(finished(record, messages // 20), 30, "5% done", 0.05)
-        else:
+        if kill == 1:
             target.wait_ready()
-            wait_for(finished(record, 20, target.name), 30, "the restart finishes 20", 0.05)
-        assert len(record.ids("DONE")) < messages, "the run ended before the kill"
+            ids += publish([payload] * (messages // 2))
+        busy = started(record, concurrency, target.name)
+        wait_for(busy, 60, f"{target.name} runs {concurrency} handlers", 0.05)
         target.kill()
         entries = {p.entry_id for p in store.pending(consumer=target.name)}
         in_pel_at_kills.append(len(entries))
@@ -829,11 +846,12 @@ def test_load_with_a_worker_sigkilled_and_restarted_twice_loses_nothing(
                 if line.entry_id in entries
             }
         )
-        target = start(unique(f"k{kill + 1}"))
+        target = start(unique("k2") if kill else victims[1])
 
-    wait_for(lambda: set(ids) <= record.ids("DONE"), 60, "every message finished", 0.2)
+    wait_for(lambda: set(ids) <= record.ids("DONE"), 120, "every message finished", 0.2)
     wait_for(store.settled, 10, "everything settled")
 
+    assert min(in_pel_at_kills) >= concurrency, in_pel_at_kills  # each kill was mid-work
     done = assert_none_lost_and_duplicates_allowed(record, ids, may_repeat)
     duplicates = sum(n - 1 for n in done.values())
     print(f"duplicates {duplicates}; pending under the victim at each kill: {in_pel_at_kills}")

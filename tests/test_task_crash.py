@@ -305,9 +305,15 @@ def store(redis_url: str, namespace: str) -> Iterator[Store]:
         client.close()
 
 
-def submit(redis_url: str, namespace: str) -> str:
-    """Submit the test chain (see the module docstring); returns the task id."""
-    graph = Graph("crash", params={"n": BATCHES, "size": SIZE, "pause": PAUSE})
+def submit(redis_url: str, namespace: str, gate: Path | None = None) -> str:
+    """Submit the test chain (see the module docstring); returns the task id.
+
+    With ``gate``, the source stops after half its batches until that file exists.
+    """
+    params: dict[str, Any] = {"n": BATCHES, "size": SIZE, "pause": PAUSE}
+    if gate is not None:
+        params.update(gate=str(gate), gate_after=BATCHES // 2)
+    graph = Graph("crash", params=params)
     graph.node("src", role="src")
     graph.node("step", role="step", params={"seconds": STEP_SECONDS})
     graph.node("total", function="metrics.aggregate")
@@ -413,16 +419,25 @@ def assert_task_exact(
 
 
 def test_worker_sigkilled_mid_node_is_adopted_and_the_task_counts_every_item_once(
-    processes: Processes, store: Store, record: Record, redis_url: str, namespace: str
+    processes: Processes,
+    store: Store,
+    record: Record,
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
 ) -> None:
     """Two workers; the one running the source is SIGKILLed while it also runs step
     invocations. The other adopts the source (which emits every batch again: the numbers
-    already recorded are dropped) and the interrupted step runs."""
+    already recorded are dropped) and the interrupted step runs. The source waits at a gate
+    after half its batches, and the steps of the second quarter before they emit, until the
+    kill: the source is still emitting and steps are in flight then, however slowly any
+    process runs on a busy machine."""
     coordinator = processes.coordinator(unique("c"))
     workers = [processes.worker(unique("a")), processes.worker(unique("b"))]
     for process in [coordinator, *workers]:
         process.wait_ready()
-    task_id = submit(redis_url, namespace)
+    gate = tmp_path / "gate"
+    task_id = submit(redis_url, namespace, gate)
 
     wait_for(lambda: bool(record.lines("START", "src")), 10, "the source starts")
     [src_run] = record.lines("START", "src")
@@ -434,13 +449,14 @@ def test_worker_sigkilled_mid_node_is_adopted_and_the_task_counts_every_item_onc
         # invocations finished already.
         return bool(record.in_flight("step", victim.pid)) and len(record.lines("DONE")) >= 3
 
-    wait_for(mid_node, 10, "the victim runs step while its source emits")
+    wait_for(mid_node, 60, "the victim runs step while its source emits")
     victim.kill()
     assert not record.lines("DONE", "src"), "the source finished before the kill"
     interrupted = record.in_flight("step", victim.pid)
     assert interrupted, "the kill did not land mid-node"
     at_kill = store.task(task_id).nodes
     assert at_kill["src"].batches_out < BATCHES and at_kill["step"].dispatched < BATCHES
+    gate.touch()  # the survivor's rerun of the source goes through
 
     assert_task_exact(
         redis_url,

@@ -1,0 +1,128 @@
+"""The root of the ``streamflow`` command line: a group that imports a command's module on use.
+
+Every CLI call used to import the whole package (redis, pydantic, prometheus-client, the worker,
+the coordinator) before parsing its arguments: about half a second of CPU for
+``streamflow --version``. The root group here knows each command by name, module and one-line
+help, so ``--version`` and ``--help`` import none of them, and ``streamflow publish`` imports
+only the module that defines ``publish`` (and what that module needs). The command modules
+(:mod:`streamflow.cli`, :mod:`streamflow.cli_tasks`, :mod:`streamflow.cli_inspect`,
+:mod:`streamflow.cli_security`) register their commands on :data:`main` when imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+#: Every command: the module that defines it, and its short help for the command list (the
+#: first paragraph of the command's docstring; tests/test_cli_startup.py checks they agree).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "acl": (
+        "streamflow.cli_security",
+        "Print the ACL SETUSER line that gives one part exactly the rights it needs.",
+    ),
+    "cancel": (
+        "streamflow.cli",
+        "Cancel a task (all its messages) or one message by id, on every worker.",
+    ),
+    "check": (
+        "streamflow.cli",
+        "Probe: exit 0 when healthy, 1 when not (for container health checks).",
+    ),
+    "coordinator": (
+        "streamflow.cli_tasks",
+        "Drive DAG tasks: turn workers' events into task state and fan out work.",
+    ),
+    "demo": (
+        "streamflow.cli",
+        "Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself.",
+    ),
+    "dlq": ("streamflow.cli", "Dead letters: list, show, replay, purge."),
+    "exporter": (
+        "streamflow.cli_inspect",
+        "Serve the namespace's queue gauges (run one per namespace, beside the workers).",
+    ),
+    "inspect": (
+        "streamflow.cli_inspect",
+        "Show every role (or ROLE in detail): stream, groups, consumers, pending, lag, retries.",
+    ),
+    "publish": ("streamflow.cli", "Publish jobs to ROLE; prints one message id per line."),
+    "result": ("streamflow.cli_tasks", "Print a task's results as JSON: {node: [items...]}."),
+    "schema": (
+        "streamflow.cli",
+        "Print the JSON Schema of every message kind of the wire protocol.",
+    ),
+    "status": ("streamflow.cli_tasks", "Show a task's state and every node's."),
+    "submit": (
+        "streamflow.cli_tasks",
+        "Submit the task graph in GRAPH_FILE (JSON, or YAML by extension; - for stdin).",
+    ),
+    "tasks": ("streamflow.cli_tasks", "List tasks, newest first."),
+    "worker": (
+        "streamflow.cli",
+        "Serve roles of an app: streamflow worker --app pkg.module:app --role ROLE.",
+    ),
+    "workers": (
+        "streamflow.cli_inspect",
+        "List the live workers of the namespace (a killed one is gone after its lease TTL).",
+    ),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported when one is run, or its own help is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, imported or not."""
+        return sorted({*self.commands, *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, importing its module first if need be."""
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            importlib.import_module(COMMANDS[cmd_name][0])
+        return self.commands.get(cmd_name)
+
+    def load_all(self) -> None:
+        """Import every command's module (for tools that read ``commands``, e.g. mkdocs-click)."""
+        for module, _ in COMMANDS.values():
+            importlib.import_module(module)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``streamflow --help``, from COMMANDS: it imports nothing."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = [(name, _short_help(self, name, limit)) for name in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _short_help(group: LazyGroup, name: str, limit: int) -> str:
+    # A command already imported speaks for itself; the others are cut as click cuts them.
+    command = group.commands.get(name) or click.Command(name, help=COMMANDS[name][1])
+    return command.get_short_help_str(limit)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    envvar="STREAMFLOW_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "--log-format",
+    envvar="STREAMFLOW_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one object per line, with role, message, task and node ids as fields.",
+)
+@click.version_option(package_name="streamflow")
+def main(log_level: str, log_format: str) -> None:
+    """streamflow: workers and publishers on Redis Streams."""
+    # Imported here, not above: --version and --help end before this runs and need none of it.
+    from streamflow.cli import configure
+
+    configure(log_level, log_format)
