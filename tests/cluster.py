@@ -7,6 +7,7 @@ master added to the running cluster, the role and replica of each node.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import redis
 
 from streamflow.server import RedisServer
@@ -100,6 +102,16 @@ class LocalCluster:
                 host = host or first.host  # a lone node that met no other knows no own IP
                 return f"{host}:{int(master[1])}"
         raise AssertionError(f"slot {slot} is not served by any master")
+
+
+def require_cluster_tools() -> None:
+    """Skip the test without redis-server or redis-cli (fail it on CI, where both must be)."""
+    if RedisServer.available() and shutil.which("redis-cli") is not None:
+        return
+    message = "redis-server and redis-cli are needed for the cluster tests"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def _free_port() -> int:

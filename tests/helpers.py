@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from streamflow import Worker
@@ -73,3 +75,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 def recorded(path: Path) -> list[str]:
     """The lines the test apps appended to ``path`` so far."""
     return path.read_text().splitlines() if path.exists() else []
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a process's /metrics: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

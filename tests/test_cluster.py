@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from streamflow.keys import Keys
 from streamflow.protocol import decode_dead_letter
 from streamflow.server import RedisServer
 from streamflow.settle import Outcome
-from tests.cluster import LocalCluster, local_cluster
+from tests.cluster import LocalCluster, local_cluster, require_cluster_tools
 from tests.helpers import pending_count, running, wait_for, wait_until
 from tests.test_crash import Record, Workers, assert_none_lost_and_duplicates_allowed, unique
 
@@ -44,11 +43,7 @@ from tests.test_crash import Record, Workers, assert_none_lost_and_duplicates_al
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     """A 3-master cluster for this module (about 3 s to start), torn down after it."""
-    if not RedisServer.available() or shutil.which("redis-cli") is None:
-        message = "redis-server and redis-cli are needed for the cluster tests"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {message}", pytrace=False)
-        pytest.skip(message)
+    require_cluster_tools()
     with local_cluster() as running_cluster:
         yield running_cluster
 

@@ -21,8 +21,6 @@ Marked ``cluster_ops``: part of the default run and CI; ``-m "not cluster_ops"``
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 import threading
 import time
 import uuid
@@ -43,7 +41,7 @@ from streamflow.errors import RedisUnavailable
 from streamflow.keys import Keys
 from streamflow.server import RedisServer
 from tests import test_task_crash as tasks
-from tests.cluster import LocalCluster, local_cluster, wait_ok
+from tests.cluster import LocalCluster, local_cluster, require_cluster_tools, wait_ok
 from tests.helpers import wait_for
 from tests.test_crash import Record, Workers
 
@@ -62,11 +60,7 @@ DRAIN = 90.0
 @pytest.fixture
 def cluster() -> Iterator[LocalCluster]:
     """Three masters with a replica each; a node is failed after 2 s without an answer."""
-    if not RedisServer.available() or shutil.which("redis-cli") is None:
-        message = "redis-server and redis-cli are needed for the cluster tests"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {message}", pytrace=False)
-        pytest.skip(message)
+    require_cluster_tools()
     with local_cluster(replicas=1, node_timeout_ms=2000) as running:
         yield running
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamflow import streams
 from streamflow.client import SyncClient
@@ -22,7 +21,7 @@ from streamflow.coordinator import Coordinator
 from streamflow.keys import COORDINATORS, Keys
 from streamflow.server import RedisServer
 from tests.apps import read_trace
-from tests.helpers import ROOT, clean_env, wait_for
+from tests.helpers import ROOT, clean_env, scrape, wait_for
 from tests.test_cli import CLI, kill_tree, run_cli
 
 pytestmark = pytest.mark.redis
@@ -35,17 +34,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a process's /metrics: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def status(port: int, path: str) -> int:

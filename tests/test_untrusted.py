@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, get_args
@@ -22,7 +21,6 @@ import anyio
 import orjson
 import pytest
 import redis as redis_sync
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
@@ -53,7 +51,16 @@ from streamflow.protocol import (
 from streamflow.registry import live_workers
 from streamflow.server import RedisServer
 from streamflow.taskstore import TaskStore
-from tests.helpers import ROOT, clean_env, recorded, running, wait_for, wait_for_query, wait_until
+from tests.helpers import (
+    ROOT,
+    clean_env,
+    recorded,
+    running,
+    scrape,
+    wait_for,
+    wait_for_query,
+    wait_until,
+)
 from tests.test_crash import WorkerProcess, Workers
 from tests.test_metrics import free_port
 from tests.test_tasks import system as task_system
@@ -214,16 +221,6 @@ def cancel_signal(target: str, target_id: str) -> bytes:
             created_at_ms=1,
         )
     )
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_bad_cancel_markers_are_skipped_counted_and_a_marker_means_what_its_key_says(
