@@ -310,6 +310,14 @@ def main(log_level: str, log_format: str) -> None:
     "uses PORT+i).",
 )
 @click.option(
+    "--metrics-host",
+    envvar="STREAMFLOW_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics and health server listens on: loopback by default; "
+    "0.0.0.0 to be scraped from other hosts or from outside a container.",
+)
+@click.option(
     "--strict",
     envvar="STREAMFLOW_STRICT",
     is_flag=True,
@@ -392,6 +400,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
             worker.enable_metrics if settings.metrics_port is not None else None,
             health,
             settings.metrics_port,
+            settings.metrics_host,
         ):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, worker, tg.cancel_scope)
@@ -416,18 +425,24 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
 
 @contextmanager
 def _serving_metrics(
-    make_registry: Callable[[], CollectorRegistry] | None, health: Health, port: int | None
+    make_registry: Callable[[], CollectorRegistry] | None,
+    health: Health,
+    port: int | None,
+    host: str = "127.0.0.1",
 ) -> Iterator[None]:
     """Serve metrics and health checks for the block, when a port is given."""
     if make_registry is None or port is None:
         yield
         return
     try:
-        server = MetricsServer(make_registry(), health, port=port)
+        server = MetricsServer(make_registry(), health, port=port, host=host)
     except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}") from None
+        raise ConfigError(
+            f"cannot serve metrics on {host} port {port}: {exc.strerror or exc}"
+        ) from None
     with server:
-        logger.info("metrics on http://0.0.0.0:%d/metrics (/healthz, /readyz)", server.port)
+        shown_host = f"[{host}]" if ":" in host else host
+        logger.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", shown_host, server.port)
         yield
 
 

@@ -354,6 +354,14 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     help="Serve the queue gauges on /metrics (and /healthz, /readyz) on this port.",
 )
 @click.option(
+    "--metrics-host",
+    envvar="STREAMFLOW_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics and health server listens on: loopback by default; "
+    "0.0.0.0 to be scraped from other hosts or from outside a container.",
+)
+@click.option(
     "--interval",
     type=click.FloatRange(0.1, 3600),
     default=5.0,
@@ -362,19 +370,23 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 )
 @_connection_options
 @_errors_to_exit
-def exporter(metrics_port: int, interval: float, redis_url: str, namespace: str) -> None:
+def exporter(
+    metrics_port: int, metrics_host: str, interval: float, redis_url: str, namespace: str
+) -> None:
     """Serve the namespace's queue gauges (run one per namespace, beside the workers)."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    anyio.run(_export, settings, metrics_port, interval)
+    anyio.run(_export, settings, metrics_port, interval, metrics_host)
 
 
-async def _export(settings: config.ConnectionSettings, port: int, interval: float) -> None:
+async def _export(
+    settings: config.ConnectionSettings, port: int, interval: float, host: str = "127.0.0.1"
+) -> None:
     redis = _connect(settings, name="streamflow-exporter")
     await streams.ping(redis, settings.url)
     queues = Exporter(redis, namespace=settings.namespace, interval=interval)
     health = Health(redis)
     try:
-        with _serving_metrics(queues.registry, health, port):
+        with _serving_metrics(queues.registry, health, port, host):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(health.run)
                 tg.start_soon(queues.run)

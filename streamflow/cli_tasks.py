@@ -58,6 +58,14 @@ from streamflow.tasks import TaskState
     help="Serve /metrics, /healthz and /readyz on this port.",
 )
 @click.option(
+    "--metrics-host",
+    envvar="STREAMFLOW_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics and health server listens on: loopback by default; "
+    "0.0.0.0 to be scraped from other hosts or from outside a container.",
+)
+@click.option(
     "--strict",
     envvar="STREAMFLOW_STRICT",
     is_flag=True,
@@ -74,6 +82,7 @@ def coordinator(
     retention: float,
     block_ms: int,
     metrics_port: int | None,
+    metrics_host: str,
     strict: bool,
     redis_url: str,
     namespace: str,
@@ -100,7 +109,7 @@ def coordinator(
         "retention": retention,
     }
     try:
-        anyio.run(_coordinate, settings, options, metrics_port, strict)
+        anyio.run(_coordinate, settings, options, (metrics_port, metrics_host), strict)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -108,7 +117,7 @@ def coordinator(
 async def _coordinate(
     settings: config.ConnectionSettings,
     options: dict[str, Any],
-    metrics_port: int | None,
+    metrics_at: tuple[int | None, str],
     strict: bool = False,
 ) -> None:
     redis = _connect(
@@ -127,9 +136,10 @@ async def _coordinate(
         raise
     coord = Coordinator(redis, **options)
     health = Health(redis)
+    metrics_port, metrics_host = metrics_at
     metrics = coord.enable_metrics if metrics_port is not None else None
     try:
-        with _serving_metrics(metrics, health, metrics_port):
+        with _serving_metrics(metrics, health, metrics_port, metrics_host):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(health.run)
                 await tg.start(coord.run)
