@@ -7,7 +7,15 @@ DAG tasks (:class:`Graph`) with ``streamflow coordinator``.
 
 from streamflow.app import App, RetryPolicy
 from streamflow.client import Client, SyncClient
-from streamflow.context import Batch, Cancelled, CancelToken, Context, Fatal, Retry
+from streamflow.context import (
+    Batch,
+    Cancelled,
+    CancelToken,
+    Context,
+    Fatal,
+    Retry,
+    ShuttingDown,
+)
 from streamflow.coordinator import Coordinator
 from streamflow.errors import (
     ConfigError,
@@ -48,6 +56,7 @@ __all__ = [
     "RedisUnavailable",
     "Retry",
     "RetryPolicy",
+    "ShuttingDown",
     "StreamflowError",
     "SyncClient",
     "TaskState",

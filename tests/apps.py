@@ -14,6 +14,7 @@ Roles:
     forge: raises ``Fatal(payload["text"])`` (text from outside, in the logs and dead letters).
     gather: a task node's job reads every input batch (``ctx.inputs()``); then it records like
         ``record``.
+    careful: the README's cooperative handler (see :func:`careful_role`), traced like ``work``.
 
 Trace lines (one ``write`` each, so lines from several processes never interleave) are
 ``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
@@ -159,3 +160,27 @@ async def gather_role(ctx: streamflow.Context, payload: Any) -> None:
         async for _ in ctx.inputs():
             pass
     record(ctx)
+
+
+@app.role("careful")
+async def careful_role(ctx: streamflow.Context, payload: Any) -> None:
+    """The README's cooperative handler: steps with ``ctx.cancel.raise_if_cancelled()`` between.
+
+    ``steps`` steps of ``step`` seconds (``steps_by_consumer``: {consumer name: steps}
+    overrides it). Traces START, then DONE, or CANCELLED when it stops on the cancel token or
+    is cancelled hard; ``SHUTDOWN`` once when it first sees ``ctx.shutting_down``.
+    """
+    trace(ctx, "START")
+    steps = int(payload.get("steps_by_consumer", {}).get(ctx.consumer, payload["steps"]))
+    told = False
+    try:
+        for _ in range(steps):
+            ctx.cancel.raise_if_cancelled()
+            if ctx.shutting_down and not told:
+                told = True
+                trace(ctx, "SHUTDOWN")
+            await anyio.sleep(float(payload["step"]))
+    except (streamflow.Cancelled, anyio.get_cancelled_exc_class()):
+        trace(ctx, "CANCELLED")
+        raise
+    trace(ctx, "DONE")
