@@ -136,7 +136,14 @@ PUBLISHER = PartRules(
         "hget": "task_commit.lua (version), submit --wait, a role's partitions",
         "hset": "task_commit.lua (the new task's state)",
     },
-    narrow=(Narrow({"set": "publish_dedup.lua (the dedup marker)"}, ("{role:*}:dedup:*",)),),
+    narrow=(
+        Narrow({"set": "publish_dedup.lua (the dedup marker)"}, ("{role:*}:dedup:*",)),
+        # EXISTS only: a publisher learns whether an id it chose is cancelled, not the cancels.
+        Narrow(
+            {"exists": "publish or submit with a chosen id: is it cancelled already?"},
+            ("{signals}:cancel:*",),
+        ),
+    ),
 )
 
 WORKER = PartRules(
@@ -298,8 +305,9 @@ OPERATOR = PartRules(
     summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result "
     "(and the exporter)",
     keys={
-        "{role:*}:stream": "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD",
-        "{role:*}:delayed": "inspect: EXISTS, ZCARD",
+        "{role:*}:stream": "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
+        "cancel: SCAN, XRANGE (does the message exist?)",
+        "{role:*}:delayed": "inspect: EXISTS, ZCARD; cancel: SCAN, ZRANGE",
         "{role:*}:dead": "dlq: XLEN, XRANGE; replay.lua XDEL; purge MULTI XLEN DEL EXEC",
         "{role:*}:events": "exporter: XLEN (task events backlog)",
         "{role:*}:batch:*": "result: GET",
@@ -313,7 +321,7 @@ OPERATOR = PartRules(
         "{tasks}:roles": "inspect: SMEMBERS, SISMEMBER",
         "{tasks}:index": "tasks: ZREVRANGE",
         "{tasks}:active": "exporter: SMEMBERS",
-        "{task:*}:state": "tasks, status, result: HGET",
+        "{task:*}:state": "tasks, status, result: HGET; cancel: EXISTS",
         "{task:*}:out:*": "result: LRANGE",
         "{task:*}:result:*": "result: GET",
     },
@@ -323,7 +331,8 @@ OPERATOR = PartRules(
         "scan": "inspect (role streams), workers (registry), cancel --wait (liveness keys)",
         "smembers": "inspect, exporter",
         "sismember": "inspect ROLE",
-        "exists": "inspect",
+        "exists": "inspect, cancel (is the task known?)",
+        "zrange": "cancel (is the message delayed?)",
         "xlen": "inspect, dlq list, purge, exporter",
         "zcard": "inspect",
         "xinfo|groups": "inspect",
@@ -333,7 +342,7 @@ OPERATOR = PartRules(
         "zadd": "cancel.lua (the cancel index)",
         "zremrangebyscore": "cancel.lua (expired index entries)",
         "get": "workers, result",
-        "xrange": "dlq list, show, replay",
+        "xrange": "dlq list, show, replay; cancel (is the message queued or running?)",
         "xadd": "replay.lua, cancel.lua",
         "multi": "dlq purge",
         "exec": "dlq purge",

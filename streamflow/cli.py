@@ -805,6 +805,13 @@ async def _dlq_purge(settings: config.ConnectionSettings, role: str) -> int:
     show_default=True,
     help="With --wait: give up after this many seconds (exit 1).",
 )
+@click.option(
+    "--preemptive",
+    is_flag=True,
+    help="Cancel the id even if it names no known task and no queued, delayed or running "
+    "message: what is submitted or published under it within 7 days is refused at once. "
+    "Without it such an id is an error (exit 2).",
+)
 @_connection_options
 @_errors_to_exit
 def cancel(
@@ -814,6 +821,7 @@ def cancel(
     requested_by: str,
     wait: bool,
     timeout: float,
+    preemptive: bool,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -821,7 +829,13 @@ def cancel(
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     try:
         result = anyio.run(
-            _cancel, settings, target_id, target or "any", reason, requested_by, wait, timeout
+            _cancel,
+            settings,
+            target_id,
+            target or "any",
+            reason,
+            requested_by,
+            (wait, timeout, preemptive),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -843,9 +857,9 @@ async def _cancel(
     target: Any,
     reason: str,
     requested_by: str,
-    wait: bool,
-    timeout: float,  # noqa: ASYNC109 - passed through to Client.cancel
+    how: tuple[bool, float, bool],
 ) -> CancelResult:
+    wait, timeout, preemptive = how
     async with _client(settings) as client:
         return await client.cancel(
             target_id,
@@ -854,6 +868,7 @@ async def _cancel(
             requested_by=requested_by,
             wait=wait,
             timeout=timeout,
+            preemptive=preemptive,
         )
 
 

@@ -6,6 +6,7 @@ follows tasks, and lists, shows, replays and purges dead letters.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,7 +23,13 @@ from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
 from streamflow import partitions, sentinel, signals, streams
-from streamflow.errors import ConfigError, PayloadError, ProtocolError, RedisUnavailable
+from streamflow.errors import (
+    CancelledIdWarning,
+    ConfigError,
+    PayloadError,
+    ProtocolError,
+    RedisUnavailable,
+)
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
@@ -246,7 +253,10 @@ class Client:
             key: For a partitioned role: jobs with the same key go to the same partition, in
                 publishing order. Without it, a partition is picked round-robin (or by the
                 dedup key, when given). Ignored for a role with one partition.
-            message_id: The message id; a random one by default.
+            message_id: The message id; a random one by default. A chosen id costs one more
+                round trip: a cancel in force for it (a pre-emptive one) is looked up, and
+                a :class:`~streamflow.errors.CancelledIdWarning` says that workers will
+                refuse the job.
             dedup_key: When given, publishing again with the same key within the dedup window
                 publishes nothing and returns the first message's id. On a partitioned role
                 the dedup key is remembered per partition: repeat the same ``key`` with it.
@@ -277,6 +287,8 @@ class Client:
             task_id=task_id,
             node_id=node_id,
         )
+        if message_id is not None:
+            await self._warn_if_cancelled("message", message_id)
         try:
             if p.dedup_marker is not None:
                 published, first = await streams.publish_dedup(
@@ -460,6 +472,7 @@ class Client:
         requested_by: str = "",
         wait: bool = False,
         timeout: float = 30.0,  # noqa: ASYNC109 - part of the public API, as in httpx
+        preemptive: bool = False,
     ) -> CancelResult:
         """Cancel a task's messages or one message, wherever they are.
 
@@ -475,8 +488,17 @@ class Client:
             wait: Return only when something matching was stopped and no live worker still
                 runs a matching handler (or when ``timeout`` passes).
             timeout: Seconds to wait at most.
+            preemptive: Cancel the id even if it names nothing yet: a task submitted or a
+                message published under it within 7 days (the marker's life) is refused at
+                once. Without it, an id that names no known task and no queued, delayed or
+                running message is refused (see :func:`streamflow.signals.check_target`).
+
+        Raises:
+            UnknownTargetError: The id names nothing to cancel and ``preemptive`` is False.
         """
         check_publish_fields(target_id, None, None)
+        if not preemptive:
+            await signals.check_target(self.redis, self.keys, target, target_id)
         sig = await signals.send_cancel(
             self.redis,
             self._scripts,
@@ -522,6 +544,10 @@ class Client:
         Raises:
             GraphError: The graph is invalid; every problem is listed.
             ValueError: The task id is taken or invalid.
+
+        Warns:
+            CancelledIdWarning: A cancel of ``task_id`` is in force (a pre-emptive one): the
+                task is submitted, and its nodes are refused as cancelled.
         """
         spec = graphs.parse(graph)
         if params:
@@ -532,6 +558,9 @@ class Client:
             found = await self.redis.smembers(self.keys.known_functions())
             functions = {*BUILTINS, *(streams.text(f) for f in found)}
         spec = graphs.validated(spec, roles=set(roles), functions=set(functions))
+        if task_id is not None:
+            validate_name(task_id, "task id")
+            await self._warn_if_cancelled("task", task_id)
         task_id = validate_name(task_id or new_message_id(), "task id")
         await self._tasks.create(spec, TaskState.new(task_id, spec, now_ms()))
         return task_id
@@ -582,6 +611,16 @@ class Client:
                 if task.terminal:
                     return task
                 await anyio.sleep(poll)  # the state lives in Redis: poll it
+
+    async def _warn_if_cancelled(self, target: str, target_id: str) -> None:
+        """Warn when a cancel of a chosen id is in force: its work would be refused at once."""
+        try:
+            hit = await signals.cancelled_already(self.redis, self.keys, target, target_id)
+        except streams.TRANSIENT_ERRORS as exc:
+            raise RedisUnavailable(f"looking up cancels failed: {exc}") from None
+        if hit:
+            text = signals.cancelled_already_text(target, target_id)
+            warnings.warn(text, CancelledIdWarning, stacklevel=3)
 
     async def _cancel_done(self, result: CancelResult) -> bool:
         reports = await signals.read_reports(self.redis, self.keys, result.signal_id)
@@ -671,6 +710,8 @@ class SyncClient:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         try:
             layout = self._layout(role)
+            if message_id is not None:
+                self._warn_if_cancelled(message_id)
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         p = self._pub.prepare(
@@ -698,6 +739,16 @@ class SyncClient:
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         return p.message_id
+
+    def _warn_if_cancelled(self, message_id: str) -> None:
+        """Warn when a cancel of the chosen message id is in force (see :meth:`Client.publish`)."""
+        keys = self._pub.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for target in ("message", "any"):
+            pipe.exists(keys.cancel_marker(target, message_id))
+        if any(pipe.execute()):
+            text = signals.cancelled_already_text("message", message_id)
+            warnings.warn(text, CancelledIdWarning, stacklevel=3)
 
     def publish_many(
         self,

@@ -219,6 +219,10 @@ class Keys:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
         return f"{self.namespace}:{{role:*}}:stream"
 
+    def delayed_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every delayed schedule of the namespace."""
+        return f"{self.namespace}:{{role:*}}:delayed"
+
     def role_of_stream(self, key: str) -> str | None:
         """The shard (role or role partition) of a role stream key, or None if it is not one."""
         prefix, suffix = f"{self.namespace}:{{role:", "}:stream"
