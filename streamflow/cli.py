@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import IO, Any, TypeVar
 
 import anyio
@@ -481,6 +481,11 @@ async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
     type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S"]),
     help="Start no earlier than this time (ISO 8601; local time without an offset).",
 )
+@click.option(
+    "--deadline",
+    help="Do not start it after this: seconds from now (e.g. 300), or a time (ISO 8601; local "
+    "time without an offset). Past it the job is dead-lettered as expired.",
+)
 @_connection_options
 @_errors_to_exit
 def publish(
@@ -492,15 +497,23 @@ def publish(
     dedup_key: str | None,
     delay: float | None,
     at: datetime | None,
+    deadline: str | None,
     redis_url: str,
     namespace: str,
 ) -> None:
-    """Publish jobs to ROLE; prints one message id per line."""
+    """Publish jobs to ROLE; prints one message id per line.
+
+    A publish dropped by --dedup-key (the key was used within the dedup window) prints the
+    first message's id, says so on stderr and exits 3: nothing was published.
+    """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if (json_text is None) == (file is None):
         raise ConfigError("give exactly one of --json or --file")
-    if file is not None and (message_id or dedup_key or delay is not None or at):
-        raise ConfigError("--id, --dedup-key, --delay and --at apply to a single --json publish")
+    single = (message_id, dedup_key, delay, at, deadline)
+    if file is not None and any(option is not None for option in single):
+        raise ConfigError(
+            "--id, --dedup-key, --delay, --at and --deadline apply to a single --json publish"
+        )
     if delay is not None and at is not None:
         raise ConfigError("give --delay or --at, not both")
     if json_text is not None:
@@ -509,9 +522,40 @@ def publish(
         assert file is not None
         payloads = list(_read_lines(file))
     when = at if at is not None else delay
-    ids = anyio.run(_publish, settings, role, payloads, key, message_id, dedup_key, when)
+    from streamflow.protocol import new_message_id
+
+    # With a dedup key the id is chosen here: getting another one back means a dedup hit.
+    sent_id = message_id or (new_message_id() if dedup_key else None)
+    options = (key, sent_id, dedup_key, when, _deadline(deadline))
+    ids = anyio.run(_publish, settings, role, payloads, options)
     for one in ids:
         echo(one)
+    if dedup_key and ids != [sent_id]:
+        echo(
+            f"deduplicated: dedup key already used by message {ids[0]}; nothing published", err=True
+        )
+        sys.exit(EXIT_NOTHING_DONE)
+
+
+#: The exit code of a command that had nothing to do: a publish dropped by its dedup key, a
+#: replay that found nothing to replay.
+EXIT_NOTHING_DONE = 3
+
+
+def _deadline(text: str | None) -> datetime | timedelta | None:
+    """``--deadline``: seconds from now, or an ISO 8601 time."""
+    if text is None:
+        return None
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"--deadline {text!r}: give seconds from now or an ISO 8601 time"
+        ) from None
 
 
 def _parse_json(raw: bytes, where: str) -> Any:
@@ -531,15 +575,19 @@ async def _publish(
     settings: config.ConnectionSettings,
     role: str,
     payloads: list[Any],
-    key: str | None,
-    message_id: str | None,
-    dedup_key: str | None,
-    when: datetime | float | None,
+    options: tuple[str | None, str | None, str | None, Any, Any],
 ) -> list[str]:
+    key, message_id, dedup_key, when, deadline = options
     async with _client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
-                role, payloads[0], key=key, message_id=message_id, dedup_key=dedup_key, delay=when
+                role,
+                payloads[0],
+                key=key,
+                message_id=message_id,
+                dedup_key=dedup_key,
+                delay=when,
+                deadline=deadline,
             )
             return [one]
         keys = None if key is None else [key] * len(payloads)
@@ -747,7 +795,10 @@ async def _dlq_show(
 def dlq_replay(
     role: str, dead_ids: tuple[str, ...], replay_all: bool, redis_url: str, namespace: str
 ) -> None:
-    """Send dead letters back to ROLE's stream, attempts reset (each exactly once)."""
+    """Send dead letters back to ROLE's stream, attempts reset (each exactly once).
+
+    Exits 3 when nothing was replayed (no dead letters, or every one skipped).
+    """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if bool(dead_ids) == replay_all:
         raise ConfigError("give dead-letter ids or --all")
@@ -758,6 +809,8 @@ def dlq_replay(
     for dead_id, why in result.skipped:
         echo(f"skipped {dead_id}: {why}", err=True)
     echo(f"{len(result.replayed)} replayed, {len(result.skipped)} skipped")
+    if not result.replayed:
+        sys.exit(EXIT_NOTHING_DONE)
 
 
 async def _dlq_replay(

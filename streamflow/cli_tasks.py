@@ -201,11 +201,7 @@ def submit(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if final is not None:
-        echo(
-            printable(
-                f"task {final.id} {final.state}" + (f": {final.error}" if final.error else "")
-            )
-        )
+        echo(printable(f"task {final.id} {outcome_text(final)}"))
         sys.exit(0 if final.state == "succeeded" else 1)
 
 
@@ -277,6 +273,43 @@ async def follow(
         await anyio.sleep(poll)
 
 
+#: The order node states are counted in by :func:`task_summary`.
+_NODE_STATES = ("succeeded", "running", "queued", "failed", "cancelled", "skipped")
+
+
+def task_summary(task: TaskState) -> str:
+    """The task's state and its nodes' by state: ``cancelled (4 nodes: 2 succeeded, 2 cancelled)``.
+
+    Not ``done/total``: a cancelled task's cancelled nodes are finished, not done.
+    """
+    counts = {state: 0 for state in _NODE_STATES}
+    for node in task.nodes.values():
+        counts[node.state] = counts.get(node.state, 0) + 1
+    parts = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    return f"{task.state} ({len(task.nodes)} nodes: {parts})"
+
+
+def why_line(task: TaskState) -> str | None:
+    """Why the task ended as it did: ``reason:`` of a cancel, ``error:`` of a failure."""
+    if task.state == "cancelled":
+        return f"reason: {_cancel_reason(task)}"
+    if task.error:
+        return f"error: {task.error}"
+    return None
+
+
+def outcome_text(task: TaskState) -> str:
+    """The final state with its cause: ``failed: <error>``, ``cancelled (reason: ...)``."""
+    if task.state == "cancelled":
+        return f"cancelled (reason: {_cancel_reason(task)})"
+    return f"{task.state}: {task.error}" if task.error else task.state
+
+
+def _cancel_reason(task: TaskState) -> str:
+    # "cancelled" is the default reason of a cancel: it says nothing more than the state.
+    return "none given" if task.error in (None, "", "cancelled") else str(task.error)
+
+
 def progress_lines(task: TaskState) -> list[str]:
     """A header and one line per node: state, runs done/dispatched, batches in/out, items."""
     width = max(len(n) for n in task.nodes)
@@ -307,9 +340,10 @@ def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
     if as_json:
         echo(task.model_dump_json(indent=2))
         return
-    echo(printable(f"task {task.id} ({task.name}): {task.state}"))
-    if task.error:
-        echo(f"error: {printable(task.error)}")
+    echo(printable(f"task {task.id} ({task.name}): {task_summary(task)}"))
+    why = why_line(task)
+    if why:
+        echo(printable(why))
     echo("\n".join(progress_lines(task)))
 
 
@@ -338,9 +372,7 @@ def tasks(state: Any, limit: int, as_json: bool, redis_url: str, namespace: str)
         if as_json:
             echo(task.model_dump_json())
         else:
-            done = sum(1 for n in task.nodes.values() if n.terminal)
-            line = f"{task.id}  {task.state:<9}  {done}/{len(task.nodes)} nodes  {task.name}"
-            echo(printable(line))
+            echo(printable(f"{task.id}  {task_summary(task)}  {task.name}"))
 
 
 async def _tasks(settings: config.ConnectionSettings, state: Any, limit: int) -> list[TaskState]:

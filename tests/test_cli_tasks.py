@@ -126,3 +126,39 @@ def test_unknown_task(redis_url: str, namespace: str) -> None:
     done = run_cli("status", "nope", "--redis-url", redis_url, "--namespace", namespace)
     assert done.returncode == 2
     assert "unknown task 'nope'" in done.stderr
+
+
+def test_a_cancelled_task_is_worded_for_what_it_is(services: list[str], tmp_path: Path) -> None:
+    """``status`` labels a cancel's reason ``reason:`` (not ``error:``; the default reason reads
+    "none given", not "cancelled: cancelled"); ``tasks`` counts nodes by state instead of a
+    "4/4 nodes" that reads as complete."""
+    graph = tmp_path / "graph.json"
+    graph.write_text(
+        json.dumps(
+            {
+                "name": "stopped",
+                "params": {"n": 2, "size": 2},
+                "nodes": [{"id": "source", "role": "source"}, {"id": "slow", "role": "slow"}],
+                "edges": [{"from": "source", "to": "slow", "on": "done"}],
+            }
+        )
+    )
+    task_id = run_cli("submit", str(graph), *services).stdout.strip()
+
+    def slow_running() -> bool:
+        state = json.loads(run_cli("status", task_id, "--json", *services).stdout)
+        return bool(state["nodes"]["slow"]["state"] == "running")
+
+    wait_for(slow_running, 30, "the slow node runs")
+    assert run_cli("cancel", task_id, "--task", *services).returncode == 0
+
+    def cancelled() -> bool:
+        return '"state": "cancelled"' in run_cli("status", task_id, "--json", *services).stdout
+
+    wait_for(cancelled, 30, "the task is cancelled")
+    lines = run_cli("status", task_id, *services).stdout.splitlines()
+    assert lines[0] == f"task {task_id} (stopped): cancelled (2 nodes: 1 succeeded, 1 cancelled)"
+    assert lines[1] == "reason: none given"
+    assert not any(line.startswith("error:") for line in lines)
+    listed = run_cli("tasks", *services).stdout
+    assert f"{task_id}  cancelled (2 nodes: 1 succeeded, 1 cancelled)  stopped" in listed
