@@ -486,6 +486,12 @@ async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
     help="Do not start it after this: seconds from now (e.g. 300), or a time (ISO 8601; local "
     "time without an offset). Past it the job is dead-lettered as expired.",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse (exit 2) a role that no worker ever served, instead of a warning naming the "
+    "known roles.",
+)
 @_connection_options
 @_errors_to_exit
 def publish(
@@ -498,6 +504,7 @@ def publish(
     delay: float | None,
     at: datetime | None,
     deadline: str | None,
+    strict: bool,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -526,7 +533,7 @@ def publish(
 
     # With a dedup key the id is chosen here: getting another one back means a dedup hit.
     sent_id = message_id or (new_message_id() if dedup_key else None)
-    options = (key, sent_id, dedup_key, when, _deadline(deadline))
+    options = (key, sent_id, dedup_key, when, _deadline(deadline), strict)
     ids = anyio.run(_publish, settings, role, payloads, options)
     for one in ids:
         echo(one)
@@ -575,9 +582,9 @@ async def _publish(
     settings: config.ConnectionSettings,
     role: str,
     payloads: list[Any],
-    options: tuple[str | None, str | None, str | None, Any, Any],
+    options: tuple[str | None, str | None, str | None, Any, Any, bool],
 ) -> list[str]:
-    key, message_id, dedup_key, when, deadline = options
+    key, message_id, dedup_key, when, deadline, strict = options
     async with _client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
@@ -588,10 +595,11 @@ async def _publish(
                 dedup_key=dedup_key,
                 delay=when,
                 deadline=deadline,
+                strict=strict,
             )
             return [one]
         keys = None if key is None else [key] * len(payloads)
-        return await client.publish_many(role, payloads, keys=keys)
+        return await client.publish_many(role, payloads, keys=keys, strict=strict)
 
 
 @asynccontextmanager

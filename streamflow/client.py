@@ -29,6 +29,7 @@ from streamflow.errors import (
     PayloadError,
     ProtocolError,
     RedisUnavailable,
+    UnknownRoleWarning,
 )
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
@@ -66,6 +67,12 @@ class _Publisher:
     def __init__(self, namespace: str, dedup_window: timedelta) -> None:
         self.keys = Keys(namespace)
         self.dedup_ms = int(dedup_window.total_seconds() * 1000)
+        #: The roles workers registered, as last read (when a role was found unknown).
+        self.served: list[str] = []
+
+    def unknown_role(self, role: str) -> str:
+        """The warning (or error) for a publish to a role no worker ever served."""
+        return partitions.unknown_role_text(self.keys.namespace, role, self.served)
 
     def prepare(
         self,
@@ -244,6 +251,7 @@ class Client:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        strict: bool = False,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -265,15 +273,23 @@ class Client:
                 The job waits in the role's delayed schedule, not in a worker.
             task_id: The DAG task it belongs to.
             node_id: The DAG node it belongs to.
+            strict: Refuse a role that no worker ever served (see below) instead of warning.
+
+        A role that no worker serving it ever started in the namespace (a misspelt role, or
+        workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
+        the known roles: the job waits until such a worker starts. Whether the role exists is
+        read with its partitions, once per role and client (again a second later while it
+        does not): no extra round trip per publish.
 
         Raises:
+            ConfigError: ``strict`` and no worker ever served the role.
             RedisUnavailable: Redis could not be reached; the job may or may not be published.
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
         try:
-            layout = await self._layouts.get(validate_name(role, "role"))
+            layout = await self._publish_layout(role, strict)
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         p = self._pub.prepare(
@@ -318,6 +334,7 @@ class Client:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
 
@@ -327,6 +344,8 @@ class Client:
             keys: For a partitioned role, one key per payload (see :meth:`publish`); without
                 them the jobs are spread round-robin over the partitions.
             chunk_size: Jobs per script call.
+            strict: Refuse a role that no worker ever served instead of warning (see
+                :meth:`publish`).
 
         Raises:
             RedisUnavailable: Redis could not be reached; some chunks may have been published
@@ -334,7 +353,7 @@ class Client:
             ValueError: ``keys`` and ``payloads`` differ in length.
         """
         try:
-            layout = await self._layouts.get(validate_name(role, "role"))
+            layout = await self._publish_layout(role, strict)
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"publishing to role {role!r} failed: {exc}") from None
         prepared = self._pub.bodies(layout, payloads, keys)
@@ -612,6 +631,21 @@ class Client:
                     return task
                 await anyio.sleep(poll)  # the state lives in Redis: poll it
 
+    async def _publish_layout(self, role: str, strict: bool) -> partitions.Layout:
+        """The role's partitions; a warning (or with ``strict`` an error) for an unknown role."""
+        layout = self._layouts.cached(validate_name(role, "role"))
+        if layout is None:
+            recorded = await partitions.read_record(self.redis, self.keys, role)
+            layout = self._layouts.record(role, recorded)
+            if recorded is None:  # read at most once a second per role: not per publish
+                found = await self.redis.smembers(self.keys.known_roles())
+                self._pub.served = sorted(streams.text_lenient(r) for r in found)
+                if not strict:
+                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=4)
+        if strict and self._layouts.missing(role):
+            raise ConfigError(self._pub.unknown_role(role))
+        return layout
+
     async def _warn_if_cancelled(self, target: str, target_id: str) -> None:
         """Warn when a cancel of a chosen id is in force: its work would be refused at once."""
         try:
@@ -686,12 +720,20 @@ class SyncClient:
         self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))
         self._layouts = partitions.LayoutCache()
 
-    def _layout(self, role: str) -> partitions.Layout:
-        """The role's partitions, read once (see :class:`streamflow.partitions.LayoutCache`)."""
+    def _layout(self, role: str, strict: bool = False) -> partitions.Layout:
+        """The role's partitions, read once; warns (``strict``: raises) for an unknown role."""
         layout = self._layouts.cached(validate_name(role, "role"))
         if layout is None:
             key = self._pub.keys.role_config(role)
-            layout = self._layouts.record(role, self.redis.hget(key, partitions.SHARDS_FIELD))
+            recorded = self.redis.hget(key, partitions.SHARDS_FIELD)
+            layout = self._layouts.record(role, recorded)
+            if recorded is None:
+                found = self.redis.smembers(self._pub.keys.known_roles())
+                self._pub.served = sorted(streams.text_lenient(r) for r in found)
+                if not strict:
+                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=4)
+        if strict and self._layouts.missing(role):
+            raise ConfigError(self._pub.unknown_role(role))
         return layout
 
     def publish(
@@ -706,10 +748,11 @@ class SyncClient:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        strict: bool = False,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         try:
-            layout = self._layout(role)
+            layout = self._layout(role, strict)
             if message_id is not None:
                 self._warn_if_cancelled(message_id)
         except streams.TRANSIENT_ERRORS as exc:
@@ -757,10 +800,11 @@ class SyncClient:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role in pipelined chunks; returns their message ids."""
         try:
-            layout = self._layout(role)
+            layout = self._layout(role, strict)
             prepared = self._pub.bodies(layout, payloads, keys)
             for chunk in _chunks(prepared, chunk_size):
                 pipe = self.redis.pipeline(transaction=False)

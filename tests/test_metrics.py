@@ -255,6 +255,7 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
     plain.xreadgroup("workers", "holder", {stream: ">"}, count=2)
     plain.zadd(keys.delayed("work"), {"a": 1, "b": 2, "c": 3})
     plain.xadd(keys.dead_letters("work"), {"dead_letter": "{}"})
+    plain.xadd(keys.role_stream("emial"), {"message": "{}"})
     port = free_port()
     conn = ("--redis-url", redis_url, "--namespace", namespace)
     exporter = subprocess.Popen(
@@ -277,6 +278,9 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
         assert samples[("streamflow_consumers", group)] == 1
         assert samples[("streamflow_oldest_pending_age_seconds", group)] >= 0
         assert samples[("streamflow_live_workers", ())] == 0
+        assert samples[("streamflow_role_consumer_groups", (("role", "work"),))] == 1
+        # A role nobody serves (a misspelt one): its stream has no consumer group.
+        assert samples[("streamflow_role_consumer_groups", (("role", "emial"),))] == 0
     finally:
         kill_tree(exporter)
         plain.close()
