@@ -143,6 +143,8 @@ PUBLISHER = PartRules(
             {"exists": "publish or submit with a chosen id: is it cancelled already?"},
             ("{signals}:cancel:*",),
         ),
+        # HGETALL only: submit learns whether a coordinator runs, and cannot forge one.
+        Narrow({"hgetall": "submit: is a coordinator running?"}, ("{tasks}:coordinators",)),
     ),
 )
 
@@ -223,6 +225,7 @@ COORDINATOR = PartRules(
     summary="turns task events into task state and publishes, cancels and limits task nodes",
     keys={
         "{tasks}:functions": "SADD of the functions it provides",
+        "{tasks}:coordinators": "its registry entry: HSET, HGETALL, HDEL",
         "{tasks}:roles": "SMEMBERS (which events streams to read)",
         "{tasks}:control": "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
         "{tasks}:active": "SMEMBERS (sweep), SREM of ended tasks",
@@ -257,9 +260,9 @@ COORDINATOR = PartRules(
         "get": "publish_dedup.lua, batches, cancel markers",
         "hmget": "loading a task",
         "hget": "task states, specs, roles' partitions",
-        "hgetall": "outboxes, partials",
-        "hset": "task_commit.lua",
-        "hdel": "outbox items carried out",
+        "hgetall": "outboxes, partials, the coordinator registry",
+        "hset": "task_commit.lua, its registry entry",
+        "hdel": "outbox items carried out, its (and day-old) registry entries",
         "rpush": "task_commit.lua",
         "lrange": "batch keys of a node",
         "xrevrange": "signals listener",
@@ -314,6 +317,7 @@ OPERATOR = PartRules(
         "{role:*}:config": "inspect, dlq, exporter: HGET of the role's partitions",
         "{consumer:*}:alive": "inspect: EXISTS; cancel --wait: SCAN",
         "{consumer:*}:info": "workers: SCAN + GET",
+        "{tasks}:coordinators": "workers: HGETALL",
         "{signals}:stream": "cancel.lua XADD",
         "{signals}:cancel:*": "cancel.lua SET",
         "{signals}:cancels": "cancel.lua ZADD, ZREMRANGEBYSCORE",
@@ -346,7 +350,7 @@ OPERATOR = PartRules(
         "xadd": "replay.lua, cancel.lua",
         "multi": "dlq purge",
         "exec": "dlq purge",
-        "hgetall": "cancel --wait",
+        "hgetall": "cancel --wait, workers (coordinators)",
         "zrevrange": "tasks",
         "hget": "tasks, status, result, roles' partitions",
         "lrange": "result",

@@ -41,7 +41,7 @@ from streamflow.keys import Keys
 from streamflow.logs import echo
 from streamflow.metrics import Health
 from streamflow.protocol import now_ms
-from streamflow.registry import WorkerInfo, live_workers
+from streamflow.registry import CoordinatorInfo, WorkerInfo, coordinators, live_workers
 
 #: How many of the oldest pending entries ``inspect ROLE`` lists unless told.
 DEFAULT_COUNT = 10
@@ -269,22 +269,51 @@ def _state(consumer: ConsumerInfo) -> str:
 @_connection_options
 @_errors_to_exit
 def workers(as_json: bool, redis_url: str, namespace: str) -> None:
-    """List the live workers of the namespace (a killed one is gone after its lease TTL)."""
+    """List the live workers and the coordinators of the namespace, with their health.
+
+    A killed worker is gone after its lease TTL; a coordinator that stopped is gone, one that
+    died is listed as gone (last seen ...) for a day.
+    """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    found = anyio.run(_workers, settings)
+    found, coords = anyio.run(_workers, settings)
+    now = now_ms()
     if as_json:
         for info in found:
             echo(info.model_dump_json())
+        for coord in coords:
+            health = {"kind": "coordinator", "live": coord.live(now)}
+            echo(orjson.dumps({**health, **coord.model_dump()}).decode())
         return
     if not found:
         echo(f"no live workers in namespace {settings.namespace}")
+    else:
+        rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found]
+        echo("\n".join(_table(rows)))
+    if not coords:
+        echo(f"no coordinator in namespace {settings.namespace}: tasks stay queued")
         return
-    now = now_ms()
-    rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found]
+    rows = [_COORDINATOR_COLUMNS.split()] + [_coordinator_row(c, now) for c in coords]
     echo("\n".join(_table(rows)))
 
 
 _WORKER_COLUMNS = "CONSUMER HOST PID ROLES VERSION STARTED IN-FLIGHT PROCESSED UPDATED"
+_COORDINATOR_COLUMNS = "COORDINATOR HOST PID FUNCTIONS VERSION STARTED EVENTS HEALTH"
+
+
+def _coordinator_row(info: CoordinatorInfo, now: int) -> list[str]:
+    started = datetime.fromtimestamp(info.started_at_ms / 1000).isoformat(timespec="seconds")
+    seen = _duration(max(0, now - info.updated_at_ms)) + " ago"
+    health = f"live (seen {seen})" if info.live(now) else f"gone (last seen {seen})"
+    return [
+        info.consumer,
+        info.host,
+        str(info.pid),
+        ",".join(info.functions),
+        info.version,
+        started,
+        str(info.events),
+        health,
+    ]
 
 
 def _worker_row(info: WorkerInfo, now: int) -> list[str]:
@@ -302,11 +331,15 @@ def _worker_row(info: WorkerInfo, now: int) -> list[str]:
     ]
 
 
-async def _workers(settings: config.ConnectionSettings) -> list[WorkerInfo]:
+async def _workers(
+    settings: config.ConnectionSettings,
+) -> tuple[list[WorkerInfo], list[CoordinatorInfo]]:
     redis = _connect(settings, name="streamflow-cli")
+    keys = Keys(settings.namespace)
     try:
         await streams.ping(redis, settings.url)
-        return await _once(lambda: live_workers(redis, Keys(settings.namespace)))
+        found = await _once(lambda: live_workers(redis, keys))
+        return found, await coordinators(redis, keys)
     finally:
         await redis.aclose()
 

@@ -222,8 +222,21 @@ async def _submit(
             with anyio.fail_after(timeout):
                 return await follow(client, task_id)
         except TimeoutError:
-            echo(f"error: task {task_id} still running after {timeout:g}s", err=True)
+            why = await _unfinished(client, task_id)
+            echo(f"error: task {task_id} {why} after {timeout:g}s", err=True)
             sys.exit(1)
+
+
+async def _unfinished(client: Client, task_id: str) -> str:
+    """Why a task followed with --wait has not finished: ``queued: no coordinator ...``."""
+    from streamflow import registry
+
+    task = await client.task(task_id)
+    if task is not None and task.state == "queued":
+        if not await registry.live_coordinator(client.redis, client.keys):
+            return "queued: no coordinator is running (start streamflow coordinator)"
+        return "still queued"
+    return "still running"
 
 
 async def follow(

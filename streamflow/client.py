@@ -22,10 +22,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
-from streamflow import partitions, sentinel, signals, streams
+from streamflow import partitions, registry, sentinel, signals, streams
 from streamflow.errors import (
     CancelledIdWarning,
     ConfigError,
+    NoCoordinatorWarning,
     PayloadError,
     ProtocolError,
     RedisUnavailable,
@@ -546,12 +547,16 @@ class Client:
         task_id: str | None = None,
         roles: Iterable[str] | None = None,
         functions: Iterable[str] | None = None,
+        registration_wait: float = 5.0,
     ) -> str:
         """Submit a DAG task; returns its id.
 
         The graph is checked first and nothing is written for an invalid one. Its roles must be
         served by a worker (one that ever started in this namespace) and its functions provided
-        by a coordinator, unless ``roles`` and ``functions`` say which exist.
+        by a coordinator, unless ``roles`` and ``functions`` say which exist. A graph whose
+        only problems are roles or functions not registered yet (a worker or coordinator
+        still starting) is checked again every 0.2 s for up to ``registration_wait`` seconds
+        before it is refused.
 
         Args:
             graph: A :class:`~streamflow.Graph`, a parsed spec, or a JSON-like dict.
@@ -559,6 +564,7 @@ class Client:
             task_id: The task's id (default: a fresh random one).
             roles: The roles to check the graph against, instead of those registered.
             functions: The coordinator functions to check against, instead of those registered.
+            registration_wait: Seconds to wait for unregistered roles and functions to appear.
 
         Raises:
             GraphError: The graph is invalid; every problem is listed.
@@ -567,16 +573,24 @@ class Client:
         Warns:
             CancelledIdWarning: A cancel of ``task_id`` is in force (a pre-emptive one): the
                 task is submitted, and its nodes are refused as cancelled.
+            NoCoordinatorWarning: No coordinator is running: the task stays queued until one
+                starts.
         """
         spec = graphs.parse(graph)
         if params:
             spec = spec.model_copy(update={"params": {**spec.params, **params}})
-        if roles is None:
-            roles = [streams.text(r) for r in await self.redis.smembers(self.keys.known_roles())]
-        if functions is None:
-            found = await self.redis.smembers(self.keys.known_functions())
-            functions = {*BUILTINS, *(streams.text(f) for f in found)}
-        spec = graphs.validated(spec, roles=set(roles), functions=set(functions))
+        fixed = (
+            None if roles is None else set(roles),
+            None if functions is None else set(functions),
+        )
+        spec = await self._validated(spec, fixed, registration_wait)
+        if not await registry.live_coordinator(self.redis, self.keys):
+            warnings.warn(
+                f"no coordinator is running in namespace {self.keys.namespace!r}: the task "
+                "stays queued until one starts (streamflow coordinator)",
+                NoCoordinatorWarning,
+                stacklevel=2,
+            )
         if task_id is not None:
             validate_name(task_id, "task id")
             await self._warn_if_cancelled("task", task_id)
@@ -630,6 +644,41 @@ class Client:
                 if task.terminal:
                     return task
                 await anyio.sleep(poll)  # the state lives in Redis: poll it
+
+    async def _validated(
+        self,
+        spec: graphs.GraphSpec,
+        fixed: tuple[set[str] | None, set[str] | None],
+        wait: float,
+    ) -> graphs.GraphSpec:
+        """The graph checked against the registered (or given) roles and functions.
+
+        While its only problems are names not registered yet, wait up to ``wait`` seconds.
+        """
+        deadline = anyio.current_time() + wait
+        while True:
+            roles, functions = await self._registered(*fixed)
+            try:
+                return graphs.validated(spec, roles=roles, functions=functions)
+            except graphs.GraphError:
+                named_roles = {n.role for n in spec.nodes if n.role} | roles
+                named_functions = {n.function for n in spec.nodes if n.function} | functions
+                names_only = not graphs.check(spec, roles=named_roles, functions=named_functions)
+                if not names_only or anyio.current_time() >= deadline:
+                    raise
+            await anyio.sleep(0.2)  # registrations live in Redis: poll them
+
+    async def _registered(
+        self, roles: set[str] | None, functions: set[str] | None
+    ) -> tuple[set[str], set[str]]:
+        """The given roles and functions, or those workers and coordinators registered."""
+        if roles is None:
+            found = await self.redis.smembers(self.keys.known_roles())
+            roles = {streams.text(r) for r in found}
+        if functions is None:
+            found = await self.redis.smembers(self.keys.known_functions())
+            functions = {*BUILTINS, *(streams.text(f) for f in found)}
+        return roles, functions
 
     async def _publish_layout(self, role: str, strict: bool) -> partitions.Layout:
         """The role's partitions; a warning (or with ``strict`` an error) for an unknown role."""

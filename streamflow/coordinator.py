@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import socket
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -35,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import partitions, signals, streams
+from streamflow import partitions, registry, signals, streams
 from streamflow.app import App
 from streamflow.context import Batch
 from streamflow.errors import ConfigError, InputError, InvalidNameError, ProtocolError
@@ -57,7 +59,7 @@ from streamflow.protocol import (
 )
 from streamflow.tasks import Dispatch, Event, Internal, Step, advance
 from streamflow.taskstore import DEFAULT_RETENTION_MS, Loaded, TaskStore
-from streamflow.worker import default_consumer_name
+from streamflow.worker import VERSION, default_consumer_name
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +142,26 @@ class Coordinator:
         """Coordinate until :meth:`stop` is called."""
         await self._prepare()
         await self._signals.load()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals.run)
-            tg.start_soon(self._read_loop)
-            tg.start_soon(self._adopt_loop)
-            tg.start_soon(self._sweep_loop)
-            tg.start_soon(self._tick_loop)
-            task_status.started()
-            await self._stopping.wait()
-            tg.cancel_scope.cancel()
+        started_at_ms = now_ms()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._signals.run)
+                tg.start_soon(self._read_loop)
+                tg.start_soon(self._adopt_loop)
+                tg.start_soon(self._sweep_loop)
+                tg.start_soon(self._tick_loop)
+                # Announced once its functions are registered (in _prepare): a submit that sees
+                # a live coordinator also sees what it provides.
+                await tg.start(self._announce_loop, started_at_ms)
+                task_status.started()
+                await self._stopping.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with (
+                anyio.move_on_after(2, shield=True),
+                contextlib.suppress(*streams.TRANSIENT_ERRORS),
+            ):
+                await registry.withdraw_coordinator(self._redis, self._keys, self.consumer)
 
     def enable_metrics(self) -> CollectorRegistry:
         """Returns the registry with this coordinator's metrics (and starts timing dispatch)."""
@@ -183,6 +196,42 @@ class Coordinator:
         return self.events_processed + self.commits - before
 
     # -- loops ------------------------------------------------------------------------------
+
+    async def _announce_loop(
+        self, started_at_ms: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep this coordinator's registry entry fresh (``streamflow workers``, ``submit``)."""
+        backoff = streams.Backoff("refreshing the coordinator registry")
+        first = True
+        while True:
+            info = registry.CoordinatorInfo(
+                consumer=self.consumer,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                version=VERSION,
+                functions=sorted(self.functions),
+                started_at_ms=started_at_ms,
+                events=self.events_processed,
+                updated_at_ms=now_ms(),
+            )
+            try:
+                await registry.announce_coordinator(self._redis, self._keys, info)
+                backoff.succeeded()
+            except streams.TRANSIENT_ERRORS as exc:
+                await backoff.failed(exc)
+                continue
+            except ResponseError as exc:  # another type at the registry's name (untrusted)
+                if first:
+                    logger.warning(
+                        "cannot write the coordinator registry %s (%s): `streamflow workers` "
+                        "and submit do not see this coordinator until it is fixed",
+                        self._keys.coordinators(),
+                        shown(exc),
+                    )
+            if first:
+                first = False
+                task_status.started()
+            await anyio.sleep(registry.COORDINATOR_BEAT_MS / 1000)
 
     async def _prepare(self) -> None:
         await self._redis.sadd(self._keys.known_functions(), *self.functions)

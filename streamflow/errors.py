@@ -14,7 +14,8 @@ Warnings (``warnings.warn``; the CLI prints them as one ``warning:`` line):
 
 StreamflowWarning (UserWarning)
 ├── CancelledIdWarning a task or message id is published or submitted under a cancel in force
-└── UnknownRoleWarning a job is published to a role that no worker ever served
+├── UnknownRoleWarning a job is published to a role that no worker ever served
+└── NoCoordinatorWarning a task is submitted while no coordinator is running
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ class UnknownRoleWarning(StreamflowWarning):
     """A job is published to a role that no worker serves or ever served in the namespace.
 
     It waits in the role's stream until a worker serving the role starts.
+    """
+
+
+class NoCoordinatorWarning(StreamflowWarning):
+    """A task is submitted while no coordinator is running in the namespace.
+
+    It stays ``queued`` until one starts (``streamflow coordinator``).
     """
 
 

@@ -338,6 +338,14 @@ class Keys:
         """
         return f"{self.namespace}:{{tasks}}:roles"
 
+    def coordinators(self) -> str:
+        """What each coordinator says about itself (a hash: consumer name -> JSON).
+
+        Refreshed every few seconds by each running coordinator; a field not refreshed within
+        :data:`streamflow.registry.COORDINATOR_TTL_MS` is a coordinator that stopped or died.
+        """
+        return f"{self.namespace}:{{tasks}}:coordinators"
+
     def known_functions(self) -> str:
         """The coordinator functions that running coordinators provide (a set)."""
         return f"{self.namespace}:{{tasks}}:functions"
