@@ -19,6 +19,7 @@ import redis as redis_sync
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
@@ -690,7 +691,7 @@ class Client:
                 found = await self.redis.smembers(self.keys.known_roles())
                 self._pub.served = sorted(streams.text_lenient(r) for r in found)
                 if not strict:
-                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=4)
+                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=3)
         if strict and self._layouts.missing(role):
             raise ConfigError(self._pub.unknown_role(role))
         return layout
@@ -701,6 +702,8 @@ class Client:
             hit = await signals.cancelled_already(self.redis, self.keys, target, target_id)
         except streams.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"looking up cancels failed: {exc}") from None
+        except ResponseError:  # e.g. ACL rules older than this check: no warning, no failure
+            return
         if hit:
             text = signals.cancelled_already_text(target, target_id)
             warnings.warn(text, CancelledIdWarning, stacklevel=3)
@@ -780,7 +783,7 @@ class SyncClient:
                 found = self.redis.smembers(self._pub.keys.known_roles())
                 self._pub.served = sorted(streams.text_lenient(r) for r in found)
                 if not strict:
-                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=4)
+                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=3)
         if strict and self._layouts.missing(role):
             raise ConfigError(self._pub.unknown_role(role))
         return layout
@@ -838,7 +841,11 @@ class SyncClient:
         pipe = self.redis.pipeline(transaction=False)
         for target in ("message", "any"):
             pipe.exists(keys.cancel_marker(target, message_id))
-        if any(pipe.execute()):
+        try:
+            hit = any(pipe.execute())
+        except redis_sync.ResponseError:  # e.g. ACL rules older than this check
+            return
+        if hit:
             text = signals.cancelled_already_text("message", message_id)
             warnings.warn(text, CancelledIdWarning, stacklevel=3)
 
