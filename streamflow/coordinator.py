@@ -159,8 +159,9 @@ class Coordinator:
         finally:
             with (
                 anyio.move_on_after(2, shield=True),
-                contextlib.suppress(*streams.TRANSIENT_ERRORS),
+                contextlib.suppress(ResponseError, *streams.TRANSIENT_ERRORS),
             ):
+                # Best effort: an entry left behind shows as gone after its TTL.
                 await registry.withdraw_coordinator(self._redis, self._keys, self.consumer)
 
     def enable_metrics(self) -> CollectorRegistry:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
@@ -117,23 +118,31 @@ class CoordinatorInfo(BaseModel):
         return now - self.updated_at_ms <= COORDINATOR_TTL_MS
 
 
-async def coordinators(redis: Redis, keys: Keys) -> list[CoordinatorInfo]:
-    """Every coordinator entry of the namespace (live or stale), by consumer name."""
+async def coordinators(redis: Redis, keys: Keys, *, quiet: bool = False) -> list[CoordinatorInfo]:
+    """Every coordinator entry of the namespace (live or stale), by consumer name.
+
+    Malformed entries are skipped, each with a warning unless ``quiet``.
+    """
     key = keys.coordinators()
     try:
-        raw = await streams.hash_items(redis, key)
+        raw: Any = await redis.hgetall(key)
     except ResponseError as exc:  # another type at the hash's name: nothing to list
-        logger.warning("cannot read the coordinator registry %s: %s", key, shown(exc))
+        if not quiet:
+            logger.warning("cannot read the coordinator registry %s: %s", key, shown(exc))
         return []
-    found = [info for name, value in sorted(raw.items()) if (info := _coordinator(name, value))]
-    return found
+    # Field names are untrusted too (any bytes): decoded leniently, never a crash.
+    named = sorted((streams.text_lenient(name), bytes(value)) for name, value in raw.items())
+    return [info for name, value in named if (info := _coordinator(name, value, quiet))]
 
 
-def _coordinator(name: str, raw: bytes) -> CoordinatorInfo | None:
+def _coordinator(name: str, raw: bytes, quiet: bool) -> CoordinatorInfo | None:
     try:
         return CoordinatorInfo.model_validate_json(raw)
     except ValidationError as exc:  # anyone with write access to the namespace may write here
-        logger.warning("skipping the malformed coordinator entry %s: %s", shown(name), shown(exc))
+        if not quiet:
+            logger.warning(
+                "skipping the malformed coordinator entry %s: %s", shown(name), shown(exc)
+            )
         return None
 
 
@@ -148,7 +157,7 @@ async def announce_coordinator(redis: Redis, keys: Keys, info: CoordinatorInfo) 
     await redis.hset(key, info.consumer, info.model_dump_json())
     stale = [
         other.consumer
-        for other in await coordinators(redis, keys)
+        for other in await coordinators(redis, keys, quiet=True)  # every few seconds: no log spam
         if info.updated_at_ms - other.updated_at_ms > COORDINATOR_FORGET_MS
     ]
     if stale:
