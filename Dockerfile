@@ -11,6 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The metrics and health server (--metrics-port) listens on loopback unless told otherwise; in a
+# container the scraper is outside it.
+ENV STREAMFLOW_METRICS_HOST=0.0.0.0
+
 WORKDIR /app
 
 # The package, with its example app (streamflow.demo_app), installed from a copy of the source

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from streamflow.app import App, RetryPolicy
     from streamflow.client import Client, SyncClient
-    from streamflow.context import Batch, Cancelled, CancelToken, Context, Fatal, Retry
+    from streamflow.context import (
+        Batch,
+        Cancelled,
+        CancelToken,
+        Context,
+        Fatal,
+        Retry,
+        ShuttingDown,
+    )
     from streamflow.coordinator import Coordinator
     from streamflow.errors import (
         ConfigError,
@@ -45,6 +53,7 @@ _EXPORTS = {
     "Context": "streamflow.context",
     "Fatal": "streamflow.context",
     "Retry": "streamflow.context",
+    "ShuttingDown": "streamflow.context",
     "Coordinator": "streamflow.coordinator",
     "ConfigError": "streamflow.errors",
     "InvalidNameError": "streamflow.errors",
@@ -88,6 +97,7 @@ __all__ = [
     "RedisUnavailable",
     "Retry",
     "RetryPolicy",
+    "ShuttingDown",
     "StreamflowError",
     "SyncClient",
     "TaskState",

@@ -136,7 +136,16 @@ PUBLISHER = PartRules(
         "hget": "task_commit.lua (version), submit --wait, a role's partitions",
         "hset": "task_commit.lua (the new task's state)",
     },
-    narrow=(Narrow({"set": "publish_dedup.lua (the dedup marker)"}, ("{role:*}:dedup:*",)),),
+    narrow=(
+        Narrow({"set": "publish_dedup.lua (the dedup marker)"}, ("{role:*}:dedup:*",)),
+        # EXISTS only: a publisher learns whether an id it chose is cancelled, not the cancels.
+        Narrow(
+            {"exists": "publish or submit with a chosen id: is it cancelled already?"},
+            ("{signals}:cancel:*",),
+        ),
+        # HGETALL only: submit learns whether a coordinator runs, and cannot forge one.
+        Narrow({"hgetall": "submit: is a coordinator running?"}, ("{tasks}:coordinators",)),
+    ),
 )
 
 WORKER = PartRules(
@@ -228,6 +237,7 @@ COORDINATOR = PartRules(
     summary="turns task events into task state and publishes, cancels and limits task nodes",
     keys={
         "{tasks}:functions": "SADD of the functions it provides",
+        "{tasks}:coordinators": "its registry entry: HSET, HGETALL, HDEL",
         "{tasks}:roles": "SMEMBERS (which events streams to read)",
         "{tasks}:control": "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
         "{tasks}:active": "SMEMBERS (sweep), SREM of ended tasks",
@@ -266,9 +276,9 @@ COORDINATOR = PartRules(
         "get": "publish_dedup.lua, batches, cancel markers",
         "hmget": "loading a task",
         "hget": "task states, specs, roles' partitions",
-        "hgetall": "outboxes, partials",
-        "hset": "task_commit.lua",
-        "hdel": "outbox items carried out",
+        "hgetall": "outboxes, partials, the coordinator registry",
+        "hset": "task_commit.lua, its registry entry",
+        "hdel": "outbox items carried out, its (and day-old) registry entries",
         "rpush": "task_commit.lua",
         "lrange": "batch keys of a node",
         "xrevrange": "signals listener",
@@ -327,14 +337,16 @@ OPERATOR = PartRules(
     summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result "
     "(and the exporter)",
     keys={
-        "{role:*}:stream": "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD",
-        "{role:*}:delayed": "inspect: EXISTS, ZCARD",
+        "{role:*}:stream": "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
+        "cancel: SCAN, XRANGE (does the message exist?)",
+        "{role:*}:delayed": "inspect: EXISTS, ZCARD; cancel: SCAN, ZRANGE",
         "{role:*}:dead": "dlq: XLEN, XRANGE; replay.lua XDEL; purge MULTI XLEN DEL EXEC",
         "{role:*}:events": "exporter: XLEN (task events backlog)",
         "{role:*}:batch:*": "result: GET",
         "{role:*}:config": "inspect, dlq, exporter: HGET of the role's partitions",
         "{consumer:*}:alive": "inspect: EXISTS; cancel --wait: SCAN",
         "{consumer:*}:info": "workers: SCAN + GET",
+        "{tasks}:coordinators": "workers: HGETALL",
         "{signals}:stream": "cancel.lua XADD",
         "{signals}:cancel:*": "cancel.lua SET",
         "{signals}:cancels": "cancel.lua ZADD, ZREMRANGEBYSCORE",
@@ -342,7 +354,7 @@ OPERATOR = PartRules(
         "{tasks}:roles": "inspect: SMEMBERS, SISMEMBER",
         "{tasks}:index": "tasks: ZREVRANGE",
         "{tasks}:active": "exporter: SMEMBERS",
-        "{task:*}:state": "tasks, status, result: HGET",
+        "{task:*}:state": "tasks, status, result: HGET; cancel: EXISTS",
         "{task:*}:out:*": "result: LRANGE",
         "{task:*}:result:*": "result: GET",
     },
@@ -352,7 +364,8 @@ OPERATOR = PartRules(
         "scan": "inspect (role streams), workers (registry), cancel --wait (liveness keys)",
         "smembers": "inspect, exporter",
         "sismember": "inspect ROLE",
-        "exists": "inspect",
+        "exists": "inspect, cancel (is the task known?)",
+        "zrange": "cancel (is the message delayed?)",
         "xlen": "inspect, dlq list, purge, exporter",
         "zcard": "inspect",
         "xinfo|groups": "inspect",
@@ -362,11 +375,11 @@ OPERATOR = PartRules(
         "zadd": "cancel.lua (the cancel index)",
         "zremrangebyscore": "cancel.lua (expired index entries)",
         "get": "workers, result",
-        "xrange": "dlq list, show, replay",
+        "xrange": "dlq list, show, replay; cancel (is the message queued or running?)",
         "xadd": "replay.lua, cancel.lua",
         "multi": "dlq purge",
         "exec": "dlq purge",
-        "hgetall": "cancel --wait",
+        "hgetall": "cancel --wait, workers (coordinators)",
         "zrevrange": "tasks",
         "hget": "tasks, status, result, roles' partitions",
         "lrange": "result",

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import IO, Any, TypeVar
 
 import anyio
@@ -328,6 +328,14 @@ def configure(log_level: str, log_format: str) -> None:
     "uses PORT+i).",
 )
 @click.option(
+    "--metrics-host",
+    envvar="STREAMFLOW_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics and health server listens on: loopback by default; "
+    "0.0.0.0 to be scraped from other hosts or from outside a container.",
+)
+@click.option(
     "--strict",
     envvar="STREAMFLOW_STRICT",
     is_flag=True,
@@ -431,6 +439,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
             worker.enable_metrics if settings.metrics_port is not None else None,
             health,
             settings.metrics_port,
+            settings.metrics_host,
         ):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, worker, tg.cancel_scope)
@@ -457,18 +466,24 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
 
 @contextmanager
 def _serving_metrics(
-    make_registry: Callable[[], CollectorRegistry] | None, health: Health, port: int | None
+    make_registry: Callable[[], CollectorRegistry] | None,
+    health: Health,
+    port: int | None,
+    host: str = "127.0.0.1",
 ) -> Iterator[None]:
     """Serve metrics and health checks for the block, when a port is given."""
     if make_registry is None or port is None:
         yield
         return
     try:
-        server = MetricsServer(make_registry(), health, port=port)
+        server = MetricsServer(make_registry(), health, port=port, host=host)
     except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}") from None
+        raise ConfigError(
+            f"cannot serve metrics on {host} port {port}: {exc.strerror or exc}"
+        ) from None
     with server:
-        logger.info("metrics on http://0.0.0.0:%d/metrics (/healthz, /readyz)", server.port)
+        shown_host = f"[{host}]" if ":" in host else host
+        logger.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", shown_host, server.port)
         yield
 
 
@@ -523,6 +538,17 @@ async def _watch_parent(worker: Worker, fd: int) -> None:
     type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S"]),
     help="Start no earlier than this time (ISO 8601; local time without an offset).",
 )
+@click.option(
+    "--deadline",
+    help="Do not start it after this: seconds from now (e.g. 300), or a time (ISO 8601; local "
+    "time without an offset). Past it the job is dead-lettered as expired.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse (exit 2) a role that no worker ever served, instead of a warning naming the "
+    "known roles.",
+)
 @_connection_options
 @_errors_to_exit
 def publish(
@@ -534,15 +560,24 @@ def publish(
     dedup_key: str | None,
     delay: float | None,
     at: datetime | None,
+    deadline: str | None,
+    strict: bool,
     redis_url: str,
     namespace: str,
 ) -> None:
-    """Publish jobs to ROLE; prints one message id per line."""
+    """Publish jobs to ROLE; prints one message id per line.
+
+    A publish dropped by --dedup-key (the key was used within the dedup window) prints the
+    first message's id, says so on stderr and exits 3: nothing was published.
+    """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if (json_text is None) == (file is None):
         raise ConfigError("give exactly one of --json or --file")
-    if file is not None and (message_id or dedup_key or delay is not None or at):
-        raise ConfigError("--id, --dedup-key, --delay and --at apply to a single --json publish")
+    single = (message_id, dedup_key, delay, at, deadline)
+    if file is not None and any(option is not None for option in single):
+        raise ConfigError(
+            "--id, --dedup-key, --delay, --at and --deadline apply to a single --json publish"
+        )
     if delay is not None and at is not None:
         raise ConfigError("give --delay or --at, not both")
     if json_text is not None:
@@ -551,9 +586,40 @@ def publish(
         assert file is not None
         payloads = list(_read_lines(file))
     when = at if at is not None else delay
-    ids = anyio.run(_publish, settings, role, payloads, key, message_id, dedup_key, when)
+    from streamflow.protocol import new_message_id
+
+    # With a dedup key the id is chosen here: getting another one back means a dedup hit.
+    sent_id = message_id or (new_message_id() if dedup_key else None)
+    options = (key, sent_id, dedup_key, when, _deadline(deadline), strict)
+    ids = anyio.run(_publish, settings, role, payloads, options)
     for one in ids:
         echo(one)
+    if dedup_key and ids != [sent_id]:
+        echo(
+            f"deduplicated: dedup key already used by message {ids[0]}; nothing published", err=True
+        )
+        sys.exit(EXIT_NOTHING_DONE)
+
+
+#: The exit code of a command that had nothing to do: a publish dropped by its dedup key, a
+#: replay that found nothing to replay.
+EXIT_NOTHING_DONE = 3
+
+
+def _deadline(text: str | None) -> datetime | timedelta | None:
+    """``--deadline``: seconds from now, or an ISO 8601 time."""
+    if text is None:
+        return None
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"--deadline {text!r}: give seconds from now or an ISO 8601 time"
+        ) from None
 
 
 def _parse_json(raw: bytes, where: str) -> Any:
@@ -573,19 +639,24 @@ async def _publish(
     settings: config.ConnectionSettings,
     role: str,
     payloads: list[Any],
-    key: str | None,
-    message_id: str | None,
-    dedup_key: str | None,
-    when: datetime | float | None,
+    options: tuple[str | None, str | None, str | None, Any, Any, bool],
 ) -> list[str]:
+    key, message_id, dedup_key, when, deadline, strict = options
     async with _client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
-                role, payloads[0], key=key, message_id=message_id, dedup_key=dedup_key, delay=when
+                role,
+                payloads[0],
+                key=key,
+                message_id=message_id,
+                dedup_key=dedup_key,
+                delay=when,
+                deadline=deadline,
+                strict=strict,
             )
             return [one]
         keys = None if key is None else [key] * len(payloads)
-        return await client.publish_many(role, payloads, keys=keys)
+        return await client.publish_many(role, payloads, keys=keys, strict=strict)
 
 
 @asynccontextmanager
@@ -789,7 +860,10 @@ async def _dlq_show(
 def dlq_replay(
     role: str, dead_ids: tuple[str, ...], replay_all: bool, redis_url: str, namespace: str
 ) -> None:
-    """Send dead letters back to ROLE's stream, attempts reset (each exactly once)."""
+    """Send dead letters back to ROLE's stream, attempts reset (each exactly once).
+
+    Exits 3 when nothing was replayed (no dead letters, or every one skipped).
+    """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if bool(dead_ids) == replay_all:
         raise ConfigError("give dead-letter ids or --all")
@@ -800,6 +874,8 @@ def dlq_replay(
     for dead_id, why in result.skipped:
         echo(f"skipped {dead_id}: {why}", err=True)
     echo(f"{len(result.replayed)} replayed, {len(result.skipped)} skipped")
+    if not result.replayed:
+        sys.exit(EXIT_NOTHING_DONE)
 
 
 async def _dlq_replay(
@@ -847,6 +923,13 @@ async def _dlq_purge(settings: config.ConnectionSettings, role: str) -> int:
     show_default=True,
     help="With --wait: give up after this many seconds (exit 1).",
 )
+@click.option(
+    "--preemptive",
+    is_flag=True,
+    help="Cancel the id even if it names no known task and no queued, delayed or running "
+    "message: what is submitted or published under it within 7 days is refused at once. "
+    "Without it such an id is an error (exit 2).",
+)
 @_connection_options
 @_errors_to_exit
 def cancel(
@@ -856,6 +939,7 @@ def cancel(
     requested_by: str,
     wait: bool,
     timeout: float,
+    preemptive: bool,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -863,7 +947,13 @@ def cancel(
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     try:
         result = anyio.run(
-            _cancel, settings, target_id, target or "any", reason, requested_by, wait, timeout
+            _cancel,
+            settings,
+            target_id,
+            target or "any",
+            reason,
+            requested_by,
+            (wait, timeout, preemptive),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -885,9 +975,9 @@ async def _cancel(
     target: Any,
     reason: str,
     requested_by: str,
-    wait: bool,
-    timeout: float,  # noqa: ASYNC109 - passed through to Client.cancel
+    how: tuple[bool, float, bool],
 ) -> CancelResult:
+    wait, timeout, preemptive = how
     async with _client(settings) as client:
         return await client.cancel(
             target_id,
@@ -896,4 +986,5 @@ async def _cancel(
             requested_by=requested_by,
             wait=wait,
             timeout=timeout,
+            preemptive=preemptive,
         )

@@ -42,7 +42,7 @@ from streamflow.keys import Keys
 from streamflow.logs import echo
 from streamflow.metrics import Health
 from streamflow.protocol import now_ms
-from streamflow.registry import WorkerInfo, live_workers
+from streamflow.registry import CoordinatorInfo, WorkerInfo, coordinators, live_workers
 
 #: How many of the oldest pending entries ``inspect ROLE`` lists unless told.
 DEFAULT_COUNT = 10
@@ -270,22 +270,51 @@ def _state(consumer: ConsumerInfo) -> str:
 @_connection_options
 @_errors_to_exit
 def workers(as_json: bool, redis_url: str, namespace: str) -> None:
-    """List the live workers of the namespace (a killed one is gone after its lease TTL)."""
+    """List the live workers and the coordinators of the namespace, with their health.
+
+    A killed worker is gone after its lease TTL; a coordinator that stopped is gone, one that
+    died is listed as gone (last seen ...) for a day.
+    """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    found = anyio.run(_workers, settings)
+    found, coords = anyio.run(_workers, settings)
+    now = now_ms()
     if as_json:
         for info in found:
             echo(info.model_dump_json())
+        for coord in coords:
+            health = {"kind": "coordinator", "live": coord.live(now)}
+            echo(orjson.dumps({**health, **coord.model_dump()}).decode())
         return
     if not found:
         echo(f"no live workers in namespace {settings.namespace}")
+    else:
+        rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found]
+        echo("\n".join(_table(rows)))
+    if not coords:
+        echo(f"no coordinator in namespace {settings.namespace}: tasks stay queued")
         return
-    now = now_ms()
-    rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found]
+    rows = [_COORDINATOR_COLUMNS.split()] + [_coordinator_row(c, now) for c in coords]
     echo("\n".join(_table(rows)))
 
 
 _WORKER_COLUMNS = "CONSUMER HOST PID ROLES VERSION STARTED IN-FLIGHT PROCESSED UPDATED"
+_COORDINATOR_COLUMNS = "COORDINATOR HOST PID FUNCTIONS VERSION STARTED EVENTS HEALTH"
+
+
+def _coordinator_row(info: CoordinatorInfo, now: int) -> list[str]:
+    started = datetime.fromtimestamp(info.started_at_ms / 1000).isoformat(timespec="seconds")
+    seen = _duration(max(0, now - info.updated_at_ms)) + " ago"
+    health = f"live (seen {seen})" if info.live(now) else f"gone (last seen {seen})"
+    return [
+        info.consumer,
+        info.host,
+        str(info.pid),
+        ",".join(info.functions),
+        info.version,
+        started,
+        str(info.events),
+        health,
+    ]
 
 
 def _worker_row(info: WorkerInfo, now: int) -> list[str]:
@@ -303,11 +332,15 @@ def _worker_row(info: WorkerInfo, now: int) -> list[str]:
     ]
 
 
-async def _workers(settings: config.ConnectionSettings) -> list[WorkerInfo]:
+async def _workers(
+    settings: config.ConnectionSettings,
+) -> tuple[list[WorkerInfo], list[CoordinatorInfo]]:
     redis = _connect(settings, name="streamflow-cli")
+    keys = Keys(settings.namespace)
     try:
         await streams.ping(redis, settings.url)
-        return await _once(lambda: live_workers(redis, Keys(settings.namespace)))
+        found = await _once(lambda: live_workers(redis, keys))
+        return found, await coordinators(redis, keys)
     finally:
         await redis.aclose()
 
@@ -355,6 +388,14 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     help="Serve the queue gauges on /metrics (and /healthz, /readyz) on this port.",
 )
 @click.option(
+    "--metrics-host",
+    envvar="STREAMFLOW_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics and health server listens on: loopback by default; "
+    "0.0.0.0 to be scraped from other hosts or from outside a container.",
+)
+@click.option(
     "--interval",
     type=click.FloatRange(0.1, 3600),
     default=5.0,
@@ -363,13 +404,17 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 )
 @_connection_options
 @_errors_to_exit
-def exporter(metrics_port: int, interval: float, redis_url: str, namespace: str) -> None:
+def exporter(
+    metrics_port: int, metrics_host: str, interval: float, redis_url: str, namespace: str
+) -> None:
     """Serve the namespace's queue gauges (run one per namespace, beside the workers)."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    anyio.run(_export, settings, metrics_port, interval)
+    anyio.run(_export, settings, metrics_port, interval, metrics_host)
 
 
-async def _export(settings: config.ConnectionSettings, port: int, interval: float) -> None:
+async def _export(
+    settings: config.ConnectionSettings, port: int, interval: float, host: str = "127.0.0.1"
+) -> None:
     redis = _connect(settings, name="streamflow-exporter")
     try:
         up = await _wait_for_server(redis, settings.url, checks=False, strict=False)
@@ -382,7 +427,7 @@ async def _export(settings: config.ConnectionSettings, port: int, interval: floa
     queues = Exporter(redis, namespace=settings.namespace, interval=interval)
     health = Health(redis)
     try:
-        with _serving_metrics(queues.registry, health, port):
+        with _serving_metrics(queues.registry, health, port, host):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(health.run)
                 tg.start_soon(queues.run)

@@ -58,6 +58,14 @@ from streamflow.tasks import TaskState
     help="Serve /metrics, /healthz and /readyz on this port.",
 )
 @click.option(
+    "--metrics-host",
+    envvar="STREAMFLOW_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics and health server listens on: loopback by default; "
+    "0.0.0.0 to be scraped from other hosts or from outside a container.",
+)
+@click.option(
     "--strict",
     envvar="STREAMFLOW_STRICT",
     is_flag=True,
@@ -74,6 +82,7 @@ def coordinator(
     retention: float,
     block_ms: int,
     metrics_port: int | None,
+    metrics_host: str,
     strict: bool,
     redis_url: str,
     namespace: str,
@@ -100,7 +109,7 @@ def coordinator(
         "retention": retention,
     }
     try:
-        anyio.run(_coordinate, settings, options, metrics_port, strict)
+        anyio.run(_coordinate, settings, options, (metrics_port, metrics_host), strict)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -108,7 +117,7 @@ def coordinator(
 async def _coordinate(
     settings: config.ConnectionSettings,
     options: dict[str, Any],
-    metrics_port: int | None,
+    metrics_at: tuple[int | None, str],
     strict: bool = False,
 ) -> None:
     redis = _connect(
@@ -129,9 +138,10 @@ async def _coordinate(
         return
     coord = Coordinator(redis, **options)
     health = Health(redis)
+    metrics_port, metrics_host = metrics_at
     metrics = coord.enable_metrics if metrics_port is not None else None
     try:
-        with _serving_metrics(metrics, health, metrics_port):
+        with _serving_metrics(metrics, health, metrics_port, metrics_host):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(health.run)
                 await tg.start(coord.run)
@@ -191,11 +201,7 @@ def submit(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if final is not None:
-        echo(
-            printable(
-                f"task {final.id} {final.state}" + (f": {final.error}" if final.error else "")
-            )
-        )
+        echo(printable(f"task {final.id} {outcome_text(final)}"))
         sys.exit(0 if final.state == "succeeded" else 1)
 
 
@@ -225,8 +231,21 @@ async def _submit(
             with anyio.fail_after(timeout):
                 return await follow(client, task_id)
         except TimeoutError:
-            echo(f"error: task {task_id} still running after {timeout:g}s", err=True)
+            why = await _unfinished(client, task_id)
+            echo(f"error: task {task_id} {why} after {timeout:g}s", err=True)
             sys.exit(1)
+
+
+async def _unfinished(client: Client, task_id: str) -> str:
+    """Why a task followed with --wait has not finished: ``queued: no coordinator ...``."""
+    from streamflow import registry
+
+    task = await client.task(task_id)
+    if task is not None and task.state == "queued":
+        if not await registry.live_coordinator(client.redis, client.keys):
+            return "queued: no coordinator is running (start streamflow coordinator)"
+        return "still queued"
+    return "still running"
 
 
 async def follow(
@@ -276,6 +295,43 @@ async def follow(
         await anyio.sleep(poll)
 
 
+#: The order node states are counted in by :func:`task_summary`.
+_NODE_STATES = ("succeeded", "running", "queued", "failed", "cancelled", "skipped")
+
+
+def task_summary(task: TaskState) -> str:
+    """The task's state and its nodes' by state: ``cancelled (4 nodes: 2 succeeded, 2 cancelled)``.
+
+    Not ``done/total``: a cancelled task's cancelled nodes are finished, not done.
+    """
+    counts = {state: 0 for state in _NODE_STATES}
+    for node in task.nodes.values():
+        counts[node.state] = counts.get(node.state, 0) + 1
+    parts = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    return f"{task.state} ({len(task.nodes)} nodes: {parts})"
+
+
+def why_line(task: TaskState) -> str | None:
+    """Why the task ended as it did: ``reason:`` of a cancel, ``error:`` of a failure."""
+    if task.state == "cancelled":
+        return f"reason: {_cancel_reason(task)}"
+    if task.error:
+        return f"error: {task.error}"
+    return None
+
+
+def outcome_text(task: TaskState) -> str:
+    """The final state with its cause: ``failed: <error>``, ``cancelled (reason: ...)``."""
+    if task.state == "cancelled":
+        return f"cancelled (reason: {_cancel_reason(task)})"
+    return f"{task.state}: {task.error}" if task.error else task.state
+
+
+def _cancel_reason(task: TaskState) -> str:
+    # "cancelled" is the default reason of a cancel: it says nothing more than the state.
+    return "none given" if task.error in (None, "", "cancelled") else str(task.error)
+
+
 def progress_lines(task: TaskState) -> list[str]:
     """A header and one line per node: state, runs done/dispatched, batches in/out, items."""
     width = max(len(n) for n in task.nodes)
@@ -306,9 +362,10 @@ def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
     if as_json:
         echo(task.model_dump_json(indent=2))
         return
-    echo(printable(f"task {task.id} ({task.name}): {task.state}"))
-    if task.error:
-        echo(f"error: {printable(task.error)}")
+    echo(printable(f"task {task.id} ({task.name}): {task_summary(task)}"))
+    why = why_line(task)
+    if why:
+        echo(printable(why))
     echo("\n".join(progress_lines(task)))
 
 
@@ -337,9 +394,7 @@ def tasks(state: Any, limit: int, as_json: bool, redis_url: str, namespace: str)
         if as_json:
             echo(task.model_dump_json())
         else:
-            done = sum(1 for n in task.nodes.values() if n.terminal)
-            line = f"{task.id}  {task.state:<9}  {done}/{len(task.nodes)} nodes  {task.name}"
-            echo(printable(line))
+            echo(printable(f"{task.id}  {task_summary(task)}  {task.name}"))
 
 
 async def _tasks(settings: config.ConnectionSettings, state: Any, limit: int) -> list[TaskState]:

@@ -7,6 +7,7 @@ follows tasks, and lists, shows, replays and purges dead letters.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,11 +20,20 @@ import redis as redis_sync
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 from redis.retry import Retry as SyncRetry
 
 from streamflow import graph as graphs
-from streamflow import partitions, sentinel, signals, streams
-from streamflow.errors import ConfigError, PayloadError, ProtocolError
+from streamflow import partitions, registry, sentinel, signals, streams
+from streamflow.errors import (
+    CancelledIdWarning,
+    ConfigError,
+    NoCoordinatorWarning,
+    PayloadError,
+    ProtocolError,
+    RedisUnavailable,
+    UnknownRoleWarning,
+)
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
@@ -63,6 +73,12 @@ class _Publisher:
     def __init__(self, namespace: str, dedup_window: timedelta) -> None:
         self.keys = Keys(namespace)
         self.dedup_ms = int(dedup_window.total_seconds() * 1000)
+        #: The roles workers registered, as last read (when a role was found unknown).
+        self.served: list[str] = []
+
+    def unknown_role(self, role: str) -> str:
+        """The warning (or error) for a publish to a role no worker ever served."""
+        return partitions.unknown_role_text(self.keys.namespace, role, self.served)
 
     def prepare(
         self,
@@ -263,6 +279,7 @@ class Client:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        strict: bool = False,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -272,7 +289,10 @@ class Client:
             key: For a partitioned role: jobs with the same key go to the same partition, in
                 publishing order. Without it, a partition is picked round-robin (or by the
                 dedup key, when given). Ignored for a role with one partition.
-            message_id: The message id; a random one by default.
+            message_id: The message id; a random one by default. A chosen id costs one more
+                round trip: a cancel in force for it (a pre-emptive one) is looked up, and
+                a :class:`~streamflow.errors.CancelledIdWarning` says that workers will
+                refuse the job.
             dedup_key: When given, publishing again with the same key within the dedup window
                 publishes nothing and returns the first message's id. On a partitioned role
                 the dedup key is remembered per partition: repeat the same ``key`` with it.
@@ -281,8 +301,16 @@ class Client:
                 The job waits in the role's delayed schedule, not in a worker.
             task_id: The DAG task it belongs to.
             node_id: The DAG node it belongs to.
+            strict: Refuse a role that no worker ever served (see below) instead of warning.
+
+        A role that no worker serving it ever started in the namespace (a misspelt role, or
+        workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
+        the known roles: the job waits until such a worker starts. Whether the role exists is
+        read with its partitions, once per role and client (again a second later while it
+        does not): no extra round trip per publish.
 
         Raises:
+            ConfigError: ``strict`` and no worker ever served the role.
             RedisUnavailable: Redis could not be reached or refused for now (full, read-only,
                 loading, failing over); the job may or may not be published.
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
@@ -291,7 +319,7 @@ class Client:
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
         with streams.public_errors(f"publishing to role {role!r}"):
-            layout = await self._layouts.get(validate_name(role, "role"))
+            layout = await self._publish_layout(role, strict)
         p = self._pub.prepare(
             role,
             payload,
@@ -303,6 +331,8 @@ class Client:
             task_id=task_id,
             node_id=node_id,
         )
+        if message_id is not None:
+            await self._warn_if_cancelled("message", message_id)
         with streams.public_errors(f"publishing to role {role!r}"):
             if p.dedup_marker is not None:
                 published, first = await streams.publish_dedup(
@@ -330,6 +360,7 @@ class Client:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
 
@@ -339,6 +370,8 @@ class Client:
             keys: For a partitioned role, one key per payload (see :meth:`publish`); without
                 them the jobs are spread round-robin over the partitions.
             chunk_size: Jobs per script call.
+            strict: Refuse a role that no worker ever served instead of warning (see
+                :meth:`publish`).
 
         Raises:
             RedisUnavailable: Redis could not be reached or refused for now; some chunks may
@@ -348,7 +381,7 @@ class Client:
             ValueError: ``keys`` and ``payloads`` differ in length.
         """
         with streams.public_errors(f"publishing to role {role!r}"):
-            layout = await self._layouts.get(validate_name(role, "role"))
+            layout = await self._publish_layout(role, strict)
         prepared = self._pub.bodies(layout, payloads, keys)
         with streams.public_errors(f"publishing to role {role!r}"):
             for chunk in _chunks(prepared, chunk_size):
@@ -488,6 +521,7 @@ class Client:
         requested_by: str = "",
         wait: bool = False,
         timeout: float = 30.0,  # noqa: ASYNC109 - part of the public API, as in httpx
+        preemptive: bool = False,
     ) -> CancelResult:
         """Cancel a task's messages or one message, wherever they are.
 
@@ -503,8 +537,17 @@ class Client:
             wait: Return only when something matching was stopped and no live worker still
                 runs a matching handler (or when ``timeout`` passes).
             timeout: Seconds to wait at most.
+            preemptive: Cancel the id even if it names nothing yet: a task submitted or a
+                message published under it within 7 days (the marker's life) is refused at
+                once. Without it, an id that names no known task and no queued, delayed or
+                running message is refused (see :func:`streamflow.signals.check_target`).
+
+        Raises:
+            UnknownTargetError: The id names nothing to cancel and ``preemptive`` is False.
         """
         check_publish_fields(target_id, None, None)
+        if not preemptive:
+            await signals.check_target(self.redis, self.keys, target, target_id)
         sig = await signals.send_cancel(
             self.redis,
             self._scripts,
@@ -534,12 +577,16 @@ class Client:
         task_id: str | None = None,
         roles: Iterable[str] | None = None,
         functions: Iterable[str] | None = None,
+        registration_wait: float = 5.0,
     ) -> str:
         """Submit a DAG task; returns its id.
 
         The graph is checked first and nothing is written for an invalid one. Its roles must be
         served by a worker (one that ever started in this namespace) and its functions provided
-        by a coordinator, unless ``roles`` and ``functions`` say which exist.
+        by a coordinator, unless ``roles`` and ``functions`` say which exist. A graph whose
+        only problems are roles or functions not registered yet (a worker or coordinator
+        still starting) is checked again every 0.2 s for up to ``registration_wait`` seconds
+        before it is refused.
 
         Args:
             graph: A :class:`~streamflow.Graph`, a parsed spec, or a JSON-like dict.
@@ -547,20 +594,36 @@ class Client:
             task_id: The task's id (default: a fresh random one).
             roles: The roles to check the graph against, instead of those registered.
             functions: The coordinator functions to check against, instead of those registered.
+            registration_wait: Seconds to wait for unregistered roles and functions to appear.
 
         Raises:
             GraphError: The graph is invalid; every problem is listed.
             ValueError: The task id is taken or invalid.
+
+        Warns:
+            CancelledIdWarning: A cancel of ``task_id`` is in force (a pre-emptive one): the
+                task is submitted, and its nodes are refused as cancelled.
+            NoCoordinatorWarning: No coordinator is running: the task stays queued until one
+                starts.
         """
         spec = graphs.parse(graph)
         if params:
             spec = spec.model_copy(update={"params": {**spec.params, **params}})
-        if roles is None:
-            roles = [streams.text(r) for r in await self.redis.smembers(self.keys.known_roles())]
-        if functions is None:
-            found = await self.redis.smembers(self.keys.known_functions())
-            functions = {*BUILTINS, *(streams.text(f) for f in found)}
-        spec = graphs.validated(spec, roles=set(roles), functions=set(functions))
+        fixed = (
+            None if roles is None else set(roles),
+            None if functions is None else set(functions),
+        )
+        spec = await self._validated(spec, fixed, registration_wait)
+        if not await registry.live_coordinator(self.redis, self.keys):
+            warnings.warn(
+                f"no coordinator is running in namespace {self.keys.namespace!r}: the task "
+                "stays queued until one starts (streamflow coordinator)",
+                NoCoordinatorWarning,
+                stacklevel=2,
+            )
+        if task_id is not None:
+            validate_name(task_id, "task id")
+            await self._warn_if_cancelled("task", task_id)
         task_id = validate_name(task_id or new_message_id(), "task id")
         await self._tasks.create(spec, TaskState.new(task_id, spec, now_ms()))
         return task_id
@@ -619,6 +682,68 @@ class Client:
                 if own is None:
                     raise LookupError(f"unknown task {task_id!r}")
                 await anyio.sleep(poll)  # the state lives in Redis: poll it
+
+    async def _validated(
+        self,
+        spec: graphs.GraphSpec,
+        fixed: tuple[set[str] | None, set[str] | None],
+        wait: float,
+    ) -> graphs.GraphSpec:
+        """The graph checked against the registered (or given) roles and functions.
+
+        While its only problems are names not registered yet, wait up to ``wait`` seconds.
+        """
+        deadline = anyio.current_time() + wait
+        while True:
+            roles, functions = await self._registered(*fixed)
+            try:
+                return graphs.validated(spec, roles=roles, functions=functions)
+            except graphs.GraphError:
+                named_roles = {n.role for n in spec.nodes if n.role} | roles
+                named_functions = {n.function for n in spec.nodes if n.function} | functions
+                names_only = not graphs.check(spec, roles=named_roles, functions=named_functions)
+                if not names_only or anyio.current_time() >= deadline:
+                    raise
+            await anyio.sleep(0.2)  # registrations live in Redis: poll them
+
+    async def _registered(
+        self, roles: set[str] | None, functions: set[str] | None
+    ) -> tuple[set[str], set[str]]:
+        """The given roles and functions, or those workers and coordinators registered."""
+        if roles is None:
+            found = await self.redis.smembers(self.keys.known_roles())
+            roles = {streams.text(r) for r in found}
+        if functions is None:
+            found = await self.redis.smembers(self.keys.known_functions())
+            functions = {*BUILTINS, *(streams.text(f) for f in found)}
+        return roles, functions
+
+    async def _publish_layout(self, role: str, strict: bool) -> partitions.Layout:
+        """The role's partitions; a warning (or with ``strict`` an error) for an unknown role."""
+        layout = self._layouts.cached(validate_name(role, "role"))
+        if layout is None:
+            recorded = await partitions.read_record(self.redis, self.keys, role)
+            layout = self._layouts.record(role, recorded)
+            if recorded is None:  # read at most once a second per role: not per publish
+                found = await self.redis.smembers(self.keys.known_roles())
+                self._pub.served = sorted(streams.text_lenient(r) for r in found)
+                if not strict:
+                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=3)
+        if strict and self._layouts.missing(role):
+            raise ConfigError(self._pub.unknown_role(role))
+        return layout
+
+    async def _warn_if_cancelled(self, target: str, target_id: str) -> None:
+        """Warn when a cancel of a chosen id is in force: its work would be refused at once."""
+        try:
+            hit = await signals.cancelled_already(self.redis, self.keys, target, target_id)
+        except streams.TRANSIENT_ERRORS as exc:
+            raise RedisUnavailable(f"looking up cancels failed: {exc}") from None
+        except ResponseError:  # e.g. ACL rules older than this check: no warning, no failure
+            return
+        if hit:
+            text = signals.cancelled_already_text(target, target_id)
+            warnings.warn(text, CancelledIdWarning, stacklevel=3)
 
     async def _cancel_done(self, result: CancelResult) -> bool:
         reports = await signals.read_reports(self.redis, self.keys, result.signal_id)
@@ -684,12 +809,20 @@ class SyncClient:
         self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))
         self._layouts = partitions.LayoutCache()
 
-    def _layout(self, role: str) -> partitions.Layout:
-        """The role's partitions, read once (see :class:`streamflow.partitions.LayoutCache`)."""
+    def _layout(self, role: str, strict: bool = False) -> partitions.Layout:
+        """The role's partitions, read once; warns (``strict``: raises) for an unknown role."""
         layout = self._layouts.cached(validate_name(role, "role"))
         if layout is None:
             key = self._pub.keys.role_config(role)
-            layout = self._layouts.record(role, self.redis.hget(key, partitions.SHARDS_FIELD))
+            recorded = self.redis.hget(key, partitions.SHARDS_FIELD)
+            layout = self._layouts.record(role, recorded)
+            if recorded is None:
+                found = self.redis.smembers(self._pub.keys.known_roles())
+                self._pub.served = sorted(streams.text_lenient(r) for r in found)
+                if not strict:
+                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=3)
+        if strict and self._layouts.missing(role):
+            raise ConfigError(self._pub.unknown_role(role))
         return layout
 
     def publish(
@@ -704,10 +837,13 @@ class SyncClient:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        strict: bool = False,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         with streams.public_errors(f"publishing to role {role!r}"):
-            layout = self._layout(role)
+            layout = self._layout(role, strict)
+            if message_id is not None:
+                self._warn_if_cancelled(message_id)
         p = self._pub.prepare(
             role,
             payload,
@@ -732,6 +868,20 @@ class SyncClient:
                 self.redis.xadd(p.stream, {b"message": p.body})
         return p.message_id
 
+    def _warn_if_cancelled(self, message_id: str) -> None:
+        """Warn when a cancel of the chosen message id is in force (see :meth:`Client.publish`)."""
+        keys = self._pub.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for target in ("message", "any"):
+            pipe.exists(keys.cancel_marker(target, message_id))
+        try:
+            hit = any(pipe.execute())
+        except redis_sync.ResponseError:  # e.g. ACL rules older than this check
+            return
+        if hit:
+            text = signals.cancelled_already_text("message", message_id)
+            warnings.warn(text, CancelledIdWarning, stacklevel=3)
+
     def publish_many(
         self,
         role: str,
@@ -739,10 +889,11 @@ class SyncClient:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role in pipelined chunks; returns their message ids."""
         with streams.public_errors(f"publishing to role {role!r}"):
-            layout = self._layout(role)
+            layout = self._layout(role, strict)
             prepared = self._pub.bodies(layout, payloads, keys)
             for chunk in _chunks(prepared, chunk_size):
                 pipe = self.redis.pipeline(transaction=False)

@@ -53,6 +53,7 @@ ENV_VARS = frozenset(
         "STREAMFLOW_LOG_LEVEL",
         "STREAMFLOW_LOG_FORMAT",
         "STREAMFLOW_METRICS_PORT",
+        "STREAMFLOW_METRICS_HOST",
         "STREAMFLOW_TLS_CA_FILE",
         "STREAMFLOW_TLS_CERT_FILE",
         "STREAMFLOW_TLS_KEY_FILE",
@@ -159,6 +160,8 @@ class WorkerSettings(ConnectionSettings):
     renew_interval: Annotated[float, Field(gt=0)] | None = None
     reclaim_interval: Annotated[float, Field(gt=0)] = 2.0
     metrics_port: Annotated[int, Field(ge=0, le=65_535)] | None = None
+    #: The address the metrics server listens on (loopback unless told otherwise).
+    metrics_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     #: Refuse to start when the start-up checks of the Redis server warn of anything.
     strict: bool = False
     #: Run the start-up checks (off in the children of ``--processes N``: the parent ran them).

@@ -68,6 +68,17 @@ class Cancelled(Exception):
         self.reason = reason
 
 
+class ShuttingDown(Exception):
+    """Raised by :meth:`Context.raise_if_shutting_down` once the worker is shutting down.
+
+    Not a failure: whatever a handler raises after shutdown began hands its message back to
+    another worker (released, not counted as an attempt).
+    """
+
+    def __init__(self, reason: str = "worker shutting down") -> None:
+        super().__init__(reason)
+
+
 class Retry(Exception):
     """Raise in a handler to retry the message, after ``delay`` seconds if given.
 
@@ -131,13 +142,15 @@ class Context:
 
             (0 rows updated: a newer run owns this message; stop). A Redis example is in
             the Concepts page, under "Fencing side effects".
-        cancel: The cancel token.
+        cancel: The cancel token: set only when a user cancels this message or its task.
+            A worker shutting down does not set it (see :attr:`shutting_down`).
     """
 
     __slots__ = (
         "_cancel",
         "_log",
         "_node",
+        "_shutdown",
         "attempt",
         "batch",
         "consumer",
@@ -181,6 +194,8 @@ class Context:
         self._cancel: CancelToken | None = None  # made on first use: most handlers never look
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._node: NodeRun | None = None
+        # None: running; an Event (set) once the worker began to shut down.
+        self._shutdown: anyio.Event | None = None
         self.invocation: int | None = None
         self.batch: Batch | None = None
         self.failures: dict[str, str] = {}
@@ -192,6 +207,35 @@ class Context:
         if token is None:
             token = self._cancel = CancelToken()
         return token
+
+    @property
+    def shutting_down(self) -> bool:
+        """Whether the worker running this handler is shutting down (SIGTERM, :meth:`stop`).
+
+        Not a cancel: the handler may finish within the shutdown grace (its message is then
+        acknowledged as usual). One that would rather stop early saves its progress and raises
+        (e.g. :meth:`raise_if_shutting_down`): its message is handed back to another worker,
+        not counted as a failed attempt. Past the grace the handler is cancelled hard and its
+        message handed back all the same.
+        """
+        return self._shutdown is not None and self._shutdown.is_set()
+
+    async def wait_shutdown(self) -> None:
+        """Return once the worker running this handler begins to shut down."""
+        if self._shutdown is None:
+            self._shutdown = anyio.Event()
+        await self._shutdown.wait()
+
+    def raise_if_shutting_down(self) -> None:
+        """Raise :class:`ShuttingDown` once the worker is shutting down (:attr:`shutting_down`)."""
+        if self.shutting_down:
+            raise ShuttingDown()
+
+    def _shut_down(self) -> None:
+        """Tell the handler that its worker is shutting down (worker side only)."""
+        if self._shutdown is None:
+            self._shutdown = anyio.Event()
+        self._shutdown.set()
 
     async def emit(self, items: Iterable[Any]) -> None:
         """Emit one batch of this task node's output (a list of JSON values).

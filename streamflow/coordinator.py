@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import socket
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -35,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import partitions, signals, streams
+from streamflow import partitions, registry, signals, streams
 from streamflow.app import App
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Batch
@@ -58,7 +60,7 @@ from streamflow.protocol import (
 )
 from streamflow.tasks import Dispatch, Event, Internal, Step, advance
 from streamflow.taskstore import DEFAULT_RETENTION_MS, Loaded, TaskStore, UnrunnableTask
-from streamflow.worker import default_consumer_name
+from streamflow.worker import VERSION, default_consumer_name
 
 logger = logging.getLogger(__name__)
 
@@ -163,13 +165,10 @@ class Coordinator:
         try:
             await self._serve(task_status)
         finally:
-            with anyio.move_on_after(5, shield=True):
-                try:
-                    await self._names.unmark()
-                except Exception as exc:  # cleanup: its marks expire by themselves
-                    logger.warning("could not delete the marks of %s (%r)", self.consumer, exc)
+            await self._withdraw()
 
     async def _serve(self, task_status: TaskStatus[None]) -> None:
+        started_at_ms = now_ms()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals.run)
             tg.start_soon(self._read_loop)
@@ -177,9 +176,30 @@ class Coordinator:
             tg.start_soon(self._sweep_loop)
             tg.start_soon(self._tick_loop)
             tg.start_soon(self._names.run)
+            # Announced once its functions are registered (at start-up): a submit that sees a
+            # live coordinator also sees what it provides.
+            await tg.start(self._announce_loop, started_at_ms)
             task_status.started()
             await self._stopping.wait()
             tg.cancel_scope.cancel()
+
+    async def _withdraw(self) -> None:
+        """On a stop: delete its consumer-name marks and its registry entry (best effort).
+
+        Both expire by themselves: a mark after the lease TTL, an entry shows as gone.
+        """
+        for what, step in (
+            ("consumer-name marks", self._names.unmark),
+            ("coordinator registry entry", self._unannounce),
+        ):
+            with anyio.move_on_after(5, shield=True):
+                try:
+                    await step()
+                except Exception as exc:  # cleanup: never over what ended the coordinator
+                    logger.warning("could not delete the %s of %s (%r)", what, self.consumer, exc)
+
+    async def _unannounce(self) -> None:
+        await registry.withdraw_coordinator(self._redis, self._keys, self.consumer)
 
     def enable_metrics(self) -> CollectorRegistry:
         """Returns the registry with this coordinator's metrics (and starts timing dispatch)."""
@@ -219,6 +239,42 @@ class Coordinator:
         await self._prepare()
         await self._signals.load()
         return True
+
+    async def _announce_loop(
+        self, started_at_ms: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep this coordinator's registry entry fresh (``streamflow workers``, ``submit``)."""
+        backoff = streams.Backoff("refreshing the coordinator registry")
+        first = True
+        while True:
+            info = registry.CoordinatorInfo(
+                consumer=self.consumer,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                version=VERSION,
+                functions=sorted(self.functions),
+                started_at_ms=started_at_ms,
+                events=self.events_processed,
+                updated_at_ms=now_ms(),
+            )
+            try:
+                await registry.announce_coordinator(self._redis, self._keys, info)
+                backoff.succeeded()
+            except streams.TRANSIENT_ERRORS as exc:
+                await backoff.failed(exc)
+                continue
+            except ResponseError as exc:  # another type at the registry's name (untrusted)
+                if first:
+                    logger.warning(
+                        "cannot write the coordinator registry %s (%s): `streamflow workers` "
+                        "and submit do not see this coordinator until it is fixed",
+                        self._keys.coordinators(),
+                        shown(exc),
+                    )
+            if first:
+                first = False
+                task_status.started()
+            await anyio.sleep(registry.COORDINATOR_BEAT_MS / 1000)
 
     async def _prepare(self) -> None:
         await self._redis.sadd(self._keys.known_functions(), *self.functions)

@@ -7,8 +7,16 @@ StreamflowError
 ├── ProtocolError      bytes that are not a valid wire-protocol entry
 ├── PayloadError       a payload that the handler's declared type rejects
 ├── InputError         a task node's input (a batch read back from Redis) cannot be used
+├── UnknownTargetError a cancel names no known task and no queued, delayed or running message
 ├── RedisUnavailable   Redis cannot serve now: unreachable, full, read-only, loading, failing over
 └── RedisCommandError  Redis refused a command for good (no permission under an ACL, wrong type)
+
+Warnings (``warnings.warn``; the CLI prints them as one ``warning:`` line):
+
+StreamflowWarning (UserWarning)
+├── CancelledIdWarning a task or message id is published or submitted under a cancel in force
+├── UnknownRoleWarning a job is published to a role that no worker ever served
+└── NoCoordinatorWarning a task is submitted while no coordinator is running
 """
 
 from __future__ import annotations
@@ -61,6 +69,40 @@ class PayloadError(StreamflowError):
 
 class InputError(StreamflowError):
     """A task node's input batch read back from Redis is unusable (wrong key, type or JSON)."""
+
+
+class UnknownTargetError(StreamflowError, LookupError):
+    """A cancel names no known task and no queued, delayed or running message.
+
+    Cancelling an id before it exists is possible, but only when asked for explicitly
+    (``preemptive=True``, ``streamflow cancel --preemptive``): the marker would otherwise cancel
+    whatever is later published or submitted under that id, for 7 days.
+    """
+
+
+class StreamflowWarning(UserWarning):
+    """Base class of every warning streamflow issues."""
+
+
+class CancelledIdWarning(StreamflowWarning):
+    """A task or message id is published or submitted while a cancel of it is in force.
+
+    Workers refuse it at once (acknowledged as ``cancelled``) until the cancel's marker expires.
+    """
+
+
+class UnknownRoleWarning(StreamflowWarning):
+    """A job is published to a role that no worker serves or ever served in the namespace.
+
+    It waits in the role's stream until a worker serving the role starts.
+    """
+
+
+class NoCoordinatorWarning(StreamflowWarning):
+    """A task is submitted while no coordinator is running in the namespace.
+
+    It stays ``queued`` until one starts (``streamflow coordinator``).
+    """
 
 
 class RedisUnavailable(StreamflowError):

@@ -154,8 +154,15 @@ class Exporter(Collector):
             "The longest a pending entry has gone without being delivered, renewed or adopted.",
             labels=by_group,
         )
+        groups = GaugeMetricFamily(
+            "streamflow_role_consumer_groups",
+            "Consumer groups of the role stream: 0 when no worker ever read it (a role nobody "
+            "serves, e.g. a misspelt one: its jobs wait for ever).",
+            labels=by_role,
+        )
         for info in snap.roles:
             length.add_metric([info.role], info.length)
+            groups.add_metric([info.role], len(info.groups))
             split.add_metric([info.role], info.partitions)
             delayed.add_metric([info.role], info.delayed)
             dead.add_metric([info.role], info.dead_letters)
@@ -169,6 +176,7 @@ class Exporter(Collector):
                 oldest.add_metric(labels, (group.oldest_pending_age_ms or 0) / 1000)
                 idle.add_metric(labels, (group.oldest_pending_idle_ms or 0) / 1000)
         yield from (length, split, delayed, dead, backlog, pending, lag, oldest, consumers, idle)
+        yield groups
         yield GaugeMetricFamily(
             "streamflow_live_workers", "Worker processes in the registry.", value=snap.workers
         )

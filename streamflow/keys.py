@@ -240,6 +240,10 @@ class Keys:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
         return f"{self.namespace}:{{role:*}}:stream"
 
+    def delayed_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every delayed schedule of the namespace."""
+        return f"{self.namespace}:{{role:*}}:delayed"
+
     def role_of_stream(self, key: str) -> str | None:
         """The shard (role or role partition) of a role stream key, or None if it is not one."""
         prefix, suffix = f"{self.namespace}:{{role:", "}:stream"
@@ -354,6 +358,14 @@ class Keys:
         Coordinators follow their events streams; submit checks graphs against it.
         """
         return f"{self.namespace}:{{tasks}}:roles"
+
+    def coordinators(self) -> str:
+        """What each coordinator says about itself (a hash: consumer name -> JSON).
+
+        Refreshed every few seconds by each running coordinator; a field not refreshed within
+        :data:`streamflow.registry.COORDINATOR_TTL_MS` is a coordinator that stopped or died.
+        """
+        return f"{self.namespace}:{{tasks}}:coordinators"
 
     def known_functions(self) -> str:
         """The coordinator functions that running coordinators provide (a set)."""

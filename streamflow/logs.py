@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 import orjson
+
+from streamflow.errors import StreamflowWarning
 
 #: The most characters of rejected input echoed in an error or a log line.
 MAX_ECHO = 200
@@ -172,3 +175,22 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    warnings.showwarning = _show_warning
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show streamflow's warnings as one ``warning:`` line on stderr (no source location)."""
+    if issubclass(category, StreamflowWarning):
+        echo(f"warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import anyio
-from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -372,19 +377,29 @@ def coordinator_registry(coordinator: Coordinator) -> CollectorRegistry:
     return registry
 
 
+#: Where the metrics server listens unless told otherwise: loopback only.
+DEFAULT_HOST = "127.0.0.1"
+
+
 class MetricsServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` from a thread.
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` from a thread; 404 for any other path.
+
+    Counters and histograms are served without their ``_created`` series (a timestamp per
+    series that no dashboard reads, doubling what is scraped): serving turns them off for the
+    whole process (:func:`prometheus_client.disable_created_metrics`).
 
     Args:
         registry: The metrics to serve.
         health: The process's health.
         port: The TCP port (0: any free one; see :attr:`port`).
-        host: The address to listen on.
+        host: The address to listen on: loopback by default; ``0.0.0.0`` (or ``::``) to be
+            scraped from other hosts or from outside a container.
     """
 
     def __init__(
-        self, registry: CollectorRegistry, health: Health, *, port: int, host: str = "0.0.0.0"
+        self, registry: CollectorRegistry, health: Health, *, port: int, host: str = DEFAULT_HOST
     ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         metrics_app = make_wsgi_app(registry)
         self._health = health
 
@@ -395,6 +410,9 @@ class MetricsServer:
                 status = "200 OK" if ok else "503 Service Unavailable"
                 start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
                 return [detail.encode() + b"\n"]
+            if path != "/metrics":
+                start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+                return [b"not found: metrics are on /metrics, health on /healthz and /readyz\n"]
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
         self._server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)

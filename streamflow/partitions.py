@@ -39,6 +39,7 @@ from streamflow.keys import (
     validate_name,
     validate_shard,
 )
+from streamflow.logs import shown
 
 #: The config hash field listing a role's shards, space-separated, in partition order.
 SHARDS_FIELD = "shards"
@@ -255,6 +256,10 @@ class LayoutCache:
             return single(role)
         return layout
 
+    def missing(self, role: str) -> bool:
+        """Whether ``role`` was found not created (no worker serving it ever started)."""
+        return role in self._missing and role not in self._known
+
     def record(self, role: str, recorded: bytes | str | None) -> Layout:
         """Remember what Redis holds for ``role`` (None: not created yet); its layout."""
         if recorded is None:
@@ -278,3 +283,18 @@ class Layouts(LayoutCache):
         if layout is None:
             layout = self.record(role, await read_record(self._redis, self._keys, role))
         return layout
+
+
+def unknown_role_text(namespace: str, role: str, known: list[str]) -> str:
+    """Why a publish to ``role`` is suspect: no worker serving it ever started.
+
+    ``known`` (the names workers registered, read back from Redis) is untrusted: shown
+    escaped, at most 20 of them.
+    """
+    names = ", ".join(shown(name, 100) for name in known[:20]) or "none"
+    if len(known) > 20:
+        names += f", ... ({len(known)} in all)"
+    return (
+        f"role {role!r} has never been served in namespace {namespace!r}: its jobs wait until "
+        f"a worker serving it starts (known roles: {names})"
+    )

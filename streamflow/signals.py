@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import orjson
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamflow import streams
-from streamflow.errors import ProtocolError
-from streamflow.keys import Keys, cancel_member, cancel_target
+from streamflow.errors import ProtocolError, UnknownTargetError
+from streamflow.keys import NAME_PATTERN, Keys, cancel_member, cancel_target
 from streamflow.leases import Delivery, InFlight
 from streamflow.logs import shown
 from streamflow.protocol import (
@@ -56,6 +57,10 @@ MARKERS_PER_READ = 1000
 UNREADABLE_RETRY_S = 5.0
 #: How long a cancel's report hash is kept.
 REPORT_TTL_MS = 3600 * 1000
+#: At most this many stream entries and delayed messages are read to find a message id.
+MESSAGE_LOOKUP_LIMIT = 200_000
+#: Entries read per round trip while looking for a message id.
+_LOOKUP_PAGE = 1000
 
 
 @dataclass(slots=True)
@@ -469,3 +474,97 @@ async def live_consumers(redis: Redis, keys: Keys) -> set[str]:
     """The consumer names of every live worker (from their liveness keys)."""
     found = await streams.scan_keys(redis, keys.consumer_alive_pattern())
     return {name for key in found if (name := keys.consumer_of_alive_key(key))}
+
+
+async def check_target(redis: Redis, keys: Keys, target: str, target_id: str) -> None:
+    """Raise unless ``target_id`` names a known task or a message still to settle.
+
+    A task is known while its state is kept (its retention), or while a job carrying its id
+    waits or runs. A job is found in a role stream (queued, or running: entries are deleted
+    when settled) or a delayed schedule (a delay or a retry): no per-message key exists, so
+    the streams are read, at most :data:`MESSAGE_LOOKUP_LIMIT` entries in all, in pages of
+    1,000. It costs nothing on the publishing path.
+
+    Raises:
+        UnknownTargetError: Nothing matches (or the lookup's limit was reached first).
+    """
+    checks_task = target in ("task", "any") and NAME_PATTERN.fullmatch(target_id) is not None
+    if checks_task and await redis.exists(keys.task_state(target_id)):
+        return
+    fields = {"task": ("task_id",), "message": ("id",)}.get(target, ("id", "task_id"))
+    found, read = await _find_job(redis, keys, fields, target_id)
+    if found:
+        return
+    what = {"task": "no known task", "message": "no message"}.get(target, "no task or message")
+    cut = " (the lookup's limit: it may be further back)" if read >= MESSAGE_LOOKUP_LIMIT else ""
+    raise UnknownTargetError(
+        f"nothing to cancel: {target_id!r} names {what} (no task state, no queued, delayed or "
+        f"running job among {read} entries{cut}); to cancel an id before it is published or "
+        "submitted, ask for a pre-emptive cancel (--preemptive, preemptive=True)"
+    )
+
+
+async def _find_job(
+    redis: Redis, keys: Keys, fields: tuple[str, ...], target_id: str
+) -> tuple[bool, int]:
+    """Whether a queued, running or delayed job has ``target_id`` in ``fields``; entries read."""
+    needle = f'"{target_id}"'.encode()
+    read = 0
+    for pattern, reader in (
+        (keys.role_pattern(), _stream_page),
+        (keys.delayed_pattern(), _zset_page),
+    ):
+        for key in sorted(await streams.scan_keys(redis, pattern)):
+            cursor: Any = None
+            while read < MESSAGE_LOOKUP_LIMIT:
+                count = min(_LOOKUP_PAGE, MESSAGE_LOOKUP_LIMIT - read)
+                try:
+                    bodies, cursor = await reader(redis, key, cursor, count)
+                except ResponseError:  # another type at a role key's name: nothing there
+                    break
+                read += len(bodies)
+                if any(needle in body and _names(body, fields, target_id) for body in bodies):
+                    return True, read
+                if len(bodies) < count:
+                    break
+    return False, read
+
+
+async def _stream_page(redis: Redis, key: str, after: Any, count: int) -> tuple[list[bytes], Any]:
+    reply: Any = await redis.xrange(key, "-" if after is None else f"({after}", "+", count)
+    bodies = [bytes(fields.get(b"message", b"")) for _, fields in reply]
+    return bodies, (reply[-1][0].decode() if reply else after)
+
+
+async def _zset_page(redis: Redis, key: str, start: Any, count: int) -> tuple[list[bytes], Any]:
+    start = start or 0
+    reply: Any = await redis.zrange(key, start, start + count - 1)
+    return [bytes(member) for member in reply], start + len(reply)
+
+
+def _names(body: bytes, fields: tuple[str, ...], target_id: str) -> bool:
+    """Whether a job's body (untrusted JSON) has ``target_id`` in one of ``fields``."""
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(decoded, dict) and any(decoded.get(f) == target_id for f in fields)
+
+
+async def cancelled_already(redis: Redis, keys: Keys, target: str, target_id: str) -> bool:
+    """Whether a cancel of ``target`` (``task`` or ``message``) ``target_id`` is in force.
+
+    Its own marker or an ``any`` marker of the id: both markers share one slot.
+    """
+    pipe = redis.pipeline(transaction=False)
+    for name in (target, "any"):
+        pipe.exists(keys.cancel_marker(name, target_id))
+    return any(await pipe.execute())
+
+
+def cancelled_already_text(target: str, target_id: str) -> str:
+    """The warning given when ``target_id`` is published or submitted under a cancel."""
+    return (
+        f"{target} {target_id} is cancelled already (a pre-emptive cancel, kept 7 days): "
+        "workers refuse its work at once, as cancelled"
+    )

@@ -68,7 +68,7 @@ def child_command(settings: WorkerSettings, index: int) -> list[str]:
         port = settings.metrics_port and settings.metrics_port + index
         if port > 65_535:
             raise ConfigError(f"--metrics-port {settings.metrics_port} + {index} is past 65535")
-        cmd += ["--metrics-port", str(port)]
+        cmd += ["--metrics-port", str(port), "--metrics-host", settings.metrics_host]
     if settings.renew_interval is not None:
         cmd += ["--renew-interval", str(settings.renew_interval)]
     if settings.consumer_name:

@@ -24,6 +24,7 @@ a real redis-server (pass ``redis_url``). The fake Redis comes with the ``testin
 from __future__ import annotations
 
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -34,6 +35,7 @@ from streamflow import extras, partitions, streams
 from streamflow.app import App
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
+from streamflow.errors import NoCoordinatorWarning
 from streamflow.graph import Graph, GraphSpec
 from streamflow.keys import Keys
 from streamflow.protocol import DeadLetter, decode_dead_letter
@@ -198,9 +200,12 @@ class Harness:
         coordinator = Coordinator(
             self.redis, app=self.app, namespace=self.namespace, **coordinator_options
         )
-        task_id = await self.client.submit(
-            graph, params=params, roles=self.app.roles, functions=self.app.functions
-        )
+        with warnings.catch_warnings():
+            # Its coordinator is this in-process one, which runs below.
+            warnings.simplefilter("ignore", NoCoordinatorWarning)
+            task_id = await self.client.submit(
+                graph, params=params, roles=self.app.roles, functions=self.app.functions
+            )
         for _ in range(max_rounds):
             handled = len(await self.drain())
             handled += await coordinator.drain()

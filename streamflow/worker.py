@@ -291,15 +291,17 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop: reading stops at once, in-flight handlers get the grace.
 
-        Running handlers see ``ctx.cancel`` set (reason "worker shutting down") so that they can
-        stop at a safe point; one that stops that way, or fails, has its entry released for
-        another worker (not a failed attempt); one that finishes is acknowledged as usual.
+        Running handlers see ``ctx.shutting_down`` (not ``ctx.cancel``, which is for user
+        cancels: a handler stopping on its cancel token would abort on every deploy). One that
+        finishes within the grace is acknowledged as usual; one that stops early (it raises,
+        e.g. after saving a checkpoint) has its entry released for another worker, not counted
+        as a failed attempt. The rest are cancelled hard after the grace and released.
         """
         if not self._stopping.is_set():
             for delivery in self._held:
                 if delivery.scope is not None and delivery.context is not None:
                     delivery.released = True
-                    delivery.context.cancel._set("worker shutting down")
+                    delivery.context._shut_down()
         self._stopping.set()
         self._capacity.set()
         for wakeup in self._promoter_wakeups.values():
@@ -497,7 +499,7 @@ class Worker:
         if stuck:
             logger.warning(
                 "%d thread handlers still running after the %.1fs shutdown grace; waiting for "
-                "them (thread handlers can only stop cooperatively, via ctx.cancel)",
+                "them (thread handlers can only stop cooperatively, via ctx.shutting_down)",
                 len(stuck),
                 self._grace,
             )
@@ -511,7 +513,7 @@ class Worker:
         for delivery in running:
             delivery.released = True
             if delivery.context is not None:
-                delivery.context.cancel._set("worker shutting down")
+                delivery.context._shut_down()
             assert delivery.scope is not None
             delivery.scope.cancel()
 

@@ -17,6 +17,7 @@ Roles:
     ops1007: the same again, 3 partitions, for the cluster operations tests: its first
         partition's hash slot is 4, so ``redis-cli --cluster reshard --cluster-slots 5`` from the
         first master of a fresh cluster moves it (and only four empty slots besides).
+    careful: the README's cooperative handler (see :func:`careful_role`), traced like ``work``.
 
 Trace lines (one ``write`` each, so lines from several processes never interleave) are
 ``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
@@ -165,3 +166,27 @@ async def gather_role(ctx: streamflow.Context, payload: Any) -> None:
 
 
 app.role("ops1007", partitions=3)(work)
+
+
+@app.role("careful")
+async def careful_role(ctx: streamflow.Context, payload: Any) -> None:
+    """The README's cooperative handler: steps with ``ctx.cancel.raise_if_cancelled()`` between.
+
+    ``steps`` steps of ``step`` seconds (``steps_by_consumer``: {consumer name: steps}
+    overrides it). Traces START, then DONE, or CANCELLED when it stops on the cancel token or
+    is cancelled hard; ``SHUTDOWN`` once when it first sees ``ctx.shutting_down``.
+    """
+    trace(ctx, "START")
+    steps = int(payload.get("steps_by_consumer", {}).get(ctx.consumer, payload["steps"]))
+    told = False
+    try:
+        for _ in range(steps):
+            ctx.cancel.raise_if_cancelled()
+            if ctx.shutting_down and not told:
+                told = True
+                trace(ctx, "SHUTDOWN")
+            await anyio.sleep(float(payload["step"]))
+    except (streamflow.Cancelled, anyio.get_cancelled_exc_class()):
+        trace(ctx, "CANCELLED")
+        raise
+    trace(ctx, "DONE")

@@ -19,10 +19,12 @@ from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, LeaseSettings, Retry, SyncClient, Worker, streams
 from streamflow.context import Cancelled
+from streamflow.errors import CancelledIdWarning, UnknownTargetError
 from streamflow.keys import GROUP, Keys
 from streamflow.settle import Outcome
 from streamflow.signals import CancelBook, SignalListener
 from tests.helpers import ROOT, running, wait_until
+from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -232,8 +234,83 @@ async def test_cancel_wait_times_out_for_an_unknown_id(redis: Redis, namespace: 
     with anyio.fail_after(10):
         async with running(worker(app, redis, namespace, outcomes)):
             client = Client(redis, namespace=namespace)
-            result = await client.cancel("no-such-task", wait=True, timeout=0.5)
+            result = await client.cancel("no-such-task", wait=True, timeout=0.5, preemptive=True)
     assert not result.complete and result.stopped == []
+
+
+async def test_cancel_refuses_an_id_that_names_nothing_unless_preemptive(
+    redis: Redis, namespace: str
+) -> None:
+    """A cancel of an unknown id would silently cancel whatever is later submitted or
+    published under it, for 7 days: refused, and no marker is written, unless asked for."""
+    keys = Keys(namespace)
+    client = Client(redis, namespace=namespace)
+    await client.publish("other", {"id": "ghost"}, task_id="not-ghost")  # a near miss
+    for target in ("task", "message", "any"):
+        with pytest.raises(UnknownTargetError, match="nothing to cancel: 'ghost'"):
+            await client.cancel("ghost", target=target)  # type: ignore[arg-type]
+        assert not await redis.exists(keys.cancel_marker(target, "ghost"))
+    assert not await redis.exists(keys.signals())
+
+    await client.cancel("ghost", target="task", preemptive=True)
+    await client.cancel("ghost-message", target="message", preemptive=True)
+    graph = {"nodes": [{"id": "a", "role": "r"}]}
+    with pytest.warns(CancelledIdWarning, match="task ghost is cancelled already"):
+        await client.submit(graph, task_id="ghost", roles=["r"])
+    with pytest.warns(CancelledIdWarning, match="message ghost-message is cancelled already"):
+        await client.publish("r", 1, message_id="ghost-message")
+    warned = pytest.warns(CancelledIdWarning, match="message ghost-message is cancelled already")
+    with SyncClient(redis_url_of(redis), namespace=namespace) as sync, warned:
+        sync.publish("r", 1, message_id="ghost-message")
+
+
+async def test_cancel_finds_tasks_and_queued_running_and_delayed_messages(
+    redis: Redis, namespace: str
+) -> None:
+    client = Client(redis, namespace=namespace)
+    queued = await client.publish("r", 1)
+    delayed = await client.publish("r", 2, delay=3600)
+    grouped = await client.publish("r", 3, task_id="plain-task")
+    task_id = await client.submit({"nodes": [{"id": "a", "role": "r"}]}, roles=["r"])
+    stream = Keys(namespace).role_stream("r")
+    await streams.ensure_group(redis, stream)
+    await streams.read_group(redis, stream, "running-worker", count=1, block_ms=None)  # running
+    for target_id, target in (
+        (queued, "message"),
+        (delayed, "message"),
+        (grouped, "any"),
+        ("plain-task", "task"),  # messages carrying a task id, with no DAG state
+        (task_id, "task"),
+        (task_id, "any"),
+    ):
+        result = await client.cancel(target_id, target=target)  # type: ignore[arg-type]
+        assert result.signal_id
+
+
+def test_cli_cancel_of_an_unknown_id_is_an_error_and_preemptive_is_explicit(
+    redis_url: str, namespace: str
+) -> None:
+    conn = ("--redis-url", redis_url, "--namespace", namespace)
+    done = run_cli("cancel", "nonexistent", "--task", *conn)
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: nothing to cancel: 'nonexistent'") and "--preemptive" in line
+    marker = Keys(namespace).cancel_marker("any", "nonexistent")
+    with redis_sync.Redis.from_url(redis_url) as plain:
+        assert not plain.exists(marker)
+        done = run_cli("cancel", "nonexistent", "--preemptive", *conn)
+        assert done.returncode == 0, done
+        assert plain.exists(marker)
+        plain.sadd(Keys(namespace).known_roles(), "r")
+    done = run_cli("publish", "r", "--json", "{}", "--id", "nonexistent", *conn)
+    assert done.returncode == 0, done
+    assert done.stdout == "nonexistent\n"
+    assert "warning: message nonexistent is cancelled already" in done.stderr
+    graph = '{"nodes": [{"id": "a", "role": "r"}]}'
+    done = run_cli("submit", "-", "--id", "nonexistent", *conn, stdin=graph)
+    assert done.returncode == 0, done
+    assert "warning: task nonexistent is cancelled already" in done.stderr
 
 
 async def test_raw_xadd_cancel_from_outside_works_and_bad_signals_are_ignored(
@@ -338,7 +415,7 @@ def test_cli_cancel_wait_reports_what_stopped(
         done = run("cancel", "long-one", "--message", "--wait", "--timeout", "20")
         assert done.returncode == 0, done.stderr
         assert "stopped long-one on " in done.stdout
-        missing = run("cancel", "nobody", "--wait", "--timeout", "0.5")
+        missing = run("cancel", "nobody", "--preemptive", "--wait", "--timeout", "0.5")
         assert missing.returncode == 1
         assert "nothing matching 'nobody' was stopped" in missing.stderr
     finally:
@@ -454,3 +531,9 @@ async def test_the_marker_reload_after_an_outage_backs_off_while_redis_still_fai
             await wait_until(lambda: len(book) == 1, timeout=15)
             tg.cancel_scope.cancel()
     assert calls["get"] == 2, calls
+
+
+def redis_url_of(redis: Redis) -> str:
+    """The URL of the test's Redis, from its client's connection settings."""
+    kwargs = redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"

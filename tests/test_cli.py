@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 import redis
@@ -343,3 +344,31 @@ def test_idle_worker_does_not_spin(start_worker: StartWorker) -> None:
     used = (after.user + after.system) - (before.user + before.system)
     assert used < 0.1, f"idle worker used {used:.3f} s of CPU in 2 s"
     assert worker.process.poll() is None
+
+
+def test_publish_deadline_and_a_visible_dedup_hit(redis_url: str, namespace: str) -> None:
+    """``--deadline`` reaches the job (parity with Client.publish); a publish dropped by its
+    dedup key prints the first id, says so on stderr and exits 3."""
+    conn = ("--redis-url", redis_url, "--namespace", namespace)
+    first = run_cli("publish", "record", "--json", "1", "--deadline", "300", *conn)
+    assert first.returncode == 0, first.stderr
+    at = run_cli(
+        "publish", "record", "--json", "2", "--deadline", "2030-01-02T03:04:05+00:00", *conn
+    )
+    assert at.returncode == 0, at.stderr
+    bad = run_cli("publish", "record", "--json", "3", "--deadline", "soon", *conn)
+    assert_one_error_line(bad)
+    with redis.Redis.from_url(redis_url) as client:
+        entries = client.xrange(Keys(namespace).role_stream("record"))
+    deadlines = [orjson.loads(fields[b"message"])["deadline_ms"] for _, fields in entries]
+    now_ms = time.time() * 1000
+    assert now_ms + 200_000 < deadlines[0] <= now_ms + 300_000
+    assert deadlines[1] == 1_893_553_445_000
+
+    once = run_cli("publish", "record", "--json", "4", "--dedup-key", "k1", *conn)
+    assert once.returncode == 0 and "deduplicated" not in once.stderr, once.stderr
+    again = run_cli("publish", "record", "--json", "5", "--dedup-key", "k1", *conn)
+    assert again.returncode == 3, again.stderr
+    assert again.stdout == once.stdout  # the first message's id
+    (note,) = [line for line in again.stderr.splitlines() if not line.startswith("warning:")]
+    assert note.startswith("deduplicated: ") and note.endswith("nothing published")

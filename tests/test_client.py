@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import socket
 import time
+import warnings
 from datetime import timedelta
 
 import anyio
 import pytest
 from pydantic import BaseModel
 
-from streamflow import Client, PayloadError, RedisUnavailable, SyncClient, streams
+from streamflow import (
+    App,
+    Client,
+    ConfigError,
+    Context,
+    PayloadError,
+    RedisUnavailable,
+    SyncClient,
+    Worker,
+    streams,
+)
+from streamflow.errors import UnknownRoleWarning
 from streamflow.keys import Keys
 from streamflow.protocol import decode_job
+from tests.helpers import running
+from tests.test_cli import run_cli
 
 
 class Invoice(BaseModel):
@@ -90,3 +104,51 @@ async def test_fields_a_worker_would_reject_are_refused_at_publish(
         with pytest.raises(ValueError, match=match):
             await client.publish("r", 1, **options)  # type: ignore[arg-type]
         assert await client.redis.xlen(Keys(namespace).role_stream("r")) == 0
+
+
+@pytest.mark.anyio
+async def test_publishing_to_a_role_nobody_ever_served_warns_naming_the_known_roles(
+    redis_url: str, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("email")
+    async def email(ctx: Context, payload: object) -> None:
+        pass
+
+    async with Client.from_url(redis_url, namespace=namespace) as client:
+        with anyio.fail_after(20):
+            async with running(Worker(app, client.redis, namespace=namespace, block_ms=100)):
+                pass  # a worker served "email" once: the role is known from now on
+        with pytest.warns(UnknownRoleWarning, match=r"role 'emial' has never been served.*email"):
+            await client.publish("emial", {"to": "a@example.com"})
+        with pytest.raises(ConfigError, match="role 'emial' has never been served"):
+            await client.publish("emial", 2, strict=True)
+        with pytest.raises(ConfigError, match="role 'emial' has never been served"):
+            await client.publish_many("emial", [3], strict=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            await client.publish("email", {"to": "a@example.com"}, strict=True)
+        assert await client.redis.xlen(Keys(namespace).role_stream("emial")) == 1
+    with SyncClient(redis_url, namespace=namespace) as sync:
+        with pytest.warns(UnknownRoleWarning, match="known roles: email"):
+            sync.publish("emial", 4)
+        with pytest.raises(ConfigError, match="role 'emial' has never been served"):
+            sync.publish_many("emial", [5], strict=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sync.publish("email", 6, strict=True)
+
+
+def test_cli_publish_to_an_unserved_role_warns_and_strict_refuses(
+    redis_url: str, namespace: str
+) -> None:
+    conn = ("--redis-url", redis_url, "--namespace", namespace)
+    done = run_cli("publish", "emial", "--json", "1", *conn)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("warning: role 'emial' has never been served"), done.stderr
+    refused = run_cli("publish", "emial", "--json", "2", "--strict", *conn)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: role 'emial' has never been served")
+    with SyncClient(redis_url, namespace=namespace) as sync:
+        assert sync.redis.xlen(Keys(namespace).role_stream("emial")) == 1

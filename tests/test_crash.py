@@ -737,6 +737,74 @@ def sigterm_release_round(
     staying.assert_clean_log()
 
 
+def test_sigterm_lets_a_handler_that_checks_its_cancel_token_finish_within_the_grace(
+    workers: Workers, store: Store, publish: Publish, record: Record
+) -> None:
+    """Shutdown is not a cancel: the README's handler (raise_if_cancelled between steps) runs
+    to its end after SIGTERM, within the grace, and is acknowledged; it sees
+    ``ctx.shutting_down``; nothing runs it again."""
+    name = unique("a")
+    worker = workers.start(name, "--shutdown-grace", "60", roles=("careful",))
+    worker.wait_ready()
+    (job,) = publish([{"steps": 30, "step": 0.1}], role="careful")
+    wait_for(lambda: job in record.ids("START"), 20, "the handler starts")
+    worker.signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=60) == 0, worker.stderr()
+    assert [line.event for line in record.lines()] == ["START", "SHUTDOWN", "DONE"]
+    assert store.settled("careful")
+    worker.assert_clean_log()
+
+
+def test_a_user_cancel_still_stops_a_handler_while_its_worker_shuts_down(
+    workers: Workers,
+    store: Store,
+    publish: Publish,
+    record: Record,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    """During the shutdown grace a user cancel stops the handler through ``ctx.cancel``: it is
+    acknowledged as cancelled (not released for another worker) and the worker exits long
+    before the grace ends."""
+    name = unique("a")
+    worker = workers.start(name, "--shutdown-grace", "60", roles=("careful",))
+    worker.wait_ready()
+    (job,) = publish([{"steps": 600, "step": 0.1}], role="careful")
+    wait_for(lambda: job in record.ids("START"), 20, "the handler starts")
+    worker.signal(signal.SIGTERM)
+    wait_for(lambda: job in record.ids("SHUTDOWN"), 20, "the handler sees the shutdown")
+    conn = ("--redis-url", redis_url, "--namespace", namespace)
+    done = subprocess.run(
+        [*CLI, "cancel", job, "--message", *conn], cwd=ROOT, env=clean_env(), capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert worker.process.wait(timeout=30) == 0, worker.stderr()
+    assert [line.event for line in record.lines()] == ["START", "SHUTDOWN", "CANCELLED"]
+    assert store.settled("careful")  # acknowledged as cancelled, not handed back
+
+
+def test_a_handler_past_the_shutdown_grace_is_released_and_adopted_without_an_attempt(
+    workers: Workers, store: Store, publish: Publish, record: Record
+) -> None:
+    """A handler still running when the grace ends is cancelled hard and its message released:
+    another worker adopts it at once and runs it as the same attempt."""
+    lease = ("--lease-ttl", "20", "--reclaim-interval", str(RECLAIM), "--block-ms", "200")
+    a_name, b_name = unique("a"), unique("b")
+    leaving = workers.start(a_name, "--shutdown-grace", "1", roles=("careful",), lease=lease)
+    leaving.wait_ready()
+    payload = {"steps": 5, "step": 0.1, "steps_by_consumer": {a_name: 6000}}
+    (job,) = publish([payload], role="careful")
+    wait_for(lambda: job in record.ids("START", a_name), 20, "A starts the handler")
+    staying = workers.start(b_name, roles=("careful",), lease=lease)
+    staying.wait_ready()
+    leaving.signal(signal.SIGTERM)
+    assert leaving.process.wait(timeout=30) == 0, leaving.stderr()
+    assert [line.event for line in record.events("CANCELLED")] == ["CANCELLED"]
+    wait_for(lambda: job in record.ids("DONE", b_name), 15, "B adopts and finishes it")
+    assert {line.attempt for line in record.events("START")} == {1}
+    wait_for(lambda: store.settled("careful"), 10, "settled")
+
+
 def test_sigterm_releases_unfinished_entries_for_prompt_adoption_without_burning_an_attempt(
     workers: Workers, store: Store, publish: Publish, record: Record
 ) -> None:

@@ -774,7 +774,7 @@ async def test_dlq_cli_lists_shows_replays_and_purges(
     assert job.id == shown["message_id"] and job.attempt == 1
 
     code, out, err = await cli("dlq", "replay", "cli-dead", dead_ids[0], *conn)
-    assert code == 0, err
+    assert code == 3, err  # nothing was replayed
     assert "0 replayed, 1 skipped" in out and f"skipped {dead_ids[0]}" in err
 
     code, out, err = await cli("dlq", "replay", "cli-dead", *conn)
@@ -787,7 +787,7 @@ async def test_dlq_cli_lists_shows_replays_and_purges(
     code, out, err = await cli("dlq", "list", "cli-dead", *conn)
     assert code == 0 and out.strip().splitlines() == ["0 dead letters in 'cli-dead'"]
     code, out, err = await cli("dlq", "replay", "cli-dead", "--all", *conn)
-    assert code == 0 and "0 replayed, 0 skipped" in out
+    assert code == 3 and "0 replayed, 0 skipped" in out
     assert await redis.xlen(keys.role_stream("cli-dead")) == 1
 
 

@@ -289,6 +289,7 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
     plain.xclaim(stream, "workers", "holder", 0, [held[1][0]], idle=7000, justid=True)
     plain.zadd(keys.delayed("work"), {"a": 1, "b": 2, "c": 3})
     plain.xadd(keys.dead_letters("work"), {"dead_letter": "{}"})
+    plain.xadd(keys.role_stream("emial"), {"message": "{}"})
     port = free_port()
     conn = ("--redis-url", redis_url, "--namespace", namespace)
     exporter = subprocess.Popen(
@@ -312,6 +313,9 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
         assert samples[("streamflow_oldest_pending_age_seconds", group)] >= 0
         assert 7 <= samples[("streamflow_oldest_pending_idle_seconds", group)] < 60
         assert samples[("streamflow_live_workers", ())] == 0
+        assert samples[("streamflow_role_consumer_groups", (("role", "work"),))] == 1
+        # A role nobody serves (a misspelt one): its stream has no consumer group.
+        assert samples[("streamflow_role_consumer_groups", (("role", "emial"),))] == 0
     finally:
         kill_tree(exporter)
         plain.close()
@@ -343,3 +347,37 @@ async def test_coordinator_counts_task_events_trimmed_while_pending(
         assert registry.get_sample_value("streamflow_coordinator_trimmed_events_total") == 1
     finally:
         await client.aclose()
+
+
+def _listening_on(proc: subprocess.Popen[bytes], port: int) -> set[str]:
+    """The addresses the process listens on at ``port``."""
+    import psutil
+
+    found = psutil.Process(proc.pid).net_connections(kind="tcp")
+    return {c.laddr.ip for c in found if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def test_metrics_server_listens_on_loopback_serves_only_metrics_and_no_created_series(
+    start_worker: Callable[..., tuple[subprocess.Popen[bytes], int]],
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    proc, port = start_worker("loopback")
+    assert _listening_on(proc, port) == {"127.0.0.1"}
+    assert status(port, "/") == 404
+    assert status(port, "/anything") == 404
+    assert status(port, "/metrics") == 200
+    assert status(port, "/healthz") == 200
+    with SyncClient(redis_url, namespace=namespace) as client:
+        done = client.publish("work", {})
+    wait_for(
+        lambda: any(line.event == "DONE" for line in read_trace(tmp_path / "record")), 20, "done"
+    )
+    duration = ("streamflow_handler_duration_seconds_count", (("role", "work"),))
+    wait_for(lambda: scrape(port).get(duration) == 1, 20, f"{done} timed")
+    samples = scrape(port)
+    assert not [name for name, _ in samples if name.endswith("_created")]
+
+    exposed, exposed_port = start_worker("exposed", "--metrics-host", "0.0.0.0")
+    assert _listening_on(exposed, exposed_port) == {"0.0.0.0"}

@@ -119,6 +119,12 @@ async def gate(ctx: streamflow.Context, params: dict[str, Any]) -> None:
     await ctx.emit([ctx.node_id])
 
 
+@app.function("tests.count")
+def count_items(params: dict[str, Any], batches: Any) -> list[int]:
+    """A coordinator function of this app (only a coordinator started with it provides it)."""
+    return [sum(len(batch.items) for batch in batches)]
+
+
 @asynccontextmanager
 async def system(
     redis_url: str, namespace: str, *, workers: bool = True, **coordinator_options: Any

@@ -33,6 +33,7 @@ from streamflow import (
     RetryPolicy,
     Worker,
     partitions,
+    registry,
     signals,
     streams,
 )
@@ -717,3 +718,30 @@ async def test_the_exporter_reads_past_forged_task_ids_and_states(
     await redis.set(keys.task_state("hashed"), b"a string, not a hash")
     snapshot = await Exporter(redis, namespace=namespace).refresh()
     assert snapshot.tasks == {}
+
+
+@pytest.mark.anyio
+async def test_forged_coordinator_registry_entries_are_skipped_and_coordinators_still_run(
+    redis_url: str, redis: Redis, namespace: str
+) -> None:
+    """Fields of the coordinator registry may be written by anyone: a name that is not UTF-8
+    and values that are not entries are skipped (the coordinator runs, is listed, tasks run);
+    another type at the registry's name lists nothing and stops nothing."""
+    keys = Keys(namespace)
+    await redis.hset(keys.coordinators(), mapping={b"\xff\xfe": b"{", "forged": "[1]"})
+    graph = Graph("one")
+    graph.node("source", role="source")
+    async with task_system(redis_url, namespace) as (client, coordinator, _):
+        await wait_for_query(lambda: registry.live_coordinator(redis, keys))
+        listed = await registry.coordinators(redis, keys)
+        assert [info.consumer for info in listed] == [coordinator.consumer]
+        task_id = await client.submit(graph, params={"n": 3, "size": 2})
+        task = await client.wait(task_id, timeout=DEADLINE)
+        assert task.state == "succeeded", task.error
+    await redis.delete(keys.coordinators())
+    await redis.set(keys.coordinators(), "not a hash")
+    assert await registry.coordinators(redis, keys) == []
+    async with task_system(redis_url, namespace) as (client, _, _):
+        task_id = await client.submit(graph, params={"n": 3, "size": 2})
+        task = await client.wait(task_id, timeout=DEADLINE)
+        assert task.state == "succeeded", task.error

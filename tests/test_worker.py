@@ -398,19 +398,20 @@ async def test_a_pending_entry_deleted_from_the_stream_is_reported_not_silently_
     assert await pending_count(redis, stream) == 0
 
 
-async def test_shutdown_sets_the_cancel_token_so_handlers_stop_at_a_safe_point(
+async def test_shutdown_is_not_a_cancel_and_handlers_that_check_it_stop_at_a_safe_point(
     redis: Redis, namespace: str
 ) -> None:
     app = App()
     steps: list[int] = []
-    reasons: list[str | None] = []
+    seen: list[tuple[bool, bool]] = []
 
     @app.role("steps")
     async def work(ctx: Context, payload: Any) -> None:
         for step in range(1000):
-            if ctx.cancel.cancelled:
-                reasons.append(ctx.cancel.reason)
-                ctx.cancel.raise_if_cancelled()
+            ctx.cancel.raise_if_cancelled()  # a user cancel only: shutdown does not trip it
+            if ctx.shutting_down:
+                seen.append((ctx.shutting_down, ctx.cancel.cancelled))
+                ctx.raise_if_shutting_down()  # e.g. after saving a checkpoint
             steps.append(step)
             await anyio.sleep(0.01)
 
@@ -423,7 +424,7 @@ async def test_shutdown_sets_the_cancel_token_so_handlers_stop_at_a_safe_point(
             await wait_until(lambda: len(steps) >= 3)
             worker.stop()  # well within the 30 s grace: the handler stops by itself
             await worker.wait_stopped()
-    assert reasons == ["worker shutting down"]
+    assert seen == [(True, False)]
     assert [o.status for o in outcomes] == ["released"]
     stream = Keys(namespace).role_stream("steps")
     assert await pending_count(redis, stream) == 1  # handed back for another worker

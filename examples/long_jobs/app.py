@@ -14,7 +14,9 @@ Each step is some work followed by a save of its result. The handler
 * saves inside ``ctx.shield()``, so even the hard cancel that follows ``cancel_grace`` waits
   for the save to finish: no step is ever half-saved;
 * starts from the first step not yet saved, so a job adopted by another worker (after a
-  crash, or released by a worker shutting down) does not redo finished steps.
+  crash, or released by a worker shutting down) does not redo finished steps;
+* on shutdown (``ctx.shutting_down``, which is not a cancel) hands the job over after the step
+  it is saving, so another worker resumes it at once.
 """
 
 from __future__ import annotations
@@ -86,3 +88,6 @@ async def crunch(ctx: streamflow.Context, job: LongJob) -> None:
         with ctx.shield():  # the hard cancel after cancel_grace waits for this section
             await progress.save(ctx.message_id, step, ctx.consumer, job.save_seconds)
         ctx.log.info("step %d of %d saved", step + 1, job.steps)
+        # A deploy is not a cancel: ctx.cancel stays unset. This job can resume anywhere, so on
+        # shutdown it hands itself over at the step boundary instead of using up the grace.
+        ctx.raise_if_shutting_down()
