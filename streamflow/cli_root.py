@@ -65,7 +65,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "workers": (
         "streamflow.cli_inspect",
-        "List the live workers of the namespace (a killed one is gone after its lease TTL).",
+        "List the live workers and the coordinators of the namespace, with their health.",
     ),
 }
 

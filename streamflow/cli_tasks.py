@@ -308,7 +308,8 @@ def task_summary(task: TaskState) -> str:
     for node in task.nodes.values():
         counts[node.state] = counts.get(node.state, 0) + 1
     parts = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-    return f"{task.state} ({len(task.nodes)} nodes: {parts})"
+    count = len(task.nodes)
+    return f"{task.state} ({count} node{'' if count == 1 else 's'}: {parts})"
 
 
 def why_line(task: TaskState) -> str | None:

@@ -504,7 +504,7 @@ async def test_the_marker_reload_after_an_outage_backs_off_while_redis_still_fai
     tests/test_cluster_ops.py with a master SIGKILLed): the failed reload is an outage too,
     backed off and retried, and the cancel whose signal was trimmed is still learnt from its
     marker."""
-    await Client(redis, namespace=namespace).cancel("m-trimmed", target="message")
+    await Client(redis, namespace=namespace).cancel("m-trimmed", target="message", preemptive=True)
     await redis.xtrim(Keys(namespace).signals(), maxlen=0)  # only the marker is left
     real_read, real_get = streams.read_broadcast, streams.get_many
     calls = {"read": 0, "get": 0}
