@@ -176,6 +176,29 @@ async def _check_server(redis: Redis, url: str, *, strict: bool) -> None:
     guard.enforce(warnings, strict=strict, url=url)
 
 
+#: ``--metrics-host`` of every command that serves metrics (worker, coordinator, exporter).
+metrics_host_option = click.option(
+    "--metrics-host",
+    envvar="STREAMFLOW_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the metrics and health server listens on: loopback by default; "
+    "0.0.0.0 to be scraped from other hosts or from outside a container.",
+)
+
+
+async def _ready(redis: Redis, url: str, *, checks: bool, strict: bool) -> bool:
+    """:func:`_wait_for_server`, closing the client unless it is to be used (True)."""
+    try:
+        up = await _wait_for_server(redis, url, checks=checks, strict=strict)
+    except BaseException:
+        await redis.aclose()
+        raise
+    if not up:
+        await redis.aclose()
+    return up
+
+
 async def _wait_for_server(redis: Redis, url: str, *, checks: bool, strict: bool) -> bool:
     """Start-up of a long-running command: wait for Redis, then run the checks.
 
@@ -327,14 +350,7 @@ def configure(log_level: str, log_format: str) -> None:
     help="Serve /metrics, /healthz and /readyz on this port (with --processes N, child i "
     "uses PORT+i).",
 )
-@click.option(
-    "--metrics-host",
-    envvar="STREAMFLOW_METRICS_HOST",
-    default="127.0.0.1",
-    show_default=True,
-    help="The address the metrics and health server listens on: loopback by default; "
-    "0.0.0.0 to be scraped from other hosts or from outside a container.",
-)
+@metrics_host_option
 @click.option(
     "--strict",
     envvar="STREAMFLOW_STRICT",
@@ -407,14 +423,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         max_connections=sum(app.get_role(name).partitions for name in settings.roles or app.roles)
         + 32,
     )
-    try:
-        checks = settings.server_checks
-        up = await _wait_for_server(redis, settings.url, checks=checks, strict=settings.strict)
-    except BaseException:
-        await redis.aclose()
-        raise
-    if not up:
-        await redis.aclose()
+    if not await _ready(redis, settings.url, checks=settings.server_checks, strict=settings.strict):
         return
     worker = Worker(
         app,

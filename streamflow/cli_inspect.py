@@ -23,10 +23,11 @@ from streamflow.cli import (
     _connect,
     _connection_options,
     _errors_to_exit,
+    _ready,
     _serving_metrics,
-    _wait_for_server,
     logger,
     main,
+    metrics_host_option,
 )
 from streamflow.errors import ConfigError, RedisUnavailable, StreamflowError
 from streamflow.exporter import Exporter
@@ -387,14 +388,7 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     required=True,
     help="Serve the queue gauges on /metrics (and /healthz, /readyz) on this port.",
 )
-@click.option(
-    "--metrics-host",
-    envvar="STREAMFLOW_METRICS_HOST",
-    default="127.0.0.1",
-    show_default=True,
-    help="The address the metrics and health server listens on: loopback by default; "
-    "0.0.0.0 to be scraped from other hosts or from outside a container.",
-)
+@metrics_host_option
 @click.option(
     "--interval",
     type=click.FloatRange(0.1, 3600),
@@ -416,13 +410,7 @@ async def _export(
     settings: config.ConnectionSettings, port: int, interval: float, host: str = "127.0.0.1"
 ) -> None:
     redis = _connect(settings, name="streamflow-exporter")
-    try:
-        up = await _wait_for_server(redis, settings.url, checks=False, strict=False)
-    except BaseException:
-        await redis.aclose()
-        raise
-    if not up:
-        await redis.aclose()
+    if not await _ready(redis, settings.url, checks=False, strict=False):
         return
     queues = Exporter(redis, namespace=settings.namespace, interval=interval)
     health = Health(redis)

@@ -17,11 +17,12 @@ from streamflow.cli import (
     _connect,
     _connection_options,
     _errors_to_exit,
+    _ready,
     _serving_metrics,
     _tls_options,
-    _wait_for_server,
     logger,
     main,
+    metrics_host_option,
 )
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
@@ -57,14 +58,7 @@ from streamflow.tasks import TaskState
     type=click.IntRange(0, 65_535),
     help="Serve /metrics, /healthz and /readyz on this port.",
 )
-@click.option(
-    "--metrics-host",
-    envvar="STREAMFLOW_METRICS_HOST",
-    default="127.0.0.1",
-    show_default=True,
-    help="The address the metrics and health server listens on: loopback by default; "
-    "0.0.0.0 to be scraped from other hosts or from outside a container.",
-)
+@metrics_host_option
 @click.option(
     "--strict",
     envvar="STREAMFLOW_STRICT",
@@ -128,13 +122,7 @@ async def _coordinate(
         # redis-py's cluster pool fails at its limit instead of waiting: room for many.
         max_connections=512 if streams.is_cluster_url(settings.url) else 64,
     )
-    try:
-        up = await _wait_for_server(redis, settings.url, checks=True, strict=strict)
-    except BaseException:
-        await redis.aclose()
-        raise
-    if not up:
-        await redis.aclose()
+    if not await _ready(redis, settings.url, checks=True, strict=strict):
         return
     coord = Coordinator(redis, **options)
     health = Health(redis)
