@@ -80,6 +80,17 @@ class _Publisher:
         """The warning (or error) for a publish to a role no worker ever served."""
         return partitions.unknown_role_text(self.keys.namespace, role, self.served)
 
+    def found_unknown(self, role: str, served: Iterable[Any], *, strict: bool) -> None:
+        """Note the roles workers registered and warn about ``role`` (unless ``strict``).
+
+        Called once per role and client while the role is unknown (its config is read at most
+        once a second): never per publish. With ``strict`` the caller raises instead.
+        """
+        self.served = sorted(streams.text_lenient(r) for r in served)
+        if not strict:
+            # stacklevel: this, the client's layout lookup, its publish method, the caller.
+            warnings.warn(self.unknown_role(role), UnknownRoleWarning, stacklevel=4)
+
     def prepare(
         self,
         role: str,
@@ -726,9 +737,7 @@ class Client:
             layout = self._layouts.record(role, recorded)
             if recorded is None:  # read at most once a second per role: not per publish
                 found = await self.redis.smembers(self.keys.known_roles())
-                self._pub.served = sorted(streams.text_lenient(r) for r in found)
-                if not strict:
-                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=3)
+                self._pub.found_unknown(role, found, strict=strict)
         if strict and self._layouts.missing(role):
             raise ConfigError(self._pub.unknown_role(role))
         return layout
@@ -818,9 +827,7 @@ class SyncClient:
             layout = self._layouts.record(role, recorded)
             if recorded is None:
                 found = self.redis.smembers(self._pub.keys.known_roles())
-                self._pub.served = sorted(streams.text_lenient(r) for r in found)
-                if not strict:
-                    warnings.warn(self._pub.unknown_role(role), UnknownRoleWarning, stacklevel=3)
+                self._pub.found_unknown(role, found, strict=strict)
         if strict and self._layouts.missing(role):
             raise ConfigError(self._pub.unknown_role(role))
         return layout
