@@ -9,6 +9,7 @@ from streamflow.app import App, RetryPolicy
 from streamflow.client import Client, SyncClient
 from streamflow.context import Batch, Cancelled, CancelToken, Context, Fatal, Retry
 from streamflow.coordinator import Coordinator
+from streamflow.delivery import Outcome
 from streamflow.errors import (
     ConfigError,
     InvalidNameError,
@@ -21,7 +22,6 @@ from streamflow.errors import (
 )
 from streamflow.graph import Graph, GraphError
 from streamflow.leases import LeaseSettings
-from streamflow.settle import Outcome
 from streamflow.tasks import NodeState, TaskState
 from streamflow.worker import Worker
 

@@ -42,10 +42,11 @@ from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Context
-from streamflow.decisions import ACK, RELEASE, Decision, dead
+from streamflow.decisions import ACK, RELEASE, dead
+from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
 from streamflow.errors import InputError
 from streamflow.keys import GROUP, Keys, validate_name
-from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
+from streamflow.leases import LeaseKeeper, LeaseSettings
 from streamflow.logs import shown
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -54,7 +55,7 @@ from streamflow.protocol import (
     now_ms,
 )
 from streamflow.registry import WorkerInfo
-from streamflow.settle import Outcome, Settler, WorkerStatistics
+from streamflow.settle import Settler
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 from streamflow.stalls import LoopWatchdog
 

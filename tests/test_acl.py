@@ -42,10 +42,10 @@ from streamflow import (
     streams,
 )
 from streamflow.cli_security import acl_command
+from streamflow.delivery import Outcome
 from streamflow.exporter import Exporter
 from streamflow.keys import COORDINATORS, GROUP, Keys
 from streamflow.server import RedisServer
-from streamflow.settle import Outcome
 from tests.helpers import ROOT, clean_env, wait_for, wait_for_query, wait_until
 from tests.test_cli import kill_tree
 
