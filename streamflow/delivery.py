@@ -195,3 +195,13 @@ class WorkerStatistics:
     #: :attr:`streamflow.signals.SignalListener.bad_records`; ``signal`` for a malformed
     #: cancel signal).
     bad_records: dict[str, int] = field(default_factory=dict)
+    #: Deliveries of entries delivered before (adopted, or resumed), by role.
+    redeliveries: dict[str, int] = field(default_factory=dict)
+    #: Entries adopted after their lease expired, by role.
+    reclaims: dict[str, int] = field(default_factory=dict)
+    #: Pending entries found deleted from the stream before they were settled, by role.
+    trimmed: dict[str, int] = field(default_factory=dict)
+    #: Cancel signals received.
+    cancel_signals: int = 0
+    #: Consumer names of stopped processes this worker deleted (they held nothing).
+    consumers_deleted: int = 0

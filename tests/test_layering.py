@@ -86,3 +86,51 @@ def test_the_hot_path_types_are_defined_and_imported_from_delivery() -> None:
         if alias.name in HOT_PATH_TYPES and (node.module or "").startswith("streamflow")
     ]
     assert not wrong
+
+
+def _is_attr_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "setattr", "hasattr")
+        and len(node.args) > 1
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+    )
+
+
+def private_accesses(path: Path) -> list[str]:
+    """Every ``x._name`` in ``path`` where ``x`` is not ``self`` (dunders aside), by line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        name = None
+        if isinstance(node, ast.Attribute):
+            owner = node.value
+            if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                name = node.attr
+        elif _is_attr_call(node):
+            # getattr(worker, "_x") and setattr(worker, "_x", v) read and write the same way.
+            name = node.args[1].value  # type: ignore[attr-defined]
+        if name and name.startswith("_") and not name.startswith("__"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_metrics_reads_no_private_attribute_of_another_object() -> None:
+    """metrics reads public statistics() snapshots and observe_* callbacks only."""
+    assert not private_accesses(PACKAGE / "metrics.py")
+
+
+def test_private_access_check_sees_reads_and_writes(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "def f(worker, self):\n"
+        "    self._ok = worker.public\n"
+        "    worker._signals_latency = print\n"
+        "    return worker._settler.stats, getattr(worker, '_x'), type(worker).__name__\n"
+    )
+    assert sorted(private_accesses(source)) == [
+        "line 3: worker._signals_latency",
+        "line 4: getattr(worker, '_x')",
+        "line 4: worker._settler",
+    ]
