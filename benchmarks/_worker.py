@@ -84,6 +84,8 @@ async def drain(args: argparse.Namespace) -> None:
         await worker.drain()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stats = dataclasses.asdict(worker.statistics())
+        # Keyed by (role, outcome) tuples, which JSON cannot carry; the totals say the same here.
+        del stats["by_role"], stats["dead_by_role"]
         emit(
             "drained",
             elapsed=elapsed,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         ShuttingDown,
     )
     from streamflow.coordinator import Coordinator
+    from streamflow.delivery import Outcome
     from streamflow.errors import (
         ConfigError,
         InvalidNameError,
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     )
     from streamflow.graph import Graph, GraphError
     from streamflow.leases import LeaseSettings
-    from streamflow.settle import Outcome
     from streamflow.tasks import NodeState, TaskState
     from streamflow.worker import Worker
 
@@ -66,7 +66,7 @@ _EXPORTS = {
     "Graph": "streamflow.graph",
     "GraphError": "streamflow.graph",
     "LeaseSettings": "streamflow.leases",
-    "Outcome": "streamflow.settle",
+    "Outcome": "streamflow.delivery",
     "NodeState": "streamflow.tasks",
     "TaskState": "streamflow.tasks",
     "Worker": "streamflow.worker",

@@ -211,6 +211,11 @@ class Coordinator:
         """Malformed records read back from Redis and skipped so far, by kind."""
         return self._signals.statistics()
 
+    @property
+    def consumers_deleted(self) -> int:
+        """Consumer names of stopped processes this coordinator deleted (they held nothing)."""
+        return self._names.forgotten
+
     def stop(self) -> None:
         """Ask the coordinator to stop (it finishes the task it is processing)."""
         self._stopping.set()

@@ -1,36 +1,27 @@
-"""How a delivery ends: the decisions and the rules that make them (no I/O here).
+"""How a delivery ends: the rules that make a :class:`~streamflow.delivery.Decision` (no I/O).
 
 The worker decodes and runs; these rules decide. :mod:`streamflow.settle` applies the decision
-to Redis.
+to Redis. This module imports the data types from :mod:`streamflow.delivery` and nothing that
+talks to Redis.
 """
 
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Protocol
 
 from streamflow.app import RetryPolicy, Role
 from streamflow.context import Fatal, Retry
+from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError, PayloadError, ProtocolError
-from streamflow.leases import Delivery
-from streamflow.protocol import DeadLetterReason, ErrorInfo, Job, decode_job, now_ms
-from streamflow.signals import CancelBook
-
-DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost", "cancelled"]
+from streamflow.protocol import CancelSignal, DeadLetterReason, ErrorInfo, Job, decode_job, now_ms
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """How a delivery ends; applied by :meth:`Settler.apply`."""
+class CancelLookup(Protocol):
+    """Where preflight looks up cancels: the worker's :class:`streamflow.signals.CancelBook`."""
 
-    kind: DecisionKind
-    job: Job | None = None
-    reason: DeadLetterReason | None = None
-    detail: str = ""
-    error: ErrorInfo | None = None
-    delay: float = 0.0
-    signal_id: str | None = None
+    def match(self, job: Job) -> CancelSignal | None:
+        """The cancel that applies to ``job``, if any."""
 
 
 RELEASE = Decision("release")
@@ -84,7 +75,7 @@ def after_error(delivery: Delivery, job: Job, exc: Exception) -> Decision:
     return failure(delivery.role, job, exc)
 
 
-def preflight(delivery: Delivery, book: CancelBook, max_bytes: int) -> Decision | tuple[Job, Any]:
+def preflight(delivery: Delivery, book: CancelLookup, max_bytes: int) -> Decision | tuple[Job, Any]:
     """Decode and check an entry before it starts; a decision when it must not start."""
     role, entry = delivery.role, delivery.entry
     if not entry.fields:

@@ -18,23 +18,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from streamflow import streams
-from streamflow.app import Role
-from streamflow.context import Context
+from streamflow.delivery import Delivery, InFlight
 from streamflow.errors import ConfigError
 from streamflow.keys import Keys
-from streamflow.protocol import CancelSignal, Job
-
-if TYPE_CHECKING:
-    from streamflow.nodes import NodeRun
 
 logger = logging.getLogger(__name__)
 
@@ -89,104 +84,6 @@ class LeaseSettings:
     def ttl_ms(self) -> int:
         """The lease TTL in milliseconds."""
         return int(self.ttl * 1000)
-
-
-@dataclass(eq=False, slots=True)
-class Delivery:
-    """One entry this process holds, from read (or adoption) until it is settled.
-
-    Attributes:
-        role: The role it belongs to.
-        shard: The role's partition it came from (the role's name when not partitioned); its
-            keys (dead letters, schedule, events, ...) are the partition's.
-        stream: The role stream key (the partition's).
-        entry: The entry as read.
-        confirmed_at: When its lease was last confirmed (``time.monotonic()`` when the read,
-            adoption or renewal that confirmed it was sent).
-        scope: The cancel scope of its running handler, once started.
-        context: Its handler's context, once started.
-        job: The decoded job, once decoded.
-        lost: The lease was lost: another consumer owns it now; apply nothing.
-        released: The worker is shutting down: hand it back instead of settling.
-        settling: Its outcome (ack, retry, dead letter, release) is on its way to Redis: a
-            renewal that finds it gone is not a lost lease.
-        started: Its handler has started.
-        ack_unknown: An acknowledgement of it was sent but its reply was lost: it may have
-            been applied.
-        cancel: The cancel signal that stopped it, if any.
-        finished: Set when its handling has ended (created only when someone waits for it).
-        node: For a task node's job: its run (batches emitted, events).
-    """
-
-    role: Role
-    shard: str
-    stream: str
-    entry: streams.Entry
-    # Fifth, so that the worker passes it positionally (the cheapest way, once per entry).
-    confirmed_at: float = 0.0
-    scope: anyio.CancelScope | None = None
-    context: Context | None = None
-    job: Job | None = None
-    lost: bool = False
-    released: bool = False
-    settling: bool = False
-    started: bool = False
-    ack_unknown: bool = False
-    cancel: CancelSignal | None = None
-    finished: anyio.Event | None = None
-    node: NodeRun | None = None
-
-
-@dataclass(slots=True)
-class InFlight:
-    """Every entry this process holds, by stream and entry id."""
-
-    _by_stream: dict[str, dict[bytes, Delivery]] = field(default_factory=dict)
-
-    def add(self, delivery: Delivery) -> None:
-        """Hold a delivery (from read or adoption until settled)."""
-        self._by_stream.setdefault(delivery.stream, {})[delivery.entry.id] = delivery
-
-    def discard(self, delivery: Delivery) -> None:
-        """Stop holding a delivery (settled, released or lost)."""
-        held = self._by_stream.get(delivery.stream)
-        if held is not None and held.get(delivery.entry.id) is delivery:
-            del held[delivery.entry.id]
-
-    def add_many(self, stream: str, deliveries: list[Delivery]) -> None:
-        """Hold deliveries of one stream (one read)."""
-        held = self._by_stream.get(stream)
-        if held is None:
-            held = self._by_stream[stream] = {}
-        for delivery in deliveries:
-            held[delivery.entry.id] = delivery
-
-    def discard_many(self, stream: str, deliveries: list[Delivery]) -> None:
-        """Stop holding deliveries of one stream (settled in one batch)."""
-        held = self._by_stream.get(stream)
-        if held is None:
-            return
-        for delivery in deliveries:
-            entry_id = delivery.entry.id
-            if held.get(entry_id) is delivery:
-                del held[entry_id]
-
-    def holds(self, stream: str, entry_id: bytes) -> bool:
-        """Whether this process holds that entry."""
-        return entry_id in self._by_stream.get(stream, ())
-
-    def by_stream(self) -> Iterator[tuple[str, list[Delivery]]]:
-        """(stream, held deliveries) for every stream with any, as a snapshot."""
-        for stream, held in list(self._by_stream.items()):
-            if held:
-                yield stream, list(held.values())
-
-    def __iter__(self) -> Iterator[Delivery]:
-        for _, deliveries in self.by_stream():
-            yield from deliveries
-
-    def __len__(self) -> int:
-        return sum(len(held) for held in self._by_stream.values())
 
 
 class LeaseKeeper:

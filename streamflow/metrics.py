@@ -38,7 +38,6 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from streamflow import streams
-from streamflow.keys import role_of_shard
 
 if TYPE_CHECKING:
     from streamflow.coordinator import Coordinator
@@ -132,8 +131,7 @@ class WorkerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yield the worker's metric families."""
         worker = self._worker
-        stats = worker._settler.stats
-        snapshot = worker.statistics()
+        stats = worker.statistics()
         messages = CounterMetricFamily(
             "streamflow_messages",
             "Deliveries by how they ended: acked, retried, dead_lettered (handler failures, "
@@ -155,16 +153,14 @@ class WorkerCollector(Collector):
         yield _per_role(
             "streamflow_redeliveries",
             "Deliveries of entries delivered before (adopted from a dead worker, or resumed).",
-            worker._redeliveries,
+            stats.redeliveries,
         )
         yield _per_role(
             "streamflow_reclaims",
             "Entries this worker adopted after their lease expired.",
-            worker._reclaims,
+            stats.reclaims,
         )
-        yield _counter(
-            "streamflow_lease_renewals", "Entry leases renewed.", worker._leases.renewals
-        )
+        yield _counter("streamflow_lease_renewals", "Entry leases renewed.", stats.renewals)
         losses = CounterMetricFamily(
             "streamflow_lease_losses",
             "Leases found lost (another worker owns the entry, or it is gone), by where: "
@@ -174,13 +170,13 @@ class WorkerCollector(Collector):
             labels=["found"],
         )
         for found in ("renewal", "settle", "unstarted"):
-            losses.add_metric([found], snapshot.lease_losses.get(found, 0))
+            losses.add_metric([found], stats.lease_losses.get(found, 0))
         yield losses
         yield _counter(
             "streamflow_ack_replies_lost",
             "Acknowledgements whose reply was lost and whose entries were then no longer "
             "pending: taken as applied.",
-            snapshot.ack_replies_lost,
+            stats.ack_replies_lost,
         )
         stalls = CounterMetricFamily(
             "streamflow_loop_stalls",
@@ -190,19 +186,19 @@ class WorkerCollector(Collector):
             labels=["kind"],
         )
         for kind in ("blocked", "frozen"):
-            stalls.add_metric([kind], snapshot.loop_stalls.get(kind, 0))
+            stalls.add_metric([kind], stats.loop_stalls.get(kind, 0))
         yield stalls
         yield _counter(
             "streamflow_cancel_signals",
             "Cancel signals this worker received.",
-            worker._signals.signals_seen,
+            stats.cancel_signals,
         )
         yield _counter(
             "streamflow_redis_reconnects",
             "Recoveries from a Redis outage, counted by each Redis loop of the process.",
             streams.Backoff.recoveries,
         )
-        yield _bad_records(worker.statistics().bad_records)
+        yield _bad_records(stats.bad_records)
         yield _counter(
             "streamflow_redis_outages",
             "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
@@ -212,7 +208,7 @@ class WorkerCollector(Collector):
         yield _gauge(
             "streamflow_in_flight_entries",
             "Entries held: running or queued for a slot.",
-            worker._in_flight,
+            stats.in_flight,
         )
         yield _gauge(
             "streamflow_concurrency_limit", "Handlers this worker runs at once.", worker.concurrency
@@ -227,22 +223,17 @@ class HygieneCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Yield the families."""
-        worker = self._worker
-        trimmed: dict[str, int] = {}
-        for stream, count in list(worker._leases.trimmed.items()):
-            shard = worker._keys.role_of_stream(stream) or stream
-            role = role_of_shard(shard)
-            trimmed[role] = trimmed.get(role, 0) + count
+        stats = self._worker.statistics()
         yield _per_role(
             "streamflow_trimmed_pending_entries",
             "Pending entries found deleted from the stream (trimmed, XDEL) before they were "
             "settled: lost work, reported by XAUTOCLAIM when adopting.",
-            trimmed,
+            stats.trimmed,
         )
         yield _counter(
             "streamflow_consumers_deleted",
             "Consumer names of stopped processes this process deleted (they held nothing).",
-            worker._names.forgotten,
+            stats.consumers_deleted,
         )
 
 
@@ -270,7 +261,7 @@ class CoordinatorCollector(Collector):
         yield _counter(
             "streamflow_consumers_deleted",
             "Consumer names of stopped processes this process deleted (they held nothing).",
-            coord._names.forgotten,
+            coord.consumers_deleted,
         )
         yield _counter(
             "streamflow_coordinator_trimmed_events",
@@ -312,7 +303,7 @@ def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Callable[[str, f
         buckets=LATENCY_BUCKETS,
         registry=registry,
     )
-    worker._signals_latency = cancel.observe
+    worker.observe_cancel_latency(cancel.observe)
     renewals = Histogram(
         "streamflow_lease_renewal_seconds",
         "How long one lease renewal round took (the consumer name and every held entry, one "

@@ -12,17 +12,23 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamflow import logs, nodes, streams
-from streamflow.decisions import Decision
+from streamflow.delivery import (
+    Decision,
+    Delivery,
+    InFlight,
+    Outcome,
+    OutcomeStatus,
+    WorkerStatistics,
+)
 from streamflow.keys import Keys
-from streamflow.leases import Delivery, InFlight, LeaseKeeper
+from streamflow.leases import LeaseKeeper
 from streamflow.protocol import (
     DEAD_LETTER_FIELD,
     MALFORMED_REASONS,
@@ -37,66 +43,6 @@ from streamflow.protocol import (
 )
 
 logger = logging.getLogger("streamflow.worker")
-
-OutcomeStatus = Literal["acked", "retried", "dead_lettered", "released", "lost", "cancelled"]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one delivery ended, as reported to ``on_outcome`` listeners.
-
-    Attributes:
-        role: The role stream it came from.
-        entry_id: The stream entry id.
-        message_id: The job's id, if the entry decoded far enough.
-        status: ``acked``; ``retried`` (next attempt scheduled); ``dead_lettered``;
-            ``released`` (handed back on shutdown); ``lost`` (another consumer owns it now);
-            ``cancelled`` (acknowledged without finishing, because of a cancel).
-        reason: The dead-letter reason, when dead-lettered.
-        error: The handler's or decoder's error, when there was one.
-    """
-
-    role: str
-    entry_id: str
-    message_id: str | None
-    status: OutcomeStatus
-    reason: str | None = None
-    error: ErrorInfo | None = None
-
-
-@dataclass(slots=True)
-class WorkerStatistics:
-    """Counters of one worker since it started."""
-
-    received: int = 0
-    acked: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    released: int = 0
-    lost: int = 0
-    cancelled: int = 0
-    #: Acknowledgements whose reply was lost (the connection dropped) and whose entries were
-    #: then no longer pending: taken as applied, not as lost leases.
-    ack_replies_lost: int = 0
-    adopted: int = 0
-    renewals: int = 0
-    in_flight: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
-    #: Leases found lost, by where: ``renewal`` (the handler was running and was cancelled),
-    #: ``settle`` (the handler had run; an owner-checked write was refused) and ``unstarted``
-    #: (found before the handler started here). The first two may mean a handler ran twice.
-    lease_losses: dict[str, int] = field(default_factory=dict)
-    #: Times the event loop did not run for longer than the stall threshold, by ``kind``:
-    #: ``blocked`` (code on the loop did not yield) or ``frozen`` (the whole process was paused).
-    loop_stalls: dict[str, int] = field(default_factory=dict)
-    #: (role, outcome) -> count; outcome ``rejected`` for malformed input dead-lettered.
-    by_role: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: (role, dead-letter reason) -> count.
-    dead_by_role: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: Malformed records read back from Redis and skipped, by kind (see
-    #: :attr:`streamflow.signals.SignalListener.bad_records`; ``signal`` for a malformed
-    #: cancel signal).
-    bad_records: dict[str, int] = field(default_factory=dict)
 
 
 class Settler:

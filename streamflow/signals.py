@@ -29,9 +29,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamflow import streams
+from streamflow.delivery import Delivery, InFlight
 from streamflow.errors import ProtocolError, UnknownTargetError
 from streamflow.keys import NAME_PATTERN, Keys, cancel_member, cancel_target
-from streamflow.leases import Delivery, InFlight
 from streamflow.logs import shown
 from streamflow.protocol import (
     PROTOCOL_VERSION,

@@ -656,7 +656,22 @@ class Scripts:
     Real Redis gets them with the ``#!lua`` shebang (Redis 7 function flags: no cross-slot
     keys, so Redis Cluster refuses a script that touches a key outside its slot); fakeredis does
     not parse the shebang and gets them without it. Every key a script touches is in KEYS.
+    The owner check that fences a settle is written once, in ``fence.lua``, and put after the
+    shebang of each script in ``FENCED``.
     """
+
+    #: The scripts that settle or renew an entry only if this consumer still owns it.
+    FENCED = frozenset(
+        {
+            "settle.lua",
+            "renew.lua",
+            "release.lua",
+            "retry.lua",
+            "dead_letter.lua",
+            "emit.lua",
+            "finish.lua",
+        }
+    )
 
     def __init__(self, redis: Redis) -> None:
         strip = type(redis).__module__.startswith("fakeredis")
@@ -679,10 +694,19 @@ class Scripts:
         self.slot = redis.register_script(_load("slot.lua", strip))
         self.forget = redis.register_script(_load("forget.lua", strip))
 
-    @staticmethod
-    def source(name: str) -> str:
-        """The text of the Lua script ``name`` as shipped (with its shebang)."""
-        return resources.files("streamflow").joinpath("lua").joinpath(name).read_text()
+    @classmethod
+    def source(cls, name: str) -> str:
+        """The text of the Lua script ``name`` as real Redis gets it (shebang, prelude, body)."""
+        text = _read(name)
+        if name not in cls.FENCED:
+            return text
+        # The shebang must stay the first line: Redis reads the flags only there.
+        shebang, body = text.split("\n", 1) if text.startswith("#!") else ("", text)
+        return f"{shebang}\n{_read('fence.lua')}{body}"
+
+
+def _read(name: str) -> str:
+    return resources.files("streamflow").joinpath("lua").joinpath(name).read_text()
 
 
 def _load(name: str, strip_shebang: bool) -> str:

@@ -35,11 +35,11 @@ from streamflow import extras, partitions, streams
 from streamflow.app import App
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
+from streamflow.delivery import Outcome
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.graph import Graph, GraphSpec
 from streamflow.keys import Keys
 from streamflow.protocol import DeadLetter, decode_dead_letter
-from streamflow.settle import Outcome
 from streamflow.tasks import TaskState
 from streamflow.worker import Worker
 

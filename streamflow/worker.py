@@ -42,10 +42,11 @@ from streamflow import decisions, nodes, partitions, streams
 from streamflow.app import App, Role
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Context
-from streamflow.decisions import ACK, RELEASE, Decision, dead
+from streamflow.decisions import ACK, RELEASE, dead
+from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
 from streamflow.errors import InputError
-from streamflow.keys import GROUP, Keys, validate_name
-from streamflow.leases import Delivery, InFlight, LeaseKeeper, LeaseSettings
+from streamflow.keys import GROUP, Keys, role_of_shard, validate_name
+from streamflow.leases import LeaseKeeper, LeaseSettings
 from streamflow.logs import shown
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -54,7 +55,7 @@ from streamflow.protocol import (
     now_ms,
 )
 from streamflow.registry import WorkerInfo
-from streamflow.settle import Outcome, Settler, WorkerStatistics
+from streamflow.settle import Settler
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 from streamflow.stalls import LoopWatchdog
 
@@ -341,12 +342,34 @@ class Worker:
             by_reason=dict(stats.by_reason),
             lease_losses=dict(self._leases.losses),
             loop_stalls=self._watchdog.stalls(),
+            by_role=dict(stats.by_role),
+            dead_by_role=dict(stats.dead_by_role),
             bad_records=self._signals.statistics(),
+            redeliveries=dict(self._redeliveries),
+            reclaims=dict(self._reclaims),
+            trimmed=self._trimmed_by_role(),
+            cancel_signals=self._signals.signals_seen,
+            consumers_deleted=self._names.forgotten,
         )
+
+    def _trimmed_by_role(self) -> dict[str, int]:
+        trimmed: dict[str, int] = {}
+        for stream, count in list(self._leases.trimmed.items()):
+            role = role_of_shard(self._keys.role_of_stream(stream) or stream)
+            trimmed[role] = trimmed.get(role, 0) + count
+        return trimmed
 
     def observe_renewals(self, callback: Callable[[float], None] | None) -> None:
         """Call ``callback`` with the seconds each lease renewal round takes (None: stop)."""
         self._leases.on_renewal = callback
+
+    def observe_cancel_latency(self, callback: Callable[[float], None] | None) -> None:
+        """Call ``callback`` with the seconds from a cancel's creation to its handler stopping.
+
+        Args:
+            callback: Called once per handler a cancel stopped; None stops the calls.
+        """
+        self._signals_latency = callback
 
     def _describe_stall(self, frame: FrameType | None) -> str:
         """What runs on the stalled loop: the handler whose run ``frame``'s stack holds.

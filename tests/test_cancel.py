@@ -19,9 +19,9 @@ from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, LeaseSettings, Retry, SyncClient, Worker, streams
 from streamflow.context import Cancelled
+from streamflow.delivery import Outcome
 from streamflow.errors import CancelledIdWarning, UnknownTargetError
 from streamflow.keys import GROUP, Keys
-from streamflow.settle import Outcome
 from streamflow.signals import CancelBook, SignalListener
 from tests.helpers import ROOT, running, wait_until
 from tests.test_cli import run_cli

@@ -28,13 +28,13 @@ from streamflow import (
     partitions,
     streams,
 )
+from streamflow.delivery import Outcome
 from streamflow.errors import ConfigError, RedisUnavailable
 from streamflow.exporter import Exporter
 from streamflow.inspect import inspect_roles
 from streamflow.keys import Keys
 from streamflow.protocol import decode_dead_letter
 from streamflow.server import RedisServer
-from streamflow.settle import Outcome
 from tests.cluster import LocalCluster, local_cluster, require_cluster_tools
 from tests.helpers import pending_count, running, wait_for, wait_until
 from tests.test_crash import Record, Workers, assert_none_lost_and_duplicates_allowed, unique

@@ -14,9 +14,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streamflow import App, Client, Context, Retry, Worker, streams
+from streamflow.delivery import Outcome
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import LeaseSettings
-from streamflow.worker import Outcome, fencing_token
+from streamflow.worker import fencing_token
 from tests.helpers import running, wait_until
 
 pytestmark = pytest.mark.anyio

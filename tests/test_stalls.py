@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, Worker
-from streamflow.worker import Outcome
+from streamflow.delivery import Outcome
 from tests.helpers import running, wait_until
 
 pytestmark = pytest.mark.anyio

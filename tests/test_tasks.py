@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 
 import streamflow
 from streamflow import Client, Coordinator, Graph, GraphError, Worker, streams, taskstore
+from streamflow.delivery import Outcome
 from streamflow.graph import RetrySpec
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
-from streamflow.settle import Outcome
 from tests.helpers import pending_count, wait_for_query, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]

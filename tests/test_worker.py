@@ -15,10 +15,9 @@ from redis.asyncio import Redis
 from streamflow import App, Client, Context, RetryPolicy, Worker, streams
 from streamflow import worker as worker_module
 from streamflow.decisions import dead
+from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
-from streamflow.leases import Delivery
 from streamflow.protocol import decode_dead_letter
-from streamflow.worker import Outcome
 from tests.helpers import pending_count, running, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -7,8 +7,8 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] dead-letter stream max length,
 -- ARGV[5] failure event JSON or '', ARGV[6..n] field, value pairs of the dead-letter entry
 -- Returns the dead-letter entry id, or false when the entry is no longer ours.
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not p[1] or p[1][2] ~= ARGV[2] then
+-- Owner check (owned_entry, owned_ids, split_owned) is fence.lua, which streams.py prepends.
+if not owned_entry(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then
   return false
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 6))

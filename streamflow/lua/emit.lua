@@ -5,8 +5,8 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] batch JSON, ARGV[5] batch TTL ms,
 -- ARGV[6] event JSON
 -- Returns 1, or false when the entry is no longer ours.
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not p[1] or p[1][2] ~= ARGV[2] then
+-- Owner check (owned_entry, owned_ids, split_owned) is fence.lua, which streams.py prepends.
+if not owned_entry(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then
   return false
 end
 -- NX: a rerun (a retry) that emits under a number already stored keeps the first content, the

@@ -5,8 +5,8 @@
 -- KEYS[1] role stream, KEYS[2] role events stream
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] event JSON
 -- Returns 1, or false when the entry is no longer ours.
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not p[1] or p[1][2] ~= ARGV[2] then
+-- Owner check (owned_entry, owned_ids, split_owned) is fence.lua, which streams.py prepends.
+if not owned_entry(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then
   return false
 end
 redis.call('XADD', KEYS[2], '*', 'event', ARGV[4])

@@ -5,12 +5,13 @@
 -- KEYS[1] role stream
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms, ARGV[4..n] entry ids
 -- Returns how many entries were released (those this consumer still owned).
+-- Owner check (owned_entry, owned_ids, split_owned) is fence.lua, which streams.py prepends.
 local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
 local released = 0
 for i = 4, #ARGV do
-  local p = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == me then
-    local count = math.max(tonumber(p[1][4]) - 1, 0)
+  local row = owned_entry(stream, group, me, ARGV[i])
+  if row then
+    local count = math.max(tonumber(row[4]) - 1, 0)
     redis.call('XCLAIM', stream, group, me, 0, ARGV[i], 'IDLE', ARGV[3], 'RETRYCOUNT', count,
       'JUSTID')
     released = released + 1

@@ -6,28 +6,14 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry ids separated by spaces (one argument: the
 -- client packs one argument much faster than hundreds)
 -- Returns the ids that were refused (no longer pending, or owned by another consumer).
+-- Owner check (owned_entry, owned_ids, split_owned) is fence.lua, which streams.py prepends.
 local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
--- One XPENDING of this consumer's entries (paged) instead of one call per id. A consumer name
--- belongs to one live process, so that list holds only what this worker holds: a few dozen.
-local mine, start, page = {}, '-', 1000
-while true do
-  local rows = redis.call('XPENDING', stream, group, start, '+', page, me)
-  for _, row in ipairs(rows) do
-    mine[row[1]] = true
-  end
-  if #rows < page then
-    break
-  end
-  start = '(' .. rows[#rows][1]
-end
-local owned, refused = {}, {}
+local ids = {}
 for id in string.gmatch(ARGV[3], '%S+') do
-  if mine[id] then
-    owned[#owned + 1] = id
-  else
-    refused[#refused + 1] = id
-  end
+  ids[#ids + 1] = id
 end
+local owned = {}
+local refused = split_owned(owned_ids(stream, group, me), ids, owned)
 if #owned > 0 then
   redis.call('XACK', stream, group, unpack(owned))
   -- Delete on ack: an acknowledged entry is never needed again, and XACK alone leaves the
