@@ -31,9 +31,8 @@ How Redis checks them, and why the tables look the way they do:
   (:mod:`streamflow.guard`): they get ``INFO`` and ``ACL WHOAMI``, not ``CONFIG GET``, whose
   refusal the checks expect (one ``ACL LOG`` entry per start).
 * ``SELECT`` is not granted: use database 0 (the default), or add ``+select``.
-* ``SCAN`` is keyless: Redis cannot limit it to a pattern, so a part that scans (worker,
-  coordinator, operator) can list every key *name* in the database, though it can read only
-  its own keys.
+* ``SCAN`` is keyless: Redis cannot limit it to a pattern, so the part that scans (the
+  operator) can list every key *name* in the database, though it can read only its own keys.
 * Nothing subscribes to pub/sub channels: ``resetchannels``.
 """
 
@@ -117,7 +116,8 @@ PUBLISHER = PartRules(
         "{role:*}:delayed": "ZADD of delayed jobs (also in publish_dedup.lua)",
         "{role:*}:dedup:*": "publish_dedup.lua: GET, SET of the dedup marker",
         "{role:*}:config": "HGET of the role's partitions",
-        "{tasks}:roles": "submit: SMEMBERS (graph check), SADD of the graph's roles",
+        "{tasks}:roles": "submit: SMEMBERS (graph check), SADD of the graph's roles; "
+        "publish: SMEMBERS (the unknown-role warning)",
         "{tasks}:functions": "submit: SMEMBERS (graph check)",
         "{tasks}:index": "submit: ZADD",
         "{tasks}:active": "submit: SADD",
