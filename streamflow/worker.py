@@ -296,7 +296,9 @@ class Worker:
         cancels: a handler stopping on its cancel token would abort on every deploy). One that
         finishes within the grace is acknowledged as usual; one that stops early (it raises,
         e.g. after saving a checkpoint) has its entry released for another worker, not counted
-        as a failed attempt. The rest are cancelled hard after the grace and released.
+        as a failed attempt. The rest are cancelled hard after the grace and released; a plain
+        ``def`` handler cannot be interrupted in its thread, so it is waited for and settled by
+        how it ends (see docs/operations.md, "Shutdown").
         """
         if not self._stopping.is_set():
             for delivery in self._held:
