@@ -36,9 +36,9 @@ const MARKER_TTL_MS = 7 * 24 * 3600 * 1000;
 /** A message id: 32 lowercase hex digits, like the ones streamflow makes. */
 const newId = () => randomBytes(16).toString("hex");
 
-/** Poll `check` every 50 ms until it returns something truthy; throw after 10 s. */
+/** Poll `check` every 50 ms until it returns something truthy; throw after 30 s. */
 async function waitFor(what, check) {
-  const deadline = Date.now() + 10_000;
+  const deadline = Date.now() + 30_000;
   for (;;) {
     const found = await check();
     if (found) return found;

@@ -19,11 +19,11 @@ new_id() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
 # Milliseconds since the epoch, by the Redis server's clock (`date +%s%3N` is not portable).
 now_ms() { rcli TIME | { read -r s && read -r us && echo $((s * 1000 + us / 1000)); }; }
 
-# Poll a condition every 0.05 s for up to 10 s; fail with a message when it never holds.
+# Poll a condition every 0.05 s for up to 30 s; fail with a message when it never holds.
 wait_for() {
     what=$1
     shift
-    tries=200
+    tries=600
     until "$@"; do
         tries=$((tries - 1))
         if [ "$tries" -le 0 ]; then

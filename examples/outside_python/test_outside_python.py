@@ -113,7 +113,7 @@ def test_publish_mjs_embeds_the_cancel_script_verbatim() -> None:
 async def test_publish_sh_publishes_with_redis_cli_and_cancels_a_running_job(
     redis_url: str, namespace: str, redis_cli: str
 ) -> None:
-    with anyio.fail_after(30):
+    with anyio.fail_after(60):  # the scripts give up after 30 s of waiting
         async with running_worker(redis_url, namespace) as outcomes:
             ids = await run_script(["sh", "publish.sh", redis_url, namespace], outcomes)
 
@@ -126,7 +126,7 @@ async def test_publish_sh_publishes_with_redis_cli_and_cancels_a_running_job(
 async def test_publish_mjs_publishes_with_node_redis_and_cancels_a_running_job(
     redis_url: str, namespace: str, node: str
 ) -> None:
-    with anyio.fail_after(30):
+    with anyio.fail_after(60):  # the scripts give up after 30 s of waiting
         async with running_worker(redis_url, namespace) as outcomes:
             ids = await run_script([node, "publish.mjs", redis_url, namespace], outcomes)
 
