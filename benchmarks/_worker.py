@@ -37,7 +37,7 @@ import anyio
 import psutil  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
-from streamflow import App, Context, Outcome, Worker, streams
+from streamflow import App, Context, Outcome, Worker, connect
 from streamflow.worker import tune_garbage_collector
 
 ROLE = "bench"
@@ -73,7 +73,7 @@ async def drain(args: argparse.Namespace) -> None:
     async def noop(ctx: Context, payload: Any) -> None:
         pass
 
-    redis = streams.connect(args.url)
+    redis = connect.connect(args.url)
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
@@ -118,7 +118,7 @@ async def latency(args: argparse.Namespace) -> None:
         if len(samples) >= args.expected and worker is not None:
             worker.stop()
 
-    redis = streams.connect(args.url)
+    redis = connect.connect(args.url)
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
@@ -168,7 +168,7 @@ async def soak(args: argparse.Namespace) -> None:
             await anyio.sleep(args.interval)
             sample("rss")
 
-    redis = streams.connect(args.url)
+    redis = connect.connect(args.url)
     try:
         await redis.ping()
         worker = Worker(app, redis, on_outcome=on_outcome, **worker_options(args))

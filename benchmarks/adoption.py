@@ -45,7 +45,7 @@ import redis
 from crash_load import CliWorkers, pending, read_record, redis_for, wait_for
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, Outcome, SyncClient, Worker, streams
+from streamflow import App, Client, Context, Outcome, SyncClient, Worker, connect, streams
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper, LeaseSettings
 
@@ -217,8 +217,8 @@ async def renewal_cost(
         await original(self)
         run.ticks.append((time.perf_counter() - start, held))
 
-    redis_client = streams.connect(url)
-    admin = streams.connect(url)
+    redis_client = connect.connect(url)
+    admin = connect.connect(url)
     settings = LeaseSettings(ttl=ttl, renew_interval=renew_interval, reclaim_interval=ttl)
     try:
         previous = await _slowlog_on(admin)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from streamflow import Client, streams
+from streamflow import Client, connect
 from streamflow.server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ async def keep_busy(client: Client, stop: anyio.Event) -> None:
 
 async def measure(url: str, namespace: str, trace: Path, cancels: int) -> dict[str, list[float]]:
     observed, finished = [], []
-    redis = streams.connect(url)
+    redis = connect.connect(url)
     client = Client(redis, namespace=namespace)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:

@@ -42,7 +42,7 @@ from _common import (
 )
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, Worker, streams
+from streamflow import App, Client, Context, Worker, connect
 from streamflow.keys import GROUP, Keys
 from streamflow.metrics import Health, MetricsServer
 
@@ -92,7 +92,7 @@ async def child(args: argparse.Namespace) -> None:
     async def noop(ctx: Context, payload: Any) -> None:
         pass
 
-    redis = streams.connect(args.url)
+    redis = connect.connect(args.url)
     try:
         await redis.ping()
         worker = Worker(app, redis, namespace=args.namespace)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import connect
 from streamflow.server import RedisServer
 
 STREAM = "bench:{role:wait}"
@@ -110,7 +110,7 @@ async def main(args: argparse.Namespace) -> None:
         replica_args = ("--replicaof", master.host, str(master.port))
         with RedisServer(extra_args=replica_args):
             wait_replica_online(master)
-            redis = streams.connect(master.url, max_connections=max(concurrencies) + 4)
+            redis = connect.connect(master.url, max_connections=max(concurrencies) + 4)
             modes = {"plain": plain, "wait": waiting(args.wait_timeout_ms)}
             best: dict[tuple[str, int], Run] = {}
             try:

@@ -22,7 +22,7 @@ How Redis checks them, and why the tables look the way they do:
   ``SCRIPT EXISTS`` (only the coordinator does that). ``EVAL`` is never sent and not granted.
 * The names are those on the wire, not redis-py's: ``incr`` sends ``INCRBY``.
 * Connecting needs ``CLIENT SETNAME`` when the client has a name
-  (:func:`streamflow.streams.connect` names most of them); ``AUTH`` and ``HELLO`` (redis-py 8
+  (:func:`streamflow.connect.connect` names most of them); ``AUTH`` and ``HELLO`` (redis-py 8
   speaks RESP3: ``HELLO 3 AUTH``) need no permission. ``PING`` is the health check. On newer
   servers redis-py also sends ``CLIENT SETINFO`` (Redis 7.2+) and ``CLIENT
   MAINT_NOTIFICATIONS`` and ignores a refusal; they are not granted, because Redis 7.0 does not
@@ -90,7 +90,7 @@ class PartRules:
 #: Sent by every part on every connection.
 _CONNECTION = {
     "ping": "health checks, the start-up check and redis-py's check of idle connections",
-    "client|setname": "streams.connect names its connections (CLIENT SETNAME on connect)",
+    "client|setname": "connect.connect names its connections (CLIENT SETNAME on connect)",
     "cluster|slots": "a redis+cluster:// client reads the slot map (refused outside a cluster)",
     "command": "a redis+cluster:// client learns where each command's keys are (COMMAND)",
 }

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import config, guard, logs, streams
+from streamflow import config, connect, guard, logs
 from streamflow.cli_root import main as main  # re-exported: the command modules register on it
 from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
@@ -161,7 +161,7 @@ def _connect(
     given = _tls_options()
     if given and not settings.tls:
         settings = config.build(type(settings), **{**dict(settings), **given})
-    return streams.connect(
+    return connect.connect(
         settings.url,
         socket_timeout=socket_timeout,
         name=name,
@@ -212,9 +212,9 @@ async def _wait_for_server(redis: Redis, url: str, *, checks: bool, strict: bool
     """
     async with anyio.create_task_group() as tg:
         tg.start_soon(_cancel_on_signal, tg.cancel_scope)
-        await streams.wait_until_up(redis, url)
+        await connect.wait_until_up(redis, url)
         if checks:
-            await streams.retry_outages(
+            await connect.retry_outages(
                 lambda: _check_server(redis, url, strict=strict), "running the start-up checks"
             )
         tg.cancel_scope.cancel()
@@ -672,7 +672,7 @@ async def _publish(
 async def _client(settings: config.ConnectionSettings) -> AsyncIterator[Client]:
     redis = _connect(settings, name="streamflow-cli")
     try:
-        await streams.ping(redis, settings.url)
+        await connect.ping(redis, settings.url)
         yield Client(redis, namespace=settings.namespace)
     finally:
         await redis.aclose()
@@ -711,7 +711,7 @@ def schema(kind: str | None) -> None:
 def demo(redis_url: str | None, batches: int, keep: bool) -> None:
     """Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself."""
     if redis_url is not None:
-        streams.validate_url(redis_url)
+        connect.validate_url(redis_url)
     try:
         from streamflow import demo as demo_module
         from streamflow.server import RedisServer
@@ -770,7 +770,7 @@ async def _probe_redis(
     try:
         with anyio.fail_after(timeout):
             await redis.ping()
-    except (*streams.TRANSIENT_ERRORS, TimeoutError) as exc:
+    except (*connect.TRANSIENT_ERRORS, TimeoutError) as exc:
         return False, f"Redis at {settings.safe_url} does not answer: {exc}"
     finally:
         await redis.aclose()

@@ -18,7 +18,7 @@ import orjson
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
-from streamflow import config, logs, streams
+from streamflow import config, connect, logs
 from streamflow.cli import (
     _connect,
     _connection_options,
@@ -116,7 +116,7 @@ async def _show(
     """Print one view, or with ``watch`` redraw it every ``watch`` seconds until a signal."""
     redis = _connect(settings, name="streamflow-cli")
     try:
-        await streams.ping(redis, settings.url)
+        await connect.ping(redis, settings.url)
         # The first view comes before the watch, so that an unknown role ends the command.
         view = await _once(lambda: render(redis))
         if watch is None:
@@ -132,7 +132,7 @@ async def _show(
 
 async def _once(read: Callable[[], Awaitable[T]]) -> T:
     """``await read()``, with Redis failures reported as one line rather than a traceback."""
-    with streams.public_errors("reading from Redis"):
+    with connect.public_errors("reading from Redis"):
         return await read()
 
 
@@ -339,7 +339,7 @@ async def _workers(
     redis = _connect(settings, name="streamflow-cli")
     keys = Keys(settings.namespace)
     try:
-        await streams.ping(redis, settings.url)
+        await connect.ping(redis, settings.url)
         found = await _once(lambda: live_workers(redis, keys))
         return found, await coordinators(redis, keys)
     finally:

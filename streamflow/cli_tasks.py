@@ -11,7 +11,7 @@ import anyio
 import click
 import orjson
 
-from streamflow import config, streams
+from streamflow import config, connect
 from streamflow.cli import (
     _client,
     _connect,
@@ -120,7 +120,7 @@ async def _coordinate(
         name="streamflow-coordinator",
         # On a cluster it holds a blocking reader per events stream (a role partition's), and
         # redis-py's cluster pool fails at its limit instead of waiting: room for many.
-        max_connections=512 if streams.is_cluster_url(settings.url) else 64,
+        max_connections=512 if connect.is_cluster_url(settings.url) else 64,
     )
     if not await _ready(redis, settings.url, checks=True, strict=strict):
         return

@@ -19,12 +19,10 @@ import orjson
 import redis as redis_sync
 from pydantic import BaseModel
 from redis.asyncio import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
-from redis.retry import Retry as SyncRetry
 
+from streamflow import connect, partitions, registry, signals, streams
 from streamflow import graph as graphs
-from streamflow import partitions, registry, sentinel, signals, streams
 from streamflow.errors import (
     CancelledIdWarning,
     ConfigError,
@@ -198,14 +196,14 @@ def _public(
 ) -> Callable[[Callable[_P, Awaitable[_T]]], Callable[_P, Coroutine[Any, Any, _T]]]:
     """A public coroutine method whose Redis failures are documented errors.
 
-    See :func:`streamflow.streams.public_errors`: an outage raises :class:`RedisUnavailable`,
+    See :func:`streamflow.connect.public_errors`: an outage raises :class:`RedisUnavailable`,
     another refusal :class:`RedisCommandError`, never a redis-py exception.
     """
 
     def wrap(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
         @functools.wraps(method)
         async def public(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-            with streams.public_errors(what):
+            with connect.public_errors(what):
                 return await method(*args, **kwargs)
 
         return public
@@ -249,9 +247,9 @@ class Client:
         *,
         namespace: str = "sf",
         socket_timeout: float = 5.0,
-        tls_ca_file: streams.TLSPath | None = None,
-        tls_cert_file: streams.TLSPath | None = None,
-        tls_key_file: streams.TLSPath | None = None,
+        tls_ca_file: connect.TLSPath | None = None,
+        tls_cert_file: connect.TLSPath | None = None,
+        tls_key_file: connect.TLSPath | None = None,
         **kwargs: Any,
     ) -> Self:
         """A client connected to ``url`` (``redis[s]://``, ``unix://`` or ``redis+cluster://``).
@@ -268,7 +266,7 @@ class Client:
         Raises:
             ConfigError: The URL is invalid or the TLS files do not fit it.
         """
-        redis = streams.connect(
+        redis = connect.connect(
             url,
             socket_timeout=socket_timeout,
             name="streamflow-client",
@@ -329,7 +327,7 @@ class Client:
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
-        with streams.public_errors(f"publishing to role {role!r}"):
+        with connect.public_errors(f"publishing to role {role!r}"):
             layout = await self._publish_layout(role, strict)
         p = self._pub.prepare(
             role,
@@ -344,7 +342,7 @@ class Client:
         )
         if message_id is not None:
             await self._warn_if_cancelled("message", message_id)
-        with streams.public_errors(f"publishing to role {role!r}"):
+        with connect.public_errors(f"publishing to role {role!r}"):
             if p.dedup_marker is not None:
                 published, first = await streams.publish_dedup(
                     self._scripts,
@@ -391,10 +389,10 @@ class Client:
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             ValueError: ``keys`` and ``payloads`` differ in length.
         """
-        with streams.public_errors(f"publishing to role {role!r}"):
+        with connect.public_errors(f"publishing to role {role!r}"):
             layout = await self._publish_layout(role, strict)
         prepared = self._pub.bodies(layout, payloads, keys)
-        with streams.public_errors(f"publishing to role {role!r}"):
+        with connect.public_errors(f"publishing to role {role!r}"):
             for chunk in _chunks(prepared, chunk_size):
                 stream = chunk[0][0]
                 await streams.publish_many(
@@ -746,7 +744,7 @@ class Client:
         """Warn when a cancel of a chosen id is in force: its work would be refused at once."""
         try:
             hit = await signals.cancelled_already(self.redis, self.keys, target, target_id)
-        except streams.TRANSIENT_ERRORS as exc:
+        except connect.TRANSIENT_ERRORS as exc:
             raise RedisUnavailable(f"looking up cancels failed: {exc}") from None
         except ResponseError:  # e.g. ACL rules older than this check: no warning, no failure
             return
@@ -796,23 +794,12 @@ class SyncClient:
         *,
         namespace: str = "sf",
         dedup_window: timedelta = DEFAULT_DEDUP_WINDOW,
-        tls_ca_file: streams.TLSPath | None = None,
-        tls_cert_file: streams.TLSPath | None = None,
-        tls_key_file: streams.TLSPath | None = None,
+        tls_ca_file: connect.TLSPath | None = None,
+        tls_cert_file: connect.TLSPath | None = None,
+        tls_key_file: connect.TLSPath | None = None,
     ) -> None:
-        streams.validate_url(url)
-        for scheme in (streams.CLUSTER_SCHEME, streams.CLUSTER_TLS_SCHEME, sentinel.SCHEME):
-            if url.startswith(f"{scheme}://"):
-                raise ConfigError(f"SyncClient does not support {scheme}:// yet; use Client")
-        tls = streams.tls_arguments(
+        self.redis = connect.connect_sync(
             url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
-        )
-        self.redis = redis_sync.Redis.from_url(
-            url,
-            socket_timeout=10.0,
-            socket_connect_timeout=5.0,
-            retry=SyncRetry(NoBackoff(), 0),
-            **tls,
         )
         self._pub = _Publisher(namespace, dedup_window)
         self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))
@@ -847,7 +834,7 @@ class SyncClient:
         strict: bool = False,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
-        with streams.public_errors(f"publishing to role {role!r}"):
+        with connect.public_errors(f"publishing to role {role!r}"):
             layout = self._layout(role, strict)
             if message_id is not None:
                 self._warn_if_cancelled(message_id)
@@ -862,7 +849,7 @@ class SyncClient:
             task_id=task_id,
             node_id=node_id,
         )
-        with streams.public_errors(f"publishing to role {role!r}"):
+        with connect.public_errors(f"publishing to role {role!r}"):
             if p.dedup_marker is not None:
                 flag, value = self._dedup(
                     keys=[p.stream, p.dedup_marker, p.schedule],
@@ -899,7 +886,7 @@ class SyncClient:
         strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role in pipelined chunks; returns their message ids."""
-        with streams.public_errors(f"publishing to role {role!r}"):
+        with connect.public_errors(f"publishing to role {role!r}"):
             layout = self._layout(role, strict)
             prepared = self._pub.bodies(layout, payloads, keys)
             for chunk in _chunks(prepared, chunk_size):

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from streamflow import streams
+from streamflow import connect
 from streamflow.app import App
 from streamflow.errors import ConfigError
 from streamflow.keys import validate_name
@@ -82,7 +82,7 @@ class ConnectionSettings(BaseModel):
     @classmethod
     def _check_url(cls, value: SecretStr) -> SecretStr:
         try:
-            streams.validate_url(value.get_secret_value())
+            connect.validate_url(value.get_secret_value())
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return value
@@ -97,7 +97,7 @@ class ConnectionSettings(BaseModel):
     def _check_tls_file(cls, value: Path | None) -> Path | None:
         if value is not None:
             try:
-                streams.check_tls_file(value, "file")
+                connect.check_tls_file(value, "file")
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return value
@@ -105,15 +105,15 @@ class ConnectionSettings(BaseModel):
     @model_validator(mode="after")
     def _check_tls(self) -> Self:
         try:
-            streams.tls_arguments(self.url, **self.tls)
+            connect.tls_arguments(self.url, **self.tls)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
 
     @property
-    def tls(self) -> streams.TLSFiles:
-        """The TLS files given, as keyword arguments of :func:`streams.connect`."""
-        files = streams.TLSFiles()
+    def tls(self) -> connect.TLSFiles:
+        """The TLS files given, as keyword arguments of :func:`connect.connect`."""
+        files = connect.TLSFiles()
         if self.tls_ca_file is not None:
             files["tls_ca_file"] = self.tls_ca_file
         if self.tls_cert_file is not None:
@@ -139,7 +139,7 @@ class ConnectionSettings(BaseModel):
     @property
     def safe_url(self) -> str:
         """The Redis URL with its password masked."""
-        return streams.redact_url(self.url)
+        return connect.redact_url(self.url)
 
 
 class WorkerSettings(ConnectionSettings):

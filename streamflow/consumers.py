@@ -28,7 +28,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import connect, streams
 from streamflow.keys import NAME_PATTERN, Keys
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class ConsumerNames:
 
     async def run(self) -> None:
         """Refresh the marks and take one cleanup step, every ``every`` seconds, forever."""
-        backoff = streams.Backoff("marking consumer names and deleting dead ones")
+        backoff = connect.Backoff("marking consumer names and deleting dead ones")
         while True:
             await anyio.sleep(self._every)
             try:
@@ -106,7 +106,7 @@ class ConsumerNames:
                     stream, group = self._streams[self._turn % len(self._streams)]
                     self._turn += 1
                     await self.forget_dead(stream, group)
-            except streams.TRANSIENT_ERRORS as exc:
+            except connect.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
             except ResponseError as exc:

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import partitions, registry, signals, streams
+from streamflow import connect, partitions, registry, signals, streams
 from streamflow.app import App
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Batch
@@ -156,7 +156,7 @@ class Coordinator:
         Start-up retries outages (logged once, with backoff) until Redis answers or
         :meth:`stop` is called.
         """
-        started = await streams.retry_outages(
+        started = await connect.retry_outages(
             self._start_up, f"starting coordinator {self.consumer}", stopping=self._stopping.is_set
         )
         if not started:
@@ -249,7 +249,7 @@ class Coordinator:
         self, started_at_ms: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Keep this coordinator's registry entry fresh (``streamflow workers``, ``submit``)."""
-        backoff = streams.Backoff("refreshing the coordinator registry")
+        backoff = connect.Backoff("refreshing the coordinator registry")
         first = True
         while True:
             info = registry.CoordinatorInfo(
@@ -265,7 +265,7 @@ class Coordinator:
             try:
                 await registry.announce_coordinator(self._redis, self._keys, info)
                 backoff.succeeded()
-            except streams.TRANSIENT_ERRORS as exc:
+            except connect.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
             except ResponseError as exc:  # another type at the registry's name (untrusted)
@@ -315,10 +315,10 @@ class Coordinator:
         self._refreshed = anyio.current_time()
 
     async def _read_loop(self) -> None:
-        if streams.is_cluster(self._redis):
+        if connect.is_cluster(self._redis):
             await self._read_per_stream()
             return
-        backoff = streams.Backoff("reading task events")
+        backoff = connect.Backoff("reading task events")
         while not self._stopping.is_set():
             await self._guarded(self._read_and_handle, backoff)
 
@@ -328,7 +328,7 @@ class Coordinator:
         The streams live in different slots (every role partition has its own), and one
         XREADGROUP cannot span slots. Roles are only ever added, so readers are only added.
         """
-        backoff = streams.Backoff("following task event streams")
+        backoff = connect.Backoff("following task event streams")
         following: set[str] = set()
         async with anyio.create_task_group() as tg:
             while not self._stopping.is_set():
@@ -341,7 +341,7 @@ class Coordinator:
                     await self._stopping.wait()
 
     async def _stream_loop(self, stream: str) -> None:
-        backoff = streams.Backoff(f"reading {stream}")
+        backoff = connect.Backoff(f"reading {stream}")
 
         async def step() -> None:
             try:
@@ -359,11 +359,11 @@ class Coordinator:
             await self._refresh_streams()
         await self._handle(await self._read(block_ms=self._block_ms))
 
-    async def _guarded(self, step: Callable[[], Awaitable[None]], backoff: streams.Backoff) -> None:
+    async def _guarded(self, step: Callable[[], Awaitable[None]], backoff: connect.Backoff) -> None:
         """Run one step of a loop: outages back off, a lost consumer group is recreated."""
         try:
             await step()
-        except streams.TRANSIENT_ERRORS as exc:
+        except connect.TRANSIENT_ERRORS as exc:
             await backoff.failed(exc)
             return
         except ResponseError as exc:
@@ -374,7 +374,7 @@ class Coordinator:
         backoff.succeeded()
 
     async def _read(self, *, block_ms: int | None) -> list[tuple[str, streams.Entry]]:
-        if streams.is_cluster(self._redis):
+        if connect.is_cluster(self._redis):
             assert block_ms is None, "blocking reads on a cluster go per stream"
             entries = []
             for stream in self._streams:
@@ -398,7 +398,7 @@ class Coordinator:
         return _flatten(reply)
 
     async def _adopt_loop(self) -> None:
-        backoff = streams.Backoff("adopting task events")
+        backoff = connect.Backoff("adopting task events")
         interval = min(max(self._lease_ms / 3000, 0.05), 2.0)
         while not self._stopping.is_set():
             with anyio.move_on_after(interval):
@@ -427,7 +427,7 @@ class Coordinator:
                 await self._handle(entries)
 
     async def _sweep_loop(self) -> None:
-        backoff = streams.Backoff("sweeping unfinished tasks")
+        backoff = connect.Backoff("sweeping unfinished tasks")
         refused = ""
         while not self._stopping.is_set():
             with anyio.move_on_after(self._sweep_interval):
@@ -458,7 +458,7 @@ class Coordinator:
             await self._free_leaked_slots(role, limit)
 
     async def _tick_loop(self) -> None:
-        tick_backoff = streams.Backoff("re-evaluating tasks")
+        tick_backoff = connect.Backoff("re-evaluating tasks")
         while not self._stopping.is_set():
             await self._tick_wakeup.wait()
             self._tick_wakeup = anyio.Event()
@@ -474,7 +474,7 @@ class Coordinator:
         try:
             await self.process(task_id, events)
         except Exception as exc:
-            if streams.is_outage(exc) or streams.is_group_lost(exc):
+            if connect.is_outage(exc) or streams.is_group_lost(exc):
                 raise  # the loop backs off, or recreates the groups, and reads again
             # A bug or bad data in one task must not stop every other task, nor the loop.
             logger.exception("task %s: processing events failed", task_id)
@@ -792,7 +792,7 @@ class Coordinator:
                 self._keys.delayed(shard),
             ]
             calls.append((keys, [item["id"], self.store.retention_ms, item["job"].encode(), 0]))
-        if streams.is_cluster(self._redis):
+        if connect.is_cluster(self._redis):
             # redis-py refuses scripts in a cluster pipeline: one call each, in turn.
             results = [
                 await self._scripts.publish_dedup(keys=k, args=a, client=self._redis)
@@ -839,7 +839,7 @@ class Coordinator:
             partial = await self._run_function(task_id, spec, node_id, item)
             orjson.dumps(partial)  # must be storable
         except Exception as exc:
-            if streams.is_outage(exc):
+            if connect.is_outage(exc):
                 raise  # not the function's failure: the step is retried
             logger.warning("task %s: function node %r failed: %r", task_id, node_id, exc)
             return Internal("function_failed", node_id, reason=f"{type(exc).__name__}: {exc}")

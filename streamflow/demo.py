@@ -31,7 +31,7 @@ import orjson
 from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 
-from streamflow import demo_app, extras, streams
+from streamflow import connect, demo_app, extras
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
 from streamflow.metrics import Health, MetricsServer
@@ -110,7 +110,7 @@ def redis_for_demo(url: str | None, echo: Echo) -> Iterator[str | None]:
             is not installed.
     """
     if url is not None:
-        echo(f"using the Redis at {streams.redact_url(url)}")
+        echo(f"using the Redis at {connect.redact_url(url)}")
         yield url
         return
     if not RedisServer.available():
@@ -166,13 +166,13 @@ async def run_demo(
         fakeredis = extras.require("testing", FAKE_FEATURE)
         redis: Redis = fakeredis.FakeAsyncRedis()
     else:
-        redis = streams.connect(url, name="streamflow-demo")
+        redis = connect.connect(url, name="streamflow-demo")
     run = _Run(redis, url, shared, NAMESPACE_PREFIX + uuid.uuid4().hex[:8], echo)
     # Held until the end, so that a second Ctrl-C cannot break off the clean-up.
     with anyio.open_signal_receiver(*STOP_SIGNALS) as received, _unblocked(STOP_SIGNALS):
         try:
             if url is not None:
-                await streams.ping(redis, url)
+                await connect.ping(redis, url)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, received, run, tg.cancel_scope)
                 await _serve_demo(tg, run, batches, keep=keep, live=live)
@@ -314,7 +314,7 @@ async def _run_task(run: _Run, batches: int, *, keep: bool, live: bool) -> None:
     if run.shared and not keep:
         run.echo(
             f"the task stays in namespace {run.namespace}: streamflow status {task.id} "
-            f"--redis-url {shlex.quote(streams.redact_url(run.url or ''))} "
+            f"--redis-url {shlex.quote(connect.redact_url(run.url or ''))} "
             f"--namespace {run.namespace}"
         )
 
@@ -383,7 +383,7 @@ def _print_next_steps(run: _Run) -> None:
     if activate:
         echo(f"  {activate}")
     echo(
-        f"  export STREAMFLOW_REDIS_URL={shlex.quote(streams.redact_url(run.url))} "
+        f"  export STREAMFLOW_REDIS_URL={shlex.quote(connect.redact_url(run.url))} "
         f"STREAMFLOW_NAMESPACE={run.namespace}"
     )
     for why, command in _next_steps(run.task_id, run.metrics):

@@ -106,7 +106,7 @@ class NoCoordinatorWarning(StreamflowWarning):
 
 
 class RedisUnavailable(StreamflowError):
-    """Redis cannot serve now: an outage (see :func:`streamflow.streams.is_outage`).
+    """Redis cannot serve now: an outage (see :func:`streamflow.connect.is_outage`).
 
     Unreachable, connection lost or timed out, authentication failed, full (``OOM`` with
     ``noeviction``), read-only, loading, persistence failing, a cluster slot moving or without

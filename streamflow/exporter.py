@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from streamflow import partitions, streams
+from streamflow import connect, partitions, streams
 from streamflow.errors import ConfigError
 from streamflow.inspect import RoleInfo, inspect_roles
 from streamflow.keys import NAME_PATTERN, Keys
@@ -69,11 +69,11 @@ class Exporter(Collector):
 
     async def run(self) -> None:
         """Refresh forever."""
-        backoff = streams.Backoff("reading queue figures")
+        backoff = connect.Backoff("reading queue figures")
         while True:
             try:
                 await self.refresh()
-            except streams.TRANSIENT_ERRORS as exc:
+            except connect.TRANSIENT_ERRORS as exc:
                 self.failures += 1
                 await backoff.failed(exc)
                 continue

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import connect, streams
 from streamflow.errors import ConfigError
 
 __all__ = ["MIN_VERSION", "ServerFacts", "ServerWarning", "assess", "check_server", "enforce"]
@@ -94,13 +94,13 @@ async def check_server(redis: Redis, url: str, *, log: bool = True) -> list[Serv
     Returns:
         The warnings, in a fixed order (see :func:`assess`); empty when all is well.
 
-    An outage during the checks (:func:`streamflow.streams.is_outage`) is raised as it is,
+    An outage during the checks (:func:`streamflow.connect.is_outage`) is raised as it is,
     for the caller to retry.
     """
     facts = await gather(redis)
     warnings = assess(facts)
     if log:
-        where = streams.redact_url(url)
+        where = connect.redact_url(url)
         for warning in warnings:
             logger.warning("Redis at %s: %s", where, warning.message)
         if facts.skipped:
@@ -121,7 +121,7 @@ def enforce(warnings: Sequence[ServerWarning], *, strict: bool, url: str = "") -
     blocking = [w for w in warnings if strict or w.refuse]
     if not blocking:
         return
-    where = f" on Redis at {streams.redact_url(url)}" if url else ""
+    where = f" on Redis at {connect.redact_url(url)}" if url else ""
     why = " ".join(f"[{w.code}] {w.message}." for w in blocking)
     raise ConfigError(f"refusing to start{where}{' (--strict)' if strict else ''}: {why}")
 
@@ -129,7 +129,7 @@ def enforce(warnings: Sequence[ServerWarning], *, strict: bool, url: str = "") -
 async def gather(redis: Redis) -> ServerFacts:
     """Ask the server for everything :func:`assess` judges.
 
-    An outage (:func:`streamflow.streams.is_outage`) is raised as it is: callers retry.
+    An outage (:func:`streamflow.connect.is_outage`) is raised as it is: callers retry.
     """
     skipped: list[str] = []
     info, info_refused = await _allowed(redis.info())
@@ -166,7 +166,7 @@ async def _allowed(command: Awaitable[_T]) -> tuple[_T | None, str]:
     try:
         return await command, ""
     except ResponseError as exc:
-        if streams.is_outage(exc):
+        if connect.is_outage(exc):
             raise  # LOADING, BUSY, ...: not a refusal of this command
         # NOPERM under an ACL, or "unknown command" when the command is renamed away.
         return None, _first_line(exc)
@@ -193,14 +193,14 @@ async def _who(redis: Redis, skipped: list[str]) -> tuple[str, bool | None, bool
 
 def _connection_kwargs(redis: Redis) -> dict[str, Any]:
     """How the client connects (host, password, ...); a cluster's from its default node."""
-    if streams.is_cluster(redis):
+    if connect.is_cluster(redis):
         node = redis.get_default_node()  # type: ignore[attr-defined]
         return dict(node.connection_kwargs, host=node.host)
     return dict(redis.connection_pool.connection_kwargs)
 
 
 def _transport(redis: Redis) -> tuple[str, str | None]:
-    if streams.is_cluster(redis):
+    if connect.is_cluster(redis):
         # Every node is reached the same way: judge the default one.
         node = redis.get_default_node()  # type: ignore[attr-defined]
         kind = "tls" if issubclass(node.connection_class, SSLConnection) else "tcp"

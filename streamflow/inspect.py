@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import partitions, streams
+from streamflow import connect, partitions, streams
 from streamflow.errors import ConfigError
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
 
@@ -462,7 +462,7 @@ async def _execute_with_time(redis: Redis, pipe: Any) -> tuple[list[Any], int]:
     On a cluster redis-py refuses TIME in a pipeline: it is asked on its own (of one node;
     the masters' clocks agree closely enough for ages in milliseconds).
     """
-    if streams.is_cluster(redis):
+    if connect.is_cluster(redis):
         replies = await pipe.execute(raise_on_error=False)
         return list(replies), _time_ms(await redis.time())
     pipe.time()

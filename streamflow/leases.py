@@ -26,7 +26,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
-from streamflow import streams
+from streamflow import connect, streams
 from streamflow.delivery import Delivery, InFlight
 from streamflow.errors import ConfigError
 from streamflow.keys import Keys
@@ -186,12 +186,12 @@ class LeaseKeeper:
 
     async def renew_forever(self) -> None:
         """Renew every held entry (and the consumer name) each renewal period."""
-        backoff = streams.Backoff("renewing leases")
+        backoff = connect.Backoff("renewing leases")
         while True:
             await anyio.sleep(self.settings.renew_every)
             try:
                 await self.renew_once()
-            except streams.TRANSIENT_ERRORS as exc:
+            except connect.TRANSIENT_ERRORS as exc:
                 backoff.note(exc)  # logged and counted once per outage; retried next tick
             else:
                 backoff.succeeded()
@@ -280,7 +280,7 @@ class LeaseKeeper:
         ids = [entry.id for entry in entries]
         try:
             lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
-        except streams.TRANSIENT_ERRORS:
+        except connect.TRANSIENT_ERRORS:
             return []  # still pending under this consumer: resumed or adopted later
         if lost:
             self.count_loss("unstarted", len(lost))

@@ -37,7 +37,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import connect
 
 if TYPE_CHECKING:
     from streamflow.coordinator import Coordinator
@@ -102,7 +102,7 @@ class Health:
             try:
                 with anyio.fail_after(self._stale):
                     await self._redis.ping()
-            except (*streams.TRANSIENT_ERRORS, TimeoutError):
+            except (*connect.TRANSIENT_ERRORS, TimeoutError):
                 self._redis_ok = None
             else:
                 self._redis_ok = time.monotonic()
@@ -196,14 +196,14 @@ class WorkerCollector(Collector):
         yield _counter(
             "streamflow_redis_reconnects",
             "Recoveries from a Redis outage, counted by each Redis loop of the process.",
-            streams.Backoff.recoveries,
+            connect.Backoff.recoveries,
         )
         yield _bad_records(stats.bad_records)
         yield _counter(
             "streamflow_redis_outages",
             "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
             "Redis loop of the process when the outage starts.",
-            streams.Backoff.outages,
+            connect.Backoff.outages,
         )
         yield _gauge(
             "streamflow_in_flight_entries",
@@ -280,13 +280,13 @@ class CoordinatorCollector(Collector):
         yield _counter(
             "streamflow_redis_reconnects",
             "Recoveries from a Redis outage, counted by each Redis loop of the process.",
-            streams.Backoff.recoveries,
+            connect.Backoff.recoveries,
         )
         yield _counter(
             "streamflow_redis_outages",
             "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
             "Redis loop of the process when the outage starts.",
-            streams.Backoff.outages,
+            connect.Backoff.outages,
         )
 
 

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import connect
 from streamflow.errors import ConfigError, InvalidNameError
 from streamflow.keys import (
     MAX_PARTITIONS,
@@ -184,7 +184,7 @@ def parse(role: str, recorded: bytes | str) -> Layout:
 
 def _owner_of(redis: Redis) -> Callable[[int], str] | None:
     """On a cluster, a function from slot to the name of the master serving it."""
-    if not streams.is_cluster(redis):
+    if not connect.is_cluster(redis):
         return None
     manager = redis.nodes_manager  # type: ignore[attr-defined]
     return lambda slot: str(manager.get_node_from_slot(slot).name)
@@ -218,7 +218,7 @@ async def ensure(redis: Redis, keys: Keys, role: str, count: int) -> Layout:
     """
     layout = await load(redis, keys, role)
     if layout is None:
-        if streams.is_cluster(redis):
+        if connect.is_cluster(redis):
             await redis.initialize()  # load the slot map
         shards = plan(role, count, _owner_of(redis))
         await redis.hsetnx(keys.role_config(role), SHARDS_FIELD, " ".join(shards))

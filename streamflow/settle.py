@@ -18,7 +18,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import logs, nodes, streams
+from streamflow import connect, logs, nodes, streams
 from streamflow.delivery import (
     Decision,
     Delivery,
@@ -99,7 +99,7 @@ class Settler:
         with anyio.move_on_after(10, shield=True):
             try:
                 status = await self._settle_one(delivery, decision)
-            except streams.TRANSIENT_ERRORS as exc:
+            except connect.TRANSIENT_ERRORS as exc:
                 # Applied, or still pending under this consumer: then adopted after the lease
                 # TTL, or resumed by a restart with the same consumer name.
                 logger.warning(
@@ -344,7 +344,7 @@ class _Acker:
         self._pending: dict[str, list[_Ack]] = defaultdict(list)
         self._wakeup = anyio.Event()
         self._lock = anyio.Lock()
-        self._backoff = streams.Backoff("acknowledging")
+        self._backoff = connect.Backoff("acknowledging")
 
     def add(self, delivery: Delivery, message_id: str | None, status: OutcomeStatus) -> None:
         if not self._pending:
@@ -371,7 +371,7 @@ class _Acker:
                             delivery.settling = True
                     try:
                         await self._settle(batch)
-                    except streams.TRANSIENT_ERRORS as exc:
+                    except connect.TRANSIENT_ERRORS as exc:
                         # What is left of the batch goes again; its outcome is unknown (the
                         # connection may have dropped after Redis applied it).
                         for stream, items in batch.items():

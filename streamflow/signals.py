@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import connect, streams
 from streamflow.delivery import Delivery, InFlight
 from streamflow.errors import ProtocolError, UnknownTargetError
 from streamflow.keys import NAME_PATTERN, Keys, cancel_member, cancel_target
@@ -256,7 +256,7 @@ class SignalListener:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the stream from the loaded position until cancelled."""
-        backoff = streams.Backoff("reading the signals stream")
+        backoff = connect.Backoff("reading the signals stream")
         outage = False
         task_status.started()
         while True:
@@ -273,7 +273,7 @@ class SignalListener:
                     count=100,
                     block_ms=self._block_ms,
                 )
-            except streams.TRANSIENT_ERRORS as exc:
+            except connect.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
                 outage = True
                 continue
@@ -315,7 +315,7 @@ class SignalListener:
         # sender's marker and TTL when there is one.
         marker = self._keys.cancel_marker(signal.target, signal.target_id)
         # On failure it is in memory already; the next worker to see it tries again.
-        with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+        with contextlib.suppress(*connect.TRANSIENT_ERRORS):
             await self._scripts.mark_cancel(
                 keys=[marker, self._keys.cancel_index()],
                 args=[
@@ -403,7 +403,7 @@ class StopReporter:
         await self._write(signal_id)
 
     async def _write(self, signal_id: str) -> None:
-        with anyio.move_on_after(5, shield=True), contextlib.suppress(*streams.TRANSIENT_ERRORS):
+        with anyio.move_on_after(5, shield=True), contextlib.suppress(*connect.TRANSIENT_ERRORS):
             async with self._write_lock:
                 state = CancelReport(
                     consumer=self._consumer,

@@ -31,7 +31,7 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 
-from streamflow import extras, partitions, streams
+from streamflow import connect, extras, partitions, streams
 from streamflow.app import App
 from streamflow.client import Client
 from streamflow.coordinator import Coordinator
@@ -100,8 +100,8 @@ class Harness:
             fakeredis = extras.require("testing", "streamflow.testing without a redis_url")
             self._redis = fakeredis.FakeAsyncRedis()
         else:
-            self._redis = streams.connect(self._url, name="streamflow-testing")
-            await streams.ping(self._redis, self._url)
+            self._redis = connect.connect(self._url, name="streamflow-testing")
+            await connect.ping(self._redis, self._url)
         self._client = Client(self._redis, namespace=self.namespace)
         return self
 

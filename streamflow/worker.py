@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
-from streamflow import decisions, nodes, partitions, streams
+from streamflow import connect, decisions, nodes, partitions, streams
 from streamflow.app import App, Role
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Context
@@ -125,7 +125,7 @@ class Worker:
 
     Args:
         app: The application whose handlers run.
-        redis: An asyncio client (see :func:`streamflow.streams.connect`); its socket timeout
+        redis: An asyncio client (see :func:`streamflow.connect.connect`); its socket timeout
             must exceed ``block_ms``.
         roles: The roles to serve; all of the app's roles when None.
         namespace: The key namespace.
@@ -251,7 +251,7 @@ class Worker:
         self._signals_latency: Callable[[float], None] | None = None
         self._suspects = anyio.Lock()
         self._confirming = anyio.Lock()
-        self._confirm_backoff = streams.Backoff("confirming held leases")
+        self._confirm_backoff = connect.Backoff("confirming held leases")
         self._unsafe_after = self._leases.settings.unsafe_after
         settings = self._leases.settings
         self._watchdog = LoopWatchdog(
@@ -265,7 +265,7 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop` is called, then finish or release in-flight work and return.
 
-        A Redis outage (:func:`streamflow.streams.is_outage`) never ends it: start-up steps and
+        A Redis outage (:func:`streamflow.connect.is_outage`) never ends it: start-up steps and
         every loop log it once, back off and retry, until Redis serves again or :meth:`stop`
         is called.
 
@@ -411,7 +411,7 @@ class Worker:
     # -- the loops --------------------------------------------------------------------------
 
     async def _serve(self, *, burst: bool, task_status: TaskStatus[None]) -> None:
-        started = await streams.retry_outages(
+        started = await connect.retry_outages(
             self._start_up, f"starting worker {self.consumer}", stopping=self._stopping.is_set
         )
         if not started:  # stopped while Redis was unavailable: nothing was taken
@@ -470,7 +470,7 @@ class Worker:
                     logger.warning(
                         "could not give up consumer name %s (%s); its keys expire by themselves",
                         self.consumer,
-                        streams.describe(exc) if streams.is_outage(exc) else repr(exc),
+                        connect.describe(exc) if connect.is_outage(exc) else repr(exc),
                     )
 
     async def _serve_loops(self, burst: bool, task_status: TaskStatus[None]) -> None:
@@ -544,7 +544,7 @@ class Worker:
 
     async def _read_loop(self, role: Role, shard: str, burst: bool) -> None:
         stream = self._keys.role_stream(shard)
-        backoff = streams.Backoff(f"reading {stream}")
+        backoff = connect.Backoff(f"reading {stream}")
         # First the entries already pending under this consumer name (a restart with the same
         # --consumer-name resumes them at once), then new ones.
         history: bytes | None = b"0"
@@ -582,7 +582,7 @@ class Worker:
         free: int,
         block_ms: int | None,
         history: bytes | None,
-        backoff: streams.Backoff,
+        backoff: connect.Backoff,
     ) -> list[streams.Entry] | None:
         """One read; None after an error that was handled (the caller just reads again)."""
         count = min(free, self._read_count)
@@ -595,7 +595,7 @@ class Worker:
                 entries = await streams.read_group(
                     self._redis, stream, self.consumer, count=count, block_ms=block_ms
                 )
-        except streams.TRANSIENT_ERRORS as exc:
+        except connect.TRANSIENT_ERRORS as exc:
             await backoff.failed(exc)
             return None
         except ResponseError as exc:
@@ -605,7 +605,7 @@ class Worker:
             # Recreating it can meet TRYAGAIN while its slot migrates: an outage like the read's.
             try:
                 await streams.ensure_group(self._redis, stream)
-            except streams.TRANSIENT_ERRORS as again:
+            except connect.TRANSIENT_ERRORS as again:
                 await backoff.failed(again)
             return None
         backoff.succeeded()
@@ -614,7 +614,7 @@ class Worker:
     async def _adopt_loop(self, role: Role, shard: str) -> None:
         stream = self._keys.role_stream(shard)
         settings = self._leases.settings
-        backoff = streams.Backoff(f"adopting idle entries of {stream}")
+        backoff = connect.Backoff(f"adopting idle entries of {stream}")
         while not await self._sleep_unless_stopping(settings.reclaim_interval):
             free = min(self._held_limit - self._in_flight, settings.reclaim_count)
             if free <= 0:
@@ -622,7 +622,7 @@ class Worker:
             issued = time.monotonic()
             try:
                 entries = await self._leases.adopt(stream, free)
-            except streams.TRANSIENT_ERRORS as exc:
+            except connect.TRANSIENT_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
             except ResponseError as exc:
@@ -658,7 +658,7 @@ class Worker:
                 self._keys.role_stream(shard),
                 self._keys.delayed(shard),
             )
-        except streams.TRANSIENT_ERRORS:
+        except connect.TRANSIENT_ERRORS:
             return None  # the reader's backoff reports the outage
         if moved:
             logger.debug("moved %d due retries of %s to its stream", moved, shard)
@@ -841,7 +841,7 @@ class Worker:
             ):
                 try:
                     await self._leases.renew_held()
-                except streams.TRANSIENT_ERRORS as exc:
+                except connect.TRANSIENT_ERRORS as exc:
                     await self._confirm_backoff.failed(exc)
                 else:
                     self._confirm_backoff.succeeded()
@@ -952,7 +952,7 @@ class Worker:
             return dead("missing_input", str(exc), job)
         except InputError as exc:
             return dead("invalid_input", str(exc), job)
-        except streams.TRANSIENT_ERRORS:
+        except connect.TRANSIENT_ERRORS:
             return RELEASE  # cannot read its input now: hand it back
         return None
 
@@ -970,7 +970,7 @@ class Worker:
         key = self._keys.starts(delivery.shard, delivery.entry.id.decode())
         try:
             reruns = await streams.get_count(self._redis, key)
-        except streams.TRANSIENT_ERRORS:
+        except connect.TRANSIENT_ERRORS:
             return RELEASE  # cannot count: hand it back rather than risk a poison loop
         except (ResponseError, ValueError) as exc:
             return _uncountable(key, exc, job)
@@ -995,7 +995,7 @@ class Worker:
             return decisions.stopped(delivery)
         try:
             reruns = await streams.count_start(self._redis, key)
-        except streams.TRANSIENT_ERRORS:
+        except connect.TRANSIENT_ERRORS:
             return RELEASE
         except ResponseError as exc:
             return _uncountable(key, exc, job)

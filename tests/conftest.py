@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import connect
 from streamflow.server import RedisServer
 
 
@@ -76,6 +76,6 @@ def private_redis() -> Iterator[Callable[..., RedisServer]]:
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     """An asyncio client of the session server (streamflow's settings: no client retries)."""
-    client = streams.connect(redis_url)
+    client = connect.connect(redis_url)
     yield client
     await client.aclose()

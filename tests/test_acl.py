@@ -38,6 +38,7 @@ from streamflow import (
     SyncClient,
     Worker,
     acl,
+    connect,
     guard,
     streams,
 )
@@ -267,7 +268,7 @@ class Users:
 async def users(private_redis: Callable[..., RedisServer]) -> AsyncIterator[Users]:
     """A private server where every part has its user, made from `streamflow acl` output."""
     server = private_redis()
-    admin = streams.connect(server.url, socket_timeout=5.0, name="test-admin")
+    admin = connect.connect(server.url, socket_timeout=5.0, name="test-admin")
     urls: dict[acl.Part, str] = {}
     for part in acl.PARTS:
         password = f"{part} pass/word:{id(server)}"  # URL-unsafe and spaced on purpose
@@ -410,7 +411,7 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
     started.clear()
     publisher = Client.from_url(users.urls["publisher"], namespace=NS)
     operator = Client.from_url(users.urls["operator"], namespace=NS)
-    worker_redis = streams.connect(users.urls["worker"], socket_timeout=5.0, name="w")
+    worker_redis = connect.connect(users.urls["worker"], socket_timeout=5.0, name="w")
     outcomes: list[Outcome] = []
     try:
         # A job held by a consumer that died: the worker adopts it after the lease TTL and runs
@@ -491,9 +492,9 @@ async def operator_views(users: Users, dead_message: str) -> None:
 async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: Users) -> None:
     admin = users.admin
     publisher = Client.from_url(users.urls["publisher"], namespace=NS)
-    worker_redis = streams.connect(users.urls["worker"], socket_timeout=5.0, name="w")
-    coord_redis = streams.connect(users.urls["coordinator"], socket_timeout=5.0, name="c")
-    operator_redis = streams.connect(users.urls["operator"], socket_timeout=5.0, name="o")
+    worker_redis = connect.connect(users.urls["worker"], socket_timeout=5.0, name="w")
+    coord_redis = connect.connect(users.urls["coordinator"], socket_timeout=5.0, name="c")
+    operator_redis = connect.connect(users.urls["operator"], socket_timeout=5.0, name="o")
     worker = make_worker(worker_redis, "tw", TASK_ROLES, [])
     coordinator = Coordinator(
         coord_redis,
@@ -587,7 +588,7 @@ REFUSED: list[tuple[acl.Part, tuple[str, ...]]] = [
 @pytest.mark.redis
 @pytest.mark.anyio
 async def test_each_user_is_refused_outside_its_part(users: Users) -> None:
-    clients = {part: streams.connect(url, socket_timeout=5.0) for part, url in users.urls.items()}
+    clients = {part: connect.connect(url, socket_timeout=5.0) for part, url in users.urls.items()}
     try:
         with anyio.fail_after(20):
             for part, words in REFUSED:
@@ -614,7 +615,7 @@ async def test_each_user_is_refused_outside_its_part(users: Users) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("part", ["worker", "coordinator"])
 async def test_start_up_checks_work_without_config_get(users: Users, part: acl.Part) -> None:
-    redis = streams.connect(users.urls[part], socket_timeout=5.0)
+    redis = connect.connect(users.urls[part], socket_timeout=5.0)
     try:
         with anyio.fail_after(10):
             facts = await guard.gather(redis)

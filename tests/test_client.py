@@ -20,7 +20,7 @@ from streamflow import (
     RedisUnavailable,
     SyncClient,
     Worker,
-    streams,
+    connect,
 )
 from streamflow.errors import UnknownRoleWarning
 from streamflow.keys import Keys
@@ -81,7 +81,7 @@ async def test_publishing_to_an_unreachable_redis_fails_fast_and_clearly() -> No
 async def test_payload_that_is_not_json_is_refused_before_publishing(
     redis_url: str, namespace: str
 ) -> None:
-    async with Client(streams.connect(redis_url), namespace=namespace) as client:
+    async with Client(connect.connect(redis_url), namespace=namespace) as client:
         with pytest.raises(PayloadError, match="JSON"):
             await client.publish("r", {"x": object()})
         assert await client.redis.xlen(Keys(namespace).role_stream("r")) == 0

@@ -24,6 +24,7 @@ from streamflow import (
     SyncClient,
     Worker,
     acl,
+    connect,
     guard,
     partitions,
     streams,
@@ -51,7 +52,7 @@ def cluster() -> Iterator[LocalCluster]:
 @pytest.fixture
 async def cluster_redis(cluster: LocalCluster) -> AsyncIterator[Redis]:
     """A streamflow client of the cluster, built from its ``redis+cluster://`` URL."""
-    client = streams.connect(cluster.url)
+    client = connect.connect(cluster.url)
     yield client
     await client.aclose()
 
@@ -80,9 +81,9 @@ def master_of(cluster: LocalCluster, key: str) -> str:
 
 def test_cluster_urls_are_validated_and_redacted() -> None:
     url = "redis+cluster://app:s3cr/t@10.0.0.1:7000,10.0.0.2:7001"
-    assert streams.validate_url(url) == url
-    assert streams.cluster_nodes(url) == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
-    assert streams.redact_url(url) == "redis+cluster://app:***@10.0.0.1:7000,10.0.0.2:7001"
+    assert connect.validate_url(url) == url
+    assert connect.cluster_nodes(url) == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    assert connect.redact_url(url) == "redis+cluster://app:***@10.0.0.1:7000,10.0.0.2:7001"
     for bad in (
         "redis+cluster://",
         "redis+cluster://host",
@@ -93,14 +94,14 @@ def test_cluster_urls_are_validated_and_redacted() -> None:
         "redis+cluster://h:7000?password=x",
     ):
         with pytest.raises(ConfigError, match="invalid Redis URL"):
-            streams.validate_url(bad)
+            connect.validate_url(bad)
 
 
 def test_tls_files_need_a_tls_cluster_url(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match="TLS files need a rediss:// or rediss\\+cluster://"):
-        streams.connect("redis+cluster://127.0.0.1:7000", tls_ca_file=tmp_path / "ca.pem")
+        connect.connect("redis+cluster://127.0.0.1:7000", tls_ca_file=tmp_path / "ca.pem")
     with pytest.raises(ConfigError, match=r"TLS CA file .* does not exist"):
-        streams.connect("rediss+cluster://127.0.0.1:7000", tls_ca_file=tmp_path / "ca.pem")
+        connect.connect("rediss+cluster://127.0.0.1:7000", tls_ca_file=tmp_path / "ca.pem")
 
 
 # -- against the cluster ---------------------------------------------------------------------
@@ -108,7 +109,7 @@ def test_tls_files_need_a_tls_cluster_url(tmp_path: Any) -> None:
 
 @pytest.mark.anyio
 async def test_a_cluster_url_gives_a_cluster_client_without_retries(cluster_redis: Any) -> None:
-    await streams.ping(cluster_redis)
+    await connect.ping(cluster_redis)
     assert isinstance(cluster_redis, RedisCluster)
     assert cluster_redis.retry.get_retries() == 0
 
@@ -502,7 +503,7 @@ def test_a_sigkilled_workers_jobs_on_every_partition_are_adopted_by_another_proc
 
 
 async def _layout_via_url(url: str, namespace: str, role: str) -> partitions.Layout:
-    redis = streams.connect(url)
+    redis = connect.connect(url)
     try:
         return await _layout(redis, namespace, role)
     finally:
@@ -578,7 +579,7 @@ async def test_least_privilege_users_work_on_the_cluster(
     async def guarded(ctx: Context, payload: Any) -> None:
         seen.append(payload)
 
-    worker_redis = streams.connect(f"redis+cluster://sf-worker:pw-worker@{seeds}")
+    worker_redis = connect.connect(f"redis+cluster://sf-worker:pw-worker@{seeds}")
     try:
         async with Client.from_url(
             f"redis+cluster://sf-publisher:pw-publisher@{seeds}", namespace=namespace
@@ -616,7 +617,7 @@ async def test_a_worker_rides_out_a_master_lost_and_back_while_the_cluster_is_do
     # A short node timeout: the cluster notices the lost master (and its return) sooner. An
     # AOF synced on every write: the killed nodes come back with their data.
     with local_cluster(node_timeout_ms=1000, appendonly=True) as down_cluster:
-        redis = streams.connect(down_cluster.url)
+        redis = connect.connect(down_cluster.url)
         outcomes: list[Outcome] = []
         client = Client(redis, namespace=namespace)
         try:

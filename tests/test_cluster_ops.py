@@ -36,7 +36,7 @@ import redis as redis_sync
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from streamflow import Client, Graph, streams
+from streamflow import Client, Graph, connect, streams
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import Keys
 from streamflow.server import RedisServer
@@ -549,7 +549,7 @@ async def _write_everything(url: str, namespace: str, prefix: str) -> int:
     async with Client.from_url(url, namespace=namespace) as client:
         try:
             await streams.ensure_group(client.redis, keys.role_stream(ROLE))
-        except streams.TRANSIENT_ERRORS:
+        except connect.TRANSIENT_ERRORS:
             refused += 1
         for n in range(3):  # a refused one takes redis-py ~0.4 s of TRYAGAIN retries
             for dedup_key in (f"{prefix}-{n}", f"before-{n}", f"before-{40 + n}"):

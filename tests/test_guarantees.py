@@ -34,6 +34,7 @@ from streamflow import (
     Retry,
     RetryPolicy,
     Worker,
+    connect,
     streams,
 )
 from streamflow.keys import GROUP, Keys
@@ -929,7 +930,7 @@ async def test_more_roles_than_free_slots_do_not_overflow_the_worker(
     for role in roles:
         app.role(role)(handle)
     name = f"overflow-{namespace}"
-    redis = streams.connect(redis_url, name=name)
+    redis = connect.connect(redis_url, name=name)
     keys = Keys(namespace)
     crashed: list[BaseException] = []
     worker = make_worker(app, redis, namespace, concurrency=1, block_ms=1500)

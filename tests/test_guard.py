@@ -20,7 +20,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from streamflow import guard, streams
+from streamflow import connect, guard
 from streamflow.errors import ConfigError
 from streamflow.guard import ServerFacts
 from streamflow.server import RedisServer
@@ -76,7 +76,7 @@ def url_of(server: RedisServer, user: str | None = None) -> str:
 
 @asynccontextmanager
 async def client_of(url: str) -> AsyncIterator[Redis]:
-    client = streams.connect(url)
+    client = connect.connect(url)
     try:
         yield client
     finally:

@@ -18,8 +18,7 @@ PACKAGE = Path(streamflow.__file__).parent
 IO_MODULES = {
     "redis",
     "streamflow.streams",
-    "streamflow.connection",
-    "streamflow.sentinel",
+    "streamflow.connect",
     "streamflow.leases",
     "streamflow.signals",
     "streamflow.settle",
@@ -134,3 +133,44 @@ def test_private_access_check_sees_reads_and_writes(tmp_path: Path) -> None:
         "line 4: getattr(worker, '_x')",
         "line 4: worker._settler",
     ]
+
+
+#: What builds a Redis client or a pool (redis-py's constructors).
+CLIENT_BUILDERS = {"from_url", "from_pool", "BlockingConnectionPool", "RedisCluster", "Sentinel"}
+
+
+def client_builders(path: Path) -> list[str]:
+    """Every call in ``path`` that builds a Redis client or pool, by line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = func.value if isinstance(func, ast.Attribute) else None
+        # Client.from_url is streamflow's own constructor, which calls connect.connect.
+        if name in CLIENT_BUILDERS and not (isinstance(owner, ast.Name) and owner.id == "cls"):
+            found.append(f"{path.name} line {node.lineno}: {ast.unparse(node)[:60]}")
+    return found
+
+
+def test_only_connect_builds_redis_clients() -> None:
+    """Reaching Redis lives in one module: the CLI, Client and SyncClient go through it."""
+    wrong = [
+        found
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.name != "connect.py"
+        for found in client_builders(path)
+    ]
+    assert not wrong
+    assert client_builders(PACKAGE / "connect.py")  # the check sees what it looks for
+
+
+def test_connect_imports_only_the_leaves() -> None:
+    """connect is below streams: it imports no streamflow module but errors (no circle)."""
+    ours = {
+        name.split(".")[1]
+        for name in runtime_imports(PACKAGE / "connect.py")
+        if name.startswith("streamflow.")
+    }
+    assert ours == {"errors"}

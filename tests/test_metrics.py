@@ -15,7 +15,7 @@ import anyio
 import pytest
 import redis
 
-from streamflow import streams
+from streamflow import connect, streams
 from streamflow.client import SyncClient
 from streamflow.coordinator import Coordinator
 from streamflow.keys import COORDINATORS, Keys
@@ -325,7 +325,7 @@ def test_exporter_gauges_match_redis(redis_url: str, namespace: str) -> None:
 async def test_coordinator_counts_task_events_trimmed_while_pending(
     redis_url: str, namespace: str
 ) -> None:
-    client = streams.connect(redis_url)
+    client = connect.connect(redis_url)
     keys = Keys(namespace)
     control = keys.tasks_control()
     try:

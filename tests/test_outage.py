@@ -38,6 +38,7 @@ from streamflow import (
     RedisCommandError,
     RedisUnavailable,
     SyncClient,
+    connect,
     partitions,
     streams,
 )
@@ -139,7 +140,7 @@ def server(private_redis: Callable[..., RedisServer]) -> RedisServer:
 @pytest.fixture
 async def admin(server: RedisServer) -> AsyncIterator[Redis]:
     """The test's own connection for inspecting the server (a short timeout, no retries)."""
-    client = streams.connect(server.url, socket_timeout=2.0, name="test-admin")
+    client = connect.connect(server.url, socket_timeout=2.0, name="test-admin")
     yield client
     await client.aclose()
 
@@ -199,7 +200,7 @@ async def settled(admin: Redis, namespace: str) -> bool:
 async def wait_settled(admin: Redis, namespace: str, timeout: float) -> None:
     with anyio.fail_after(timeout):
         while True:
-            with contextlib.suppress(*streams.TRANSIENT_ERRORS):
+            with contextlib.suppress(*connect.TRANSIENT_ERRORS):
                 if await settled(admin, namespace):
                     return
             await anyio.sleep(0.05)
@@ -225,7 +226,7 @@ async def test_workers_ride_out_a_redis_kill_and_restart_under_load(
     ids = [f"kill-{n:04d}" for n in range(300)]
     published: list[str] = []
     failures = 0
-    client = Client(streams.connect(server.url, socket_timeout=2.0), namespace=namespace)
+    client = Client(connect.connect(server.url, socket_timeout=2.0), namespace=namespace)
     try:
         with anyio.fail_after(60):
 
@@ -264,7 +265,7 @@ async def test_killing_every_client_connection_changes_nothing_but_a_short_pause
     namespace: str,
 ) -> None:
     workers = await start_workers(start_worker, server, namespace, 2)
-    client = Client(streams.connect(server.url, socket_timeout=2.0), namespace=namespace)
+    client = Client(connect.connect(server.url, socket_timeout=2.0), namespace=namespace)
     before = [f"before-{n:03d}" for n in range(100)]
     after = [f"after-{n:03d}" for n in range(100)]
     try:
@@ -297,7 +298,7 @@ async def test_workers_carry_on_after_redis_was_frozen_past_their_read_timeout(
     namespace: str,
 ) -> None:
     workers = await start_workers(start_worker, server, namespace, 2)
-    client = Client(streams.connect(server.url, socket_timeout=2.0), namespace=namespace)
+    client = Client(connect.connect(server.url, socket_timeout=2.0), namespace=namespace)
     first = [f"first-{n:03d}" for n in range(50)]
     frozen = [f"frozen-{n:03d}" for n in range(50)]
     last = [f"last-{n:03d}" for n in range(50)]
@@ -349,7 +350,7 @@ async def test_publishing_to_a_frozen_redis_fails_after_the_socket_timeout(
     server: RedisServer,
 ) -> None:
     """A frozen Redis accepts connections but never answers: the socket timeout bounds it."""
-    client = Client(streams.connect(server.url, socket_timeout=1.0), namespace="frozen")
+    client = Client(connect.connect(server.url, socket_timeout=1.0), namespace="frozen")
     server.pause()
     try:
         began = time.monotonic()
@@ -382,7 +383,7 @@ async def test_a_worker_started_on_a_full_redis_stays_up_and_drains_it(
     server = private_redis(extra_args=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
     namespace = "full"
     keys = Keys(namespace)
-    admin = streams.connect(server.url, socket_timeout=5.0, name="test-admin")
+    admin = connect.connect(server.url, socket_timeout=5.0, name="test-admin")
     try:
         # The role as earlier workers left it: its record and consumer group exist.
         await partitions.ensure(admin, keys, ROLE, 1)
@@ -478,7 +479,7 @@ async def test_workers_ride_out_a_busy_script(
     # A script running past busy-reply-threshold: every other command is refused with BUSY.
     workers = await start_workers(start_worker, server, "busy", 1)
     await admin.config_set("busy-reply-threshold", 100)
-    busy = streams.connect(server.url, socket_timeout=None, name="test-busy")
+    busy = connect.connect(server.url, socket_timeout=None, name="test-busy")
     async with Client(admin, namespace="busy") as client, anyio.create_task_group() as tg:
         await publish_and_wait_handled(client, record_file, 20, "jobs before")
 
@@ -549,11 +550,11 @@ def test_one_classifier_tells_outages_from_the_callers_errors(
 ) -> None:
     # As redis-py parses the reply (the class it picks, or a plain ResponseError).
     exc = BaseParser.parse_error(reply)
-    assert streams.is_outage(exc) is outage
+    assert connect.is_outage(exc) is outage
     assert streams.is_group_lost(exc) is group_lost
     # The public API's promise: a documented error, the original kept as the cause.
     expected = RedisUnavailable if outage else RedisCommandError
-    with pytest.raises(expected) as caught, streams.public_errors("doing it"):
+    with pytest.raises(expected) as caught, connect.public_errors("doing it"):
         raise exc
     assert caught.value.__cause__ is exc
 
@@ -568,7 +569,7 @@ def test_one_classifier_tells_outages_from_the_callers_errors(
     ],
 )
 def test_cluster_redirection_failures_are_outages(exc: Exception) -> None:
-    assert streams.is_outage(exc)
+    assert connect.is_outage(exc)
 
 
 async def make_full(admin: Redis) -> None:
@@ -607,14 +608,14 @@ async def test_a_running_worker_rides_out_redis_filling_up_and_resumes(
 
 
 async def test_an_outage_is_logged_once_and_counted_once(caplog: pytest.LogCaptureFixture) -> None:
-    backoff = streams.Backoff("testing", first=0.001, cap=0.002)
-    outages, recoveries = streams.Backoff.outages, streams.Backoff.recoveries
+    backoff = connect.Backoff("testing", first=0.001, cap=0.002)
+    outages, recoveries = connect.Backoff.outages, connect.Backoff.recoveries
     for _ in range(3):
         await backoff.failed(OutOfMemoryError("command not allowed", status_code="OOM"))
     backoff.succeeded()
     unavailable = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     assert unavailable == ["Redis unavailable while testing (OOM command not allowed); retrying"]
-    assert (streams.Backoff.outages, streams.Backoff.recoveries) == (outages + 1, recoveries + 1)
+    assert (connect.Backoff.outages, connect.Backoff.recoveries) == (outages + 1, recoveries + 1)
 
 
 def spawn(command: list[str], log: Path) -> WorkerProcess:
@@ -672,7 +673,7 @@ async def test_the_error_that_stops_a_worker_is_not_hidden_by_its_cleanup_on_a_f
 ) -> None:
     # Giving the consumer name up at shutdown is a script Redis refuses when full: the error
     # that ended the worker must be the one raised, not that OOM.
-    redis = streams.connect(server.url, socket_timeout=5.0, name="test-worker")
+    redis = connect.connect(server.url, socket_timeout=5.0, name="test-worker")
     worker = Worker(app, redis, roles=[ROLE], namespace="hidden", block_ms=100)
 
     async def break_down() -> None:
@@ -699,7 +700,7 @@ async def test_workers_ride_out_redis_failing_to_persist(
     # script is refused with MISCONF, which redis-py raises as a plain ResponseError.
     data = tmp_path / "data"
     server = private_redis(directory=data, extra_args=["--save", "3600 1"])
-    admin = streams.connect(server.url, socket_timeout=5.0, name="test-admin")
+    admin = connect.connect(server.url, socket_timeout=5.0, name="test-admin")
     try:
         workers = await start_workers(start_worker, server, "misconf", 1)
         async with Client(admin, namespace="misconf") as client:

@@ -24,7 +24,7 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from streamflow import Client, RedisUnavailable, SyncClient, config, sentinel, streams
+from streamflow import Client, RedisUnavailable, SyncClient, config, connect
 from streamflow.errors import ConfigError
 from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
@@ -48,7 +48,7 @@ DUPLICATE_SLACK = 1.0
 
 
 def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> None:
-    parsed = sentinel.parse_url(
+    parsed = connect.parse_sentinel_url(
         "redis+sentinel://app:p%40ss@s1:26380,s2,[::1]:26381/mymaster"
         "?db=3&sentinel_username=watch&sentinel_password=s%40nt"
     )
@@ -61,10 +61,10 @@ def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> No
 
 
 def test_a_sentinel_url_without_credentials_or_parameters_takes_defaults() -> None:
-    parsed = sentinel.parse_url("redis+sentinel://10.0.0.1:26379/cache")
-    assert parsed == sentinel.SentinelURL(sentinels=(("10.0.0.1", 26379),), service="cache")
-    assert sentinel.parse_url("redis+sentinel://:only@h/m").password == "only"
-    assert sentinel.parse_url("redis+sentinel://:only@h/m").username is None
+    parsed = connect.parse_sentinel_url("redis+sentinel://10.0.0.1:26379/cache")
+    assert parsed == connect.SentinelURL(sentinels=(("10.0.0.1", 26379),), service="cache")
+    assert connect.parse_sentinel_url("redis+sentinel://:only@h/m").password == "only"
+    assert connect.parse_sentinel_url("redis+sentinel://:only@h/m").username is None
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_a_sentinel_url_without_credentials_or_parameters_takes_defaults() -> No
 )
 def test_an_invalid_sentinel_url_is_refused_with_the_reason(url: str, reason: str) -> None:
     with pytest.raises(ConfigError, match="invalid Redis URL") as caught:
-        streams.validate_url(url)
+        connect.validate_url(url)
     assert reason in str(caught.value)
 
 
@@ -104,14 +104,14 @@ def test_an_invalid_sentinel_url_is_refused_with_the_reason(url: str, reason: st
 )
 def test_no_error_about_a_sentinel_url_shows_a_password(url: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        streams.validate_url(url)
+        connect.validate_url(url)
     assert CANARY not in str(caught.value)
-    assert CANARY not in streams.redact_url(url)
+    assert CANARY not in connect.redact_url(url)
 
 
 def test_redacting_a_sentinel_url_keeps_everything_but_the_passwords() -> None:
     url = f"redis+sentinel://app:{CANARY}@s1:1,s2:2/m?db=1&sentinel_password={CANARY}"
-    assert streams.redact_url(url) == (
+    assert connect.redact_url(url) == (
         "redis+sentinel://app:***@s1:1,s2:2/m?db=1&sentinel_password=***"
     )
 
@@ -126,7 +126,7 @@ def test_tls_files_with_a_sentinel_url_are_refused(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("not read")
     with pytest.raises(ConfigError, match="TLS is not supported with redis\\+sentinel"):
-        streams.connect("redis+sentinel://h:26379/m", tls_ca_file=ca)
+        connect.connect("redis+sentinel://h:26379/m", tls_ca_file=ca)
 
 
 def test_the_sync_client_refuses_a_sentinel_url_clearly() -> None:
@@ -136,7 +136,7 @@ def test_the_sync_client_refuses_a_sentinel_url_clearly() -> None:
 
 @pytest.mark.anyio
 async def test_a_sentinel_client_has_no_retries_and_short_sentinel_timeouts() -> None:
-    client = streams.connect(
+    client = connect.connect(
         "redis+sentinel://u:pw@127.0.0.1:1/m?db=2&sentinel_password=spw",
         socket_timeout=30,
         name="probe",
@@ -153,7 +153,7 @@ async def test_a_sentinel_client_has_no_retries_and_short_sentinel_timeouts() ->
         (asked,) = pool.sentinel_manager.sentinels
         sentinel_kwargs = asked.connection_pool.connection_kwargs
         assert sentinel_kwargs["password"] == "spw"
-        assert sentinel_kwargs["socket_timeout"] == sentinel.SENTINEL_TIMEOUT
+        assert sentinel_kwargs["socket_timeout"] == connect.SENTINEL_TIMEOUT
         assert sentinel_kwargs["retry"].get_retries() == 0
         assert asked.single_connection_client
     finally:
@@ -164,11 +164,11 @@ async def test_a_sentinel_client_has_no_retries_and_short_sentinel_timeouts() ->
 async def test_unreachable_sentinels_fail_fast_without_showing_a_password() -> None:
     ports = [_closed_port(), _closed_port()]
     url = f"redis+sentinel://app:{CANARY}@" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/m"
-    client = streams.connect(url)
+    client = connect.connect(url)
     try:
         began = time.monotonic()
         with anyio.fail_after(10), pytest.raises(RedisUnavailable) as caught:
-            await streams.ping(client, url)
+            await connect.ping(client, url)
         assert time.monotonic() - began < 5
     finally:
         await client.aclose()
@@ -187,7 +187,7 @@ async def test_unreachable_sentinels_fail_fast_without_showing_a_password() -> N
     ],
 )
 def test_only_replies_of_a_former_master_count_as_an_outage(reply: str, gone: bool) -> None:
-    assert sentinel._master_gone(redis_sync.ResponseError(reply)) is gone
+    assert connect._master_gone(redis_sync.ResponseError(reply)) is gone
 
 
 def _closed_port() -> int:
@@ -236,7 +236,7 @@ def start_worker(tmp_path: Path, trace_file: Path) -> Iterator[StartWorker]:
 @pytest.fixture
 async def admin(group: LocalSentinel) -> AsyncIterator[Redis]:
     """The test's own client of whichever server is master (through the sentinels)."""
-    client = streams.connect(group.url, socket_timeout=2.0, name="test-admin")
+    client = connect.connect(group.url, socket_timeout=2.0, name="test-admin")
     yield client
     await client.aclose()
 
@@ -304,7 +304,7 @@ async def wait_settled(admin: Redis, namespace: str, timeout: float) -> None:
     stream = Keys(namespace).role_stream(ROLE)
     with anyio.fail_after(timeout):
         while True:
-            with suppress(*streams.TRANSIENT_ERRORS):
+            with suppress(*connect.TRANSIENT_ERRORS):
                 pending = int((await admin.xpending(stream, GROUP))["pending"])
                 if pending == 0 and await admin.xlen(stream) == 0:
                     return
@@ -385,7 +385,7 @@ async def planned_failover(group: LocalSentinel) -> Failover:
     answered = time.time()
     await wait_until(group.failed_over, 20, "sentinels promote the replica")
     promoted = time.time()
-    return Failover(began, answered, promoted, promoted + sentinel.MASTER_CHECK_INTERVAL + 1.0)
+    return Failover(began, answered, promoted, promoted + connect.MASTER_CHECK_INTERVAL + 1.0)
 
 
 @pytest.mark.anyio
@@ -402,7 +402,7 @@ async def test_workers_follow_the_master_through_a_failover_under_load(
     await anyio.to_thread.run_sync(group.wait_ready)
     for worker in workers:
         await wait_until(worker.serving, 20, "worker logs 'serving'")
-    client = Client(streams.connect(group.url, socket_timeout=2.0), namespace=namespace)
+    client = Client(connect.connect(group.url, socket_timeout=2.0), namespace=namespace)
     publisher = Publisher(client)
     fail_over = kill_master if how == "master killed" else planned_failover
     try:

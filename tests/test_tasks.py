@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client, Coordinator, Graph, GraphError, Worker, streams, taskstore
+from streamflow import Client, Coordinator, Graph, GraphError, Worker, connect, streams, taskstore
 from streamflow.delivery import Outcome
 from streamflow.graph import RetrySpec
 from streamflow.keys import Keys
@@ -130,7 +130,7 @@ async def system(
     redis_url: str, namespace: str, *, workers: bool = True, **coordinator_options: Any
 ) -> AsyncIterator[tuple[Client, Coordinator, list[Outcome]]]:
     """A worker for every role of ``app`` and a coordinator, running in the background."""
-    redis = streams.connect(redis_url)
+    redis = connect.connect(redis_url)
     outcomes: list[Outcome] = []
     worker = Worker(
         app, redis, namespace=namespace, block_ms=100, shutdown_grace=1, on_outcome=outcomes.append
@@ -685,7 +685,7 @@ async def test_a_cancel_sent_while_no_coordinator_runs_keeps_its_reason_and_fini
     """
     graph = Graph("cancel-offline").node("first", role="gate")
     graph.node("long", role="slow", params={"seconds": 120})
-    redis = streams.connect(redis_url)
+    redis = connect.connect(redis_url)
     client = Client(redis, namespace=namespace)
     outcomes: list[Outcome] = []
     worker = Worker(

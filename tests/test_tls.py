@@ -20,7 +20,7 @@ import anyio
 import pytest
 import redis
 
-from streamflow import App, Client, Context, SyncClient, Worker, config, guard, streams
+from streamflow import App, Client, Context, SyncClient, Worker, config, connect, guard
 from streamflow.errors import ConfigError, RedisUnavailable
 from streamflow.keys import Keys
 from streamflow.server import RedisServer
@@ -62,7 +62,7 @@ class Certs:
         ]
 
     def files(self, *, ca: Path | None = None) -> dict[str, Path]:
-        """The same as keyword arguments of ``streams.connect`` and the clients."""
+        """The same as keyword arguments of ``connect.connect`` and the clients."""
         return {
             "tls_ca_file": ca or self.ca,
             "tls_cert_file": self.client_cert,
@@ -191,11 +191,11 @@ async def test_client_publishes_and_worker_handles_over_tls_with_a_client_certif
         seen.append(payload)
 
     url = tls_url(tls_server)
-    worker_redis = streams.connect(url, name="tls-worker", **certs.files())
+    worker_redis = connect.connect(url, name="tls-worker", **certs.files())
     client = Client.from_url(url, namespace=namespace, **certs.files())
     try:
         with anyio.fail_after(15):
-            await streams.ping(worker_redis, url)
+            await connect.ping(worker_redis, url)
             async with running(Worker(app, worker_redis, namespace=namespace)):
                 await client.publish("echo", {"n": 1})
                 with SyncClient(url, namespace=namespace, **certs.files()) as sync:
@@ -231,10 +231,10 @@ async def test_tls_failures_are_one_line_reasons_naming_the_server(
     if "cert" in files:
         kwargs["tls_cert_file"] = kwargs["tls_key_file"] = None
     url = f"rediss://sf:{CANARY}@{host}:{tls_server.tls_port}/0"
-    client = streams.connect(url, **kwargs)
+    client = connect.connect(url, **kwargs)
     try:
         with anyio.fail_after(10), pytest.raises(RedisUnavailable) as caught:
-            await streams.ping(client, url)
+            await connect.ping(client, url)
     finally:
         await client.aclose()
     message = str(caught.value)
@@ -262,13 +262,13 @@ async def test_a_certificate_for_another_host_name_is_refused(
     other_host_server: RedisServer, certs: Certs, host: str
 ) -> None:
     url = f"rediss://{host}:{other_host_server.tls_port}/0"
-    client = streams.connect(url, tls_ca_file=certs.ca)
+    client = connect.connect(url, tls_ca_file=certs.ca)
     try:
         with (
             anyio.fail_after(10),
             pytest.raises(RedisUnavailable) as caught,
         ):
-            await streams.ping(client, url)
+            await connect.ping(client, url)
     finally:
         await client.aclose()
     mismatch = "IP address mismatch" if host[0].isdigit() else "Hostname mismatch"
@@ -468,7 +468,7 @@ async def test_a_tls_cluster_url_runs_a_partitioned_role_over_tls_on_every_maste
 
     url = tls_cluster.url
     assert url.startswith("rediss+cluster://")
-    worker_redis = streams.connect(url, name="tls-worker", **certs.files())
+    worker_redis = connect.connect(url, name="tls-worker", **certs.files())
     try:
         with anyio.fail_after(20):
             async with (
@@ -492,18 +492,18 @@ async def test_a_tls_cluster_url_runs_a_partitioned_role_over_tls_on_every_maste
 async def test_a_tls_cluster_refuses_a_wrong_ca_and_an_encrypted_key_in_one_line(
     tls_cluster: LocalCluster, certs: Certs
 ) -> None:
-    wrong = streams.connect(tls_cluster.url, **certs.files(ca=certs.wrong_ca))
+    wrong = connect.connect(tls_cluster.url, **certs.files(ca=certs.wrong_ca))
     try:
         with pytest.raises(RedisUnavailable, match="certificate verify failed"):
-            await streams.ping(wrong, tls_cluster.url)
+            await connect.ping(wrong, tls_cluster.url)
     finally:
         await wrong.aclose()
     with pytest.raises(ConfigError, match=r"the TLS key file .* is encrypted"):
-        streams.connect(
+        connect.connect(
             tls_cluster.url,
             tls_ca_file=certs.ca,
             tls_cert_file=certs.client_cert,
             tls_key_file=certs.encrypted_key,
         )
     with pytest.raises(ConfigError, match="TLS files need a rediss:// or rediss\\+cluster://"):
-        streams.connect(tls_cluster.url.replace("rediss+", "redis+"), **certs.files())
+        connect.connect(tls_cluster.url.replace("rediss+", "redis+"), **certs.files())

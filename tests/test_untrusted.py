@@ -32,6 +32,7 @@ from streamflow import (
     Outcome,
     RetryPolicy,
     Worker,
+    connect,
     partitions,
     registry,
     signals,
@@ -374,7 +375,7 @@ async def test_start_up_loads_cancels_from_the_index_and_never_scans(
     private_redis: Callable[..., RedisServer], namespace: str
 ) -> None:
     server = private_redis()
-    redis = streams.connect(server.url)
+    redis = connect.connect(server.url)
     try:
         keys = Keys(namespace)
         pipe = redis.pipeline(transaction=False)
