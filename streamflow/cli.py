@@ -29,7 +29,8 @@ from redis.exceptions import ResponseError
 
 from streamflow import config, connect, guard, logs
 from streamflow.cli_root import main as main  # re-exported: the command modules register on it
-from streamflow.client import CancelResult, Client, DeadLetterEntry, ReplayResult
+from streamflow.client import CancelResult, Client
+from streamflow.deadletters import DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.logs import echo, shown
 from streamflow.metrics import Health, MetricsServer

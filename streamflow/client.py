@@ -1,7 +1,8 @@
 """Publishing from any Python service, DAG tasks, and dead-letter operations.
 
 :class:`Client` (async) and :class:`SyncClient` publish jobs; :class:`Client` also submits and
-follows tasks, and lists, shows, replays and purges dead letters.
+follows tasks, and lists, shows, replays and purges dead letters (through
+:mod:`streamflow.deadletters`, which does that work).
 """
 
 from __future__ import annotations
@@ -23,22 +24,19 @@ from redis.exceptions import ResponseError
 
 from streamflow import connect, partitions, registry, signals, streams
 from streamflow import graph as graphs
+from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import (
     CancelledIdWarning,
     ConfigError,
     NoCoordinatorWarning,
     PayloadError,
-    ProtocolError,
     RedisUnavailable,
     UnknownRoleWarning,
 )
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
-    DeadLetter,
     check_publish_fields,
-    decode_dead_letter,
-    encode,
     encode_job_fields,
     new_message_id,
     now_ms,
@@ -144,36 +142,6 @@ class _Publisher:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetterEntry:
-    """One entry of a dead-letter stream.
-
-    Attributes:
-        id: Its id in the dead-letter stream (what ``dlq show``/``replay`` take).
-        letter: The decoded dead letter; None when the entry cannot be read (see ``problem``).
-        raw: The original entry's fields, verbatim (cut at the worker's size limit).
-        problem: Why the entry could not be read, when it could not.
-    """
-
-    id: str
-    letter: DeadLetter | None
-    raw: dict[str, bytes]
-    problem: str | None = None
-
-
-@dataclass(slots=True)
-class ReplayResult:
-    """What a replay did.
-
-    Attributes:
-        replayed: (dead-letter id, new role-stream entry id) for each entry sent back.
-        skipped: (dead-letter id, why) for each entry not sent back.
-    """
-
-    replayed: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
 @dataclass(slots=True)
 class CancelResult:
     """What a cancel did, as far as the workers reported.
@@ -239,6 +207,7 @@ class Client:
         self._scripts = streams.Scripts(redis)
         self._tasks = TaskStore(redis, self.keys, self._scripts)
         self._layouts = partitions.Layouts(redis, self.keys)
+        self._dead = DeadLetters(redis, self.keys, self._scripts, self._layouts)
 
     @classmethod
     def from_url(
@@ -411,44 +380,17 @@ class Client:
         A partitioned role's dead letters are listed partition by partition, with ids
         ``<partition>:<entry id>``.
         """
-        layout = await self._layouts.get(validate_name(role, "role"))
-        first, start = (0, "-") if after == "-" else _split_dead_id(layout, after)
-        out: list[DeadLetterEntry] = []
-        for index in range(first, layout.count):
-            if index > first:
-                start = "-"
-            key = self.keys.dead_letters(layout.shards[index])
-            reply: Any = await self.redis.xrange(
-                key, start if start == "-" else f"({start}", "+", count - len(out)
-            )
-            out += [_dead_letter_entry(i, f, _prefix(layout, index)) for i, f in reply]
-            if len(out) >= count:
-                break
-        return out
+        return await self._dead.page(role, count=count, after=after)
 
     @_public("reading a dead letter")
     async def dead_letter(self, role: str, dead_id: str) -> DeadLetterEntry | None:
         """One dead letter by its id, or None (also for a partition the role does not have)."""
-        layout = await self._layouts.get(validate_name(role, "role"))
-        try:
-            index, entry_id = _split_dead_id(layout, dead_id)
-        except ValueError:
-            return None
-        key = self.keys.dead_letters(layout.shards[index])
-        reply: Any = await self.redis.xrange(key, entry_id, entry_id)
-        if not reply:
-            return None
-        found_id, fields = reply[0]
-        return _dead_letter_entry(found_id, fields, _prefix(layout, index))
+        return await self._dead.get(role, dead_id)
 
     @_public("counting dead letters")
     async def dead_letter_count(self, role: str) -> int:
         """How many dead letters ``role`` has (in all its partitions)."""
-        layout = await self._layouts.get(validate_name(role, "role"))
-        total = 0
-        for shard in layout.shards:
-            total += int(await self.redis.xlen(self.keys.dead_letters(shard)))
-        return total
+        return await self._dead.count(role)
 
     @_public("replaying dead letters")
     async def replay(self, role: str, dead_ids: Sequence[str] | None = None) -> ReplayResult:
@@ -461,62 +403,12 @@ class Client:
             role: The role.
             dead_ids: The dead letters to replay; all of them when None.
         """
-        result = ReplayResult()
-        if dead_ids is not None:
-            for dead_id in dead_ids:
-                entry = await self.dead_letter(role, dead_id)
-                if entry is None:
-                    result.skipped.append((dead_id, "no such dead letter"))
-                else:
-                    await self._replay_one(role, entry, result)
-            return result
-        after = "-"
-        while page := await self.dead_letters(role, count=100, after=after):
-            for entry in page:
-                await self._replay_one(role, entry, result)
-            after = page[-1].id
-        return result
-
-    async def _replay_one(self, role: str, entry: DeadLetterEntry, result: ReplayResult) -> None:
-        if entry.letter is None:
-            result.skipped.append((entry.id, f"unreadable dead letter: {entry.problem}"))
-            return
-        job = entry.letter.job
-        if job is None:
-            why = f"not a valid job ({entry.letter.reason}): nothing to replay"
-            result.skipped.append((entry.id, why))
-            return
-        layout = await self._layouts.get(role)
-        index, entry_id = _split_dead_id(layout, entry.id)
-        shard = layout.shards[index]  # back to the partition it came from
-        new_id = await streams.replay(
-            self._scripts,
-            self.redis,
-            stream=self.keys.role_stream(shard),
-            dead_stream=self.keys.dead_letters(shard),
-            dead_id=entry_id.encode(),
-            message=encode(job.model_copy(update={"attempt": 1})),
-        )
-        if new_id is None:
-            result.skipped.append((entry.id, "already replayed or purged"))
-        else:
-            result.replayed.append((entry.id, new_id.decode()))
+        return await self._dead.replay(role, dead_ids)
 
     @_public("purging dead letters")
     async def purge_dead_letters(self, role: str) -> int:
         """Delete every dead letter of ``role``; returns how many there were."""
-        layout = await self._layouts.get(validate_name(role, "role"))
-        total = 0
-        for shard in layout.shards:
-            key = self.keys.dead_letters(shard)
-            # In MULTI on a single node; on a cluster a dead letter added between XLEN and DEL
-            # is deleted without being counted (see streams.one_slot_pipeline).
-            pipe = streams.one_slot_pipeline(self.redis)
-            pipe.xlen(key)
-            pipe.delete(key)
-            count, _ = await pipe.execute()
-            total += int(count)
-        return total
+        return await self._dead.purge(role)
 
     # -- cancel -----------------------------------------------------------------------------
 
@@ -936,38 +828,6 @@ def _absolute_ms(when: When) -> int | None:
         return int(when.timestamp() * 1000)
     seconds = when.total_seconds() if isinstance(when, timedelta) else float(when)
     return now_ms() + int(seconds * 1000)
-
-
-def _dead_letter_entry(
-    entry_id: bytes, fields: dict[bytes, bytes], prefix: str = ""
-) -> DeadLetterEntry:
-    shown = prefix + entry_id.decode()
-    try:
-        letter, raw = decode_dead_letter(fields)
-    except ProtocolError as exc:
-        # One corrupt entry must not hide the others: it is listed with its problem.
-        raw = {k.decode(errors="replace"): v for k, v in fields.items()}
-        return DeadLetterEntry(shown, None, raw, f"{exc.reason}: {exc.detail}")
-    return DeadLetterEntry(shown, letter, raw)
-
-
-def _prefix(layout: partitions.Layout, index: int) -> str:
-    """How a dead letter's id starts: its partition, for a partitioned role."""
-    return f"{index}:" if layout.count > 1 else ""
-
-
-def _split_dead_id(layout: partitions.Layout, dead_id: str) -> tuple[int, str]:
-    """(partition index, entry id) of a dead letter id as :meth:`Client.dead_letters` shows it.
-
-    Raises:
-        ValueError: It names a partition the role does not have.
-    """
-    index, colon, entry_id = dead_id.partition(":")
-    if not colon:
-        return 0, dead_id
-    if not index.isdigit() or int(index) >= layout.count:
-        raise ValueError(f"no partition {index!r} in role {layout.role!r}: {dead_id!r}")
-    return int(index), entry_id
 
 
 def _chunks(items: Sequence[tuple[str, str, bytes]], size: int) -> Iterable[Sequence[Any]]:

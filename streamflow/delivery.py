@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from streamflow.streams import Entry
 
 
+#: Why a handler is stopped (see :meth:`Delivery.stop`).
+StopCause = Literal["lease_lost", "cancelled", "shutdown"]
+
+
 @dataclass(eq=False, slots=True)
 class Delivery:
     """One entry this process holds, from read (or adoption) until it is settled.
@@ -47,6 +51,9 @@ class Delivery:
         cancel: The cancel signal that stopped it, if any.
         finished: Set when its handling has ended (created only when someone waits for it).
         node: For a task node's job: its run (batches emitted, events).
+
+    Its stop flags (``lost``, ``released``, ``cancel``), its handler's cancel token and
+    shutdown flag and its scope change only through :meth:`stop`.
     """
 
     role: Role
@@ -66,6 +73,42 @@ class Delivery:
     cancel: CancelSignal | None = None
     finished: anyio.Event | None = None
     node: NodeRun | None = None
+
+    def stop(
+        self, cause: StopCause, reason: str, *, hard: bool, signal: CancelSignal | None = None
+    ) -> None:
+        """Stop this delivery's handler for ``cause``: the one place its stop flags change.
+
+        ``lease_lost`` marks it lost (another consumer owns it: apply nothing); only ``hard``
+        (its handler is running and may now run twice) sets its cancel token to ``reason``.
+        ``cancelled`` records ``signal`` (if given) and sets the cancel token to ``reason``.
+        ``shutdown`` marks it released (handed back, not a failed attempt) and sets the
+        handler's ``ctx.shutting_down``, never its cancel token: a handler stopping on its
+        token would abort on every deploy.
+
+        Args:
+            cause: Why it stops.
+            reason: The cancel token's reason (``lease_lost`` and ``cancelled``).
+            hard: Also cancel its handler's scope (if running) instead of waiting for the
+                handler to stop cooperatively.
+            signal: For ``cancelled``: the cancel signal that stopped it.
+        """
+        ctx = self.context
+        if cause == "lease_lost":
+            self.lost = True
+            if hard and ctx is not None:
+                ctx.cancel._set(reason)
+        elif cause == "cancelled":
+            if signal is not None:
+                self.cancel = signal
+            if ctx is not None:
+                ctx.cancel._set(reason)
+        else:
+            self.released = True
+            if ctx is not None:
+                ctx._shut_down()
+        if hard and self.scope is not None:
+            self.scope.cancel()
 
 
 @dataclass(slots=True)

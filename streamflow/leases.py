@@ -255,8 +255,8 @@ class LeaseKeeper:
         self.losses[found] = self.losses.get(found, 0) + count
 
     def _lose(self, delivery: Delivery) -> None:
-        delivery.lost = True
         if not delivery.started:
+            delivery.stop("lease_lost", "lease lost", hard=False)
             self.count_loss("unstarted")
             return
         self.count_loss("renewal")
@@ -266,10 +266,7 @@ class LeaseKeeper:
             delivery.role.name,
             delivery.entry.id.decode(),
         )
-        if delivery.context is not None:
-            delivery.context.cancel._set("lease lost")
-        if delivery.scope is not None:
-            delivery.scope.cancel()
+        delivery.stop("lease_lost", "lease lost", hard=True)
 
     async def confirm(self, stream: str, entries: list[streams.Entry]) -> list[streams.Entry]:
         """Renew freshly read entries at once; return those still owned (the rest are lost).

@@ -292,7 +292,7 @@ class Settler:
                     extra=_log_fields(delivery),
                 )
             return
-        delivery.lost = True
+        delivery.stop("lease_lost", "lease lost", hard=False)
         if not delivery.started:
             self._leases.count_loss("unstarted")
             return

@@ -366,9 +366,7 @@ class StopReporter:
             if d.job is not None and d.cancel is None and not d.lost and matches(signal, d.job)
         ]
         for delivery in matched:
-            delivery.cancel = signal
-            if delivery.context is not None:
-                delivery.context.cancel._set(signal.reason)
+            delivery.stop("cancelled", signal.reason, hard=False, signal=signal)
             if delivery.finished is None:
                 delivery.finished = anyio.Event()
         self._running[signal.id] = set(matched)
@@ -393,7 +391,8 @@ class StopReporter:
                     delivery.job.id if delivery.job else "?",
                     grace,
                 )
-                delivery.scope.cancel()
+                reason = delivery.cancel.reason if delivery.cancel is not None else ""
+                delivery.stop("cancelled", reason, hard=True)
 
     async def stopped(self, signal_id: str, delivery: Delivery) -> None:
         """Record that ``delivery`` was stopped (or refused) because of ``signal_id``."""

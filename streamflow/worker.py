@@ -303,8 +303,7 @@ class Worker:
         if not self._stopping.is_set():
             for delivery in self._held:
                 if delivery.scope is not None and delivery.context is not None:
-                    delivery.released = True
-                    delivery.context._shut_down()
+                    delivery.stop("shutdown", "shutting down", hard=False)
         self._stopping.set()
         self._capacity.set()
         for wakeup in self._promoter_wakeups.values():
@@ -536,11 +535,7 @@ class Worker:
                 self._grace,
             )
         for delivery in running:
-            delivery.released = True
-            if delivery.context is not None:
-                delivery.context._shut_down()
-            assert delivery.scope is not None
-            delivery.scope.cancel()
+            delivery.stop("shutdown", "shutting down", hard=True)
 
     async def _read_loop(self, role: Role, shard: str, burst: bool) -> None:
         stream = self._keys.role_stream(shard)
@@ -1030,7 +1025,7 @@ class Worker:
             # An owner-checked write of the handler (a task node's emit) was refused.
             if not delivery.lost:
                 self._leases.count_loss("settle")
-            delivery.lost = True
+            delivery.stop("lease_lost", "lease lost", hard=False)
             return decisions.LOST
         except Exception as exc:
             return decisions.after_error(delivery, job, exc)

@@ -174,3 +174,68 @@ def test_connect_imports_only_the_leaves() -> None:
         if name.startswith("streamflow.")
     }
     assert ours == {"errors"}
+
+
+#: (attribute, attribute of its owner or None) of the calls that stop a handler by hand.
+STOP_CALLS = {("_shut_down", None), ("_set", "cancel"), ("cancel", "scope")}
+
+
+def _stops_by_hand(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        return [
+            t
+            for t in node.targets
+            if isinstance(t, ast.Attribute)
+            and (
+                t.attr in ("lost", "released")
+                # delivery.cancel = signal; not self.cancel (a script) nor self.step.cancel.
+                or (t.attr == "cancel" and isinstance(t.value, ast.Name) and t.value.id != "self")
+            )
+        ]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        owner = node.func.value
+        owner_attr = owner.attr if isinstance(owner, ast.Attribute) else None
+        called = {(node.func.attr, owner_attr), (node.func.attr, None)}
+        if called & STOP_CALLS:
+            return [node.func]
+    return []
+
+
+def stop_writes(path: Path) -> list[str]:
+    """Every place in ``path`` that stops a handler by hand: sets a delivery's ``lost``,
+    ``released`` or ``cancel``, its handler's cancel token or shutdown flag, or cancels its
+    ``scope``."""
+    return [
+        f"{path.name} line {node.lineno}: {ast.unparse(hit)}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        for hit in _stops_by_hand(node)
+    ]
+
+
+def test_only_delivery_stop_stops_a_handler() -> None:
+    """Stopping a handler for a reason is written once, in ``Delivery.stop``."""
+    found = [
+        hit
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.name != "delivery.py"
+        for hit in stop_writes(path)
+    ]
+    assert not found
+
+
+def test_stop_check_sees_every_hand_written_stop(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "def f(delivery, tg):\n"
+        "    delivery.lost = True\n"
+        "    delivery.released = True\n"
+        "    delivery.cancel = signal\n"
+        "    delivery.context.cancel._set('lease lost')\n"
+        "    delivery.context._shut_down()\n"
+        "    delivery.scope.cancel()\n"
+        "    tg.cancel_scope.cancel()\n"
+        "    self.step.cancel = 'x'\n"
+    )
+    assert [hit.split(":")[0] for hit in stop_writes(source)] == [
+        f"sample.py line {n}" for n in range(2, 8)
+    ]
