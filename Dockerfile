@@ -17,7 +17,7 @@ ENV STREAMFLOW_METRICS_HOST=0.0.0.0
 
 WORKDIR /app
 
-# The package, with its example app (streamflow.demo_app), installed from a copy of the source
+# The package, with its example app (streamflow.dag.demo), installed from a copy of the source
 # that is then removed. Installing it before copying the examples keeps this layer when only
 # the examples change. No extras: a YAML task graph (`streamflow submit graph.yaml`) needs
 # `pip install 'streamflow[yaml]'` in an image built FROM this one; JSON graphs need nothing.
@@ -34,4 +34,4 @@ USER streamflow
 # streamflow handles SIGTERM as a graceful shutdown: stop reading, let running handlers finish
 # within --shutdown-grace, then release the rest to other workers.
 STOPSIGNAL SIGTERM
-CMD ["streamflow", "worker", "--app", "streamflow.demo_app:app"]
+CMD ["streamflow", "worker", "--app", "streamflow.dag.demo:app"]

@@ -16,7 +16,7 @@ from typing import Any, Self
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent

@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 
 from streamflow import Client, connect
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -125,7 +125,7 @@ def write(args: argparse.Namespace, table: str) -> None:
         "`streamflow` script does the same import).\n\n"
         f"{table}\n\n"
         "The target is at most 0.15 s over the bare interpreter for `--version` and `--help`: "
-        "the root group (streamflow/cli_root.py) imports a command's module only when that "
+        "the root group (streamflow/cli/__init__.py) imports a command's module only when that "
         "command runs, and `import streamflow` imports its public names on first use. "
         "`publish` still imports redis, pydantic and the client with its DAG modules: most of "
         "what is left is the cost of those libraries, not of the CLI.\n"

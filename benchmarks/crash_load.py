@@ -41,7 +41,7 @@ import redis
 
 from streamflow.client import SyncClient
 from streamflow.keys import GROUP, Keys
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 from tests.apps import read_trace
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import REPO_ROOT, git_revision, markdown_table, replace_section
 from streamflow import Client
+from streamflow.ops.server import RedisServer
 from streamflow.partitions import partition_of
-from streamflow.server import RedisServer
 from tests.cluster import local_cluster
 from tests.helpers import wait_for
 from tests.test_cluster_ops import (

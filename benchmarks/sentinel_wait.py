@@ -1,6 +1,6 @@
 """The cost of ``WAIT 1`` after each publish, on a master with one replica.
 
-Starts a private master and a replica on free loopback ports (``streamflow.server.RedisServer``)
+Starts a private master and a replica on free loopback ports (``streamflow.ops.server.RedisServer``)
 and publishes ``--messages`` jobs to a role stream, each as one XADD of a job the size of a
 small streamflow message, in two ways:
 
@@ -29,7 +29,7 @@ import redis as redis_sync
 from redis.asyncio import Redis
 
 from streamflow import connect
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 
 STREAM = "bench:{role:wait}"
 BODY = b'{"v":1,"id":"0123456789abcdef0123456789abcdef","role":"wait","payload":{"n":1}}' * 2

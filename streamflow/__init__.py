@@ -22,7 +22,9 @@ if TYPE_CHECKING:
         Retry,
         ShuttingDown,
     )
-    from streamflow.coordinator import Coordinator
+    from streamflow.dag.coordinator import Coordinator
+    from streamflow.dag.graph import Graph, GraphError
+    from streamflow.dag.tasks import NodeState, TaskState
     from streamflow.delivery import Outcome
     from streamflow.errors import (
         ConfigError,
@@ -34,9 +36,7 @@ if TYPE_CHECKING:
         RedisUnavailable,
         StreamflowError,
     )
-    from streamflow.graph import Graph, GraphError
     from streamflow.leases import LeaseSettings
-    from streamflow.tasks import NodeState, TaskState
     from streamflow.worker import Worker
 
 #: Where each public name lives. ``import streamflow`` (which every ``streamflow`` command does,
@@ -54,7 +54,7 @@ _EXPORTS = {
     "Fatal": "streamflow.context",
     "Retry": "streamflow.context",
     "ShuttingDown": "streamflow.context",
-    "Coordinator": "streamflow.coordinator",
+    "Coordinator": "streamflow.dag.coordinator",
     "ConfigError": "streamflow.errors",
     "InvalidNameError": "streamflow.errors",
     "MissingExtraError": "streamflow.errors",
@@ -63,12 +63,12 @@ _EXPORTS = {
     "RedisCommandError": "streamflow.errors",
     "RedisUnavailable": "streamflow.errors",
     "StreamflowError": "streamflow.errors",
-    "Graph": "streamflow.graph",
-    "GraphError": "streamflow.graph",
+    "Graph": "streamflow.dag.graph",
+    "GraphError": "streamflow.dag.graph",
     "LeaseSettings": "streamflow.leases",
     "Outcome": "streamflow.delivery",
-    "NodeState": "streamflow.tasks",
-    "TaskState": "streamflow.tasks",
+    "NodeState": "streamflow.dag.tasks",
+    "TaskState": "streamflow.dag.tasks",
     "Worker": "streamflow.worker",
 }
 

@@ -1,5 +1,5 @@
 """``python -m streamflow`` runs the command line."""
 
-from streamflow.cli_root import main
+from streamflow.cli import main
 
 main()

@@ -23,7 +23,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamflow import connect, partitions, registry, signals, streams
-from streamflow import graph as graphs
+from streamflow.dag import graph as graphs
+from streamflow.dag.store import TaskStore
+from streamflow.dag.tasks import TaskState, TaskStatus
 from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import (
     CancelledIdWarning,
@@ -41,8 +43,6 @@ from streamflow.protocol import (
     new_message_id,
     now_ms,
 )
-from streamflow.tasks import TaskState, TaskStatus
-from streamflow.taskstore import TaskStore
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from streamflow import connect
 
 if TYPE_CHECKING:
-    from streamflow.coordinator import Coordinator
+    from streamflow.dag.coordinator import Coordinator
     from streamflow.worker import Worker
 
 #: Handler duration buckets (seconds): from sub-millisecond handlers to ten-minute jobs.

@@ -34,13 +34,13 @@ from redis.asyncio import Redis
 from streamflow import connect, extras, partitions, streams
 from streamflow.app import App
 from streamflow.client import Client
-from streamflow.coordinator import Coordinator
+from streamflow.dag.coordinator import Coordinator
+from streamflow.dag.graph import Graph, GraphSpec
+from streamflow.dag.tasks import TaskState
 from streamflow.delivery import Outcome
 from streamflow.errors import NoCoordinatorWarning
-from streamflow.graph import Graph, GraphSpec
 from streamflow.keys import Keys
 from streamflow.protocol import DeadLetter, decode_dead_letter
-from streamflow.tasks import TaskState
 from streamflow.worker import Worker
 
 

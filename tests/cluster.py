@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 
 #: How long the cluster may take to agree on its slots (it takes about 2 s on loopback).
 READY_TIMEOUT = 30.0

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from streamflow import connect
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 
 
 def _require_redis_server() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 
 #: The service name the sentinels monitor.
 SERVICE = "sfmaster"

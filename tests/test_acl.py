@@ -37,26 +37,25 @@ from streamflow import (
     LeaseSettings,
     SyncClient,
     Worker,
-    acl,
     connect,
-    guard,
     streams,
 )
-from streamflow.cli_security import acl_command
+from streamflow.cli.security import acl_command
 from streamflow.delivery import Outcome
-from streamflow.exporter import Exporter
 from streamflow.keys import COORDINATORS, GROUP, Keys
-from streamflow.server import RedisServer
+from streamflow.ops import acl, guard
+from streamflow.ops.exporter import Exporter
+from streamflow.ops.server import RedisServer
 from tests.helpers import ROOT, clean_env, wait_for, wait_for_query, wait_until
 from tests.test_cli import kill_tree
 
 NS = "acl"
 KEYS = Keys(NS)
-#: ``streamflow acl`` whether or not streamflow/cli.py imports cli_security yet.
+#: ``streamflow acl`` whether or not streamflow/cli/commands.py imports cli_security yet.
 ACL_CLI = [
     sys.executable,
     "-c",
-    "import streamflow.cli_security; from streamflow.cli import main; main()",
+    "import streamflow.cli.security; from streamflow.cli.commands import main; main()",
 ]
 CLI = [sys.executable, "-m", "streamflow"]
 CLI_TIMEOUT = 20.0

@@ -1,4 +1,4 @@
-"""The CLI's root group imports a command's module only when it is needed (streamflow/cli_root.py).
+"""The CLI's root group imports a command's module only when needed (streamflow/cli/__init__.py).
 
 Structure, not time: which modules ``streamflow --version`` and ``--help`` import, and that the
 root's table of commands (name, module, short help) says what the command modules define.
@@ -14,7 +14,7 @@ import click
 import pytest
 
 import streamflow
-from streamflow.cli_root import COMMANDS, main
+from streamflow.cli import COMMANDS, main
 from tests.helpers import clean_env
 
 #: Runs ``python -m streamflow ARGS`` in-process and prints the top-level packages it imported.
@@ -56,16 +56,18 @@ def imported_by(*args: str) -> set[str]:
 @pytest.mark.parametrize("args", [("--version",), ("--help",), ()])
 def test_version_and_help_import_no_redis_pydantic_or_prometheus(args: tuple[str, ...]) -> None:
     modules = imported_by(*args)
-    assert "streamflow.cli_root" in modules or "streamflow.cli" in modules  # the CLI did run
+    assert "streamflow.cli" in modules  # the root group did run
+    assert "streamflow.cli.commands" not in modules
     heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY or m in HEAVY)
     assert heavy == []
 
 
 def test_a_command_imports_its_own_module_only() -> None:
     modules = imported_by("acl", "--help")
-    assert "streamflow.cli_security" in modules
+    assert "streamflow.cli.security" in modules
     assert (
-        not {"streamflow.cli_tasks", "streamflow.cli_inspect", "streamflow.coordinator"} & modules
+        not {"streamflow.cli.tasks", "streamflow.cli.inspect", "streamflow.dag.coordinator"}
+        & modules
     )
 
 
@@ -83,7 +85,7 @@ def test_the_command_table_names_every_command_with_its_module_and_help() -> Non
 
 def help_text(*, load_all: bool) -> str:
     """What ``streamflow --help`` prints, with the command modules imported first or not."""
-    code = "from streamflow.cli_root import main\n"
+    code = "from streamflow.cli import main\n"
     code += "main.load_all()\n" if load_all else ""
     code += "main(['--help'], prog_name='streamflow')"
     return subprocess.run(

@@ -23,19 +23,18 @@ from streamflow import (
     RetryPolicy,
     SyncClient,
     Worker,
-    acl,
     connect,
-    guard,
     partitions,
     streams,
 )
 from streamflow.delivery import Outcome
 from streamflow.errors import ConfigError, RedisUnavailable
-from streamflow.exporter import Exporter
-from streamflow.inspect import inspect_roles
 from streamflow.keys import Keys
+from streamflow.ops import acl, guard
+from streamflow.ops.exporter import Exporter
+from streamflow.ops.inspect import inspect_roles
+from streamflow.ops.server import RedisServer
 from streamflow.protocol import decode_dead_letter
-from streamflow.server import RedisServer
 from tests.cluster import LocalCluster, local_cluster, require_cluster_tools
 from tests.helpers import pending_count, running, wait_for, wait_until
 from tests.test_crash import Record, Workers, assert_none_lost_and_duplicates_allowed, unique

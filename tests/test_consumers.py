@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from streamflow import streams
 from streamflow.client import SyncClient
 from streamflow.consumers import ConsumerNames
-from streamflow.coordinator import Coordinator
+from streamflow.dag.coordinator import Coordinator
 from streamflow.errors import InvalidNameError
 from streamflow.keys import COORDINATORS, GROUP, Keys
 from tests.helpers import wait_for

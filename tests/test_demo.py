@@ -22,7 +22,8 @@ import psutil
 import pytest
 import redis
 
-from streamflow import Client, config, demo_app
+from streamflow import Client, config
+from streamflow.dag import demo as demo_app
 from streamflow.testing import Harness
 from tests.helpers import ROOT, clean_env, wait_for
 
@@ -296,7 +297,7 @@ async def _run_demo_graph() -> Any:
 
 
 def test_demo_app_loads_like_any_app_and_its_graph_runs_in_the_harness() -> None:
-    app = config.load_app("streamflow.demo_app:app")
+    app = config.load_app("streamflow.dag.demo:app")
     assert {"demo.readings", "demo.clean", "demo.enrich", "demo.report"} <= set(app.roles)
     run = anyio.run(_run_demo_graph)
     assert run.succeeded, run.state

@@ -21,9 +21,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from streamflow import App, Context, Worker
-from streamflow.coordinator import Coordinator
-from streamflow.exporter import Exporter, Snapshot
-from streamflow.inspect import GroupInfo, RoleInfo
+from streamflow.dag.coordinator import Coordinator
+from streamflow.ops.exporter import Exporter, Snapshot
+from streamflow.ops.inspect import GroupInfo, RoleInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus-alerts.yml"

@@ -14,7 +14,8 @@ import anyio
 import pytest
 
 import streamflow
-from streamflow import extras, graph
+from streamflow import extras
+from streamflow.dag import graph
 from streamflow.errors import ConfigError, MissingExtraError
 from streamflow.testing import Harness
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 from tests.helpers import clean_env
 from tests.test_metrics import free_port
 

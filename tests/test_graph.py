@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from streamflow.graph import (
+from streamflow.dag.graph import (
     MAX_DOCUMENT_BYTES,
     MAX_EDGES,
     MAX_NODES,
@@ -220,12 +220,12 @@ def test_yaml_is_read_with_the_safe_loader() -> None:
 
 
 def test_yaml_python_object_tag_is_refused() -> None:
-    text = "!!python/object:streamflow.graph.Graph {name: x}\n"
+    text = "!!python/object:streamflow.dag.graph.Graph {name: x}\n"
 
     with pytest.raises(GraphError) as caught:
         load(text, filename="g.yml")
 
-    assert "tag:yaml.org,2002:python/object:streamflow.graph.Graph" in caught.value.problems[0]
+    assert "tag:yaml.org,2002:python/object:streamflow.dag.graph.Graph" in caught.value.problems[0]
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,11 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from streamflow import connect, guard
+from streamflow import connect
 from streamflow.errors import ConfigError
-from streamflow.guard import ServerFacts
-from streamflow.server import RedisServer
+from streamflow.ops import guard
+from streamflow.ops.guard import ServerFacts
+from streamflow.ops.server import RedisServer
 from tests.helpers import ROOT, clean_env, wait_for
 from tests.test_cli import kill_tree
 
@@ -84,7 +85,7 @@ async def client_of(url: str) -> AsyncIterator[Redis]:
 
 
 def guard_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "streamflow.guard"]
+    return [r for r in caplog.records if r.name == "streamflow.ops.guard"]
 
 
 # -- check_server against real servers --------------------------------------------------------
@@ -272,7 +273,7 @@ def test_worker_on_a_risky_server_logs_each_warning_once_and_serves(
     text = log.read_text()
     for code in RISKS:
         assert text.count(PHRASES[code]) == 1, (code, text)
-    assert text.count(" WARNING streamflow.guard: ") == len(RISKS), text
+    assert text.count(" WARNING streamflow.ops.guard: ") == len(RISKS), text
     assert CANARY not in text and "Traceback" not in text
 
 
@@ -286,7 +287,7 @@ def test_worker_on_a_safe_server_logs_no_warning(
     wait_serving(process, log)
     stop(process)
     text = log.read_text()
-    assert "streamflow.guard" not in text and " WARNING " not in text, text
+    assert "streamflow.ops.guard" not in text and " WARNING " not in text, text
     assert CANARY not in text
 
 

@@ -15,8 +15,8 @@ import redis
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, SyncClient, Worker
-from streamflow.inspect import inspect_role, inspect_roles, longest_idle
 from streamflow.keys import GROUP, Keys
+from streamflow.ops.inspect import inspect_role, inspect_roles, longest_idle
 from tests.helpers import ROOT, clean_env, running, wait_for, wait_for_query
 from tests.test_cli import CLI, kill_tree, run_cli
 

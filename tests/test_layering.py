@@ -77,7 +77,7 @@ def test_the_hot_path_types_are_defined_and_imported_from_delivery() -> None:
     wrong = [
         f"{path.name}: from {node.module} import {alias.name}"
         for root in roots
-        for path in sorted(root.glob("*.py"))
+        for path in sorted(root.rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.ImportFrom)
         and node.module not in ("streamflow.delivery", "streamflow")
@@ -158,7 +158,7 @@ def test_only_connect_builds_redis_clients() -> None:
     """Reaching Redis lives in one module: the CLI, Client and SyncClient go through it."""
     wrong = [
         found
-        for path in sorted(PACKAGE.glob("*.py"))
+        for path in sorted(PACKAGE.rglob("*.py"))
         if path.name != "connect.py"
         for found in client_builders(path)
     ]
@@ -216,7 +216,7 @@ def test_only_delivery_stop_stops_a_handler() -> None:
     """Stopping a handler for a reason is written once, in ``Delivery.stop``."""
     found = [
         hit
-        for path in sorted(PACKAGE.glob("*.py"))
+        for path in sorted(PACKAGE.rglob("*.py"))
         if path.name != "delivery.py"
         for hit in stop_writes(path)
     ]

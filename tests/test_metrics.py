@@ -17,9 +17,9 @@ import redis
 
 from streamflow import connect, streams
 from streamflow.client import SyncClient
-from streamflow.coordinator import Coordinator
+from streamflow.dag.coordinator import Coordinator
 from streamflow.keys import COORDINATORS, Keys
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 from tests.apps import read_trace
 from tests.helpers import ROOT, clean_env, scrape, wait_for
 from tests.test_cli import CLI, kill_tree, run_cli

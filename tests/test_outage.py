@@ -43,7 +43,7 @@ from streamflow import (
     streams,
 )
 from streamflow.keys import GROUP, Keys
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 from streamflow.worker import Worker
 from tests.apps import app
 

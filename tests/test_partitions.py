@@ -20,8 +20,8 @@ import streamflow
 from streamflow import App, Client, Context, SyncClient, Worker, partitions
 from streamflow.delivery import Outcome
 from streamflow.errors import ConfigError, InvalidNameError
-from streamflow.inspect import inspect_role, inspect_roles
 from streamflow.keys import Keys, role_of_shard, shard_tag, validate_shard
+from streamflow.ops.inspect import inspect_role, inspect_roles
 from streamflow.testing import Harness
 from tests.helpers import ROOT, clean_env
 

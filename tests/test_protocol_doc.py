@@ -26,7 +26,7 @@ import orjson
 import pytest
 import redis as redis_sync
 
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 from tests.helpers import clean_env, recorded, wait_for
 from tests.test_getting_started import Command, Shell
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from streamflow.server import RedisServer
+from streamflow.ops.server import RedisServer
 from tests.helpers import ROOT, clean_env, wait_for
 from tests.test_cli import CLI, kill_tree, run_cli
 from tests.test_metrics import free_port, status

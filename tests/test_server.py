@@ -13,8 +13,8 @@ import psutil
 import pytest
 import redis
 
-from streamflow import server as server_module
-from streamflow.server import RedisServer, RedisServerError, RedisServerNotFound
+from streamflow.ops import server as server_module
+from streamflow.ops.server import RedisServer, RedisServerError, RedisServerNotFound
 from tests.helpers import ROOT, wait_for
 
 pytestmark = pytest.mark.redis
@@ -183,7 +183,7 @@ def test_atexit_hook_kills_leftover_servers(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_server_dies_with_a_parent_that_is_killed_outright() -> None:
     code = (
-        "from streamflow.server import RedisServer\n"
+        "from streamflow.ops.server import RedisServer\n"
         "server = RedisServer()\nserver.start()\nprint(server.pid, flush=True)\n"
         "import time\ntime.sleep(60)\n"
     )

@@ -35,10 +35,10 @@ import pytest
 import redis
 
 from streamflow import Client, Graph
-from streamflow.graph import GraphSpec
+from streamflow.dag.graph import GraphSpec
+from streamflow.dag.store import decode_state, node_field
+from streamflow.dag.tasks import Invocation, TaskState
 from streamflow.keys import COORDINATORS, GROUP, Keys
-from streamflow.tasks import Invocation, TaskState
-from streamflow.taskstore import decode_state, node_field
 from tests.helpers import ROOT, clean_env, wait_for
 from tests.task_apps import Line, read_trace
 

@@ -1,4 +1,4 @@
-"""Unit tests of the task state machine, ``streamflow.tasks.advance`` (pure, no Redis).
+"""Unit tests of the task state machine, ``streamflow.dag.tasks.advance`` (pure, no Redis).
 
 A small driver plays the coordinator: it keeps the task state and invocation records between
 steps (as the task store would), feeds events, and collects outputs and dispatches.
@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from streamflow.graph import Graph, GraphSpec, validated
+from streamflow.dag.graph import Graph, GraphSpec, validated
+from streamflow.dag.tasks import Dispatch, Event, Internal, Invocation, Step, TaskState, advance
 from streamflow.protocol import EventType, TaskEvent
-from streamflow.tasks import Dispatch, Event, Internal, Invocation, Step, TaskState, advance
 
 TASK = "t1"
 START_MS = 1_700_000_000_000

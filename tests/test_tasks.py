@@ -18,9 +18,10 @@ import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client, Coordinator, Graph, GraphError, Worker, connect, streams, taskstore
+from streamflow import Client, Coordinator, Graph, GraphError, Worker, connect, streams
+from streamflow.dag import store as taskstore
+from streamflow.dag.graph import RetrySpec
 from streamflow.delivery import Outcome
-from streamflow.graph import RetrySpec
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
 from tests.helpers import pending_count, wait_for_query, wait_until
@@ -536,8 +537,8 @@ async def test_a_step_looks_only_at_the_nodes_its_events_touch(
     length = 40
     builds: list[int] = []
     evaluated: list[str] = []
-    real_build = streamflow.graph.GraphIndex.build.__func__  # type: ignore[attr-defined]
-    real_settle = streamflow.tasks._Machine._settle_node
+    real_build = streamflow.dag.graph.GraphIndex.build.__func__  # type: ignore[attr-defined]
+    real_settle = streamflow.dag.tasks._Machine._settle_node
 
     def build(cls: type[Any], spec: Any) -> Any:
         builds.append(len(spec.nodes))
@@ -555,8 +556,8 @@ async def test_a_step_looks_only_at_the_nodes_its_events_touch(
         written.append(len(nodes))
         return real_encode(task, nodes)
 
-    monkeypatch.setattr(streamflow.graph.GraphIndex, "build", classmethod(build))
-    monkeypatch.setattr(streamflow.tasks._Machine, "_settle_node", settle_node)
+    monkeypatch.setattr(streamflow.dag.graph.GraphIndex, "build", classmethod(build))
+    monkeypatch.setattr(streamflow.dag.tasks._Machine, "_settle_node", settle_node)
     monkeypatch.setattr(taskstore, "encode_state", encode_state)
     graph = Graph("long-chain")
     for i in range(length):

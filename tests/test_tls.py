@@ -20,10 +20,11 @@ import anyio
 import pytest
 import redis
 
-from streamflow import App, Client, Context, SyncClient, Worker, config, connect, guard
+from streamflow import App, Client, Context, SyncClient, Worker, config, connect
 from streamflow.errors import ConfigError, RedisUnavailable
 from streamflow.keys import Keys
-from streamflow.server import RedisServer
+from streamflow.ops import guard
+from streamflow.ops.server import RedisServer
 from tests.cluster import ClusterTLS, LocalCluster, local_cluster
 from tests.helpers import ROOT, clean_env, recorded, running, wait_for, wait_until
 

@@ -38,11 +38,13 @@ from streamflow import (
     signals,
     streams,
 )
+from streamflow.dag.graph import Graph
+from streamflow.dag.store import TaskStore
 from streamflow.errors import ConfigError, InputError
-from streamflow.exporter import Exporter
-from streamflow.graph import Graph
-from streamflow.inspect import inspect_roles
 from streamflow.keys import GROUP, Keys
+from streamflow.ops.exporter import Exporter
+from streamflow.ops.inspect import inspect_roles
+from streamflow.ops.server import RedisServer
 from streamflow.protocol import (
     CancelSignal,
     DeadLetterReason,
@@ -51,8 +53,6 @@ from streamflow.protocol import (
     encode_job_fields,
 )
 from streamflow.registry import live_workers
-from streamflow.server import RedisServer
-from streamflow.taskstore import TaskStore
 from tests.helpers import (
     ROOT,
     clean_env,

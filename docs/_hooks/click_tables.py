@@ -5,7 +5,7 @@ sentinel (``Sentinel.UNSET``) for options without one, and copies help texts int
 table unescaped, so ``sf-<part>`` loses ``<part>`` as an unknown HTML tag. This hook replaces
 its table writer with one that asks click what ``--help`` shows (``Option.get_help_extra``),
 escapes the help text, and adds the option's environment variable. The CLI's root group
-imports a command's module only when the command is used (streamflow/cli_root.py); mkdocs-click
+imports a command's module only when the command is used (streamflow/cli/__init__.py); mkdocs-click
 reads its ``commands`` as they are, so the hook imports them all first.
 """
 
@@ -60,7 +60,7 @@ def table_options(ctx: click.Context, show_hidden: bool = False) -> Iterator[str
 def on_config(config: Any, **kwargs: Any) -> Any:
     """Install the table writer before any page is rendered."""
     _docs._make_table_options = table_options
-    from streamflow.cli_root import main
+    from streamflow.cli import main
 
     main.load_all()
     return config

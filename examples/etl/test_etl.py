@@ -13,7 +13,7 @@ import pytest
 
 from examples.etl.app import app, graph
 from streamflow import Client, Coordinator, TaskState, Worker
-from streamflow.graph import load
+from streamflow.dag.graph import load
 from streamflow.testing import Harness
 
 pytestmark = pytest.mark.anyio

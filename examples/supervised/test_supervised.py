@@ -22,7 +22,7 @@ import pytest
 
 from examples.supervised.app import graph
 from streamflow import Client
-from streamflow.graph import load
+from streamflow.dag.graph import load
 from streamflow.registry import live_workers
 
 pytestmark = pytest.mark.redis

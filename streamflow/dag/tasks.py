@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from streamflow.graph import FanInCount, GraphSpec, NodeSpec
+from streamflow.dag.graph import FanInCount, GraphSpec, NodeSpec
 from streamflow.protocol import TaskEvent
 
 TaskStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]

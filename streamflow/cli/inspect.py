@@ -1,6 +1,6 @@
 """The observability commands of the ``streamflow`` CLI: ``inspect``, ``workers``, ``exporter``.
 
-The views themselves are built by :mod:`streamflow.inspect` and :mod:`streamflow.registry`;
+The views themselves are built by :mod:`streamflow.ops.inspect` and :mod:`streamflow.registry`;
 this module only prints them, as text for people or as JSON for scripts.
 """
 
@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
 from streamflow import config, connect, logs
-from streamflow.cli import (
+from streamflow.cli.commands import (
     _connect,
     _connection_options,
     _errors_to_exit,
@@ -30,8 +30,11 @@ from streamflow.cli import (
     metrics_host_option,
 )
 from streamflow.errors import ConfigError, RedisUnavailable, StreamflowError
-from streamflow.exporter import Exporter
-from streamflow.inspect import (
+from streamflow.keys import Keys
+from streamflow.logs import echo
+from streamflow.metrics import Health
+from streamflow.ops.exporter import Exporter
+from streamflow.ops.inspect import (
     ConsumerInfo,
     GroupInfo,
     RoleDetail,
@@ -39,9 +42,6 @@ from streamflow.inspect import (
     inspect_role,
     inspect_roles,
 )
-from streamflow.keys import Keys
-from streamflow.logs import echo
-from streamflow.metrics import Health
 from streamflow.protocol import now_ms
 from streamflow.registry import CoordinatorInfo, WorkerInfo, coordinators, live_workers
 

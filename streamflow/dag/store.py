@@ -21,14 +21,14 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import graph as graphs
 from streamflow import streams
+from streamflow.dag import graph as graphs
+from streamflow.dag.graph import GraphSpec
+from streamflow.dag.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
 from streamflow.errors import InputError, StreamflowError
-from streamflow.graph import GraphSpec
 from streamflow.keys import Keys
 from streamflow.logs import shown
 from streamflow.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_batch
-from streamflow.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ control stream) as the consumer group ``coordinators`` and adopt each other's ev
 pending past the lease TTL, as workers adopt jobs. For each task with new events a coordinator:
 
 1. loads the task's state (one HMGET) and applies the events with the pure state machine of
-   :mod:`streamflow.tasks` (duplicates, stale runs and any order are harmless);
+   :mod:`streamflow.dag.tasks` (duplicates, stale runs and any order are harmless);
 2. commits the new state and the dispatches it justifies into the task's outbox, in one
    version-checked script (a concurrent commit by another coordinator makes it load again);
 3. carries out the outbox: publishes each job with a dedup marker named after its
@@ -41,9 +41,11 @@ from streamflow import connect, partitions, registry, signals, streams
 from streamflow.app import App
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Batch
+from streamflow.dag.graph import GraphSpec
+from streamflow.dag.store import DEFAULT_RETENTION_MS, Loaded, TaskStore, UnrunnableTask
+from streamflow.dag.tasks import Dispatch, Event, Internal, Step, advance
 from streamflow.errors import ConfigError, InputError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
-from streamflow.graph import GraphSpec
 from streamflow.keys import COORDINATORS, Keys, validate_name, validate_shard
 from streamflow.logs import shown
 from streamflow.protocol import (
@@ -58,8 +60,6 @@ from streamflow.protocol import (
     encode,
     now_ms,
 )
-from streamflow.tasks import Dispatch, Event, Internal, Step, advance
-from streamflow.taskstore import DEFAULT_RETENTION_MS, Loaded, TaskStore, UnrunnableTask
 from streamflow.worker import VERSION, default_consumer_name
 
 logger = logging.getLogger(__name__)

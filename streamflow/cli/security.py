@@ -1,6 +1,6 @@
 """The security commands of the ``streamflow`` CLI: ``acl``.
 
-The rules themselves are data in :mod:`streamflow.acl`; this module prints them as
+The rules themselves are data in :mod:`streamflow.ops.acl`; this module prints them as
 ``ACL SETUSER`` lines ready to pipe into ``redis-cli``, with notes on stderr.
 """
 
@@ -10,9 +10,9 @@ import os
 
 import click
 
-from streamflow import acl
-from streamflow.cli import _errors_to_exit, main
+from streamflow.cli.commands import _errors_to_exit, main
 from streamflow.errors import ConfigError
+from streamflow.ops import acl
 
 
 @main.command("acl")

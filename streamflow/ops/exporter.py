@@ -25,11 +25,11 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from streamflow import connect, partitions, streams
+from streamflow.dag.tasks import TaskState
 from streamflow.errors import ConfigError
-from streamflow.inspect import RoleInfo, inspect_roles
 from streamflow.keys import NAME_PATTERN, Keys
+from streamflow.ops.inspect import RoleInfo, inspect_roles
 from streamflow.registry import live_workers
-from streamflow.tasks import TaskState
 
 logger = logging.getLogger(__name__)
 

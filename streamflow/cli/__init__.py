@@ -5,8 +5,8 @@ the coordinator) before parsing its arguments: about half a second of CPU for
 ``streamflow --version``. The root group here knows each command by name, module and one-line
 help, so ``--version`` and ``--help`` import none of them, and ``streamflow publish`` imports
 only the module that defines ``publish`` (and what that module needs). The command modules
-(:mod:`streamflow.cli`, :mod:`streamflow.cli_tasks`, :mod:`streamflow.cli_inspect`,
-:mod:`streamflow.cli_security`) register their commands on :data:`main` when imported.
+(:mod:`streamflow.cli.commands`, :mod:`streamflow.cli.tasks`, :mod:`streamflow.cli.inspect`,
+:mod:`streamflow.cli.security`) register their commands on :data:`main` when imported.
 """
 
 from __future__ import annotations
@@ -19,52 +19,52 @@ import click
 #: first paragraph of the command's docstring; tests/test_cli_startup.py checks they agree).
 COMMANDS: dict[str, tuple[str, str]] = {
     "acl": (
-        "streamflow.cli_security",
+        "streamflow.cli.security",
         "Print the ACL SETUSER line that gives one part exactly the rights it needs.",
     ),
     "cancel": (
-        "streamflow.cli",
+        "streamflow.cli.commands",
         "Cancel a task (all its messages) or one message by id, on every worker.",
     ),
     "check": (
-        "streamflow.cli",
+        "streamflow.cli.commands",
         "Probe: exit 0 when healthy, 1 when not (for container health checks).",
     ),
     "coordinator": (
-        "streamflow.cli_tasks",
+        "streamflow.cli.tasks",
         "Drive DAG tasks: turn workers' events into task state and fan out work.",
     ),
     "demo": (
-        "streamflow.cli",
+        "streamflow.cli.commands",
         "Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself.",
     ),
-    "dlq": ("streamflow.cli", "Dead letters: list, show, replay, purge."),
+    "dlq": ("streamflow.cli.commands", "Dead letters: list, show, replay, purge."),
     "exporter": (
-        "streamflow.cli_inspect",
+        "streamflow.cli.inspect",
         "Serve the namespace's queue gauges (run one per namespace, beside the workers).",
     ),
     "inspect": (
-        "streamflow.cli_inspect",
+        "streamflow.cli.inspect",
         "Show every role (or ROLE in detail): stream, groups, consumers, pending, lag, retries.",
     ),
-    "publish": ("streamflow.cli", "Publish jobs to ROLE; prints one message id per line."),
-    "result": ("streamflow.cli_tasks", "Print a task's results as JSON: {node: [items...]}."),
+    "publish": ("streamflow.cli.commands", "Publish jobs to ROLE; prints one message id per line."),
+    "result": ("streamflow.cli.tasks", "Print a task's results as JSON: {node: [items...]}."),
     "schema": (
-        "streamflow.cli",
+        "streamflow.cli.commands",
         "Print the JSON Schema of every message kind of the wire protocol.",
     ),
-    "status": ("streamflow.cli_tasks", "Show a task's state and every node's."),
+    "status": ("streamflow.cli.tasks", "Show a task's state and every node's."),
     "submit": (
-        "streamflow.cli_tasks",
+        "streamflow.cli.tasks",
         "Submit the task graph in GRAPH_FILE (JSON, or YAML by extension; - for stdin).",
     ),
-    "tasks": ("streamflow.cli_tasks", "List tasks, newest first."),
+    "tasks": ("streamflow.cli.tasks", "List tasks, newest first."),
     "worker": (
-        "streamflow.cli",
+        "streamflow.cli.commands",
         "Serve roles of an app: streamflow worker --app pkg.module:app --role ROLE.",
     ),
     "workers": (
-        "streamflow.cli_inspect",
+        "streamflow.cli.inspect",
         "List the live workers and the coordinators of the namespace, with their health.",
     ),
 }
@@ -123,6 +123,6 @@ def _short_help(group: LazyGroup, name: str, limit: int) -> str:
 def main(log_level: str, log_format: str) -> None:
     """streamflow: workers and publishers on Redis Streams."""
     # Imported here, not above: --version and --help end before this runs and need none of it.
-    from streamflow.cli import configure
+    from streamflow.cli.commands import configure
 
     configure(log_level, log_format)

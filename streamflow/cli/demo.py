@@ -2,7 +2,7 @@
 
 The demo picks its Redis (:func:`redis_for_demo`): the ``--redis-url`` given, else a private
 redis-server on a free loopback port in a temporary directory, else the in-process fake Redis.
-:func:`run_demo` then runs a worker for the roles of :mod:`streamflow.demo_app` and a
+:func:`run_demo` then runs a worker for the roles of :mod:`streamflow.dag.demo` and a
 coordinator as tasks of its own event loop (no child process), submits the sensor task, shows
 live per-node progress, and prints the result and how fast the batches streamed. It stops
 everything on its way out, also on Ctrl-C; with ``keep`` it stays up until Ctrl-C instead.
@@ -31,12 +31,13 @@ import orjson
 from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 
-from streamflow import connect, demo_app, extras
+from streamflow import connect, extras
 from streamflow.client import Client
-from streamflow.coordinator import Coordinator
+from streamflow.dag import demo as demo_app
+from streamflow.dag.coordinator import Coordinator
+from streamflow.dag.tasks import TaskState
 from streamflow.metrics import Health, MetricsServer
-from streamflow.server import RedisServer
-from streamflow.tasks import TaskState
+from streamflow.ops.server import RedisServer
 from streamflow.worker import Worker
 
 Echo = Callable[[str], None]
@@ -299,7 +300,7 @@ async def _run_task(run: _Run, batches: int, *, keep: bool, live: bool) -> None:
         "-> clean -> enrich (each per batch) -> totals (metrics.aggregate) -> report"
     )
     with anyio.fail_after(60 + batches * TIME_PER_BATCH), _quiet_info_logs():
-        from streamflow.cli_tasks import follow
+        from streamflow.cli.tasks import follow
 
         run.task = await follow(
             client, run.task_id, echo=run.echo, live=live, every=PRINT_EVERY, poll=REDRAW
@@ -395,7 +396,7 @@ def _print_next_steps(run: _Run) -> None:
 def _next_steps(task_id: str, metrics: dict[str, int]) -> list[tuple[str, str]]:
     """(why, command) pairs for :func:`_print_next_steps`; an empty why goes with the last."""
     cli, python = _commands()
-    graph = f"{python} -m streamflow.demo_app | {cli} submit -"
+    graph = f"{python} -m streamflow.dag.demo | {cli} submit -"
     alert = '{"sensor": "s1", "celsius": 41.5}'
     steps = [
         ("the task just run, node by node, and its result", f"{cli} status {task_id}"),
@@ -409,7 +410,7 @@ def _next_steps(task_id: str, metrics: dict[str, int]) -> list[tuple[str, str]]:
         ("a plain job: the demo's worker logs it", f"{cli} publish demo.alert --json '{alert}'"),
         ("streams, consumer groups, pending, dead letters; tasks; workers", f"{cli} inspect"),
         ("", f"{cli} tasks; {cli} workers"),
-        ("one more worker, in its own process", f"{cli} worker --app streamflow.demo_app:app"),
+        ("one more worker, in its own process", f"{cli} worker --app streamflow.dag.demo:app"),
     ]
     for name, port in metrics.items():
         steps.append((f"the {name}'s metrics", f"curl -s http://127.0.0.1:{port}/metrics"))

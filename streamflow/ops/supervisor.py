@@ -28,7 +28,7 @@ import anyio
 
 from streamflow.config import WorkerSettings
 from streamflow.errors import ConfigError
-from streamflow.server import set_parent_death_signal
+from streamflow.ops.server import set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 ``streamflow demo`` runs it in-process; any worker can serve it too::
 
-    streamflow worker --app streamflow.demo_app:app
-    python -m streamflow.demo_app | streamflow submit - --wait --params '{"batches": 50}'
+    streamflow worker --app streamflow.dag.demo:app
+    python -m streamflow.dag.demo | streamflow submit - --wait --params '{"batches": 50}'
 
 The graph (``graph()``)::
 
@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from streamflow.app import App
 from streamflow.context import Context
-from streamflow.graph import Graph
+from streamflow.dag.graph import Graph
 
 __all__ = ["BATCH_SIZE", "PAUSE", "SOURCE", "app", "graph"]
 
@@ -140,5 +140,5 @@ def graph(batches: int = 20, *, pause: float = PAUSE) -> Graph:
 
 
 if __name__ == "__main__":
-    # The graph as JSON, for `python -m streamflow.demo_app | streamflow submit -`.
+    # The graph as JSON, for `python -m streamflow.dag.demo | streamflow submit -`.
     print(graph().spec().to_json().decode())

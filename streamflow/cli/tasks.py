@@ -12,7 +12,7 @@ import click
 import orjson
 
 from streamflow import config, connect
-from streamflow.cli import (
+from streamflow.cli.commands import (
     _client,
     _connect,
     _connection_options,
@@ -25,12 +25,12 @@ from streamflow.cli import (
     metrics_host_option,
 )
 from streamflow.client import Client
-from streamflow.coordinator import Coordinator
+from streamflow.dag.coordinator import Coordinator
+from streamflow.dag.graph import GraphError, load
+from streamflow.dag.tasks import TaskState
 from streamflow.errors import ConfigError
-from streamflow.graph import GraphError, load
 from streamflow.logs import echo, printable
 from streamflow.metrics import Health
-from streamflow.tasks import TaskState
 
 
 @main.command()

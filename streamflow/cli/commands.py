@@ -1,8 +1,8 @@
 """The ``streamflow`` commands worker, publish, cancel, dlq, check, schema and demo.
 
-The root group is :mod:`streamflow.cli_root` (it imports this module when one of these commands
-is run); the task commands are in :mod:`streamflow.cli_tasks`, the observability commands in
-:mod:`streamflow.cli_inspect` and ``acl`` in :mod:`streamflow.cli_security`.
+The root group is :mod:`streamflow.cli` (it imports this module when one of these commands
+is run); the task commands are in :mod:`streamflow.cli.tasks`, the observability commands in
+:mod:`streamflow.cli.inspect` and ``acl`` in :mod:`streamflow.cli.security`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import config, connect, guard, logs
-from streamflow.cli_root import main as main  # re-exported: the command modules register on it
+from streamflow import config, connect, logs
+from streamflow.cli import main as main  # re-exported: the command modules register on it
 from streamflow.client import CancelResult, Client
 from streamflow.deadletters import DeadLetterEntry, ReplayResult
 from streamflow.errors import ConfigError, StreamflowError
 from streamflow.logs import echo, shown
 from streamflow.metrics import Health, MetricsServer
+from streamflow.ops import guard
 from streamflow.protocol import json_schemas
 from streamflow.worker import Worker, tune_garbage_collector
 
@@ -377,7 +378,7 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
     if settings.parent_fd is not None and not _is_open(settings.parent_fd):
         raise ConfigError(f"--parent-fd {settings.parent_fd} is not an open file descriptor")
     if settings.parent_pid is not None:
-        from streamflow.supervisor import die_with_parent
+        from streamflow.ops.supervisor import die_with_parent
 
         if not die_with_parent(settings.parent_pid):
             logger.warning("supervising process %d is gone; not starting", settings.parent_pid)
@@ -388,7 +389,7 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
     if not app.roles:
         raise ConfigError(f"app {settings.app!r} has no roles")
     if settings.processes > 1:
-        from streamflow.supervisor import supervise
+        from streamflow.ops.supervisor import supervise
 
         if settings.server_checks:
             anyio.run(_check_once, settings)
@@ -515,7 +516,7 @@ async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
 
 
 async def _watch_parent(worker: Worker, fd: int) -> None:
-    from streamflow.supervisor import wait_parent_gone
+    from streamflow.ops.supervisor import wait_parent_gone
 
     await wait_parent_gone(fd)
     if not worker.stopping:
@@ -714,8 +715,8 @@ def demo(redis_url: str | None, batches: int, keep: bool) -> None:
     if redis_url is not None:
         connect.validate_url(redis_url)
     try:
-        from streamflow import demo as demo_module
-        from streamflow.server import RedisServer
+        from streamflow.cli import demo as demo_module
+        from streamflow.ops.server import RedisServer
 
         if keep and redis_url is None and not RedisServer.available():
             raise ConfigError(

@@ -28,7 +28,7 @@ How Redis checks them, and why the tables look the way they do:
   MAINT_NOTIFICATIONS`` and ignores a refusal; they are not granted, because Redis 7.0 does not
   know them and would refuse the whole rule. Each refusal is an ``ACL LOG`` entry.
 * ``streamflow worker`` and ``coordinator`` check the server at start-up
-  (:mod:`streamflow.guard`): they get ``INFO`` and ``ACL WHOAMI``, not ``CONFIG GET``, whose
+  (:mod:`streamflow.ops.guard`): they get ``INFO`` and ``ACL WHOAMI``, not ``CONFIG GET``, whose
   refusal the checks expect (one ``ACL LOG`` entry per start).
 * ``SELECT`` is not granted: use database 0 (the default), or add ``+select``.
 * ``SCAN`` is keyless: Redis cannot limit it to a pattern, so the part that scans (the
@@ -100,7 +100,7 @@ _SCRIPTS = {
     "script|load": "redis-py's Script after NOSCRIPT (a restarted or new Redis)",
 }
 
-#: The start-up checks of ``streamflow worker`` and ``coordinator`` (:mod:`streamflow.guard`).
+#: The start-up checks of ``streamflow worker`` and ``coordinator`` (:mod:`streamflow.ops.guard`).
 #: ``CONFIG GET`` is not granted: the checks read the AOF flag and the eviction policy from
 #: ``INFO`` instead and skip the RDB snapshot schedule; ``ACL GETUSER`` (asked only of the
 #: ``default`` user) is not needed.
