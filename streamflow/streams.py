@@ -7,7 +7,7 @@ TLS, which errors are outages) is :mod:`streamflow.connect`'s job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -366,6 +366,116 @@ async def publish_dedup(
     )
     # The first id is read back from the marker: whoever wrote it, it decodes.
     return bool(flag), value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class DedupPublish:
+    """One publish of ``publish_dedup.lua``, due now: ``message`` unless ``marker`` exists.
+
+    Attributes:
+        stream: The role stream.
+        marker: The dedup marker's key.
+        schedule: The role's delayed schedule (a key of the script, not written when due now).
+        message_id: The message's id, kept in the marker.
+        message: The encoded message.
+        window_ms: How long the marker is kept.
+    """
+
+    stream: str
+    marker: str
+    schedule: str
+    message_id: str
+    message: bytes
+    window_ms: int
+
+
+async def publish_dedup_many(
+    scripts: Scripts, redis: Redis, publishes: Sequence[DedupPublish]
+) -> list[bool]:
+    """Run ``publish_dedup.lua`` for each publish, in one pipeline; whether each published.
+
+    On a cluster the calls go one at a time, in turn: redis-py refuses scripts in a cluster
+    pipeline.
+    """
+    calls: list[tuple[list[str], list[str | int | bytes]]] = [
+        ([p.stream, p.marker, p.schedule], [p.message_id, p.window_ms, p.message, 0])
+        for p in publishes
+    ]
+    if not calls:
+        return []
+    if connect.is_cluster(redis):
+        results = [await scripts.publish_dedup(keys=k, args=a, client=redis) for k, a in calls]
+    else:
+        pipe = redis.pipeline(transaction=False)
+        for k, a in calls:
+            await scripts.publish_dedup(keys=k, args=a, client=pipe)  # queued
+        results = await pipe.execute()
+    return [int(flag) == 1 for flag, _ in results]
+
+
+async def take_slot(scripts: Scripts, redis: Redis, slots: str, member: str, limit: int) -> bool:
+    """Hold one of the ``limit`` slots of the set ``slots`` for ``member`` (``slot.lua``).
+
+    Returns:
+        True when ``member`` holds a slot (taken now or before), False when all are taken.
+    """
+    taken = await scripts.slot(keys=[slots], args=[member, limit], client=redis)
+    return bool(int(taken))
+
+
+async def commit_task(
+    scripts: Scripts,
+    redis: Redis,
+    *,
+    state: str,
+    outbox: str,
+    version: int | bytes | str,
+    fields: Mapping[str, bytes],
+    items: Mapping[str, bytes],
+    appends: Sequence[tuple[str, str]] = (),
+    partials: Sequence[tuple[str, str, bytes]] = (),
+    expire_ms: int = 0,
+    expire: Sequence[str] = (),
+) -> int | None:
+    """Write a task step with ``task_commit.lua`` if the state's version is still ``version``.
+
+    Args:
+        scripts: The registered scripts.
+        redis: The client.
+        state: The task's state hash.
+        outbox: The task's outbox hash.
+        version: The version the step was computed from (-1: a new task).
+        fields: State fields to set.
+        items: Outbox items to set.
+        appends: (list key, value) pairs to RPUSH.
+        partials: (hash key, field, value) triples to HSET.
+        expire_ms: With a value above 0, the retention every key of the call gets.
+        expire: More keys to give the retention (the task's other keys).
+
+    Returns:
+        The new version, or None when another commit came first.
+    """
+    keys = [state, outbox, *expire]
+
+    def index(key: str) -> int:
+        if key not in keys:
+            keys.append(key)
+        return keys.index(key) + 1
+
+    args: list[Any] = [version, expire_ms, len(fields)]
+    for name, value in fields.items():
+        args += [name, value]
+    args.append(len(items))
+    for name, value in items.items():
+        args += [name, value]
+    args.append(len(appends))
+    for key, ref in appends:
+        args += [index(key), ref]
+    args.append(len(partials))
+    for key, name, value in partials:
+        args += [index(key), name, value]
+    result = await scripts.task_commit(keys=keys, args=args, client=redis)
+    return None if result is None else int(result)
 
 
 def one_slot_pipeline(redis: Redis) -> Pipeline:

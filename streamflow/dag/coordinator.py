@@ -22,7 +22,6 @@ left behind by a crashed coordinator, submits cut short, cancels).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -31,7 +30,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
-import orjson
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -40,21 +38,16 @@ from redis.exceptions import ResponseError
 from streamflow import connect, partitions, registry, signals, streams
 from streamflow.app import App
 from streamflow.consumers import ConsumerNames
-from streamflow.context import Batch
-from streamflow.dag.graph import GraphSpec
+from streamflow.dag.outbox import Items, Outbox, encode_item
 from streamflow.dag.store import DEFAULT_RETENTION_MS, Loaded, TaskStore, UnrunnableTask
-from streamflow.dag.tasks import Dispatch, Event, Internal, Step, advance
-from streamflow.errors import ConfigError, InputError, InvalidNameError, ProtocolError
+from streamflow.dag.tasks import Event, Internal, Step, advance
+from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
-from streamflow.keys import COORDINATORS, Keys, validate_name, validate_shard
+from streamflow.keys import COORDINATORS, Keys, validate_name
 from streamflow.logs import shown
 from streamflow.protocol import (
     EVENT_FIELD,
-    PROTOCOL_VERSION,
-    BatchRef,
     CancelSignal,
-    Job,
-    JobRetry,
     TaskEvent,
     decode_event,
     encode,
@@ -133,6 +126,16 @@ class Coordinator:
             every=max(self._lease_ms / 3000, 0.05),
         )
         self._layouts = partitions.Layouts(redis, self._keys)
+        self._outbox = Outbox(
+            redis,
+            self._keys,
+            self._scripts,
+            self.store,
+            self._layouts,
+            functions=self.functions,
+            role_limits=self.role_limits,
+            consumer=self.consumer,
+        )
         self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
         self._ticks: set[str] = set()
@@ -140,7 +143,6 @@ class Coordinator:
         self._locks: dict[str, anyio.Lock] = {}
         self._stopping = anyio.Event()
         self.events_processed = 0
-        self.dispatches = 0
         self.commits = 0
         self.conflicts = 0
         #: Pending task events found deleted from their stream before they were applied.
@@ -210,6 +212,11 @@ class Coordinator:
     def bad_records(self) -> dict[str, int]:
         """Malformed records read back from Redis and skipped so far, by kind."""
         return self._signals.statistics()
+
+    @property
+    def dispatches(self) -> int:
+        """Node jobs published (each once, even when an outbox is carried out again)."""
+        return self._outbox.dispatches
 
     @property
     def consumers_deleted(self) -> int:
@@ -454,8 +461,7 @@ class Coordinator:
                 logger.warning("not a task id in the active tasks set: %r", task_id[:200])
                 await self._redis.srem(self._keys.tasks_active(), raw)
         self._tick_wakeup.set()
-        for role, limit in self.role_limits.items():
-            await self._free_leaked_slots(role, limit)
+        await self._outbox.free_leaked_slots()
 
     async def _tick_loop(self) -> None:
         tick_backoff = connect.Backoff("re-evaluating tasks")
@@ -539,13 +545,16 @@ class Coordinator:
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
-                written = await self._apply(task_id, events, partials)
-                # A tick also finishes an outbox that a crashed coordinator left behind.
-                if written or any(isinstance(e, Internal) and e.type == "tick" for e in events):
-                    # Function runs commit new steps, whose items are carried out in turn.
-                    for _ in range(100):
-                        if not await self._carry_out(task_id):
-                            break
+                items = await self._apply(task_id, events, partials)
+                if any(isinstance(e, Internal) and e.type == "tick" for e in events):
+                    # A tick also finishes an outbox that a crashed coordinator left behind:
+                    # read back, with what this step just wrote.
+                    items = await self._outbox.stored(task_id)
+                # Function runs commit new steps, whose items are carried out in turn.
+                for _ in range(100):
+                    if not items:
+                        break
+                    items = await self._carry_out(task_id, items)
                 if self.observe_dispatch is not None:
                     now = now_ms()
                     for event in events:
@@ -555,10 +564,20 @@ class Coordinator:
             if not lock.locked():
                 self._locks.pop(task_id, None)
 
+    async def _carry_out(self, task_id: str, items: Items) -> Items:
+        """Carry out outbox items; returns the items that function results committed."""
+        carried = await self._outbox.carry_out(task_id, items)
+        committed: Items = []
+        if carried.events:
+            # Function results are recorded first: their items go only once that is committed.
+            committed = await self._apply(task_id, carried.events, carried.partials)
+        await self.store.clear_outbox(task_id, carried.done)
+        return committed
+
     async def _apply(
         self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None
-    ) -> int:
-        """Apply events and commit; returns how many outbox items the commit wrote."""
+    ) -> Items:
+        """Apply events and commit; returns the outbox items the commit wrote, in order."""
         wanted = sorted(
             {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
         )
@@ -567,23 +586,24 @@ class Coordinator:
                 loaded = await self.store.load(task_id, wanted)
             except UnrunnableTask as exc:
                 if await self._give_up(task_id, exc):
-                    return 0
+                    return []
                 continue  # the state changed under us: look again
             if loaded is None:
-                return 0  # unknown or expired: nothing to do
+                return []  # unknown or expired: nothing to do
             if loaded.task.terminal:
                 await self._redis.srem(self._keys.tasks_active(), task_id)
-                return 0
+                return []
             step = await self._decide(loaded, events, partials)
             if not step.changed:
-                return 0
-            outbox = await self._outbox_items(loaded, step)
-            version = await self.store.commit(loaded, step, outbox, retention=step.task.terminal)
+                return []
+            items = await self._outbox.items_of(loaded, step)
+            stored = {name: encode_item(item) for name, item in items.items()}
+            version = await self.store.commit(loaded, step, stored, retention=step.task.terminal)
             if version is not None:
                 self.commits += 1
                 if step.task.terminal:
                     await self._ended(loaded, step)
-                return len(outbox)
+                return sorted(items.items(), key=lambda named: named[0])
             self.conflicts += 1
         # Its events stay pending (see _handle) and are tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
@@ -599,7 +619,7 @@ class Coordinator:
             todo.append(Internal("cancel", reason=cancel.reason or "cancelled"))
         step = self._advance(loaded, todo, partials, frozenset())
         if step.wants_slot:
-            granted = await self._take_slots(task_id, loaded.spec, step.wants_slot)
+            granted = await self._outbox.take_slots(task_id, loaded.spec, step.wants_slot)
             if granted:
                 step = self._advance(loaded, todo, partials, granted)
         return step
@@ -622,21 +642,9 @@ class Coordinator:
             return True  # failed by an earlier look (or ended before it was damaged)
         logger.warning("task %s cannot run: %s", task_id, exc.reason)
         # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
-        await self._cancel_task(task_id, reason)
+        await self._outbox.cancel_task(task_id, reason)
         self.finished["failed"] = self.finished.get("failed", 0) + 1
         return True
-
-    async def _cancel_task(self, task_id: str, reason: str) -> None:
-        """Send a task cancel on behalf of this coordinator (its running jobs stop)."""
-        await signals.send_cancel(
-            self._redis,
-            self._scripts,
-            self._keys,
-            target="task",
-            target_id=task_id,
-            reason=reason[:1000],
-            requested_by=f"coordinator {self.consumer}",
-        )
 
     def _advance(
         self,
@@ -655,255 +663,6 @@ class Coordinator:
             granted=granted,
             partials=partials,
         )
-
-    # -- the outbox -------------------------------------------------------------------------
-
-    async def _outbox_items(self, loaded: Loaded, step: Step) -> dict[str, bytes]:
-        """The step's decisions as outbox items, named so that sorting keeps their order."""
-        prefix = f"{loaded.version + 1:012d}"
-        items: dict[str, bytes] = {}
-        refs = await self._input_refs(loaded, step)
-        for number, dispatch in enumerate(step.dispatches):
-            node = loaded.spec.node(dispatch.node_id)
-            name = f"{prefix}.{number:06d}"
-            if node.function is not None:
-                item: dict[str, Any] = {"kind": "function", "node": dispatch.node_id}
-                item["invocation"] = dispatch.invocation
-                if dispatch.batch is not None:
-                    item["batch"] = [*dispatch.batch, refs[dispatch.batch]]
-                else:
-                    item["inputs"] = dispatch.inputs
-            else:
-                job = self._job(loaded.spec, step.task.id, dispatch, refs)
-                # The partition is chosen now and recorded: a retried dispatch goes to the same
-                # one, where its dedup marker is.
-                shard = (await self._layouts.get(job.role)).for_key(job.task_id or "")
-                item = {
-                    "kind": "job",
-                    "role": job.role,
-                    "shard": shard,
-                    "id": job.id,
-                    "job": encode(job).decode(),
-                }
-            items[name] = orjson.dumps(item)
-        for node_id in step.reduce:
-            items[f"{prefix}.r.{node_id}"] = orjson.dumps({"kind": "reduce", "node": node_id})
-        for node_id in step.released:
-            role = loaded.spec.node(node_id).role
-            items[f"{prefix}.s.{node_id}"] = orjson.dumps(
-                {"kind": "release", "role": role, "node": node_id}
-            )
-        if step.cancel is not None:
-            items[f"{prefix}.c"] = orjson.dumps({"kind": "cancel", "reason": step.cancel})
-        return items
-
-    async def _input_refs(self, loaded: Loaded, step: Step) -> dict[tuple[str, int], str]:
-        """The batch key of every parent batch the step dispatches."""
-        refs: dict[tuple[str, int], str] = {}
-        missing: dict[str, list[int]] = defaultdict(list)
-        for dispatch in step.dispatches:
-            if dispatch.batch is None:
-                continue
-            parent, index = dispatch.batch
-            known = loaded.task.nodes[parent].batches_out
-            new = step.outputs.get(parent, [])
-            if index >= known and index - known < len(new):
-                refs[dispatch.batch] = new[index - known]
-            else:
-                missing[parent].append(index)
-        for parent, indexes in missing.items():
-            found = await self.store.batch_refs(step.task.id, parent, min(indexes), max(indexes))
-            for index in indexes:
-                refs[(parent, index)] = found[index - min(indexes)]
-        return refs
-
-    def _job(
-        self, spec: GraphSpec, task_id: str, dispatch: Dispatch, refs: dict[tuple[str, int], str]
-    ) -> Job:
-        node = spec.node(dispatch.node_id)
-        assert node.role is not None
-        batch = None
-        if dispatch.batch is not None:
-            parent, index = dispatch.batch
-            batch = BatchRef(node=parent, index=index, ref=refs[dispatch.batch])
-        return Job(
-            protocol=PROTOCOL_VERSION,
-            kind="job",
-            id=_job_id(task_id, dispatch.node_id, dispatch.invocation),
-            role=node.role,
-            payload={**spec.params, **node.params},
-            created_at_ms=now_ms(),
-            task_id=task_id,
-            node_id=dispatch.node_id,
-            invocation=dispatch.invocation,
-            input=batch,
-            inputs=dispatch.inputs,
-            failures=dispatch.failures,
-            retry=JobRetry(**node.retry.model_dump()) if node.retry else None,
-            timeout=node.timeout,
-        )
-
-    async def _carry_out(self, task_id: str) -> int:
-        """Carry out the task's outbox; returns how many items function results added."""
-        items = await self.store.outbox(task_id)
-        if not items:
-            return 0
-        done: list[str] = []
-        jobs = [(name, item) for name, item in items if item["kind"] == "job"]
-        if jobs:
-            await self._publish(task_id, jobs)
-            done += [name for name, _ in jobs]
-        events: list[Event] = []
-        partials: dict[tuple[str, int], Any] = {}
-        spec = await self.store.spec(task_id)
-        for name, item in items:
-            kind = item["kind"]
-            if kind in ("function", "reduce") and spec is not None:
-                function = spec.node(item["node"]).function
-                if function not in self.functions:
-                    # Another coordinator (with the app that has it) carries it out.
-                    logger.warning("task %s needs function %r: not here", task_id, function)
-                    continue
-                events.append(await self._call(task_id, spec, item, partials))
-            elif kind == "cancel":
-                await self._cancel_task(task_id, item["reason"])
-            elif kind == "release":
-                await self._redis.srem(
-                    self._keys.role_slots(item["role"]), f"{task_id}/{item['node']}"
-                )
-            done.append(name)
-        written = 0
-        if events:
-            # Function results are recorded first: their items go only once that is committed.
-            written = await self._apply(task_id, events, partials)
-        await self.store.clear_outbox(task_id, done)
-        return written
-
-    async def _publish(self, task_id: str, jobs: list[tuple[str, dict[str, Any]]]) -> None:
-        calls = []
-        for _, item in jobs:
-            # A partitioned role gets all of one task's jobs on one partition (by task id), so
-            # each task's events come back on one stream and tasks spread over the partitions.
-            # Items written before partitions existed have no shard: the role's first.
-            shard = validate_shard(item.get("shard") or item["role"])
-            keys = [
-                self._keys.role_stream(shard),
-                self._keys.dedup(shard, "dispatch:" + item["id"]),
-                self._keys.delayed(shard),
-            ]
-            calls.append((keys, [item["id"], self.store.retention_ms, item["job"].encode(), 0]))
-        if connect.is_cluster(self._redis):
-            # redis-py refuses scripts in a cluster pipeline: one call each, in turn.
-            results = [
-                await self._scripts.publish_dedup(keys=k, args=a, client=self._redis)
-                for k, a in calls
-            ]
-        else:
-            pipe = self._redis.pipeline(transaction=False)
-            for k, a in calls:
-                await self._scripts.publish_dedup(keys=k, args=a, client=pipe)  # queued
-            results = await pipe.execute()
-        self.dispatches += sum(1 for flag, _ in results if int(flag) == 1)
-
-    async def _inputs(self, task_id: str, item: dict[str, Any]) -> list[Batch]:
-        if "batch" in item:
-            parent, index, ref = item["batch"]
-            _check_ref(self._keys, task_id, parent, ref)
-            (items,) = await self.store.batches([ref])
-            if items is None:
-                raise LookupError(f"input batch {index} of {parent!r} is gone ({ref})")
-            return [Batch(parent, index, items)]
-        out: list[Batch] = []
-        for parent, count in (item.get("inputs") or {}).items():
-            refs = await self.store.batch_refs(task_id, parent, 0, count - 1) if count else []
-            for ref in refs:
-                _check_ref(self._keys, task_id, parent, ref)
-            for index, items in enumerate(await self.store.batches(refs)):
-                if items is None:
-                    raise LookupError(f"batch {index} of {parent!r} is gone")
-                out.append(Batch(parent, index, items))
-        return out
-
-    async def _call(
-        self,
-        task_id: str,
-        spec: GraphSpec,
-        item: dict[str, Any],
-        partials: dict[tuple[str, int], Any],
-    ) -> Internal:
-        """Run a function invocation's map, or a function node's reduce; failures fail it."""
-        node_id = item["node"]
-        try:
-            if item["kind"] == "reduce":
-                return await self._reduce(task_id, spec, node_id)
-            partial = await self._run_function(task_id, spec, node_id, item)
-            orjson.dumps(partial)  # must be storable
-        except Exception as exc:
-            if connect.is_outage(exc):
-                raise  # not the function's failure: the step is retried
-            logger.warning("task %s: function node %r failed: %r", task_id, node_id, exc)
-            return Internal("function_failed", node_id, reason=f"{type(exc).__name__}: {exc}")
-        partials[(node_id, item["invocation"])] = partial
-        return Internal("function_done", node_id, item["invocation"])
-
-    async def _run_function(
-        self, task_id: str, spec: GraphSpec, node_id: str, item: dict[str, Any]
-    ) -> Any:
-        node = spec.node(node_id)
-        assert node.function is not None
-        function = self.functions[node.function]
-        params = {**spec.params, **node.params}
-        return function.map(params, await self._inputs(task_id, item))
-
-    async def _reduce(self, task_id: str, spec: GraphSpec, node_id: str) -> Internal:
-        node = spec.node(node_id)
-        assert node.function is not None
-        function = self.functions[node.function]
-        key = self._keys.task_partials(task_id, node_id)
-        try:
-            raw = await streams.hash_items(self._redis, key)
-        except ResponseError as exc:  # WRONGTYPE: the function fails, Redis is not down
-            raise InputError(f"the partial results {key} cannot be read: {exc}") from None
-        partials = [orjson.loads(raw[k]) for k in sorted(raw, key=int)]
-        result = function.reduce({**spec.params, **node.params}, partials)
-        if result is None:
-            return Internal("reduced", node_id, at_ms=now_ms())
-        key = self._keys.task_result(task_id, node_id)
-        await self._redis.set(key, orjson.dumps(result), px=self.store.retention_ms)
-        return Internal("reduced", node_id, ref=key, items=len(result), at_ms=now_ms())
-
-    # -- role slots -------------------------------------------------------------------------
-
-    async def _take_slots(self, task_id: str, spec: GraphSpec, nodes: set[str]) -> frozenset[str]:
-        granted = set()
-        for node_id in sorted(nodes):
-            role = spec.node(node_id).role
-            assert role is not None
-            taken = await self._scripts.slot(
-                keys=[self._keys.role_slots(role)],
-                args=[f"{task_id}/{node_id}", self.role_limits[role]],
-                client=self._redis,
-            )
-            if int(taken):
-                granted.add(node_id)
-        return frozenset(granted)
-
-    async def _free_leaked_slots(self, role: str, limit: int) -> None:
-        """Free slots of nodes that finished without freeing them (a crash in between)."""
-        for raw in await self._redis.smembers(self._keys.role_slots(role)):
-            member = streams.text(raw)
-            task_id, _, node_id = member.partition("/")
-            if not await self.store.node_running(task_id, node_id):
-                await self._redis.srem(self._keys.role_slots(role), member)
-
-
-def _job_id(task_id: str, node_id: str, invocation: int) -> str:
-    """The id of a node invocation's job: ``task.node.invocation``, hashed when too long."""
-    readable = f"{task_id}.{node_id}.{invocation}"
-    if len(readable) <= 128:
-        return readable
-    digest = hashlib.blake2b(f"{task_id}.{node_id}".encode(), digest_size=16).hexdigest()
-    return f"{digest}.{invocation}"
 
 
 def _task_of(entry: streams.Entry) -> str | None:
@@ -927,9 +686,3 @@ def _flatten(reply: Any) -> list[tuple[str, streams.Entry]]:
 def event_fields(event: TaskEvent) -> dict[bytes, bytes]:
     """The stream fields of an event (for tests and tools that write events by hand)."""
     return {EVENT_FIELD: encode(event)}
-
-
-def _check_ref(keys: Keys, task_id: str, parent: str, ref: str) -> None:
-    """Refuse (``InputError``: the function fails) a ref that is not a batch of ``parent``."""
-    if not keys.is_batch_of(ref, task_id, parent):
-        raise InputError(f"{shown(ref)} is not a batch key of task {task_id!r}, node {parent!r}")

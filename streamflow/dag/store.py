@@ -287,34 +287,27 @@ class TaskStore:
         expire_ms: int,
         spec: GraphSpec | None = None,
     ) -> int | None:
-        keys = [self.keys.task_state(task_id), self.keys.task_outbox(task_id)]
+        expire: list[str] = []
         if expire_ms and spec is not None:  # every key of the task gets the retention
             for node in spec.nodes:
-                keys += [
+                expire += [
                     self.keys.task_output(task_id, node.id),
                     self.keys.task_partials(task_id, node.id),
                     self.keys.task_result(task_id, node.id),
                 ]
-
-        def index(key: str) -> int:
-            if key not in keys:
-                keys.append(key)
-            return keys.index(key) + 1
-
-        args: list[Any] = [version, expire_ms, len(fields)]
-        for name, value in fields.items():
-            args += [name, value]
-        args.append(len(outbox))
-        for name, value in outbox.items():
-            args += [name, value]
-        args.append(len(appends))
-        for key, ref in appends:
-            args += [index(key), ref]
-        args.append(len(partials))
-        for key, name, value in partials:
-            args += [index(key), name, value]
-        result = await self._scripts.task_commit(keys=keys, args=args, client=self._redis)
-        return None if result is None else int(result)
+        return await streams.commit_task(
+            self._scripts,
+            self._redis,
+            state=self.keys.task_state(task_id),
+            outbox=self.keys.task_outbox(task_id),
+            version=version,
+            fields=fields,
+            items=outbox,
+            appends=appends,
+            partials=partials,
+            expire_ms=expire_ms,
+            expire=expire,
+        )
 
     async def expire_batches(self, spec: GraphSpec, task_id: str) -> None:
         """Give every batch a finished task's nodes stored the task's retention.
@@ -350,10 +343,13 @@ class TaskStore:
             refs += [ref for ref in texts if self.keys.is_batch_of(ref, task_id, node.id)]
         return refs
 
-    async def outbox(self, task_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """The task's outbox items in the order they were decided."""
+    async def outbox(self, task_id: str) -> list[tuple[str, bytes]]:
+        """The task's outbox items as stored, in the order they were decided.
+
+        :mod:`streamflow.dag.outbox` reads them (items are its business; the state's is here).
+        """
         raw = await streams.hash_items(self._redis, self.keys.task_outbox(task_id))
-        return [(name, orjson.loads(raw[name])) for name in sorted(raw)]
+        return [(name, raw[name]) for name in sorted(raw)]
 
     async def clear_outbox(self, task_id: str, names: Sequence[str]) -> None:
         """Remove outbox items that were carried out."""
