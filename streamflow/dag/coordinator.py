@@ -1,4 +1,4 @@
-"""The coordinator: turns the events workers report into task state, and fans out work.
+"""The coordinator process: turns the events workers report into task state, and fans out work.
 
 Any number of coordinators run at once. They share every role's events stream (and the tasks
 control stream) as the consumer group ``coordinators`` and adopt each other's events left
@@ -12,6 +12,10 @@ pending past the lease TTL, as workers adopt jobs. For each task with new events
    ``(task, node, invocation)``, runs coordinator functions, sends cancels, frees role slots;
    then removes the items;
 4. acknowledges and deletes the events.
+
+Steps 1 to 3 are :mod:`streamflow.dag.stepper`'s, the outbox items and carrying them out
+:mod:`streamflow.dag.outbox`'s; this module is the process: start-up, its loops (reading,
+adopting, sweeping, ticks, its registry entry) and step 4.
 
 A coordinator killed anywhere in between leaves its events pending: another adopts them, finds
 nothing new to record, and finishes the outbox; the dedup markers keep a dispatch from being
@@ -38,9 +42,10 @@ from redis.exceptions import ResponseError
 from streamflow import connect, partitions, registry, signals, streams
 from streamflow.app import App
 from streamflow.consumers import ConsumerNames
-from streamflow.dag.outbox import Items, Outbox, encode_item
-from streamflow.dag.store import DEFAULT_RETENTION_MS, Loaded, TaskStore, UnrunnableTask
-from streamflow.dag.tasks import Event, Internal, Step, advance
+from streamflow.dag.outbox import Outbox
+from streamflow.dag.stepper import Stepper
+from streamflow.dag.store import DEFAULT_RETENTION_MS, TaskStore
+from streamflow.dag.tasks import Event, Internal
 from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
 from streamflow.keys import COORDINATORS, Keys, validate_name
@@ -57,8 +62,6 @@ from streamflow.worker import VERSION, default_consumer_name
 
 logger = logging.getLogger(__name__)
 
-#: Commits retried after losing a race with another coordinator, before giving up for now.
-COMMIT_ATTEMPTS = 50
 #: Seconds between looks at the set of known roles, for events streams to follow.
 ROLES_REFRESH = 0.5
 
@@ -136,18 +139,17 @@ class Coordinator:
             role_limits=self.role_limits,
             consumer=self.consumer,
         )
+        self._stepper = Stepper(
+            redis, self._keys, self.store, self._outbox, self._book, limited=self._limited
+        )
         self._adopt_cursors: dict[str, str] = {}
         self._refreshed = float("-inf")
         self._ticks: set[str] = set()
         self._tick_wakeup = anyio.Event()
-        self._locks: dict[str, anyio.Lock] = {}
         self._stopping = anyio.Event()
         self.events_processed = 0
-        self.commits = 0
-        self.conflicts = 0
         #: Pending task events found deleted from their stream before they were applied.
         self.trimmed_events = 0
-        self.finished: dict[str, int] = {}
         self.observe_dispatch: Callable[[float], None] | None = None
 
     # -- public API -------------------------------------------------------------------------
@@ -212,6 +214,21 @@ class Coordinator:
     def bad_records(self) -> dict[str, int]:
         """Malformed records read back from Redis and skipped so far, by kind."""
         return self._signals.statistics()
+
+    @property
+    def commits(self) -> int:
+        """Task steps committed."""
+        return self._stepper.commits
+
+    @property
+    def conflicts(self) -> int:
+        """Commits lost to another coordinator's (then loaded and tried again)."""
+        return self._stepper.conflicts
+
+    @property
+    def finished(self) -> dict[str, int]:
+        """Tasks ended, by state."""
+        return self._stepper.finished
 
     @property
     def dispatches(self) -> int:
@@ -542,127 +559,12 @@ class Coordinator:
         self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None = None
     ) -> None:
         """Apply events to one task, commit, and carry out its outbox."""
-        lock = self._locks.setdefault(task_id, anyio.Lock())
-        try:
-            async with lock:
-                items = await self._apply(task_id, events, partials)
-                if any(isinstance(e, Internal) and e.type == "tick" for e in events):
-                    # A tick also finishes an outbox that a crashed coordinator left behind:
-                    # read back, with what this step just wrote.
-                    items = await self._outbox.stored(task_id)
-                # Function runs commit new steps, whose items are carried out in turn.
-                for _ in range(100):
-                    if not items:
-                        break
-                    items = await self._carry_out(task_id, items)
-                if self.observe_dispatch is not None:
-                    now = now_ms()
-                    for event in events:
-                        if isinstance(event, TaskEvent) and event.type == "batch":
-                            self.observe_dispatch(max(now - event.at_ms, 0) / 1000)
-        finally:
-            if not lock.locked():
-                self._locks.pop(task_id, None)
-
-    async def _carry_out(self, task_id: str, items: Items) -> Items:
-        """Carry out outbox items; returns the items that function results committed."""
-        carried = await self._outbox.carry_out(task_id, items)
-        committed: Items = []
-        if carried.events:
-            # Function results are recorded first: their items go only once that is committed.
-            committed = await self._apply(task_id, carried.events, carried.partials)
-        await self.store.clear_outbox(task_id, carried.done)
-        return committed
-
-    async def _apply(
-        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None
-    ) -> Items:
-        """Apply events and commit; returns the outbox items the commit wrote, in order."""
-        wanted = sorted(
-            {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
-        )
-        for _ in range(COMMIT_ATTEMPTS):
-            try:
-                loaded = await self.store.load(task_id, wanted)
-            except UnrunnableTask as exc:
-                if await self._give_up(task_id, exc):
-                    return []
-                continue  # the state changed under us: look again
-            if loaded is None:
-                return []  # unknown or expired: nothing to do
-            if loaded.task.terminal:
-                await self._redis.srem(self._keys.tasks_active(), task_id)
-                return []
-            step = await self._decide(loaded, events, partials)
-            if not step.changed:
-                return []
-            items = await self._outbox.items_of(loaded, step)
-            stored = {name: encode_item(item) for name, item in items.items()}
-            version = await self.store.commit(loaded, step, stored, retention=step.task.terminal)
-            if version is not None:
-                self.commits += 1
-                if step.task.terminal:
-                    await self._ended(loaded, step)
-                return sorted(items.items(), key=lambda named: named[0])
-            self.conflicts += 1
-        # Its events stay pending (see _handle) and are tried again after the lease TTL.
-        raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
-
-    async def _decide(
-        self, loaded: Loaded, events: list[Event], partials: dict[tuple[str, int], Any] | None
-    ) -> Step:
-        """The step the events (and a cancel of the task, if any) justify, slots taken."""
-        task_id = loaded.task.id
-        todo = list(events)
-        cancel = self._book.for_task(task_id)
-        if cancel is not None:
-            todo.append(Internal("cancel", reason=cancel.reason or "cancelled"))
-        step = self._advance(loaded, todo, partials, frozenset())
-        if step.wants_slot:
-            granted = await self._outbox.take_slots(task_id, loaded.spec, step.wants_slot)
-            if granted:
-                step = self._advance(loaded, todo, partials, granted)
-        return step
-
-    async def _ended(self, loaded: Loaded, step: Step) -> None:
-        task_id, state = step.task.id, step.task.state
-        await self._redis.srem(self._keys.tasks_active(), task_id)
-        await self.store.expire_batches(loaded.spec, task_id)
-        self.finished[state] = self.finished.get(state, 0) + 1
-        logger.info("task %s %s", task_id, state)
-
-    async def _give_up(self, task_id: str, exc: UnrunnableTask) -> bool:
-        """End a task that cannot be run ``failed`` with the reason; False on a commit race."""
-        reason = f"the coordinator cannot run this task: {exc.reason}"
-        outcome = await self.store.fail(task_id, reason, now_ms()) if exc.writable else "failed"
-        if outcome == "raced":
-            return False
-        await self._redis.srem(self._keys.tasks_active(), task_id)
-        if outcome == "ended":
-            return True  # failed by an earlier look (or ended before it was damaged)
-        logger.warning("task %s cannot run: %s", task_id, exc.reason)
-        # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
-        await self._outbox.cancel_task(task_id, reason)
-        self.finished["failed"] = self.finished.get("failed", 0) + 1
-        return True
-
-    def _advance(
-        self,
-        loaded: Loaded,
-        events: list[Event],
-        partials: dict[tuple[str, int], Any] | None,
-        granted: frozenset[str],
-    ) -> Step:
-        return advance(
-            loaded.spec,
-            loaded.task,
-            dict(loaded.invocations),
-            events,
-            now=now_ms(),
-            limited_roles=self._limited,
-            granted=granted,
-            partials=partials,
-        )
+        await self._stepper.process(task_id, events, partials)
+        if self.observe_dispatch is not None:
+            now = now_ms()
+            for event in events:
+                if isinstance(event, TaskEvent) and event.type == "batch":
+                    self.observe_dispatch(max(now - event.at_ms, 0) / 1000)
 
 
 def _task_of(entry: streams.Entry) -> str | None:

@@ -10,6 +10,13 @@ States only move forward: a task goes ``queued -> running -> succeeded | failed 
 a node goes ``queued -> running -> succeeded | failed | cancelled | skipped`` (``skipped``: a
 remediation node whose parents all succeeded; a node that can never run because a parent
 failed, even a remediated one, is ``cancelled``).
+
+Past the ~600 lines of the house rule on purpose: the records (``TaskState``, ``NodeState``,
+``Invocation``, ``Step``) and the rules that move them (``_Machine``) are one state machine.
+Every rule reads and writes these records, and what makes a step safe to apply twice (states
+only move forward, invocations record each batch once, older runs are fenced) is seen only
+with both on one page; split, the records' invariants would sit away from the rules that rely
+on them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,200 @@
+"""One step of one task: load its state, apply events, commit, carry out its outbox.
+
+The coordinator (:mod:`streamflow.dag.coordinator`) reads events, groups them by task and
+hands each task's to :meth:`Stepper.process`, which:
+
+1. loads the task's state (one HMGET, see :mod:`streamflow.dag.store`) and applies the events
+   with the pure state machine of :mod:`streamflow.dag.tasks`, taking role slots for the
+   nodes that want one;
+2. commits the new state with the step's decisions as outbox items (see
+   :mod:`streamflow.dag.outbox`), version-checked: a concurrent commit by another coordinator
+   makes it load again;
+3. carries out the items it committed, and those that coordinator functions' results commit in
+   turn. A tick of the task reads the outbox back from Redis instead, which finishes one left
+   behind by a crashed coordinator.
+
+Steps of one task in one process are serialized by a lock per task; across processes, by the
+version check.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+
+from streamflow.dag.outbox import Items, Outbox, encode_item
+from streamflow.dag.store import Loaded, TaskStore, UnrunnableTask
+from streamflow.dag.tasks import Event, Internal, Step, advance
+from streamflow.keys import Keys
+from streamflow.protocol import now_ms
+from streamflow.signals import CancelBook
+
+logger = logging.getLogger(__name__)
+
+#: Commits retried after losing a race with another coordinator, before giving up for now.
+COMMIT_ATTEMPTS = 50
+#: Rounds of carrying out items that coordinator functions' results committed, at most.
+CARRY_OUT_ROUNDS = 100
+
+
+class Stepper:
+    """Steps tasks for one coordinator.
+
+    Args:
+        redis: The client.
+        keys: Key names.
+        store: The coordinator's task store.
+        outbox: The coordinator's outbox.
+        book: The cancels heard so far (a cancelled task's step cancels it).
+        limited: The roles with a limit on running nodes.
+
+    Attributes:
+        commits: Steps committed.
+        conflicts: Commits lost to another coordinator's (then loaded and tried again).
+        finished: Tasks ended, by state.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        store: TaskStore,
+        outbox: Outbox,
+        book: CancelBook,
+        *,
+        limited: frozenset[str],
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._store = store
+        self._outbox = outbox
+        self._book = book
+        self._limited = limited
+        self._locks: dict[str, anyio.Lock] = {}
+        self.commits = 0
+        self.conflicts = 0
+        self.finished: dict[str, int] = {}
+
+    async def process(
+        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None = None
+    ) -> None:
+        """Apply events to one task, commit, and carry out its outbox."""
+        lock = self._locks.setdefault(task_id, anyio.Lock())
+        try:
+            async with lock:
+                items = await self._apply(task_id, events, partials)
+                if any(isinstance(e, Internal) and e.type == "tick" for e in events):
+                    # A tick also finishes an outbox that a crashed coordinator left behind:
+                    # read back, with what this step just wrote.
+                    items = await self._outbox.stored(task_id)
+                # Function runs commit new steps, whose items are carried out in turn.
+                for _ in range(CARRY_OUT_ROUNDS):
+                    if not items:
+                        break
+                    items = await self._carry_out(task_id, items)
+        finally:
+            if not lock.locked():
+                self._locks.pop(task_id, None)
+
+    async def _carry_out(self, task_id: str, items: Items) -> Items:
+        """Carry out outbox items; returns the items that function results committed."""
+        carried = await self._outbox.carry_out(task_id, items)
+        committed: Items = []
+        if carried.events:
+            # Function results are recorded first: their items go only once that is committed.
+            committed = await self._apply(task_id, carried.events, carried.partials)
+        await self._store.clear_outbox(task_id, carried.done)
+        return committed
+
+    async def _apply(
+        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None
+    ) -> Items:
+        """Apply events and commit; returns the outbox items the commit wrote, in order."""
+        wanted = sorted(
+            {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
+        )
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                loaded = await self._store.load(task_id, wanted)
+            except UnrunnableTask as exc:
+                if await self._give_up(task_id, exc):
+                    return []
+                continue  # the state changed under us: look again
+            if loaded is None:
+                return []  # unknown or expired: nothing to do
+            if loaded.task.terminal:
+                await self._redis.srem(self._keys.tasks_active(), task_id)
+                return []
+            step = await self._decide(loaded, events, partials)
+            if not step.changed:
+                return []
+            items = await self._outbox.items_of(loaded, step)
+            stored = {name: encode_item(item) for name, item in items.items()}
+            version = await self._store.commit(loaded, step, stored, retention=step.task.terminal)
+            if version is not None:
+                self.commits += 1
+                if step.task.terminal:
+                    await self._ended(loaded, step)
+                return sorted(items.items(), key=lambda named: named[0])
+            self.conflicts += 1
+        # Its events stay pending (see _handle) and are tried again after the lease TTL.
+        raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
+
+    async def _decide(
+        self, loaded: Loaded, events: list[Event], partials: dict[tuple[str, int], Any] | None
+    ) -> Step:
+        """The step the events (and a cancel of the task, if any) justify, slots taken."""
+        task_id = loaded.task.id
+        todo = list(events)
+        cancel = self._book.for_task(task_id)
+        if cancel is not None:
+            todo.append(Internal("cancel", reason=cancel.reason or "cancelled"))
+        step = self._advance(loaded, todo, partials, frozenset())
+        if step.wants_slot:
+            granted = await self._outbox.take_slots(task_id, loaded.spec, step.wants_slot)
+            if granted:
+                step = self._advance(loaded, todo, partials, granted)
+        return step
+
+    async def _ended(self, loaded: Loaded, step: Step) -> None:
+        task_id, state = step.task.id, step.task.state
+        await self._redis.srem(self._keys.tasks_active(), task_id)
+        await self._store.expire_batches(loaded.spec, task_id)
+        self.finished[state] = self.finished.get(state, 0) + 1
+        logger.info("task %s %s", task_id, state)
+
+    async def _give_up(self, task_id: str, exc: UnrunnableTask) -> bool:
+        """End a task that cannot be run ``failed`` with the reason; False on a commit race."""
+        reason = f"the coordinator cannot run this task: {exc.reason}"
+        outcome = await self._store.fail(task_id, reason, now_ms()) if exc.writable else "failed"
+        if outcome == "raced":
+            return False
+        await self._redis.srem(self._keys.tasks_active(), task_id)
+        if outcome == "ended":
+            return True  # failed by an earlier look (or ended before it was damaged)
+        logger.warning("task %s cannot run: %s", task_id, exc.reason)
+        # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
+        await self._outbox.cancel_task(task_id, reason)
+        self.finished["failed"] = self.finished.get("failed", 0) + 1
+        return True
+
+    def _advance(
+        self,
+        loaded: Loaded,
+        events: list[Event],
+        partials: dict[tuple[str, int], Any] | None,
+        granted: frozenset[str],
+    ) -> Step:
+        return advance(
+            loaded.spec,
+            loaded.task,
+            dict(loaded.invocations),
+            events,
+            now=now_ms(),
+            limited_roles=self._limited,
+            granted=granted,
+            partials=partials,
+        )

@@ -1,0 +1,178 @@
+"""The coordinator's outbox: typed items in the stored format, carried out from memory.
+
+Also the scripts the DAG side runs through ``streams`` (``slot.lua``, ``task_commit.lua``,
+``publish_dedup.lua`` pipelined).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+import streamflow
+from streamflow import Client, Coordinator, Graph, Worker, connect, streams
+from streamflow.dag.outbox import (
+    CancelItem,
+    FunctionItem,
+    Item,
+    JobItem,
+    ReduceItem,
+    ReleaseItem,
+    decode_item,
+    encode_item,
+)
+from streamflow.dag.store import TaskStore
+from streamflow.keys import Keys
+from tests.helpers import running
+
+#: Each kind of item, and its stored JSON as coordinators have always written it.
+STORED: list[tuple[Item, dict[str, Any]]] = [
+    (
+        JobItem("ocr", "ocr#1", "t.n.0", '{"id":"t.n.0"}'),
+        {"kind": "job", "role": "ocr", "shard": "ocr#1", "id": "t.n.0", "job": '{"id":"t.n.0"}'},
+    ),
+    (
+        FunctionItem("merge", 2, batch=("src", 3, "sf:batch")),
+        {"kind": "function", "node": "merge", "invocation": 2, "batch": ["src", 3, "sf:batch"]},
+    ),
+    (
+        FunctionItem("merge", 0, inputs={"a": 2}),
+        {"kind": "function", "node": "merge", "invocation": 0, "inputs": {"a": 2}},
+    ),
+    (
+        FunctionItem("merge", 0),
+        {"kind": "function", "node": "merge", "invocation": 0, "inputs": None},
+    ),
+    (ReduceItem("merge"), {"kind": "reduce", "node": "merge"}),
+    (ReleaseItem("ocr", "n"), {"kind": "release", "role": "ocr", "node": "n"}),
+    (CancelItem("failed: x"), {"kind": "cancel", "reason": "failed: x"}),
+]
+
+
+@pytest.mark.parametrize(("item", "stored"), STORED)
+def test_items_keep_the_stored_format_and_read_back_as_written(
+    item: Item, stored: dict[str, Any]
+) -> None:
+    assert orjson.loads(encode_item(item)) == stored
+    assert decode_item(encode_item(item)) == item
+
+
+def test_a_job_item_written_before_partitions_goes_to_the_roles_first() -> None:
+    old = orjson.dumps({"kind": "job", "role": "ocr", "id": "t.n.0", "job": "{}"})
+    assert decode_item(old) == JobItem("ocr", None, "t.n.0", "{}")
+
+
+def test_an_item_of_an_unknown_kind_reads_as_none() -> None:
+    assert decode_item(b'{"kind": "from-the-future", "node": "x"}') is None
+
+
+app = streamflow.App()
+
+
+@app.role("noop")
+async def noop(ctx: streamflow.Context, params: dict[str, Any]) -> None:
+    """Nothing."""
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_the_coordinator_carries_out_its_own_commits_without_reading_them_back(
+    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    real_outbox = TaskStore.outbox
+
+    async def outbox(store: TaskStore, task_id: str) -> list[tuple[str, bytes]]:
+        reads.append(task_id)
+        return await real_outbox(store, task_id)
+
+    monkeypatch.setattr(TaskStore, "outbox", outbox)
+    graph = Graph("chain")
+    for name in ("a", "b", "c", "d"):
+        graph.node(name, role="noop")
+    graph.edge("a", "b").edge("b", "c").edge("c", "d")
+    redis = connect.connect(redis_url)
+    worker = Worker(app, redis, namespace=namespace, block_ms=100, shutdown_grace=1)
+    # No sweep during the task: only the submit's control entry ticks it.
+    coordinator = Coordinator(redis, namespace=namespace, block_ms=100, sweep_interval=3600)
+    try:
+        async with running(worker), anyio.create_task_group() as tg:
+            await tg.start(coordinator.run)
+            client = Client(redis, namespace=namespace)
+            task = await client.wait(await client.submit(graph), timeout=30)
+            coordinator.stop()
+    finally:
+        await redis.aclose()
+    assert task.state == "succeeded", task.error
+    assert coordinator.dispatches == 4
+    # Four steps dispatched a job each; the outbox was read back only for the submit's tick.
+    assert reads == [task.id]
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_take_slot_holds_at_most_the_limit_and_is_idempotent_per_member(
+    redis: Redis, namespace: str
+) -> None:
+    scripts, slots = streams.Scripts(redis), Keys(namespace).role_slots("ocr")
+    assert await streams.take_slot(scripts, redis, slots, "t/a", 1)
+    assert await streams.take_slot(scripts, redis, slots, "t/a", 1)  # already held
+    assert not await streams.take_slot(scripts, redis, slots, "t/b", 1)
+    assert await redis.smembers(slots) == {b"t/a"}
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_commit_task_writes_only_on_the_expected_version(
+    redis: Redis, namespace: str
+) -> None:
+    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    state, outbox = keys.task_state("t"), keys.task_outbox("t")
+    output, partials = keys.task_output("t", "n"), keys.task_partials("t", "n")
+
+    async def commit(version: int, value: bytes) -> int | None:
+        return await streams.commit_task(
+            scripts,
+            redis,
+            state=state,
+            outbox=outbox,
+            version=version,
+            fields={"task": value},
+            items={"1.000000": value},
+            appends=[(output, "ref-" + value.decode())],
+            partials=[(partials, "0", value)],
+        )
+
+    assert await commit(-1, b"one") == 0  # a new task: no version yet
+    assert await commit(-1, b"two") is None  # the task exists: nothing written
+    assert await commit(0, b"three") == 1
+    assert await redis.hget(state, "task") == b"three"
+    assert await redis.hgetall(outbox) == {b"1.000000": b"three"}
+    assert await redis.lrange(output, 0, -1) == [b"ref-one", b"ref-three"]
+    assert await redis.hgetall(partials) == {b"0": b"three"}
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, namespace: str) -> None:
+    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    publishes = [
+        streams.DedupPublish(
+            stream=keys.role_stream("ocr"),
+            marker=keys.dedup("ocr", f"dispatch:{n}"),
+            schedule=keys.delayed("ocr"),
+            message_id=str(n),
+            message=f"message {n}".encode(),
+            window_ms=60_000,
+        )
+        for n in range(3)
+    ]
+    assert await streams.publish_dedup_many(scripts, redis, publishes[:2]) == [True, True]
+    assert await streams.publish_dedup_many(scripts, redis, publishes) == [False, False, True]
+    assert await streams.publish_dedup_many(scripts, redis, []) == []
+    entries = await streams.read_range(redis, keys.role_stream("ocr"))
+    assert [e.fields[b"message"] for e in entries] == [b"message 0", b"message 1", b"message 2"]
