@@ -140,7 +140,7 @@ class Stepper:
                     await self._ended(loaded, step)
                 return sorted(items.items(), key=lambda named: named[0])
             self.conflicts += 1
-        # Its events stay pending (see _handle) and are tried again after the lease TTL.
+        # Its events stay pending (see Coordinator._handle), tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
 
     async def _decide(
