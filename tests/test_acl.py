@@ -51,12 +51,6 @@ from tests.test_cli import kill_tree
 
 NS = "acl"
 KEYS = Keys(NS)
-#: ``streamflow acl`` whether or not streamflow/cli/commands.py imports cli_security yet.
-ACL_CLI = [
-    sys.executable,
-    "-c",
-    "import streamflow.cli.security; from streamflow.cli.commands import main; main()",
-]
 CLI = [sys.executable, "-m", "streamflow"]
 CLI_TIMEOUT = 20.0
 PASSWORD_VAR = "SFTEST_ACL_PASSWORD"
@@ -327,7 +321,7 @@ def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisSer
     env = clean_env(SF_OPERATOR_PASSWORD="op secret")
     env.pop("SF_WORKER_PASSWORD", None)
     hashed = subprocess.run(
-        [*ACL_CLI, "acl", "--namespace", NS, "--for", "operator"],
+        [*CLI, "acl", "--namespace", NS, "--for", "operator"],
         env=env,
         capture_output=True,
         text=True,
@@ -335,7 +329,7 @@ def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisSer
         check=True,
     )
     placeholder = subprocess.run(
-        [*ACL_CLI, "acl", "--namespace", NS, "--for", "worker"],
+        [*CLI, "acl", "--namespace", NS, "--for", "worker"],
         env=env,
         capture_output=True,
         text=True,

@@ -239,3 +239,122 @@ def test_stop_check_sees_every_hand_written_stop(tmp_path: Path) -> None:
     assert [hit.split(":")[0] for hit in stop_writes(source)] == [
         f"sample.py line {n}" for n in range(2, 8)
     ]
+
+
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    """The dotted name of the module at ``path`` in the package at ``root``."""
+    return ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    """Every module of the package at ``root``, with the modules of it that it imports.
+
+    As :func:`runtime_imports` reads them: imports inside functions count (a lazy import closes
+    a circle as surely as one at the top), ``if TYPE_CHECKING:`` blocks do not.
+    """
+    modules = {module_name(path, root): path for path in root.rglob("*.py")}
+    return {
+        name: {found for found in runtime_imports(path) if found in modules and found != name}
+        for name, path in modules.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph``, as a path that ends where it starts (None: no circle)."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        path.append(name)
+        for imported in sorted(graph[name]):
+            if imported in path:
+                return [*path[path.index(imported) :], imported]
+            if imported not in done and (cycle := visit(imported)):
+                return cycle
+        path.pop()
+        done.add(name)
+        return None
+
+    for name in sorted(graph):
+        if name not in done and (cycle := visit(name)):
+            return cycle
+    return None
+
+
+def test_no_import_circle_among_the_package_modules() -> None:
+    """Imports point one way (docs/architecture.md), also through function-level imports."""
+    graph = import_graph()
+    assert {"streamflow.cli", "streamflow.cli.options", "streamflow.worker"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_cycle_check_sees_a_lazy_circle_and_not_a_type_checking_one(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg import b\nimport pkg.c\n")
+    (package / "b.py").write_text("def f():\n    from pkg.a import x\n")
+    (package / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"
+    )
+    graph = import_graph(package)
+    assert graph == {
+        "pkg": set(),
+        "pkg.a": {"pkg", "pkg.b", "pkg.c"},
+        "pkg.b": {"pkg.a"},
+        "pkg.c": set(),
+    }
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+    del graph["pkg.b"], graph["pkg.a"]
+    assert find_cycle(graph) is None
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _imported(node: ast.AST) -> list[str]:
+    """The dotted names an import statement imports; a relative one is of streamflow."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    module = ".".join(part for part in ("streamflow" if node.level else "", node.module) if part)
+    return [f"{module}.{alias.name}" for alias in node.names]
+
+
+def private_imports(path: Path) -> list[str]:
+    """Every import in ``path`` of a private (underscore) name of a streamflow module, by line."""
+    return [
+        f"{path.name} line {node.lineno}: {name}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        for name in _imported(node)
+        if name.split(".")[0] == "streamflow" and any(_is_private(p) for p in name.split("."))
+    ]
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    """What a sibling shares is public (e.g. streamflow.cli.options); the rest stays private."""
+    wrong = [found for path in sorted(PACKAGE.rglob("*.py")) for found in private_imports(path)]
+    assert not wrong
+
+
+def test_private_import_check_sees_names_and_modules(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "from streamflow.cli.options import _client, open_client\n"
+        "from streamflow import __version__, _x\n"
+        "from streamflow._hidden import name\n"
+        "import streamflow._lazy\n"
+        "from other import _theirs\n"
+        "from .cli import _relative\n"
+        "import _thread\n"
+    )
+    assert private_imports(source) == [
+        "sample.py line 1: streamflow.cli.options._client",
+        "sample.py line 2: streamflow._x",
+        "sample.py line 3: streamflow._hidden.name",
+        "sample.py line 4: streamflow._lazy",
+        "sample.py line 6: streamflow.cli._relative",
+    ]

@@ -3,10 +3,15 @@
 Every CLI call used to import the whole package (redis, pydantic, prometheus-client, the worker,
 the coordinator) before parsing its arguments: about half a second of CPU for
 ``streamflow --version``. The root group here knows each command by name, module and one-line
-help, so ``--version`` and ``--help`` import none of them, and ``streamflow publish`` imports
-only the module that defines ``publish`` (and what that module needs). The command modules
-(:mod:`streamflow.cli.commands`, :mod:`streamflow.cli.tasks`, :mod:`streamflow.cli.inspect`,
-:mod:`streamflow.cli.security`) register their commands on :data:`main` when imported.
+help (:data:`COMMANDS`), so ``--version`` and ``--help`` import none of them, and
+``streamflow publish`` imports only the module that defines ``publish`` (and what that module
+needs).
+
+Registration is explicit and one way: a command module defines its commands with plain
+``@click.command()`` and imports nothing from here; this group imports the module that
+:data:`COMMANDS` names and adds the command of that name. The command modules share their
+options and helpers through :mod:`streamflow.cli.options` only, so no two of them import each
+other and none imports this root.
 """
 
 from __future__ import annotations
@@ -16,18 +21,18 @@ import importlib
 import click
 
 #: Every command: the module that defines it, and its short help for the command list (the
-#: first paragraph of the command's docstring; tests/test_cli_startup.py checks they agree).
+#: first paragraph of the command's docstring; tests/test_cli_root.py checks they agree).
 COMMANDS: dict[str, tuple[str, str]] = {
     "acl": (
         "streamflow.cli.security",
         "Print the ACL SETUSER line that gives one part exactly the rights it needs.",
     ),
     "cancel": (
-        "streamflow.cli.commands",
+        "streamflow.cli.publish",
         "Cancel a task (all its messages) or one message by id, on every worker.",
     ),
     "check": (
-        "streamflow.cli.commands",
+        "streamflow.cli.worker",
         "Probe: exit 0 when healthy, 1 when not (for container health checks).",
     ),
     "coordinator": (
@@ -35,10 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Drive DAG tasks: turn workers' events into task state and fan out work.",
     ),
     "demo": (
-        "streamflow.cli.commands",
+        "streamflow.cli.demo",
         "Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself.",
     ),
-    "dlq": ("streamflow.cli.commands", "Dead letters: list, show, replay, purge."),
+    "dlq": ("streamflow.cli.dlq", "Dead letters: list, show, replay, purge."),
     "exporter": (
         "streamflow.cli.inspect",
         "Serve the namespace's queue gauges (run one per namespace, beside the workers).",
@@ -47,10 +52,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "streamflow.cli.inspect",
         "Show every role (or ROLE in detail): stream, groups, consumers, pending, lag, retries.",
     ),
-    "publish": ("streamflow.cli.commands", "Publish jobs to ROLE; prints one message id per line."),
+    "publish": ("streamflow.cli.publish", "Publish jobs to ROLE; prints one message id per line."),
     "result": ("streamflow.cli.tasks", "Print a task's results as JSON: {node: [items...]}."),
     "schema": (
-        "streamflow.cli.commands",
+        "streamflow.cli.publish",
         "Print the JSON Schema of every message kind of the wire protocol.",
     ),
     "status": ("streamflow.cli.tasks", "Show a task's state and every node's."),
@@ -60,7 +65,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tasks": ("streamflow.cli.tasks", "List tasks, newest first."),
     "worker": (
-        "streamflow.cli.commands",
+        "streamflow.cli.worker",
         "Serve roles of an app: streamflow worker --app pkg.module:app --role ROLE.",
     ),
     "workers": (
@@ -80,13 +85,14 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         """The command ``cmd_name``, importing its module first if need be."""
         if cmd_name not in self.commands and cmd_name in COMMANDS:
-            importlib.import_module(COMMANDS[cmd_name][0])
+            self.add_command(_load(cmd_name))
         return self.commands.get(cmd_name)
 
     def load_all(self) -> None:
-        """Import every command's module (for tools that read ``commands``, e.g. mkdocs-click)."""
-        for module, _ in COMMANDS.values():
-            importlib.import_module(module)
+        """Add every command (for tools that read ``commands``, e.g. mkdocs-click)."""
+        for name in COMMANDS:
+            if name not in self.commands:
+                self.add_command(_load(name))
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list of ``streamflow --help``, from COMMANDS: it imports nothing."""
@@ -95,6 +101,19 @@ class LazyGroup(click.Group):
         rows = [(name, _short_help(self, name, limit)) for name in names]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def _load(name: str) -> click.Command:
+    """The command ``name``, from the module :data:`COMMANDS` names for it."""
+    module = importlib.import_module(COMMANDS[name][0])
+    found = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, click.Command) and value.name == name
+    ]
+    if len(found) != 1:
+        raise LookupError(f"{module.__name__} defines {len(found)} commands named {name!r}")
+    return found[0]
 
 
 def _short_help(group: LazyGroup, name: str, limit: int) -> str:
@@ -123,6 +142,6 @@ def _short_help(group: LazyGroup, name: str, limit: int) -> str:
 def main(log_level: str, log_format: str) -> None:
     """streamflow: workers and publishers on Redis Streams."""
     # Imported here, not above: --version and --help end before this runs and need none of it.
-    from streamflow.cli.commands import configure
+    from streamflow.cli.options import configure
 
     configure(log_level, log_format)

@@ -19,15 +19,15 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
 from streamflow import config, connect, logs
-from streamflow.cli.commands import (
-    _connect,
-    _connection_options,
-    _errors_to_exit,
-    _ready,
-    _serving_metrics,
+from streamflow.cli.options import (
+    connect_redis,
+    connection_options,
+    echo_json,
+    errors_to_exit,
     logger,
-    main,
     metrics_host_option,
+    serving_metrics,
+    wait_ready,
 )
 from streamflow.errors import ConfigError, RedisUnavailable, StreamflowError
 from streamflow.keys import Keys
@@ -54,7 +54,7 @@ T = TypeVar("T")
 Render = Callable[[], Awaitable[str]]
 
 
-@main.command("inspect")
+@click.command("inspect")
 @click.argument("role", required=False)
 @click.option(
     "--count",
@@ -71,8 +71,8 @@ Render = Callable[[], Awaitable[str]]
     metavar="[SECONDS]",
     help=f"Redraw every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C. Put ROLE first.",
 )
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def inspect_command(
     role: str | None,
     count: int | None,
@@ -114,7 +114,7 @@ async def _show(
     title: str | None,
 ) -> None:
     """Print one view, or with ``watch`` redraw it every ``watch`` seconds until a signal."""
-    redis = _connect(settings, name="streamflow-cli")
+    redis = connect_redis(settings, name="streamflow-cli")
     try:
         await connect.ping(redis, settings.url)
         # The first view comes before the watch, so that an unknown role ends the command.
@@ -266,10 +266,10 @@ def _state(consumer: ConsumerInfo) -> str:
     return "alive" if consumer.alive else "stopped"
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document per line.")
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def workers(as_json: bool, redis_url: str, namespace: str) -> None:
     """List the live workers and the coordinators of the namespace, with their health.
 
@@ -284,7 +284,7 @@ def workers(as_json: bool, redis_url: str, namespace: str) -> None:
             echo(info.model_dump_json())
         for coord in coords:
             health = {"kind": "coordinator", "live": coord.live(now)}
-            echo(orjson.dumps({**health, **coord.model_dump()}).decode())
+            echo_json({**health, **coord.model_dump()})
         return
     if not found:
         echo(f"no live workers in namespace {settings.namespace}")
@@ -336,7 +336,7 @@ def _worker_row(info: WorkerInfo, now: int) -> list[str]:
 async def _workers(
     settings: config.ConnectionSettings,
 ) -> tuple[list[WorkerInfo], list[CoordinatorInfo]]:
-    redis = _connect(settings, name="streamflow-cli")
+    redis = connect_redis(settings, name="streamflow-cli")
     keys = Keys(settings.namespace)
     try:
         await connect.ping(redis, settings.url)
@@ -380,7 +380,7 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-@main.command()
+@click.command()
 @click.option(
     "--metrics-port",
     envvar="STREAMFLOW_METRICS_PORT",
@@ -396,8 +396,8 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     show_default=True,
     help="Seconds between reads of the queue figures.",
 )
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def exporter(
     metrics_port: int, metrics_host: str, interval: float, redis_url: str, namespace: str
 ) -> None:
@@ -409,13 +409,13 @@ def exporter(
 async def _export(
     settings: config.ConnectionSettings, port: int, interval: float, host: str = "127.0.0.1"
 ) -> None:
-    redis = _connect(settings, name="streamflow-exporter")
-    if not await _ready(redis, settings.url, checks=False, strict=False):
+    redis = connect_redis(settings, name="streamflow-exporter")
+    if not await wait_ready(redis, settings.url, checks=False, strict=False):
         return
     queues = Exporter(redis, namespace=settings.namespace, interval=interval)
     health = Health(redis)
     try:
-        with _serving_metrics(queues.registry, health, port, host):
+        with serving_metrics(queues.registry, health, port, host):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(health.run)
                 tg.start_soon(queues.run)

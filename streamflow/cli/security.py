@@ -10,12 +10,12 @@ import os
 
 import click
 
-from streamflow.cli.commands import _errors_to_exit, main
+from streamflow.cli.options import errors_to_exit
 from streamflow.errors import ConfigError
 from streamflow.ops import acl
 
 
-@main.command("acl")
+@click.command("acl")
 @click.option(
     "--namespace",
     envvar="STREAMFLOW_NAMESPACE",
@@ -39,7 +39,7 @@ from streamflow.ops import acl
     "its SHA-256 (#<hex>); else the placeholder >${VAR}, to fill in with envsubst. "
     "[default: SF_<PART>_PASSWORD]",
 )
-@_errors_to_exit
+@errors_to_exit
 def acl_command(namespace: str, part: acl.Part, user: str | None, password_env: str | None) -> None:
     """Print the ACL SETUSER line that gives one part exactly the rights it needs.
 

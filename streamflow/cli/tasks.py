@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 import anyio
@@ -12,18 +11,19 @@ import click
 import orjson
 
 from streamflow import config, connect
-from streamflow.cli.commands import (
-    _client,
-    _connect,
-    _connection_options,
-    _errors_to_exit,
-    _ready,
-    _serving_metrics,
-    _tls_options,
+from streamflow.cli.options import (
+    connect_redis,
+    connection_options,
+    echo_json,
+    errors_to_exit,
     logger,
-    main,
     metrics_host_option,
+    open_client,
+    serving_metrics,
+    tls_options,
+    wait_ready,
 )
+from streamflow.cli.progress import follow, outcome_text, progress_lines, task_summary, why_line
 from streamflow.client import Client
 from streamflow.dag.coordinator import Coordinator
 from streamflow.dag.graph import GraphError, load
@@ -33,7 +33,7 @@ from streamflow.logs import echo, printable
 from streamflow.metrics import Health
 
 
-@main.command()
+@click.command()
 @click.option("--app", "app_path", envvar="STREAMFLOW_APP", help="App with coordinator functions.")
 @click.option(
     "--role-limit",
@@ -65,8 +65,8 @@ from streamflow.metrics import Health
     is_flag=True,
     help="Refuse to start when the start-up checks of Redis warn (see `worker --strict`).",
 )
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def coordinator(
     app_path: str | None,
     role_limits: tuple[str, ...],
@@ -83,7 +83,7 @@ def coordinator(
 ) -> None:
     """Drive DAG tasks: turn workers' events into task state and fan out work."""
     settings = config.build(
-        config.ConnectionSettings, redis_url=redis_url, namespace=namespace, **_tls_options()
+        config.ConnectionSettings, redis_url=redis_url, namespace=namespace, **tls_options()
     )
     app = config.load_app(app_path) if app_path else None
     limits: dict[str, int] = {}
@@ -114,7 +114,7 @@ async def _coordinate(
     metrics_at: tuple[int | None, str],
     strict: bool = False,
 ) -> None:
-    redis = _connect(
+    redis = connect_redis(
         settings,
         socket_timeout=options["block_ms"] / 1000 + 10,
         name="streamflow-coordinator",
@@ -122,14 +122,14 @@ async def _coordinate(
         # redis-py's cluster pool fails at its limit instead of waiting: room for many.
         max_connections=512 if connect.is_cluster_url(settings.url) else 64,
     )
-    if not await _ready(redis, settings.url, checks=True, strict=strict):
+    if not await wait_ready(redis, settings.url, checks=True, strict=strict):
         return
     coord = Coordinator(redis, **options)
     health = Health(redis)
     metrics_port, metrics_host = metrics_at
     metrics = coord.enable_metrics if metrics_port is not None else None
     try:
-        with _serving_metrics(metrics, health, metrics_port, metrics_host):
+        with serving_metrics(metrics, health, metrics_port, metrics_host):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(health.run)
                 await tg.start(coord.run)
@@ -151,14 +151,14 @@ async def _coordinate(
     logger.info("coordinator %s stopped", coord.consumer)
 
 
-@main.command()
+@click.command()
 @click.argument("graph_file", type=click.File("rb"))
 @click.option("--params", "params_json", help="Task parameters as a JSON object.")
 @click.option("--id", "task_id", help="The task id (default: a random one).")
 @click.option("--wait", is_flag=True, help="Show progress until the task ends; exit 1 unless ok.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def submit(
     graph_file: Any,
     params_json: str | None,
@@ -210,7 +210,7 @@ async def _submit(
     wait: bool,
     timeout: float | None,  # noqa: ASYNC109 - the --timeout option
 ) -> TaskState | None:
-    async with _client(settings) as client:
+    async with open_client(settings) as client:
         task_id = await client.submit(spec, params=params, task_id=task_id)
         echo(task_id)
         if not wait:
@@ -236,112 +236,11 @@ async def _unfinished(client: Client, task_id: str) -> str:
     return "still running"
 
 
-async def follow(
-    client: Client,
-    task_id: str,
-    *,
-    echo: Callable[[str], None] = click.echo,
-    live: bool | None = None,
-    every: float = 0.0,
-    poll: float = 0.2,
-) -> TaskState:
-    """Show per-node progress until the task ends; returns its final state.
-
-    Args:
-        client: The client.
-        task_id: The task.
-        echo: Where lines go.
-        live: Redraw the table in place (default: when stdout is a terminal); otherwise print
-            each node's line when it changed, at most every ``every`` seconds.
-        every: The least time between two printed updates, when not live.
-        poll: Seconds between reads of the task state (it lives in Redis: it is polled).
-
-    Raises:
-        ConfigError: The task disappeared (it expired).
-    """
-    live = sys.stdout.isatty() if live is None else live
-    drawn = 0
-    shown: dict[str, str] = {}
-    last_print = float("-inf")
-    while True:
-        task = await client.task(task_id)
-        if task is None:
-            raise ConfigError(f"task {task_id} disappeared (expired?)")
-        lines = progress_lines(task)
-        if live:
-            echo((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(lines))
-            drawn = len(lines)
-        elif task.terminal or anyio.current_time() - last_print >= every:
-            last_print = anyio.current_time()
-            for line in lines if not shown else lines[1:]:
-                key = line.split()[0]
-                if shown.get(key) != line:
-                    shown[key] = line
-                    echo(line)
-        if task.terminal:
-            return task
-        await anyio.sleep(poll)
-
-
-#: The order node states are counted in by :func:`task_summary`.
-_NODE_STATES = ("succeeded", "running", "queued", "failed", "cancelled", "skipped")
-
-
-def task_summary(task: TaskState) -> str:
-    """The task's state and its nodes' by state: ``cancelled (4 nodes: 2 succeeded, 2 cancelled)``.
-
-    Not ``done/total``: a cancelled task's cancelled nodes are finished, not done.
-    """
-    counts = {state: 0 for state in _NODE_STATES}
-    for node in task.nodes.values():
-        counts[node.state] = counts.get(node.state, 0) + 1
-    parts = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-    count = len(task.nodes)
-    return f"{task.state} ({count} node{'' if count == 1 else 's'}: {parts})"
-
-
-def why_line(task: TaskState) -> str | None:
-    """Why the task ended as it did: ``reason:`` of a cancel, ``error:`` of a failure."""
-    if task.state == "cancelled":
-        return f"reason: {_cancel_reason(task)}"
-    if task.error:
-        return f"error: {task.error}"
-    return None
-
-
-def outcome_text(task: TaskState) -> str:
-    """The final state with its cause: ``failed: <error>``, ``cancelled (reason: ...)``."""
-    if task.state == "cancelled":
-        return f"cancelled (reason: {_cancel_reason(task)})"
-    return f"{task.state}: {task.error}" if task.error else task.state
-
-
-def _cancel_reason(task: TaskState) -> str:
-    # "cancelled" is the default reason of a cancel: it says nothing more than the state.
-    return "none given" if task.error in (None, "", "cancelled") else str(task.error)
-
-
-def progress_lines(task: TaskState) -> list[str]:
-    """A header and one line per node: state, runs done/dispatched, batches in/out, items."""
-    width = max(len(n) for n in task.nodes)
-    head = f"{'node':<{width}}  {'state':<9} {'runs':>11} {'in':>7} {'out':>7} {'items':>9}"
-    lines = [head]
-    for node_id, node in task.nodes.items():
-        runs = f"{node.completed}/{node.dispatched}"
-        lines.append(
-            f"{node_id:<{width}}  {node.state:<9} {runs:>11} {node.batches_in:>7} "
-            f"{node.batches_out:>7} {node.items_out:>9}"
-            + (f"  ({node.waiting})" if node.waiting else "")
-        )
-    # Read back from Redis: no value may add a line or a terminal control of its own.
-    return [printable(line) for line in lines]
-
-
-@main.command()
+@click.command()
 @click.argument("task_id")
 @click.option("--json", "as_json", is_flag=True, help="The full state as JSON.")
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
     """Show a task's state and every node's."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
@@ -359,11 +258,11 @@ def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
 
 
 async def _status(settings: config.ConnectionSettings, task_id: str) -> TaskState | None:
-    async with _client(settings) as client:
+    async with open_client(settings) as client:
         return await client.task(task_id)
 
 
-@main.command()
+@click.command()
 @click.option(
     "--state",
     type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
@@ -371,8 +270,8 @@ async def _status(settings: config.ConnectionSettings, task_id: str) -> TaskStat
 )
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document per line.")
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def tasks(state: Any, limit: int, as_json: bool, redis_url: str, namespace: str) -> None:
     """List tasks, newest first."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
@@ -387,15 +286,15 @@ def tasks(state: Any, limit: int, as_json: bool, redis_url: str, namespace: str)
 
 
 async def _tasks(settings: config.ConnectionSettings, state: Any, limit: int) -> list[TaskState]:
-    async with _client(settings) as client:
+    async with open_client(settings) as client:
         return await client.tasks(state=state, limit=limit)
 
 
-@main.command()
+@click.command()
 @click.argument("task_id")
 @click.option("--node", help="This node's output (default: every node without children).")
-@_connection_options
-@_errors_to_exit
+@connection_options
+@errors_to_exit
 def result(task_id: str, node: str | None, redis_url: str, namespace: str) -> None:
     """Print a task's results as JSON: {node: [items...]}."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
@@ -403,11 +302,11 @@ def result(task_id: str, node: str | None, redis_url: str, namespace: str) -> No
         out = anyio.run(_result, settings, task_id, node)
     except LookupError as exc:
         raise ConfigError(str(exc)) from None
-    echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    echo_json(out, indent=True)
 
 
 async def _result(
     settings: config.ConnectionSettings, task_id: str, node: str | None
 ) -> dict[str, list[Any]]:
-    async with _client(settings) as client:
+    async with open_client(settings) as client:
         return await client.result(task_id, node)

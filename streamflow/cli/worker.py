@@ -1,0 +1,348 @@
+"""The ``streamflow worker`` command (serve the roles of an app) and ``check`` (a health probe).
+
+``worker --processes N`` hands over to :mod:`streamflow.ops.supervisor`, whose children run this
+same command with the hidden ``--parent-pid``/``--parent-fd`` options.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import anyio
+import click
+
+from streamflow import config, connect
+from streamflow.cli.options import (
+    connect_redis,
+    connection_options,
+    errors_to_exit,
+    logger,
+    metrics_host_option,
+    serving_metrics,
+    tls_options,
+    wait_for_server,
+    wait_ready,
+)
+from streamflow.errors import ConfigError
+from streamflow.logs import echo
+from streamflow.metrics import Health
+from streamflow.worker import Worker, tune_garbage_collector
+
+
+@click.command()
+@click.option(
+    "--app",
+    "app_path",
+    envvar="STREAMFLOW_APP",
+    required=True,
+    help="The App to load, as package.module:attribute.",
+)
+@click.option(
+    "--role",
+    "roles",
+    envvar="STREAMFLOW_ROLES",
+    multiple=True,
+    help="A role to serve; repeat for several. Default: every role of the app.",
+)
+@click.option(
+    "--concurrency",
+    envvar="STREAMFLOW_CONCURRENCY",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Handlers run at once per process.",
+)
+@click.option(
+    "--consumer-name",
+    envvar="STREAMFLOW_CONSUMER_NAME",
+    help="Stable consumer name (default: host-pid-random). Unique per process.",
+)
+@click.option(
+    "--processes",
+    envvar="STREAMFLOW_PROCESSES",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes under one supervising parent.",
+)
+@click.option(
+    "--read-count",
+    envvar="STREAMFLOW_READ_COUNT",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="The most entries one read fetches.",
+)
+@click.option(
+    "--prefetch",
+    envvar="STREAMFLOW_PREFETCH",
+    default="auto",
+    show_default=True,
+    help="Entries read ahead of free handler slots: 'auto' (what the worker starts in about "
+    "50 ms, at most --read-count and about 16 MiB) or a number (0: none).",
+)
+@click.option(
+    "--block-ms",
+    envvar="STREAMFLOW_BLOCK_MS",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="How long an idle read blocks.",
+)
+@click.option(
+    "--max-message-bytes",
+    envvar="STREAMFLOW_MAX_MESSAGE_BYTES",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Larger messages are dead-lettered.",
+)
+@click.option(
+    "--shutdown-grace",
+    envvar="STREAMFLOW_SHUTDOWN_GRACE",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight handlers get to finish on SIGTERM.",
+)
+@click.option(
+    "--dead-letter-max-len",
+    envvar="STREAMFLOW_DEAD_LETTER_MAX_LEN",
+    type=int,
+    default=100_000,
+    show_default=True,
+    help="Each dead-letter stream is capped near this many entries (oldest go first).",
+)
+@click.option(
+    "--lease-ttl",
+    envvar="STREAMFLOW_LEASE_TTL",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds an entry may go unrenewed before another worker adopts it.",
+)
+@click.option(
+    "--renew-interval",
+    envvar="STREAMFLOW_RENEW_INTERVAL",
+    type=float,
+    help="Seconds between lease renewals (default: a third of --lease-ttl).",
+)
+@click.option(
+    "--reclaim-interval",
+    envvar="STREAMFLOW_RECLAIM_INTERVAL",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds between adoption steps for entries idle past the lease TTL.",
+)
+@click.option(
+    "--metrics-port",
+    envvar="STREAMFLOW_METRICS_PORT",
+    type=click.IntRange(0, 65_535),
+    help="Serve /metrics, /healthz and /readyz on this port (with --processes N, child i "
+    "uses PORT+i).",
+)
+@metrics_host_option
+@click.option(
+    "--strict",
+    envvar="STREAMFLOW_STRICT",
+    is_flag=True,
+    help="Refuse to start when the start-up checks of Redis warn (no AOF, an evicting "
+    "maxmemory-policy, the password-less default user, plaintext to another host).",
+)
+# Children of --processes N skip the checks: their parent ran them once for all.
+@click.option(
+    "--no-server-checks", "server_checks", is_flag=True, flag_value=False, default=True, hidden=True
+)
+# Children of --processes N die with their parent: its pid, and the pipe whose EOF means it died.
+@click.option("--parent-pid", type=int, hidden=True)
+@click.option("--parent-fd", type=int, hidden=True)
+@connection_options
+@errors_to_exit
+def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
+    """Serve roles of an app: streamflow worker --app pkg.module:app --role ROLE."""
+    settings = config.build(
+        config.WorkerSettings, app=app_path, roles=roles, **options, **tls_options()
+    )
+    assert isinstance(settings, config.WorkerSettings)
+    if settings.parent_fd is not None and not _is_open(settings.parent_fd):
+        raise ConfigError(f"--parent-fd {settings.parent_fd} is not an open file descriptor")
+    if settings.parent_pid is not None:
+        from streamflow.ops.supervisor import die_with_parent
+
+        if not die_with_parent(settings.parent_pid):
+            logger.warning("supervising process %d is gone; not starting", settings.parent_pid)
+            sys.exit(0)
+    app = config.load_app(settings.app)
+    for role in settings.roles:
+        app.get_role(role)
+    if not app.roles:
+        raise ConfigError(f"app {settings.app!r} has no roles")
+    if settings.processes > 1:
+        from streamflow.ops.supervisor import supervise
+
+        if settings.server_checks:
+            anyio.run(_check_once, settings)
+        sys.exit(supervise(settings))
+    anyio.run(_serve, settings, app)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def _check_once(settings: config.WorkerSettings) -> None:
+    """The start-up checks in the parent of --processes N, once for all its children."""
+    redis = connect_redis(settings, name="streamflow-supervisor")
+    try:
+        if not await wait_for_server(redis, settings.url, checks=True, strict=settings.strict):
+            sys.exit(0)
+    finally:
+        await redis.aclose()
+
+
+async def _serve(settings: config.WorkerSettings, app: Any) -> None:
+    redis = connect_redis(
+        settings,
+        socket_timeout=settings.block_ms / 1000 + 10,
+        name=f"streamflow-worker-{settings.consumer_name or ''}".rstrip("-"),
+        # A blocking reader per role partition and the signal listener hold one connection
+        # each (on a cluster, per node: this bounds every node's share).
+        max_connections=sum(app.get_role(name).partitions for name in settings.roles or app.roles)
+        + 32,
+    )
+    if not await wait_ready(
+        redis, settings.url, checks=settings.server_checks, strict=settings.strict
+    ):
+        return
+    worker = Worker(
+        app,
+        redis,
+        roles=settings.roles or None,
+        namespace=settings.namespace,
+        concurrency=settings.concurrency,
+        consumer=settings.consumer_name,
+        read_count=settings.read_count,
+        prefetch=settings.prefetch,
+        block_ms=settings.block_ms,
+        max_message_bytes=settings.max_message_bytes,
+        shutdown_grace=settings.shutdown_grace,
+        dead_letter_max_len=settings.dead_letter_max_len,
+        lease=settings.lease_settings(),
+    )
+    roles = ", ".join(settings.roles or tuple(app.roles))
+    health = Health(redis)
+    tune_garbage_collector()  # this process is the worker's alone
+    try:
+        with serving_metrics(
+            worker.enable_metrics if settings.metrics_port is not None else None,
+            health,
+            settings.metrics_port,
+            settings.metrics_host,
+        ):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+                if settings.parent_fd is not None:
+                    tg.start_soon(_watch_parent, worker, settings.parent_fd)
+                tg.start_soon(health.run)
+                await tg.start(worker.run)
+                health.started = True
+                logger.info(
+                    "worker %s serving %s on %s (namespace %s, concurrency %d)",
+                    worker.consumer,
+                    roles,
+                    settings.safe_url,
+                    settings.namespace,
+                    worker.concurrency,
+                )
+                await worker.wait_stopped()
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+    logger.info("worker %s stopped", worker.consumer)
+
+
+async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
+    received = 0
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            # Counted here, not read from worker.stopping: a stop that came another way (the
+            # supervisor's death, then its SIGTERM from the kernel) still gets its grace.
+            received += 1
+            if received == 1:
+                name = signal.Signals(signum).name
+                logger.info("%s: finishing in-flight work (signal again to exit now)", name)
+                worker.stop()
+            else:
+                logger.warning("second signal: exiting now; unfinished entries stay pending")
+                scope.cancel()
+                return
+
+
+async def _watch_parent(worker: Worker, fd: int) -> None:
+    from streamflow.ops.supervisor import wait_parent_gone
+
+    await wait_parent_gone(fd)
+    if not worker.stopping:
+        logger.warning(
+            "supervising process is gone: stopping (in-flight work gets the shutdown grace, "
+            "the rest is released)"
+        )
+        worker.stop()
+
+
+@click.command()
+@click.option(
+    "--url",
+    help="A health URL of a worker or coordinator, e.g. http://127.0.0.1:9100/readyz. "
+    "Without it, check that Redis answers.",
+)
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds.")
+@connection_options
+@errors_to_exit
+def check(url: str | None, timeout: float, redis_url: str, namespace: str) -> None:
+    """Probe: exit 0 when healthy, 1 when not (for container health checks)."""
+    if url is not None:
+        ok, detail = _probe_url(url, timeout)
+    else:
+        settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
+        ok, detail = anyio.run(_probe_redis, settings, timeout)
+    echo(("ok: " if ok else "not ok: ") + detail)
+    sys.exit(0 if ok else 1)
+
+
+def _probe_url(url: str, timeout: float) -> tuple[bool, str]:
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url must be an http:// or https:// URL, not {url!r}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return True, reply.read().decode(errors="replace").strip()
+    except urllib.error.HTTPError as exc:
+        return False, f"{exc.code}: {exc.read().decode(errors='replace').strip()}"
+    except OSError as exc:
+        return False, f"{url}: {getattr(exc, 'reason', exc)}"
+
+
+async def _probe_redis(
+    settings: config.ConnectionSettings,
+    timeout: float,  # noqa: ASYNC109 - the --timeout option
+) -> tuple[bool, str]:
+    redis = connect_redis(settings, socket_timeout=timeout, name="streamflow-check")
+    try:
+        with anyio.fail_after(timeout):
+            await redis.ping()
+    except (*connect.TRANSIENT_ERRORS, TimeoutError) as exc:
+        return False, f"Redis at {settings.safe_url} does not answer: {exc}"
+    finally:
+        await redis.aclose()
+    return True, f"Redis at {settings.safe_url} answers"
