@@ -45,12 +45,12 @@ from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, dead
 from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
 from streamflow.errors import InputError
+from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
 from streamflow.keys import GROUP, Keys, role_of_shard, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
 from streamflow.logs import shown
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    MESSAGE_FIELD,
     Job,
     now_ms,
 )
@@ -62,17 +62,6 @@ from streamflow.stalls import LoopWatchdog
 logger = logging.getLogger(__name__)
 
 VERSION = importlib.metadata.version("streamflow")
-
-#: Seconds between looks at a role's delayed schedule when nothing is due sooner.
-PROMOTE_POLL = 0.5
-#: ``prefetch="auto"`` reads ahead about as many entries as the worker starts in this many
-#: seconds at its recent pace, so that an entry waits about this long for a handler slot.
-AUTO_PREFETCH_WAIT = 0.05
-#: The shortest period over which the pace is measured (reads closer together reuse it).
-PACE_WINDOW = 0.01
-#: ``prefetch="auto"`` holds at most about this many bytes of messages read ahead (at the size of
-#: recent messages), so that a burst of large messages does not fill the worker's memory.
-AUTO_PREFETCH_BYTES = 16 * 1024 * 1024
 
 
 #: The garbage collector's first threshold in a process dedicated to a worker (CPython: 700).
@@ -180,12 +169,9 @@ class Worker:
         self._roles = [app.get_role(name) for name in names]
         self.concurrency = concurrency
         self.consumer = validate_name(consumer or default_consumer_name(), "consumer name")
-        self._read_count = read_count
-        self._block_ms = block_ms
         self._max_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._scripts = streams.Scripts(redis)
-        self._in_flight = 0
         self._held = InFlight()
         self._leases = LeaseKeeper(
             redis,
@@ -205,6 +191,7 @@ class Worker:
             ttl_ms=self._leases.settings.ttl_ms,
             every=self._leases.settings.renew_every,
         )
+        self._promoter = Promoter(redis, self._scripts, self._keys)
         self._settler = Settler(
             redis,
             self._scripts,
@@ -215,38 +202,38 @@ class Worker:
             max_message_bytes=max_message_bytes,
             dead_letter_max_len=dead_letter_max_len,
             on_outcome=on_outcome,
-            on_scheduled=self._wake_promoter,
+            on_scheduled=self._promoter.wake,
         )
         self._cancels = StopReporter(redis, self._keys, self.consumer, self._held, CancelBook())
         self._signals = SignalListener(
             redis, self._keys, self._cancels.book, self._cancels.on_signal, block_ms=block_ms
         )
-        self._auto_prefetch = prefetch == "auto"
-        self._set_prefetch(0 if prefetch == "auto" else prefetch)
-        # The pace (entries finished per second) that "auto" sizes the prefetch by.
-        self._pace = 0.0
-        self._paced_at = time.monotonic()
-        self._paced_done = 0
-        self._message_bytes = 0.0  # the size of recent messages, sampled once per read
+        self._stopping = anyio.Event()
+        self._read_ahead = ReadAhead(concurrency, read_count, prefetch, self._stopping)
+        self._intake = Intake(
+            GroupReader(
+                redis, self._scripts, GROUP, self.consumer, lease_ms=self._leases.settings.ttl_ms
+            ),
+            self._leases,
+            self._held,
+            self._read_ahead,
+            self._promoter,
+            self._keys,
+            self._dispatch,
+            self._stopping,
+            block_ms=block_ms,
+        )
         self._queue: deque[Delivery] = deque()
         self._idle: deque[anyio.Event] = deque()
         self._waking = 0
         self._queue_closed = False
-        self._capacity = anyio.Event()
-        self._reader_waiting = False
-        # A reader was woken and has not run yet; a consumer lets it in once this many entries
-        # can be read, so that the read overlaps handling what is still queued.
-        self._reader_woken = False
-        self._promoter_wakeups: dict[str, anyio.Event] = {}
         # Each role's partitions (shards), as recorded in Redis; set when serving starts.
         self._shards: dict[str, tuple[str, ...]] = {}
-        self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._threads = anyio.CapacityLimiter(concurrency)
         self._started_at_ms = now_ms()
         # Metrics: counts kept here, read at scrape time (see streamflow.metrics).
         self._redeliveries: dict[str, int] = {}
-        self._reclaims: dict[str, int] = {}
         self._observe: Callable[[str, float], None] | None = None
         self._signals_latency: Callable[[float], None] | None = None
         self._suspects = anyio.Lock()
@@ -305,9 +292,7 @@ class Worker:
                 if delivery.scope is not None and delivery.context is not None:
                     delivery.stop("shutdown", "shutting down", hard=False)
         self._stopping.set()
-        self._capacity.set()
-        for wakeup in self._promoter_wakeups.values():
-            wakeup.set()
+        self._intake.stop()
 
     async def wait_stopped(self) -> None:
         """Return once :meth:`run` has returned."""
@@ -337,9 +322,9 @@ class Worker:
             lost=stats.lost,
             cancelled=stats.cancelled,
             ack_replies_lost=stats.ack_replies_lost,
-            adopted=self._leases.adopted,
+            adopted=self._intake.adopted,
             renewals=self._leases.renewals,
-            in_flight=self._in_flight,
+            in_flight=self._read_ahead.in_flight,
             by_reason=dict(stats.by_reason),
             lease_losses=dict(self._leases.losses),
             loop_stalls=self._watchdog.stalls(),
@@ -347,7 +332,7 @@ class Worker:
             dead_by_role=dict(stats.dead_by_role),
             bad_records=self._signals.statistics(),
             redeliveries=dict(self._redeliveries),
-            reclaims=dict(self._reclaims),
+            reclaims=dict(self._intake.reclaims),
             trimmed=self._trimmed_by_role(),
             cancel_signals=self._signals.signals_seen,
             consumers_deleted=self._names.forgotten,
@@ -355,7 +340,7 @@ class Worker:
 
     def _trimmed_by_role(self) -> dict[str, int]:
         trimmed: dict[str, int] = {}
-        for stream, count in list(self._leases.trimmed.items()):
+        for stream, count in list(self._intake.reader.trimmed.items()):
             role = role_of_shard(self._keys.role_of_stream(stream) or stream)
             trimmed[role] = trimmed.get(role, 0) + count
         return trimmed
@@ -401,8 +386,8 @@ class Worker:
             version=VERSION,
             concurrency=self.concurrency,
             started_at_ms=self._started_at_ms,
-            in_flight=self._in_flight,
-            processed=stats.received - self._in_flight,
+            in_flight=self._read_ahead.in_flight,
+            processed=stats.received - self._read_ahead.in_flight,
             updated_at_ms=now_ms(),
         )
         return info.model_dump_json().encode()
@@ -493,18 +478,7 @@ class Worker:
             for _ in range(self.concurrency):
                 consumers.start_soon(self._consume)
             try:
-                async with anyio.create_task_group() as readers:
-                    # Every partition gets its own reader: a blocking read cannot span the
-                    # slots of several partitions on a cluster, and separate readers share
-                    # the free capacity fairly between partitions.
-                    for role in self._roles:
-                        for shard in self._shards[role.name]:
-                            if burst:
-                                await self._promote_due(shard)
-                            else:
-                                readers.start_soon(self._promote_loop, shard)
-                                readers.start_soon(self._adopt_loop, role, shard)
-                            readers.start_soon(self._read_loop, role, shard, burst)
+                await self._intake.run(self._roles, self._shards, burst=burst)
             finally:
                 # No more entries: consumers finish what is queued, then return.
                 self._queue_closed = True
@@ -537,134 +511,6 @@ class Worker:
         for delivery in running:
             delivery.stop("shutdown", "shutting down", hard=True)
 
-    async def _read_loop(self, role: Role, shard: str, burst: bool) -> None:
-        stream = self._keys.role_stream(shard)
-        backoff = connect.Backoff(f"reading {stream}")
-        # First the entries already pending under this consumer name (a restart with the same
-        # --consumer-name resumes them at once), then new ones.
-        history: bytes | None = b"0"
-        while not self._stopping.is_set():
-            free = await self._wait_capacity()
-            if free <= 0:
-                continue
-            block = None if burst or history else self._block_ms
-            # Readers of several roles (and the adopter) may count the same free slots while a
-            # blocking read waits; the queue is unbounded, so that overshoots the limit by at
-            # most one read per role instead of starving a role behind another's blocked read.
-            issued = time.monotonic()
-            entries = await self._read(stream, free, block, history, backoff)
-            if entries is None:
-                continue
-            if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
-                # Redis may have delivered these long ago (this process was frozen in the read):
-                # another worker may own them by now. Start only what is still ours.
-                issued = time.monotonic()
-                entries = await self._leases.confirm(stream, entries)
-            if entries:
-                self._dispatch(role, shard, stream, entries, issued)
-            if history is not None:
-                if entries:
-                    logger.info("resuming %d entries pending on %s", len(entries), stream)
-                history = entries[-1].id if entries else None
-            elif burst and not entries:
-                if self._in_flight == 0:
-                    return
-                await self._wait_progress()
-
-    async def _read(
-        self,
-        stream: str,
-        free: int,
-        block_ms: int | None,
-        history: bytes | None,
-        backoff: connect.Backoff,
-    ) -> list[streams.Entry] | None:
-        """One read; None after an error that was handled (the caller just reads again)."""
-        count = min(free, self._read_count)
-        try:
-            if history is not None:
-                entries = await streams.read_own_pending(
-                    self._redis, stream, self.consumer, after=history, count=count
-                )
-            else:
-                entries = await streams.read_group(
-                    self._redis, stream, self.consumer, count=count, block_ms=block_ms
-                )
-        except connect.TRANSIENT_ERRORS as exc:
-            await backoff.failed(exc)
-            return None
-        except ResponseError as exc:
-            if not streams.is_group_lost(exc):
-                raise
-            logger.warning("consumer group of %s is gone; recreating it", stream)
-            # Recreating it can meet TRYAGAIN while its slot migrates: an outage like the read's.
-            try:
-                await streams.ensure_group(self._redis, stream)
-            except connect.TRANSIENT_ERRORS as again:
-                await backoff.failed(again)
-            return None
-        backoff.succeeded()
-        return entries
-
-    async def _adopt_loop(self, role: Role, shard: str) -> None:
-        stream = self._keys.role_stream(shard)
-        settings = self._leases.settings
-        backoff = connect.Backoff(f"adopting idle entries of {stream}")
-        while not await self._sleep_unless_stopping(settings.reclaim_interval):
-            free = min(self._held_limit - self._in_flight, settings.reclaim_count)
-            if free <= 0:
-                continue
-            issued = time.monotonic()
-            try:
-                entries = await self._leases.adopt(stream, free)
-            except connect.TRANSIENT_ERRORS as exc:
-                await backoff.failed(exc)
-                continue
-            except ResponseError as exc:
-                if not streams.is_group_lost(exc):
-                    raise
-                continue  # the reader recreates the group
-            backoff.succeeded()
-            if entries:
-                self._reclaims[role.name] = self._reclaims.get(role.name, 0) + len(entries)
-                self._dispatch(role, shard, stream, entries, issued)
-
-    async def _promote_loop(self, shard: str) -> None:
-        while not self._stopping.is_set():
-            wakeup = self._promoter_wakeups[shard] = anyio.Event()
-            next_due = await self._promote_due(shard)
-            # Sleep until the next due retry; a retry scheduled here wakes us at once, and the
-            # poll picks up delayed messages other processes schedule.
-            wait = PROMOTE_POLL if next_due is None else (next_due - now_ms()) / 1000
-            with anyio.move_on_after(min(max(wait, 0.002), PROMOTE_POLL)):
-                await wakeup.wait()
-
-    def _wake_promoter(self, shard: str) -> None:
-        wakeup = self._promoter_wakeups.get(shard)
-        if wakeup is not None:
-            wakeup.set()
-
-    async def _promote_due(self, shard: str) -> int | None:
-        """Move due retries of a role partition to its stream; returns the next due time (ms)."""
-        try:
-            moved, next_due = await streams.promote(
-                self._scripts,
-                self._redis,
-                self._keys.role_stream(shard),
-                self._keys.delayed(shard),
-            )
-        except connect.TRANSIENT_ERRORS:
-            return None  # the reader's backoff reports the outage
-        if moved:
-            logger.debug("moved %d due retries of %s to its stream", moved, shard)
-        return next_due
-
-    async def _sleep_unless_stopping(self, seconds: float) -> bool:
-        """Sleep, returning True at once if the worker is stopping."""
-        with anyio.move_on_after(seconds):
-            await self._stopping.wait()
-        return self._stopping.is_set()
-
     def _dispatch(
         self,
         role: Role,
@@ -674,11 +520,7 @@ class Worker:
         confirmed_at: float,
     ) -> None:
         """Hold and queue entries whose leases were confirmed at ``confirmed_at`` (monotonic)."""
-        if self._auto_prefetch:
-            sample = len(entries[0].fields.get(MESSAGE_FIELD, b""))
-            recent = self._message_bytes
-            self._message_bytes = (recent + sample) / 2 if recent else float(sample)
-        self._in_flight += len(entries)
+        self._read_ahead.took(entries)
         self._settler.stats.received += len(entries)
         deliveries = [Delivery(role, shard, stream, entry, confirmed_at) for entry in entries]
         self._held.add_many(stream, deliveries)
@@ -695,61 +537,6 @@ class Worker:
         if self._waking == 0 and self._idle:
             self._waking += 1
             self._idle.popleft().set()
-
-    def _set_prefetch(self, prefetch: int) -> None:
-        self._prefetch = prefetch
-        self._held_limit = self.concurrency + prefetch
-        self._read_ahead_at = max(1, self._held_limit // 2)
-
-    def _adapt_prefetch(self) -> None:
-        """With ``prefetch="auto"``: read ahead what the worker starts in a short wait.
-
-        Measured once per read, from the entries finished since the last measurement, so the
-        hot path pays nothing for it. An idle worker's pace falls towards 0, and so does its
-        prefetch; slow jobs (1 s each on 64 slots: 64 per second) get about 3.
-        """
-        now = time.monotonic()
-        elapsed = now - self._paced_at
-        if elapsed < PACE_WINDOW:
-            return
-        done = self._settler.stats.received - self._in_flight
-        pace = (done - self._paced_done) / elapsed
-        self._paced_at, self._paced_done = now, done
-        # Smoothed over a few reads, so that one slow handler does not empty the buffer.
-        self._pace = (self._pace + pace) / 2
-        fit = int(AUTO_PREFETCH_BYTES / max(self._message_bytes, 1.0))
-        self._set_prefetch(min(self._read_count, fit, int(self._pace * AUTO_PREFETCH_WAIT)))
-
-    def _read_budget(self) -> int:
-        """How many entries to read now: 0 while the prefetch buffer is still well stocked."""
-        free = self._held_limit - self._in_flight
-        if free <= 0:
-            return 0
-        if self._in_flight < self.concurrency or free >= max(1, self._prefetch // 2):
-            return free  # a handler slot is idle, or the buffer is half drained
-        return 0
-
-    async def _wait_capacity(self) -> int:
-        if self._auto_prefetch:
-            self._adapt_prefetch()
-        while (budget := self._read_budget()) == 0 and not self._stopping.is_set():
-            await self._wait_progress()
-        return budget
-
-    async def _wait_progress(self) -> None:
-        if self._capacity.is_set():
-            self._capacity = anyio.Event()
-        self._reader_waiting = True
-        await self._capacity.wait()
-        self._reader_woken = False
-
-    def _wake_reader(self) -> None:
-        # Only when the reader would act on it: waking it per finished entry costs a task
-        # switch per message.
-        if self._reader_waiting and (self._read_budget() or self._in_flight == 0):
-            self._reader_waiting = False
-            self._reader_woken = True
-            self._capacity.set()
 
     async def _consume(self) -> None:
         # Handlers run inside one cancel scope per consumer, not one per message (a scope costs
@@ -801,11 +588,7 @@ class Worker:
                 self._finished(delivery)
             else:
                 await self._finish(delivery, decision)
-            if (
-                self._reader_woken
-                and queue
-                and self._held_limit - self._in_flight >= self._read_ahead_at
-            ):
+            if self._read_ahead.reader_woken and queue and self._read_ahead.room_to_read_ahead():
                 # Fast handlers never yield: let the woken reader (and the acker) send their
                 # requests now, so that the replies come back while this consumer handles what
                 # is still queued, instead of after the queue ran dry.
@@ -858,9 +641,7 @@ class Worker:
         # batch is acknowledged (fewer objects live on into the garbage collector's old
         # generations).
         delivery.context = None
-        self._in_flight -= 1
-        if self._reader_waiting:
-            self._wake_reader()
+        self._read_ahead.finished()
         if delivery.finished is not None:
             delivery.finished.set()
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, RetryPolicy, Worker, streams
-from streamflow import worker as worker_module
+from streamflow import intake as intake_module
 from streamflow.decisions import dead
 from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
@@ -479,7 +479,7 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
     """The sizing rule alone, on a clock the test moves: what the worker finishes in 50 ms,
     at most read_count entries and about 16 MiB of messages at their recent size."""
     clock = [1000.0]
-    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(intake_module.time, "monotonic", lambda: clock[0])
     app = App()
 
     @app.role("paced")
@@ -492,14 +492,15 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
     def read(size: int, finished: int, seconds: float) -> int:
         """A read of one entry of ``size`` bytes after ``finished`` entries in ``seconds``."""
         clock[0] += seconds
-        worker._in_flight = 0
-        worker._settler.stats.received += finished - 1
+        read_ahead = worker._read_ahead
+        read_ahead.in_flight = 0
+        read_ahead.received += finished - 1
         entry = streams.Entry(b"1-0", {b"message": b"x" * size})
         worker._dispatch(role, "paced", "s", [entry], confirmed_at=clock[0])
-        worker._adapt_prefetch()
-        return worker._prefetch
+        read_ahead.adapt()
+        return read_ahead.prefetch
 
-    assert worker._prefetch == 0  # nothing measured yet
+    assert worker._read_ahead.prefetch == 0  # nothing measured yet
     # Short jobs: 100,000 a second; read_count (1000) bounds it.
     assert [read(200, 10_000, 0.1) for _ in range(3)] == [1000, 1000, 1000]
     # 1 MiB messages at the same pace: 16 MiB of them, once their size settled.
