@@ -40,6 +40,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from streamflow import connect, decisions, nodes, partitions, streams
 from streamflow.app import App, Role
+from streamflow.config import WorkerSettings
 from streamflow.consumers import ConsumerNames
 from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, dead
@@ -245,6 +246,46 @@ class Worker:
             stall_warning or min(settings.renew_every, 5.0),
             self._describe_stall,
             lease_ttl=settings.ttl,
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        app: App,
+        settings: WorkerSettings,
+        redis: Redis,
+        *,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        stall_warning: float | None = None,
+    ) -> Worker:
+        """A worker serving ``app`` as ``settings`` say (what ``streamflow worker`` runs).
+
+        The settings of the process around it (connection, ``processes``, the metrics server,
+        the start-up checks, the supervising parent) are the caller's.
+
+        Args:
+            app: The application whose handlers run.
+            settings: Validated settings (see :class:`streamflow.config.WorkerSettings`).
+            redis: A client built from ``settings`` (socket timeout above ``block_ms``).
+            on_outcome: See :class:`Worker`.
+            stall_warning: See :class:`Worker`.
+        """
+        return cls(
+            app,
+            redis,
+            roles=settings.roles or None,
+            namespace=settings.namespace,
+            concurrency=settings.concurrency,
+            consumer=settings.consumer_name,
+            read_count=settings.read_count,
+            prefetch=settings.prefetch,
+            block_ms=settings.block_ms,
+            max_message_bytes=settings.max_message_bytes,
+            shutdown_grace=settings.shutdown_grace,
+            dead_letter_max_len=settings.dead_letter_max_len,
+            lease=settings.lease_settings(),
+            on_outcome=on_outcome,
+            stall_warning=stall_warning,
         )
 
     # -- public API -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, RetryPolicy, Worker, streams
 from streamflow import intake as intake_module
+from streamflow.config import WorkerSettings
 from streamflow.decisions import dead
 from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
@@ -509,3 +510,69 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
     assert [read(200, 64, 1.0) for _ in range(20)][-1] == 3
     # An idle worker's prefetch falls to 0.
     assert [read(200, 1, 1.0) for _ in range(20)][-1] == 0
+
+
+#: WorkerSettings fields of the process around a worker (the CLI's), not of the worker itself.
+PROCESS_SETTINGS = {
+    "app",
+    "processes",
+    "metrics_port",
+    "metrics_host",
+    "strict",
+    "server_checks",
+    "parent_pid",
+    "parent_fd",
+    "redis_url",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+}
+
+
+def test_from_settings_gives_the_worker_every_worker_setting() -> None:
+    """Every WorkerSettings field either reaches the worker or is the process's: none dropped."""
+    app = App()
+    for name in ("first", "second"):
+        app.role(name)(_nothing)
+    settings = WorkerSettings(
+        app="tests.apps:app",
+        roles=("second",),
+        namespace="elsewhere",
+        concurrency=7,
+        consumer_name="settings-test-1",
+        read_count=11,
+        prefetch=5,
+        block_ms=123,
+        max_message_bytes=4321,
+        shutdown_grace=2.5,
+        dead_letter_max_len=77,
+        lease_ttl=9.0,
+        renew_interval=1.5,
+        reclaim_interval=0.7,
+    )
+    worker = Worker.from_settings(app, settings, FakeRedis())
+    leases = worker._leases.settings
+    seen: dict[str, object] = {
+        "roles": tuple(role.name for role in worker._roles),
+        "namespace": worker._keys.namespace,
+        "concurrency": worker.concurrency,
+        "consumer_name": worker.consumer,
+        "read_count": worker._read_ahead.read_count,
+        "prefetch": worker._read_ahead.prefetch,
+        "block_ms": worker._intake._block_ms,
+        "max_message_bytes": worker._max_bytes,
+        "shutdown_grace": worker._grace,
+        "dead_letter_max_len": worker._settler._dead_max_len,
+        "lease_ttl": leases.ttl,
+        "renew_interval": leases.renew_interval,
+        "reclaim_interval": leases.reclaim_interval,
+    }
+    assert set(seen) | PROCESS_SETTINGS == set(WorkerSettings.model_fields)
+    assert seen == {name: getattr(settings, name) for name in seen}
+    # Each value differs from its default, so the worker did not just happen to match.
+    defaults = WorkerSettings(app="tests.apps:app")
+    assert all(getattr(defaults, name) != value for name, value in seen.items())
+
+
+async def _nothing(ctx: Context, payload: Any) -> None:
+    pass
