@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from streamflow import connect, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
-from streamflow.keys import Keys
+from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import MESSAGE_FIELD, now_ms
 
@@ -404,6 +404,14 @@ class Intake:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
         self._read_ahead.stop()
         self._promoter.wake_all()
+
+    def trimmed_by_role(self) -> dict[str, int]:
+        """Pending entries found deleted from the streams before they were settled, by role."""
+        trimmed: dict[str, int] = {}
+        for stream, count in list(self.reader.trimmed.items()):
+            role = role_of_shard(self._keys.role_of_stream(stream) or stream)
+            trimmed[role] = trimmed.get(role, 0) + count
+        return trimmed
 
     async def run(
         self, roles: Sequence[Role], shards: Mapping[str, Sequence[str]], *, burst: bool

@@ -2,12 +2,14 @@
 
 One anyio task group owns all of a worker's loops:
 
-* per role, a **reader** fetches entries (XREADGROUP COUNT = free handler slots plus the
-  optional prefetch, BLOCK when idle); an **adopter** takes over entries idle past the lease
-  TTL; a **promoter** moves due retries from the delayed schedule back to the stream;
+* per role partition, a **reader** fetches entries (XREADGROUP COUNT = free handler slots plus
+  the optional prefetch, BLOCK when idle); an **adopter** takes over entries idle past the lease
+  TTL; a **promoter** moves due retries from the delayed schedule back to the stream (all three
+  in :mod:`streamflow.intake`);
 * ``concurrency`` **consumer** tasks take entries from a shared queue (one wakes the next only
   while more are queued, so a burst of fast handlers costs no task switch per entry) and run
-  decode -> preflight -> execute, each handler inside its consumer's cancel scope;
+  decode -> preflight -> execute (:mod:`streamflow.runner`), each handler inside its
+  consumer's cancel scope;
 * the **acker** batches acknowledgements into one owner-checked script call per stream;
 * the **lease keeper** renews every held entry each tick and cancels handlers whose lease is
   lost; the **signal listener** follows the signals stream and stops cancelled handlers; the
@@ -18,51 +20,42 @@ Every delivery ends in exactly one decision, applied in one place, :mod:`streamf
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib.metadata
 import logging
 import os
 import socket
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from functools import partial
-from types import FrameType
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import OutOfMemoryError
 
-from streamflow import connect, decisions, nodes, partitions, streams
+from streamflow import connect, decisions, partitions, streams
 from streamflow.app import App, Role
 from streamflow.config import WorkerSettings
-from streamflow.consumers import ConsumerNames
-from streamflow.context import Context
-from streamflow.decisions import ACK, RELEASE, dead
+from streamflow.consumers import ConsumerNames, default_consumer_name
+from streamflow.decisions import ACK
 from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
-from streamflow.errors import InputError
 from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
-from streamflow.keys import GROUP, Keys, role_of_shard, validate_name
+from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
-from streamflow.logs import shown
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    Job,
     now_ms,
 )
-from streamflow.registry import WorkerInfo
+from streamflow.registry import VERSION, WorkerInfo
+from streamflow.runner import Runner
+from streamflow.runner import fencing_token as fencing_token  # re-exported: its old home
 from streamflow.settle import Settler
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 from streamflow.stalls import LoopWatchdog
 
 logger = logging.getLogger(__name__)
-
-VERSION = importlib.metadata.version("streamflow")
 
 
 #: The garbage collector's first threshold in a process dedicated to a worker (CPython: 700).
@@ -91,23 +84,6 @@ def tune_garbage_collector() -> None:
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, middle, oldest)
-
-
-def fencing_token(attempt: int, deliveries: int) -> int:
-    """A delivery's fencing token: the attempt in the high 32 bits, the delivery count below.
-
-    Both only rise while a message changes hands (see :attr:`Context.fencing_token`); the
-    coordinator orders a task node's runs by the same pair.
-    """
-    return (attempt << 32) | (deliveries & 0xFFFFFFFF)
-
-
-def default_consumer_name() -> str:
-    """A consumer name unique to this process: host, pid and a random suffix."""
-    host = "".join(
-        c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in socket.gethostname()
-    ).lstrip("-_.")
-    return f"{host[:40] or 'host'}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class Worker:
@@ -170,7 +146,6 @@ class Worker:
         self._roles = [app.get_role(name) for name in names]
         self.concurrency = concurrency
         self.consumer = validate_name(consumer or default_consumer_name(), "consumer name")
-        self._max_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._scripts = streams.Scripts(redis)
         self._held = InFlight()
@@ -231,20 +206,25 @@ class Worker:
         # Each role's partitions (shards), as recorded in Redis; set when serving starts.
         self._shards: dict[str, tuple[str, ...]] = {}
         self._stopped = anyio.Event()
-        self._threads = anyio.CapacityLimiter(concurrency)
+        self._runner = Runner(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            self._leases,
+            self._cancels.book,
+            self._stopping,
+            self._settler.acker.flush,
+            concurrency=concurrency,
+            max_message_bytes=max_message_bytes,
+        )
         self._started_at_ms = now_ms()
-        # Metrics: counts kept here, read at scrape time (see streamflow.metrics).
-        self._redeliveries: dict[str, int] = {}
-        self._observe: Callable[[str, float], None] | None = None
         self._signals_latency: Callable[[float], None] | None = None
-        self._suspects = anyio.Lock()
-        self._confirming = anyio.Lock()
-        self._confirm_backoff = connect.Backoff("confirming held leases")
         self._unsafe_after = self._leases.settings.unsafe_after
         settings = self._leases.settings
         self._watchdog = LoopWatchdog(
             stall_warning or min(settings.renew_every, 5.0),
-            self._describe_stall,
+            self._runner.describe_stall,
             lease_ttl=settings.ttl,
         )
 
@@ -348,7 +328,7 @@ class Worker:
         """Start timing handlers; returns the registry with this worker's metrics."""
         from streamflow.metrics import worker_registry
 
-        registry, self._observe = worker_registry(self)
+        registry, self._runner.observe = worker_registry(self)
         return registry
 
     def statistics(self) -> WorkerStatistics:
@@ -372,19 +352,12 @@ class Worker:
             by_role=dict(stats.by_role),
             dead_by_role=dict(stats.dead_by_role),
             bad_records=self._signals.statistics(),
-            redeliveries=dict(self._redeliveries),
+            redeliveries=dict(self._runner.redeliveries),
             reclaims=dict(self._intake.reclaims),
-            trimmed=self._trimmed_by_role(),
+            trimmed=self._intake.trimmed_by_role(),
             cancel_signals=self._signals.signals_seen,
             consumers_deleted=self._names.forgotten,
         )
-
-    def _trimmed_by_role(self) -> dict[str, int]:
-        trimmed: dict[str, int] = {}
-        for stream, count in list(self._intake.reader.trimmed.items()):
-            role = role_of_shard(self._keys.role_of_stream(stream) or stream)
-            trimmed[role] = trimmed.get(role, 0) + count
-        return trimmed
 
     def observe_renewals(self, callback: Callable[[float], None] | None) -> None:
         """Call ``callback`` with the seconds each lease renewal round takes (None: stop)."""
@@ -397,24 +370,6 @@ class Worker:
             callback: Called once per handler a cancel stopped; None stops the calls.
         """
         self._signals_latency = callback
-
-    def _describe_stall(self, frame: FrameType | None) -> str:
-        """What runs on the stalled loop: the handler whose run ``frame``'s stack holds.
-
-        Called from the watchdog's thread while the loop is blocked, so it only reads.
-        """
-        while frame is not None and frame.f_code is not _RUN_CODE:
-            frame = frame.f_back
-        delivery = frame.f_locals.get("delivery") if frame is not None else None
-        if not isinstance(delivery, Delivery):
-            return "code outside any handler (streamflow, a library, or the garbage collector)"
-        handler = delivery.role.handler
-        name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
-        job = delivery.job
-        return (
-            f"handler {name} (role {delivery.role.name!r}, message "
-            f"{job.id if job else '?'}, entry {delivery.entry.id.decode()})"
-        )
 
     def _describe(self) -> bytes:
         """This worker's registry entry (see :mod:`streamflow.registry`)."""
@@ -595,6 +550,7 @@ class Worker:
     async def _consume_in(self, scope: anyio.CancelScope, stopped: list[Delivery]) -> bool:
         """Handle queued deliveries until the queue closes (True) or ``scope`` is cancelled."""
         queue = self._queue
+        process = self._runner.process
         while True:
             if not queue:
                 if self._queue_closed:
@@ -611,12 +567,12 @@ class Worker:
                 self._stopping.is_set()
                 or time.monotonic() - delivery.confirmed_at > self._unsafe_after
             ):
-                ending = await self._before_start(delivery)
+                ending = await self._runner.before_start(delivery)
                 if ending is not None:
                     await self._finish(delivery, ending)
                     continue
             stopped.append(delivery)
-            step = self._process(delivery, scope)
+            step = process(delivery, scope)
             decision = step if isinstance(step, Decision) else await step
             stopped.clear()
             if scope.cancel_called:
@@ -634,36 +590,6 @@ class Worker:
                 # requests now, so that the replies come back while this consumer handles what
                 # is still queued, instead of after the queue ran dry.
                 await anyio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _before_start(self, delivery: Delivery) -> Decision | None:
-        """Check a delivery held long or read while stopping; the decision if it must not start.
-
-        Held so long (this process froze, or its event loop was blocked) that its lease may
-        have expired and another worker adopted it: its lease is confirmed first, so that two
-        workers never start it. Read but not started when the worker stops: handed back.
-        """
-        if not await self._still_ours(delivery):
-            return decisions.LOST
-        return RELEASE if self._stopping.is_set() else None
-
-    async def _confirm_held(self, delivery: Delivery) -> None:
-        """Renew every held entry until ``delivery``'s lease is confirmed or lost.
-
-        One renewal round trip per stream for everything held (not one per entry), by one
-        consumer at a time: the others find their entries confirmed by it.
-        """
-        async with self._confirming:
-            while (
-                time.monotonic() - delivery.confirmed_at > self._unsafe_after
-                and not delivery.lost
-                and not self._stopping.is_set()
-            ):
-                try:
-                    await self._leases.renew_held()
-                except connect.TRANSIENT_ERRORS as exc:
-                    await self._confirm_backoff.failed(exc)
-                else:
-                    self._confirm_backoff.succeeded()
 
     async def _finish(self, delivery: Delivery, decision: Decision) -> None:
         try:
@@ -685,205 +611,3 @@ class Worker:
         self._read_ahead.finished()
         if delivery.finished is not None:
             delivery.finished.set()
-
-    # -- one delivery: decode -> preflight -> execute -> apply ------------------------------
-
-    def _process(
-        self, delivery: Delivery, scope: anyio.CancelScope
-    ) -> Decision | Coroutine[Any, Any, Decision]:
-        """Decode and check a delivery: its decision, or the coroutine that runs its handler.
-
-        Not a coroutine itself: the hot path awaits the handler's runner directly, one coroutine
-        fewer per message.
-        """
-        checked = decisions.preflight(delivery, self._cancels.book, self._max_bytes)
-        if isinstance(checked, Decision):
-            return checked
-        job, payload = checked
-        delivery.job = job
-        ctx = Context(
-            job.id,
-            delivery.entry.id.decode(),
-            delivery.role.name,
-            job.attempt,
-            self.consumer,
-            job.created_at_ms,
-            job.deadline_ms,
-            job.task_id,
-            job.node_id,
-            # fencing_token(), inline: a function call per message costs more than this.
-            (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
-        )
-        delivery.context = ctx
-        if job.task_id is None and delivery.entry.deliveries == 1:
-            return self._run(delivery, scope, job, payload, ctx)  # the hot path
-        return self._process_special(delivery, scope, job, payload, ctx)
-
-    async def _process_special(
-        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
-    ) -> Decision:
-        """Run a task node's job or a redelivered entry."""
-        if job.task_id is not None and nodes.is_node_job(job):
-            failed = await self._start_node(delivery, job, ctx)
-            if failed is not None:
-                return failed
-        if delivery.entry.deliveries > 1:
-            # A suspect: delivered before, so its last worker may have died running it.
-            role = delivery.role
-            self._redeliveries[role.name] = self._redeliveries.get(role.name, 0) + 1
-            return await self._run_suspect(delivery, scope, job, payload, ctx)
-        if not await self._still_ours(delivery):  # it may have waited for its input batch
-            return decisions.stopped(delivery)
-        return await self._run(delivery, scope, job, payload, ctx)
-
-    async def _still_ours(self, delivery: Delivery) -> bool:
-        """Whether a delivery may still start: False if its lease turned out lost.
-
-        One held longer than the lease's unsafe age (queued, waiting for its input or behind
-        another suspect, while this process froze or its loop was blocked) is confirmed first.
-        """
-        if time.monotonic() - delivery.confirmed_at > self._unsafe_after:
-            await self._confirm_held(delivery)
-        return not delivery.lost
-
-    async def _start_node(self, delivery: Delivery, job: Job, ctx: Context) -> Decision | None:
-        """Prepare a task node's run: its input batch, its emitter, the ``accepted`` event."""
-        run = delivery.node = nodes.NodeRun(
-            self._redis,
-            self._scripts,
-            self._keys,
-            job,
-            stream=delivery.stream,
-            shard=delivery.shard,
-            entry_id=delivery.entry.id,
-            delivery=delivery.entry.deliveries,
-            consumer=self.consumer,
-            max_batch_bytes=self._max_bytes,
-        )
-        ctx._node = run
-        ctx.invocation = job.invocation
-        ctx.failures = dict(job.failures or {})
-        try:
-            ctx.batch = await run.start()
-        except LookupError as exc:
-            return dead("missing_input", str(exc), job)
-        except InputError as exc:
-            return dead("invalid_input", str(exc), job)
-        except connect.TRANSIENT_ERRORS:
-            return RELEASE  # cannot read its input now: hand it back
-        return None
-
-    async def _run_suspect(
-        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
-    ) -> Decision:
-        """Run an entry delivered before, counting its starts to catch poison messages.
-
-        The pending list's delivery counter rises for every entry a dead worker held, started or
-        not, so it cannot tell a poison message from its neighbours. Starts can. The first rerun
-        of an adopted entry runs alongside others (recovery stays fast); an entry that already
-        failed to finish after a rerun runs alone among suspects, with completed work
-        acknowledged first, so a poison message stops taking its neighbours down with it.
-        """
-        key = self._keys.starts(delivery.shard, delivery.entry.id.decode())
-        try:
-            reruns = await streams.get_count(self._redis, key)
-        except connect.TRANSIENT_ERRORS:
-            return RELEASE  # cannot count: hand it back rather than risk a poison loop
-        except (ResponseError, ValueError) as exc:
-            return _uncountable(key, exc, job)
-        if reruns == 0:
-            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
-        async with self._suspects:
-            await self._settler.acker.flush()
-            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
-
-    async def _count_and_run(
-        self,
-        key: str,
-        delivery: Delivery,
-        scope: anyio.CancelScope,
-        job: Job,
-        payload: Any,
-        ctx: Context,
-    ) -> Decision:
-        # Counted only now, as it starts: waiting behind another suspect is not a start, and
-        # neither is an entry found owned by another worker after that wait.
-        if not await self._still_ours(delivery):
-            return decisions.stopped(delivery)
-        try:
-            reruns = await streams.count_start(self._redis, key)
-        except connect.TRANSIENT_ERRORS:
-            return RELEASE
-        except ResponseError as exc:
-            return _uncountable(key, exc, job)
-        starts = reruns + 2  # its first start, the reruns before, and this one
-        if starts > delivery.role.max_deliveries:
-            detail = (
-                f"started {starts - 1} times (limit {delivery.role.max_deliveries}) without an "
-                "outcome: each run ended with its lease expired before its outcome was "
-                "settled, because its worker died (crash, OOM kill), was frozen, or had its "
-                "event loop blocked past the lease TTL (an async handler that does not yield: "
-                "look for 'event loop blocked' warnings naming it)"
-            )
-            return dead("max_deliveries", detail, job)
-        return await self._run(delivery, scope, job, payload, ctx)
-
-    async def _run(
-        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
-    ) -> Decision:
-        role = delivery.role
-        if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
-            return decisions.stopped(delivery)
-        delivery.scope = scope
-        delivery.started = True
-        timeout = job.timeout or role.timeout
-        started = time.perf_counter() if self._observe is not None else 0.0
-        try:
-            if role.is_async and not timeout:
-                await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
-            else:
-                await self._execute(role, ctx, payload, timeout)
-        except nodes.LeaseLost:
-            # An owner-checked write of the handler (a task node's emit) was refused.
-            if not delivery.lost:
-                self._leases.count_loss("settle")
-            delivery.stop("lease_lost", "lease lost", hard=False)
-            return decisions.LOST
-        except Exception as exc:
-            return decisions.after_error(delivery, job, exc)
-        finally:
-            delivery.scope = None
-            if self._observe is not None:
-                self._observe(role.name, time.perf_counter() - started)
-        if delivery.lost or delivery.cancel is not None:
-            return decisions.stopped(delivery)
-        return ACK
-
-    async def _execute(
-        self,
-        role: Role,
-        ctx: Context,
-        payload: Any,
-        timeout: float | None,  # noqa: ASYNC109 - the node's or the role's limit, applied here
-    ) -> None:
-        with anyio.fail_after(timeout) if timeout else contextlib.nullcontext():
-            if role.is_async:
-                await role.handler(ctx, payload)
-            else:
-                await anyio.to_thread.run_sync(
-                    partial(role.handler, ctx, payload), limiter=self._threads
-                )
-
-
-#: The code of the coroutine that runs a handler: the stall watchdog finds it on the stack.
-_RUN_CODE = Worker._run.__code__
-
-
-def _uncountable(key: str, exc: Exception, job: Job) -> Decision:
-    """The decision for a redelivered entry whose start count holds garbage (not a counter).
-
-    Anyone with write access to the namespace may have written it. Running the entry uncounted
-    would let a poison message loop for ever, so it is dead-lettered, visibly and replayable.
-    """
-    detail = f"its start count {key} is not a counter ({shown(exc)}): delete it, then replay"
-    return dead("max_deliveries", detail, job)

@@ -560,7 +560,7 @@ def test_from_settings_gives_the_worker_every_worker_setting() -> None:
         "read_count": worker._read_ahead.read_count,
         "prefetch": worker._read_ahead.prefetch,
         "block_ms": worker._intake._block_ms,
-        "max_message_bytes": worker._max_bytes,
+        "max_message_bytes": worker._runner._max_bytes,
         "shutdown_grace": worker._grace,
         "dead_letter_max_len": worker._settler._dead_max_len,
         "lease_ttl": leases.ttl,

@@ -39,7 +39,7 @@ from redis.exceptions import ResponseError
 
 from streamflow import connect, intake, partitions, registry, signals, streams
 from streamflow.app import App
-from streamflow.consumers import ConsumerNames
+from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.context import Batch
 from streamflow.dag.graph import GraphSpec
 from streamflow.dag.store import DEFAULT_RETENTION_MS, Loaded, TaskStore, UnrunnableTask
@@ -60,7 +60,6 @@ from streamflow.protocol import (
     encode,
     now_ms,
 )
-from streamflow.worker import VERSION, default_consumer_name
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +265,7 @@ class Coordinator:
                 consumer=self.consumer,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                version=VERSION,
+                version=registry.VERSION,
                 functions=sorted(self.functions),
                 started_at_ms=started_at_ms,
                 events=self.events_processed,
