@@ -101,9 +101,10 @@ class Worker:
         prefetch: Entries read ahead of free handler slots, so that reading overlaps handling.
             They wait leased to this worker, where no other worker can take them. ``"auto"``
             (the default) reads ahead what this worker starts in about
-            :data:`AUTO_PREFETCH_WAIT` seconds at its recent pace, at most ``read_count`` and
-            about :data:`AUTO_PREFETCH_BYTES` of messages: many for short jobs, none for slow
-            ones. 0 never holds more entries than handler slots.
+            :data:`~streamflow.intake.AUTO_PREFETCH_WAIT` seconds at its recent pace, at most
+            ``read_count`` and about :data:`~streamflow.intake.AUTO_PREFETCH_BYTES` of
+            messages: many for short jobs, none for slow ones. 0 never holds more entries than
+            handler slots.
         block_ms: How long an idle read waits before looking again (bounds shutdown time).
         max_message_bytes: Larger entries are dead-lettered as ``too_large`` before parsing.
         dead_letter_max_len: Dead-letter streams are capped near this many entries.
