@@ -1,21 +1,15 @@
 """Intake: how entries come in, for workers and coordinators alike.
 
-* :func:`guarded` and :func:`run_guarded` are how every loop of a worker or coordinator runs a
-  step: an outage (:func:`streamflow.connect.is_outage`) is logged once and backed off, a lost
-  consumer group is recreated, anything else is raised.
-* :class:`GroupReader` consumes streams through a consumer group: XREADGROUP for new entries
-  (and, after a restart, the consumer's own pending ones) and one bounded XAUTOCLAIM step per
-  tick for entries left idle past the lease TTL, following the scan's cursor.
-* :class:`ReadAhead` sizes a worker's reads: free handler slots plus the prefetch (fixed, or
-  ``"auto"``: what the worker starts in :data:`AUTO_PREFETCH_WAIT` at its recent pace), and
-  parks the reader until there is room.
-* :class:`Promoter` moves due retries from a partition's delayed schedule back to its stream.
-* :class:`Intake` runs a worker's readers, adopters and promoters, one of each per partition,
-  and hands what they take to the worker's ``deliver`` callback.
-
-Nothing here decides what happens to an entry; that is :mod:`streamflow.decisions` and
-:mod:`streamflow.settle`, below which this module sits (it imports neither the worker nor the
-DAG side).
+* :func:`guarded` and :func:`run_guarded`: how every loop runs a step (an outage is logged once
+  and backed off, a lost consumer group recreated, anything else raised).
+* :class:`GroupReader`: a stream consumed through a consumer group, XREADGROUP for new entries
+  (or the consumer's own pending ones) and one bounded XAUTOCLAIM step per tick for entries
+  idle past the lease TTL.
+* :class:`ReadAhead`: how much a worker reads (free handler slots plus the prefetch), and when.
+* :class:`Promoter`: due retries from a partition's delayed schedule back to its stream.
+* :class:`Intake`: a worker's reader, adopter and promoter per partition, handing what they
+  take to the worker. Nothing here decides an entry's end: it imports neither the worker nor
+  the DAG side.
 """
 
 from __future__ import annotations
@@ -23,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal
 
 import anyio
 from redis.asyncio import Redis
@@ -202,7 +197,11 @@ class ReadAhead:
     """
 
     def __init__(
-        self, concurrency: int, read_count: int, prefetch: int | str, stopping: anyio.Event
+        self,
+        concurrency: int,
+        read_count: int,
+        prefetch: int | Literal["auto"],
+        stopping: anyio.Event,
     ) -> None:
         self.concurrency = concurrency
         self.read_count = read_count
