@@ -21,6 +21,9 @@ still read (one frozen past its TTL), its next read creates the consumer again.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,3 +161,11 @@ class ConsumerNames:
         if name == self._consumer or NAME_PATTERN.fullmatch(name) is None:
             return None
         return name if pending == 0 and idle >= self._idle_ms else None
+
+
+def default_consumer_name() -> str:
+    """A consumer name unique to this process: host, pid and a random suffix."""
+    host = "".join(
+        c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in socket.gethostname()
+    ).lstrip("-_.")
+    return f"{host[:40] or 'host'}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -1,10 +1,11 @@
-"""Leases: keep in-flight entries owned, adopt abandoned ones, hand entries back on shutdown.
+"""Leases: keep in-flight entries owned, hand entries back on shutdown.
 
 A delivered entry is leased to the consumer that holds it in the group's pending list. While a
 worker lives it renews the entries it is running (owner-checked, one round trip per stream per
-tick); any worker adopts entries idle past the lease TTL (one bounded XAUTOCLAIM per stream per
-tick, following its cursor). A renewal that finds the entry gone or owned by another consumer
-means the lease is lost: the handler is cancelled and nothing is applied for it.
+tick); any worker adopts entries idle past the lease TTL (:mod:`streamflow.intake`: one bounded
+XAUTOCLAIM per stream per tick, following its cursor). A renewal that finds the entry gone or
+owned by another consumer means the lease is lost: the handler is cancelled and nothing is
+applied for it.
 
 Every held delivery remembers when its lease was last confirmed (read, adopted or renewed: the
 time the request was sent). A worker that resumes from a freeze holds entries whose leases may
@@ -87,7 +88,7 @@ class LeaseSettings:
 
 
 class LeaseKeeper:
-    """Renews, adopts and releases entries for one worker process.
+    """Renews and releases entries for one worker process.
 
     Args:
         redis: The client.
@@ -124,15 +125,10 @@ class LeaseKeeper:
         self._on_name_lost = on_name_lost
         self._describe = describe
         self.on_renewal = on_renewal
-        self._cursors: dict[str, bytes] = {}
         self._token = uuid.uuid4().hex
         self.renewals = 0
-        self.adopted = 0
         #: Leases found lost, by where (see :data:`LossFound`).
         self.losses: dict[str, int] = {}
-        self.deleted = 0
-        #: Pending entries found deleted from the stream before they were settled, by stream.
-        self.trimmed: dict[str, int] = {}
 
     # -- the consumer name is ours alone ----------------------------------------------------
 
@@ -288,41 +284,6 @@ class LeaseKeeper:
                 stream,
             )
         return [entry for entry in entries if entry.id not in lost]
-
-    # -- adoption ---------------------------------------------------------------------------
-
-    async def adopt(self, stream: str, count: int) -> list[streams.Entry]:
-        """One bounded adoption step on ``stream`` for up to ``count`` entries.
-
-        Entries this process already holds are not returned again (it owns them once more and
-        its handler goes on).
-        """
-        cursor = self._cursors.get(stream, b"0-0")
-        cursor, entries, deleted = await streams.claim(
-            self._scripts,
-            self._redis,
-            stream,
-            self._consumer,
-            min_idle_ms=self.settings.ttl_ms,
-            cursor=cursor,
-            count=count,
-        )
-        self._cursors[stream] = cursor
-        if deleted:
-            self.deleted += len(deleted)
-            self.trimmed[stream] = self.trimmed.get(stream, 0) + len(deleted)
-            logger.error(
-                "%d pending entries of %s were deleted from the stream before they were "
-                "acknowledged (trimmed or deleted by hand): that work is lost: %s",
-                len(deleted),
-                stream,
-                ", ".join(d.decode() for d in deleted[:10]),
-            )
-        fresh = [e for e in entries if not self._in_flight.holds(stream, e.id)]
-        self.adopted += len(fresh)
-        if fresh:
-            logger.info("adopted %d entries idle past the lease TTL on %s", len(fresh), stream)
-        return fresh
 
     # -- release ----------------------------------------------------------------------------
 

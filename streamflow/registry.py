@@ -10,6 +10,7 @@ one's entry goes stale (kept a day, shown as such). ``streamflow workers`` lists
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import time
 from typing import Any
@@ -23,6 +24,9 @@ from streamflow.keys import Keys
 from streamflow.logs import shown
 
 logger = logging.getLogger(__name__)
+
+#: This installation's streamflow version, as workers and coordinators report it.
+VERSION = importlib.metadata.version("streamflow")
 
 
 class WorkerInfo(BaseModel):

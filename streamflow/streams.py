@@ -148,6 +148,7 @@ async def read_group(
     count: int,
     block_ms: int | None,
     after: bytes | str = ">",
+    group: str = GROUP,
 ) -> list[Entry]:
     """Read up to ``count`` entries for ``consumer`` with XREADGROUP.
 
@@ -159,25 +160,48 @@ async def read_group(
         block_ms: How long to wait when there is nothing; None returns at once.
         after: ``">"`` for new entries; an id (``"0"`` first) to re-read the entries already
             pending under ``consumer`` after that id. Re-reading counts as a delivery.
+        group: The consumer group.
     """
-    reply = await redis.xreadgroup(GROUP, consumer, {stream: after}, count=count, block=block_ms)
+    reply = await redis.xreadgroup(group, consumer, {stream: after}, count=count, block=block_ms)
     return _entries(reply)
 
 
+async def read_groups(
+    redis: Redis,
+    names: Sequence[str],
+    group: str,
+    consumer: str,
+    *,
+    count: int,
+    block_ms: int | None,
+) -> list[tuple[str, Entry]]:
+    """New entries of several streams (one slot on a cluster) in one XREADGROUP, by stream."""
+    reply: Any = await redis.xreadgroup(
+        group, consumer, dict.fromkeys(names, ">"), count=count, block=block_ms
+    )
+    return [
+        (text(stream), Entry(entry_id, fields or {}))
+        for stream, rows in reply or []
+        for entry_id, fields in rows
+    ]
+
+
 async def read_own_pending(
-    redis: Redis, stream: str, consumer: str, *, after: bytes, count: int
+    redis: Redis, stream: str, consumer: str, *, after: bytes, count: int, group: str = GROUP
 ) -> list[Entry]:
     """Re-read entries already pending under ``consumer`` after id ``after``, with counts.
 
     Used at start-up: a worker restarted under the same consumer name resumes its entries at
     once instead of waiting a lease TTL for them to be adopted.
     """
-    entries = await read_group(redis, stream, consumer, count=count, block_ms=None, after=after)
+    entries = await read_group(
+        redis, stream, consumer, count=count, block_ms=None, after=after, group=group
+    )
     if not entries:
         return []
     rows = await redis.xpending_range(
         stream,
-        GROUP,
+        group,
         min=entries[0].id,
         max=entries[-1].id,
         count=len(entries),
@@ -598,10 +622,11 @@ async def claim(
     min_idle_ms: int,
     cursor: bytes,
     count: int,
+    group: str = GROUP,
 ) -> tuple[bytes, list[Entry], list[bytes]]:
     """One bounded XAUTOCLAIM step: (next cursor, adopted entries with counts, deleted ids)."""
     next_cursor, adopted, deleted = await scripts.claim(
-        keys=[stream], args=[GROUP, consumer, min_idle_ms, cursor, count], client=redis
+        keys=[stream], args=[group, consumer, min_idle_ms, cursor, count], client=redis
     )
     entries = [
         Entry(entry_id, _pairs(fields), int(deliveries)) for entry_id, fields, deliveries in adopted

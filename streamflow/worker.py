@@ -2,12 +2,14 @@
 
 One anyio task group owns all of a worker's loops:
 
-* per role, a **reader** fetches entries (XREADGROUP COUNT = free handler slots plus the
-  optional prefetch, BLOCK when idle); an **adopter** takes over entries idle past the lease
-  TTL; a **promoter** moves due retries from the delayed schedule back to the stream;
+* per role partition, a **reader** fetches entries (XREADGROUP COUNT = free handler slots plus
+  the optional prefetch, BLOCK when idle); an **adopter** takes over entries idle past the lease
+  TTL; a **promoter** moves due retries from the delayed schedule back to the stream (all three
+  in :mod:`streamflow.intake`);
 * ``concurrency`` **consumer** tasks take entries from a shared queue (one wakes the next only
   while more are queued, so a burst of fast handlers costs no task switch per entry) and run
-  decode -> preflight -> execute, each handler inside its consumer's cancel scope;
+  decode -> preflight -> execute (:mod:`streamflow.runner`), each handler inside its
+  consumer's cancel scope;
 * the **acker** batches acknowledgements into one owner-checked script call per stream;
 * the **lease keeper** renews every held entry each tick and cancels handlers whose lease is
   lost; the **signal listener** follows the signals stream and stops cancelled handlers; the
@@ -18,61 +20,42 @@ Every delivery ends in exactly one decision, applied in one place, :mod:`streamf
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib.metadata
 import logging
 import os
 import socket
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from functools import partial
-from types import FrameType
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import OutOfMemoryError
 
-from streamflow import connect, decisions, nodes, partitions, streams
+from streamflow import connect, decisions, partitions, streams
 from streamflow.app import App, Role
-from streamflow.consumers import ConsumerNames
-from streamflow.context import Context
-from streamflow.decisions import ACK, RELEASE, dead
+from streamflow.config import WorkerSettings
+from streamflow.consumers import ConsumerNames, default_consumer_name
+from streamflow.decisions import ACK
 from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
-from streamflow.errors import InputError
-from streamflow.keys import GROUP, Keys, role_of_shard, validate_name
+from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
+from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
-from streamflow.logs import shown
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    MESSAGE_FIELD,
-    Job,
     now_ms,
 )
-from streamflow.registry import WorkerInfo
+from streamflow.registry import VERSION, WorkerInfo
+from streamflow.runner import Runner
+from streamflow.runner import fencing_token as fencing_token  # re-exported: its old home
 from streamflow.settle import Settler
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 from streamflow.stalls import LoopWatchdog
 
 logger = logging.getLogger(__name__)
-
-VERSION = importlib.metadata.version("streamflow")
-
-#: Seconds between looks at a role's delayed schedule when nothing is due sooner.
-PROMOTE_POLL = 0.5
-#: ``prefetch="auto"`` reads ahead about as many entries as the worker starts in this many
-#: seconds at its recent pace, so that an entry waits about this long for a handler slot.
-AUTO_PREFETCH_WAIT = 0.05
-#: The shortest period over which the pace is measured (reads closer together reuse it).
-PACE_WINDOW = 0.01
-#: ``prefetch="auto"`` holds at most about this many bytes of messages read ahead (at the size of
-#: recent messages), so that a burst of large messages does not fill the worker's memory.
-AUTO_PREFETCH_BYTES = 16 * 1024 * 1024
 
 
 #: The garbage collector's first threshold in a process dedicated to a worker (CPython: 700).
@@ -103,23 +86,6 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_THRESHOLD, middle, oldest)
 
 
-def fencing_token(attempt: int, deliveries: int) -> int:
-    """A delivery's fencing token: the attempt in the high 32 bits, the delivery count below.
-
-    Both only rise while a message changes hands (see :attr:`Context.fencing_token`); the
-    coordinator orders a task node's runs by the same pair.
-    """
-    return (attempt << 32) | (deliveries & 0xFFFFFFFF)
-
-
-def default_consumer_name() -> str:
-    """A consumer name unique to this process: host, pid and a random suffix."""
-    host = "".join(
-        c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in socket.gethostname()
-    ).lstrip("-_.")
-    return f"{host[:40] or 'host'}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
 class Worker:
     """Serves one or more roles of an :class:`App` from their Redis streams.
 
@@ -135,9 +101,10 @@ class Worker:
         prefetch: Entries read ahead of free handler slots, so that reading overlaps handling.
             They wait leased to this worker, where no other worker can take them. ``"auto"``
             (the default) reads ahead what this worker starts in about
-            :data:`AUTO_PREFETCH_WAIT` seconds at its recent pace, at most ``read_count`` and
-            about :data:`AUTO_PREFETCH_BYTES` of messages: many for short jobs, none for slow
-            ones. 0 never holds more entries than handler slots.
+            :data:`~streamflow.intake.AUTO_PREFETCH_WAIT` seconds at its recent pace, at most
+            ``read_count`` and about :data:`~streamflow.intake.AUTO_PREFETCH_BYTES` of
+            messages: many for short jobs, none for slow ones. 0 never holds more entries than
+            handler slots.
         block_ms: How long an idle read waits before looking again (bounds shutdown time).
         max_message_bytes: Larger entries are dead-lettered as ``too_large`` before parsing.
         dead_letter_max_len: Dead-letter streams are capped near this many entries.
@@ -180,12 +147,8 @@ class Worker:
         self._roles = [app.get_role(name) for name in names]
         self.concurrency = concurrency
         self.consumer = validate_name(consumer or default_consumer_name(), "consumer name")
-        self._read_count = read_count
-        self._block_ms = block_ms
-        self._max_bytes = max_message_bytes
         self._grace = shutdown_grace
         self._scripts = streams.Scripts(redis)
-        self._in_flight = 0
         self._held = InFlight()
         self._leases = LeaseKeeper(
             redis,
@@ -205,6 +168,7 @@ class Worker:
             ttl_ms=self._leases.settings.ttl_ms,
             every=self._leases.settings.renew_every,
         )
+        self._promoter = Promoter(redis, self._scripts, self._keys)
         self._settler = Settler(
             redis,
             self._scripts,
@@ -215,49 +179,94 @@ class Worker:
             max_message_bytes=max_message_bytes,
             dead_letter_max_len=dead_letter_max_len,
             on_outcome=on_outcome,
-            on_scheduled=self._wake_promoter,
+            on_scheduled=self._promoter.wake,
         )
         self._cancels = StopReporter(redis, self._keys, self.consumer, self._held, CancelBook())
         self._signals = SignalListener(
             redis, self._keys, self._cancels.book, self._cancels.on_signal, block_ms=block_ms
         )
-        self._auto_prefetch = prefetch == "auto"
-        self._set_prefetch(0 if prefetch == "auto" else prefetch)
-        # The pace (entries finished per second) that "auto" sizes the prefetch by.
-        self._pace = 0.0
-        self._paced_at = time.monotonic()
-        self._paced_done = 0
-        self._message_bytes = 0.0  # the size of recent messages, sampled once per read
+        self._stopping = anyio.Event()
+        self._read_ahead = ReadAhead(concurrency, read_count, prefetch, self._stopping)
+        self._intake = Intake(
+            GroupReader(
+                redis, self._scripts, GROUP, self.consumer, lease_ms=self._leases.settings.ttl_ms
+            ),
+            self._leases,
+            self._held,
+            self._read_ahead,
+            self._promoter,
+            self._keys,
+            self._dispatch,
+            self._stopping,
+            block_ms=block_ms,
+        )
         self._queue: deque[Delivery] = deque()
         self._idle: deque[anyio.Event] = deque()
         self._waking = 0
         self._queue_closed = False
-        self._capacity = anyio.Event()
-        self._reader_waiting = False
-        # A reader was woken and has not run yet; a consumer lets it in once this many entries
-        # can be read, so that the read overlaps handling what is still queued.
-        self._reader_woken = False
-        self._promoter_wakeups: dict[str, anyio.Event] = {}
         # Each role's partitions (shards), as recorded in Redis; set when serving starts.
         self._shards: dict[str, tuple[str, ...]] = {}
-        self._stopping = anyio.Event()
         self._stopped = anyio.Event()
-        self._threads = anyio.CapacityLimiter(concurrency)
+        self._runner = Runner(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            self._leases,
+            self._cancels.book,
+            self._stopping,
+            self._settler.acker.flush,
+            concurrency=concurrency,
+            max_message_bytes=max_message_bytes,
+        )
         self._started_at_ms = now_ms()
-        # Metrics: counts kept here, read at scrape time (see streamflow.metrics).
-        self._redeliveries: dict[str, int] = {}
-        self._reclaims: dict[str, int] = {}
-        self._observe: Callable[[str, float], None] | None = None
         self._signals_latency: Callable[[float], None] | None = None
-        self._suspects = anyio.Lock()
-        self._confirming = anyio.Lock()
-        self._confirm_backoff = connect.Backoff("confirming held leases")
         self._unsafe_after = self._leases.settings.unsafe_after
         settings = self._leases.settings
         self._watchdog = LoopWatchdog(
             stall_warning or min(settings.renew_every, 5.0),
-            self._describe_stall,
+            self._runner.describe_stall,
             lease_ttl=settings.ttl,
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        app: App,
+        settings: WorkerSettings,
+        redis: Redis,
+        *,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        stall_warning: float | None = None,
+    ) -> Worker:
+        """A worker serving ``app`` as ``settings`` say (what ``streamflow worker`` runs).
+
+        The settings of the process around it (connection, ``processes``, the metrics server,
+        the start-up checks, the supervising parent) are the caller's.
+
+        Args:
+            app: The application whose handlers run.
+            settings: Validated settings (see :class:`streamflow.config.WorkerSettings`).
+            redis: A client built from ``settings`` (socket timeout above ``block_ms``).
+            on_outcome: See :class:`Worker`.
+            stall_warning: See :class:`Worker`.
+        """
+        return cls(
+            app,
+            redis,
+            roles=settings.roles or None,
+            namespace=settings.namespace,
+            concurrency=settings.concurrency,
+            consumer=settings.consumer_name,
+            read_count=settings.read_count,
+            prefetch=settings.prefetch,
+            block_ms=settings.block_ms,
+            max_message_bytes=settings.max_message_bytes,
+            shutdown_grace=settings.shutdown_grace,
+            dead_letter_max_len=settings.dead_letter_max_len,
+            lease=settings.lease_settings(),
+            on_outcome=on_outcome,
+            stall_warning=stall_warning,
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -305,9 +314,7 @@ class Worker:
                 if delivery.scope is not None and delivery.context is not None:
                     delivery.stop("shutdown", "shutting down", hard=False)
         self._stopping.set()
-        self._capacity.set()
-        for wakeup in self._promoter_wakeups.values():
-            wakeup.set()
+        self._intake.stop()
 
     async def wait_stopped(self) -> None:
         """Return once :meth:`run` has returned."""
@@ -322,7 +329,7 @@ class Worker:
         """Start timing handlers; returns the registry with this worker's metrics."""
         from streamflow.metrics import worker_registry
 
-        registry, self._observe = worker_registry(self)
+        registry, self._runner.observe = worker_registry(self)
         return registry
 
     def statistics(self) -> WorkerStatistics:
@@ -337,28 +344,21 @@ class Worker:
             lost=stats.lost,
             cancelled=stats.cancelled,
             ack_replies_lost=stats.ack_replies_lost,
-            adopted=self._leases.adopted,
+            adopted=self._intake.adopted,
             renewals=self._leases.renewals,
-            in_flight=self._in_flight,
+            in_flight=self._read_ahead.in_flight,
             by_reason=dict(stats.by_reason),
             lease_losses=dict(self._leases.losses),
             loop_stalls=self._watchdog.stalls(),
             by_role=dict(stats.by_role),
             dead_by_role=dict(stats.dead_by_role),
             bad_records=self._signals.statistics(),
-            redeliveries=dict(self._redeliveries),
-            reclaims=dict(self._reclaims),
-            trimmed=self._trimmed_by_role(),
+            redeliveries=dict(self._runner.redeliveries),
+            reclaims=dict(self._intake.reclaims),
+            trimmed=self._intake.trimmed_by_role(),
             cancel_signals=self._signals.signals_seen,
             consumers_deleted=self._names.forgotten,
         )
-
-    def _trimmed_by_role(self) -> dict[str, int]:
-        trimmed: dict[str, int] = {}
-        for stream, count in list(self._leases.trimmed.items()):
-            role = role_of_shard(self._keys.role_of_stream(stream) or stream)
-            trimmed[role] = trimmed.get(role, 0) + count
-        return trimmed
 
     def observe_renewals(self, callback: Callable[[float], None] | None) -> None:
         """Call ``callback`` with the seconds each lease renewal round takes (None: stop)."""
@@ -372,24 +372,6 @@ class Worker:
         """
         self._signals_latency = callback
 
-    def _describe_stall(self, frame: FrameType | None) -> str:
-        """What runs on the stalled loop: the handler whose run ``frame``'s stack holds.
-
-        Called from the watchdog's thread while the loop is blocked, so it only reads.
-        """
-        while frame is not None and frame.f_code is not _RUN_CODE:
-            frame = frame.f_back
-        delivery = frame.f_locals.get("delivery") if frame is not None else None
-        if not isinstance(delivery, Delivery):
-            return "code outside any handler (streamflow, a library, or the garbage collector)"
-        handler = delivery.role.handler
-        name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
-        job = delivery.job
-        return (
-            f"handler {name} (role {delivery.role.name!r}, message "
-            f"{job.id if job else '?'}, entry {delivery.entry.id.decode()})"
-        )
-
     def _describe(self) -> bytes:
         """This worker's registry entry (see :mod:`streamflow.registry`)."""
         stats = self._settler.stats
@@ -401,8 +383,8 @@ class Worker:
             version=VERSION,
             concurrency=self.concurrency,
             started_at_ms=self._started_at_ms,
-            in_flight=self._in_flight,
-            processed=stats.received - self._in_flight,
+            in_flight=self._read_ahead.in_flight,
+            processed=stats.received - self._read_ahead.in_flight,
             updated_at_ms=now_ms(),
         )
         return info.model_dump_json().encode()
@@ -493,18 +475,7 @@ class Worker:
             for _ in range(self.concurrency):
                 consumers.start_soon(self._consume)
             try:
-                async with anyio.create_task_group() as readers:
-                    # Every partition gets its own reader: a blocking read cannot span the
-                    # slots of several partitions on a cluster, and separate readers share
-                    # the free capacity fairly between partitions.
-                    for role in self._roles:
-                        for shard in self._shards[role.name]:
-                            if burst:
-                                await self._promote_due(shard)
-                            else:
-                                readers.start_soon(self._promote_loop, shard)
-                                readers.start_soon(self._adopt_loop, role, shard)
-                            readers.start_soon(self._read_loop, role, shard, burst)
+                await self._intake.run(self._roles, self._shards, burst=burst)
             finally:
                 # No more entries: consumers finish what is queued, then return.
                 self._queue_closed = True
@@ -537,134 +508,6 @@ class Worker:
         for delivery in running:
             delivery.stop("shutdown", "shutting down", hard=True)
 
-    async def _read_loop(self, role: Role, shard: str, burst: bool) -> None:
-        stream = self._keys.role_stream(shard)
-        backoff = connect.Backoff(f"reading {stream}")
-        # First the entries already pending under this consumer name (a restart with the same
-        # --consumer-name resumes them at once), then new ones.
-        history: bytes | None = b"0"
-        while not self._stopping.is_set():
-            free = await self._wait_capacity()
-            if free <= 0:
-                continue
-            block = None if burst or history else self._block_ms
-            # Readers of several roles (and the adopter) may count the same free slots while a
-            # blocking read waits; the queue is unbounded, so that overshoots the limit by at
-            # most one read per role instead of starving a role behind another's blocked read.
-            issued = time.monotonic()
-            entries = await self._read(stream, free, block, history, backoff)
-            if entries is None:
-                continue
-            if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
-                # Redis may have delivered these long ago (this process was frozen in the read):
-                # another worker may own them by now. Start only what is still ours.
-                issued = time.monotonic()
-                entries = await self._leases.confirm(stream, entries)
-            if entries:
-                self._dispatch(role, shard, stream, entries, issued)
-            if history is not None:
-                if entries:
-                    logger.info("resuming %d entries pending on %s", len(entries), stream)
-                history = entries[-1].id if entries else None
-            elif burst and not entries:
-                if self._in_flight == 0:
-                    return
-                await self._wait_progress()
-
-    async def _read(
-        self,
-        stream: str,
-        free: int,
-        block_ms: int | None,
-        history: bytes | None,
-        backoff: connect.Backoff,
-    ) -> list[streams.Entry] | None:
-        """One read; None after an error that was handled (the caller just reads again)."""
-        count = min(free, self._read_count)
-        try:
-            if history is not None:
-                entries = await streams.read_own_pending(
-                    self._redis, stream, self.consumer, after=history, count=count
-                )
-            else:
-                entries = await streams.read_group(
-                    self._redis, stream, self.consumer, count=count, block_ms=block_ms
-                )
-        except connect.TRANSIENT_ERRORS as exc:
-            await backoff.failed(exc)
-            return None
-        except ResponseError as exc:
-            if not streams.is_group_lost(exc):
-                raise
-            logger.warning("consumer group of %s is gone; recreating it", stream)
-            # Recreating it can meet TRYAGAIN while its slot migrates: an outage like the read's.
-            try:
-                await streams.ensure_group(self._redis, stream)
-            except connect.TRANSIENT_ERRORS as again:
-                await backoff.failed(again)
-            return None
-        backoff.succeeded()
-        return entries
-
-    async def _adopt_loop(self, role: Role, shard: str) -> None:
-        stream = self._keys.role_stream(shard)
-        settings = self._leases.settings
-        backoff = connect.Backoff(f"adopting idle entries of {stream}")
-        while not await self._sleep_unless_stopping(settings.reclaim_interval):
-            free = min(self._held_limit - self._in_flight, settings.reclaim_count)
-            if free <= 0:
-                continue
-            issued = time.monotonic()
-            try:
-                entries = await self._leases.adopt(stream, free)
-            except connect.TRANSIENT_ERRORS as exc:
-                await backoff.failed(exc)
-                continue
-            except ResponseError as exc:
-                if not streams.is_group_lost(exc):
-                    raise
-                continue  # the reader recreates the group
-            backoff.succeeded()
-            if entries:
-                self._reclaims[role.name] = self._reclaims.get(role.name, 0) + len(entries)
-                self._dispatch(role, shard, stream, entries, issued)
-
-    async def _promote_loop(self, shard: str) -> None:
-        while not self._stopping.is_set():
-            wakeup = self._promoter_wakeups[shard] = anyio.Event()
-            next_due = await self._promote_due(shard)
-            # Sleep until the next due retry; a retry scheduled here wakes us at once, and the
-            # poll picks up delayed messages other processes schedule.
-            wait = PROMOTE_POLL if next_due is None else (next_due - now_ms()) / 1000
-            with anyio.move_on_after(min(max(wait, 0.002), PROMOTE_POLL)):
-                await wakeup.wait()
-
-    def _wake_promoter(self, shard: str) -> None:
-        wakeup = self._promoter_wakeups.get(shard)
-        if wakeup is not None:
-            wakeup.set()
-
-    async def _promote_due(self, shard: str) -> int | None:
-        """Move due retries of a role partition to its stream; returns the next due time (ms)."""
-        try:
-            moved, next_due = await streams.promote(
-                self._scripts,
-                self._redis,
-                self._keys.role_stream(shard),
-                self._keys.delayed(shard),
-            )
-        except connect.TRANSIENT_ERRORS:
-            return None  # the reader's backoff reports the outage
-        if moved:
-            logger.debug("moved %d due retries of %s to its stream", moved, shard)
-        return next_due
-
-    async def _sleep_unless_stopping(self, seconds: float) -> bool:
-        """Sleep, returning True at once if the worker is stopping."""
-        with anyio.move_on_after(seconds):
-            await self._stopping.wait()
-        return self._stopping.is_set()
-
     def _dispatch(
         self,
         role: Role,
@@ -674,11 +517,7 @@ class Worker:
         confirmed_at: float,
     ) -> None:
         """Hold and queue entries whose leases were confirmed at ``confirmed_at`` (monotonic)."""
-        if self._auto_prefetch:
-            sample = len(entries[0].fields.get(MESSAGE_FIELD, b""))
-            recent = self._message_bytes
-            self._message_bytes = (recent + sample) / 2 if recent else float(sample)
-        self._in_flight += len(entries)
+        self._read_ahead.took(entries)
         self._settler.stats.received += len(entries)
         deliveries = [Delivery(role, shard, stream, entry, confirmed_at) for entry in entries]
         self._held.add_many(stream, deliveries)
@@ -696,61 +535,6 @@ class Worker:
             self._waking += 1
             self._idle.popleft().set()
 
-    def _set_prefetch(self, prefetch: int) -> None:
-        self._prefetch = prefetch
-        self._held_limit = self.concurrency + prefetch
-        self._read_ahead_at = max(1, self._held_limit // 2)
-
-    def _adapt_prefetch(self) -> None:
-        """With ``prefetch="auto"``: read ahead what the worker starts in a short wait.
-
-        Measured once per read, from the entries finished since the last measurement, so the
-        hot path pays nothing for it. An idle worker's pace falls towards 0, and so does its
-        prefetch; slow jobs (1 s each on 64 slots: 64 per second) get about 3.
-        """
-        now = time.monotonic()
-        elapsed = now - self._paced_at
-        if elapsed < PACE_WINDOW:
-            return
-        done = self._settler.stats.received - self._in_flight
-        pace = (done - self._paced_done) / elapsed
-        self._paced_at, self._paced_done = now, done
-        # Smoothed over a few reads, so that one slow handler does not empty the buffer.
-        self._pace = (self._pace + pace) / 2
-        fit = int(AUTO_PREFETCH_BYTES / max(self._message_bytes, 1.0))
-        self._set_prefetch(min(self._read_count, fit, int(self._pace * AUTO_PREFETCH_WAIT)))
-
-    def _read_budget(self) -> int:
-        """How many entries to read now: 0 while the prefetch buffer is still well stocked."""
-        free = self._held_limit - self._in_flight
-        if free <= 0:
-            return 0
-        if self._in_flight < self.concurrency or free >= max(1, self._prefetch // 2):
-            return free  # a handler slot is idle, or the buffer is half drained
-        return 0
-
-    async def _wait_capacity(self) -> int:
-        if self._auto_prefetch:
-            self._adapt_prefetch()
-        while (budget := self._read_budget()) == 0 and not self._stopping.is_set():
-            await self._wait_progress()
-        return budget
-
-    async def _wait_progress(self) -> None:
-        if self._capacity.is_set():
-            self._capacity = anyio.Event()
-        self._reader_waiting = True
-        await self._capacity.wait()
-        self._reader_woken = False
-
-    def _wake_reader(self) -> None:
-        # Only when the reader would act on it: waking it per finished entry costs a task
-        # switch per message.
-        if self._reader_waiting and (self._read_budget() or self._in_flight == 0):
-            self._reader_waiting = False
-            self._reader_woken = True
-            self._capacity.set()
-
     async def _consume(self) -> None:
         # Handlers run inside one cancel scope per consumer, not one per message (a scope costs
         # about 5 us). Stopping one handler (hard cancel, lost lease, shutdown) cancels its
@@ -767,6 +551,7 @@ class Worker:
     async def _consume_in(self, scope: anyio.CancelScope, stopped: list[Delivery]) -> bool:
         """Handle queued deliveries until the queue closes (True) or ``scope`` is cancelled."""
         queue = self._queue
+        process = self._runner.process
         while True:
             if not queue:
                 if self._queue_closed:
@@ -783,12 +568,12 @@ class Worker:
                 self._stopping.is_set()
                 or time.monotonic() - delivery.confirmed_at > self._unsafe_after
             ):
-                ending = await self._before_start(delivery)
+                ending = await self._runner.before_start(delivery)
                 if ending is not None:
                     await self._finish(delivery, ending)
                     continue
             stopped.append(delivery)
-            step = self._process(delivery, scope)
+            step = process(delivery, scope)
             decision = step if isinstance(step, Decision) else await step
             stopped.clear()
             if scope.cancel_called:
@@ -801,45 +586,11 @@ class Worker:
                 self._finished(delivery)
             else:
                 await self._finish(delivery, decision)
-            if (
-                self._reader_woken
-                and queue
-                and self._held_limit - self._in_flight >= self._read_ahead_at
-            ):
+            if self._read_ahead.reader_woken and queue and self._read_ahead.room_to_read_ahead():
                 # Fast handlers never yield: let the woken reader (and the acker) send their
                 # requests now, so that the replies come back while this consumer handles what
                 # is still queued, instead of after the queue ran dry.
                 await anyio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _before_start(self, delivery: Delivery) -> Decision | None:
-        """Check a delivery held long or read while stopping; the decision if it must not start.
-
-        Held so long (this process froze, or its event loop was blocked) that its lease may
-        have expired and another worker adopted it: its lease is confirmed first, so that two
-        workers never start it. Read but not started when the worker stops: handed back.
-        """
-        if not await self._still_ours(delivery):
-            return decisions.LOST
-        return RELEASE if self._stopping.is_set() else None
-
-    async def _confirm_held(self, delivery: Delivery) -> None:
-        """Renew every held entry until ``delivery``'s lease is confirmed or lost.
-
-        One renewal round trip per stream for everything held (not one per entry), by one
-        consumer at a time: the others find their entries confirmed by it.
-        """
-        async with self._confirming:
-            while (
-                time.monotonic() - delivery.confirmed_at > self._unsafe_after
-                and not delivery.lost
-                and not self._stopping.is_set()
-            ):
-                try:
-                    await self._leases.renew_held()
-                except connect.TRANSIENT_ERRORS as exc:
-                    await self._confirm_backoff.failed(exc)
-                else:
-                    self._confirm_backoff.succeeded()
 
     async def _finish(self, delivery: Delivery, decision: Decision) -> None:
         try:
@@ -858,210 +609,6 @@ class Worker:
         # batch is acknowledged (fewer objects live on into the garbage collector's old
         # generations).
         delivery.context = None
-        self._in_flight -= 1
-        if self._reader_waiting:
-            self._wake_reader()
+        self._read_ahead.finished()
         if delivery.finished is not None:
             delivery.finished.set()
-
-    # -- one delivery: decode -> preflight -> execute -> apply ------------------------------
-
-    def _process(
-        self, delivery: Delivery, scope: anyio.CancelScope
-    ) -> Decision | Coroutine[Any, Any, Decision]:
-        """Decode and check a delivery: its decision, or the coroutine that runs its handler.
-
-        Not a coroutine itself: the hot path awaits the handler's runner directly, one coroutine
-        fewer per message.
-        """
-        checked = decisions.preflight(delivery, self._cancels.book, self._max_bytes)
-        if isinstance(checked, Decision):
-            return checked
-        job, payload = checked
-        delivery.job = job
-        ctx = Context(
-            job.id,
-            delivery.entry.id.decode(),
-            delivery.role.name,
-            job.attempt,
-            self.consumer,
-            job.created_at_ms,
-            job.deadline_ms,
-            job.task_id,
-            job.node_id,
-            # fencing_token(), inline: a function call per message costs more than this.
-            (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
-        )
-        delivery.context = ctx
-        if job.task_id is None and delivery.entry.deliveries == 1:
-            return self._run(delivery, scope, job, payload, ctx)  # the hot path
-        return self._process_special(delivery, scope, job, payload, ctx)
-
-    async def _process_special(
-        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
-    ) -> Decision:
-        """Run a task node's job or a redelivered entry."""
-        if job.task_id is not None and nodes.is_node_job(job):
-            failed = await self._start_node(delivery, job, ctx)
-            if failed is not None:
-                return failed
-        if delivery.entry.deliveries > 1:
-            # A suspect: delivered before, so its last worker may have died running it.
-            role = delivery.role
-            self._redeliveries[role.name] = self._redeliveries.get(role.name, 0) + 1
-            return await self._run_suspect(delivery, scope, job, payload, ctx)
-        if not await self._still_ours(delivery):  # it may have waited for its input batch
-            return decisions.stopped(delivery)
-        return await self._run(delivery, scope, job, payload, ctx)
-
-    async def _still_ours(self, delivery: Delivery) -> bool:
-        """Whether a delivery may still start: False if its lease turned out lost.
-
-        One held longer than the lease's unsafe age (queued, waiting for its input or behind
-        another suspect, while this process froze or its loop was blocked) is confirmed first.
-        """
-        if time.monotonic() - delivery.confirmed_at > self._unsafe_after:
-            await self._confirm_held(delivery)
-        return not delivery.lost
-
-    async def _start_node(self, delivery: Delivery, job: Job, ctx: Context) -> Decision | None:
-        """Prepare a task node's run: its input batch, its emitter, the ``accepted`` event."""
-        run = delivery.node = nodes.NodeRun(
-            self._redis,
-            self._scripts,
-            self._keys,
-            job,
-            stream=delivery.stream,
-            shard=delivery.shard,
-            entry_id=delivery.entry.id,
-            delivery=delivery.entry.deliveries,
-            consumer=self.consumer,
-            max_batch_bytes=self._max_bytes,
-        )
-        ctx._node = run
-        ctx.invocation = job.invocation
-        ctx.failures = dict(job.failures or {})
-        try:
-            ctx.batch = await run.start()
-        except LookupError as exc:
-            return dead("missing_input", str(exc), job)
-        except InputError as exc:
-            return dead("invalid_input", str(exc), job)
-        except connect.TRANSIENT_ERRORS:
-            return RELEASE  # cannot read its input now: hand it back
-        return None
-
-    async def _run_suspect(
-        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
-    ) -> Decision:
-        """Run an entry delivered before, counting its starts to catch poison messages.
-
-        The pending list's delivery counter rises for every entry a dead worker held, started or
-        not, so it cannot tell a poison message from its neighbours. Starts can. The first rerun
-        of an adopted entry runs alongside others (recovery stays fast); an entry that already
-        failed to finish after a rerun runs alone among suspects, with completed work
-        acknowledged first, so a poison message stops taking its neighbours down with it.
-        """
-        key = self._keys.starts(delivery.shard, delivery.entry.id.decode())
-        try:
-            reruns = await streams.get_count(self._redis, key)
-        except connect.TRANSIENT_ERRORS:
-            return RELEASE  # cannot count: hand it back rather than risk a poison loop
-        except (ResponseError, ValueError) as exc:
-            return _uncountable(key, exc, job)
-        if reruns == 0:
-            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
-        async with self._suspects:
-            await self._settler.acker.flush()
-            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
-
-    async def _count_and_run(
-        self,
-        key: str,
-        delivery: Delivery,
-        scope: anyio.CancelScope,
-        job: Job,
-        payload: Any,
-        ctx: Context,
-    ) -> Decision:
-        # Counted only now, as it starts: waiting behind another suspect is not a start, and
-        # neither is an entry found owned by another worker after that wait.
-        if not await self._still_ours(delivery):
-            return decisions.stopped(delivery)
-        try:
-            reruns = await streams.count_start(self._redis, key)
-        except connect.TRANSIENT_ERRORS:
-            return RELEASE
-        except ResponseError as exc:
-            return _uncountable(key, exc, job)
-        starts = reruns + 2  # its first start, the reruns before, and this one
-        if starts > delivery.role.max_deliveries:
-            detail = (
-                f"started {starts - 1} times (limit {delivery.role.max_deliveries}) without an "
-                "outcome: each run ended with its lease expired before its outcome was "
-                "settled, because its worker died (crash, OOM kill), was frozen, or had its "
-                "event loop blocked past the lease TTL (an async handler that does not yield: "
-                "look for 'event loop blocked' warnings naming it)"
-            )
-            return dead("max_deliveries", detail, job)
-        return await self._run(delivery, scope, job, payload, ctx)
-
-    async def _run(
-        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
-    ) -> Decision:
-        role = delivery.role
-        if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
-            return decisions.stopped(delivery)
-        delivery.scope = scope
-        delivery.started = True
-        timeout = job.timeout or role.timeout
-        started = time.perf_counter() if self._observe is not None else 0.0
-        try:
-            if role.is_async and not timeout:
-                await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
-            else:
-                await self._execute(role, ctx, payload, timeout)
-        except nodes.LeaseLost:
-            # An owner-checked write of the handler (a task node's emit) was refused.
-            if not delivery.lost:
-                self._leases.count_loss("settle")
-            delivery.stop("lease_lost", "lease lost", hard=False)
-            return decisions.LOST
-        except Exception as exc:
-            return decisions.after_error(delivery, job, exc)
-        finally:
-            delivery.scope = None
-            if self._observe is not None:
-                self._observe(role.name, time.perf_counter() - started)
-        if delivery.lost or delivery.cancel is not None:
-            return decisions.stopped(delivery)
-        return ACK
-
-    async def _execute(
-        self,
-        role: Role,
-        ctx: Context,
-        payload: Any,
-        timeout: float | None,  # noqa: ASYNC109 - the node's or the role's limit, applied here
-    ) -> None:
-        with anyio.fail_after(timeout) if timeout else contextlib.nullcontext():
-            if role.is_async:
-                await role.handler(ctx, payload)
-            else:
-                await anyio.to_thread.run_sync(
-                    partial(role.handler, ctx, payload), limiter=self._threads
-                )
-
-
-#: The code of the coroutine that runs a handler: the stall watchdog finds it on the stack.
-_RUN_CODE = Worker._run.__code__
-
-
-def _uncountable(key: str, exc: Exception, job: Job) -> Decision:
-    """The decision for a redelivered entry whose start count holds garbage (not a counter).
-
-    Anyone with write access to the namespace may have written it. Running the entry uncounted
-    would let a poison message loop for ever, so it is dead-lettered, visibly and replayable.
-    """
-    detail = f"its start count {key} is not a counter ({shown(exc)}): delete it, then replay"
-    return dead("max_deliveries", detail, job)

@@ -112,7 +112,7 @@ TASK_ROLES = ["source", "enrich", "analyze", "boom"]
 SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "alive.lua": ("worker",),
     "forget.lua": ("worker", "coordinator"),
-    "claim.lua": ("worker",),
+    "claim.lua": ("worker", "coordinator"),
     "dead_letter.lua": ("worker",),
     "emit.lua": ("worker",),
     "finish.lua": ("worker",),

@@ -176,6 +176,36 @@ def test_connect_imports_only_the_leaves() -> None:
     assert ours == {"errors"}
 
 
+def test_intake_imports_neither_the_worker_nor_the_dag_side() -> None:
+    """Read -> decide -> settle goes downward: the worker and the coordinator use the intake."""
+    imports = runtime_imports(PACKAGE / "intake.py")
+    above = {
+        name
+        for name in imports
+        if name in ("streamflow.worker", "streamflow.dag")
+        or name.startswith(("streamflow.worker.", "streamflow.dag."))
+    }
+    assert not above
+    assert "streamflow.streams" in imports  # the check sees the imports it looks at
+
+
+def test_only_the_group_reader_adopts_and_parses_raw_reads() -> None:
+    """One group reader: nobody else sends XAUTOCLAIM or parses replies with streams' privates."""
+    wrong = [
+        f"{path.relative_to(PACKAGE)}: {ast.unparse(node)}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name not in ("streams.py", "intake.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and (node.attr == "xautoclaim" or (node.attr.startswith("_") and _is_streams(node.value)))
+    ]
+    assert not wrong
+
+
+def _is_streams(node: ast.expr) -> bool:
+    return isinstance(node, ast.Name) and node.id == "streams"
+
+
 #: (attribute, attribute of its owner or None) of the calls that stop a handler by hand.
 STOP_CALLS = {("_shut_down", None), ("_set", "cancel"), ("cancel", "scope")}
 

@@ -17,7 +17,7 @@ from streamflow import App, Client, Context, Retry, Worker, streams
 from streamflow.delivery import Outcome
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import LeaseSettings
-from streamflow.worker import fencing_token
+from streamflow.runner import fencing_token
 from tests.helpers import running, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, RetryPolicy, Worker, streams
-from streamflow import worker as worker_module
+from streamflow import intake as intake_module
+from streamflow.config import WorkerSettings
 from streamflow.decisions import dead
 from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
@@ -479,7 +480,7 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
     """The sizing rule alone, on a clock the test moves: what the worker finishes in 50 ms,
     at most read_count entries and about 16 MiB of messages at their recent size."""
     clock = [1000.0]
-    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(intake_module.time, "monotonic", lambda: clock[0])
     app = App()
 
     @app.role("paced")
@@ -492,14 +493,15 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
     def read(size: int, finished: int, seconds: float) -> int:
         """A read of one entry of ``size`` bytes after ``finished`` entries in ``seconds``."""
         clock[0] += seconds
-        worker._in_flight = 0
-        worker._settler.stats.received += finished - 1
+        read_ahead = worker._read_ahead
+        read_ahead.in_flight = 0
+        read_ahead.received += finished - 1
         entry = streams.Entry(b"1-0", {b"message": b"x" * size})
         worker._dispatch(role, "paced", "s", [entry], confirmed_at=clock[0])
-        worker._adapt_prefetch()
-        return worker._prefetch
+        read_ahead.adapt()
+        return read_ahead.prefetch
 
-    assert worker._prefetch == 0  # nothing measured yet
+    assert worker._read_ahead.prefetch == 0  # nothing measured yet
     # Short jobs: 100,000 a second; read_count (1000) bounds it.
     assert [read(200, 10_000, 0.1) for _ in range(3)] == [1000, 1000, 1000]
     # 1 MiB messages at the same pace: 16 MiB of them, once their size settled.
@@ -508,3 +510,69 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
     assert [read(200, 64, 1.0) for _ in range(20)][-1] == 3
     # An idle worker's prefetch falls to 0.
     assert [read(200, 1, 1.0) for _ in range(20)][-1] == 0
+
+
+#: WorkerSettings fields of the process around a worker (the CLI's), not of the worker itself.
+PROCESS_SETTINGS = {
+    "app",
+    "processes",
+    "metrics_port",
+    "metrics_host",
+    "strict",
+    "server_checks",
+    "parent_pid",
+    "parent_fd",
+    "redis_url",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+}
+
+
+def test_from_settings_gives_the_worker_every_worker_setting() -> None:
+    """Every WorkerSettings field either reaches the worker or is the process's: none dropped."""
+    app = App()
+    for name in ("first", "second"):
+        app.role(name)(_nothing)
+    settings = WorkerSettings(
+        app="tests.apps:app",
+        roles=("second",),
+        namespace="elsewhere",
+        concurrency=7,
+        consumer_name="settings-test-1",
+        read_count=11,
+        prefetch=5,
+        block_ms=123,
+        max_message_bytes=4321,
+        shutdown_grace=2.5,
+        dead_letter_max_len=77,
+        lease_ttl=9.0,
+        renew_interval=1.5,
+        reclaim_interval=0.7,
+    )
+    worker = Worker.from_settings(app, settings, FakeRedis())
+    leases = worker._leases.settings
+    seen: dict[str, object] = {
+        "roles": tuple(role.name for role in worker._roles),
+        "namespace": worker._keys.namespace,
+        "concurrency": worker.concurrency,
+        "consumer_name": worker.consumer,
+        "read_count": worker._read_ahead.read_count,
+        "prefetch": worker._read_ahead.prefetch,
+        "block_ms": worker._intake._block_ms,
+        "max_message_bytes": worker._runner._max_bytes,
+        "shutdown_grace": worker._grace,
+        "dead_letter_max_len": worker._settler._dead_max_len,
+        "lease_ttl": leases.ttl,
+        "renew_interval": leases.renew_interval,
+        "reclaim_interval": leases.reclaim_interval,
+    }
+    assert set(seen) | PROCESS_SETTINGS == set(WorkerSettings.model_fields)
+    assert seen == {name: getattr(settings, name) for name in seen}
+    # Each value differs from its default, so the worker did not just happen to match.
+    defaults = WorkerSettings(app="tests.apps:app")
+    assert all(getattr(defaults, name) != value for name, value in seen.items())
+
+
+async def _nothing(ctx: Context, payload: Any) -> None:
+    pass

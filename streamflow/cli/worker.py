@@ -224,21 +224,7 @@ async def _serve(settings: config.WorkerSettings, app: Any) -> None:
         redis, settings.url, checks=settings.server_checks, strict=settings.strict
     ):
         return
-    worker = Worker(
-        app,
-        redis,
-        roles=settings.roles or None,
-        namespace=settings.namespace,
-        concurrency=settings.concurrency,
-        consumer=settings.consumer_name,
-        read_count=settings.read_count,
-        prefetch=settings.prefetch,
-        block_ms=settings.block_ms,
-        max_message_bytes=settings.max_message_bytes,
-        shutdown_grace=settings.shutdown_grace,
-        dead_letter_max_len=settings.dead_letter_max_len,
-        lease=settings.lease_settings(),
-    )
+    worker = Worker.from_settings(app, settings, redis)
     roles = ", ".join(settings.roles or tuple(app.roles))
     health = Health(redis)
     tune_garbage_collector()  # this process is the worker's alone

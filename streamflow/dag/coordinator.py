@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -39,9 +39,9 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, partitions, registry, signals, streams
+from streamflow import connect, intake, partitions, registry, signals, streams
 from streamflow.app import App
-from streamflow.consumers import ConsumerNames
+from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.dag.outbox import Outbox
 from streamflow.dag.stepper import Stepper
 from streamflow.dag.store import DEFAULT_RETENTION_MS, TaskStore
@@ -58,7 +58,6 @@ from streamflow.protocol import (
     encode,
     now_ms,
 )
-from streamflow.worker import VERSION, default_consumer_name
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +141,19 @@ class Coordinator:
         self._stepper = Stepper(
             redis, self._keys, self.store, self._outbox, self._book, limited=self._limited
         )
-        self._adopt_cursors: dict[str, str] = {}
+        self._reader = intake.GroupReader(
+            redis,
+            self._scripts,
+            COORDINATORS,
+            self.consumer,
+            lease_ms=self._lease_ms,
+            what="task events",
+        )
         self._refreshed = float("-inf")
         self._ticks: set[str] = set()
         self._tick_wakeup = anyio.Event()
         self._stopping = anyio.Event()
         self.events_processed = 0
-        #: Pending task events found deleted from their stream before they were applied.
-        self.trimmed_events = 0
         self.observe_dispatch: Callable[[float], None] | None = None
 
     # -- public API -------------------------------------------------------------------------
@@ -236,6 +240,11 @@ class Coordinator:
         return self._outbox.dispatches
 
     @property
+    def trimmed_events(self) -> int:
+        """Pending task events found deleted from their stream before they were applied."""
+        return sum(self._reader.trimmed.values())
+
+    @property
     def consumers_deleted(self) -> int:
         """Consumer names of stopped processes this coordinator deleted (they held nothing)."""
         return self._names.forgotten
@@ -280,7 +289,7 @@ class Coordinator:
                 consumer=self.consumer,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                version=VERSION,
+                version=registry.VERSION,
                 functions=sorted(self.functions),
                 started_at_ms=started_at_ms,
                 events=self.events_processed,
@@ -342,9 +351,9 @@ class Coordinator:
         if connect.is_cluster(self._redis):
             await self._read_per_stream()
             return
-        backoff = connect.Backoff("reading task events")
-        while not self._stopping.is_set():
-            await self._guarded(self._read_and_handle, backoff)
+        await intake.run_guarded(
+            self._read_and_handle, "reading task events", self._stopping, regroup=self._regroup
+        )
 
     async def _read_per_stream(self) -> None:
         """On a cluster: one blocking reader per events stream.
@@ -356,7 +365,7 @@ class Coordinator:
         following: set[str] = set()
         async with anyio.create_task_group() as tg:
             while not self._stopping.is_set():
-                await self._guarded(self._refresh_streams, backoff)
+                await intake.guarded(self._refresh_streams, backoff, regroup=self._regroup)
                 for stream in self._streams:
                     if stream not in following:
                         following.add(stream)
@@ -365,90 +374,57 @@ class Coordinator:
                     await self._stopping.wait()
 
     async def _stream_loop(self, stream: str) -> None:
-        backoff = connect.Backoff(f"reading {stream}")
-
         async def step() -> None:
-            try:
-                await self._handle(await self._read_one(stream, block_ms=self._block_ms))
-            except ResponseError as exc:
-                if not streams.is_group_lost(exc):
-                    raise
-                await streams.ensure_group(self._redis, stream, COORDINATORS)
+            entries = await self._reader.read(
+                stream, count=self._read_count, block_ms=self._block_ms
+            )
+            await self._handle([(stream, entry) for entry in entries])
 
-        while not self._stopping.is_set():
-            await self._guarded(step, backoff)
+        async def regroup() -> None:
+            await self._reader.regroup(stream)
+
+        await intake.run_guarded(step, f"reading {stream}", self._stopping, regroup=regroup)
 
     async def _read_and_handle(self) -> None:
         if anyio.current_time() - self._refreshed > ROLES_REFRESH:
             await self._refresh_streams()
         await self._handle(await self._read(block_ms=self._block_ms))
 
-    async def _guarded(self, step: Callable[[], Awaitable[None]], backoff: connect.Backoff) -> None:
-        """Run one step of a loop: outages back off, a lost consumer group is recreated."""
-        try:
-            await step()
-        except connect.TRANSIENT_ERRORS as exc:
-            await backoff.failed(exc)
-            return
-        except ResponseError as exc:
-            if not streams.is_group_lost(exc):
-                raise
-            self._streams, self._refreshed = [], float("-inf")  # recreate every group
-            return
-        backoff.succeeded()
+    async def _regroup(self) -> None:
+        """A consumer group is gone: recreate every group before the next read."""
+        self._streams, self._refreshed = [], float("-inf")
 
     async def _read(self, *, block_ms: int | None) -> list[tuple[str, streams.Entry]]:
-        if connect.is_cluster(self._redis):
-            assert block_ms is None, "blocking reads on a cluster go per stream"
-            entries = []
-            for stream in self._streams:
-                entries += await self._read_one(stream, block_ms=None)
-            return entries
-        reply: Any = await self._redis.xreadgroup(
-            COORDINATORS,
-            self.consumer,
-            dict.fromkeys(self._streams, ">"),
-            count=self._read_count,
-            block=block_ms,
-        )
-        return _flatten(reply)
-
-    async def _read_one(
-        self, stream: str, *, block_ms: int | None
-    ) -> list[tuple[str, streams.Entry]]:
-        reply: Any = await self._redis.xreadgroup(
-            COORDINATORS, self.consumer, {stream: ">"}, count=self._read_count, block=block_ms
-        )
-        return _flatten(reply)
+        if not connect.is_cluster(self._redis):
+            return await self._reader.read_many(
+                self._streams, count=self._read_count, block_ms=block_ms
+            )
+        assert block_ms is None, "blocking reads on a cluster go per stream"
+        entries: list[tuple[str, streams.Entry]] = []
+        for stream in self._streams:
+            read = await self._reader.read(stream, count=self._read_count, block_ms=None)
+            entries += [(stream, entry) for entry in read]
+        return entries
 
     async def _adopt_loop(self) -> None:
-        backoff = connect.Backoff("adopting task events")
-        interval = min(max(self._lease_ms / 3000, 0.05), 2.0)
-        while not self._stopping.is_set():
-            with anyio.move_on_after(interval):
-                await self._stopping.wait()
-            await self._guarded(self._adopt, backoff)
+        await intake.run_guarded(
+            self._adopt,
+            "adopting task events",
+            self._stopping,
+            regroup=self._regroup,
+            every=min(max(self._lease_ms / 3000, 0.05), 2.0),
+        )
 
     async def _adopt(self) -> None:
         """Take over events another coordinator left pending past the lease TTL.
 
-        Each stream's scan follows XAUTOCLAIM's cursor, one bounded step per tick, so a long
-        pending list is covered in turns instead of rescanned from the start every time.
+        One bounded step per stream per tick (see :meth:`streamflow.intake.GroupReader.adopt`).
         """
         for stream in list(self._streams):
-            cursor = self._adopt_cursors.get(stream, "0-0")
-            reply: Any = await self._redis.xautoclaim(
-                stream, COORDINATORS, self.consumer, self._lease_ms, cursor, count=self._read_count
-            )
-            self._adopt_cursors[stream] = streams.text(reply[0])
-            if len(reply) > 2 and reply[2]:
-                # Pending events whose entries were deleted: XAUTOCLAIM dropped them.
-                self.trimmed_events += len(reply[2])
-                logger.warning("%d pending task events of %s were deleted", len(reply[2]), stream)
-            entries = [(stream, e) for e in streams._entries([[stream, reply[1]]])]
-            if entries:
-                logger.info("adopted %d task events of %s", len(entries), stream)
-                await self._handle(entries)
+            adopted = await self._reader.adopt(stream, self._read_count)
+            if adopted:
+                logger.info("adopted %d task events of %s", len(adopted), stream)
+                await self._handle([(stream, entry) for entry in adopted])
 
     async def _sweep_loop(self) -> None:
         backoff = connect.Backoff("sweeping unfinished tasks")
@@ -457,7 +433,7 @@ class Coordinator:
             with anyio.move_on_after(self._sweep_interval):
                 await self._stopping.wait()
             try:
-                await self._guarded(self._sweep, backoff)
+                await intake.guarded(self._sweep, backoff, regroup=self._regroup)
             except ResponseError as exc:
                 # A key of the wrong type (written by hand): say so once, and keep sweeping.
                 if str(exc) != refused:
@@ -485,7 +461,7 @@ class Coordinator:
         while not self._stopping.is_set():
             await self._tick_wakeup.wait()
             self._tick_wakeup = anyio.Event()
-            await self._guarded(self._run_ticks, tick_backoff)
+            await intake.guarded(self._run_ticks, tick_backoff, regroup=self._regroup)
 
     async def _run_ticks(self) -> None:
         while self._ticks:
@@ -575,14 +551,6 @@ def _task_of(entry: streams.Entry) -> str | None:
         return decode_event(entry.fields).task_id
     except ProtocolError:
         return None
-
-
-def _flatten(reply: Any) -> list[tuple[str, streams.Entry]]:
-    out: list[tuple[str, streams.Entry]] = []
-    for stream, rows in reply or []:
-        name = stream.decode() if isinstance(stream, bytes) else str(stream)
-        out += [(name, e) for e in streams._entries([[stream, rows]])]
-    return out
 
 
 def event_fields(event: TaskEvent) -> dict[bytes, bytes]:

@@ -1,0 +1,527 @@
+"""Intake: how entries come in, for workers and coordinators alike.
+
+* :func:`guarded` and :func:`run_guarded`: how every loop runs a step (an outage is logged once
+  and backed off, a lost consumer group recreated, anything else raised).
+* :class:`GroupReader`: a stream consumed through a consumer group, XREADGROUP for new entries
+  (or the consumer's own pending ones) and one bounded XAUTOCLAIM step per tick for entries
+  idle past the lease TTL.
+* :class:`ReadAhead`: how much a worker reads (free handler slots plus the prefetch), and when.
+* :class:`Promoter`: due retries from a partition's delayed schedule back to its stream.
+* :class:`Intake`: a worker's reader, adopter and promoter per partition, handing what they
+  take to the worker. Nothing here decides an entry's end: it imports neither the worker nor
+  the DAG side.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal
+
+import anyio
+from redis.asyncio import Redis
+
+from streamflow import connect, streams
+from streamflow.app import Role
+from streamflow.delivery import InFlight
+from streamflow.keys import Keys, role_of_shard
+from streamflow.leases import LeaseKeeper
+from streamflow.protocol import MESSAGE_FIELD, now_ms
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between looks at a role's delayed schedule when nothing is due sooner.
+PROMOTE_POLL = 0.5
+#: ``prefetch="auto"`` reads ahead about as many entries as the worker starts in this many
+#: seconds at its recent pace, so that an entry waits about this long for a handler slot.
+AUTO_PREFETCH_WAIT = 0.05
+#: The shortest period over which the pace is measured (reads closer together reuse it).
+PACE_WINDOW = 0.01
+#: ``prefetch="auto"`` holds at most about this many bytes of messages read ahead (at the size of
+#: recent messages), so that a burst of large messages does not fill the worker's memory.
+AUTO_PREFETCH_BYTES = 16 * 1024 * 1024
+
+Step = Callable[[], Awaitable[object]]
+#: Called with (role, shard, stream, entries, confirmed at): hold and queue them.
+Deliver = Callable[[Role, str, str, list[streams.Entry], float], None]
+
+
+async def guarded(step: Step, backoff: connect.Backoff, *, regroup: Step | None = None) -> bool:
+    """Run one step of a loop; True if it succeeded.
+
+    An outage is logged (once per outage, by ``backoff``) and waited out; a lost consumer group
+    (``NOGROUP``) is recreated with ``regroup`` when given; anything else is raised.
+    """
+    try:
+        await step()
+    except Exception as exc:
+        if regroup is not None and streams.is_group_lost(exc):
+            await guarded(regroup, backoff)  # can meet TRYAGAIN while its slot migrates
+            return False
+        if not connect.is_outage(exc):
+            raise
+        await backoff.failed(exc)
+        return False
+    backoff.succeeded()
+    return True
+
+
+async def run_guarded(
+    step: Step,
+    what: str,
+    stopping: anyio.Event,
+    *,
+    regroup: Step | None = None,
+    every: float | None = None,
+) -> None:
+    """Run ``step`` until ``stopping`` is set, each run :func:`guarded`.
+
+    Args:
+        step: One step of the loop.
+        what: What the loop does, for the outage log (``"reading task events"``).
+        stopping: Ends the loop (checked before every step).
+        regroup: Recreates a lost consumer group.
+        every: Seconds to wait before each step (a tick); None runs the next step at once.
+    """
+    backoff = connect.Backoff(what)
+    while not stopping.is_set():
+        if every is not None and await sleep_unless(stopping, every):
+            return
+        await guarded(step, backoff, regroup=regroup)
+
+
+async def sleep_unless(stopping: anyio.Event, seconds: float) -> bool:
+    """Sleep ``seconds``, returning True at once if ``stopping`` is (or becomes) set."""
+    with anyio.move_on_after(seconds):
+        await stopping.wait()
+    return stopping.is_set()
+
+
+class GroupReader:
+    """Consumes streams through one consumer group, adopting entries idle past the lease.
+
+    Args:
+        redis: The client; its socket timeout must exceed any ``block_ms`` given.
+        scripts: The registered Lua scripts (adoption runs ``claim.lua``).
+        group: The consumer group.
+        consumer: This process's consumer name.
+        lease_ms: Entries pending longer than this are adopted.
+        what: What the entries are, for logs (``"entries"``, ``"task events"``).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: streams.Scripts,
+        group: str,
+        consumer: str,
+        *,
+        lease_ms: int,
+        what: str = "entries",
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self.group = group
+        self.consumer = consumer
+        self.lease_ms = lease_ms
+        self._what = what
+        self._cursors: dict[str, bytes] = {}
+        #: Pending entries found deleted from the stream before they were settled, by stream.
+        self.trimmed: dict[str, int] = {}
+
+    async def read(self, stream: str, *, count: int, block_ms: int | None) -> list[streams.Entry]:
+        """New entries of one stream (XREADGROUP ``>``)."""
+        return await streams.read_group(
+            self._redis, stream, self.consumer, count=count, block_ms=block_ms, group=self.group
+        )
+
+    async def read_many(
+        self, names: Sequence[str], *, count: int, block_ms: int | None
+    ) -> list[tuple[str, streams.Entry]]:
+        """New entries of several streams in one XREADGROUP (one slot on a cluster)."""
+        return await streams.read_groups(
+            self._redis, names, self.group, self.consumer, count=count, block_ms=block_ms
+        )
+
+    async def read_own(self, stream: str, *, after: bytes, count: int) -> list[streams.Entry]:
+        """Entries already pending under this consumer after id ``after``, with their counts."""
+        return await streams.read_own_pending(
+            self._redis, stream, self.consumer, after=after, count=count, group=self.group
+        )
+
+    async def regroup(self, stream: str) -> None:
+        """Recreate a lost group (at ``0``: nothing already in the stream is skipped)."""
+        logger.warning("consumer group %s of %s is gone; recreating it", self.group, stream)
+        await streams.ensure_group(self._redis, stream, self.group)
+
+    async def adopt(self, stream: str, count: int) -> list[streams.Entry]:
+        """One bounded adoption step on ``stream`` (XAUTOCLAIM, at most ``count`` entries).
+
+        Follows the scan's cursor, one step per call, so that a long pending list is covered in
+        turns instead of rescanned from the start (which starves entries behind live ones).
+        Adoption counts as a delivery, so a poison message reaches its delivery limit.
+        """
+        cursor, entries, deleted = await streams.claim(
+            self._scripts,
+            self._redis,
+            stream,
+            self.consumer,
+            min_idle_ms=self.lease_ms,
+            cursor=self._cursors.get(stream, b"0-0"),
+            count=count,
+            group=self.group,
+        )
+        self._cursors[stream] = cursor
+        if deleted:
+            self.trimmed[stream] = self.trimmed.get(stream, 0) + len(deleted)
+            logger.error(
+                "%d pending %s of %s were deleted from the stream before they were "
+                "acknowledged (trimmed or deleted by hand): that work is lost: %s",
+                len(deleted),
+                self._what,
+                stream,
+                ", ".join(streams.text(d) for d in deleted[:10]),
+            )
+        return entries
+
+
+class ReadAhead:
+    """How much a worker reads: its free handler slots plus the prefetch, and when.
+
+    Args:
+        concurrency: Handler slots.
+        read_count: The most entries one read fetches (and the most ``"auto"`` reads ahead).
+        prefetch: Entries read ahead of free slots, or ``"auto"`` (see :class:`Worker`).
+        stopping: Set when the worker stops: a reader waiting for room returns.
+    """
+
+    def __init__(
+        self,
+        concurrency: int,
+        read_count: int,
+        prefetch: int | Literal["auto"],
+        stopping: anyio.Event,
+    ) -> None:
+        self.concurrency = concurrency
+        self.read_count = read_count
+        self.auto = prefetch == "auto"
+        self._stopping = stopping
+        #: Entries held: queued or running, not yet settled.
+        self.in_flight = 0
+        #: Entries taken since start (read or adopted).
+        self.received = 0
+        self.set_prefetch(0 if isinstance(prefetch, str) else prefetch)
+        # The pace (entries finished per second) that "auto" sizes the prefetch by.
+        self._pace = 0.0
+        self._paced_at = time.monotonic()
+        self._paced_done = 0
+        self._message_bytes = 0.0  # the size of recent messages, sampled once per read
+        self._capacity = anyio.Event()
+        self._reader_waiting = False
+        #: A reader was woken and has not run yet; a consumer lets it in once this many
+        #: entries can be read, so that the read overlaps handling what is still queued.
+        self.reader_woken = False
+
+    def set_prefetch(self, prefetch: int) -> None:
+        """Read ``prefetch`` entries ahead of the free handler slots."""
+        self.prefetch = prefetch
+        self.held_limit = self.concurrency + prefetch
+        self.read_ahead_at = max(1, self.held_limit // 2)
+
+    def took(self, entries: list[streams.Entry]) -> None:
+        """``entries`` were read or adopted: they hold slots until :meth:`finished`."""
+        if self.auto:
+            sample = len(entries[0].fields.get(MESSAGE_FIELD, b""))
+            recent = self._message_bytes
+            self._message_bytes = (recent + sample) / 2 if recent else float(sample)
+        self.in_flight += len(entries)
+        self.received += len(entries)
+
+    def finished(self) -> None:
+        """One entry's handling ended: free its slot (and wake the reader if it now reads)."""
+        self.in_flight -= 1
+        if self._reader_waiting:
+            self.wake_reader()
+
+    def free(self) -> int:
+        """Slots free for entries (negative: more held than the limit)."""
+        return self.held_limit - self.in_flight
+
+    def room_to_read_ahead(self) -> bool:
+        """Whether a woken reader would read enough now to overlap handling the queue."""
+        return self.held_limit - self.in_flight >= self.read_ahead_at
+
+    def adapt(self) -> None:
+        """With ``prefetch="auto"``: read ahead what the worker starts in a short wait.
+
+        Measured once per read, from the entries finished since the last measurement, so the
+        hot path pays nothing for it. An idle worker's pace falls towards 0, and so does its
+        prefetch; slow jobs (1 s each on 64 slots: 64 per second) get about 3.
+        """
+        now = time.monotonic()
+        elapsed = now - self._paced_at
+        if elapsed < PACE_WINDOW:
+            return
+        done = self.received - self.in_flight
+        pace = (done - self._paced_done) / elapsed
+        self._paced_at, self._paced_done = now, done
+        # Smoothed over a few reads, so that one slow handler does not empty the buffer.
+        self._pace = (self._pace + pace) / 2
+        fit = int(AUTO_PREFETCH_BYTES / max(self._message_bytes, 1.0))
+        self.set_prefetch(min(self.read_count, fit, int(self._pace * AUTO_PREFETCH_WAIT)))
+
+    def budget(self) -> int:
+        """How many entries to read now: 0 while the prefetch buffer is still well stocked."""
+        free = self.held_limit - self.in_flight
+        if free <= 0:
+            return 0
+        if self.in_flight < self.concurrency or free >= max(1, self.prefetch // 2):
+            return free  # a handler slot is idle, or the buffer is half drained
+        return 0
+
+    async def wait_budget(self) -> int:
+        """Wait until there is room to read (or the worker stops); how many to read."""
+        if self.auto:
+            self.adapt()
+        while (budget := self.budget()) == 0 and not self._stopping.is_set():
+            await self.wait_progress()
+        return budget
+
+    async def wait_progress(self) -> None:
+        """Wait until a held entry finishes (or :meth:`wake_reader` is forced by a stop)."""
+        if self._capacity.is_set():
+            self._capacity = anyio.Event()
+        self._reader_waiting = True
+        await self._capacity.wait()
+        self.reader_woken = False
+
+    def stop(self) -> None:
+        """The worker stops: wake the reader, whatever it waits for."""
+        self._capacity.set()
+
+    def wake_reader(self) -> None:
+        """Wake a waiting reader, if it would act on it.
+
+        Only then: waking it per finished entry costs a task switch per message.
+        """
+        if self._reader_waiting and (self.budget() or self.in_flight == 0):
+            self._reader_waiting = False
+            self.reader_woken = True
+            self._capacity.set()
+
+
+class Promoter:
+    """Moves due retries from role partitions' delayed schedules back to their streams."""
+
+    def __init__(self, redis: Redis, scripts: streams.Scripts, keys: Keys) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._keys = keys
+        self._wakeups: dict[str, anyio.Event] = {}
+
+    def wake_all(self) -> None:
+        """Wake every promoter (the worker stops)."""
+        for wakeup in self._wakeups.values():
+            wakeup.set()
+
+    def wake(self, shard: str) -> None:
+        """A retry was scheduled on ``shard``: look at its schedule now."""
+        wakeup = self._wakeups.get(shard)
+        if wakeup is not None:
+            wakeup.set()
+
+    async def run(self, shard: str, stopping: anyio.Event) -> None:
+        """Promote ``shard``'s due retries as they fall due, until ``stopping``."""
+        while not stopping.is_set():
+            wakeup = self._wakeups[shard] = anyio.Event()
+            next_due = await self.promote_due(shard)
+            # Sleep until the next due retry; a retry scheduled here wakes us at once, and the
+            # poll picks up delayed messages other processes schedule.
+            wait = PROMOTE_POLL if next_due is None else (next_due - now_ms()) / 1000
+            with anyio.move_on_after(min(max(wait, 0.002), PROMOTE_POLL)):
+                await wakeup.wait()
+
+    async def promote_due(self, shard: str) -> int | None:
+        """Move due retries of a role partition to its stream; returns the next due time (ms)."""
+        try:
+            moved, next_due = await streams.promote(
+                self._scripts,
+                self._redis,
+                self._keys.role_stream(shard),
+                self._keys.delayed(shard),
+            )
+        except connect.TRANSIENT_ERRORS:
+            return None  # the reader's backoff reports the outage
+        if moved:
+            logger.debug("moved %d due retries of %s to its stream", moved, shard)
+        return next_due
+
+
+class Intake:
+    """A worker's reading side: per role partition a reader, an adopter and a promoter.
+
+    Args:
+        reader: The worker's group reader (the role streams' group, its consumer name).
+        leases: Confirms reads that took longer than a lease is safe for.
+        held: The entries this process holds (adoption does not return them twice).
+        read_ahead: Sizes the reads and parks the readers until there is room.
+        promoter: Moves due retries back to the streams.
+        keys: Key names.
+        deliver: Takes the entries read or adopted: hold and queue them.
+        stopping: Set when the worker stops: every loop returns.
+        block_ms: How long an idle read waits before looking again.
+    """
+
+    def __init__(
+        self,
+        reader: GroupReader,
+        leases: LeaseKeeper,
+        held: InFlight,
+        read_ahead: ReadAhead,
+        promoter: Promoter,
+        keys: Keys,
+        deliver: Deliver,
+        stopping: anyio.Event,
+        *,
+        block_ms: int,
+    ) -> None:
+        self.reader = reader
+        self._leases = leases
+        self._held = held
+        self._read_ahead = read_ahead
+        self._promoter = promoter
+        self._keys = keys
+        self._deliver = deliver
+        self._stopping = stopping
+        self._block_ms = block_ms
+        #: Entries adopted (not already held here), in all and by role.
+        self.adopted = 0
+        self.reclaims: dict[str, int] = {}
+
+    def stop(self) -> None:
+        """The worker stops (``stopping`` is set): wake every loop that waits."""
+        self._read_ahead.stop()
+        self._promoter.wake_all()
+
+    def trimmed_by_role(self) -> dict[str, int]:
+        """Pending entries found deleted from the streams before they were settled, by role."""
+        trimmed: dict[str, int] = {}
+        for stream, count in list(self.reader.trimmed.items()):
+            role = role_of_shard(self._keys.role_of_stream(stream) or stream)
+            trimmed[role] = trimmed.get(role, 0) + count
+        return trimmed
+
+    async def run(
+        self, roles: Sequence[Role], shards: Mapping[str, Sequence[str]], *, burst: bool
+    ) -> None:
+        """Read every partition of ``roles`` until the worker stops (``burst``: until idle).
+
+        In burst mode due retries are moved to the streams first and nothing is adopted.
+        """
+        async with anyio.create_task_group() as readers:
+            # Every partition gets its own reader: a blocking read cannot span the slots of
+            # several partitions on a cluster, and separate readers share the free capacity
+            # fairly between partitions.
+            for role in roles:
+                for shard in shards[role.name]:
+                    if burst:
+                        await self._promoter.promote_due(shard)
+                    else:
+                        readers.start_soon(self._promoter.run, shard, self._stopping)
+                        readers.start_soon(self.adopt_loop, role, shard)
+                    readers.start_soon(self.read_loop, role, shard, burst)
+
+    async def read_loop(self, role: Role, shard: str, burst: bool) -> None:
+        """Read a partition's new entries as there is room for them (``burst``: until idle)."""
+        stream = self._keys.role_stream(shard)
+        backoff = connect.Backoff(f"reading {stream}")
+        # First the entries already pending under this consumer name (a restart with the same
+        # --consumer-name resumes them at once), then new ones.
+        history: bytes | None = b"0"
+        while not self._stopping.is_set():
+            free = await self._read_ahead.wait_budget()
+            if free <= 0:
+                continue
+            block = None if burst or history else self._block_ms
+            # Readers of several roles (and the adopter) may count the same free slots while a
+            # blocking read waits; the queue is unbounded, so that overshoots the limit by at
+            # most one read per role instead of starving a role behind another's blocked read.
+            issued = time.monotonic()
+            entries = await self._read(stream, free, block, history, backoff)
+            if entries is None:
+                continue
+            if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
+                # Redis may have delivered these long ago (this process was frozen in the read):
+                # another worker may own them by now. Start only what is still ours.
+                issued = time.monotonic()
+                entries = await self._leases.confirm(stream, entries)
+            if entries:
+                self._deliver(role, shard, stream, entries, issued)
+            if history is not None:
+                if entries:
+                    logger.info("resuming %d entries pending on %s", len(entries), stream)
+                history = entries[-1].id if entries else None
+            elif burst and not entries:
+                if self._read_ahead.in_flight == 0:
+                    return
+                await self._read_ahead.wait_progress()
+
+    async def _read(
+        self,
+        stream: str,
+        free: int,
+        block_ms: int | None,
+        history: bytes | None,
+        backoff: connect.Backoff,
+    ) -> list[streams.Entry] | None:
+        """One read; None after an error that was handled (the caller just reads again)."""
+        count = min(free, self._read_ahead.read_count)
+        entries: list[streams.Entry] = []
+
+        async def read() -> None:
+            nonlocal entries
+            if history is not None:
+                entries = await self.reader.read_own(stream, after=history, count=count)
+            else:
+                entries = await self.reader.read(stream, count=count, block_ms=block_ms)
+
+        async def regroup() -> None:
+            await self.reader.regroup(stream)
+
+        return entries if await guarded(read, backoff, regroup=regroup) else None
+
+    async def adopt_loop(self, role: Role, shard: str) -> None:
+        """Adopt a partition's entries idle past the lease TTL, one bounded step per tick."""
+        stream = self._keys.role_stream(shard)
+        settings = self._leases.settings
+
+        async def step() -> None:
+            free = min(self._read_ahead.free(), settings.reclaim_count)
+            if free > 0:
+                await self.adopt(role, shard, stream, free)
+
+        async def regroup() -> None:
+            pass  # the reader recreates the group
+
+        await run_guarded(
+            step,
+            f"adopting idle entries of {stream}",
+            self._stopping,
+            regroup=regroup,
+            every=settings.reclaim_interval,
+        )
+
+    async def adopt(self, role: Role, shard: str, stream: str, count: int) -> None:
+        """One adoption step: deliver the entries adopted that this process does not hold.
+
+        One it holds is its own again (its handler goes on), not a new delivery.
+        """
+        issued = time.monotonic()
+        entries = await self.reader.adopt(stream, count)
+        fresh = [e for e in entries if not self._held.holds(stream, e.id)]
+        if fresh:
+            logger.info("adopted %d entries idle past the lease TTL on %s", len(fresh), stream)
+            self.adopted += len(fresh)
+            self.reclaims[role.name] = self.reclaims.get(role.name, 0) + len(fresh)
+            self._deliver(role, shard, stream, fresh, issued)

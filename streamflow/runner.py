@@ -1,0 +1,341 @@
+"""The runner: one delivery's way from entry to decision, decode -> preflight -> execute.
+
+:meth:`Runner.process` decodes a delivery, checks it (cancelled? expired? too large? see
+:mod:`streamflow.decisions`) and runs its handler; it returns the :class:`Decision` that
+:mod:`streamflow.settle` applies. Entries delivered before (adopted, or resumed) are suspects:
+their starts are counted so that a poison message is dead-lettered rather than adopted for
+ever, and one that already failed after a rerun runs alone among suspects. An entry held past
+its lease's unsafe age is confirmed before it starts, so that two workers never start it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
+from types import FrameType
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from streamflow import connect, decisions, nodes, streams
+from streamflow.app import Role
+from streamflow.context import Context
+from streamflow.decisions import ACK, RELEASE, dead
+from streamflow.delivery import Decision, Delivery
+from streamflow.errors import InputError
+from streamflow.keys import Keys
+from streamflow.leases import LeaseKeeper
+from streamflow.logs import shown
+from streamflow.protocol import Job
+from streamflow.signals import CancelBook
+
+
+def fencing_token(attempt: int, deliveries: int) -> int:
+    """A delivery's fencing token: the attempt in the high 32 bits, the delivery count below.
+
+    Both only rise while a message changes hands (see :attr:`Context.fencing_token`); the
+    coordinator orders a task node's runs by the same pair.
+    """
+    return (attempt << 32) | (deliveries & 0xFFFFFFFF)
+
+
+class Runner:
+    """Takes a worker's deliveries from entry to decision.
+
+    Args:
+        redis: The client.
+        scripts: The registered Lua scripts.
+        keys: Key names.
+        consumer: The worker's consumer name.
+        leases: Confirms the leases of entries held long, and counts lost ones.
+        book: The cancels known to the worker.
+        stopping: Set when the worker stops: entries not started yet are handed back.
+        flush: Sends the acknowledgements queued so far (before a suspect runs alone).
+        concurrency: How many plain-function handlers run in threads at once.
+        max_message_bytes: Larger entries are dead-lettered before parsing.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: streams.Scripts,
+        keys: Keys,
+        consumer: str,
+        leases: LeaseKeeper,
+        book: CancelBook,
+        stopping: anyio.Event,
+        flush: Callable[[], Awaitable[None]],
+        *,
+        concurrency: int,
+        max_message_bytes: int,
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._keys = keys
+        self._consumer = consumer
+        self._leases = leases
+        self._book = book
+        self._stopping = stopping
+        self._flush = flush
+        self._max_bytes = max_message_bytes
+        self._threads = anyio.CapacityLimiter(concurrency)
+        self._suspects = anyio.Lock()
+        self._confirming = anyio.Lock()
+        self._confirm_backoff = connect.Backoff("confirming held leases")
+        self._unsafe_after = leases.settings.unsafe_after
+        #: Called with (role, seconds) after every handler (the metrics time them), or None.
+        self.observe: Callable[[str, float], None] | None = None
+        #: Deliveries of entries delivered before (adopted, or resumed), by role.
+        self.redeliveries: dict[str, int] = {}
+
+    async def before_start(self, delivery: Delivery) -> Decision | None:
+        """Check a delivery held long or read while stopping; the decision if it must not start.
+
+        Held so long (this process froze, or its event loop was blocked) that its lease may
+        have expired and another worker adopted it: its lease is confirmed first, so that two
+        workers never start it. Read but not started when the worker stops: handed back.
+        """
+        if not await self.still_ours(delivery):
+            return decisions.LOST
+        return RELEASE if self._stopping.is_set() else None
+
+    async def _confirm_held(self, delivery: Delivery) -> None:
+        """Renew every held entry until ``delivery``'s lease is confirmed or lost.
+
+        One renewal round trip per stream for everything held (not one per entry), by one
+        consumer at a time: the others find their entries confirmed by it.
+        """
+        async with self._confirming:
+            while (
+                time.monotonic() - delivery.confirmed_at > self._unsafe_after
+                and not delivery.lost
+                and not self._stopping.is_set()
+            ):
+                try:
+                    await self._leases.renew_held()
+                except connect.TRANSIENT_ERRORS as exc:
+                    await self._confirm_backoff.failed(exc)
+                else:
+                    self._confirm_backoff.succeeded()
+
+    def describe_stall(self, frame: FrameType | None) -> str:
+        """What runs on the stalled loop: the handler whose run ``frame``'s stack holds.
+
+        Called from the watchdog's thread while the loop is blocked, so it only reads.
+        """
+        while frame is not None and frame.f_code is not _RUN_CODE:
+            frame = frame.f_back
+        delivery = frame.f_locals.get("delivery") if frame is not None else None
+        if not isinstance(delivery, Delivery):
+            return "code outside any handler (streamflow, a library, or the garbage collector)"
+        handler = delivery.role.handler
+        name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
+        job = delivery.job
+        return (
+            f"handler {name} (role {delivery.role.name!r}, message "
+            f"{job.id if job else '?'}, entry {delivery.entry.id.decode()})"
+        )
+
+    def process(
+        self, delivery: Delivery, scope: anyio.CancelScope
+    ) -> Decision | Coroutine[Any, Any, Decision]:
+        """Decode and check a delivery: its decision, or the coroutine that runs its handler.
+
+        Not a coroutine itself: the hot path awaits the handler's runner directly, one coroutine
+        fewer per message.
+        """
+        checked = decisions.preflight(delivery, self._book, self._max_bytes)
+        if isinstance(checked, Decision):
+            return checked
+        job, payload = checked
+        delivery.job = job
+        ctx = Context(
+            job.id,
+            delivery.entry.id.decode(),
+            delivery.role.name,
+            job.attempt,
+            self._consumer,
+            job.created_at_ms,
+            job.deadline_ms,
+            job.task_id,
+            job.node_id,
+            # fencing_token(), inline: a function call per message costs more than this.
+            (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
+        )
+        delivery.context = ctx
+        if job.task_id is None and delivery.entry.deliveries == 1:
+            return self._run(delivery, scope, job, payload, ctx)  # the hot path
+        return self._process_special(delivery, scope, job, payload, ctx)
+
+    async def _process_special(
+        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
+    ) -> Decision:
+        """Run a task node's job or a redelivered entry."""
+        if job.task_id is not None and nodes.is_node_job(job):
+            failed = await self._start_node(delivery, job, ctx)
+            if failed is not None:
+                return failed
+        if delivery.entry.deliveries > 1:
+            # A suspect: delivered before, so its last worker may have died running it.
+            role = delivery.role
+            self.redeliveries[role.name] = self.redeliveries.get(role.name, 0) + 1
+            return await self._run_suspect(delivery, scope, job, payload, ctx)
+        if not await self.still_ours(delivery):  # it may have waited for its input batch
+            return decisions.stopped(delivery)
+        return await self._run(delivery, scope, job, payload, ctx)
+
+    async def still_ours(self, delivery: Delivery) -> bool:
+        """Whether a delivery may still start: False if its lease turned out lost.
+
+        One held longer than the lease's unsafe age (queued, waiting for its input or behind
+        another suspect, while this process froze or its loop was blocked) is confirmed first.
+        """
+        if time.monotonic() - delivery.confirmed_at > self._unsafe_after:
+            await self._confirm_held(delivery)
+        return not delivery.lost
+
+    async def _start_node(self, delivery: Delivery, job: Job, ctx: Context) -> Decision | None:
+        """Prepare a task node's run: its input batch, its emitter, the ``accepted`` event."""
+        run = delivery.node = nodes.NodeRun(
+            self._redis,
+            self._scripts,
+            self._keys,
+            job,
+            stream=delivery.stream,
+            shard=delivery.shard,
+            entry_id=delivery.entry.id,
+            delivery=delivery.entry.deliveries,
+            consumer=self._consumer,
+            max_batch_bytes=self._max_bytes,
+        )
+        ctx._node = run
+        ctx.invocation = job.invocation
+        ctx.failures = dict(job.failures or {})
+        try:
+            ctx.batch = await run.start()
+        except LookupError as exc:
+            return dead("missing_input", str(exc), job)
+        except InputError as exc:
+            return dead("invalid_input", str(exc), job)
+        except connect.TRANSIENT_ERRORS:
+            return RELEASE  # cannot read its input now: hand it back
+        return None
+
+    async def _run_suspect(
+        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
+    ) -> Decision:
+        """Run an entry delivered before, counting its starts to catch poison messages.
+
+        The pending list's delivery counter rises for every entry a dead worker held, started or
+        not, so it cannot tell a poison message from its neighbours. Starts can. The first rerun
+        of an adopted entry runs alongside others (recovery stays fast); an entry that already
+        failed to finish after a rerun runs alone among suspects, with completed work
+        acknowledged first, so a poison message stops taking its neighbours down with it.
+        """
+        key = self._keys.starts(delivery.shard, delivery.entry.id.decode())
+        try:
+            reruns = await streams.get_count(self._redis, key)
+        except connect.TRANSIENT_ERRORS:
+            return RELEASE  # cannot count: hand it back rather than risk a poison loop
+        except (ResponseError, ValueError) as exc:
+            return _uncountable(key, exc, job)
+        if reruns == 0:
+            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
+        async with self._suspects:
+            await self._flush()
+            return await self._count_and_run(key, delivery, scope, job, payload, ctx)
+
+    async def _count_and_run(
+        self,
+        key: str,
+        delivery: Delivery,
+        scope: anyio.CancelScope,
+        job: Job,
+        payload: Any,
+        ctx: Context,
+    ) -> Decision:
+        # Counted only now, as it starts: waiting behind another suspect is not a start, and
+        # neither is an entry found owned by another worker after that wait.
+        if not await self.still_ours(delivery):
+            return decisions.stopped(delivery)
+        try:
+            reruns = await streams.count_start(self._redis, key)
+        except connect.TRANSIENT_ERRORS:
+            return RELEASE
+        except ResponseError as exc:
+            return _uncountable(key, exc, job)
+        starts = reruns + 2  # its first start, the reruns before, and this one
+        if starts > delivery.role.max_deliveries:
+            detail = (
+                f"started {starts - 1} times (limit {delivery.role.max_deliveries}) without an "
+                "outcome: each run ended with its lease expired before its outcome was "
+                "settled, because its worker died (crash, OOM kill), was frozen, or had its "
+                "event loop blocked past the lease TTL (an async handler that does not yield: "
+                "look for 'event loop blocked' warnings naming it)"
+            )
+            return dead("max_deliveries", detail, job)
+        return await self._run(delivery, scope, job, payload, ctx)
+
+    async def _run(
+        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
+    ) -> Decision:
+        role = delivery.role
+        if delivery.lost or delivery.cancel is not None:  # while it waited in the queue
+            return decisions.stopped(delivery)
+        delivery.scope = scope
+        delivery.started = True
+        timeout = job.timeout or role.timeout
+        started = time.perf_counter() if self.observe is not None else 0.0
+        try:
+            if role.is_async and not timeout:
+                await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
+            else:
+                await self._execute(role, ctx, payload, timeout)
+        except nodes.LeaseLost:
+            # An owner-checked write of the handler (a task node's emit) was refused.
+            if not delivery.lost:
+                self._leases.count_loss("settle")
+            delivery.stop("lease_lost", "lease lost", hard=False)
+            return decisions.LOST
+        except Exception as exc:
+            return decisions.after_error(delivery, job, exc)
+        finally:
+            delivery.scope = None
+            if self.observe is not None:
+                self.observe(role.name, time.perf_counter() - started)
+        if delivery.lost or delivery.cancel is not None:
+            return decisions.stopped(delivery)
+        return ACK
+
+    async def _execute(
+        self,
+        role: Role,
+        ctx: Context,
+        payload: Any,
+        timeout: float | None,  # noqa: ASYNC109 - the node's or the role's limit, applied here
+    ) -> None:
+        with anyio.fail_after(timeout) if timeout else contextlib.nullcontext():
+            if role.is_async:
+                await role.handler(ctx, payload)
+            else:
+                await anyio.to_thread.run_sync(
+                    partial(role.handler, ctx, payload), limiter=self._threads
+                )
+
+
+#: The code of the coroutine that runs a handler: the stall watchdog finds it on the stack.
+_RUN_CODE = Runner._run.__code__
+
+
+def _uncountable(key: str, exc: Exception, job: Job) -> Decision:
+    """The decision for a redelivered entry whose start count holds garbage (not a counter).
+
+    Anyone with write access to the namespace may have written it. Running the entry uncounted
+    would let a poison message loop for ever, so it is dead-lettered, visibly and replayable.
+    """
+    detail = f"its start count {key} is not a counter ({shown(exc)}): delete it, then replay"
+    return dead("max_deliveries", detail, job)
