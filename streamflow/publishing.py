@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import orjson
 from pydantic import BaseModel
@@ -40,6 +40,18 @@ DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
 When = datetime | timedelta | float | None
 
 _PACKAGE = str(Path(__file__).parent)
+
+
+class JobOptions(TypedDict):
+    """A job's options, as :meth:`streamflow.Client.publish` takes them (each may be None)."""
+
+    key: str | None
+    message_id: str | None
+    dedup_key: str | None
+    deadline: datetime | timedelta | None
+    delay: When
+    task_id: str | None
+    node_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,34 +118,13 @@ class Publisher:
         return layout
 
     def publish(
-        self,
-        role: str,
-        payload: Any,
-        *,
-        key: str | None,
-        message_id: str | None,
-        dedup_key: str | None,
-        deadline: datetime | timedelta | None,
-        delay: When,
-        task_id: str | None,
-        node_id: str | None,
-        strict: bool,
+        self, role: str, payload: Any, *, strict: bool, **job: Unpack[JobOptions]
     ) -> Steps[str]:
         """Publish one job; returns its message id (see :meth:`streamflow.Client.publish`)."""
         layout = yield from self.layout(role, strict)
-        p = self._prepare(
-            role,
-            payload,
-            shard=layout.pick(key, dedup_key),
-            message_id=message_id,
-            dedup_key=dedup_key,
-            deadline=deadline,
-            delay=delay,
-            task_id=task_id,
-            node_id=node_id,
-        )
-        if message_id is not None:
-            yield from self.warn_if_cancelled("message", message_id)
+        p = self._prepare(role, payload, layout.pick(job["key"], job["dedup_key"]), job)
+        if job["message_id"] is not None:
+            yield from self.warn_if_cancelled("message", job["message_id"])
         if p.dedup_marker is not None:
             published, first = yield from streams.publish_dedup(
                 self._dedup,
@@ -185,23 +176,13 @@ class Publisher:
         if hit:
             _warn(signals.cancelled_already_text(target, target_id), CancelledIdWarning)
 
-    def _prepare(
-        self,
-        role: str,
-        payload: Any,
-        *,
-        shard: str,
-        message_id: str | None,
-        dedup_key: str | None,
-        deadline: datetime | timedelta | None,
-        delay: When,
-        task_id: str | None,
-        node_id: str | None,
-    ) -> _Prepared:
+    def _prepare(self, role: str, payload: Any, shard: str, job: JobOptions) -> _Prepared:
         """The checked entry and where it goes (no I/O)."""
-        message_id = message_id or new_message_id()
-        deadline_ms = _absolute_ms(deadline)
+        message_id = job["message_id"] or new_message_id()
+        dedup_key = job["dedup_key"]
+        deadline_ms = _absolute_ms(job["deadline"])
         check_publish_fields(message_id, dedup_key, deadline_ms)
+        task_id, node_id = job["task_id"], job["node_id"]
         body = _encode(
             message_id,
             role,
@@ -218,7 +199,7 @@ class Publisher:
             message_id=message_id,
             body=body,
             dedup_marker=self.keys.dedup(shard, dedup_key) if dedup_key else None,
-            due_ms=_absolute_ms(delay) or 0,
+            due_ms=_absolute_ms(job["delay"]) or 0,
         )
 
     def _unknown_role(self, role: str) -> str:
