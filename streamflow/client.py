@@ -1,8 +1,9 @@
 """Publishing from any Python service, DAG tasks, and dead-letter operations.
 
-:class:`Client` (async) and :class:`SyncClient` publish jobs; :class:`Client` also submits and
-follows tasks, and lists, shows, replays and purges dead letters (through
-:mod:`streamflow.deadletters`, which does that work).
+:class:`Client` (async) and :class:`SyncClient` publish jobs, both through
+:mod:`streamflow.publishing` (written once, run on an asyncio or a blocking Redis client);
+:class:`Client` also submits and follows tasks, cancels, and lists, shows, replays and purges
+dead letters (through :mod:`streamflow.deadletters`, which does that work).
 """
 
 from __future__ import annotations
@@ -16,130 +17,21 @@ from types import TracebackType
 from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 import anyio
-import orjson
-import redis as redis_sync
-from pydantic import BaseModel
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
-from streamflow import connect, partitions, registry, signals, streams
+from streamflow import connect, partitions, registry, signals, steps, streams
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState, TaskStatus
 from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
-from streamflow.errors import (
-    CancelledIdWarning,
-    ConfigError,
-    NoCoordinatorWarning,
-    PayloadError,
-    RedisUnavailable,
-    UnknownRoleWarning,
-)
+from streamflow.errors import NoCoordinatorWarning
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
-from streamflow.protocol import (
-    check_publish_fields,
-    encode_job_fields,
-    new_message_id,
-    now_ms,
-)
+from streamflow.protocol import check_publish_fields, new_message_id, now_ms
+from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-
-#: How long a dedup key is remembered by default: a second publish within it is dropped.
-DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
-
-When = datetime | timedelta | float | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    stream: str
-    schedule: str
-    message_id: str
-    body: bytes
-    dedup_marker: str | None
-    due_ms: int
-
-
-class _Publisher:
-    """Builds what to publish; the async and sync clients only do the I/O."""
-
-    def __init__(self, namespace: str, dedup_window: timedelta) -> None:
-        self.keys = Keys(namespace)
-        self.dedup_ms = int(dedup_window.total_seconds() * 1000)
-        #: The roles workers registered, as last read (when a role was found unknown).
-        self.served: list[str] = []
-
-    def unknown_role(self, role: str) -> str:
-        """The warning (or error) for a publish to a role no worker ever served."""
-        return partitions.unknown_role_text(self.keys.namespace, role, self.served)
-
-    def found_unknown(self, role: str, served: Iterable[Any], *, strict: bool) -> None:
-        """Note the roles workers registered and warn about ``role`` (unless ``strict``).
-
-        Called once per role and client while the role is unknown (its config is read at most
-        once a second): never per publish. With ``strict`` the caller raises instead.
-        """
-        self.served = sorted(streams.text_lenient(r) for r in served)
-        if not strict:
-            # stacklevel: this, the client's layout lookup, its publish method, the caller.
-            warnings.warn(self.unknown_role(role), UnknownRoleWarning, stacklevel=4)
-
-    def prepare(
-        self,
-        role: str,
-        payload: Any,
-        *,
-        shard: str,
-        message_id: str | None,
-        dedup_key: str | None,
-        deadline: datetime | timedelta | None,
-        delay: When,
-        task_id: str | None,
-        node_id: str | None,
-    ) -> _Prepared:
-        message_id = message_id or new_message_id()
-        deadline_ms = _absolute_ms(deadline)
-        check_publish_fields(message_id, dedup_key, deadline_ms)
-        body = _encode(
-            message_id,
-            role,
-            payload,
-            now_ms(),
-            deadline_ms=deadline_ms,
-            task_id=validate_name(task_id, "task id") if task_id else None,
-            node_id=validate_name(node_id, "node id") if node_id else None,
-            dedup_key=dedup_key,
-        )
-        return _Prepared(
-            stream=self.keys.role_stream(shard),
-            schedule=self.keys.delayed(shard),
-            message_id=message_id,
-            body=body,
-            dedup_marker=self.keys.dedup(shard, dedup_key) if dedup_key else None,
-            due_ms=_absolute_ms(delay) or 0,
-        )
-
-    def bodies(
-        self, layout: partitions.Layout, payloads: Iterable[Any], keys: Iterable[str] | None
-    ) -> list[tuple[str, str, bytes]]:
-        """(stream, message id, body) per payload, each on its key's partition or round-robin."""
-        role = layout.role
-        streams_of = {shard: self.keys.role_stream(shard) for shard in layout.shards}
-        created = now_ms()
-        out = []
-        pairs: Iterable[tuple[Any, str | None]] = (
-            zip(payloads, keys, strict=True)
-            if keys is not None
-            else ((payload, None) for payload in payloads)
-        )
-        for payload, key in pairs:
-            stream = streams_of[layout.pick(key)]
-            message_id = new_message_id()
-            out.append((stream, message_id, _encode(message_id, role, payload, created)))
-        return out
 
 
 @dataclass(slots=True)
@@ -202,12 +94,19 @@ class Client:
         dedup_window: timedelta = DEFAULT_DEDUP_WINDOW,
     ) -> None:
         self.redis = redis
-        self._pub = _Publisher(namespace, dedup_window)
-        self.keys = self._pub.keys
+        self.keys = Keys(namespace)
         self._scripts = streams.Scripts(redis)
         self._tasks = TaskStore(redis, self.keys, self._scripts)
         self._layouts = partitions.Layouts(redis, self.keys)
         self._dead = DeadLetters(redis, self.keys, self._scripts, self._layouts)
+        self._pub = Publisher(
+            redis,
+            self.keys,
+            dedup_window,
+            self._layouts,
+            dedup_script=self._scripts.publish_dedup,
+            many_script=self._scripts.publish_many,
+        )
 
     @classmethod
     def from_url(
@@ -297,39 +196,20 @@ class Client:
             ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
         """
         with connect.public_errors(f"publishing to role {role!r}"):
-            layout = await self._publish_layout(role, strict)
-        p = self._pub.prepare(
-            role,
-            payload,
-            shard=layout.pick(key, dedup_key),
-            message_id=message_id,
-            dedup_key=dedup_key,
-            deadline=deadline,
-            delay=delay,
-            task_id=task_id,
-            node_id=node_id,
-        )
-        if message_id is not None:
-            await self._warn_if_cancelled("message", message_id)
-        with connect.public_errors(f"publishing to role {role!r}"):
-            if p.dedup_marker is not None:
-                published, first = await streams.publish_dedup(
-                    self._scripts,
-                    self.redis,
-                    stream=p.stream,
-                    marker=p.dedup_marker,
-                    schedule=p.schedule,
-                    message_id=p.message_id,
-                    message=p.body,
-                    window_ms=self._pub.dedup_ms,
-                    due_ms=p.due_ms,
+            return await steps.run(
+                self._pub.publish(
+                    role,
+                    payload,
+                    key=key,
+                    message_id=message_id,
+                    dedup_key=dedup_key,
+                    deadline=deadline,
+                    delay=delay,
+                    task_id=task_id,
+                    node_id=node_id,
+                    strict=strict,
                 )
-                return p.message_id if published else first
-            if p.due_ms:
-                await streams.schedule(self.redis, p.schedule, p.due_ms, p.body)
-            else:
-                await streams.publish(self.redis, p.stream, p.body)
-        return p.message_id
+            )
 
     async def publish_many(
         self,
@@ -359,15 +239,11 @@ class Client:
             ValueError: ``keys`` and ``payloads`` differ in length.
         """
         with connect.public_errors(f"publishing to role {role!r}"):
-            layout = await self._publish_layout(role, strict)
-        prepared = self._pub.bodies(layout, payloads, keys)
-        with connect.public_errors(f"publishing to role {role!r}"):
-            for chunk in _chunks(prepared, chunk_size):
-                stream = chunk[0][0]
-                await streams.publish_many(
-                    self._scripts, self.redis, stream, [body for _, _, body in chunk]
+            return await steps.run(
+                self._pub.publish_many(
+                    role, payloads, keys=keys, chunk_size=chunk_size, strict=strict
                 )
-        return [message_id for _, message_id, _ in prepared]
+            )
 
     # -- dead letters -----------------------------------------------------------------------
 
@@ -524,7 +400,7 @@ class Client:
             )
         if task_id is not None:
             validate_name(task_id, "task id")
-            await self._warn_if_cancelled("task", task_id)
+            await steps.run(self._pub.warn_if_cancelled("task", task_id))
         task_id = validate_name(task_id or new_message_id(), "task id")
         await self._tasks.create(spec, TaskState.new(task_id, spec, now_ms()))
         return task_id
@@ -619,31 +495,6 @@ class Client:
             functions = {*BUILTINS, *(streams.text(f) for f in found)}
         return roles, functions
 
-    async def _publish_layout(self, role: str, strict: bool) -> partitions.Layout:
-        """The role's partitions; a warning (or with ``strict`` an error) for an unknown role."""
-        layout = self._layouts.cached(validate_name(role, "role"))
-        if layout is None:
-            recorded = await partitions.read_record(self.redis, self.keys, role)
-            layout = self._layouts.record(role, recorded)
-            if recorded is None:  # read at most once a second per role: not per publish
-                found = await self.redis.smembers(self.keys.known_roles())
-                self._pub.found_unknown(role, found, strict=strict)
-        if strict and self._layouts.missing(role):
-            raise ConfigError(self._pub.unknown_role(role))
-        return layout
-
-    async def _warn_if_cancelled(self, target: str, target_id: str) -> None:
-        """Warn when a cancel of a chosen id is in force: its work would be refused at once."""
-        try:
-            hit = await signals.cancelled_already(self.redis, self.keys, target, target_id)
-        except connect.TRANSIENT_ERRORS as exc:
-            raise RedisUnavailable(f"looking up cancels failed: {exc}") from None
-        except ResponseError:  # e.g. ACL rules older than this check: no warning, no failure
-            return
-        if hit:
-            text = signals.cancelled_already_text(target, target_id)
-            warnings.warn(text, CancelledIdWarning, stacklevel=3)
-
     async def _cancel_done(self, result: CancelResult) -> bool:
         reports = await signals.read_reports(self.redis, self.keys, result.signal_id)
         live = await signals.live_consumers(self.redis, self.keys)
@@ -693,23 +544,14 @@ class SyncClient:
         self.redis = connect.connect_sync(
             url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
         )
-        self._pub = _Publisher(namespace, dedup_window)
-        self._dedup = self.redis.register_script(streams.Scripts.source("publish_dedup.lua"))
-        self._layouts = partitions.LayoutCache()
-
-    def _layout(self, role: str, strict: bool = False) -> partitions.Layout:
-        """The role's partitions, read once; warns (``strict``: raises) for an unknown role."""
-        layout = self._layouts.cached(validate_name(role, "role"))
-        if layout is None:
-            key = self._pub.keys.role_config(role)
-            recorded = self.redis.hget(key, partitions.SHARDS_FIELD)
-            layout = self._layouts.record(role, recorded)
-            if recorded is None:
-                found = self.redis.smembers(self._pub.keys.known_roles())
-                self._pub.found_unknown(role, found, strict=strict)
-        if strict and self._layouts.missing(role):
-            raise ConfigError(self._pub.unknown_role(role))
-        return layout
+        self._pub = Publisher(
+            self.redis,
+            Keys(namespace),
+            dedup_window,
+            partitions.LayoutCache(),
+            dedup_script=self.redis.register_script(streams.Scripts.source("publish_dedup.lua")),
+            many_script=self.redis.register_script(streams.Scripts.source("publish_many.lua")),
+        )
 
     def publish(
         self,
@@ -727,46 +569,20 @@ class SyncClient:
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         with connect.public_errors(f"publishing to role {role!r}"):
-            layout = self._layout(role, strict)
-            if message_id is not None:
-                self._warn_if_cancelled(message_id)
-        p = self._pub.prepare(
-            role,
-            payload,
-            shard=layout.pick(key, dedup_key),
-            message_id=message_id,
-            dedup_key=dedup_key,
-            deadline=deadline,
-            delay=delay,
-            task_id=task_id,
-            node_id=node_id,
-        )
-        with connect.public_errors(f"publishing to role {role!r}"):
-            if p.dedup_marker is not None:
-                flag, value = self._dedup(
-                    keys=[p.stream, p.dedup_marker, p.schedule],
-                    args=[p.message_id, self._pub.dedup_ms, p.body, p.due_ms],
+            return steps.run_blocking(
+                self._pub.publish(
+                    role,
+                    payload,
+                    key=key,
+                    message_id=message_id,
+                    dedup_key=dedup_key,
+                    deadline=deadline,
+                    delay=delay,
+                    task_id=task_id,
+                    node_id=node_id,
+                    strict=strict,
                 )
-                return p.message_id if flag else bytes(value).decode(errors="replace")
-            if p.due_ms:
-                self.redis.zadd(p.schedule, {p.body: p.due_ms})
-            else:
-                self.redis.xadd(p.stream, {b"message": p.body})
-        return p.message_id
-
-    def _warn_if_cancelled(self, message_id: str) -> None:
-        """Warn when a cancel of the chosen message id is in force (see :meth:`Client.publish`)."""
-        keys = self._pub.keys
-        pipe = self.redis.pipeline(transaction=False)
-        for target in ("message", "any"):
-            pipe.exists(keys.cancel_marker(target, message_id))
-        try:
-            hit = any(pipe.execute())
-        except redis_sync.ResponseError:  # e.g. ACL rules older than this check
-            return
-        if hit:
-            text = signals.cancelled_already_text("message", message_id)
-            warnings.warn(text, CancelledIdWarning, stacklevel=3)
+            )
 
     def publish_many(
         self,
@@ -777,16 +593,13 @@ class SyncClient:
         chunk_size: int = 1000,
         strict: bool = False,
     ) -> list[str]:
-        """Publish many jobs to one role in pipelined chunks; returns their message ids."""
+        """Publish many jobs to one role; returns their ids (see :meth:`Client.publish_many`)."""
         with connect.public_errors(f"publishing to role {role!r}"):
-            layout = self._layout(role, strict)
-            prepared = self._pub.bodies(layout, payloads, keys)
-            for chunk in _chunks(prepared, chunk_size):
-                pipe = self.redis.pipeline(transaction=False)
-                for stream, _, body in chunk:
-                    pipe.xadd(stream, {b"message": body})
-                pipe.execute()
-        return [message_id for _, message_id, _ in prepared]
+            return steps.run_blocking(
+                self._pub.publish_many(
+                    role, payloads, keys=keys, chunk_size=chunk_size, strict=strict
+                )
+            )
 
     def close(self) -> None:
         """Close the connections."""
@@ -802,39 +615,3 @@ class SyncClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _encode(message_id: str, role: str, payload: Any, created_at_ms: int, **extra: Any) -> bytes:
-    if isinstance(payload, BaseModel):
-        payload = payload.model_dump(mode="json")
-    try:
-        # orjson takes dicts, lists, dataclasses, datetimes and UUIDs as they are.
-        return encode_job_fields(
-            message_id=message_id,
-            role=role,
-            payload=payload,
-            created_at_ms=created_at_ms,
-            **extra,
-        )
-    except orjson.JSONEncodeError as exc:
-        raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
-
-
-def _absolute_ms(when: When) -> int | None:
-    """A datetime, or a timedelta / seconds from now, as ms since the epoch."""
-    if when is None:
-        return None
-    if isinstance(when, datetime):
-        return int(when.timestamp() * 1000)
-    seconds = when.total_seconds() if isinstance(when, timedelta) else float(when)
-    return now_ms() + int(seconds * 1000)
-
-
-def _chunks(items: Sequence[tuple[str, str, bytes]], size: int) -> Iterable[Sequence[Any]]:
-    """Chunks of at most ``size`` items, each on one stream (one partition), in order."""
-    by_stream: dict[str, list[tuple[str, str, bytes]]] = {}
-    for item in items:
-        by_stream.setdefault(item[0], []).append(item)
-    for group in by_stream.values():
-        for start in range(0, len(group), size):
-            yield group[start : start + size]

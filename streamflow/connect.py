@@ -1,395 +1,121 @@
-"""Reaching Redis: URLs, TLS, cluster and Sentinel clients, ping, and which errors are outages.
+"""Reaching Redis: the clients (single node, cluster, Sentinel), TLS, ping, and what is an outage.
 
 The one module that builds Redis clients (the CLI, :class:`~streamflow.Client` and
-:class:`~streamflow.SyncClient` all go through :func:`connect` or :func:`connect_sync`) and
-that says which Redis failures are outages (:data:`TRANSIENT_ERRORS`, :func:`is_outage`,
-:class:`Backoff`, :func:`retry_outages`), as arq's ``connections.py`` does.
+:class:`~streamflow.SyncClient` all go through :func:`connect` or :func:`connect_sync`), as
+arq's ``connections.py`` does. Three modules below it hold its parts that stand on their own,
+and it re-exports their names, so ``connect.X`` is the one way the rest of the package says
+any of this:
 
-Its connection classes fail only in ways streamflow can classify. Writes fail with a
-connection error, never anything else, and a refusal that redis-py has no class for but that
-is an outage (``MISCONF``, ``BUSY``, ``NOREPLICAS``, ``UNBLOCKED``) is raised as
-:class:`Refused`, so that catching :data:`TRANSIENT_ERRORS` catches it. redis-py 8.1's asyncio
-connections can leak ``AttributeError`` (``'NoneType' object has no attribute 'writelines'``)
-or ``TypeError`` from a write when the transport was torn down under it: a peer reset of an
-idle pooled connection (redis-py issue #4287), or, on a cluster, the client disconnecting
-every node's connections after one failed while other tasks were still connecting or
-writing. Neither is a ``RedisError``, so they escaped every loop's outage handling and
-stopped workers during a cluster failover. These classes turn them into ``ConnectionError``:
-the command was not sent completely, the caller reconnects and goes on. Only the write path
-is wrapped: arguments are encoded before it, so a bad argument still raises its own error.
+* :mod:`streamflow.outage`: which failures are outages (:data:`TRANSIENT_ERRORS`,
+  :func:`is_outage`, :func:`public_errors`, :class:`Backoff`, :func:`retry_outages`), and the
+  connection classes whose failures can be told apart;
+* :mod:`streamflow.urls`: URL schemes, checking and redacting URLs, parsing cluster and
+  ``redis+sentinel://`` URLs (the Sentinel URL's form is described there);
+* :mod:`streamflow.sentinel`: the Sentinel connection, pool and manager classes that follow
+  the master through failovers.
 
-Redis Sentinel (``redis+sentinel://``) URLs name the sentinels, not a Redis server::
-
-    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[?PARAMS]
-
-* ``user`` and ``password`` are the credentials of the Redis servers (master and replicas);
-* each ``host[:port]`` is a sentinel (port 26379 when omitted); one that answers is enough;
-* ``SERVICE`` is the master's name in the sentinels' configuration (``sentinel monitor NAME``);
-* ``PARAMS``: ``db=N`` (the database, 0 by default), and ``sentinel_username`` and
-  ``sentinel_password`` for sentinels that require authentication themselves. Nothing else is
-  accepted: a misspelt parameter is an error, not silence.
-
-Percent-encode ``@`` in a ``sentinel_password`` (``%40``); the userinfo password may hold any
-character. The client asks the sentinels for the master's address whenever it opens a
-connection, so after a failover its loops reconnect to the promoted replica by themselves.
-TLS is not supported with Sentinel yet.
-
-Why one module of this size: the Sentinel glue needs the safe connection mix-in and the
-credential parsing, and :func:`connect` dispatches to it; split in two, they would import
-each other.
+Here: TLS options, building each kind of client, ``ping`` and ``wait_until_up``, and the
+one-line diagnosis of a connection or TLS handshake that failed.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, TypedDict, TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict, cast
+from urllib.parse import urlsplit
 
-import anyio
 import redis as redis_sync
-import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import (
-    AbstractConnection,
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-)
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
 from redis.cluster import PRIMARY
 from redis.exceptions import (
-    AskError,
     AuthenticationError,
     AuthorizationError,
-    ClusterDownError,
-    ClusterError,
-    OutOfMemoryError,
-    ReadOnlyError,
     RedisClusterException,
-    RedisError,
     ResponseError,
-    SlotNotCoveredError,
-    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
-from streamflow.errors import ConfigError, RedisCommandError, RedisUnavailable, StreamflowError
-
-logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
-
-#: The scheme of a Redis Sentinel URL (see the module docstring).
-SENTINEL_SCHEME = "redis+sentinel"
-#: The sentinels' port when a host has none (Sentinel's well-known port).
-SENTINEL_PORT = 26379
-#: Seconds to wait for a sentinel (connect or reply) before asking the next one. Sentinels
-#: answer in microseconds; a longer wait only delays finding the new master after a failover.
-SENTINEL_TIMEOUT = 2.0
-
-#: How often a pool in use asks the sentinels whether the master moved. Connections stay open
-#: to whatever server they were opened to: without this check they would keep writing to a
-#: master that a planned failover (``SENTINEL FAILOVER``) or a partition left behind, until
-#: the sentinels reconfigure it (about 10 s later), and those writes are then lost.
-MASTER_CHECK_INTERVAL = 1.0
-
-
-_SENTINEL_PARAMS = frozenset({"db", "sentinel_username", "sentinel_password"})
-_SERVICE = re.compile(r"[^\s/?#,@]+")
-
-#: Error codes of refusals that are the server's state, not the command's fault, and that
-#: redis-py raises as a plain ``ResponseError``: persistence failing (``MISCONF``), a script
-#: or module command running too long (``BUSY``), too few replicas for ``min-replicas-to-write``
-#: (``NOREPLICAS``), a blocked read released because its key moved or vanished (``UNBLOCKED``).
-REFUSAL_CODES = frozenset({"MISCONF", "BUSY", "NOREPLICAS", "UNBLOCKED"})
-
-
-class Refused(ResponseError):
-    """Redis refused a command because of its own state (one of :data:`REFUSAL_CODES`).
-
-    Its text is the server's, code included, so tests on the text still hold.
-    """
-
-
-def error_code(exc: ResponseError) -> str:
-    """The error code of a refusal (``OOM``, ``NOGROUP``, ...), or "" when it has none.
-
-    redis-py 8.2 strips the code of the refusals it has a class for from the text and keeps
-    it in ``status_code``; others keep it as the text's first word.
-    """
-    code = getattr(exc, "status_code", None)
-    if isinstance(code, str) and code:
-        return code
-    first = str(exc).split(" ", 1)[0]
-    return first if first.isupper() else ""
-
-
-class SafeWrites(AbstractConnection):
-    """Mix-in for a redis-py asyncio connection class (put it first in the bases)."""
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        """Send a packed command; a write on a torn-down transport raises ConnectionError."""
-        try:
-            await super().send_packed_command(command, check_health)
-        except (AttributeError, TypeError) as exc:
-            await self.disconnect(nowait=True)
-            raise RedisConnectionError(
-                f"connection to {self._host_error()} lost while writing "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        """Read a reply; an outage refusal without a redis-py class is raised as Refused."""
-        try:
-            return await super().read_response(*args, **kwargs)
-        except ResponseError as exc:
-            if type(exc) is ResponseError and error_code(exc) in REFUSAL_CODES:
-                raise Refused(*exc.args, status_code=error_code(exc)) from exc
-            raise
-
-
-class SafeConnection(SafeWrites, Connection):
-    """A TCP connection (``redis://``)."""
-
-
-class SafeSSLConnection(SafeWrites, SSLConnection):
-    """A TLS connection (``rediss://``)."""
-
-
-class SafeUnixDomainSocketConnection(SafeWrites, UnixDomainSocketConnection):
-    """A Unix socket connection (``unix://``)."""
-
-
-_SAFE: dict[type[Any], type[Any]] = {
-    Connection: SafeConnection,
-    SSLConnection: SafeSSLConnection,
-    UnixDomainSocketConnection: SafeUnixDomainSocketConnection,
-}
-
-
-def split_credentials(rest: str) -> tuple[str | None, str | None, str]:
-    """(user, password, what follows ``@``) of a URL after its ``scheme://``.
-
-    The last ``@`` ends the credentials, so a password may hold ``@`` unencoded; both are
-    percent-decoded and None when absent or empty.
-    """
-    userinfo, at, tail = rest.rpartition("@")
-    if not at:
-        return None, None, rest
-    user, colon, secret = userinfo.partition(":")
-    return unquote(user) or None, unquote(secret) if colon else None, tail
-
-
-def safe(connection_class: type[Any]) -> type[Any]:
-    """The safe twin of one of redis-py's connection classes (others are returned as is)."""
-    return _SAFE.get(connection_class, connection_class)
-
-
-URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", SENTINEL_SCHEME)
-#: The scheme of a Redis Cluster URL: ``redis+cluster://[user:password@]host:port[,host:port]``.
-CLUSTER_SCHEME = "redis+cluster"
-#: The same over TLS (every node, ``tls-cluster yes``).
-CLUSTER_TLS_SCHEME = "rediss+cluster"
-#: The schemes whose connections are TLS.
-TLS_SCHEMES = ("rediss", CLUSTER_TLS_SCHEME)
-# redis-py 8.2 raises RedisClusterUnreachableError from a cluster command when no node answers
-# (a connection error is its cause); earlier versions have no such class (see _Cluster), and
-# ClusterDownError, listed anyway, stands in for it.
-_UNREACHABLE: type[Exception] = getattr(
-    redis.exceptions, "RedisClusterUnreachableError", ClusterDownError
-)
-#: The outage classifier, part 1: errors after which a command may or may not have run, and
-#: refusals that are not the caller's fault. Callers back off, reconnect and retry, exactly as
-#: for a dropped connection; :func:`is_outage` is the whole rule (use it where an error is not
-#: caught by class). Besides connection errors and timeouts (``LOADING``, a password refused
-#: and ``max number of clients`` are connection errors in redis-py):
-#:
-#: * Redis refusing writes: ``OOM`` (``maxmemory`` reached with ``noeviction``), ``READONLY``
-#:   (a replica, e.g. a demoted master), and, as :class:`Refused`,
-#:   ``MISCONF`` (persistence failing), ``BUSY`` (a script running too long) and
-#:   ``NOREPLICAS`` (``min-replicas-to-write`` unmet);
-#: * a blocked read released with ``UNBLOCKED`` (its key moved to another cluster node or was
-#:   deleted: the retry finds it, or finds no group and recreates it);
-#: * on a cluster: ``CLUSTERDOWN`` and ``MASTERDOWN``, ``TRYAGAIN`` (a slot being migrated),
-#:   ``MOVED``/``ASK`` that escaped redis-py's redirection, ``ClusterError`` ("TTL exhausted":
-#:   redirections that did not settle) and no node, or no agreeing slot map, answering.
-TRANSIENT_ERRORS = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ConnectionError,
-    OSError,
-    ClusterError,
-    TryAgainError,
-    AskError,
-    SlotNotCoveredError,
-    OutOfMemoryError,
-    ReadOnlyError,
+from streamflow.errors import ConfigError, RedisUnavailable
+from streamflow.outage import (
+    OUTAGE_CODES,
+    REFUSAL_CODES,
+    TRANSIENT_ERRORS,
+    Backoff,
     Refused,
-    _UNREACHABLE,
+    describe,
+    error_code,
+    is_outage,
+    one_line,
+    public_errors,
+    retry_outages,
+    safe,
 )
-#: The same refusals by their error code (the reply's first word), for errors that did not
-#: pass through streamflow's connection classes (the synchronous client, a transaction's
-#: queued replies).
-OUTAGE_CODES = frozenset(
-    {
-        *REFUSAL_CODES,
-        "OOM",
-        "READONLY",
-        "LOADING",
-        "MASTERDOWN",
-        "CLUSTERDOWN",
-        "TRYAGAIN",
-        "MOVED",
-        "ASK",
-    }
+from streamflow.sentinel import (
+    MASTER_CHECK_INTERVAL,
+    SENTINEL_TIMEOUT,
+    MasterConnection,
+    MasterPool,
+    SentinelManager,
 )
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` is an outage: back off and retry, never crash, never blame the caller.
-
-    The one classification every Redis loop, start-up step and public method uses (see
-    :data:`TRANSIENT_ERRORS`). ``NOGROUP`` is not an outage but a lost group
-    (:func:`is_group_lost`); ``NOPERM``, ``WRONGTYPE``, ``CROSSSLOT`` and script errors are the
-    caller's, and stay errors.
-    """
-    if isinstance(exc, TRANSIENT_ERRORS):
-        return True
-    if isinstance(exc, ResponseError):
-        return error_code(exc) in OUTAGE_CODES
-    if isinstance(exc, RedisClusterException):
-        # Raised when refreshing the slot map: no node answered, or their maps disagree or
-        # leave slots uncovered (mid-resharding, mid-failover).
-        return isinstance(exc.__cause__, TRANSIENT_ERRORS) or str(exc).startswith(_REFRESH_FAILURES)
-    return False
-
-
-@contextmanager
-def public_errors(what: str) -> Iterator[None]:
-    """Raise a Redis failure inside the block as a documented :class:`StreamflowError`.
-
-    What the public API (``Client``, ``SyncClient``, the CLI) promises: an outage becomes
-    :class:`RedisUnavailable` (a write may or may not have happened), any other refusal
-    :class:`RedisCommandError`; the original error is kept as the cause.
-    """
-    try:
-        yield
-    except StreamflowError:
-        raise
-    except Exception as exc:
-        if is_outage(exc):
-            raise RedisUnavailable(f"{what} failed: {describe(exc)}") from exc
-        if isinstance(exc, RedisError | RedisClusterException):
-            raise RedisCommandError(f"{what} failed: Redis refused: {describe(exc)}") from exc
-        raise
-
-
-_REFRESH_FAILURES = (
-    "Redis Cluster cannot be connected",
-    "startup_nodes could not agree",
-    "All slots are not covered",
+from streamflow.urls import (
+    CLUSTER_SCHEME,
+    CLUSTER_TLS_SCHEME,
+    SENTINEL_PORT,
+    SENTINEL_SCHEME,
+    TLS_SCHEMES,
+    URL_SCHEMES,
+    SentinelURL,
+    cluster_nodes,
+    is_cluster_url,
+    parse_sentinel_url,
+    redact_url,
+    split_credentials,
+    validate_url,
 )
 
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to log.
-
-    Plain string splitting, not ``urlsplit``: a password holding ``/``, ``#`` or ``?`` (often
-    pasted without percent-encoding) makes ``urlsplit`` misread the host and miss it. The
-    userinfo password and the ``password``/``sentinel_password`` parameters are found
-    independently and every character either method calls secret is masked: a stray ``@`` in
-    one of them may mask more than needed, never less.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    spans: list[tuple[int, int]] = []
-    userinfo, at, _ = rest.rpartition("@")
-    if at and ":" in userinfo:
-        spans.append((userinfo.index(":") + 1, len(userinfo)))
-    spans += [match.span(2) for match in _PASSWORD_PARAM.finditer(rest)]
-    masked, end = [], 0
-    for start, stop in sorted(spans):
-        if start < end:  # overlaps the previous span: extend it
-            end = max(end, stop)
-            continue
-        masked += [rest[end:start], "***"]
-        end = stop
-    return f"{scheme}{sep}{''.join(masked)}{rest[end:]}"
-
-
-_PASSWORD_PARAM = re.compile(r"([?&](?:sentinel_)?password=)([^&#]*)", re.IGNORECASE)
-
-
-def validate_url(url: str) -> str:
-    """Return ``url`` if it is a Redis URL streamflow accepts, else raise :class:`ConfigError`."""
-    if url.startswith(f"{SENTINEL_SCHEME}://"):
-        try:
-            parse_sentinel_url(url)
-        except ConfigError as exc:
-            raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
-        return url
-    parts = urlsplit(url)
-    if parts.scheme not in URL_SCHEMES:
-        raise ConfigError(
-            f"invalid Redis URL {redact_url(url)!r}: the scheme must be one of "
-            + ", ".join(f"{s}://" for s in URL_SCHEMES)
-        )
-    if parts.scheme in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME):
-        cluster_nodes(url)
-        return url
-    if parts.scheme == "unix" and not parts.path:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: unix:// needs a socket path")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: no host")
-    try:
-        parts.port  # noqa: B018 - urlsplit checks the port lazily
-    except ValueError:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: bad port") from None
-    return url
-
-
-def cluster_nodes(url: str) -> list[tuple[str, int]]:
-    """The seed nodes of a ``redis+cluster://`` URL as (host, port) pairs.
-
-    Several seeds are separated by commas (``host:port,host:port``); one reachable seed is
-    enough for redis-py to discover the rest of the cluster. A port is required: a cluster's
-    nodes rarely all listen on 6379, and a guessed port would only fail later.
-
-    Raises:
-        ConfigError: No seed, a seed without host or with a missing or bad port, or URL
-            parameters or a path (not supported for a cluster yet).
-    """
-    shown = redact_url(url)
-    rest = url.partition("://")[2]
-    hosts = rest.rpartition("@")[2]
-    if any(char in hosts for char in "/?#"):
-        raise ConfigError(f"invalid Redis URL {shown!r}: a cluster URL takes no path or parameters")
-    seeds: list[tuple[str, int]] = []
-    for seed in hosts.split(","):
-        host, colon, port = seed.strip().rpartition(":")
-        host = host.strip("[]")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
-                f"invalid Redis URL {shown!r}: each cluster node must be host:port, "
-                f"got {seed.strip()!r}"
-            )
-        seeds.append((host, int(port)))
-    return seeds
-
+__all__ = [
+    "CLUSTER_SCHEME",
+    "CLUSTER_TLS_SCHEME",
+    "MASTER_CHECK_INTERVAL",
+    "OUTAGE_CODES",
+    "REFUSAL_CODES",
+    "SENTINEL_PORT",
+    "SENTINEL_SCHEME",
+    "SENTINEL_TIMEOUT",
+    "TLS_SCHEMES",
+    "TRANSIENT_ERRORS",
+    "URL_SCHEMES",
+    "Backoff",
+    "Refused",
+    "SentinelURL",
+    "TLSFiles",
+    "TLSPath",
+    "check_tls_file",
+    "cluster_nodes",
+    "connect",
+    "connect_sync",
+    "describe",
+    "error_code",
+    "is_cluster",
+    "is_cluster_url",
+    "is_outage",
+    "parse_sentinel_url",
+    "ping",
+    "public_errors",
+    "redact_url",
+    "retry_outages",
+    "split_credentials",
+    "tls_arguments",
+    "validate_url",
+    "wait_until_up",
+]
 
 #: A TLS file: a path given as text or a path object.
 TLSPath = str | os.PathLike[str]
@@ -504,7 +230,7 @@ def connect(
             for a Redis Cluster (see :func:`cluster_nodes`), which gives redis-py's
             ``RedisCluster``. Or
             ``redis+sentinel://host:port[,host:port...]/SERVICE`` for the master of a
-            Sentinel-monitored group (see the module docstring), followed through
+            Sentinel-monitored group (see :mod:`streamflow.urls`), followed through
             failovers.
         socket_timeout: Seconds to wait for a reply; must exceed any BLOCK time used.
         name: A client name shown by ``CLIENT LIST``.
@@ -634,7 +360,7 @@ def _connect_cluster(
         **tls,
     )
     # Every node, known now or discovered later, gets connections whose writes fail as
-    # connection errors (see the module docstring): redis-py takes no connection class here.
+    # connection errors (see :mod:`streamflow.urls`): redis-py takes no connection class here.
     cluster.connection_kwargs["connection_class"] = safe(
         cluster.connection_kwargs["connection_class"]
     )
@@ -738,8 +464,8 @@ def _unavailable(redis: Redis, url: str, exc: BaseException) -> str:
     """The one-line reason of a failed PING."""
     where = f" at {redact_url(url)}" if url else ""
     if isinstance(exc, ResponseError) and not is_outage(exc):
-        return f"Redis{where} refused the connection: {_one_line(exc)}"
-    return _tls_failure(redis, exc) or f"cannot connect to Redis{where}: {_one_line(exc)}"
+        return f"Redis{where} refused the connection: {one_line(exc)}"
+    return _tls_failure(redis, exc) or f"cannot connect to Redis{where}: {one_line(exc)}"
 
 
 def _tls_failure(redis: Redis, exc: BaseException) -> str | None:
@@ -769,7 +495,7 @@ def _tls_failure(redis: Redis, exc: BaseException) -> str | None:
         if isinstance(cause, ssl.SSLError):
             return f"TLS handshake with {where} failed: {_ssl_reason(cause)}{hint}"
     if hint and any(isinstance(c, ConnectionResetError | BrokenPipeError) for c in _chain(exc)):
-        return f"TLS connection to {where} closed by the server: {_one_line(exc)}{hint}"
+        return f"TLS connection to {where} closed by the server: {one_line(exc)}{hint}"
     return None
 
 
@@ -787,314 +513,9 @@ def _ssl_reason(err: ssl.SSLError) -> str:
     return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text.strip())
 
 
-def describe(exc: BaseException) -> str:
-    """One line for a log or an error message: a refusal keeps its code (``OOM ...``).
-
-    redis-py strips the code from the text of the refusals it has a class for.
-    """
-    text = _one_line(exc)
-    if isinstance(exc, ResponseError):
-        code = error_code(exc)
-        if code and not text.startswith(code):
-            return f"{code} {text}"
-    return text
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def is_cluster_url(url: str) -> bool:
-    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
-    return url.partition("://")[0] in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
-
-
 def is_cluster(redis: Redis) -> bool:
     """Whether ``redis`` is a Redis Cluster client (from a ``redis+cluster://`` URL)."""
     return isinstance(redis, RedisCluster)
-
-
-class Backoff:
-    """Capped exponential backoff that logs once per outage, not once per failed call."""
-
-    #: Outages recovered from in this process (all loops together), for the metrics.
-    recoveries = 0
-    #: Outages met in this process (all loops together: one per loop that met it).
-    outages = 0
-
-    def __init__(self, what: str, *, first: float = 0.05, cap: float = 5.0) -> None:
-        self._what = what
-        self._first = first
-        self._cap = cap
-        self._delay = 0.0
-
-    def note(self, exc: BaseException) -> float:
-        """Log (once per outage) and count a failure; returns the seconds to wait."""
-        if self._delay == 0.0:
-            logger.warning("Redis unavailable while %s (%s); retrying", self._what, describe(exc))
-            self._delay = self._first
-            Backoff.outages += 1
-        else:
-            self._delay = min(self._delay * 2, self._cap)
-        return self._delay
-
-    async def failed(self, exc: BaseException) -> None:
-        """Log (once per outage) and wait before the caller tries again."""
-        await anyio.sleep(self.note(exc))
-
-    def succeeded(self) -> None:
-        """Reset after a success, logging the recovery if there was an outage."""
-        if self._delay:
-            logger.warning("Redis is back; %s resumed", self._what)
-            self._delay = 0.0
-            Backoff.recoveries += 1
-
-
-async def retry_outages(
-    step: Callable[[], Awaitable[_T]], what: str, *, stopping: Callable[[], bool] | None = None
-) -> _T | None:
-    """Run ``step`` until it succeeds, backing off and retrying on outages (:func:`is_outage`).
-
-    Any other error is raised. Returns None, without running ``step`` again, once ``stopping``
-    says so (a worker asked to stop while Redis is down).
-    """
-    backoff = Backoff(what)
-    while stopping is None or not stopping():
-        try:
-            result = await step()
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            await backoff.failed(exc)
-            continue
-        backoff.succeeded()
-        return result
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class SentinelURL:
-    """A parsed ``redis+sentinel://`` URL (its passwords are left out of ``repr``).
-
-    Attributes:
-        sentinels: The sentinels as (host, port) pairs, in the URL's order.
-        service: The master's service name.
-        db: The database number.
-        username: The Redis servers' ACL user, if any.
-        password: The Redis servers' password, if any.
-        sentinel_username: The sentinels' ACL user, if any.
-        sentinel_password: The sentinels' password, if any.
-    """
-
-    sentinels: tuple[tuple[str, int], ...]
-    service: str
-    db: int = 0
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    sentinel_username: str | None = None
-    sentinel_password: str | None = field(default=None, repr=False)
-
-
-def parse_sentinel_url(url: str) -> SentinelURL:
-    """Parse a ``redis+sentinel://`` URL.
-
-    Raises:
-        ConfigError: The URL does not have the form above. The message says why without
-            quoting the URL (it may hold passwords); callers add the redacted URL.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme != SENTINEL_SCHEME:
-        raise ConfigError(f"not a {SENTINEL_SCHEME}:// URL")
-    username, password, tail = split_credentials(rest)
-    if "#" in tail:
-        raise ConfigError(f"a {SENTINEL_SCHEME}:// URL takes no #fragment")
-    location, _, query = tail.partition("?")
-    hosts, slash, path = location.partition("/")
-    if "@" in query:
-        raise ConfigError("percent-encode '@' in URL parameters as %40")
-    if not slash or not path:
-        raise ConfigError(
-            f"{SENTINEL_SCHEME}:// needs the master's service name after the sentinels: "
-            f"{SENTINEL_SCHEME}://host:port[,host:port...]/SERVICE"
-        )
-    service = unquote(path)
-    if not _SERVICE.fullmatch(service):
-        raise ConfigError(
-            f"bad service name {path!r}: one word without '/' or spaces "
-            "(give the database as ?db=N)"
-        )
-    params = _parse_sentinel_query(query)
-    return SentinelURL(
-        sentinels=_parse_sentinel_hosts(hosts),
-        service=service,
-        db=_parse_db(params.get("db", "0")),
-        username=username,
-        password=password,
-        sentinel_username=params.get("sentinel_username") or None,
-        sentinel_password=params.get("sentinel_password"),
-    )
-
-
-def _parse_sentinel_hosts(hosts: str) -> tuple[tuple[str, int], ...]:
-    found: list[tuple[str, int]] = []
-    for item in hosts.split(","):
-        seed = item.strip()
-        if seed.startswith("["):  # [IPv6] or [IPv6]:port
-            host, bracket, after = seed[1:].partition("]")
-            port = after.removeprefix(":") if after else str(SENTINEL_PORT)
-            valid = bool(bracket) and (not after or after.startswith(":"))
-        else:
-            host, colon, port = seed.partition(":")
-            port = port if colon else str(SENTINEL_PORT)
-            valid = ":" not in port  # a bare IPv6 address needs [brackets]
-        if not valid or not host:
-            raise ConfigError(f"each sentinel must be host[:port], got {seed!r}")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"bad port in sentinel {seed!r}")
-        found.append((host, int(port)))
-    return tuple(found)
-
-
-def _parse_sentinel_query(query: str) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for part in query.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        name = unquote(name).strip().lower()
-        if name not in _SENTINEL_PARAMS:
-            raise ConfigError(
-                f"unknown parameter {name!r} in a {SENTINEL_SCHEME}:// URL; known: "
-                + ", ".join(sorted(_SENTINEL_PARAMS))
-            )
-        if name in params:
-            raise ConfigError(f"parameter {name!r} given twice")
-        params[name] = unquote(value)
-    return params
-
-
-def _parse_db(value: str) -> int:
-    if not value.isdigit():
-        raise ConfigError("db must be a database number (?db=0)")
-    return int(value)
-
-
-def _master_gone(exc: ResponseError) -> bool:
-    """Whether a server's error says it is no longer a master we may write to.
-
-    ``NOREPLICAS``: a master with ``min-replicas-to-write`` lost its replicas (e.g. the one
-    promoted in its place) and refuses writes before running them. ``UNBLOCKED ... instance
-    state changed``: a master turned replica released a blocked read. (``READONLY``, a write
-    sent to a demoted master, redis-py's Sentinel connection handles itself.)
-    """
-    text = str(exc)
-    return text.startswith("NOREPLICAS") or (
-        text.startswith("UNBLOCKED") and "instance state changed" in text
-    )
-
-
-def _address(address: Any) -> str:
-    host, port = address
-    return f"{host}:{port}"
-
-
-class _SentinelConnection(SafeWrites, SentinelManagedConnection):
-    """A master connection that turns "this is not the master any more" into an outage.
-
-    The connection is closed and a connection error raised: streamflow's loops treat it like
-    any outage (back off, reconnect), and the next connection asks the sentinels again.
-    """
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except ResponseError as exc:
-            if not _master_gone(exc):
-                raise
-            await self.disconnect()
-            raise RedisConnectionError(
-                f"{self.host}:{self.port} is no longer a writable master ({exc}); "
-                "reconnecting through the sentinels"
-            ) from exc
-
-
-class _Sentinel(Sentinel):
-    """redis-py's sentinel manager, asking the sentinels one call at a time.
-
-    Its ``discover_master`` moves the sentinel that answered to the front of its list with a
-    swap computed before an ``await``; two concurrent calls (connections opening at once
-    while the first sentinel says the master is down) can then duplicate one sentinel in the
-    list and drop another, whose connection is never closed. One lock per client avoids it;
-    a sentinel answers in microseconds, so callers barely wait.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Untyped before redis-py 8.2, typed since: the ignore must fit both.
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call,unused-ignore]
-        self._asking = anyio.Lock()
-
-    async def discover_master(self, service_name: str) -> Any:
-        async with self._asking:
-            return await super().discover_master(service_name)
-
-
-class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """A Sentinel-managed pool that waits for a free connection and follows the master.
-
-    redis-py's own Sentinel pool fails at once when all connections are busy; the blocking one
-    lets a burst of settling writes wait its turn. While the pool is used, it asks the
-    sentinels every :data:`MASTER_CHECK_INTERVAL` whether the master moved, and if so closes
-    its idle connections at once and busy ones when they are released. Closing the pool also
-    closes the connections to the sentinels, which the client owns (nothing else refers to
-    them).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._next_check = 0.0
-        self._checking = False
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        await self._follow_master()
-        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-    async def _follow_master(self) -> None:
-        known = self.master_address
-        now = time.monotonic()
-        if known is None or self._checking or now < self._next_check:
-            return  # a first connection asks the sentinels anyway
-        self._checking = True
-        self._next_check = now + MASTER_CHECK_INTERVAL
-        try:
-            # Closes the idle connections if the master moved.
-            await self.get_master_address()  # type: ignore[no-untyped-call]
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            return  # no sentinel answers, or none names a healthy master: keep the known one
-        finally:
-            self._checking = False
-        if self.master_address != known:
-            logger.warning(
-                "Redis Sentinel: the master of %r moved from %s to %s; reconnecting",
-                self.service_name,
-                _address(known),
-                _address(self.master_address),
-            )
-
-    async def release(self, connection: Any) -> None:
-        # A connection opened to a former master goes no further: whichever check found the
-        # move (ours, or a new connection asking the sentinels), busy connections come back
-        # here, and redis-py's asyncio pool would otherwise reuse them as they are.
-        master = self.master_address
-        if master is not None and (connection.host, connection.port) != tuple(master):
-            await connection.disconnect()
-        await super().release(connection)
-
-    async def aclose(self) -> None:
-        try:
-            await super().aclose()
-        finally:
-            await self.sentinel_manager.aclose()
 
 
 def _connect_sentinel(
@@ -1114,7 +535,7 @@ def _connect_sentinel(
     Nothing is retried by the client itself (a retried XADD would publish twice).
 
     Args:
-        url: The URL (see the module docstring).
+        url: The URL (see :mod:`streamflow.urls`).
         socket_timeout: Seconds to wait for the master's reply; must exceed any BLOCK time.
         name: A client name shown by ``CLIENT LIST`` on the master.
         max_connections: The pool's size; waiting for a free connection times out after 20 s.
@@ -1135,7 +556,7 @@ def _connect_sentinel(
         "username": parsed.sentinel_username,
         "password": parsed.sentinel_password,
     }
-    manager = _Sentinel(
+    manager = SentinelManager(
         list(parsed.sentinels),
         sentinel_kwargs=sentinel_kwargs,
         username=parsed.username,
@@ -1149,8 +570,8 @@ def _connect_sentinel(
     )
     client = manager.master_for(
         parsed.service,
-        connection_pool_class=_SentinelPool,
-        connection_class=_SentinelConnection,
+        connection_pool_class=MasterPool,
+        connection_class=MasterConnection,
         max_connections=max_connections,
         timeout=20,
     )

@@ -24,12 +24,13 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ResponseError
 
-from streamflow import connect
+from streamflow import connect, steps
 from streamflow.errors import ConfigError, InvalidNameError
 from streamflow.keys import (
     MAX_PARTITIONS,
@@ -40,6 +41,7 @@ from streamflow.keys import (
     validate_shard,
 )
 from streamflow.logs import shown
+from streamflow.steps import Steps
 
 #: The config hash field listing a role's shards, space-separated, in partition order.
 SHARDS_FIELD = "shards"
@@ -192,19 +194,19 @@ def _owner_of(redis: Redis) -> Callable[[int], str] | None:
 
 async def load(redis: Redis, keys: Keys, role: str) -> Layout | None:
     """The role's recorded layout, or None when the role was not created yet."""
-    recorded = await read_record(redis, keys, role)
+    recorded = await steps.run(read_record(redis, keys, role))
     return None if recorded is None else parse(role, recorded)
 
 
-async def read_record(redis: Redis, keys: Keys, role: str) -> bytes | str | None:
-    """The role's recorded ``shards`` field, or None.
+def read_record(redis: Any, keys: Keys, role: str) -> Steps[bytes | str | None]:
+    """The role's recorded ``shards`` field, or None (asyncio or blocking client).
 
     Raises:
         ConfigError: Another type of key is at the config hash's name.
     """
     key = keys.role_config(role)
     try:
-        recorded: bytes | str | None = await redis.hget(key, SHARDS_FIELD)
+        recorded: bytes | str | None = yield redis.hget(key, SHARDS_FIELD)
     except ResponseError as exc:
         raise ConfigError(f"the config of role {role!r} ({key}) is not a hash: {exc}") from None
     return recorded
@@ -281,7 +283,7 @@ class Layouts(LayoutCache):
         """The layout of ``role``."""
         layout = self.cached(role)
         if layout is None:
-            layout = self.record(role, await read_record(self._redis, self._keys, role))
+            layout = self.record(role, await steps.run(read_record(self._redis, self._keys, role)))
         return layout
 
 

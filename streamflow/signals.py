@@ -44,6 +44,7 @@ from streamflow.protocol import (
     new_message_id,
     now_ms,
 )
+from streamflow.steps import Steps
 
 logger = logging.getLogger(__name__)
 
@@ -550,15 +551,16 @@ def _names(body: bytes, fields: tuple[str, ...], target_id: str) -> bool:
     return isinstance(decoded, dict) and any(decoded.get(f) == target_id for f in fields)
 
 
-async def cancelled_already(redis: Redis, keys: Keys, target: str, target_id: str) -> bool:
+def cancelled_already(redis: Any, keys: Keys, target: str, target_id: str) -> Steps[bool]:
     """Whether a cancel of ``target`` (``task`` or ``message``) ``target_id`` is in force.
 
-    Its own marker or an ``any`` marker of the id: both markers share one slot.
+    Its own marker or an ``any`` marker of the id: both markers share one slot. For an asyncio
+    or a blocking client (see :mod:`streamflow.steps`).
     """
     pipe = redis.pipeline(transaction=False)
     for name in (target, "any"):
         pipe.exists(keys.cancel_marker(name, target_id))
-    return any(await pipe.execute())
+    return any((yield pipe.execute()))
 
 
 def cancelled_already_text(target: str, target_id: str) -> str:

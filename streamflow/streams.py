@@ -19,6 +19,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from streamflow import connect
 from streamflow.errors import ConfigError, InputError
 from streamflow.keys import GROUP
+from streamflow.steps import Steps
 
 
 @dataclass(slots=True)
@@ -353,23 +354,22 @@ async def finish(
     return bool(done)
 
 
-async def publish(redis: Redis, stream: str, message: bytes) -> bytes:
-    """XADD one encoded job; returns the stream entry id."""
-    entry_id = await redis.xadd(stream, {b"message": message})
-    return bytes(entry_id) if not isinstance(entry_id, str) else entry_id.encode()
+def publish(redis: Any, stream: str, message: bytes) -> Steps[None]:
+    """XADD one encoded job (asyncio or blocking client: see :mod:`streamflow.steps`)."""
+    yield redis.xadd(stream, {b"message": message})
 
 
-async def publish_many(
-    scripts: Scripts, redis: Redis, stream: str, messages: Sequence[bytes]
-) -> list[bytes]:
-    """XADD many encoded jobs to one stream in one script call; returns their entry ids."""
-    ids: list[bytes] = await scripts.publish_many(keys=[stream], args=list(messages), client=redis)
-    return ids
+def publish_many(script: Any, redis: Any, stream: str, messages: Sequence[bytes]) -> Steps[None]:
+    """XADD many encoded jobs to one stream in one call of ``publish_many.lua``.
+
+    ``script`` is that script registered on ``redis`` (asyncio or blocking).
+    """
+    yield script(keys=[stream], args=list(messages), client=redis)
 
 
-async def publish_dedup(
-    scripts: Scripts,
-    redis: Redis,
+def publish_dedup(
+    script: Any,
+    redis: Any,
     *,
     stream: str,
     marker: str,
@@ -378,12 +378,13 @@ async def publish_dedup(
     message: bytes,
     window_ms: int,
     due_ms: int = 0,
-) -> tuple[bool, str]:
+) -> Steps[tuple[bool, str]]:
     """Publish (or schedule, with ``due_ms``) unless ``marker`` exists.
 
-    Returns (published, entry id or ``"scheduled"``, or the first message's id).
+    ``script`` is ``publish_dedup.lua`` registered on ``redis`` (asyncio or blocking). Returns
+    (published, entry id or ``"scheduled"``, or the first message's id).
     """
-    flag, value = await scripts.publish_dedup(
+    flag, value = yield script(
         keys=[stream, marker, schedule],
         args=[message_id, window_ms, message, due_ms],
         client=redis,
@@ -699,9 +700,9 @@ async def promote(
     return int(moved), due
 
 
-async def schedule(redis: Redis, schedule_key: str, due_ms: int, message: bytes) -> None:
-    """Add a message to a delayed schedule (publishing with a delay)."""
-    await redis.zadd(schedule_key, {message: due_ms})
+def schedule(redis: Any, schedule_key: str, due_ms: int, message: bytes) -> Steps[None]:
+    """Add a message to a delayed schedule (publishing with a delay; asyncio or blocking)."""
+    yield redis.zadd(schedule_key, {message: due_ms})
 
 
 async def replay(

@@ -19,6 +19,8 @@ IO_MODULES = {
     "redis",
     "streamflow.streams",
     "streamflow.connect",
+    "streamflow.outage",
+    "streamflow.sentinel",
     "streamflow.leases",
     "streamflow.signals",
     "streamflow.settle",
@@ -135,8 +137,15 @@ def test_private_access_check_sees_reads_and_writes(tmp_path: Path) -> None:
     ]
 
 
-#: What builds a Redis client or a pool (redis-py's constructors).
-CLIENT_BUILDERS = {"from_url", "from_pool", "BlockingConnectionPool", "RedisCluster", "Sentinel"}
+#: What builds a Redis client or a pool (redis-py's constructors, and a Sentinel's master_for).
+CLIENT_BUILDERS = {
+    "from_url",
+    "from_pool",
+    "BlockingConnectionPool",
+    "RedisCluster",
+    "Sentinel",
+    "master_for",
+}
 
 
 def client_builders(path: Path) -> list[str]:
@@ -166,14 +175,28 @@ def test_only_connect_builds_redis_clients() -> None:
     assert client_builders(PACKAGE / "connect.py")  # the check sees what it looks for
 
 
-def test_connect_imports_only_the_leaves() -> None:
-    """connect is below streams: it imports no streamflow module but errors (no circle)."""
-    ours = {
+def _ours(module: str) -> set[str]:
+    return {
         name.split(".")[1]
-        for name in runtime_imports(PACKAGE / "connect.py")
+        for name in runtime_imports(PACKAGE / f"{module}.py")
         if name.startswith("streamflow.")
     }
-    assert ours == {"errors"}
+
+
+#: The modules of reaching Redis, each with the only streamflow modules it may import: connect
+#: builds the clients from the parts below it (and re-exports them); they import only leaves.
+CONNECT_MODULES = {
+    "connect": {"errors", "outage", "sentinel", "urls"},
+    "outage": {"errors"},
+    "sentinel": {"outage"},
+    "urls": {"errors"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(CONNECT_MODULES))
+def test_connect_and_its_parts_import_only_the_leaves_and_each_other(module: str) -> None:
+    """connect is below streams: it and its parts import only errors and each other (no circle)."""
+    assert _ours(module) == CONNECT_MODULES[module]
 
 
 def test_intake_imports_neither_the_worker_nor_the_dag_side() -> None:

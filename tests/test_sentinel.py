@@ -24,7 +24,7 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from streamflow import Client, RedisUnavailable, SyncClient, config, connect
+from streamflow import Client, RedisUnavailable, SyncClient, config, connect, sentinel
 from streamflow.errors import ConfigError
 from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
@@ -153,7 +153,7 @@ async def test_a_sentinel_client_has_no_retries_and_short_sentinel_timeouts() ->
         (asked,) = pool.sentinel_manager.sentinels
         sentinel_kwargs = asked.connection_pool.connection_kwargs
         assert sentinel_kwargs["password"] == "spw"
-        assert sentinel_kwargs["socket_timeout"] == connect.SENTINEL_TIMEOUT
+        assert sentinel_kwargs["socket_timeout"] == sentinel.SENTINEL_TIMEOUT
         assert sentinel_kwargs["retry"].get_retries() == 0
         assert asked.single_connection_client
     finally:
@@ -187,7 +187,7 @@ async def test_unreachable_sentinels_fail_fast_without_showing_a_password() -> N
     ],
 )
 def test_only_replies_of_a_former_master_count_as_an_outage(reply: str, gone: bool) -> None:
-    assert connect._master_gone(redis_sync.ResponseError(reply)) is gone
+    assert sentinel._master_gone(redis_sync.ResponseError(reply)) is gone
 
 
 def _closed_port() -> int:
@@ -385,7 +385,7 @@ async def planned_failover(group: LocalSentinel) -> Failover:
     answered = time.time()
     await wait_until(group.failed_over, 20, "sentinels promote the replica")
     promoted = time.time()
-    return Failover(began, answered, promoted, promoted + connect.MASTER_CHECK_INTERVAL + 1.0)
+    return Failover(began, answered, promoted, promoted + sentinel.MASTER_CHECK_INTERVAL + 1.0)
 
 
 @pytest.mark.anyio

@@ -128,7 +128,7 @@ PUBLISHER = PartRules(
     commands={
         **_CONNECTION,
         **_SCRIPTS,
-        "xadd": "publish, SyncClient.publish_many, publish_many.lua, publish_dedup.lua, submit",
+        "xadd": "publish, publish_many.lua, publish_dedup.lua, submit",
         "zadd": "delayed publish, publish_dedup.lua, submit (index)",
         "get": "publish_dedup.lua (is the dedup key used?)",
         "smembers": "submit (known roles and functions)",

@@ -1,0 +1,275 @@
+"""Publishing, written once for :class:`~streamflow.Client` and :class:`~streamflow.SyncClient`.
+
+One client awaits Redis and the other blocks on it, but they publish the same way: look up the
+role's partitions (warning about a role no worker ever served), build and check the entry, look
+up a cancel of a chosen id, then XADD, ZADD or a script. :class:`Publisher` writes each of these
+once, as steps that run on either client (see :mod:`streamflow.steps`); the clients only run
+them and turn Redis failures into documented errors.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypedDict, Unpack
+
+import orjson
+from pydantic import BaseModel
+from redis.exceptions import ResponseError
+
+from streamflow import connect, partitions, signals, streams
+from streamflow.errors import (
+    CancelledIdWarning,
+    ConfigError,
+    PayloadError,
+    RedisUnavailable,
+    UnknownRoleWarning,
+)
+from streamflow.keys import Keys, validate_name
+from streamflow.protocol import check_publish_fields, encode_job_fields, new_message_id, now_ms
+from streamflow.steps import Steps
+
+#: How long a dedup key is remembered by default: a second publish within it is dropped.
+DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
+
+#: When a job may start: a datetime, or a timedelta or seconds from now.
+When = datetime | timedelta | float | None
+
+_PACKAGE = str(Path(__file__).parent)
+
+
+class JobOptions(TypedDict):
+    """A job's options, as :meth:`streamflow.Client.publish` takes them (each may be None)."""
+
+    key: str | None
+    message_id: str | None
+    dedup_key: str | None
+    deadline: datetime | timedelta | None
+    delay: When
+    task_id: str | None
+    node_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    stream: str
+    schedule: str
+    message_id: str
+    body: bytes
+    dedup_marker: str | None
+    due_ms: int
+
+
+class Publisher:
+    """One client's publishing: what to send, in what order, and what the replies mean.
+
+    Args:
+        redis: The client's Redis client, asyncio or blocking; the steps call its commands.
+        keys: The namespace's keys.
+        dedup_window: How long a dedup key is remembered.
+        layouts: The client's cache of role layouts.
+        dedup_script: ``publish_dedup.lua`` registered on ``redis``.
+        many_script: ``publish_many.lua`` registered on ``redis``.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: Keys,
+        dedup_window: timedelta,
+        layouts: partitions.LayoutCache,
+        *,
+        dedup_script: Any,
+        many_script: Any,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.dedup_ms = int(dedup_window.total_seconds() * 1000)
+        self.layouts = layouts
+        self._dedup = dedup_script
+        self._many = many_script
+        #: The roles workers registered, as last read (when a role was found unknown).
+        self._served: list[str] = []
+
+    def layout(self, role: str, strict: bool) -> Steps[partitions.Layout]:
+        """The role's partitions; a warning (``strict``: an error) for an unknown role.
+
+        The record is read once per role and client (again a second later while the role does
+        not exist), and so are the roles workers registered, for the warning: never per publish.
+
+        Raises:
+            ConfigError: ``strict`` and no worker ever served the role.
+        """
+        layout = self.layouts.cached(validate_name(role, "role"))
+        if layout is None:
+            recorded = yield from partitions.read_record(self.redis, self.keys, role)
+            layout = self.layouts.record(role, recorded)
+            if recorded is None:  # read at most once a second per role: not per publish
+                served = yield self.redis.smembers(self.keys.known_roles())
+                self._served = sorted(streams.text_lenient(name) for name in served)
+                if not strict:
+                    _warn(self._unknown_role(role), UnknownRoleWarning)
+        if strict and self.layouts.missing(role):
+            raise ConfigError(self._unknown_role(role))
+        return layout
+
+    def publish(
+        self, role: str, payload: Any, *, strict: bool, **job: Unpack[JobOptions]
+    ) -> Steps[str]:
+        """Publish one job; returns its message id (see :meth:`streamflow.Client.publish`)."""
+        layout = yield from self.layout(role, strict)
+        p = self._prepare(role, payload, layout.pick(job["key"], job["dedup_key"]), job)
+        if job["message_id"] is not None:
+            yield from self.warn_if_cancelled("message", job["message_id"])
+        if p.dedup_marker is not None:
+            published, first = yield from streams.publish_dedup(
+                self._dedup,
+                self.redis,
+                stream=p.stream,
+                marker=p.dedup_marker,
+                schedule=p.schedule,
+                message_id=p.message_id,
+                message=p.body,
+                window_ms=self.dedup_ms,
+                due_ms=p.due_ms,
+            )
+            return p.message_id if published else first
+        if p.due_ms:
+            yield from streams.schedule(self.redis, p.schedule, p.due_ms, p.body)
+        else:
+            yield from streams.publish(self.redis, p.stream, p.body)
+        return p.message_id
+
+    def publish_many(
+        self,
+        role: str,
+        payloads: Iterable[Any],
+        *,
+        keys: Iterable[str] | None,
+        chunk_size: int,
+        strict: bool,
+    ) -> Steps[list[str]]:
+        """Publish many jobs, one script call per chunk of one partition; returns their ids."""
+        layout = yield from self.layout(role, strict)
+        prepared = self._bodies(layout, payloads, keys)
+        for chunk in _chunks(prepared, chunk_size):
+            bodies = [body for _, _, body in chunk]
+            yield from streams.publish_many(self._many, self.redis, chunk[0][0], bodies)
+        return [message_id for _, message_id, _ in prepared]
+
+    def warn_if_cancelled(self, target: str, target_id: str) -> Steps[None]:
+        """Warn when a cancel of a chosen id is in force: its work would be refused at once.
+
+        Raises:
+            RedisUnavailable: The lookup met an outage.
+        """
+        try:
+            hit = yield from signals.cancelled_already(self.redis, self.keys, target, target_id)
+        except connect.TRANSIENT_ERRORS as exc:
+            raise RedisUnavailable(f"looking up cancels failed: {exc}") from None
+        except ResponseError:  # e.g. ACL rules older than this check: no warning, no failure
+            return
+        if hit:
+            _warn(signals.cancelled_already_text(target, target_id), CancelledIdWarning)
+
+    def _prepare(self, role: str, payload: Any, shard: str, job: JobOptions) -> _Prepared:
+        """The checked entry and where it goes (no I/O)."""
+        message_id = job["message_id"] or new_message_id()
+        dedup_key = job["dedup_key"]
+        deadline_ms = _absolute_ms(job["deadline"])
+        check_publish_fields(message_id, dedup_key, deadline_ms)
+        task_id, node_id = job["task_id"], job["node_id"]
+        body = _encode(
+            message_id,
+            role,
+            payload,
+            now_ms(),
+            deadline_ms=deadline_ms,
+            task_id=validate_name(task_id, "task id") if task_id else None,
+            node_id=validate_name(node_id, "node id") if node_id else None,
+            dedup_key=dedup_key,
+        )
+        return _Prepared(
+            stream=self.keys.role_stream(shard),
+            schedule=self.keys.delayed(shard),
+            message_id=message_id,
+            body=body,
+            dedup_marker=self.keys.dedup(shard, dedup_key) if dedup_key else None,
+            due_ms=_absolute_ms(job["delay"]) or 0,
+        )
+
+    def _unknown_role(self, role: str) -> str:
+        """The warning (or error) for a publish to a role no worker ever served."""
+        return partitions.unknown_role_text(self.keys.namespace, role, self._served)
+
+    def _bodies(
+        self, layout: partitions.Layout, payloads: Iterable[Any], keys: Iterable[str] | None
+    ) -> list[tuple[str, str, bytes]]:
+        """(stream, message id, body) per payload, each on its key's partition or round-robin."""
+        role = layout.role
+        streams_of = {shard: self.keys.role_stream(shard) for shard in layout.shards}
+        created = now_ms()
+        out = []
+        pairs: Iterable[tuple[Any, str | None]] = (
+            zip(payloads, keys, strict=True)
+            if keys is not None
+            else ((payload, None) for payload in payloads)
+        )
+        for payload, key in pairs:
+            stream = streams_of[layout.pick(key)]
+            message_id = new_message_id()
+            out.append((stream, message_id, _encode(message_id, role, payload, created)))
+        return out
+
+
+def _warn(text: str, category: type[Warning]) -> None:
+    """Warn at the first frame outside streamflow: the code that called the client.
+
+    A fixed ``stacklevel`` would depend on how many steps, drivers and wrappers lie between.
+    """
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(text, category, stacklevel=level)
+
+
+def _encode(message_id: str, role: str, payload: Any, created_at_ms: int, **extra: Any) -> bytes:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json")
+    try:
+        # orjson takes dicts, lists, dataclasses, datetimes and UUIDs as they are.
+        return encode_job_fields(
+            message_id=message_id,
+            role=role,
+            payload=payload,
+            created_at_ms=created_at_ms,
+            **extra,
+        )
+    except orjson.JSONEncodeError as exc:
+        raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
+
+
+def _absolute_ms(when: When) -> int | None:
+    """A datetime, or a timedelta / seconds from now, as ms since the epoch."""
+    if when is None:
+        return None
+    if isinstance(when, datetime):
+        return int(when.timestamp() * 1000)
+    seconds = when.total_seconds() if isinstance(when, timedelta) else float(when)
+    return now_ms() + int(seconds * 1000)
+
+
+def _chunks(items: Sequence[tuple[str, str, bytes]], size: int) -> Iterable[Sequence[Any]]:
+    """Chunks of at most ``size`` items, each on one stream (one partition), in order."""
+    by_stream: dict[str, list[tuple[str, str, bytes]]] = {}
+    for item in items:
+        by_stream.setdefault(item[0], []).append(item)
+    for group in by_stream.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
