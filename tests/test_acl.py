@@ -284,6 +284,28 @@ def test_each_key_is_of_exactly_one_kind_and_each_kind_is_built() -> None:
         assert any(fnmatch.fnmatchcase(key, pattern) for key in built), kind
 
 
+def documented_patterns(part: acl.Part) -> set[str]:
+    """The key patterns of ``part``'s table in docs/operations.md.
+
+    A bare word after a pattern shares its tag: ``{task:*}:state``, ``outbox`` names
+    ``{task:*}:outbox``.
+    """
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split(f"\n**{part}**:", 1)[1].split("\n\n", 2)[1]
+    found: set[str] = set()
+    for row in table.splitlines()[2:]:
+        tag = ""
+        for word in re.findall(r"`([^`]+)`", row.split(" | ", 1)[0]):
+            tag = word[: word.find("}") + 1] if word.startswith("{") else tag
+            found.add(word if word.startswith("{") else f"{tag}:{word}")
+    return found
+
+
+@pytest.mark.parametrize("part", acl.PARTS)
+def test_the_operations_guide_names_exactly_the_key_families_of_each_part(part: acl.Part) -> None:
+    assert documented_patterns(part) == {p.removeprefix(f"{NS}:") for p in acl_patterns(part)}
+
+
 def test_a_line_splits_back_into_its_words() -> None:
     words = acl.rules("ns1", "worker", password=">pa ss\"wo\\rd'")
     assert shlex.split(acl.line(words)) == words
