@@ -124,6 +124,114 @@ class BatchKey:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyKind:
+    """One family of keys: ``<namespace>:{<tag>}:<part>``, then ``:<rest>`` if it has one.
+
+    The hash tag is ``<slot>`` alone (``{tasks}``) or, for one key per role, consumer or task,
+    ``<slot>:<name>`` (``{role:<shard>}``). :class:`Keys` builds every key from its kind, and the
+    ACL rules (:mod:`streamflow.ops.acl`) and ``SCAN MATCH`` patterns come from :attr:`pattern`,
+    so a key's name is written here once.
+
+    Attributes:
+        slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks`` or
+            ``signals``.
+        part: The word after the tag.
+        named: Whether the tag carries a name.
+        rest: Whether the key goes on after the part (``:<entry id>``, ``:<node id>``, ...).
+    """
+
+    slot: str
+    part: str
+    named: bool = False
+    rest: bool = False
+
+    @property
+    def pattern(self) -> str:
+        """Every key of this kind after ``<namespace>:``, with ``*`` for the name and the rest."""
+        return self.form("*" if self.named else None, "*" if self.rest else None)
+
+    def form(self, name: str | None = None, rest: str | None = None) -> str:
+        """One key of this kind after ``<namespace>:``; ``name`` and ``rest`` already checked.
+
+        Raises:
+            ValueError: A name or a rest is given to a kind without one, or missing.
+        """
+        if (name is not None) != self.named or (rest is not None) != self.rest:
+            raise ValueError(f"key kind {self.slot}/{self.part}: name or rest does not fit")
+        tag = self.slot if name is None else f"{self.slot}:{name}"
+        return f"{{{tag}}}:{self.part}" + ("" if rest is None else f":{rest}")
+
+
+# Keys of a role's shard: all in its slot (see the module docstring).
+ROLE_CONFIG = KeyKind("role", "config", named=True)
+ROLE_STREAM = KeyKind("role", "stream", named=True)
+DEAD_LETTERS = KeyKind("role", "dead", named=True)
+DELAYED = KeyKind("role", "delayed", named=True)
+STARTS = KeyKind("role", "starts", named=True, rest=True)
+DEDUP = KeyKind("role", "dedup", named=True, rest=True)
+EVENTS = KeyKind("role", "events", named=True)
+BATCH = KeyKind("role", "batch", named=True, rest=True)
+ROLE_SLOTS = KeyKind("role", "slots", named=True)
+#: A consumer's mark next to a role's stream or events stream (:meth:`Keys.consumer_mark`).
+ROLE_MARK = KeyKind("role", "alive", named=True, rest=True)
+# Keys of one live process.
+CONSUMER_ALIVE = KeyKind("consumer", "alive", named=True)
+CONSUMER_INFO = KeyKind("consumer", "info", named=True)
+# Cancels: one slot, so a cancel's marker, index entry and announcement are one script.
+SIGNALS = KeyKind("signals", "stream")
+CANCEL_MARKER = KeyKind("signals", "cancel", rest=True)
+CANCEL_INDEX = KeyKind("signals", "cancels")
+CANCEL_REPORT = KeyKind("signals", "report", rest=True)
+# Keys of one task.
+TASK_STATE = KeyKind("task", "state", named=True)
+TASK_OUTBOX = KeyKind("task", "outbox", named=True)
+TASK_OUTPUT = KeyKind("task", "out", named=True, rest=True)
+TASK_PARTIALS = KeyKind("task", "partials", named=True, rest=True)
+TASK_RESULT = KeyKind("task", "result", named=True, rest=True)
+# Keys shared by all tasks.
+TASKS_INDEX = KeyKind("tasks", "index")
+TASKS_ACTIVE = KeyKind("tasks", "active")
+TASKS_CONTROL = KeyKind("tasks", "control")
+KNOWN_ROLES = KeyKind("tasks", "roles")
+COORDINATOR_REGISTRY = KeyKind("tasks", "coordinators")
+KNOWN_FUNCTIONS = KeyKind("tasks", "functions")
+#: A coordinator's mark next to the control stream (:meth:`Keys.consumer_mark`).
+TASKS_MARK = KeyKind("tasks", "alive", rest=True)
+
+#: Every kind of key streamflow uses.
+KINDS: tuple[KeyKind, ...] = (
+    ROLE_CONFIG,
+    ROLE_STREAM,
+    DEAD_LETTERS,
+    DELAYED,
+    STARTS,
+    DEDUP,
+    EVENTS,
+    BATCH,
+    ROLE_SLOTS,
+    ROLE_MARK,
+    CONSUMER_ALIVE,
+    CONSUMER_INFO,
+    SIGNALS,
+    CANCEL_MARKER,
+    CANCEL_INDEX,
+    CANCEL_REPORT,
+    TASK_STATE,
+    TASK_OUTBOX,
+    TASK_OUTPUT,
+    TASK_PARTIALS,
+    TASK_RESULT,
+    TASKS_INDEX,
+    TASKS_ACTIVE,
+    TASKS_CONTROL,
+    KNOWN_ROLES,
+    COORDINATOR_REGISTRY,
+    KNOWN_FUNCTIONS,
+    TASKS_MARK,
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Keys:
     """Key names under one namespace.
 
@@ -136,28 +244,40 @@ class Keys:
     def __post_init__(self) -> None:
         validate_name(self.namespace, "namespace")
 
+    def _key(self, kind: KeyKind, name: str | None = None, rest: str | None = None) -> str:
+        return f"{self.namespace}:{kind.form(name, rest)}"
+
+    def _around(self, kind: KeyKind) -> tuple[str, str]:
+        """What comes before and after the name in a key of ``kind`` (before its rest)."""
+        before, after = f"{self.namespace}:{kind.form('*', '' if kind.rest else None)}".split("*")
+        return before, after
+
+    def _task_node(self, kind: KeyKind, task_id: str, node_id: str) -> str:
+        node = validate_name(node_id, "node id")  # checked first, as it always was
+        return self._key(kind, validate_name(task_id, "task id"), node)
+
     def role_config(self, role: str) -> str:
         """The role's recorded settings (a hash): ``shards``, its partitions' names in order.
 
         Under the first partition's tag; written once when the role is created.
         """
-        return f"{self.namespace}:{{role:{validate_name(role, 'role')}}}:config"
+        return self._key(ROLE_CONFIG, validate_name(role, "role"))
 
     def role_stream(self, role: str) -> str:
         """The stream that carries a role's jobs."""
-        return f"{self.namespace}:{{role:{validate_shard(role)}}}:stream"
+        return self._key(ROLE_STREAM, validate_shard(role))
 
     def dead_letters(self, role: str) -> str:
         """The role's dead-letter stream."""
-        return f"{self.namespace}:{{role:{validate_shard(role)}}}:dead"
+        return self._key(DEAD_LETTERS, validate_shard(role))
 
     def delayed(self, role: str) -> str:
         """The role's delayed schedule: a sorted set of messages scored by due time (ms)."""
-        return f"{self.namespace}:{{role:{validate_shard(role)}}}:delayed"
+        return self._key(DELAYED, validate_shard(role))
 
     def consumer_alive(self, consumer: str) -> str:
         """The liveness key held by the one live process using a consumer name."""
-        return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:alive"
+        return self._key(CONSUMER_ALIVE, validate_name(consumer, "consumer name"))
 
     def consumer_mark(self, stream: str, consumer: str) -> str:
         """A live consumer's mark next to a stream it reads: ``<ns>:{<tag>}:alive:<name>``.
@@ -178,15 +298,15 @@ class Keys:
         end = stream.find("}:", len(prefix))
         if not stream.startswith(prefix) or end < 0:
             raise InvalidNameError(f"{stream!r} is not a stream of namespace {self.namespace!r}")
-        return f"{stream[: end + 1]}:alive:{name}"
+        return f"{stream[: end + 1]}:{ROLE_MARK.part}:{name}"
 
     def starts(self, role: str, entry_id: str) -> str:
         """How many times an entry delivered more than once was started (poison detection)."""
-        return f"{self.namespace}:{{role:{validate_shard(role)}}}:starts:{entry_id}"
+        return self._key(STARTS, validate_shard(role), entry_id)
 
     def signals(self) -> str:
         """The signals stream every worker reads (a broadcast, not a consumer group)."""
-        return f"{self.namespace}:{{signals}}:stream"
+        return self._key(SIGNALS)
 
     def cancel_marker(self, target: str, target_id: str) -> str:
         """The persistent marker of a cancel of a ``task``, ``message`` or ``any`` id.
@@ -194,7 +314,7 @@ class Keys:
         It shares the ``{signals}`` tag with the stream, so setting it and announcing the cancel
         are one script.
         """
-        return f"{self.namespace}:{{signals}}:cancel:{target}:{target_id}"
+        return self._key(CANCEL_MARKER, rest=f"{target}:{target_id}")
 
     def cancel_index(self) -> str:
         """The index of the cancel markers (a sorted set).
@@ -203,27 +323,27 @@ class Keys:
         the server's clock; written in the same script as the marker, so that a starting worker
         reads this one key instead of scanning the keyspace for markers.
         """
-        return f"{self.namespace}:{{signals}}:cancels"
+        return self._key(CANCEL_INDEX)
 
     def cancel_report(self, signal_id: str) -> str:
         """Where workers report what a cancel stopped (a hash: consumer -> report)."""
-        return f"{self.namespace}:{{signals}}:report:{signal_id}"
+        return self._key(CANCEL_REPORT, rest=signal_id)
 
     def consumer_info(self, consumer: str) -> str:
         """What a live worker says about itself (the registry), with the liveness key's TTL."""
-        return f"{self.namespace}:{{consumer:{validate_name(consumer, 'consumer name')}}}:info"
+        return self._key(CONSUMER_INFO, validate_name(consumer, "consumer name"))
 
     def consumer_info_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for the registry entries of every live worker."""
-        return f"{self.namespace}:{{consumer:*}}:info"
+        return f"{self.namespace}:{CONSUMER_INFO.pattern}"
 
     def consumer_alive_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for the liveness keys of every live worker."""
-        return f"{self.namespace}:{{consumer:*}}:alive"
+        return f"{self.namespace}:{CONSUMER_ALIVE.pattern}"
 
     def consumer_of_alive_key(self, key: str) -> str | None:
         """The consumer name of a liveness key, or None."""
-        prefix, suffix = f"{self.namespace}:{{consumer:", "}:alive"
+        prefix, suffix = self._around(CONSUMER_ALIVE)
         if key.startswith(prefix) and key.endswith(suffix):
             return key[len(prefix) : -len(suffix)] or None
         return None
@@ -234,19 +354,19 @@ class Keys:
         The user's key is hashed, so it may hold any characters.
         """
         digest = hashlib.blake2b(dedup_key.encode(), digest_size=16).hexdigest()
-        return f"{self.namespace}:{{role:{validate_shard(role)}}}:dedup:{digest}"
+        return self._key(DEDUP, validate_shard(role), digest)
 
     def role_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
-        return f"{self.namespace}:{{role:*}}:stream"
+        return f"{self.namespace}:{ROLE_STREAM.pattern}"
 
     def delayed_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for every delayed schedule of the namespace."""
-        return f"{self.namespace}:{{role:*}}:delayed"
+        return f"{self.namespace}:{DELAYED.pattern}"
 
     def role_of_stream(self, key: str) -> str | None:
         """The shard (role or role partition) of a role stream key, or None if it is not one."""
-        prefix, suffix = f"{self.namespace}:{{role:", "}:stream"
+        prefix, suffix = self._around(ROLE_STREAM)
         if key.startswith(prefix) and key.endswith(suffix):
             return key[len(prefix) : -len(suffix)] or None
         return None
@@ -258,7 +378,7 @@ class Keys:
 
         It shares the role's tag, so settling a job and reporting it are one script.
         """
-        return f"{self.namespace}:{{role:{validate_shard(role)}}}:events"
+        return self._key(EVENTS, validate_shard(role))
 
     def batch(self, role: str, task_id: str, node_id: str, invocation: int, seq: int) -> str:
         """Where a worker stores one batch a task node emitted (a JSON array, with a TTL).
@@ -267,8 +387,8 @@ class Keys:
         """
         validate_name(task_id, "task id")
         validate_name(node_id, "node id")
-        tag = f"{{role:{validate_shard(role)}}}"
-        return f"{self.namespace}:{tag}:batch:{task_id}:{node_id}:{int(invocation)}:{int(seq)}"
+        rest = f"{task_id}:{node_id}:{int(invocation)}:{int(seq)}"
+        return self._key(BATCH, validate_shard(role), rest)
 
     def parse_batch(self, key: str) -> BatchKey | None:
         """What a batch key names, or None if ``key`` is not exactly a key :meth:`batch` builds.
@@ -276,8 +396,8 @@ class Keys:
         Keys read back from Redis or from a message (a job's ``input.ref``, a task's output
         lists) are untrusted: only a key this builder would have written may be read as a batch.
         """
-        prefix = f"{self.namespace}:{{role:"
-        shard, sep, rest = key.removeprefix(prefix).partition("}:batch:")
+        prefix, between = self._around(BATCH)
+        shard, sep, rest = key.removeprefix(prefix).partition(between)
         parts = rest.split(":")
         if not key.startswith(prefix) or not sep or len(parts) != 4:
             return None
@@ -305,7 +425,7 @@ class Keys:
 
     def role_slots(self, role: str) -> str:
         """The nodes (``task/node``) holding one of a role's node slots (per-role limit)."""
-        return f"{self.namespace}:{{role:{validate_shard(role)}}}:slots"
+        return self._key(ROLE_SLOTS, validate_shard(role))
 
     def task(self, task_id: str, part: str) -> str:
         """A key of one task, named by ``part``.
@@ -314,50 +434,51 @@ class Keys:
         keys), ``partials:<node>`` (hash) or ``result:<node>`` (a batch). Every key of a task
         shares the tag ``{task:<id>}``, so one script updates them together.
         """
-        return f"{self.namespace}:{{task:{validate_name(task_id, 'task id')}}}:{part}"
+        kind = KeyKind(TASK_STATE.slot, part, named=True)
+        return self._key(kind, validate_name(task_id, "task id"))
 
     def task_state(self, task_id: str) -> str:
         """The task's state hash: spec, task and node states, invocations, version."""
-        return self.task(task_id, "state")
+        return self._key(TASK_STATE, validate_name(task_id, "task id"))
 
     def task_outbox(self, task_id: str) -> str:
         """Dispatches decided but not yet confirmed published (hash: dispatch id -> item)."""
-        return self.task(task_id, "outbox")
+        return self._key(TASK_OUTBOX, validate_name(task_id, "task id"))
 
     def task_output(self, task_id: str, node_id: str) -> str:
         """The list of a node's batch keys, in batch index order."""
-        return self.task(task_id, f"out:{validate_name(node_id, 'node id')}")
+        return self._task_node(TASK_OUTPUT, task_id, node_id)
 
     def task_partials(self, task_id: str, node_id: str) -> str:
         """A coordinator function node's partial results by invocation."""
-        return self.task(task_id, f"partials:{validate_name(node_id, 'node id')}")
+        return self._task_node(TASK_PARTIALS, task_id, node_id)
 
     def task_result(self, task_id: str, node_id: str) -> str:
         """The one batch a coordinator function node outputs."""
-        return self.task(task_id, f"result:{validate_name(node_id, 'node id')}")
+        return self._task_node(TASK_RESULT, task_id, node_id)
 
     def task_pattern(self, task_id: str) -> str:
         """A ``SCAN MATCH`` pattern for every key of one task."""
-        return f"{self.namespace}:{{task:{validate_name(task_id, 'task id')}}}:*"
+        return self.task(task_id, "*")
 
     def tasks_index(self) -> str:
         """Every task by creation time (sorted set: task id -> created ms)."""
-        return f"{self.namespace}:{{tasks}}:index"
+        return self._key(TASKS_INDEX)
 
     def tasks_active(self) -> str:
         """The tasks not yet finished (a set), swept by the coordinators."""
-        return f"{self.namespace}:{{tasks}}:active"
+        return self._key(TASKS_ACTIVE)
 
     def tasks_control(self) -> str:
         """The stream that tells coordinators a task was submitted (the sweep also finds it)."""
-        return f"{self.namespace}:{{tasks}}:control"
+        return self._key(TASKS_CONTROL)
 
     def known_roles(self) -> str:
         """The roles that workers serve or tasks use (a set).
 
         Coordinators follow their events streams; submit checks graphs against it.
         """
-        return f"{self.namespace}:{{tasks}}:roles"
+        return self._key(KNOWN_ROLES)
 
     def coordinators(self) -> str:
         """What each coordinator says about itself (a hash: consumer name -> JSON).
@@ -365,8 +486,8 @@ class Keys:
         Refreshed every few seconds by each running coordinator; a field not refreshed within
         :data:`streamflow.registry.COORDINATOR_TTL_MS` is a coordinator that stopped or died.
         """
-        return f"{self.namespace}:{{tasks}}:coordinators"
+        return self._key(COORDINATOR_REGISTRY)
 
     def known_functions(self) -> str:
         """The coordinator functions that running coordinators provide (a set)."""
-        return f"{self.namespace}:{{tasks}}:functions"
+        return self._key(KNOWN_FUNCTIONS)

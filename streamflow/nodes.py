@@ -20,6 +20,7 @@ from streamflow.errors import InputError, PayloadError, StreamflowError
 from streamflow.keys import Keys
 from streamflow.logs import shown
 from streamflow.protocol import (
+    EVENT_FIELD,
     PROTOCOL_VERSION,
     EventType,
     Job,
@@ -135,7 +136,7 @@ class NodeRun:
         if ref is not None:
             self._check_ref(ref.ref, ref.node, f"input.ref {shown(ref.ref)}")
         pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self._keys.events(self._shard), {b"event": self.event("accepted")})
+        pipe.xadd(self._keys.events(self._shard), {EVENT_FIELD: self.event("accepted")})
         if ref is not None:
             pipe.get(ref.ref)
         # Errors as values: a wrong-type input key must not hide that the XADD went through.

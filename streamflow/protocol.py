@@ -274,6 +274,31 @@ EVENT_FIELD = b"event"
 #: The stream field that holds a signal's JSON.
 SIGNAL_FIELD = b"signal"
 
+#: The control stream's fields: the task's id, and what happened to it.
+CONTROL_TASK_FIELD = b"task"
+CONTROL_TYPE_FIELD = b"type"
+#: The control entry type of a newly submitted task.
+CONTROL_SUBMITTED = b"submitted"
+
+#: The dead-letter stream field a coordinator writes in place of :data:`DEAD_LETTER_FIELD` for
+#: an events entry it cannot read (why, as text); the entry's fields follow under
+#: :data:`RAW_FIELD_PREFIX`.
+INVALID_EVENT_FIELD = b"invalid_event"
+
+#: Every field name of the stream entries streamflow writes, besides the
+#: :data:`RAW_FIELD_PREFIX` ones. Lua scripts spell some of them (tests check they are these).
+ENTRY_FIELDS = frozenset(
+    {
+        MESSAGE_FIELD,
+        DEAD_LETTER_FIELD,
+        EVENT_FIELD,
+        SIGNAL_FIELD,
+        CONTROL_TASK_FIELD,
+        CONTROL_TYPE_FIELD,
+        INVALID_EVENT_FIELD,
+    }
+)
+
 #: Every message kind, by the value of its ``kind`` field.
 MESSAGE_KINDS: dict[str, type[_Model]] = {
     "job": Job,

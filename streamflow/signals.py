@@ -34,6 +34,7 @@ from streamflow.errors import ProtocolError, UnknownTargetError
 from streamflow.keys import NAME_PATTERN, Keys, cancel_member, cancel_target
 from streamflow.logs import shown
 from streamflow.protocol import (
+    MESSAGE_FIELD,
     PROTOCOL_VERSION,
     SIGNAL_FIELD,
     CancelReport,
@@ -532,7 +533,7 @@ async def _find_job(
 
 async def _stream_page(redis: Redis, key: str, after: Any, count: int) -> tuple[list[bytes], Any]:
     reply: Any = await redis.xrange(key, "-" if after is None else f"({after}", "+", count)
-    bodies = [bytes(fields.get(b"message", b"")) for _, fields in reply]
+    bodies = [bytes(fields.get(MESSAGE_FIELD, b"")) for _, fields in reply]
     return bodies, (reply[-1][0].decode() if reply else after)
 
 

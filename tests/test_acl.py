@@ -7,7 +7,9 @@ refusal that some code path swallowed would still fail the test.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import inspect
 import json
 import re
 import shlex
@@ -42,7 +44,7 @@ from streamflow import (
 )
 from streamflow.cli.security import acl_command
 from streamflow.delivery import Outcome
-from streamflow.keys import COORDINATORS, GROUP, Keys
+from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, Keys
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
@@ -181,9 +183,127 @@ def test_publisher_cannot_read_jobs_or_delete() -> None:
     # Its one read: HGETALL of the coordinator registry (submit warns when none runs), in a
     # selector on that key only.
     (registry,) = [n for n in acl.PUBLISHER.narrow if "hgetall" in n.commands]
-    assert registry.keys == ("{tasks}:coordinators",) and set(registry.commands) == {"hgetall"}
+    assert registry.keys == (COORDINATOR_REGISTRY,) and set(registry.commands) == {"hgetall"}
     assert "hgetall" not in acl.PUBLISHER.commands
     assert not (granted - {"hgetall"}) & (reads | deletes)
+
+
+ALL_PARTS = acl.PARTS
+
+#: A key of each kind the package builds (a ``Keys`` method, sample arguments), with the parts
+#: whose code touches it.
+KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
+    ("role_config", ("r",), ALL_PARTS),
+    ("role_stream", ("r#2.7",), ALL_PARTS),
+    ("dead_letters", ("r",), ("worker", "coordinator", "operator")),
+    ("delayed", ("r",), ALL_PARTS),
+    ("starts", ("r", "1-0"), ("worker",)),
+    ("dedup", ("r", "any key"), ("publisher", "coordinator")),
+    ("events", ("r",), ("worker", "coordinator", "operator")),
+    ("batch", ("r", "t", "n", 0, 1), ("worker", "coordinator", "operator")),
+    ("role_slots", ("r",), ("coordinator",)),
+    ("consumer_mark", (KEYS.role_stream("r"), "w"), ("worker",)),
+    ("consumer_mark", (KEYS.events("r"), "c"), ("coordinator",)),
+    ("consumer_mark", (KEYS.tasks_control(), "c"), ("coordinator",)),
+    ("consumer_alive", ("w",), ("worker", "operator")),
+    ("consumer_info", ("w",), ("worker", "operator")),
+    ("signals", (), ("worker", "coordinator", "operator")),
+    ("cancel_marker", ("task", "t"), ALL_PARTS),
+    ("cancel_index", (), ("worker", "coordinator", "operator")),
+    ("cancel_report", ("s",), ("worker", "operator")),
+    ("task_state", ("t",), ("publisher", "coordinator", "operator")),
+    ("task_outbox", ("t",), ("publisher", "coordinator")),
+    ("task_output", ("t", "n"), ("worker", "coordinator", "operator")),
+    ("task_partials", ("t", "n"), ("coordinator",)),
+    ("task_result", ("t", "n"), ("worker", "coordinator", "operator")),
+    ("tasks_index", (), ("publisher", "operator")),
+    ("tasks_active", (), ("publisher", "coordinator", "operator")),
+    ("tasks_control", (), ("publisher", "coordinator")),
+    ("known_roles", (), ALL_PARTS),
+    ("coordinators", (), ALL_PARTS[1:]),
+    ("known_functions", (), ("publisher", "coordinator")),
+]
+
+#: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
+#: the generic builder the ``task_*`` methods stand for.
+NOT_KEYS = {
+    "consumer_info_pattern",
+    "consumer_alive_pattern",
+    "role_pattern",
+    "delayed_pattern",
+    "task_pattern",
+    "role_of_stream",
+    "consumer_of_alive_key",
+    "parse_batch",
+    "is_batch_of",
+    "task",
+}
+
+
+def built_keys() -> list[tuple[str, tuple[acl.Part, ...]]]:
+    """Each key of :data:`KEY_USERS`, built, with its parts."""
+    return [(getattr(KEYS, name)(*args), parts) for name, args, parts in KEY_USERS]
+
+
+def acl_patterns(part: acl.Part) -> list[str]:
+    """Every key pattern of ``part``'s printed rules: its own and its selectors'."""
+    words = acl.rules(NS, part)
+    inner = [word for w in words if w.startswith("(") for word in w[1:-1].split()]
+    return [w[1:] for w in words + inner if w.startswith("~")]
+
+
+def test_every_key_builder_is_listed_with_the_parts_that_touch_its_keys() -> None:
+    methods = {
+        name for name, _ in inspect.getmembers(Keys, inspect.isfunction) if not name.startswith("_")
+    }
+    assert methods == {name for name, _, _ in KEY_USERS} | NOT_KEYS
+
+
+def test_every_key_is_allowed_to_every_part_that_touches_it() -> None:
+    for key, parts in built_keys():
+        for part in parts:
+            assert any(fnmatch.fnmatchcase(key, p) for p in acl_patterns(part)), (part, key)
+
+
+@pytest.mark.parametrize("part", acl.PARTS)
+def test_every_rule_pattern_is_a_key_kind_its_part_touches(part: acl.Part) -> None:
+    table = acl.TABLES[part]
+    kinds = [*table.keys, *(kind for narrow in table.narrow for kind in narrow.keys)]
+    assert set(kinds) <= set(KINDS)
+    touched = [key for key, parts in built_keys() if part in parts]
+    for pattern in acl_patterns(part):
+        assert any(fnmatch.fnmatchcase(key, pattern) for key in touched), (part, pattern)
+
+
+def test_each_key_is_of_exactly_one_kind_and_each_kind_is_built() -> None:
+    patterns = {kind: f"{NS}:{kind.pattern}" for kind in KINDS}
+    built = {key for key, _ in built_keys()}
+    for key in built:
+        assert len([p for p in patterns.values() if fnmatch.fnmatchcase(key, p)]) == 1, key
+    for kind, pattern in patterns.items():
+        assert any(fnmatch.fnmatchcase(key, pattern) for key in built), kind
+
+
+def documented_patterns(part: acl.Part) -> set[str]:
+    """The key patterns of ``part``'s table in docs/operations.md.
+
+    A bare word after a pattern shares its tag: ``{task:*}:state``, ``outbox`` names
+    ``{task:*}:outbox``.
+    """
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split(f"\n**{part}**:", 1)[1].split("\n\n", 2)[1]
+    found: set[str] = set()
+    for row in table.splitlines()[2:]:
+        tag = ""
+        for word in re.findall(r"`([^`]+)`", row.split(" | ", 1)[0]):
+            tag = word[: word.find("}") + 1] if word.startswith("{") else tag
+            found.add(word if word.startswith("{") else f"{tag}:{word}")
+    return found
+
+
+@pytest.mark.parametrize("part", acl.PARTS)
+def test_the_operations_guide_names_exactly_the_key_families_of_each_part(part: acl.Part) -> None:
+    assert documented_patterns(part) == {p.removeprefix(f"{NS}:") for p in acl_patterns(part)}
 
 
 def test_a_line_splits_back_into_its_words() -> None:

@@ -7,7 +7,15 @@ import re
 import pytest
 
 from streamflow.errors import InvalidNameError
-from streamflow.keys import Keys, validate_name
+from streamflow.keys import (
+    CONSUMER_ALIVE,
+    KINDS,
+    ROLE_STREAM,
+    STARTS,
+    TASKS_INDEX,
+    Keys,
+    validate_name,
+)
 
 
 def hash_tag(key: str) -> str:
@@ -48,3 +56,16 @@ def test_invalid_namespace_is_refused() -> None:
 @pytest.mark.parametrize("good", ["a", "ocr-v2", "etl.load", "A_1", "9" * 64])
 def test_valid_names_pass(good: str) -> None:
     assert validate_name(good) == good
+
+
+def test_a_key_kind_is_its_keys_with_wildcards() -> None:
+    keys = Keys("sf")
+    assert keys.starts("r", "1-0") == "sf:" + STARTS.form("r", "1-0")
+    assert STARTS.pattern == "{role:*}:starts:*" and TASKS_INDEX.pattern == "{tasks}:index"
+    assert keys.role_pattern() == f"sf:{ROLE_STREAM.pattern}"
+    assert keys.consumer_alive_pattern() == f"sf:{CONSUMER_ALIVE.pattern}"
+    assert len({kind.pattern for kind in KINDS}) == len(KINDS)
+    with pytest.raises(ValueError, match="does not fit"):
+        STARTS.form("r")
+    with pytest.raises(ValueError, match="does not fit"):
+        TASKS_INDEX.form("t")

@@ -28,7 +28,13 @@ from streamflow.dag.tasks import Invocation, NodeState, Step, TaskState, TaskSta
 from streamflow.errors import InputError, StreamflowError
 from streamflow.keys import Keys
 from streamflow.logs import shown
-from streamflow.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_batch
+from streamflow.protocol import (
+    CONTROL_SUBMITTED,
+    CONTROL_TASK_FIELD,
+    CONTROL_TYPE_FIELD,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    decode_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +125,8 @@ class TaskStore:
         if version is None:
             raise ValueError(f"task {task.id!r} exists")
         await self._redis.xadd(
-            self.keys.tasks_control(), {b"task": task.id.encode(), b"type": b"submitted"}
+            self.keys.tasks_control(),
+            {CONTROL_TASK_FIELD: task.id.encode(), CONTROL_TYPE_FIELD: CONTROL_SUBMITTED},
         )
 
     async def load(self, task_id: str, invocations: Sequence[str] = ()) -> Loaded | None:

@@ -4,6 +4,9 @@ Each part (``worker``, ``coordinator``, ``publisher``, ``operator``) gets one Re
 rules allow exactly what that part's code sends, on exactly the key families it touches, and
 nothing else. The tables below list every command with who sends it and every key pattern with
 what it holds; :func:`rules` turns one table into the words of an ``ACL SETUSER`` command.
+The key families are the :class:`~streamflow.keys.KeyKind` s that :class:`~streamflow.keys.Keys`
+builds every key from, so a pattern is the key's name with ``*`` for its variable parts and cannot
+drift from it.
 
 How Redis checks them, and why the tables look the way they do:
 
@@ -45,7 +48,39 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from streamflow.keys import Keys, validate_name
+from streamflow.keys import (
+    BATCH,
+    CANCEL_INDEX,
+    CANCEL_MARKER,
+    CANCEL_REPORT,
+    CONSUMER_ALIVE,
+    CONSUMER_INFO,
+    COORDINATOR_REGISTRY,
+    DEAD_LETTERS,
+    DEDUP,
+    DELAYED,
+    EVENTS,
+    KNOWN_FUNCTIONS,
+    KNOWN_ROLES,
+    ROLE_CONFIG,
+    ROLE_MARK,
+    ROLE_SLOTS,
+    ROLE_STREAM,
+    SIGNALS,
+    STARTS,
+    TASK_OUTBOX,
+    TASK_OUTPUT,
+    TASK_PARTIALS,
+    TASK_RESULT,
+    TASK_STATE,
+    TASKS_ACTIVE,
+    TASKS_CONTROL,
+    TASKS_INDEX,
+    TASKS_MARK,
+    KeyKind,
+    Keys,
+    validate_name,
+)
 
 Part = Literal["worker", "coordinator", "publisher", "operator"]
 #: The parts that can be given a user, in the order the documentation describes them.
@@ -63,11 +98,11 @@ class Narrow:
 
     Attributes:
         commands: Each command, with who sends it.
-        keys: The key families (patterns after ``<namespace>:``) it may touch.
+        keys: The key families it may touch.
     """
 
     commands: Mapping[str, str]
-    keys: tuple[str, ...]
+    keys: tuple[KeyKind, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +111,13 @@ class PartRules:
 
     Attributes:
         summary: One line on what the part does with these rights.
-        keys: Every key family it touches (patterns after ``<namespace>:``), with what for.
+        keys: Every key family it touches, with what for.
         commands: The commands it may send on any of those keys, with who sends them.
         narrow: Commands allowed on fewer key families (see :class:`Narrow`).
     """
 
     summary: str
-    keys: Mapping[str, str]
+    keys: Mapping[KeyKind, str]
     commands: Mapping[str, str]
     narrow: tuple[Narrow, ...] = field(default=())
 
@@ -112,18 +147,18 @@ _STARTUP_CHECKS = {
 PUBLISHER = PartRules(
     summary="publishes jobs (now, delayed, deduplicated, in bulk) and submits tasks",
     keys={
-        "{role:*}:stream": "XADD of jobs (also in publish_many.lua and publish_dedup.lua)",
-        "{role:*}:delayed": "ZADD of delayed jobs (also in publish_dedup.lua)",
-        "{role:*}:dedup:*": "publish_dedup.lua: GET, SET of the dedup marker",
-        "{role:*}:config": "HGET of the role's partitions",
-        "{tasks}:roles": "submit: SMEMBERS (graph check), SADD of the graph's roles; "
+        ROLE_STREAM: "XADD of jobs (also in publish_many.lua and publish_dedup.lua)",
+        DELAYED: "ZADD of delayed jobs (also in publish_dedup.lua)",
+        DEDUP: "publish_dedup.lua: GET, SET of the dedup marker",
+        ROLE_CONFIG: "HGET of the role's partitions",
+        KNOWN_ROLES: "submit: SMEMBERS (graph check), SADD of the graph's roles; "
         "publish: SMEMBERS (the unknown-role warning)",
-        "{tasks}:functions": "submit: SMEMBERS (graph check)",
-        "{tasks}:index": "submit: ZADD",
-        "{tasks}:active": "submit: SADD",
-        "{tasks}:control": "submit: XADD 'task <id> type submitted'",
-        "{task:*}:state": "submit: task_commit.lua (HGET v, HSET); submit --wait: HGET",
-        "{task:*}:outbox": "submit: a key of task_commit.lua (not written at creation)",
+        KNOWN_FUNCTIONS: "submit: SMEMBERS (graph check)",
+        TASKS_INDEX: "submit: ZADD",
+        TASKS_ACTIVE: "submit: SADD",
+        TASKS_CONTROL: "submit: XADD 'task <id> type submitted'",
+        TASK_STATE: "submit: task_commit.lua (HGET v, HSET); submit --wait: HGET",
+        TASK_OUTBOX: "submit: a key of task_commit.lua (not written at creation)",
     },
     commands={
         **_CONNECTION,
@@ -137,14 +172,14 @@ PUBLISHER = PartRules(
         "hset": "task_commit.lua (the new task's state)",
     },
     narrow=(
-        Narrow({"set": "publish_dedup.lua (the dedup marker)"}, ("{role:*}:dedup:*",)),
+        Narrow({"set": "publish_dedup.lua (the dedup marker)"}, (DEDUP,)),
         # EXISTS only: a publisher learns whether an id it chose is cancelled, not the cancels.
         Narrow(
             {"exists": "publish or submit with a chosen id: is it cancelled already?"},
-            ("{signals}:cancel:*",),
+            (CANCEL_MARKER,),
         ),
         # HGETALL only: submit learns whether a coordinator runs, and cannot forge one.
-        Narrow({"hgetall": "submit: is a coordinator running?"}, ("{tasks}:coordinators",)),
+        Narrow({"hgetall": "submit: is a coordinator running?"}, (COORDINATOR_REGISTRY,)),
     ),
 )
 
@@ -152,23 +187,23 @@ WORKER = PartRules(
     summary="reads its roles' streams, runs handlers, settles, retries, dead-letters, "
     "follows cancels, and runs task nodes",
     keys={
-        "{role:*}:stream": "XGROUP CREATE, XREADGROUP, XPENDING; every settling script",
-        "{role:*}:delayed": "retry.lua ZADD, promote.lua ZRANGE and ZREM",
-        "{role:*}:dead": "dead_letter.lua XADD",
-        "{role:*}:events": "task node events: XADD accepted, emit/finish/dead_letter.lua",
-        "{role:*}:starts:*": "starts of redelivered entries: GET, MULTI INCRBY PEXPIRE EXEC",
-        "{role:*}:batch:*": "emit.lua SET of an emitted batch; GET of an input batch",
-        "{role:*}:config": "HSETNX + HGET of the role's partitions at start-up",
-        "{signals}:stream": "XREVRANGE (start position), XREAD (follow)",
-        "{signals}:cancel:*": "GET at start-up; mark_cancel.lua SET NX PX, PTTL",
-        "{signals}:cancels": "the cancel index: ZRANGE at start-up; mark_cancel.lua ZADD",
-        "{signals}:report:*": "HSET + PEXPIRE of its cancel report",
-        "{consumer:*}:alive": "alive.lua: GET, SET PX, DEL of its liveness key",
-        "{consumer:*}:info": "its registry entry: SET PX, DEL",
-        "{role:*}:alive:*": "its marks: SET PX, DEL; forget.lua EXISTS of other workers' marks",
-        "{tasks}:roles": "SMISMEMBER, then SADD of the roles it serves",
-        "{task:*}:out:*": "ctx.inputs(): LRANGE of a parent's batch keys",
-        "{task:*}:result:*": "ctx.inputs() and input batches: GET of a function node's output",
+        ROLE_STREAM: "XGROUP CREATE, XREADGROUP, XPENDING; every settling script",
+        DELAYED: "retry.lua ZADD, promote.lua ZRANGE and ZREM",
+        DEAD_LETTERS: "dead_letter.lua XADD",
+        EVENTS: "task node events: XADD accepted, emit/finish/dead_letter.lua",
+        STARTS: "starts of redelivered entries: GET, MULTI INCRBY PEXPIRE EXEC",
+        BATCH: "emit.lua SET of an emitted batch; GET of an input batch",
+        ROLE_CONFIG: "HSETNX + HGET of the role's partitions at start-up",
+        SIGNALS: "XREVRANGE (start position), XREAD (follow)",
+        CANCEL_MARKER: "GET at start-up; mark_cancel.lua SET NX PX, PTTL",
+        CANCEL_INDEX: "the cancel index: ZRANGE at start-up; mark_cancel.lua ZADD",
+        CANCEL_REPORT: "HSET + PEXPIRE of its cancel report",
+        CONSUMER_ALIVE: "alive.lua: GET, SET PX, DEL of its liveness key",
+        CONSUMER_INFO: "its registry entry: SET PX, DEL",
+        ROLE_MARK: "its marks: SET PX, DEL; forget.lua EXISTS of other workers' marks",
+        KNOWN_ROLES: "SMISMEMBER, then SADD of the roles it serves",
+        TASK_OUTPUT: "ctx.inputs(): LRANGE of a parent's batch keys",
+        TASK_RESULT: "ctx.inputs() and input batches: GET of a function node's output",
     },
     commands={
         **_CONNECTION,
@@ -210,25 +245,25 @@ WORKER = PartRules(
                 "xdel": "settle, retry, dead_letter and finish.lua",
                 "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
-            ("{role:*}:stream",),
+            (ROLE_STREAM,),
         ),
         Narrow(
             {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua"},
             (
-                "{consumer:*}:alive",
-                "{consumer:*}:info",
-                "{role:*}:alive:*",
-                "{signals}:cancel:*",
-                "{role:*}:batch:*",
+                CONSUMER_ALIVE,
+                CONSUMER_INFO,
+                ROLE_MARK,
+                CANCEL_MARKER,
+                BATCH,
             ),
         ),
         Narrow(
             {"del": "alive.lua release, registry entry and marks on a clean stop"},
-            ("{consumer:*}:alive", "{consumer:*}:info", "{role:*}:alive:*"),
+            (CONSUMER_ALIVE, CONSUMER_INFO, ROLE_MARK),
         ),
         Narrow(
             {"pexpire": "start counts, cancel reports"},
-            ("{role:*}:starts:*", "{signals}:report:*"),
+            (STARTS, CANCEL_REPORT),
         ),
     ),
 )
@@ -236,29 +271,29 @@ WORKER = PartRules(
 COORDINATOR = PartRules(
     summary="turns task events into task state and publishes, cancels and limits task nodes",
     keys={
-        "{tasks}:functions": "SADD of the functions it provides",
-        "{tasks}:coordinators": "its registry entry: HSET, HGETALL, HDEL",
-        "{tasks}:roles": "SMEMBERS (which events streams to read)",
-        "{tasks}:control": "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
-        "{tasks}:active": "SMEMBERS (sweep), SREM of ended tasks",
-        "{role:*}:events": "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
-        "{role:*}:dead": "XADD of a malformed event",
-        "{role:*}:stream": "publish_dedup.lua: XADD of a node's job",
-        "{role:*}:dedup:*": "publish_dedup.lua: GET, SET of the dispatch marker",
-        "{role:*}:delayed": "publish_dedup.lua: a key of the script, never written (due 0)",
-        "{role:*}:slots": "slot.lua (SISMEMBER, SCARD, SADD); sweep SMEMBERS, SREM",
-        "{role:*}:batch:*": "GET of a function's inputs; PEXPIRE when the task ends",
-        "{role:*}:config": "HGET of a role's partitions",
-        "{task:*}:state": "HMGET, HGET; task_commit.lua",
-        "{task:*}:outbox": "HGETALL, HDEL; task_commit.lua",
-        "{task:*}:out:*": "LRANGE; task_commit.lua RPUSH",
-        "{task:*}:partials:*": "HGETALL; task_commit.lua HSET",
-        "{task:*}:result:*": "SET PX of a reduce's result; GET as an input",
-        "{signals}:stream": "XREVRANGE, XREAD (cancels); cancel.lua XADD",
-        "{signals}:cancel:*": "GET at start-up; mark_cancel.lua SET NX PX, PTTL; cancel.lua SET",
-        "{signals}:cancels": "ZRANGE at start-up; cancel.lua and mark_cancel.lua ZADD",
-        "{tasks}:alive:*": "its mark by the control stream: SET PX, DEL; forget.lua EXISTS",
-        "{role:*}:alive:*": "its marks by the events streams: SET PX, DEL; forget.lua EXISTS",
+        KNOWN_FUNCTIONS: "SADD of the functions it provides",
+        COORDINATOR_REGISTRY: "its registry entry: HSET, HGETALL, HDEL",
+        KNOWN_ROLES: "SMEMBERS (which events streams to read)",
+        TASKS_CONTROL: "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
+        TASKS_ACTIVE: "SMEMBERS (sweep), SREM of ended tasks",
+        EVENTS: "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
+        DEAD_LETTERS: "XADD of a malformed event",
+        ROLE_STREAM: "publish_dedup.lua: XADD of a node's job",
+        DEDUP: "publish_dedup.lua: GET, SET of the dispatch marker",
+        DELAYED: "publish_dedup.lua: a key of the script, never written (due 0)",
+        ROLE_SLOTS: "slot.lua (SISMEMBER, SCARD, SADD); sweep SMEMBERS, SREM",
+        BATCH: "GET of a function's inputs; PEXPIRE when the task ends",
+        ROLE_CONFIG: "HGET of a role's partitions",
+        TASK_STATE: "HMGET, HGET; task_commit.lua",
+        TASK_OUTBOX: "HGETALL, HDEL; task_commit.lua",
+        TASK_OUTPUT: "LRANGE; task_commit.lua RPUSH",
+        TASK_PARTIALS: "HGETALL; task_commit.lua HSET",
+        TASK_RESULT: "SET PX of a reduce's result; GET as an input",
+        SIGNALS: "XREVRANGE, XREAD (cancels); cancel.lua XADD",
+        CANCEL_MARKER: "GET at start-up; mark_cancel.lua SET NX PX, PTTL; cancel.lua SET",
+        CANCEL_INDEX: "ZRANGE at start-up; cancel.lua and mark_cancel.lua ZADD",
+        TASKS_MARK: "its mark by the control stream: SET PX, DEL; forget.lua EXISTS",
+        ROLE_MARK: "its marks by the events streams: SET PX, DEL; forget.lua EXISTS",
     },
     commands={
         **_CONNECTION,
@@ -293,26 +328,26 @@ COORDINATOR = PartRules(
         Narrow(
             {"set": "publish_dedup.lua, a reduce's result, cancel.lua, mark_cancel.lua, marks"},
             (
-                "{role:*}:dedup:*",
-                "{task:*}:result:*",
-                "{signals}:cancel:*",
-                "{tasks}:alive:*",
-                "{role:*}:alive:*",
+                DEDUP,
+                TASK_RESULT,
+                CANCEL_MARKER,
+                TASKS_MARK,
+                ROLE_MARK,
             ),
         ),
         Narrow(
             {"del": "its marks on a clean stop"},
-            ("{tasks}:alive:*", "{role:*}:alive:*"),
+            (TASKS_MARK, ROLE_MARK),
         ),
         Narrow(
             {"pexpire": "task_commit.lua (retention of an ended task), its batches"},
             (
-                "{task:*}:state",
-                "{task:*}:outbox",
-                "{task:*}:out:*",
-                "{task:*}:partials:*",
-                "{task:*}:result:*",
-                "{role:*}:batch:*",
+                TASK_STATE,
+                TASK_OUTBOX,
+                TASK_OUTPUT,
+                TASK_PARTIALS,
+                TASK_RESULT,
+                BATCH,
             ),
         ),
         # The consumer group commands on the control and events streams only: a coordinator
@@ -328,7 +363,7 @@ COORDINATOR = PartRules(
                 "xgroup|delconsumer": "forget.lua (a dead coordinator that holds nothing)",
                 "xpending": "claim.lua (adopted counts); forget.lua (does a dead one hold any?)",
             },
-            ("{tasks}:control", "{role:*}:events"),
+            (TASKS_CONTROL, EVENTS),
         ),
     ),
 )
@@ -337,26 +372,26 @@ OPERATOR = PartRules(
     summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result "
     "(and the exporter)",
     keys={
-        "{role:*}:stream": "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
+        ROLE_STREAM: "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
         "cancel: SCAN, XRANGE (does the message exist?)",
-        "{role:*}:delayed": "inspect: EXISTS, ZCARD; cancel: SCAN, ZRANGE",
-        "{role:*}:dead": "dlq: XLEN, XRANGE; replay.lua XDEL; purge MULTI XLEN DEL EXEC",
-        "{role:*}:events": "exporter: XLEN (task events backlog)",
-        "{role:*}:batch:*": "result: GET",
-        "{role:*}:config": "inspect, dlq, exporter: HGET of the role's partitions",
-        "{consumer:*}:alive": "inspect: EXISTS; cancel --wait: SCAN",
-        "{consumer:*}:info": "workers: SCAN + GET",
-        "{tasks}:coordinators": "workers: HGETALL",
-        "{signals}:stream": "cancel.lua XADD",
-        "{signals}:cancel:*": "cancel.lua SET",
-        "{signals}:cancels": "cancel.lua ZADD, ZREMRANGEBYSCORE",
-        "{signals}:report:*": "cancel --wait: HGETALL",
-        "{tasks}:roles": "inspect: SMEMBERS, SISMEMBER",
-        "{tasks}:index": "tasks: ZREVRANGE",
-        "{tasks}:active": "exporter: SMEMBERS",
-        "{task:*}:state": "tasks, status, result: HGET; cancel: EXISTS",
-        "{task:*}:out:*": "result: LRANGE",
-        "{task:*}:result:*": "result: GET",
+        DELAYED: "inspect: EXISTS, ZCARD; cancel: SCAN, ZRANGE",
+        DEAD_LETTERS: "dlq: XLEN, XRANGE; replay.lua XDEL; purge MULTI XLEN DEL EXEC",
+        EVENTS: "exporter: XLEN (task events backlog)",
+        BATCH: "result: GET",
+        ROLE_CONFIG: "inspect, dlq, exporter: HGET of the role's partitions",
+        CONSUMER_ALIVE: "inspect: EXISTS; cancel --wait: SCAN",
+        CONSUMER_INFO: "workers: SCAN + GET",
+        COORDINATOR_REGISTRY: "workers: HGETALL",
+        SIGNALS: "cancel.lua XADD",
+        CANCEL_MARKER: "cancel.lua SET",
+        CANCEL_INDEX: "cancel.lua ZADD, ZREMRANGEBYSCORE",
+        CANCEL_REPORT: "cancel --wait: HGETALL",
+        KNOWN_ROLES: "inspect: SMEMBERS, SISMEMBER",
+        TASKS_INDEX: "tasks: ZREVRANGE",
+        TASKS_ACTIVE: "exporter: SMEMBERS",
+        TASK_STATE: "tasks, status, result: HGET; cancel: EXISTS",
+        TASK_OUTPUT: "result: LRANGE",
+        TASK_RESULT: "result: GET",
     },
     commands={
         **_CONNECTION,
@@ -385,8 +420,8 @@ OPERATOR = PartRules(
         "lrange": "result",
     },
     narrow=(
-        Narrow({"set": "cancel.lua (the cancel marker)"}, ("{signals}:cancel:*",)),
-        Narrow({"del": "dlq purge", "xdel": "replay.lua"}, ("{role:*}:dead",)),
+        Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),
+        Narrow({"del": "dlq purge", "xdel": "replay.lua"}, (DEAD_LETTERS,)),
     ),
 )
 
@@ -445,11 +480,11 @@ def rules(
         if not (password.startswith(">") or SHA256_WORD.fullmatch(password)):
             raise ValueError("a password word is '#' and 64 hex digits (a SHA-256), or '>password'")
         words.append(password)
-    words += [f"~{prefix}:{pattern}" for pattern in table.keys]
+    words += [f"~{prefix}:{kind.pattern}" for kind in table.keys]
     words += ["resetchannels", "-@all"]
     words += [f"+{command}" for command in table.commands]
     for narrow in table.narrow:
-        inner = [f"~{prefix}:{pattern}" for pattern in narrow.keys]
+        inner = [f"~{prefix}:{kind.pattern}" for kind in narrow.keys]
         inner += [f"+{command}" for command in narrow.commands]
         words.append("(" + " ".join(inner) + ")")
     return words
