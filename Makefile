@@ -68,7 +68,7 @@ $(PEERS_STAMP): pyproject.toml $(PEERS_REQUIREMENTS)
 	touch $(PEERS_STAMP)
 
 # streamflow against a bare redis-py loop, taskiq and dramatiq on one private redis-server:
-# about 6 minutes; `make bench-peers ARGS=--quick` (about 1) or `ARGS=--write` (docs/benchmarks.md).
+# about 8 minutes; `make bench-peers ARGS=--quick` (about 1) or `ARGS=--write` (docs/benchmarks.md).
 bench-peers: $(PEERS_STAMP)
 	$(PEERS_VENV)/bin/python benchmarks/peers/run.py $(ARGS)
 

@@ -74,11 +74,11 @@ def make_dramatiq(url: str, namespace: str, handler: Handler) -> tuple[Any, Any]
 
 
 def versions() -> dict[str, str]:
-    """The installed versions of every package measured (``-`` when one is missing)."""
+    """The installed versions of the peers and the client (``-`` when one is missing)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("streamflow", "redis", "hiredis", "taskiq", "taskiq-redis", "dramatiq"):
+    for name in ("redis", "hiredis", "taskiq", "taskiq-redis", "dramatiq"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

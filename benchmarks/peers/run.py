@@ -329,7 +329,7 @@ def load_cell(runs: Sequence[Run]) -> str:
     if others:
         parts.append(f"others {spread(others, 2)} cores")
     if steal:
-        parts.append(f"steal ≤ {max(steal):.0%}")
+        parts.append(f"steal ≤ {max(steal):.1%}")
     return ", ".join(parts)
 
 
