@@ -8,8 +8,13 @@ STAMP := $(VENV)/.installed
 # to the in-process fake Redis when redis-server is not on PATH): no test, lint or docs tools.
 DEMO_VENV ?= .venv-demo
 DEMO_STAMP := $(DEMO_VENV)/.installed
+# `make bench-peers` has its own venv too: the peers (taskiq, dramatiq) pinned in
+# benchmarks/peers/requirements.txt, and streamflow from the work tree; never the project's.
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_REQUIREMENTS := benchmarks/peers/requirements.txt
 
-.PHONY: venv lint typecheck pytest docs test demo bench fmt clean distclean
+.PHONY: venv lint typecheck pytest docs test demo bench bench-peers fmt clean distclean
 
 venv: $(STAMP)
 
@@ -57,14 +62,24 @@ demo: $(DEMO_STAMP)
 bench: venv
 	$(VPY) benchmarks/throughput.py
 
+$(PEERS_STAMP): pyproject.toml $(PEERS_REQUIREMENTS)
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -r $(PEERS_REQUIREMENTS) -e .
+	touch $(PEERS_STAMP)
+
+# streamflow against a bare redis-py loop, taskiq and dramatiq on one private redis-server:
+# about 8 minutes; `make bench-peers ARGS=--quick` (about 1) or `ARGS=--write` (docs/benchmarks.md).
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python benchmarks/peers/run.py $(ARGS)
+
 fmt: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf build dist site .pytest_cache .mypy_cache .ruff_cache *.egg-info
-	find . \( -path ./$(VENV) -o -path ./$(DEMO_VENV) \) -prune -o -name __pycache__ -type d \
-		-exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(DEMO_VENV) -o -path ./$(PEERS_VENV) \) -prune \
+		-o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(DEMO_VENV)
+	rm -rf $(VENV) $(DEMO_VENV) $(PEERS_VENV)

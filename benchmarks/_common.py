@@ -40,6 +40,7 @@ class WorkerProcess:
         namespace: The streamflow namespace.
         options: More ``--name value`` options for the worker script.
         profile: Run the worker under cProfile and write the stats to this file.
+        script: The worker script (``_worker.py``; ``peers/`` has one for the other queues).
     """
 
     def __init__(
@@ -50,8 +51,9 @@ class WorkerProcess:
         options: Mapping[str, object] | None = None,
         *,
         profile: Path | None = None,
+        script: Path = WORKER_SCRIPT,
     ) -> None:
-        argv = [str(WORKER_SCRIPT), mode, "--url", url, "--namespace", namespace]
+        argv = [str(script), mode, "--url", url, "--namespace", namespace]
         for name, value in (options or {}).items():
             if value is not None:
                 argv += [f"--{name.replace('_', '-')}", str(value)]

@@ -187,22 +187,8 @@ async def bare_loop(url: str, n: int) -> Drain:
                 pipe.xadd(key, {b"message": body})
             await pipe.execute()
 
-        handled = 0
-        previous: list[bytes] = []
         cpu_t0, t0 = time.process_time(), time.perf_counter()
-        while True:
-            pipe = redis.pipeline(transaction=False)
-            if previous:
-                pipe.xack(key, "g", *previous)
-            pipe.xreadgroup("g", "c", {key: ">"}, count=BARE_READ_COUNT)
-            reply = (await pipe.execute())[-1]
-            if not reply:
-                break  # the last batch was acknowledged in this same pipeline
-            previous = []
-            for entry_id, fields in reply[0][1]:
-                noop(fields)
-                previous.append(entry_id)
-            handled += len(previous)
+        handled = await bare_drain(redis, key)
         elapsed, cpu_self = time.perf_counter() - t0, time.process_time() - cpu_t0
         cpu1 = await redis_cpu_seconds(redis)
         pending = await pending_count(redis, key, "g")
@@ -212,6 +198,42 @@ async def bare_loop(url: str, n: int) -> Drain:
     finally:
         await redis.delete(key)
         await redis.aclose()
+
+
+async def bare_drain(
+    redis: Redis,
+    key: str,
+    *,
+    expected: int | None = None,
+    block: int | None = None,
+    handle: Callable[[dict[bytes, bytes]], None] = noop,
+) -> int:
+    """Read ``key`` with XREADGROUP (group ``g``), each batch acknowledged in the next pipeline.
+
+    Without ``expected``, stops at the first empty read (a drain); with it, reads (blocking
+    ``block`` ms at a time) until ``expected`` entries were handled and acknowledged. Returns how
+    many entries were handled.
+    """
+    handled = 0
+    previous: list[bytes] = []
+    while True:
+        pipe = redis.pipeline(transaction=False)
+        if previous:
+            pipe.xack(key, "g", *previous)
+        if expected is not None and handled >= expected:
+            await pipe.execute()
+            return handled
+        pipe.xreadgroup("g", "c", {key: ">"}, count=BARE_READ_COUNT, block=block)
+        reply = (await pipe.execute())[-1]
+        previous = []
+        if not reply:
+            if expected is None:
+                return handled  # the last batch was acknowledged in this same pipeline
+            continue
+        for entry_id, fields in reply[0][1]:
+            handle(fields)
+            previous.append(entry_id)
+        handled += len(previous)
 
 
 # -- b, c, f: the streamflow worker in its own process ------------------------------------------
