@@ -13,11 +13,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import orjson
 import psutil
 import pytest
 import redis
+from pydantic import SecretStr
 
+from streamflow import config
+from streamflow.cli import main
+from streamflow.cli.worker import worker as worker_command
+from streamflow.cli.worker import worker_settings
+from streamflow.config import WorkerSettings
 from streamflow.keys import Keys
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 
@@ -27,6 +34,55 @@ pytestmark = pytest.mark.redis
 CLI = [sys.executable, "-m", "streamflow"]
 CLI_TIMEOUT = 20.0
 CANARY = "S3cretCanary"
+
+
+# -- the worker's options are its settings ----------------------------------------------------
+
+
+def _worker_options() -> dict[str | None, click.Option]:
+    return {p.name: p for p in worker_command.params if isinstance(p, click.Option)}
+
+
+def test_worker_settings_and_options_are_one_to_one() -> None:
+    names = [p.name for p in worker_command.params]
+    assert sorted(n or "" for n in names) == sorted(WorkerSettings.model_fields)
+    assert len(names) == len(set(names))
+
+
+def test_every_settings_variable_is_one_worker_option_or_a_root_option() -> None:
+    variables = [option.envvar for option in _worker_options().values() if option.envvar]
+    variables += [p.envvar for p in main.params if isinstance(p, click.Option) and p.envvar]
+    assert sorted(variables) == sorted(config.ENV_VARS)
+
+
+@pytest.mark.parametrize("name", sorted(WorkerSettings.model_fields))
+def test_each_worker_option_is_spelled_as_its_setting_with_help(name: str) -> None:
+    option, field = _worker_options()[name], WorkerSettings.model_fields[name]
+    if field.annotation is bool:
+        # A flag states the value that is not the default: --strict, --no-server-checks.
+        assert option.opts == [f"--{'no-' if field.default else ''}{name.replace('_', '-')}"]
+    else:
+        assert option.opts == [config.option_name(name)]
+    assert option.envvar == config.env_var(name)
+    assert option.hidden == (name in config.CHILD_FIELDS)
+    assert option.required == field.is_required()
+    assert option.hidden or option.help
+
+
+@pytest.mark.parametrize("name", sorted(WorkerSettings.model_fields))
+def test_each_worker_option_defaults_to_its_setting_default(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in config.ENV_VARS:
+        monkeypatch.delenv(variable, raising=False)
+    with worker_command.make_context("worker", ["--app", "tests.apps:app"]) as ctx:
+        parsed = worker_settings(ctx.params)
+    assert getattr(parsed, name) == getattr(WorkerSettings(app="tests.apps:app"), name)
+    # What --help shows as the default is the setting's default too.
+    default = WorkerSettings.model_fields[name].default
+    shown = default.get_secret_value() if isinstance(default, SecretStr) else default
+    if not WorkerSettings.model_fields[name].is_required():
+        assert ctx.params.get(name, shown) == shown
 
 
 def run_cli(

@@ -244,12 +244,23 @@ async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
             return
 
 
+def setting_option(
+    name: str, model: type[config.ConnectionSettings] = config.WorkerSettings, **attrs: Any
+) -> Callable[[F], F]:
+    """A click option for field ``name`` of ``model``, spelled from the field.
+
+    Its name (``--read-count``), its ``STREAMFLOW_*`` variable and its default (shown in
+    ``--help``) are the field's; ``attrs`` add the type and help text.
+    """
+    field = model.model_fields[name]
+    if not field.is_required() and field.default is not None and not attrs.get("is_flag"):
+        attrs = {"default": field.default, "show_default": True, **attrs}
+    return click.option(config.option_name(name), name, envvar=config.env_var(name), **attrs)
+
+
 #: ``--metrics-host`` of every command that serves metrics (worker, coordinator, exporter).
-metrics_host_option = click.option(
-    "--metrics-host",
-    envvar="STREAMFLOW_METRICS_HOST",
-    default="127.0.0.1",
-    show_default=True,
+metrics_host_option = setting_option(
+    "metrics_host",
     help="The address the metrics and health server listens on: loopback by default; "
     "0.0.0.0 to be scraped from other hosts or from outside a container.",
 )
