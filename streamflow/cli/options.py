@@ -4,10 +4,10 @@ Every command module imports these by their public names and nothing else from a
 ``--redis-url``/``--namespace``/``--tls-*`` options (:func:`connection_options`) and the
 clients built from them (:func:`connect_redis`, :func:`open_client`), the one-line error exit
 (:func:`errors_to_exit`), the start-up wait of long-running commands (:func:`wait_ready`),
-the metrics server (:func:`serving_metrics`, :data:`metrics_host_option`), JSON output
-(:func:`echo_json`) and the logging set-up the root group runs before any command
-(:func:`configure`). It imports no command module, so no command module can be imported
-back through it.
+the metrics server (:func:`serving_metrics`, :data:`metrics_host_option`), options spelled
+from a settings field (:func:`setting_option`), JSON output (:func:`echo_json`) and the
+logging set-up the root group runs before any command (:func:`configure`). It imports no
+command module, so no command module can be imported back through it.
 """
 
 from __future__ import annotations
