@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -83,6 +84,45 @@ def test_each_worker_option_defaults_to_its_setting_default(
     shown = default.get_secret_value() if isinstance(default, SecretStr) else default
     if not WorkerSettings.model_fields[name].is_required():
         assert ctx.params.get(name, shown) == shown
+
+
+def _reference_rows() -> list[list[str]]:
+    """The rows of the configuration reference table in docs/operations.md, as cells."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split("| Option | Variable |", 1)[1].split("\n\n", 1)[0]
+    return [row.strip("| ").split(" | ") for row in table.splitlines()[2:]]
+
+
+def test_the_configuration_reference_names_every_option_with_its_variable() -> None:
+    documented = {}
+    for row in _reference_rows():
+        options, variables = re.findall(r"`(--[a-z-]+)`", row[0]), re.findall(r"`(\w+)`", row[1])
+        assert len(options) == len(variables), row
+        documented.update(zip(options, variables, strict=True))
+    expected = {o.opts[0]: o.envvar for o in _worker_options().values() if not o.hidden}
+    expected |= {
+        p.opts[0]: p.envvar for p in main.params if isinstance(p, click.Option) and p.envvar
+    }
+    assert documented == expected
+
+
+def test_the_configuration_reference_states_each_default() -> None:
+    fields = {
+        config.option_name(name): field for name, field in WorkerSettings.model_fields.items()
+    }
+    checked = []
+    for options, _, cell, *_ in _reference_rows():
+        field = fields.get(re.findall(r"`(--[a-z-]+)`", options)[0])
+        if field is None or field.is_required():
+            continue
+        default = field.default
+        default = default.get_secret_value() if isinstance(default, SecretStr) else default
+        if default is None or default is False or default == ():
+            continue  # said in words: off, every role of the app, lease TTL / 3, ...
+        number = re.fullmatch(r"([\d,.]+)( s)?", cell)
+        assert (float(number[1].replace(",", "")) if number else cell.strip("`")) == default, cell
+        checked.append(cell)
+    assert len(checked) >= 12
 
 
 def run_cli(
