@@ -28,38 +28,10 @@ from streamflow.leases import LeaseSettings
 ENV_PREFIX = "STREAMFLOW_"
 #: Settings fields whose CLI option has another name.
 _OPTION_NAMES = {"roles": "role"}
+#: Settings only the supervisor of ``--processes N`` gives its children: hidden options, no
+#: environment variable.
+CHILD_FIELDS = frozenset({"server_checks", "parent_pid", "parent_fd"})
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-#: Every environment variable streamflow reads; any other STREAMFLOW_* is a start-up error, so a
-#: misspelt setting is never silently ignored.
-ENV_VARS = frozenset(
-    {
-        "STREAMFLOW_REDIS_URL",
-        "STREAMFLOW_NAMESPACE",
-        "STREAMFLOW_APP",
-        "STREAMFLOW_ROLES",
-        "STREAMFLOW_CONCURRENCY",
-        "STREAMFLOW_CONSUMER_NAME",
-        "STREAMFLOW_PROCESSES",
-        "STREAMFLOW_READ_COUNT",
-        "STREAMFLOW_PREFETCH",
-        "STREAMFLOW_BLOCK_MS",
-        "STREAMFLOW_MAX_MESSAGE_BYTES",
-        "STREAMFLOW_SHUTDOWN_GRACE",
-        "STREAMFLOW_DEAD_LETTER_MAX_LEN",
-        "STREAMFLOW_LEASE_TTL",
-        "STREAMFLOW_RENEW_INTERVAL",
-        "STREAMFLOW_RECLAIM_INTERVAL",
-        "STREAMFLOW_LOG_LEVEL",
-        "STREAMFLOW_LOG_FORMAT",
-        "STREAMFLOW_METRICS_PORT",
-        "STREAMFLOW_METRICS_HOST",
-        "STREAMFLOW_TLS_CA_FILE",
-        "STREAMFLOW_TLS_CERT_FILE",
-        "STREAMFLOW_TLS_KEY_FILE",
-        "STREAMFLOW_STRICT",
-    }
-)
 
 
 class ConnectionSettings(BaseModel):
@@ -209,6 +181,51 @@ class WorkerSettings(ConnectionSettings):
         return None if value is None else validate_name(value, "consumer name")
 
 
+#: Every environment variable streamflow reads: one per setting, and the root group's logging
+#: options. Any other STREAMFLOW_* is a start-up error, so a misspelt setting is never silently
+#: ignored.
+ENV_VARS = frozenset(
+    {f"{ENV_PREFIX}{name.upper()}" for name in set(WorkerSettings.model_fields) - CHILD_FIELDS}
+    | {"STREAMFLOW_LOG_LEVEL", "STREAMFLOW_LOG_FORMAT"}
+)
+
+
+def option_name(field: str) -> str:
+    """The command-line option of settings field ``field``: ``--read-count`` for ``read_count``."""
+    return "--" + _OPTION_NAMES.get(field, field).replace("_", "-")
+
+
+def env_var(field: str) -> str | None:
+    """The environment variable of settings field ``field`` (None: set by no variable)."""
+    return None if field in CHILD_FIELDS else f"{ENV_PREFIX}{field.upper()}"
+
+
+def command_line(settings: WorkerSettings) -> list[str]:
+    """The options of ``streamflow worker`` that give ``settings``, save the connection ones.
+
+    Parsed by ``streamflow worker`` with :meth:`ConnectionSettings.environment` in its
+    environment, they give ``settings`` back. The connection settings are left out: the Redis
+    URL may hold a password, which a command line would show to every user of the host.
+    """
+    argv: list[str] = []
+    for name, field in WorkerSettings.model_fields.items():
+        if name not in ConnectionSettings.model_fields:
+            argv += _arguments(name, getattr(settings, name), field.default)
+    return argv
+
+
+def _arguments(name: str, value: object, default: object) -> list[str]:
+    option = option_name(name)
+    if isinstance(value, bool):
+        # A flag is given only against its default: --strict, --no-server-checks.
+        return [] if value == default else [option if value else f"--no-{option[2:]}"]
+    if value is None:
+        return []
+    if isinstance(value, tuple):
+        return [word for item in value for word in (option, str(item))]
+    return [option, str(value)]
+
+
 def build(model: type[ConnectionSettings], **values: object) -> ConnectionSettings:
     """Build settings, turning validation errors into one readable :class:`ConfigError`."""
     try:
@@ -221,7 +238,7 @@ def build(model: type[ConnectionSettings], **values: object) -> ConnectionSettin
             )
             where = ".".join(str(p) for p in err["loc"])
             if where:
-                message = f"--{_OPTION_NAMES.get(where, where).replace('_', '-')}: {message}"
+                message = f"{option_name(where)}: {message}"
             problems.append(message)
         raise ConfigError("; ".join(problems)) from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -13,11 +14,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import orjson
 import psutil
 import pytest
 import redis
+from pydantic import SecretStr
 
+from streamflow import config
+from streamflow.cli import main
+from streamflow.cli.worker import worker as worker_command
+from streamflow.cli.worker import worker_settings
+from streamflow.config import WorkerSettings
 from streamflow.keys import Keys
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 
@@ -27,6 +35,94 @@ pytestmark = pytest.mark.redis
 CLI = [sys.executable, "-m", "streamflow"]
 CLI_TIMEOUT = 20.0
 CANARY = "S3cretCanary"
+
+
+# -- the worker's options are its settings ----------------------------------------------------
+
+
+def _worker_options() -> dict[str | None, click.Option]:
+    return {p.name: p for p in worker_command.params if isinstance(p, click.Option)}
+
+
+def test_worker_settings_and_options_are_one_to_one() -> None:
+    names = [p.name for p in worker_command.params]
+    assert sorted(n or "" for n in names) == sorted(WorkerSettings.model_fields)
+    assert len(names) == len(set(names))
+
+
+def test_every_settings_variable_is_one_worker_option_or_a_root_option() -> None:
+    variables = [option.envvar for option in _worker_options().values() if option.envvar]
+    variables += [p.envvar for p in main.params if isinstance(p, click.Option) and p.envvar]
+    assert sorted(variables) == sorted(config.ENV_VARS)
+
+
+@pytest.mark.parametrize("name", sorted(WorkerSettings.model_fields))
+def test_each_worker_option_is_spelled_as_its_setting_with_help(name: str) -> None:
+    option, field = _worker_options()[name], WorkerSettings.model_fields[name]
+    if field.annotation is bool:
+        # A flag states the value that is not the default: --strict, --no-server-checks.
+        assert option.opts == [f"--{'no-' if field.default else ''}{name.replace('_', '-')}"]
+    else:
+        assert option.opts == [config.option_name(name)]
+    assert option.envvar == config.env_var(name)
+    assert option.hidden == (name in config.CHILD_FIELDS)
+    assert option.required == field.is_required()
+    assert option.hidden or option.help
+
+
+@pytest.mark.parametrize("name", sorted(WorkerSettings.model_fields))
+def test_each_worker_option_defaults_to_its_setting_default(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in config.ENV_VARS:
+        monkeypatch.delenv(variable, raising=False)
+    with worker_command.make_context("worker", ["--app", "tests.apps:app"]) as ctx:
+        parsed = worker_settings(ctx.params)
+    assert getattr(parsed, name) == getattr(WorkerSettings(app="tests.apps:app"), name)
+    # What --help shows as the default is the setting's default too.
+    default = WorkerSettings.model_fields[name].default
+    shown = default.get_secret_value() if isinstance(default, SecretStr) else default
+    if not WorkerSettings.model_fields[name].is_required():
+        assert ctx.params.get(name, shown) == shown
+
+
+def _reference_rows() -> list[list[str]]:
+    """The rows of the configuration reference table in docs/operations.md, as cells."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split("| Option | Variable |", 1)[1].split("\n\n", 1)[0]
+    return [row.strip("| ").split(" | ") for row in table.splitlines()[2:]]
+
+
+def test_the_configuration_reference_names_every_option_with_its_variable() -> None:
+    documented = {}
+    for row in _reference_rows():
+        options, variables = re.findall(r"`(--[a-z-]+)`", row[0]), re.findall(r"`(\w+)`", row[1])
+        assert len(options) == len(variables), row
+        documented.update(zip(options, variables, strict=True))
+    expected = {o.opts[0]: o.envvar for o in _worker_options().values() if not o.hidden}
+    expected |= {
+        p.opts[0]: p.envvar for p in main.params if isinstance(p, click.Option) and p.envvar
+    }
+    assert documented == expected
+
+
+def test_the_configuration_reference_states_each_default() -> None:
+    fields = {
+        config.option_name(name): field for name, field in WorkerSettings.model_fields.items()
+    }
+    checked = []
+    for options, _, cell, *_ in _reference_rows():
+        field = fields.get(re.findall(r"`(--[a-z-]+)`", options)[0])
+        if field is None or field.is_required():
+            continue
+        default = field.default
+        default = default.get_secret_value() if isinstance(default, SecretStr) else default
+        if default is None or default is False or default == ():
+            continue  # said in words: off, every role of the app, lease TTL / 3, ...
+        number = re.fullmatch(r"([\d,.]+)( s)?", cell)
+        assert (float(number[1].replace(",", "")) if number else cell.strip("`")) == default, cell
+        checked.append(cell)
+    assert len(checked) >= 12
 
 
 def run_cli(

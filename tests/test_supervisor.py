@@ -14,11 +14,110 @@ from pathlib import Path
 import psutil
 import pytest
 
+from streamflow import config
+from streamflow.cli.worker import worker, worker_settings
 from streamflow.client import SyncClient
+from streamflow.config import WorkerSettings
+from streamflow.errors import ConfigError
+from streamflow.ops.supervisor import child_command, child_settings
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 from tests.test_crash import Record, Workers
 
 pytestmark = pytest.mark.redis
+
+
+# -- a child's settings go through its command line whole ------------------------------------
+
+
+def unusual_settings(tmp_path: Path) -> WorkerSettings:
+    """Settings in which every field differs from its default."""
+    tls = {}
+    for field in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        tls[field] = tmp_path / f"{field}.pem"
+        tls[field].write_text("not read\n")
+    return WorkerSettings(
+        redis_url="rediss://user:S3cretCanary@redis.example:6380/2",
+        namespace="ns1",
+        **tls,
+        app="tests.apps:app",
+        roles=("record", "other"),
+        concurrency=7,
+        consumer_name="c1",
+        processes=3,
+        read_count=9,
+        prefetch=5,
+        block_ms=50,
+        max_message_bytes=2048,
+        shutdown_grace=1.5,
+        dead_letter_max_len=10,
+        lease_ttl=9.0,
+        renew_interval=2.5,
+        reclaim_interval=0.5,
+        metrics_port=9100,
+        metrics_host="0.0.0.0",
+        strict=True,
+        server_checks=False,
+        parent_pid=1234,
+        parent_fd=5,
+    )
+
+
+def parse_worker(argv: list[str], environment: dict[str, str]) -> WorkerSettings:
+    """The settings ``streamflow worker ARGV`` builds with only ``environment`` set."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in config.ENV_VARS:
+            patch.delenv(name, raising=False)
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        with worker.make_context("worker", argv) as ctx:
+            return worker_settings(ctx.params)
+
+
+def test_the_test_settings_differ_from_the_defaults_in_every_field(tmp_path: Path) -> None:
+    settings, default = unusual_settings(tmp_path), WorkerSettings(app="other.module:app")
+    assert [
+        n for n in WorkerSettings.model_fields if getattr(settings, n) == getattr(default, n)
+    ] == []
+
+
+@pytest.mark.parametrize("unusual", [True, False], ids=["every-field-set", "defaults"])
+def test_settings_to_command_line_and_back_give_the_same_settings(
+    tmp_path: Path, unusual: bool
+) -> None:
+    settings = unusual_settings(tmp_path) if unusual else WorkerSettings(app="tests.apps:app")
+    argv = config.command_line(settings)
+    assert parse_worker(argv, settings.environment()) == settings
+    assert "S3cretCanary" not in " ".join(argv)  # the password travels in the environment
+
+
+def test_a_child_is_one_process_without_checks_with_its_own_name_port_and_lifeline(
+    tmp_path: Path,
+) -> None:
+    settings = unusual_settings(tmp_path).model_copy(update={"server_checks": True})
+    child = child_settings(settings, 2, lifeline=7)
+    command = child_command(child)
+    assert command[:4] == [sys.executable, "-m", "streamflow", "worker"]
+    assert parse_worker(command[4:], settings.environment()) == child
+    changed = {
+        n: getattr(child, n)
+        for n in WorkerSettings.model_fields
+        if getattr(child, n) != getattr(settings, n)
+    }
+    assert changed == {
+        "processes": 1,
+        "server_checks": False,
+        "parent_pid": os.getpid(),
+        "parent_fd": 7,
+        "consumer_name": "c1-2",
+        "metrics_port": 9102,
+    }
+
+
+def test_a_child_metrics_port_past_65535_is_a_config_error(tmp_path: Path) -> None:
+    settings = WorkerSettings(app="tests.apps:app", metrics_port=65_535)
+    assert child_settings(settings, 0, lifeline=7).metrics_port == 65_535
+    with pytest.raises(ConfigError, match="past 65535"):
+        child_settings(settings, 1, lifeline=7)
 
 
 def live_children(parent: subprocess.Popen[bytes]) -> set[int]:

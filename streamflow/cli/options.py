@@ -4,10 +4,10 @@ Every command module imports these by their public names and nothing else from a
 ``--redis-url``/``--namespace``/``--tls-*`` options (:func:`connection_options`) and the
 clients built from them (:func:`connect_redis`, :func:`open_client`), the one-line error exit
 (:func:`errors_to_exit`), the start-up wait of long-running commands (:func:`wait_ready`),
-the metrics server (:func:`serving_metrics`, :data:`metrics_host_option`), JSON output
-(:func:`echo_json`) and the logging set-up the root group runs before any command
-(:func:`configure`). It imports no command module, so no command module can be imported
-back through it.
+the metrics server (:func:`serving_metrics`, :data:`metrics_host_option`), options spelled
+from a settings field (:func:`setting_option`), JSON output (:func:`echo_json`) and the
+logging set-up the root group runs before any command (:func:`configure`). It imports no
+command module, so no command module can be imported back through it.
 """
 
 from __future__ import annotations
@@ -244,12 +244,23 @@ async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
             return
 
 
+def setting_option(
+    name: str, model: type[config.ConnectionSettings] = config.WorkerSettings, **attrs: Any
+) -> Callable[[F], F]:
+    """A click option for field ``name`` of ``model``, spelled from the field.
+
+    Its name (``--read-count``), its ``STREAMFLOW_*`` variable and its default (shown in
+    ``--help``) are the field's; ``attrs`` add the type and help text.
+    """
+    field = model.model_fields[name]
+    if not field.is_required() and field.default is not None and not attrs.get("is_flag"):
+        attrs = {"default": field.default, "show_default": True, **attrs}
+    return click.option(config.option_name(name), name, envvar=config.env_var(name), **attrs)
+
+
 #: ``--metrics-host`` of every command that serves metrics (worker, coordinator, exporter).
-metrics_host_option = click.option(
-    "--metrics-host",
-    envvar="STREAMFLOW_METRICS_HOST",
-    default="127.0.0.1",
-    show_default=True,
+metrics_host_option = setting_option(
+    "metrics_host",
     help="The address the metrics and health server listens on: loopback by default; "
     "0.0.0.0 to be scraped from other hosts or from outside a container.",
 )

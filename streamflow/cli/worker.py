@@ -11,6 +11,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from streamflow.cli.options import (
     logger,
     metrics_host_option,
     serving_metrics,
+    setting_option,
     tls_options,
     wait_for_server,
     wait_ready,
@@ -35,122 +37,57 @@ from streamflow.worker import Worker, tune_garbage_collector
 
 
 @click.command()
-@click.option(
-    "--app",
-    "app_path",
-    envvar="STREAMFLOW_APP",
-    required=True,
-    help="The App to load, as package.module:attribute.",
-)
-@click.option(
-    "--role",
+@setting_option("app", required=True, help="The App to load, as package.module:attribute.")
+@setting_option(
     "roles",
-    envvar="STREAMFLOW_ROLES",
     multiple=True,
     help="A role to serve; repeat for several. Default: every role of the app.",
 )
-@click.option(
-    "--concurrency",
-    envvar="STREAMFLOW_CONCURRENCY",
-    type=int,
-    default=64,
-    show_default=True,
-    help="Handlers run at once per process.",
+@setting_option("concurrency", type=int, help="Handlers run at once per process.")
+@setting_option(
+    "consumer_name", help="Stable consumer name (default: host-pid-random). Unique per process."
 )
-@click.option(
-    "--consumer-name",
-    envvar="STREAMFLOW_CONSUMER_NAME",
-    help="Stable consumer name (default: host-pid-random). Unique per process.",
-)
-@click.option(
-    "--processes",
-    envvar="STREAMFLOW_PROCESSES",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Worker processes under one supervising parent.",
-)
-@click.option(
-    "--read-count",
-    envvar="STREAMFLOW_READ_COUNT",
-    type=int,
-    default=1000,
-    show_default=True,
-    help="The most entries one read fetches.",
-)
-@click.option(
-    "--prefetch",
-    envvar="STREAMFLOW_PREFETCH",
-    default="auto",
-    show_default=True,
+@setting_option("processes", type=int, help="Worker processes under one supervising parent.")
+@setting_option("read_count", type=int, help="The most entries one read fetches.")
+@setting_option(
+    "prefetch",
     help="Entries read ahead of free handler slots: 'auto' (what the worker starts in about "
     "50 ms, at most --read-count and about 16 MiB) or a number (0: none).",
 )
-@click.option(
-    "--block-ms",
-    envvar="STREAMFLOW_BLOCK_MS",
-    type=int,
-    default=1000,
-    show_default=True,
-    help="How long an idle read blocks.",
+@setting_option("block_ms", type=int, help="How long an idle read blocks.")
+@setting_option("max_message_bytes", type=int, help="Larger messages are dead-lettered.")
+@setting_option(
+    "shutdown_grace", type=float, help="Seconds in-flight handlers get to finish on SIGTERM."
 )
-@click.option(
-    "--max-message-bytes",
-    envvar="STREAMFLOW_MAX_MESSAGE_BYTES",
+@setting_option(
+    "dead_letter_max_len",
     type=int,
-    default=1024 * 1024,
-    show_default=True,
-    help="Larger messages are dead-lettered.",
-)
-@click.option(
-    "--shutdown-grace",
-    envvar="STREAMFLOW_SHUTDOWN_GRACE",
-    type=float,
-    default=30.0,
-    show_default=True,
-    help="Seconds in-flight handlers get to finish on SIGTERM.",
-)
-@click.option(
-    "--dead-letter-max-len",
-    envvar="STREAMFLOW_DEAD_LETTER_MAX_LEN",
-    type=int,
-    default=100_000,
-    show_default=True,
     help="Each dead-letter stream is capped near this many entries (oldest go first).",
 )
-@click.option(
-    "--lease-ttl",
-    envvar="STREAMFLOW_LEASE_TTL",
+@setting_option(
+    "lease_ttl",
     type=float,
-    default=30.0,
-    show_default=True,
     help="Seconds an entry may go unrenewed before another worker adopts it.",
 )
-@click.option(
-    "--renew-interval",
-    envvar="STREAMFLOW_RENEW_INTERVAL",
+@setting_option(
+    "renew_interval",
     type=float,
     help="Seconds between lease renewals (default: a third of --lease-ttl).",
 )
-@click.option(
-    "--reclaim-interval",
-    envvar="STREAMFLOW_RECLAIM_INTERVAL",
+@setting_option(
+    "reclaim_interval",
     type=float,
-    default=2.0,
-    show_default=True,
     help="Seconds between adoption steps for entries idle past the lease TTL.",
 )
-@click.option(
-    "--metrics-port",
-    envvar="STREAMFLOW_METRICS_PORT",
+@setting_option(
+    "metrics_port",
     type=click.IntRange(0, 65_535),
     help="Serve /metrics, /healthz and /readyz on this port (with --processes N, child i "
     "uses PORT+i).",
 )
 @metrics_host_option
-@click.option(
-    "--strict",
-    envvar="STREAMFLOW_STRICT",
+@setting_option(
+    "strict",
     is_flag=True,
     help="Refuse to start when the start-up checks of Redis warn (no AOF, an evicting "
     "maxmemory-policy, the password-less default user, plaintext to another host).",
@@ -160,16 +97,13 @@ from streamflow.worker import Worker, tune_garbage_collector
     "--no-server-checks", "server_checks", is_flag=True, flag_value=False, default=True, hidden=True
 )
 # Children of --processes N die with their parent: its pid, and the pipe whose EOF means it died.
-@click.option("--parent-pid", type=int, hidden=True)
-@click.option("--parent-fd", type=int, hidden=True)
+@setting_option("parent_pid", type=int, hidden=True)
+@setting_option("parent_fd", type=int, hidden=True)
 @connection_options
 @errors_to_exit
-def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
+def worker(**options: Any) -> None:
     """Serve roles of an app: streamflow worker --app pkg.module:app --role ROLE."""
-    settings = config.build(
-        config.WorkerSettings, app=app_path, roles=roles, **options, **tls_options()
-    )
-    assert isinstance(settings, config.WorkerSettings)
+    settings = worker_settings(options)
     if settings.parent_fd is not None and not _is_open(settings.parent_fd):
         raise ConfigError(f"--parent-fd {settings.parent_fd} is not an open file descriptor")
     if settings.parent_pid is not None:
@@ -190,6 +124,17 @@ def worker(app_path: str, roles: tuple[str, ...], **options: Any) -> None:
             anyio.run(_check_once, settings)
         sys.exit(supervise(settings))
     anyio.run(_serve, settings, app)
+
+
+def worker_settings(options: Mapping[str, Any]) -> config.WorkerSettings:
+    """The settings the options of ``streamflow worker`` give (with its --tls-* options).
+
+    Raises:
+        ConfigError: An option is invalid, or contradicts another.
+    """
+    settings = config.build(config.WorkerSettings, **options, **tls_options())
+    assert isinstance(settings, config.WorkerSettings)
+    return settings
 
 
 def _is_open(fd: int) -> bool:

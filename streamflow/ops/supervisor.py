@@ -26,6 +26,7 @@ from types import FrameType
 
 import anyio
 
+from streamflow import config
 from streamflow.config import WorkerSettings
 from streamflow.errors import ConfigError
 from streamflow.ops.server import set_parent_death_signal
@@ -48,32 +49,35 @@ class _Child:
     lifeline: int | None = None
 
 
-def child_command(settings: WorkerSettings, index: int) -> list[str]:
-    """The command line of child ``index`` (the Redis URL and TLS files go in its environment)."""
-    cmd = [sys.executable, "-m", "streamflow", "worker", "--app", settings.app, "--processes", "1"]
-    # The parent ran the start-up checks of Redis once for all children.
-    cmd += ["--no-server-checks"]
-    for role in settings.roles:
-        cmd += ["--role", role]
-    cmd += ["--concurrency", str(settings.concurrency)]
-    cmd += ["--read-count", str(settings.read_count), "--block-ms", str(settings.block_ms)]
-    cmd += ["--prefetch", str(settings.prefetch)]
-    cmd += ["--max-message-bytes", str(settings.max_message_bytes)]
-    cmd += ["--shutdown-grace", str(settings.shutdown_grace)]
-    cmd += ["--dead-letter-max-len", str(settings.dead_letter_max_len)]
-    cmd += ["--lease-ttl", str(settings.lease_ttl)]
-    cmd += ["--reclaim-interval", str(settings.reclaim_interval)]
-    if settings.metrics_port is not None:
-        # One port per child (0: each picks a free one).
-        port = settings.metrics_port and settings.metrics_port + index
+def child_settings(settings: WorkerSettings, index: int, lifeline: int) -> WorkerSettings:
+    """The settings of child ``index``, whose end of the lifeline pipe is fd ``lifeline``.
+
+    One process each, with its own consumer name and metrics port, and no start-up checks: the
+    parent ran them once for all children.
+
+    Raises:
+        ConfigError: The child's metrics port is past 65535.
+    """
+    update: dict[str, object] = {
+        "processes": 1,
+        "server_checks": False,
+        "parent_pid": os.getpid(),
+        "parent_fd": lifeline,
+    }
+    if settings.consumer_name:
+        update["consumer_name"] = f"{settings.consumer_name}-{index}"
+    if settings.metrics_port:  # 0: each child picks a free port
+        update["metrics_port"] = port = settings.metrics_port + index
         if port > 65_535:
             raise ConfigError(f"--metrics-port {settings.metrics_port} + {index} is past 65535")
-        cmd += ["--metrics-port", str(port), "--metrics-host", settings.metrics_host]
-    if settings.renew_interval is not None:
-        cmd += ["--renew-interval", str(settings.renew_interval)]
-    if settings.consumer_name:
-        cmd += ["--consumer-name", f"{settings.consumer_name}-{index}"]
-    return cmd
+    child = config.build(WorkerSettings, **{**dict(settings), **update})
+    assert isinstance(child, WorkerSettings)
+    return child
+
+
+def child_command(settings: WorkerSettings) -> list[str]:
+    """The command line of a child (the Redis URL and TLS files go in its environment)."""
+    return [sys.executable, "-m", "streamflow", "worker", *config.command_line(settings)]
 
 
 def supervise(settings: WorkerSettings) -> int:
@@ -156,9 +160,8 @@ def _spawn(settings: WorkerSettings, env: dict[str, str], child: _Child) -> None
     # os.pipe() fds are not inherited (O_CLOEXEC): every child gets its own read end only, so
     # no child holds another's write end open past the parent's death.
     read_end, write_end = os.pipe()
-    command = child_command(settings, child.index)
-    command += ["--parent-pid", str(os.getpid()), "--parent-fd", str(read_end)]
     try:
+        command = child_command(child_settings(settings, child.index, read_end))
         child.process = subprocess.Popen(
             command, env=env, start_new_session=True, pass_fds=(read_end,)
         )
