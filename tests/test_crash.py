@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -29,11 +28,10 @@ import redis
 from streamflow.client import SyncClient
 from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
-from tests.helpers import ROOT, clean_env, wait_for
+from tests.helpers import CLI, ROOT, clean_env, wait_for
 
 pytestmark = pytest.mark.redis
 
-CLI = [sys.executable, "-m", "streamflow"]
 ROLE = "work"
 TTL = 1.0
 RECLAIM = 0.2

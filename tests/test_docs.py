@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 

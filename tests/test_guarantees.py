@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Awaitable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,48 +32,21 @@ from streamflow import (
     Outcome,
     Retry,
     RetryPolicy,
-    Worker,
     connect,
     streams,
 )
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import RELEASE_IDLE_MS
 from streamflow.protocol import decode_dead_letter, decode_job, now_ms
-from tests.helpers import running, wait_for_query, wait_until
+from tests.helpers import LEASE, ROOT, make_worker, running, statuses, wait_for_query, wait_until
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
-#: Short leases so that adoption happens within a test: TTL 1 s, renewal every 1/3 s.
-LEASE = LeaseSettings(ttl=1.0, reclaim_interval=0.1)
-
-
-def make_worker(
-    app: App,
-    redis: Redis,
-    namespace: str,
-    outcomes: list[Outcome] | None = None,
-    **options: Any,
-) -> Worker:
-    options.setdefault("lease", LEASE)
-    options.setdefault("block_ms", 100)
-    return Worker(
-        app,
-        redis,
-        namespace=namespace,
-        on_outcome=outcomes.append if outcomes is not None else None,
-        **options,
-    )
 
 
 async def pending(redis: Redis, stream: str) -> list[dict[str, Any]]:
     """The group's pending entries: message_id, consumer, time_since_delivered, times_delivered."""
     rows: list[dict[str, Any]] = await redis.xpending_range(stream, GROUP, "-", "+", 1000)
     return rows
-
-
-def statuses(outcomes: list[Outcome], message_id: str) -> list[str]:
-    return [o.status for o in outcomes if o.message_id == message_id]
 
 
 # -- retries ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,9 +52,12 @@ from streamflow.protocol import (
     encode_job_fields,
 )
 from streamflow.registry import live_workers
+from tests.dag.test_coordinator import system as task_system
 from tests.helpers import (
+    CLI,
     ROOT,
     clean_env,
+    free_port,
     recorded,
     running,
     scrape,
@@ -64,12 +66,9 @@ from tests.helpers import (
     wait_until,
 )
 from tests.test_crash import WorkerProcess, Workers
-from tests.test_metrics import free_port
-from tests.test_tasks import system as task_system
 
 pytestmark = pytest.mark.redis
 
-CLI = [sys.executable, "-m", "streamflow"]
 #: Generous for a shared 2-core machine: these wait for outcomes, never for a duration.
 DEADLINE = 30.0
 

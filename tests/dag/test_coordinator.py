@@ -1,7 +1,7 @@
 """DAG tasks end to end on a real redis-server: workers and a coordinator in this process.
 
-Crash scenarios (SIGKILLed workers and coordinators) are in test_task_crash.py; the state
-machine's rules alone are in test_task_machine.py.
+Crash scenarios (SIGKILLed workers and coordinators) are in tests/test_task_crash.py; the state
+machine's rules alone are in tests/dag/test_tasks.py.
 """
 
 from __future__ import annotations

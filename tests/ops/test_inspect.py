@@ -17,8 +17,16 @@ from redis.asyncio import Redis
 from streamflow import App, Client, Context, SyncClient, Worker
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.inspect import inspect_role, inspect_roles, longest_idle
-from tests.helpers import ROOT, clean_env, running, wait_for, wait_for_query
-from tests.test_cli import CLI, kill_tree, run_cli
+from tests.helpers import (
+    CLI,
+    ROOT,
+    clean_env,
+    kill_tree,
+    run_cli,
+    running,
+    wait_for,
+    wait_for_query,
+)
 
 pytestmark = pytest.mark.redis
 

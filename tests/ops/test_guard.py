@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,13 +24,11 @@ from streamflow.errors import ConfigError
 from streamflow.ops import guard
 from streamflow.ops.guard import ServerFacts
 from streamflow.ops.server import RedisServer
-from tests.helpers import ROOT, clean_env, wait_for
-from tests.test_cli import kill_tree
+from tests.helpers import CLI, ROOT, clean_env, kill_tree, wait_for
 
 pytestmark = pytest.mark.redis
 
 CANARY = "Canary-S3cret-XYZ"
-CLI = [sys.executable, "-m", "streamflow"]
 RISKS = ("persistence", "eviction", "default-user")
 #: One distinctive phrase of each warning's message.
 PHRASES = {
