@@ -157,7 +157,7 @@ async def test_worker_dead_letters_every_hostile_input_and_keeps_serving(
         await redis.xadd(stream, {b"message": job(f"good{n}", b'{"n":%d}' % n)})
         await redis.xadd(stream, {b"message": raw})
     outcomes: list[Outcome] = []
-    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    worker = Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
     with anyio.fail_after(20):
         async with running(worker):
             await wait_until(lambda: len(outcomes) == 2 * len(HOSTILE))

@@ -160,7 +160,9 @@ async def test_publishing_spreads_by_key_or_round_robin_and_early_jobs_are_not_s
     assert await redis.xlen(keys.role_stream("hot")) == 4
     seen: list[Any] = []
     outcomes: list[Outcome] = []
-    worker = Worker(hot_app(3, seen), redis, namespace=namespace, on_outcome=outcomes.append)
+    worker = Worker(
+        hot_app(3, seen), redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append
+    )
     await worker.drain()
     assert {o.message_id for o in outcomes} == set(early)
     layout = await partitions.load(redis, keys, "hot")
