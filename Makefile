@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_VENV ?= .venv-demo
 DEMO_STAMP := $(DEMO_VENV)/.installed
 
-.PHONY: venv lint typecheck pytest docs test demo bench fmt clean distclean
+.PHONY: venv lint typecheck pytest test-fast docs test demo bench fmt clean distclean
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ typecheck: venv
 
 pytest: venv
 	$(VENV)/bin/pytest -q
+
+# The fast suite while you work: everything but the tests marked slow (processes, private
+# servers, clusters, a browser, real lease timeouts; see tests/README.md). Under a minute on 2
+# shared cores; `make test` still runs every test.
+test-fast: venv
+	$(VENV)/bin/pytest -q -m "not slow"
 
 # The documentation site into site/; --strict fails on any warning, broken links and anchors
 # included. Not --quiet: it drops warnings before strict mode counts them, so a broken link

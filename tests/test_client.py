@@ -132,6 +132,7 @@ async def test_publishing_to_a_role_nobody_ever_served_warns_naming_the_known_ro
             sync.publish("email", 6, strict=True)
 
 
+@pytest.mark.slow
 def test_cli_publish_to_an_unserved_role_warns_and_strict_refuses(
     redis_url: str, namespace: str
 ) -> None:

@@ -30,7 +30,7 @@ from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
 from tests.helpers import CLI, ROOT, clean_env, wait_for
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 ROLE = "work"
 TTL = 1.0

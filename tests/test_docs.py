@@ -18,9 +18,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))

@@ -30,6 +30,8 @@ import pytest
 from streamflow.ops.server import RedisServer
 from tests.helpers import clean_env, free_port
 
+pytestmark = pytest.mark.slow
+
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "getting-started.md"
 BLOCK = re.compile(r"(?:<!-- file: (\S+) -->\n)?```(\w+)\n(.*?)```", re.S)
 #: Redirects the page's ``redis-cli`` to the test's server (the page assumes the default one).

@@ -119,6 +119,7 @@ def _full_check_first(raw: bytes) -> Job | tuple[str, str]:
     return Job.model_validate_json(raw)
 
 
+@pytest.mark.slow
 def test_fast_decode_agrees_with_running_the_full_check_first() -> None:
     """The hot path skips the full check unless a look at the parsed job calls for it; on
     every message below it must decide exactly as the full check run first would."""

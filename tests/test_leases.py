@@ -185,6 +185,7 @@ async def test_renewal_latency_is_observed(redis: Redis, namespace: str) -> None
     assert total is not None and 0 < total < renewals() * 0.3
 
 
+@pytest.mark.slow
 async def test_entries_taken_over_while_the_loop_was_blocked_are_not_started(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:

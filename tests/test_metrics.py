@@ -31,7 +31,7 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ from streamflow.worker import Worker
 from tests.apps import app
 from tests.helpers import ROOT, free_port
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ROLE = "record"
 #: The worker's blocking reads use a socket timeout of block time + 10 s (see cli._serve).

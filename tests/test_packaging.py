@@ -28,7 +28,7 @@ import pytest
 import streamflow
 from tests.helpers import ROOT, recorded, wait_for
 
-pytestmark = pytest.mark.packaging
+pytestmark = [pytest.mark.packaging, pytest.mark.slow]
 
 LUA_SCRIPTS = sorted(path.name for path in (ROOT / "streamflow" / "lua").glob("*.lua"))
 

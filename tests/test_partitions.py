@@ -130,6 +130,7 @@ async def test_the_first_worker_records_the_partitions_and_one_declaring_others_
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_the_cli_worker_refuses_other_partitions_in_one_line(
     redis_url: str, namespace: str
 ) -> None:
@@ -226,6 +227,7 @@ async def test_the_harness_runs_a_partitioned_role_on_fakeredis() -> None:
 
 @pytest.mark.redis
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_the_dlq_commands_take_partitioned_dead_letter_ids(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:

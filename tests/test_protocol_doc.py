@@ -30,6 +30,8 @@ from streamflow.ops.server import RedisServer
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 from tests.test_getting_started import Command, Shell
 
+pytestmark = pytest.mark.slow
+
 PAGE = ROOT / "docs" / "protocol.md"
 MARKER = re.compile(r"<!-- protocol-example: (.+?) -->\n```console\n(.*?)```", re.S)
 #: A raw publish of a job: XADD to a role stream.

@@ -14,7 +14,7 @@ import redis
 from streamflow.ops.server import RedisServer
 from tests.helpers import CLI, ROOT, clean_env, free_port, kill_tree, run_cli, status, wait_for
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 CANARY = "Canary-S3cret-7f1d"
 

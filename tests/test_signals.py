@@ -117,6 +117,7 @@ async def test_a_queued_message_cancelled_before_it_is_read_never_starts(
     assert last_statuses(outcomes) == {doomed: "cancelled", kept: "acked"}
 
 
+@pytest.mark.slow
 async def test_a_message_waiting_for_a_retry_is_not_retried_after_cancel(
     redis: Redis, namespace: str
 ) -> None:
@@ -143,6 +144,7 @@ async def test_a_message_waiting_for_a_retry_is_not_retried_after_cancel(
     assert await redis.zcard(keys.delayed("flaky")) == 0
 
 
+@pytest.mark.slow
 async def test_an_adopted_entry_of_a_dead_worker_is_not_restarted_after_cancel(
     redis: Redis, namespace: str
 ) -> None:
@@ -210,6 +212,7 @@ async def test_cancel_of_one_task_stops_only_its_handlers_across_two_workers(
     assert {got[m] for m in kept} == {"acked"}
 
 
+@pytest.mark.slow
 async def test_cancel_wait_times_out_for_an_unknown_id(redis: Redis, namespace: str) -> None:
     app = App()
 
@@ -274,6 +277,7 @@ async def test_cancel_finds_tasks_and_queued_running_and_delayed_messages(
         assert result.signal_id
 
 
+@pytest.mark.slow
 def test_cli_cancel_of_an_unknown_id_is_an_error_and_preemptive_is_explicit(
     redis_url: str, namespace: str
 ) -> None:
@@ -374,6 +378,7 @@ async def test_cancellable_abandons_an_awaitable_and_shield_protects_a_section(
     assert last_statuses(outcomes) == {message_id: "cancelled"}
 
 
+@pytest.mark.slow
 def test_cli_cancel_wait_reports_what_stopped(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -410,6 +415,7 @@ def test_cli_cancel_wait_reports_what_stopped(
         worker_proc.wait()
 
 
+@pytest.mark.slow
 def test_cancel_while_the_worker_is_sigkilled_is_honoured_by_the_worker_that_adopts_it(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:

@@ -14,7 +14,7 @@ from streamflow import App, Client, Context, Worker
 from streamflow.delivery import Outcome
 from tests.helpers import running, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def test_a_handler_blocking_the_loop_is_named_in_a_warning_and_counted(

@@ -41,7 +41,7 @@ from streamflow.keys import COORDINATORS, GROUP, Keys
 from tests.helpers import CLI, ROOT, clean_env, wait_for
 from tests.task_apps import Line, read_trace
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 APP = "tests.task_apps:app"
 ROLES = ("src", "step")

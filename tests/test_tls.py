@@ -36,7 +36,7 @@ from tests.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 CANARY = "Canary-S3cret-XYZ"
 

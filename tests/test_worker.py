@@ -476,6 +476,7 @@ async def test_auto_prefetch_reads_ahead_for_short_jobs(redis: Redis, namespace:
     assert concurrency < peak <= concurrency + 1000, peak
 
 
+@pytest.mark.slow
 async def test_auto_prefetch_holds_almost_nothing_ahead_of_slow_jobs(
     redis: Redis, namespace: str
 ) -> None:
@@ -484,6 +485,7 @@ async def test_auto_prefetch_holds_almost_nothing_ahead_of_slow_jobs(
     assert peak <= concurrency + 1, peak
 
 
+@pytest.mark.slow
 async def test_prefetch_0_never_holds_more_than_the_handler_slots(
     redis: Redis, namespace: str
 ) -> None:

@@ -28,7 +28,7 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 CANARY = "S3cretCanary"

@@ -26,6 +26,8 @@ from streamflow.dag import demo as demo_app
 from streamflow.testing import Harness
 from tests.helpers import CLI, ROOT, clean_env, wait_for
 
+pytestmark = pytest.mark.slow
+
 #: Deadline of one whole demo run of 20 batches (it takes about 3 s).
 RUN_TIMEOUT = 30.0
 #: How long the demo may take to exit after SIGINT.

@@ -14,7 +14,7 @@ import redis
 from streamflow.keys import Keys
 from tests.helpers import CLI, ROOT, clean_env, kill_tree, run_cli, wait_for
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 GRAPH = {
     "name": "cli",

@@ -313,6 +313,7 @@ def acl_worker(
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisServer]) -> None:
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli is not on PATH")
@@ -398,6 +399,7 @@ async def test_publisher_publishes_and_submits(users: Users) -> None:
 
 @pytest.mark.redis
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users: Users) -> None:
     admin, stream = users.admin, KEYS.role_stream("echo")
     started.clear()
@@ -481,6 +483,7 @@ async def operator_views(users: Users, dead_message: str) -> None:
 
 @pytest.mark.redis
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: Users) -> None:
     admin = users.admin
     publisher = Client.from_url(users.urls["publisher"], namespace=NS)
@@ -622,6 +625,7 @@ async def test_start_up_checks_work_without_config_get(users: Users, part: acl.P
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_worker_command_runs_as_the_worker_user(private_redis: Callable[..., RedisServer]) -> None:
     server = private_redis()
     admin = redis_sync.Redis(port=server.port)

@@ -255,6 +255,7 @@ def worker_args(namespace: str) -> list[str]:
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
+@pytest.mark.slow
 def test_worker_on_a_risky_server_logs_each_warning_once_and_serves(
     risky: RedisServer,
     namespace: str,
@@ -274,6 +275,7 @@ def test_worker_on_a_risky_server_logs_each_warning_once_and_serves(
     assert CANARY not in text and "Traceback" not in text
 
 
+@pytest.mark.slow
 def test_worker_on_a_safe_server_logs_no_warning(
     safe: RedisServer,
     namespace: str,
@@ -297,6 +299,7 @@ def test_worker_on_a_safe_server_logs_no_warning(
         ("coordinator", "option"),
     ],
 )
+@pytest.mark.slow
 def test_strict_refuses_to_start_with_one_line_listing_every_problem(
     risky: RedisServer, namespace: str, command: str, strict_by: str
 ) -> None:

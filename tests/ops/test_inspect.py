@@ -28,7 +28,7 @@ from tests.helpers import (
     wait_for_query,
 )
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 #: Volatile fields are checked for range, then blanked before exact comparison.
 MAX_AGE_MS = 60_000

@@ -18,7 +18,7 @@ from streamflow.client import SyncClient
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 from tests.test_crash import Record, Workers
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 def live_children(parent: subprocess.Popen[bytes]) -> set[int]:
