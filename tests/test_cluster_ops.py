@@ -43,7 +43,7 @@ from streamflow.ops.server import RedisServer
 from tests import test_task_crash as tasks
 from tests.cluster import LocalCluster, local_cluster, require_cluster_tools, wait_ok
 from tests.helpers import wait_for
-from tests.test_crash import Record, Workers
+from tests.processes import Record, Workers
 
 pytestmark = [pytest.mark.redis, pytest.mark.cluster_ops, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from streamflow.dag.coordinator import Coordinator
 from streamflow.errors import InvalidNameError
 from streamflow.keys import COORDINATORS, GROUP, Keys
 from tests.helpers import wait_for
-from tests.test_crash import Record, Workers
+from tests.processes import Record, Workers
 
 pytestmark = pytest.mark.redis
 

@@ -65,7 +65,7 @@ from tests.helpers import (
     wait_for_query,
     wait_until,
 )
-from tests.test_crash import WorkerProcess, Workers
+from tests.processes import WorkerProcess, Workers
 
 pytestmark = pytest.mark.redis
 

@@ -16,7 +16,7 @@ import pytest
 
 from streamflow.client import SyncClient
 from tests.helpers import ROOT, clean_env, recorded, wait_for
-from tests.test_crash import Record, Workers
+from tests.processes import Record, Workers
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
