@@ -14,7 +14,7 @@ PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 PEERS_REQUIREMENTS := benchmarks/peers/requirements.txt
 
-.PHONY: venv lint typecheck pytest docs test demo bench bench-peers fmt clean distclean
+.PHONY: venv lint typecheck pytest test-fast docs test demo bench bench-peers fmt clean distclean
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ typecheck: venv
 
 pytest: venv
 	$(VENV)/bin/pytest -q
+
+# The fast suite while you work: everything but the tests marked slow (processes, private
+# servers, clusters, a browser, real lease timeouts; see tests/README.md). Under a minute on 2
+# shared cores; `make test` still runs every test.
+test-fast: venv
+	$(VENV)/bin/pytest -q -m "not slow"
 
 # The documentation site into site/; --strict fails on any warning, broken links and anchors
 # included. Not --quiet: it drops warnings before strict mode counts them, so a broken link

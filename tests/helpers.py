@@ -1,9 +1,19 @@
-"""Helpers shared by the test files: condition polling, running workers, subprocess env."""
+"""Helpers shared by the test files: one home for what several files need.
+
+Condition polling (``wait_*``), in-process workers with short leases (``make_worker``,
+``running``, ``statuses``), the ``streamflow`` command as a subprocess (``CLI``, ``run_cli``,
+``kill_tree``), free ports and HTTP probes. Fixtures are in ``tests/conftest.py``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,14 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from streamflow import Worker
+from streamflow import App, LeaseSettings, Worker
+from streamflow.delivery import Outcome
 from streamflow.keys import GROUP
 
 #: The repository root: subprocess workers run there so ``tests.apps:app`` imports.
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Short leases so that adoption happens within a test: TTL 1 s, renewal every 1/3 s.
+LEASE = LeaseSettings(ttl=1.0, reclaim_interval=0.1)
+#: The same short lease for a ``streamflow worker`` subprocess, and a short read block.
+LEASE_ARGS = ("--lease-ttl", "1", "--reclaim-interval", "0.2", "--block-ms", "200")
+
+#: The ``streamflow`` command, run with this interpreter.
+CLI = [sys.executable, "-m", "streamflow"]
+#: How long a ``streamflow`` command that should end by itself may run.
+CLI_TIMEOUT = 20.0
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
@@ -65,6 +87,35 @@ async def pending_count(redis: Redis, stream: str) -> int:
     return int(info["pending"])
 
 
+def make_worker(
+    app: App,
+    redis: Redis,
+    namespace: str,
+    outcomes: list[Outcome] | None = None,
+    **options: Any,
+) -> Worker:
+    """An in-process worker with short leases (:data:`LEASE`) that reports to ``outcomes``."""
+    options.setdefault("lease", LEASE)
+    options.setdefault("block_ms", 100)
+    return Worker(
+        app,
+        redis,
+        namespace=namespace,
+        on_outcome=outcomes.append if outcomes is not None else None,
+        **options,
+    )
+
+
+def statuses(outcomes: list[Outcome], message_id: str) -> list[str]:
+    """The statuses reported for ``message_id`` so far, in order."""
+    return [o.status for o in outcomes if o.message_id == message_id]
+
+
+def last_statuses(outcomes: list[Outcome]) -> dict[str | None, str]:
+    """Message id -> the last status reported for it."""
+    return {o.message_id: o.status for o in outcomes}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The inherited environment without any STREAMFLOW_* variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
@@ -86,3 +137,51 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m streamflow ARGS`` to completion (killed if it outlives the timeout)."""
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=ROOT,
+        env=env if env is not None else clean_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``process`` and every descendant still alive, and reap ``process``."""
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for proc in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def status(port: int, path: str) -> int:
+    """The HTTP status of ``GET http://127.0.0.1:PORT/PATH``; 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import warnings
 from datetime import timedelta
@@ -25,18 +24,11 @@ from streamflow import (
 from streamflow.errors import UnknownRoleWarning
 from streamflow.keys import Keys
 from streamflow.protocol import decode_job
-from tests.helpers import running
-from tests.test_cli import run_cli
+from tests.helpers import free_port, run_cli, running
 
 
 class Invoice(BaseModel):
     number: int
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_sync_client_publishes_single_bulk_and_dedup(redis_url: str, namespace: str) -> None:
@@ -65,7 +57,7 @@ async def test_async_publish_many_keeps_order_and_ids(redis_url: str, namespace:
 
 @pytest.mark.anyio
 async def test_publishing_to_an_unreachable_redis_fails_fast_and_clearly() -> None:
-    url = f"redis://user:S3cretCanary@127.0.0.1:{closed_port()}/0"
+    url = f"redis://user:S3cretCanary@127.0.0.1:{free_port()}/0"
     client = Client.from_url(url)
     start = time.monotonic()
     with anyio.fail_after(10), pytest.raises(RedisUnavailable) as info:
@@ -140,6 +132,7 @@ async def test_publishing_to_a_role_nobody_ever_served_warns_naming_the_known_ro
             sync.publish("email", 6, strict=True)
 
 
+@pytest.mark.slow
 def test_cli_publish_to_an_unserved_role_warns_and_strict_refuses(
     redis_url: str, namespace: str
 ) -> None:

@@ -19,7 +19,6 @@ from streamflow import (
     Context,
     Coordinator,
     Graph,
-    LeaseSettings,
     RetryPolicy,
     SyncClient,
     Worker,
@@ -36,8 +35,10 @@ from streamflow.ops.inspect import inspect_roles
 from streamflow.ops.server import RedisServer
 from streamflow.protocol import decode_dead_letter
 from tests.cluster import LocalCluster, local_cluster, require_cluster_tools
-from tests.helpers import pending_count, running, wait_for, wait_until
-from tests.test_crash import Record, Workers, assert_none_lost_and_duplicates_allowed, unique
+from tests.helpers import make_worker, pending_count, running, wait_for, wait_until
+from tests.processes import Record, Workers, assert_none_lost_and_duplicates_allowed, unique
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +55,6 @@ async def cluster_redis(cluster: LocalCluster) -> AsyncIterator[Redis]:
     client = connect.connect(cluster.url)
     yield client
     await client.aclose()
-
-
-def worker(app: App, redis: Redis, namespace: str, outcomes: list[Outcome]) -> Worker:
-    return Worker(
-        app,
-        redis,
-        namespace=namespace,
-        block_ms=100,
-        on_outcome=outcomes.append,
-        lease=LeaseSettings(ttl=1.0, reclaim_interval=0.1),
-    )
 
 
 def master_of(cluster: LocalCluster, key: str) -> str:
@@ -141,7 +131,7 @@ async def test_jobs_of_two_roles_on_different_masters_are_handled_acked_and_dele
     client = Client(cluster_redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(30):
-        async with running(worker(app, cluster_redis, namespace, outcomes)):
+        async with running(make_worker(app, cluster_redis, namespace, outcomes)):
             first = await client.publish("echo", {"n": -1})
             ids = await client.publish_many("echo", ({"n": i} for i in range(200)))
             ids += await client.publish_many(other, ({"n": i} for i in range(200)))
@@ -174,7 +164,7 @@ async def test_a_failing_job_is_retried_then_dead_lettered(
     client = Client(cluster_redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(20):
-        async with running(worker(app, cluster_redis, namespace, outcomes)):
+        async with running(make_worker(app, cluster_redis, namespace, outcomes)):
             message_id = await client.publish("flaky", {"x": 1})
             await wait_until(lambda: any(o.status == "dead_lettered" for o in outcomes))
     assert attempts == [1, 2]
@@ -205,7 +195,7 @@ async def test_a_cancel_stops_a_running_handler(cluster_redis: Redis, namespace:
     client = Client(cluster_redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(15):
-        async with running(worker(app, cluster_redis, namespace, outcomes)):
+        async with running(make_worker(app, cluster_redis, namespace, outcomes)):
             message_id = await client.publish("long", task_id="t1")
             await started.wait()
             await client.cancel("t1", target="task", reason="user asked")
@@ -285,7 +275,7 @@ async def test_a_partitioned_role_spreads_over_every_master_and_keeps_each_keys_
     client = Client(cluster_redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(30):
-        async with running(worker(app, cluster_redis, namespace, outcomes)):
+        async with running(make_worker(app, cluster_redis, namespace, outcomes)):
             layout = await _layout(cluster_redis, namespace, "hot")
             shards = layout.shards
             # Each partition's keys live on their own master: all three masters are used.
@@ -338,7 +328,7 @@ async def test_retries_dead_letters_replay_and_cancel_work_per_partition(
     client = Client(cluster_redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(40):
-        async with running(worker(app, cluster_redis, namespace, outcomes)):
+        async with running(make_worker(app, cluster_redis, namespace, outcomes)):
             layout = await _layout(cluster_redis, namespace, "flaky")
             # One failing job on each partition: retried there, then dead-lettered there.
             keys_by_partition = {}
@@ -434,7 +424,7 @@ async def test_a_dag_with_per_batch_fan_out_runs_on_partitioned_roles_with_two_c
     client = Client(cluster_redis, namespace=namespace)
     with anyio.fail_after(60):
         async with (
-            running(worker(app, cluster_redis, namespace, outcomes)),
+            running(make_worker(app, cluster_redis, namespace, outcomes)),
             anyio.create_task_group() as tg,
         ):
             for coordinator in coordinators:
@@ -623,7 +613,7 @@ async def test_a_worker_rides_out_a_master_lost_and_back_while_the_cluster_is_do
         client = Client(redis, namespace=namespace)
         try:
             with anyio.fail_after(60):
-                async with running(worker(app, redis, namespace, outcomes)):
+                async with running(make_worker(app, redis, namespace, outcomes)):
                     await client.publish_many("steady", ({"n": i} for i in range(6)))
                     await wait_until(lambda: len(seen) == 6, timeout=10)
                     layout = await _layout(redis, namespace, "steady")

@@ -43,9 +43,9 @@ from streamflow.ops.server import RedisServer
 from tests import test_task_crash as tasks
 from tests.cluster import LocalCluster, local_cluster, require_cluster_tools, wait_ok
 from tests.helpers import wait_for
-from tests.test_crash import Record, Workers
+from tests.processes import Record, Workers
 
-pytestmark = [pytest.mark.redis, pytest.mark.cluster_ops]
+pytestmark = [pytest.mark.redis, pytest.mark.cluster_ops, pytest.mark.slow]
 
 #: A role with 3 partitions whose first partition's slot is 4 (see tests/apps.py).
 ROLE = "ops1007"

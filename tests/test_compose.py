@@ -75,6 +75,7 @@ def test_every_referenced_file_exists(compose: dict[str, Any]) -> None:
             assert (ROOT / item["file"]).exists(), item["file"]
 
 
+@pytest.mark.slow
 def test_every_streamflow_command_is_valid(compose: dict[str, Any]) -> None:
     commands = streamflow_commands(compose)
     names = {name for name, _ in commands}
@@ -103,6 +104,7 @@ def test_the_dockerfile_runs_an_existing_app() -> None:
     assert config.load_app(args[args.index("--app") + 1]).roles
 
 
+@pytest.mark.slow
 def test_a_service_command_with_an_unknown_option_would_be_caught(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "streamflow", "worker", "--no-such-option", "--help"],

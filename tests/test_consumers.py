@@ -18,7 +18,7 @@ from streamflow.dag.coordinator import Coordinator
 from streamflow.errors import InvalidNameError
 from streamflow.keys import COORDINATORS, GROUP, Keys
 from tests.helpers import wait_for
-from tests.test_crash import Record, Workers
+from tests.processes import Record, Workers
 
 pytestmark = pytest.mark.redis
 
@@ -29,6 +29,7 @@ def group_consumers(client: sync_redis.Redis, keys: Keys, role: str = "work") ->
     return {c["name"].decode(): int(c["pending"]) for c in found}  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_crash_loop_of_sigkilled_workers_leaves_only_live_consumer_names(
     tmp_path: Path, redis_url: str, namespace: str
 ) -> None:

@@ -24,8 +24,8 @@ from streamflow import App, Context, Worker
 from streamflow.dag.coordinator import Coordinator
 from streamflow.ops.exporter import Exporter, Snapshot
 from streamflow.ops.inspect import GroupInfo, RoleInfo
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus-alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
 METRICS_DOC = ROOT / "docs" / "metrics.md"

@@ -28,8 +28,9 @@ from pathlib import Path
 import pytest
 
 from streamflow.ops.server import RedisServer
-from tests.helpers import clean_env
-from tests.test_metrics import free_port
+from tests.helpers import clean_env, free_port
+
+pytestmark = pytest.mark.slow
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "getting-started.md"
 BLOCK = re.compile(r"(?:<!-- file: (\S+) -->\n)?```(\w+)\n(.*?)```", re.S)

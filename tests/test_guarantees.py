@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Awaitable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,38 +32,15 @@ from streamflow import (
     Outcome,
     Retry,
     RetryPolicy,
-    Worker,
     connect,
     streams,
 )
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import RELEASE_IDLE_MS
 from streamflow.protocol import decode_dead_letter, decode_job, now_ms
-from tests.helpers import running, wait_for_query, wait_until
+from tests.helpers import LEASE, ROOT, make_worker, running, statuses, wait_for_query, wait_until
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
-#: Short leases so that adoption happens within a test: TTL 1 s, renewal every 1/3 s.
-LEASE = LeaseSettings(ttl=1.0, reclaim_interval=0.1)
-
-
-def make_worker(
-    app: App,
-    redis: Redis,
-    namespace: str,
-    outcomes: list[Outcome] | None = None,
-    **options: Any,
-) -> Worker:
-    options.setdefault("lease", LEASE)
-    options.setdefault("block_ms", 100)
-    return Worker(
-        app,
-        redis,
-        namespace=namespace,
-        on_outcome=outcomes.append if outcomes is not None else None,
-        **options,
-    )
 
 
 async def pending(redis: Redis, stream: str) -> list[dict[str, Any]]:
@@ -73,13 +49,10 @@ async def pending(redis: Redis, stream: str) -> list[dict[str, Any]]:
     return rows
 
 
-def statuses(outcomes: list[Outcome], message_id: str) -> list[str]:
-    return [o.status for o in outcomes if o.message_id == message_id]
-
-
 # -- retries ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_failed_attempts_are_retried_with_backoff_from_the_schedule_without_holding_a_slot(
     redis: Redis, namespace: str
 ) -> None:
@@ -238,6 +211,7 @@ async def test_fatal_is_dead_lettered_at_once_without_a_retry(redis: Redis, name
     assert await redis.xlen(keys.role_stream("strict")) == 0
 
 
+@pytest.mark.slow
 async def test_handler_timeout_cancels_the_handler_and_counts_as_a_failed_attempt(
     redis: Redis, namespace: str
 ) -> None:
@@ -315,6 +289,7 @@ async def test_a_message_past_its_deadline_is_dead_lettered_as_expired_and_never
     assert all(letter.attempts == 1 and "deadline passed" in letter.detail for letter in letters)
 
 
+@pytest.mark.slow
 async def test_a_retry_whose_deadline_passes_during_the_backoff_expires(
     redis: Redis, namespace: str
 ) -> None:
@@ -338,6 +313,7 @@ async def test_a_retry_whose_deadline_passes_during_the_backoff_expires(
     assert outcomes[-1].reason == "expired"
 
 
+@pytest.mark.slow
 async def test_a_delayed_publish_starts_no_earlier_than_its_delay(
     redis: Redis, namespace: str
 ) -> None:
@@ -393,6 +369,7 @@ async def test_a_delayed_publish_with_a_dedup_key_publishes_once(
 # -- leases ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_lease_renewal_keeps_a_long_handler_from_being_adopted(
     redis: Redis, namespace: str
 ) -> None:
@@ -434,6 +411,7 @@ async def test_lease_renewal_keeps_a_long_handler_from_being_adopted(
     assert owner.statistics().renewals >= 3
 
 
+@pytest.mark.slow
 async def test_entries_of_a_dead_consumer_are_adopted_after_the_lease_ttl(
     redis: Redis, namespace: str
 ) -> None:
@@ -471,6 +449,7 @@ async def test_entries_of_a_dead_consumer_are_adopted_after_the_lease_ttl(
     assert await redis.xlen(stream) == 0
 
 
+@pytest.mark.slow
 async def test_an_entry_delivered_more_than_max_deliveries_is_dead_lettered_as_poison(
     redis: Redis, namespace: str
 ) -> None:
@@ -619,6 +598,7 @@ async def test_a_live_consumer_name_cannot_be_used_by_a_second_worker(
     assert handled == ["same-name", "same-name"]
 
 
+@pytest.mark.slow
 async def test_the_name_of_a_crashed_worker_is_free_again_after_its_liveness_ttl(
     redis: Redis, namespace: str
 ) -> None:
@@ -736,6 +716,7 @@ async def cli(*args: str) -> tuple[int, str, str]:
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
+@pytest.mark.slow
 async def test_dlq_cli_lists_shows_replays_and_purges(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -792,6 +773,7 @@ async def test_dlq_cli_lists_shows_replays_and_purges(
     assert await redis.xlen(keys.role_stream("cli-dead")) == 1
 
 
+@pytest.mark.slow
 async def test_dlq_cli_answers_a_malformed_dead_letter_id_with_one_line_not_a_traceback(
     redis_url: str, namespace: str
 ) -> None:
@@ -802,6 +784,7 @@ async def test_dlq_cli_answers_a_malformed_dead_letter_id_with_one_line_not_a_tr
         assert code == 2 and err.startswith("error:"), (code, err)
 
 
+@pytest.mark.slow
 async def test_dlq_cli_list_shows_the_readable_dead_letters_beside_a_corrupt_one(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -818,6 +801,7 @@ async def test_dlq_cli_list_shows_the_readable_dead_letters_beside_a_corrupt_one
 # -- graceful stop ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stop_runs_only_the_started_message_and_hands_back_the_rest_unstarted(
     redis: Redis, namespace: str
 ) -> None:
@@ -907,6 +891,7 @@ async def test_a_handler_past_the_shutdown_grace_is_released_for_immediate_adopt
     assert outcomes[0].message_id == message_id  # the released outcome names its message too
 
 
+@pytest.mark.slow
 async def test_more_roles_than_free_slots_do_not_overflow_the_worker(
     redis_url: str, namespace: str
 ) -> None:

@@ -119,6 +119,7 @@ def _full_check_first(raw: bytes) -> Job | tuple[str, str]:
     return Job.model_validate_json(raw)
 
 
+@pytest.mark.slow
 def test_fast_decode_agrees_with_running_the_full_check_first() -> None:
     """The hot path skips the full check unless a look at the parsed job calls for it; on
     every message below it must decide exactly as the full check run first would."""
@@ -157,7 +158,7 @@ async def test_worker_dead_letters_every_hostile_input_and_keeps_serving(
         await redis.xadd(stream, {b"message": job(f"good{n}", b'{"n":%d}' % n)})
         await redis.xadd(stream, {b"message": raw})
     outcomes: list[Outcome] = []
-    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    worker = Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
     with anyio.fail_after(20):
         async with running(worker):
             await wait_until(lambda: len(outcomes) == 2 * len(HOSTILE))

@@ -48,7 +48,7 @@ async def test_fencing_token_rises_with_every_change_of_owner(redis: Redis, name
     ghost_token = fencing_token(1, ghost.deliveries)
     lease = LeaseSettings(ttl=0.3, reclaim_interval=0.05)
     with anyio.fail_after(20):
-        async with running(Worker(app, redis, namespace=namespace, lease=lease)):
+        async with running(Worker(app, redis, namespace=namespace, block_ms=100, lease=lease)):
             await wait_until(lambda: len(runs) == 2, 15)
     (first_attempt, adopted), (second_attempt, retried) = runs
     assert (first_attempt, second_attempt) == (1, 2)
@@ -87,6 +87,7 @@ async def test_a_lease_lost_found_only_at_settle_is_counted_as_such(
         lease_app(gate, started),
         redis,
         namespace=namespace,
+        block_ms=100,
         lease=LeaseSettings(ttl=60),  # no renewal during the test
         on_outcome=outcomes.append,
     )
@@ -139,7 +140,7 @@ async def test_an_acknowledgement_whose_reply_was_lost_is_checked_before_it_is_c
 
     monkeypatch.setattr(streams, "settle", settle_then_drop)
     outcomes: list[Outcome] = []
-    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    worker = Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
     registry = worker.enable_metrics()
     with anyio.fail_after(20):
         async with running(worker):
@@ -166,6 +167,7 @@ async def test_renewal_latency_is_observed(redis: Redis, namespace: str) -> None
         lease_app(gate, started),
         redis,
         namespace=namespace,
+        block_ms=100,
         lease=LeaseSettings(ttl=0.3),
     )
     registry = worker.enable_metrics()
@@ -183,6 +185,7 @@ async def test_renewal_latency_is_observed(redis: Redis, namespace: str) -> None
     assert total is not None and 0 < total < renewals() * 0.3
 
 
+@pytest.mark.slow
 async def test_entries_taken_over_while_the_loop_was_blocked_are_not_started(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -220,6 +223,7 @@ async def test_entries_taken_over_while_the_loop_was_blocked_are_not_started(
         app,
         redis,
         namespace=namespace,
+        block_ms=100,
         consumer="resumer",
         concurrency=2,
         prefetch=1,

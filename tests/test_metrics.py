@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,29 +18,20 @@ from streamflow.dag.coordinator import Coordinator
 from streamflow.keys import COORDINATORS, Keys
 from streamflow.ops.server import RedisServer
 from tests.apps import read_trace
-from tests.helpers import ROOT, clean_env, scrape, wait_for
-from tests.test_cli import CLI, kill_tree, run_cli
+from tests.helpers import (
+    CLI,
+    LEASE_ARGS,
+    ROOT,
+    clean_env,
+    free_port,
+    kill_tree,
+    run_cli,
+    scrape,
+    status,
+    wait_for,
+)
 
-pytestmark = pytest.mark.redis
-
-LEASE = ("--lease-ttl", "1", "--reclaim-interval", "0.2", "--block-ms", "200")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-            return int(reply.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture
@@ -57,7 +45,7 @@ def start_worker(
     ) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         args = [*CLI, "--log-format", "json", "worker", "--app", "tests.apps:app"]
-        args += ["--role", "work", "--consumer-name", name, *LEASE, *extra]
+        args += ["--role", "work", "--consumer-name", name, *LEASE_ARGS, *extra]
         args += ["--redis-url", url, "--namespace", namespace]
         if metrics:
             args += ["--metrics-port", str(port)]
@@ -237,7 +225,7 @@ def test_coordinator_metrics(redis_url: str, namespace: str, tmp_path: Path) -> 
     port = free_port()
     conn = ["--redis-url", redis_url, "--namespace", namespace]
     worker = subprocess.Popen(
-        [*CLI, "worker", "--app", "tests.test_tasks:app", "--block-ms", "200", *conn],
+        [*CLI, "worker", "--app", "tests.dag.test_coordinator:app", "--block-ms", "200", *conn],
         cwd=ROOT,
         env=clean_env(),
         stderr=subprocess.DEVNULL,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -46,10 +45,10 @@ from streamflow.keys import GROUP, Keys
 from streamflow.ops.server import RedisServer
 from streamflow.worker import Worker
 from tests.apps import app
+from tests.helpers import ROOT, free_port
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
 ROLE = "record"
 #: The worker's blocking reads use a socket timeout of block time + 10 s (see cli._serve).
 WORKER_READ_TIMEOUT = 0.2 + 10.0
@@ -461,7 +460,7 @@ async def test_workers_ride_out_a_redis_that_turned_replica_and_back(
     workers = await start_workers(start_worker, server, "demoted", 2)
     async with Client(admin, namespace="demoted") as client:
         await publish_and_wait_handled(client, record_file, 20, "jobs before")
-        await admin.execute_command("REPLICAOF", "127.0.0.1", str(closed_port()))
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
         await wait_until(
             lambda: all("READONLY" in w.stderr() or not w.alive for w in workers),
             30,
@@ -510,13 +509,6 @@ async def wait_answers(admin: Redis) -> None:
                 return
             except ResponseError:
                 await anyio.sleep(0.02)
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.parametrize(
@@ -643,7 +635,7 @@ async def test_a_coordinator_and_an_exporter_started_while_redis_is_down_come_up
 ) -> None:
     server.kill()
     connection = ["--redis-url", server.url, "--namespace", "late"]
-    port = closed_port()
+    port = free_port()
     started = [
         spawn(["coordinator", *connection], tmp_path / "coordinator.log"),
         spawn(["exporter", "--metrics-port", str(port), *connection], tmp_path / "exporter.log"),

@@ -26,11 +26,10 @@ from pathlib import Path
 import pytest
 
 import streamflow
-from tests.helpers import recorded, wait_for
+from tests.helpers import ROOT, recorded, wait_for
 
-pytestmark = pytest.mark.packaging
+pytestmark = [pytest.mark.packaging, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPTS = sorted(path.name for path in (ROOT / "streamflow" / "lua").glob("*.lua"))
 
 #: Names left out of the copy of the working tree: VCS data, caches and build output.

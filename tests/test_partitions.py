@@ -130,6 +130,7 @@ async def test_the_first_worker_records_the_partitions_and_one_declaring_others_
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_the_cli_worker_refuses_other_partitions_in_one_line(
     redis_url: str, namespace: str
 ) -> None:
@@ -160,7 +161,9 @@ async def test_publishing_spreads_by_key_or_round_robin_and_early_jobs_are_not_s
     assert await redis.xlen(keys.role_stream("hot")) == 4
     seen: list[Any] = []
     outcomes: list[Outcome] = []
-    worker = Worker(hot_app(3, seen), redis, namespace=namespace, on_outcome=outcomes.append)
+    worker = Worker(
+        hot_app(3, seen), redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append
+    )
     await worker.drain()
     assert {o.message_id for o in outcomes} == set(early)
     layout = await partitions.load(redis, keys, "hot")
@@ -224,6 +227,7 @@ async def test_the_harness_runs_a_partitioned_role_on_fakeredis() -> None:
 
 @pytest.mark.redis
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_the_dlq_commands_take_partitioned_dead_letter_ids(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:

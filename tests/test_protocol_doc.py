@@ -27,10 +27,11 @@ import pytest
 import redis as redis_sync
 
 from streamflow.ops.server import RedisServer
-from tests.helpers import clean_env, recorded, wait_for
+from tests.helpers import ROOT, clean_env, recorded, wait_for
 from tests.test_getting_started import Command, Shell
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
 PAGE = ROOT / "docs" / "protocol.md"
 MARKER = re.compile(r"<!-- protocol-example: (.+?) -->\n```console\n(.*?)```", re.S)
 #: A raw publish of a job: XADD to a role stream.

@@ -12,11 +12,9 @@ import pytest
 import redis
 
 from streamflow.ops.server import RedisServer
-from tests.helpers import ROOT, clean_env, wait_for
-from tests.test_cli import CLI, kill_tree, run_cli
-from tests.test_metrics import free_port, status
+from tests.helpers import CLI, ROOT, clean_env, free_port, kill_tree, run_cli, status, wait_for
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 CANARY = "Canary-S3cret-7f1d"
 

@@ -33,6 +33,8 @@ from tests.helpers import clean_env
 from tests.sentinel import SERVICE, LocalSentinel, local_sentinel
 from tests.test_outage import WorkerProcess, assert_healthy, spawn_worker
 
+pytestmark = pytest.mark.slow
+
 ROLE = "work"
 CANARY = "Canary-S3cret-7f1d"
 #: How far before the kill a lost message may have been acknowledged, on top of the replica's

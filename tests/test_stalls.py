@@ -14,7 +14,7 @@ from streamflow import App, Client, Context, Worker
 from streamflow.delivery import Outcome
 from tests.helpers import running, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def test_a_handler_blocking_the_loop_is_named_in_a_warning_and_counted(
@@ -27,7 +27,9 @@ async def test_a_handler_blocking_the_loop_is_named_in_a_warning_and_counted(
         time.sleep(1.0)  # noqa: ASYNC251 - the mistake the watchdog is for
 
     outcomes: list[Outcome] = []
-    worker = Worker(app, redis, namespace=namespace, stall_warning=0.2, on_outcome=outcomes.append)
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, stall_warning=0.2, on_outcome=outcomes.append
+    )
     registry = worker.enable_metrics()
     caplog.set_level(logging.WARNING, logger="streamflow.worker")
     with anyio.fail_after(20):
@@ -60,7 +62,9 @@ async def test_plain_def_handlers_that_block_do_not_stall_the_loop(
         time.sleep(1.0)
 
     outcomes: list[Outcome] = []
-    worker = Worker(app, redis, namespace=namespace, stall_warning=0.2, on_outcome=outcomes.append)
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, stall_warning=0.2, on_outcome=outcomes.append
+    )
     with anyio.fail_after(20):
         async with running(worker):
             await Client(redis, namespace=namespace).publish("threaded", {})

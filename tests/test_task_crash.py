@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -39,12 +38,11 @@ from streamflow.dag.graph import GraphSpec
 from streamflow.dag.store import decode_state, node_field
 from streamflow.dag.tasks import Invocation, TaskState
 from streamflow.keys import COORDINATORS, GROUP, Keys
-from tests.helpers import ROOT, clean_env, wait_for
+from tests.helpers import CLI, ROOT, clean_env, wait_for
 from tests.task_apps import Line, read_trace
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-CLI = [sys.executable, "-m", "streamflow"]
 APP = "tests.task_apps:app"
 ROLES = ("src", "step")
 WORKER_LEASE = ("--lease-ttl", "1", "--reclaim-interval", "0.2", "--block-ms", "200")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,20 @@ from streamflow.keys import Keys
 from streamflow.ops import guard
 from streamflow.ops.server import RedisServer
 from tests.cluster import ClusterTLS, LocalCluster, local_cluster
-from tests.helpers import ROOT, clean_env, recorded, running, wait_for, wait_until
+from tests.helpers import (
+    CLI,
+    ROOT,
+    clean_env,
+    recorded,
+    run_cli,
+    running,
+    wait_for,
+    wait_until,
+)
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 CANARY = "Canary-S3cret-XYZ"
-CLI = [sys.executable, "-m", "streamflow"]
-CLI_TIMEOUT = 20.0
 
 
 # -- certificates and servers ----------------------------------------------------------------
@@ -153,17 +159,6 @@ def tls_server(certs: Certs) -> Iterator[RedisServer]:
 def tls_url(server: RedisServer) -> str:
     """The server's rediss:// URL, as user ``sf`` with the canary password."""
     return f"rediss://sf:{CANARY}@127.0.0.1:{server.tls_port}/0"
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args],
-        cwd=ROOT,
-        env=env if env is not None else clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,9 +52,12 @@ from streamflow.protocol import (
     encode_job_fields,
 )
 from streamflow.registry import live_workers
+from tests.dag.test_coordinator import system as task_system
 from tests.helpers import (
+    CLI,
     ROOT,
     clean_env,
+    free_port,
     recorded,
     running,
     scrape,
@@ -63,13 +65,10 @@ from tests.helpers import (
     wait_for_query,
     wait_until,
 )
-from tests.test_crash import WorkerProcess, Workers
-from tests.test_metrics import free_port
-from tests.test_tasks import system as task_system
+from tests.processes import WorkerProcess, Workers
 
 pytestmark = pytest.mark.redis
 
-CLI = [sys.executable, "-m", "streamflow"]
 #: Generous for a shared 2-core machine: these wait for outcomes, never for a duration.
 DEADLINE = 30.0
 
@@ -141,6 +140,7 @@ def wait_serving(worker: WorkerProcess, predicate: Any, what: str) -> None:
 # -- item 1: input batches named by a job or a task's output list -------------------------------
 
 
+@pytest.mark.slow
 def test_forged_input_refs_are_dead_lettered_and_the_worker_keeps_serving(
     workers: Workers, sync_redis: redis_sync.Redis, namespace: str, record_path: Path
 ) -> None:
@@ -225,6 +225,7 @@ def cancel_signal(target: str, target_id: str) -> bytes:
     )
 
 
+@pytest.mark.slow
 def test_bad_cancel_markers_are_skipped_counted_and_a_marker_means_what_its_key_says(
     workers: Workers, sync_redis: redis_sync.Redis, namespace: str, record_path: Path
 ) -> None:
@@ -286,6 +287,7 @@ def run_cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 def test_hostile_text_never_forges_a_log_line_or_reaches_a_terminal_raw(
     workers: Workers,
     sync_redis: redis_sync.Redis,
@@ -371,6 +373,7 @@ async def cancel(redis: Redis, keys: Keys, target: str, target_id: str) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_start_up_loads_cancels_from_the_index_and_never_scans(
     private_redis: Callable[..., RedisServer], namespace: str
 ) -> None:
@@ -404,6 +407,7 @@ async def test_start_up_loads_cancels_from_the_index_and_never_scans(
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_a_marker_less_signal_is_indexed_for_later_workers_and_expired_entries_go(
     redis: Redis, namespace: str
 ) -> None:
@@ -442,6 +446,7 @@ async def test_a_marker_less_signal_is_indexed_for_later_workers_and_expired_ent
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_a_wrong_type_index_or_signals_stream_is_counted_and_cancels_still_work(
     redis: Redis, namespace: str
 ) -> None:
@@ -472,6 +477,7 @@ async def test_a_wrong_type_index_or_signals_stream_is_counted_and_cancels_still
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_other_values_read_back_are_refused_clearly_without_a_crash(
     redis: Redis, namespace: str
 ) -> None:
@@ -578,6 +584,7 @@ def reason_cases(keys: Keys) -> dict[str, dict[bytes, bytes]]:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_every_documented_reason_is_what_a_real_worker_dead_letters_with(
     redis: Redis, namespace: str
 ) -> None:
@@ -654,6 +661,7 @@ async def test_a_task_s_forged_output_refs_are_never_read_or_expired_as_batches(
         await store.output("t3", "p")
 
 
+@pytest.mark.slow
 def test_a_wrong_type_liveness_key_refuses_the_name_with_one_error_line(
     workers: Workers, sync_redis: redis_sync.Redis, namespace: str
 ) -> None:
@@ -667,6 +675,7 @@ def test_a_wrong_type_liveness_key_refuses_the_name_with_one_error_line(
     assert sync_redis.type(keys.consumer_alive("victim")) == b"hash"  # never overwritten
 
 
+@pytest.mark.slow
 def test_a_wrong_type_role_stream_refuses_the_start_with_one_error_line(
     workers: Workers, sync_redis: redis_sync.Redis, namespace: str
 ) -> None:
@@ -722,6 +731,7 @@ async def test_the_exporter_reads_past_forged_task_ids_and_states(
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_forged_coordinator_registry_entries_are_skipped_and_coordinators_still_run(
     redis_url: str, redis: Redis, namespace: str
 ) -> None:

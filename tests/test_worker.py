@@ -35,7 +35,9 @@ async def test_published_jobs_are_handled_acked_and_deleted(redis: Redis, namesp
     client = Client(redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(20):
-        async with running(Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)):
+        async with running(
+            Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
+        ):
             first = await client.publish("echo", {"n": -1})
             ids = await client.publish_many("echo", ({"n": i} for i in range(500)))
             await wait_until(lambda: len(outcomes) == 501)
@@ -63,7 +65,7 @@ async def test_raw_xadd_from_another_language_is_processed(redis: Redis, namespa
     )
     await redis.execute_command("XADD", key, "*", "message", body)  # before any worker exists
     with anyio.fail_after(10):
-        async with running(Worker(app, redis, namespace=namespace)):
+        async with running(Worker(app, redis, namespace=namespace, block_ms=100)):
             await redis.execute_command("XADD", key, "*", "message", body.replace(b"2b1f", b"ffff"))
             await wait_until(lambda: len(seen) == 2)
     assert sorted(seen) == [
@@ -92,7 +94,7 @@ async def test_concurrency_n_runs_exactly_n_handlers_at_once(redis: Redis, names
 
     await Client(redis, namespace=namespace).publish_many("slow", range(3 * n))
     with anyio.fail_after(10):
-        async with running(Worker(app, redis, namespace=namespace, concurrency=n)):
+        async with running(Worker(app, redis, namespace=namespace, block_ms=100, concurrency=n)):
             await wait_until(lambda: done == 3 * n)
     assert peak == n
 
@@ -116,7 +118,9 @@ async def test_sync_handlers_run_in_threads_without_blocking_the_loop(
 
     client = Client(redis, namespace=namespace)
     with anyio.fail_after(15):
-        async with running(Worker(app, redis, namespace=namespace, concurrency=4)) as worker:
+        async with running(
+            Worker(app, redis, namespace=namespace, block_ms=100, concurrency=4)
+        ) as worker:
             await client.publish("blocking", 1)
             await wait_until(lambda: len(threads) == 1)
             # The sync handler is blocked in its thread; async work still flows.
@@ -178,7 +182,12 @@ async def test_malformed_entries_are_dead_lettered_and_neighbours_still_processe
         await redis.xadd(stream, fields)
     outcomes: list[Outcome] = []
     worker = Worker(
-        app, redis, namespace=namespace, max_message_bytes=4096, on_outcome=outcomes.append
+        app,
+        redis,
+        namespace=namespace,
+        block_ms=100,
+        max_message_bytes=4096,
+        on_outcome=outcomes.append,
     )
     with anyio.fail_after(10):
         async with running(worker):
@@ -266,7 +275,7 @@ async def test_renewals_and_acks_that_find_the_group_gone_lose_their_entries_not
         pass
 
     outcomes: list[Outcome] = []
-    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    worker = Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
     stream = Keys(namespace).role_stream("held")
     await Client(redis, namespace=namespace).publish_many("held", [1, 2, 3])  # no group yet
     running_one, finished_one, failed_one = (
@@ -365,7 +374,7 @@ async def test_a_restart_with_the_same_consumer_name_resumes_its_pending_entries
     await streams.read_group(redis, stream, "w1", count=3, block_ms=None)
     assert await pending_count(redis, stream) == 3
     with anyio.fail_after(10):
-        async with running(Worker(app, redis, namespace=namespace, consumer="w1")):
+        async with running(Worker(app, redis, namespace=namespace, block_ms=100, consumer="w1")):
             await wait_until(lambda: len(seen) == 5)
     assert sorted(seen) == [0, 1, 2, 3, 4]
     assert await pending_count(redis, stream) == 0
@@ -389,7 +398,14 @@ async def test_a_pending_entry_deleted_from_the_stream_is_reported_not_silently_
     outcomes: list[Outcome] = []
     with anyio.fail_after(10):
         async with running(
-            Worker(app, redis, namespace=namespace, consumer="w1", on_outcome=outcomes.append)
+            Worker(
+                app,
+                redis,
+                namespace=namespace,
+                block_ms=100,
+                consumer="w1",
+                on_outcome=outcomes.append,
+            )
         ):
             await wait_until(lambda: len(outcomes) == 1)
     assert outcomes[0].status == "dead_lettered" and outcomes[0].reason == "invalid_message"
@@ -416,7 +432,9 @@ async def test_shutdown_is_not_a_cancel_and_handlers_that_check_it_stop_at_a_saf
             await anyio.sleep(0.01)
 
     outcomes: list[Outcome] = []
-    worker = Worker(app, redis, namespace=namespace, shutdown_grace=30, on_outcome=outcomes.append)
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, shutdown_grace=30, on_outcome=outcomes.append
+    )
     await Client(redis, namespace=namespace).publish("steps", {})
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -446,7 +464,7 @@ async def _peak_in_flight(
             await anyio.sleep(seconds)
         done += 1
 
-    worker = Worker(app, redis, namespace=namespace, **options)
+    worker = Worker(app, redis, namespace=namespace, block_ms=100, **options)
     await Client(redis, namespace=namespace).publish_many("paced", ({"n": i} for i in range(jobs)))
     async with running(worker):
         await wait_until(lambda: done == jobs, timeout=30)
@@ -459,6 +477,7 @@ async def test_auto_prefetch_reads_ahead_for_short_jobs(redis: Redis, namespace:
     assert concurrency < peak <= concurrency + 1000, peak
 
 
+@pytest.mark.slow
 async def test_auto_prefetch_holds_almost_nothing_ahead_of_slow_jobs(
     redis: Redis, namespace: str
 ) -> None:
@@ -467,6 +486,7 @@ async def test_auto_prefetch_holds_almost_nothing_ahead_of_slow_jobs(
     assert peak <= concurrency + 1, peak
 
 
+@pytest.mark.slow
 async def test_prefetch_0_never_holds_more_than_the_handler_slots(
     redis: Redis, namespace: str
 ) -> None:

@@ -16,7 +16,7 @@ import pytest
 from examples.long_jobs.app import app, progress
 from streamflow import Client, LeaseSettings, Outcome, Worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
 #: Short leases so that the demo of adoption takes a fraction of a second.
 LEASE = LeaseSettings(ttl=1.0, reclaim_interval=0.1)

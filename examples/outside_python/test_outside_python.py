@@ -23,7 +23,7 @@ import streamflow
 from examples.outside_python.app import app, greeted
 from streamflow import Client, Outcome, Worker
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 HERE = Path(__file__).parent
 CANCEL_LUA = Path(streamflow.__file__).parent / "lua" / "cancel.lua"

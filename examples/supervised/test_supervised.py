@@ -114,6 +114,7 @@ def honcho(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Honcho]:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_honcho_runs_the_procfile_and_stops_every_process_on_sigterm(
     honcho: Honcho, redis_url: str, namespace: str
 ) -> None:

@@ -21,7 +21,7 @@ import importlib
 import click
 
 #: Every command: the module that defines it, and its short help for the command list (the
-#: first paragraph of the command's docstring; tests/test_cli_root.py checks they agree).
+#: first paragraph of the command's docstring; tests/cli/test_root.py checks they agree).
 COMMANDS: dict[str, tuple[str, str]] = {
     "acl": (
         "streamflow.cli.security",

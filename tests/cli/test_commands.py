@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +25,20 @@ from streamflow.cli.worker import worker as worker_command
 from streamflow.cli.worker import worker_settings
 from streamflow.config import WorkerSettings
 from streamflow.keys import Keys
-from tests.helpers import ROOT, clean_env, recorded, wait_for
+from tests.helpers import (
+    CLI,
+    ROOT,
+    clean_env,
+    free_port,
+    kill_tree,
+    recorded,
+    run_cli,
+    wait_for,
+)
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-CLI = [sys.executable, "-m", "streamflow"]
-CLI_TIMEOUT = 20.0
 CANARY = "S3cretCanary"
 
 
@@ -123,43 +128,6 @@ def test_the_configuration_reference_states_each_default() -> None:
         assert (float(number[1].replace(",", "")) if number else cell.strip("`")) == default, cell
         checked.append(cell)
     assert len(checked) >= 12
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m streamflow ARGS`` to completion (killed if it outlives the timeout)."""
-    return subprocess.run(
-        [*CLI, *args],
-        cwd=ROOT,
-        env=env if env is not None else clean_env(),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def kill_tree(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL ``process`` and every descendant still alive, and reap ``process``."""
-    try:
-        family = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for proc in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    if process.poll() is None:
-        process.kill()
-    process.wait(timeout=10)
 
 
 @dataclass
@@ -364,7 +332,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture
 def target(redis_url: str, namespace: str) -> Target:
-    return Target(redis_url, namespace, closed_port())
+    return Target(redis_url, namespace, free_port())
 
 
 @pytest.mark.parametrize("case", list(CONFIG_ERRORS))

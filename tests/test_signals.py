@@ -1,4 +1,8 @@
-"""Cancel through the signals stream and persistent markers, on a real redis-server."""
+"""Cancel (streamflow/signals.py, ``Client.cancel``, ``ctx.cancel``), on a real redis-server.
+
+Through the signals stream and the persistent markers: queued, running, delayed and adopted
+messages, tasks, raw XADD signals from outside, the CLI's ``cancel``.
+"""
 
 from __future__ import annotations
 
@@ -17,32 +21,15 @@ import redis as redis_sync
 from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, LeaseSettings, Retry, SyncClient, Worker, streams
+from streamflow import App, Client, Context, Retry, SyncClient, streams
 from streamflow.context import Cancelled
 from streamflow.delivery import Outcome
 from streamflow.errors import CancelledIdWarning, UnknownTargetError
 from streamflow.keys import GROUP, Keys
 from streamflow.signals import CancelBook, SignalListener
-from tests.helpers import ROOT, running, wait_until
-from tests.test_cli import run_cli
+from tests.helpers import ROOT, last_statuses, make_worker, run_cli, running, wait_until
 
 pytestmark = pytest.mark.anyio
-
-
-def worker(app: App, redis: Redis, namespace: str, outcomes: list[Outcome], **kw: Any) -> Worker:
-    return Worker(
-        app,
-        redis,
-        namespace=namespace,
-        block_ms=100,
-        on_outcome=outcomes.append,
-        lease=LeaseSettings(ttl=1.0, reclaim_interval=0.1),
-        **kw,
-    )
-
-
-def statuses(outcomes: list[Outcome]) -> dict[str | None, str]:
-    return {o.message_id: o.status for o in outcomes}
 
 
 async def test_a_cooperative_handler_observes_cancel_quickly_and_cleans_up(
@@ -65,7 +52,7 @@ async def test_a_cooperative_handler_observes_cancel_quickly_and_cleans_up(
     client = Client(redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(10):
-        async with running(worker(app, redis, namespace, outcomes)):
+        async with running(make_worker(app, redis, namespace, outcomes)):
             message_id = await client.publish("long", task_id="t1")
             await started.wait()
             sent = time.monotonic()
@@ -73,7 +60,7 @@ async def test_a_cooperative_handler_observes_cancel_quickly_and_cleans_up(
             await wait_until(lambda: outcomes)
     assert observed_after[0] - sent < 1.0
     assert cleaned == ["user asked"]
-    assert statuses(outcomes) == {message_id: "cancelled"}
+    assert last_statuses(outcomes) == {message_id: "cancelled"}
     assert await redis.xlen(Keys(namespace).role_stream("long")) == 0
 
 
@@ -96,7 +83,7 @@ async def test_a_handler_that_ignores_cancel_is_hard_cancelled_after_the_grace(
     client = Client(redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(10):
-        async with running(worker(app, redis, namespace, outcomes)):
+        async with running(make_worker(app, redis, namespace, outcomes)):
             stuck = await client.publish("stubborn", "x")
             await started.wait()
             await client.cancel(stuck, target="message")
@@ -104,7 +91,7 @@ async def test_a_handler_that_ignores_cancel_is_hard_cancelled_after_the_grace(
             other = await client.publish("stubborn", "other")  # the worker keeps serving
             await wait_until(lambda: len(outcomes) == 2)
     assert cleaned == [True]
-    assert statuses(outcomes) == {stuck: "cancelled", other: "acked"}
+    assert last_statuses(outcomes) == {stuck: "cancelled", other: "acked"}
 
 
 async def test_a_queued_message_cancelled_before_it_is_read_never_starts(
@@ -124,12 +111,13 @@ async def test_a_queued_message_cancelled_before_it_is_read_never_starts(
     await client.cancel(doomed, target="message")
     outcomes: list[Outcome] = []
     with anyio.fail_after(10):
-        async with running(worker(app, redis, namespace, outcomes)):
+        async with running(make_worker(app, redis, namespace, outcomes)):
             await wait_until(lambda: len(outcomes) == 2)
     assert ran == [kept]
-    assert statuses(outcomes) == {doomed: "cancelled", kept: "acked"}
+    assert last_statuses(outcomes) == {doomed: "cancelled", kept: "acked"}
 
 
+@pytest.mark.slow
 async def test_a_message_waiting_for_a_retry_is_not_retried_after_cancel(
     redis: Redis, namespace: str
 ) -> None:
@@ -145,7 +133,7 @@ async def test_a_message_waiting_for_a_retry_is_not_retried_after_cancel(
     outcomes: list[Outcome] = []
     keys = Keys(namespace)
     with anyio.fail_after(10):
-        async with running(worker(app, redis, namespace, outcomes)):
+        async with running(make_worker(app, redis, namespace, outcomes)):
             message_id = await client.publish("flaky", task_id="job7")
             await wait_until(lambda: [o.status for o in outcomes] == ["retried"])
             await client.cancel("job7", target="task")
@@ -156,6 +144,7 @@ async def test_a_message_waiting_for_a_retry_is_not_retried_after_cancel(
     assert await redis.zcard(keys.delayed("flaky")) == 0
 
 
+@pytest.mark.slow
 async def test_an_adopted_entry_of_a_dead_worker_is_not_restarted_after_cancel(
     redis: Redis, namespace: str
 ) -> None:
@@ -175,10 +164,10 @@ async def test_an_adopted_entry_of_a_dead_worker_is_not_restarted_after_cancel(
     await client.cancel(message_id)
     outcomes: list[Outcome] = []
     with anyio.fail_after(10):
-        async with running(worker(app, redis, namespace, outcomes)):
+        async with running(make_worker(app, redis, namespace, outcomes)):
             await wait_until(lambda: outcomes)  # adopted after the 1 s TTL
     assert ran == []
-    assert statuses(outcomes) == {message_id: "cancelled"}
+    assert last_statuses(outcomes) == {message_id: "cancelled"}
     assert (await redis.xpending(stream, GROUP))["pending"] == 0
 
 
@@ -206,8 +195,8 @@ async def test_cancel_of_one_task_stops_only_its_handlers_across_two_workers(
 
     client = Client(redis, namespace=namespace)
     outcomes: list[Outcome] = []
-    w1 = worker(app, redis, namespace, outcomes, concurrency=4)
-    w2 = worker(app, redis, namespace, outcomes, concurrency=4)
+    w1 = make_worker(app, redis, namespace, outcomes, concurrency=4)
+    w2 = make_worker(app, redis, namespace, outcomes, concurrency=4)
     with anyio.fail_after(15):
         async with running(w1, w2):
             doomed = [await client.publish("job", i, task_id="doomed") for i in range(3)]
@@ -218,11 +207,12 @@ async def test_cancel_of_one_task_stops_only_its_handlers_across_two_workers(
             assert sorted(m for _, m in result.stopped) == sorted(doomed)
             release.set()
             await wait_until(lambda: len(outcomes) == 6)
-    got = statuses(outcomes)
+    got = last_statuses(outcomes)
     assert {got[m] for m in doomed} == {"cancelled"}
     assert {got[m] for m in kept} == {"acked"}
 
 
+@pytest.mark.slow
 async def test_cancel_wait_times_out_for_an_unknown_id(redis: Redis, namespace: str) -> None:
     app = App()
 
@@ -232,7 +222,7 @@ async def test_cancel_wait_times_out_for_an_unknown_id(redis: Redis, namespace: 
 
     outcomes: list[Outcome] = []
     with anyio.fail_after(10):
-        async with running(worker(app, redis, namespace, outcomes)):
+        async with running(make_worker(app, redis, namespace, outcomes)):
             client = Client(redis, namespace=namespace)
             result = await client.cancel("no-such-task", wait=True, timeout=0.5, preemptive=True)
     assert not result.complete and result.stopped == []
@@ -287,6 +277,7 @@ async def test_cancel_finds_tasks_and_queued_running_and_delayed_messages(
         assert result.signal_id
 
 
+@pytest.mark.slow
 def test_cli_cancel_of_an_unknown_id_is_an_error_and_preemptive_is_explicit(
     redis_url: str, namespace: str
 ) -> None:
@@ -327,7 +318,7 @@ async def test_raw_xadd_cancel_from_outside_works_and_bad_signals_are_ignored(
     keys = Keys(namespace)
     client = Client(redis, namespace=namespace)
     outcomes: list[Outcome] = []
-    w = worker(app, redis, namespace, outcomes)
+    w = make_worker(app, redis, namespace, outcomes)
     with anyio.fail_after(10):
         async with running(w):
             message_id = await client.publish("long", 1)
@@ -351,7 +342,7 @@ async def test_raw_xadd_cancel_from_outside_works_and_bad_signals_are_ignored(
             with anyio.fail_after(5):
                 while not await redis.exists(marker):
                     await anyio.sleep(0.01)
-    assert statuses(outcomes) == {message_id: "cancelled"}
+    assert last_statuses(outcomes) == {message_id: "cancelled"}
     assert w._signals.bad_signals == 4
 
 
@@ -378,15 +369,16 @@ async def test_cancellable_abandons_an_awaitable_and_shield_protects_a_section(
     client = Client(redis, namespace=namespace)
     outcomes: list[Outcome] = []
     with anyio.fail_after(10):
-        async with running(worker(app, redis, namespace, outcomes)):
+        async with running(make_worker(app, redis, namespace, outcomes)):
             message_id = await client.publish("r", 1)
             await started.wait()
             await client.cancel(message_id)
             await wait_until(lambda: outcomes)
     assert events == ["abandoned", "section done"]
-    assert statuses(outcomes) == {message_id: "cancelled"}
+    assert last_statuses(outcomes) == {message_id: "cancelled"}
 
 
+@pytest.mark.slow
 def test_cli_cancel_wait_reports_what_stopped(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -423,6 +415,7 @@ def test_cli_cancel_wait_reports_what_stopped(
         worker_proc.wait()
 
 
+@pytest.mark.slow
 def test_cancel_while_the_worker_is_sigkilled_is_honoured_by_the_worker_that_adopts_it(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:

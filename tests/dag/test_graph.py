@@ -206,7 +206,7 @@ edges:
 def test_yaml_is_read_with_the_safe_loader() -> None:
     CALLS.clear()
     text = (
-        "name: !!python/object/apply:tests.test_graph.record_call [pwned]\n"
+        "name: !!python/object/apply:tests.dag.test_graph.record_call [pwned]\n"
         "nodes: [{id: a, role: r}]\n"
     )
 
@@ -215,7 +215,7 @@ def test_yaml_is_read_with_the_safe_loader() -> None:
 
     [problem] = caught.value.problems
     assert problem.startswith("not valid YAML: could not determine a constructor for the tag")
-    assert "python/object/apply:tests.test_graph.record_call" in problem
+    assert "python/object/apply:tests.dag.test_graph.record_call" in problem
     assert CALLS == []
 
 

@@ -1,3 +1,9 @@
+"""streamflow.ops.server.RedisServer: private redis-server processes for tests and the demo.
+
+Start, stop, kill, restart on the same port, pause and resume, and no leftover process or
+directory whatever happens to the parent.
+"""
+
 from __future__ import annotations
 
 import os

@@ -36,9 +36,7 @@ from streamflow import (
     Client,
     Coordinator,
     Graph,
-    LeaseSettings,
     SyncClient,
-    Worker,
     connect,
     streams,
 )
@@ -48,13 +46,21 @@ from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, Ke
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
-from tests.helpers import ROOT, clean_env, wait_for, wait_for_query, wait_until
-from tests.test_cli import kill_tree
+from tests.helpers import (
+    CLI,
+    CLI_TIMEOUT,
+    ROOT,
+    clean_env,
+    kill_tree,
+    make_worker,
+    statuses,
+    wait_for,
+    wait_for_query,
+    wait_until,
+)
 
 NS = "acl"
 KEYS = Keys(NS)
-CLI = [sys.executable, "-m", "streamflow"]
-CLI_TIMEOUT = 20.0
 PASSWORD_VAR = "SFTEST_ACL_PASSWORD"
 
 app = streamflow.App()
@@ -413,27 +419,15 @@ async def ok(users: Users, part: acl.Part, *args: str) -> str:
     return done.stdout
 
 
-def statuses(outcomes: list[Outcome], message_id: str) -> list[str]:
-    return [o.status for o in outcomes if o.message_id == message_id]
-
-
-def make_worker(
+def acl_worker(
     redis: Redis, name: str, roles: list[str], outcomes: list[Outcome]
 ) -> streamflow.Worker:
-    return Worker(
-        app,
-        redis,
-        roles=roles,
-        namespace=NS,
-        consumer=name,
-        block_ms=100,
-        shutdown_grace=0.2,
-        lease=LeaseSettings(ttl=1.0, reclaim_interval=0.1),
-        on_outcome=outcomes.append,
-    )
+    """A worker of this file's app in namespace ``NS``, as consumer ``name``."""
+    return make_worker(app, redis, NS, outcomes, roles=roles, consumer=name, shutdown_grace=0.2)
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisServer]) -> None:
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli is not on PATH")
@@ -519,6 +513,7 @@ async def test_publisher_publishes_and_submits(users: Users) -> None:
 
 @pytest.mark.redis
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users: Users) -> None:
     admin, stream = users.admin, KEYS.role_stream("echo")
     started.clear()
@@ -534,7 +529,7 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
         [[_, [(ghost_entry, _)]]] = await admin.xreadgroup(GROUP, "ghost", {stream: ">"}, count=1)
         echoes = await publisher.publish_many("echo", [{"n": i} for i in range(3)])
         failing = await publisher.publish("flaky", {})
-        w1 = make_worker(worker_redis, "w1", JOB_ROLES, outcomes)
+        w1 = acl_worker(worker_redis, "w1", JOB_ROLES, outcomes)
         with anyio.fail_after(40):
             async with anyio.create_task_group() as tg:
                 await tg.start(w1.run)
@@ -568,7 +563,7 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
                 w1.stop()
             assert statuses(outcomes, "slow-2") == ["released"]
             await operator.cancel("slow-2", target="message")
-            w2 = make_worker(worker_redis, "w2", JOB_ROLES, outcomes)
+            w2 = acl_worker(worker_redis, "w2", JOB_ROLES, outcomes)
             async with anyio.create_task_group() as tg:
                 await tg.start(w2.run)
                 await wait_until(lambda: statuses(outcomes, "slow-2") == ["released", "cancelled"])
@@ -602,13 +597,14 @@ async def operator_views(users: Users, dead_message: str) -> None:
 
 @pytest.mark.redis
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: Users) -> None:
     admin = users.admin
     publisher = Client.from_url(users.urls["publisher"], namespace=NS)
     worker_redis = connect.connect(users.urls["worker"], socket_timeout=5.0, name="w")
     coord_redis = connect.connect(users.urls["coordinator"], socket_timeout=5.0, name="c")
     operator_redis = connect.connect(users.urls["operator"], socket_timeout=5.0, name="o")
-    worker = make_worker(worker_redis, "tw", TASK_ROLES, [])
+    worker = acl_worker(worker_redis, "tw", TASK_ROLES, [])
     coordinator = Coordinator(
         coord_redis,
         namespace=NS,
@@ -743,6 +739,7 @@ async def test_start_up_checks_work_without_config_get(users: Users, part: acl.P
 
 
 @pytest.mark.redis
+@pytest.mark.slow
 def test_worker_command_runs_as_the_worker_user(private_redis: Callable[..., RedisServer]) -> None:
     server = private_redis()
     admin = redis_sync.Redis(port=server.port)
@@ -752,7 +749,7 @@ def test_worker_command_runs_as_the_worker_user(private_redis: Callable[..., Red
         admin.execute_command(*shlex.split(done.stdout))
         urls[part] = f"redis://sf-{part}:pw@127.0.0.1:{server.port}/0"
     env = clean_env(STREAMFLOW_REDIS_URL=urls["worker"], STREAMFLOW_NAMESPACE=NS)
-    args = ["worker", "--app", "tests.test_acl:app", "--role", "echo", "--block-ms", "100"]
+    args = ["worker", "--app", "tests.ops.test_acl:app", "--role", "echo", "--block-ms", "100"]
     proc = subprocess.Popen([*CLI, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         with SyncClient(urls["publisher"], namespace=NS) as publisher:

@@ -21,9 +21,9 @@ from streamflow.config import WorkerSettings
 from streamflow.errors import ConfigError
 from streamflow.ops.supervisor import child_command, child_settings
 from tests.helpers import ROOT, clean_env, recorded, wait_for
-from tests.test_crash import Record, Workers
+from tests.processes import Record, Workers
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 # -- a child's settings go through its command line whole ------------------------------------

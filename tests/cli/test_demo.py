@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,9 +24,10 @@ import redis
 from streamflow import Client, config
 from streamflow.dag import demo as demo_app
 from streamflow.testing import Harness
-from tests.helpers import ROOT, clean_env, wait_for
+from tests.helpers import CLI, ROOT, clean_env, wait_for
 
-CLI = [sys.executable, "-m", "streamflow"]
+pytestmark = pytest.mark.slow
+
 #: Deadline of one whole demo run of 20 batches (it takes about 3 s).
 RUN_TIMEOUT = 30.0
 #: How long the demo may take to exit after SIGINT.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,13 +24,11 @@ from streamflow.errors import ConfigError
 from streamflow.ops import guard
 from streamflow.ops.guard import ServerFacts
 from streamflow.ops.server import RedisServer
-from tests.helpers import ROOT, clean_env, wait_for
-from tests.test_cli import kill_tree
+from tests.helpers import CLI, ROOT, clean_env, kill_tree, wait_for
 
 pytestmark = pytest.mark.redis
 
 CANARY = "Canary-S3cret-XYZ"
-CLI = [sys.executable, "-m", "streamflow"]
 RISKS = ("persistence", "eviction", "default-user")
 #: One distinctive phrase of each warning's message.
 PHRASES = {
@@ -258,6 +255,7 @@ def worker_args(namespace: str) -> list[str]:
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
+@pytest.mark.slow
 def test_worker_on_a_risky_server_logs_each_warning_once_and_serves(
     risky: RedisServer,
     namespace: str,
@@ -277,6 +275,7 @@ def test_worker_on_a_risky_server_logs_each_warning_once_and_serves(
     assert CANARY not in text and "Traceback" not in text
 
 
+@pytest.mark.slow
 def test_worker_on_a_safe_server_logs_no_warning(
     safe: RedisServer,
     namespace: str,
@@ -300,6 +299,7 @@ def test_worker_on_a_safe_server_logs_no_warning(
         ("coordinator", "option"),
     ],
 )
+@pytest.mark.slow
 def test_strict_refuses_to_start_with_one_line_listing_every_problem(
     risky: RedisServer, namespace: str, command: str, strict_by: str
 ) -> None:

@@ -17,10 +17,18 @@ from redis.asyncio import Redis
 from streamflow import App, Client, Context, SyncClient, Worker
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.inspect import inspect_role, inspect_roles, longest_idle
-from tests.helpers import ROOT, clean_env, running, wait_for, wait_for_query
-from tests.test_cli import CLI, kill_tree, run_cli
+from tests.helpers import (
+    CLI,
+    ROOT,
+    clean_env,
+    kill_tree,
+    run_cli,
+    running,
+    wait_for,
+    wait_for_query,
+)
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 #: Volatile fields are checked for range, then blanked before exact comparison.
 MAX_AGE_MS = 60_000

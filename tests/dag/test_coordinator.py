@@ -1,7 +1,7 @@
 """DAG tasks end to end on a real redis-server: workers and a coordinator in this process.
 
-Crash scenarios (SIGKILLed workers and coordinators) are in test_task_crash.py; the state
-machine's rules alone are in test_task_machine.py.
+Crash scenarios (SIGKILLed workers and coordinators) are in tests/test_task_crash.py; the state
+machine's rules alone are in tests/dag/test_tasks.py.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def chain(n: int, size: int, pause: float = 0.0) -> Graph:
     return graph
 
 
+@pytest.mark.slow
 async def test_five_node_streaming_graph(redis_url: str, namespace: str) -> None:
     async with system(redis_url, namespace) as (client, _, _):
         task_id = await client.submit(chain(60, 6, pause=0.05))
@@ -194,6 +195,7 @@ async def test_five_node_streaming_graph(redis_url: str, namespace: str) -> None
     assert seen[f"enrich:{task_id}"] == [("source", i) for i in range(10)]
 
 
+@pytest.mark.slow
 async def test_fan_in_all_any_count_and_done_waits(redis_url: str, namespace: str) -> None:
     graph = Graph("fan-in", params={"size": 2})
     for name, n in (("a", 2), ("b", 4), ("c", 6)):
@@ -311,6 +313,7 @@ async def _drained(redis: Redis, stream: str) -> bool:
     return await redis.xlen(stream) == 0 and await pending_count(redis, stream) == 0
 
 
+@pytest.mark.slow
 async def test_cancel_while_a_node_waits_for_a_retry(redis_url: str, namespace: str) -> None:
     graph = Graph("cancel-retry", params={"delay": 1.0})
     graph.node("flaky", role="flaky", retry=RetrySpec(max_attempts=5))
@@ -359,6 +362,7 @@ def _intervals(tasks: list[streamflow.TaskState], role_nodes: set[str]) -> list[
     )
 
 
+@pytest.mark.slow
 async def test_task_and_role_limits_hold(redis_url: str, namespace: str) -> None:
     per_task = Graph("limited", params={"seconds": 0.2}, max_running_nodes=1)
     for name in ("a", "b", "c"):
@@ -448,6 +452,7 @@ def _event(task_id: str, type_: str, invocation: int = 0, **fields: Any) -> dict
     return {b"event": encode(event)}
 
 
+@pytest.mark.slow
 async def test_duplicated_late_and_out_of_order_events(
     redis_url: str, namespace: str, redis: Redis
 ) -> None:
@@ -511,6 +516,7 @@ async def test_finished_tasks_expire_after_the_retention(
         assert 0 < await redis.pttl(key) <= 60_000, key
 
 
+@pytest.mark.slow
 async def test_node_timeout_and_retry_override_the_role(redis_url: str, namespace: str) -> None:
     graph = Graph("timeout", params={"seconds": 30})
     graph.node("slow", role="slow", timeout=0.2, retry={"max_attempts": 2, "backoff": 0})

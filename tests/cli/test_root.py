@@ -54,6 +54,7 @@ def imported_by(*args: str) -> set[str]:
 
 
 @pytest.mark.parametrize("args", [("--version",), ("--help",), ()])
+@pytest.mark.slow
 def test_version_and_help_import_no_redis_pydantic_or_prometheus(args: tuple[str, ...]) -> None:
     modules = imported_by(*args)
     assert "streamflow.cli" in modules  # the root group did run
@@ -63,6 +64,7 @@ def test_version_and_help_import_no_redis_pydantic_or_prometheus(args: tuple[str
     assert heavy == []
 
 
+@pytest.mark.slow
 def test_a_command_imports_its_own_module_only() -> None:
     modules = imported_by("acl", "--help")
     assert "streamflow.cli.security" in modules
@@ -99,6 +101,7 @@ def help_text(*, load_all: bool) -> str:
     ).stdout
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands_as_click_would_with_every_module_imported() -> None:
     lazy = help_text(load_all=False)
     assert lazy == help_text(load_all=True)  # then every row comes from the command itself

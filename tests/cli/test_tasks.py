@@ -12,10 +12,9 @@ import pytest
 import redis
 
 from streamflow.keys import Keys
-from tests.helpers import ROOT, clean_env, wait_for
-from tests.test_cli import CLI, kill_tree, run_cli
+from tests.helpers import CLI, ROOT, clean_env, kill_tree, run_cli, wait_for
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 GRAPH = {
     "name": "cli",
@@ -54,7 +53,7 @@ def services(redis_url: str, namespace: str) -> Iterator[list[str]]:
     conn = ["--redis-url", redis_url, "--namespace", namespace]
     procs = [
         subprocess.Popen(
-            [*CLI, "worker", "--app", "tests.test_tasks:app", "--block-ms", "200", *conn],
+            [*CLI, "worker", "--app", "tests.dag.test_coordinator:app", "--block-ms", "200", *conn],
             cwd=ROOT,
             env=clean_env(),
             stderr=subprocess.DEVNULL,
@@ -235,7 +234,9 @@ def test_no_coordinator_is_said_and_coordinators_are_listed_with_their_health(
     )
     assert "still running" not in waited.stderr
 
-    coordinator = _coordinator(conn, "--app", "tests.test_tasks:app", "--consumer-name", "c1")
+    coordinator = _coordinator(
+        conn, "--app", "tests.dag.test_coordinator:app", "--consumer-name", "c1"
+    )
     try:
         wait_for(lambda: "live (seen" in run_cli("workers", *conn).stdout, 30, "listed")
         lines = run_cli("workers", *conn).stdout.splitlines()
@@ -278,7 +279,7 @@ def test_submit_right_after_a_coordinator_starts_waits_for_its_functions(
     )
     with redis.Redis.from_url(redis_url) as plain:
         plain.sadd(Keys(namespace).known_roles(), "source")
-    coordinator = _coordinator(conn, "--app", "tests.test_tasks:app")
+    coordinator = _coordinator(conn, "--app", "tests.dag.test_coordinator:app")
     try:
         submitted = run_cli("submit", str(graph), *conn)  # at once: the coordinator is starting
         assert submitted.returncode == 0, submitted.stderr
