@@ -43,8 +43,9 @@ class Delivery:
         job: The decoded job, once decoded.
         lost: The lease was lost: another consumer owns it now; apply nothing.
         released: The worker is shutting down: hand it back instead of settling.
-        settling: Its outcome (ack, retry, dead letter, release) is on its way to Redis: a
-            renewal that finds it gone is not a lost lease.
+        settling: Its outcome (ack, retry, dead letter, release) is on its way to Redis, or
+            for an ack queued for the acker's next batch: a renewal that finds it gone is not
+            a lost lease (a refused settle is, found there).
         started: Its handler has started.
         ack_unknown: An acknowledgement of it was sent but its reply was lost: it may have
             been applied.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from streamflow.errors import ProtocolError
@@ -83,9 +84,15 @@ def key_tokens(raw: bytes) -> int:
     was written twice.
     """
     count = raw.count(b'":')
-    if b'" ' in raw or b'"\n' in raw or b'"\t' in raw or b'"\r' in raw:
-        count += raw.count(b'" ') + raw.count(b'"\n') + raw.count(b'"\t') + raw.count(b'"\r')
+    # A one-byte search is a memchr, several times faster than a two-byte one: look for a
+    # white space byte first (most messages have none, or only spaces).
+    for space, quoted in _QUOTED_SPACES:
+        if space in raw:
+            count += raw.count(quoted)
     return count
+
+
+_QUOTED_SPACES = tuple((space, b'"' + space) for space in (b" ", b"\n", b"\t", b"\r"))
 
 
 def measure(value: Any, depth: int = 1) -> int | None:
@@ -102,26 +109,34 @@ def measure(value: Any, depth: int = 1) -> int | None:
         not finite (``NaN``, ``Infinity`` or an overflowing number, which the fast parser
         accepts). Then the caller runs :func:`check`, which names the reason.
     """
-    if type(value) is not dict and type(value) is not list:
-        return 0 if _scalar_ok(value) else None
-    keys = 0
-    stack: list[tuple[Any, int]] = [(value, depth)]
-    while stack:
-        item, level = stack.pop()
-        is_dict = type(item) is dict
-        if level > MAX_DEPTH or (not is_dict and len(item) > MAX_ITEMS):
-            return None
-        if is_dict:
-            keys += len(item)
-        for child in item.values() if is_dict else item:
-            kind = type(child)
-            if kind is int:  # the most common scalar first
-                if not INT64_MIN <= child <= INT64_MAX:
-                    return None
-            elif kind is dict or kind is list:
-                stack.append((child, level + 1))
-            elif not _scalar_ok(child):
+    kind = type(value)
+    if kind is dict:
+        return _walk(value.values(), len(value), depth)
+    if kind is list:
+        return None if len(value) > MAX_ITEMS else _walk(value, 0, depth)
+    return 0 if _scalar_ok(value) else None
+
+
+def _walk(children: Iterable[Any], keys: int, depth: int) -> int | None:
+    """:func:`measure` of a container's children: ``keys`` plus theirs, or None.
+
+    Recursive, without a stack of its own: most payloads are one flat object, walked in one
+    loop; the depth limit bounds the recursion.
+    """
+    if depth > MAX_DEPTH:
+        return None
+    for child in children:
+        kind = type(child)
+        if kind is int:  # the most common scalar first
+            if not INT64_MIN <= child <= INT64_MAX:
                 return None
+        elif kind is dict or kind is list:
+            inner = measure(child, depth + 1)
+            if inner is None:
+                return None
+            keys += inner
+        elif not _scalar_ok(child):
+            return None
     return keys
 
 

@@ -123,9 +123,11 @@ class Settler:
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
         # The acker forgets the delivery once acknowledged.
-        status: OutcomeStatus = "acked" if decision.kind == "ack" else "cancelled"
-        job = decision.job or delivery.job
-        self.acker.add(delivery, job.id if job else None, status)
+        if decision.kind == "ack":
+            self.acker.add(delivery)
+        else:
+            job = decision.job or delivery.job
+            self.acker.add_cancelled(delivery, job.id if job else None)
 
     async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
         if decision.kind == "lost" or delivery.lost:
@@ -306,17 +308,11 @@ class Settler:
             extra=_log_fields(delivery),
         )
 
-    def report_many(self, items: list[tuple[Delivery, str | None, OutcomeStatus]]) -> None:
-        """Count applied acks and cancels in bulk (no ``on_outcome`` listener, none lost)."""
-        stats, by_role = self.stats, self.stats.by_role
-        counts: dict[tuple[str, OutcomeStatus], int] = {}
-        for delivery, _, status in items:
-            key = (delivery.role.name, status)
-            counts[key] = counts.get(key, 0) + 1
-        for (role, status), count in counts.items():
-            # Every status is also the name of its counter.
-            setattr(stats, status, getattr(stats, status) + count)
-            by_role[role, status] = by_role.get((role, status), 0) + count
+    def report_acked(self, role: str, count: int) -> None:
+        """Count ``count`` applied acks of one role at once (no ``on_outcome`` listener)."""
+        stats = self.stats
+        stats.acked += count
+        stats.by_role[role, "acked"] = stats.by_role.get((role, "acked"), 0) + count
 
 
 def _log_fields(delivery: Delivery, job: Job | None = None) -> dict[str, Any]:
@@ -332,26 +328,39 @@ def _log_fields(delivery: Delivery, job: Job | None = None) -> dict[str, Any]:
     )
 
 
-#: An acknowledgement waiting for the next flush: delivery, message id, status once applied.
-_Ack = tuple[Delivery, str | None, OutcomeStatus]
-
-
 class _Acker:
-    """Batches acknowledgements: one owner-checked settle call per stream per flush."""
+    """Batches acknowledgements: one owner-checked settle call per stream per flush.
+
+    Per delivery it only appends the delivery to its stream's batch: no record is built and no
+    later pass marks or counts deliveries one by one (a batch's stream is one role's, and all
+    but the few cancelled ones are acks).
+    """
 
     def __init__(self, settler: Settler) -> None:
         self._settler = settler
-        self._pending: dict[str, list[_Ack]] = defaultdict(list)
+        self._pending: dict[str, list[Delivery]] = defaultdict(list)
+        # The message ids of deliveries acknowledged as cancelled, until they are reported.
+        self._cancelled: dict[Delivery, str | None] = {}
         self._wakeup = anyio.Event()
         self._lock = anyio.Lock()
         self._backoff = connect.Backoff("acknowledging")
 
-    def add(self, delivery: Delivery, message_id: str | None, status: OutcomeStatus) -> None:
+    def add(self, delivery: Delivery) -> None:
+        """Queue the acknowledgement of a delivery whose handler finished (``acked``)."""
+        # Marked now, while the delivery is at hand, rather than in a pass over the batch: from
+        # here its outcome is decided, and a renewal that finds it gone is not a lost lease (a
+        # refused acknowledgement is, found at settle).
+        delivery.settling = True
         if not self._pending:
             # Only the first entry of a batch wakes the acker: while it is non-empty, the
             # wake-up is set or a flush in progress takes the batch.
             self._wakeup.set()
-        self._pending[delivery.stream].append((delivery, message_id, status))
+        self._pending[delivery.stream].append(delivery)
+
+    def add_cancelled(self, delivery: Delivery, message_id: str | None) -> None:
+        """Queue the acknowledgement of a cancelled delivery (``cancelled``)."""
+        self._cancelled[delivery] = message_id
+        self.add(delivery)
 
     async def run(self) -> None:
         while True:
@@ -366,28 +375,25 @@ class _Acker:
             async with self._lock:
                 while self._pending:
                     batch, self._pending = self._pending, defaultdict(list)
-                    for items in batch.values():
-                        for delivery, _, _ in items:
-                            delivery.settling = True
                     try:
                         await self._settle(batch)
                     except connect.TRANSIENT_ERRORS as exc:
                         # What is left of the batch goes again; its outcome is unknown (the
                         # connection may have dropped after Redis applied it).
                         for stream, items in batch.items():
-                            for delivery, _, _ in items:
+                            for delivery in items:
                                 delivery.ack_unknown = True
                             self._pending[stream][:0] = items
                         await self._backoff.failed(exc)
                     else:
                         self._backoff.succeeded()
 
-    async def _settle(self, batch: dict[str, list[_Ack]]) -> None:
+    async def _settle(self, batch: dict[str, list[Delivery]]) -> None:
         """Settle ``batch``, removing each stream's items from it once they are reported."""
         settler = self._settler
         for stream in list(batch):
             items = batch[stream]
-            ids = [delivery.entry.id for delivery, _, _ in items]
+            ids = [delivery.entry.id for delivery in items]
             refused = set(
                 await streams.settle(
                     settler._scripts, settler._redis, stream, settler.consumer, ids
@@ -395,17 +401,29 @@ class _Acker:
             )
             if refused:
                 refused -= await self._applied_before(stream, items, refused)
-            settler._held.discard_many(stream, [delivery for delivery, _, _ in items])
+            settler._held.discard_many(stream, items)
             del batch[stream]
-            if refused or settler._on_outcome is not None:
-                for delivery, message_id, status in items:
-                    lost = delivery.entry.id in refused
-                    settler.report(delivery, message_id, "lost" if lost else status)
+            if refused or settler._on_outcome is not None or self._cancelled:
+                self._report_each(items, refused)
             else:
-                settler.report_many(items)
+                settler.report_acked(items[0].role.name, len(items))
+
+    def _report_each(self, items: list[Delivery], refused: set[bytes]) -> None:
+        """Report each acknowledged delivery: its status, and its outcome to the listener."""
+        cancelled = self._cancelled
+        for delivery in items:
+            status: OutcomeStatus = "acked"
+            if delivery in cancelled:
+                status = "cancelled"
+                message_id = cancelled.pop(delivery)
+            else:
+                message_id = delivery.job.id if delivery.job is not None else None
+            if delivery.entry.id in refused:
+                status = "lost"
+            self._settler.report(delivery, message_id, status)
 
     async def _applied_before(
-        self, stream: str, items: list[_Ack], refused: set[bytes]
+        self, stream: str, items: list[Delivery], refused: set[bytes]
     ) -> set[bytes]:
         """Of the refused ids, those an earlier try whose reply was lost had acknowledged.
 
@@ -413,7 +431,7 @@ class _Acker:
         applied acknowledgement leaves too, so such an id counts as lost only if another
         consumer holds it now; one that is not pending at all was acknowledged (and deleted).
         """
-        unknown = [d.entry.id for d, _, _ in items if d.ack_unknown and d.entry.id in refused]
+        unknown = [d.entry.id for d in items if d.ack_unknown and d.entry.id in refused]
         if not unknown:
             return set()
         owners = await streams.pending_owners(self._settler._redis, stream, unknown)

@@ -141,6 +141,22 @@ def test_fast_decode_agrees_with_running_the_full_check_first() -> None:
         assert got == expected, raw[:200]
 
 
+def test_key_token_count_is_the_byte_screens() -> None:
+    """The hot path's count of key tokens (a quote then a colon or white space) agrees with the
+    byte screen's, which classifies every byte; white space of every kind, after quotes and
+    elsewhere, in keys and in string values."""
+    rng = random.Random(20261207)
+    spaces = [" ", "\n", "\t", "\r"]
+    for n in range(2000):
+        payload = _write(_random_value(rng, 1), rng)
+        text = payload.decode()
+        for _ in range(rng.randrange(4)):  # white space (and quotes) anywhere, valid or not
+            at = rng.randrange(len(text) + 1)
+            text = text[:at] + rng.choice([*spaces, '"', '" ', '"\r\n']) + text[at:]
+        raw = job(f"m{n}", text.encode())
+        assert hostile.key_tokens(raw) == hostile.screen(raw)[1], raw[:200]
+
+
 @pytest.mark.redis
 async def test_worker_dead_letters_every_hostile_input_and_keeps_serving(
     redis: Redis, namespace: str

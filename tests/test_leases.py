@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streamflow import App, Client, Context, Retry, Worker, streams
-from streamflow.delivery import Outcome
+from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import LeaseSettings
 from streamflow.runner import fencing_token
@@ -106,6 +106,39 @@ async def test_a_lease_lost_found_only_at_settle_is_counted_as_such(
     assert sample(registry, "streamflow_lease_losses_total", found="renewal") == 0
     # The other consumer still holds it: nothing was applied.
     assert await redis.xlen(stream) == 1
+
+
+async def test_a_renewal_leaves_a_queued_ack_to_be_found_lost_at_settle(
+    redis: Redis, namespace: str
+) -> None:
+    """A handler finished and its ack waits for the acker's next batch when a renewal finds
+    the entry owned elsewhere: nothing runs any more, so the renewal neither marks it lost nor
+    counts it; the refused acknowledgement does (found="settle": it may have run twice)."""
+    app = App()
+
+    @app.role("held")
+    async def held(ctx: Context, payload: Any) -> None:
+        pass
+
+    outcomes: list[Outcome] = []
+    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    stream = Keys(namespace).role_stream("held")
+    await streams.ensure_group(redis, stream)
+    await Client(redis, namespace=namespace).publish("held", {})
+    [entry] = await streams.read_group(redis, stream, worker.consumer, count=1, block_ms=None)
+    delivery = Delivery(app.get_role("held"), "held", stream, entry)
+    delivery.started = True  # its handler ran
+    worker._held.add(delivery)
+    with anyio.fail_after(10):
+        worker._settler.acker.add(delivery)
+        await steal(redis, stream)
+        await worker._leases.renew_held()
+        assert not delivery.lost
+        assert worker.statistics().lease_losses == {}
+        await worker._settler.acker.flush()
+    assert [o.status for o in outcomes] == ["lost"]
+    assert worker.statistics().lease_losses == {"settle": 1}
+    assert await redis.xlen(stream) == 1  # the other consumer still holds it
 
 
 @pytest.mark.parametrize("applied", [True, False], ids=["ack_applied", "ack_not_applied"])

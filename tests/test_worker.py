@@ -285,7 +285,7 @@ async def test_renewals_and_acks_that_find_the_group_gone_lose_their_entries_not
     for delivery in (running_one, finished_one, failed_one):
         worker._held.add(delivery)
     with anyio.fail_after(10):
-        worker._settler.acker.add(finished_one, None, "acked")
+        worker._settler.acker.add(finished_one)
         await worker._settler.acker.flush()
         await worker._settler.apply(failed_one, dead("fatal", "gave up"))
         await worker._leases.renew_once()

@@ -1,0 +1,107 @@
+"""CPU per message of the worker's per-delivery path, without Redis or waiting on the loop.
+
+A ``Worker`` serving a no-op ``async def`` handler is built on an unconnected client. Each
+round makes ``--batch`` entries shaped like published jobs (``{"i": n}`` payloads, random
+hex ids) and times, per message:
+
+* ``dispatch``: ``Worker._dispatch`` (a ``Delivery`` each, held and queued);
+* ``process``: per delivery ``_process`` with the handler's runner driven to completion,
+  then ``Settler.ack_nowait`` and ``_finished``, as the consumer loop does on the hot path;
+* ``flush``: ``acker.flush()`` with the settle script stubbed to refuse nothing.
+
+It prints the best round of ``--rounds`` (after a warm-up) and the 10th percentile: far steadier
+on a shared machine than a drain's CPU, which also pays for reading, Redis and the scheduler.
+It runs the streamflow that ``PYTHONPATH`` names first, so alternate snapshots to compare::
+
+    PYTHONPATH=/tmp/sf-074ce1c .venv/bin/python benchmarks/consumer_path.py
+    PYTHONPATH=. .venv/bin/python benchmarks/consumer_path.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+
+import streamflow
+from streamflow import App, Context, Worker, streams
+from streamflow.protocol import encode_job_fields
+from streamflow.streams import Entry
+from streamflow.worker import tune_garbage_collector
+
+WARMUP = 20
+
+
+async def _refuse_nothing(*args: object, **kwargs: object) -> list[bytes]:
+    return []
+
+
+def entries(n: int) -> list[Entry]:
+    now = time.time_ns() // 1_000_000
+    jobs = [
+        encode_job_fields(
+            message_id=uuid.uuid4().hex, role="bench", payload={"i": i}, created_at_ms=now
+        )
+        for i in range(n)
+    ]
+    return [Entry(b"%d-0" % i, {b"message": job}) for i, job in enumerate(jobs)]
+
+
+async def one_round(worker: Worker, batch: list[Entry], scope: anyio.CancelScope) -> list[int]:
+    """Nanoseconds spent in dispatch, process and flush for ``batch``."""
+    role = worker._roles[0]
+    t0 = time.perf_counter_ns()
+    worker._dispatch(role, role.name, "stream", batch, time.monotonic())
+    t1 = time.perf_counter_ns()
+    queue, settler = worker._queue, worker._settler
+    while queue:
+        delivery = queue.popleft()
+        step: Any = worker._process(delivery, scope)
+        try:
+            step.send(None)  # the no-op handler never suspends
+        except StopIteration as done:
+            decision = done.value
+        else:
+            raise RuntimeError("the handler's runner suspended")
+        settler.ack_nowait(delivery, decision)
+        worker._finished(delivery)
+    t2 = time.perf_counter_ns()
+    await settler.acker.flush()
+    return [t1 - t0, t2 - t1, time.perf_counter_ns() - t2]
+
+
+async def measure(rounds: int, size: int) -> list[list[int]]:
+    app = App()
+
+    @app.role("bench")
+    async def noop(ctx: Context, payload: Any) -> None:
+        pass
+
+    streams.settle = _refuse_nothing  # type: ignore[assignment]
+    worker = Worker(app, Redis(), namespace="bench")
+    tune_garbage_collector()
+    scope = anyio.CancelScope()
+    return [await one_round(worker, entries(size), scope) for _ in range(rounds + WARMUP)][WARMUP:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=300, help="timed rounds (300)")
+    parser.add_argument("--batch", type=int, default=500, help="entries per round (500)")
+    args = parser.parse_args()
+    results = anyio.run(measure, args.rounds, args.batch)
+    per_message = [[ns / args.batch / 1000 for ns in r] for r in results]
+    for i, name in enumerate(("dispatch", "process", "flush")):
+        print(f"{name:10s} {min(r[i] for r in per_message):.3f} us (best round)")
+    totals = sorted(sum(r) for r in per_message)
+    p10 = totals[len(totals) // 10]
+    print(f"{'total':10s} {totals[0]:.3f} us (best round), {p10:.3f} us (p10)")
+    print(f"streamflow from {streamflow.__file__}")
+
+
+if __name__ == "__main__":
+    main()
