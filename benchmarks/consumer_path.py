@@ -60,7 +60,7 @@ async def one_round(worker: Worker, batch: list[Entry], scope: anyio.CancelScope
     queue, settler = worker._queue, worker._settler
     while queue:
         delivery = queue.popleft()
-        step: Any = worker._process(delivery, scope)
+        step: Any = worker._runner.process(delivery, scope)
         try:
             step.send(None)  # the no-op handler never suspends
         except StopIteration as done:
