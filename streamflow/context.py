@@ -276,7 +276,10 @@ class Context:
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry the role, message id and attempt."""
+        """A logger whose lines carry the role, message id, attempt (task and node ids for a node).
+
+        Both log formats show them (``--log-format``, see :mod:`streamflow.logs`).
+        """
         if self._log is None:
             extra: dict[str, Any] = {
                 "role": self.role,
