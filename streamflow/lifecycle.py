@@ -4,7 +4,7 @@
 coordinator with the app's functions, a :class:`~streamflow.testing.Harness`), in the order they
 were registered, before it serves; ``@app.on_shutdown`` hooks run in the same order after it
 drained. Each hook takes the process's :class:`Resources` and may be ``async def`` or a plain
-``def`` (run in a thread, so that the loop and the shutdown grace keep their hold). Resources
+``def`` (run in a daemon thread, so that the loop and the shutdown grace keep their hold). Resources
 are keyed by their type, so ``ctx.resources[Pool]`` is a ``Pool`` to a type checker too.
 
 Failure mode: a startup hook that raises stops the process. Its traceback goes to the log,
@@ -22,13 +22,17 @@ spans ended during the drain are exported before the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
 from streamflow.errors import StartupError
 
@@ -171,9 +175,32 @@ async def _call(hook: Hook, resources: Resources) -> None:
     if inspect.iscoroutinefunction(hook):
         await hook(resources)
     else:
-        # In a thread: a slow plain hook must not block the loop, and a shutdown hook past the
-        # grace is abandoned (its thread finishes on its own) rather than waited for.
-        await anyio.to_thread.run_sync(hook, resources, abandon_on_cancel=True)
+        await _in_daemon_thread(cast(Callable[[Resources], None], hook), resources)
+
+
+async def _in_daemon_thread(hook: Callable[[Resources], None], resources: Resources) -> None:
+    """Run a plain hook in a thread of its own that never holds the process up.
+
+    Not anyio's worker threads: the interpreter waits for those at exit, so a plain shutdown
+    hook stuck past the grace (a pool's close() on a hung database) would keep the process
+    alive. A daemon thread is abandoned with the loop instead.
+    """
+    done = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            hook(resources)
+        except BaseException as exc:  # handed to the loop, raised there
+            failure.append(exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=target, name=f"hook {_name(hook)}", daemon=True).start()
+    await done.wait()
+    if failure:
+        raise failure[0]
 
 
 def _name(hook: Hook) -> str:

@@ -4,13 +4,15 @@ Every hook and handler appends one line to the file named by ``SFTEST_HOOKS``, s
 effects across the process boundary.
 
 * ``failing``: its second startup hook raises; both shutdown hooks still run.
-* ``serving``: role ``work`` (logs through ``ctx.log``, records ``handled <n>``); its second
-  shutdown hook sleeps ``SFTEST_STOP_SLEEP`` seconds (default 0.3) before recording.
+* ``serving``: role ``work`` (logs through ``ctx.log``, records ``handled <n>``); its first
+  shutdown hook (plain) sleeps ``SFTEST_PLAIN_STOP_SLEEP`` seconds (default 0), its second
+  (async) ``SFTEST_STOP_SLEEP`` seconds (default 0.3), before recording.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import anyio
@@ -73,7 +75,8 @@ async def open_pool(resources: streamflow.Resources) -> None:
 
 @serving.on_shutdown
 def close_pool(resources: streamflow.Resources) -> None:
-    """The first shutdown hook."""
+    """The first shutdown hook: takes SFTEST_PLAIN_STOP_SLEEP seconds (blocking its thread)."""
+    time.sleep(float(os.environ.get("SFTEST_PLAIN_STOP_SLEEP", "0")))
     record("stop pool")
 
 

@@ -261,13 +261,25 @@ def worker_process(
         process.wait(timeout=10)
 
 
+@pytest.mark.parametrize("command", ["worker", "coordinator"])
 def test_a_failing_startup_hook_exits_non_zero_with_one_error_line_and_runs_shutdown_hooks(
-    tmp_path: Path, redis_url: str, namespace: str
+    tmp_path: Path, redis_url: str, namespace: str, command: str
 ) -> None:
     app = "tests.lifecycle_apps:failing"
-    with worker_process(tmp_path, redis_url, namespace, app) as (process, log):
-        assert process.wait(timeout=60) == 2
-    stderr = log.read_text()
+    done = subprocess.run(
+        [*CLI, command, "--app", app],
+        cwd=ROOT,
+        env=clean_env(
+            STREAMFLOW_REDIS_URL=redis_url,
+            STREAMFLOW_NAMESPACE=namespace,
+            SFTEST_HOOKS=str(tmp_path / "hooks.txt"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    stderr = done.stderr
     lines = stderr.splitlines()
     errors = [line for line in lines if line.startswith("error:")]
     assert errors == [
@@ -302,24 +314,23 @@ def test_shutdown_hooks_run_after_sigterm_within_the_grace(
     assert "Traceback" not in log.read_text()
 
 
-def test_a_shutdown_hook_past_the_grace_is_given_up(
-    tmp_path: Path, redis_url: str, namespace: str
+@pytest.mark.parametrize(
+    ("stuck", "done"),
+    [("SFTEST_STOP_SLEEP", ["start", "stop pool"]), ("SFTEST_PLAIN_STOP_SLEEP", ["start"])],
+    ids=["async", "plain"],
+)
+def test_a_shutdown_hook_past_the_grace_is_given_up_and_the_process_exits(
+    tmp_path: Path, redis_url: str, namespace: str, stuck: str, done: list[str]
 ) -> None:
     app = "tests.lifecycle_apps:serving"
     effects = tmp_path / "hooks.txt"
-    with worker_process(
-        tmp_path,
-        redis_url,
-        namespace,
-        app,
-        SFTEST_STOP_SLEEP="600",
-        STREAMFLOW_SHUTDOWN_GRACE="1",
-    ) as (process, log):
+    env = {stuck: "600", "STREAMFLOW_SHUTDOWN_GRACE": "1"}
+    with worker_process(tmp_path, redis_url, namespace, app, **env) as (process, log):
         wait_for(lambda: " serving " in log.read_text(), 60, "the worker serves")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
-    assert recorded(effects) == ["start", "stop pool"]
-    assert "shutdown hooks did not finish within" in log.read_text()
+    assert recorded(effects) == done
+    assert "shutdown hooks did not finish within 1.0s" in log.read_text()
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
