@@ -203,6 +203,9 @@ class App:
         handlers read as ``ctx.resources[Type]``. A hook that raises stops the process (see
         :mod:`streamflow.lifecycle`).
 
+        Raises:
+            ConfigError: ``hook`` does not take one parameter (the resources).
+
         Example:
             ```python
             @app.on_startup
@@ -210,7 +213,7 @@ class App:
                 resources[Pool] = await Pool.connect(DSN)
             ```
         """
-        self._startup.append(hook)
+        self._startup.append(_check_hook(hook))
         return hook
 
     def on_shutdown(self, hook: HookT) -> HookT:
@@ -219,8 +222,11 @@ class App:
         Shutdown hooks run in registration order, even after a startup hook failed (use
         ``resources.get(Type)``: it may never have been stored), within the shutdown grace;
         one that raises is logged and the next one runs.
+
+        Raises:
+            ConfigError: ``hook`` does not take one parameter (the resources).
         """
-        self._shutdown.append(hook)
+        self._shutdown.append(_check_hook(hook))
         return hook
 
     def lifecycle(self, resources: Resources | None = None) -> Lifecycle:
@@ -255,6 +261,14 @@ class App:
         except KeyError:
             known = ", ".join(sorted(self._roles)) or "none"
             raise ConfigError(f"unknown role {name!r} (this app has: {known})") from None
+
+
+def _check_hook(hook: Hook) -> Hook:
+    if len(inspect.signature(hook).parameters) != 1:
+        raise ConfigError(
+            f"lifecycle hook {getattr(hook, '__qualname__', hook)!r} must take (resources)"
+        )
+    return hook
 
 
 def _make_role(

@@ -23,7 +23,16 @@ import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import App, Client, Context, Coordinator, Resources, StartupError, Worker
+from streamflow import (
+    App,
+    Client,
+    ConfigError,
+    Context,
+    Coordinator,
+    Resources,
+    StartupError,
+    Worker,
+)
 from streamflow.delivery import Outcome
 from streamflow.logs import JsonFormatter, TextFormatter
 from streamflow.testing import Harness
@@ -172,12 +181,22 @@ def test_resources_are_typed_checked_and_read_only_once_serving() -> None:
     assert Pool in resources and Counter not in resources
     assert resources.get(Counter) is None
     with pytest.raises(TypeError, match="resource Pool given a Counter"):
-        resources[Pool] = Counter()  # type: ignore[assignment]
+        resources[Pool] = Counter()  # type checkers let it pass (T is solved as object)
     with pytest.raises(KeyError, match=r"no resource of type Counter \(have: Pool\)"):
         resources[Counter]
     resources._frozen = True
     with pytest.raises(RuntimeError, match="read-only"):
         resources[Counter] = Counter()
+
+
+def test_a_hook_must_take_the_resources() -> None:
+    app = App()
+    with pytest.raises(ConfigError, match="<lambda>' must take"):
+        app.on_startup(lambda: None)  # type: ignore[type-var]
+    with pytest.raises(ConfigError, match=r"hook '\S*no_resources' must take \(resources\)"):
+
+        @app.on_shutdown  # type: ignore[type-var]
+        async def no_resources() -> None: ...
 
 
 async def test_the_coordinator_runs_the_apps_hooks(redis: Redis, namespace: str) -> None:
@@ -370,8 +389,12 @@ async def test_ctx_log_lines_of_a_task_node_carry_task_and_node_ids(redis_url: s
         ctx.log.warning("stepping")
 
     records: list[logging.LogRecord] = []
-    capture = logging.Handler()
-    capture.emit = records.append  # type: ignore[method-assign]
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    capture = Capture()
     handler_logger = logging.getLogger("streamflow.handler")
     handler_logger.addHandler(capture)
     try:
@@ -384,7 +407,7 @@ async def test_ctx_log_lines_of_a_task_node_carry_task_and_node_ids(redis_url: s
     [record] = records
     text = TextFormatter().format(record)
     assert text.endswith(
-        f"streamflow.handler: stepping [role=step message_id={record.message_id} "
+        f"streamflow.handler: stepping [role=step message_id={record.__dict__['message_id']} "
         f"task_id={run.task_id} node_id=only attempt=1]"
     ), text
     doc = orjson.loads(JsonFormatter().format(record))
