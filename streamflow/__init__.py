@@ -34,9 +34,11 @@ if TYPE_CHECKING:
         ProtocolError,
         RedisCommandError,
         RedisUnavailable,
+        StartupError,
         StreamflowError,
     )
     from streamflow.leases import LeaseSettings
+    from streamflow.lifecycle import Resources
     from streamflow.worker import Worker
 
 #: Where each public name lives. ``import streamflow`` (which every ``streamflow`` command does,
@@ -62,10 +64,12 @@ _EXPORTS = {
     "ProtocolError": "streamflow.errors",
     "RedisCommandError": "streamflow.errors",
     "RedisUnavailable": "streamflow.errors",
+    "StartupError": "streamflow.errors",
     "StreamflowError": "streamflow.errors",
     "Graph": "streamflow.dag.graph",
     "GraphError": "streamflow.dag.graph",
     "LeaseSettings": "streamflow.leases",
+    "Resources": "streamflow.lifecycle",
     "Outcome": "streamflow.delivery",
     "NodeState": "streamflow.dag.tasks",
     "TaskState": "streamflow.dag.tasks",
@@ -95,9 +99,11 @@ __all__ = [
     "ProtocolError",
     "RedisCommandError",
     "RedisUnavailable",
+    "Resources",
     "Retry",
     "RetryPolicy",
     "ShuttingDown",
+    "StartupError",
     "StreamflowError",
     "SyncClient",
     "TaskState",

@@ -17,11 +17,13 @@ from streamflow.context import Context
 from streamflow.errors import ConfigError, PayloadError
 from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
 from streamflow.keys import MAX_PARTITIONS, validate_name
+from streamflow.lifecycle import Hook, Lifecycle, Resources
 
 #: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
 FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+HookT = TypeVar("HookT", bound=Hook)
 
 #: What a handler looks like: ``async def handle(ctx, payload)`` or a plain ``def``.
 Handler = Callable[[Context, Any], Awaitable[Any]] | Callable[[Context, Any], Any]
@@ -115,6 +117,8 @@ class App:
     def __init__(self) -> None:
         self._roles: dict[str, Role] = {}
         self._functions: dict[str, Function] = dict(BUILTINS)
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
 
     def role(
         self,
@@ -190,6 +194,52 @@ class App:
 
         return register
 
+    def on_startup(self, hook: HookT) -> HookT:
+        """Register ``hook(resources)`` to run once per process before it serves.
+
+        Hooks run in registration order, in every worker process and in a coordinator or
+        test harness that runs this app; ``async def`` or plain ``def`` (run in a thread).
+        What a hook stores in its :class:`~streamflow.lifecycle.Resources` (keyed by type)
+        handlers read as ``ctx.resources[Type]``. A hook that raises stops the process (see
+        :mod:`streamflow.lifecycle`).
+
+        Raises:
+            ConfigError: ``hook`` does not take one parameter (the resources).
+
+        Example:
+            ```python
+            @app.on_startup
+            async def open_pool(resources: streamflow.Resources) -> None:
+                resources[Pool] = await Pool.connect(DSN)
+            ```
+        """
+        self._startup.append(_check_hook(hook))
+        return hook
+
+    def on_shutdown(self, hook: HookT) -> HookT:
+        """Register ``hook(resources)`` to run once per process after it drained.
+
+        Shutdown hooks run in registration order, even after a startup hook failed (use
+        ``resources.get(Type)``: it may never have been stored), within the shutdown grace;
+        one that raises is logged and the next one runs.
+
+        Raises:
+            ConfigError: ``hook`` does not take one parameter (the resources).
+        """
+        self._shutdown.append(_check_hook(hook))
+        return hook
+
+    def lifecycle(self, resources: Resources | None = None) -> Lifecycle:
+        """The app's hooks, ready to run over ``resources`` (fresh ones by default)."""
+        return Lifecycle(
+            self._startup, self._shutdown, Resources() if resources is None else resources
+        )
+
+    @property
+    def has_hooks(self) -> bool:
+        """Whether any startup or shutdown hook is registered."""
+        return bool(self._startup or self._shutdown)
+
     @property
     def functions(self) -> Mapping[str, Function]:
         """The coordinator functions by name, the built-in ones included."""
@@ -211,6 +261,14 @@ class App:
         except KeyError:
             known = ", ".join(sorted(self._roles)) or "none"
             raise ConfigError(f"unknown role {name!r} (this app has: {known})") from None
+
+
+def _check_hook(hook: Hook) -> Hook:
+    if len(inspect.signature(hook).parameters) != 1:
+        raise ConfigError(
+            f"lifecycle hook {getattr(hook, '__qualname__', hook)!r} must take (resources)"
+        )
+    return hook
 
 
 def _make_role(

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from streamflow.lifecycle import NO_RESOURCES, Resources
+
 if TYPE_CHECKING:
     from streamflow.nodes import NodeRun
 
@@ -144,6 +146,8 @@ class Context:
             the Concepts page, under "Fencing side effects".
         cancel: The cancel token: set only when a user cancels this message or its task.
             A worker shutting down does not set it (see :attr:`shutting_down`).
+        resources: What the app's ``@app.on_startup`` hooks stored for this process, by type:
+            ``ctx.resources[Pool]`` is typed ``Pool`` (see :mod:`streamflow.lifecycle`).
     """
 
     __slots__ = (
@@ -162,6 +166,7 @@ class Context:
         "invocation",
         "message_id",
         "node_id",
+        "resources",
         "role",
         "task_id",
     )
@@ -180,6 +185,7 @@ class Context:
         task_id: str | None = None,
         node_id: str | None = None,
         fencing_token: int = 0,
+        resources: Resources = NO_RESOURCES,
     ) -> None:
         self.message_id = message_id
         self.entry_id = entry_id
@@ -191,6 +197,7 @@ class Context:
         self.task_id = task_id
         self.node_id = node_id
         self.fencing_token = fencing_token
+        self.resources = resources
         self._cancel: CancelToken | None = None  # made on first use: most handlers never look
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._node: NodeRun | None = None
@@ -269,7 +276,10 @@ class Context:
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry the role, message id and attempt."""
+        """A logger whose lines carry the role, message id, attempt (task and node ids for a node).
+
+        Both log formats show them (``--log-format``, see :mod:`streamflow.logs`).
+        """
         if self._log is None:
             extra: dict[str, Any] = {
                 "role": self.role,

@@ -3,6 +3,7 @@
 StreamflowError
 ├── ConfigError        a setting, URL, app path or role is wrong; raised at start-up
 │   └── MissingExtraError  a feature needs an optional extra that is not installed
+├── StartupError       an ``@app.on_startup`` hook raised: the process does not serve
 ├── InvalidNameError   a name that would reach a Redis key does not match the name pattern
 ├── ProtocolError      bytes that are not a valid wire-protocol entry
 ├── PayloadError       a payload that the handler's declared type rejects
@@ -28,6 +29,10 @@ class StreamflowError(Exception):
 
 class ConfigError(StreamflowError):
     """A setting, URL, application path or role name is wrong."""
+
+
+class StartupError(StreamflowError):
+    """An ``@app.on_startup`` hook raised; its traceback is in the log, the process stops."""
 
 
 class MissingExtraError(ConfigError):

@@ -29,6 +29,7 @@ from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
+from streamflow.lifecycle import NO_RESOURCES, Resources
 from streamflow.logs import shown
 from streamflow.protocol import Job
 from streamflow.signals import CancelBook
@@ -57,6 +58,7 @@ class Runner:
         flush: Sends the acknowledgements queued so far (before a suspect runs alone).
         concurrency: How many plain-function handlers run in threads at once.
         max_message_bytes: Larger entries are dead-lettered before parsing.
+        resources: What the app's startup hooks stored; every Context carries them.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Runner:
         *,
         concurrency: int,
         max_message_bytes: int,
+        resources: Resources = NO_RESOURCES,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -82,6 +85,7 @@ class Runner:
         self._stopping = stopping
         self._flush = flush
         self._max_bytes = max_message_bytes
+        self._resources = resources
         self._threads = anyio.CapacityLimiter(concurrency)
         self._suspects = anyio.Lock()
         self._confirming = anyio.Lock()
@@ -165,6 +169,7 @@ class Runner:
             job.node_id,
             # fencing_token(), inline: a function call per message costs more than this.
             (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
+            self._resources,
         )
         delivery.context = ctx
         if job.task_id is None and delivery.entry.deliveries == 1:

@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between looks at the set of known roles, for events streams to follow.
 ROLES_REFRESH = 0.5
+#: Seconds the app's shutdown hooks get in a coordinator (the worker's default grace).
+HOOKS_GRACE = 30.0
 
 
 class Coordinator:
@@ -70,7 +72,8 @@ class Coordinator:
 
     Args:
         redis: An asyncio client; its socket timeout must exceed ``block_ms``.
-        app: Provides user coordinator functions (the built-in ones are always there).
+        app: Provides user coordinator functions (the built-in ones are always there); its
+            lifecycle hooks run around :meth:`run` (see :mod:`streamflow.lifecycle`).
         namespace: The key namespace.
         consumer: This coordinator's consumer name (unique per process; random by default).
         role_limits: Per role, the most nodes of that role that may run at once across all
@@ -101,6 +104,7 @@ class Coordinator:
         self._scripts = streams.Scripts(redis)
         self.store = TaskStore(redis, self._keys, self._scripts, retention_ms=int(retention * 1000))
         self.functions: dict[str, Function] = dict(app.functions if app else BUILTINS)
+        self._lifecycle = app.lifecycle() if app is not None and app.has_hooks else None
         self.consumer = validate_name(consumer or "coord-" + default_consumer_name(), "consumer")
         self.role_limits = {
             validate_name(r, "role"): int(n) for r, n in (role_limits or {}).items()
@@ -162,18 +166,25 @@ class Coordinator:
         """Coordinate until :meth:`stop` is called.
 
         Start-up retries outages (logged once, with backoff) until Redis answers or
-        :meth:`stop` is called.
+        :meth:`stop` is called. The app's startup hooks run first, its shutdown hooks last.
+
+        Raises:
+            StartupError: A startup hook of the app raised (the shutdown hooks ran).
         """
-        started = await connect.retry_outages(
-            self._start_up, f"starting coordinator {self.consumer}", stopping=self._stopping.is_set
-        )
-        if not started:
-            task_status.started()
-            return
-        try:
-            await self._serve(task_status)
-        finally:
-            await self._withdraw()
+        hooks = self._lifecycle
+        async with hooks.running(lambda: HOOKS_GRACE) if hooks else contextlib.nullcontext():
+            started = await connect.retry_outages(
+                self._start_up,
+                f"starting coordinator {self.consumer}",
+                stopping=self._stopping.is_set,
+            )
+            if not started:
+                task_status.started()
+                return
+            try:
+                await self._serve(task_status)
+            finally:
+                await self._withdraw()
 
     async def _serve(self, task_status: TaskStatus[None]) -> None:
         started_at_ms = now_ms()
