@@ -175,7 +175,7 @@ def _one(name: str, keys: Callable[[Setup], list[str]], args: Callable[[Setup], 
 
 CONTRACTS: dict[str, Contract] = {
     "settle.lua": Contract(
-        _one("settle", lambda s: [s.stream], lambda s: [GROUP, ME, s.entry_id]),
+        _one("settle", lambda s: [s.stream], lambda s: [GROUP, ME, b'["%s"]' % s.entry_id]),
         done=[],
         refused=["id"],
         effect=_settled,

@@ -3,23 +3,12 @@
 -- Any consumer may XACK any pending id, so the owner check and the ack must be one atomic step:
 -- a worker that lost its lease must not acknowledge an entry another worker is now running.
 -- KEYS[1] role stream
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry ids separated by spaces (one argument: the
--- client packs one argument about ten times faster than hundreds)
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry ids as a JSON array of strings (one argument:
+-- the client packs one argument about ten times faster than hundreds, and cjson splits it in
+-- half the time a Lua loop takes)
 -- Returns the ids that were refused (no longer pending, or owned by another consumer).
 -- Owner check (split_owned) and deletion (ack_delete) are fence.lua, which streams.py prepends.
-local stream, group, list = KEYS[1], ARGV[1], ARGV[3]
-local ids, from = {}, 1
-while true do
-  local space = string.find(list, ' ', from, true)
-  if not space then
-    break
-  end
-  ids[#ids + 1] = string.sub(list, from, space - 1)
-  from = space + 1
-end
-if from <= #list then
-  ids[#ids + 1] = string.sub(list, from)
-end
-local owned, refused = split_owned(stream, group, ARGV[2], ids)
+local stream, group = KEYS[1], ARGV[1]
+local owned, refused = split_owned(stream, group, ARGV[2], cjson.decode(ARGV[3]))
 ack_delete(stream, group, owned)
 return refused
