@@ -3,6 +3,7 @@
 -- id, so such a script first checks, in the same atomic step, that this consumer still owns the
 -- entry: a worker that lost its lease must not settle an entry another worker is now running.
 -- Every key it is given is one of the calling script's KEYS. A missing group raises NOGROUP.
+-- It also holds ack_delete: how settle.lua removes a batch it has acknowledged.
 
 -- The pending row {id, owner, idle ms, delivery count} of `id` if `me` owns it, else nil.
 local function owned_entry(stream, group, me, id)
@@ -85,8 +86,9 @@ end
 -- Acknowledges `ids` (entries this consumer owns, in stream order) and deletes them: an
 -- acknowledged entry is never needed again, and XACK alone leaves the stream growing forever.
 -- Every entry before the oldest one still pending in the group (or, with none pending, before
--- the last of `ids`) was delivered and acknowledged, so one XTRIM MINID deletes those, whole
--- stream nodes at a time; XDEL, which looks each id up, is left for the ids from there on.
+-- the last of `ids`) was delivered (groups start at 0) and acknowledged, so one XTRIM MINID
+-- deletes those, whole stream nodes at a time; XDEL, which looks each id up and walks its
+-- node, is left for the ids from there on (finished out of order, or behind a long job).
 local function ack_delete(stream, group, ids)
   if #ids == 0 then
     return
