@@ -379,3 +379,37 @@ async def test_settle_deletes_exactly_the_settled_entries(any_redis: Redis, name
             held |= dict.fromkeys(foreign, OTHER.encode())
             assert pending == held
     assert await redis.xlen(stream) == len(foreign) + 50
+
+
+async def test_renew_takes_only_owned_ids_that_were_not_released(
+    any_redis: Redis, namespace: str
+) -> None:
+    """renew.lua checks a batch the same way: across digit boundaries, an id held by another
+    consumer, one released at shutdown and one gone are lost (in the order given); the others
+    are renewed, and nothing else changes."""
+    redis, stream = any_redis, Keys(namespace).role_stream("renew")
+    scripts = Scripts(redis)
+    for entry_id in ["9-0", "9-99", "10-0", "10-5", "10-10", "100-0"]:
+        await redis.xadd(stream, {"message": "{}"}, id=entry_id)
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, ME, {stream: ">"})
+    await redis.xclaim(stream, GROUP, OTHER, 0, ["10-0"], justid=True)
+    await redis.xclaim(stream, GROUP, ME, 0, ["9-99"], idle=RELEASED_MS, justid=True)
+    stale = ["9-0", "10-5", "10-10", "100-0"]
+    await redis.xclaim(stream, GROUP, ME, 0, stale, idle=STALE_MS, justid=True)
+    with anyio.fail_after(30):
+        batch = [b"100-0", b"10-0", b"9-99", b"10-10", b"50-0", b"9-0", b"10-5"]
+        lost = await scripts.renew(keys=[stream], args=[GROUP, ME, RELEASED_MS, *batch])
+        assert lost == [b"10-0", b"9-99", b"50-0"]
+        rows: Any = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
+        idle = {r["message_id"]: (r["consumer"], r["time_since_delivered"]) for r in rows}
+        assert {i: c for i, (c, _) in idle.items()} == {
+            b"9-0": b"me",
+            b"9-99": b"me",
+            b"10-0": b"other",
+            b"10-5": b"me",
+            b"10-10": b"me",
+            b"100-0": b"me",
+        }
+        assert all(idle[i.encode()][1] < STALE_MS for i in stale)
+        assert idle[b"9-99"][1] >= RELEASED_MS
