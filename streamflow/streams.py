@@ -284,9 +284,14 @@ async def settle(
     scripts: Scripts, redis: Redis, stream: str, consumer: str, ids: Sequence[bytes]
 ) -> list[bytes]:
     """Acknowledge and delete entries ``consumer`` still owns; return the refused ids."""
-    # One argument for the whole chunk: redis-py packs each argument in Python.
+    # One argument for the whole chunk, a JSON array (ids are digits and '-': nothing to
+    # escape): redis-py packs each argument in Python, about 0.9 us each.
     return await _owned_ids_script(
-        scripts.settle, redis, stream, ids, lambda chunk: [GROUP, consumer, b" ".join(chunk)]
+        scripts.settle,
+        redis,
+        stream,
+        ids,
+        lambda chunk: [GROUP, consumer, b'["' + b'","'.join(chunk) + b'"]'],
     )
 
 

@@ -243,6 +243,7 @@ WORKER = PartRules(
                 "xautoclaim": "claim.lua",
                 "xack": "settle, retry, dead_letter and finish.lua",
                 "xdel": "settle, retry, dead_letter and finish.lua",
+                "xtrim": "settle.lua (MINID: the acknowledged entries before the oldest pending)",
                 "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
             (ROLE_STREAM,),
