@@ -61,6 +61,7 @@ class Scripts:
             "dead_letter.lua",
             "emit.lua",
             "finish.lua",
+            "result.lua",
         }
     )
 
@@ -84,6 +85,7 @@ class Scripts:
         self.task_commit = redis.register_script(_load("task_commit.lua", strip))
         self.slot = redis.register_script(_load("slot.lua", strip))
         self.forget = redis.register_script(_load("forget.lua", strip))
+        self.result = redis.register_script(_load("result.lua", strip))
 
     @classmethod
     def source(cls, name: str) -> str:
@@ -350,6 +352,24 @@ async def finish(
     """Acknowledge a task node's job and report how it ended, if ``consumer`` still owns it."""
     done = await scripts.finish(
         keys=[stream, events], args=[GROUP, consumer, entry_id, event], client=redis
+    )
+    return bool(done)
+
+
+async def keep_result(
+    scripts: Scripts,
+    redis: Redis,
+    *,
+    stream: str,
+    consumer: str,
+    entry_id: bytes,
+    key: str,
+    record: bytes,
+    ttl_ms: int,
+) -> bool:
+    """Keep a job's outcome at ``key`` and settle its entry, if ``consumer`` still owns it."""
+    done = await scripts.result(
+        keys=[stream, key], args=[GROUP, consumer, entry_id, record, ttl_ms], client=redis
     )
     return bool(done)
 

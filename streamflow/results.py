@@ -1,0 +1,236 @@
+"""Kept job outcomes: the record a worker writes, and how clients read and wait for it.
+
+A job's outcome is kept only when its role (``@app.role(..., keep_result=...)``) or its
+publisher (``keep_result=`` on publish, or :meth:`streamflow.Client.call`) asks, so roles that
+do not use results pay nothing. The worker writes one :class:`~streamflow.protocol.JobResult`
+JSON string under :meth:`streamflow.keys.Keys.result` (the job's partition's slot) with a TTL:
+``succeeded`` (the handler's return value) and ``cancelled`` in the same owner-checked step that
+acknowledges the job (``result.lua``), ``dead_lettered`` right after the dead letter. Readers
+``GET`` it: any language can (docs/protocol.md).
+
+The readers below are written once for the asyncio and the blocking client (see
+:mod:`streamflow.steps`). Waiting for an outcome polls with a bounded backoff in one place,
+:func:`wait_kept`, the seam that the lifecycle events stream replaces.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from streamflow.errors import (
+    JobCancelledError,
+    JobDeadLetteredError,
+    JobExpiredError,
+    JobFailedError,
+    ResultTimeoutError,
+)
+from streamflow.keys import Keys
+from streamflow.partitions import LayoutCache, read_record
+from streamflow.protocol import (
+    PROTOCOL_VERSION,
+    DeadLetterReason,
+    ErrorInfo,
+    Job,
+    JobOutcome,
+    JobResult,
+    now_ms,
+)
+from streamflow.steps import Steps
+
+
+class UnkeepableResult(Exception):
+    """A handler's return value that cannot be kept (the job is dead-lettered with ``reason``)."""
+
+    def __init__(self, reason: DeadLetterReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason: DeadLetterReason = reason
+
+
+def keep_ms(role_keep_ms: int, job: Job | None) -> int:
+    """How long ``job``'s outcome is kept (ms; 0: not kept): its publisher's ask, else its role's.
+
+    A task node's jobs report to their task instead: never kept here.
+    """
+    if job is None or job.task_id is not None:
+        return 0
+    return job.keep_result_ms or role_keep_ms
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def encode_record(
+    job: Job,
+    status: JobOutcome,
+    consumer: str,
+    *,
+    max_bytes: int,
+    result: Any = None,
+    reason: str | None = None,
+    detail: str | None = None,
+    error: ErrorInfo | None = None,
+) -> bytes:
+    """The JSON of a job's :class:`JobResult`, built without the model (it is on the hot path).
+
+    Raises:
+        UnkeepableResult: The result is not JSON (``invalid_result``), or the record is larger
+            than ``max_bytes`` (``result_too_large``): never cut.
+    """
+    doc: dict[str, Any] = {
+        "protocol": PROTOCOL_VERSION,
+        "kind": "result",
+        "message_id": job.id,
+        "role": job.role,
+        "status": status,
+        "attempt": job.attempt,
+        "consumer": consumer,
+        "finished_at_ms": now_ms(),
+    }
+    if status == "succeeded":
+        doc["result"] = result
+    else:
+        doc.update(reason=reason, detail=detail)
+        if error is not None:
+            doc["error"] = error.model_dump(mode="json", exclude_none=True)
+    try:
+        # Integers beyond 64 bits, non-string keys and unknown types are refused, not mangled.
+        raw = orjson.dumps(doc, default=_json_default)
+    except TypeError as exc:
+        detail = f"the handler's result is not JSON: {exc}"
+        raise UnkeepableResult("invalid_result", detail) from None
+    if len(raw) > max_bytes:
+        raise UnkeepableResult(
+            "result_too_large",
+            f"the handler's result is {len(raw)} bytes as JSON, over the limit of {max_bytes} "
+            "(the worker's max message size): return a reference to the data instead",
+        )
+    return raw
+
+
+def decode_record(raw: bytes | str) -> JobResult | None:
+    """A kept record read back from Redis, or None when it is not one (anyone may write it)."""
+    try:
+        return JobResult.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+def outcome(record: JobResult) -> Any:
+    """The result a record holds, or its failure raised as a typed error.
+
+    Raises:
+        JobExpiredError: It was dead-lettered as ``expired``.
+        JobDeadLetteredError: It was dead-lettered for another reason.
+        JobCancelledError: It was cancelled.
+    """
+    if record.status == "succeeded":
+        return record.result
+    detail = record.detail or ""
+    if record.error is not None and record.error.message not in detail:
+        detail = f"{detail} ({record.error.type}: {record.error.message})"
+    error: type[JobFailedError] = JobCancelledError
+    if record.status == "dead_lettered":
+        error = JobExpiredError if record.reason == "expired" else JobDeadLetteredError
+    reason = record.reason or record.status
+    raise error(record.message_id, record.role, reason, detail)
+
+
+def result_keys(
+    redis: Any, keys: Keys, layouts: LayoutCache, message_id: str, role: str | None
+) -> Steps[list[str]]:
+    """Where ``message_id``'s outcome may be kept: a key per partition of its role.
+
+    The result key is in the job's partition; without ``role``, every partition of every role
+    workers registered is a candidate.
+    """
+    roles = [role] if role is not None else None
+    if roles is None:
+        found = yield redis.smembers(keys.known_roles())
+        roles = sorted(name.decode() if isinstance(name, bytes) else str(name) for name in found)
+    names: list[str] = []
+    for name in roles:
+        layout = layouts.cached(name)
+        if layout is None:
+            layout = layouts.record(name, (yield from read_record(redis, keys, name)))
+        names += [keys.result(shard, message_id) for shard in layout.shards]
+    return names
+
+
+def read_kept(redis: Any, candidates: list[str]) -> Steps[JobResult | None]:
+    """The first valid record among ``candidates`` (one pipelined round trip), or None."""
+    if len(candidates) == 1:
+        values = [(yield redis.get(candidates[0]))]
+    else:
+        pipe = redis.pipeline(transaction=False)
+        for key in candidates:
+            pipe.get(key)
+        values = yield pipe.execute()
+    for raw in values:
+        record = decode_record(raw) if raw is not None else None
+        if record is not None:
+            return record
+    return None
+
+
+#: The waits between two reads of a result key: from 2 ms, growing by half, to 100 ms.
+FIRST_POLL, POLL_GROWTH, LAST_POLL = 0.002, 1.5, 0.1
+
+
+def _timed_out(message_id: str, timeout: float | None) -> ResultTimeoutError:
+    return ResultTimeoutError(
+        message_id,
+        f"no outcome of job {message_id} within {timeout} s: it still waits or runs, or neither "
+        "its role nor its publisher asked to keep it (keep_result), or the kept outcome expired",
+    )
+
+
+async def wait_kept(
+    read: Callable[[], Awaitable[JobResult | None]],
+    message_id: str,
+    timeout: float | None,  # noqa: ASYNC109 - the caller's limit, applied here
+) -> JobResult:
+    """Read until an outcome is kept; the one place that waits for a job to end.
+
+    It polls with a bounded backoff (2 ms growing to 100 ms): the lifecycle events stream will
+    replace this function's body with a subscription, keeping its contract.
+
+    Raises:
+        ResultTimeoutError: Nothing kept within ``timeout`` seconds (None: wait for ever).
+    """
+    pause = FIRST_POLL
+    with anyio.move_on_after(timeout):
+        while True:
+            record = await read()
+            if record is not None:
+                return record
+            await anyio.sleep(pause)  # the outcome lands in Redis: poll it (see above)
+            pause = min(pause * POLL_GROWTH, LAST_POLL)
+    raise _timed_out(message_id, timeout)
+
+
+def wait_kept_blocking(
+    read: Callable[[], JobResult | None], message_id: str, timeout: float | None
+) -> JobResult:
+    """The blocking twin of :func:`wait_kept` (for :class:`streamflow.SyncClient`)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = FIRST_POLL
+    while True:
+        record = read()
+        if record is not None:
+            return record
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _timed_out(message_id, timeout)
+            pause = min(pause, left)
+        time.sleep(pause)
+        pause = min(pause * POLL_GROWTH, LAST_POLL)
