@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -42,6 +42,8 @@ from streamflow.protocol import (
     now_ms,
 )
 from streamflow.steps import Steps
+
+_T = TypeVar("_T")
 
 
 class UnkeepableResult(Exception):
@@ -98,7 +100,9 @@ def encode_record(
     if status == "succeeded":
         doc["result"] = result
     else:
-        doc.update(reason=reason, detail=detail)
+        if reason is not None:
+            doc["reason"] = reason
+        doc["detail"] = detail or ""
         if error is not None:
             doc["error"] = error.model_dump(mode="json", exclude_none=True)
     try:
@@ -193,28 +197,40 @@ def _timed_out(message_id: str, timeout: float | None) -> ResultTimeoutError:
     )
 
 
+async def wait_for_end(
+    check: Callable[[], Awaitable[_T | None]],
+    timeout: float | None,  # noqa: ASYNC109 - the caller's limit, applied here
+) -> _T | None:
+    """Call ``check`` until it returns something (a job ended); None once ``timeout`` passed.
+
+    The one place that waits for a job to end (:meth:`streamflow.Client.result`, ``call``,
+    ``streamflow job --wait``). It polls with a bounded backoff (2 ms growing to 100 ms); the
+    lifecycle events stream will replace this body with a subscription, keeping the contract.
+    """
+    found = await check()  # at least once, whatever the timeout
+    pause = FIRST_POLL
+    with anyio.move_on_after(timeout):
+        while found is None:
+            await anyio.sleep(pause)  # the outcome lands in Redis: poll it (see above)
+            pause = min(pause * POLL_GROWTH, LAST_POLL)
+            found = await check()
+    return found
+
+
 async def wait_kept(
     read: Callable[[], Awaitable[JobResult | None]],
     message_id: str,
     timeout: float | None,  # noqa: ASYNC109 - the caller's limit, applied here
 ) -> JobResult:
-    """Read until an outcome is kept; the one place that waits for a job to end.
-
-    It polls with a bounded backoff (2 ms growing to 100 ms): the lifecycle events stream will
-    replace this function's body with a subscription, keeping its contract.
+    """Read until an outcome is kept (see :func:`wait_for_end`).
 
     Raises:
         ResultTimeoutError: Nothing kept within ``timeout`` seconds (None: wait for ever).
     """
-    pause = FIRST_POLL
-    with anyio.move_on_after(timeout):
-        while True:
-            record = await read()
-            if record is not None:
-                return record
-            await anyio.sleep(pause)  # the outcome lands in Redis: poll it (see above)
-            pause = min(pause * POLL_GROWTH, LAST_POLL)
-    raise _timed_out(message_id, timeout)
+    record = await wait_for_end(read, timeout)
+    if record is None:
+        raise _timed_out(message_id, timeout)
+    return record
 
 
 def wait_kept_blocking(

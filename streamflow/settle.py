@@ -38,6 +38,7 @@ from streamflow.protocol import (
     ErrorInfo,
     EventType,
     Job,
+    JobOutcome,
     encode,
     now_ms,
 )
@@ -154,17 +155,16 @@ class Settler:
         """The record of an ``ack`` or ``cancelled`` to keep; a dead letter if it cannot be."""
         job = decision.job or delivery.job
         assert job is not None
+        status: JobOutcome = "succeeded" if decision.kind == "ack" else "cancelled"
         try:
-            if decision.kind == "ack":
-                record = results.encode_record(
-                    job, "succeeded", self.consumer, max_bytes=self._max_bytes,
-                    result=decision.result,
-                )  # fmt: skip
-            else:
-                record = results.encode_record(
-                    job, "cancelled", self.consumer, max_bytes=self._max_bytes,
-                    reason="cancelled", detail=decision.detail,
-                )  # fmt: skip
+            record = results.encode_record(
+                job,
+                status,
+                self.consumer,
+                max_bytes=self._max_bytes,
+                result=decision.result,
+                detail=None if decision.kind == "ack" else decision.detail,
+            )
         except results.UnkeepableResult as exc:
             return decisions.dead(exc.reason, str(exc), job), None
         return decision, record
@@ -194,9 +194,14 @@ class Settler:
         if job is None or not ttl:
             return
         record = results.encode_record(
-            job, "dead_lettered", self.consumer, max_bytes=self._max_bytes,
-            reason=decision.reason, detail=decision.detail[:4000], error=decision.error,
-        )  # fmt: skip
+            job,
+            "dead_lettered",
+            self.consumer,
+            max_bytes=self._max_bytes,
+            reason=decision.reason,
+            detail=decision.detail[:4000],
+            error=decision.error,
+        )
         # Not in the dead-letter script (settle scripts are not changed for this): a worker
         # killed in between leaves the dead letter alone, which `streamflow job` still finds.
         await self._redis.set(self._keys.result(delivery.shard, job.id), record, px=ttl)
