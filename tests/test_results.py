@@ -207,9 +207,11 @@ def test_keep_result_is_bounded(redis_url: str, namespace: str) -> None:
     app = App()
     with pytest.raises(ConfigError, match="30 days"):
         app.role("r", keep_result=timedelta(days=31))
-    with SyncClient(redis_url, namespace=namespace) as client:
-        with pytest.raises(ValueError, match="30 days"):
-            client.publish("r", 1, keep_result=0, strict=False)
+    with (
+        SyncClient(redis_url, namespace=namespace) as client,
+        pytest.raises(ValueError, match="30 days"),
+    ):
+        client.publish("r", 1, keep_result=0, strict=False)
 
 
 async def test_a_worker_that_lost_the_entry_writes_no_result(redis: Redis, namespace: str) -> None:
