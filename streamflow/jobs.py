@@ -136,11 +136,11 @@ async def status(
     role: str | None = None,
 ) -> JobStatus:
     """Where ``message_id`` is: the lookup of the module docstring, cheapest source first."""
-    candidates = await steps.run(results.result_keys(redis, keys, layouts, message_id, role))
+    shards = await _shards(redis, keys, layouts, role)
+    candidates = [keys.result(shard, message_id) for shard in shards]
     record = await steps.run(results.read_kept(redis, candidates))
     if record is not None:
         return from_record(record)
-    shards = await _shards(redis, keys, layouts, role)
     budget = _Budget()
     for find in (_in_stream, _in_schedule, _in_dead_letters):
         for shard in shards:
@@ -175,12 +175,28 @@ class _Budget:
 async def _shards(
     redis: Redis, keys: Keys, layouts: partitions.Layouts, role: str | None
 ) -> list[str]:
+    """The partitions to look in: ``role``'s, or every role's.
+
+    Every role's: those workers registered, and every role stream or schedule found by a
+    ``SCAN`` (a role published to but never served: its jobs are still queued).
+    """
     if role is not None:
-        roles = [role]
-    else:
-        found = await redis.smembers(keys.known_roles())
-        roles = sorted(streams.text_lenient(name) for name in found)
-    return [shard for name in roles for shard in (await layouts.get(name)).shards]
+        return list((await layouts.get(role)).shards)
+    found = await redis.smembers(keys.known_roles())
+    roles = sorted(streams.text_lenient(name) for name in found)
+    shards = [shard for name in roles for shard in (await layouts.get(name)).shards]
+    for pattern in (keys.role_pattern(), keys.delayed_pattern()):
+        for key in sorted(await streams.scan_keys(redis, pattern)):
+            shard = _shard_of(keys, key)
+            if shard is not None and shard not in shards:
+                shards.append(shard)
+    return shards
+
+
+def _shard_of(keys: Keys, key: str) -> str | None:
+    """The shard of a role stream or delayed schedule key, or None."""
+    stream = key.removesuffix(":delayed") + ":stream" if key.endswith(":delayed") else key
+    return keys.role_of_stream(stream)
 
 
 def _matching(bodies: Iterable[tuple[Any, bytes]], message_id: str) -> tuple[Any, Job] | None:
