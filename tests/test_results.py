@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -247,3 +249,17 @@ async def test_a_worker_that_lost_the_entry_writes_no_result(redis: Redis, names
 
 async def _stat(w: Worker, name: str) -> bool:
     return bool(getattr(w.statistics(), name))
+
+
+def test_the_protocol_page_s_result_example_is_the_key_and_json_a_worker_writes() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    block = page.split("<!-- results-example -->\n```console\n", 1)[1].split("```", 1)[0]
+    command, value = block.splitlines()[:2]
+    assert shlex.split(command) == [
+        "$",
+        "redis-cli",
+        "GET",
+        Keys("sf").result("resize", "job-42"),
+    ]
+    record = JobResult.model_validate_json(value)
+    assert (record.status, record.result) == ("succeeded", {"url": "thumbs/cat.png"})
