@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import orjson
 from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
 
+from streamflow import streams
 from streamflow.errors import (
     JobCancelledError,
     JobDeadLetteredError,
@@ -52,6 +56,73 @@ class UnkeepableResult(Exception):
     def __init__(self, reason: DeadLetterReason, detail: str) -> None:
         super().__init__(detail)
         self.reason: DeadLetterReason = reason
+
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[streams.Kept] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    refused: set[bytes] = field(default_factory=set)
+    error: BaseException | None = None
+
+
+class Keeper:
+    """Writes one worker's kept outcomes: the deliveries that end together share one call.
+
+    The first delivery of a stream to end opens a batch, lets the event loop run the other
+    consumers once (those that end now join it), then sends it with ``result.lua``; the others
+    wait for its reply. No task of its own, no timer: a lone job is sent at once.
+
+    Args:
+        scripts: The registered scripts.
+        redis: The client.
+        consumer: The worker's consumer name.
+    """
+
+    def __init__(self, scripts: streams.Scripts, redis: Redis, consumer: str) -> None:
+        self._scripts = scripts
+        self._redis = redis
+        self._consumer = consumer
+        self._open: dict[str, _Batch] = {}
+
+    async def keep(self, stream: str, item: streams.Kept) -> bool:
+        """Keep ``item`` and settle its entry; False when the entry is no longer ours.
+
+        Raises:
+            Whatever the script call raised (an outage, ``NOGROUP``), in every delivery of
+            the batch.
+        """
+        batch = self._open.get(stream)
+        if batch is not None:
+            batch.items.append(item)
+            await batch.done.wait()
+        else:
+            batch = self._open[stream] = _Batch([item])
+            try:
+                await anyio.lowlevel.checkpoint()  # the consumers ending now join the batch
+            finally:
+                del self._open[stream]
+            try:
+                batch.refused = await streams.keep_results(
+                    self._scripts,
+                    self._redis,
+                    stream=stream,
+                    consumer=self._consumer,
+                    kept=batch.items,
+                )
+            except Exception as exc:
+                batch.error = exc
+                raise
+            except BaseException:
+                # Cancelled while the call was in flight: for the others the outcome is
+                # unknown, as after a lost reply (never the leader's cancel in their task).
+                batch.error = ConnectionError("the shared write of kept results was interrupted")
+                raise
+            finally:
+                batch.done.set()
+        if batch.error is not None:
+            raise batch.error
+        return item.entry_id not in batch.refused
 
 
 def keep_ms(role_keep_ms: int, job: Job | None) -> int:
@@ -185,8 +256,8 @@ def read_kept(redis: Any, candidates: list[str]) -> Steps[JobResult | None]:
     return None
 
 
-#: The waits between two reads of a result key: from 2 ms, growing by half, to 100 ms.
-FIRST_POLL, POLL_GROWTH, LAST_POLL = 0.002, 1.5, 0.1
+#: The waits between two reads of a result key: from 0.5 ms, growing by half, to 100 ms.
+FIRST_POLL, POLL_GROWTH, LAST_POLL = 0.0005, 1.5, 0.1
 
 
 def _timed_out(message_id: str, timeout: float | None) -> ResultTimeoutError:
@@ -204,7 +275,7 @@ async def wait_for_end(
     """Call ``check`` until it returns something (a job ended); None once ``timeout`` passed.
 
     The one place that waits for a job to end (:meth:`streamflow.Client.result`, ``call``,
-    ``streamflow job --wait``). It polls with a bounded backoff (2 ms growing to 100 ms); the
+    ``streamflow job --wait``). It polls with a bounded backoff (0.5 ms growing to 100 ms); the
     lifecycle events stream will replace this body with a subscription, keeping the contract.
     """
     found = await check()  # at least once, whatever the timeout

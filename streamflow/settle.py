@@ -88,6 +88,8 @@ class Settler:
         self._on_scheduled = on_scheduled
         self.stats = WorkerStatistics()
         self.acker = _Acker(self)
+        #: Writes kept outcomes (only for roles and jobs that ask), in shared calls.
+        self.keeper = results.Keeper(scripts, redis, consumer)
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
@@ -170,19 +172,19 @@ class Settler:
         return decision, record
 
     async def _keep(self, delivery: Delivery, decision: Decision, record: bytes) -> OutcomeStatus:
-        """Keep the outcome and settle the entry in one owner-checked step (``result.lua``)."""
+        """Keep the outcome and settle the entry in one owner-checked step (``result.lua``).
+
+        Deliveries ending together share the call (see :class:`streamflow.results.Keeper`).
+        """
         job = decision.job or delivery.job
         assert job is not None
-        kept = await streams.keep_result(
-            self._scripts,
-            self._redis,
-            stream=delivery.stream,
-            consumer=self.consumer,
-            entry_id=delivery.entry.id,
-            key=self._keys.result(delivery.shard, job.id),
-            record=record,
-            ttl_ms=self._keep_ms(delivery, job),
+        item = streams.Kept(
+            delivery.entry.id,
+            self._keys.result(delivery.shard, job.id),
+            record,
+            self._keep_ms(delivery, job),
         )
+        kept = await self.keeper.keep(delivery.stream, item)
         if not kept:
             return "lost"
         return "acked" if decision.kind == "ack" else "cancelled"

@@ -356,22 +356,32 @@ async def finish(
     return bool(done)
 
 
-async def keep_result(
-    scripts: Scripts,
-    redis: Redis,
-    *,
-    stream: str,
-    consumer: str,
-    entry_id: bytes,
-    key: str,
-    record: bytes,
-    ttl_ms: int,
-) -> bool:
-    """Keep a job's outcome at ``key`` and settle its entry, if ``consumer`` still owns it."""
-    done = await scripts.result(
-        keys=[stream, key], args=[GROUP, consumer, entry_id, record, ttl_ms], client=redis
-    )
-    return bool(done)
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """One job's outcome to keep with ``result.lua``: its entry, result key, JSON and TTL."""
+
+    entry_id: bytes
+    key: str
+    record: bytes
+    ttl_ms: int
+
+
+async def keep_results(
+    scripts: Scripts, redis: Redis, *, stream: str, consumer: str, kept: Sequence[Kept]
+) -> set[bytes]:
+    """Keep outcomes and settle their entries, those ``consumer`` still owns; the refused ids.
+
+    One call per chunk of 1,000 (the keys of one call are all in the stream's slot).
+    """
+    refused: set[bytes] = set()
+    for start in range(0, len(kept), _CHUNK):
+        chunk = kept[start : start + _CHUNK]
+        args: list[Any] = [GROUP, consumer]
+        for k in chunk:
+            args += [k.entry_id, k.record, k.ttl_ms]
+        keys = [stream, *(k.key for k in chunk)]
+        refused.update(await scripts.result(keys=keys, args=args, client=redis))
+    return refused
 
 
 def publish(redis: Any, stream: str, message: bytes) -> Steps[None]:

@@ -208,8 +208,8 @@ CONTRACTS: dict[str, Contract] = {
             lambda s: [s.stream, s.result],
             lambda s: [GROUP, ME, s.entry_id, '{"r":1}', 60_000],
         ),
-        done=1,
-        refused=None,
+        done=[],
+        refused=["id"],
         effect=_kept,
     ),
 }
