@@ -130,7 +130,7 @@ def keep_ms(role_keep_ms: int, job: Job | None) -> int:
 
     A task node's jobs report to their task instead: never kept here.
     """
-    if job is None or job.task_id is not None:
+    if job is None or job.invocation is not None:  # a node job (see nodes.is_node_job)
         return 0
     return job.keep_result_ms or role_keep_ms
 

@@ -96,7 +96,7 @@ class Settler:
         job = decision.job or delivery.job
         record = None
         if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
-            if not (decision.keep or self._keep_ms(delivery, job)):
+            if not self._keep_ms(delivery, job):
                 self.ack_nowait(delivery, decision)
                 return
             decision, record = self._outcome(delivery, decision)

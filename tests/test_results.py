@@ -98,9 +98,12 @@ async def test_a_plain_role_keeps_nothing_unless_the_publisher_asks(
     async with Client(redis, namespace=namespace) as client:
         not_kept = await client.publish("plain", 1)
         kept = await client.publish("plain", 2, keep_result=5)
+        # A job that names a task, but is not one of its node's runs, is kept like any other.
+        of_task = await client.publish("plain", 3, keep_result=5, task_id="t9")
         with anyio.fail_after(20):
             async with running(worker(results_app(), redis, namespace)):
                 assert await client.result(kept, timeout=10) == 3
+                assert await client.result(of_task, role="plain", timeout=10) == 4
                 with pytest.raises(ResultTimeoutError) as info:
                     await client.result(not_kept, timeout=0.3)
         assert info.value.message_id == not_kept
