@@ -176,3 +176,24 @@ def test_result_after_the_worker_running_it_was_killed_is_the_rerun_s_once(
 async def _status(redis_url: str, namespace: str, message_id: str) -> JobStatus:
     async with Client.from_url(redis_url, namespace=namespace) as client:
         return await client.job(message_id)
+
+
+def test_publish_keep_result_then_job_wait_succeeds(
+    workers: tuple[Workers, Record], redis_url: str, namespace: str
+) -> None:
+    conn = ["--redis-url", redis_url, "--namespace", namespace]
+    done = run_cli("publish", "work", "--json", "{}", "--keep-result", "60", *conn)
+    assert done.returncode == 0, done.stderr
+    mid = done.stdout.strip()
+    bad = run_cli("publish", "work", "--json", "{}", "--keep-result", "0", *conn)
+    assert bad.returncode == 2 and "--keep-result" in bad.stderr
+    procs, _ = workers
+    procs.start("w1", roles=["work"]).wait_ready()
+    done = run_cli("job", mid, "--wait", "--timeout", "30", "--json", *conn)
+    doc = orjson.loads(done.stdout)
+    assert (done.returncode, doc["state"], doc["kept"], doc["result"]) == (
+        0,
+        "succeeded",
+        True,
+        None,
+    )
