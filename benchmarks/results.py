@@ -145,16 +145,25 @@ def rows(drains: dict[str, list[Drain]], idle: list[float], loaded: list[float])
     ):
         rate = statistics.median(d.rate for d in drains[key])
         cpu = statistics.median(d.redis_cpu_us for d in drains[key])
+        mine = statistics.median(d.consumer_cpu_us or 0.0 for d in drains[key])
         every = " / ".join(f"{d.rate:,.0f}" for d in drains[key])
-        out.append([label, f"{rate:,.0f} msgs/s", f"{rate / bare:.2f}", f"{cpu:.1f} µs", every])
+        cells = [f"{rate:,.0f} msgs/s", f"{rate / bare:.2f}", f"{cpu:.1f} µs", f"{mine:.1f} µs"]
+        out.append([label, *cells, every])
     for label, ms in (("idle", idle), (f"{CALLERS} concurrent callers", loaded)):
         p50, p99 = percentile(ms, 50), percentile(ms, 99)
         figure = f"`call` round trip, {label}"
-        out.append([figure, f"p50 {p50:.2f} ms", "", "", f"p99 {p99:.2f} ms"])
+        out.append([figure, f"p50 {p50:.2f} ms", "", "", "", f"p99 {p99:.2f} ms"])
     return out
 
 
-HEADER = ["figure", "median", "vs bare", "Redis CPU / msg", f"each of {ROUNDS} rounds"]
+HEADER = [
+    "figure",
+    "median",
+    "vs bare",
+    "Redis CPU / msg",
+    "consumer CPU / msg",
+    f"each of {ROUNDS} rounds",
+]
 
 
 def render(table: Sequence[Sequence[str]], n: int, version: str, date: str) -> str:

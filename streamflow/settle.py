@@ -195,18 +195,28 @@ class Settler:
         ttl = self._keep_ms(delivery, job)
         if job is None or not ttl:
             return
-        record = results.encode_record(
-            job,
-            "dead_lettered",
-            self.consumer,
-            max_bytes=self._max_bytes,
-            reason=decision.reason,
-            detail=decision.detail[:4000],
-            error=decision.error,
-        )
-        # Not in the dead-letter script (settle scripts are not changed for this): a worker
-        # killed in between leaves the dead letter alone, which `streamflow job` still finds.
-        await self._redis.set(self._keys.result(delivery.shard, job.id), record, px=ttl)
+        try:
+            record = results.encode_record(
+                job,
+                "dead_lettered",
+                self.consumer,
+                max_bytes=self._max_bytes,
+                reason=decision.reason,
+                detail=decision.detail[:4000],
+                error=decision.error,
+            )
+            # Not in the dead-letter script (settle scripts are not changed for this): a worker
+            # killed in between leaves the dead letter alone, which `streamflow job` finds.
+            await self._redis.set(self._keys.result(delivery.shard, job.id), record, px=ttl)
+        except (results.UnkeepableResult, ResponseError, *connect.TRANSIENT_ERRORS) as exc:
+            logger.warning(
+                "dead-lettered %s message %s but could not keep its failure as its result "
+                "(client.result waits for it in vain; streamflow job finds the dead letter): %s",
+                delivery.role.name,
+                job.id,
+                exc,
+                extra=_log_fields(delivery, job),
+            )
 
     def _node_event(self, delivery: Delivery, decision: Decision, type_: EventType) -> bytes:
         job = decision.job or delivery.job
