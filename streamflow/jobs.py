@@ -54,7 +54,8 @@ class JobStatus:
     Attributes:
         message_id: The job's id.
         state: ``queued``, ``delayed`` (until ``due_at_ms``), ``running`` (on ``consumer``),
-            ``retrying`` (its next attempt due at ``due_at_ms``), ``succeeded``, ``failed``
+            ``retrying`` (its next attempt due at ``due_at_ms``, or queued when due at once;
+            ``running`` again once a worker takes it), ``succeeded``, ``failed``
             (dead-lettered: ``reason``, ``detail``), ``expired``, ``cancelled`` or ``unknown``.
         role: Its role, once found.
         partition: The role partition (shard) it is in.
@@ -121,7 +122,7 @@ def from_record(record: JobResult, partition: str | None = None) -> JobStatus:
         consumer=record.consumer,
         kept=True,
         result=record.result,
-        reason=record.reason,
+        reason=record.reason or ("cancelled" if state == "cancelled" else None),
         detail=detail,
         finished_at_ms=record.finished_at_ms,
     )
@@ -245,7 +246,7 @@ async def _queued_or_running(
         rows = []
     queued = JobStatus(
         job.id,
-        "queued",
+        "retrying" if job.attempt > 1 else "queued",  # a retry due at once waits in the stream
         role=job.role,
         partition=shard,
         entry_id=entry_id.decode(),

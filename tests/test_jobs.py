@@ -55,6 +55,14 @@ async def test_status_in_every_state(redis: Redis, namespace: str) -> None:
         queued_id = await client.publish("plain", "hold")
         queued = await client.job(queued_id, role="plain")
         assert (queued.state, queued.attempt, queued.role) == ("queued", 1, "plain")
+        # A retry due at once waits in the stream, as attempt 2 (a raw entry, no worker yet).
+        again = {"protocol": 1, "kind": "job", "id": "again-1", "role": "plain", "attempt": 2}
+        await redis.xadd(
+            Keys(namespace).role_stream("plain"),
+            {"message": orjson.dumps({**again, "created_at_ms": 1, "payload": 0})},
+        )
+        due_now = await client.job("again-1")
+        assert (due_now.state, due_now.attempt, due_now.due_at_ms) == ("retrying", 2, None)
         delayed_id = await client.publish("plain", 1, delay=timedelta(minutes=5))
         delayed = await client.job(delayed_id, role="plain")
         assert delayed.state == "delayed" and delayed.due_at_ms is not None
@@ -95,7 +103,7 @@ async def test_status_in_every_state(redis: Redis, namespace: str) -> None:
         assert cancelled.state == "delayed"
         await redis.delete(Keys(namespace).delayed("plain"))
         assert (await client.job(delayed_id)).state == "cancelled"
-        for found in (queued, delayed, run, retrying, succeeded, failed, unknown):
+        for found in (queued, due_now, delayed, run, retrying, succeeded, failed, unknown):
             assert describe(found).startswith(f"job {found.message_id}")
             orjson.dumps(found.to_json())
 

@@ -104,10 +104,10 @@ def describe(s: JobStatus) -> str:
             f"running on {s.consumer} ({alive}), {attempt}, lease age {s.lease_age_ms} ms, "
             f"{s.deliveries} deliveries"
         )
-    elif s.state in ("delayed", "retrying"):
+    elif s.state in ("delayed", "retrying") and s.due_at_ms is not None:
         text = f"{s.state} until {_when(s.due_at_ms)}, {attempt}"
-    elif s.state == "queued":
-        text = f"queued, {attempt}, published {_when(s.created_at_ms)}"
+    elif s.state in ("queued", "retrying"):
+        text = f"{s.state}, {attempt}, queued (first published {_when(s.created_at_ms)})"
     elif s.state == "succeeded":
         text = f"succeeded, {attempt}, by {s.consumer} at {_when(s.finished_at_ms)}"
         text += "\nresult: " + orjson.dumps(s.result).decode()
