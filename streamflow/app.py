@@ -9,6 +9,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -18,6 +19,7 @@ from streamflow.errors import ConfigError, PayloadError
 from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
 from streamflow.keys import MAX_PARTITIONS, validate_name
 from streamflow.lifecycle import Hook, Lifecycle, Resources
+from streamflow.protocol import keep_result_ms
 
 #: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
 FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
@@ -74,6 +76,8 @@ class Role:
         cancel_grace: Seconds a cancelled handler gets to stop by itself before it is
             hard-cancelled.
         partitions: How many partition streams the role has (see :mod:`streamflow.partitions`).
+        keep_result_ms: Keep every job's outcome this many ms (0: only when its publisher
+            asks, see ``Client.result``).
     """
 
     name: str
@@ -86,6 +90,7 @@ class Role:
     max_deliveries: int = 5
     cancel_grace: float = 5.0
     partitions: int = 1
+    keep_result_ms: int = 0
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -130,6 +135,7 @@ class App:
         max_deliveries: int = 5,
         cancel_grace: float = 5.0,
         partitions: int = 1,
+        keep_result: timedelta | float | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -151,6 +157,9 @@ class App:
             partitions: Split the role into this many streams, spread over a Redis Cluster's
                 masters (see :mod:`streamflow.partitions`). Fixed when the role is created:
                 a worker whose app declares another number refuses to start.
+            keep_result: Keep each job's outcome (its return value, or how it failed) for this
+                long (seconds or a timedelta, at most 30 days), for ``Client.result`` and
+                ``streamflow job``. Without it, only jobs whose publisher asks are kept.
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -163,13 +172,17 @@ class App:
             )
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise ConfigError(f"partitions must be 1 to {MAX_PARTITIONS}")
+        try:
+            keep_ms = keep_result_ms(keep_result) or 0
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
                 raise ConfigError(f"role {name!r} already has a handler")
             role = _make_role(name, func, payload, retry or RetryPolicy(), timeout, max_deliveries)
             self._roles[name] = dataclasses.replace(
-                role, cancel_grace=cancel_grace, partitions=partitions
+                role, cancel_grace=cancel_grace, partitions=partitions, keep_result_ms=keep_ms
             )
             return func
 

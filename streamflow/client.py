@@ -19,16 +19,21 @@ from typing import Any, Literal, ParamSpec, Self, TypeVar
 import anyio
 from redis.asyncio import Redis
 
-from streamflow import connect, partitions, registry, signals, steps, streams
+from streamflow import connect, jobs, partitions, registry, results, signals, steps, streams
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState, TaskStatus
 from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.functions import BUILTINS
-from streamflow.keys import Keys, validate_name
+from streamflow.jobs import JobStatus
+from streamflow.keys import NAME_PATTERN, Keys, validate_name
+from streamflow.protocol import JobResult as JobRecord
 from streamflow.protocol import check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
+
+#: How long :meth:`Client.call` keeps a job's outcome by default.
+CALL_KEEP = timedelta(minutes=5)
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -157,6 +162,7 @@ class Client:
         task_id: str | None = None,
         node_id: str | None = None,
         strict: bool = False,
+        keep_result: timedelta | float | None = None,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -179,6 +185,8 @@ class Client:
             task_id: The DAG task it belongs to.
             node_id: The DAG node it belongs to.
             strict: Refuse a role that no worker ever served (see below) instead of warning.
+            keep_result: Keep the job's outcome this long (seconds or a timedelta, at most
+                30 days) for :meth:`result` and :meth:`job`, whatever its role says.
 
         A role that no worker serving it ever started in the namespace (a misspelt role, or
         workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
@@ -208,6 +216,7 @@ class Client:
                     task_id=task_id,
                     node_id=node_id,
                     strict=strict,
+                    keep_result=keep_result,
                 )
             )
 
@@ -415,8 +424,110 @@ class Client:
         """The newest tasks first, optionally only those in ``state``."""
         return await self._tasks.find(state=state, limit=limit)
 
+    @_public("reading a result")
+    async def result(
+        self,
+        message_id: str,
+        node: str | None = None,
+        *,
+        role: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - public API, as in httpx
+    ) -> Any:
+        """A job's result, waiting for it; or, for a task's id, the task's items by node.
+
+        A job's outcome is there when its role keeps results (``keep_result=``) or its
+        publisher asked (``publish(..., keep_result=...)``, :meth:`call`). It is read with a
+        plain ``GET`` of the job's result key (docs/protocol.md), in every partition of its
+        role (of every role workers registered, without ``role``).
+
+        Args:
+            message_id: The job's message id; or a task's id (then the call is
+                :meth:`task_result`, which ``node`` and the task's own state select).
+            node: For a task: only this node's items.
+            role: The job's role: the lookup reads that role's partitions only.
+            timeout: Seconds to wait for the outcome at most; None waits for ever.
+
+        Returns:
+            The handler's return value, as JSON decodes it.
+
+        Raises:
+            JobDeadLetteredError: The job was dead-lettered (its ``reason`` and ``detail``
+                say why; :class:`JobExpiredError` when its deadline had passed).
+            JobCancelledError: The job was cancelled.
+            ResultTimeoutError: No outcome within ``timeout`` (still running, or not kept).
+        """
+        if node is not None or await self._is_task(message_id):
+            return await self.task_result(message_id, node)
+        return await self._job_result(message_id, role, timeout)
+
+    async def _is_task(self, task_id: str) -> bool:
+        """Whether a task with this id is known (its state is kept)."""
+        if NAME_PATTERN.fullmatch(task_id) is None:
+            return False
+        # HGET of the version (every task has one): what a publisher's ACL rules allow.
+        return await self.redis.hget(self.keys.task_state(task_id), "v") is not None
+
+    async def _job_result(
+        self,
+        message_id: str,
+        role: str | None,
+        timeout: float | None,  # noqa: ASYNC109 - applied by results.wait_kept
+    ) -> Any:
+        pub = self._pub
+        keys = await steps.run(
+            results.result_keys(self.redis, pub.keys, pub.layouts, message_id, role)
+        )
+
+        async def read() -> JobRecord | None:
+            return await steps.run(results.read_kept(self.redis, keys))
+
+        return results.outcome(await results.wait_kept(read, message_id, timeout))
+
+    @_public("calling a role")
+    async def call(
+        self,
+        role: str,
+        payload: Any = None,
+        *,
+        timeout: float,  # noqa: ASYNC109 - public API, as in httpx
+        keep_result: timedelta | float = CALL_KEEP,
+        **options: Any,
+    ) -> Any:
+        """Publish a job and wait for its handler's return value (request/reply).
+
+        Args:
+            role: The role that handles it.
+            payload: Its payload.
+            timeout: Seconds to wait for the result.
+            keep_result: How long its outcome is kept (the caller reads it at once; the
+                default, 5 minutes, covers a slow reader).
+            **options: More :meth:`publish` options (``key``, ``deadline``, ``message_id``...).
+
+        Raises:
+            JobDeadLetteredError: It failed for good (attempts used up, fatal, invalid...).
+            JobCancelledError: It was cancelled.
+            ResultTimeoutError: No result within ``timeout``: the job may still run; its
+                id is the error's ``message_id``.
+        """
+        message_id = await self.publish(role, payload, keep_result=keep_result, **options)
+        return await self._job_result(message_id, role, timeout)
+
+    @_public("reading a job's status")
+    async def job(self, message_id: str, *, role: str | None = None) -> JobStatus:
+        """Where a job is now: queued, delayed, running, retrying, ended, or unknown.
+
+        Derived from what Redis holds (see :mod:`streamflow.jobs`): its kept outcome, the role
+        streams and pending lists, the delayed schedules, the dead letters and cancel markers.
+        Without a kept outcome, an acknowledged job leaves nothing behind: it is ``unknown``.
+
+        Args:
+            message_id: The job's message id.
+            role: Its role: only that role's keys are read.
+        """
+        return await jobs.status(self.redis, self.keys, self._layouts, message_id, role=role)
+
     @_public("reading a task's result")
-    async def result(self, task_id: str, node: str | None = None) -> dict[str, list[Any]]:
+    async def task_result(self, task_id: str, node: str | None = None) -> dict[str, list[Any]]:
         """The items each node produced (by default the nodes without children), by node id.
 
         Raises:
@@ -566,6 +677,7 @@ class SyncClient:
         task_id: str | None = None,
         node_id: str | None = None,
         strict: bool = False,
+        keep_result: timedelta | float | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         with connect.public_errors(f"publishing to role {role!r}"):
@@ -581,8 +693,41 @@ class SyncClient:
                     task_id=task_id,
                     node_id=node_id,
                     strict=strict,
+                    keep_result=keep_result,
                 )
             )
+
+    def result(
+        self,
+        message_id: str,
+        *,
+        role: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """A job's kept result, waiting for it (see :meth:`Client.result`; jobs only)."""
+        with connect.public_errors(f"reading the result of job {message_id!r}"):
+            keys = steps.run_blocking(
+                results.result_keys(self.redis, self._pub.keys, self._pub.layouts, message_id, role)
+            )
+            record = results.wait_kept_blocking(
+                lambda: steps.run_blocking(results.read_kept(self.redis, keys)),
+                message_id,
+                timeout,
+            )
+        return results.outcome(record)
+
+    def call(
+        self,
+        role: str,
+        payload: Any = None,
+        *,
+        timeout: float,
+        keep_result: timedelta | float = CALL_KEEP,
+        **options: Any,
+    ) -> Any:
+        """Publish a job and wait for its result (see :meth:`Client.call`)."""
+        message_id = self.publish(role, payload, keep_result=keep_result, **options)
+        return self.result(message_id, role=role, timeout=timeout)
 
     def publish_many(
         self,

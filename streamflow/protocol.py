@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import timedelta
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import orjson
@@ -29,6 +30,8 @@ DEAD_LETTER_FIELD = b"dead_letter"
 RAW_FIELD_PREFIX = b"raw:"
 #: Default limit on one encoded message; larger entries are dead-lettered unread.
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+#: The longest a job's outcome may be kept: 30 days.
+MAX_KEEP_RESULT_MS = 30 * 86_400_000
 
 Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN.pattern}$")]
 # An int, not Literal[1]: JSON ``true`` would pass as 1 in a Literal. Required on the wire.
@@ -56,6 +59,7 @@ MalformedReason = Literal[
 DeadLetterReason = (
     MalformedReason
     | Literal["failed", "fatal", "max_deliveries", "expired", "missing_input", "invalid_input"]
+    | Literal["result_too_large", "invalid_result"]
 )
 MALFORMED_REASONS: frozenset[str] = frozenset(get_args(MalformedReason))
 
@@ -113,6 +117,8 @@ class Job(_Model):
         failures: For a remediation node: the error of each failed parent.
         retry: The node's retry policy, overriding the role's.
         timeout: The node's time limit in seconds, overriding the role's.
+        keep_result_ms: Keep the job's outcome (its result, or how it failed) this many ms
+            under its result key, whatever its role says (see :class:`JobResult`).
     """
 
     protocol: Version
@@ -132,6 +138,7 @@ class Job(_Model):
     failures: dict[Name, Annotated[str, Field(max_length=4000)]] | None = None
     retry: JobRetry | None = None
     timeout: Annotated[float, Field(gt=0, le=7 * 86_400)] | None = None
+    keep_result_ms: Annotated[int, Field(ge=1, le=MAX_KEEP_RESULT_MS)] | None = None
 
 
 class ErrorInfo(_Model):
@@ -221,6 +228,45 @@ class CancelReport(_Model):
     at_ms: Timestamp
 
 
+JobOutcome = Literal["succeeded", "dead_lettered", "cancelled"]
+
+
+class JobResult(_Model):
+    """How a job ended, kept under its result key when its role or its publisher asks.
+
+    Written by the worker that settled the job, in the same owner-checked step as the
+    acknowledgement (``succeeded``, ``cancelled``) or right after the dead letter
+    (``dead_lettered``); it expires after the time asked for.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"result"``.
+        message_id: The job's id.
+        role: Its role.
+        status: ``succeeded``, ``dead_lettered`` or ``cancelled``.
+        result: For ``succeeded``: the handler's return value (any JSON value).
+        reason: For ``dead_lettered``: the dead-letter reason.
+        detail: For ``dead_lettered`` and ``cancelled``: why, in words.
+        error: For ``dead_lettered`` after a handler's error: the error.
+        attempt: The attempt that ended it.
+        consumer: The worker that settled it.
+        finished_at_ms: When, ms since the epoch.
+    """
+
+    protocol: Version
+    kind: Literal["result"]
+    message_id: MessageId
+    role: Name
+    status: JobOutcome
+    result: Any = None
+    reason: DeadLetterReason | None = None
+    detail: str | None = None
+    error: ErrorInfo | None = None
+    attempt: Annotated[int, Field(ge=0, le=INT64_MAX)] = 1
+    consumer: str
+    finished_at_ms: Timestamp
+
+
 EventType = Literal["accepted", "batch", "done", "failed", "cancelled"]
 
 
@@ -305,6 +351,7 @@ MESSAGE_KINDS: dict[str, type[_Model]] = {
     "dead_letter": DeadLetter,
     "cancel": CancelSignal,
     "event": TaskEvent,
+    "result": JobResult,
 }
 
 
@@ -330,6 +377,21 @@ def check_publish_fields(message_id: str, dedup_key: str | None, deadline_ms: in
             adapter.validate_python(value)
         except ValidationError as exc:
             raise ValueError(f"invalid {name} {value!r}: {exc.errors()[0]['msg']}") from None
+
+
+def keep_result_ms(keep: timedelta | float | None) -> int | None:
+    """How long to keep a job's outcome, in ms: seconds or a timedelta (None: not asked).
+
+    Raises:
+        ValueError: Not from 1 ms to 30 days.
+    """
+    if keep is None:
+        return None
+    seconds = keep.total_seconds() if isinstance(keep, timedelta) else float(keep)
+    ms = int(seconds * 1000)
+    if not 1 <= ms <= MAX_KEEP_RESULT_MS:
+        raise ValueError(f"keep_result must be from 1 ms to 30 days, not {keep!r}")
+    return ms
 
 
 def now_ms() -> int:
@@ -358,6 +420,7 @@ def encode_job_fields(
     node_id: str | None = None,
     dedup_key: str | None = None,
     attempt: int = 1,
+    keep_result_ms: int | None = None,
 ) -> bytes:
     """Encode a job envelope straight from its fields, for publishing in bulk.
 
@@ -381,6 +444,8 @@ def encode_job_fields(
         doc["node_id"] = node_id
     if dedup_key is not None:
         doc["dedup_key"] = dedup_key
+    if keep_result_ms is not None:
+        doc["keep_result_ms"] = keep_result_ms
     return orjson.dumps(doc)
 
 

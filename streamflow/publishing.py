@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import orjson
 from pydantic import BaseModel
@@ -30,7 +30,13 @@ from streamflow.errors import (
     UnknownRoleWarning,
 )
 from streamflow.keys import Keys, validate_name
-from streamflow.protocol import check_publish_fields, encode_job_fields, new_message_id, now_ms
+from streamflow.protocol import (
+    check_publish_fields,
+    encode_job_fields,
+    keep_result_ms,
+    new_message_id,
+    now_ms,
+)
 from streamflow.steps import Steps
 
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
@@ -52,6 +58,7 @@ class JobOptions(TypedDict):
     delay: When
     task_id: str | None
     node_id: str | None
+    keep_result: NotRequired[timedelta | float | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +199,7 @@ class Publisher:
             task_id=validate_name(task_id, "task id") if task_id else None,
             node_id=validate_name(node_id, "node id") if node_id else None,
             dedup_key=dedup_key,
+            keep_result_ms=keep_result_ms(job.get("keep_result")),
         )
         return _Prepared(
             stream=self.keys.role_stream(shard),

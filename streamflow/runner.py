@@ -297,9 +297,9 @@ class Runner:
         started = time.perf_counter() if self.observe is not None else 0.0
         try:
             if role.is_async and not timeout:
-                await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
+                result = await role.handler(ctx, payload)  # the hot path, without a wrapper
             else:
-                await self._execute(role, ctx, payload, timeout)
+                result = await self._execute(role, ctx, payload, timeout)
         except nodes.LeaseLost:
             # An owner-checked write of the handler (a task node's emit) was refused.
             if not delivery.lost:
@@ -314,6 +314,8 @@ class Runner:
                 self.observe(role.name, time.perf_counter() - started)
         if delivery.lost or delivery.cancel is not None:
             return decisions.stopped(delivery)
+        if role.keep_result_ms or job.keep_result_ms:  # asked for: kept by the settler
+            return decisions.succeeded(job, result)
         return ACK
 
     async def _execute(
@@ -322,14 +324,13 @@ class Runner:
         ctx: Context,
         payload: Any,
         timeout: float | None,  # noqa: ASYNC109 - the node's or the role's limit, applied here
-    ) -> None:
+    ) -> Any:
         with anyio.fail_after(timeout) if timeout else contextlib.nullcontext():
             if role.is_async:
-                await role.handler(ctx, payload)
-            else:
-                await anyio.to_thread.run_sync(
-                    partial(role.handler, ctx, payload), limiter=self._threads
-                )
+                return await role.handler(ctx, payload)
+            return await anyio.to_thread.run_sync(
+                partial(role.handler, ctx, payload), limiter=self._threads
+            )
 
 
 #: The code of the coroutine that runs a handler: the stall watchdog finds it on the stack.

@@ -18,7 +18,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, logs, nodes, streams
+from streamflow import connect, decisions, logs, nodes, results, streams
 from streamflow.delivery import (
     Decision,
     Delivery,
@@ -38,6 +38,7 @@ from streamflow.protocol import (
     ErrorInfo,
     EventType,
     Job,
+    JobOutcome,
     encode,
     now_ms,
 )
@@ -87,18 +88,23 @@ class Settler:
         self._on_scheduled = on_scheduled
         self.stats = WorkerStatistics()
         self.acker = _Acker(self)
+        #: Writes kept outcomes (only for roles and jobs that ask), in shared calls.
+        self.keeper = results.Keeper(scripts, redis, consumer)
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
         job = decision.job or delivery.job
+        record = None
         if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
-            self.ack_nowait(delivery, decision)
-            return
+            if not self._keep_ms(delivery, job):
+                self.ack_nowait(delivery, decision)
+                return
+            decision, record = self._outcome(delivery, decision)
         delivery.settling = True
         # Settling writes finish even when the worker is being cancelled, within a time limit.
         with anyio.move_on_after(10, shield=True):
             try:
-                status = await self._settle_one(delivery, decision)
+                status = await self._settle_one(delivery, decision, record)
             except connect.TRANSIENT_ERRORS as exc:
                 # Applied, or still pending under this consumer: then adopted after the lease
                 # TTL, or resumed by a restart with the same consumer name.
@@ -129,16 +135,90 @@ class Settler:
             job = decision.job or delivery.job
             self.acker.add_cancelled(delivery, job.id if job else None)
 
-    async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
+    async def _settle_one(
+        self, delivery: Delivery, decision: Decision, record: bytes | None = None
+    ) -> OutcomeStatus:
         if decision.kind == "lost" or delivery.lost:
             return "lost"
         if decision.kind == "release":
             return "released" if await self._leases.release(delivery) else "lost"
         if decision.kind == "retry":
             return "retried" if await self._schedule_retry(delivery, decision) else "lost"
+        if record is not None:
+            return await self._keep(delivery, decision, record)
         if decision.kind in ("ack", "cancelled"):
             return await self._finish_node(delivery, decision)
         return "dead_lettered" if await self._dead_letter(delivery, decision) else "lost"
+
+    # -- kept outcomes (see streamflow.results): only for jobs whose role or publisher asks --
+
+    def _keep_ms(self, delivery: Delivery, job: Job | None) -> int:
+        return results.keep_ms(delivery.role.keep_result_ms, job)
+
+    def _outcome(self, delivery: Delivery, decision: Decision) -> tuple[Decision, bytes | None]:
+        """The record of an ``ack`` or ``cancelled`` to keep; a dead letter if it cannot be."""
+        job = decision.job or delivery.job
+        assert job is not None
+        status: JobOutcome = "succeeded" if decision.kind == "ack" else "cancelled"
+        try:
+            record = results.encode_record(
+                job,
+                status,
+                self.consumer,
+                max_bytes=self._max_bytes,
+                result=decision.result,
+                detail=None if decision.kind == "ack" else decision.detail,
+            )
+        except results.UnkeepableResult as exc:
+            return decisions.dead(exc.reason, str(exc), job), None
+        return decision, record
+
+    async def _keep(self, delivery: Delivery, decision: Decision, record: bytes) -> OutcomeStatus:
+        """Keep the outcome and settle the entry in one owner-checked step (``result.lua``).
+
+        Deliveries ending together share the call (see :class:`streamflow.results.Keeper`).
+        """
+        job = decision.job or delivery.job
+        assert job is not None
+        item = streams.Kept(
+            delivery.entry.id,
+            self._keys.result(delivery.shard, job.id),
+            record,
+            self._keep_ms(delivery, job),
+        )
+        kept = await self.keeper.keep(delivery.stream, item)
+        if not kept:
+            return "lost"
+        return "acked" if decision.kind == "ack" else "cancelled"
+
+    async def _keep_failure(self, delivery: Delivery, decision: Decision) -> None:
+        """Keep a dead-lettered job's failure, after the dead letter (the entry is gone)."""
+        job = decision.job
+        ttl = self._keep_ms(delivery, job)
+        if job is None or not ttl:
+            return
+        try:
+            record = results.encode_record(
+                job,
+                "dead_lettered",
+                self.consumer,
+                max_bytes=self._max_bytes,
+                reason=decision.reason,
+                detail=decision.detail[:4000],
+                error=decision.error,
+            )
+            # Not in the dead-letter script (settle scripts are not changed for this): a worker
+            # killed in between leaves the dead letter alone, which `streamflow job` finds.
+            await self._redis.set(self._keys.result(delivery.shard, job.id), record, px=ttl)
+        except (results.UnkeepableResult, ResponseError, *connect.TRANSIENT_ERRORS) as exc:
+            logger.warning(
+                "dead-lettered %s message %s but could not keep its failure as its result "
+                "(client.result waits for it in vain; streamflow job finds the dead letter): %s",
+                delivery.role.name,
+                job.id,
+                exc,
+                extra=_log_fields(delivery, job),
+            )
 
     def _node_event(self, delivery: Delivery, decision: Decision, type_: EventType) -> bytes:
         job = decision.job or delivery.job
@@ -236,6 +316,7 @@ class Settler:
             event=self._node_event(delivery, decision, "failed") if node_job else b"",
         )
         if moved is not None:
+            await self._keep_failure(delivery, decision)
             logger.warning(
                 "dead-lettered %s entry %s (message %s): %s: %s",
                 delivery.role.name,

@@ -61,6 +61,7 @@ class Scripts:
             "dead_letter.lua",
             "emit.lua",
             "finish.lua",
+            "result.lua",
         }
     )
 
@@ -84,6 +85,7 @@ class Scripts:
         self.task_commit = redis.register_script(_load("task_commit.lua", strip))
         self.slot = redis.register_script(_load("slot.lua", strip))
         self.forget = redis.register_script(_load("forget.lua", strip))
+        self.result = redis.register_script(_load("result.lua", strip))
 
     @classmethod
     def source(cls, name: str) -> str:
@@ -357,6 +359,34 @@ async def finish(
         keys=[stream, events], args=[GROUP, consumer, entry_id, event], client=redis
     )
     return bool(done)
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """One job's outcome to keep with ``result.lua``: its entry, result key, JSON and TTL."""
+
+    entry_id: bytes
+    key: str
+    record: bytes
+    ttl_ms: int
+
+
+async def keep_results(
+    scripts: Scripts, redis: Redis, *, stream: str, consumer: str, kept: Sequence[Kept]
+) -> set[bytes]:
+    """Keep outcomes and settle their entries, those ``consumer`` still owns; the refused ids.
+
+    One call per chunk of 1,000 (the keys of one call are all in the stream's slot).
+    """
+    refused: set[bytes] = set()
+    for start in range(0, len(kept), _CHUNK):
+        chunk = kept[start : start + _CHUNK]
+        args: list[Any] = [GROUP, consumer]
+        for k in chunk:
+            args += [k.entry_id, k.record, k.ttl_ms]
+        keys = [stream, *(k.key for k in chunk)]
+        refused.update(await scripts.result(keys=keys, args=args, client=redis))
+    return refused
 
 
 def publish(redis: Any, stream: str, message: bytes) -> Steps[None]:

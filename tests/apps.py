@@ -190,3 +190,10 @@ async def careful_role(ctx: streamflow.Context, payload: Any) -> None:
         trace(ctx, "CANCELLED")
         raise
     trace(ctx, "DONE")
+
+
+@app.role("kept_work", keep_result=60)
+async def kept_work(ctx: streamflow.Context, payload: Any) -> dict[str, Any]:
+    """``work``, keeping as its result who ran it (tests/test_jobs.py)."""
+    await work(ctx, payload)
+    return {"consumer": ctx.consumer, "attempt": ctx.attempt}

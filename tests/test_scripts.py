@@ -50,6 +50,7 @@ class Setup:
     delayed: str
     batch: str
     entry_id: bytes
+    result: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class State:
     events: int
     delayed: list[bytes]
     batch: bytes | None
+    result: bytes | None = None
 
 
 def _version(executable: str) -> tuple[int, ...]:
@@ -105,6 +107,7 @@ async def _state(redis: Redis, s: Setup) -> State:
         events=await redis.xlen(s.events),
         delayed=await redis.zrange(s.delayed, 0, -1),
         batch=await redis.get(s.batch),
+        result=await redis.get(s.result) if s.result else None,
     )
 
 
@@ -162,6 +165,12 @@ async def _emitted(redis: Redis, s: Setup, before: State, after: State) -> None:
 async def _finished(redis: Redis, s: Setup, before: State, after: State) -> None:
     assert after.entries == [] and after.pending == []
     assert after.events == 1
+
+
+async def _kept(redis: Redis, s: Setup, before: State, after: State) -> None:
+    assert after.entries == [] and after.pending == []
+    assert after.result == b'{"r":1}'
+    assert 0 < await redis.pttl(s.result) <= 60_000
 
 
 def _one(name: str, keys: Callable[[Setup], list[str]], args: Callable[[Setup], list[Any]]) -> Call:
@@ -229,6 +238,16 @@ CONTRACTS: dict[str, Contract] = {
         refused=None,
         effect=_finished,
     ),
+    "result.lua": Contract(
+        _one(
+            "result",
+            lambda s: [s.stream, s.result],
+            lambda s: [GROUP, ME, s.entry_id, '{"r":1}', 60_000],
+        ),
+        done=[],
+        refused=["id"],
+        effect=_kept,
+    ),
 }
 
 
@@ -260,6 +279,7 @@ async def _setup(redis: Redis, namespace: str, case: str) -> Setup:
         delayed=keys.delayed(role),
         batch=keys.batch(role, "t1", "n1", 1, 1),
         entry_id=await redis.xadd(keys.role_stream(role), {"message": "{}"}),
+        result=keys.result(role, "m1"),
     )
     if case == "nogroup":
         return s

@@ -52,6 +52,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "streamflow.cli.inspect",
         "Show every role (or ROLE in detail): stream, groups, consumers, pending, lag, retries.",
     ),
+    "job": (
+        "streamflow.cli.jobs",
+        "Show where a job is: queued, delayed, running, retrying, ended, or unknown.",
+    ),
     "publish": ("streamflow.cli.publish", "Publish jobs to ROLE; prints one message id per line."),
     "result": ("streamflow.cli.tasks", "Print a task's results as JSON: {node: [items...]}."),
     "schema": (

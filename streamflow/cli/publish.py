@@ -25,7 +25,7 @@ from streamflow.cli.options import (
 from streamflow.client import CancelResult
 from streamflow.errors import ConfigError
 from streamflow.logs import echo, shown
-from streamflow.protocol import json_schemas
+from streamflow.protocol import json_schemas, keep_result_ms
 
 
 @click.command()
@@ -61,6 +61,11 @@ from streamflow.protocol import json_schemas
     help="Refuse (exit 2) a role that no worker ever served, instead of a warning naming the "
     "known roles.",
 )
+@click.option(
+    "--keep-result",
+    type=float,
+    help="Keep the job's outcome this many seconds (see streamflow job), whatever its role says.",
+)
 @connection_options
 @errors_to_exit
 def publish(
@@ -74,6 +79,7 @@ def publish(
     at: datetime | None,
     deadline: str | None,
     strict: bool,
+    keep_result: float | None,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -85,13 +91,15 @@ def publish(
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if (json_text is None) == (file is None):
         raise ConfigError("give exactly one of --json or --file")
-    single = (message_id, dedup_key, delay, at, deadline)
+    single = (message_id, dedup_key, delay, at, deadline, keep_result)
     if file is not None and any(option is not None for option in single):
         raise ConfigError(
-            "--id, --dedup-key, --delay, --at and --deadline apply to a single --json publish"
+            "--id, --dedup-key, --delay, --at, --deadline and --keep-result apply to a single "
+            "--json publish"
         )
     if delay is not None and at is not None:
         raise ConfigError("give --delay or --at, not both")
+    _check_keep(keep_result)
     if json_text is not None:
         payloads = [_parse_json(json_text.encode(), "--json")]
     else:
@@ -102,7 +110,7 @@ def publish(
 
     # With a dedup key the id is chosen here: getting another one back means a dedup hit.
     sent_id = message_id or (new_message_id() if dedup_key else None)
-    options = (key, sent_id, dedup_key, when, _deadline(deadline), strict)
+    options = (key, sent_id, dedup_key, when, _deadline(deadline), strict, keep_result)
     ids = anyio.run(_publish, settings, role, payloads, options)
     for one in ids:
         echo(one)
@@ -111,6 +119,14 @@ def publish(
             f"deduplicated: dedup key already used by message {ids[0]}; nothing published", err=True
         )
         sys.exit(EXIT_NOTHING_DONE)
+
+
+def _check_keep(seconds: float | None) -> None:
+    """``--keep-result``: within the protocol's bounds (1 ms to 30 days)."""
+    try:
+        keep_result_ms(seconds)
+    except ValueError as exc:
+        raise ConfigError(f"--keep-result: {exc}") from None
 
 
 def _deadline(text: str | None) -> datetime | timedelta | None:
@@ -146,9 +162,9 @@ async def _publish(
     settings: config.ConnectionSettings,
     role: str,
     payloads: list[Any],
-    options: tuple[str | None, str | None, str | None, Any, Any, bool],
+    options: tuple[str | None, str | None, str | None, Any, Any, bool, float | None],
 ) -> list[str]:
-    key, message_id, dedup_key, when, deadline, strict = options
+    key, message_id, dedup_key, when, deadline, strict, keep_result = options
     async with open_client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
@@ -160,6 +176,7 @@ async def _publish(
                 delay=when,
                 deadline=deadline,
                 strict=strict,
+                keep_result=keep_result,
             )
             return [one]
         keys = None if key is None else [key] * len(payloads)

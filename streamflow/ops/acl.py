@@ -62,6 +62,7 @@ from streamflow.keys import (
     EVENTS,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
+    RESULT,
     ROLE_CONFIG,
     ROLE_MARK,
     ROLE_SLOTS,
@@ -159,13 +160,14 @@ PUBLISHER = PartRules(
         TASKS_CONTROL: "submit: XADD 'task <id> type submitted'",
         TASK_STATE: "submit: task_commit.lua (HGET v, HSET); submit --wait: HGET",
         TASK_OUTBOX: "submit: a key of task_commit.lua (not written at creation)",
+        RESULT: "result, call: GET of a job's kept outcome",
     },
     commands={
         **_CONNECTION,
         **_SCRIPTS,
         "xadd": "publish, publish_many.lua, publish_dedup.lua, submit",
         "zadd": "delayed publish, publish_dedup.lua, submit (index)",
-        "get": "publish_dedup.lua (is the dedup key used?)",
+        "get": "publish_dedup.lua (is the dedup key used?); result, call (a kept outcome)",
         "smembers": "submit (known roles and functions)",
         "sadd": "submit (active set, known roles)",
         "hget": "task_commit.lua (version), submit --wait, a role's partitions",
@@ -193,6 +195,7 @@ WORKER = PartRules(
         EVENTS: "task node events: XADD accepted, emit/finish/dead_letter.lua",
         STARTS: "starts of redelivered entries: GET, MULTI INCRBY PEXPIRE EXEC",
         BATCH: "emit.lua SET of an emitted batch; GET of an input batch",
+        RESULT: "result.lua SET PX of a kept outcome; SET PX of a dead-lettered one",
         ROLE_CONFIG: "HSETNX + HGET of the role's partitions at start-up",
         SIGNALS: "XREVRANGE (start position), XREAD (follow)",
         CANCEL_MARKER: "GET at start-up; mark_cancel.lua SET NX PX, PTTL",
@@ -241,21 +244,22 @@ WORKER = PartRules(
                 "xpending": "the reader (resumed entries' counts); owner-checking scripts",
                 "xclaim": "renew.lua, release.lua",
                 "xautoclaim": "claim.lua",
-                "xack": "settle, retry, dead_letter and finish.lua",
-                "xdel": "settle, retry, dead_letter and finish.lua",
+                "xack": "settle, retry, dead_letter, finish and result.lua",
+                "xdel": "settle, retry, dead_letter, finish and result.lua",
                 "xtrim": "settle.lua (MINID: the acknowledged entries before the oldest pending)",
                 "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
             (ROLE_STREAM,),
         ),
         Narrow(
-            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua"},
+            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua"},
             (
                 CONSUMER_ALIVE,
                 CONSUMER_INFO,
                 ROLE_MARK,
                 CANCEL_MARKER,
                 BATCH,
+                RESULT,
             ),
         ),
         Narrow(
@@ -370,7 +374,7 @@ COORDINATOR = PartRules(
 )
 
 OPERATOR = PartRules(
-    summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result "
+    summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result, job "
     "(and the exporter)",
     keys={
         ROLE_STREAM: "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
@@ -393,6 +397,7 @@ OPERATOR = PartRules(
         TASK_STATE: "tasks, status, result: HGET; cancel: EXISTS",
         TASK_OUTPUT: "result: LRANGE",
         TASK_RESULT: "result: GET",
+        RESULT: "job, result: GET of a job's kept outcome",
     },
     commands={
         **_CONNECTION,
@@ -401,17 +406,18 @@ OPERATOR = PartRules(
         "smembers": "inspect, exporter",
         "sismember": "inspect ROLE",
         "exists": "inspect, cancel (is the task known?)",
-        "zrange": "cancel (is the message delayed?)",
+        "zrange": "cancel (is the message delayed?), job (delayed or retrying?)",
         "xlen": "inspect, dlq list, purge, exporter",
         "zcard": "inspect",
         "xinfo|groups": "inspect",
         "xinfo|consumers": "inspect",
-        "xpending": "inspect",
+        "xpending": "inspect, job (is it running, and where?)",
         "time": "inspect (ages by the server's clock), cancel.lua",
         "zadd": "cancel.lua (the cancel index)",
         "zremrangebyscore": "cancel.lua (expired index entries)",
-        "get": "workers, result",
-        "xrange": "dlq list, show, replay; cancel (is the message queued or running?)",
+        "get": "workers, result, job",
+        "xrange": "dlq list, show, replay; cancel, job (is the message queued or running?)",
+        "xrevrange": "job (is it dead-lettered?)",
         "xadd": "replay.lua, cancel.lua",
         "multi": "dlq purge",
         "exec": "dlq purge",
