@@ -19,9 +19,8 @@ from streamflow.cli.jobs import describe
 from streamflow.jobs import JobStatus
 from streamflow.keys import Keys
 from streamflow.protocol import JobResult
-from tests.helpers import running, wait_for, wait_for_query
-from tests.test_cli import run_cli
-from tests.test_crash import Record, Workers
+from tests.helpers import run_cli, running, wait_for, wait_for_query
+from tests.processes import Record, Workers
 
 pytestmark = pytest.mark.anyio
 
