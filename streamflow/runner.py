@@ -27,6 +27,7 @@ from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, dead
 from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError
+from streamflow.followups import FollowUps
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.logs import shown
@@ -83,6 +84,7 @@ class Runner:
         self._flush = flush
         self._max_bytes = max_message_bytes
         self._threads = anyio.CapacityLimiter(concurrency)
+        self._followups = FollowUps(redis, keys.namespace)
         self._suspects = anyio.Lock()
         self._confirming = anyio.Lock()
         self._confirm_backoff = connect.Backoff("confirming held leases")
@@ -166,6 +168,8 @@ class Runner:
             # fencing_token(), inline: a function call per message costs more than this.
             (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
         )
+        ctx._job = job  # for ctx.headers, read only when a handler asks
+        ctx._followups = self._followups
         delivery.context = ctx
         if job.task_id is None and delivery.entry.deliveries == 1:
             return self._run(delivery, scope, job, payload, ctx)  # the hot path
