@@ -477,13 +477,7 @@ def decode_job(fields: dict[bytes, bytes], *, max_bytes: int = DEFAULT_MAX_MESSA
             # run. Two upper bounds on the keys written: every key is followed by a colon (a
             # cheap count), and by a quote then a colon or white space (fewer false alarms).
             kept = _keys_kept(job)
-            # Header names are counted only when the counts differ: a job without headers pays
-            # nothing for them.
-            if (
-                kept != raw.count(b":")
-                and kept != hostile.key_tokens(raw)
-                and (job.headers is None or not _headers_explain(job.headers, kept, raw))
-            ):
+            if kept != raw.count(b":") and not _keys_explained(job, kept, raw):
                 hostile.check(raw)  # raises for hostile input; else the job is fine
             return job
     raise _refusal(fields, raw, max_bytes)
@@ -542,10 +536,19 @@ def _keys_kept(job: Job) -> int:
     return count
 
 
-def _headers_explain(headers: dict[str, str], kept: int, raw: bytes) -> bool:
-    """Whether the job's header names make up the keys :func:`_keys_kept` left uncounted."""
-    kept += len(headers)
-    return kept == raw.count(b":") or kept == hostile.key_tokens(raw)
+def _keys_explained(job: Job, kept: int, raw: bytes) -> bool:
+    """Whether the keys ``raw`` holds are the ``kept`` ones, once header names are counted.
+
+    :func:`_keys_kept` leaves header names out, and they are counted only here, after the colon
+    count did not match (it cannot for a job with headers: the count bounds the keys written,
+    header names included): a job without headers pays nothing for them. Then the second
+    bound, :func:`hostile.key_tokens`.
+    """
+    if job.headers is not None:
+        kept += len(job.headers)
+        if kept == raw.count(b":"):
+            return True
+    return kept == hostile.key_tokens(raw)
 
 
 def _check_header(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> None:

@@ -1,9 +1,10 @@
 """The app of docs/protocol.md's worked example: ``streamflow worker --app tests.doc_apps:app``.
 
 Role ``resize`` takes ``{"image": str, "width": int}`` and appends ``message_id attempt`` (and
-the job's headers as compact JSON, when it has any) to the file named by ``SFTEST_RECORD``; an image called ``flaky.png`` fails its first attempt (the
-retry example of docs/protocol.md), and one called ``slow.png`` runs until it is cancelled (or
-for a minute), then appends ``message_id end`` (the cancel examples).
+the job's headers as compact JSON, when it has any) to the file named by ``SFTEST_RECORD``; an
+image called ``flaky.png`` fails its first attempt (the retry example of docs/protocol.md), and
+one called ``slow.png`` runs until it is cancelled (or for a minute), then appends
+``message_id end`` (the cancel examples).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, SyncClient
+from streamflow import App, Client, Context, SyncClient, hostile
 from streamflow.delivery import Outcome
 from streamflow.keys import Keys
 from streamflow.protocol import (
@@ -150,11 +150,21 @@ async def test_raw_entries_with_headers_over_the_limits_are_dead_lettered(
     }
 
 
-def test_headers_decode_on_the_fast_path_and_duplicates_are_caught() -> None:
-    raw = _raw_job({**TRACE, "key:with:colons": "value: with colons and spaces"})
-    job = decode_job({b"message": raw})
-    assert job.headers == {**TRACE, "key:with:colons": "value: with colons and spaces"}
-    assert decode_job({b"message": _raw_job({})}).headers == {}
+def test_headers_decode_on_the_fast_path_without_the_full_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    headers = {**TRACE, "key:with:colons": "value: with colons and spaces"}
+    raws = [_raw_job(headers), _raw_job({}), _raw_job(TRACE)]
+    twice = _raw_job({"a": "1", "b": "2"}).replace(b'"b"', b'"a"')
+
+    def full_check(raw: bytes, what: str = "message") -> None:
+        raise AssertionError(f"the full check ran for {raw!r}")
+
+    monkeypatch.setattr(hostile, "check", full_check)
+    assert [decode_job({b"message": raw}).headers for raw in raws] == [headers, {}, TRACE]
+    # A header name written twice is what sends a job with headers to the full check.
+    with pytest.raises(AssertionError, match="the full check ran"):
+        decode_job({b"message": twice})
 
 
 async def test_a_context_made_by_hand_has_empty_headers() -> None:
