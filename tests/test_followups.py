@@ -33,6 +33,7 @@ def _app(children: list[tuple[str, Any, dict[str, str]]], returned: list[list[st
 
     @app.role("parent")
     async def parent(ctx: Context, payload: Any) -> None:
+        assert ctx.headers["step"] == "first"  # on the retry too: the next attempt keeps them
         ids = [
             await ctx.publish("child", {"n": 0}),
             await ctx.publish("child", {"n": 1}, headers={"step": "second"}),
