@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -29,7 +29,7 @@ from streamflow.functions import BUILTINS
 from streamflow.jobs import JobStatus
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
 from streamflow.protocol import JobResult as JobRecord
-from streamflow.protocol import check_publish_fields, new_message_id, now_ms
+from streamflow.protocol import check_headers, check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
@@ -161,6 +161,7 @@ class Client:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
     ) -> str:
@@ -184,6 +185,9 @@ class Client:
                 The job waits in the role's delayed schedule, not in a worker.
             task_id: The DAG task it belongs to.
             node_id: The DAG node it belongs to.
+            headers: Metadata for the handler (``ctx.headers``): string names to string
+                values, such as a ``traceparent`` or a correlation id; bounded (see
+                docs/protocol.md). Follow-up jobs the handler publishes inherit them.
             strict: Refuse a role that no worker ever served (see below) instead of warning.
             keep_result: Keep the job's outcome this long (seconds or a timedelta, at most
                 30 days) for :meth:`result` and :meth:`job`, whatever its role says.
@@ -201,7 +205,8 @@ class Client:
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
-            ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
+            ValueError: The message id, dedup key, deadline or headers are out of the protocol's
+                bounds.
         """
         with connect.public_errors(f"publishing to role {role!r}"):
             return await steps.run(
@@ -215,6 +220,7 @@ class Client:
                     delay=delay,
                     task_id=task_id,
                     node_id=node_id,
+                    headers=headers,
                     strict=strict,
                     keep_result=keep_result,
                 )
@@ -227,6 +233,7 @@ class Client:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
@@ -237,6 +244,7 @@ class Client:
             keys: For a partitioned role, one key per payload (see :meth:`publish`); without
                 them the jobs are spread round-robin over the partitions.
             chunk_size: Jobs per script call.
+            headers: Headers every job carries (see :meth:`publish`).
             strict: Refuse a role that no worker ever served instead of warning (see
                 :meth:`publish`).
 
@@ -250,7 +258,12 @@ class Client:
         with connect.public_errors(f"publishing to role {role!r}"):
             return await steps.run(
                 self._pub.publish_many(
-                    role, payloads, keys=keys, chunk_size=chunk_size, strict=strict
+                    role,
+                    payloads,
+                    keys=keys,
+                    chunk_size=chunk_size,
+                    strict=strict,
+                    headers=headers,
                 )
             )
 
@@ -364,6 +377,7 @@ class Client:
         roles: Iterable[str] | None = None,
         functions: Iterable[str] | None = None,
         registration_wait: float = 5.0,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Submit a DAG task; returns its id.
 
@@ -381,10 +395,12 @@ class Client:
             roles: The roles to check the graph against, instead of those registered.
             functions: The coordinator functions to check against, instead of those registered.
             registration_wait: Seconds to wait for unregistered roles and functions to appear.
+            headers: Headers every node job of the task carries (``ctx.headers``), added to
+                the graph's own ``headers``.
 
         Raises:
             GraphError: The graph is invalid; every problem is listed.
-            ValueError: The task id is taken or invalid.
+            ValueError: The task id is taken or invalid, or the headers out of bounds.
 
         Warns:
             CancelledIdWarning: A cancel of ``task_id`` is in force (a pre-emptive one): the
@@ -395,6 +411,9 @@ class Client:
         spec = graphs.parse(graph)
         if params:
             spec = spec.model_copy(update={"params": {**spec.params, **params}})
+        if headers:
+            merged = check_headers({**(spec.headers or {}), **headers})
+            spec = spec.model_copy(update={"headers": merged})
         fixed = (
             None if roles is None else set(roles),
             None if functions is None else set(functions),
@@ -676,6 +695,7 @@ class SyncClient:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
     ) -> str:
@@ -692,6 +712,7 @@ class SyncClient:
                     delay=delay,
                     task_id=task_id,
                     node_id=node_id,
+                    headers=headers,
                     strict=strict,
                     keep_result=keep_result,
                 )
@@ -736,13 +757,19 @@ class SyncClient:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role; returns their ids (see :meth:`Client.publish_many`)."""
         with connect.public_errors(f"publishing to role {role!r}"):
             return steps.run_blocking(
                 self._pub.publish_many(
-                    role, payloads, keys=keys, chunk_size=chunk_size, strict=strict
+                    role,
+                    payloads,
+                    keys=keys,
+                    chunk_size=chunk_size,
+                    strict=strict,
+                    headers=headers,
                 )
             )
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -12,10 +14,14 @@ import anyio
 from streamflow.lifecycle import NO_RESOURCES, Resources
 
 if TYPE_CHECKING:
+    from streamflow.dag.graph import Graph, GraphSpec
+    from streamflow.followups import FollowUps
     from streamflow.nodes import NodeRun
+    from streamflow.protocol import Job
 
 logger = logging.getLogger("streamflow.handler")
 T = TypeVar("T")
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 class CancelToken:
@@ -151,7 +157,10 @@ class Context:
     """
 
     __slots__ = (
+        "_calls",
         "_cancel",
+        "_followups",
+        "_job",
         "_log",
         "_node",
         "_shutdown",
@@ -170,6 +179,11 @@ class Context:
         "role",
         "task_id",
     )
+    # Set by the worker after __init__ (unset in a context made by hand): the job, for
+    # ``headers``; what publishes follow-ups; and this run's follow-up calls per role.
+    _job: Job
+    _followups: FollowUps
+    _calls: dict[str, int]
 
     # Not keyword-only: the worker builds one per message, and a positional call costs half
     # as much as one with ten keywords (0.35 us against 0.65).
@@ -206,6 +220,129 @@ class Context:
         self.invocation: int | None = None
         self.batch: Batch | None = None
         self.failures: dict[str, str] = {}
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The job's headers (read-only): trace context, correlation ids, set by the publisher.
+
+        Empty when it has none. Follow-up jobs (:meth:`publish`, :meth:`submit`) inherit them.
+        """
+        # Set by the worker only for a job that has headers: the others pay nothing for them.
+        try:
+            job = self._job
+        except AttributeError:
+            return _NO_HEADERS
+        return MappingProxyType(job.headers) if job.headers else _NO_HEADERS
+
+    async def publish(
+        self,
+        role: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        key: str | None = None,
+        deadline: datetime | timedelta | None = None,
+        delay: datetime | timedelta | float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Publish a follow-up job, once per parent message however often the handler runs.
+
+        A retry or a redelivery of this message (its worker died) runs the handler again; the
+        same call then publishes nothing and returns the first child's id. The call is named
+        by this message's id and ``idempotency_key``, or, without one, by the call's ordinal
+        among this run's publishes to ``role`` (the first is ``role#0``): pass a key when the
+        calls a run makes to one role may differ from one run to the next. Children are
+        remembered for the client's dedup window (24 hours). Async handlers only.
+
+        Args:
+            role: The child's role.
+            payload: Any JSON-serializable value or a pydantic model.
+            idempotency_key: Names this call among the handler's calls (see above).
+            key: The partition key (see :meth:`streamflow.Client.publish`).
+            deadline: When the child must not start any more.
+            delay: Start the child no earlier than this.
+            headers: Headers for the child, added to (and overriding) this job's own.
+
+        Returns:
+            The child's message id.
+
+        Raises:
+            RuntimeError: The context does not come from a worker.
+        """
+        call_key = self._call_key(role, idempotency_key)
+        return await self._follow().publish(
+            self,
+            role,
+            payload,
+            call_key=call_key,
+            key=key,
+            deadline=deadline,
+            delay=delay,
+            headers=headers,
+        )
+
+    async def submit(
+        self,
+        graph: Graph | GraphSpec | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        params: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        roles: Iterable[str] | None = None,
+        functions: Iterable[str] | None = None,
+    ) -> str:
+        """Submit a DAG task, once per parent message however often the handler runs.
+
+        As :meth:`publish`: the task's id is derived from this message's id and
+        ``idempotency_key`` (by default the call's ordinal among this run's submits), so a
+        second run finds the task submitted and returns its id. Its node jobs carry this
+        job's headers, updated with ``headers``. Async handlers only.
+
+        Args:
+            graph: The task graph (see :meth:`streamflow.Client.submit`).
+            idempotency_key: Names this call among the handler's calls.
+            params: Task parameters.
+            headers: Headers for every node job, added to this job's own.
+            roles: The roles to check the graph against, instead of those registered.
+            functions: The functions to check the graph against, instead of those registered.
+
+        Returns:
+            The task id.
+
+        Raises:
+            RuntimeError: The context does not come from a worker.
+            GraphError: The graph is invalid.
+        """
+        call_key = self._call_key("submit", idempotency_key)
+        return await self._follow().submit(
+            self,
+            graph,
+            call_key=call_key,
+            params=params,
+            headers=headers,
+            roles=roles,
+            functions=functions,
+        )
+
+    def _call_key(self, kind: str, explicit: str | None) -> str:
+        """The per-call key of a follow-up: ``explicit``, else ``kind#ordinal`` of this run."""
+        if explicit is not None:
+            return explicit
+        try:
+            calls = self._calls
+        except AttributeError:
+            calls = self._calls = {}
+        ordinal = calls.get(kind, 0)
+        calls[kind] = ordinal + 1
+        return f"{kind}#{ordinal}"
+
+    def _follow(self) -> FollowUps:
+        try:
+            return self._followups
+        except AttributeError:
+            raise RuntimeError(
+                "ctx.publish() and ctx.submit() need a context made by a worker"
+            ) from None
 
     @property
     def cancel(self) -> CancelToken:

@@ -14,7 +14,14 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
 
 from streamflow import hostile
 from streamflow.errors import InputError, ProtocolError
@@ -44,6 +51,36 @@ INT64_MAX = 2**63 - 1
 Timestamp = Annotated[int, Field(ge=0, le=INT64_MAX)]
 DedupKey = Annotated[str, Field(min_length=1, max_length=256)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+#: Most headers a job may carry.
+MAX_HEADERS = 64
+#: Longest header name, in characters (names are ASCII letters, digits and ``_.:-``).
+MAX_HEADER_NAME = 128
+#: Longest header value, in characters.
+MAX_HEADER_VALUE = 4096
+#: Most characters of all header names and values together.
+MAX_HEADERS_TOTAL = 16 * 1024
+HeaderName = Annotated[
+    str, Field(min_length=1, max_length=MAX_HEADER_NAME, pattern=r"^[A-Za-z0-9_.:\-]+$")
+]
+HeaderValue = Annotated[str, Field(max_length=MAX_HEADER_VALUE)]
+
+
+def _headers_total(headers: dict[str, str]) -> dict[str, str]:
+    total = sum(len(name) + len(value) for name, value in headers.items())
+    if total > MAX_HEADERS_TOTAL:
+        raise ValueError(
+            f"headers hold {total} characters of names and values, limit {MAX_HEADERS_TOTAL}"
+        )
+    return headers
+
+
+#: A job's metadata: string names to string values, bounded in count and size.
+Headers = Annotated[
+    dict[HeaderName, HeaderValue],
+    Field(max_length=MAX_HEADERS),
+    AfterValidator(_headers_total),
+]
 
 #: Dead-letter reasons that mean the entry itself was malformed (metrics outcome ``rejected``).
 MalformedReason = Literal[
@@ -119,6 +156,11 @@ class Job(_Model):
         timeout: The node's time limit in seconds, overriding the role's.
         keep_result_ms: Keep the job's outcome (its result, or how it failed) this many ms
             under its result key, whatever its role says (see :class:`JobResult`).
+        headers: Metadata for handlers and tools (trace context, correlation ids): string
+            names to string values, at most :data:`MAX_HEADERS` of them, names of at most
+            :data:`MAX_HEADER_NAME` characters (letters, digits, ``_.:-``), values of at most
+            :data:`MAX_HEADER_VALUE`, :data:`MAX_HEADERS_TOTAL` characters in all. Handlers
+            read them as ``ctx.headers``; follow-up jobs and task node jobs inherit them.
     """
 
     protocol: Version
@@ -139,6 +181,7 @@ class Job(_Model):
     retry: JobRetry | None = None
     timeout: Annotated[float, Field(gt=0, le=7 * 86_400)] | None = None
     keep_result_ms: Annotated[int, Field(ge=1, le=MAX_KEEP_RESULT_MS)] | None = None
+    headers: Headers | None = None
 
 
 class ErrorInfo(_Model):
@@ -358,6 +401,24 @@ MESSAGE_KINDS: dict[str, type[_Model]] = {
 _MESSAGE_ID = TypeAdapter(MessageId)
 _DEDUP_KEY = TypeAdapter(DedupKey)
 _TIMESTAMP = TypeAdapter(Timestamp)
+_HEADERS = TypeAdapter(Headers)
+
+
+def check_headers(headers: Any) -> dict[str, str]:
+    """Refuse, at the publisher, headers that a worker would dead-letter as ``invalid_message``.
+
+    Returns:
+        The headers as a plain dict.
+
+    Raises:
+        ValueError: Naming the rule they break (count, a name, a value's size, total size).
+    """
+    try:
+        return _HEADERS.validate_python(dict(headers), strict=True)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            raise ValueError(f"invalid headers: {_summarize(exc)}") from None
+        raise ValueError(f"invalid headers: not a mapping of strings ({exc})") from None
 
 
 def check_publish_fields(message_id: str, dedup_key: str | None, deadline_ms: int | None) -> None:
@@ -421,6 +482,7 @@ def encode_job_fields(
     dedup_key: str | None = None,
     attempt: int = 1,
     keep_result_ms: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     """Encode a job envelope straight from its fields, for publishing in bulk.
 
@@ -446,6 +508,8 @@ def encode_job_fields(
         doc["dedup_key"] = dedup_key
     if keep_result_ms is not None:
         doc["keep_result_ms"] = keep_result_ms
+    if headers:
+        doc["headers"] = headers
     return orjson.dumps(doc)
 
 
@@ -478,7 +542,7 @@ def decode_job(fields: dict[bytes, bytes], *, max_bytes: int = DEFAULT_MAX_MESSA
             # run. Two upper bounds on the keys written: every key is followed by a colon (a
             # cheap count), and by a quote then a colon or white space (fewer false alarms).
             kept = _keys_kept(job)
-            if kept != raw.count(b":") and kept != hostile.key_tokens(raw):
+            if kept != raw.count(b":") and not _keys_explained(job, kept, raw):
                 hostile.check(raw)  # raises for hostile input; else the job is fine
             return job
     raise _refusal(fields, raw, max_bytes)
@@ -535,6 +599,21 @@ def _keys_kept(job: Job) -> int:
                 count += len(value.model_fields_set)
         count += len(job.inputs or ()) + len(job.failures or ())
     return count
+
+
+def _keys_explained(job: Job, kept: int, raw: bytes) -> bool:
+    """Whether the keys ``raw`` holds are the ``kept`` ones, once header names are counted.
+
+    :func:`_keys_kept` leaves header names out, and they are counted only here, after the colon
+    count did not match (it cannot for a job with headers: the count bounds the keys written,
+    header names included): a job without headers pays nothing for them. Then the second
+    bound, :func:`hostile.key_tokens`.
+    """
+    if job.headers is not None:
+        kept += len(job.headers)
+        if kept == raw.count(b":"):
+            return True
+    return kept == hostile.key_tokens(raw)
 
 
 def _check_header(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ from streamflow.errors import (
 )
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import (
+    check_headers,
     check_publish_fields,
     encode_job_fields,
     keep_result_ms,
@@ -59,6 +60,7 @@ class JobOptions(TypedDict):
     task_id: str | None
     node_id: str | None
     keep_result: NotRequired[timedelta | float | None]
+    headers: Mapping[str, str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +161,12 @@ class Publisher:
         keys: Iterable[str] | None,
         chunk_size: int,
         strict: bool,
+        headers: Mapping[str, str] | None = None,
     ) -> Steps[list[str]]:
         """Publish many jobs, one script call per chunk of one partition; returns their ids."""
+        checked = check_headers(headers) if headers else None
         layout = yield from self.layout(role, strict)
-        prepared = self._bodies(layout, payloads, keys)
+        prepared = self._bodies(layout, payloads, keys, checked)
         for chunk in _chunks(prepared, chunk_size):
             bodies = [body for _, _, body in chunk]
             yield from streams.publish_many(self._many, self.redis, chunk[0][0], bodies)
@@ -200,6 +204,7 @@ class Publisher:
             node_id=validate_name(node_id, "node id") if node_id else None,
             dedup_key=dedup_key,
             keep_result_ms=keep_result_ms(job.get("keep_result")),
+            headers=check_headers(job["headers"]) if job["headers"] else None,
         )
         return _Prepared(
             stream=self.keys.role_stream(shard),
@@ -215,7 +220,11 @@ class Publisher:
         return partitions.unknown_role_text(self.keys.namespace, role, self._served)
 
     def _bodies(
-        self, layout: partitions.Layout, payloads: Iterable[Any], keys: Iterable[str] | None
+        self,
+        layout: partitions.Layout,
+        payloads: Iterable[Any],
+        keys: Iterable[str] | None,
+        headers: dict[str, str] | None,
     ) -> list[tuple[str, str, bytes]]:
         """(stream, message id, body) per payload, each on its key's partition or round-robin."""
         role = layout.role
@@ -230,7 +239,8 @@ class Publisher:
         for payload, key in pairs:
             stream = streams_of[layout.pick(key)]
             message_id = new_message_id()
-            out.append((stream, message_id, _encode(message_id, role, payload, created)))
+            body = _encode(message_id, role, payload, created, headers=headers)
+            out.append((stream, message_id, body))
         return out
 
 

@@ -27,6 +27,7 @@ from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, dead
 from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError
+from streamflow.followups import FollowUps
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.lifecycle import NO_RESOURCES, Resources
@@ -87,6 +88,7 @@ class Runner:
         self._max_bytes = max_message_bytes
         self._resources = resources
         self._threads = anyio.CapacityLimiter(concurrency)
+        self._followups = FollowUps(redis, keys.namespace)
         self._suspects = anyio.Lock()
         self._confirming = anyio.Lock()
         self._confirm_backoff = connect.Backoff("confirming held leases")
@@ -171,6 +173,8 @@ class Runner:
             (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
             self._resources,
         )
+        ctx._job = job  # for ctx.headers, read only when a handler asks
+        ctx._followups = self._followups
         delivery.context = ctx
         if job.task_id is None and delivery.entry.deliveries == 1:
             return self._run(delivery, scope, job, payload, ctx)  # the hot path

@@ -167,6 +167,17 @@ def test_the_pages_xadd_examples_have_their_documented_effect(
     assert {k: v["reason"] for k, v in letters.items()} == dead
     assert client.xpending("sf:{role:resize}:stream", "workers")["pending"] == 0
     assert "has the key 'width' twice" in letters["dup-1"]["detail"]
+    assert "headers.correlation id.[key]" in letters["badheader-1"]["detail"]
+    # A handled example's headers reached the handler (ctx.headers), as the page sent them.
+    sent = {
+        doc["id"]: doc["headers"]
+        for example in examples(PAGE.read_text())
+        for doc in (orjson.loads(command[-1]) for command in example.commands)
+        if "headers" in doc and doc["id"] in handled
+    }
+    assert sent
+    got = {line.split()[0]: line.split()[2] for line in recorded(record) if len(line.split()) > 2}
+    assert {k: orjson.loads(got[k]) for k in sent} == sent
     # The dead letter the page prints is the one the worker writes (but for times and ids).
     shown = orjson.loads(re.findall(r"^dead_letter\n(.*)$", PAGE.read_text(), re.M)[0])
     written = letters[shown["message_id"]]

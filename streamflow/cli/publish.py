@@ -25,7 +25,7 @@ from streamflow.cli.options import (
 from streamflow.client import CancelResult
 from streamflow.errors import ConfigError
 from streamflow.logs import echo, shown
-from streamflow.protocol import json_schemas, keep_result_ms
+from streamflow.protocol import check_headers, json_schemas, keep_result_ms
 
 
 @click.command()
@@ -56,6 +56,14 @@ from streamflow.protocol import json_schemas, keep_result_ms
     "time without an offset). Past it the job is dead-lettered as expired.",
 )
 @click.option(
+    "--header",
+    "header_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A header for the handler (ctx.headers), e.g. traceparent=00-...; repeatable. Every "
+    "job published carries them.",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Refuse (exit 2) a role that no worker ever served, instead of a warning naming the "
@@ -78,6 +86,7 @@ def publish(
     delay: float | None,
     at: datetime | None,
     deadline: str | None,
+    header_pairs: tuple[str, ...],
     strict: bool,
     keep_result: float | None,
     redis_url: str,
@@ -110,7 +119,16 @@ def publish(
 
     # With a dedup key the id is chosen here: getting another one back means a dedup hit.
     sent_id = message_id or (new_message_id() if dedup_key else None)
-    options = (key, sent_id, dedup_key, when, _deadline(deadline), strict, keep_result)
+    options = (
+        key,
+        sent_id,
+        dedup_key,
+        when,
+        _deadline(deadline),
+        strict,
+        keep_result,
+        _headers(header_pairs),
+    )
     ids = anyio.run(_publish, settings, role, payloads, options)
     for one in ids:
         echo(one)
@@ -145,6 +163,20 @@ def _deadline(text: str | None) -> datetime | timedelta | None:
         ) from None
 
 
+def _headers(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    """``--header NAME=VALUE`` options as a dict (a name given twice: the last value wins)."""
+    headers = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--header {pair!r}: give NAME=VALUE")
+        headers[name] = value
+    try:
+        return check_headers(headers) if headers else None
+    except ValueError as exc:
+        raise ConfigError(f"--header: {exc}") from None
+
+
 def _parse_json(raw: bytes, where: str) -> Any:
     try:
         return orjson.loads(raw)
@@ -162,9 +194,11 @@ async def _publish(
     settings: config.ConnectionSettings,
     role: str,
     payloads: list[Any],
-    options: tuple[str | None, str | None, str | None, Any, Any, bool, float | None],
+    options: tuple[
+        str | None, str | None, str | None, Any, Any, bool, float | None, dict[str, str] | None
+    ],
 ) -> list[str]:
-    key, message_id, dedup_key, when, deadline, strict, keep_result = options
+    key, message_id, dedup_key, when, deadline, strict, keep_result, headers = options
     async with open_client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
@@ -175,12 +209,13 @@ async def _publish(
                 dedup_key=dedup_key,
                 delay=when,
                 deadline=deadline,
+                headers=headers,
                 strict=strict,
                 keep_result=keep_result,
             )
             return [one]
         keys = None if key is None else [key] * len(payloads)
-        return await client.publish_many(role, payloads, keys=keys, strict=strict)
+        return await client.publish_many(role, payloads, keys=keys, strict=strict, headers=headers)
 
 
 @click.command()
