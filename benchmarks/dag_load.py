@@ -257,7 +257,10 @@ async def capacity(
         tg.start_soon(play_sources, redis, keys, sources, None, args.backlog, stop)
         await anyio.sleep(args.warmup)
         first, t0, cpu0 = await processed(redis, keys), time.perf_counter(), procs.coordinator_cpu()
-        await anyio.sleep(args.window)
+        waiting = []
+        while time.perf_counter() - t0 < args.window:
+            await anyio.sleep(0.25)
+            waiting.append(await backlog(redis, keys))
         last, t1, cpu1 = await processed(redis, keys), time.perf_counter(), procs.coordinator_cpu()
         stop.set()
     with anyio.fail_after(60):  # let the backlog drain before the next measurement
@@ -268,6 +271,8 @@ async def capacity(
         "events_per_s": round(rate),
         "cpu_us_per_event": round((cpu1 - cpu0) / max(last - first, 1) * 1e6, 1),
         "busy": round((cpu1 - cpu0) / (t1 - t0), 2),
+        # Saturated only if events were always waiting: the mean of the samples.
+        "waiting": round(sum(waiting) / len(waiting)),
     }
 
 
@@ -284,7 +289,17 @@ def latency_stats(records: list[dict[str, Any]]) -> dict[str, float]:
     def at(q: float) -> float:
         return round(ms[min(len(ms) - 1, round(q * (len(ms) - 1)))], 2)
 
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "n": len(ms)}
+    split = {
+        # The coordinator builds the child's job (created_at_ms) when it decides to dispatch it;
+        # the role stream's entry id is when Redis added it.
+        "to_job_p50": p50([r["to_dispatch_s"] for r in records]),
+        "to_stream_p50": p50([r["to_publish_s"] for r in records]),
+    }
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "n": len(ms), **split}
+
+
+def p50(seconds: list[float]) -> float:
+    return round(sorted(seconds)[len(seconds) // 2] * 1000, 2)
 
 
 async def level(
@@ -354,7 +369,8 @@ def summary(runs: list[dict[str, Any]], levels: Sequence[float]) -> dict[str, An
         out[n] = {k: median([r[n][k] for r in runs]) for k in runs[0][n]}
     for i, fraction in enumerate(levels):
         rows = [r["levels"][i] for r in runs]
-        cells = {k: median([row[k] for row in rows if k in row]) for k in ("p50", "p90", "p99")}
+        names = ("p50", "p90", "p99", "to_job_p50", "to_stream_p50")
+        cells = {k: median([row[k] for row in rows if k in row]) for k in names}
         cells["events_per_s"] = median([row["events_per_s"] for row in rows])
         out["levels"].append({"fraction": fraction, **cells})
     return out
@@ -370,7 +386,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
     def cap(c: dict[str, float]) -> str:
         busy = f"{c['busy']:.0%} of a core" if c["busy"] <= 1 else f"{c['busy']:.2f} cores"
-        return f"{c['events_per_s']:,.0f} ({c['cpu_us_per_event']} us CPU/event; {busy})"
+        return (
+            f"{c['events_per_s']:,.0f} ({c['cpu_us_per_event']} us CPU/event; {busy}; "
+            f"{c['waiting']:,.0f} events waiting)"
+        )
 
     row("coordinator events/s at saturation, 1 coordinator", lambda s: cap(s["capacity_1"]))
     row("... 2 coordinators", lambda s: cap(s["capacity_2"]))
@@ -385,7 +404,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             lv = s["levels"][i]
             return (
                 f"{lv['p50']:.1f} / {lv['p90']:.1f} / {lv['p99']:.1f} "
-                f"({lv['events_per_s']:,.0f} events/s)"
+                f"({lv['events_per_s']:,.0f} events/s; p50 to job built {lv['to_job_p50']:.1f}, "
+                f"to stream {lv['to_stream_p50']:.1f})"
             )
 
         row(label, cell)
