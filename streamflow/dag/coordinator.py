@@ -557,7 +557,9 @@ class Coordinator:
             return failed
         try:
             async with anyio.create_task_group() as tg:
-                for task_id, events in by_task.items():
+                # Fewest events first: a task with a batch or two (a short step) is not held
+                # behind one with hundreds; every task of the read is stepped before the next.
+                for task_id, events in sorted(by_task.items(), key=lambda item: len(item[1])):
                     tg.start_soon(step, task_id, events)
         except BaseExceptionGroup as group:
             # An outage (or a lost group) in one step: raised as itself, for the loop to handle.
