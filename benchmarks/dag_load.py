@@ -412,13 +412,14 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return markdown_table(header, rows)
 
 
-def section(text: str, args: Any, rounds: int) -> str:
+def section(text: str, args: Any, rounds: int, load: str) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""{SECTION}
 
 Measured {now} by `benchmarks/dag_load.py {" ".join(sys.argv[1:])}`; machine: {MACHINE} (2
-cores); streamflow {git_revision()}; {rounds} round(s), before and after alternated, medians;
-{args.tasks} load tasks; private redis-server; Python {sys.version.split()[0]}.
+cores; 1-minute load average {load} at the start and end of the run); streamflow
+{git_revision()}; {rounds} round(s), before and after alternated, medians; {args.tasks} load
+tasks; private redis-server; Python {sys.version.split()[0]}.
 
 Capacity is the events the coordinator processes per second when more are always waiting (the
 load's workers are played by the script: three events and one job per load batch). Latency is
@@ -456,18 +457,22 @@ def main() -> None:
     if args.before:
         trees = {"before": args.before.resolve(), **trees}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    loads = [os.getloadavg()[0]]
     with redis_url(args.redis_url) as url:
         for _ in range(args.rounds):
             for name, tree in trees.items():
                 runs[name].append(anyio.run(variant, url, tree, args))
                 print(name, json.dumps(runs[name][-1]), file=sys.stderr)
+    loads.append(os.getloadavg()[0])
+    load = " / ".join(f"{x:.1f}" for x in loads)
     results = {name: summary(rs, args.levels) for name, rs in runs.items()}
     text = table(results)
-    print(text)
+    print(f"load average {load}\n{text}")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"runs": runs, "results": results}, indent=1))
+        saved = {"runs": runs, "results": results, "load_average": loads}
+        args.json_out.write_text(json.dumps(saved, indent=1))
     if args.write:
-        replace_section(DOC, SECTION, section(text, args, args.rounds))
+        replace_section(DOC, SECTION, section(text, args, args.rounds, load))
 
 
 if __name__ == "__main__":

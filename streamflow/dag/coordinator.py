@@ -4,14 +4,18 @@ Any number of coordinators run at once. They share every role's events stream (a
 control stream) as the consumer group ``coordinators`` and adopt each other's events left
 pending past the lease TTL, as workers adopt jobs. For each task with new events a coordinator:
 
-1. loads the task's state (one HMGET) and applies the events with the pure state machine of
-   :mod:`streamflow.dag.tasks` (duplicates, stale runs and any order are harmless);
+1. loads the task's state (one HMGET; none when every commit since its last read was this
+   coordinator's: the commit's version check confirms it) and applies the events with the
+   pure state machine of :mod:`streamflow.dag.tasks` (duplicates, stale runs and any order
+   are harmless);
 2. commits the new state and the dispatches it justifies into the task's outbox, in one
    version-checked script (a concurrent commit by another coordinator makes it load again);
 3. carries out the outbox: publishes each job with a dedup marker named after its
    ``(task, node, invocation)``, runs coordinator functions, sends cancels, frees role slots;
-   then removes the items;
+   then removes the items (those of the jobs with step 4);
 4. acknowledges and deletes the events.
+
+The tasks of one read are stepped up to ``STEPS_AT_ONCE`` at a time, fewest events first.
 
 Steps 1 to 3 are :mod:`streamflow.dag.stepper`'s, the outbox items and carrying them out
 :mod:`streamflow.dag.outbox`'s; this module is the process: start-up, its loops (reading,

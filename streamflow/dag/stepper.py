@@ -3,7 +3,8 @@
 The coordinator (:mod:`streamflow.dag.coordinator`) reads events, groups them by task and
 hands each task's to :meth:`Stepper.process`, which:
 
-1. loads the task's state (one HMGET, see :mod:`streamflow.dag.store`) and applies the events
+1. loads the task's state (one HMGET, see :mod:`streamflow.dag.store`; none when this
+   coordinator committed every step since it last read it) and applies the events
    with the pure state machine of :mod:`streamflow.dag.tasks`, taking role slots for the
    nodes that want one;
 2. commits the new state with the step's decisions as outbox items (see
