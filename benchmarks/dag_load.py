@@ -303,7 +303,7 @@ def p50(seconds: list[float]) -> float:
 
 
 async def level(
-    client: Client, sources: list[Source], rate: float, args: Any, record: Path
+    client: Client, sources: list[Source], rate: float, args: Any, procs: Services
 ) -> dict[str, Any]:
     """Load at ``rate`` events/s with the probe; batch-acked -> child-started of the probe."""
     redis, keys = client.redis, client.keys
@@ -313,14 +313,19 @@ async def level(
         if rate > 0:
             tg.start_soon(play_sources, redis, keys, sources, rate / 3, args.backlog, stop)
         await anyio.sleep(1.0)
-        first, t0 = await processed(redis, keys), time.perf_counter()
+        first, t0, cpu0 = await processed(redis, keys), time.perf_counter(), procs.coordinator_cpu()
         tg.start_soon(play_probe, redis, keys, probe, args.probe_rate, stop)
         await anyio.sleep(args.window)
-        last, t1 = await processed(redis, keys), time.perf_counter()
+        last, t1, cpu1 = await processed(redis, keys), time.perf_counter(), procs.coordinator_cpu()
         stop.set()
     await anyio.sleep(0.5)  # the last probe runs record
-    records = [r for r in read_records(record) if r["task"] == probe.task_id]
-    return {"events_per_s": round((last - first) / (t1 - t0)), **latency_stats(records)}
+    records = [r for r in read_records(procs.record) if r["task"] == probe.task_id]
+    return {
+        "events_per_s": round((last - first) / (t1 - t0)),
+        "cpu_us_per_event": round((cpu1 - cpu0) / max(last - first, 1) * 1e6, 1),
+        "busy": round((cpu1 - cpu0) / (t1 - t0), 2),
+        **latency_stats(records),
+    }
 
 
 async def variant(url: str, tree: Path, args: Any) -> dict[str, Any]:
@@ -342,7 +347,7 @@ async def variant(url: str, tree: Path, args: Any) -> dict[str, Any]:
                 out["levels"] = []
                 for fraction in args.levels:
                     rate = fraction * one["events_per_s"]
-                    row = await level(client, sources, rate, args, record)
+                    row = await level(client, sources, rate, args, procs)
                     out["levels"].append({"fraction": fraction, **row})
                 procs.coordinator()
                 two = await capacity(client.redis, client.keys, sources, args, procs)
@@ -369,7 +374,7 @@ def summary(runs: list[dict[str, Any]], levels: Sequence[float]) -> dict[str, An
         out[n] = {k: median([r[n][k] for r in runs]) for k in runs[0][n]}
     for i, fraction in enumerate(levels):
         rows = [r["levels"][i] for r in runs]
-        names = ("p50", "p90", "p99", "to_job_p50", "to_stream_p50")
+        names = ("p50", "p90", "p99", "to_job_p50", "to_stream_p50", "cpu_us_per_event", "busy")
         cells = {k: median([row[k] for row in rows if k in row]) for k in names}
         cells["events_per_s"] = median([row["events_per_s"] for row in rows])
         out["levels"].append({"fraction": fraction, **cells})
@@ -404,7 +409,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             lv = s["levels"][i]
             return (
                 f"{lv['p50']:.1f} / {lv['p90']:.1f} / {lv['p99']:.1f} "
-                f"({lv['events_per_s']:,.0f} events/s; p50 to job built {lv['to_job_p50']:.1f}, "
+                f"({lv['events_per_s']:,.0f} events/s, {lv['cpu_us_per_event']} us CPU/event, "
+                f"{lv['busy']:.0%} of a core; p50 to job built {lv['to_job_p50']:.1f}, "
                 f"to stream {lv['to_stream_p50']:.1f})"
             )
 
