@@ -153,6 +153,9 @@ class Coordinator:
         self._ticks: set[str] = set()
         self._tick_wakeup = anyio.Event()
         self._stopping = anyio.Event()
+        # Shared by every reader (one per events stream on a cluster): it also bounds the
+        # connections that steps hold at once.
+        self._steps = anyio.CapacityLimiter(STEPS_AT_ONCE)
         self.events_processed = 0
         #: Pending task events found deleted from their stream before they were applied.
         self.trimmed_events = 0
@@ -539,17 +542,16 @@ class Coordinator:
         await self._acknowledge(entries, failed, clears)
 
     async def _process_tasks(self, by_task: dict[str, list[Event]], clears: Clears) -> set[str]:
-        """Step each task with its events, up to ``STEPS_AT_ONCE`` at a time; returns those failed.
+        """Step each task with its events, ``STEPS_AT_ONCE`` at most at once; returns those failed.
 
         Tasks are independent (one task's steps are serialized by the stepper), and a step is
         mostly round trips: stepping several at once keeps Redis and this process busy instead
         of waiting, so that a read of many tasks' events ends sooner.
         """
         failed: set[str] = set()
-        limiter = anyio.CapacityLimiter(STEPS_AT_ONCE)
 
         async def step(task_id: str, events: list[Event]) -> None:
-            async with limiter:
+            async with self._steps:
                 if not await self._process_guarded(task_id, events, clears):
                     # Its events stay pending, to be adopted and tried again after the lease TTL.
                     failed.add(task_id)
