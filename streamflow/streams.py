@@ -14,7 +14,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from streamflow import connect
 from streamflow.errors import ConfigError, InputError
@@ -466,11 +467,42 @@ async def publish_dedup_many(
     if connect.is_cluster(redis):
         results = [await scripts.publish_dedup(keys=k, args=a, client=redis) for k, a in calls]
     else:
-        pipe = redis.pipeline(transaction=False)
-        for k, a in calls:
-            await scripts.publish_dedup(keys=k, args=a, client=pipe)  # queued
-        results = await pipe.execute()
+        results = await _evalsha_many(redis, scripts.publish_dedup, calls)
     return [int(flag) == 1 for flag, _ in results]
+
+
+async def _evalsha_many(
+    redis: Redis, script: AsyncScript, calls: Sequence[tuple[list[str], list[str | int | bytes]]]
+) -> list[Any]:
+    """Run ``script`` once per call, in one pipeline; the replies in order.
+
+    Sent as EVALSHA: a pipeline of registered scripts costs a SCRIPT EXISTS round trip before
+    every execute in redis-py. When Redis does not have the script (restarted, flushed), it is
+    loaded and only the calls it refused are sent again.
+
+    Raises:
+        ResponseError: A call failed (the first such reply).
+    """
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _ in range(2):
+        pipe = redis.pipeline(transaction=False)
+        for i in todo:
+            keys, args = calls[i]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        refused = []
+        for i, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, NoScriptError):
+                refused.append(i)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            replies[i] = reply
+        if not refused:
+            return replies
+        script.sha = await redis.script_load(script.script)
+        todo = refused
+    raise NoScriptError("the script is still missing after it was loaded")
 
 
 async def take_slot(scripts: Scripts, redis: Redis, slots: str, member: str, limit: int) -> bool:

@@ -3,7 +3,8 @@
 The coordinator (:mod:`streamflow.dag.coordinator`) reads events, groups them by task and
 hands each task's to :meth:`Stepper.process`, which:
 
-1. loads the task's state (one HMGET, see :mod:`streamflow.dag.store`) and applies the events
+1. loads the task's state (one HMGET, see :mod:`streamflow.dag.store`; none when this
+   coordinator committed every step since it last read it) and applies the events
    with the pure state machine of :mod:`streamflow.dag.tasks`, taking role slots for the
    nodes that want one;
 2. commits the new state with the step's decisions as outbox items (see
@@ -25,7 +26,7 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
-from streamflow.dag.outbox import Items, Outbox, encode_item
+from streamflow.dag.outbox import Items, JobItem, Outbox, encode_item
 from streamflow.dag.store import Loaded, TaskStore, UnrunnableTask
 from streamflow.dag.tasks import Event, Internal, Step, advance
 from streamflow.keys import Keys
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: Commits retried after losing a race with another coordinator, before giving up for now.
 COMMIT_ATTEMPTS = 50
+#: Outbox items carried out but not yet removed: (task id, item names).
+Clears = list[tuple[str, list[str]]]
 #: Rounds of carrying out items that coordinator functions' results committed, at most.
 CARRY_OUT_ROUNDS = 100
 
@@ -79,9 +82,20 @@ class Stepper:
         self.finished: dict[str, int] = {}
 
     async def process(
-        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None = None
+        self,
+        task_id: str,
+        events: list[Event],
+        partials: dict[tuple[str, int], Any] | None = None,
+        *,
+        clears: Clears | None = None,
     ) -> None:
-        """Apply events to one task, commit, and carry out its outbox."""
+        """Apply events to one task, commit, and carry out its outbox.
+
+        With ``clears``, the names of job items published are added to it instead of removed
+        from the outbox at once: the caller removes them with its next writes (the coordinator,
+        with the events' acknowledgement), a round trip fewer per step. Until then a tick
+        would publish them again, which their dedup markers make harmless.
+        """
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
@@ -94,19 +108,22 @@ class Stepper:
                 for _ in range(CARRY_OUT_ROUNDS):
                     if not items:
                         break
-                    items = await self._carry_out(task_id, items)
+                    items = await self._carry_out(task_id, items, clears)
         finally:
             if not lock.locked():
                 self._locks.pop(task_id, None)
 
-    async def _carry_out(self, task_id: str, items: Items) -> Items:
+    async def _carry_out(self, task_id: str, items: Items, clears: Clears | None) -> Items:
         """Carry out outbox items; returns the items that function results committed."""
         carried = await self._outbox.carry_out(task_id, items)
         committed: Items = []
         if carried.events:
             # Function results are recorded first: their items go only once that is committed.
             committed = await self._apply(task_id, carried.events, carried.partials)
-        await self._store.clear_outbox(task_id, carried.done)
+        if clears is not None and all(isinstance(item, JobItem) for _, item in items):
+            clears.append((task_id, carried.done))  # only jobs: publishing again is harmless
+        else:
+            await self._store.clear_outbox(task_id, carried.done)
         return committed
 
     async def _apply(
@@ -116,9 +133,12 @@ class Stepper:
         wanted = sorted(
             {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
         )
+        # A tick reads the state (it is what notices changes made elsewhere); other steps may
+        # start from the state this coordinator committed last, which their commit confirms.
+        verify = any(isinstance(e, Internal) and e.type == "tick" for e in events)
         for _ in range(COMMIT_ATTEMPTS):
             try:
-                loaded = await self._store.load(task_id, wanted)
+                loaded = await self._store.load(task_id, wanted, verify=verify)
             except UnrunnableTask as exc:
                 if await self._give_up(task_id, exc):
                     return []
@@ -129,6 +149,11 @@ class Stepper:
                 await self._redis.srem(self._keys.tasks_active(), task_id)
                 return []
             step = await self._decide(loaded, events, partials)
+            if not step.changed and not verify:
+                # Nothing to commit, so nothing confirms the state kept: read it and decide
+                # again (events acknowledged as changing nothing must truly change nothing).
+                verify = True
+                continue
             if not step.changed:
                 return []
             items = await self._outbox.items_of(loaded, step)
