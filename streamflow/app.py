@@ -72,6 +72,7 @@ class Role:
         cancel_grace: Seconds a cancelled handler gets to stop by itself before it is
             hard-cancelled.
         partitions: How many partition streams the role has (see :mod:`streamflow.partitions`).
+        events: Whether its jobs write lifecycle events (see :mod:`streamflow.events`).
     """
 
     name: str
@@ -84,6 +85,7 @@ class Role:
     max_deliveries: int = 5
     cancel_grace: float = 5.0
     partitions: int = 1
+    events: bool = True
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -126,6 +128,7 @@ class App:
         max_deliveries: int = 5,
         cancel_grace: float = 5.0,
         partitions: int = 1,
+        events: bool = True,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -147,6 +150,9 @@ class App:
             partitions: Split the role into this many streams, spread over a Redis Cluster's
                 masters (see :mod:`streamflow.partitions`). Fixed when the role is created:
                 a worker whose app declares another number refuses to start.
+            events: Write its jobs' lifecycle events (``started``, ``progress``, ``succeeded``,
+                ...: see :mod:`streamflow.events`). Off, its jobs cost no event writes and
+                ``ctx.progress()`` writes nothing; a coordinator still reports tasks and nodes.
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -165,7 +171,7 @@ class App:
                 raise ConfigError(f"role {name!r} already has a handler")
             role = _make_role(name, func, payload, retry or RetryPolicy(), timeout, max_deliveries)
             self._roles[name] = dataclasses.replace(
-                role, cancel_grace=cancel_grace, partitions=partitions
+                role, cancel_grace=cancel_grace, partitions=partitions, events=events
             )
             return func
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -20,6 +20,7 @@ import anyio
 from redis.asyncio import Redis
 
 from streamflow import connect, partitions, registry, signals, steps, streams
+from streamflow import events as lifecycle
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState, TaskStatus
@@ -27,7 +28,7 @@ from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
-from streamflow.protocol import check_publish_fields, new_message_id, now_ms
+from streamflow.protocol import LifecycleEvent, check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 
 _P = ParamSpec("_P")
@@ -342,6 +343,56 @@ class Client:
             while not await self._cancel_done(result):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
         return result
+
+    # -- lifecycle events -------------------------------------------------------------------
+
+    async def events(
+        self,
+        *,
+        roles: Iterable[str] | None = None,
+        message_id: str | None = None,
+        task_id: str | None = None,
+        types: Iterable[str] | None = None,
+        since_ms: int | None = None,
+    ) -> AsyncIterator[LifecycleEvent]:
+        """Follow the namespace's lifecycle events (see :mod:`streamflow.events`), for ever.
+
+        Jobs' ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed``,
+        ``dead_lettered`` and ``cancelled``, and tasks' and nodes' state changes (``task``,
+        ``node``), as :class:`~streamflow.protocol.LifecycleEvent` models. Any number of
+        subscribers may follow at once, each with its own position. Best effort: the state in
+        Redis is the truth, and an event may be missing (a worker died before writing it).
+
+        Example:
+            ```python
+            async for event in client.events(message_id=job_id):
+                print(event.type, event.progress)
+                if event.type in ("succeeded", "failed", "dead_lettered", "cancelled"):
+                    break
+            ```
+
+        Args:
+            roles: Only events of these roles.
+            message_id: Only events of this job.
+            task_id: Only events of this task, its nodes and their jobs.
+            types: Only events of these types.
+            since_ms: Replay the events written since this time (ms since the epoch) first, as
+                far back as the capped stream holds them (about 10,000 events); None: only
+                events written from now on.
+        """
+        role_set = None if roles is None else {validate_name(r, "role") for r in roles}
+        type_set = None if types is None else set(types)
+        with connect.public_errors("following lifecycle events"):
+            async for event in lifecycle.follow(
+                self.redis,
+                self.keys,
+                roles=role_set,
+                message_id=message_id,
+                task_id=task_id,
+                types=type_set,
+                since_ms=since_ms,
+            ):
+                yield event
 
     # -- tasks --------------------------------------------------------------------------------
 

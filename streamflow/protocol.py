@@ -268,6 +268,72 @@ class TaskEvent(_Model):
     consumer: Annotated[str, Field(max_length=200)] | None = None
 
 
+#: What a lifecycle event reports: a job's ``started`` ... ``cancelled``, or a ``task`` or
+#: ``node`` that changed state.
+LifecycleType = Literal[
+    "started",
+    "progress",
+    "retrying",
+    "succeeded",
+    "failed",
+    "dead_lettered",
+    "cancelled",
+    "task",
+    "node",
+]
+#: The job lifecycle types after which the job runs no more (unless replayed).
+FINAL_JOB_TYPES: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled"})
+
+
+class LifecycleEvent(_Model):
+    """An entry of the namespace's lifecycle events stream (field ``event``), for subscribers.
+
+    Best-effort observability: written after the change it reports was committed (a settle the
+    owner check refused reports nothing), but a worker that dies in between never writes it,
+    and the stream is capped. The state in Redis (streams, task state) is the truth.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"lifecycle"``.
+        type: ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed`` (its last
+            attempt failed, or it raised ``Fatal``: dead-lettered), ``dead_lettered`` (for any
+            other reason), ``cancelled``; ``task`` or ``node``: a state change.
+        at_ms: When it happened, ms since the epoch.
+        role: The job's role.
+        message_id: The job's message id.
+        task_id: The task, for a task node's job, a ``task`` or a ``node`` event.
+        node_id: The node, for a task node's job or a ``node`` event.
+        attempt: The job's attempt.
+        consumer: The worker or coordinator that wrote it.
+        state: ``task`` and ``node``: the new state.
+        previous: ``task`` and ``node``: the state before, if any.
+        progress: ``progress``: a number or a small JSON object.
+        message: ``progress``: an optional text.
+        reason: ``failed``, ``dead_lettered``: the dead-letter reason; ``cancelled``: the
+            cancel's reason.
+        detail: ``retrying``, ``failed``, ``dead_lettered``: what went wrong.
+        delay: ``retrying``: seconds until the next attempt.
+    """
+
+    protocol: Version
+    kind: Literal["lifecycle"]
+    type: LifecycleType
+    at_ms: Timestamp
+    role: Name | None = None
+    message_id: MessageId | None = None
+    task_id: Name | None = None
+    node_id: Name | None = None
+    attempt: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    consumer: Annotated[str, Field(max_length=200)] | None = None
+    state: Annotated[str, Field(max_length=32)] | None = None
+    previous: Annotated[str, Field(max_length=32)] | None = None
+    progress: int | float | dict[str, Any] | None = None
+    message: Annotated[str, Field(max_length=1000)] | None = None
+    reason: Annotated[str, Field(max_length=1000)] | None = None
+    detail: Annotated[str, Field(max_length=4000)] | None = None
+    delay: Annotated[float, Field(ge=0)] | None = None
+
+
 #: The events stream field that holds a :class:`TaskEvent`'s JSON.
 EVENT_FIELD = b"event"
 
@@ -305,6 +371,7 @@ MESSAGE_KINDS: dict[str, type[_Model]] = {
     "dead_letter": DeadLetter,
     "cancel": CancelSignal,
     "event": TaskEvent,
+    "lifecycle": LifecycleEvent,
 }
 
 
@@ -519,6 +586,15 @@ def decode_signal(fields: dict[bytes, bytes]) -> CancelSignal:
     return _decode_small(fields, SIGNAL_FIELD, CancelSignal)
 
 
+def decode_lifecycle(fields: dict[bytes, bytes]) -> LifecycleEvent:
+    """Turn a lifecycle events stream entry into its model.
+
+    Raises:
+        ProtocolError: Not a valid lifecycle event.
+    """
+    return _decode_small(fields, EVENT_FIELD, LifecycleEvent)
+
+
 def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
     """Turn an events stream entry into its model.
 
@@ -528,7 +604,7 @@ def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
     return _decode_small(fields, EVENT_FIELD, TaskEvent)
 
 
-_SmallT = TypeVar("_SmallT", CancelSignal, TaskEvent)
+_SmallT = TypeVar("_SmallT", CancelSignal, TaskEvent, LifecycleEvent)
 
 
 def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT]) -> _SmallT:
@@ -548,7 +624,7 @@ def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT])
         except orjson.JSONDecodeError as bad:
             raise ProtocolError("invalid_json", f"{what} is not valid JSON: {bad}", raw) from None
         if isinstance(doc, dict):  # the same reasons, in the same order, as a job's
-            kind = "cancel" if model is CancelSignal else "event"
+            kind = {CancelSignal: "cancel", TaskEvent: "event"}.get(model, "lifecycle")
             _check_header(doc, raw, expected_kind=kind)
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None
 

@@ -27,6 +27,7 @@ from streamflow.delivery import (
     OutcomeStatus,
     WorkerStatistics,
 )
+from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import (
@@ -87,10 +88,15 @@ class Settler:
         self._on_scheduled = on_scheduled
         self.stats = WorkerStatistics()
         self.acker = _Acker(self)
+        #: Where the lifecycle events of settled jobs go, or None (no events at all).
+        self.events: EventLog | None = None
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
         job = decision.job or delivery.job
+        if self.events is not None:
+            # The handler ended: the progress it held back goes before its final event.
+            self.events.last_progress(delivery.context)
         if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
             self.ack_nowait(delivery, decision)
             return
@@ -119,10 +125,43 @@ class Settler:
                 status = "lost"  # the group is gone with its pending list: nothing to apply
             self._held.discard(delivery)
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
+            if self.events is not None and delivery.role.events:
+                self._tell(self.events, delivery, decision, status)
+
+    def _tell(
+        self, events: EventLog, delivery: Delivery, decision: Decision, status: OutcomeStatus
+    ) -> None:
+        """Write the lifecycle event of a settle that was applied (none for a refused one)."""
+        job, role = decision.job or delivery.job, delivery.role.name
+        if status in ("lost", "released"):
+            return  # nothing happened to the job (it runs again, here or elsewhere)
+        if status == "retried":
+            events.job("retrying", job, role, detail=decision.detail, delay=decision.delay)
+        elif status == "dead_lettered":
+            final = "failed" if decision.reason in ("failed", "fatal") else "dead_lettered"
+            events.job(final, job, role, reason=decision.reason, detail=decision.detail)
+        else:
+            reason = delivery.cancel.reason if delivery.cancel is not None else decision.detail
+            cancelled = status == "cancelled"
+            events.job(status_event(status), job, role, reason=reason if cancelled else None)
+
+    def tell_acked(self, items: list[_Ack], refused: set[bytes]) -> None:
+        """Write the ``succeeded`` or ``cancelled`` events of a batch the acker settled."""
+        events = self.events
+        if events is None:
+            return
+        for delivery, _, status in items:
+            if not delivery.role.events or delivery.entry.id in refused:
+                continue  # refused by the owner check: it was not settled here
+            cancel = delivery.cancel
+            reason = cancel.reason if cancel is not None and status == "cancelled" else None
+            events.job(status_event(status), delivery.job, delivery.role.name, reason=reason)
 
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
         # The acker forgets the delivery once acknowledged.
+        if self.events is not None:
+            self.events.last_progress(delivery.context)  # before the job's final event
         status: OutcomeStatus = "acked" if decision.kind == "ack" else "cancelled"
         job = decision.job or delivery.job
         self.acker.add(delivery, job.id if job else None, status)
@@ -319,6 +358,11 @@ class Settler:
             by_role[role, status] = by_role.get((role, status), 0) + count
 
 
+def status_event(status: OutcomeStatus) -> str:
+    """The lifecycle event type of an acknowledged job: ``succeeded`` or ``cancelled``."""
+    return "cancelled" if status == "cancelled" else "succeeded"
+
+
 def _log_fields(delivery: Delivery, job: Job | None = None) -> dict[str, Any]:
     """The fields of a log line about a delivery (ids only, never the payload)."""
     job = job or delivery.job
@@ -397,6 +441,7 @@ class _Acker:
                 refused -= await self._applied_before(stream, items, refused)
             settler._held.discard_many(stream, [delivery for delivery, _, _ in items])
             del batch[stream]
+            settler.tell_acked(items, refused)
             if refused or settler._on_outcome is not None:
                 for delivery, message_id, status in items:
                     lost = delivery.entry.id in refused

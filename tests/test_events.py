@@ -1,0 +1,215 @@
+"""Lifecycle events and progress (streamflow.events), on a real redis-server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from streamflow import App, Client, Context, LeaseSettings, Retry, Worker
+from streamflow.context import Fatal
+from streamflow.events import EventLog
+from streamflow.keys import Keys
+from streamflow.protocol import FINAL_JOB_TYPES, LifecycleEvent, json_schemas, now_ms
+from tests.helpers import running, wait_for_query, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def worker(app: App, redis: Redis, namespace: str, **kw: Any) -> Worker:
+    return Worker(
+        app,
+        redis,
+        namespace=namespace,
+        block_ms=100,
+        lease=LeaseSettings(ttl=2.0, reclaim_interval=0.2),
+        **kw,
+    )
+
+
+async def collect(
+    client: Client, into: list[LifecycleEvent], until: int, **filters: Any
+) -> list[LifecycleEvent]:
+    """Follow events matching ``filters`` into ``into`` until ``until`` final events arrived."""
+    finals = 0
+    async for event in client.events(**filters):
+        into.append(event)
+        finals += event.type in FINAL_JOB_TYPES
+        if finals >= until:
+            break
+    return into
+
+
+async def stored(redis: Redis, namespace: str) -> list[LifecycleEvent]:
+    """Every event the stream holds, validated against the model."""
+    entries = await redis.xrange(Keys(namespace).lifecycle())
+    return [LifecycleEvent.model_validate_json(fields[b"event"]) for _, fields in entries]
+
+
+async def test_two_live_subscribers_and_a_late_one_see_started_progress_and_succeeded(
+    redis: Redis, namespace: str
+) -> None:
+    app, release = App(), anyio.Event()
+
+    @app.role("resize")
+    async def resize(ctx: Context, payload: Any) -> str:
+        await ctx.progress(10, message="opened")
+        await release.wait()
+        await ctx.progress({"done": 3, "of": 3})
+        return "ok"
+
+    client = Client(redis, namespace=namespace)
+    first: list[LifecycleEvent] = []
+    second: list[LifecycleEvent] = []
+    late: list[LifecycleEvent] = []
+    with anyio.fail_after(20):
+        async with running(worker(app, redis, namespace)), anyio.create_task_group() as tg:
+            tg.start_soon(collect, client, first, 1)
+            tg.start_soon(collect, client, second, 1)
+            await anyio.sleep(0.2)  # both subscribed: they start at the newest event
+            since = now_ms()
+            message_id = await client.publish("resize", {"w": 1})
+            await wait_until(lambda: any(e.type == "progress" for e in first))
+            release.set()
+            await wait_until(lambda: len(first) >= 4 and len(second) >= 4)
+            # A subscriber that starts after the job ended replays it, from ``since_ms``.
+            await collect(client, late, 1, message_id=message_id, since_ms=since - 1000)
+    for seen in (first, second, late):
+        assert [e.type for e in seen] == ["started", "progress", "progress", "succeeded"]
+        assert {e.message_id for e in seen} == {message_id}
+        assert seen[1].progress == 10 and seen[1].message == "opened"
+        assert seen[2].progress == {"done": 3, "of": 3}
+        assert seen[0].role == "resize" and seen[0].attempt == 1
+
+
+async def test_retrying_failed_dead_lettered_and_filters(redis: Redis, namespace: str) -> None:
+    app = App()
+
+    @app.role("flaky")
+    async def flaky(ctx: Context, payload: Any) -> None:
+        if ctx.attempt == 1:
+            raise Retry("not yet", delay=0)
+        raise Fatal("broken for good")
+
+    @app.role("other")
+    async def other(ctx: Context, payload: Any) -> None:
+        return None
+
+    client = Client(redis, namespace=namespace)
+    flaky_events: list[LifecycleEvent] = []
+    one_job: list[LifecycleEvent] = []
+    with anyio.fail_after(20):
+        async with running(worker(app, redis, namespace)), anyio.create_task_group() as tg:
+            tg.start_soon(partial(collect, client, flaky_events, 2, roles=["flaky"]))
+            await anyio.sleep(0.2)
+            expired = await client.publish("flaky", 1, deadline=datetime(2000, 1, 1, tzinfo=UTC))
+            target = await client.publish("flaky", 2)
+            tg.start_soon(partial(collect, client, one_job, 1, message_id=target, since_ms=0))
+            await client.publish("other", 3)
+            await wait_until(lambda: len(flaky_events) >= 5 and one_job)
+    assert {e.role for e in flaky_events} == {"flaky"}  # the role filter
+    assert [e.type for e in one_job] == ["started", "retrying", "started", "failed"]
+    retrying, failed = one_job[1], one_job[3]
+    assert retrying.detail == "not yet" and retrying.delay == 0 and retrying.attempt == 1
+    assert failed.reason == "fatal" and failed.attempt == 2
+    dead = [e for e in flaky_events if e.message_id == expired]
+    assert [(e.type, e.reason) for e in dead] == [("dead_lettered", "expired")]
+
+
+async def test_a_role_with_events_off_writes_none(redis: Redis, namespace: str) -> None:
+    app, ran = App(), []
+
+    @app.role("quiet", events=False)
+    async def quiet(ctx: Context, payload: Any) -> None:
+        await ctx.progress(50)  # accepted, written nowhere
+        ran.append(payload)
+
+    @app.role("loud")
+    async def loud(ctx: Context, payload: Any) -> None:
+        ran.append(payload)
+
+    client = Client(redis, namespace=namespace)
+    with anyio.fail_after(20):
+        async with running(worker(app, redis, namespace)):
+            for n in range(5):
+                await client.publish("quiet", n)
+            await client.publish("loud", "x")
+            await wait_until(lambda: len(ran) == 6)
+            await anyio.sleep(0.3)  # past the linger: anything buffered is written
+    events = await stored(redis, namespace)
+    assert {e.role for e in events} == {"loud"}
+    assert [e.type for e in events] == ["started", "succeeded"]
+
+
+async def test_progress_in_a_tight_loop_is_rate_limited_and_keeps_the_last_value(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("busy")
+    async def busy(ctx: Context, payload: Any) -> None:
+        deadline = anyio.current_time() + 1.2
+        n = 0
+        while anyio.current_time() < deadline:
+            n += 1
+            await ctx.progress(n)
+            await anyio.sleep(0)
+        await ctx.progress(-1, message="last")
+
+    client = Client(redis, namespace=namespace)
+    with anyio.fail_after(20):
+        async with running(worker(app, redis, namespace)):
+            await client.publish("busy", None)
+
+            async def finished() -> bool:
+                return any(e.type == "succeeded" for e in await stored(redis, namespace))
+
+            await wait_for_query(finished)
+    progress = [e for e in await stored(redis, namespace) if e.type == "progress"]
+    # 1.2 s at one event per 0.5 s: the first at once, then at most one per interval, then
+    # the last value written before the job's final event (thousands of calls in all).
+    assert 2 <= len(progress) <= 5
+    assert progress[-1].progress == -1 and progress[-1].message == "last"
+
+
+async def test_bad_progress_values_are_refused_in_the_handler(
+    redis: Redis, namespace: str
+) -> None:
+    app, errors = App(), []
+
+    @app.role("bad")
+    async def bad(ctx: Context, payload: Any) -> None:
+        for value in ("text", True, float("nan"), {"big": "x" * 5000}, {"set": {1}}):
+            try:
+                await ctx.progress(value)
+            except ValueError as exc:
+                errors.append(str(exc))
+
+    client = Client(redis, namespace=namespace)
+    with anyio.fail_after(20):
+        async with running(worker(app, redis, namespace)):
+            await client.publish("bad", None)
+            await wait_until(lambda: len(errors) == 5)
+
+
+async def test_event_log_writes_in_batches_capped_near_max_len(
+    redis: Redis, namespace: str
+) -> None:
+    log = EventLog(redis, Keys(namespace), "w1", max_len=100)
+    for n in range(1000):
+        log.add("progress", role="r", progress=n)
+    await log.flush()
+    assert log.written == 1000
+    length = await redis.xlen(Keys(namespace).lifecycle())
+    assert 100 <= length < 300  # MAXLEN ~ trims whole nodes only
+
+
+def test_the_lifecycle_event_is_in_the_json_schema() -> None:
+    schema = json_schemas()["lifecycle"]
+    assert "started" in orjson.dumps(schema).decode()
+    assert schema["properties"]["kind"]["const"] == "lifecycle"
