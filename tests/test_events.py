@@ -213,3 +213,29 @@ def test_the_lifecycle_event_is_in_the_json_schema() -> None:
     schema = json_schemas()["lifecycle"]
     assert "started" in orjson.dumps(schema).decode()
     assert schema["properties"]["kind"]["const"] == "lifecycle"
+
+
+async def test_task_and_node_transitions_and_node_job_progress_by_task_id(
+    redis_url: str, namespace: str
+) -> None:
+    from tests.test_tasks import chain, system
+
+    seen: list[LifecycleEvent] = []
+    async with system(redis_url, namespace) as (client, _, _):
+
+        async def follow(task_id: str) -> None:
+            async for event in client.events(task_id=task_id, since_ms=0):
+                seen.append(event)
+                if event.type == "task" and event.state in ("succeeded", "failed"):
+                    return
+
+        with anyio.fail_after(60):
+            task_id = await client.submit(chain(12, 4))
+            await follow(task_id)
+    assert {e.task_id for e in seen} == {task_id}
+    tasks = [(e.previous, e.state) for e in seen if e.type == "task"]
+    assert tasks == [("queued", "running"), ("running", "succeeded")]
+    nodes = {(e.node_id, e.state) for e in seen if e.type == "node"}
+    assert {("source", "running"), ("source", "succeeded"), ("analyze", "succeeded")} <= nodes
+    jobs = [e for e in seen if e.type in ("started", "succeeded")]
+    assert jobs and all(e.node_id and e.message_id for e in jobs)

@@ -27,7 +27,8 @@ from redis.asyncio import Redis
 
 from streamflow.dag.outbox import Items, Outbox, encode_item
 from streamflow.dag.store import Loaded, TaskStore, UnrunnableTask
-from streamflow.dag.tasks import Event, Internal, Step, advance
+from streamflow.dag.tasks import Event, Internal, Step, TaskState, advance
+from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.protocol import now_ms
 from streamflow.signals import CancelBook
@@ -77,6 +78,8 @@ class Stepper:
         self.commits = 0
         self.conflicts = 0
         self.finished: dict[str, int] = {}
+        #: Where the task's and its nodes' state changes are told, or None.
+        self.events: EventLog | None = None
 
     async def process(
         self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None = None
@@ -136,6 +139,8 @@ class Stepper:
             version = await self._store.commit(loaded, step, stored, retention=step.task.terminal)
             if version is not None:
                 self.commits += 1
+                if self.events is not None:
+                    tell_changes(self.events, loaded.task, step)
                 if step.task.terminal:
                     await self._ended(loaded, step)
                 return sorted(items.items(), key=lambda named: named[0])
@@ -175,6 +180,14 @@ class Stepper:
         await self._redis.srem(self._keys.tasks_active(), task_id)
         if outcome == "ended":
             return True  # failed by an earlier look (or ended before it was damaged)
+        if self.events is not None:
+            self.events.add(
+                "task",
+                task_id=task_id,
+                state="failed",
+                detail=reason,
+                consumer=self.events.consumer,
+            )
         logger.warning("task %s cannot run: %s", task_id, exc.reason)
         # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
         await self._outbox.cancel_task(task_id, reason)
@@ -197,4 +210,29 @@ class Stepper:
             limited_roles=self._limited,
             granted=granted,
             partials=partials,
+        )
+
+
+def tell_changes(events: EventLog, before: TaskState, step: Step) -> None:
+    """Tell the state changes of a committed step: its nodes' first, then the task's."""
+    after, consumer = step.task, events.consumer
+    for node_id in sorted(step.touched):
+        old, new = before.nodes.get(node_id), after.nodes.get(node_id)
+        if new is not None and (old is None or old.state != new.state):
+            events.add(
+                "node",
+                task_id=after.id,
+                node_id=node_id,
+                state=new.state,
+                previous=old.state if old is not None else None,
+                consumer=consumer,
+            )
+    if before.state != after.state:
+        events.add(
+            "task",
+            task_id=after.id,
+            state=after.state,
+            previous=before.state,
+            detail=after.error,
+            consumer=consumer,
         )
