@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -16,7 +17,8 @@ from streamflow.context import Fatal
 from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.protocol import FINAL_JOB_TYPES, LifecycleEvent, json_schemas, now_ms
-from tests.helpers import running, wait_for_query, wait_until
+from tests.helpers import ROOT, clean_env, running, wait_for_query, wait_until
+from tests.test_cli import CLI, run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -158,7 +160,7 @@ async def test_progress_in_a_tight_loop_is_rate_limited_and_keeps_the_last_value
         while anyio.current_time() < deadline:
             n += 1
             await ctx.progress(n)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
         await ctx.progress(-1, message="last")
 
     client = Client(redis, namespace=namespace)
@@ -177,9 +179,7 @@ async def test_progress_in_a_tight_loop_is_rate_limited_and_keeps_the_last_value
     assert progress[-1].progress == -1 and progress[-1].message == "last"
 
 
-async def test_bad_progress_values_are_refused_in_the_handler(
-    redis: Redis, namespace: str
-) -> None:
+async def test_bad_progress_values_are_refused_in_the_handler(redis: Redis, namespace: str) -> None:
     app, errors = App(), []
 
     @app.role("bad")
@@ -239,3 +239,53 @@ async def test_task_and_node_transitions_and_node_job_progress_by_task_id(
     assert {("source", "running"), ("source", "succeeded"), ("analyze", "succeeded")} <= nodes
     jobs = [e for e in seen if e.type in ("started", "succeeded")]
     assert jobs and all(e.node_id and e.message_id for e in jobs)
+
+
+async def test_streamflow_events_json_replays_and_follows_live(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("cli")
+    async def handle(ctx: Context, payload: Any) -> None:
+        await ctx.progress(payload)
+
+    client = Client(redis, namespace=namespace)
+    base = ["events", "--redis-url", redis_url, "--namespace", namespace, "--json"]
+    with anyio.fail_after(60):
+        async with running(worker(app, redis, namespace)):
+            first = await client.publish("cli", 1)
+            await wait_for_query(lambda: _has(redis, namespace, first, "succeeded"))
+            # A late subscriber replays the job that already ended.
+            done = await anyio.to_thread.run_sync(
+                partial(run_cli, *base, "--since", "60", "--message", first, "--count", "3")
+            )
+            assert done.returncode == 0, done.stderr
+            lines = [orjson.loads(line) for line in done.stdout.splitlines()]
+            assert [doc["type"] for doc in lines] == ["started", "progress", "succeeded"]
+            assert lines[1]["progress"] == 1 and lines[1]["message_id"] == first
+            # A live one sees jobs published after it started, filtered by type.
+            live = await anyio.open_process(
+                [*CLI, *base, "--type", "succeeded", "--role", "cli", "--count", "2"],
+                cwd=ROOT,
+                env=clean_env(),
+                stderr=None,
+            )
+            async with live:
+                while live.returncode is None:
+                    await client.publish("cli", 2)
+                    with anyio.move_on_after(0.3):
+                        await live.wait()
+                assert live.stdout is not None
+                out = b""
+                async for chunk in live.stdout:
+                    out += chunk
+    docs = [orjson.loads(line) for line in out.splitlines()]
+    assert [doc["type"] for doc in docs] == ["succeeded", "succeeded"]
+    assert first not in {doc["message_id"] for doc in docs}
+
+
+async def _has(redis: Redis, namespace: str, message_id: str, type_: str) -> bool:
+    return any(
+        e.message_id == message_id and e.type == type_ for e in await stored(redis, namespace)
+    )
