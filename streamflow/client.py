@@ -31,6 +31,9 @@ from streamflow.keys import Keys, validate_name
 from streamflow.protocol import LifecycleEvent, check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 
+#: Seconds between reads of the cancel reports by ``cancel(wait=True)`` when no event comes.
+CANCEL_RECHECK = 0.1
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -339,9 +342,13 @@ class Client:
         if not wait:
             return result
         with anyio.move_on_after(timeout):
-            # The state is in Redis (workers' reports): there is no local event to wait on.
-            while not await self._cancel_done(result):  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+            # The workers' reports are the truth; a ``cancelled`` event says when to read them
+            # again. Workers that stopped nothing report without an event: read at least every
+            # CANCEL_RECHECK seconds too.
+            cancelled = {"cancelled"}
+            async with lifecycle.watching(self.redis, self.keys, types=cancelled) as news:
+                while not await self._cancel_done(result):
+                    await news.wait(CANCEL_RECHECK)
         return result
 
     # -- lifecycle events -------------------------------------------------------------------

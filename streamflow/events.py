@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -292,6 +293,27 @@ def _decode(entry_id: str, fields: dict[bytes, bytes]) -> LifecycleEvent | None:
         # Anyone who may write the namespace may write garbage here: skip it, say so.
         logger.warning("skipped lifecycle event %s: %s", entry_id, exc.detail)
         return None
+
+
+@asynccontextmanager
+async def watching(
+    redis: Redis,
+    keys: Keys,
+    *,
+    message_id: str | None = None,
+    task_id: str | None = None,
+    types: Collection[str] | None = None,
+) -> AsyncIterator[Waker]:
+    """A :class:`Waker` fed by the matching events written from now on, for the block."""
+    waker = Waker()
+    after = await start_id(redis, keys, None)  # before the caller's first read of the state
+    events = follow(redis, keys, message_id=message_id, task_id=task_id, types=types, after=after)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waker.feed, events)
+        try:
+            yield waker
+        finally:
+            tg.cancel_scope.cancel()
 
 
 class Waker:

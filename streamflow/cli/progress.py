@@ -12,6 +12,7 @@ from collections.abc import Callable
 import anyio
 import click
 
+from streamflow import events as lifecycle
 from streamflow.client import Client
 from streamflow.dag.tasks import TaskState
 from streamflow.errors import ConfigError
@@ -25,7 +26,7 @@ async def follow(
     echo: Callable[[str], None] = click.echo,
     live: bool | None = None,
     every: float = 0.0,
-    poll: float = 0.2,
+    poll: float = 1.0,
 ) -> TaskState:
     """Show per-node progress until the task ends; returns its final state.
 
@@ -36,11 +37,26 @@ async def follow(
         live: Redraw the table in place (default: when stdout is a terminal); otherwise print
             each node's line when it changed, at most every ``every`` seconds.
         every: The least time between two printed updates, when not live.
-        poll: Seconds between reads of the task state (it lives in Redis: it is polled).
+        poll: The task state is read again when a lifecycle event of the task (its own, its
+            nodes' or their jobs') says it changed, and at the latest after this many seconds
+            (events are best effort; a batch emitted mid-run writes none).
 
     Raises:
         ConfigError: The task disappeared (it expired).
     """
+    async with lifecycle.watching(client.redis, client.keys, task_id=task_id) as news:
+        return await _follow(client, task_id, news, echo, live, every, poll)
+
+
+async def _follow(
+    client: Client,
+    task_id: str,
+    news: lifecycle.Waker,
+    echo: Callable[[str], None],
+    live: bool | None,
+    every: float,
+    poll: float,
+) -> TaskState:
     live = sys.stdout.isatty() if live is None else live
     drawn = 0
     shown: dict[str, str] = {}
@@ -62,7 +78,7 @@ async def follow(
                     echo(line)
         if task.terminal:
             return task
-        await anyio.sleep(poll)
+        await news.wait(poll)
 
 
 #: The order node states are counted in by :func:`task_summary`.
