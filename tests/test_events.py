@@ -12,7 +12,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, LeaseSettings, Retry, Worker
+from streamflow import App, Client, Context, LeaseSettings, Retry, Worker, streams
 from streamflow.context import Fatal
 from streamflow.events import EventLog
 from streamflow.keys import Keys
@@ -200,7 +200,7 @@ async def test_bad_progress_values_are_refused_in_the_handler(redis: Redis, name
 async def test_event_log_writes_in_batches_capped_near_max_len(
     redis: Redis, namespace: str
 ) -> None:
-    log = EventLog(redis, Keys(namespace), "w1", max_len=100)
+    log = EventLog(streams.Scripts(redis), Keys(namespace), "w1", max_len=100)
     for n in range(1000):
         log.add("progress", role="r", progress=n)
     await log.flush()
