@@ -16,7 +16,7 @@ from streamflow import App, Client, Context, LeaseSettings, Retry, Worker, strea
 from streamflow.context import Fatal
 from streamflow.events import EventLog
 from streamflow.keys import Keys
-from streamflow.protocol import FINAL_JOB_TYPES, LifecycleEvent, json_schemas, now_ms
+from streamflow.protocol import FINAL_JOB_TYPES, Job, LifecycleEvent, json_schemas, now_ms
 from tests.helpers import ROOT, clean_env, running, wait_for_query, wait_until
 from tests.test_cli import CLI, run_cli
 
@@ -289,3 +289,15 @@ async def _has(redis: Redis, namespace: str, message_id: str, type_: str) -> boo
     return any(
         e.message_id == message_id and e.type == type_ for e in await stored(redis, namespace)
     )
+
+
+def test_the_fast_job_event_is_the_general_one() -> None:
+    job = Job(protocol=1, kind="job", id="m-1:a", role="r", attempt=2, created_at_ms=1)
+    log = EventLog.__new__(EventLog)
+    log._buffer, log._wakeup, log.dropped, log.consumer = [], anyio.Event(), 0, "w-1"
+    log.job("started", job, "r")  # the fast path
+    log.job("started", job, "r", detail=None)  # a keyword: the general path
+    fast, general = (orjson.loads(raw) for raw in log._buffer)
+    assert fast.pop("at_ms") <= general.pop("at_ms")
+    assert fast == general and list(fast) == list(general)
+    LifecycleEvent.model_validate_json(log._buffer[0])
