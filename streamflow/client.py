@@ -383,9 +383,10 @@ class Client:
             message_id: Only events of this job.
             task_id: Only events of this task, its nodes and their jobs.
             types: Only events of these types.
-            since_ms: Replay the events written since this time (ms since the epoch) first, as
-                far back as the capped stream holds them (about 10,000 events); None: only
-                events written from now on.
+            since_ms: Replay the events written since this time (ms since the epoch, by the
+                Redis server's clock) first, as far back as the capped stream holds them (at
+                least its last 2,000 entries, of up to 100 events each); None: only events
+                written from now on.
         """
         role_set = None if roles is None else {validate_name(r, "role") for r in roles}
         type_set = None if types is None else set(types)

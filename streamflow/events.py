@@ -9,9 +9,10 @@ changes. All go to one stream per namespace (:meth:`Keys.lifecycle`), capped wit
 Events are best-effort observability, never the truth: a final event is written only after the
 owner-checked settle that it reports was applied (so a refused settle reports nothing), but
 buffered, so a worker that dies in between never writes it, and an outage drops what was
-buffered. The :class:`EventLog` buffers events and writes them with one script call per
-:data:`LINGER` (not one round trip per job), so that writing them costs a worker little; a role
-can turn them off (``@app.role(..., events=False)``).
+buffered. The :class:`EventLog` buffers events and writes them every :data:`LINGER` seconds,
+up to :data:`ENTRY_EVENTS` of them per stream entry (not an entry, nor a round trip, per job),
+so that writing them costs a worker little; a role can turn them off
+(``@app.role(..., events=False)``).
 
 :func:`follow` reads the stream (``XREAD``, one cursor per subscriber, as many subscribers as
 you like) with filters and a bounded replay of the recent past.
@@ -36,6 +37,7 @@ from streamflow.context import check_progress
 from streamflow.errors import ProtocolError
 from streamflow.keys import Keys
 from streamflow.protocol import (
+    LIFECYCLE_FIELD,
     PROTOCOL_VERSION,
     Job,
     LifecycleEvent,
@@ -48,16 +50,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The stream is capped near this many entries (``XADD MAXLEN ~``): a late subscriber can
-#: replay at most this much of the past.
-DEFAULT_MAX_LEN = 10_000
+#: The stream is capped near this many entries (``XADD MAXLEN ~``), each of at most
+#: :data:`ENTRY_EVENTS` events: a late subscriber can replay at most this much of the past.
+DEFAULT_MAX_LEN = 2_000
 #: Seconds an event waits in the buffer so that events of many jobs share one round trip.
 LINGER = 0.05
 #: The least time between two ``progress`` events of one run; the last value within it is
 #: written when it ends (or before the job's final event), the others are dropped.
 PROGRESS_INTERVAL = 0.5
-#: Events written by one script call at most (a long script blocks Redis).
-WRITE_CHUNK = 1000
+#: Events in one stream entry at most.
+ENTRY_EVENTS = 100
 #: Events buffered at most (e.g. while Redis is unreachable); more are dropped and counted.
 MAX_BUFFERED = 10_000
 
@@ -73,7 +75,7 @@ class EventLog:
     """Buffers lifecycle events of one process and writes them in batches.
 
     Args:
-        scripts: The registered Lua scripts (``lifecycle.lua`` writes the events).
+        redis: The client.
         keys: Key names.
         consumer: The worker's or coordinator's name, written in each event.
         max_len: The stream is capped near this many entries.
@@ -87,7 +89,7 @@ class EventLog:
 
     def __init__(
         self,
-        scripts: streams.Scripts,
+        redis: Redis,
         keys: Keys,
         consumer: str,
         *,
@@ -95,7 +97,7 @@ class EventLog:
         linger: float = LINGER,
         progress_interval: float = PROGRESS_INTERVAL,
     ) -> None:
-        self._script = scripts.lifecycle
+        self._redis = redis
         self._stream = keys.lifecycle()
         self.consumer = consumer
         self._max_len = max_len
@@ -215,7 +217,7 @@ class EventLog:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write what is buffered (one script call per chunk); drop it if that fails."""
+        """Write what is buffered (one round trip); drop it if that fails."""
         with anyio.move_on_after(5, shield=True):
             while self._buffer:
                 batch, self._buffer = self._buffer, []
@@ -235,11 +237,16 @@ class EventLog:
                 self.written += len(batch)
 
     async def _write(self, batch: list[bytes]) -> None:
-        # One script call per chunk (lifecycle.lua): a pipeline of XADDs cost the worker half
-        # of its drain rate in redis-py's command packing; a chunk keeps each call short.
-        for start in range(0, len(batch), WRITE_CHUNK):
-            chunk = batch[start : start + WRITE_CHUNK]
-            await self._script(keys=[self._stream], args=[self._max_len, *chunk])
+        # Many events per entry: one XADD per job and event cost Redis half again the work of
+        # settling the job (and a draining worker as much of its rate); one per
+        # ENTRY_EVENTS events costs next to nothing.
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(batch), ENTRY_EVENTS):
+            entry = b"[" + b",".join(batch[start : start + ENTRY_EVENTS]) + b"]"
+            pipe.xadd(
+                self._stream, {LIFECYCLE_FIELD: entry}, maxlen=self._max_len, approximate=True
+            )
+        await pipe.execute()
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -305,18 +312,22 @@ async def follow(
         )
         for entry in entries:
             cursor = entry.id.decode()
-            event = _decode(cursor, entry.fields)
-            if event is not None and matches(event, roles, message_id, task_id, types):
-                yield event
+            for event in _decode(cursor, entry.fields):
+                if matches(event, roles, message_id, task_id, types):
+                    yield event
 
 
-def _decode(entry_id: str, fields: dict[bytes, bytes]) -> LifecycleEvent | None:
+def _decode(entry_id: str, fields: dict[bytes, bytes]) -> list[LifecycleEvent]:
+    """The events of an entry; what cannot be read is logged and skipped."""
+    # Anyone who may write the namespace may write garbage here: skip it, say so.
     try:
-        return decode_lifecycle(fields)
+        events, problems = decode_lifecycle(fields)
     except ProtocolError as exc:
-        # Anyone who may write the namespace may write garbage here: skip it, say so.
-        logger.warning("skipped lifecycle event %s: %s", entry_id, exc.detail)
-        return None
+        logger.warning("skipped lifecycle entry %s: %s", entry_id, exc.detail)
+        return []
+    for problem in problems:
+        logger.warning("skipped an event of lifecycle entry %s: %s", entry_id, problem)
+    return events
 
 
 @asynccontextmanager
@@ -350,6 +361,8 @@ class Waker:
 
     def __init__(self) -> None:
         self._news = anyio.Event()
+        #: The latest ``progress`` event of each task node seen, by node id.
+        self.progress: dict[str, LifecycleEvent] = {}
 
     def _wake(self) -> None:
         self._news.set()
@@ -368,7 +381,9 @@ class Waker:
         An outage ends the feed quietly: the waiter falls back to reading every ``fallback``.
         """
         try:
-            async for _ in events:
+            async for event in events:
+                if event.type == "progress" and event.node_id is not None:
+                    self.progress[event.node_id] = event
                 self._wake()
         except connect.TRANSIENT_ERRORS as exc:
             logger.debug("lifecycle events unavailable, waiting by polling: %s", exc)

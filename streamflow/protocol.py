@@ -286,7 +286,10 @@ FINAL_JOB_TYPES: frozenset[str] = frozenset({"succeeded", "failed", "dead_letter
 
 
 class LifecycleEvent(_Model):
-    """An entry of the namespace's lifecycle events stream (field ``event``), for subscribers.
+    """One lifecycle event, for subscribers: an item of a lifecycle events stream entry.
+
+    Each entry of the stream holds one or more events, in order, as a JSON array in its field
+    ``events`` (a worker writes what it buffered in one entry, not one entry per event).
 
     Best-effort observability: written after the change it reports was committed (a settle the
     owner check refused reports nothing), but a worker that dies in between never writes it,
@@ -334,6 +337,11 @@ class LifecycleEvent(_Model):
     delay: Annotated[float, Field(ge=0)] | None = None
 
 
+#: The lifecycle events stream field: a JSON array of :class:`LifecycleEvent` objects, in order.
+LIFECYCLE_FIELD = b"events"
+#: The largest lifecycle events entry a reader accepts.
+MAX_LIFECYCLE_BYTES = 4 * 1024 * 1024
+
 #: The events stream field that holds a :class:`TaskEvent`'s JSON.
 EVENT_FIELD = b"event"
 
@@ -362,6 +370,7 @@ ENTRY_FIELDS = frozenset(
         CONTROL_TASK_FIELD,
         CONTROL_TYPE_FIELD,
         INVALID_EVENT_FIELD,
+        LIFECYCLE_FIELD,
     }
 )
 
@@ -586,13 +595,32 @@ def decode_signal(fields: dict[bytes, bytes]) -> CancelSignal:
     return _decode_small(fields, SIGNAL_FIELD, CancelSignal)
 
 
-def decode_lifecycle(fields: dict[bytes, bytes]) -> LifecycleEvent:
-    """Turn a lifecycle events stream entry into its model.
+def decode_lifecycle(fields: dict[bytes, bytes]) -> tuple[list[LifecycleEvent], list[str]]:
+    """The events of a lifecycle events stream entry, and what is wrong with each other item.
 
     Raises:
-        ProtocolError: Not a valid lifecycle event.
+        ProtocolError: The entry as a whole is unreadable (no ``events`` field, too large, not
+            JSON, not an array).
     """
-    return _decode_small(fields, EVENT_FIELD, LifecycleEvent)
+    raw = fields.get(LIFECYCLE_FIELD)
+    if raw is None:
+        raise ProtocolError("invalid_message", "lifecycle entry has no 'events' field")
+    if len(raw) > MAX_LIFECYCLE_BYTES:
+        raise ProtocolError("too_large", f"lifecycle entry is {len(raw)} bytes", raw)
+    hostile.check(raw, "lifecycle entry")
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"lifecycle entry is not JSON: {exc}", raw) from None
+    if not isinstance(items, list):
+        raise ProtocolError("invalid_message", "lifecycle entry is not a JSON array", raw)
+    events, problems = [], []
+    for index, item in enumerate(items):
+        try:
+            events.append(LifecycleEvent.model_validate(item))
+        except ValidationError as exc:
+            problems.append(f"event {index}: {_summarize(exc)}")
+    return events, problems
 
 
 def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
@@ -604,7 +632,7 @@ def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:
     return _decode_small(fields, EVENT_FIELD, TaskEvent)
 
 
-_SmallT = TypeVar("_SmallT", CancelSignal, TaskEvent, LifecycleEvent)
+_SmallT = TypeVar("_SmallT", CancelSignal, TaskEvent)
 
 
 def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT]) -> _SmallT:
@@ -624,7 +652,7 @@ def _decode_small(fields: dict[bytes, bytes], name: bytes, model: type[_SmallT])
         except orjson.JSONDecodeError as bad:
             raise ProtocolError("invalid_json", f"{what} is not valid JSON: {bad}", raw) from None
         if isinstance(doc, dict):  # the same reasons, in the same order, as a job's
-            kind = {CancelSignal: "cancel", TaskEvent: "event"}.get(model, "lifecycle")
+            kind = "cancel" if model is CancelSignal else "event"
             _check_header(doc, raw, expected_kind=kind)
         raise ProtocolError("invalid_message", _summarize(exc), raw) from None
 

@@ -84,7 +84,6 @@ class Scripts:
         self.task_commit = redis.register_script(_load("task_commit.lua", strip))
         self.slot = redis.register_script(_load("slot.lua", strip))
         self.forget = redis.register_script(_load("forget.lua", strip))
-        self.lifecycle = redis.register_script(_load("lifecycle.lua", strip))
 
     @classmethod
     def source(cls, name: str) -> str:

@@ -221,7 +221,7 @@ class Worker:
             max_message_bytes=max_message_bytes,
         )
         # Lifecycle events: nothing is buffered or written while no served role wants them.
-        self._events = EventLog(self._scripts, self._keys, self.consumer)
+        self._events = EventLog(redis, self._keys, self.consumer)
         if any(role.events for role in self._roles):
             self._runner.events = self._settler.events = self._events
         self._started_at_ms = now_ms()

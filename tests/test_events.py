@@ -12,13 +12,24 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, LeaseSettings, Retry, Worker, streams
+from streamflow import (
+    App,
+    Client,
+    Context,
+    Coordinator,
+    Graph,
+    LeaseSettings,
+    Retry,
+    Worker,
+)
+from streamflow.cli.progress import follow
 from streamflow.context import Fatal
-from streamflow.events import EventLog
+from streamflow.events import ENTRY_EVENTS, MAX_BUFFERED, EventLog
 from streamflow.keys import Keys
 from streamflow.protocol import FINAL_JOB_TYPES, Job, LifecycleEvent, json_schemas, now_ms
 from tests.helpers import ROOT, clean_env, running, wait_for_query, wait_until
 from tests.test_cli import CLI, run_cli
+from tests.test_tasks import chain, system
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +61,11 @@ async def collect(
 async def stored(redis: Redis, namespace: str) -> list[LifecycleEvent]:
     """Every event the stream holds, validated against the model."""
     entries = await redis.xrange(Keys(namespace).lifecycle())
-    return [LifecycleEvent.model_validate_json(fields[b"event"]) for _, fields in entries]
+    return [
+        LifecycleEvent.model_validate(item)
+        for _, fields in entries
+        for item in orjson.loads(fields[b"events"])
+    ]
 
 
 async def test_two_live_subscribers_and_a_late_one_see_started_progress_and_succeeded(
@@ -197,16 +212,42 @@ async def test_bad_progress_values_are_refused_in_the_handler(redis: Redis, name
             await wait_until(lambda: len(errors) == 5)
 
 
-async def test_event_log_writes_in_batches_capped_near_max_len(
+async def test_event_log_writes_many_events_per_entry_capped_near_max_len(
     redis: Redis, namespace: str
 ) -> None:
-    log = EventLog(streams.Scripts(redis), Keys(namespace), "w1", max_len=100)
-    for n in range(1000):
+    log = EventLog(redis, Keys(namespace), "w1", max_len=150)
+    for n in range(30_000):
         log.add("progress", role="r", progress=n)
+        if n % MAX_BUFFERED == MAX_BUFFERED - 1:
+            await log.flush()
+    log.add("progress", role="r", progress=-1)
+    for _ in range(MAX_BUFFERED):  # a full buffer drops what comes next, and counts it
+        log.add("progress", role="r", progress=-2)
     await log.flush()
-    assert log.written == 1000
-    length = await redis.xlen(Keys(namespace).lifecycle())
-    assert 100 <= length < 300  # MAXLEN ~ trims whole nodes only
+    assert (log.written, log.dropped) == (30_000 + MAX_BUFFERED, 1)
+    entries = await redis.xrange(Keys(namespace).lifecycle())
+    assert 150 <= len(entries) < 400  # 400 written; MAXLEN ~ trims whole nodes only
+    sizes = {len(orjson.loads(fields[b"events"])) for _, fields in entries}
+    assert sizes == {ENTRY_EVENTS}
+    first = orjson.loads(entries[-MAX_BUFFERED // ENTRY_EVENTS][1][b"events"])[0]
+    assert LifecycleEvent.model_validate(first).progress == -1
+
+
+async def test_a_subscriber_skips_what_it_cannot_read_and_reads_the_rest(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = Keys(namespace).lifecycle()
+    good = {"protocol": 1, "kind": "lifecycle", "type": "started", "at_ms": 1, "role": "r"}
+    await redis.xadd(stream, {"events": b"not json"})
+    await redis.xadd(stream, {"other": b"[]"})
+    await redis.xadd(stream, {"events": orjson.dumps([{"kind": "lifecycle"}, good])})
+    client, seen = Client(redis, namespace=namespace), []
+    with anyio.fail_after(10):
+        async for event in client.events(since_ms=0):
+            seen.append(event)
+            break
+    assert [e.type for e in seen] == ["started"]
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == 3
 
 
 def test_the_lifecycle_event_is_in_the_json_schema() -> None:
@@ -218,8 +259,6 @@ def test_the_lifecycle_event_is_in_the_json_schema() -> None:
 async def test_task_and_node_transitions_and_node_job_progress_by_task_id(
     redis_url: str, namespace: str
 ) -> None:
-    from tests.test_tasks import chain, system
-
     seen: list[LifecycleEvent] = []
     async with system(redis_url, namespace) as (client, _, _):
 
@@ -301,3 +340,24 @@ def test_the_fast_job_event_is_the_general_one() -> None:
     assert fast.pop("at_ms") <= general.pop("at_ms")
     assert fast == general and list(fast) == list(general)
     LifecycleEvent.model_validate_json(log._buffer[0])
+
+
+async def test_submit_wait_shows_a_running_nodes_progress(redis: Redis, namespace: str) -> None:
+    app, release = App(), anyio.Event()
+
+    @app.role("halfway")
+    async def halfway(ctx: Context, payload: Any) -> None:
+        await ctx.progress(50, message="half")
+        await release.wait()
+
+    client, lines = Client(redis, namespace=namespace), []
+    coordinator = Coordinator(redis, namespace=namespace, block_ms=100, sweep_interval=0.1)
+    with anyio.fail_after(30):
+        async with running(worker(app, redis, namespace)), anyio.create_task_group() as tg:
+            await tg.start(coordinator.run)
+            task_id = await client.submit(Graph("p").node("n", role="halfway"))
+            tg.start_soon(partial(follow, client, task_id, echo=lines.append, live=False))
+            await wait_until(lambda: any("[progress 50 half]" in line for line in lines))
+            release.set()
+            await wait_until(lambda: any(" succeeded " in line for line in lines))
+            coordinator.stop()

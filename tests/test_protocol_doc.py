@@ -251,9 +251,10 @@ def test_the_pages_xread_of_lifecycle_events_shows_the_jobs_events(
                 if isinstance(fields, dict)
                 else dict(zip(fields[::2], fields[1::2], strict=True))
             )
-            event = LifecycleEvent.model_validate_json(flat[b"event"])
-            if event.message_id == message_id:
-                found.append(event)
+            for item in orjson.loads(flat[b"events"]):  # one or more events per entry
+                event = LifecycleEvent.model_validate(item)
+                if event.message_id == message_id:
+                    found.append(event)
         return found
 
     wait_for(lambda: len(seen()) >= len(types.split(",")), 30, "the job's events")

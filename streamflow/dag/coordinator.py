@@ -142,7 +142,7 @@ class Coordinator:
         self._stepper = Stepper(
             redis, self._keys, self.store, self._outbox, self._book, limited=self._limited
         )
-        self._events = EventLog(self._scripts, self._keys, self.consumer)
+        self._events = EventLog(redis, self._keys, self.consumer)
         self._stepper.events = self._events
         self._reader = intake.GroupReader(
             redis,
