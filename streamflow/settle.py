@@ -153,9 +153,12 @@ class Settler:
         for delivery, _, status in items:
             if not delivery.role.events or delivery.entry.id in refused:
                 continue  # refused by the owner check: it was not settled here
+            if status == "acked":  # the hot path: no keyword, the fast format
+                events.job("succeeded", delivery.job, delivery.role.name)
+                continue
             cancel = delivery.cancel
-            reason = cancel.reason if cancel is not None and status == "cancelled" else None
-            events.job(status_event(status), delivery.job, delivery.role.name, reason=reason)
+            reason = cancel.reason if cancel is not None else None
+            events.job("cancelled", delivery.job, delivery.role.name, reason=reason)
 
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
