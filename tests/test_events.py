@@ -331,7 +331,7 @@ async def _has(redis: Redis, namespace: str, message_id: str, type_: str) -> boo
 
 
 def test_the_fast_job_event_is_the_general_one() -> None:
-    job = Job(protocol=1, kind="job", id="m-1:a", role="r", attempt=2, created_at_ms=1)
+    job = Job(protocol=1, kind="job", id="5f0e9a", role="r", attempt=2, created_at_ms=1)
     log = EventLog.__new__(EventLog)
     log._buffer, log._wakeup, log.dropped, log.consumer = [], anyio.Event(), 0, "w-1"
     log.job("started", job, "r")  # the fast path
