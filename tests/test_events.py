@@ -25,7 +25,7 @@ from streamflow import (
 from streamflow.cli.progress import follow
 from streamflow.context import Fatal
 from streamflow.events import ENTRY_EVENTS, MAX_BUFFERED, EventLog
-from streamflow.keys import Keys
+from streamflow.keys import GROUP, Keys
 from streamflow.protocol import FINAL_JOB_TYPES, Job, LifecycleEvent, json_schemas, now_ms
 from tests.helpers import ROOT, clean_env, running, wait_for_query, wait_until
 from tests.test_cli import CLI, run_cli
@@ -361,3 +361,29 @@ async def test_submit_wait_shows_a_running_nodes_progress(redis: Redis, namespac
             release.set()
             await wait_until(lambda: any(" succeeded " in line for line in lines))
             coordinator.stop()
+
+
+async def test_a_settle_refused_by_the_owner_check_writes_no_final_event(
+    redis: Redis, namespace: str
+) -> None:
+    app, release, outcomes = App(), anyio.Event(), []
+
+    @app.role("fenced")
+    async def fenced(ctx: Context, payload: Any) -> None:
+        with ctx.shield():  # finishes even though its lease is taken away
+            await release.wait()
+
+    client = Client(redis, namespace=namespace)
+    stream = Keys(namespace).role_stream("fenced")
+    with anyio.fail_after(20):
+        async with running(worker(app, redis, namespace, on_outcome=outcomes.append)):
+            message_id = await client.publish("fenced", None)
+            await wait_for_query(lambda: _has(redis, namespace, message_id, "started"))
+            # Another consumer takes the entry over (as an adoption would) while it runs.
+            (entry_id,) = [e for e, _ in await redis.xrange(stream)]
+            await redis.xclaim(stream, GROUP, "thief", 0, [entry_id])
+            release.set()
+            await wait_until(lambda: [o.status for o in outcomes] == ["lost"])
+            await anyio.sleep(0.3)  # past the linger: a final event would be written by now
+    types = [e.type for e in await stored(redis, namespace) if e.message_id == message_id]
+    assert types == ["started"]
