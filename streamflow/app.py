@@ -78,6 +78,7 @@ class Role:
         partitions: How many partition streams the role has (see :mod:`streamflow.partitions`).
         keep_result_ms: Keep every job's outcome this many ms (0: only when its publisher
             asks, see ``Client.result``).
+        events: Whether its jobs write lifecycle events (see :mod:`streamflow.events`).
     """
 
     name: str
@@ -91,6 +92,7 @@ class Role:
     cancel_grace: float = 5.0
     partitions: int = 1
     keep_result_ms: int = 0
+    events: bool = True
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -136,6 +138,7 @@ class App:
         cancel_grace: float = 5.0,
         partitions: int = 1,
         keep_result: timedelta | float | None = None,
+        events: bool = True,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -160,6 +163,9 @@ class App:
             keep_result: Keep each job's outcome (its return value, or how it failed) for this
                 long (seconds or a timedelta, at most 30 days), for ``Client.result`` and
                 ``streamflow job``. Without it, only jobs whose publisher asks are kept.
+            events: Write its jobs' lifecycle events (``started``, ``progress``, ``succeeded``,
+                ...: see :mod:`streamflow.events`). Off, its jobs cost no event writes and
+                ``ctx.progress()`` writes nothing; a coordinator still reports tasks and nodes.
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -182,7 +188,11 @@ class App:
                 raise ConfigError(f"role {name!r} already has a handler")
             role = _make_role(name, func, payload, retry or RetryPolicy(), timeout, max_deliveries)
             self._roles[name] = dataclasses.replace(
-                role, cancel_grace=cancel_grace, partitions=partitions, keep_result_ms=keep_ms
+                role,
+                cancel_grace=cancel_grace,
+                partitions=partitions,
+                keep_result_ms=keep_ms,
+                events=events,
             )
             return func
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -20,6 +28,7 @@ import anyio
 from redis.asyncio import Redis
 
 from streamflow import connect, jobs, partitions, registry, results, signals, steps, streams
+from streamflow import events as lifecycle
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState, TaskStatus
@@ -29,11 +38,20 @@ from streamflow.functions import BUILTINS
 from streamflow.jobs import JobStatus
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
 from streamflow.protocol import JobResult as JobRecord
-from streamflow.protocol import check_headers, check_publish_fields, new_message_id, now_ms
+from streamflow.protocol import (
+    LifecycleEvent,
+    check_headers,
+    check_publish_fields,
+    new_message_id,
+    now_ms,
+)
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
 CALL_KEEP = timedelta(minutes=5)
+
+#: Seconds between reads of the cancel reports by ``cancel(wait=True)`` when no event comes.
+CANCEL_RECHECK = 0.1
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -360,10 +378,65 @@ class Client:
         if not wait:
             return result
         with anyio.move_on_after(timeout):
-            # The state is in Redis (workers' reports): there is no local event to wait on.
-            while not await self._cancel_done(result):  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+            # The workers' reports are the truth; a ``cancelled`` event says when to read them
+            # again. Workers that stopped nothing report without an event: read at least every
+            # CANCEL_RECHECK seconds too.
+            cancelled = {"cancelled"}
+            async with lifecycle.watching(self.redis, self.keys, types=cancelled) as news:
+                while not await self._cancel_done(result):
+                    await news.wait(CANCEL_RECHECK)
         return result
+
+    # -- lifecycle events -------------------------------------------------------------------
+
+    async def events(
+        self,
+        *,
+        roles: Iterable[str] | None = None,
+        message_id: str | None = None,
+        task_id: str | None = None,
+        types: Iterable[str] | None = None,
+        since_ms: int | None = None,
+    ) -> AsyncIterator[LifecycleEvent]:
+        """Follow the namespace's lifecycle events (see :mod:`streamflow.events`), for ever.
+
+        Jobs' ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed``,
+        ``dead_lettered`` and ``cancelled``, and tasks' and nodes' state changes (``task``,
+        ``node``), as :class:`~streamflow.protocol.LifecycleEvent` models. Any number of
+        subscribers may follow at once, each with its own position. Best effort: the state in
+        Redis is the truth, and an event may be missing (a worker died before writing it).
+
+        Example:
+            ```python
+            async for event in client.events(message_id=job_id):
+                print(event.type, event.progress)
+                if event.type in ("succeeded", "failed", "dead_lettered", "cancelled"):
+                    break
+            ```
+
+        Args:
+            roles: Only events of these roles.
+            message_id: Only events of this job.
+            task_id: Only events of this task, its nodes and their jobs.
+            types: Only events of these types.
+            since_ms: Replay the events written since this time (ms since the epoch, by the
+                Redis server's clock) first, as far back as the capped stream holds them (at
+                least its last 2,000 entries, of up to 100 events each); None: only events
+                written from now on.
+        """
+        role_set = None if roles is None else {validate_name(r, "role") for r in roles}
+        type_set = None if types is None else set(types)
+        with connect.public_errors("following lifecycle events"):
+            async for event in lifecycle.follow(
+                self.redis,
+                self.keys,
+                roles=role_set,
+                message_id=message_id,
+                task_id=task_id,
+                types=type_set,
+                since_ms=since_ms,
+            ):
+                yield event
 
     # -- tasks --------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -10,11 +11,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import orjson
 
 from streamflow.lifecycle import NO_RESOURCES, Resources
 
 if TYPE_CHECKING:
     from streamflow.dag.graph import Graph, GraphSpec
+    from streamflow.events import EventLog
     from streamflow.followups import FollowUps
     from streamflow.nodes import NodeRun
     from streamflow.protocol import Job
@@ -22,6 +25,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger("streamflow.handler")
 T = TypeVar("T")
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+#: The largest progress value (a JSON object), encoded.
+MAX_PROGRESS_BYTES = 4096
+
+
+def check_progress(value: Any, message: str | None) -> None:
+    """Refuse a progress value that is not a finite number or a small JSON object.
+
+    Raises:
+        ValueError: Naming what is wrong.
+    """
+    if message is not None and (not isinstance(message, str) or len(message) > 1000):
+        raise ValueError("a progress message is a string of at most 1000 characters")
+    if isinstance(value, bool) or not isinstance(value, int | float | dict):
+        raise ValueError(f"progress is a number or a JSON object, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"progress must be finite, not {value}")
+    if isinstance(value, dict):
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError as exc:
+            raise ValueError(f"progress is not JSON-serializable: {exc}") from None
+        if size > MAX_PROGRESS_BYTES:
+            raise ValueError(f"progress is {size} bytes encoded, limit {MAX_PROGRESS_BYTES}")
 
 
 class CancelToken:
@@ -159,10 +186,13 @@ class Context:
     __slots__ = (
         "_calls",
         "_cancel",
+        "_events",
         "_followups",
         "_job",
         "_log",
         "_node",
+        "_progress_at",
+        "_progress_next",
         "_shutdown",
         "attempt",
         "batch",
@@ -215,6 +245,10 @@ class Context:
         self._cancel: CancelToken | None = None  # made on first use: most handlers never look
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._node: NodeRun | None = None
+        # Where progress goes (None: the role's events are off), and its rate limit's state.
+        self._events: EventLog | None = None
+        self._progress_at = float("-inf")
+        self._progress_next: dict[str, Any] | None = None
         # None: running; an Event (set) once the worker began to shut down.
         self._shutdown: anyio.Event | None = None
         self.invocation: int | None = None
@@ -395,6 +429,27 @@ class Context:
         if self._node is None:
             raise RuntimeError("ctx.emit() is only for task nodes (jobs with a task and node)")
         await self._node.emit(items)
+
+    async def progress(self, value: float | dict[str, Any], message: str | None = None) -> None:
+        """Report how far this run got: a number (e.g. a percentage) or a small JSON object.
+
+        It appears on the lifecycle events stream (``streamflow events``, ``client.events()``)
+        as a ``progress`` event. Call it as often as you like: at most one event per
+        :data:`streamflow.events.PROGRESS_INTERVAL` is written per run, the last value of an
+        interval later (or just before the job's final event); the others are dropped. Nothing
+        is written when the role's events are off. It does not wait for Redis.
+
+        Args:
+            value: A finite number, or a JSON object of at most 4 KiB encoded.
+            message: An optional text of at most 1000 characters.
+
+        Raises:
+            ValueError: ``value`` or ``message`` is not valid.
+        """
+        if self._events is not None:
+            self._events.progress(self, value, message)
+        else:
+            check_progress(value, message)
 
     @property
     def emitted(self) -> int:

@@ -136,8 +136,8 @@ class KeyKind:
     so a key's name is written here once.
 
     Attributes:
-        slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks`` or
-            ``signals``.
+        slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks``,
+            ``signals`` or ``lifecycle``.
         part: The word after the tag.
         named: Whether the tag carries a name.
         rest: Whether the key goes on after the part (``:<entry id>``, ``:<node id>``, ...).
@@ -202,6 +202,8 @@ COORDINATOR_REGISTRY = KeyKind("tasks", "coordinators")
 KNOWN_FUNCTIONS = KeyKind("tasks", "functions")
 #: A coordinator's mark next to the control stream (:meth:`Keys.consumer_mark`).
 TASKS_MARK = KeyKind("tasks", "alive", rest=True)
+#: The namespace's lifecycle events stream (one per namespace: see :meth:`Keys.lifecycle`).
+LIFECYCLE = KeyKind("lifecycle", "stream")
 
 #: Every kind of key streamflow uses.
 KINDS: tuple[KeyKind, ...] = (
@@ -234,6 +236,7 @@ KINDS: tuple[KeyKind, ...] = (
     COORDINATOR_REGISTRY,
     KNOWN_FUNCTIONS,
     TASKS_MARK,
+    LIFECYCLE,
 )
 
 
@@ -510,3 +513,13 @@ class Keys:
     def known_functions(self) -> str:
         """The coordinator functions that running coordinators provide (a set)."""
         return self._key(KNOWN_FUNCTIONS)
+
+    def lifecycle(self) -> str:
+        """The namespace's lifecycle events stream: jobs, tasks and nodes as they change.
+
+        One stream per namespace, not per role: a subscriber follows every role, task and node
+        with one ``XREAD`` and one cursor (a read of several streams cannot span cluster
+        slots), and events of one job, its task and its nodes stay in order. Capped with
+        ``MAXLEN ~`` (see :mod:`streamflow.events`).
+        """
+        return self._key(LIFECYCLE)

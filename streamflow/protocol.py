@@ -357,6 +357,80 @@ class TaskEvent(_Model):
     consumer: Annotated[str, Field(max_length=200)] | None = None
 
 
+#: What a lifecycle event reports: a job's ``started`` ... ``cancelled``, or a ``task`` or
+#: ``node`` that changed state.
+LifecycleType = Literal[
+    "started",
+    "progress",
+    "retrying",
+    "succeeded",
+    "failed",
+    "dead_lettered",
+    "cancelled",
+    "task",
+    "node",
+]
+#: The job lifecycle types after which the job runs no more (unless replayed).
+FINAL_JOB_TYPES: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled"})
+
+
+class LifecycleEvent(_Model):
+    """One lifecycle event, for subscribers: an item of a lifecycle events stream entry.
+
+    Each entry of the stream holds one or more events, in order, as a JSON array in its field
+    ``events`` (a worker writes what it buffered in one entry, not one entry per event).
+
+    Best-effort observability: written after the change it reports was committed (a settle the
+    owner check refused reports nothing), but a worker that dies in between never writes it,
+    and the stream is capped. The state in Redis (streams, task state) is the truth.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"lifecycle"``.
+        type: ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed`` (its last
+            attempt failed, or it raised ``Fatal``: dead-lettered), ``dead_lettered`` (for any
+            other reason), ``cancelled``; ``task`` or ``node``: a state change.
+        at_ms: When it happened, ms since the epoch.
+        role: The job's role.
+        message_id: The job's message id.
+        task_id: The task, for a task node's job, a ``task`` or a ``node`` event.
+        node_id: The node, for a task node's job or a ``node`` event.
+        attempt: The job's attempt.
+        consumer: The worker or coordinator that wrote it.
+        state: ``task`` and ``node``: the new state.
+        previous: ``task`` and ``node``: the state before, if any.
+        progress: ``progress``: a number or a small JSON object.
+        message: ``progress``: an optional text.
+        reason: ``failed``, ``dead_lettered``: the dead-letter reason; ``cancelled``: the
+            cancel's reason.
+        detail: ``retrying``, ``failed``, ``dead_lettered``: what went wrong.
+        delay: ``retrying``: seconds until the next attempt.
+    """
+
+    protocol: Version
+    kind: Literal["lifecycle"]
+    type: LifecycleType
+    at_ms: Timestamp
+    role: Name | None = None
+    message_id: MessageId | None = None
+    task_id: Name | None = None
+    node_id: Name | None = None
+    attempt: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    consumer: Annotated[str, Field(max_length=200)] | None = None
+    state: Annotated[str, Field(max_length=32)] | None = None
+    previous: Annotated[str, Field(max_length=32)] | None = None
+    progress: int | float | dict[str, Any] | None = None
+    message: Annotated[str, Field(max_length=1000)] | None = None
+    reason: Annotated[str, Field(max_length=1000)] | None = None
+    detail: Annotated[str, Field(max_length=4000)] | None = None
+    delay: Annotated[float, Field(ge=0)] | None = None
+
+
+#: The lifecycle events stream field: a JSON array of :class:`LifecycleEvent` objects, in order.
+LIFECYCLE_FIELD = b"events"
+#: The largest lifecycle events entry a reader accepts.
+MAX_LIFECYCLE_BYTES = 4 * 1024 * 1024
+
 #: The events stream field that holds a :class:`TaskEvent`'s JSON.
 EVENT_FIELD = b"event"
 
@@ -385,6 +459,7 @@ ENTRY_FIELDS = frozenset(
         CONTROL_TASK_FIELD,
         CONTROL_TYPE_FIELD,
         INVALID_EVENT_FIELD,
+        LIFECYCLE_FIELD,
     }
 )
 
@@ -395,6 +470,7 @@ MESSAGE_KINDS: dict[str, type[_Model]] = {
     "cancel": CancelSignal,
     "event": TaskEvent,
     "result": JobResult,
+    "lifecycle": LifecycleEvent,
 }
 
 
@@ -674,6 +750,34 @@ def decode_signal(fields: dict[bytes, bytes]) -> CancelSignal:
         ProtocolError: Not a valid signal (bad JSON, unknown kind or version, wrong fields).
     """
     return _decode_small(fields, SIGNAL_FIELD, CancelSignal)
+
+
+def decode_lifecycle(fields: dict[bytes, bytes]) -> tuple[list[LifecycleEvent], list[str]]:
+    """The events of a lifecycle events stream entry, and what is wrong with each other item.
+
+    Raises:
+        ProtocolError: The entry as a whole is unreadable (no ``events`` field, too large, not
+            JSON, not an array).
+    """
+    raw = fields.get(LIFECYCLE_FIELD)
+    if raw is None:
+        raise ProtocolError("invalid_message", "lifecycle entry has no 'events' field")
+    if len(raw) > MAX_LIFECYCLE_BYTES:
+        raise ProtocolError("too_large", f"lifecycle entry is {len(raw)} bytes", raw)
+    hostile.check(raw, "lifecycle entry")
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"lifecycle entry is not JSON: {exc}", raw) from None
+    if not isinstance(items, list):
+        raise ProtocolError("invalid_message", "lifecycle entry is not a JSON array", raw)
+    events, problems = [], []
+    for index, item in enumerate(items):
+        try:
+            events.append(LifecycleEvent.model_validate(item))
+        except ValidationError as exc:
+            problems.append(f"event {index}: {_summarize(exc)}")
+    return events, problems
 
 
 def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:

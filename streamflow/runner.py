@@ -27,6 +27,7 @@ from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, dead
 from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError
+from streamflow.events import EventLog
 from streamflow.followups import FollowUps
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
@@ -97,6 +98,8 @@ class Runner:
         self.observe: Callable[[str, float], None] | None = None
         #: Deliveries of entries delivered before (adopted, or resumed), by role.
         self.redeliveries: dict[str, int] = {}
+        #: Where ``started`` and ``progress`` events go, or None (no events at all).
+        self.events: EventLog | None = None
 
     async def before_start(self, delivery: Delivery) -> Decision | None:
         """Check a delivery held long or read while stopping; the decision if it must not start.
@@ -297,6 +300,10 @@ class Runner:
             return decisions.stopped(delivery)
         delivery.scope = scope
         delivery.started = True
+        events = self.events
+        if events is not None and role.events:
+            ctx._events = events
+            events.job("started", job, role.name)
         timeout = job.timeout or role.timeout
         started = time.perf_counter() if self.observe is not None else 0.0
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -27,6 +27,7 @@ from streamflow.delivery import (
     OutcomeStatus,
     WorkerStatistics,
 )
+from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import (
@@ -90,10 +91,15 @@ class Settler:
         self.acker = _Acker(self)
         #: Writes kept outcomes (only for roles and jobs that ask), in shared calls.
         self.keeper = results.Keeper(scripts, redis, consumer)
+        #: Where the lifecycle events of settled jobs go, or None (no events at all).
+        self.events: EventLog | None = None
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
         job = decision.job or delivery.job
+        if self.events is not None:
+            # The handler ended: the progress it held back goes before its final event.
+            self.events.last_progress(delivery.context)
         record = None
         if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
             if not self._keep_ms(delivery, job):
@@ -125,10 +131,48 @@ class Settler:
                 status = "lost"  # the group is gone with its pending list: nothing to apply
             self._held.discard(delivery)
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
+            if self.events is not None and delivery.role.events:
+                self._tell(self.events, delivery, decision, status)
+
+    def _tell(
+        self, events: EventLog, delivery: Delivery, decision: Decision, status: OutcomeStatus
+    ) -> None:
+        """Write the lifecycle event of a settle that was applied (none for a refused one)."""
+        job, role = decision.job or delivery.job, delivery.role.name
+        if status in ("lost", "released"):
+            return  # nothing happened to the job (it runs again, here or elsewhere)
+        if status == "retried":
+            events.job("retrying", job, role, detail=decision.detail, delay=decision.delay)
+        elif status == "dead_lettered":
+            final = "failed" if decision.reason in ("failed", "fatal") else "dead_lettered"
+            events.job(final, job, role, reason=decision.reason, detail=decision.detail)
+        else:
+            reason = delivery.cancel.reason if delivery.cancel is not None else decision.detail
+            cancelled = status == "cancelled"
+            events.job(status_event(status), job, role, reason=reason if cancelled else None)
+
+    def tell_acked(
+        self, items: list[Delivery], refused: set[bytes], cancelled: Mapping[Delivery, object]
+    ) -> None:
+        """Write the ``succeeded`` or ``cancelled`` events of a batch the acker settled."""
+        events = self.events
+        if events is None:
+            return
+        for delivery in items:
+            if not delivery.role.events or delivery.entry.id in refused:
+                continue  # refused by the owner check: it was not settled here
+            if delivery not in cancelled:  # the hot path: no keyword, the fast format
+                events.job("succeeded", delivery.job, delivery.role.name)
+                continue
+            cancel = delivery.cancel
+            reason = cancel.reason if cancel is not None else None
+            events.job("cancelled", delivery.job, delivery.role.name, reason=reason)
 
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
         # The acker forgets the delivery once acknowledged.
+        if self.events is not None:
+            self.events.last_progress(delivery.context)  # before the job's final event
         if decision.kind == "ack":
             self.acker.add(delivery)
         else:
@@ -396,6 +440,11 @@ class Settler:
         stats.by_role[role, "acked"] = stats.by_role.get((role, "acked"), 0) + count
 
 
+def status_event(status: OutcomeStatus) -> str:
+    """The lifecycle event type of an acknowledged job: ``succeeded`` or ``cancelled``."""
+    return "cancelled" if status == "cancelled" else "succeeded"
+
+
 def _log_fields(delivery: Delivery, job: Job | None = None) -> dict[str, Any]:
     """The fields of a log line about a delivery (ids only, never the payload)."""
     job = job or delivery.job
@@ -484,6 +533,7 @@ class _Acker:
                 refused -= await self._applied_before(stream, items, refused)
             settler._held.discard_many(stream, items)
             del batch[stream]
+            settler.tell_acked(items, refused, self._cancelled)
             if refused or settler._on_outcome is not None or self._cancelled:
                 self._report_each(items, refused)
             else:

@@ -46,6 +46,7 @@ from streamflow.config import WorkerSettings
 from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.decisions import ACK
 from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
+from streamflow.events import EventLog
 from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
 from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
@@ -234,6 +235,10 @@ class Worker:
             max_message_bytes=max_message_bytes,
             resources=shared or NO_RESOURCES,
         )
+        # Lifecycle events: nothing is buffered or written while no served role wants them.
+        self._events = EventLog(redis, self._keys, self.consumer)
+        if any(role.events for role in self._roles):
+            self._runner.events = self._settler.events = self._events
         self._started_at_ms = now_ms()
         self._signals_latency: Callable[[float], None] | None = None
         self._unsafe_after = self._leases.settings.unsafe_after
@@ -499,9 +504,11 @@ class Worker:
             tg.start_soon(self._leases.renew_forever)
             tg.start_soon(self._enforce_grace)
             tg.start_soon(self._watchdog.beat_forever)
+            tg.start_soon(self._events.run)
             task_status.started()
             await self._pipeline(burst)
             await self._settler.acker.flush()
+            await self._events.flush()
             tg.cancel_scope.cancel()
 
     async def _pipeline(self, burst: bool) -> None:

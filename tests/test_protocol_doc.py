@@ -27,6 +27,7 @@ import pytest
 import redis as redis_sync
 
 from streamflow.ops.server import RedisServer
+from streamflow.protocol import LifecycleEvent
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 from tests.test_getting_started import Command, Shell
 
@@ -36,6 +37,8 @@ PAGE = ROOT / "docs" / "protocol.md"
 MARKER = re.compile(r"<!-- protocol-example: (.+?) -->\n```console\n(.*?)```", re.S)
 #: A raw publish of a job: XADD to a role stream.
 XADD = re.compile(r"\$ redis-cli XADD 'sf:\{role:[^}]+\}:stream' ")
+#: A console block of the page that reads the lifecycle events: ``ID=TYPE,TYPE,...``.
+EVENTS = re.compile(r"<!-- protocol-events-example: (\S+)=(\S+) -->\n```console\n(.*?)```", re.S)
 CANCEL = re.compile(
     r"<!-- protocol-cancel-example: (task|message) (\S+) -->\n```console\n(.*?)```", re.S
 )
@@ -233,3 +236,39 @@ def run_block(shell: Shell, block: str) -> None:
     for command in commands:
         if command.shown:
             shell.run(command)
+
+
+def test_the_pages_xread_of_lifecycle_events_shows_the_jobs_events(
+    worker: tuple[redis_sync.Redis, Path, Callable[[], None]],
+) -> None:
+    """The page's XREAD, run as written after its job ran, returns that job's events."""
+    client, record, start = worker
+    ((message_id, types, block),) = EVENTS.findall(PAGE.read_text())
+    (publish,) = [e for e in examples(PAGE.read_text()) if message_id in e.outcomes]
+    for command in publish.commands:
+        client.execute_command(*command)
+    start()
+    wait_for(lambda: f"{message_id} 1" in recorded(record), 60, "the job runs")
+    (xread,) = [shlex.split(c.line)[1:] for c in console_commands(block)]
+    assert xread[0] == "XREAD"
+
+    def seen() -> list[LifecycleEvent]:
+        reply = client.execute_command(*xread) or []
+        # RESP2 replies per stream: [name, [[id, fields], ...]] (fields a dict or a flat list).
+        entries = [entry for _, stream_entries in reply for entry in stream_entries]
+        found = []
+        for _, fields in entries:
+            flat = (
+                fields
+                if isinstance(fields, dict)
+                else dict(zip(fields[::2], fields[1::2], strict=True))
+            )
+            for item in orjson.loads(flat[b"events"]):  # one or more events per entry
+                event = LifecycleEvent.model_validate(item)
+                if event.message_id == message_id:
+                    found.append(event)
+        return found
+
+    wait_for(lambda: len(seen()) >= len(types.split(",")), 30, "the job's events")
+    assert [e.type for e in seen()] == types.split(",")
+    assert {e.role for e in seen()} == {"resize"} and seen()[0].consumer == "worker-1"

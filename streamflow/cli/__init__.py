@@ -44,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself.",
     ),
     "dlq": ("streamflow.cli.dlq", "Dead letters: list, show, replay, purge."),
+    "events": (
+        "streamflow.cli.events",
+        "Follow lifecycle events live: jobs started, progress, retried, ended; task and node "
+        "states.",
+    ),
     "exporter": (
         "streamflow.cli.inspect",
         "Serve the namespace's queue gauges (run one per namespace, beside the workers).",

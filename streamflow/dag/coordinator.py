@@ -51,6 +51,7 @@ from streamflow.dag.stepper import Clears, Stepper
 from streamflow.dag.store import DEFAULT_RETENTION_MS, TaskStore
 from streamflow.dag.tasks import Event, Internal
 from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
+from streamflow.events import EventLog
 from streamflow.functions import BUILTINS, Function
 from streamflow.keys import COORDINATORS, Keys, validate_name
 from streamflow.logs import shown
@@ -151,6 +152,8 @@ class Coordinator:
         self._stepper = Stepper(
             redis, self._keys, self.store, self._outbox, self._book, limited=self._limited
         )
+        self._events = EventLog(redis, self._keys, self.consumer)
+        self._stepper.events = self._events
         self._reader = intake.GroupReader(
             redis,
             self._scripts,
@@ -204,11 +207,13 @@ class Coordinator:
             tg.start_soon(self._sweep_loop)
             tg.start_soon(self._tick_loop)
             tg.start_soon(self._names.run)
+            tg.start_soon(self._events.run)
             # Announced once its functions are registered (at start-up): a submit that sees a
             # live coordinator also sees what it provides.
             await tg.start(self._announce_loop, started_at_ms)
             task_status.started()
             await self._stopping.wait()
+            await self._events.flush()
             tg.cancel_scope.cancel()
 
     async def _withdraw(self) -> None:
@@ -289,6 +294,7 @@ class Coordinator:
             await self._handle(entries)
         await self._sweep()
         await self._run_ticks()
+        await self._events.flush()
         return self.events_processed + self.commits - before
 
     # -- loops ------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
-from streamflow.dag.outbox import Items, JobItem, Outbox, encode_item
+from streamflow.dag.outbox import Item, Items, JobItem, Outbox, encode_item
 from streamflow.dag.store import Loaded, TaskStore, UnrunnableTask
-from streamflow.dag.tasks import Event, Internal, Step, advance
+from streamflow.dag.tasks import Event, Internal, Step, TaskState, advance
+from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.protocol import now_ms
 from streamflow.signals import CancelBook
@@ -80,6 +81,8 @@ class Stepper:
         self.commits = 0
         self.conflicts = 0
         self.finished: dict[str, int] = {}
+        #: Where the task's and its nodes' state changes are told, or None.
+        self.events: EventLog | None = None
 
     async def process(
         self,
@@ -160,13 +163,19 @@ class Stepper:
             stored = {name: encode_item(item) for name, item in items.items()}
             version = await self._store.commit(loaded, step, stored, retention=step.task.terminal)
             if version is not None:
-                self.commits += 1
-                if step.task.terminal:
-                    await self._ended(loaded, step)
-                return sorted(items.items(), key=lambda named: named[0])
+                return await self._committed(loaded, step, items)
             self.conflicts += 1
         # Its events stay pending (see Coordinator._handle), tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
+
+    async def _committed(self, loaded: Loaded, step: Step, items: dict[str, Item]) -> Items:
+        """After a commit: count it, tell its changes, end the task if it ended; its items."""
+        self.commits += 1
+        if self.events is not None:
+            tell_changes(self.events, loaded.task, step)
+        if step.task.terminal:
+            await self._ended(loaded, step)
+        return sorted(items.items(), key=lambda named: named[0])
 
     async def _decide(
         self, loaded: Loaded, events: list[Event], partials: dict[tuple[str, int], Any] | None
@@ -200,6 +209,14 @@ class Stepper:
         await self._redis.srem(self._keys.tasks_active(), task_id)
         if outcome == "ended":
             return True  # failed by an earlier look (or ended before it was damaged)
+        if self.events is not None:
+            self.events.add(
+                "task",
+                task_id=task_id,
+                state="failed",
+                detail=reason,
+                consumer=self.events.consumer,
+            )
         logger.warning("task %s cannot run: %s", task_id, exc.reason)
         # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
         await self._outbox.cancel_task(task_id, reason)
@@ -222,4 +239,29 @@ class Stepper:
             limited_roles=self._limited,
             granted=granted,
             partials=partials,
+        )
+
+
+def tell_changes(events: EventLog, before: TaskState, step: Step) -> None:
+    """Tell the state changes of a committed step: its nodes' first, then the task's."""
+    after, consumer = step.task, events.consumer
+    for node_id in sorted(step.touched):
+        old, new = before.nodes.get(node_id), after.nodes.get(node_id)
+        if new is not None and (old is None or old.state != new.state):
+            events.add(
+                "node",
+                task_id=after.id,
+                node_id=node_id,
+                state=new.state,
+                previous=old.state if old is not None else None,
+                consumer=consumer,
+            )
+    if before.state != after.state:
+        events.add(
+            "task",
+            task_id=after.id,
+            state=after.state,
+            previous=before.state,
+            detail=after.error,
+            consumer=consumer,
         )

@@ -62,6 +62,7 @@ from streamflow.keys import (
     EVENTS,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
+    LIFECYCLE,
     RESULT,
     ROLE_CONFIG,
     ROLE_MARK,
@@ -161,6 +162,7 @@ PUBLISHER = PartRules(
         TASK_STATE: "submit: task_commit.lua (HGET v, HSET); submit --wait: HGET",
         TASK_OUTBOX: "submit: a key of task_commit.lua (not written at creation)",
         RESULT: "result, call: GET of a job's kept outcome",
+        LIFECYCLE: "submit --wait: XREVRANGE (start position), XREAD (the task's events)",
     },
     commands={
         **_CONNECTION,
@@ -182,6 +184,14 @@ PUBLISHER = PartRules(
         ),
         # HGETALL only: submit learns whether a coordinator runs, and cannot forge one.
         Narrow({"hgetall": "submit: is a coordinator running?"}, (COORDINATOR_REGISTRY,)),
+        # Reads of the lifecycle events only: a publisher follows news, never reads jobs.
+        Narrow(
+            {
+                "xrevrange": "submit --wait (the lifecycle events' start position)",
+                "xread": "submit --wait (the task's lifecycle events)",
+            },
+            (LIFECYCLE,),
+        ),
     ),
 )
 
@@ -207,12 +217,14 @@ WORKER = PartRules(
         KNOWN_ROLES: "SMISMEMBER, then SADD of the roles it serves",
         TASK_OUTPUT: "ctx.inputs(): LRANGE of a parent's batch keys",
         TASK_RESULT: "ctx.inputs() and input batches: GET of a function node's output",
+        LIFECYCLE: "XADD MAXLEN ~ of its jobs' lifecycle events (started, progress, outcomes)",
     },
     commands={
         **_CONNECTION,
         **_SCRIPTS,
         **_STARTUP_CHECKS,
-        "xadd": "retry, promote, dead_letter, emit and finish.lua; the accepted event",
+        "xadd": "retry, promote, dead_letter, emit and finish.lua; the accepted event; "
+        "lifecycle events",
         "zadd": "retry.lua, mark_cancel.lua",
         "zrange": "promote.lua, the cancel index at start-up",
         "zrem": "promote.lua",
@@ -299,6 +311,7 @@ COORDINATOR = PartRules(
         CANCEL_INDEX: "ZRANGE at start-up; cancel.lua and mark_cancel.lua ZADD",
         TASKS_MARK: "its mark by the control stream: SET PX, DEL; forget.lua EXISTS",
         ROLE_MARK: "its marks by the events streams: SET PX, DEL; forget.lua EXISTS",
+        LIFECYCLE: "XADD MAXLEN ~ of task and node state changes",
     },
     commands={
         **_CONNECTION,
@@ -312,7 +325,7 @@ COORDINATOR = PartRules(
         "srem": "ended tasks, freed role slots",
         "sismember": "slot.lua",
         "scard": "slot.lua",
-        "xadd": "publish_dedup.lua, cancel.lua, malformed events",
+        "xadd": "publish_dedup.lua, cancel.lua, malformed events, lifecycle events",
         "get": "publish_dedup.lua, batches, cancel markers",
         "hmget": "loading a task",
         "hget": "task states, specs, roles' partitions",
@@ -398,6 +411,7 @@ OPERATOR = PartRules(
         TASK_OUTPUT: "result: LRANGE",
         TASK_RESULT: "result: GET",
         RESULT: "job, result: GET of a job's kept outcome",
+        LIFECYCLE: "events, cancel --wait: XREVRANGE (start position), XREAD",
     },
     commands={
         **_CONNECTION,
@@ -417,7 +431,7 @@ OPERATOR = PartRules(
         "zremrangebyscore": "cancel.lua (expired index entries)",
         "get": "workers, result, job",
         "xrange": "dlq list, show, replay; cancel, job (is the message queued or running?)",
-        "xrevrange": "job (is it dead-lettered?)",
+        "xrevrange": "job (is it dead-lettered?); events, cancel --wait (where events start)",
         "xadd": "replay.lua, cancel.lua",
         "multi": "dlq purge",
         "exec": "dlq purge",
@@ -425,6 +439,7 @@ OPERATOR = PartRules(
         "zrevrange": "tasks",
         "hget": "tasks, status, result, roles' partitions",
         "lrange": "result",
+        "xread": "events, cancel --wait (lifecycle events)",
     },
     narrow=(
         Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),

@@ -41,7 +41,7 @@ from streamflow import (
 )
 from streamflow.cli.security import acl_command
 from streamflow.delivery import Outcome
-from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, Keys
+from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, LIFECYCLE, Keys
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
@@ -191,7 +191,11 @@ def test_publisher_cannot_read_jobs_or_delete() -> None:
     (registry,) = [n for n in acl.PUBLISHER.narrow if "hgetall" in n.commands]
     assert registry.keys == (COORDINATOR_REGISTRY,) and set(registry.commands) == {"hgetall"}
     assert "hgetall" not in acl.PUBLISHER.commands
-    assert not (granted - {"hgetall"}) & (reads | deletes)
+    # And submit --wait follows the lifecycle events, in a selector on that stream only.
+    (events,) = [n for n in acl.PUBLISHER.narrow if "xread" in n.commands]
+    assert events.keys == (LIFECYCLE,) and set(events.commands) == {"xread", "xrevrange"}
+    assert not {"xread", "xrevrange"} & set(acl.PUBLISHER.commands)
+    assert not (granted - {"hgetall", "xread", "xrevrange"}) & (reads | deletes)
 
 
 ALL_PARTS = acl.PARTS
@@ -229,6 +233,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("known_roles", (), ALL_PARTS),
     ("coordinators", (), ALL_PARTS[1:]),
     ("known_functions", (), ("publisher", "coordinator")),
+    ("lifecycle", (), ALL_PARTS),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
