@@ -28,7 +28,7 @@ import anyio
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import App, Context, Worker, streams
+from streamflow import App, Context, Worker, scripts
 from streamflow.protocol import encode_job_fields
 from streamflow.streams import Entry
 from streamflow.worker import tune_garbage_collector
@@ -81,7 +81,7 @@ async def measure(rounds: int, size: int) -> list[list[int]]:
     async def noop(ctx: Context, payload: Any) -> None:
         pass
 
-    streams.settle = _refuse_nothing  # type: ignore[assignment]
+    scripts.settle = _refuse_nothing  # type: ignore[assignment]
     worker = Worker(app, Redis(), namespace="bench")
     tune_garbage_collector()
     scope = anyio.CancelScope()

@@ -29,6 +29,7 @@ from streamflow.functions import BUILTINS
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
+from streamflow.scripts import Scripts
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -95,7 +96,7 @@ class Client:
     ) -> None:
         self.redis = redis
         self.keys = Keys(namespace)
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self._tasks = TaskStore(redis, self.keys, self._scripts)
         self._layouts = partitions.Layouts(redis, self.keys)
         self._dead = DeadLetters(redis, self.keys, self._scripts, self._layouts)
@@ -549,8 +550,8 @@ class SyncClient:
             Keys(namespace),
             dedup_window,
             partitions.LayoutCache(),
-            dedup_script=self.redis.register_script(streams.Scripts.source("publish_dedup.lua")),
-            many_script=self.redis.register_script(streams.Scripts.source("publish_many.lua")),
+            dedup_script=self.redis.register_script(Scripts.source("publish_dedup.lua")),
+            many_script=self.redis.register_script(Scripts.source("publish_many.lua")),
         )
 
     def publish(

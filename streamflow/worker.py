@@ -57,6 +57,7 @@ from streamflow.protocol import (
 from streamflow.registry import VERSION, WorkerInfo
 from streamflow.runner import Runner
 from streamflow.runner import fencing_token as fencing_token  # re-exported: its old home
+from streamflow.scripts import Scripts
 from streamflow.settle import Settler
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 from streamflow.stalls import LoopWatchdog
@@ -162,7 +163,7 @@ class Worker:
         self._lifecycle = app.lifecycle() if resources is None else None
         shared = self._lifecycle.resources if self._lifecycle is not None else resources
         self._stop_requested_at: float | None = None
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self._held = InFlight()
         self._leases = LeaseKeeper(
             redis,

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client, Coordinator, Graph, Worker, connect, streams
+from streamflow import Client, Coordinator, Graph, Worker, connect, scripts, streams
 from streamflow.dag.outbox import (
     CancelItem,
     FunctionItem,
@@ -27,6 +27,7 @@ from streamflow.dag.outbox import (
 )
 from streamflow.dag.store import TaskStore
 from streamflow.keys import Keys
+from streamflow.scripts import Scripts
 from tests.helpers import running
 
 #: Each kind of item, and its stored JSON as coordinators have always written it.
@@ -118,10 +119,10 @@ async def test_the_coordinator_carries_out_its_own_commits_without_reading_them_
 async def test_take_slot_holds_at_most_the_limit_and_is_idempotent_per_member(
     redis: Redis, namespace: str
 ) -> None:
-    scripts, slots = streams.Scripts(redis), Keys(namespace).role_slots("ocr")
-    assert await streams.take_slot(scripts, redis, slots, "t/a", 1)
-    assert await streams.take_slot(scripts, redis, slots, "t/a", 1)  # already held
-    assert not await streams.take_slot(scripts, redis, slots, "t/b", 1)
+    registered, slots = Scripts(redis), Keys(namespace).role_slots("ocr")
+    assert await scripts.take_slot(registered, redis, slots, "t/a", 1)
+    assert await scripts.take_slot(registered, redis, slots, "t/a", 1)  # already held
+    assert not await scripts.take_slot(registered, redis, slots, "t/b", 1)
     assert await redis.smembers(slots) == {b"t/a"}
 
 
@@ -130,13 +131,13 @@ async def test_take_slot_holds_at_most_the_limit_and_is_idempotent_per_member(
 async def test_commit_task_writes_only_on_the_expected_version(
     redis: Redis, namespace: str
 ) -> None:
-    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    keys, registered = Keys(namespace), Scripts(redis)
     state, outbox = keys.task_state("t"), keys.task_outbox("t")
     output, partials = keys.task_output("t", "n"), keys.task_partials("t", "n")
 
     async def commit(version: int, value: bytes) -> int | None:
-        return await streams.commit_task(
-            scripts,
+        return await scripts.commit_task(
+            registered,
             redis,
             state=state,
             outbox=outbox,
@@ -159,9 +160,9 @@ async def test_commit_task_writes_only_on_the_expected_version(
 @pytest.mark.anyio
 @pytest.mark.redis
 async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, namespace: str) -> None:
-    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    keys, registered = Keys(namespace), Scripts(redis)
     publishes = [
-        streams.DedupPublish(
+        scripts.DedupPublish(
             stream=keys.role_stream("ocr"),
             marker=keys.dedup("ocr", f"dispatch:{n}"),
             schedule=keys.delayed("ocr"),
@@ -171,8 +172,8 @@ async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, name
         )
         for n in range(3)
     ]
-    assert await streams.publish_dedup_many(scripts, redis, publishes[:2]) == [True, True]
-    assert await streams.publish_dedup_many(scripts, redis, publishes) == [False, False, True]
-    assert await streams.publish_dedup_many(scripts, redis, []) == []
+    assert await scripts.publish_dedup_many(registered, redis, publishes[:2]) == [True, True]
+    assert await scripts.publish_dedup_many(registered, redis, publishes) == [False, False, True]
+    assert await scripts.publish_dedup_many(registered, redis, []) == []
     entries = await streams.read_range(redis, keys.role_stream("ocr"))
     assert [e.fields[b"message"] for e in entries] == [b"message 0", b"message 1", b"message 2"]
