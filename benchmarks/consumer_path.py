@@ -4,7 +4,7 @@ A ``Worker`` serving a no-op ``async def`` handler is built on an unconnected cl
 round makes ``--batch`` entries shaped like published jobs (``{"i": n}`` payloads, random
 hex ids) and times, per message:
 
-* ``dispatch``: ``Worker._dispatch`` (a ``Delivery`` each, held and queued);
+* ``dispatch``: ``ConsumerPool.dispatch`` (a ``Delivery`` each, held and queued);
 * ``process``: per delivery ``_process`` with the handler's runner driven to completion,
   then ``Settler.ack_nowait`` and ``_finished``, as the consumer loop does on the hot path;
 * ``flush``: ``acker.flush()`` with the settle script stubbed to refuse nothing.
@@ -55,9 +55,10 @@ async def one_round(worker: Worker, batch: list[Entry], scope: anyio.CancelScope
     """Nanoseconds spent in dispatch, process and flush for ``batch``."""
     role = worker._roles[0]
     t0 = time.perf_counter_ns()
-    worker._dispatch(role, role.name, "stream", batch, time.monotonic())
+    pool = worker._pool
+    pool.dispatch(role, role.name, "stream", batch, time.monotonic())
     t1 = time.perf_counter_ns()
-    queue, settler = worker._queue, worker._settler
+    queue, settler = pool._queue, worker._settler
     while queue:
         delivery = queue.popleft()
         step: Any = worker._runner.process(delivery, scope)
@@ -68,7 +69,7 @@ async def one_round(worker: Worker, batch: list[Entry], scope: anyio.CancelScope
         else:
             raise RuntimeError("the handler's runner suspended")
         settler.ack_nowait(delivery, decision)
-        worker._finished(delivery)
+        pool._finished(delivery)
     t2 = time.perf_counter_ns()
     await settler.acker.flush()
     return [t1 - t0, t2 - t1, time.perf_counter_ns() - t2]

@@ -518,7 +518,7 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
         read_ahead.in_flight = 0
         read_ahead.received += finished - 1
         entry = streams.Entry(b"1-0", {b"message": b"x" * size})
-        worker._dispatch(role, "paced", "s", [entry], confirmed_at=clock[0])
+        worker._pool.dispatch(role, "paced", "s", [entry], confirmed_at=clock[0])
         read_ahead.adapt()
         return read_ahead.prefetch
 
