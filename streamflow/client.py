@@ -46,6 +46,7 @@ from streamflow.protocol import (
     now_ms,
 )
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
+from streamflow.scripts import Scripts
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
 CALL_KEEP = timedelta(minutes=5)
@@ -118,7 +119,7 @@ class Client:
     ) -> None:
         self.redis = redis
         self.keys = Keys(namespace)
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self._tasks = TaskStore(redis, self.keys, self._scripts)
         self._layouts = partitions.Layouts(redis, self.keys)
         self._dead = DeadLetters(redis, self.keys, self._scripts, self._layouts)
@@ -752,8 +753,8 @@ class SyncClient:
             Keys(namespace),
             dedup_window,
             partitions.LayoutCache(),
-            dedup_script=self.redis.register_script(streams.Scripts.source("publish_dedup.lua")),
-            many_script=self.redis.register_script(streams.Scripts.source("publish_many.lua")),
+            dedup_script=self.redis.register_script(Scripts.source("publish_dedup.lua")),
+            many_script=self.redis.register_script(Scripts.source("publish_many.lua")),
         )
 
     def publish(

@@ -21,7 +21,7 @@ import orjson
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
-from streamflow import connect, partitions, signals, streams
+from streamflow import connect, partitions, scripts, signals, streams
 from streamflow.errors import (
     CancelledIdWarning,
     ConfigError,
@@ -135,7 +135,7 @@ class Publisher:
         if job["message_id"] is not None:
             yield from self.warn_if_cancelled("message", job["message_id"])
         if p.dedup_marker is not None:
-            published, first = yield from streams.publish_dedup(
+            published, first = yield from scripts.publish_dedup(
                 self._dedup,
                 self.redis,
                 stream=p.stream,
@@ -169,7 +169,7 @@ class Publisher:
         prepared = self._bodies(layout, payloads, keys, checked)
         for chunk in _chunks(prepared, chunk_size):
             bodies = [body for _, _, body in chunk]
-            yield from streams.publish_many(self._many, self.redis, chunk[0][0], bodies)
+            yield from scripts.publish_many(self._many, self.redis, chunk[0][0], bodies)
         return [message_id for _, message_id, _ in prepared]
 
     def warn_if_cancelled(self, target: str, target_id: str) -> Steps[None]:

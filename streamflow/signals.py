@@ -45,6 +45,7 @@ from streamflow.protocol import (
     new_message_id,
     now_ms,
 )
+from streamflow.scripts import Scripts
 from streamflow.steps import Steps
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class SignalListener:
         self._book = book
         self._on_cancel = on_cancel
         self._block_ms = block_ms
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self._position = b"0-0"
         self.signals_seen = 0
         self.bad_signals = 0
@@ -426,7 +427,7 @@ async def report(redis: Redis, keys: Keys, signal_id: str, report: CancelReport)
 
 async def send_cancel(
     redis: Redis,
-    scripts: streams.Scripts,
+    scripts: Scripts,
     keys: Keys,
     *,
     target: str,

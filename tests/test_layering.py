@@ -18,6 +18,7 @@ PACKAGE = Path(streamflow.__file__).parent
 IO_MODULES = {
     "redis",
     "streamflow.streams",
+    "streamflow.scripts",
     "streamflow.connect",
     "streamflow.outage",
     "streamflow.sentinel",
@@ -212,12 +213,18 @@ def test_intake_imports_neither_the_worker_nor_the_dag_side() -> None:
     assert "streamflow.streams" in imports  # the check sees the imports it looks at
 
 
+def test_the_stream_commands_are_below_the_scripts() -> None:
+    """scripts calls Lua over stream replies parsed by streams; streams never calls a script."""
+    assert "scripts" not in _ours("streams")
+    assert "streams" in _ours("scripts")  # the check sees the imports it looks at
+
+
 def test_only_the_group_reader_adopts_and_parses_raw_reads() -> None:
     """One group reader: nobody else sends XAUTOCLAIM or parses replies with streams' privates."""
     wrong = [
         f"{path.relative_to(PACKAGE)}: {ast.unparse(node)}"
         for path in sorted(PACKAGE.rglob("*.py"))
-        if path.name not in ("streams.py", "intake.py")
+        if path.name not in ("streams.py", "scripts.py", "intake.py")
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Attribute)
         and (node.attr == "xautoclaim" or (node.attr.startswith("_") and _is_streams(node.value)))
@@ -226,7 +233,7 @@ def test_only_the_group_reader_adopts_and_parses_raw_reads() -> None:
 
 
 def _is_streams(node: ast.expr) -> bool:
-    return isinstance(node, ast.Name) and node.id == "streams"
+    return isinstance(node, ast.Name) and node.id in ("streams", "scripts")
 
 
 #: (attribute, attribute of its owner or None) of the calls that stop a handler by hand.
