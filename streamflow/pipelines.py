@@ -31,6 +31,7 @@ import redis as redis_sync
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: One command: its name and arguments, as redis-py packs them.
 Command = tuple[Any, ...]
@@ -129,7 +130,7 @@ class AutoPipeline:
             connection = await self._ready()
             self._dirty = True
             commands = [command for call in batch for command in call.commands]
-            await connection.send_packed_command(connection.pack_commands(commands), False)
+            await _write(connection, connection.pack_commands(commands))
             for call in batch:
                 replies = await _read(connection, len(call.commands))
                 if not call.done.done():
@@ -162,6 +163,30 @@ def _fail(batch: list[_Call], exc: Exception) -> None:
     for call in batch:
         if not call.done.done():
             call.done.set_exception(exc)
+
+
+async def _write(connection: Any, packed: list[bytes]) -> None:
+    """Write packed commands: ``send_packed_command`` without its ``asyncio.wait_for``.
+
+    On Python 3.11 that runs every write as a task of its own, a good part of a publish's
+    time on the client. The time limit is the connection's socket timeout, as there; a
+    connection that fails is marked dirty by the caller and reconnected before its next use.
+    """
+    write = getattr(connection, "_send_packed_command", None)
+    if write is None:  # another redis-py: the public way
+        await connection.send_packed_command(packed, False)
+        return
+    if not connection.is_connected:
+        await connection.connect()
+    try:
+        async with asyncio.timeout(connection.socket_timeout):
+            await write(packed)
+    except TimeoutError:
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+    except (AttributeError, TypeError) as exc:  # a torn-down transport (see streamflow.outage)
+        raise RedisConnectionError(f"connection lost while writing ({exc!r})") from exc
 
 
 async def _read(connection: Any, count: int) -> Replies:
