@@ -71,15 +71,23 @@ async def _sequential(send: Any, n: int) -> None:
         await send(i)
 
 
-async def _timed_async(send: Any, n: int, concurrent: bool) -> float:
+#: (jobs/s, the publishing process's CPU per job in microseconds).
+Figures = tuple[float, float]
+
+
+def _figures(n: int, t0: float, cpu0: float) -> Figures:
+    return n / (time.perf_counter() - t0), (time.process_time() - cpu0) / n * 1e6
+
+
+async def _timed_async(send: Any, n: int, concurrent: bool) -> Figures:
     run = _gather if concurrent else _sequential
     await run(send, WARMUP)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await run(send, n)
-    return n / (time.perf_counter() - t0)
+    return _figures(n, t0, cpu0)
 
 
-async def _raw(url: str, ns: str, n: int, concurrent: bool) -> float:
+async def _raw(url: str, ns: str, n: int, concurrent: bool) -> Figures:
     from redis.asyncio import Redis
 
     redis = Redis.from_url(url)
@@ -94,7 +102,7 @@ async def _raw(url: str, ns: str, n: int, concurrent: bool) -> float:
         await redis.aclose()
 
 
-async def _client(url: str, ns: str, n: int, mode: str) -> float:
+async def _client(url: str, ns: str, n: int, mode: str) -> Figures:
     from streamflow import Client
 
     client = Client.from_url(url, namespace=ns)
@@ -102,9 +110,9 @@ async def _client(url: str, ns: str, n: int, mode: str) -> float:
         if mode == "publish_many":
             await client.publish_many(ROLE, [{"i": i} for i in range(WARMUP)])
             payloads = [{"i": i} for i in range(n)]
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             await client.publish_many(ROLE, payloads)
-            return n / (time.perf_counter() - t0)
+            return _figures(n, t0, cpu0)
         if mode == "publish id":
 
             async def send(i: int) -> None:
@@ -120,7 +128,7 @@ async def _client(url: str, ns: str, n: int, mode: str) -> float:
         await client.aclose()
 
 
-def _sync(url: str, ns: str, n: int, mode: str) -> float:
+def _sync(url: str, ns: str, n: int, mode: str) -> Figures:
     if mode == "raw sync":
         import redis
 
@@ -140,39 +148,40 @@ def _sync(url: str, ns: str, n: int, mode: str) -> float:
 
     for i in range(WARMUP):
         send(i)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(n):
         send(i)
-    return n / (time.perf_counter() - t0)
+    return _figures(n, t0, cpu0)
 
 
 def child(mode: str, url: str, ns: str, n: int) -> None:
-    """Measure one mode and print its rate (jobs/s) as JSON."""
+    """Measure one mode and print its rate (jobs/s) and CPU per job (us) as JSON."""
     warnings.simplefilter("ignore")  # the role has no worker: UnknownRoleWarning, once a second
     if mode in ("raw sync", "SyncClient"):
-        rate = _sync(url, ns, n, mode)
+        rate, cpu = _sync(url, ns, n, mode)
     elif mode.startswith("raw"):
-        rate = asyncio.run(_raw(url, ns, n, mode == "raw x100"))
+        rate, cpu = asyncio.run(_raw(url, ns, n, mode == "raw x100"))
     else:
-        rate = asyncio.run(_client(url, ns, n, mode))
-    print(json.dumps({"rate": rate}))
+        rate, cpu = asyncio.run(_client(url, ns, n, mode))
+    print(json.dumps({"rate": rate, "cpu": cpu}))
 
 
 # -- the driver ----------------------------------------------------------------------------------
 
 
-def measure(tree: Path | None, mode: str, url: str, n: int) -> float:
-    """Run one mode in a subprocess importing streamflow from ``tree``; its rate."""
+def measure(tree: Path | None, mode: str, url: str, n: int) -> Figures:
+    """Run one mode in a subprocess importing streamflow from ``tree``; its figures."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree or REPO_ROOT)
     ns = f"pb{uuid.uuid4().hex[:8]}"
     argv = [sys.executable, str(Path(__file__)), "_child", mode, url, ns, str(n)]
     out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True, cwd="/")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(report["rate"]), float(report["cpu"])
 
 
-def run(n: int, rounds: int, before: Path | None) -> dict[str, list[float]]:
-    """Every mode, alternated, ``rounds`` times; the rates by label."""
+def run(n: int, rounds: int, before: Path | None) -> dict[str, list[Figures]]:
+    """Every mode, alternated, ``rounds`` times; the figures by label."""
     import redis
 
     from streamflow.ops.server import RedisServer
@@ -180,33 +189,36 @@ def run(n: int, rounds: int, before: Path | None) -> dict[str, list[float]]:
     trees: dict[str, Path | None] = {"after": REPO_ROOT}
     if before is not None:
         trees = {"before": before, "after": REPO_ROOT}
-    rates: dict[str, list[float]] = {}
+    rates: dict[str, list[Figures]] = {}
     with RedisServer() as server:
         admin = redis.Redis.from_url(server.url)
         for round_ in range(1, rounds + 1):
             for mode in MODES:
                 for name, tree in trees.items() if mode in STREAMFLOW_MODES else [("", None)]:
                     label = f"{mode} ({name})" if name else mode
-                    rate = measure(tree, mode, server.url, n)
+                    rate, cpu = measure(tree, mode, server.url, n)
                     admin.flushdb()
-                    rates.setdefault(label, []).append(rate)
-                    print(f"round {round_} {label}: {rate:,.0f}/s", file=sys.stderr)
+                    rates.setdefault(label, []).append((rate, cpu))
+                    print(f"round {round_} {label}: {rate:,.0f}/s, {cpu:.1f} us", file=sys.stderr)
     return rates
 
 
-def report(rates: dict[str, list[float]]) -> str:
-    """A markdown table: median, min-max, and the median of the per-round ratios."""
+def report(figures: dict[str, list[Figures]]) -> str:
+    """A markdown table: medians, min-max, and the medians of the per-round ratios."""
     lines = [
-        "| mode | jobs/s, median (min-max) | against | ratio, median of rounds |",
-        "|---|---:|---|---:|",
+        "| mode | jobs/s, median (min-max) | against | jobs/s ratio, median of rounds "
+        "| publisher CPU per job, us | CPU ratio |",
+        "|---|---:|---|---:|---:|---:|",
     ]
-    for label, values in rates.items():
-        mode = label.split(" (")[0]
-        base = MODES[mode]
-        ratios = [v / b for v, b in zip(values, rates[base], strict=True)]
+    for label, values in figures.items():
+        base = MODES[label.split(" (")[0]]
+        rates, cpus = [v[0] for v in values], [v[1] for v in values]
+        rate_ratios = [v[0] / b[0] for v, b in zip(values, figures[base], strict=True)]
+        cpu_ratios = [v[1] / b[1] for v, b in zip(values, figures[base], strict=True)]
         lines.append(
-            f"| {label} | {statistics.median(values):,.0f} ({min(values):,.0f}-"
-            f"{max(values):,.0f}) | {base} | x{statistics.median(ratios):.2f} |"
+            f"| {label} | {statistics.median(rates):,.0f} ({min(rates):,.0f}-"
+            f"{max(rates):,.0f}) | {base} | x{statistics.median(rate_ratios):.2f} "
+            f"| {statistics.median(cpus):.1f} | x{statistics.median(cpu_ratios):.2f} |"
         )
     return "\n".join(lines)
 
