@@ -21,6 +21,7 @@ IO_MODULES = {
     "streamflow.connect",
     "streamflow.outage",
     "streamflow.sentinel",
+    "streamflow.pipelines",
     "streamflow.leases",
     "streamflow.signals",
     "streamflow.settle",

@@ -10,9 +10,10 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from streamflow import Client, PayloadError, SyncClient
+from streamflow import Client, PayloadError, RedisUnavailable, SyncClient
 from streamflow.errors import RedisCommandError
 from streamflow.keys import Keys
+from streamflow.ops.server import RedisServer
 from streamflow.protocol import decode_job
 
 pytestmark = pytest.mark.anyio
@@ -130,12 +131,12 @@ async def test_cancelled_waiting_publishes_are_not_sent_and_the_rest_go_on(
                 results[i] = await client.publish("waits", {"i": i})
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(busy_redis, redis, 300, on_wire.set)
+            tg.start_soon(busy_redis, redis, 600, on_wire.set)
             await on_wire.wait()
-            await anyio.sleep(0.05)  # the script is running: Redis answers nobody meanwhile
+            await anyio.sleep(0.1)  # the script is running: Redis answers nobody meanwhile
             for i in range(20):
                 tg.start_soon(publish, i)
-            await anyio.sleep(0.05)  # 0 is on the wire, 1..19 wait behind it
+            await anyio.sleep(0.1)  # 0 is on the wire, 1..19 wait behind it
             for i in range(1, 20, 2):
                 scopes[i].cancel()
         after = await client.publish("waits", "after")
@@ -159,14 +160,14 @@ async def test_cancelling_the_sender_of_a_batch_does_not_fail_the_calls_behind_i
 
         first = anyio.CancelScope()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(busy_redis, redis, 300, on_wire.set)
+            tg.start_soon(busy_redis, redis, 600, on_wire.set)
             await on_wire.wait()
-            await anyio.sleep(0.05)
+            await anyio.sleep(0.1)
             tg.start_soon(publish, 0, first)
-            await anyio.sleep(0.02)  # 0 sends alone and waits for Redis
+            await anyio.sleep(0.1)  # 0 sends alone and waits for Redis
             for i in range(1, 10):
                 tg.start_soon(publish, i)
-            await anyio.sleep(0.02)
+            await anyio.sleep(0.1)
             first.cancel()  # its connection is dropped; 1..9 go on another
     assert sorted(results) == list(range(1, 10))
     delivered = set(await published(redis, namespace, "lead"))
@@ -206,3 +207,24 @@ def test_sync_client_threads_share_the_held_connection_or_the_pool(
         entries = client.redis.xrange(Keys(namespace).role_stream("threads"))
     assert sorted(decode_job(fields).id for _, fields in entries) == sorted(ids)
     assert len(set(ids)) == 800
+
+
+async def test_the_held_connections_reconnect_after_redis_restarts(
+    private_redis: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = private_redis()
+    async with Client.from_url(server.url, namespace=namespace) as client:
+        await client.publish("restarts", 1)
+        with SyncClient(server.url, namespace=namespace) as sync:
+            sync.publish("restarts", 1)
+            server.restart()
+            assert sync.publish("restarts", 2)
+        await anyio.sleep(0.1)  # the event loop sees the old connection closed
+        assert await client.publish("restarts", 2)
+        assert await client.publish_many("restarts", [3, 4])
+        server.kill()
+        with pytest.raises(RedisUnavailable):
+            await client.publish("restarts", 5)
+        server.restart()
+        await anyio.sleep(0.1)
+        assert await client.publish("restarts", 6)
