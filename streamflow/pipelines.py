@@ -9,10 +9,11 @@ one round trip. Each call's commands stay in order and next to each other, and e
 its own replies: an error reply fails only the call it answers. A lost connection fails every
 call of the batch (each may or may not have run, as for a single command).
 
-A caller cancelled while it waits in the queue is taken out and nothing of it is sent. The
-caller that sends a batch for others finishes it, shielded, before its own cancellation takes
-effect, so cancelling it never fails the others; one that sends only its own commands is
-cancelled at once and the connection, whose state is then unknown, is dropped.
+A caller cancelled while it waits in the queue is taken out and nothing of it is sent. A batch
+of several callers' commands runs as a task of its own (shielded from the caller that started
+it: cancelling that caller never fails the others, and the next batch starts only when this
+one's replies are all read); a caller that sends only its own commands runs them itself, and
+when it is cancelled the connection, whose state is then unknown, is reconnected.
 
 The blocking client (:class:`HeldConnection`) cannot coalesce for one thread; it only skips the
 pool, and a second thread that finds the held connection busy goes through the pool instead.
@@ -26,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import redis as redis_sync
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -66,6 +66,8 @@ class AutoPipeline:
         self._queue: list[_Call] = []
         #: A batch is on the wire, or a waiting call was handed the next one.
         self._sending = False
+        #: The batch sent for several callers, while it runs (a reference keeps it alive).
+        self._flight: asyncio.Future[None] | None = None
 
     async def call(self, commands: Sequence[Command]) -> Replies:
         """Run ``commands`` in order in the next pipeline; their replies.
@@ -93,15 +95,30 @@ class AutoPipeline:
         # A call whose caller was cancelled meanwhile has its future cancelled: not sent.
         batch = [call for call in self._queue if not call.done.done()]
         self._queue = []
-        try:
-            if len(batch) == 1:
+        if len(batch) == 1:
+            try:
                 await self._send(batch, own)
-            else:
-                with anyio.CancelScope(shield=True):  # the others' replies are read whatever
-                    await self._send(batch, own)
+            finally:
+                self._hand_on()
+            return own.done.result()
+        # The others' replies are read whatever happens to this caller: the batch runs as a
+        # task of its own that an anyio or asyncio cancellation of the caller leaves alone.
+        self._flight = asyncio.ensure_future(self._send_then_hand_on(batch, own))
+        try:
+            await asyncio.shield(self._flight)
+        except asyncio.CancelledError:
+            if not own.done.done():
+                own.done.cancel()  # its reply, when it comes, is nobody's
+            elif not own.done.cancelled():
+                own.done.exception()  # read, so that asyncio does not log it as lost
+            raise
+        return own.done.result()
+
+    async def _send_then_hand_on(self, batch: list[_Call], own: _Call) -> None:
+        try:
+            await self._send(batch, own)
         finally:
             self._hand_on()
-        return own.done.result()
 
     def _hand_on(self) -> None:
         """Make the first call that arrived meanwhile send the next batch, or stop sending."""

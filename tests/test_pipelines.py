@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from streamflow import Client, PayloadError, RedisUnavailable, SyncClient
 from streamflow.errors import RedisCommandError
 from streamflow.keys import Keys
 from streamflow.ops.server import RedisServer
+from streamflow.pipelines import AutoPipeline
 from streamflow.protocol import decode_job
 
 pytestmark = pytest.mark.anyio
@@ -228,3 +230,26 @@ async def test_the_held_connections_reconnect_after_redis_restarts(
         server.restart()
         await anyio.sleep(0.1)
         assert await client.publish("restarts", 6)
+
+
+async def test_an_asyncio_cancel_of_the_sender_of_a_shared_batch_does_not_fail_the_others(
+    redis: Redis,
+) -> None:
+    lane = AutoPipeline(redis)
+    slow = (("EVAL", BUSY, 0, 300),)
+    try:
+        first = asyncio.ensure_future(lane.call(slow))  # alone on the wire for 300 ms
+        await asyncio.sleep(0.1)
+        sender = asyncio.ensure_future(lane.call(slow))  # sends the next batch, with the rest
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(lane.call((("INCR", f"{key}"),))) for key in "abcde"]
+        assert await first == [1]
+        await asyncio.sleep(0.1)  # the second batch is on the wire: its script runs
+        sender.cancel()
+        assert [await call for call in rest] == [[1]] * 5
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+        assert await lane.call((("PING",),)) == [b"PONG"]  # raw replies: no callbacks
+    finally:
+        await lane.aclose()
+        await redis.delete(*"abcde")
