@@ -5,6 +5,12 @@ role's partitions (warning about a role no worker ever served), build and check 
 up a cancel of a chosen id, then XADD, ZADD or a script. :class:`Publisher` writes each of these
 once, as steps that run on either client (see :mod:`streamflow.steps`); the clients only run
 them and turn Redis failures into documented errors.
+
+The common publish (no dedup key, no delay, the role's layout known) takes a shorter way:
+:meth:`Publisher.plain` builds its commands without I/O, the client's held connection (see
+:mod:`streamflow.pipelines`) sends them, coalesced with concurrent publishes, and
+:meth:`Publisher.check_plain` reads the replies; ``publish_many`` sends all its chunks there in
+one round trip.
 """
 
 from __future__ import annotations
