@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from streamflow import Client, PayloadError, RedisUnavailable, SyncClient
-from streamflow.errors import RedisCommandError
+from streamflow.errors import CancelledIdWarning, RedisCommandError
 from streamflow.keys import Keys
 from streamflow.ops.server import RedisServer
 from streamflow.pipelines import AutoPipeline
@@ -253,3 +253,19 @@ async def test_an_asyncio_cancel_of_the_sender_of_a_shared_batch_does_not_fail_t
     finally:
         await lane.aclose()
         await redis.delete(*"abcde")
+
+
+async def test_a_chosen_id_under_a_cancel_warns_on_the_short_way_too(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    async with Client.from_url(redis_url, namespace=namespace) as client:
+        await client.publish("marked", "warm-up")  # the layout is cached: the short way below
+        await client.cancel("doomed", target="message", preemptive=True)
+        with pytest.warns(CancelledIdWarning, match="message doomed is cancelled") as caught:
+            assert await client.publish("marked", 1, message_id="doomed") == "doomed"
+        assert caught[0].filename == __file__  # shown at the caller, not inside streamflow
+        with SyncClient(redis_url, namespace=namespace) as sync:
+            sync.publish("marked", "warm-up")
+            with pytest.warns(CancelledIdWarning, match="message doomed is cancelled"):
+                sync.publish("marked", 2, message_id="doomed")
+    assert (await published(redis, namespace, "marked")).count("doomed") == 2  # published anyway
