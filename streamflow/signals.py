@@ -560,9 +560,14 @@ def cancelled_already(redis: Any, keys: Keys, target: str, target_id: str) -> St
     or a blocking client (see :mod:`streamflow.steps`).
     """
     pipe = redis.pipeline(transaction=False)
-    for name in (target, "any"):
-        pipe.exists(keys.cancel_marker(name, target_id))
+    for marker in cancel_markers(keys, target, target_id):
+        pipe.exists(marker)
     return any((yield pipe.execute()))
+
+
+def cancel_markers(keys: Keys, target: str, target_id: str) -> tuple[str, str]:
+    """The markers whose existence means a cancel of ``target_id`` is in force (one slot)."""
+    return keys.cancel_marker(target, target_id), keys.cancel_marker("any", target_id)
 
 
 def cancelled_already_text(target: str, target_id: str) -> str:

@@ -22,6 +22,7 @@ IO_MODULES = {
     "streamflow.connect",
     "streamflow.outage",
     "streamflow.sentinel",
+    "streamflow.pipelines",
     "streamflow.leases",
     "streamflow.signals",
     "streamflow.settle",
