@@ -103,7 +103,7 @@ async def task_progress(task_id: str, client: Streamflow) -> StreamingResponse:
 async def call_quote(
     order: Order,
     client: Streamflow,
-    timeout: Annotated[float, Query(gt=0, le=30)] = 5.0,
+    timeout: Annotated[float, Query(gt=0, le=30)] = 5.0,  # noqa: ASYNC109 - a query parameter
 ) -> Any:
     """Call the ``quote`` role and answer with its result (request/reply)."""
     try:
