@@ -19,6 +19,7 @@ from django.views.decorators.http import require_POST
 
 from streamflow import RedisUnavailable, SyncClient
 
+# --8<-- [start:client]
 _client: SyncClient | None = None
 _lock = threading.Lock()
 
@@ -42,8 +43,10 @@ def close_client() -> None:
         if _client is not None:
             _client.close()
             _client = None
+    # --8<-- [end:client]
 
 
+# --8<-- [start:view]
 @require_POST
 def place_order(request: HttpRequest) -> JsonResponse:
     """Queue the order's invoice; answer at once with the job's message id."""
@@ -54,6 +57,7 @@ def place_order(request: HttpRequest) -> JsonResponse:
             {"order_id": order["order_id"], "email": order["email"]},
             dedup_key=f"order-{order['order_id']}",  # the same order twice: one job
         )
-    except RedisUnavailable:  # nothing was queued for sure: the caller may retry
+    except RedisUnavailable:  # maybe queued, maybe not: a retry is safe (the dedup key)
         return JsonResponse({"error": "queue unavailable, try again"}, status=503)
     return JsonResponse({"message_id": message_id}, status=202)
+    # --8<-- [end:view]

@@ -29,13 +29,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from examples.fastapi_app.worker_app import Order, Welcome, report
-from streamflow import Client, JobFailedError, ResultTimeoutError
-from streamflow.protocol import LifecycleEvent
+from streamflow import Client, JobFailedError, ResultTimeoutError, TaskState
+from streamflow.protocol import PROTOCOL_VERSION, LifecycleEvent, now_ms
 
 #: A task's states after which nothing more happens to it.
 TASK_ENDS = {"succeeded", "failed", "cancelled"}
+#: A task that ended longer ago than this (ms) gets its final state, not a replay of events.
+REPLAY_ENDED_MS = 60_000
 
 
+# --8<-- [start:lifespan]
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Client]]:
     """One client for the app's lifetime, in the lifespan state (``request.state.client``)."""
@@ -54,14 +57,18 @@ def get_client(request: Request) -> Client:
 Streamflow = Annotated[Client, Depends(get_client)]
 
 app = FastAPI(title="streamflow recipe", lifespan=lifespan)
+# --8<-- [end:lifespan]
 
 
+# --8<-- [start:publish]
 @app.post("/jobs", status_code=202)
 async def publish_welcome(user: Welcome, client: Streamflow) -> dict[str, str]:
     """Publish a job and answer at once; a worker runs it later."""
     return {"message_id": await client.publish("welcome", user)}
+    # --8<-- [end:publish]
 
 
+# --8<-- [start:progress]
 class ReportRequest(BaseModel):
     """How many pages the report task scans."""
 
@@ -79,6 +86,19 @@ def sse(event: LifecycleEvent) -> str:
     return f"event: {event.type}\ndata: {event.model_dump_json(exclude_none=True)}\n\n"
 
 
+async def ended(task: TaskState) -> AsyncIterator[str]:
+    """One ``task`` event with the final state of a task that ended long ago."""
+    final = LifecycleEvent(
+        protocol=PROTOCOL_VERSION,
+        kind="lifecycle",
+        type="task",
+        at_ms=task.finished_at_ms or task.created_at_ms,
+        task_id=task.id,
+        state=task.state,
+    )
+    yield sse(final)
+
+
 async def task_events(client: Client, task_id: str, since_ms: int) -> AsyncIterator[str]:
     """The task's events since ``since_ms``, up to and including the one that ends it."""
     async for event in client.events(task_id=task_id, since_ms=since_ms):
@@ -93,12 +113,17 @@ async def task_progress(task_id: str, client: Streamflow) -> StreamingResponse:
     task = await client.task(task_id)
     if task is None:
         raise HTTPException(404, f"no task {task_id!r}")
+    if task.finished_at_ms is not None and now_ms() - task.finished_at_ms > REPLAY_ENDED_MS:
+        # Its events may have left the capped events stream: the final state is the truth.
+        return StreamingResponse(ended(task), media_type="text/event-stream")
     # Replay from its submission: the events written before this request are not missed. The
     # margin covers a web server's clock a little ahead of Redis's (since_ms is Redis time).
     events = task_events(client, task_id, since_ms=task.created_at_ms - 1000)
     return StreamingResponse(events, media_type="text/event-stream")
+    # --8<-- [end:progress]
 
 
+# --8<-- [start:call]
 @app.post("/call")
 async def call_quote(
     order: Order,
@@ -112,3 +137,4 @@ async def call_quote(
         raise HTTPException(504, {"message_id": e.message_id, "error": str(e)}) from e
     except JobFailedError as e:  # dead-lettered or cancelled: it will never answer
         raise HTTPException(502, {"message_id": e.message_id, "reason": e.reason}) from e
+    # --8<-- [end:call]

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from examples.fastapi_app import app as recipe
 from examples.fastapi_app import worker_app
-from examples.fastapi_app.app import app
 from streamflow import App, SyncClient, Worker
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -24,13 +24,15 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 Serve = Callable[[App], AbstractContextManager[Worker]]
 
 
+# --8<-- [start:fixture]
 @pytest.fixture
 def web(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     """The app with its lifespan run, configured by environment as in production."""
     monkeypatch.setenv("STREAMFLOW_REDIS_URL", redis_url)
     monkeypatch.setenv("STREAMFLOW_NAMESPACE", namespace)
-    with TestClient(app) as client:  # `with`: the lifespan opens the app's Client
+    with TestClient(recipe.app) as client:  # `with`: the lifespan opens the app's Client
         yield client
+    # --8<-- [end:fixture]
 
 
 def server_sent_events(text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -53,6 +55,7 @@ def test_post_jobs_publishes_a_job_that_a_worker_runs(
             assert client.result(message_id, timeout=10) == "Welcome, ada@example.com!"
 
 
+# --8<-- [start:progress]
 def test_a_task_streams_its_progress_until_it_ends(web: TestClient, serve: Serve) -> None:
     with serve(worker_app.app):
         response = web.post("/tasks", json={"pages": 3})
@@ -68,6 +71,21 @@ def test_a_task_streams_its_progress_until_it_ends(web: TestClient, serve: Serve
     assert progress and progress[-1] == {"done": 3, "total": 3}  # the last value is never lost
     nodes = {(data["node_id"], data["state"]) for name, data in events if name == "node"}
     assert {("scan", "succeeded"), ("rows", "succeeded")} <= nodes
+    # --8<-- [end:progress]
+
+
+def test_a_task_that_ended_long_ago_gets_its_final_state_only(
+    web: TestClient, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve(worker_app.app):
+        task_id = web.post("/tasks", json={"pages": 2}).json()["task_id"]
+        first = server_sent_events(web.get(f"/tasks/{task_id}/progress").text)
+    monkeypatch.setattr(recipe, "REPLAY_ENDED_MS", -1)  # every ended task is "long ago"
+    again = server_sent_events(web.get(f"/tasks/{task_id}/progress").text)
+
+    assert len(first) > 1 and first[-1][1]["state"] == "succeeded"  # the task has ended
+    [(name, data)] = again
+    assert (name, data["task_id"], data["state"]) == ("task", task_id, "succeeded")
 
 
 def test_the_progress_of_an_unknown_task_is_404(web: TestClient) -> None:
