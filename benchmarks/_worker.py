@@ -71,12 +71,15 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
 async def drain(args: argparse.Namespace) -> None:
     app = App()
 
-    @app.role(
-        ROLE,
-        partitions=args.partitions,
-        keep_result=args.keep_result,
-        events=args.events == "on",
-    )
+    # Only options away from their defaults are passed: a snapshot of an older streamflow
+    # (benchmarks/compare_drain.py) may not know them.
+    options: dict[str, Any] = {"partitions": args.partitions}
+    if args.keep_result:
+        options["keep_result"] = args.keep_result
+    if args.events == "off":
+        options["events"] = False
+
+    @app.role(ROLE, **options)
     async def noop(ctx: Context, payload: Any) -> Any:
         return payload  # kept only with --keep-result
 
