@@ -2,7 +2,8 @@
 
 Any number of coordinators run at once. They share every role's events stream (and the tasks
 control stream) as the consumer group ``coordinators`` and adopt each other's events left
-pending past the lease TTL, as workers adopt jobs. For each task with new events a coordinator:
+pending past the lease TTL, as workers adopt jobs. They also take the task submissions of other
+languages (:mod:`streamflow.dag.submissions`). For each task with new events a coordinator:
 
 1. loads the task's state (one HMGET) and applies the events with the pure state machine of
    :mod:`streamflow.dag.tasks` (duplicates, stale runs and any order are harmless);
@@ -45,6 +46,7 @@ from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.dag.outbox import Outbox
 from streamflow.dag.stepper import Stepper
 from streamflow.dag.store import DEFAULT_RETENTION_MS, TaskStore
+from streamflow.dag.submissions import Submissions
 from streamflow.dag.tasks import Event, Internal
 from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.functions import BUILTINS, Function
@@ -137,6 +139,9 @@ class Coordinator:
             functions=self.functions,
             role_limits=self.role_limits,
             consumer=self.consumer,
+        )
+        self.submissions = Submissions(
+            redis, self._keys, self.store, functions=set(self.functions), consumer=self.consumer
         )
         self._stepper = Stepper(
             redis, self._keys, self.store, self._outbox, self._book, limited=self._limited
@@ -324,7 +329,7 @@ class Coordinator:
         New roles appear with new tasks and workers.
         """
         found = await self._redis.smembers(self._keys.known_roles())
-        wanted = [self._keys.tasks_control()]
+        wanted = [self._keys.tasks_control(), self._keys.task_submissions()]
         for role in sorted(streams.text(r) for r in found):
             with contextlib.suppress(ConfigError, InvalidNameError):
                 layout = await self._layouts.get(role)
@@ -491,6 +496,10 @@ class Coordinator:
         """Apply a read's events task by task, then acknowledge and delete them."""
         by_task: dict[str, list[Event]] = defaultdict(list)
         for stream, entry in entries:
+            if stream == self._keys.task_submissions():
+                # Creates the task, whose control entry then starts it like any other.
+                await self.submissions.take(entry)
+                continue
             if stream == self._keys.tasks_control():
                 task_id = entry.fields.get(b"task", b"").decode(errors="replace")
                 with contextlib.suppress(ValueError):
