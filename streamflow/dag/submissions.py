@@ -117,8 +117,10 @@ def parse(raw: bytes | None) -> tuple[Submission | None, list[str]]:
     if not isinstance(doc, dict):
         return None, ["a submission is a JSON object with 'protocol', 'kind' and 'graph'"]
     problems = _envelope_problems(doc)
+    if "graph" not in doc:
+        return None, [*problems, "graph: Field required"]
     try:
-        spec = graphs.parse(doc.get("graph"))
+        spec = graphs.parse(doc["graph"])
     except graphs.GraphError as exc:
         return None, problems + [f"graph: {p}" for p in exc.problems]
     if problems:
@@ -136,7 +138,7 @@ def _envelope_problems(doc: dict[str, Any]) -> list[str]:
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
             for err in exc.errors()
         ]
-    return [] if "graph" in doc else ["graph: Field required"]
+    return []
 
 
 class _Envelope(BaseModel):

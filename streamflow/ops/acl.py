@@ -77,6 +77,8 @@ from streamflow.keys import (
     TASKS_CONTROL,
     TASKS_INDEX,
     TASKS_MARK,
+    TASKS_SUBMISSIONS,
+    SUBMISSION,
     KeyKind,
     Keys,
     validate_name,
@@ -159,13 +161,15 @@ PUBLISHER = PartRules(
         TASKS_CONTROL: "submit: XADD 'task <id> type submitted'",
         TASK_STATE: "submit: task_commit.lua (HGET v, HSET); submit --wait: HGET",
         TASK_OUTBOX: "submit: a key of task_commit.lua (not written at creation)",
+        TASKS_SUBMISSIONS: "a submission from any language: XADD",
+        SUBMISSION: "Client.submission: GET of a submission's outcome",
     },
     commands={
         **_CONNECTION,
         **_SCRIPTS,
-        "xadd": "publish, publish_many.lua, publish_dedup.lua, submit",
+        "xadd": "publish, publish_many.lua, publish_dedup.lua, submit, a submission",
         "zadd": "delayed publish, publish_dedup.lua, submit (index)",
-        "get": "publish_dedup.lua (is the dedup key used?)",
+        "get": "publish_dedup.lua (is the dedup key used?), a submission's outcome",
         "smembers": "submit (known roles and functions)",
         "sadd": "submit (active set, known roles)",
         "hget": "task_commit.lua (version), submit --wait, a role's partitions",
@@ -275,6 +279,8 @@ COORDINATOR = PartRules(
         COORDINATOR_REGISTRY: "its registry entry: HSET, HGETALL, HDEL",
         KNOWN_ROLES: "SMEMBERS (which events streams to read)",
         TASKS_CONTROL: "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
+        TASKS_SUBMISSIONS: "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
+        SUBMISSION: "EXISTS, SET NX PX (or SET PX) of a submission's outcome",
         TASKS_ACTIVE: "SMEMBERS (sweep), SREM of ended tasks",
         EVENTS: "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
         DEAD_LETTERS: "XADD of a malformed event",
@@ -299,7 +305,7 @@ COORDINATOR = PartRules(
         **_CONNECTION,
         **_SCRIPTS,
         **_STARTUP_CHECKS,
-        "exists": "forget.lua (is a consumer's mark alive?)",
+        "exists": "forget.lua (is a consumer's mark alive?), is a submission answered?",
         "xinfo|consumers": "the cleanup of dead consumer names",
         "script|exists": "publish_dedup.lua queued on a pipeline (redis-py checks first)",
         "sadd": "known functions; slot.lua",
@@ -326,13 +332,17 @@ COORDINATOR = PartRules(
     },
     narrow=(
         Narrow(
-            {"set": "publish_dedup.lua, a reduce's result, cancel.lua, mark_cancel.lua, marks"},
+            {
+                "set": "publish_dedup.lua, a reduce's result, cancel.lua, mark_cancel.lua, "
+                "marks, a submission's outcome"
+            },
             (
                 DEDUP,
                 TASK_RESULT,
                 CANCEL_MARKER,
                 TASKS_MARK,
                 ROLE_MARK,
+                SUBMISSION,
             ),
         ),
         Narrow(
@@ -363,7 +373,7 @@ COORDINATOR = PartRules(
                 "xgroup|delconsumer": "forget.lua (a dead coordinator that holds nothing)",
                 "xpending": "claim.lua (adopted counts); forget.lua (does a dead one hold any?)",
             },
-            (TASKS_CONTROL, EVENTS),
+            (TASKS_CONTROL, TASKS_SUBMISSIONS, EVENTS),
         ),
     ),
 )

@@ -227,6 +227,8 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("known_roles", (), ALL_PARTS),
     ("coordinators", (), ALL_PARTS[1:]),
     ("known_functions", (), ("publisher", "coordinator")),
+    ("task_submissions", (), ("publisher", "coordinator")),
+    ("submission", ("t",), ("publisher", "coordinator")),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,

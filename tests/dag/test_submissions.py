@@ -1,0 +1,265 @@
+"""Tasks submitted by XADD (streamflow.dag.submissions): checked, created once, answered by id.
+
+The process tests run a worker and two coordinators as ``streamflow`` subprocesses on a real
+redis-server and submit with ``redis-cli``, as a service in another language would.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis as redis_sync
+
+from streamflow import Client
+from streamflow.dag import submissions
+from streamflow.dag.graph import MAX_DOCUMENT_BYTES
+from streamflow.dag.submissions import SubmissionResult
+from streamflow.keys import Keys
+from tests.helpers import CLI, ROOT, clean_env, wait_for
+
+TASK_APP = "tests.task_apps:app"
+LEASE = ("--lease-ttl", "1", "--block-ms", "200")
+#: A two-node task of tests.task_apps: ``src`` emits 3 batches of 2, ``step`` doubles each.
+GRAPH: dict[str, Any] = {
+    "name": "from-cli",
+    "nodes": [
+        {"id": "src", "role": "src", "params": {"n": 3, "size": 2}},
+        {"id": "step", "role": "step"},
+    ],
+    "edges": [{"from": "src", "to": "step", "on": "batch"}],
+}
+
+
+def submission(graph: Any, **extra: Any) -> str:
+    return json.dumps({"protocol": 1, "kind": "submission", "graph": graph, **extra})
+
+
+# -- parsing, no Redis ------------------------------------------------------------------------
+
+
+def test_a_valid_submission_parses_with_its_params() -> None:
+    parsed, problems = submissions.parse(submission(GRAPH, params={"n": 1}).encode())
+    assert problems == []
+    assert parsed is not None and parsed.params == {"n": 1}
+    assert [n.id for n in parsed.graph.nodes] == ["src", "step"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (None, "the entry has no 'submission' field"),
+        (b"{not json", "not valid JSON"),
+        (b'{"protocol":1,"protocol":1}', "has the key 'protocol' twice"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1, 2]", "a submission is a JSON object"),
+        (b'{"protocol":1,"kind":"submission"}', "graph: Field required"),
+        (b"x" * (MAX_DOCUMENT_BYTES + 70_000), "over"),
+    ],
+)
+def test_malformed_submissions_are_refused_with_a_problem(raw: bytes | None, problem: str) -> None:
+    parsed, problems = submissions.parse(raw)
+    assert parsed is None
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_every_problem_of_the_envelope_and_the_graph_is_listed() -> None:
+    doc = submission(
+        {"nodes": [{"id": "a b", "role": "src"}], "extra": 1},
+        protocol=2,
+        kind="job",
+        params=[1],
+        id="x",
+    )
+    parsed, problems = submissions.parse(doc.encode())
+    assert parsed is None
+    text = "\n".join(problems)
+    for part in ("protocol", "kind", "params", "id: Extra inputs", "graph: node 'a b'.id"):
+        assert part in text, problems
+    assert "graph: extra" in text, problems
+
+
+def test_the_schema_lists_the_submission_and_its_result() -> None:
+    schemas = submissions.json_schemas()
+    assert schemas["submission"]["required"] == ["protocol", "kind", "graph"]
+    assert schemas["submission"]["additionalProperties"] is False
+    assert set(schemas["submission_result"]["properties"]["state"]["enum"]) == {
+        "accepted",
+        "rejected",
+    }
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    """A worker and two coordinators of one namespace, and a way to XADD with redis-cli."""
+
+    redis_url: str
+    namespace: str
+    logs: list[Path]
+    redis: redis_sync.Redis
+
+    def xadd(self, *fields: str) -> str:
+        """XADD to the submissions stream with redis-cli; returns the entry id."""
+        stream = f"{self.namespace}:{{tasks}}:submissions"
+        done = subprocess.run(
+            ["redis-cli", "-u", self.redis_url, "XADD", stream, "*", *fields],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert done.stdout.strip() and "ERR" not in done.stdout, done.stdout
+        return done.stdout.strip()
+
+    def result(self, submission_id: str, timeout: float = 30) -> SubmissionResult:
+        key = Keys(self.namespace).submission(submission_id)
+        wait_for(lambda: self.redis.exists(key), timeout, f"the outcome of {submission_id}")
+        return submissions.decode_result(self.redis.get(key))  # type: ignore[arg-type]
+
+    def task_state(self, task_id: str) -> str:
+        raw: Any = self.redis.hget(Keys(self.namespace).task_state(task_id), "task")
+        return str(orjson.loads(raw)["state"]) if raw else "unknown"
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs)
+
+
+@pytest.fixture
+def system(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[System]:
+    if shutil.which("redis-cli") is None:
+        pytest.fail("redis-cli is not on PATH (apt-get install redis-tools)")
+    connection = ["--redis-url", redis_url, "--namespace", namespace]
+    env = clean_env(SFTEST_RECORD=str(tmp_path / "record.txt"))
+    commands = {
+        "worker": [*CLI, "worker", "--app", TASK_APP, *connection, "--consumer-name", "w1"],
+        "coord-a": [*CLI, "coordinator", *connection, "--consumer-name", "coord-a"],
+        "coord-b": [*CLI, "coordinator", *connection, "--consumer-name", "coord-b"],
+    }
+    processes, logs = [], []
+    for name, command in commands.items():
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as err:
+            processes.append(
+                subprocess.Popen(
+                    [*command, *LEASE], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
+                )
+            )
+        logs.append(log)
+    client = redis_sync.Redis.from_url(redis_url)
+    # The graph check needs the roles registered: the worker registers them as it starts.
+    roles = Keys(namespace).known_roles()
+    wait_for(lambda: client.sismember(roles, "step"), 30, "the worker registers its roles")
+    try:
+        yield System(redis_url, namespace, logs, client)
+    finally:
+        for process in processes:
+            alive = process.poll() is None
+            process.kill()
+            process.wait(timeout=10)
+            assert alive, "a process exited before the end of the test"
+        client.close()
+        assert "Traceback" not in "".join(p.read_text(errors="replace") for p in logs)
+
+
+def src_runs(system: System, task_id: str) -> int:
+    record = Path(system.logs[0]).parent / "record.txt"
+    lines = record.read_text().splitlines() if record.exists() else []
+    return sum(1 for line in lines if line.split()[:3] == ["START", task_id, "src"])
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_a_task_submitted_with_redis_cli_runs_once_even_when_the_xadd_is_repeated(
+    system: System,
+) -> None:
+    first = system.xadd("id", "cli-1", "submission", submission(GRAPH))
+    # A retried XADD (its reply was lost): the other coordinator may well take this one.
+    system.xadd("id", "cli-1", "submission", submission(GRAPH))
+    result = system.result("cli-1")
+    assert (result.state, result.problems, result.id) == ("accepted", [], "cli-1")
+    wait_for(lambda: system.task_state("cli-1") == "succeeded", 30, "the task succeeds")
+    assert src_runs(system, "cli-1") == 1
+    # The first outcome stands: answered once, about the entry that created the task.
+    wait_for(lambda: system.redis.xlen(f"{system.namespace}:{{tasks}}:submissions") == 0, 10, "")
+    assert system.result("cli-1").entry_id in (first, result.entry_id)
+    assert system.result("cli-1") == result
+    assert system.redis.zcard(Keys(system.namespace).tasks_index()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_an_invalid_submission_is_rejected_with_every_problem_readable_by_id(
+    system: System,
+) -> None:
+    graph = {
+        "nodes": [
+            {"id": "src", "role": "src"},
+            {"id": "loop", "role": "nobody-serves-this"},
+            {"id": "fn", "function": "no.such.function"},
+        ],
+        "edges": [
+            {"from": "src", "to": "loop"},
+            {"from": "loop", "to": "src"},
+            {"from": "src", "to": "ghost"},
+        ],
+    }
+    system.xadd("id", "bad-1", "submission", submission(graph))
+    system.xadd("id", "bad-json", "submission", "{nope")
+    result = system.result("bad-1")
+    assert result.state == "rejected"
+    text = "\n".join(result.problems)
+    for part in ("nobody-serves-this", "no.such.function", "ghost", "cycle"):
+        assert part in text, result.problems
+    assert "not valid JSON" in system.result("bad-json").problems[0]
+    assert system.task_state("bad-1") == "unknown"  # nothing was created
+    assert system.redis.zcard(Keys(system.namespace).tasks_index()) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_hostile_entries_never_forge_a_log_line_nor_stop_a_coordinator(system: System) -> None:
+    system.xadd("id", "x\nFORGED by the id", "submission", submission(GRAPH))
+    system.xadd("submission", submission(GRAPH))  # no id at all
+    hostile = {"nodes": [{"id": "ok", "role": "src\nFORGED by a role"}]}
+    system.xadd("id", "hostile-1", "submission", submission(hostile))
+    assert system.result("hostile-1").state == "rejected"
+    # Still serving: a valid one after them runs.
+    system.xadd("id", "after-1", "submission", submission(GRAPH))
+    assert system.result("after-1").state == "accepted"
+    wait_for(lambda: system.task_state("after-1") == "succeeded", 30, "the task succeeds")
+    wait_for(lambda: "no valid 'id' field" in system.log_text(), 10, "the dropped entries logged")
+    assert not any(line.startswith("FORGED") for line in system.log_text().splitlines())
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_an_id_in_use_is_refused_and_a_first_outcome_stands(
+    system: System, redis_url: str, namespace: str
+) -> None:
+    async with Client.from_url(redis_url, namespace=namespace) as client:
+        await client.submit(GRAPH, task_id="py-1")
+        assert await client.submission("py-1") is None  # submitted from Python: no outcome
+        other = {**GRAPH, "name": "another"}
+        system.xadd("id", "py-1", "submission", submission(other))
+        refused = system.result("py-1")
+        assert refused.state == "rejected"
+        assert refused.problems == ["task id 'py-1' is in use by another task"]
+        # Accepted, then the id sent again with an invalid graph: the acceptance stands.
+        system.xadd("id", "twice", "submission", submission(GRAPH))
+        accepted = system.result("twice")
+        system.xadd("id", "twice", "submission", "{nope")
+        stream = f"{namespace}:{{tasks}}:submissions"
+        wait_for(lambda: system.redis.xlen(stream) == 0, 10, "every entry taken")
+        assert await client.submission("twice") == accepted
+        assert (await client.wait("twice", timeout=30)).state == "succeeded"
