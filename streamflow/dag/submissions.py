@@ -14,7 +14,9 @@ line, never in a stopped coordinator.
 The id is chosen by the client and is the task's id, so a retried XADD is harmless: an id's
 first outcome stands. Two coordinators racing over two entries of one id agree through the
 task store (creating a task whose id is in use is refused): the one that created the task
-writes ``accepted`` over anything; every other outcome is written only where none is yet.
+writes ``accepted`` over anything; every other outcome is written only where none is yet. (So
+two different graphs sent under one id at the same moment may show ``rejected``, "in use", for
+the instant before the creator's ``accepted`` replaces it; one graph sent twice never does.)
 """
 
 from __future__ import annotations

@@ -14,14 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 import redis as redis_sync
 
-from streamflow import Client
+from streamflow import Client, connect, streams
+from streamflow.dag import graph as graphs
 from streamflow.dag import submissions
 from streamflow.dag.graph import MAX_DOCUMENT_BYTES
+from streamflow.dag.store import TaskStore
 from streamflow.dag.submissions import SubmissionResult
+from streamflow.dag.tasks import TaskState
+from streamflow.functions import BUILTINS
 from streamflow.keys import Keys
 from tests.helpers import CLI, ROOT, clean_env, wait_for
 
@@ -263,3 +268,67 @@ async def test_an_id_in_use_is_refused_and_a_first_outcome_stands(
         wait_for(lambda: system.redis.xlen(stream) == 0, 10, "every entry taken")
         assert await client.submission("twice") == accepted
         assert (await client.wait("twice", timeout=30)).state == "succeeded"
+
+
+# -- two coordinators, in this process ---------------------------------------------------------
+
+
+def taker(redis: Any, namespace: str, name: str) -> submissions.Submissions:
+    """The submissions side of one coordinator (its own store and caches)."""
+    keys = Keys(namespace)
+    store = TaskStore(redis, keys, streams.Scripts(redis))
+    return submissions.Submissions(redis, keys, store, functions=set(BUILTINS), consumer=name)
+
+
+def entry(entry_id: str, submission_id: str, document: str) -> streams.Entry:
+    return streams.Entry(
+        entry_id.encode(), {b"id": submission_id.encode(), b"submission": document.encode()}
+    )
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_two_coordinators_taking_one_id_at_once_create_the_task_once(
+    redis_url: str, namespace: str
+) -> None:
+    redis = connect.connect(redis_url)
+    try:
+        await redis.sadd(Keys(namespace).known_roles(), "src", "step")
+        a, b = taker(redis, namespace, "coord-a"), taker(redis, namespace, "coord-b")
+        for round_ in range(5):
+            task_id = f"race-{round_}"
+            other = submission({**GRAPH, "name": "other"})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.take, entry("1-0", task_id, submission(GRAPH)))
+                tg.start_soon(b.take, entry("2-0", task_id, other))
+            raw = await redis.get(Keys(namespace).submission(task_id))
+            result = submissions.decode_result(raw)
+            task = await Client(redis, namespace=namespace).task(task_id)
+            assert result.state == "accepted", result
+            # The outcome names the entry whose graph the task holds.
+            assert task is not None
+            assert task.name == ("from-cli" if result.entry_id == "1-0" else "other")
+        assert await redis.zcard(Keys(namespace).tasks_index()) == 5
+        assert a.accepted + b.accepted >= 5 and a.rejected + b.rejected <= 5
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_take_cut_short_after_creating_the_task_is_answered_when_taken_again(
+    redis_url: str, namespace: str
+) -> None:
+    redis = connect.connect(redis_url)
+    try:
+        await redis.sadd(Keys(namespace).known_roles(), "src", "step")
+        spec = graphs.parse(GRAPH)
+        # The first coordinator created the task and died before it wrote the outcome.
+        store = TaskStore(redis, Keys(namespace), streams.Scripts(redis))
+        await store.create(spec, TaskState.new("cut-1", spec, 1))
+        await taker(redis, namespace, "coord-b").take(entry("1-0", "cut-1", submission(GRAPH)))
+        result = submissions.decode_result(await redis.get(Keys(namespace).submission("cut-1")))
+        assert (result.state, result.coordinator) == ("accepted", "coord-b")
+        assert await redis.zcard(Keys(namespace).tasks_index()) == 1
+    finally:
+        await redis.aclose()
