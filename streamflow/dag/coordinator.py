@@ -140,7 +140,7 @@ class Coordinator:
             role_limits=self.role_limits,
             consumer=self.consumer,
         )
-        self.submissions = Submissions(
+        self._submissions = Submissions(
             redis, self._keys, self.store, functions=set(self.functions), consumer=self.consumer
         )
         self._stepper = Stepper(
@@ -243,6 +243,11 @@ class Coordinator:
     def dispatches(self) -> int:
         """Node jobs published (each once, even when an outbox is carried out again)."""
         return self._outbox.dispatches
+
+    @property
+    def submissions(self) -> dict[str, int]:
+        """Submissions from the submissions stream taken so far, by outcome."""
+        return self._submissions.statistics()
 
     @property
     def trimmed_events(self) -> int:
@@ -498,7 +503,7 @@ class Coordinator:
         for stream, entry in entries:
             if stream == self._keys.task_submissions():
                 # Creates the task, whose control entry then starts it like any other.
-                await self.submissions.take(entry)
+                await self._submissions.take(entry)
                 continue
             if stream == self._keys.tasks_control():
                 task_id = entry.fields.get(b"task", b"").decode(errors="replace")

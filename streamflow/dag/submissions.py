@@ -181,6 +181,15 @@ class Submissions:
         self.duplicates = 0
         self.unreadable = 0
 
+    def statistics(self) -> dict[str, int]:
+        """Entries taken so far, by outcome (``unreadable``: no valid id to answer under)."""
+        return {
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "duplicate": self.duplicates,
+            "unreadable": self.unreadable,
+        }
+
     async def take(self, entry: streams.Entry) -> None:
         """Handle one submissions entry; only an outage escapes (the entry stays pending)."""
         raw_id = entry.fields.get(ID_FIELD, b"")
