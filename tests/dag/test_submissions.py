@@ -75,6 +75,13 @@ def test_malformed_submissions_are_refused_with_a_problem(raw: bytes | None, pro
     assert len(problems) == 1 and problem in problems[0], problems
 
 
+def test_a_graph_past_the_array_limit_of_untrusted_json_is_refused_before_it_is_read() -> None:
+    edges = [{"from": "a", "to": "b"}] * 10_001
+    parsed, problems = submissions.parse(submission({"nodes": [], "edges": edges}).encode())
+    assert parsed is None
+    assert problems == ["the submission holds a list of 10001 items, limit 10000"]
+
+
 def test_every_problem_of_the_envelope_and_the_graph_is_listed() -> None:
     doc = submission(
         {"nodes": [{"id": "a b", "role": "src"}], "extra": 1},
