@@ -3,10 +3,12 @@
 Every mode serves the role ``bench`` of an app with a no-op async handler and writes one JSON
 object per line to stdout:
 
-* ``drain``: ``Worker.drain()`` what is queued, then ``{"event": "drained", ...}`` with the
+* ``drain``: ``Worker.drain()`` what is queued (``--keep-result S``: the role keeps each job's
+  result, its payload, S seconds), then ``{"event": "drained", ...}`` with the
   elapsed wall time and the process CPU time of the drain alone (imports and connecting are
   outside the timed part), and its start and end as Unix times (to time several processes).
-  ``--partitions P`` declares the role with P partitions.
+  ``--partitions P`` declares the role with P partitions; ``--events off`` turns its lifecycle
+  events off.
 * ``latency``: ``Worker.run()``; prints ``{"event": "ready"}`` once the consumer group exists,
   records ``time.time_ns()`` minus the payload's ``t`` for each message, and after ``--expected``
   messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
@@ -69,9 +71,14 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
 async def drain(args: argparse.Namespace) -> None:
     app = App()
 
-    @app.role(ROLE, partitions=args.partitions)
-    async def noop(ctx: Context, payload: Any) -> None:
-        pass
+    @app.role(
+        ROLE,
+        partitions=args.partitions,
+        keep_result=args.keep_result,
+        events=args.events == "on",
+    )
+    async def noop(ctx: Context, payload: Any) -> Any:
+        return payload  # kept only with --keep-result
 
     redis = connect.connect(args.url)
     try:
@@ -112,7 +119,7 @@ async def latency(args: argparse.Namespace) -> None:
     samples: list[int] = []
     worker: Worker | None = None
 
-    @app.role(ROLE)
+    @app.role(ROLE, keep_result=args.keep_result)
     async def record(ctx: Context, payload: Any) -> None:
         samples.append(time.time_ns() - int(payload["t"]))
         if len(samples) >= args.expected and worker is not None:
@@ -191,10 +198,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--read-count", type=int)
     parser.add_argument("--prefetch", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--partitions", type=int, default=1, help="drain: the role's partitions")
+    parser.add_argument(
+        "--events", choices=["on", "off"], default="on", help="drain: the role's lifecycle events"
+    )
     parser.add_argument("--start-at", type=float, default=0.0, help="drain: Unix time to start")
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument(
+        "--keep-result", type=float, help="drain, latency: the role keeps results this many s"
+    )
     return parser.parse_args(argv)
 
 

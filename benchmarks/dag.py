@@ -98,8 +98,10 @@ class Procs:
         argv = [sys.executable, *prefix, "-m", "streamflow", *command]
         argv += ["--redis-url", self.url, "--namespace", self.namespace]
         with open(log, "wb") as err:
+            # Not the work tree: `-m` puts the cwd first on sys.path, and PYTHONPATH must be
+            # able to put an older streamflow (a snapshot) before this one.
             process = subprocess.Popen(
-                argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err
+                argv, cwd=self.directory, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err
             )
         proc = Proc(name, process, log)
         self.started.append(proc)

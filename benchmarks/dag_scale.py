@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import anyio
@@ -38,7 +39,7 @@ import psutil
 from _common import REPO_ROOT, git_revision, markdown_table, redis_url, replace_section
 from redis.asyncio import Redis
 
-from streamflow import Client, Graph
+from streamflow import Client, Graph, TaskState
 from streamflow.keys import Keys
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
@@ -49,8 +50,10 @@ MACHINE = "2 cores, shared"
 
 
 @contextmanager
-def services(url: str, namespace: str, logs: Path) -> Iterator[dict[str, psutil.Process]]:
-    """One worker and one coordinator process; always ended."""
+def services(
+    url: str, namespace: str, logs: Path, profile: Path | None = None
+) -> Iterator[dict[str, psutil.Process]]:
+    """One worker and one coordinator process (under cProfile with ``profile``); always ended."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
     conn = ["--redis-url", url, "--namespace", namespace]
@@ -61,9 +64,10 @@ def services(url: str, namespace: str, logs: Path) -> Iterator[dict[str, psutil.
     started: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, command in commands.items():
+            prefix = ["-m", "cProfile", "-o", str(profile)] if profile and name != "worker" else []
             with open(logs / f"{name}.log", "wb") as log:
                 started[name] = subprocess.Popen(
-                    [sys.executable, "-m", "streamflow", *command, *conn],
+                    [sys.executable, *prefix, "-m", "streamflow", *command, *conn],
                     # Not the work tree: `-m` puts the cwd first on sys.path, and PYTHONPATH
                     # must be able to put an older streamflow before this one.
                     cwd=logs,
@@ -93,6 +97,18 @@ def shape_graph(shape: str, size: int) -> Graph:
     return graph
 
 
+def phases(task: TaskState) -> dict[str, float]:
+    """Means, in ms, of a node's dispatch -> start (publish, worker pickup) and start -> end.
+
+    A node's start is the ``accepted`` time its worker reported; its end, the coordinator's
+    commit of its completion (in a chain, the same step dispatches the next node).
+    """
+    nodes = list(task.nodes.values())
+    to_start = [(n.started_at_ms or 0) - (n.dispatched_at_ms or 0) for n in nodes]
+    to_end = [(n.finished_at_ms or 0) - (n.started_at_ms or 0) for n in nodes]
+    return {"dispatch_to_start_ms": fmean(to_start), "start_to_end_ms": fmean(to_end)}
+
+
 def cpu(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -118,7 +134,7 @@ async def run_one(
         await client.cancel(task_id, target="task", reason="benchmark timeout")
     else:
         seconds = (task.finished_at_ms or 0) / 1000 - task.created_at_ms / 1000
-        row.update(state=task.state, seconds=seconds, nodes_done=size)
+        row.update(state=task.state, seconds=seconds, nodes_done=size, **phases(task))
     row["wall"] = time.perf_counter() - started
     version = await client.redis.hget(client.keys.task_state(task_id), "v")
     row["commits"] = int(version or 0)
@@ -126,10 +142,15 @@ async def run_one(
     return row
 
 
-async def measure(url: str, sizes: Sequence[int], timeout: float) -> list[dict[str, Any]]:
+async def measure(
+    url: str, sizes: Sequence[int], timeout: float, profile: Path | None = None
+) -> list[dict[str, Any]]:
     namespace = "scale" + uuid.uuid4().hex[:6]
     rows = []
-    with tempfile.TemporaryDirectory() as logs, services(url, namespace, Path(logs)) as procs:
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        services(url, namespace, Path(logs), profile) as procs,
+    ):
         redis = Redis.from_url(url)
         client = Client(redis, namespace=namespace)
         try:
@@ -219,9 +240,14 @@ def main() -> None:
     )
     parser.add_argument("--revision", help="Name the code measured (default: git's).")
     parser.add_argument("--write", action="store_true", help="Update docs/benchmarks.md.")
+    parser.add_argument(
+        "--profile", type=Path, metavar="FILE", help="Run the coordinator under cProfile."
+    )
     args = parser.parse_args()
+    if args.write and args.profile:
+        parser.error("--write takes no profiled run: cProfile inflates every figure")
     with redis_url(args.redis_url) as url:
-        rows = anyio.run(measure, url, args.sizes, args.timeout)
+        rows = anyio.run(measure, url, args.sizes, args.timeout, args.profile)
     saved = {"revision": args.revision or git_revision(), "rows": rows}
     if args.json_out:
         args.json_out.write_text(json.dumps(saved, indent=1))

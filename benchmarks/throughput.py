@@ -249,6 +249,7 @@ async def worker_drain(
     read_count: int | None = None,
     prefetch: int | str | None = None,
     profile: Path | None = None,
+    events: str | None = None,
 ) -> Drain:
     """Publish n jobs with Client.publish_many, then drain them with one worker process."""
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
@@ -266,6 +267,7 @@ async def worker_drain(
             "read_count": read_count,
             "prefetch": prefetch,
             "loop": loop,
+            "events": events,
         }
         async with WorkerProcess("drain", url, namespace, options, profile=profile) as worker:
             async with asyncio.timeout(120 + n / 500):
@@ -289,7 +291,7 @@ async def worker_drain(
             prefetch=prefetch,
         )
     finally:
-        await admin.delete(stream, Keys(namespace).dead_letters(ROLE))
+        await admin.delete(stream, Keys(namespace).dead_letters(ROLE), Keys(namespace).lifecycle())
         await admin.aclose()
         await client.aclose()
 

@@ -9,6 +9,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -17,11 +18,14 @@ from streamflow.context import Context
 from streamflow.errors import ConfigError, PayloadError
 from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
 from streamflow.keys import MAX_PARTITIONS, validate_name
+from streamflow.lifecycle import Hook, Lifecycle, Resources
+from streamflow.protocol import keep_result_ms
 
 #: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
 FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+HookT = TypeVar("HookT", bound=Hook)
 
 #: What a handler looks like: ``async def handle(ctx, payload)`` or a plain ``def``.
 Handler = Callable[[Context, Any], Awaitable[Any]] | Callable[[Context, Any], Any]
@@ -72,6 +76,9 @@ class Role:
         cancel_grace: Seconds a cancelled handler gets to stop by itself before it is
             hard-cancelled.
         partitions: How many partition streams the role has (see :mod:`streamflow.partitions`).
+        keep_result_ms: Keep every job's outcome this many ms (0: only when its publisher
+            asks, see ``Client.result``).
+        events: Whether its jobs write lifecycle events (see :mod:`streamflow.events`).
     """
 
     name: str
@@ -84,6 +91,8 @@ class Role:
     max_deliveries: int = 5
     cancel_grace: float = 5.0
     partitions: int = 1
+    keep_result_ms: int = 0
+    events: bool = True
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -115,6 +124,8 @@ class App:
     def __init__(self) -> None:
         self._roles: dict[str, Role] = {}
         self._functions: dict[str, Function] = dict(BUILTINS)
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
 
     def role(
         self,
@@ -126,6 +137,8 @@ class App:
         max_deliveries: int = 5,
         cancel_grace: float = 5.0,
         partitions: int = 1,
+        keep_result: timedelta | float | None = None,
+        events: bool = True,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -147,6 +160,12 @@ class App:
             partitions: Split the role into this many streams, spread over a Redis Cluster's
                 masters (see :mod:`streamflow.partitions`). Fixed when the role is created:
                 a worker whose app declares another number refuses to start.
+            keep_result: Keep each job's outcome (its return value, or how it failed) for this
+                long (seconds or a timedelta, at most 30 days), for ``Client.result`` and
+                ``streamflow job``. Without it, only jobs whose publisher asks are kept.
+            events: Write its jobs' lifecycle events (``started``, ``progress``, ``succeeded``,
+                ...: see :mod:`streamflow.events`). Off, its jobs cost no event writes and
+                ``ctx.progress()`` writes nothing; a coordinator still reports tasks and nodes.
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -159,13 +178,21 @@ class App:
             )
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise ConfigError(f"partitions must be 1 to {MAX_PARTITIONS}")
+        try:
+            keep_ms = keep_result_ms(keep_result) or 0
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
                 raise ConfigError(f"role {name!r} already has a handler")
             role = _make_role(name, func, payload, retry or RetryPolicy(), timeout, max_deliveries)
             self._roles[name] = dataclasses.replace(
-                role, cancel_grace=cancel_grace, partitions=partitions
+                role,
+                cancel_grace=cancel_grace,
+                partitions=partitions,
+                keep_result_ms=keep_ms,
+                events=events,
             )
             return func
 
@@ -190,6 +217,52 @@ class App:
 
         return register
 
+    def on_startup(self, hook: HookT) -> HookT:
+        """Register ``hook(resources)`` to run once per process before it serves.
+
+        Hooks run in registration order, in every worker process and in a coordinator or
+        test harness that runs this app; ``async def`` or plain ``def`` (run in a thread).
+        What a hook stores in its :class:`~streamflow.lifecycle.Resources` (keyed by type)
+        handlers read as ``ctx.resources[Type]``. A hook that raises stops the process (see
+        :mod:`streamflow.lifecycle`).
+
+        Raises:
+            ConfigError: ``hook`` does not take one parameter (the resources).
+
+        Example:
+            ```python
+            @app.on_startup
+            async def open_pool(resources: streamflow.Resources) -> None:
+                resources[Pool] = await Pool.connect(DSN)
+            ```
+        """
+        self._startup.append(_check_hook(hook))
+        return hook
+
+    def on_shutdown(self, hook: HookT) -> HookT:
+        """Register ``hook(resources)`` to run once per process after it drained.
+
+        Shutdown hooks run in registration order, even after a startup hook failed (use
+        ``resources.get(Type)``: it may never have been stored), within the shutdown grace;
+        one that raises is logged and the next one runs.
+
+        Raises:
+            ConfigError: ``hook`` does not take one parameter (the resources).
+        """
+        self._shutdown.append(_check_hook(hook))
+        return hook
+
+    def lifecycle(self, resources: Resources | None = None) -> Lifecycle:
+        """The app's hooks, ready to run over ``resources`` (fresh ones by default)."""
+        return Lifecycle(
+            self._startup, self._shutdown, Resources() if resources is None else resources
+        )
+
+    @property
+    def has_hooks(self) -> bool:
+        """Whether any startup or shutdown hook is registered."""
+        return bool(self._startup or self._shutdown)
+
     @property
     def functions(self) -> Mapping[str, Function]:
         """The coordinator functions by name, the built-in ones included."""
@@ -211,6 +284,14 @@ class App:
         except KeyError:
             known = ", ".join(sorted(self._roles)) or "none"
             raise ConfigError(f"unknown role {name!r} (this app has: {known})") from None
+
+
+def _check_hook(hook: Hook) -> Hook:
+    if len(inspect.signature(hook).parameters) != 1:
+        raise ConfigError(
+            f"lifecycle hook {getattr(hook, '__qualname__', hook)!r} must take (resources)"
+        )
+    return hook
 
 
 def _make_role(

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -19,7 +27,8 @@ from typing import Any, Literal, ParamSpec, Self, TypeVar
 import anyio
 from redis.asyncio import Redis
 
-from streamflow import connect, partitions, registry, signals, steps, streams
+from streamflow import connect, jobs, partitions, registry, results, signals, steps, streams
+from streamflow import events as lifecycle
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
 from streamflow.dag.submissions import SubmissionResult, decode_result
@@ -27,9 +36,23 @@ from streamflow.dag.tasks import TaskState, TaskStatus
 from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.functions import BUILTINS
-from streamflow.keys import Keys, validate_name
-from streamflow.protocol import check_publish_fields, new_message_id, now_ms
+from streamflow.jobs import JobStatus
+from streamflow.keys import NAME_PATTERN, Keys, validate_name
+from streamflow.protocol import JobResult as JobRecord
+from streamflow.protocol import (
+    LifecycleEvent,
+    check_headers,
+    check_publish_fields,
+    new_message_id,
+    now_ms,
+)
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
+
+#: How long :meth:`Client.call` keeps a job's outcome by default.
+CALL_KEEP = timedelta(minutes=5)
+
+#: Seconds between reads of the cancel reports by ``cancel(wait=True)`` when no event comes.
+CANCEL_RECHECK = 0.1
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -157,7 +180,9 @@ class Client:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        keep_result: timedelta | float | None = None,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -179,7 +204,12 @@ class Client:
                 The job waits in the role's delayed schedule, not in a worker.
             task_id: The DAG task it belongs to.
             node_id: The DAG node it belongs to.
+            headers: Metadata for the handler (``ctx.headers``): string names to string
+                values, such as a ``traceparent`` or a correlation id; bounded (see
+                docs/protocol.md). Follow-up jobs the handler publishes inherit them.
             strict: Refuse a role that no worker ever served (see below) instead of warning.
+            keep_result: Keep the job's outcome this long (seconds or a timedelta, at most
+                30 days) for :meth:`result` and :meth:`job`, whatever its role says.
 
         A role that no worker serving it ever started in the namespace (a misspelt role, or
         workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
@@ -194,7 +224,8 @@ class Client:
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
-            ValueError: The message id, dedup key or deadline is out of the protocol's bounds.
+            ValueError: The message id, dedup key, deadline or headers are out of the protocol's
+                bounds.
         """
         with connect.public_errors(f"publishing to role {role!r}"):
             return await steps.run(
@@ -208,7 +239,9 @@ class Client:
                     delay=delay,
                     task_id=task_id,
                     node_id=node_id,
+                    headers=headers,
                     strict=strict,
+                    keep_result=keep_result,
                 )
             )
 
@@ -219,6 +252,7 @@ class Client:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
@@ -229,6 +263,7 @@ class Client:
             keys: For a partitioned role, one key per payload (see :meth:`publish`); without
                 them the jobs are spread round-robin over the partitions.
             chunk_size: Jobs per script call.
+            headers: Headers every job carries (see :meth:`publish`).
             strict: Refuse a role that no worker ever served instead of warning (see
                 :meth:`publish`).
 
@@ -242,7 +277,12 @@ class Client:
         with connect.public_errors(f"publishing to role {role!r}"):
             return await steps.run(
                 self._pub.publish_many(
-                    role, payloads, keys=keys, chunk_size=chunk_size, strict=strict
+                    role,
+                    payloads,
+                    keys=keys,
+                    chunk_size=chunk_size,
+                    strict=strict,
+                    headers=headers,
                 )
             )
 
@@ -339,10 +379,65 @@ class Client:
         if not wait:
             return result
         with anyio.move_on_after(timeout):
-            # The state is in Redis (workers' reports): there is no local event to wait on.
-            while not await self._cancel_done(result):  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+            # The workers' reports are the truth; a ``cancelled`` event says when to read them
+            # again. Workers that stopped nothing report without an event: read at least every
+            # CANCEL_RECHECK seconds too.
+            cancelled = {"cancelled"}
+            async with lifecycle.watching(self.redis, self.keys, types=cancelled) as news:
+                while not await self._cancel_done(result):
+                    await news.wait(CANCEL_RECHECK)
         return result
+
+    # -- lifecycle events -------------------------------------------------------------------
+
+    async def events(
+        self,
+        *,
+        roles: Iterable[str] | None = None,
+        message_id: str | None = None,
+        task_id: str | None = None,
+        types: Iterable[str] | None = None,
+        since_ms: int | None = None,
+    ) -> AsyncIterator[LifecycleEvent]:
+        """Follow the namespace's lifecycle events (see :mod:`streamflow.events`), for ever.
+
+        Jobs' ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed``,
+        ``dead_lettered`` and ``cancelled``, and tasks' and nodes' state changes (``task``,
+        ``node``), as :class:`~streamflow.protocol.LifecycleEvent` models. Any number of
+        subscribers may follow at once, each with its own position. Best effort: the state in
+        Redis is the truth, and an event may be missing (a worker died before writing it).
+
+        Example:
+            ```python
+            async for event in client.events(message_id=job_id):
+                print(event.type, event.progress)
+                if event.type in ("succeeded", "failed", "dead_lettered", "cancelled"):
+                    break
+            ```
+
+        Args:
+            roles: Only events of these roles.
+            message_id: Only events of this job.
+            task_id: Only events of this task, its nodes and their jobs.
+            types: Only events of these types.
+            since_ms: Replay the events written since this time (ms since the epoch, by the
+                Redis server's clock) first, as far back as the capped stream holds them (at
+                least its last 2,000 entries, of up to 100 events each); None: only events
+                written from now on.
+        """
+        role_set = None if roles is None else {validate_name(r, "role") for r in roles}
+        type_set = None if types is None else set(types)
+        with connect.public_errors("following lifecycle events"):
+            async for event in lifecycle.follow(
+                self.redis,
+                self.keys,
+                roles=role_set,
+                message_id=message_id,
+                task_id=task_id,
+                types=type_set,
+                since_ms=since_ms,
+            ):
+                yield event
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -356,6 +451,7 @@ class Client:
         roles: Iterable[str] | None = None,
         functions: Iterable[str] | None = None,
         registration_wait: float = 5.0,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
         """Submit a DAG task; returns its id.
 
@@ -373,10 +469,12 @@ class Client:
             roles: The roles to check the graph against, instead of those registered.
             functions: The coordinator functions to check against, instead of those registered.
             registration_wait: Seconds to wait for unregistered roles and functions to appear.
+            headers: Headers every node job of the task carries (``ctx.headers``), added to
+                the graph's own ``headers``.
 
         Raises:
             GraphError: The graph is invalid; every problem is listed.
-            ValueError: The task id is taken or invalid.
+            ValueError: The task id is taken or invalid, or the headers out of bounds.
 
         Warns:
             CancelledIdWarning: A cancel of ``task_id`` is in force (a pre-emptive one): the
@@ -387,6 +485,9 @@ class Client:
         spec = graphs.parse(graph)
         if params:
             spec = spec.model_copy(update={"params": {**spec.params, **params}})
+        if headers:
+            merged = check_headers({**(spec.headers or {}), **headers})
+            spec = spec.model_copy(update={"headers": merged})
         fixed = (
             None if roles is None else set(roles),
             None if functions is None else set(functions),
@@ -430,8 +531,110 @@ class Client:
         """The newest tasks first, optionally only those in ``state``."""
         return await self._tasks.find(state=state, limit=limit)
 
+    @_public("reading a result")
+    async def result(
+        self,
+        message_id: str,
+        node: str | None = None,
+        *,
+        role: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - public API, as in httpx
+    ) -> Any:
+        """A job's result, waiting for it; or, for a task's id, the task's items by node.
+
+        A job's outcome is there when its role keeps results (``keep_result=``) or its
+        publisher asked (``publish(..., keep_result=...)``, :meth:`call`). It is read with a
+        plain ``GET`` of the job's result key (docs/protocol.md), in every partition of its
+        role (of every role workers registered, without ``role``).
+
+        Args:
+            message_id: The job's message id; or a task's id (then the call is
+                :meth:`task_result`, which ``node`` and the task's own state select).
+            node: For a task: only this node's items.
+            role: The job's role: the lookup reads that role's partitions only.
+            timeout: Seconds to wait for the outcome at most; None waits for ever.
+
+        Returns:
+            The handler's return value, as JSON decodes it.
+
+        Raises:
+            JobDeadLetteredError: The job was dead-lettered (its ``reason`` and ``detail``
+                say why; :class:`JobExpiredError` when its deadline had passed).
+            JobCancelledError: The job was cancelled.
+            ResultTimeoutError: No outcome within ``timeout`` (still running, or not kept).
+        """
+        if node is not None or await self._is_task(message_id):
+            return await self.task_result(message_id, node)
+        return await self._job_result(message_id, role, timeout)
+
+    async def _is_task(self, task_id: str) -> bool:
+        """Whether a task with this id is known (its state is kept)."""
+        if NAME_PATTERN.fullmatch(task_id) is None:
+            return False
+        # HGET of the version (every task has one): what a publisher's ACL rules allow.
+        return await self.redis.hget(self.keys.task_state(task_id), "v") is not None
+
+    async def _job_result(
+        self,
+        message_id: str,
+        role: str | None,
+        timeout: float | None,  # noqa: ASYNC109 - applied by results.wait_kept
+    ) -> Any:
+        pub = self._pub
+        keys = await steps.run(
+            results.result_keys(self.redis, pub.keys, pub.layouts, message_id, role)
+        )
+
+        async def read() -> JobRecord | None:
+            return await steps.run(results.read_kept(self.redis, keys))
+
+        return results.outcome(await results.wait_kept(read, message_id, timeout))
+
+    @_public("calling a role")
+    async def call(
+        self,
+        role: str,
+        payload: Any = None,
+        *,
+        timeout: float,  # noqa: ASYNC109 - public API, as in httpx
+        keep_result: timedelta | float = CALL_KEEP,
+        **options: Any,
+    ) -> Any:
+        """Publish a job and wait for its handler's return value (request/reply).
+
+        Args:
+            role: The role that handles it.
+            payload: Its payload.
+            timeout: Seconds to wait for the result.
+            keep_result: How long its outcome is kept (the caller reads it at once; the
+                default, 5 minutes, covers a slow reader).
+            **options: More :meth:`publish` options (``key``, ``deadline``, ``message_id``...).
+
+        Raises:
+            JobDeadLetteredError: It failed for good (attempts used up, fatal, invalid...).
+            JobCancelledError: It was cancelled.
+            ResultTimeoutError: No result within ``timeout``: the job may still run; its
+                id is the error's ``message_id``.
+        """
+        message_id = await self.publish(role, payload, keep_result=keep_result, **options)
+        return await self._job_result(message_id, role, timeout)
+
+    @_public("reading a job's status")
+    async def job(self, message_id: str, *, role: str | None = None) -> JobStatus:
+        """Where a job is now: queued, delayed, running, retrying, ended, or unknown.
+
+        Derived from what Redis holds (see :mod:`streamflow.jobs`): its kept outcome, the role
+        streams and pending lists, the delayed schedules, the dead letters and cancel markers.
+        Without a kept outcome, an acknowledged job leaves nothing behind: it is ``unknown``.
+
+        Args:
+            message_id: The job's message id.
+            role: Its role: only that role's keys are read.
+        """
+        return await jobs.status(self.redis, self.keys, self._layouts, message_id, role=role)
+
     @_public("reading a task's result")
-    async def result(self, task_id: str, node: str | None = None) -> dict[str, list[Any]]:
+    async def task_result(self, task_id: str, node: str | None = None) -> dict[str, list[Any]]:
         """The items each node produced (by default the nodes without children), by node id.
 
         Raises:
@@ -580,7 +783,9 @@ class SyncClient:
         delay: When = None,
         task_id: str | None = None,
         node_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        keep_result: timedelta | float | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         with connect.public_errors(f"publishing to role {role!r}"):
@@ -595,9 +800,43 @@ class SyncClient:
                     delay=delay,
                     task_id=task_id,
                     node_id=node_id,
+                    headers=headers,
                     strict=strict,
+                    keep_result=keep_result,
                 )
             )
+
+    def result(
+        self,
+        message_id: str,
+        *,
+        role: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """A job's kept result, waiting for it (see :meth:`Client.result`; jobs only)."""
+        with connect.public_errors(f"reading the result of job {message_id!r}"):
+            keys = steps.run_blocking(
+                results.result_keys(self.redis, self._pub.keys, self._pub.layouts, message_id, role)
+            )
+            record = results.wait_kept_blocking(
+                lambda: steps.run_blocking(results.read_kept(self.redis, keys)),
+                message_id,
+                timeout,
+            )
+        return results.outcome(record)
+
+    def call(
+        self,
+        role: str,
+        payload: Any = None,
+        *,
+        timeout: float,
+        keep_result: timedelta | float = CALL_KEEP,
+        **options: Any,
+    ) -> Any:
+        """Publish a job and wait for its result (see :meth:`Client.call`)."""
+        message_id = self.publish(role, payload, keep_result=keep_result, **options)
+        return self.result(message_id, role=role, timeout=timeout)
 
     def publish_many(
         self,
@@ -606,13 +845,19 @@ class SyncClient:
         *,
         keys: Iterable[str] | None = None,
         chunk_size: int = 1000,
+        headers: Mapping[str, str] | None = None,
         strict: bool = False,
     ) -> list[str]:
         """Publish many jobs to one role; returns their ids (see :meth:`Client.publish_many`)."""
         with connect.public_errors(f"publishing to role {role!r}"):
             return steps.run_blocking(
                 self._pub.publish_many(
-                    role, payloads, keys=keys, chunk_size=chunk_size, strict=strict
+                    role,
+                    payloads,
+                    keys=keys,
+                    chunk_size=chunk_size,
+                    strict=strict,
+                    headers=headers,
                 )
             )
 

@@ -3,17 +3,52 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable
+import math
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import orjson
+
+from streamflow.lifecycle import NO_RESOURCES, Resources
 
 if TYPE_CHECKING:
+    from streamflow.dag.graph import Graph, GraphSpec
+    from streamflow.events import EventLog
+    from streamflow.followups import FollowUps
     from streamflow.nodes import NodeRun
+    from streamflow.protocol import Job
 
 logger = logging.getLogger("streamflow.handler")
 T = TypeVar("T")
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+#: The largest progress value (a JSON object), encoded.
+MAX_PROGRESS_BYTES = 4096
+
+
+def check_progress(value: Any, message: str | None) -> None:
+    """Refuse a progress value that is not a finite number or a small JSON object.
+
+    Raises:
+        ValueError: Naming what is wrong.
+    """
+    if message is not None and (not isinstance(message, str) or len(message) > 1000):
+        raise ValueError("a progress message is a string of at most 1000 characters")
+    if isinstance(value, bool) or not isinstance(value, int | float | dict):
+        raise ValueError(f"progress is a number or a JSON object, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"progress must be finite, not {value}")
+    if isinstance(value, dict):
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError as exc:
+            raise ValueError(f"progress is not JSON-serializable: {exc}") from None
+        if size > MAX_PROGRESS_BYTES:
+            raise ValueError(f"progress is {size} bytes encoded, limit {MAX_PROGRESS_BYTES}")
 
 
 class CancelToken:
@@ -144,12 +179,20 @@ class Context:
             the Concepts page, under "Fencing side effects".
         cancel: The cancel token: set only when a user cancels this message or its task.
             A worker shutting down does not set it (see :attr:`shutting_down`).
+        resources: What the app's ``@app.on_startup`` hooks stored for this process, by type:
+            ``ctx.resources[Pool]`` is typed ``Pool`` (see :mod:`streamflow.lifecycle`).
     """
 
     __slots__ = (
+        "_calls",
         "_cancel",
+        "_events",
+        "_followups",
+        "_job",
         "_log",
         "_node",
+        "_progress_at",
+        "_progress_next",
         "_shutdown",
         "attempt",
         "batch",
@@ -162,9 +205,15 @@ class Context:
         "invocation",
         "message_id",
         "node_id",
+        "resources",
         "role",
         "task_id",
     )
+    # Set by the worker after __init__ (unset in a context made by hand): the job, for
+    # ``headers``; what publishes follow-ups; and this run's follow-up calls per role.
+    _job: Job
+    _followups: FollowUps
+    _calls: dict[str, int]
 
     # Not keyword-only: the worker builds one per message, and a positional call costs half
     # as much as one with ten keywords (0.35 us against 0.65).
@@ -180,6 +229,7 @@ class Context:
         task_id: str | None = None,
         node_id: str | None = None,
         fencing_token: int = 0,
+        resources: Resources = NO_RESOURCES,
     ) -> None:
         self.message_id = message_id
         self.entry_id = entry_id
@@ -191,14 +241,142 @@ class Context:
         self.task_id = task_id
         self.node_id = node_id
         self.fencing_token = fencing_token
+        self.resources = resources
         self._cancel: CancelToken | None = None  # made on first use: most handlers never look
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._node: NodeRun | None = None
+        # Where progress goes (None: the role's events are off), and its rate limit's state.
+        self._events: EventLog | None = None
+        self._progress_at = float("-inf")
+        self._progress_next: dict[str, Any] | None = None
         # None: running; an Event (set) once the worker began to shut down.
         self._shutdown: anyio.Event | None = None
         self.invocation: int | None = None
         self.batch: Batch | None = None
         self.failures: dict[str, str] = {}
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The job's headers (read-only): trace context, correlation ids, set by the publisher.
+
+        Empty when it has none. Follow-up jobs (:meth:`publish`, :meth:`submit`) inherit them.
+        """
+        # Set by the worker only for a job that has headers: the others pay nothing for them.
+        try:
+            job = self._job
+        except AttributeError:
+            return _NO_HEADERS
+        return MappingProxyType(job.headers) if job.headers else _NO_HEADERS
+
+    async def publish(
+        self,
+        role: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        key: str | None = None,
+        deadline: datetime | timedelta | None = None,
+        delay: datetime | timedelta | float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Publish a follow-up job, once per parent message however often the handler runs.
+
+        A retry or a redelivery of this message (its worker died) runs the handler again; the
+        same call then publishes nothing and returns the first child's id. The call is named
+        by this message's id and ``idempotency_key``, or, without one, by the call's ordinal
+        among this run's publishes to ``role`` (the first is ``role#0``): pass a key when the
+        calls a run makes to one role may differ from one run to the next. Children are
+        remembered for the client's dedup window (24 hours). Async handlers only.
+
+        Args:
+            role: The child's role.
+            payload: Any JSON-serializable value or a pydantic model.
+            idempotency_key: Names this call among the handler's calls (see above).
+            key: The partition key (see :meth:`streamflow.Client.publish`).
+            deadline: When the child must not start any more.
+            delay: Start the child no earlier than this.
+            headers: Headers for the child, added to (and overriding) this job's own.
+
+        Returns:
+            The child's message id.
+
+        Raises:
+            RuntimeError: The context does not come from a worker.
+        """
+        call_key = self._call_key(role, idempotency_key)
+        return await self._follow().publish(
+            self,
+            role,
+            payload,
+            call_key=call_key,
+            key=key,
+            deadline=deadline,
+            delay=delay,
+            headers=headers,
+        )
+
+    async def submit(
+        self,
+        graph: Graph | GraphSpec | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        params: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        roles: Iterable[str] | None = None,
+        functions: Iterable[str] | None = None,
+    ) -> str:
+        """Submit a DAG task, once per parent message however often the handler runs.
+
+        As :meth:`publish`: the task's id is derived from this message's id and
+        ``idempotency_key`` (by default the call's ordinal among this run's submits), so a
+        second run finds the task submitted and returns its id. Its node jobs carry this
+        job's headers, updated with ``headers``. Async handlers only.
+
+        Args:
+            graph: The task graph (see :meth:`streamflow.Client.submit`).
+            idempotency_key: Names this call among the handler's calls.
+            params: Task parameters.
+            headers: Headers for every node job, added to this job's own.
+            roles: The roles to check the graph against, instead of those registered.
+            functions: The functions to check the graph against, instead of those registered.
+
+        Returns:
+            The task id.
+
+        Raises:
+            RuntimeError: The context does not come from a worker.
+            GraphError: The graph is invalid.
+        """
+        call_key = self._call_key("submit", idempotency_key)
+        return await self._follow().submit(
+            self,
+            graph,
+            call_key=call_key,
+            params=params,
+            headers=headers,
+            roles=roles,
+            functions=functions,
+        )
+
+    def _call_key(self, kind: str, explicit: str | None) -> str:
+        """The per-call key of a follow-up: ``explicit``, else ``kind#ordinal`` of this run."""
+        if explicit is not None:
+            return explicit
+        try:
+            calls = self._calls
+        except AttributeError:
+            calls = self._calls = {}
+        ordinal = calls.get(kind, 0)
+        calls[kind] = ordinal + 1
+        return f"{kind}#{ordinal}"
+
+    def _follow(self) -> FollowUps:
+        try:
+            return self._followups
+        except AttributeError:
+            raise RuntimeError(
+                "ctx.publish() and ctx.submit() need a context made by a worker"
+            ) from None
 
     @property
     def cancel(self) -> CancelToken:
@@ -252,6 +430,27 @@ class Context:
             raise RuntimeError("ctx.emit() is only for task nodes (jobs with a task and node)")
         await self._node.emit(items)
 
+    async def progress(self, value: float | dict[str, Any], message: str | None = None) -> None:
+        """Report how far this run got: a number (e.g. a percentage) or a small JSON object.
+
+        It appears on the lifecycle events stream (``streamflow events``, ``client.events()``)
+        as a ``progress`` event. Call it as often as you like: at most one event per
+        :data:`streamflow.events.PROGRESS_INTERVAL` is written per run, the last value of an
+        interval later (or just before the job's final event); the others are dropped. Nothing
+        is written when the role's events are off. It does not wait for Redis.
+
+        Args:
+            value: A finite number, or a JSON object of at most 4 KiB encoded.
+            message: An optional text of at most 1000 characters.
+
+        Raises:
+            ValueError: ``value`` or ``message`` is not valid.
+        """
+        if self._events is not None:
+            self._events.progress(self, value, message)
+        else:
+            check_progress(value, message)
+
     @property
     def emitted(self) -> int:
         """How many batches this run has emitted."""
@@ -269,7 +468,10 @@ class Context:
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry the role, message id and attempt."""
+        """A logger whose lines carry the role, message id, attempt (task and node ids for a node).
+
+        Both log formats show them (``--log-format``, see :mod:`streamflow.logs`).
+        """
         if self._log is None:
             extra: dict[str, Any] = {
                 "role": self.role,

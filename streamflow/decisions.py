@@ -31,6 +31,11 @@ LOST = Decision("lost")
 ACK = Decision("ack")
 
 
+def succeeded(job: Job, result: Any) -> Decision:
+    """A decision to acknowledge a job whose outcome is kept, with its handler's result."""
+    return Decision("ack", job, keep=True, result=result)
+
+
 def cancelled(job: Job | None, signal_id: str, reason: str) -> Decision:
     """A decision to acknowledge as ``cancelled``."""
     return Decision("cancelled", job, detail=reason, signal_id=signal_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import anyio
@@ -178,6 +178,9 @@ class Decision:
     error: ErrorInfo | None = None
     delay: float = 0.0
     signal_id: str | None = None
+    #: ``ack`` of a job whose outcome is kept: ``result`` is its handler's return value.
+    keep: bool = False
+    result: Any = None
 
 
 OutcomeStatus = Literal["acked", "retried", "dead_lettered", "released", "lost", "cancelled"]

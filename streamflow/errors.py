@@ -3,11 +3,17 @@
 StreamflowError
 ├── ConfigError        a setting, URL, app path or role is wrong; raised at start-up
 │   └── MissingExtraError  a feature needs an optional extra that is not installed
+├── StartupError       an ``@app.on_startup`` hook raised: the process does not serve
 ├── InvalidNameError   a name that would reach a Redis key does not match the name pattern
 ├── ProtocolError      bytes that are not a valid wire-protocol entry
 ├── PayloadError       a payload that the handler's declared type rejects
 ├── InputError         a task node's input (a batch read back from Redis) cannot be used
 ├── UnknownTargetError a cancel names no known task and no queued, delayed or running message
+├── JobFailedError     a job whose outcome was kept ended without a result
+│   ├── JobDeadLetteredError  it was dead-lettered (failed, fatal, invalid, result too large)
+│   │   └── JobExpiredError   its deadline passed before it started
+│   └── JobCancelledError     it was cancelled
+├── ResultTimeoutError no outcome of a job within the time asked (also a TimeoutError)
 ├── RedisUnavailable   Redis cannot serve now: unreachable, full, read-only, loading, failing over
 └── RedisCommandError  Redis refused a command for good (no permission under an ACL, wrong type)
 
@@ -28,6 +34,10 @@ class StreamflowError(Exception):
 
 class ConfigError(StreamflowError):
     """A setting, URL, application path or role name is wrong."""
+
+
+class StartupError(StreamflowError):
+    """An ``@app.on_startup`` hook raised; its traceback is in the log, the process stops."""
 
 
 class MissingExtraError(ConfigError):
@@ -78,6 +88,51 @@ class UnknownTargetError(StreamflowError, LookupError):
     (``preemptive=True``, ``streamflow cancel --preemptive``): the marker would otherwise cancel
     whatever is later published or submitted under that id, for 7 days.
     """
+
+
+class JobFailedError(StreamflowError):
+    """A job whose outcome was kept ended without a result (see ``Client.result``).
+
+    Attributes:
+        message_id: The job's id.
+        role: Its role.
+        reason: The dead-letter reason, or ``cancelled``.
+        detail: Why, in words (the handler's error, the cancel's reason...).
+    """
+
+    def __init__(self, message_id: str, role: str, reason: str, detail: str) -> None:
+        super().__init__(f"job {message_id} of role {role!r}: {reason}: {detail}")
+        self.message_id = message_id
+        self.role = role
+        self.reason = reason
+        self.detail = detail
+
+
+class JobDeadLetteredError(JobFailedError):
+    """The job was dead-lettered: attempts used up, fatal, invalid, or its result too large."""
+
+
+class JobExpiredError(JobDeadLetteredError):
+    """The job's deadline passed before it started (dead-lettered as ``expired``)."""
+
+
+class JobCancelledError(JobFailedError):
+    """The job was cancelled before or while it ran."""
+
+
+class ResultTimeoutError(StreamflowError, TimeoutError):
+    """No outcome of the job was found within the time asked.
+
+    It still waits or runs, or neither its role nor its publisher asked to keep it, or the
+    kept outcome expired.
+
+    Attributes:
+        message_id: The job's id (for :meth:`streamflow.Client.call`: the job it published).
+    """
+
+    def __init__(self, message_id: str, text: str) -> None:
+        super().__init__(text)
+        self.message_id = message_id
 
 
 class StreamflowWarning(UserWarning):

@@ -108,6 +108,9 @@ def shard_tag(shard: str) -> str:
     return f"role:{validate_shard(shard)}"
 
 
+#: A message id, as the protocol allows it (see :data:`streamflow.protocol.MessageId`).
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
 #: A batch key's invocation or sequence number: a decimal integer within 64 bits.
 _INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
 
@@ -133,8 +136,8 @@ class KeyKind:
     so a key's name is written here once.
 
     Attributes:
-        slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks`` or
-            ``signals``.
+        slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks``,
+            ``signals`` or ``lifecycle``.
         part: The word after the tag.
         named: Whether the tag carries a name.
         rest: Whether the key goes on after the part (``:<entry id>``, ``:<node id>``, ...).
@@ -172,6 +175,8 @@ DEDUP = KeyKind("role", "dedup", named=True, rest=True)
 EVENTS = KeyKind("role", "events", named=True)
 BATCH = KeyKind("role", "batch", named=True, rest=True)
 ROLE_SLOTS = KeyKind("role", "slots", named=True)
+#: A job's kept result (or how it failed), next to its stream: written with the settle.
+RESULT = KeyKind("role", "result", named=True, rest=True)
 #: A consumer's mark next to a role's stream or events stream (:meth:`Keys.consumer_mark`).
 ROLE_MARK = KeyKind("role", "alive", named=True, rest=True)
 # Keys of one live process.
@@ -201,6 +206,8 @@ TASKS_MARK = KeyKind("tasks", "alive", rest=True)
 TASKS_SUBMISSIONS = KeyKind("tasks", "submissions")
 #: A submission's outcome, by its id (JSON, with a TTL).
 SUBMISSION = KeyKind("tasks", "submission", rest=True)
+#: The namespace's lifecycle events stream (one per namespace: see :meth:`Keys.lifecycle`).
+LIFECYCLE = KeyKind("lifecycle", "stream")
 
 #: Every kind of key streamflow uses.
 KINDS: tuple[KeyKind, ...] = (
@@ -213,6 +220,7 @@ KINDS: tuple[KeyKind, ...] = (
     EVENTS,
     BATCH,
     ROLE_SLOTS,
+    RESULT,
     ROLE_MARK,
     CONSUMER_ALIVE,
     CONSUMER_INFO,
@@ -234,6 +242,7 @@ KINDS: tuple[KeyKind, ...] = (
     TASKS_MARK,
     TASKS_SUBMISSIONS,
     SUBMISSION,
+    LIFECYCLE,
 )
 
 
@@ -361,6 +370,19 @@ class Keys:
         """
         digest = hashlib.blake2b(dedup_key.encode(), digest_size=16).hexdigest()
         return self._key(DEDUP, validate_shard(role), digest)
+
+    def result(self, role: str, message_id: str) -> str:
+        """Where a job's outcome is kept when its role or publisher asks (a JSON string, PX).
+
+        In the shard's slot, so that the worker writes it in the same owner-checked step that
+        acknowledges the job. Read it with a plain ``GET`` (see docs/protocol.md).
+
+        Raises:
+            InvalidNameError: The shard or the message id is invalid.
+        """
+        if not isinstance(message_id, str) or _MESSAGE_ID.fullmatch(message_id) is None:
+            raise InvalidNameError(f"invalid message id {shown(repr(message_id))}")
+        return self._key(RESULT, validate_shard(role), message_id)
 
     def role_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
@@ -505,3 +527,13 @@ class Keys:
     def submission(self, submission_id: str) -> str:
         """A submission's outcome (JSON: accepted or rejected, with every problem), by its id."""
         return self._key(SUBMISSION, rest=validate_name(submission_id, "submission id"))
+
+    def lifecycle(self) -> str:
+        """The namespace's lifecycle events stream: jobs, tasks and nodes as they change.
+
+        One stream per namespace, not per role: a subscriber follows every role, task and node
+        with one ``XREAD`` and one cursor (a read of several streams cannot span cluster
+        slots), and events of one job, its task and its nodes stay in order. Capped with
+        ``MAXLEN ~`` (see :mod:`streamflow.events`).
+        """
+        return self._key(LIFECYCLE)

@@ -2,7 +2,9 @@ r"""Log output: plain text for people, or one JSON object per line for log pipel
 
 Log lines about a message carry its ids as record attributes (``role``, ``message_id``,
 ``task_id``, ``node_id``, ``attempt``, ``entry_id``): :func:`message_fields` builds them for
-``logger.info(..., extra=...)``. Payloads are never logged; URLs are logged redacted.
+``logger.info(..., extra=...)``; a handler's ``ctx.log`` sets them on every line it writes.
+Both formats show them: JSON as fields, text as ``[role=... message_id=... attempt=...]`` after
+the message. Payloads are never logged; URLs are logged redacted.
 
 Text from outside (handler exception texts, names and fields read back from Redis) can hold
 control characters (``\r``, ``\n``, ANSI escapes) and bidi or other format characters that
@@ -141,10 +143,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``time LEVEL logger: message``, with outside text unable to forge or hide a line.
+    """``time LEVEL logger: message [role=... message_id=...]``; outside text cannot forge a line.
 
-    The message is escaped by :func:`printable`; a traceback keeps its lines, each escaped and
-    indented, so that no line of it can pass for a log record of its own.
+    The message fields the record carries (:data:`FIELDS`) follow the message in brackets. The
+    message and every field are escaped by :func:`printable`; a traceback keeps its lines, each
+    escaped and indented, so that no line of it can pass for a log record of its own.
     """
 
     def __init__(self) -> None:
@@ -153,7 +156,13 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         """Format the record's line with its message escaped."""
         record.message = printable(record.message)
-        return super().formatMessage(record)
+        line = super().formatMessage(record)
+        fields = [
+            f"{name}={shown(value)}"
+            for name in FIELDS
+            if (value := getattr(record, name, None)) is not None
+        ]
+        return f"{line} [{' '.join(fields)}]" if fields else line
 
     def formatException(self, ei: Any) -> str:
         """The traceback, every line escaped and indented."""

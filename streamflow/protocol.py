@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import timedelta
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
 
 from streamflow import hostile
 from streamflow.errors import InputError, ProtocolError
@@ -29,6 +37,8 @@ DEAD_LETTER_FIELD = b"dead_letter"
 RAW_FIELD_PREFIX = b"raw:"
 #: Default limit on one encoded message; larger entries are dead-lettered unread.
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+#: The longest a job's outcome may be kept: 30 days.
+MAX_KEEP_RESULT_MS = 30 * 86_400_000
 
 Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN.pattern}$")]
 # An int, not Literal[1]: JSON ``true`` would pass as 1 in a Literal. Required on the wire.
@@ -41,6 +51,36 @@ INT64_MAX = 2**63 - 1
 Timestamp = Annotated[int, Field(ge=0, le=INT64_MAX)]
 DedupKey = Annotated[str, Field(min_length=1, max_length=256)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+#: Most headers a job may carry.
+MAX_HEADERS = 64
+#: Longest header name, in characters (names are ASCII letters, digits and ``_.:-``).
+MAX_HEADER_NAME = 128
+#: Longest header value, in characters.
+MAX_HEADER_VALUE = 4096
+#: Most characters of all header names and values together.
+MAX_HEADERS_TOTAL = 16 * 1024
+HeaderName = Annotated[
+    str, Field(min_length=1, max_length=MAX_HEADER_NAME, pattern=r"^[A-Za-z0-9_.:\-]+$")
+]
+HeaderValue = Annotated[str, Field(max_length=MAX_HEADER_VALUE)]
+
+
+def _headers_total(headers: dict[str, str]) -> dict[str, str]:
+    total = sum(len(name) + len(value) for name, value in headers.items())
+    if total > MAX_HEADERS_TOTAL:
+        raise ValueError(
+            f"headers hold {total} characters of names and values, limit {MAX_HEADERS_TOTAL}"
+        )
+    return headers
+
+
+#: A job's metadata: string names to string values, bounded in count and size.
+Headers = Annotated[
+    dict[HeaderName, HeaderValue],
+    Field(max_length=MAX_HEADERS),
+    AfterValidator(_headers_total),
+]
 
 #: Dead-letter reasons that mean the entry itself was malformed (metrics outcome ``rejected``).
 MalformedReason = Literal[
@@ -56,6 +96,7 @@ MalformedReason = Literal[
 DeadLetterReason = (
     MalformedReason
     | Literal["failed", "fatal", "max_deliveries", "expired", "missing_input", "invalid_input"]
+    | Literal["result_too_large", "invalid_result"]
 )
 MALFORMED_REASONS: frozenset[str] = frozenset(get_args(MalformedReason))
 
@@ -113,6 +154,13 @@ class Job(_Model):
         failures: For a remediation node: the error of each failed parent.
         retry: The node's retry policy, overriding the role's.
         timeout: The node's time limit in seconds, overriding the role's.
+        keep_result_ms: Keep the job's outcome (its result, or how it failed) this many ms
+            under its result key, whatever its role says (see :class:`JobResult`).
+        headers: Metadata for handlers and tools (trace context, correlation ids): string
+            names to string values, at most :data:`MAX_HEADERS` of them, names of at most
+            :data:`MAX_HEADER_NAME` characters (letters, digits, ``_.:-``), values of at most
+            :data:`MAX_HEADER_VALUE`, :data:`MAX_HEADERS_TOTAL` characters in all. Handlers
+            read them as ``ctx.headers``; follow-up jobs and task node jobs inherit them.
     """
 
     protocol: Version
@@ -132,6 +180,8 @@ class Job(_Model):
     failures: dict[Name, Annotated[str, Field(max_length=4000)]] | None = None
     retry: JobRetry | None = None
     timeout: Annotated[float, Field(gt=0, le=7 * 86_400)] | None = None
+    keep_result_ms: Annotated[int, Field(ge=1, le=MAX_KEEP_RESULT_MS)] | None = None
+    headers: Headers | None = None
 
 
 class ErrorInfo(_Model):
@@ -221,6 +271,45 @@ class CancelReport(_Model):
     at_ms: Timestamp
 
 
+JobOutcome = Literal["succeeded", "dead_lettered", "cancelled"]
+
+
+class JobResult(_Model):
+    """How a job ended, kept under its result key when its role or its publisher asks.
+
+    Written by the worker that settled the job, in the same owner-checked step as the
+    acknowledgement (``succeeded``, ``cancelled``) or right after the dead letter
+    (``dead_lettered``); it expires after the time asked for.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"result"``.
+        message_id: The job's id.
+        role: Its role.
+        status: ``succeeded``, ``dead_lettered`` or ``cancelled``.
+        result: For ``succeeded``: the handler's return value (any JSON value).
+        reason: For ``dead_lettered``: the dead-letter reason.
+        detail: For ``dead_lettered`` and ``cancelled``: why, in words.
+        error: For ``dead_lettered`` after a handler's error: the error.
+        attempt: The attempt that ended it.
+        consumer: The worker that settled it.
+        finished_at_ms: When, ms since the epoch.
+    """
+
+    protocol: Version
+    kind: Literal["result"]
+    message_id: MessageId
+    role: Name
+    status: JobOutcome
+    result: Any = None
+    reason: DeadLetterReason | None = None
+    detail: str | None = None
+    error: ErrorInfo | None = None
+    attempt: Annotated[int, Field(ge=0, le=INT64_MAX)] = 1
+    consumer: str
+    finished_at_ms: Timestamp
+
+
 EventType = Literal["accepted", "batch", "done", "failed", "cancelled"]
 
 
@@ -268,6 +357,80 @@ class TaskEvent(_Model):
     consumer: Annotated[str, Field(max_length=200)] | None = None
 
 
+#: What a lifecycle event reports: a job's ``started`` ... ``cancelled``, or a ``task`` or
+#: ``node`` that changed state.
+LifecycleType = Literal[
+    "started",
+    "progress",
+    "retrying",
+    "succeeded",
+    "failed",
+    "dead_lettered",
+    "cancelled",
+    "task",
+    "node",
+]
+#: The job lifecycle types after which the job runs no more (unless replayed).
+FINAL_JOB_TYPES: frozenset[str] = frozenset({"succeeded", "failed", "dead_lettered", "cancelled"})
+
+
+class LifecycleEvent(_Model):
+    """One lifecycle event, for subscribers: an item of a lifecycle events stream entry.
+
+    Each entry of the stream holds one or more events, in order, as a JSON array in its field
+    ``events`` (a worker writes what it buffered in one entry, not one entry per event).
+
+    Best-effort observability: written after the change it reports was committed (a settle the
+    owner check refused reports nothing), but a worker that dies in between never writes it,
+    and the stream is capped. The state in Redis (streams, task state) is the truth.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"lifecycle"``.
+        type: ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed`` (its last
+            attempt failed, or it raised ``Fatal``: dead-lettered), ``dead_lettered`` (for any
+            other reason), ``cancelled``; ``task`` or ``node``: a state change.
+        at_ms: When it happened, ms since the epoch.
+        role: The job's role.
+        message_id: The job's message id.
+        task_id: The task, for a task node's job, a ``task`` or a ``node`` event.
+        node_id: The node, for a task node's job or a ``node`` event.
+        attempt: The job's attempt.
+        consumer: The worker or coordinator that wrote it.
+        state: ``task`` and ``node``: the new state.
+        previous: ``task`` and ``node``: the state before, if any.
+        progress: ``progress``: a number or a small JSON object.
+        message: ``progress``: an optional text.
+        reason: ``failed``, ``dead_lettered``: the dead-letter reason; ``cancelled``: the
+            cancel's reason.
+        detail: ``retrying``, ``failed``, ``dead_lettered``: what went wrong.
+        delay: ``retrying``: seconds until the next attempt.
+    """
+
+    protocol: Version
+    kind: Literal["lifecycle"]
+    type: LifecycleType
+    at_ms: Timestamp
+    role: Name | None = None
+    message_id: MessageId | None = None
+    task_id: Name | None = None
+    node_id: Name | None = None
+    attempt: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    consumer: Annotated[str, Field(max_length=200)] | None = None
+    state: Annotated[str, Field(max_length=32)] | None = None
+    previous: Annotated[str, Field(max_length=32)] | None = None
+    progress: int | float | dict[str, Any] | None = None
+    message: Annotated[str, Field(max_length=1000)] | None = None
+    reason: Annotated[str, Field(max_length=1000)] | None = None
+    detail: Annotated[str, Field(max_length=4000)] | None = None
+    delay: Annotated[float, Field(ge=0)] | None = None
+
+
+#: The lifecycle events stream field: a JSON array of :class:`LifecycleEvent` objects, in order.
+LIFECYCLE_FIELD = b"events"
+#: The largest lifecycle events entry a reader accepts.
+MAX_LIFECYCLE_BYTES = 4 * 1024 * 1024
+
 #: The events stream field that holds a :class:`TaskEvent`'s JSON.
 EVENT_FIELD = b"event"
 
@@ -285,6 +448,11 @@ CONTROL_SUBMITTED = b"submitted"
 #: :data:`RAW_FIELD_PREFIX`.
 INVALID_EVENT_FIELD = b"invalid_event"
 
+#: The task submissions stream's fields (see :mod:`streamflow.dag.submissions`): the id the
+#: client chose (the task's id), and the submission's JSON.
+SUBMISSION_ID_FIELD = b"id"
+SUBMISSION_FIELD = b"submission"
+
 #: Every field name of the stream entries streamflow writes, besides the
 #: :data:`RAW_FIELD_PREFIX` ones. Lua scripts spell some of them (tests check they are these).
 ENTRY_FIELDS = frozenset(
@@ -296,6 +464,9 @@ ENTRY_FIELDS = frozenset(
         CONTROL_TASK_FIELD,
         CONTROL_TYPE_FIELD,
         INVALID_EVENT_FIELD,
+        LIFECYCLE_FIELD,
+        SUBMISSION_ID_FIELD,
+        SUBMISSION_FIELD,
     }
 )
 
@@ -305,12 +476,32 @@ MESSAGE_KINDS: dict[str, type[_Model]] = {
     "dead_letter": DeadLetter,
     "cancel": CancelSignal,
     "event": TaskEvent,
+    "result": JobResult,
+    "lifecycle": LifecycleEvent,
 }
 
 
 _MESSAGE_ID = TypeAdapter(MessageId)
 _DEDUP_KEY = TypeAdapter(DedupKey)
 _TIMESTAMP = TypeAdapter(Timestamp)
+_HEADERS = TypeAdapter(Headers)
+
+
+def check_headers(headers: Any) -> dict[str, str]:
+    """Refuse, at the publisher, headers that a worker would dead-letter as ``invalid_message``.
+
+    Returns:
+        The headers as a plain dict.
+
+    Raises:
+        ValueError: Naming the rule they break (count, a name, a value's size, total size).
+    """
+    try:
+        return _HEADERS.validate_python(dict(headers), strict=True)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            raise ValueError(f"invalid headers: {_summarize(exc)}") from None
+        raise ValueError(f"invalid headers: not a mapping of strings ({exc})") from None
 
 
 def check_publish_fields(message_id: str, dedup_key: str | None, deadline_ms: int | None) -> None:
@@ -330,6 +521,21 @@ def check_publish_fields(message_id: str, dedup_key: str | None, deadline_ms: in
             adapter.validate_python(value)
         except ValidationError as exc:
             raise ValueError(f"invalid {name} {value!r}: {exc.errors()[0]['msg']}") from None
+
+
+def keep_result_ms(keep: timedelta | float | None) -> int | None:
+    """How long to keep a job's outcome, in ms: seconds or a timedelta (None: not asked).
+
+    Raises:
+        ValueError: Not from 1 ms to 30 days.
+    """
+    if keep is None:
+        return None
+    seconds = keep.total_seconds() if isinstance(keep, timedelta) else float(keep)
+    ms = int(seconds * 1000)
+    if not 1 <= ms <= MAX_KEEP_RESULT_MS:
+        raise ValueError(f"keep_result must be from 1 ms to 30 days, not {keep!r}")
+    return ms
 
 
 def now_ms() -> int:
@@ -358,6 +564,8 @@ def encode_job_fields(
     node_id: str | None = None,
     dedup_key: str | None = None,
     attempt: int = 1,
+    keep_result_ms: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     """Encode a job envelope straight from its fields, for publishing in bulk.
 
@@ -381,6 +589,10 @@ def encode_job_fields(
         doc["node_id"] = node_id
     if dedup_key is not None:
         doc["dedup_key"] = dedup_key
+    if keep_result_ms is not None:
+        doc["keep_result_ms"] = keep_result_ms
+    if headers:
+        doc["headers"] = headers
     return orjson.dumps(doc)
 
 
@@ -413,7 +625,7 @@ def decode_job(fields: dict[bytes, bytes], *, max_bytes: int = DEFAULT_MAX_MESSA
             # run. Two upper bounds on the keys written: every key is followed by a colon (a
             # cheap count), and by a quote then a colon or white space (fewer false alarms).
             kept = _keys_kept(job)
-            if kept != raw.count(b":") and kept != hostile.key_tokens(raw):
+            if kept != raw.count(b":") and not _keys_explained(job, kept, raw):
                 hostile.check(raw)  # raises for hostile input; else the job is fine
             return job
     raise _refusal(fields, raw, max_bytes)
@@ -470,6 +682,21 @@ def _keys_kept(job: Job) -> int:
                 count += len(value.model_fields_set)
         count += len(job.inputs or ()) + len(job.failures or ())
     return count
+
+
+def _keys_explained(job: Job, kept: int, raw: bytes) -> bool:
+    """Whether the keys ``raw`` holds are the ``kept`` ones, once header names are counted.
+
+    :func:`_keys_kept` leaves header names out, and they are counted only here, after the colon
+    count did not match (it cannot for a job with headers: the count bounds the keys written,
+    header names included): a job without headers pays nothing for them. Then the second
+    bound, :func:`hostile.key_tokens`.
+    """
+    if job.headers is not None:
+        kept += len(job.headers)
+        if kept == raw.count(b":"):
+            return True
+    return kept == hostile.key_tokens(raw)
 
 
 def _check_header(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> None:
@@ -530,6 +757,34 @@ def decode_signal(fields: dict[bytes, bytes]) -> CancelSignal:
         ProtocolError: Not a valid signal (bad JSON, unknown kind or version, wrong fields).
     """
     return _decode_small(fields, SIGNAL_FIELD, CancelSignal)
+
+
+def decode_lifecycle(fields: dict[bytes, bytes]) -> tuple[list[LifecycleEvent], list[str]]:
+    """The events of a lifecycle events stream entry, and what is wrong with each other item.
+
+    Raises:
+        ProtocolError: The entry as a whole is unreadable (no ``events`` field, too large, not
+            JSON, not an array).
+    """
+    raw = fields.get(LIFECYCLE_FIELD)
+    if raw is None:
+        raise ProtocolError("invalid_message", "lifecycle entry has no 'events' field")
+    if len(raw) > MAX_LIFECYCLE_BYTES:
+        raise ProtocolError("too_large", f"lifecycle entry is {len(raw)} bytes", raw)
+    hostile.check(raw, "lifecycle entry")
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"lifecycle entry is not JSON: {exc}", raw) from None
+    if not isinstance(items, list):
+        raise ProtocolError("invalid_message", "lifecycle entry is not a JSON array", raw)
+    events, problems = [], []
+    for index, item in enumerate(items):
+        try:
+            events.append(LifecycleEvent.model_validate(item))
+        except ValidationError as exc:
+            problems.append(f"event {index}: {_summarize(exc)}")
+    return events, problems
 
 
 def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:

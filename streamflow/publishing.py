@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import orjson
 from pydantic import BaseModel
@@ -30,7 +30,14 @@ from streamflow.errors import (
     UnknownRoleWarning,
 )
 from streamflow.keys import Keys, validate_name
-from streamflow.protocol import check_publish_fields, encode_job_fields, new_message_id, now_ms
+from streamflow.protocol import (
+    check_headers,
+    check_publish_fields,
+    encode_job_fields,
+    keep_result_ms,
+    new_message_id,
+    now_ms,
+)
 from streamflow.steps import Steps
 
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
@@ -52,6 +59,8 @@ class JobOptions(TypedDict):
     delay: When
     task_id: str | None
     node_id: str | None
+    keep_result: NotRequired[timedelta | float | None]
+    headers: Mapping[str, str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +161,12 @@ class Publisher:
         keys: Iterable[str] | None,
         chunk_size: int,
         strict: bool,
+        headers: Mapping[str, str] | None = None,
     ) -> Steps[list[str]]:
         """Publish many jobs, one script call per chunk of one partition; returns their ids."""
+        checked = check_headers(headers) if headers else None
         layout = yield from self.layout(role, strict)
-        prepared = self._bodies(layout, payloads, keys)
+        prepared = self._bodies(layout, payloads, keys, checked)
         for chunk in _chunks(prepared, chunk_size):
             bodies = [body for _, _, body in chunk]
             yield from streams.publish_many(self._many, self.redis, chunk[0][0], bodies)
@@ -192,6 +203,8 @@ class Publisher:
             task_id=validate_name(task_id, "task id") if task_id else None,
             node_id=validate_name(node_id, "node id") if node_id else None,
             dedup_key=dedup_key,
+            keep_result_ms=keep_result_ms(job.get("keep_result")),
+            headers=check_headers(job["headers"]) if job["headers"] else None,
         )
         return _Prepared(
             stream=self.keys.role_stream(shard),
@@ -207,7 +220,11 @@ class Publisher:
         return partitions.unknown_role_text(self.keys.namespace, role, self._served)
 
     def _bodies(
-        self, layout: partitions.Layout, payloads: Iterable[Any], keys: Iterable[str] | None
+        self,
+        layout: partitions.Layout,
+        payloads: Iterable[Any],
+        keys: Iterable[str] | None,
+        headers: dict[str, str] | None,
     ) -> list[tuple[str, str, bytes]]:
         """(stream, message id, body) per payload, each on its key's partition or round-robin."""
         role = layout.role
@@ -222,7 +239,8 @@ class Publisher:
         for payload, key in pairs:
             stream = streams_of[layout.pick(key)]
             message_id = new_message_id()
-            out.append((stream, message_id, _encode(message_id, role, payload, created)))
+            body = _encode(message_id, role, payload, created, headers=headers)
+            out.append((stream, message_id, body))
         return out
 
 

@@ -27,8 +27,11 @@ from streamflow.context import Context
 from streamflow.decisions import ACK, RELEASE, dead
 from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError
+from streamflow.events import EventLog
+from streamflow.followups import FollowUps
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
+from streamflow.lifecycle import NO_RESOURCES, Resources
 from streamflow.logs import shown
 from streamflow.protocol import Job
 from streamflow.signals import CancelBook
@@ -57,6 +60,7 @@ class Runner:
         flush: Sends the acknowledgements queued so far (before a suspect runs alone).
         concurrency: How many plain-function handlers run in threads at once.
         max_message_bytes: Larger entries are dead-lettered before parsing.
+        resources: What the app's startup hooks stored; every Context carries them.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class Runner:
         *,
         concurrency: int,
         max_message_bytes: int,
+        resources: Resources = NO_RESOURCES,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -82,7 +87,9 @@ class Runner:
         self._stopping = stopping
         self._flush = flush
         self._max_bytes = max_message_bytes
+        self._resources = resources
         self._threads = anyio.CapacityLimiter(concurrency)
+        self._followups = FollowUps(redis, keys.namespace)
         self._suspects = anyio.Lock()
         self._confirming = anyio.Lock()
         self._confirm_backoff = connect.Backoff("confirming held leases")
@@ -91,6 +98,8 @@ class Runner:
         self.observe: Callable[[str, float], None] | None = None
         #: Deliveries of entries delivered before (adopted, or resumed), by role.
         self.redeliveries: dict[str, int] = {}
+        #: Where ``started`` and ``progress`` events go, or None (no events at all).
+        self.events: EventLog | None = None
 
     async def before_start(self, delivery: Delivery) -> Decision | None:
         """Check a delivery held long or read while stopping; the decision if it must not start.
@@ -165,7 +174,10 @@ class Runner:
             job.node_id,
             # fencing_token(), inline: a function call per message costs more than this.
             (job.attempt << 32) | (delivery.entry.deliveries & 0xFFFFFFFF),
+            self._resources,
         )
+        ctx._job = job  # for ctx.headers, read only when a handler asks
+        ctx._followups = self._followups
         delivery.context = ctx
         if job.task_id is None and delivery.entry.deliveries == 1:
             return self._run(delivery, scope, job, payload, ctx)  # the hot path
@@ -288,13 +300,17 @@ class Runner:
             return decisions.stopped(delivery)
         delivery.scope = scope
         delivery.started = True
+        events = self.events
+        if events is not None and role.events:
+            ctx._events = events
+            events.job("started", job, role.name)
         timeout = job.timeout or role.timeout
         started = time.perf_counter() if self.observe is not None else 0.0
         try:
             if role.is_async and not timeout:
-                await role.handler(ctx, payload)  # the hot path, without a wrapper coroutine
+                result = await role.handler(ctx, payload)  # the hot path, without a wrapper
             else:
-                await self._execute(role, ctx, payload, timeout)
+                result = await self._execute(role, ctx, payload, timeout)
         except nodes.LeaseLost:
             # An owner-checked write of the handler (a task node's emit) was refused.
             if not delivery.lost:
@@ -309,6 +325,8 @@ class Runner:
                 self.observe(role.name, time.perf_counter() - started)
         if delivery.lost or delivery.cancel is not None:
             return decisions.stopped(delivery)
+        if role.keep_result_ms or job.keep_result_ms:  # asked for: kept by the settler
+            return decisions.succeeded(job, result)
         return ACK
 
     async def _execute(
@@ -317,14 +335,13 @@ class Runner:
         ctx: Context,
         payload: Any,
         timeout: float | None,  # noqa: ASYNC109 - the node's or the role's limit, applied here
-    ) -> None:
+    ) -> Any:
         with anyio.fail_after(timeout) if timeout else contextlib.nullcontext():
             if role.is_async:
-                await role.handler(ctx, payload)
-            else:
-                await anyio.to_thread.run_sync(
-                    partial(role.handler, ctx, payload), limiter=self._threads
-                )
+                return await role.handler(ctx, payload)
+            return await anyio.to_thread.run_sync(
+                partial(role.handler, ctx, payload), limiter=self._threads
+            )
 
 
 #: The code of the coroutine that runs a handler: the stall watchdog finds it on the stack.

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, logs, nodes, streams
+from streamflow import connect, decisions, logs, nodes, results, streams
 from streamflow.delivery import (
     Decision,
     Delivery,
@@ -27,6 +27,7 @@ from streamflow.delivery import (
     OutcomeStatus,
     WorkerStatistics,
 )
+from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import (
@@ -38,6 +39,7 @@ from streamflow.protocol import (
     ErrorInfo,
     EventType,
     Job,
+    JobOutcome,
     encode,
     now_ms,
 )
@@ -87,18 +89,28 @@ class Settler:
         self._on_scheduled = on_scheduled
         self.stats = WorkerStatistics()
         self.acker = _Acker(self)
+        #: Writes kept outcomes (only for roles and jobs that ask), in shared calls.
+        self.keeper = results.Keeper(scripts, redis, consumer)
+        #: Where the lifecycle events of settled jobs go, or None (no events at all).
+        self.events: EventLog | None = None
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
         job = decision.job or delivery.job
+        if self.events is not None:
+            # The handler ended: the progress it held back goes before its final event.
+            self.events.last_progress(delivery.context)
+        record = None
         if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
-            self.ack_nowait(delivery, decision)
-            return
+            if not self._keep_ms(delivery, job):
+                self.ack_nowait(delivery, decision)
+                return
+            decision, record = self._outcome(delivery, decision)
         delivery.settling = True
         # Settling writes finish even when the worker is being cancelled, within a time limit.
         with anyio.move_on_after(10, shield=True):
             try:
-                status = await self._settle_one(delivery, decision)
+                status = await self._settle_one(delivery, decision, record)
             except connect.TRANSIENT_ERRORS as exc:
                 # Applied, or still pending under this consumer: then adopted after the lease
                 # TTL, or resumed by a restart with the same consumer name.
@@ -119,26 +131,138 @@ class Settler:
                 status = "lost"  # the group is gone with its pending list: nothing to apply
             self._held.discard(delivery)
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
+            if self.events is not None and delivery.role.events:
+                self._tell(self.events, delivery, decision, status)
+
+    def _tell(
+        self, events: EventLog, delivery: Delivery, decision: Decision, status: OutcomeStatus
+    ) -> None:
+        """Write the lifecycle event of a settle that was applied (none for a refused one)."""
+        job, role = decision.job or delivery.job, delivery.role.name
+        if status in ("lost", "released"):
+            return  # nothing happened to the job (it runs again, here or elsewhere)
+        if status == "retried":
+            events.job("retrying", job, role, detail=decision.detail, delay=decision.delay)
+        elif status == "dead_lettered":
+            final = "failed" if decision.reason in ("failed", "fatal") else "dead_lettered"
+            events.job(final, job, role, reason=decision.reason, detail=decision.detail)
+        else:
+            reason = delivery.cancel.reason if delivery.cancel is not None else decision.detail
+            cancelled = status == "cancelled"
+            events.job(status_event(status), job, role, reason=reason if cancelled else None)
+
+    def tell_acked(
+        self, items: list[Delivery], refused: set[bytes], cancelled: Mapping[Delivery, object]
+    ) -> None:
+        """Write the ``succeeded`` or ``cancelled`` events of a batch the acker settled."""
+        events = self.events
+        if events is None:
+            return
+        for delivery in items:
+            if not delivery.role.events or delivery.entry.id in refused:
+                continue  # refused by the owner check: it was not settled here
+            if delivery not in cancelled:  # the hot path: no keyword, the fast format
+                events.job("succeeded", delivery.job, delivery.role.name)
+                continue
+            cancel = delivery.cancel
+            reason = cancel.reason if cancel is not None else None
+            events.job("cancelled", delivery.job, delivery.role.name, reason=reason)
 
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
         # The acker forgets the delivery once acknowledged.
+        if self.events is not None:
+            self.events.last_progress(delivery.context)  # before the job's final event
         if decision.kind == "ack":
             self.acker.add(delivery)
         else:
             job = decision.job or delivery.job
             self.acker.add_cancelled(delivery, job.id if job else None)
 
-    async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
+    async def _settle_one(
+        self, delivery: Delivery, decision: Decision, record: bytes | None = None
+    ) -> OutcomeStatus:
         if decision.kind == "lost" or delivery.lost:
             return "lost"
         if decision.kind == "release":
             return "released" if await self._leases.release(delivery) else "lost"
         if decision.kind == "retry":
             return "retried" if await self._schedule_retry(delivery, decision) else "lost"
+        if record is not None:
+            return await self._keep(delivery, decision, record)
         if decision.kind in ("ack", "cancelled"):
             return await self._finish_node(delivery, decision)
         return "dead_lettered" if await self._dead_letter(delivery, decision) else "lost"
+
+    # -- kept outcomes (see streamflow.results): only for jobs whose role or publisher asks --
+
+    def _keep_ms(self, delivery: Delivery, job: Job | None) -> int:
+        return results.keep_ms(delivery.role.keep_result_ms, job)
+
+    def _outcome(self, delivery: Delivery, decision: Decision) -> tuple[Decision, bytes | None]:
+        """The record of an ``ack`` or ``cancelled`` to keep; a dead letter if it cannot be."""
+        job = decision.job or delivery.job
+        assert job is not None
+        status: JobOutcome = "succeeded" if decision.kind == "ack" else "cancelled"
+        try:
+            record = results.encode_record(
+                job,
+                status,
+                self.consumer,
+                max_bytes=self._max_bytes,
+                result=decision.result,
+                detail=None if decision.kind == "ack" else decision.detail,
+            )
+        except results.UnkeepableResult as exc:
+            return decisions.dead(exc.reason, str(exc), job), None
+        return decision, record
+
+    async def _keep(self, delivery: Delivery, decision: Decision, record: bytes) -> OutcomeStatus:
+        """Keep the outcome and settle the entry in one owner-checked step (``result.lua``).
+
+        Deliveries ending together share the call (see :class:`streamflow.results.Keeper`).
+        """
+        job = decision.job or delivery.job
+        assert job is not None
+        item = streams.Kept(
+            delivery.entry.id,
+            self._keys.result(delivery.shard, job.id),
+            record,
+            self._keep_ms(delivery, job),
+        )
+        kept = await self.keeper.keep(delivery.stream, item)
+        if not kept:
+            return "lost"
+        return "acked" if decision.kind == "ack" else "cancelled"
+
+    async def _keep_failure(self, delivery: Delivery, decision: Decision) -> None:
+        """Keep a dead-lettered job's failure, after the dead letter (the entry is gone)."""
+        job = decision.job
+        ttl = self._keep_ms(delivery, job)
+        if job is None or not ttl:
+            return
+        try:
+            record = results.encode_record(
+                job,
+                "dead_lettered",
+                self.consumer,
+                max_bytes=self._max_bytes,
+                reason=decision.reason,
+                detail=decision.detail[:4000],
+                error=decision.error,
+            )
+            # Not in the dead-letter script (settle scripts are not changed for this): a worker
+            # killed in between leaves the dead letter alone, which `streamflow job` finds.
+            await self._redis.set(self._keys.result(delivery.shard, job.id), record, px=ttl)
+        except (results.UnkeepableResult, ResponseError, *connect.TRANSIENT_ERRORS) as exc:
+            logger.warning(
+                "dead-lettered %s message %s but could not keep its failure as its result "
+                "(client.result waits for it in vain; streamflow job finds the dead letter): %s",
+                delivery.role.name,
+                job.id,
+                exc,
+                extra=_log_fields(delivery, job),
+            )
 
     def _node_event(self, delivery: Delivery, decision: Decision, type_: EventType) -> bytes:
         job = decision.job or delivery.job
@@ -236,6 +360,7 @@ class Settler:
             event=self._node_event(delivery, decision, "failed") if node_job else b"",
         )
         if moved is not None:
+            await self._keep_failure(delivery, decision)
             logger.warning(
                 "dead-lettered %s entry %s (message %s): %s: %s",
                 delivery.role.name,
@@ -313,6 +438,11 @@ class Settler:
         stats = self.stats
         stats.acked += count
         stats.by_role[role, "acked"] = stats.by_role.get((role, "acked"), 0) + count
+
+
+def status_event(status: OutcomeStatus) -> str:
+    """The lifecycle event type of an acknowledged job: ``succeeded`` or ``cancelled``."""
+    return "cancelled" if status == "cancelled" else "succeeded"
 
 
 def _log_fields(delivery: Delivery, job: Job | None = None) -> dict[str, Any]:
@@ -403,6 +533,7 @@ class _Acker:
                 refused -= await self._applied_before(stream, items, refused)
             settler._held.discard_many(stream, items)
             del batch[stream]
+            settler.tell_acked(items, refused, self._cancelled)
             if refused or settler._on_outcome is not None or self._cancelled:
                 self._report_each(items, refused)
             else:

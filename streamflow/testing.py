@@ -13,6 +13,11 @@ Example:
             assert h.acked == [...]
     ```
 
+The app's lifecycle hooks run once per harness: startup hooks on entering ``async with``,
+shutdown hooks on leaving it. A test replaces a resource by pinning its own object,
+``Harness(app, resources={Pool: FakePool()})``: the handlers get the fake, whatever the hooks
+store (see :class:`~streamflow.lifecycle.Resources`).
+
 It also runs whole DAG tasks (:meth:`Harness.run_task`): workers for the app's roles and a
 coordinator, in turns, until the task ends.
 
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import uuid
 import warnings
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -40,6 +47,7 @@ from streamflow.dag.tasks import TaskState
 from streamflow.delivery import Outcome
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.keys import Keys
+from streamflow.lifecycle import Resources
 from streamflow.protocol import DeadLetter, decode_dead_letter
 from streamflow.worker import Worker
 
@@ -73,6 +81,8 @@ class Harness:
             ``testing`` extra: :class:`~streamflow.errors.MissingExtraError` otherwise).
         namespace: The key namespace; a fresh random one by default, so tests never collide.
         concurrency: Handlers run at once.
+        resources: Objects the handlers get instead of what the startup hooks store, by type
+            (test doubles; see :class:`~streamflow.lifecycle.Resources`).
         **worker_options: More keyword arguments for :class:`~streamflow.worker.Worker`.
     """
 
@@ -83,6 +93,7 @@ class Harness:
         redis_url: str | None = None,
         namespace: str | None = None,
         concurrency: int = 8,
+        resources: Mapping[type[Any], Any] | None = None,
         **worker_options: Any,
     ) -> None:
         self.app = app
@@ -94,6 +105,9 @@ class Harness:
         self._redis: Redis | None = None
         self._client: Client | None = None
         self.outcomes: list[Outcome] = []
+        #: What the app's startup hooks stored (and the pinned test doubles).
+        self.resources = Resources(resources)
+        self._hooks = AsyncExitStack()
 
     async def __aenter__(self) -> Self:
         if self._url is None:
@@ -103,6 +117,14 @@ class Harness:
             self._redis = connect.connect(self._url, name="streamflow-testing")
             await connect.ping(self._redis, self._url)
         self._client = Client(self._redis, namespace=self.namespace)
+        grace = float(self._worker_options.get("shutdown_grace", 30.0))
+        try:
+            await self._hooks.enter_async_context(
+                self.app.lifecycle(self.resources).running(lambda: grace)
+            )
+        except BaseException:
+            await self._redis.aclose()
+            raise
         return self
 
     async def __aexit__(
@@ -111,8 +133,11 @@ class Harness:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
+        try:
+            await self._hooks.aclose()  # the shutdown hooks
+        finally:
+            if self._redis is not None:
+                await self._redis.aclose()
 
     @property
     def redis(self) -> Redis:
@@ -150,6 +175,7 @@ class Harness:
             namespace=self.namespace,
             concurrency=self._concurrency,
             on_outcome=seen.append,
+            resources=self.resources,
             **self._worker_options,
         )
         names = roles if roles is not None else list(self.app.roles)

@@ -16,6 +16,10 @@ One anyio task group owns all of a worker's loops:
   **grace enforcer** cancels what still runs after the shutdown grace.
 
 Every delivery ends in exactly one decision, applied in one place, :mod:`streamflow.settle`.
+
+Around all of it, the app's lifecycle hooks (:mod:`streamflow.lifecycle`): startup hooks before
+the first Redis call, shutdown hooks after the last settle, shielded, within what remains of the
+shutdown grace.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Literal
 
 import anyio
@@ -41,9 +46,11 @@ from streamflow.config import WorkerSettings
 from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.decisions import ACK
 from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
+from streamflow.events import EventLog
 from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
 from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
+from streamflow.lifecycle import NO_RESOURCES, Resources
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     now_ms,
@@ -115,6 +122,9 @@ class Worker:
         stall_warning: Seconds the event loop may go without running before a warning names
             the handler blocking it (see :mod:`streamflow.stalls`); by default the lease
             renewal period, at most 5 s.
+        resources: Resources filled by the caller, who runs the app's lifecycle hooks (the
+            test harness does, once for many workers); by default the worker runs them itself
+            in :meth:`run` and :meth:`drain`.
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class Worker:
         lease: LeaseSettings | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
         stall_warning: float | None = None,
+        resources: Resources | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -148,6 +159,10 @@ class Worker:
         self.concurrency = concurrency
         self.consumer = validate_name(consumer or default_consumer_name(), "consumer name")
         self._grace = shutdown_grace
+        # Resources given: their owner runs the hooks. Else this worker does, around serving.
+        self._lifecycle = app.lifecycle() if resources is None else None
+        shared = self._lifecycle.resources if self._lifecycle is not None else resources
+        self._stop_requested_at: float | None = None
         self._scripts = streams.Scripts(redis)
         self._held = InFlight()
         self._leases = LeaseKeeper(
@@ -218,7 +233,12 @@ class Worker:
             self._settler.acker.flush,
             concurrency=concurrency,
             max_message_bytes=max_message_bytes,
+            resources=shared or NO_RESOURCES,
         )
+        # Lifecycle events: nothing is buffered or written while no served role wants them.
+        self._events = EventLog(redis, self._keys, self.consumer)
+        if any(role.events for role in self._roles):
+            self._runner.events = self._settler.events = self._events
         self._started_at_ms = now_ms()
         self._signals_latency: Callable[[float], None] | None = None
         self._unsafe_after = self._leases.settings.unsafe_after
@@ -278,11 +298,16 @@ class Worker:
         every loop log it once, back off and retry, until Redis serves again or :meth:`stop`
         is called.
 
+        The app's startup hooks run first and its shutdown hooks last (see
+        :mod:`streamflow.lifecycle`), unless the worker was given its ``resources``.
+
         Raises:
             ConfigError: Another live process uses this worker's consumer name.
+            StartupError: A startup hook raised (the shutdown hooks ran).
         """
         try:
-            await self._serve(burst=False, task_status=task_status)
+            async with self._hooks():
+                await self._serve(burst=False, task_status=task_status)
         finally:
             self._stopped.set()
 
@@ -291,12 +316,14 @@ class Worker:
 
         Reads never block, so this also works on fakeredis, whose blocking reads return at once.
         Due retries are moved to the stream first; retries not yet due are left scheduled.
+        Lifecycle hooks run around it as around :meth:`run`.
         """
-        while True:
-            before = self._settler.stats.received
-            await self._serve(burst=True, task_status=anyio.TASK_STATUS_IGNORED)
-            if self._settler.stats.received == before or self._stopping.is_set():
-                return
+        async with self._hooks():
+            while True:
+                before = self._settler.stats.received
+                await self._serve(burst=True, task_status=anyio.TASK_STATUS_IGNORED)
+                if self._settler.stats.received == before or self._stopping.is_set():
+                    return
 
     def stop(self) -> None:
         """Ask the worker to stop: reading stops at once, in-flight handlers get the grace.
@@ -310,6 +337,7 @@ class Worker:
         how it ends (see docs/operations.md, "Shutdown").
         """
         if not self._stopping.is_set():
+            self._stop_requested_at = time.monotonic()
             for delivery in self._held:
                 if delivery.scope is not None and delivery.context is not None:
                     delivery.stop("shutdown", "shutting down", hard=False)
@@ -371,6 +399,18 @@ class Worker:
             callback: Called once per handler a cancel stopped; None stops the calls.
         """
         self._signals_latency = callback
+
+    def _hooks(self) -> AbstractAsyncContextManager[Resources | None]:
+        """The app's lifecycle around serving, or nothing when the caller runs it."""
+        if self._lifecycle is None:
+            return nullcontext()
+        return self._lifecycle.running(self._hooks_grace)
+
+    def _hooks_grace(self) -> float:
+        """Seconds the shutdown hooks get: what remains of the grace since stop, at least 1."""
+        if self._stop_requested_at is None:  # ended without a stop (burst, or a failure)
+            return max(self._grace, 1.0)
+        return max(self._grace - (time.monotonic() - self._stop_requested_at), 1.0)
 
     def _describe(self) -> bytes:
         """This worker's registry entry (see :mod:`streamflow.registry`)."""
@@ -464,9 +504,11 @@ class Worker:
             tg.start_soon(self._leases.renew_forever)
             tg.start_soon(self._enforce_grace)
             tg.start_soon(self._watchdog.beat_forever)
+            tg.start_soon(self._events.run)
             task_status.started()
             await self._pipeline(burst)
             await self._settler.acker.flush()
+            await self._events.flush()
             tg.cancel_scope.cancel()
 
     async def _pipeline(self, burst: bool) -> None:

@@ -18,6 +18,8 @@ Roles:
         partition's hash slot is 4, so ``redis-cli --cluster reshard --cluster-slots 5`` from the
         first master of a fresh cluster moves it (and only four empty slots besides).
     careful: the README's cooperative handler (see :func:`careful_role`), traced like ``work``.
+    parent: publishes two ``child`` jobs with ``ctx.publish`` (see :func:`parent_role`).
+    child: traces ``CHILD`` (``ORPHAN`` if it did not inherit a ``correlation-id`` header).
 
 Trace lines (one ``write`` each, so lines from several processes never interleave) are
 ``EVENT message_id entry_id attempt pid consumer unix_time`` with EVENT one of ``START`` (the
@@ -190,3 +192,31 @@ async def careful_role(ctx: streamflow.Context, payload: Any) -> None:
         trace(ctx, "CANCELLED")
         raise
     trace(ctx, "DONE")
+
+
+@app.role("kept_work", keep_result=60)
+async def kept_work(ctx: streamflow.Context, payload: Any) -> dict[str, Any]:
+    """``work``, keeping as its result who ran it (tests/test_jobs.py)."""
+    await work(ctx, payload)
+    return {"consumer": ctx.consumer, "attempt": ctx.attempt}
+
+
+@app.role("parent")
+async def parent_role(ctx: streamflow.Context, payload: Any) -> None:
+    """Trace START, publish two ``child`` jobs (by ordinal, then by key), trace PUBLISHED.
+
+    With ``payload["kill"]``, SIGKILL this worker right after, on the entry's first delivery
+    only (an adopted entry has a higher delivery count); then trace DONE.
+    """
+    trace(ctx, "START")
+    await ctx.publish("child", {"parent": ctx.message_id})
+    await ctx.publish("child", {"parent": ctx.message_id}, idempotency_key="second")
+    trace(ctx, "PUBLISHED")
+    if payload.get("kill") and ctx.fencing_token & 0xFFFFFFFF == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    trace(ctx, "DONE")
+
+
+@app.role("child")
+async def child_role(ctx: streamflow.Context, payload: Any) -> None:
+    trace(ctx, "CHILD" if ctx.headers.get("correlation-id") else "ORPHAN")

@@ -26,7 +26,9 @@ from streamflow.dag.outbox import (
     encode_item,
 )
 from streamflow.dag.store import TaskStore
+from streamflow.dag.tasks import Internal
 from streamflow.keys import Keys
+from streamflow.protocol import TaskEvent, now_ms
 from tests.helpers import running
 
 #: Each kind of item, and its stored JSON as coordinators have always written it.
@@ -176,3 +178,68 @@ async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, name
     assert await streams.publish_dedup_many(scripts, redis, []) == []
     entries = await streams.read_range(redis, keys.role_stream("ocr"))
     assert [e.fields[b"message"] for e in entries] == [b"message 0", b"message 1", b"message 2"]
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_publish_dedup_many_loads_the_script_when_redis_lost_it(
+    redis: Redis, namespace: str
+) -> None:
+    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    publishes = [
+        streams.DedupPublish(
+            stream=keys.role_stream("ocr"),
+            marker=keys.dedup("ocr", f"dispatch:{n}"),
+            schedule=keys.delayed("ocr"),
+            message_id=str(n),
+            message=f"message {n}".encode(),
+            window_ms=60_000,
+        )
+        for n in range(2)
+    ]
+    await redis.script_flush()  # as after a restart: EVALSHA is refused until it is loaded
+    assert await streams.publish_dedup_many(scripts, redis, publishes) == [True, True]
+    await redis.script_flush()
+    assert await streams.publish_dedup_many(scripts, redis, publishes) == [False, False]
+    assert await redis.xlen(keys.role_stream("noop")) == 0
+    assert await redis.xlen(keys.role_stream("ocr")) == 2
+
+
+def _event(task_id: str, kind: str, node_id: str) -> TaskEvent:
+    return TaskEvent(
+        protocol=1,
+        kind="event",
+        type=kind,
+        task_id=task_id,
+        node_id=node_id,
+        invocation=0,
+        at_ms=now_ms(),
+        total=0 if kind == "done" else None,
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_a_step_from_the_state_kept_is_checked_when_another_coordinator_committed(
+    redis: Redis, namespace: str
+) -> None:
+    # A coordinator steps a task from the state it committed last, without reading it; when
+    # another one committed in between, the version check (a change) or a read (no change
+    # on the state kept) makes it apply the events to the state as it is.
+    graph = Graph("pair")
+    graph.node("a", role="noop").node("b", role="noop").edge("a", "b")
+    first = Coordinator(redis, namespace=namespace)
+    second = Coordinator(redis, namespace=namespace)
+    task_id = await Client(redis, namespace=namespace).submit(graph, roles=["noop"])
+    await first.process(task_id, [Internal("tick")])  # dispatches a; kept by first
+    await second.process(task_id, [_event(task_id, "done", "a")])  # a done, b dispatched
+    # On the state first kept, b was never dispatched: its start would be ignored.
+    await first.process(task_id, [_event(task_id, "accepted", "b")])
+    await first.process(task_id, [_event(task_id, "accepted", "a")])  # news of a: no change
+    await first.process(task_id, [_event(task_id, "done", "b")])
+    task = await Client(redis, namespace=namespace).task(task_id)
+    assert task is not None
+    assert task.state == "succeeded", task.error
+    assert task.nodes["b"].started_at_ms is not None
+    assert (first.commits, second.commits) == (3, 1)
+    assert first.dispatches + second.dispatches == 2

@@ -32,6 +32,7 @@ import pytest
 import redis as redis_sync
 
 from streamflow.ops.server import RedisServer
+from streamflow.protocol import LifecycleEvent
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 from tests.test_getting_started import Command, Shell
 
@@ -46,6 +47,8 @@ SUBMISSION = re.compile(r"<!-- protocol-submission-example: (.+?) -->\n```consol
 SUBMIT = re.compile(r"\$ redis-cli XADD 'sf:\{tasks\}:submissions' ")
 #: An outcome the page prints: the GET and the JSON it shows.
 OUTCOME = re.compile(r"^\$ redis-cli --raw GET 'sf:\{tasks\}:submission:([^']+)'\n(.*)$", re.M)
+#: A console block of the page that reads the lifecycle events: ``ID=TYPE,TYPE,...``.
+EVENTS = re.compile(r"<!-- protocol-events-example: (\S+)=(\S+) -->\n```console\n(.*?)```", re.S)
 CANCEL = re.compile(
     r"<!-- protocol-cancel-example: (task|message) (\S+) -->\n```console\n(.*?)```", re.S
 )
@@ -196,6 +199,17 @@ def test_the_pages_xadd_examples_have_their_documented_effect(
     assert {k: v["reason"] for k, v in letters.items()} == dead
     assert client.xpending("sf:{role:resize}:stream", "workers")["pending"] == 0
     assert "has the key 'width' twice" in letters["dup-1"]["detail"]
+    assert "headers.correlation id.[key]" in letters["badheader-1"]["detail"]
+    # A handled example's headers reached the handler (ctx.headers), as the page sent them.
+    sent = {
+        doc["id"]: doc["headers"]
+        for example in examples(PAGE.read_text())
+        for doc in (orjson.loads(command[-1]) for command in example.commands)
+        if "headers" in doc and doc["id"] in handled
+    }
+    assert sent
+    got = {line.split()[0]: line.split()[2] for line in recorded(record) if len(line.split()) > 2}
+    assert {k: orjson.loads(got[k]) for k in sent} == sent
     # The dead letter the page prints is the one the worker writes (but for times and ids).
     shown = orjson.loads(re.findall(r"^dead_letter\n(.*)$", PAGE.read_text(), re.M)[0])
     written = letters[shown["message_id"]]
@@ -292,3 +306,39 @@ def test_the_pages_submissions_are_answered_as_shown_and_the_accepted_one_runs(
     finally:
         coordinator.kill()
         coordinator.wait(timeout=30)
+
+
+def test_the_pages_xread_of_lifecycle_events_shows_the_jobs_events(
+    worker: tuple[redis_sync.Redis, Path, Callable[[], None]],
+) -> None:
+    """The page's XREAD, run as written after its job ran, returns that job's events."""
+    client, record, start = worker
+    ((message_id, types, block),) = EVENTS.findall(PAGE.read_text())
+    (publish,) = [e for e in examples(PAGE.read_text()) if message_id in e.outcomes]
+    for command in publish.commands:
+        client.execute_command(*command)
+    start()
+    wait_for(lambda: f"{message_id} 1" in recorded(record), 60, "the job runs")
+    (xread,) = [shlex.split(c.line)[1:] for c in console_commands(block)]
+    assert xread[0] == "XREAD"
+
+    def seen() -> list[LifecycleEvent]:
+        reply = client.execute_command(*xread) or []
+        # RESP2 replies per stream: [name, [[id, fields], ...]] (fields a dict or a flat list).
+        entries = [entry for _, stream_entries in reply for entry in stream_entries]
+        found = []
+        for _, fields in entries:
+            flat = (
+                fields
+                if isinstance(fields, dict)
+                else dict(zip(fields[::2], fields[1::2], strict=True))
+            )
+            for item in orjson.loads(flat[b"events"]):  # one or more events per entry
+                event = LifecycleEvent.model_validate(item)
+                if event.message_id == message_id:
+                    found.append(event)
+        return found
+
+    wait_for(lambda: len(seen()) >= len(types.split(",")), 30, "the job's events")
+    assert [e.type for e in seen()] == types.split(",")
+    assert {e.role for e in seen()} == {"resize"} and seen()[0].consumer == "worker-1"

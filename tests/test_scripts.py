@@ -8,8 +8,11 @@ refusal must leave everything as it was.
 
 from __future__ import annotations
 
+import os
+import random
 import re
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,18 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 import streamflow
+from streamflow import connect
 from streamflow.keys import GROUP, Keys
-from streamflow.streams import Scripts, is_group_lost
+from streamflow.ops.server import RedisServer
+from streamflow.streams import Scripts, is_group_lost, settle
 
 pytestmark = pytest.mark.anyio
 
 ME, OTHER = "me", "other"
+#: The path of a redis-server 8.2 or newer: the scripts' tests then also run on it. Without it
+#: they run on the redis-server on PATH only (7.0 on CI): the 8.2 cases are not collected, so
+#: nothing shows as skipped.
+REDIS8_ENV = "SFTEST_REDIS8_SERVER"
 #: A released entry's idle time, and the idle time a case starts from (below it).
 RELEASED_MS, STALE_MS = 10_000_000, 500_000
 
@@ -41,6 +50,7 @@ class Setup:
     delayed: str
     batch: str
     entry_id: bytes
+    result: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,34 @@ class State:
     events: int
     delayed: list[bytes]
     batch: bytes | None
+    result: bytes | None = None
+
+
+def _version(executable: str) -> tuple[int, ...]:
+    out = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True)
+    found = re.search(r"v=(\d+)\.(\d+)", out.stdout)
+    assert found, out.stdout
+    return tuple(int(part) for part in found.groups())
+
+
+@pytest.fixture(scope="module")
+def redis8_server() -> Iterator[RedisServer]:
+    """A private redis-server 8.2 or newer, from ``$SFTEST_REDIS8_SERVER``."""
+    executable = os.environ[REDIS8_ENV]  # collected only when it is set (any_redis)
+    if _version(executable) < (8, 2):
+        pytest.fail(f"{REDIS8_ENV}={executable} is older than Redis 8.2", pytrace=False)
+    with RedisServer(executable=executable, appendonly=False) as server:
+        yield server
+
+
+@pytest.fixture(params=["path", *(["redis8"] if os.environ.get(REDIS8_ENV) else [])])
+async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """A client of the session redis-server (on PATH), then of the 8.2+ one when there is one."""
+    name = "redis_server" if request.param == "path" else "redis8_server"
+    server: RedisServer = request.getfixturevalue(name)
+    client = connect.connect(server.url)
+    yield client
+    await client.aclose()
 
 
 async def _state(redis: Redis, s: Setup) -> State:
@@ -69,6 +107,7 @@ async def _state(redis: Redis, s: Setup) -> State:
         events=await redis.xlen(s.events),
         delayed=await redis.zrange(s.delayed, 0, -1),
         batch=await redis.get(s.batch),
+        result=await redis.get(s.result) if s.result else None,
     )
 
 
@@ -128,6 +167,12 @@ async def _finished(redis: Redis, s: Setup, before: State, after: State) -> None
     assert after.events == 1
 
 
+async def _kept(redis: Redis, s: Setup, before: State, after: State) -> None:
+    assert after.entries == [] and after.pending == []
+    assert after.result == b'{"r":1}'
+    assert 0 < await redis.pttl(s.result) <= 60_000
+
+
 def _one(name: str, keys: Callable[[Setup], list[str]], args: Callable[[Setup], list[Any]]) -> Call:
     async def call(redis: Redis, s: Setup) -> Any:
         script = getattr(s.scripts, name)
@@ -138,7 +183,7 @@ def _one(name: str, keys: Callable[[Setup], list[str]], args: Callable[[Setup], 
 
 CONTRACTS: dict[str, Contract] = {
     "settle.lua": Contract(
-        _one("settle", lambda s: [s.stream], lambda s: [GROUP, ME, s.entry_id]),
+        _one("settle", lambda s: [s.stream], lambda s: [GROUP, ME, b'["%s"]' % s.entry_id]),
         done=[],
         refused=["id"],
         effect=_settled,
@@ -193,6 +238,16 @@ CONTRACTS: dict[str, Contract] = {
         refused=None,
         effect=_finished,
     ),
+    "result.lua": Contract(
+        _one(
+            "result",
+            lambda s: [s.stream, s.result],
+            lambda s: [GROUP, ME, s.entry_id, '{"r":1}', 60_000],
+        ),
+        done=[],
+        refused=["id"],
+        effect=_kept,
+    ),
 }
 
 
@@ -224,6 +279,7 @@ async def _setup(redis: Redis, namespace: str, case: str) -> Setup:
         delayed=keys.delayed(role),
         batch=keys.batch(role, "t1", "n1", 1, 1),
         entry_id=await redis.xadd(keys.role_stream(role), {"message": "{}"}),
+        result=keys.result(role, "m1"),
     )
     if case == "nogroup":
         return s
@@ -247,9 +303,9 @@ def _expected_refusal(contract: Contract, s: Setup) -> Any:
 @pytest.mark.parametrize("name", sorted(CONTRACTS))
 @pytest.mark.parametrize("case", ["owner", "foreign", "gone", "nogroup"])
 async def test_fenced_script_acts_only_for_the_owner(
-    redis: Redis, namespace: str, name: str, case: str
+    any_redis: Redis, namespace: str, name: str, case: str
 ) -> None:
-    contract = CONTRACTS[name]
+    redis, contract = any_redis, CONTRACTS[name]
     with anyio.fail_after(30):
         s = await _setup(redis, namespace, case)
         before = await _state(redis, s)
@@ -272,3 +328,107 @@ async def test_fenced_script_acts_only_for_the_owner(
             assert after == before
             if case == "foreign":
                 assert await _idle_ms(redis, s) >= STALE_MS
+
+
+# -- settle.lua on batches: which ids it takes, and what it deletes -----------------------------
+
+
+async def _entries_and_pending(redis: Redis, stream: str) -> tuple[list[bytes], dict[bytes, bytes]]:
+    entries = [entry_id for entry_id, _ in await redis.xrange(stream)]
+    rows: Any = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10_000)
+    return entries, {r["message_id"]: r["consumer"] for r in rows}
+
+
+async def test_settle_orders_ids_by_number_not_by_text(any_redis: Redis, namespace: str) -> None:
+    """Ids across digit boundaries: the batch's first and last are found by number, refusals
+    come back in the order given, and nothing but what was settled leaves the stream (an
+    entry never delivered stays, even once nothing is pending)."""
+    redis, stream = any_redis, Keys(namespace).role_stream("order")
+    scripts = Scripts(redis)
+    for entry_id in ["9-0", "9-99", "10-0", "10-5", "10-10", "10-100", "100-0", "100-7"]:
+        await redis.xadd(stream, {"message": "{}"}, id=entry_id)
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, OTHER, {stream: ">"}, count=1)  # 9-0
+    await redis.xreadgroup(GROUP, ME, {stream: ">"})
+    await redis.xadd(stream, {"message": "{}"}, id="1000-0")  # never delivered
+    with anyio.fail_after(30):
+        batch = [b"100-0", b"10-5", b"9-99", b"10-100", b"9-0", b"99-0"]
+        assert await settle(scripts, redis, stream, ME, batch) == [b"9-0", b"99-0"]
+        entries, pending = await _entries_and_pending(redis, stream)
+        assert entries == [b"9-0", b"10-0", b"10-10", b"100-7", b"1000-0"]
+        assert pending == {b"9-0": b"other", b"10-0": b"me", b"10-10": b"me", b"100-7": b"me"}
+        assert await settle(scripts, redis, stream, ME, [b"100-7", b"10-10", b"10-0"]) == []
+        left = ([b"9-0", b"1000-0"], {b"9-0": b"other"})
+        assert await _entries_and_pending(redis, stream) == left
+        assert await settle(scripts, redis, stream, OTHER, [b"9-0"]) == []
+        assert await _entries_and_pending(redis, stream) == ([b"1000-0"], {})
+
+
+async def test_settle_deletes_exactly_the_settled_entries(any_redis: Redis, namespace: str) -> None:
+    """Random batches over several stream nodes (100 entries each), out of order, with ids
+    another consumer holds and ids already settled: after each one the stream holds exactly the
+    entries not settled, undelivered ones included, and the pending list the ones still held."""
+    redis, stream = any_redis, Keys(namespace).role_stream("batches")
+    scripts, rng = Scripts(redis), random.Random(20)
+    pipe = redis.pipeline(transaction=False)
+    for _ in range(450):
+        pipe.xadd(stream, {"message": "{}"})
+    all_ids = list(await pipe.execute())
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, ME, {stream: ">"}, count=400)
+    foreign = set(rng.sample(all_ids[:400], 30))
+    await redis.xclaim(stream, GROUP, OTHER, 0, sorted(foreign), justid=True)
+    mine = [entry_id for entry_id in all_ids[:400] if entry_id not in foreign]
+    rng.shuffle(mine)
+    settled: set[bytes] = set()
+    with anyio.fail_after(60):
+        while mine:
+            size = rng.randint(1, 80)
+            taken, mine = mine[:size], mine[size:]
+            strays = rng.sample(sorted(foreign | settled), min(3, len(foreign | settled)))
+            batch = taken + strays
+            rng.shuffle(batch)
+            assert await settle(scripts, redis, stream, ME, batch) == [
+                entry_id for entry_id in batch if entry_id in strays
+            ]
+            settled |= set(taken)
+            entries, pending = await _entries_and_pending(redis, stream)
+            assert entries == [entry_id for entry_id in all_ids if entry_id not in settled]
+            held = {entry_id: ME.encode() for entry_id in mine + taken if entry_id not in settled}
+            held |= dict.fromkeys(foreign, OTHER.encode())
+            assert pending == held
+    assert await redis.xlen(stream) == len(foreign) + 50
+
+
+async def test_renew_takes_only_owned_ids_that_were_not_released(
+    any_redis: Redis, namespace: str
+) -> None:
+    """renew.lua checks a batch the same way: across digit boundaries, an id held by another
+    consumer, one released at shutdown and one gone are lost (in the order given); the others
+    are renewed, and nothing else changes."""
+    redis, stream = any_redis, Keys(namespace).role_stream("renew")
+    scripts = Scripts(redis)
+    for entry_id in ["9-0", "9-99", "10-0", "10-5", "10-10", "100-0"]:
+        await redis.xadd(stream, {"message": "{}"}, id=entry_id)
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, ME, {stream: ">"})
+    await redis.xclaim(stream, GROUP, OTHER, 0, ["10-0"], justid=True)
+    await redis.xclaim(stream, GROUP, ME, 0, ["9-99"], idle=RELEASED_MS, justid=True)
+    stale = ["9-0", "10-5", "10-10", "100-0"]
+    await redis.xclaim(stream, GROUP, ME, 0, stale, idle=STALE_MS, justid=True)
+    with anyio.fail_after(30):
+        batch = [b"100-0", b"10-0", b"9-99", b"10-10", b"50-0", b"9-0", b"10-5"]
+        lost = await scripts.renew(keys=[stream], args=[GROUP, ME, RELEASED_MS, *batch])
+        assert lost == [b"10-0", b"9-99", b"50-0"]
+        rows: Any = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
+        idle = {r["message_id"]: (r["consumer"], r["time_since_delivered"]) for r in rows}
+        assert {i: c for i, (c, _) in idle.items()} == {
+            b"9-0": b"me",
+            b"9-99": b"me",
+            b"10-0": b"other",
+            b"10-5": b"me",
+            b"10-10": b"me",
+            b"100-0": b"me",
+        }
+        assert all(idle[i.encode()][1] < STALE_MS for i in stale)
+        assert idle[b"9-99"][1] >= RELEASED_MS

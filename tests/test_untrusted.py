@@ -580,6 +580,9 @@ def reason_cases(keys: Keys) -> dict[str, dict[bytes, bytes]]:
         "missing_input": job("missing_input", **node, input={**ref, "ref": missing}),
         "invalid_input": job("invalid_input", **node, input={**ref, "ref": forged}),
         "max_deliveries": job("max_deliveries"),  # see below: it was started too often
+        # Its outcome kept, the handler returns too much, or a set (see the handler below).
+        "result_too_large": job("result_too_large", payload={"width": 2}, keep_result_ms=60_000),
+        "invalid_result": job("invalid_result", payload={"width": 3}, keep_result_ms=60_000),
     }
 
 
@@ -591,11 +594,14 @@ async def test_every_documented_reason_is_what_a_real_worker_dead_letters_with(
     app = App()
 
     @app.role("typed", retry=RetryPolicy(max_attempts=1))
-    async def typed(ctx: Context, payload: Size) -> None:
+    async def typed(ctx: Context, payload: Size) -> Any:
         if payload.width == 0:
             raise Fatal("fatal as asked")
         if payload.width == 1:
             raise ValueError("failing as asked")
+        if payload.width == 2:
+            return "x" * 70_000  # over the worker's 64 KiB limit, as a result too
+        return {1, 2} if payload.width == 3 else None
 
     keys = Keys(namespace)
     stream = keys.role_stream("typed")

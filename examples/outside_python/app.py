@@ -4,8 +4,9 @@
     ./examples/outside_python/publish.sh redis://127.0.0.1:6379/0 sf
     node examples/outside_python/publish.mjs redis://127.0.0.1:6379/0 sf
 
-Both scripts publish one ``greet`` job, which runs at once, and one ``slow`` job, which they
-then cancel by its message id while it runs.
+Both scripts publish one ``greet`` job with headers (a trace context and a correlation id),
+which runs at once, and one ``slow`` job, which they then cancel by its message id while it
+runs.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ class Slow(BaseModel):
 
 #: Who was greeted, by message id (the tests read it).
 greeted: dict[str, str] = {}
+#: The headers each greet job carried, by message id.
+greeted_headers: dict[str, dict[str, str]] = {}
 
 
 @app.role("greet")
 async def greet(ctx: streamflow.Context, job: Greet) -> None:
     """Say hello: a job that finishes at once."""
     greeted[ctx.message_id] = job.name
-    ctx.log.info("hello, %s", job.name)
+    greeted_headers[ctx.message_id] = dict(ctx.headers)
+    ctx.log.info("hello, %s (correlation id %s)", job.name, ctx.headers.get("correlation-id"))
 
 
 @app.role("slow", cancel_grace=2.0)

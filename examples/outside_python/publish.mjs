@@ -58,8 +58,11 @@ client.on("error", (err) => console.error(`redis: ${err.message}`));
 await client.connect();
 
 try {
-  /** Publish one job to `role`: one XADD of one field, `message`, holding the envelope. */
-  async function publish(role, payload) {
+  /**
+   * Publish one job to `role`: one XADD of one field, `message`, holding the envelope.
+   * `headers` (optional) is metadata the handler reads as ctx.headers: string names and values.
+   */
+  async function publish(role, payload, headers) {
     const job = {
       protocol: 1,
       kind: "job",
@@ -68,6 +71,7 @@ try {
       payload,
       attempt: 1,
       created_at_ms: Date.now(),
+      ...(headers && { headers }),
     };
     const stream = `${ns}:{role:${role}}:stream`;
     const entry = await client.xAdd(stream, "*", { message: JSON.stringify(job) });
@@ -75,7 +79,14 @@ try {
     return { id: job.id, stream, entry };
   }
 
-  await publish("greet", { name: "node" });
+  await publish(
+    "greet",
+    { name: "node" },
+    {
+      traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+      "correlation-id": "node-1",
+    },
+  );
   const slow = await publish("slow", { steps: 600, step_seconds: 0.1 });
 
   // A worker has taken the job once its entry is pending in the role's group, `workers`.

@@ -36,9 +36,12 @@ wait_for() {
 
 # 1. A job is one XADD of one field, `message`, holding the JSON envelope. Quote the key: it
 #    has braces in it. XADD is not idempotent: do not retry it blindly after a lost reply.
+#    `headers` (optional) is metadata the handler reads as ctx.headers: a trace context, a
+#    correlation id; string names and values only.
 greet_id=$(new_id)
+headers='{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","correlation-id":"shell-1"}'
 entry=$(rcli XADD "$ns:{role:greet}:stream" '*' message \
-    "{\"protocol\":1,\"kind\":\"job\",\"id\":\"$greet_id\",\"role\":\"greet\",\"payload\":{\"name\":\"shell\"},\"attempt\":1,\"created_at_ms\":$(now_ms)}")
+    "{\"protocol\":1,\"kind\":\"job\",\"id\":\"$greet_id\",\"role\":\"greet\",\"payload\":{\"name\":\"shell\"},\"attempt\":1,\"created_at_ms\":$(now_ms),\"headers\":$headers}")
 echo "published greet $greet_id (entry $entry)"
 
 # 2. A long job, to cancel while it runs.

@@ -20,13 +20,14 @@ import anyio
 import pytest
 
 import streamflow
-from examples.outside_python.app import app, greeted
+from examples.outside_python.app import app, greeted, greeted_headers
 from streamflow import Client, Coordinator, Outcome, Worker
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 HERE = Path(__file__).parent
 CANCEL_LUA = Path(streamflow.__file__).parent / "lua" / "cancel.lua"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def require(tool: str, hint: str) -> str:
@@ -118,6 +119,10 @@ async def test_publish_sh_publishes_with_redis_cli_and_cancels_a_running_job(
             ids = await run_script(["sh", "publish.sh", redis_url, namespace], outcomes)
 
     assert greeted[ids["greet"]] == "shell"
+    assert greeted_headers[ids["greet"]] == {
+        "traceparent": TRACEPARENT,
+        "correlation-id": "shell-1",
+    }
     statuses = {o.message_id: o.status for o in outcomes}
     assert statuses == {ids["greet"]: "acked", ids["slow"]: "cancelled"}
 
@@ -131,6 +136,7 @@ async def test_publish_mjs_publishes_with_node_redis_and_cancels_a_running_job(
             ids = await run_script([node, "publish.mjs", redis_url, namespace], outcomes)
 
     assert greeted[ids["greet"]] == "node"
+    assert greeted_headers[ids["greet"]] == {"traceparent": TRACEPARENT, "correlation-id": "node-1"}
     statuses = {o.message_id: o.status for o in outcomes}
     assert statuses == {ids["greet"]: "acked", ids["slow"]: "cancelled"}
 

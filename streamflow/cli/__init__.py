@@ -44,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself.",
     ),
     "dlq": ("streamflow.cli.dlq", "Dead letters: list, show, replay, purge."),
+    "events": (
+        "streamflow.cli.events",
+        "Follow lifecycle events live: jobs started, progress, retried, ended; task and node "
+        "states.",
+    ),
     "exporter": (
         "streamflow.cli.inspect",
         "Serve the namespace's queue gauges (run one per namespace, beside the workers).",
@@ -51,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": (
         "streamflow.cli.inspect",
         "Show every role (or ROLE in detail): stream, groups, consumers, pending, lag, retries.",
+    ),
+    "job": (
+        "streamflow.cli.jobs",
+        "Show where a job is: queued, delayed, running, retrying, ended, or unknown.",
     ),
     "publish": ("streamflow.cli.publish", "Publish jobs to ROLE; prints one message id per line."),
     "result": ("streamflow.cli.tasks", "Print a task's results as JSON: {node: [items...]}."),

@@ -7,15 +7,18 @@ Shared by the task commands (:mod:`streamflow.cli.tasks`: ``submit --wait``, ``s
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 import click
+import orjson
 
+from streamflow import events as lifecycle
 from streamflow.client import Client
 from streamflow.dag.tasks import TaskState
 from streamflow.errors import ConfigError
 from streamflow.logs import printable
+from streamflow.protocol import LifecycleEvent
 
 
 async def follow(
@@ -25,7 +28,7 @@ async def follow(
     echo: Callable[[str], None] = click.echo,
     live: bool | None = None,
     every: float = 0.0,
-    poll: float = 0.2,
+    poll: float = 1.0,
 ) -> TaskState:
     """Show per-node progress until the task ends; returns its final state.
 
@@ -36,11 +39,26 @@ async def follow(
         live: Redraw the table in place (default: when stdout is a terminal); otherwise print
             each node's line when it changed, at most every ``every`` seconds.
         every: The least time between two printed updates, when not live.
-        poll: Seconds between reads of the task state (it lives in Redis: it is polled).
+        poll: The task state is read again when a lifecycle event of the task (its own, its
+            nodes' or their jobs') says it changed, and at the latest after this many seconds
+            (events are best effort; a batch emitted mid-run writes none).
 
     Raises:
         ConfigError: The task disappeared (it expired).
     """
+    async with lifecycle.watching(client.redis, client.keys, task_id=task_id) as news:
+        return await _follow(client, task_id, news, echo, live, every, poll)
+
+
+async def _follow(
+    client: Client,
+    task_id: str,
+    news: lifecycle.Waker,
+    echo: Callable[[str], None],
+    live: bool | None,
+    every: float,
+    poll: float,
+) -> TaskState:
     live = sys.stdout.isatty() if live is None else live
     drawn = 0
     shown: dict[str, str] = {}
@@ -49,7 +67,7 @@ async def follow(
         task = await client.task(task_id)
         if task is None:
             raise ConfigError(f"task {task_id} disappeared (expired?)")
-        lines = progress_lines(task)
+        lines = progress_lines(task, news.progress)
         if live:
             echo((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(lines))
             drawn = len(lines)
@@ -62,7 +80,7 @@ async def follow(
                     echo(line)
         if task.terminal:
             return task
-        await anyio.sleep(poll)
+        await news.wait(poll)
 
 
 #: The order node states are counted in by :func:`task_summary`.
@@ -98,13 +116,26 @@ def outcome_text(task: TaskState) -> str:
     return f"{task.state}: {task.error}" if task.error else task.state
 
 
+def _progress_text(state: str, event: LifecycleEvent | None) -> str:
+    """``  [progress 40 copying]`` for a running node that reported progress, else nothing."""
+    if event is None or state != "running":
+        return ""
+    text = orjson.dumps(event.progress).decode()
+    return f"  [progress {text}{' ' + event.message if event.message else ''}]"
+
+
 def _cancel_reason(task: TaskState) -> str:
     # "cancelled" is the default reason of a cancel: it says nothing more than the state.
     return "none given" if task.error in (None, "", "cancelled") else str(task.error)
 
 
-def progress_lines(task: TaskState) -> list[str]:
-    """A header and one line per node: state, runs done/dispatched, batches in/out, items."""
+def progress_lines(
+    task: TaskState, progress: Mapping[str, LifecycleEvent] | None = None
+) -> list[str]:
+    """A header and one line per node: state, runs done/dispatched, batches in/out, items.
+
+    ``progress``: the latest ``ctx.progress()`` of running nodes, shown after their line.
+    """
     width = max(len(n) for n in task.nodes)
     head = f"{'node':<{width}}  {'state':<9} {'runs':>11} {'in':>7} {'out':>7} {'items':>9}"
     lines = [head]
@@ -114,6 +145,7 @@ def progress_lines(task: TaskState) -> list[str]:
             f"{node_id:<{width}}  {node.state:<9} {runs:>11} {node.batches_in:>7} "
             f"{node.batches_out:>7} {node.items_out:>9}"
             + (f"  ({node.waiting})" if node.waiting else "")
+            + _progress_text(node.state, (progress or {}).get(node_id))
         )
     # Read back from Redis: no value may add a line or a terminal control of its own.
     return [printable(line) for line in lines]

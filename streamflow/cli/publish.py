@@ -26,7 +26,7 @@ from streamflow.client import CancelResult
 from streamflow.dag import submissions
 from streamflow.errors import ConfigError
 from streamflow.logs import echo, shown
-from streamflow.protocol import json_schemas
+from streamflow.protocol import check_headers, json_schemas, keep_result_ms
 
 
 @click.command()
@@ -57,10 +57,23 @@ from streamflow.protocol import json_schemas
     "time without an offset). Past it the job is dead-lettered as expired.",
 )
 @click.option(
+    "--header",
+    "header_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A header for the handler (ctx.headers), e.g. traceparent=00-...; repeatable. Every "
+    "job published carries them.",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Refuse (exit 2) a role that no worker ever served, instead of a warning naming the "
     "known roles.",
+)
+@click.option(
+    "--keep-result",
+    type=float,
+    help="Keep the job's outcome this many seconds (see streamflow job), whatever its role says.",
 )
 @connection_options
 @errors_to_exit
@@ -74,7 +87,9 @@ def publish(
     delay: float | None,
     at: datetime | None,
     deadline: str | None,
+    header_pairs: tuple[str, ...],
     strict: bool,
+    keep_result: float | None,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -86,13 +101,15 @@ def publish(
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     if (json_text is None) == (file is None):
         raise ConfigError("give exactly one of --json or --file")
-    single = (message_id, dedup_key, delay, at, deadline)
+    single = (message_id, dedup_key, delay, at, deadline, keep_result)
     if file is not None and any(option is not None for option in single):
         raise ConfigError(
-            "--id, --dedup-key, --delay, --at and --deadline apply to a single --json publish"
+            "--id, --dedup-key, --delay, --at, --deadline and --keep-result apply to a single "
+            "--json publish"
         )
     if delay is not None and at is not None:
         raise ConfigError("give --delay or --at, not both")
+    _check_keep(keep_result)
     if json_text is not None:
         payloads = [_parse_json(json_text.encode(), "--json")]
     else:
@@ -103,7 +120,16 @@ def publish(
 
     # With a dedup key the id is chosen here: getting another one back means a dedup hit.
     sent_id = message_id or (new_message_id() if dedup_key else None)
-    options = (key, sent_id, dedup_key, when, _deadline(deadline), strict)
+    options = (
+        key,
+        sent_id,
+        dedup_key,
+        when,
+        _deadline(deadline),
+        strict,
+        keep_result,
+        _headers(header_pairs),
+    )
     ids = anyio.run(_publish, settings, role, payloads, options)
     for one in ids:
         echo(one)
@@ -112,6 +138,14 @@ def publish(
             f"deduplicated: dedup key already used by message {ids[0]}; nothing published", err=True
         )
         sys.exit(EXIT_NOTHING_DONE)
+
+
+def _check_keep(seconds: float | None) -> None:
+    """``--keep-result``: within the protocol's bounds (1 ms to 30 days)."""
+    try:
+        keep_result_ms(seconds)
+    except ValueError as exc:
+        raise ConfigError(f"--keep-result: {exc}") from None
 
 
 def _deadline(text: str | None) -> datetime | timedelta | None:
@@ -128,6 +162,20 @@ def _deadline(text: str | None) -> datetime | timedelta | None:
         raise ConfigError(
             f"--deadline {text!r}: give seconds from now or an ISO 8601 time"
         ) from None
+
+
+def _headers(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    """``--header NAME=VALUE`` options as a dict (a name given twice: the last value wins)."""
+    headers = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--header {pair!r}: give NAME=VALUE")
+        headers[name] = value
+    try:
+        return check_headers(headers) if headers else None
+    except ValueError as exc:
+        raise ConfigError(f"--header: {exc}") from None
 
 
 def _parse_json(raw: bytes, where: str) -> Any:
@@ -147,9 +195,11 @@ async def _publish(
     settings: config.ConnectionSettings,
     role: str,
     payloads: list[Any],
-    options: tuple[str | None, str | None, str | None, Any, Any, bool],
+    options: tuple[
+        str | None, str | None, str | None, Any, Any, bool, float | None, dict[str, str] | None
+    ],
 ) -> list[str]:
-    key, message_id, dedup_key, when, deadline, strict = options
+    key, message_id, dedup_key, when, deadline, strict, keep_result, headers = options
     async with open_client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
@@ -160,11 +210,13 @@ async def _publish(
                 dedup_key=dedup_key,
                 delay=when,
                 deadline=deadline,
+                headers=headers,
                 strict=strict,
+                keep_result=keep_result,
             )
             return [one]
         keys = None if key is None else [key] * len(payloads)
-        return await client.publish_many(role, payloads, keys=keys, strict=strict)
+        return await client.publish_many(role, payloads, keys=keys, strict=strict, headers=headers)
 
 
 @click.command()

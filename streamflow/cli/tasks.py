@@ -309,4 +309,4 @@ async def _result(
     settings: config.ConnectionSettings, task_id: str, node: str | None
 ) -> dict[str, list[Any]]:
     async with open_client(settings) as client:
-        return await client.result(task_id, node)
+        return await client.task_result(task_id, node)

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from streamflow import extras
 from streamflow.errors import StreamflowError
 from streamflow.keys import NAME_PATTERN
+from streamflow.protocol import Headers
 
 Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN.pattern}$")]
 #: A coordinator function name: dotted names such as ``merge.generic``.
@@ -117,6 +118,8 @@ class GraphSpec(_Spec):
         nodes: The nodes.
         edges: The edges.
         max_running_nodes: At most this many nodes of the task run at once (None: no limit).
+        headers: Headers every node job of the task carries (``ctx.headers``; see the job's
+            ``headers`` in docs/protocol.md).
     """
 
     name: Annotated[str, Field(max_length=200)] = "task"
@@ -124,6 +127,7 @@ class GraphSpec(_Spec):
     nodes: list[NodeSpec]
     edges: list[EdgeSpec] = Field(default_factory=list)
     max_running_nodes: Annotated[int, Field(ge=1)] | None = None
+    headers: Headers | None = None
 
     def node(self, node_id: str) -> NodeSpec:
         """The node called ``node_id`` (the first, if the id is duplicated)."""

@@ -458,6 +458,7 @@ def _job(
         failures=dispatch.failures,
         retry=JobRetry(**node.retry.model_dump()) if node.retry else None,
         timeout=node.timeout,
+        headers=spec.headers or None,
     )
 
 

@@ -3,7 +3,8 @@
 The coordinator (:mod:`streamflow.dag.coordinator`) reads events, groups them by task and
 hands each task's to :meth:`Stepper.process`, which:
 
-1. loads the task's state (one HMGET, see :mod:`streamflow.dag.store`) and applies the events
+1. loads the task's state (one HMGET, see :mod:`streamflow.dag.store`; none when this
+   coordinator committed every step since it last read it) and applies the events
    with the pure state machine of :mod:`streamflow.dag.tasks`, taking role slots for the
    nodes that want one;
 2. commits the new state with the step's decisions as outbox items (see
@@ -25,9 +26,10 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
-from streamflow.dag.outbox import Items, Outbox, encode_item
+from streamflow.dag.outbox import Item, Items, JobItem, Outbox, encode_item
 from streamflow.dag.store import Loaded, TaskStore, UnrunnableTask
-from streamflow.dag.tasks import Event, Internal, Step, advance
+from streamflow.dag.tasks import Event, Internal, Step, TaskState, advance
+from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.protocol import now_ms
 from streamflow.signals import CancelBook
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: Commits retried after losing a race with another coordinator, before giving up for now.
 COMMIT_ATTEMPTS = 50
+#: Outbox items carried out but not yet removed: (task id, item names).
+Clears = list[tuple[str, list[str]]]
 #: Rounds of carrying out items that coordinator functions' results committed, at most.
 CARRY_OUT_ROUNDS = 100
 
@@ -77,11 +81,24 @@ class Stepper:
         self.commits = 0
         self.conflicts = 0
         self.finished: dict[str, int] = {}
+        #: Where the task's and its nodes' state changes are told, or None.
+        self.events: EventLog | None = None
 
     async def process(
-        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None = None
+        self,
+        task_id: str,
+        events: list[Event],
+        partials: dict[tuple[str, int], Any] | None = None,
+        *,
+        clears: Clears | None = None,
     ) -> None:
-        """Apply events to one task, commit, and carry out its outbox."""
+        """Apply events to one task, commit, and carry out its outbox.
+
+        With ``clears``, the names of job items published are added to it instead of removed
+        from the outbox at once: the caller removes them with its next writes (the coordinator,
+        with the events' acknowledgement), a round trip fewer per step. Until then a tick
+        would publish them again, which their dedup markers make harmless.
+        """
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
@@ -94,19 +111,22 @@ class Stepper:
                 for _ in range(CARRY_OUT_ROUNDS):
                     if not items:
                         break
-                    items = await self._carry_out(task_id, items)
+                    items = await self._carry_out(task_id, items, clears)
         finally:
             if not lock.locked():
                 self._locks.pop(task_id, None)
 
-    async def _carry_out(self, task_id: str, items: Items) -> Items:
+    async def _carry_out(self, task_id: str, items: Items, clears: Clears | None) -> Items:
         """Carry out outbox items; returns the items that function results committed."""
         carried = await self._outbox.carry_out(task_id, items)
         committed: Items = []
         if carried.events:
             # Function results are recorded first: their items go only once that is committed.
             committed = await self._apply(task_id, carried.events, carried.partials)
-        await self._store.clear_outbox(task_id, carried.done)
+        if clears is not None and all(isinstance(item, JobItem) for _, item in items):
+            clears.append((task_id, carried.done))  # only jobs: publishing again is harmless
+        else:
+            await self._store.clear_outbox(task_id, carried.done)
         return committed
 
     async def _apply(
@@ -116,9 +136,12 @@ class Stepper:
         wanted = sorted(
             {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
         )
+        # A tick reads the state (it is what notices changes made elsewhere); other steps may
+        # start from the state this coordinator committed last, which their commit confirms.
+        verify = any(isinstance(e, Internal) and e.type == "tick" for e in events)
         for _ in range(COMMIT_ATTEMPTS):
             try:
-                loaded = await self._store.load(task_id, wanted)
+                loaded = await self._store.load(task_id, wanted, verify=verify)
             except UnrunnableTask as exc:
                 if await self._give_up(task_id, exc):
                     return []
@@ -129,19 +152,30 @@ class Stepper:
                 await self._redis.srem(self._keys.tasks_active(), task_id)
                 return []
             step = await self._decide(loaded, events, partials)
+            if not step.changed and not verify:
+                # Nothing to commit, so nothing confirms the state kept: read it and decide
+                # again (events acknowledged as changing nothing must truly change nothing).
+                verify = True
+                continue
             if not step.changed:
                 return []
             items = await self._outbox.items_of(loaded, step)
             stored = {name: encode_item(item) for name, item in items.items()}
             version = await self._store.commit(loaded, step, stored, retention=step.task.terminal)
             if version is not None:
-                self.commits += 1
-                if step.task.terminal:
-                    await self._ended(loaded, step)
-                return sorted(items.items(), key=lambda named: named[0])
+                return await self._committed(loaded, step, items)
             self.conflicts += 1
         # Its events stay pending (see Coordinator._handle), tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
+
+    async def _committed(self, loaded: Loaded, step: Step, items: dict[str, Item]) -> Items:
+        """After a commit: count it, tell its changes, end the task if it ended; its items."""
+        self.commits += 1
+        if self.events is not None:
+            tell_changes(self.events, loaded.task, step)
+        if step.task.terminal:
+            await self._ended(loaded, step)
+        return sorted(items.items(), key=lambda named: named[0])
 
     async def _decide(
         self, loaded: Loaded, events: list[Event], partials: dict[tuple[str, int], Any] | None
@@ -175,6 +209,14 @@ class Stepper:
         await self._redis.srem(self._keys.tasks_active(), task_id)
         if outcome == "ended":
             return True  # failed by an earlier look (or ended before it was damaged)
+        if self.events is not None:
+            self.events.add(
+                "task",
+                task_id=task_id,
+                state="failed",
+                detail=reason,
+                consumer=self.events.consumer,
+            )
         logger.warning("task %s cannot run: %s", task_id, exc.reason)
         # Whatever it had dispatched (if its state was damaged mid-way) is cancelled too.
         await self._outbox.cancel_task(task_id, reason)
@@ -197,4 +239,29 @@ class Stepper:
             limited_roles=self._limited,
             granted=granted,
             partials=partials,
+        )
+
+
+def tell_changes(events: EventLog, before: TaskState, step: Step) -> None:
+    """Tell the state changes of a committed step: its nodes' first, then the task's."""
+    after, consumer = step.task, events.consumer
+    for node_id in sorted(step.touched):
+        old, new = before.nodes.get(node_id), after.nodes.get(node_id)
+        if new is not None and (old is None or old.state != new.state):
+            events.add(
+                "node",
+                task_id=after.id,
+                node_id=node_id,
+                state=new.state,
+                previous=old.state if old is not None else None,
+                consumer=consumer,
+            )
+    if before.state != after.state:
+        events.add(
+            "task",
+            task_id=after.id,
+            state=after.state,
+            previous=before.state,
+            detail=after.error,
+            consumer=consumer,
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -48,13 +48,49 @@ SPEC_CACHE_SIZE = 256
 SPEC_CACHE_NODES = 50_000
 
 
+#: Invocation records one store keeps per task before it starts its record over (see _Cached).
+INVOCATIONS_KEPT = 512
+
+
 @dataclass(slots=True)
 class _Cached:
-    """What a store keeps of a task it steps: its checked graph, and the state it committed."""
+    """What a store keeps of a task it steps: its checked graph, and the state it committed.
+
+    ``base`` is a state read from Redis (version-checked) after which every commit of the task
+    was this store's, and ``invocations`` the invocation records read or committed since then
+    (None: known to be absent). An invocation record is only ever written for an invocation
+    already dispatched (events of others are ignored), so a record of an invocation that
+    ``base`` had not dispatched yet, and that is not kept here, does not exist. While that
+    holds, a step needs nothing from Redis: its commit's version check is what confirms it
+    (see :meth:`TaskStore.load`). ``base`` None: read first.
+    """
 
     spec: GraphSpec
     version: int = -1
     task: TaskState | None = None
+    base: TaskState | None = None
+    invocations: dict[str, Invocation | None] = field(default_factory=dict)
+
+    def known(self, keys: Sequence[str]) -> dict[str, Invocation] | None:
+        """The records ``keys`` name that exist, if all are known without a read; else None."""
+        if self.base is None or self.task is None:
+            return None
+        found: dict[str, Invocation] = {}
+        for key in keys:
+            if key in self.invocations:
+                inv = self.invocations[key]
+                if inv is not None:
+                    found[key] = inv
+                continue
+            node_id, _, number = key.rpartition(":")
+            node = self.base.nodes.get(node_id)
+            if node is not None and int(number) < node.dispatched:
+                return None  # it may have been written before ``base``: read it
+        return found
+
+    def rebase(self, task: TaskState) -> None:
+        """Start over from ``task``, the state at ``version`` (read or committed)."""
+        self.base, self.invocations = task, {}
 
 
 class UnrunnableTask(StreamflowError, ValueError):
@@ -129,17 +165,28 @@ class TaskStore:
             {CONTROL_TASK_FIELD: task.id.encode(), CONTROL_TYPE_FIELD: CONTROL_SUBMITTED},
         )
 
-    async def load(self, task_id: str, invocations: Sequence[str] = ()) -> Loaded | None:
+    async def load(
+        self, task_id: str, invocations: Sequence[str] = (), *, verify: bool = True
+    ) -> Loaded | None:
         """The task's state and the named invocation records (``node:n``); None if unknown.
 
         Everything read is checked (it may have been written by hand): the graph once per task,
         against the DAG rules and the size limits; the state whenever it is read. The state this
         store committed last is kept, and read again only when the version moved.
 
+        With ``verify`` False, a task whose every commit since it was last read was this
+        store's (and whose named records are known, see ``_Cached``) is not read at all: the
+        state kept is returned with its version, and the commit's version check confirms it
+        (a lost commit makes the next load read). That saves a round trip per step.
+
         Raises:
             UnrunnableTask: The stored task cannot be run; the reason says why.
         """
         cached = self._cached(task_id)
+        if not verify and cached is not None and cached.task is not None:
+            known = cached.known(invocations)
+            if known is not None:
+                return Loaded(cached.version, cached.spec, cached.task, known)
         names = ["v", *(f"inv:{key}" for key in invocations)]
         if cached is None:
             names += ["spec", "task"]  # the task only to tell unknown from incomplete
@@ -159,6 +206,9 @@ class TaskStore:
             for key in invocations
             if got[f"inv:{key}"] is not None
         }
+        kept = self._cache.get(task_id)
+        if kept is not None and kept.base is not None:
+            kept.invocations.update({key: invs.get(key) for key in invocations})
         return Loaded(int(version), spec, task, invs)
 
     async def _hmget(self, task_id: str, names: list[str]) -> list[Any]:
@@ -202,6 +252,8 @@ class TaskStore:
         """
         cached = self._cache.get(task_id)
         if cached is not None and cached.task is not None and cached.version == version:
+            if cached.base is None:
+                cached.rebase(cached.task)
             return cached.task
         ids = list(spec.index.nodes)
         values = await self._hmget(task_id, ["task", *(node_field(n) for n in ids)])
@@ -210,6 +262,7 @@ class TaskStore:
             raise UnrunnableTask("its state does not match its graph")
         if cached is not None:
             cached.version, cached.task = version, task
+            cached.rebase(task)
         return task
 
     @staticmethod
@@ -277,10 +330,17 @@ class TaskStore:
         version = await self._commit(
             task_id, loaded.version, fields, outbox, appends, partials, expire_ms, loaded.spec
         )
+        cached = self._cache.get(task_id)
         if retention and version is not None:
             self._forget(task_id)
-        elif version is not None and task_id in self._cache:
-            self._cache[task_id].version, self._cache[task_id].task = version, step.task
+        elif cached is not None and version is None:
+            cached.base = None  # another commit came first: read before the next step
+        elif cached is not None and version is not None:
+            cached.version, cached.task = version, step.task
+            if cached.base is not None and len(cached.invocations) > INVOCATIONS_KEPT:
+                cached.rebase(step.task)  # bounded: older records are read again if needed
+            elif cached.base is not None:
+                cached.invocations.update(step.invocations)
         return version
 
     async def _commit(

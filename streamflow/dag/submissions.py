@@ -12,11 +12,15 @@ parsed strictly (:mod:`streamflow.hostile`), and whatever it holds ends in a res
 line, never in a stopped coordinator.
 
 The id is chosen by the client and is the task's id, so a retried XADD is harmless: an id's
-first outcome stands. Two coordinators racing over two entries of one id agree through the
-task store (creating a task whose id is in use is refused): the one that created the task
-writes ``accepted`` over anything; every other outcome is written only where none is yet. (So
-two different graphs sent under one id at the same moment may show ``rejected``, "in use", for
-the instant before the creator's ``accepted`` replaces it; one graph sent twice never does.)
+first outcome stands. The outcome is also told on the lifecycle events stream
+(:mod:`streamflow.events`) as a ``task`` event: state ``queued`` when the task was created,
+``rejected`` with the problems as its ``detail``.
+
+Two coordinators racing over two entries of one id agree through the task store (creating a
+task whose id is in use is refused): the one that created the task writes ``accepted`` over
+anything; every other outcome is written only where none is yet. (So two different graphs
+sent under one id at the same moment may show ``rejected``, "in use", for the instant before
+the creator's ``accepted`` replaces it; one graph sent twice never does.)
 """
 
 from __future__ import annotations
@@ -33,16 +37,20 @@ from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.errors import InvalidNameError, ProtocolError
+from streamflow.events import EventLog
 from streamflow.keys import Keys, validate_name
 from streamflow.logs import shown
-from streamflow.protocol import Name, Timestamp, Version, now_ms
+from streamflow.protocol import (
+    SUBMISSION_FIELD,
+    SUBMISSION_ID_FIELD,
+    Name,
+    Timestamp,
+    Version,
+    now_ms,
+)
 
 logger = logging.getLogger(__name__)
 
-#: The stream field that holds the submission's id (the task id it asks for).
-ID_FIELD = b"id"
-#: The stream field that holds the :class:`Submission` JSON.
-SUBMISSION_FIELD = b"submission"
 #: The largest submission accepted: the largest graph, and room for the rest.
 MAX_SUBMISSION_BYTES = graphs.MAX_DOCUMENT_BYTES + 64 * 1024
 #: How long a submission's outcome is kept (and a reused id is recognised): 7 days.
@@ -176,6 +184,8 @@ class Submissions:
         self._store = store
         self._functions = functions
         self._consumer = consumer
+        #: Where outcomes are also told, as ``task`` lifecycle events (set by the coordinator).
+        self.events: EventLog | None = None
         self.accepted = 0
         self.rejected = 0
         self.duplicates = 0
@@ -192,7 +202,7 @@ class Submissions:
 
     async def take(self, entry: streams.Entry) -> None:
         """Handle one submissions entry; only an outage escapes (the entry stays pending)."""
-        raw_id = entry.fields.get(ID_FIELD, b"")
+        raw_id = entry.fields.get(SUBMISSION_ID_FIELD, b"")
         try:
             submission_id = validate_name(raw_id.decode("utf-8", errors="replace"), "id")
         except InvalidNameError:
@@ -294,12 +304,25 @@ class Submissions:
         if not written:
             self.duplicates += 1
             return
+        self._tell(result)
         if state == "accepted":
             self.accepted += 1
             logger.info("submission %s accepted: task created", submission_id)
         else:
             self.rejected += 1
             logger.info("submission %s rejected: %s", submission_id, shown("; ".join(listed), 1000))
+
+    def _tell(self, result: SubmissionResult) -> None:
+        """The outcome as a ``task`` lifecycle event: ``queued`` (created) or ``rejected``."""
+        if self.events is None:
+            return
+        self.events.add(
+            "task",
+            task_id=result.id,
+            state="queued" if result.state == "accepted" else "rejected",
+            detail="; ".join(result.problems)[:4000] or None,
+            consumer=self._consumer,
+        )
 
 
 def decode_result(raw: bytes | str) -> SubmissionResult:

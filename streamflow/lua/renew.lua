@@ -7,12 +7,11 @@
 -- raced the release would otherwise pull it back from immediate adoption for a whole TTL.
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms of a released entry, ARGV[4..n] entry ids
 -- Returns the ids whose lease is lost (owned by another consumer, no longer pending, released).
--- Owner check (owned_entry, owned_ids, split_owned) is fence.lua, which streams.py prepends.
+-- Owner check (split_owned) is fence.lua, which streams.py prepends.
 local stream, group, me, released = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local claim = {stream, group, me, 0}
-local lost = split_owned(owned_ids(stream, group, me, released), {unpack(ARGV, 4)}, claim)
-if #claim > 4 then
-  claim[#claim + 1] = 'JUSTID'
-  redis.call('XCLAIM', unpack(claim))
+local owned, lost = split_owned(stream, group, me, {unpack(ARGV, 4)}, released)
+if #owned > 0 then
+  owned[#owned + 1] = 'JUSTID'
+  redis.call('XCLAIM', stream, group, me, 0, unpack(owned))
 end
 return lost

@@ -62,6 +62,8 @@ from streamflow.keys import (
     EVENTS,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
+    LIFECYCLE,
+    RESULT,
     ROLE_CONFIG,
     ROLE_MARK,
     ROLE_SLOTS,
@@ -163,13 +165,16 @@ PUBLISHER = PartRules(
         TASK_OUTBOX: "submit: a key of task_commit.lua (not written at creation)",
         TASKS_SUBMISSIONS: "a submission from any language: XADD",
         SUBMISSION: "Client.submission: GET of a submission's outcome",
+        RESULT: "result, call: GET of a job's kept outcome",
+        LIFECYCLE: "submit --wait: XREVRANGE (start position), XREAD (the task's events)",
     },
     commands={
         **_CONNECTION,
         **_SCRIPTS,
         "xadd": "publish, publish_many.lua, publish_dedup.lua, submit, a submission",
         "zadd": "delayed publish, publish_dedup.lua, submit (index)",
-        "get": "publish_dedup.lua (is the dedup key used?), a submission's outcome",
+        "get": "publish_dedup.lua (is the dedup key used?); result, call (a kept outcome); "
+        "a submission's outcome",
         "smembers": "submit (known roles and functions)",
         "sadd": "submit (active set, known roles)",
         "hget": "task_commit.lua (version), submit --wait, a role's partitions",
@@ -184,6 +189,14 @@ PUBLISHER = PartRules(
         ),
         # HGETALL only: submit learns whether a coordinator runs, and cannot forge one.
         Narrow({"hgetall": "submit: is a coordinator running?"}, (COORDINATOR_REGISTRY,)),
+        # Reads of the lifecycle events only: a publisher follows news, never reads jobs.
+        Narrow(
+            {
+                "xrevrange": "submit --wait (the lifecycle events' start position)",
+                "xread": "submit --wait (the task's lifecycle events)",
+            },
+            (LIFECYCLE,),
+        ),
     ),
 )
 
@@ -197,6 +210,7 @@ WORKER = PartRules(
         EVENTS: "task node events: XADD accepted, emit/finish/dead_letter.lua",
         STARTS: "starts of redelivered entries: GET, MULTI INCRBY PEXPIRE EXEC",
         BATCH: "emit.lua SET of an emitted batch; GET of an input batch",
+        RESULT: "result.lua SET PX of a kept outcome; SET PX of a dead-lettered one",
         ROLE_CONFIG: "HSETNX + HGET of the role's partitions at start-up",
         SIGNALS: "XREVRANGE (start position), XREAD (follow)",
         CANCEL_MARKER: "GET at start-up; mark_cancel.lua SET NX PX, PTTL",
@@ -208,12 +222,14 @@ WORKER = PartRules(
         KNOWN_ROLES: "SMISMEMBER, then SADD of the roles it serves",
         TASK_OUTPUT: "ctx.inputs(): LRANGE of a parent's batch keys",
         TASK_RESULT: "ctx.inputs() and input batches: GET of a function node's output",
+        LIFECYCLE: "XADD MAXLEN ~ of its jobs' lifecycle events (started, progress, outcomes)",
     },
     commands={
         **_CONNECTION,
         **_SCRIPTS,
         **_STARTUP_CHECKS,
-        "xadd": "retry, promote, dead_letter, emit and finish.lua; the accepted event",
+        "xadd": "retry, promote, dead_letter, emit and finish.lua; the accepted event; "
+        "lifecycle events",
         "zadd": "retry.lua, mark_cancel.lua",
         "zrange": "promote.lua, the cancel index at start-up",
         "zrem": "promote.lua",
@@ -245,20 +261,22 @@ WORKER = PartRules(
                 "xpending": "the reader (resumed entries' counts); owner-checking scripts",
                 "xclaim": "renew.lua, release.lua",
                 "xautoclaim": "claim.lua",
-                "xack": "settle, retry, dead_letter and finish.lua",
-                "xdel": "settle, retry, dead_letter and finish.lua",
+                "xack": "settle, retry, dead_letter, finish and result.lua",
+                "xdel": "settle, retry, dead_letter, finish and result.lua",
+                "xtrim": "settle.lua (MINID: the acknowledged entries before the oldest pending)",
                 "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
             (ROLE_STREAM,),
         ),
         Narrow(
-            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua"},
+            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua"},
             (
                 CONSUMER_ALIVE,
                 CONSUMER_INFO,
                 ROLE_MARK,
                 CANCEL_MARKER,
                 BATCH,
+                RESULT,
             ),
         ),
         Narrow(
@@ -301,6 +319,7 @@ COORDINATOR = PartRules(
         CANCEL_INDEX: "ZRANGE at start-up; cancel.lua and mark_cancel.lua ZADD",
         TASKS_MARK: "its mark by the control stream: SET PX, DEL; forget.lua EXISTS",
         ROLE_MARK: "its marks by the events streams: SET PX, DEL; forget.lua EXISTS",
+        LIFECYCLE: "XADD MAXLEN ~ of task and node state changes",
     },
     commands={
         **_CONNECTION,
@@ -314,7 +333,7 @@ COORDINATOR = PartRules(
         "srem": "ended tasks, freed role slots",
         "sismember": "slot.lua",
         "scard": "slot.lua",
-        "xadd": "publish_dedup.lua, cancel.lua, malformed events",
+        "xadd": "publish_dedup.lua, cancel.lua, malformed events, lifecycle events",
         "get": "publish_dedup.lua, batches, cancel markers",
         "hmget": "loading a task",
         "hget": "task states, specs, roles' partitions",
@@ -380,7 +399,7 @@ COORDINATOR = PartRules(
 )
 
 OPERATOR = PartRules(
-    summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result "
+    summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result, job "
     "(and the exporter)",
     keys={
         ROLE_STREAM: "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
@@ -403,6 +422,8 @@ OPERATOR = PartRules(
         TASK_STATE: "tasks, status, result: HGET; cancel: EXISTS",
         TASK_OUTPUT: "result: LRANGE",
         TASK_RESULT: "result: GET",
+        RESULT: "job, result: GET of a job's kept outcome",
+        LIFECYCLE: "events, cancel --wait: XREVRANGE (start position), XREAD",
     },
     commands={
         **_CONNECTION,
@@ -411,17 +432,18 @@ OPERATOR = PartRules(
         "smembers": "inspect, exporter",
         "sismember": "inspect ROLE",
         "exists": "inspect, cancel (is the task known?)",
-        "zrange": "cancel (is the message delayed?)",
+        "zrange": "cancel (is the message delayed?), job (delayed or retrying?)",
         "xlen": "inspect, dlq list, purge, exporter",
         "zcard": "inspect",
         "xinfo|groups": "inspect",
         "xinfo|consumers": "inspect",
-        "xpending": "inspect",
+        "xpending": "inspect, job (is it running, and where?)",
         "time": "inspect (ages by the server's clock), cancel.lua",
         "zadd": "cancel.lua (the cancel index)",
         "zremrangebyscore": "cancel.lua (expired index entries)",
-        "get": "workers, result",
-        "xrange": "dlq list, show, replay; cancel (is the message queued or running?)",
+        "get": "workers, result, job",
+        "xrange": "dlq list, show, replay; cancel, job (is the message queued or running?)",
+        "xrevrange": "job (is it dead-lettered?); events, cancel --wait (where events start)",
         "xadd": "replay.lua, cancel.lua",
         "multi": "dlq purge",
         "exec": "dlq purge",
@@ -429,6 +451,7 @@ OPERATOR = PartRules(
         "zrevrange": "tasks",
         "hget": "tasks, status, result, roles' partitions",
         "lrange": "result",
+        "xread": "events, cancel --wait (lifecycle events)",
     },
     narrow=(
         Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),

@@ -183,6 +183,14 @@ def system(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[System]:
         assert "Traceback" not in "".join(p.read_text(errors="replace") for p in logs)
 
 
+def lifecycle(system: System) -> list[dict[str, Any]]:
+    """Every lifecycle event the stream holds (after a wait for the buffered ones)."""
+    stream = Keys(system.namespace).lifecycle()
+    wait_for(lambda: system.redis.xlen(stream) > 0, 10, "lifecycle events written")
+    entries: Any = system.redis.xrange(stream)
+    return [event for _, fields in entries for event in orjson.loads(fields[b"events"])]
+
+
 def src_runs(system: System, task_id: str) -> int:
     record = Path(system.logs[0]).parent / "record.txt"
     lines = record.read_text().splitlines() if record.exists() else []
@@ -201,6 +209,9 @@ def test_a_task_submitted_with_redis_cli_runs_once_even_when_the_xadd_is_repeate
     assert (result.state, result.problems, result.id) == ("accepted", [], "cli-1")
     wait_for(lambda: system.task_state("cli-1") == "succeeded", 30, "the task succeeds")
     assert src_runs(system, "cli-1") == 1
+    told = [e for e in lifecycle(system) if e["type"] == "task" and e["state"] == "queued"]
+    # Told at least once (the coordinator that lost a race to create it may tell it too).
+    assert {e["task_id"] for e in told} == {"cli-1"}
     # The first outcome stands: answered once, about the entry that created the task.
     wait_for(lambda: system.redis.xlen(f"{system.namespace}:{{tasks}}:submissions") == 0, 10, "")
     assert system.result("cli-1").entry_id in (first, result.entry_id)
@@ -234,6 +245,9 @@ def test_an_invalid_submission_is_rejected_with_every_problem_readable_by_id(
         assert part in text, result.problems
     assert "not valid JSON" in system.result("bad-json").problems[0]
     assert system.task_state("bad-1") == "unknown"  # nothing was created
+    # Also told to subscribers of the lifecycle events, with the problems.
+    told = {e["task_id"]: e for e in lifecycle(system) if e["type"] == "task"}
+    assert told["bad-1"]["state"] == "rejected" and "ghost" in told["bad-1"]["detail"]
     assert system.redis.zcard(Keys(system.namespace).tasks_index()) == 0
 
 

@@ -42,7 +42,7 @@ from streamflow import (
 from streamflow.cli.security import acl_command
 from streamflow.dag import submissions
 from streamflow.delivery import Outcome
-from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, Keys
+from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, LIFECYCLE, Keys
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
@@ -129,6 +129,7 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "renew.lua": ("worker",),
     "retry.lua": ("worker",),
     "settle.lua": ("worker",),
+    "result.lua": ("worker",),
     "publish_dedup.lua": ("publisher", "coordinator"),
     "publish_many.lua": ("publisher",),
     "task_commit.lua": ("publisher", "coordinator"),
@@ -191,7 +192,11 @@ def test_publisher_cannot_read_jobs_or_delete() -> None:
     (registry,) = [n for n in acl.PUBLISHER.narrow if "hgetall" in n.commands]
     assert registry.keys == (COORDINATOR_REGISTRY,) and set(registry.commands) == {"hgetall"}
     assert "hgetall" not in acl.PUBLISHER.commands
-    assert not (granted - {"hgetall"}) & (reads | deletes)
+    # And submit --wait follows the lifecycle events, in a selector on that stream only.
+    (events,) = [n for n in acl.PUBLISHER.narrow if "xread" in n.commands]
+    assert events.keys == (LIFECYCLE,) and set(events.commands) == {"xread", "xrevrange"}
+    assert not {"xread", "xrevrange"} & set(acl.PUBLISHER.commands)
+    assert not (granted - {"hgetall", "xread", "xrevrange"}) & (reads | deletes)
 
 
 ALL_PARTS = acl.PARTS
@@ -208,6 +213,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("events", ("r",), ("worker", "coordinator", "operator")),
     ("batch", ("r", "t", "n", 0, 1), ("worker", "coordinator", "operator")),
     ("role_slots", ("r",), ("coordinator",)),
+    ("result", ("r#2.7", "m-1:x"), ("worker", "publisher", "operator")),
     ("consumer_mark", (KEYS.role_stream("r"), "w"), ("worker",)),
     ("consumer_mark", (KEYS.events("r"), "c"), ("coordinator",)),
     ("consumer_mark", (KEYS.tasks_control(), "c"), ("coordinator",)),
@@ -230,6 +236,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("known_functions", (), ("publisher", "coordinator")),
     ("task_submissions", (), ("publisher", "coordinator")),
     ("submission", ("t",), ("publisher", "coordinator")),
+    ("lifecycle", (), ALL_PARTS),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,

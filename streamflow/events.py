@@ -1,0 +1,390 @@
+"""Lifecycle events: what workers and coordinators tell subscribers, and how to follow them.
+
+Workers write a job's ``started``, ``progress``, ``retrying`` and final events (``succeeded``,
+``failed``, ``dead_lettered``, ``cancelled``); coordinators write a task's and its nodes' state
+changes. All go to one stream per namespace (:meth:`Keys.lifecycle`), capped with
+``MAXLEN ~`` (:data:`DEFAULT_MAX_LEN`). The models are in :mod:`streamflow.protocol`
+(:class:`~streamflow.protocol.LifecycleEvent`).
+
+Events are best-effort observability, never the truth: a final event is written only after the
+owner-checked settle that it reports was applied (so a refused settle reports nothing), but
+buffered, so a worker that dies in between never writes it, and an outage drops what was
+buffered. The :class:`EventLog` buffers events and writes them every :data:`LINGER` seconds,
+up to :data:`ENTRY_EVENTS` of them per stream entry (not an entry, nor a round trip, per job),
+so that writing them costs a worker little; a role can turn them off
+(``@app.role(..., events=False)``).
+
+:func:`follow` reads the stream (``XREAD``, one cursor per subscriber, as many subscribers as
+you like) with filters and a bounded replay of the recent past.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from streamflow import connect, streams
+from streamflow.context import check_progress
+from streamflow.errors import ProtocolError
+from streamflow.keys import Keys
+from streamflow.protocol import (
+    LIFECYCLE_FIELD,
+    PROTOCOL_VERSION,
+    Job,
+    LifecycleEvent,
+    decode_lifecycle,
+    now_ms,
+)
+
+if TYPE_CHECKING:
+    from streamflow.context import Context
+
+logger = logging.getLogger(__name__)
+
+#: The stream is capped near this many entries (``XADD MAXLEN ~``), each of at most
+#: :data:`ENTRY_EVENTS` events: a late subscriber can replay at most this much of the past.
+DEFAULT_MAX_LEN = 2_000
+#: Seconds an event waits in the buffer so that events of many jobs share one round trip.
+LINGER = 0.05
+#: The least time between two ``progress`` events of one run; the last value within it is
+#: written when it ends (or before the job's final event), the others are dropped.
+PROGRESS_INTERVAL = 0.5
+#: Events in one stream entry at most.
+ENTRY_EVENTS = 100
+#: Events buffered at most (e.g. while Redis is unreachable); more are dropped and counted.
+MAX_BUFFERED = 10_000
+
+
+#: A plain job's event without extra fields (see :meth:`EventLog.job`).
+_JOB_EVENT = (
+    f'{{"protocol":{PROTOCOL_VERSION},"kind":"lifecycle","type":"%s","at_ms":%d,"role":"%s",'
+    '"message_id":"%s","attempt":%d,"consumer":"%s"}'
+)
+
+
+class EventLog:
+    """Buffers lifecycle events of one process and writes them in batches.
+
+    Args:
+        redis: The client.
+        keys: Key names.
+        consumer: The worker's or coordinator's name, written in each event.
+        max_len: The stream is capped near this many entries.
+        linger: Seconds an event waits to share a round trip with others.
+        progress_interval: See :data:`PROGRESS_INTERVAL`.
+
+    Attributes:
+        written: Events written.
+        dropped: Events dropped (buffer full, or a write failed).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        consumer: str,
+        *,
+        max_len: int = DEFAULT_MAX_LEN,
+        linger: float = LINGER,
+        progress_interval: float = PROGRESS_INTERVAL,
+    ) -> None:
+        self._redis = redis
+        self._stream = keys.lifecycle()
+        self.consumer = consumer
+        self._max_len = max_len
+        self._linger = linger
+        self._interval = progress_interval
+        self._buffer: list[bytes] = []
+        self._wakeup = anyio.Event()
+        # Runs whose latest progress waits for its interval to pass.
+        self._trailing: list[Context] = []
+        self.written = 0
+        self.dropped = 0
+        self._failing = False
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def add(self, type_: str, **fields: Any) -> None:
+        """Buffer one event of ``type_`` with ``fields`` (None values are left out)."""
+        doc = {"protocol": PROTOCOL_VERSION, "kind": "lifecycle", "type": type_}
+        doc["at_ms"] = now_ms()
+        doc.update((name, value) for name, value in fields.items() if value is not None)
+        self._append(orjson.dumps(doc))
+
+    def job(self, type_: str, job: Job | None, role: str, **fields: Any) -> None:
+        """Buffer an event about a job (``job`` None: an entry that never decoded)."""
+        if not fields and job is not None and job.task_id is None and job.id.isalnum():
+            # The hot path (``started``, ``succeeded``), formatted directly: five times cheaper
+            # than a dict through orjson. The role and consumer are validated names, the id is
+            # checked here (letters and digits: random ids are): none needs escaping, so this
+            # is the JSON of the general path (a test compares them).
+            raw = _JOB_EVENT % (type_, now_ms(), role, job.id, job.attempt, self.consumer)
+            self._append(raw.encode())
+            return
+        if job is None:
+            self.add(type_, role=role, consumer=self.consumer, **fields)
+            return
+        self.add(
+            type_,
+            role=role,
+            message_id=job.id,
+            task_id=job.task_id,
+            node_id=job.node_id,
+            attempt=job.attempt,
+            consumer=self.consumer,
+            **fields,
+        )
+
+    def _append(self, raw: bytes) -> None:
+        if len(self._buffer) >= MAX_BUFFERED:
+            self.dropped += 1
+            return
+        if not self._buffer:
+            self._wakeup.set()
+        self._buffer.append(raw)
+
+    def progress(self, ctx: Context, value: Any, message: str | None) -> None:
+        """Buffer a run's progress, at most one event per interval (see :meth:`Context.progress`).
+
+        Raises:
+            ValueError: ``value`` is not a number or a JSON object within
+                :data:`streamflow.context.MAX_PROGRESS_BYTES`, or ``message`` is longer than
+                1000 characters.
+        """
+        check_progress(value, message)
+        fields = {
+            "role": ctx.role,
+            "message_id": ctx.message_id,
+            "task_id": ctx.task_id,
+            "node_id": ctx.node_id,
+            "attempt": ctx.attempt,
+            "consumer": self.consumer,
+            "progress": value,
+            "message": message,
+        }
+        now = time.monotonic()
+        if now - ctx._progress_at >= self._interval:
+            ctx._progress_at = now
+            ctx._progress_next = None
+            self.add("progress", **fields)
+            return
+        if ctx._progress_next is None:
+            self._trailing.append(ctx)
+            self._wakeup.set()
+        ctx._progress_next = fields
+
+    def last_progress(self, ctx: Context | None) -> None:
+        """Write a run's held-back progress now (before its final event), if any."""
+        if ctx is not None and ctx._progress_next is not None:
+            fields, ctx._progress_next = ctx._progress_next, None
+            self.add("progress", **fields)
+
+    def _due_progress(self) -> float:
+        """Buffer the held-back progress that is due; seconds until the next one is."""
+        now, wait, waiting = time.monotonic(), math.inf, []
+        for ctx in self._trailing:
+            if ctx._progress_next is None:
+                continue  # written with its run's final event
+            due = ctx._progress_at + self._interval
+            if due <= now:
+                ctx._progress_at = now
+                self.last_progress(ctx)
+            else:
+                wait = min(wait, due - now)
+                waiting.append(ctx)
+        self._trailing = waiting
+        return wait
+
+    async def run(self) -> None:
+        """Write buffered events every :data:`LINGER` seconds while there are any (forever)."""
+        while True:
+            wait = self._due_progress()
+            if not self._buffer:
+                with anyio.move_on_after(wait):
+                    await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                if self._trailing and not self._buffer:
+                    continue
+            await anyio.sleep(self._linger)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is buffered (one round trip); drop it if that fails."""
+        with anyio.move_on_after(5, shield=True):
+            while self._buffer:
+                batch, self._buffer = self._buffer, []
+                try:
+                    await self._write(batch)
+                except (RedisError, *connect.TRANSIENT_ERRORS) as exc:
+                    # Best effort: the state in Redis is the truth, these are only news of it.
+                    # An outage, a full Redis or a key of another type never stops the worker.
+                    self.dropped += len(batch)
+                    if not self._failing:
+                        logger.warning("dropping lifecycle events until Redis takes them: %s", exc)
+                    self._failing = True
+                    return
+                if self._failing:
+                    logger.info("writing lifecycle events again (%d dropped so far)", self.dropped)
+                self._failing = False
+                self.written += len(batch)
+
+    async def _write(self, batch: list[bytes]) -> None:
+        # Many events per entry: one XADD per job and event cost Redis half again the work of
+        # settling the job (and a draining worker as much of its rate); one per
+        # ENTRY_EVENTS events costs next to nothing.
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(batch), ENTRY_EVENTS):
+            entry = b"[" + b",".join(batch[start : start + ENTRY_EVENTS]) + b"]"
+            pipe.xadd(
+                self._stream, {LIFECYCLE_FIELD: entry}, maxlen=self._max_len, approximate=True
+            )
+        await pipe.execute()
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def matches(
+    event: LifecycleEvent,
+    roles: Collection[str] | None,
+    message_id: str | None,
+    task_id: str | None,
+    types: Collection[str] | None = None,
+) -> bool:
+    """Whether ``event`` passes the filters (None: any)."""
+    return (
+        (roles is None or event.role in roles)
+        and (message_id is None or event.message_id == message_id)
+        and (task_id is None or event.task_id == task_id)
+        and (types is None or event.type in types)
+    )
+
+
+async def start_id(redis: Redis, keys: Keys, since_ms: int | None) -> str:
+    """Where a subscriber starts: after the newest event, or at ``since_ms`` (a replay).
+
+    Not ``$``: a loop of ``XREAD ... $`` loses the events written between two reads.
+    """
+    if since_ms is not None:
+        return f"{max(since_ms, 0)}-0"
+    return (await streams.last_id(redis, keys.lifecycle())).decode()
+
+
+async def follow(
+    redis: Redis,
+    keys: Keys,
+    *,
+    roles: Collection[str] | None = None,
+    message_id: str | None = None,
+    task_id: str | None = None,
+    types: Collection[str] | None = None,
+    since_ms: int | None = None,
+    after: str | None = None,
+    block_ms: int = 1000,
+) -> AsyncIterator[LifecycleEvent]:
+    """Every lifecycle event that passes the filters, from now (or ``since_ms``) on, for ever.
+
+    Args:
+        redis: A client whose socket timeout exceeds ``block_ms``.
+        keys: Key names.
+        roles: Only events of these roles (task events have none: leave it out for them).
+        message_id: Only events of this job.
+        task_id: Only events of this task (its own, its nodes' and its nodes' jobs').
+        types: Only events of these types.
+        since_ms: Replay the events written since this time (ms since the epoch) first, as far
+            as the capped stream still holds them; None: only new events.
+        after: Start after this entry id instead (see :func:`start_id`).
+        block_ms: How long one read waits.
+    """
+    stream = keys.lifecycle()
+    cursor = after if after is not None else await start_id(redis, keys, since_ms)
+    while True:
+        entries = await streams.read_broadcast(
+            redis, stream, after=cursor.encode(), count=500, block_ms=block_ms
+        )
+        for entry in entries:
+            cursor = entry.id.decode()
+            for event in _decode(cursor, entry.fields):
+                if matches(event, roles, message_id, task_id, types):
+                    yield event
+
+
+def _decode(entry_id: str, fields: dict[bytes, bytes]) -> list[LifecycleEvent]:
+    """The events of an entry; what cannot be read is logged and skipped."""
+    # Anyone who may write the namespace may write garbage here: skip it, say so.
+    try:
+        events, problems = decode_lifecycle(fields)
+    except ProtocolError as exc:
+        logger.warning("skipped lifecycle entry %s: %s", entry_id, exc.detail)
+        return []
+    for problem in problems:
+        logger.warning("skipped an event of lifecycle entry %s: %s", entry_id, problem)
+    return events
+
+
+@asynccontextmanager
+async def watching(
+    redis: Redis,
+    keys: Keys,
+    *,
+    message_id: str | None = None,
+    task_id: str | None = None,
+    types: Collection[str] | None = None,
+) -> AsyncIterator[Waker]:
+    """A :class:`Waker` fed by the matching events written from now on, for the block."""
+    waker = Waker()
+    after = await start_id(redis, keys, None)  # before the caller's first read of the state
+    events = follow(redis, keys, message_id=message_id, task_id=task_id, types=types, after=after)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waker.feed, events)
+        try:
+            yield waker
+        finally:
+            tg.cancel_scope.cancel()
+
+
+class Waker:
+    """Wakes a waiter when a matching event arrives: a poll loop that sleeps until news.
+
+    Used by ``submit --wait`` and ``cancel --wait``: they read the state (the truth) again when
+    an event says it changed, and at the latest every ``fallback`` seconds (events are best
+    effort: one may be missing).
+    """
+
+    def __init__(self) -> None:
+        self._news = anyio.Event()
+        #: The latest ``progress`` event of each task node seen, by node id.
+        self.progress: dict[str, LifecycleEvent] = {}
+
+    def _wake(self) -> None:
+        self._news.set()
+
+    async def wait(self, fallback: float) -> bool:
+        """Wait for an event since the last call, at most ``fallback`` seconds; whether one came."""
+        with anyio.move_on_after(fallback):
+            await self._news.wait()
+        came = self._news.is_set()
+        self._news = anyio.Event()
+        return came
+
+    async def feed(self, events: AsyncIterator[LifecycleEvent]) -> None:
+        """Wake on each event of ``events`` (run in a task group; cancelled when done).
+
+        An outage ends the feed quietly: the waiter falls back to reading every ``fallback``.
+        """
+        try:
+            async for event in events:
+                if event.type == "progress" and event.node_id is not None:
+                    self.progress[event.node_id] = event
+                self._wake()
+        except connect.TRANSIENT_ERRORS as exc:
+            logger.debug("lifecycle events unavailable, waiting by polling: %s", exc)

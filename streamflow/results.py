@@ -1,0 +1,323 @@
+"""Kept job outcomes: the record a worker writes, and how clients read and wait for it.
+
+A job's outcome is kept only when its role (``@app.role(..., keep_result=...)``) or its
+publisher (``keep_result=`` on publish, or :meth:`streamflow.Client.call`) asks, so roles that
+do not use results pay nothing. The worker writes one :class:`~streamflow.protocol.JobResult`
+JSON string under :meth:`streamflow.keys.Keys.result` (the job's partition's slot) with a TTL:
+``succeeded`` (the handler's return value) and ``cancelled`` in the same owner-checked step that
+acknowledges the job (``result.lua``), ``dead_lettered`` right after the dead letter. Readers
+``GET`` it: any language can (docs/protocol.md).
+
+The readers below are written once for the asyncio and the blocking client (see
+:mod:`streamflow.steps`). Waiting for an outcome polls with a bounded backoff in one place,
+:func:`wait_kept`, the seam that the lifecycle events stream replaces.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+import orjson
+from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
+
+from streamflow import streams
+from streamflow.errors import (
+    JobCancelledError,
+    JobDeadLetteredError,
+    JobExpiredError,
+    JobFailedError,
+    ResultTimeoutError,
+)
+from streamflow.keys import Keys
+from streamflow.partitions import LayoutCache, read_record
+from streamflow.protocol import (
+    PROTOCOL_VERSION,
+    DeadLetterReason,
+    ErrorInfo,
+    Job,
+    JobOutcome,
+    JobResult,
+    now_ms,
+)
+from streamflow.steps import Steps
+
+_T = TypeVar("_T")
+
+
+class UnkeepableResult(Exception):
+    """A handler's return value that cannot be kept (the job is dead-lettered with ``reason``)."""
+
+    def __init__(self, reason: DeadLetterReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason: DeadLetterReason = reason
+
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[streams.Kept] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    refused: set[bytes] = field(default_factory=set)
+    error: BaseException | None = None
+
+
+class Keeper:
+    """Writes one worker's kept outcomes: the deliveries that end together share one call.
+
+    The first delivery of a stream to end opens a batch, lets the event loop run the other
+    consumers once (those that end now join it), then sends it with ``result.lua``; the others
+    wait for its reply. No task of its own, no timer: a lone job is sent at once.
+
+    Args:
+        scripts: The registered scripts.
+        redis: The client.
+        consumer: The worker's consumer name.
+    """
+
+    def __init__(self, scripts: streams.Scripts, redis: Redis, consumer: str) -> None:
+        self._scripts = scripts
+        self._redis = redis
+        self._consumer = consumer
+        self._open: dict[str, _Batch] = {}
+
+    async def keep(self, stream: str, item: streams.Kept) -> bool:
+        """Keep ``item`` and settle its entry; False when the entry is no longer ours.
+
+        Raises:
+            Whatever the script call raised (an outage, ``NOGROUP``), in every delivery of
+            the batch.
+        """
+        batch = self._open.get(stream)
+        if batch is not None:
+            batch.items.append(item)
+            await batch.done.wait()
+        else:
+            batch = self._open[stream] = _Batch([item])
+            try:
+                await anyio.lowlevel.checkpoint()  # the consumers ending now join the batch
+            finally:
+                del self._open[stream]
+            try:
+                batch.refused = await streams.keep_results(
+                    self._scripts,
+                    self._redis,
+                    stream=stream,
+                    consumer=self._consumer,
+                    kept=batch.items,
+                )
+            except Exception as exc:
+                batch.error = exc
+                raise
+            except BaseException:
+                # Cancelled while the call was in flight: for the others the outcome is
+                # unknown, as after a lost reply (never the leader's cancel in their task).
+                batch.error = ConnectionError("the shared write of kept results was interrupted")
+                raise
+            finally:
+                batch.done.set()
+        if batch.error is not None:
+            raise batch.error
+        return item.entry_id not in batch.refused
+
+
+def keep_ms(role_keep_ms: int, job: Job | None) -> int:
+    """How long ``job``'s outcome is kept (ms; 0: not kept): its publisher's ask, else its role's.
+
+    A task node's jobs report to their task instead: never kept here.
+    """
+    if job is None or job.invocation is not None:  # a node job (see nodes.is_node_job)
+        return 0
+    return job.keep_result_ms or role_keep_ms
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def encode_record(
+    job: Job,
+    status: JobOutcome,
+    consumer: str,
+    *,
+    max_bytes: int,
+    result: Any = None,
+    reason: str | None = None,
+    detail: str | None = None,
+    error: ErrorInfo | None = None,
+) -> bytes:
+    """The JSON of a job's :class:`JobResult`, built without the model (it is on the hot path).
+
+    Raises:
+        UnkeepableResult: The result is not JSON (``invalid_result``), or the record is larger
+            than ``max_bytes`` (``result_too_large``): never cut.
+    """
+    doc: dict[str, Any] = {
+        "protocol": PROTOCOL_VERSION,
+        "kind": "result",
+        "message_id": job.id,
+        "role": job.role,
+        "status": status,
+        "attempt": job.attempt,
+        "consumer": consumer,
+        "finished_at_ms": now_ms(),
+    }
+    if status == "succeeded":
+        doc["result"] = result
+    else:
+        if reason is not None:
+            doc["reason"] = reason
+        doc["detail"] = detail or ""
+        if error is not None:
+            doc["error"] = error.model_dump(mode="json", exclude_none=True)
+    try:
+        # Integers beyond 64 bits, non-string keys and unknown types are refused, not mangled.
+        raw = orjson.dumps(doc, default=_json_default)
+    except TypeError as exc:
+        detail = f"the handler's result is not JSON: {exc}"
+        raise UnkeepableResult("invalid_result", detail) from None
+    if len(raw) > max_bytes:
+        raise UnkeepableResult(
+            "result_too_large",
+            f"the handler's result is {len(raw)} bytes as JSON, over the limit of {max_bytes} "
+            "(the worker's max message size): return a reference to the data instead",
+        )
+    return raw
+
+
+def decode_record(raw: bytes | str) -> JobResult | None:
+    """A kept record read back from Redis, or None when it is not one (anyone may write it)."""
+    try:
+        return JobResult.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+def outcome(record: JobResult) -> Any:
+    """The result a record holds, or its failure raised as a typed error.
+
+    Raises:
+        JobExpiredError: It was dead-lettered as ``expired``.
+        JobDeadLetteredError: It was dead-lettered for another reason.
+        JobCancelledError: It was cancelled.
+    """
+    if record.status == "succeeded":
+        return record.result
+    detail = record.detail or ""
+    if record.error is not None and record.error.message not in detail:
+        detail = f"{detail} ({record.error.type}: {record.error.message})"
+    error: type[JobFailedError] = JobCancelledError
+    if record.status == "dead_lettered":
+        error = JobExpiredError if record.reason == "expired" else JobDeadLetteredError
+    reason = record.reason or record.status
+    raise error(record.message_id, record.role, reason, detail)
+
+
+def result_keys(
+    redis: Any, keys: Keys, layouts: LayoutCache, message_id: str, role: str | None
+) -> Steps[list[str]]:
+    """Where ``message_id``'s outcome may be kept: a key per partition of its role.
+
+    The result key is in the job's partition; without ``role``, every partition of every role
+    workers registered is a candidate.
+    """
+    roles = [role] if role is not None else None
+    if roles is None:
+        found = yield redis.smembers(keys.known_roles())
+        roles = sorted(name.decode() if isinstance(name, bytes) else str(name) for name in found)
+    names: list[str] = []
+    for name in roles:
+        layout = layouts.cached(name)
+        if layout is None:
+            layout = layouts.record(name, (yield from read_record(redis, keys, name)))
+        names += [keys.result(shard, message_id) for shard in layout.shards]
+    return names
+
+
+def read_kept(redis: Any, candidates: list[str]) -> Steps[JobResult | None]:
+    """The first valid record among ``candidates`` (one pipelined round trip), or None."""
+    if len(candidates) == 1:
+        values = [(yield redis.get(candidates[0]))]
+    else:
+        pipe = redis.pipeline(transaction=False)
+        for key in candidates:
+            pipe.get(key)
+        values = yield pipe.execute()
+    for raw in values:
+        record = decode_record(raw) if raw is not None else None
+        if record is not None:
+            return record
+    return None
+
+
+#: The waits between two reads of a result key: from 0.5 ms, growing by half, to 100 ms.
+FIRST_POLL, POLL_GROWTH, LAST_POLL = 0.0005, 1.5, 0.1
+
+
+def _timed_out(message_id: str, timeout: float | None) -> ResultTimeoutError:
+    return ResultTimeoutError(
+        message_id,
+        f"no outcome of job {message_id} within {timeout} s: it still waits or runs, or neither "
+        "its role nor its publisher asked to keep it (keep_result), or the kept outcome expired",
+    )
+
+
+async def wait_for_end(
+    check: Callable[[], Awaitable[_T | None]],
+    timeout: float | None,  # noqa: ASYNC109 - the caller's limit, applied here
+) -> _T | None:
+    """Call ``check`` until it returns something (a job ended); None once ``timeout`` passed.
+
+    The one place that waits for a job to end (:meth:`streamflow.Client.result`, ``call``,
+    ``streamflow job --wait``). It polls with a bounded backoff (0.5 ms growing to 100 ms); the
+    lifecycle events stream will replace this body with a subscription, keeping the contract.
+    """
+    found = await check()  # at least once, whatever the timeout
+    pause = FIRST_POLL
+    with anyio.move_on_after(timeout):
+        while found is None:
+            await anyio.sleep(pause)  # the outcome lands in Redis: poll it (see above)
+            pause = min(pause * POLL_GROWTH, LAST_POLL)
+            found = await check()
+    return found
+
+
+async def wait_kept(
+    read: Callable[[], Awaitable[JobResult | None]],
+    message_id: str,
+    timeout: float | None,  # noqa: ASYNC109 - the caller's limit, applied here
+) -> JobResult:
+    """Read until an outcome is kept (see :func:`wait_for_end`).
+
+    Raises:
+        ResultTimeoutError: Nothing kept within ``timeout`` seconds (None: wait for ever).
+    """
+    record = await wait_for_end(read, timeout)
+    if record is None:
+        raise _timed_out(message_id, timeout)
+    return record
+
+
+def wait_kept_blocking(
+    read: Callable[[], JobResult | None], message_id: str, timeout: float | None
+) -> JobResult:
+    """The blocking twin of :func:`wait_kept` (for :class:`streamflow.SyncClient`)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = FIRST_POLL
+    while True:
+        record = read()
+        if record is not None:
+            return record
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _timed_out(message_id, timeout)
+            pause = min(pause, left)
+        time.sleep(pause)
+        pause = min(pause * POLL_GROWTH, LAST_POLL)
