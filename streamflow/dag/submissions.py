@@ -221,9 +221,20 @@ class Submissions:
                 raise
             # A bug or a key of the wrong type must not stop the coordinator: answer, go on.
             logger.exception("submission %s (%s) failed", shown(submission_id), entry.id.decode())
+            await self._answer_failure(submission_id, entry, exc)
+
+    async def _answer_failure(
+        self, submission_id: str, entry: streams.Entry, exc: Exception
+    ) -> None:
+        """Reject a submission whose handling failed, if Redis lets it be written."""
+        try:
             await self._record(
                 submission_id, entry, "rejected", [f"the coordinator failed: {shown(exc)}"]
             )
+        except Exception as again:
+            if connect.is_outage(again):
+                raise
+            logger.warning("submission %s: no outcome written (%s)", submission_id, shown(again))
 
     async def _take(self, submission_id: str, entry: streams.Entry) -> None:
         if await self._redis.exists(self._keys.submission(submission_id)):

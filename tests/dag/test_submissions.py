@@ -355,3 +355,26 @@ async def test_a_take_cut_short_after_creating_the_task_is_answered_when_taken_a
         assert await redis.zcard(Keys(namespace).tasks_index()) == 1
     finally:
         await redis.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_submission_that_fails_in_redis_is_rejected_and_the_next_one_is_taken(
+    redis_url: str, namespace: str
+) -> None:
+    redis = connect.connect(redis_url)
+    keys = Keys(namespace)
+    try:
+        await redis.sadd(keys.known_roles(), "src", "step")
+        # Written by hand: a string where the task's state hash would go.
+        await redis.set(keys.task_state("wrong-1"), "not a hash")
+        coordinator = taker(redis, namespace, "coord-a")
+        await coordinator.take(entry("1-0", "wrong-1", submission(GRAPH)))
+        await coordinator.take(entry("2-0", "fine-1", submission(GRAPH)))
+        failed = submissions.decode_result(await redis.get(keys.submission("wrong-1")))
+        assert failed.state == "rejected"
+        assert failed.problems[0].startswith("the coordinator failed:"), failed.problems
+        fine = submissions.decode_result(await redis.get(keys.submission("fine-1")))
+        assert fine.state == "accepted"
+    finally:
+        await redis.aclose()
