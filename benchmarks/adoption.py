@@ -45,9 +45,10 @@ import redis
 from crash_load import CliWorkers, pending, read_record, redis_for, wait_for
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, Outcome, SyncClient, Worker, connect, streams
+from streamflow import App, Client, Context, Outcome, SyncClient, Worker, connect
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper, LeaseSettings
+from streamflow.scripts import Scripts
 
 ROLE = "work"
 
@@ -156,7 +157,7 @@ class RenewalRun:
 
 
 def _sha(name: str) -> str:
-    return hashlib.sha1(streams.Scripts.source(name).encode()).hexdigest()
+    return hashlib.sha1(Scripts.source(name).encode()).hexdigest()
 
 
 async def _slowlog_on(redis_client: Redis) -> tuple[str, str]:

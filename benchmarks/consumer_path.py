@@ -4,7 +4,7 @@ A ``Worker`` serving a no-op ``async def`` handler is built on an unconnected cl
 round makes ``--batch`` entries shaped like published jobs (``{"i": n}`` payloads, random
 hex ids) and times, per message:
 
-* ``dispatch``: ``Worker._dispatch`` (a ``Delivery`` each, held and queued);
+* ``dispatch``: ``ConsumerPool.dispatch`` (a ``Delivery`` each, held and queued);
 * ``process``: per delivery ``_process`` with the handler's runner driven to completion,
   then ``Settler.ack_nowait`` and ``_finished``, as the consumer loop does on the hot path;
 * ``flush``: ``acker.flush()`` with the settle script stubbed to refuse nothing.
@@ -28,7 +28,7 @@ import anyio
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import App, Context, Worker, streams
+from streamflow import App, Context, Worker, scripts
 from streamflow.protocol import encode_job_fields
 from streamflow.streams import Entry
 from streamflow.worker import tune_garbage_collector
@@ -55,9 +55,10 @@ async def one_round(worker: Worker, batch: list[Entry], scope: anyio.CancelScope
     """Nanoseconds spent in dispatch, process and flush for ``batch``."""
     role = worker._roles[0]
     t0 = time.perf_counter_ns()
-    worker._dispatch(role, role.name, "stream", batch, time.monotonic())
+    pool = worker._pool
+    pool.dispatch(role, role.name, "stream", batch, time.monotonic())
     t1 = time.perf_counter_ns()
-    queue, settler = worker._queue, worker._settler
+    queue, settler = pool._queue, worker._settler
     while queue:
         delivery = queue.popleft()
         step: Any = worker._runner.process(delivery, scope)
@@ -68,7 +69,7 @@ async def one_round(worker: Worker, batch: list[Entry], scope: anyio.CancelScope
         else:
             raise RuntimeError("the handler's runner suspended")
         settler.ack_nowait(delivery, decision)
-        worker._finished(delivery)
+        pool._finished(delivery)
     t2 = time.perf_counter_ns()
     await settler.acker.flush()
     return [t1 - t0, t2 - t1, time.perf_counter_ns() - t2]
@@ -81,7 +82,7 @@ async def measure(rounds: int, size: int) -> list[list[int]]:
     async def noop(ctx: Context, payload: Any) -> None:
         pass
 
-    streams.settle = _refuse_nothing  # type: ignore[assignment]
+    scripts.settle = _refuse_nothing  # type: ignore[assignment]
     worker = Worker(app, Redis(), namespace="bench")
     tune_garbage_collector()
     scope = anyio.CancelScope()

@@ -27,7 +27,17 @@ from typing import Any, Literal, ParamSpec, Self, TypeVar
 import anyio
 from redis.asyncio import Redis
 
-from streamflow import connect, jobs, partitions, registry, results, signals, steps, streams
+from streamflow import (
+    connect,
+    jobs,
+    partitions,
+    pipelines,
+    registry,
+    results,
+    signals,
+    steps,
+    streams,
+)
 from streamflow import events as lifecycle
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
@@ -47,6 +57,7 @@ from streamflow.protocol import (
     now_ms,
 )
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
+from streamflow.scripts import Scripts
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
 CALL_KEEP = timedelta(minutes=5)
@@ -119,10 +130,12 @@ class Client:
     ) -> None:
         self.redis = redis
         self.keys = Keys(namespace)
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self._tasks = TaskStore(redis, self.keys, self._scripts)
         self._layouts = partitions.Layouts(redis, self.keys)
         self._dead = DeadLetters(redis, self.keys, self._scripts, self._layouts)
+        # A cluster sends each command to its slot's node: no one connection serves them all.
+        self._lane = None if connect.is_cluster(redis) else pipelines.AutoPipeline(redis)
         self._pub = Publisher(
             redis,
             self.keys,
@@ -130,6 +143,7 @@ class Client:
             self._layouts,
             dedup_script=self._scripts.publish_dedup,
             many_script=self._scripts.publish_many,
+            lane=self._lane,
         )
 
     @classmethod
@@ -192,9 +206,10 @@ class Client:
             key: For a partitioned role: jobs with the same key go to the same partition, in
                 publishing order. Without it, a partition is picked round-robin (or by the
                 dedup key, when given). Ignored for a role with one partition.
-            message_id: The message id; a random one by default. A chosen id costs one more
-                round trip: a cancel in force for it (a pre-emptive one) is looked up, and
-                a :class:`~streamflow.errors.CancelledIdWarning` says that workers will
+            message_id: The message id; a random one by default. For a chosen id a cancel
+                in force (a pre-emptive one) is looked up, in the same round trip as the
+                publish (one more with a dedup key or a delay, or on a cluster), and a
+                :class:`~streamflow.errors.CancelledIdWarning` says that workers will
                 refuse the job.
             dedup_key: When given, publishing again with the same key within the dedup window
                 publishes nothing and returns the first message's id. On a partitioned role
@@ -217,6 +232,11 @@ class Client:
         read with its partitions, once per role and client (again a second later while it
         does not): no extra round trip per publish.
 
+        Concurrent calls on one client share round trips: the client holds one connection
+        for publishing (not on a cluster), and calls made while a publish is on its way go
+        out together as the next pipeline, each getting its own reply or error. A call
+        cancelled while it waits is not sent.
+
         Raises:
             ConfigError: ``strict`` and no worker ever served the role.
             RedisUnavailable: Redis could not be reached or refused for now (full, read-only,
@@ -227,7 +247,15 @@ class Client:
             ValueError: The message id, dedup key, deadline or headers are out of the protocol's
                 bounds.
         """
-        with connect.public_errors(f"publishing to role {role!r}"):
+        try:
+            # Headers and kept outcomes take the full path (plain() carries neither).
+            simple = dedup_key is None and delay is None and headers is None and keep_result is None
+            if simple and self._lane is not None:
+                plain = self._pub.plain(
+                    role, payload, key, message_id, deadline, task_id, node_id, strict
+                )
+                if plain is not None:  # one round trip, shared with concurrent publishes
+                    return self._pub.check_plain(plain, await self._lane.call(plain.commands))
             return await steps.run(
                 self._pub.publish(
                     role,
@@ -244,6 +272,10 @@ class Client:
                     keep_result=keep_result,
                 )
             )
+        except Exception:
+            # Translated here, not in a with block around the call: that costs every publish.
+            with connect.public_errors(f"publishing to role {role!r}"):
+                raise
 
     async def publish_many(
         self,
@@ -723,6 +755,8 @@ class Client:
 
     async def aclose(self) -> None:
         """Close the connections."""
+        if self._lane is not None:
+            await self._lane.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> Self:
@@ -762,13 +796,15 @@ class SyncClient:
         self.redis = connect.connect_sync(
             url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file
         )
+        self._lane = pipelines.HeldConnection(self.redis)
         self._pub = Publisher(
             self.redis,
             Keys(namespace),
             dedup_window,
             partitions.LayoutCache(),
-            dedup_script=self.redis.register_script(streams.Scripts.source("publish_dedup.lua")),
-            many_script=self.redis.register_script(streams.Scripts.source("publish_many.lua")),
+            dedup_script=self.redis.register_script(Scripts.source("publish_dedup.lua")),
+            many_script=self.redis.register_script(Scripts.source("publish_many.lua")),
+            lane=self._lane,
         )
 
     def publish(
@@ -788,7 +824,14 @@ class SyncClient:
         keep_result: timedelta | float | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
-        with connect.public_errors(f"publishing to role {role!r}"):
+        try:
+            # Headers and kept outcomes take the full path (plain() carries neither).
+            if dedup_key is None and delay is None and headers is None and keep_result is None:
+                plain = self._pub.plain(
+                    role, payload, key, message_id, deadline, task_id, node_id, strict
+                )
+                if plain is not None:  # one round trip on the held connection
+                    return self._pub.check_plain(plain, self._lane.call(plain.commands))
             return steps.run_blocking(
                 self._pub.publish(
                     role,
@@ -805,6 +848,9 @@ class SyncClient:
                     keep_result=keep_result,
                 )
             )
+        except Exception:
+            with connect.public_errors(f"publishing to role {role!r}"):
+                raise
 
     def result(
         self,
@@ -863,6 +909,7 @@ class SyncClient:
 
     def close(self) -> None:
         """Close the connections."""
+        self._lane.close()
         self.redis.close()
 
     def __enter__(self) -> Self:

@@ -31,8 +31,9 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, streams
+from streamflow import connect, scripts, streams
 from streamflow.keys import NAME_PATTERN, Keys
+from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class ConsumerNames:
     def __init__(
         self,
         redis: Redis,
-        scripts: streams.Scripts,
+        scripts: Scripts,
         keys: Keys,
         consumer: str,
         *,
@@ -133,7 +134,7 @@ class ConsumerNames:
                 candidates.append((consumer["name"], self._keys.consumer_mark(stream, name)))
             if len(candidates) == MAX_FORGET:
                 break
-        deleted = await streams.forget_consumers(
+        deleted = await scripts.forget_consumers(
             self._scripts, self._redis, stream, group, candidates
         )
         names = [name.decode() for name in deleted]

@@ -14,10 +14,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from streamflow import connect, partitions, streams
+from streamflow import connect, partitions, scripts, streams
 from streamflow.errors import ProtocolError
 from streamflow.keys import Keys, validate_name
 from streamflow.protocol import DeadLetter, decode_dead_letter, encode
+from streamflow.scripts import Scripts
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ class DeadLetters:
     """
 
     def __init__(
-        self, redis: Redis, keys: Keys, scripts: streams.Scripts, layouts: partitions.Layouts
+        self, redis: Redis, keys: Keys, scripts: Scripts, layouts: partitions.Layouts
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -146,7 +147,7 @@ class DeadLetters:
         layout = await self._layouts.get(role)
         index, entry_id = _split_dead_id(layout, entry.id)
         shard = layout.shards[index]  # back to the partition it came from
-        new_id = await streams.replay(
+        new_id = await scripts.replay(
             self._scripts,
             self._redis,
             stream=self._keys.role_stream(shard),

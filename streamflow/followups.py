@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
-from streamflow.client import Client
-from streamflow.dag import graph as graphs
 from streamflow.publishing import When
 
 if TYPE_CHECKING:
+    from streamflow.client import Client
     from streamflow.context import Context
+    from streamflow.dag import graph as graphs
 
 #: Prefix of the dedup keys of follow-up jobs (the rest is the parent's id and the call key).
 DEDUP_PREFIX = "followup:"
@@ -73,6 +73,10 @@ class FollowUps:
     def client(self) -> Client:
         """The client that publishes (made on first use: most workers never need it)."""
         if self._client is None:
+            # Imported on first use: the client brings the DAG wing (submit), which the
+            # delivery path does not import (docs/architecture.md).
+            from streamflow.client import Client
+
             self._client = Client(self._redis, namespace=self._namespace)
         return self._client
 

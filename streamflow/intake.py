@@ -22,12 +22,13 @@ from typing import Literal
 import anyio
 from redis.asyncio import Redis
 
-from streamflow import connect, streams
+from streamflow import connect, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import MESSAGE_FIELD, now_ms
+from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class GroupReader:
     def __init__(
         self,
         redis: Redis,
-        scripts: streams.Scripts,
+        scripts: Scripts,
         group: str,
         consumer: str,
         *,
@@ -162,7 +163,7 @@ class GroupReader:
         turns instead of rescanned from the start (which starves entries behind live ones).
         Adoption counts as a delivery, so a poison message reaches its delivery limit.
         """
-        cursor, entries, deleted = await streams.claim(
+        cursor, entries, deleted = await scripts.claim(
             self._scripts,
             self._redis,
             stream,
@@ -314,7 +315,7 @@ class ReadAhead:
 class Promoter:
     """Moves due retries from role partitions' delayed schedules back to their streams."""
 
-    def __init__(self, redis: Redis, scripts: streams.Scripts, keys: Keys) -> None:
+    def __init__(self, redis: Redis, scripts: Scripts, keys: Keys) -> None:
         self._redis = redis
         self._scripts = scripts
         self._keys = keys
@@ -345,7 +346,7 @@ class Promoter:
     async def promote_due(self, shard: str) -> int | None:
         """Move due retries of a role partition to its stream; returns the next due time (ms)."""
         try:
-            moved, next_due = await streams.promote(
+            moved, next_due = await scripts.promote(
                 self._scripts,
                 self._redis,
                 self._keys.role_stream(shard),

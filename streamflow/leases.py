@@ -27,14 +27,15 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
-from streamflow import connect, streams
+from streamflow import connect, scripts, streams
 from streamflow.delivery import Delivery, InFlight
 from streamflow.errors import ConfigError
 from streamflow.keys import Keys
+from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
-RELEASE_IDLE_MS = streams.RELEASE_IDLE_MS
+RELEASE_IDLE_MS = scripts.RELEASE_IDLE_MS
 
 #: Where a lost lease was found: ``renewal`` (its handler was running: cancelled),
 #: ``settle`` (its handler had run: an owner-checked write was refused), ``unstarted`` (found
@@ -106,7 +107,7 @@ class LeaseKeeper:
     def __init__(
         self,
         redis: Redis,
-        scripts: streams.Scripts,
+        scripts: Scripts,
         keys: Keys,
         consumer: str,
         in_flight: InFlight,
@@ -140,7 +141,7 @@ class LeaseKeeper:
         """
         key = self._keys.consumer_alive(self._consumer)
         try:
-            taken = await streams.liveness(
+            taken = await scripts.liveness(
                 self._scripts, self._redis, key, "acquire", self._token, self._name_ttl_ms
             )
             await self._register()
@@ -166,7 +167,7 @@ class LeaseKeeper:
     async def release_name(self) -> None:
         """Give the consumer name up (on a clean stop)."""
         key = self._keys.consumer_alive(self._consumer)
-        await streams.liveness(self._scripts, self._redis, key, "release", self._token, 0)
+        await scripts.liveness(self._scripts, self._redis, key, "release", self._token, 0)
         await self._redis.delete(self._keys.consumer_info(self._consumer))
 
     async def _register(self) -> None:
@@ -206,7 +207,7 @@ class LeaseKeeper:
 
     async def _renew_name(self) -> None:
         key = self._keys.consumer_alive(self._consumer)
-        if not await streams.liveness(
+        if not await scripts.liveness(
             self._scripts, self._redis, key, "refresh", self._token, self._name_ttl_ms
         ):
             logger.error(
@@ -227,7 +228,7 @@ class LeaseKeeper:
         for stream, held in self._in_flight.by_stream():
             ids = [d.entry.id for d in held]
             sent = time.monotonic()
-            lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
+            lost = set(await scripts.renew(self._scripts, self._redis, stream, self._consumer, ids))
             self.renewals += len(ids) - len(lost)
             unstarted = 0
             for delivery in held:
@@ -272,7 +273,7 @@ class LeaseKeeper:
         """
         ids = [entry.id for entry in entries]
         try:
-            lost = set(await streams.renew(self._scripts, self._redis, stream, self._consumer, ids))
+            lost = set(await scripts.renew(self._scripts, self._redis, stream, self._consumer, ids))
         except connect.TRANSIENT_ERRORS:
             return []  # still pending under this consumer: resumed or adopted later
         if lost:
@@ -289,7 +290,7 @@ class LeaseKeeper:
 
     async def release(self, delivery: Delivery) -> bool:
         """Hand an entry back for immediate adoption elsewhere; False if it was not ours."""
-        released = await streams.release(
+        released = await scripts.release(
             self._scripts,
             self._redis,
             delivery.stream,

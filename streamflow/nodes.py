@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import scripts, streams
 from streamflow.context import Batch
 from streamflow.errors import InputError, PayloadError, StreamflowError
 from streamflow.keys import Keys
@@ -29,6 +29,7 @@ from streamflow.protocol import (
     encode,
     now_ms,
 )
+from streamflow.scripts import Scripts
 
 #: Largest encoded batch a node may emit.
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
@@ -92,7 +93,7 @@ class NodeRun:
     def __init__(
         self,
         redis: Redis,
-        scripts: streams.Scripts,
+        scripts: Scripts,
         keys: Keys,
         job: Job,
         *,
@@ -193,7 +194,7 @@ class NodeRun:
         job, seq = self.job, self.emitted
         assert job.task_id is not None and job.node_id is not None and job.invocation is not None
         key = self._keys.batch(self._shard, job.task_id, job.node_id, job.invocation, seq)
-        stored = await streams.emit_batch(
+        stored = await scripts.emit_batch(
             self._scripts,
             self._redis,
             stream=self._stream,

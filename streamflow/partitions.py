@@ -249,13 +249,19 @@ class LayoutCache:
 
     def __init__(self) -> None:
         self._known: dict[str, Layout] = {}
-        self._missing: dict[str, float] = {}
+        #: Roles found not created: when to look again, and the one-partition layout meanwhile.
+        self._missing: dict[str, tuple[float, Layout]] = {}
 
     def cached(self, role: str) -> Layout | None:
-        """The layout to use without reading Redis, or None when the record must be read."""
+        """The layout to use without reading Redis, or None when the record must be read.
+
+        Only a checked role name is ever cached: a layout found means a valid name.
+        """
         layout = self._known.get(role)
-        if layout is None and time.monotonic() < self._missing.get(role, 0.0):
-            return single(role)
+        if layout is None:
+            recheck, layout = self._missing.get(role, (0.0, None))
+            if layout is not None and time.monotonic() >= recheck:
+                return None
         return layout
 
     def missing(self, role: str) -> bool:
@@ -265,8 +271,9 @@ class LayoutCache:
     def record(self, role: str, recorded: bytes | str | None) -> Layout:
         """Remember what Redis holds for ``role`` (None: not created yet); its layout."""
         if recorded is None:
-            self._missing[role] = time.monotonic() + self.RECHECK
-            return single(role)
+            layout = single(role)
+            self._missing[role] = (time.monotonic() + self.RECHECK, layout)
+            return layout
         layout = self._known[role] = parse(role, recorded)
         return layout
 

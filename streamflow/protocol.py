@@ -8,8 +8,8 @@ fields verbatim as ``raw:<field>``. ``docs/protocol.md`` is the reference for ot
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from datetime import timedelta
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -544,8 +544,12 @@ def now_ms() -> int:
 
 
 def new_message_id() -> str:
-    """A fresh random message id (32 hex digits)."""
-    return uuid.uuid4().hex
+    """A fresh random message id (32 hex digits: 128 random bits).
+
+    ``os.urandom`` directly: ``uuid.uuid4().hex`` gives the same digits at four times the cost
+    (less six bits fixed for the version), and this runs once per published job.
+    """
+    return os.urandom(16).hex()
 
 
 def encode(model: BaseModel) -> bytes:

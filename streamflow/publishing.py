@@ -5,6 +5,12 @@ role's partitions (warning about a role no worker ever served), build and check 
 up a cancel of a chosen id, then XADD, ZADD or a script. :class:`Publisher` writes each of these
 once, as steps that run on either client (see :mod:`streamflow.steps`); the clients only run
 them and turn Redis failures into documented errors.
+
+The common publish (no dedup key, no delay, the role's layout known) takes a shorter way:
+:meth:`Publisher.plain` builds its commands without I/O, the client's held connection (see
+:mod:`streamflow.pipelines`) sends them, coalesced with concurrent publishes, and
+:meth:`Publisher.check_plain` reads the replies; ``publish_many`` sends all its chunks there in
+one round trip.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from typing import Any, NotRequired, TypedDict, Unpack
 
 import orjson
 from pydantic import BaseModel
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from streamflow import connect, partitions, signals, streams
+from streamflow import connect, partitions, pipelines, scripts, signals, streams
 from streamflow.errors import (
     CancelledIdWarning,
     ConfigError,
@@ -64,6 +70,19 @@ class JobOptions(TypedDict):
 
 
 @dataclass(frozen=True, slots=True)
+class Plain:
+    """A publish as the commands of one round trip (see :meth:`Publisher.plain`).
+
+    Attributes:
+        message_id: The job's message id.
+        commands: An ``EXISTS`` of its cancel markers when the id was chosen, then the XADD.
+    """
+
+    message_id: str
+    commands: tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _Prepared:
     stream: str
     schedule: str
@@ -83,6 +102,7 @@ class Publisher:
         layouts: The client's cache of role layouts.
         dedup_script: ``publish_dedup.lua`` registered on ``redis``.
         many_script: ``publish_many.lua`` registered on ``redis``.
+        lane: The client's held connection (see :mod:`streamflow.pipelines`); None on a cluster.
     """
 
     def __init__(
@@ -94,6 +114,7 @@ class Publisher:
         *,
         dedup_script: Any,
         many_script: Any,
+        lane: pipelines.AutoPipeline | pipelines.HeldConnection | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -101,8 +122,12 @@ class Publisher:
         self.layouts = layouts
         self._dedup = dedup_script
         self._many = many_script
+        #: The held connection that one-call publishes and ``publish_many`` use (not on a
+        #: cluster, whose commands go to their slot's node).
+        self.lane: Any = lane
         #: The roles workers registered, as last read (when a role was found unknown).
         self._served: list[str] = []
+        self._streams: dict[str, str] = {}
 
     def layout(self, role: str, strict: bool) -> Steps[partitions.Layout]:
         """The role's partitions; a warning (``strict``: an error) for an unknown role.
@@ -113,8 +138,9 @@ class Publisher:
         Raises:
             ConfigError: ``strict`` and no worker ever served the role.
         """
-        layout = self.layouts.cached(validate_name(role, "role"))
+        layout = self.layouts.cached(role)
         if layout is None:
+            validate_name(role, "role")
             recorded = yield from partitions.read_record(self.redis, self.keys, role)
             layout = self.layouts.record(role, recorded)
             if recorded is None:  # read at most once a second per role: not per publish
@@ -135,7 +161,7 @@ class Publisher:
         if job["message_id"] is not None:
             yield from self.warn_if_cancelled("message", job["message_id"])
         if p.dedup_marker is not None:
-            published, first = yield from streams.publish_dedup(
+            published, first = yield from scripts.publish_dedup(
                 self._dedup,
                 self.redis,
                 stream=p.stream,
@@ -153,6 +179,80 @@ class Publisher:
             yield from streams.publish(self.redis, p.stream, p.body)
         return p.message_id
 
+    def plain(
+        self,
+        role: str,
+        payload: Any,
+        key: str | None,
+        message_id: str | None,
+        deadline: datetime | timedelta | None,
+        task_id: str | None,
+        node_id: str | None,
+        strict: bool,
+    ) -> Plain | None:
+        """A publish without dedup key or delay as commands, when no lookup must come first.
+
+        The same checks as :meth:`publish`, without I/O: None when the role's layout is not
+        cached (run :meth:`publish` then, which reads it). With a chosen ``message_id`` the
+        cancel lookup goes first in the same round trip; :meth:`check_plain` reads its reply.
+
+        Raises:
+            ConfigError: ``strict`` and no worker ever served the role.
+        """
+        layout = self.layouts.cached(role)
+        if layout is None:
+            return None
+        if strict and self.layouts.missing(role):
+            raise ConfigError(self._unknown_role(role))
+        deadline_ms = None if deadline is None else _absolute_ms(deadline)
+        chosen = message_id is not None
+        if message_id is None:
+            message_id = new_message_id()  # valid by construction
+        if chosen or deadline_ms is not None:
+            check_publish_fields(message_id, None, deadline_ms)
+        body = _encode(
+            message_id,
+            layout.role,
+            payload,
+            now_ms(),
+            deadline_ms=deadline_ms,
+            task_id=validate_name(task_id, "task id") if task_id else None,
+            node_id=validate_name(node_id, "node id") if node_id else None,
+        )
+        xadd = (b"XADD", self._stream(layout.pick(key)), b"*", b"message", body)
+        if not chosen:
+            return Plain(message_id, (xadd,))
+        # Both markers share one slot: one EXISTS reads them (see signals.cancelled_already).
+        markers = signals.cancel_markers(self.keys, "message", message_id)
+        return Plain(message_id, ((b"EXISTS", *markers), xadd))
+
+    def check_plain(self, plain: Plain, replies: list[Any]) -> str:
+        """The message id of a :meth:`plain` publish, given its commands' replies.
+
+        Raises:
+            RedisUnavailable: An outage (the job may or may not be published).
+            RedisCommandError: Redis refused the XADD.
+        """
+        *lookup, added = replies
+        if isinstance(added, Exception):
+            raise added
+        if lookup:
+            hit = lookup[0]
+            if isinstance(hit, connect.TRANSIENT_ERRORS):
+                raise RedisUnavailable(f"looking up cancels failed: {hit}") from None
+            # A refusal (e.g. ACL rules older than this check): no warning, no failure.
+            if not isinstance(hit, Exception) and hit:
+                text = signals.cancelled_already_text("message", plain.message_id)
+                _warn(text, CancelledIdWarning)
+        return plain.message_id
+
+    def _stream(self, shard: str) -> str:
+        """The stream of a partition (its name checked once, then remembered)."""
+        stream = self._streams.get(shard)
+        if stream is None:
+            stream = self._streams[shard] = self.keys.role_stream(shard)
+        return stream
+
     def publish_many(
         self,
         role: str,
@@ -167,10 +267,30 @@ class Publisher:
         checked = check_headers(headers) if headers else None
         layout = yield from self.layout(role, strict)
         prepared = self._bodies(layout, payloads, keys, checked)
-        for chunk in _chunks(prepared, chunk_size):
-            bodies = [body for _, _, body in chunk]
-            yield from streams.publish_many(self._many, self.redis, chunk[0][0], bodies)
+        if self.lane is not None:
+            yield from self._many_on_lane(prepared, chunk_size)
+        else:
+            for chunk in _chunks(prepared, chunk_size):
+                bodies = [body for _, _, body in chunk]
+                yield from scripts.publish_many(self._many, self.redis, chunk[0][0], bodies)
         return [message_id for _, message_id, _ in prepared]
+
+    def _many_on_lane(self, prepared: list[tuple[str, str, bytes]], size: int) -> Steps[None]:
+        """Every chunk's script call in one round trip on the client's held connection.
+
+        Chunks refused with ``NOSCRIPT`` (the script cache was flushed) did not run: the
+        script is loaded and they are sent again.
+        """
+        commands = [
+            (b"EVALSHA", self._many.sha, 1, chunk[0][0], *(body for _, _, body in chunk))
+            for chunk in _chunks(prepared, size)
+        ]
+        replies = yield self.lane.call(commands)
+        again = [c for c, reply in zip(commands, replies, strict=True) if _no_script(reply)]
+        _raise_first([reply for reply in replies if not _no_script(reply)])
+        if again:
+            yield self.redis.script_load(self._many.script)
+            _raise_first((yield self.lane.call(again)))
 
     def warn_if_cancelled(self, target: str, target_id: str) -> Steps[None]:
         """Warn when a cancel of a chosen id is in force: its work would be refused at once.
@@ -242,6 +362,17 @@ class Publisher:
             body = _encode(message_id, role, payload, created, headers=headers)
             out.append((stream, message_id, body))
         return out
+
+
+def _no_script(reply: Any) -> bool:
+    return isinstance(reply, NoScriptError)
+
+
+def _raise_first(replies: list[Any]) -> None:
+    """Raise the first error among a pipeline's replies (a refusal of one of its commands)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def _warn(text: str, category: type[Warning]) -> None:

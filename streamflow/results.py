@@ -26,7 +26,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
-from streamflow import streams
+from streamflow import scripts
 from streamflow.errors import (
     JobCancelledError,
     JobDeadLetteredError,
@@ -60,7 +60,7 @@ class UnkeepableResult(Exception):
 
 @dataclass(slots=True)
 class _Batch:
-    items: list[streams.Kept] = field(default_factory=list)
+    items: list[scripts.Kept] = field(default_factory=list)
     done: anyio.Event = field(default_factory=anyio.Event)
     refused: set[bytes] = field(default_factory=set)
     error: BaseException | None = None
@@ -74,18 +74,18 @@ class Keeper:
     wait for its reply. No task of its own, no timer: a lone job is sent at once.
 
     Args:
-        scripts: The registered scripts.
+        registered: The registered scripts.
         redis: The client.
         consumer: The worker's consumer name.
     """
 
-    def __init__(self, scripts: streams.Scripts, redis: Redis, consumer: str) -> None:
-        self._scripts = scripts
+    def __init__(self, registered: scripts.Scripts, redis: Redis, consumer: str) -> None:
+        self._scripts = registered
         self._redis = redis
         self._consumer = consumer
         self._open: dict[str, _Batch] = {}
 
-    async def keep(self, stream: str, item: streams.Kept) -> bool:
+    async def keep(self, stream: str, item: scripts.Kept) -> bool:
         """Keep ``item`` and settle its entry; False when the entry is no longer ours.
 
         Raises:
@@ -103,7 +103,7 @@ class Keeper:
             finally:
                 del self._open[stream]
             try:
-                batch.refused = await streams.keep_results(
+                batch.refused = await scripts.keep_results(
                     self._scripts,
                     self._redis,
                     stream=stream,

@@ -34,6 +34,7 @@ from streamflow.leases import LeaseKeeper
 from streamflow.lifecycle import NO_RESOURCES, Resources
 from streamflow.logs import shown
 from streamflow.protocol import Job
+from streamflow.scripts import Scripts
 from streamflow.signals import CancelBook
 
 
@@ -66,7 +67,7 @@ class Runner:
     def __init__(
         self,
         redis: Redis,
-        scripts: streams.Scripts,
+        scripts: Scripts,
         keys: Keys,
         consumer: str,
         leases: LeaseKeeper,

@@ -18,7 +18,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, decisions, logs, nodes, results, streams
+from streamflow import connect, decisions, logs, nodes, results, scripts, streams
 from streamflow.delivery import (
     Decision,
     Delivery,
@@ -43,6 +43,7 @@ from streamflow.protocol import (
     encode,
     now_ms,
 )
+from streamflow.scripts import Scripts
 
 logger = logging.getLogger("streamflow.worker")
 
@@ -66,7 +67,7 @@ class Settler:
     def __init__(
         self,
         redis: Redis,
-        scripts: streams.Scripts,
+        scripts: Scripts,
         keys: Keys,
         consumer: str,
         held: InFlight,
@@ -224,7 +225,7 @@ class Settler:
         """
         job = decision.job or delivery.job
         assert job is not None
-        item = streams.Kept(
+        item = scripts.Kept(
             delivery.entry.id,
             self._keys.result(delivery.shard, job.id),
             record,
@@ -279,7 +280,7 @@ class Settler:
     async def _finish_node(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
         """Acknowledge a task node's job and report ``done`` or ``cancelled``, in one step."""
         done = decision.kind == "ack"
-        finished = await streams.finish(
+        finished = await scripts.finish(
             self._scripts,
             self._redis,
             stream=delivery.stream,
@@ -297,7 +298,7 @@ class Settler:
         assert job is not None
         following = job.model_copy(update={"attempt": job.attempt + 1})
         due = 0 if decision.delay <= 0 else now_ms() + int(decision.delay * 1000)
-        scheduled = await streams.schedule_retry(
+        scheduled = await scripts.schedule_retry(
             self._scripts,
             self._redis,
             stream=delivery.stream,
@@ -347,7 +348,7 @@ class Settler:
             for name, value in entry.fields.items()
         ]
         node_job = nodes.is_node_job(job)
-        moved = await streams.dead_letter(
+        moved = await scripts.dead_letter(
             self._scripts,
             self._redis,
             stream=delivery.stream,
@@ -525,7 +526,7 @@ class _Acker:
             items = batch[stream]
             ids = [delivery.entry.id for delivery in items]
             refused = set(
-                await streams.settle(
+                await scripts.settle(
                     settler._scripts, settler._redis, stream, settler.consumer, ids
                 )
             )

@@ -45,6 +45,7 @@ from streamflow.protocol import (
     new_message_id,
     now_ms,
 )
+from streamflow.scripts import Scripts
 from streamflow.steps import Steps
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class SignalListener:
         self._book = book
         self._on_cancel = on_cancel
         self._block_ms = block_ms
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self._position = b"0-0"
         self.signals_seen = 0
         self.bad_signals = 0
@@ -426,7 +427,7 @@ async def report(redis: Redis, keys: Keys, signal_id: str, report: CancelReport)
 
 async def send_cancel(
     redis: Redis,
-    scripts: streams.Scripts,
+    scripts: Scripts,
     keys: Keys,
     *,
     target: str,
@@ -559,9 +560,14 @@ def cancelled_already(redis: Any, keys: Keys, target: str, target_id: str) -> St
     or a blocking client (see :mod:`streamflow.steps`).
     """
     pipe = redis.pipeline(transaction=False)
-    for name in (target, "any"):
-        pipe.exists(keys.cancel_marker(name, target_id))
+    for marker in cancel_markers(keys, target, target_id):
+        pipe.exists(marker)
     return any((yield pipe.execute()))
+
+
+def cancel_markers(keys: Keys, target: str, target_id: str) -> tuple[str, str]:
+    """The markers whose existence means a cancel of ``target_id`` is in force (one slot)."""
+    return keys.cancel_marker(target, target_id), keys.cancel_marker("any", target_id)
 
 
 def cancelled_already_text(target: str, target_id: str) -> str:

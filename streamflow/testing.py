@@ -38,7 +38,7 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 
-from streamflow import connect, extras, partitions, streams
+from streamflow import connect, extras, partitions, scripts, streams
 from streamflow.app import App
 from streamflow.client import Client
 from streamflow.dag.coordinator import Coordinator
@@ -49,6 +49,7 @@ from streamflow.errors import NoCoordinatorWarning
 from streamflow.keys import Keys
 from streamflow.lifecycle import Resources
 from streamflow.protocol import DeadLetter, decode_dead_letter
+from streamflow.scripts import Scripts
 from streamflow.worker import Worker
 
 
@@ -187,12 +188,12 @@ class Harness:
         return seen
 
     async def _fast_forward(self, roles: list[str]) -> int:
-        scripts = streams.Scripts(self.redis)
+        registered = Scripts(self.redis)
         moved = 0
         for role in roles:
             for shard in await self._shards(role):
-                count, _ = await streams.promote(
-                    scripts,
+                count, _ = await scripts.promote(
+                    registered,
                     self.redis,
                     self.keys.role_stream(shard),
                     self.keys.delayed(shard),

@@ -6,10 +6,10 @@ One anyio task group owns all of a worker's loops:
   the optional prefetch, BLOCK when idle); an **adopter** takes over entries idle past the lease
   TTL; a **promoter** moves due retries from the delayed schedule back to the stream (all three
   in :mod:`streamflow.intake`);
-* ``concurrency`` **consumer** tasks take entries from a shared queue (one wakes the next only
-  while more are queued, so a burst of fast handlers costs no task switch per entry) and run
-  decode -> preflight -> execute (:mod:`streamflow.runner`), each handler inside its
-  consumer's cancel scope;
+* ``concurrency`` **consumer** tasks (:mod:`streamflow.pool`) take entries from a shared queue
+  (one wakes the next only while more are queued, so a burst of fast handlers costs no task
+  switch per entry) and run decode -> preflight -> execute (:mod:`streamflow.runner`), each
+  handler inside its consumer's cancel scope;
 * the **acker** batches acknowledgements into one owner-checked script call per stream;
 * the **lease keeper** renews every held entry each tick and cancels handlers whose lease is
   lost; the **signal listener** follows the signals stream and stops cancelled handlers; the
@@ -29,7 +29,6 @@ import logging
 import os
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Literal
@@ -40,17 +39,17 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
-from streamflow import connect, decisions, partitions, streams
-from streamflow.app import App, Role
+from streamflow import connect, partitions, streams
+from streamflow.app import App
 from streamflow.config import WorkerSettings
 from streamflow.consumers import ConsumerNames, default_consumer_name
-from streamflow.decisions import ACK
-from streamflow.delivery import Decision, Delivery, InFlight, Outcome, WorkerStatistics
+from streamflow.delivery import InFlight, Outcome, WorkerStatistics
 from streamflow.events import EventLog
 from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
 from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
 from streamflow.lifecycle import NO_RESOURCES, Resources
+from streamflow.pool import ConsumerPool
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     now_ms,
@@ -58,6 +57,7 @@ from streamflow.protocol import (
 from streamflow.registry import VERSION, WorkerInfo
 from streamflow.runner import Runner
 from streamflow.runner import fencing_token as fencing_token  # re-exported: its old home
+from streamflow.scripts import Scripts
 from streamflow.settle import Settler
 from streamflow.signals import CancelBook, SignalListener, StopReporter
 from streamflow.stalls import LoopWatchdog
@@ -163,7 +163,7 @@ class Worker:
         self._lifecycle = app.lifecycle() if resources is None else None
         shared = self._lifecycle.resources if self._lifecycle is not None else resources
         self._stop_requested_at: float | None = None
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self._held = InFlight()
         self._leases = LeaseKeeper(
             redis,
@@ -202,26 +202,6 @@ class Worker:
         )
         self._stopping = anyio.Event()
         self._read_ahead = ReadAhead(concurrency, read_count, prefetch, self._stopping)
-        self._intake = Intake(
-            GroupReader(
-                redis, self._scripts, GROUP, self.consumer, lease_ms=self._leases.settings.ttl_ms
-            ),
-            self._leases,
-            self._held,
-            self._read_ahead,
-            self._promoter,
-            self._keys,
-            self._dispatch,
-            self._stopping,
-            block_ms=block_ms,
-        )
-        self._queue: deque[Delivery] = deque()
-        self._idle: deque[anyio.Event] = deque()
-        self._waking = 0
-        self._queue_closed = False
-        # Each role's partitions (shards), as recorded in Redis; set when serving starts.
-        self._shards: dict[str, tuple[str, ...]] = {}
-        self._stopped = anyio.Event()
         self._runner = Runner(
             redis,
             self._scripts,
@@ -239,9 +219,33 @@ class Worker:
         self._events = EventLog(redis, self._keys, self.consumer)
         if any(role.events for role in self._roles):
             self._runner.events = self._settler.events = self._events
+        self._pool = ConsumerPool(
+            self._runner,
+            self._settler,
+            self._cancels,
+            self._held,
+            self._read_ahead,
+            self._stopping,
+            concurrency=concurrency,
+            unsafe_after=self._leases.settings.unsafe_after,
+        )
+        self._intake = Intake(
+            GroupReader(
+                redis, self._scripts, GROUP, self.consumer, lease_ms=self._leases.settings.ttl_ms
+            ),
+            self._leases,
+            self._held,
+            self._read_ahead,
+            self._promoter,
+            self._keys,
+            self._pool.dispatch,
+            self._stopping,
+            block_ms=block_ms,
+        )
+        # Each role's partitions (shards), as recorded in Redis; set when serving starts.
+        self._shards: dict[str, tuple[str, ...]] = {}
+        self._stopped = anyio.Event()
         self._started_at_ms = now_ms()
-        self._signals_latency: Callable[[float], None] | None = None
-        self._unsafe_after = self._leases.settings.unsafe_after
         settings = self._leases.settings
         self._watchdog = LoopWatchdog(
             stall_warning or min(settings.renew_every, 5.0),
@@ -398,7 +402,7 @@ class Worker:
         Args:
             callback: Called once per handler a cancel stopped; None stops the calls.
         """
-        self._signals_latency = callback
+        self._pool.on_cancel_latency = callback
 
     def _hooks(self) -> AbstractAsyncContextManager[Resources | None]:
         """The app's lifecycle around serving, or nothing when the caller runs it."""
@@ -506,24 +510,10 @@ class Worker:
             tg.start_soon(self._watchdog.beat_forever)
             tg.start_soon(self._events.run)
             task_status.started()
-            await self._pipeline(burst)
+            await self._pool.run(lambda: self._intake.run(self._roles, self._shards, burst=burst))
             await self._settler.acker.flush()
             await self._events.flush()
             tg.cancel_scope.cancel()
-
-    async def _pipeline(self, burst: bool) -> None:
-        self._queue_closed = False
-        async with anyio.create_task_group() as consumers:
-            for _ in range(self.concurrency):
-                consumers.start_soon(self._consume)
-            try:
-                await self._intake.run(self._roles, self._shards, burst=burst)
-            finally:
-                # No more entries: consumers finish what is queued, then return.
-                self._queue_closed = True
-                while self._idle:
-                    self._waking += 1
-                    self._idle.popleft().set()
 
     async def _enforce_grace(self) -> None:
         await self._stopping.wait()
@@ -549,108 +539,3 @@ class Worker:
             )
         for delivery in running:
             delivery.stop("shutdown", "shutting down", hard=True)
-
-    def _dispatch(
-        self,
-        role: Role,
-        shard: str,
-        stream: str,
-        entries: list[streams.Entry],
-        confirmed_at: float,
-    ) -> None:
-        """Hold and queue entries whose leases were confirmed at ``confirmed_at`` (monotonic)."""
-        self._read_ahead.took(entries)
-        self._settler.stats.received += len(entries)
-        deliveries = [Delivery(role, shard, stream, entry, confirmed_at) for entry in entries]
-        self._held.add_many(stream, deliveries)
-        self._queue.extend(deliveries)
-        self._wake_consumer()
-
-    def _wake_consumer(self) -> None:
-        """Wake one idle consumer, unless one is already on its way.
-
-        A woken consumer that finds more queued wakes the next one, so slow handlers fan out
-        over every consumer while a burst of fast ones is drained by one or two consumers
-        without a task switch per entry.
-        """
-        if self._waking == 0 and self._idle:
-            self._waking += 1
-            self._idle.popleft().set()
-
-    async def _consume(self) -> None:
-        # Handlers run inside one cancel scope per consumer, not one per message (a scope costs
-        # about 5 us). Stopping one handler (hard cancel, lost lease, shutdown) cancels its
-        # consumer's scope; the consumer then settles that delivery from its flags and opens a
-        # new scope.
-        while True:
-            stopped: list[Delivery] = []
-            with anyio.CancelScope() as scope:
-                if await self._consume_in(scope, stopped):
-                    return
-            for delivery in stopped:
-                await self._finish(delivery, decisions.stopped(delivery))
-
-    async def _consume_in(self, scope: anyio.CancelScope, stopped: list[Delivery]) -> bool:
-        """Handle queued deliveries until the queue closes (True) or ``scope`` is cancelled."""
-        queue = self._queue
-        process = self._runner.process
-        while True:
-            if not queue:
-                if self._queue_closed:
-                    return True
-                woken = anyio.Event()
-                self._idle.append(woken)
-                await woken.wait()
-                self._waking -= 1
-                continue
-            delivery = queue.popleft()
-            if queue:
-                self._wake_consumer()
-            if (
-                self._stopping.is_set()
-                or time.monotonic() - delivery.confirmed_at > self._unsafe_after
-            ):
-                ending = await self._runner.before_start(delivery)
-                if ending is not None:
-                    await self._finish(delivery, ending)
-                    continue
-            stopped.append(delivery)
-            step = process(delivery, scope)
-            decision = step if isinstance(step, Decision) else await step
-            stopped.clear()
-            if scope.cancel_called:
-                # Stopped after the handler's last checkpoint: settle it outside this scope.
-                stopped.append(delivery)
-                return False
-            if decision is ACK and delivery.node is None:
-                # The hot path, without a coroutine: queue the ack for the acker's next batch.
-                self._settler.ack_nowait(delivery, decision)
-                self._finished(delivery)
-            else:
-                await self._finish(delivery, decision)
-            if self._read_ahead.reader_woken and queue and self._read_ahead.room_to_read_ahead():
-                # Fast handlers never yield: let the woken reader (and the acker) send their
-                # requests now, so that the replies come back while this consumer handles what
-                # is still queued, instead of after the queue ran dry.
-                await anyio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _finish(self, delivery: Delivery, decision: Decision) -> None:
-        try:
-            await self._settler.apply(delivery, decision)
-            if decision.signal_id is not None:
-                if self._signals_latency is not None and delivery.cancel is not None:
-                    waited = now_ms() - delivery.cancel.created_at_ms
-                    self._signals_latency(max(waited, 0) / 1000)
-                await self._cancels.stopped(decision.signal_id, delivery)
-        finally:
-            self._finished(delivery)
-
-    def _finished(self, delivery: Delivery) -> None:
-        """A delivery's handling ended (its outcome is applied or queued): free its slot."""
-        # Nothing reads the context of a finished handler: let it go now rather than when the
-        # batch is acknowledged (fewer objects live on into the garbage collector's old
-        # generations).
-        delivery.context = None
-        self._read_ahead.finished()
-        if delivery.finished is not None:
-            delivery.finished.set()

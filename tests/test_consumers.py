@@ -11,12 +11,13 @@ import redis as sync_redis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import scripts, streams
 from streamflow.client import SyncClient
 from streamflow.consumers import ConsumerNames
 from streamflow.dag.coordinator import Coordinator
 from streamflow.errors import InvalidNameError
 from streamflow.keys import COORDINATORS, GROUP, Keys
+from streamflow.scripts import Scripts
 from tests.helpers import wait_for
 from tests.processes import Record, Workers
 
@@ -100,12 +101,12 @@ async def test_only_a_dead_empty_consumer_is_deleted(redis: Redis, namespace: st
         await redis.xgroup_createconsumer(stream, GROUP, name)
     # Not a name a worker could hold: written by something else, left alone.
     await redis.xgroup_createconsumer(stream, GROUP, "odd{name}")
-    scripts = streams.Scripts(redis)
-    live = ConsumerNames(redis, scripts, keys, "live", ttl_ms=60_000, every=20)
+    registered = Scripts(redis)
+    live = ConsumerNames(redis, registered, keys, "live", ttl_ms=60_000, every=20)
     live.serve([(stream, GROUP)])
     await live.mark()
     # ttl 0: every consumer counts as idle long enough.
-    me = ConsumerNames(redis, scripts, keys, "me", ttl_ms=0, every=1)
+    me = ConsumerNames(redis, registered, keys, "me", ttl_ms=0, every=1)
     with anyio.fail_after(10):
         assert await me.forget_dead(stream, GROUP) == ["dead"]
         assert await names(redis, stream) == {"dead-holder", "live", "me", "odd{name}"}
@@ -116,7 +117,7 @@ async def test_only_a_dead_empty_consumer_is_deleted(redis: Redis, namespace: st
         candidates = [
             (name.encode(), keys.consumer_mark(stream, name)) for name in ("dead-holder", "live")
         ]
-        assert await streams.forget_consumers(scripts, redis, stream, GROUP, candidates) == []
+        assert await scripts.forget_consumers(registered, redis, stream, GROUP, candidates) == []
         assert (await redis.xpending(stream, GROUP))["pending"] == 1
 
         # Once its entry is acknowledged, the former holder goes too; the live one stays.
@@ -129,7 +130,7 @@ async def test_only_a_dead_empty_consumer_is_deleted(redis: Redis, namespace: st
 @pytest.mark.anyio
 async def test_a_stopped_worker_deletes_its_marks(redis: Redis, namespace: str) -> None:
     keys = Keys(namespace)
-    names_ = ConsumerNames(redis, streams.Scripts(redis), keys, "w", ttl_ms=30_000, every=10)
+    names_ = ConsumerNames(redis, Scripts(redis), keys, "w", ttl_ms=30_000, every=10)
     names_.serve([(keys.role_stream("r"), GROUP), (keys.tasks_control(), "coordinators")])
     await names_.mark()
     marks = [f"{namespace}:{{role:r}}:alive:w", f"{namespace}:{{tasks}}:alive:w"]
@@ -182,8 +183,8 @@ def test_a_mark_is_in_the_slot_of_its_stream() -> None:
 async def test_a_stream_or_group_that_is_gone_is_no_crash(redis: Redis, namespace: str) -> None:
     keys = Keys(namespace)
     stream = keys.role_stream("gone")
-    scripts = streams.Scripts(redis)
-    me = ConsumerNames(redis, scripts, keys, "me", ttl_ms=0, every=1)
+    registered = Scripts(redis)
+    me = ConsumerNames(redis, registered, keys, "me", ttl_ms=0, every=1)
     candidates = [(b"dead", keys.consumer_mark(stream, "dead"))]
     with anyio.fail_after(10):
         assert await me.forget_dead(stream, GROUP) == []  # no stream
@@ -192,5 +193,5 @@ async def test_a_stream_or_group_that_is_gone_is_no_crash(redis: Redis, namespac
         # The script itself (a group deleted between the listing and the script): NOGROUP,
         # which the cleanup loop takes for a lost group (its reader recreates it).
         with pytest.raises(ResponseError) as raised:
-            await streams.forget_consumers(scripts, redis, stream, GROUP, candidates)
+            await scripts.forget_consumers(registered, redis, stream, GROUP, candidates)
         assert streams.is_group_lost(raised.value), raised.value

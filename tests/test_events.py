@@ -27,9 +27,8 @@ from streamflow.context import Fatal
 from streamflow.events import ENTRY_EVENTS, MAX_BUFFERED, EventLog
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import FINAL_JOB_TYPES, Job, LifecycleEvent, json_schemas, now_ms
-from tests.helpers import ROOT, clean_env, running, wait_for_query, wait_until
-from tests.test_cli import CLI, run_cli
-from tests.test_tasks import chain, system
+from tests.dag.test_coordinator import chain, system
+from tests.helpers import CLI, ROOT, clean_env, run_cli, running, wait_for_query, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -18,9 +18,11 @@ PACKAGE = Path(streamflow.__file__).parent
 IO_MODULES = {
     "redis",
     "streamflow.streams",
+    "streamflow.scripts",
     "streamflow.connect",
     "streamflow.outage",
     "streamflow.sentinel",
+    "streamflow.pipelines",
     "streamflow.leases",
     "streamflow.signals",
     "streamflow.settle",
@@ -212,12 +214,18 @@ def test_intake_imports_neither_the_worker_nor_the_dag_side() -> None:
     assert "streamflow.streams" in imports  # the check sees the imports it looks at
 
 
+def test_the_stream_commands_are_below_the_scripts() -> None:
+    """scripts calls Lua over stream replies parsed by streams; streams never calls a script."""
+    assert "scripts" not in _ours("streams")
+    assert "streams" in _ours("scripts")  # the check sees the imports it looks at
+
+
 def test_only_the_group_reader_adopts_and_parses_raw_reads() -> None:
     """One group reader: nobody else sends XAUTOCLAIM or parses replies with streams' privates."""
     wrong = [
         f"{path.relative_to(PACKAGE)}: {ast.unparse(node)}"
         for path in sorted(PACKAGE.rglob("*.py"))
-        if path.name not in ("streams.py", "intake.py")
+        if path.name not in ("streams.py", "scripts.py", "intake.py")
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Attribute)
         and (node.attr == "xautoclaim" or (node.attr.startswith("_") and _is_streams(node.value)))
@@ -226,7 +234,7 @@ def test_only_the_group_reader_adopts_and_parses_raw_reads() -> None:
 
 
 def _is_streams(node: ast.expr) -> bool:
-    return isinstance(node, ast.Name) and node.id == "streams"
+    return isinstance(node, ast.Name) and node.id in ("streams", "scripts")
 
 
 #: (attribute, attribute of its owner or None) of the calls that stop a handler by hand.
@@ -411,3 +419,55 @@ def test_private_import_check_sees_names_and_modules(tmp_path: Path) -> None:
         "sample.py line 4: streamflow._lazy",
         "sample.py line 6: streamflow.cli._relative",
     ]
+
+
+#: The delivery path: what a worker runs for every message.
+DELIVERY_PATH = (
+    "worker",
+    "pool",
+    "intake",
+    "runner",
+    "settle",
+    "leases",
+    "signals",
+    "nodes",
+    "decisions",
+    "delivery",
+)
+WINGS = ("streamflow.dag", "streamflow.ops", "streamflow.cli", "streamflow.dashboard")
+
+
+def _module_level_imports(module: str) -> set[str]:
+    """Modules ``module`` imports when it is imported (top level only, TYPE_CHECKING out)."""
+    path = PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    if not path.exists():
+        path = PACKAGE.joinpath(*module.split(".")[1:], "__init__.py")
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if _is_module(name)}
+
+
+def _is_module(name: str) -> bool:
+    if not name.startswith("streamflow."):
+        return False
+    relative = PACKAGE.joinpath(*name.split(".")[1:])
+    return relative.with_suffix(".py").exists() or (relative / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("module", DELIVERY_PATH)
+def test_the_delivery_path_loads_no_wing(module: str) -> None:
+    """What a worker imports to run a message brings in none of dag/, ops/, cli/ (lazy aside)."""
+    seen, todo = set(), [f"streamflow.{module}"]
+    while todo:
+        name = todo.pop()
+        for found in _module_level_imports(name) - seen:
+            seen.add(found)
+            todo.append(found)
+    assert not {name for name in seen if name.startswith(WINGS)}

@@ -13,11 +13,12 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from streamflow import App, Client, Context, Retry, Worker, streams
+from streamflow import App, Client, Context, Retry, Worker, scripts, streams
 from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import LeaseSettings
 from streamflow.runner import fencing_token
+from streamflow.scripts import Scripts
 from tests.helpers import running, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -155,23 +156,23 @@ async def test_an_acknowledgement_whose_reply_was_lost_is_checked_before_it_is_c
         pass
 
     stream = Keys(namespace).role_stream("acked")
-    real_settle = streams.settle
+    real_settle = scripts.settle
     calls = 0
 
     async def settle_then_drop(
-        scripts: streams.Scripts, client: Redis, key: str, consumer: str, ids: Sequence[bytes]
+        registered: Scripts, client: Redis, key: str, consumer: str, ids: Sequence[bytes]
     ) -> list[bytes]:
         nonlocal calls
         calls += 1
         if calls == 1:
             if applied:
-                await real_settle(scripts, client, key, consumer, ids)
+                await real_settle(registered, client, key, consumer, ids)
             else:
                 await steal(client, key)  # the lease expired meanwhile: adopted elsewhere
             raise RedisConnectionError("Connection reset by peer (the reply is lost)")
-        return await real_settle(scripts, client, key, consumer, ids)
+        return await real_settle(registered, client, key, consumer, ids)
 
-    monkeypatch.setattr(streams, "settle", settle_then_drop)
+    monkeypatch.setattr(scripts, "settle", settle_then_drop)
     outcomes: list[Outcome] = []
     worker = Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
     registry = worker.enable_metrics()

@@ -1,6 +1,6 @@
 """The coordinator's outbox: typed items in the stored format, carried out from memory.
 
-Also the scripts the DAG side runs through ``streams`` (``slot.lua``, ``task_commit.lua``,
+Also the scripts the DAG side runs through ``scripts`` (``slot.lua``, ``task_commit.lua``,
 ``publish_dedup.lua`` pipelined).
 """
 
@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client, Coordinator, Graph, Worker, connect, streams
+from streamflow import Client, Coordinator, Graph, Worker, connect, scripts, streams
 from streamflow.dag.outbox import (
     CancelItem,
     FunctionItem,
@@ -120,10 +120,10 @@ async def test_the_coordinator_carries_out_its_own_commits_without_reading_them_
 async def test_take_slot_holds_at_most_the_limit_and_is_idempotent_per_member(
     redis: Redis, namespace: str
 ) -> None:
-    scripts, slots = streams.Scripts(redis), Keys(namespace).role_slots("ocr")
-    assert await streams.take_slot(scripts, redis, slots, "t/a", 1)
-    assert await streams.take_slot(scripts, redis, slots, "t/a", 1)  # already held
-    assert not await streams.take_slot(scripts, redis, slots, "t/b", 1)
+    registered, slots = scripts.Scripts(redis), Keys(namespace).role_slots("ocr")
+    assert await scripts.take_slot(registered, redis, slots, "t/a", 1)
+    assert await scripts.take_slot(registered, redis, slots, "t/a", 1)  # already held
+    assert not await scripts.take_slot(registered, redis, slots, "t/b", 1)
     assert await redis.smembers(slots) == {b"t/a"}
 
 
@@ -132,13 +132,13 @@ async def test_take_slot_holds_at_most_the_limit_and_is_idempotent_per_member(
 async def test_commit_task_writes_only_on_the_expected_version(
     redis: Redis, namespace: str
 ) -> None:
-    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    keys, registered = Keys(namespace), scripts.Scripts(redis)
     state, outbox = keys.task_state("t"), keys.task_outbox("t")
     output, partials = keys.task_output("t", "n"), keys.task_partials("t", "n")
 
     async def commit(version: int, value: bytes) -> int | None:
-        return await streams.commit_task(
-            scripts,
+        return await scripts.commit_task(
+            registered,
             redis,
             state=state,
             outbox=outbox,
@@ -161,9 +161,9 @@ async def test_commit_task_writes_only_on_the_expected_version(
 @pytest.mark.anyio
 @pytest.mark.redis
 async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, namespace: str) -> None:
-    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    keys, registered = Keys(namespace), scripts.Scripts(redis)
     publishes = [
-        streams.DedupPublish(
+        scripts.DedupPublish(
             stream=keys.role_stream("ocr"),
             marker=keys.dedup("ocr", f"dispatch:{n}"),
             schedule=keys.delayed("ocr"),
@@ -173,9 +173,9 @@ async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, name
         )
         for n in range(3)
     ]
-    assert await streams.publish_dedup_many(scripts, redis, publishes[:2]) == [True, True]
-    assert await streams.publish_dedup_many(scripts, redis, publishes) == [False, False, True]
-    assert await streams.publish_dedup_many(scripts, redis, []) == []
+    assert await scripts.publish_dedup_many(registered, redis, publishes[:2]) == [True, True]
+    assert await scripts.publish_dedup_many(registered, redis, publishes) == [False, False, True]
+    assert await scripts.publish_dedup_many(registered, redis, []) == []
     entries = await streams.read_range(redis, keys.role_stream("ocr"))
     assert [e.fields[b"message"] for e in entries] == [b"message 0", b"message 1", b"message 2"]
 
@@ -185,9 +185,9 @@ async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, name
 async def test_publish_dedup_many_loads_the_script_when_redis_lost_it(
     redis: Redis, namespace: str
 ) -> None:
-    keys, scripts = Keys(namespace), streams.Scripts(redis)
+    keys, registered = Keys(namespace), scripts.Scripts(redis)
     publishes = [
-        streams.DedupPublish(
+        scripts.DedupPublish(
             stream=keys.role_stream("ocr"),
             marker=keys.dedup("ocr", f"dispatch:{n}"),
             schedule=keys.delayed("ocr"),
@@ -198,9 +198,9 @@ async def test_publish_dedup_many_loads_the_script_when_redis_lost_it(
         for n in range(2)
     ]
     await redis.script_flush()  # as after a restart: EVALSHA is refused until it is loaded
-    assert await streams.publish_dedup_many(scripts, redis, publishes) == [True, True]
+    assert await scripts.publish_dedup_many(registered, redis, publishes) == [True, True]
     await redis.script_flush()
-    assert await streams.publish_dedup_many(scripts, redis, publishes) == [False, False]
+    assert await scripts.publish_dedup_many(registered, redis, publishes) == [False, False]
     assert await redis.xlen(keys.role_stream("noop")) == 0
     assert await redis.xlen(keys.role_stream("ocr")) == 2
 

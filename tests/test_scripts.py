@@ -26,7 +26,8 @@ import streamflow
 from streamflow import connect
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.server import RedisServer
-from streamflow.streams import Scripts, is_group_lost, settle
+from streamflow.scripts import Scripts, settle
+from streamflow.streams import is_group_lost
 
 pytestmark = pytest.mark.anyio
 

@@ -52,6 +52,7 @@ from streamflow.protocol import (
     encode_job_fields,
 )
 from streamflow.registry import live_workers
+from streamflow.scripts import Scripts
 from tests.dag.test_coordinator import system as task_system
 from tests.helpers import (
     CLI,
@@ -363,7 +364,7 @@ async def publish(redis: Redis, keys: Keys, message_id: str, task_id: str | None
 async def cancel(redis: Redis, keys: Keys, target: str, target_id: str) -> None:
     await signals.send_cancel(
         redis,
-        streams.Scripts(redis),
+        Scripts(redis),
         keys,
         target=target,
         target_id=target_id,

@@ -12,13 +12,14 @@ from fakeredis import FakeAsyncRedis as FakeRedis
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, RetryPolicy, Worker, streams
+from streamflow import App, Client, Context, RetryPolicy, Worker, scripts, streams
 from streamflow import intake as intake_module
 from streamflow.config import WorkerSettings
 from streamflow.decisions import dead
 from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import decode_dead_letter
+from streamflow.scripts import Scripts
 from tests.helpers import pending_count, running, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -222,12 +223,12 @@ async def test_ack_is_refused_for_an_entry_another_consumer_owns(
     entry_id = await redis.xadd(stream, {b"message": b"{}"})
     await streams.read_group(redis, stream, "alice", count=10, block_ms=None)
     await redis.xclaim(stream, GROUP, "bob", 0, [entry_id])  # bob adopted it
-    scripts = streams.Scripts(redis)
-    assert await streams.settle(scripts, redis, stream, "alice", [entry_id]) == [entry_id]
+    registered = Scripts(redis)
+    assert await scripts.settle(registered, redis, stream, "alice", [entry_id]) == [entry_id]
     pending = await redis.xpending_range(stream, GROUP, "-", "+", 10)
     assert [(p["message_id"], p["consumer"]) for p in pending] == [(entry_id, b"bob")]
-    moved = await streams.dead_letter(
-        scripts,
+    moved = await scripts.dead_letter(
+        registered,
         redis,
         stream=stream,
         dead_stream=stream + "x",
@@ -237,7 +238,7 @@ async def test_ack_is_refused_for_an_entry_another_consumer_owns(
         max_len=10,
     )
     assert moved is None
-    assert await streams.settle(scripts, redis, stream, "bob", [entry_id]) == []
+    assert await scripts.settle(registered, redis, stream, "bob", [entry_id]) == []
     assert await redis.xlen(stream) == 0
 
 
@@ -517,7 +518,7 @@ def test_auto_prefetch_follows_the_pace_within_read_count_and_16_mib(
         read_ahead.in_flight = 0
         read_ahead.received += finished - 1
         entry = streams.Entry(b"1-0", {b"message": b"x" * size})
-        worker._dispatch(role, "paced", "s", [entry], confirmed_at=clock[0])
+        worker._pool.dispatch(role, "paced", "s", [entry], confirmed_at=clock[0])
         read_ahead.adapt()
         return read_ahead.prefetch
 

@@ -65,6 +65,7 @@ from streamflow.protocol import (
     encode,
     now_ms,
 )
+from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Coordinator:
     ) -> None:
         self._redis = redis
         self._keys = Keys(namespace)
-        self._scripts = streams.Scripts(redis)
+        self._scripts = Scripts(redis)
         self.store = TaskStore(redis, self._keys, self._scripts, retention_ms=int(retention * 1000))
         self.functions: dict[str, Function] = dict(app.functions if app else BUILTINS)
         self._lifecycle = app.lifecycle() if app is not None and app.has_hooks else None

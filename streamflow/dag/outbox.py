@@ -24,7 +24,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, partitions, signals, streams
+from streamflow import connect, partitions, scripts, signals, streams
 from streamflow.context import Batch
 from streamflow.dag.graph import GraphSpec
 from streamflow.dag.store import Loaded, TaskStore
@@ -34,6 +34,7 @@ from streamflow.functions import Function
 from streamflow.keys import Keys, validate_shard
 from streamflow.logs import shown
 from streamflow.protocol import PROTOCOL_VERSION, BatchRef, Job, JobRetry, encode, now_ms
+from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class Outbox:
         self,
         redis: Redis,
         keys: Keys,
-        scripts: streams.Scripts,
+        scripts: Scripts,
         store: TaskStore,
         layouts: partitions.Layouts,
         *,
@@ -311,7 +312,7 @@ class Outbox:
             # each task's events come back on one stream and tasks spread over the partitions.
             shard = validate_shard(item.shard or item.role)
             publishes.append(
-                streams.DedupPublish(
+                scripts.DedupPublish(
                     stream=self._keys.role_stream(shard),
                     marker=self._keys.dedup(shard, "dispatch:" + item.id),
                     schedule=self._keys.delayed(shard),
@@ -320,7 +321,7 @@ class Outbox:
                     window_ms=self._store.retention_ms,
                 )
             )
-        published = await streams.publish_dedup_many(self._scripts, self._redis, publishes)
+        published = await scripts.publish_dedup_many(self._scripts, self._redis, publishes)
         self.dispatches += sum(published)
 
     async def cancel_task(self, task_id: str, reason: str) -> None:
@@ -417,7 +418,7 @@ class Outbox:
             assert role is not None
             slots = self._keys.role_slots(role)
             limit = self._role_limits[role]
-            if await streams.take_slot(
+            if await scripts.take_slot(
                 self._scripts, self._redis, slots, f"{task_id}/{node_id}", limit
             ):
                 granted.add(node_id)

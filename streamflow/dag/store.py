@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import streams
+from streamflow import scripts, streams
 from streamflow.dag import graph as graphs
 from streamflow.dag.graph import GraphSpec
 from streamflow.dag.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
@@ -35,6 +35,7 @@ from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     decode_batch,
 )
+from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +131,13 @@ class TaskStore:
         self,
         redis: Redis,
         keys: Keys,
-        scripts: streams.Scripts | None = None,
+        scripts: Scripts | None = None,
         *,
         retention_ms: int = DEFAULT_RETENTION_MS,
     ) -> None:
         self._redis = redis
         self.keys = keys
-        self._scripts = scripts or streams.Scripts(redis)
+        self._scripts = scripts or Scripts(redis)
         self.retention_ms = retention_ms
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cached_nodes = 0
@@ -362,7 +363,7 @@ class TaskStore:
                     self.keys.task_partials(task_id, node.id),
                     self.keys.task_result(task_id, node.id),
                 ]
-        return await streams.commit_task(
+        return await scripts.commit_task(
             self._scripts,
             self._redis,
             state=self.keys.task_state(task_id),

@@ -7,7 +7,7 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] dead-letter stream max length,
 -- ARGV[5] failure event JSON or '', ARGV[6..n] field, value pairs of the dead-letter entry
 -- Returns the dead-letter entry id, or false when the entry is no longer ours.
--- Owner check (owned_entry) is fence.lua, which streams.py prepends.
+-- Owner check (owned_entry) is fence.lua, which scripts.py prepends.
 if not owned_entry(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then
   return false
 end

@@ -5,7 +5,7 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] batch JSON, ARGV[5] batch TTL ms,
 -- ARGV[6] event JSON
 -- Returns 1, or false when the entry is no longer ours.
--- Owner check (owned_entry) is fence.lua, which streams.py prepends.
+-- Owner check (owned_entry) is fence.lua, which scripts.py prepends.
 if not owned_entry(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then
   return false
 end

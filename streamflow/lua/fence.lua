@@ -1,4 +1,4 @@
--- The fence: a prelude, not a script. streams.Scripts puts it after the shebang of every script
+-- The fence: a prelude, not a script. scripts.Scripts puts it after the shebang of every script
 -- that settles or renews an entry (Scripts.FENCED). Any consumer may XACK or XCLAIM any pending
 -- id, so such a script first checks, in the same atomic step, that this consumer still owns the
 -- entry: a worker that lost its lease must not settle an entry another worker is now running.

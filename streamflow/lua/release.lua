@@ -5,7 +5,7 @@
 -- KEYS[1] role stream
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms, ARGV[4..n] entry ids
 -- Returns how many entries were released (those this consumer still owned).
--- Owner check (owned_entry) is fence.lua, which streams.py prepends.
+-- Owner check (owned_entry) is fence.lua, which scripts.py prepends.
 local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
 local released = 0
 for i = 4, #ARGV do

@@ -7,7 +7,7 @@
 -- raced the release would otherwise pull it back from immediate adoption for a whole TTL.
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms of a released entry, ARGV[4..n] entry ids
 -- Returns the ids whose lease is lost (owned by another consumer, no longer pending, released).
--- Owner check (split_owned) is fence.lua, which streams.py prepends.
+-- Owner check (split_owned) is fence.lua, which scripts.py prepends.
 local stream, group, me, released = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local owned, lost = split_owned(stream, group, me, {unpack(ARGV, 4)}, released)
 if #owned > 0 then

@@ -5,7 +5,7 @@
 -- KEYS[1] role stream, KEYS[2] delayed schedule
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] due ms, ARGV[5] next message JSON
 -- Returns 1, or false when the entry is no longer ours.
--- Owner check (owned_entry) is fence.lua, which streams.py prepends.
+-- Owner check (owned_entry) is fence.lua, which scripts.py prepends.
 if not owned_entry(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then
   return false
 end

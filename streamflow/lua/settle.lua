@@ -7,7 +7,7 @@
 -- the client packs one argument about ten times faster than hundreds, and cjson splits it in
 -- half the time a Lua loop takes)
 -- Returns the ids that were refused (no longer pending, or owned by another consumer).
--- Owner check (split_owned) and deletion (ack_delete) are fence.lua, which streams.py prepends.
+-- Owner check (split_owned) and deletion (ack_delete) are fence.lua, which scripts.py prepends.
 local stream, group = KEYS[1], ARGV[1]
 local owned, refused = split_owned(stream, group, ARGV[2], cjson.decode(ARGV[3]))
 ack_delete(stream, group, owned)

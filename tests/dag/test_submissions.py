@@ -28,6 +28,7 @@ from streamflow.dag.submissions import SubmissionResult
 from streamflow.dag.tasks import TaskState
 from streamflow.functions import BUILTINS
 from streamflow.keys import Keys
+from streamflow.scripts import Scripts
 from tests.helpers import CLI, ROOT, clean_env, wait_for
 
 TASK_APP = "tests.task_apps:app"
@@ -297,7 +298,7 @@ async def test_an_id_in_use_is_refused_and_a_first_outcome_stands(
 def taker(redis: Any, namespace: str, name: str) -> submissions.Submissions:
     """The submissions side of one coordinator (its own store and caches)."""
     keys = Keys(namespace)
-    store = TaskStore(redis, keys, streams.Scripts(redis))
+    store = TaskStore(redis, keys, Scripts(redis))
     return submissions.Submissions(redis, keys, store, functions=set(BUILTINS), consumer=name)
 
 
@@ -347,7 +348,7 @@ async def test_a_take_cut_short_after_creating_the_task_is_answered_when_taken_a
         await redis.sadd(Keys(namespace).known_roles(), "src", "step")
         spec = graphs.parse(GRAPH)
         # The first coordinator created the task and died before it wrote the outcome.
-        store = TaskStore(redis, Keys(namespace), streams.Scripts(redis))
+        store = TaskStore(redis, Keys(namespace), Scripts(redis))
         await store.create(spec, TaskState.new("cut-1", spec, 1))
         await taker(redis, namespace, "coord-b").take(entry("1-0", "cut-1", submission(GRAPH)))
         result = submissions.decode_result(await redis.get(Keys(namespace).submission("cut-1")))

@@ -37,7 +37,6 @@ from streamflow import (
     Graph,
     SyncClient,
     connect,
-    streams,
 )
 from streamflow.cli.security import acl_command
 from streamflow.dag import submissions
@@ -46,6 +45,7 @@ from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, LI
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
+from streamflow.scripts import Scripts
 from tests.helpers import (
     CLI,
     CLI_TIMEOUT,
@@ -158,7 +158,7 @@ def test_every_lua_script_is_covered_by_the_parts_that_run_it() -> None:
             # XGROUP and XINFO are granted by subcommand: xgroup|delconsumer.
             (f"{command}|{sub}" if command in ("XGROUP", "XINFO") else command).lower()
             for command, sub in re.findall(
-                r"redis\.p?call\('([A-Z]+)'(?:, '([A-Z]+)')?", streams.Scripts.source(name)
+                r"redis\.p?call\('([A-Z]+)'(?:, '([A-Z]+)')?", Scripts.source(name)
             )
         }
         assert called, name

@@ -1,0 +1,286 @@
+"""One held connection per client for one-call publishes, with concurrent calls coalesced.
+
+Checking a connection out of redis-py's pool and back costs about as much as the XADD's own
+round trip (locks, a condition, observability hooks), so a client keeps one connection for its
+one-call publishes and writes the packed commands to it directly. On the asyncio client, calls
+that arrive while a batch is on the wire wait for it and then go out together as the next
+pipeline: one call alone is sent at once (no added latency), a hundred concurrent calls share
+one round trip. Each call's commands stay in order and next to each other, and each call gets
+its own replies: an error reply fails only the call it answers. A lost connection fails every
+call of the batch (each may or may not have run, as for a single command).
+
+A caller cancelled while it waits in the queue is taken out and nothing of it is sent. A batch
+of several callers' commands runs as a task of its own (shielded from the caller that started
+it: cancelling that caller never fails the others, and the next batch starts only when this
+one's replies are all read); a caller that sends only its own commands runs them itself, and
+when it is cancelled the connection, whose state is then unknown, is reconnected.
+
+The blocking client (:class:`HeldConnection`) cannot coalesce for one thread; it only skips the
+pool, and a second thread that finds the held connection busy goes through the pool instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis as redis_sync
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+#: One command: its name and arguments, as redis-py packs them.
+Command = tuple[Any, ...]
+#: One call's replies, in the order of its commands; an error reply as the exception.
+Replies = list[Any]
+
+
+@dataclass(slots=True)
+class _Call:
+    commands: Sequence[Command]
+    done: asyncio.Future[Replies]
+    #: Set when the call was handed the job of sending the next batch.
+    lead: bool = field(default=False)
+
+
+class AutoPipeline:
+    """Sends each call's commands on one held connection, coalescing concurrent calls.
+
+    redis-py's asyncio client ties the client to asyncio, so the queue uses asyncio futures
+    (the cheapest wait there is); cancellation comes through anyio or asyncio alike.
+
+    Args:
+        redis: A single-node or Sentinel asyncio client (not a cluster: its commands go to the
+            node of their slot).
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._pool: Any = redis.connection_pool
+        self._connection: Any = None
+        #: The held connection may hold unread replies (a batch failed half-way).
+        self._dirty = False
+        self._queue: list[_Call] = []
+        #: A batch is on the wire, or a waiting call was handed the next one.
+        self._sending = False
+        #: The batch sent for several callers, while it runs (a reference keeps it alive).
+        self._flight: asyncio.Future[None] | None = None
+
+    async def call(self, commands: Sequence[Command]) -> Replies:
+        """Run ``commands`` in order in the next pipeline; their replies.
+
+        Raises:
+            redis.exceptions.ConnectionError: The connection was lost (or another outage).
+        """
+        loop = asyncio.get_running_loop()
+        call = _Call(commands, loop.create_future())
+        self._queue.append(call)
+        if self._sending:
+            try:
+                await call.done
+            except asyncio.CancelledError:
+                self._abandon(call)
+                raise
+            if not call.lead:
+                return call.done.result()
+            call.lead, call.done = False, loop.create_future()
+        return await self._lead(call)
+
+    async def _lead(self, own: _Call) -> Replies:
+        """Send the queue (``own`` among it) as one pipeline, then hand on the next one."""
+        self._sending = True
+        # A call whose caller was cancelled meanwhile has its future cancelled: not sent.
+        batch = [call for call in self._queue if not call.done.done()]
+        self._queue = []
+        if len(batch) == 1:
+            try:
+                await self._send(batch, own)
+            finally:
+                self._hand_on()
+            return own.done.result()
+        # The others' replies are read whatever happens to this caller: the batch runs as a
+        # task of its own that an anyio or asyncio cancellation of the caller leaves alone.
+        self._flight = asyncio.ensure_future(self._send_then_hand_on(batch, own))
+        try:
+            await asyncio.shield(self._flight)
+        except asyncio.CancelledError:
+            if not own.done.done():
+                own.done.cancel()  # its reply, when it comes, is nobody's
+            elif not own.done.cancelled():
+                own.done.exception()  # read, so that asyncio does not log it as lost
+            raise
+        return own.done.result()
+
+    async def _send_then_hand_on(self, batch: list[_Call], own: _Call) -> None:
+        try:
+            await self._send(batch, own)
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Make the first call that arrived meanwhile send the next batch, or stop sending."""
+        self._queue = [call for call in self._queue if not call.done.done()]
+        if not self._queue:
+            self._sending = False
+            return
+        first = self._queue[0]
+        first.lead = True
+        first.done.set_result([])
+
+    def _abandon(self, call: _Call) -> None:
+        """A cancelled waiter: out of the queue; if it was to send the next batch, hand on."""
+        if call in self._queue:
+            self._queue.remove(call)
+        if call.lead:
+            self._hand_on()
+
+    async def _send(self, batch: list[_Call], own: _Call) -> None:
+        """Write the batch's commands at once, then route each reply to its call.
+
+        A failure is each call's (a lost connection fails the whole batch); a cancellation of
+        ``own`` is raised, and the others fail as if the connection was lost.
+        """
+        try:
+            connection = await self._ready()
+            self._dirty = True
+            commands = [command for call in batch for command in call.commands]
+            await _write(connection, connection.pack_commands(commands))
+            for call in batch:
+                replies = await _read(connection, len(call.commands))
+                if not call.done.done():
+                    call.done.set_result(replies)
+            self._dirty = False
+        except Exception as exc:
+            _fail(batch, exc)
+        except BaseException:
+            own.done.cancel()
+            _fail(batch, RedisConnectionError("publishing cancelled half-way: batch dropped"))
+            raise
+
+    async def _ready(self) -> Any:
+        """The held connection, connected and clean (reconnected after Redis went away)."""
+        if self._connection is None:
+            self._connection = await self._pool.get_connection()
+        elif self._dirty:
+            await self._connection.disconnect()
+        await self._pool.ensure_connection(self._connection)
+        return self._connection
+
+    async def aclose(self) -> None:
+        """Give the held connection back to the pool."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self._pool.release(connection)
+
+
+def _fail(batch: list[_Call], exc: Exception) -> None:
+    for call in batch:
+        if not call.done.done():
+            call.done.set_exception(exc)
+
+
+async def _write(connection: Any, packed: list[bytes]) -> None:
+    """Write packed commands: ``send_packed_command`` without its ``asyncio.wait_for``.
+
+    On Python 3.11 that runs every write as a task of its own, a good part of a publish's
+    time on the client. The time limit is the connection's socket timeout, as there; a
+    connection that fails is marked dirty by the caller and reconnected before its next use.
+    """
+    write = getattr(connection, "_send_packed_command", None)
+    if write is None:  # another redis-py: the public way
+        await connection.send_packed_command(packed, False)
+        return
+    if not connection.is_connected:
+        await connection.connect()
+    try:
+        async with asyncio.timeout(connection.socket_timeout):
+            await write(packed)
+    except TimeoutError:
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+    except (AttributeError, TypeError) as exc:  # a torn-down transport (see streamflow.outage)
+        raise RedisConnectionError(f"connection lost while writing ({exc!r})") from exc
+
+
+async def _read(connection: Any, count: int) -> Replies:
+    replies: Replies = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as exc:  # this command's refusal, the connection is fine
+            replies.append(exc)
+    return replies
+
+
+class HeldConnection:
+    """The blocking client's connection for one-call publishes, held instead of checked out.
+
+    Args:
+        redis: A blocking single-node client.
+    """
+
+    def __init__(self, redis: redis_sync.Redis) -> None:
+        self._redis = redis
+        self._pool: Any = redis.connection_pool
+        self._connection: Any = None
+        self._lock = threading.Lock()
+
+    def call(self, commands: Sequence[Command]) -> Replies:
+        """Run ``commands`` in order in one round trip; their replies (errors as exceptions).
+
+        A thread that finds the held connection in use runs them through the pool.
+
+        Raises:
+            redis.exceptions.ConnectionError: The connection was lost (or another outage).
+        """
+        if not self._lock.acquire(blocking=False):
+            return self._through_pool(commands)
+        try:
+            connection = self._ready()
+            try:
+                connection.send_packed_command(connection.pack_commands(commands), False)
+                return _read_sync(connection, len(commands))
+            except BaseException:
+                self._drop()
+                raise
+        finally:
+            self._lock.release()
+
+    def _through_pool(self, commands: Sequence[Command]) -> Replies:
+        pipe: Any = self._redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _ready(self) -> Any:
+        if self._connection is None:
+            self._connection = self._pool.get_connection()
+        self._pool.ensure_connection(self._connection)
+        return self._connection
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.disconnect()
+            self._pool.release(connection)
+
+    def close(self) -> None:
+        """Give the held connection back to the pool."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                self._pool.release(connection)
+
+
+def _read_sync(connection: Any, count: int) -> Replies:
+    replies: Replies = []
+    for _ in range(count):
+        try:
+            replies.append(connection.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
