@@ -41,6 +41,7 @@ from streamflow import (
 from streamflow import events as lifecycle
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
+from streamflow.dag.submissions import SubmissionResult, decode_result
 from streamflow.dag.tasks import TaskState, TaskStatus
 from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import NoCoordinatorWarning
@@ -537,6 +538,20 @@ class Client:
         task_id = validate_name(task_id or new_message_id(), "task id")
         await self._tasks.create(spec, TaskState.new(task_id, spec, now_ms()))
         return task_id
+
+    @_public("reading a submission's outcome")
+    async def submission(self, submission_id: str) -> SubmissionResult | None:
+        """What became of a task submitted by XADD to the submissions stream, by its id.
+
+        See :mod:`streamflow.dag.submissions`: ``accepted`` (the task ``submission_id`` runs) or
+        ``rejected`` with every problem; None while no coordinator has taken it (or after
+        :data:`~streamflow.dag.submissions.RESULT_TTL_MS`).
+
+        Raises:
+            InvalidNameError: The id is not a valid task id.
+        """
+        raw = await self.redis.get(self.keys.submission(submission_id))
+        return None if raw is None else decode_result(raw)
 
     @_public("reading a task")
     async def task(self, task_id: str) -> TaskState | None:

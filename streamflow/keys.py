@@ -202,6 +202,10 @@ COORDINATOR_REGISTRY = KeyKind("tasks", "coordinators")
 KNOWN_FUNCTIONS = KeyKind("tasks", "functions")
 #: A coordinator's mark next to the control stream (:meth:`Keys.consumer_mark`).
 TASKS_MARK = KeyKind("tasks", "alive", rest=True)
+#: Task submissions from any language (a stream read by the coordinators' group).
+TASKS_SUBMISSIONS = KeyKind("tasks", "submissions")
+#: A submission's outcome, by its id (JSON, with a TTL).
+SUBMISSION = KeyKind("tasks", "submission", rest=True)
 #: The namespace's lifecycle events stream (one per namespace: see :meth:`Keys.lifecycle`).
 LIFECYCLE = KeyKind("lifecycle", "stream")
 
@@ -236,6 +240,8 @@ KINDS: tuple[KeyKind, ...] = (
     COORDINATOR_REGISTRY,
     KNOWN_FUNCTIONS,
     TASKS_MARK,
+    TASKS_SUBMISSIONS,
+    SUBMISSION,
     LIFECYCLE,
 )
 
@@ -513,6 +519,14 @@ class Keys:
     def known_functions(self) -> str:
         """The coordinator functions that running coordinators provide (a set)."""
         return self._key(KNOWN_FUNCTIONS)
+
+    def task_submissions(self) -> str:
+        """The stream any service XADDs a task submission to (read by the coordinators)."""
+        return self._key(TASKS_SUBMISSIONS)
+
+    def submission(self, submission_id: str) -> str:
+        """A submission's outcome (JSON: accepted or rejected, with every problem), by its id."""
+        return self._key(SUBMISSION, rest=validate_name(submission_id, "submission id"))
 
     def lifecycle(self) -> str:
         """The namespace's lifecycle events stream: jobs, tasks and nodes as they change.

@@ -276,6 +276,14 @@ class CoordinatorCollector(Collector):
         for state, count in sorted(coord.finished.items()):
             finished.add_metric([state], count)
         yield finished
+        submissions = CounterMetricFamily(
+            "streamflow_coordinator_submissions",
+            "Entries of the task submissions stream this coordinator took, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(coord.submissions.items()):
+            submissions.add_metric([outcome], count)
+        yield submissions
         yield _bad_records(coord.bad_records())
         yield _counter(
             "streamflow_redis_reconnects",

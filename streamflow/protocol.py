@@ -448,6 +448,11 @@ CONTROL_SUBMITTED = b"submitted"
 #: :data:`RAW_FIELD_PREFIX`.
 INVALID_EVENT_FIELD = b"invalid_event"
 
+#: The task submissions stream's fields (see :mod:`streamflow.dag.submissions`): the id the
+#: client chose (the task's id), and the submission's JSON.
+SUBMISSION_ID_FIELD = b"id"
+SUBMISSION_FIELD = b"submission"
+
 #: Every field name of the stream entries streamflow writes, besides the
 #: :data:`RAW_FIELD_PREFIX` ones. Lua scripts spell some of them (tests check they are these).
 ENTRY_FIELDS = frozenset(
@@ -460,6 +465,8 @@ ENTRY_FIELDS = frozenset(
         CONTROL_TYPE_FIELD,
         INVALID_EVENT_FIELD,
         LIFECYCLE_FIELD,
+        SUBMISSION_ID_FIELD,
+        SUBMISSION_FIELD,
     }
 )
 

@@ -259,6 +259,9 @@ def test_coordinator_metrics(redis_url: str, namespace: str, tmp_path: Path) -> 
         assert samples[("streamflow_coordinator_events_total", ())] == 14
         assert samples[("streamflow_coordinator_dispatches_total", ())] == 4
         assert samples[("streamflow_coordinator_batch_to_dispatch_seconds_count", ())] == 6
+        plain.xadd(Keys(namespace).task_submissions(), {"id": "bad-1", "submission": "{nope"})
+        rejected = ("streamflow_coordinator_submissions_total", (("outcome", "rejected"),))
+        wait_for(lambda: scrape(port).get(rejected) == 1, 10, "the rejected submission counted")
         plain.close()
     finally:
         kill_tree(worker)

@@ -5,6 +5,10 @@ A console block of the page preceded by ``<!-- protocol-example: ID=OUTCOME ... 
 attempt N) or ``dead:REASON`` (dead-lettered with that reason). Every raw XADD of a job on the
 page must be in such a block, so an example cannot drift from what a worker does.
 
+A console block preceded by ``<!-- protocol-submission-example: ID=OUTCOME ... -->`` holds
+``$ redis-cli XADD 'sf:{tasks}:submissions' ...`` lines; OUTCOME is ``accepted`` (the task then
+succeeds) or ``rejected``, and the outcomes the page prints are those a coordinator writes.
+
 A console block preceded by ``<!-- protocol-cancel-example: TARGET ID -->`` sends a cancel by
 hand: its commands run as one bash script (with ``redis-cli`` pointed at the test's server, from
 the repository root), then each command followed by output lines runs again until it prints
@@ -21,6 +25,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -37,6 +42,11 @@ PAGE = ROOT / "docs" / "protocol.md"
 MARKER = re.compile(r"<!-- protocol-example: (.+?) -->\n```console\n(.*?)```", re.S)
 #: A raw publish of a job: XADD to a role stream.
 XADD = re.compile(r"\$ redis-cli XADD 'sf:\{role:[^}]+\}:stream' ")
+SUBMISSION = re.compile(r"<!-- protocol-submission-example: (.+?) -->\n```console\n(.*?)```", re.S)
+#: A raw task submission: XADD to the submissions stream.
+SUBMIT = re.compile(r"\$ redis-cli XADD 'sf:\{tasks\}:submissions' ")
+#: An outcome the page prints: the GET and the JSON it shows.
+OUTCOME = re.compile(r"^\$ redis-cli --raw GET 'sf:\{tasks\}:submission:([^']+)'\n(.*)$", re.M)
 #: A console block of the page that reads the lifecycle events: ``ID=TYPE,TYPE,...``.
 EVENTS = re.compile(r"<!-- protocol-events-example: (\S+)=(\S+) -->\n```console\n(.*?)```", re.S)
 CANCEL = re.compile(
@@ -59,6 +69,25 @@ def examples(text: str) -> list[Example]:
         lines = [line for line in block.splitlines() if XADD.match(line)]
         found.append(Example([shlex.split(line)[2:] for line in lines], outcomes))
     return found
+
+
+def submission_examples(text: str) -> list[Example]:
+    found = []
+    for marker, block in SUBMISSION.findall(text):
+        outcomes = dict(item.split("=", 1) for item in marker.split())
+        lines = [line for line in block.splitlines() if SUBMIT.match(line)]
+        found.append(Example([shlex.split(line)[2:] for line in lines], outcomes))
+    return found
+
+
+def test_every_raw_submission_on_the_page_is_a_checked_example() -> None:
+    text = PAGE.read_text()
+    marked = sum(len(e.commands) for e in submission_examples(text))
+    assert marked == sum(bool(SUBMIT.match(line)) for line in text.splitlines())
+    assert marked >= 2
+    assert {i for i, _ in OUTCOME.findall(text)} == {
+        i for e in submission_examples(text) for i in e.outcomes
+    }
 
 
 def console_commands(block: str) -> list[Command]:
@@ -236,6 +265,47 @@ def run_block(shell: Shell, block: str) -> None:
     for command in commands:
         if command.shown:
             shell.run(command)
+
+
+def test_the_pages_submissions_are_answered_as_shown_and_the_accepted_one_runs(
+    worker: tuple[redis_sync.Redis, Path, Callable[[], None]], tmp_path: Path
+) -> None:
+    client, _, start = worker
+    start()  # the graph check needs the role registered: the worker does it as it starts
+    wait_for(lambda: client.sismember("sf:{tasks}:roles", "resize"), 60, "role resize registered")
+    argv = [sys.executable, "-m", "streamflow", "coordinator", "--redis-url", _url(client)]
+    argv += ["--namespace", "sf", "--consumer-name", "coord-1", "--block-ms", "200"]
+    with open(tmp_path / "coordinator.log", "wb") as log:
+        coordinator = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stderr=log)
+    try:
+        expected: dict[str, str] = {}
+        for example in submission_examples(PAGE.read_text()):
+            for command in example.commands:
+                client.execute_command(*command)
+            expected.update(example.outcomes)
+        written = {}
+        for submission_id, state in expected.items():
+            key = f"sf:{{tasks}}:submission:{submission_id}"
+            wait_for(lambda key=key: client.exists(key), 60, f"the outcome of {submission_id}")
+            written[submission_id] = orjson.loads(client.get(key))  # type: ignore[arg-type]
+            assert written[submission_id]["state"] == state
+            if state == "accepted":
+                task = f"sf:{{task:{submission_id}}}:state"
+
+                def succeeded(task: str = task) -> bool:
+                    raw: Any = client.hget(task, "task")
+                    return raw is not None and orjson.loads(raw)["state"] == "succeeded"
+
+                wait_for(succeeded, 60, f"task {submission_id} succeeds")
+        volatile = {"entry_id", "at_ms"}
+        for submission_id, raw in OUTCOME.findall(PAGE.read_text()):
+            shown = orjson.loads(raw)
+            assert {k: v for k, v in shown.items() if k not in volatile} == {
+                k: v for k, v in written[submission_id].items() if k not in volatile
+            }
+    finally:
+        coordinator.kill()
+        coordinator.wait(timeout=30)
 
 
 def test_the_pages_xread_of_lifecycle_events_shows_the_jobs_events(

@@ -21,7 +21,7 @@ import pytest
 
 import streamflow
 from examples.outside_python.app import app, greeted, greeted_headers
-from streamflow import Client, Outcome, Worker
+from streamflow import Client, Coordinator, Outcome, Worker
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -139,3 +139,33 @@ async def test_publish_mjs_publishes_with_node_redis_and_cancels_a_running_job(
     assert greeted_headers[ids["greet"]] == {"traceparent": TRACEPARENT, "correlation-id": "node-1"}
     statuses = {o.message_id: o.status for o in outcomes}
     assert statuses == {ids["greet"]: "acked", ids["slow"]: "cancelled"}
+
+
+@pytest.mark.anyio
+async def test_submit_mjs_submits_a_task_that_runs_and_reads_a_rejection_by_id(
+    redis_url: str, namespace: str, node: str
+) -> None:
+    with anyio.fail_after(60):  # the script gives up after 30 s of waiting
+        async with (
+            running_worker(redis_url, namespace),
+            Client.from_url(redis_url, namespace=namespace) as client,
+            anyio.create_task_group() as tg,
+        ):
+            coordinator = Coordinator(client.redis, namespace=namespace, block_ms=100)
+            await tg.start(coordinator.run)
+            done = await anyio.run_process(
+                [node, "submit.mjs", redis_url, namespace], cwd=HERE, check=False
+            )
+            coordinator.stop()
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, output
+    task_id = re.findall(r"^accepted (greetings-[0-9a-f]{16})$", output, re.M)[0]
+    assert f"task {task_id} succeeded" in output
+    assert re.search(r"^rejected invalid-[0-9a-f]{16}$", output, re.M), output
+    problems = re.findall(r"^  problem: (.*)$", output, re.M)
+    assert any("nobody-serves-this" in p for p in problems), output
+    assert any("ghost" in p for p in problems), output
+    assert sorted(v for v in greeted.values() if v.startswith("node task")) == [
+        "node task",
+        "node task, again",
+    ]

@@ -23,6 +23,7 @@ from streamflow.cli.options import (
     open_client,
 )
 from streamflow.client import CancelResult
+from streamflow.dag import submissions
 from streamflow.errors import ConfigError
 from streamflow.logs import echo, shown
 from streamflow.protocol import check_headers, json_schemas, keep_result_ms
@@ -219,10 +220,14 @@ async def _publish(
 
 
 @click.command()
-@click.option("--kind", type=click.Choice(sorted(json_schemas())), help="Only this kind.")
+@click.option(
+    "--kind",
+    type=click.Choice(sorted({*json_schemas(), *submissions.json_schemas()})),
+    help="Only this kind.",
+)
 def schema(kind: str | None) -> None:
     """Print the JSON Schema of every message kind of the wire protocol."""
-    schemas = json_schemas()
+    schemas = {**json_schemas(), **submissions.json_schemas()}
     out = schemas[kind] if kind else schemas
     echo_json(out, indent=True)
 

@@ -2,7 +2,8 @@
 
 Any number of coordinators run at once. They share every role's events stream (and the tasks
 control stream) as the consumer group ``coordinators`` and adopt each other's events left
-pending past the lease TTL, as workers adopt jobs. For each task with new events a coordinator:
+pending past the lease TTL, as workers adopt jobs. They also take the task submissions of other
+languages (:mod:`streamflow.dag.submissions`). For each task with new events a coordinator:
 
 1. loads the task's state (one HMGET; none when every commit since its last read was this
    coordinator's: the commit's version check confirms it) and applies the events with the
@@ -49,6 +50,7 @@ from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.dag.outbox import Outbox
 from streamflow.dag.stepper import Clears, Stepper
 from streamflow.dag.store import DEFAULT_RETENTION_MS, TaskStore
+from streamflow.dag.submissions import Submissions
 from streamflow.dag.tasks import Event, Internal
 from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.events import EventLog
@@ -150,11 +152,15 @@ class Coordinator:
             role_limits=self.role_limits,
             consumer=self.consumer,
         )
+        self._submissions = Submissions(
+            redis, self._keys, self.store, functions=set(self.functions), consumer=self.consumer
+        )
         self._stepper = Stepper(
             redis, self._keys, self.store, self._outbox, self._book, limited=self._limited
         )
         self._events = EventLog(redis, self._keys, self.consumer)
         self._stepper.events = self._events
+        self._submissions.events = self._events
         self._reader = intake.GroupReader(
             redis,
             self._scripts,
@@ -266,6 +272,11 @@ class Coordinator:
         return self._outbox.dispatches
 
     @property
+    def submissions(self) -> dict[str, int]:
+        """Submissions from the submissions stream taken so far, by outcome."""
+        return self._submissions.statistics()
+
+    @property
     def trimmed_events(self) -> int:
         """Pending task events found deleted from their stream before they were applied."""
         return sum(self._reader.trimmed.values())
@@ -351,7 +362,7 @@ class Coordinator:
         New roles appear with new tasks and workers.
         """
         found = await self._redis.smembers(self._keys.known_roles())
-        wanted = [self._keys.tasks_control()]
+        wanted = [self._keys.tasks_control(), self._keys.task_submissions()]
         for role in sorted(streams.text(r) for r in found):
             with contextlib.suppress(ConfigError, InvalidNameError):
                 layout = await self._layouts.get(role)
@@ -520,6 +531,10 @@ class Coordinator:
         """Apply a read's events task by task, then acknowledge and delete them."""
         by_task: dict[str, list[Event]] = defaultdict(list)
         for stream, entry in entries:
+            if stream == self._keys.task_submissions():
+                # Creates the task, whose control entry then starts it like any other.
+                await self._submissions.take(entry)
+                continue
             if stream == self._keys.tasks_control():
                 task_id = entry.fields.get(b"task", b"").decode(errors="replace")
                 with contextlib.suppress(ValueError):

@@ -222,8 +222,10 @@ def test_schema_prints_json_schema_of_every_message_kind() -> None:
     result = run_cli("schema")
     assert result.returncode == 0, result.stderr
     schemas = json.loads(result.stdout)
-    assert {"job", "dead_letter"} <= set(schemas)
-    for kind in ("job", "dead_letter"):
+    kinds = {"job", "dead_letter", "cancel", "event", "result", "lifecycle"}
+    kinds |= {"submission", "submission_result"}
+    assert set(schemas) == kinds
+    for kind in kinds:
         assert isinstance(schemas[kind]["properties"], dict), kind
         assert schemas[kind]["properties"]
 

@@ -39,6 +39,7 @@ from streamflow import (
     connect,
 )
 from streamflow.cli.security import acl_command
+from streamflow.dag import submissions
 from streamflow.delivery import Outcome
 from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, LIFECYCLE, Keys
 from streamflow.ops import acl, guard
@@ -227,12 +228,14 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("task_output", ("t", "n"), ("worker", "coordinator", "operator")),
     ("task_partials", ("t", "n"), ("coordinator",)),
     ("task_result", ("t", "n"), ("worker", "coordinator", "operator")),
-    ("tasks_index", (), ("publisher", "operator")),
+    ("tasks_index", (), ("publisher", "coordinator", "operator")),
     ("tasks_active", (), ("publisher", "coordinator", "operator")),
     ("tasks_control", (), ("publisher", "coordinator")),
     ("known_roles", (), ALL_PARTS),
     ("coordinators", (), ALL_PARTS[1:]),
     ("known_functions", (), ("publisher", "coordinator")),
+    ("task_submissions", (), ("publisher", "coordinator")),
+    ("submission", ("t",), ("publisher", "coordinator")),
     ("lifecycle", (), ALL_PARTS),
 ]
 
@@ -636,6 +639,17 @@ async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: User
                 failing = await publisher.submit(Graph("boom").node("boom", role="boom"))
                 task = await publisher.wait(task_id, timeout=30)
                 failed = await publisher.wait(failing, timeout=30)
+                # A submission from another language, as the publisher user, and its outcome.
+                for wire_id, document in (
+                    ("wire-1", submissions.encode_submission(graph)),
+                    ("wire-bad", b"{nope"),
+                ):
+                    await publisher.redis.xadd(
+                        KEYS.task_submissions(), {"id": wire_id, "submission": document}
+                    )
+                await wait_for_query(lambda: _answered(publisher, "wire-bad"))
+                rejected = await publisher.submission("wire-bad")
+                wired = await publisher.wait("wire-1", timeout=30)
                 # A malformed event goes to the role's dead letters, written by the coordinator.
                 await admin.xadd(KEYS.events("source"), {b"event": b"not json"})
                 dead = KEYS.dead_letters("source")
@@ -651,13 +665,16 @@ async def test_tasks_run_with_coordinator_worker_and_publisher_users(users: User
                 coordinator.stop()
         assert task.state == "succeeded", task.error
         assert failed.state == "failed"
+        assert wired.state == "succeeded", wired.error
+        assert rejected is not None and rejected.state == "rejected"
         assert snapshot.workers == 1
         result = json.loads(await ok(users, "operator", "result", task_id))
         assert result == {"analyze": [{"count": 6, "sum": 21}]}
         status = json.loads(await ok(users, "operator", "status", task_id, "--json"))
         assert status["state"] == "succeeded"
         listed = await ok(users, "operator", "tasks", "--json")
-        assert {json.loads(line)["id"] for line in listed.splitlines()} == {task_id, failing}
+        ids = {json.loads(line)["id"] for line in listed.splitlines()}
+        assert ids == {task_id, failing, "wire-1"}
         assert await users.refusals() == []
     finally:
         await publisher.aclose()
@@ -669,6 +686,10 @@ async def _has_entries(redis: Redis, stream: str) -> bool:
     return int(await redis.xlen(stream)) > 0
 
 
+async def _answered(client: Client, submission_id: str) -> bool:
+    return await client.submission(submission_id) is not None
+
+
 #: Commands each part must be refused, as (part, command words).
 REFUSED: list[tuple[acl.Part, tuple[str, ...]]] = [
     ("publisher", ("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", KEYS.role_stream("echo"), ">")),
@@ -678,6 +699,7 @@ REFUSED: list[tuple[acl.Part, tuple[str, ...]]] = [
     ("publisher", ("SET", KEYS.role_stream("echo"), "x")),
     ("publisher", ("GET", KEYS.cancel_marker("task", "t1"))),
     ("publisher", ("EVAL", "return 1", "0")),
+    ("publisher", ("SET", KEYS.submission("t1"), "{}")),  # an outcome cannot be forged
     ("worker", ("FLUSHDB",)),
     ("worker", ("XGROUP", "DESTROY", KEYS.role_stream("echo"), GROUP)),
     ("worker", ("KEYS", "*")),
