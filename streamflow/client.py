@@ -47,15 +47,10 @@ from streamflow.errors import NoCoordinatorWarning
 from streamflow.functions import BUILTINS
 from streamflow.jobs import JobStatus
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
-from streamflow.protocol import JobResult as JobRecord
-from streamflow.protocol import (
-    LifecycleEvent,
-    check_headers,
-    check_publish_fields,
-    new_message_id,
-    now_ms,
-)
+from streamflow.protocol import check_headers, check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
+from streamflow.records import JobResult as JobRecord
+from streamflow.records import LifecycleEvent
 from streamflow.scripts import Scripts
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
@@ -434,7 +429,7 @@ class Client:
 
         Jobs' ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed``,
         ``dead_lettered`` and ``cancelled``, and tasks' and nodes' state changes (``task``,
-        ``node``), as :class:`~streamflow.protocol.LifecycleEvent` models. Any number of
+        ``node``), as :class:`~streamflow.records.LifecycleEvent` models. Any number of
         subscribers may follow at once, each with its own position. Best effort: the state in
         Redis is the truth, and an event may be missing (a worker died before writing it).
 

@@ -25,7 +25,8 @@ from streamflow.cli.options import (
 from streamflow.client import CancelResult
 from streamflow.errors import ConfigError
 from streamflow.logs import echo, shown
-from streamflow.protocol import check_headers, json_schemas, keep_result_ms
+from streamflow.protocol import check_headers, keep_result_ms
+from streamflow.records import json_schemas
 
 
 @click.command()

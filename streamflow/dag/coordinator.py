@@ -55,14 +55,8 @@ from streamflow.events import EventLog
 from streamflow.functions import BUILTINS, Function
 from streamflow.keys import COORDINATORS, Keys, validate_name
 from streamflow.logs import shown
-from streamflow.protocol import (
-    EVENT_FIELD,
-    CancelSignal,
-    TaskEvent,
-    decode_event,
-    encode,
-    now_ms,
-)
+from streamflow.protocol import encode, now_ms
+from streamflow.records import EVENT_FIELD, CancelSignal, TaskEvent, decode_event
 from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)

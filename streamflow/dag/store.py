@@ -28,13 +28,8 @@ from streamflow.dag.tasks import Invocation, NodeState, Step, TaskState, TaskSta
 from streamflow.errors import InputError, StreamflowError
 from streamflow.keys import Keys
 from streamflow.logs import shown
-from streamflow.protocol import (
-    CONTROL_SUBMITTED,
-    CONTROL_TASK_FIELD,
-    CONTROL_TYPE_FIELD,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    decode_batch,
-)
+from streamflow.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_batch
+from streamflow.records import CONTROL_SUBMITTED, CONTROL_TASK_FIELD, CONTROL_TYPE_FIELD
 from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)

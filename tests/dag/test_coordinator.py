@@ -23,7 +23,8 @@ from streamflow.dag import store as taskstore
 from streamflow.dag.graph import RetrySpec
 from streamflow.delivery import Outcome
 from streamflow.keys import Keys
-from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
+from streamflow.protocol import PROTOCOL_VERSION, encode, now_ms
+from streamflow.records import TaskEvent
 from tests.helpers import pending_count, wait_for_query, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
