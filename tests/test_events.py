@@ -28,7 +28,7 @@ from streamflow.events import ENTRY_EVENTS, MAX_BUFFERED, EventLog
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import Job, now_ms
 from streamflow.records import FINAL_JOB_TYPES, LifecycleEvent, json_schemas
-from tests.dag.test_coordinator import chain, system
+from tests.dag.helpers import chain, system
 from tests.helpers import CLI, ROOT, clean_env, run_cli, running, wait_for_query, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -48,7 +48,7 @@ from streamflow.protocol import DeadLetterReason, encode, encode_job_fields
 from streamflow.records import CancelSignal, decode_dead_letter
 from streamflow.registry import live_workers
 from streamflow.scripts import Scripts
-from tests.dag.test_coordinator import system as task_system
+from tests.dag.helpers import system as task_system
 from tests.helpers import (
     CLI,
     ROOT,
