@@ -50,7 +50,8 @@ from redis.asyncio import Redis
 
 from streamflow import Client, Graph
 from streamflow.keys import Keys
-from streamflow.protocol import EVENT_FIELD, MESSAGE_FIELD
+from streamflow.protocol import MESSAGE_FIELD
+from streamflow.records import EVENT_FIELD
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "## DAG coordinator load"

@@ -1,112 +1,38 @@
 """Publishing from any Python service, DAG tasks, and dead-letter operations.
 
 :class:`Client` (async) and :class:`SyncClient` publish jobs, both through
-:mod:`streamflow.publishing` (written once, run on an asyncio or a blocking Redis client);
-:class:`Client` also submits and follows tasks, cancels, and lists, shows, replays and purges
-dead letters (through :mod:`streamflow.deadletters`, which does that work).
+:mod:`streamflow.publishing` (written once, run on an asyncio or a blocking Redis client), and
+read kept results; :class:`Client` also follows lifecycle events, and inherits its task, cancel
+and dead-letter methods from :mod:`streamflow.client_ops` (submits and follows tasks, cancels,
+and lists, shows, replays and purges dead letters through :mod:`streamflow.deadletters`).
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Mapping,
-    Sequence,
-)
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Self
 
-import anyio
 from redis.asyncio import Redis
 
-from streamflow import (
-    connect,
-    jobs,
-    partitions,
-    pipelines,
-    registry,
-    results,
-    signals,
-    steps,
-    streams,
-)
+from streamflow import connect, jobs, partitions, pipelines, results, steps
 from streamflow import events as lifecycle
-from streamflow.dag import graph as graphs
+from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
-from streamflow.dag.submissions import SubmissionResult, decode_result
-from streamflow.dag.tasks import TaskState, TaskStatus
-from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
-from streamflow.errors import NoCoordinatorWarning
-from streamflow.functions import BUILTINS
+from streamflow.deadletters import DeadLetters
 from streamflow.jobs import JobStatus
-from streamflow.keys import NAME_PATTERN, Keys, validate_name
-from streamflow.protocol import JobResult as JobRecord
-from streamflow.protocol import (
-    LifecycleEvent,
-    check_headers,
-    check_publish_fields,
-    new_message_id,
-    now_ms,
-)
+from streamflow.keys import Keys, validate_name
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
+from streamflow.records import JobResult as JobRecord
+from streamflow.records import LifecycleEvent
 from streamflow.scripts import Scripts
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
 CALL_KEEP = timedelta(minutes=5)
 
-#: Seconds between reads of the cancel reports by ``cancel(wait=True)`` when no event comes.
-CANCEL_RECHECK = 0.1
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-@dataclass(slots=True)
-class CancelResult:
-    """What a cancel did, as far as the workers reported.
-
-    Attributes:
-        signal_id: The id of the cancel signal.
-        stopped: (consumer, message id) of each handler stopped or message refused.
-        running_on: Live workers still running something matching (or not yet reporting).
-        complete: With ``wait``: something was stopped and nothing matching still runs.
-    """
-
-    signal_id: str
-    stopped: list[tuple[str, str]] = field(default_factory=list)
-    running_on: list[str] = field(default_factory=list)
-    complete: bool = False
-
-
-def _public(
-    what: str,
-) -> Callable[[Callable[_P, Awaitable[_T]]], Callable[_P, Coroutine[Any, Any, _T]]]:
-    """A public coroutine method whose Redis failures are documented errors.
-
-    See :func:`streamflow.connect.public_errors`: an outage raises :class:`RedisUnavailable`,
-    another refusal :class:`RedisCommandError`, never a redis-py exception.
-    """
-
-    def wrap(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
-        @functools.wraps(method)
-        async def public(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-            with connect.public_errors(what):
-                return await method(*args, **kwargs)
-
-        return public
-
-    return wrap
-
-
-class Client:
+class Client(TaskMethods, ControlMethods):
     """Publishes jobs to roles from async code, cancels them, and manages dead letters.
 
     Publishing is never retried behind your back: a retried XADD whose first reply was lost
@@ -318,108 +244,6 @@ class Client:
                 )
             )
 
-    # -- dead letters -----------------------------------------------------------------------
-
-    @_public("listing dead letters")
-    async def dead_letters(
-        self, role: str, *, count: int = 100, after: str = "-"
-    ) -> list[DeadLetterEntry]:
-        """The oldest ``count`` dead letters of ``role`` after id ``after`` (exclusive).
-
-        A partitioned role's dead letters are listed partition by partition, with ids
-        ``<partition>:<entry id>``.
-        """
-        return await self._dead.page(role, count=count, after=after)
-
-    @_public("reading a dead letter")
-    async def dead_letter(self, role: str, dead_id: str) -> DeadLetterEntry | None:
-        """One dead letter by its id, or None (also for a partition the role does not have)."""
-        return await self._dead.get(role, dead_id)
-
-    @_public("counting dead letters")
-    async def dead_letter_count(self, role: str) -> int:
-        """How many dead letters ``role`` has (in all its partitions)."""
-        return await self._dead.count(role)
-
-    @_public("replaying dead letters")
-    async def replay(self, role: str, dead_ids: Sequence[str] | None = None) -> ReplayResult:
-        """Send dead letters back to the role's stream with their attempts reset.
-
-        Each dead letter is sent back exactly once, even when two replays run at the same time:
-        the one that deletes it from the dead-letter stream is the one that publishes it.
-
-        Args:
-            role: The role.
-            dead_ids: The dead letters to replay; all of them when None.
-        """
-        return await self._dead.replay(role, dead_ids)
-
-    @_public("purging dead letters")
-    async def purge_dead_letters(self, role: str) -> int:
-        """Delete every dead letter of ``role``; returns how many there were."""
-        return await self._dead.purge(role)
-
-    # -- cancel -----------------------------------------------------------------------------
-
-    @_public("cancelling")
-    async def cancel(
-        self,
-        target_id: str,
-        *,
-        target: Literal["task", "message", "any"] = "any",
-        reason: str = "cancelled",
-        requested_by: str = "",
-        wait: bool = False,
-        timeout: float = 30.0,  # noqa: ASYNC109 - part of the public API, as in httpx
-        preemptive: bool = False,
-    ) -> CancelResult:
-        """Cancel a task's messages or one message, wherever they are.
-
-        Running handlers see ``ctx.cancel`` set at once and are hard-cancelled after their
-        role's grace; queued, delayed or later-adopted messages are never started. Either way
-        they are acknowledged with outcome ``cancelled``.
-
-        Args:
-            target_id: A task id or a message id.
-            target: ``task``, ``message``, or ``any`` (either).
-            reason: Shown to handlers as ``ctx.cancel.reason`` and in logs.
-            requested_by: Who asked, for the logs.
-            wait: Return only when something matching was stopped and no live worker still
-                runs a matching handler (or when ``timeout`` passes).
-            timeout: Seconds to wait at most.
-            preemptive: Cancel the id even if it names nothing yet: a task submitted or a
-                message published under it within 7 days (the marker's life) is refused at
-                once. Without it, an id that names no known task and no queued, delayed or
-                running message is refused (see :func:`streamflow.signals.check_target`).
-
-        Raises:
-            UnknownTargetError: The id names nothing to cancel and ``preemptive`` is False.
-        """
-        check_publish_fields(target_id, None, None)
-        if not preemptive:
-            await signals.check_target(self.redis, self.keys, target, target_id)
-        sig = await signals.send_cancel(
-            self.redis,
-            self._scripts,
-            self.keys,
-            target=target,
-            target_id=target_id,
-            reason=reason,
-            requested_by=requested_by,
-        )
-        result = CancelResult(sig.id)
-        if not wait:
-            return result
-        with anyio.move_on_after(timeout):
-            # The workers' reports are the truth; a ``cancelled`` event says when to read them
-            # again. Workers that stopped nothing report without an event: read at least every
-            # CANCEL_RECHECK seconds too.
-            cancelled = {"cancelled"}
-            async with lifecycle.watching(self.redis, self.keys, types=cancelled) as news:
-                while not await self._cancel_done(result):
-                    await news.wait(CANCEL_RECHECK)
-        return result
-
     # -- lifecycle events -------------------------------------------------------------------
 
     async def events(
@@ -435,7 +259,7 @@ class Client:
 
         Jobs' ``started``, ``progress``, ``retrying``, ``succeeded``, ``failed``,
         ``dead_lettered`` and ``cancelled``, and tasks' and nodes' state changes (``task``,
-        ``node``), as :class:`~streamflow.protocol.LifecycleEvent` models. Any number of
+        ``node``), as :class:`~streamflow.records.LifecycleEvent` models. Any number of
         subscribers may follow at once, each with its own position. Best effort: the state in
         Redis is the truth, and an event may be missing (a worker died before writing it).
 
@@ -471,99 +295,7 @@ class Client:
             ):
                 yield event
 
-    # -- tasks --------------------------------------------------------------------------------
-
-    @_public("submitting a task")
-    async def submit(
-        self,
-        graph: graphs.Graph | graphs.GraphSpec | dict[str, Any],
-        *,
-        params: dict[str, Any] | None = None,
-        task_id: str | None = None,
-        roles: Iterable[str] | None = None,
-        functions: Iterable[str] | None = None,
-        registration_wait: float = 5.0,
-        headers: Mapping[str, str] | None = None,
-    ) -> str:
-        """Submit a DAG task; returns its id.
-
-        The graph is checked first and nothing is written for an invalid one. Its roles must be
-        served by a worker (one that ever started in this namespace) and its functions provided
-        by a coordinator, unless ``roles`` and ``functions`` say which exist. A graph whose
-        only problems are roles or functions not registered yet (a worker or coordinator
-        still starting) is checked again every 0.2 s for up to ``registration_wait`` seconds
-        before it is refused.
-
-        Args:
-            graph: A :class:`~streamflow.Graph`, a parsed spec, or a JSON-like dict.
-            params: Task parameters, updating the graph's own ``params``.
-            task_id: The task's id (default: a fresh random one).
-            roles: The roles to check the graph against, instead of those registered.
-            functions: The coordinator functions to check against, instead of those registered.
-            registration_wait: Seconds to wait for unregistered roles and functions to appear.
-            headers: Headers every node job of the task carries (``ctx.headers``), added to
-                the graph's own ``headers``.
-
-        Raises:
-            GraphError: The graph is invalid; every problem is listed.
-            ValueError: The task id is taken or invalid, or the headers out of bounds.
-
-        Warns:
-            CancelledIdWarning: A cancel of ``task_id`` is in force (a pre-emptive one): the
-                task is submitted, and its nodes are refused as cancelled.
-            NoCoordinatorWarning: No coordinator is running: the task stays queued until one
-                starts.
-        """
-        spec = graphs.parse(graph)
-        if params:
-            spec = spec.model_copy(update={"params": {**spec.params, **params}})
-        if headers:
-            merged = check_headers({**(spec.headers or {}), **headers})
-            spec = spec.model_copy(update={"headers": merged})
-        fixed = (
-            None if roles is None else set(roles),
-            None if functions is None else set(functions),
-        )
-        spec = await self._validated(spec, fixed, registration_wait)
-        if not await registry.live_coordinator(self.redis, self.keys):
-            warnings.warn(
-                f"no coordinator is running in namespace {self.keys.namespace!r}: the task "
-                "stays queued until one starts (streamflow coordinator)",
-                NoCoordinatorWarning,
-                stacklevel=2,
-            )
-        if task_id is not None:
-            validate_name(task_id, "task id")
-            await steps.run(self._pub.warn_if_cancelled("task", task_id))
-        task_id = validate_name(task_id or new_message_id(), "task id")
-        await self._tasks.create(spec, TaskState.new(task_id, spec, now_ms()))
-        return task_id
-
-    @_public("reading a submission's outcome")
-    async def submission(self, submission_id: str) -> SubmissionResult | None:
-        """What became of a task submitted by XADD to the submissions stream, by its id.
-
-        See :mod:`streamflow.dag.submissions`: ``accepted`` (the task ``submission_id`` runs) or
-        ``rejected`` with every problem; None while no coordinator has taken it (or after
-        :data:`~streamflow.dag.submissions.RESULT_TTL_MS`).
-
-        Raises:
-            InvalidNameError: The id is not a valid task id.
-        """
-        raw = await self.redis.get(self.keys.submission(submission_id))
-        return None if raw is None else decode_result(raw)
-
-    @_public("reading a task")
-    async def task(self, task_id: str) -> TaskState | None:
-        """A task's state (with every node's), or None if unknown or expired."""
-        return await self._tasks.state(validate_name(task_id, "task id"))
-
-    @_public("listing tasks")
-    async def tasks(self, *, state: TaskStatus | None = None, limit: int = 100) -> list[TaskState]:
-        """The newest tasks first, optionally only those in ``state``."""
-        return await self._tasks.find(state=state, limit=limit)
-
-    @_public("reading a result")
+    @public_method("reading a result")
     async def result(
         self,
         message_id: str,
@@ -599,13 +331,6 @@ class Client:
             return await self.task_result(message_id, node)
         return await self._job_result(message_id, role, timeout)
 
-    async def _is_task(self, task_id: str) -> bool:
-        """Whether a task with this id is known (its state is kept)."""
-        if NAME_PATTERN.fullmatch(task_id) is None:
-            return False
-        # HGET of the version (every task has one): what a publisher's ACL rules allow.
-        return await self.redis.hget(self.keys.task_state(task_id), "v") is not None
-
     async def _job_result(
         self,
         message_id: str,
@@ -622,7 +347,7 @@ class Client:
 
         return results.outcome(await results.wait_kept(read, message_id, timeout))
 
-    @_public("calling a role")
+    @public_method("calling a role")
     async def call(
         self,
         role: str,
@@ -651,7 +376,7 @@ class Client:
         message_id = await self.publish(role, payload, keep_result=keep_result, **options)
         return await self._job_result(message_id, role, timeout)
 
-    @_public("reading a job's status")
+    @public_method("reading a job's status")
     async def job(self, message_id: str, *, role: str | None = None) -> JobStatus:
         """Where a job is now: queued, delayed, running, retrying, ended, or unknown.
 
@@ -664,94 +389,6 @@ class Client:
             role: Its role: only that role's keys are read.
         """
         return await jobs.status(self.redis, self.keys, self._layouts, message_id, role=role)
-
-    @_public("reading a task's result")
-    async def task_result(self, task_id: str, node: str | None = None) -> dict[str, list[Any]]:
-        """The items each node produced (by default the nodes without children), by node id.
-
-        Raises:
-            LookupError: The task is unknown or a batch expired.
-        """
-        spec = await self._tasks.spec(validate_name(task_id, "task id"))
-        if spec is None:
-            raise LookupError(f"unknown task {task_id!r}")
-        if node is not None:
-            if node not in {n.id for n in spec.nodes}:
-                raise LookupError(f"task {task_id!r} has no node {node!r}")
-            names = [node]
-        else:
-            names = [n.id for n in spec.nodes if not spec.children(n.id)]
-        return {name: await self._tasks.output(task_id, name) for name in names}
-
-    @_public("waiting for a task")
-    async def wait(
-        self,
-        task_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - public API, as in httpx
-        poll: float = 0.1,
-    ) -> TaskState:
-        """Wait until a task finishes; returns its final state.
-
-        Raises:
-            LookupError: The task is unknown.
-            TimeoutError: It did not finish within ``timeout`` seconds.
-        """
-        validate_name(task_id, "task id")
-        with anyio.fail_after(timeout):
-            while True:
-                # The task's own state only (one field): its nodes are read once it has ended.
-                own = await self._tasks.own_state(task_id)
-                if own is not None and own.terminal:
-                    task = await self._tasks.state(task_id)
-                    if task is not None:
-                        return task
-                if own is None:
-                    raise LookupError(f"unknown task {task_id!r}")
-                await anyio.sleep(poll)  # the state lives in Redis: poll it
-
-    async def _validated(
-        self,
-        spec: graphs.GraphSpec,
-        fixed: tuple[set[str] | None, set[str] | None],
-        wait: float,
-    ) -> graphs.GraphSpec:
-        """The graph checked against the registered (or given) roles and functions.
-
-        While its only problems are names not registered yet, wait up to ``wait`` seconds.
-        """
-        deadline = anyio.current_time() + wait
-        while True:
-            roles, functions = await self._registered(*fixed)
-            try:
-                return graphs.validated(spec, roles=roles, functions=functions)
-            except graphs.GraphError:
-                named_roles = {n.role for n in spec.nodes if n.role} | roles
-                named_functions = {n.function for n in spec.nodes if n.function} | functions
-                names_only = not graphs.check(spec, roles=named_roles, functions=named_functions)
-                if not names_only or anyio.current_time() >= deadline:
-                    raise
-            await anyio.sleep(0.2)  # registrations live in Redis: poll them
-
-    async def _registered(
-        self, roles: set[str] | None, functions: set[str] | None
-    ) -> tuple[set[str], set[str]]:
-        """The given roles and functions, or those workers and coordinators registered."""
-        if roles is None:
-            found = await self.redis.smembers(self.keys.known_roles())
-            roles = {streams.text(r) for r in found}
-        if functions is None:
-            found = await self.redis.smembers(self.keys.known_functions())
-            functions = {*BUILTINS, *(streams.text(f) for f in found)}
-        return roles, functions
-
-    async def _cancel_done(self, result: CancelResult) -> bool:
-        reports = await signals.read_reports(self.redis, self.keys, result.signal_id)
-        live = await signals.live_consumers(self.redis, self.keys)
-        result.stopped = [(c, m) for c, r in sorted(reports.items()) for m in r.stopped]
-        result.running_on = sorted(c for c in live if c not in reports or reports[c].running)
-        result.complete = bool(result.stopped) and not result.running_on
-        return result.complete
 
     async def aclose(self) -> None:
         """Close the connections."""

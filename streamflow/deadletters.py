@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 from streamflow import connect, partitions, scripts, streams
 from streamflow.errors import ProtocolError
 from streamflow.keys import Keys, validate_name
-from streamflow.protocol import DeadLetter, decode_dead_letter, encode
+from streamflow.protocol import encode
+from streamflow.records import DeadLetter, decode_dead_letter
 from streamflow.scripts import Scripts
 
 

@@ -14,7 +14,8 @@ from streamflow.app import RetryPolicy, Role
 from streamflow.context import Fatal, Retry
 from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError, PayloadError, ProtocolError
-from streamflow.protocol import CancelSignal, DeadLetterReason, ErrorInfo, Job, decode_job, now_ms
+from streamflow.protocol import DeadLetterReason, Job, decode_job, now_ms
+from streamflow.records import CancelSignal, ErrorInfo
 
 
 class CancelLookup(Protocol):

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from streamflow.app import Role
     from streamflow.context import Context
     from streamflow.nodes import NodeRun
-    from streamflow.protocol import CancelSignal, DeadLetterReason, ErrorInfo, Job
+    from streamflow.protocol import DeadLetterReason, Job
+    from streamflow.records import CancelSignal, ErrorInfo
     from streamflow.streams import Entry
 
 

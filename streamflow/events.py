@@ -4,7 +4,7 @@ Workers write a job's ``started``, ``progress``, ``retrying`` and final events (
 ``failed``, ``dead_lettered``, ``cancelled``); coordinators write a task's and its nodes' state
 changes. All go to one stream per namespace (:meth:`Keys.lifecycle`), capped with
 ``MAXLEN ~`` (:data:`DEFAULT_MAX_LEN`). The models are in :mod:`streamflow.protocol`
-(:class:`~streamflow.protocol.LifecycleEvent`).
+(:class:`~streamflow.records.LifecycleEvent`).
 
 Events are best-effort observability, never the truth: a final event is written only after the
 owner-checked settle that it reports was applied (so a refused settle reports nothing), but
@@ -36,14 +36,8 @@ from streamflow import connect, streams
 from streamflow.context import check_progress
 from streamflow.errors import ProtocolError
 from streamflow.keys import Keys
-from streamflow.protocol import (
-    LIFECYCLE_FIELD,
-    PROTOCOL_VERSION,
-    Job,
-    LifecycleEvent,
-    decode_lifecycle,
-    now_ms,
-)
+from streamflow.protocol import PROTOCOL_VERSION, Job, now_ms
+from streamflow.records import LIFECYCLE_FIELD, LifecycleEvent, decode_lifecycle
 
 if TYPE_CHECKING:
     from streamflow.context import Context

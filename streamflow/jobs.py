@@ -25,7 +25,8 @@ from redis.exceptions import ResponseError
 from streamflow import partitions, results, steps, streams
 from streamflow.errors import InvalidNameError, ProtocolError
 from streamflow.keys import GROUP, Keys
-from streamflow.protocol import MESSAGE_FIELD, Job, JobResult, decode_dead_letter, decode_job
+from streamflow.protocol import MESSAGE_FIELD, Job, decode_job
+from streamflow.records import JobResult, decode_dead_letter
 
 #: Every state a job can be found in.
 JobState = Literal[

@@ -19,16 +19,8 @@ from streamflow.context import Batch
 from streamflow.errors import InputError, PayloadError, StreamflowError
 from streamflow.keys import Keys
 from streamflow.logs import shown
-from streamflow.protocol import (
-    EVENT_FIELD,
-    PROTOCOL_VERSION,
-    EventType,
-    Job,
-    TaskEvent,
-    decode_batch,
-    encode,
-    now_ms,
-)
+from streamflow.protocol import PROTOCOL_VERSION, Job, decode_batch, encode, now_ms
+from streamflow.records import EVENT_FIELD, EventType, TaskEvent
 from streamflow.scripts import Scripts
 
 #: Largest encoded batch a node may emit.

@@ -2,7 +2,7 @@
 
 A job's outcome is kept only when its role (``@app.role(..., keep_result=...)``) or its
 publisher (``keep_result=`` on publish, or :meth:`streamflow.Client.call`) asks, so roles that
-do not use results pay nothing. The worker writes one :class:`~streamflow.protocol.JobResult`
+do not use results pay nothing. The worker writes one :class:`~streamflow.records.JobResult`
 JSON string under :meth:`streamflow.keys.Keys.result` (the job's partition's slot) with a TTL:
 ``succeeded`` (the handler's return value) and ``cancelled`` in the same owner-checked step that
 acknowledges the job (``result.lua``), ``dead_lettered`` right after the dead letter. Readers
@@ -36,15 +36,8 @@ from streamflow.errors import (
 )
 from streamflow.keys import Keys
 from streamflow.partitions import LayoutCache, read_record
-from streamflow.protocol import (
-    PROTOCOL_VERSION,
-    DeadLetterReason,
-    ErrorInfo,
-    Job,
-    JobOutcome,
-    JobResult,
-    now_ms,
-)
+from streamflow.protocol import PROTOCOL_VERSION, DeadLetterReason, Job, now_ms
+from streamflow.records import ErrorInfo, JobOutcome, JobResult
 from streamflow.steps import Steps
 
 _T = TypeVar("_T")

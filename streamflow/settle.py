@@ -30,18 +30,14 @@ from streamflow.delivery import (
 from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
-from streamflow.protocol import (
+from streamflow.protocol import MALFORMED_REASONS, PROTOCOL_VERSION, Job, encode, now_ms
+from streamflow.records import (
     DEAD_LETTER_FIELD,
-    MALFORMED_REASONS,
-    PROTOCOL_VERSION,
     RAW_FIELD_PREFIX,
     DeadLetter,
     ErrorInfo,
     EventType,
-    Job,
     JobOutcome,
-    encode,
-    now_ms,
 )
 from streamflow.scripts import Scripts
 

@@ -33,18 +33,8 @@ from streamflow.delivery import Delivery, InFlight
 from streamflow.errors import ProtocolError, UnknownTargetError
 from streamflow.keys import NAME_PATTERN, Keys, cancel_member, cancel_target
 from streamflow.logs import shown
-from streamflow.protocol import (
-    MESSAGE_FIELD,
-    PROTOCOL_VERSION,
-    SIGNAL_FIELD,
-    CancelReport,
-    CancelSignal,
-    Job,
-    decode_signal,
-    encode,
-    new_message_id,
-    now_ms,
-)
+from streamflow.protocol import MESSAGE_FIELD, PROTOCOL_VERSION, Job, encode, new_message_id, now_ms
+from streamflow.records import SIGNAL_FIELD, CancelReport, CancelSignal, decode_signal
 from streamflow.scripts import Scripts
 from streamflow.steps import Steps
 

@@ -48,7 +48,7 @@ from streamflow.delivery import Outcome
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.keys import Keys
 from streamflow.lifecycle import Resources
-from streamflow.protocol import DeadLetter, decode_dead_letter
+from streamflow.records import DeadLetter, decode_dead_letter
 from streamflow.scripts import Scripts
 from streamflow.worker import Worker
 

@@ -3,22 +3,30 @@
 ``Workers`` starts ``streamflow worker --app tests.apps:app`` subprocesses (killed at teardown
 by whoever made it); their handlers append START / DONE / FAIL / CANCELLED lines to a record
 file outside Redis (see ``tests/apps.py``), which ``Record`` reads back. Used by the crash,
-cluster, consumer-name, supervisor and untrusted-input tests.
+cluster, consumer-name, supervisor and untrusted-input tests. ``spawn_worker`` starts a
+``LoggedWorker`` with short lease times (the outage and Sentinel tests); ``Shell`` runs the
+docs' console commands as a reader would (the getting-started and protocol pages' tests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import signal
 import subprocess
+import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from tests.apps import Line, read_trace
-from tests.helpers import CLI, ROOT, clean_env, wait_for
+from tests.helpers import CLI, ROOT, clean_env, free_port, wait_for
 
 ROLE = "work"
 TTL = 1.0
@@ -162,3 +170,179 @@ def assert_none_lost_and_duplicates_allowed(
     excess = {m: n for m, n in repeated.items() if n > 1 + allowed[m]}
     assert not excess, f"processed more often than 1 + kills in flight: {excess}"
     return done
+
+
+# -- worker processes that log to a file (outage and Sentinel tests) ---------------------------
+
+
+@dataclass
+class LoggedWorker:
+    """A ``streamflow worker`` subprocess whose stderr goes to ``log``."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def serving(self) -> bool:
+        if not self.alive:
+            raise AssertionError(f"worker exited early:\n{self.stderr()}")
+        return "serving" in self.stderr()
+
+    def kill(self) -> None:
+        """SIGKILL it and every descendant, and reap it."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def spawn_worker(
+    url: str, namespace: str, role: str, log: Path, env: dict[str, str]
+) -> LoggedWorker:
+    """``streamflow worker --app tests.apps:app --role ROLE`` with short block, lease and
+    reclaim times, its stderr in ``log``."""
+    command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
+    command += ["--role", role, "--redis-url", url, "--namespace", namespace]
+    command += ["--block-ms", "200", "--lease-ttl", "2", "--reclaim-interval", "0.2"]
+    with open(log, "wb") as err:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    return LoggedWorker(process, log)
+
+
+def assert_healthy(workers: list[LoggedWorker]) -> None:
+    """Still the same processes, each started once, no traceback in their logs."""
+    for worker in workers:
+        log = worker.stderr()
+        assert worker.alive, log
+        assert log.count(" serving ") == 1, log
+        assert "Traceback" not in log, log
+
+
+# -- the docs' console commands, run as a reader would -------------------------------------------
+
+
+#: Redirects the page's ``redis-cli`` to the test's server (the page assumes the default one).
+PRELUDE = 'redis-cli() { command redis-cli -u "$STREAMFLOW_REDIS_URL" "$@"; }\n'
+#: Commands that change something: run once, never again to wait for an output.
+MUTATING = (
+    "streamflow publish",
+    "streamflow submit",
+    "streamflow cancel",
+    "streamflow dlq replay",
+    "streamflow dlq purge",
+    "redis-cli XADD",
+    "mkdir",
+    "python publish.py",
+)
+#: How long a shown command may take, and be run again until it prints what is shown.
+DEADLINE = 120.0
+
+
+@dataclass
+class Command:
+    """One ``$`` line of a console block and the output lines shown after it."""
+
+    line: str
+    shown: list[str] = field(default_factory=list)
+
+
+def pattern(shown: str) -> re.Pattern[str]:
+    """A shown output line as a regex: ``...`` is any text, runs of spaces any white space."""
+    parts = [r"\s+".join(map(re.escape, p.split())) for p in shown.strip().split("...")]
+    return re.compile(r"\s*" + ".*".join(parts) + r"\s*")
+
+
+def matches(shown: list[str], output: str) -> bool:
+    """Each shown line matches a line of ``output``, in order (other lines may come between)."""
+    lines = iter(output.splitlines())
+    wanted = [pattern(s) for s in shown if s.strip() not in ("", "...")]
+    return all(any(p.fullmatch(line) for line in lines) for p in wanted)
+
+
+class Shell:
+    """Runs the page's commands in one working directory; background ones until :meth:`close`."""
+
+    def __init__(self, workdir: Path, logs: Path, redis_url: str) -> None:
+        self.workdir = workdir
+        self._logs = logs
+        self._env = clean_env(STREAMFLOW_REDIS_URL=redis_url)
+        self._env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self._env['PATH']}"
+        self._port = str(free_port())
+        self._background: list[subprocess.Popen[bytes]] = []
+
+    def run(self, command: Command, *, once: bool = False) -> None:
+        """Run ``command``; fail unless it exits 0 and prints what the page shows.
+
+        A command that only reads is run again until it does (not with ``once``).
+        """
+        line = re.sub(r"(?<![0-9])9100(?![0-9])", self._port, command.line)
+        if line.endswith("&"):
+            self._start(line[:-1])
+            return
+        again = not once and not command.line.startswith(MUTATING)
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            done = subprocess.run(
+                ["bash", "-c", PRELUDE + line],
+                cwd=self.workdir,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=DEADLINE,
+            )
+            ok = done.returncode == 0 and matches(command.shown, done.stdout)
+            if ok or not again or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # polling for a condition, not waiting for a process to be fast
+        context = f"{line}\nexpected {command.shown}\ngot:\n{done.stdout}\n{self.background_logs()}"
+        assert done.returncode == 0 and ok, context
+
+    def _start(self, line: str) -> None:
+        with open(self._logs / f"background-{len(self._background)}.log", "wb") as log:
+            self._background.append(
+                subprocess.Popen(
+                    ["bash", "-c", PRELUDE + "exec " + line],
+                    cwd=self.workdir,
+                    env=self._env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own group: the whole tree is stopped at close
+                )
+            )
+
+    def background_logs(self) -> str:
+        """The last lines the background commands wrote."""
+        logs = sorted(self._logs.glob("background-*.log"))
+        return "-- background:\n" + "\n".join(p.read_text()[-2000:] for p in logs)
+
+    def close(self) -> None:
+        """Stop every background command (SIGTERM, then SIGKILL after 30 s)."""
+        for process in self._background:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self._background:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)

@@ -33,7 +33,7 @@ from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.inspect import inspect_roles
 from streamflow.ops.server import RedisServer
-from streamflow.protocol import decode_dead_letter
+from streamflow.records import decode_dead_letter
 from tests.cluster import LocalCluster, local_cluster, require_cluster_tools
 from tests.helpers import make_worker, pending_count, running, wait_for, wait_until
 from tests.processes import Record, Workers, assert_none_lost_and_duplicates_allowed, unique

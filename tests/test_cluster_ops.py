@@ -40,7 +40,7 @@ from streamflow import Client, Graph, connect, streams
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import Keys
 from streamflow.ops.server import RedisServer
-from tests import test_task_crash as tasks
+from tests import task_processes as tasks
 from tests.cluster import LocalCluster, local_cluster, require_cluster_tools, wait_ok
 from tests.helpers import wait_for
 from tests.processes import Record, Workers

@@ -22,15 +22,8 @@ from streamflow.context import Fatal, Retry
 from streamflow.decisions import LOST, RELEASE, after_error, preflight, stopped
 from streamflow.delivery import Decision, DecisionKind, Delivery
 from streamflow.errors import InputError
-from streamflow.protocol import (
-    MESSAGE_FIELD,
-    CancelSignal,
-    DeadLetterReason,
-    Job,
-    JobRetry,
-    encode,
-    now_ms,
-)
+from streamflow.protocol import MESSAGE_FIELD, DeadLetterReason, Job, JobRetry, encode, now_ms
+from streamflow.records import CancelSignal
 from streamflow.signals import CancelBook
 from streamflow.streams import Entry
 

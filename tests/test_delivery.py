@@ -8,7 +8,7 @@ import pytest
 
 from streamflow import App, Context
 from streamflow.delivery import Delivery, StopCause
-from streamflow.protocol import CancelSignal
+from streamflow.records import CancelSignal
 from streamflow.streams import Entry
 
 SIGNAL = CancelSignal(

@@ -26,8 +26,9 @@ from streamflow.cli.progress import follow
 from streamflow.context import Fatal
 from streamflow.events import ENTRY_EVENTS, MAX_BUFFERED, EventLog
 from streamflow.keys import GROUP, Keys
-from streamflow.protocol import FINAL_JOB_TYPES, Job, LifecycleEvent, json_schemas, now_ms
-from tests.dag.test_coordinator import chain, system
+from streamflow.protocol import Job, now_ms
+from streamflow.records import FINAL_JOB_TYPES, LifecycleEvent, json_schemas
+from tests.dag.helpers import chain, system
 from tests.helpers import CLI, ROOT, clean_env, run_cli, running, wait_for_query, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -37,7 +37,8 @@ from streamflow import (
 )
 from streamflow.keys import GROUP, Keys
 from streamflow.leases import RELEASE_IDLE_MS
-from streamflow.protocol import decode_dead_letter, decode_job, now_ms
+from streamflow.protocol import decode_job, now_ms
+from streamflow.records import decode_dead_letter
 from tests.helpers import LEASE, ROOT, make_worker, running, statuses, wait_for_query, wait_until
 
 pytestmark = pytest.mark.anyio

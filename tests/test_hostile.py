@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 from streamflow import App, Context, Outcome, Worker, hostile
 from streamflow.errors import ProtocolError
 from streamflow.keys import Keys
-from streamflow.protocol import Job, decode_dead_letter, decode_job
+from streamflow.protocol import Job, decode_job
+from streamflow.records import decode_dead_letter
 from tests.helpers import pending_count, running, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -18,7 +18,7 @@ from streamflow import App, Client, Context, Fatal, Retry, SyncClient, Worker
 from streamflow.cli.jobs import describe
 from streamflow.jobs import JobStatus
 from streamflow.keys import Keys
-from streamflow.protocol import JobResult
+from streamflow.records import JobResult
 from tests.helpers import run_cli, running, wait_for, wait_for_query
 from tests.processes import Record, Workers
 

@@ -471,3 +471,38 @@ def test_the_delivery_path_loads_no_wing(module: str) -> None:
             seen.add(found)
             todo.append(found)
     assert not {name for name in seen if name.startswith(WINGS)}
+
+
+def imports_of_test_modules(path: Path) -> list[str]:
+    """Every import in ``path`` of a test module (``tests...test_*``), by line."""
+    return [
+        f"{path.name} line {node.lineno}: {name}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        for name in _imported(node)
+        if name.split(".")[0] == "tests" and any(p.startswith("test_") for p in name.split("."))
+    ]
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in helpers (tests/helpers.py, processes.py, dag/helpers.py...)."""
+    paths = sorted(Path(__file__).parent.rglob("*.py"))
+    wrong = [found for path in paths for found in imports_of_test_modules(path)]
+    assert not wrong
+
+
+def test_test_import_check_sees_names_and_modules(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "from tests.test_outage import spawn_worker\n"
+        "from tests.dag.test_coordinator import system\n"
+        "from tests import test_client\n"
+        "import tests.test_jobs\n"
+        "from tests.helpers import wait_until\n"
+        "from tests.dag.helpers import chain\n"
+    )
+    assert imports_of_test_modules(source) == [
+        "sample.py line 1: tests.test_outage.spawn_worker",
+        "sample.py line 2: tests.dag.test_coordinator.system",
+        "sample.py line 3: tests.test_client",
+        "sample.py line 4: tests.test_jobs",
+    ]

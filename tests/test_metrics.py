@@ -225,7 +225,7 @@ def test_coordinator_metrics(redis_url: str, namespace: str, tmp_path: Path) -> 
     port = free_port()
     conn = ["--redis-url", redis_url, "--namespace", namespace]
     worker = subprocess.Popen(
-        [*CLI, "worker", "--app", "tests.dag.test_coordinator:app", "--block-ms", "200", *conn],
+        [*CLI, "worker", "--app", "tests.dag.helpers:app", "--block-ms", "200", *conn],
         cwd=ROOT,
         env=clean_env(),
         stderr=subprocess.DEVNULL,

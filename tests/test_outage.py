@@ -15,13 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil
 import pytest
 from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
@@ -46,6 +44,7 @@ from streamflow.ops.server import RedisServer
 from streamflow.worker import Worker
 from tests.apps import app
 from tests.helpers import ROOT, free_port
+from tests.processes import LoggedWorker, assert_healthy, spawn_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -54,57 +53,7 @@ ROLE = "record"
 WORKER_READ_TIMEOUT = 0.2 + 10.0
 
 
-@dataclass
-class WorkerProcess:
-    """A ``streamflow worker`` subprocess whose stderr goes to ``log``."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def serving(self) -> bool:
-        if not self.alive:
-            raise AssertionError(f"worker exited early:\n{self.stderr()}")
-        return "serving" in self.stderr()
-
-    def kill(self) -> None:
-        """SIGKILL it and every descendant, and reap it."""
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for child in psutil.Process(self.process.pid).children(recursive=True):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    child.kill()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-
-
-def spawn_worker(
-    url: str, namespace: str, role: str, log: Path, env: dict[str, str]
-) -> WorkerProcess:
-    """``streamflow worker --app tests.apps:app --role ROLE`` with short block, lease and
-    reclaim times, its stderr in ``log``."""
-    command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
-    command += ["--role", role, "--redis-url", url, "--namespace", namespace]
-    command += ["--block-ms", "200", "--lease-ttl", "2", "--reclaim-interval", "0.2"]
-    with open(log, "wb") as err:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    return WorkerProcess(process, log)
-
-
-StartWorker = Callable[[RedisServer, str], WorkerProcess]
+StartWorker = Callable[[RedisServer, str], LoggedWorker]
 
 
 @pytest.fixture
@@ -115,9 +64,9 @@ def record_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def start_worker(tmp_path: Path, record_file: Path) -> Iterator[StartWorker]:
     """Start a ``record`` worker on a server and namespace; all are killed at teardown."""
-    started: list[WorkerProcess] = []
+    started: list[LoggedWorker] = []
 
-    def start(server: RedisServer, namespace: str) -> WorkerProcess:
+    def start(server: RedisServer, namespace: str) -> LoggedWorker:
         log = tmp_path / f"worker-{len(started)}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
         env["SFTEST_RECORD"] = str(record_file)
@@ -160,7 +109,7 @@ async def wait_until(predicate: Callable[[], Any], timeout: float, what: str) ->
 
 async def start_workers(
     start_worker: StartWorker, server: RedisServer, namespace: str, n: int
-) -> list[WorkerProcess]:
+) -> list[LoggedWorker]:
     workers = [start_worker(server, namespace) for _ in range(n)]
     for worker in workers:
         await wait_until(worker.serving, 20, "worker logs 'serving'")
@@ -203,15 +152,6 @@ async def wait_settled(admin: Redis, namespace: str, timeout: float) -> None:
                 if await settled(admin, namespace):
                     return
             await anyio.sleep(0.05)
-
-
-def assert_healthy(workers: list[WorkerProcess]) -> None:
-    """Still the same processes, each started once, no traceback in their logs."""
-    for worker in workers:
-        log = worker.stderr()
-        assert worker.alive, log
-        assert log.count(" serving ") == 1, log
-        assert "Traceback" not in log, log
 
 
 async def test_workers_ride_out_a_redis_kill_and_restart_under_load(
@@ -610,7 +550,7 @@ async def test_an_outage_is_logged_once_and_counted_once(caplog: pytest.LogCaptu
     assert (connect.Backoff.outages, connect.Backoff.recoveries) == (outages + 1, recoveries + 1)
 
 
-def spawn(command: list[str], log: Path) -> WorkerProcess:
+def spawn(command: list[str], log: Path) -> LoggedWorker:
     """``python -m streamflow COMMAND...`` with its stderr in ``log``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
     with open(log, "wb") as err:
@@ -622,10 +562,10 @@ def spawn(command: list[str], log: Path) -> WorkerProcess:
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    return WorkerProcess(process, log)
+    return LoggedWorker(process, log)
 
 
-def reported_outage(process: WorkerProcess) -> bool:
+def reported_outage(process: LoggedWorker) -> bool:
     """Whether ``process`` logged waiting for Redis at start-up (or exited)."""
     return "Redis unavailable while connecting" in process.stderr() or not process.alive
 

@@ -28,7 +28,8 @@ from streamflow.dag.outbox import (
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import Internal
 from streamflow.keys import Keys
-from streamflow.protocol import TaskEvent, now_ms
+from streamflow.protocol import now_ms
+from streamflow.records import TaskEvent
 from tests.helpers import running
 
 #: Each kind of item, and its stored JSON as coordinators have always written it.

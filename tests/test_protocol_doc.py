@@ -32,9 +32,9 @@ import pytest
 import redis as redis_sync
 
 from streamflow.ops.server import RedisServer
-from streamflow.protocol import LifecycleEvent
+from streamflow.records import LifecycleEvent
 from tests.helpers import ROOT, clean_env, recorded, wait_for
-from tests.test_getting_started import Command, Shell
+from tests.processes import Command, Shell
 
 pytestmark = pytest.mark.slow
 

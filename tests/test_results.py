@@ -28,7 +28,7 @@ from streamflow import (
     Worker,
 )
 from streamflow.keys import Keys
-from streamflow.protocol import JobResult, json_schemas
+from streamflow.records import JobResult, json_schemas
 from tests.helpers import running, wait_for_query
 
 pytestmark = pytest.mark.anyio

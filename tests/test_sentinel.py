@@ -30,8 +30,8 @@ from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
 from tests.conftest import _require_redis_server
 from tests.helpers import clean_env
+from tests.processes import LoggedWorker, assert_healthy, spawn_worker
 from tests.sentinel import SERVICE, LocalSentinel, local_sentinel
-from tests.test_outage import WorkerProcess, assert_healthy, spawn_worker
 
 pytestmark = pytest.mark.slow
 
@@ -216,15 +216,15 @@ def trace_file(tmp_path: Path) -> Path:
     return tmp_path / "trace.txt"
 
 
-StartWorker = Callable[[str, str], WorkerProcess]
+StartWorker = Callable[[str, str], LoggedWorker]
 
 
 @pytest.fixture
 def start_worker(tmp_path: Path, trace_file: Path) -> Iterator[StartWorker]:
     """Start a ``work`` worker on a URL and namespace; all are killed at teardown."""
-    started: list[WorkerProcess] = []
+    started: list[LoggedWorker] = []
 
-    def start(url: str, namespace: str) -> WorkerProcess:
+    def start(url: str, namespace: str) -> LoggedWorker:
         log = tmp_path / f"worker-{len(started)}.log"
         worker = spawn_worker(url, namespace, ROLE, log, clean_env(SFTEST_RECORD=str(trace_file)))
         started.append(worker)
@@ -313,7 +313,7 @@ async def wait_settled(admin: Redis, namespace: str, timeout: float) -> None:
             await anyio.sleep(0.05)
 
 
-def assert_same_processes_kept_working(workers: list[WorkerProcess]) -> None:
+def assert_same_processes_kept_working(workers: list[LoggedWorker]) -> None:
     """Each worker is the process that was started, started once and logged no traceback."""
     assert_healthy(workers)
 
@@ -461,7 +461,7 @@ async def test_workers_follow_the_master_through_a_failover_under_load(
         assert first_start[message_id] <= window[1] + DUPLICATE_SLACK, report
 
 
-def handled_by_each(workers: list[WorkerProcess], trace: list[Line], ids: set[str]) -> bool:
+def handled_by_each(workers: list[LoggedWorker], trace: list[Line], ids: set[str]) -> bool:
     """Whether every worker process has finished one of the messages ``ids``."""
     pids = {line.pid for line in trace if line.event == "DONE" and line.message_id in ids}
     return all(worker.process.pid in pids for worker in workers)

@@ -44,16 +44,11 @@ from streamflow.keys import GROUP, Keys
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.inspect import inspect_roles
 from streamflow.ops.server import RedisServer
-from streamflow.protocol import (
-    CancelSignal,
-    DeadLetterReason,
-    decode_dead_letter,
-    encode,
-    encode_job_fields,
-)
+from streamflow.protocol import DeadLetterReason, encode, encode_job_fields
+from streamflow.records import CancelSignal, decode_dead_letter
 from streamflow.registry import live_workers
 from streamflow.scripts import Scripts
-from tests.dag.test_coordinator import system as task_system
+from tests.dag.helpers import system as task_system
 from tests.helpers import (
     CLI,
     ROOT,

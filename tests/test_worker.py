@@ -18,7 +18,7 @@ from streamflow.config import WorkerSettings
 from streamflow.decisions import dead
 from streamflow.delivery import Delivery, Outcome
 from streamflow.keys import GROUP, Keys
-from streamflow.protocol import decode_dead_letter
+from streamflow.records import decode_dead_letter
 from streamflow.scripts import Scripts
 from tests.helpers import pending_count, running, wait_until
 

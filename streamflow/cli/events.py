@@ -11,7 +11,8 @@ import click
 from streamflow import config
 from streamflow.cli.options import connection_options, errors_to_exit, open_client
 from streamflow.logs import echo, printable
-from streamflow.protocol import LifecycleEvent, LifecycleType, now_ms
+from streamflow.protocol import now_ms
+from streamflow.records import LifecycleEvent, LifecycleType
 
 
 @click.command()

@@ -18,7 +18,7 @@ from streamflow.client import Client
 from streamflow.dag.tasks import TaskState
 from streamflow.errors import ConfigError
 from streamflow.logs import printable
-from streamflow.protocol import LifecycleEvent
+from streamflow.records import LifecycleEvent
 
 
 async def follow(

@@ -22,11 +22,12 @@ from streamflow.cli.options import (
     errors_to_exit,
     open_client,
 )
-from streamflow.client import CancelResult
+from streamflow.client_ops import CancelResult
 from streamflow.dag import submissions
 from streamflow.errors import ConfigError
 from streamflow.logs import echo, shown
-from streamflow.protocol import check_headers, json_schemas, keep_result_ms
+from streamflow.protocol import check_headers, keep_result_ms
+from streamflow.records import json_schemas
 
 
 @click.command()

@@ -6,6 +6,11 @@ the nodes it touched) and one ``inv:<node>:<n>`` record per invocation; ``out:<n
 the keys of a node's batches in index order; ``outbox`` holds the dispatches a committed step
 decided and that are not yet confirmed published. Every change goes through one
 version-checked script (``task_commit.lua``).
+
+Slightly past the ~600 lines of the house rule on purpose: :class:`TaskStore` is the one owner
+of a task's keys, and its cache of the last committed version (what lets a step skip a load) is
+only correct if every read and write of those keys goes through it; the field codec at the end
+(``encode_state``, ``decode_state``) is the layout that cache and ``task_commit.lua`` share.
 """
 
 from __future__ import annotations
@@ -28,13 +33,8 @@ from streamflow.dag.tasks import Invocation, NodeState, Step, TaskState, TaskSta
 from streamflow.errors import InputError, StreamflowError
 from streamflow.keys import Keys
 from streamflow.logs import shown
-from streamflow.protocol import (
-    CONTROL_SUBMITTED,
-    CONTROL_TASK_FIELD,
-    CONTROL_TYPE_FIELD,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    decode_batch,
-)
+from streamflow.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_batch
+from streamflow.records import CONTROL_SUBMITTED, CONTROL_TASK_FIELD, CONTROL_TYPE_FIELD
 from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)

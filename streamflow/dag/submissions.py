@@ -40,14 +40,8 @@ from streamflow.errors import InvalidNameError, ProtocolError
 from streamflow.events import EventLog
 from streamflow.keys import Keys, validate_name
 from streamflow.logs import shown
-from streamflow.protocol import (
-    SUBMISSION_FIELD,
-    SUBMISSION_ID_FIELD,
-    Name,
-    Timestamp,
-    Version,
-    now_ms,
-)
+from streamflow.protocol import Name, Timestamp, Version, now_ms
+from streamflow.records import SUBMISSION_FIELD, SUBMISSION_ID_FIELD
 
 logger = logging.getLogger(__name__)
 

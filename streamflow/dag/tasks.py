@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from streamflow.dag.graph import FanInCount, GraphSpec, NodeSpec
-from streamflow.protocol import TaskEvent
+from streamflow.records import TaskEvent
 
 TaskStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 NodeStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]

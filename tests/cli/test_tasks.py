@@ -53,7 +53,7 @@ def services(redis_url: str, namespace: str) -> Iterator[list[str]]:
     conn = ["--redis-url", redis_url, "--namespace", namespace]
     procs = [
         subprocess.Popen(
-            [*CLI, "worker", "--app", "tests.dag.test_coordinator:app", "--block-ms", "200", *conn],
+            [*CLI, "worker", "--app", "tests.dag.helpers:app", "--block-ms", "200", *conn],
             cwd=ROOT,
             env=clean_env(),
             stderr=subprocess.DEVNULL,
@@ -234,9 +234,7 @@ def test_no_coordinator_is_said_and_coordinators_are_listed_with_their_health(
     )
     assert "still running" not in waited.stderr
 
-    coordinator = _coordinator(
-        conn, "--app", "tests.dag.test_coordinator:app", "--consumer-name", "c1"
-    )
+    coordinator = _coordinator(conn, "--app", "tests.dag.helpers:app", "--consumer-name", "c1")
     try:
         wait_for(lambda: "live (seen" in run_cli("workers", *conn).stdout, 30, "listed")
         lines = run_cli("workers", *conn).stdout.splitlines()
@@ -279,7 +277,7 @@ def test_submit_right_after_a_coordinator_starts_waits_for_its_functions(
     )
     with redis.Redis.from_url(redis_url) as plain:
         plain.sadd(Keys(namespace).known_roles(), "source")
-    coordinator = _coordinator(conn, "--app", "tests.dag.test_coordinator:app")
+    coordinator = _coordinator(conn, "--app", "tests.dag.helpers:app")
     try:
         submitted = run_cli("submit", str(graph), *conn)  # at once: the coordinator is starting
         assert submitted.returncode == 0, submitted.stderr

@@ -23,166 +23,12 @@ from streamflow.dag import store as taskstore
 from streamflow.dag.graph import RetrySpec
 from streamflow.delivery import Outcome
 from streamflow.keys import Keys
-from streamflow.protocol import PROTOCOL_VERSION, TaskEvent, encode, now_ms
+from streamflow.protocol import PROTOCOL_VERSION, encode, now_ms
+from streamflow.records import TaskEvent
+from tests.dag.helpers import app, chain, gates, seen, started, system
 from tests.helpers import pending_count, wait_for_query, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
-
-app = streamflow.App()
-#: What handlers saw, by test (keyed by task id where it matters).
-seen: dict[str, list[Any]] = {}
-#: Per (node, task id): set when that node's first job starts (the ``gate`` param waits on it).
-first_start: dict[tuple[str, str | None], anyio.Event] = {}
-
-
-def _started(node: str, task_id: str | None) -> anyio.Event:
-    return first_start.setdefault((node, task_id), anyio.Event())
-
-
-@app.role("source")
-async def source(ctx: streamflow.Context, params: dict[str, Any]) -> Any:
-    """Emit ints 0 .. n-1 in batches of ``size``, pausing between batches.
-
-    With ``gate``, it waits after its first batch until ``enrich`` has started on it.
-    """
-    for start in range(0, params["n"], params["size"]):
-        yield list(range(start, min(start + params["size"], params["n"])))
-        if params.get("gate") and start == 0:
-            await _started("enrich", ctx.task_id).wait()
-        await anyio.sleep(params.get("pause", 0))
-
-
-@app.role("enrich")
-async def enrich(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    assert ctx.batch is not None
-    seen.setdefault(f"enrich:{ctx.task_id}", []).append((ctx.batch.node, ctx.batch.index))
-    _started("enrich", ctx.task_id).set()
-    await ctx.emit([x + 1 for x in ctx.batch.items])
-    if params.get("gate") and ctx.batch.index == 0:
-        await _started("ocr", ctx.task_id).wait()  # the first enrich job ends after ocr starts
-
-
-@app.role("ocr")
-async def ocr(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    assert ctx.batch is not None
-    _started("ocr", ctx.task_id).set()
-    await ctx.emit([x * 2 for x in ctx.batch.items])
-
-
-@app.role("analyze")
-async def analyze(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    """Count and sum every input, per parent."""
-    per_parent: dict[str, list[int]] = {}
-    async for batch in ctx.inputs():
-        per_parent.setdefault(batch.node, []).extend(batch.items)
-    await ctx.emit(
-        [{"parent": p, "count": len(v), "sum": sum(v)} for p, v in sorted(per_parent.items())]
-    )
-
-
-@app.role("parents")
-async def parents(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    """Emit the parents whose output this node received."""
-    names = set()
-    async for batch in ctx.inputs():
-        names.add(batch.node)
-    await ctx.emit(sorted(names))
-
-
-@app.role("fail", retry=streamflow.RetryPolicy(max_attempts=1))
-async def fail(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    raise RuntimeError("broken on purpose")
-
-
-@app.role("fix")
-async def fix(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    await ctx.emit([ctx.failures])
-
-
-@app.role("slow")
-async def slow(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    """Run until cancelled (or for ``seconds``), recording start and cancel."""
-    seen.setdefault(f"slow:{ctx.task_id}", []).append(("start", ctx.node_id))
-    with anyio.move_on_after(params.get("seconds", 30)):
-        await ctx.cancel.wait_cancelled()
-    if ctx.cancel.cancelled:
-        seen[f"slow:{ctx.task_id}"].append(("cancelled", ctx.node_id))
-        ctx.cancel.raise_if_cancelled()
-    await ctx.emit([ctx.node_id])
-
-
-@app.role("flaky")
-async def flaky(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    seen.setdefault(f"flaky:{ctx.task_id}", []).append(ctx.attempt)
-    raise streamflow.Retry("not yet", delay=params["delay"])
-
-
-@app.role("noop")
-async def noop(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    """Nothing: a node whose only cost is the coordinator's and the worker's."""
-
-
-#: Per task id, what the ``gate`` role waits for before it finishes.
-gates: dict[str, anyio.Event] = {}
-
-
-@app.role("gate")
-async def gate(ctx: streamflow.Context, params: dict[str, Any]) -> None:
-    """Record its start, wait until the test opens its task's gate, emit one batch."""
-    assert ctx.task_id is not None
-    seen.setdefault(f"gate:{ctx.task_id}", []).append("start")
-    await gates.setdefault(ctx.task_id, anyio.Event()).wait()
-    await ctx.emit([ctx.node_id])
-
-
-@app.function("tests.count")
-def count_items(params: dict[str, Any], batches: Any) -> list[int]:
-    """A coordinator function of this app (only a coordinator started with it provides it)."""
-    return [sum(len(batch.items) for batch in batches)]
-
-
-@asynccontextmanager
-async def system(
-    redis_url: str, namespace: str, *, workers: bool = True, **coordinator_options: Any
-) -> AsyncIterator[tuple[Client, Coordinator, list[Outcome]]]:
-    """A worker for every role of ``app`` and a coordinator, running in the background."""
-    redis = connect.connect(redis_url)
-    outcomes: list[Outcome] = []
-    worker = Worker(
-        app, redis, namespace=namespace, block_ms=100, shutdown_grace=1, on_outcome=outcomes.append
-    )
-    options: dict[str, Any] = {"block_ms": 100, "sweep_interval": 0.1, **coordinator_options}
-    coordinator = Coordinator(redis, namespace=namespace, **options)
-    try:
-        async with anyio.create_task_group() as tg:
-            if workers:
-                await tg.start(worker.run)
-            await tg.start(coordinator.run)
-            yield (
-                Client(
-                    redis,
-                    namespace=namespace,
-                ),
-                coordinator,
-                outcomes,
-            )
-            worker.stop()
-            coordinator.stop()
-    finally:
-        await redis.aclose()
-
-
-def chain(n: int, size: int, pause: float = 0.0, *, gate: bool = False) -> Graph:
-    graph = Graph("five", params={"n": n, "size": size, "pause": pause, "gate": gate})
-    graph.node("source", role="source")
-    graph.node("enrich", role="enrich")
-    graph.node("ocr", role="ocr")
-    graph.node("merge", function="merge.generic")
-    graph.node("analyze", role="analyze")
-    graph.edge("source", "enrich", on="batch").edge("enrich", "ocr", on="batch")
-    graph.edge("source", "merge").edge("enrich", "merge")
-    graph.edge("ocr", "analyze").edge("merge", "analyze")
-    return graph
 
 
 @pytest.mark.slow
@@ -207,7 +53,7 @@ async def test_five_node_streaming_graph(redis_url: str, namespace: str) -> None
     # prove it: source waits after its first batch until enrich has started, and the first
     # enrich job until ocr has started, so without per-batch fan-out the task never ends. (Not
     # the node timestamps: a finish is stamped when a coordinator applies it.)
-    assert _started("enrich", task_id).is_set() and _started("ocr", task_id).is_set()
+    assert started("enrich", task_id).is_set() and started("ocr", task_id).is_set()
     # Each parent batch reached the child once, in order.
     assert seen[f"enrich:{task_id}"] == [("source", i) for i in range(10)]
 

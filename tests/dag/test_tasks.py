@@ -14,7 +14,7 @@ import pytest
 
 from streamflow.dag.graph import Graph, GraphSpec, validated
 from streamflow.dag.tasks import Dispatch, Event, Internal, Invocation, Step, TaskState, advance
-from streamflow.protocol import EventType, TaskEvent
+from streamflow.records import EventType, TaskEvent
 
 TASK = "t1"
 START_MS = 1_700_000_000_000
