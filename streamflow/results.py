@@ -5,8 +5,9 @@ publisher (``keep_result=`` on publish, or :meth:`streamflow.Client.call`) asks,
 do not use results pay nothing. The worker writes one :class:`~streamflow.protocol.JobResult`
 JSON string under :meth:`streamflow.keys.Keys.result` (the job's partition's slot) with a TTL:
 ``succeeded`` (the handler's return value) and ``cancelled`` in the same owner-checked step that
-acknowledges the job (``result.lua``), ``dead_lettered`` right after the dead letter. Readers
-``GET`` it: any language can (docs/protocol.md).
+acknowledges the job (``result.lua``, sent by the worker's batched acker with the other
+acknowledgements: see :mod:`streamflow.settle`), ``dead_lettered`` right after the dead
+letter. Readers ``GET`` it: any language can (docs/protocol.md).
 
 The readers below are written once for the asyncio and the blocking client (see
 :mod:`streamflow.steps`). Waiting for an outcome polls with a bounded backoff in one place,
@@ -17,16 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 import orjson
 from pydantic import BaseModel, ValidationError
-from redis.asyncio import Redis
 
-from streamflow import scripts
 from streamflow.errors import (
     JobCancelledError,
     JobDeadLetteredError,
@@ -56,73 +54,6 @@ class UnkeepableResult(Exception):
     def __init__(self, reason: DeadLetterReason, detail: str) -> None:
         super().__init__(detail)
         self.reason: DeadLetterReason = reason
-
-
-@dataclass(slots=True)
-class _Batch:
-    items: list[scripts.Kept] = field(default_factory=list)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    refused: set[bytes] = field(default_factory=set)
-    error: BaseException | None = None
-
-
-class Keeper:
-    """Writes one worker's kept outcomes: the deliveries that end together share one call.
-
-    The first delivery of a stream to end opens a batch, lets the event loop run the other
-    consumers once (those that end now join it), then sends it with ``result.lua``; the others
-    wait for its reply. No task of its own, no timer: a lone job is sent at once.
-
-    Args:
-        registered: The registered scripts.
-        redis: The client.
-        consumer: The worker's consumer name.
-    """
-
-    def __init__(self, registered: scripts.Scripts, redis: Redis, consumer: str) -> None:
-        self._scripts = registered
-        self._redis = redis
-        self._consumer = consumer
-        self._open: dict[str, _Batch] = {}
-
-    async def keep(self, stream: str, item: scripts.Kept) -> bool:
-        """Keep ``item`` and settle its entry; False when the entry is no longer ours.
-
-        Raises:
-            Whatever the script call raised (an outage, ``NOGROUP``), in every delivery of
-            the batch.
-        """
-        batch = self._open.get(stream)
-        if batch is not None:
-            batch.items.append(item)
-            await batch.done.wait()
-        else:
-            batch = self._open[stream] = _Batch([item])
-            try:
-                await anyio.lowlevel.checkpoint()  # the consumers ending now join the batch
-            finally:
-                del self._open[stream]
-            try:
-                batch.refused = await scripts.keep_results(
-                    self._scripts,
-                    self._redis,
-                    stream=stream,
-                    consumer=self._consumer,
-                    kept=batch.items,
-                )
-            except Exception as exc:
-                batch.error = exc
-                raise
-            except BaseException:
-                # Cancelled while the call was in flight: for the others the outcome is
-                # unknown, as after a lost reply (never the leader's cancel in their task).
-                batch.error = ConnectionError("the shared write of kept results was interrupted")
-                raise
-            finally:
-                batch.done.set()
-        if batch.error is not None:
-            raise batch.error
-        return item.entry_id not in batch.refused
 
 
 def keep_ms(role_keep_ms: int, job: Job | None) -> int:

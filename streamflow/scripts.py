@@ -213,7 +213,8 @@ async def keep_results(
 ) -> set[bytes]:
     """Keep outcomes and settle their entries, those ``consumer`` still owns; the refused ids.
 
-    One call per chunk of 1,000 (the keys of one call are all in the stream's slot).
+    One call per chunk of 1,000 (the keys of one call are all in the stream's slot). A group
+    that is gone owns nothing: every id is refused (see :func:`settle`).
     """
     refused: set[bytes] = set()
     for start in range(0, len(kept), _CHUNK):
@@ -222,7 +223,12 @@ async def keep_results(
         for k in chunk:
             args += [k.entry_id, k.record, k.ttl_ms]
         keys = [stream, *(k.key for k in chunk)]
-        refused.update(await scripts.result(keys=keys, args=args, client=redis))
+        try:
+            refused.update(await scripts.result(keys=keys, args=args, client=redis))
+        except ResponseError as exc:
+            if not is_group_lost(exc):
+                raise
+            refused.update(k.entry_id for k in chunk)
     return refused
 
 

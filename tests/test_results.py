@@ -27,8 +27,9 @@ from streamflow import (
     SyncClient,
     Worker,
 )
+from streamflow.delivery import Outcome
 from streamflow.keys import Keys
-from streamflow.protocol import JobResult, json_schemas
+from streamflow.protocol import FINAL_JOB_TYPES, JobResult, LifecycleEvent, json_schemas
 from tests.helpers import running, wait_for_query
 
 pytestmark = pytest.mark.anyio
@@ -109,6 +110,40 @@ async def test_a_plain_role_keeps_nothing_unless_the_publisher_asks(
         assert info.value.message_id == not_kept
         assert await redis.get(Keys(namespace).result("plain", not_kept)) is None
         assert 0 < await redis.pttl(Keys(namespace).result("plain", kept)) <= 5000
+
+
+async def test_kept_outcomes_are_reported_and_told_like_plain_acks(
+    redis: Redis, namespace: str
+) -> None:
+    """Kept outcomes go through the batched acker: each is still reported to ``on_outcome``
+    and told as a lifecycle event, with its record in Redis by then."""
+    keys = Keys(namespace)
+    started = anyio.Event()
+    outcomes: list[Outcome] = []
+    async with Client(redis, namespace=namespace) as client:
+        done = await client.publish_many("kept", [1, 2, 3])
+        doomed = await client.publish("kept", "wait")
+        app = results_app(started)
+        w = Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
+        with anyio.fail_after(20):
+            async with running(w):
+                await started.wait()
+                await client.cancel(doomed, target="message", reason="no longer")
+                await wait_for_query(lambda: _stat(w, "cancelled"))
+                await wait_for_query(lambda: _stat_at_least(w, "acked", 3))
+        assert {(o.message_id, o.status) for o in outcomes} == {
+            *((mid, "acked") for mid in done),
+            (doomed, "cancelled"),
+        }
+        for mid in [*done, doomed]:
+            assert await redis.exists(keys.result("kept", mid)) == 1
+        events = [
+            LifecycleEvent.model_validate(item)
+            for _, fields in await redis.xrange(keys.lifecycle())
+            for item in orjson.loads(fields[b"events"])
+        ]
+        finals = {(e.message_id, e.type) for e in events if e.type in FINAL_JOB_TYPES}
+        assert finals == {*((mid, "succeeded") for mid in done), (doomed, "cancelled")}
 
 
 async def test_failures_are_raised_as_typed_errors(redis: Redis, namespace: str) -> None:
@@ -252,6 +287,10 @@ async def test_a_worker_that_lost_the_entry_writes_no_result(redis: Redis, names
 
 async def _stat(w: Worker, name: str) -> bool:
     return bool(getattr(w.statistics(), name))
+
+
+async def _stat_at_least(w: Worker, name: str, count: int) -> bool:
+    return int(getattr(w.statistics(), name)) >= count
 
 
 def test_the_protocol_page_s_result_example_is_the_key_and_json_a_worker_writes() -> None:

@@ -26,7 +26,7 @@ import streamflow
 from streamflow import connect
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.server import RedisServer
-from streamflow.scripts import Scripts, settle
+from streamflow.scripts import Kept, Scripts, keep_results, settle
 from streamflow.streams import is_group_lost
 
 pytestmark = pytest.mark.anyio
@@ -363,6 +363,21 @@ async def test_settle_orders_ids_by_number_not_by_text(any_redis: Redis, namespa
         assert await _entries_and_pending(redis, stream) == left
         assert await settle(scripts, redis, stream, OTHER, [b"9-0"]) == []
         assert await _entries_and_pending(redis, stream) == ([b"1000-0"], {})
+
+
+async def test_keep_results_refuses_every_id_when_the_group_is_gone(
+    any_redis: Redis, namespace: str
+) -> None:
+    """As settle does: the worker's acker counts them as lost leases instead of crashing, and
+    no result is written for a job it no longer owns."""
+    redis, keys = any_redis, Keys(namespace)
+    stream = keys.role_stream("gone")
+    entry_id = await redis.xadd(stream, {"message": "{}"})
+    kept = [Kept(entry_id, keys.result("gone", "m1"), b'{"r":1}', 60_000)]
+    with anyio.fail_after(30):
+        refused = await keep_results(Scripts(redis), redis, stream=stream, consumer=ME, kept=kept)
+        assert refused == {entry_id}
+        assert await redis.exists(keys.result("gone", "m1")) == 0
 
 
 async def test_settle_deletes_exactly_the_settled_entries(any_redis: Redis, namespace: str) -> None:
