@@ -6,8 +6,9 @@ do not use results pay nothing. The worker writes one :class:`~streamflow.protoc
 JSON string under :meth:`streamflow.keys.Keys.result` (the job's partition's slot) with a TTL:
 ``succeeded`` (the handler's return value) and ``cancelled`` in the same owner-checked step that
 acknowledges the job (``result.lua``, sent by the worker's batched acker with the other
-acknowledgements: see :mod:`streamflow.settle`), ``dead_lettered`` right after the dead
-letter. Readers ``GET`` it: any language can (docs/protocol.md).
+acknowledgements: see :mod:`streamflow.settle`), ``dead_lettered`` in the step that moves the
+entry to the dead-letter stream (``dead_letter.lua``): never a dead letter without its record.
+Readers ``GET`` it: any language can (docs/protocol.md).
 
 The readers below are written once for the asyncio and the blocking client (see
 :mod:`streamflow.steps`). Waiting for an outcome polls with a bounded backoff in one place,

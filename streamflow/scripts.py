@@ -146,15 +146,20 @@ async def dead_letter(
     max_len: int,
     events: str | None = None,
     event: bytes = b"",
+    kept: Kept | None = None,
 ) -> bytes | None:
     """Move an entry to the dead-letter stream; None if ``consumer`` no longer owns it.
 
-    With ``events`` and ``event``, the same step reports a task node's failure.
+    With ``events`` and ``event``, the same step reports a task node's failure; with ``kept``,
+    it keeps the job's failure record (its ``entry_id`` is not used).
     """
     flat: list[bytes | str | int] = [GROUP, consumer, entry_id, max_len, event]
     for name, value in fields:
         flat += (name, value)
     keys = [stream, dead_stream, events or stream]
+    if kept is not None:
+        keys.append(kept.key)
+        flat += (kept.record, kept.ttl_ms)
     result = await scripts.dead_letter(keys=keys, args=flat, client=redis)
     return result if result else None
 

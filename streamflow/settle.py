@@ -227,12 +227,12 @@ class Settler:
         self.acker.keep(delivery, kept)
         self.ack_nowait(delivery, decision)
 
-    async def _keep_failure(self, delivery: Delivery, decision: Decision) -> None:
-        """Keep a dead-lettered job's failure, after the dead letter (the entry is gone)."""
+    def _failure(self, delivery: Delivery, decision: Decision) -> scripts.Kept | None:
+        """A dead-lettered job's failure record to keep (in the dead-letter step), or None."""
         job = decision.job
         ttl = self._keep_ms(delivery, job)
         if job is None or not ttl:
-            return
+            return None
         try:
             record = results.encode_record(
                 job,
@@ -243,18 +243,18 @@ class Settler:
                 detail=decision.detail[:4000],
                 error=decision.error,
             )
-            # Not in the dead-letter script (settle scripts are not changed for this): a worker
-            # killed in between leaves the dead letter alone, which `streamflow job` finds.
-            await self._redis.set(self._keys.result(delivery.shard, job.id), record, px=ttl)
-        except (results.UnkeepableResult, ResponseError, *connect.TRANSIENT_ERRORS) as exc:
+        except results.UnkeepableResult as exc:
             logger.warning(
-                "dead-lettered %s message %s but could not keep its failure as its result "
+                "dead-lettering %s message %s without keeping its failure as its result "
                 "(client.result waits for it in vain; streamflow job finds the dead letter): %s",
                 delivery.role.name,
                 job.id,
                 exc,
                 extra=_log_fields(delivery, job),
             )
+            return None
+        key = self._keys.result(delivery.shard, job.id)
+        return scripts.Kept(delivery.entry.id, key, record, ttl)
 
     def _node_event(self, delivery: Delivery, decision: Decision, type_: EventType) -> bytes:
         job = decision.job or delivery.job
@@ -350,9 +350,9 @@ class Settler:
             max_len=self._dead_max_len,
             events=self._keys.events(delivery.shard) if node_job else None,
             event=self._node_event(delivery, decision, "failed") if node_job else b"",
+            kept=self._failure(delivery, decision),
         )
         if moved is not None:
-            await self._keep_failure(delivery, decision)
             logger.warning(
                 "dead-lettered %s entry %s (message %s): %s: %s",
                 delivery.role.name,

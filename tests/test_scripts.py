@@ -158,6 +158,15 @@ async def _dead_lettered(redis: Redis, s: Setup, before: State, after: State) ->
     assert fields == {b"reason": b"failed"}
 
 
+async def _dead_lettered_kept(redis: Redis, s: Setup, before: State, after: State) -> None:
+    assert after.entries == [] and after.pending == []
+    assert (after.dead, after.events) == (1, 0)
+    [(_, fields)] = await redis.xrange(s.dead)
+    assert fields == {b"reason": b"failed"}  # the record is not a field of the dead letter
+    assert after.result == b'{"f":1}'
+    assert 0 < await redis.pttl(s.result) <= 60_000
+
+
 async def _emitted(redis: Redis, s: Setup, before: State, after: State) -> None:
     assert (after.entries, after.pending) == (before.entries, before.pending)
     assert (after.batch, after.events) == (b"[1]", 1)
@@ -219,6 +228,17 @@ CONTRACTS: dict[str, Contract] = {
         refused=None,
         effect=_dead_lettered,
     ),
+    # A job whose outcome is kept: its failure record is written in the same step.
+    "dead_letter.lua (kept)": Contract(
+        _one(
+            "dead_letter",
+            lambda s: [s.stream, s.dead, s.stream, s.result],
+            lambda s: [GROUP, ME, s.entry_id, 100, "", "reason", "failed", '{"f":1}', 60_000],
+        ),
+        done="new id",
+        refused=None,
+        effect=_dead_lettered_kept,
+    ),
     "emit.lua": Contract(
         _one(
             "emit",
@@ -253,7 +273,7 @@ CONTRACTS: dict[str, Contract] = {
 
 
 def test_every_fenced_script_has_a_contract() -> None:
-    assert set(CONTRACTS) == Scripts.FENCED
+    assert {name.split()[0] for name in CONTRACTS} == Scripts.FENCED
 
 
 def test_the_owner_check_is_written_only_in_the_fence_prelude() -> None:

@@ -205,7 +205,7 @@ WORKER = PartRules(
         EVENTS: "task node events: XADD accepted, emit/finish/dead_letter.lua",
         STARTS: "starts of redelivered entries: GET, MULTI INCRBY PEXPIRE EXEC",
         BATCH: "emit.lua SET of an emitted batch; GET of an input batch",
-        RESULT: "result.lua SET PX of a kept outcome; SET PX of a dead-lettered one",
+        RESULT: "result.lua and dead_letter.lua: SET PX of a kept outcome",
         ROLE_CONFIG: "HSETNX + HGET of the role's partitions at start-up",
         SIGNALS: "XREVRANGE (start position), XREAD (follow)",
         CANCEL_MARKER: "GET at start-up; mark_cancel.lua SET NX PX, PTTL",
@@ -264,7 +264,12 @@ WORKER = PartRules(
             (ROLE_STREAM,),
         ),
         Narrow(
-            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua"},
+            {
+                "set": (
+                    "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua, "
+                    "dead_letter.lua"
+                )
+            },
             (
                 CONSUMER_ALIVE,
                 CONSUMER_INFO,
