@@ -605,7 +605,8 @@ class Client:
         async def read() -> JobRecord | None:
             return await steps.run(results.read_kept(self.redis, keys))
 
-        return results.outcome(await results.wait_kept(read, message_id, timeout))
+        news = results.EndEvents(self.redis, pub.keys, message_id)
+        return results.outcome(await results.wait_kept(read, message_id, timeout, news))
 
     @_public("calling a role")
     async def call(

@@ -26,6 +26,7 @@ from streamflow import (
     ResultTimeoutError,
     SyncClient,
     Worker,
+    results,
 )
 from streamflow.delivery import Outcome
 from streamflow.keys import Keys
@@ -216,6 +217,60 @@ async def test_sync_client_result_and_call(redis: Redis, redis_url: str, namespa
         async with running(worker(results_app(), redis, namespace)):
             await anyio.to_thread.run_sync(sync_side)
     assert outcome == {"call": {"total": 9}, "error": "fatal"}
+
+
+def slow_app(gate: threading.Event) -> App:
+    """Roles whose jobs end when ``gate`` is set: one tells events, one does not."""
+    app = App()
+
+    async def wait_for_gate(ctx: Context, payload: Any) -> Any:
+        while not gate.is_set():
+            await anyio.sleep(0.01)
+        return payload
+
+    app.role("told", keep_result=60)(wait_for_gate)
+    app.role("untold", keep_result=60, events=False)(wait_for_gate)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("role", "recheck", "watchers"),
+    [
+        ("told", 60.0, results.MAX_WATCHERS),  # woken by the final event, not the re-check
+        ("untold", 0.2, results.MAX_WATCHERS),  # no event: the re-check finds it
+        ("told", 60.0, 0),  # past the waiters that may watch: polls
+    ],
+)
+async def test_a_long_wait_ends_on_the_final_event_or_the_recheck(
+    redis: Redis,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    role: str,
+    recheck: float,
+    watchers: int,
+) -> None:
+    monkeypatch.setattr(results, "RECHECK", recheck)
+    monkeypatch.setattr(results, "MAX_WATCHERS", watchers)
+    gate = threading.Event()
+    async with Client(redis, namespace=namespace) as client:
+        mid = await client.publish(role, "done")
+        with anyio.fail_after(20):
+            async with running(worker(slow_app(gate), redis, namespace)):
+                async with anyio.create_task_group() as tg:
+                    got: list[Any] = []
+
+                    async def wait() -> None:
+                        got.append(await client.result(mid, role=role, timeout=30))
+
+                    tg.start_soon(wait)
+                    await anyio.sleep(0.5)  # past the quick polls: waiting on events now
+                    assert got == []
+                    gate.set()
+                    with anyio.fail_after(5):  # well before the 60 s re-check
+                        while not got:
+                            await anyio.sleep(0.01)
+                assert got == ["done"]
+                assert results._watchers.get(redis, 0) == 0
 
 
 async def test_a_result_is_readable_with_plain_redis_cli(
