@@ -400,6 +400,27 @@ async def test_keep_results_refuses_every_id_when_the_group_is_gone(
         assert await redis.exists(keys.result("gone", "m1")) == 0
 
 
+async def test_keep_results_keeps_and_settles_exactly_the_owned_entries_of_a_batch(
+    any_redis: Redis, namespace: str
+) -> None:
+    """Each owned entry gets its own record and leaves the stream; a foreign one neither."""
+    redis, keys = any_redis, Keys(namespace)
+    stream = keys.role_stream("batch")
+    ids = [await redis.xadd(stream, {"message": "{}"}) for _ in range(4)]
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, ME, {stream: ">"})
+    await redis.xclaim(stream, GROUP, OTHER, 0, [ids[2]])
+    kept = [Kept(i, keys.result("batch", f"m{n}"), b"%d" % n, 60_000) for n, i in enumerate(ids)]
+    with anyio.fail_after(30):
+        refused = await keep_results(
+            Scripts(redis), redis, stream=stream, consumer=ME, kept=kept[::-1]
+        )
+        assert refused == {ids[2]}
+        values = [await redis.get(keys.result("batch", f"m{n}")) for n in range(4)]
+        assert values == [b"0", b"1", None, b"3"]
+        assert await _entries_and_pending(redis, stream) == ([ids[2]], {ids[2]: b"other"})
+
+
 async def test_settle_deletes_exactly_the_settled_entries(any_redis: Redis, namespace: str) -> None:
     """Random batches over several stream nodes (100 entries each), out of order, with ids
     another consumer holds and ids already settled: after each one the stream holds exactly the
