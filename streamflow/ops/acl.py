@@ -162,7 +162,8 @@ PUBLISHER = PartRules(
         TASK_STATE: "submit: task_commit.lua (HGET v, HSET); submit --wait: HGET",
         TASK_OUTBOX: "submit: a key of task_commit.lua (not written at creation)",
         RESULT: "result, call: GET of a job's kept outcome",
-        LIFECYCLE: "submit --wait: XREVRANGE (start position), XREAD (the task's events)",
+        LIFECYCLE: "submit --wait, result, call: XREVRANGE (start position), XREAD (the task's "
+        "or the job's events)",
     },
     commands={
         **_CONNECTION,
@@ -187,8 +188,8 @@ PUBLISHER = PartRules(
         # Reads of the lifecycle events only: a publisher follows news, never reads jobs.
         Narrow(
             {
-                "xrevrange": "submit --wait (the lifecycle events' start position)",
-                "xread": "submit --wait (the task's lifecycle events)",
+                "xrevrange": "submit --wait, result, call (the events' start position)",
+                "xread": "submit --wait, result, call (the task's or the job's events)",
             },
             (LIFECYCLE,),
         ),
