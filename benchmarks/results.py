@@ -6,19 +6,29 @@ result written by ``result.lua`` with its acknowledgement), alternating so drift
 three; then ``Client.call`` round trips, one at a time (idle) and from 16 concurrent callers
 (loaded). See docs/benchmarks.md ("Results and call").
 
-    PYTHONPATH=. .venv/bin/python benchmarks/results.py [--quick] [--write]
+With ``--baseline DIR`` (a snapshot of another commit's ``streamflow`` package, e.g. from
+``git archive <commit> streamflow | tar -x -C DIR``), each round also drains the kept role with
+a worker importing that snapshot, and the calls run once more from a process importing it:
+before and after in one run, alternating, on the same Redis.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/results.py [--quick] [--write] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from _common import (
     REPO_ROOT,
@@ -120,39 +130,86 @@ async def calls(url: str) -> tuple[list[float], list[float]]:
         await client.aclose()
 
 
-def run(url: str, n: int) -> tuple[dict[str, list[Drain]], list[float], list[float], str]:
+@contextlib.contextmanager
+def importing(baseline: Path) -> Iterator[None]:
+    """Worker processes started in the block import ``streamflow`` from ``baseline``."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(baseline)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def baseline_calls(url: str, baseline: Path) -> tuple[list[float], list[float]]:
+    """:func:`calls` in a process that imports ``streamflow`` from ``baseline``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(baseline), str(Path(__file__).parent)])}
+    out = subprocess.run(
+        [sys.executable, __file__, "--calls-only", "--redis-url", url],
+        env=env,
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    found = json.loads(out.stdout.splitlines()[-1])
+    return found["idle"], found["loaded"]
+
+
+Calls = dict[str, tuple[list[float], list[float]]]
+
+
+def run(url: str, n: int, baseline: Path | None) -> tuple[dict[str, list[Drain]], Calls, str]:
     version = on_loop("asyncio", redis_version, url)
     drains: dict[str, list[Drain]] = {"bare": [], "plain": [], "kept": []}
+    if baseline is not None:
+        drains["kept_before"] = []
     for i in range(ROUNDS):
         drains["bare"].append(on_loop("asyncio", bare_loop, url, n))
         drains["plain"].append(on_loop("asyncio", drain, url, n, "worker, results not kept", None))
+        if baseline is not None:
+            with importing(baseline):
+                drains["kept_before"].append(
+                    on_loop("asyncio", drain, url, n, "results kept, before", KEEP_SECONDS)
+                )
         drains["kept"].append(
             on_loop("asyncio", drain, url, n, "worker, results kept", KEEP_SECONDS)
         )
         rates = ", ".join(f"{k} {v[-1].rate:,.0f}" for k, v in drains.items())
         progress(f"round {i + 1}: {rates} msgs/s")
-    idle, loaded = on_loop("asyncio", calls, url)
-    return drains, idle, loaded, version
+    timed: Calls = {}
+    if baseline is not None:
+        timed["before"] = baseline_calls(url, baseline)
+    timed["now"] = on_loop("asyncio", calls, url)
+    return drains, timed, version
 
 
-def rows(drains: dict[str, list[Drain]], idle: list[float], loaded: list[float]) -> list[list[str]]:
+def rows(drains: dict[str, list[Drain]], timed: Calls, before: str) -> list[list[str]]:
     bare = statistics.median(d.rate for d in drains["bare"])
     out = []
     for key, label in (
         ("bare", "bare redis-py loop"),
         ("plain", "worker, results not kept"),
+        ("kept_before", f"worker, results kept ({KEEP_SECONDS} s), before ({before})"),
         ("kept", f"worker, results kept ({KEEP_SECONDS} s)"),
     ):
+        if key not in drains:
+            continue
         rate = statistics.median(d.rate for d in drains[key])
         cpu = statistics.median(d.redis_cpu_us for d in drains[key])
         mine = statistics.median(d.consumer_cpu_us or 0.0 for d in drains[key])
         every = " / ".join(f"{d.rate:,.0f}" for d in drains[key])
         cells = [f"{rate:,.0f} msgs/s", f"{rate / bare:.2f}", f"{cpu:.1f} µs", f"{mine:.1f} µs"]
         out.append([label, *cells, every])
-    for label, ms in (("idle", idle), (f"{CALLERS} concurrent callers", loaded)):
-        p50, p99 = percentile(ms, 50), percentile(ms, 99)
-        figure = f"`call` round trip, {label}"
-        out.append([figure, f"p50 {p50:.2f} ms", "", "", "", f"p99 {p99:.2f} ms"])
+    for when, (idle, loaded) in timed.items():
+        for label, ms in (("idle", idle), (f"{CALLERS} concurrent callers", loaded)):
+            p50, p99 = percentile(ms, 50), percentile(ms, 99)
+            figure = f"`call` round trip, {label}"
+            if when == "before":
+                figure += f", before ({before})"
+            out.append([figure, f"p50 {p50:.2f} ms", "", "", "", f"p99 {p99:.2f} ms"])
     return out
 
 
@@ -169,15 +226,21 @@ HEADER = [
 def render(table: Sequence[Sequence[str]], n: int, version: str, date: str) -> str:
     intro = (
         f"Measured {date} by `benchmarks/results.py`; N = {n:,} messages per drain, {ROUNDS} "
-        f"rounds alternating the three drains; {CALLS:,} calls each way; machine: 2 cores, "
+        f"rounds alternating the drains; {CALLS:,} calls each way; machine: 2 cores, "
         f"shared; redis-server {version} (private, loopback, no persistence); streamflow "
         f"{git_revision()}; Python {sys.version.split()[0]}; asyncio. A role that keeps no "
         "results runs the same code path as before results existed (one attribute check per "
-        "job); kept results are written by `result.lua`, one call shared by the jobs that end "
-        "together (an owner check and a `SET` per job), instead of the batched acknowledgement. "
-        "`call` publishes, then polls the result key (0.5 ms, growing "
-        "to 100 ms) until the worker wrote it."
+        "job); kept results are written by `result.lua` from the batched acker (one call per "
+        "stream per flush: an owner check and a `SET` per job), and the consumer does not wait "
+        "for it, as for a plain acknowledgement. `call` publishes, then polls the result key "
+        "(0.5 ms, growing) for about 0.13 s, then waits for the job's final lifecycle event "
+        "(re-reading every 0.5 s)."
     )
+    if any("before (" in row[0] for row in table):  # with --baseline
+        intro += (
+            " Rows marked before: the same role and calls with the streamflow of that commit, "
+            "in the same run (its drain alternating with the others in each round)."
+        )
     return "\n".join([SECTION, "", intro, "", markdown_table(HEADER, table)])
 
 
@@ -186,12 +249,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"N = {QUICK_MESSAGES:,}")
     parser.add_argument("--redis-url", help="use this Redis instead of starting a private one")
     parser.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in {DOC}")
+    parser.add_argument("--baseline", type=Path, help="also measure this streamflow snapshot")
+    parser.add_argument("--baseline-name", default="baseline", help="its name in the table")
+    parser.add_argument("--calls-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.calls_only:  # the baseline's calls (see baseline_calls)
+        idle, loaded = on_loop("asyncio", calls, args.redis_url)
+        print(json.dumps({"idle": idle, "loaded": loaded}))
+        return
     n = QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES
     date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     with redis_url(args.redis_url) as url:
-        drains, idle, loaded, version = run(url, n)
-    table = rows(drains, idle, loaded)
+        drains, timed, version = run(url, n, args.baseline)
+    table = rows(drains, timed, args.baseline_name)
     print(text_table(HEADER, table))
     markdown = render(table, n, version, date)
     print(markdown)

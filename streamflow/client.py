@@ -345,7 +345,8 @@ class Client(TaskMethods, ControlMethods):
         async def read() -> JobRecord | None:
             return await steps.run(results.read_kept(self.redis, keys))
 
-        return results.outcome(await results.wait_kept(read, message_id, timeout))
+        news = results.EndEvents(self.redis, pub.keys, message_id)
+        return results.outcome(await results.wait_kept(read, message_id, timeout, news))
 
     @public_method("calling a role")
     async def call(

@@ -131,8 +131,8 @@ class JobResult(WireModel):
     """How a job ended, kept under its result key when its role or its publisher asks.
 
     Written by the worker that settled the job, in the same owner-checked step as the
-    acknowledgement (``succeeded``, ``cancelled``) or right after the dead letter
-    (``dead_lettered``); it expires after the time asked for.
+    acknowledgement (``succeeded``, ``cancelled``) or as the dead letter (``dead_lettered``);
+    it expires after the time asked for.
 
     Attributes:
         protocol: The protocol version, 1.

@@ -5,20 +5,26 @@ publisher (``keep_result=`` on publish, or :meth:`streamflow.Client.call`) asks,
 do not use results pay nothing. The worker writes one :class:`~streamflow.records.JobResult`
 JSON string under :meth:`streamflow.keys.Keys.result` (the job's partition's slot) with a TTL:
 ``succeeded`` (the handler's return value) and ``cancelled`` in the same owner-checked step that
-acknowledges the job (``result.lua``), ``dead_lettered`` right after the dead letter. Readers
-``GET`` it: any language can (docs/protocol.md).
+acknowledges the job (``result.lua``, sent by the worker's batched acker with the other
+acknowledgements: see :mod:`streamflow.settle`), ``dead_lettered`` in the step that moves the
+entry to the dead-letter stream (``dead_letter.lua``): never a dead letter without its record.
+Readers ``GET`` it: any language can (docs/protocol.md).
 
 The readers below are written once for the asyncio and the blocking client (see
-:mod:`streamflow.steps`). Waiting for an outcome polls with a bounded backoff in one place,
-:func:`wait_kept`, the seam that the lifecycle events stream replaces.
+:mod:`streamflow.steps`). Waiting for an outcome is written once too, :func:`wait_for_end`: a
+few quick reads first (most jobs end within milliseconds, sooner than workers write their
+buffered events), then a wait on the job's final lifecycle event with a periodic re-check
+(events are best effort; a role can turn them off).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 import anyio
 import anyio.lowlevel
@@ -26,7 +32,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
-from streamflow import scripts
+from streamflow import events
 from streamflow.errors import (
     JobCancelledError,
     JobDeadLetteredError,
@@ -37,7 +43,7 @@ from streamflow.errors import (
 from streamflow.keys import Keys
 from streamflow.partitions import LayoutCache, read_record
 from streamflow.protocol import PROTOCOL_VERSION, DeadLetterReason, Job, now_ms
-from streamflow.records import ErrorInfo, JobOutcome, JobResult
+from streamflow.records import FINAL_JOB_TYPES, ErrorInfo, JobOutcome, JobResult
 from streamflow.steps import Steps
 
 _T = TypeVar("_T")
@@ -49,73 +55,6 @@ class UnkeepableResult(Exception):
     def __init__(self, reason: DeadLetterReason, detail: str) -> None:
         super().__init__(detail)
         self.reason: DeadLetterReason = reason
-
-
-@dataclass(slots=True)
-class _Batch:
-    items: list[scripts.Kept] = field(default_factory=list)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    refused: set[bytes] = field(default_factory=set)
-    error: BaseException | None = None
-
-
-class Keeper:
-    """Writes one worker's kept outcomes: the deliveries that end together share one call.
-
-    The first delivery of a stream to end opens a batch, lets the event loop run the other
-    consumers once (those that end now join it), then sends it with ``result.lua``; the others
-    wait for its reply. No task of its own, no timer: a lone job is sent at once.
-
-    Args:
-        registered: The registered scripts.
-        redis: The client.
-        consumer: The worker's consumer name.
-    """
-
-    def __init__(self, registered: scripts.Scripts, redis: Redis, consumer: str) -> None:
-        self._scripts = registered
-        self._redis = redis
-        self._consumer = consumer
-        self._open: dict[str, _Batch] = {}
-
-    async def keep(self, stream: str, item: scripts.Kept) -> bool:
-        """Keep ``item`` and settle its entry; False when the entry is no longer ours.
-
-        Raises:
-            Whatever the script call raised (an outage, ``NOGROUP``), in every delivery of
-            the batch.
-        """
-        batch = self._open.get(stream)
-        if batch is not None:
-            batch.items.append(item)
-            await batch.done.wait()
-        else:
-            batch = self._open[stream] = _Batch([item])
-            try:
-                await anyio.lowlevel.checkpoint()  # the consumers ending now join the batch
-            finally:
-                del self._open[stream]
-            try:
-                batch.refused = await scripts.keep_results(
-                    self._scripts,
-                    self._redis,
-                    stream=stream,
-                    consumer=self._consumer,
-                    kept=batch.items,
-                )
-            except Exception as exc:
-                batch.error = exc
-                raise
-            except BaseException:
-                # Cancelled while the call was in flight: for the others the outcome is
-                # unknown, as after a lost reply (never the leader's cancel in their task).
-                batch.error = ConnectionError("the shared write of kept results was interrupted")
-                raise
-            finally:
-                batch.done.set()
-        if batch.error is not None:
-            raise batch.error
-        return item.entry_id not in batch.refused
 
 
 def keep_ms(role_keep_ms: int, job: Job | None) -> int:
@@ -251,6 +190,40 @@ def read_kept(redis: Any, candidates: list[str]) -> Steps[JobResult | None]:
 
 #: The waits between two reads of a result key: from 0.5 ms, growing by half, to 100 ms.
 FIRST_POLL, POLL_GROWTH, LAST_POLL = 0.0005, 1.5, 0.1
+#: Once the wait between two reads would reach this (about 0.13 s of polling), the waiter
+#: waits for the job's final lifecycle event instead: workers buffer events for
+#: :data:`streamflow.events.LINGER` (0.05 s), so before that polling finds the end sooner.
+WATCH_FROM = 0.04
+#: While waiting for the event, the outcome is read again at least this often (s): an event
+#: may be missing (best effort, or turned off for the role).
+RECHECK = 0.5
+#: Waiters of one Redis client that wait on events at most; others poll (each holds one of
+#: the pool's connections in a blocking read).
+MAX_WATCHERS = 8
+
+#: Per Redis client, how many of its waiters wait on events now.
+_watchers: WeakKeyDictionary[Any, int] = WeakKeyDictionary()
+
+
+@dataclass(frozen=True, slots=True)
+class EndEvents:
+    """Where a waiter hears of a job's end: its final lifecycle event (see :func:`wait_for_end`).
+
+    Attributes:
+        redis: The client (its socket timeout exceeds the 1 s blocking read).
+        keys: Key names.
+        message_id: The job's id.
+    """
+
+    redis: Redis
+    keys: Keys
+    message_id: str
+
+    def watching(self) -> AbstractAsyncContextManager[events.Waker]:
+        """A waker fed by the job's final events from now on."""
+        return events.watching(
+            self.redis, self.keys, message_id=self.message_id, types=FINAL_JOB_TYPES
+        )
 
 
 def _timed_out(message_id: str, timeout: float | None) -> ResultTimeoutError:
@@ -264,34 +237,65 @@ def _timed_out(message_id: str, timeout: float | None) -> ResultTimeoutError:
 async def wait_for_end(
     check: Callable[[], Awaitable[_T | None]],
     timeout: float | None,  # noqa: ASYNC109 - the caller's limit, applied here
+    news: EndEvents | None = None,
 ) -> _T | None:
     """Call ``check`` until it returns something (a job ended); None once ``timeout`` passed.
 
     The one place that waits for a job to end (:meth:`streamflow.Client.result`, ``call``,
-    ``streamflow job --wait``). It polls with a bounded backoff (0.5 ms growing to 100 ms); the
-    lifecycle events stream will replace this body with a subscription, keeping the contract.
+    ``streamflow job --wait``). It polls with a growing wait (0.5 ms on) for about 0.13 s;
+    then, given ``news``, it waits for the job's final lifecycle event and checks again when
+    one comes, and every :data:`RECHECK` seconds; without (or past :data:`MAX_WATCHERS`
+    waiters), it polls on, every 0.1 s at most.
     """
     found = await check()  # at least once, whatever the timeout
     pause = FIRST_POLL
     with anyio.move_on_after(timeout):
-        while found is None:
+        while found is None and (news is None or pause < WATCH_FROM):
             await anyio.sleep(pause)  # the outcome lands in Redis: poll it (see above)
             pause = min(pause * POLL_GROWTH, LAST_POLL)
             found = await check()
+        if found is None and news is not None:
+            found = await _watch(check, news)
     return found
+
+
+async def _watch(check: Callable[[], Awaitable[_T | None]], news: EndEvents) -> _T | None:
+    """Check again on each final event of the job, and every :data:`RECHECK` s (forever)."""
+    redis = news.redis
+    if _watchers.get(redis, 0) >= MAX_WATCHERS:
+        return await _poll(check, LAST_POLL)
+    _watchers[redis] = _watchers.get(redis, 0) + 1
+    try:
+        async with news.watching() as waker:
+            found = await check()  # the end may have come before the subscription
+            while found is None:
+                await waker.wait(RECHECK)
+                found = await check()
+            return found
+    finally:
+        _watchers[redis] -= 1
+
+
+async def _poll(check: Callable[[], Awaitable[_T | None]], pause: float) -> _T:
+    while True:
+        await anyio.sleep(pause)
+        found = await check()
+        if found is not None:
+            return found
 
 
 async def wait_kept(
     read: Callable[[], Awaitable[JobResult | None]],
     message_id: str,
     timeout: float | None,  # noqa: ASYNC109 - the caller's limit, applied here
+    news: EndEvents | None = None,
 ) -> JobResult:
     """Read until an outcome is kept (see :func:`wait_for_end`).
 
     Raises:
         ResultTimeoutError: Nothing kept within ``timeout`` seconds (None: wait for ever).
     """
-    record = await wait_for_end(read, timeout)
+    record = await wait_for_end(read, timeout, news)
     if record is None:
         raise _timed_out(message_id, timeout)
     return record

@@ -146,15 +146,20 @@ async def dead_letter(
     max_len: int,
     events: str | None = None,
     event: bytes = b"",
+    kept: Kept | None = None,
 ) -> bytes | None:
     """Move an entry to the dead-letter stream; None if ``consumer`` no longer owns it.
 
-    With ``events`` and ``event``, the same step reports a task node's failure.
+    With ``events`` and ``event``, the same step reports a task node's failure; with ``kept``,
+    it keeps the job's failure record (its ``entry_id`` is not used).
     """
     flat: list[bytes | str | int] = [GROUP, consumer, entry_id, max_len, event]
     for name, value in fields:
         flat += (name, value)
     keys = [stream, dead_stream, events or stream]
+    if kept is not None:
+        keys.append(kept.key)
+        flat += (kept.record, kept.ttl_ms)
     result = await scripts.dead_letter(keys=keys, args=flat, client=redis)
     return result if result else None
 
@@ -213,7 +218,8 @@ async def keep_results(
 ) -> set[bytes]:
     """Keep outcomes and settle their entries, those ``consumer`` still owns; the refused ids.
 
-    One call per chunk of 1,000 (the keys of one call are all in the stream's slot).
+    One call per chunk of 1,000 (the keys of one call are all in the stream's slot). A group
+    that is gone owns nothing: every id is refused (see :func:`settle`).
     """
     refused: set[bytes] = set()
     for start in range(0, len(kept), _CHUNK):
@@ -222,7 +228,12 @@ async def keep_results(
         for k in chunk:
             args += [k.entry_id, k.record, k.ttl_ms]
         keys = [stream, *(k.key for k in chunk)]
-        refused.update(await scripts.result(keys=keys, args=args, client=redis))
+        try:
+            refused.update(await scripts.result(keys=keys, args=args, client=redis))
+        except ResponseError as exc:
+            if not is_group_lost(exc):
+                raise
+            refused.update(k.entry_id for k in chunk)
     return refused
 
 

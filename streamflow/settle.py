@@ -86,8 +86,6 @@ class Settler:
         self._on_scheduled = on_scheduled
         self.stats = WorkerStatistics()
         self.acker = _Acker(self)
-        #: Writes kept outcomes (only for roles and jobs that ask), in shared calls.
-        self.keeper = results.Keeper(scripts, redis, consumer)
         #: Where the lifecycle events of settled jobs go, or None (no events at all).
         self.events: EventLog | None = None
 
@@ -97,17 +95,20 @@ class Settler:
         if self.events is not None:
             # The handler ended: the progress it held back goes before its final event.
             self.events.last_progress(delivery.context)
-        record = None
         if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
-            if not self._keep_ms(delivery, job):
+            keep_ms = self._keep_ms(delivery, job)
+            if not keep_ms:
                 self.ack_nowait(delivery, decision)
                 return
-            decision, record = self._outcome(delivery, decision)
+            decision, kept = self._outcome(delivery, decision, keep_ms)
+            if kept is not None:
+                self._ack_kept_nowait(delivery, decision, kept)
+                return
         delivery.settling = True
         # Settling writes finish even when the worker is being cancelled, within a time limit.
         with anyio.move_on_after(10, shield=True):
             try:
-                status = await self._settle_one(delivery, decision, record)
+                status = await self._settle_one(delivery, decision)
             except connect.TRANSIENT_ERRORS as exc:
                 # Applied, or still pending under this consumer: then adopted after the lease
                 # TTL, or resumed by a restart with the same consumer name.
@@ -176,17 +177,13 @@ class Settler:
             job = decision.job or delivery.job
             self.acker.add_cancelled(delivery, job.id if job else None)
 
-    async def _settle_one(
-        self, delivery: Delivery, decision: Decision, record: bytes | None = None
-    ) -> OutcomeStatus:
+    async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
         if decision.kind == "lost" or delivery.lost:
             return "lost"
         if decision.kind == "release":
             return "released" if await self._leases.release(delivery) else "lost"
         if decision.kind == "retry":
             return "retried" if await self._schedule_retry(delivery, decision) else "lost"
-        if record is not None:
-            return await self._keep(delivery, decision, record)
         if decision.kind in ("ack", "cancelled"):
             return await self._finish_node(delivery, decision)
         return "dead_lettered" if await self._dead_letter(delivery, decision) else "lost"
@@ -196,7 +193,9 @@ class Settler:
     def _keep_ms(self, delivery: Delivery, job: Job | None) -> int:
         return results.keep_ms(delivery.role.keep_result_ms, job)
 
-    def _outcome(self, delivery: Delivery, decision: Decision) -> tuple[Decision, bytes | None]:
+    def _outcome(
+        self, delivery: Delivery, decision: Decision, keep_ms: int
+    ) -> tuple[Decision, scripts.Kept | None]:
         """The record of an ``ack`` or ``cancelled`` to keep; a dead letter if it cannot be."""
         job = decision.job or delivery.job
         assert job is not None
@@ -212,32 +211,24 @@ class Settler:
             )
         except results.UnkeepableResult as exc:
             return decisions.dead(exc.reason, str(exc), job), None
-        return decision, record
+        key = self._keys.result(delivery.shard, job.id)
+        return decision, scripts.Kept(delivery.entry.id, key, record, keep_ms)
 
-    async def _keep(self, delivery: Delivery, decision: Decision, record: bytes) -> OutcomeStatus:
-        """Keep the outcome and settle the entry in one owner-checked step (``result.lua``).
+    def _ack_kept_nowait(self, delivery: Delivery, decision: Decision, kept: scripts.Kept) -> None:
+        """Queue an ``ack`` or ``cancelled`` whose outcome is kept, for the acker's next batch.
 
-        Deliveries ending together share the call (see :class:`streamflow.results.Keeper`).
+        The acker writes the records with the acknowledgements, in one owner-checked call per
+        stream (``result.lua``): the consumer does not wait for it, as for a plain ack.
         """
-        job = decision.job or delivery.job
-        assert job is not None
-        item = scripts.Kept(
-            delivery.entry.id,
-            self._keys.result(delivery.shard, job.id),
-            record,
-            self._keep_ms(delivery, job),
-        )
-        kept = await self.keeper.keep(delivery.stream, item)
-        if not kept:
-            return "lost"
-        return "acked" if decision.kind == "ack" else "cancelled"
+        self.acker.keep(delivery, kept)
+        self.ack_nowait(delivery, decision)
 
-    async def _keep_failure(self, delivery: Delivery, decision: Decision) -> None:
-        """Keep a dead-lettered job's failure, after the dead letter (the entry is gone)."""
+    def _failure(self, delivery: Delivery, decision: Decision) -> scripts.Kept | None:
+        """A dead-lettered job's failure record to keep (in the dead-letter step), or None."""
         job = decision.job
         ttl = self._keep_ms(delivery, job)
         if job is None or not ttl:
-            return
+            return None
         try:
             record = results.encode_record(
                 job,
@@ -248,18 +239,18 @@ class Settler:
                 detail=decision.detail[:4000],
                 error=decision.error,
             )
-            # Not in the dead-letter script (settle scripts are not changed for this): a worker
-            # killed in between leaves the dead letter alone, which `streamflow job` finds.
-            await self._redis.set(self._keys.result(delivery.shard, job.id), record, px=ttl)
-        except (results.UnkeepableResult, ResponseError, *connect.TRANSIENT_ERRORS) as exc:
+        except results.UnkeepableResult as exc:
             logger.warning(
-                "dead-lettered %s message %s but could not keep its failure as its result "
+                "dead-lettering %s message %s without keeping its failure as its result "
                 "(client.result waits for it in vain; streamflow job finds the dead letter): %s",
                 delivery.role.name,
                 job.id,
                 exc,
                 extra=_log_fields(delivery, job),
             )
+            return None
+        key = self._keys.result(delivery.shard, job.id)
+        return scripts.Kept(delivery.entry.id, key, record, ttl)
 
     def _node_event(self, delivery: Delivery, decision: Decision, type_: EventType) -> bytes:
         job = decision.job or delivery.job
@@ -355,9 +346,9 @@ class Settler:
             max_len=self._dead_max_len,
             events=self._keys.events(delivery.shard) if node_job else None,
             event=self._node_event(delivery, decision, "failed") if node_job else b"",
+            kept=self._failure(delivery, decision),
         )
         if moved is not None:
-            await self._keep_failure(delivery, decision)
             logger.warning(
                 "dead-lettered %s entry %s (message %s): %s: %s",
                 delivery.role.name,
@@ -468,6 +459,8 @@ class _Acker:
         self._pending: dict[str, list[Delivery]] = defaultdict(list)
         # The message ids of deliveries acknowledged as cancelled, until they are reported.
         self._cancelled: dict[Delivery, str | None] = {}
+        # The outcomes to keep with their acknowledgements (only for roles and jobs that ask).
+        self._kept: dict[Delivery, scripts.Kept] = {}
         self._wakeup = anyio.Event()
         self._lock = anyio.Lock()
         self._backoff = connect.Backoff("acknowledging")
@@ -488,6 +481,10 @@ class _Acker:
         """Queue the acknowledgement of a cancelled delivery (``cancelled``)."""
         self._cancelled[delivery] = message_id
         self.add(delivery)
+
+    def keep(self, delivery: Delivery, kept: scripts.Kept) -> None:
+        """Write ``kept`` with the acknowledgement of ``delivery`` (queued next by the caller)."""
+        self._kept[delivery] = kept
 
     async def run(self) -> None:
         while True:
@@ -518,16 +515,18 @@ class _Acker:
     async def _settle(self, batch: dict[str, list[Delivery]]) -> None:
         """Settle ``batch``, removing each stream's items from it once they are reported."""
         settler = self._settler
+        failed: Exception | None = None
         for stream in list(batch):
             items = batch[stream]
-            ids = [delivery.entry.id for delivery in items]
-            refused = set(
-                await scripts.settle(
-                    settler._scripts, settler._redis, stream, settler.consumer, ids
-                )
-            )
-            if refused:
-                refused -= await self._applied_before(stream, items, refused)
+            try:
+                refused = await self._ack(stream, items)
+                if refused:
+                    refused -= await self._applied_before(stream, items, refused)
+            except connect.TRANSIENT_ERRORS as exc:
+                # Left in the batch for the retry, and the other streams go on: a full Redis
+                # refuses result.lua (it writes), never settle.lua's acknowledgements.
+                failed = failed or exc
+                continue
             settler._held.discard_many(stream, items)
             del batch[stream]
             settler.tell_acked(items, refused, self._cancelled)
@@ -535,6 +534,40 @@ class _Acker:
                 self._report_each(items, refused)
             else:
                 settler.report_acked(items[0].role.name, len(items))
+        if failed is not None:
+            raise failed
+
+    async def _ack(self, stream: str, items: list[Delivery]) -> set[bytes]:
+        """Acknowledge one stream's deliveries, keeping the outcomes to keep; the refused ids.
+
+        Plain acks go through ``settle.lua``; those whose outcome is kept through
+        ``result.lua``, which writes each record in the same owner-checked step (a worker that
+        lost its lease never writes a result). A role keeps all or none: mostly one call.
+        """
+        settler, kept = self._settler, self._kept
+        ids: list[bytes] = []
+        records: list[scripts.Kept] = []
+        for delivery in items:
+            record = kept.get(delivery) if kept else None  # kept is empty on the hot path
+            if record is None:
+                ids.append(delivery.entry.id)
+            else:
+                records.append(record)
+        refused: set[bytes] = set()
+        if ids:
+            redis, mine = settler._redis, settler.consumer
+            refused.update(await scripts.settle(settler._scripts, redis, stream, mine, ids))
+        if records:
+            refused |= await scripts.keep_results(
+                settler._scripts,
+                settler._redis,
+                stream=stream,
+                consumer=settler.consumer,
+                kept=records,
+            )
+            for delivery in items:
+                kept.pop(delivery, None)
+        return refused
 
     def _report_each(self, items: list[Delivery], refused: set[bytes]) -> None:
         """Report each acknowledged delivery: its status, and its outcome to the listener."""

@@ -26,9 +26,11 @@ from streamflow import (
     ResultTimeoutError,
     SyncClient,
     Worker,
+    results,
 )
+from streamflow.delivery import Outcome
 from streamflow.keys import Keys
-from streamflow.records import JobResult, json_schemas
+from streamflow.records import FINAL_JOB_TYPES, JobResult, LifecycleEvent, json_schemas
 from tests.helpers import running, wait_for_query
 
 pytestmark = pytest.mark.anyio
@@ -111,6 +113,40 @@ async def test_a_plain_role_keeps_nothing_unless_the_publisher_asks(
         assert 0 < await redis.pttl(Keys(namespace).result("plain", kept)) <= 5000
 
 
+async def test_kept_outcomes_are_reported_and_told_like_plain_acks(
+    redis: Redis, namespace: str
+) -> None:
+    """Kept outcomes go through the batched acker: each is still reported to ``on_outcome``
+    and told as a lifecycle event, with its record in Redis by then."""
+    keys = Keys(namespace)
+    started = anyio.Event()
+    outcomes: list[Outcome] = []
+    async with Client(redis, namespace=namespace) as client:
+        done = await client.publish_many("kept", [1, 2, 3])
+        doomed = await client.publish("kept", "wait")
+        app = results_app(started)
+        w = Worker(app, redis, namespace=namespace, block_ms=100, on_outcome=outcomes.append)
+        with anyio.fail_after(20):
+            async with running(w):
+                await started.wait()
+                await client.cancel(doomed, target="message", reason="no longer")
+                await wait_for_query(lambda: _stat(w, "cancelled"))
+                await wait_for_query(lambda: _stat_at_least(w, "acked", 3))
+        assert {(o.message_id, o.status) for o in outcomes} == {
+            *((mid, "acked") for mid in done),
+            (doomed, "cancelled"),
+        }
+        for mid in [*done, doomed]:
+            assert await redis.exists(keys.result("kept", mid)) == 1
+        events = [
+            LifecycleEvent.model_validate(item)
+            for _, fields in await redis.xrange(keys.lifecycle())
+            for item in orjson.loads(fields[b"events"])
+        ]
+        finals = {(e.message_id, e.type) for e in events if e.type in FINAL_JOB_TYPES}
+        assert finals == {*((mid, "succeeded") for mid in done), (doomed, "cancelled")}
+
+
 async def test_failures_are_raised_as_typed_errors(redis: Redis, namespace: str) -> None:
     async with Client(redis, namespace=namespace) as client:
         fatal = await client.publish("kept", "fatal")
@@ -183,6 +219,60 @@ async def test_sync_client_result_and_call(redis: Redis, redis_url: str, namespa
     assert outcome == {"call": {"total": 9}, "error": "fatal"}
 
 
+def slow_app(gate: threading.Event) -> App:
+    """Roles whose jobs end when ``gate`` is set: one tells events, one does not."""
+    app = App()
+
+    async def wait_for_gate(ctx: Context, payload: Any) -> Any:
+        while not gate.is_set():
+            await anyio.sleep(0.01)
+        return payload
+
+    app.role("told", keep_result=60)(wait_for_gate)
+    app.role("untold", keep_result=60, events=False)(wait_for_gate)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("role", "recheck", "watchers"),
+    [
+        ("told", 60.0, results.MAX_WATCHERS),  # woken by the final event, not the re-check
+        ("untold", 0.2, results.MAX_WATCHERS),  # no event: the re-check finds it
+        ("told", 60.0, 0),  # past the waiters that may watch: polls
+    ],
+)
+async def test_a_long_wait_ends_on_the_final_event_or_the_recheck(
+    redis: Redis,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    role: str,
+    recheck: float,
+    watchers: int,
+) -> None:
+    monkeypatch.setattr(results, "RECHECK", recheck)
+    monkeypatch.setattr(results, "MAX_WATCHERS", watchers)
+    gate = threading.Event()
+    async with Client(redis, namespace=namespace) as client:
+        mid = await client.publish(role, "done")
+        with anyio.fail_after(20):
+            async with running(worker(slow_app(gate), redis, namespace)):
+                async with anyio.create_task_group() as tg:
+                    got: list[Any] = []
+
+                    async def wait() -> None:
+                        got.append(await client.result(mid, role=role, timeout=30))
+
+                    tg.start_soon(wait)
+                    await anyio.sleep(0.5)  # past the quick polls: waiting on events now
+                    assert got == []
+                    gate.set()
+                    with anyio.fail_after(5):  # well before the 60 s re-check
+                        while not got:
+                            await anyio.sleep(0.01)
+                assert got == ["done"]
+                assert results._watchers.get(redis, 0) == 0
+
+
 async def test_a_result_is_readable_with_plain_redis_cli(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -252,6 +342,10 @@ async def test_a_worker_that_lost_the_entry_writes_no_result(redis: Redis, names
 
 async def _stat(w: Worker, name: str) -> bool:
     return bool(getattr(w.statistics(), name))
+
+
+async def _stat_at_least(w: Worker, name: str, count: int) -> bool:
+    return int(getattr(w.statistics(), name)) >= count
 
 
 def test_the_protocol_page_s_result_example_is_the_key_and_json_a_worker_writes() -> None:

@@ -26,7 +26,7 @@ import streamflow
 from streamflow import connect
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.server import RedisServer
-from streamflow.scripts import Scripts, settle
+from streamflow.scripts import Kept, Scripts, keep_results, settle
 from streamflow.streams import is_group_lost
 
 pytestmark = pytest.mark.anyio
@@ -158,6 +158,15 @@ async def _dead_lettered(redis: Redis, s: Setup, before: State, after: State) ->
     assert fields == {b"reason": b"failed"}
 
 
+async def _dead_lettered_kept(redis: Redis, s: Setup, before: State, after: State) -> None:
+    assert after.entries == [] and after.pending == []
+    assert (after.dead, after.events) == (1, 0)
+    [(_, fields)] = await redis.xrange(s.dead)
+    assert fields == {b"reason": b"failed"}  # the record is not a field of the dead letter
+    assert after.result == b'{"f":1}'
+    assert 0 < await redis.pttl(s.result) <= 60_000
+
+
 async def _emitted(redis: Redis, s: Setup, before: State, after: State) -> None:
     assert (after.entries, after.pending) == (before.entries, before.pending)
     assert (after.batch, after.events) == (b"[1]", 1)
@@ -219,6 +228,17 @@ CONTRACTS: dict[str, Contract] = {
         refused=None,
         effect=_dead_lettered,
     ),
+    # A job whose outcome is kept: its failure record is written in the same step.
+    "dead_letter.lua (kept)": Contract(
+        _one(
+            "dead_letter",
+            lambda s: [s.stream, s.dead, s.stream, s.result],
+            lambda s: [GROUP, ME, s.entry_id, 100, "", "reason", "failed", '{"f":1}', 60_000],
+        ),
+        done="new id",
+        refused=None,
+        effect=_dead_lettered_kept,
+    ),
     "emit.lua": Contract(
         _one(
             "emit",
@@ -253,7 +273,7 @@ CONTRACTS: dict[str, Contract] = {
 
 
 def test_every_fenced_script_has_a_contract() -> None:
-    assert set(CONTRACTS) == Scripts.FENCED
+    assert {name.split()[0] for name in CONTRACTS} == Scripts.FENCED
 
 
 def test_the_owner_check_is_written_only_in_the_fence_prelude() -> None:
@@ -363,6 +383,42 @@ async def test_settle_orders_ids_by_number_not_by_text(any_redis: Redis, namespa
         assert await _entries_and_pending(redis, stream) == left
         assert await settle(scripts, redis, stream, OTHER, [b"9-0"]) == []
         assert await _entries_and_pending(redis, stream) == ([b"1000-0"], {})
+
+
+async def test_keep_results_refuses_every_id_when_the_group_is_gone(
+    any_redis: Redis, namespace: str
+) -> None:
+    """As settle does: the worker's acker counts them as lost leases instead of crashing, and
+    no result is written for a job it no longer owns."""
+    redis, keys = any_redis, Keys(namespace)
+    stream = keys.role_stream("gone")
+    entry_id = await redis.xadd(stream, {"message": "{}"})
+    kept = [Kept(entry_id, keys.result("gone", "m1"), b'{"r":1}', 60_000)]
+    with anyio.fail_after(30):
+        refused = await keep_results(Scripts(redis), redis, stream=stream, consumer=ME, kept=kept)
+        assert refused == {entry_id}
+        assert await redis.exists(keys.result("gone", "m1")) == 0
+
+
+async def test_keep_results_keeps_and_settles_exactly_the_owned_entries_of_a_batch(
+    any_redis: Redis, namespace: str
+) -> None:
+    """Each owned entry gets its own record and leaves the stream; a foreign one neither."""
+    redis, keys = any_redis, Keys(namespace)
+    stream = keys.role_stream("batch")
+    ids = [await redis.xadd(stream, {"message": "{}"}) for _ in range(4)]
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, ME, {stream: ">"})
+    await redis.xclaim(stream, GROUP, OTHER, 0, [ids[2]])
+    kept = [Kept(i, keys.result("batch", f"m{n}"), b"%d" % n, 60_000) for n, i in enumerate(ids)]
+    with anyio.fail_after(30):
+        refused = await keep_results(
+            Scripts(redis), redis, stream=stream, consumer=ME, kept=kept[::-1]
+        )
+        assert refused == {ids[2]}
+        values = [await redis.get(keys.result("batch", f"m{n}")) for n in range(4)]
+        assert values == [b"0", b"1", None, b"3"]
+        assert await _entries_and_pending(redis, stream) == ([ids[2]], {ids[2]: b"other"})
 
 
 async def test_settle_deletes_exactly_the_settled_entries(any_redis: Redis, namespace: str) -> None:

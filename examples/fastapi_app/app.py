@@ -30,7 +30,8 @@ from pydantic import BaseModel
 
 from examples.fastapi_app.worker_app import Order, Welcome, report
 from streamflow import Client, JobFailedError, ResultTimeoutError, TaskState
-from streamflow.protocol import PROTOCOL_VERSION, LifecycleEvent, now_ms
+from streamflow.protocol import PROTOCOL_VERSION, now_ms
+from streamflow.records import LifecycleEvent
 
 #: A task's states after which nothing more happens to it.
 TASK_ENDS = {"succeeded", "failed", "cancelled"}

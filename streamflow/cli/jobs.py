@@ -84,7 +84,8 @@ async def _wait(client: Client, first: JobStatus, timeout: float | None) -> JobS
         last = await client.job(first.message_id, role=first.role)
         return last if last.ended or last.state == "unknown" else None
 
-    await results.wait_for_end(ended, timeout)
+    news = results.EndEvents(client.redis, client.keys, first.message_id)
+    await results.wait_for_end(ended, timeout, news)
     return last
 
 

@@ -166,7 +166,8 @@ PUBLISHER = PartRules(
         TASKS_SUBMISSIONS: "a submission from any language: XADD",
         SUBMISSION: "Client.submission: GET of a submission's outcome",
         RESULT: "result, call: GET of a job's kept outcome",
-        LIFECYCLE: "submit --wait: XREVRANGE (start position), XREAD (the task's events)",
+        LIFECYCLE: "submit --wait, result, call: XREVRANGE (start position), XREAD (the task's "
+        "or the job's events)",
     },
     commands={
         **_CONNECTION,
@@ -192,8 +193,8 @@ PUBLISHER = PartRules(
         # Reads of the lifecycle events only: a publisher follows news, never reads jobs.
         Narrow(
             {
-                "xrevrange": "submit --wait (the lifecycle events' start position)",
-                "xread": "submit --wait (the task's lifecycle events)",
+                "xrevrange": "submit --wait, result, call (the events' start position)",
+                "xread": "submit --wait, result, call (the task's or the job's events)",
             },
             (LIFECYCLE,),
         ),
@@ -210,7 +211,7 @@ WORKER = PartRules(
         EVENTS: "task node events: XADD accepted, emit/finish/dead_letter.lua",
         STARTS: "starts of redelivered entries: GET, MULTI INCRBY PEXPIRE EXEC",
         BATCH: "emit.lua SET of an emitted batch; GET of an input batch",
-        RESULT: "result.lua SET PX of a kept outcome; SET PX of a dead-lettered one",
+        RESULT: "result.lua and dead_letter.lua: SET PX of a kept outcome",
         ROLE_CONFIG: "HSETNX + HGET of the role's partitions at start-up",
         SIGNALS: "XREVRANGE (start position), XREAD (follow)",
         CANCEL_MARKER: "GET at start-up; mark_cancel.lua SET NX PX, PTTL",
@@ -269,7 +270,12 @@ WORKER = PartRules(
             (ROLE_STREAM,),
         ),
         Narrow(
-            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua"},
+            {
+                "set": (
+                    "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua, "
+                    "dead_letter.lua"
+                )
+            },
             (
                 CONSUMER_ALIVE,
                 CONSUMER_INFO,
