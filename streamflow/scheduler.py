@@ -1,0 +1,277 @@
+"""The scheduler: fires every schedule's ticks exactly once, however many processes run it.
+
+The schedules live in Redis (:meth:`~streamflow.keys.Keys.schedules`): added at run time with
+``streamflow schedule add`` or :func:`add`, or declared in code and written there when a
+:class:`Scheduler` that was given them starts. Every scheduler process reads them all, so any
+number can run side by side (for availability), and each tick still fires once:
+
+1. the ticks due after the schedule's last tick (:func:`streamflow.schedules.due_ticks`, the
+   missed-ticks policy) are published oldest first, each with a dedup key and a message id
+   derived from (schedule, tick): a second process publishing the same tick, or the same one
+   again after a crash, publishes nothing (``publish_dedup.lua``);
+2. then the last tick is raised with ``ZADD GT``, which never lowers it.
+
+A scheduler killed between 1 and 2 leaves the tick to the next one, whose publish is dropped as
+a duplicate. Ticks older than the dedup window are never fired, so the window bounds the promise.
+
+With ``overlap="skip"`` a tick is skipped (and counted as done) while the previous tick's job is
+still queued, delayed, running or retrying (:meth:`Client.job`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import anyio
+from redis.asyncio import Redis
+
+from streamflow import connect, intake
+from streamflow.client import Client
+from streamflow.keys import Keys
+from streamflow.logs import shown
+from streamflow.protocol import now_ms
+from streamflow.schedules import (
+    SCHEDULE_HEADER,
+    SCHEDULED_AT_HEADER,
+    Schedule,
+    dedup_key,
+    due_ticks,
+    iso,
+    next_tick,
+    render,
+    run_id,
+    skipped_count,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two passes over the schedules.
+POLL = 0.25
+#: Ticks older than this are never fired: below the client's default dedup window (24 h), so
+#: that the dedup marker of any tick that may fire is still there.
+HORIZON = timedelta(hours=23)
+#: Job states in which a run is still going (for ``overlap="skip"``).
+GOING = frozenset({"queued", "delayed", "running", "retrying"})
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What Redis holds about the schedules: valid definitions, paused ids, last ticks.
+
+    Attributes:
+        schedules: The valid definitions by id.
+        invalid: The ids whose definition could not be read, with why.
+        paused: The paused ids.
+        last: Each schedule's last tick fired or skipped (epoch ms).
+        runs: Each schedule's last tick that published a job (epoch ms).
+    """
+
+    schedules: dict[str, Schedule]
+    invalid: dict[str, str]
+    paused: set[str]
+    last: dict[str, int]
+    runs: dict[str, int]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+async def load(redis: Redis, keys: Keys) -> Stored:
+    """Read every schedule, the paused set and the last ticks in one round trip.
+
+    Everything read back is untrusted: an invalid definition lands in ``invalid``, never raises.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.schedules())
+        pipe.smembers(keys.schedules_paused())
+        pipe.zrange(keys.schedule_ticks(), 0, -1, withscores=True)
+        pipe.zrange(keys.schedule_runs(), 0, -1, withscores=True)
+        raw, paused, ticks, runs = await pipe.execute()
+    schedules: dict[str, Schedule] = {}
+    invalid: dict[str, str] = {}
+    for name, definition in raw.items():
+        sid = _text(name)
+        try:
+            schedule = Schedule.from_json(definition)
+        except ValueError as exc:
+            invalid[sid] = str(exc).splitlines()[0]
+            continue
+        if schedule.id != sid:
+            invalid[sid] = f"stored under {sid!r} but names itself {schedule.id!r}"
+            continue
+        schedules[sid] = schedule
+    return Stored(schedules, invalid, {_text(m) for m in paused}, _scores(ticks), _scores(runs))
+
+
+def _scores(pairs: list[tuple[bytes, float]]) -> dict[str, int]:
+    # Scores are untrusted too: a float beyond any real epoch ms is ignored.
+    return {_text(m): int(s) for m, s in pairs if 0 <= s < 2**53}
+
+
+async def add(redis: Redis, keys: Keys, schedule: Schedule) -> None:
+    """Store ``schedule`` (replacing one of the same id); its ticks start after now."""
+    await redis.hset(keys.schedules(), schedule.id, schedule.to_json())
+
+
+async def remove(redis: Redis, keys: Keys, schedule_id: str) -> bool:
+    """Delete a schedule, its pause and its last tick; False if there was no such schedule."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hdel(keys.schedules(), schedule_id)
+        pipe.srem(keys.schedules_paused(), schedule_id)
+        pipe.zrem(keys.schedule_ticks(), schedule_id)
+        pipe.zrem(keys.schedule_runs(), schedule_id)
+        removed, *_ = await pipe.execute()
+    return bool(removed)
+
+
+async def pause(redis: Redis, keys: Keys, schedule_id: str, *, paused: bool = True) -> None:
+    """Pause (or resume) a schedule: its ticks pass without firing while paused."""
+    if paused:
+        await redis.sadd(keys.schedules_paused(), schedule_id)
+    else:
+        await redis.srem(keys.schedules_paused(), schedule_id)
+
+
+async def fire(client: Client, schedule: Schedule, tick_ms: int) -> str:
+    """Publish the run of ``schedule`` at ``tick_ms``, at most once; returns its message id."""
+    headers = {
+        **schedule.headers,
+        SCHEDULE_HEADER: schedule.id,
+        SCHEDULED_AT_HEADER: iso(tick_ms),
+    }
+    return await client.publish(
+        schedule.role,
+        render(schedule.payload, tick_ms),
+        message_id=run_id(schedule.id, tick_ms),
+        dedup_key=dedup_key(schedule.id, tick_ms),
+        headers=headers,
+    )
+
+
+async def run_now(client: Client, schedule: Schedule) -> str:
+    """Publish one run of ``schedule`` now, outside its ticks (``schedule run-now``)."""
+    return await fire(client, schedule, now_ms())
+
+
+async def still_going(client: Client, schedule: Schedule, last_ms: int) -> bool:
+    """Whether the run of the tick ``last_ms`` is still queued or running."""
+    status = await client.job(run_id(schedule.id, last_ms), role=schedule.role)
+    return status.state in GOING
+
+
+@dataclass
+class Scheduler:
+    """Fires the namespace's schedules; run as many as you like (see the module docstring).
+
+    Args:
+        client: The client it publishes with (its namespace is the scheduler's).
+        schedules: Schedules declared in code: written to Redis when :meth:`run` starts.
+        poll: Seconds between passes.
+    """
+
+    client: Client
+    schedules: Iterable[Schedule] = ()
+    poll: float = POLL
+    _stopping: anyio.Event = field(default_factory=anyio.Event, init=False)
+    _warned: set[tuple[str, str]] = field(default_factory=set, init=False)
+    _fired: int = field(default=0, init=False)
+
+    def stop(self) -> None:
+        """End :meth:`run` after the pass in progress."""
+        self._stopping.set()
+
+    def statistics(self) -> dict[str, int]:
+        """How many runs this scheduler published (ticks another process took not counted)."""
+        return {"fired": self._fired}
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Write the code's schedules, then pass over all of them every ``poll`` seconds."""
+        declared = list(self.schedules)
+        backoff = connect.Backoff("writing the schedules")
+        while declared and not self._stopping.is_set():
+            if await intake.guarded(lambda: self._declare(declared), backoff):
+                break
+        task_status.started()
+        await intake.run_guarded(
+            self.step, "running the schedules", self._stopping, every=self.poll
+        )
+
+    async def _declare(self, declared: list[Schedule]) -> None:
+        for schedule in declared:
+            await add(self.client.redis, self.client.keys, schedule)
+
+    async def step(self) -> None:
+        """One pass: fire every due tick of every schedule that is not paused."""
+        stored = await load(self.client.redis, self.client.keys)
+        self._warn(stored.invalid)
+        now = now_ms()
+        for sid, schedule in stored.schedules.items():
+            if sid in stored.paused:
+                continue
+            last = stored.last.get(sid)
+            if last is None:  # a new schedule: its ticks start after now
+                await self.client.redis.zadd(self.client.keys.schedule_ticks(), {sid: now}, nx=True)
+                continue
+            await self._tick(schedule, last, stored.runs.get(sid), now)
+
+    async def _tick(self, schedule: Schedule, last: int, previous: int | None, now: int) -> None:
+        oldest = now - int(HORIZON.total_seconds() * 1000)
+        ticks = due_ticks(schedule, last, now, oldest_ms=oldest)
+        if not ticks:
+            return
+        skipped = skipped_count(schedule, last, ticks[0], limit=1000)
+        if skipped:
+            logger.warning(
+                "schedule %s: %s%d missed tick(s) skipped (catch_up=%d)",
+                shown(schedule.id),
+                "at least " if skipped == 1000 else "",
+                skipped,
+                schedule.catch_up,
+            )
+        for tick in ticks:
+            if await self._overlaps(schedule, previous):
+                logger.info(
+                    "schedule %s: tick %s skipped: the previous run is still going",
+                    shown(schedule.id),
+                    iso(tick),
+                )
+            else:
+                await fire(self.client, schedule, tick)
+                self._fired += 1
+                previous = tick
+            await self._advance(schedule.id, tick, fired=previous == tick)
+
+    async def _overlaps(self, schedule: Schedule, previous: int | None) -> bool:
+        if schedule.overlap != "skip" or previous is None:
+            return False
+        return await still_going(self.client, schedule, previous)
+
+    async def _advance(self, schedule_id: str, tick: int, *, fired: bool) -> None:
+        """Raise the last tick (and the last run): ZADD GT never lowers another's."""
+        keys = self.client.keys
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            if fired:
+                pipe.zadd(keys.schedule_runs(), {schedule_id: tick}, gt=True)
+            pipe.zadd(keys.schedule_ticks(), {schedule_id: tick}, gt=True)
+            await pipe.execute()
+
+    def _warn(self, invalid: dict[str, str]) -> None:
+        for sid, why in invalid.items():
+            if (sid, why) not in self._warned:
+                self._warned.add((sid, why))
+                logger.warning(
+                    "schedule %s ignored: invalid definition in Redis: %s",
+                    shown(repr(sid)),
+                    shown(why),
+                )
+
+
+def next_run(schedule: Schedule, last_ms: int | None, now: int) -> int:
+    """When the schedule fires next (epoch ms), for ``schedule list``."""
+    return next_tick(schedule, max(now, last_ms or now))
