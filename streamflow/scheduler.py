@@ -129,11 +129,18 @@ async def remove(redis: Redis, keys: Keys, schedule_id: str) -> bool:
 
 
 async def pause(redis: Redis, keys: Keys, schedule_id: str, *, paused: bool = True) -> None:
-    """Pause (or resume) a schedule: its ticks pass without firing while paused."""
+    """Pause (or resume) a schedule: its ticks pass without firing while paused.
+
+    Resuming counts every tick until now as done, so the schedule goes on from its next tick
+    instead of catching up the pause.
+    """
     if paused:
         await redis.sadd(keys.schedules_paused(), schedule_id)
-    else:
-        await redis.srem(keys.schedules_paused(), schedule_id)
+        return
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.srem(keys.schedules_paused(), schedule_id)
+        pipe.zadd(keys.schedule_ticks(), {schedule_id: now_ms()}, gt=True)
+        await pipe.execute()
 
 
 async def fire(client: Client, schedule: Schedule, tick_ms: int) -> str:
@@ -185,8 +192,8 @@ class Scheduler:
         self._stopping.set()
 
     def statistics(self) -> dict[str, int]:
-        """How many runs this scheduler published (ticks another process took not counted)."""
-        return {"fired": self._fired}
+        """How many runs this scheduler sent, including those Redis dropped as duplicates."""
+        return {"sent": self._fired}
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
