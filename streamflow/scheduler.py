@@ -143,25 +143,30 @@ async def pause(redis: Redis, keys: Keys, schedule_id: str, *, paused: bool = Tr
         await pipe.execute()
 
 
+def _headers(schedule: Schedule, tick_ms: int) -> dict[str, str]:
+    return {**schedule.headers, SCHEDULE_HEADER: schedule.id, SCHEDULED_AT_HEADER: iso(tick_ms)}
+
+
 async def fire(client: Client, schedule: Schedule, tick_ms: int) -> str:
     """Publish the run of ``schedule`` at ``tick_ms``, at most once; returns its message id."""
-    headers = {
-        **schedule.headers,
-        SCHEDULE_HEADER: schedule.id,
-        SCHEDULED_AT_HEADER: iso(tick_ms),
-    }
     return await client.publish(
         schedule.role,
         render(schedule.payload, tick_ms),
         message_id=run_id(schedule.id, tick_ms),
         dedup_key=dedup_key(schedule.id, tick_ms),
-        headers=headers,
+        headers=_headers(schedule, tick_ms),
     )
 
 
 async def run_now(client: Client, schedule: Schedule) -> str:
-    """Publish one run of ``schedule`` now, outside its ticks (``schedule run-now``)."""
-    return await fire(client, schedule, now_ms())
+    """Publish one run of ``schedule`` now, outside its ticks (``schedule run-now``).
+
+    A plain publish with a fresh message id: no dedup key (each call is one more run), so the
+    operator's user may send it; ``overlap="skip"`` does not wait for it.
+    """
+    tick = now_ms()
+    headers = _headers(schedule, tick)
+    return await client.publish(schedule.role, render(schedule.payload, tick), headers=headers)
 
 
 async def still_going(client: Client, schedule: Schedule, last_ms: int) -> bool:

@@ -188,8 +188,13 @@ def test_publisher_cannot_read_jobs_or_delete() -> None:
     deletes = {"del", "unlink", "xdel", "xtrim", "zrem", "srem", "hdel", "pexpire", "expire"}
     # Its one read: HGETALL of the coordinator registry (submit warns when none runs), in a
     # selector on that key only.
-    (registry,) = [n for n in acl.PUBLISHER.narrow if "hgetall" in n.commands]
+    (registry,) = [
+        n for n in acl.PUBLISHER.narrow if "hgetall" in n.commands and len(n.commands) == 1
+    ]
     assert registry.keys == (COORDINATOR_REGISTRY,) and set(registry.commands) == {"hgetall"}
+    # And the scheduler's reads of the schedules, in a selector on the schedule keys only.
+    (schedules,) = [n for n in acl.PUBLISHER.narrow if "zrange" in n.commands]
+    assert {k.slot for k in schedules.keys} == {"schedules"}
     assert "hgetall" not in acl.PUBLISHER.commands
     # And submit --wait follows the lifecycle events, in a selector on that stream only.
     (events,) = [n for n in acl.PUBLISHER.narrow if "xread" in n.commands]
@@ -234,6 +239,11 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("coordinators", (), ALL_PARTS[1:]),
     ("known_functions", (), ("publisher", "coordinator")),
     ("lifecycle", (), ALL_PARTS),
+    # The scheduler runs as the publisher; the schedule commands as the operator.
+    ("schedules", (), ("publisher", "operator")),
+    ("schedules_paused", (), ("publisher", "operator")),
+    ("schedule_ticks", (), ("publisher", "operator")),
+    ("schedule_runs", (), ("publisher", "operator")),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
