@@ -31,6 +31,7 @@ from tests.helpers import (
     running,
     wait_for,
     wait_for_query,
+    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -232,6 +233,37 @@ async def test_run_now_publishes_outside_the_ticks(client: Client) -> None:
         first = await run_now(client, schedule)
         second = await run_now(client, schedule)
         assert await stream_ids(client, "tick") == [first, second]
+
+
+def docs_example() -> dict[str, Any]:
+    """The names the first Python block of docs/schedules.md defines."""
+    text = (ROOT / "docs" / "schedules.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    names: dict[str, Any] = {"__name__": "docs_schedules"}
+    exec(compile(code, "docs/schedules.md", "exec"), names)  # our own docs, run as written
+    return names
+
+
+@pytest.mark.slow
+async def test_the_docs_example_fires_and_its_handler_sees_the_scheduled_time(
+    client: Client, namespace: str
+) -> None:
+    example = docs_example()
+    outcomes: list[Any] = []
+    scheduler = Scheduler(client, example["schedules"])
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)  # writes the schedules to Redis
+            scheduler.stop()
+        # The heartbeat's last tick a minute ago: its current tick is due.
+        await client.redis.zadd(client.keys.schedule_ticks(), {"heartbeat": now_ms() - 61_000})
+        await scheduler.step()
+        worker = make_worker(example["app"], client.redis, namespace, outcomes)
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 1)
+    assert outcomes[0].status == "acked", outcomes  # the handler's assertion held
+    stored = await load(client.redis, client.keys)
+    assert set(stored.schedules) == {"nightly-report", "heartbeat"}
 
 
 def cli(redis_url: str, namespace: str, *args: str) -> Any:

@@ -215,7 +215,6 @@ def load_schedules(path: str) -> list[Schedule]:
 @click.option(
     "--schedules",
     "schedules_path",
-    envvar="STREAMFLOW_SCHEDULES",
     help="module:attribute of a Schedule or a list of them, written to Redis at start-up.",
 )
 @click.option("--poll", default=runner.POLL, show_default=True, help="Seconds between passes.")

@@ -480,7 +480,7 @@ def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisSer
     assert loaded.stdout.split() == ["OK", "OK"], loaded.stdout + loaded.stderr
     admin = redis_sync.Redis(port=server.port)
     for user, password, selectors in (
-        ("sf-operator", "op secret", 2),
+        ("sf-operator", "op secret", 3),
         ("sf-worker", "w-secret", 4),
     ):
         client = redis_sync.Redis(port=server.port, username=user, password=password)
