@@ -20,6 +20,7 @@ still queued, delayed, running or retrying (:meth:`Client.job`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from datetime import timedelta
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import connect, intake
 from streamflow.client import Client
@@ -34,6 +36,7 @@ from streamflow.keys import Keys
 from streamflow.logs import shown
 from streamflow.protocol import now_ms
 from streamflow.schedules import (
+    MAX_DEFINITION_BYTES,
     SCHEDULE_HEADER,
     SCHEDULED_AT_HEADER,
     Schedule,
@@ -95,16 +98,30 @@ async def load(redis: Redis, keys: Keys) -> Stored:
     invalid: dict[str, str] = {}
     for name, definition in raw.items():
         sid = _text(name)
-        try:
-            schedule = Schedule.from_json(definition)
-        except ValueError as exc:
-            invalid[sid] = str(exc).splitlines()[0]
-            continue
-        if schedule.id != sid:
-            invalid[sid] = f"stored under {sid!r} but names itself {schedule.id!r}"
-            continue
-        schedules[sid] = schedule
+        parsed = _parse(definition)
+        if isinstance(parsed, str):
+            invalid[sid] = parsed
+        elif parsed.id != sid:
+            invalid[sid] = f"stored under {sid!r} but names itself {parsed.id!r}"
+        else:
+            schedules[sid] = parsed
     return Stored(schedules, invalid, {_text(m) for m in paused}, _scores(ticks), _scores(runs))
+
+
+def _parse(definition: bytes) -> Schedule | str:
+    """A stored definition, or why it is invalid."""
+    if len(definition) > MAX_DEFINITION_BYTES:  # not worth caching
+        return f"definition of {len(definition)} bytes (at most {MAX_DEFINITION_BYTES})"
+    return _parse_cached(definition)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(definition: bytes) -> Schedule | str:
+    # Cached: every pass reads every definition again, and most never change.
+    try:
+        return Schedule.from_json(definition)
+    except ValueError as exc:
+        return str(exc).splitlines()[0]
 
 
 def _scores(pairs: list[tuple[bytes, float]]) -> dict[str, int]:
@@ -190,6 +207,9 @@ class Scheduler:
     poll: float = POLL
     _stopping: anyio.Event = field(default_factory=anyio.Event, init=False)
     _warned: set[tuple[str, str]] = field(default_factory=set, init=False)
+    #: Per schedule: (its definition, its last tick) -> the tick after it, so that a pass
+    #: computes ticks only for schedules that have one due.
+    _upcoming: dict[str, tuple[Schedule, int, int]] = field(default_factory=dict, init=False)
     _fired: int = field(default=0, init=False)
 
     def stop(self) -> None:
@@ -220,17 +240,44 @@ class Scheduler:
 
     async def step(self) -> None:
         """One pass: fire every due tick of every schedule that is not paused."""
-        stored = await load(self.client.redis, self.client.keys)
+        try:
+            stored = await load(self.client.redis, self.client.keys)
+        except ResponseError as exc:  # e.g. WRONGTYPE: a key overwritten by someone else
+            if connect.is_outage(exc):
+                raise
+            self._warn({"*": f"the schedule keys cannot be read: {exc}"})
+            return
         self._warn(stored.invalid)
         now = now_ms()
         for sid, schedule in stored.schedules.items():
-            if sid in stored.paused:
+            if sid in stored.paused or self._not_yet(schedule, stored.last.get(sid), now):
                 continue
-            last = stored.last.get(sid)
-            if last is None:  # a new schedule: its ticks start after now
-                await self.client.redis.zadd(self.client.keys.schedule_ticks(), {sid: now}, nx=True)
-                continue
-            await self._tick(schedule, last, stored.runs.get(sid), now)
+            try:
+                await self._due(schedule, stored, now)
+            except Exception as exc:
+                # One schedule's failure (its role's keys overwritten, a refused publish) must
+                # not stop the others; an outage stops the pass and is backed off.
+                if connect.is_outage(exc):
+                    raise
+                self._warn({sid: f"firing failed: {type(exc).__name__}: {exc}"}, "skipped")
+
+    def _not_yet(self, schedule: Schedule, last: int | None, now: int) -> bool:
+        if last is None:
+            return False
+        known = self._upcoming.get(schedule.id)
+        if known is None or known[:2] != (schedule, last):
+            known = (schedule, last, next_tick(schedule, last))
+            self._upcoming[schedule.id] = known
+        return now < known[2]
+
+    async def _due(self, schedule: Schedule, stored: Stored, now: int) -> None:
+        last = stored.last.get(schedule.id)
+        if last is None:  # a new schedule: its ticks start after now
+            await self.client.redis.zadd(
+                self.client.keys.schedule_ticks(), {schedule.id: now}, nx=True
+            )
+            return
+        await self._tick(schedule, last, stored.runs.get(schedule.id), now)
 
     async def _tick(self, schedule: Schedule, last: int, previous: int | None, now: int) -> None:
         oldest = now - int(HORIZON.total_seconds() * 1000)
@@ -273,14 +320,16 @@ class Scheduler:
             pipe.zadd(keys.schedule_ticks(), {schedule_id: tick}, gt=True)
             await pipe.execute()
 
-    def _warn(self, invalid: dict[str, str]) -> None:
-        for sid, why in invalid.items():
+    def _warn(self, problems: dict[str, str], what: str = "ignored") -> None:
+        """Log each problem once per scheduler (each pass meets them again)."""
+        for sid, why in problems.items():
             if (sid, why) not in self._warned:
                 self._warned.add((sid, why))
                 logger.warning(
-                    "schedule %s ignored: invalid definition in Redis: %s",
+                    "schedule %s %s: %s",
                     shown(repr(sid)),
-                    shown(why),
+                    what,
+                    shown(why if what != "ignored" else f"invalid definition in Redis: {why}"),
                 )
 
 

@@ -227,6 +227,33 @@ async def test_hostile_definitions_are_warned_about_once_and_others_still_fire(
     assert ticks_of("good", await stream_ids(client, "tick"))
 
 
+async def test_a_schedule_that_cannot_publish_is_warned_about_and_others_still_fire(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Someone overwrote the role's partition record with a string: publishing to it fails.
+    await client.redis.set(client.keys.role_config("broken"), "x")
+    await client.redis.sadd(client.keys.known_roles(), "broken")
+    now = now_ms()
+    scheduler = await _with_last(client, Schedule(id="b", role="broken", every=1), now - 1000)
+    await _with_last(client, Schedule(id="good", role="tick", every=1), now - 1000)
+    with anyio.fail_after(10), caplog.at_level(logging.WARNING, "streamflow.scheduler"):
+        await scheduler.step()
+    assert any("'b' skipped: firing failed" in r.getMessage() for r in caplog.records)
+    assert ticks_of("good", await stream_ids(client, "tick"))
+
+
+async def test_schedule_keys_of_the_wrong_type_are_warned_about_not_fatal(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    await client.redis.set(client.keys.schedules(), "not a hash")
+    scheduler = Scheduler(client)
+    with anyio.fail_after(10), caplog.at_level(logging.WARNING, "streamflow.scheduler"):
+        await scheduler.step()
+        await scheduler.step()
+    warned = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warned) == 1, warned
+
+
 async def test_run_now_publishes_outside_the_ticks(client: Client) -> None:
     schedule = Schedule(id="now", role="tick", cron="0 0 1 1 *", payload="{scheduled_ms}")
     with anyio.fail_after(10):
