@@ -6,7 +6,7 @@ import logging
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ import pytest
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client
+from streamflow import Client, connect
 from streamflow.keys import Keys
+from streamflow.ops.server import RedisServer
 from streamflow.protocol import now_ms
 from streamflow.scheduler import Scheduler, add, load, pause, run_now
 from streamflow.schedules import SCHEDULED_AT_HEADER, Schedule, iso
@@ -260,6 +261,42 @@ async def test_run_now_publishes_outside_the_ticks(client: Client) -> None:
         first = await run_now(client, schedule)
         second = await run_now(client, schedule)
         assert await stream_ids(client, "tick") == [first, second]
+
+
+@pytest.mark.slow
+async def test_the_scheduler_rides_out_a_redis_kill_and_restart(
+    private_redis: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = private_redis(appendonly=True, appendfsync="always")
+    redis = connect.connect(server.url, socket_timeout=2.0)
+    client = Client(redis, namespace="outage")
+    await redis.sadd(client.keys.known_roles(), "tick")
+    scheduler = Scheduler(client, [Schedule(id="o", role="tick", every=1)], poll=0.05)
+    stream = client.keys.role_stream("tick")
+
+    async def published(n: int) -> bool:
+        return await redis.xlen(stream) >= n
+
+    def outage_logged() -> bool:
+        return any("running the schedules" in r.getMessage() for r in caplog.records)
+
+    try:
+        with anyio.fail_after(40), caplog.at_level(logging.WARNING):
+            async with anyio.create_task_group() as tg:
+                await tg.start(scheduler.run)
+                await wait_for_query(lambda: published(2), timeout=10)
+                await anyio.to_thread.run_sync(server.kill)
+                await wait_until(outage_logged, timeout=10)
+                await anyio.to_thread.run_sync(server.restart)
+                before = await redis.xlen(stream)
+                await wait_for_query(lambda: published(before + 2), timeout=15)
+                scheduler.stop()
+        ticks = ticks_of("o", await stream_ids(client, "tick"))
+        assert len(ticks) == len(set(ticks))  # no tick twice, outage or not
+        outages = [r for r in caplog.records if "running the schedules" in r.getMessage()]
+        assert not any(r.exc_info for r in outages)  # logged, not a traceback
+    finally:
+        await redis.aclose()
 
 
 def docs_example() -> dict[str, Any]:
