@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 
 from streamflow import connect, intake
 from streamflow.client import Client
+from streamflow.errors import MissingExtraError
 from streamflow.keys import Keys
 from streamflow.logs import shown
 from streamflow.protocol import now_ms
@@ -120,7 +121,7 @@ def _parse_cached(definition: bytes) -> Schedule | str:
     # Cached: every pass reads every definition again, and most never change.
     try:
         return Schedule.from_json(definition)
-    except ValueError as exc:
+    except (ValueError, MissingExtraError) as exc:  # a cron schedule, cronsim not installed
         return str(exc).splitlines()[0]
 
 
