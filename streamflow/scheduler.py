@@ -15,7 +15,10 @@ A scheduler killed between 1 and 2 leaves the tick to the next one, whose publis
 a duplicate. Ticks older than the dedup window are never fired, so the window bounds the promise.
 
 With ``overlap="skip"`` a tick is skipped (and counted as done) while the previous tick's job is
-still queued, delayed, running or retrying (:meth:`Client.job`).
+still queued, delayed, running or retrying (:meth:`Client.job`), or its task queued or running.
+
+A schedule with a ``graph`` submits a DAG task instead, with the tick's run id as task id:
+creating a task whose id exists fails atomically, so that plays the dedup key's part.
 """
 
 from __future__ import annotations
@@ -166,7 +169,9 @@ def _headers(schedule: Schedule, tick_ms: int) -> dict[str, str]:
 
 
 async def fire(client: Client, schedule: Schedule, tick_ms: int) -> str:
-    """Publish the run of ``schedule`` at ``tick_ms``, at most once; returns its message id."""
+    """Publish (or submit) the run of ``schedule`` at ``tick_ms``, at most once; returns its id."""
+    if schedule.role is None:
+        return await _submit(client, schedule, tick_ms)
     return await client.publish(
         schedule.role,
         render(schedule.payload, tick_ms),
@@ -176,6 +181,32 @@ async def fire(client: Client, schedule: Schedule, tick_ms: int) -> str:
     )
 
 
+async def _submit(
+    client: Client, schedule: Schedule, tick_ms: int, task_id: str | None = None
+) -> str:
+    """Submit the schedule's graph as the task ``task_id`` (the tick's run id by default).
+
+    Creating a task with an id that exists fails atomically (``task_commit.lua``), so a second
+    scheduler submitting the same tick creates nothing: the task is there, and that is enough.
+    """
+    assert schedule.graph is not None
+    wanted = task_id or run_id(schedule.id, tick_ms)
+    try:
+        return await client.submit(
+            schedule.graph,
+            params=render(schedule.payload, tick_ms),
+            task_id=wanted,
+            registration_wait=0,
+            headers=_headers(schedule, tick_ms),
+        )
+    except ValueError:
+        # HGET: the publisher's user may read a task's state field, not the whole task.
+        exists = await client.redis.hget(client.keys.task_state(wanted), "task") is not None
+        if task_id is not None or not exists:
+            raise
+        return wanted
+
+
 async def run_now(client: Client, schedule: Schedule) -> str:
     """Publish one run of ``schedule`` now, outside its ticks (``schedule run-now``).
 
@@ -183,12 +214,17 @@ async def run_now(client: Client, schedule: Schedule) -> str:
     operator's user may send it; ``overlap="skip"`` does not wait for it.
     """
     tick = now_ms()
+    if schedule.role is None:
+        return await _submit(client, schedule, tick, f"run.{schedule.id}.{tick}")
     headers = _headers(schedule, tick)
     return await client.publish(schedule.role, render(schedule.payload, tick), headers=headers)
 
 
 async def still_going(client: Client, schedule: Schedule, last_ms: int) -> bool:
     """Whether the run of the tick ``last_ms`` is still queued or running."""
+    if schedule.role is None:
+        task = await client.task(run_id(schedule.id, last_ms))
+        return task is not None and task.state in GOING
     status = await client.job(run_id(schedule.id, last_ms), role=schedule.role)
     return status.state in GOING
 

@@ -54,12 +54,16 @@ Overlap = Literal["allow", "skip"]
 class Schedule(BaseModel):
     """A job published to a role at every tick of a cron expression or a fixed interval.
 
-    Exactly one of ``cron`` and ``every`` is given. Validated when built, and again when read
-    back from Redis (a stored definition is untrusted).
+    Exactly one of ``cron`` and ``every`` is given, and exactly one of ``role`` and ``graph``.
+    Validated when built, and again when read back from Redis (a stored definition is
+    untrusted); a graph is checked when its task is submitted.
 
     Attributes:
         id: The schedule's name (letters, digits, ``_ . -``; at most 64 characters).
         role: The role its jobs go to.
+        graph: Instead of ``role``: a DAG task graph (the JSON form of
+            :class:`~streamflow.Graph`) submitted as a task at every tick, with ``payload`` as
+            the task's params (an object, or None).
         cron: A cron expression: five fields, or six with seconds first
             (``*/10 * * * * *``: every ten seconds).
         every: Instead of ``cron``: seconds between ticks (at least 1), counted from the epoch.
@@ -77,7 +81,8 @@ class Schedule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
-    role: str
+    role: str | None = None
+    graph: dict[str, Any] | None = None
     cron: str | None = Field(default=None, max_length=256)
     every: float | None = Field(default=None, ge=MIN_EVERY, le=MAX_EVERY)
     timezone: str = Field(default="UTC", max_length=64)
@@ -88,8 +93,8 @@ class Schedule(BaseModel):
 
     @field_validator("id", "role")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if NAME_PATTERN.fullmatch(value) is None:
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and NAME_PATTERN.fullmatch(value) is None:
             raise ValueError(
                 "use 1-64 letters, digits, '_', '-' or '.', starting with one of the first two"
             )
@@ -110,6 +115,10 @@ class Schedule(BaseModel):
     def _one_rule(self) -> Schedule:
         if (self.cron is None) == (self.every is None):
             raise ValueError("give exactly one of cron and every")
+        if (self.role is None) == (self.graph is None):
+            raise ValueError("give exactly one of role and graph")
+        if self.graph is not None and not isinstance(self.payload, dict | None):
+            raise ValueError("a task's params (the payload) must be an object")
         if self.every is not None and not math.isfinite(self.every):
             raise ValueError("every must be a finite number of seconds")
         if self.cron is not None:
@@ -135,6 +144,11 @@ class Schedule(BaseModel):
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"not JSON: {exc}") from None
         return cls.model_validate(data)
+
+    @property
+    def target(self) -> str:
+        """Where its runs go: the role, or ``task`` for a graph."""
+        return self.role if self.role is not None else "task"
 
     def describe(self) -> str:
         """The rule in one phrase: ``cron '0 3 * * *' Europe/Berlin`` or ``every 30s``."""
@@ -250,7 +264,7 @@ def render(payload: Any, tick_ms: int) -> Any:
 
 
 def run_id(schedule_id: str, tick_ms: int) -> str:
-    """The message id of a schedule's run at ``tick_ms`` (the same in every process)."""
+    """The message (or task) id of a schedule's run at ``tick_ms`` (the same everywhere)."""
     return f"sched.{schedule_id}.{tick_ms}"
 
 

@@ -132,6 +132,29 @@ async def test_missed_ticks_are_skipped_unless_caught_up(client: Client) -> None
     assert ticks_of("catch", ids) == [latest - 20_000, latest - 10_000, latest]
 
 
+GRAPH = {"nodes": [{"id": "a", "role": "tick"}], "edges": []}
+
+
+@pytest.mark.filterwarnings("ignore::streamflow.errors.NoCoordinatorWarning")
+async def test_a_graph_schedule_submits_one_task_per_tick_across_schedulers(
+    client: Client,
+) -> None:
+    now = now_ms() // 1000 * 1000
+    schedule = Schedule(id="g", graph=GRAPH, every=1, catch_up=5, payload={"at": "{scheduled_at}"})
+    first = await _with_last(client, schedule, now - 4000)
+    schedulers = [first, Scheduler(client), Scheduler(client)]
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            for one in schedulers:  # three passes at once over the same due ticks
+                tg.start_soon(one.step)
+        tasks = await client.tasks()
+    ticks = ticks_of("g", [task.id for task in tasks])
+    assert_each_tick_once(ticks, 1000, at_least=4)
+    for task in tasks:
+        spec = await client.task(task.id)
+        assert spec is not None and spec.state == "queued"
+
+
 async def test_a_new_schedule_starts_after_now(client: Client) -> None:
     with anyio.fail_after(10):
         await add(client.redis, client.keys, Schedule(id="new", role="tick", every=1))

@@ -123,6 +123,9 @@ def test_a_definition_round_trips_through_json() -> None:
     ("fields", "error"),
     [
         ({"role": "r"}, "exactly one of cron and every"),
+        ({"every": 60}, "exactly one of role and graph"),
+        ({"every": 60, "role": "r", "graph": {"nodes": []}}, "exactly one of role and graph"),
+        ({"every": 60, "graph": {"nodes": []}, "payload": [1]}, "must be an object"),
         ({"role": "r", "cron": "* * * * *", "every": 5}, "exactly one of cron and every"),
         ({"role": "r", "cron": "61 * * * *"}, "invalid cron expression"),
         ({"role": "r", "every": 0.5}, "greater than or equal to 1"),

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import anyio
 import click
@@ -62,7 +62,7 @@ def _row(client_now: int, stored: runner.Stored, sid: str) -> dict[str, Any]:
     return {
         "id": sid,
         "valid": True,
-        "role": found.role,
+        "role": found.target,
         "rule": found.describe(),
         "paused": paused,
         "next_run": None if upcoming is None else iso(upcoming),
@@ -101,7 +101,8 @@ def list_(as_json: bool, redis_url: str, namespace: str) -> None:
 
 @schedule.command("add")
 @click.argument("schedule_id")
-@click.option("--role", required=True, help="The role its jobs go to.")
+@click.option("--role", help="The role its jobs go to.")
+@click.option("--graph", "graph_file", type=click.File(), help="Instead: a task graph (JSON).")
 @click.option("--cron", help="A cron expression (5 fields, or 6 with seconds first).")
 @click.option("--every", type=float, help="Instead of --cron: seconds between ticks.")
 @click.option("--timezone", default="UTC", show_default=True, help="The cron's IANA zone.")
@@ -112,11 +113,22 @@ def list_(as_json: bool, redis_url: str, namespace: str) -> None:
 @connection_options
 @errors_to_exit
 def add(
-    schedule_id: str, payload: str, as_json: bool, redis_url: str, namespace: str, **rule: Any
+    schedule_id: str,
+    payload: str,
+    graph_file: TextIO | None,
+    as_json: bool,
+    redis_url: str,
+    namespace: str,
+    **rule: Any,
 ) -> None:
-    """Add (or replace) a schedule; its ticks start after now."""
+    """Add (or replace) a schedule; its ticks start after now.
+
+    It publishes a job to --role, or submits the task graph of --graph (a JSON file; the
+    payload is then the task's params).
+    """
     try:
-        found = Schedule(id=schedule_id, payload=orjson.loads(payload), **rule)
+        graph = None if graph_file is None else orjson.loads(graph_file.read())
+        found = Schedule(id=schedule_id, payload=orjson.loads(payload), graph=graph, **rule)
     except ValueError as exc:  # orjson's and pydantic's errors are ValueErrors
         raise click.UsageError(f"invalid schedule: {exc}") from None
     _run(redis_url, namespace, lambda client: runner.add(client.redis, client.keys, found))
