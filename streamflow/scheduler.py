@@ -60,6 +60,8 @@ POLL = 0.25
 #: Ticks older than this are never fired: below the client's default dedup window (24 h), so
 #: that the dedup marker of any tick that may fire is still there.
 HORIZON = timedelta(hours=23)
+#: Problems remembered (so as to log each once) before the memory is cleared.
+MAX_WARNED = 10_000
 #: Job states in which a run is still going (for ``overlap="skip"``).
 GOING = frozenset({"queued", "delayed", "running", "retrying"})
 
@@ -233,6 +235,9 @@ async def still_going(client: Client, schedule: Schedule, last_ms: int) -> bool:
 class Scheduler:
     """Fires the namespace's schedules; run as many as you like (see the module docstring).
 
+    The promise of one run per tick holds for ticks within the client's dedup window (24 hours
+    by default): give it a client whose window is at least :data:`HORIZON` plus an hour.
+
     Args:
         client: The client it publishes with (its namespace is the scheduler's).
         schedules: Schedules declared in code: written to Redis when :meth:`run` starts.
@@ -359,6 +364,8 @@ class Scheduler:
 
     def _warn(self, problems: dict[str, str], what: str = "ignored") -> None:
         """Log each problem once per scheduler (each pass meets them again)."""
+        if len(self._warned) > MAX_WARNED:  # texts from Redis vary: keep the memory bounded
+            self._warned.clear()
         for sid, why in problems.items():
             if (sid, why) not in self._warned:
                 self._warned.add((sid, why))
