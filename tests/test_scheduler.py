@@ -405,6 +405,11 @@ async def test_cli_adds_lists_pauses_resumes_runs_and_removes(
     assert await stream_ids(client, "tick") == [ran["message_id"]]
     await anyio.to_thread.run_sync(lambda: run("remove", "nightly", "--json"))
     assert await anyio.to_thread.run_sync(lambda: run("list", "--json")) == []
+    await client.redis.hset(client.keys.schedules(), "junk\x1b[2J", b"\xff")
+    [row] = await anyio.to_thread.run_sync(lambda: run("list", "--json"))
+    assert row["valid"] is False and row["error"].startswith("not JSON")
+    listed = await anyio.to_thread.run_sync(lambda: run("list"))
+    assert "INVALID" in listed and "\x1b" not in listed  # printed safely
     missing = run_cli(
         "schedule", "pause", "nightly", "--redis-url", redis_url, "--namespace", namespace
     )
