@@ -37,6 +37,7 @@ from streamflow import (
     Graph,
     SyncClient,
     connect,
+    scheduler,
 )
 from streamflow.cli.security import acl_command
 from streamflow.delivery import Outcome
@@ -44,6 +45,9 @@ from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, LI
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
+from streamflow.protocol import now_ms
+from streamflow.scheduler import Scheduler
+from streamflow.schedules import Schedule
 from streamflow.scripts import Scripts
 from tests.helpers import (
     CLI,
@@ -524,6 +528,38 @@ async def test_publisher_publishes_and_submits(users: Users) -> None:
     assert await admin.xlen(KEYS.role_stream("echo")) == 1 + 5 + 1 + 1 + 1 + 2
     assert await admin.zcard(KEYS.delayed("echo")) == 3
     assert await admin.xlen(KEYS.tasks_control()) == 1
+    assert await users.refusals() == []
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_the_scheduler_runs_as_the_publisher_and_schedules_are_managed_as_the_operator(
+    users: Users,
+) -> None:
+    await users.admin.sadd(KEYS.known_roles(), "echo")
+    declared = Schedule(id="tick", role="echo", every=1)
+    async with (
+        Client.from_url(users.urls["publisher"], namespace=NS) as publisher,
+        Client.from_url(users.urls["operator"], namespace=NS) as operator,
+    ):
+        with anyio.fail_after(20):
+            running = Scheduler(publisher, [declared])
+            async with anyio.create_task_group() as tg:
+                await tg.start(running.run)  # HSET of the declared schedule
+                running.stop()
+            await running.step()  # a new schedule: ZADD NX of its first tick
+            await users.admin.zadd(KEYS.schedule_ticks(), {"tick": now_ms() - 2000})
+            await running.step()  # publishes with a dedup key, ZADD GT
+            other = Schedule(id="other", role="echo", cron="0 3 * * *")
+            await scheduler.add(operator.redis, operator.keys, other)
+            await scheduler.pause(operator.redis, operator.keys, "other")
+            await scheduler.pause(operator.redis, operator.keys, "other", paused=False)
+            stored = await scheduler.load(operator.redis, operator.keys)
+            await scheduler.run_now(operator, other)
+            assert await scheduler.remove(operator.redis, operator.keys, "other")
+    assert set(stored.schedules) == {"tick", "other"} and "tick" in stored.runs
+    assert await users.admin.xlen(KEYS.role_stream("echo")) == 2
     assert await users.refusals() == []
 
 
