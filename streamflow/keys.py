@@ -137,7 +137,7 @@ class KeyKind:
 
     Attributes:
         slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks``,
-            ``signals`` or ``lifecycle``.
+            ``signals``, ``lifecycle`` or ``schedules``.
         part: The word after the tag.
         named: Whether the tag carries a name.
         rest: Whether the key goes on after the part (``:<entry id>``, ``:<node id>``, ...).
@@ -209,6 +209,16 @@ SUBMISSION = KeyKind("tasks", "submission", rest=True)
 #: The namespace's lifecycle events stream (one per namespace: see :meth:`Keys.lifecycle`).
 LIFECYCLE = KeyKind("lifecycle", "stream")
 
+# Schedules: one slot, so a scheduler reads every definition, pause and last tick in one trip.
+#: Run-time schedule definitions (a hash: schedule id -> JSON).
+SCHEDULE_DEFS = KeyKind("schedules", "defs")
+#: The paused schedules (a set of ids).
+SCHEDULES_PAUSED = KeyKind("schedules", "paused")
+#: Each schedule's last tick fired or skipped (a sorted set: id -> epoch ms), only raised.
+SCHEDULE_TICKS = KeyKind("schedules", "ticks")
+#: Each schedule's last tick that published a job (a sorted set: id -> epoch ms), only raised.
+SCHEDULE_RUNS = KeyKind("schedules", "runs")
+
 #: Every kind of key streamflow uses.
 KINDS: tuple[KeyKind, ...] = (
     ROLE_CONFIG,
@@ -243,6 +253,10 @@ KINDS: tuple[KeyKind, ...] = (
     TASKS_SUBMISSIONS,
     SUBMISSION,
     LIFECYCLE,
+    SCHEDULE_DEFS,
+    SCHEDULES_PAUSED,
+    SCHEDULE_TICKS,
+    SCHEDULE_RUNS,
 )
 
 
@@ -537,3 +551,27 @@ class Keys:
         ``MAXLEN ~`` (see :mod:`streamflow.events`).
         """
         return self._key(LIFECYCLE)
+
+    # -- schedules --------------------------------------------------------------------------
+
+    def schedules(self) -> str:
+        """Every schedule's definition (a hash: schedule id -> JSON)."""
+        return self._key(SCHEDULE_DEFS)
+
+    def schedules_paused(self) -> str:
+        """The ids of the paused schedules (a set)."""
+        return self._key(SCHEDULES_PAUSED)
+
+    def schedule_ticks(self) -> str:
+        """Each schedule's last tick fired or skipped (a sorted set scored by epoch ms).
+
+        Only ever raised (``ZADD GT``), so that a tick is never considered twice.
+        """
+        return self._key(SCHEDULE_TICKS)
+
+    def schedule_runs(self) -> str:
+        """Each schedule's last tick that published a job (a sorted set scored by epoch ms).
+
+        The run ``overlap="skip"`` looks at; only ever raised.
+        """
+        return self._key(SCHEDULE_RUNS)

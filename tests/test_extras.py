@@ -66,3 +66,15 @@ def test_a_broken_install_is_not_reported_as_a_missing_extra(
     with pytest.raises(ModuleNotFoundError) as caught:
         extras.require("fake", "a feature")
     assert caught.value.name == "sf_fake_extra_dependency"
+
+
+def test_a_cron_schedule_without_cronsim_names_the_schedules_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from streamflow.schedules import Schedule, next_tick
+
+    monkeypatch.setitem(sys.modules, "cronsim", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'streamflow\[schedules\]'"):
+        Schedule(id="s", role="r", cron="* * * * *")
+    # An interval schedule needs no cron parser.
+    assert next_tick(Schedule(id="s", role="r", every=5), 0) == 5000

@@ -63,6 +63,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "publish": ("streamflow.cli.publish", "Publish jobs to ROLE; prints one message id per line."),
     "result": ("streamflow.cli.tasks", "Print a task's results as JSON: {node: [items...]}."),
+    "schedule": (
+        "streamflow.cli.schedules",
+        "Schedules: list, add, remove, pause, resume, run-now.",
+    ),
+    "scheduler": (
+        "streamflow.cli.schedules",
+        "Fire the namespace's schedules; run two or more for availability (each tick fires once).",
+    ),
     "schema": (
         "streamflow.cli.publish",
         "Print the JSON Schema of every message kind of the wire protocol.",

@@ -68,6 +68,10 @@ from streamflow.keys import (
     ROLE_MARK,
     ROLE_SLOTS,
     ROLE_STREAM,
+    SCHEDULE_DEFS,
+    SCHEDULE_RUNS,
+    SCHEDULE_TICKS,
+    SCHEDULES_PAUSED,
     SIGNALS,
     STARTS,
     SUBMISSION,
@@ -148,6 +152,9 @@ _STARTUP_CHECKS = {
     "acl|whoami": "start-up checks: the connection's user",
 }
 
+#: The run-time schedule store (:mod:`streamflow.scheduler`).
+_SCHEDULE_KEYS = (SCHEDULE_DEFS, SCHEDULES_PAUSED, SCHEDULE_TICKS, SCHEDULE_RUNS)
+
 PUBLISHER = PartRules(
     summary="publishes jobs (now, delayed, deduplicated, in bulk) and submits tasks",
     keys={
@@ -190,6 +197,18 @@ PUBLISHER = PartRules(
         ),
         # HGETALL only: submit learns whether a coordinator runs, and cannot forge one.
         Narrow({"hgetall": "submit: is a coordinator running?"}, (COORDINATOR_REGISTRY,)),
+        # The scheduler (streamflow scheduler runs as the publisher): it reads the schedules,
+        # writes those declared in code and raises their last ticks (ZADD GT).
+        Narrow(
+            {
+                "hgetall": "scheduler: the schedules",
+                "hset": "scheduler: the schedules declared in code",
+                "smembers": "scheduler: the paused schedules",
+                "zrange": "scheduler: the last ticks and runs",
+                "zadd": "scheduler: ZADD GT of a last tick or run, ZADD NX of a new schedule's",
+            },
+            _SCHEDULE_KEYS,
+        ),
         # Reads of the lifecycle events only: a publisher follows news, never reads jobs.
         Narrow(
             {
@@ -462,6 +481,21 @@ OPERATOR = PartRules(
     narrow=(
         Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),
         Narrow({"del": "dlq purge", "xdel": "replay.lua"}, (DEAD_LETTERS,)),
+        # streamflow schedule list/add/remove/pause/resume (run-now is a plain publish).
+        Narrow(
+            {
+                "hgetall": "schedule list (definitions)",
+                "hset": "schedule add",
+                "hdel": "schedule remove",
+                "sadd": "schedule pause",
+                "srem": "schedule resume, remove",
+                "zrem": "schedule remove (its last tick and run)",
+                "zadd": "schedule resume (ZADD GT: the paused ticks count as done)",
+                "zrange": "schedule list (last ticks and runs)",
+                "smembers": "schedule list (paused)",
+            },
+            _SCHEDULE_KEYS,
+        ),
     ),
 )
 

@@ -37,6 +37,7 @@ from streamflow import (
     Graph,
     SyncClient,
     connect,
+    scheduler,
 )
 from streamflow.cli.security import acl_command
 from streamflow.dag import submissions
@@ -45,6 +46,9 @@ from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, LI
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
+from streamflow.protocol import now_ms
+from streamflow.scheduler import Scheduler
+from streamflow.schedules import Schedule
 from streamflow.scripts import Scripts
 from tests.helpers import (
     CLI,
@@ -189,8 +193,13 @@ def test_publisher_cannot_read_jobs_or_delete() -> None:
     deletes = {"del", "unlink", "xdel", "xtrim", "zrem", "srem", "hdel", "pexpire", "expire"}
     # Its one read: HGETALL of the coordinator registry (submit warns when none runs), in a
     # selector on that key only.
-    (registry,) = [n for n in acl.PUBLISHER.narrow if "hgetall" in n.commands]
+    (registry,) = [
+        n for n in acl.PUBLISHER.narrow if "hgetall" in n.commands and len(n.commands) == 1
+    ]
     assert registry.keys == (COORDINATOR_REGISTRY,) and set(registry.commands) == {"hgetall"}
+    # And the scheduler's reads of the schedules, in a selector on the schedule keys only.
+    (schedules,) = [n for n in acl.PUBLISHER.narrow if "zrange" in n.commands]
+    assert {k.slot for k in schedules.keys} == {"schedules"}
     assert "hgetall" not in acl.PUBLISHER.commands
     # And submit --wait follows the lifecycle events, in a selector on that stream only.
     (events,) = [n for n in acl.PUBLISHER.narrow if "xread" in n.commands]
@@ -237,6 +246,11 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("task_submissions", (), ("publisher", "coordinator")),
     ("submission", ("t",), ("publisher", "coordinator")),
     ("lifecycle", (), ALL_PARTS),
+    # The scheduler runs as the publisher; the schedule commands as the operator.
+    ("schedules", (), ("publisher", "operator")),
+    ("schedules_paused", (), ("publisher", "operator")),
+    ("schedule_ticks", (), ("publisher", "operator")),
+    ("schedule_runs", (), ("publisher", "operator")),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
@@ -473,7 +487,7 @@ def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisSer
     assert loaded.stdout.split() == ["OK", "OK"], loaded.stdout + loaded.stderr
     admin = redis_sync.Redis(port=server.port)
     for user, password, selectors in (
-        ("sf-operator", "op secret", 2),
+        ("sf-operator", "op secret", 3),
         ("sf-worker", "w-secret", 4),
     ):
         client = redis_sync.Redis(port=server.port, username=user, password=password)
@@ -517,6 +531,38 @@ async def test_publisher_publishes_and_submits(users: Users) -> None:
     assert await admin.xlen(KEYS.role_stream("echo")) == 1 + 5 + 1 + 1 + 1 + 2
     assert await admin.zcard(KEYS.delayed("echo")) == 3
     assert await admin.xlen(KEYS.tasks_control()) == 1
+    assert await users.refusals() == []
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_the_scheduler_runs_as_the_publisher_and_schedules_are_managed_as_the_operator(
+    users: Users,
+) -> None:
+    await users.admin.sadd(KEYS.known_roles(), "echo")
+    declared = Schedule(id="tick", role="echo", every=1)
+    async with (
+        Client.from_url(users.urls["publisher"], namespace=NS) as publisher,
+        Client.from_url(users.urls["operator"], namespace=NS) as operator,
+    ):
+        with anyio.fail_after(20):
+            running = Scheduler(publisher, [declared])
+            async with anyio.create_task_group() as tg:
+                await tg.start(running.run)  # HSET of the declared schedule
+                running.stop()
+            await running.step()  # a new schedule: ZADD NX of its first tick
+            await users.admin.zadd(KEYS.schedule_ticks(), {"tick": now_ms() - 2000})
+            await running.step()  # publishes with a dedup key, ZADD GT
+            other = Schedule(id="other", role="echo", cron="0 3 * * *")
+            await scheduler.add(operator.redis, operator.keys, other)
+            await scheduler.pause(operator.redis, operator.keys, "other")
+            await scheduler.pause(operator.redis, operator.keys, "other", paused=False)
+            stored = await scheduler.load(operator.redis, operator.keys)
+            await scheduler.run_now(operator, other)
+            assert await scheduler.remove(operator.redis, operator.keys, "other")
+    assert set(stored.schedules) == {"tick", "other"} and "tick" in stored.runs
+    assert await users.admin.xlen(KEYS.role_stream("echo")) == 2
     assert await users.refusals() == []
 
 
