@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 
 from streamflow import (
     connect,
+    flow,
     jobs,
     partitions,
     pipelines,
@@ -418,6 +419,38 @@ class Client:
                 while not await self._cancel_done(result):
                     await news.wait(CANCEL_RECHECK)
         return result
+
+    # -- flow control -----------------------------------------------------------------------
+
+    @_public("pausing a role")
+    async def pause(self, role: str, *, force: bool = False) -> bool:
+        """Pause ``role``: workers start no new jobs of it until :meth:`resume`.
+
+        Takes effect within one read cycle of each worker (about a second); running jobs
+        finish, publishing goes on (jobs wait in the stream), and the pause outlives worker
+        restarts. See docs/operations.md, "Pausing a role".
+
+        Args:
+            role: The role.
+            force: Pause it even if nothing is known of it yet (no stream, never served).
+
+        Returns:
+            True if the role was running, False if it was paused already.
+
+        Raises:
+            UnknownRoleError: Nothing is known of ``role`` and ``force`` is False.
+        """
+        return await steps.run(flow.pause(self.redis, self.keys, role, force=force))
+
+    @_public("resuming a role")
+    async def resume(self, role: str) -> bool:
+        """Resume a paused ``role``; True if it was paused."""
+        return await steps.run(flow.resume(self.redis, self.keys, role))
+
+    @_public("reading paused roles")
+    async def paused(self, roles: Sequence[str]) -> dict[str, int]:
+        """The roles of ``roles`` that are paused, each with when it was paused (ms)."""
+        return await steps.run(flow.paused_since(self.redis, self.keys, roles))
 
     # -- lifecycle events -------------------------------------------------------------------
 
@@ -891,6 +924,16 @@ class SyncClient:
                     headers=headers,
                 )
             )
+
+    def pause(self, role: str, *, force: bool = False) -> bool:
+        """Pause ``role`` (see :meth:`Client.pause`); True if it was running."""
+        with connect.public_errors(f"pausing role {role!r}"):
+            return steps.run_blocking(flow.pause(self.redis, self._pub.keys, role, force=force))
+
+    def resume(self, role: str) -> bool:
+        """Resume a paused ``role``; True if it was paused."""
+        with connect.public_errors(f"resuming role {role!r}"):
+            return steps.run_blocking(flow.resume(self.redis, self._pub.keys, role))
 
     def close(self) -> None:
         """Close the connections."""

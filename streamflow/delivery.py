@@ -252,3 +252,5 @@ class WorkerStatistics:
     cancel_signals: int = 0
     #: Consumer names of stopped processes this worker deleted (they held nothing).
     consumers_deleted: int = 0
+    #: Each role served: whether it is paused (as last read, see :mod:`streamflow.flow`).
+    paused: dict[str, bool] = field(default_factory=dict)

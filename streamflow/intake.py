@@ -10,6 +10,13 @@
 * :class:`Intake`: a worker's reader, adopter and promoter per partition, handing what they
   take to the worker. Nothing here decides an entry's end: it imports neither the worker nor
   the DAG side.
+
+A paused role (:mod:`streamflow.flow`) is neither read nor adopted from: its readers wait for
+the resume before their next read, so nothing new of it starts. What a reader had already read
+when it saw the pause (at most one read: the free handler slots plus the prefetch) is run, not
+released: it is held, its leases renewed, and it starts as soon as a slot is free. Entries
+pending under a dead worker stay pending until the role is resumed; due retries still move to
+the stream (to wait there).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from redis.asyncio import Redis
 from streamflow import connect, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
+from streamflow.flow import PauseWatch
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import MESSAGE_FIELD, now_ms
@@ -370,6 +378,7 @@ class Intake:
         promoter: Moves due retries back to the streams.
         keys: Key names.
         deliver: Takes the entries read or adopted: hold and queue them.
+        flow: Which roles are paused (their readers and adopters wait).
         stopping: Set when the worker stops: every loop returns.
         block_ms: How long an idle read waits before looking again.
     """
@@ -383,6 +392,7 @@ class Intake:
         promoter: Promoter,
         keys: Keys,
         deliver: Deliver,
+        flow: PauseWatch,
         stopping: anyio.Event,
         *,
         block_ms: int,
@@ -394,6 +404,7 @@ class Intake:
         self._promoter = promoter
         self._keys = keys
         self._deliver = deliver
+        self.flow = flow
         self._stopping = stopping
         self._block_ms = block_ms
         #: Entries adopted (not already held here), in all and by role.
@@ -404,6 +415,7 @@ class Intake:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
         self._read_ahead.stop()
         self._promoter.wake_all()
+        self.flow.stop()
 
     def trimmed_by_role(self) -> dict[str, int]:
         """Pending entries found deleted from the streams before they were settled, by role."""
@@ -421,6 +433,8 @@ class Intake:
         In burst mode due retries are moved to the streams first and nothing is adopted.
         """
         async with anyio.create_task_group() as readers:
+            if not burst:
+                readers.start_soon(self.flow.run)
             # Every partition gets its own reader: a blocking read cannot span the slots of
             # several partitions on a cluster, and separate readers share the free capacity
             # fairly between partitions.
@@ -442,8 +456,10 @@ class Intake:
         history: bytes | None = b"0"
         while not self._stopping.is_set():
             free = await self._read_ahead.wait_budget()
-            if free <= 0:
-                continue
+            # No budget means the worker stops; a paused role waits here, after the wait for
+            # room, so that the read that room allows is not one made after the pause was seen.
+            if free <= 0 or not await self._wait_unpaused(role.name, burst):
+                return
             block = None if burst or history else self._block_ms
             # Readers of several roles (and the adopter) may count the same free slots while a
             # blocking read waits; the queue is unbounded, so that overshoots the limit by at
@@ -467,6 +483,15 @@ class Intake:
                 if self._read_ahead.in_flight == 0:
                     return
                 await self._read_ahead.wait_progress()
+
+    async def _wait_unpaused(self, role: str, burst: bool) -> bool:
+        """Wait while ``role`` is paused; False if its reader ends instead (burst, or a stop)."""
+        if not self.flow.is_paused(role):
+            return True
+        if burst:
+            return False  # nothing of a paused role is to be drained
+        await self.flow.wait_resumed(role)
+        return not self._stopping.is_set()
 
     async def _read(
         self,
@@ -499,7 +524,7 @@ class Intake:
 
         async def step() -> None:
             free = min(self._read_ahead.free(), settings.reclaim_count)
-            if free > 0:
+            if free > 0 and not self.flow.is_paused(role.name):
                 await self.adopt(role, shard, stream, free)
 
         async def regroup() -> None:

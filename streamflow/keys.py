@@ -137,7 +137,7 @@ class KeyKind:
 
     Attributes:
         slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks``,
-            ``signals`` or ``lifecycle``.
+            ``signals``, ``lifecycle`` or ``flow``.
         part: The word after the tag.
         named: Whether the tag carries a name.
         rest: Whether the key goes on after the part (``:<entry id>``, ``:<node id>``, ...).
@@ -204,6 +204,9 @@ KNOWN_FUNCTIONS = KeyKind("tasks", "functions")
 TASKS_MARK = KeyKind("tasks", "alive", rest=True)
 #: The namespace's lifecycle events stream (one per namespace: see :meth:`Keys.lifecycle`).
 LIFECYCLE = KeyKind("lifecycle", "stream")
+#: A role's flow control (paused or not), under its own ``{flow:<role>}`` tag: one per role,
+#: whatever its partitions (see :mod:`streamflow.flow`).
+FLOW_CONTROL = KeyKind("flow", "control", named=True)
 
 #: Every kind of key streamflow uses.
 KINDS: tuple[KeyKind, ...] = (
@@ -237,6 +240,7 @@ KINDS: tuple[KeyKind, ...] = (
     KNOWN_FUNCTIONS,
     TASKS_MARK,
     LIFECYCLE,
+    FLOW_CONTROL,
 )
 
 
@@ -523,3 +527,11 @@ class Keys:
         ``MAXLEN ~`` (see :mod:`streamflow.events`).
         """
         return self._key(LIFECYCLE)
+
+    def flow_control(self, role: str) -> str:
+        """A role's flow control (a hash): ``paused``, the ms time it was paused, while it is.
+
+        One per role, not per partition: pausing a role pauses all of its partitions. Written by
+        operators (``streamflow pause``), read by the workers of the role.
+        """
+        return self._key(FLOW_CONTROL, validate_name(role, "role"))

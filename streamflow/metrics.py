@@ -213,6 +213,15 @@ class WorkerCollector(Collector):
         yield _gauge(
             "streamflow_concurrency_limit", "Handlers this worker runs at once.", worker.concurrency
         )
+        paused = GaugeMetricFamily(
+            "streamflow_role_paused",
+            "1 while a role this worker serves is paused (streamflow pause): no new jobs of it "
+            "start here; else 0.",
+            labels=["role"],
+        )
+        for role, is_paused in sorted(stats.paused.items()):
+            paused.add_metric([role], 1 if is_paused else 0)
+        yield paused
 
 
 class HygieneCollector(Collector):

@@ -60,6 +60,7 @@ from streamflow.keys import (
     DEDUP,
     DELAYED,
     EVENTS,
+    FLOW_CONTROL,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
     LIFECYCLE,
@@ -218,6 +219,7 @@ WORKER = PartRules(
         TASK_OUTPUT: "ctx.inputs(): LRANGE of a parent's batch keys",
         TASK_RESULT: "ctx.inputs() and input batches: GET of a function node's output",
         LIFECYCLE: "XADD MAXLEN ~ of its jobs' lifecycle events (started, progress, outcomes)",
+        FLOW_CONTROL: "HGET of its roles' pause, every half second",
     },
     commands={
         **_CONNECTION,
@@ -241,7 +243,7 @@ WORKER = PartRules(
         "smismember": "known roles (read first: a full Redis refuses even a needless SADD)",
         "lrange": "ctx.inputs()",
         "hsetnx": "a role's partitions, recorded by the first worker",
-        "hget": "a role's partitions",
+        "hget": "a role's partitions, whether its roles are paused",
         "exists": "forget.lua (is a consumer's mark alive?)",
         "xinfo|consumers": "the cleanup of dead consumer names",
     },
@@ -387,8 +389,8 @@ COORDINATOR = PartRules(
 )
 
 OPERATOR = PartRules(
-    summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result, job "
-    "(and the exporter)",
+    summary="inspect, workers, dlq list/show/replay/purge, cancel, pause, resume, tasks, status, "
+    "result, job (and the exporter)",
     keys={
         ROLE_STREAM: "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
         "cancel: SCAN, XRANGE (does the message exist?)",
@@ -412,6 +414,7 @@ OPERATOR = PartRules(
         TASK_RESULT: "result: GET",
         RESULT: "job, result: GET of a job's kept outcome",
         LIFECYCLE: "events, cancel --wait: XREVRANGE (start position), XREAD",
+        FLOW_CONTROL: "pause: HSETNX; resume: HDEL; inspect: HGET",
     },
     commands={
         **_CONNECTION,
@@ -437,13 +440,14 @@ OPERATOR = PartRules(
         "exec": "dlq purge",
         "hgetall": "cancel --wait, workers (coordinators)",
         "zrevrange": "tasks",
-        "hget": "tasks, status, result, roles' partitions",
+        "hget": "tasks, status, result, roles' partitions, inspect (paused?)",
         "lrange": "result",
         "xread": "events, cancel --wait (lifecycle events)",
     },
     narrow=(
         Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),
         Narrow({"del": "dlq purge", "xdel": "replay.lua"}, (DEAD_LETTERS,)),
+        Narrow({"hsetnx": "pause", "hdel": "resume"}, (FLOW_CONTROL,)),
     ),
 )
 

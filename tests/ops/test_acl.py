@@ -234,6 +234,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("coordinators", (), ALL_PARTS[1:]),
     ("known_functions", (), ("publisher", "coordinator")),
     ("lifecycle", (), ALL_PARTS),
+    ("flow_control", ("r",), ("worker", "operator")),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
