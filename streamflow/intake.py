@@ -12,11 +12,12 @@
   the DAG side.
 
 A paused role (:mod:`streamflow.flow`) is neither read nor adopted from: its readers wait for
-the resume before their next read, so nothing new of it starts. What a reader had already read
-when it saw the pause (at most one read: the free handler slots plus the prefetch) is run, not
-released: it is held, its leases renewed, and it starts as soon as a slot is free. Entries
-pending under a dead worker stay pending until the role is resumed; due retries still move to
-the stream (to wait there).
+the resume before their next read. A read that was already blocked when the pause was seen
+hands what it returns back at once (``release.lua``: adopted at once after the resume, the
+delivery count unchanged), so nothing read after the pause was seen starts. Entries read
+before it and queued for a handler slot (the prefetch, a handful) still run: they are held and
+their leases renewed, and releasing them would race their start. Entries pending under a dead
+worker stay pending until the resume; due retries still move to the stream (to wait there).
 """
 
 from __future__ import annotations
@@ -157,6 +158,16 @@ class GroupReader:
         """Entries already pending under this consumer after id ``after``, with their counts."""
         return await streams.read_own_pending(
             self._redis, stream, self.consumer, after=after, count=count, group=self.group
+        )
+
+    async def release(self, stream: str, entries: list[streams.Entry]) -> int:
+        """Hand entries just read back, for immediate adoption, their delivery count unchanged.
+
+        Only for the workers' group (``release.lua`` names it); returns how many were ours.
+        """
+        ids = [entry.id for entry in entries]
+        return await scripts.release(
+            self._scripts, self._redis, stream, self.consumer, ids, idle_ms=scripts.RELEASE_IDLE_MS
         )
 
     async def regroup(self, stream: str) -> None:
@@ -474,7 +485,7 @@ class Intake:
                 issued = time.monotonic()
                 entries = await self._leases.confirm(stream, entries)
             if entries:
-                self._deliver(role, shard, stream, entries, issued)
+                await self._hand_over(role, shard, stream, entries, issued)
             if history is not None:
                 if entries:
                     logger.info("resuming %d entries pending on %s", len(entries), stream)
@@ -483,6 +494,31 @@ class Intake:
                 if self._read_ahead.in_flight == 0:
                     return
                 await self._read_ahead.wait_progress()
+
+    async def _hand_over(
+        self, role: Role, shard: str, stream: str, entries: list[streams.Entry], issued: float
+    ) -> None:
+        """Deliver what a read returned, or hand it back if the role was paused meanwhile.
+
+        A read that was blocked when the pause was seen may return entries published since:
+        they are released (adopted at once after the resume, their delivery count unchanged),
+        so that nothing read after the pause was seen starts.
+        """
+        if not self.flow.is_paused(role.name):
+            self._deliver(role, shard, stream, entries, issued)
+            return
+        try:
+            released = await self.reader.release(stream, entries)
+        except connect.TRANSIENT_ERRORS as exc:
+            logger.warning(
+                "role %s is paused: could not hand back %d entries just read (%s); they are "
+                "adopted after the lease TTL once it is resumed",
+                role.name,
+                len(entries),
+                connect.describe(exc),
+            )
+            return
+        logger.info("role %s is paused: handed back %d entries just read", role.name, released)
 
     async def _wait_unpaused(self, role: str, burst: bool) -> bool:
         """Wait while ``role`` is paused; False if its reader ends instead (burst, or a stop)."""
