@@ -471,7 +471,7 @@ def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisSer
     assert loaded.stdout.split() == ["OK", "OK"], loaded.stdout + loaded.stderr
     admin = redis_sync.Redis(port=server.port)
     for user, password, selectors in (
-        ("sf-operator", "op secret", 2),
+        ("sf-operator", "op secret", 3),
         ("sf-worker", "w-secret", 4),
     ):
         client = redis_sync.Redis(port=server.port, username=user, password=password)
@@ -549,6 +549,11 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
                 assert "stopped slow-1 on w1" in done
                 await wait_until(lambda: statuses(outcomes, "slow-1") == ["cancelled"])
                 await operator_views(users, failing)
+                # A pause: the operator writes it, the worker reads it (every half second).
+                assert "paused" in await ok(users, "operator", "pause", "echo")
+                await wait_until(lambda: w1.statistics().paused["echo"])
+                assert "resumed" in await ok(users, "operator", "resume", "echo")
+                await wait_until(lambda: not w1.statistics().paused["echo"])
 
                 # The dead consumer's name is deleted once its entry was adopted.
                 async def ghost_gone() -> bool:

@@ -155,6 +155,8 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
                 "delayed": 1,
                 "dead_letters": 2,
                 "partitions": 1,
+                "paused": False,
+                "paused_at_ms": None,
             },
             {
                 "role": "beta",
@@ -163,6 +165,8 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
                 "delayed": 0,
                 "dead_letters": 0,
                 "partitions": 1,
+                "paused": False,
+                "paused_at_ms": None,
             },
             {
                 "role": "gamma",
@@ -171,6 +175,8 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
                 "delayed": 0,
                 "dead_letters": 0,
                 "partitions": 1,
+                "paused": False,
+                "paused_at_ms": None,
             },
         ],
     }
