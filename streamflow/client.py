@@ -447,6 +447,37 @@ class Client:
         """Resume a paused ``role``; True if it was paused."""
         return await steps.run(flow.resume(self.redis, self.keys, role))
 
+    @_public("setting limits")
+    async def limit(
+        self,
+        role: str,
+        *,
+        rate: str | None = None,
+        concurrency: int | None = None,
+        reset: bool = False,
+    ) -> flow.Limits:
+        """Set a role's limits at run time, over the ones its app declares; returns them.
+
+        Workers apply a change within half a second. See docs/operations.md, "Rate and
+        concurrency limits".
+
+        Args:
+            role: The role.
+            rate: At most this many starts per period across all workers (``"10/s"``,
+                ``"100/m"``, ``"5/2h"``), or ``"off"``; None leaves it as it is.
+            concurrency: At most this many of its jobs held at once across all workers, 0 for
+                no limit; None leaves it as it is.
+            reset: Drop the run-time settings first: the declared limits apply again.
+
+        Raises:
+            ConfigError: The rate or the concurrency is not valid.
+        """
+        return await steps.run(
+            flow.set_limits(
+                self.redis, self.keys, role, rate=rate, concurrency=concurrency, reset=reset
+            )
+        )
+
     @_public("reading paused roles")
     async def paused(self, roles: Sequence[str]) -> dict[str, int]:
         """The roles of ``roles`` that are paused, each with when it was paused (ms)."""

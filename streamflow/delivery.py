@@ -254,3 +254,7 @@ class WorkerStatistics:
     consumers_deleted: int = 0
     #: Each role served: whether it is paused (as last read, see :mod:`streamflow.flow`).
     paused: dict[str, bool] = field(default_factory=dict)
+    #: Reads of a limited role held back by its rate or concurrency limit, by role.
+    limit_waits: dict[str, int] = field(default_factory=dict)
+    #: Running slots of concurrency-limited roles this worker holds now, by role.
+    limit_slots: dict[str, int] = field(default_factory=dict)

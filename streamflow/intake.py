@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from streamflow import connect, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
-from streamflow.flow import PauseWatch
+from streamflow.flow import Limiter, PauseWatch
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import MESSAGE_FIELD, now_ms
@@ -390,6 +390,7 @@ class Intake:
         keys: Key names.
         deliver: Takes the entries read or adopted: hold and queue them.
         flow: Which roles are paused (their readers and adopters wait).
+        limiter: Grants limited roles' starts and holds their running slots.
         stopping: Set when the worker stops: every loop returns.
         block_ms: How long an idle read waits before looking again.
     """
@@ -404,6 +405,7 @@ class Intake:
         keys: Keys,
         deliver: Deliver,
         flow: PauseWatch,
+        limiter: Limiter,
         stopping: anyio.Event,
         *,
         block_ms: int,
@@ -416,6 +418,7 @@ class Intake:
         self._keys = keys
         self._deliver = deliver
         self.flow = flow
+        self.limiter = limiter
         self._stopping = stopping
         self._block_ms = block_ms
         #: Entries adopted (not already held here), in all and by role.
@@ -446,6 +449,7 @@ class Intake:
         async with anyio.create_task_group() as readers:
             if not burst:
                 readers.start_soon(self.flow.run)
+                readers.start_soon(self.limiter.run, self._stopping)
             # Every partition gets its own reader: a blocking read cannot span the slots of
             # several partitions on a cluster, and separate readers share the free capacity
             # fairly between partitions.
@@ -457,6 +461,9 @@ class Intake:
                         readers.start_soon(self._promoter.run, shard, self._stopping)
                         readers.start_soon(self.adopt_loop, role, shard)
                     readers.start_soon(self.read_loop, role, shard, burst)
+        # Free the running slots of what ended; the rest expire after the lease TTL.
+        with anyio.move_on_after(5, shield=True):
+            await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
 
     async def read_loop(self, role: Role, shard: str, burst: bool) -> None:
         """Read a partition's new entries as there is room for them (``burst``: until idle)."""
@@ -475,17 +482,9 @@ class Intake:
             # Readers of several roles (and the adopter) may count the same free slots while a
             # blocking read waits; the queue is unbounded, so that overshoots the limit by at
             # most one read per role instead of starving a role behind another's blocked read.
-            issued = time.monotonic()
-            entries = await self._read(stream, free, block, history, backoff)
+            entries = await self._take(role, shard, stream, free, block, history, backoff)
             if entries is None:
                 continue
-            if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
-                # Redis may have delivered these long ago (this process was frozen in the read):
-                # another worker may own them by now. Start only what is still ours.
-                issued = time.monotonic()
-                entries = await self._leases.confirm(stream, entries)
-            if entries:
-                await self._hand_over(role, shard, stream, entries, issued)
             if history is not None:
                 if entries:
                     logger.info("resuming %d entries pending on %s", len(entries), stream)
@@ -494,6 +493,59 @@ class Intake:
                 if self._read_ahead.in_flight == 0:
                     return
                 await self._read_ahead.wait_progress()
+
+    async def _take(
+        self,
+        role: Role,
+        shard: str,
+        stream: str,
+        free: int,
+        block: int | None,
+        history: bytes | None,
+        backoff: connect.Backoff,
+    ) -> list[streams.Entry] | None:
+        """One read within the role's limits, handed over; None if nothing was read.
+
+        A limited role reads only as many entries as the limiter grants (it waits for a grant
+        first: until the next start is due, or a running slot frees); each entry read holds one
+        of the grants until it is settled, and grants the read did not use are given back.
+        """
+        tokens: list[str] | None = None
+        if self._limited(role.name):
+            tokens = await self._permits(role.name, free, backoff)
+            if not tokens:
+                return None
+            free = len(tokens)
+        issued = time.monotonic()
+        entries = await self._read(stream, free, block, history, backoff)
+        if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
+            # Redis may have delivered these long ago (this process was frozen in the read):
+            # another worker may own them by now. Start only what is still ours.
+            issued = time.monotonic()
+            entries = await self._leases.confirm(stream, entries)
+        if entries:
+            await self._hand_over(role, shard, stream, entries, issued)
+        if tokens is not None:
+            await guarded(
+                lambda: self.limiter.bind(role.name, stream, entries or [], tokens), backoff
+            )
+        return entries
+
+    def _limited(self, role: str) -> bool:
+        return self.limiter.declares(role) or role in self.flow.limited_at_run_time
+
+    async def _permits(self, role: str, free: int, backoff: connect.Backoff) -> list[str]:
+        """Ask the limiter for up to ``free`` starts; without a grant, wait as it says first."""
+        tokens: list[str] = []
+        wait = 0.0
+
+        async def ask() -> None:
+            nonlocal tokens, wait
+            tokens, wait = await self.limiter.acquire(role, min(free, self._read_ahead.read_count))
+
+        if await guarded(ask, backoff) and not tokens:
+            await sleep_unless(self._stopping, wait)
+        return tokens
 
     async def _hand_over(
         self, role: Role, shard: str, stream: str, entries: list[streams.Entry], issued: float

@@ -207,6 +207,9 @@ LIFECYCLE = KeyKind("lifecycle", "stream")
 #: A role's flow control (paused or not), under its own ``{flow:<role>}`` tag: one per role,
 #: whatever its partitions (see :mod:`streamflow.flow`).
 FLOW_CONTROL = KeyKind("flow", "control", named=True)
+#: A role's start rate state (GCRA's theoretical arrival time, ms) and its running slots.
+FLOW_RATE = KeyKind("flow", "rate", named=True)
+FLOW_RUNNING = KeyKind("flow", "running", named=True)
 
 #: Every kind of key streamflow uses.
 KINDS: tuple[KeyKind, ...] = (
@@ -241,6 +244,8 @@ KINDS: tuple[KeyKind, ...] = (
     TASKS_MARK,
     LIFECYCLE,
     FLOW_CONTROL,
+    FLOW_RATE,
+    FLOW_RUNNING,
 )
 
 
@@ -535,3 +540,11 @@ class Keys:
         operators (``streamflow pause``), read by the workers of the role.
         """
         return self._key(FLOW_CONTROL, validate_name(role, "role"))
+
+    def flow_rate(self, role: str) -> str:
+        """A rate-limited role's GCRA state: the next start's earliest time (ms, a string, PX)."""
+        return self._key(FLOW_RATE, validate_name(role, "role"))
+
+    def flow_running(self, role: str) -> str:
+        """A concurrency-limited role's running slots (a sorted set: token -> expiry ms)."""
+        return self._key(FLOW_RUNNING, validate_name(role, "role"))

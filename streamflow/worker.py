@@ -45,7 +45,7 @@ from streamflow.config import WorkerSettings
 from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.delivery import InFlight, Outcome, WorkerStatistics
 from streamflow.events import EventLog
-from streamflow.flow import PauseWatch
+from streamflow.flow import Limiter, PauseWatch
 from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
 from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
@@ -241,6 +241,15 @@ class Worker:
             self._keys,
             self._pool.dispatch,
             PauseWatch(redis, self._keys, names, self._stopping),
+            Limiter(
+                redis,
+                self._scripts,
+                self._keys,
+                self.consumer,
+                self._held,
+                {r.name: (r.rate_limit, r.concurrency_limit) for r in self._roles},
+                ttl_ms=self._leases.settings.ttl_ms,
+            ),
             self._stopping,
             block_ms=block_ms,
         )
@@ -393,6 +402,8 @@ class Worker:
             cancel_signals=self._signals.signals_seen,
             consumers_deleted=self._names.forgotten,
             paused=self._intake.flow.states(),
+            limit_waits=dict(self._intake.limiter.waits),
+            limit_slots=self._intake.limiter.slots(),
         )
 
     def observe_renewals(self, callback: Callable[[float], None] | None) -> None:

@@ -61,6 +61,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "streamflow.cli.jobs",
         "Show where a job is: queued, delayed, running, retrying, ended, or unknown.",
     ),
+    "limit": (
+        "streamflow.cli.flow",
+        "Set or show ROLE's start rate and concurrency limits across all workers.",
+    ),
     "pause": (
         "streamflow.cli.flow",
         "Pause ROLE: workers start no new jobs of it until resumed; running ones finish.",

@@ -233,6 +233,12 @@ def _role_lines(info: RoleInfo) -> list[str]:
             timespec="seconds"
         )
         lines.append(f"  paused since {since}: no new jobs start (streamflow resume to resume)")
+    if info.rate_limit or info.concurrency_limit is not None or info.running_slots:
+        cap = "unset" if info.concurrency_limit is None else str(info.concurrency_limit or "off")
+        lines.append(
+            f"  limits set at run time: rate {info.rate_limit or 'unset'}, concurrency {cap}; "
+            f"{info.running_slots} running slots taken"
+        )
     if not info.groups:
         lines.append("  no consumer group (no worker has served this role)")
     for group in info.groups:

@@ -61,6 +61,8 @@ from streamflow.keys import (
     DELAYED,
     EVENTS,
     FLOW_CONTROL,
+    FLOW_RATE,
+    FLOW_RUNNING,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
     LIFECYCLE,
@@ -219,7 +221,10 @@ WORKER = PartRules(
         TASK_OUTPUT: "ctx.inputs(): LRANGE of a parent's batch keys",
         TASK_RESULT: "ctx.inputs() and input batches: GET of a function node's output",
         LIFECYCLE: "XADD MAXLEN ~ of its jobs' lifecycle events (started, progress, outcomes)",
-        FLOW_CONTROL: "HGET of its roles' pause, every half second",
+        FLOW_CONTROL: "HGET, HMGET of its roles' pause and limits, every half second; "
+        "limit.lua HGET, HEXISTS",
+        FLOW_RATE: "limit.lua GET, SET PX of the next start's time",
+        FLOW_RUNNING: "limit.lua ZADD, ZREM, ZREMRANGEBYSCORE, ZCARD; ZCOUNT (limits read)",
     },
     commands={
         **_CONNECTION,
@@ -243,7 +248,12 @@ WORKER = PartRules(
         "smismember": "known roles (read first: a full Redis refuses even a needless SADD)",
         "lrange": "ctx.inputs()",
         "hsetnx": "a role's partitions, recorded by the first worker",
-        "hget": "a role's partitions, whether its roles are paused",
+        "hget": "a role's partitions, whether its roles are paused, limit.lua",
+        "hmget": "its roles' limits",
+        "hexists": "limit.lua",
+        "zremrangebyscore": "limit.lua (slots of dead workers)",
+        "zcard": "limit.lua",
+        "zcount": "its roles' running slots",
         "exists": "forget.lua (is a consumer's mark alive?)",
         "xinfo|consumers": "the cleanup of dead consumer names",
     },
@@ -266,7 +276,10 @@ WORKER = PartRules(
             (ROLE_STREAM,),
         ),
         Narrow(
-            {"set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua"},
+            {
+                "set": "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua, "
+                "limit.lua"
+            },
             (
                 CONSUMER_ALIVE,
                 CONSUMER_INFO,
@@ -274,6 +287,7 @@ WORKER = PartRules(
                 CANCEL_MARKER,
                 BATCH,
                 RESULT,
+                FLOW_RATE,
             ),
         ),
         Narrow(
@@ -389,8 +403,8 @@ COORDINATOR = PartRules(
 )
 
 OPERATOR = PartRules(
-    summary="inspect, workers, dlq list/show/replay/purge, cancel, pause, resume, tasks, status, "
-    "result, job (and the exporter)",
+    summary="inspect, workers, dlq list/show/replay/purge, cancel, pause, resume, limit, tasks, "
+    "status, result, job (and the exporter)",
     keys={
         ROLE_STREAM: "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
         "cancel: SCAN, XRANGE (does the message exist?)",
@@ -414,7 +428,8 @@ OPERATOR = PartRules(
         TASK_RESULT: "result: GET",
         RESULT: "job, result: GET of a job's kept outcome",
         LIFECYCLE: "events, cancel --wait: XREVRANGE (start position), XREAD",
-        FLOW_CONTROL: "pause: HSETNX; resume: HDEL; inspect: HGET",
+        FLOW_CONTROL: "pause: HSETNX; resume: HDEL; limit: HSET, HDEL, HMGET; inspect: HGET",
+        FLOW_RUNNING: "limit, inspect: ZCOUNT of the running slots",
     },
     commands={
         **_CONNECTION,
@@ -441,13 +456,17 @@ OPERATOR = PartRules(
         "hgetall": "cancel --wait, workers (coordinators)",
         "zrevrange": "tasks",
         "hget": "tasks, status, result, roles' partitions, inspect (paused?)",
+        "hmget": "limit, inspect (a role's limits)",
+        "zcount": "limit, inspect (running slots)",
         "lrange": "result",
         "xread": "events, cancel --wait (lifecycle events)",
     },
     narrow=(
         Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),
         Narrow({"del": "dlq purge", "xdel": "replay.lua"}, (DEAD_LETTERS,)),
-        Narrow({"hsetnx": "pause", "hdel": "resume"}, (FLOW_CONTROL,)),
+        Narrow(
+            {"hsetnx": "pause", "hset": "limit", "hdel": "resume, limit --reset"}, (FLOW_CONTROL,)
+        ),
     ),
 )
 

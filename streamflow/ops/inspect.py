@@ -95,6 +95,10 @@ class RoleInfo(BaseModel):
             the oldest pending entry of any partition).
         paused: Whether the role is paused (``streamflow pause``): no new jobs of it start.
         paused_at_ms: When it was paused (ms since the epoch), while it is.
+        rate_limit: Its start rate set at run time (``"10/s"``, ``"off"``), or None: the one
+            its app declares applies (``streamflow limit``).
+        concurrency_limit: Its limit on jobs held at once set at run time (0: none), or None.
+        running_slots: Running slots of its concurrency limit taken now.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,6 +111,9 @@ class RoleInfo(BaseModel):
     partitions: int = 1
     paused: bool = False
     paused_at_ms: int | None = None
+    rate_limit: str | None = None
+    concurrency_limit: int | None = None
+    running_slots: int = 0
 
 
 class PendingEntry(BaseModel):
@@ -199,11 +206,19 @@ async def _role_exists(redis: Redis, keys: Keys, role: str) -> bool:
 
 async def _with_pauses(redis: Redis, keys: Keys, infos: list[RoleInfo]) -> list[RoleInfo]:
     """``infos`` with their roles' pauses (one round trip for all)."""
-    paused = await steps.run(flow.paused_since(redis, keys, [info.role for info in infos]))
+    roles = [info.role for info in infos]
+    paused = await steps.run(flow.paused_since(redis, keys, roles))
+    limits = await steps.run(flow.read_limits(redis, keys, roles)) if roles else {}
     return [
-        info.model_copy(update={"paused": True, "paused_at_ms": paused[info.role]})
-        if info.role in paused
-        else info
+        info.model_copy(
+            update={
+                "paused": info.role in paused,
+                "paused_at_ms": paused.get(info.role),
+                "rate_limit": limits[info.role].rate,
+                "concurrency_limit": limits[info.role].concurrency,
+                "running_slots": limits[info.role].running,
+            }
+        )
         for info in infos
     ]
 

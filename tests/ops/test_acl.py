@@ -136,6 +136,7 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "mark_cancel.lua": ("worker", "coordinator"),
     "replay.lua": ("operator",),
     "slot.lua": ("coordinator",),
+    "limit.lua": ("worker",),
 }
 
 
@@ -235,6 +236,8 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("known_functions", (), ("publisher", "coordinator")),
     ("lifecycle", (), ALL_PARTS),
     ("flow_control", ("r",), ("worker", "operator")),
+    ("flow_rate", ("r",), ("worker",)),
+    ("flow_running", ("r",), ("worker", "operator")),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
