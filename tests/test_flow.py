@@ -250,3 +250,127 @@ def test_pause_under_load_across_worker_processes_loses_nothing(
     finally:
         sync.close()
         workers.kill_all()
+
+
+# -- rate and concurrency limits ---------------------------------------------------------------
+
+
+def max_overlap(record: Record) -> int:
+    """The most handlers running at once, from the START and DONE times of the record."""
+    changes = sorted(
+        [(line.at, 1) for line in record.events("START")]
+        + [(line.at, -1) for line in record.events("DONE")],
+        key=lambda change: (change[0], change[1]),  # at a tie, an end before a start
+    )
+    running = most = 0
+    for _, step in changes:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_a_rate_limit_holds_across_two_worker_processes(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    record_path = tmp_path / "record"
+    record = Record(record_path)
+    workers = Workers(tmp_path, redis_url, namespace, record_path)
+    connection = ["--redis-url", redis_url, "--namespace", namespace]
+    rate = 20
+    limited = run_cli("limit", "work", "--rate", f"{rate}/s", "--json", *connection)
+    assert json.loads(limited.stdout)["rate"] == f"{rate}/s", limited.stderr
+    sync = SyncClient(redis_url, namespace=namespace)
+    try:
+        ids = [sync.publish("work", {}) for _ in range(6 * rate)]
+        for worker in [workers.start(name, concurrency=8) for name in ("a", "b")]:
+            worker.wait_ready()
+        wait_for(lambda: record.ids("DONE") >= set(ids), 60, "every job done")
+        starts = sorted(line.at for line in record.events("START"))
+        assert len(starts) == len(ids)
+        # Any one-second window holds at most the rate (10% and a start of slack for the
+        # clocks of two processes); the whole run is as long as the rate makes it.
+        for index, first in enumerate(starts):
+            window = sum(1 for at in starts[index:] if at < first + 1.0)
+            assert window <= rate * 1.1 + 1, (window, first)
+        assert starts[-1] - starts[0] >= (len(ids) - 1) / rate * 0.9
+        assert {line.consumer for line in record.events("START")} == {"a", "b"}
+    finally:
+        sync.close()
+        workers.kill_all()
+
+
+def test_a_concurrency_limit_is_never_exceeded_across_processes_and_a_killed_slot_comes_back(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    record_path = tmp_path / "record"
+    record = Record(record_path)
+    workers = Workers(tmp_path, redis_url, namespace, record_path)
+    connection = ["--redis-url", redis_url, "--namespace", namespace]
+    assert run_cli("limit", "work", "--concurrency", "3", *connection).returncode == 0
+    sync = SyncClient(redis_url, namespace=namespace)
+    stream = Keys(namespace).role_stream("work")
+    direct = redis_sync.Redis.from_url(redis_url)
+    try:
+        started = [workers.start(name, concurrency=4) for name in ("a", "b")]
+        for worker in started:
+            worker.wait_ready()
+        ids = [sync.publish("work", {"seconds": 0.2}) for _ in range(30)]
+        # The jobs held back wait in the stream, not read: nothing of theirs is pending, so
+        # there is no lease to lose while they wait (the run lasts twice the 1 s lease).
+        most_pending = 0
+        while not record.ids("DONE") >= set(ids):
+            most_pending = max(most_pending, int(direct.xpending(stream, "workers")["pending"]))
+            time.sleep(0.02)
+        assert most_pending <= 3
+        assert max_overlap(record) <= 3
+        assert max_overlap(record) >= 2  # the limit is used, not just one at a time
+        assert set(record.counts("START").values()) == {1}  # none ran twice
+        assert_none_lost_and_duplicates_allowed(record, ids, set())
+        # A worker killed while it holds a slot: the slot comes back after the lease TTL.
+        hold = sync.publish("work", {"seconds_by_consumer": {"a": 60}})
+        wait_for(lambda: hold in record.ids("START"), 20, "the long job started")
+        (holder,) = [line.consumer for line in record.events("START") if line.message_id == hold]
+        victim = started[0] if holder == "a" else started[1]
+        victim.kill()
+        after = [sync.publish("work", {}) for _ in range(6)]
+        wait_for(lambda: record.ids("DONE") >= {hold, *after}, 30, "the rest done")
+        assert max_overlap(record) <= 3
+    finally:
+        direct.close()
+        sync.close()
+        workers.kill_all()
+
+
+async def test_declared_limits_apply_and_show_in_statistics_and_metrics(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+    running_now: list[str] = []
+    most = 0
+
+    @app.role("capped", concurrency_limit=2, rate_limit="1000/s")
+    async def capped(ctx: Context, payload: Any) -> None:
+        nonlocal most
+        running_now.append(ctx.message_id)
+        most = max(most, len(running_now))
+        await anyio.sleep(0.05)
+        running_now.remove(ctx.message_id)
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    workers = [make_worker(app, redis, namespace, outcomes, concurrency=4) for _ in range(2)]
+    with anyio.fail_after(30):
+        async with running(*workers):
+            await client.publish_many("capped", [{} for _ in range(20)])
+            await wait_until(lambda: len(outcomes) == 20)
+            await wait_until(lambda: all(w.statistics().limit_slots == {} for w in workers))
+    assert most <= 2
+    assert sum(w.statistics().limit_waits.get("capped", 0) for w in workers) > 0
+    assert await redis.zcard(Keys(namespace).flow_running("capped")) == 0  # every slot freed
+    # Run-time limits show in inspect and override the declared ones.
+    shown = await client.limit("capped", rate="5/m", concurrency=1)
+    assert (shown.rate, shown.concurrency) == ("5/m", 1)
+    (info,) = [r for r in await inspect_roles(redis, Keys(namespace)) if r.role == "capped"]
+    assert (info.rate_limit, info.concurrency_limit) == ("5/m", 1)
+    reset = await client.limit("capped", reset=True)
+    assert (reset.rate, reset.concurrency) == (None, None)
