@@ -308,6 +308,7 @@ class Limiter:
         #: Slots this worker holds: token -> (role, stream, entry id).
         self._slots: dict[str, tuple[str, str, bytes]] = {}
         self._renewed_at = time.monotonic()
+        self._untracked: set[str] = set()  # granted starts that hold no running slot
         #: Reads a limit held back (the reader waited), by role.
         self.waits: dict[str, int] = {}
 
@@ -337,8 +338,10 @@ class Limiter:
     async def acquire(self, role: str, wanted: int) -> tuple[list[str], float]:
         """Ask for up to ``wanted`` starts: the tokens granted, else seconds to wait."""
         tokens = [f"{self._consumer}:{next(self._seq)}" for _ in range(wanted)]
-        granted, wait_ms = (int(v) for v in await self._call(role, "acquire", tokens))
+        granted, wait_ms, slots = (int(v) for v in await self._call(role, "acquire", tokens))
         if granted:
+            if not slots:  # no concurrency limit: nothing to free or renew later
+                self._untracked.update(tokens[:granted])
             return tokens[:granted], 0.0
         self.waits[role] = self.waits.get(role, 0) + 1
         return [], SLOT_POLL if wait_ms < 0 else max(wait_ms / 1000, 0.001)
@@ -348,8 +351,12 @@ class Limiter:
     ) -> None:
         """Tie a token to each entry read (and held); give back the starts not used."""
         for token, entry in zip(tokens, entries, strict=False):
-            self._slots[token] = (role, stream, entry.id)
+            if token in self._untracked:
+                self._untracked.discard(token)
+            else:
+                self._slots[token] = (role, stream, entry.id)
         unused = list(tokens[len(entries) :])
+        self._untracked.difference_update(unused)
         if unused:
             await self._call(role, "release", unused)
             await self._call(role, "refund", refund=len(unused))

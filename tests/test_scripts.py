@@ -453,7 +453,7 @@ async def _limit(
         args=[op, count, period, cap, ttl_ms, refund, *tokens],
         client=redis,
     )
-    return [int(value) for value in reply]
+    return [int(value) for value in reply][:2]  # the third: whether slots are tracked
 
 
 async def test_limit_caps_running_slots_and_frees_released_and_expired_ones(
@@ -490,6 +490,14 @@ async def test_limit_spaces_starts_by_the_rate_and_takes_refunds(
     # Set at run time, "off" (count 0) lifts the declared rate.
     await redis.hset(keys.flow_control("r"), mapping={"rate_count": 0, "rate_period_ms": 0})
     assert await _limit(redis, keys, "acquire", "d", "e", declared=rate) == [2, 0]
+    # A start under a rate alone holds no running slot (nothing to free or renew later).
+    raw = await Scripts(redis).limit(
+        keys=[keys.flow_control("x"), keys.flow_rate("x"), keys.flow_running("x")],
+        args=["acquire", 1, 60_000, 0, 60_000, 0, "z"],
+        client=redis,
+    )
+    assert [int(v) for v in raw] == [1, 0, 0]
+    assert not await redis.exists(keys.flow_running("x"))
     # And a run-time rate applies where none is declared (from a fresh state).
     await redis.delete(keys.flow_rate("r"))
     await redis.hset(keys.flow_control("r"), mapping={"rate_count": 1, "rate_period_ms": 60_000})

@@ -7,8 +7,9 @@
 -- ARGV[1] acquire | renew | release | refund
 -- ARGV[2] declared rate count, ARGV[3] declared rate period ms, ARGV[4] declared concurrency
 --         (0: none), ARGV[5] slot ttl ms, ARGV[6] starts to refund, ARGV[7..n] tokens
--- acquire: returns {granted, wait ms}: the first `granted` tokens hold a slot (and a start);
---          with none granted, wait ms before asking again (-1: until a running slot frees).
+-- acquire: returns {granted, wait ms, slots}: the first `granted` tokens hold a start (and,
+--          if slots is 1, a running slot); with none granted, wait ms before asking again
+--          (-1: until a running slot frees).
 -- renew: extends the tokens' slots; release: frees them; refund: gives back starts not used.
 -- Uses the server's clock, so workers with skewed clocks agree.
 local t = redis.call('TIME')
@@ -79,4 +80,4 @@ if grant > 0 then
     for i = 1, grant do redis.call('ZADD', KEYS[3], now + ttl, ARGV[6 + i]) end
   end
 end
-return {grant, wait}
+return {grant, wait, slots and 1 or 0}

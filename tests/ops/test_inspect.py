@@ -157,6 +157,9 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
                 "partitions": 1,
                 "paused": False,
                 "paused_at_ms": None,
+                "rate_limit": None,
+                "concurrency_limit": None,
+                "running_slots": 0,
             },
             {
                 "role": "beta",
@@ -167,6 +170,9 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
                 "partitions": 1,
                 "paused": False,
                 "paused_at_ms": None,
+                "rate_limit": None,
+                "concurrency_limit": None,
+                "running_slots": 0,
             },
             {
                 "role": "gamma",
@@ -177,6 +183,9 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
                 "partitions": 1,
                 "paused": False,
                 "paused_at_ms": None,
+                "rate_limit": None,
+                "concurrency_limit": None,
+                "running_slots": 0,
             },
         ],
     }
