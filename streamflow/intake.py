@@ -18,6 +18,10 @@ delivery count unchanged), so nothing read after the pause was seen starts. Entr
 before it and queued for a handler slot (the prefetch, a handful) still run: they are held and
 their leases renewed, and releasing them would race their start. Entries pending under a dead
 worker stay pending until the resume; due retries still move to the stream (to wait there).
+
+A limited role's reader asks the :class:`~streamflow.flow.Limiter` for permits before each read
+and reads no more entries than it was granted (see :mod:`streamflow.flow`); adoption does not
+ask (an adopted entry runs once, whatever the limits).
 """
 
 from __future__ import annotations
