@@ -188,6 +188,29 @@ def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str,
     return out
 
 
+def _watched(
+    redis: Any, keys: Keys, roles: Sequence[str]
+) -> Steps[tuple[dict[str, int], set[str]]]:
+    """What a worker watches, in one round trip: paused roles and roles limited at run time.
+
+    The paused ones as :func:`paused_since` reads them, each with the time it was paused.
+    """
+    if not roles:
+        return {}, set()
+    pipe = redis.pipeline(transaction=False)
+    for role in roles:
+        pipe.hmget(keys.flow_control(role), [PAUSED_FIELD, RATE_COUNT, CONCURRENCY])
+    replies = yield pipe.execute()
+    paused: dict[str, int] = {}
+    limited: set[str] = set()
+    for role, (since, rate, cap) in zip(roles, replies, strict=True):
+        if since is not None:
+            paused[role] = int(since) if since.isdigit() else 0
+        if rate is not None or cap is not None:
+            limited.add(role)
+    return paused, limited
+
+
 class PauseWatch:
     """A worker's cached view of which of its roles are paused.
 
@@ -232,11 +255,9 @@ class PauseWatch:
 
     async def refresh(self) -> None:
         """Read whether the roles are paused now; wake the readers of resumed roles."""
-        found = await steps.run(paused_since(self._redis, self._keys, self._roles))
-        limits = await steps.run(read_limits(self._redis, self._keys, self._roles))
-        self.limited_at_run_time = {
-            role for role, set_ in limits.items() if set_.rate or set_.concurrency is not None
-        }
+        found, self.limited_at_run_time = await steps.run(
+            _watched(self._redis, self._keys, self._roles)
+        )
         if found.keys() != self._paused.keys():
             for role in found.keys() - self._paused.keys():
                 logger.info("role %s is paused: no new jobs of it start here", role)
