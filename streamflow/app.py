@@ -22,6 +22,34 @@ from streamflow.lifecycle import Hook, Lifecycle, Resources
 from streamflow.protocol import keep_result_ms
 
 #: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
+#: A rate: ``<count>/<period>``, the period a unit (``s``, ``m``, ``h``, ``d``) after an
+#: optional whole number of them (``10/s``, ``100/m``, ``5/2h``).
+RATE_PATTERN = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?(ms|s|m|h|d)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_rate(text: str) -> tuple[int, int]:
+    """``"10/s"`` -> (10, 1000): a start count and its period in ms.
+
+    Raises:
+        ConfigError: ``text`` is not ``<count>/[<n>]<unit>`` with unit ms, s, m, h or d.
+    """
+    found = RATE_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
+    if found is None:
+        raise ConfigError(f"invalid rate {text!r}: expected COUNT/PERIOD, e.g. 10/s, 100/m, 5/2h")
+    count, times, unit = found.groups()
+    return int(count), int(times or 1) * _UNIT_MS[unit]
+
+
+def format_rate(count: int, period_ms: int) -> str:
+    """(10, 1000) -> ``"10/s"``: the shortest spelling :func:`parse_rate` reads back."""
+    for unit in ("d", "h", "m", "s"):
+        if period_ms % _UNIT_MS[unit] == 0:
+            times = period_ms // _UNIT_MS[unit]
+            return f"{count}/{'' if times == 1 else times}{unit}"
+    return f"{count}/{period_ms}ms"
+
+
 FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
@@ -79,6 +107,8 @@ class Role:
         keep_result_ms: Keep every job's outcome this many ms (0: only when its publisher
             asks, see ``Client.result``).
         events: Whether its jobs write lifecycle events (see :mod:`streamflow.events`).
+        rate_limit: At most ``count`` starts per ``period_ms`` across all workers, or None.
+        concurrency_limit: At most this many of its jobs held at once across all workers.
     """
 
     name: str
@@ -93,6 +123,8 @@ class Role:
     partitions: int = 1
     keep_result_ms: int = 0
     events: bool = True
+    rate_limit: tuple[int, int] | None = None
+    concurrency_limit: int | None = None
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -139,6 +171,8 @@ class App:
         partitions: int = 1,
         keep_result: timedelta | float | None = None,
         events: bool = True,
+        rate_limit: str | None = None,
+        concurrency_limit: int | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -166,6 +200,11 @@ class App:
             events: Write its jobs' lifecycle events (``started``, ``progress``, ``succeeded``,
                 ...: see :mod:`streamflow.events`). Off, its jobs cost no event writes and
                 ``ctx.progress()`` writes nothing; a coordinator still reports tasks and nodes.
+            rate_limit: At most this many starts per period across all workers and processes:
+                ``"100/m"``, ``"10/s"``, ``"5/2h"`` (see :func:`parse_rate`); ``streamflow
+                limit`` overrides it at run time.
+            concurrency_limit: At most this many of its jobs running at once across all
+                workers; ``streamflow limit`` overrides it at run time.
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -182,6 +221,9 @@ class App:
             keep_ms = keep_result_ms(keep_result) or 0
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        rate = parse_rate(rate_limit) if rate_limit is not None else None
+        if concurrency_limit is not None and concurrency_limit < 1:
+            raise ConfigError("concurrency_limit must be at least 1")
 
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
@@ -193,6 +235,8 @@ class App:
                 partitions=partitions,
                 keep_result_ms=keep_ms,
                 events=events,
+                rate_limit=rate,
+                concurrency_limit=concurrency_limit,
             )
             return func
 

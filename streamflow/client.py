@@ -16,7 +16,7 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 
-from streamflow import connect, jobs, partitions, pipelines, results, steps
+from streamflow import connect, flow, jobs, partitions, pipelines, results, steps
 from streamflow import events as lifecycle
 from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
@@ -544,6 +544,16 @@ class SyncClient:
                     headers=headers,
                 )
             )
+
+    def pause(self, role: str, *, force: bool = False) -> bool:
+        """Pause ``role`` (see :meth:`Client.pause`); True if it was running."""
+        with connect.public_errors(f"pausing role {role!r}"):
+            return steps.run_blocking(flow.pause(self.redis, self._pub.keys, role, force=force))
+
+    def resume(self, role: str) -> bool:
+        """Resume a paused ``role``; True if it was paused."""
+        with connect.public_errors(f"resuming role {role!r}"):
+            return steps.run_blocking(flow.resume(self.redis, self._pub.keys, role))
 
     def close(self) -> None:
         """Close the connections."""

@@ -18,7 +18,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import anyio
 from redis.asyncio import Redis
 
-from streamflow import connect, registry, signals, steps, streams
+from streamflow import connect, flow, registry, signals, steps, streams
 from streamflow import events as lifecycle
 from streamflow.dag import graph as graphs
 from streamflow.dag.store import TaskStore
@@ -83,6 +83,69 @@ class ControlMethods:
     keys: Keys
     _scripts: Scripts
     _dead: DeadLetters
+
+    # -- flow control -----------------------------------------------------------------------
+
+    @public_method("pausing a role")
+    async def pause(self, role: str, *, force: bool = False) -> bool:
+        """Pause ``role``: workers start no new jobs of it until :meth:`resume`.
+
+        Takes effect within one read cycle of each worker (about a second); running jobs
+        finish, publishing goes on (jobs wait in the stream), and the pause outlives worker
+        restarts. See docs/operations.md, "Pausing a role".
+
+        Args:
+            role: The role.
+            force: Pause it even if nothing is known of it yet (no stream, never served).
+
+        Returns:
+            True if the role was running, False if it was paused already.
+
+        Raises:
+            UnknownRoleError: Nothing is known of ``role`` and ``force`` is False.
+        """
+        return await steps.run(flow.pause(self.redis, self.keys, role, force=force))
+
+    @public_method("resuming a role")
+    async def resume(self, role: str) -> bool:
+        """Resume a paused ``role``; True if it was paused."""
+        return await steps.run(flow.resume(self.redis, self.keys, role))
+
+    @public_method("setting limits")
+    async def limit(
+        self,
+        role: str,
+        *,
+        rate: str | None = None,
+        concurrency: int | None = None,
+        reset: bool = False,
+    ) -> flow.Limits:
+        """Set a role's limits at run time, over the ones its app declares; returns them.
+
+        Workers apply a change within half a second. See docs/operations.md, "Rate and
+        concurrency limits".
+
+        Args:
+            role: The role.
+            rate: At most this many starts per period across all workers (``"10/s"``,
+                ``"100/m"``, ``"5/2h"``), or ``"off"``; None leaves it as it is.
+            concurrency: At most this many of its jobs held at once across all workers, 0 for
+                no limit; None leaves it as it is.
+            reset: Drop the run-time settings first: the declared limits apply again.
+
+        Raises:
+            ConfigError: The rate or the concurrency is not valid.
+        """
+        return await steps.run(
+            flow.set_limits(
+                self.redis, self.keys, role, rate=rate, concurrency=concurrency, reset=reset
+            )
+        )
+
+    @public_method("reading paused roles")
+    async def paused(self, roles: Sequence[str]) -> dict[str, int]:
+        """The roles of ``roles`` that are paused, each with when it was paused (ms)."""
+        return await steps.run(flow.paused_since(self.redis, self.keys, roles))
 
     @public_method("listing dead letters")
     async def dead_letters(

@@ -253,3 +253,9 @@ class WorkerStatistics:
     cancel_signals: int = 0
     #: Consumer names of stopped processes this worker deleted (they held nothing).
     consumers_deleted: int = 0
+    #: Each role served: whether it is paused (as last read, see :mod:`streamflow.flow`).
+    paused: dict[str, bool] = field(default_factory=dict)
+    #: Reads of a limited role held back by its rate or concurrency limit, by role.
+    limit_waits: dict[str, int] = field(default_factory=dict)
+    #: Running slots of concurrency-limited roles this worker holds now, by role.
+    limit_slots: dict[str, int] = field(default_factory=dict)

@@ -9,6 +9,7 @@ StreamflowError
 ├── PayloadError       a payload that the handler's declared type rejects
 ├── InputError         a task node's input (a batch read back from Redis) cannot be used
 ├── UnknownTargetError a cancel names no known task and no queued, delayed or running message
+├── UnknownRoleError   a pause names a role nothing is known of (no stream, never served)
 ├── JobFailedError     a job whose outcome was kept ended without a result
 │   ├── JobDeadLetteredError  it was dead-lettered (failed, fatal, invalid, result too large)
 │   │   └── JobExpiredError   its deadline passed before it started
@@ -88,6 +89,10 @@ class UnknownTargetError(StreamflowError, LookupError):
     (``preemptive=True``, ``streamflow cancel --preemptive``): the marker would otherwise cancel
     whatever is later published or submitted under that id, for 7 days.
     """
+
+
+class UnknownRoleError(StreamflowError, LookupError):
+    """A pause names a role nothing is known of: no stream, and no worker ever served it."""
 
 
 class JobFailedError(StreamflowError):

@@ -10,6 +10,18 @@
 * :class:`Intake`: a worker's reader, adopter and promoter per partition, handing what they
   take to the worker. Nothing here decides an entry's end: it imports neither the worker nor
   the DAG side.
+
+A paused role (:mod:`streamflow.flow`) is neither read nor adopted from: its readers wait for
+the resume before their next read. A read that was already blocked when the pause was seen
+hands what it returns back at once (``release.lua``: adopted at once after the resume, the
+delivery count unchanged), so nothing read after the pause was seen starts. Entries read
+before it and queued for a handler slot (the prefetch, a handful) still run: they are held and
+their leases renewed, and releasing them would race their start. Entries pending under a dead
+worker stay pending until the resume; due retries still move to the stream (to wait there).
+
+A limited role's reader asks the :class:`~streamflow.flow.Limiter` for permits before each read
+and reads no more entries than it was granted (see :mod:`streamflow.flow`); adoption does not
+ask (an adopted entry runs once, whatever the limits).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from redis.asyncio import Redis
 from streamflow import connect, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
+from streamflow.flow import Limiter, PauseWatch
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import MESSAGE_FIELD, now_ms
@@ -149,6 +162,16 @@ class GroupReader:
         """Entries already pending under this consumer after id ``after``, with their counts."""
         return await streams.read_own_pending(
             self._redis, stream, self.consumer, after=after, count=count, group=self.group
+        )
+
+    async def release(self, stream: str, entries: list[streams.Entry]) -> int:
+        """Hand entries just read back, for immediate adoption, their delivery count unchanged.
+
+        Only for the workers' group (``release.lua`` names it); returns how many were ours.
+        """
+        ids = [entry.id for entry in entries]
+        return await scripts.release(
+            self._scripts, self._redis, stream, self.consumer, ids, idle_ms=scripts.RELEASE_IDLE_MS
         )
 
     async def regroup(self, stream: str) -> None:
@@ -370,6 +393,8 @@ class Intake:
         promoter: Moves due retries back to the streams.
         keys: Key names.
         deliver: Takes the entries read or adopted: hold and queue them.
+        flow: Which roles are paused (their readers and adopters wait).
+        limiter: Grants limited roles' starts and holds their running slots.
         stopping: Set when the worker stops: every loop returns.
         block_ms: How long an idle read waits before looking again.
     """
@@ -383,6 +408,8 @@ class Intake:
         promoter: Promoter,
         keys: Keys,
         deliver: Deliver,
+        flow: PauseWatch,
+        limiter: Limiter,
         stopping: anyio.Event,
         *,
         block_ms: int,
@@ -394,6 +421,8 @@ class Intake:
         self._promoter = promoter
         self._keys = keys
         self._deliver = deliver
+        self.flow = flow
+        self.limiter = limiter
         self._stopping = stopping
         self._block_ms = block_ms
         #: Entries adopted (not already held here), in all and by role.
@@ -404,6 +433,7 @@ class Intake:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
         self._read_ahead.stop()
         self._promoter.wake_all()
+        self.flow.stop()
 
     def trimmed_by_role(self) -> dict[str, int]:
         """Pending entries found deleted from the streams before they were settled, by role."""
@@ -421,6 +451,9 @@ class Intake:
         In burst mode due retries are moved to the streams first and nothing is adopted.
         """
         async with anyio.create_task_group() as readers:
+            if not burst:
+                readers.start_soon(self.flow.run)
+                readers.start_soon(self.limiter.run, self._stopping)
             # Every partition gets its own reader: a blocking read cannot span the slots of
             # several partitions on a cluster, and separate readers share the free capacity
             # fairly between partitions.
@@ -432,6 +465,9 @@ class Intake:
                         readers.start_soon(self._promoter.run, shard, self._stopping)
                         readers.start_soon(self.adopt_loop, role, shard)
                     readers.start_soon(self.read_loop, role, shard, burst)
+        # Free the running slots of what ended; the rest expire after the lease TTL.
+        with anyio.move_on_after(5, shield=True):
+            await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
 
     async def read_loop(self, role: Role, shard: str, burst: bool) -> None:
         """Read a partition's new entries as there is room for them (``burst``: until idle)."""
@@ -442,23 +478,17 @@ class Intake:
         history: bytes | None = b"0"
         while not self._stopping.is_set():
             free = await self._read_ahead.wait_budget()
-            if free <= 0:
-                continue
+            # No budget means the worker stops; a paused role waits here, after the wait for
+            # room, so that the read that room allows is not one made after the pause was seen.
+            if free <= 0 or not await self._wait_unpaused(role.name, burst):
+                return
             block = None if burst or history else self._block_ms
             # Readers of several roles (and the adopter) may count the same free slots while a
             # blocking read waits; the queue is unbounded, so that overshoots the limit by at
             # most one read per role instead of starving a role behind another's blocked read.
-            issued = time.monotonic()
-            entries = await self._read(stream, free, block, history, backoff)
+            entries = await self._take(role, shard, stream, free, block, history, backoff)
             if entries is None:
                 continue
-            if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
-                # Redis may have delivered these long ago (this process was frozen in the read):
-                # another worker may own them by now. Start only what is still ours.
-                issued = time.monotonic()
-                entries = await self._leases.confirm(stream, entries)
-            if entries:
-                self._deliver(role, shard, stream, entries, issued)
             if history is not None:
                 if entries:
                     logger.info("resuming %d entries pending on %s", len(entries), stream)
@@ -467,6 +497,93 @@ class Intake:
                 if self._read_ahead.in_flight == 0:
                     return
                 await self._read_ahead.wait_progress()
+
+    async def _take(
+        self,
+        role: Role,
+        shard: str,
+        stream: str,
+        free: int,
+        block: int | None,
+        history: bytes | None,
+        backoff: connect.Backoff,
+    ) -> list[streams.Entry] | None:
+        """One read within the role's limits, handed over; None if nothing was read.
+
+        A limited role reads only as many entries as the limiter grants (it waits for a grant
+        first: until the next start is due, or a running slot frees); each entry read holds one
+        of the grants until it is settled, and grants the read did not use are given back.
+        """
+        tokens: list[str] | None = None
+        if self._limited(role.name):
+            tokens = await self._permits(role.name, free, backoff)
+            if not tokens:
+                return None
+            free = len(tokens)
+        issued = time.monotonic()
+        entries = await self._read(stream, free, block, history, backoff)
+        if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
+            # Redis may have delivered these long ago (this process was frozen in the read):
+            # another worker may own them by now. Start only what is still ours.
+            issued = time.monotonic()
+            entries = await self._leases.confirm(stream, entries)
+        if entries:
+            await self._hand_over(role, shard, stream, entries, issued)
+        if tokens is not None:
+            await guarded(
+                lambda: self.limiter.bind(role.name, stream, entries or [], tokens), backoff
+            )
+        return entries
+
+    def _limited(self, role: str) -> bool:
+        return self.limiter.declares(role) or role in self.flow.limited_at_run_time
+
+    async def _permits(self, role: str, free: int, backoff: connect.Backoff) -> list[str]:
+        """Ask the limiter for up to ``free`` starts; without a grant, wait as it says first."""
+        tokens: list[str] = []
+        wait = 0.0
+
+        async def ask() -> None:
+            nonlocal tokens, wait
+            tokens, wait = await self.limiter.acquire(role, min(free, self._read_ahead.read_count))
+
+        if await guarded(ask, backoff) and not tokens:
+            await sleep_unless(self._stopping, wait)
+        return tokens
+
+    async def _hand_over(
+        self, role: Role, shard: str, stream: str, entries: list[streams.Entry], issued: float
+    ) -> None:
+        """Deliver what a read returned, or hand it back if the role was paused meanwhile.
+
+        A read that was blocked when the pause was seen may return entries published since:
+        they are released (adopted at once after the resume, their delivery count unchanged),
+        so that nothing read after the pause was seen starts.
+        """
+        if not self.flow.is_paused(role.name):
+            self._deliver(role, shard, stream, entries, issued)
+            return
+        try:
+            released = await self.reader.release(stream, entries)
+        except connect.TRANSIENT_ERRORS as exc:
+            logger.warning(
+                "role %s is paused: could not hand back %d entries just read (%s); they are "
+                "adopted after the lease TTL once it is resumed",
+                role.name,
+                len(entries),
+                connect.describe(exc),
+            )
+            return
+        logger.info("role %s is paused: handed back %d entries just read", role.name, released)
+
+    async def _wait_unpaused(self, role: str, burst: bool) -> bool:
+        """Wait while ``role`` is paused; False if its reader ends instead (burst, or a stop)."""
+        if not self.flow.is_paused(role):
+            return True
+        if burst:
+            return False  # nothing of a paused role is to be drained
+        await self.flow.wait_resumed(role)
+        return not self._stopping.is_set()
 
     async def _read(
         self,
@@ -499,7 +616,7 @@ class Intake:
 
         async def step() -> None:
             free = min(self._read_ahead.free(), settings.reclaim_count)
-            if free > 0:
+            if free > 0 and not self.flow.is_paused(role.name):
                 await self.adopt(role, shard, stream, free)
 
         async def regroup() -> None:

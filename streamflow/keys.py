@@ -137,7 +137,7 @@ class KeyKind:
 
     Attributes:
         slot: The first word of the hash tag: ``role``, ``consumer``, ``task``, ``tasks``,
-            ``signals``, ``lifecycle`` or ``schedules``.
+            ``signals``, ``lifecycle``, ``schedules`` or ``flow``.
         part: The word after the tag.
         named: Whether the tag carries a name.
         rest: Whether the key goes on after the part (``:<entry id>``, ``:<node id>``, ...).
@@ -208,6 +208,12 @@ TASKS_SUBMISSIONS = KeyKind("tasks", "submissions")
 SUBMISSION = KeyKind("tasks", "submission", rest=True)
 #: The namespace's lifecycle events stream (one per namespace: see :meth:`Keys.lifecycle`).
 LIFECYCLE = KeyKind("lifecycle", "stream")
+#: A role's flow control (paused or not), under its own ``{flow:<role>}`` tag: one per role,
+#: whatever its partitions (see :mod:`streamflow.flow`).
+FLOW_CONTROL = KeyKind("flow", "control", named=True)
+#: A role's start rate state (GCRA's theoretical arrival time, ms) and its running slots.
+FLOW_RATE = KeyKind("flow", "rate", named=True)
+FLOW_RUNNING = KeyKind("flow", "running", named=True)
 
 # Schedules: one slot, so a scheduler reads every definition, pause and last tick in one trip.
 #: Run-time schedule definitions (a hash: schedule id -> JSON).
@@ -257,6 +263,9 @@ KINDS: tuple[KeyKind, ...] = (
     SCHEDULES_PAUSED,
     SCHEDULE_TICKS,
     SCHEDULE_RUNS,
+    FLOW_CONTROL,
+    FLOW_RATE,
+    FLOW_RUNNING,
 )
 
 
@@ -575,3 +584,19 @@ class Keys:
         The run ``overlap="skip"`` looks at; only ever raised.
         """
         return self._key(SCHEDULE_RUNS)
+
+    def flow_control(self, role: str) -> str:
+        """A role's flow control (a hash): ``paused``, the ms time it was paused, while it is.
+
+        One per role, not per partition: pausing a role pauses all of its partitions. Written by
+        operators (``streamflow pause``), read by the workers of the role.
+        """
+        return self._key(FLOW_CONTROL, validate_name(role, "role"))
+
+    def flow_rate(self, role: str) -> str:
+        """A rate-limited role's GCRA state: the next start's earliest time (ms, a string, PX)."""
+        return self._key(FLOW_RATE, validate_name(role, "role"))
+
+    def flow_running(self, role: str) -> str:
+        """A concurrency-limited role's running slots (a sorted set: token -> expiry ms)."""
+        return self._key(FLOW_RUNNING, validate_name(role, "role"))

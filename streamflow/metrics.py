@@ -213,6 +213,29 @@ class WorkerCollector(Collector):
         yield _gauge(
             "streamflow_concurrency_limit", "Handlers this worker runs at once.", worker.concurrency
         )
+        paused = GaugeMetricFamily(
+            "streamflow_role_paused",
+            "1 while a role this worker serves is paused (streamflow pause): no new jobs of it "
+            "start here; else 0.",
+            labels=["role"],
+        )
+        for role, is_paused in sorted(stats.paused.items()):
+            paused.add_metric([role], 1 if is_paused else 0)
+        yield paused
+        yield _per_role(
+            "streamflow_limit_waits",
+            "Reads of a limited role held back by its rate or concurrency limit (streamflow "
+            "limit): the reader waited for the next start or a free running slot.",
+            stats.limit_waits,
+        )
+        slots = GaugeMetricFamily(
+            "streamflow_limit_slots",
+            "Running slots of a concurrency-limited role this worker holds (its jobs held).",
+            labels=["role"],
+        )
+        for role, count in sorted(stats.limit_slots.items()):
+            slots.add_metric([role], count)
+        yield slots
 
 
 class HygieneCollector(Collector):

@@ -43,6 +43,7 @@ class WorkerInfo(BaseModel):
         in_flight: Entries it holds now (running or waiting for a handler slot).
         processed: Deliveries it has settled since it started.
         updated_at_ms: When it wrote this.
+        paused: The roles it serves that it sees paused (it starts no new jobs of them).
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -57,6 +58,7 @@ class WorkerInfo(BaseModel):
     in_flight: int
     processed: int
     updated_at_ms: int
+    paused: list[str] = []
 
 
 async def live_workers(redis: Redis, keys: Keys) -> list[WorkerInfo]:

@@ -67,6 +67,7 @@ class Scripts:
         self.slot = redis.register_script(_load("slot.lua", strip))
         self.forget = redis.register_script(_load("forget.lua", strip))
         self.result = redis.register_script(_load("result.lua", strip))
+        self.limit = redis.register_script(_load("limit.lua", strip))
 
     @classmethod
     def source(cls, name: str) -> str:

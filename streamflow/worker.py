@@ -45,6 +45,7 @@ from streamflow.config import WorkerSettings
 from streamflow.consumers import ConsumerNames, default_consumer_name
 from streamflow.delivery import InFlight, Outcome, WorkerStatistics
 from streamflow.events import EventLog
+from streamflow.flow import Limiter, PauseWatch
 from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
 from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
@@ -239,6 +240,16 @@ class Worker:
             self._promoter,
             self._keys,
             self._pool.dispatch,
+            PauseWatch(redis, self._keys, names, self._stopping),
+            Limiter(
+                redis,
+                self._scripts,
+                self._keys,
+                self.consumer,
+                self._held,
+                {r.name: (r.rate_limit, r.concurrency_limit) for r in self._roles},
+                ttl_ms=self._leases.settings.ttl_ms,
+            ),
             self._stopping,
             block_ms=block_ms,
         )
@@ -390,6 +401,9 @@ class Worker:
             trimmed=self._intake.trimmed_by_role(),
             cancel_signals=self._signals.signals_seen,
             consumers_deleted=self._names.forgotten,
+            paused=self._intake.flow.states(),
+            limit_waits=dict(self._intake.limiter.waits),
+            limit_slots=self._intake.limiter.slots(),
         )
 
     def observe_renewals(self, callback: Callable[[float], None] | None) -> None:
@@ -430,6 +444,7 @@ class Worker:
             in_flight=self._read_ahead.in_flight,
             processed=stats.received - self._read_ahead.in_flight,
             updated_at_ms=now_ms(),
+            paused=sorted(self._intake.flow.paused()),
         )
         return info.model_dump_json().encode()
 
@@ -469,6 +484,7 @@ class Worker:
         await self._leases.acquire_name()  # ours already after a retry: same token
         await self._mark_name()
         await self._signals.load()
+        await self._intake.flow.refresh()  # a paused role reads nothing, from the first read
         return True
 
     async def _mark_name(self) -> None:

@@ -489,3 +489,73 @@ async def test_renew_takes_only_owned_ids_that_were_not_released(
         }
         assert all(idle[i.encode()][1] < STALE_MS for i in stale)
         assert idle[b"9-99"][1] >= RELEASED_MS
+
+
+# -- limit.lua: a role's start rate and running slots ------------------------------------------
+
+
+async def _limit(
+    redis: Redis,
+    keys: Keys,
+    op: str,
+    *tokens: str,
+    declared: tuple[int, int, int] = (0, 0, 0),
+    refund: int = 0,
+    ttl_ms: int = 60_000,
+) -> list[int]:
+    count, period, cap = declared
+    reply = await Scripts(redis).limit(
+        keys=[keys.flow_control("r"), keys.flow_rate("r"), keys.flow_running("r")],
+        args=[op, count, period, cap, ttl_ms, refund, *tokens],
+        client=redis,
+    )
+    return [int(value) for value in reply][:2]  # the third: whether slots are tracked
+
+
+async def test_limit_caps_running_slots_and_frees_released_and_expired_ones(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    cap = (0, 0, 2)
+    assert await _limit(redis, keys, "acquire", "a", "b", "c", declared=cap) == [2, -1]
+    assert await redis.zrange(keys.flow_running("r"), 0, -1) == [b"a", b"b"]
+    assert await _limit(redis, keys, "acquire", "d", declared=cap) == [0, -1]
+    await _limit(redis, keys, "release", "a", declared=cap)
+    assert await _limit(redis, keys, "acquire", "d", declared=cap) == [1, 0]
+    # A slot whose holder stopped renewing it (a dead worker) comes back once it expires.
+    await _limit(redis, keys, "renew", "b", declared=cap, ttl_ms=1)
+    await anyio.sleep(0.01)  # past the 1 ms expiry, by the server's clock
+    assert await _limit(redis, keys, "acquire", "e", declared=cap) == [1, 0]
+    assert sorted(await redis.zrange(keys.flow_running("r"), 0, -1)) == [b"d", b"e"]
+    # Set at run time, the cap overrides the declared one; 0 lifts it.
+    await redis.hset(keys.flow_control("r"), "concurrency", 0)
+    assert await _limit(redis, keys, "acquire", "f", "g", declared=cap) == [2, 0]
+
+
+async def test_limit_spaces_starts_by_the_rate_and_takes_refunds(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    rate = (1, 60_000, 0)  # one start a minute: the next is far off
+    assert await _limit(redis, keys, "acquire", "a", "b", declared=rate) == [1, 0]
+    granted, wait = await _limit(redis, keys, "acquire", "c", declared=rate)
+    assert granted == 0 and 59_000 < wait <= 60_000
+    await _limit(redis, keys, "refund", declared=rate, refund=1)  # the start was not used
+    assert await _limit(redis, keys, "acquire", "c", declared=rate) == [1, 0]
+    assert await redis.pttl(keys.flow_rate("r")) > 0  # the state expires by itself
+    # Set at run time, "off" (count 0) lifts the declared rate.
+    await redis.hset(keys.flow_control("r"), mapping={"rate_count": 0, "rate_period_ms": 0})
+    assert await _limit(redis, keys, "acquire", "d", "e", declared=rate) == [2, 0]
+    # A start under a rate alone holds no running slot (nothing to free or renew later).
+    raw = await Scripts(redis).limit(
+        keys=[keys.flow_control("x"), keys.flow_rate("x"), keys.flow_running("x")],
+        args=["acquire", 1, 60_000, 0, 60_000, 0, "z"],
+        client=redis,
+    )
+    assert [int(v) for v in raw] == [1, 0, 0]
+    assert not await redis.exists(keys.flow_running("x"))
+    # And a run-time rate applies where none is declared (from a fresh state).
+    await redis.delete(keys.flow_rate("r"))
+    await redis.hset(keys.flow_control("r"), mapping={"rate_count": 1, "rate_period_ms": 60_000})
+    assert (await _limit(redis, keys, "acquire", "f"))[0] == 1
+    assert (await _limit(redis, keys, "acquire", "g"))[0] == 0

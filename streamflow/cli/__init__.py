@@ -61,7 +61,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "streamflow.cli.jobs",
         "Show where a job is: queued, delayed, running, retrying, ended, or unknown.",
     ),
+    "limit": (
+        "streamflow.cli.flow",
+        "Set or show ROLE's start rate and concurrency limits across all workers.",
+    ),
+    "pause": (
+        "streamflow.cli.flow",
+        "Pause ROLE: workers start no new jobs of it until resumed; running ones finish.",
+    ),
     "publish": ("streamflow.cli.publish", "Publish jobs to ROLE; prints one message id per line."),
+    "resume": (
+        "streamflow.cli.flow",
+        "Resume a paused ROLE: its workers start its jobs again within a second.",
+    ),
     "result": ("streamflow.cli.tasks", "Print a task's results as JSON: {node: [items...]}."),
     "schedule": (
         "streamflow.cli.schedules",

@@ -228,6 +228,17 @@ def _role_lines(info: RoleInfo) -> list[str]:
         f"role {logs.shown(info.role)}{split}: {info.length} in stream, {info.delayed} delayed, "
         + _plural(info.dead_letters, "dead letter")
     ]
+    if info.paused:
+        since = datetime.fromtimestamp((info.paused_at_ms or 0) / 1000).isoformat(
+            timespec="seconds"
+        )
+        lines.append(f"  paused since {since}: no new jobs start (streamflow resume to resume)")
+    if info.rate_limit or info.concurrency_limit is not None or info.running_slots:
+        cap = "unset" if info.concurrency_limit is None else str(info.concurrency_limit or "off")
+        lines.append(
+            f"  limits set at run time: rate {info.rate_limit or 'unset'}, concurrency {cap}; "
+            f"{info.running_slots} running slots taken"
+        )
     if not info.groups:
         lines.append("  no consumer group (no worker has served this role)")
     for group in info.groups:
@@ -324,7 +335,7 @@ def _worker_row(info: WorkerInfo, now: int) -> list[str]:
         info.consumer,
         info.host,
         str(info.pid),
-        ",".join(info.roles),
+        ",".join(f"{r}[paused]" if r in info.paused else r for r in info.roles),
         info.version,
         started,
         str(info.in_flight),

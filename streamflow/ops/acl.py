@@ -60,6 +60,9 @@ from streamflow.keys import (
     DEDUP,
     DELAYED,
     EVENTS,
+    FLOW_CONTROL,
+    FLOW_RATE,
+    FLOW_RUNNING,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
     LIFECYCLE,
@@ -243,6 +246,10 @@ WORKER = PartRules(
         TASK_OUTPUT: "ctx.inputs(): LRANGE of a parent's batch keys",
         TASK_RESULT: "ctx.inputs() and input batches: GET of a function node's output",
         LIFECYCLE: "XADD MAXLEN ~ of its jobs' lifecycle events (started, progress, outcomes)",
+        FLOW_CONTROL: "HGET, HMGET of its roles' pause and limits, every half second; "
+        "limit.lua HGET, HEXISTS",
+        FLOW_RATE: "limit.lua GET, SET PX of the next start's time",
+        FLOW_RUNNING: "limit.lua ZADD, ZREM, ZREMRANGEBYSCORE, ZCARD; ZCOUNT (limits read)",
     },
     commands={
         **_CONNECTION,
@@ -266,7 +273,12 @@ WORKER = PartRules(
         "smismember": "known roles (read first: a full Redis refuses even a needless SADD)",
         "lrange": "ctx.inputs()",
         "hsetnx": "a role's partitions, recorded by the first worker",
-        "hget": "a role's partitions",
+        "hget": "a role's partitions, whether its roles are paused, limit.lua",
+        "hmget": "its roles' limits",
+        "hexists": "limit.lua",
+        "zremrangebyscore": "limit.lua (slots of dead workers)",
+        "zcard": "limit.lua",
+        "zcount": "its roles' running slots",
         "exists": "forget.lua (is a consumer's mark alive?)",
         "xinfo|consumers": "the cleanup of dead consumer names",
     },
@@ -292,7 +304,7 @@ WORKER = PartRules(
             {
                 "set": (
                     "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua, "
-                    "dead_letter.lua"
+                    "dead_letter.lua, limit.lua"
                 )
             },
             (
@@ -302,6 +314,7 @@ WORKER = PartRules(
                 CANCEL_MARKER,
                 BATCH,
                 RESULT,
+                FLOW_RATE,
             ),
         ),
         Narrow(
@@ -424,8 +437,8 @@ COORDINATOR = PartRules(
 )
 
 OPERATOR = PartRules(
-    summary="inspect, workers, dlq list/show/replay/purge, cancel, tasks, status, result, job "
-    "(and the exporter)",
+    summary="inspect, workers, dlq list/show/replay/purge, cancel, pause, resume, limit, tasks, "
+    "status, result, job (and the exporter)",
     keys={
         ROLE_STREAM: "inspect (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua XADD; "
         "cancel: SCAN, XRANGE (does the message exist?)",
@@ -449,6 +462,8 @@ OPERATOR = PartRules(
         TASK_RESULT: "result: GET",
         RESULT: "job, result: GET of a job's kept outcome",
         LIFECYCLE: "events, cancel --wait: XREVRANGE (start position), XREAD",
+        FLOW_CONTROL: "pause: HSETNX; resume: HDEL; limit: HSET, HDEL, HMGET; inspect: HGET",
+        FLOW_RUNNING: "limit, inspect: ZCOUNT of the running slots",
     },
     commands={
         **_CONNECTION,
@@ -474,7 +489,9 @@ OPERATOR = PartRules(
         "exec": "dlq purge",
         "hgetall": "cancel --wait, workers (coordinators)",
         "zrevrange": "tasks",
-        "hget": "tasks, status, result, roles' partitions",
+        "hget": "tasks, status, result, roles' partitions, inspect (paused?)",
+        "hmget": "limit, inspect (a role's limits)",
+        "zcount": "limit, inspect (running slots)",
         "lrange": "result",
         "xread": "events, cancel --wait (lifecycle events)",
     },
@@ -495,6 +512,9 @@ OPERATOR = PartRules(
                 "smembers": "schedule list (paused)",
             },
             _SCHEDULE_KEYS,
+        ),
+        Narrow(
+            {"hsetnx": "pause", "hset": "limit", "hdel": "resume, limit --reset"}, (FLOW_CONTROL,)
         ),
     ),
 )

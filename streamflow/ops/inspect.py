@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, partitions, streams
+from streamflow import connect, flow, partitions, steps, streams
 from streamflow.errors import ConfigError
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
 
@@ -93,6 +93,12 @@ class RoleInfo(BaseModel):
         partitions: How many partitions the role has; the figures above are their totals
             (groups of the same name merged: pending and lag summed, consumers merged by name,
             the oldest pending entry of any partition).
+        paused: Whether the role is paused (``streamflow pause``): no new jobs of it start.
+        paused_at_ms: When it was paused (ms since the epoch), while it is.
+        rate_limit: Its start rate set at run time (``"10/s"``, ``"off"``), or None: the one
+            its app declares applies (``streamflow limit``).
+        concurrency_limit: Its limit on jobs held at once set at run time (0: none), or None.
+        running_slots: Running slots of its concurrency limit taken now.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -103,6 +109,11 @@ class RoleInfo(BaseModel):
     delayed: int
     dead_letters: int
     partitions: int = 1
+    paused: bool = False
+    paused_at_ms: int | None = None
+    rate_limit: str | None = None
+    concurrency_limit: int | None = None
+    running_slots: int = 0
 
 
 class PendingEntry(BaseModel):
@@ -185,15 +196,31 @@ async def inspect_role(
             found = await _oldest_pending(redis, keys, part, count)
             pending += [entry.model_copy(update={"partition": index}) for entry in found]
         pending.sort(key=lambda entry: (-entry.age_ms, entry.partition))
-    return RoleDetail(**dict(_merge(role, parts)), oldest_pending=pending[:count])
+    (merged,) = await _with_pauses(redis, keys, [_merge(role, parts)])
+    return RoleDetail(**dict(merged), oldest_pending=pending[:count])
 
 
 async def _role_exists(redis: Redis, keys: Keys, role: str) -> bool:
-    pipe = redis.pipeline(transaction=False)
-    pipe.exists(keys.role_stream(role), keys.delayed(role), keys.dead_letters(role))
-    pipe.sismember(keys.known_roles(), role)
-    existing, known = await pipe.execute()
-    return bool(existing) or bool(known)
+    return await steps.run(flow.role_known(redis, keys, role))
+
+
+async def _with_pauses(redis: Redis, keys: Keys, infos: list[RoleInfo]) -> list[RoleInfo]:
+    """``infos`` with their roles' pauses (one round trip for all)."""
+    roles = [info.role for info in infos]
+    paused = await steps.run(flow.paused_since(redis, keys, roles))
+    limits = await steps.run(flow.read_limits(redis, keys, roles)) if roles else {}
+    return [
+        info.model_copy(
+            update={
+                "paused": info.role in paused,
+                "paused_at_ms": paused.get(info.role),
+                "rate_limit": limits[info.role].rate,
+                "concurrency_limit": limits[info.role].concurrency,
+                "running_slots": limits[info.role].running,
+            }
+        )
+        for info in infos
+    ]
 
 
 async def _shards(redis: Redis, keys: Keys, roles: list[str]) -> dict[str, tuple[str, ...]]:
@@ -223,7 +250,7 @@ async def _role_infos(redis: Redis, keys: Keys, roles: list[str]) -> list[RoleIn
         count = len(shards[role])
         out.append(_merge(role, parts[start : start + count]))
         start += count
-    return out
+    return await _with_pauses(redis, keys, out)
 
 
 def _merge(role: str, parts: list[RoleInfo]) -> RoleInfo:

@@ -141,6 +141,7 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "mark_cancel.lua": ("worker", "coordinator"),
     "replay.lua": ("operator",),
     "slot.lua": ("coordinator",),
+    "limit.lua": ("worker",),
 }
 
 
@@ -251,6 +252,9 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("schedules_paused", (), ("publisher", "operator")),
     ("schedule_ticks", (), ("publisher", "operator")),
     ("schedule_runs", (), ("publisher", "operator")),
+    ("flow_control", ("r",), ("worker", "operator")),
+    ("flow_rate", ("r",), ("worker",)),
+    ("flow_running", ("r",), ("worker", "operator")),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
@@ -597,6 +601,11 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
                 assert "stopped slow-1 on w1" in done
                 await wait_until(lambda: statuses(outcomes, "slow-1") == ["cancelled"])
                 await operator_views(users, failing)
+                # A pause: the operator writes it, the worker reads it (every half second).
+                assert "paused" in await ok(users, "operator", "pause", "echo")
+                await wait_until(lambda: w1.statistics().paused["echo"])
+                assert "resumed" in await ok(users, "operator", "resume", "echo")
+                await wait_until(lambda: not w1.statistics().paused["echo"])
 
                 # The dead consumer's name is deleted once its entry was adopted.
                 async def ghost_gone() -> bool:

@@ -1,0 +1,416 @@
+"""Flow control of roles: pausing and resuming them, and limiting their starts.
+
+A role's flow control is one hash per role, :meth:`~streamflow.keys.Keys.flow_control`
+(``<ns>:{flow:<role>}:control``); while the role is paused its ``paused`` field holds the time
+(ms since the epoch) it was paused. Being a key, a pause survives restarts of workers and of
+Redis (with persistence) and reaches a worker that starts later.
+
+Operators write it (:func:`pause`, :func:`resume`: ``streamflow pause``, ``Client.pause``);
+workers read it through a :class:`PauseWatch`: one pipelined ``HGET`` per role every
+:data:`REFRESH_EVERY` seconds, and each reader looks at the cached value before each read. A
+poll rather than a signal on the signals stream: the key has to be read anyway (at start-up,
+after a missed signal, after an outage), one round trip per worker per half second costs
+nothing next to the reads, and half a second is below one blocking read (``block_ms``, 1 s), so
+a pause takes effect within one read cycle either way with a single mechanism.
+
+Limits (:class:`Limiter`, ``limit.lua``): a role may be held to N starts per period (GCRA, no
+burst: one start per ``period / N``) and to M jobs held at once, across every worker and
+process. They are declared in code (``@app.role(rate_limit="100/m", concurrency_limit=5)``) and
+overridden at run time by the ``rate_count``, ``rate_period_ms`` and ``concurrency`` fields of
+the same hash (``streamflow limit``; 0 means no limit). A worker's reader asks the script for
+permits before it reads, and reads only as many entries as were granted: a limited job waits in
+the stream, in its place, not read by anyone, so it has no lease to lose. A running slot is a
+token in ``{flow:<role>}:running`` with an expiry (the lease TTL, renewed while the entry is
+held), so a worker that dies gives its slots back when they expire. A grant the read did not use
+(the stream had fewer entries) is handed back at once.
+
+The pause, resume and limit operations are written once as :mod:`streamflow.steps` generators,
+for the asyncio and the blocking client alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+
+from streamflow import connect, steps, streams
+from streamflow.app import format_rate, parse_rate
+from streamflow.delivery import InFlight
+from streamflow.errors import ConfigError, UnknownRoleError
+from streamflow.keys import Keys, validate_name
+from streamflow.protocol import now_ms
+from streamflow.scripts import Scripts
+from streamflow.steps import Steps
+
+logger = logging.getLogger(__name__)
+
+#: The field of a role's flow control hash that says it is paused (and since when, in ms).
+PAUSED_FIELD = "paused"
+#: Seconds between a worker's looks at whether its roles are paused.
+REFRESH_EVERY = 0.5
+#: The fields that set a role's limits at run time (0: no limit), over the declared ones.
+RATE_COUNT, RATE_PERIOD, CONCURRENCY = "rate_count", "rate_period_ms", "concurrency"
+#: Seconds a reader waits before asking again when all of a role's running slots are taken.
+SLOT_POLL = 0.05
+
+
+def role_known(redis: Any, keys: Keys, role: str) -> Steps[bool]:
+    """Whether ``role`` exists: its stream, delayed schedule or dead letters, or a known role."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.exists(keys.role_stream(role), keys.delayed(role), keys.dead_letters(role))
+    pipe.sismember(keys.known_roles(), role)
+    existing, known = yield pipe.execute()
+    return bool(existing) or bool(known)
+
+
+def pause(redis: Any, keys: Keys, role: str, *, force: bool = False) -> Steps[bool]:
+    """Pause ``role``; True if it was running (a pause keeps the time of the first).
+
+    Raises:
+        InvalidNameError: ``role`` is not a valid role name.
+        UnknownRoleError: Nothing is known of ``role`` (no stream, no worker served it) and
+            ``force`` is not set: a misspelt name would otherwise pause nothing, silently.
+    """
+    validate_name(role, "role")
+    if not force and not (yield from role_known(redis, keys, role)):
+        raise UnknownRoleError(
+            f"unknown role {role!r}: no stream and no worker has served it "
+            "(force=True / --force pauses it anyway, before it exists)"
+        )
+    added = yield redis.hsetnx(keys.flow_control(role), PAUSED_FIELD, str(now_ms()))
+    return bool(added)
+
+
+def resume(redis: Any, keys: Keys, role: str) -> Steps[bool]:
+    """Resume ``role``; True if it was paused.
+
+    Raises:
+        InvalidNameError: ``role`` is not a valid role name.
+    """
+    removed = yield redis.hdel(keys.flow_control(validate_name(role, "role")), PAUSED_FIELD)
+    return bool(removed)
+
+
+def paused_since(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str, int]]:
+    """The roles of ``roles`` that are paused, each with the time it was paused (ms).
+
+    One round trip for all. A garbled value (anything may write the key) reads as paused since
+    0: a key that says paused is obeyed.
+    """
+    if not roles:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for role in roles:
+        pipe.hget(keys.flow_control(role), PAUSED_FIELD)
+    replies = yield pipe.execute()
+    out: dict[str, int] = {}
+    for role, value in zip(roles, replies, strict=True):
+        if value is not None:
+            out[role] = int(value) if value.isdigit() else 0
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A role's limits as set at run time (None: not set there, the declared one applies).
+
+    Attributes:
+        rate: ``"10/s"``, or ``"off"`` (no limit, whatever is declared), or None.
+        concurrency: Jobs held at once, 0 for no limit, or None.
+        running: Running slots taken now (tokens not expired).
+    """
+
+    rate: str | None = None
+    concurrency: int | None = None
+    running: int = 0
+
+
+def set_limits(
+    redis: Any,
+    keys: Keys,
+    role: str,
+    *,
+    rate: str | None = None,
+    concurrency: int | None = None,
+    reset: bool = False,
+) -> Steps[Limits]:
+    """Set a role's limits at run time; returns them as they are now.
+
+    Args:
+        redis: The client.
+        keys: Key names.
+        role: The role.
+        rate: ``"10/s"``-style, or ``"off"``; None leaves it as it is.
+        concurrency: At most this many held at once, 0 for none; None leaves it as it is.
+        reset: Drop both run-time settings first (the declared limits apply again).
+
+    Raises:
+        ConfigError: The rate is not ``COUNT/PERIOD`` or ``off``, or concurrency is negative.
+    """
+    key = keys.flow_control(validate_name(role, "role"))
+    fields: dict[str, int] = {}
+    if rate is not None:
+        count, period = (0, 0) if rate == "off" else parse_rate(rate)
+        fields |= {RATE_COUNT: count, RATE_PERIOD: period}
+    if concurrency is not None:
+        if concurrency < 0:
+            raise ConfigError("concurrency must be 0 (no limit) or more")
+        fields[CONCURRENCY] = concurrency
+    if reset:
+        yield redis.hdel(key, RATE_COUNT, RATE_PERIOD, CONCURRENCY)
+    if fields:
+        yield redis.hset(key, mapping=fields)
+    found = yield from read_limits(redis, keys, [role])
+    return found[role]
+
+
+def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str, Limits]]:
+    """Each role's run-time limits and its running slots taken now (one round trip)."""
+    pipe = redis.pipeline(transaction=False)
+    for role in roles:
+        pipe.hmget(keys.flow_control(role), [RATE_COUNT, RATE_PERIOD, CONCURRENCY])
+        pipe.zcount(keys.flow_running(role), now_ms(), "+inf")
+    replies = yield pipe.execute()
+    out: dict[str, Limits] = {}
+    for index, role in enumerate(roles):
+        (count, period, cap), running = replies[2 * index], replies[2 * index + 1]
+        rate = None
+        if count is not None:
+            rate = "off" if int(count) <= 0 else format_rate(int(count), int(period or 1))
+        out[role] = Limits(rate, None if cap is None else int(cap), int(running))
+    return out
+
+
+def _watched(
+    redis: Any, keys: Keys, roles: Sequence[str]
+) -> Steps[tuple[dict[str, int], set[str]]]:
+    """What a worker watches, in one round trip: paused roles and roles limited at run time.
+
+    The paused ones as :func:`paused_since` reads them, each with the time it was paused.
+    """
+    if not roles:
+        return {}, set()
+    pipe = redis.pipeline(transaction=False)
+    for role in roles:
+        pipe.hmget(keys.flow_control(role), [PAUSED_FIELD, RATE_COUNT, CONCURRENCY])
+    replies = yield pipe.execute()
+    paused: dict[str, int] = {}
+    limited: set[str] = set()
+    for role, (since, rate, cap) in zip(roles, replies, strict=True):
+        if since is not None:
+            paused[role] = int(since) if since.isdigit() else 0
+        if rate is not None or cap is not None:
+            limited.add(role)
+    return paused, limited
+
+
+class PauseWatch:
+    """A worker's cached view of which of its roles are paused.
+
+    Args:
+        redis: The client.
+        keys: Key names.
+        roles: The roles the worker serves.
+        stopping: Set when the worker stops: waiters return.
+        every: Seconds between refreshes.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        roles: Sequence[str],
+        stopping: anyio.Event,
+        *,
+        every: float = REFRESH_EVERY,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._roles = list(roles)
+        self._stopping = stopping
+        self._every = every
+        self._paused: dict[str, int] = {}
+        self._changed = anyio.Event()
+        #: The roles whose limits are set at run time (as last read).
+        self.limited_at_run_time: set[str] = set()
+
+    def is_paused(self, role: str) -> bool:
+        """Whether ``role`` was paused at the last refresh."""
+        return role in self._paused
+
+    def paused(self) -> dict[str, int]:
+        """The roles paused at the last refresh, each with the time it was paused (ms)."""
+        return dict(self._paused)
+
+    def states(self) -> dict[str, bool]:
+        """Each role watched: whether it was paused at the last refresh."""
+        return {role: role in self._paused for role in self._roles}
+
+    async def refresh(self) -> None:
+        """Read whether the roles are paused now; wake the readers of resumed roles."""
+        found, self.limited_at_run_time = await steps.run(
+            _watched(self._redis, self._keys, self._roles)
+        )
+        if found.keys() != self._paused.keys():
+            for role in found.keys() - self._paused.keys():
+                logger.info("role %s is paused: no new jobs of it start here", role)
+            for role in self._paused.keys() - found.keys():
+                logger.info("role %s is resumed", role)
+        self._paused = found
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def wait_resumed(self, role: str) -> None:
+        """Wait until ``role`` is not paused (or the worker stops)."""
+        while self.is_paused(role) and not self._stopping.is_set():
+            await self._changed.wait()
+
+    def stop(self) -> None:
+        """The worker stops: wake every waiter."""
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Refresh every ``every`` seconds until the worker stops (an outage is waited out)."""
+        backoff = connect.Backoff("reading which roles are paused")
+        while not self._stopping.is_set():
+            with anyio.move_on_after(self._every):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+            try:
+                await self.refresh()
+            except Exception as exc:
+                if not connect.is_outage(exc):
+                    raise
+                await backoff.failed(exc)
+            else:
+                backoff.succeeded()
+
+
+class Limiter:
+    """A worker's side of the limits: permits before reads, running slots while entries are held.
+
+    Args:
+        redis: The client.
+        scripts: The registered scripts (``limit.lua``).
+        keys: Key names.
+        consumer: This worker's consumer name (its tokens start with it).
+        held: The entries this worker holds (a slot is freed once its entry is not).
+        declared: Each served role's declared limits: (rate or None, concurrency or None).
+        ttl_ms: How long a slot outlives its last renewal (the lease TTL).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        keys: Keys,
+        consumer: str,
+        held: InFlight,
+        declared: Mapping[str, tuple[tuple[int, int] | None, int | None]],
+        *,
+        ttl_ms: int,
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._keys = keys
+        self._consumer = consumer
+        self._held = held
+        self._declared = dict(declared)
+        self._ttl_ms = ttl_ms
+        self._seq = itertools.count(1)
+        #: Slots this worker holds: token -> (role, stream, entry id).
+        self._slots: dict[str, tuple[str, str, bytes]] = {}
+        self._renewed_at = time.monotonic()
+        self._untracked: set[str] = set()  # granted starts that hold no running slot
+        #: Reads a limit held back (the reader waited), by role.
+        self.waits: dict[str, int] = {}
+
+    def declares(self, role: str) -> bool:
+        """Whether the app declares a limit on ``role``."""
+        rate, cap = self._declared.get(role, (None, None))
+        return rate is not None or cap is not None
+
+    def slots(self) -> dict[str, int]:
+        """Running slots this worker holds, by role."""
+        out: dict[str, int] = {}
+        for role, _, _ in self._slots.values():
+            out[role] = out.get(role, 0) + 1
+        return out
+
+    async def _call(self, role: str, op: str, tokens: Sequence[str] = (), refund: int = 0) -> Any:
+        rate, cap = self._declared.get(role, (None, None))
+        count, period = rate or (0, 0)
+        keys = [
+            self._keys.flow_control(role),
+            self._keys.flow_rate(role),
+            self._keys.flow_running(role),
+        ]
+        args: list[str | int] = [op, count, period, cap or 0, self._ttl_ms, refund, *tokens]
+        return await self._scripts.limit(keys=keys, args=args, client=self._redis)
+
+    async def acquire(self, role: str, wanted: int) -> tuple[list[str], float]:
+        """Ask for up to ``wanted`` starts: the tokens granted, else seconds to wait."""
+        tokens = [f"{self._consumer}:{next(self._seq)}" for _ in range(wanted)]
+        granted, wait_ms, slots = (int(v) for v in await self._call(role, "acquire", tokens))
+        if granted:
+            if not slots:  # no concurrency limit: nothing to free or renew later
+                self._untracked.update(tokens[:granted])
+            return tokens[:granted], 0.0
+        self.waits[role] = self.waits.get(role, 0) + 1
+        return [], SLOT_POLL if wait_ms < 0 else max(wait_ms / 1000, 0.001)
+
+    async def bind(
+        self, role: str, stream: str, entries: Sequence[streams.Entry], tokens: Sequence[str]
+    ) -> None:
+        """Tie a token to each entry read (and held); give back the starts not used."""
+        for token, entry in zip(tokens, entries, strict=False):
+            if token in self._untracked:
+                self._untracked.discard(token)
+            else:
+                self._slots[token] = (role, stream, entry.id)
+        unused = list(tokens[len(entries) :])
+        self._untracked.difference_update(unused)
+        if unused:
+            await self._call(role, "release", unused)
+            await self._call(role, "refund", refund=len(unused))
+
+    async def sweep(self) -> None:
+        """Free the slots of entries no longer held; renew the others every third of the TTL."""
+        done: dict[str, list[str]] = {}
+        for token, (role, stream, entry_id) in list(self._slots.items()):
+            if not self._held.holds(stream, entry_id):
+                done.setdefault(role, []).append(token)
+                del self._slots[token]
+        for role, tokens in done.items():
+            await self._call(role, "release", tokens)
+        if time.monotonic() - self._renewed_at < self._ttl_ms / 3000:
+            return
+        self._renewed_at = time.monotonic()
+        by_role: dict[str, list[str]] = {}
+        for token, (role, _, _) in self._slots.items():
+            by_role.setdefault(role, []).append(token)
+        for role, tokens in by_role.items():
+            await self._call(role, "renew", tokens)
+
+    async def run(self, stopping: anyio.Event) -> None:
+        """Sweep every :data:`SLOT_POLL` seconds until the worker stops (outages waited out)."""
+        backoff = connect.Backoff("freeing and renewing running slots")
+        while not stopping.is_set():
+            with anyio.move_on_after(SLOT_POLL):
+                await stopping.wait()
+            try:
+                await self.sweep()
+            except Exception as exc:
+                if not connect.is_outage(exc):
+                    raise
+                await backoff.failed(exc)
+            else:
+                backoff.succeeded()
