@@ -491,7 +491,7 @@ def test_printed_lines_pipe_into_redis_cli(private_redis: Callable[..., RedisSer
     assert loaded.stdout.split() == ["OK", "OK"], loaded.stdout + loaded.stderr
     admin = redis_sync.Redis(port=server.port)
     for user, password, selectors in (
-        ("sf-operator", "op secret", 3),
+        ("sf-operator", "op secret", 4),
         ("sf-worker", "w-secret", 4),
     ):
         client = redis_sync.Redis(port=server.port, username=user, password=password)
