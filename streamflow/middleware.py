@@ -52,6 +52,11 @@ logger = logging.getLogger("streamflow.worker")
 
 #: The rest of a handler's chain: the next middleware, or the handler itself.
 CallNext = Callable[[Context, Any], Awaitable[Any]]
+#: A middleware's ``handle``, bound.
+Handle = Callable[[Context, Any, CallNext], Awaitable[Any]]
+#: A composed chain: the outermost ``handle`` and the rest, so that the runner calls
+#: ``handle(ctx, payload, rest)`` directly (one link fewer per message).
+Chain = tuple[Handle, CallNext]
 
 
 @dataclass(slots=True)
@@ -177,6 +182,23 @@ def compose(middleware: Sequence[Middleware], handler: CallNext) -> CallNext:
         if overrides(each, "handle"):
             call = _link(each, call)
     return call
+
+
+def wraps(middleware: Iterable[Middleware]) -> bool:
+    """Whether any of ``middleware`` overrides ``handle`` (else handlers are called bare)."""
+    return any(overrides(each, "handle") for each in middleware)
+
+
+def chain(middleware: Sequence[Middleware], handler: CallNext) -> Chain:
+    """``handler`` in ``middleware``'s chain, split at its outermost ``handle``.
+
+    Raises:
+        ValueError: No middleware overrides ``handle`` (see :func:`wraps`).
+    """
+    wrapping = [each for each in middleware if overrides(each, "handle")]
+    if not wrapping:
+        raise ValueError("no middleware wraps handlers")
+    return wrapping[0].handle, compose(wrapping[1:], handler)
 
 
 def compose_publish(middleware: Sequence[Middleware], publish: PublishNext) -> PublishNext:

@@ -33,7 +33,7 @@ from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.lifecycle import NO_RESOURCES, Resources
 from streamflow.logs import shown
-from streamflow.middleware import CallNext, Middleware, compose, overrides
+from streamflow.middleware import CallNext, Chain, Middleware, chain, wraps
 from streamflow.protocol import Job
 from streamflow.scripts import Scripts
 from streamflow.signals import CancelBook
@@ -96,8 +96,10 @@ class Runner:
         self._confirming = anyio.Lock()
         self._confirm_backoff = connect.Backoff("confirming held leases")
         self._unsafe_after = leases.settings.unsafe_after
-        # Each role's middleware chain around its handler; None: handlers are called directly.
-        self._chains: dict[str, CallNext] | None = None
+        # Each role's middleware chain around its handler (and around it under a job's own
+        # timeout, in _timed); None: handlers are called directly.
+        self._chains: dict[str, Chain] | None = None
+        self._timed: dict[str, Chain] = {}
         #: Deliveries of entries delivered before (adopted, or resumed), by role.
         self.redeliveries: dict[str, int] = {}
         #: Where ``started`` and ``progress`` events go, or None (no events at all).
@@ -108,19 +110,24 @@ class Runner:
 
         Without middleware that overrides ``handle``, handlers are called directly (no cost).
         """
-        if not any(overrides(each, "handle") for each in middleware):
-            self._chains = None
+        if not wraps(middleware):
+            self._chains, self._timed = None, {}
             return
-        self._chains = {role.name: compose(middleware, self._innermost(role)) for role in roles}
+        roles = list(roles)
+        self._chains = {role.name: chain(middleware, self._innermost(role)) for role in roles}
+        self._timed = {role.name: chain(middleware, self._timed_innermost(role)) for role in roles}
 
     def _innermost(self, role: Role) -> CallNext:
         """The end of a role's chain: its handler, under its timeout, in a thread if plain."""
+        if role.is_async and not role.timeout:
+            return cast(CallNext, role.handler)
+        return partial(self._execute, role, timeout=role.timeout)
+
+    def _timed_innermost(self, role: Role) -> CallNext:
+        """The end of a role's chain for a job with its own timeout (a task node's)."""
 
         def call(ctx: Context, payload: Any) -> Awaitable[Any]:
-            timeout = ctx._job.timeout or role.timeout
-            if role.is_async and not timeout:
-                return cast(Awaitable[Any], role.handler(ctx, payload))
-            return self._execute(role, ctx, payload, timeout)
+            return self._execute(role, ctx, payload, ctx._job.timeout or role.timeout)
 
         return call
 
@@ -330,8 +337,9 @@ class Runner:
         timeout = job.timeout or role.timeout
         chains = self._chains
         try:
-            if chains is not None:  # middleware: its chain, composed at start-up
-                result = await chains[role.name](ctx, payload)
+            if chains is not None:  # middleware: the role's chain, composed at start-up
+                handle, call_next = (self._timed if job.timeout else chains)[role.name]
+                result = await handle(ctx, payload, call_next)
             elif role.is_async and not timeout:
                 result = await role.handler(ctx, payload)  # the hot path, without a wrapper
             else:

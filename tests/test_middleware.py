@@ -277,6 +277,37 @@ async def test_a_role_timeout_bounds_the_handler_not_its_middleware(redis_url: s
     ]
 
 
+async def test_a_task_nodes_own_timeout_runs_through_every_middleware(redis_url: str) -> None:
+    journal: list[str] = []
+    app = App()
+    app.add_middleware(Recorder("a", journal), Slow(), Recorder("b", journal))
+
+    @app.role("step")
+    async def step(ctx: Context, params: dict[str, Any]) -> None:
+        journal.append(f"step {ctx.node_id}")
+        if params.get("hang"):
+            await anyio.sleep(5)
+        await ctx.emit([1])
+
+    graph = streamflow.Graph("timed")
+    graph.node("quick", role="step", timeout=0.2)
+    graph.node("hung", role="step", params={"hang": True}, timeout=0.2, retry={"max_attempts": 1})
+    async with Harness(app, redis_url=redis_url) as h:
+        with anyio.fail_after(20):
+            run = await h.run_task(graph)
+    # The quick node ran 0.3 s of middleware (Slow) under a 0.2 s limit: the limit is its own.
+    assert run.state.nodes["quick"].state == "succeeded"
+    assert run.state.nodes["hung"].error == "failed: attempt 1 of 1 failed: timed out after 0.2s"
+    assert sorted(journal) == sorted(
+        [
+            *("a before step {}", "b before step {}", "step quick", "b after None", "a after None"),
+            *("a before step {'hang': True}", "b before step {'hang': True}", "step hung"),
+            *("b error TimeoutError: ", "a error TimeoutError: "),  # the node's limit, inside b
+            *("a dead failed", "b dead failed"),
+        ]
+    )
+
+
 def test_middleware_that_does_not_wrap_handlers_leaves_the_handler_bare() -> None:
     async def handler(ctx: Context, payload: Any) -> None:
         return None
