@@ -114,8 +114,9 @@ class DeadLettered:
             docs/protocol.md).
         detail: What went wrong, in words.
         error: The error's type, message and traceback, when an exception caused it.
-        context: The last attempt's context; None when no handler was to run (malformed,
-            too large, expired before it started).
+        context: The delivery's context when it decoded that far (a handler that failed, a
+            poison message); None when it was refused before (malformed, too large, invalid
+            payload, expired).
     """
 
     role: str
