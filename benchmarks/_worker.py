@@ -87,6 +87,8 @@ async def drain(args: argparse.Namespace) -> None:
     try:
         await redis.ping()
         worker = Worker(app, redis, **worker_options(args))
+        if args.metrics == "on":
+            worker.enable_metrics()  # handlers timed (no server: nothing scrapes)
         tune_garbage_collector()
         if args.start_at:  # several processes start draining together
             await anyio.sleep(max(0.0, args.start_at - time.time()))
@@ -203,6 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=1, help="drain: the role's partitions")
     parser.add_argument(
         "--events", choices=["on", "off"], default="on", help="drain: the role's lifecycle events"
+    )
+    parser.add_argument(
+        "--metrics", choices=["on", "off"], default="off", help="drain: time handlers (metrics)"
     )
     parser.add_argument("--start-at", type=float, default=0.0, help="drain: Unix time to start")
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")

@@ -13,6 +13,7 @@ publishing and the bare loop use this process's streamflow. It prints, per snaps
 drain rate, its ratio to the bare loop's median, the median worker CPU per message (user +
 system time of the worker process during the drain) and Redis CPU per message (publish +
 drain), with every round's rate; ``--markdown`` also prints the table as markdown.
+``--metrics`` has the workers time their handlers (``enable_metrics()``, nothing scraped).
 ``--profile FILE`` drains once more per snapshot with the worker under cProfile
 (``FILE.<snapshot directory name>``).
 """
@@ -31,10 +32,12 @@ from throughput import Drain, bare_loop, on_loop, worker_drain
 HEADER = ["drain", "msgs/s (median)", "of bare", "worker CPU us/msg", "Redis CPU us/msg", "runs"]
 
 
-def drain_with(snapshot: str, url: str, n: int, profile: Path | None = None) -> Drain:
+def drain_with(
+    snapshot: str, url: str, n: int, profile: Path | None = None, metrics: str | None = None
+) -> Drain:
     """One default-settings worker drain with ``snapshot`` first on the worker's path."""
     os.environ["PYTHONPATH"] = str(Path(snapshot).resolve())
-    return on_loop("asyncio", worker_drain, url, n, snapshot, profile=profile)
+    return on_loop("asyncio", worker_drain, url, n, snapshot, profile=profile, metrics=metrics)
 
 
 def rows(runs: dict[str, list[Drain]]) -> list[list[str]]:
@@ -60,13 +63,17 @@ def main() -> None:
     parser.add_argument("--redis-url", help="use this Redis instead of starting a private one")
     parser.add_argument("--profile", type=Path, metavar="FILE", help="cProfile stats prefix")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    parser.add_argument(
+        "--metrics", action="store_true", help="workers time handlers (enable_metrics())"
+    )
     args = parser.parse_args()
+    metrics = "on" if args.metrics else None
     runs: dict[str, list[Drain]] = {"bare": []} | {s: [] for s in args.snapshots}
     with redis_url(args.redis_url) as url:
         for i in range(args.rounds):
             runs["bare"].append(on_loop("asyncio", bare_loop, url, args.messages))
             for snapshot in args.snapshots if i % 2 == 0 else args.snapshots[::-1]:
-                runs[snapshot].append(drain_with(snapshot, url, args.messages))
+                runs[snapshot].append(drain_with(snapshot, url, args.messages, metrics=metrics))
             done = ", ".join(f"{k} {v[-1].rate:,.0f}" for k, v in runs.items())
             print(f"round {i + 1}: {done} msgs/s", file=sys.stderr, flush=True)
         for snapshot in args.snapshots if args.profile else ():

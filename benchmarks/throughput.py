@@ -250,6 +250,7 @@ async def worker_drain(
     prefetch: int | str | None = None,
     profile: Path | None = None,
     events: str | None = None,
+    metrics: str | None = None,
 ) -> Drain:
     """Publish n jobs with Client.publish_many, then drain them with one worker process."""
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
@@ -268,6 +269,7 @@ async def worker_drain(
             "prefetch": prefetch,
             "loop": loop,
             "events": events,
+            "metrics": metrics,
         }
         async with WorkerProcess("drain", url, namespace, options, profile=profile) as worker:
             async with asyncio.timeout(120 + n / 500):

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     )
     from streamflow.leases import LeaseSettings
     from streamflow.lifecycle import Resources
+    from streamflow.middleware import Middleware
     from streamflow.worker import Worker
 
 #: Where each public name lives. ``import streamflow`` (which every ``streamflow`` command does,
@@ -80,6 +81,7 @@ _EXPORTS = {
     "GraphError": "streamflow.dag.graph",
     "LeaseSettings": "streamflow.leases",
     "Resources": "streamflow.lifecycle",
+    "Middleware": "streamflow.middleware",
     "Outcome": "streamflow.delivery",
     "NodeState": "streamflow.dag.tasks",
     "TaskState": "streamflow.dag.tasks",
@@ -106,6 +108,7 @@ __all__ = [
     "JobExpiredError",
     "JobFailedError",
     "LeaseSettings",
+    "Middleware",
     "MissingExtraError",
     "NodeState",
     "Outcome",

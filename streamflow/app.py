@@ -19,6 +19,7 @@ from streamflow.errors import ConfigError, PayloadError
 from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
 from streamflow.keys import MAX_PARTITIONS, validate_name
 from streamflow.lifecycle import Hook, Lifecycle, Resources
+from streamflow.middleware import Middleware
 from streamflow.protocol import keep_result_ms
 
 #: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
@@ -158,6 +159,7 @@ class App:
         self._functions: dict[str, Function] = dict(BUILTINS)
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
+        self._middleware: list[Middleware] = []
 
     def role(
         self,
@@ -295,6 +297,25 @@ class App:
         """
         self._shutdown.append(_check_hook(hook))
         return hook
+
+    def add_middleware(self, *middleware: Middleware) -> None:
+        """Run ``middleware`` around every handler call and tell it of retries and dead letters.
+
+        The first added is the outermost (see :mod:`streamflow.middleware`). Add it before
+        workers are built: each composes its chains once, when it is built.
+
+        Raises:
+            ConfigError: An argument is not a :class:`~streamflow.middleware.Middleware`.
+        """
+        for each in middleware:
+            if not isinstance(each, Middleware):
+                raise ConfigError(f"{each!r} is not a streamflow.Middleware (an instance)")
+        self._middleware.extend(middleware)
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware added, the outermost first."""
+        return tuple(self._middleware)
 
     def lifecycle(self, resources: Resources | None = None) -> Lifecycle:
         """The app's hooks, ready to run over ``resources`` (fresh ones by default)."""

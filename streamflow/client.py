@@ -21,8 +21,10 @@ from streamflow import events as lifecycle
 from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
 from streamflow.deadletters import DeadLetters
+from streamflow.errors import ConfigError
 from streamflow.jobs import JobStatus
 from streamflow.keys import Keys, validate_name
+from streamflow.middleware import Middleware, Publish, PublishNext, compose_publish, overrides
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 from streamflow.records import JobResult as JobRecord
 from streamflow.records import LifecycleEvent
@@ -71,6 +73,9 @@ class Client(TaskMethods, ControlMethods):
             many_script=self._scripts.publish_many,
             lane=self._lane,
         )
+        self._middleware: list[Middleware] = []
+        # The publish middleware composed once; None: publish() runs as without middleware.
+        self._publish_chain: PublishNext | None = None
 
     @classmethod
     def from_url(
@@ -173,6 +178,20 @@ class Client(TaskMethods, ControlMethods):
             ValueError: The message id, dedup key, deadline or headers are out of the protocol's
                 bounds.
         """
+        if self._publish_chain is not None:
+            options = {
+                "key": key,
+                "message_id": message_id,
+                "dedup_key": dedup_key,
+                "deadline": deadline,
+                "delay": delay,
+                "task_id": task_id,
+                "node_id": node_id,
+                "strict": strict,
+                "keep_result": keep_result,
+            }
+            message = Publish(role, payload, dict(headers or {}), options)
+            return await self._publish_chain(message)
         try:
             # Headers and kept outcomes take the full path (plain() carries neither).
             simple = dedup_key is None and delay is None and headers is None and keep_result is None
@@ -202,6 +221,35 @@ class Client(TaskMethods, ControlMethods):
             # Translated here, not in a with block around the call: that costs every publish.
             with connect.public_errors(f"publishing to role {role!r}"):
                 raise
+
+    async def _publish_message(self, message: Publish) -> str:
+        """The end of the publish chain: ``message`` by the full path (no shared pipeline)."""
+        with connect.public_errors(f"publishing to role {message.role!r}"):
+            return await steps.run(
+                self._pub.publish(
+                    message.role,
+                    message.payload,
+                    headers=message.headers or None,
+                    **message.options,
+                )
+            )
+
+    def add_middleware(self, *middleware: Middleware) -> None:
+        """Run ``middleware`` around every :meth:`publish`, the first added outermost.
+
+        Only :meth:`publish` passes through it (not :meth:`publish_many` or :meth:`submit`),
+        by the full path: one round trip of its own, not shared with concurrent publishes.
+        See :mod:`streamflow.middleware`.
+
+        Raises:
+            ConfigError: An argument is not a :class:`~streamflow.middleware.Middleware`.
+        """
+        for each in middleware:
+            if not isinstance(each, Middleware):
+                raise ConfigError(f"{each!r} is not a streamflow.Middleware (an instance)")
+        self._middleware.extend(middleware)
+        if any(overrides(each, "publish") for each in self._middleware):
+            self._publish_chain = compose_publish(self._middleware, self._publish_message)
 
     async def publish_many(
         self,

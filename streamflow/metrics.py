@@ -3,7 +3,8 @@
 Each worker and coordinator process has its own registry. Most figures are counters the
 process keeps anyway (the settler's outcomes, the lease keeper's renewals, the coordinator's
 events): a collector reads them at scrape time, so metrics cost the hot path nothing but the
-handler-duration histogram. Queue-level gauges (stream length, lag, pending, ...) are per role,
+handler-duration histogram, which is a middleware (:class:`HandlerTiming`, see
+:mod:`streamflow.middleware`). Queue-level gauges (stream length, lag, pending, ...) are per role,
 not per process: ``streamflow exporter`` serves them once for the namespace, so that they are
 not counted once per worker (see docs/metrics.md).
 
@@ -38,6 +39,8 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from streamflow import connect
+from streamflow.context import Context
+from streamflow.middleware import CallNext, Middleware
 
 if TYPE_CHECKING:
     from streamflow.dag.coordinator import Coordinator
@@ -321,8 +324,8 @@ class CoordinatorCollector(Collector):
         )
 
 
-def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Callable[[str, float], None]]:
-    """A registry with the worker's metrics, and the function that observes handler durations."""
+def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Middleware]:
+    """A registry with the worker's metrics, and the middleware that times its handlers."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(WorkerCollector(worker))
     registry.register(HygieneCollector(worker))
@@ -344,7 +347,26 @@ def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Callable[[str, f
         registry=registry,
     )
     worker.observe_renewals(renewals.observe)
-    return registry, durations.observe
+    return registry, HandlerTiming(durations.observe)
+
+
+class HandlerTiming(Middleware):
+    """The middleware that times each handler call for ``streamflow_handler_duration_seconds``.
+
+    Args:
+        observe: Called with the role and the seconds the call took, however it ended.
+    """
+
+    def __init__(self, observe: Callable[[str, float], None]) -> None:
+        self._observe = observe
+
+    async def handle(self, ctx: Context, payload: Any, call_next: CallNext) -> Any:
+        """Time the rest of the chain (the handler: this one is installed innermost)."""
+        started = time.perf_counter()
+        try:
+            return await call_next(ctx, payload)
+        finally:
+            self._observe(ctx.role, time.perf_counter() - started)
 
 
 class Durations(Collector):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
@@ -33,6 +33,7 @@ from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.lifecycle import NO_RESOURCES, Resources
 from streamflow.logs import shown
+from streamflow.middleware import CallNext, Chain, Middleware, chain, wraps
 from streamflow.protocol import Job
 from streamflow.scripts import Scripts
 from streamflow.signals import CancelBook
@@ -95,12 +96,40 @@ class Runner:
         self._confirming = anyio.Lock()
         self._confirm_backoff = connect.Backoff("confirming held leases")
         self._unsafe_after = leases.settings.unsafe_after
-        #: Called with (role, seconds) after every handler (the metrics time them), or None.
-        self.observe: Callable[[str, float], None] | None = None
+        # Each role's middleware chain around its handler (and around it under a job's own
+        # timeout, in _timed); None: handlers are called directly.
+        self._chains: dict[str, Chain] | None = None
+        self._timed: dict[str, Chain] = {}
         #: Deliveries of entries delivered before (adopted, or resumed), by role.
         self.redeliveries: dict[str, int] = {}
         #: Where ``started`` and ``progress`` events go, or None (no events at all).
         self.events: EventLog | None = None
+
+    def use(self, middleware: Sequence[Middleware], roles: Iterable[Role]) -> None:
+        """Compose each role's chain once: ``middleware`` around its handler, first outermost.
+
+        Without middleware that overrides ``handle``, handlers are called directly (no cost).
+        """
+        if not wraps(middleware):
+            self._chains, self._timed = None, {}
+            return
+        roles = list(roles)
+        self._chains = {role.name: chain(middleware, self._innermost(role)) for role in roles}
+        self._timed = {role.name: chain(middleware, self._timed_innermost(role)) for role in roles}
+
+    def _innermost(self, role: Role) -> CallNext:
+        """The end of a role's chain: its handler, under its timeout, in a thread if plain."""
+        if role.is_async and not role.timeout:
+            return cast(CallNext, role.handler)
+        return partial(self._execute, role, timeout=role.timeout)
+
+    def _timed_innermost(self, role: Role) -> CallNext:
+        """The end of a role's chain for a job with its own timeout (a task node's)."""
+
+        def call(ctx: Context, payload: Any) -> Awaitable[Any]:
+            return self._execute(role, ctx, payload, ctx._job.timeout or role.timeout)
+
+        return call
 
     async def before_start(self, delivery: Delivery) -> Decision | None:
         """Check a delivery held long or read while stopping; the decision if it must not start.
@@ -306,9 +335,12 @@ class Runner:
             ctx._events = events
             events.job("started", job, role.name)
         timeout = job.timeout or role.timeout
-        started = time.perf_counter() if self.observe is not None else 0.0
+        chains = self._chains
         try:
-            if role.is_async and not timeout:
+            if chains is not None:  # middleware: the role's chain, composed at start-up
+                handle, call_next = (self._timed if job.timeout else chains)[role.name]
+                result = await handle(ctx, payload, call_next)
+            elif role.is_async and not timeout:
                 result = await role.handler(ctx, payload)  # the hot path, without a wrapper
             else:
                 result = await self._execute(role, ctx, payload, timeout)
@@ -322,8 +354,6 @@ class Runner:
             return decisions.after_error(delivery, job, exc)
         finally:
             delivery.scope = None
-            if self.observe is not None:
-                self.observe(role.name, time.perf_counter() - started)
         if delivery.lost or delivery.cancel is not None:
             return decisions.stopped(delivery)
         if role.keep_result_ms or job.keep_result_ms:  # asked for: kept by the settler

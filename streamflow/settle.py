@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -88,6 +88,11 @@ class Settler:
         self.acker = _Acker(self)
         #: Where the lifecycle events of settled jobs go, or None (no events at all).
         self.events: EventLog | None = None
+        #: Awaited after a settle applied here (retries, dead letters; not the acker's acks),
+        #: outside the shielded write: the middleware's outcome hooks. None: nobody listens.
+        self.on_settled: Callable[[Delivery, Decision, OutcomeStatus], Awaitable[None]] | None = (
+            None
+        )
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
@@ -105,6 +110,7 @@ class Settler:
                 self._ack_kept_nowait(delivery, decision, kept)
                 return
         delivery.settling = True
+        status: OutcomeStatus | None = None
         # Settling writes finish even when the worker is being cancelled, within a time limit.
         with anyio.move_on_after(10, shield=True):
             try:
@@ -131,6 +137,8 @@ class Settler:
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
             if self.events is not None and delivery.role.events:
                 self._tell(self.events, delivery, decision, status)
+        if status is not None and self.on_settled is not None:
+            await self.on_settled(delivery, decision, status)
 
     def _tell(
         self, events: EventLog, delivery: Delivery, decision: Decision, status: OutcomeStatus

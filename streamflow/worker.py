@@ -50,6 +50,7 @@ from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
 from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
 from streamflow.lifecycle import NO_RESOURCES, Resources
+from streamflow.middleware import Middleware, OutcomeHooks
 from streamflow.pool import ConsumerPool
 from streamflow.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -216,6 +217,7 @@ class Worker:
             max_message_bytes=max_message_bytes,
             resources=shared or NO_RESOURCES,
         )
+        self._use(app.middleware)
         # Lifecycle events: nothing is buffered or written while no served role wants them.
         self._events = EventLog(redis, self._keys, self.consumer)
         if any(role.events for role in self._roles):
@@ -369,11 +371,22 @@ class Worker:
         return self._stopping.is_set()
 
     def enable_metrics(self) -> CollectorRegistry:
-        """Start timing handlers; returns the registry with this worker's metrics."""
+        """Start timing handlers; returns the registry with this worker's metrics.
+
+        The handler-duration histogram is a middleware, placed innermost (after the app's), so
+        that it times the handler alone. Call it before :meth:`run`.
+        """
         from streamflow.metrics import worker_registry
 
-        registry, self._runner.observe = worker_registry(self)
+        registry, timing = worker_registry(self)
+        self._use((*self._app.middleware, timing))
         return registry
+
+    def _use(self, middleware: Sequence[Middleware]) -> None:
+        """Compose the middleware chains once: around handlers, and the outcome hooks."""
+        self._runner.use(middleware, self._roles)
+        hooks = OutcomeHooks(middleware)
+        self._settler.on_settled = hooks.settled if hooks else None
 
     def statistics(self) -> WorkerStatistics:
         """A snapshot of the worker's counters."""
