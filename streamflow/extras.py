@@ -19,6 +19,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     # fakeredis runs Lua scripts with lupa; without it every script call fails at run time.
     "testing": ("fakeredis", "lupa"),
     "yaml": ("yaml",),
+    # `streamflow dashboard`: the ASGI app, its server and its templates.
+    "dashboard": ("starlette", "uvicorn", "jinja2"),
 }
 
 
