@@ -69,10 +69,8 @@ def test_the_overview_shows_a_roles_counts_after_publishing(
     assert (row(browser, "record", "pending"), row(browser, "record", "consumers")) == ("0", "1")
     browser.goto(base + "/workers")
     assert "w1" in browser.text()
-    for width in (1280, 390):  # kept in tmp_path, checked for emptiness (not pixel-exact)
-        shot = tmp_path / f"overview-{width}.png"
-        browser.screenshot(shot, width)
-        assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5_000
+    browser.goto(base + "/")
+    screenshots(browser, tmp_path, "overview")
 
 
 def test_a_running_dag_is_drawn_live_until_every_node_succeeded(
@@ -94,6 +92,15 @@ def test_a_running_dag_is_drawn_live_until_every_node_succeeded(
     assert browser.evaluate("window.__same_page") is True
     assert browser.evaluate("document.getElementById('task-state').textContent") == "succeeded"
     assert "in 4 · out 4 · 12 items" in browser.text()  # step: 4 batches in, 4 out, 12 items
+    screenshots(browser, tmp_path, "task")
+
+
+def screenshots(browser: Browser, where: Path, name: str) -> None:
+    """Keep the page at 1280 and 390 px in ``where``; checked for emptiness, not pixels."""
+    for width in (1280, 390):
+        shot = where / f"{name}-{width}.png"
+        browser.screenshot(shot, width)
+        assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5_000
 
 
 def test_cancelling_from_the_task_page_cancels_the_task(
@@ -205,3 +212,32 @@ def test_read_only_hides_the_actions(procs: Procs, browser: Browser) -> None:
     assert (
         browser.evaluate("document.querySelectorAll('form[method=post], #purge-link').length") == 0
     )
+
+
+def test_a_job_is_looked_up_and_cancelled_from_the_jobs_page(
+    procs: Procs, browser: Browser
+) -> None:
+    procs.worker("w1", "tests.apps:app", "sleepy")
+
+    async def publish(client: Client) -> str:
+        return await client.publish("sleepy", {"seconds": 600})  # records once it slept
+
+    message_id = procs.query(publish)
+
+    def state() -> str:
+        async def read(client: Client) -> str:
+            return (await client.job(message_id)).state
+
+        return procs.query(read)
+
+    wait_for(lambda: state() == "running", 20, "w1 runs the job")
+    browser.goto(procs.dashboard() + "/jobs")
+    browser.fill("input[name=id]", message_id)
+    browser.click("form.inline button")
+    browser.wait_for("document.getElementById('job-state').textContent == 'running'")
+    browser.click("#cancel-job")
+
+    wait_for(lambda: state() == "cancelled", 20, "the job is cancelled")
+    browser.evaluate("location.reload()")
+    browser.wait_for("document.getElementById('job-state').textContent == 'cancelled'")
+    assert recorded(procs.record) == []  # stopped in its sleep: it never finished
