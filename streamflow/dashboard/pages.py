@@ -26,12 +26,13 @@ from starlette.routing import Route
 from streamflow.client import Client
 from streamflow.dag.store import TaskStore
 from streamflow.dashboard import graph
-from streamflow.dashboard.overview import overview, role_rows
+from streamflow.dashboard.overview import overview, role_row, role_rows
 from streamflow.dashboard.poller import Poller
 from streamflow.dashboard.security import SESSION_COOKIE, read_form, same_origin
 from streamflow.dashboard.settings import DashboardSettings
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import NAME_PATTERN
+from streamflow.ops.inspect import inspect_role
 
 if TYPE_CHECKING:
     from streamflow.dashboard.security import Guard
@@ -65,6 +66,7 @@ class Pages:
         get, post = ["GET"], ["POST"]
         return [
             Route("/", self.overview, methods=get),
+            Route("/roles/{role}", self.role, methods=get),
             Route("/workers", self.workers, methods=get),
             Route("/jobs", self.job, methods=get),
             Route("/jobs/cancel", self.cancel_job, methods=post),
@@ -127,6 +129,16 @@ class Pages:
         """Roles with their queue figures; coordinators and workers."""
         view = await overview(self.client)
         return self.render("overview.html", **view)
+
+    async def role(self, request: Request) -> Response:
+        """One role: its figures, groups and consumers, and its oldest running jobs."""
+        role = request.path_params["role"]
+        if not NAME_PATTERN.fullmatch(role):
+            return self.message("Not a role name.", 404)
+        detail = await inspect_role(self.client.redis, self.client.keys, role, count=50)
+        if detail is None:
+            return self.message("No such role.", 404)
+        return self.render("role.html", detail=detail, row=role_row(detail))
 
     async def workers(self, request: Request) -> Response:
         """Every live worker and every coordinator."""

@@ -65,6 +65,7 @@ def test_the_dashboard_needs_no_more_than_the_operator_user(
             "/deadletters",
             "/deadletters/forge",
             "/deadletters/forge/purge",
+            "/roles/forge",
             "/jobs?id=abc",
         ):
             assert request(base + path)[0] == 200, path

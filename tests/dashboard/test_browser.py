@@ -231,7 +231,15 @@ def test_a_job_is_looked_up_and_cancelled_from_the_jobs_page(
         return procs.query(read)
 
     wait_for(lambda: state() == "running", 20, "w1 runs the job")
-    browser.goto(procs.dashboard() + "/jobs")
+    base = procs.dashboard()
+    browser.goto(base + "/")
+    browser.click("a[href='/roles/sleepy']")
+    browser.wait_for("document.querySelector('#running tbody td:nth-child(2)')")
+    assert (
+        browser.evaluate("document.querySelector('#running tbody td:nth-child(2)').textContent")
+        == "w1"
+    )
+    browser.goto(base + "/jobs")
     browser.fill("input[name=id]", message_id)
     browser.click("form.inline button")
     browser.wait_for("document.getElementById('job-state').textContent == 'running'")
