@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from streamflow.client import Client
 from streamflow.dag.store import TaskStore
+from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
 from streamflow.dashboard.overview import overview, role_row, role_rows
 from streamflow.dashboard.poller import Poller
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 Handler = Callable[[Request], Awaitable[Response]]
 #: The longest payload preview of a dead letter, in characters.
 PREVIEW = 500
+#: The longest task result shown, in characters.
+PREVIEW_RESULT = 4000
 #: The task states the Tasks page filters by.
 TASK_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -178,7 +181,20 @@ class Pages:
         spec = await self.tasks.spec(task_id)
         if state is None or spec is None:
             return self.message("No such task (or it expired).", 404)
-        return self.render("task.html", task=state, drawing=graph.draw(spec, state.nodes))
+        drawing = graph.draw(spec, state.nodes)
+        result = await self.result_text(state)
+        return self.render("task.html", task=state, drawing=drawing, result=result)
+
+    async def result_text(self, state: TaskState) -> str:
+        """A succeeded task's items by node, as JSON cut to :data:`PREVIEW_RESULT` characters."""
+        if state.state != "succeeded":
+            return ""
+        try:
+            items = await self.client.task_result(state.id)
+        except LookupError:
+            return "(expired)"
+        text = orjson.dumps(items, option=orjson.OPT_INDENT_2).decode("utf-8", "replace")
+        return text if len(text) <= PREVIEW_RESULT else text[:PREVIEW_RESULT] + "…"
 
     async def task_live(self, request: Request) -> Response:
         """Server-sent events: the task's drawing each time the shared poller reads it."""
@@ -195,7 +211,9 @@ class Pages:
                     if state is None:
                         return
                     html = self.env.get_template("graph.html").render(
-                        task=state, drawing=graph.draw(spec, state.nodes)
+                        task=state,
+                        drawing=graph.draw(spec, state.nodes),
+                        result=await self.result_text(state),
                     )
                     doc = {"html": html, "state": state.state, "done": state.terminal}
                     yield b"data: " + orjson.dumps(doc) + b"\n\n"

@@ -24,7 +24,7 @@ from streamflow.errors import StreamflowError
 
 HERE = Path(__file__).parent
 #: The longest text one template variable shows (longer ones are cut with an ellipsis).
-MAX_SHOWN = 2000
+MAX_SHOWN = 5000
 
 
 def _shown(value: object) -> object:
@@ -35,7 +35,11 @@ def _shown(value: object) -> object:
         return value
     if hasattr(value, "__html__"):  # markup the templates built themselves
         return value
-    return logs.shown(value, MAX_SHOWN)
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_SHOWN:
+        text = text[:MAX_SHOWN] + logs.ELISION
+    # Line breaks stay (a result, a traceback); every other control character is escaped.
+    return "\n".join(logs.printable(line, MAX_SHOWN) for line in text.split("\n"))
 
 
 def age(ms: int | None) -> str:

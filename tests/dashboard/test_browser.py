@@ -92,6 +92,9 @@ def test_a_running_dag_is_drawn_live_until_every_node_succeeded(
     assert browser.evaluate("window.__same_page") is True
     assert browser.evaluate("document.getElementById('task-state').textContent") == "succeeded"
     assert "in 4 · out 4 · 12 items" in browser.text()  # step: 4 batches in, 4 out, 12 items
+    shown = browser.wait_for("(document.getElementById('task-result') || {}).textContent")
+    result = json.loads(shown)  # batches may end in any order
+    assert list(result) == ["step"] and sorted(result["step"]) == [2 * n for n in range(12)]
     screenshots(browser, tmp_path, "task")
 
 
