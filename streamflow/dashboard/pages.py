@@ -38,7 +38,11 @@ from streamflow.ops.inspect import inspect_role
 if TYPE_CHECKING:
     from streamflow.dashboard.security import Guard
 
-Handler = Callable[[Request], Awaitable[Response]]
+#: Renders what the poller read into (HTML fragment, whether the stream ends); None ends it.
+Render = Callable[[Any], Awaitable[tuple[str, bool] | None]]
+#: The poller's keys: the overview, and a task by id.
+OVERVIEW_KEY = "overview"
+TASK_KEY = "task:"
 #: The longest payload preview of a dead letter, in characters.
 PREVIEW = 500
 #: The longest task result shown, in characters.
@@ -55,12 +59,11 @@ class Pages:
         client: Client,
         settings: DashboardSettings,
         env: jinja2.Environment,
-        poller: Poller,
     ) -> None:
         self.client = client
         self.settings = settings
         self.env = env
-        self.poller = poller
+        self.poller = Poller(self.read, settings.refresh)
         self.tasks = TaskStore(client.redis, client.keys)
         self.guard: Guard | None = None
 
@@ -69,6 +72,7 @@ class Pages:
         get, post = ["GET"], ["POST"]
         return [
             Route("/", self.overview, methods=get),
+            Route("/live/overview", self.overview_live, methods=get),
             Route("/roles/{role}", self.role, methods=get),
             Route("/workers", self.workers, methods=get),
             Route("/jobs", self.job, methods=get),
@@ -96,7 +100,7 @@ class Pages:
             read_only=self.settings.read_only,
             csrf=csrf,
             auth=self.settings.token is not None,
-            now_ms=int(time.time() * 1000),
+            now_ms=_now_ms(),
             **context,
         )
         return HTMLResponse(page, status_code=code)
@@ -203,25 +207,51 @@ class Pages:
         if spec is None:
             return PlainTextResponse("no such task", status_code=404)
 
+        async def render(state: TaskState | None) -> tuple[str, bool] | None:
+            if state is None:  # expired while watched
+                return None
+            html = self.env.get_template("graph.html").render(
+                task=state,
+                drawing=graph.draw(spec, state.nodes),
+                result=await self.result_text(state),
+            )
+            return html, state.terminal
+
+        return self.stream(f"{TASK_KEY}{task_id}", render)
+
+    async def overview_live(self, request: Request) -> Response:
+        """Server-sent events: the overview's tables each time the shared poller reads them."""
+
+        async def render(view: dict[str, Any]) -> tuple[str, bool]:
+            page = self.env.get_template("overview_body.html")
+            return page.render(root=self.settings.prefix, now_ms=_now_ms(), **view), False
+
+        return self.stream(OVERVIEW_KEY, render)
+
+    def stream(self, key: str, render: Render) -> Response:
+        """An event stream of ``key``'s fragment, one event per read of the shared poller."""
+
         async def events() -> AsyncIterator[bytes]:
             seen = -1
-            with self.poller.watching(task_id):
+            with self.poller.watching(key):
                 while True:
-                    seen, state = await self.poller.wait_state(task_id, seen)
-                    if state is None:
+                    seen, value = await self.poller.wait_state(key, seen)
+                    shown = await render(value)
+                    if shown is None:
                         return
-                    html = self.env.get_template("graph.html").render(
-                        task=state,
-                        drawing=graph.draw(spec, state.nodes),
-                        result=await self.result_text(state),
-                    )
-                    doc = {"html": html, "state": state.state, "done": state.terminal}
+                    doc = {"html": shown[0], "done": shown[1]}
                     yield b"data: " + orjson.dumps(doc) + b"\n\n"
-                    if state.terminal:
+                    if shown[1]:
                         return
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    async def read(self, key: str) -> Any:
+        """What the shared poller reads for ``key``: the overview, or a task's state."""
+        if key == OVERVIEW_KEY:
+            return await overview(self.client)
+        return await self.client.task(key.removeprefix(TASK_KEY))
 
     async def cancel_task(self, request: Request) -> Response:
         """Cancel every message of a task."""
@@ -298,6 +328,10 @@ class Pages:
             samesite="strict",
         )
         return response
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _quoted(value: str) -> str:

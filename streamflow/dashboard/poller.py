@@ -1,22 +1,21 @@
-"""One shared reader of task states per dashboard process, for every open task page.
+"""One shared reader per dashboard process, for every live page.
 
-Each open task page subscribes to its task; every ``interval`` the poller reads each watched
-task once and wakes every subscriber. So the dashboard's Redis load is one read per watched
-task per interval, however many browser tabs show it.
+Each live page subscribes to what it shows (a key: a task, the overview); every ``interval``
+the poller reads each watched key once and wakes every subscriber. So the dashboard's Redis
+load is one read per watched key per interval, however many browser tabs show it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
-from streamflow.client import Client
-from streamflow.dag.tasks import TaskState
 from streamflow.errors import StreamflowError
 
 logger = logging.getLogger(__name__)
@@ -28,9 +27,9 @@ class PollerStatistics:
 
     Attributes:
         ticks: Intervals completed.
-        reads: Task states read from Redis, in all.
-        watched: Tasks watched now.
-        subscribers: Subscriptions open now (about one per open task page).
+        reads: Keys read from Redis, in all.
+        watched: Keys watched now.
+        subscribers: Subscriptions open now (about one per open live page).
     """
 
     ticks: int
@@ -40,18 +39,18 @@ class PollerStatistics:
 
 
 class Poller:
-    """Reads the watched tasks once per interval and wakes their subscribers.
+    """Reads the watched keys once per interval and wakes their subscribers.
 
     Args:
-        client: The client to read with.
+        read: Reads what a key names (a streamflow error counts as an outage).
         interval: Seconds between two reads.
     """
 
-    def __init__(self, client: Client, interval: float) -> None:
-        self._client = client
+    def __init__(self, read: Callable[[str], Awaitable[Any]], interval: float) -> None:
+        self._read = read
         self._interval = interval
         self._watched: Counter[str] = Counter()
-        self._states: dict[str, TaskState | None] = {}
+        self._states: dict[str, Any] = {}
         self._tick = 0
         self._reads = 0
         self._woken = anyio.Event()
@@ -66,35 +65,35 @@ class Poller:
         )
 
     @contextmanager
-    def watching(self, task_id: str) -> Iterator[None]:
-        """Subscribe to ``task_id`` for the block."""
-        self._watched[task_id] += 1
+    def watching(self, key: str) -> Iterator[None]:
+        """Subscribe to ``key`` for the block."""
+        self._watched[key] += 1
         try:
             yield
         finally:
-            self._watched[task_id] -= 1
-            if self._watched[task_id] <= 0:
-                del self._watched[task_id]
-                self._states.pop(task_id, None)
+            self._watched[key] -= 1
+            if self._watched[key] <= 0:
+                del self._watched[key]
+                self._states.pop(key, None)
 
-    async def wait_state(self, task_id: str, seen: int) -> tuple[int, TaskState | None]:
-        """The state of the first read after tick ``seen``: (its tick, the state)."""
-        while self._tick <= seen or task_id not in self._states:
+    async def wait_state(self, key: str, seen: int) -> tuple[int, Any]:
+        """What the first read after tick ``seen`` found: (its tick, the value)."""
+        while self._tick <= seen or key not in self._states:
             await self._woken.wait()
-        return self._tick, self._states[task_id]
+        return self._tick, self._states[key]
 
     async def run(self) -> None:
         """Read and wake, every interval, until cancelled."""
         while True:
-            for task_id in list(self._watched):
+            for key in list(self._watched):
                 try:
-                    state = await self._client.task(task_id)
+                    value = await self._read(key)
                 except StreamflowError as exc:  # an outage: the pages keep their last state
-                    logger.warning("dashboard: cannot read task %s: %s", task_id, exc)
+                    logger.warning("dashboard: cannot read %s: %s", key, exc)
                     continue
                 self._reads += 1
-                if task_id in self._watched:
-                    self._states[task_id] = state
+                if key in self._watched:
+                    self._states[key] = value
             self._tick += 1
             woken, self._woken = self._woken, anyio.Event()
             woken.set()

@@ -17,7 +17,6 @@ from starlette.staticfiles import StaticFiles
 from streamflow import logs
 from streamflow.client import Client
 from streamflow.dashboard.pages import Pages
-from streamflow.dashboard.poller import Poller
 from streamflow.dashboard.security import Guard
 from streamflow.dashboard.settings import DashboardSettings
 from streamflow.errors import StreamflowError
@@ -69,13 +68,12 @@ def environment() -> jinja2.Environment:
 
 def create_app(client: Client, settings: DashboardSettings) -> Guard:
     """The dashboard app on ``client``, guarded by token and prefix handling."""
-    poller = Poller(client, settings.refresh)
-    pages = Pages(client, settings, environment(), poller)
+    pages = Pages(client, settings, environment())
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(poller.run)
+            tg.start_soon(pages.poller.run)
             yield
             tg.cancel_scope.cancel()
 

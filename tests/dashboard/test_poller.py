@@ -19,7 +19,7 @@ async def test_many_subscribers_of_one_task_share_one_read_per_interval(
     graph.node("a", function="merge.generic")  # no coordinator: it stays queued
     async with Client.from_url(redis_url, namespace=namespace) as client:
         task_id = await client.submit(graph)
-        poller = Poller(client, 0.02)
+        poller = Poller(client.task, 0.02)
         seen: list[list[str]] = [[] for _ in range(5)]
 
         async def subscriber(index: int) -> None:

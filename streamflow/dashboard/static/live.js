@@ -1,4 +1,5 @@
-// streamflow dashboard: redraws a task's graph from its server-sent events (no dependencies).
+// streamflow dashboard: swaps in a live page's fragment from its server-sent events (a task's
+// graph, the overview's tables); no dependencies.
 // The server renders (and escapes) the fragment; this only swaps it in.
 (function () {
   "use strict";
@@ -7,7 +8,7 @@
   var source = new EventSource(box.getAttribute("data-live"));
   source.onmessage = function (event) {
     var doc = JSON.parse(event.data);
-    box.querySelector(".graph-live").innerHTML = doc.html;
+    box.querySelector(".live-body").innerHTML = doc.html;
     if (doc.done) {
       box.setAttribute("data-done", "1");
       source.close();
