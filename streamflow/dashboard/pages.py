@@ -197,7 +197,7 @@ class Pages:
             items = await self.client.task_result(state.id)
         except LookupError:
             return "(expired)"
-        text = orjson.dumps(items, option=orjson.OPT_INDENT_2).decode("utf-8", "replace")
+        text = orjson.dumps(items).decode("utf-8", "replace")
         return text if len(text) <= PREVIEW_RESULT else text[:PREVIEW_RESULT] + "…"
 
     async def task_live(self, request: Request) -> Response:

@@ -153,6 +153,11 @@ class Browser:
         shot = self.send("Page.captureScreenshot", {"captureBeyondViewport": True}, session=True)
         path.write_bytes(base64.b64decode(shot["data"]))
 
+    def color_scheme(self, scheme: str) -> None:
+        """Emulate ``prefers-color-scheme: scheme`` (``light`` or ``dark``)."""
+        features = [{"name": "prefers-color-scheme", "value": scheme}]
+        self.send("Emulation.setEmulatedMedia", {"features": features}, session=True)
+
     def close(self) -> None:
         """End the browser."""
         if self.process.poll() is None:

@@ -108,6 +108,14 @@ def screenshots(browser: Browser, where: Path, name: str) -> None:
         shot = where / f"{name}-{width}.png"
         browser.screenshot(shot, width)
         assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5_000
+    # No horizontal scroll of the page at phone width: wide tables scroll in their own box.
+    assert browser.evaluate("document.documentElement.scrollWidth <= 390") is True
+    background = "getComputedStyle(document.body).backgroundColor"
+    light = browser.evaluate(background)
+    browser.color_scheme("dark")
+    browser.screenshot(where / f"{name}-1280-dark.png", 1280)
+    assert browser.evaluate(background) == "rgb(17, 21, 28)" != light
+    browser.color_scheme("light")
 
 
 def test_cancelling_from_the_task_page_cancels_the_task(
