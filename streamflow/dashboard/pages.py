@@ -6,6 +6,7 @@ in read-only mode the pages hide them and these routes refuse them (403).
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -317,7 +318,12 @@ class Pages:
         form = await read_form(request)
         guard = self.guard
         ok = guard is not None and form.get("csrf") == guard.csrf and same_origin(request)
-        if not ok or self.settings.token is None or form.get("token") != self.settings.token:
+        token = self.settings.token
+        if (
+            not ok
+            or token is None
+            or not hmac.compare_digest(form.get("token", "").encode(), token.encode())
+        ):
             return self.render("login.html", code=403, failed=True)
         response = self.back("/")
         response.set_cookie(
