@@ -187,6 +187,8 @@ class WorkerSettings(ConnectionSettings):
 ENV_VARS = frozenset(
     {f"{ENV_PREFIX}{name.upper()}" for name in set(WorkerSettings.model_fields) - CHILD_FIELDS}
     | {"STREAMFLOW_LOG_LEVEL", "STREAMFLOW_LOG_FORMAT"}
+    # `streamflow dashboard --token`: a secret, so better passed in the environment.
+    | {"STREAMFLOW_DASHBOARD_TOKEN"}
 )
 
 

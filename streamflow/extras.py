@@ -21,6 +21,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "yaml": ("yaml",),
     # Cron expressions of schedules (streamflow.schedules); interval schedules need nothing.
     "schedules": ("cronsim",),
+    # `streamflow dashboard`: the ASGI app, its server and its templates.
+    "dashboard": ("starlette", "uvicorn", "jinja2"),
 }
 
 

@@ -506,3 +506,24 @@ def test_test_import_check_sees_names_and_modules(tmp_path: Path) -> None:
         "sample.py line 3: tests.test_client",
         "sample.py line 4: tests.test_jobs",
     ]
+
+
+def test_only_the_cli_imports_the_dashboard() -> None:
+    """The dashboard is a wing (the ``dashboard`` extra): the core never imports it."""
+    graph = import_graph()
+    wrong = sorted(
+        name
+        for name, imports in graph.items()
+        if not name.startswith(("streamflow.dashboard", "streamflow.cli"))
+        and any(found.startswith("streamflow.dashboard") for found in imports)
+    )
+    assert not wrong
+    assert "streamflow.dashboard.settings" in graph["streamflow.cli.dashboard"]  # it sees imports
+
+
+def test_the_dashboard_reads_no_private_attribute_of_another_object() -> None:
+    """It reads Redis through the public API and the ops modules, like any other tool."""
+    found = {
+        path.name: private_accesses(path) for path in sorted((PACKAGE / "dashboard").glob("*.py"))
+    }
+    assert found and not any(found.values()), found

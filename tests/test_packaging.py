@@ -289,3 +289,14 @@ def test_the_demo_without_redis_server_or_the_testing_extra_is_one_clear_error(
         "error: the demo without redis-server on PATH needs the testing extra: "
         "pip install 'streamflow[testing]'\n"
     )
+
+
+def test_the_dashboard_without_its_extra_is_one_clear_error(venv: Path, tmp_path: Path) -> None:
+    # Refused before any connection: the URL names a port that no Redis listens on.
+    command = [venv / "bin" / "streamflow", "dashboard", "--redis-url", "redis://127.0.0.1:1"]
+    done = _call(command, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: streamflow dashboard needs the dashboard extra: "
+        "pip install 'streamflow[dashboard]'\n"
+    )

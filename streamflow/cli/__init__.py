@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "streamflow.cli.tasks",
         "Drive DAG tasks: turn workers' events into task state and fan out work.",
     ),
+    "dashboard": (
+        "streamflow.cli.dashboard",
+        "Serve the web dashboard: roles, workers, jobs, task graphs, dead letters.",
+    ),
     "demo": (
         "streamflow.cli.demo",
         "Run a streaming DAG task end to end, on a Redis the demo starts (and stops) itself.",

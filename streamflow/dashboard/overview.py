@@ -1,0 +1,59 @@
+"""The figures of the Overview and Workers pages, read through the ops modules."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from streamflow.client import Client
+from streamflow.ops.inspect import RoleInfo, inspect_roles
+from streamflow.registry import coordinators, live_workers
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRow:
+    """One role's line: its stream and its groups' figures, summed over groups."""
+
+    role: str
+    length: int
+    pending: int
+    lag: int | None
+    oldest_pending_age_ms: int | None
+    delayed: int
+    dead_letters: int
+    consumers: int
+    partitions: int
+
+
+def role_row(info: RoleInfo) -> RoleRow:
+    """The line of one role."""
+    lags = [group.lag for group in info.groups if group.lag is not None]
+    ages = [g.oldest_pending_age_ms for g in info.groups if g.oldest_pending_age_ms is not None]
+    return RoleRow(
+        role=info.role,
+        length=info.length,
+        pending=sum(group.pending for group in info.groups),
+        lag=sum(lags) if lags else None,
+        oldest_pending_age_ms=max(ages) if ages else None,
+        delayed=info.delayed,
+        dead_letters=info.dead_letters,
+        consumers=sum(1 for g in info.groups for c in g.consumers if c.alive),
+        partitions=info.partitions,
+    )
+
+
+async def role_rows(client: Client) -> list[RoleRow]:
+    """Every role's line, by name."""
+    return [role_row(info) for info in await inspect_roles(client.redis, client.keys)]
+
+
+async def overview(client: Client) -> dict[str, Any]:
+    """Roles, live workers and coordinators (with whether each is live)."""
+    now = int(time.time() * 1000)
+    found = await coordinators(client.redis, client.keys, quiet=True)
+    return {
+        "roles": await role_rows(client),
+        "workers": await live_workers(client.redis, client.keys),
+        "coordinators": [(c, c.live(now)) for c in found],
+    }

@@ -1,0 +1,360 @@
+"""The dashboard's pages and actions: each reads through the public API and renders a template.
+
+Actions are POSTs that need the CSRF token of the page's form and a same-origin ``Origin``;
+in read-only mode the pages hide them and these routes refuse them (403).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import jinja2
+import orjson
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Route
+
+from streamflow.client import Client
+from streamflow.dag.store import TaskStore
+from streamflow.dag.tasks import TaskState
+from streamflow.dashboard import graph
+from streamflow.dashboard.overview import overview, role_row, role_rows
+from streamflow.dashboard.poller import Poller
+from streamflow.dashboard.security import SESSION_COOKIE, read_form, same_origin
+from streamflow.dashboard.settings import DashboardSettings
+from streamflow.errors import RedisUnavailable
+from streamflow.keys import NAME_PATTERN
+from streamflow.ops.inspect import inspect_role
+
+if TYPE_CHECKING:
+    from streamflow.dashboard.security import Guard
+
+#: Renders what the poller read into (HTML fragment, whether the stream ends); None ends it.
+Render = Callable[[Any], Awaitable[tuple[str, bool] | None]]
+#: The poller's keys: the overview, and a task by id.
+OVERVIEW_KEY = "overview"
+TASK_KEY = "task:"
+#: The longest payload preview of a dead letter, in characters.
+PREVIEW = 500
+#: The longest task result shown, in characters.
+PREVIEW_RESULT = 4000
+#: The task states the Tasks page filters by.
+TASK_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class Pages:
+    """The route handlers, sharing the client, the templates and the poller."""
+
+    def __init__(
+        self,
+        client: Client,
+        settings: DashboardSettings,
+        env: jinja2.Environment,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.env = env
+        self.poller = Poller(self.read, settings.refresh)
+        self.tasks = TaskStore(client.redis, client.keys)
+        self.guard: Guard | None = None
+
+    def routes(self) -> list[Route]:
+        """Every page and action."""
+        get, post = ["GET"], ["POST"]
+        return [
+            Route("/", self.overview, methods=get),
+            Route("/live/overview", self.overview_live, methods=get),
+            Route("/roles/{role}", self.role, methods=get),
+            Route("/workers", self.workers, methods=get),
+            Route("/jobs", self.job, methods=get),
+            Route("/jobs/cancel", self.cancel_job, methods=post),
+            Route("/tasks", self.task_list, methods=get),
+            Route("/tasks/{task_id}", self.task, methods=get),
+            Route("/tasks/{task_id}/live", self.task_live, methods=get),
+            Route("/tasks/{task_id}/cancel", self.cancel_task, methods=post),
+            Route("/deadletters", self.dead_roles, methods=get),
+            Route("/deadletters/{role}", self.dead_letters, methods=get),
+            Route("/deadletters/{role}/replay", self.replay, methods=post),
+            Route("/deadletters/{role}/purge", self.purge_form, methods=get),
+            Route("/deadletters/{role}/purge", self.purge, methods=post),
+            Route("/login", self.login_form, methods=get),
+            Route("/login", self.login, methods=post),
+        ]
+
+    # -- rendering ------------------------------------------------------------------------
+
+    def render(self, name: str, code: int = 200, **context: Any) -> HTMLResponse:
+        """Template ``name`` with the context every page has."""
+        csrf = self.guard.csrf if self.guard is not None else ""
+        page = self.env.get_template(name).render(
+            root=self.settings.prefix,
+            read_only=self.settings.read_only,
+            csrf=csrf,
+            auth=self.settings.token is not None,
+            now_ms=_now_ms(),
+            **context,
+        )
+        return HTMLResponse(page, status_code=code)
+
+    def message(self, text: str, status: int) -> HTMLResponse:
+        """A page that says one thing (an error, a refusal)."""
+        return self.render("message.html", code=status, text=text)
+
+    async def action(self, request: Request) -> dict[str, str] | Response:
+        """The form of an allowed action, or the refusal."""
+        if self.settings.read_only:
+            return self.message("The dashboard is read-only: actions are turned off.", 403)
+        form = await read_form(request)
+        if not same_origin(request) or form.get("csrf") != self.csrf():
+            return self.message("This form expired or came from another site.", 403)
+        return form
+
+    def csrf(self) -> str:
+        """This process's CSRF token."""
+        return self.guard.csrf if self.guard is not None else ""
+
+    def back(self, path: str) -> RedirectResponse:
+        """See-other to ``path`` under the prefix."""
+        return RedirectResponse(self.settings.prefix + path, status_code=303)
+
+    async def error(self, request: Request, exc: Exception) -> Response:
+        """A streamflow error (Redis down, an unknown id, a refused name) as a page."""
+        return self.message(f"{type(exc).__name__}: {exc}", 503 if _outage(exc) else 409)
+
+    # -- pages ----------------------------------------------------------------------------
+
+    async def overview(self, request: Request) -> Response:
+        """Roles with their queue figures; coordinators and workers."""
+        view = await overview(self.client)
+        return self.render("overview.html", **view)
+
+    async def role(self, request: Request) -> Response:
+        """One role: its figures, groups and consumers, and its oldest running jobs."""
+        role = request.path_params["role"]
+        if not NAME_PATTERN.fullmatch(role):
+            return self.message("Not a role name.", 404)
+        detail = await inspect_role(self.client.redis, self.client.keys, role, count=50)
+        if detail is None:
+            return self.message("No such role.", 404)
+        return self.render("role.html", detail=detail, row=role_row(detail))
+
+    async def workers(self, request: Request) -> Response:
+        """Every live worker and every coordinator."""
+        view = await overview(self.client)
+        return self.render("workers.html", **view)
+
+    async def job(self, request: Request) -> Response:
+        """Look a job up by its message id."""
+        message_id = request.query_params.get("id", "").strip()
+        found = await self.client.job(message_id) if message_id else None
+        shown = orjson.dumps(found.result, option=orjson.OPT_INDENT_2).decode() if found else ""
+        return self.render("job.html", message_id=message_id, status=found, result=shown)
+
+    async def cancel_job(self, request: Request) -> Response:
+        """Cancel one job by message id."""
+        form = await self.action(request)
+        if isinstance(form, Response):
+            return form
+        message_id = form.get("id", "")
+        await self.client.cancel(message_id, target="message", requested_by="dashboard")
+        return self.back(f"/jobs?id={_quoted(message_id)}")
+
+    async def task_list(self, request: Request) -> Response:
+        """The newest tasks, optionally of one state."""
+        state = request.query_params.get("state") or None
+        if state not in (None, *TASK_STATES):
+            return self.message("Unknown task state.", 400)
+        found = await self.client.tasks(state=state, limit=100)  # type: ignore[arg-type]
+        return self.render("tasks.html", tasks=found, state=state or "", states=TASK_STATES)
+
+    async def task(self, request: Request) -> Response:
+        """One task: its graph drawn with every node's state, and cancel."""
+        task_id = request.path_params["task_id"]
+        if not NAME_PATTERN.fullmatch(task_id):
+            return self.message("Not a task id.", 404)
+        state = await self.client.task(task_id)
+        spec = await self.tasks.spec(task_id)
+        if state is None or spec is None:
+            return self.message("No such task (or it expired).", 404)
+        drawing = graph.draw(spec, state.nodes)
+        result = await self.result_text(state)
+        return self.render("task.html", task=state, drawing=drawing, result=result)
+
+    async def result_text(self, state: TaskState) -> str:
+        """A succeeded task's items by node, as JSON cut to :data:`PREVIEW_RESULT` characters."""
+        if state.state != "succeeded":
+            return ""
+        try:
+            items = await self.client.task_result(state.id)
+        except LookupError:
+            return "(expired)"
+        text = orjson.dumps(items).decode("utf-8", "replace")
+        return text if len(text) <= PREVIEW_RESULT else text[:PREVIEW_RESULT] + "…"
+
+    async def task_live(self, request: Request) -> Response:
+        """Server-sent events: the task's drawing each time the shared poller reads it."""
+        task_id = request.path_params["task_id"]
+        spec = await self.tasks.spec(task_id) if NAME_PATTERN.fullmatch(task_id) else None
+        if spec is None:
+            return PlainTextResponse("no such task", status_code=404)
+
+        async def render(state: TaskState | None) -> tuple[str, bool] | None:
+            if state is None:  # expired while watched
+                return None
+            html = self.env.get_template("graph.html").render(
+                task=state,
+                drawing=graph.draw(spec, state.nodes),
+                result=await self.result_text(state),
+            )
+            return html, state.terminal
+
+        return self.stream(f"{TASK_KEY}{task_id}", render)
+
+    async def overview_live(self, request: Request) -> Response:
+        """Server-sent events: the overview's tables each time the shared poller reads them."""
+
+        async def render(view: dict[str, Any]) -> tuple[str, bool]:
+            page = self.env.get_template("overview_body.html")
+            return page.render(root=self.settings.prefix, now_ms=_now_ms(), **view), False
+
+        return self.stream(OVERVIEW_KEY, render)
+
+    def stream(self, key: str, render: Render) -> Response:
+        """An event stream of ``key``'s fragment, one event per read of the shared poller."""
+
+        async def events() -> AsyncIterator[bytes]:
+            seen = -1
+            with self.poller.watching(key):
+                while True:
+                    seen, value = await self.poller.wait_state(key, seen)
+                    shown = await render(value)
+                    if shown is None:
+                        return
+                    doc = {"html": shown[0], "done": shown[1]}
+                    yield b"data: " + orjson.dumps(doc) + b"\n\n"
+                    if shown[1]:
+                        return
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    async def read(self, key: str) -> Any:
+        """What the shared poller reads for ``key``: the overview, or a task's state."""
+        if key == OVERVIEW_KEY:
+            return await overview(self.client)
+        return await self.client.task(key.removeprefix(TASK_KEY))
+
+    async def cancel_task(self, request: Request) -> Response:
+        """Cancel every message of a task."""
+        form = await self.action(request)
+        if isinstance(form, Response):
+            return form
+        task_id = request.path_params["task_id"]
+        await self.client.cancel(task_id, target="task", requested_by="dashboard")
+        return self.back(f"/tasks/{_quoted(task_id)}")
+
+    async def dead_roles(self, request: Request) -> Response:
+        """Every role with its dead-letter depth."""
+        roles = await role_rows(self.client)
+        return self.render("deadroles.html", roles=roles)
+
+    async def dead_letters(self, request: Request) -> Response:
+        """The oldest dead letters of a role, with replay and purge."""
+        role = request.path_params["role"]
+        if not NAME_PATTERN.fullmatch(role):
+            return self.message("Not a role name.", 404)
+        after = request.query_params.get("after", "-")
+        entries = await self.client.dead_letters(role, count=50, after=after)
+        rows = [_dead_row(entry) for entry in entries]
+        total = await self.client.dead_letter_count(role)
+        return self.render("deadletters.html", role=role, rows=rows, total=total)
+
+    async def replay(self, request: Request) -> Response:
+        """Replay one dead letter."""
+        form = await self.action(request)
+        if isinstance(form, Response):
+            return form
+        role = request.path_params["role"]
+        result = await self.client.replay(role, [form.get("id", "")])
+        if result.skipped:
+            return self.message(f"Not replayed: {result.skipped[0][1]}.", 409)
+        return self.back(f"/deadletters/{_quoted(role)}")
+
+    async def purge_form(self, request: Request) -> Response:
+        """The confirmation page of a purge."""
+        role = request.path_params["role"]
+        if not NAME_PATTERN.fullmatch(role):
+            return self.message("Not a role name.", 404)
+        total = await self.client.dead_letter_count(role)
+        return self.render("purge.html", role=role, total=total)
+
+    async def purge(self, request: Request) -> Response:
+        """Delete every dead letter of a role, once its name was typed to confirm."""
+        form = await self.action(request)
+        if isinstance(form, Response):
+            return form
+        role = request.path_params["role"]
+        if form.get("confirm") != role:
+            return self.message("Not purged: type the role's name to confirm.", 400)
+        await self.client.purge_dead_letters(role)
+        return self.back(f"/deadletters/{_quoted(role)}")
+
+    async def login_form(self, request: Request) -> Response:
+        """The token form."""
+        return self.render("login.html", failed=False)
+
+    async def login(self, request: Request) -> Response:
+        """Check the token and set the session cookie."""
+        form = await read_form(request)
+        guard = self.guard
+        ok = guard is not None and form.get("csrf") == guard.csrf and same_origin(request)
+        token = self.settings.token
+        if (
+            not ok
+            or token is None
+            or not hmac.compare_digest(form.get("token", "").encode(), token.encode())
+        ):
+            return self.render("login.html", code=403, failed=True)
+        response = self.back("/")
+        response.set_cookie(
+            SESSION_COOKIE,
+            guard.session() if guard is not None else "",
+            path=self.settings.prefix or "/",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _quoted(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _outage(exc: Exception) -> bool:
+    return isinstance(exc, RedisUnavailable)
+
+
+def _dead_row(entry: Any) -> dict[str, Any]:
+    """What the dead-letter table shows of one entry (the payload bounded)."""
+    letter = entry.letter
+    if letter is None:
+        return {"id": entry.id, "problem": entry.problem, "letter": None, "preview": ""}
+    payload = letter.job.payload if letter.job is not None else None
+    preview = orjson.dumps(payload).decode("utf-8", "replace") if letter.job else ""
+    if len(preview) > PREVIEW:
+        preview = preview[:PREVIEW] + "…"
+    return {"id": entry.id, "problem": None, "letter": letter, "preview": preview}
