@@ -16,7 +16,7 @@ from streamflow import Client, Graph
 from streamflow.keys import Keys
 from streamflow.ops.server import RedisServer
 from tests.dashboard.conftest import Procs
-from tests.dashboard.test_security import csrf_of, request
+from tests.dashboard.http import csrf_of, request
 from tests.helpers import clean_env, run_cli, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import re
-import urllib.error
-import urllib.request
 
 import pytest
 
 from streamflow import Client
 from streamflow.dashboard.settings import DashboardSettings, is_loopback
 from tests.dashboard.conftest import TOKEN, Procs
+from tests.dashboard.http import csrf_of, request
 from tests.helpers import clean_env, run_cli
-
-
-def request(
-    url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, str]:
-    """(status, body) of a GET, or a POST when ``data`` is given; redirects not followed."""
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: object, **kwargs: object) -> None:
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    sent = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with opener.open(sent, timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-
-
-def csrf_of(page: str) -> str:
-    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
-    assert found is not None, page
-    return found.group(1)
 
 
 @pytest.mark.parametrize(
