@@ -266,3 +266,45 @@ async def test_the_documented_tracing_example_runs() -> None:
     with anyio.fail_after(20):
         await scope["test_one_trace_from_the_request_to_the_invoice"]()  # on fakeredis
     scope["provider"].shutdown()
+
+
+def render(spans: list[dict[str, Any]], order: list[str]) -> str:
+    """The spans as an indented tree, children in ``order`` of their node ids."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for span in spans:
+        children.setdefault(span["parent"], []).append(span)
+
+    def lines(parent: str | None, depth: int) -> list[str]:
+        def rank(span: dict[str, Any]) -> tuple[int, str]:
+            node = span["attributes"].get("streamflow.node_id")
+            return (order.index(node) if node in order else -1, span["name"])
+
+        out = []
+        for span in sorted(children.get(parent, []), key=rank):
+            attributes = span["attributes"]
+            line = "  " * depth + span["name"]
+            if "streamflow.node_id" in attributes:
+                line = f"{line:<25}node={attributes['streamflow.node_id']}"
+                line += f" attempt={attributes['streamflow.attempt']}"
+            out += [line, *lines(span["span_id"], depth + 1)]
+        return out
+
+    return "\n".join(lines(None, 0)) + "\n"
+
+
+@pytest.mark.anyio
+async def test_the_documented_trace_of_the_demo_task_is_what_it_records(traced: Traced) -> None:
+    from streamflow.dag import demo
+
+    app = streamflow.App()
+    app.add_middleware(traced.tracing)
+    for role in demo.app.roles.values():  # the demo's roles, in an app of this test's
+        app.role(role.name, payload=role.payload_type)(role.handler)
+    graph = demo.graph(2, pause=0)
+    async with Harness(app) as h:
+        with traced.tracer.start_as_current_span("POST /reports"), anyio.fail_after(30):
+            run = await h.run_task(graph, headers=trace_headers())
+    assert run.state.state == "succeeded"
+    shown = re.search(r"<!-- trace: demo -->\n```text\n(.*?)```", DOCS.read_text(), re.S)
+    assert shown is not None
+    assert render(traced.spans(), [node.id for node in graph.spec().nodes]) == shown.group(1)
