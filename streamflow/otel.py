@@ -115,10 +115,11 @@ class OpenTelemetry(Middleware):
 
     async def handle(self, ctx: Context, payload: Any, call_next: CallNext) -> Any:
         """Run the handler inside a ``CONSUMER`` span, the child of the job's trace context."""
-        parent = propagate.extract(ctx.headers) if ctx.headers else None
         with self._tracer.start_as_current_span(
             f"process {ctx.role}",
-            context=parent,
+            # A job without trace context starts a trace of its own (extract's context is
+            # fresh, not the caller's: a harness drained inside a span does not adopt it).
+            context=propagate.extract(ctx.headers),
             kind=SpanKind.CONSUMER,
             attributes=_job_attributes(ctx),
         ) as span:
@@ -133,14 +134,14 @@ class OpenTelemetry(Middleware):
         while len(self._failed) > MAX_FAILED:
             self._failed.popitem(last=False)
 
-    def _parent(self, ctx: Context | None) -> TraceContext | None:
-        """The failed run's span if known, else the job's own trace context."""
+    def _parent(self, ctx: Context | None) -> TraceContext:
+        """The failed run's span if known, else the job's own trace context (maybe none)."""
         if ctx is None:
-            return None
+            return TraceContext()
         failed = self._failed.pop((ctx.message_id, ctx.attempt), None)
         if failed is not None:
-            return trace.set_span_in_context(trace.NonRecordingSpan(failed))
-        return propagate.extract(ctx.headers) if ctx.headers else None
+            return trace.set_span_in_context(trace.NonRecordingSpan(failed), TraceContext())
+        return propagate.extract(ctx.headers)
 
     async def on_retry(self, event: Retrying) -> None:
         """Record the scheduled retry as a ``retry <role>`` span."""

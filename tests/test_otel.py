@@ -223,13 +223,14 @@ async def test_handler_log_lines_carry_the_trace_and_span_ids(
     caplog.set_level(logging.INFO, logger="streamflow.handler")
     try:
         async with Harness(traced_app(traced.tracing), redis_url=redis_url) as h:
-            await h.publish("first", 1)
-            with anyio.fail_after(20):
+            await h.publish("first", 1)  # no trace context: the run starts its own trace
+            with traced.tracer.start_as_current_span("ambient"), anyio.fail_after(20):
                 await h.drain(["first"])
     finally:
         handler_logger.removeHandler(as_json)
         handler_logger.removeHandler(as_text)
     process = traced.named()["process first"]
+    assert process["parent"] is None  # not the drain's ambient span
     [line] = [orjson.loads(line) for line in as_json.lines]
     assert (line["trace_id"], line["span_id"]) == (process["trace_id"], process["span_id"])
     assert line["message"] == "first got 1" and line["role"] == "first"
