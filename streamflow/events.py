@@ -267,16 +267,16 @@ class EventLog:
         # settling the job (and a draining worker as much of its rate); one per
         # ENTRY_EVENTS events costs next to nothing.
         pipe = self._redis.pipeline(transaction=False)
-        for start in range(0, len(batch), ENTRY_EVENTS):
-            entry = b"[" + b",".join(batch[start : start + ENTRY_EVENTS]) + b"]"
-            pipe.xadd(
-                self._stream, {LIFECYCLE_FIELD: entry}, maxlen=self._max_len, approximate=True
-            )
         for key, raw in latest.items():  # runs that report progress only
             if raw is None:
                 pipe.delete(key)
             else:
                 pipe.set(key, raw, px=PROGRESS_TTL_MS)
+        for start in range(0, len(batch), ENTRY_EVENTS):
+            entry = b"[" + b",".join(batch[start : start + ENTRY_EVENTS]) + b"]"
+            pipe.xadd(
+                self._stream, {LIFECYCLE_FIELD: entry}, maxlen=self._max_len, approximate=True
+            )
         await pipe.execute()
 
 

@@ -303,9 +303,29 @@ async def latest_progress(redis: Redis, keys: Keys, message_id: str) -> Lifecycl
         raw: Any = await redis.get(keys.job_progress(message_id))
     except ResponseError:  # another type at the key's name: nothing kept
         return None
+    return _progress_event(raw, message_id)
+
+
+async def latest_progresses(
+    redis: Redis, keys: Keys, message_ids: list[str]
+) -> dict[str, LifecycleEvent]:
+    """The latest ``progress`` events kept for these jobs, by id (one ``MGET``: one slot)."""
+    if not message_ids:
+        return {}
+    try:
+        replies: list[Any] = await redis.mget([keys.job_progress(m) for m in message_ids])
+    except ResponseError:
+        return {}
+    found = {m: _progress_event(raw, m) for m, raw in zip(message_ids, replies, strict=True)}
+    return {m: event for m, event in found.items() if event is not None}
+
+
+def _progress_event(raw: Any, message_id: str) -> LifecycleEvent | None:
+    """The progress event a job's progress key holds, or None (for anything else there)."""
+    # Untrusted bytes: anyone who may write the namespace may have written them.
     if not isinstance(raw, bytes):
         return None
-    try:  # untrusted bytes: anyone who may write the namespace may have written them
+    try:
         events, _ = decode_lifecycle({LIFECYCLE_FIELD: b"[" + raw + b"]"})
     except ProtocolError:
         return None

@@ -469,7 +469,8 @@ OPERATOR = PartRules(
         TASK_RESULT: "result: GET",
         RESULT: "job, result: GET of a job's kept outcome",
         LIFECYCLE: "events, cancel --wait: XREVRANGE (start position), XREAD",
-        JOB_PROGRESS: "job: GET of a running job's latest progress",
+        JOB_PROGRESS: "job: GET of a running job's latest progress; status TASK: MGET of its "
+        "running nodes' jobs'",
         FLOW_CONTROL: "pause: HSETNX; resume: HDEL; limit: HSET, HDEL, HMGET; inspect: HGET",
         FLOW_RUNNING: "limit, inspect: ZCOUNT of the running slots",
     },
@@ -502,6 +503,7 @@ OPERATOR = PartRules(
         "zcount": "limit, inspect (running slots)",
         "lrange": "result",
         "xread": "events, cancel --wait (lifecycle events)",
+        "mget": "status TASK (its running nodes' latest progress)",
     },
     narrow=(
         Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),
