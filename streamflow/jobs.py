@@ -1,10 +1,11 @@
 """Where a job is: its status, derived from what Redis already holds.
 
-Nothing is written per job for this (roles that keep no results pay nothing): the status is
-read from the job's kept outcome if any (:mod:`streamflow.results`), the role streams and their
-pending lists (queued, running), the delayed schedules (delayed, retrying), the dead-letter
-streams (failed, expired) and the cancel markers (cancelled). A job is found in a stream or a
-schedule by reading them, at most :data:`LOOKUP_LIMIT` entries in all, in pages.
+Nothing is written per job for this (roles that keep no results pay nothing; a run that reports
+progress keeps its latest report, see below): the status is read from the job's kept outcome if
+any (:mod:`streamflow.results`), the role streams and their pending lists (queued, running), the
+delayed schedules (delayed, retrying), the dead-letter streams (failed, expired) and the cancel
+markers (cancelled). A job is found in a stream or a schedule by reading them, at most
+:data:`LOOKUP_LIMIT` entries in all, in pages.
 
 What cannot be known: an acknowledged job whose outcome was not kept leaves nothing behind
 (entries are deleted when settled), so it is ``unknown``, like an id never published or one
