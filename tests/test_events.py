@@ -345,6 +345,7 @@ def test_the_fast_job_event_is_the_general_one() -> None:
     LifecycleEvent.model_validate_json(log._buffer[0])
 
 
+@pytest.mark.slow
 async def test_submit_wait_and_status_show_a_running_nodes_progress(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:

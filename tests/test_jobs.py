@@ -224,6 +224,7 @@ def progress_app(gate: threading.Event) -> App:
     return app
 
 
+@pytest.mark.slow
 async def test_running_job_shows_its_latest_progress_and_headers(
     private_redis: Callable[..., RedisServer], namespace: str
 ) -> None:
