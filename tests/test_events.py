@@ -163,6 +163,7 @@ async def test_a_role_with_events_off_writes_none(redis: Redis, namespace: str) 
     assert [e.type for e in events] == ["started", "succeeded"]
 
 
+@pytest.mark.slow
 async def test_progress_in_a_tight_loop_is_rate_limited_and_keeps_the_last_value(
     redis: Redis, namespace: str
 ) -> None:
@@ -259,6 +260,7 @@ def test_the_lifecycle_event_is_in_the_json_schema() -> None:
     assert schema["properties"]["kind"]["const"] == "lifecycle"
 
 
+@pytest.mark.slow
 async def test_task_and_node_transitions_and_node_job_progress_by_task_id(
     redis_url: str, namespace: str
 ) -> None:
@@ -283,6 +285,7 @@ async def test_task_and_node_transitions_and_node_job_progress_by_task_id(
     assert jobs and all(e.node_id and e.message_id for e in jobs)
 
 
+@pytest.mark.slow
 async def test_streamflow_events_json_replays_and_follows_live(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:

@@ -67,6 +67,7 @@ def paused_metric(worker: Worker, role: str) -> float:
     raise AssertionError(f"no streamflow_role_paused sample for {role}")
 
 
+@pytest.mark.slow
 async def test_pause_stops_new_starts_while_running_jobs_finish_and_publishing_goes_on(
     redis: Redis, namespace: str
 ) -> None:
@@ -101,6 +102,7 @@ async def test_pause_stops_new_starts_while_running_jobs_finish_and_publishing_g
     assert paused_metric(worker, "gated") == 0.0
 
 
+@pytest.mark.slow
 async def test_a_pause_outlives_a_worker_restart_and_a_resume_picks_up(
     redis: Redis, namespace: str
 ) -> None:
@@ -130,6 +132,7 @@ async def test_a_pause_outlives_a_worker_restart_and_a_resume_picks_up(
     assert {o.message_id for o in outcomes[1:]} == set(ids)
 
 
+@pytest.mark.slow
 async def test_a_paused_role_is_neither_drained_nor_adopted_from(
     redis: Redis, namespace: str
 ) -> None:
@@ -181,6 +184,7 @@ def test_sync_client_pauses_and_resumes(redis_url: str, namespace: str) -> None:
         assert client.resume("ghost") is False
 
 
+@pytest.mark.slow
 def test_cli_pause_and_resume(redis_url: str, namespace: str) -> None:
     connection = ["--redis-url", redis_url, "--namespace", namespace]
     refused = run_cli("pause", "ghost", *connection)
@@ -207,6 +211,7 @@ def test_cli_pause_and_resume(redis_url: str, namespace: str) -> None:
     assert [(r["role"], r["paused"]) for r in listed["roles"]] == [("known", False)]
 
 
+@pytest.mark.slow
 def test_pause_under_load_across_worker_processes_loses_nothing(
     tmp_path: Path, redis_url: str, namespace: str
 ) -> None:
@@ -269,6 +274,7 @@ def max_overlap(record: Record) -> int:
     return most
 
 
+@pytest.mark.slow
 def test_a_rate_limit_holds_across_two_worker_processes(
     tmp_path: Path, redis_url: str, namespace: str
 ) -> None:
@@ -299,6 +305,7 @@ def test_a_rate_limit_holds_across_two_worker_processes(
         workers.kill_all()
 
 
+@pytest.mark.slow
 def test_a_concurrency_limit_is_never_exceeded_across_processes_and_a_killed_slot_comes_back(
     tmp_path: Path, redis_url: str, namespace: str
 ) -> None:
@@ -341,6 +348,7 @@ def test_a_concurrency_limit_is_never_exceeded_across_processes_and_a_killed_slo
         workers.kill_all()
 
 
+@pytest.mark.slow
 async def test_declared_limits_apply_and_show_in_statistics_and_metrics(
     redis: Redis, namespace: str
 ) -> None:

@@ -127,6 +127,7 @@ async def test_short_backoffs_are_not_stretched_to_the_schedule_poll_interval(
     assert max(gaps) < 0.5, f"retries due after <= 0.02 s started after {gaps} s"
 
 
+@pytest.mark.slow
 async def test_raise_retry_with_a_delay_overrides_the_role_backoff(
     redis: Redis, namespace: str
 ) -> None:
@@ -340,6 +341,7 @@ async def test_a_delayed_publish_starts_no_earlier_than_its_delay(
     assert await redis.zcard(keys.delayed("timer")) == 0
 
 
+@pytest.mark.slow
 async def test_a_delayed_publish_with_a_dedup_key_publishes_once(
     redis: Redis, namespace: str
 ) -> None:
@@ -854,6 +856,7 @@ async def test_stop_runs_only_the_started_message_and_hands_back_the_rest_unstar
     assert await redis.xlen(stream) == 0
 
 
+@pytest.mark.slow
 async def test_a_handler_past_the_shutdown_grace_is_released_for_immediate_adoption(
     redis: Redis, namespace: str
 ) -> None:

@@ -38,6 +38,7 @@ def _recording_app(seen: dict[str, dict[str, str]]) -> App:
     return app
 
 
+@pytest.mark.slow
 async def test_headers_round_trip_from_async_sync_bulk_and_cli(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -102,6 +103,7 @@ async def test_publish_refuses_headers_over_the_limits_before_writing(
     assert await redis.xlen(Keys(namespace).role_stream("traced")) == 0
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_headers_with_one_line(redis_url: str, namespace: str) -> None:
     common = ("--redis-url", redis_url, "--namespace", namespace)
     no_value = run_cli("publish", "traced", "--json", "1", "--header", "novalue", *common)

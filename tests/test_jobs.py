@@ -108,6 +108,7 @@ async def test_status_in_every_state(redis: Redis, namespace: str) -> None:
             orjson.dumps(found.to_json())
 
 
+@pytest.mark.slow
 def test_job_command_output_and_exit_codes(redis_url: str, namespace: str) -> None:
     conn = ["--redis-url", redis_url, "--namespace", namespace]
     done = run_cli("job", "nope", *conn)
@@ -151,6 +152,7 @@ def workers(tmp_path: Path, redis_url: str, namespace: str) -> Iterator[tuple[Wo
         started.kill_all()
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_result_after_the_worker_running_it_was_killed_is_the_rerun_s_once(
     workers: tuple[Workers, Record], redis_url: str, namespace: str
@@ -186,6 +188,7 @@ async def _status(redis_url: str, namespace: str, message_id: str) -> JobStatus:
         return await client.job(message_id)
 
 
+@pytest.mark.slow
 def test_publish_keep_result_then_job_wait_succeeds(
     workers: tuple[Workers, Record], redis_url: str, namespace: str
 ) -> None:

@@ -70,6 +70,7 @@ def test_delivery_and_decisions_import_nothing_with_io(module: str) -> None:
 HOT_PATH_TYPES = {"Delivery", "InFlight", "Decision", "Outcome", "WorkerStatistics"}
 
 
+@pytest.mark.slow
 def test_the_hot_path_types_are_defined_and_imported_from_delivery() -> None:
     from streamflow import delivery
 
@@ -483,6 +484,7 @@ def imports_of_test_modules(path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_no_test_module_imports_another() -> None:
     """What tests share lives in helpers (tests/helpers.py, processes.py, dag/helpers.py...)."""
     paths = sorted(Path(__file__).parent.rglob("*.py"))

@@ -28,6 +28,7 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | Non
     return registry.get_sample_value(name, labels)
 
 
+@pytest.mark.slow
 async def test_fencing_token_rises_with_every_change_of_owner(redis: Redis, namespace: str) -> None:
     """A dead worker's delivery, the adoption of it, then a retry: each run's token is larger
     than every token before it."""

@@ -92,6 +92,7 @@ def hooked_app(events: list[str]) -> App:
     return app
 
 
+@pytest.mark.slow
 async def test_hooks_run_in_order_around_serving_and_handlers_get_typed_resources(
     redis: Redis, namespace: str
 ) -> None:
@@ -280,6 +281,7 @@ def worker_process(
         process.wait(timeout=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["worker", "coordinator"])
 def test_a_failing_startup_hook_exits_non_zero_with_one_error_line_and_runs_shutdown_hooks(
     tmp_path: Path, redis_url: str, namespace: str, command: str
@@ -316,6 +318,7 @@ def test_a_failing_startup_hook_exits_non_zero_with_one_error_line_and_runs_shut
     ]
 
 
+@pytest.mark.slow
 def test_shutdown_hooks_run_after_sigterm_within_the_grace(
     tmp_path: Path, redis_url: str, namespace: str
 ) -> None:
@@ -333,6 +336,7 @@ def test_shutdown_hooks_run_after_sigterm_within_the_grace(
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stuck", "done"),
     [("SFTEST_STOP_SLEEP", ["start", "stop pool"]), ("SFTEST_PLAIN_STOP_SLEEP", ["start"])],
@@ -352,6 +356,7 @@ def test_a_shutdown_hook_past_the_grace_is_given_up_and_the_process_exits(
     assert "shutdown hooks did not finish within 1.0s" in log.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_ctx_log_lines_carry_role_message_id_and_attempt_in_both_formats(
     tmp_path: Path, redis_url: str, namespace: str, fmt: str
@@ -424,6 +429,7 @@ def doc_blocks(marker: str) -> str:
     return found.group(1)
 
 
+@pytest.mark.slow
 async def test_the_documented_lifecycle_example_runs(redis: Redis, namespace: str) -> None:
     scope: dict[str, Any] = {"__name__": "lifecycle_example"}
     exec(compile(doc_blocks("lifecycle"), "concepts.md:lifecycle", "exec"), scope)

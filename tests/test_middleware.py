@@ -91,6 +91,7 @@ def recorded_app(journal: list[str], *middleware: Middleware) -> App:
     return app
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["double", "double_sync"])
 async def test_the_first_middleware_added_is_the_outermost(
     redis: Redis, namespace: str, role: str
@@ -254,6 +255,7 @@ class Slow(Middleware):
         return await call_next(ctx, payload)
 
 
+@pytest.mark.slow
 async def test_a_role_timeout_bounds_the_handler_not_its_middleware(redis_url: str) -> None:
     app = App()
     app.add_middleware(Slow())
@@ -277,6 +279,7 @@ async def test_a_role_timeout_bounds_the_handler_not_its_middleware(redis_url: s
     ]
 
 
+@pytest.mark.slow
 async def test_a_task_nodes_own_timeout_runs_through_every_middleware(redis_url: str) -> None:
     journal: list[str] = []
     app = App()
@@ -339,6 +342,7 @@ def histogram(registry: CollectorRegistry, role: str) -> tuple[float, float, flo
     return count, total, fast
 
 
+@pytest.mark.slow
 async def test_metrics_time_the_handler_alone_inside_the_apps_middleware(
     redis: Redis, namespace: str
 ) -> None:

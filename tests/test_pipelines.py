@@ -119,6 +119,7 @@ async def test_an_error_in_one_publish_does_not_fail_the_others(
     assert sorted(delivered[1:]) == sorted(good.values())
 
 
+@pytest.mark.slow
 async def test_cancelled_waiting_publishes_are_not_sent_and_the_rest_go_on(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -148,6 +149,7 @@ async def test_cancelled_waiting_publishes_are_not_sent_and_the_rest_go_on(
     assert len(delivered) == 12
 
 
+@pytest.mark.slow
 async def test_cancelling_the_sender_of_a_batch_does_not_fail_the_calls_behind_it(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -211,6 +213,7 @@ def test_sync_client_threads_share_the_held_connection_or_the_pool(
     assert len(set(ids)) == 800
 
 
+@pytest.mark.slow
 async def test_the_held_connections_reconnect_after_redis_restarts(
     private_redis: Callable[..., RedisServer], namespace: str
 ) -> None:
@@ -232,6 +235,7 @@ async def test_the_held_connections_reconnect_after_redis_restarts(
         assert await client.publish("restarts", 6)
 
 
+@pytest.mark.slow
 async def test_an_asyncio_cancel_of_the_sender_of_a_shared_batch_does_not_fail_the_others(
     redis: Redis,
 ) -> None:

@@ -233,6 +233,7 @@ def slow_app(gate: threading.Event) -> App:
     return app
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("role", "recheck", "watchers"),
     [

@@ -472,6 +472,7 @@ async def _peak_in_flight(
     return peak, worker.concurrency
 
 
+@pytest.mark.slow
 async def test_auto_prefetch_reads_ahead_for_short_jobs(redis: Redis, namespace: str) -> None:
     peak, concurrency = await _peak_in_flight(redis, namespace, 5000, 0, concurrency=4)
     # Held beyond the handler slots: read ahead, at most read_count (1000) more.

@@ -246,6 +246,7 @@ async def test_task_and_role_limits_hold(redis_url: str, namespace: str) -> None
         assert sum(1 for s, f in every if s <= start < f) <= 2
 
 
+@pytest.mark.slow
 async def test_the_sweep_frees_leaked_role_slots_and_keeps_those_of_running_nodes(
     redis_url: str, namespace: str
 ) -> None:
@@ -395,6 +396,7 @@ async def test_node_timeout_and_retry_override_the_role(redis_url: str, namespac
 # -- scale: a step costs what its events touch, not what the graph holds --------------------
 
 
+@pytest.mark.slow
 async def test_a_step_looks_only_at_the_nodes_its_events_touch(
     redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -490,6 +492,7 @@ FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forgery", list(FORGERIES))
 async def test_a_forged_task_the_coordinator_cannot_run_ends_failed_with_the_reason(
     redis_url: str, namespace: str, forgery: str
@@ -520,6 +523,7 @@ async def test_a_forged_task_the_coordinator_cannot_run_ends_failed_with_the_rea
     assert all(n.state == "cancelled" for n in task.nodes.values())
 
 
+@pytest.mark.slow
 async def test_a_task_whose_state_key_is_not_a_hash_is_dropped_and_others_run(
     redis_url: str, namespace: str
 ) -> None:

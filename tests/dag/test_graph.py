@@ -500,6 +500,7 @@ def fan_out_document(children: int) -> dict[str, Any]:
     return {"nodes": nodes, "edges": [edge("root", f"c{i}") for i in range(children)]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [1_000, 5_000, MAX_NODES])
 def test_a_long_chain_validates_without_recursion(length: int) -> None:
     spec = validated(chain_document(length), roles={"work"})

@@ -808,6 +808,7 @@ async def test_each_user_is_refused_outside_its_part(users: Users) -> None:
             await client.aclose()
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.anyio
 @pytest.mark.parametrize("part", ["worker", "coordinator"])

@@ -123,6 +123,7 @@ def test_stop_keeps_a_directory_it_did_not_create(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "redis.log").is_file()
 
 
+@pytest.mark.slow
 def test_paused_server_hangs_and_answers_after_resume(private_redis: StartRedis) -> None:
     server = private_redis()
     server.pause()
