@@ -5,6 +5,9 @@
 read kept results; :class:`Client` also follows lifecycle events, and inherits its task, cancel
 and dead-letter methods from :mod:`streamflow.client_ops` (submits and follows tasks, cancels,
 and lists, shows, replays and purges dead letters through :mod:`streamflow.deadletters`).
+
+A little over 600 lines: most of it is the public methods' docstrings (the API reference is
+generated from them).
 """
 
 from __future__ import annotations

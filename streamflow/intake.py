@@ -22,6 +22,10 @@ worker stay pending until the resume; due retries still move to the stream (to w
 A limited role's reader asks the :class:`~streamflow.flow.Limiter` for permits before each read
 and reads no more entries than it was granted (see :mod:`streamflow.flow`); adoption does not
 ask (an adopted entry runs once, whatever the limits).
+
+Over 600 lines on purpose: reading, adoption, read-ahead, promotion and the flow-control
+gate are the one path by which entries come in; each class is small, and splitting them would
+spread one invariant (never read what cannot be held) over modules.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ A role split into partitions has one such family of keys per partition, each und
 ``{role:<role>}``), chosen so that the partitions' slots fall on different cluster masters.
 Methods below that take ``role`` accept a shard too; which shards a role has is recorded in its
 ``config`` hash (see :mod:`streamflow.partitions`).
+
+Over 600 lines on purpose: it is the table of every key family (one ``KeyKind`` and one
+builder each, with its docstring) that the ACL rules and the docs are generated from; split,
+the one place to look up a key would become several.
 """
 
 from __future__ import annotations
