@@ -28,9 +28,9 @@ from streamflow.client import Client
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
-from streamflow.dashboard.overview import overview, role_row, role_rows
+from streamflow.dashboard.overview import flow_control, overview, role_row, role_rows
 from streamflow.dashboard.poller import Poller
-from streamflow.dashboard.security import SESSION_COOKIE, read_form, same_origin
+from streamflow.dashboard.security import SESSION_COOKIE, read_fields, read_form, same_origin
 from streamflow.dashboard.settings import DashboardSettings
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import NAME_PATTERN
@@ -48,6 +48,8 @@ TASK_KEY = "task:"
 PREVIEW = 500
 #: The longest task result shown, in characters.
 PREVIEW_RESULT = 4000
+#: The most dead letters one form replays (a page shows 50).
+MAX_REPLAYED = 100
 #: The task states the Tasks page filters by.
 TASK_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -111,13 +113,20 @@ class Pages:
         return self.render("message.html", code=status, text=text)
 
     async def action(self, request: Request) -> dict[str, str] | Response:
-        """The form of an allowed action, or the refusal."""
+        """The form of an allowed action (the first value of each field), or the refusal."""
+        fields = await self.action_fields(request)
+        if isinstance(fields, Response):
+            return fields
+        return {name: values[0] for name, values in fields.items()}
+
+    async def action_fields(self, request: Request) -> dict[str, list[str]] | Response:
+        """The form of an allowed action with every value of each field, or the refusal."""
         if self.settings.read_only:
             return self.message("The dashboard is read-only: actions are turned off.", 403)
-        form = await read_form(request)
-        if not same_origin(request) or form.get("csrf") != self.csrf():
+        fields = await read_fields(request)
+        if not same_origin(request) or fields.get("csrf", [""])[0] != self.csrf():
             return self.message("This form expired or came from another site.", 403)
-        return form
+        return fields
 
     def csrf(self) -> str:
         """This process's CSRF token."""
@@ -146,7 +155,8 @@ class Pages:
         detail = await inspect_role(self.client.redis, self.client.keys, role, count=50)
         if detail is None:
             return self.message("No such role.", 404)
-        return self.render("role.html", detail=detail, row=role_row(detail))
+        paused, limits = await flow_control(self.client, [role])
+        return self.render("role.html", detail=detail, row=role_row(detail, paused, limits))
 
     async def workers(self, request: Request) -> Response:
         """Every live worker and every coordinator."""
@@ -280,14 +290,18 @@ class Pages:
         return self.render("deadletters.html", role=role, rows=rows, total=total)
 
     async def replay(self, request: Request) -> Response:
-        """Replay one dead letter."""
-        form = await self.action(request)
-        if isinstance(form, Response):
-            return form
+        """Replay the dead letters a form names: one (its button) or the ticked ones."""
+        fields = await self.action_fields(request)
+        if isinstance(fields, Response):
+            return fields
         role = request.path_params["role"]
-        result = await self.client.replay(role, [form.get("id", "")])
+        ids = fields.get("id", [])[:MAX_REPLAYED]
+        if not ids:
+            return self.message("Nothing replayed: no dead letter was ticked.", 400)
+        result = await self.client.replay(role, ids)
         if result.skipped:
-            return self.message(f"Not replayed: {result.skipped[0][1]}.", 409)
+            why = "; ".join(f"{dead_id}: {reason}" for dead_id, reason in result.skipped[:5])
+            return self.message(f"Replayed {len(result.replayed)}. Not replayed: {why}.", 409)
         return self.back(f"/deadletters/{_quoted(role)}")
 
     async def purge_form(self, request: Request) -> Response:
