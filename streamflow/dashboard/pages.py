@@ -28,6 +28,7 @@ from streamflow.client import Client
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
+from streamflow.dashboard.activity import Rates, task_timeline
 from streamflow.dashboard.overview import flow_control, overview, role_row, role_rows
 from streamflow.dashboard.poller import Poller
 from streamflow.dashboard.security import SESSION_COOKIE, read_fields, read_form, same_origin
@@ -50,6 +51,8 @@ PREVIEW = 500
 PREVIEW_RESULT = 4000
 #: The most dead letters one form replays (a page shows 50).
 MAX_REPLAYED = 100
+#: Clock skew allowed between a task's submitter and Redis, in ms.
+SKEW_MS = 5000
 #: The task states the Tasks page filters by.
 TASK_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -68,6 +71,7 @@ class Pages:
         self.env = env
         self.poller = Poller(self.read, settings.refresh)
         self.tasks = TaskStore(client.redis, client.keys)
+        self.rates = Rates(client.redis, client.keys)
         self.guard: Guard | None = None
 
     def routes(self) -> list[Route]:
@@ -144,8 +148,7 @@ class Pages:
 
     async def overview(self, request: Request) -> Response:
         """Roles with their queue figures; coordinators and workers."""
-        view = await overview(self.client)
-        return self.render("overview.html", **view)
+        return self.render("overview.html", **await self.overview_view())
 
     async def role(self, request: Request) -> Response:
         """One role: its figures, groups and consumers, and its oldest running jobs."""
@@ -198,7 +201,16 @@ class Pages:
             return self.message("No such task (or it expired).", 404)
         drawing = graph.draw(spec, state.nodes)
         result = await self.result_text(state)
-        return self.render("task.html", task=state, drawing=drawing, result=result)
+        timeline = await task_timeline(
+            # Stream ids follow Redis's clock, created_at the submitter's: allow for skew.
+            self.client.redis,
+            self.client.keys,
+            task_id,
+            state.created_at_ms - SKEW_MS,
+        )
+        return self.render(
+            "task.html", task=state, drawing=drawing, result=result, timeline=timeline
+        )
 
     async def result_text(self, state: TaskState) -> str:
         """A succeeded task's items by node, as JSON cut to :data:`PREVIEW_RESULT` characters."""
@@ -261,8 +273,16 @@ class Pages:
     async def read(self, key: str) -> Any:
         """What the shared poller reads for ``key``: the overview, or a task's state."""
         if key == OVERVIEW_KEY:
-            return await overview(self.client)
+            return await self.overview_view()
         return await self.client.task(key.removeprefix(TASK_KEY))
+
+    async def overview_view(self) -> dict[str, Any]:
+        """The overview's figures, with each role's sparkline of the last minutes."""
+        view = await overview(self.client)
+        now = _now_ms()
+        await self.rates.update(now)
+        view["sparks"] = self.rates.sparks([row.role for row in view["roles"]], now)
+        return view
 
     async def cancel_task(self, request: Request) -> Response:
         """Cancel every message of a task."""
