@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from streamflow import Client
+from streamflow import Client, Graph
 from streamflow import scheduler as runner
 from streamflow.schedules import Schedule
 from tests.dashboard.browser import Browser
@@ -189,3 +189,19 @@ def test_a_definition_that_names_another_id_is_listed_as_invalid(procs: Procs) -
     found = request(procs.dashboard() + "/schedules")
     assert found[0] == 200 and 'data-invalid="1"' in found[1]
     assert "stored under &#39;mine&#39; but names itself &#39;other&#39;" in found[1]
+
+
+def test_a_tasks_schedule_offers_no_run_now(procs: Procs) -> None:
+    graph = Graph("nightly")
+    graph.node("a", function="merge.generic")
+
+    async def seed(client: Client) -> None:
+        nightly = Schedule(id="nightly", graph=json.loads(graph.spec().to_json()), every=86400)
+        await runner.add(client.redis, client.keys, nightly)
+
+    procs.query(seed)
+    base = procs.dashboard()
+    page = request(base + "/schedules")[1]
+    assert 'data-schedule="nightly"' in page and "run-now" not in page and "a task" in page
+    refused = request(base + "/schedules/nightly/run", data=f"csrf={csrf_of(page)}".encode())
+    assert refused[0] == 409 and "with the CLI only" in refused[1]
