@@ -1,7 +1,7 @@
 """The figures of the Overview and Workers pages, read through the ops modules.
 
-A role's flow control (paused since when, limits set at run time, running slots) is read for
-every role in two pipelined round trips, the same reads as ``streamflow pause``/``limit``.
+A role's flow control (paused since when, limits set at run time, running slots) comes with
+its figures: ``streamflow inspect`` reads it for every role in the same round trips.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamflow import flow, steps
+from streamflow import flow
 from streamflow.client import Client
 from streamflow.ops.inspect import RoleInfo, inspect_roles
 from streamflow.registry import coordinators, live_workers
@@ -43,12 +43,8 @@ class RoleRow:
         return " · ".join(parts)
 
 
-def role_row(
-    info: RoleInfo,
-    paused: dict[str, int] | None = None,
-    limits: dict[str, flow.Limits] | None = None,
-) -> RoleRow:
-    """The line of one role, with its flow control when it was read."""
+def role_row(info: RoleInfo) -> RoleRow:
+    """The line of one role, with its flow control."""
     lags = [group.lag for group in info.groups if group.lag is not None]
     ages = [g.oldest_pending_age_ms for g in info.groups if g.oldest_pending_age_ms is not None]
     return RoleRow(
@@ -61,27 +57,15 @@ def role_row(
         dead_letters=info.dead_letters,
         consumers=sum(1 for g in info.groups for c in g.consumers if c.alive),
         partitions=info.partitions,
-        paused_since_ms=(paused or {}).get(info.role),
-        limits=(limits or {}).get(info.role, flow.Limits()),
+        # A garbled pause reads as paused since 0, as the workers obey it.
+        paused_since_ms=(info.paused_at_ms or 0) if info.paused else None,
+        limits=flow.Limits(info.rate_limit, info.concurrency_limit, info.running_slots),
     )
 
 
-async def flow_control(
-    client: Client, roles: list[str]
-) -> tuple[dict[str, int], dict[str, flow.Limits]]:
-    """Which of ``roles`` are paused (since when), and their run-time limits."""
-    if not roles:
-        return {}, {}
-    paused = await client.paused(roles)
-    limits = await steps.run(flow.read_limits(client.redis, client.keys, roles))
-    return paused, limits
-
-
 async def role_rows(client: Client) -> list[RoleRow]:
-    """Every role's line, by name, with its flow control."""
-    infos = await inspect_roles(client.redis, client.keys)
-    paused, limits = await flow_control(client, [info.role for info in infos])
-    return [role_row(info, paused, limits) for info in infos]
+    """Every role's line, by name."""
+    return [role_row(info) for info in await inspect_roles(client.redis, client.keys)]
 
 
 async def overview(client: Client) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
 from streamflow.dashboard.activity import Rates, task_timeline
-from streamflow.dashboard.overview import flow_control, overview, role_row, role_rows
+from streamflow.dashboard.overview import overview, role_row, role_rows
 from streamflow.dashboard.poller import Poller
 from streamflow.dashboard.security import SESSION_COOKIE, read_fields, read_form, same_origin
 from streamflow.dashboard.settings import DashboardSettings
@@ -158,8 +158,7 @@ class Pages:
         detail = await inspect_role(self.client.redis, self.client.keys, role, count=50)
         if detail is None:
             return self.message("No such role.", 404)
-        paused, limits = await flow_control(self.client, [role])
-        return self.render("role.html", detail=detail, row=role_row(detail, paused, limits))
+        return self.render("role.html", detail=detail, row=role_row(detail))
 
     async def workers(self, request: Request) -> Response:
         """Every live worker and every coordinator."""
