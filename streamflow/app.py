@@ -301,6 +301,8 @@ class App:
     def add_middleware(self, *middleware: Middleware) -> None:
         """Run ``middleware`` around every handler call and tell it of retries and dead letters.
 
+        Its ``publish`` runs around the handlers' follow-ups (``ctx.publish``).
+
         The first added is the outermost (see :mod:`streamflow.middleware`). Add it before
         workers are built: each composes its chains once, when it is built.
 

@@ -184,11 +184,15 @@ class WorkerSettings(ConnectionSettings):
 #: Every environment variable streamflow reads: one per setting, and the root group's logging
 #: options. Any other STREAMFLOW_* is a start-up error, so a misspelt setting is never silently
 #: ignored.
+#: Variables of one command's own options, not worker settings: the command they belong to.
+COMMAND_VARS = {
+    # `streamflow dashboard --token`: a secret, so better passed in the environment.
+    "STREAMFLOW_DASHBOARD_TOKEN": "dashboard",
+}
 ENV_VARS = frozenset(
     {f"{ENV_PREFIX}{name.upper()}" for name in set(WorkerSettings.model_fields) - CHILD_FIELDS}
     | {"STREAMFLOW_LOG_LEVEL", "STREAMFLOW_LOG_FORMAT"}
-    # `streamflow dashboard --token`: a secret, so better passed in the environment.
-    | {"STREAMFLOW_DASHBOARD_TOKEN"}
+    | set(COMMAND_VARS)
 )
 
 

@@ -434,7 +434,8 @@ class Context:
         """Report how far this run got: a number (e.g. a percentage) or a small JSON object.
 
         It appears on the lifecycle events stream (``streamflow events``, ``client.events()``)
-        as a ``progress`` event. Call it as often as you like: at most one event per
+        as a ``progress`` event, and while the job runs in its status (``client.job()``,
+        ``streamflow job``). Call it as often as you like: at most one event per
         :data:`streamflow.events.PROGRESS_INTERVAL` is written per run, the last value of an
         interval later (or just before the job's final event); the others are dropped. Nothing
         is written when the role's events are off. It does not wait for Redis.

@@ -14,6 +14,11 @@ up to :data:`ENTRY_EVENTS` of them per stream entry (not an entry, nor a round t
 so that writing them costs a worker little; a role can turn them off
 (``@app.role(..., events=False)``).
 
+A run that reports progress also keeps its latest ``progress`` event in a key of its own
+(:meth:`Keys.job_progress`, ``SET PX`` :data:`PROGRESS_TTL_MS`), written in the same round trip
+as the events and deleted when the run ends, so that ``streamflow job`` shows it while the
+job runs however busy the capped stream is. Runs that report none write nothing more.
+
 :func:`follow` reads the stream (``XREAD``, one cursor per subscriber, as many subscribers as
 you like) with filters and a bounded replay of the recent past.
 """
@@ -34,7 +39,7 @@ from redis.exceptions import RedisError
 
 from streamflow import connect, streams
 from streamflow.context import check_progress
-from streamflow.errors import ProtocolError
+from streamflow.errors import InvalidNameError, ProtocolError
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, Job, now_ms
 from streamflow.records import LIFECYCLE_FIELD, LifecycleEvent, decode_lifecycle
@@ -52,6 +57,10 @@ LINGER = 0.05
 #: The least time between two ``progress`` events of one run; the last value within it is
 #: written when it ends (or before the job's final event), the others are dropped.
 PROGRESS_INTERVAL = 0.5
+#: How long a run's latest progress is kept (ms) after its last report. It is deleted when the
+#: run ends: this only clears the key of a worker that died, and is long so that a handler that
+#: reports seldom keeps showing its last report.
+PROGRESS_TTL_MS = 3_600_000
 #: Events in one stream entry at most.
 ENTRY_EVENTS = 100
 #: Events buffered at most (e.g. while Redis is unreachable); more are dropped and counted.
@@ -92,6 +101,7 @@ class EventLog:
         progress_interval: float = PROGRESS_INTERVAL,
     ) -> None:
         self._redis = redis
+        self._keys = keys
         self._stream = keys.lifecycle()
         self.consumer = consumer
         self._max_len = max_len
@@ -101,6 +111,8 @@ class EventLog:
         self._wakeup = anyio.Event()
         # Runs whose latest progress waits for its interval to pass.
         self._trailing: list[Context] = []
+        # The latest progress of runs, by key, to SET with the next write (None: to DEL).
+        self._latest: dict[str, bytes | None] = {}
         self.written = 0
         self.dropped = 0
         self._failing = False
@@ -109,10 +121,7 @@ class EventLog:
 
     def add(self, type_: str, **fields: Any) -> None:
         """Buffer one event of ``type_`` with ``fields`` (None values are left out)."""
-        doc = {"protocol": PROTOCOL_VERSION, "kind": "lifecycle", "type": type_}
-        doc["at_ms"] = now_ms()
-        doc.update((name, value) for name, value in fields.items() if value is not None)
-        self._append(orjson.dumps(doc))
+        self._append(_encode(type_, fields))
 
     def job(self, type_: str, job: Job | None, role: str, **fields: Any) -> None:
         """Buffer an event about a job (``job`` None: an entry that never decoded)."""
@@ -169,7 +178,7 @@ class EventLog:
         if now - ctx._progress_at >= self._interval:
             ctx._progress_at = now
             ctx._progress_next = None
-            self.add("progress", **fields)
+            self._add_progress(fields)
             return
         if ctx._progress_next is None:
             self._trailing.append(ctx)
@@ -177,10 +186,31 @@ class EventLog:
         ctx._progress_next = fields
 
     def last_progress(self, ctx: Context | None) -> None:
-        """Write a run's held-back progress now (before its final event), if any."""
-        if ctx is not None and ctx._progress_next is not None:
+        """The run ended: write its held-back progress (before its final event), if any.
+
+        And delete its latest progress (:meth:`Keys.job_progress`), if it reported any.
+        """
+        if ctx is None or ctx._progress_at == -math.inf:
+            return  # reported none: nothing to write or delete
+        self._held_progress(ctx)
+        key = _progress_key(self._keys, ctx.message_id)
+        if key is not None:
+            self._latest[key] = None
+            self._wakeup.set()
+
+    def _held_progress(self, ctx: Context) -> None:
+        """Write a run's held-back progress now, if any."""
+        if ctx._progress_next is not None:
             fields, ctx._progress_next = ctx._progress_next, None
-            self.add("progress", **fields)
+            self._add_progress(fields)
+
+    def _add_progress(self, fields: dict[str, Any]) -> None:
+        """Buffer a ``progress`` event, and keep it as its job's latest progress."""
+        raw = _encode("progress", fields)
+        self._append(raw)
+        key = _progress_key(self._keys, fields["message_id"])
+        if key is not None:
+            self._latest[key] = raw
 
     def _due_progress(self) -> float:
         """Buffer the held-back progress that is due; seconds until the next one is."""
@@ -191,7 +221,7 @@ class EventLog:
             due = ctx._progress_at + self._interval
             if due <= now:
                 ctx._progress_at = now
-                self.last_progress(ctx)
+                self._held_progress(ctx)
             else:
                 wait = min(wait, due - now)
                 waiting.append(ctx)
@@ -202,11 +232,11 @@ class EventLog:
         """Write buffered events every :data:`LINGER` seconds while there are any (forever)."""
         while True:
             wait = self._due_progress()
-            if not self._buffer:
+            if not self._buffer and not self._latest:
                 with anyio.move_on_after(wait):
                     await self._wakeup.wait()
                 self._wakeup = anyio.Event()
-                if self._trailing and not self._buffer:
+                if self._trailing and not self._buffer and not self._latest:
                     continue
             await anyio.sleep(self._linger)
             await self.flush()
@@ -214,10 +244,11 @@ class EventLog:
     async def flush(self) -> None:
         """Write what is buffered (one round trip); drop it if that fails."""
         with anyio.move_on_after(5, shield=True):
-            while self._buffer:
+            while self._buffer or self._latest:
                 batch, self._buffer = self._buffer, []
+                latest, self._latest = self._latest, {}
                 try:
-                    await self._write(batch)
+                    await self._write(batch, latest)
                 except (RedisError, *connect.TRANSIENT_ERRORS) as exc:
                     # Best effort: the state in Redis is the truth, these are only news of it.
                     # An outage, a full Redis or a key of another type never stops the worker.
@@ -231,17 +262,38 @@ class EventLog:
                 self._failing = False
                 self.written += len(batch)
 
-    async def _write(self, batch: list[bytes]) -> None:
+    async def _write(self, batch: list[bytes], latest: dict[str, bytes | None]) -> None:
         # Many events per entry: one XADD per job and event cost Redis half again the work of
         # settling the job (and a draining worker as much of its rate); one per
         # ENTRY_EVENTS events costs next to nothing.
         pipe = self._redis.pipeline(transaction=False)
+        for key, raw in latest.items():  # runs that report progress only
+            if raw is None:
+                pipe.delete(key)
+            else:
+                pipe.set(key, raw, px=PROGRESS_TTL_MS)
         for start in range(0, len(batch), ENTRY_EVENTS):
             entry = b"[" + b",".join(batch[start : start + ENTRY_EVENTS]) + b"]"
             pipe.xadd(
                 self._stream, {LIFECYCLE_FIELD: entry}, maxlen=self._max_len, approximate=True
             )
         await pipe.execute()
+
+
+def _encode(type_: str, fields: dict[str, Any]) -> bytes:
+    """An event of ``type_`` with ``fields`` (None values are left out), as JSON."""
+    doc = {"protocol": PROTOCOL_VERSION, "kind": "lifecycle", "type": type_}
+    doc["at_ms"] = now_ms()
+    doc.update((name, value) for name, value in fields.items() if value is not None)
+    return orjson.dumps(doc)
+
+
+def _progress_key(keys: Keys, message_id: Any) -> str | None:
+    """Where a job's latest progress is kept; None for an id no key can hold."""
+    try:
+        return keys.job_progress(message_id)
+    except InvalidNameError:
+        return None
 
 
 # -- reading --------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "schedules": ("cronsim",),
     # `streamflow dashboard`: the ASGI app, its server and its templates.
     "dashboard": ("starlette", "uvicorn", "jinja2"),
+    # streamflow.otel: OpenTelemetry's API (the application brings the SDK).
+    "otel": ("opentelemetry.trace", "opentelemetry.propagate"),
 }
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from streamflow.middleware import Middleware, overrides
 from streamflow.publishing import When
 
 if TYPE_CHECKING:
@@ -68,6 +69,16 @@ class FollowUps:
         self._redis = redis
         self._namespace = namespace
         self._client: Client | None = None
+        self._middleware: tuple[Middleware, ...] = ()
+
+    def use(self, middleware: Iterable[Middleware]) -> None:
+        """Run the publish hooks of ``middleware`` (the app's) around every follow-up publish.
+
+        So a tracing middleware sends a follow-up from inside the handler's span: its trace
+        context, not the parent job's incoming one, is the child's.
+        """
+        self._middleware = tuple(m for m in middleware if overrides(m, "publish"))
+        self._client = None
 
     @property
     def client(self) -> Client:
@@ -78,6 +89,8 @@ class FollowUps:
             from streamflow.client import Client
 
             self._client = Client(self._redis, namespace=self._namespace)
+            if self._middleware:
+                self._client.add_middleware(*self._middleware)
         return self._client
 
     async def publish(

@@ -1,15 +1,18 @@
 """Where a job is: its status, derived from what Redis already holds.
 
-Nothing is written per job for this (roles that keep no results pay nothing): the status is
-read from the job's kept outcome if any (:mod:`streamflow.results`), the role streams and their
-pending lists (queued, running), the delayed schedules (delayed, retrying), the dead-letter
-streams (failed, expired) and the cancel markers (cancelled). A job is found in a stream or a
-schedule by reading them, at most :data:`LOOKUP_LIMIT` entries in all, in pages.
+Nothing is written per job for this (roles that keep no results pay nothing; a run that reports
+progress keeps its latest report, see below): the status is read from the job's kept outcome if
+any (:mod:`streamflow.results`), the role streams and their pending lists (queued, running), the
+delayed schedules (delayed, retrying), the dead-letter streams (failed, expired) and the cancel
+markers (cancelled). A job is found in a stream or a schedule by reading them, at most
+:data:`LOOKUP_LIMIT` entries in all, in pages.
 
 What cannot be known: an acknowledged job whose outcome was not kept leaves nothing behind
 (entries are deleted when settled), so it is ``unknown``, like an id never published or one
 whose traces expired. When a running job started is not held either: the pending list gives the
-lease's age (time since the worker last renewed it), and the attempt.
+lease's age (time since the worker last renewed it), and the attempt. A running job's latest
+progress is read from the key its run keeps while it reports progress
+(:meth:`Keys.job_progress`, see :mod:`streamflow.events`); a run that reports none has none.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from streamflow import partitions, results, steps, streams
 from streamflow.errors import InvalidNameError, ProtocolError
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import MESSAGE_FIELD, Job, decode_job
-from streamflow.records import JobResult, decode_dead_letter
+from streamflow.records import (
+    LIFECYCLE_FIELD,
+    JobResult,
+    LifecycleEvent,
+    decode_dead_letter,
+    decode_lifecycle,
+)
 
 #: Every state a job can be found in.
 JobState = Literal[
@@ -74,6 +83,12 @@ class JobStatus:
         reason: ``failed``, ``expired``: the dead-letter reason; ``cancelled``: ``cancelled``.
         detail: Why, in words.
         finished_at_ms: When it ended, if known.
+        headers: The job's headers, when its entry was found (queued, delayed, retrying,
+            running, or dead-lettered with a readable job) and it has any.
+        progress: ``running``: the latest value its run reported with ``ctx.progress()``, if
+            it reported any (and the role's lifecycle events are on).
+        progress_message: The message of that report, if any.
+        progress_at_ms: When it was reported.
     """
 
     message_id: str
@@ -93,6 +108,10 @@ class JobStatus:
     reason: str | None = None
     detail: str | None = None
     finished_at_ms: int | None = None
+    headers: dict[str, str] | None = None
+    progress: Any = None
+    progress_message: str | None = None
+    progress_at_ms: int | None = None
 
     @property
     def ended(self) -> bool:
@@ -253,6 +272,7 @@ async def _queued_or_running(
         entry_id=entry_id.decode(),
         attempt=job.attempt,
         created_at_ms=job.created_at_ms,
+        headers=job.headers or None,
     )
     if not rows:
         return queued
@@ -262,7 +282,7 @@ async def _queued_or_running(
         alive = bool(await redis.exists(keys.consumer_alive(consumer)))
     except InvalidNameError:  # not a name a worker could have: nobody holds it
         alive = False
-    return replace(
+    running = replace(
         queued,
         state="running",
         consumer=consumer,
@@ -270,6 +290,49 @@ async def _queued_or_running(
         lease_age_ms=int(row["time_since_delivered"]),
         deliveries=int(row["times_delivered"]),
     )
+    event = await latest_progress(redis, keys, job.id)
+    if event is None or (event.attempt, event.consumer) != (job.attempt, consumer):
+        return running  # none, or an earlier run's (its worker died: adopted since)
+    return replace(
+        running, progress=event.progress, progress_message=event.message, progress_at_ms=event.at_ms
+    )
+
+
+async def latest_progress(redis: Redis, keys: Keys, message_id: str) -> LifecycleEvent | None:
+    """The latest ``progress`` event a run of the job keeps (:meth:`Keys.job_progress`), if any."""
+    try:
+        raw: Any = await redis.get(keys.job_progress(message_id))
+    except ResponseError:  # another type at the key's name: nothing kept
+        return None
+    return _progress_event(raw, message_id)
+
+
+async def latest_progresses(
+    redis: Redis, keys: Keys, message_ids: list[str]
+) -> dict[str, LifecycleEvent]:
+    """The latest ``progress`` events kept for these jobs, by id (one ``MGET``: one slot)."""
+    if not message_ids:
+        return {}
+    try:
+        replies: list[Any] = await redis.mget([keys.job_progress(m) for m in message_ids])
+    except ResponseError:
+        return {}
+    found = {m: _progress_event(raw, m) for m, raw in zip(message_ids, replies, strict=True)}
+    return {m: event for m, event in found.items() if event is not None}
+
+
+def _progress_event(raw: Any, message_id: str) -> LifecycleEvent | None:
+    """The progress event a job's progress key holds, or None (for anything else there)."""
+    # Untrusted bytes: anyone who may write the namespace may have written them.
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        events, _ = decode_lifecycle({LIFECYCLE_FIELD: b"[" + raw + b"]"})
+    except ProtocolError:
+        return None
+    if len(events) != 1 or events[0].type != "progress" or events[0].message_id != message_id:
+        return None
+    return events[0]
 
 
 async def _in_schedule(
@@ -295,6 +358,7 @@ async def _in_schedule(
                 attempt=job.attempt,
                 created_at_ms=job.created_at_ms,
                 due_at_ms=due,
+                headers=job.headers or None,
             )
         if len(reply) < count:
             return None
@@ -349,6 +413,7 @@ def _dead_status(
         reason=letter.reason,
         detail=detail,
         finished_at_ms=letter.dead_at_ms,
+        headers=(letter.job.headers or None) if letter.job else None,
     )
 
 

@@ -115,6 +115,17 @@ _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
+def _message_id(message_id: str) -> str:
+    """``message_id``, checked.
+
+    Raises:
+        InvalidNameError: It is not a message id the protocol allows.
+    """
+    if not isinstance(message_id, str) or _MESSAGE_ID.fullmatch(message_id) is None:
+        raise InvalidNameError(f"invalid message id {shown(repr(message_id))}")
+    return message_id
+
+
 @dataclass(frozen=True, slots=True)
 class BatchKey:
     """What a batch key names (see :meth:`Keys.batch`)."""
@@ -208,6 +219,8 @@ TASKS_SUBMISSIONS = KeyKind("tasks", "submissions")
 SUBMISSION = KeyKind("tasks", "submission", rest=True)
 #: The namespace's lifecycle events stream (one per namespace: see :meth:`Keys.lifecycle`).
 LIFECYCLE = KeyKind("lifecycle", "stream")
+#: A running job's latest progress event, next to the stream (see :meth:`Keys.job_progress`).
+JOB_PROGRESS = KeyKind("lifecycle", "progress", rest=True)
 #: A role's flow control (paused or not), under its own ``{flow:<role>}`` tag: one per role,
 #: whatever its partitions (see :mod:`streamflow.flow`).
 FLOW_CONTROL = KeyKind("flow", "control", named=True)
@@ -259,6 +272,7 @@ KINDS: tuple[KeyKind, ...] = (
     TASKS_SUBMISSIONS,
     SUBMISSION,
     LIFECYCLE,
+    JOB_PROGRESS,
     SCHEDULE_DEFS,
     SCHEDULES_PAUSED,
     SCHEDULE_TICKS,
@@ -403,9 +417,7 @@ class Keys:
         Raises:
             InvalidNameError: The shard or the message id is invalid.
         """
-        if not isinstance(message_id, str) or _MESSAGE_ID.fullmatch(message_id) is None:
-            raise InvalidNameError(f"invalid message id {shown(repr(message_id))}")
-        return self._key(RESULT, validate_shard(role), message_id)
+        return self._key(RESULT, validate_shard(role), _message_id(message_id))
 
     def role_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
@@ -560,6 +572,18 @@ class Keys:
         ``MAXLEN ~`` (see :mod:`streamflow.events`).
         """
         return self._key(LIFECYCLE)
+
+    def job_progress(self, message_id: str) -> str:
+        """A job's latest ``progress`` event (its JSON, PX), while a run that reported it lasts.
+
+        Written only by runs that call ``ctx.progress()``, in the round trip of their events
+        (hence in the lifecycle stream's slot), and deleted when the run ends; read by
+        ``streamflow job`` (see :mod:`streamflow.events`).
+
+        Raises:
+            InvalidNameError: The message id is invalid.
+        """
+        return self._key(JOB_PROGRESS, rest=_message_id(message_id))
 
     # -- schedules --------------------------------------------------------------------------
 

@@ -97,6 +97,37 @@ def echo(message: str = "", *, err: bool = False) -> None:
 
 #: Record attributes copied into JSON lines when a log call set them.
 FIELDS = ("role", "message_id", "task_id", "node_id", "attempt", "entry_id", "consumer")
+#: The ids of the OpenTelemetry span active where the line was logged, if any.
+TRACE_FIELDS = ("trace_id", "span_id")
+
+
+def trace_ids() -> tuple[str, str] | None:
+    """The trace and span ids (hex) of the active OpenTelemetry span; None without one.
+
+    Free when OpenTelemetry is not in use: it is only read if something imported it (this
+    module never does, so that logging needs no extra).
+    """
+    api = sys.modules.get("opentelemetry.trace")
+    if api is None:
+        return None
+    span = api.get_current_span().get_span_context()
+    if not span.is_valid:
+        return None
+    return format(span.trace_id, "032x"), format(span.span_id, "016x")
+
+
+def _fields(record: logging.LogRecord) -> list[tuple[str, Any]]:
+    """The message fields ``record`` carries, then its trace ids (the active span's)."""
+    fields = [
+        (name, value) for name in FIELDS if (value := getattr(record, name, None)) is not None
+    ]
+    ids = getattr(record, "trace_id", None), getattr(record, "span_id", None)
+    if ids[0] is None:
+        # Read while the record is formatted: in the thread (and context) that logged it,
+        # unless a queue handler moved it; set trace_id/span_id on the record to override.
+        ids = trace_ids() or ids
+    fields.extend((name, value) for name, value in zip(TRACE_FIELDS, ids, strict=True) if value)
+    return fields
 
 
 def message_fields(
@@ -121,7 +152,10 @@ def message_fields(
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the message fields, error."""
+    """One JSON object per line: time, level, logger, message, the message fields, error.
+
+    The message fields include the active OpenTelemetry span's ``trace_id`` and ``span_id``.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         """Format ``record`` as one line of JSON."""
@@ -131,10 +165,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
-                doc[name] = value
+        doc.update(_fields(record))
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
         # orjson escapes C0 controls; bidi, C1 and other non-printable characters it leaves
@@ -145,7 +176,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """``time LEVEL logger: message [role=... message_id=...]``; outside text cannot forge a line.
 
-    The message fields the record carries (:data:`FIELDS`) follow the message in brackets. The
+    The message fields the record carries (:data:`FIELDS`), then the active span's
+    ``trace_id`` and ``span_id`` (:data:`TRACE_FIELDS`), follow the message in brackets. The
     message and every field are escaped by :func:`printable`; a traceback keeps its lines, each
     escaped and indented, so that no line of it can pass for a log record of its own.
     """
@@ -157,11 +189,7 @@ class TextFormatter(logging.Formatter):
         """Format the record's line with its message escaped."""
         record.message = printable(record.message)
         line = super().formatMessage(record)
-        fields = [
-            f"{name}={shown(value)}"
-            for name in FIELDS
-            if (value := getattr(record, name, None)) is not None
-        ]
+        fields = [f"{name}={shown(value)}" for name, value in _fields(record)]
         return f"{line} [{' '.join(fields)}]" if fields else line
 
     def formatException(self, ei: Any) -> str:

@@ -8,6 +8,8 @@ A :class:`Middleware` subclass overrides what it needs:
   handler's error (and may translate it: what ``handle`` raises is the attempt's error);
 * :meth:`~Middleware.publish` wraps each :meth:`Client.publish <streamflow.Client.publish>`:
   it may change the outgoing job (add headers, such as a trace context) before ``call_next``;
+  an app's middleware also wraps its handlers' follow-ups (``ctx.publish``), from inside
+  their ``handle``;
 * :meth:`~Middleware.on_retry` and :meth:`~Middleware.on_dead_letter` are told after a failed
   attempt's retry was scheduled, or its message dead-lettered (for any reason, malformed input
   included), once that is applied in Redis.

@@ -109,7 +109,9 @@ class Runner:
         """Compose each role's chain once: ``middleware`` around its handler, first outermost.
 
         Without middleware that overrides ``handle``, handlers are called directly (no cost).
+        Follow-up publishes (``ctx.publish``) run the publish hooks of ``middleware``.
         """
+        self._followups.use(middleware)
         if not wraps(middleware):
             self._chains, self._timed = None, {}
             return

@@ -211,6 +211,7 @@ class Harness:
         graph: Graph | GraphSpec | dict[str, Any],
         *,
         params: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
         all_nodes: bool = False,
         max_rounds: int = 1000,
         **coordinator_options: Any,
@@ -218,7 +219,8 @@ class Harness:
         """Submit a task and run it to its end in-process; returns its state and results.
 
         Workers for every role of the app and a coordinator (with the app's functions) take
-        turns until the task ends. Retries run at once (see :meth:`drain`).
+        turns until the task ends. Retries run at once (see :meth:`drain`). ``headers`` are
+        the task's (every node job carries them; see :meth:`Client.submit`).
 
         Raises:
             GraphError: The graph is invalid (e.g. a role the app lacks).
@@ -231,7 +233,11 @@ class Harness:
             # Its coordinator is this in-process one, which runs below.
             warnings.simplefilter("ignore", NoCoordinatorWarning)
             task_id = await self.client.submit(
-                graph, params=params, roles=self.app.roles, functions=self.app.functions
+                graph,
+                params=params,
+                headers=headers,
+                roles=self.app.roles,
+                functions=self.app.functions,
             )
         for _ in range(max_rounds):
             handled = len(await self.drain())

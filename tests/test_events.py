@@ -181,7 +181,7 @@ async def test_progress_in_a_tight_loop_is_rate_limited_and_keeps_the_last_value
     client = Client(redis, namespace=namespace)
     with anyio.fail_after(20):
         async with running(worker(app, redis, namespace)):
-            await client.publish("busy", None)
+            message_id = await client.publish("busy", None)
 
             async def finished() -> bool:
                 return any(e.type == "succeeded" for e in await stored(redis, namespace))
@@ -192,6 +192,9 @@ async def test_progress_in_a_tight_loop_is_rate_limited_and_keeps_the_last_value
     # the last value written before the job's final event (thousands of calls in all).
     assert 2 <= len(progress) <= 5
     assert progress[-1].progress == -1 and progress[-1].message == "last"
+    # The run's latest progress was kept while it ran, and deleted when it ended.
+    key = Keys(namespace).job_progress(message_id)
+    await wait_for_query(lambda: _absent(redis, key))  # written with the final event
 
 
 async def test_bad_progress_values_are_refused_in_the_handler(redis: Redis, namespace: str) -> None:
@@ -342,7 +345,10 @@ def test_the_fast_job_event_is_the_general_one() -> None:
     LifecycleEvent.model_validate_json(log._buffer[0])
 
 
-async def test_submit_wait_shows_a_running_nodes_progress(redis: Redis, namespace: str) -> None:
+@pytest.mark.slow
+async def test_submit_wait_and_status_show_a_running_nodes_progress(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
     app, release = App(), anyio.Event()
 
     @app.role("halfway")
@@ -358,6 +364,13 @@ async def test_submit_wait_shows_a_running_nodes_progress(redis: Redis, namespac
             task_id = await client.submit(Graph("p").node("n", role="halfway"))
             tg.start_soon(partial(follow, client, task_id, echo=lines.append, live=False))
             await wait_until(lambda: any("[progress 50 half]" in line for line in lines))
+            # status TASK reads it back from the node's job's progress key.
+            done = await anyio.to_thread.run_sync(
+                lambda: run_cli(
+                    "status", task_id, "--redis-url", redis_url, "--namespace", namespace
+                )
+            )
+            assert done.returncode == 0 and "[progress 50 half]" in done.stdout, done.stdout
             release.set()
             await wait_until(lambda: any(" succeeded " in line for line in lines))
             coordinator.stop()
@@ -387,3 +400,7 @@ async def test_a_settle_refused_by_the_owner_check_writes_no_final_event(
             await anyio.sleep(0.3)  # past the linger: a final event would be written by now
     types = [e.type for e in await stored(redis, namespace) if e.message_id == message_id]
     assert types == ["started"]
+
+
+async def _absent(redis: Redis, key: str) -> bool:
+    return not await redis.exists(key)

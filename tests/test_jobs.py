@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,11 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, Fatal, Retry, SyncClient, Worker
+from streamflow import App, Client, Context, Fatal, Retry, SyncClient, Worker, connect
 from streamflow.cli.jobs import describe
 from streamflow.jobs import JobStatus
-from streamflow.keys import Keys
+from streamflow.keys import JOB_PROGRESS, Keys
+from streamflow.ops.server import RedisServer
 from streamflow.records import JobResult
 from tests.helpers import run_cli, running, wait_for, wait_for_query
 from tests.processes import Record, Workers
@@ -204,3 +205,108 @@ def test_publish_keep_result_then_job_wait_succeeds(
         True,
         None,
     )
+
+
+# -- a running job's progress and headers ---------------------------------------------------------
+
+
+def progress_app(gate: threading.Event) -> App:
+    app = App()
+
+    @app.role("work")
+    async def work(ctx: Context, payload: Any) -> Any:
+        if payload == "report":
+            await ctx.progress(40, message="copying")
+        while not gate.is_set():
+            await anyio.sleep(0.01)
+        return payload
+
+    return app
+
+
+@pytest.mark.slow
+async def test_running_job_shows_its_latest_progress_and_headers(
+    private_redis: Callable[..., RedisServer], namespace: str
+) -> None:
+    server = private_redis()
+    redis_url = server.url
+    gate = threading.Event()
+    keys = Keys(namespace)
+    redis = connect.connect(redis_url)
+    # Every SET and DEL of a progress key, to count them (none for runs that report none).
+    await redis.config_set("notify-keyspace-events", "Kg$")
+    listener = redis.pubsub()
+    await listener.psubscribe(f"__keyspace@0__:{namespace + ':' + JOB_PROGRESS.pattern}")
+    try:
+        async with Client(redis, namespace=namespace) as client:
+            quiet = await client.publish("work", "quiet", headers={"trace": "t-1"})
+            reporting = await client.publish("work", "report", headers={"who": "me"})
+            w = Worker(progress_app(gate), redis, namespace=namespace, block_ms=100, consumer="w1")
+            with anyio.fail_after(30):
+                async with running(w):
+
+                    async def reported() -> bool:
+                        return (await client.job(reporting)).progress is not None
+
+                    await wait_for_query(reported)
+                    found = await client.job(reporting)
+                    assert (found.state, found.progress, found.progress_message) == (
+                        "running",
+                        40,
+                        "copying",
+                    )
+                    assert found.progress_at_ms is not None and found.headers == {"who": "me"}
+                    assert "progress: 40 copying" in describe(found)
+                    assert "headers: who=me" in describe(found)
+                    done = await anyio.to_thread.run_sync(
+                        lambda: run_cli(
+                            "job",
+                            reporting,
+                            "--json",
+                            "--redis-url",
+                            redis_url,
+                            "--namespace",
+                            namespace,
+                        )
+                    )
+                    doc = orjson.loads(done.stdout)
+                    assert (doc["state"], doc["progress"], doc["progress_message"]) == (
+                        "running",
+                        40,
+                        "copying",
+                    )
+                    assert doc["headers"] == {"who": "me"} and doc["progress_at_ms"] > 0
+                    await wait_for_query(lambda: _state(client, quiet, "running"))
+                    silent = await client.job(quiet)
+                    assert silent.progress is None and silent.headers == {"trace": "t-1"}
+                    assert "progress_at_ms" not in silent.to_json()
+                    gate.set()
+                    await wait_for_query(lambda: _state(client, reporting, "unknown"))
+                    await wait_for_query(lambda: _state(client, quiet, "unknown"))
+                    # The run's end deleted its progress key (in its events' round trip).
+                    await wait_for_query(lambda: _gone(redis, keys.job_progress(reporting)))
+            seen = await _notifications(listener)
+        # One SET PX by the run that reported, one DEL at its end; nothing for the quiet one.
+        key = keys.job_progress(reporting)
+        assert seen == [(key, "set"), (key, "expire"), (key, "del")]
+    finally:
+        await listener.aclose()
+        await redis.aclose()
+
+
+async def _state(client: Client, message_id: str, state: str) -> bool:
+    return (await client.job(message_id)).state == state
+
+
+async def _gone(redis: Redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+async def _notifications(listener: Any) -> list[tuple[str, str]]:
+    """The keyspace notifications received so far: (key, event)."""
+    seen = []
+    while (message := await listener.get_message(timeout=0.2)) is not None:
+        if message["type"] == "pmessage":
+            channel = message["channel"].decode().split(":", 1)[1]
+            seen.append((channel, message["data"].decode()))
+    return seen

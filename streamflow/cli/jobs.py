@@ -48,7 +48,7 @@ def job(
     if as_json:
         echo_json(found.to_json())
     else:
-        echo(printable(describe(found)))
+        echo(describe(found))
     sys.exit(exit_code(found, wait))
 
 
@@ -96,7 +96,32 @@ def _when(ms: int | None) -> str:
 
 
 def describe(s: JobStatus) -> str:
-    """One line (two with a kept result) saying where the job is."""
+    """Where the job is, then its result, progress and headers, if any: a line each.
+
+    Each line is made :func:`printable` (a job's values are untrusted text).
+    """
+    result = "result: " + orjson.dumps(s.result).decode() if s.state == "succeeded" else ""
+    lines = (_where(s), result, _progress_line(s), _headers_line(s))
+    return "\n".join(printable(line) for line in lines if line)
+
+
+def _progress_line(s: JobStatus) -> str:
+    """``progress: 40 copying (at ...)`` for a running job that reported progress."""
+    if s.progress_at_ms is None:
+        return ""
+    message = f" {s.progress_message}" if s.progress_message else ""
+    value = orjson.dumps(s.progress).decode()
+    return f"progress: {value}{message} (at {_when(s.progress_at_ms)})"
+
+
+def _headers_line(s: JobStatus) -> str:
+    if not s.headers:
+        return ""
+    return "headers: " + ", ".join(f"{name}={value}" for name, value in s.headers.items())
+
+
+def _where(s: JobStatus) -> str:
+    """One line saying where the job is."""
     head = f"job {s.message_id}" + (f" (role {s.role})" if s.role else "")
     attempt = f"attempt {s.attempt}" if s.attempt is not None else ""
     if s.state == "running":
@@ -111,7 +136,6 @@ def describe(s: JobStatus) -> str:
         text = f"{s.state}, {attempt}, queued (first published {_when(s.created_at_ms)})"
     elif s.state == "succeeded":
         text = f"succeeded, {attempt}, by {s.consumer} at {_when(s.finished_at_ms)}"
-        text += "\nresult: " + orjson.dumps(s.result).decode()
     elif s.state == "unknown":
         text = f"unknown: {s.detail}"
     else:  # failed, expired, cancelled

@@ -14,7 +14,9 @@ import click
 import orjson
 
 from streamflow import events as lifecycle
+from streamflow import jobs
 from streamflow.client import Client
+from streamflow.dag.outbox import node_job_id
 from streamflow.dag.tasks import TaskState
 from streamflow.errors import ConfigError
 from streamflow.logs import printable
@@ -114,6 +116,29 @@ def outcome_text(task: TaskState) -> str:
     if task.state == "cancelled":
         return f"cancelled (reason: {_cancel_reason(task)})"
     return f"{task.state}: {task.error}" if task.error else task.state
+
+
+#: The latest invocations of a running node whose progress :func:`node_progress` reads.
+NODE_RUNS = 64
+
+
+async def node_progress(client: Client, task: TaskState) -> dict[str, LifecycleEvent]:
+    """The latest progress kept for each running node's jobs (see :meth:`Keys.job_progress`).
+
+    Reads its latest :data:`NODE_RUNS` invocations' progress in one ``MGET`` for all nodes.
+    """
+    ids: dict[str, str] = {}
+    for node_id, node in task.nodes.items():
+        if node.state == "running":
+            for invocation in range(max(0, node.dispatched - NODE_RUNS), node.dispatched):
+                ids[node_job_id(task.id, node_id, invocation)] = node_id
+    found = await jobs.latest_progresses(client.redis, client.keys, list(ids))
+    latest: dict[str, LifecycleEvent] = {}
+    for message_id, event in found.items():
+        node_id = ids[message_id]
+        if node_id not in latest or event.at_ms > latest[node_id].at_ms:
+            latest[node_id] = event
+    return latest
 
 
 def _progress_text(state: str, event: LifecycleEvent | None) -> str:

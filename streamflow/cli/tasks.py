@@ -23,7 +23,14 @@ from streamflow.cli.options import (
     tls_options,
     wait_ready,
 )
-from streamflow.cli.progress import follow, outcome_text, progress_lines, task_summary, why_line
+from streamflow.cli.progress import (
+    follow,
+    node_progress,
+    outcome_text,
+    progress_lines,
+    task_summary,
+    why_line,
+)
 from streamflow.client import Client
 from streamflow.dag.coordinator import Coordinator
 from streamflow.dag.graph import GraphError, load
@@ -31,6 +38,7 @@ from streamflow.dag.tasks import TaskState
 from streamflow.errors import ConfigError
 from streamflow.logs import echo, printable
 from streamflow.metrics import Health
+from streamflow.records import LifecycleEvent
 
 
 @click.command()
@@ -244,7 +252,7 @@ async def _unfinished(client: Client, task_id: str) -> str:
 def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
     """Show a task's state and every node's."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    task = anyio.run(_status, settings, task_id)
+    task, progress = anyio.run(_status, settings, task_id)
     if task is None:
         raise ConfigError(f"unknown task {task_id!r} (or it expired)")
     if as_json:
@@ -254,12 +262,16 @@ def status(task_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
     why = why_line(task)
     if why:
         echo(printable(why))
-    echo("\n".join(progress_lines(task)))
+    echo("\n".join(progress_lines(task, progress)))
 
 
-async def _status(settings: config.ConnectionSettings, task_id: str) -> TaskState | None:
+async def _status(
+    settings: config.ConnectionSettings, task_id: str
+) -> tuple[TaskState | None, dict[str, LifecycleEvent]]:
+    """The task's state, and its running nodes' latest progress."""
     async with open_client(settings) as client:
-        return await client.task(task_id)
+        task = await client.task(task_id)
+        return task, (await node_progress(client, task) if task is not None else {})
 
 
 @click.command()

@@ -447,7 +447,7 @@ def _job(
     return Job(
         protocol=PROTOCOL_VERSION,
         kind="job",
-        id=_job_id(task_id, dispatch.node_id, dispatch.invocation),
+        id=node_job_id(task_id, dispatch.node_id, dispatch.invocation),
         role=node.role,
         payload={**spec.params, **node.params},
         created_at_ms=now_ms(),
@@ -463,7 +463,7 @@ def _job(
     )
 
 
-def _job_id(task_id: str, node_id: str, invocation: int) -> str:
+def node_job_id(task_id: str, node_id: str, invocation: int) -> str:
     """The id of a node invocation's job: ``task.node.invocation``, hashed when too long."""
     readable = f"{task_id}.{node_id}.{invocation}"
     if len(readable) <= 128:

@@ -64,6 +64,7 @@ from streamflow.keys import (
     FLOW_CONTROL,
     FLOW_RATE,
     FLOW_RUNNING,
+    JOB_PROGRESS,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
     LIFECYCLE,
@@ -247,6 +248,8 @@ WORKER = PartRules(
         TASK_OUTPUT: "ctx.inputs(): LRANGE of a parent's batch keys",
         TASK_RESULT: "ctx.inputs() and input batches: GET of a function node's output",
         LIFECYCLE: "XADD MAXLEN ~ of its jobs' lifecycle events (started, progress, outcomes)",
+        JOB_PROGRESS: "SET PX of a run's latest progress, DEL when the run ends (only runs "
+        "that report progress)",
         FLOW_CONTROL: "HGET, HMGET of its roles' pause and limits, every half second; "
         "limit.lua HGET, HEXISTS",
         FLOW_RATE: "limit.lua GET, SET PX of the next start's time",
@@ -305,7 +308,7 @@ WORKER = PartRules(
             {
                 "set": (
                     "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua, "
-                    "dead_letter.lua, limit.lua"
+                    "dead_letter.lua, limit.lua, a run's latest progress"
                 )
             },
             (
@@ -316,11 +319,15 @@ WORKER = PartRules(
                 BATCH,
                 RESULT,
                 FLOW_RATE,
+                JOB_PROGRESS,
             ),
         ),
         Narrow(
-            {"del": "alive.lua release, registry entry and marks on a clean stop"},
-            (CONSUMER_ALIVE, CONSUMER_INFO, ROLE_MARK),
+            {
+                "del": "alive.lua release, registry entry and marks on a clean stop; a run's "
+                "latest progress when it ends"
+            },
+            (CONSUMER_ALIVE, CONSUMER_INFO, ROLE_MARK, JOB_PROGRESS),
         ),
         Narrow(
             {"pexpire": "start counts, cancel reports"},
@@ -463,6 +470,8 @@ OPERATOR = PartRules(
         TASK_RESULT: "result: GET",
         RESULT: "job, result: GET of a job's kept outcome",
         LIFECYCLE: "events, cancel --wait: XREVRANGE (start position), XREAD",
+        JOB_PROGRESS: "job: GET of a running job's latest progress; status TASK: MGET of its "
+        "running nodes' jobs'",
         FLOW_CONTROL: "pause: HSETNX; resume: HDEL; limit: HSET, HDEL, HMGET; inspect: HGET",
         FLOW_RUNNING: "limit, inspect: ZCOUNT of the running slots",
     },
@@ -482,7 +491,7 @@ OPERATOR = PartRules(
         "time": "inspect (ages by the server's clock), cancel.lua",
         "zadd": "cancel.lua (the cancel index)",
         "zremrangebyscore": "cancel.lua (expired index entries)",
-        "get": "workers, result, job",
+        "get": "workers, result, job (a kept outcome, a running job's progress)",
         "xrange": "dlq list, show, replay; cancel, job (is the message queued or running?)",
         "xrevrange": "job (is it dead-lettered?); events, cancel --wait (where events start)",
         "xadd": "replay.lua, cancel.lua",
@@ -495,6 +504,7 @@ OPERATOR = PartRules(
         "zcount": "limit, inspect (running slots)",
         "lrange": "result",
         "xread": "events, cancel --wait (lifecycle events)",
+        "mget": "status TASK (its running nodes' latest progress)",
     },
     narrow=(
         Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),

@@ -58,7 +58,14 @@ def test_worker_settings_and_options_are_one_to_one() -> None:
 def test_every_settings_variable_is_one_worker_option_or_a_root_option() -> None:
     variables = [option.envvar for option in _worker_options().values() if option.envvar]
     variables += [p.envvar for p in main.params if isinstance(p, click.Option) and p.envvar]
-    assert sorted(variables) == sorted(config.ENV_VARS)
+    assert sorted(variables + list(config.COMMAND_VARS)) == sorted(config.ENV_VARS)
+
+
+@pytest.mark.parametrize(("variable", "command"), sorted(config.COMMAND_VARS.items()))
+def test_each_command_variable_is_an_option_of_its_command(variable: str, command: str) -> None:
+    main.load_all()
+    found = main.commands[command]
+    assert variable in [p.envvar for p in found.params if isinstance(p, click.Option)]
 
 
 @pytest.mark.parametrize("name", sorted(WorkerSettings.model_fields))

@@ -84,7 +84,8 @@ async def flaky(ctx: streamflow.Context, payload: Any) -> None:
 
 @app.role("slow")
 async def slow(ctx: streamflow.Context, payload: Any) -> None:
-    """Run until cancelled."""
+    """Report progress, then run until cancelled."""
+    await ctx.progress(1, message="waiting")  # its latest progress: SET PX, DEL at the end
     started.add(ctx.message_id)
     await ctx.cancel.wait_cancelled()
     ctx.cancel.raise_if_cancelled()
@@ -247,6 +248,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("task_submissions", (), ("publisher", "coordinator")),
     ("submission", ("t",), ("publisher", "coordinator")),
     ("lifecycle", (), ALL_PARTS),
+    ("job_progress", ("m-1:x",), ("worker", "operator")),
     # The scheduler runs as the publisher; the schedule commands as the operator.
     ("schedules", (), ("publisher", "operator", "dashboard")),
     ("schedules_paused", (), ("publisher", "operator", "dashboard")),
@@ -596,6 +598,9 @@ async def test_worker_settles_retries_dead_letters_and_obeys_the_operator(users:
                 await wait_until(lambda: all(statuses(outcomes, m) for m in [ghost, *echoes]))
                 await wait_until(lambda: "dead_lettered" in statuses(outcomes, failing))
                 await wait_until(lambda: "slow-1" in started and w1.statistics().renewals > 0)
+                await wait_for_query(lambda: admin.exists(KEYS.job_progress("slow-1")))
+                status = json.loads(await ok(users, "operator", "job", "slow-1", "--json"))
+                assert (status["state"], status["progress"]) == ("running", 1)
 
                 done = await ok(users, "operator", "cancel", "slow-1", "--message", "--wait")
                 assert "stopped slow-1 on w1" in done

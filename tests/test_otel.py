@@ -1,0 +1,311 @@
+"""OpenTelemetry (streamflow.otel): one trace from the publisher through handlers, follow-ups,
+retries, dead letters and every node of a task, in-process and across OS processes; trace ids
+in log lines; the extra; the documented example.
+
+Spans go to the SDK's in-memory exporter (in-process) or to a file (a worker subprocess, see
+tests/otel_apps.py). On a real redis-server.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import streamflow
+from streamflow import logs
+from streamflow.connect import connect
+from streamflow.errors import MissingExtraError
+from streamflow.otel import OpenTelemetry, trace_headers
+from streamflow.testing import Harness
+from tests.helpers import CLI, ROOT, clean_env, wait_for
+from tests.otel_apps import describe, read_spans, traced_app
+
+DOCS = ROOT / "docs" / "concepts.md"
+
+
+class Traced:
+    """An in-memory exporter, its provider, and a tracing middleware writing to it."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracing = OpenTelemetry(tracer_provider=self.provider)
+        self.tracer = self.provider.get_tracer("tests")
+
+    def spans(self) -> list[dict[str, Any]]:
+        return [describe(span) for span in self.exporter.get_finished_spans()]
+
+    def named(self) -> dict[str, dict[str, Any]]:
+        """The finished spans by name (each name once)."""
+        spans = self.spans()
+        by_name = {span["name"]: span for span in spans}
+        assert len(by_name) == len(spans), [span["name"] for span in spans]
+        return by_name
+
+
+@pytest.fixture
+def traced() -> Iterator[Traced]:
+    traced = Traced()
+    yield traced
+    traced.provider.shutdown()
+
+
+def assert_chain(spans: dict[str, dict[str, Any]], chain: list[str]) -> None:
+    """Each span of ``chain`` is the child of the one before it, all in one trace."""
+    for parent, child in itertools.pairwise(chain):
+        assert spans[child]["parent"] == spans[parent]["span_id"], (parent, child)
+    assert {spans[name]["trace_id"] for name in chain} == {spans[chain[0]]["trace_id"]}
+
+
+@pytest.mark.anyio
+async def test_publish_handler_follow_up_and_its_handler_form_one_trace(
+    redis_url: str, traced: Traced
+) -> None:
+    async with Harness(traced_app(traced.tracing), redis_url=redis_url) as h:
+        h.client.add_middleware(traced.tracing)
+        with traced.tracer.start_as_current_span("request"):
+            message_id = await h.publish("first", 1)
+        with anyio.fail_after(20):
+            await h.drain()
+    spans = traced.named()
+    chain = ["request", "send first", "process first", "send second", "process second"]
+    assert sorted(spans) == sorted(chain)
+    assert_chain(spans, chain)
+    assert [spans[name]["kind"] for name in chain] == [
+        "INTERNAL",
+        "PRODUCER",
+        "CONSUMER",
+        "PRODUCER",
+        "CONSUMER",
+    ]
+    send, process = spans["send first"]["attributes"], spans["process first"]["attributes"]
+    assert send == {
+        "messaging.system": "streamflow",
+        "messaging.destination.name": "first",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.message.id": message_id,
+    }
+    assert process["messaging.message.id"] == message_id
+    assert process["messaging.destination.name"] == "first"
+    assert process["messaging.operation.type"] == "process"
+    assert process["streamflow.attempt"] == 1
+    assert "streamflow.task_id" not in process
+
+
+@pytest.mark.anyio
+async def test_a_retry_and_a_dead_letter_are_children_of_the_failed_runs(
+    redis_url: str, traced: Traced
+) -> None:
+    async with Harness(traced_app(traced.tracing), redis_url=redis_url) as h:
+        h.client.add_middleware(traced.tracing)
+        await h.publish("fail", 3)
+        with anyio.fail_after(20):
+            await h.drain()
+    spans = traced.spans()
+    runs = [span for span in spans if span["name"] == "process fail"]
+    [retry] = [span for span in spans if span["name"] == "retry fail"]
+    [dead] = [span for span in spans if span["name"] == "dead_letter fail"]
+    first, second = sorted(runs, key=lambda span: span["attributes"]["streamflow.attempt"])
+    assert retry["parent"] == first["span_id"]
+    assert dead["parent"] == second["span_id"]
+    assert retry["attributes"]["streamflow.retry.delay"] == 0
+    assert dead["attributes"]["streamflow.dead_letter.reason"] == "failed"
+    assert dead["attributes"]["streamflow.detail"] == "attempt 2 of 2 failed: no 3"
+    assert len({span["trace_id"] for span in spans}) == 1
+    [error] = traced.exporter.get_finished_spans()[1].events  # the first run's, recorded
+    assert error.name == "exception"
+
+
+@pytest.mark.anyio
+async def test_every_node_of_a_task_submitted_inside_a_span_is_in_its_trace(
+    redis_url: str, traced: Traced
+) -> None:
+    graph = streamflow.Graph("traced")
+    graph.node("a", role="step").node("b", role="step").node("c", role="step")
+    graph.edge("a", "b").edge("b", "c")
+    async with Harness(traced_app(traced.tracing), redis_url=redis_url) as h:
+        with traced.tracer.start_as_current_span("request") as request, anyio.fail_after(30):
+            run = await h.run_task(graph, headers=trace_headers({"tenant": "t-1"}))
+    assert run.state.state == "succeeded"
+    spans = traced.spans()
+    nodes = {
+        span["attributes"]["streamflow.node_id"]: span
+        for span in spans
+        if "process" in span["name"]
+    }
+    assert sorted(nodes) == ["a", "b", "c"]
+    request_id = format(request.get_span_context().span_id, "016x")
+    for span in nodes.values():
+        assert span["parent"] == request_id
+        assert span["attributes"]["streamflow.task_id"] == run.task_id
+    assert len({span["trace_id"] for span in spans}) == 1
+
+
+@pytest.mark.slow
+def test_a_worker_process_continues_the_publishers_trace(
+    redis_url: str, namespace: str, tmp_path: Path, traced: Traced
+) -> None:
+    spans_file = tmp_path / "spans.jsonl"
+    log = tmp_path / "worker.log"
+    command = [*CLI, "worker", "--app", "tests.otel_apps:app", "--redis-url", redis_url]
+    command += ["--namespace", namespace, "--role", "first", "--role", "second"]
+
+    async def publish() -> str:
+        connection = connect(redis_url)
+        try:
+            publisher = streamflow.Client(connection, namespace=namespace)
+            publisher.add_middleware(traced.tracing)
+            with traced.tracer.start_as_current_span("request"):
+                return await publisher.publish("first", 1)
+        finally:
+            await connection.aclose()
+
+    with open(log, "wb") as err:
+        worker = subprocess.Popen(
+            command, cwd=ROOT, env=clean_env(SFTEST_SPANS=str(spans_file)), stderr=err
+        )
+    try:
+        message_id = anyio.run(publish)
+
+        def both_ran() -> bool:
+            return sum(s["name"].startswith("process") for s in read_spans(spans_file)) == 2
+
+        wait_for(both_ran, 30, "the worker's two handler spans")
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+    publisher = traced.named()
+    worker_spans = {span["name"]: span for span in read_spans(spans_file)}
+    spans = {**publisher, **worker_spans}
+    assert sorted(worker_spans) == ["process first", "process second", "send second"]
+    chain = ["request", "send first", "process first", "send second", "process second"]
+    assert_chain(spans, chain)
+    assert worker_spans["process first"]["attributes"]["messaging.message.id"] == message_id
+    assert "Traceback" not in log.read_text()
+
+
+class Lines(logging.Handler):
+    """Formats each record as it is logged (in the logging thread and context)."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.mark.anyio
+async def test_handler_log_lines_carry_the_trace_and_span_ids(
+    redis_url: str, traced: Traced, caplog: pytest.LogCaptureFixture
+) -> None:
+    as_json, as_text = Lines(logs.JsonFormatter()), Lines(logs.TextFormatter())
+    handler_logger = logging.getLogger("streamflow.handler")
+    handler_logger.addHandler(as_json)
+    handler_logger.addHandler(as_text)
+    caplog.set_level(logging.INFO, logger="streamflow.handler")
+    try:
+        async with Harness(traced_app(traced.tracing), redis_url=redis_url) as h:
+            await h.publish("first", 1)  # no trace context: the run starts its own trace
+            with traced.tracer.start_as_current_span("ambient"), anyio.fail_after(20):
+                await h.drain(["first"])
+    finally:
+        handler_logger.removeHandler(as_json)
+        handler_logger.removeHandler(as_text)
+    process = traced.named()["process first"]
+    assert process["parent"] is None  # not the drain's ambient span
+    [line] = [orjson.loads(line) for line in as_json.lines]
+    assert (line["trace_id"], line["span_id"]) == (process["trace_id"], process["span_id"])
+    assert line["message"] == "first got 1" and line["role"] == "first"
+    [text] = as_text.lines
+    assert re.search(rf"trace_id={process['trace_id']} span_id={process['span_id']}\]$", text)
+
+
+def test_a_line_logged_outside_any_span_has_no_trace_ids() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "plain", None, None)
+    assert "trace_id" not in orjson.loads(logs.JsonFormatter().format(record))
+    assert logs.TextFormatter().format(record).endswith("x: plain")
+
+
+def test_streamflow_otel_without_the_otel_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.propagate", None)
+    monkeypatch.delitem(sys.modules, "streamflow.otel")
+    with pytest.raises(MissingExtraError, match=r"pip install 'streamflow\[otel\]'"):
+        importlib.import_module("streamflow.otel")
+
+
+def doc_block(marker: str) -> str:
+    """The Python block after ``<!-- example: MARKER -->`` in docs/concepts.md."""
+    found = re.search(rf"<!-- example: {marker} -->\n```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert found is not None, marker
+    return found.group(1)
+
+
+@pytest.mark.anyio
+async def test_the_documented_tracing_example_runs() -> None:
+    scope: dict[str, Any] = {"__name__": "tracing_example"}
+    exec(compile(doc_block("tracing"), "concepts.md:tracing", "exec"), scope)
+    exec(compile(doc_block("tracing-test"), "concepts.md:tracing-test", "exec"), scope)
+    with anyio.fail_after(20):
+        await scope["test_one_trace_from_the_request_to_the_invoice"]()  # on fakeredis
+    scope["provider"].shutdown()
+
+
+def render(spans: list[dict[str, Any]], order: list[str]) -> str:
+    """The spans as an indented tree, children in ``order`` of their node ids."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for span in spans:
+        children.setdefault(span["parent"], []).append(span)
+
+    def lines(parent: str | None, depth: int) -> list[str]:
+        def rank(span: dict[str, Any]) -> tuple[int, str]:
+            node = span["attributes"].get("streamflow.node_id")
+            return (order.index(node) if node in order else -1, span["name"])
+
+        out = []
+        for span in sorted(children.get(parent, []), key=rank):
+            attributes = span["attributes"]
+            line = "  " * depth + span["name"]
+            if "streamflow.node_id" in attributes:
+                line = f"{line:<25}node={attributes['streamflow.node_id']}"
+                line += f" attempt={attributes['streamflow.attempt']}"
+            out += [line, *lines(span["span_id"], depth + 1)]
+        return out
+
+    return "\n".join(lines(None, 0)) + "\n"
+
+
+@pytest.mark.anyio
+async def test_the_documented_trace_of_the_demo_task_is_what_it_records(traced: Traced) -> None:
+    from streamflow.dag import demo
+
+    app = streamflow.App()
+    app.add_middleware(traced.tracing)
+    for role in demo.app.roles.values():  # the demo's roles, in an app of this test's
+        app.role(role.name, payload=role.payload_type)(role.handler)
+    graph = demo.graph(2, pause=0)
+    async with Harness(app) as h:
+        with traced.tracer.start_as_current_span("POST /reports"), anyio.fail_after(30):
+            run = await h.run_task(graph, headers=trace_headers())
+    assert run.state.state == "succeeded"
+    shown = re.search(r"<!-- trace: demo -->\n```text\n(.*?)```", DOCS.read_text(), re.S)
+    assert shown is not None
+    assert render(traced.spans(), [node.id for node in graph.spec().nodes]) == shown.group(1)
