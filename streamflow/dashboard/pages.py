@@ -170,7 +170,10 @@ class Pages:
         message_id = request.query_params.get("id", "").strip()
         found = await self.client.job(message_id) if message_id else None
         shown = orjson.dumps(found.result, option=orjson.OPT_INDENT_2).decode() if found else ""
-        return self.render("job.html", message_id=message_id, status=found, result=shown)
+        progress = orjson.dumps(found.progress).decode() if found else ""
+        return self.render(
+            "job.html", message_id=message_id, status=found, result=shown, progress=progress
+        )
 
     async def cancel_job(self, request: Request) -> Response:
         """Cancel one job by message id."""

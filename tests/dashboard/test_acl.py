@@ -44,9 +44,11 @@ def test_the_dashboard_needs_no_more_than_the_dashboard_user(
     dashboard_url = f"redis://sf-dashboard:{quote(password, safe='')}@127.0.0.1:{server.port}/0"
     admin_side = Procs(tmp_path, server.url, "dash", tmp_path / "record.txt")
     try:
-        admin_side.worker("w1", "tests.apps:app", "forge")
+        admin_side.worker("w1", "tests.apps:app", "forge", "sleepy")
 
         async def seed(client: Client) -> str:
+            # A running job with its latest progress, for the Jobs page.
+            await client.publish("sleepy", {"seconds": 600, "progress": 1}, message_id="busy")
             await client.publish("forge", {"text": "dead"})
             await client.publish("forge", {"text": "dead too"})
             await client.limit("forge", rate="5/s")
@@ -59,6 +61,8 @@ def test_the_dashboard_needs_no_more_than_the_dashboard_user(
         task_id = admin_side.query(seed)
         dead = Keys("dash").dead_letters("forge")
         wait_for(lambda: admin.xlen(dead) == 2, 20, "two dead letters")
+        progress = Keys("dash").job_progress("busy")
+        wait_for(lambda: admin.exists(progress), 20, "the running job's progress")
         as_dashboard = Procs(tmp_path, dashboard_url, "dash", tmp_path / "record.txt")
         as_dashboard.started = admin_side.started  # all killed in the finally below
         base = as_dashboard.dashboard()
@@ -76,6 +80,7 @@ def test_the_dashboard_needs_no_more_than_the_dashboard_user(
             "/jobs?id=abc",
         ):
             assert request(base + path)[0] == 200, path
+        assert 'id="job-progress"' in request(base + "/jobs?id=busy")[1]
         page = request(base + "/deadletters/forge")[1]
         dead_id = re.search(r'data-id="([^"]+)"', page)
         assert dead_id is not None

@@ -11,7 +11,7 @@ import pytest
 from streamflow import Client, Graph
 from streamflow import scheduler as runner
 from streamflow.schedules import Schedule
-from tests.dashboard.browser import Browser
+from tests.dashboard.browser import Browser, BrowserError
 from tests.dashboard.conftest import Procs
 from tests.dashboard.http import csrf_of, request
 from tests.helpers import recorded, wait_for
@@ -205,3 +205,37 @@ def test_a_tasks_schedule_offers_no_run_now(procs: Procs) -> None:
     assert 'data-schedule="nightly"' in page and "run-now" not in page and "a task" in page
     refused = request(base + "/schedules/nightly/run", data=f"csrf={csrf_of(page)}".encode())
     assert refused[0] == 409 and "with the CLI only" in refused[1]
+
+
+def test_the_jobs_page_shows_a_running_jobs_progress_and_headers_as_text(
+    procs: Procs, browser: Browser
+) -> None:
+    procs.worker("w1", "tests.apps:app", "sleepy")
+
+    async def publish(client: Client) -> str:
+        payload = {"seconds": 600, "progress": {"done": 3, "of": 7}, "message": XSS}
+        return await client.publish("sleepy", payload, headers={"x-team": XSS[:60]})
+
+    message_id = procs.query(publish)
+    browser.goto(f"{procs.dashboard()}/jobs?id={message_id}")
+
+    state = "(document.getElementById('job-state') || {}).textContent"
+    progress = "(document.getElementById('job-progress') || {}).textContent"
+
+    def running_with_progress() -> bool:
+        # The page is read once: reload until the worker has written its progress.
+        try:
+            if browser.evaluate(f"{state} == 'running' && !!{progress}"):
+                return True
+            browser.evaluate("location.reload()")
+        except BrowserError:  # between two documents
+            pass
+        return False
+
+    wait_for(running_with_progress, 20, "the page shows the running job's progress")
+    shown = browser.evaluate(progress)
+    assert shown.startswith('{"done":3,"of":7} · <script>window.__xss=1</script>'), shown
+    headers = browser.evaluate("document.getElementById('job-headers').innerText")
+    assert "x-team" in headers and "<script>" in headers
+    assert browser.evaluate("window.__xss === undefined") is True
+    assert browser.evaluate("document.querySelectorAll('main script, main img').length") == 0

@@ -248,7 +248,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("task_submissions", (), ("publisher", "coordinator")),
     ("submission", ("t",), ("publisher", "coordinator")),
     ("lifecycle", (), ALL_PARTS),
-    ("job_progress", ("m-1:x",), ("worker", "operator")),
+    ("job_progress", ("m-1:x",), ("worker", "operator", "dashboard")),
     # The scheduler runs as the publisher; the schedule commands as the operator.
     ("schedules", (), ("publisher", "operator", "dashboard")),
     ("schedules_paused", (), ("publisher", "operator", "dashboard")),
