@@ -130,10 +130,14 @@ def test_ticked_dead_letters_are_replayed_and_then_all_after_a_confirmation(
     base = procs.dashboard()
     browser.goto(f"{base}/deadletters/forge")
     browser.wait_for("document.querySelectorAll('input.select').length == 3")
-    browser.evaluate(
-        "[...document.querySelectorAll('input.select')].slice(0, 2).forEach(b => b.click())"
-    )
-    browser.click("#replay-selected-button")
+    # By keyboard: Tab to each of the first two boxes, Space ticks it; Space on the button.
+    boxes = "[...document.querySelectorAll('input.select')]"
+    for index in range(2):
+        browser.tab_to(f"document.activeElement === {boxes}[{index}]")
+        browser.press(" ")
+    assert browser.evaluate(f"{boxes}.map(b => b.checked).join()") == "true,true,false"
+    browser.tab_to("document.activeElement.id == 'replay-selected-button'")
+    browser.press(" ")  # Space presses a focused button
     browser.wait_for("document.querySelectorAll('article.letter').length == 1")
     assert _counts(procs) == (1, length + 2)
     browser.click("#replay-all-link")
