@@ -4,8 +4,9 @@ VENV ?= .venv
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# `make demo` has its own venv with the package and the testing extra only (the demo falls back
-# to the in-process fake Redis when redis-server is not on PATH): no test, lint or docs tools.
+# `make demo` has its own venv with the package and the testing and dashboard extras only (the
+# demo falls back to the in-process fake Redis when redis-server is not on PATH; with --keep it
+# serves the dashboard): no test, lint or docs tools.
 DEMO_VENV ?= .venv-demo
 DEMO_STAMP := $(DEMO_VENV)/.installed
 # `make bench-peers` has its own venv too: the peers (taskiq, dramatiq) pinned in
@@ -58,7 +59,7 @@ test:
 
 $(DEMO_STAMP): pyproject.toml
 	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
-	$(DEMO_VENV)/bin/python -m pip install -e '.[testing]'
+	$(DEMO_VENV)/bin/python -m pip install -e '.[testing,dashboard]'
 	touch $(DEMO_STAMP)
 
 # The streaming DAG demo on a private redis-server; `make demo ARGS=--keep` leaves it running.

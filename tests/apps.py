@@ -6,7 +6,8 @@ another handler on ``app`` below; reuse :func:`record` to leave a trace the test
 
 Roles:
     record: appends ``ctx.message_id`` and a newline to the file named by ``SFTEST_RECORD``.
-    sleepy: sleeps ``payload["seconds"]``, then records like ``record``.
+    sleepy: sleeps ``payload["seconds"]``, then records like ``record``; first it reports
+        ``payload["progress"]`` (with ``payload["message"]``) when the payload has it.
     work: the crash-test handler (see :func:`work`); it appends :func:`trace` lines to the file
         named by ``SFTEST_RECORD``. Retries: 3 attempts, 2 s base backoff.
     poison: the same handler with ``max_deliveries=3``, for messages that kill their worker.
@@ -99,6 +100,8 @@ async def record_role(ctx: streamflow.Context, payload: Any) -> None:
 
 @app.role("sleepy")
 async def sleepy_role(ctx: streamflow.Context, payload: Any) -> None:
+    if "progress" in payload:
+        await ctx.progress(payload["progress"], message=payload.get("message"))
     await anyio.sleep(float(payload["seconds"]))
     record(ctx)
 

@@ -5,7 +5,8 @@ redis-server on a free loopback port in a temporary directory, else the in-proce
 :func:`run_demo` then runs a worker for the roles of :mod:`streamflow.dag.demo` and a
 coordinator as tasks of its own event loop (no child process), submits the sensor task, shows
 live per-node progress, and prints the result and how fast the batches streamed. It stops
-everything on its way out, also on Ctrl-C; with ``keep`` it stays up until Ctrl-C instead.
+everything on its way out, also on Ctrl-C; with ``keep`` it stays up until Ctrl-C instead, and
+serves the dashboard too when the ``dashboard`` extra is installed (:func:`_start_dashboard`).
 
 On the fake Redis, whose blocking reads return at once, each role gets its own worker and the
 workers and the coordinator take turns in burst mode (as :mod:`streamflow.testing` does).
@@ -17,7 +18,9 @@ import logging
 import shlex
 import shutil
 import signal
+import socket
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -37,6 +40,7 @@ from streamflow.client import Client
 from streamflow.dag import demo as demo_app
 from streamflow.dag.coordinator import Coordinator
 from streamflow.dag.tasks import TaskState
+from streamflow.errors import MissingExtraError
 from streamflow.metrics import Health, MetricsServer
 from streamflow.ops.server import RedisServer
 from streamflow.worker import Worker
@@ -146,6 +150,7 @@ class _Run:
     signum: int | None = None
     stop: Stop | None = None
     metrics: dict[str, int] = field(default_factory=dict)
+    dashboard: str | None = None
 
 
 async def run_demo(
@@ -203,6 +208,9 @@ async def _serve_demo(tg: TaskGroup, run: _Run, batches: int, *, keep: bool, liv
         run.stop = await _start(tg, run, metrics if keep else None)
         await _run_task(run, batches, keep=keep, live=live)
         if keep:
+            stop_dashboard = await _start_dashboard(run)
+            if stop_dashboard is not None:
+                metrics.callback(stop_dashboard)
             _print_next_steps(run)
             await anyio.sleep_forever()
         await run.stop()
@@ -372,12 +380,62 @@ async def _cancel_unfinished(run: _Run) -> None:
     run.echo(f"cancel sent for task {run.task_id}" + (f": {run.task.state}" if run.task else ""))
 
 
+async def _start_dashboard(run: _Run) -> Callable[[], None] | None:
+    """The dashboard on a free loopback port, when its extra is installed; returns its stop.
+
+    It runs in a thread with an event loop and a Redis connection of its own: uvicorn takes
+    over SIGINT and SIGTERM in the main thread, which are the demo's, and not in another one.
+    """
+    try:
+        extras.require("dashboard", "the demo's dashboard")
+    except MissingExtraError:
+        return None
+    import uvicorn
+
+    from streamflow.dashboard.server import create_app
+    from streamflow.dashboard.settings import DashboardSettings
+
+    assert run.url is not None
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    settings = DashboardSettings(port=listening.getsockname()[1])
+    redis = connect.connect(run.url, name="streamflow-demo-dashboard")
+    app = create_app(Client(redis, namespace=run.namespace), settings)
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=1, server_header=False
+    )
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        try:
+            await server.serve(sockets=[listening])
+        finally:
+            await redis.aclose()
+
+    thread = threading.Thread(target=anyio.run, args=(serve,), name="dashboard", daemon=True)
+    thread.start()
+    for _ in range(200):  # uvicorn says when it has started by a flag, not an event
+        if server.started or not thread.is_alive():
+            break
+        await anyio.sleep(0.05)
+    run.dashboard = settings.url() if server.started else None
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(5)
+        listening.close()
+
+    return stop
+
+
 def _print_next_steps(run: _Run) -> None:
     """With ``keep``: the URL, the namespace and the commands to try next."""
     assert run.url is not None and run.task_id is not None
     echo = run.echo
     echo("")
     running = "the worker and the coordinator" + ("" if run.shared else " and redis-server")
+    if run.dashboard is not None:
+        running += " and the dashboard"
     echo(f"still running until Ctrl-C: {running}. Try, in another shell:")
     activate = _activate_hint()
     if activate:
@@ -390,6 +448,8 @@ def _print_next_steps(run: _Run) -> None:
         if why:
             echo(f"  # {why}")
         echo(f"  {command}")
+    if run.dashboard is not None:
+        echo(f"dashboard: {run.dashboard}")
 
 
 def _next_steps(task_id: str, metrics: dict[str, int]) -> list[tuple[str, str]]:

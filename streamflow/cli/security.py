@@ -28,8 +28,9 @@ from streamflow.ops import acl
     "part",
     type=click.Choice(acl.PARTS),
     required=True,
-    help="The part the user runs: worker, coordinator, publisher (also submits tasks) or "
-    "operator (inspect, workers, dlq, cancel, tasks, status, result, exporter).",
+    help="The part the user runs: worker, coordinator, publisher (also submits tasks), "
+    "operator (inspect, workers, dlq, cancel, tasks, status, result, exporter) or dashboard "
+    "(streamflow dashboard: the operator's reads and its pages' actions only).",
 )
 @click.option("--user", help="The ACL user name. [default: sf-<part>]")
 @click.option(

@@ -1,11 +1,16 @@
-"""The figures of the Overview and Workers pages, read through the ops modules."""
+"""The figures of the Overview and Workers pages, read through the ops modules.
+
+A role's flow control (paused since when, limits set at run time, running slots) comes with
+its figures: ``streamflow inspect`` reads it for every role in the same round trips.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from streamflow import flow
 from streamflow.client import Client
 from streamflow.ops.inspect import RoleInfo, inspect_roles
 from streamflow.registry import coordinators, live_workers
@@ -24,10 +29,22 @@ class RoleRow:
     dead_letters: int
     consumers: int
     partitions: int
+    paused_since_ms: int | None = None
+    limits: flow.Limits = field(default_factory=flow.Limits)
+
+    @property
+    def limited(self) -> str:
+        """The run-time limits in words (``10/s · 5 at once``), empty when none is set."""
+        parts = []
+        if self.limits.rate is not None:
+            parts.append(f"rate {self.limits.rate}")
+        if self.limits.concurrency:
+            parts.append(f"{self.limits.running}/{self.limits.concurrency} at once")
+        return " · ".join(parts)
 
 
 def role_row(info: RoleInfo) -> RoleRow:
-    """The line of one role."""
+    """The line of one role, with its flow control."""
     lags = [group.lag for group in info.groups if group.lag is not None]
     ages = [g.oldest_pending_age_ms for g in info.groups if g.oldest_pending_age_ms is not None]
     return RoleRow(
@@ -40,6 +57,9 @@ def role_row(info: RoleInfo) -> RoleRow:
         dead_letters=info.dead_letters,
         consumers=sum(1 for g in info.groups for c in g.consumers if c.alive),
         partitions=info.partitions,
+        # A garbled pause reads as paused since 0, as the workers obey it.
+        paused_since_ms=(info.paused_at_ms or 0) if info.paused else None,
+        limits=flow.Limits(info.rate_limit, info.concurrency_limit, info.running_slots),
     )
 
 

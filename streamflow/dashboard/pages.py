@@ -28,9 +28,10 @@ from streamflow.client import Client
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
+from streamflow.dashboard.activity import Rates, task_timeline
 from streamflow.dashboard.overview import overview, role_row, role_rows
 from streamflow.dashboard.poller import Poller
-from streamflow.dashboard.security import SESSION_COOKIE, read_form, same_origin
+from streamflow.dashboard.security import SESSION_COOKIE, read_fields, read_form, same_origin
 from streamflow.dashboard.settings import DashboardSettings
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import NAME_PATTERN
@@ -48,6 +49,10 @@ TASK_KEY = "task:"
 PREVIEW = 500
 #: The longest task result shown, in characters.
 PREVIEW_RESULT = 4000
+#: The most dead letters one form replays (a page shows 50).
+MAX_REPLAYED = 100
+#: Clock skew allowed between a task's submitter and Redis, in ms.
+SKEW_MS = 5000
 #: The task states the Tasks page filters by.
 TASK_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -66,6 +71,7 @@ class Pages:
         self.env = env
         self.poller = Poller(self.read, settings.refresh)
         self.tasks = TaskStore(client.redis, client.keys)
+        self.rates = Rates(client.redis, client.keys)
         self.guard: Guard | None = None
 
     def routes(self) -> list[Route]:
@@ -111,13 +117,20 @@ class Pages:
         return self.render("message.html", code=status, text=text)
 
     async def action(self, request: Request) -> dict[str, str] | Response:
-        """The form of an allowed action, or the refusal."""
+        """The form of an allowed action (the first value of each field), or the refusal."""
+        fields = await self.action_fields(request)
+        if isinstance(fields, Response):
+            return fields
+        return {name: values[0] for name, values in fields.items()}
+
+    async def action_fields(self, request: Request) -> dict[str, list[str]] | Response:
+        """The form of an allowed action with every value of each field, or the refusal."""
         if self.settings.read_only:
             return self.message("The dashboard is read-only: actions are turned off.", 403)
-        form = await read_form(request)
-        if not same_origin(request) or form.get("csrf") != self.csrf():
+        fields = await read_fields(request)
+        if not same_origin(request) or fields.get("csrf", [""])[0] != self.csrf():
             return self.message("This form expired or came from another site.", 403)
-        return form
+        return fields
 
     def csrf(self) -> str:
         """This process's CSRF token."""
@@ -135,8 +148,7 @@ class Pages:
 
     async def overview(self, request: Request) -> Response:
         """Roles with their queue figures; coordinators and workers."""
-        view = await overview(self.client)
-        return self.render("overview.html", **view)
+        return self.render("overview.html", **await self.overview_view())
 
     async def role(self, request: Request) -> Response:
         """One role: its figures, groups and consumers, and its oldest running jobs."""
@@ -158,7 +170,10 @@ class Pages:
         message_id = request.query_params.get("id", "").strip()
         found = await self.client.job(message_id) if message_id else None
         shown = orjson.dumps(found.result, option=orjson.OPT_INDENT_2).decode() if found else ""
-        return self.render("job.html", message_id=message_id, status=found, result=shown)
+        progress = orjson.dumps(found.progress).decode() if found else ""
+        return self.render(
+            "job.html", message_id=message_id, status=found, result=shown, progress=progress
+        )
 
     async def cancel_job(self, request: Request) -> Response:
         """Cancel one job by message id."""
@@ -188,7 +203,16 @@ class Pages:
             return self.message("No such task (or it expired).", 404)
         drawing = graph.draw(spec, state.nodes)
         result = await self.result_text(state)
-        return self.render("task.html", task=state, drawing=drawing, result=result)
+        timeline = await task_timeline(
+            # Stream ids follow Redis's clock, created_at the submitter's: allow for skew.
+            self.client.redis,
+            self.client.keys,
+            task_id,
+            state.created_at_ms - SKEW_MS,
+        )
+        return self.render(
+            "task.html", task=state, drawing=drawing, result=result, timeline=timeline
+        )
 
     async def result_text(self, state: TaskState) -> str:
         """A succeeded task's items by node, as JSON cut to :data:`PREVIEW_RESULT` characters."""
@@ -251,8 +275,16 @@ class Pages:
     async def read(self, key: str) -> Any:
         """What the shared poller reads for ``key``: the overview, or a task's state."""
         if key == OVERVIEW_KEY:
-            return await overview(self.client)
+            return await self.overview_view()
         return await self.client.task(key.removeprefix(TASK_KEY))
+
+    async def overview_view(self) -> dict[str, Any]:
+        """The overview's figures, with each role's sparkline of the last minutes."""
+        view = await overview(self.client)
+        now = _now_ms()
+        await self.rates.update(now)
+        view["sparks"] = self.rates.sparks([row.role for row in view["roles"]], now)
+        return view
 
     async def cancel_task(self, request: Request) -> Response:
         """Cancel every message of a task."""
@@ -280,14 +312,18 @@ class Pages:
         return self.render("deadletters.html", role=role, rows=rows, total=total)
 
     async def replay(self, request: Request) -> Response:
-        """Replay one dead letter."""
-        form = await self.action(request)
-        if isinstance(form, Response):
-            return form
+        """Replay the dead letters a form names: one (its button) or the ticked ones."""
+        fields = await self.action_fields(request)
+        if isinstance(fields, Response):
+            return fields
         role = request.path_params["role"]
-        result = await self.client.replay(role, [form.get("id", "")])
+        ids = fields.get("id", [])[:MAX_REPLAYED]
+        if not ids:
+            return self.message("Nothing replayed: no dead letter was ticked.", 400)
+        result = await self.client.replay(role, ids)
         if result.skipped:
-            return self.message(f"Not replayed: {result.skipped[0][1]}.", 409)
+            why = "; ".join(f"{dead_id}: {reason}" for dead_id, reason in result.skipped[:5])
+            return self.message(f"Replayed {len(result.replayed)}. Not replayed: {why}.", 409)
         return self.back(f"/deadletters/{_quoted(role)}")
 
     async def purge_form(self, request: Request) -> Response:

@@ -24,7 +24,7 @@ from streamflow.dashboard.settings import DashboardSettings
 SESSION_COOKIE = "streamflow_dashboard"
 #: Paths served without the token: the login form and the stylesheet it uses.
 OPEN_PATHS = ("/login", "/static/")
-#: The largest form body read (a form holds an id, a role, a CSRF token).
+#: The largest form body read (a form holds ids, a role, a CSRF token: 50 ids fit easily).
 MAX_FORM = 16 * 1024
 
 
@@ -107,13 +107,17 @@ def _same(given: str, expected: str) -> bool:
 
 async def read_form(request: Request) -> dict[str, str]:
     """A urlencoded form's fields (the first value of each), bounded to :data:`MAX_FORM`."""
+    return {name: values[0] for name, values in (await read_fields(request)).items()}
+
+
+async def read_fields(request: Request) -> dict[str, list[str]]:
+    """A urlencoded form's fields with every value (checkboxes), bounded to :data:`MAX_FORM`."""
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM:
             return {}
-    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-    return {name: values[0] for name, values in fields.items()}
+    return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
 
 
 def same_origin(request: Request) -> bool:

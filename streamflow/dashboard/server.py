@@ -16,10 +16,12 @@ from starlette.staticfiles import StaticFiles
 
 from streamflow import logs
 from streamflow.client import Client
+from streamflow.dashboard.controls import Controls
 from streamflow.dashboard.pages import Pages
 from streamflow.dashboard.security import Guard
 from streamflow.dashboard.settings import DashboardSettings
 from streamflow.errors import StreamflowError
+from streamflow.schedules import iso
 
 HERE = Path(__file__).parent
 #: The longest text one template variable shows (longer ones are cut with an ellipsis).
@@ -63,6 +65,7 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["age"] = age
+    env.filters["iso"] = iso
     return env
 
 
@@ -79,6 +82,7 @@ def create_app(client: Client, settings: DashboardSettings) -> Guard:
 
     routes = [
         *pages.routes(),
+        *Controls(pages).routes(),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(

@@ -1,6 +1,7 @@
 """Least-privilege Redis ACL rules for each part of streamflow, as data.
 
-Each part (``worker``, ``coordinator``, ``publisher``, ``operator``) gets one Redis user whose
+Each part (``worker``, ``coordinator``, ``publisher``, ``operator``, ``dashboard``) gets one
+Redis user whose
 rules allow exactly what that part's code sends, on exactly the key families it touches, and
 nothing else. The tables below list every command with who sends it and every key pattern with
 what it holds; :func:`rules` turns one table into the words of an ``ACL SETUSER`` command.
@@ -97,7 +98,7 @@ from streamflow.keys import (
     validate_name,
 )
 
-Part = Literal["worker", "coordinator", "publisher", "operator"]
+Part = Literal["worker", "coordinator", "publisher", "operator", "dashboard"]
 #: The parts that can be given a user, in the order the documentation describes them.
 PARTS: tuple[Part, ...] = get_args(Part)
 
@@ -532,12 +533,90 @@ OPERATOR = PartRules(
     ),
 )
 
+#: ``streamflow dashboard``: the operator's reads, and exactly the actions its pages offer
+#: (replay, purge, cancel, pause and resume a role or a schedule, run a role's schedule now);
+#: not ``limit``, ``schedule add/remove``, ``cancel --wait``, ``events`` nor the exporter's reads.
+DASHBOARD = PartRules(
+    summary="streamflow dashboard: the overview, roles, workers, jobs, tasks, dead letters and "
+    "schedules, with replay, purge, cancel, pause/resume and run-now",
+    keys={
+        ROLE_STREAM: "overview (SCAN, EXISTS, XLEN, XINFO, XPENDING); replay.lua and a schedule "
+        "run now: XADD; cancel, jobs: XRANGE (does the message exist?)",
+        DELAYED: "overview: EXISTS, ZCARD; cancel, jobs: ZRANGE",
+        DEAD_LETTERS: "dead letters: XLEN, XRANGE; replay.lua XDEL; purge MULTI XLEN DEL EXEC",
+        BATCH: "a task's result: GET",
+        ROLE_CONFIG: "overview, dead letters, run now: HGET of the role's partitions",
+        CONSUMER_ALIVE: "a role's consumers: EXISTS",
+        CONSUMER_INFO: "workers: SCAN + GET",
+        COORDINATOR_REGISTRY: "workers: HGETALL",
+        SIGNALS: "cancel.lua XADD",
+        CANCEL_MARKER: "cancel.lua SET",
+        CANCEL_INDEX: "cancel.lua ZADD, ZREMRANGEBYSCORE",
+        KNOWN_ROLES: "overview: SMEMBERS, SISMEMBER; run now: SMEMBERS (unknown-role warning)",
+        TASKS_INDEX: "tasks: ZREVRANGE",
+        TASK_STATE: "tasks, a task: HGET; cancel: EXISTS",
+        TASK_OUTPUT: "a task's result: LRANGE",
+        TASK_RESULT: "a task's result: GET",
+        RESULT: "jobs: GET of a job's kept outcome",
+        LIFECYCLE: "a task's events, the overview's sparklines: XRANGE; jobs: XREVRANGE",
+        JOB_PROGRESS: "jobs: GET of a running job's latest progress",
+        FLOW_CONTROL: "overview, role: HGET, HMGET (paused? limits?); pause: HSETNX; resume: HDEL",
+        FLOW_RUNNING: "overview, role: ZCOUNT of the running slots",
+    },
+    commands={
+        **_CONNECTION,
+        **_SCRIPTS,
+        "scan": "overview (role streams), workers (registry)",
+        "smembers": "overview (known roles)",
+        "sismember": "a role's page",
+        "exists": "overview, cancel (is the task known?)",
+        "zrange": "cancel (is the message delayed?), jobs (delayed or retrying?)",
+        "xlen": "overview, dead letters, purge",
+        "zcard": "overview",
+        "xinfo|groups": "overview",
+        "xinfo|consumers": "overview",
+        "xpending": "overview, jobs (is it running, and where?)",
+        "time": "overview (ages by the server's clock), cancel.lua",
+        "zadd": "cancel.lua (the cancel index)",
+        "zremrangebyscore": "cancel.lua (expired index entries)",
+        "get": "workers, a task's result, jobs (a kept outcome, a running job's progress)",
+        "xrange": "dead letters, replay; cancel, jobs; a task's events and the sparklines",
+        "xrevrange": "jobs (is it dead-lettered?)",
+        "xadd": "replay.lua, cancel.lua, a schedule run now",
+        "multi": "dead-letter purge, schedule resume",
+        "exec": "dead-letter purge, schedule resume",
+        "hgetall": "workers (coordinators)",
+        "zrevrange": "tasks",
+        "hget": "tasks, a task, roles' partitions, overview (paused?)",
+        "hmget": "overview, role (a role's limits)",
+        "zcount": "overview, role (running slots)",
+        "lrange": "a task's result",
+    },
+    narrow=(
+        Narrow({"set": "cancel.lua (the cancel marker)"}, (CANCEL_MARKER,)),
+        Narrow({"del": "dead-letter purge", "xdel": "replay.lua"}, (DEAD_LETTERS,)),
+        Narrow(
+            {
+                "hgetall": "schedules (definitions)",
+                "smembers": "schedules (paused)",
+                "zrange": "schedules (last ticks and runs)",
+                "sadd": "schedule pause",
+                "srem": "schedule resume",
+                "zadd": "schedule resume (ZADD GT: the paused ticks count as done)",
+            },
+            _SCHEDULE_KEYS,
+        ),
+        Narrow({"hsetnx": "role pause", "hdel": "role resume"}, (FLOW_CONTROL,)),
+    ),
+)
+
 #: Every part's table.
 TABLES: dict[Part, PartRules] = {
     "worker": WORKER,
     "coordinator": COORDINATOR,
     "publisher": PUBLISHER,
     "operator": OPERATOR,
+    "dashboard": DASHBOARD,
 }
 
 
@@ -568,7 +647,7 @@ def rules(
 
     Args:
         namespace: The key namespace the part works in.
-        part: ``worker``, ``coordinator``, ``publisher`` or ``operator``.
+        part: ``worker``, ``coordinator``, ``publisher``, ``operator`` or ``dashboard``.
         user: The ACL user name; ``sf-<part>`` by default.
         password: A password word, ``#<sha-256 hex>`` or ``>password`` (see
             :func:`password_word`).

@@ -261,9 +261,11 @@ async def _task_state(url: str, namespace: str, task_id: str) -> Any:
 
 @pytest.mark.redis
 @pytest.mark.usefixtures("redis_server")
-def test_keep_stays_up_with_metrics_and_commands_until_ctrl_c(start_demo: StartDemo) -> None:
+def test_keep_stays_up_with_metrics_commands_and_dashboard_until_ctrl_c(
+    start_demo: StartDemo,
+) -> None:
     demo = start_demo("--batches", "3", "--keep")
-    out = demo.wait_output(r"^  curl -s http://127\.0\.0\.1:\d+/metrics$", count=2)
+    out = demo.wait_output(r"^dashboard: http")  # the last line before it waits
     exports = re.search(r"export STREAMFLOW_REDIS_URL=(\S+) STREAMFLOW_NAMESPACE=(\S+)", out)
     assert exports is not None, out
     task_id = find(r"^task (\w+) succeeded$", out)
@@ -280,6 +282,10 @@ def test_keep_stays_up_with_metrics_and_commands_until_ctrl_c(start_demo: StartD
         [*CLI, "status", task_id], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
     )
     assert status.returncode == 0 and "succeeded" in status.stdout, status
+    # The dashboard extra is installed here: the demo serves it, on the demo's namespace.
+    dashboard = find(r"^dashboard: (http://127\.0\.0\.1:\d+/)$", out)
+    with urllib.request.urlopen(f"{dashboard}tasks/{task_id}", timeout=5) as reply:
+        assert "succeeded" in reply.read().decode()
     assert demo.process.poll() is None  # still up
     demo.sample()
     demo.process.send_signal(signal.SIGINT)

@@ -136,6 +136,24 @@ class Browser:
         """Set the value of the input ``selector`` finds."""
         self.evaluate(f"document.querySelector({json.dumps(selector)}).value = {json.dumps(value)}")
 
+    def press(self, key: str) -> None:
+        """Press and release one key: ``Tab``, or ``" "`` (space), as a keyboard user does."""
+        codes = {"Tab": ("Tab", 9, ""), " ": ("Space", 32, " ")}
+        code, number, text = codes[key]
+        for kind in ("keyDown", "keyUp"):
+            params = {"type": kind, "key": key, "code": code, "windowsVirtualKeyCode": number}
+            if kind == "keyDown" and text:
+                params["text"] = text
+            self.send("Input.dispatchKeyEvent", params, session=True)
+
+    def tab_to(self, expression: str, limit: int = 40) -> None:
+        """Press Tab until ``expression`` (about ``document.activeElement``) is true."""
+        for _ in range(limit):
+            self.press("Tab")
+            if self.evaluate(expression):
+                return
+        raise AssertionError(f"{limit} tabs never reached: {expression}")
+
     def text(self) -> str:
         """The page's visible text (empty while it navigates)."""
         try:
