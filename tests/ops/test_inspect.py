@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,30 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+def role_doc(
+    role: str,
+    *,
+    length: int = 0,
+    groups: Sequence[dict[str, Any]] = (),
+    delayed: int = 0,
+    dead_letters: int = 0,
+) -> dict[str, Any]:
+    """What ``inspect --json`` reports of a one-partition role never paused or limited."""
+    return {
+        "role": role,
+        "length": length,
+        "groups": list(groups),
+        "delayed": delayed,
+        "dead_letters": dead_letters,
+        "partitions": 1,
+        "paused": False,
+        "paused_at_ms": None,
+        "rate_limit": None,
+        "concurrency_limit": None,
+        "running_slots": 0,
+    }
 
 
 def conn(redis_url: str, namespace: str) -> list[str]:
@@ -148,45 +172,9 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
     assert doc == {
         "namespace": namespace,
         "roles": [
-            {
-                "role": "alpha",
-                "length": 4,
-                "groups": [workers_alpha],
-                "delayed": 1,
-                "dead_letters": 2,
-                "partitions": 1,
-                "paused": False,
-                "paused_at_ms": None,
-                "rate_limit": None,
-                "concurrency_limit": None,
-                "running_slots": 0,
-            },
-            {
-                "role": "beta",
-                "length": 0,
-                "groups": [],
-                "delayed": 0,
-                "dead_letters": 0,
-                "partitions": 1,
-                "paused": False,
-                "paused_at_ms": None,
-                "rate_limit": None,
-                "concurrency_limit": None,
-                "running_slots": 0,
-            },
-            {
-                "role": "gamma",
-                "length": 1,
-                "groups": [audit_gamma, workers_gamma],
-                "delayed": 0,
-                "dead_letters": 0,
-                "partitions": 1,
-                "paused": False,
-                "paused_at_ms": None,
-                "rate_limit": None,
-                "concurrency_limit": None,
-                "running_slots": 0,
-            },
+            role_doc("alpha", length=4, groups=[workers_alpha], delayed=1, dead_letters=2),
+            role_doc("beta"),
+            role_doc("gamma", length=1, groups=[audit_gamma, workers_gamma]),
         ],
     }
 
