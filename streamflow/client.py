@@ -21,10 +21,16 @@ from streamflow import events as lifecycle
 from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
 from streamflow.deadletters import DeadLetters
-from streamflow.errors import ConfigError
 from streamflow.jobs import JobStatus
 from streamflow.keys import Keys, validate_name
-from streamflow.middleware import Middleware, Publish, PublishNext, compose_publish, overrides
+from streamflow.middleware import (
+    Middleware,
+    Publish,
+    PublishNext,
+    check_all,
+    compose_publish,
+    overrides,
+)
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 from streamflow.records import JobResult as JobRecord
 from streamflow.records import LifecycleEvent
@@ -242,9 +248,7 @@ class Client(TaskMethods, ControlMethods):
         Raises:
             ConfigError: An argument is not a :class:`~streamflow.middleware.Middleware`.
         """
-        for each in middleware:
-            if not isinstance(each, Middleware):
-                raise ConfigError(f"{each!r} is not a streamflow.Middleware (an instance)")
+        check_all(middleware)
         self._middleware.extend(middleware)
         if any(overrides(each, "publish") for each in self._middleware):
             self._publish_chain = compose_publish(self._middleware, self._publish_message)
