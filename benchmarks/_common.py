@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import subprocess
@@ -213,3 +214,25 @@ def replace_section(path: Path, heading: str, body: str, title: str = "# Benchma
         new = new.rstrip("\n") + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
+
+
+def run_date() -> str:
+    """Now, as the benchmark pages stamp a run (``2026-12-07 15:40 CET``)."""
+    return dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def print_section(markdown: str, doc: Path, section: str, *, write: bool) -> None:
+    """Print a run's markdown section; with ``write``, also replace it in ``doc``."""
+    print(markdown)
+    if write:
+        replace_section(doc, section, markdown)
+        print(f"\nwrote {section!r} to {doc}", file=sys.stderr)
+
+
+async def redis_version(url: str) -> str:
+    """The server's ``redis_version``."""
+    admin = Redis.from_url(url)
+    try:
+        return str((await admin.info("server"))["redis_version"])
+    finally:
+        await admin.aclose()

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import statistics
 import sys
 
-from _common import REPO_ROOT, redis_url, replace_section
+from _common import REPO_ROOT, print_section, redis_url, run_date
 from throughput import DEFAULT_MESSAGES, QUICK_MESSAGES, Drain, bare_loop, worker_drain
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in {DOC}")
     args = parser.parse_args(argv)
     n = args.messages or (QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES)
-    date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    date = run_date()
     rounds = []
     with redis_url(args.redis_url) as url:
         for i in range(args.rounds):
@@ -89,10 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
     markdown = render(rounds, n, date)
-    print(markdown)
-    if args.write:
-        replace_section(DOC, SECTION, markdown)
-        print(f"\nwrote {SECTION!r} to {DOC}", file=sys.stderr)
+    print_section(markdown, DOC, SECTION, write=args.write)
 
 
 if __name__ == "__main__":

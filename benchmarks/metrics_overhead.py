@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import statistics
 import sys
@@ -36,8 +35,10 @@ from _common import (
     git_revision,
     markdown_table,
     pending_count,
+    print_section,
     redis_url,
-    replace_section,
+    redis_version,
+    run_date,
     text_table,
 )
 from redis.asyncio import Redis
@@ -373,14 +374,6 @@ def render_markdown(
     )
 
 
-async def redis_version(url: str) -> str:
-    admin = Redis.from_url(url)
-    try:
-        return str((await admin.info("server"))["redis_version"])
-    finally:
-        await admin.aclose()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command")
@@ -404,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "child":
         anyio.run(child, args)
         return
-    date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    date = run_date()
     with redis_url(args.redis_url) as url:
         version = asyncio.run(redis_version(url))
         runs = asyncio.run(measure(url, args.messages, args.repeats, args.scrape_interval))
@@ -415,10 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text_table(RUN_HEADER, run_rows(runs)))
     print()
     markdown = render_markdown(s, runs, args, date, version)
-    print(markdown)
-    if args.write:
-        replace_section(DOC, SECTION, markdown)
-        print(f"\nwrote {SECTION!r} to {DOC}", file=sys.stderr)
+    print_section(markdown, DOC, SECTION, write=args.write)
 
 
 if __name__ == "__main__":

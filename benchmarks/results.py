@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import statistics
@@ -37,13 +36,15 @@ from _common import (
     git_revision,
     markdown_table,
     pending_count,
+    print_section,
     redis_cpu_seconds,
     redis_url,
-    replace_section,
+    redis_version,
+    run_date,
     text_table,
 )
 from redis.asyncio import Redis
-from throughput import Drain, bare_loop, on_loop, percentile, progress, redis_version
+from throughput import Drain, bare_loop, on_loop, percentile, progress
 
 from streamflow import Client
 from streamflow.keys import GROUP, Keys
@@ -258,16 +259,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"idle": idle, "loaded": loaded}))
         return
     n = QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES
-    date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    date = run_date()
     with redis_url(args.redis_url) as url:
         drains, timed, version = run(url, n, args.baseline)
     table = rows(drains, timed, args.baseline_name)
     print(text_table(HEADER, table))
     markdown = render(table, n, version, date)
-    print(markdown)
-    if args.write:
-        replace_section(DOC, SECTION, markdown)
-        print(f"\nwrote {SECTION!r} to {DOC}", file=sys.stderr)
+    print_section(markdown, DOC, SECTION, write=args.write)
 
 
 if __name__ == "__main__":

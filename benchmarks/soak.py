@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import sys
 import time
 import uuid
@@ -26,8 +25,9 @@ from _common import (
     git_revision,
     markdown_table,
     pending_count,
+    print_section,
     redis_url,
-    replace_section,
+    run_date,
     text_table,
 )
 from redis.asyncio import Redis
@@ -176,7 +176,7 @@ def sample_rows(r: SoakResult) -> list[list[str]]:
 
 
 def render_markdown(r: SoakResult, rows: list[list[str]], args: argparse.Namespace) -> str:
-    date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    date = run_date()
     settings = (
         f"chunks of {args.chunk:,}, backlog kept under {args.max_backlog:,}, "
         f"worker concurrency {args.concurrency or 'default'}, "
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(["figure", "result", "limit", "status"], rows))
     print()
     markdown = render_markdown(result, rows, args)
-    print(markdown)
-    if args.write:
-        replace_section(DOC, SECTION, markdown)
-        print(f"\nwrote {SECTION!r} to {DOC}", file=sys.stderr)
+    print_section(markdown, DOC, SECTION, write=args.write)
     return 0 if passed(rows) else 1
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import importlib.util
 import json
 import statistics
@@ -34,9 +33,11 @@ from _common import (
     git_revision,
     markdown_table,
     pending_count,
+    print_section,
     redis_cpu_seconds,
     redis_url,
-    replace_section,
+    redis_version,
+    run_date,
     text_table,
 )
 from redis.asyncio import Redis
@@ -344,14 +345,6 @@ async def latency(url: str, count: int, loop: str = "asyncio") -> list[float]:
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-async def redis_version(url: str) -> str:
-    admin = Redis.from_url(url)
-    try:
-        return str((await admin.info("server"))["redis_version"])
-    finally:
-        await admin.aclose()
 
 
 def run(url: str, n: int, repeats: int, loops: Sequence[str]) -> list[Results]:
@@ -684,17 +677,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    date = run_date()
     with redis_url(args.redis_url) as url:
         results = run(url, args.messages, args.repeats, args.loops)
         if args.profile:
             profile_worker(url, args.messages, args.profile, args.loops)
     print_report(results)
     markdown = render_markdown(results, date)
-    print(markdown)
-    if args.write:
-        replace_section(DOC, SECTION, markdown)
-        print(f"\nwrote {SECTION!r} to {DOC}", file=sys.stderr)
+    print_section(markdown, DOC, SECTION, write=args.write)
 
 
 if __name__ == "__main__":

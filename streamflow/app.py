@@ -19,7 +19,7 @@ from streamflow.errors import ConfigError, PayloadError
 from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
 from streamflow.keys import MAX_PARTITIONS, validate_name
 from streamflow.lifecycle import Hook, Lifecycle, Resources
-from streamflow.middleware import Middleware
+from streamflow.middleware import Middleware, check_all
 from streamflow.protocol import keep_result_ms
 
 #: Coordinator function names: dotted identifiers such as ``metrics.aggregate``.
@@ -309,9 +309,7 @@ class App:
         Raises:
             ConfigError: An argument is not a :class:`~streamflow.middleware.Middleware`.
         """
-        for each in middleware:
-            if not isinstance(each, Middleware):
-                raise ConfigError(f"{each!r} is not a streamflow.Middleware (an instance)")
+        check_all(middleware)
         self._middleware.extend(middleware)
 
     @property

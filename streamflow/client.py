@@ -24,10 +24,16 @@ from streamflow import events as lifecycle
 from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
 from streamflow.deadletters import DeadLetters
-from streamflow.errors import ConfigError
 from streamflow.jobs import JobStatus
 from streamflow.keys import Keys, validate_name
-from streamflow.middleware import Middleware, Publish, PublishNext, compose_publish, overrides
+from streamflow.middleware import (
+    Middleware,
+    Publish,
+    PublishNext,
+    check_all,
+    compose_publish,
+    overrides,
+)
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 from streamflow.records import JobResult as JobRecord
 from streamflow.records import LifecycleEvent
@@ -35,6 +41,31 @@ from streamflow.scripts import Scripts
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
 CALL_KEEP = timedelta(minutes=5)
+
+
+def _job_options(
+    key: str | None,
+    message_id: str | None,
+    dedup_key: str | None,
+    deadline: datetime | timedelta | None,
+    delay: When,
+    task_id: str | None,
+    node_id: str | None,
+    strict: bool,
+    keep_result: timedelta | float | None,
+) -> dict[str, Any]:
+    """The keyword arguments of a publish (``Publish.options``), for both clients."""
+    return {
+        "key": key,
+        "message_id": message_id,
+        "dedup_key": dedup_key,
+        "deadline": deadline,
+        "delay": delay,
+        "task_id": task_id,
+        "node_id": node_id,
+        "strict": strict,
+        "keep_result": keep_result,
+    }
 
 
 class Client(TaskMethods, ControlMethods):
@@ -181,45 +212,18 @@ class Client(TaskMethods, ControlMethods):
             ValueError: The message id, dedup key, deadline or headers are out of the protocol's
                 bounds.
         """
+        options = _job_options(
+            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+        )
         if self._publish_chain is not None:
-            options = {
-                "key": key,
-                "message_id": message_id,
-                "dedup_key": dedup_key,
-                "deadline": deadline,
-                "delay": delay,
-                "task_id": task_id,
-                "node_id": node_id,
-                "strict": strict,
-                "keep_result": keep_result,
-            }
             message = Publish(role, payload, dict(headers or {}), options)
             return await self._publish_chain(message)
         try:
-            # Headers and kept outcomes take the full path (plain() carries neither).
-            simple = dedup_key is None and delay is None and headers is None and keep_result is None
-            if simple and self._lane is not None:
-                plain = self._pub.plain(
-                    role, payload, key, message_id, deadline, task_id, node_id, strict
-                )
-                if plain is not None:  # one round trip, shared with concurrent publishes
-                    return self._pub.check_plain(plain, await self._lane.call(plain.commands))
-            return await steps.run(
-                self._pub.publish(
-                    role,
-                    payload,
-                    key=key,
-                    message_id=message_id,
-                    dedup_key=dedup_key,
-                    deadline=deadline,
-                    delay=delay,
-                    task_id=task_id,
-                    node_id=node_id,
-                    headers=headers,
-                    strict=strict,
-                    keep_result=keep_result,
-                )
-            )
+            lane = self._lane
+            plain = None if lane is None else self._pub.plain_for(role, payload, options, headers)
+            if lane is not None and plain is not None:  # one round trip, shared with others
+                return self._pub.check_plain(plain, await lane.call(plain.commands))
+            return await steps.run(self._pub.publish(role, payload, headers=headers, **options))
         except Exception:
             # Translated here, not in a with block around the call: that costs every publish.
             with connect.public_errors(f"publishing to role {role!r}"):
@@ -247,9 +251,7 @@ class Client(TaskMethods, ControlMethods):
         Raises:
             ConfigError: An argument is not a :class:`~streamflow.middleware.Middleware`.
         """
-        for each in middleware:
-            if not isinstance(each, Middleware):
-                raise ConfigError(f"{each!r} is not a streamflow.Middleware (an instance)")
+        check_all(middleware)
         self._middleware.extend(middleware)
         if any(overrides(each, "publish") for each in self._middleware):
             self._publish_chain = compose_publish(self._middleware, self._publish_message)
@@ -513,30 +515,14 @@ class SyncClient:
         keep_result: timedelta | float | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
+        options = _job_options(
+            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+        )
         try:
-            # Headers and kept outcomes take the full path (plain() carries neither).
-            if dedup_key is None and delay is None and headers is None and keep_result is None:
-                plain = self._pub.plain(
-                    role, payload, key, message_id, deadline, task_id, node_id, strict
-                )
-                if plain is not None:  # one round trip on the held connection
-                    return self._pub.check_plain(plain, self._lane.call(plain.commands))
-            return steps.run_blocking(
-                self._pub.publish(
-                    role,
-                    payload,
-                    key=key,
-                    message_id=message_id,
-                    dedup_key=dedup_key,
-                    deadline=deadline,
-                    delay=delay,
-                    task_id=task_id,
-                    node_id=node_id,
-                    headers=headers,
-                    strict=strict,
-                    keep_result=keep_result,
-                )
-            )
+            plain = self._pub.plain_for(role, payload, options, headers)
+            if plain is not None:  # one round trip on the held connection
+                return self._pub.check_plain(plain, self._lane.call(plain.commands))
+            return steps.run_blocking(self._pub.publish(role, payload, headers=headers, **options))
         except Exception:
             with connect.public_errors(f"publishing to role {role!r}"):
                 raise

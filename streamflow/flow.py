@@ -284,14 +284,7 @@ class PauseWatch:
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return
-            try:
-                await self.refresh()
-            except Exception as exc:
-                if not connect.is_outage(exc):
-                    raise
-                await backoff.failed(exc)
-            else:
-                backoff.succeeded()
+            await backoff.attempt(self.refresh)
 
 
 class Limiter:
@@ -406,11 +399,4 @@ class Limiter:
         while not stopping.is_set():
             with anyio.move_on_after(SLOT_POLL):
                 await stopping.wait()
-            try:
-                await self.sweep()
-            except Exception as exc:
-                if not connect.is_outage(exc):
-                    raise
-                await backoff.failed(exc)
-            else:
-                backoff.succeeded()
+            await backoff.attempt(self.sweep)

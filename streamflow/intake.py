@@ -72,17 +72,12 @@ async def guarded(step: Step, backoff: connect.Backoff, *, regroup: Step | None 
     (``NOGROUP``) is recreated with ``regroup`` when given; anything else is raised.
     """
     try:
-        await step()
-    except Exception as exc:
-        if regroup is not None and streams.is_group_lost(exc):
-            await guarded(regroup, backoff)  # can meet TRYAGAIN while its slot migrates
-            return False
-        if not connect.is_outage(exc):
+        return await backoff.attempt(step)
+    except Exception as exc:  # NOGROUP is not an outage: attempt raises it
+        if regroup is None or not streams.is_group_lost(exc):
             raise
-        await backoff.failed(exc)
+        await guarded(regroup, backoff)  # can meet TRYAGAIN while its slot migrates
         return False
-    backoff.succeeded()
-    return True
 
 
 async def run_guarded(

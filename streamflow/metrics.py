@@ -18,8 +18,8 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import anyio
@@ -181,33 +181,22 @@ class WorkerCollector(Collector):
             "pending: taken as applied.",
             stats.ack_replies_lost,
         )
-        stalls = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "streamflow_loop_stalls",
             "Times the event loop did not run for longer than the stall threshold: blocked "
             "(code on the loop, usually a handler, did not yield) or frozen (the whole process "
             "was paused).",
-            labels=["kind"],
+            "kind",
+            {kind: stats.loop_stalls.get(kind, 0) for kind in ("blocked", "frozen")},
         )
-        for kind in ("blocked", "frozen"):
-            stalls.add_metric([kind], stats.loop_stalls.get(kind, 0))
-        yield stalls
         yield _counter(
             "streamflow_cancel_signals",
             "Cancel signals this worker received.",
             stats.cancel_signals,
         )
-        yield _counter(
-            "streamflow_redis_reconnects",
-            "Recoveries from a Redis outage, counted by each Redis loop of the process.",
-            connect.Backoff.recoveries,
-        )
         yield _bad_records(stats.bad_records)
-        yield _counter(
-            "streamflow_redis_outages",
-            "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
-            "Redis loop of the process when the outage starts.",
-            connect.Backoff.outages,
-        )
+        yield from _redis_outages()
         yield _gauge(
             "streamflow_in_flight_entries",
             "Entries held: running or queued for a slot.",
@@ -216,29 +205,27 @@ class WorkerCollector(Collector):
         yield _gauge(
             "streamflow_concurrency_limit", "Handlers this worker runs at once.", worker.concurrency
         )
-        paused = GaugeMetricFamily(
+        yield _labelled(
+            GaugeMetricFamily,
             "streamflow_role_paused",
             "1 while a role this worker serves is paused (streamflow pause): no new jobs of it "
             "start here; else 0.",
-            labels=["role"],
+            "role",
+            {role: 1 if is_paused else 0 for role, is_paused in stats.paused.items()},
         )
-        for role, is_paused in sorted(stats.paused.items()):
-            paused.add_metric([role], 1 if is_paused else 0)
-        yield paused
         yield _per_role(
             "streamflow_limit_waits",
             "Reads of a limited role held back by its rate or concurrency limit (streamflow "
             "limit): the reader waited for the next start or a free running slot.",
             stats.limit_waits,
         )
-        slots = GaugeMetricFamily(
+        yield _labelled(
+            GaugeMetricFamily,
             "streamflow_limit_slots",
             "Running slots of a concurrency-limited role this worker holds (its jobs held).",
-            labels=["role"],
+            "role",
+            stats.limit_slots,
         )
-        for role, count in sorted(stats.limit_slots.items()):
-            slots.add_metric([role], count)
-        yield slots
 
 
 class HygieneCollector(Collector):
@@ -256,11 +243,7 @@ class HygieneCollector(Collector):
             "settled: lost work, reported by XAUTOCLAIM when adopting.",
             stats.trimmed,
         )
-        yield _counter(
-            "streamflow_consumers_deleted",
-            "Consumer names of stopped processes this process deleted (they held nothing).",
-            stats.consumers_deleted,
-        )
+        yield _consumers_deleted(stats.consumers_deleted)
 
 
 class CoordinatorCollector(Collector):
@@ -284,44 +267,28 @@ class CoordinatorCollector(Collector):
             "Commits that lost a race with another coordinator (and were retried).",
             coord.conflicts,
         )
-        yield _counter(
-            "streamflow_consumers_deleted",
-            "Consumer names of stopped processes this process deleted (they held nothing).",
-            coord.consumers_deleted,
-        )
+        yield _consumers_deleted(coord.consumers_deleted)
         yield _counter(
             "streamflow_coordinator_trimmed_events",
             "Pending task events found deleted from their stream before they were applied.",
             coord.trimmed_events,
         )
-        finished = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "streamflow_coordinator_tasks_finished",
             "Tasks this coordinator finished, by final state.",
-            labels=["state"],
+            "state",
+            coord.finished,
         )
-        for state, count in sorted(coord.finished.items()):
-            finished.add_metric([state], count)
-        yield finished
-        submissions = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "streamflow_coordinator_submissions",
             "Entries of the task submissions stream this coordinator took, by outcome.",
-            labels=["outcome"],
+            "outcome",
+            coord.submissions,
         )
-        for outcome, count in sorted(coord.submissions.items()):
-            submissions.add_metric([outcome], count)
-        yield submissions
         yield _bad_records(coord.bad_records())
-        yield _counter(
-            "streamflow_redis_reconnects",
-            "Recoveries from a Redis outage, counted by each Redis loop of the process.",
-            connect.Backoff.recoveries,
-        )
-        yield _counter(
-            "streamflow_redis_outages",
-            "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
-            "Redis loop of the process when the outage starts.",
-            connect.Backoff.outages,
-        )
+        yield from _redis_outages()
 
 
 def worker_registry(worker: Worker) -> tuple[CollectorRegistry, Middleware]:
@@ -480,16 +447,55 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes are not logged (one line per scrape would drown the process's logs)."""
 
 
+_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _labelled(
+    family_type: type[_Family],
+    name: str,
+    documentation: str,
+    label: str,
+    values: Mapping[str, float],
+) -> _Family:
+    """A family with one ``label`` and a sample per entry of ``values``, sorted by label."""
+    family = family_type(name, documentation, labels=[label])
+    for value_label, value in sorted(values.items()):
+        family.add_metric([value_label], value)
+    return family
+
+
 def _bad_records(counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(
+    return _labelled(
+        CounterMetricFamily,
         "streamflow_bad_records",
         "Malformed records read back from Redis and skipped (a cancel marker, the cancel "
         "index, the signals stream, a signal), by kind.",
-        labels=["kind"],
+        "kind",
+        counts,
     )
-    for kind, count in sorted(counts.items()):
-        family.add_metric([kind], count)
-    return family
+
+
+def _consumers_deleted(count: int) -> CounterMetricFamily:
+    return _counter(
+        "streamflow_consumers_deleted",
+        "Consumer names of stopped processes this process deleted (they held nothing).",
+        count,
+    )
+
+
+def _redis_outages() -> Iterator[Metric]:
+    """The process's Redis outage counters (every Redis loop of the process counts in them)."""
+    yield _counter(
+        "streamflow_redis_reconnects",
+        "Recoveries from a Redis outage, counted by each Redis loop of the process.",
+        connect.Backoff.recoveries,
+    )
+    yield _counter(
+        "streamflow_redis_outages",
+        "Redis outages met (lost connection, OOM, READONLY, LOADING, ...), counted by each "
+        "Redis loop of the process when the outage starts.",
+        connect.Backoff.outages,
+    )
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
@@ -503,7 +509,4 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def _per_role(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=["role"])
-    for role, count in sorted(counts.items()):
-        family.add_metric([role], count)
-    return family
+    return _labelled(CounterMetricFamily, name, documentation, "role", counts)

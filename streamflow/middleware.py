@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from streamflow.context import Context
+from streamflow.errors import ConfigError
 
 if TYPE_CHECKING:
     from streamflow.delivery import Decision, Delivery, OutcomeStatus
@@ -168,6 +169,17 @@ class Middleware:
 
     async def on_dead_letter(self, event: DeadLettered) -> None:
         """Told once a message is dead-lettered."""
+
+
+def check_all(middleware: Iterable[object]) -> None:
+    """Refuse anything that is not a :class:`Middleware` instance (``add_middleware``'s check).
+
+    Raises:
+        ConfigError: One of ``middleware`` is not a :class:`Middleware` instance.
+    """
+    for each in middleware:
+        if not isinstance(each, Middleware):
+            raise ConfigError(f"{each!r} is not a streamflow.Middleware (an instance)")
 
 
 def overrides(middleware: Middleware, name: str) -> bool:

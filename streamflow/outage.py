@@ -278,6 +278,21 @@ class Backoff:
         """Log (once per outage) and wait before the caller tries again."""
         await anyio.sleep(self.note(exc))
 
+    async def attempt(self, step: Callable[[], Awaitable[object]]) -> bool:
+        """Run one step of a loop; True if it succeeded, False once an outage is waited out.
+
+        Any error but an outage (:func:`is_outage`) is raised.
+        """
+        try:
+            await step()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            await self.failed(exc)
+            return False
+        self.succeeded()
+        return True
+
     def succeeded(self) -> None:
         """Reset after a success, logging the recovery if there was an outage."""
         if self._delay:

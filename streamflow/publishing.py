@@ -226,6 +226,29 @@ class Publisher:
         markers = signals.cancel_markers(self.keys, "message", message_id)
         return Plain(message_id, ((b"EXISTS", *markers), xadd))
 
+    def plain_for(
+        self, role: str, payload: Any, options: dict[str, Any], headers: object
+    ) -> Plain | None:
+        """:meth:`plain` for a call with :meth:`streamflow.Client.publish`'s options.
+
+        None when the call must take the full path (:meth:`publish`): it has headers, a
+        dedup key, a delay or a kept outcome (:meth:`plain` carries none of them), or the
+        role's layout is not cached.
+        """
+        full = ("dedup_key", "delay", "keep_result")
+        if headers is not None or any(options[name] is not None for name in full):
+            return None
+        return self.plain(
+            role,
+            payload,
+            options["key"],
+            options["message_id"],
+            options["deadline"],
+            options["task_id"],
+            options["node_id"],
+            options["strict"],
+        )
+
     def check_plain(self, plain: Plain, replies: list[Any]) -> str:
         """The message id of a :meth:`plain` publish, given its commands' replies.
 

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,12 +65,22 @@ class Record:
 
 
 @dataclass
-class WorkerProcess:
-    """A ``streamflow worker`` subprocess with consumer name ``name``; stderr goes to ``log``."""
+class Process:
+    """A streamflow worker or coordinator subprocess; stderr goes to ``log``.
+
+    ``ready_line`` is what it logs once it runs; ``assert_clean_log`` fails on any of
+    ``unclean`` in its log.
+    """
 
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    ready_line: str = " serving "
+    unclean: tuple[str, ...] = ("Traceback",)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
@@ -79,26 +89,85 @@ class WorkerProcess:
         return self.process.poll() is None
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until the worker logs that it is serving; fail at once if it exits."""
+        """Wait until the process logs that it runs; fail at once if it exits."""
 
-        def serving() -> bool:
+        def ready() -> bool:
             if self.process.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited early:\n{self.stderr()}")
-            return " serving " in self.stderr()
+                raise AssertionError(f"{self.name} exited early:\n{self.stderr()}")
+            return self.ready_line in self.stderr()
 
-        wait_for(serving, timeout, f"worker {self.name} logs 'serving'")
+        wait_for(ready, timeout, f"{self.name} logs {self.ready_line!r}")
 
     def signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
 
     def kill(self) -> None:
-        """SIGKILL the worker and reap it (it must have been alive)."""
-        assert self.alive(), f"worker {self.name} died before it was killed:\n{self.stderr()}"
+        """SIGKILL the process and reap it (it must have been alive)."""
+        assert self.alive(), f"{self.name} died before it was killed:\n{self.stderr()}"
         self.process.send_signal(signal.SIGKILL)
         assert self.process.wait(timeout=10) == -signal.SIGKILL
 
+    def kill_when(
+        self,
+        condition: Callable[[], bool],
+        timeout: float,
+        what: str,
+        *,
+        while_frozen: Callable[[], bool] | None = None,
+    ) -> None:
+        """SIGKILL the process at a moment ``condition`` holds.
+
+        The condition is polled; when it holds, the process is frozen (SIGSTOP) and the
+        condition checked again: a process that moved on in between is thawed and polled
+        again, so the kill lands in the state the condition describes, however brief. Before a
+        thaw, ``while_frozen`` (if given) is awaited, e.g. until work piles up for the process.
+        """
+        deadline = time.monotonic() + timeout
+
+        def alive_and_condition() -> bool:
+            assert self.alive(), f"{self.name} exited before the kill:\n{self.stderr()}"
+            return condition()
+
+        while True:
+            left = max(deadline - time.monotonic(), 0)
+            wait_for(alive_and_condition, left, what, every=0.001)
+            self.process.send_signal(signal.SIGSTOP)
+            if condition():
+                self.kill()
+                return
+            if while_frozen is not None:
+                left = max(deadline - time.monotonic(), 0)
+                wait_for(while_frozen, left, f"{what} (frozen)", every=0.01)
+            self.process.send_signal(signal.SIGCONT)
+
     def assert_clean_log(self) -> None:
-        assert "Traceback" not in self.stderr(), self.stderr()
+        log = self.stderr()
+        assert not any(text in log for text in self.unclean), log
+
+
+def popen_logged(
+    command: Sequence[str], log: Path, env: dict[str, str], pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` in the repository with no stdin or stdout and its stderr in ``log``."""
+    with open(log, "wb") as err:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            pass_fds=pass_fds,
+        )
+
+
+def kill_all(started: Sequence[Process]) -> None:
+    """SIGKILL every process still running (a SIGSTOPped one too) and reap them all."""
+    for each in started:
+        if each.process.poll() is None:
+            each.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            each.process.wait(timeout=10)
 
 
 class Workers:
@@ -108,7 +177,7 @@ class Workers:
         self._tmp = tmp_path
         self._connection = ["--redis-url", redis_url, "--namespace", namespace]
         self._env = clean_env(SFTEST_RECORD=str(record))
-        self.started: list[WorkerProcess] = []
+        self.started: list[Process] = []
 
     def start(
         self,
@@ -118,33 +187,20 @@ class Workers:
         concurrency: int = 4,
         lease: Sequence[str] = FAST_LEASE,
         pass_fds: Sequence[int] = (),
-    ) -> WorkerProcess:
+    ) -> Process:
         """Start a worker with consumer name ``name`` (unique within the test)."""
         log = self._tmp / f"worker-{name}.log"
         command = [*CLI, "worker", "--app", "tests.apps:app", *self._connection]
         for role in roles:
             command += ["--role", role]
         command += ["--consumer-name", name, "--concurrency", str(concurrency), *lease, *options]
-        with open(log, "wb") as err:
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self._env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                pass_fds=pass_fds,
-            )
-        worker = WorkerProcess(name, process, log)
+        process = popen_logged(command, log, self._env, pass_fds)
+        worker = Process(name, process, log)
         self.started.append(worker)
         return worker
 
     def kill_all(self) -> None:
-        for worker in self.started:
-            if worker.process.poll() is None:
-                worker.process.kill()  # SIGKILL ends a SIGSTOPped process too
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.process.wait(timeout=10)
+        kill_all(self.started)
 
 
 def unique(prefix: str) -> str:
@@ -213,15 +269,7 @@ def spawn_worker(
     command = [sys.executable, "-m", "streamflow", "worker", "--app", "tests.apps:app"]
     command += ["--role", role, "--redis-url", url, "--namespace", namespace]
     command += ["--block-ms", "200", "--lease-ttl", "2", "--reclaim-interval", "0.2"]
-    with open(log, "wb") as err:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+    process = popen_logged(command, log, env)
     return LoggedWorker(process, log)
 
 

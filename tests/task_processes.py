@@ -9,14 +9,8 @@ coordinators (:class:`Process`, killed at a chosen moment by :meth:`Process.kill
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import subprocess
-import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +23,8 @@ from streamflow.dag.graph import GraphSpec
 from streamflow.dag.store import decode_state, node_field
 from streamflow.dag.tasks import Invocation, TaskState
 from streamflow.keys import COORDINATORS, GROUP, Keys
-from tests.helpers import CLI, ROOT, clean_env, wait_for
+from tests.helpers import CLI, clean_env, wait_for
+from tests.processes import Process, kill_all, popen_logged
 from tests.task_apps import Line, read_trace
 
 APP = "tests.task_apps:app"
@@ -45,79 +40,6 @@ TASK_DEADLINE = 40.0
 
 
 # -- processes --------------------------------------------------------------------------------
-
-
-@dataclass
-class Process:
-    """A worker or coordinator subprocess; stderr goes to ``log``."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    ready_line: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until the process logs that it runs; fail at once if it exits."""
-
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited early:\n{self.stderr()}")
-            return self.ready_line in self.stderr()
-
-        wait_for(ready, timeout, f"{self.name} logs {self.ready_line!r}")
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it (it must have been alive)."""
-        assert self.alive(), f"{self.name} died before it was killed:\n{self.stderr()}"
-        self.process.send_signal(signal.SIGKILL)
-        assert self.process.wait(timeout=10) == -signal.SIGKILL
-
-    def kill_when(
-        self,
-        condition: Callable[[], bool],
-        timeout: float,
-        what: str,
-        *,
-        while_frozen: Callable[[], bool] | None = None,
-    ) -> None:
-        """SIGKILL the process at a moment ``condition`` holds.
-
-        The condition is polled; when it holds, the process is frozen (SIGSTOP) and the
-        condition checked again: a process that moved on in between is thawed and polled
-        again, so the kill lands in the state the condition describes, however brief. Before a
-        thaw, ``while_frozen`` (if given) is awaited, e.g. until work piles up for the process.
-        """
-        deadline = time.monotonic() + timeout
-
-        def alive_and_condition() -> bool:
-            assert self.alive(), f"{self.name} exited before the kill:\n{self.stderr()}"
-            return condition()
-
-        while True:
-            left = max(deadline - time.monotonic(), 0)
-            wait_for(alive_and_condition, left, what, every=0.001)
-            self.process.send_signal(signal.SIGSTOP)
-            if condition():
-                self.kill()
-                return
-            if while_frozen is not None:
-                left = max(deadline - time.monotonic(), 0)
-                wait_for(while_frozen, left, f"{what} (frozen)", every=0.01)
-            self.process.send_signal(signal.SIGCONT)
-
-    def assert_clean_log(self) -> None:
-        log = self.stderr()
-        assert "Traceback" not in log and "gave up" not in log, log
 
 
 class Processes:
@@ -143,29 +65,13 @@ class Processes:
 
     def _start(self, name: str, command: list[str], ready_line: str) -> Process:
         log = self._tmp / f"{name}.log"
-        with open(log, "wb") as err:
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self._env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        started = Process(name, process, log, ready_line)
+        process = popen_logged(command, log, self._env)
+        started = Process(name, process, log, ready_line, ("Traceback", "gave up"))
         self.started.append(started)
         return started
 
     def kill_all(self) -> None:
-        for started in self.started:
-            if started.process.poll() is None:
-                started.process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                started.process.wait(timeout=10)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+        kill_all(self.started)
 
 
 # -- the record and Redis, as the tests see them ----------------------------------------------

@@ -31,8 +31,8 @@ from tests.processes import (
     RECLAIM,
     ROLE,
     TTL,
+    Process,
     Record,
-    WorkerProcess,
     Workers,
     assert_none_lost_and_duplicates_allowed,
     unique,
@@ -408,7 +408,7 @@ def test_handler_blocking_the_event_loop_past_the_ttl_is_reported_and_dead_lette
 
 def restart_until_poison_is_dead_lettered(
     workers: Workers, store: Store, roles: Sequence[str], max_deliveries: int
-) -> tuple[int, WorkerProcess]:
+) -> tuple[int, Process]:
     """Run one worker at a time on ``roles``; each time one dies (by SIGKILL: the poison
     message's handler kills it), start a fresh one (fresh consumer name: it adopts the dead
     one's entries after the lease TTL). Returns (deaths, the live worker) once the ``poison``
@@ -751,7 +751,7 @@ def test_load_with_a_worker_sigkilled_and_restarted_twice_loses_nothing(
     victims = [unique(f"k{i}") for i in range(2)]
     payload = {"seconds": 0.05, "seconds_by_consumer": dict.fromkeys(victims, 3600)}
 
-    def start(name: str) -> WorkerProcess:
+    def start(name: str) -> Process:
         return workers.start(name, concurrency=concurrency, lease=lease)
 
     steady = [start(unique(f"s{i}")) for i in range(3)]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import pytest
@@ -211,50 +212,65 @@ def test_cli_pause_and_resume(redis_url: str, namespace: str) -> None:
     assert [(r["role"], r["paused"]) for r in listed["roles"]] == [("known", False)]
 
 
-@pytest.mark.slow
-def test_pause_under_load_across_worker_processes_loses_nothing(
-    tmp_path: Path, redis_url: str, namespace: str
-) -> None:
-    """Two worker processes; a pause under load, a worker restarted while paused, a resume."""
+class WorkerProcesses(NamedTuple):
+    """What the worker-process tests share (see :func:`worker_processes`)."""
+
+    record: Record
+    workers: Workers
+    sync: SyncClient
+    connection: list[str]
+
+
+@pytest.fixture
+def worker_processes(tmp_path: Path, redis_url: str, namespace: str) -> Iterator[WorkerProcesses]:
+    """Worker processes of the namespace (all killed at teardown), their record, a client."""
     record_path = tmp_path / "record"
-    record = Record(record_path)
     workers = Workers(tmp_path, redis_url, namespace, record_path)
-    connection = ["--redis-url", redis_url, "--namespace", namespace]
     sync = SyncClient(redis_url, namespace=namespace)
     try:
-        first = [workers.start(name) for name in ("a", "b")]
-        for worker in first:
-            worker.wait_ready()
-        ids = [sync.publish("work", {"seconds": 0.2}) for _ in range(200)]
-        wait_for(lambda: len(record.events("START")) >= 8, 20, "some jobs started")
-        assert run_cli("pause", "work", *connection).returncode == 0
-        paused_at = time.time()
-        more = [sync.publish("work", {"seconds": 0.2}) for _ in range(20)]  # publishing works
-        # Every job that starts after the pause was seen started from what was read before it.
-        seen_at = paused_at + SEEN_WITHIN + 0.2  # plus one job's run: a slot freed for it
-        time.sleep(SEEN_WITHIN + QUIET_WINDOW)  # the window in which nothing new may start
-        late = [line for line in record.events("START") if line.at > seen_at]
-        assert not late, late
-        started = record.ids("START")
-        assert len(started) < len(ids)  # the pause came before the backlog was done
-        # A worker restarted while paused starts nothing.
-        first[0].signal(signal.SIGTERM)
-        assert first[0].process.wait(timeout=20) == 0
-        restarted = workers.start("c")
-        restarted.wait_ready()
-        time.sleep(QUIET_WINDOW)
-        assert record.ids("START") == started
-        listed = run_cli("workers", "--json", *connection)
-        paused_lists = [json.loads(line).get("paused") for line in listed.stdout.splitlines()]
-        assert paused_lists.count(["work"]) == 2, listed.stdout
-        assert run_cli("resume", "work", *connection).returncode == 0
-        wait_for(lambda: record.ids("DONE") >= set(ids + more), 60, "every job done")
-        assert_none_lost_and_duplicates_allowed(record, ids + more, set())
-        for worker in (first[1], restarted):
-            worker.assert_clean_log()
+        connection = ["--redis-url", redis_url, "--namespace", namespace]
+        yield WorkerProcesses(Record(record_path), workers, sync, connection)
     finally:
         sync.close()
         workers.kill_all()
+
+
+@pytest.mark.slow
+def test_pause_under_load_across_worker_processes_loses_nothing(
+    worker_processes: WorkerProcesses,
+) -> None:
+    """Two worker processes; a pause under load, a worker restarted while paused, a resume."""
+    record, workers, sync, connection = worker_processes
+    first = [workers.start(name) for name in ("a", "b")]
+    for worker in first:
+        worker.wait_ready()
+    ids = [sync.publish("work", {"seconds": 0.2}) for _ in range(200)]
+    wait_for(lambda: len(record.events("START")) >= 8, 20, "some jobs started")
+    assert run_cli("pause", "work", *connection).returncode == 0
+    paused_at = time.time()
+    more = [sync.publish("work", {"seconds": 0.2}) for _ in range(20)]  # publishing works
+    # Every job that starts after the pause was seen started from what was read before it.
+    seen_at = paused_at + SEEN_WITHIN + 0.2  # plus one job's run: a slot freed for it
+    time.sleep(SEEN_WITHIN + QUIET_WINDOW)  # the window in which nothing new may start
+    late = [line for line in record.events("START") if line.at > seen_at]
+    assert not late, late
+    started = record.ids("START")
+    assert len(started) < len(ids)  # the pause came before the backlog was done
+    # A worker restarted while paused starts nothing.
+    first[0].signal(signal.SIGTERM)
+    assert first[0].process.wait(timeout=20) == 0
+    restarted = workers.start("c")
+    restarted.wait_ready()
+    time.sleep(QUIET_WINDOW)
+    assert record.ids("START") == started
+    listed = run_cli("workers", "--json", *connection)
+    paused_lists = [json.loads(line).get("paused") for line in listed.stdout.splitlines()]
+    assert paused_lists.count(["work"]) == 2, listed.stdout
+    assert run_cli("resume", "work", *connection).returncode == 0
+    wait_for(lambda: record.ids("DONE") >= set(ids + more), 60, "every job done")
+    assert_none_lost_and_duplicates_allowed(record, ids + more, set())
+    for worker in (first[1], restarted):
+        worker.assert_clean_log()
 
 
 # -- rate and concurrency limits ---------------------------------------------------------------
@@ -276,45 +292,33 @@ def max_overlap(record: Record) -> int:
 
 @pytest.mark.slow
 def test_a_rate_limit_holds_across_two_worker_processes(
-    tmp_path: Path, redis_url: str, namespace: str
+    worker_processes: WorkerProcesses,
 ) -> None:
-    record_path = tmp_path / "record"
-    record = Record(record_path)
-    workers = Workers(tmp_path, redis_url, namespace, record_path)
-    connection = ["--redis-url", redis_url, "--namespace", namespace]
+    record, workers, sync, connection = worker_processes
     rate = 20
     limited = run_cli("limit", "work", "--rate", f"{rate}/s", "--json", *connection)
     assert json.loads(limited.stdout)["rate"] == f"{rate}/s", limited.stderr
-    sync = SyncClient(redis_url, namespace=namespace)
-    try:
-        ids = [sync.publish("work", {}) for _ in range(6 * rate)]
-        for worker in [workers.start(name, concurrency=8) for name in ("a", "b")]:
-            worker.wait_ready()
-        wait_for(lambda: record.ids("DONE") >= set(ids), 60, "every job done")
-        starts = sorted(line.at for line in record.events("START"))
-        assert len(starts) == len(ids)
-        # Any one-second window holds at most the rate (10% and a start of slack for the
-        # clocks of two processes); the whole run is as long as the rate makes it.
-        for index, first in enumerate(starts):
-            window = sum(1 for at in starts[index:] if at < first + 1.0)
-            assert window <= rate * 1.1 + 1, (window, first)
-        assert starts[-1] - starts[0] >= (len(ids) - 1) / rate * 0.9
-        assert {line.consumer for line in record.events("START")} == {"a", "b"}
-    finally:
-        sync.close()
-        workers.kill_all()
+    ids = [sync.publish("work", {}) for _ in range(6 * rate)]
+    for worker in [workers.start(name, concurrency=8) for name in ("a", "b")]:
+        worker.wait_ready()
+    wait_for(lambda: record.ids("DONE") >= set(ids), 60, "every job done")
+    starts = sorted(line.at for line in record.events("START"))
+    assert len(starts) == len(ids)
+    # Any one-second window holds at most the rate (10% and a start of slack for the
+    # clocks of two processes); the whole run is as long as the rate makes it.
+    for index, first in enumerate(starts):
+        window = sum(1 for at in starts[index:] if at < first + 1.0)
+        assert window <= rate * 1.1 + 1, (window, first)
+    assert starts[-1] - starts[0] >= (len(ids) - 1) / rate * 0.9
+    assert {line.consumer for line in record.events("START")} == {"a", "b"}
 
 
 @pytest.mark.slow
 def test_a_concurrency_limit_is_never_exceeded_across_processes_and_a_killed_slot_comes_back(
-    tmp_path: Path, redis_url: str, namespace: str
+    worker_processes: WorkerProcesses, redis_url: str, namespace: str
 ) -> None:
-    record_path = tmp_path / "record"
-    record = Record(record_path)
-    workers = Workers(tmp_path, redis_url, namespace, record_path)
-    connection = ["--redis-url", redis_url, "--namespace", namespace]
+    record, workers, sync, connection = worker_processes
     assert run_cli("limit", "work", "--concurrency", "3", *connection).returncode == 0
-    sync = SyncClient(redis_url, namespace=namespace)
     stream = Keys(namespace).role_stream("work")
     direct = redis_sync.Redis.from_url(redis_url)
     try:
@@ -344,8 +348,6 @@ def test_a_concurrency_limit_is_never_exceeded_across_processes_and_a_killed_slo
         assert max_overlap(record) <= 3
     finally:
         direct.close()
-        sync.close()
-        workers.kill_all()
 
 
 @pytest.mark.slow

@@ -159,11 +159,9 @@ async def test_commit_task_writes_only_on_the_expected_version(
     assert await redis.hgetall(partials) == {b"0": b"three"}
 
 
-@pytest.mark.anyio
-@pytest.mark.redis
-async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, namespace: str) -> None:
-    keys, registered = Keys(namespace), scripts.Scripts(redis)
-    publishes = [
+def dedup_publishes(keys: Keys, count: int) -> list[scripts.DedupPublish]:
+    """``count`` dispatches of role ``ocr``: message n has id n and dedup key ``dispatch:n``."""
+    return [
         scripts.DedupPublish(
             stream=keys.role_stream("ocr"),
             marker=keys.dedup("ocr", f"dispatch:{n}"),
@@ -172,8 +170,15 @@ async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, name
             message=f"message {n}".encode(),
             window_ms=60_000,
         )
-        for n in range(3)
+        for n in range(count)
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_publish_dedup_many_publishes_each_message_once(redis: Redis, namespace: str) -> None:
+    keys, registered = Keys(namespace), scripts.Scripts(redis)
+    publishes = dedup_publishes(keys, 3)
     assert await scripts.publish_dedup_many(registered, redis, publishes[:2]) == [True, True]
     assert await scripts.publish_dedup_many(registered, redis, publishes) == [False, False, True]
     assert await scripts.publish_dedup_many(registered, redis, []) == []
@@ -187,17 +192,7 @@ async def test_publish_dedup_many_loads_the_script_when_redis_lost_it(
     redis: Redis, namespace: str
 ) -> None:
     keys, registered = Keys(namespace), scripts.Scripts(redis)
-    publishes = [
-        scripts.DedupPublish(
-            stream=keys.role_stream("ocr"),
-            marker=keys.dedup("ocr", f"dispatch:{n}"),
-            schedule=keys.delayed("ocr"),
-            message_id=str(n),
-            message=f"message {n}".encode(),
-            window_ms=60_000,
-        )
-        for n in range(2)
-    ]
+    publishes = dedup_publishes(keys, 2)
     await redis.script_flush()  # as after a restart: EVALSHA is refused until it is loaded
     assert await scripts.publish_dedup_many(registered, redis, publishes) == [True, True]
     await redis.script_flush()

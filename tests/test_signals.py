@@ -94,9 +94,8 @@ async def test_a_handler_that_ignores_cancel_is_hard_cancelled_after_the_grace(
     assert last_statuses(outcomes) == {stuck: "cancelled", other: "acked"}
 
 
-async def test_a_queued_message_cancelled_before_it_is_read_never_starts(
-    redis: Redis, namespace: str
-) -> None:
+def recording_app() -> tuple[App, list[str]]:
+    """An app whose role ``r`` records the message id of every job it runs (in the list)."""
     app = App()
     ran: list[str] = []
 
@@ -104,6 +103,13 @@ async def test_a_queued_message_cancelled_before_it_is_read_never_starts(
     async def handler(ctx: Context, payload: Any) -> None:
         ran.append(ctx.message_id)
 
+    return app, ran
+
+
+async def test_a_queued_message_cancelled_before_it_is_read_never_starts(
+    redis: Redis, namespace: str
+) -> None:
+    app, ran = recording_app()
     client = Client(redis, namespace=namespace)
     doomed = await client.publish("r", 1)
     kept = await client.publish("r", 2)
@@ -148,13 +154,7 @@ async def test_a_message_waiting_for_a_retry_is_not_retried_after_cancel(
 async def test_an_adopted_entry_of_a_dead_worker_is_not_restarted_after_cancel(
     redis: Redis, namespace: str
 ) -> None:
-    app = App()
-    ran: list[str] = []
-
-    @app.role("r")
-    async def handler(ctx: Context, payload: Any) -> None:
-        ran.append(ctx.message_id)
-
+    app, ran = recording_app()
     keys = Keys(namespace)
     stream = keys.role_stream("r")
     await streams.ensure_group(redis, stream)

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from tests.helpers import wait_for
+from tests.processes import unique
 from tests.task_processes import (
     BATCHES,
     Processes,
@@ -31,7 +32,6 @@ from tests.task_processes import (
     Store,
     assert_task_exact,
     submit,
-    unique,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

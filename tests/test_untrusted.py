@@ -61,7 +61,7 @@ from tests.helpers import (
     wait_for_query,
     wait_until,
 )
-from tests.processes import WorkerProcess, Workers
+from tests.processes import Process, Workers
 
 pytestmark = pytest.mark.redis
 
@@ -122,7 +122,7 @@ def dead_letters(client: redis_sync.Redis, keys: Keys, role: str) -> dict[str, A
     return out
 
 
-def wait_serving(worker: WorkerProcess, predicate: Any, what: str) -> None:
+def wait_serving(worker: Process, predicate: Any, what: str) -> None:
     """Wait for ``predicate`` while the worker stays up (fail at once if it exits)."""
 
     def check() -> bool:

@@ -45,11 +45,12 @@ from _common import (  # noqa: E402
     markdown_table,
     redis_cpu_seconds,
     redis_url,
+    redis_version,
     replace_section,
     text_table,
 )
 from redis.asyncio import Redis  # noqa: E402
-from throughput import LATENCY_GAP, LATENCY_WARMUP, percentile, redis_version  # noqa: E402
+from throughput import LATENCY_GAP, LATENCY_WARMUP, percentile  # noqa: E402
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "## Peers"

@@ -28,12 +28,8 @@ def pause(role: str, force: bool, as_json: bool, redis_url: str, namespace: str)
     """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     changed = anyio.run(_pause, settings, role, force)
-    if as_json:
-        echo_json({"role": role, "paused": True, "changed": changed})
-    elif changed:
-        echo(f"role {shown(role)} paused: workers start no new jobs of it within a second")
-    else:
-        echo(f"role {shown(role)} was paused already")
+    done = "paused: workers start no new jobs of it within a second"
+    _report(role, True, changed, as_json, done=done, unchanged="was paused already")
 
 
 @click.command()
@@ -45,12 +41,17 @@ def resume(role: str, as_json: bool, redis_url: str, namespace: str) -> None:
     """Resume a paused ROLE: its workers start its jobs again within a second."""
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
     changed = anyio.run(_resume, settings, role)
+    _report(role, False, changed, as_json, done="resumed", unchanged="was not paused")
+
+
+def _report(
+    role: str, paused: bool, changed: bool, as_json: bool, *, done: str, unchanged: str
+) -> None:
+    """Print what pause or resume did: JSON, or ``role ROLE`` then ``done`` or ``unchanged``."""
     if as_json:
-        echo_json({"role": role, "paused": False, "changed": changed})
-    elif changed:
-        echo(f"role {shown(role)} resumed")
+        echo_json({"role": role, "paused": paused, "changed": changed})
     else:
-        echo(f"role {shown(role)} was not paused")
+        echo(f"role {shown(role)} {done if changed else unchanged}")
 
 
 async def _pause(settings: config.ConnectionSettings, role: str, force: bool) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,58 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+def group_doc(
+    name: str,
+    consumers: Sequence[tuple[str, int, bool]],
+    pending: int,
+    *,
+    lag: int,
+    last: str,
+    oldest: str | None,
+) -> dict[str, Any]:
+    """What ``inspect --json`` reports of a group, volatile fields blanked (``"*"``).
+
+    ``consumers`` are (name, pending, alive); ``oldest`` is the oldest pending entry's id.
+    """
+    return {
+        "name": name,
+        "consumers": [
+            {"name": consumer, "pending": held, "idle_ms": "*", "alive": alive}
+            for consumer, held, alive in consumers
+        ],
+        "pending": pending,
+        "lag": lag,
+        "last_delivered_id": last,
+        "oldest_pending_id": oldest,
+        "oldest_pending_age_ms": None if oldest is None else "*",
+        "oldest_pending_idle_ms": None if oldest is None else "*",
+    }
+
+
+def role_doc(
+    role: str,
+    *,
+    length: int = 0,
+    groups: Sequence[dict[str, Any]] = (),
+    delayed: int = 0,
+    dead_letters: int = 0,
+) -> dict[str, Any]:
+    """What ``inspect --json`` reports of a one-partition role never paused or limited."""
+    return {
+        "role": role,
+        "length": length,
+        "groups": list(groups),
+        "delayed": delayed,
+        "dead_letters": dead_letters,
+        "partitions": 1,
+        "paused": False,
+        "paused_at_ms": None,
+        "rate_limit": None,
+        "concurrency_limit": None,
+        "running_slots": 0,
+    }
 
 
 def conn(redis_url: str, namespace: str) -> list[str]:
@@ -109,84 +161,17 @@ def test_inspect_json_reports_every_role_with_groups_consumers_pending_delayed_a
 
     doc = blank_volatile(inspect_json(redis_url, namespace))
 
-    workers_alpha = {
-        "name": GROUP,
-        "consumers": [
-            {"name": "w-1", "pending": 2, "idle_ms": "*", "alive": True},
-            {"name": "w-2", "pending": 1, "idle_ms": "*", "alive": False},
-        ],
-        "pending": 3,
-        "lag": 1,
-        "last_delivered_id": w2[0],
-        "oldest_pending_id": w1[0],
-        "oldest_pending_age_ms": "*",
-        "oldest_pending_idle_ms": "*",
-    }
-    audit_gamma = {
-        "name": "audit",
-        "consumers": [
-            {"name": "a-1", "pending": 0, "idle_ms": "*", "alive": False},
-            {"name": "a-2", "pending": 1, "idle_ms": "*", "alive": False},
-        ],
-        "pending": 1,
-        "lag": 0,
-        "last_delivered_id": audit[0],
-        "oldest_pending_id": audit[0],
-        "oldest_pending_age_ms": "*",
-        "oldest_pending_idle_ms": "*",
-    }
-    workers_gamma = {
-        "name": GROUP,
-        "consumers": [],
-        "pending": 0,
-        "lag": 1,
-        "last_delivered_id": "0-0",
-        "oldest_pending_id": None,
-        "oldest_pending_age_ms": None,
-        "oldest_pending_idle_ms": None,
-    }
+    consumers_alpha = [("w-1", 2, True), ("w-2", 1, False)]
+    workers_alpha = group_doc(GROUP, consumers_alpha, 3, lag=1, last=w2[0], oldest=w1[0])
+    consumers_audit = [("a-1", 0, False), ("a-2", 1, False)]
+    audit_gamma = group_doc("audit", consumers_audit, 1, lag=0, last=audit[0], oldest=audit[0])
+    workers_gamma = group_doc(GROUP, [], 0, lag=1, last="0-0", oldest=None)
     assert doc == {
         "namespace": namespace,
         "roles": [
-            {
-                "role": "alpha",
-                "length": 4,
-                "groups": [workers_alpha],
-                "delayed": 1,
-                "dead_letters": 2,
-                "partitions": 1,
-                "paused": False,
-                "paused_at_ms": None,
-                "rate_limit": None,
-                "concurrency_limit": None,
-                "running_slots": 0,
-            },
-            {
-                "role": "beta",
-                "length": 0,
-                "groups": [],
-                "delayed": 0,
-                "dead_letters": 0,
-                "partitions": 1,
-                "paused": False,
-                "paused_at_ms": None,
-                "rate_limit": None,
-                "concurrency_limit": None,
-                "running_slots": 0,
-            },
-            {
-                "role": "gamma",
-                "length": 1,
-                "groups": [audit_gamma, workers_gamma],
-                "delayed": 0,
-                "dead_letters": 0,
-                "partitions": 1,
-                "paused": False,
-                "paused_at_ms": None,
-                "rate_limit": None,
-                "concurrency_limit": None,
-                "running_slots": 0,
-            },
+            role_doc("alpha", length=4, groups=[workers_alpha], delayed=1, dead_letters=2),
+            role_doc("beta"),
+            role_doc("gamma", length=1, groups=[audit_gamma, workers_gamma]),
         ],
     }
 
