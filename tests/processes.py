@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -114,14 +115,24 @@ class Process:
         what: str,
         *,
         while_frozen: Callable[[], bool] | None = None,
+        sample: bool = False,
     ) -> None:
         """SIGKILL the process at a moment ``condition`` holds.
 
         The condition is polled; when it holds, the process is frozen (SIGSTOP) and the
-        condition checked again: a process that moved on in between is thawed and polled
-        again, so the kill lands in the state the condition describes, however brief. Before a
-        thaw, ``while_frozen`` (if given) is awaited, e.g. until work piles up for the process.
+        condition checked again (twice, so that what the process sent before it froze has
+        landed): a process that moved on in between is thawed and polled again, so the kill
+        lands in the state the condition describes, however brief. Before a thaw,
+        ``while_frozen`` (if given) is awaited, e.g. until work piles up for the process.
+
+        With ``sample``, for a moment too brief to be seen while the process runs (the time
+        between two of its round trips), the process is frozen over and over instead, for a
+        random sliver of a millisecond or two between freezes, and the condition checked while
+        it is frozen.
         """
+        if sample:
+            self._kill_when_sampled(condition, timeout, what)
+            return
         deadline = time.monotonic() + timeout
 
         def alive_and_condition() -> bool:
@@ -132,13 +143,28 @@ class Process:
             left = max(deadline - time.monotonic(), 0)
             wait_for(alive_and_condition, left, what, every=0.001)
             self.process.send_signal(signal.SIGSTOP)
-            if condition():
+            # Checked twice: commands the process wrote just before it froze may still be in
+            # Redis's socket buffer, handled in the same event-loop turn as the first check's
+            # reads (in either order). By the second check's round trip they have landed.
+            if condition() and condition():
                 self.kill()
                 return
             if while_frozen is not None:
                 left = max(deadline - time.monotonic(), 0)
                 wait_for(while_frozen, left, f"{what} (frozen)", every=0.01)
             self.process.send_signal(signal.SIGCONT)
+
+    def _kill_when_sampled(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.alive(), f"{self.name} exited before the kill:\n{self.stderr()}"
+            self.process.send_signal(signal.SIGSTOP)
+            if condition() and condition():  # twice: see kill_when
+                self.kill()
+                return
+            self.process.send_signal(signal.SIGCONT)
+            time.sleep(random.uniform(0.0002, 0.002))  # let it run a random sliver, then look
+        raise AssertionError(f"{what} not seen within {timeout} s of sampling")
 
     def assert_clean_log(self) -> None:
         log = self.stderr()

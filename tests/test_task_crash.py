@@ -156,6 +156,7 @@ def test_coordinators_sigkilled_mid_fan_out_are_replaced_without_duplicate_dispa
         lambda: bool(unsent()) and not record.lines("DONE", "src"),
         10,
         "the outbox holds unpublished step jobs while the source emits",
+        sample=True,
     )
     at_first_kill = store.task(task_id).nodes["step"].dispatched
     assert unsent() and at_first_kill < BATCHES, at_first_kill
