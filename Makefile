@@ -50,7 +50,7 @@ docs: venv
 
 # Sequential on purpose: cheap checks fail first. The line it starts with says how long to expect.
 test:
-	@echo "make test: venv, lint, docs, type check, then every test: about 8 minutes on 2 shared cores (pytest alone ~6)."
+	@echo "make test: venv, lint, docs, type check, then every test: about 12 minutes on 2 shared cores (pytest alone ~10; make test-fast: under a minute)."
 	$(MAKE) venv
 	$(MAKE) lint
 	$(MAKE) docs
