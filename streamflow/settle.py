@@ -97,14 +97,15 @@ class Settler:
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
         job = decision.job or delivery.job
+        acked = decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job)
+        keep_ms = self._keep_ms(delivery, job) if acked else 0
+        if acked and not keep_ms:
+            self.ack_nowait(delivery, decision)  # writes the held-back progress itself
+            return
         if self.events is not None:
             # The handler ended: the progress it held back goes before its final event.
             self.events.last_progress(delivery.context)
-        if decision.kind in ("ack", "cancelled") and not nodes.is_node_job(job):
-            keep_ms = self._keep_ms(delivery, job)
-            if not keep_ms:
-                self.ack_nowait(delivery, decision)
-                return
+        if acked:
             decision, kept = self._outcome(delivery, decision, keep_ms)
             if kept is not None:
                 self._ack_kept_nowait(delivery, decision, kept)
