@@ -123,3 +123,12 @@ def test_the_demo_venv_is_described_with_the_extras_make_demo_installs(page: str
     for sentence in sentences:
         named = {extra for extra in _user_extras() if f"`{extra}`" in sentence}
         assert named == _demo_extras(), sentence
+
+
+def test_make_demo_installs_no_test_lint_or_docs_tools() -> None:
+    # make demo's venv is for trying streamflow: extras a user may need, not the developer ones
+    # (the test extra brought mypy, ruff and the docs tools: 47 s on a first run).
+    assert _demo_extras() <= _user_extras(), _demo_extras()
+    demo_target = (ROOT / "Makefile").read_text().split("$(DEMO_STAMP): pyproject.toml", 1)[1]
+    recipe = demo_target.split("\n\n", 1)[0]
+    assert "requirements" not in recipe and recipe.count("pip install") == 1, recipe
