@@ -87,12 +87,19 @@ def test_a_running_dag_is_drawn_live_until_every_node_succeeded(
     browser.goto(f"{procs.dashboard()}/tasks/{task_id}")
     browser.wait_for("document.querySelector('g.node[data-node=src][data-state=running]')")
     browser.evaluate("window.__same_page = true")  # a reload would lose it
+    rows = "document.querySelectorAll('#timeline-rows tr[data-type]')"
+    before = browser.wait_for(f"{rows}.length")  # src started, before the gate
     gate.touch()
     browser.wait_for(
         "[...document.querySelectorAll('g.node')].map(n => n.dataset.state).join() =="
         " 'succeeded,succeeded'",
         timeout=30,
     )
+    # The events timeline follows too: the task's own end is listed, without a reload.
+    browser.wait_for("document.getElementById('timeline').innerText.includes('task: succeeded')")
+    assert browser.evaluate(f"{rows}.length") > before
+    times = browser.evaluate(f"[...{rows}].map(r => Number(r.dataset.at))")
+    assert times == sorted(times)
     assert browser.evaluate("window.__same_page") is True
     assert browser.evaluate("document.getElementById('task-state').textContent") == "succeeded"
     assert "in 4 · out 4 · 12 items" in browser.text()  # step: 4 batches in, 4 out, 12 items
