@@ -42,9 +42,9 @@ from streamflow.ops.inspect import inspect_role
 if TYPE_CHECKING:
     from streamflow.dashboard.security import Guard
 
-#: Renders what the poller read into (HTML fragments by element id, whether the stream ends);
-#: None ends it.
-Render = Callable[[Any], Awaitable[tuple[dict[str, str], bool] | None]]
+#: Renders what the poller read into one event: ``parts`` (HTML fragments by element id),
+#: ``ended`` (the task ended: its actions are off) and ``done`` (the last event); None ends it.
+Render = Callable[[Any], Awaitable[dict[str, Any] | None]]
 #: The poller's keys: the overview, and a task by id.
 OVERVIEW_KEY = "overview"
 TASK_KEY = "task:"
@@ -273,7 +273,7 @@ class Pages:
         if spec is None:
             return PlainTextResponse("no such task", status_code=404)
 
-        async def render(view: TaskView | None) -> tuple[dict[str, str], bool] | None:
+        async def render(view: TaskView | None) -> dict[str, Any] | None:
             if view is None:  # expired while watched
                 return None
             context = view.context(spec)
@@ -281,17 +281,17 @@ class Pages:
                 part: self.env.get_template(f"{template}.html").render(**context)
                 for part, template in TASK_PARTS.items()
             }
-            return parts, view.done
+            return {"parts": parts, "ended": view.state.terminal, "done": view.done}
 
         return self.stream(f"{TASK_KEY}{task_id}", render)
 
     async def overview_live(self, request: Request) -> Response:
         """Server-sent events: the overview's tables each time the shared poller reads them."""
 
-        async def render(view: dict[str, Any]) -> tuple[dict[str, str], bool]:
+        async def render(view: dict[str, Any]) -> dict[str, Any]:
             page = self.env.get_template("overview_body.html")
             html = page.render(root=self.settings.prefix, now_ms=_now_ms(), **view)
-            return {"overview-body": html}, False
+            return {"parts": {"overview-body": html}, "ended": False, "done": False}
 
         return self.stream(OVERVIEW_KEY, render)
 
@@ -303,12 +303,11 @@ class Pages:
             with self.poller.watching(key):
                 while True:
                     seen, value = await self.poller.wait_state(key, seen)
-                    shown = await render(value)
-                    if shown is None:
+                    doc = await render(value)
+                    if doc is None:
                         return
-                    doc = {"parts": shown[0], "done": shown[1]}
                     yield b"data: " + orjson.dumps(doc) + b"\n\n"
-                    if shown[1]:
+                    if doc["done"]:
                         return
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}

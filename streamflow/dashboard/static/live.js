@@ -25,15 +25,14 @@
   source.onmessage = function (event) {
     var doc = JSON.parse(event.data);
     Object.keys(doc.parts).forEach(function (id) { swap(id, doc.parts[id]); });
+    if (doc.ended) {
+      // Turned off, not removed: the title row keeps its layout.
+      var cancel = document.getElementById("cancel-task");
+      if (cancel) cancel.disabled = true;
+    }
     if (doc.done) {
       box.setAttribute("data-done", "1");
       source.close();
-      // Hidden, not removed: the title row keeps its height.
-      var cancel = document.getElementById("cancel-form");
-      if (cancel) {
-        cancel.classList.add("spent");
-        cancel.querySelector("button").disabled = true;
-      }
     }
   };
 })();
