@@ -453,6 +453,22 @@ class Context:
             check_progress(value, message)
 
     @property
+    def trace_context(self) -> Mapping[str, str] | None:
+        """The W3C trace context of the span this task node's run is traced in, or None.
+
+        Set by a tracing middleware (``streamflow.otel.OpenTelemetry``) around the handler;
+        the run's batches and its end are reported with it, so that a tracing coordinator's
+        spans, and the successors' runs, continue this run's trace. Always None for a job
+        that is not a task node (nothing would carry it).
+        """
+        return self._node.trace if self._node is not None else None
+
+    @trace_context.setter
+    def trace_context(self, carrier: Mapping[str, str] | None) -> None:
+        if self._node is not None:
+            self._node.trace = dict(carrier) if carrier else None
+
+    @property
     def emitted(self) -> int:
         """How many batches this run has emitted."""
         return self._node.emitted if self._node is not None else 0

@@ -26,7 +26,9 @@ Task node jobs carry the headers their task was submitted with: submit a task wi
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from streamflow import extras
@@ -75,6 +77,18 @@ def _job_attributes(ctx: Context) -> dict[str, Any]:
     return attributes
 
 
+@dataclass(slots=True)
+class CoordinatorSpan:
+    """An open span of a coordinator and its trace context (``carrier``)."""
+
+    span: trace.Span
+    carrier: dict[str, str]
+
+    def set_attribute(self, name: str, value: str | int | bool) -> None:
+        """Add an attribute to the span."""
+        self.span.set_attribute(name, value)
+
+
 class OpenTelemetry(Middleware):
     """Traces publishes, handler runs, retries and dead letters (see the module).
 
@@ -98,20 +112,25 @@ class OpenTelemetry(Middleware):
         self._failed: OrderedDict[tuple[str, int], trace.SpanContext] = OrderedDict()
 
     async def publish(self, message: Publish, call_next: PublishNext) -> str:
-        """Send ``message`` inside a ``PRODUCER`` span whose context its headers carry."""
+        """Send ``message`` inside a ``PRODUCER`` span whose context its headers carry.
+
+        A job's span is ``send <role>``; a task's (a submit) ``submit <graph name>``.
+        """
+        task = message.kind == "task"
+        operation = "submit" if task else "send"
         attributes = {
             "messaging.system": SYSTEM,
-            "messaging.destination.name": message.role,
             "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
+            "messaging.operation.name": operation,
         }
+        attributes["streamflow.task.name" if task else "messaging.destination.name"] = message.role
         with self._tracer.start_as_current_span(
-            f"send {message.role}", kind=SpanKind.PRODUCER, attributes=attributes
+            f"{operation} {message.role}", kind=SpanKind.PRODUCER, attributes=attributes
         ) as span:
             propagate.inject(message.headers)
-            message_id = await call_next(message)
-            span.set_attribute("messaging.message.id", message_id)
-            return message_id
+            sent_id = await call_next(message)
+            span.set_attribute("streamflow.task_id" if task else "messaging.message.id", sent_id)
+            return sent_id
 
     async def handle(self, ctx: Context, payload: Any, call_next: CallNext) -> Any:
         """Run the handler inside a ``CONSUMER`` span, the child of the job's trace context."""
@@ -123,11 +142,40 @@ class OpenTelemetry(Middleware):
             kind=SpanKind.CONSUMER,
             attributes=_job_attributes(ctx),
         ) as span:
+            if ctx.node_id is not None:
+                # The run's batches and end carry it: the coordinator's spans continue it.
+                ctx.trace_context = trace_headers()
             try:
                 return await call_next(ctx, payload)
             except BaseException:
                 self._remember(ctx, span.get_span_context())
                 raise
+
+    @contextmanager
+    def coordinator_span(
+        self,
+        name: str,
+        parent: Mapping[str, str],
+        *,
+        producer: bool,
+        attributes: Mapping[str, str | int | bool],
+    ) -> Iterator[CoordinatorSpan | None]:
+        """A coordinator's ``step``, ``function`` or ``dispatch`` span (see the module).
+
+        The child of ``parent`` (a trace context read back from Redis: untrusted); None, and no
+        span, when it is not a valid one.
+        """
+        context = propagate.extract(parent)
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            yield None
+            return
+        kind = SpanKind.PRODUCER if producer else SpanKind.INTERNAL
+        with self._tracer.start_span(
+            name, context=context, kind=kind, attributes=attributes
+        ) as span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
+            yield CoordinatorSpan(span, carrier)
 
     def _remember(self, ctx: Context, span: trace.SpanContext) -> None:
         self._failed[(ctx.message_id, ctx.attempt)] = span
