@@ -308,6 +308,11 @@ class Client(TaskMethods, ControlMethods):
             strict: Refuse a role that no worker ever served instead of warning (see
                 :meth:`publish`).
 
+        With a publish middleware each job passes through it on its own (see
+        :meth:`add_middleware`); those of a chunk that reach the end of the chain go in one
+        call, and a job the middleware refused fails the call once its chunk is sent (the
+        chunks after it are not).
+
         Raises:
             RedisUnavailable: Redis could not be reached or refused for now; some chunks may
                 have been published (each chunk holds jobs of one partition, in order): retry

@@ -298,6 +298,10 @@ class TaskMethods:
             headers: Headers every node job of the task carries (``ctx.headers``), added to
                 the graph's own ``headers``.
 
+        With a publish middleware (:meth:`~streamflow.Client.add_middleware`) the submit
+        passes through it as one :class:`~streamflow.middleware.Publish` of kind ``"task"``
+        (a tracing middleware's span then heads the task's trace).
+
         Raises:
             GraphError: The graph is invalid; every problem is listed.
             ValueError: The task id is taken or invalid, or the headers out of bounds.

@@ -6,10 +6,12 @@ A :class:`Middleware` subclass overrides what it needs:
   code before ``await call_next(ctx, payload)`` runs before the handler, code after it once the
   handler returned (its return value passes through), an ``except`` around it sees the
   handler's error (and may translate it: what ``handle`` raises is the attempt's error);
-* :meth:`~Middleware.publish` wraps each :meth:`Client.publish <streamflow.Client.publish>`:
-  it may change the outgoing job (add headers, such as a trace context) before ``call_next``;
-  an app's middleware also wraps its handlers' follow-ups (``ctx.publish``), from inside
-  their ``handle``;
+* :meth:`~Middleware.publish` wraps each job a client sends
+  (:meth:`Client.publish <streamflow.Client.publish>`, each job of ``publish_many``, a
+  :class:`~streamflow.SyncClient`'s) and each task it submits (a :class:`Publish` of kind
+  ``"task"``): it may change the outgoing job (add headers, such as a trace context) before
+  ``call_next``; an app's middleware also wraps its handlers' follow-ups (``ctx.publish``,
+  ``ctx.submit``), from inside their ``handle``;
 * :meth:`~Middleware.on_retry` and :meth:`~Middleware.on_dead_letter` are told after a failed
   attempt's retry was scheduled, or its message dead-lettered (for any reason, malformed input
   included), once that is applied in Redis.
@@ -22,8 +24,12 @@ middleware around it.
 Cost: none when unused. A worker whose app has no middleware (and whose metrics are off) calls
 each handler directly, as before; otherwise each role's chain is composed once, when the worker
 is built (or its metrics enabled), never per message, and only from the middleware that
-override :meth:`~Middleware.handle`. The same goes for a :class:`~streamflow.Client`'s publish
-chain. See docs/benchmarks.md, "Middleware".
+override :meth:`~Middleware.handle`. The same goes for a client's publish chain: without one,
+every publish, ``publish_many`` and submit runs as before. ``publish_many`` runs each job's
+chain (concurrently, :func:`publish_each`) and still sends the jobs that reach its end in one
+call; a :class:`~streamflow.SyncClient`, without an event loop, drives the chains by hand
+(:func:`publish_blocking`: its middleware may await only ``call_next`` and code that does not
+suspend). See docs/benchmarks.md, "Middleware".
 
 Failures: what a middleware's ``handle`` raises fails the attempt like a handler's error (the
 role's retry policy applies). What ``publish`` raises fails the publish (nothing is written if
@@ -32,7 +38,10 @@ the next middleware is still told: the outcome stands, it was applied before.
 
 Tracing fits this seam: a publish middleware writes the current trace context into
 ``message.headers`` (``traceparent``), and a handler middleware reads ``ctx.headers`` and runs
-``call_next`` inside a span; ``on_retry`` and ``on_dead_letter`` record events on the job's trace.
+``call_next`` inside a span (setting ``ctx.trace_context`` for a task node's reports);
+``on_retry`` and ``on_dead_letter`` record events on the job's trace. The coordinator's spans
+are not this seam's: a middleware that also provides ``coordinator_span`` (see
+:mod:`streamflow.dag.tracing`) traces the coordinator of the app it is added to.
 streamflow's Prometheus metrics are a middleware too (the handler-duration histogram, installed
 innermost by ``Worker.enable_metrics`` so that it times the handler alone).
 """

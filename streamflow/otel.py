@@ -7,8 +7,10 @@ instrumented library; without a configured provider every span is a no-op.
 :class:`OpenTelemetry` is a :class:`~streamflow.middleware.Middleware`; add it to the app (the
 workers' handler runs, retries and dead letters) and to each client that publishes:
 
-* a publish is a ``PRODUCER`` span ``send <role>``; the job carries its W3C trace context in
-  its headers (``traceparent``, ``tracestate``);
+* a publish is a ``PRODUCER`` span ``send <role>`` (each job of ``publish_many`` and of a
+  :class:`~streamflow.SyncClient` too); the job carries its W3C trace context in its headers
+  (``traceparent``, ``tracestate``); a submit is a ``PRODUCER`` span ``submit <graph name>``
+  whose context the task's headers carry;
 * a handler run is a ``CONSUMER`` span ``process <role>``, the child of the publisher's span
   (read from ``ctx.headers``), with the attributes of the OpenTelemetry messaging semantic
   conventions (``messaging.system`` = ``streamflow``, ``messaging.destination.name`` = the
@@ -16,11 +18,16 @@ workers' handler runs, retries and dead letters) and to each client that publish
   (``streamflow.attempt``, ``streamflow.task_id``, ``streamflow.node_id``);
 * a scheduled retry and a dead letter are short ``INTERNAL`` spans ``retry <role>`` and
   ``dead_letter <role>``, children of the failed run's span;
-* what a handler publishes with ``ctx.publish`` is sent from inside its span, so the follow-up
-  job's run is a grandchild of it.
+* what a handler publishes with ``ctx.publish`` or submits with ``ctx.submit`` is sent from
+  inside its span, so the follow-up's run (or the task's) is a grandchild of it;
+* in a coordinator whose app has it (see :mod:`streamflow.dag.tracing`), applying a node run's
+  batch or end is an ``INTERNAL`` span ``step <node>`` (the child of the run, whose context
+  the run's reports carry: ``ctx.trace_context``), each job it sends a ``PRODUCER`` span
+  ``dispatch <role>`` under it (the successor's run is its child), and a coordinator
+  function's map or reduce an ``INTERNAL`` span ``function <node>``.
 
-Task node jobs carry the headers their task was submitted with: submit a task with
-``headers=trace_headers()`` inside a span and every node's run joins that trace.
+A task submitted through a client without the middleware joins a trace when given
+``headers=trace_headers()``: its first dispatches hang from that context.
 """
 
 from __future__ import annotations

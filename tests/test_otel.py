@@ -112,6 +112,40 @@ async def test_publish_handler_follow_up_and_its_handler_form_one_trace(
 
 
 @pytest.mark.anyio
+async def test_publish_many_and_a_sync_client_send_each_job_in_a_producer_span(
+    redis_url: str, traced: Traced
+) -> None:
+    async with Harness(traced_app(traced.tracing), redis_url=redis_url) as h:
+        h.client.add_middleware(traced.tracing)
+        with traced.tracer.start_as_current_span("request"):
+            ids = await h.client.publish_many("second", [1, 2])
+            with streamflow.SyncClient(redis_url, namespace=h.namespace) as sync:
+                sync.add_middleware(traced.tracing)
+                ids.append(sync.publish("second", 3))
+                ids += sync.publish_many("second", [4])
+        with anyio.fail_after(20):
+            await h.drain()
+    spans = traced.spans()
+    [request] = [span for span in spans if span["name"] == "request"]
+    sends = {
+        span["attributes"]["messaging.message.id"]: span
+        for span in spans
+        if span["name"] == "send second"
+    }
+    runs = {
+        span["attributes"]["messaging.message.id"]: span
+        for span in spans
+        if span["name"] == "process second"
+    }
+    assert sorted(sends) == sorted(runs) == sorted(ids)
+    for message_id in ids:
+        assert sends[message_id]["kind"] == "PRODUCER"
+        assert sends[message_id]["parent"] == request["span_id"]
+        assert runs[message_id]["parent"] == sends[message_id]["span_id"]
+    assert len({span["trace_id"] for span in spans}) == 1
+
+
+@pytest.mark.anyio
 async def test_a_retry_and_a_dead_letter_are_children_of_the_failed_runs(
     redis_url: str, traced: Traced
 ) -> None:
