@@ -59,7 +59,7 @@ MAX_FAILED = 4096
 def trace_headers(headers: Mapping[str, str] | None = None) -> dict[str, str]:
     """``headers`` with the current trace context added (``traceparent``, ``tracestate``).
 
-    For what no publish middleware wraps, such as
+    For a client without the middleware, such as a task given ``headers=trace_headers()`` in
     :meth:`Client.submit <streamflow.Client.submit>`: every node job of the task carries them.
     """
     carrier = dict(headers or {})

@@ -442,8 +442,13 @@ class Outbox:
         item: FunctionItem | ReduceItem,
         partials: dict[tuple[str, int], Any],
     ) -> Internal:
-        """:meth:`_call`, in a ``function <node>`` span when traced; its result carries it."""
-        if self.tracing is None or item.trace is None:
+        """:meth:`_call`, in a ``function <node>`` span when traced; its result carries it.
+
+        The span is the child of the step that decided the call, else of the task's own trace
+        context (its headers); none when there is neither.
+        """
+        parent = (item.trace or carrier_of(spec.headers)) if self.tracing is not None else None
+        if self.tracing is None or parent is None:
             return await self._call(task_id, spec, item, partials)
         node = spec.node(item.node)
         more: dict[str, str | int | bool | None] = {"streamflow.function": node.function}
@@ -452,7 +457,7 @@ class Outbox:
             more["streamflow.invocation"] = item.invocation
         attributes = span_attributes(task_id, item.node, more)
         with self.tracing.coordinator_span(
-            f"function {item.node}", item.trace, producer=False, attributes=attributes
+            f"function {item.node}", parent, producer=False, attributes=attributes
         ) as span:
             result = await self._call(task_id, spec, item, partials)
             if span is None:
