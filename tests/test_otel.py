@@ -30,6 +30,7 @@ from streamflow import logs
 from streamflow.connect import connect
 from streamflow.dag.coordinator import Coordinator
 from streamflow.dag.outbox import JobItem, decode_item, encode_item
+from streamflow.dag.tracing import Causes, carrier_of
 from streamflow.errors import MissingExtraError
 from streamflow.followups import child_task_id
 from streamflow.otel import OpenTelemetry, trace_headers
@@ -267,6 +268,52 @@ async def test_a_task_a_handler_submits_is_the_child_of_the_handlers_span(
     chain = ["request", "send order", "process order", "submit fulfil", *FULFILMENT]
     assert_chain(spans, chain)
     check_fulfilment(spans, task_id)
+
+
+@pytest.mark.anyio
+async def test_a_coordinator_without_the_middleware_passes_the_tasks_context_on(
+    redis_url: str, traced: Traced
+) -> None:
+    async with Harness(traced_app(traced.tracing), redis_url=redis_url) as h:
+        h.client.add_middleware(traced.tracing)
+        untraced = Coordinator(h.redis, namespace=h.namespace)  # no app: no tracing
+        with traced.tracer.start_as_current_span("request"):
+            task_id = await h.client.submit(fulfilment(), roles=["step"], functions=[])
+        with anyio.fail_after(30):
+            await run_until_done(h, untraced, task_id)
+    spans = by_node(traced.spans())
+    runs = [name for name in spans if name.startswith("process step@")]
+    assert sorted(runs) == ["process step@pack", "process step@pick", "process step@ship"]
+    for name in runs:
+        assert spans[name]["parent"] == spans["submit fulfil"]["span_id"]
+    assert not [name for name in spans if name.startswith(("step ", "dispatch "))]
+
+
+def test_an_item_continues_the_report_that_caused_it() -> None:
+    spec = fulfilment().spec()
+    pick_batch, pick_done, pack_done = ({"traceparent": f"00-{n}"} for n in "abc")
+    causes = Causes(
+        spec,
+        [("pick", "batch-key-0", pick_batch), ("pick", None, pick_done), ("pack", None, pack_done)],
+    )
+    assert causes.of("pack", "batch-key-0") == pick_batch  # the batch that feeds it
+    # Else the latest report of a parent, or of the node itself (a retry, a remediation).
+    assert causes.of("pack", "another-key") == pack_done
+    assert causes.of("ship") == pack_done
+    assert causes.of("pick") == pick_done
+    assert Causes(spec, [("pick", None, pick_done)]).of("pack", "another-key") == pick_done
+    assert Causes(spec, [("pack", None, pack_done)]).of("pick") == pack_done  # the step's latest
+    assert not Causes(spec, []) and Causes(spec, []).of("pick") is None
+
+
+def test_a_trace_context_read_back_keeps_only_well_formed_trace_fields() -> None:
+    parent = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    assert carrier_of({"traceparent": parent, "tracestate": "a=b", "tenant": "t"}) == {
+        "traceparent": parent,
+        "tracestate": "a=b",
+    }
+    for garbage in (None, "x", [parent], {"traceparent": ""}, {"traceparent": "x" * 513}):
+        assert carrier_of(garbage) is None, garbage
 
 
 def test_a_garbage_trace_context_in_an_outbox_item_is_dropped() -> None:
