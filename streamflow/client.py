@@ -6,8 +6,8 @@ read kept results; :class:`Client` also follows lifecycle events, and inherits i
 and dead-letter methods from :mod:`streamflow.client_ops` (submits and follows tasks, cancels,
 and lists, shows, replays and purges dead letters through :mod:`streamflow.deadletters`).
 
-A little over 600 lines: most of it is the public methods' docstrings (the API reference is
-generated from them).
+Near 700 lines: most of it is the public methods' docstrings (the API reference is generated
+from them), for two clients.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from streamflow.middleware import (
     PublishNext,
     check_all,
     compose_publish,
+    many_messages,
     overrides,
     publish_blocking,
     publish_each,
@@ -43,27 +44,6 @@ from streamflow.scripts import Scripts
 
 #: How long :meth:`Client.call` keeps a job's outcome by default.
 CALL_KEEP = timedelta(minutes=5)
-
-
-def _messages(
-    role: str,
-    payloads: Iterable[Any],
-    keys: Iterable[str] | None,
-    headers: Mapping[str, str] | None,
-    strict: bool,
-) -> list[Publish]:
-    """``publish_many``'s jobs as messages for the publish middleware, one each.
-
-    Raises:
-        ValueError: ``keys`` and ``payloads`` differ in length.
-    """
-    pairs: Iterable[tuple[Any, str | None]] = (
-        zip(payloads, keys, strict=True) if keys is not None else ((p, None) for p in payloads)
-    )
-    return [
-        Publish(role, payload, dict(headers or {}), {"key": key, "strict": strict})
-        for payload, key in pairs
-    ]
 
 
 def _job_options(
@@ -321,10 +301,8 @@ class Client(TaskMethods, ControlMethods):
             ValueError: ``keys`` and ``payloads`` differ in length.
         """
         if self._publish_chain is not None:
-            messages = _messages(role, payloads, keys, headers, strict)
             ids: list[str] = []
-            for start in range(0, len(messages), chunk_size):
-                chunk = messages[start : start + chunk_size]
+            for chunk in many_messages(role, payloads, keys, headers, strict, chunk_size):
                 ids += await publish_each(self._middleware, chunk, self._send_many)
             return ids
         with connect.public_errors(f"publishing to role {role!r}"):
@@ -637,10 +615,8 @@ class SyncClient:
     ) -> list[str]:
         """Publish many jobs to one role; returns their ids (see :meth:`Client.publish_many`)."""
         if self._middleware:
-            messages = _messages(role, payloads, keys, headers, strict)
             ids: list[str] = []
-            for start in range(0, len(messages), chunk_size):
-                chunk = messages[start : start + chunk_size]
+            for chunk in many_messages(role, payloads, keys, headers, strict, chunk_size):
                 ids += publish_blocking(self._middleware, chunk, self._send_many)
             return ids
         with connect.public_errors(f"publishing to role {role!r}"):

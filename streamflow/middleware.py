@@ -49,7 +49,16 @@ innermost by ``Worker.enable_metrics`` so that it times the handler alone).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -241,6 +250,30 @@ def compose_publish(middleware: Sequence[Middleware], publish: PublishNext) -> P
         if overrides(each, "publish"):
             call = _publish_link(each, call)
     return call
+
+
+def many_messages(
+    role: str,
+    payloads: Iterable[Any],
+    keys: Iterable[str] | None,
+    headers: Mapping[str, str] | None,
+    strict: bool,
+    chunk_size: int,
+) -> Iterator[list[Publish]]:
+    """``publish_many``'s jobs as messages for the publish middleware, one each, by chunk.
+
+    Raises:
+        ValueError: ``keys`` and ``payloads`` differ in length.
+    """
+    pairs: Iterable[tuple[Any, str | None]] = (
+        zip(payloads, keys, strict=True) if keys is not None else ((p, None) for p in payloads)
+    )
+    messages = [
+        Publish(role, payload, dict(headers or {}), {"key": key, "strict": strict})
+        for payload, key in pairs
+    ]
+    for start in range(0, len(messages), chunk_size):
+        yield messages[start : start + chunk_size]
 
 
 async def publish_each(

@@ -31,29 +31,18 @@ from streamflow.dag.graph import GraphSpec
 from streamflow.dag.store import Loaded, TaskStore
 from streamflow.dag.tasks import Dispatch, Event, Internal, Step
 from streamflow.dag.tracing import (
-    TRACE_FIELDS,
     Carrier,
     Causes,
-    CoordinatorSpan,
     TaskTracing,
     carrier_of,
+    dispatch_span,
     span_attributes,
 )
-from streamflow.errors import InputError, ProtocolError
+from streamflow.errors import InputError
 from streamflow.functions import Function
 from streamflow.keys import Keys, validate_shard
 from streamflow.logs import shown
-from streamflow.protocol import (
-    MESSAGE_FIELD,
-    PROTOCOL_VERSION,
-    BatchRef,
-    Job,
-    JobRetry,
-    check_headers,
-    decode_job,
-    encode,
-    now_ms,
-)
+from streamflow.protocol import PROTOCOL_VERSION, BatchRef, Job, JobRetry, encode, now_ms
 from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
@@ -350,56 +339,14 @@ class Outbox:
 
     async def _publish(self, jobs: Sequence[JobItem]) -> None:
         with ExitStack() as spans:
-            bodies = [self._dispatch_span(item, spans) for item in jobs]
+            bodies = [
+                dispatch_span(self.tracing, item.role, item.job.encode(), item.trace, spans)
+                for item in jobs
+            ]
             published = await self._publish_bodies(jobs, [body for body, _ in bodies])
             for (_, span), sent in zip(bodies, published, strict=True):
                 if span is not None and not sent:
                     span.set_attribute("streamflow.dispatch.duplicate", True)
-
-    def _dispatch_span(
-        self, item: JobItem, spans: ExitStack
-    ) -> tuple[bytes, CoordinatorSpan | None]:
-        """The job to publish, in a ``dispatch`` span whose context its headers carry if traced.
-
-        The span is the child of the step that decided it, else of the task's own trace
-        context (its headers); none when there is neither or no tracing.
-        """
-        body = item.job.encode()
-        if self.tracing is None:
-            return body, None
-        try:
-            job = decode_job({MESSAGE_FIELD: body})
-        except ProtocolError:
-            return body, None  # published as it is: its worker dead-letters it
-        headers = dict(job.headers or {})
-        parent = item.trace or carrier_of(headers)
-        if parent is None:
-            return body, None
-        attributes = span_attributes(
-            job.task_id or "",
-            job.node_id or "",
-            {
-                "messaging.destination.name": item.role,
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "dispatch",
-                "messaging.message.id": item.id,
-                "streamflow.invocation": job.invocation,
-            },
-        )
-        span = spans.enter_context(
-            self.tracing.coordinator_span(
-                f"dispatch {item.role}", parent, producer=True, attributes=attributes
-            )
-        )
-        if span is None:
-            return body, None
-        for name in TRACE_FIELDS:
-            headers.pop(name, None)
-        try:
-            headers = check_headers({**headers, **span.carrier})
-        except ValueError:  # no room left in its headers: it keeps the task's context
-            return body, span
-        return encode(job.model_copy(update={"headers": headers})), span
 
     async def _publish_bodies(self, jobs: Sequence[JobItem], bodies: list[bytes]) -> list[bool]:
         publishes = []

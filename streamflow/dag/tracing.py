@@ -24,10 +24,12 @@ strings, and a tracer ignores a context it cannot parse (no span, never an error
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from typing import Protocol, runtime_checkable
 
 from streamflow.dag.graph import GraphSpec
+from streamflow.errors import ProtocolError
+from streamflow.protocol import MESSAGE_FIELD, check_headers, decode_job, encode
 
 #: A W3C trace context: ``traceparent`` and maybe ``tracestate``.
 Carrier = dict[str, str]
@@ -139,3 +141,48 @@ def span_attributes(
         if value is not None:
             attributes[name] = value
     return attributes
+
+
+def dispatch_span(
+    tracing: TaskTracing | None,
+    role: str,
+    body: bytes,
+    trace: Carrier | None,
+    spans: ExitStack,
+) -> tuple[bytes, CoordinatorSpan | None]:
+    """A node's job (``body``) to publish, in a ``dispatch`` span whose context it carries.
+
+    The span (entered on ``spans``, open until the job is sent) is the child of ``trace``, the
+    step that decided the job, else of the task's own trace context (the job's headers); with
+    neither, or without ``tracing``, the job goes as it is, without a span.
+    """
+    if tracing is None:
+        return body, None
+    try:
+        job = decode_job({MESSAGE_FIELD: body})
+    except ProtocolError:
+        return body, None  # published as it is: its worker dead-letters it
+    headers = dict(job.headers or {})
+    parent = trace or carrier_of(headers)
+    if parent is None:
+        return body, None
+    more: dict[str, str | int | bool | None] = {
+        "messaging.destination.name": role,
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "dispatch",
+        "messaging.message.id": job.id,
+        "streamflow.invocation": job.invocation,
+    }
+    attributes = span_attributes(job.task_id or "", job.node_id or "", more)
+    span = spans.enter_context(
+        tracing.coordinator_span(f"dispatch {role}", parent, producer=True, attributes=attributes)
+    )
+    if span is None:
+        return body, None
+    for name in TRACE_FIELDS:
+        headers.pop(name, None)
+    try:
+        headers = check_headers({**headers, **span.carrier})
+    except ValueError:  # no room left in its headers: it keeps the task's context
+        return body, span
+    return encode(job.model_copy(update={"headers": headers})), span
