@@ -29,11 +29,12 @@ import streamflow
 from streamflow import logs
 from streamflow.connect import connect
 from streamflow.dag.coordinator import Coordinator
-from streamflow.dag.outbox import JobItem, decode_item, encode_item
+from streamflow.dag.outbox import JobItem, decode_item, encode_item, node_job_id
 from streamflow.dag.tracing import Causes, carrier_of
 from streamflow.errors import MissingExtraError
 from streamflow.followups import child_task_id
 from streamflow.otel import OpenTelemetry, trace_headers
+from streamflow.protocol import Job, encode
 from streamflow.testing import Harness
 from tests.helpers import CLI, ROOT, clean_env, wait_for
 from tests.otel_apps import describe, fulfilment, read_spans, traced_app
@@ -314,6 +315,57 @@ def test_a_trace_context_read_back_keeps_only_well_formed_trace_fields() -> None
     }
     for garbage in (None, "x", [parent], {"traceparent": ""}, {"traceparent": "x" * 513}):
         assert carrier_of(garbage) is None, garbage
+
+
+@pytest.mark.anyio
+async def test_a_dispatch_read_back_from_the_outbox_continues_the_step_stored_with_it(
+    redis_url: str, traced: Traced
+) -> None:
+    """As a coordinator does for a dispatch that another, crashed, committed and never sent."""
+    app = traced_app(traced.tracing)
+    async with Harness(app, redis_url=redis_url) as h:
+        h.client.add_middleware(traced.tracing)  # the task's own dispatch of pick: a span too
+        task_id = await h.client.submit(fulfilment(), roles=["step"], functions=[])
+        with traced.tracer.start_as_current_span("an earlier step"):
+            stored_context = trace_headers()
+        job = Job(
+            protocol=1,
+            kind="job",
+            id=node_job_id(task_id, "pick", 0),
+            role="step",
+            payload={},
+            created_at_ms=1,
+            task_id=task_id,
+            node_id="pick",
+            invocation=0,
+        )
+        left = JobItem("step", None, job.id, encode(job).decode(), stored_context)
+        outbox = h.keys.task_outbox(task_id)
+        await h.redis.hset(outbox, "000000000000.000000", encode_item(left))
+        with anyio.fail_after(30):
+            await run_until_done(h, Coordinator(h.redis, app=app, namespace=h.namespace), task_id)
+    spans = traced.spans()
+
+    def named(name: str, node: str | None = None) -> list[dict[str, Any]]:
+        return [
+            span
+            for span in spans
+            if span["name"] == name and span["attributes"].get("streamflow.node_id") == node
+        ]
+
+    [earlier], [submit], [run] = (
+        named("an earlier step"),
+        named("submit fulfil"),
+        named("process step", "pick"),
+    )
+    [sent, again] = sorted(
+        named("dispatch step", "pick"),
+        key=lambda span: "streamflow.dispatch.duplicate" in span["attributes"],
+    )
+    assert sent["parent"] == earlier["span_id"]  # the stored item, sent first
+    assert again["attributes"]["streamflow.dispatch.duplicate"] is True  # the same job again
+    assert again["parent"] == submit["span_id"]
+    assert run["parent"] == sent["span_id"]
 
 
 def test_a_garbage_trace_context_in_an_outbox_item_is_dropped() -> None:
