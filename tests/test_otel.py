@@ -35,6 +35,7 @@ from streamflow.errors import MissingExtraError
 from streamflow.followups import child_task_id
 from streamflow.otel import OpenTelemetry, trace_headers
 from streamflow.protocol import Job, encode
+from streamflow.records import TaskEvent
 from streamflow.testing import Harness
 from tests.helpers import CLI, ROOT, clean_env, wait_for
 from tests.otel_apps import describe, fulfilment, read_spans, traced_app
@@ -390,6 +391,32 @@ async def test_a_garbage_trace_context_is_ignored_by_the_coordinator(
     spans = traced.spans()  # the runs start traces of their own; the coordinator none for them
     assert not [span for span in spans if span["name"] == "dispatch step" and not span["parent"]]
     assert {span["name"] for span in spans if span["parent"] is None} == {"process step"}
+
+
+@pytest.mark.anyio
+async def test_a_report_with_a_garbage_trace_context_is_applied_without_a_span(
+    redis_url: str, traced: Traced
+) -> None:
+    app = traced_app(traced.tracing)
+    async with Harness(app, redis_url=redis_url) as h:
+        coordinator = Coordinator(h.redis, app=app, namespace=h.namespace)
+        task_id = await h.client.submit(fulfilment(), roles=["step"], functions=[])
+        await coordinator.drain()  # pick dispatched
+        done = TaskEvent(
+            protocol=1,
+            kind="event",
+            type="done",
+            task_id=task_id,
+            node_id="pick",
+            invocation=0,
+            at_ms=1,
+            total=0,
+            trace={"traceparent": "00-not-a-trace-context", "tracestate": "x"},
+        )
+        await coordinator.process(task_id, [done])
+        task = await h.client.task(task_id)
+    assert task is not None and task.nodes["pick"].state == "succeeded"
+    assert traced.spans() == []  # neither a step nor a dispatch (nothing was traced before)
 
 
 @pytest.mark.slow
