@@ -14,6 +14,7 @@ import anyio
 import orjson
 
 from streamflow.lifecycle import NO_RESOURCES, Resources
+from streamflow.protocol import carrier_of
 
 if TYPE_CHECKING:
     from streamflow.dag.graph import Graph, GraphSpec
@@ -466,7 +467,8 @@ class Context:
     @trace_context.setter
     def trace_context(self, carrier: Mapping[str, str] | None) -> None:
         if self._node is not None:
-            self._node.trace = dict(carrier) if carrier else None
+            # Only ``traceparent`` and ``tracestate`` are kept (bounded): what the reports carry.
+            self._node.trace = carrier_of(carrier)
 
     @property
     def emitted(self) -> int:

@@ -29,30 +29,27 @@ from typing import Protocol, runtime_checkable
 
 from streamflow.dag.graph import GraphSpec
 from streamflow.errors import ProtocolError
-from streamflow.protocol import MESSAGE_FIELD, check_headers, decode_job, encode
+from streamflow.protocol import (
+    MESSAGE_FIELD,
+    TRACE_FIELDS,
+    Carrier,
+    carrier_of,
+    check_headers,
+    decode_job,
+    encode,
+)
 
-#: A W3C trace context: ``traceparent`` and maybe ``tracestate``.
-Carrier = dict[str, str]
-#: The header names a trace context is made of.
-TRACE_FIELDS = ("traceparent", "tracestate")
-#: The longest value kept (``traceparent`` is 55 characters; ``tracestate`` at most 512).
-MAX_TRACE_VALUE = 512
-
-
-def carrier_of(raw: object) -> Carrier | None:
-    """The trace context in ``raw`` (untrusted: anything), or None if it holds none that fits.
-
-    Only ``traceparent`` and ``tracestate`` are kept, as non-empty strings of at most
-    :data:`MAX_TRACE_VALUE` characters; without a ``traceparent`` there is none.
-    """
-    if not isinstance(raw, Mapping):
-        return None
-    out: Carrier = {}
-    for name in TRACE_FIELDS:
-        value = raw.get(name)
-        if isinstance(value, str) and 0 < len(value) <= MAX_TRACE_VALUE:
-            out[name] = value
-    return out if "traceparent" in out else None
+__all__ = [
+    "TRACE_FIELDS",
+    "Carrier",
+    "Causes",
+    "CoordinatorSpan",
+    "TaskTracing",
+    "carrier_of",
+    "dispatch_span",
+    "span_attributes",
+    "tracing_of",
+]
 
 
 class CoordinatorSpan(Protocol):
