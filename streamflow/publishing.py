@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, Unpack
 
 import orjson
 from pydantic import BaseModel
@@ -45,6 +45,9 @@ from streamflow.protocol import (
     now_ms,
 )
 from streamflow.steps import Steps
+
+if TYPE_CHECKING:
+    from streamflow.middleware import Publish
 
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
@@ -281,15 +284,22 @@ class Publisher:
         role: str,
         payloads: Iterable[Any],
         *,
-        keys: Iterable[str] | None,
+        keys: Iterable[str | None] | None,
         chunk_size: int,
         strict: bool,
         headers: Mapping[str, str] | None = None,
+        each_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> Steps[list[str]]:
-        """Publish many jobs, one script call per chunk of one partition; returns their ids."""
+        """Publish many jobs, one script call per chunk of one partition; returns their ids.
+
+        ``each_headers``: one job's headers each (instead of ``headers`` for all).
+        """
         checked = check_headers(headers) if headers else None
+        each = None
+        if each_headers is not None:
+            each = [check_headers(own) if own else None for own in each_headers]
         layout = yield from self.layout(role, strict)
-        prepared = self._bodies(layout, payloads, keys, checked)
+        prepared = self._bodies(layout, payloads, keys, checked, each)
         if self.lane is not None:
             yield from self._many_on_lane(prepared, chunk_size)
         else:
@@ -297,6 +307,26 @@ class Publisher:
                 bodies = [body for _, _, body in chunk]
                 yield from scripts.publish_many(self._many, self.redis, chunk[0][0], bodies)
         return [message_id for _, message_id, _ in prepared]
+
+    def publish_messages(self, messages: Sequence[Publish], chunk_size: int) -> Steps[list[str]]:
+        """:meth:`publish_many` of messages that passed a publish middleware (one role).
+
+        Raises:
+            ValueError: A middleware changed a message's role.
+        """
+        role = messages[0].role
+        if any(message.role != role for message in messages):
+            raise ValueError(f"a publish middleware changed the role of a publish_many to {role!r}")
+        return (
+            yield from self.publish_many(
+                role,
+                [message.payload for message in messages],
+                keys=[message.options.get("key") for message in messages],
+                chunk_size=chunk_size,
+                strict=bool(messages[0].options.get("strict")),
+                each_headers=[message.headers for message in messages],
+            )
+        )
 
     def _many_on_lane(self, prepared: list[tuple[str, str, bytes]], size: int) -> Steps[None]:
         """Every chunk's script call in one round trip on the client's held connection.
@@ -366,8 +396,9 @@ class Publisher:
         self,
         layout: partitions.Layout,
         payloads: Iterable[Any],
-        keys: Iterable[str] | None,
+        keys: Iterable[str | None] | None,
         headers: dict[str, str] | None,
+        each_headers: Sequence[dict[str, str] | None] | None = None,
     ) -> list[tuple[str, str, bytes]]:
         """(stream, message id, body) per payload, each on its key's partition or round-robin."""
         role = layout.role
@@ -379,10 +410,11 @@ class Publisher:
             if keys is not None
             else ((payload, None) for payload in payloads)
         )
-        for payload, key in pairs:
+        for number, (payload, key) in enumerate(pairs):
             stream = streams_of[layout.pick(key)]
             message_id = new_message_id()
-            body = _encode(message_id, role, payload, created, headers=headers)
+            own = headers if each_headers is None else each_headers[number]
+            body = _encode(message_id, role, payload, created, headers=own)
             out.append((stream, message_id, body))
         return out
 

@@ -21,6 +21,7 @@ from streamflow.protocol import (
     INT64_MAX,
     MESSAGE_FIELD,
     DeadLetterReason,
+    Headers,
     Job,
     MessageId,
     Name,
@@ -191,6 +192,8 @@ class TaskEvent(WireModel):
         total: For ``done``: how many batches the invocation emitted.
         error: For ``failed``: what went wrong.
         consumer: The worker's consumer name.
+        trace: The W3C trace context (``traceparent``, ``tracestate``) of the run's handler
+            span, when a tracing middleware traced it: the coordinator's spans continue it.
     """
 
     protocol: Version
@@ -208,6 +211,7 @@ class TaskEvent(WireModel):
     total: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     error: Annotated[str, Field(max_length=4000)] | None = None
     consumer: Annotated[str, Field(max_length=200)] | None = None
+    trace: Headers | None = None
 
 
 #: What a lifecycle event reports: a job's ``started`` ... ``cancelled``, or a ``task`` or

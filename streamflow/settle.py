@@ -269,6 +269,8 @@ class Settler:
             fields["total"] = delivery.node.emitted if delivery.node is not None else 0
         elif type_ == "failed":
             fields["error"] = f"{decision.reason}: {decision.detail}"[:4000]
+        if delivery.node is not None and delivery.node.trace is not None:
+            fields["trace"] = delivery.node.trace  # the run's span: the coordinator continues it
         return nodes.event(
             job, type_, delivery=delivery.entry.deliveries, consumer=self.consumer, **fields
         )
