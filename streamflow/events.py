@@ -35,6 +35,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -78,29 +79,36 @@ ENTRY_BYTES = 16 * 1024
 #: Events buffered at most (e.g. while Redis is unreachable); more are dropped and counted.
 MAX_BUFFERED = 10_000
 
+_ID, _ATTEMPT, _TASK_ID = attrgetter("id"), attrgetter("attempt"), attrgetter("task_id")
+
 
 class _Jobs:
     """Buffered ``started`` or ``succeeded`` events of plain jobs of one role, at one time.
 
-    Written as :class:`~streamflow.records.LifecycleJobs` items: the jobs are kept as they are
-    and encoded together when the buffer is written, so that a job costs its event a list
-    append rather than an object of its own and a JSON encoding.
+    Written as :class:`~streamflow.records.LifecycleJobs` items: only the jobs' ids and
+    attempts are kept (not the jobs, which are freed when settled), encoded together when the
+    buffer is written, so that a job costs its event two list appends rather than an object of
+    its own and a JSON encoding.
     """
 
-    __slots__ = ("at_ms", "jobs", "role", "type")
+    __slots__ = ("at_ms", "attempts", "ids", "role", "type")
 
-    def __init__(self, type_: str, role: str, at_ms: int, jobs: list[Job]) -> None:
+    def __init__(
+        self, type_: str, role: str, at_ms: int, ids: list[str], attempts: list[int]
+    ) -> None:
         self.type = type_
         self.role = role
         self.at_ms = at_ms
-        self.jobs = jobs
+        self.ids = ids
+        self.attempts = attempts
 
     def pieces(self, consumer: str, room: int) -> list[tuple[bytes, int]]:
         """The items, JSON, with how many events each holds: the first at most ``room``."""
-        jobs, found, start = self.jobs, [], 0
+        ids, found, start = self.ids, [], 0
         size = room if room > 0 else ENTRY_EVENTS
-        while start < len(jobs):
-            chunk = jobs[start : start + size]
+        while start < len(ids):
+            end = start + size
+            chunk = ids[start:end]
             doc = {
                 "protocol": PROTOCOL_VERSION,
                 "kind": "lifecycle_jobs",
@@ -108,11 +116,11 @@ class _Jobs:
                 "at_ms": self.at_ms,
                 "role": self.role,
                 "consumer": consumer,
-                "message_ids": [job.id for job in chunk],
-                "attempts": [job.attempt for job in chunk],
+                "message_ids": chunk,
+                "attempts": self.attempts[start:end],
             }
             found.append((orjson.dumps(doc), len(chunk)))
-            start, size = start + size, ENTRY_EVENTS
+            start, size = end, ENTRY_EVENTS
         return found
 
 
@@ -219,24 +227,26 @@ class EventLog:
         at_ms, group = now_ms(), self._open
         if group is not None and group.at_ms == at_ms and group.role == role:
             if self._buffered < MAX_BUFFERED:
-                group.jobs.append(job)  # the same millisecond: one more job in its group
+                group.ids.append(job.id)  # the same millisecond: one more job in its group
+                group.attempts.append(job.attempt)
                 self._buffered += 1
             else:
                 self.dropped += 1
             return
-        group = _Jobs("started", role, at_ms, [job])
+        group = _Jobs("started", role, at_ms, [job.id], [job.attempt])
         if self._push(group, 1):
             self._open = group
 
     def succeeded(self, jobs: list[Job], role: str) -> None:
         """Buffer the ``succeeded`` events of jobs of ``role`` acknowledged together, now."""
-        plain = [job for job in jobs if job.task_id is None]
-        if len(plain) < len(jobs):  # of a task, not a node's run: rare; their ids go with them
+        if any(map(_TASK_ID, jobs)):  # of a task, not a node's run: rare; their ids go with them
             for job in jobs:
                 if job.task_id is not None:
                     self.job("succeeded", job, role)
-        if plain:
-            self._push(_Jobs("succeeded", role, now_ms(), plain), len(plain))
+            jobs = [job for job in jobs if job.task_id is None]
+        if jobs:
+            ids, attempts = list(map(_ID, jobs)), list(map(_ATTEMPT, jobs))
+            self._push(_Jobs("succeeded", role, now_ms(), ids, attempts), len(ids))
 
     def _push(self, item: bytes | _Jobs, events: int) -> bool:
         """Buffer ``item`` of ``events`` events, unless the buffer is full; whether it was."""
