@@ -356,7 +356,7 @@ class Client(TaskMethods, ControlMethods):
             types: Only events of these types.
             since_ms: Replay the events written since this time (ms since the epoch, by the
                 Redis server's clock) first, as far back as the capped stream holds them (at
-                least its last 2,000 entries, of up to 100 events each); None: only events
+                least its last 500 entries, of up to 100 events each); None: only events
                 written from now on.
         """
         role_set = None if roles is None else {validate_name(r, "role") for r in roles}

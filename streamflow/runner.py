@@ -335,7 +335,7 @@ class Runner:
         events = self.events
         if events is not None and role.events:
             ctx._events = events
-            events.job("started", job, role.name)
+            events.started(job, role.name)
         timeout = job.timeout or role.timeout
         chains = self._chains
         try:
