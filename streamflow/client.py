@@ -53,6 +53,7 @@ def _job_options(
     node_id: str | None,
     strict: bool,
     keep_result: timedelta | float | None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of a publish (``Publish.options``), for both clients."""
     return {
@@ -65,6 +66,7 @@ def _job_options(
         "node_id": node_id,
         "strict": strict,
         "keep_result": keep_result,
+        "priority": priority,
     }
 
 
@@ -162,6 +164,7 @@ class Client(TaskMethods, ControlMethods):
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -190,6 +193,9 @@ class Client(TaskMethods, ControlMethods):
             strict: Refuse a role that no worker ever served (see below) instead of warning.
             keep_result: Keep the job's outcome this long (seconds or a timedelta, at most
                 30 days) for :meth:`result` and :meth:`job`, whatever its role says.
+            priority: The job's priority level, for a role declared with ``priorities=N``:
+                ``0`` (the default, lowest) to ``N - 1`` (highest, taken first; see
+                docs/concepts.md#priorities). Its retries, delays and replays keep the level.
 
         A role that no worker serving it ever started in the namespace (a misspelt role, or
         workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
@@ -210,10 +216,19 @@ class Client(TaskMethods, ControlMethods):
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key, deadline or headers are out of the protocol's
-                bounds.
+                bounds, or the priority is not one of the role's levels.
         """
         options = _job_options(
-            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+            key,
+            message_id,
+            dedup_key,
+            deadline,
+            delay,
+            task_id,
+            node_id,
+            strict,
+            keep_result,
+            priority,
         )
         if self._publish_chain is not None:
             message = Publish(role, payload, dict(headers or {}), options)
@@ -265,6 +280,7 @@ class Client(TaskMethods, ControlMethods):
         chunk_size: int = 1000,
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        priorities: Iterable[int] | None = None,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
 
@@ -277,13 +293,16 @@ class Client(TaskMethods, ControlMethods):
             headers: Headers every job carries (see :meth:`publish`).
             strict: Refuse a role that no worker ever served instead of warning (see
                 :meth:`publish`).
+            priorities: One priority level per payload (see :meth:`publish`); all are checked
+                before anything is published. Without them every job is at level 0.
 
         Raises:
             RedisUnavailable: Redis could not be reached or refused for now; some chunks may
                 have been published (each chunk holds jobs of one partition, in order): retry
                 with dedup keys.
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
-            ValueError: ``keys`` and ``payloads`` differ in length.
+            ValueError: ``keys`` or ``priorities`` and ``payloads`` differ in length, or a
+                priority is not one of the role's levels.
         """
         with connect.public_errors(f"publishing to role {role!r}"):
             return await steps.run(
@@ -294,6 +313,7 @@ class Client(TaskMethods, ControlMethods):
                     chunk_size=chunk_size,
                     strict=strict,
                     headers=headers,
+                    priorities=priorities,
                 )
             )
 
@@ -513,10 +533,20 @@ class SyncClient:
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         options = _job_options(
-            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+            key,
+            message_id,
+            dedup_key,
+            deadline,
+            delay,
+            task_id,
+            node_id,
+            strict,
+            keep_result,
+            priority,
         )
         try:
             plain = self._pub.plain_for(role, payload, options, headers)
@@ -568,6 +598,7 @@ class SyncClient:
         chunk_size: int = 1000,
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        priorities: Iterable[int] | None = None,
     ) -> list[str]:
         """Publish many jobs to one role; returns their ids (see :meth:`Client.publish_many`)."""
         with connect.public_errors(f"publishing to role {role!r}"):
@@ -579,6 +610,7 @@ class SyncClient:
                     chunk_size=chunk_size,
                     strict=strict,
                     headers=headers,
+                    priorities=priorities,
                 )
             )
 

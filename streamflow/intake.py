@@ -30,6 +30,7 @@ spread one invariant (never read what cannot be held) over modules.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ from streamflow.delivery import InFlight
 from streamflow.flow import Limiter, PauseWatch
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
+from streamflow.priorities import LevelOrder
 from streamflow.protocol import MESSAGE_FIELD, now_ms
 from streamflow.scripts import Scripts
 
@@ -354,31 +356,38 @@ class Promoter:
         if wakeup is not None:
             wakeup.set()
 
-    async def run(self, shard: str, stopping: anyio.Event) -> None:
+    async def run(self, shard: str, stopping: anyio.Event, levels: int = 1) -> None:
         """Promote ``shard``'s due retries as they fall due, until ``stopping``."""
         while not stopping.is_set():
             wakeup = self._wakeups[shard] = anyio.Event()
-            next_due = await self.promote_due(shard)
+            next_due = await self.promote_due(shard, levels)
             # Sleep until the next due retry; a retry scheduled here wakes us at once, and the
             # poll picks up delayed messages other processes schedule.
             wait = PROMOTE_POLL if next_due is None else (next_due - now_ms()) / 1000
             with anyio.move_on_after(min(max(wait, 0.002), PROMOTE_POLL)):
                 await wakeup.wait()
 
-    async def promote_due(self, shard: str) -> int | None:
-        """Move due retries of a role partition to its stream; returns the next due time (ms)."""
-        try:
-            moved, next_due = await scripts.promote(
-                self._scripts,
-                self._redis,
-                self._keys.role_stream(shard),
-                self._keys.delayed(shard),
-            )
-        except connect.TRANSIENT_ERRORS:
-            return None  # the reader's backoff reports the outage
-        if moved:
-            logger.debug("moved %d due retries of %s to its stream", moved, shard)
-        return next_due
+    async def promote_due(self, shard: str, levels: int = 1) -> int | None:
+        """Move due retries of a role partition to its streams; returns the next due time (ms).
+
+        Each priority level has its own schedule, and its due jobs go back to its own stream.
+        """
+        soonest: int | None = None
+        for level in range(levels - 1, -1, -1):
+            try:
+                moved, next_due = await scripts.promote(
+                    self._scripts,
+                    self._redis,
+                    self._keys.role_stream(shard, level),
+                    self._keys.delayed(shard, level),
+                )
+            except connect.TRANSIENT_ERRORS:
+                return None  # the reader's backoff reports the outage
+            if moved:
+                logger.debug("moved %d due retries of %s (level %d)", moved, shard, level)
+            if next_due is not None and (soonest is None or next_due < soonest):
+                soonest = next_due
+        return soonest
 
 
 class Intake:
@@ -459,11 +468,16 @@ class Intake:
             for role in roles:
                 for shard in shards[role.name]:
                     if burst:
-                        await self._promoter.promote_due(shard)
+                        await self._promoter.promote_due(shard, role.priorities)
                     else:
-                        readers.start_soon(self._promoter.run, shard, self._stopping)
+                        readers.start_soon(
+                            self._promoter.run, shard, self._stopping, role.priorities
+                        )
                         readers.start_soon(self.adopt_loop, role, shard)
-                    readers.start_soon(self.read_loop, role, shard, burst)
+                    if role.priorities > 1:
+                        readers.start_soon(self.read_levels_loop, role, shard, burst)
+                    else:
+                        readers.start_soon(self.read_loop, role, shard, burst)
         # Free the running slots of what ended; the rest expire after the lease TTL.
         with anyio.move_on_after(5, shield=True):
             await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
@@ -496,6 +510,123 @@ class Intake:
                 if self._read_ahead.in_flight == 0:
                     return
                 await self._read_ahead.wait_progress()
+
+    async def read_levels_loop(self, role: Role, shard: str, burst: bool) -> None:
+        """:meth:`read_loop` for a role with priorities: the levels in :class:`LevelOrder`.
+
+        Each read serves the levels in turn without blocking (``XREADGROUP`` without
+        ``BLOCK``, for what is left of the budget), in the order the guard gives; only when
+        every level is empty does it block, on all levels at once (one ``XREADGROUP`` over the
+        partition's level streams, which share its slot).
+        """
+        streams_ = self._keys.level_streams(shard, role.priorities)
+        backoff = connect.Backoff(f"reading {streams_[0]}")
+        for stream in reversed(streams_):  # first what is pending under this name, per level
+            if not await self._resume(role, shard, stream, burst, backoff):
+                return
+        order = LevelOrder(len(streams_))
+        while not self._stopping.is_set():
+            free = await self._read_ahead.wait_budget()
+            if free <= 0 or not await self._wait_unpaused(role.name, burst):
+                return
+            took = 0
+            for level in order.next():
+                entries = await self._take(
+                    role, shard, streams_[level], free - took, None, None, backoff
+                )
+                took += len(entries or ())
+                if took >= free or self._stopping.is_set():
+                    break
+            if took:
+                continue
+            if not burst:
+                await self._take_blocking(role, shard, streams_, free, backoff)
+            elif self._read_ahead.in_flight == 0:
+                return
+            else:
+                await self._read_ahead.wait_progress()
+
+    async def _resume(
+        self, role: Role, shard: str, stream: str, burst: bool, backoff: connect.Backoff
+    ) -> bool:
+        """Take the entries already pending under this name on ``stream``; False on a stop."""
+        history: bytes | None = b"0"
+        while history is not None:
+            free = await self._read_ahead.wait_budget()
+            if free <= 0 or not await self._wait_unpaused(role.name, burst):
+                return False
+            entries = await self._take(role, shard, stream, free, None, history, backoff)
+            if entries is None:
+                continue
+            if entries:
+                logger.info("resuming %d entries pending on %s", len(entries), stream)
+            history = entries[-1].id if entries else None
+        return True
+
+    async def _take_blocking(
+        self, role: Role, shard: str, names: Sequence[str], free: int, backoff: connect.Backoff
+    ) -> None:
+        """Wait for an entry on any level (one blocking read of them all, one entry each).
+
+        A read over several streams returns up to its count from each: what falls beyond the
+        budget (or the grants of a limited role) is handed back at once, the highest levels
+        kept, its delivery count unchanged (``release.lua``).
+        """
+        tokens: list[str] | None = None
+        if self._limited(role.name):
+            tokens = await self._permits(role.name, min(free, len(names)), backoff)
+            if not tokens:
+                return
+            free = len(tokens)
+        issued = time.monotonic()
+        found = await self._read_levels(names, backoff)
+        # Highest level first: what the budget keeps.
+        found.sort(key=lambda pair: -self._keys.level_of_stream(pair[0]))
+        kept = found[:free]
+        for stream, entry in found[free:]:
+            await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
+        by_stream: dict[str, list[streams.Entry]] = {}
+        for stream, entry in kept:
+            by_stream.setdefault(stream, []).append(entry)
+        for stream, entries in by_stream.items():
+            if time.monotonic() - issued > self._leases.settings.unsafe_after:
+                entries = await self._leases.confirm(stream, entries)
+            if entries:
+                await self._hand_over(role, shard, stream, entries, issued)
+        if tokens is not None:
+            await self._bind_levels(role.name, kept, tokens, backoff)
+
+    async def _read_levels(
+        self, names: Sequence[str], backoff: connect.Backoff
+    ) -> list[tuple[str, streams.Entry]]:
+        """One blocking read of every level (at most one entry each); [] after an error."""
+        found: list[tuple[str, streams.Entry]] = []
+
+        async def read() -> None:
+            nonlocal found
+            found = await self.reader.read_many(names, count=1, block_ms=self._block_ms)
+
+        async def regroup() -> None:
+            for name in names:
+                await self.reader.regroup(name)
+
+        return found if await guarded(read, backoff, regroup=regroup) else []
+
+    async def _bind_levels(
+        self,
+        role: str,
+        ties: list[tuple[str, streams.Entry]],
+        tokens: list[str],
+        backoff: connect.Backoff,
+    ) -> None:
+        """Tie a limited role's grants to entries read on several streams; return the rest."""
+        bind = self.limiter.bind
+        for index, (stream, entry) in enumerate(ties):
+            token = tokens[index : index + 1]
+            await guarded(functools.partial(bind, role, stream, [entry], token), backoff)
+        rest = tokens[len(ties) :]
+        if rest:
+            await guarded(functools.partial(bind, role, "", [], rest), backoff)
 
     async def _take(
         self,
@@ -609,21 +740,25 @@ class Intake:
         return entries if await guarded(read, backoff, regroup=regroup) else None
 
     async def adopt_loop(self, role: Role, shard: str) -> None:
-        """Adopt a partition's entries idle past the lease TTL, one bounded step per tick."""
-        stream = self._keys.role_stream(shard)
+        """Adopt a partition's entries idle past the lease TTL, one bounded step per tick.
+
+        A role with priorities adopts on each level's stream in turn, the highest first.
+        """
+        levels = self._keys.level_streams(shard, role.priorities)[::-1]
         settings = self._leases.settings
 
         async def step() -> None:
-            free = min(self._read_ahead.free(), settings.reclaim_count)
-            if free > 0 and not self.flow.is_paused(role.name):
-                await self.adopt(role, shard, stream, free)
+            for stream in levels:
+                free = min(self._read_ahead.free(), settings.reclaim_count)
+                if free > 0 and not self.flow.is_paused(role.name):
+                    await self.adopt(role, shard, stream, free)
 
         async def regroup() -> None:
             pass  # the reader recreates the group
 
         await run_guarded(
             step,
-            f"adopting idle entries of {stream}",
+            f"adopting idle entries of {levels[0]}",
             self._stopping,
             regroup=regroup,
             every=settings.reclaim_interval,

@@ -1,0 +1,284 @@
+"""Priority levels: keys, the read order and its guard, publishing, and the worker per level.
+
+Process tests (a SIGKILLed worker with prioritised entries pending) are marked slow.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from streamflow import App, Client, Context, Retry, SyncClient, Worker, partitions
+from streamflow.delivery import Outcome
+from streamflow.errors import ConfigError, InvalidNameError
+from streamflow.keys import MAX_PRIORITIES, Keys
+from streamflow.priorities import GUARD_EVERY, LevelOrder, guard_bound
+from streamflow.protocol import new_message_id, now_ms
+from tests.helpers import last_statuses, make_worker, running, wait_until
+
+ROLE = "ranked"
+
+
+def ranked_app(seen: list[Any] | None = None, *, levels: int = 3, **options: Any) -> App:
+    app = App()
+
+    @app.role(ROLE, priorities=levels, **options)
+    async def ranked(ctx: Context, payload: Any) -> None:
+        if seen is not None:
+            seen.append(payload)
+
+    return app
+
+
+def raw_job(role: str, payload: Any, **fields: Any) -> bytes:
+    doc = {"protocol": 1, "kind": "job", "id": new_message_id(), "role": role}
+    doc |= {"payload": payload, "created_at_ms": now_ms(), **fields}
+    return orjson.dumps(doc)
+
+
+# -- keys and the read order (no Redis) ------------------------------------------------------
+
+
+def test_level_streams_share_the_partitions_slot_and_level_zero_is_the_role_stream() -> None:
+    keys = Keys("ns")
+    assert keys.level_streams("orders", 3) == [
+        "ns:{role:orders}:stream",
+        "ns:{role:orders}:level:1",
+        "ns:{role:orders}:level:2",
+    ]
+    assert keys.delayed("orders#1.7", 2) == "ns:{role:orders#1.7}:level-delayed:2"
+    for level in range(3):
+        stream = keys.role_stream("orders#1.7", level)
+        assert keys.level_of_stream(stream) == level
+        assert keys.role_of_stream(stream) == "orders#1.7"
+    assert keys.role_of_stream("ns:{role:orders}:level:9") is None
+    for bad in (-1, MAX_PRIORITIES, True, "1"):
+        with pytest.raises(InvalidNameError):
+            keys.role_stream("orders", bad)  # type: ignore[arg-type]
+
+
+def test_the_read_order_puts_the_top_first_and_each_lower_level_first_within_the_bound() -> None:
+    order = LevelOrder(3)
+    reads = [order.next() for _ in range(4 * guard_bound(3))]
+    assert reads[0] == (2, 1, 0)
+    assert sum(r[0] == 2 for r in reads) == len(reads) * (GUARD_EVERY - 1) // GUARD_EVERY
+    for level in (0, 1):
+        firsts = [i for i, r in enumerate(reads) if r[0] == level]
+        gaps = [b - a for a, b in zip([-1, *firsts], firsts, strict=False)]
+        assert firsts and max(gaps) <= guard_bound(3), (level, gaps)
+    assert all(sorted(r) == [0, 1, 2] for r in reads)  # every read may reach every level
+    with pytest.raises(ValueError):
+        LevelOrder(1)
+
+
+def test_a_role_declares_one_to_max_priorities() -> None:
+    for bad in (0, MAX_PRIORITIES + 1, 2.0):
+        with pytest.raises(ConfigError, match="priorities must be"):
+            ranked_app(levels=bad)  # type: ignore[arg-type]
+
+
+# -- publishing ------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_publishing_refuses_a_priority_the_role_does_not_have_clearly(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    client = Client(redis, namespace=namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="has no priority levels"):
+            await client.publish(ROLE, {}, priority=1)  # not created yet: only level 0
+    await Worker(ranked_app(), redis, namespace=namespace).drain()
+    client = Client(redis, namespace=namespace)
+    for bad, match in (
+        (3, "levels 0 to 2"),
+        (-1, "levels 0 to 2"),
+        ("2", "integer"),
+        (True, "integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            await client.publish(ROLE, {}, priority=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=match):
+            await client.publish_many(ROLE, [{}, {}], priorities=[0, bad])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="differ in length"):
+        await client.publish_many(ROLE, [{}, {}], priorities=[1])
+    for level in range(3):  # nothing published by a refused call
+        assert await redis.xlen(keys.role_stream(ROLE, level)) == 0
+    with SyncClient(redis_url, namespace=namespace) as sync:
+        with pytest.raises(ValueError, match="levels 0 to 2"):
+            sync.publish(ROLE, {}, priority=7)
+        sync.publish(ROLE, {"s": 1}, priority=2)
+        sync.publish_many(ROLE, [{"s": 2}, {"s": 3}], priorities=[1, 0])
+    await client.publish(ROLE, {"a": 1}, priority=2)
+    await client.publish(ROLE, {"a": 2}, priority=1, delay=60)
+    await client.publish(ROLE, {"a": 3}, priority=2, dedup_key="once")
+    await client.publish(ROLE, {"a": 3}, priority=2, dedup_key="once")
+    assert [await redis.xlen(keys.role_stream(ROLE, lv)) for lv in range(3)] == [1, 1, 3]
+    assert await redis.zcard(keys.delayed(ROLE, 1)) == 1
+    [(_, fields)] = await redis.xrange(keys.role_stream(ROLE, 1))
+    assert orjson.loads(fields[b"message"])["priority"] == 1
+    [(_, fields)] = await redis.xrange(keys.role_stream(ROLE, 0))
+    assert "priority" not in orjson.loads(fields[b"message"])  # level 0: the bytes as before
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_the_levels_are_recorded_and_a_worker_declaring_others_refuses(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    await Worker(ranked_app(levels=1), redis, namespace=namespace).drain()
+    assert await redis.hget(keys.role_config(ROLE), "levels") is None  # plain: nothing more
+    await Worker(ranked_app(levels=3), redis, namespace=namespace).drain()  # adds priorities
+    assert await redis.hget(keys.role_config(ROLE), "levels") == b"3"
+    for level in range(3):
+        assert await redis.xinfo_groups(keys.role_stream(ROLE, level))
+    for other in (1, 2):
+        with pytest.raises(partitions.PriorityMismatch, match="3 priority level"):
+            await Worker(ranked_app(levels=other), redis, namespace=namespace).drain()
+    await redis.hset(keys.role_config(ROLE), "levels", "x9")
+    with pytest.raises(ConfigError, match="recorded priority levels"):
+        await partitions.load(redis, keys, ROLE)
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_backlog_of_high_drains_before_low_while_low_keeps_its_guarded_share(
+    redis: Redis, namespace: str
+) -> None:
+    await Worker(ranked_app(), redis, namespace=namespace).drain()
+    client = Client(redis, namespace=namespace)
+    count = 300
+    await client.publish_many(ROLE, [{"p": 0, "i": i} for i in range(count)])
+    await client.publish_many(
+        ROLE, [{"p": 1, "i": i} for i in range(count)], priorities=[1] * count
+    )
+    await client.publish_many(
+        ROLE, [{"p": 2, "i": i} for i in range(count)], priorities=[2] * count
+    )
+    seen: list[Any] = []
+    worker = Worker(ranked_app(seen), redis, namespace=namespace, concurrency=4, prefetch=4)
+    await worker.drain()
+    order = [p["p"] for p in seen]
+    assert len(order) == 3 * count
+    last_high = max(i for i, p in enumerate(order) if p == 2)
+    before = order[:last_high]
+    # High went first: most of what ran before the last high job was high ...
+    assert before.count(2) == count - 1
+    assert before.count(2) / len(before) >= 0.6, (before.count(0), before.count(1))
+    # ... and each lower level still got its share: one read in guard_bound first, each
+    # read taking at most the budget (concurrency + prefetch = 8 entries).
+    reads = count / 8
+    for level in (0, 1):
+        assert before.count(level) >= reads / guard_bound(3) - 2, (level, before.count(level))
+    # Within a level, publishing order holds.
+    for level in range(3):
+        assert [p["i"] for p in seen if p["p"] == level] == list(range(count))
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_an_idle_prioritised_worker_wakes_for_a_job_on_any_level(
+    redis: Redis, namespace: str
+) -> None:
+    seen: list[Any] = []
+    outcomes: list[Outcome] = []
+    worker = make_worker(ranked_app(seen), redis, namespace, outcomes, block_ms=5000)
+    client = Client(redis, namespace=namespace)
+    async with running(worker):
+        await anyio.sleep(0.2)  # the reader is blocked on every level
+        for level in (0, 2, 1):
+            with anyio.fail_after(2):  # far less than the 5 s block
+                await client.publish(ROLE, {"level": level}, priority=level)
+                await wait_until(lambda level=level: {"level": level} in seen)
+    assert worker.statistics().acked == 3
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_retries_delays_dead_letters_replays_and_cancels_keep_the_level(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    attempts: list[int] = []
+    started: list[Any] = []
+    app = App()
+
+    @app.role(ROLE, priorities=3, retry=streamflow_retry(3), max_deliveries=10)
+    async def ranked(ctx: Context, payload: Any) -> None:
+        if payload.get("fail"):
+            attempts.append(ctx.attempt)
+            raise Retry(delay=0.05) if ctx.attempt < 3 else RuntimeError("no")
+        if payload.get("slow"):
+            started.append(ctx.message_id)
+            await anyio.sleep(30)
+
+    outcomes: list[Outcome] = []
+    worker = make_worker(app, redis, namespace, outcomes)
+    client = Client(redis, namespace=namespace)
+    await worker.drain()
+    failing = await client.publish(ROLE, {"fail": True}, priority=2)
+    delayed = await client.publish(ROLE, {"later": True}, priority=1, delay=0.3)
+    assert await redis.zcard(keys.delayed(ROLE, 1)) == 1
+    async with running(worker):
+        await wait_until(lambda: last_statuses(outcomes).get(failing) == "dead_lettered")
+        await wait_until(lambda: last_statuses(outcomes).get(delayed) == "acked")
+        slow = await client.publish(ROLE, {"slow": True}, priority=2)
+        await wait_until(lambda: slow in started)
+        await client.cancel(slow, target="message")
+        await wait_until(lambda: last_statuses(outcomes).get(slow) == "cancelled")
+    assert attempts == [1, 2, 3]
+    # The retries stayed at level 2: the schedule of level 2 was used, never level 0's.
+    assert await redis.zcard(keys.delayed(ROLE, 0)) == 0
+    [letter] = await client.dead_letters(ROLE)
+    assert letter.letter is not None and letter.letter.job is not None
+    assert letter.letter.job.priority == 2
+    await client.replay(ROLE)
+    assert await redis.xlen(keys.role_stream(ROLE, 2)) == 1  # back on its level
+    assert await redis.xlen(keys.role_stream(ROLE, 0)) == 0
+
+
+def streamflow_retry(attempts: int) -> Any:
+    from streamflow import RetryPolicy
+
+    return RetryPolicy(max_attempts=attempts, backoff=0.01, max_backoff=0.02)
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_raw_xadd_chooses_a_level_and_a_hostile_priority_is_dead_lettered_or_clamped(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys(namespace)
+    seen: list[Any] = []
+    outcomes: list[Outcome] = []
+    worker = make_worker(ranked_app(seen), redis, namespace, outcomes)
+    await worker.drain()
+    # A raw publisher picks the level by the stream it XADDs to.
+    await redis.xadd(keys.role_stream(ROLE, 2), {"message": raw_job(ROLE, "top", priority=2)})
+    await redis.xadd(keys.role_stream(ROLE, 0), {"message": raw_job(ROLE, "low")})
+    # A priority the protocol refuses (not an integer, out of 0..4): dead-lettered.
+    for bad in ("2", -1, 5, 2.5, 2**63 - 1):
+        await redis.xadd(
+            keys.role_stream(ROLE, 1), {"message": raw_job(ROLE, repr(bad), priority=bad)}
+        )
+    # A priority the protocol allows but the stream disagrees with: runs where it is, warned.
+    await redis.xadd(
+        keys.role_stream(ROLE, 0), {"message": raw_job(ROLE, "mislabelled", priority=4)}
+    )
+    await worker.drain()
+    assert seen[0] == "top"
+    assert set(seen) == {"top", "low", "mislabelled"}
+    assert await redis.xlen(keys.dead_letters(ROLE)) == 5
+    assert "level 0" in caplog.text and "priority 4" in caplog.text
