@@ -5,7 +5,9 @@ Process tests (a SIGKILLed worker with prioritised entries pending) are marked s
 
 from __future__ import annotations
 
+import subprocess
 import warnings
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,9 +19,26 @@ from streamflow import App, Client, Context, Retry, SyncClient, Worker, partitio
 from streamflow.delivery import Outcome
 from streamflow.errors import ConfigError, InvalidNameError
 from streamflow.keys import MAX_PRIORITIES, Keys
+from streamflow.ops.exporter import Exporter
+from streamflow.ops.inspect import inspect_role, inspect_roles
 from streamflow.priorities import GUARD_EVERY, LevelOrder, guard_bound
 from streamflow.protocol import new_message_id, now_ms
-from tests.helpers import last_statuses, make_worker, running, wait_until
+from tests.helpers import (
+    CLI,
+    ROOT,
+    clean_env,
+    last_statuses,
+    make_worker,
+    running,
+    wait_for,
+    wait_until,
+)
+from tests.processes import (
+    Record,
+    Workers,
+    assert_none_lost_and_duplicates_allowed,
+    unique,
+)
 
 ROLE = "ranked"
 
@@ -282,3 +301,128 @@ async def test_raw_xadd_chooses_a_level_and_a_hostile_priority_is_dead_lettered_
     assert set(seen) == {"top", "low", "mislabelled"}
     assert await redis.xlen(keys.dead_letters(ROLE)) == 5
     assert "level 0" in caplog.text and "priority 4" in caplog.text
+
+
+# -- views -----------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_inspect_job_and_the_exporter_show_the_depth_of_each_level(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    await Worker(ranked_app(), redis, namespace=namespace).drain()
+    client = Client(redis, namespace=namespace)
+    await client.publish_many(ROLE, [{}] * 5, priorities=[0, 0, 0, 2, 2])
+    later = await client.publish(ROLE, {}, priority=1, delay=60)
+    top = (await client.publish_many(ROLE, [{}], priorities=[2]))[0]
+    # One entry of level 2 delivered and left pending.
+    await redis.xreadgroup("workers", "someone", {keys.role_stream(ROLE, 2): ">"}, 1)
+    [info] = [r for r in await inspect_roles(redis, keys) if r.role == ROLE]
+    assert (info.length, info.delayed, info.partitions) == (6, 1, 1)
+    assert info.levels is not None
+    assert [(lv.level, lv.length, lv.pending, lv.delayed) for lv in info.levels] == [
+        (0, 3, 0, 0),
+        (1, 0, 0, 1),
+        (2, 3, 1, 0),
+    ]
+    detail = await inspect_role(redis, keys, ROLE)
+    assert detail is not None and [e.level for e in detail.oldest_pending] == [2]
+    assert (await client.job(top)).priority == 2
+    assert (await client.job(later)).state == "delayed"
+    assert (await client.job(later)).priority == 1
+    exporter = Exporter(redis, namespace=namespace)
+    await exporter.refresh()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in exporter.collect()
+        for s in metric.samples
+    }
+    for level, length in ((0, 3), (1, 0), (2, 3)):
+        labels = (("level", str(level)), ("role", ROLE))
+        assert samples[("streamflow_priority_level_length", labels)] == length
+    # A role without priorities shows no levels.
+    plain = App()
+    plain.role("flat")(lambda ctx, payload: None)
+    await Worker(plain, redis, namespace=namespace).drain()
+    [flat] = [r for r in await inspect_roles(redis, keys) if r.role == "flat"]
+    assert flat.levels is None
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_the_cli_publishes_at_a_level_and_refuses_one_the_role_lacks_in_one_line(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    connection = ["--redis-url", redis_url, "--namespace", namespace]
+    keys = Keys(namespace)
+    with redis_sync_client(redis_url) as plain:  # the role as its first worker records it
+        plain.hset(keys.role_config("ranked"), mapping={"shards": "ranked", "levels": "3"})
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"seconds": 0}\n{"seconds": 0}\n')
+    publish = [*CLI, "publish", "ranked", *connection]
+    for extra in (["--json", "{}", "--priority", "2"], ["--file", str(lines), "--priority", "1"]):
+        done = subprocess.run(
+            publish + extra, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    refused = subprocess.run(
+        [*publish, "--json", "{}", "--priority", "3"],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: priority 3 refused: role 'ranked' has priority levels 0 to 2"
+    )
+    with redis_sync_client(redis_url) as plain:
+        lengths = [plain.xlen(keys.role_stream("ranked", level)) for level in range(3)]
+    assert lengths == [0, 2, 1]
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_a_sigkilled_workers_prioritised_entries_are_adopted_on_every_level_and_none_lost(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    record = Record(tmp_path / "record.txt")
+    workers = Workers(tmp_path, redis_url, namespace, record.path)
+    keys = Keys(namespace)
+    try:
+        a_name, b_name = unique("a"), unique("b")
+        victim = workers.start(a_name, "--prefetch", "0", roles=["ranked"], concurrency=6)
+        victim.wait_ready()
+        slow = {"seconds_by_consumer": {a_name: 60, b_name: 0.2}}
+        with SyncClient(redis_url, namespace=namespace) as sync:
+            ids = sync.publish_many("ranked", [slow] * 6, priorities=[0, 1, 2, 0, 1, 2])
+            wait_for(lambda: set(ids) <= record.ids("START", a_name), 15, "the victim starts 6")
+            survivor = workers.start(b_name, roles=["ranked"], concurrency=8)
+            survivor.wait_ready()
+            victim.kill()
+            more = sync.publish_many("ranked", [{"seconds": 0.05}] * 6, priorities=[2, 1, 0] * 2)
+            wait_for(lambda: set(ids + more) <= record.ids("DONE", b_name), 20, "all finished")
+        assert_none_lost_and_duplicates_allowed(record, ids + more, set(ids))
+        with redis_sync_client(redis_url) as plain:
+            for level in range(3):
+                stream = keys.role_stream("ranked", level)
+                wait_for(lambda s=stream: plain.xlen(s) == 0, 5, f"level {level} settled")
+                assert plain.xpending(stream, "workers")["pending"] == 0
+            assert plain.xlen(keys.dead_letters("ranked")) == 0
+        # An adoption after a crash is not a failed attempt, at any level.
+        assert {line.attempt for line in record.events("START", b_name)} == {1}
+        survivor.assert_clean_log()
+    finally:
+        workers.kill_all()
+
+
+def redis_sync_client(url: str) -> Any:
+    import redis as redis_sync
+
+    return redis_sync.Redis.from_url(url)
