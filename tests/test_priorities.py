@@ -426,3 +426,51 @@ def redis_sync_client(url: str) -> Any:
     import redis as redis_sync
 
     return redis_sync.Redis.from_url(url)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_levels_of_partitions_on_a_cluster_read_block_retry_and_settle_in_their_slots(
+    namespace: str,
+) -> None:
+    from streamflow import connect
+    from tests.cluster import local_cluster, require_cluster_tools
+
+    require_cluster_tools()
+    keys = Keys(namespace)
+    seen: list[Any] = []
+    app = App()
+
+    @app.role(ROLE, partitions=3, priorities=3, retry=streamflow_retry(2))
+    async def ranked(ctx: Context, payload: Any) -> None:
+        seen.append(payload)
+        if payload.get("fail") and ctx.attempt == 1:
+            raise Retry(delay=0.05)
+
+    with local_cluster() as cluster:
+        redis = connect.connect(cluster.url)
+        try:
+            outcomes: list[Outcome] = []
+            worker = make_worker(app, redis, namespace, outcomes, block_ms=3000)
+            client = Client(redis, namespace=namespace)
+            async with running(worker):
+                await anyio.sleep(0.3)  # every partition's reader blocks on its 3 levels
+                with anyio.fail_after(2):  # woken well before the 3 s block ends
+                    await client.publish(ROLE, {"n": -1}, priority=2, key="k")
+                    await wait_until(lambda: {"n": -1} in seen)
+                await client.publish_many(
+                    ROLE, [{"n": i} for i in range(60)], priorities=[i % 3 for i in range(60)]
+                )
+                await client.publish(ROLE, {"fail": True}, priority=1, key="x")
+                await client.publish(ROLE, {"later": True}, priority=2, delay=0.2)
+                await wait_until(lambda: len([o for o in outcomes if o.status == "acked"]) == 63)
+            layout = await partitions.load(redis, keys, ROLE)
+            assert layout is not None and layout.levels == 3 and layout.count == 3
+            for shard in layout.shards:
+                for stream in keys.level_streams(shard, 3):
+                    assert await redis.xlen(stream) == 0
+            assert sorted(p["n"] for p in seen if "n" in p) == list(range(-1, 60))
+            assert [o.status for o in outcomes].count("retried") == 1
+        finally:
+            await redis.aclose()
