@@ -106,7 +106,7 @@ def of(drains: list[Drain], setting: str, what: str) -> list[float]:
 def cell(values: list[float], digits: int) -> str:
     """The median, then the range of the rounds."""
     low, high = min(values), max(values)
-    return f"{statistics.median(values):,.{digits}f} ({low:,.{digits}f}–{high:,.{digits}f})"
+    return f"{statistics.median(values):,.{digits}f} ({low:,.{digits}f} to {high:,.{digits}f})"
 
 
 def render(drains: list[Drain], n: int, rounds: int, date: str) -> str:
