@@ -159,6 +159,18 @@ class GroupReader:
             self._redis, names, self.group, self.consumer, count=count, block_ms=block_ms
         )
 
+    async def read_levels(
+        self, names: Sequence[str], *, count: int
+    ) -> list[tuple[str, list[streams.Entry]]]:
+        """New entries of one partition's levels in the order of ``names``, at most ``count``.
+
+        One ``read_levels.lua`` call: an ``XREADGROUP`` per level without ``BLOCK``, the next
+        level only for what the previous left of ``count``.
+        """
+        return await scripts.read_levels(
+            self._scripts, self._redis, names, self.consumer, count=count, group=self.group
+        )
+
     async def read_own(self, stream: str, *, after: bytes, count: int) -> list[streams.Entry]:
         """Entries already pending under this consumer after id ``after``, with their counts."""
         return await streams.read_own_pending(
@@ -514,10 +526,10 @@ class Intake:
     async def read_levels_loop(self, role: Role, shard: str, burst: bool) -> None:
         """:meth:`read_loop` for a role with priorities: the levels in :class:`LevelOrder`.
 
-        Each read serves the levels in turn without blocking (``XREADGROUP`` without
-        ``BLOCK``, for what is left of the budget), in the order the guard gives; only when
-        every level is empty does it block, on all levels at once (one ``XREADGROUP`` over the
-        partition's level streams, which share its slot).
+        Each read serves the levels in the order the guard gives, without blocking, in one
+        round trip (``read_levels.lua``: one ``XREADGROUP`` per level until the budget is
+        filled); only when every level is empty does it block, on all levels at once (one
+        ``XREADGROUP`` over the partition's level streams, which share its slot).
         """
         streams_ = self._keys.level_streams(shard, role.priorities)
         backoff = connect.Backoff(f"reading {streams_[0]}")
@@ -529,18 +541,11 @@ class Intake:
             free = await self._read_ahead.wait_budget()
             if free <= 0 or not await self._wait_unpaused(role.name, burst):
                 return
-            took = 0
-            for level in order.next():
-                entries = await self._take(
-                    role, shard, streams_[level], free - took, None, None, backoff
-                )
-                took += len(entries or ())
-                if took >= free or self._stopping.is_set():
-                    break
-            if took:
+            ordered = [streams_[level] for level in order.next()]
+            if await self._take_levels(role, shard, ordered, free, backoff, block=False):
                 continue
             if not burst:
-                await self._take_blocking(role, shard, streams_, free, backoff)
+                await self._take_levels(role, shard, streams_, free, backoff, block=True)
             elif self._read_ahead.in_flight == 0:
                 return
             else:
@@ -563,43 +568,70 @@ class Intake:
             history = entries[-1].id if entries else None
         return True
 
-    async def _take_blocking(
-        self, role: Role, shard: str, names: Sequence[str], free: int, backoff: connect.Backoff
-    ) -> None:
-        """Wait for an entry on any level (one blocking read of them all, one entry each).
+    async def _take_levels(
+        self,
+        role: Role,
+        shard: str,
+        names: Sequence[str],
+        free: int,
+        backoff: connect.Backoff,
+        *,
+        block: bool,
+    ) -> int:
+        """One read of several levels within the role's limits, handed over; how many.
+
+        ``block``: wait for an entry on any level (one blocking read of them all, at most one
+        entry each); else read them in the order of ``names`` until ``free`` are taken.
+        """
+        tokens: list[str] | None = None
+        if self._limited(role.name):
+            tokens = await self._permits(
+                role.name, min(free, len(names)) if block else free, backoff
+            )
+            if not tokens:
+                return 0
+            free = len(tokens)
+        issued = time.monotonic()
+        if block:
+            found = await self._block_levels(names, free, backoff)
+        else:
+            found = await self._read_levels(names, min(free, self._read_ahead.read_count), backoff)
+        taken: list[tuple[str, streams.Entry]] = []
+        for stream, entries in found:
+            if time.monotonic() - issued > self._leases.settings.unsafe_after:
+                entries = await self._leases.confirm(stream, entries)  # see _take
+            if entries:
+                await self._hand_over(role, shard, stream, entries, issued)
+                taken += [(stream, entry) for entry in entries]
+        if tokens is not None:
+            await self._bind_levels(role.name, taken, tokens, backoff)
+        return len(taken)
+
+    async def _read_levels(
+        self, names: Sequence[str], count: int, backoff: connect.Backoff
+    ) -> list[tuple[str, list[streams.Entry]]]:
+        """Up to ``count`` new entries of the levels, in the order of ``names``; [] on error."""
+        found: list[tuple[str, list[streams.Entry]]] = []
+
+        async def read() -> None:
+            nonlocal found
+            found = await self.reader.read_levels(names, count=count)
+
+        async def regroup() -> None:
+            for name in names:
+                await self.reader.regroup(name)
+
+        return found if await guarded(read, backoff, regroup=regroup) else []
+
+    async def _block_levels(
+        self, names: Sequence[str], free: int, backoff: connect.Backoff
+    ) -> list[tuple[str, list[streams.Entry]]]:
+        """Wait for entries on any level (one blocking read, at most one entry each).
 
         A read over several streams returns up to its count from each: what falls beyond the
         budget (or the grants of a limited role) is handed back at once, the highest levels
         kept, its delivery count unchanged (``release.lua``).
         """
-        tokens: list[str] | None = None
-        if self._limited(role.name):
-            tokens = await self._permits(role.name, min(free, len(names)), backoff)
-            if not tokens:
-                return
-            free = len(tokens)
-        issued = time.monotonic()
-        found = await self._read_levels(names, backoff)
-        # Highest level first: what the budget keeps.
-        found.sort(key=lambda pair: -self._keys.level_of_stream(pair[0]))
-        kept = found[:free]
-        for stream, entry in found[free:]:
-            await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
-        by_stream: dict[str, list[streams.Entry]] = {}
-        for stream, entry in kept:
-            by_stream.setdefault(stream, []).append(entry)
-        for stream, entries in by_stream.items():
-            if time.monotonic() - issued > self._leases.settings.unsafe_after:
-                entries = await self._leases.confirm(stream, entries)
-            if entries:
-                await self._hand_over(role, shard, stream, entries, issued)
-        if tokens is not None:
-            await self._bind_levels(role.name, kept, tokens, backoff)
-
-    async def _read_levels(
-        self, names: Sequence[str], backoff: connect.Backoff
-    ) -> list[tuple[str, streams.Entry]]:
-        """One blocking read of every level (at most one entry each); [] after an error."""
         found: list[tuple[str, streams.Entry]] = []
 
         async def read() -> None:
@@ -610,7 +642,15 @@ class Intake:
             for name in names:
                 await self.reader.regroup(name)
 
-        return found if await guarded(read, backoff, regroup=regroup) else []
+        if not await guarded(read, backoff, regroup=regroup):
+            return []
+        found.sort(key=lambda pair: -self._keys.level_of_stream(pair[0]))  # highest first
+        for stream, entry in found[free:]:
+            await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
+        by_stream: dict[str, list[streams.Entry]] = {}
+        for stream, entry in found[:free]:
+            by_stream.setdefault(stream, []).append(entry)
+        return list(by_stream.items())
 
     async def _bind_levels(
         self,

@@ -120,6 +120,13 @@ class Harness:
         self._client = Client(self._redis, namespace=self.namespace)
         grace = float(self._worker_options.get("shutdown_grace", 30.0))
         try:
+            # A role with priorities exists from the start, as a deployed one would: a test
+            # may publish at a level before the first drain (which would create it).
+            for role in self.app.roles.values():
+                if role.priorities > 1:
+                    await partitions.ensure(
+                        self._redis, self.keys, role.name, role.partitions, role.priorities
+                    )
             await self._hooks.enter_async_context(
                 self.app.lifecycle(self.resources).running(lambda: grace)
             )

@@ -14,6 +14,7 @@ import anyio
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import App, Client, Context, Retry, SyncClient, Worker, partitions
 from streamflow.delivery import Outcome
@@ -474,3 +475,54 @@ async def test_levels_of_partitions_on_a_cluster_read_block_retry_and_settle_in_
             assert [o.status for o in outcomes].count("retried") == 1
         finally:
             await redis.aclose()
+
+
+# -- read_levels.lua and the Harness ---------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_read_levels_takes_the_levels_in_the_order_given_within_the_budget(
+    redis: Redis, namespace: str
+) -> None:
+    from streamflow import scripts, streams
+
+    keys = Keys(namespace)
+    names = [keys.role_stream(ROLE, level) for level in (2, 1, 0)]
+    for name in names:
+        await streams.ensure_group(redis, name)
+    for level, count in ((1, 3), (0, 5)):
+        for i in range(count):
+            await redis.xadd(keys.role_stream(ROLE, level), {"message": f"{level}-{i}"})
+    registered = scripts.Scripts(redis)
+
+    async def read(order: list[str], count: int) -> list[tuple[int, list[bytes]]]:
+        found = await scripts.read_levels(registered, redis, order, "c", count=count)
+        return [
+            (keys.level_of_stream(stream), [e.fields[b"message"] for e in entries])
+            for stream, entries in found
+        ]
+
+    # The top level is empty: level 1's three, then one of level 0 fills the budget of 4.
+    assert await read(names, 4) == [(1, [b"1-0", b"1-1", b"1-2"]), (0, [b"0-0"])]
+    # Another order: level 0 first (a guard read).
+    assert await read(names[::-1], 2) == [(0, [b"0-1", b"0-2"])]
+    assert await read(names, 10) == [(0, [b"0-3", b"0-4"])]
+    assert await read(names, 10) == []  # nothing new anywhere: no entry, no error
+    assert (await redis.xpending(names[2], "workers"))["pending"] == 5  # delivered to "c"
+    await redis.delete(names[0])
+    with pytest.raises(ResponseError, match="NOGROUP"):
+        await read(names, 1)
+
+
+@pytest.mark.anyio
+async def test_the_harness_serves_levels_on_fakeredis_higher_first() -> None:
+    from streamflow.testing import Harness
+
+    seen: list[Any] = []
+    async with Harness(ranked_app(seen)) as harness:  # the role exists from the start
+        await harness.publish(ROLE, "low")
+        await harness.publish(ROLE, "top", priority=2)
+        await harness.publish(ROLE, "middle", priority=1, delay=60)
+        await harness.drain()
+    assert seen == ["top", "low", "middle"]  # the delayed one fast-forwarded last

@@ -303,7 +303,7 @@ WORKER = PartRules(
             {
                 "xgroup|create": "streams.ensure_group at start-up and after NOGROUP",
                 "xinfo|groups": "streams.ensure_group when Redis is full (does it exist?)",
-                "xreadgroup": "the reader",
+                "xreadgroup": "the reader (also in read_levels.lua)",
                 "xpending": "the reader (resumed entries' counts); owner-checking scripts",
                 "xclaim": "renew.lua, release.lua",
                 "xautoclaim": "claim.lua",

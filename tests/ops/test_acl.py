@@ -143,6 +143,7 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "replay.lua": ("operator", "dashboard"),
     "slot.lua": ("coordinator",),
     "limit.lua": ("worker",),
+    "read_levels.lua": ("worker",),
 }
 
 
