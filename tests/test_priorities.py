@@ -194,6 +194,7 @@ async def test_a_backlog_of_high_drains_before_low_while_low_keeps_its_guarded_s
     assert len(order) == 3 * count
     last_high = max(i for i, p in enumerate(order) if p == 2)
     before = order[:last_high]
+    print(f"before the last high job: {[before.count(level) for level in (2, 1, 0)]} (2, 1, 0)")
     # High went first: most of what ran before the last high job was high ...
     assert before.count(2) == count - 1
     assert before.count(2) / len(before) >= 0.6, (before.count(0), before.count(1))
@@ -526,3 +527,38 @@ async def test_the_harness_serves_levels_on_fakeredis_higher_first() -> None:
         await harness.publish(ROLE, "middle", priority=1, delay=60)
         await harness.drain()
     assert seen == ["top", "low", "middle"]  # the delayed one fast-forwarded last
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_limited_and_paused_role_with_levels_keeps_its_limit_and_loses_nothing(
+    redis: Redis, namespace: str
+) -> None:
+    running_now: list[int] = [0]
+    most: list[int] = [0]
+    seen: list[Any] = []
+    app = App()
+
+    @app.role(ROLE, priorities=3, concurrency_limit=2)
+    async def ranked(ctx: Context, payload: Any) -> None:
+        running_now[0] += 1
+        most[0] = max(most[0], running_now[0])
+        await anyio.sleep(0.01)
+        running_now[0] -= 1
+        seen.append(payload)
+
+    client = Client(redis, namespace=namespace)
+    worker = make_worker(app, redis, namespace, concurrency=8)
+    await worker.drain()  # creates the role
+    await client.publish_many(ROLE, list(range(30)), priorities=[i % 3 for i in range(30)])
+    async with running(worker):
+        await wait_until(lambda: len(seen) == 30)
+        await client.pause(ROLE)
+        await anyio.sleep(1.2)  # the pause is seen within a poll (0.5 s)
+        late = await client.publish_many(ROLE, [100, 101, 102], priorities=[2, 1, 0])
+        await anyio.sleep(0.5)
+        assert len(seen) == 30  # nothing started while paused, at any level
+        await client.resume(ROLE)
+        await wait_until(lambda: len(seen) == 33)
+    assert len(late) == 3 and sorted(seen) == [*range(30), 100, 101, 102]
+    assert most[0] <= 2
