@@ -699,6 +699,11 @@ class Intake:
             entries = await self._leases.confirm(stream, entries)
         if entries:
             await self._hand_over(role, shard, stream, entries, issued)
+            if len(entries) < free and block is not None:
+                # A short blocking read drained the stream, so the next read would only
+                # block: let the woken consumers start these handlers before it is sent
+                # (an idle worker's enqueue-to-start latency), not after.
+                await anyio.lowlevel.checkpoint()
         if tokens is not None:
             await guarded(
                 lambda: self.limiter.bind(role.name, stream, entries or [], tokens), backoff

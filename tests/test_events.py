@@ -122,8 +122,8 @@ async def test_retrying_failed_dead_lettered_and_filters(redis: Redis, namespace
     one_job: list[LifecycleEvent] = []
     with anyio.fail_after(20):
         async with running(worker(app, redis, namespace)), anyio.create_task_group() as tg:
-            tg.start_soon(partial(collect, client, flaky_events, 2, roles=["flaky"]))
-            await anyio.sleep(0.2)
+            # From the start of the (fresh) namespace's stream: no race with the first events.
+            tg.start_soon(partial(collect, client, flaky_events, 2, roles=["flaky"], since_ms=0))
             expired = await client.publish("flaky", 1, deadline=datetime(2000, 1, 1, tzinfo=UTC))
             target = await client.publish("flaky", 2)
             tg.start_soon(partial(collect, client, one_job, 1, message_id=target, since_ms=0))
