@@ -542,7 +542,8 @@ class Intake:
             if free <= 0 or not await self._wait_unpaused(role.name, burst):
                 return
             ordered = [streams_[level] for level in order.next()]
-            if await self._take_levels(role, shard, ordered, free, backoff, block=False):
+            taken = await self._take_levels(role, shard, ordered, free, backoff, block=False)
+            if taken is None or taken:  # no grant (a limited role waited): read again
                 continue
             if not burst:
                 await self._take_levels(role, shard, streams_, free, backoff, block=True)
@@ -577,11 +578,12 @@ class Intake:
         backoff: connect.Backoff,
         *,
         block: bool,
-    ) -> int:
+    ) -> int | None:
         """One read of several levels within the role's limits, handed over; how many.
 
         ``block``: wait for an entry on any level (one blocking read of them all, at most one
-        entry each); else read them in the order of ``names`` until ``free`` are taken.
+        entry each, see :meth:`_block_levels`); else read them in the order of ``names``
+        until ``free`` are taken. None: a limited role got no grant (it waited as told).
         """
         tokens: list[str] | None = None
         if self._limited(role.name):
@@ -589,11 +591,11 @@ class Intake:
                 role.name, min(free, len(names)) if block else free, backoff
             )
             if not tokens:
-                return 0
+                return None
             free = len(tokens)
         issued = time.monotonic()
         if block:
-            found = await self._block_levels(names, free, backoff)
+            found = await self._block_levels(role.name, names, tokens, backoff)
         else:
             found = await self._read_levels(names, min(free, self._read_ahead.read_count), backoff)
         taken: list[tuple[str, streams.Entry]] = []
@@ -624,13 +626,17 @@ class Intake:
         return found if await guarded(read, backoff, regroup=regroup) else []
 
     async def _block_levels(
-        self, names: Sequence[str], free: int, backoff: connect.Backoff
+        self, role: str, names: Sequence[str], tokens: list[str] | None, backoff: connect.Backoff
     ) -> list[tuple[str, list[streams.Entry]]]:
-        """Wait for entries on any level (one blocking read, at most one entry each).
+        """Wait for entries on any level: one blocking read of them all, one entry each.
 
-        A read over several streams returns up to its count from each: what falls beyond the
-        budget (or the grants of a limited role) is handed back at once, the highest levels
-        kept, its delivery count unchanged (``release.lua``).
+        It may return one entry per level (jobs published on several levels at once): like a
+        plain reader's blocked read, that may overshoot the budget, by at most levels - 1. A
+        limited role first gets a grant for each entry beyond the ones it holds (``tokens``
+        grows), waiting for them as the limiter says: an entry handed back would be adopted,
+        and adoption asks no limit. Only a stop hands back what is still without a grant
+        (``release.lua``: its delivery count unchanged); an entry that waited past the safe
+        part of its lease is confirmed before it starts (see :meth:`_take_levels`).
         """
         found: list[tuple[str, streams.Entry]] = []
 
@@ -645,12 +651,22 @@ class Intake:
         if not await guarded(read, backoff, regroup=regroup):
             return []
         found.sort(key=lambda pair: -self._keys.level_of_stream(pair[0]))  # highest first
-        for stream, entry in found[free:]:
-            await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
+        if tokens is not None and len(found) > len(tokens):
+            tokens += await self._grants(role, len(found) - len(tokens), backoff)
+            for stream, entry in found[len(tokens) :]:  # only after a stop
+                await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
+            found = found[: len(tokens)]
         by_stream: dict[str, list[streams.Entry]] = {}
-        for stream, entry in found[:free]:
+        for stream, entry in found:
             by_stream.setdefault(stream, []).append(entry)
         return list(by_stream.items())
+
+    async def _grants(self, role: str, wanted: int, backoff: connect.Backoff) -> list[str]:
+        """Grants for ``wanted`` more starts, waiting for them as the limiter says (or a stop)."""
+        granted: list[str] = []
+        while len(granted) < wanted and not self._stopping.is_set():
+            granted += await self._permits(role, wanted - len(granted), backoff)
+        return granted
 
     async def _bind_levels(
         self,

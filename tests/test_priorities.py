@@ -531,7 +531,7 @@ async def test_the_harness_serves_levels_on_fakeredis_higher_first() -> None:
 
 @pytest.mark.redis
 @pytest.mark.anyio
-async def test_a_limited_and_paused_role_with_levels_keeps_its_limit_and_loses_nothing(
+async def test_a_limited_role_with_levels_never_runs_more_than_its_limit(
     redis: Redis, namespace: str
 ) -> None:
     running_now: list[int] = [0]
@@ -553,12 +553,31 @@ async def test_a_limited_and_paused_role_with_levels_keeps_its_limit_and_loses_n
     await client.publish_many(ROLE, list(range(30)), priorities=[i % 3 for i in range(30)])
     async with running(worker):
         await wait_until(lambda: len(seen) == 30)
+        for round_ in range(5):  # an idle reader, blocked on every level, woken by 3 at once
+            await anyio.sleep(0.2)
+            await client.publish_many(
+                ROLE, [100 + 3 * round_ + i for i in range(3)], priorities=[2, 1, 0]
+            )
+            await wait_until(lambda round_=round_: len(seen) == 33 + 3 * round_)
+    assert sorted(seen) == [*range(30), *range(100, 115)]
+    assert most[0] <= 2
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_paused_role_with_levels_starts_nothing_until_resumed_and_loses_nothing(
+    redis: Redis, namespace: str
+) -> None:
+    seen: list[Any] = []
+    client = Client(redis, namespace=namespace)
+    worker = make_worker(ranked_app(seen), redis, namespace)
+    await worker.drain()  # creates the role
+    async with running(worker):
         await client.pause(ROLE)
         await anyio.sleep(1.2)  # the pause is seen within a poll (0.5 s)
-        late = await client.publish_many(ROLE, [100, 101, 102], priorities=[2, 1, 0])
+        await client.publish_many(ROLE, [0, 1, 2, 3, 4, 5], priorities=[2, 1, 0, 2, 1, 0])
         await anyio.sleep(0.5)
-        assert len(seen) == 30  # nothing started while paused, at any level
+        assert seen == []  # nothing started while paused, at any level
         await client.resume(ROLE)
-        await wait_until(lambda: len(seen) == 33)
-    assert len(late) == 3 and sorted(seen) == [*range(30), 100, 101, 102]
-    assert most[0] <= 2
+        await wait_until(lambda: len(seen) == 6)
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5]
