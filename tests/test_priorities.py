@@ -387,6 +387,19 @@ def test_the_cli_publishes_at_a_level_and_refuses_one_the_role_lacks_in_one_line
     with redis_sync_client(redis_url) as plain:
         lengths = [plain.xlen(keys.role_stream("ranked", level)) for level in range(3)]
     assert lengths == [0, 2, 1]
+    shown = subprocess.run(
+        [*CLI, "inspect", "ranked", *connection],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "priority levels (highest first): 2: 1 in stream, 0 pending, 0 delayed; "
+        "1: 2 in stream, 0 pending, 0 delayed; 0: 0 in stream, 0 pending, 0 delayed"
+    ) in shown.stdout
 
 
 @pytest.mark.redis
