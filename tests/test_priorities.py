@@ -594,3 +594,28 @@ async def test_a_paused_role_with_levels_starts_nothing_until_resumed_and_loses_
         await client.resume(ROLE)
         await wait_until(lambda: len(seen) == 6)
     assert sorted(seen) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.anyio
+async def test_a_follow_up_job_can_be_published_at_a_level() -> None:
+    from streamflow.testing import Harness
+
+    seen: list[Any] = []
+    app = App()
+
+    @app.role("parent")
+    async def parent(ctx: Context, payload: Any) -> None:
+        await ctx.publish(ROLE, "child-top", priority=2)
+
+    @app.role(ROLE, priorities=3)
+    async def ranked(ctx: Context, payload: Any) -> None:
+        seen.append(payload)
+
+    async with Harness(app) as harness:
+        await harness.publish("parent", None)
+        await harness.drain(["parent"])
+        keys = harness.keys
+        assert await harness.redis.xlen(keys.role_stream(ROLE, 2)) == 1
+        assert await harness.redis.xlen(keys.role_stream(ROLE, 0)) == 0
+        await harness.drain([ROLE])
+    assert seen == ["child-top"]
