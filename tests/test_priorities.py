@@ -302,6 +302,20 @@ async def test_raw_xadd_chooses_a_level_and_a_hostile_priority_is_dead_lettered_
     assert seen[0] == "top"
     assert set(seen) == {"top", "low", "mislabelled"}
     assert await redis.xlen(keys.dead_letters(ROLE)) == 5
+    client = Client(redis, namespace=namespace)
+    letters = await client.dead_letters(ROLE)
+    assert {entry.letter.reason for entry in letters if entry.letter} == {"invalid_message"}
+    assert all("priority" in (entry.letter.detail or "") for entry in letters if entry.letter)
+    await client.purge_dead_letters(ROLE)
+    # A valid priority the role lacks (4 of 0..2), dead-lettered (expired): its replay is
+    # clamped to the role's highest level.
+    stale = raw_job(ROLE, "stale", priority=4, deadline_ms=1)
+    await redis.xadd(keys.role_stream(ROLE, 0), {"message": stale})
+    await worker.drain()
+    [letter] = await client.dead_letters(ROLE)
+    assert letter.letter is not None and letter.letter.reason == "expired"
+    await client.replay(ROLE)
+    assert [await redis.xlen(keys.role_stream(ROLE, level)) for level in range(3)] == [0, 0, 1]
     assert "level 0" in caplog.text and "priority 4" in caplog.text
 
 
