@@ -7,8 +7,8 @@ object per line to stdout:
   result, its payload, S seconds), then ``{"event": "drained", ...}`` with the
   elapsed wall time and the process CPU time of the drain alone (imports and connecting are
   outside the timed part), and its start and end as Unix times (to time several processes).
-  ``--partitions P`` declares the role with P partitions; ``--events off`` turns its lifecycle
-  events off.
+  ``--partitions P`` declares the role with P partitions, ``--priorities N`` with N priority
+  levels; ``--events off`` turns its lifecycle events off.
 * ``latency``: ``Worker.run()``; prints ``{"event": "ready"}`` once the consumer group exists,
   records ``time.time_ns()`` minus the payload's ``t`` for each message, and after ``--expected``
   messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
@@ -82,6 +82,8 @@ async def drain(args: argparse.Namespace) -> None:
         options["keep_result"] = args.keep_result
     if args.events == "off":
         options["events"] = False
+    if args.priorities > 1:
+        options["priorities"] = args.priorities
 
     @app.role(ROLE, **options)
     async def noop(ctx: Context, payload: Any) -> Any:
@@ -225,6 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--read-count", type=int)
     parser.add_argument("--prefetch", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--partitions", type=int, default=1, help="drain: the role's partitions")
+    parser.add_argument("--priorities", type=int, default=1, help="drain: the role's levels")
     parser.add_argument(
         "--events", choices=["on", "off"], default="on", help="drain, latency: lifecycle events"
     )

@@ -56,6 +56,7 @@ def _job_options(
     node_id: str | None,
     strict: bool,
     keep_result: timedelta | float | None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of a publish (``Publish.options``), for both clients."""
     return {
@@ -68,6 +69,7 @@ def _job_options(
         "node_id": node_id,
         "strict": strict,
         "keep_result": keep_result,
+        "priority": priority,
     }
 
 
@@ -165,6 +167,7 @@ class Client(TaskMethods, ControlMethods):
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -193,6 +196,9 @@ class Client(TaskMethods, ControlMethods):
             strict: Refuse a role that no worker ever served (see below) instead of warning.
             keep_result: Keep the job's outcome this long (seconds or a timedelta, at most
                 30 days) for :meth:`result` and :meth:`job`, whatever its role says.
+            priority: The job's priority level, for a role declared with ``priorities=N``:
+                ``0`` (the default, lowest) to ``N - 1`` (highest, taken first; see
+                docs/concepts.md#priorities). Its retries, delays and replays keep the level.
 
         A role that no worker serving it ever started in the namespace (a misspelt role, or
         workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
@@ -213,10 +219,19 @@ class Client(TaskMethods, ControlMethods):
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key, deadline or headers are out of the protocol's
-                bounds.
+                bounds, or the priority is not one of the role's levels.
         """
         options = _job_options(
-            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+            key,
+            message_id,
+            dedup_key,
+            deadline,
+            delay,
+            task_id,
+            node_id,
+            strict,
+            keep_result,
+            priority,
         )
         if self._publish_chain is not None:
             message = Publish(role, payload, dict(headers or {}), options)
@@ -275,6 +290,7 @@ class Client(TaskMethods, ControlMethods):
         chunk_size: int = 1000,
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        priorities: Iterable[int] | None = None,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
 
@@ -287,6 +303,8 @@ class Client(TaskMethods, ControlMethods):
             headers: Headers every job carries (see :meth:`publish`).
             strict: Refuse a role that no worker ever served instead of warning (see
                 :meth:`publish`).
+            priorities: One priority level per payload (see :meth:`publish`); all are checked
+                before anything is published. Without them every job is at level 0.
 
         With a publish middleware each job passes through it on its own (see
         :meth:`add_middleware`); those of a chunk that reach the end of the chain go in one
@@ -298,11 +316,14 @@ class Client(TaskMethods, ControlMethods):
                 have been published (each chunk holds jobs of one partition, in order): retry
                 with dedup keys.
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
-            ValueError: ``keys`` and ``payloads`` differ in length.
+            ValueError: ``keys`` or ``priorities`` and ``payloads`` differ in length, or a
+                priority is not one of the role's levels.
         """
         if self._publish_chain is not None:
             ids: list[str] = []
-            for chunk in many_messages(role, payloads, keys, headers, strict, chunk_size):
+            for chunk in many_messages(
+                role, payloads, keys, headers, strict, chunk_size, priorities
+            ):
                 ids += await publish_each(self._middleware, chunk, self._send_many)
             return ids
         with connect.public_errors(f"publishing to role {role!r}"):
@@ -314,6 +335,7 @@ class Client(TaskMethods, ControlMethods):
                     chunk_size=chunk_size,
                     strict=strict,
                     headers=headers,
+                    priorities=priorities,
                 )
             )
 
@@ -553,10 +575,20 @@ class SyncClient:
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         options = _job_options(
-            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+            key,
+            message_id,
+            dedup_key,
+            deadline,
+            delay,
+            task_id,
+            node_id,
+            strict,
+            keep_result,
+            priority,
         )
         if self._middleware:
             message = Publish(role, payload, dict(headers or {}), options)
@@ -612,11 +644,14 @@ class SyncClient:
         chunk_size: int = 1000,
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        priorities: Iterable[int] | None = None,
     ) -> list[str]:
         """Publish many jobs to one role; returns their ids (see :meth:`Client.publish_many`)."""
         if self._middleware:
             ids: list[str] = []
-            for chunk in many_messages(role, payloads, keys, headers, strict, chunk_size):
+            for chunk in many_messages(
+                role, payloads, keys, headers, strict, chunk_size, priorities
+            ):
                 ids += publish_blocking(self._middleware, chunk, self._send_many)
             return ids
         with connect.public_errors(f"publishing to role {role!r}"):
@@ -628,6 +663,7 @@ class SyncClient:
                     chunk_size=chunk_size,
                     strict=strict,
                     headers=headers,
+                    priorities=priorities,
                 )
             )
 

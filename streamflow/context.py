@@ -279,6 +279,7 @@ class Context:
         deadline: datetime | timedelta | None = None,
         delay: datetime | timedelta | float | None = None,
         headers: Mapping[str, str] | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish a follow-up job, once per parent message however often the handler runs.
 
@@ -297,6 +298,7 @@ class Context:
             deadline: When the child must not start any more.
             delay: Start the child no earlier than this.
             headers: Headers for the child, added to (and overriding) this job's own.
+            priority: The child's priority level (see :meth:`streamflow.Client.publish`).
 
         Returns:
             The child's message id.
@@ -314,6 +316,7 @@ class Context:
             deadline=deadline,
             delay=delay,
             headers=headers,
+            priority=priority,
         )
 
     async def submit(

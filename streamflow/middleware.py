@@ -99,7 +99,8 @@ class Publish:
             job); empty when it has none.
         options: The other keyword arguments of the call, as given: for a job ``key``,
             ``message_id``, ``dedup_key``, ``deadline``, ``delay``, ``task_id``, ``node_id``,
-            ``strict``, ``keep_result`` (``publish_many``: ``key`` and ``strict``); for a task
+            ``strict``, ``keep_result``, ``priority`` (``publish_many``: ``key``, ``strict`` and
+            ``priority`` when given); for a task
             ``task_id``, ``roles``, ``functions``, ``registration_wait``.
         kind: ``"job"``, or ``"task"`` for a submit (``call_next`` returns the task id).
     """
@@ -259,11 +260,12 @@ def many_messages(
     headers: Mapping[str, str] | None,
     strict: bool,
     chunk_size: int,
+    priorities: Iterable[int] | None = None,
 ) -> Iterator[list[Publish]]:
     """``publish_many``'s jobs as messages for the publish middleware, one each, by chunk.
 
     Raises:
-        ValueError: ``keys`` and ``payloads`` differ in length.
+        ValueError: ``keys`` or ``priorities`` and ``payloads`` differ in length.
     """
     pairs: Iterable[tuple[Any, str | None]] = (
         zip(payloads, keys, strict=True) if keys is not None else ((p, None) for p in payloads)
@@ -272,6 +274,12 @@ def many_messages(
         Publish(role, payload, dict(headers or {}), {"key": key, "strict": strict})
         for payload, key in pairs
     ]
+    if priorities is not None:
+        levels = list(priorities)
+        if len(levels) != len(messages):
+            raise ValueError("priorities and payloads differ in length")
+        for message, level in zip(messages, levels, strict=True):
+            message.options["priority"] = level
     for start in range(0, len(messages), chunk_size):
         yield messages[start : start + chunk_size]
 

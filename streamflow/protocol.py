@@ -30,7 +30,7 @@ from pydantic import (
 
 from streamflow import hostile
 from streamflow.errors import InputError, ProtocolError
-from streamflow.keys import NAME_PATTERN
+from streamflow.keys import MAX_PRIORITIES, NAME_PATTERN
 
 #: The protocol version this code writes and reads.
 PROTOCOL_VERSION = 1
@@ -211,6 +211,7 @@ class Job(WireModel):
     timeout: Annotated[float, Field(gt=0, le=7 * 86_400)] | None = None
     keep_result_ms: Annotated[int, Field(ge=1, le=MAX_KEEP_RESULT_MS)] | None = None
     headers: Headers | None = None
+    priority: Annotated[int, Field(strict=True, ge=0, lt=MAX_PRIORITIES)] | None = None
 
 
 _MESSAGE_ID = TypeAdapter(MessageId)
@@ -302,6 +303,7 @@ def encode_job_fields(
     attempt: int = 1,
     keep_result_ms: int | None = None,
     headers: dict[str, str] | None = None,
+    priority: int | None = None,
 ) -> bytes:
     """Encode a job envelope straight from its fields, for publishing in bulk.
 
@@ -329,6 +331,8 @@ def encode_job_fields(
         doc["keep_result_ms"] = keep_result_ms
     if headers:
         doc["headers"] = headers
+    if priority:  # level 0 is the default: a plain job's bytes stay as they were
+        doc["priority"] = priority
     return orjson.dumps(doc)
 
 

@@ -312,7 +312,10 @@ class Settler:
             self._scripts,
             self._redis,
             stream=delivery.stream,
-            schedule=self._keys.delayed(delivery.shard),
+            # The next attempt waits in the schedule of the level it ran at, and goes back to it.
+            schedule=self._keys.delayed(
+                delivery.shard, self._keys.level_of_stream(delivery.stream)
+            ),
             consumer=self.consumer,
             entry_id=delivery.entry.id,
             due_ms=due,
