@@ -25,6 +25,7 @@ from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
 from streamflow.deadletters import DeadLetters
 from streamflow.jobs import JobStatus
+from streamflow.keylimits import with_limit_key
 from streamflow.keys import Keys, validate_name
 from streamflow.middleware import (
     Middleware,
@@ -162,6 +163,7 @@ class Client(TaskMethods, ControlMethods):
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        limit_key: str | None = None,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -190,6 +192,9 @@ class Client(TaskMethods, ControlMethods):
             strict: Refuse a role that no worker ever served (see below) instead of warning.
             keep_result: Keep the job's outcome this long (seconds or a timedelta, at most
                 30 days) for :meth:`result` and :meth:`job`, whatever its role says.
+            limit_key: The key the role's per-key limits count it under (a customer id, say:
+                1 to 128 letters, digits and ``_.:@+=/-``), sent as the
+                ``streamflow-limit-key`` header (see :mod:`streamflow.keylimits`).
 
         A role that no worker serving it ever started in the namespace (a misspelt role, or
         workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
@@ -209,12 +214,14 @@ class Client(TaskMethods, ControlMethods):
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
-            ValueError: The message id, dedup key, deadline or headers are out of the protocol's
-                bounds.
+            ValueError: The message id, dedup key, deadline, headers or limit key are out of the
+                protocol's bounds.
         """
         options = _job_options(
             key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
         )
+        if limit_key is not None:
+            headers = with_limit_key(headers, limit_key)
         if self._publish_chain is not None:
             message = Publish(role, payload, dict(headers or {}), options)
             return await self._publish_chain(message)
@@ -513,11 +520,14 @@ class SyncClient:
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        limit_key: str | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         options = _job_options(
             key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
         )
+        if limit_key is not None:
+            headers = with_limit_key(headers, limit_key)
         try:
             plain = self._pub.plain_for(role, payload, options, headers)
             if plain is not None:  # one round trip on the held connection

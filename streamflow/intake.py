@@ -20,8 +20,11 @@ their leases renewed, and releasing them would race their start. Entries pending
 worker stay pending until the resume; due retries still move to the stream (to wait there).
 
 A limited role's reader asks the :class:`~streamflow.flow.Limiter` for permits before each read
-and reads no more entries than it was granted (see :mod:`streamflow.flow`); adoption does not
-ask (an adopted entry runs once, whatever the limits).
+and reads no more entries than it was granted (see :mod:`streamflow.flow`); its adopter does the
+same before each adoption step, and adopts no more entries than it was granted (none: it tries
+again at its next tick, the entries staying pending, idle, where they are). Per-key limits are
+applied later, once an entry is decoded (:mod:`streamflow.keylimits`), to read and adopted
+entries alike.
 
 Over 600 lines on purpose: reading, adoption, read-ahead, promotion and the flow-control
 gate are the one path by which entries come in; each class is small, and splitting them would
@@ -42,6 +45,7 @@ from streamflow import connect, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
 from streamflow.flow import Limiter, PauseWatch
+from streamflow.keylimits import KeyLimiter
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
 from streamflow.protocol import MESSAGE_FIELD, now_ms
@@ -427,6 +431,8 @@ class Intake:
         #: Entries adopted (not already held here), in all and by role.
         self.adopted = 0
         self.reclaims: dict[str, int] = {}
+        #: Frees and renews per-key slots and wakes parked jobs (None: no per-key limits).
+        self.key_limiter: KeyLimiter | None = None
 
     def stop(self) -> None:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
@@ -453,6 +459,8 @@ class Intake:
             if not burst:
                 readers.start_soon(self.flow.run)
                 readers.start_soon(self.limiter.run, self._stopping)
+                if self.key_limiter is not None:
+                    readers.start_soon(self.key_limiter.run, self._stopping)
             # Every partition gets its own reader: a blocking read cannot span the slots of
             # several partitions on a cluster, and separate readers share the free capacity
             # fairly between partitions.
@@ -467,6 +475,8 @@ class Intake:
         # Free the running slots of what ended; the rest expire after the lease TTL.
         with anyio.move_on_after(5, shield=True):
             await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
+            if self.key_limiter is not None:
+                await guarded(self.key_limiter.sweep, connect.Backoff("freeing per-key slots"))
 
     async def read_loop(self, role: Role, shard: str, burst: bool) -> None:
         """Read a partition's new entries as there is room for them (``burst``: until idle)."""
@@ -632,13 +642,26 @@ class Intake:
     async def adopt(self, role: Role, shard: str, stream: str, count: int) -> None:
         """One adoption step: deliver the entries adopted that this process does not hold.
 
-        One it holds is its own again (its handler goes on), not a new delivery.
+        One it holds is its own again (its handler goes on), not a new delivery. A limited
+        role's adopter asks for permits first and adopts no more than it was granted, like its
+        reader: an adopted entry starts within the role's rate and concurrency.
         """
+        tokens: list[str] | None = None
+        if self._limited(role.name):
+            tokens, _ = await self.limiter.acquire(role.name, count)
+            if not tokens:
+                return  # the entries stay pending, idle: the next tick asks again
+            count = len(tokens)
         issued = time.monotonic()
-        entries = await self.reader.adopt(stream, count)
-        fresh = [e for e in entries if not self._held.holds(stream, e.id)]
-        if fresh:
-            logger.info("adopted %d entries idle past the lease TTL on %s", len(fresh), stream)
-            self.adopted += len(fresh)
-            self.reclaims[role.name] = self.reclaims.get(role.name, 0) + len(fresh)
-            self._deliver(role, shard, stream, fresh, issued)
+        fresh: list[streams.Entry] = []
+        try:
+            entries = await self.reader.adopt(stream, count)
+            fresh = [e for e in entries if not self._held.holds(stream, e.id)]
+            if fresh:
+                logger.info("adopted %d entries idle past the lease TTL on %s", len(fresh), stream)
+                self.adopted += len(fresh)
+                self.reclaims[role.name] = self.reclaims.get(role.name, 0) + len(fresh)
+                self._deliver(role, shard, stream, fresh, issued)
+        finally:
+            if tokens is not None:
+                await self.limiter.bind(role.name, stream, fresh, tokens)

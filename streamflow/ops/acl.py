@@ -65,6 +65,9 @@ from streamflow.keys import (
     DELAYED,
     EVENTS,
     FLOW_CONTROL,
+    FLOW_KEY_RATE,
+    FLOW_KEY_SLOTS,
+    FLOW_KEYS,
     FLOW_RATE,
     FLOW_RUNNING,
     JOB_PROGRESS,
@@ -74,6 +77,8 @@ from streamflow.keys import (
     RESULT,
     ROLE_CONFIG,
     ROLE_MARK,
+    ROLE_PARK,
+    ROLE_PARKED,
     ROLE_SLOTS,
     ROLE_STREAM,
     SCHEDULE_DEFS,
@@ -257,6 +262,12 @@ WORKER = PartRules(
         "limit.lua HGET, HEXISTS",
         FLOW_RATE: "limit.lua GET, SET PX of the next start's time",
         FLOW_RUNNING: "limit.lua ZADD, ZREM, ZREMRANGEBYSCORE, ZCARD; ZCOUNT (limits read)",
+        FLOW_KEY_SLOTS: "key_limit.lua ZADD, ZREM, ZREMRANGEBYSCORE, ZCARD, ZRANGE of a limit "
+        "key's running slots",
+        FLOW_KEY_RATE: "key_limit.lua GET, SET PX of a limit key's next start time",
+        FLOW_KEYS: "key_limit.lua ZADD, ZREM, ZREMRANGEBYSCORE of the keys holding slots",
+        ROLE_PARKED: "park.lua ZADD; unpark.lua ZSCORE, ZADD, ZREM; ZRANGEBYSCORE of the due keys",
+        ROLE_PARK: "park.lua LPUSH or RPUSH; unpark.lua LPOP, LLEN",
     },
     commands={
         **_CONNECTION,
@@ -286,6 +297,12 @@ WORKER = PartRules(
         "zremrangebyscore": "limit.lua (slots of dead workers)",
         "zcard": "limit.lua",
         "zcount": "its roles' running slots",
+        "zscore": "unpark.lua",
+        "zrangebyscore": "parked keys due to be woken",
+        "lpush": "park.lua",
+        "rpush": "park.lua",
+        "lpop": "unpark.lua",
+        "llen": "unpark.lua",
         "exists": "forget.lua (is a consumer's mark alive?)",
         "xinfo|consumers": "the cleanup of dead consumer names",
     },
@@ -298,10 +315,11 @@ WORKER = PartRules(
                 "xinfo|groups": "streams.ensure_group when Redis is full (does it exist?)",
                 "xreadgroup": "the reader",
                 "xpending": "the reader (resumed entries' counts); owner-checking scripts",
+                "xrange": "park.lua (the entry it parks)",
                 "xclaim": "renew.lua, release.lua",
                 "xautoclaim": "claim.lua",
-                "xack": "settle, retry, dead_letter, finish and result.lua",
-                "xdel": "settle, retry, dead_letter, finish and result.lua",
+                "xack": "settle, retry, dead_letter, finish, result and park.lua",
+                "xdel": "settle, retry, dead_letter, finish, result and park.lua",
                 "xtrim": "settle.lua (MINID: the acknowledged entries before the oldest pending)",
                 "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
@@ -311,7 +329,8 @@ WORKER = PartRules(
             {
                 "set": (
                     "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua, "
-                    "dead_letter.lua, limit.lua, a run's latest progress"
+                    "dead_letter.lua, limit.lua, key_limit.lua, a run's latest progress, the "
+                    "start count of a parked job woken"
                 )
             },
             (
@@ -322,15 +341,17 @@ WORKER = PartRules(
                 BATCH,
                 RESULT,
                 FLOW_RATE,
+                FLOW_KEY_RATE,
                 JOB_PROGRESS,
+                STARTS,
             ),
         ),
         Narrow(
             {
                 "del": "alive.lua release, registry entry and marks on a clean stop; a run's "
-                "latest progress when it ends"
+                "latest progress when it ends; park.lua (the start count it carries)"
             },
-            (CONSUMER_ALIVE, CONSUMER_INFO, ROLE_MARK, JOB_PROGRESS),
+            (CONSUMER_ALIVE, CONSUMER_INFO, ROLE_MARK, JOB_PROGRESS, STARTS),
         ),
         Narrow(
             {"pexpire": "start counts, cancel reports"},
@@ -477,6 +498,8 @@ OPERATOR = PartRules(
         "running nodes' jobs'",
         FLOW_CONTROL: "pause: HSETNX; resume: HDEL; limit: HSET, HDEL, HMGET; inspect: HGET",
         FLOW_RUNNING: "limit, inspect: ZCOUNT of the running slots",
+        FLOW_KEYS: "limit, inspect: ZCOUNT of the limit keys holding slots",
+        ROLE_PARKED: "limit, inspect: ZCARD of the limit keys with parked jobs",
     },
     commands={
         **_CONNECTION,
@@ -562,6 +585,8 @@ DASHBOARD = PartRules(
         JOB_PROGRESS: "jobs: GET of a running job's latest progress",
         FLOW_CONTROL: "overview, role: HGET, HMGET (paused? limits?); pause: HSETNX; resume: HDEL",
         FLOW_RUNNING: "overview, role: ZCOUNT of the running slots",
+        FLOW_KEYS: "overview, role: ZCOUNT of the limit keys holding slots",
+        ROLE_PARKED: "overview, role: ZCARD of the limit keys with parked jobs",
     },
     commands={
         **_CONNECTION,

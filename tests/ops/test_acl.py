@@ -143,6 +143,9 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "replay.lua": ("operator", "dashboard"),
     "slot.lua": ("coordinator",),
     "limit.lua": ("worker",),
+    "key_limit.lua": ("worker",),
+    "park.lua": ("worker",),
+    "unpark.lua": ("worker",),
 }
 
 
@@ -257,6 +260,11 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("flow_control", ("r",), ("worker", "operator", "dashboard")),
     ("flow_rate", ("r",), ("worker",)),
     ("flow_running", ("r",), ("worker", "operator", "dashboard")),
+    ("flow_key_slots", ("r", "cust-1"), ("worker",)),
+    ("flow_key_rate", ("r", "cust-1"), ("worker",)),
+    ("flow_keys", ("r",), ("worker", "operator", "dashboard")),
+    ("parked", ("r",), ("worker", "operator", "dashboard")),
+    ("park", ("r", "cust-1"), ("worker",)),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,
