@@ -433,6 +433,8 @@ class Intake:
         self.reclaims: dict[str, int] = {}
         #: Frees and renews per-key slots and wakes parked jobs (None: no per-key limits).
         self.key_limiter: KeyLimiter | None = None
+        # Partitions of limited roles whose adopter found no grant: their reader adopts next.
+        self._adoption_wanted: set[str] = set()
 
     def stop(self) -> None:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
@@ -528,6 +530,9 @@ class Intake:
             tokens = await self._permits(role.name, free, backoff)
             if not tokens:
                 return None
+            if shard in self._adoption_wanted and history is None:
+                await self._adopt_with(role, shard, stream, free, tokens, backoff)
+                return None
             free = len(tokens)
         issued = time.monotonic()
         entries = await self._read(stream, free, block, history, backoff)
@@ -543,6 +548,26 @@ class Intake:
                 lambda: self.limiter.bind(role.name, stream, entries or [], tokens), backoff
             )
         return entries
+
+    async def _adopt_with(
+        self,
+        role: Role,
+        shard: str,
+        stream: str,
+        free: int,
+        tokens: list[str],
+        backoff: connect.Backoff,
+    ) -> None:
+        """An adoption step the adopter could not get a grant for, with the reader's grant."""
+        self._adoption_wanted.discard(shard)
+        count = min(free, self._leases.settings.reclaim_count)
+
+        async def regroup() -> None:
+            await self.reader.regroup(stream)
+
+        await guarded(
+            lambda: self.adopt(role, shard, stream, count, tokens), backoff, regroup=regroup
+        )
 
     def _limited(self, role: str) -> bool:
         return self.limiter.declares(role) or role in self.flow.limited_at_run_time
@@ -639,19 +664,25 @@ class Intake:
             every=settings.reclaim_interval,
         )
 
-    async def adopt(self, role: Role, shard: str, stream: str, count: int) -> None:
+    async def adopt(
+        self, role: Role, shard: str, stream: str, count: int, tokens: list[str] | None = None
+    ) -> None:
         """One adoption step: deliver the entries adopted that this process does not hold.
 
         One it holds is its own again (its handler goes on), not a new delivery. A limited
-        role's adopter asks for permits first and adopts no more than it was granted, like its
-        reader: an adopted entry starts within the role's rate and concurrency.
+        role's adopter asks for permits first (or is given ``tokens``, a reader's) and adopts
+        no more than it was granted, like its reader: an adopted entry starts within the role's
+        rate and concurrency. Without a grant, the partition's reader makes the next adoption
+        step with its own next grant instead of a read: a reader blocked in a read holds its
+        grants, so the adopter alone would rarely find a running slot free.
         """
-        tokens: list[str] | None = None
-        if self._limited(role.name):
+        if tokens is None and self._limited(role.name):
             tokens, _ = await self.limiter.acquire(role.name, count)
             if not tokens:
-                return  # the entries stay pending, idle: the next tick asks again
-            count = len(tokens)
+                self._adoption_wanted.add(shard)
+                return  # the entries stay pending, idle: the reader adopts with its grant
+        if tokens is not None:
+            count = min(count, len(tokens))
         issued = time.monotonic()
         fresh: list[streams.Entry] = []
         try:

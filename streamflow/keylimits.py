@@ -67,6 +67,7 @@ from streamflow.flow import PauseWatch
 from streamflow.keys import GROUP, Keys
 from streamflow.logs import shown
 from streamflow.protocol import Job, now_ms
+from streamflow.records import PARKED_FIELD
 from streamflow.scripts import Scripts
 from streamflow.streams import START_COUNT_TTL_MS
 
@@ -160,6 +161,7 @@ class KeyLimiter:
         self._seq = itertools.count(1)
         self._slots: dict[str, _Slot] = {}
         self._renewed_at = time.monotonic()
+        self._next_look = 0.0  # when the waker looks at the due keys next (monotonic)
         #: Each key-limited role's partitions (set when the worker starts serving).
         self.shards: dict[str, tuple[str, ...]] = {}
         #: Jobs this worker parked, and parked jobs it woke, by role.
@@ -208,13 +210,31 @@ class KeyLimiter:
             reply = await self._call(role, key, "acquire", [token])
         except connect.TRANSIENT_ERRORS:
             return decisions.RELEASE  # cannot ask: hand it back rather than run it unlimited
-        if int(reply[0]):
-            if int(reply[2]):
-                self._slots[token] = _Slot(
-                    role, key, delivery.shard, delivery.stream, delivery.entry.id
-                )
-            return None
-        return Decision("park", job, detail=key, wake_at_ms=int(reply[1]))
+        if not int(reply[0]):
+            return Decision("park", job, detail=key, wake_at_ms=int(reply[1]))
+        if int(reply[2]):
+            self._slots[token] = _Slot(
+                role, key, delivery.shard, delivery.stream, delivery.entry.id
+            )
+        if int(reply[1]) and PARKED_FIELD in delivery.entry.fields:
+            await self._next_by_rate(delivery.shard, key, int(reply[1]))
+        return None
+
+    async def _next_by_rate(self, shard: str, key: str, at_ms: int) -> None:
+        """A woken job of a rate-limited key started: wake its key's next one when the rate allows.
+
+        Without this the key's other parked jobs would wait for the safety wake (a lease TTL
+        later), not for the rate. Only an existing wake time is lowered (``XX LT``).
+        """
+        try:
+            await self._redis.zadd(self._keys.parked(shard), {key: at_ms}, xx=True, lt=True)
+        except connect.TRANSIENT_ERRORS:
+            return  # the safety wake comes
+        self._look_by(at_ms)
+
+    def _look_by(self, at_ms: int) -> None:
+        """Look at the due keys by ``at_ms`` (server ms, taken as this host's) at the latest."""
+        self._next_look = min(self._next_look, time.monotonic() + max(at_ms - now_ms(), 0) / 1000)
 
     async def park(self, delivery: Delivery, decision: Decision) -> bool:
         """Apply a ``park`` decision (``park.lua``); False if the entry is not ours any more.
@@ -239,6 +259,7 @@ class KeyLimiter:
         if not int(await self._scripts.park(keys=keys, args=args, client=self._redis)):
             return False
         self.parks[role] = self.parks.get(role, 0) + 1
+        self._look_by(decision.wake_at_ms)
         logger.debug("parked %s entry %s (limit key %s)", role, delivery.entry.id.decode(), key)
         try:
             if int(await self._call(role, key, "free")):
@@ -294,8 +315,11 @@ class KeyLimiter:
 
         Only the key-limited roles, unless ``every_role``: a role whose per-key limits were
         removed at run time still has parked jobs, and they are all woken (no limit holds them).
+        Then notes when the earliest key still parked falls due (at most :data:`WAKE_POLL`
+        seconds ahead: other workers park too).
         """
         horizon = now_ms() + 1000  # the scripts decide by the server's clock
+        self._next_look = time.monotonic() + WAKE_POLL
         for role, shards in self.shards.items():
             limited = self.limits(role)
             if limited or every_role:
@@ -314,17 +338,23 @@ class KeyLimiter:
             for _ in range(each):
                 if not await self.wake(role, shard, key, "due" if each == 1 else "now"):
                     break
+        earliest = await self._redis.zrange(parked, 0, 0, withscores=True)
+        if earliest:
+            self._look_by(int(earliest[0][1]))
 
     async def run(self, stopping: anyio.Event) -> None:
-        """Sweep slots and wake due keys until the worker stops (outages waited out)."""
+        """Sweep slots and wake due keys until the worker stops (outages waited out).
+
+        The slots every :data:`SWEEP_EVERY` seconds; the due keys when the earliest falls due,
+        and at least every :data:`WAKE_POLL` seconds.
+        """
         sweeps = connect.Backoff("freeing and renewing per-key slots")
         wakes = connect.Backoff("waking parked jobs")
-        woken_at, looks = 0.0, itertools.count()
+        looks = itertools.count()
         while not stopping.is_set():
             with anyio.move_on_after(SWEEP_EVERY):
                 await stopping.wait()
             await sweeps.attempt(self.sweep)
-            if time.monotonic() - woken_at >= WAKE_POLL and not stopping.is_set():
-                woken_at = time.monotonic()
+            if time.monotonic() >= self._next_look and not stopping.is_set():
                 # Every 10th look also at roles whose per-key limits were removed.
                 await wakes.attempt(partial(self.wake_due, every_role=next(looks) % 10 == 0))

@@ -8,7 +8,8 @@
 -- ARGV[1] acquire | free | renew | release, ARGV[2] the limit key,
 -- ARGV[3] declared key rate count, ARGV[4] declared rate period ms, ARGV[5] declared key
 --         concurrency (0: none), ARGV[6] slot ttl ms, ARGV[7..n] tokens
--- acquire (one token): {1, 0, tracked} when granted (tracked: the token holds a running slot);
+-- acquire (one token): {1, next, tracked} when granted (tracked: the token holds a running slot;
+--          next: with a rate, the server time of the key's next start, else 0);
 --          {0, wake at ms} when not: the server time at which to ask again (the earliest
 --          slot's expiry, or the next start the rate allows).
 -- free: 1 if an acquire would be granted now (nothing taken), else 0.
@@ -63,13 +64,15 @@ if step then
   end
 end
 if op == 'free' then return 1 end
+local next = 0
 if step then
   redis.call('SET', KEYS[3], string.format('%.3f', tat + step), 'PX', math.ceil(step) + 1000)
+  next = math.ceil(tat + step)
 end
 if cap then
   redis.call('ZADD', KEYS[2], now + ttl, ARGV[7])
   redis.call('ZADD', KEYS[4], 'GT', now + ttl, key)
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)  -- keys whose holders all died
-  return {1, 0, 1}
+  return {1, next, 1}
 end
-return {1, 0, 0}
+return {1, next, 0}

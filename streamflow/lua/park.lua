@@ -22,7 +22,13 @@ for i = 1, #fields, 2 do
   if fields[i] == 'parked' then parks = tonumber(fields[i + 1]) or 0 end
 end
 local starts = tonumber(redis.call('GET', KEYS[4]) or '') or 0
-local item = cmsgpack.pack({fields = fields, starts = starts})
+-- The item: the start count, then each field and value as <length>:<bytes> (binary-safe, and
+-- needs no library: fakeredis's Lua has neither cmsgpack nor a byte-exact cjson).
+local parts = {tostring(starts), ';'}
+for i = 1, #fields do
+  parts[#parts + 1] = #fields[i] .. ':' .. fields[i]
+end
+local item = table.concat(parts)
 if parks > 0 then
   redis.call('LPUSH', KEYS[3], item)
 else

@@ -18,14 +18,24 @@ if not item then
   redis.call('ZREM', KEYS[2], key)
   return {}
 end
-local job = cmsgpack.unpack(item)
+-- park.lua's item: <start count>; then each field and value as <length>:<bytes>.
+local at = string.find(item, ';', 1, true)
+local starts = tonumber(string.sub(item, 1, at - 1)) or 0
+local stored = {}
+at = at + 1
+while at <= #item do
+  local colon = string.find(item, ':', at, true)
+  local size = tonumber(string.sub(item, at, colon - 1))
+  stored[#stored + 1] = string.sub(item, colon + 1, colon + size)
+  at = colon + size + 1
+end
 local fields, parks = {}, 1
-for i = 1, #job.fields, 2 do
-  if job.fields[i] == 'parked' then
-    parks = (tonumber(job.fields[i + 1]) or 0) + 1
+for i = 1, #stored, 2 do
+  if stored[i] == 'parked' then
+    parks = (tonumber(stored[i + 1]) or 0) + 1
   else
-    fields[#fields + 1] = job.fields[i]
-    fields[#fields + 1] = job.fields[i + 1]
+    fields[#fields + 1] = stored[i]
+    fields[#fields + 1] = stored[i + 1]
   end
 end
 fields[#fields + 1] = 'parked'
@@ -38,4 +48,4 @@ elseif ARGV[2] == 'due' then
 else  -- woken by a freed slot: an earlier wake already set (by the rate) stands
   redis.call('ZADD', KEYS[2], 'LT', now + tonumber(ARGV[3]), key)
 end
-return {id, job.starts or 0}
+return {id, starts}
