@@ -20,11 +20,13 @@ from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, SyncClient
-from streamflow.delivery import Outcome
-from streamflow.keylimits import LIMIT_KEY_HEADER, check_limit_key
+from streamflow.delivery import InFlight, Outcome
+from streamflow.flow import PauseWatch
+from streamflow.keylimits import LIMIT_KEY_HEADER, KeyLimiter, check_limit_key
 from streamflow.keys import Keys
 from streamflow.ops.inspect import inspect_roles
-from streamflow.protocol import Job, encode
+from streamflow.protocol import Job, encode, now_ms
+from streamflow.scripts import Scripts
 from tests.helpers import make_worker, run_cli, running, wait_for, wait_for_query, wait_until
 from tests.processes import TTL, Record, Workers, assert_none_lost_and_duplicates_allowed
 
@@ -313,3 +315,82 @@ def test_per_key_concurrency_holds_across_three_worker_processes_and_a_killed_sl
         sync.close()
         direct.close()
         workers.kill_all()
+
+
+async def test_key_limit_script_caps_a_keys_slots_and_says_when_to_ask_again(
+    redis: Redis, namespace: str
+) -> None:
+    keys, scripts = Keys(namespace), Scripts(redis)
+
+    async def call(op: str, *tokens: str, cap: int = 2, rate: tuple[int, int] = (0, 0)) -> Any:
+        lua_keys = [
+            keys.flow_control("r"),
+            keys.flow_key_slots("r", "k"),
+            keys.flow_key_rate("r", "k"),
+            keys.flow_keys("r"),
+        ]
+        args: list[str | int] = [op, "k", *rate, cap, 300, *tokens]
+        return await scripts.key_limit(keys=lua_keys, args=args, client=redis)
+
+    assert await call("acquire", "t1") == [1, 0, 1]
+    assert await call("acquire", "t2") == [1, 0, 1]
+    granted, wake = await call("acquire", "t3")
+    assert granted == 0 and 0 < wake - now_ms() <= 400  # when t1's slot would expire
+    assert await call("free") == 0
+    assert await redis.zrange(keys.flow_keys("r"), 0, -1) == [b"k"]
+    await call("release", "t1")
+    assert await call("free") == 1
+    assert await call("renew", "t2", "gone") == 1  # only slots still held are renewed
+    await call("release", "t2")
+    assert await redis.exists(keys.flow_key_slots("r", "k"), keys.flow_keys("r")) == 0
+    # A slot not renewed expires: a dead worker's comes back after the TTL.
+    assert (await call("acquire", "t4", cap=1))[0] == 1
+    taken = time.monotonic()
+    assert (await call("acquire", "t5", cap=1))[0] == 0
+
+    async def came_back() -> bool:
+        return bool((await call("acquire", "t5", cap=1))[0])
+
+    await wait_for_query(came_back, timeout=3)
+    assert time.monotonic() - taken >= 0.25
+    # The rate: one start per 100 ms, and when the next is due.
+    first = await call("acquire", "r1", cap=0, rate=(10, 1000))
+    assert first[0] == 1 and first[2] == 0 and 0 < first[1] - now_ms() <= 110
+    refused = await call("acquire", "r2", cap=0, rate=(10, 1000))
+    assert refused[0] == 0 and abs(refused[1] - first[1]) <= 1
+    # Run-time settings override the declared ones (0: no limit).
+    await redis.hset(keys.flow_control("r"), mapping={"key_rate_count": 0, "key_concurrency": 0})
+    assert (await call("acquire", "r3", cap=1, rate=(10, 1000)))[0] == 1
+
+
+async def test_a_parked_suspect_keeps_its_start_count_when_woken(
+    redis: Redis, namespace: str
+) -> None:
+    keys, scripts = Keys(namespace), Scripts(redis)
+    stream = keys.role_stream("r")
+    entry_id: bytes = await redis.xadd(stream, {"message": "{}"})  # type: ignore[assignment]
+    await redis.xgroup_create(stream, "workers", id="0")
+    await redis.xreadgroup("workers", "me", {stream: ">"})
+    await redis.set(keys.starts("r", entry_id.decode()), 2)  # started twice before
+    park_keys = [stream, keys.parked("r"), keys.park("r", "k"), keys.starts("r", entry_id.decode())]
+    args: list[str | bytes | int] = ["workers", "me", entry_id, "k", 0]
+    assert await scripts.park(keys=park_keys, args=args, client=redis) == 1
+    limiter = KeyLimiter(
+        redis,
+        scripts,
+        keys,
+        "me",
+        InFlight(),
+        PauseWatch(redis, keys, ["r"], anyio.Event()),
+        {"r": (None, 1)},
+        ttl_ms=1000,
+    )
+    assert await limiter.wake("r", "r", "k", "due")
+    found: Any = await redis.xrange(stream)
+    [(woken, fields)] = found
+    assert fields[b"parked"] == b"1"
+    assert await redis.get(keys.starts("r", woken.decode())) == b"2"
+    assert await redis.pttl(keys.starts("r", woken.decode())) > 0
+    assert limiter.wakes == {"r": 1}
+    assert not await limiter.wake("r", "r", "k", "now")  # nothing left
+    assert await redis.zcard(keys.parked("r")) == 0
