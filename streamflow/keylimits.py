@@ -179,7 +179,9 @@ class KeyLimiter:
             out[slot.role] = out.get(slot.role, 0) + 1
         return out
 
-    async def _call(self, role: str, key: str, op: str, tokens: Sequence[str] = ()) -> Any:
+    async def _call(
+        self, role: str, key: str, op: str, tokens: Sequence[str] = (), *, client: Any = None
+    ) -> Any:
         rate, cap = self._declared.get(role, (None, None))
         count, period = rate or (0, 0)
         keys = [
@@ -187,9 +189,10 @@ class KeyLimiter:
             self._keys.flow_key_slots(role, key),
             self._keys.flow_key_rate(role, key),
             self._keys.flow_keys(role),
+            self._keys.flow_waiting(role),
         ]
         args: list[str | int] = [op, key, count, period, cap or 0, self._ttl_ms, *tokens]
-        return await self._scripts.key_limit(keys=keys, args=args, client=self._redis)
+        return await self._scripts.key_limit(keys=keys, args=args, client=client or self._redis)
 
     async def gate(self, delivery: Delivery, job: Job) -> Decision | None:
         """Before ``job`` starts: None if it may (a slot of its key taken), else its decision.
@@ -239,8 +242,9 @@ class KeyLimiter:
     async def park(self, delivery: Delivery, decision: Decision) -> bool:
         """Apply a ``park`` decision (``park.lua``); False if the entry is not ours any more.
 
-        Then looks again at the key: a slot freed between the refusal and the park finds no
-        parked job to wake, so this wakes one itself.
+        Then marks the key as having parked jobs (so that the worker freeing its next slot
+        wakes one) and looks again at it: a slot freed between the refusal and the mark found
+        no job to wake, so this wakes one itself.
         """
         role, key, shard = delivery.role.name, decision.detail, delivery.shard
         keys = [
@@ -262,7 +266,7 @@ class KeyLimiter:
         self._look_by(decision.wake_at_ms)
         logger.debug("parked %s entry %s (limit key %s)", role, delivery.entry.id.decode(), key)
         try:
-            if int(await self._call(role, key, "free")):
+            if int(await self._call(role, key, "parked")):
                 await self.wake(role, shard, key, "now")
         except connect.TRANSIENT_ERRORS:
             pass  # the key's wake time still comes
@@ -284,12 +288,17 @@ class KeyLimiter:
             await self._redis.set(counted, starts, px=START_COUNT_TTL_MS)
         return True
 
-    async def _wake_freed(self, role: str, shard: str, key: str) -> None:
-        """A slot of ``key`` freed: wake one of its jobs, on ``shard`` first."""
+    async def _wake_freed(self, role: str, shard: str, key: str, mark: int) -> None:
+        """A slot of ``key`` freed and jobs of it were parked: wake one, on ``shard`` first.
+
+        None found on any partition: the key's mark is removed, unless a job was parked since
+        (its count moved on), so that the next release of the key asks nothing more.
+        """
         shards = self.shards.get(role, (shard,))
         for candidate in (shard, *(s for s in shards if s != shard)):
             if await self.wake(role, candidate, key, "now"):
                 return
+        await self._call(role, key, "unmark", [str(mark)])
 
     async def sweep(self) -> None:
         """Free the slots of entries no longer held (waking a job of each key); renew the rest."""
@@ -298,9 +307,8 @@ class KeyLimiter:
             if not self._held.holds(slot.stream, slot.entry_id):
                 done.setdefault((slot.role, slot.key, slot.shard), []).append(token)
                 del self._slots[token]
-        for (role, key, shard), tokens in done.items():
-            await self._call(role, key, "release", tokens)
-            await self._wake_freed(role, shard, key)
+        if done:
+            await self._release(done)
         if time.monotonic() - self._renewed_at < self._ttl_ms / 3000:
             return
         self._renewed_at = time.monotonic()
@@ -309,6 +317,16 @@ class KeyLimiter:
             by_key.setdefault((slot.role, slot.key), []).append(token)
         for (role, key), tokens in by_key.items():
             await self._call(role, key, "renew", tokens)
+
+    async def _release(self, done: dict[tuple[str, str, str], list[str]]) -> None:
+        """Free the slots of ``done`` in one round trip; wake a job of each marked key."""
+        pipe = self._redis.pipeline(transaction=False)
+        for (role, key, _), tokens in done.items():
+            await self._call(role, key, "release", tokens, client=pipe)
+        marks = await pipe.execute()
+        for (role, key, shard), mark in zip(done, marks, strict=True):
+            if int(mark):
+                await self._wake_freed(role, shard, key, int(mark))
 
     async def wake_due(self, *, every_role: bool = False) -> None:
         """Wake one job of each parked key whose wake time has come, on every partition.

@@ -237,6 +237,9 @@ FLOW_RUNNING = KeyKind("flow", "running", named=True)
 FLOW_KEY_SLOTS = KeyKind("flow", "keyslots", named=True, rest=True)
 FLOW_KEY_RATE = KeyKind("flow", "keyrate", named=True, rest=True)
 FLOW_KEYS = KeyKind("flow", "keys", named=True)
+#: The limit keys with parked jobs (a sorted set: key -> how many times a job of it was parked
+#: since the mark was last removed): a worker that frees a key's slot wakes a job only if marked.
+FLOW_WAITING = KeyKind("flow", "waiting", named=True)
 #: Jobs parked by a per-key limit, next to their partition's stream (moved there and back by
 #: one script each): the keys with parked jobs (a sorted set: limit key -> when to wake one,
 #: ms) and each key's parked jobs (a list, oldest first).
@@ -298,6 +301,7 @@ KINDS: tuple[KeyKind, ...] = (
     FLOW_KEY_SLOTS,
     FLOW_KEY_RATE,
     FLOW_KEYS,
+    FLOW_WAITING,
     ROLE_PARKED,
     ROLE_PARK,
 )
@@ -659,6 +663,10 @@ class Keys:
     def flow_keys(self, role: str) -> str:
         """A role's limit keys holding running slots (a sorted set: key -> latest expiry ms)."""
         return self._key(FLOW_KEYS, validate_name(role, "role"))
+
+    def flow_waiting(self, role: str) -> str:
+        """A role's limit keys with parked jobs (a sorted set: key -> times marked)."""
+        return self._key(FLOW_WAITING, validate_name(role, "role"))
 
     def parked(self, shard: str) -> str:
         """A role partition's limit keys with parked jobs (a sorted set: key -> wake ms)."""

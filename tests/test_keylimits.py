@@ -328,6 +328,7 @@ async def test_key_limit_script_caps_a_keys_slots_and_says_when_to_ask_again(
             keys.flow_key_slots("r", "k"),
             keys.flow_key_rate("r", "k"),
             keys.flow_keys("r"),
+            keys.flow_waiting("r"),
         ]
         args: list[str | int] = [op, "k", *rate, cap, 300, *tokens]
         return await scripts.key_limit(keys=lua_keys, args=args, client=redis)
@@ -338,8 +339,17 @@ async def test_key_limit_script_caps_a_keys_slots_and_says_when_to_ask_again(
     assert granted == 0 and 0 < wake - now_ms() <= 400  # when t1's slot would expire
     assert await call("free") == 0
     assert await redis.zrange(keys.flow_keys("r"), 0, -1) == [b"k"]
-    await call("release", "t1")
+    assert await call("release", "t1") == 0  # no job of the key parked: nothing to wake
     assert await call("free") == 1
+    # A parked job marks its key: the next release says so, and an unmark with a stale count
+    # (a job parked since) keeps the mark.
+    assert await call("parked") == 1
+    assert await call("parked") == 1
+    assert await call("release", "none") == 2
+    await call("unmark", "1")
+    assert await redis.zscore(keys.flow_waiting("r"), "k") == 2
+    await call("unmark", "2")
+    assert await redis.zscore(keys.flow_waiting("r"), "k") is None
     assert await call("renew", "t2", "gone") == 1  # only slots still held are renewed
     await call("release", "t2")
     assert await redis.exists(keys.flow_key_slots("r", "k"), keys.flow_keys("r")) == 0

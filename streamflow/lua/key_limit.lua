@@ -4,8 +4,9 @@
 -- KEYS[1] flow control hash (fields key_concurrency, key_rate_count, key_rate_period_ms
 --         override the declared ones; 0 means no limit), KEYS[2] the key's running slots
 --         (zset: token -> expiry ms), KEYS[3] the key's rate state (next start time, ms),
---         KEYS[4] the role's keys holding slots (zset: limit key -> latest expiry ms)
--- ARGV[1] acquire | free | renew | release, ARGV[2] the limit key,
+--         KEYS[4] the role's keys holding slots (zset: limit key -> latest expiry ms),
+--         KEYS[5] the role's keys with parked jobs (zset: limit key -> mark count)
+-- ARGV[1] acquire | free | parked | renew | release | unmark, ARGV[2] the limit key,
 -- ARGV[3] declared key rate count, ARGV[4] declared rate period ms, ARGV[5] declared key
 --         concurrency (0: none), ARGV[6] slot ttl ms, ARGV[7..n] tokens
 -- acquire (one token): {1, next, tracked} when granted (tracked: the token holds a running slot;
@@ -13,7 +14,11 @@
 --          {0, wake at ms} when not: the server time at which to ask again (the earliest
 --          slot's expiry, or the next start the rate allows).
 -- free: 1 if an acquire would be granted now (nothing taken), else 0.
--- renew: extends the tokens' slots (only those still held); release: frees them.
+-- parked: a job of the key was just parked: marks the key (its mark count rises), then as free.
+-- release: frees the tokens' slots; returns the key's mark count (0: no parked job known, no
+--          wake needed). unmark: removes the mark if its count is still ARGV[7] (no job was
+--          parked since the releaser found none to wake).
+-- renew: extends the tokens' slots (only those still held).
 -- Uses the server's clock, so workers with skewed clocks agree.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -27,7 +32,15 @@ end
 if op == 'release' then
   for i = 7, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
   if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[4], key) end
-  return 1
+  return tonumber(redis.call('ZSCORE', KEYS[5], key) or '0')
+end
+if op == 'unmark' then
+  if redis.call('ZSCORE', KEYS[5], key) == ARGV[7] then redis.call('ZREM', KEYS[5], key) end
+  return 0
+end
+if op == 'parked' then
+  redis.call('ZINCRBY', KEYS[5], 1, key)
+  op = 'free'
 end
 if op == 'renew' then
   local kept = 0

@@ -263,6 +263,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("flow_key_slots", ("r", "cust-1"), ("worker",)),
     ("flow_key_rate", ("r", "cust-1"), ("worker",)),
     ("flow_keys", ("r",), ("worker", "operator", "dashboard")),
+    ("flow_waiting", ("r",), ("worker",)),
     ("parked", ("r",), ("worker", "operator", "dashboard")),
     ("park", ("r", "cust-1"), ("worker",)),
 ]
