@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, Worker, connect
 from streamflow.delivery import Outcome
+from streamflow.errors import UnknownRoleWarning
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "## Per-key limits (cost per message)"
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     n = args.messages or (QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES)
     date = run_date()
+    warnings.filterwarnings("ignore", category=UnknownRoleWarning)  # a fresh namespace each
     rounds = []
     with redis_url(args.redis_url) as url:
         for i in range(args.rounds):

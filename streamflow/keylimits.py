@@ -23,13 +23,16 @@ the front of its key's list, so a key's jobs keep their order). A job is woken:
 
 * when a running slot of its key frees: the worker that frees it (its job settled) wakes one
   job of the key on that partition (or on another partition of the role if none is parked
-  there);
+  there), if the key is marked as having parked jobs (``{flow:<role>}:waiting``, marked after
+  each park with a count, so that a worker finding none to wake removes only the mark it saw);
 * when its key's wake time comes: the time the rate allows the next start, or, for a
   concurrency limit, the earliest expiry of the key's slots, which is when the slot of a worker
   that died comes back. Every worker looks at the due keys of its key-limited roles every
   :data:`WAKE_POLL` seconds (one ``ZRANGE`` per partition);
-* at once after parking, if a slot freed between the refusal and the park (the park and the
-  slot live in different slots of a Redis Cluster, so this re-check closes the race).
+* at once after parking, if a slot freed between the refusal and the mark (the park and the
+  slots live in different slots of a Redis Cluster, so they cannot be one script: a park is
+  followed by the mark and a look at the key's slots, a release by a look at the mark, and
+  whichever comes second sees the other).
 
 A woken job is not given the slot: it asks again when it is read. If another job of its key
 took the slot meanwhile, it is parked again (at the front). Each such round costs a read and
@@ -60,12 +63,14 @@ from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, ResponseError
 
 from streamflow import connect, decisions
 from streamflow.delivery import Decision, Delivery, InFlight
 from streamflow.flow import PauseWatch
 from streamflow.keys import GROUP, Keys
 from streamflow.logs import shown
+from streamflow.pipelines import AutoPipeline
 from streamflow.protocol import Job, now_ms
 from streamflow.records import PARKED_FIELD
 from streamflow.scripts import Scripts
@@ -158,6 +163,9 @@ class KeyLimiter:
             role: limits for role, limits in declared.items() if limits != (None, None)
         }
         self._ttl_ms = ttl_ms
+        # The gate's calls share round trips: many consumers ask at once (not on a cluster,
+        # whose commands go to the node of their slot).
+        self._lane = None if connect.is_cluster(redis) else AutoPipeline(redis)
         self._seq = itertools.count(1)
         self._slots: dict[str, _Slot] = {}
         self._renewed_at = time.monotonic()
@@ -179,9 +187,9 @@ class KeyLimiter:
             out[slot.role] = out.get(slot.role, 0) + 1
         return out
 
-    async def _call(
-        self, role: str, key: str, op: str, tokens: Sequence[str] = (), *, client: Any = None
-    ) -> Any:
+    def _script_args(
+        self, role: str, key: str, op: str, tokens: Sequence[str]
+    ) -> tuple[list[str], list[str | int]]:
         rate, cap = self._declared.get(role, (None, None))
         count, period = rate or (0, 0)
         keys = [
@@ -191,8 +199,31 @@ class KeyLimiter:
             self._keys.flow_keys(role),
             self._keys.flow_waiting(role),
         ]
-        args: list[str | int] = [op, key, count, period, cap or 0, self._ttl_ms, *tokens]
+        return keys, [op, key, count, period, cap or 0, self._ttl_ms, *tokens]
+
+    async def _call(
+        self, role: str, key: str, op: str, tokens: Sequence[str] = (), *, client: Any = None
+    ) -> Any:
+        keys, args = self._script_args(role, key, op, tokens)
         return await self._scripts.key_limit(keys=keys, args=args, client=client or self._redis)
+
+    async def _acquire(self, role: str, key: str, token: str) -> Any:
+        """``acquire`` through the shared lane: concurrent gates share one round trip."""
+        if self._lane is None:
+            return await self._call(role, key, "acquire", [token])
+        keys, args = self._script_args(role, key, "acquire", [token])
+        sha = self._scripts.key_limit.sha
+        (reply,) = await self._lane.call([("EVALSHA", sha, len(keys), *keys, *args)])
+        if isinstance(reply, NoScriptError):
+            return await self._call(role, key, "acquire", [token])  # loads the script
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def aclose(self) -> None:
+        """Give the gate's held connection back to the pool."""
+        if self._lane is not None:
+            await self._lane.aclose()
 
     async def gate(self, delivery: Delivery, job: Job) -> Decision | None:
         """Before ``job`` starts: None if it may (a slot of its key taken), else its decision.
@@ -210,7 +241,7 @@ class KeyLimiter:
             return decisions.dead("invalid_message", str(exc), job)
         token = f"{self._consumer}:k{next(self._seq)}"
         try:
-            reply = await self._call(role, key, "acquire", [token])
+            reply = await self._acquire(role, key, token)
         except connect.TRANSIENT_ERRORS:
             return decisions.RELEASE  # cannot ask: hand it back rather than run it unlimited
         if not int(reply[0]):

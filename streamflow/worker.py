@@ -536,7 +536,7 @@ class Worker:
 
     async def _give_up_name(self) -> None:
         """Release the consumer name and its marks, never raising over what ended serving."""
-        for release in (self._leases.release_name, self._names.unmark):
+        for release in (self._leases.release_name, self._names.unmark, self._key_limiter.aclose):
             with anyio.move_on_after(5, shield=True):
                 try:
                     await release()
