@@ -40,9 +40,9 @@ three script calls, and happens at most once per wake: no hot loop.
 
 **Slots** (``key_limit.lua``, in the role's ``{flow:<role>}`` slot, so every worker of every
 partition agrees): a running slot is a token in ``{flow:<role>}:keyslots:<key>`` with the
-lease TTL as its expiry, renewed every third of it while the job is held, freed when it is
-settled: the slot of a SIGKILLed worker comes back within the TTL. The rate is a GCRA per key
-(``{flow:<role>}:keyrate:<key>``), like the role's.
+lease TTL as its expiry, renewed every third of it while the job is held, freed as soon as
+its handler ends: the slot of a SIGKILLed worker comes back within the TTL. The rate is a GCRA
+per key (``{flow:<role>}:keyrate:<key>``), like the role's.
 
 **Untrusted keys.** A limit key is 1 to :data:`MAX_LIMIT_KEY` characters of letters, digits and
 ``_.:@+=/-``; ``publish`` refuses anything else, and a worker dead-letters a job of a
@@ -168,6 +168,12 @@ class KeyLimiter:
         self._lane = None if connect.is_cluster(redis) else AutoPipeline(redis)
         self._seq = itertools.count(1)
         self._slots: dict[str, _Slot] = {}
+        # The token of each entry holding a slot, and the tokens whose handler has ended: freed
+        # at the next sweep, which the end wakes (not only when the entry is settled: the
+        # acknowledgement is batched, and the slot is the key's running job).
+        self._tokens: dict[tuple[str, bytes], str] = {}
+        self._ended: set[str] = set()
+        self._kick = anyio.Event()
         self._renewed_at = time.monotonic()
         self._next_look = 0.0  # when the waker looks at the due keys next (monotonic)
         #: Each key-limited role's partitions (set when the worker starts serving).
@@ -270,6 +276,13 @@ class KeyLimiter:
         """Look at the due keys by ``at_ms`` (server ms, taken as this host's) at the latest."""
         self._next_look = min(self._next_look, time.monotonic() + max(at_ms - now_ms(), 0) / 1000)
 
+    def finished(self, delivery: Delivery) -> None:
+        """``delivery``'s handler has ended (or never started): free its key's slot soon."""
+        token = self._tokens.pop((delivery.stream, delivery.entry.id), None)
+        if token is not None:
+            self._ended.add(token)
+            self._kick.set()
+
     async def park(self, delivery: Delivery, decision: Decision) -> bool:
         """Apply a ``park`` decision (``park.lua``); False if the entry is not ours any more.
 
@@ -334,10 +347,12 @@ class KeyLimiter:
     async def sweep(self) -> None:
         """Free the slots of entries no longer held (waking a job of each key); renew the rest."""
         done: dict[tuple[str, str, str], list[str]] = {}
+        ended, self._ended = self._ended, set()
         for token, slot in list(self._slots.items()):
-            if not self._held.holds(slot.stream, slot.entry_id):
+            if token in ended or not self._held.holds(slot.stream, slot.entry_id):
                 done.setdefault((slot.role, slot.key, slot.shard), []).append(token)
                 del self._slots[token]
+                self._tokens.pop((slot.stream, slot.entry_id), None)
         if done:
             await self._release(done)
         if time.monotonic() - self._renewed_at < self._ttl_ms / 3000:
@@ -394,15 +409,17 @@ class KeyLimiter:
     async def run(self, stopping: anyio.Event) -> None:
         """Sweep slots and wake due keys until the worker stops (outages waited out).
 
-        The slots every :data:`SWEEP_EVERY` seconds; the due keys when the earliest falls due,
-        and at least every :data:`WAKE_POLL` seconds.
+        The slots as soon as a handler holding one ends, else every :data:`SWEEP_EVERY`
+        seconds; the due keys when the earliest falls due, and at least every
+        :data:`WAKE_POLL` seconds.
         """
         sweeps = connect.Backoff("freeing and renewing per-key slots")
         wakes = connect.Backoff("waking parked jobs")
         looks = itertools.count()
         while not stopping.is_set():
             with anyio.move_on_after(SWEEP_EVERY):
-                await stopping.wait()
+                await self._kick.wait()  # a handler ended: free its slot now
+            self._kick = anyio.Event()
             await sweeps.attempt(self.sweep)
             if time.monotonic() >= self._next_look and not stopping.is_set():
                 # Every 10th look also at roles whose per-key limits were removed.

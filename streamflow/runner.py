@@ -224,11 +224,21 @@ class Runner:
         self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
     ) -> Decision:
         """Run a task node's job, a redelivered entry or one of a key-limited role."""
-        if self.key_gate is not None:
-            # First: a job its key holds back is parked before anything counts it as started.
-            held_back = await self.key_gate.gate(delivery, job)
-            if held_back is not None:
-                return held_back
+        gate = self.key_gate
+        if gate is None:
+            return await self._process_started(delivery, scope, job, payload, ctx)
+        # First: a job its key holds back is parked before anything counts it as started.
+        held_back = await gate.gate(delivery, job)
+        if held_back is not None:
+            return held_back
+        try:
+            return await self._process_started(delivery, scope, job, payload, ctx)
+        finally:
+            gate.finished(delivery)  # its key's slot is freed at the next sweep, soon
+
+    async def _process_started(
+        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
+    ) -> Decision:
         if job.task_id is not None and nodes.is_node_job(job):
             failed = await self._start_node(delivery, job, ctx)
             if failed is not None:

@@ -195,7 +195,9 @@ class Settler:
             return "released" if await self._leases.release(delivery) else "lost"
         if decision.kind == "retry":
             return "retried" if await self._schedule_retry(delivery, decision) else "lost"
-        if decision.kind == "park" and self.parker is not None:
+        if decision.kind == "park":
+            if self.parker is None:  # nobody to park it: hand it back rather than lose it
+                return "released" if await self._leases.release(delivery) else "lost"
             return "parked" if await self.parker(delivery, decision) else "lost"
         if decision.kind in ("ack", "cancelled"):
             return await self._finish_node(delivery, decision)
