@@ -148,7 +148,8 @@ def render(rounds: list[list[Drain]], n: int, date: str) -> str:
     lines += [
         "",
         "`keyed, not binding` is the gate alone: one `key_limit.lua` call before each start "
-        "and one release (batched per key in the 50 ms sweep) after. `keyed, saturated` adds "
+        "(concurrent ones share a round trip) and one release after (one pipeline per sweep, "
+        "woken as soon as a handler ends). `keyed, saturated` adds "
         "parking: each park is one `park.lua`, one more look at the key, and later one "
         "`unpark.lua` and one more read of the job. Per-key limits are for jobs that cost "
         "far more than these (calls to a customer's API), not for no-op handlers.",
