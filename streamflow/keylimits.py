@@ -365,11 +365,21 @@ class KeyLimiter:
             await self._call(role, key, "renew", tokens)
 
     async def _release(self, done: dict[tuple[str, str, str], list[str]]) -> None:
-        """Free the slots of ``done`` in one round trip; wake a job of each marked key."""
-        pipe = self._redis.pipeline(transaction=False)
-        for (role, key, _), tokens in done.items():
-            await self._call(role, key, "release", tokens, client=pipe)
-        marks = await pipe.execute()
+        """Free the slots of ``done`` in one round trip; wake a job of each marked key.
+
+        On a cluster one call per key (a script in a cluster pipeline is not retried on
+        ``NOSCRIPT``).
+        """
+        if self._lane is None:
+            marks = [
+                await self._call(role, key, "release", tokens)
+                for (role, key, _), tokens in done.items()
+            ]
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            for (role, key, _), tokens in done.items():
+                await self._call(role, key, "release", tokens, client=pipe)
+            marks = await pipe.execute()
         for (role, key, shard), mark in zip(done, marks, strict=True):
             if int(mark):
                 await self._wake_freed(role, shard, key, int(mark))

@@ -184,7 +184,7 @@ async def test_hostile_limit_keys_are_refused_at_publish_and_dead_lettered_by_wo
 
 
 async def test_per_key_limits_set_at_run_time_apply_and_show_in_inspect(
-    redis: Redis, namespace: str
+    redis: Redis, namespace: str, redis_url: str
 ) -> None:
     ledger, gate = Ledger(), anyio.Event()
     app = keyed_app(ledger, gate)  # nothing declared
@@ -209,6 +209,8 @@ async def test_per_key_limits_set_at_run_time_apply_and_show_in_inspect(
             await client.limit("keyed", key_concurrency=0, key_rate="off")
             await wait_until(lambda: set(more) <= set(ledger.done), timeout=10)
             gate.set()
+    shown_text = run_cli("inspect", "keyed", "--redis-url", redis_url, "--namespace", namespace)
+    assert "per-key limits set at run time: rate off, concurrency off" in shown_text.stdout
     reset = await client.limit("keyed", reset=True)
     assert (reset.key_concurrency, reset.key_rate) == (None, None)
 
