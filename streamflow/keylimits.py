@@ -256,6 +256,7 @@ class KeyLimiter:
             self._slots[token] = _Slot(
                 role, key, delivery.shard, delivery.stream, delivery.entry.id
             )
+            self._tokens[delivery.stream, delivery.entry.id] = token
         if int(reply[1]) and PARKED_FIELD in delivery.entry.fields:
             await self._next_by_rate(delivery.shard, key, int(reply[1]))
         return None

@@ -20,13 +20,14 @@ from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, SyncClient
-from streamflow.delivery import InFlight, Outcome
+from streamflow.delivery import Delivery, InFlight, Outcome
 from streamflow.flow import PauseWatch
 from streamflow.keylimits import LIMIT_KEY_HEADER, KeyLimiter, check_limit_key
 from streamflow.keys import Keys
 from streamflow.ops.inspect import inspect_roles
 from streamflow.protocol import Job, encode, now_ms
 from streamflow.scripts import Scripts
+from streamflow.streams import Entry
 from tests.helpers import make_worker, run_cli, running, wait_for, wait_for_query, wait_until
 from tests.processes import TTL, Record, Workers, assert_none_lost_and_duplicates_allowed
 
@@ -406,3 +407,44 @@ async def test_a_parked_suspect_keeps_its_start_count_when_woken(
     assert limiter.wakes == {"r": 1}
     assert not await limiter.wake("r", "r", "k", "now")  # nothing left
     assert await redis.zcard(keys.parked("r")) == 0
+
+
+async def test_a_keys_slot_is_freed_when_its_handler_ends_before_the_ack_is_applied(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("r", key_concurrency=1)
+    async def handler(ctx: Context, payload: Any) -> None:
+        return None
+
+    keys, held = Keys(namespace), InFlight()
+    limiter = KeyLimiter(
+        redis,
+        Scripts(redis),
+        keys,
+        "me",
+        held,
+        PauseWatch(redis, keys, ["r"], anyio.Event()),
+        {"r": (None, 1)},
+        ttl_ms=30_000,
+    )
+    job = Job(
+        protocol=1,
+        kind="job",
+        id="m1",
+        role="r",
+        payload={},
+        created_at_ms=1,
+        headers={LIMIT_KEY_HEADER: "k"},
+    )
+    entry = Entry(b"1-1", {b"message": encode(job)}, 1)
+    delivery = Delivery(app.get_role("r"), "r", keys.role_stream("r"), entry)
+    held.add(delivery)  # its acknowledgement is still queued: the entry is held
+    assert await limiter.gate(delivery, job) is None
+    assert await redis.zcard(keys.flow_key_slots("r", "k")) == 1
+    limiter.finished(delivery)
+    await limiter.sweep()
+    assert await redis.zcard(keys.flow_key_slots("r", "k")) == 0
+    assert limiter.slots() == {}
+    await limiter.aclose()
