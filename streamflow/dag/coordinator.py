@@ -12,8 +12,9 @@ languages (:mod:`streamflow.dag.submissions`). For each task with new events a c
 2. commits the new state and the dispatches it justifies into the task's outbox, in one
    version-checked script (a concurrent commit by another coordinator makes it load again);
 3. carries out the outbox: publishes each job with a dedup marker named after its
-   ``(task, node, invocation)``, runs coordinator functions, sends cancels, frees role slots;
-   then removes the items (those of the jobs with step 4);
+   ``(task, node, invocation)`` (on a single Redis in the commit's round trip, if it
+   committed), runs coordinator functions, sends cancels, frees role slots; then removes the
+   items (those of the jobs with step 4);
 4. acknowledges and deletes the events (on a single Redis, in the round trip of its next
    read).
 

@@ -274,18 +274,46 @@ class Outbox:
 
     # -- carrying out -----------------------------------------------------------------------
 
-    async def carry_out(self, task_id: str, items: Items) -> CarriedOut:
+    def with_commit(
+        self, task_id: str, items: Mapping[str, Item], stored: Mapping[str, bytes]
+    ) -> list[scripts.CommittedPublish]:
+        """The jobs among ``items`` to publish in the round trip of their commit.
+
+        None on a cluster, where the task's keys and the role's are on different nodes.
+        """
+        if connect.is_cluster(self._redis):
+            return []
+        outbox = self._keys.task_outbox(task_id)
+        return [
+            scripts.CommittedPublish(self._dedup_publish(item), outbox, name, stored[name])
+            for name, item in items.items()
+            if isinstance(item, JobItem)
+        ]
+
+    def published_with_commit(
+        self, publishes: Sequence[scripts.CommittedPublish], flags: Sequence[bool | None]
+    ) -> frozenset[str]:
+        """Count the jobs published with their commit; the names of the items that are done."""
+        self.dispatches += sum(1 for flag in flags if flag)
+        pairs = zip(publishes, flags, strict=True)
+        return frozenset(p.name for p, flag in pairs if flag is not None)
+
+    async def carry_out(
+        self, task_id: str, items: Items, sent: frozenset[str] = frozenset()
+    ) -> CarriedOut:
         """Carry out ``items``: the jobs first, in one pipeline; then the others, in order.
 
+        The jobs named in ``sent`` were published with their commit: only marked done.
         Function results are returned, not recorded: the caller records them before it
         removes the items, so that a crash in between runs the functions again (harmless)
         rather than losing their results.
         """
         out = CarriedOut()
         jobs = [(name, item) for name, item in items if isinstance(item, JobItem)]
-        if jobs:
-            await self._publish([item for _, item in jobs])
-            out.done += [name for name, _ in jobs]
+        todo = [item for name, item in jobs if name not in sent]
+        if todo:
+            await self._publish(todo)
+        out.done += [name for name, _ in jobs]
         calls = any(isinstance(item, FunctionItem | ReduceItem) for _, item in items)
         spec = await self._store.spec(task_id) if calls else None
         for name, item in items:
@@ -306,23 +334,22 @@ class Outbox:
         return out
 
     async def _publish(self, jobs: Sequence[JobItem]) -> None:
-        publishes = []
-        for item in jobs:
-            # A partitioned role gets all of one task's jobs on one partition (by task id), so
-            # each task's events come back on one stream and tasks spread over the partitions.
-            shard = validate_shard(item.shard or item.role)
-            publishes.append(
-                scripts.DedupPublish(
-                    stream=self._keys.role_stream(shard),
-                    marker=self._keys.dedup(shard, "dispatch:" + item.id),
-                    schedule=self._keys.delayed(shard),
-                    message_id=item.id,
-                    message=item.job.encode(),
-                    window_ms=self._store.retention_ms,
-                )
-            )
+        publishes = [self._dedup_publish(item) for item in jobs]
         published = await scripts.publish_dedup_many(self._scripts, self._redis, publishes)
         self.dispatches += sum(published)
+
+    def _dedup_publish(self, item: JobItem) -> scripts.DedupPublish:
+        # A partitioned role gets all of one task's jobs on one partition (by task id), so
+        # each task's events come back on one stream and tasks spread over the partitions.
+        shard = validate_shard(item.shard or item.role)
+        return scripts.DedupPublish(
+            stream=self._keys.role_stream(shard),
+            marker=self._keys.dedup(shard, "dispatch:" + item.id),
+            schedule=self._keys.delayed(shard),
+            message_id=item.id,
+            message=item.job.encode(),
+            window_ms=self._store.retention_ms,
+        )
 
     async def cancel_task(self, task_id: str, reason: str) -> None:
         """Send a task cancel on behalf of this coordinator (its running jobs stop)."""

@@ -10,9 +10,10 @@ hands each task's to :meth:`Stepper.process`, which:
 2. commits the new state with the step's decisions as outbox items (see
    :mod:`streamflow.dag.outbox`), version-checked: a concurrent commit by another coordinator
    makes it load again;
-3. carries out the items it committed, and those that coordinator functions' results commit in
-   turn. A tick of the task reads the outbox back from Redis instead, which finishes one left
-   behind by a crashed coordinator.
+3. carries out the items it committed (on a single Redis its jobs are published in the
+   commit's round trip, by a script that publishes only what the commit wrote), and those
+   that coordinator functions' results commit in turn. A tick of the task reads the outbox
+   back from Redis instead, which finishes one left behind by a crashed coordinator.
 
 Steps of one task in one process are serialized by a lock per task; across processes, by the
 version check.
@@ -42,6 +43,9 @@ COMMIT_ATTEMPTS = 50
 Clears = list[tuple[str, list[str]]]
 #: Rounds of carrying out items that coordinator functions' results committed, at most.
 CARRY_OUT_ROUNDS = 100
+#: A commit's outbox items, in order, and the names of its jobs already published with it.
+Applied = tuple[Items, frozenset[str]]
+_NOTHING: Applied = ([], frozenset())
 
 
 class Stepper:
@@ -102,7 +106,7 @@ class Stepper:
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
-                items = await self._apply(task_id, events, partials)
+                items, sent = await self._apply(task_id, events, partials)
                 if any(isinstance(e, Internal) and e.type == "tick" for e in events):
                     # A tick also finishes an outbox that a crashed coordinator left behind:
                     # read back, with what this step just wrote.
@@ -111,15 +115,17 @@ class Stepper:
                 for _ in range(CARRY_OUT_ROUNDS):
                     if not items:
                         break
-                    items = await self._carry_out(task_id, items, clears)
+                    items, sent = await self._carry_out(task_id, items, sent, clears)
         finally:
             if not lock.locked():
                 self._locks.pop(task_id, None)
 
-    async def _carry_out(self, task_id: str, items: Items, clears: Clears | None) -> Items:
+    async def _carry_out(
+        self, task_id: str, items: Items, sent: frozenset[str], clears: Clears | None
+    ) -> Applied:
         """Carry out outbox items; returns the items that function results committed."""
-        carried = await self._outbox.carry_out(task_id, items)
-        committed: Items = []
+        carried = await self._outbox.carry_out(task_id, items, sent)
+        committed = _NOTHING
         if carried.events:
             # Function results are recorded first: their items go only once that is committed.
             committed = await self._apply(task_id, carried.events, carried.partials)
@@ -131,8 +137,12 @@ class Stepper:
 
     async def _apply(
         self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None
-    ) -> Items:
-        """Apply events and commit; returns the outbox items the commit wrote, in order."""
+    ) -> Applied:
+        """Apply events and commit; returns the outbox items the commit wrote, in order.
+
+        On a single Redis the commit's jobs are published in its round trip (only if it
+        commits): their names are returned with the items, to be marked done.
+        """
         wanted = sorted(
             {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
         )
@@ -144,13 +154,13 @@ class Stepper:
                 loaded = await self._store.load(task_id, wanted, verify=verify)
             except UnrunnableTask as exc:
                 if await self._give_up(task_id, exc):
-                    return []
+                    return _NOTHING
                 continue  # the state changed under us: look again
             if loaded is None:
-                return []  # unknown or expired: nothing to do
+                return _NOTHING  # unknown or expired: nothing to do
             if loaded.task.terminal:
                 await self._redis.srem(self._keys.tasks_active(), task_id)
-                return []
+                return _NOTHING
             step = await self._decide(loaded, events, partials)
             if not step.changed and not verify:
                 # Nothing to commit, so nothing confirms the state kept: read it and decide
@@ -158,12 +168,16 @@ class Stepper:
                 verify = True
                 continue
             if not step.changed:
-                return []
+                return _NOTHING
             items = await self._outbox.items_of(loaded, step)
             stored = {name: encode_item(item) for name, item in items.items()}
-            version = await self._store.commit(loaded, step, stored, retention=step.task.terminal)
+            publishes = self._outbox.with_commit(task_id, items, stored)
+            version, flags = await self._store.commit(
+                loaded, step, stored, retention=step.task.terminal, publishes=publishes
+            )
+            sent = self._outbox.published_with_commit(publishes, flags)
             if version is not None:
-                return await self._committed(loaded, step, items)
+                return await self._committed(loaded, step, items), sent
             self.conflicts += 1
         # Its events stay pending (see Coordinator._handle), tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")

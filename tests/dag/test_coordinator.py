@@ -22,6 +22,7 @@ from streamflow import Client, Coordinator, Graph, GraphError, Worker, connect, 
 from streamflow.dag import coordinator as coordinator_module
 from streamflow.dag import store as taskstore
 from streamflow.dag.graph import RetrySpec
+from streamflow.dag.outbox import Outbox
 from streamflow.delivery import Outcome
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, encode, now_ms
@@ -703,3 +704,40 @@ async def pending_count_of(redis: Redis, stream: str) -> int:
     """Events of ``stream`` read by a coordinator and not yet acknowledged."""
     info = await redis.xpending(stream, "coordinators")
     return int(info["pending"])
+
+
+async def test_jobs_committed_and_never_published_are_published_once_by_another_coordinator(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator that dies between a commit and its jobs' publish (possible on a cluster,
+    where they are two round trips): the outbox it leaves is finished by another's tick."""
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    carried: list[str] = []
+
+    async def dies_before_publishing(
+        outbox: Outbox, task_id: str, items: Any, sent: frozenset[str] = frozenset()
+    ) -> Any:
+        carried.append(task_id)
+        raise anyio.get_cancelled_exc_class()  # as if killed: nothing after the commit runs
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Outbox, "with_commit", lambda *_: [])  # two round trips, as on a cluster
+        patched.setattr(Outbox, "carry_out", dies_before_publishing)
+        first = Coordinator(redis, namespace=namespace, block_ms=100, sweep_interval=3600)
+        task_id = await client.submit(Graph("left").node("source", role="manual"), roles=["manual"])
+        with pytest.raises(anyio.get_cancelled_exc_class()):
+            await first.drain()
+    assert carried == [task_id]
+    assert await redis.hlen(keys.task_outbox(task_id)) == 1  # committed ...
+    assert await redis.xlen(keys.role_stream("manual")) == 0  # ... and never published
+
+    async with coordinating(redis, namespace) as second:  # sweeps every 0.1 s: ticks
+        await wait_for_query(lambda: _outbox_empty(redis, keys, task_id))
+    third = Coordinator(redis, namespace=namespace)
+    await third.drain()  # sweeps: a tick of the task reads its outbox back, finds it empty
+    assert await redis.xlen(keys.role_stream("manual")) == 1
+    assert (second.dispatches, third.dispatches) == (1, 0)
+
+
+async def _outbox_empty(redis: Redis, keys: Keys, task_id: str) -> bool:
+    return not await redis.hlen(keys.task_outbox(task_id))
