@@ -237,8 +237,8 @@ class Coordinator:
             await tg.start(self._announce_loop, started_at_ms)
             task_status.started()
             await self._stopping.wait()
+            await self._finish_held()
             await self._events.flush()
-            await self._send_unsent()
             tg.cancel_scope.cancel()
 
     async def _withdraw(self) -> None:
@@ -463,18 +463,25 @@ class Coordinator:
         held, self._held = self._held, []
         await self._handle(held + entries, hold=True)
 
-    async def _send_unsent(self) -> None:
-        """Send an acknowledgement still waiting for the next read (when stopping)."""
+    async def _finish_held(self) -> None:
+        """On a stop: step the held events, send the acknowledgement waiting for a read.
+
+        The read loop (cancelled next) takes held events only when its read returns: taken
+        here first, they are stepped once. Best effort: what is left stays pending, and is
+        adopted and applied after the lease TTL like any event read at a stop.
+        """
+        held, self._held = self._held, []
         unsent, self._unsent = self._unsent, None
-        if unsent is None:
-            return
         with anyio.move_on_after(5, shield=True):
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                self._ack_into(pipe, *unsent)
-                await pipe.execute()
-            except Exception as exc:  # the events stay pending: adopted, applied again, harmless
-                logger.warning("could not acknowledge task events on stopping (%r)", exc)
+                if unsent is not None:
+                    pipe = self._redis.pipeline(transaction=False)
+                    self._ack_into(pipe, *unsent)
+                    await pipe.execute()
+                if held:
+                    await self._handle(held)
+            except Exception as exc:  # cleanup: never over what ended the coordinator
+                logger.warning("could not finish the held task events on stopping (%r)", exc)
 
     async def _regroup(self) -> None:
         """A consumer group is gone: recreate every group before the next read."""

@@ -741,3 +741,19 @@ async def test_jobs_committed_and_never_published_are_published_once_by_another_
 
 async def _outbox_empty(redis: Redis, keys: Keys, task_id: str) -> bool:
     return not await redis.hlen(keys.task_outbox(task_id))
+
+
+async def test_a_coordinator_stopping_steps_the_accepted_events_it_holds(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coordinator_module, "ACCEPTED_HOLD", 60.0)
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    async with coordinating(redis, namespace) as coordinator:
+        task_id, version = await _dispatched_by_hand(client, redis, namespace)
+        accepted = _event(task_id, "accepted", attempt=1, delivery=1)
+        await redis.xadd(keys.events("manual"), accepted)  # type: ignore[arg-type]
+        await wait_until(lambda: coordinator._held)
+    assert await _node_state(client, task_id, "running")
+    assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
+    assert await pending_count_of(redis, keys.events("manual")) == 0
+    assert await redis.xlen(keys.events("manual")) == 0
