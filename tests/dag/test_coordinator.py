@@ -757,3 +757,21 @@ async def test_a_coordinator_stopping_steps_the_accepted_events_it_holds(
     assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
     assert await pending_count_of(redis, keys.events("manual")) == 0
     assert await redis.xlen(keys.events("manual")) == 0
+
+
+async def test_an_events_group_lost_under_the_read_that_carries_the_acknowledgement_is_recreated(
+    redis: Redis, namespace: str
+) -> None:
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    async with coordinating(redis, namespace):
+        task_id, _ = await _dispatched_by_hand(client, redis, namespace)
+        await wait_for_query(lambda: redis.exists(keys.events("manual")))  # the group made
+        # Gone while the coordinator's blocking read (with the last acknowledgement) waits.
+        await redis.xgroup_destroy(keys.events("manual"), "coordinators")
+        for fields in (
+            _event(task_id, "accepted", attempt=1, delivery=1),
+            _event(task_id, "done", attempt=1, delivery=1, total=0),
+        ):
+            await redis.xadd(keys.events("manual"), fields)  # type: ignore[arg-type]
+        task = await client.wait(task_id, timeout=10)
+    assert task.state == "succeeded"
