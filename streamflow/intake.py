@@ -41,6 +41,7 @@ from typing import Literal
 
 import anyio
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from streamflow import connect, scripts, streams
 from streamflow.app import Role
@@ -156,11 +157,25 @@ class GroupReader:
         )
 
     async def read_many(
-        self, names: Sequence[str], *, count: int, block_ms: int | None
+        self,
+        names: Sequence[str],
+        *,
+        count: int,
+        block_ms: int | None,
+        ahead: Callable[[Pipeline], object] | None = None,
     ) -> list[tuple[str, streams.Entry]]:
-        """New entries of several streams in one XREADGROUP (one slot on a cluster)."""
+        """New entries of several streams in one XREADGROUP (one slot on a cluster).
+
+        ``ahead`` adds commands sent before the read in its round trip (a single Redis only).
+        """
         return await streams.read_groups(
-            self._redis, names, self.group, self.consumer, count=count, block_ms=block_ms
+            self._redis,
+            names,
+            self.group,
+            self.consumer,
+            count=count,
+            block_ms=block_ms,
+            ahead=ahead,
         )
 
     async def read_levels(

@@ -47,11 +47,15 @@ class Scripts:
         }
     )
 
+    #: Scripts made of their own guard followed by the body of another script.
+    GUARDED = {"publish_committed.lua": "publish_dedup.lua"}
+
     def __init__(self, redis: Redis) -> None:
         strip = type(redis).__module__.startswith("fakeredis")
         self.settle = redis.register_script(_load("settle.lua", strip))
         self.dead_letter = redis.register_script(_load("dead_letter.lua", strip))
         self.publish_dedup = redis.register_script(_load("publish_dedup.lua", strip))
+        self.publish_committed = redis.register_script(_load("publish_committed.lua", strip))
         self.renew = redis.register_script(_load("renew.lua", strip))
         self.claim = redis.register_script(_load("claim.lua", strip))
         self.release = redis.register_script(_load("release.lua", strip))
@@ -78,6 +82,9 @@ class Scripts:
     def source(cls, name: str) -> str:
         """The text of the Lua script ``name`` as real Redis gets it (shebang, prelude, body)."""
         text = _read(name)
+        if name in cls.GUARDED:
+            body = _read(cls.GUARDED[name])
+            return text + (body.split("\n", 1)[1] if body.startswith("#!") else body)
         if name not in cls.FENCED:
             return text
         # The shebang must stay the first line: Redis reads the flags only there.
@@ -315,17 +322,36 @@ async def publish_dedup_many(
     if connect.is_cluster(redis):
         results = [await scripts.publish_dedup(keys=k, args=a, client=redis) for k, a in calls]
     else:
-        results = await _evalsha_many(redis, scripts.publish_dedup, calls)
+        results = await _evalsha_many(redis, [(scripts.publish_dedup, k, a) for k, a in calls])
     return [int(flag) == 1 for flag, _ in results]
 
 
-async def _evalsha_many(
-    redis: Redis, script: AsyncScript, calls: Sequence[tuple[list[str], list[str | int | bytes]]]
-) -> list[Any]:
-    """Run ``script`` once per call, in one pipeline; the replies in order.
+@dataclass(frozen=True, slots=True)
+class CommittedPublish:
+    """A job of a task's outbox, published by ``publish_committed.lua`` after its commit.
+
+    Attributes:
+        publish: The publish.
+        outbox: The task's outbox hash.
+        name: The item's name in it.
+        item: The encoded item, as the commit writes it.
+    """
+
+    publish: DedupPublish
+    outbox: str
+    name: str
+    item: bytes
+
+
+#: A script call: the script, its keys, its arguments.
+_Call = tuple[AsyncScript, list[str], list[Any]]
+
+
+async def _evalsha_many(redis: Redis, calls: Sequence[_Call]) -> list[Any]:
+    """Run the script calls in one pipeline, in order; the replies in order.
 
     Sent as EVALSHA: a pipeline of registered scripts costs a SCRIPT EXISTS round trip before
-    every execute in redis-py. When Redis does not have the script (restarted, flushed), it is
+    every execute in redis-py. When Redis does not have a script (restarted, flushed), it is
     loaded and only the calls it refused are sent again.
 
     Raises:
@@ -336,7 +362,7 @@ async def _evalsha_many(
     for _ in range(2):
         pipe = redis.pipeline(transaction=False)
         for i in todo:
-            keys, args = calls[i]
+            script, keys, args = calls[i]
             pipe.evalsha(script.sha, len(keys), *keys, *args)
         refused = []
         for i, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
@@ -348,7 +374,8 @@ async def _evalsha_many(
             replies[i] = reply
         if not refused:
             return replies
-        script.sha = await redis.script_load(script.script)
+        for script in {id(calls[i][0]): calls[i][0] for i in refused}.values():
+            script.sha = await redis.script_load(script.script)
         todo = refused
     raise NoScriptError("the script is still missing after it was loaded")
 
@@ -395,7 +422,56 @@ async def commit_task(
     Returns:
         The new version, or None when another commit came first.
     """
-    keys = [state, outbox, *expire]
+    keys, args = _commit_call(state, outbox, version, fields, items, appends, partials, expire_ms)
+    keys += [key for key in expire if key not in keys]
+    result = await scripts.task_commit(keys=keys, args=args, client=redis)
+    return None if result is None else int(result)
+
+
+async def commit_and_publish(
+    scripts: Scripts,
+    redis: Redis,
+    publishes: Sequence[CommittedPublish],
+    *,
+    state: str,
+    outbox: str,
+    version: int | bytes | str,
+    fields: Mapping[str, bytes],
+    items: Mapping[str, bytes],
+    appends: Sequence[tuple[str, str]] = (),
+    partials: Sequence[tuple[str, str, bytes]] = (),
+) -> tuple[int | None, list[bool | None]]:
+    """:func:`commit_task` (no retention), then ``publishes`` if it committed, in one round trip.
+
+    A single Redis only (the task's and the roles' keys are in different slots). Returns the
+    new version (None: another commit came first) and per publish whether it published (False:
+    its dedup marker was there) or None: its item was not committed as given, carry it out as
+    usual (a script Redis had lost is loaded and its calls sent again, after the others).
+    """
+    keys, args = _commit_call(state, outbox, version, fields, items, appends, partials, 0)
+    calls: list[_Call] = [(scripts.task_commit, keys, args)]
+    for c in publishes:
+        p = c.publish
+        publish_keys = [p.stream, p.marker, p.schedule, c.outbox]
+        publish_args = [p.message_id, p.window_ms, p.message, 0, c.name, c.item]
+        calls.append((scripts.publish_committed, publish_keys, publish_args))
+    result, *flags = await _evalsha_many(redis, calls)
+    published = [None if int(flag) < 0 else int(flag) == 1 for flag, _ in flags]
+    return (None if result is None else int(result)), published
+
+
+def _commit_call(
+    state: str,
+    outbox: str,
+    version: int | bytes | str,
+    fields: Mapping[str, bytes],
+    items: Mapping[str, bytes],
+    appends: Sequence[tuple[str, str]],
+    partials: Sequence[tuple[str, str, bytes]],
+    expire_ms: int,
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of a ``task_commit.lua`` call (more keys may follow)."""
+    keys = [state, outbox]
 
     def index(key: str) -> int:
         if key not in keys:
@@ -414,8 +490,7 @@ async def commit_task(
     args.append(len(partials))
     for key, name, value in partials:
         args += [index(key), name, value]
-    result = await scripts.task_commit(keys=keys, args=args, client=redis)
-    return None if result is None else int(result)
+    return keys, args
 
 
 #: Idle time given to released entries: past any lease TTL, so the next reclaim adopts them.

@@ -8,7 +8,7 @@ parses an XREADGROUP reply by hand. The Lua scripts and their typed calls are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,11 +109,22 @@ async def read_groups(
     *,
     count: int,
     block_ms: int | None,
+    ahead: Callable[[Pipeline], object] | None = None,
 ) -> list[tuple[str, Entry]]:
-    """New entries of several streams (one slot on a cluster) in one XREADGROUP, by stream."""
-    reply: Any = await redis.xreadgroup(
-        group, consumer, dict.fromkeys(names, ">"), count=count, block=block_ms
-    )
+    """New entries of several streams (one slot on a cluster) in one XREADGROUP, by stream.
+
+    ``ahead`` adds commands to send before the read in the same round trip (a single Redis
+    only: a cluster pipeline would split them by slot); an error in any of them is raised.
+    """
+    streams: Any = dict.fromkeys(names, ">")
+    reply: Any
+    if ahead is None:
+        reply = await redis.xreadgroup(group, consumer, streams, count=count, block=block_ms)
+    else:
+        pipe = redis.pipeline(transaction=False)
+        ahead(pipe)
+        pipe.xreadgroup(group, consumer, streams, count=count, block=block_ms)
+        reply = (await pipe.execute())[-1]
     return [
         (text(stream), Entry(entry_id, fields or {}))
         for stream, rows in reply or []

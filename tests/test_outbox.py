@@ -239,3 +239,83 @@ async def test_a_step_from_the_state_kept_is_checked_when_another_coordinator_co
     assert task.nodes["b"].started_at_ms is not None
     assert (first.commits, second.commits) == (3, 1)
     assert first.dispatches + second.dispatches == 2
+
+
+def committed_publishes(keys: Keys, count: int, item: bytes) -> list[scripts.CommittedPublish]:
+    """The dispatches of :func:`dedup_publishes` as items ``1.00000n`` of task ``t``'s outbox."""
+    return [
+        scripts.CommittedPublish(publish, keys.task_outbox("t"), f"1.{n:06d}", item)
+        for n, publish in enumerate(dedup_publishes(keys, count))
+    ]
+
+
+async def _commit_and_publish(
+    registered: scripts.Scripts,
+    redis: Redis,
+    keys: Keys,
+    publishes: list[scripts.CommittedPublish],
+    version: int,
+    item: bytes,
+) -> tuple[int | None, list[bool | None]]:
+    return await scripts.commit_and_publish(
+        registered,
+        redis,
+        publishes,
+        state=keys.task_state("t"),
+        outbox=keys.task_outbox("t"),
+        version=version,
+        fields={"task": b"state"},
+        items={p.name: item for p in publishes},
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_commit_and_publish_publishes_only_what_its_commit_wrote(
+    redis: Redis, namespace: str
+) -> None:
+    keys, registered = Keys(namespace), scripts.Scripts(redis)
+    publishes = committed_publishes(keys, 2, b"item")
+    assert await _commit_and_publish(registered, redis, keys, publishes, -1, b"item") == (
+        0,
+        [True, True],
+    )
+    # Again: the markers are there. Then a commit that loses its race publishes nothing,
+    # although items of those names are in the outbox (with other contents).
+    assert await _commit_and_publish(registered, redis, keys, publishes, 0, b"item") == (
+        1,
+        [False, False],
+    )
+    others = committed_publishes(keys, 3, b"another item")
+    assert await _commit_and_publish(registered, redis, keys, others, 0, b"another item") == (
+        None,
+        [None, None, None],
+    )
+    entries = await streams.read_range(redis, keys.role_stream("ocr"))
+    assert [e.fields[b"message"] for e in entries] == [b"message 0", b"message 1"]
+    assert await redis.hget(keys.task_state("t"), "v") == b"1"
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_commit_and_publish_loads_the_scripts_when_redis_lost_them(
+    redis: Redis, namespace: str
+) -> None:
+    """The commit refused with the publishes: they find no item, it is sent again alone."""
+    keys, registered = Keys(namespace), scripts.Scripts(redis)
+    publishes = committed_publishes(keys, 2, b"item")
+    assert await _commit_and_publish(registered, redis, keys, publishes, -1, b"item") == (
+        0,
+        [True, True],
+    )
+    await redis.script_flush()
+    await registered.publish_committed(  # only this one loaded again
+        keys=[keys.role_stream("x"), keys.dedup("x", "k"), keys.delayed("x"), "absent"],
+        args=["id", 1000, b"m", 0, "name", b"item"],
+        client=redis,
+    )
+    later = committed_publishes(keys, 3, b"later")[2:]
+    assert await _commit_and_publish(registered, redis, keys, later, 0, b"later") == (1, [None])
+    assert await redis.xlen(keys.role_stream("ocr")) == 2  # the caller publishes it as usual
+    await redis.script_flush()
+    assert await _commit_and_publish(registered, redis, keys, [], 1, b"") == (2, [])

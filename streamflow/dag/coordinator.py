@@ -12,11 +12,16 @@ languages (:mod:`streamflow.dag.submissions`). For each task with new events a c
 2. commits the new state and the dispatches it justifies into the task's outbox, in one
    version-checked script (a concurrent commit by another coordinator makes it load again);
 3. carries out the outbox: publishes each job with a dedup marker named after its
-   ``(task, node, invocation)``, runs coordinator functions, sends cancels, frees role slots;
-   then removes the items (those of the jobs with step 4);
-4. acknowledges and deletes the events.
+   ``(task, node, invocation)`` (on a single Redis in the commit's round trip, if it
+   committed), runs coordinator functions, sends cancels, frees role slots; then removes the
+   items (those of the jobs with step 4);
+4. acknowledges and deletes the events (on a single Redis, in the round trip of its next
+   read).
 
-The tasks of one read are stepped up to ``STEPS_AT_ONCE`` at a time, fewest events first.
+The tasks of one read are stepped up to ``STEPS_AT_ONCE`` at a time, fewest events first. A
+task whose events in a read are only ``accepted`` (a run started) is not stepped at once: its
+events stay pending up to ``ACCEPTED_HOLD`` and are applied with its next ones (usually the
+run's ``done`` or first batch), one commit instead of two for a short run.
 
 Steps 1 to 3 are :mod:`streamflow.dag.stepper`'s, the outbox items and carrying them out
 :mod:`streamflow.dag.outbox`'s; this module is the process: start-up, its loops (reading,
@@ -47,6 +52,7 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from streamflow import connect, intake, partitions, registry, signals, streams
@@ -75,6 +81,12 @@ ROLES_REFRESH = 0.5
 HOOKS_GRACE = 30.0
 #: Tasks one read's events are applied to at once (each task's steps stay one at a time).
 STEPS_AT_ONCE = 16
+#: Seconds a task's ``accepted`` events, alone in a read, wait for its next events. A run's
+#: ``done`` (or first batch) usually follows at once: one commit instead of two.
+ACCEPTED_HOLD = 0.05
+
+#: The writes acknowledging a read's events: outbox items to clear, event ids per stream.
+_Ack = tuple[Clears, dict[str, list[bytes]]]
 
 
 class Coordinator:
@@ -178,6 +190,12 @@ class Coordinator:
         # Shared by every reader (one per events stream on a cluster): it also bounds the
         # connections that steps hold at once.
         self._steps = anyio.CapacityLimiter(STEPS_AT_ONCE)
+        # Entries of tasks whose events so far are only ``accepted`` (pending, unacknowledged),
+        # read again with the next read's; since when each task's have been held.
+        self._held: list[tuple[str, streams.Entry]] = []
+        self._held_since: dict[str, float] = {}
+        # The last read's acknowledgement, sent with the next read (one round trip fewer).
+        self._unsent: _Ack | None = None
         self.events_processed = 0
         self.observe_dispatch: Callable[[float], None] | None = None
 
@@ -222,6 +240,7 @@ class Coordinator:
             await tg.start(self._announce_loop, started_at_ms)
             task_status.started()
             await self._stopping.wait()
+            await self._finish_held()
             await self._events.flush()
             tg.cancel_scope.cancel()
 
@@ -426,9 +445,46 @@ class Coordinator:
         await intake.run_guarded(step, f"reading {stream}", self._stopping, regroup=regroup)
 
     async def _read_and_handle(self) -> None:
+        """One cycle on a single Redis: read (sending the last acknowledgement), then handle.
+
+        Held ``accepted`` events are handled again with what the read brings; the read waits
+        no longer than the oldest of them may still wait.
+        """
         if anyio.current_time() - self._refreshed > ROLES_REFRESH:
             await self._refresh_streams()
-        await self._handle(await self._read(block_ms=self._block_ms))
+        block_ms = self._block_ms
+        if self._held_since:
+            left = min(self._held_since.values()) + ACCEPTED_HOLD - anyio.current_time()
+            block_ms = min(block_ms, max(int(left * 1000) + 1, 1))
+        unsent, self._unsent = self._unsent, None
+        entries = await self._reader.read_many(
+            self._streams,
+            count=self._read_count,
+            block_ms=block_ms,
+            ahead=None if unsent is None else lambda pipe: self._ack_into(pipe, *unsent),
+        )
+        held, self._held = self._held, []
+        await self._handle(held + entries, hold=True)
+
+    async def _finish_held(self) -> None:
+        """On a stop: step the held events, send the acknowledgement waiting for a read.
+
+        The read loop (cancelled next) takes held events only when its read returns: taken
+        here first, they are stepped once. Best effort: what is left stays pending, and is
+        adopted and applied after the lease TTL like any event read at a stop.
+        """
+        held, self._held = self._held, []
+        unsent, self._unsent = self._unsent, None
+        with anyio.move_on_after(5, shield=True):
+            try:
+                if unsent is not None:
+                    pipe = self._redis.pipeline(transaction=False)
+                    self._ack_into(pipe, *unsent)
+                    await pipe.execute()
+                if held:
+                    await self._handle(held)
+            except Exception as exc:  # cleanup: never over what ended the coordinator
+                logger.warning("could not finish the held task events on stopping (%r)", exc)
 
     async def _regroup(self) -> None:
         """A consumer group is gone: recreate every group before the next read."""
@@ -529,28 +585,72 @@ class Coordinator:
 
     # -- events -----------------------------------------------------------------------------
 
-    async def _handle(self, entries: list[tuple[str, streams.Entry]]) -> None:
-        """Apply a read's events task by task, then acknowledge and delete them."""
+    async def _handle(
+        self, entries: list[tuple[str, streams.Entry]], *, hold: bool = False
+    ) -> None:
+        """Apply a read's events task by task, then acknowledge and delete them.
+
+        With ``hold`` (the read loop on a single Redis), the events of a task that are only
+        ``accepted`` are kept pending in :attr:`_held` for up to ``ACCEPTED_HOLD`` (its next
+        events are applied with them, in one step), and the acknowledgement waits in
+        :attr:`_unsent` for the next read.
+        """
         by_task: dict[str, list[Event]] = defaultdict(list)
+        owners: list[str | None] = []
         for stream, entry in entries:
-            if stream == self._keys.task_submissions():
-                # Creates the task, whose control entry then starts it like any other.
-                await self._submissions.take(entry)
-                continue
-            if stream == self._keys.tasks_control():
-                task_id = entry.fields.get(b"task", b"").decode(errors="replace")
-                with contextlib.suppress(ValueError):
-                    by_task[validate_name(task_id, "task id")].append(Internal("tick"))
-                continue
-            try:
-                event = decode_event(entry.fields)
-            except ProtocolError as exc:
-                await self._reject(stream, entry, exc)
-                continue
-            by_task[event.task_id].append(event)
+            owners.append(await self._decode(stream, entry, by_task))
+        held = self._hold_accepted(by_task) if hold else set()
         clears: Clears = []
         failed = await self._process_tasks(by_task, clears)
-        await self._acknowledge(entries, failed, clears)
+        if held:
+            self._held = [e for e, owner in zip(entries, owners, strict=True) if owner in held]
+        ack = self._ack_of(entries, owners, failed | held, clears)
+        if hold:
+            self._unsent = ack
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        self._ack_into(pipe, *ack)
+        await pipe.execute()
+
+    async def _decode(
+        self, stream: str, entry: streams.Entry, by_task: dict[str, list[Event]]
+    ) -> str | None:
+        """Add an entry's event to its task's in ``by_task``; returns the task (if an event)."""
+        if stream == self._keys.task_submissions():
+            # Creates the task, whose control entry then starts it like any other.
+            await self._submissions.take(entry)
+            return None
+        if stream == self._keys.tasks_control():
+            task_id = entry.fields.get(b"task", b"").decode(errors="replace")
+            with contextlib.suppress(ValueError):
+                by_task[validate_name(task_id, "task id")].append(Internal("tick"))
+                return task_id
+            return None
+        try:
+            event = decode_event(entry.fields)
+        except ProtocolError as exc:
+            await self._reject(stream, entry, exc)
+            return None
+        by_task[event.task_id].append(event)
+        return event.task_id
+
+    def _hold_accepted(self, by_task: dict[str, list[Event]]) -> set[str]:
+        """Take out of ``by_task`` the tasks whose events are only ``accepted``, held not long.
+
+        An ``accepted`` event changes what a task shows (the node ``running``), never what it
+        decides, so it may wait a little for the run's next event; it stays pending meanwhile
+        (a crash leaves it to be adopted like any other).
+        """
+        now = anyio.current_time()
+        held: set[str] = set()
+        for task_id, events in by_task.items():
+            only_accepted = all(isinstance(e, TaskEvent) and e.type == "accepted" for e in events)
+            if only_accepted and now - self._held_since.setdefault(task_id, now) < ACCEPTED_HOLD:
+                held.add(task_id)
+        for task_id in held:
+            del by_task[task_id]
+        self._held_since = {t: since for t, since in self._held_since.items() if t in held}
+        return held
 
     async def _process_tasks(self, by_task: dict[str, list[Event]], clears: Clears) -> set[str]:
         """Step each task with its events, ``STEPS_AT_ONCE`` at most at once; returns those failed.
@@ -583,23 +683,29 @@ class Coordinator:
             raise _first(group) from None
         return failed
 
-    async def _acknowledge(
-        self, entries: list[tuple[str, streams.Entry]], failed: set[str], clears: Clears
-    ) -> None:
-        """Acknowledge and delete the events of the tasks not ``failed``; remove ``clears``."""
+    @staticmethod
+    def _ack_of(
+        entries: list[tuple[str, streams.Entry]],
+        owners: list[str | None],
+        skip: set[str],
+        clears: Clears,
+    ) -> _Ack:
+        """The acknowledgement of the entries whose task (``owners``) is not in ``skip``."""
         by_stream: dict[str, list[bytes]] = defaultdict(list)
-        for stream, entry in entries:
-            if failed and _task_of(entry) in failed:
+        for (stream, entry), owner in zip(entries, owners, strict=True):
+            if skip and owner in skip:
                 continue
             by_stream[stream].append(entry.id)
-        pipe = self._redis.pipeline(transaction=False)
+        return clears, by_stream
+
+    def _ack_into(self, pipe: Pipeline, clears: Clears, by_stream: dict[str, list[bytes]]) -> None:
+        """Queue an acknowledgement: delete the events, remove the published jobs' items."""
         for task_id, names in clears:  # the jobs published: no longer in the outbox
             if names:
                 pipe.hdel(self._keys.task_outbox(task_id), *names)
         for stream, ids in by_stream.items():
             pipe.xack(stream, COORDINATORS, *ids)
             pipe.xdel(stream, *ids)
-        await pipe.execute()
 
     async def _reject(self, stream: str, entry: streams.Entry, exc: ProtocolError) -> None:
         """A malformed event is kept in the role's dead-letter stream, not dropped."""
@@ -637,16 +743,6 @@ def _first(group: BaseExceptionGroup[Any]) -> BaseException:
     """The first exception in ``group``, out of any nested groups."""
     first = group.exceptions[0]
     return _first(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _task_of(entry: streams.Entry) -> str | None:
-    """The task id an events or control entry is about, if it can be read."""
-    if b"task" in entry.fields:
-        return entry.fields[b"task"].decode(errors="replace")
-    try:
-        return decode_event(entry.fields).task_id
-    except ProtocolError:
-        return None
 
 
 def event_fields(event: TaskEvent) -> dict[bytes, bytes]:

@@ -33,6 +33,7 @@ from streamflow.dag.tasks import Dispatch, Event, Internal, Step
 from streamflow.dag.tracing import (
     Carrier,
     Causes,
+    CoordinatorSpan,
     TaskTracing,
     carrier_of,
     dispatch_span,
@@ -167,6 +168,14 @@ def decode_item(raw: bytes | str) -> Item | None:
     if kind == "cancel":
         return CancelItem(data["reason"])
     return None
+
+
+@dataclass
+class WithCommit:
+    """The jobs a commit publishes in its round trip, and their ``dispatch`` spans (if traced)."""
+
+    publishes: list[scripts.CommittedPublish] = field(default_factory=list)
+    spans: list[CoordinatorSpan | None] = field(default_factory=list)
 
 
 @dataclass
@@ -306,18 +315,63 @@ class Outbox:
 
     # -- carrying out -----------------------------------------------------------------------
 
-    async def carry_out(self, task_id: str, items: Items) -> CarriedOut:
+    def with_commit(
+        self,
+        task_id: str,
+        items: Mapping[str, Item],
+        stored: Mapping[str, bytes],
+        spans: ExitStack,
+    ) -> WithCommit:
+        """The jobs among ``items`` to publish in the round trip of their commit.
+
+        None on a cluster, where the task's keys and the role's are on different nodes. Each
+        traced job gets its ``dispatch`` span here, open on ``spans`` (if the commit then
+        loses a race, that span ends with nothing sent; the next attempt opens another).
+        """
+        out = WithCommit()
+        if connect.is_cluster(self._redis):
+            return out
+        outbox = self._keys.task_outbox(task_id)
+        for name, item in items.items():
+            if isinstance(item, JobItem):
+                encoded = item.job.encode()
+                body, span = dispatch_span(self.tracing, item.role, encoded, item.trace, spans)
+                publish = self._dedup_publish(item, body)
+                out.publishes.append(scripts.CommittedPublish(publish, outbox, name, stored[name]))
+                out.spans.append(span)
+        return out
+
+    def published_with_commit(
+        self, batch: WithCommit, flags: Sequence[bool | None]
+    ) -> frozenset[str]:
+        """Count the jobs published with their commit; the names of the items that are done.
+
+        A flag is None where the commit did not happen, False where the job's dedup marker
+        said it was published before (its span says so).
+        """
+        self.dispatches += sum(1 for flag in flags if flag)
+        for span, flag in zip(batch.spans, flags, strict=True):
+            if span is not None and flag is False:
+                span.set_attribute("streamflow.dispatch.duplicate", True)
+        pairs = zip(batch.publishes, flags, strict=True)
+        return frozenset(p.name for p, flag in pairs if flag is not None)
+
+    async def carry_out(
+        self, task_id: str, items: Items, sent: frozenset[str] = frozenset()
+    ) -> CarriedOut:
         """Carry out ``items``: the jobs first, in one pipeline; then the others, in order.
 
+        The jobs named in ``sent`` were published with their commit: only marked done.
         Function results are returned, not recorded: the caller records them before it
         removes the items, so that a crash in between runs the functions again (harmless)
         rather than losing their results.
         """
         out = CarriedOut()
         jobs = [(name, item) for name, item in items if isinstance(item, JobItem)]
-        if jobs:
-            await self._publish([item for _, item in jobs])
-            out.done += [name for name, _ in jobs]
+        todo = [item for name, item in jobs if name not in sent]
+        if todo:
+            await self._publish(todo)
+        out.done += [name for name, _ in jobs]
         calls = any(isinstance(item, FunctionItem | ReduceItem) for _, item in items)
         spec = await self._store.spec(task_id) if calls else None
         for name, item in items:
@@ -349,24 +403,26 @@ class Outbox:
                     span.set_attribute("streamflow.dispatch.duplicate", True)
 
     async def _publish_bodies(self, jobs: Sequence[JobItem], bodies: list[bytes]) -> list[bool]:
-        publishes = []
-        for item, body in zip(jobs, bodies, strict=True):
-            # A partitioned role gets all of one task's jobs on one partition (by task id), so
-            # each task's events come back on one stream and tasks spread over the partitions.
-            shard = validate_shard(item.shard or item.role)
-            publishes.append(
-                scripts.DedupPublish(
-                    stream=self._keys.role_stream(shard),
-                    marker=self._keys.dedup(shard, "dispatch:" + item.id),
-                    schedule=self._keys.delayed(shard),
-                    message_id=item.id,
-                    message=body,
-                    window_ms=self._store.retention_ms,
-                )
-            )
+        publishes = [
+            self._dedup_publish(item, body) for item, body in zip(jobs, bodies, strict=True)
+        ]
         published = await scripts.publish_dedup_many(self._scripts, self._redis, publishes)
         self.dispatches += sum(published)
         return published
+
+    def _dedup_publish(self, item: JobItem, body: bytes) -> scripts.DedupPublish:
+        """The publish of a job item (``body``: its job, encoded with its trace context)."""
+        # A partitioned role gets all of one task's jobs on one partition (by task id), so
+        # each task's events come back on one stream and tasks spread over the partitions.
+        shard = validate_shard(item.shard or item.role)
+        return scripts.DedupPublish(
+            stream=self._keys.role_stream(shard),
+            marker=self._keys.dedup(shard, "dispatch:" + item.id),
+            schedule=self._keys.delayed(shard),
+            message_id=item.id,
+            message=body,
+            window_ms=self._store.retention_ms,
+        )
 
     async def cancel_task(self, task_id: str, reason: str) -> None:
         """Send a task cancel on behalf of this coordinator (its running jobs stop)."""

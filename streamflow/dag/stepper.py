@@ -10,9 +10,10 @@ hands each task's to :meth:`Stepper.process`, which:
 2. commits the new state with the step's decisions as outbox items (see
    :mod:`streamflow.dag.outbox`), version-checked: a concurrent commit by another coordinator
    makes it load again;
-3. carries out the items it committed, and those that coordinator functions' results commit in
-   turn. A tick of the task reads the outbox back from Redis instead, which finishes one left
-   behind by a crashed coordinator.
+3. carries out the items it committed (on a single Redis its jobs are published in the
+   commit's round trip, by a script that publishes only what the commit wrote), and those
+   that coordinator functions' results commit in turn. A tick of the task reads the outbox
+   back from Redis instead, which finishes one left behind by a crashed coordinator.
 
 Steps of one task in one process are serialized by a lock per task; across processes, by the
 version check.
@@ -47,6 +48,11 @@ Clears = list[tuple[str, list[str]]]
 CARRY_OUT_ROUNDS = 100
 #: The span context of each traced event's step span, by the event's identity.
 StepSpans = dict[int, Carrier]
+#: A commit's outbox items, in order, and the names of its jobs already published with it.
+Applied = tuple[Items, frozenset[str]]
+_NOTHING: Applied = ([], frozenset())
+#: The step spans of a step's traced events, and the stack its dispatch spans are open on.
+Tracing = tuple[StepSpans, ExitStack]
 
 
 class Stepper:
@@ -111,7 +117,7 @@ class Stepper:
             async with lock:
                 with ExitStack() as spans:
                     steps = self._step_spans(task_id, events, spans)
-                    await self._step(task_id, events, partials, clears, steps)
+                    await self._step(task_id, events, partials, clears, (steps, spans))
         finally:
             if not lock.locked():
                 self._locks.pop(task_id, None)
@@ -122,9 +128,9 @@ class Stepper:
         events: list[Event],
         partials: dict[tuple[str, int], Any] | None,
         clears: Clears | None,
-        steps: StepSpans,
+        tracing: Tracing,
     ) -> None:
-        items = await self._apply(task_id, events, partials, steps)
+        items, sent = await self._apply(task_id, events, partials, tracing)
         if any(isinstance(e, Internal) and e.type == "tick" for e in events):
             # A tick also finishes an outbox that a crashed coordinator left behind:
             # read back, with what this step just wrote.
@@ -133,7 +139,7 @@ class Stepper:
         for _ in range(CARRY_OUT_ROUNDS):
             if not items:
                 break
-            items = await self._carry_out(task_id, items, clears)
+            items, sent = await self._carry_out(task_id, items, sent, clears, tracing[1])
 
     def _step_spans(self, task_id: str, events: list[Event], spans: ExitStack) -> StepSpans:
         """A ``step <node>`` span per traced event, open until the step is carried out.
@@ -165,13 +171,20 @@ class Stepper:
                 steps[id(event)] = span.carrier
         return steps
 
-    async def _carry_out(self, task_id: str, items: Items, clears: Clears | None) -> Items:
+    async def _carry_out(
+        self,
+        task_id: str,
+        items: Items,
+        sent: frozenset[str],
+        clears: Clears | None,
+        spans: ExitStack,
+    ) -> Applied:
         """Carry out outbox items; returns the items that function results committed."""
-        carried = await self._outbox.carry_out(task_id, items)
-        committed: Items = []
+        carried = await self._outbox.carry_out(task_id, items, sent)
+        committed = _NOTHING
         if carried.events:
             # Function results are recorded first: their items go only once that is committed.
-            committed = await self._apply(task_id, carried.events, carried.partials, {})
+            committed = await self._apply(task_id, carried.events, carried.partials, ({}, spans))
         if clears is not None and all(isinstance(item, JobItem) for _, item in items):
             clears.append((task_id, carried.done))  # only jobs: publishing again is harmless
         else:
@@ -183,9 +196,14 @@ class Stepper:
         task_id: str,
         events: list[Event],
         partials: dict[tuple[str, int], Any] | None,
-        steps: StepSpans,
-    ) -> Items:
-        """Apply events and commit; returns the outbox items the commit wrote, in order."""
+        tracing: Tracing,
+    ) -> Applied:
+        """Apply events and commit; returns the outbox items the commit wrote, in order.
+
+        On a single Redis the commit's jobs are published in its round trip (only if it
+        commits): their names are returned with the items, to be marked done. ``tracing``:
+        the step spans of the traced events, and the stack the dispatch spans open on.
+        """
         wanted = sorted(
             {f"{e.node_id}:{e.invocation}" for e in events if e.node_id and e.type != "tick"}
         )
@@ -197,13 +215,13 @@ class Stepper:
                 loaded = await self._store.load(task_id, wanted, verify=verify)
             except UnrunnableTask as exc:
                 if await self._give_up(task_id, exc):
-                    return []
+                    return _NOTHING
                 continue  # the state changed under us: look again
             if loaded is None:
-                return []  # unknown or expired: nothing to do
+                return _NOTHING  # unknown or expired: nothing to do
             if loaded.task.terminal:
                 await self._redis.srem(self._keys.tasks_active(), task_id)
-                return []
+                return _NOTHING
             step = await self._decide(loaded, events, partials)
             if not step.changed and not verify:
                 # Nothing to commit, so nothing confirms the state kept: read it and decide
@@ -211,13 +229,18 @@ class Stepper:
                 verify = True
                 continue
             if not step.changed:
-                return []
+                return _NOTHING
+            steps, spans = tracing
             causes = self._causes(loaded, events, steps) if self.tracing is not None else None
             items = await self._outbox.items_of(loaded, step, causes)
             stored = {name: encode_item(item) for name, item in items.items()}
-            version = await self._store.commit(loaded, step, stored, retention=step.task.terminal)
+            batch = self._outbox.with_commit(task_id, items, stored, spans)
+            version, flags = await self._store.commit(
+                loaded, step, stored, retention=step.task.terminal, publishes=batch.publishes
+            )
+            sent = self._outbox.published_with_commit(batch, flags)
             if version is not None:
-                return await self._committed(loaded, step, items)
+                return await self._committed(loaded, step, items), sent
             self.conflicts += 1
         # Its events stay pending (see Coordinator._handle), tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")

@@ -313,9 +313,20 @@ class TaskStore:
         return "failed"
 
     async def commit(
-        self, loaded: Loaded, step: Step, outbox: dict[str, bytes], *, retention: bool
-    ) -> int | None:
-        """Commit a step with its outbox items; None when another commit came first."""
+        self,
+        loaded: Loaded,
+        step: Step,
+        outbox: dict[str, bytes],
+        *,
+        retention: bool,
+        publishes: Sequence[scripts.CommittedPublish] = (),
+    ) -> tuple[int | None, list[bool | None]]:
+        """Commit a step with its outbox items, then run ``publishes`` in the same round trip.
+
+        Returns the new version (None when another commit came first) and, per publish, what
+        :func:`streamflow.scripts.commit_and_publish` says of it (all None when none ran). A
+        step that ends the task (``retention``) publishes nothing with its commit.
+        """
         task_id = step.task.id
         fields = encode_state(step.task, step.touched)
         for key, inv in step.invocations.items():
@@ -328,9 +339,29 @@ class TaskStore:
             for (node, number), value in step.partials.items()
         ]
         expire_ms = self.retention_ms if retention else 0
-        version = await self._commit(
-            task_id, loaded.version, fields, outbox, appends, partials, expire_ms, loaded.spec
-        )
+        published: list[bool | None] = [None] * len(publishes)
+        if publishes and not retention:
+            version, published = await scripts.commit_and_publish(
+                self._scripts,
+                self._redis,
+                publishes,
+                state=self.keys.task_state(task_id),
+                outbox=self.keys.task_outbox(task_id),
+                version=loaded.version,
+                fields=fields,
+                items=outbox,
+                appends=appends,
+                partials=partials,
+            )
+        else:
+            version = await self._commit(
+                task_id, loaded.version, fields, outbox, appends, partials, expire_ms, loaded.spec
+            )
+        self._committed(task_id, step, version, retention)
+        return version, published
+
+    def _committed(self, task_id: str, step: Step, version: int | None, retention: bool) -> None:
+        """Keep (or forget) the state a commit wrote, for the next step to start from."""
         cached = self._cache.get(task_id)
         if retention and version is not None:
             self._forget(task_id)
@@ -342,7 +373,6 @@ class TaskStore:
                 cached.rebase(step.task)  # bounded: older records are read again if needed
             elif cached.base is not None:
                 cached.invocations.update(step.invocations)
-        return version
 
     async def _commit(
         self,

@@ -383,14 +383,14 @@ COORDINATOR = PartRules(
         TASKS_ACTIVE: "SMEMBERS (sweep), SREM of ended tasks; SADD of a submitted task",
         EVENTS: "XGROUP CREATE, XREADGROUP, XACK, XDEL, XAUTOCLAIM",
         DEAD_LETTERS: "XADD of a malformed event",
-        ROLE_STREAM: "publish_dedup.lua: XADD of a node's job",
-        DEDUP: "publish_dedup.lua: GET, SET of the dispatch marker",
-        DELAYED: "publish_dedup.lua: a key of the script, never written (due 0)",
+        ROLE_STREAM: "publish_dedup.lua, publish_committed.lua: XADD of a node's job",
+        DEDUP: "publish_dedup.lua, publish_committed.lua: GET, SET of the dispatch marker",
+        DELAYED: "publish_dedup.lua, publish_committed.lua: a key, never written (due 0)",
         ROLE_SLOTS: "slot.lua (SISMEMBER, SCARD, SADD); sweep SMEMBERS, SREM",
         BATCH: "GET of a function's inputs; PEXPIRE when the task ends",
         ROLE_CONFIG: "HMGET of a role's partitions and priority levels",
         TASK_STATE: "HMGET, HGET; task_commit.lua",
-        TASK_OUTBOX: "HGETALL, HDEL; task_commit.lua",
+        TASK_OUTBOX: "HGETALL, HDEL; task_commit.lua; publish_committed.lua HGET",
         TASK_OUTPUT: "LRANGE; task_commit.lua RPUSH",
         TASK_PARTIALS: "HGETALL; task_commit.lua HSET",
         TASK_RESULT: "SET PX of a reduce's result; GET as an input",
@@ -413,10 +413,11 @@ COORDINATOR = PartRules(
         "srem": "ended tasks, freed role slots",
         "sismember": "slot.lua",
         "scard": "slot.lua",
-        "xadd": "publish_dedup.lua, cancel.lua, malformed events, lifecycle events",
-        "get": "publish_dedup.lua, batches, cancel markers",
+        "xadd": "publish_dedup.lua, publish_committed.lua, cancel.lua, malformed events, "
+        "lifecycle events",
+        "get": "publish_dedup.lua, publish_committed.lua, batches, cancel markers",
         "hmget": "loading a task, roles' partitions and priority levels",
-        "hget": "task states, specs",
+        "hget": "task states, specs, roles' partitions; publish_committed.lua (outbox item)",
         "hgetall": "outboxes, partials, the coordinator registry",
         "hset": "task_commit.lua, its registry entry",
         "hdel": "outbox items carried out, its (and day-old) registry entries",
@@ -433,8 +434,8 @@ COORDINATOR = PartRules(
     narrow=(
         Narrow(
             {
-                "set": "publish_dedup.lua, a reduce's result, cancel.lua, mark_cancel.lua, "
-                "marks, a submission's outcome"
+                "set": "publish_dedup.lua, publish_committed.lua, a reduce's result, "
+                "cancel.lua, mark_cancel.lua, marks, a submission's outcome"
             },
             (
                 DEDUP,

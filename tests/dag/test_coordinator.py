@@ -19,8 +19,10 @@ from redis.asyncio import Redis
 
 import streamflow
 from streamflow import Client, Coordinator, Graph, GraphError, Worker, connect, streams
+from streamflow.dag import coordinator as coordinator_module
 from streamflow.dag import store as taskstore
 from streamflow.dag.graph import RetrySpec
+from streamflow.dag.outbox import Outbox, WithCommit
 from streamflow.delivery import Outcome
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, encode, now_ms
@@ -633,3 +635,144 @@ async def test_the_store_keeps_a_bounded_number_of_tasks_and_nodes_in_memory(
     loaded = await store.load("w1")
     assert loaded is not None and len(loaded.task.nodes) == 60
     assert list(store._cache) == ["w1"]
+
+
+async def _dispatched_by_hand(client: Client, redis: Redis, namespace: str) -> tuple[str, int]:
+    """A one-node task of a role no worker serves, dispatched; its id and state version."""
+    task_id = await client.submit(Graph("by-hand").node("source", role="manual"), roles=["manual"])
+    keys = Keys(namespace)
+    await wait_for_query(lambda: redis.xlen(keys.role_stream("manual")))
+    await wait_for_query(lambda: _settled_version(redis, keys, task_id))
+    return task_id, await _settled_version(redis, keys, task_id)
+
+
+async def _settled_version(redis: Redis, keys: Keys, task_id: str) -> int:
+    """The task's state version once its outbox is empty (0 while an item is left)."""
+    if await redis.hlen(keys.task_outbox(task_id)):
+        return 0
+    return int(await redis.hget(keys.task_state(task_id), "v") or 0)
+
+
+async def test_an_accepted_event_alone_waits_for_the_runs_next_event_one_commit_for_both(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held far longer than the test: ``accepted`` then ``done`` are committed in one step."""
+    monkeypatch.setattr(coordinator_module, "ACCEPTED_HOLD", 60.0)
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    async with coordinating(redis, namespace) as coordinator:
+        task_id, version = await _dispatched_by_hand(client, redis, namespace)
+        accepted = _event(task_id, "accepted", attempt=1, delivery=1)
+        await redis.xadd(keys.events("manual"), accepted)  # type: ignore[arg-type]
+        await wait_until(lambda: coordinator._held_since)
+        assert await pending_count_of(redis, keys.events("manual")) == 1  # held: not acked
+        done = _event(task_id, "done", attempt=1, delivery=1, total=0)
+        await redis.xadd(keys.events("manual"), done)  # type: ignore[arg-type]
+        task = await client.wait(task_id, timeout=10)
+        await wait_for_query(lambda: _nothing_pending(redis, keys.events("manual")))
+    assert task.state == "succeeded"
+    assert task.nodes["source"].started_at_ms == orjson.loads(accepted[b"event"])["at_ms"]
+    assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
+    assert await redis.xlen(keys.events("manual")) == 0  # acknowledged and deleted
+
+
+async def test_an_accepted_event_alone_is_committed_after_the_hold(
+    redis: Redis, namespace: str
+) -> None:
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    async with coordinating(redis, namespace) as coordinator:
+        task_id, version = await _dispatched_by_hand(client, redis, namespace)
+        accepted = _event(task_id, "accepted", attempt=1, delivery=1)
+        await redis.xadd(keys.events("manual"), accepted)  # type: ignore[arg-type]
+        await wait_for_query(lambda: _node_state(client, task_id, "running"))
+        # Its acknowledgement went with the coordinator's next read.
+        await wait_for_query(lambda: _nothing_pending(redis, keys.events("manual")))
+        assert not coordinator._held and not coordinator._held_since
+    assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
+    assert await redis.xlen(keys.events("manual")) == 0
+
+
+async def _node_state(client: Client, task_id: str, state: str) -> bool:
+    task = await client.task(task_id)
+    return task is not None and task.nodes["source"].state == state
+
+
+async def _nothing_pending(redis: Redis, stream: str) -> bool:
+    return await pending_count_of(redis, stream) == 0
+
+
+async def pending_count_of(redis: Redis, stream: str) -> int:
+    """Events of ``stream`` read by a coordinator and not yet acknowledged."""
+    info = await redis.xpending(stream, "coordinators")
+    return int(info["pending"])
+
+
+async def test_jobs_committed_and_never_published_are_published_once_by_another_coordinator(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator that dies between a commit and its jobs' publish (possible on a cluster,
+    where they are two round trips): the outbox it leaves is finished by another's tick."""
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    carried: list[str] = []
+
+    async def dies_before_publishing(
+        outbox: Outbox, task_id: str, items: Any, sent: frozenset[str] = frozenset()
+    ) -> Any:
+        carried.append(task_id)
+        raise anyio.get_cancelled_exc_class()  # as if killed: nothing after the commit runs
+
+    with monkeypatch.context() as patched:
+        # Two round trips, as on a cluster.
+        patched.setattr(Outbox, "with_commit", lambda *_: WithCommit())
+        patched.setattr(Outbox, "carry_out", dies_before_publishing)
+        first = Coordinator(redis, namespace=namespace, block_ms=100, sweep_interval=3600)
+        task_id = await client.submit(Graph("left").node("source", role="manual"), roles=["manual"])
+        with pytest.raises(anyio.get_cancelled_exc_class()):
+            await first.drain()
+    assert carried == [task_id]
+    assert await redis.hlen(keys.task_outbox(task_id)) == 1  # committed ...
+    assert await redis.xlen(keys.role_stream("manual")) == 0  # ... and never published
+
+    async with coordinating(redis, namespace) as second:  # sweeps every 0.1 s: ticks
+        await wait_for_query(lambda: _outbox_empty(redis, keys, task_id))
+    third = Coordinator(redis, namespace=namespace)
+    await third.drain()  # sweeps: a tick of the task reads its outbox back, finds it empty
+    assert await redis.xlen(keys.role_stream("manual")) == 1
+    assert (second.dispatches, third.dispatches) == (1, 0)
+
+
+async def _outbox_empty(redis: Redis, keys: Keys, task_id: str) -> bool:
+    return not await redis.hlen(keys.task_outbox(task_id))
+
+
+async def test_a_coordinator_stopping_steps_the_accepted_events_it_holds(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coordinator_module, "ACCEPTED_HOLD", 60.0)
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    async with coordinating(redis, namespace) as coordinator:
+        task_id, version = await _dispatched_by_hand(client, redis, namespace)
+        accepted = _event(task_id, "accepted", attempt=1, delivery=1)
+        await redis.xadd(keys.events("manual"), accepted)  # type: ignore[arg-type]
+        await wait_until(lambda: coordinator._held)
+    assert await _node_state(client, task_id, "running")
+    assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
+    assert await pending_count_of(redis, keys.events("manual")) == 0
+    assert await redis.xlen(keys.events("manual")) == 0
+
+
+async def test_an_events_group_lost_under_the_read_that_carries_the_acknowledgement_is_recreated(
+    redis: Redis, namespace: str
+) -> None:
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    async with coordinating(redis, namespace):
+        task_id, _ = await _dispatched_by_hand(client, redis, namespace)
+        await wait_for_query(lambda: redis.exists(keys.events("manual")))  # the group made
+        # Gone while the coordinator's blocking read (with the last acknowledgement) waits.
+        await redis.xgroup_destroy(keys.events("manual"), "coordinators")
+        for fields in (
+            _event(task_id, "accepted", attempt=1, delivery=1),
+            _event(task_id, "done", attempt=1, delivery=1, total=0),
+        ):
+            await redis.xadd(keys.events("manual"), fields)  # type: ignore[arg-type]
+        task = await client.wait(task_id, timeout=10)
+    assert task.state == "succeeded"

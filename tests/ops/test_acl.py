@@ -136,6 +136,7 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "settle.lua": ("worker",),
     "result.lua": ("worker",),
     "publish_dedup.lua": ("publisher", "coordinator"),
+    "publish_committed.lua": ("coordinator",),
     "publish_many.lua": ("publisher",),
     "task_commit.lua": ("publisher", "coordinator"),
     "cancel.lua": ("operator", "coordinator", "dashboard"),
@@ -156,6 +157,7 @@ NEVER_REACHED: dict[tuple[acl.Part, str], set[str]] = {
     ("publisher", "task_commit.lua"): {"rpush", "pexpire"},
     # Dispatches are published now (due 0), never scheduled.
     ("coordinator", "publish_dedup.lua"): {"zadd"},
+    ("coordinator", "publish_committed.lua"): {"zadd"},
 }
 
 
