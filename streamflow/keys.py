@@ -119,7 +119,7 @@ _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
-def _message_id(message_id: str) -> str:
+def validate_message_id(message_id: str) -> str:
     """``message_id``, checked.
 
     Raises:
@@ -421,7 +421,7 @@ class Keys:
         Raises:
             InvalidNameError: The shard or the message id is invalid.
         """
-        return self._key(RESULT, validate_shard(role), _message_id(message_id))
+        return self._key(RESULT, validate_shard(role), validate_message_id(message_id))
 
     def role_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
@@ -587,7 +587,7 @@ class Keys:
         Raises:
             InvalidNameError: The message id is invalid.
         """
-        return self._key(JOB_PROGRESS, rest=_message_id(message_id))
+        return self._key(JOB_PROGRESS, rest=validate_message_id(message_id))
 
     # -- schedules --------------------------------------------------------------------------
 

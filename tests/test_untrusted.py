@@ -336,6 +336,59 @@ def test_hostile_text_never_forges_a_log_line_or_reaches_a_terminal_raw(
     assert "\x1b" not in refused.stderr
 
 
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_hostile_entries_and_ids_are_echoed_bounded(
+    redis: Redis, namespace: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Text from outside is quoted at most MAX_ECHO characters in a detail, an error or a log
+    line, and a dead letter's detail at most MAX_DETAIL: a hostile entry's version, kind or key,
+    a handler's huge exception text, a 10 KB id given to the CLI."""
+    keys = Keys(namespace)
+    stream = keys.role_stream("forge")
+    huge = "v" * 50_000 + "\r\nERROR forged"
+    base = {"protocol": 1, "kind": "job", "role": "forge", "payload": None, "created_at_ms": 1}
+    for doc in (
+        {**base, "id": "h1", "protocol": huge},
+        {**base, "id": "h2", "kind": huge},
+        {**base, "id": "h3", huge: 1},
+    ):
+        await redis.xadd(stream, {"message": orjson.dumps(doc)})
+    await redis.xadd(stream, {"message": plain_job("h4", "forge", {"text": huge})})
+    outcomes: list[Outcome] = []
+    app = App()
+
+    @app.role("forge")
+    async def forge(ctx: Context, payload: Any) -> None:
+        raise Fatal(payload["text"])
+
+    caplog.set_level("WARNING", logger="streamflow")
+    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 4, DEADLINE)
+    letters = [decode_dead_letter(f)[0] for _, f in await redis.xrange(keys.dead_letters("forge"))]
+    assert sorted(d.reason for d in letters) == [
+        "fatal",
+        "invalid_message",
+        "unknown_kind",
+        "unsupported_version",
+    ]
+    for letter in letters:
+        limit = 4000 if letter.reason == "fatal" else 400  # MAX_DETAIL; MAX_ECHO and the words
+        assert len(letter.detail) <= limit, (letter.reason, len(letter.detail))
+    lines = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(lines) == 4 and max(map(len, lines)) < 4200, [len(line) for line in lines]
+
+    for command in ("job", "cancel"):
+        refused = run_cli(redis_url, namespace, command, "r" * 10_000)
+        assert refused.returncode == 2, (command, refused.stderr[:300])
+        assert "invalid message id" in refused.stderr and len(refused.stderr) < 1000, command
+    with pytest.raises(ValueError, match="invalid message id") as info:
+        await Client(redis, namespace=namespace).publish("forge", None, message_id="r" * 10_000)
+    assert len(str(info.value)) < 1000
+
+
 # -- the cancel index (item 6): start-up reads one key, whatever else the database holds --------
 
 

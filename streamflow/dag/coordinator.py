@@ -601,7 +601,9 @@ class Coordinator:
     async def _reject(self, stream: str, entry: streams.Entry, exc: ProtocolError) -> None:
         """A malformed event is kept in the role's dead-letter stream, not dropped."""
         role = stream.split("{role:", 1)[-1].split("}", 1)[0]
-        logger.warning("malformed task event %s on %s: %s", entry.id.decode(), stream, exc)
+        logger.warning(
+            "malformed task event %s on %s: %s", entry.id.decode(), stream, shown(exc, 4000)
+        )
         fields: dict[Any, Any] = {b"invalid_event": f"{exc.reason}: {exc.detail}".encode()}
         fields.update({b"raw:" + k: v for k, v in entry.fields.items()})
         with contextlib.suppress(ValueError):
