@@ -380,6 +380,18 @@ async def test_hostile_entries_and_ids_are_echoed_bounded(
     lines = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
     assert len(lines) == 4 and max(map(len, lines)) < 4200, [len(line) for line in lines]
 
+    # A dead letter written by hand with a key of its own: its problem quotes the key, escaped.
+    letter = {"protocol": 1, "kind": "dead_letter", "reason": "fatal", "detail": "d"}
+    letter |= {"role": "forged", "entry_id": "1-1", "consumer": "c", "dead_at_ms": 1}
+    hostile_key = {"x\nERROR forged" + "k" * 10_000: 1}
+    await redis.xadd(
+        keys.dead_letters("forged"), {"dead_letter": orjson.dumps(letter | hostile_key)}
+    )
+    replayed = run_cli(redis_url, namespace, "dlq", "replay", "forged", "--all")
+    assert replayed.returncode == 3 and "unreadable dead letter" in replayed.stderr
+    assert not [line for line in replayed.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(replayed.stderr) < 1000, len(replayed.stderr)
+
     for command in ("job", "cancel"):
         refused = run_cli(redis_url, namespace, command, "r" * 10_000)
         assert refused.returncode == 2, (command, refused.stderr[:300])
