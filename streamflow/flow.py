@@ -190,25 +190,34 @@ def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str,
 
 def _watched(
     redis: Any, keys: Keys, roles: Sequence[str]
-) -> Steps[tuple[dict[str, int], set[str]]]:
+) -> Steps[tuple[dict[str, int], set[str], set[str]]]:
     """What a worker watches, in one round trip: paused roles and roles limited at run time.
 
-    The paused ones as :func:`paused_since` reads them, each with the time it was paused.
+    The paused ones as :func:`paused_since` reads them, each with the time it was paused; then
+    the roles whose flow control key holds another type (anyone with the worker's rights may
+    write one there): read as neither paused nor limited, rather than stopping every worker.
     """
     if not roles:
-        return {}, set()
+        return {}, set(), set()
     pipe = redis.pipeline(transaction=False)
     for role in roles:
         pipe.hmget(keys.flow_control(role), [PAUSED_FIELD, RATE_COUNT, CONCURRENCY])
-    replies = yield pipe.execute()
+    replies = yield pipe.execute(raise_on_error=False)
     paused: dict[str, int] = {}
     limited: set[str] = set()
-    for role, (since, rate, cap) in zip(roles, replies, strict=True):
+    unreadable: set[str] = set()
+    for role, reply in zip(roles, replies, strict=True):
+        if isinstance(reply, Exception):
+            if connect.is_outage(reply):
+                raise reply
+            unreadable.add(role)  # WRONGTYPE
+            continue
+        since, rate, cap = reply
         if since is not None:
             paused[role] = int(since) if since.isdigit() else 0
         if rate is not None or cap is not None:
             limited.add(role)
-    return paused, limited
+    return paused, limited, unreadable
 
 
 class PauseWatch:
@@ -240,6 +249,9 @@ class PauseWatch:
         self._changed = anyio.Event()
         #: The roles whose limits are set at run time (as last read).
         self.limited_at_run_time: set[str] = set()
+        #: Flow control keys found holding another type, by kind (``flow_control``).
+        self.bad_records: dict[str, int] = {}
+        self._unreadable: set[str] = set()
 
     def is_paused(self, role: str) -> bool:
         """Whether ``role`` was paused at the last refresh."""
@@ -255,9 +267,10 @@ class PauseWatch:
 
     async def refresh(self) -> None:
         """Read whether the roles are paused now; wake the readers of resumed roles."""
-        found, self.limited_at_run_time = await steps.run(
+        found, self.limited_at_run_time, unreadable = await steps.run(
             _watched(self._redis, self._keys, self._roles)
         )
+        self._report_unreadable(unreadable)
         if found.keys() != self._paused.keys():
             for role in found.keys() - self._paused.keys():
                 logger.info("role %s is paused: no new jobs of it start here", role)
@@ -266,6 +279,19 @@ class PauseWatch:
         self._paused = found
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+    def _report_unreadable(self, roles: set[str]) -> None:
+        """Warn once (until it reads again) of each role whose flow control is not a hash."""
+        for role in sorted(roles - self._unreadable):
+            self.bad_records["flow_control"] = self.bad_records.get("flow_control", 0) + 1
+            logger.warning(
+                "the flow control of role %s (%s) is not a hash: the role is served as not "
+                "paused and without run-time limits until it is (DEL it, then pause or limit "
+                "the role again)",
+                role,
+                self._keys.flow_control(role),
+            )
+        self._unreadable = roles
 
     async def wait_resumed(self, role: str) -> None:
         """Wait until ``role`` is not paused (or the worker stops)."""

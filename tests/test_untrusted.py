@@ -39,7 +39,7 @@ from streamflow import (
 )
 from streamflow.dag.graph import Graph
 from streamflow.dag.store import TaskStore
-from streamflow.errors import ConfigError, InputError
+from streamflow.errors import ConfigError, InputError, UnknownRoleWarning
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.inspect import inspect_roles
@@ -579,6 +579,36 @@ async def test_other_values_read_back_are_refused_clearly_without_a_crash(
     with pytest.raises(ConfigError, match="is not a hash"):
         await partitions.load(redis, keys, "other")
     assert [info.role for info in await inspect_roles(redis, keys)] == ["echo", "other"]
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_wrong_type_known_roles_or_flow_control_key_does_not_stop_a_worker(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 2's shape in the keys every worker reads at start and while it runs: the known
+    roles (a publisher may HSET there) and a role's flow control (a worker may ZADD there)."""
+    keys = Keys(namespace)
+    await redis.hset(keys.known_roles(), "a", "b")
+    await redis.zadd(keys.flow_control("echo"), {"a": 1})
+    with pytest.warns(UnknownRoleWarning, match="never been served"):  # not a WRONGTYPE error
+        assert await Client(redis, namespace=namespace).publish("fresh", None)
+    await publish(redis, keys, "first")
+    handled: list[str] = []
+    outcomes: list[Outcome] = []
+    worker = Worker(collecting_app(handled), redis, namespace=namespace, on_outcome=outcomes.append)
+    caplog.set_level("WARNING", logger="streamflow")
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 1, DEADLINE)
+            await publish(redis, keys, "second")  # after more refreshes of the flow control
+            await wait_until(lambda: len(outcomes) == 2, DEADLINE)
+            bad = worker.statistics().bad_records
+    assert handled == ["first", "second"]
+    assert bad == {"known_roles": 1, "flow_control": 1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "flow control of role echo" in m]) == 1, messages
+    assert len([m for m in messages if "not registered for task graphs" in m]) == 1, messages
 
 
 # -- item 4: every documented dead-letter reason, from a real worker ----------------------------
