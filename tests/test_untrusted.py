@@ -801,6 +801,33 @@ async def test_a_wrong_type_events_stream_is_skipped_and_the_coordinator_runs_ta
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
+async def test_registry_sets_of_another_type_do_not_stop_a_coordinator(
+    redis_url: str, redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The known roles and functions (a publisher may HSET at both names) are skipped with one
+    warning each and counted; the coordinator follows the roles once the key is a set again."""
+    keys = Keys(namespace)
+    await redis.hset(keys.known_roles(), "a", "b")
+    await redis.hset(keys.known_functions(), "a", "b")
+    graph = Graph("one")
+    graph.node("source", role="source")
+    caplog.set_level("WARNING", logger="streamflow")
+    expected = {"known_roles": 1, "known_functions": 1}
+    async with task_system(redis_url, namespace) as (client, coordinator, _):
+        await wait_until(lambda: coordinator.bad_records() == expected, DEADLINE)
+        await redis.delete(keys.known_roles())
+        await redis.sadd(keys.known_roles(), "source")  # as a restarted worker of it does
+        task_id = await client.submit(graph, params={"n": 3, "size": 2}, functions=[])
+        task = await client.wait(task_id, timeout=DEADLINE)
+        assert task.state == "succeeded", task.error
+        assert coordinator.bad_records() == expected
+    warned = [r.getMessage() for r in caplog.records if r.name == "streamflow.dag.coordinator"]
+    assert len([m for m in warned if keys.known_functions() in m]) == 1, warned
+    assert len([m for m in warned if keys.known_roles() in m]) == 1, warned
+
+
+@pytest.mark.anyio
 async def test_a_wrong_type_dedup_marker_is_replaced_not_a_publish_error(
     redis: Redis, namespace: str
 ) -> None:
