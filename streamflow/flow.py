@@ -39,6 +39,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import connect, steps, streams
 from streamflow.app import format_rate, parse_rate
@@ -351,6 +352,9 @@ class Limiter:
         self._untracked: set[str] = set()  # granted starts that hold no running slot
         #: Reads a limit held back (the reader waited), by role.
         self.waits: dict[str, int] = {}
+        #: Limit keys found holding another type, by kind (``flow_limits``).
+        self.bad_records: dict[str, int] = {}
+        self._broken: set[str] = set()  # roles whose limit keys hold another type
 
     def declares(self, role: str) -> bool:
         """Whether the app declares a limit on ``role``."""
@@ -373,7 +377,31 @@ class Limiter:
             self._keys.flow_running(role),
         ]
         args: list[str | int] = [op, count, period, cap or 0, self._ttl_ms, refund, *tokens]
-        return await self._scripts.limit(keys=keys, args=args, client=self._redis)
+        try:
+            reply = await self._scripts.limit(keys=keys, args=args, client=self._redis)
+        except ResponseError as exc:
+            if connect.is_outage(exc):
+                raise
+            self._unusable(role, keys, exc)
+            # Served without its limits, rather than not at all: no slot is tracked.
+            return [len(tokens), 0, 0] if op == "acquire" else [0, 0]
+        if op == "acquire":  # the one step that reads every limit key
+            self._broken.discard(role)
+        return reply
+
+    def _unusable(self, role: str, keys: Sequence[str], exc: ResponseError) -> None:
+        """Warn once (until they work again) that a role's limit keys hold another type."""
+        if role in self._broken:
+            return
+        self._broken.add(role)
+        self.bad_records["flow_limits"] = self.bad_records.get("flow_limits", 0) + 1
+        logger.warning(
+            "the limits of role %s cannot be applied (%s): it is served without them until "
+            "they can; a key of another type at %s? DEL it",
+            role,
+            exc,
+            " or ".join(keys),
+        )
 
     async def acquire(self, role: str, wanted: int) -> tuple[list[str], float]:
         """Ask for up to ``wanted`` starts: the tokens granted, else seconds to wait."""

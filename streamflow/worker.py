@@ -413,6 +413,7 @@ class Worker:
             bad_records={
                 **self._signals.statistics(),
                 **self._intake.flow.bad_records,
+                **self._intake.limiter.bad_records,
                 **self._bad_records,
             },
             redeliveries=dict(self._runner.redeliveries),

@@ -611,6 +611,42 @@ async def test_a_wrong_type_known_roles_or_flow_control_key_does_not_stop_a_work
     assert len([m for m in messages if "not registered for task graphs" in m]) == 1, messages
 
 
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_limit_keys_of_another_type_leave_the_role_served_without_its_limits(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A limited role's running slots or rate state of another type (the worker user may HSET
+    there): the role is served unlimited with one warning, rather than the worker stopping."""
+    keys = Keys(namespace)
+    await redis.hset(keys.flow_running("capped"), "a", "b")
+    await redis.hset(keys.flow_rate("paced"), "a", "b")
+    app = App()
+    handled: list[str] = []
+
+    @app.role("capped", concurrency_limit=1)
+    async def capped(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+
+    @app.role("paced", rate_limit="100/s")
+    async def paced(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+
+    for role in ("capped", "paced"):
+        for n in range(2):
+            await redis.xadd(keys.role_stream(role), {"message": plain_job(f"{role}{n}", role)})
+    caplog.set_level("WARNING", logger="streamflow")
+    worker = Worker(app, redis, namespace=namespace, block_ms=100)
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(handled) == 4, DEADLINE)
+            bad = worker.statistics().bad_records
+    assert sorted(handled) == ["capped0", "capped1", "paced0", "paced1"]
+    assert bad == {"flow_limits": 2}
+    warned = [r.getMessage() for r in caplog.records if "cannot be applied" in r.getMessage()]
+    assert sorted(m.split()[4] for m in warned) == ["capped", "paced"], warned
+
+
 # -- item 4: every documented dead-letter reason, from a real worker ----------------------------
 
 
