@@ -37,6 +37,7 @@ from typing import Literal
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import connect, scripts, streams
 from streamflow.app import Role
@@ -342,6 +343,9 @@ class Promoter:
         self._scripts = scripts
         self._keys = keys
         self._wakeups: dict[str, anyio.Event] = {}
+        #: Delayed schedules found holding another type, by kind (``delayed``).
+        self.bad_records: dict[str, int] = {}
+        self._broken: set[str] = set()  # partitions whose schedule holds another type
 
     def wake_all(self) -> None:
         """Wake every promoter (the worker stops)."""
@@ -376,9 +380,32 @@ class Promoter:
             )
         except connect.TRANSIENT_ERRORS:
             return None  # the reader's backoff reports the outage
+        except ResponseError as exc:
+            if connect.is_outage(exc):
+                return None
+            self._unreadable(shard, exc)  # polled again: it may be fixed
+            return None
+        self._broken.discard(shard)
         if moved:
             logger.debug("moved %d due retries of %s to its stream", moved, shard)
         return next_due
+
+    def _unreadable(self, shard: str, exc: ResponseError) -> None:
+        """Warn once (until it works again) that a partition's delayed schedule is unusable.
+
+        Anyone with a publisher's rights may write another type of key at its name.
+        """
+        if shard in self._broken:
+            return
+        self._broken.add(shard)
+        self.bad_records["delayed"] = self.bad_records.get("delayed", 0) + 1
+        logger.warning(
+            "cannot promote the due retries and delayed jobs of %s (%s): they wait until %s "
+            "is a sorted set again; the role's new jobs are served meanwhile",
+            shard,
+            exc,
+            self._keys.delayed(shard),
+        )
 
 
 class Intake:

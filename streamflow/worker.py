@@ -414,6 +414,7 @@ class Worker:
                 **self._signals.statistics(),
                 **self._intake.flow.bad_records,
                 **self._intake.limiter.bad_records,
+                **self._promoter.bad_records,
                 **self._bad_records,
             },
             redeliveries=dict(self._runner.redeliveries),

@@ -647,6 +647,49 @@ async def test_limit_keys_of_another_type_leave_the_role_served_without_its_limi
     assert sorted(m.split()[4] for m in warned) == ["capped", "paced"], warned
 
 
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_wrong_type_schedule_or_dead_letter_stream_never_stops_a_worker(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delayed schedule (a publisher may HSET there) and the dead letters (a worker may):
+    the role's new jobs are served, and what cannot be dead-lettered stays pending, not lost."""
+    keys = Keys(namespace)
+    await redis.hset(keys.delayed("later"), "a", "b")
+    await redis.hset(keys.dead_letters("doomed"), "a", "b")
+    app = App()
+    handled: list[str] = []
+
+    @app.role("later")
+    async def later(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+
+    @app.role("doomed")
+    async def doomed(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+        raise Fatal("no place to put it")
+
+    await redis.xadd(keys.role_stream("later"), {"message": plain_job("now", "later")})
+    await redis.xadd(keys.role_stream("doomed"), {"message": plain_job("fatal", "doomed")})
+    caplog.set_level("WARNING", logger="streamflow")
+    worker = Worker(app, redis, namespace=namespace, block_ms=100)
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(handled) == 2, DEADLINE)
+            await wait_until(lambda: any("could not settle" in r.message for r in caplog.records))
+            await redis.xadd(keys.role_stream("later"), {"message": plain_job("then", "later")})
+            await wait_until(lambda: len(handled) == 3, DEADLINE)
+            bad = worker.statistics().bad_records
+    assert sorted(handled) == ["fatal", "now", "then"]
+    assert bad == {"delayed": 1}
+    pending: Any = await redis.xpending(keys.role_stream("doomed"), GROUP)
+    assert pending["pending"] == 1  # not acknowledged: run again after the lease TTL
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "cannot promote" in m]) == 1, messages
+    [refused] = [m for m in messages if "could not settle" in m]
+    assert "WRONGTYPE" in refused and "stays pending" in refused
+
+
 # -- item 4: every documented dead-letter reason, from a real worker ----------------------------
 
 
