@@ -110,12 +110,32 @@ def paused_since(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str
     pipe = redis.pipeline(transaction=False)
     for role in roles:
         pipe.hget(keys.flow_control(role), PAUSED_FIELD)
-    replies = yield pipe.execute()
+    replies = yield pipe.execute(raise_on_error=False)
     out: dict[str, int] = {}
-    for role, value in zip(roles, replies, strict=True):
+    for role, value in zip(roles, _data(replies), strict=True):
         if value is not None:
             out[role] = int(value) if value.isdigit() else 0
     return out
+
+
+def _data(replies: list[Any]) -> list[Any]:
+    """Pipelined replies, a refusal for the data (``WRONGTYPE``: another type of key) as None.
+
+    An outage is raised. Anyone with a worker's rights may write another type of key at a role's
+    flow keys: a reader shows no pause or limit there rather than failing every role.
+    """
+    for reply in replies:
+        if isinstance(reply, Exception) and connect.is_outage(reply):
+            raise reply
+    return [None if isinstance(reply, Exception) else reply for reply in replies]
+
+
+def _number(value: Any) -> int | None:
+    """A number field read back from Redis; None if it is absent or not a whole number."""
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,14 +198,15 @@ def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str,
     for role in roles:
         pipe.hmget(keys.flow_control(role), [RATE_COUNT, RATE_PERIOD, CONCURRENCY])
         pipe.zcount(keys.flow_running(role), now_ms(), "+inf")
-    replies = yield pipe.execute()
+    replies = _data((yield pipe.execute(raise_on_error=False)))
     out: dict[str, Limits] = {}
     for index, role in enumerate(roles):
-        (count, period, cap), running = replies[2 * index], replies[2 * index + 1]
+        fields, running = replies[2 * index] or (None, None, None), replies[2 * index + 1]
+        count, period, cap = (_number(value) for value in fields)
         rate = None
         if count is not None:
-            rate = "off" if int(count) <= 0 else format_rate(int(count), int(period or 1))
-        out[role] = Limits(rate, None if cap is None else int(cap), int(running))
+            rate = "off" if count <= 0 else format_rate(count, period or 1)
+        out[role] = Limits(rate, cap, running or 0)
     return out
 
 

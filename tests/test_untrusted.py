@@ -934,6 +934,27 @@ async def test_the_exporter_reads_past_forged_task_ids_and_states(
 
 
 @pytest.mark.anyio
+async def test_inspect_and_the_exporter_read_past_role_keys_of_another_type(
+    redis: Redis, namespace: str
+) -> None:
+    """One wrong-type key made every figure of every role fail (inspect: an error, the
+    exporter: every refresh): now that key's figure reads as empty, the others are exact."""
+    keys = Keys(namespace)
+    for role in ("bad", "good"):
+        await redis.xadd(keys.role_stream(role), {"message": plain_job(f"{role}-1", role)})
+    await redis.hset(keys.delayed("bad"), "a", "b")
+    await redis.hset(keys.dead_letters("bad"), "a", "b")
+    await redis.zadd(keys.flow_control("bad"), {"a": 1})
+    await redis.hset(keys.known_roles(), "a", "b")
+    infos = {info.role: info for info in await inspect_roles(redis, keys)}
+    assert set(infos) == {"bad", "good"}
+    assert (infos["bad"].length, infos["bad"].delayed, infos["bad"].dead_letters) == (1, 0, 0)
+    assert infos["good"].length == 1 and not infos["bad"].paused
+    snapshot = await Exporter(redis, namespace=namespace).refresh()
+    assert {info.role for info in snapshot.roles} == {"bad", "good"}
+
+
+@pytest.mark.anyio
 @pytest.mark.slow
 async def test_forged_coordinator_registry_entries_are_skipped_and_coordinators_still_run(
     redis_url: str, redis: Redis, namespace: str
