@@ -15,7 +15,7 @@ PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 PEERS_REQUIREMENTS := benchmarks/peers/requirements.txt
 
-.PHONY: venv lint typecheck pytest test-fast docs test demo bench bench-peers fmt clean distclean
+.PHONY: venv lint typecheck pytest test-fast docs test demo bench bench-peers screenshots fmt clean distclean
 
 venv: $(STAMP)
 
@@ -68,6 +68,12 @@ demo: $(DEMO_STAMP)
 
 bench: venv
 	$(VPY) benchmarks/throughput.py
+
+# The dashboard's pages for docs/dashboard.md, into docs/assets/dashboard/ (about a minute): a
+# private redis-server, the demo's workload and headless chromium; pngquant, when installed,
+# makes the PNGs about a third the size.
+screenshots: venv
+	PYTHONPATH=. $(VPY) tools/dashboard_screenshots.py
 
 $(PEERS_STAMP): pyproject.toml $(PEERS_REQUIREMENTS)
 	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)

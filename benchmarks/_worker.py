@@ -7,11 +7,14 @@ object per line to stdout:
   result, its payload, S seconds), then ``{"event": "drained", ...}`` with the
   elapsed wall time and the process CPU time of the drain alone (imports and connecting are
   outside the timed part), and its start and end as Unix times (to time several processes).
-  ``--partitions P`` declares the role with P partitions; ``--events off`` turns its lifecycle
-  events off.
+  ``--partitions P`` declares the role with P partitions, ``--priorities N`` with N priority
+  levels; ``--events off`` turns its lifecycle events off.
 * ``latency``: ``Worker.run()``; prints ``{"event": "ready"}`` once the consumer group exists,
   records ``time.time_ns()`` minus the payload's ``t`` for each message, and after ``--expected``
   messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
+  ``--events off`` turns the role's lifecycle events off.
+* ``bare``: no streamflow: a plain redis-py ``XREADGROUP COUNT 100 BLOCK 5000`` + ``XACK`` loop
+  on the role's stream, recording like ``latency`` (the baseline of ``latency.py``).
 * ``soak``: ``Worker.run()``; prints ``{"event": "ready"}``, then an ``rss`` sample every
   ``--interval`` seconds, and a ``done`` sample when ``--expected`` messages were acked (taken
   before the worker shuts down), then exits.
@@ -40,6 +43,7 @@ import psutil  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
 from streamflow import App, Context, Outcome, Worker, connect
+from streamflow.keys import GROUP, Keys
 from streamflow.worker import tune_garbage_collector
 
 ROLE = "bench"
@@ -78,6 +82,8 @@ async def drain(args: argparse.Namespace) -> None:
         options["keep_result"] = args.keep_result
     if args.events == "off":
         options["events"] = False
+    if args.priorities > 1:
+        options["priorities"] = args.priorities
 
     @app.role(ROLE, **options)
     async def noop(ctx: Context, payload: Any) -> Any:
@@ -124,7 +130,7 @@ async def latency(args: argparse.Namespace) -> None:
     samples: list[int] = []
     worker: Worker | None = None
 
-    @app.role(ROLE, keep_result=args.keep_result)
+    @app.role(ROLE, keep_result=args.keep_result, events=args.events == "on")
     async def record(ctx: Context, payload: Any) -> None:
         samples.append(time.time_ns() - int(payload["t"]))
         if len(samples) >= args.expected and worker is not None:
@@ -140,6 +146,24 @@ async def latency(args: argparse.Namespace) -> None:
             # run() returns once the handler has seen --expected messages (or on a signal).
             await tg.start(run_then_cancel, worker, tg.cancel_scope)
             emit("ready")
+        emit("latencies", ns=samples)
+    finally:
+        await redis.aclose()
+
+
+async def bare(args: argparse.Namespace) -> None:
+    stream, group = Keys(args.namespace).role_stream(ROLE), GROUP
+    samples: list[int] = []
+    redis = connect.connect(args.url)
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+        emit("ready")
+        while len(samples) < args.expected:
+            reply = await redis.xreadgroup(group, "bare", {stream: ">"}, count=100, block=5000)
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    samples.append(time.time_ns() - int(fields[b"t"]))
+                    await redis.xack(stream, group, entry_id)
         emit("latencies", ns=samples)
     finally:
         await redis.aclose()
@@ -196,15 +220,16 @@ async def soak(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("mode", choices=["drain", "latency", "soak"])
+    parser.add_argument("mode", choices=["drain", "latency", "bare", "soak"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--read-count", type=int)
     parser.add_argument("--prefetch", type=lambda v: v if v == "auto" else int(v))
     parser.add_argument("--partitions", type=int, default=1, help="drain: the role's partitions")
+    parser.add_argument("--priorities", type=int, default=1, help="drain: the role's levels")
     parser.add_argument(
-        "--events", choices=["on", "off"], default="on", help="drain: the role's lifecycle events"
+        "--events", choices=["on", "off"], default="on", help="drain, latency: lifecycle events"
     )
     parser.add_argument(
         "--metrics", choices=["on", "off"], default="off", help="drain: time handlers (metrics)"
@@ -222,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args = parse_args(argv)
-    modes = {"drain": drain, "latency": latency, "soak": soak}
+    modes = {"drain": drain, "latency": latency, "bare": bare, "soak": soak}
     anyio.run(modes[args.mode], args, backend_options={"use_uvloop": args.loop == "uvloop"})
 
 

@@ -4,7 +4,8 @@ One invocation, one private redis-server, rounds alternating the bare redis-py l
 with its role's events off and one with them on (the default), so that the ratios compare like
 with like on a shared machine. Each figure is the median of the rounds; ``Redis CPU`` is the
 server's CPU per message (publish and drain); the worker writes two events per job,
-``started`` and ``succeeded``, up to 100 to a stream entry, in one round trip per 50 ms.
+``started`` and ``succeeded`` (as ``lifecycle_jobs`` items: one per millisecond of starts, one
+per acknowledged batch), up to 100 to a stream entry, in one round trip per 50 ms.
 
     PYTHONPATH=. .venv/bin/python benchmarks/events_cost.py [--quick] [--rounds 3] [--write]
 """
@@ -61,8 +62,8 @@ def render(rounds: list[tuple[Drain, Drain, Drain]], n: int, date: str) -> str:
         f"Events on drain at {on_vs_off:.0%} of events off (median of the rounds' ratios; the "
         f"rounds ranged {min(ratios):.0%} to {max(ratios):.0%} on this shared machine). The "
         f"CPU figures are steadier: events cost the worker {worker_cost:+.1f} µs and Redis "
-        f"{redis_cost:+.1f} µs per message (two events per job, `started` and `succeeded`, up "
-        "to 100 to a stream entry, one round trip per 50 ms).",
+        f"{redis_cost:+.1f} µs per message (two events per job, `started` and `succeeded`, as "
+        "`lifecycle_jobs` items, up to 100 events to a stream entry, one round trip per 50 ms).",
         "",
     ]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 from streamflow.context import Context
 from streamflow.errors import ConfigError, PayloadError
 from streamflow.functions import BUILTINS, Function, MapFn, ReduceFn, concatenate
-from streamflow.keys import MAX_PARTITIONS, validate_name
+from streamflow.keys import MAX_PARTITIONS, MAX_PRIORITIES, validate_name
 from streamflow.lifecycle import Hook, Lifecycle, Resources
 from streamflow.middleware import Middleware, check_all
 from streamflow.protocol import keep_result_ms
@@ -105,6 +105,7 @@ class Role:
         cancel_grace: Seconds a cancelled handler gets to stop by itself before it is
             hard-cancelled.
         partitions: How many partition streams the role has (see :mod:`streamflow.partitions`).
+        priorities: How many priority levels it has (1: none); each is a stream per partition.
         keep_result_ms: Keep every job's outcome this many ms (0: only when its publisher
             asks, see ``Client.result``).
         events: Whether its jobs write lifecycle events (see :mod:`streamflow.events`).
@@ -122,6 +123,7 @@ class Role:
     max_deliveries: int = 5
     cancel_grace: float = 5.0
     partitions: int = 1
+    priorities: int = 1
     keep_result_ms: int = 0
     events: bool = True
     rate_limit: tuple[int, int] | None = None
@@ -171,6 +173,7 @@ class App:
         max_deliveries: int = 5,
         cancel_grace: float = 5.0,
         partitions: int = 1,
+        priorities: int = 1,
         keep_result: timedelta | float | None = None,
         events: bool = True,
         rate_limit: str | None = None,
@@ -196,6 +199,12 @@ class App:
             partitions: Split the role into this many streams, spread over a Redis Cluster's
                 masters (see :mod:`streamflow.partitions`). Fixed when the role is created:
                 a worker whose app declares another number refuses to start.
+            priorities: Give the role this many priority levels (2 to
+                ``keys.MAX_PRIORITIES``, 5): jobs published with ``priority=0`` (the default)
+                to ``priorities - 1`` wait in one stream per level, and workers take higher
+                levels first while guaranteeing the lower ones a share of the reads (see
+                docs/concepts.md#priorities). Recorded with the role: a worker whose app
+                declares another number refuses to start.
             keep_result: Keep each job's outcome (its return value, or how it failed) for this
                 long (seconds or a timedelta, at most 30 days), for ``Client.result`` and
                 ``streamflow job``. Without it, only jobs whose publisher asks are kept.
@@ -219,6 +228,8 @@ class App:
             )
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise ConfigError(f"partitions must be 1 to {MAX_PARTITIONS}")
+        if type(priorities) is not int or not 1 <= priorities <= MAX_PRIORITIES:
+            raise ConfigError(f"priorities must be 1 to {MAX_PRIORITIES}")
         try:
             keep_ms = keep_result_ms(keep_result) or 0
         except ValueError as exc:
@@ -235,6 +246,7 @@ class App:
                 role,
                 cancel_grace=cancel_grace,
                 partitions=partitions,
+                priorities=priorities,
                 keep_result_ms=keep_ms,
                 events=events,
                 rate_limit=rate,

@@ -6,8 +6,8 @@ read kept results; :class:`Client` also follows lifecycle events, and inherits i
 and dead-letter methods from :mod:`streamflow.client_ops` (submits and follows tasks, cancels,
 and lists, shows, replays and purges dead letters through :mod:`streamflow.deadletters`).
 
-A little over 600 lines: most of it is the public methods' docstrings (the API reference is
-generated from them).
+Near 700 lines: most of it is the public methods' docstrings (the API reference is generated
+from them), for two clients.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from streamflow.middleware import (
     PublishNext,
     check_all,
     compose_publish,
+    many_messages,
     overrides,
+    publish_blocking,
+    publish_each,
 )
 from streamflow.publishing import DEFAULT_DEDUP_WINDOW, Publisher, When
 from streamflow.records import JobResult as JobRecord
@@ -53,6 +56,7 @@ def _job_options(
     node_id: str | None,
     strict: bool,
     keep_result: timedelta | float | None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of a publish (``Publish.options``), for both clients."""
     return {
@@ -65,6 +69,7 @@ def _job_options(
         "node_id": node_id,
         "strict": strict,
         "keep_result": keep_result,
+        "priority": priority,
     }
 
 
@@ -162,6 +167,7 @@ class Client(TaskMethods, ControlMethods):
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -190,6 +196,9 @@ class Client(TaskMethods, ControlMethods):
             strict: Refuse a role that no worker ever served (see below) instead of warning.
             keep_result: Keep the job's outcome this long (seconds or a timedelta, at most
                 30 days) for :meth:`result` and :meth:`job`, whatever its role says.
+            priority: The job's priority level, for a role declared with ``priorities=N``:
+                ``0`` (the default, lowest) to ``N - 1`` (highest, taken first; see
+                docs/concepts.md#priorities). Its retries, delays and replays keep the level.
 
         A role that no worker serving it ever started in the namespace (a misspelt role, or
         workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
@@ -210,10 +219,19 @@ class Client(TaskMethods, ControlMethods):
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
             ValueError: The message id, dedup key, deadline or headers are out of the protocol's
-                bounds.
+                bounds, or the priority is not one of the role's levels.
         """
         options = _job_options(
-            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+            key,
+            message_id,
+            dedup_key,
+            deadline,
+            delay,
+            task_id,
+            node_id,
+            strict,
+            keep_result,
+            priority,
         )
         if self._publish_chain is not None:
             message = Publish(role, payload, dict(headers or {}), options)
@@ -230,7 +248,12 @@ class Client(TaskMethods, ControlMethods):
                 raise
 
     async def _publish_message(self, message: Publish) -> str:
-        """The end of the publish chain: ``message`` by the full path (no shared pipeline)."""
+        """The end of the publish chain: ``message`` by the full path (no shared pipeline).
+
+        A task (``kind`` ``"task"``, from :meth:`submit`) is submitted.
+        """
+        if message.kind == "task":
+            return await self._submit_message(message)
         with connect.public_errors(f"publishing to role {message.role!r}"):
             return await steps.run(
                 self._pub.publish(
@@ -242,11 +265,13 @@ class Client(TaskMethods, ControlMethods):
             )
 
     def add_middleware(self, *middleware: Middleware) -> None:
-        """Run ``middleware`` around every :meth:`publish`, the first added outermost.
+        """Run ``middleware`` around every publish and submit, the first added outermost.
 
-        Only :meth:`publish` passes through it (not :meth:`publish_many` or :meth:`submit`),
-        by the full path: one round trip of its own, not shared with concurrent publishes.
-        See :mod:`streamflow.middleware`.
+        :meth:`publish` then goes by the full path: one round trip of its own, not shared with
+        concurrent publishes. Each job of :meth:`publish_many` passes through it on its own,
+        and the jobs that reach its end are still sent together. :meth:`submit` passes
+        through it as one :class:`~streamflow.middleware.Publish` of kind ``"task"``. See
+        :mod:`streamflow.middleware`.
 
         Raises:
             ConfigError: An argument is not a :class:`~streamflow.middleware.Middleware`.
@@ -265,6 +290,7 @@ class Client(TaskMethods, ControlMethods):
         chunk_size: int = 1000,
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        priorities: Iterable[int] | None = None,
     ) -> list[str]:
         """Publish many jobs to one role, one script call per chunk; returns their message ids.
 
@@ -277,14 +303,29 @@ class Client(TaskMethods, ControlMethods):
             headers: Headers every job carries (see :meth:`publish`).
             strict: Refuse a role that no worker ever served instead of warning (see
                 :meth:`publish`).
+            priorities: One priority level per payload (see :meth:`publish`); all are checked
+                before anything is published. Without them every job is at level 0.
+
+        With a publish middleware each job passes through it on its own (see
+        :meth:`add_middleware`); those of a chunk that reach the end of the chain go in one
+        call, and a job the middleware refused fails the call once its chunk is sent (the
+        chunks after it are not).
 
         Raises:
             RedisUnavailable: Redis could not be reached or refused for now; some chunks may
                 have been published (each chunk holds jobs of one partition, in order): retry
                 with dedup keys.
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
-            ValueError: ``keys`` and ``payloads`` differ in length.
+            ValueError: ``keys`` or ``priorities`` and ``payloads`` differ in length, or a
+                priority is not one of the role's levels.
         """
+        if self._publish_chain is not None:
+            ids: list[str] = []
+            for chunk in many_messages(
+                role, payloads, keys, headers, strict, chunk_size, priorities
+            ):
+                ids += await publish_each(self._middleware, chunk, self._send_many)
+            return ids
         with connect.public_errors(f"publishing to role {role!r}"):
             return await steps.run(
                 self._pub.publish_many(
@@ -294,8 +335,14 @@ class Client(TaskMethods, ControlMethods):
                     chunk_size=chunk_size,
                     strict=strict,
                     headers=headers,
+                    priorities=priorities,
                 )
             )
+
+    async def _send_many(self, messages: list[Publish]) -> list[str]:
+        """The end of ``publish_many``'s chains: the messages that reached it, in one go."""
+        with connect.public_errors(f"publishing to role {messages[0].role!r}"):
+            return await steps.run(self._pub.publish_messages(messages, len(messages)))
 
     # -- lifecycle events -------------------------------------------------------------------
 
@@ -331,7 +378,7 @@ class Client(TaskMethods, ControlMethods):
             types: Only events of these types.
             since_ms: Replay the events written since this time (ms since the epoch, by the
                 Redis server's clock) first, as far back as the capped stream holds them (at
-                least its last 2,000 entries, of up to 100 events each); None: only events
+                least its last 500 entries, of up to 100 events each); None: only events
                 written from now on.
         """
         role_set = None if roles is None else {validate_name(r, "role") for r in roles}
@@ -500,6 +547,21 @@ class SyncClient:
             many_script=self.redis.register_script(Scripts.source("publish_many.lua")),
             lane=self._lane,
         )
+        # The middleware overriding ``publish``; empty: publishes run as without middleware.
+        self._middleware: tuple[Middleware, ...] = ()
+
+    def add_middleware(self, *middleware: Middleware) -> None:
+        """Run ``middleware`` around every publish (see :meth:`Client.add_middleware`).
+
+        A blocking client has no event loop: it drives each middleware's ``publish`` itself,
+        so it may await ``call_next`` and code that does not suspend (a tracing span, a
+        header), not I/O (that raises ``RuntimeError``).
+
+        Raises:
+            ConfigError: An argument is not a :class:`~streamflow.middleware.Middleware`.
+        """
+        check_all(middleware)
+        self._middleware += tuple(m for m in middleware if overrides(m, "publish"))
 
     def publish(
         self,
@@ -516,11 +578,25 @@ class SyncClient:
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
         keep_result: timedelta | float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         options = _job_options(
-            key, message_id, dedup_key, deadline, delay, task_id, node_id, strict, keep_result
+            key,
+            message_id,
+            dedup_key,
+            deadline,
+            delay,
+            task_id,
+            node_id,
+            strict,
+            keep_result,
+            priority,
         )
+        if self._middleware:
+            message = Publish(role, payload, dict(headers or {}), options)
+            [message_id] = publish_blocking(self._middleware, [message], self._send_one)
+            return message_id
         try:
             plain = self._pub.plain_for(role, payload, options, headers)
             if plain is not None:  # one round trip on the held connection
@@ -571,8 +647,16 @@ class SyncClient:
         chunk_size: int = 1000,
         headers: Mapping[str, str] | None = None,
         strict: bool = False,
+        priorities: Iterable[int] | None = None,
     ) -> list[str]:
         """Publish many jobs to one role; returns their ids (see :meth:`Client.publish_many`)."""
+        if self._middleware:
+            ids: list[str] = []
+            for chunk in many_messages(
+                role, payloads, keys, headers, strict, chunk_size, priorities
+            ):
+                ids += publish_blocking(self._middleware, chunk, self._send_many)
+            return ids
         with connect.public_errors(f"publishing to role {role!r}"):
             return steps.run_blocking(
                 self._pub.publish_many(
@@ -582,8 +666,23 @@ class SyncClient:
                     chunk_size=chunk_size,
                     strict=strict,
                     headers=headers,
+                    priorities=priorities,
                 )
             )
+
+    def _send_one(self, messages: list[Publish]) -> list[str]:
+        """The end of a publish's middleware chain: the message by the full path."""
+        [message] = messages
+        with connect.public_errors(f"publishing to role {message.role!r}"):
+            publishing = self._pub.publish(
+                message.role, message.payload, headers=message.headers or None, **message.options
+            )
+            return [steps.run_blocking(publishing)]
+
+    def _send_many(self, messages: list[Publish]) -> list[str]:
+        """The end of ``publish_many``'s chains: the messages that reached it, in one go."""
+        with connect.public_errors(f"publishing to role {messages[0].role!r}"):
+            return steps.run_blocking(self._pub.publish_messages(messages, len(messages)))
 
     def pause(self, role: str, *, force: bool = False) -> bool:
         """Pause ``role`` (see :meth:`Client.pause`); True if it was running."""

@@ -28,6 +28,7 @@ from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.functions import BUILTINS
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
+from streamflow.middleware import Publish, PublishNext
 from streamflow.protocol import check_headers, check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import Publisher
 from streamflow.scripts import Scripts
@@ -263,6 +264,8 @@ class TaskMethods:
     keys: Keys
     _tasks: TaskStore
     _pub: Publisher
+    #: The client's publish middleware, composed; None without any (see ``Client``).
+    _publish_chain: PublishNext | None
 
     @public_method("submitting a task")
     async def submit(
@@ -295,6 +298,10 @@ class TaskMethods:
             headers: Headers every node job of the task carries (``ctx.headers``), added to
                 the graph's own ``headers``.
 
+        With a publish middleware (:meth:`~streamflow.Client.add_middleware`) the submit
+        passes through it as one :class:`~streamflow.middleware.Publish` of kind ``"task"``
+        (a tracing middleware's span then heads the task's trace).
+
         Raises:
             GraphError: The graph is invalid; every problem is listed.
             ValueError: The task id is taken or invalid, or the headers out of bounds.
@@ -308,9 +315,38 @@ class TaskMethods:
         spec = graphs.parse(graph)
         if params:
             spec = spec.model_copy(update={"params": {**spec.params, **params}})
+        options: dict[str, Any] = {
+            "task_id": task_id,
+            "roles": roles,
+            "functions": functions,
+            "registration_wait": registration_wait,
+        }
+        if self._publish_chain is not None:
+            # A submit passes through the publish middleware too (kind "task"): a tracing
+            # middleware's span is then the parent of the task's dispatches.
+            merged = {**(spec.headers or {}), **(headers or {})}
+            return await self._publish_chain(Publish(spec.name, spec, merged, options, "task"))
         if headers:
-            merged = check_headers({**(spec.headers or {}), **headers})
-            spec = spec.model_copy(update={"headers": merged})
+            spec = spec.model_copy(update={"headers": {**(spec.headers or {}), **headers}})
+        return await self._submit_spec(spec, **options)
+
+    async def _submit_message(self, message: Publish) -> str:
+        """The end of the publish chain for a task: submit ``message``'s graph and headers."""
+        spec = graphs.parse(message.payload)
+        spec = spec.model_copy(update={"headers": message.headers or None})
+        return await self._submit_spec(spec, **message.options)
+
+    async def _submit_spec(
+        self,
+        spec: graphs.GraphSpec,
+        *,
+        task_id: str | None,
+        roles: Iterable[str] | None,
+        functions: Iterable[str] | None,
+        registration_wait: float,
+    ) -> str:
+        if spec.headers:
+            spec = spec.model_copy(update={"headers": check_headers(spec.headers)})
         fixed = (
             None if roles is None else set(roles),
             None if functions is None else set(functions),

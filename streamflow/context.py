@@ -14,6 +14,7 @@ import anyio
 import orjson
 
 from streamflow.lifecycle import NO_RESOURCES, Resources
+from streamflow.protocol import carrier_of
 
 if TYPE_CHECKING:
     from streamflow.dag.graph import Graph, GraphSpec
@@ -278,6 +279,7 @@ class Context:
         deadline: datetime | timedelta | None = None,
         delay: datetime | timedelta | float | None = None,
         headers: Mapping[str, str] | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish a follow-up job, once per parent message however often the handler runs.
 
@@ -296,6 +298,7 @@ class Context:
             deadline: When the child must not start any more.
             delay: Start the child no earlier than this.
             headers: Headers for the child, added to (and overriding) this job's own.
+            priority: The child's priority level (see :meth:`streamflow.Client.publish`).
 
         Returns:
             The child's message id.
@@ -313,6 +316,7 @@ class Context:
             deadline=deadline,
             delay=delay,
             headers=headers,
+            priority=priority,
         )
 
     async def submit(
@@ -451,6 +455,23 @@ class Context:
             self._events.progress(self, value, message)
         else:
             check_progress(value, message)
+
+    @property
+    def trace_context(self) -> Mapping[str, str] | None:
+        """The W3C trace context of the span this task node's run is traced in, or None.
+
+        Set by a tracing middleware (``streamflow.otel.OpenTelemetry``) around the handler;
+        the run's batches and its end are reported with it, so that a tracing coordinator's
+        spans, and the successors' runs, continue this run's trace. Always None for a job
+        that is not a task node (nothing would carry it).
+        """
+        return self._node.trace if self._node is not None else None
+
+    @trace_context.setter
+    def trace_context(self, carrier: Mapping[str, str] | None) -> None:
+        if self._node is not None:
+            # Only ``traceparent`` and ``tracestate`` are kept (bounded): what the reports carry.
+            self._node.trace = carrier_of(carrier)
 
     @property
     def emitted(self) -> int:

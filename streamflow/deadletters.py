@@ -148,10 +148,12 @@ class DeadLetters:
         layout = await self._layouts.get(role)
         index, entry_id = _split_dead_id(layout, entry.id)
         shard = layout.shards[index]  # back to the partition it came from
+        # ... and to its priority level, one the role has (a raw entry's may not be: clamped).
+        level = min(job.priority or 0, layout.levels - 1)
         new_id = await scripts.replay(
             self._scripts,
             self._redis,
-            stream=self._keys.role_stream(shard),
+            stream=self._keys.role_stream(shard, level),
             dead_stream=self._keys.dead_letters(shard),
             dead_id=entry_id.encode(),
             message=encode(job.model_copy(update={"attempt": 1})),

@@ -63,9 +63,15 @@ SLOT_POLL = 0.05
 
 
 def role_known(redis: Any, keys: Keys, role: str) -> Steps[bool]:
-    """Whether ``role`` exists: its stream, delayed schedule or dead letters, or a known role."""
+    """Whether ``role`` exists: its stream, schedule, dead letters or config, or a known role.
+
+    The config (partitions, priority levels) counts: a role's jobs may all wait at a level
+    above 0, whose streams are not the role stream.
+    """
     pipe = redis.pipeline(transaction=False)
-    pipe.exists(keys.role_stream(role), keys.delayed(role), keys.dead_letters(role))
+    pipe.exists(
+        keys.role_stream(role), keys.delayed(role), keys.dead_letters(role), keys.role_config(role)
+    )
     pipe.sismember(keys.known_roles(), role)
     existing, known = yield pipe.execute()
     return bool(existing) or bool(known)

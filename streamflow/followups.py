@@ -104,6 +104,7 @@ class FollowUps:
         deadline: datetime | timedelta | None,
         delay: When,
         headers: Mapping[str, str] | None,
+        priority: int | None = None,
     ) -> str:
         """Publish a child of ``parent`` once; see :meth:`streamflow.Context.publish`."""
         return await self.client.publish(
@@ -114,6 +115,7 @@ class FollowUps:
             deadline=deadline,
             delay=delay,
             headers=_inherited(parent, headers),
+            priority=priority,
         )
 
     async def submit(

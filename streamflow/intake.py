@@ -30,6 +30,7 @@ spread one invariant (never read what cannot be held) over modules.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -45,6 +46,7 @@ from streamflow.delivery import InFlight
 from streamflow.flow import Limiter, PauseWatch
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
+from streamflow.priorities import LevelOrder
 from streamflow.protocol import MESSAGE_FIELD, now_ms
 from streamflow.scripts import Scripts
 
@@ -156,6 +158,18 @@ class GroupReader:
         """New entries of several streams in one XREADGROUP (one slot on a cluster)."""
         return await streams.read_groups(
             self._redis, names, self.group, self.consumer, count=count, block_ms=block_ms
+        )
+
+    async def read_levels(
+        self, names: Sequence[str], *, count: int
+    ) -> list[tuple[str, list[streams.Entry]]]:
+        """New entries of one partition's levels in the order of ``names``, at most ``count``.
+
+        One ``read_levels.lua`` call: an ``XREADGROUP`` per level without ``BLOCK``, the next
+        level only for what the previous left of ``count``.
+        """
+        return await scripts.read_levels(
+            self._scripts, self._redis, names, self.consumer, count=count, group=self.group
         )
 
     async def read_own(self, stream: str, *, after: bytes, count: int) -> list[streams.Entry]:
@@ -345,7 +359,7 @@ class Promoter:
         self._wakeups: dict[str, anyio.Event] = {}
         #: Delayed schedules found holding another type, by kind (``delayed``).
         self.bad_records: dict[str, int] = {}
-        self._broken: set[str] = set()  # partitions whose schedule holds another type
+        self._broken: set[str] = set()  # schedules that hold another type
 
     def wake_all(self) -> None:
         """Wake every promoter (the worker stops)."""
@@ -358,53 +372,57 @@ class Promoter:
         if wakeup is not None:
             wakeup.set()
 
-    async def run(self, shard: str, stopping: anyio.Event) -> None:
+    async def run(self, shard: str, stopping: anyio.Event, levels: int = 1) -> None:
         """Promote ``shard``'s due retries as they fall due, until ``stopping``."""
         while not stopping.is_set():
             wakeup = self._wakeups[shard] = anyio.Event()
-            next_due = await self.promote_due(shard)
+            next_due = await self.promote_due(shard, levels)
             # Sleep until the next due retry; a retry scheduled here wakes us at once, and the
             # poll picks up delayed messages other processes schedule.
             wait = PROMOTE_POLL if next_due is None else (next_due - now_ms()) / 1000
             with anyio.move_on_after(min(max(wait, 0.002), PROMOTE_POLL)):
                 await wakeup.wait()
 
-    async def promote_due(self, shard: str) -> int | None:
-        """Move due retries of a role partition to its stream; returns the next due time (ms)."""
-        try:
-            moved, next_due = await scripts.promote(
-                self._scripts,
-                self._redis,
-                self._keys.role_stream(shard),
-                self._keys.delayed(shard),
-            )
-        except connect.TRANSIENT_ERRORS:
-            return None  # the reader's backoff reports the outage
-        except ResponseError as exc:
-            if connect.is_outage(exc):
-                return None
-            self._unreadable(shard, exc)  # polled again: it may be fixed
-            return None
-        self._broken.discard(shard)
-        if moved:
-            logger.debug("moved %d due retries of %s to its stream", moved, shard)
-        return next_due
+    async def promote_due(self, shard: str, levels: int = 1) -> int | None:
+        """Move due retries of a role partition to its streams; returns the next due time (ms).
 
-    def _unreadable(self, shard: str, exc: ResponseError) -> None:
-        """Warn once (until it works again) that a partition's delayed schedule is unusable.
+        Each priority level has its own schedule, and its due jobs go back to its own stream.
+        """
+        soonest: int | None = None
+        for level in range(levels - 1, -1, -1):
+            schedule = self._keys.delayed(shard, level)
+            try:
+                moved, next_due = await scripts.promote(
+                    self._scripts, self._redis, self._keys.role_stream(shard, level), schedule
+                )
+            except connect.TRANSIENT_ERRORS:
+                return None  # the reader's backoff reports the outage
+            except ResponseError as exc:
+                if connect.is_outage(exc):
+                    return None
+                self._unreadable(schedule, exc)  # polled again: it may be fixed
+                continue
+            self._broken.discard(schedule)
+            if moved:
+                logger.debug("moved %d due retries of %s (level %d)", moved, shard, level)
+            if next_due is not None and (soonest is None or next_due < soonest):
+                soonest = next_due
+        return soonest
+
+    def _unreadable(self, schedule: str, exc: ResponseError) -> None:
+        """Warn once (until it works again) that a delayed schedule is unusable.
 
         Anyone with a publisher's rights may write another type of key at its name.
         """
-        if shard in self._broken:
+        if schedule in self._broken:
             return
-        self._broken.add(shard)
+        self._broken.add(schedule)
         self.bad_records["delayed"] = self.bad_records.get("delayed", 0) + 1
         logger.warning(
-            "cannot promote the due retries and delayed jobs of %s (%s): they wait until %s "
-            "is a sorted set again; the role's new jobs are served meanwhile",
-            shard,
+            "cannot promote the due retries and delayed jobs of %s (%s): they wait until it is "
+            "a sorted set again; the role's new jobs are served meanwhile",
+            schedule,
             exc,
-            self._keys.delayed(shard),
         )
 
 
@@ -486,11 +504,16 @@ class Intake:
             for role in roles:
                 for shard in shards[role.name]:
                     if burst:
-                        await self._promoter.promote_due(shard)
+                        await self._promoter.promote_due(shard, role.priorities)
                     else:
-                        readers.start_soon(self._promoter.run, shard, self._stopping)
+                        readers.start_soon(
+                            self._promoter.run, shard, self._stopping, role.priorities
+                        )
                         readers.start_soon(self.adopt_loop, role, shard)
-                    readers.start_soon(self.read_loop, role, shard, burst)
+                    if role.priorities > 1:
+                        readers.start_soon(self.read_levels_loop, role, shard, burst)
+                    else:
+                        readers.start_soon(self.read_loop, role, shard, burst)
         # Free the running slots of what ended; the rest expire after the lease TTL.
         with anyio.move_on_after(5, shield=True):
             await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
@@ -524,6 +547,167 @@ class Intake:
                     return
                 await self._read_ahead.wait_progress()
 
+    async def read_levels_loop(self, role: Role, shard: str, burst: bool) -> None:
+        """:meth:`read_loop` for a role with priorities: the levels in :class:`LevelOrder`.
+
+        Each read serves the levels in the order the guard gives, without blocking, in one
+        round trip (``read_levels.lua``: one ``XREADGROUP`` per level until the budget is
+        filled); only when every level is empty does it block, on all levels at once (one
+        ``XREADGROUP`` over the partition's level streams, which share its slot).
+        """
+        streams_ = self._keys.level_streams(shard, role.priorities)
+        backoff = connect.Backoff(f"reading {streams_[0]}")
+        for stream in reversed(streams_):  # first what is pending under this name, per level
+            if not await self._resume(role, shard, stream, burst, backoff):
+                return
+        order = LevelOrder(len(streams_))
+        while not self._stopping.is_set():
+            free = await self._read_ahead.wait_budget()
+            if free <= 0 or not await self._wait_unpaused(role.name, burst):
+                return
+            ordered = [streams_[level] for level in order.next()]
+            taken = await self._take_levels(role, shard, ordered, free, backoff, block=False)
+            if taken is None or taken:  # no grant (a limited role waited): read again
+                continue
+            if not burst:
+                await self._take_levels(role, shard, streams_, free, backoff, block=True)
+            elif self._read_ahead.in_flight == 0:
+                return
+            else:
+                await self._read_ahead.wait_progress()
+
+    async def _resume(
+        self, role: Role, shard: str, stream: str, burst: bool, backoff: connect.Backoff
+    ) -> bool:
+        """Take the entries already pending under this name on ``stream``; False on a stop."""
+        history: bytes | None = b"0"
+        while history is not None:
+            free = await self._read_ahead.wait_budget()
+            if free <= 0 or not await self._wait_unpaused(role.name, burst):
+                return False
+            entries = await self._take(role, shard, stream, free, None, history, backoff)
+            if entries is None:
+                continue
+            if entries:
+                logger.info("resuming %d entries pending on %s", len(entries), stream)
+            history = entries[-1].id if entries else None
+        return True
+
+    async def _take_levels(
+        self,
+        role: Role,
+        shard: str,
+        names: Sequence[str],
+        free: int,
+        backoff: connect.Backoff,
+        *,
+        block: bool,
+    ) -> int | None:
+        """One read of several levels within the role's limits, handed over; how many.
+
+        ``block``: wait for an entry on any level (one blocking read of them all, at most one
+        entry each, see :meth:`_block_levels`); else read them in the order of ``names``
+        until ``free`` are taken. None: a limited role got no grant (it waited as told).
+        """
+        tokens: list[str] | None = None
+        if self._limited(role.name):
+            tokens = await self._permits(
+                role.name, min(free, len(names)) if block else free, backoff
+            )
+            if not tokens:
+                return None
+            free = len(tokens)
+        issued = time.monotonic()
+        if block:
+            found = await self._block_levels(role.name, names, tokens, backoff)
+        else:
+            found = await self._read_levels(names, min(free, self._read_ahead.read_count), backoff)
+        taken: list[tuple[str, streams.Entry]] = []
+        for stream, entries in found:
+            if time.monotonic() - issued > self._leases.settings.unsafe_after:
+                entries = await self._leases.confirm(stream, entries)  # see _take
+            if entries:
+                await self._hand_over(role, shard, stream, entries, issued)
+                taken += [(stream, entry) for entry in entries]
+        if tokens is not None:
+            await self._bind_levels(role.name, taken, tokens, backoff)
+        return len(taken)
+
+    async def _read_levels(
+        self, names: Sequence[str], count: int, backoff: connect.Backoff
+    ) -> list[tuple[str, list[streams.Entry]]]:
+        """Up to ``count`` new entries of the levels, in the order of ``names``; [] on error."""
+        found: list[tuple[str, list[streams.Entry]]] = []
+
+        async def read() -> None:
+            nonlocal found
+            found = await self.reader.read_levels(names, count=count)
+
+        async def regroup() -> None:
+            for name in names:
+                await self.reader.regroup(name)
+
+        return found if await guarded(read, backoff, regroup=regroup) else []
+
+    async def _block_levels(
+        self, role: str, names: Sequence[str], tokens: list[str] | None, backoff: connect.Backoff
+    ) -> list[tuple[str, list[streams.Entry]]]:
+        """Wait for entries on any level: one blocking read of them all, one entry each.
+
+        It may return one entry per level (jobs published on several levels at once): like a
+        plain reader's blocked read, that may overshoot the budget, by at most levels - 1. A
+        limited role first gets a grant for each entry beyond the ones it holds (``tokens``
+        grows), waiting for them as the limiter says: an entry handed back would be adopted,
+        and adoption asks no limit. Only a stop hands back what is still without a grant
+        (``release.lua``: its delivery count unchanged); an entry that waited past the safe
+        part of its lease is confirmed before it starts (see :meth:`_take_levels`).
+        """
+        found: list[tuple[str, streams.Entry]] = []
+
+        async def read() -> None:
+            nonlocal found
+            found = await self.reader.read_many(names, count=1, block_ms=self._block_ms)
+
+        async def regroup() -> None:
+            for name in names:
+                await self.reader.regroup(name)
+
+        if not await guarded(read, backoff, regroup=regroup):
+            return []
+        found.sort(key=lambda pair: -self._keys.level_of_stream(pair[0]))  # highest first
+        if tokens is not None and len(found) > len(tokens):
+            tokens += await self._grants(role, len(found) - len(tokens), backoff)
+            for stream, entry in found[len(tokens) :]:  # only after a stop
+                await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
+            found = found[: len(tokens)]
+        by_stream: dict[str, list[streams.Entry]] = {}
+        for stream, entry in found:
+            by_stream.setdefault(stream, []).append(entry)
+        return list(by_stream.items())
+
+    async def _grants(self, role: str, wanted: int, backoff: connect.Backoff) -> list[str]:
+        """Grants for ``wanted`` more starts, waiting for them as the limiter says (or a stop)."""
+        granted: list[str] = []
+        while len(granted) < wanted and not self._stopping.is_set():
+            granted += await self._permits(role, wanted - len(granted), backoff)
+        return granted
+
+    async def _bind_levels(
+        self,
+        role: str,
+        ties: list[tuple[str, streams.Entry]],
+        tokens: list[str],
+        backoff: connect.Backoff,
+    ) -> None:
+        """Tie a limited role's grants to entries read on several streams; return the rest."""
+        bind = self.limiter.bind
+        for index, (stream, entry) in enumerate(ties):
+            token = tokens[index : index + 1]
+            await guarded(functools.partial(bind, role, stream, [entry], token), backoff)
+        rest = tokens[len(ties) :]
+        if rest:
+            await guarded(functools.partial(bind, role, "", [], rest), backoff)
+
     async def _take(
         self,
         role: Role,
@@ -555,6 +739,11 @@ class Intake:
             entries = await self._leases.confirm(stream, entries)
         if entries:
             await self._hand_over(role, shard, stream, entries, issued)
+            if len(entries) < free and block is not None:
+                # A short blocking read drained the stream, so the next read would only
+                # block: let the woken consumers start these handlers before it is sent
+                # (an idle worker's enqueue-to-start latency), not after.
+                await anyio.lowlevel.checkpoint()
         if tokens is not None:
             await guarded(
                 lambda: self.limiter.bind(role.name, stream, entries or [], tokens), backoff
@@ -636,21 +825,25 @@ class Intake:
         return entries if await guarded(read, backoff, regroup=regroup) else None
 
     async def adopt_loop(self, role: Role, shard: str) -> None:
-        """Adopt a partition's entries idle past the lease TTL, one bounded step per tick."""
-        stream = self._keys.role_stream(shard)
+        """Adopt a partition's entries idle past the lease TTL, one bounded step per tick.
+
+        A role with priorities adopts on each level's stream in turn, the highest first.
+        """
+        levels = self._keys.level_streams(shard, role.priorities)[::-1]
         settings = self._leases.settings
 
         async def step() -> None:
-            free = min(self._read_ahead.free(), settings.reclaim_count)
-            if free > 0 and not self.flow.is_paused(role.name):
-                await self.adopt(role, shard, stream, free)
+            for stream in levels:
+                free = min(self._read_ahead.free(), settings.reclaim_count)
+                if free > 0 and not self.flow.is_paused(role.name):
+                    await self.adopt(role, shard, stream, free)
 
         async def regroup() -> None:
             pass  # the reader recreates the group
 
         await run_guarded(
             step,
-            f"adopting idle entries of {stream}",
+            f"adopting idle entries of {levels[0]}",
             self._stopping,
             regroup=regroup,
             every=settings.reclaim_interval,

@@ -89,6 +89,8 @@ class JobStatus:
             it reported any (and the role's lifecycle events are on).
         progress_message: The message of that report, if any.
         progress_at_ms: When it was reported.
+        priority: The priority level it waits or runs at, when above 0 (queued, running,
+            delayed or retrying).
     """
 
     message_id: str
@@ -112,6 +114,7 @@ class JobStatus:
     progress: Any = None
     progress_message: str | None = None
     progress_at_ms: int | None = None
+    priority: int | None = None
 
     @property
     def ended(self) -> bool:
@@ -163,16 +166,22 @@ async def status(
     """
     validate_message_id(message_id)
     shards = await _shards(redis, keys, layouts, role)
-    candidates = [keys.result(shard, message_id) for shard in shards]
+    candidates = [keys.result(shard, message_id) for shard, _ in shards]
     record = await steps.run(results.read_kept(redis, candidates))
     if record is not None:
         return from_record(record)
     budget = _Budget()
-    for find in (_in_stream, _in_schedule, _in_dead_letters):
-        for shard in shards:
-            found = await find(redis, keys, shard, message_id, budget)
+    # Each priority level of a partition is a stream and a schedule of its own, top first.
+    places = [(shard, level) for shard, levels in shards for level in range(levels - 1, -1, -1)]
+    for find in (_in_stream, _in_schedule):
+        for shard, level in places:
+            found = await find(redis, keys, shard, message_id, budget, level)
             if found is not None:
                 return found
+    for shard, _ in shards:
+        found = await _in_dead_letters(redis, keys, shard, message_id, budget)
+        if found is not None:
+            return found
     # Gone from everywhere: it may have ended meanwhile, with its outcome kept.
     record = await steps.run(results.read_kept(redis, candidates))
     if record is not None:
@@ -200,22 +209,28 @@ class _Budget:
 
 async def _shards(
     redis: Redis, keys: Keys, layouts: partitions.Layouts, role: str | None
-) -> list[str]:
-    """The partitions to look in: ``role``'s, or every role's.
+) -> list[tuple[str, int]]:
+    """The partitions to look in, with their priority levels: ``role``'s, or every role's.
 
     Every role's: those workers registered, and every role stream or schedule found by a
     ``SCAN`` (a role published to but never served: its jobs are still queued).
     """
     if role is not None:
-        return list((await layouts.get(role)).shards)
+        layout = await layouts.get(role)
+        return [(shard, layout.levels) for shard in layout.shards]
     found = await redis.smembers(keys.known_roles())
     roles = sorted(streams.text_lenient(name) for name in found)
-    shards = [shard for name in roles for shard in (await layouts.get(name)).shards]
+    shards: list[tuple[str, int]] = []
+    for name in roles:
+        layout = await layouts.get(name)
+        shards += [(shard, layout.levels) for shard in layout.shards]
+    seen = {shard for shard, _ in shards}
     for pattern in (keys.role_pattern(), keys.delayed_pattern()):
         for key in sorted(await streams.scan_keys(redis, pattern)):
             shard = _shard_of(keys, key)
-            if shard is not None and shard not in shards:
-                shards.append(shard)
+            if shard is not None and shard not in seen:
+                seen.add(shard)
+                shards.append((shard, 1))
     return shards
 
 
@@ -241,10 +256,10 @@ def _matching(bodies: Iterable[tuple[Any, bytes]], message_id: str) -> tuple[Any
 
 
 async def _in_stream(
-    redis: Redis, keys: Keys, shard: str, message_id: str, budget: _Budget
+    redis: Redis, keys: Keys, shard: str, message_id: str, budget: _Budget, level: int = 0
 ) -> JobStatus | None:
-    """Queued or running: the job's entry in the role stream, and its pending row."""
-    stream, start = keys.role_stream(shard), "-"
+    """Queued or running: the job's entry in the role stream (of a level), its pending row."""
+    stream, start = keys.role_stream(shard, level), "-"
     while count := budget.page():
         try:
             reply: Any = await redis.xrange(stream, start, "+", count)
@@ -254,7 +269,7 @@ async def _in_stream(
         rows = ((entry_id, fields.get(MESSAGE_FIELD, b"")) for entry_id, fields in reply)
         hit = _matching(rows, message_id)
         if hit is not None:
-            return await _queued_or_running(redis, keys, shard, bytes(hit[0]), hit[1])
+            return await _queued_or_running(redis, keys, shard, bytes(hit[0]), hit[1], level)
         if len(reply) < count:
             return None
         start = "(" + streams.text(reply[-1][0])
@@ -262,9 +277,9 @@ async def _in_stream(
 
 
 async def _queued_or_running(
-    redis: Redis, keys: Keys, shard: str, entry_id: bytes, job: Job
+    redis: Redis, keys: Keys, shard: str, entry_id: bytes, job: Job, level: int = 0
 ) -> JobStatus:
-    stream = keys.role_stream(shard)
+    stream = keys.role_stream(shard, level)
     try:
         rows: Any = await redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
     except ResponseError:  # NOGROUP: no worker read it yet
@@ -278,6 +293,7 @@ async def _queued_or_running(
         attempt=job.attempt,
         created_at_ms=job.created_at_ms,
         headers=job.headers or None,
+        priority=level or None,
     )
     if not rows:
         return queued
@@ -341,10 +357,10 @@ def _progress_event(raw: Any, message_id: str) -> LifecycleEvent | None:
 
 
 async def _in_schedule(
-    redis: Redis, keys: Keys, shard: str, message_id: str, budget: _Budget
+    redis: Redis, keys: Keys, shard: str, message_id: str, budget: _Budget, level: int = 0
 ) -> JobStatus | None:
     """Delayed (published with a delay) or retrying (a later attempt): the delayed schedule."""
-    schedule, start = keys.delayed(shard), 0
+    schedule, start = keys.delayed(shard, level), 0
     while count := budget.page():
         try:
             reply: Any = await redis.zrange(schedule, start, start + count - 1, withscores=True)
@@ -364,6 +380,7 @@ async def _in_schedule(
                 created_at_ms=job.created_at_ms,
                 due_at_ms=due,
                 headers=job.headers or None,
+                priority=level or None,
             )
         if len(reply) < count:
             return None

@@ -42,6 +42,10 @@ SHARD_PATTERN = re.compile(
 #: The most partitions a role may have.
 MAX_PARTITIONS = 64
 
+#: The most priority levels a role may have (``@app.role(priorities=N)``, N ≤ this). Each level
+#: is one more stream the role's workers read, so the number is kept small.
+MAX_PRIORITIES = 5
+
 #: The consumer group every role stream has; one per stream, shared by all workers of the role.
 GROUP = "workers"
 #: The consumer group of every role's events stream, shared by all coordinators.
@@ -119,6 +123,17 @@ _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
+def _level(level: int) -> str:
+    """A priority level above 0, as named in keys.
+
+    Raises:
+        InvalidNameError: It is not an integer from 1 to ``MAX_PRIORITIES - 1``.
+    """
+    if type(level) is not int or not 1 <= level < MAX_PRIORITIES:
+        raise InvalidNameError(f"invalid priority level {shown(repr(level))}")
+    return str(level)
+
+
 def validate_message_id(message_id: str) -> str:
     """``message_id``, checked.
 
@@ -183,6 +198,11 @@ class KeyKind:
 # Keys of a role's shard: all in its slot (see the module docstring).
 ROLE_CONFIG = KeyKind("role", "config", named=True)
 ROLE_STREAM = KeyKind("role", "stream", named=True)
+#: The stream of a priority level above 0 of a role with priorities (``:level:<n>``, n ≥ 1);
+#: level 0 is the role's own stream. In the shard's slot, so every script of the shard takes it.
+LEVEL_STREAM = KeyKind("role", "level", named=True, rest=True)
+#: The delayed schedule of a priority level above 0 (due retries go back to that level).
+LEVEL_DELAYED = KeyKind("role", "level-delayed", named=True, rest=True)
 DEAD_LETTERS = KeyKind("role", "dead", named=True)
 DELAYED = KeyKind("role", "delayed", named=True)
 STARTS = KeyKind("role", "starts", named=True, rest=True)
@@ -246,6 +266,8 @@ SCHEDULE_RUNS = KeyKind("schedules", "runs")
 KINDS: tuple[KeyKind, ...] = (
     ROLE_CONFIG,
     ROLE_STREAM,
+    LEVEL_STREAM,
+    LEVEL_DELAYED,
     DEAD_LETTERS,
     DELAYED,
     STARTS,
@@ -319,17 +341,39 @@ class Keys:
         """
         return self._key(ROLE_CONFIG, validate_name(role, "role"))
 
-    def role_stream(self, role: str) -> str:
-        """The stream that carries a role's jobs."""
-        return self._key(ROLE_STREAM, validate_shard(role))
+    def role_stream(self, role: str, level: int = 0) -> str:
+        """The stream that carries a role's jobs (of priority ``level``; 0 is the role's own).
+
+        Raises:
+            InvalidNameError: The shard is invalid or the level out of range.
+        """
+        if level == 0:
+            return self._key(ROLE_STREAM, validate_shard(role))
+        return self._key(LEVEL_STREAM, validate_shard(role), _level(level))
+
+    def level_streams(self, role: str, levels: int) -> list[str]:
+        """The streams of a role's (shard's) priority levels, from the lowest (0) up."""
+        return [self.role_stream(role, level) for level in range(levels)]
+
+    def level_of_stream(self, key: str) -> int:
+        """The priority level of a role stream key (0 for the role's own stream)."""
+        _, sep, rest = key.rpartition("}:" + LEVEL_STREAM.part + ":")
+        if not sep or not rest.isdigit() or not 1 <= int(rest) < MAX_PRIORITIES:
+            return 0
+        return int(rest)
 
     def dead_letters(self, role: str) -> str:
         """The role's dead-letter stream."""
         return self._key(DEAD_LETTERS, validate_shard(role))
 
-    def delayed(self, role: str) -> str:
-        """The role's delayed schedule: a sorted set of messages scored by due time (ms)."""
-        return self._key(DELAYED, validate_shard(role))
+    def delayed(self, role: str, level: int = 0) -> str:
+        """The role's delayed schedule: a sorted set of messages scored by due time (ms).
+
+        One per priority level: a level's due jobs go back to that level's stream.
+        """
+        if level == 0:
+            return self._key(DELAYED, validate_shard(role))
+        return self._key(LEVEL_DELAYED, validate_shard(role), _level(level))
 
     def consumer_alive(self, consumer: str) -> str:
         """The liveness key held by the one live process using a consumer name."""
@@ -431,11 +475,23 @@ class Keys:
         """A ``SCAN MATCH`` pattern for every delayed schedule of the namespace."""
         return f"{self.namespace}:{DELAYED.pattern}"
 
+    def level_patterns(self) -> tuple[str, str]:
+        """``SCAN MATCH`` patterns for the level streams and level schedules (levels above 0)."""
+        return (
+            f"{self.namespace}:{LEVEL_STREAM.pattern}",
+            f"{self.namespace}:{LEVEL_DELAYED.pattern}",
+        )
+
     def role_of_stream(self, key: str) -> str | None:
-        """The shard (role or role partition) of a role stream key, or None if it is not one."""
+        """The shard (role or role partition) of a role stream key (any priority level)."""
         prefix, suffix = self._around(ROLE_STREAM)
         if key.startswith(prefix) and key.endswith(suffix):
             return key[len(prefix) : -len(suffix)] or None
+        level = self.level_of_stream(key)
+        if level and key.startswith(prefix):
+            shard = key[len(prefix) :].rpartition("}:")[0]
+            if SHARD_PATTERN.fullmatch(shard) and self.role_stream(shard, level) == key:
+                return shard
         return None
 
     # -- tasks ------------------------------------------------------------------------------

@@ -109,9 +109,14 @@ class NodeRun:
         self._max_bytes = max_batch_bytes
         self._ttl_ms = batch_ttl_ms
         self.emitted = 0
+        #: The trace context of the run's handler span (``ctx.trace_context``), or None: its
+        #: batch and end events carry it (see :mod:`streamflow.dag.tracing`).
+        self.trace: dict[str, str] | None = None
 
     def event(self, type_: EventType, **fields: Any) -> bytes:
-        """An encoded event about this run."""
+        """An encoded event about this run (with its trace context, if traced)."""
+        if self.trace is not None and type_ != "accepted":
+            fields["trace"] = self.trace
         return event(self.job, type_, delivery=self.delivery, consumer=self.consumer, **fields)
 
     async def start(self) -> Batch | None:

@@ -7,8 +7,10 @@ instrumented library; without a configured provider every span is a no-op.
 :class:`OpenTelemetry` is a :class:`~streamflow.middleware.Middleware`; add it to the app (the
 workers' handler runs, retries and dead letters) and to each client that publishes:
 
-* a publish is a ``PRODUCER`` span ``send <role>``; the job carries its W3C trace context in
-  its headers (``traceparent``, ``tracestate``);
+* a publish is a ``PRODUCER`` span ``send <role>`` (each job of ``publish_many`` and of a
+  :class:`~streamflow.SyncClient` too); the job carries its W3C trace context in its headers
+  (``traceparent``, ``tracestate``); a submit is a ``PRODUCER`` span ``submit <graph name>``
+  whose context the task's headers carry;
 * a handler run is a ``CONSUMER`` span ``process <role>``, the child of the publisher's span
   (read from ``ctx.headers``), with the attributes of the OpenTelemetry messaging semantic
   conventions (``messaging.system`` = ``streamflow``, ``messaging.destination.name`` = the
@@ -16,17 +18,24 @@ workers' handler runs, retries and dead letters) and to each client that publish
   (``streamflow.attempt``, ``streamflow.task_id``, ``streamflow.node_id``);
 * a scheduled retry and a dead letter are short ``INTERNAL`` spans ``retry <role>`` and
   ``dead_letter <role>``, children of the failed run's span;
-* what a handler publishes with ``ctx.publish`` is sent from inside its span, so the follow-up
-  job's run is a grandchild of it.
+* what a handler publishes with ``ctx.publish`` or submits with ``ctx.submit`` is sent from
+  inside its span, so the follow-up's run (or the task's) is a grandchild of it;
+* in a coordinator whose app has it (see :mod:`streamflow.dag.tracing`), applying a node run's
+  batch or end is an ``INTERNAL`` span ``step <node>`` (the child of the run, whose context
+  the run's reports carry: ``ctx.trace_context``), each job it sends a ``PRODUCER`` span
+  ``dispatch <role>`` under it (the successor's run is its child), and a coordinator
+  function's map or reduce an ``INTERNAL`` span ``function <node>``.
 
-Task node jobs carry the headers their task was submitted with: submit a task with
-``headers=trace_headers()`` inside a span and every node's run joins that trace.
+A task submitted through a client without the middleware joins a trace when given
+``headers=trace_headers()``: its first dispatches hang from that context.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from streamflow import extras
@@ -50,7 +59,7 @@ MAX_FAILED = 4096
 def trace_headers(headers: Mapping[str, str] | None = None) -> dict[str, str]:
     """``headers`` with the current trace context added (``traceparent``, ``tracestate``).
 
-    For what no publish middleware wraps, such as
+    For a client without the middleware, such as a task given ``headers=trace_headers()`` in
     :meth:`Client.submit <streamflow.Client.submit>`: every node job of the task carries them.
     """
     carrier = dict(headers or {})
@@ -73,6 +82,18 @@ def _job_attributes(ctx: Context) -> dict[str, Any]:
     if ctx.node_id is not None:
         attributes["streamflow.node_id"] = ctx.node_id
     return attributes
+
+
+@dataclass(slots=True)
+class CoordinatorSpan:
+    """An open span of a coordinator and its trace context (``carrier``)."""
+
+    span: trace.Span
+    carrier: dict[str, str]
+
+    def set_attribute(self, name: str, value: str | int | bool) -> None:
+        """Add an attribute to the span."""
+        self.span.set_attribute(name, value)
 
 
 class OpenTelemetry(Middleware):
@@ -98,20 +119,25 @@ class OpenTelemetry(Middleware):
         self._failed: OrderedDict[tuple[str, int], trace.SpanContext] = OrderedDict()
 
     async def publish(self, message: Publish, call_next: PublishNext) -> str:
-        """Send ``message`` inside a ``PRODUCER`` span whose context its headers carry."""
+        """Send ``message`` inside a ``PRODUCER`` span whose context its headers carry.
+
+        A job's span is ``send <role>``; a task's (a submit) ``submit <graph name>``.
+        """
+        task = message.kind == "task"
+        operation = "submit" if task else "send"
         attributes = {
             "messaging.system": SYSTEM,
-            "messaging.destination.name": message.role,
             "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
+            "messaging.operation.name": operation,
         }
+        attributes["streamflow.task.name" if task else "messaging.destination.name"] = message.role
         with self._tracer.start_as_current_span(
-            f"send {message.role}", kind=SpanKind.PRODUCER, attributes=attributes
+            f"{operation} {message.role}", kind=SpanKind.PRODUCER, attributes=attributes
         ) as span:
             propagate.inject(message.headers)
-            message_id = await call_next(message)
-            span.set_attribute("messaging.message.id", message_id)
-            return message_id
+            sent_id = await call_next(message)
+            span.set_attribute("streamflow.task_id" if task else "messaging.message.id", sent_id)
+            return sent_id
 
     async def handle(self, ctx: Context, payload: Any, call_next: CallNext) -> Any:
         """Run the handler inside a ``CONSUMER`` span, the child of the job's trace context."""
@@ -123,11 +149,40 @@ class OpenTelemetry(Middleware):
             kind=SpanKind.CONSUMER,
             attributes=_job_attributes(ctx),
         ) as span:
+            if ctx.node_id is not None:
+                # The run's batches and end carry it: the coordinator's spans continue it.
+                ctx.trace_context = trace_headers()
             try:
                 return await call_next(ctx, payload)
             except BaseException:
                 self._remember(ctx, span.get_span_context())
                 raise
+
+    @contextmanager
+    def coordinator_span(
+        self,
+        name: str,
+        parent: Mapping[str, str],
+        *,
+        producer: bool,
+        attributes: Mapping[str, str | int | bool],
+    ) -> Iterator[CoordinatorSpan | None]:
+        """A coordinator's ``step``, ``function`` or ``dispatch`` span (see the module).
+
+        The child of ``parent`` (a trace context read back from Redis: untrusted); None, and no
+        span, when it is not a valid one.
+        """
+        context = propagate.extract(parent)
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            yield None
+            return
+        kind = SpanKind.PRODUCER if producer else SpanKind.INTERNAL
+        with self._tracer.start_span(
+            name, context=context, kind=kind, attributes=attributes
+        ) as span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
+            yield CoordinatorSpan(span, carrier)
 
     def _remember(self, ctx: Context, span: trace.SpanContext) -> None:
         self._failed[(ctx.message_id, ctx.attempt)] = span

@@ -34,6 +34,7 @@ from streamflow import connect, steps
 from streamflow.errors import ConfigError, InvalidNameError
 from streamflow.keys import (
     MAX_PARTITIONS,
+    MAX_PRIORITIES,
     Keys,
     role_of_shard,
     shard_tag,
@@ -45,10 +46,19 @@ from streamflow.steps import Steps
 
 #: The config hash field listing a role's shards, space-separated, in partition order.
 SHARDS_FIELD = "shards"
+#: The config hash field with a role's number of priority levels (absent: 1, no priorities).
+LEVELS_FIELD = "levels"
+
+#: What a role's config records: its ``shards`` field and its ``levels`` field.
+Record = tuple[bytes | str | None, bytes | str | None]
 
 
 class PartitionMismatch(ConfigError):
     """The partitions an app declares for a role differ from those recorded in Redis."""
+
+
+class PriorityMismatch(ConfigError):
+    """The priority levels an app declares for a role differ from those recorded in Redis."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +68,12 @@ class Layout:
     Attributes:
         role: The role.
         shards: Its partitions' key names in partition order; the first is the role itself.
+        levels: Its priority levels (1: no priorities); every partition has them all.
     """
 
     role: str
     shards: tuple[str, ...]
+    levels: int = 1
     _next: itertools.count[int] = field(default_factory=itertools.count, compare=False)
 
     @property
@@ -165,11 +177,12 @@ def _masters_in_order(owner: Callable[[int], str], first_slot: int) -> list[str]
     return masters[start:] + masters[:start]
 
 
-def parse(role: str, recorded: bytes | str) -> Layout:
+def parse(role: str, recorded: bytes | str, levels: bytes | str | None = None) -> Layout:
     """The layout from a recorded ``shards`` field; checks every name belongs to ``role``.
 
     Raises:
-        ConfigError: The record is not a list of ``role``'s shards starting with ``role``.
+        ConfigError: The record is not a list of ``role``'s shards starting with ``role``, or
+            its ``levels`` is not a number of priority levels.
     """
     # Read back from Redis: anyone with write access to the namespace may have written it.
     text = recorded.decode(errors="replace") if isinstance(recorded, bytes) else recorded
@@ -181,7 +194,23 @@ def parse(role: str, recorded: bytes | str) -> Layout:
         ok = False
     if not ok or len(shards) > MAX_PARTITIONS:
         raise ConfigError(f"the recorded partitions of role {role!r} are invalid: {text[:200]!r}")
-    return Layout(role, shards)
+    return Layout(role, shards, parse_levels(role, levels))
+
+
+def parse_levels(role: str, recorded: bytes | str | None) -> int:
+    """A role's recorded number of priority levels (1 when none is recorded).
+
+    Raises:
+        ConfigError: The record is not a number from 1 to ``MAX_PRIORITIES``.
+    """
+    if recorded is None:
+        return 1
+    text = recorded.decode(errors="replace") if isinstance(recorded, bytes) else recorded
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PRIORITIES):
+        raise ConfigError(
+            f"the recorded priority levels of role {role!r} are invalid: {text[:50]!r}"
+        )
+    return int(text)
 
 
 def _owner_of(redis: Redis) -> Callable[[int], str] | None:
@@ -194,29 +223,36 @@ def _owner_of(redis: Redis) -> Callable[[int], str] | None:
 
 async def load(redis: Redis, keys: Keys, role: str) -> Layout | None:
     """The role's recorded layout, or None when the role was not created yet."""
-    recorded = await steps.run(read_record(redis, keys, role))
-    return None if recorded is None else parse(role, recorded)
+    shards, levels = await steps.run(read_record(redis, keys, role))
+    return None if shards is None else parse(role, shards, levels)
 
 
-def read_record(redis: Any, keys: Keys, role: str) -> Steps[bytes | str | None]:
-    """The role's recorded ``shards`` field, or None (asyncio or blocking client).
+def read_record(redis: Any, keys: Keys, role: str) -> Steps[Record]:
+    """The role's recorded ``shards`` and ``levels`` fields (asyncio or blocking client).
+
+    One ``HMGET``: a role without priorities costs its publishers nothing more.
 
     Raises:
         ConfigError: Another type of key is at the config hash's name.
     """
     key = keys.role_config(role)
     try:
-        recorded: bytes | str | None = yield redis.hget(key, SHARDS_FIELD)
+        reply = yield redis.hmget(key, [SHARDS_FIELD, LEVELS_FIELD])
     except ResponseError as exc:
         raise ConfigError(f"the config of role {role!r} ({key}) is not a hash: {exc}") from None
-    return recorded
+    shards, levels = list(reply or [None, None])[:2]
+    return shards, levels
 
 
-async def ensure(redis: Redis, keys: Keys, role: str, count: int) -> Layout:
+async def ensure(redis: Redis, keys: Keys, role: str, count: int, levels: int = 1) -> Layout:
     """Create the role with ``count`` partitions, or check it was created with that many.
+
+    A role with priorities also records its ``levels`` (``HSETNX``: a role created before it
+    had priorities gets them from its first worker that declares some).
 
     Raises:
         PartitionMismatch: The role exists with another number of partitions.
+        PriorityMismatch: The role has another number of priority levels recorded.
     """
     layout = await load(redis, keys, role)
     if layout is None:
@@ -230,6 +266,16 @@ async def ensure(redis: Redis, keys: Keys, role: str, count: int) -> Layout:
         raise PartitionMismatch(
             f"role {role!r} was created with {layout.count} partition(s) but the app declares "
             f"{count}; the number is fixed at creation (drain the role and delete "
+            f"{keys.role_config(role)} to change it)"
+        )
+    if levels > 1 and layout.levels == 1:
+        await redis.hsetnx(keys.role_config(role), LEVELS_FIELD, str(levels))
+        layout = await load(redis, keys, role)
+        assert layout is not None
+    if layout.levels != levels:
+        raise PriorityMismatch(
+            f"role {role!r} has {layout.levels} priority level(s) recorded but the app declares "
+            f"{levels}; the number is fixed once recorded (drain the role and delete "
             f"{keys.role_config(role)} to change it)"
         )
     return layout
@@ -268,13 +314,14 @@ class LayoutCache:
         """Whether ``role`` was found not created (no worker serving it ever started)."""
         return role in self._missing and role not in self._known
 
-    def record(self, role: str, recorded: bytes | str | None) -> Layout:
-        """Remember what Redis holds for ``role`` (None: not created yet); its layout."""
-        if recorded is None:
+    def record(self, role: str, recorded: Record) -> Layout:
+        """Remember what Redis holds for ``role`` (no shards: not created yet); its layout."""
+        shards, levels = recorded
+        if shards is None:
             layout = single(role)
             self._missing[role] = (time.monotonic() + self.RECHECK, layout)
             return layout
-        layout = self._known[role] = parse(role, recorded)
+        layout = self._known[role] = parse(role, shards, levels)
         return layout
 
 

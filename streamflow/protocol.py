@@ -3,7 +3,8 @@
 Every entry streamflow writes is a :class:`WireModel`, encoded as JSON (orjson) in a single
 stream field. A role stream entry holds a :class:`Job` in the field ``message``; this module
 also holds what every model shares (the version, names, ids, timestamps, headers and their
-limits, the dead-letter reasons) and the validation helpers. The other records (dead letters,
+limits, the trace context a header or a record may carry, the dead-letter reasons) and the
+validation helpers. The other records (dead letters,
 cancel signals and reports, task events, job results, lifecycle events), their fields and
 decoders, and the JSON Schemas are in :mod:`streamflow.records`. ``docs/protocol.md`` is the
 reference for other languages.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any, Literal, get_args
 
@@ -28,7 +30,7 @@ from pydantic import (
 
 from streamflow import hostile
 from streamflow.errors import InputError, ProtocolError
-from streamflow.keys import NAME_PATTERN
+from streamflow.keys import MAX_PRIORITIES, NAME_PATTERN
 from streamflow.logs import shown
 
 #: The protocol version this code writes and reads.
@@ -73,6 +75,32 @@ def _headers_total(headers: dict[str, str]) -> dict[str, str]:
             f"headers hold {total} characters of names and values, limit {MAX_HEADERS_TOTAL}"
         )
     return headers
+
+
+#: A W3C trace context: ``traceparent`` and maybe ``tracestate`` (header names to values).
+Carrier = dict[str, str]
+#: The header names a trace context is made of.
+TRACE_FIELDS = ("traceparent", "tracestate")
+#: The longest trace context value kept (``traceparent`` is 55 characters; ``tracestate`` at
+#: most 512).
+MAX_TRACE_VALUE = 512
+
+
+def carrier_of(raw: object) -> Carrier | None:
+    """The trace context in ``raw`` (untrusted: anything), or None if it holds none that fits.
+
+    Only ``traceparent`` and ``tracestate`` are kept, as non-empty strings of at most
+    :data:`MAX_TRACE_VALUE` characters; without a ``traceparent`` there is none. Whether the
+    values parse is the tracer's to judge (one that does not is ignored there).
+    """
+    if not isinstance(raw, Mapping):
+        return None
+    out: Carrier = {}
+    for name in TRACE_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, str) and 0 < len(value) <= MAX_TRACE_VALUE:
+            out[name] = value
+    return out if "traceparent" in out else None
 
 
 #: A job's metadata: string names to string values, bounded in count and size.
@@ -184,6 +212,7 @@ class Job(WireModel):
     timeout: Annotated[float, Field(gt=0, le=7 * 86_400)] | None = None
     keep_result_ms: Annotated[int, Field(ge=1, le=MAX_KEEP_RESULT_MS)] | None = None
     headers: Headers | None = None
+    priority: Annotated[int, Field(strict=True, ge=0, lt=MAX_PRIORITIES)] | None = None
 
 
 _MESSAGE_ID = TypeAdapter(MessageId)
@@ -276,6 +305,7 @@ def encode_job_fields(
     attempt: int = 1,
     keep_result_ms: int | None = None,
     headers: dict[str, str] | None = None,
+    priority: int | None = None,
 ) -> bytes:
     """Encode a job envelope straight from its fields, for publishing in bulk.
 
@@ -303,6 +333,8 @@ def encode_job_fields(
         doc["keep_result_ms"] = keep_result_ms
     if headers:
         doc["headers"] = headers
+    if priority:  # level 0 is the default: a plain job's bytes stay as they were
+        doc["priority"] = priority
     return orjson.dumps(doc)
 
 

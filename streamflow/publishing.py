@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, Unpack
 
 import orjson
 from pydantic import BaseModel
@@ -46,6 +46,9 @@ from streamflow.protocol import (
 )
 from streamflow.steps import Steps
 
+if TYPE_CHECKING:
+    from streamflow.middleware import Publish
+
 #: How long a dedup key is remembered by default: a second publish within it is dropped.
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
 
@@ -66,6 +69,7 @@ class JobOptions(TypedDict):
     task_id: str | None
     node_id: str | None
     keep_result: NotRequired[timedelta | float | None]
+    priority: NotRequired[int | None]
     headers: Mapping[str, str] | None
 
 
@@ -143,7 +147,7 @@ class Publisher:
             validate_name(role, "role")
             recorded = yield from partitions.read_record(self.redis, self.keys, role)
             layout = self.layouts.record(role, recorded)
-            if recorded is None:  # read at most once a second per role: not per publish
+            if recorded[0] is None:  # read at most once a second per role: not per publish
                 self._served = yield from self._known_roles()
                 if not strict:
                     _warn(self._unknown_role(role), UnknownRoleWarning)
@@ -156,7 +160,9 @@ class Publisher:
     ) -> Steps[str]:
         """Publish one job; returns its message id (see :meth:`streamflow.Client.publish`)."""
         layout = yield from self.layout(role, strict)
-        p = self._prepare(role, payload, layout.pick(job["key"], job["dedup_key"]), job)
+        priority = job.get("priority")
+        level = 0 if priority is None else check_priority(layout, priority)
+        p = self._prepare(role, payload, layout.pick(job["key"], job["dedup_key"]), level, job)
         if job["message_id"] is not None:
             yield from self.warn_if_cancelled("message", job["message_id"])
         if p.dedup_marker is not None:
@@ -188,6 +194,7 @@ class Publisher:
         task_id: str | None,
         node_id: str | None,
         strict: bool,
+        priority: int | None = None,
     ) -> Plain | None:
         """A publish without dedup key or delay as commands, when no lookup must come first.
 
@@ -203,6 +210,7 @@ class Publisher:
             return None
         if strict and self.layouts.missing(role):
             raise ConfigError(self._unknown_role(role))
+        level = 0 if priority is None else check_priority(layout, priority)
         deadline_ms = None if deadline is None else _absolute_ms(deadline)
         chosen = message_id is not None
         if message_id is None:
@@ -217,8 +225,11 @@ class Publisher:
             deadline_ms=deadline_ms,
             task_id=validate_name(task_id, "task id") if task_id else None,
             node_id=validate_name(node_id, "node id") if node_id else None,
+            priority=level,
         )
-        xadd = (b"XADD", self._stream(layout.pick(key)), b"*", b"message", body)
+        shard = layout.pick(key)
+        stream = self._stream(shard) if not level else self.keys.role_stream(shard, level)
+        xadd = (b"XADD", stream, b"*", b"message", body)
         if not chosen:
             return Plain(message_id, (xadd,))
         # Both markers share one slot: one EXISTS reads them (see signals.cancelled_already).
@@ -246,6 +257,7 @@ class Publisher:
             options["task_id"],
             options["node_id"],
             options["strict"],
+            options.get("priority"),
         )
 
     def check_plain(self, plain: Plain, replies: list[Any]) -> str:
@@ -280,15 +292,24 @@ class Publisher:
         role: str,
         payloads: Iterable[Any],
         *,
-        keys: Iterable[str] | None,
+        keys: Iterable[str | None] | None,
         chunk_size: int,
         strict: bool,
         headers: Mapping[str, str] | None = None,
+        each_headers: Sequence[Mapping[str, str]] | None = None,
+        priorities: Iterable[int] | None = None,
     ) -> Steps[list[str]]:
-        """Publish many jobs, one script call per chunk of one partition; returns their ids."""
+        """Publish many jobs, one script call per chunk of one stream; returns their ids.
+
+        ``each_headers``: one job's headers each (instead of ``headers`` for all).
+        ``priorities`` gives each job its level (see :meth:`streamflow.Client.publish_many`).
+        """
         checked = check_headers(headers) if headers else None
+        each = None
+        if each_headers is not None:
+            each = [check_headers(own) if own else None for own in each_headers]
         layout = yield from self.layout(role, strict)
-        prepared = self._bodies(layout, payloads, keys, checked)
+        prepared = self._bodies(layout, payloads, keys, checked, each, priorities)
         if self.lane is not None:
             yield from self._many_on_lane(prepared, chunk_size)
         else:
@@ -296,6 +317,27 @@ class Publisher:
                 bodies = [body for _, _, body in chunk]
                 yield from scripts.publish_many(self._many, self.redis, chunk[0][0], bodies)
         return [message_id for _, message_id, _ in prepared]
+
+    def publish_messages(self, messages: Sequence[Publish], chunk_size: int) -> Steps[list[str]]:
+        """:meth:`publish_many` of messages that passed a publish middleware (one role).
+
+        Raises:
+            ValueError: A middleware changed a message's role.
+        """
+        role = messages[0].role
+        if any(message.role != role for message in messages):
+            raise ValueError(f"a publish middleware changed the role of a publish_many to {role!r}")
+        return (
+            yield from self.publish_many(
+                role,
+                [message.payload for message in messages],
+                keys=[message.options.get("key") for message in messages],
+                chunk_size=chunk_size,
+                strict=bool(messages[0].options.get("strict")),
+                each_headers=[message.headers for message in messages],
+                priorities=_priorities_of(messages),
+            )
+        )
 
     def _many_on_lane(self, prepared: list[tuple[str, str, bytes]], size: int) -> Steps[None]:
         """Every chunk's script call in one round trip on the client's held connection.
@@ -329,7 +371,9 @@ class Publisher:
         if hit:
             _warn(signals.cancelled_already_text(target, target_id), CancelledIdWarning)
 
-    def _prepare(self, role: str, payload: Any, shard: str, job: JobOptions) -> _Prepared:
+    def _prepare(
+        self, role: str, payload: Any, shard: str, level: int, job: JobOptions
+    ) -> _Prepared:
         """The checked entry and where it goes (no I/O)."""
         message_id = job["message_id"] or new_message_id()
         dedup_key = job["dedup_key"]
@@ -347,10 +391,11 @@ class Publisher:
             dedup_key=dedup_key,
             keep_result_ms=keep_result_ms(job.get("keep_result")),
             headers=check_headers(job["headers"]) if job["headers"] else None,
+            priority=level,
         )
         return _Prepared(
-            stream=self.keys.role_stream(shard),
-            schedule=self.keys.delayed(shard),
+            stream=self.keys.role_stream(shard, level),
+            schedule=self.keys.delayed(shard, level),
             message_id=message_id,
             body=body,
             dedup_marker=self.keys.dedup(shard, dedup_key) if dedup_key else None,
@@ -379,10 +424,16 @@ class Publisher:
         self,
         layout: partitions.Layout,
         payloads: Iterable[Any],
-        keys: Iterable[str] | None,
+        keys: Iterable[str | None] | None,
         headers: dict[str, str] | None,
+        each_headers: Sequence[dict[str, str] | None] | None = None,
+        priorities: Iterable[int] | None = None,
     ) -> list[tuple[str, str, bytes]]:
-        """(stream, message id, body) per payload, each on its key's partition or round-robin."""
+        """(stream, message id, body) per payload, each on its key's partition or round-robin.
+
+        With ``priorities``, each payload goes to its level's stream of that partition; every
+        priority is checked before anything is built, so a bad one publishes nothing.
+        """
         role = layout.role
         streams_of = {shard: self.keys.role_stream(shard) for shard in layout.shards}
         created = now_ms()
@@ -392,12 +443,64 @@ class Publisher:
             if keys is not None
             else ((payload, None) for payload in payloads)
         )
-        for payload, key in pairs:
+        if priorities is not None:
+            return self._leveled(
+                layout, list(pairs), list(priorities), headers, each_headers, created
+            )
+        for number, (payload, key) in enumerate(pairs):
             stream = streams_of[layout.pick(key)]
             message_id = new_message_id()
-            body = _encode(message_id, role, payload, created, headers=headers)
+            own = headers if each_headers is None else each_headers[number]
+            body = _encode(message_id, role, payload, created, headers=own)
             out.append((stream, message_id, body))
         return out
+
+    def _leveled(
+        self,
+        layout: partitions.Layout,
+        pairs: list[tuple[Any, str | None]],
+        priorities: list[int],
+        headers: dict[str, str] | None,
+        each_headers: Sequence[dict[str, str] | None] | None,
+        created: int,
+    ) -> list[tuple[str, str, bytes]]:
+        """:meth:`_bodies` with a priority per payload."""
+        if len(priorities) != len(pairs):
+            raise ValueError("priorities and payloads differ in length")
+        levels = [check_priority(layout, priority) for priority in priorities]
+        out = []
+        for number, ((payload, key), level) in enumerate(zip(pairs, levels, strict=True)):
+            stream = self.keys.role_stream(layout.pick(key), level)
+            message_id = new_message_id()
+            own = headers if each_headers is None else each_headers[number]
+            body = _encode(message_id, layout.role, payload, created, headers=own, priority=level)
+            out.append((stream, message_id, body))
+        return out
+
+
+def check_priority(layout: partitions.Layout, priority: object) -> int:
+    """The level a publish with ``priority`` goes to: ``priority`` itself, checked.
+
+    Raises:
+        ValueError: It is not an integer, or not one of the role's levels (``0`` to
+            ``levels - 1``; a role without priorities, or not created yet, has only 0).
+    """
+    if type(priority) is not int:
+        raise ValueError(f"priority must be an integer, not {type(priority).__name__}")
+    if not 0 <= priority < layout.levels:
+        if layout.levels == 1:
+            have = "has no priority levels (declare them with @app.role(priorities=N))"
+        else:
+            have = f"has priority levels 0 to {layout.levels - 1}"
+        raise ValueError(f"priority {priority} refused: role {layout.role!r} {have}")
+    return priority
+
+
+def _priorities_of(messages: Sequence[Publish]) -> list[int] | None:
+    """The messages' levels (0 where none was given), or None if none has one."""
+    if all(message.options.get("priority") is None for message in messages):
+        return None
+    return [message.options.get("priority") or 0 for message in messages]
 
 
 def _no_script(reply: Any) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from streamflow import hostile
 from streamflow.errors import ProtocolError
@@ -21,6 +21,7 @@ from streamflow.protocol import (
     INT64_MAX,
     MESSAGE_FIELD,
     DeadLetterReason,
+    Headers,
     Job,
     MessageId,
     Name,
@@ -191,6 +192,8 @@ class TaskEvent(WireModel):
         total: For ``done``: how many batches the invocation emitted.
         error: For ``failed``: what went wrong.
         consumer: The worker's consumer name.
+        trace: The W3C trace context (``traceparent``, ``tracestate``) of the run's handler
+            span, when a tracing middleware traced it: the coordinator's spans continue it.
     """
 
     protocol: Version
@@ -208,6 +211,7 @@ class TaskEvent(WireModel):
     total: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     error: Annotated[str, Field(max_length=4000)] | None = None
     consumer: Annotated[str, Field(max_length=200)] | None = None
+    trace: Headers | None = None
 
 
 #: What a lifecycle event reports: a job's ``started`` ... ``cancelled``, or a ``task`` or
@@ -231,7 +235,9 @@ class LifecycleEvent(WireModel):
     """One lifecycle event, for subscribers: an item of a lifecycle events stream entry.
 
     Each entry of the stream holds one or more events, in order, as a JSON array in its field
-    ``events`` (a worker writes what it buffered in one entry, not one entry per event).
+    ``events`` (a worker writes what it buffered in one entry, not one entry per event); a
+    plain job's ``started`` and ``succeeded`` events come as :class:`LifecycleJobs` items, which
+    :func:`decode_lifecycle` expands into these.
 
     Best-effort observability: written after the change it reports was committed (a settle the
     owner check refused reports nothing), but a worker that dies in between never writes it,
@@ -279,10 +285,74 @@ class LifecycleEvent(WireModel):
     delay: Annotated[float, Field(ge=0)] | None = None
 
 
-#: The lifecycle events stream field: a JSON array of :class:`LifecycleEvent` objects, in order.
+#: The most jobs one :class:`LifecycleJobs` item names (a worker writes at most 100).
+MAX_ITEM_JOBS = 1_000
+
+
+class LifecycleJobs(WireModel):
+    """The ``started`` or ``succeeded`` events of many plain jobs of one role, as one item.
+
+    The compact form a worker writes for its hot events (not a task node's job): one item per
+    millisecond of ``started`` events, one per acknowledged batch of ``succeeded`` ones,
+    instead of an object per job. A reader expands it (:meth:`events`) into one
+    :class:`LifecycleEvent` per job, in order, with the item's ``type``, ``at_ms``, ``role``
+    and ``consumer``.
+
+    Attributes:
+        protocol: The protocol version, 1.
+        kind: Always ``"lifecycle_jobs"``.
+        type: ``started`` or ``succeeded``.
+        at_ms: When, ms since the epoch: the millisecond the jobs started, or the time their
+            acknowledgement was applied.
+        role: The jobs' role.
+        consumer: The worker that wrote it.
+        message_ids: The jobs' message ids, in order.
+        attempts: Their attempts, in the same order.
+    """
+
+    protocol: Version
+    kind: Literal["lifecycle_jobs"]
+    type: Literal["started", "succeeded"]
+    at_ms: Timestamp
+    role: Name
+    consumer: Annotated[str, Field(max_length=200)]
+    message_ids: Annotated[list[MessageId], Field(min_length=1, max_length=MAX_ITEM_JOBS)]
+    attempts: Annotated[
+        list[Annotated[int, Field(ge=1, le=INT64_MAX)]],
+        Field(min_length=1, max_length=MAX_ITEM_JOBS),
+    ]
+
+    @model_validator(mode="after")
+    def _one_attempt_per_job(self) -> LifecycleJobs:
+        if len(self.attempts) != len(self.message_ids):
+            raise ValueError("attempts and message_ids differ in length")
+        return self
+
+    def events(self) -> list[LifecycleEvent]:
+        """One event per job, in order."""
+        # Every field was validated with this item: building the events again is not needed.
+        return [
+            LifecycleEvent.model_construct(
+                protocol=self.protocol,
+                kind="lifecycle",
+                type=self.type,
+                at_ms=self.at_ms,
+                role=self.role,
+                message_id=message_id,
+                attempt=attempt,
+                consumer=self.consumer,
+            )
+            for message_id, attempt in zip(self.message_ids, self.attempts, strict=True)
+        ]
+
+
+#: The lifecycle events stream field: a JSON array of :class:`LifecycleEvent` and
+#: :class:`LifecycleJobs` objects, in order.
 LIFECYCLE_FIELD = b"events"
 #: The largest lifecycle events entry a reader accepts.
 MAX_LIFECYCLE_BYTES = 4 * 1024 * 1024
+#: The most events a reader takes from one entry (:class:`LifecycleJobs` items expand).
+MAX_ENTRY_EVENTS = 10_000
 
 #: The events stream field that holds a :class:`TaskEvent`'s JSON.
 EVENT_FIELD = b"event"
@@ -331,6 +401,7 @@ MESSAGE_KINDS: dict[str, type[WireModel]] = {
     "event": TaskEvent,
     "result": JobResult,
     "lifecycle": LifecycleEvent,
+    "lifecycle_jobs": LifecycleJobs,
 }
 
 
@@ -383,13 +454,28 @@ def decode_lifecycle(fields: dict[bytes, bytes]) -> tuple[list[LifecycleEvent], 
         raise ProtocolError("invalid_json", f"lifecycle entry is not JSON: {exc}", raw) from None
     if not isinstance(items, list):
         raise ProtocolError("invalid_message", "lifecycle entry is not a JSON array", raw)
-    events, problems = [], []
+    events: list[LifecycleEvent] = []
+    problems: list[str] = []
     for index, item in enumerate(items):
+        if len(events) >= MAX_ENTRY_EVENTS:
+            problems.append(f"items {index} on: more than {MAX_ENTRY_EVENTS} events in an entry")
+            break
         try:
-            events.append(LifecycleEvent.model_validate(item))
+            events += _lifecycle_item(item)
         except ValidationError as exc:
             problems.append(f"event {index}: {summarize_errors(exc)}")
-    return events, problems
+    return events[:MAX_ENTRY_EVENTS], problems
+
+
+def _lifecycle_item(item: Any) -> list[LifecycleEvent]:
+    """The events of one item of a lifecycle entry: an event, or a :class:`LifecycleJobs`.
+
+    Raises:
+        ValidationError: The item is neither.
+    """
+    if isinstance(item, dict) and item.get("kind") == "lifecycle_jobs":
+        return LifecycleJobs.model_validate(item).events()
+    return [LifecycleEvent.model_validate(item)]
 
 
 def decode_event(fields: dict[bytes, bytes]) -> TaskEvent:

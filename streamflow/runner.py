@@ -11,6 +11,7 @@ its lease's unsafe age is confirmed before it starts, so that two workers never 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import partial
@@ -37,6 +38,8 @@ from streamflow.middleware import CallNext, Chain, Middleware, chain, wraps
 from streamflow.protocol import Job
 from streamflow.scripts import Scripts
 from streamflow.signals import CancelBook
+
+logger = logging.getLogger(__name__)
 
 
 def fencing_token(attempt: int, deliveries: int) -> int:
@@ -194,6 +197,8 @@ class Runner:
             return checked
         job, payload = checked
         delivery.job = job
+        if job.priority is not None:  # rare: only jobs published at a level above 0 carry one
+            self._check_level(delivery, job.priority)
         ctx = Context(
             job.id,
             delivery.entry.id.decode(),
@@ -269,6 +274,25 @@ class Runner:
             return RELEASE  # cannot read its input now: hand it back
         return None
 
+    def _check_level(self, delivery: Delivery, priority: int) -> None:
+        """Warn when a job's ``priority`` is not the level it is on (a raw publisher's slip).
+
+        The stream decides: the job runs, and retries, at the level it is on; a replay sends
+        it to its ``priority``, clamped to the role's levels (see docs/protocol.md).
+        """
+        level = self._keys.level_of_stream(delivery.stream)
+        if priority != level:
+            logger.warning(
+                "%s message %s says priority %d but was published at level %d of %s: it runs "
+                "at level %d",
+                delivery.role.name,
+                delivery.entry.id.decode(),
+                priority,
+                level,
+                delivery.shard,
+                level,
+            )
+
     async def _run_suspect(
         self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
     ) -> Decision:
@@ -335,7 +359,7 @@ class Runner:
         events = self.events
         if events is not None and role.events:
             ctx._events = events
-            events.job("started", job, role.name)
+            events.started(job, role.name)
         timeout = job.timeout or role.timeout
         chains = self._chains
         try:

@@ -68,6 +68,7 @@ class Scripts:
         self.forget = redis.register_script(_load("forget.lua", strip))
         self.result = redis.register_script(_load("result.lua", strip))
         self.limit = redis.register_script(_load("limit.lua", strip))
+        self.read_levels = redis.register_script(_load("read_levels.lua", strip))
 
     @classmethod
     def source(cls, name: str) -> str:
@@ -448,6 +449,28 @@ async def claim(
         Entry(entry_id, _pairs(fields), int(deliveries)) for entry_id, fields, deliveries in adopted
     ]
     return next_cursor, entries, list(deleted)
+
+
+async def read_levels(
+    scripts: Scripts,
+    redis: Redis,
+    streams: Sequence[str],
+    consumer: str,
+    *,
+    count: int,
+    group: str = GROUP,
+) -> list[tuple[str, list[Entry]]]:
+    """New entries of a partition's levels in the order of ``streams``, ``count`` at most.
+
+    Returns (stream, entries) for each level read from.
+    """
+    reply = await scripts.read_levels(
+        keys=list(streams), args=[group, consumer, count], client=redis
+    )
+    return [
+        (streams[int(index) - 1], [Entry(entry_id, _pairs(fields)) for entry_id, fields in rows])
+        for index, rows in reply or ()
+    ]
 
 
 def _pairs(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:

@@ -180,19 +180,31 @@ class Settler:
     def tell_acked(
         self, items: list[Delivery], refused: set[bytes], cancelled: Mapping[Delivery, object]
     ) -> None:
-        """Write the ``succeeded`` or ``cancelled`` events of a batch the acker settled."""
+        """Write the ``succeeded`` or ``cancelled`` events of a batch the acker settled.
+
+        ``items`` are one stream's, so one role's: its ``succeeded`` events go as one group
+        (:meth:`EventLog.succeeded`), with nothing done per delivery but taking its job.
+        """
         events = self.events
-        if events is None:
+        if events is None or not items[0].role.events:
             return
+        role = items[0].role.name
+        if not refused and not cancelled:  # the hot path: every one acknowledged, succeeded
+            events.succeeded([d.job for d in items if d.job is not None], role)
+            return
+        done = []
         for delivery in items:
-            if not delivery.role.events or delivery.entry.id in refused:
+            if delivery.entry.id in refused:
                 continue  # refused by the owner check: it was not settled here
-            if delivery not in cancelled:  # the hot path: no keyword, the fast format
-                events.job("succeeded", delivery.job, delivery.role.name)
+            if delivery not in cancelled:
+                if delivery.job is not None:
+                    done.append(delivery.job)
                 continue
             cancel = delivery.cancel
             reason = cancel.reason if cancel is not None else None
-            events.job("cancelled", delivery.job, delivery.role.name, reason=reason)
+            events.job("cancelled", delivery.job, role, reason=reason)
+        if done:
+            events.succeeded(done, role)
 
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
@@ -288,6 +300,8 @@ class Settler:
             fields["total"] = delivery.node.emitted if delivery.node is not None else 0
         elif type_ == "failed":
             fields["error"] = f"{decision.reason}: {decision.detail}"[:4000]
+        if delivery.node is not None and delivery.node.trace is not None:
+            fields["trace"] = delivery.node.trace  # the run's span: the coordinator continues it
         return nodes.event(
             job, type_, delivery=delivery.entry.deliveries, consumer=self.consumer, **fields
         )
@@ -317,7 +331,10 @@ class Settler:
             self._scripts,
             self._redis,
             stream=delivery.stream,
-            schedule=self._keys.delayed(delivery.shard),
+            # The next attempt waits in the schedule of the level it ran at, and goes back to it.
+            schedule=self._keys.delayed(
+                delivery.shard, self._keys.level_of_stream(delivery.stream)
+            ),
             consumer=self.consumer,
             entry_id=delivery.entry.id,
             due_ms=due,

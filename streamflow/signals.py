@@ -502,9 +502,12 @@ async def _find_job(
     """Whether a queued, running or delayed job has ``target_id`` in ``fields``; entries read."""
     needle = f'"{target_id}"'.encode()
     read = 0
+    level_streams, level_schedules = keys.level_patterns()
     for pattern, reader in (
         (keys.role_pattern(), _stream_page),
+        (level_streams, _stream_page),
         (keys.delayed_pattern(), _zset_page),
+        (level_schedules, _zset_page),
     ):
         for key in sorted(await streams.scan_keys(redis, pattern)):
             cursor: Any = None

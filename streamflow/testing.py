@@ -120,6 +120,13 @@ class Harness:
         self._client = Client(self._redis, namespace=self.namespace)
         grace = float(self._worker_options.get("shutdown_grace", 30.0))
         try:
+            # A role with priorities exists from the start, as a deployed one would: a test
+            # may publish at a level before the first drain (which would create it).
+            for role in self.app.roles.values():
+                if role.priorities > 1:
+                    await partitions.ensure(
+                        self._redis, self.keys, role.name, role.partitions, role.priorities
+                    )
             await self._hooks.enter_async_context(
                 self.app.lifecycle(self.resources).running(lambda: grace)
             )
@@ -191,12 +198,12 @@ class Harness:
         registered = Scripts(self.redis)
         moved = 0
         for role in roles:
-            for shard in await self._shards(role):
+            for shard, level in await self._places(role):
                 count, _ = await scripts.promote(
                     registered,
                     self.redis,
-                    self.keys.role_stream(shard),
-                    self.keys.delayed(shard),
+                    self.keys.role_stream(shard, level),
+                    self.keys.delayed(shard, level),
                     horizon="+inf",
                 )
                 moved += count
@@ -205,6 +212,13 @@ class Harness:
     async def _shards(self, role: str) -> tuple[str, ...]:
         layout = await partitions.load(self.redis, self.keys, role)
         return layout.shards if layout is not None else (role,)
+
+    async def _places(self, role: str) -> list[tuple[str, int]]:
+        """Each (partition, priority level) of ``role``."""
+        layout = await partitions.load(self.redis, self.keys, role)
+        if layout is None:
+            return [(role, 0)]
+        return [(shard, level) for shard in layout.shards for level in range(layout.levels)]
 
     async def run_task(
         self,
@@ -284,6 +298,6 @@ class Harness:
     async def queued(self, role: str) -> int:
         """How many entries the role's streams hold (not yet acknowledged or never read)."""
         total = 0
-        for shard in await self._shards(role):
-            total += int(await self.redis.xlen(self.keys.role_stream(shard)))
+        for shard, level in await self._places(role):
+            total += int(await self.redis.xlen(self.keys.role_stream(shard, level)))
         return total

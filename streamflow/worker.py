@@ -488,10 +488,13 @@ class Worker:
         """Every start-up step. Each can run again: after an outage they all do, in order."""
         for role in self._roles:
             # Creates the role with the app's partitions, or refuses if it has other ones.
-            layout = await partitions.ensure(self._redis, self._keys, role.name, role.partitions)
+            layout = await partitions.ensure(
+                self._redis, self._keys, role.name, role.partitions, role.priorities
+            )
             self._shards[role.name] = layout.shards
             for shard in layout.shards:
-                await streams.ensure_group(self._redis, self._keys.role_stream(shard))
+                for stream in self._keys.level_streams(shard, role.priorities):
+                    await streams.ensure_group(self._redis, stream)
         await self._register_roles()
         await self._leases.acquire_name()  # ours already after a retry: same token
         await self._mark_name()
@@ -532,8 +535,14 @@ class Worker:
         Redis refuses the marks' SET: the worker starts anyway (it is there to drain) and the
         marks follow at the first refresh Redis accepts; until then its reads keep it active.
         """
-        shards = [shard for layout in self._shards.values() for shard in layout]
-        self._names.serve([(self._keys.role_stream(shard), GROUP) for shard in shards])
+        self._names.serve(
+            [
+                (stream, GROUP)
+                for role in self._roles
+                for shard in self._shards[role.name]
+                for stream in self._keys.level_streams(shard, role.priorities)
+            ]
+        )
         try:
             await self._names.mark()
         except OutOfMemoryError:

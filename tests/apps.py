@@ -12,6 +12,7 @@ Roles:
         named by ``SFTEST_RECORD``. Retries: 3 attempts, 2 s base backoff.
     poison: the same handler with ``max_deliveries=3``, for messages that kill their worker.
     work3: the same handler on a role with 3 partitions (the cluster tests).
+    ranked: the same handler on a role with 3 priority levels (the priority tests).
     forge: raises ``Fatal(payload["text"])`` (text from outside, in the logs and dead letters).
     gather: a task node's job reads every input batch (``ctx.inputs()``); then it records like
         ``record``.
@@ -155,6 +156,7 @@ async def work(ctx: streamflow.Context, payload: Any) -> None:
 app.role("work", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0))(work)
 app.role("poison", max_deliveries=3)(work)
 app.role("work3", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0), partitions=3)(work)
+app.role("ranked", retry=streamflow.RetryPolicy(max_attempts=3, backoff=2.0), priorities=3)(work)
 
 
 @app.role("forge")

@@ -53,10 +53,22 @@ def read_spans(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def fulfilment() -> streamflow.Graph:
+    """``pick`` emits one batch, ``pack`` runs on it, ``ship`` once ``pack`` is done."""
+    graph = streamflow.Graph("fulfil")
+    graph.node("pick", role="step").node("pack", role="step").node("ship", role="step")
+    return graph.edge("pick", "pack", on="batch").edge("pack", "ship")
+
+
 def traced_app(tracing: OpenTelemetry) -> streamflow.App:
-    """``first`` publishes its payload to ``second`` as a follow-up; ``fail`` always fails."""
+    """``first`` publishes its payload to ``second`` as a follow-up; ``fail`` always fails;
+    ``order`` submits the :func:`fulfilment` task, whose nodes ``step`` runs."""
     app = streamflow.App()
     app.add_middleware(tracing)
+
+    @app.role("order")
+    async def order(ctx: streamflow.Context, n: int) -> str:
+        return await ctx.submit(fulfilment(), params={"order": n})
 
     @app.role("first")
     async def first(ctx: streamflow.Context, n: int) -> None:

@@ -24,10 +24,17 @@ from streamflow import (
 )
 from streamflow.cli.progress import follow
 from streamflow.context import Fatal
-from streamflow.events import ENTRY_EVENTS, MAX_BUFFERED, EventLog
+from streamflow.events import ENTRY_BYTES, ENTRY_EVENTS, MAX_BUFFERED, EventLog
 from streamflow.keys import GROUP, Keys
 from streamflow.protocol import Job, now_ms
-from streamflow.records import FINAL_JOB_TYPES, LifecycleEvent, json_schemas
+from streamflow.records import (
+    FINAL_JOB_TYPES,
+    MAX_ENTRY_EVENTS,
+    MAX_ITEM_JOBS,
+    LifecycleEvent,
+    decode_lifecycle,
+    json_schemas,
+)
 from tests.dag.helpers import chain, system
 from tests.helpers import CLI, ROOT, clean_env, run_cli, running, wait_for_query, wait_until
 
@@ -61,11 +68,12 @@ async def collect(
 async def stored(redis: Redis, namespace: str) -> list[LifecycleEvent]:
     """Every event the stream holds, validated against the model."""
     entries = await redis.xrange(Keys(namespace).lifecycle())
-    return [
-        LifecycleEvent.model_validate(item)
-        for _, fields in entries
-        for item in orjson.loads(fields[b"events"])
-    ]
+    found = []
+    for _, fields in entries:
+        events, problems = decode_lifecycle(fields)
+        assert not problems
+        found += events
+    return found
 
 
 async def test_two_live_subscribers_and_a_late_one_see_started_progress_and_succeeded(
@@ -122,8 +130,8 @@ async def test_retrying_failed_dead_lettered_and_filters(redis: Redis, namespace
     one_job: list[LifecycleEvent] = []
     with anyio.fail_after(20):
         async with running(worker(app, redis, namespace)), anyio.create_task_group() as tg:
-            tg.start_soon(partial(collect, client, flaky_events, 2, roles=["flaky"]))
-            await anyio.sleep(0.2)
+            # From the start of the (fresh) namespace's stream: no race with the first events.
+            tg.start_soon(partial(collect, client, flaky_events, 2, roles=["flaky"], since_ms=0))
             expired = await client.publish("flaky", 1, deadline=datetime(2000, 1, 1, tzinfo=UTC))
             target = await client.publish("flaky", 2)
             tg.start_soon(partial(collect, client, one_job, 1, message_id=target, since_ms=0))
@@ -336,16 +344,88 @@ async def _has(redis: Redis, namespace: str, message_id: str, type_: str) -> boo
     )
 
 
-def test_the_fast_job_event_is_the_general_one() -> None:
-    job = Job(protocol=1, kind="job", id="5f0e9a", role="r", attempt=2, created_at_ms=1)
-    log = EventLog.__new__(EventLog)
-    log._buffer, log._wakeup, log.dropped, log.consumer = [], anyio.Event(), 0, "w-1"
-    log.job("started", job, "r")  # the fast path
-    log.job("started", job, "r", detail=None)  # a keyword: the general path
-    fast, general = (orjson.loads(raw) for raw in log._buffer)
-    assert fast.pop("at_ms") <= general.pop("at_ms")
-    assert fast == general and list(fast) == list(general)
-    LifecycleEvent.model_validate_json(log._buffer[0])
+def _bare_log() -> EventLog:
+    """An event log that is never written (its buffer is read by the test)."""
+    return EventLog(Redis(), Keys("t"), "w-1")
+
+
+def test_a_group_of_jobs_reads_as_the_events_of_the_general_path() -> None:
+    jobs = [
+        Job(protocol=1, kind="job", id=f"job-{n}", role="r", attempt=n + 1, created_at_ms=1)
+        for n in range(250)
+    ]
+    log = _bare_log()
+    for job in jobs:
+        log.started(job, "r")  # the hot path: one group per millisecond
+    log.succeeded(jobs, "r")  # one group per acknowledged batch
+    entries = log._entries(log._buffer)
+    docs = [item for entry in entries for item in orjson.loads(entry)]
+    assert {doc["kind"] for doc in docs} == {"lifecycle_jobs"}
+    assert [sum(len(d["message_ids"]) for d in orjson.loads(e)) for e in entries] == [
+        100,
+        100,
+        100,
+        100,
+        100,
+    ]
+    events = [e for entry in entries for e in decode_lifecycle({b"events": entry})[0]]
+    general = _bare_log()
+    for type_ in ("started", "succeeded"):
+        for job in jobs:
+            general.job(type_, job, "r")
+    expected = [orjson.loads(raw) for raw in general._buffer]
+    found = [e.model_dump(exclude_none=True) for e in events]
+    for doc in [*expected, *found]:
+        doc.pop("at_ms")
+    assert found == expected
+    assert [e.type for e in events] == ["started"] * 250 + ["succeeded"] * 250
+
+
+def test_entries_are_bounded_in_events_and_bytes() -> None:
+    log = _bare_log()
+    log.add("progress", role="r", progress={"blob": "x" * 4000}, message="m" * 1000)
+    for _ in range(5):
+        log.add("progress", role="r", progress={"blob": "x" * 4000})
+    jobs = [
+        Job(protocol=1, kind="job", id="i" * 128, role="r", created_at_ms=1) for _ in range(150)
+    ]
+    log.succeeded(jobs, "r")
+    entries = log._entries(log._buffer)
+    assert all(len(entry) <= ENTRY_BYTES for entry in entries)
+    counted = [len(decode_lifecycle({b"events": entry})[0]) for entry in entries]
+    assert sum(counted) == 156 and max(counted) <= ENTRY_EVENTS
+
+
+def test_a_task_jobs_events_keep_its_ids() -> None:
+    job = Job(protocol=1, kind="job", id="a1", role="r", task_id="t1", created_at_ms=1)
+    log = _bare_log()
+    log.started(job, "r")
+    log.succeeded([job], "r")
+    events = decode_lifecycle({b"events": log._entries(log._buffer)[0]})[0]
+    assert [(e.type, e.task_id) for e in events] == [("started", "t1"), ("succeeded", "t1")]
+
+
+def test_a_reader_skips_bad_groups_and_bounds_what_one_entry_expands_to() -> None:
+    group = {
+        "protocol": 1,
+        "kind": "lifecycle_jobs",
+        "type": "succeeded",
+        "at_ms": 1,
+        "role": "r",
+        "consumer": "w",
+        "message_ids": ["a", "b"],
+        "attempts": [1, 1],
+    }
+    uneven = {**group, "attempts": [1]}
+    bad_id = {**group, "message_ids": ["a", "b c"]}
+    other_type = {**group, "type": "failed"}
+    events, problems = decode_lifecycle(
+        {b"events": orjson.dumps([uneven, bad_id, other_type, group])}
+    )
+    assert [e.message_id for e in events] == ["a", "b"] and len(problems) == 3
+    big = {**group, "message_ids": ["x"] * MAX_ITEM_JOBS, "attempts": [1] * MAX_ITEM_JOBS}
+    events, problems = decode_lifecycle({b"events": orjson.dumps([big] * 20)})
+    assert len(events) == MAX_ENTRY_EVENTS and len(problems) == 1
 
 
 @pytest.mark.slow

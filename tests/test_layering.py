@@ -215,6 +215,21 @@ def test_intake_imports_neither_the_worker_nor_the_dag_side() -> None:
     assert "streamflow.streams" in imports  # the check sees the imports it looks at
 
 
+def test_only_the_otel_module_imports_opentelemetry_and_nothing_imports_it() -> None:
+    """The ``otel`` extra stays optional: the coordinator and workers reach tracing only
+    through the app's middleware (``dag.tracing``'s seam), never by importing it, lazily or not.
+    """
+    importers = {}
+    for path in PACKAGE.rglob("*.py"):
+        imports = runtime_imports(path)
+        otel = {name for name in imports if name.split(".")[0] == "opentelemetry"}
+        otel |= {name for name in imports if name == "streamflow.otel"}
+        if otel:
+            importers[str(path.relative_to(PACKAGE))] = otel
+    assert list(importers) == ["otel.py"]
+    assert "opentelemetry.trace" in importers["otel.py"]  # the check sees what it looks at
+
+
 def test_the_stream_commands_are_below_the_scripts() -> None:
     """scripts calls Lua over stream replies parsed by streams; streams never calls a script."""
     assert "scripts" not in _ours("streams")

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -216,6 +217,121 @@ async def test_a_failing_middleware_fails_the_publish_or_the_attempt(redis_url: 
     assert dead.detail == "attempt 2 of 2 failed: refused attempt 2"
     assert dead.error is not None and dead.error.type == "PermissionError"
     assert "outer error PermissionError: refused attempt 1" in journal
+
+
+class Gatekeeper(Middleware):
+    """Refuses payload 3; after each send, notes how many jobs the stream holds."""
+
+    def __init__(self, redis: Redis, stream: str) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.seen_after: list[int] = []
+
+    async def publish(self, message: Publish, call_next: PublishNext) -> str:
+        if message.payload == 3:
+            raise PermissionError("not 3")
+        await anyio.lowlevel.checkpoint()  # an async client's middleware may truly wait
+        message_id = await call_next(message)
+        self.seen_after.append(int(await self.redis.xlen(self.stream)))
+        return message_id
+
+
+async def test_publish_many_passes_each_job_through_the_middleware_and_sends_them_together(
+    redis_url: str,
+) -> None:
+    journal: list[str] = []
+    seen: list[tuple[int, dict[str, str]]] = []
+    app = App()
+
+    @app.role("echo")
+    async def echo(ctx: Context, n: int) -> None:
+        seen.append((n, dict(ctx.headers)))
+
+    async with Harness(app, redis_url=redis_url) as h:
+        gate = Gatekeeper(h.redis, h.keys.role_stream("echo"))
+        h.client.add_middleware(Recorder("outer", journal), gate)
+        ids = await h.client.publish_many("echo", [1, 2], headers={"batch": "b-1"})
+        assert gate.seen_after == [2, 2]  # each chain resumed once both jobs were sent
+        with pytest.raises(PermissionError, match="not 3"):
+            await h.client.publish_many("echo", [3, 4, 5], chunk_size=2)
+        # 4 went with 3's chunk (3 refused), and the next chunk (5) not, as without middleware.
+        assert await h.queued("echo") == 3
+        await h.drain()
+    assert len(set(ids)) == 2 and set(ids) <= set(h.acked)
+    assert journal == ["outer publish echo"] * 4
+    headers = {"seen-by-outer": "yes"}
+    assert sorted(seen) == [
+        (1, {"batch": "b-1", **headers}),
+        (2, {"batch": "b-1", **headers}),
+        (4, headers),
+    ]
+
+
+class Suspends(Middleware):
+    """Awaits the event loop before publishing (which a SyncClient has not)."""
+
+    async def publish(self, message: Publish, call_next: PublishNext) -> str:
+        await anyio.lowlevel.checkpoint()
+        return await call_next(message)
+
+
+async def test_a_sync_client_runs_its_publish_middleware_without_an_event_loop(
+    redis_url: str,
+) -> None:
+    journal: list[str] = []
+    seen: list[tuple[int, dict[str, str]]] = []
+    app = App()
+
+    @app.role("echo")
+    async def echo(ctx: Context, n: int) -> None:
+        seen.append((n, dict(ctx.headers)))
+
+    async with Harness(app, redis_url=redis_url) as h:
+        with streamflow.SyncClient(redis_url, namespace=h.namespace) as sync:
+            sync.add_middleware(Recorder("outer", journal), Recorder("inner", journal))
+            first = sync.publish("echo", 1, headers={"correlation-id": "c-1"})
+            many = sync.publish_many("echo", [2, 3])
+        with streamflow.SyncClient(redis_url, namespace=h.namespace) as suspending:
+            suspending.add_middleware(Suspends())
+            with pytest.raises(RuntimeError, match="a SyncClient has none"):
+                suspending.publish("echo", 4)
+            with pytest.raises(RuntimeError, match="a SyncClient has none"):
+                suspending.publish_many("echo", [5, 6])
+        assert await h.queued("echo") == 3  # nothing of the suspending one
+        await h.drain()
+    assert {first, *many} == set(h.acked)
+    assert journal == ["outer publish echo", "inner publish echo"] * 3
+    both = {"seen-by-outer": "yes", "seen-by-inner": "yes"}
+    assert sorted(seen) == [(1, {"correlation-id": "c-1", **both}), (2, both), (3, both)]
+
+
+async def test_a_submit_passes_through_the_publish_middleware_as_a_task(redis_url: str) -> None:
+    journal: list[str] = []
+    kinds: list[tuple[str, Any]] = []
+    seen: list[dict[str, str]] = []
+
+    class Kinds(Middleware):
+        async def publish(self, message: Publish, call_next: PublishNext) -> str:
+            kinds.append((message.kind, type(message.payload).__name__))
+            task_id = await call_next(message)
+            kinds.append(("returned", task_id))
+            return task_id
+
+    app = App()
+
+    @app.role("node")
+    async def node(ctx: Context, params: dict[str, Any]) -> None:
+        seen.append(dict(ctx.headers))
+
+    graph = streamflow.Graph("orders").node("a", role="node").node("b", role="node")
+    async with Harness(app, redis_url=redis_url) as h:
+        h.client.add_middleware(Recorder("outer", journal), Kinds())
+        with anyio.fail_after(30):
+            run = await h.run_task(graph.edge("a", "b"), headers={"tenant": "t-1"})
+    assert run.succeeded
+    assert journal == ["outer publish orders"]  # the graph's name
+    assert kinds == [("task", "GraphSpec"), ("returned", run.task_id)]
+    assert seen == [{"tenant": "t-1", "seen-by-outer": "yes"}] * 2  # every node job
 
 
 class Broken(Middleware):

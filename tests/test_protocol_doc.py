@@ -32,7 +32,7 @@ import pytest
 import redis as redis_sync
 
 from streamflow.ops.server import RedisServer
-from streamflow.records import LifecycleEvent
+from streamflow.records import LifecycleEvent, decode_lifecycle
 from tests.helpers import ROOT, clean_env, recorded, wait_for
 from tests.processes import Command, Shell
 
@@ -333,8 +333,9 @@ def test_the_pages_xread_of_lifecycle_events_shows_the_jobs_events(
                 if isinstance(fields, dict)
                 else dict(zip(fields[::2], fields[1::2], strict=True))
             )
-            for item in orjson.loads(flat[b"events"]):  # one or more events per entry
-                event = LifecycleEvent.model_validate(item)
+            events, problems = decode_lifecycle(flat)  # one or more events per entry
+            assert not problems
+            for event in events:
                 if event.message_id == message_id:
                     found.append(event)
         return found

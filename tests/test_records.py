@@ -38,7 +38,15 @@ def test_dead_letter_round_trip_keeps_raw_fields() -> None:
 
 def test_schema_lists_every_kind() -> None:
     schemas = json_schemas()
-    assert set(schemas) == {"job", "dead_letter", "cancel", "event", "result", "lifecycle"}
+    assert set(schemas) == {
+        "job",
+        "dead_letter",
+        "cancel",
+        "event",
+        "result",
+        "lifecycle",
+        "lifecycle_jobs",
+    }
     assert schemas["job"]["additionalProperties"] is False
     assert schemas["job"]["properties"]["protocol"]["const"] == 1
     assert {"protocol", "kind", "id", "role"} <= set(schemas["job"]["required"])

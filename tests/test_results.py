@@ -30,7 +30,12 @@ from streamflow import (
 )
 from streamflow.delivery import Outcome
 from streamflow.keys import Keys
-from streamflow.records import FINAL_JOB_TYPES, JobResult, LifecycleEvent, json_schemas
+from streamflow.records import (
+    FINAL_JOB_TYPES,
+    JobResult,
+    decode_lifecycle,
+    json_schemas,
+)
 from tests.helpers import running, wait_for_query
 
 pytestmark = pytest.mark.anyio
@@ -139,9 +144,9 @@ async def test_kept_outcomes_are_reported_and_told_like_plain_acks(
         for mid in [*done, doomed]:
             assert await redis.exists(keys.result("kept", mid)) == 1
         events = [
-            LifecycleEvent.model_validate(item)
+            event
             for _, fields in await redis.xrange(keys.lifecycle())
-            for item in orjson.loads(fields[b"events"])
+            for event in decode_lifecycle(fields)[0]
         ]
         finals = {(e.message_id, e.type) for e in events if e.type in FINAL_JOB_TYPES}
         assert finals == {*((mid, "succeeded") for mid in done), (doomed, "cancelled")}

@@ -449,6 +449,39 @@ async def test_shutdown_is_not_a_cancel_and_handlers_that_check_it_stop_at_a_saf
     assert await pending_count(redis, stream) == 1  # handed back for another worker
 
 
+async def test_a_handler_awaiting_wait_shutdown_checkpoints_and_hands_its_job_back(
+    redis: Redis, namespace: str
+) -> None:
+    # The checkpoint pattern of README and operations.md: race the work against
+    # ctx.wait_shutdown(), save progress when the worker begins to shut down, then stop.
+    app = App()
+    checkpoints: list[tuple[bool, bool]] = []
+    started = anyio.Event()
+
+    @app.role("long")
+    async def long(ctx: Context, payload: Any) -> None:
+        started.set()
+        with anyio.fail_after(20):  # only the shutdown ends this wait
+            await ctx.wait_shutdown()
+        checkpoints.append((ctx.shutting_down, ctx.cancel.cancelled))
+        ctx.raise_if_shutting_down()
+
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, shutdown_grace=30, on_outcome=outcomes.append
+    )
+    await Client(redis, namespace=namespace).publish("long", {})
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await started.wait()
+            worker.stop()
+            await worker.wait_stopped()
+    assert checkpoints == [(True, False)]
+    assert [o.status for o in outcomes] == ["released"]
+    assert await pending_count(redis, Keys(namespace).role_stream("long")) == 1
+
+
 async def _peak_in_flight(
     redis: Redis, namespace: str, jobs: int, seconds: float, **options: Any
 ) -> tuple[int, int]:

@@ -208,7 +208,8 @@ def _role_text(detail: RoleDetail) -> str:
     rows = [["ID", "GROUP", "CONSUMER", "IDLE", "DELIVERIES", "AGE"]]
     rows += [
         [
-            f"{e.partition}:{e.id}" if detail.partitions > 1 else e.id,
+            (f"{e.partition}:{e.id}" if detail.partitions > 1 else e.id)
+            + (f" (level {e.level})" if detail.levels else ""),
             e.group,
             e.consumer,
             _duration(e.idle_ms),
@@ -228,6 +229,14 @@ def _role_lines(info: RoleInfo) -> list[str]:
         f"role {logs.shown(info.role)}{split}: {info.length} in stream, {info.delayed} delayed, "
         + _plural(info.dead_letters, "dead letter")
     ]
+    if info.levels:
+        lines.append(
+            "  priority levels (highest first): "
+            + "; ".join(
+                f"{lv.level}: {lv.length} in stream, {lv.pending} pending, {lv.delayed} delayed"
+                for lv in reversed(info.levels)
+            )
+        )
     if info.paused:
         since = datetime.fromtimestamp((info.paused_at_ms or 0) / 1000).isoformat(
             timespec="seconds"

@@ -123,6 +123,8 @@ def _headers_line(s: JobStatus) -> str:
 def _where(s: JobStatus) -> str:
     """One line saying where the job is."""
     head = f"job {s.message_id}" + (f" (role {s.role})" if s.role else "")
+    if s.priority:
+        head += f" at priority {s.priority}"
     attempt = f"attempt {s.attempt}" if s.attempt is not None else ""
     if s.state == "running":
         alive = "alive" if s.worker_alive else "dead: another worker adopts it after the lease"

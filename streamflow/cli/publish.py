@@ -76,6 +76,13 @@ from streamflow.records import json_schemas
     type=float,
     help="Keep the job's outcome this many seconds (see streamflow job), whatever its role says.",
 )
+@click.option(
+    "--priority",
+    type=int,
+    help="The priority level of every job published, for a role declared with priorities=N: "
+    "0 (the default, lowest) to N-1 (highest, taken first). A level the role does not have "
+    "is refused (exit 2).",
+)
 @connection_options
 @errors_to_exit
 def publish(
@@ -91,6 +98,7 @@ def publish(
     header_pairs: tuple[str, ...],
     strict: bool,
     keep_result: float | None,
+    priority: int | None,
     redis_url: str,
     namespace: str,
 ) -> None:
@@ -130,8 +138,12 @@ def publish(
         strict,
         keep_result,
         _headers(header_pairs),
+        priority,
     )
-    ids = anyio.run(_publish, settings, role, payloads, options)
+    try:
+        ids = anyio.run(_publish, settings, role, payloads, options)
+    except ValueError as exc:  # a value out of the protocol's bounds, or the role's levels
+        raise ConfigError(str(exc)) from None
     for one in ids:
         echo(one)
     if dedup_key and ids != [sent_id]:
@@ -197,10 +209,18 @@ async def _publish(
     role: str,
     payloads: list[Any],
     options: tuple[
-        str | None, str | None, str | None, Any, Any, bool, float | None, dict[str, str] | None
+        str | None,
+        str | None,
+        str | None,
+        Any,
+        Any,
+        bool,
+        float | None,
+        dict[str, str] | None,
+        int | None,
     ],
 ) -> list[str]:
-    key, message_id, dedup_key, when, deadline, strict, keep_result, headers = options
+    key, message_id, dedup_key, when, deadline, strict, keep_result, headers, priority = options
     async with open_client(settings) as client:
         if len(payloads) == 1:
             one = await client.publish(
@@ -214,10 +234,14 @@ async def _publish(
                 headers=headers,
                 strict=strict,
                 keep_result=keep_result,
+                priority=priority,
             )
             return [one]
         keys = None if key is None else [key] * len(payloads)
-        return await client.publish_many(role, payloads, keys=keys, strict=strict, headers=headers)
+        levels = None if priority is None else [priority] * len(payloads)
+        return await client.publish_many(
+            role, payloads, keys=keys, strict=strict, headers=headers, priorities=levels
+        )
 
 
 @click.command()

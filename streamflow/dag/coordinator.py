@@ -57,6 +57,7 @@ from streamflow.dag.stepper import Clears, Stepper
 from streamflow.dag.store import DEFAULT_RETENTION_MS, TaskStore
 from streamflow.dag.submissions import Submissions
 from streamflow.dag.tasks import Event, Internal
+from streamflow.dag.tracing import tracing_of
 from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.events import EventLog
 from streamflow.functions import BUILTINS, Function
@@ -160,6 +161,8 @@ class Coordinator:
         )
         self._events = EventLog(redis, self._keys, self.consumer)
         self._stepper.events = self._events
+        # The app's tracing middleware, if any (never imported here: dag.tracing's seam).
+        self._stepper.tracing = self._outbox.tracing = tracing_of(app.middleware if app else ())
         self._submissions.events = self._events
         self._reader = intake.GroupReader(
             redis,

@@ -17,7 +17,8 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -29,6 +30,14 @@ from streamflow.context import Batch
 from streamflow.dag.graph import GraphSpec
 from streamflow.dag.store import Loaded, TaskStore
 from streamflow.dag.tasks import Dispatch, Event, Internal, Step
+from streamflow.dag.tracing import (
+    Carrier,
+    Causes,
+    TaskTracing,
+    carrier_of,
+    dispatch_span,
+    span_attributes,
+)
 from streamflow.errors import InputError
 from streamflow.functions import Function
 from streamflow.keys import Keys, validate_shard
@@ -50,12 +59,15 @@ class JobItem:
             partitions existed: the role's first.
         id: The job id, which names its dedup marker.
         job: The encoded job.
+        trace: The trace context of the step that decided it (see
+            :mod:`streamflow.dag.tracing`), or None.
     """
 
     role: str
     shard: str | None
     id: str
     job: str
+    trace: Carrier | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,19 +79,22 @@ class FunctionItem:
         invocation: The invocation.
         batch: For a node fed per batch: (parent, parent batch index, batch key).
         inputs: For a node fed when its parents are done: batches per parent.
+        trace: The trace context of the step that decided it, or None.
     """
 
     node: str
     invocation: int
     batch: tuple[str, int, str] | None = None
     inputs: dict[str, int] | None = None
+    trace: Carrier | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ReduceItem:
-    """Run a function node's ``reduce`` over its partial results."""
+    """Run a function node's ``reduce`` over its partial results (``trace``: as a job's)."""
 
     node: str
+    trace: Carrier | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +135,8 @@ def encode_item(item: Item) -> bytes:
         fields = {"kind": "release", "role": item.role, "node": item.node}
     else:
         fields = {"kind": "cancel", "reason": item.reason}
+    if isinstance(item, JobItem | FunctionItem | ReduceItem) and item.trace is not None:
+        fields["trace"] = item.trace
     return orjson.dumps(fields)
 
 
@@ -133,14 +150,18 @@ def decode_item(raw: bytes | str) -> Item | None:
     """
     data = orjson.loads(raw)
     kind = data["kind"]
+    # Untrusted like the rest, but only ever a hint: one that is not a trace context is dropped.
+    traced = carrier_of(data.get("trace"))
     if kind == "job":
-        return JobItem(data["role"], data.get("shard") or None, data["id"], data["job"])
+        return JobItem(data["role"], data.get("shard") or None, data["id"], data["job"], traced)
     if kind == "function":
         batch = data.get("batch")
         parent_batch = None if batch is None else (str(batch[0]), int(batch[1]), str(batch[2]))
-        return FunctionItem(data["node"], int(data["invocation"]), parent_batch, data.get("inputs"))
+        return FunctionItem(
+            data["node"], int(data["invocation"]), parent_batch, data.get("inputs"), traced
+        )
     if kind == "reduce":
-        return ReduceItem(data["node"])
+        return ReduceItem(data["node"], traced)
     if kind == "release":
         return ReleaseItem(data["role"], data["node"])
     if kind == "cancel":
@@ -199,19 +220,30 @@ class Outbox:
         self._consumer = consumer
         #: Node jobs published (each once, even when an outbox is carried out again).
         self.dispatches = 0
+        #: What traces dispatches and function runs (see :mod:`streamflow.dag.tracing`).
+        self.tracing: TaskTracing | None = None
 
     # -- a step's items ---------------------------------------------------------------------
 
-    async def items_of(self, loaded: Loaded, step: Step) -> dict[str, Item]:
-        """The step's decisions as outbox items, named so that sorting keeps their order."""
+    async def items_of(
+        self, loaded: Loaded, step: Step, causes: Causes | None = None
+    ) -> dict[str, Item]:
+        """The step's decisions as outbox items, named so that sorting keeps their order.
+
+        With ``causes``, jobs and function runs carry the trace context of what caused them.
+        """
         prefix = f"{loaded.version + 1:012d}"
         items: dict[str, Item] = {}
         refs = await self._input_refs(loaded, step)
         for number, dispatch in enumerate(step.dispatches):
             item = await self._dispatch_item(loaded.spec, step.task.id, dispatch, refs)
+            if causes:
+                ref = refs[dispatch.batch] if dispatch.batch is not None else None
+                item = replace(item, trace=causes.of(dispatch.node_id, ref))
             items[f"{prefix}.{number:06d}"] = item
         for node_id in step.reduce:
-            items[f"{prefix}.r.{node_id}"] = ReduceItem(node_id)
+            trace = causes.of(node_id) if causes else None
+            items[f"{prefix}.r.{node_id}"] = ReduceItem(node_id, trace)
         for node_id in step.released:
             role = loaded.spec.node(node_id).role
             assert role is not None  # only nodes of a limited role hold slots
@@ -222,7 +254,7 @@ class Outbox:
 
     async def _dispatch_item(
         self, spec: GraphSpec, task_id: str, dispatch: Dispatch, refs: dict[tuple[str, int], str]
-    ) -> Item:
+    ) -> JobItem | FunctionItem:
         if spec.node(dispatch.node_id).function is not None:
             if dispatch.batch is not None:
                 parent, index = dispatch.batch
@@ -295,7 +327,7 @@ class Outbox:
                     # Another coordinator (with the app that has it) carries it out.
                     logger.warning("task %s needs function %r: not here", task_id, function)
                     continue
-                out.events.append(await self._call(task_id, spec, item, out.partials))
+                out.events.append(await self._traced_call(task_id, spec, item, out.partials))
             elif isinstance(item, CancelItem):
                 await self.cancel_task(task_id, item.reason)
             elif isinstance(item, ReleaseItem):
@@ -306,8 +338,19 @@ class Outbox:
         return out
 
     async def _publish(self, jobs: Sequence[JobItem]) -> None:
+        with ExitStack() as spans:
+            bodies = [
+                dispatch_span(self.tracing, item.role, item.job.encode(), item.trace, spans)
+                for item in jobs
+            ]
+            published = await self._publish_bodies(jobs, [body for body, _ in bodies])
+            for (_, span), sent in zip(bodies, published, strict=True):
+                if span is not None and not sent:
+                    span.set_attribute("streamflow.dispatch.duplicate", True)
+
+    async def _publish_bodies(self, jobs: Sequence[JobItem], bodies: list[bytes]) -> list[bool]:
         publishes = []
-        for item in jobs:
+        for item, body in zip(jobs, bodies, strict=True):
             # A partitioned role gets all of one task's jobs on one partition (by task id), so
             # each task's events come back on one stream and tasks spread over the partitions.
             shard = validate_shard(item.shard or item.role)
@@ -317,12 +360,13 @@ class Outbox:
                     marker=self._keys.dedup(shard, "dispatch:" + item.id),
                     schedule=self._keys.delayed(shard),
                     message_id=item.id,
-                    message=item.job.encode(),
+                    message=body,
                     window_ms=self._store.retention_ms,
                 )
             )
         published = await scripts.publish_dedup_many(self._scripts, self._redis, publishes)
         self.dispatches += sum(published)
+        return published
 
     async def cancel_task(self, task_id: str, reason: str) -> None:
         """Send a task cancel on behalf of this coordinator (its running jobs stop)."""
@@ -337,6 +381,37 @@ class Outbox:
         )
 
     # -- coordinator functions --------------------------------------------------------------
+
+    async def _traced_call(
+        self,
+        task_id: str,
+        spec: GraphSpec,
+        item: FunctionItem | ReduceItem,
+        partials: dict[tuple[str, int], Any],
+    ) -> Internal:
+        """:meth:`_call`, in a ``function <node>`` span when traced; its result carries it.
+
+        The span is the child of the step that decided the call, else of the task's own trace
+        context (its headers); none when there is neither.
+        """
+        parent = (item.trace or carrier_of(spec.headers)) if self.tracing is not None else None
+        if self.tracing is None or parent is None:
+            return await self._call(task_id, spec, item, partials)
+        node = spec.node(item.node)
+        more: dict[str, str | int | bool | None] = {"streamflow.function": node.function}
+        more["streamflow.function.step"] = "reduce" if isinstance(item, ReduceItem) else "map"
+        if isinstance(item, FunctionItem):
+            more["streamflow.invocation"] = item.invocation
+        attributes = span_attributes(task_id, item.node, more)
+        with self.tracing.coordinator_span(
+            f"function {item.node}", parent, producer=False, attributes=attributes
+        ) as span:
+            result = await self._call(task_id, spec, item, partials)
+            if span is None:
+                return result
+            if result.type == "function_failed":
+                span.set_attribute("streamflow.function.failed", result.reason[:1000])
+            return replace(result, trace=span.carrier)
 
     async def _call(
         self,

@@ -21,6 +21,7 @@ version check.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from typing import Any
 
 import anyio
@@ -29,9 +30,11 @@ from redis.asyncio import Redis
 from streamflow.dag.outbox import Item, Items, JobItem, Outbox, encode_item
 from streamflow.dag.store import Loaded, TaskStore, UnrunnableTask
 from streamflow.dag.tasks import Event, Internal, Step, TaskState, advance
+from streamflow.dag.tracing import Carrier, Causes, TaskTracing, carrier_of, span_attributes
 from streamflow.events import EventLog
 from streamflow.keys import Keys
 from streamflow.protocol import now_ms
+from streamflow.records import TaskEvent
 from streamflow.signals import CancelBook
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ COMMIT_ATTEMPTS = 50
 Clears = list[tuple[str, list[str]]]
 #: Rounds of carrying out items that coordinator functions' results committed, at most.
 CARRY_OUT_ROUNDS = 100
+#: The span context of each traced event's step span, by the event's identity.
+StepSpans = dict[int, Carrier]
 
 
 class Stepper:
@@ -83,6 +88,8 @@ class Stepper:
         self.finished: dict[str, int] = {}
         #: Where the task's and its nodes' state changes are told, or None.
         self.events: EventLog | None = None
+        #: What traces steps (see :mod:`streamflow.dag.tracing`), or None.
+        self.tracing: TaskTracing | None = None
 
     async def process(
         self,
@@ -102,19 +109,61 @@ class Stepper:
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
-                items = await self._apply(task_id, events, partials)
-                if any(isinstance(e, Internal) and e.type == "tick" for e in events):
-                    # A tick also finishes an outbox that a crashed coordinator left behind:
-                    # read back, with what this step just wrote.
-                    items = await self._outbox.stored(task_id)
-                # Function runs commit new steps, whose items are carried out in turn.
-                for _ in range(CARRY_OUT_ROUNDS):
-                    if not items:
-                        break
-                    items = await self._carry_out(task_id, items, clears)
+                with ExitStack() as spans:
+                    steps = self._step_spans(task_id, events, spans)
+                    await self._step(task_id, events, partials, clears, steps)
         finally:
             if not lock.locked():
                 self._locks.pop(task_id, None)
+
+    async def _step(
+        self,
+        task_id: str,
+        events: list[Event],
+        partials: dict[tuple[str, int], Any] | None,
+        clears: Clears | None,
+        steps: StepSpans,
+    ) -> None:
+        items = await self._apply(task_id, events, partials, steps)
+        if any(isinstance(e, Internal) and e.type == "tick" for e in events):
+            # A tick also finishes an outbox that a crashed coordinator left behind:
+            # read back, with what this step just wrote.
+            items = await self._outbox.stored(task_id)
+        # Function runs commit new steps, whose items are carried out in turn.
+        for _ in range(CARRY_OUT_ROUNDS):
+            if not items:
+                break
+            items = await self._carry_out(task_id, items, clears)
+
+    def _step_spans(self, task_id: str, events: list[Event], spans: ExitStack) -> StepSpans:
+        """A ``step <node>`` span per traced event, open until the step is carried out.
+
+        Returns each traced event's span context, by the event's identity.
+        """
+        if self.tracing is None:
+            return {}
+        steps: StepSpans = {}
+        for event in events:
+            parent = carrier_of(event.trace) if isinstance(event, TaskEvent) else None
+            if parent is None or not isinstance(event, TaskEvent):
+                continue
+            more: dict[str, str | int | bool | None] = {
+                "streamflow.event.type": event.type,
+                "streamflow.invocation": event.invocation,
+                "streamflow.attempt": event.attempt,
+                "streamflow.batch.seq": event.seq,
+            }
+            span = spans.enter_context(
+                self.tracing.coordinator_span(
+                    f"step {event.node_id}",
+                    parent,
+                    producer=False,
+                    attributes=span_attributes(task_id, event.node_id, more),
+                )
+            )
+            if span is not None:
+                steps[id(event)] = span.carrier
+        return steps
 
     async def _carry_out(self, task_id: str, items: Items, clears: Clears | None) -> Items:
         """Carry out outbox items; returns the items that function results committed."""
@@ -122,7 +171,7 @@ class Stepper:
         committed: Items = []
         if carried.events:
             # Function results are recorded first: their items go only once that is committed.
-            committed = await self._apply(task_id, carried.events, carried.partials)
+            committed = await self._apply(task_id, carried.events, carried.partials, {})
         if clears is not None and all(isinstance(item, JobItem) for _, item in items):
             clears.append((task_id, carried.done))  # only jobs: publishing again is harmless
         else:
@@ -130,7 +179,11 @@ class Stepper:
         return committed
 
     async def _apply(
-        self, task_id: str, events: list[Event], partials: dict[tuple[str, int], Any] | None
+        self,
+        task_id: str,
+        events: list[Event],
+        partials: dict[tuple[str, int], Any] | None,
+        steps: StepSpans,
     ) -> Items:
         """Apply events and commit; returns the outbox items the commit wrote, in order."""
         wanted = sorted(
@@ -159,7 +212,8 @@ class Stepper:
                 continue
             if not step.changed:
                 return []
-            items = await self._outbox.items_of(loaded, step)
+            causes = self._causes(loaded, events, steps) if self.tracing is not None else None
+            items = await self._outbox.items_of(loaded, step, causes)
             stored = {name: encode_item(item) for name, item in items.items()}
             version = await self._store.commit(loaded, step, stored, retention=step.task.terminal)
             if version is not None:
@@ -167,6 +221,16 @@ class Stepper:
             self.conflicts += 1
         # Its events stay pending (see Coordinator._handle), tried again after the lease TTL.
         raise RuntimeError(f"task {task_id}: lost {COMMIT_ATTEMPTS} commit races in a row")
+
+    @staticmethod
+    def _causes(loaded: Loaded, events: list[Event], steps: StepSpans) -> Causes:
+        """The traced events among ``events``: their step span's context, or a function's."""
+        traced: list[tuple[str, str | None, Carrier]] = []
+        for event in events:
+            carrier = steps.get(id(event)) if isinstance(event, TaskEvent) else event.trace
+            if carrier is not None:
+                traced.append((event.node_id, event.ref, carrier))
+        return Causes(loaded.spec, traced)
 
     async def _committed(self, loaded: Loaded, step: Step, items: dict[str, Item]) -> Items:
         """After a commit: count it, tell its changes, end the task if it ended; its items."""

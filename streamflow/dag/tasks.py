@@ -189,6 +189,8 @@ class Internal:
     ref: str | None = None
     items: int = 0
     at_ms: int = 0
+    #: The trace context of the coordinator function's span that made it, when traced.
+    trace: dict[str, str] | None = field(default=None, compare=False)
 
 
 Event = TaskEvent | Internal

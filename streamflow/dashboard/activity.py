@@ -4,8 +4,8 @@ Both read the stream with plain, bounded ``XRANGE`` calls (never a blocking read
 unbounded scan). Events are best effort (:mod:`streamflow.events`): a timeline may miss one,
 and the rates count what workers reported, not what Redis settled.
 
-- :func:`task_timeline`: a task's events from its creation on, on its page (read once, when the
-  page is loaded).
+- :class:`Timeline`: a task's events from its creation on, on its page: read once when the page
+  loads, then followed by the shared poller from a kept cursor while the page is open.
 - :class:`Rates`: per role, the jobs that succeeded and failed in each of the last
   :data:`BUCKETS` buckets of :data:`BUCKET_MS`; fed incrementally by the shared poller with the
   overview (a cursor kept between reads), so it costs one ``XRANGE`` per interval whoever looks.
@@ -63,25 +63,50 @@ def _exclusive(entry_id: bytes) -> str:
     return "(" + entry_id.decode()
 
 
-async def task_timeline(
-    redis: Redis, keys: Keys, task_id: str, since_ms: int
-) -> tuple[list[LifecycleEvent], bool]:
-    """The task's events since ``since_ms`` by time; and whether the bounds cut the list."""
-    needle = orjson.dumps(task_id)  # entries that do not name the task are not decoded
-    start, scanned, found = f"{max(since_ms, 0)}-0", 0, []
-    while scanned < TIMELINE_ENTRIES:
-        entries = await _range(redis, keys, start)
-        for entry_id, fields in entries:
-            if needle in fields.get(b"events", b""):
-                found += [e for e in _events(fields) if e.task_id == task_id]
-            start = _exclusive(entry_id)
-        scanned += len(entries)
-        if len(found) >= TIMELINE_EVENTS or len(entries) < PAGE:
-            break
-    cut = len(found) >= TIMELINE_EVENTS or scanned >= TIMELINE_ENTRIES
-    # Workers and coordinators buffer their events: the stream's order is not the order of
-    # what happened across processes, their times are (on clocks in step).
-    return sorted(found[:TIMELINE_EVENTS], key=lambda event: event.at_ms), cut
+class Timeline:
+    """A task's events from its creation on, by time: read once, then followed from a cursor.
+
+    A task page reads it once when it loads; the shared poller keeps one per watched task and
+    reads only the entries written since its last read, so a live timeline costs one bounded
+    ``XRANGE`` per interval however many pages show it.
+
+    Args:
+        redis: The client.
+        keys: Key names.
+        task_id: The task.
+        since_ms: Where to start in the stream (the task's creation, less clock skew).
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, task_id: str, since_ms: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._task_id = task_id
+        self._needle = orjson.dumps(task_id)  # entries that do not name the task are not decoded
+        self._cursor = f"{max(since_ms, 0)}-0"
+        self.events: list[LifecycleEvent] = []
+        #: The list reached :data:`TIMELINE_EVENTS` (later events are not shown), or the last
+        #: read stopped at its bound with entries left (they are read next time).
+        self.cut = False
+
+    async def update(self, entries: int = TIMELINE_ENTRIES) -> None:
+        """Read at most ``entries`` entries written since the last update."""
+        if len(self.events) >= TIMELINE_EVENTS:
+            return  # full: the first events are what the page shows
+        scanned, found = 0, []
+        while scanned < entries:
+            page = await _range(self._redis, self._keys, self._cursor)
+            for entry_id, fields in page:
+                if self._needle in fields.get(b"events", b""):
+                    found += [e for e in _events(fields) if e.task_id == self._task_id]
+                self._cursor = _exclusive(entry_id)
+            scanned += len(page)
+            if len(self.events) + len(found) >= TIMELINE_EVENTS or len(page) < PAGE:
+                break
+        # Workers and coordinators buffer their events: the stream's order is not the order of
+        # what happened across processes, their times are (on clocks in step).
+        merged = sorted(self.events + found, key=lambda event: event.at_ms)
+        self.events = merged[:TIMELINE_EVENTS]
+        self.cut = len(merged) >= TIMELINE_EVENTS or scanned >= entries
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ from streamflow.dag.graph import GraphSpec
 from streamflow.dag.tasks import NodeState
 
 #: Sizes in SVG user units.
-NODE_WIDTH = 180
+NODE_WIDTH = 200
 NODE_HEIGHT = 64
-COLUMN_GAP = 60
+COLUMN_GAP = 40
 ROW_GAP = 24
 MARGIN = 12
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -25,10 +26,11 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from streamflow.client import Client
+from streamflow.dag.graph import GraphSpec
 from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
-from streamflow.dashboard.activity import Rates, task_timeline
+from streamflow.dashboard.activity import Rates, Timeline
 from streamflow.dashboard.overview import overview, role_row, role_rows
 from streamflow.dashboard.poller import Poller
 from streamflow.dashboard.security import SESSION_COOKIE, read_fields, read_form, same_origin
@@ -40,8 +42,9 @@ from streamflow.ops.inspect import inspect_role
 if TYPE_CHECKING:
     from streamflow.dashboard.security import Guard
 
-#: Renders what the poller read into (HTML fragment, whether the stream ends); None ends it.
-Render = Callable[[Any], Awaitable[tuple[str, bool] | None]]
+#: Renders what the poller read into one event: ``parts`` (HTML fragments by element id),
+#: ``ended`` (the task ended: its actions are off) and ``done`` (the last event); None ends it.
+Render = Callable[[Any], Awaitable[dict[str, Any] | None]]
 #: The poller's keys: the overview, and a task by id.
 OVERVIEW_KEY = "overview"
 TASK_KEY = "task:"
@@ -55,6 +58,44 @@ MAX_REPLAYED = 100
 SKEW_MS = 5000
 #: The task states the Tasks page filters by.
 TASK_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+@dataclass(slots=True)
+class LiveTask:
+    """A task that live pages watch: its timeline, and how many reads found it ended."""
+
+    timeline: Timeline
+    terminal_reads: int = 0
+
+
+#: A live task page's fragments: element id -> template.
+TASK_PARTS = {
+    "graph": "graph",
+    "timeline-rows": "timeline_rows",
+    "timeline-note": "timeline_note",
+    "result": "result",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskView:
+    """What a task page shows: the task's state, its result, its events."""
+
+    state: TaskState
+    result: str
+    timeline: Timeline
+    #: Whether its live page has seen all: its end and the events written just after.
+    done: bool
+
+    def context(self, spec: GraphSpec) -> dict[str, Any]:
+        """The templates' context (the events as of now)."""
+        return {
+            "task": self.state,
+            "drawing": graph.draw(spec, self.state.nodes),
+            "result": self.result,
+            "events": list(self.timeline.events),
+            "cut": self.timeline.cut,
+        }
 
 
 class Pages:
@@ -72,6 +113,8 @@ class Pages:
         self.poller = Poller(self.read, settings.refresh)
         self.tasks = TaskStore(client.redis, client.keys)
         self.rates = Rates(client.redis, client.keys)
+        #: One timeline per task a live page shows, followed by the poller.
+        self.timelines: dict[str, LiveTask] = {}
         self.guard: Guard | None = None
 
     def routes(self) -> list[Route]:
@@ -201,18 +244,16 @@ class Pages:
         spec = await self.tasks.spec(task_id)
         if state is None or spec is None:
             return self.message("No such task (or it expired).", 404)
-        drawing = graph.draw(spec, state.nodes)
-        result = await self.result_text(state)
-        timeline = await task_timeline(
-            # Stream ids follow Redis's clock, created_at the submitter's: allow for skew.
-            self.client.redis,
-            self.client.keys,
-            task_id,
-            state.created_at_ms - SKEW_MS,
-        )
-        return self.render(
-            "task.html", task=state, drawing=drawing, result=result, timeline=timeline
-        )
+        timeline = self.timeline(task_id, state)
+        view = TaskView(state, await self.result_text(state), timeline, state.terminal)
+        await view.timeline.update()
+        return self.render("task.html", **view.context(spec))
+
+    def timeline(self, task_id: str, state: TaskState) -> Timeline:
+        """A new timeline of the task, from its creation on."""
+        # Stream ids follow Redis's clock, created_at the submitter's: allow for skew.
+        since = state.created_at_ms - SKEW_MS
+        return Timeline(self.client.redis, self.client.keys, task_id, since)
 
     async def result_text(self, state: TaskState) -> str:
         """A succeeded task's items by node, as JSON cut to :data:`PREVIEW_RESULT` characters."""
@@ -232,24 +273,25 @@ class Pages:
         if spec is None:
             return PlainTextResponse("no such task", status_code=404)
 
-        async def render(state: TaskState | None) -> tuple[str, bool] | None:
-            if state is None:  # expired while watched
+        async def render(view: TaskView | None) -> dict[str, Any] | None:
+            if view is None:  # expired while watched
                 return None
-            html = self.env.get_template("graph.html").render(
-                task=state,
-                drawing=graph.draw(spec, state.nodes),
-                result=await self.result_text(state),
-            )
-            return html, state.terminal
+            context = view.context(spec)
+            parts = {
+                part: self.env.get_template(f"{template}.html").render(**context)
+                for part, template in TASK_PARTS.items()
+            }
+            return {"parts": parts, "ended": view.state.terminal, "done": view.done}
 
         return self.stream(f"{TASK_KEY}{task_id}", render)
 
     async def overview_live(self, request: Request) -> Response:
         """Server-sent events: the overview's tables each time the shared poller reads them."""
 
-        async def render(view: dict[str, Any]) -> tuple[str, bool]:
+        async def render(view: dict[str, Any]) -> dict[str, Any]:
             page = self.env.get_template("overview_body.html")
-            return page.render(root=self.settings.prefix, now_ms=_now_ms(), **view), False
+            html = page.render(root=self.settings.prefix, now_ms=_now_ms(), **view)
+            return {"parts": {"overview-body": html}, "ended": False, "done": False}
 
         return self.stream(OVERVIEW_KEY, render)
 
@@ -261,22 +303,37 @@ class Pages:
             with self.poller.watching(key):
                 while True:
                     seen, value = await self.poller.wait_state(key, seen)
-                    shown = await render(value)
-                    if shown is None:
+                    doc = await render(value)
+                    if doc is None:
                         return
-                    doc = {"html": shown[0], "done": shown[1]}
                     yield b"data: " + orjson.dumps(doc) + b"\n\n"
-                    if shown[1]:
+                    if doc["done"]:
                         return
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     async def read(self, key: str) -> Any:
-        """What the shared poller reads for ``key``: the overview, or a task's state."""
+        """What the shared poller reads for ``key``: the overview, or a task's view."""
         if key == OVERVIEW_KEY:
             return await self.overview_view()
-        return await self.client.task(key.removeprefix(TASK_KEY))
+        return await self.task_view(key.removeprefix(TASK_KEY))
+
+    async def task_view(self, task_id: str) -> TaskView | None:
+        """A watched task's state, result and timeline (followed from where it was last read)."""
+        watched = self.poller.watched()
+        for gone in [t for t in self.timelines if TASK_KEY + t not in watched]:
+            del self.timelines[gone]  # no page shows it any more
+        state = await self.client.task(task_id)
+        if state is None:
+            return None
+        live = self.timelines.get(task_id) or LiveTask(self.timeline(task_id, state))
+        self.timelines[task_id] = live
+        await live.timeline.update()
+        # The events of its end are written just after its state: one more read catches them.
+        live.terminal_reads += state.terminal
+        done = live.terminal_reads > 1
+        return TaskView(state, await self.result_text(state), live.timeline, done)
 
     async def overview_view(self) -> dict[str, Any]:
         """The overview's figures, with each role's sparkline of the last minutes."""

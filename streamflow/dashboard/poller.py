@@ -64,6 +64,10 @@ class Poller:
             subscribers=sum(self._watched.values()),
         )
 
+    def watched(self) -> frozenset[str]:
+        """The keys some page watches now."""
+        return frozenset(self._watched)
+
     @contextmanager
     def watching(self, key: str) -> Iterator[None]:
         """Subscribe to ``key`` for the block."""

@@ -160,7 +160,15 @@ class Exporter(Collector):
             "serves, e.g. a misspelt one: its jobs wait for ever).",
             labels=by_role,
         )
+        levels = GaugeMetricFamily(
+            "streamflow_priority_level_length",
+            "Entries in the streams of one priority level of a role with priorities (all its "
+            "partitions); the role's streamflow_stream_length is their total.",
+            labels=["role", "level"],
+        )
         for info in snap.roles:
+            for level in info.levels or ():
+                levels.add_metric([info.role, str(level.level)], level.length)
             length.add_metric([info.role], info.length)
             groups.add_metric([info.role], len(info.groups))
             split.add_metric([info.role], info.partitions)
@@ -177,6 +185,7 @@ class Exporter(Collector):
                 idle.add_metric(labels, (group.oldest_pending_idle_ms or 0) / 1000)
         yield from (length, split, delayed, dead, backlog, pending, lag, oldest, consumers, idle)
         yield groups
+        yield levels
         yield GaugeMetricFamily(
             "streamflow_live_workers", "Worker processes in the registry.", value=snap.workers
         )

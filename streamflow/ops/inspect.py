@@ -83,6 +83,24 @@ class GroupInfo(BaseModel):
     oldest_pending_idle_ms: int | None = None
 
 
+class LevelInfo(BaseModel):
+    """One priority level of a role with priorities (its partitions' totals).
+
+    Attributes:
+        level: The level (0, the default, is the lowest).
+        length: Entries in its streams (not yet delivered, or pending).
+        pending: Entries delivered and not yet settled, over all groups.
+        delayed: Jobs waiting in its delayed schedules.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    level: int
+    length: int
+    pending: int
+    delayed: int
+
+
 class RoleInfo(BaseModel):
     """One role's stream, groups, delayed schedule and dead letters.
 
@@ -101,6 +119,8 @@ class RoleInfo(BaseModel):
             its app declares applies (``streamflow limit``).
         concurrency_limit: Its limit on jobs held at once set at run time (0: none), or None.
         running_slots: Running slots of its concurrency limit taken now.
+        levels: For a role with priorities, each level's figures (lowest first; the figures
+            above are their totals); None for a role without.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -116,6 +136,7 @@ class RoleInfo(BaseModel):
     rate_limit: str | None = None
     concurrency_limit: int | None = None
     running_slots: int = 0
+    levels: list[LevelInfo] | None = None
 
 
 class PendingEntry(BaseModel):
@@ -129,6 +150,7 @@ class PendingEntry(BaseModel):
         deliveries: How many times it was delivered (1, plus one per adoption).
         age_ms: Milliseconds since it was added to the stream.
         partition: The role partition whose stream holds it (0 for an unpartitioned role).
+        level: The priority level whose stream holds it (0 for a role without priorities).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -140,6 +162,7 @@ class PendingEntry(BaseModel):
     deliveries: int
     age_ms: int
     partition: int = 0
+    level: int = 0
 
 
 class RoleDetail(RoleInfo):
@@ -190,15 +213,17 @@ async def inspect_role(
     validate_name(role, "role")
     if not await _role_exists(redis, keys, role):
         return None
-    shards = (await _shards(redis, keys, [role]))[role]
-    parts = await _shard_infos(redis, keys, list(shards))
+    shards, levels = (await _shards(redis, keys, [role]))[role]
+    places = _places(shards, levels)
+    parts = await _shard_infos(redis, keys, places)
     pending: list[PendingEntry] = []
     if count > 0:
-        for index, part in enumerate(parts):
-            found = await _oldest_pending(redis, keys, part, count)
-            pending += [entry.model_copy(update={"partition": index}) for entry in found]
-        pending.sort(key=lambda entry: (-entry.age_ms, entry.partition))
-    (merged,) = await _with_pauses(redis, keys, [_merge(role, parts)])
+        for (shard, level), part in zip(places, parts, strict=True):
+            found = await _oldest_pending(redis, keys, part, count, level)
+            where = {"partition": shards.index(shard), "level": level}
+            pending += [entry.model_copy(update=where) for entry in found]
+        pending.sort(key=lambda entry: (-entry.age_ms, entry.partition, -entry.level))
+    (merged,) = await _with_pauses(redis, keys, [_merge(role, parts, levels)])
     return RoleDetail(**dict(merged), oldest_pending=pending[:count])
 
 
@@ -225,38 +250,47 @@ async def _with_pauses(redis: Redis, keys: Keys, infos: list[RoleInfo]) -> list[
     ]
 
 
-async def _shards(redis: Redis, keys: Keys, roles: list[str]) -> dict[str, tuple[str, ...]]:
-    """Each role's partitions as recorded (the role alone when nothing is recorded)."""
+async def _shards(
+    redis: Redis, keys: Keys, roles: list[str]
+) -> dict[str, tuple[tuple[str, ...], int]]:
+    """Each role's partitions and priority levels as recorded (else the role alone, 1 level)."""
     if not roles:
         return {}
     pipe = redis.pipeline(transaction=False)
     for role in roles:
-        pipe.hget(keys.role_config(role), partitions.SHARDS_FIELD)
-    out: dict[str, tuple[str, ...]] = {}
+        pipe.hmget(keys.role_config(role), [partitions.SHARDS_FIELD, partitions.LEVELS_FIELD])
+    out: dict[str, tuple[tuple[str, ...], int]] = {}
     # Errors as values: another type of key at a config's name is the role alone, like a
     # garbled record.
     for role, recorded in zip(roles, await pipe.execute(raise_on_error=False), strict=True):
-        out[role] = (role,)
-        if recorded is not None and not isinstance(recorded, Exception):
+        out[role] = ((role,), 1)
+        if not isinstance(recorded, Exception) and recorded and recorded[0] is not None:
             with contextlib.suppress(ConfigError):
-                out[role] = partitions.parse(role, recorded).shards
+                layout = partitions.parse(role, recorded[0], recorded[1])
+                out[role] = (layout.shards, layout.levels)
     return out
 
 
+def _places(shards: tuple[str, ...], levels: int) -> list[tuple[str, int]]:
+    """Each (partition, level) of a role, partition by partition, lowest level first."""
+    return [(shard, level) for shard in shards for level in range(levels)]
+
+
 async def _role_infos(redis: Redis, keys: Keys, roles: list[str]) -> list[RoleInfo]:
-    """Each role's info, its partitions' figures merged."""
-    shards = await _shards(redis, keys, roles)
-    parts = await _shard_infos(redis, keys, [s for role in roles for s in shards[role]])
+    """Each role's info, its partitions' (and levels') figures merged."""
+    layouts = await _shards(redis, keys, roles)
+    places = {role: _places(*layouts[role]) for role in roles}
+    parts = await _shard_infos(redis, keys, [p for role in roles for p in places[role]])
     out, start = [], 0
     for role in roles:
-        count = len(shards[role])
-        out.append(_merge(role, parts[start : start + count]))
+        count = len(places[role])
+        out.append(_merge(role, parts[start : start + count], layouts[role][1]))
         start += count
     return await _with_pauses(redis, keys, out)
 
 
-def _merge(role: str, parts: list[RoleInfo]) -> RoleInfo:
-    """One role's info from its partitions' (each named by its shard)."""
+def _merge(role: str, parts: list[RoleInfo], levels: int = 1) -> RoleInfo:
+    """One role's info from its partitions' levels' (partition by partition, levels inside)."""
     by_name: dict[str, list[GroupInfo]] = {}
     for part in parts:
         for group in part.groups:
@@ -267,8 +301,22 @@ def _merge(role: str, parts: list[RoleInfo]) -> RoleInfo:
         groups=[_merge_groups(groups) for _, groups in sorted(by_name.items())],
         delayed=sum(part.delayed for part in parts),
         dead_letters=sum(part.dead_letters for part in parts),
-        partitions=len(parts),
+        partitions=len(parts) // levels,
+        levels=None if levels == 1 else _levels(parts, levels),
     )
+
+
+def _levels(parts: list[RoleInfo], levels: int) -> list[LevelInfo]:
+    """Each level's totals over the partitions (``parts`` in :func:`_places` order)."""
+    return [
+        LevelInfo(
+            level=level,
+            length=sum(part.length for part in parts[level::levels]),
+            pending=sum(g.pending for part in parts[level::levels] for g in part.groups),
+            delayed=sum(part.delayed for part in parts[level::levels]),
+        )
+        for level in range(levels)
+    ]
 
 
 def _merge_groups(groups: list[GroupInfo]) -> GroupInfo:
@@ -304,43 +352,47 @@ def _merge_groups(groups: list[GroupInfo]) -> GroupInfo:
     )
 
 
-async def _shard_infos(redis: Redis, keys: Keys, roles: list[str]) -> list[RoleInfo]:
-    """Infos of role partitions (``roles`` may name shards), three round trips for all."""
-    if not roles:
+async def _shard_infos(redis: Redis, keys: Keys, places: list[tuple[str, int]]) -> list[RoleInfo]:
+    """Infos of role partitions' levels ((shard, level) pairs), three round trips for all.
+
+    Dead letters are one stream per partition: counted with its level 0.
+    """
+    if not places:
         return []
     pipe = redis.pipeline(transaction=False)
-    for role in roles:
-        pipe.xlen(keys.role_stream(role))
-        pipe.zcard(keys.delayed(role))
-        pipe.xlen(keys.dead_letters(role))
-        pipe.xinfo_groups(keys.role_stream(role))
+    for shard, level in places:
+        pipe.xlen(keys.role_stream(shard, level))
+        pipe.zcard(keys.delayed(shard, level))
+        pipe.xlen(keys.dead_letters(shard))  # counted once, with level 0 (one index apart)
+        pipe.xinfo_groups(keys.role_stream(shard, level))
     replies = await pipe.execute(raise_on_error=False)
-    groups_by_role = [_present(replies[i * 4 + 3], []) for i in range(len(roles))]
-    groups = await _groups(redis, keys, roles, groups_by_role)
+    streams_ = [keys.role_stream(shard, level) for shard, level in places]
+    groups_by_stream = [_present(replies[i * 4 + 3], []) for i in range(len(places))]
+    groups = await _groups(redis, keys, streams_, groups_by_stream)
     return [
         RoleInfo(
-            role=role,
+            role=shard,
             length=_present(replies[i * 4], 0),
-            groups=groups[role],
+            groups=groups[streams_[i]],
             delayed=_present(replies[i * 4 + 1], 0),
-            dead_letters=_present(replies[i * 4 + 2], 0),
+            dead_letters=0 if level else _present(replies[i * 4 + 2], 0),
         )
-        for i, role in enumerate(roles)
+        for i, (shard, level) in enumerate(places)
     ]
 
 
 async def _groups(
-    redis: Redis, keys: Keys, roles: list[str], raw_groups: list[list[dict[str, Any]]]
+    redis: Redis, keys: Keys, names: list[str], raw_groups: list[list[dict[str, Any]]]
 ) -> dict[str, list[GroupInfo]]:
-    """Each role's groups, with consumers and oldest pending entry: one pipeline for all."""
-    wanted = [(role, raw) for role, raws in zip(roles, raw_groups, strict=True) for raw in raws]
-    out: dict[str, list[GroupInfo]] = {role: [] for role in roles}
+    """Each stream's groups, with consumers and oldest pending entry: one pipeline for all."""
+    wanted = [(name, raw) for name, raws in zip(names, raw_groups, strict=True) for raw in raws]
+    out: dict[str, list[GroupInfo]] = {name: [] for name in names}
     if not wanted:
         return out
     pipe = redis.pipeline(transaction=False)
     for role, raw in wanted:
-        pipe.xinfo_consumers(keys.role_stream(role), raw["name"])
-        pipe.xpending(keys.role_stream(role), raw["name"])
+        pipe.xinfo_consumers(role, raw["name"])
+        pipe.xpending(role, raw["name"])
     replies, now = await _execute_with_time(redis, pipe)
     consumers = [_present(replies[i * 2], []) for i in range(len(wanted))]
     alive = await _alive(redis, keys, {_text(c["name"]) for group in consumers for c in group})
@@ -348,7 +400,7 @@ async def _groups(
     idle = await longest_idle(
         redis,
         [
-            (keys.role_stream(role), raw["name"]) if summary.get("pending") else None
+            (role, raw["name"]) if summary.get("pending") else None
             for (role, raw), summary in zip(wanted, summaries, strict=True)
         ],
     )
@@ -458,13 +510,13 @@ async def longest_idle(redis: Redis, groups: list[tuple[str, Any] | None]) -> li
 
 
 async def _oldest_pending(
-    redis: Redis, keys: Keys, info: RoleInfo, count: int
+    redis: Redis, keys: Keys, info: RoleInfo, count: int, level: int = 0
 ) -> list[PendingEntry]:
-    """The ``count`` oldest pending entries of the role over all its groups."""
+    """The ``count`` oldest pending entries of a partition's level over all its groups."""
     groups = [group.name for group in info.groups if group.pending]
     if not groups:
         return []
-    stream = keys.role_stream(info.role)
+    stream = keys.role_stream(info.role, level)
     pipe = redis.pipeline(transaction=False)
     for group in groups:
         pipe.xpending_range(stream, group, min="-", max="+", count=count)

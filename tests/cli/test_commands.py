@@ -229,7 +229,7 @@ def test_schema_prints_json_schema_of_every_message_kind() -> None:
     result = run_cli("schema")
     assert result.returncode == 0, result.stderr
     schemas = json.loads(result.stdout)
-    kinds = {"job", "dead_letter", "cancel", "event", "result", "lifecycle"}
+    kinds = {"job", "dead_letter", "cancel", "event", "result", "lifecycle", "lifecycle_jobs"}
     kinds |= {"submission", "submission_result"}
     assert set(schemas) == kinds
     for kind in kinds:

@@ -11,13 +11,33 @@ import json
 import os
 import select
 import shutil
+import struct
 import subprocess
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 #: Seconds one protocol command may take.
 COMMAND_TIMEOUT = 30.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_facts(data: bytes) -> tuple[int, int, int]:
+    """A PNG's width, height and how many different byte values its decoded scanlines hold.
+
+    A blank page (one colour) decodes to a handful of values; a page with text, lines and
+    colours to well over a hundred. Enough to tell an empty screenshot, without pixel checks.
+    """
+    assert data.startswith(PNG_SIGNATURE), "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    position, compressed = 8, b""
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        if kind == b"IDAT":
+            compressed += data[position + 8 : position + 8 + length]
+        position += 12 + length
+    return width, height, len(set(zlib.decompress(compressed)))
 
 
 class BrowserError(AssertionError):
@@ -161,14 +181,24 @@ class Browser:
         except BrowserError:
             return ""
 
-    def screenshot(self, path: Path, width: int) -> None:
-        """Save a PNG of the whole page at ``width`` CSS pixels."""
+    def screenshot(self, path: Path, width: int, *, max_height: int = 4000) -> None:
+        """Save a PNG of the page at ``width`` CSS pixels: all of it, up to ``max_height``."""
         self.send(
             "Emulation.setDeviceMetricsOverride",
             {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 700},
             session=True,
         )
-        shot = self.send("Page.captureScreenshot", {"captureBeyondViewport": True}, session=True)
+        # Laid out again at the new width before its height is measured.
+        height = self.evaluate(
+            "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() =>"
+            " r(document.body.scrollHeight))))"
+        )
+        clip = {"x": 0, "y": 0, "width": width, "height": min(height, max_height), "scale": 1}
+        shot = self.send(
+            "Page.captureScreenshot",
+            {"captureBeyondViewport": True, "clip": clip},
+            session=True,
+        )
         path.write_bytes(base64.b64decode(shot["data"]))
 
     def color_scheme(self, scheme: str) -> None:

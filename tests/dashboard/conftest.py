@@ -3,6 +3,8 @@ a headless chromium (tests/dashboard/browser.py)."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from tests.helpers import CLI, ROOT, clean_env, free_port, kill_tree, status, wa
 T = TypeVar("T")
 #: A token long enough for the dashboard (16 characters at least).
 TOKEN = "s3cret-token-for-tests"
+#: Where the browser tests keep their screenshots (gitignored build/; SFTEST_ARTEFACTS moves it).
+ARTEFACTS = Path(os.environ.get("SFTEST_ARTEFACTS", ROOT / "build" / "test-artefacts"))
 
 
 @dataclass
@@ -122,3 +126,13 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
         yield found
     finally:
         found.close()
+
+
+@pytest.fixture
+def artefacts(request: pytest.FixtureRequest) -> Path:
+    """This test's directory of kept screenshots, emptied first (kept after the run)."""
+    where = ARTEFACTS / "dashboard" / re.sub(r"[^\w.-]", "_", request.node.name)
+    where.mkdir(parents=True, exist_ok=True)
+    for old in where.glob("*.png"):
+        old.unlink()
+    return where

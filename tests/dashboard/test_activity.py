@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from streamflow import Client, Graph
-from streamflow.dashboard.activity import BUCKET_MS, Rates
+from streamflow.dashboard.activity import BUCKET_MS, TIMELINE_EVENTS, Rates, Timeline
 from tests.dashboard.browser import Browser, BrowserError
 from tests.dashboard.conftest import Procs
 from tests.helpers import recorded, wait_for
@@ -118,3 +118,39 @@ async def test_rates_count_each_event_once_and_forget_the_past(
         later = now + 31 * BUCKET_MS
         await rates.update(later)
         assert sum(rates.sparks(["r"], later)["r"].succeeded) == 0
+
+
+@pytest.mark.anyio
+async def test_a_followed_timeline_reads_only_new_entries_in_time_order_up_to_its_bound(
+    redis_url: str, namespace: str
+) -> None:
+    async with Client.from_url(redis_url, namespace=namespace) as client:
+        stream = client.keys.lifecycle()
+        now = int((await client.redis.time())[0]) * 1000
+
+        async def write(task_id: str, *times: int) -> None:
+            items = [
+                {"protocol": 1, "kind": "lifecycle", "type": "started", "at_ms": at,
+                 "task_id": task_id}
+                for at in times
+            ]  # fmt: skip
+            await client.redis.xadd(stream, {"events": orjson.dumps(items)})
+
+        await write("t1", now + 5)
+        await write("other", now + 1)  # not the task's: not listed
+        timeline = Timeline(client.redis, client.keys, "t1", now - 1000)
+        await timeline.update()
+        assert [e.at_ms for e in timeline.events] == [now + 5] and not timeline.cut
+        await timeline.update()  # nothing new: nothing listed twice
+        # Buffered by another process: written later, it happened earlier.
+        await write("t1", now + 2, now + 9)
+        await timeline.update()
+        assert [e.at_ms for e in timeline.events] == [now + 2, now + 5, now + 9]
+        await write("t1", *range(now + 10, now + 10 + TIMELINE_EVENTS))
+        await timeline.update()
+        assert len(timeline.events) == TIMELINE_EVENTS and timeline.cut
+        assert timeline.events[-1].at_ms == now + 10 + TIMELINE_EVENTS - 4
+        calls = (await client.redis.info("commandstats")).get("cmdstat_xrange", {}).get("calls")
+        await timeline.update()  # full: the page shows the first events, reads no more
+        after = (await client.redis.info("commandstats")).get("cmdstat_xrange", {}).get("calls")
+        assert after == calls

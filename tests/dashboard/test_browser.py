@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from streamflow import Client, Graph
-from tests.dashboard.browser import Browser
+from tests.dashboard.browser import Browser, png_facts
 from tests.dashboard.conftest import TOKEN, Procs
 from tests.helpers import recorded, wait_for
 
@@ -53,7 +53,7 @@ def row(browser: Browser, role: str, name: str) -> Any:
 
 
 def test_the_overview_shows_a_roles_counts_after_publishing(
-    procs: Procs, browser: Browser, tmp_path: Path
+    procs: Procs, browser: Browser, artefacts: Path
 ) -> None:
     async def publish(client: Client) -> None:
         for n in range(3):
@@ -74,11 +74,11 @@ def test_the_overview_shows_a_roles_counts_after_publishing(
     )
     assert row(browser, "record", "pending") == "0"
     assert browser.evaluate("window.__same_page") is True
-    screenshots(browser, tmp_path, "overview")
+    screenshots(browser, artefacts, "overview")
 
 
 def test_a_running_dag_is_drawn_live_until_every_node_succeeded(
-    procs: Procs, browser: Browser, tmp_path: Path
+    procs: Procs, browser: Browser, tmp_path: Path, artefacts: Path
 ) -> None:
     procs.worker("w1", "tests.task_apps:app", "src", "step")
     procs.coordinator("c1")
@@ -87,35 +87,44 @@ def test_a_running_dag_is_drawn_live_until_every_node_succeeded(
     browser.goto(f"{procs.dashboard()}/tasks/{task_id}")
     browser.wait_for("document.querySelector('g.node[data-node=src][data-state=running]')")
     browser.evaluate("window.__same_page = true")  # a reload would lose it
+    rows = "document.querySelectorAll('#timeline-rows tr[data-type]')"
+    before = browser.wait_for(f"{rows}.length")  # src started, before the gate
     gate.touch()
     browser.wait_for(
         "[...document.querySelectorAll('g.node')].map(n => n.dataset.state).join() =="
         " 'succeeded,succeeded'",
         timeout=30,
     )
+    # The events timeline follows too: the task's own end is listed, without a reload.
+    browser.wait_for("document.getElementById('timeline').innerText.includes('task: succeeded')")
+    assert browser.evaluate(f"{rows}.length") > before
+    times = browser.evaluate(f"[...{rows}].map(r => Number(r.dataset.at))")
+    assert times == sorted(times)
     assert browser.evaluate("window.__same_page") is True
     assert browser.evaluate("document.getElementById('task-state').textContent") == "succeeded"
     assert "in 4 · out 4 · 12 items" in browser.text()  # step: 4 batches in, 4 out, 12 items
     shown = browser.wait_for("(document.getElementById('task-result') || {}).textContent")
     result = json.loads(shown)  # batches may end in any order
     assert list(result) == ["step"] and sorted(result["step"]) == [2 * n for n in range(12)]
-    screenshots(browser, tmp_path, "task")
+    screenshots(browser, artefacts, "task")
 
 
 def screenshots(browser: Browser, where: Path, name: str) -> None:
-    """Keep the page at 1280 and 390 px in ``where``; checked for emptiness, not pixels."""
-    for width in (1280, 390):
-        shot = where / f"{name}-{width}.png"
-        browser.screenshot(shot, width)
-        assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5_000
-    # No horizontal scroll of the page at phone width: wide tables scroll in their own box.
-    assert browser.evaluate("document.documentElement.scrollWidth <= 390") is True
-    background = "getComputedStyle(document.body).backgroundColor"
-    light = browser.evaluate(background)
-    browser.color_scheme("dark")
-    browser.screenshot(where / f"{name}-1280-dark.png", 1280)
-    assert browser.evaluate(background) == "rgb(17, 21, 28)" != light
+    """Keep the page at 1280 and 390 px, light and dark, in ``where`` (build/test-artefacts/);
+    each is checked for emptiness, not pixels."""
+    for scheme in ("light", "dark"):
+        browser.color_scheme(scheme)
+        for width in (1280, 390):
+            shot = where / f"{name}-{width}-{scheme}.png"
+            browser.screenshot(shot, width)
+            shot_width, height, values = png_facts(shot.read_bytes())
+            assert (shot_width, values > 32) == (width, True), f"{shot} looks empty"
+            assert height >= 300
+            # No horizontal scroll of the page: wide tables scroll in their own box.
+            assert browser.evaluate(f"document.documentElement.scrollWidth <= {width}") is True
+    assert browser.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(17, 21, 28)"
     browser.color_scheme("light")
+    assert browser.evaluate("getComputedStyle(document.body).backgroundColor") != "rgb(17, 21, 28)"
 
 
 def test_cancelling_from_the_task_page_cancels_the_task(

@@ -143,6 +143,7 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "replay.lua": ("operator", "dashboard"),
     "slot.lua": ("coordinator",),
     "limit.lua": ("worker",),
+    "read_levels.lua": ("worker",),
 }
 
 
@@ -219,6 +220,8 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("role_stream", ("r#2.7",), ALL_PARTS),
     ("dead_letters", ("r",), ("worker", "coordinator", "operator", "dashboard")),
     ("delayed", ("r",), ALL_PARTS),
+    ("role_stream", ("r#2.7", 2), ("publisher", "worker", "operator", "dashboard")),
+    ("delayed", ("r", 4), ("publisher", "worker", "operator", "dashboard")),
     ("starts", ("r", "1-0"), ("worker",)),
     ("dedup", ("r", "any key"), ("publisher", "coordinator")),
     ("events", ("r",), ("worker", "coordinator", "operator")),
@@ -266,6 +269,9 @@ NOT_KEYS = {
     "consumer_alive_pattern",
     "role_pattern",
     "delayed_pattern",
+    "level_patterns",
+    "level_of_stream",
+    "level_streams",
     "task_pattern",
     "role_of_stream",
     "consumer_of_alive_key",
