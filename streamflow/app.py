@@ -111,6 +111,9 @@ class Role:
         events: Whether its jobs write lifecycle events (see :mod:`streamflow.events`).
         rate_limit: At most ``count`` starts per ``period_ms`` across all workers, or None.
         concurrency_limit: At most this many of its jobs held at once across all workers.
+        key_rate_limit: Per limit key (a job's ``streamflow-limit-key`` header): at most
+            ``count`` starts per ``period_ms`` across all workers, or None.
+        key_concurrency: Per limit key: at most this many of its jobs running at once.
     """
 
     name: str
@@ -128,6 +131,8 @@ class Role:
     events: bool = True
     rate_limit: tuple[int, int] | None = None
     concurrency_limit: int | None = None
+    key_rate_limit: tuple[int, int] | None = None
+    key_concurrency: int | None = None
 
     def validate_payload(self, payload: Any) -> Any:
         """Validate ``payload`` against the handler's declared type.
@@ -178,6 +183,8 @@ class App:
         events: bool = True,
         rate_limit: str | None = None,
         concurrency_limit: int | None = None,
+        key_rate_limit: str | None = None,
+        key_concurrency: int | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler of role ``name``.
 
@@ -216,6 +223,11 @@ class App:
                 limit`` overrides it at run time.
             concurrency_limit: At most this many of its jobs running at once across all
                 workers; ``streamflow limit`` overrides it at run time.
+            key_rate_limit: Like ``rate_limit``, for each limit key on its own: a job
+                published with ``limit_key="cust-42"`` (the ``streamflow-limit-key`` header)
+                counts against its key's rate (see :mod:`streamflow.keylimits`).
+            key_concurrency: At most this many jobs of one limit key running at once across
+                all workers; jobs of a saturated key are parked, other keys go on.
 
         Raises:
             InvalidNameError: The role name is not valid.
@@ -234,9 +246,7 @@ class App:
             keep_ms = keep_result_ms(keep_result) or 0
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        rate = parse_rate(rate_limit) if rate_limit is not None else None
-        if concurrency_limit is not None and concurrency_limit < 1:
-            raise ConfigError("concurrency_limit must be at least 1")
+        rate, key_rate = _limits(rate_limit, concurrency_limit, key_rate_limit, key_concurrency)
 
         def register(func: HandlerT) -> HandlerT:
             if name in self._roles:
@@ -251,6 +261,8 @@ class App:
                 events=events,
                 rate_limit=rate,
                 concurrency_limit=concurrency_limit,
+                key_rate_limit=key_rate,
+                key_concurrency=key_concurrency,
             )
             return func
 
@@ -427,3 +439,20 @@ def _first_errors(exc: ValidationError, limit: int = 3) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "payload"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
+
+
+def _limits(
+    rate: str | None, concurrency: int | None, key_rate: str | None, key_concurrency: int | None
+) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """A role's declared rates, parsed; its concurrency limits checked.
+
+    Raises:
+        ConfigError: A rate is not ``COUNT/PERIOD``, or a concurrency limit is below 1.
+    """
+    for name, cap in (("concurrency_limit", concurrency), ("key_concurrency", key_concurrency)):
+        if cap is not None and cap < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    return (
+        parse_rate(rate) if rate is not None else None,
+        parse_rate(key_rate) if key_rate is not None else None,
+    )

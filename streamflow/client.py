@@ -25,6 +25,7 @@ from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
 from streamflow.deadletters import DeadLetters
 from streamflow.jobs import JobStatus
+from streamflow.keylimits import with_limit_key
 from streamflow.keys import Keys, validate_name
 from streamflow.middleware import (
     Middleware,
@@ -168,6 +169,7 @@ class Client(TaskMethods, ControlMethods):
         strict: bool = False,
         keep_result: timedelta | float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
     ) -> str:
         """Publish one job and return its message id.
 
@@ -199,6 +201,9 @@ class Client(TaskMethods, ControlMethods):
             priority: The job's priority level, for a role declared with ``priorities=N``:
                 ``0`` (the default, lowest) to ``N - 1`` (highest, taken first; see
                 docs/concepts.md#priorities). Its retries, delays and replays keep the level.
+            limit_key: The key the role's per-key limits count it under (a customer id, say:
+                1 to 128 letters, digits and ``_.:@+=/-``), sent as the
+                ``streamflow-limit-key`` header (see :mod:`streamflow.keylimits`).
 
         A role that no worker serving it ever started in the namespace (a misspelt role, or
         workers not deployed yet) gets a :class:`~streamflow.errors.UnknownRoleWarning` naming
@@ -218,8 +223,8 @@ class Client(TaskMethods, ControlMethods):
             RedisCommandError: Redis refused for good (e.g. ``NOPERM`` under an ACL).
             PayloadError: The payload cannot be encoded as JSON.
             InvalidNameError: A role, task or node name is invalid.
-            ValueError: The message id, dedup key, deadline or headers are out of the protocol's
-                bounds, or the priority is not one of the role's levels.
+            ValueError: The message id, dedup key, deadline, headers or limit key are out of the
+                protocol's bounds, or the priority is not one of the role's levels.
         """
         options = _job_options(
             key,
@@ -233,6 +238,8 @@ class Client(TaskMethods, ControlMethods):
             keep_result,
             priority,
         )
+        if limit_key is not None:
+            headers = with_limit_key(headers, limit_key)
         if self._publish_chain is not None:
             message = Publish(role, payload, dict(headers or {}), options)
             return await self._publish_chain(message)
@@ -579,6 +586,7 @@ class SyncClient:
         strict: bool = False,
         keep_result: timedelta | float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
         options = _job_options(
@@ -593,6 +601,8 @@ class SyncClient:
             keep_result,
             priority,
         )
+        if limit_key is not None:
+            headers = with_limit_key(headers, limit_key)
         if self._middleware:
             message = Publish(role, payload, dict(headers or {}), options)
             [message_id] = publish_blocking(self._middleware, [message], self._send_one)

@@ -119,6 +119,8 @@ class ControlMethods:
         *,
         rate: str | None = None,
         concurrency: int | None = None,
+        key_rate: str | None = None,
+        key_concurrency: int | None = None,
         reset: bool = False,
     ) -> flow.Limits:
         """Set a role's limits at run time, over the ones its app declares; returns them.
@@ -132,14 +134,24 @@ class ControlMethods:
                 ``"100/m"``, ``"5/2h"``), or ``"off"``; None leaves it as it is.
             concurrency: At most this many of its jobs held at once across all workers, 0 for
                 no limit; None leaves it as it is.
+            key_rate: Like ``rate``, for each limit key of the role on its own (jobs published
+                with ``limit_key=``, see :mod:`streamflow.keylimits`).
+            key_concurrency: Like ``concurrency``, for each limit key on its own.
             reset: Drop the run-time settings first: the declared limits apply again.
 
         Raises:
-            ConfigError: The rate or the concurrency is not valid.
+            ConfigError: A rate or a concurrency is not valid.
         """
         return await steps.run(
             flow.set_limits(
-                self.redis, self.keys, role, rate=rate, concurrency=concurrency, reset=reset
+                self.redis,
+                self.keys,
+                role,
+                rate=rate,
+                concurrency=concurrency,
+                key_rate=key_rate,
+                key_concurrency=key_concurrency,
+                reset=reset,
             )
         )
 

@@ -165,7 +165,7 @@ class InFlight:
         return sum(len(held) for held in self._by_stream.values())
 
 
-DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost", "cancelled"]
+DecisionKind = Literal["ack", "retry", "dead_letter", "release", "lost", "cancelled", "park"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +182,13 @@ class Decision:
     #: ``ack`` of a job whose outcome is kept: ``result`` is its handler's return value.
     keep: bool = False
     result: Any = None
+    #: ``park`` (its limit key in ``detail``): when to look at the key again (server ms).
+    wake_at_ms: int = 0
 
 
-OutcomeStatus = Literal["acked", "retried", "dead_lettered", "released", "lost", "cancelled"]
+OutcomeStatus = Literal[
+    "acked", "retried", "dead_lettered", "released", "lost", "cancelled", "parked"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +201,9 @@ class Outcome:
         message_id: The job's id, if the entry decoded far enough.
         status: ``acked``; ``retried`` (next attempt scheduled); ``dead_lettered``;
             ``released`` (handed back on shutdown); ``lost`` (another consumer owns it now);
-            ``cancelled`` (acknowledged without finishing, because of a cancel).
+            ``cancelled`` (acknowledged without finishing, because of a cancel); ``parked``
+            (held back by its limit key, moved to the key's parked list: it runs later as a
+            new entry, see :mod:`streamflow.keylimits`).
         reason: The dead-letter reason, when dead-lettered.
         error: The handler's or decoder's error, when there was one.
     """
@@ -221,6 +227,7 @@ class WorkerStatistics:
     released: int = 0
     lost: int = 0
     cancelled: int = 0
+    parked: int = 0
     #: Acknowledgements whose reply was lost (the connection dropped) and whose entries were
     #: then no longer pending: taken as applied, not as lost leases.
     ack_replies_lost: int = 0
@@ -259,3 +266,8 @@ class WorkerStatistics:
     limit_waits: dict[str, int] = field(default_factory=dict)
     #: Running slots of concurrency-limited roles this worker holds now, by role.
     limit_slots: dict[str, int] = field(default_factory=dict)
+    #: Jobs parked by a per-key limit, and parked jobs woken, by this worker, by role.
+    key_parks: dict[str, int] = field(default_factory=dict)
+    key_wakes: dict[str, int] = field(default_factory=dict)
+    #: Per-key running slots this worker holds now, by role.
+    key_slots: dict[str, int] = field(default_factory=dict)

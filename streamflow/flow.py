@@ -18,11 +18,13 @@ burst: one start per ``period / N``) and to M jobs held at once, across every wo
 process. They are declared in code (``@app.role(rate_limit="100/m", concurrency_limit=5)``) and
 overridden at run time by the ``rate_count``, ``rate_period_ms`` and ``concurrency`` fields of
 the same hash (``streamflow limit``; 0 means no limit). A worker's reader asks the script for
-permits before it reads, and reads only as many entries as were granted: a limited job waits in
+permits before it reads (and its adopter before it adopts: see :mod:`streamflow.intake`), and
+reads only as many entries as were granted: a limited job waits in
 the stream, in its place, not read by anyone, so it has no lease to lose. A running slot is a
 token in ``{flow:<role>}:running`` with an expiry (the lease TTL, renewed while the entry is
 held), so a worker that dies gives its slots back when they expire. A grant the read did not use
-(the stream had fewer entries) is handed back at once.
+(the stream had fewer entries) is handed back at once. Limits per key within a role (a
+customer id) are in :mod:`streamflow.keylimits`: the key is known only after the read.
 
 The pause, resume and limit operations are written once as :mod:`streamflow.steps` generators,
 for the asyncio and the blocking client alike.
@@ -58,6 +60,17 @@ PAUSED_FIELD = "paused"
 REFRESH_EVERY = 0.5
 #: The fields that set a role's limits at run time (0: no limit), over the declared ones.
 RATE_COUNT, RATE_PERIOD, CONCURRENCY = "rate_count", "rate_period_ms", "concurrency"
+#: The same for each limit key of a role (see :mod:`streamflow.keylimits`).
+KEY_RATE_COUNT, KEY_RATE_PERIOD = "key_rate_count", "key_rate_period_ms"
+KEY_CONCURRENCY = "key_concurrency"
+_ALL_LIMITS = (
+    RATE_COUNT,
+    RATE_PERIOD,
+    CONCURRENCY,
+    KEY_RATE_COUNT,
+    KEY_RATE_PERIOD,
+    KEY_CONCURRENCY,
+)
 #: Seconds a reader waits before asking again when all of a role's running slots are taken.
 SLOT_POLL = 0.05
 
@@ -136,14 +149,6 @@ def _data(replies: list[Any]) -> list[Any]:
     return [None if isinstance(reply, Exception) else reply for reply in replies]
 
 
-def _number(value: Any) -> int | None:
-    """A number field read back from Redis; None if it is absent or not a whole number."""
-    try:
-        return None if value is None else int(value)
-    except ValueError:
-        return None
-
-
 @dataclass(frozen=True, slots=True)
 class Limits:
     """A role's limits as set at run time (None: not set there, the declared one applies).
@@ -152,11 +157,20 @@ class Limits:
         rate: ``"10/s"``, or ``"off"`` (no limit, whatever is declared), or None.
         concurrency: Jobs held at once, 0 for no limit, or None.
         running: Running slots taken now (tokens not expired).
+        key_rate: Like ``rate``, for each limit key of the role.
+        key_concurrency: Like ``concurrency``, for each limit key of the role.
+        busy_keys: Limit keys holding running slots now.
+        parked_keys: Limit keys with jobs parked (waiting for their key), on the role's first
+            partition.
     """
 
     rate: str | None = None
     concurrency: int | None = None
     running: int = 0
+    key_rate: str | None = None
+    key_concurrency: int | None = None
+    busy_keys: int = 0
+    parked_keys: int = 0
 
 
 def set_limits(
@@ -166,6 +180,8 @@ def set_limits(
     *,
     rate: str | None = None,
     concurrency: int | None = None,
+    key_rate: str | None = None,
+    key_concurrency: int | None = None,
     reset: bool = False,
 ) -> Steps[Limits]:
     """Set a role's limits at run time; returns them as they are now.
@@ -176,76 +192,124 @@ def set_limits(
         role: The role.
         rate: ``"10/s"``-style, or ``"off"``; None leaves it as it is.
         concurrency: At most this many held at once, 0 for none; None leaves it as it is.
-        reset: Drop both run-time settings first (the declared limits apply again).
+        key_rate: Like ``rate``, for each limit key of the role.
+        key_concurrency: Like ``concurrency``, for each limit key of the role.
+        reset: Drop every run-time setting first (the declared limits apply again).
 
     Raises:
-        ConfigError: The rate is not ``COUNT/PERIOD`` or ``off``, or concurrency is negative.
+        ConfigError: A rate is not ``COUNT/PERIOD`` or ``off``, or a concurrency is negative.
     """
     key = keys.flow_control(validate_name(role, "role"))
-    fields: dict[str, int] = {}
-    if rate is not None:
-        count, period = (0, 0) if rate == "off" else parse_rate(rate)
-        fields |= {RATE_COUNT: count, RATE_PERIOD: period}
-    if concurrency is not None:
-        if concurrency < 0:
-            raise ConfigError("concurrency must be 0 (no limit) or more")
-        fields[CONCURRENCY] = concurrency
+    fields = _rate_fields(rate, RATE_COUNT, RATE_PERIOD) | _rate_fields(
+        key_rate, KEY_RATE_COUNT, KEY_RATE_PERIOD
+    )
+    for field, cap in ((CONCURRENCY, concurrency), (KEY_CONCURRENCY, key_concurrency)):
+        if cap is not None:
+            if cap < 0:
+                raise ConfigError("a concurrency limit must be 0 (no limit) or more")
+            fields[field] = cap
     if reset:
-        yield redis.hdel(key, RATE_COUNT, RATE_PERIOD, CONCURRENCY)
+        yield redis.hdel(key, *_ALL_LIMITS)
     if fields:
         yield redis.hset(key, mapping=fields)
     found = yield from read_limits(redis, keys, [role])
     return found[role]
 
 
+def _rate_fields(rate: str | None, count_field: str, period_field: str) -> dict[str, int]:
+    if rate is None:
+        return {}
+    count, period = (0, 0) if rate == "off" else parse_rate(rate)
+    return {count_field: count, period_field: period}
+
+
+def _shown_rate(count: Any, period: Any) -> str | None:
+    """A run-time rate as set (``"off"`` for 0); garbage written by others reads as off."""
+    if count is None:
+        return None
+    try:
+        return "off" if int(count) <= 0 else format_rate(int(count), max(int(period or 1), 1))
+    except ValueError:
+        return "off"
+
+
+def _cap(value: Any) -> int | None:
+    return None if value is None else int(value) if value.isdigit() else 0
+
+
 def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str, Limits]]:
-    """Each role's run-time limits and its running slots taken now (one round trip)."""
+    """Each role's run-time limits, its running slots and its busy and parked keys now.
+
+    One round trip for all.
+    """
     pipe = redis.pipeline(transaction=False)
+    now = now_ms()
     for role in roles:
-        pipe.hmget(keys.flow_control(role), [RATE_COUNT, RATE_PERIOD, CONCURRENCY])
-        pipe.zcount(keys.flow_running(role), now_ms(), "+inf")
+        pipe.hmget(keys.flow_control(role), list(_ALL_LIMITS))
+        pipe.zcount(keys.flow_running(role), now, "+inf")
+        pipe.zcount(keys.flow_keys(role), now, "+inf")
+        pipe.zcard(keys.parked(role))
     replies = _data((yield pipe.execute(raise_on_error=False)))
     out: dict[str, Limits] = {}
     for index, role in enumerate(roles):
-        fields, running = replies[2 * index] or (None, None, None), replies[2 * index + 1]
-        count, period, cap = (_number(value) for value in fields)
-        rate = None
-        if count is not None:
-            rate = "off" if count <= 0 else format_rate(count, period or 1)
-        out[role] = Limits(rate, cap, running or 0)
+        fields, running, busy, parked = replies[4 * index : 4 * index + 4]
+        count, period, cap, key_count, key_period, key_cap = fields or (None,) * len(_ALL_LIMITS)
+        out[role] = Limits(
+            _shown_rate(count, period),
+            _cap(cap),
+            int(running or 0),
+            _shown_rate(key_count, key_period),
+            _cap(key_cap),
+            int(busy or 0),
+            int(parked or 0),
+        )
     return out
 
 
-def _watched(
-    redis: Any, keys: Keys, roles: Sequence[str]
-) -> Steps[tuple[dict[str, int], set[str], set[str]]]:
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """What a worker watches: paused roles, and roles limited (per key) at run time.
+
+    ``unreadable``: the roles whose flow control key holds another type (anyone with the
+    worker's rights may write one there): read as neither paused nor limited, rather than
+    stopping every worker.
+    """
+
+    paused: dict[str, int]
+    limited: set[str]
+    key_limited: set[str]
+    unreadable: set[str]
+
+
+def _watched(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[Watched]:
     """What a worker watches, in one round trip: paused roles and roles limited at run time.
 
     The paused ones as :func:`paused_since` reads them, each with the time it was paused; then
     the roles whose flow control key holds another type (anyone with the worker's rights may
     write one there): read as neither paused nor limited, rather than stopping every worker.
     """
+    found = Watched({}, set(), set(), set())
     if not roles:
-        return {}, set(), set()
+        return found
     pipe = redis.pipeline(transaction=False)
     for role in roles:
-        pipe.hmget(keys.flow_control(role), [PAUSED_FIELD, RATE_COUNT, CONCURRENCY])
+        fields = [PAUSED_FIELD, RATE_COUNT, CONCURRENCY, KEY_RATE_COUNT, KEY_CONCURRENCY]
+        pipe.hmget(keys.flow_control(role), fields)
     replies = yield pipe.execute(raise_on_error=False)
-    paused: dict[str, int] = {}
-    limited: set[str] = set()
-    unreadable: set[str] = set()
     for role, reply in zip(roles, replies, strict=True):
         if isinstance(reply, Exception):
             if connect.is_outage(reply):
                 raise reply
-            unreadable.add(role)  # WRONGTYPE
+            found.unreadable.add(role)  # WRONGTYPE
             continue
-        since, rate, cap = reply
+        since, rate, cap, key_rate, key_cap = reply
         if since is not None:
-            paused[role] = int(since) if since.isdigit() else 0
+            found.paused[role] = int(since) if since.isdigit() else 0
         if rate is not None or cap is not None:
-            limited.add(role)
-    return paused, limited, unreadable
+            found.limited.add(role)
+        if key_rate is not None or key_cap is not None:
+            found.key_limited.add(role)
+    return found
 
 
 class PauseWatch:
@@ -277,6 +341,8 @@ class PauseWatch:
         self._changed = anyio.Event()
         #: The roles whose limits are set at run time (as last read).
         self.limited_at_run_time: set[str] = set()
+        #: The roles whose per-key limits are set at run time (as last read).
+        self.key_limited_at_run_time: set[str] = set()
         #: Flow control keys found holding another type, by kind (``flow_control``).
         self.bad_records: dict[str, int] = {}
         self._unreadable: set[str] = set()
@@ -295,10 +361,11 @@ class PauseWatch:
 
     async def refresh(self) -> None:
         """Read whether the roles are paused now; wake the readers of resumed roles."""
-        found, self.limited_at_run_time, unreadable = await steps.run(
-            _watched(self._redis, self._keys, self._roles)
-        )
-        self._report_unreadable(unreadable)
+        watched = await steps.run(_watched(self._redis, self._keys, self._roles))
+        found = watched.paused
+        self.limited_at_run_time = watched.limited
+        self.key_limited_at_run_time = watched.key_limited
+        self._report_unreadable(watched.unreadable)
         if found.keys() != self._paused.keys():
             for role in found.keys() - self._paused.keys():
                 logger.info("role %s is paused: no new jobs of it start here", role)

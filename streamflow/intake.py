@@ -20,8 +20,11 @@ their leases renewed, and releasing them would race their start. Entries pending
 worker stay pending until the resume; due retries still move to the stream (to wait there).
 
 A limited role's reader asks the :class:`~streamflow.flow.Limiter` for permits before each read
-and reads no more entries than it was granted (see :mod:`streamflow.flow`); adoption does not
-ask (an adopted entry runs once, whatever the limits).
+and reads no more entries than it was granted (see :mod:`streamflow.flow`); its adopter does the
+same before each adoption step, and adopts no more entries than it was granted (none: it tries
+again at its next tick, the entries staying pending, idle, where they are). Per-key limits are
+applied later, once an entry is decoded (:mod:`streamflow.keylimits`), to read and adopted
+entries alike.
 
 Over 600 lines on purpose: reading, adoption, read-ahead, promotion and the flow-control
 gate are the one path by which entries come in; each class is small, and splitting them would
@@ -44,6 +47,7 @@ from streamflow import connect, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
 from streamflow.flow import Limiter, PauseWatch
+from streamflow.keylimits import KeyLimiter
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
 from streamflow.priorities import LevelOrder
@@ -472,6 +476,10 @@ class Intake:
         #: Entries adopted (not already held here), in all and by role.
         self.adopted = 0
         self.reclaims: dict[str, int] = {}
+        #: Frees and renews per-key slots and wakes parked jobs (None: no per-key limits).
+        self.key_limiter: KeyLimiter | None = None
+        # Partitions of limited roles whose adopter found no grant: their reader adopts next.
+        self._adoption_wanted: set[str] = set()
 
     def stop(self) -> None:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
@@ -498,6 +506,8 @@ class Intake:
             if not burst:
                 readers.start_soon(self.flow.run)
                 readers.start_soon(self.limiter.run, self._stopping)
+                if self.key_limiter is not None:
+                    readers.start_soon(self.key_limiter.run, self._stopping)
             # Every partition gets its own reader: a blocking read cannot span the slots of
             # several partitions on a cluster, and separate readers share the free capacity
             # fairly between partitions.
@@ -517,6 +527,8 @@ class Intake:
         # Free the running slots of what ended; the rest expire after the lease TTL.
         with anyio.move_on_after(5, shield=True):
             await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
+            if self.key_limiter is not None:
+                await guarded(self.key_limiter.sweep, connect.Backoff("freeing per-key slots"))
 
     async def read_loop(self, role: Role, shard: str, burst: bool) -> None:
         """Read a partition's new entries as there is room for them (``burst``: until idle)."""
@@ -729,6 +741,9 @@ class Intake:
             tokens = await self._permits(role.name, free, backoff)
             if not tokens:
                 return None
+            if shard in self._adoption_wanted and history is None:
+                await self._adopt_with(role, shard, stream, free, tokens, backoff)
+                return None
             free = len(tokens)
         issued = time.monotonic()
         entries = await self._read(stream, free, block, history, backoff)
@@ -749,6 +764,26 @@ class Intake:
                 lambda: self.limiter.bind(role.name, stream, entries or [], tokens), backoff
             )
         return entries
+
+    async def _adopt_with(
+        self,
+        role: Role,
+        shard: str,
+        stream: str,
+        free: int,
+        tokens: list[str],
+        backoff: connect.Backoff,
+    ) -> None:
+        """An adoption step the adopter could not get a grant for, with the reader's grant."""
+        self._adoption_wanted.discard(shard)
+        count = min(free, self._leases.settings.reclaim_count)
+
+        async def regroup() -> None:
+            await self.reader.regroup(stream)
+
+        await guarded(
+            lambda: self.adopt(role, shard, stream, count, tokens), backoff, regroup=regroup
+        )
 
     def _limited(self, role: str) -> bool:
         return self.limiter.declares(role) or role in self.flow.limited_at_run_time
@@ -849,16 +884,35 @@ class Intake:
             every=settings.reclaim_interval,
         )
 
-    async def adopt(self, role: Role, shard: str, stream: str, count: int) -> None:
+    async def adopt(
+        self, role: Role, shard: str, stream: str, count: int, tokens: list[str] | None = None
+    ) -> None:
         """One adoption step: deliver the entries adopted that this process does not hold.
 
-        One it holds is its own again (its handler goes on), not a new delivery.
+        One it holds is its own again (its handler goes on), not a new delivery. A limited
+        role's adopter asks for permits first (or is given ``tokens``, a reader's) and adopts
+        no more than it was granted, like its reader: an adopted entry starts within the role's
+        rate and concurrency. Without a grant, the partition's reader makes the next adoption
+        step with its own next grant instead of a read: a reader blocked in a read holds its
+        grants, so the adopter alone would rarely find a running slot free.
         """
+        if tokens is None and self._limited(role.name):
+            tokens, _ = await self.limiter.acquire(role.name, count)
+            if not tokens:
+                self._adoption_wanted.add(shard)
+                return  # the entries stay pending, idle: the reader adopts with its grant
+        if tokens is not None:
+            count = min(count, len(tokens))
         issued = time.monotonic()
-        entries = await self.reader.adopt(stream, count)
-        fresh = [e for e in entries if not self._held.holds(stream, e.id)]
-        if fresh:
-            logger.info("adopted %d entries idle past the lease TTL on %s", len(fresh), stream)
-            self.adopted += len(fresh)
-            self.reclaims[role.name] = self.reclaims.get(role.name, 0) + len(fresh)
-            self._deliver(role, shard, stream, fresh, issued)
+        fresh: list[streams.Entry] = []
+        try:
+            entries = await self.reader.adopt(stream, count)
+            fresh = [e for e in entries if not self._held.holds(stream, e.id)]
+            if fresh:
+                logger.info("adopted %d entries idle past the lease TTL on %s", len(fresh), stream)
+                self.adopted += len(fresh)
+                self.reclaims[role.name] = self.reclaims.get(role.name, 0) + len(fresh)
+                self._deliver(role, shard, stream, fresh, issued)
+        finally:
+            if tokens is not None:
+                await self.limiter.bind(role.name, stream, fresh, tokens)

@@ -251,6 +251,20 @@ FLOW_CONTROL = KeyKind("flow", "control", named=True)
 #: A role's start rate state (GCRA's theoretical arrival time, ms) and its running slots.
 FLOW_RATE = KeyKind("flow", "rate", named=True)
 FLOW_RUNNING = KeyKind("flow", "running", named=True)
+#: Per-key limits of a role (see :mod:`streamflow.keylimits`): one key's running slots (a
+#: sorted set: token -> expiry ms), its start rate state, and the keys holding slots (a sorted
+#: set: limit key -> latest slot expiry ms).
+FLOW_KEY_SLOTS = KeyKind("flow", "keyslots", named=True, rest=True)
+FLOW_KEY_RATE = KeyKind("flow", "keyrate", named=True, rest=True)
+FLOW_KEYS = KeyKind("flow", "keys", named=True)
+#: The limit keys with parked jobs (a sorted set: key -> how many times a job of it was parked
+#: since the mark was last removed): a worker that frees a key's slot wakes a job only if marked.
+FLOW_WAITING = KeyKind("flow", "waiting", named=True)
+#: Jobs parked by a per-key limit, next to their partition's stream (moved there and back by
+#: one script each): the keys with parked jobs (a sorted set: limit key -> when to wake one,
+#: ms) and each key's parked jobs (a list, oldest first).
+ROLE_PARKED = KeyKind("role", "parked", named=True)
+ROLE_PARK = KeyKind("role", "park", named=True, rest=True)
 
 # Schedules: one slot, so a scheduler reads every definition, pause and last tick in one trip.
 #: Run-time schedule definitions (a hash: schedule id -> JSON).
@@ -306,6 +320,12 @@ KINDS: tuple[KeyKind, ...] = (
     FLOW_CONTROL,
     FLOW_RATE,
     FLOW_RUNNING,
+    FLOW_KEY_SLOTS,
+    FLOW_KEY_RATE,
+    FLOW_KEYS,
+    FLOW_WAITING,
+    ROLE_PARKED,
+    ROLE_PARK,
 )
 
 
@@ -684,3 +704,30 @@ class Keys:
     def flow_running(self, role: str) -> str:
         """A concurrency-limited role's running slots (a sorted set: token -> expiry ms)."""
         return self._key(FLOW_RUNNING, validate_name(role, "role"))
+
+    def flow_key_slots(self, role: str, limit_key: str) -> str:
+        """One limit key's running slots in a role (a sorted set: token -> expiry ms).
+
+        ``limit_key`` must already be checked (:func:`streamflow.keylimits.check_limit_key`).
+        """
+        return self._key(FLOW_KEY_SLOTS, validate_name(role, "role"), limit_key)
+
+    def flow_key_rate(self, role: str, limit_key: str) -> str:
+        """One limit key's start rate state in a role (GCRA's next start time, ms, with PX)."""
+        return self._key(FLOW_KEY_RATE, validate_name(role, "role"), limit_key)
+
+    def flow_keys(self, role: str) -> str:
+        """A role's limit keys holding running slots (a sorted set: key -> latest expiry ms)."""
+        return self._key(FLOW_KEYS, validate_name(role, "role"))
+
+    def flow_waiting(self, role: str) -> str:
+        """A role's limit keys with parked jobs (a sorted set: key -> times marked)."""
+        return self._key(FLOW_WAITING, validate_name(role, "role"))
+
+    def parked(self, shard: str) -> str:
+        """A role partition's limit keys with parked jobs (a sorted set: key -> wake ms)."""
+        return self._key(ROLE_PARKED, validate_shard(shard))
+
+    def park(self, shard: str, limit_key: str) -> str:
+        """One limit key's jobs parked on a role partition (a list of JSON items, oldest first)."""
+        return self._key(ROLE_PARK, validate_shard(shard), limit_key)

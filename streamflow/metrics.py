@@ -139,7 +139,8 @@ class WorkerCollector(Collector):
             "streamflow_messages",
             "Deliveries by how they ended: acked, retried, dead_lettered (handler failures, "
             "poison, expired), rejected (malformed input, dead-lettered), cancelled, released "
-            "(handed back on shutdown), lost (the lease was lost).",
+            "(handed back on shutdown), lost (the lease was lost), parked (held back by its "
+            "limit key; it runs later as a new entry).",
             labels=["role", "outcome"],
         )
         for (role, outcome), count in sorted(stats.by_role.items()):
@@ -225,6 +226,25 @@ class WorkerCollector(Collector):
             "Running slots of a concurrency-limited role this worker holds (its jobs held).",
             "role",
             stats.limit_slots,
+        )
+        yield _per_role(
+            "streamflow_key_limit_parks",
+            "Jobs this worker parked because their limit key was at its per-key concurrency or "
+            "rate (key_concurrency, key_rate_limit): moved out of the stream until woken.",
+            stats.key_parks,
+        )
+        yield _per_role(
+            "streamflow_key_limit_wakes",
+            "Parked jobs this worker woke (moved back to the stream) when a slot of their key "
+            "freed or their key's wake time came.",
+            stats.key_wakes,
+        )
+        yield _labelled(
+            GaugeMetricFamily,
+            "streamflow_key_limit_slots",
+            "Per-key running slots this worker holds (its jobs of key-limited roles).",
+            "role",
+            stats.key_slots,
         )
 
 

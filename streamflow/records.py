@@ -376,6 +376,10 @@ INVALID_EVENT_FIELD = b"invalid_event"
 SUBMISSION_ID_FIELD = b"id"
 SUBMISSION_FIELD = b"submission"
 
+#: The role stream field a job woken from a per-key limit's parked list carries: how many
+#: times it was parked (see :mod:`streamflow.keylimits`); parked again, it goes to the front.
+PARKED_FIELD = b"parked"
+
 #: Every field name of the stream entries streamflow writes, besides the
 #: :data:`RAW_FIELD_PREFIX` ones. Lua scripts spell some of them (tests check they are these).
 ENTRY_FIELDS = frozenset(
@@ -390,6 +394,7 @@ ENTRY_FIELDS = frozenset(
         LIFECYCLE_FIELD,
         SUBMISSION_ID_FIELD,
         SUBMISSION_FIELD,
+        PARKED_FIELD,
     }
 )
 

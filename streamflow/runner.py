@@ -30,6 +30,7 @@ from streamflow.delivery import Decision, Delivery
 from streamflow.errors import InputError
 from streamflow.events import EventLog
 from streamflow.followups import FollowUps
+from streamflow.keylimits import KeyLimiter
 from streamflow.keys import Keys
 from streamflow.leases import LeaseKeeper
 from streamflow.lifecycle import NO_RESOURCES, Resources
@@ -107,6 +108,8 @@ class Runner:
         self.redeliveries: dict[str, int] = {}
         #: Where ``started`` and ``progress`` events go, or None (no events at all).
         self.events: EventLog | None = None
+        #: The per-key limits' gate, asked before a job with a limit key starts.
+        self.key_gate: KeyLimiter | None = None
 
     def use(self, middleware: Sequence[Middleware], roles: Iterable[Role]) -> None:
         """Compose each role's chain once: ``middleware`` around its handler, first outermost.
@@ -216,14 +219,31 @@ class Runner:
         ctx._job = job  # for ctx.headers, read only when a handler asks
         ctx._followups = self._followups
         delivery.context = ctx
-        if job.task_id is None and delivery.entry.deliveries == 1:
+        gate = self.key_gate
+        gated = gate is not None and job.headers is not None and gate.limits(job.role)
+        if job.task_id is None and delivery.entry.deliveries == 1 and not gated:
             return self._run(delivery, scope, job, payload, ctx)  # the hot path
         return self._process_special(delivery, scope, job, payload, ctx)
 
     async def _process_special(
         self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
     ) -> Decision:
-        """Run a task node's job or a redelivered entry."""
+        """Run a task node's job, a redelivered entry or one of a key-limited role."""
+        gate = self.key_gate
+        if gate is None:
+            return await self._process_started(delivery, scope, job, payload, ctx)
+        # First: a job its key holds back is parked before anything counts it as started.
+        held_back = await gate.gate(delivery, job)
+        if held_back is not None:
+            return held_back
+        try:
+            return await self._process_started(delivery, scope, job, payload, ctx)
+        finally:
+            gate.finished(delivery)  # its key's slot is freed at the next sweep, soon
+
+    async def _process_started(
+        self, delivery: Delivery, scope: anyio.CancelScope, job: Job, payload: Any, ctx: Context
+    ) -> Decision:
         if job.task_id is not None and nodes.is_node_job(job):
             failed = await self._start_node(delivery, job, ctx)
             if failed is not None:

@@ -43,6 +43,7 @@ class Scripts:
             "emit.lua",
             "finish.lua",
             "result.lua",
+            "park.lua",
         }
     )
 
@@ -69,6 +70,9 @@ class Scripts:
         self.result = redis.register_script(_load("result.lua", strip))
         self.limit = redis.register_script(_load("limit.lua", strip))
         self.read_levels = redis.register_script(_load("read_levels.lua", strip))
+        self.key_limit = redis.register_script(_load("key_limit.lua", strip))
+        self.park = redis.register_script(_load("park.lua", strip))
+        self.unpark = redis.register_script(_load("unpark.lua", strip))
 
     @classmethod
     def source(cls, name: str) -> str:

@@ -93,6 +93,8 @@ class Settler:
         self.on_settled: Callable[[Delivery, Decision, OutcomeStatus], Awaitable[None]] | None = (
             None
         )
+        #: Applies a ``park`` decision (:meth:`streamflow.keylimits.KeyLimiter.park`).
+        self.parker: Callable[[Delivery, Decision], Awaitable[bool]] | None = None
 
     async def apply(self, delivery: Delivery, decision: Decision) -> None:
         """Settle a delivery in Redis according to its decision (the one place that does)."""
@@ -165,7 +167,7 @@ class Settler:
     ) -> None:
         """Write the lifecycle event of a settle that was applied (none for a refused one)."""
         job, role = decision.job or delivery.job, delivery.role.name
-        if status in ("lost", "released"):
+        if status in ("lost", "released", "parked"):
             return  # nothing happened to the job (it runs again, here or elsewhere)
         if status == "retried":
             events.job("retrying", job, role, detail=decision.detail, delay=decision.delay)
@@ -224,6 +226,10 @@ class Settler:
             return "released" if await self._leases.release(delivery) else "lost"
         if decision.kind == "retry":
             return "retried" if await self._schedule_retry(delivery, decision) else "lost"
+        if decision.kind == "park":
+            if self.parker is None:  # nobody to park it: hand it back rather than lose it
+                return "released" if await self._leases.release(delivery) else "lost"
+            return "parked" if await self.parker(delivery, decision) else "lost"
         if decision.kind in ("ack", "cancelled"):
             return await self._finish_node(delivery, decision)
         return "dead_lettered" if await self._dead_letter(delivery, decision) else "lost"

@@ -47,6 +47,7 @@ from streamflow.delivery import InFlight, Outcome, WorkerStatistics
 from streamflow.events import EventLog
 from streamflow.flow import Limiter, PauseWatch
 from streamflow.intake import GroupReader, Intake, Promoter, ReadAhead
+from streamflow.keylimits import KeyLimiter
 from streamflow.keys import GROUP, Keys, validate_name
 from streamflow.leases import LeaseKeeper, LeaseSettings
 from streamflow.lifecycle import NO_RESOURCES, Resources
@@ -259,6 +260,21 @@ class Worker:
         self._shards: dict[str, tuple[str, ...]] = {}
         # Keys of another type met at start-up, by kind (the known roles).
         self._bad_records: dict[str, int] = {}
+        # Per-key limits: any role may get them at run time, so the gate is always there (a
+        # job without a limit key header never reaches it).
+        self._key_limiter = KeyLimiter(
+            redis,
+            self._scripts,
+            self._keys,
+            self.consumer,
+            self._held,
+            self._intake.flow,
+            {r.name: (r.key_rate_limit, r.key_concurrency) for r in self._roles},
+            ttl_ms=self._leases.settings.ttl_ms,
+        )
+        self._key_limiter.shards = self._shards  # filled in when serving starts
+        self._runner.key_gate = self._intake.key_limiter = self._key_limiter
+        self._settler.parker = self._key_limiter.park
         self._stopped = anyio.Event()
         self._started_at_ms = now_ms()
         settings = self._leases.settings
@@ -399,6 +415,7 @@ class Worker:
             retried=stats.retried,
             dead_lettered=stats.dead_lettered,
             released=stats.released,
+            parked=stats.parked,
             lost=stats.lost,
             cancelled=stats.cancelled,
             ack_replies_lost=stats.ack_replies_lost,
@@ -425,6 +442,9 @@ class Worker:
             paused=self._intake.flow.states(),
             limit_waits=dict(self._intake.limiter.waits),
             limit_slots=self._intake.limiter.slots(),
+            key_parks=dict(self._key_limiter.parks),
+            key_wakes=dict(self._key_limiter.wakes),
+            key_slots=self._key_limiter.slots(),
         )
 
     def observe_renewals(self, callback: Callable[[float], None] | None) -> None:
@@ -550,7 +570,7 @@ class Worker:
 
     async def _give_up_name(self) -> None:
         """Release the consumer name and its marks, never raising over what ended serving."""
-        for release in (self._leases.release_name, self._names.unmark):
+        for release in (self._leases.release_name, self._names.unmark, self._key_limiter.aclose):
             with anyio.move_on_after(5, shield=True):
                 try:
                     await release()

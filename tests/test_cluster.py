@@ -675,3 +675,35 @@ async def _publish_retrying(client: Client, layout: partitions.Layout, numbers: 
                     break
                 except RedisUnavailable:  # also CLUSTERDOWN until every node agrees
                     await anyio.sleep(0.1)
+
+
+@pytest.mark.anyio
+async def test_per_key_limits_hold_on_a_partitioned_role_across_masters(
+    cluster_redis: Redis, namespace: str
+) -> None:
+    """The role's {flow} slot counts every partition's jobs; each partition parks next to it."""
+    app = App()
+    running_now: dict[str, int] = {}
+    most: dict[str, int] = {}
+    done: list[str] = []
+
+    @app.role("keyed3", partitions=3, key_concurrency=1)
+    async def keyed(ctx: Context, payload: Any) -> None:
+        key = ctx.headers["streamflow-limit-key"]
+        running_now[key] = running_now.get(key, 0) + 1
+        most[key] = max(most.get(key, 0), running_now[key])
+        await anyio.sleep(0.02)
+        running_now[key] -= 1
+        done.append(ctx.message_id)
+
+    client = Client(cluster_redis, namespace=namespace)
+    workers = [make_worker(app, cluster_redis, namespace, concurrency=8) for _ in range(2)]
+    with anyio.fail_after(60):
+        async with running(*workers):
+            ids = [
+                await client.publish("keyed3", {"i": i}, limit_key=f"k{i % 3}") for i in range(60)
+            ]
+            await wait_until(lambda: set(ids) <= set(done), timeout=40)
+    assert most == {"k0": 1, "k1": 1, "k2": 1}
+    assert sorted(done) == sorted(ids)
+    assert sum(w.statistics().key_parks.get("keyed3", 0) for w in workers) > 0

@@ -192,7 +192,35 @@ def _one(name: str, keys: Callable[[Setup], list[str]], args: Callable[[Setup], 
     return call
 
 
+def _park_list(s: Setup) -> str:
+    return s.stream + "-park"  # one server, no cluster: the slot does not matter here
+
+
+async def _parked(redis: Redis, s: Setup, before: State, after: State) -> None:
+    # Out of the stream and its pending list, onto the key's list; the key is due at 7.
+    assert after.entries == [] and after.pending == []
+    assert await redis.zrange(s.delayed, 0, -1, withscores=True) == [(b"cust-1", 7.0)]
+    assert await redis.llen(_park_list(s)) == 1
+    assert await redis.get(s.stream + "-starts") is None  # carried in the item
+    # unpark.lua moves it back: a new entry, same fields, and how often it was parked.
+    woken = await s.scripts.unpark(
+        keys=[s.stream, s.delayed, _park_list(s)], args=["cust-1", "due", 1000], client=redis
+    )
+    assert woken[1] == 3
+    [(entry_id, fields)] = await redis.xrange(s.stream)
+    assert entry_id == woken[0] and entry_id != s.entry_id
+    assert fields == {b"message": b"{}", b"parked": b"1"}
+    assert await redis.zcard(s.delayed) == 0 and await redis.llen(_park_list(s)) == 0
+
+
+async def _park(redis: Redis, s: Setup) -> Any:
+    await redis.set(s.stream + "-starts", 3)
+    keys = [s.stream, s.delayed, _park_list(s), s.stream + "-starts"]
+    return await s.scripts.park(keys=keys, args=[GROUP, ME, s.entry_id, "cust-1", 7], client=redis)
+
+
 CONTRACTS: dict[str, Contract] = {
+    "park.lua": Contract(_park, done=1, refused=0, effect=_parked),
     "settle.lua": Contract(
         _one("settle", lambda s: [s.stream], lambda s: [GROUP, ME, b'["%s"]' % s.entry_id]),
         done=[],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import anyio
 import click
@@ -68,6 +69,10 @@ async def _resume(settings: config.ConnectionSettings, role: str) -> bool:
 @click.argument("role")
 @click.option("--rate", help="At most COUNT/PERIOD starts (10/s, 100/m, 5/2h), or off.")
 @click.option("--concurrency", type=int, help="At most this many held at once (0: no limit).")
+@click.option("--key-rate", help="Per limit key: at most COUNT/PERIOD starts, or off.")
+@click.option(
+    "--key-concurrency", type=int, help="Per limit key: at most this many running (0: no limit)."
+)
 @click.option("--reset", is_flag=True, help="Drop the run-time limits: the declared ones apply.")
 @click.option("--json", "as_json", is_flag=True, help="The limits as one JSON object.")
 @connection_options
@@ -76,6 +81,8 @@ def limit(
     role: str,
     rate: str | None,
     concurrency: int | None,
+    key_rate: str | None,
+    key_concurrency: int | None,
     reset: bool,
     as_json: bool,
     redis_url: str,
@@ -84,27 +91,35 @@ def limit(
     """Set or show ROLE's start rate and concurrency limits across all workers.
 
     Set here, a limit overrides the one the app declares (@app.role(rate_limit=...,
-    concurrency_limit=...)); --reset drops both. Workers apply a change within half a second.
-    Without options, shows the limits set at run time and the running slots taken.
+    concurrency_limit=..., key_rate_limit=..., key_concurrency=...)); --reset drops them all.
+    The --key-* limits hold for each limit key (a job's streamflow-limit-key header) on its
+    own. Workers apply a change within half a second. Without options, shows the limits set at
+    run time, the running slots taken, and the keys busy and parked.
     """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    found = anyio.run(_limit, settings, role, rate, concurrency, reset)
+    wanted = {
+        "rate": rate,
+        "concurrency": concurrency,
+        "key_rate": key_rate,
+        "key_concurrency": key_concurrency,
+        "reset": reset,
+    }
+    found = anyio.run(_limit, settings, role, wanted)
     if as_json:
         echo_json({"role": role, **dataclasses.asdict(found)})
         return
-    cap = "unset" if found.concurrency is None else str(found.concurrency or "off")
     echo(
-        f"role {shown(role)}: rate {found.rate or 'unset'}, concurrency {cap} "
-        f"(unset: as the app declares); {found.running} running slots taken"
+        f"role {shown(role)}: rate {found.rate or 'unset'}, concurrency "
+        f"{_cap(found.concurrency)}; per key: rate {found.key_rate or 'unset'}, concurrency "
+        f"{_cap(found.key_concurrency)} (unset: as the app declares); {found.running} running "
+        f"slots taken, {found.busy_keys} keys running, {found.parked_keys} keys with parked jobs"
     )
 
 
-async def _limit(
-    settings: config.ConnectionSettings,
-    role: str,
-    rate: str | None,
-    concurrency: int | None,
-    reset: bool,
-) -> Limits:
+def _cap(value: int | None) -> str:
+    return "unset" if value is None else str(value or "off")
+
+
+async def _limit(settings: config.ConnectionSettings, role: str, wanted: dict[str, Any]) -> Limits:
     async with open_client(settings) as client:
-        return await client.limit(role, rate=rate, concurrency=concurrency, reset=reset)
+        return await client.limit(role, **wanted)

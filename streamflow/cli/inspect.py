@@ -248,6 +248,14 @@ def _role_lines(info: RoleInfo) -> list[str]:
             f"  limits set at run time: rate {info.rate_limit or 'unset'}, concurrency {cap}; "
             f"{info.running_slots} running slots taken"
         )
+    if info.key_rate_limit or info.key_concurrency is not None or info.busy_keys:
+        cap = "unset" if info.key_concurrency is None else str(info.key_concurrency or "off")
+        lines.append(
+            f"  per-key limits set at run time: rate {info.key_rate_limit or 'unset'}, "
+            f"concurrency {cap}; {info.busy_keys} keys running"
+        )
+    if info.parked_keys:
+        lines.append(f"  {info.parked_keys} limit keys with parked jobs (waiting for their key)")
     if not info.groups:
         lines.append("  no consumer group (no worker has served this role)")
     for group in info.groups:

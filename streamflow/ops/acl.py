@@ -65,8 +65,12 @@ from streamflow.keys import (
     DELAYED,
     EVENTS,
     FLOW_CONTROL,
+    FLOW_KEY_RATE,
+    FLOW_KEY_SLOTS,
+    FLOW_KEYS,
     FLOW_RATE,
     FLOW_RUNNING,
+    FLOW_WAITING,
     JOB_PROGRESS,
     KNOWN_FUNCTIONS,
     KNOWN_ROLES,
@@ -76,6 +80,8 @@ from streamflow.keys import (
     RESULT,
     ROLE_CONFIG,
     ROLE_MARK,
+    ROLE_PARK,
+    ROLE_PARKED,
     ROLE_SLOTS,
     ROLE_STREAM,
     SCHEDULE_DEFS,
@@ -264,6 +270,13 @@ WORKER = PartRules(
         "limit.lua HGET, HEXISTS",
         FLOW_RATE: "limit.lua GET, SET PX of the next start's time",
         FLOW_RUNNING: "limit.lua ZADD, ZREM, ZREMRANGEBYSCORE, ZCARD; ZCOUNT (limits read)",
+        FLOW_KEY_SLOTS: "key_limit.lua ZADD, ZREM, ZREMRANGEBYSCORE, ZCARD, ZRANGE of a limit "
+        "key's running slots",
+        FLOW_KEY_RATE: "key_limit.lua GET, SET PX of a limit key's next start time",
+        FLOW_KEYS: "key_limit.lua ZADD, ZREM, ZREMRANGEBYSCORE of the keys holding slots",
+        FLOW_WAITING: "key_limit.lua ZINCRBY, ZSCORE, ZREM of the keys with parked jobs",
+        ROLE_PARKED: "park.lua ZADD; unpark.lua ZSCORE, ZADD, ZREM; ZRANGEBYSCORE of the due keys",
+        ROLE_PARK: "park.lua LPUSH or RPUSH; unpark.lua LPOP, LLEN",
     },
     commands={
         **_CONNECTION,
@@ -293,6 +306,13 @@ WORKER = PartRules(
         "zremrangebyscore": "limit.lua (slots of dead workers)",
         "zcard": "limit.lua",
         "zcount": "its roles' running slots",
+        "zscore": "unpark.lua, key_limit.lua",
+        "zincrby": "key_limit.lua (a key with parked jobs)",
+        "zrangebyscore": "parked keys due to be woken",
+        "lpush": "park.lua",
+        "rpush": "park.lua",
+        "lpop": "unpark.lua",
+        "llen": "unpark.lua",
         "exists": "forget.lua (is a consumer's mark alive?)",
         "xinfo|consumers": "the cleanup of dead consumer names",
     },
@@ -305,10 +325,11 @@ WORKER = PartRules(
                 "xinfo|groups": "streams.ensure_group when Redis is full (does it exist?)",
                 "xreadgroup": "the reader (also in read_levels.lua)",
                 "xpending": "the reader (resumed entries' counts); owner-checking scripts",
+                "xrange": "park.lua (the entry it parks)",
                 "xclaim": "renew.lua, release.lua",
                 "xautoclaim": "claim.lua",
-                "xack": "settle, retry, dead_letter, finish and result.lua",
-                "xdel": "settle, retry, dead_letter, finish and result.lua",
+                "xack": "settle, retry, dead_letter, finish, result and park.lua",
+                "xdel": "settle, retry, dead_letter, finish, result and park.lua",
                 "xtrim": "settle.lua (MINID: the acknowledged entries before the oldest pending)",
                 "xgroup|delconsumer": "forget.lua (a dead consumer that holds nothing)",
             },
@@ -318,7 +339,8 @@ WORKER = PartRules(
             {
                 "set": (
                     "alive.lua, registry entry, marks, mark_cancel.lua, emit.lua, result.lua, "
-                    "dead_letter.lua, limit.lua, a run's latest progress"
+                    "dead_letter.lua, limit.lua, key_limit.lua, a run's latest progress, the "
+                    "start count of a parked job woken"
                 )
             },
             (
@@ -329,15 +351,17 @@ WORKER = PartRules(
                 BATCH,
                 RESULT,
                 FLOW_RATE,
+                FLOW_KEY_RATE,
                 JOB_PROGRESS,
+                STARTS,
             ),
         ),
         Narrow(
             {
                 "del": "alive.lua release, registry entry and marks on a clean stop; a run's "
-                "latest progress when it ends"
+                "latest progress when it ends; park.lua (the start count it carries)"
             },
-            (CONSUMER_ALIVE, CONSUMER_INFO, ROLE_MARK, JOB_PROGRESS),
+            (CONSUMER_ALIVE, CONSUMER_INFO, ROLE_MARK, JOB_PROGRESS, STARTS),
         ),
         Narrow(
             {"pexpire": "start counts, cancel reports"},
@@ -488,6 +512,8 @@ OPERATOR = PartRules(
         "running nodes' jobs'",
         FLOW_CONTROL: "pause: HSETNX; resume: HDEL; limit: HSET, HDEL, HMGET; inspect: HGET",
         FLOW_RUNNING: "limit, inspect: ZCOUNT of the running slots",
+        FLOW_KEYS: "limit, inspect: ZCOUNT of the limit keys holding slots",
+        ROLE_PARKED: "limit, inspect: ZCARD of the limit keys with parked jobs",
     },
     commands={
         **_CONNECTION,
@@ -576,6 +602,8 @@ DASHBOARD = PartRules(
         JOB_PROGRESS: "jobs: GET of a running job's latest progress",
         FLOW_CONTROL: "overview, role: HGET, HMGET (paused? limits?); pause: HSETNX; resume: HDEL",
         FLOW_RUNNING: "overview, role: ZCOUNT of the running slots",
+        FLOW_KEYS: "overview, role: ZCOUNT of the limit keys holding slots",
+        ROLE_PARKED: "overview, role: ZCARD of the limit keys with parked jobs",
     },
     commands={
         **_CONNECTION,

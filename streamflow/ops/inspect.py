@@ -121,6 +121,13 @@ class RoleInfo(BaseModel):
         running_slots: Running slots of its concurrency limit taken now.
         levels: For a role with priorities, each level's figures (lowest first; the figures
             above are their totals); None for a role without.
+        key_rate_limit: Its per-key start rate set at run time, or None (see
+            :mod:`streamflow.keylimits`).
+        key_concurrency: Its per-key limit on jobs running at once set at run time (0: none),
+            or None.
+        busy_keys: Limit keys holding running slots now.
+        parked_keys: Limit keys with parked jobs (waiting for their key), on its first
+            partition.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -137,6 +144,10 @@ class RoleInfo(BaseModel):
     concurrency_limit: int | None = None
     running_slots: int = 0
     levels: list[LevelInfo] | None = None
+    key_rate_limit: str | None = None
+    key_concurrency: int | None = None
+    busy_keys: int = 0
+    parked_keys: int = 0
 
 
 class PendingEntry(BaseModel):
@@ -244,6 +255,10 @@ async def _with_pauses(redis: Redis, keys: Keys, infos: list[RoleInfo]) -> list[
                 "rate_limit": limits[info.role].rate,
                 "concurrency_limit": limits[info.role].concurrency,
                 "running_slots": limits[info.role].running,
+                "key_rate_limit": limits[info.role].key_rate,
+                "key_concurrency": limits[info.role].key_concurrency,
+                "busy_keys": limits[info.role].busy_keys,
+                "parked_keys": limits[info.role].parked_keys,
             }
         )
         for info in infos

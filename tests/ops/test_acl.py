@@ -144,6 +144,9 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "slot.lua": ("coordinator",),
     "limit.lua": ("worker",),
     "read_levels.lua": ("worker",),
+    "key_limit.lua": ("worker",),
+    "park.lua": ("worker",),
+    "unpark.lua": ("worker",),
 }
 
 
@@ -260,6 +263,12 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("flow_control", ("r",), ("worker", "operator", "dashboard")),
     ("flow_rate", ("r",), ("worker",)),
     ("flow_running", ("r",), ("worker", "operator", "dashboard")),
+    ("flow_key_slots", ("r", "cust-1"), ("worker",)),
+    ("flow_key_rate", ("r", "cust-1"), ("worker",)),
+    ("flow_keys", ("r",), ("worker", "operator", "dashboard")),
+    ("flow_waiting", ("r",), ("worker",)),
+    ("parked", ("r",), ("worker", "operator", "dashboard")),
+    ("park", ("r", "cust-1"), ("worker",)),
 ]
 
 #: ``Keys`` methods that build no key of their own: SCAN patterns, parsers of keys, and ``task``,

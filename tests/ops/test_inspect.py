@@ -93,6 +93,10 @@ def role_doc(
         "rate_limit": None,
         "concurrency_limit": None,
         "running_slots": 0,
+        "key_rate_limit": None,
+        "key_concurrency": None,
+        "busy_keys": 0,
+        "parked_keys": 0,
     }
 
 
