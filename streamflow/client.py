@@ -495,6 +495,9 @@ class Client(TaskMethods, ControlMethods):
         Args:
             message_id: The job's message id.
             role: Its role: only that role's keys are read.
+
+        Raises:
+            InvalidNameError: ``message_id`` is not a message id the protocol allows.
         """
         return await jobs.status(self.redis, self.keys, self._layouts, message_id, role=role)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import traceback
 from typing import Any, Protocol
 
+from streamflow import logs
 from streamflow.app import RetryPolicy, Role
 from streamflow.context import Fatal, Retry
 from streamflow.delivery import Decision, Delivery
@@ -42,10 +43,17 @@ def cancelled(job: Job | None, signal_id: str, reason: str) -> Decision:
     return Decision("cancelled", job, detail=reason, signal_id=signal_id)
 
 
+#: The most characters of a dead letter's ``detail`` (as of a kept failure's): it may quote
+#: text from outside (a handler's exception, a hostile entry's keys), and is logged whole.
+MAX_DETAIL = 4000
+
+
 def dead(
     reason: DeadLetterReason, detail: str, job: Job | None = None, error: ErrorInfo | None = None
 ) -> Decision:
-    """A decision to dead-letter with ``reason``."""
+    """A decision to dead-letter with ``reason``; ``detail`` cut to :data:`MAX_DETAIL`."""
+    if len(detail) > MAX_DETAIL:
+        detail = detail[: MAX_DETAIL - len(logs.ELISION)] + logs.ELISION
     return Decision("dead_letter", job, reason, detail, error)
 
 

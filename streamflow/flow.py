@@ -41,6 +41,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import connect, steps, streams
 from streamflow.app import format_rate, parse_rate
@@ -128,12 +129,24 @@ def paused_since(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str
     pipe = redis.pipeline(transaction=False)
     for role in roles:
         pipe.hget(keys.flow_control(role), PAUSED_FIELD)
-    replies = yield pipe.execute()
+    replies = yield pipe.execute(raise_on_error=False)
     out: dict[str, int] = {}
-    for role, value in zip(roles, replies, strict=True):
+    for role, value in zip(roles, _data(replies), strict=True):
         if value is not None:
             out[role] = int(value) if value.isdigit() else 0
     return out
+
+
+def _data(replies: list[Any]) -> list[Any]:
+    """Pipelined replies, a refusal for the data (``WRONGTYPE``: another type of key) as None.
+
+    An outage is raised. Anyone with a worker's rights may write another type of key at a role's
+    flow keys: a reader shows no pause or limit there rather than failing every role.
+    """
+    for reply in replies:
+        if isinstance(reply, Exception) and connect.is_outage(reply):
+            raise reply
+    return [None if isinstance(reply, Exception) else reply for reply in replies]
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,46 +249,60 @@ def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str,
         pipe.zcount(keys.flow_running(role), now, "+inf")
         pipe.zcount(keys.flow_keys(role), now, "+inf")
         pipe.zcard(keys.parked(role))
-    replies = yield pipe.execute()
+    replies = _data((yield pipe.execute(raise_on_error=False)))
     out: dict[str, Limits] = {}
     for index, role in enumerate(roles):
         fields, running, busy, parked = replies[4 * index : 4 * index + 4]
-        count, period, cap, key_count, key_period, key_cap = fields
+        count, period, cap, key_count, key_period, key_cap = fields or (None,) * len(_ALL_LIMITS)
         out[role] = Limits(
             _shown_rate(count, period),
             _cap(cap),
-            int(running),
+            int(running or 0),
             _shown_rate(key_count, key_period),
             _cap(key_cap),
-            int(busy),
-            int(parked),
+            int(busy or 0),
+            int(parked or 0),
         )
     return out
 
 
 @dataclass(frozen=True, slots=True)
 class Watched:
-    """What a worker watches: paused roles, and roles limited (per key) at run time."""
+    """What a worker watches: paused roles, and roles limited (per key) at run time.
+
+    ``unreadable``: the roles whose flow control key holds another type (anyone with the
+    worker's rights may write one there): read as neither paused nor limited, rather than
+    stopping every worker.
+    """
 
     paused: dict[str, int]
     limited: set[str]
     key_limited: set[str]
+    unreadable: set[str]
 
 
 def _watched(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[Watched]:
     """What a worker watches, in one round trip: paused roles and roles limited at run time.
 
-    The paused ones as :func:`paused_since` reads them, each with the time it was paused.
+    The paused ones as :func:`paused_since` reads them, each with the time it was paused; then
+    the roles whose flow control key holds another type (anyone with the worker's rights may
+    write one there): read as neither paused nor limited, rather than stopping every worker.
     """
-    found = Watched({}, set(), set())
+    found = Watched({}, set(), set(), set())
     if not roles:
         return found
     pipe = redis.pipeline(transaction=False)
     for role in roles:
         fields = [PAUSED_FIELD, RATE_COUNT, CONCURRENCY, KEY_RATE_COUNT, KEY_CONCURRENCY]
         pipe.hmget(keys.flow_control(role), fields)
-    replies = yield pipe.execute()
-    for role, (since, rate, cap, key_rate, key_cap) in zip(roles, replies, strict=True):
+    replies = yield pipe.execute(raise_on_error=False)
+    for role, reply in zip(roles, replies, strict=True):
+        if isinstance(reply, Exception):
+            if connect.is_outage(reply):
+                raise reply
+            found.unreadable.add(role)  # WRONGTYPE
+            continue
+        since, rate, cap, key_rate, key_cap = reply
         if since is not None:
             found.paused[role] = int(since) if since.isdigit() else 0
         if rate is not None or cap is not None:
@@ -316,6 +343,9 @@ class PauseWatch:
         self.limited_at_run_time: set[str] = set()
         #: The roles whose per-key limits are set at run time (as last read).
         self.key_limited_at_run_time: set[str] = set()
+        #: Flow control keys found holding another type, by kind (``flow_control``).
+        self.bad_records: dict[str, int] = {}
+        self._unreadable: set[str] = set()
 
     def is_paused(self, role: str) -> bool:
         """Whether ``role`` was paused at the last refresh."""
@@ -335,6 +365,7 @@ class PauseWatch:
         found = watched.paused
         self.limited_at_run_time = watched.limited
         self.key_limited_at_run_time = watched.key_limited
+        self._report_unreadable(watched.unreadable)
         if found.keys() != self._paused.keys():
             for role in found.keys() - self._paused.keys():
                 logger.info("role %s is paused: no new jobs of it start here", role)
@@ -343,6 +374,19 @@ class PauseWatch:
         self._paused = found
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+    def _report_unreadable(self, roles: set[str]) -> None:
+        """Warn once (until it reads again) of each role whose flow control is not a hash."""
+        for role in sorted(roles - self._unreadable):
+            self.bad_records["flow_control"] = self.bad_records.get("flow_control", 0) + 1
+            logger.warning(
+                "the flow control of role %s (%s) is not a hash: the role is served as not "
+                "paused and without run-time limits until it is (DEL it, then pause or limit "
+                "the role again)",
+                role,
+                self._keys.flow_control(role),
+            )
+        self._unreadable = roles
 
     async def wait_resumed(self, role: str) -> None:
         """Wait until ``role`` is not paused (or the worker stops)."""
@@ -402,6 +446,9 @@ class Limiter:
         self._untracked: set[str] = set()  # granted starts that hold no running slot
         #: Reads a limit held back (the reader waited), by role.
         self.waits: dict[str, int] = {}
+        #: Limit keys found holding another type, by kind (``flow_limits``).
+        self.bad_records: dict[str, int] = {}
+        self._broken: set[str] = set()  # roles whose limit keys hold another type
 
     def declares(self, role: str) -> bool:
         """Whether the app declares a limit on ``role``."""
@@ -424,7 +471,31 @@ class Limiter:
             self._keys.flow_running(role),
         ]
         args: list[str | int] = [op, count, period, cap or 0, self._ttl_ms, refund, *tokens]
-        return await self._scripts.limit(keys=keys, args=args, client=self._redis)
+        try:
+            reply = await self._scripts.limit(keys=keys, args=args, client=self._redis)
+        except ResponseError as exc:
+            if connect.is_outage(exc):
+                raise
+            self._unusable(role, keys, exc)
+            # Served without its limits, rather than not at all: no slot is tracked.
+            return [len(tokens), 0, 0] if op == "acquire" else [0, 0]
+        if op == "acquire":  # the one step that reads every limit key
+            self._broken.discard(role)
+        return reply
+
+    def _unusable(self, role: str, keys: Sequence[str], exc: ResponseError) -> None:
+        """Warn once (until they work again) that a role's limit keys hold another type."""
+        if role in self._broken:
+            return
+        self._broken.add(role)
+        self.bad_records["flow_limits"] = self.bad_records.get("flow_limits", 0) + 1
+        logger.warning(
+            "the limits of role %s cannot be applied (%s): it is served without them until "
+            "they can; a key of another type at %s? DEL it",
+            role,
+            exc,
+            " or ".join(keys),
+        )
 
     async def acquire(self, role: str, wanted: int) -> tuple[list[str], float]:
         """Ask for up to ``wanted`` starts: the tokens granted, else seconds to wait."""

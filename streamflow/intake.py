@@ -42,6 +42,7 @@ from typing import Literal
 import anyio
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
 from streamflow import connect, scripts, streams
 from streamflow.app import Role
@@ -375,6 +376,9 @@ class Promoter:
         self._scripts = scripts
         self._keys = keys
         self._wakeups: dict[str, anyio.Event] = {}
+        #: Delayed schedules found holding another type, by kind (``delayed``).
+        self.bad_records: dict[str, int] = {}
+        self._broken: set[str] = set()  # schedules that hold another type
 
     def wake_all(self) -> None:
         """Wake every promoter (the worker stops)."""
@@ -405,20 +409,40 @@ class Promoter:
         """
         soonest: int | None = None
         for level in range(levels - 1, -1, -1):
+            schedule = self._keys.delayed(shard, level)
             try:
                 moved, next_due = await scripts.promote(
-                    self._scripts,
-                    self._redis,
-                    self._keys.role_stream(shard, level),
-                    self._keys.delayed(shard, level),
+                    self._scripts, self._redis, self._keys.role_stream(shard, level), schedule
                 )
             except connect.TRANSIENT_ERRORS:
                 return None  # the reader's backoff reports the outage
+            except ResponseError as exc:
+                if connect.is_outage(exc):
+                    return None
+                self._unreadable(schedule, exc)  # polled again: it may be fixed
+                continue
+            self._broken.discard(schedule)
             if moved:
                 logger.debug("moved %d due retries of %s (level %d)", moved, shard, level)
             if next_due is not None and (soonest is None or next_due < soonest):
                 soonest = next_due
         return soonest
+
+    def _unreadable(self, schedule: str, exc: ResponseError) -> None:
+        """Warn once (until it works again) that a delayed schedule is unusable.
+
+        Anyone with a publisher's rights may write another type of key at its name.
+        """
+        if schedule in self._broken:
+            return
+        self._broken.add(schedule)
+        self.bad_records["delayed"] = self.bad_records.get("delayed", 0) + 1
+        logger.warning(
+            "cannot promote the due retries and delayed jobs of %s (%s): they wait until it is "
+            "a sorted set again; the role's new jobs are served meanwhile",
+            schedule,
+            exc,
+        )
 
 
 class Intake:

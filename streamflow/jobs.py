@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 
 from streamflow import partitions, results, steps, streams
 from streamflow.errors import InvalidNameError, ProtocolError
-from streamflow.keys import GROUP, Keys
+from streamflow.keys import GROUP, Keys, validate_message_id
 from streamflow.protocol import MESSAGE_FIELD, Job, decode_job
 from streamflow.records import (
     LIFECYCLE_FIELD,
@@ -159,7 +159,12 @@ async def status(
     *,
     role: str | None = None,
 ) -> JobStatus:
-    """Where ``message_id`` is: the lookup of the module docstring, cheapest source first."""
+    """Where ``message_id`` is: the lookup of the module docstring, cheapest source first.
+
+    Raises:
+        InvalidNameError: ``message_id`` is not one the protocol allows (nothing can name it).
+    """
+    validate_message_id(message_id)
     shards = await _shards(redis, keys, layouts, role)
     candidates = [keys.result(shard, message_id) for shard, _ in shards]
     record = await steps.run(results.read_kept(redis, candidates))

@@ -134,7 +134,7 @@ def _level(level: int) -> str:
     return str(level)
 
 
-def _message_id(message_id: str) -> str:
+def validate_message_id(message_id: str) -> str:
     """``message_id``, checked.
 
     Raises:
@@ -485,7 +485,7 @@ class Keys:
         Raises:
             InvalidNameError: The shard or the message id is invalid.
         """
-        return self._key(RESULT, validate_shard(role), _message_id(message_id))
+        return self._key(RESULT, validate_shard(role), validate_message_id(message_id))
 
     def role_pattern(self) -> str:
         """A ``SCAN MATCH`` pattern for every role stream of the namespace."""
@@ -663,7 +663,7 @@ class Keys:
         Raises:
             InvalidNameError: The message id is invalid.
         """
-        return self._key(JOB_PROGRESS, rest=_message_id(message_id))
+        return self._key(JOB_PROGRESS, rest=validate_message_id(message_id))
 
     # -- schedules --------------------------------------------------------------------------
 

@@ -489,7 +489,7 @@ def _bad_records(counts: dict[str, int]) -> CounterMetricFamily:
         CounterMetricFamily,
         "streamflow_bad_records",
         "Malformed records read back from Redis and skipped (a cancel marker, the cancel "
-        "index, the signals stream, a signal), by kind.",
+        "index, the signals stream, a signal, the known roles, a role's flow control), by kind.",
         "kind",
         counts,
     )

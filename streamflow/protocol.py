@@ -31,6 +31,7 @@ from pydantic import (
 from streamflow import hostile
 from streamflow.errors import InputError, ProtocolError
 from streamflow.keys import MAX_PRIORITIES, NAME_PATTERN
+from streamflow.logs import shown
 
 #: The protocol version this code writes and reads.
 PROTOCOL_VERSION = 1
@@ -253,7 +254,8 @@ def check_publish_fields(message_id: str, dedup_key: str | None, deadline_ms: in
         try:
             adapter.validate_python(value)
         except ValidationError as exc:
-            raise ValueError(f"invalid {name} {value!r}: {exc.errors()[0]['msg']}") from None
+            msg = exc.errors()[0]["msg"]
+            raise ValueError(f"invalid {name} {shown(repr(value))}: {msg}") from None
 
 
 def keep_result_ms(keep: timedelta | float | None) -> int | None:
@@ -451,14 +453,16 @@ def check_envelope(doc: dict[str, Any], raw: bytes, *, expected_kind: str) -> No
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             "unsupported_version",
-            f"protocol version {version!r} is not supported (this worker speaks "
+            f"protocol version {shown(repr(version))} is not supported (this worker speaks "
             f"{PROTOCOL_VERSION})",
             raw,
         )
     kind = doc.get("kind")
     if kind != expected_kind:
         raise ProtocolError(
-            "unknown_kind", f"kind {kind!r} is not valid here (expected {expected_kind!r})", raw
+            "unknown_kind",
+            f"kind {shown(repr(kind))} is not valid here (expected {expected_kind!r})",
+            raw,
         )
 
 
@@ -466,7 +470,8 @@ def summarize_errors(exc: ValidationError, limit: int = 5) -> str:
     """One line per validation problem, the first ``limit`` of them."""
     parts = []
     for err in exc.errors()[:limit]:
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        # A location names the entry's own keys: text from outside, echoed bounded.
+        where = shown(".".join(str(p) for p in err["loc"])) or "(root)"
         parts.append(f"{where}: {err['msg']}")
     more = exc.error_count() - limit
     if more > 0:

@@ -148,8 +148,7 @@ class Publisher:
             recorded = yield from partitions.read_record(self.redis, self.keys, role)
             layout = self.layouts.record(role, recorded)
             if recorded[0] is None:  # read at most once a second per role: not per publish
-                served = yield self.redis.smembers(self.keys.known_roles())
-                self._served = sorted(streams.text_lenient(name) for name in served)
+                self._served = yield from self._known_roles()
                 if not strict:
                     _warn(self._unknown_role(role), UnknownRoleWarning)
         if strict and self.layouts.missing(role):
@@ -402,6 +401,20 @@ class Publisher:
             dedup_marker=self.keys.dedup(shard, dedup_key) if dedup_key else None,
             due_ms=_absolute_ms(job["delay"]) or 0,
         )
+
+    def _known_roles(self) -> Steps[list[str]]:
+        """The roles workers registered, named in the unknown-role warning.
+
+        None when the key holds another type (anyone with a publisher's rights may write one
+        there): the warning only loses its list, the publish goes on.
+        """
+        try:
+            served = yield self.redis.smembers(self.keys.known_roles())
+        except ResponseError as exc:
+            if connect.is_outage(exc):
+                raise
+            return []
+        return sorted(streams.text_lenient(name) for name in served)
 
     def _unknown_role(self, role: str) -> str:
         """The warning (or error) for a publish to a role no worker ever served."""

@@ -277,8 +277,15 @@ class Scheduler:
         )
 
     async def _declare(self, declared: list[Schedule]) -> None:
-        for schedule in declared:
-            await add(self.client.redis, self.client.keys, schedule)
+        try:
+            for schedule in declared:
+                await add(self.client.redis, self.client.keys, schedule)
+        except ResponseError as exc:
+            if connect.is_outage(exc):
+                raise
+            # Another type of key at the definitions' name (a publisher may write one): the
+            # passes go on and warn of it; the code's schedules are written at the next start.
+            self._warn({"*": f"the code's schedules cannot be written: {exc}"}, "not written")
 
     async def step(self) -> None:
         """One pass: fire every due tick of every schedule that is not paused."""

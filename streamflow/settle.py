@@ -134,7 +134,8 @@ class Settler:
                 return
             except ResponseError as exc:
                 if not streams.is_group_lost(exc):
-                    raise
+                    self._refused(delivery, decision, exc)
+                    return
                 status = "lost"  # the group is gone with its pending list: nothing to apply
             self._held.discard(delivery)
             self.report(delivery, job.id if job else None, status, decision.reason, decision.error)
@@ -142,6 +143,24 @@ class Settler:
                 self._tell(self.events, delivery, decision, status)
         if status is not None and self.on_settled is not None:
             await self.on_settled(delivery, decision, status)
+
+    def _refused(self, delivery: Delivery, decision: Decision, exc: ResponseError) -> None:
+        """Redis refused a settle for a reason of the data (``WRONGTYPE``): nothing applied.
+
+        A key of another type where the settle writes (the dead letters, the delayed schedule,
+        the events stream: anyone with a worker's rights may write one) must not stop the
+        worker; the entry stays pending and is run again after the lease TTL.
+        """
+        logger.error(
+            "could not settle %s entry %s (%s): Redis refused (%s); is one of the role's keys "
+            "of another type? The entry stays pending and is run again after the lease TTL",
+            delivery.role.name,
+            delivery.entry.id.decode(),
+            decision.kind,
+            exc,
+            extra=_log_fields(delivery, decision.job),
+        )
+        self._held.discard(delivery)
 
     def _tell(
         self, events: EventLog, delivery: Delivery, decision: Decision, status: OutcomeStatus

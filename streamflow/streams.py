@@ -295,6 +295,21 @@ async def batch_refs(redis: Redis, key: str, start: int = 0, stop: int = -1) -> 
     return [text_lenient(r) for r in refs]
 
 
+async def set_members(redis: Redis, key: str) -> set[str] | None:
+    """A registry set's members, as text; None when ``key`` holds another type.
+
+    The known roles and functions are sets anyone with a publisher's rights may write another
+    type of key at: a reader goes on without them rather than stopping.
+    """
+    try:
+        found = await redis.smembers(key)
+    except ResponseError as exc:
+        if connect.is_outage(exc):
+            raise
+        return None
+    return {text_lenient(member) for member in found}
+
+
 async def hash_items(redis: Redis, key: str) -> dict[str, bytes]:
     """HGETALL with field names decoded."""
     reply: Any = await redis.hgetall(key)

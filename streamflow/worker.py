@@ -37,7 +37,7 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from streamflow import connect, partitions, streams
 from streamflow.app import App
@@ -258,6 +258,8 @@ class Worker:
         )
         # Each role's partitions (shards), as recorded in Redis; set when serving starts.
         self._shards: dict[str, tuple[str, ...]] = {}
+        # Keys of another type met at start-up, by kind (the known roles).
+        self._bad_records: dict[str, int] = {}
         # Per-key limits: any role may get them at run time, so the gate is always there (a
         # job without a limit key header never reaches it).
         self._key_limiter = KeyLimiter(
@@ -425,7 +427,13 @@ class Worker:
             loop_stalls=self._watchdog.stalls(),
             by_role=dict(stats.by_role),
             dead_by_role=dict(stats.dead_by_role),
-            bad_records=self._signals.statistics(),
+            bad_records={
+                **self._signals.statistics(),
+                **self._intake.flow.bad_records,
+                **self._intake.limiter.bad_records,
+                **self._promoter.bad_records,
+                **self._bad_records,
+            },
             redeliveries=dict(self._runner.redeliveries),
             reclaims=dict(self._intake.reclaims),
             trimmed=self._intake.trimmed_by_role(),
@@ -507,21 +515,38 @@ class Worker:
             for shard in layout.shards:
                 for stream in self._keys.level_streams(shard, role.priorities):
                     await streams.ensure_group(self._redis, stream)
-        # Task graphs are checked against the roles that workers serve.
-        names = [r.name for r in self._roles]
-        # Read first: a full Redis refuses SADD even of members it has (see ensure_group).
-        if names and not all(await self._redis.smismember(self._keys.known_roles(), names)):
-            try:
-                await self._redis.sadd(self._keys.known_roles(), *names)
-            except OutOfMemoryError:  # only task submission needs it: drain first
-                logger.warning(
-                    "Redis is full (OOM): roles %s not registered for task graphs", names
-                )
+        await self._register_roles()
         await self._leases.acquire_name()  # ours already after a retry: same token
         await self._mark_name()
         await self._signals.load()
         await self._intake.flow.refresh()  # a paused role reads nothing, from the first read
         return True
+
+    async def _register_roles(self) -> None:
+        """Add the roles served to the known roles, which task graphs are checked against.
+
+        Only task submission needs them, so neither a full Redis nor a key of another type at
+        their name (anyone with a publisher's or worker's rights may write one) stops the start.
+        """
+        names = [r.name for r in self._roles]
+        key = self._keys.known_roles()
+        try:
+            # Read first: a full Redis refuses SADD even of members it has (see ensure_group).
+            if names and not all(await self._redis.smismember(key, names)):
+                await self._redis.sadd(key, *names)
+        except OutOfMemoryError:  # drain first
+            logger.warning("Redis is full (OOM): roles %s not registered for task graphs", names)
+        except ResponseError as exc:
+            if connect.is_outage(exc):
+                raise
+            self._bad_records["known_roles"] = self._bad_records.get("known_roles", 0) + 1
+            logger.warning(
+                "roles %s not registered for task graphs: %s is not a set (%s); DEL it, then "
+                "restart a worker of each role",
+                names,
+                key,
+                exc,
+            )
 
     async def _mark_name(self) -> None:
         """Mark this consumer name next to every partition it reads, before the first read.

@@ -19,7 +19,7 @@ from streamflow.keys import GROUP, Keys
 from streamflow.leases import LeaseSettings
 from streamflow.runner import fencing_token
 from streamflow.scripts import Scripts
-from tests.helpers import running, wait_until
+from tests.helpers import ROOT, running, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -57,6 +57,27 @@ async def test_fencing_token_rises_with_every_change_of_owner(redis: Redis, name
     assert ghost_token == (1 << 32) | 1
     assert adopted == (1 << 32) | 2 > ghost_token  # the adoption added a delivery
     assert retried == (2 << 32) | 1 > adopted  # a retry is a new entry with a higher attempt
+
+
+def fenced_set_script() -> str:
+    """The Lua block after ``<!-- example: fenced-set -->`` in docs/concepts.md."""
+    text = (ROOT / "docs" / "concepts.md").read_text()
+    return text.split("<!-- example: fenced-set -->\n```lua\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_documented_fenced_write_refuses_a_late_run(redis: Redis, namespace: str) -> None:
+    """The concepts page's fenced SET, run as printed: a frozen run's late write loses to the
+    run that adopted its entry, and both lose to a retry; a run may write again."""
+    fenced = redis.register_script(fenced_set_script())
+    keys = [f"{namespace}:effect", f"{namespace}:effect:fence"]
+    frozen, adopted, retried = fencing_token(1, 1), fencing_token(1, 2), fencing_token(2, 1)
+    assert await fenced(keys=keys, args=["adopted", adopted]) == 1
+    assert await fenced(keys=keys, args=["frozen", frozen]) == 0  # lands late: refused
+    assert await redis.get(keys[0]) == b"adopted"
+    assert await fenced(keys=keys, args=["adopted again", adopted]) == 1
+    assert await fenced(keys=keys, args=["retried", retried]) == 1
+    assert await fenced(keys=keys, args=["adopted late", adopted]) == 0
+    assert await redis.get(keys[0]) == b"retried"
 
 
 def lease_app(gate: anyio.Event, started: anyio.Event) -> App:

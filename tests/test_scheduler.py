@@ -287,6 +287,21 @@ async def test_schedule_keys_of_the_wrong_type_are_warned_about_not_fatal(
     assert len(warned) == 1, warned
 
 
+async def test_a_scheduler_with_schedules_starts_on_a_definitions_key_of_the_wrong_type(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writing the code's schedules meets WRONGTYPE: warned about once, never fatal."""
+    await client.redis.set(client.keys.schedules(), "not a hash")
+    scheduler = Scheduler(client, [Schedule(id="s", role="tick", every=1)], poll=0.05)
+    with anyio.fail_after(10), caplog.at_level(logging.WARNING, "streamflow.scheduler"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            await wait_until(lambda: any("cannot be read" in r.message for r in caplog.records))
+            scheduler.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "cannot be written" in m]) == 1, messages
+
+
 async def test_run_now_publishes_outside_the_ticks(client: Client) -> None:
     schedule = Schedule(id="now", role="tick", cron="0 0 1 1 *", payload="{scheduled_ms}")
     with anyio.fail_after(10):

@@ -28,6 +28,7 @@ from streamflow.keys import GROUP, Keys
 from streamflow.ops.server import RedisServer
 from streamflow.scripts import Kept, Scripts, keep_results, settle
 from streamflow.streams import is_group_lost
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.anyio
 
@@ -587,3 +588,50 @@ async def test_limit_spaces_starts_by_the_rate_and_takes_refunds(
     await redis.hset(keys.flow_control("r"), mapping={"rate_count": 1, "rate_period_ms": 60_000})
     assert (await _limit(redis, keys, "acquire", "f"))[0] == 1
     assert (await _limit(redis, keys, "acquire", "g"))[0] == 0
+
+
+#: A command a script calls: ``redis.call('XGROUP', 'DELCONSUMER', ...)`` gives both words.
+_CALL = re.compile(r"redis\.p?call\('([A-Za-z]+)'(?:,\s*'([A-Za-z]+)')?")
+
+
+def _allow_oom_scripts() -> set[str]:
+    lua = Path(streamflow.__file__).parent / "lua"
+    return {
+        path.stem
+        for path in lua.glob("*.lua")
+        if path.read_text().startswith("#!lua flags=allow-oom\n")
+    }
+
+
+def _scripts_named(text: str, start: str, end: str) -> set[str]:
+    """The script names in backquotes in ``text`` between ``start`` and ``end``."""
+    part = text.split(start, 1)[1].split(end, 1)[0]
+    lua = Path(streamflow.__file__).parent / "lua"
+    stems = {path.stem for path in lua.glob("*.lua")}
+    return set(re.findall(r"`([a-z_]+)`", part)) & stems
+
+
+async def test_scripts_that_run_on_a_full_redis_only_call_what_redis_allows_there(
+    redis: Redis,
+) -> None:
+    """A script with ``flags=allow-oom`` runs at OOM and may call anything: so it must call only
+    commands Redis itself runs at OOM (no ``denyoom`` flag), to free memory, never to add."""
+    claimed = _allow_oom_scripts()
+    assert {"settle", "renew", "release", "claim", "forget", "read_levels"} <= claimed
+    for name in sorted(claimed):
+        calls = {
+            (cmd.lower() + (f"|{sub.lower()}" if cmd.upper() == "XGROUP" and sub else ""))
+            for cmd, sub in _CALL.findall(Scripts.source(f"{name}.lua"))
+        }
+        assert calls, name
+        info: Any = await redis.execute_command("COMMAND", "INFO", *sorted(calls))
+        deny = sorted(cmd for cmd in calls if "denyoom" in info[cmd]["flags"])
+        assert not deny, f"{name}.lua claims allow-oom but calls {deny}"
+
+
+def test_the_docs_name_exactly_the_scripts_that_run_on_a_full_redis() -> None:
+    claimed = _allow_oom_scripts()
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    assert _scripts_named(operations, "**A full Redis.**", "So what an operator sees") == claimed
+    assert _scripts_named(architecture, "Only the scripts whose every", "so that a full") == claimed

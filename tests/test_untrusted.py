@@ -39,7 +39,7 @@ from streamflow import (
 )
 from streamflow.dag.graph import Graph
 from streamflow.dag.store import TaskStore
-from streamflow.errors import ConfigError, InputError
+from streamflow.errors import ConfigError, InputError, UnknownRoleWarning
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.inspect import inspect_roles
@@ -336,6 +336,71 @@ def test_hostile_text_never_forges_a_log_line_or_reaches_a_terminal_raw(
     assert "\x1b" not in refused.stderr
 
 
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_hostile_entries_and_ids_are_echoed_bounded(
+    redis: Redis, namespace: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Text from outside is quoted at most MAX_ECHO characters in a detail, an error or a log
+    line, and a dead letter's detail at most MAX_DETAIL: a hostile entry's version, kind or key,
+    a handler's huge exception text, a 10 KB id given to the CLI."""
+    keys = Keys(namespace)
+    stream = keys.role_stream("forge")
+    huge = "v" * 50_000 + "\r\nERROR forged"
+    base = {"protocol": 1, "kind": "job", "role": "forge", "payload": None, "created_at_ms": 1}
+    for doc in (
+        {**base, "id": "h1", "protocol": huge},
+        {**base, "id": "h2", "kind": huge},
+        {**base, "id": "h3", huge: 1},
+    ):
+        await redis.xadd(stream, {"message": orjson.dumps(doc)})
+    await redis.xadd(stream, {"message": plain_job("h4", "forge", {"text": huge})})
+    outcomes: list[Outcome] = []
+    app = App()
+
+    @app.role("forge")
+    async def forge(ctx: Context, payload: Any) -> None:
+        raise Fatal(payload["text"])
+
+    caplog.set_level("WARNING", logger="streamflow")
+    worker = Worker(app, redis, namespace=namespace, on_outcome=outcomes.append)
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 4, DEADLINE)
+    letters = [decode_dead_letter(f)[0] for _, f in await redis.xrange(keys.dead_letters("forge"))]
+    assert sorted(d.reason for d in letters) == [
+        "fatal",
+        "invalid_message",
+        "unknown_kind",
+        "unsupported_version",
+    ]
+    for letter in letters:
+        limit = 4000 if letter.reason == "fatal" else 400  # MAX_DETAIL; MAX_ECHO and the words
+        assert len(letter.detail) <= limit, (letter.reason, len(letter.detail))
+    lines = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(lines) == 4 and max(map(len, lines)) < 4200, [len(line) for line in lines]
+
+    # A dead letter written by hand with a key of its own: its problem quotes the key, escaped.
+    letter = {"protocol": 1, "kind": "dead_letter", "reason": "fatal", "detail": "d"}
+    letter |= {"role": "forged", "entry_id": "1-1", "consumer": "c", "dead_at_ms": 1}
+    hostile_key = {"x\nERROR forged" + "k" * 10_000: 1}
+    await redis.xadd(
+        keys.dead_letters("forged"), {"dead_letter": orjson.dumps(letter | hostile_key)}
+    )
+    replayed = run_cli(redis_url, namespace, "dlq", "replay", "forged", "--all")
+    assert replayed.returncode == 3 and "unreadable dead letter" in replayed.stderr
+    assert not [line for line in replayed.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(replayed.stderr) < 1000, len(replayed.stderr)
+
+    for command in ("job", "cancel"):
+        refused = run_cli(redis_url, namespace, command, "r" * 10_000)
+        assert refused.returncode == 2, (command, refused.stderr[:300])
+        assert "invalid message id" in refused.stderr and len(refused.stderr) < 1000, command
+    with pytest.raises(ValueError, match="invalid message id") as info:
+        await Client(redis, namespace=namespace).publish("forge", None, message_id="r" * 10_000)
+    assert len(str(info.value)) < 1000
+
+
 # -- the cancel index (item 6): start-up reads one key, whatever else the database holds --------
 
 
@@ -514,6 +579,115 @@ async def test_other_values_read_back_are_refused_clearly_without_a_crash(
     with pytest.raises(ConfigError, match="is not a hash"):
         await partitions.load(redis, keys, "other")
     assert [info.role for info in await inspect_roles(redis, keys)] == ["echo", "other"]
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_wrong_type_known_roles_or_flow_control_key_does_not_stop_a_worker(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 2's shape in the keys every worker reads at start and while it runs: the known
+    roles (a publisher may HSET there) and a role's flow control (a worker may ZADD there)."""
+    keys = Keys(namespace)
+    await redis.hset(keys.known_roles(), "a", "b")
+    await redis.zadd(keys.flow_control("echo"), {"a": 1})
+    with pytest.warns(UnknownRoleWarning, match="never been served"):  # not a WRONGTYPE error
+        assert await Client(redis, namespace=namespace).publish("fresh", None)
+    await publish(redis, keys, "first")
+    handled: list[str] = []
+    outcomes: list[Outcome] = []
+    worker = Worker(collecting_app(handled), redis, namespace=namespace, on_outcome=outcomes.append)
+    caplog.set_level("WARNING", logger="streamflow")
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(outcomes) == 1, DEADLINE)
+            await publish(redis, keys, "second")  # after more refreshes of the flow control
+            await wait_until(lambda: len(outcomes) == 2, DEADLINE)
+            bad = worker.statistics().bad_records
+    assert handled == ["first", "second"]
+    assert bad == {"known_roles": 1, "flow_control": 1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "flow control of role echo" in m]) == 1, messages
+    assert len([m for m in messages if "not registered for task graphs" in m]) == 1, messages
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_limit_keys_of_another_type_leave_the_role_served_without_its_limits(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A limited role's running slots or rate state of another type (the worker user may HSET
+    there): the role is served unlimited with one warning, rather than the worker stopping."""
+    keys = Keys(namespace)
+    await redis.hset(keys.flow_running("capped"), "a", "b")
+    await redis.hset(keys.flow_rate("paced"), "a", "b")
+    app = App()
+    handled: list[str] = []
+
+    @app.role("capped", concurrency_limit=1)
+    async def capped(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+
+    @app.role("paced", rate_limit="100/s")
+    async def paced(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+
+    for role in ("capped", "paced"):
+        for n in range(2):
+            await redis.xadd(keys.role_stream(role), {"message": plain_job(f"{role}{n}", role)})
+    caplog.set_level("WARNING", logger="streamflow")
+    worker = Worker(app, redis, namespace=namespace, block_ms=100)
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(handled) == 4, DEADLINE)
+            bad = worker.statistics().bad_records
+    assert sorted(handled) == ["capped0", "capped1", "paced0", "paced1"]
+    assert bad == {"flow_limits": 2}
+    warned = [r.getMessage() for r in caplog.records if "cannot be applied" in r.getMessage()]
+    assert sorted(m.split()[4] for m in warned) == ["capped", "paced"], warned
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_wrong_type_schedule_or_dead_letter_stream_never_stops_a_worker(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delayed schedule (a publisher may HSET there) and the dead letters (a worker may):
+    the role's new jobs are served, and what cannot be dead-lettered stays pending, not lost."""
+    keys = Keys(namespace)
+    await redis.hset(keys.delayed("later"), "a", "b")
+    await redis.hset(keys.dead_letters("doomed"), "a", "b")
+    app = App()
+    handled: list[str] = []
+
+    @app.role("later")
+    async def later(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+
+    @app.role("doomed")
+    async def doomed(ctx: Context, payload: Any) -> None:
+        handled.append(ctx.message_id)
+        raise Fatal("no place to put it")
+
+    await redis.xadd(keys.role_stream("later"), {"message": plain_job("now", "later")})
+    await redis.xadd(keys.role_stream("doomed"), {"message": plain_job("fatal", "doomed")})
+    caplog.set_level("WARNING", logger="streamflow")
+    worker = Worker(app, redis, namespace=namespace, block_ms=100)
+    with anyio.fail_after(DEADLINE):
+        async with running(worker):
+            await wait_until(lambda: len(handled) == 2, DEADLINE)
+            await wait_until(lambda: any("could not settle" in r.message for r in caplog.records))
+            await redis.xadd(keys.role_stream("later"), {"message": plain_job("then", "later")})
+            await wait_until(lambda: len(handled) == 3, DEADLINE)
+            bad = worker.statistics().bad_records
+    assert sorted(handled) == ["fatal", "now", "then"]
+    assert bad == {"delayed": 1}
+    pending: Any = await redis.xpending(keys.role_stream("doomed"), GROUP)
+    assert pending["pending"] == 1  # not acknowledged: run again after the lease TTL
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "cannot promote" in m]) == 1, messages
+    [refused] = [m for m in messages if "could not settle" in m]
+    assert "WRONGTYPE" in refused and "stays pending" in refused
 
 
 # -- item 4: every documented dead-letter reason, from a real worker ----------------------------
@@ -706,6 +880,33 @@ async def test_a_wrong_type_events_stream_is_skipped_and_the_coordinator_runs_ta
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
+async def test_registry_sets_of_another_type_do_not_stop_a_coordinator(
+    redis_url: str, redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The known roles and functions (a publisher may HSET at both names) are skipped with one
+    warning each and counted; the coordinator follows the roles once the key is a set again."""
+    keys = Keys(namespace)
+    await redis.hset(keys.known_roles(), "a", "b")
+    await redis.hset(keys.known_functions(), "a", "b")
+    graph = Graph("one")
+    graph.node("source", role="source")
+    caplog.set_level("WARNING", logger="streamflow")
+    expected = {"known_roles": 1, "known_functions": 1}
+    async with task_system(redis_url, namespace) as (client, coordinator, _):
+        await wait_until(lambda: coordinator.bad_records() == expected, DEADLINE)
+        await redis.delete(keys.known_roles())
+        await redis.sadd(keys.known_roles(), "source")  # as a restarted worker of it does
+        task_id = await client.submit(graph, params={"n": 3, "size": 2}, functions=[])
+        task = await client.wait(task_id, timeout=DEADLINE)
+        assert task.state == "succeeded", task.error
+        assert coordinator.bad_records() == expected
+    warned = [r.getMessage() for r in caplog.records if r.name == "streamflow.dag.coordinator"]
+    assert len([m for m in warned if keys.known_functions() in m]) == 1, warned
+    assert len([m for m in warned if keys.known_roles() in m]) == 1, warned
+
+
+@pytest.mark.anyio
 async def test_a_wrong_type_dedup_marker_is_replaced_not_a_publish_error(
     redis: Redis, namespace: str
 ) -> None:
@@ -730,6 +931,27 @@ async def test_the_exporter_reads_past_forged_task_ids_and_states(
     await redis.set(keys.task_state("hashed"), b"a string, not a hash")
     snapshot = await Exporter(redis, namespace=namespace).refresh()
     assert snapshot.tasks == {}
+
+
+@pytest.mark.anyio
+async def test_inspect_and_the_exporter_read_past_role_keys_of_another_type(
+    redis: Redis, namespace: str
+) -> None:
+    """One wrong-type key made every figure of every role fail (inspect: an error, the
+    exporter: every refresh): now that key's figure reads as empty, the others are exact."""
+    keys = Keys(namespace)
+    for role in ("bad", "good"):
+        await redis.xadd(keys.role_stream(role), {"message": plain_job(f"{role}-1", role)})
+    await redis.hset(keys.delayed("bad"), "a", "b")
+    await redis.hset(keys.dead_letters("bad"), "a", "b")
+    await redis.zadd(keys.flow_control("bad"), {"a": 1})
+    await redis.hset(keys.known_roles(), "a", "b")
+    infos = {info.role: info for info in await inspect_roles(redis, keys)}
+    assert set(infos) == {"bad", "good"}
+    assert (infos["bad"].length, infos["bad"].delayed, infos["bad"].dead_letters) == (1, 0, 0)
+    assert infos["good"].length == 1 and not infos["bad"].paused
+    snapshot = await Exporter(redis, namespace=namespace).refresh()
+    assert {info.role for info in snapshot.roles} == {"bad", "good"}
 
 
 @pytest.mark.anyio

@@ -127,7 +127,7 @@ def dlq_replay(
     for dead_id, new_id in result.replayed:
         echo(f"replayed {dead_id} -> {new_id}")
     for dead_id, why in result.skipped:
-        echo(f"skipped {dead_id}: {why}", err=True)
+        echo(f"skipped {dead_id}: {shown(why, 1000)}", err=True)  # may quote a forged letter
     echo(f"{len(result.replayed)} replayed, {len(result.skipped)} skipped")
     if not result.replayed:
         sys.exit(EXIT_NOTHING_DONE)

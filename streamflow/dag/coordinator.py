@@ -144,6 +144,7 @@ class Coordinator:
         )
         self._streams: list[str] = []
         self._unreadable: set[str] = set()
+        self._bad: dict[str, int] = {}  # registry keys of another type met, by kind
         # Marks this coordinator's name next to the streams it reads; deletes dead coordinators'.
         self._names = ConsumerNames(
             redis,
@@ -270,7 +271,7 @@ class Coordinator:
 
     def bad_records(self) -> dict[str, int]:
         """Malformed records read back from Redis and skipped so far, by kind."""
-        return self._signals.statistics()
+        return {**self._signals.statistics(), **self._bad}
 
     @property
     def commits(self) -> int:
@@ -374,17 +375,38 @@ class Coordinator:
             await anyio.sleep(registry.COORDINATOR_BEAT_MS / 1000)
 
     async def _prepare(self) -> None:
-        await self._redis.sadd(self._keys.known_functions(), *self.functions)
+        key = self._keys.known_functions()
+        try:
+            await self._redis.sadd(key, *self.functions)
+        except ResponseError as exc:
+            if connect.is_outage(exc):
+                raise
+            # Submitted graphs still get this coordinator's functions; Client.submit does not.
+            what = f"functions not registered ({exc}); DEL it, then restart a coordinator"
+            self._bad_key("known_functions", key, what)
         await self._refresh_streams()
+
+    def _bad_key(self, kind: str, key: str, what: str) -> None:
+        """Warn of a registry key of another type, and count it, once until it reads again."""
+        if key not in self._unreadable:
+            self._unreadable.add(key)
+            self._bad[kind] = self._bad.get(kind, 0) + 1
+            logger.warning("%s is not a set: %s", key, what)
 
     async def _refresh_streams(self) -> None:
         """Follow the events stream of every partition of every known role.
 
         New roles appear with new tasks and workers.
         """
-        found = await self._redis.smembers(self._keys.known_roles())
+        known = self._keys.known_roles()
+        found = await streams.set_members(self._redis, known)
+        if found is None:
+            what = "no role's task events are followed; DEL it, then restart a worker of each role"
+            self._bad_key("known_roles", known, what)
+        else:
+            self._unreadable.discard(known)
         wanted = [self._keys.tasks_control(), self._keys.task_submissions()]
-        for role in sorted(streams.text(r) for r in found):
+        for role in sorted(found or ()):
             with contextlib.suppress(ConfigError, InvalidNameError):
                 layout = await self._layouts.get(role)
                 wanted += [self._keys.events(shard) for shard in layout.shards]
@@ -710,7 +732,9 @@ class Coordinator:
     async def _reject(self, stream: str, entry: streams.Entry, exc: ProtocolError) -> None:
         """A malformed event is kept in the role's dead-letter stream, not dropped."""
         role = stream.split("{role:", 1)[-1].split("}", 1)[0]
-        logger.warning("malformed task event %s on %s: %s", entry.id.decode(), stream, exc)
+        logger.warning(
+            "malformed task event %s on %s: %s", entry.id.decode(), stream, shown(exc, 4000)
+        )
         fields: dict[Any, Any] = {b"invalid_event": f"{exc.reason}: {exc.detail}".encode()}
         fields.update({b"raw:" + k: v for k, v in entry.fields.items()})
         with contextlib.suppress(ValueError):

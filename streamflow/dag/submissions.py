@@ -270,12 +270,10 @@ class Submissions:
 
     async def _registered(self) -> dict[str, set[str]]:
         """The roles and functions a submitted graph may name (as :meth:`Client.submit`)."""
-        roles = await self._redis.smembers(self._keys.known_roles())
-        functions = await self._redis.smembers(self._keys.known_functions())
-        return {
-            "roles": {streams.text(r) for r in roles},
-            "functions": {*self._functions, *(streams.text(f) for f in functions)},
-        }
+        # A registry of another type counts as empty (the coordinator warns of it).
+        roles = await streams.set_members(self._redis, self._keys.known_roles())
+        functions = await streams.set_members(self._redis, self._keys.known_functions())
+        return {"roles": roles or set(), "functions": {*self._functions, *(functions or ())}}
 
     async def _record(
         self,

@@ -27,7 +27,9 @@ from streamflow.errors import ConfigError
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
 
 #: The error prefixes of a key or group that vanished between two reads; they read as empty.
-_GONE = ("no such key", "NOGROUP")
+#: Replies that make a figure empty: its key or group vanished since it was listed, or a key of
+#: another type is at its name (anyone with a publisher's or worker's rights may write one).
+_GONE = ("no such key", "NOGROUP", "WRONGTYPE")
 
 
 class ConsumerInfo(BaseModel):
@@ -193,7 +195,7 @@ async def role_names(redis: Redis, keys: Keys) -> list[str]:
     found = {
         keys.role_of_stream(key) for key in await streams.scan_keys(redis, keys.role_pattern())
     }
-    known = {_text(role) for role in await redis.smembers(keys.known_roles())}
+    known = await streams.set_members(redis, keys.known_roles()) or set()
     return sorted(r for r in found | known if r and NAME_PATTERN.fullmatch(r))
 
 
@@ -565,7 +567,7 @@ async def _execute_with_time(redis: Redis, pipe: Any) -> tuple[list[Any], int]:
 
 
 def _present(reply: Any, empty: Any) -> Any:
-    """A pipelined reply, or ``empty`` if its key or group vanished since it was listed."""
+    """A pipelined reply, or ``empty`` if its key or group is gone or of another type."""
     if isinstance(reply, ResponseError):
         if str(reply).startswith(_GONE):
             return empty
