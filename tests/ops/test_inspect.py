@@ -97,6 +97,7 @@ def role_doc(
         "key_concurrency": None,
         "busy_keys": 0,
         "parked_keys": 0,
+        "levels": None,
     }
 
 
