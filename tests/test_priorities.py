@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import App, Client, Context, Retry, SyncClient, Worker, partitions
+from streamflow import App, Client, Context, LeaseSettings, Retry, SyncClient, Worker, partitions
 from streamflow.delivery import Outcome
 from streamflow.errors import ConfigError, InvalidNameError
 from streamflow.keys import MAX_PRIORITIES, Keys
@@ -603,7 +603,11 @@ async def test_a_limited_role_with_levels_never_runs_more_than_its_limit(
         seen.append(payload)
 
     client = Client(redis, namespace=namespace)
-    worker = make_worker(app, redis, namespace, concurrency=8)
+    # Running slots expire with the lease TTL (a dead worker's come back): a TTL longer than
+    # any stall of a loaded test machine, so that the bound is the limit's and not a slot's
+    # expiry.
+    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
+    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
     await worker.drain()  # creates the role
     await client.publish_many(ROLE, list(range(30)), priorities=[i % 3 for i in range(30)])
     async with running(worker):
