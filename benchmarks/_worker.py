@@ -8,7 +8,8 @@ object per line to stdout:
   elapsed wall time and the process CPU time of the drain alone (imports and connecting are
   outside the timed part), and its start and end as Unix times (to time several processes).
   ``--partitions P`` declares the role with P partitions, ``--priorities N`` with N priority
-  levels; ``--events off`` turns its lifecycle events off.
+  levels; ``--events off`` turns its lifecycle events off; ``--role-options JSON`` passes more
+  ``app.role()`` keyword arguments (e.g. ``{"rate_limit": "500/s"}``).
 * ``latency``: ``Worker.run()``; prints ``{"event": "ready"}`` once the consumer group exists,
   records ``time.time_ns()`` minus the payload's ``t`` for each message, and after ``--expected``
   messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
@@ -84,6 +85,7 @@ async def drain(args: argparse.Namespace) -> None:
         options["events"] = False
     if args.priorities > 1:
         options["priorities"] = args.priorities
+    options.update(json.loads(args.role_options) if args.role_options else {})
 
     @app.role(ROLE, **options)
     async def noop(ctx: Context, payload: Any) -> Any:
@@ -240,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument(
         "--keep-result", type=float, help="drain, latency: the role keeps results this many s"
+    )
+    parser.add_argument(
+        "--role-options", help='drain: more app.role() options as JSON, e.g. {"rate_limit": "9/s"}'
     )
     return parser.parse_args(argv)
 
