@@ -243,3 +243,24 @@ def test_the_jobs_page_shows_a_running_jobs_progress_and_headers_as_text(
     assert "x-team" in headers and "<script>" in headers
     assert browser.evaluate("window.__xss === undefined") is True
     assert browser.evaluate("document.querySelectorAll('main script, main img').length") == 0
+
+
+def test_a_roles_page_lists_its_delayed_jobs_soonest_first_and_skips_what_is_not_a_job(
+    procs: Procs,
+) -> None:
+    async def publish(client: Client) -> list[str]:
+        later = await client.publish("later", {"n": 1}, delay=3600)
+        sooner = await client.publish("later", {"n": 2}, delay=600)
+        # Anyone who may write the namespace may add members: neither is a job to list.
+        schedule = client.keys.delayed("later")
+        await client.redis.zadd(schedule, {XSS: 1, b'{"not": "a job"}': float("inf")})
+        return [sooner, later]
+
+    sooner, later = procs.query(publish)
+    status, page = request(procs.dashboard() + "/roles/later")
+    assert status == 200, page
+    table = page.split('<table id="delayed">', 1)[1].split("</table>", 1)[0]
+    assert re.findall(r"jobs\?id=([0-9a-f]+)", table) == [sooner, later]
+    assert "<script>" not in table and "not a job" not in table
+    assert "No delayed job." not in table
+    assert "soonest of" not in page  # said only when more than the 50 shown wait
