@@ -264,3 +264,20 @@ def test_a_roles_page_lists_its_delayed_jobs_soonest_first_and_skips_what_is_not
     assert "<script>" not in table and "not a job" not in table
     assert "No delayed job." not in table
     assert "soonest of" not in page  # said only when more than the 50 shown wait
+
+
+def test_dead_letters_page_oldest_first_and_the_next_page_holds_the_newer_ones(
+    procs: Procs,
+) -> None:
+    async def forge(client: Client) -> list[str]:
+        stream = client.keys.dead_letters("paged")
+        return [await client.redis.xadd(stream, {"x": str(n)}) for n in range(51)]
+
+    ids = [entry.decode() for entry in procs.query(forge)]
+    base = procs.dashboard()
+    page = request(base + "/deadletters/paged")[1]
+    assert re.findall(r'<article class="letter" data-id="([0-9-]+)"', page) == ids[:50]
+    link = re.search(r'<a href="(/deadletters/paged\?after=[^"]+)">([^<]+)</a>', page)
+    assert link is not None and link.group(2) == "Newer…"
+    page = request(base + link.group(1).replace("&amp;", "&"))[1]
+    assert re.findall(r'<article class="letter" data-id="([0-9-]+)"', page) == ids[50:]
