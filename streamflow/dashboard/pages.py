@@ -31,7 +31,7 @@ from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
 from streamflow.dashboard.activity import Rates, Timeline
-from streamflow.dashboard.overview import overview, role_row, role_rows
+from streamflow.dashboard.overview import overview, role_row, role_rows, running_by_consumer
 from streamflow.dashboard.poller import Poller
 from streamflow.dashboard.security import SESSION_COOKIE, read_fields, read_form, same_origin
 from streamflow.dashboard.settings import DashboardSettings
@@ -206,9 +206,11 @@ class Pages:
         return self.render("role.html", detail=detail, row=role_row(detail), delayed=delayed)
 
     async def workers(self, request: Request) -> Response:
-        """Every live worker and every coordinator."""
+        """Every live worker and every coordinator, and the jobs each worker is running."""
         view = await overview(self.client)
-        return self.render("workers.html", **view)
+        roles = {role for worker in view["workers"] for role in worker.roles}
+        running = await running_by_consumer(self.client, roles)
+        return self.render("workers.html", running=running, **view)
 
     async def job(self, request: Request) -> Response:
         """Look a job up by its message id."""

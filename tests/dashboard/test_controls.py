@@ -281,3 +281,26 @@ def test_dead_letters_page_oldest_first_and_the_next_page_holds_the_newer_ones(
     assert link is not None and link.group(2) == "Newer…"
     page = request(base + link.group(1).replace("&amp;", "&"))[1]
     assert re.findall(r'<article class="letter" data-id="([0-9-]+)"', page) == ids[50:]
+
+
+def test_the_workers_page_lists_each_workers_running_jobs_with_their_age_and_lease_age(
+    procs: Procs,
+) -> None:
+    procs.worker("w1", "tests.apps:app", "sleepy")
+
+    async def publish(client: Client) -> str:
+        return await client.publish("sleepy", {"seconds": 600})
+
+    message_id = procs.query(publish)
+
+    async def state(client: Client) -> str:
+        return (await client.job(message_id)).state
+
+    wait_for(lambda: procs.query(state) == "running", 20, "w1 runs the job")
+    page = request(procs.dashboard() + "/workers")[1]
+    table = page.split('<table id="in-flight">', 1)[1].split("</table>", 1)[0]
+    row = r'<tr data-consumer="([^"]+)"><td>[^<]*</td><td><a href="/roles/(\w+)">'
+    rows = re.findall(row, table)
+    assert rows == [("w1", "sleepy")], table
+    assert "Nothing running." not in table
+    assert re.search(r'<td class="num">\d+(\.\d)? (ms|s)</td>', table), table  # an age
