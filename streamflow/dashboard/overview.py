@@ -12,7 +12,8 @@ from typing import Any
 
 from streamflow import flow
 from streamflow.client import Client
-from streamflow.ops.inspect import RoleInfo, inspect_roles
+from streamflow.keys import NAME_PATTERN
+from streamflow.ops.inspect import PendingEntry, RoleInfo, inspect_role, inspect_roles
 from streamflow.registry import coordinators, live_workers
 
 
@@ -77,3 +78,26 @@ async def overview(client: Client) -> dict[str, Any]:
         "workers": await live_workers(client.redis, client.keys),
         "coordinators": [(c, c.live(now)) for c in found],
     }
+
+
+#: The most roles whose running jobs the Workers page reads (a few round trips each).
+MAX_RUNNING_ROLES = 50
+#: The most running jobs it reads of each role, oldest first.
+MAX_RUNNING_JOBS = 50
+
+
+async def running_by_consumer(
+    client: Client, roles: set[str]
+) -> dict[str, list[tuple[str, PendingEntry]]]:
+    """The oldest running jobs of these roles, (role, entry) by the consumer that holds them.
+
+    Role names come from the workers' registry entries, which anyone who may write the
+    namespace may write: a name that is not one is left out.
+    """
+    held: dict[str, list[tuple[str, PendingEntry]]] = {}
+    names = sorted(role for role in roles if NAME_PATTERN.fullmatch(role))
+    for role in names[:MAX_RUNNING_ROLES]:
+        detail = await inspect_role(client.redis, client.keys, role, count=MAX_RUNNING_JOBS)
+        for entry in detail.oldest_pending if detail is not None else []:
+            held.setdefault(entry.consumer, []).append((role, entry))
+    return held

@@ -31,13 +31,13 @@ from streamflow.dag.store import TaskStore
 from streamflow.dag.tasks import TaskState
 from streamflow.dashboard import graph
 from streamflow.dashboard.activity import Rates, Timeline
-from streamflow.dashboard.overview import overview, role_row, role_rows
+from streamflow.dashboard.overview import overview, role_row, role_rows, running_by_consumer
 from streamflow.dashboard.poller import Poller
 from streamflow.dashboard.security import SESSION_COOKIE, read_fields, read_form, same_origin
 from streamflow.dashboard.settings import DashboardSettings
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import NAME_PATTERN
-from streamflow.ops.inspect import inspect_role
+from streamflow.ops.inspect import delayed_jobs, inspect_role
 
 if TYPE_CHECKING:
     from streamflow.dashboard.security import Guard
@@ -194,19 +194,23 @@ class Pages:
         return self.render("overview.html", **await self.overview_view())
 
     async def role(self, request: Request) -> Response:
-        """One role: its figures, groups and consumers, and its oldest running jobs."""
+        """One role: its figures, consumers, oldest running and soonest delayed jobs."""
         role = request.path_params["role"]
         if not NAME_PATTERN.fullmatch(role):
             return self.message("Not a role name.", 404)
-        detail = await inspect_role(self.client.redis, self.client.keys, role, count=50)
+        redis, keys = self.client.redis, self.client.keys
+        detail = await inspect_role(redis, keys, role, count=50)
         if detail is None:
             return self.message("No such role.", 404)
-        return self.render("role.html", detail=detail, row=role_row(detail))
+        delayed = await delayed_jobs(redis, keys, role, count=50)
+        return self.render("role.html", detail=detail, row=role_row(detail), delayed=delayed)
 
     async def workers(self, request: Request) -> Response:
-        """Every live worker and every coordinator."""
+        """Every live worker and every coordinator, and the jobs each worker is running."""
         view = await overview(self.client)
-        return self.render("workers.html", **view)
+        roles = {role for worker in view["workers"] for role in worker.roles}
+        running = await running_by_consumer(self.client, roles)
+        return self.render("workers.html", running=running, **view)
 
     async def job(self, request: Request) -> Response:
         """Look a job up by its message id."""

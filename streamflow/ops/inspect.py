@@ -23,8 +23,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streamflow import connect, flow, partitions, steps, streams
-from streamflow.errors import ConfigError
+from streamflow.errors import ConfigError, ProtocolError
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
+from streamflow.protocol import MESSAGE_FIELD, decode_job
 
 #: The error prefixes of a key or group that vanished between two reads; they read as empty.
 #: Replies that make a figure empty: its key or group vanished since it was listed, or a key of
@@ -176,6 +177,26 @@ class PendingEntry(BaseModel):
     level: int = 0
 
 
+class DelayedJob(BaseModel):
+    """One job waiting in a role's delayed schedule: published with a delay, or a retry.
+
+    Attributes:
+        message_id: The job's message id.
+        attempt: The attempt it will run as (above 1 for a retry).
+        due_at_ms: When it is due (ms since the epoch).
+        partition: The role partition whose schedule holds it (0 for an unpartitioned role).
+        level: The priority level whose schedule holds it (0 for a role without priorities).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message_id: str
+    attempt: int
+    due_at_ms: int
+    partition: int = 0
+    level: int = 0
+
+
 class RoleDetail(RoleInfo):
     """A role's :class:`RoleInfo` with its oldest pending entries.
 
@@ -236,6 +257,54 @@ async def inspect_role(
         pending.sort(key=lambda entry: (-entry.age_ms, entry.partition, -entry.level))
     (merged,) = await _with_pauses(redis, keys, [_merge(role, parts, levels)])
     return RoleDetail(**dict(merged), oldest_pending=pending[:count])
+
+
+async def delayed_jobs(redis: Redis, keys: Keys, role: str, *, count: int = 50) -> list[DelayedJob]:
+    """The ``count`` soonest due jobs of a role's delayed schedules, soonest first.
+
+    One pipelined ``ZRANGE`` per partition and level. A member that is not a job (written by
+    something else) is left out.
+
+    Raises:
+        InvalidNameError: ``role`` is not a valid role name.
+    """
+    validate_name(role, "role")
+    shards, levels = (await _shards(redis, keys, [role]))[role]
+    places = _places(shards, levels)
+    pipe = redis.pipeline(transaction=False)
+    for shard, level in places:
+        pipe.zrange(keys.delayed(shard, level), 0, count - 1, withscores=True)
+    replies = await pipe.execute(raise_on_error=False)
+    found = [
+        _delayed_job(body, score, shards.index(shard), level)
+        for (shard, level), reply in zip(places, replies, strict=True)
+        for body, score in _present(reply, [])
+    ]
+    jobs = [job for job in found if job is not None]
+    jobs.sort(key=lambda job: (job.due_at_ms, job.partition, -job.level))
+    return jobs[:count]
+
+
+#: The last millisecond of year 9999: a due time past it (or not a number) is not one.
+_LAST_MS = 253_402_300_799_999
+
+
+def _delayed_job(body: Any, score: Any, partition: int, level: int) -> DelayedJob | None:
+    """A delayed schedule's member as a :class:`DelayedJob`, or None if it is not a job."""
+    # Untrusted bytes and score: anyone who may write the namespace may have written them.
+    if not (isinstance(score, float | int) and 0 <= score <= _LAST_MS):
+        return None
+    try:
+        job = decode_job({MESSAGE_FIELD: bytes(body)})
+    except (ProtocolError, TypeError):
+        return None
+    return DelayedJob(
+        message_id=job.id,
+        attempt=job.attempt,
+        due_at_ms=int(score),
+        partition=partition,
+        level=level,
+    )
 
 
 async def _role_exists(redis: Redis, keys: Keys, role: str) -> bool:

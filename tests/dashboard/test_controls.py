@@ -243,3 +243,64 @@ def test_the_jobs_page_shows_a_running_jobs_progress_and_headers_as_text(
     assert "x-team" in headers and "<script>" in headers
     assert browser.evaluate("window.__xss === undefined") is True
     assert browser.evaluate("document.querySelectorAll('main script, main img').length") == 0
+
+
+def test_a_roles_page_lists_its_delayed_jobs_soonest_first_and_skips_what_is_not_a_job(
+    procs: Procs,
+) -> None:
+    async def publish(client: Client) -> list[str]:
+        later = await client.publish("later", {"n": 1}, delay=3600)
+        sooner = await client.publish("later", {"n": 2}, delay=600)
+        # Anyone who may write the namespace may add members: neither is a job to list.
+        schedule = client.keys.delayed("later")
+        await client.redis.zadd(schedule, {XSS: 1, b'{"not": "a job"}': float("inf")})
+        return [sooner, later]
+
+    sooner, later = procs.query(publish)
+    status, page = request(procs.dashboard() + "/roles/later")
+    assert status == 200, page
+    table = page.split('<table id="delayed">', 1)[1].split("</table>", 1)[0]
+    assert re.findall(r"jobs\?id=([0-9a-f]+)", table) == [sooner, later]
+    assert "<script>" not in table and "not a job" not in table
+    assert "No delayed job." not in table
+    assert "soonest of" not in page  # said only when more than the 50 shown wait
+
+
+def test_dead_letters_page_oldest_first_and_the_next_page_holds_the_newer_ones(
+    procs: Procs,
+) -> None:
+    async def forge(client: Client) -> list[str]:
+        stream = client.keys.dead_letters("paged")
+        return [await client.redis.xadd(stream, {"x": str(n)}) for n in range(51)]
+
+    ids = [entry.decode() for entry in procs.query(forge)]
+    base = procs.dashboard()
+    page = request(base + "/deadletters/paged")[1]
+    assert re.findall(r'<article class="letter" data-id="([0-9-]+)"', page) == ids[:50]
+    link = re.search(r'<a href="(/deadletters/paged\?after=[^"]+)">([^<]+)</a>', page)
+    assert link is not None and link.group(2) == "Newer…"
+    page = request(base + link.group(1).replace("&amp;", "&"))[1]
+    assert re.findall(r'<article class="letter" data-id="([0-9-]+)"', page) == ids[50:]
+
+
+def test_the_workers_page_lists_each_workers_running_jobs_with_their_age_and_lease_age(
+    procs: Procs,
+) -> None:
+    procs.worker("w1", "tests.apps:app", "sleepy")
+
+    async def publish(client: Client) -> str:
+        return await client.publish("sleepy", {"seconds": 600})
+
+    message_id = procs.query(publish)
+
+    async def state(client: Client) -> str:
+        return (await client.job(message_id)).state
+
+    wait_for(lambda: procs.query(state) == "running", 20, "w1 runs the job")
+    page = request(procs.dashboard() + "/workers")[1]
+    table = page.split('<table id="in-flight">', 1)[1].split("</table>", 1)[0]
+    row = r'<tr data-consumer="([^"]+)"><td>[^<]*</td><td><a href="/roles/(\w+)">'
+    rows = re.findall(row, table)
+    assert rows == [("w1", "sleepy")], table
+    assert "Nothing running." not in table
+    assert re.search(r'<td class="num">\d+(\.\d)? (ms|s)</td>', table), table  # an age
