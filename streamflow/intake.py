@@ -34,6 +34,7 @@ spread one invariant (never read what cannot be held) over modules.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -646,19 +647,62 @@ class Intake:
             free = len(tokens)
         issued = time.monotonic()
         if block:
-            found = await self._block_levels(role.name, names, tokens, backoff)
+            found = await self._block_levels(names, backoff)
         else:
-            found = await self._read_levels(names, min(free, self._read_ahead.read_count), backoff)
+            count = min(free, self._read_ahead.read_count)
+            levels = await self._read_levels(names, count, backoff)
+            found = [(stream, entry) for stream, entries in levels for entry in entries]
+        if tokens is None:
+            return await self._start_levels(role, shard, found, issued, None, backoff)
+        taken = await self._start_levels(role, shard, found[: len(tokens)], issued, tokens, backoff)
+        if len(found) > len(tokens):
+            taken += await self._start_beyond(role, shard, found[len(tokens) :], issued, backoff)
+        return taken
+
+    async def _start_levels(
+        self,
+        role: Role,
+        shard: str,
+        found: list[tuple[str, streams.Entry]],
+        issued: float,
+        tokens: list[str] | None,
+        backoff: connect.Backoff,
+    ) -> int:
+        """Hand over entries read on the levels (each stream's in a run), bind ``tokens``."""
         taken: list[tuple[str, streams.Entry]] = []
-        for stream, entries in found:
+        for stream, group in itertools.groupby(found, key=lambda pair: pair[0]):
+            entries, confirmed = [entry for _, entry in group], issued
             if time.monotonic() - issued > self._leases.settings.unsafe_after:
+                confirmed = time.monotonic()
                 entries = await self._leases.confirm(stream, entries)  # see _take
             if entries:
-                await self._hand_over(role, shard, stream, entries, issued)
+                await self._hand_over(role, shard, stream, entries, confirmed)
                 taken += [(stream, entry) for entry in entries]
         if tokens is not None:
             await self._bind_levels(role.name, taken, tokens, backoff)
         return len(taken)
+
+    async def _start_beyond(
+        self,
+        role: Role,
+        shard: str,
+        beyond: list[tuple[str, streams.Entry]],
+        issued: float,
+        backoff: connect.Backoff,
+    ) -> int:
+        """Start the entries a blocked read returned beyond its grants, as grants come.
+
+        Asked for only once the granted entries are handed over and their tokens bound: the
+        reader's grants may be every free slot of the role, and a slot frees only when its
+        entry settles (waiting first waited for the reader's own tokens to expire). An entry
+        handed back would go to adoption, which a levels reader does not make with its grants;
+        only a stop hands back what is still without a grant (``release.lua``: its delivery
+        count unchanged).
+        """
+        more = await self._grants(role.name, len(beyond), backoff)
+        for stream, entry in beyond[len(more) :]:  # only after a stop
+            await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
+        return await self._start_levels(role, shard, beyond[: len(more)], issued, more, backoff)
 
     async def _read_levels(
         self, names: Sequence[str], count: int, backoff: connect.Backoff
@@ -677,17 +721,13 @@ class Intake:
         return found if await guarded(read, backoff, regroup=regroup) else []
 
     async def _block_levels(
-        self, role: str, names: Sequence[str], tokens: list[str] | None, backoff: connect.Backoff
-    ) -> list[tuple[str, list[streams.Entry]]]:
+        self, names: Sequence[str], backoff: connect.Backoff
+    ) -> list[tuple[str, streams.Entry]]:
         """Wait for entries on any level: one blocking read of them all, one entry each.
 
         It may return one entry per level (jobs published on several levels at once): like a
-        plain reader's blocked read, that may overshoot the budget, by at most levels - 1. A
-        limited role first gets a grant for each entry beyond the ones it holds (``tokens``
-        grows), waiting for them as the limiter says: an entry handed back would be adopted,
-        and adoption asks no limit. Only a stop hands back what is still without a grant
-        (``release.lua``: its delivery count unchanged); an entry that waited past the safe
-        part of its lease is confirmed before it starts (see :meth:`_take_levels`).
+        plain reader's blocked read, that may overshoot the budget, by at most levels - 1, and
+        a limited role's grants (see :meth:`_start_beyond`). Highest level first.
         """
         found: list[tuple[str, streams.Entry]] = []
 
@@ -702,15 +742,7 @@ class Intake:
         if not await guarded(read, backoff, regroup=regroup):
             return []
         found.sort(key=lambda pair: -self._keys.level_of_stream(pair[0]))  # highest first
-        if tokens is not None and len(found) > len(tokens):
-            tokens += await self._grants(role, len(found) - len(tokens), backoff)
-            for stream, entry in found[len(tokens) :]:  # only after a stop
-                await guarded(functools.partial(self.reader.release, stream, [entry]), backoff)
-            found = found[: len(tokens)]
-        by_stream: dict[str, list[streams.Entry]] = {}
-        for stream, entry in found:
-            by_stream.setdefault(stream, []).append(entry)
-        return list(by_stream.items())
+        return found
 
     async def _grants(self, role: str, wanted: int, backoff: connect.Backoff) -> list[str]:
         """Grants for ``wanted`` more starts, waiting for them as the limiter says (or a stop)."""

@@ -624,6 +624,50 @@ async def test_a_limited_role_with_levels_never_runs_more_than_its_limit(
 
 @pytest.mark.redis
 @pytest.mark.anyio
+async def test_a_blocked_read_of_a_limited_role_beyond_its_grants_starts_all_and_leaks_no_slot(
+    redis: Redis, namespace: str
+) -> None:
+    # Three jobs land on three levels between the reader's read of the levels (empty) and its
+    # blocking read, which so returns one entry per level: one more than the limit's 2 grants.
+    # The third must wait for a slot its own first two free, not for their tokens to expire
+    # (the lease TTL, 10 s here), and every slot must be given back.
+    running_now, most, seen = [0], [0], list[Any]()
+    app = App()
+
+    @app.role(ROLE, priorities=3, concurrency_limit=2)
+    async def ranked(ctx: Context, payload: Any) -> None:
+        running_now[0] += 1
+        most[0] = max(most[0], running_now[0])
+        await anyio.sleep(0.05)
+        running_now[0] -= 1
+        seen.append(payload)
+
+    client = Client(redis, namespace=namespace)
+    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
+    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
+    await worker.drain()  # creates the role
+    reader = worker._intake.reader
+    read_levels, armed = reader.read_levels, [True]
+
+    async def publish_after_an_empty_read(names: Any, *, count: int) -> Any:
+        found = await read_levels(names, count=count)
+        if armed[0] and not found:
+            armed[0] = False
+            await client.publish_many(ROLE, [2, 1, 0], priorities=[2, 1, 0])
+        return found
+
+    reader.read_levels = publish_after_an_empty_read  # type: ignore[method-assign]
+    async with running(worker):
+        await wait_until(lambda: len(seen) == 3, timeout=5.0)
+        await wait_until(lambda: not worker.statistics().limit_slots)
+    assert (await client.limit(ROLE)).running == 0
+    assert armed == [False]
+    assert sorted(seen) == [0, 1, 2]
+    assert most[0] <= 2
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
 async def test_a_paused_role_with_levels_starts_nothing_until_resumed_and_loses_nothing(
     redis: Redis, namespace: str
 ) -> None:
