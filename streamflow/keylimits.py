@@ -17,9 +17,12 @@ the role stream (acknowledged and deleted) to its key's parked list next to the 
 ``{role:<shard>}:parked`` (a sorted set: key -> wake time). A parked job holds no lease, no
 worker's buffer and no handler slot; nothing is lost if every worker dies.
 
-**Waking.** ``unpark.lua`` moves the oldest parked job of a key back to the end of the stream,
-in one step, as a new entry (its ``parked`` field counts the parks; parked again, it goes to
-the front of its key's list, so a key's jobs keep their order). A job is woken:
+**Waking.** ``unpark.lua`` moves the oldest parked job of a key back to the end of the stream
+it was parked from (its priority level's, for a role with priorities: the level is recorded
+with the parked job), in one step, as a new entry (its ``parked`` field counts the parks;
+parked again, it goes to the front of its key's list, so a key's jobs keep their order). A
+key's parked list is one per partition, whatever the levels: its jobs are woken in the order
+they were parked, not by level. A job is woken:
 
 * when a running slot of its key frees: the worker that frees it (its job settled) wakes one
   job of the key on that partition (or on another partition of the role if none is parked
@@ -178,6 +181,8 @@ class KeyLimiter:
         self._next_look = 0.0  # when the waker looks at the due keys next (monotonic)
         #: Each key-limited role's partitions (set when the worker starts serving).
         self.shards: dict[str, tuple[str, ...]] = {}
+        #: Each role's priority levels (a role absent has 1): a woken job goes back to its own.
+        self.levels: dict[str, int] = {}
         #: Jobs this worker parked, and parked jobs it woke, by role.
         self.parks: dict[str, int] = {}
         self.wakes: dict[str, int] = {}
@@ -304,6 +309,7 @@ class KeyLimiter:
             delivery.entry.id,
             key,
             decision.wake_at_ms,
+            self._keys.level_of_stream(delivery.stream),  # woken back onto its own level
         ]
         if not int(await self._scripts.park(keys=keys, args=args, client=self._redis)):
             return False
@@ -319,8 +325,9 @@ class KeyLimiter:
 
     async def wake(self, role: str, shard: str, key: str, mode: str) -> bool:
         """Wake one parked job of ``key`` on ``shard`` (``mode``: ``now`` or ``due``)."""
-        stream = self._keys.role_stream(shard)
-        keys = [stream, self._keys.parked(shard), self._keys.park(shard, key)]
+        # Every level's stream: the job goes back to the level it was parked from.
+        streams = self._keys.level_streams(shard, self.levels.get(role, 1))
+        keys = [streams[0], self._keys.parked(shard), self._keys.park(shard, key), *streams[1:]]
         reply = await self._scripts.unpark(
             keys=keys, args=[key, mode, self._ttl_ms], client=self._redis
         )

@@ -271,6 +271,7 @@ class Worker:
             ttl_ms=self._leases.settings.ttl_ms,
         )
         self._key_limiter.shards = self._shards  # filled in when serving starts
+        self._key_limiter.levels = {r.name: r.priorities for r in self._roles}
         self._runner.key_gate = self._intake.key_limiter = self._key_limiter
         self._settler.parker = self._key_limiter.park
         self._stopped = anyio.Event()

@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, SyncClient
-from streamflow.delivery import Delivery, InFlight, Outcome
+from streamflow.delivery import Decision, Delivery, InFlight, Outcome
 from streamflow.flow import PauseWatch
 from streamflow.keylimits import LIMIT_KEY_HEADER, KeyLimiter, check_limit_key
 from streamflow.keys import Keys
@@ -447,4 +447,67 @@ async def test_a_keys_slot_is_freed_when_its_handler_ends_before_the_ack_is_appl
     await limiter.sweep()
     assert await redis.zcard(keys.flow_key_slots("r", "k")) == 0
     assert limiter.slots() == {}
+    await limiter.aclose()
+
+
+async def test_a_parked_job_of_a_role_with_priorities_is_woken_onto_its_own_level(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger, gate = Ledger(), anyio.Event()
+    app = keyed_app(ledger, gate, key_concurrency=1, priorities=3)
+    client, keys = Client(redis, namespace=namespace), Keys(namespace)
+    worker = make_worker(app, redis, namespace, concurrency=4)
+    with anyio.fail_after(20):
+        async with running(worker):
+            blocker = await client.publish("keyed", {"wait": True}, limit_key="k")
+            await wait_until(lambda: ledger.running["k"] == 1)
+            high = await client.publish("keyed", {"wait": True}, limit_key="k", priority=2)
+
+            async def parked() -> bool:
+                return bool(await redis.llen(keys.park("keyed", "k")))
+
+            await wait_for_query(parked)
+            gate.set()  # the blocker ends; the level-2 job is woken and runs, then ends too
+            await wait_until(lambda: high in ledger.done)
+    assert ledger.done == [blocker, high]
+    assert worker.statistics().key_wakes == {"keyed": 1}
+    # Woken onto level 2 (not level 0): the runner's check of its priority found it in place.
+    assert not [r for r in caplog.records if "says priority" in r.getMessage()]
+    assert await redis.xlen(keys.role_stream("keyed")) == 0
+
+
+async def test_unpark_puts_a_job_back_on_the_level_it_was_parked_from(
+    redis: Redis, namespace: str
+) -> None:
+    keys, scripts = Keys(namespace), Scripts(redis)
+    streams = keys.level_streams("r", 3)
+    await redis.xgroup_create(streams[2], "workers", id="0", mkstream=True)
+    entry_id: bytes = await redis.xadd(streams[2], {"message": "{}"})  # type: ignore[assignment]
+    await redis.xreadgroup("workers", "me", {streams[2]: ">"})
+    limiter = KeyLimiter(
+        redis,
+        scripts,
+        keys,
+        "me",
+        InFlight(),
+        PauseWatch(redis, keys, ["r"], anyio.Event()),
+        {"r": (None, 1)},
+        ttl_ms=1000,
+    )
+    limiter.levels = {"r": 3}
+    app = App()
+
+    @app.role("r", priorities=3)
+    async def handler(ctx: Context, payload: Any) -> None:
+        return None
+
+    delivery = Delivery(app.get_role("r"), "r", streams[2], Entry(entry_id, {}, 1))
+    job = Job(protocol=1, kind="job", id="m1", role="r", payload={}, created_at_ms=1)
+    decision = Decision("park", job, detail="k", wake_at_ms=0)
+    # Parked, then woken at once (no slot of the key is taken): back on level 2, not 0.
+    assert await limiter.park(delivery, decision)
+    assert limiter.wakes == {"r": 1}
+    assert await redis.xlen(streams[0]) == 0
+    [(woken, fields)] = await redis.xrange(streams[2])
+    assert woken != entry_id and fields[b"parked"] == b"1"
     await limiter.aclose()
