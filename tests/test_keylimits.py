@@ -19,7 +19,7 @@ import redis as redis_sync
 from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, SyncClient
+from streamflow import App, Client, Context, SyncClient, partitions
 from streamflow.delivery import Decision, Delivery, InFlight, Outcome
 from streamflow.flow import PauseWatch
 from streamflow.keylimits import LIMIT_KEY_HEADER, KeyLimiter, check_limit_key
@@ -511,3 +511,16 @@ async def test_unpark_puts_a_job_back_on_the_level_it_was_parked_from(
     [(woken, fields)] = await redis.xrange(streams[2])
     assert woken != entry_id and fields[b"parked"] == b"1"
     await limiter.aclose()
+
+
+async def test_inspect_counts_parked_keys_on_every_partition(redis: Redis, namespace: str) -> None:
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    layout = await partitions.ensure(redis, keys, "keyed", 3, 2)
+    await client.limit("keyed", key_concurrency=1)
+    await client.publish("keyed", {})  # the role's streams exist: inspect lists it
+    # Keys parked on the second and third partitions only (whatever their jobs' levels).
+    await redis.zadd(keys.parked(layout.shards[1]), {"a": 1, "b": 1})
+    await redis.zadd(keys.parked(layout.shards[2]), {"c": 1})
+    (info,) = [r for r in await inspect_roles(redis, keys) if r.role == "keyed"]
+    assert info.parked_keys == 3
+    assert (await client.limit("keyed")).parked_keys == 3
