@@ -26,6 +26,7 @@ from streamflow.keylimits import LIMIT_KEY_HEADER, KeyLimiter, check_limit_key
 from streamflow.keys import Keys
 from streamflow.ops.inspect import inspect_roles
 from streamflow.protocol import Job, encode, now_ms
+from streamflow.records import decode_parked_item
 from streamflow.scripts import Scripts
 from streamflow.streams import Entry
 from tests.helpers import make_worker, run_cli, running, wait_for, wait_for_query, wait_until
@@ -524,3 +525,42 @@ async def test_inspect_counts_parked_keys_on_every_partition(redis: Redis, names
     (info,) = [r for r in await inspect_roles(redis, keys) if r.role == "keyed"]
     assert info.parked_keys == 3
     assert (await client.limit("keyed")).parked_keys == 3
+
+
+async def test_a_parked_job_is_shown_as_waiting_for_its_key(
+    redis: Redis, namespace: str, redis_url: str
+) -> None:
+    ledger, gate = Ledger(), anyio.Event()
+    app = keyed_app(ledger, gate, key_concurrency=1, priorities=2)
+    client, keys = Client(redis, namespace=namespace), Keys(namespace)
+    with anyio.fail_after(30):
+        async with running(make_worker(app, redis, namespace, concurrency=4)):
+            await client.publish("keyed", {"wait": True}, limit_key="busy")
+            await wait_until(lambda: ledger.running["busy"] == 1)
+            held = await client.publish("keyed", {}, limit_key="busy", priority=1)
+
+            async def parked() -> bool:
+                return bool(await redis.llen(keys.park("keyed", "busy")))
+
+            await wait_for_query(parked)
+            found = await client.job(held)
+            assert (found.state, found.role, found.priority) == ("parked", "keyed", 1)
+            assert found.detail == "parked: waiting for its limit key busy"
+            assert found.headers == {LIMIT_KEY_HEADER: "busy"}
+            assert (await client.job(held, role="keyed")).state == "parked"
+            shown_text = await anyio.to_thread.run_sync(
+                lambda: run_cli("job", held, "--redis-url", redis_url, "--namespace", namespace)
+            )
+            assert "parked: waiting for its limit key busy" in shown_text.stdout
+            gate.set()
+            await wait_until(lambda: held in ledger.done)
+
+
+def test_a_parked_item_is_decoded_and_garbage_refused() -> None:
+    assert decode_parked_item(b"2,1;7:message2:{}6:parked1:1") == (
+        1,
+        {b"message": b"{}", b"parked": b"1"},
+    )
+    assert decode_parked_item(b"0;7:message2:{}") == (0, {b"message": b"{}"})  # no level: 0
+    for garbage in (b"", b"no separator", b"0;9:message", b"0;x:y", b"0;7:message"):
+        assert decode_parked_item(garbage) is None
