@@ -424,6 +424,34 @@ class KeyLimiter:
         if earliest:
             self._look_by(int(earliest[0][1]))
 
+    async def earliest_parked(self) -> int | None:
+        """The server time (ms) at which the first parked key of the served roles falls due.
+
+        None when no job of theirs is parked, on any partition (any level).
+        """
+        earliest: int | None = None
+        for shards in self.shards.values():
+            for shard in shards:
+                first = await self._redis.zrange(self._keys.parked(shard), 0, 0, withscores=True)
+                if first:
+                    at = int(first[0][1])
+                    earliest = at if earliest is None else min(earliest, at)
+        return earliest
+
+    async def wake_for_drain(self) -> bool:
+        """For a burst drain: False if no job of the served roles is parked; else wake some.
+
+        Waits until the first parked key falls due (at most :data:`WAKE_POLL` seconds, then
+        looks again: a slot freed by another worker wakes its key's jobs sooner), then wakes
+        the due keys' jobs (:meth:`wake_due`), for the drain's next pass to read them.
+        """
+        earliest = await self.earliest_parked()
+        if earliest is None:
+            return False
+        await anyio.sleep(min(max(earliest - now_ms(), 0) / 1000, WAKE_POLL))
+        await self.wake_due(every_role=True)
+        return True
+
     async def run(self, stopping: anyio.Event) -> None:
         """Sweep slots and wake due keys until the worker stops (outages waited out).
 

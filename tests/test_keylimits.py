@@ -564,3 +564,22 @@ def test_a_parked_item_is_decoded_and_garbage_refused() -> None:
     assert decode_parked_item(b"0;7:message2:{}") == (0, {b"message": b"{}"})  # no level: 0
     for garbage in (b"", b"no separator", b"0;9:message", b"0;x:y", b"0;7:message"):
         assert decode_parked_item(garbage) is None
+
+
+async def test_a_burst_drain_runs_the_jobs_its_roles_parked_before_it_returns(
+    redis: Redis, namespace: str
+) -> None:
+    ledger, gate = Ledger(), anyio.Event()
+    gate.set()
+    app = keyed_app(ledger, gate, key_rate_limit="20/s", key_concurrency=1)
+    client, keys = Client(redis, namespace=namespace), Keys(namespace)
+    limited = [await client.publish("keyed", {}, limit_key="k") for _ in range(6)]
+    other = await client.publish("keyed", {}, limit_key="other")
+    worker = make_worker(app, redis, namespace, concurrency=4)
+    with anyio.fail_after(20):
+        await worker.drain()
+    # Every job ran once, and nothing is left parked.
+    assert sorted(ledger.done) == sorted([*limited, other])
+    assert worker.statistics().key_parks.get("keyed", 0) >= 5
+    assert await redis.zcard(keys.parked("keyed")) == 0
+    assert await redis.exists(keys.park("keyed", "k")) == 0
