@@ -55,6 +55,7 @@ the detail). Its text is then safe in key names, ``SCAN`` patterns and log lines
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -66,14 +67,12 @@ from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
 
 from streamflow import connect, decisions
 from streamflow.delivery import Decision, Delivery, InFlight
 from streamflow.flow import PauseWatch
 from streamflow.keys import GROUP, Keys
 from streamflow.logs import shown
-from streamflow.pipelines import AutoPipeline
 from streamflow.protocol import Job, now_ms
 from streamflow.records import PARKED_FIELD
 from streamflow.scripts import Scripts
@@ -116,6 +115,16 @@ def with_limit_key(headers: Mapping[str, str] | None, limit_key: str) -> dict[st
         ValueError: ``limit_key`` is not a valid limit key.
     """
     return {**(headers or {}), LIMIT_KEY_HEADER: check_limit_key(limit_key)}
+
+
+@dataclass(slots=True)
+class _Ask:
+    """One job's request for a start, waiting for its read's batch (see ``KeyLimiter``)."""
+
+    key: str
+    token: str
+    slot: _Slot
+    reply: asyncio.Future[tuple[int, int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +175,10 @@ class KeyLimiter:
             role: limits for role, limits in declared.items() if limits != (None, None)
         }
         self._ttl_ms = ttl_ms
-        # The gate's calls share round trips: many consumers ask at once (not on a cluster,
-        # whose commands go to the node of their slot).
-        self._lane = None if connect.is_cluster(redis) else AutoPipeline(redis)
+        # The gate's requests waiting for the next batch (one key_limit.lua call per role for
+        # all the jobs of a read), and the task sending them.
+        self._asks: list[_Ask] = []
+        self._sender: asyncio.Task[None] | None = None
         self._seq = itertools.count(1)
         self._slots: dict[str, _Slot] = {}
         # The token of each entry holding a slot, and the tokens whose handler has ended: freed
@@ -218,23 +228,87 @@ class KeyLimiter:
         keys, args = self._script_args(role, key, op, tokens)
         return await self._scripts.key_limit(keys=keys, args=args, client=client or self._redis)
 
-    async def _acquire(self, role: str, key: str, token: str) -> Any:
-        """``acquire`` through the shared lane: concurrent gates share one round trip."""
-        if self._lane is None:
-            return await self._call(role, key, "acquire", [token])
-        keys, args = self._script_args(role, key, "acquire", [token])
-        sha = self._scripts.key_limit.sha
-        (reply,) = await self._lane.call([("EVALSHA", sha, len(keys), *keys, *args)])
-        if isinstance(reply, NoScriptError):
-            return await self._call(role, key, "acquire", [token])  # loads the script
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+    async def _acquire(self, key: str, token: str, slot: _Slot) -> tuple[int, int, int]:
+        """Ask for a start of ``key``'s job (``token``): (granted, next or wake at, tracked).
+
+        The request waits for the batch of the read it came with: every job of a read asks at
+        once (its consumers start together), and one ``key_limit.lua`` call per role answers
+        them all, grouped by key, instead of one call per job.
+        """
+        ask = _Ask(key, token, slot, asyncio.get_running_loop().create_future())
+        self._asks.append(ask)
+        if self._sender is None:
+            self._sender = asyncio.ensure_future(self._send_asks())
+        return await ask.reply
+
+    async def _send_asks(self) -> None:
+        """Answer the waiting requests, batch after batch, until none is left."""
+        asks: list[_Ask] = []
+        try:
+            await asyncio.sleep(0)  # the other consumers of the same read ask meanwhile
+            while self._asks:
+                asks, self._asks = self._asks, []
+                by_role: dict[str, list[_Ask]] = {}
+                for ask in asks:
+                    by_role.setdefault(ask.slot.role, []).append(ask)
+                for role, group in by_role.items():
+                    await self._answer(role, group)
+        finally:
+            self._sender = None
+            for ask in (*asks, *self._asks):  # cancelled: the askers hand their jobs back
+                if not ask.reply.done():
+                    ask.reply.set_exception(ConnectionError("per-key limit requests cancelled"))
+            self._asks = []
+
+    async def _answer(self, role: str, asks: list[_Ask]) -> None:
+        """One ``acquire_many`` call for ``role``'s requests; each asker gets its reply."""
+        by_key: dict[str, list[_Ask]] = {}
+        for ask in asks:
+            by_key.setdefault(ask.key, []).append(ask)
+        ordered = [ask for group in by_key.values() for ask in group]
+        tokens = {key: [ask.token for ask in group] for key, group in by_key.items()}
+        try:
+            flat = await self._call_many(role, "acquire_many", tokens)
+        except Exception as exc:  # each asker gets the error (an outage: hands its job back)
+            for ask in ordered:
+                if not ask.reply.done():
+                    ask.reply.set_exception(exc)
+            return
+        for index, ask in enumerate(ordered):
+            granted, at, tracked = (int(v) for v in flat[3 * index : 3 * index + 3])
+            if ask.reply.done():  # its asker was cancelled: a slot it got is freed at once
+                if tracked:
+                    self._slots[ask.token] = ask.slot
+                    self._ended.add(ask.token)
+                    self._kick.set()
+                continue
+            ask.reply.set_result((granted, at, tracked))
+
+    async def _call_many(self, role: str, op: str, tokens: Mapping[str, Sequence[str]]) -> Any:
+        """``acquire_many`` or ``release_many`` for several keys of ``role`` in one call."""
+        rate, cap = self._declared.get(role, (None, None))
+        count, period = rate or (0, 0)
+        keys = [
+            self._keys.flow_control(role),
+            "",
+            "",
+            self._keys.flow_keys(role),
+            self._keys.flow_waiting(role),
+        ]
+        args: list[str | int] = [op, "", count, period, cap or 0, self._ttl_ms]
+        for index, (key, group) in enumerate(tokens.items()):
+            slots = [self._keys.flow_key_slots(role, key), self._keys.flow_key_rate(role, key)]
+            if index == 0:
+                keys[1:3] = slots
+            else:
+                keys += slots
+            args += [key, len(group), *group]
+        return await self._scripts.key_limit(keys=keys, args=args, client=self._redis)
 
     async def aclose(self) -> None:
-        """Give the gate's held connection back to the pool."""
-        if self._lane is not None:
-            await self._lane.aclose()
+        """Stop answering per-key requests (a batch being sent is cancelled)."""
+        if self._sender is not None:
+            self._sender.cancel()
 
     async def gate(self, delivery: Delivery, job: Job) -> Decision | None:
         """Before ``job`` starts: None if it may (a slot of its key taken), else its decision.
@@ -251,19 +325,18 @@ class KeyLimiter:
         except ValueError as exc:
             return decisions.dead("invalid_message", str(exc), job)
         token = f"{self._consumer}:k{next(self._seq)}"
+        slot = _Slot(role, key, delivery.shard, delivery.stream, delivery.entry.id)
         try:
-            reply = await self._acquire(role, key, token)
+            granted, at, tracked = await self._acquire(key, token, slot)
         except connect.TRANSIENT_ERRORS:
             return decisions.RELEASE  # cannot ask: hand it back rather than run it unlimited
-        if not int(reply[0]):
-            return Decision("park", job, detail=key, wake_at_ms=int(reply[1]))
-        if int(reply[2]):
-            self._slots[token] = _Slot(
-                role, key, delivery.shard, delivery.stream, delivery.entry.id
-            )
+        if not granted:
+            return Decision("park", job, detail=key, wake_at_ms=at)
+        if tracked:
+            self._slots[token] = slot
             self._tokens[delivery.stream, delivery.entry.id] = token
-        if int(reply[1]) and PARKED_FIELD in delivery.entry.fields:
-            await self._next_by_rate(delivery.shard, key, int(reply[1]))
+        if at and PARKED_FIELD in delivery.entry.fields:
+            await self._next_by_rate(delivery.shard, key, at)
         return None
 
     async def _next_by_rate(self, shard: str, key: str, at_ms: int) -> None:
@@ -373,24 +446,21 @@ class KeyLimiter:
             await self._call(role, key, "renew", tokens)
 
     async def _release(self, done: dict[tuple[str, str, str], list[str]]) -> None:
-        """Free the slots of ``done`` in one round trip; wake a job of each marked key.
+        """Free the slots of ``done``, one ``release_many`` call per role; wake marked keys.
 
-        On a cluster one call per key (a script in a cluster pipeline is not retried on
-        ``NOSCRIPT``).
+        A key is released once per sweep whatever the number of its ended jobs, and a key
+        with jobs on several partitions of a role is released with all its tokens at once.
         """
-        if self._lane is None:
-            marks = [
-                await self._call(role, key, "release", tokens)
-                for (role, key, _), tokens in done.items()
-            ]
-        else:
-            pipe = self._redis.pipeline(transaction=False)
-            for (role, key, _), tokens in done.items():
-                await self._call(role, key, "release", tokens, client=pipe)
-            marks = await pipe.execute()
-        for (role, key, shard), mark in zip(done, marks, strict=True):
-            if int(mark):
-                await self._wake_freed(role, shard, key, int(mark))
+        by_role: dict[str, dict[str, list[str]]] = {}
+        shard_of: dict[tuple[str, str], str] = {}
+        for (role, key, shard), tokens in done.items():
+            by_role.setdefault(role, {}).setdefault(key, []).extend(tokens)
+            shard_of.setdefault((role, key), shard)
+        for role, keyed in by_role.items():
+            marks = await self._call_many(role, "release_many", keyed)
+            for key, mark in zip(keyed, marks, strict=True):
+                if int(mark):
+                    await self._wake_freed(role, shard_of[role, key], key, int(mark))
 
     async def wake_due(self, *, every_role: bool = False) -> None:
         """Wake one job of each parked key whose wake time has come, on every partition.

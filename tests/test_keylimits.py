@@ -583,3 +583,71 @@ async def test_a_burst_drain_runs_the_jobs_its_roles_parked_before_it_returns(
     assert worker.statistics().key_parks.get("keyed", 0) >= 5
     assert await redis.zcard(keys.parked("keyed")) == 0
     assert await redis.exists(keys.park("keyed", "k")) == 0
+
+
+async def test_the_jobs_of_a_read_ask_their_keys_in_one_script_call(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("r", key_concurrency=2)
+    async def handler(ctx: Context, payload: Any) -> None:
+        return None
+
+    keys, held = Keys(namespace), InFlight()
+    limiter = KeyLimiter(
+        redis,
+        Scripts(redis),
+        keys,
+        "me",
+        held,
+        PauseWatch(redis, keys, ["r"], anyio.Event()),
+        {"r": (None, 2)},
+        ttl_ms=30_000,
+    )
+
+    def delivery(index: int, key: str) -> tuple[Delivery, Job]:
+        job = Job(
+            protocol=1,
+            kind="job",
+            id=f"m{index}",
+            role="r",
+            payload={},
+            created_at_ms=1,
+            headers={LIMIT_KEY_HEADER: key},
+        )
+        entry = Entry(f"1-{index}".encode(), {b"message": encode(job)}, 1)
+        return Delivery(app.get_role("r"), "r", keys.role_stream("r"), entry), job
+
+    async def script_calls() -> int:
+        stats: Any = await redis.info("commandstats")
+        return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("eval", "evalsha"))
+
+    await limiter.gate(*delivery(0, "warm"))  # loads the script
+    before = await script_calls()
+    # A read of 7 jobs of 3 keys (a: 3, b: 2, c: 2), gated at once like its consumers do.
+    asked = [delivery(i, key) for i, key in enumerate("aaabbcc", start=1)]
+    results: list[Any] = [None] * len(asked)
+
+    async def gate(index: int) -> None:
+        results[index] = await limiter.gate(*asked[index])
+
+    async with anyio.create_task_group() as tg:
+        for index in range(len(asked)):
+            tg.start_soon(gate, index)
+    assert await script_calls() - before == 1
+    # Two of each key may start (key_concurrency=2): the third "a" is parked.
+    assert [r is None for r in results] == [True, True, False, True, True, True, True]
+    assert results[2].kind == "park" and results[2].detail == "a"
+    for key, taken in (("a", 2), ("b", 2), ("c", 2)):
+        assert await redis.zcard(keys.flow_key_slots("r", key)) == taken
+    # Their ends free every slot in one call too
+    for d, _ in asked:
+        limiter.finished(d)
+    before = await script_calls()
+    await limiter.sweep()
+    assert await script_calls() - before == 1
+    # (the warm-up's slot too: its entry is not held), and no key holds a slot any more.
+    assert await redis.zcard(keys.flow_keys("r")) == 0
+    assert limiter.slots() == {}
+    await limiter.aclose()
