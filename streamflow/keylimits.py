@@ -47,6 +47,11 @@ lease TTL as its expiry, renewed every third of it while the job is held, freed 
 its handler ends: the slot of a SIGKILLed worker comes back within the TTL. The rate is a GCRA
 per key (``{flow:<role>}:keyrate:<key>``), like the role's.
 
+**Cost per read, not per job.** The consumers of one read reach the gate in the same turn of
+the event loop; their requests wait one turn, then one ``acquire_many`` call per role answers
+them all, grouped by key (each key's slots and rate read and written once). The slots freed by
+a sweep go in one ``release_many`` call per role.
+
 **Untrusted keys.** A limit key is 1 to :data:`MAX_LIMIT_KEY` characters of letters, digits and
 ``_.:@+=/-``; ``publish`` refuses anything else, and a worker dead-letters a job of a
 key-limited role whose header breaks the rule (``invalid_message``, the key escaped and cut in
