@@ -112,20 +112,21 @@ end
 
 -- acquire_many's answer for one key's tokens (ARGV[from .. from + n - 1]), appended to out:
 -- the same as acquiring them one by one, with each key looked at and written once.
-local function acquire_group(slots, rate, limit_key, from, n, out)
+local function acquire_group(slots, rate, from, n, out)
   local held, first = 0, nil
   if cap then
     redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)  -- slots of workers that died
     held = redis.call('ZCARD', slots)
-    if held > 0 then first = tonumber(redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')[2]) end
   end
   local tat = now
   if step then tat = math.max(tonumber(redis.call('GET', rate) or '') or now, now) end
   local granted = {}
   for j = from, from + n - 1 do
     if cap and held >= cap then
-      local at = first or now + ttl
-      out[#out + 1], out[#out + 2], out[#out + 3] = 0, math.max(math.ceil(at), now + 1), 0
+      if not first then  -- the earliest expiry (of a slot granted here if none was held)
+        first = tonumber(redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')[2] or '') or now + ttl
+      end
+      out[#out + 1], out[#out + 2], out[#out + 3] = 0, math.max(math.ceil(first), now + 1), 0
     elseif tat > now then
       out[#out + 1], out[#out + 2], out[#out + 3] = 0, math.ceil(tat), 0
     else
@@ -147,23 +148,27 @@ local function acquire_group(slots, rate, limit_key, from, n, out)
   end
   if #granted > 0 then
     redis.call('ZADD', slots, unpack(granted))
-    redis.call('ZADD', KEYS[4], 'GT', now + ttl, limit_key)
     return true
   end
   return false
 end
 
 if op == 'acquire_many' then
-  local out, g, i, tracked = {}, 1, 7, false
+  local out, g, i, busy = {}, 1, 7, {}
   while i <= #ARGV do
     local limit_key, n = ARGV[i], tonumber(ARGV[i + 1])
     local slots, rate = KEYS[2], KEYS[3]
     if g > 1 then slots, rate = KEYS[2 + 2 * g], KEYS[3 + 2 * g] end
-    if acquire_group(slots, rate, limit_key, i + 2, n, out) then tracked = true end
+    if acquire_group(slots, rate, i + 2, n, out) then
+      busy[#busy + 1] = now + ttl
+      busy[#busy + 1] = limit_key
+    end
     i, g = i + 2 + n, g + 1
   end
-  -- keys whose holders all died
-  if tracked then redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl) end
+  if #busy > 0 then  -- the keys holding slots, in one command; those whose holders all died go
+    redis.call('ZADD', KEYS[4], 'GT', unpack(busy))
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
+  end
   return out
 end
 
