@@ -41,16 +41,20 @@ if op == 'release' then
   return tonumber(redis.call('ZSCORE', KEYS[5], key) or '0')
 end
 if op == 'release_many' then
-  local out, g, i = {}, 1, 7
+  -- Each key costs a ZREM and a ZCARD; the keys left without slots leave the index in one
+  -- ZREM, and the marks are read only if some key has parked jobs at all.
+  local out, g, i, idle = {}, 1, 7, {}
+  local marked = redis.call('ZCARD', KEYS[5]) > 0
   while i <= #ARGV do
     local limit_key, n = ARGV[i], tonumber(ARGV[i + 1])
     local slots = KEYS[2]
     if g > 1 then slots = KEYS[2 + 2 * g] end
     redis.call('ZREM', slots, unpack(ARGV, i + 2, i + 1 + n))
-    if redis.call('ZCARD', slots) == 0 then redis.call('ZREM', KEYS[4], limit_key) end
-    out[#out + 1] = tonumber(redis.call('ZSCORE', KEYS[5], limit_key) or '0')
+    if redis.call('ZCARD', slots) == 0 then idle[#idle + 1] = limit_key end
+    out[#out + 1] = marked and tonumber(redis.call('ZSCORE', KEYS[5], limit_key) or '0') or 0
     i, g = i + 2 + n, g + 1
   end
+  if #idle > 0 then redis.call('ZREM', KEYS[4], unpack(idle)) end
   return out
 end
 if op == 'unmark' then
@@ -115,8 +119,11 @@ end
 local function acquire_group(slots, rate, from, n, out)
   local held, first = 0, nil
   if cap then
-    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)  -- slots of workers that died
     held = redis.call('ZCARD', slots)
+    if held + n > cap then  -- the slots of workers that died count only when they would bind
+      redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+      held = redis.call('ZCARD', slots)
+    end
   end
   local tat = now
   if step then tat = math.max(tonumber(redis.call('GET', rate) or '') or now, now) end
