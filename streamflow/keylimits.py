@@ -72,6 +72,7 @@ from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamflow import connect, decisions
 from streamflow.delivery import Decision, Delivery, InFlight
@@ -274,6 +275,8 @@ class KeyLimiter:
         tokens = {key: [ask.token for ask in group] for key, group in by_key.items()}
         try:
             flat = await self._call_many(role, "acquire_many", tokens)
+            if not isinstance(flat, list) or len(flat) != 3 * len(ordered):
+                raise ResponseError(f"key_limit.lua acquire_many replied {shown(repr(flat))}")
         except Exception as exc:  # each asker gets the error (an outage: hands its job back)
             for ask in ordered:
                 if not ask.reply.done():
