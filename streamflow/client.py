@@ -486,10 +486,11 @@ class Client(TaskMethods, ControlMethods):
 
     @public_method("reading a job's status")
     async def job(self, message_id: str, *, role: str | None = None) -> JobStatus:
-        """Where a job is now: queued, delayed, running, retrying, ended, or unknown.
+        """Where a job is now: queued, delayed, running, retrying, parked, ended, or unknown.
 
         Derived from what Redis holds (see :mod:`streamflow.jobs`): its kept outcome, the role
-        streams and pending lists, the delayed schedules, the dead letters and cancel markers.
+        streams and pending lists, the delayed schedules, the parked lists of per-key limits
+        (``parked``: waiting for its limit key), the dead letters and cancel markers.
         Without a kept outcome, an acknowledged job leaves nothing behind: it is ``unknown``.
 
         Args:

@@ -32,6 +32,7 @@ for the asyncio and the blocking client alike.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -43,7 +44,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, steps, streams
+from streamflow import connect, partitions, steps, streams
 from streamflow.app import format_rate, parse_rate
 from streamflow.delivery import InFlight
 from streamflow.errors import ConfigError, UnknownRoleError
@@ -160,8 +161,8 @@ class Limits:
         key_rate: Like ``rate``, for each limit key of the role.
         key_concurrency: Like ``concurrency``, for each limit key of the role.
         busy_keys: Limit keys holding running slots now.
-        parked_keys: Limit keys with jobs parked (waiting for their key), on the role's first
-            partition.
+        parked_keys: Limit keys with jobs parked (waiting for their key), summed over the role's
+            partitions (a key with jobs parked on two partitions counts twice).
     """
 
     rate: str | None = None
@@ -240,19 +241,23 @@ def _cap(value: Any) -> int | None:
 def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str, Limits]]:
     """Each role's run-time limits, its running slots and its busy and parked keys now.
 
-    One round trip for all.
+    Two round trips for all: the roles' partitions, then the rest (the parked keys of every
+    partition summed).
     """
+    shards = yield from _recorded_shards(redis, keys, roles)
     pipe = redis.pipeline(transaction=False)
     now = now_ms()
     for role in roles:
         pipe.hmget(keys.flow_control(role), list(_ALL_LIMITS))
         pipe.zcount(keys.flow_running(role), now, "+inf")
         pipe.zcount(keys.flow_keys(role), now, "+inf")
-        pipe.zcard(keys.parked(role))
-    replies = _data((yield pipe.execute(raise_on_error=False)))
+        for shard in shards[role]:
+            pipe.zcard(keys.parked(shard))
+    replies = iter(_data((yield pipe.execute(raise_on_error=False))))
     out: dict[str, Limits] = {}
-    for index, role in enumerate(roles):
-        fields, running, busy, parked = replies[4 * index : 4 * index + 4]
+    for role in roles:
+        fields, running, busy = next(replies), next(replies), next(replies)
+        parked = sum(int(next(replies) or 0) for _ in shards[role])
         count, period, cap, key_count, key_period, key_cap = fields or (None,) * len(_ALL_LIMITS)
         out[role] = Limits(
             _shown_rate(count, period),
@@ -261,8 +266,26 @@ def read_limits(redis: Any, keys: Keys, roles: Sequence[str]) -> Steps[dict[str,
             _shown_rate(key_count, key_period),
             _cap(key_cap),
             int(busy or 0),
-            int(parked or 0),
+            parked,
         )
+    return out
+
+
+def _recorded_shards(
+    redis: Any, keys: Keys, roles: Sequence[str]
+) -> Steps[dict[str, tuple[str, ...]]]:
+    """Each role's partitions as recorded (the role alone if none is, or it is garbled)."""
+    pipe = redis.pipeline(transaction=False)
+    for role in roles:
+        pipe.hget(keys.role_config(role), partitions.SHARDS_FIELD)
+    # Errors as values: another type of key at a config's name is the role alone.
+    replies = yield pipe.execute(raise_on_error=False)
+    out: dict[str, tuple[str, ...]] = {}
+    for role, recorded in zip(roles, replies, strict=True):
+        out[role] = (role,)
+        if recorded is not None and not isinstance(recorded, Exception):
+            with contextlib.suppress(ConfigError):
+                out[role] = partitions.parse(role, recorded).shards
     return out
 
 

@@ -3,7 +3,8 @@
 Nothing is written per job for this (roles that keep no results pay nothing; a run that reports
 progress keeps its latest report, see below): the status is read from the job's kept outcome if
 any (:mod:`streamflow.results`), the role streams and their pending lists (queued, running), the
-delayed schedules (delayed, retrying), the dead-letter streams (failed, expired) and the cancel
+delayed schedules (delayed, retrying), the parked lists of per-key limits (parked), the
+dead-letter streams (failed, expired) and the cancel
 markers (cancelled). A job is found in a stream or a schedule by reading them, at most
 :data:`LOOKUP_LIMIT` entries in all, in pages.
 
@@ -28,6 +29,7 @@ from redis.exceptions import ResponseError
 from streamflow import partitions, results, steps, streams
 from streamflow.errors import InvalidNameError, ProtocolError
 from streamflow.keys import GROUP, Keys, validate_message_id
+from streamflow.logs import shown
 from streamflow.protocol import MESSAGE_FIELD, Job, decode_job
 from streamflow.records import (
     LIFECYCLE_FIELD,
@@ -35,6 +37,7 @@ from streamflow.records import (
     LifecycleEvent,
     decode_dead_letter,
     decode_lifecycle,
+    decode_parked_item,
 )
 
 #: Every state a job can be found in.
@@ -43,6 +46,7 @@ JobState = Literal[
     "delayed",
     "running",
     "retrying",
+    "parked",
     "succeeded",
     "failed",
     "expired",
@@ -65,7 +69,9 @@ class JobStatus:
         message_id: The job's id.
         state: ``queued``, ``delayed`` (until ``due_at_ms``), ``running`` (on ``consumer``),
             ``retrying`` (its next attempt due at ``due_at_ms``, or queued when due at once;
-            ``running`` again once a worker takes it), ``succeeded``, ``failed``
+            ``running`` again once a worker takes it), ``parked`` (held back by its limit key:
+            waiting in its key's parked list, ``detail`` names the key; it is queued again
+            when woken), ``succeeded``, ``failed``
             (dead-lettered: ``reason``, ``detail``), ``expired``, ``cancelled`` or ``unknown``.
         role: Its role, once found.
         partition: The role partition (shard) it is in.
@@ -90,7 +96,7 @@ class JobStatus:
         progress_message: The message of that report, if any.
         progress_at_ms: When it was reported.
         priority: The priority level it waits or runs at, when above 0 (queued, running,
-            delayed or retrying).
+            delayed, retrying or parked).
     """
 
     message_id: str
@@ -178,10 +184,11 @@ async def status(
             found = await find(redis, keys, shard, message_id, budget, level)
             if found is not None:
                 return found
-    for shard, _ in shards:
-        found = await _in_dead_letters(redis, keys, shard, message_id, budget)
-        if found is not None:
-            return found
+    for find_in in (_in_parked, _in_dead_letters):
+        for shard, _ in shards:
+            found = await find_in(redis, keys, shard, message_id, budget)
+            if found is not None:
+                return found
     # Gone from everywhere: it may have ended meanwhile, with its outcome kept.
     record = await steps.run(results.read_kept(redis, candidates))
     if record is not None:
@@ -192,8 +199,8 @@ async def status(
 
 
 _UNKNOWN = (
-    "not queued, delayed, running or dead-lettered, and no outcome kept: it ended without its "
-    "outcome kept (keep_result), was never published, or its traces expired"
+    "not queued, delayed, running, parked or dead-lettered, and no outcome kept: it ended "
+    "without its outcome kept (keep_result), was never published, or its traces expired"
 )
 
 
@@ -383,6 +390,58 @@ async def _in_schedule(
                 priority=level or None,
             )
         if len(reply) < count:
+            return None
+        start += count
+    return None
+
+
+async def _in_parked(
+    redis: Redis, keys: Keys, shard: str, message_id: str, budget: _Budget
+) -> JobStatus | None:
+    """Parked: held back by its limit key, in that key's parked list (see ``keylimits``)."""
+    try:
+        limit_keys: Any = await redis.zrange(keys.parked(shard), 0, budget.page() - 1)
+    except ResponseError:  # another type at the index's name: nothing parked there
+        return None
+    for raw in limit_keys:
+        limit_key = streams.text_lenient(raw)
+        try:
+            found = await _in_park_list(redis, keys.park(shard, limit_key), message_id, budget)
+        except (InvalidNameError, ResponseError):  # not a key a worker parked under
+            continue
+        if found is not None:
+            level, job = found
+            return JobStatus(
+                job.id,
+                "parked",
+                role=job.role,
+                partition=shard,
+                attempt=job.attempt,
+                created_at_ms=job.created_at_ms,
+                detail=f"parked: waiting for its limit key {shown(limit_key)}",
+                headers=job.headers or None,
+                priority=level or None,
+            )
+    return None
+
+
+async def _in_park_list(
+    redis: Redis, park: str, message_id: str, budget: _Budget
+) -> tuple[int, Job] | None:
+    """The (level, job) of ``message_id`` in one key's parked list, if there."""
+    start = 0
+    while count := budget.page():
+        items: Any = await redis.lrange(park, start, start + count - 1)
+        budget.read += len(items)
+        bodies = []
+        for item in items:
+            decoded = decode_parked_item(bytes(item))
+            if decoded is not None:
+                bodies.append((decoded[0], decoded[1].get(MESSAGE_FIELD, b"")))
+        hit = _matching(bodies, message_id)
+        if hit is not None:
+            return hit
+        if len(items) < count:
             return None
         start += count
     return None

@@ -17,9 +17,12 @@ the role stream (acknowledged and deleted) to its key's parked list next to the 
 ``{role:<shard>}:parked`` (a sorted set: key -> wake time). A parked job holds no lease, no
 worker's buffer and no handler slot; nothing is lost if every worker dies.
 
-**Waking.** ``unpark.lua`` moves the oldest parked job of a key back to the end of the stream,
-in one step, as a new entry (its ``parked`` field counts the parks; parked again, it goes to
-the front of its key's list, so a key's jobs keep their order). A job is woken:
+**Waking.** ``unpark.lua`` moves the oldest parked job of a key back to the end of the stream
+it was parked from (its priority level's, for a role with priorities: the level is recorded
+with the parked job), in one step, as a new entry (its ``parked`` field counts the parks;
+parked again, it goes to the front of its key's list, so a key's jobs keep their order). A
+key's parked list is one per partition, whatever the levels: its jobs are woken in the order
+they were parked, not by level. A job is woken:
 
 * when a running slot of its key frees: the worker that frees it (its job settled) wakes one
   job of the key on that partition (or on another partition of the role if none is parked
@@ -44,6 +47,11 @@ lease TTL as its expiry, renewed every third of it while the job is held, freed 
 its handler ends: the slot of a SIGKILLed worker comes back within the TTL. The rate is a GCRA
 per key (``{flow:<role>}:keyrate:<key>``), like the role's.
 
+**Cost per read, not per job.** The consumers of one read reach the gate in the same turn of
+the event loop; their requests wait one turn, then one ``acquire_many`` call per role answers
+them all, grouped by key (each key's slots and rate read and written once). The slots freed by
+a sweep go in one ``release_many`` call per role.
+
 **Untrusted keys.** A limit key is 1 to :data:`MAX_LIMIT_KEY` characters of letters, digits and
 ``_.:@+=/-``; ``publish`` refuses anything else, and a worker dead-letters a job of a
 key-limited role whose header breaks the rule (``invalid_message``, the key escaped and cut in
@@ -52,6 +60,7 @@ the detail). Its text is then safe in key names, ``SCAN`` patterns and log lines
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -63,14 +72,13 @@ from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from streamflow import connect, decisions
 from streamflow.delivery import Decision, Delivery, InFlight
 from streamflow.flow import PauseWatch
 from streamflow.keys import GROUP, Keys
 from streamflow.logs import shown
-from streamflow.pipelines import AutoPipeline
 from streamflow.protocol import Job, now_ms
 from streamflow.records import PARKED_FIELD
 from streamflow.scripts import Scripts
@@ -113,6 +121,16 @@ def with_limit_key(headers: Mapping[str, str] | None, limit_key: str) -> dict[st
         ValueError: ``limit_key`` is not a valid limit key.
     """
     return {**(headers or {}), LIMIT_KEY_HEADER: check_limit_key(limit_key)}
+
+
+@dataclass(slots=True)
+class _Ask:
+    """One job's request for a start, waiting for its read's batch (see ``KeyLimiter``)."""
+
+    key: str
+    token: str
+    slot: _Slot
+    reply: asyncio.Future[tuple[int, int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +181,10 @@ class KeyLimiter:
             role: limits for role, limits in declared.items() if limits != (None, None)
         }
         self._ttl_ms = ttl_ms
-        # The gate's calls share round trips: many consumers ask at once (not on a cluster,
-        # whose commands go to the node of their slot).
-        self._lane = None if connect.is_cluster(redis) else AutoPipeline(redis)
+        # The gate's requests waiting for the next batch (one key_limit.lua call per role for
+        # all the jobs of a read), and the task sending them.
+        self._asks: list[_Ask] = []
+        self._sender: asyncio.Task[None] | None = None
         self._seq = itertools.count(1)
         self._slots: dict[str, _Slot] = {}
         # The token of each entry holding a slot, and the tokens whose handler has ended: freed
@@ -178,6 +197,8 @@ class KeyLimiter:
         self._next_look = 0.0  # when the waker looks at the due keys next (monotonic)
         #: Each key-limited role's partitions (set when the worker starts serving).
         self.shards: dict[str, tuple[str, ...]] = {}
+        #: Each role's priority levels (a role absent has 1): a woken job goes back to its own.
+        self.levels: dict[str, int] = {}
         #: Jobs this worker parked, and parked jobs it woke, by role.
         self.parks: dict[str, int] = {}
         self.wakes: dict[str, int] = {}
@@ -213,23 +234,89 @@ class KeyLimiter:
         keys, args = self._script_args(role, key, op, tokens)
         return await self._scripts.key_limit(keys=keys, args=args, client=client or self._redis)
 
-    async def _acquire(self, role: str, key: str, token: str) -> Any:
-        """``acquire`` through the shared lane: concurrent gates share one round trip."""
-        if self._lane is None:
-            return await self._call(role, key, "acquire", [token])
-        keys, args = self._script_args(role, key, "acquire", [token])
-        sha = self._scripts.key_limit.sha
-        (reply,) = await self._lane.call([("EVALSHA", sha, len(keys), *keys, *args)])
-        if isinstance(reply, NoScriptError):
-            return await self._call(role, key, "acquire", [token])  # loads the script
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+    async def _acquire(self, key: str, token: str, slot: _Slot) -> tuple[int, int, int]:
+        """Ask for a start of ``key``'s job (``token``): (granted, next or wake at, tracked).
+
+        The request waits for the batch of the read it came with: every job of a read asks at
+        once (its consumers start together), and one ``key_limit.lua`` call per role answers
+        them all, grouped by key, instead of one call per job.
+        """
+        ask = _Ask(key, token, slot, asyncio.get_running_loop().create_future())
+        self._asks.append(ask)
+        if self._sender is None:
+            self._sender = asyncio.ensure_future(self._send_asks())
+        return await ask.reply
+
+    async def _send_asks(self) -> None:
+        """Answer the waiting requests, batch after batch, until none is left."""
+        asks: list[_Ask] = []
+        try:
+            await asyncio.sleep(0)  # the other consumers of the same read ask meanwhile
+            while self._asks:
+                asks, self._asks = self._asks, []
+                by_role: dict[str, list[_Ask]] = {}
+                for ask in asks:
+                    by_role.setdefault(ask.slot.role, []).append(ask)
+                for role, group in by_role.items():
+                    await self._answer(role, group)
+        finally:
+            self._sender = None
+            for ask in (*asks, *self._asks):  # cancelled: the askers hand their jobs back
+                if not ask.reply.done():
+                    ask.reply.set_exception(ConnectionError("per-key limit requests cancelled"))
+            self._asks = []
+
+    async def _answer(self, role: str, asks: list[_Ask]) -> None:
+        """One ``acquire_many`` call for ``role``'s requests; each asker gets its reply."""
+        by_key: dict[str, list[_Ask]] = {}
+        for ask in asks:
+            by_key.setdefault(ask.key, []).append(ask)
+        ordered = [ask for group in by_key.values() for ask in group]
+        tokens = {key: [ask.token for ask in group] for key, group in by_key.items()}
+        try:
+            flat = await self._call_many(role, "acquire_many", tokens)
+            if not isinstance(flat, list) or len(flat) != 3 * len(ordered):
+                raise ResponseError(f"key_limit.lua acquire_many replied {shown(repr(flat))}")
+        except Exception as exc:  # each asker gets the error (an outage: hands its job back)
+            for ask in ordered:
+                if not ask.reply.done():
+                    ask.reply.set_exception(exc)
+            return
+        for index, ask in enumerate(ordered):
+            granted, at, tracked = (int(v) for v in flat[3 * index : 3 * index + 3])
+            if ask.reply.done():  # its asker was cancelled: a slot it got is freed at once
+                if tracked:
+                    self._slots[ask.token] = ask.slot
+                    self._ended.add(ask.token)
+                    self._kick.set()
+                continue
+            ask.reply.set_result((granted, at, tracked))
+
+    async def _call_many(self, role: str, op: str, tokens: Mapping[str, Sequence[str]]) -> Any:
+        """``acquire_many`` or ``release_many`` for several keys of ``role`` in one call."""
+        rate, cap = self._declared.get(role, (None, None))
+        count, period = rate or (0, 0)
+        keys = [
+            self._keys.flow_control(role),
+            "",
+            "",
+            self._keys.flow_keys(role),
+            self._keys.flow_waiting(role),
+        ]
+        args: list[str | int] = [op, "", count, period, cap or 0, self._ttl_ms]
+        for index, (key, group) in enumerate(tokens.items()):
+            slots = [self._keys.flow_key_slots(role, key), self._keys.flow_key_rate(role, key)]
+            if index == 0:
+                keys[1:3] = slots
+            else:
+                keys += slots
+            args += [key, len(group), *group]
+        return await self._scripts.key_limit(keys=keys, args=args, client=self._redis)
 
     async def aclose(self) -> None:
-        """Give the gate's held connection back to the pool."""
-        if self._lane is not None:
-            await self._lane.aclose()
+        """Stop answering per-key requests (a batch being sent is cancelled)."""
+        if self._sender is not None:
+            self._sender.cancel()
 
     async def gate(self, delivery: Delivery, job: Job) -> Decision | None:
         """Before ``job`` starts: None if it may (a slot of its key taken), else its decision.
@@ -246,19 +333,18 @@ class KeyLimiter:
         except ValueError as exc:
             return decisions.dead("invalid_message", str(exc), job)
         token = f"{self._consumer}:k{next(self._seq)}"
+        slot = _Slot(role, key, delivery.shard, delivery.stream, delivery.entry.id)
         try:
-            reply = await self._acquire(role, key, token)
+            granted, at, tracked = await self._acquire(key, token, slot)
         except connect.TRANSIENT_ERRORS:
             return decisions.RELEASE  # cannot ask: hand it back rather than run it unlimited
-        if not int(reply[0]):
-            return Decision("park", job, detail=key, wake_at_ms=int(reply[1]))
-        if int(reply[2]):
-            self._slots[token] = _Slot(
-                role, key, delivery.shard, delivery.stream, delivery.entry.id
-            )
+        if not granted:
+            return Decision("park", job, detail=key, wake_at_ms=at)
+        if tracked:
+            self._slots[token] = slot
             self._tokens[delivery.stream, delivery.entry.id] = token
-        if int(reply[1]) and PARKED_FIELD in delivery.entry.fields:
-            await self._next_by_rate(delivery.shard, key, int(reply[1]))
+        if at and PARKED_FIELD in delivery.entry.fields:
+            await self._next_by_rate(delivery.shard, key, at)
         return None
 
     async def _next_by_rate(self, shard: str, key: str, at_ms: int) -> None:
@@ -304,6 +390,7 @@ class KeyLimiter:
             delivery.entry.id,
             key,
             decision.wake_at_ms,
+            self._keys.level_of_stream(delivery.stream),  # woken back onto its own level
         ]
         if not int(await self._scripts.park(keys=keys, args=args, client=self._redis)):
             return False
@@ -319,8 +406,9 @@ class KeyLimiter:
 
     async def wake(self, role: str, shard: str, key: str, mode: str) -> bool:
         """Wake one parked job of ``key`` on ``shard`` (``mode``: ``now`` or ``due``)."""
-        stream = self._keys.role_stream(shard)
-        keys = [stream, self._keys.parked(shard), self._keys.park(shard, key)]
+        # Every level's stream: the job goes back to the level it was parked from.
+        streams = self._keys.level_streams(shard, self.levels.get(role, 1))
+        keys = [streams[0], self._keys.parked(shard), self._keys.park(shard, key), *streams[1:]]
         reply = await self._scripts.unpark(
             keys=keys, args=[key, mode, self._ttl_ms], client=self._redis
         )
@@ -366,24 +454,21 @@ class KeyLimiter:
             await self._call(role, key, "renew", tokens)
 
     async def _release(self, done: dict[tuple[str, str, str], list[str]]) -> None:
-        """Free the slots of ``done`` in one round trip; wake a job of each marked key.
+        """Free the slots of ``done``, one ``release_many`` call per role; wake marked keys.
 
-        On a cluster one call per key (a script in a cluster pipeline is not retried on
-        ``NOSCRIPT``).
+        A key is released once per sweep whatever the number of its ended jobs, and a key
+        with jobs on several partitions of a role is released with all its tokens at once.
         """
-        if self._lane is None:
-            marks = [
-                await self._call(role, key, "release", tokens)
-                for (role, key, _), tokens in done.items()
-            ]
-        else:
-            pipe = self._redis.pipeline(transaction=False)
-            for (role, key, _), tokens in done.items():
-                await self._call(role, key, "release", tokens, client=pipe)
-            marks = await pipe.execute()
-        for (role, key, shard), mark in zip(done, marks, strict=True):
-            if int(mark):
-                await self._wake_freed(role, shard, key, int(mark))
+        by_role: dict[str, dict[str, list[str]]] = {}
+        shard_of: dict[tuple[str, str], str] = {}
+        for (role, key, shard), tokens in done.items():
+            by_role.setdefault(role, {}).setdefault(key, []).extend(tokens)
+            shard_of.setdefault((role, key), shard)
+        for role, keyed in by_role.items():
+            marks = await self._call_many(role, "release_many", keyed)
+            for key, mark in zip(keyed, marks, strict=True):
+                if int(mark):
+                    await self._wake_freed(role, shard_of[role, key], key, int(mark))
 
     async def wake_due(self, *, every_role: bool = False) -> None:
         """Wake one job of each parked key whose wake time has come, on every partition.
@@ -416,6 +501,34 @@ class KeyLimiter:
         earliest = await self._redis.zrange(parked, 0, 0, withscores=True)
         if earliest:
             self._look_by(int(earliest[0][1]))
+
+    async def earliest_parked(self) -> int | None:
+        """The server time (ms) at which the first parked key of the served roles falls due.
+
+        None when no job of theirs is parked, on any partition (any level).
+        """
+        earliest: int | None = None
+        for shards in self.shards.values():
+            for shard in shards:
+                first = await self._redis.zrange(self._keys.parked(shard), 0, 0, withscores=True)
+                if first:
+                    at = int(first[0][1])
+                    earliest = at if earliest is None else min(earliest, at)
+        return earliest
+
+    async def wake_for_drain(self) -> bool:
+        """For a burst drain: False if no job of the served roles is parked; else wake some.
+
+        Waits until the first parked key falls due (at most :data:`WAKE_POLL` seconds, then
+        looks again: a slot freed by another worker wakes its key's jobs sooner), then wakes
+        the due keys' jobs (:meth:`wake_due`), for the drain's next pass to read them.
+        """
+        earliest = await self.earliest_parked()
+        if earliest is None:
+            return False
+        await anyio.sleep(min(max(earliest - now_ms(), 0) / 1000, WAKE_POLL))
+        await self.wake_due(every_role=True)
+        return True
 
     async def run(self, stopping: anyio.Event) -> None:
         """Sweep slots and wake due keys until the worker stops (outages waited out).

@@ -380,6 +380,33 @@ SUBMISSION_FIELD = b"submission"
 #: times it was parked (see :mod:`streamflow.keylimits`); parked again, it goes to the front.
 PARKED_FIELD = b"parked"
 
+
+def decode_parked_item(item: bytes) -> tuple[int, dict[bytes, bytes]] | None:
+    """A parked job's priority level and stream fields, from ``park.lua``'s list item.
+
+    The item is ``<start count>[,<level>];`` then each field and value as
+    ``<length>:<bytes>``. Untrusted bytes: None for anything that does not parse.
+    """
+    head, sep, rest = item.partition(b";")
+    if not sep:
+        return None
+    _, _, level = head.partition(b",")
+    parts: list[bytes] = []
+    at = 0
+    while at < len(rest):
+        colon = rest.find(b":", at)
+        if colon < 0 or not rest[at:colon].isdigit():
+            return None
+        end = colon + 1 + int(rest[at:colon])
+        if end > len(rest):
+            return None
+        parts.append(rest[colon + 1 : end])
+        at = end
+    if len(parts) % 2:
+        return None
+    return (int(level) if level.isdigit() else 0), dict(zip(parts[::2], parts[1::2], strict=True))
+
+
 #: Every field name of the stream entries streamflow writes, besides the
 #: :data:`RAW_FIELD_PREFIX` ones. Lua scripts spell some of them (tests check they are these).
 ENTRY_FIELDS = frozenset(

@@ -63,7 +63,7 @@ HORIZON = timedelta(hours=23)
 #: Problems remembered (so as to log each once) before the memory is cleared.
 MAX_WARNED = 10_000
 #: Job states in which a run is still going (for ``overlap="skip"``).
-GOING = frozenset({"queued", "delayed", "running", "retrying"})
+GOING = frozenset({"queued", "delayed", "running", "retrying", "parked"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -273,6 +273,7 @@ class Worker:
             ttl_ms=self._leases.settings.ttl_ms,
         )
         self._key_limiter.shards = self._shards  # filled in when serving starts
+        self._key_limiter.levels = {r.name: r.priorities for r in self._roles}
         self._runner.key_gate = self._intake.key_limiter = self._key_limiter
         self._settler.parker = self._key_limiter.park
         self._stopped = anyio.Event()
@@ -351,14 +352,35 @@ class Worker:
 
         Reads never block, so this also works on fakeredis, whose blocking reads return at once.
         Due retries are moved to the stream first; retries not yet due are left scheduled.
+        Jobs of the served roles parked by a per-key limit are not left behind: once nothing
+        is queued, the drain waits for their keys (a slot freed, the rate's next start, or a
+        dead worker's slot expiring), wakes them and runs them, and returns only when none
+        is parked (so a key busy on another worker for long keeps it waiting that long).
         Lifecycle hooks run around it as around :meth:`run`.
         """
+        parked = connect.Backoff("waking parked jobs")
         async with self._hooks():
-            while True:
+            while not self._stopping.is_set():
                 before = self._settler.stats.received
                 await self._serve(burst=True, task_status=anyio.TASK_STATUS_IGNORED)
-                if self._settler.stats.received == before or self._stopping.is_set():
+                if self._settler.stats.received != before or self._stopping.is_set():
+                    continue
+                if not await self._parked_left(parked):
                     return
+
+    async def _parked_left(self, backoff: connect.Backoff) -> bool:
+        """Whether jobs of the served roles are still parked (those due woken meanwhile)."""
+        while not self._stopping.is_set():
+            try:
+                left = await self._key_limiter.wake_for_drain()
+            except Exception as exc:
+                if not connect.is_outage(exc):
+                    raise
+                await backoff.failed(exc)  # an outage: waited out, like a serving worker's
+                continue
+            backoff.succeeded()
+            return left
+        return False
 
     def stop(self) -> None:
         """Ask the worker to stop: reading stops at once, in-flight handlers get the grace.

@@ -19,13 +19,14 @@ import redis as redis_sync
 from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
-from streamflow import App, Client, Context, SyncClient
-from streamflow.delivery import Delivery, InFlight, Outcome
+from streamflow import App, Client, Context, SyncClient, partitions
+from streamflow.delivery import Decision, Delivery, InFlight, Outcome
 from streamflow.flow import PauseWatch
 from streamflow.keylimits import LIMIT_KEY_HEADER, KeyLimiter, check_limit_key
 from streamflow.keys import Keys
 from streamflow.ops.inspect import inspect_roles
 from streamflow.protocol import Job, encode, now_ms
+from streamflow.records import decode_parked_item
 from streamflow.scripts import Scripts
 from streamflow.streams import Entry
 from tests.helpers import make_worker, run_cli, running, wait_for, wait_for_query, wait_until
@@ -446,5 +447,207 @@ async def test_a_keys_slot_is_freed_when_its_handler_ends_before_the_ack_is_appl
     limiter.finished(delivery)
     await limiter.sweep()
     assert await redis.zcard(keys.flow_key_slots("r", "k")) == 0
+    assert limiter.slots() == {}
+    await limiter.aclose()
+
+
+async def test_a_parked_job_of_a_role_with_priorities_is_woken_onto_its_own_level(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger, gate = Ledger(), anyio.Event()
+    app = keyed_app(ledger, gate, key_concurrency=1, priorities=3)
+    client, keys = Client(redis, namespace=namespace), Keys(namespace)
+    worker = make_worker(app, redis, namespace, concurrency=4)
+    with anyio.fail_after(20):
+        async with running(worker):
+            blocker = await client.publish("keyed", {"wait": True}, limit_key="k")
+            await wait_until(lambda: ledger.running["k"] == 1)
+            high = await client.publish("keyed", {"wait": True}, limit_key="k", priority=2)
+
+            async def parked() -> bool:
+                return bool(await redis.llen(keys.park("keyed", "k")))
+
+            await wait_for_query(parked)
+            gate.set()  # the blocker ends; the level-2 job is woken and runs, then ends too
+            await wait_until(lambda: high in ledger.done)
+    assert ledger.done == [blocker, high]
+    assert worker.statistics().key_wakes == {"keyed": 1}
+    # Woken onto level 2 (not level 0): the runner's check of its priority found it in place.
+    assert not [r for r in caplog.records if "says priority" in r.getMessage()]
+    assert await redis.xlen(keys.role_stream("keyed")) == 0
+
+
+async def test_unpark_puts_a_job_back_on_the_level_it_was_parked_from(
+    redis: Redis, namespace: str
+) -> None:
+    keys, scripts = Keys(namespace), Scripts(redis)
+    streams = keys.level_streams("r", 3)
+    await redis.xgroup_create(streams[2], "workers", id="0", mkstream=True)
+    entry_id: bytes = await redis.xadd(streams[2], {"message": "{}"})  # type: ignore[assignment]
+    await redis.xreadgroup("workers", "me", {streams[2]: ">"})
+    limiter = KeyLimiter(
+        redis,
+        scripts,
+        keys,
+        "me",
+        InFlight(),
+        PauseWatch(redis, keys, ["r"], anyio.Event()),
+        {"r": (None, 1)},
+        ttl_ms=1000,
+    )
+    limiter.levels = {"r": 3}
+    app = App()
+
+    @app.role("r", priorities=3)
+    async def handler(ctx: Context, payload: Any) -> None:
+        return None
+
+    delivery = Delivery(app.get_role("r"), "r", streams[2], Entry(entry_id, {}, 1))
+    job = Job(protocol=1, kind="job", id="m1", role="r", payload={}, created_at_ms=1)
+    decision = Decision("park", job, detail="k", wake_at_ms=0)
+    # Parked, then woken at once (no slot of the key is taken): back on level 2, not 0.
+    assert await limiter.park(delivery, decision)
+    assert limiter.wakes == {"r": 1}
+    assert await redis.xlen(streams[0]) == 0
+    [(woken, fields)] = await redis.xrange(streams[2])
+    assert woken != entry_id and fields[b"parked"] == b"1"
+    await limiter.aclose()
+
+
+async def test_inspect_counts_parked_keys_on_every_partition(redis: Redis, namespace: str) -> None:
+    keys, client = Keys(namespace), Client(redis, namespace=namespace)
+    layout = await partitions.ensure(redis, keys, "keyed", 3, 2)
+    await client.limit("keyed", key_concurrency=1)
+    await client.publish("keyed", {})  # the role's streams exist: inspect lists it
+    # Keys parked on the second and third partitions only (whatever their jobs' levels).
+    await redis.zadd(keys.parked(layout.shards[1]), {"a": 1, "b": 1})
+    await redis.zadd(keys.parked(layout.shards[2]), {"c": 1})
+    (info,) = [r for r in await inspect_roles(redis, keys) if r.role == "keyed"]
+    assert info.parked_keys == 3
+    assert (await client.limit("keyed")).parked_keys == 3
+
+
+async def test_a_parked_job_is_shown_as_waiting_for_its_key(
+    redis: Redis, namespace: str, redis_url: str
+) -> None:
+    ledger, gate = Ledger(), anyio.Event()
+    app = keyed_app(ledger, gate, key_concurrency=1, priorities=2)
+    client, keys = Client(redis, namespace=namespace), Keys(namespace)
+    with anyio.fail_after(30):
+        async with running(make_worker(app, redis, namespace, concurrency=4)):
+            await client.publish("keyed", {"wait": True}, limit_key="busy")
+            await wait_until(lambda: ledger.running["busy"] == 1)
+            held = await client.publish("keyed", {}, limit_key="busy", priority=1)
+
+            async def parked() -> bool:
+                return bool(await redis.llen(keys.park("keyed", "busy")))
+
+            await wait_for_query(parked)
+            found = await client.job(held)
+            assert (found.state, found.role, found.priority) == ("parked", "keyed", 1)
+            assert found.detail == "parked: waiting for its limit key busy"
+            assert found.headers == {LIMIT_KEY_HEADER: "busy"}
+            assert (await client.job(held, role="keyed")).state == "parked"
+            shown_text = await anyio.to_thread.run_sync(
+                lambda: run_cli("job", held, "--redis-url", redis_url, "--namespace", namespace)
+            )
+            assert "parked: waiting for its limit key busy" in shown_text.stdout
+            gate.set()
+            await wait_until(lambda: held in ledger.done)
+
+
+def test_a_parked_item_is_decoded_and_garbage_refused() -> None:
+    assert decode_parked_item(b"2,1;7:message2:{}6:parked1:1") == (
+        1,
+        {b"message": b"{}", b"parked": b"1"},
+    )
+    assert decode_parked_item(b"0;7:message2:{}") == (0, {b"message": b"{}"})  # no level: 0
+    for garbage in (b"", b"no separator", b"0;9:message", b"0;x:y", b"0;7:message"):
+        assert decode_parked_item(garbage) is None
+
+
+async def test_a_burst_drain_runs_the_jobs_its_roles_parked_before_it_returns(
+    redis: Redis, namespace: str
+) -> None:
+    ledger, gate = Ledger(), anyio.Event()
+    gate.set()
+    app = keyed_app(ledger, gate, key_rate_limit="20/s", key_concurrency=1)
+    client, keys = Client(redis, namespace=namespace), Keys(namespace)
+    limited = [await client.publish("keyed", {}, limit_key="k") for _ in range(6)]
+    other = await client.publish("keyed", {}, limit_key="other")
+    worker = make_worker(app, redis, namespace, concurrency=4)
+    with anyio.fail_after(20):
+        await worker.drain()
+    # Every job ran once, and nothing is left parked.
+    assert sorted(ledger.done) == sorted([*limited, other])
+    assert worker.statistics().key_parks.get("keyed", 0) >= 5
+    assert await redis.zcard(keys.parked("keyed")) == 0
+    assert await redis.exists(keys.park("keyed", "k")) == 0
+
+
+async def test_the_jobs_of_a_read_ask_their_keys_in_one_script_call(
+    redis: Redis, namespace: str
+) -> None:
+    app = App()
+
+    @app.role("r", key_concurrency=2)
+    async def handler(ctx: Context, payload: Any) -> None:
+        return None
+
+    keys, held = Keys(namespace), InFlight()
+    limiter = KeyLimiter(
+        redis,
+        Scripts(redis),
+        keys,
+        "me",
+        held,
+        PauseWatch(redis, keys, ["r"], anyio.Event()),
+        {"r": (None, 2)},
+        ttl_ms=30_000,
+    )
+
+    def delivery(index: int, key: str) -> tuple[Delivery, Job]:
+        job = Job(
+            protocol=1,
+            kind="job",
+            id=f"m{index}",
+            role="r",
+            payload={},
+            created_at_ms=1,
+            headers={LIMIT_KEY_HEADER: key},
+        )
+        entry = Entry(f"1-{index}".encode(), {b"message": encode(job)}, 1)
+        return Delivery(app.get_role("r"), "r", keys.role_stream("r"), entry), job
+
+    async def script_calls() -> int:
+        stats: Any = await redis.info("commandstats")
+        return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("eval", "evalsha"))
+
+    await limiter.gate(*delivery(0, "warm"))  # loads the script
+    before = await script_calls()
+    # A read of 7 jobs of 3 keys (a: 3, b: 2, c: 2), gated at once like its consumers do.
+    asked = [delivery(i, key) for i, key in enumerate("aaabbcc", start=1)]
+    results: list[Any] = [None] * len(asked)
+
+    async def gate(index: int) -> None:
+        results[index] = await limiter.gate(*asked[index])
+
+    async with anyio.create_task_group() as tg:
+        for index in range(len(asked)):
+            tg.start_soon(gate, index)
+    assert await script_calls() - before == 1
+    # Two of each key may start (key_concurrency=2): the third "a" is parked.
+    assert [r is None for r in results] == [True, True, False, True, True, True, True]
+    assert results[2].kind == "park" and results[2].detail == "a"
+    for key, taken in (("a", 2), ("b", 2), ("c", 2)):
+        assert await redis.zcard(keys.flow_key_slots("r", key)) == taken
+    # Their ends free every slot in one call too
+    for d, _ in asked:
+        limiter.finished(d)
+    before = await script_calls()
+    await limiter.sweep()
+    assert await script_calls() - before == 1
+    # (the warm-up's slot too: its entry is not held), and no key holds a slot any more.
+    assert await redis.zcard(keys.flow_keys("r")) == 0
     assert limiter.slots() == {}
     await limiter.aclose()

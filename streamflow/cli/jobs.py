@@ -140,6 +140,8 @@ def _where(s: JobStatus) -> str:
         text = f"succeeded, {attempt}, by {s.consumer} at {_when(s.finished_at_ms)}"
     elif s.state == "unknown":
         text = f"unknown: {s.detail}"
+    elif s.state == "parked":
+        text = f"{s.detail}, {attempt} (first published {_when(s.created_at_ms)})"
     else:  # failed, expired, cancelled
         text = f"{s.state} ({s.reason}): {s.detail}"
         if s.finished_at_ms is not None:

@@ -127,8 +127,8 @@ class RoleInfo(BaseModel):
         key_concurrency: Its per-key limit on jobs running at once set at run time (0: none),
             or None.
         busy_keys: Limit keys holding running slots now.
-        parked_keys: Limit keys with parked jobs (waiting for their key), on its first
-            partition.
+        parked_keys: Limit keys with parked jobs (waiting for their key), summed over its
+            partitions (a key's parked list holds every level's jobs).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
