@@ -4,10 +4,19 @@ A job with a task id, node id and invocation is one run of a task node. Its work
 the role's events stream: ``accepted`` when it starts; one ``batch`` per emitted batch, stored
 in the role's slot and reported in one owner-checked script; and ``done``, ``failed`` or
 ``cancelled`` in the same script that settles the job (see :mod:`streamflow.settle`).
+
+A run that reads no input batch at its start (a source, a node fed when its parents are done)
+writes its ``accepted`` (stamped with its start) up to ``ACCEPTED_DELAY`` late: a run that
+ends sooner reports it in its settle's script, before ``done`` (one round trip fewer for the
+worker, one wake-up fewer for the coordinator); a run that emits a batch, fails or is retried
+sends it first. It only tells that the node runs: a run that dies before sending it is
+delivered again, and that run tells it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -29,6 +38,11 @@ DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 DEFAULT_BATCH_TTL_MS = 7 * 24 * 3600 * 1000
 #: Batch keys read per round trip when a node reads its parents' whole output.
 READ_CHUNK = 100
+#: Seconds a run without an input batch may wait to write its ``accepted``: one that ends
+#: sooner reports it with its settle.
+ACCEPTED_DELAY = 0.02
+
+logger = logging.getLogger(__name__)
 
 
 class LeaseLost(StreamflowError):
@@ -112,6 +126,10 @@ class NodeRun:
         #: The trace context of the run's handler span (``ctx.trace_context``), or None: its
         #: batch and end events carry it (see :mod:`streamflow.dag.tracing`).
         self.trace: dict[str, str] | None = None
+        # The ``accepted`` event not written yet, the timer that writes it, its write.
+        self._accepted: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._late: asyncio.Task[None] | None = None
 
     def event(self, type_: EventType, **fields: Any) -> bytes:
         """An encoded event about this run (with its trace context, if traced)."""
@@ -131,22 +149,71 @@ class NodeRun:
                 holds something else than a JSON array.
         """
         ref = self.job.input
-        if ref is not None:
-            self._check_ref(ref.ref, ref.node, f"input.ref {shown(ref.ref)}")
+        if ref is None:
+            # Nothing to read: written later, or with the settle if the run ends first.
+            self._accepted = self.event("accepted")
+            self._timer = asyncio.get_running_loop().call_later(ACCEPTED_DELAY, self._send_late)
+            return None
+        self._check_ref(ref.ref, ref.node, f"input.ref {shown(ref.ref)}")
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self._keys.events(self._shard), {EVENT_FIELD: self.event("accepted")})
-        if ref is not None:
-            pipe.get(ref.ref)
+        pipe.get(ref.ref)
         # Errors as values: a wrong-type input key must not hide that the XADD went through.
         replies = await pipe.execute(raise_on_error=False)
         if isinstance(replies[0], Exception):
             raise replies[0]
-        if ref is None:
-            return None
         what = f"input batch {ref.index} of {ref.node!r} ({shown(ref.ref)})"
         if replies[-1] is None:
             raise LookupError(f"{what} is gone")
         return Batch(ref.node, ref.index, decode_batch(replies[-1], what, self._max_bytes))
+
+    def _send_late(self) -> None:
+        self._timer = None
+        if self._accepted is not None and self._late is None:
+            self._late = asyncio.ensure_future(self._write_late())
+
+    async def _write_late(self) -> None:
+        """The timer's write: best effort (what it could not write goes with the settle)."""
+        try:
+            await self._write_accepted()
+        except Exception as exc:  # an outage, a key of another type: the settle tries again
+            logger.warning("job %s: could not report its start yet (%r)", self.job.id, exc)
+
+    async def send_accepted(self) -> None:
+        """Write the ``accepted`` event not written yet, if any (before a batch or a failure).
+
+        Raises:
+            RedisError: It could not be written (it stays pending, for the settle).
+        """
+        await self._wait_late()
+        await self._write_accepted()
+
+    async def settle_events(self) -> list[bytes]:
+        """The events to write before the run's last one (in its settle): its ``accepted``.
+
+        Stops the timer; a write of it in flight is waited for (the order is kept).
+        """
+        await self._wait_late()
+        raw, self._accepted = self._accepted, None
+        return [] if raw is None else [raw]
+
+    async def _write_accepted(self) -> None:
+        raw, self._accepted = self._accepted, None
+        if raw is None:
+            return
+        try:
+            await self._redis.xadd(self._keys.events(self._shard), {EVENT_FIELD: raw})
+        except BaseException:
+            self._accepted = raw  # still to be told
+            raise
+
+    async def _wait_late(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        late, self._late = self._late, None
+        if late is not None:
+            await asyncio.shield(late)  # it catches its errors
 
     def _check_ref(self, key: str, parent: str, what: str) -> None:
         """Refuse a key that is not one of this task's batches of node ``parent``."""
@@ -188,6 +255,7 @@ class NodeRun:
             raise PayloadError(f"batch is not JSON-serializable: {exc}") from None
         if len(body) > self._max_bytes:
             raise PayloadError(f"batch is {len(body)} bytes, limit {self._max_bytes}")
+        await self.send_accepted()  # the run's start before its first batch
         job, seq = self.job, self.emitted
         assert job.task_id is not None and job.node_id is not None and job.invocation is not None
         key = self._keys.batch(self._shard, job.task_id, job.node_id, job.invocation, seq)

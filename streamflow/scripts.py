@@ -208,10 +208,14 @@ async def finish(
     entry_id: bytes,
     events: str,
     event: bytes,
+    before: Sequence[bytes] = (),
 ) -> bool:
-    """Acknowledge a task node's job and report how it ended, if ``consumer`` still owns it."""
+    """Acknowledge a task node's job and report how it ended, if ``consumer`` still owns it.
+
+    ``before``: events of the run to write first (its ``accepted``, if not written yet).
+    """
     done = await scripts.finish(
-        keys=[stream, events], args=[GROUP, consumer, entry_id, event], client=redis
+        keys=[stream, events], args=[GROUP, consumer, entry_id, *before, event], client=redis
     )
     return bool(done)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from streamflow import connect, decisions, logs, nodes, results, scripts, streams
 from streamflow.delivery import (
@@ -220,6 +220,8 @@ class Settler:
             self.acker.add_cancelled(delivery, job.id if job else None)
 
     async def _settle_one(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
+        if delivery.node is not None and decision.kind not in ("ack", "cancelled"):
+            await self._start_told(delivery, decision)
         if decision.kind == "lost" or delivery.lost:
             return "lost"
         if decision.kind == "release":
@@ -298,6 +300,23 @@ class Settler:
         key = self._keys.result(delivery.shard, job.id)
         return scripts.Kept(delivery.entry.id, key, record, ttl)
 
+    @staticmethod
+    async def _start_told(delivery: Delivery, decision: Decision) -> None:
+        """A node run ending otherwise than by its settle script: its ``accepted`` goes first.
+
+        Dropped when the run is not this worker's to end (lost, handed back): the next run
+        tells its own start. Best effort: it only tells that the node ran.
+        """
+        run = delivery.node
+        assert run is not None
+        if decision.kind in ("lost", "release", "park") or delivery.lost:
+            await run.settle_events()
+            return
+        try:
+            await run.send_accepted()
+        except RedisError as exc:
+            logger.warning("job %s: could not report its start (%s)", run.job.id, logs.shown(exc))
+
     def _node_event(self, delivery: Delivery, decision: Decision, type_: EventType) -> bytes:
         job = decision.job or delivery.job
         assert job is not None
@@ -315,6 +334,7 @@ class Settler:
     async def _finish_node(self, delivery: Delivery, decision: Decision) -> OutcomeStatus:
         """Acknowledge a task node's job and report ``done`` or ``cancelled``, in one step."""
         done = decision.kind == "ack"
+        run = delivery.node
         finished = await scripts.finish(
             self._scripts,
             self._redis,
@@ -323,6 +343,7 @@ class Settler:
             entry_id=delivery.entry.id,
             events=self._keys.events(delivery.shard),
             event=self._node_event(delivery, decision, "done" if done else "cancelled"),
+            before=await run.settle_events() if run is not None else (),
         )
         if not finished:
             return "lost"
