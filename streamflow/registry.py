@@ -285,8 +285,9 @@ class Registry(Generic[_Info]):
                     continue
                 if first:
                     logger.warning(
-                        "cannot write the %s registry %s (%s): `streamflow workers` and the "
-                        "dashboard do not see this %s until it is fixed",
+                        "cannot write the %s registry %s (%s): `streamflow workers`, the "
+                        "dashboard (and submit, for a coordinator) do not see this %s until "
+                        "it is fixed",
                         self.kind,
                         self.key(keys),
                         shown(exc),
