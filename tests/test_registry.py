@@ -38,6 +38,7 @@ def scheduler_entry(name: str, **changes: object) -> bytes:
     return orjson.dumps({**entry, **changes})
 
 
+@pytest.mark.slow  # waits for a second beat (5 s)
 async def test_a_scheduler_registers_its_passes_and_withdraws_its_entry_on_stop(
     redis: Redis, namespace: str
 ) -> None:
