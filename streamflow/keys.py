@@ -275,6 +275,8 @@ SCHEDULES_PAUSED = KeyKind("schedules", "paused")
 SCHEDULE_TICKS = KeyKind("schedules", "ticks")
 #: Each schedule's last tick that published a job (a sorted set: id -> epoch ms), only raised.
 SCHEDULE_RUNS = KeyKind("schedules", "runs")
+#: What each scheduler says about itself (a hash: name -> JSON), the schedulers' registry.
+SCHEDULER_REGISTRY = KeyKind("schedules", "schedulers")
 
 #: Every kind of key streamflow uses.
 KINDS: tuple[KeyKind, ...] = (
@@ -317,6 +319,7 @@ KINDS: tuple[KeyKind, ...] = (
     SCHEDULES_PAUSED,
     SCHEDULE_TICKS,
     SCHEDULE_RUNS,
+    SCHEDULER_REGISTRY,
     FLOW_CONTROL,
     FLOW_RATE,
     FLOW_RUNNING,
@@ -627,7 +630,7 @@ class Keys:
         """What each coordinator says about itself (a hash: consumer name -> JSON).
 
         Refreshed every few seconds by each running coordinator; a field not refreshed within
-        :data:`streamflow.registry.COORDINATOR_TTL_MS` is a coordinator that stopped or died.
+        :data:`streamflow.registry.TTL_MS` is a coordinator that stopped or died.
         """
         return self._key(COORDINATOR_REGISTRY)
 
@@ -688,6 +691,15 @@ class Keys:
         The run ``overlap="skip"`` looks at; only ever raised.
         """
         return self._key(SCHEDULE_RUNS)
+
+    def schedulers(self) -> str:
+        """What each scheduler says about itself (a hash: its name -> JSON).
+
+        Refreshed every few seconds by each running scheduler, as coordinators do theirs (see
+        :mod:`streamflow.registry`); a field not refreshed within
+        :data:`streamflow.registry.TTL_MS` is a scheduler that stopped or died.
+        """
+        return self._key(SCHEDULER_REGISTRY)
 
     def flow_control(self, role: str) -> str:
         """A role's flow control (a hash): ``paused``, the ms time it was paused, while it is.

@@ -19,22 +19,29 @@ still queued, delayed, running or retrying (:meth:`Client.job`), or its task que
 
 A schedule with a ``graph`` submits a DAG task instead, with the tick's run id as task id:
 creating a task whose id exists fails atomically, so that plays the dedup key's part.
+
+Each running scheduler registers in :data:`streamflow.registry.SCHEDULERS` (every 5 s, like a
+coordinator): its host and pid, how many schedules its last pass read, when that pass ended and
+how late it fired, so ``streamflow workers`` and the dashboard show its health.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import connect, intake
+from streamflow import connect, intake, registry
 from streamflow.client import Client
+from streamflow.consumers import default_consumer_name
 from streamflow.errors import MissingExtraError
 from streamflow.keys import Keys
 from streamflow.logs import shown
@@ -231,6 +238,28 @@ async def still_going(client: Client, schedule: Schedule, last_ms: int) -> bool:
     return status.state in GOING
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerStatistics:
+    """What a scheduler did, as :meth:`Scheduler.statistics` reports it.
+
+    Attributes:
+        sent: Runs it sent, including those Redis dropped as duplicates.
+        passes: Passes over the schedules it completed.
+        last_pass_ms: When its last complete pass ended (epoch ms); None before the first.
+        late_ms: The longest wait in that pass between a due tick and its run being sent (or
+            the tick skipped); 0 when no tick was due.
+        schedules: The valid schedules that pass read.
+        paused: How many of them were paused.
+    """
+
+    sent: int = 0
+    passes: int = 0
+    last_pass_ms: int | None = None
+    late_ms: int = 0
+    schedules: int = 0
+    paused: int = 0
+
+
 @dataclass
 class Scheduler:
     """Fires the namespace's schedules; run as many as you like (see the module docstring).
@@ -242,25 +271,47 @@ class Scheduler:
         client: The client it publishes with (its namespace is the scheduler's).
         schedules: Schedules declared in code: written to Redis when :meth:`run` starts.
         poll: Seconds between passes.
+        name: Its name in the schedulers' registry (unique per process; random by default).
     """
 
     client: Client
     schedules: Iterable[Schedule] = ()
     poll: float = POLL
+    name: str = field(default_factory=default_consumer_name)
     _stopping: anyio.Event = field(default_factory=anyio.Event, init=False)
     _warned: set[tuple[str, str]] = field(default_factory=set, init=False)
     #: Per schedule: (its definition, its last tick) -> the tick after it, so that a pass
     #: computes ticks only for schedules that have one due.
     _upcoming: dict[str, tuple[Schedule, int, int]] = field(default_factory=dict, init=False)
     _fired: int = field(default=0, init=False)
+    _last: SchedulerStatistics = field(default_factory=SchedulerStatistics, init=False)
+    _late: int = field(default=0, init=False)  # the pass in progress's, so far
+    _first_pass: anyio.Event = field(default_factory=anyio.Event, init=False)
 
     def stop(self) -> None:
         """End :meth:`run` after the pass in progress."""
         self._stopping.set()
 
-    def statistics(self) -> dict[str, int]:
-        """How many runs this scheduler sent, including those Redis dropped as duplicates."""
-        return {"sent": self._fired}
+    def statistics(self) -> SchedulerStatistics:
+        """Runs sent, and what its last complete pass read and how late it fired."""
+        return replace(self._last, sent=self._fired)
+
+    def describe(self, started_at_ms: int) -> registry.SchedulerInfo:
+        """Its registry entry now (``streamflow workers``, the dashboard)."""
+        stats = self.statistics()
+        return registry.SchedulerInfo(
+            consumer=self.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=registry.VERSION,
+            started_at_ms=started_at_ms,
+            updated_at_ms=now_ms(),
+            schedules=stats.schedules,
+            paused=stats.paused,
+            sent=stats.sent,
+            last_pass_ms=stats.last_pass_ms,
+            late_ms=stats.late_ms,
+        )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -272,9 +323,31 @@ class Scheduler:
             if await intake.guarded(lambda: self._declare(declared), backoff):
                 break
         task_status.started()
-        await intake.run_guarded(
-            self.step, "running the schedules", self._stopping, every=self.poll
-        )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._beat, now_ms())
+                await intake.run_guarded(
+                    self.step, "running the schedules", self._stopping, every=self.poll
+                )
+                tg.cancel_scope.cancel()
+        finally:
+            await self._withdraw()
+
+    async def _beat(self, started_at_ms: int) -> None:
+        """Keep its registry entry fresh, first written once a pass ended (or a beat passed)."""
+        with anyio.move_on_after(registry.BEAT_MS / 1000):
+            await self._first_pass.wait()  # not listed with nothing to say, unless stuck
+        describe = functools.partial(self.describe, started_at_ms)
+        client = self.client
+        await registry.SCHEDULERS.keep_announced(client.redis, client.keys, describe)
+
+    async def _withdraw(self) -> None:
+        """On a stop: remove its registry entry (best effort: it would go stale anyway)."""
+        with anyio.move_on_after(5, shield=True):
+            try:
+                await registry.SCHEDULERS.withdraw(self.client.redis, self.client.keys, self.name)
+            except Exception as exc:  # cleanup: never over what ended the scheduler
+                logger.warning("could not delete the registry entry of %s (%r)", self.name, exc)
 
     async def _declare(self, declared: list[Schedule]) -> None:
         try:
@@ -298,6 +371,7 @@ class Scheduler:
             return
         self._warn(stored.invalid)
         now = now_ms()
+        self._late = 0
         for sid, schedule in stored.schedules.items():
             if sid in stored.paused or self._not_yet(schedule, stored.last.get(sid), now):
                 continue
@@ -309,6 +383,18 @@ class Scheduler:
                 if connect.is_outage(exc):
                     raise
                 self._warn({sid: f"firing failed: {type(exc).__name__}: {exc}"}, "skipped")
+        self._passed(stored)
+
+    def _passed(self, stored: Stored) -> None:
+        """Record a complete pass, for :meth:`statistics` and the registry."""
+        self._last = SchedulerStatistics(
+            passes=self._last.passes + 1,
+            last_pass_ms=now_ms(),
+            late_ms=self._late,
+            schedules=len(stored.schedules),
+            paused=len(stored.paused & stored.schedules.keys()),
+        )
+        self._first_pass.set()
 
     def _not_yet(self, schedule: Schedule, last: int | None, now: int) -> bool:
         if last is None:
@@ -353,6 +439,7 @@ class Scheduler:
                 await fire(self.client, schedule, tick)
                 self._fired += 1
                 previous = tick
+            self._late = max(self._late, now_ms() - tick)
             await self._advance(schedule.id, tick, fired=previous == tick)
 
     async def _overlaps(self, schedule: Schedule, previous: int | None) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -13,10 +14,11 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+import redis
 from redis.asyncio import Redis
 
 import streamflow
-from streamflow import Client, connect
+from streamflow import Client, connect, registry
 from streamflow.keys import Keys
 from streamflow.ops.server import RedisServer
 from streamflow.protocol import now_ms
@@ -27,6 +29,7 @@ from tests.helpers import (
     CLI,
     ROOT,
     clean_env,
+    kill_tree,
     make_worker,
     run_cli,
     running,
@@ -103,7 +106,7 @@ async def test_three_schedulers_fire_every_tick_exactly_once(
                 one.stop()
     ids = [message_id for message_id, _, _ in handled]
     assert_each_tick_once(ticks_of("s", ids), 1000, at_least=4)
-    assert sum(one.statistics()["sent"] for one in schedulers) >= len(ids)
+    assert sum(one.statistics().sent for one in schedulers) >= len(ids)
     for message_id, at, payload in handled:  # the scheduled time, as header and template
         assert at == payload["at"] == iso(ticks_of("s", [message_id])[0])
 
@@ -436,11 +439,12 @@ async def test_cli_adds_lists_pauses_resumes_runs_and_removes(
 
 
 def start_scheduler(
-    tmp_path: Path, redis_url: str, namespace: str, name: str
+    tmp_path: Path, redis_url: str, namespace: str, name: str, *extra: str
 ) -> subprocess.Popen[bytes]:
     command = [
         *CLI,
         "scheduler",
+        *extra,
         "--schedules",
         "tests.schedule_apps:every_second",
         "--poll",
@@ -517,3 +521,59 @@ def test_each_tick_fires_once_through_a_sigkill_of_one_of_three_scheduler_proces
     assert_each_tick_once(recorded(), 1000, at_least=13)
     stray = (tmp_path / "scheduler-2.log").read_text()
     assert "Traceback" not in stray, stray
+
+
+def scheduler_docs(conn: list[str]) -> dict[str, dict[str, Any]]:
+    """The schedulers ``streamflow workers --json`` lists, by name."""
+    lines = run_cli("workers", "--json", *conn).stdout.splitlines()
+    docs = [orjson.loads(line) for line in lines]
+    return {doc["consumer"]: doc for doc in docs if doc.get("kind") == "scheduler"}
+
+
+def scheduler_row(conn: list[str], name: str) -> str:
+    (row,) = [
+        line for line in run_cli("workers", *conn).stdout.splitlines() if line.startswith(name)
+    ]
+    return row
+
+
+@pytest.mark.slow
+def test_workers_lists_scheduler_processes_with_their_health_until_they_stop(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    """A scheduler shows in ``workers`` once its first pass is done, with its host, pid, schedules
+    and passes; stopped, it is gone at once; killed, it reads as gone once its entry is stale. A
+    malformed entry beside them is skipped with a warning."""
+    conn = ["--redis-url", redis_url, "--namespace", namespace]
+    with redis.Redis.from_url(redis_url) as plain:
+        plain.hset(Keys(namespace).schedulers(), "forged", "[1]")
+    none = run_cli("workers", *conn)
+    assert none.returncode == 0, none.stderr
+    assert f"no scheduler in namespace {namespace}: schedules do not fire" in none.stdout
+    assert "skipping the malformed scheduler entry forged" in none.stderr
+    stopped = start_scheduler(tmp_path, redis_url, namespace, "s1", "--name", "s1")
+    killed = start_scheduler(tmp_path, redis_url, namespace, "s2", "--name", "s2")
+
+    def passed(name: str) -> bool:
+        doc = scheduler_docs(conn).get(name)
+        return doc is not None and doc["live"] and doc["last_pass_ms"] is not None
+
+    try:
+        wait_for(lambda: passed("s1") and passed("s2"), 45, "both listed", every=0.5)
+        doc = scheduler_docs(conn)["s1"]
+        assert (doc["pid"], doc["host"], doc["schedules"]) == (stopped.pid, socket.gethostname(), 1)
+        assert doc["late_ms"] >= 0 and doc["version"] == registry.VERSION
+        row = scheduler_row(conn, "s1 ")
+        assert "live (seen" in row and f" {stopped.pid} " in row
+        stopped.send_signal(signal.SIGTERM)
+        assert stopped.wait(timeout=30) == 0
+        assert set(scheduler_docs(conn)) == {"s2"}  # withdrawn on a clean stop
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=10)
+        wait_for(lambda: not scheduler_docs(conn)["s2"]["live"], 40, "s2 stale", every=1)
+        assert "gone (last seen" in scheduler_row(conn, "s2 ")
+    finally:
+        for process in (stopped, killed):
+            kill_tree(process)
+    log = (tmp_path / "scheduler-s1.log").read_text()
+    assert "Traceback" not in log, log

@@ -103,7 +103,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "workers": (
         "streamflow.cli.inspect",
-        "List the live workers and the coordinators of the namespace, with their health.",
+        "List the live workers, coordinators and schedulers of the namespace, with their health.",
     ),
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -43,7 +44,15 @@ from streamflow.ops.inspect import (
     inspect_roles,
 )
 from streamflow.protocol import now_ms
-from streamflow.registry import CoordinatorInfo, WorkerInfo, coordinators, live_workers
+from streamflow.registry import (
+    CoordinatorInfo,
+    ProcessInfo,
+    SchedulerInfo,
+    WorkerInfo,
+    coordinators,
+    live_workers,
+    schedulers,
+)
 
 #: How many of the oldest pending entries ``inspect ROLE`` lists unless told.
 DEFAULT_COUNT = 10
@@ -299,50 +308,81 @@ def _state(consumer: ConsumerInfo) -> str:
 @connection_options
 @errors_to_exit
 def workers(as_json: bool, redis_url: str, namespace: str) -> None:
-    """List the live workers and the coordinators of the namespace, with their health.
+    """List the live workers, coordinators and schedulers of the namespace, with their health.
 
-    A killed worker is gone after its lease TTL; a coordinator that stopped is gone, one that
-    died is listed as gone (last seen ...) for a day.
+    A killed worker is gone after its lease TTL; a coordinator or scheduler that stopped is
+    gone, one that died is listed as gone (last seen ...) for a day.
     """
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    found, coords = anyio.run(_workers, settings)
+    found = anyio.run(_workers, settings)
     now = now_ms()
     if as_json:
-        for info in found:
+        for info in found.workers:
             echo(info.model_dump_json())
-        for coord in coords:
-            health = {"kind": "coordinator", "live": coord.live(now)}
-            echo_json({**health, **coord.model_dump()})
+        for kind, beating in (("coordinator", found.coordinators), ("scheduler", found.schedulers)):
+            for one in beating:
+                echo_json({"kind": kind, "live": one.live(now), **one.model_dump()})
         return
-    if not found:
+    if not found.workers:
         echo(f"no live workers in namespace {settings.namespace}")
     else:
-        rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found]
+        rows = [_WORKER_COLUMNS.split()] + [_worker_row(info, now) for info in found.workers]
         echo("\n".join(_table(rows)))
-    if not coords:
+    if not found.coordinators:
         echo(f"no coordinator in namespace {settings.namespace}: tasks stay queued")
-        return
-    rows = [_COORDINATOR_COLUMNS.split()] + [_coordinator_row(c, now) for c in coords]
-    echo("\n".join(_table(rows)))
+    else:
+        rows = [_COORDINATOR_COLUMNS.split()]
+        rows += [_coordinator_row(c, now) for c in found.coordinators]
+        echo("\n".join(_table(rows)))
+    if not found.schedulers:
+        echo(f"no scheduler in namespace {settings.namespace}: schedules do not fire")
+    else:
+        rows = [_SCHEDULER_COLUMNS.split()]
+        rows += [_scheduler_row(one, now) for one in found.schedulers]
+        echo("\n".join(_table(rows)))
 
 
 _WORKER_COLUMNS = "CONSUMER HOST PID ROLES VERSION STARTED IN-FLIGHT PROCESSED UPDATED"
 _COORDINATOR_COLUMNS = "COORDINATOR HOST PID FUNCTIONS VERSION STARTED EVENTS HEALTH"
+_SCHEDULER_COLUMNS = "SCHEDULER HOST PID VERSION STARTED SCHEDULES SENT LAST-PASS LATE HEALTH"
+
+
+def _started(info: ProcessInfo) -> str:
+    return datetime.fromtimestamp(info.started_at_ms / 1000).isoformat(timespec="seconds")
+
+
+def _health(info: ProcessInfo, now: int) -> str:
+    seen = _duration(max(0, now - info.updated_at_ms)) + " ago"
+    return f"live (seen {seen})" if info.live(now) else f"gone (last seen {seen})"
 
 
 def _coordinator_row(info: CoordinatorInfo, now: int) -> list[str]:
-    started = datetime.fromtimestamp(info.started_at_ms / 1000).isoformat(timespec="seconds")
-    seen = _duration(max(0, now - info.updated_at_ms)) + " ago"
-    health = f"live (seen {seen})" if info.live(now) else f"gone (last seen {seen})"
     return [
         info.consumer,
         info.host,
         str(info.pid),
         ",".join(info.functions),
         info.version,
-        started,
+        _started(info),
         str(info.events),
-        health,
+        _health(info, now),
+    ]
+
+
+def _scheduler_row(info: SchedulerInfo, now: int) -> list[str]:
+    last = info.last_pass_ms
+    schedules = f"{info.schedules} ({info.paused} paused)" if info.paused else str(info.schedules)
+    return [
+        info.consumer,
+        info.host,
+        str(info.pid),
+        info.version,
+        _started(info),
+        schedules,
+        str(info.sent),
+        "none yet" if last is None else _duration(max(0, now - last)) + " ago",
+        _duration(info.late_ms),
+        _health(info, now),
     ]
 
 
@@ -361,15 +401,22 @@ def _worker_row(info: WorkerInfo, now: int) -> list[str]:
     ]
 
 
-async def _workers(
-    settings: config.ConnectionSettings,
-) -> tuple[list[WorkerInfo], list[CoordinatorInfo]]:
+@dataclass(frozen=True, slots=True)
+class _Processes:
+    """What ``workers`` lists."""
+
+    workers: list[WorkerInfo]
+    coordinators: list[CoordinatorInfo]
+    schedulers: list[SchedulerInfo]
+
+
+async def _workers(settings: config.ConnectionSettings) -> _Processes:
     redis = connect_redis(settings, name="streamflow-cli")
     keys = Keys(settings.namespace)
     try:
         await connect.ping(redis, settings.url)
         found = await _once(lambda: live_workers(redis, keys))
-        return found, await coordinators(redis, keys)
+        return _Processes(found, await coordinators(redis, keys), await schedulers(redis, keys))
     finally:
         await redis.aclose()
 

@@ -27,7 +27,9 @@ from streamflow.cli.options import (
     wait_ready,
 )
 from streamflow.client import Client
+from streamflow.consumers import default_consumer_name
 from streamflow.errors import ConfigError
+from streamflow.keys import validate_name
 from streamflow.logs import echo, printable
 from streamflow.protocol import now_ms
 from streamflow.schedules import Schedule, iso
@@ -230,17 +232,28 @@ def load_schedules(path: str) -> list[Schedule]:
     help="module:attribute of a Schedule or a list of them, written to Redis at start-up.",
 )
 @click.option("--poll", default=runner.POLL, show_default=True, help="Seconds between passes.")
+@click.option(
+    "--name",
+    help="Its name in `streamflow workers` and the dashboard (default: host, pid and a random "
+    "suffix).",
+)
 @connection_options
 @errors_to_exit
-def scheduler(schedules_path: str | None, poll: float, redis_url: str, namespace: str) -> None:
+def scheduler(
+    schedules_path: str | None, poll: float, name: str | None, redis_url: str, namespace: str
+) -> None:
     """Fire the namespace's schedules; run two or more for availability (each tick fires once)."""
     declared = load_schedules(schedules_path) if schedules_path else []
     settings = config.build(config.ConnectionSettings, redis_url=redis_url, namespace=namespace)
-    anyio.run(_serve, settings, declared, poll)
+    name = validate_name(name, "scheduler name") if name else default_consumer_name()
+    anyio.run(_serve, settings, declared, poll, name)
 
 
 async def _serve(
-    settings: config.ConnectionSettings, declared: list[Schedule], poll: float
+    settings: config.ConnectionSettings,
+    declared: list[Schedule],
+    poll: float,
+    name: str,
 ) -> None:
     import signal
 
@@ -248,10 +261,11 @@ async def _serve(
     if not await wait_ready(redis, settings.url, checks=False, strict=False):
         return
     try:
-        running = runner.Scheduler(Client(redis, namespace=settings.namespace), declared, poll=poll)
+        client = Client(redis, namespace=settings.namespace)
+        running = runner.Scheduler(client, declared, poll=poll, name=name)
         async with anyio.create_task_group() as tg:
             await tg.start(running.run)
-            logger.info("scheduler running (namespace %s)", settings.namespace)
+            logger.info("scheduler %s running (namespace %s)", running.name, settings.namespace)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     running.stop()

@@ -41,6 +41,7 @@ counters; moving some loops out would only pass that state around.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -238,7 +239,8 @@ class Coordinator:
             tg.start_soon(self._events.run)
             # Announced once its functions are registered (at start-up): a submit that sees a
             # live coordinator also sees what it provides.
-            await tg.start(self._announce_loop, started_at_ms)
+            describe = functools.partial(self._describe, started_at_ms)
+            await tg.start(registry.COORDINATORS.keep_announced, self._redis, self._keys, describe)
             task_status.started()
             await self._stopping.wait()
             await self._finish_held()
@@ -261,7 +263,7 @@ class Coordinator:
                     logger.warning("could not delete the %s of %s (%r)", what, self.consumer, exc)
 
     async def _unannounce(self) -> None:
-        await registry.withdraw_coordinator(self._redis, self._keys, self.consumer)
+        await registry.COORDINATORS.withdraw(self._redis, self._keys, self.consumer)
 
     def enable_metrics(self) -> CollectorRegistry:
         """Returns the registry with this coordinator's metrics (and starts timing dispatch)."""
@@ -338,41 +340,18 @@ class Coordinator:
         await self._signals.load()
         return True
 
-    async def _announce_loop(
-        self, started_at_ms: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Keep this coordinator's registry entry fresh (``streamflow workers``, ``submit``)."""
-        backoff = connect.Backoff("refreshing the coordinator registry")
-        first = True
-        while True:
-            info = registry.CoordinatorInfo(
-                consumer=self.consumer,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                version=registry.VERSION,
-                functions=sorted(self.functions),
-                started_at_ms=started_at_ms,
-                events=self.events_processed,
-                updated_at_ms=now_ms(),
-            )
-            try:
-                await registry.announce_coordinator(self._redis, self._keys, info)
-                backoff.succeeded()
-            except connect.TRANSIENT_ERRORS as exc:
-                await backoff.failed(exc)
-                continue
-            except ResponseError as exc:  # another type at the registry's name (untrusted)
-                if first:
-                    logger.warning(
-                        "cannot write the coordinator registry %s (%s): `streamflow workers` "
-                        "and submit do not see this coordinator until it is fixed",
-                        self._keys.coordinators(),
-                        shown(exc),
-                    )
-            if first:
-                first = False
-                task_status.started()
-            await anyio.sleep(registry.COORDINATOR_BEAT_MS / 1000)
+    def _describe(self, started_at_ms: int) -> registry.CoordinatorInfo:
+        """Its registry entry now (``streamflow workers``, ``submit``, the dashboard)."""
+        return registry.CoordinatorInfo(
+            consumer=self.consumer,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=registry.VERSION,
+            functions=sorted(self.functions),
+            started_at_ms=started_at_ms,
+            events=self.events_processed,
+            updated_at_ms=now_ms(),
+        )
 
     async def _prepare(self) -> None:
         key = self._keys.known_functions()

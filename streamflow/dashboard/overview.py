@@ -14,7 +14,7 @@ from streamflow import flow
 from streamflow.client import Client
 from streamflow.keys import NAME_PATTERN
 from streamflow.ops.inspect import PendingEntry, RoleInfo, inspect_role, inspect_roles
-from streamflow.registry import coordinators, live_workers
+from streamflow.registry import Warn, coordinators, live_workers, schedulers
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +69,21 @@ async def role_rows(client: Client) -> list[RoleRow]:
     return [role_row(info) for info in await inspect_roles(client.redis, client.keys)]
 
 
-async def overview(client: Client) -> dict[str, Any]:
-    """Roles, live workers and coordinators (with whether each is live)."""
+async def overview(client: Client, warn: Warn) -> dict[str, Any]:
+    """Roles, live workers, coordinators and schedulers (with whether each is live).
+
+    Registry entries are untrusted: a malformed one is skipped and told to ``warn`` (a
+    :class:`~streamflow.registry.WarnOnce`, as the page is read again every interval).
+    """
+    redis, keys = client.redis, client.keys
+    found = await coordinators(redis, keys, warn=warn)
+    beating = await schedulers(redis, keys, warn=warn)
     now = int(time.time() * 1000)
-    found = await coordinators(client.redis, client.keys, quiet=True)
     return {
         "roles": await role_rows(client),
-        "workers": await live_workers(client.redis, client.keys),
+        "workers": await live_workers(redis, keys),
         "coordinators": [(c, c.live(now)) for c in found],
+        "schedulers": [(s, s.live(now)) for s in beating],
     }
 
 

@@ -38,6 +38,7 @@ from streamflow.dashboard.settings import DashboardSettings
 from streamflow.errors import RedisUnavailable
 from streamflow.keys import NAME_PATTERN
 from streamflow.ops.inspect import delayed_jobs, inspect_role
+from streamflow.registry import WarnOnce
 
 if TYPE_CHECKING:
     from streamflow.dashboard.security import Guard
@@ -116,6 +117,8 @@ class Pages:
         #: One timeline per task a live page shows, followed by the poller.
         self.timelines: dict[str, LiveTask] = {}
         self.guard: Guard | None = None
+        #: Malformed registry entries are warned of once, not at every refresh.
+        self.registry_warnings = WarnOnce()
 
     def routes(self) -> list[Route]:
         """Every page and action."""
@@ -207,7 +210,7 @@ class Pages:
 
     async def workers(self, request: Request) -> Response:
         """Every live worker and every coordinator, and the jobs each worker is running."""
-        view = await overview(self.client)
+        view = await overview(self.client, self.registry_warnings)
         roles = {role for worker in view["workers"] for role in worker.roles}
         running = await running_by_consumer(self.client, roles)
         return self.render("workers.html", running=running, **view)
@@ -341,7 +344,7 @@ class Pages:
 
     async def overview_view(self) -> dict[str, Any]:
         """The overview's figures, with each role's sparkline of the last minutes."""
-        view = await overview(self.client)
+        view = await overview(self.client, self.registry_warnings)
         now = _now_ms()
         await self.rates.update(now)
         view["sparks"] = self.rates.sparks([row.role for row in view["roles"]], now)

@@ -4,12 +4,15 @@ coordinator: what an operator sees and clicks."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streamflow import Client, Graph
+from streamflow import Client, Graph, scheduler
+from streamflow.protocol import now_ms
+from streamflow.schedules import Schedule
 from tests.dashboard.browser import Browser, png_facts
 from tests.dashboard.conftest import TOKEN, Procs
 from tests.helpers import recorded, wait_for
@@ -273,3 +276,53 @@ def test_a_job_is_looked_up_and_cancelled_from_the_jobs_page(
     browser.evaluate("location.reload()")
     browser.wait_for("document.getElementById('job-state').textContent == 'cancelled'")
     assert recorded(procs.record) == []  # stopped in its sleep: it never finished
+
+
+def test_the_overview_shows_a_scheduler_live_and_skips_a_hostile_registry_entry(
+    procs: Procs, browser: Browser
+) -> None:
+    """A scheduler process appears on the open overview with its health and schedules, and
+    leaves it when stopped; a forged entry renders as text, a malformed one is skipped with one
+    warning in the dashboard's log however many refreshes read it."""
+
+    async def seed(client: Client) -> None:
+        hourly = Schedule(id="hourly", role="record", every=3600)
+        await scheduler.add(client.redis, client.keys, hourly)
+        forged = {
+            "consumer": "intruder",
+            "host": XSS,
+            "pid": 1,
+            "version": XSS,
+            "started_at_ms": 0,
+            "updated_at_ms": now_ms(),
+            "schedules": 0,
+            "paused": 0,
+            "sent": 0,
+            "last_pass_ms": None,
+            "late_ms": 0,
+        }
+        entries = {"intruder": json.dumps(forged), "garbage": "[1]", b"\xff": b"{"}
+        await client.redis.hset(client.keys.schedulers(), mapping=entries)
+
+    procs.query(seed)
+    base = procs.dashboard()
+    browser.goto(base + "/")
+    browser.evaluate("window.__same_page = true")  # a reload would lose it
+    assert "<script>window.__xss=1</script>" in browser.text()
+    assert browser.evaluate(NO_SCRIPT_RAN) is True
+    assert browser.evaluate("document.querySelectorAll('#schedulers tbody tr').length") == 1
+    process, log = procs.start(
+        "sched-1", "scheduler", *procs.connection(), "--name", "sched-1", "--poll", "0.1"
+    )
+    row = "document.querySelector('tr[data-scheduler=\"sched-1\"] [data-field=%s]')"
+    browser.wait_for(f"({row % 'health'} || {{}}).textContent == 'live'", timeout=30)
+    assert browser.evaluate(f"{row % 'schedules'}.textContent") == "1"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0, log.read_text()
+    browser.wait_for("!document.querySelector('tr[data-scheduler=\"sched-1\"]')")
+    assert browser.evaluate("window.__same_page") is True
+    assert browser.evaluate(NO_SCRIPT_RAN) is True
+    dashboard_log = procs.tmp / f"dashboard-{base.rsplit(':', 1)[1]}.log"
+    warned = dashboard_log.read_text()
+    assert warned.count("skipping the malformed scheduler entry garbage") == 1, warned
+    assert warned.count("skipping the malformed scheduler entry \\xff") == 1, warned

@@ -42,7 +42,15 @@ from streamflow import (
 from streamflow.cli.security import acl_command
 from streamflow.dag import submissions
 from streamflow.delivery import Outcome
-from streamflow.keys import COORDINATOR_REGISTRY, COORDINATORS, GROUP, KINDS, LIFECYCLE, Keys
+from streamflow.keys import (
+    COORDINATOR_REGISTRY,
+    COORDINATORS,
+    GROUP,
+    KINDS,
+    LIFECYCLE,
+    SCHEDULER_REGISTRY,
+    Keys,
+)
 from streamflow.ops import acl, guard
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.server import RedisServer
@@ -213,7 +221,11 @@ def test_publisher_cannot_read_jobs_or_delete() -> None:
     (events,) = [n for n in acl.PUBLISHER.narrow if "xread" in n.commands]
     assert events.keys == (LIFECYCLE,) and set(events.commands) == {"xread", "xrevrange"}
     assert not {"xread", "xrevrange"} & set(acl.PUBLISHER.commands)
-    assert not (granted - {"hgetall", "xread", "xrevrange"}) & (reads | deletes)
+    # And the scheduler's registry entry: its only HDEL, in a selector on that hash only.
+    (beat,) = [n for n in acl.PUBLISHER.narrow if "hdel" in n.commands]
+    assert beat.keys == (SCHEDULER_REGISTRY,) and set(beat.commands) == {"hset", "hgetall", "hdel"}
+    assert "hdel" not in acl.PUBLISHER.commands
+    assert not (granted - {"hgetall", "hdel", "xread", "xrevrange"}) & (reads | deletes)
 
 
 ALL_PARTS = acl.PARTS
@@ -262,6 +274,7 @@ KEY_USERS: list[tuple[str, tuple[Any, ...], tuple[acl.Part, ...]]] = [
     ("schedules_paused", (), ("publisher", "operator", "dashboard")),
     ("schedule_ticks", (), ("publisher", "operator", "dashboard")),
     ("schedule_runs", (), ("publisher", "operator", "dashboard")),
+    ("schedulers", (), ("publisher", "operator", "dashboard")),
     ("flow_control", ("r",), ("worker", "operator", "dashboard")),
     ("flow_rate", ("r",), ("worker",)),
     ("flow_running", ("r",), ("worker", "operator", "dashboard")),
