@@ -495,6 +495,9 @@ class Intake:
         self.key_limiter: KeyLimiter | None = None
         # Partitions of limited roles whose adopter found no grant: their reader adopts next.
         self._adoption_wanted: set[str] = set()
+        # Streams of rate-limited roles whose last read came back short (drained): the next
+        # read blocks, holding a single grant, instead of reading a batch at once.
+        self._drained: set[str] = set()
 
     def stop(self) -> None:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
@@ -753,15 +756,18 @@ class Intake:
         """
         tokens: list[str] | None = None
         if self._limited(role.name):
-            tokens = await self._permits(role.name, free, backoff)
+            tokens = await self._permits(role.name, self._wanted(role, stream, free), backoff)
             if not tokens:
                 return None
             if shard in self._adoption_wanted and history is None:
                 await self._adopt_with(role, shard, stream, free, tokens, backoff)
                 return None
             free = len(tokens)
+            block = self._rated_block(role, stream, free, block)
         issued = time.monotonic()
         entries = await self._read(stream, free, block, history, backoff)
+        if tokens is not None and entries is not None:
+            self._note_drained(stream, len(entries) < free)
         if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
             # Redis may have delivered these long ago (this process was frozen in the read):
             # another worker may own them by now. Start only what is still ours.
@@ -799,6 +805,29 @@ class Intake:
         await guarded(
             lambda: self.adopt(role, shard, stream, count, tokens), backoff, regroup=regroup
         )
+
+    def _wanted(self, role: Role, stream: str, free: int) -> int:
+        """How many starts a limited role's reader asks for: one while its stream is drained.
+
+        A grant under a rate limit counts when it is given; a read blocked on an empty stream
+        would hold its grants until entries arrive, to start them then on top of the rate, so
+        such a read holds one grant. With entries waiting, a read takes all that are due.
+        """
+        if self.limiter.rated(role.name) and stream in self._drained:
+            return 1
+        return free
+
+    def _rated_block(self, role: Role, stream: str, granted: int, block: int | None) -> int | None:
+        """A rate-limited read holding more than one grant does not block (see :meth:`_wanted`)."""
+        if granted > 1 and self.limiter.rated(role.name):
+            return None
+        return block
+
+    def _note_drained(self, stream: str, short: bool) -> None:
+        if short:
+            self._drained.add(stream)
+        else:
+            self._drained.discard(stream)
 
     def _limited(self, role: str) -> bool:
         return self.limiter.declares(role) or role in self.flow.limited_at_run_time
