@@ -77,6 +77,9 @@ SLOT_POLL = 0.05
 #: (50/s: 5; 100/m: 1) may be granted at once after a pause, so a reader that asks late makes
 #: up the time lost. Over any window of ``w`` seconds at most ``rate x w + burst`` are granted.
 RATE_BURST = 0.1
+#: Seconds after which the grant a rate-limited read held while it blocked has aged: the start
+#: of the entry it returns is taken again at the rate (see :mod:`streamflow.intake`).
+CONFIRM_AFTER = 0.005
 
 
 def role_known(redis: Any, keys: Keys, role: str) -> Steps[bool]:
@@ -455,6 +458,7 @@ class Limiter:
         self._untracked: set[str] = set()  # granted starts that hold no running slot
         self._tat: dict[str, str] = {}  # granted start -> the rate state its grant left
         self._rated: set[str] = set()  # roles whose last grant was under a rate limit
+        self._unrated: set[str] = set()  # roles whose last grant was under no rate limit
         #: Reads a limit held back (the reader waited), by role.
         self.waits: dict[str, int] = {}
         #: Limit keys found holding another type, by kind (``flow_limits``).
@@ -473,9 +477,21 @@ class Limiter:
             out[role] = out.get(role, 0) + 1
         return out
 
-    def rated(self, role: str) -> bool:
-        """Whether ``role``'s last grant was under a rate limit (its grants age while held)."""
-        return role in self._rated
+    def rated(self, role: str) -> bool | None:
+        """Whether ``role``'s last grant was under a rate limit (None: none granted yet)."""
+        if role in self._rated:
+            return True
+        return False if role in self._unrated else None
+
+    async def confirm(self, role: str, wanted: int) -> tuple[int, float]:
+        """Take up to ``wanted`` starts at the rate again, slots untouched.
+
+        Returns:
+            How many were granted, and (with none) seconds until the next is due.
+        """
+        reply = await self._call(role, "confirm", refund=wanted)
+        granted, wait_us = (int(v) for v in reply[:2])
+        return granted, 0.0 if granted else max(wait_us, 1) / 1_000_000
 
     async def _call(
         self, role: str, op: str, tokens: Sequence[str] = (), refund: int = 0, tat: str = ""
@@ -497,6 +513,8 @@ class Limiter:
                 raise
             self._unusable(role, keys, exc)
             # Served without its limits, rather than not at all: no slot is tracked.
+            if op == "confirm":
+                return [refund, 0]
             return [len(tokens), 0, 0, b""] if op == "acquire" else [0, 0]
         if op == "acquire":  # the one step that reads every limit key
             self._broken.discard(role)
@@ -531,9 +549,11 @@ class Limiter:
                 self._untracked.update(tokens[:granted])
             if tat:
                 self._rated.add(role)
+                self._unrated.discard(role)
                 self._tat.update(dict.fromkeys(tokens[:granted], tat))
             else:
                 self._rated.discard(role)
+                self._unrated.add(role)
             return tokens[:granted], 0.0
         self.waits[role] = self.waits.get(role, 0) + 1
         if wait_us < 0:

@@ -44,7 +44,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from streamflow import connect, scripts, streams
+from streamflow import connect, flow, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
 from streamflow.flow import Limiter, PauseWatch
@@ -495,9 +495,9 @@ class Intake:
         self.key_limiter: KeyLimiter | None = None
         # Partitions of limited roles whose adopter found no grant: their reader adopts next.
         self._adoption_wanted: set[str] = set()
-        # Streams of rate-limited roles whose last read came back short (drained): the next
-        # read blocks, holding a single grant, instead of reading a batch at once.
-        self._drained: set[str] = set()
+        # Streams of limited roles whose last read came back full: the next read takes every
+        # start due at once; any other (drained, or not read yet) blocks with a single grant.
+        self._flowing: set[str] = set()
 
     def stop(self) -> None:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
@@ -763,11 +763,11 @@ class Intake:
                 await self._adopt_with(role, shard, stream, free, tokens, backoff)
                 return None
             free = len(tokens)
-            block = self._rated_block(role, stream, free, block)
+            block = self._rated_block(role, stream, block)
         issued = time.monotonic()
         entries = await self._read(stream, free, block, history, backoff)
         if tokens is not None and entries is not None:
-            self._note_drained(stream, len(entries) < free)
+            await self._after_limited_read(role.name, stream, free, entries, block, issued)
         if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
             # Redis may have delivered these long ago (this process was frozen in the read):
             # another worker may own them by now. Start only what is still ours.
@@ -810,24 +810,56 @@ class Intake:
         """How many starts a limited role's reader asks for: one while its stream is drained.
 
         A grant under a rate limit counts when it is given; a read blocked on an empty stream
-        would hold its grants until entries arrive, to start them then on top of the rate, so
-        such a read holds one grant. With entries waiting, a read takes all that are due.
+        holds its grants until entries arrive, so such a read holds one grant only (and takes
+        it again when its entry arrives: :meth:`_after_limited_read`). With entries waiting, a
+        read takes every start that is due, without blocking. A role not known to be rated yet
+        (its first grant) counts as rated.
         """
-        if self.limiter.rated(role.name) and stream in self._drained:
+        if self.limiter.rated(role.name) is not False and stream not in self._flowing:
             return 1
         return free
 
-    def _rated_block(self, role: Role, stream: str, granted: int, block: int | None) -> int | None:
-        """A rate-limited read holding more than one grant does not block (see :meth:`_wanted`)."""
-        if granted > 1 and self.limiter.rated(role.name):
+    def _rated_block(self, role: Role, stream: str, block: int | None) -> int | None:
+        """A rate-limited read blocks only while its stream is drained (see :meth:`_wanted`)."""
+        if stream in self._flowing and self.limiter.rated(role.name):
             return None
         return block
 
-    def _note_drained(self, stream: str, short: bool) -> None:
-        if short:
-            self._drained.add(stream)
+    async def _after_limited_read(
+        self,
+        role: str,
+        stream: str,
+        granted: int,
+        entries: list[streams.Entry],
+        block: int | None,
+        issued: float,
+    ) -> None:
+        """Note whether the stream flows; confirm the starts of a read that blocked a while.
+
+        The grant such a read held was counted when it was given, before the wait: its start
+        is taken again at the rate (waiting for it, the entry held but not started), so that a
+        start counts when it happens and idle readers cannot add their old grants on top of
+        the rate when work arrives. The first grant is thereby spent twice, once per wait.
+        """
+        if len(entries) >= granted:
+            self._flowing.add(stream)
         else:
-            self._drained.discard(stream)
+            self._flowing.discard(stream)
+        aged = block is not None and time.monotonic() - issued > flow.CONFIRM_AFTER
+        if not entries or not aged or not self.limiter.rated(role):
+            return
+        confirmed = 0
+        backoff = connect.Backoff(f"confirming starts of {role}")
+        while confirmed < len(entries) and not self._stopping.is_set():
+            wait = 0.0
+
+            async def confirm() -> None:
+                nonlocal confirmed, wait
+                granted_now, wait = await self.limiter.confirm(role, len(entries) - confirmed)
+                confirmed += granted_now
+
+            if await guarded(confirm, backoff) and confirmed < len(entries):
+                await sleep_unless(self._stopping, wait)
 
     def _limited(self, role: str) -> bool:
         return self.limiter.declares(role) or role in self.flow.limited_at_run_time

@@ -629,6 +629,13 @@ async def test_limit_grants_every_start_due_up_to_the_burst_and_never_more(
         total += (await _limit(redis, keys, "acquire", *many, declared=rate, burst_ms=100))[0]
     assert total <= 50 * (time.monotonic() - began) + 5 + 1  # one: the clocks' rounding
     assert total >= 50 * 0.5 * 0.9
+    # confirm takes starts at the rate alone (a blocked read's aged grant), no running slot.
+    await redis.delete(keys.flow_rate("r"))
+    capped = (50, 1000, 1)
+    assert await _limit(redis, keys, "confirm", declared=capped, refund=9, burst_ms=100) == [5, 0]
+    assert not await redis.exists(keys.flow_running("r"))
+    granted, wait_us = await _limit(redis, keys, "confirm", declared=capped, refund=1)
+    assert granted == 0 and wait_us > 0
 
 
 #: A command a script calls: ``redis.call('XGROUP', 'DELCONSUMER', ...)`` gives both words.

@@ -5,9 +5,9 @@
 -- KEYS[1] flow control hash (fields rate_count, rate_period_ms, concurrency override the
 --         declared ones; 0 means no limit), KEYS[2] rate state (the theoretical arrival time
 --         TAT, ms with us precision), KEYS[3] running slots (zset: token -> expiry ms)
--- ARGV[1] acquire | renew | release | refund
+-- ARGV[1] acquire | confirm | renew | release | refund
 -- ARGV[2] declared rate count, ARGV[3] declared rate period ms, ARGV[4] declared concurrency
---         (0: none), ARGV[5] slot ttl ms, ARGV[6] burst window ms, ARGV[7] starts to refund,
+--         (0: none), ARGV[5] slot ttl ms, ARGV[6] burst window ms, ARGV[7] starts to refund (confirm),
 --         ARGV[8] the TAT an acquire returned (refund), ARGV[9..n] tokens
 -- Rate: emission interval T = period / count, burst B = max(1, floor(window / T)). A call
 --   grants n = min(tokens, floor((now + B*T - max(TAT, now)) / T)) starts and sets
@@ -17,6 +17,9 @@
 -- acquire: returns {granted, wait us, slots, TAT}: the first `granted` tokens hold a start
 --          (and, if slots is 1, a running slot); with none granted, wait us until the next
 --          start is due (-1: until a running slot frees). TAT is '' without a rate limit.
+-- confirm: {granted, wait us} for up to ARGV[7] starts at the rate alone (no slots): a grant
+--          that aged in a blocked read is taken again when its entry arrives, so that the
+--          start counts when it happens.
 -- renew: extends the tokens' slots; release: frees them; refund: gives back the last
 --        ARGV[7] starts of the acquire that returned TAT ARGV[8], only if no start was
 --        granted since (TAT unchanged), so that a refund can never let a window exceed the
@@ -75,6 +78,24 @@ if op == 'refund' then
   return {1, 0}
 end
 
+-- Up to `wanted` starts at the rate: how many, the wait (us) if none, the state it leaves.
+local function take(wanted)
+  local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or '') or now, now)
+  local due = math.floor((now + burst * step - tat) / step + 1e-9)
+  if due < 1 then
+    return 0, math.max(1, math.ceil((tat - (burst - 1) * step - now) * 1000)), ''
+  end
+  local granted = math.min(wanted, due)
+  if granted <= 0 then return 0, 0, '' end
+  return granted, 0, set_tat(tat + granted * step)
+end
+
+if op == 'confirm' then
+  if not step then return {tonumber(ARGV[7]) or 0, 0} end
+  local granted, wait = take(tonumber(ARGV[7]) or 0)
+  return {granted, wait}
+end
+
 local grant, wait = #ARGV - first_token + 1, 0
 local slots = cap()
 if slots then
@@ -82,18 +103,13 @@ if slots then
   local free = slots - redis.call('ZCARD', KEYS[3])
   if free < grant then grant, wait = math.max(free, 0), -1 end
 end
-local tat, shown = now, ''
+local shown = ''
 if step then
-  tat = math.max(tonumber(redis.call('GET', KEYS[2]) or '') or now, now)
-  local due = math.floor((now + burst * step - tat) / step + 1e-9)
-  if due < 1 then
-    grant, wait = 0, math.max(1, math.ceil((tat - (burst - 1) * step - now) * 1000))
-  elseif grant > due then
-    grant = due
-  end
+  local rate_wait
+  grant, rate_wait, shown = take(grant)
+  if rate_wait > 0 then wait = rate_wait end
 end
 if grant > 0 then
-  if step then shown = set_tat(tat + grant * step) end
   if slots then
     for i = 1, grant do redis.call('ZADD', KEYS[3], now + ttl, ARGV[first_token - 1 + i]) end
   end
