@@ -22,7 +22,10 @@ worker stay pending until the resume; due retries still move to the stream (to w
 A limited role's reader asks the :class:`~streamflow.flow.Limiter` for permits before each read
 and reads no more entries than it was granted (see :mod:`streamflow.flow`); its adopter does the
 same before each adoption step, and adopts no more entries than it was granted (none: it tries
-again at its next tick, the entries staying pending, idle, where they are). Per-key limits are
+again at its next tick, the entries staying pending, idle, where they are). Under a rate, a
+reader whose stream flows reads every start due without blocking; once it is drained it asks
+for one start and blocks, and takes that start again when an entry arrives after a wait (its
+grant aged while it blocked: see :meth:`Intake._after_limited_read`). Per-key limits are
 applied later, once an entry is decoded (:mod:`streamflow.keylimits`), to read and adopted
 entries alike.
 
