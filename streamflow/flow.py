@@ -17,8 +17,8 @@ Limits (:class:`Limiter`, ``limit.lua``): a role may be held to N starts per per
 with a burst of :data:`RATE_BURST` seconds' worth, at least 1: every start due is granted in
 one call, and at most ``rate x window + burst`` in any window) and to M jobs held at once,
 across every worker and process. They are declared in code
-(``@app.role(rate_limit="100/m", concurrency_limit=5)``) and overridden at run time by the ``rate_count``, ``rate_period_ms`` and ``concurrency`` fields of
-the same hash (``streamflow limit``; 0 means no limit). A worker's reader asks the script for
+(``@app.role(rate_limit="100/m", concurrency_limit=5)``) and overridden at run time by the
+``rate_count``, ``rate_period_ms`` and ``concurrency`` fields of the same hash (``streamflow limit``; 0 means no limit). A worker's reader asks the script for
 permits before it reads (and its adopter before it adopts: see :mod:`streamflow.intake`), and
 reads only as many entries as were granted: a limited job waits in
 the stream, in its place, not read by anyone, so it has no lease to lose. A running slot is a
