@@ -13,19 +13,20 @@ after a missed signal, after an outage), one round trip per worker per half seco
 nothing next to the reads, and half a second is below one blocking read (``block_ms``, 1 s), so
 a pause takes effect within one read cycle either way with a single mechanism.
 
-Limits (:class:`Limiter`, ``limit.lua``): a role may be held to N starts per period (GCRA
-with a burst of :data:`RATE_BURST` seconds' worth, at least 1: every start due is granted in
-one call, and at most ``rate x window + burst`` in any window) and to M jobs held at once,
-across every worker and process. They are declared in code
-(``@app.role(rate_limit="100/m", concurrency_limit=5)``) and overridden at run time by the
-``rate_count``, ``rate_period_ms`` and ``concurrency`` fields of the same hash (``streamflow limit``; 0 means no limit). A worker's reader asks the script for
-permits before it reads (and its adopter before it adopts: see :mod:`streamflow.intake`), and
-reads only as many entries as were granted: a limited job waits in
-the stream, in its place, not read by anyone, so it has no lease to lose. A running slot is a
+Limits (:class:`Limiter`, ``limit.lua``): a role may be held to N starts per period (GCRA with a
+burst of :data:`RATE_BURST` seconds' worth, at least 1: every start due is granted in one call,
+and at most ``rate x window + burst`` in any window) and to M jobs held at once, across every
+worker and process. They are declared in code (``@app.role(rate_limit="100/m",
+concurrency_limit=5)``) and overridden at run time by the ``rate_count``, ``rate_period_ms`` and
+``concurrency`` fields of the same hash (``streamflow limit``; 0 means no limit). A worker's
+reader asks the script for permits before it reads (and its adopter before it adopts: see
+:mod:`streamflow.intake`), and reads only as many entries as were granted: a limited job waits
+in the stream, in its place, not read by anyone, so it has no lease to lose. A running slot is a
 token in ``{flow:<role>}:running`` with an expiry (the lease TTL, renewed while the entry is
 held), so a worker that dies gives its slots back when they expire. A grant the read did not use
-(the stream had fewer entries) is handed back at once. Limits per key within a role (a
-customer id) are in :mod:`streamflow.keylimits`: the key is known only after the read.
+(the stream had fewer entries) is handed back at once, unless a start was granted since. Limits
+per key within a role (a customer id) are in :mod:`streamflow.keylimits`: the key is known only
+after the read.
 
 The pause, resume and limit operations are written once as :mod:`streamflow.steps` generators,
 for the asyncio and the blocking client alike.
