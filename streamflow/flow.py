@@ -13,18 +13,20 @@ after a missed signal, after an outage), one round trip per worker per half seco
 nothing next to the reads, and half a second is below one blocking read (``block_ms``, 1 s), so
 a pause takes effect within one read cycle either way with a single mechanism.
 
-Limits (:class:`Limiter`, ``limit.lua``): a role may be held to N starts per period (GCRA, no
-burst: one start per ``period / N``) and to M jobs held at once, across every worker and
-process. They are declared in code (``@app.role(rate_limit="100/m", concurrency_limit=5)``) and
-overridden at run time by the ``rate_count``, ``rate_period_ms`` and ``concurrency`` fields of
-the same hash (``streamflow limit``; 0 means no limit). A worker's reader asks the script for
-permits before it reads (and its adopter before it adopts: see :mod:`streamflow.intake`), and
-reads only as many entries as were granted: a limited job waits in
-the stream, in its place, not read by anyone, so it has no lease to lose. A running slot is a
+Limits (:class:`Limiter`, ``limit.lua``): a role may be held to N starts per period (GCRA with a
+burst of :data:`RATE_BURST` seconds' worth, at least 1: every start due is granted in one call,
+and at most ``rate x window + burst`` in any window) and to M jobs held at once, across every
+worker and process. They are declared in code (``@app.role(rate_limit="100/m",
+concurrency_limit=5)``) and overridden at run time by the ``rate_count``, ``rate_period_ms`` and
+``concurrency`` fields of the same hash (``streamflow limit``; 0 means no limit). A worker's
+reader asks the script for permits before it reads (and its adopter before it adopts: see
+:mod:`streamflow.intake`), and reads only as many entries as were granted: a limited job waits
+in the stream, in its place, not read by anyone, so it has no lease to lose. A running slot is a
 token in ``{flow:<role>}:running`` with an expiry (the lease TTL, renewed while the entry is
 held), so a worker that dies gives its slots back when they expire. A grant the read did not use
-(the stream had fewer entries) is handed back at once. Limits per key within a role (a
-customer id) are in :mod:`streamflow.keylimits`: the key is known only after the read.
+(the stream had fewer entries) is handed back at once, unless a start was granted since. Limits
+per key within a role (a customer id) are in :mod:`streamflow.keylimits`: the key is known only
+after the read.
 
 The pause, resume and limit operations are written once as :mod:`streamflow.steps` generators,
 for the asyncio and the blocking client alike.
@@ -74,6 +76,13 @@ _ALL_LIMITS = (
 )
 #: Seconds a reader waits before asking again when all of a role's running slots are taken.
 SLOT_POLL = 0.05
+#: A rate limit's burst, in seconds of its rate: ``max(1, floor(rate x RATE_BURST))`` starts
+#: (50/s: 5; 100/m: 1) may be granted at once after a pause, so a reader that asks late makes
+#: up the time lost. Over any window of ``w`` seconds at most ``rate x w + burst`` are granted.
+RATE_BURST = 0.1
+#: Seconds after which the grant a rate-limited read held while it blocked has aged: the start
+#: of the entry it returns is taken again at the rate (see :mod:`streamflow.intake`).
+CONFIRM_AFTER = 0.005
 
 
 def role_known(redis: Any, keys: Keys, role: str) -> Steps[bool]:
@@ -431,6 +440,11 @@ class PauseWatch:
             await backoff.attempt(self.refresh)
 
 
+def _text(value: Any) -> str:
+    """A script's string reply (bytes from a client without decoding) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Limiter:
     """A worker's side of the limits: permits before reads, running slots while entries are held.
 
@@ -467,6 +481,9 @@ class Limiter:
         self._slots: dict[str, tuple[str, str, bytes]] = {}
         self._renewed_at = time.monotonic()
         self._untracked: set[str] = set()  # granted starts that hold no running slot
+        self._tat: dict[str, str] = {}  # granted start -> the rate state its grant left
+        self._rated: set[str] = set()  # roles whose last grant was under a rate limit
+        self._unrated: set[str] = set()  # roles whose last grant was under no rate limit
         #: Reads a limit held back (the reader waited), by role.
         self.waits: dict[str, int] = {}
         #: Limit keys found holding another type, by kind (``flow_limits``).
@@ -485,7 +502,25 @@ class Limiter:
             out[role] = out.get(role, 0) + 1
         return out
 
-    async def _call(self, role: str, op: str, tokens: Sequence[str] = (), refund: int = 0) -> Any:
+    def rated(self, role: str) -> bool | None:
+        """Whether ``role``'s last grant was under a rate limit (None: none granted yet)."""
+        if role in self._rated:
+            return True
+        return False if role in self._unrated else None
+
+    async def confirm(self, role: str, wanted: int) -> tuple[int, float]:
+        """Take up to ``wanted`` starts at the rate again, slots untouched.
+
+        Returns:
+            How many were granted, and (with none) seconds until the next is due.
+        """
+        reply = await self._call(role, "confirm", refund=wanted)
+        granted, wait_us = (int(v) for v in reply[:2])
+        return granted, 0.0 if granted else max(wait_us, 1) / 1_000_000
+
+    async def _call(
+        self, role: str, op: str, tokens: Sequence[str] = (), refund: int = 0, tat: str = ""
+    ) -> Any:
         rate, cap = self._declared.get(role, (None, None))
         count, period = rate or (0, 0)
         keys = [
@@ -493,7 +528,9 @@ class Limiter:
             self._keys.flow_rate(role),
             self._keys.flow_running(role),
         ]
-        args: list[str | int] = [op, count, period, cap or 0, self._ttl_ms, refund, *tokens]
+        burst_ms = round(RATE_BURST * 1000)
+        args: list[str | int] = [op, count, period, cap or 0, self._ttl_ms, burst_ms]
+        args += [refund, tat, *tokens]
         try:
             reply = await self._scripts.limit(keys=keys, args=args, client=self._redis)
         except ResponseError as exc:
@@ -501,7 +538,9 @@ class Limiter:
                 raise
             self._unusable(role, keys, exc)
             # Served without its limits, rather than not at all: no slot is tracked.
-            return [len(tokens), 0, 0] if op == "acquire" else [0, 0]
+            if op == "confirm":
+                return [refund, 0]
+            return [len(tokens), 0, 0, b""] if op == "acquire" else [0, 0]
         if op == "acquire":  # the one step that reads every limit key
             self._broken.discard(role)
         return reply
@@ -521,30 +560,54 @@ class Limiter:
         )
 
     async def acquire(self, role: str, wanted: int) -> tuple[list[str], float]:
-        """Ask for up to ``wanted`` starts: the tokens granted, else seconds to wait."""
+        """Ask for up to ``wanted`` starts: the tokens granted, else seconds to wait.
+
+        Under a rate limit, every start due (up to ``wanted`` and the burst) is granted at
+        once; with none due, the wait is until the next one is, to the microsecond.
+        """
         tokens = [f"{self._consumer}:{next(self._seq)}" for _ in range(wanted)]
-        granted, wait_ms, slots = (int(v) for v in await self._call(role, "acquire", tokens))
+        reply = await self._call(role, "acquire", tokens)
+        granted, wait_us, slots = (int(v) for v in reply[:3])
+        tat = _text(reply[3]) if len(reply) > 3 else ""
         if granted:
             if not slots:  # no concurrency limit: nothing to free or renew later
                 self._untracked.update(tokens[:granted])
+            if tat:
+                self._rated.add(role)
+                self._unrated.discard(role)
+                self._tat.update(dict.fromkeys(tokens[:granted], tat))
+            else:
+                self._rated.discard(role)
+                self._unrated.add(role)
             return tokens[:granted], 0.0
         self.waits[role] = self.waits.get(role, 0) + 1
-        return [], SLOT_POLL if wait_ms < 0 else max(wait_ms / 1000, 0.001)
+        if wait_us < 0:
+            return [], SLOT_POLL
+        self._rated.add(role)
+        return [], max(wait_us, 1) / 1_000_000
 
     async def bind(
         self, role: str, stream: str, entries: Sequence[streams.Entry], tokens: Sequence[str]
     ) -> None:
         """Tie a token to each entry read (and held); give back the starts not used."""
         for token, entry in zip(tokens, entries, strict=False):
+            self._tat.pop(token, None)
             if token in self._untracked:
                 self._untracked.discard(token)
             else:
                 self._slots[token] = (role, stream, entry.id)
         unused = list(tokens[len(entries) :])
+        if not unused:
+            return
+        tat = self._tat.get(unused[0], "")
+        for token in unused:
+            self._tat.pop(token, None)
+        slotted = [token for token in unused if token not in self._untracked]
         self._untracked.difference_update(unused)
-        if unused:
-            await self._call(role, "release", unused)
-            await self._call(role, "refund", refund=len(unused))
+        if slotted:
+            await self._call(role, "release", slotted)
+        if tat:  # given back only if no start was granted since (see limit.lua)
+            await self._call(role, "refund", refund=len(unused), tat=tat)
 
     async def sweep(self) -> None:
         """Free the slots of entries no longer held; renew the others every third of the TTL."""

@@ -22,7 +22,10 @@ worker stay pending until the resume; due retries still move to the stream (to w
 A limited role's reader asks the :class:`~streamflow.flow.Limiter` for permits before each read
 and reads no more entries than it was granted (see :mod:`streamflow.flow`); its adopter does the
 same before each adoption step, and adopts no more entries than it was granted (none: it tries
-again at its next tick, the entries staying pending, idle, where they are). Per-key limits are
+again at its next tick, the entries staying pending, idle, where they are). Under a rate, a
+reader whose stream flows reads every start due without blocking; once it is drained it asks
+for one start and blocks, and takes that start again when an entry arrives after a wait (its
+grant aged while it blocked: see :meth:`Intake._after_limited_read`). Per-key limits are
 applied later, once an entry is decoded (:mod:`streamflow.keylimits`), to read and adopted
 entries alike.
 
@@ -45,7 +48,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from streamflow import connect, scripts, streams
+from streamflow import connect, flow, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
 from streamflow.flow import Limiter, PauseWatch
@@ -496,6 +499,9 @@ class Intake:
         self.key_limiter: KeyLimiter | None = None
         # Partitions of limited roles whose adopter found no grant: their reader adopts next.
         self._adoption_wanted: set[str] = set()
+        # Streams of limited roles whose last read came back full: the next read takes every
+        # start due at once; any other (drained, or not read yet) blocks with a single grant.
+        self._flowing: set[str] = set()
 
     def stop(self) -> None:
         """The worker stops (``stopping`` is set): wake every loop that waits."""
@@ -785,15 +791,18 @@ class Intake:
         """
         tokens: list[str] | None = None
         if self._limited(role.name):
-            tokens = await self._permits(role.name, free, backoff)
+            tokens = await self._permits(role.name, self._wanted(role, stream, free), backoff)
             if not tokens:
                 return None
             if shard in self._adoption_wanted and history is None:
                 await self._adopt_with(role, shard, stream, free, tokens, backoff)
                 return None
             free = len(tokens)
+            block = self._rated_block(role, stream, block)
         issued = time.monotonic()
         entries = await self._read(stream, free, block, history, backoff)
+        if tokens is not None and entries is not None:
+            await self._after_limited_read(role.name, stream, free, entries, block, issued)
         if entries and time.monotonic() - issued > self._leases.settings.unsafe_after:
             # Redis may have delivered these long ago (this process was frozen in the read):
             # another worker may own them by now. Start only what is still ours.
@@ -831,6 +840,61 @@ class Intake:
         await guarded(
             lambda: self.adopt(role, shard, stream, count, tokens), backoff, regroup=regroup
         )
+
+    def _wanted(self, role: Role, stream: str, free: int) -> int:
+        """How many starts a limited role's reader asks for: one while its stream is drained.
+
+        A grant under a rate limit counts when it is given; a read blocked on an empty stream
+        holds its grants until entries arrive, so such a read holds one grant only (and takes
+        it again when its entry arrives: :meth:`_after_limited_read`). With entries waiting, a
+        read takes every start that is due, without blocking. A role not known to be rated yet
+        (its first grant) counts as rated.
+        """
+        if self.limiter.rated(role.name) is not False and stream not in self._flowing:
+            return 1
+        return free
+
+    def _rated_block(self, role: Role, stream: str, block: int | None) -> int | None:
+        """A rate-limited read blocks only while its stream is drained (see :meth:`_wanted`)."""
+        if stream in self._flowing and self.limiter.rated(role.name):
+            return None
+        return block
+
+    async def _after_limited_read(
+        self,
+        role: str,
+        stream: str,
+        granted: int,
+        entries: list[streams.Entry],
+        block: int | None,
+        issued: float,
+    ) -> None:
+        """Note whether the stream flows; confirm the starts of a read that blocked a while.
+
+        The grant such a read held was counted when it was given, before the wait: its start
+        is taken again at the rate (waiting for it, the entry held but not started), so that a
+        start counts when it happens and idle readers cannot add their old grants on top of
+        the rate when work arrives. The first grant is thereby spent twice, once per wait.
+        """
+        if len(entries) >= granted:
+            self._flowing.add(stream)
+        else:
+            self._flowing.discard(stream)
+        aged = block is not None and time.monotonic() - issued > flow.CONFIRM_AFTER
+        if not entries or not aged or not self.limiter.rated(role):
+            return
+        confirmed = 0
+        backoff = connect.Backoff(f"confirming starts of {role}")
+        while confirmed < len(entries) and not self._stopping.is_set():
+            wait = 0.0
+
+            async def confirm() -> None:
+                nonlocal confirmed, wait
+                granted_now, wait = await self.limiter.confirm(role, len(entries) - confirmed)
+                confirmed += granted_now
+
+            if await guarded(confirm, backoff) and confirmed < len(entries):
+                await sleep_unless(self._stopping, wait)
 
     def _limited(self, role: str) -> bool:
         return self.limiter.declares(role) or role in self.flow.limited_at_run_time

@@ -314,6 +314,86 @@ def test_a_rate_limit_holds_across_two_worker_processes(
 
 
 @pytest.mark.slow
+def test_a_rate_of_50_per_second_shared_by_4_worker_processes_holds_within_10_percent(
+    worker_processes: WorkerProcesses,
+) -> None:
+    """Issue 23: 50/s over 10 s across 4 processes, both bounds, from the external record."""
+    record, workers, sync, connection = worker_processes
+    rate, seconds = 50, 10.0
+    burst = max(1, int(rate * flow.RATE_BURST))
+    assert run_cli("limit", "work", "--rate", f"{rate}/s", *connection).returncode == 0
+    started = [workers.start(name, concurrency=8) for name in ("a", "b", "c", "d")]
+    for worker in started:
+        worker.wait_ready()
+    # A backlog that outlasts the measured 10 s: the limit, not the stream, is what binds.
+    ids = sync.publish_many("work", [{} for _ in range(int(rate * (seconds + 3)))])
+
+    def measured() -> list[float]:
+        starts = sorted(line.at for line in record.events("START"))
+        return [at for at in starts if at < starts[0] + seconds] if starts else []
+
+    wait_for(
+        lambda: (
+            bool(measured())
+            and max(line.at for line in record.events("START")) >= measured()[0] + seconds
+        ),
+        seconds + 20,
+        "ten seconds of starts",
+    )
+    starts = measured()
+    assert rate * seconds * 0.9 <= len(starts) <= rate * seconds * 1.1, len(starts)
+    # No one-second window holds more than the rate and the burst (and one start of slack
+    # for the clocks of four processes, each stamping its own record lines).
+    for index, first in enumerate(starts):
+        window = sum(1 for at in starts[index:] if at < first + 1.0)
+        assert window <= rate + burst + 1, (window, first)
+    assert {line.consumer for line in record.events("START")} == {"a", "b", "c", "d"}
+    assert len(record.ids("START")) < len(ids)  # the backlog outlasted the measurement
+    for worker in started:
+        worker.assert_clean_log()
+
+
+async def _script_calls(redis: Redis) -> int:
+    """Scripts run by the server so far (``EVALSHA`` and ``EVAL``)."""
+    stats = await redis.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+    )
+
+
+@pytest.mark.slow
+async def test_a_non_binding_rate_limit_reads_in_batches(redis: Redis, namespace: str) -> None:
+    """A rate far above the traffic costs far less than one limit script call per job.
+
+    Counted by the server (``INFO commandstats``): the scripts a plain role's jobs run (leases,
+    settling) are measured the same way in the same run and taken off.
+    """
+    app = App()
+
+    @app.role("plain")
+    async def plain(ctx: Context, payload: Any) -> None:
+        pass
+
+    @app.role("paced", rate_limit="1000000/s")
+    async def paced(ctx: Context, payload: Any) -> None:
+        pass
+
+    client = Client(redis, namespace=namespace)
+    outcomes: list[Outcome] = []
+    jobs = 1000
+    calls: dict[str, int] = {}
+    with anyio.fail_after(60):
+        async with running(make_worker(app, redis, namespace, outcomes, concurrency=16)):
+            for role in ("plain", "paced"):
+                before, done = await _script_calls(redis), len(outcomes)
+                await client.publish_many(role, [{} for _ in range(jobs)])
+                await wait_until(lambda: len(outcomes) - done >= jobs)  # noqa: B023
+                calls[role] = await _script_calls(redis) - before
+    per_job = (calls["paced"] - calls["plain"]) / jobs
+    assert per_job < 0.1, calls  # one start per call was 2.2 script calls per job
+
+
+@pytest.mark.slow
 def test_a_concurrency_limit_is_never_exceeded_across_processes_and_a_killed_slot_comes_back(
     worker_processes: WorkerProcesses, redis_url: str, namespace: str
 ) -> None:

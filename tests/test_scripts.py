@@ -12,6 +12,7 @@ import os
 import random
 import re
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -533,14 +534,24 @@ async def _limit(
     declared: tuple[int, int, int] = (0, 0, 0),
     refund: int = 0,
     ttl_ms: int = 60_000,
+    burst_ms: int = 0,
+    tat: str = "",
 ) -> list[int]:
     count, period, cap = declared
+    reply = await _limit_raw(
+        redis, keys, op, count, period, cap, ttl_ms, burst_ms, refund, tat, *tokens
+    )
+    return [int(value) for value in reply[:2]]  # then: whether slots are tracked, the TAT
+
+
+async def _limit_raw(redis: Redis, keys: Keys, *args: str | int) -> list[Any]:
+    """``limit.lua`` on role ``r`` with ``args`` as they are (op ... tokens)."""
     reply = await Scripts(redis).limit(
         keys=[keys.flow_control("r"), keys.flow_rate("r"), keys.flow_running("r")],
-        args=[op, count, period, cap, ttl_ms, refund, *tokens],
+        args=list(args),
         client=redis,
     )
-    return [int(value) for value in reply][:2]  # the third: whether slots are tracked
+    return list(reply)
 
 
 async def test_limit_caps_running_slots_and_frees_released_and_expired_ones(
@@ -569,9 +580,13 @@ async def test_limit_spaces_starts_by_the_rate_and_takes_refunds(
     keys = Keys(namespace)
     rate = (1, 60_000, 0)  # one start a minute: the next is far off
     assert await _limit(redis, keys, "acquire", "a", "b", declared=rate) == [1, 0]
-    granted, wait = await _limit(redis, keys, "acquire", "c", declared=rate)
-    assert granted == 0 and 59_000 < wait <= 60_000
-    await _limit(redis, keys, "refund", declared=rate, refund=1)  # the start was not used
+    tat = (await redis.get(keys.flow_rate("r"))).decode()
+    granted, wait_us = await _limit(redis, keys, "acquire", "c", declared=rate)
+    assert granted == 0 and 59_000_000 < wait_us <= 60_000_000
+    # A refund names the state its grant left: a stale one (a start granted since) is refused.
+    stale = await _limit(redis, keys, "refund", declared=rate, refund=1, tat="1.000")
+    assert stale == [0, 0]
+    await _limit(redis, keys, "refund", declared=rate, refund=1, tat=tat)  # not used
     assert await _limit(redis, keys, "acquire", "c", declared=rate) == [1, 0]
     assert await redis.pttl(keys.flow_rate("r")) > 0  # the state expires by itself
     # Set at run time, "off" (count 0) lifts the declared rate.
@@ -580,16 +595,49 @@ async def test_limit_spaces_starts_by_the_rate_and_takes_refunds(
     # A start under a rate alone holds no running slot (nothing to free or renew later).
     raw = await Scripts(redis).limit(
         keys=[keys.flow_control("x"), keys.flow_rate("x"), keys.flow_running("x")],
-        args=["acquire", 1, 60_000, 0, 60_000, 0, "z"],
+        args=["acquire", 1, 60_000, 0, 60_000, 0, 0, "", "z"],
         client=redis,
     )
-    assert [int(v) for v in raw] == [1, 0, 0]
+    assert [int(v) for v in raw[:3]] == [1, 0, 0]
     assert not await redis.exists(keys.flow_running("x"))
     # And a run-time rate applies where none is declared (from a fresh state).
     await redis.delete(keys.flow_rate("r"))
     await redis.hset(keys.flow_control("r"), mapping={"rate_count": 1, "rate_period_ms": 60_000})
     assert (await _limit(redis, keys, "acquire", "f"))[0] == 1
     assert (await _limit(redis, keys, "acquire", "g"))[0] == 0
+
+
+async def test_limit_grants_every_start_due_up_to_the_burst_and_never_more(
+    redis: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    rate = (50, 1000, 0)  # 50/s: one start every 20 ms; a 100 ms burst window: 5 starts
+    many = [f"t{i}" for i in range(20)]
+    granted, _ = await _limit(redis, keys, "acquire", *many, declared=rate, burst_ms=100)
+    assert granted == 5  # a fresh state: the burst at once, not one start per call
+    granted, wait_us = await _limit(redis, keys, "acquire", *many, declared=rate, burst_ms=100)
+    assert granted == 0 and 0 < wait_us <= 20_000  # the next start is due within T
+    await anyio.sleep(wait_us / 1_000_000)  # exactly until due: then it is granted
+    granted, _ = await _limit(redis, keys, "acquire", *many, declared=rate, burst_ms=100)
+    assert granted >= 1
+    # A caller that asks late gets every start due since, up to the burst, in one call.
+    await anyio.sleep(0.07)
+    granted, _ = await _limit(redis, keys, "acquire", *many, declared=rate, burst_ms=100)
+    assert 3 <= granted <= 5
+    # Whatever the calls, the grants of any interval stay within rate x interval + burst.
+    await redis.delete(keys.flow_rate("r"))
+    began, total = time.monotonic(), 0
+    while time.monotonic() - began < 0.5:
+        total += (await _limit(redis, keys, "acquire", *many, declared=rate, burst_ms=100))[0]
+    assert total <= 50 * (time.monotonic() - began) + 5 + 1  # one: the clocks' rounding
+    assert total >= 50 * 0.5 * 0.9
+    # confirm takes starts at the rate alone (a blocked read's aged grant), no running slot.
+    await redis.delete(keys.flow_rate("r"))
+    capped = (50, 1000, 1)
+    assert await _limit(redis, keys, "confirm", declared=capped, refund=9, burst_ms=100) == [5, 0]
+    assert not await redis.exists(keys.flow_running("r"))
+    granted, wait_us = await _limit(redis, keys, "confirm", declared=capped, refund=1)
+    assert granted == 0 and wait_us > 0
 
 
 #: A command a script calls: ``redis.call('XGROUP', 'DELCONSUMER', ...)`` gives both words.
