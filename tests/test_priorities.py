@@ -66,8 +66,9 @@ class Runs:
     most: int = 0
 
 
-def limited_app(pause: float) -> tuple[App, Runs]:
-    """An app whose role (3 levels, a concurrency limit of 2) takes ``pause`` s a job."""
+async def limited_worker(redis: Redis, namespace: str, pause: float) -> tuple[Worker, Runs]:
+    """A worker (concurrency 8) of a role with 3 levels and a concurrency limit of 2 whose jobs
+    take ``pause`` s each; the role is created."""
     app, runs = App(), Runs()
 
     @app.role(ROLE, priorities=3, concurrency_limit=2)
@@ -78,7 +79,13 @@ def limited_app(pause: float) -> tuple[App, Runs]:
         runs.running -= 1
         runs.seen.append(payload)
 
-    return app, runs
+    # Running slots expire with the lease TTL (a dead worker's come back): a TTL longer than
+    # any stall of a loaded test machine, so that the bound is the limit's and not a slot's
+    # expiry.
+    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
+    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
+    await worker.drain()  # creates the role
+    return worker, runs
 
 
 def raw_job(role: str, payload: Any, **fields: Any) -> bytes:
@@ -614,15 +621,8 @@ async def test_the_harness_serves_levels_on_fakeredis_higher_first() -> None:
 async def test_a_limited_role_with_levels_never_runs_more_than_its_limit(
     redis: Redis, namespace: str
 ) -> None:
-    app, runs = limited_app(0.01)
-    seen = runs.seen
-    client = Client(redis, namespace=namespace)
-    # Running slots expire with the lease TTL (a dead worker's come back): a TTL longer than
-    # any stall of a loaded test machine, so that the bound is the limit's and not a slot's
-    # expiry.
-    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
-    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
-    await worker.drain()  # creates the role
+    worker, runs = await limited_worker(redis, namespace, 0.01)
+    seen, client = runs.seen, Client(redis, namespace=namespace)
     await client.publish_many(ROLE, list(range(30)), priorities=[i % 3 for i in range(30)])
     async with running(worker):
         await wait_until(lambda: len(seen) == 30)
@@ -645,12 +645,8 @@ async def test_a_blocked_read_of_a_limited_role_beyond_its_grants_starts_all_and
     # blocking read, which so returns one entry per level: one more than the limit's 2 grants.
     # The third must wait for a slot its own first two free, not for their tokens to expire
     # (the lease TTL, 10 s here), and every slot must be given back.
-    app, runs = limited_app(0.05)
-    seen = runs.seen
-    client = Client(redis, namespace=namespace)
-    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
-    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
-    await worker.drain()  # creates the role
+    worker, runs = await limited_worker(redis, namespace, 0.05)
+    seen, client = runs.seen, Client(redis, namespace=namespace)
     reader = worker._intake.reader
     read_levels, armed = reader.read_levels, [True]
 
