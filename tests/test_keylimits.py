@@ -143,6 +143,17 @@ async def test_a_key_rate_spaces_that_keys_starts_across_workers(
     assert starts[-1] - starts[0] >= 14 * 0.1 * 0.9
 
 
+def role_r_app(**options: Any) -> App:
+    """An app with a role ``r`` declared with ``options`` whose handler does nothing."""
+    app = App()
+
+    @app.role("r", **options)
+    async def handler(ctx: Context, payload: Any) -> None:
+        return None
+
+    return app
+
+
 def key_limiter(
     redis: Redis,
     keys: Keys,
@@ -438,12 +449,7 @@ async def test_a_parked_suspect_keeps_its_start_count_when_woken(
 async def test_a_keys_slot_is_freed_when_its_handler_ends_before_the_ack_is_applied(
     redis: Redis, namespace: str
 ) -> None:
-    app = App()
-
-    @app.role("r", key_concurrency=1)
-    async def handler(ctx: Context, payload: Any) -> None:
-        return None
-
+    app = role_r_app(key_concurrency=1)
     keys, held = Keys(namespace), InFlight()
     limiter = key_limiter(redis, keys, held)
     delivery, job = keyed_delivery(app, keys, 1, "k")
@@ -493,12 +499,7 @@ async def test_unpark_puts_a_job_back_on_the_level_it_was_parked_from(
     await redis.xreadgroup("workers", "me", {streams[2]: ">"})
     limiter = key_limiter(redis, keys, ttl_ms=1000, scripts=scripts)
     limiter.levels = {"r": 3}
-    app = App()
-
-    @app.role("r", priorities=3)
-    async def handler(ctx: Context, payload: Any) -> None:
-        return None
-
+    app = role_r_app(priorities=3)
     delivery = Delivery(app.get_role("r"), "r", streams[2], Entry(entry_id, {}, 1))
     job = Job(protocol=1, kind="job", id="m1", role="r", payload={}, created_at_ms=1)
     decision = Decision("park", job, detail="k", wake_at_ms=0)
@@ -585,12 +586,7 @@ async def test_a_burst_drain_runs_the_jobs_its_roles_parked_before_it_returns(
 async def test_the_jobs_of_a_read_ask_their_keys_in_one_script_call(
     redis: Redis, namespace: str
 ) -> None:
-    app = App()
-
-    @app.role("r", key_concurrency=2)
-    async def handler(ctx: Context, payload: Any) -> None:
-        return None
-
+    app = role_r_app(key_concurrency=2)
     keys, held = Keys(namespace), InFlight()
     limiter = key_limiter(redis, keys, held, concurrency=2)
 
