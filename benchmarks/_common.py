@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -9,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from redis.asyncio import Redis
 
@@ -26,6 +27,7 @@ ROLE = "bench"
 #: The stdout of a worker process is read line by line; the latency report is one long line.
 _LINE_LIMIT = 1 << 24
 _STOP_TIMEOUT = 10.0
+R = TypeVar("R")
 
 
 class WorkerProcessError(RuntimeError):
@@ -227,6 +229,39 @@ def print_section(markdown: str, doc: Path, section: str, *, write: bool) -> Non
     if write:
         replace_section(doc, section, markdown)
         print(f"\nwrote {section!r} to {doc}", file=sys.stderr)
+
+
+def run_rounds(
+    argv: list[str] | None,
+    doc: Path,
+    section: str,
+    sizes: tuple[int, int],
+    one_round: Callable[[str, int], Coroutine[Any, Any, R]],
+    summary: Callable[[R], str],
+    render: Callable[[list[R], int, str], str],
+    description: str | None,
+) -> None:
+    """A benchmark of ``--rounds`` rounds of ``one_round`` whose markdown goes into ``section``.
+
+    ``sizes``: the messages of a round by default and with ``--quick``; ``summary`` is the
+    stderr line of a round.
+    """
+    default, quick = sizes
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--messages", type=int)
+    parser.add_argument("--quick", action="store_true", help=f"N = {quick:,}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--redis-url", help="use this Redis instead of starting a private one")
+    parser.add_argument("--write", action="store_true", help=f"replace '{section}' in {doc}")
+    args = parser.parse_args(argv)
+    n = args.messages or (quick if args.quick else default)
+    date = run_date()
+    rounds: list[R] = []
+    with redis_url(args.redis_url) as url:
+        for i in range(args.rounds):
+            rounds.append(asyncio.run(one_round(url, n)))
+            print(f"round {i + 1}: {summary(rounds[-1])}", file=sys.stderr)
+    print_section(render(rounds, n, date), doc, section, write=args.write)
 
 
 async def redis_version(url: str) -> str:

@@ -12,12 +12,9 @@ per acknowledged batch), up to 100 to a stream entry, in one round trip per 50 m
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import statistics
-import sys
 
-from _common import REPO_ROOT, print_section, redis_url, run_date
+from _common import REPO_ROOT, run_rounds
 from throughput import DEFAULT_MESSAGES, QUICK_MESSAGES, Drain, bare_loop, worker_drain
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
@@ -70,26 +67,16 @@ def render(rounds: list[tuple[Drain, Drain, Drain]], n: int, date: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--messages", type=int)
-    parser.add_argument("--quick", action="store_true", help=f"N = {QUICK_MESSAGES:,}")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--redis-url", help="use this Redis instead of starting a private one")
-    parser.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in {DOC}")
-    args = parser.parse_args(argv)
-    n = args.messages or (QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES)
-    date = run_date()
-    rounds = []
-    with redis_url(args.redis_url) as url:
-        for i in range(args.rounds):
-            rounds.append(asyncio.run(one_round(url, n)))
-            bare, off, on = rounds[-1]
-            print(
-                f"round {i + 1}: bare {bare.rate:,.0f}, off {off.rate:,.0f}, on {on.rate:,.0f}",
-                file=sys.stderr,
-            )
-    markdown = render(rounds, n, date)
-    print_section(markdown, DOC, SECTION, write=args.write)
+    run_rounds(
+        argv,
+        DOC,
+        SECTION,
+        (DEFAULT_MESSAGES, QUICK_MESSAGES),
+        one_round,
+        lambda r: f"bare {r[0].rate:,.0f}, off {r[1].rate:,.0f}, on {r[2].rate:,.0f}",
+        render,
+        __doc__.splitlines()[0] if __doc__ else None,
+    )
 
 
 if __name__ == "__main__":

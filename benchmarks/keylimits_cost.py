@@ -19,10 +19,8 @@ Redis CPU the server's.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
-import sys
 import time
 import uuid
 import warnings
@@ -30,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from _common import REPO_ROOT, print_section, redis_cpu_seconds, redis_url, run_date
+from _common import REPO_ROOT, redis_cpu_seconds, run_rounds
 from redis.asyncio import Redis
 
 from streamflow import App, Client, Context, Worker, connect
@@ -160,23 +158,17 @@ def render(rounds: list[list[Drain]], n: int, date: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--messages", type=int)
-    parser.add_argument("--quick", action="store_true", help=f"N = {QUICK_MESSAGES:,}")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--redis-url", help="use this Redis instead of starting a private one")
-    parser.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in {DOC}")
-    args = parser.parse_args(argv)
-    n = args.messages or (QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES)
-    date = run_date()
     warnings.filterwarnings("ignore", category=UnknownRoleWarning)  # a fresh namespace each
-    rounds = []
-    with redis_url(args.redis_url) as url:
-        for i in range(args.rounds):
-            rounds.append(asyncio.run(one_round(url, n)))
-            summary = ", ".join(f"{d.label} {d.rate:,.0f}/s" for d in rounds[-1])
-            print(f"round {i + 1}: {summary}", file=sys.stderr)
-    print_section(render(rounds, n, date), DOC, SECTION, write=args.write)
+    run_rounds(
+        argv,
+        DOC,
+        SECTION,
+        (DEFAULT_MESSAGES, QUICK_MESSAGES),
+        one_round,
+        lambda drains: ", ".join(f"{d.label} {d.rate:,.0f}/s" for d in drains),
+        render,
+        __doc__.splitlines()[0] if __doc__ else None,
+    )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,17 @@ def _job_options(
     node_id: str | None,
     strict: bool,
     keep_result: timedelta | float | None,
-    priority: int | None = None,
-) -> dict[str, Any]:
-    """The keyword arguments of a publish (``Publish.options``), for both clients."""
-    return {
+    priority: int | None,
+    headers: Mapping[str, str] | None,
+    limit_key: str | None,
+) -> tuple[dict[str, Any], Mapping[str, str] | None]:
+    """A publish's keyword arguments (``Publish.options``) and headers, for both clients.
+
+    The headers carry ``limit_key`` when one is given.
+    """
+    if limit_key is not None:
+        headers = with_limit_key(headers, limit_key)
+    options = {
         "key": key,
         "message_id": message_id,
         "dedup_key": dedup_key,
@@ -72,6 +79,7 @@ def _job_options(
         "keep_result": keep_result,
         "priority": priority,
     }
+    return options, headers
 
 
 class Client(TaskMethods, ControlMethods):
@@ -226,7 +234,7 @@ class Client(TaskMethods, ControlMethods):
             ValueError: The message id, dedup key, deadline, headers or limit key are out of the
                 protocol's bounds, or the priority is not one of the role's levels.
         """
-        options = _job_options(
+        options, headers = _job_options(
             key,
             message_id,
             dedup_key,
@@ -237,9 +245,9 @@ class Client(TaskMethods, ControlMethods):
             strict,
             keep_result,
             priority,
+            headers,
+            limit_key,
         )
-        if limit_key is not None:
-            headers = with_limit_key(headers, limit_key)
         if self._publish_chain is not None:
             message = Publish(role, payload, dict(headers or {}), options)
             return await self._publish_chain(message)
@@ -590,7 +598,7 @@ class SyncClient:
         limit_key: str | None = None,
     ) -> str:
         """Publish one job and return its message id (see :meth:`Client.publish`)."""
-        options = _job_options(
+        options, headers = _job_options(
             key,
             message_id,
             dedup_key,
@@ -601,9 +609,9 @@ class SyncClient:
             strict,
             keep_result,
             priority,
+            headers,
+            limit_key,
         )
-        if limit_key is not None:
-            headers = with_limit_key(headers, limit_key)
         if self._middleware:
             message = Publish(role, payload, dict(headers or {}), options)
             [message_id] = publish_blocking(self._middleware, [message], self._send_one)

@@ -121,16 +121,14 @@ class Settler:
             except connect.TRANSIENT_ERRORS as exc:
                 # Applied, or still pending under this consumer: then adopted after the lease
                 # TTL, or resumed by a restart with the same consumer name.
-                logger.warning(
-                    "could not settle %s entry %s (%s), outcome unknown: it was applied, or the "
-                    "entry stays pending and is run again after the lease TTL: %s",
-                    delivery.role.name,
-                    delivery.entry.id.decode(),
-                    decision.kind,
+                self._unsettled(
+                    logging.WARNING,
+                    ", outcome unknown: it was applied, or the entry stays pending and is run "
+                    "again after the lease TTL: %s",
+                    delivery,
+                    decision,
                     exc,
-                    extra=_log_fields(delivery, decision.job),
                 )
-                self._held.discard(delivery)
                 return
             except ResponseError as exc:
                 if not streams.is_group_lost(exc):
@@ -151,9 +149,25 @@ class Settler:
         the events stream: anyone with a worker's rights may write one) must not stop the
         worker; the entry stays pending and is run again after the lease TTL.
         """
-        logger.error(
-            "could not settle %s entry %s (%s): Redis refused (%s); is one of the role's keys "
-            "of another type? The entry stays pending and is run again after the lease TTL",
+        self._unsettled(
+            logging.ERROR,
+            ": Redis refused (%s); is one of the role's keys of another type? The entry stays "
+            "pending and is run again after the lease TTL",
+            delivery,
+            decision,
+            exc,
+        )
+
+    def _unsettled(
+        self, level: int, then: str, delivery: Delivery, decision: Decision, exc: Exception
+    ) -> None:
+        """Log a settle that failed and forget the entry (no longer this worker's to settle).
+
+        ``then`` ends the message: what becomes of the entry, with ``exc``.
+        """
+        logger.log(
+            level,
+            "could not settle %s entry %s (%s)" + then,
             delivery.role.name,
             delivery.entry.id.decode(),
             decision.kind,

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -185,3 +185,14 @@ def status(port: int, path: str) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+def most_at_once(starts: Iterable[float], ends: Iterable[float]) -> int:
+    """The most spans running at one time, from their start and end times (at a tie, an end
+    comes before a start)."""
+    changes = sorted([(at, 1) for at in starts] + [(at, -1) for at in ends])
+    running = most = 0
+    for _, step in changes:
+        running += step
+        most = max(most, running)
+    return most

@@ -29,7 +29,7 @@ from streamflow.keys import Keys
 from streamflow.ops.inspect import inspect_role, inspect_roles
 from streamflow.registry import live_workers
 from streamflow.worker import Worker
-from tests.helpers import make_worker, run_cli, running, wait_for, wait_until
+from tests.helpers import make_worker, most_at_once, run_cli, running, wait_for, wait_until
 from tests.processes import Record, Workers, assert_none_lost_and_duplicates_allowed
 
 pytestmark = pytest.mark.anyio
@@ -278,16 +278,9 @@ def test_pause_under_load_across_worker_processes_loses_nothing(
 
 def max_overlap(record: Record) -> int:
     """The most handlers running at once, from the START and DONE times of the record."""
-    changes = sorted(
-        [(line.at, 1) for line in record.events("START")]
-        + [(line.at, -1) for line in record.events("DONE")],
-        key=lambda change: (change[0], change[1]),  # at a tie, an end before a start
+    return most_at_once(
+        (line.at for line in record.events("START")), (line.at for line in record.events("DONE"))
     )
-    running = most = 0
-    for _, step in changes:
-        running += step
-        most = max(most, running)
-    return most
 
 
 @pytest.mark.slow

@@ -29,7 +29,15 @@ from streamflow.protocol import Job, encode, now_ms
 from streamflow.records import decode_parked_item
 from streamflow.scripts import Scripts
 from streamflow.streams import Entry
-from tests.helpers import make_worker, run_cli, running, wait_for, wait_for_query, wait_until
+from tests.helpers import (
+    make_worker,
+    most_at_once,
+    run_cli,
+    running,
+    wait_for,
+    wait_for_query,
+    wait_until,
+)
 from tests.processes import TTL, Record, Workers, assert_none_lost_and_duplicates_allowed
 
 pytestmark = pytest.mark.anyio
@@ -133,6 +141,54 @@ async def test_a_key_rate_spaces_that_keys_starts_across_workers(
     for index, first in enumerate(starts):
         assert sum(1 for at in starts[index:] if at < first + 1.0) <= 11
     assert starts[-1] - starts[0] >= 14 * 0.1 * 0.9
+
+
+def role_r_app(**options: Any) -> App:
+    """An app with a role ``r`` declared with ``options`` whose handler does nothing."""
+    app = App()
+
+    @app.role("r", **options)
+    async def handler(ctx: Context, payload: Any) -> None:
+        return None
+
+    return app
+
+
+def key_limiter(
+    redis: Redis,
+    keys: Keys,
+    held: InFlight | None = None,
+    *,
+    concurrency: int = 1,
+    ttl_ms: int = 30_000,
+    scripts: Scripts | None = None,
+) -> KeyLimiter:
+    """Consumer ``me``'s KeyLimiter of role ``r``, with a key concurrency of ``concurrency``."""
+    return KeyLimiter(
+        redis,
+        Scripts(redis) if scripts is None else scripts,
+        keys,
+        "me",
+        InFlight() if held is None else held,
+        PauseWatch(redis, keys, ["r"], anyio.Event()),
+        {"r": (None, concurrency)},
+        ttl_ms=ttl_ms,
+    )
+
+
+def keyed_delivery(app: App, keys: Keys, index: int, key: str) -> tuple[Delivery, Job]:
+    """Entry ``1-<index>`` of role ``r``: job ``m<index>`` with the limit key ``key``."""
+    job = Job(
+        protocol=1,
+        kind="job",
+        id=f"m{index}",
+        role="r",
+        payload={},
+        created_at_ms=1,
+        headers={LIMIT_KEY_HEADER: key},
+    )
+    entry = Entry(f"1-{index}".encode(), {b"message": encode(job)}, 1)
+    return Delivery(app.get_role("r"), "r", keys.role_stream("r"), entry), job
 
 
 def test_a_limit_key_is_checked_and_shown_escaped() -> None:
@@ -247,16 +303,6 @@ async def test_adopted_entries_start_within_the_roles_concurrency_limit(
 # -- worker processes ----------------------------------------------------------------------------
 
 
-def most_at_once(spans: list[tuple[float, float]]) -> int:
-    """The most spans (start, end) that overlap at one time (an end before a start at a tie)."""
-    changes = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    running = most = 0
-    for _, step in changes:
-        running += step
-        most = max(most, running)
-    return most
-
-
 @pytest.mark.slow
 def test_per_key_concurrency_holds_across_three_worker_processes_and_a_killed_slot_comes_back(
     tmp_path: Path, redis_url: str, namespace: str
@@ -310,9 +356,8 @@ def test_per_key_concurrency_holds_across_three_worker_processes_and_a_killed_sl
         for line in record.events("START"):
             end = done_at.get((line.message_id, line.consumer), killed_at)
             spans[key_of[line.message_id]].append((line.at, end))
-        assert {key: most_at_once(s) for key, s in spans.items()} == dict.fromkeys(
-            ["held", "k0", "k1", "k2", "k3"], 1
-        )
+        most = {key: most_at_once([a for a, _ in s], [b for _, b in s]) for key, s in spans.items()}
+        assert most == dict.fromkeys(["held", "k0", "k1", "k2", "k3"], 1)
         for worker in others:
             worker.assert_clean_log()
     finally:
@@ -389,16 +434,7 @@ async def test_a_parked_suspect_keeps_its_start_count_when_woken(
     park_keys = [stream, keys.parked("r"), keys.park("r", "k"), keys.starts("r", entry_id.decode())]
     args: list[str | bytes | int] = ["workers", "me", entry_id, "k", 0]
     assert await scripts.park(keys=park_keys, args=args, client=redis) == 1
-    limiter = KeyLimiter(
-        redis,
-        scripts,
-        keys,
-        "me",
-        InFlight(),
-        PauseWatch(redis, keys, ["r"], anyio.Event()),
-        {"r": (None, 1)},
-        ttl_ms=1000,
-    )
+    limiter = key_limiter(redis, keys, ttl_ms=1000, scripts=scripts)
     assert await limiter.wake("r", "r", "k", "due")
     found: Any = await redis.xrange(stream)
     [(woken, fields)] = found
@@ -413,34 +449,10 @@ async def test_a_parked_suspect_keeps_its_start_count_when_woken(
 async def test_a_keys_slot_is_freed_when_its_handler_ends_before_the_ack_is_applied(
     redis: Redis, namespace: str
 ) -> None:
-    app = App()
-
-    @app.role("r", key_concurrency=1)
-    async def handler(ctx: Context, payload: Any) -> None:
-        return None
-
+    app = role_r_app(key_concurrency=1)
     keys, held = Keys(namespace), InFlight()
-    limiter = KeyLimiter(
-        redis,
-        Scripts(redis),
-        keys,
-        "me",
-        held,
-        PauseWatch(redis, keys, ["r"], anyio.Event()),
-        {"r": (None, 1)},
-        ttl_ms=30_000,
-    )
-    job = Job(
-        protocol=1,
-        kind="job",
-        id="m1",
-        role="r",
-        payload={},
-        created_at_ms=1,
-        headers={LIMIT_KEY_HEADER: "k"},
-    )
-    entry = Entry(b"1-1", {b"message": encode(job)}, 1)
-    delivery = Delivery(app.get_role("r"), "r", keys.role_stream("r"), entry)
+    limiter = key_limiter(redis, keys, held)
+    delivery, job = keyed_delivery(app, keys, 1, "k")
     held.add(delivery)  # its acknowledgement is still queued: the entry is held
     assert await limiter.gate(delivery, job) is None
     assert await redis.zcard(keys.flow_key_slots("r", "k")) == 1
@@ -485,23 +497,9 @@ async def test_unpark_puts_a_job_back_on_the_level_it_was_parked_from(
     await redis.xgroup_create(streams[2], "workers", id="0", mkstream=True)
     entry_id: bytes = await redis.xadd(streams[2], {"message": "{}"})  # type: ignore[assignment]
     await redis.xreadgroup("workers", "me", {streams[2]: ">"})
-    limiter = KeyLimiter(
-        redis,
-        scripts,
-        keys,
-        "me",
-        InFlight(),
-        PauseWatch(redis, keys, ["r"], anyio.Event()),
-        {"r": (None, 1)},
-        ttl_ms=1000,
-    )
+    limiter = key_limiter(redis, keys, ttl_ms=1000, scripts=scripts)
     limiter.levels = {"r": 3}
-    app = App()
-
-    @app.role("r", priorities=3)
-    async def handler(ctx: Context, payload: Any) -> None:
-        return None
-
+    app = role_r_app(priorities=3)
     delivery = Delivery(app.get_role("r"), "r", streams[2], Entry(entry_id, {}, 1))
     job = Job(protocol=1, kind="job", id="m1", role="r", payload={}, created_at_ms=1)
     decision = Decision("park", job, detail="k", wake_at_ms=0)
@@ -588,45 +586,18 @@ async def test_a_burst_drain_runs_the_jobs_its_roles_parked_before_it_returns(
 async def test_the_jobs_of_a_read_ask_their_keys_in_one_script_call(
     redis: Redis, namespace: str
 ) -> None:
-    app = App()
-
-    @app.role("r", key_concurrency=2)
-    async def handler(ctx: Context, payload: Any) -> None:
-        return None
-
+    app = role_r_app(key_concurrency=2)
     keys, held = Keys(namespace), InFlight()
-    limiter = KeyLimiter(
-        redis,
-        Scripts(redis),
-        keys,
-        "me",
-        held,
-        PauseWatch(redis, keys, ["r"], anyio.Event()),
-        {"r": (None, 2)},
-        ttl_ms=30_000,
-    )
-
-    def delivery(index: int, key: str) -> tuple[Delivery, Job]:
-        job = Job(
-            protocol=1,
-            kind="job",
-            id=f"m{index}",
-            role="r",
-            payload={},
-            created_at_ms=1,
-            headers={LIMIT_KEY_HEADER: key},
-        )
-        entry = Entry(f"1-{index}".encode(), {b"message": encode(job)}, 1)
-        return Delivery(app.get_role("r"), "r", keys.role_stream("r"), entry), job
+    limiter = key_limiter(redis, keys, held, concurrency=2)
 
     async def script_calls() -> int:
         stats: Any = await redis.info("commandstats")
         return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("eval", "evalsha"))
 
-    await limiter.gate(*delivery(0, "warm"))  # loads the script
+    await limiter.gate(*keyed_delivery(app, keys, 0, "warm"))  # loads the script
     before = await script_calls()
     # A read of 7 jobs of 3 keys (a: 3, b: 2, c: 2), gated at once like its consumers do.
-    asked = [delivery(i, key) for i, key in enumerate("aaabbcc", start=1)]
+    asked = [keyed_delivery(app, keys, i, key) for i, key in enumerate("aaabbcc", start=1)]
     results: list[Any] = [None] * len(asked)
 
     async def gate(index: int) -> None:

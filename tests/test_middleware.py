@@ -236,17 +236,22 @@ class Gatekeeper(Middleware):
         return message_id
 
 
-async def test_publish_many_passes_each_job_through_the_middleware_and_sends_them_together(
-    redis_url: str,
-) -> None:
-    journal: list[str] = []
-    seen: list[tuple[int, dict[str, str]]] = []
-    app = App()
+def echo_app() -> tuple[App, list[tuple[int, dict[str, str]]]]:
+    """An app whose role ``echo`` records each payload (an int) with the job's headers."""
+    app, seen = App(), list[tuple[int, dict[str, str]]]()
 
     @app.role("echo")
     async def echo(ctx: Context, n: int) -> None:
         seen.append((n, dict(ctx.headers)))
 
+    return app, seen
+
+
+async def test_publish_many_passes_each_job_through_the_middleware_and_sends_them_together(
+    redis_url: str,
+) -> None:
+    journal: list[str] = []
+    app, seen = echo_app()
     async with Harness(app, redis_url=redis_url) as h:
         gate = Gatekeeper(h.redis, h.keys.role_stream("echo"))
         h.client.add_middleware(Recorder("outer", journal), gate)
@@ -279,13 +284,7 @@ async def test_a_sync_client_runs_its_publish_middleware_without_an_event_loop(
     redis_url: str,
 ) -> None:
     journal: list[str] = []
-    seen: list[tuple[int, dict[str, str]]] = []
-    app = App()
-
-    @app.role("echo")
-    async def echo(ctx: Context, n: int) -> None:
-        seen.append((n, dict(ctx.headers)))
-
+    app, seen = echo_app()
     async with Harness(app, redis_url=redis_url) as h:
         with streamflow.SyncClient(redis_url, namespace=h.namespace) as sync:
             sync.add_middleware(Recorder("outer", journal), Recorder("inner", journal))

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -423,6 +424,40 @@ async def test_a_report_with_a_garbage_trace_context_is_applied_without_a_span(
     assert traced.spans() == []  # neither a step nor a dispatch (nothing was traced before)
 
 
+@contextmanager
+def processes_recording_spans(commands: list[tuple[list[str], Path]], log: Path) -> Iterator[None]:
+    """Runs each command, its spans written to its file and its stderr to ``log``; kills them."""
+    with open(log, "wb") as err:
+        processes = [
+            subprocess.Popen(command, cwd=ROOT, env=clean_env(SFTEST_SPANS=str(spans)), stderr=err)
+            for command, spans in commands
+        ]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def publish_in_a_span(
+    redis_url: str, namespace: str, traced: Traced, role: str, payload: Any
+) -> str:
+    """Publishes ``payload`` to ``role`` inside a ``request`` span, with the tracing middleware."""
+
+    async def publish() -> str:
+        connection = connect(redis_url)
+        try:
+            publisher = streamflow.Client(connection, namespace=namespace)
+            publisher.add_middleware(traced.tracing)
+            with traced.tracer.start_as_current_span("request"):
+                return await publisher.publish(role, payload)
+        finally:
+            await connection.aclose()
+
+    return anyio.run(publish)
+
+
 @pytest.mark.slow
 def test_a_worker_process_continues_the_publishers_trace(
     redis_url: str, namespace: str, tmp_path: Path, traced: Traced
@@ -432,30 +467,13 @@ def test_a_worker_process_continues_the_publishers_trace(
     command = [*CLI, "worker", "--app", "tests.otel_apps:app", "--redis-url", redis_url]
     command += ["--namespace", namespace, "--role", "first", "--role", "second"]
 
-    async def publish() -> str:
-        connection = connect(redis_url)
-        try:
-            publisher = streamflow.Client(connection, namespace=namespace)
-            publisher.add_middleware(traced.tracing)
-            with traced.tracer.start_as_current_span("request"):
-                return await publisher.publish("first", 1)
-        finally:
-            await connection.aclose()
-
-    with open(log, "wb") as err:
-        worker = subprocess.Popen(
-            command, cwd=ROOT, env=clean_env(SFTEST_SPANS=str(spans_file)), stderr=err
-        )
-    try:
-        message_id = anyio.run(publish)
+    with processes_recording_spans([(command, spans_file)], log):
+        message_id = publish_in_a_span(redis_url, namespace, traced, "first", 1)
 
         def both_ran() -> bool:
             return sum(s["name"].startswith("process") for s in read_spans(spans_file)) == 2
 
         wait_for(both_ran, 30, "the worker's two handler spans")
-    finally:
-        worker.kill()
-        worker.wait(timeout=10)
     publisher = traced.named()
     worker_spans = {span["name"]: span for span in read_spans(spans_file)}
     spans = {**publisher, **worker_spans}
@@ -479,23 +497,8 @@ def test_a_task_across_processes_is_one_trace_through_the_coordinators_spans(
         ([*CLI, "coordinator", *common], coordinator_spans),
     ]
 
-    async def publish() -> str:
-        connection = connect(redis_url)
-        try:
-            publisher = streamflow.Client(connection, namespace=namespace)
-            publisher.add_middleware(traced.tracing)
-            with traced.tracer.start_as_current_span("request"):
-                return await publisher.publish("order", 7)
-        finally:
-            await connection.aclose()
-
-    with open(log, "wb") as err:
-        processes = [
-            subprocess.Popen(command, cwd=ROOT, env=clean_env(SFTEST_SPANS=str(spans)), stderr=err)
-            for command, spans in commands
-        ]
-    try:
-        message_id = anyio.run(publish)
+    with processes_recording_spans(commands, log):
+        message_id = publish_in_a_span(redis_url, namespace, traced, "order", 7)
 
         def shipped() -> bool:
             return any(
@@ -504,10 +507,6 @@ def test_a_task_across_processes_is_one_trace_through_the_coordinators_spans(
             )
 
         wait_for(shipped, 60, "the successor's run in the worker process")
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait(timeout=10)
     recorded = [*traced.spans(), *read_spans(worker_spans), *read_spans(coordinator_spans)]
     spans = by_node(recorded)
     chain = ["request", "send order", "process order", "submit fulfil", *FULFILMENT]

@@ -269,17 +269,25 @@ async def _commit_and_publish(
     )
 
 
-@pytest.mark.anyio
-@pytest.mark.redis
-async def test_commit_and_publish_publishes_only_what_its_commit_wrote(
+async def _first_commit_and_publish(
     redis: Redis, namespace: str
-) -> None:
+) -> tuple[Keys, scripts.Scripts, list[scripts.CommittedPublish]]:
+    """Task ``t``'s first commit with two dispatches, which it publishes both."""
     keys, registered = Keys(namespace), scripts.Scripts(redis)
     publishes = committed_publishes(keys, 2, b"item")
     assert await _commit_and_publish(registered, redis, keys, publishes, -1, b"item") == (
         0,
         [True, True],
     )
+    return keys, registered, publishes
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_commit_and_publish_publishes_only_what_its_commit_wrote(
+    redis: Redis, namespace: str
+) -> None:
+    keys, registered, publishes = await _first_commit_and_publish(redis, namespace)
     # Again: the markers are there. Then a commit that loses its race publishes nothing,
     # although items of those names are in the outbox (with other contents).
     assert await _commit_and_publish(registered, redis, keys, publishes, 0, b"item") == (
@@ -302,12 +310,7 @@ async def test_commit_and_publish_loads_the_scripts_when_redis_lost_them(
     redis: Redis, namespace: str
 ) -> None:
     """The commit refused with the publishes: they find no item, it is sent again alone."""
-    keys, registered = Keys(namespace), scripts.Scripts(redis)
-    publishes = committed_publishes(keys, 2, b"item")
-    assert await _commit_and_publish(registered, redis, keys, publishes, -1, b"item") == (
-        0,
-        [True, True],
-    )
+    keys, registered, _ = await _first_commit_and_publish(redis, namespace)
     await redis.script_flush()
     await registered.publish_committed(  # only this one loaded again
         keys=[keys.role_stream("x"), keys.dedup("x", "k"), keys.delayed("x"), "absent"],

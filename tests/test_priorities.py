@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,37 @@ def ranked_app(seen: list[Any] | None = None, *, levels: int = 3, **options: Any
             seen.append(payload)
 
     return app
+
+
+@dataclass
+class Runs:
+    """What a handler saw: its payloads, and the most of it that ran at once."""
+
+    seen: list[Any] = field(default_factory=list)
+    running: int = 0
+    most: int = 0
+
+
+async def limited_worker(redis: Redis, namespace: str, pause: float) -> tuple[Worker, Runs]:
+    """A worker (concurrency 8) of a role with 3 levels and a concurrency limit of 2 whose jobs
+    take ``pause`` s each; the role is created."""
+    app, runs = App(), Runs()
+
+    @app.role(ROLE, priorities=3, concurrency_limit=2)
+    async def ranked(ctx: Context, payload: Any) -> None:
+        runs.running += 1
+        runs.most = max(runs.most, runs.running)
+        await anyio.sleep(pause)
+        runs.running -= 1
+        runs.seen.append(payload)
+
+    # Running slots expire with the lease TTL (a dead worker's come back): a TTL longer than
+    # any stall of a loaded test machine, so that the bound is the limit's and not a slot's
+    # expiry.
+    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
+    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
+    await worker.drain()  # creates the role
+    return worker, runs
 
 
 def raw_job(role: str, payload: Any, **fields: Any) -> bytes:
@@ -589,26 +621,8 @@ async def test_the_harness_serves_levels_on_fakeredis_higher_first() -> None:
 async def test_a_limited_role_with_levels_never_runs_more_than_its_limit(
     redis: Redis, namespace: str
 ) -> None:
-    running_now: list[int] = [0]
-    most: list[int] = [0]
-    seen: list[Any] = []
-    app = App()
-
-    @app.role(ROLE, priorities=3, concurrency_limit=2)
-    async def ranked(ctx: Context, payload: Any) -> None:
-        running_now[0] += 1
-        most[0] = max(most[0], running_now[0])
-        await anyio.sleep(0.01)
-        running_now[0] -= 1
-        seen.append(payload)
-
-    client = Client(redis, namespace=namespace)
-    # Running slots expire with the lease TTL (a dead worker's come back): a TTL longer than
-    # any stall of a loaded test machine, so that the bound is the limit's and not a slot's
-    # expiry.
-    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
-    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
-    await worker.drain()  # creates the role
+    worker, runs = await limited_worker(redis, namespace, 0.01)
+    seen, client = runs.seen, Client(redis, namespace=namespace)
     await client.publish_many(ROLE, list(range(30)), priorities=[i % 3 for i in range(30)])
     async with running(worker):
         await wait_until(lambda: len(seen) == 30)
@@ -619,7 +633,7 @@ async def test_a_limited_role_with_levels_never_runs_more_than_its_limit(
             )
             await wait_until(lambda round_=round_: len(seen) == 33 + 3 * round_)
     assert sorted(seen) == [*range(30), *range(100, 115)]
-    assert most[0] <= 2
+    assert runs.most <= 2
 
 
 @pytest.mark.redis
@@ -631,21 +645,8 @@ async def test_a_blocked_read_of_a_limited_role_beyond_its_grants_starts_all_and
     # blocking read, which so returns one entry per level: one more than the limit's 2 grants.
     # The third must wait for a slot its own first two free, not for their tokens to expire
     # (the lease TTL, 10 s here), and every slot must be given back.
-    running_now, most, seen = [0], [0], list[Any]()
-    app = App()
-
-    @app.role(ROLE, priorities=3, concurrency_limit=2)
-    async def ranked(ctx: Context, payload: Any) -> None:
-        running_now[0] += 1
-        most[0] = max(most[0], running_now[0])
-        await anyio.sleep(0.05)
-        running_now[0] -= 1
-        seen.append(payload)
-
-    client = Client(redis, namespace=namespace)
-    lease = LeaseSettings(ttl=10.0, reclaim_interval=0.1)
-    worker = make_worker(app, redis, namespace, concurrency=8, lease=lease)
-    await worker.drain()  # creates the role
+    worker, runs = await limited_worker(redis, namespace, 0.05)
+    seen, client = runs.seen, Client(redis, namespace=namespace)
     reader = worker._intake.reader
     read_levels, armed = reader.read_levels, [True]
 
@@ -663,7 +664,7 @@ async def test_a_blocked_read_of_a_limited_role_beyond_its_grants_starts_all_and
     assert (await client.limit(ROLE)).running == 0
     assert armed == [False]
     assert sorted(seen) == [0, 1, 2]
-    assert most[0] <= 2
+    assert runs.most <= 2
 
 
 @pytest.mark.redis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -415,6 +416,34 @@ async def test_a_pending_entry_deleted_from_the_stream_is_reported_not_silently_
     assert await pending_count(redis, stream) == 0
 
 
+async def _stopped_while_running(
+    redis: Redis,
+    namespace: str,
+    app: App,
+    role: str,
+    running: Callable[[], Awaitable[object]],
+    limit: float,
+) -> None:
+    """Stops a worker (30 s grace) once ``running`` returns while it runs one job of ``role``.
+
+    Well within the grace, the handler must stop by itself: its job released and handed
+    back (still pending) for another worker.
+    """
+    outcomes: list[Outcome] = []
+    worker = Worker(
+        app, redis, namespace=namespace, block_ms=100, shutdown_grace=30, on_outcome=outcomes.append
+    )
+    await Client(redis, namespace=namespace).publish(role, {})
+    with anyio.fail_after(limit):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await running()
+            worker.stop()
+            await worker.wait_stopped()
+    assert [o.status for o in outcomes] == ["released"]
+    assert await pending_count(redis, Keys(namespace).role_stream(role)) == 1
+
+
 async def test_shutdown_is_not_a_cancel_and_handlers_that_check_it_stop_at_a_safe_point(
     redis: Redis, namespace: str
 ) -> None:
@@ -432,21 +461,10 @@ async def test_shutdown_is_not_a_cancel_and_handlers_that_check_it_stop_at_a_saf
             steps.append(step)
             await anyio.sleep(0.01)
 
-    outcomes: list[Outcome] = []
-    worker = Worker(
-        app, redis, namespace=namespace, block_ms=100, shutdown_grace=30, on_outcome=outcomes.append
+    await _stopped_while_running(
+        redis, namespace, app, "steps", lambda: wait_until(lambda: len(steps) >= 3), 10
     )
-    await Client(redis, namespace=namespace).publish("steps", {})
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            await wait_until(lambda: len(steps) >= 3)
-            worker.stop()  # well within the 30 s grace: the handler stops by itself
-            await worker.wait_stopped()
     assert seen == [(True, False)]
-    assert [o.status for o in outcomes] == ["released"]
-    stream = Keys(namespace).role_stream("steps")
-    assert await pending_count(redis, stream) == 1  # handed back for another worker
 
 
 async def test_a_handler_awaiting_wait_shutdown_checkpoints_and_hands_its_job_back(
@@ -466,20 +484,8 @@ async def test_a_handler_awaiting_wait_shutdown_checkpoints_and_hands_its_job_ba
         checkpoints.append((ctx.shutting_down, ctx.cancel.cancelled))
         ctx.raise_if_shutting_down()
 
-    outcomes: list[Outcome] = []
-    worker = Worker(
-        app, redis, namespace=namespace, block_ms=100, shutdown_grace=30, on_outcome=outcomes.append
-    )
-    await Client(redis, namespace=namespace).publish("long", {})
-    with anyio.fail_after(15):
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            await started.wait()
-            worker.stop()
-            await worker.wait_stopped()
+    await _stopped_while_running(redis, namespace, app, "long", started.wait, 15)
     assert checkpoints == [(True, False)]
-    assert [o.status for o in outcomes] == ["released"]
-    assert await pending_count(redis, Keys(namespace).role_stream("long")) == 1
 
 
 async def _peak_in_flight(

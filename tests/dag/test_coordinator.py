@@ -648,9 +648,21 @@ async def _dispatched_by_hand(client: Client, redis: Redis, namespace: str) -> t
 
 async def _settled_version(redis: Redis, keys: Keys, task_id: str) -> int:
     """The task's state version once its outbox is empty (0 while an item is left)."""
-    if await redis.hlen(keys.task_outbox(task_id)):
-        return 0
+    return await _version(redis, keys, task_id) if await _outbox_empty(redis, keys, task_id) else 0
+
+
+async def _version(redis: Redis, keys: Keys, task_id: str) -> int:
+    """The task's state version (0: none)."""
     return int(await redis.hget(keys.task_state(task_id), "v") or 0)
+
+
+async def _report(
+    redis: Redis, keys: Keys, task_id: str, type_: str, **fields: Any
+) -> dict[bytes, bytes]:
+    """Adds the first run's ``type_`` event of the task's node to the events stream."""
+    event = _event(task_id, type_, attempt=1, delivery=1, **fields)
+    await redis.xadd(keys.events("manual"), event)  # type: ignore[arg-type]
+    return event
 
 
 async def test_an_accepted_event_alone_waits_for_the_runs_next_event_one_commit_for_both(
@@ -661,17 +673,15 @@ async def test_an_accepted_event_alone_waits_for_the_runs_next_event_one_commit_
     keys, client = Keys(namespace), Client(redis, namespace=namespace)
     async with coordinating(redis, namespace) as coordinator:
         task_id, version = await _dispatched_by_hand(client, redis, namespace)
-        accepted = _event(task_id, "accepted", attempt=1, delivery=1)
-        await redis.xadd(keys.events("manual"), accepted)  # type: ignore[arg-type]
+        accepted = await _report(redis, keys, task_id, "accepted")
         await wait_until(lambda: coordinator._held_since)
         assert await pending_count_of(redis, keys.events("manual")) == 1  # held: not acked
-        done = _event(task_id, "done", attempt=1, delivery=1, total=0)
-        await redis.xadd(keys.events("manual"), done)  # type: ignore[arg-type]
+        await _report(redis, keys, task_id, "done", total=0)
         task = await client.wait(task_id, timeout=10)
         await wait_for_query(lambda: _nothing_pending(redis, keys.events("manual")))
     assert task.state == "succeeded"
     assert task.nodes["source"].started_at_ms == orjson.loads(accepted[b"event"])["at_ms"]
-    assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
+    assert await _version(redis, keys, task_id) == version + 1
     assert await redis.xlen(keys.events("manual")) == 0  # acknowledged and deleted
 
 
@@ -681,13 +691,12 @@ async def test_an_accepted_event_alone_is_committed_after_the_hold(
     keys, client = Keys(namespace), Client(redis, namespace=namespace)
     async with coordinating(redis, namespace) as coordinator:
         task_id, version = await _dispatched_by_hand(client, redis, namespace)
-        accepted = _event(task_id, "accepted", attempt=1, delivery=1)
-        await redis.xadd(keys.events("manual"), accepted)  # type: ignore[arg-type]
+        await _report(redis, keys, task_id, "accepted")
         await wait_for_query(lambda: _node_state(client, task_id, "running"))
         # Its acknowledgement went with the coordinator's next read.
         await wait_for_query(lambda: _nothing_pending(redis, keys.events("manual")))
         assert not coordinator._held and not coordinator._held_since
-    assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
+    assert await _version(redis, keys, task_id) == version + 1
     assert await redis.xlen(keys.events("manual")) == 0
 
 
@@ -751,11 +760,10 @@ async def test_a_coordinator_stopping_steps_the_accepted_events_it_holds(
     keys, client = Keys(namespace), Client(redis, namespace=namespace)
     async with coordinating(redis, namespace) as coordinator:
         task_id, version = await _dispatched_by_hand(client, redis, namespace)
-        accepted = _event(task_id, "accepted", attempt=1, delivery=1)
-        await redis.xadd(keys.events("manual"), accepted)  # type: ignore[arg-type]
+        await _report(redis, keys, task_id, "accepted")
         await wait_until(lambda: coordinator._held)
     assert await _node_state(client, task_id, "running")
-    assert int(await redis.hget(keys.task_state(task_id), "v")) == version + 1  # type: ignore[arg-type]
+    assert await _version(redis, keys, task_id) == version + 1
     assert await pending_count_of(redis, keys.events("manual")) == 0
     assert await redis.xlen(keys.events("manual")) == 0
 
@@ -769,10 +777,7 @@ async def test_an_events_group_lost_under_the_read_that_carries_the_acknowledgem
         await wait_for_query(lambda: redis.exists(keys.events("manual")))  # the group made
         # Gone while the coordinator's blocking read (with the last acknowledgement) waits.
         await redis.xgroup_destroy(keys.events("manual"), "coordinators")
-        for fields in (
-            _event(task_id, "accepted", attempt=1, delivery=1),
-            _event(task_id, "done", attempt=1, delivery=1, total=0),
-        ):
-            await redis.xadd(keys.events("manual"), fields)  # type: ignore[arg-type]
+        await _report(redis, keys, task_id, "accepted")
+        await _report(redis, keys, task_id, "done", total=0)
         task = await client.wait(task_id, timeout=10)
     assert task.state == "succeeded"
