@@ -364,7 +364,8 @@ def test_workers_lists_a_live_worker_until_it_is_killed_and_its_ttl_passes(
     assert (empty.returncode, empty.stdout) == (
         0,
         f"no live workers in namespace {namespace}\n"
-        f"no coordinator in namespace {namespace}: tasks stay queued\n",
+        f"no coordinator in namespace {namespace}: tasks stay queued\n"
+        f"no scheduler in namespace {namespace}: schedules do not fire\n",
     )
     options = [
         "--role",
@@ -396,8 +397,9 @@ def test_workers_lists_a_live_worker_until_it_is_killed_and_its_ttl_passes(
         assert info["consumer"] and info["host"] and info["version"]
         text = run_cli("workers", *conn(redis_url, namespace))
         assert text.returncode == 0, text.stderr
-        header, row, no_coordinator = text.stdout.splitlines()
+        header, row, no_coordinator, no_scheduler = text.stdout.splitlines()
         assert no_coordinator.startswith("no coordinator in namespace")
+        assert no_scheduler.startswith("no scheduler in namespace")
         assert header.split()[:4] == ["CONSUMER", "HOST", "PID", "ROLES"]
         assert row.split()[0] == info["consumer"] and str(process.pid) in row.split()
 
