@@ -94,10 +94,11 @@ async def test_two_live_subscribers_and_a_late_one_see_started_progress_and_succ
     late: list[LifecycleEvent] = []
     with anyio.fail_after(20):
         async with running(worker(app, redis, namespace)), anyio.create_task_group() as tg:
-            tg.start_soon(collect, client, first, 1)
-            tg.start_soon(collect, client, second, 1)
-            await anyio.sleep(0.2)  # both subscribed: they start at the newest event
             since = now_ms()
+            # Both follow from now on, whenever their first read happens: no race with the
+            # job's first events (a sleep before publishing would only make one unlikely).
+            tg.start_soon(partial(collect, client, first, 1, since_ms=since - 1))
+            tg.start_soon(partial(collect, client, second, 1, since_ms=since - 1))
             message_id = await client.publish("resize", {"w": 1})
             await wait_until(lambda: any(e.type == "progress" for e in first))
             release.set()
