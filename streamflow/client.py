@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from streamflow import connect, flow, jobs, partitions, pipelines, results, steps
 from streamflow import events as lifecycle
-from streamflow.client_ops import ControlMethods, TaskMethods, public_method
+from streamflow.client_ops import BadKeys, ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
 from streamflow.deadletters import DeadLetters
 from streamflow.jobs import JobStatus
@@ -107,7 +107,9 @@ class Client(TaskMethods, ControlMethods):
         self.redis = redis
         self.keys = Keys(namespace)
         self._scripts = Scripts(redis)
-        self._tasks = TaskStore(redis, self.keys, self._scripts)
+        self._bad_keys = BadKeys()
+        # One warning and count per bad registry key, whether submit read or wrote it.
+        self._tasks = TaskStore(redis, self.keys, self._scripts, bad_key=self._bad_keys.seen)
         self._layouts = partitions.Layouts(redis, self.keys)
         self._dead = DeadLetters(redis, self.keys, self._scripts, self._layouts)
         # A cluster sends each command to its slot's node: no one connection serves them all.
@@ -278,6 +280,16 @@ class Client(TaskMethods, ControlMethods):
                     **message.options,
                 )
             )
+
+    @property
+    def bad_records(self) -> dict[str, int]:
+        """Registry records read back from Redis and skipped, by kind.
+
+        ``known_roles``, ``known_functions`` (the key holds another type: read as empty) and
+        ``coordinators`` (that registry holds another type or malformed entries), each
+        warned of and counted once until it reads again.
+        """
+        return dict(self._bad_keys.counts)
 
     def add_middleware(self, *middleware: Middleware) -> None:
         """Run ``middleware`` around every publish and submit, the first added outermost.

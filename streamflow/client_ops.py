@@ -10,6 +10,7 @@ a Redis failure is a documented error.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,29 @@ CANCEL_RECHECK = 0.1
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
+
+
+class BadKeys:
+    """Registry keys of another type (or unreadable) a client met, by kind.
+
+    Anyone with a worker's rights may write another type of key at a registry's name: the
+    client reads it as empty, warns once and counts once, until the key reads again.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._unreadable: set[str] = set()
+
+    def seen(self, kind: str, key: str, problem: str | None) -> None:
+        """Record a read of ``key``: ``problem`` is why it could not be read, or None."""
+        if problem is None:
+            self._unreadable.discard(key)
+        elif key not in self._unreadable:
+            self._unreadable.add(key)
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            logger.warning("registry key %s: %s", key, problem)
 
 
 @dataclass(slots=True)
@@ -276,6 +300,7 @@ class TaskMethods:
     keys: Keys
     _tasks: TaskStore
     _pub: Publisher
+    _bad_keys: BadKeys
     #: The client's publish middleware, composed; None without any (see ``Client``).
     _publish_chain: PublishNext | None
 
@@ -364,7 +389,7 @@ class TaskMethods:
             None if functions is None else set(functions),
         )
         spec = await self._validated(spec, fixed, registration_wait)
-        if not await registry.live_coordinator(self.redis, self.keys):
+        if not await self._coordinator_running():
             warnings.warn(
                 f"no coordinator is running in namespace {self.keys.namespace!r}: the task "
                 "stays queued until one starts (streamflow coordinator)",
@@ -482,9 +507,26 @@ class TaskMethods:
     ) -> tuple[set[str], set[str]]:
         """The given roles and functions, or those workers and coordinators registered."""
         if roles is None:
-            found = await self.redis.smembers(self.keys.known_roles())
-            roles = {streams.text(r) for r in found}
+            roles = await self._registry_set("known_roles", self.keys.known_roles())
         if functions is None:
-            found = await self.redis.smembers(self.keys.known_functions())
-            functions = {*BUILTINS, *(streams.text(f) for f in found)}
+            key = self.keys.known_functions()
+            functions = {*BUILTINS, *await self._registry_set("known_functions", key)}
         return roles, functions
+
+    async def _registry_set(self, kind: str, key: str) -> set[str]:
+        """A registry set's members; empty (warned of and counted) if it holds another type."""
+        found = await streams.set_members(self.redis, key)
+        problem = "another type of key is there, read as empty; DEL it" if found is None else None
+        self._bad_keys.seen(kind, key, problem)
+        return found or set()
+
+    async def _coordinator_running(self) -> bool:
+        """Whether a coordinator is live; an unreadable registry lists none (counted)."""
+        problems: list[str] = []
+
+        def warn(message: str, *args: object) -> None:
+            problems.append(message % args)
+
+        found = await registry.coordinators(self.redis, self.keys, warn=warn)
+        self._bad_keys.seen("coordinators", self.keys.coordinators(), "; ".join(problems) or None)
+        return any(info.live() for info in found)

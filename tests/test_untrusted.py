@@ -37,9 +37,9 @@ from streamflow import (
     signals,
     streams,
 )
-from streamflow.dag.graph import Graph
+from streamflow.dag.graph import Graph, GraphError
 from streamflow.dag.store import TaskStore
-from streamflow.errors import ConfigError, InputError, UnknownRoleWarning
+from streamflow.errors import ConfigError, InputError, NoCoordinatorWarning, UnknownRoleWarning
 from streamflow.keys import GROUP, Keys
 from streamflow.ops.exporter import Exporter
 from streamflow.ops.inspect import inspect_roles
@@ -980,3 +980,29 @@ async def test_forged_coordinator_registry_entries_are_skipped_and_coordinators_
         task_id = await client.submit(graph, params={"n": 3, "size": 2})
         task = await client.wait(task_id, timeout=DEADLINE)
         assert task.state == "succeeded", task.error
+
+
+@pytest.mark.anyio
+async def test_client_submit_reads_registry_keys_of_another_type_as_empty(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The known roles, known functions and coordinators (anyone with a worker's rights may
+    write another type there) made submit raise WRONGTYPE: now each is read as empty, warned
+    of once and counted once, and the task is submitted."""
+    keys = Keys(namespace)
+    for key in (keys.known_roles(), keys.known_functions(), keys.coordinators()):
+        await redis.set(key, "not a set or hash")
+    graph = Graph("one")
+    graph.node("source", role="source")
+    caplog.set_level("WARNING", logger="streamflow")
+    async with Client(redis, namespace=namespace) as client:
+        for _ in range(2):
+            with pytest.warns(NoCoordinatorWarning):
+                task_id = await client.submit(graph, roles=["source"])
+            assert await client.task(task_id) is not None
+        with pytest.raises(GraphError, match="source"):  # no role is known: read as empty
+            await client.submit(graph, registration_wait=0.5)
+        assert client.bad_records == {"known_roles": 1, "known_functions": 1, "coordinators": 1}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for key in (keys.known_roles(), keys.known_functions(), keys.coordinators()):
+        assert len([m for m in warned if key in m]) == 1, warned

@@ -125,7 +125,13 @@ class Coordinator:
         self._redis = redis
         self._keys = Keys(namespace)
         self._scripts = Scripts(redis)
-        self.store = TaskStore(redis, self._keys, self._scripts, retention_ms=int(retention * 1000))
+        self.store = TaskStore(
+            redis,
+            self._keys,
+            self._scripts,
+            retention_ms=int(retention * 1000),
+            bad_key=self._store_bad_key,  # one warning and count with the reads of the key
+        )
         self.functions: dict[str, Function] = dict(app.functions if app else BUILTINS)
         self._lifecycle = app.lifecycle() if app is not None and app.has_hooks else None
         self.consumer = validate_name(consumer or "coord-" + default_consumer_name(), "consumer")
@@ -364,6 +370,11 @@ class Coordinator:
             what = f"functions not registered ({exc}); DEL it, then restart a coordinator"
             self._bad_key("known_functions", key, what)
         await self._refresh_streams()
+
+    def _store_bad_key(self, kind: str, key: str, problem: str | None) -> None:
+        """A registry key the task store could not write (the next read clears the streak)."""
+        if problem is not None:
+            self._bad_key(kind, key, problem)
 
     def _bad_key(self, kind: str, key: str, what: str) -> None:
         """Warn of a registry key of another type, and count it, once until it reads again."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from streamflow import scripts, streams
+from streamflow import connect, scripts, streams
 from streamflow.dag import graph as graphs
 from streamflow.dag.graph import GraphSpec
 from streamflow.dag.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
@@ -38,6 +38,9 @@ from streamflow.records import CONTROL_SUBMITTED, CONTROL_TASK_FIELD, CONTROL_TY
 from streamflow.scripts import Scripts
 
 logger = logging.getLogger(__name__)
+
+#: Told of each registry key read or written: (kind, key, why it failed or None).
+BadKey = Callable[[str, str, "str | None"], None]
 
 #: How long a finished task (state, outputs) is kept, by default: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
@@ -134,13 +137,47 @@ class TaskStore:
         scripts: Scripts | None = None,
         *,
         retention_ms: int = DEFAULT_RETENTION_MS,
+        bad_key: BadKey | None = None,
     ) -> None:
         self._redis = redis
         self.keys = keys
         self._scripts = scripts or Scripts(redis)
         self.retention_ms = retention_ms
+        #: Registry keys of another type met while writing, by kind (``known_roles``): each
+        #: warned of and counted once until it is written again (unless ``bad_key`` is given).
+        self.bad_records: dict[str, int] = {}
+        self._roles_unwritable = False
+        self._bad_key = bad_key or self._count_bad_key
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cached_nodes = 0
+
+    def _check_listed(self, replies: list[Any]) -> None:
+        """Raise the index writes' errors; a known roles key of another type is only warned of.
+
+        Anyone with a worker's rights may write another type of key at the known roles' name:
+        the task still runs (its roles were registered by their workers).
+        """
+        for reply in replies[:2]:
+            if isinstance(reply, Exception):
+                raise reply
+        if len(replies) < 3:  # no role to list
+            return
+        listed = replies[2]
+        if isinstance(listed, ResponseError) and connect.is_outage(listed):
+            raise listed
+        problem = None
+        if isinstance(listed, ResponseError):
+            problem = f"another type of key is there ({shown(listed)}), task roles not added"
+        self._bad_key("known_roles", self.keys.known_roles(), problem)
+
+    def _count_bad_key(self, kind: str, key: str, problem: str | None) -> None:
+        """Warn of and count a bad registry key once, until it is written again."""
+        if problem is None:
+            self._roles_unwritable = False
+        elif not self._roles_unwritable:
+            self._roles_unwritable = True
+            self.bad_records[kind] = self.bad_records.get(kind, 0) + 1
+            logger.warning("registry key %s: %s; DEL it", key, problem)
 
     async def create(self, spec: GraphSpec, task: TaskState) -> None:
         """Write a new task and announce it to the coordinators.
@@ -156,7 +193,8 @@ class TaskStore:
         pipe.sadd(self.keys.tasks_active(), task.id)
         if roles:
             pipe.sadd(self.keys.known_roles(), *roles)
-        await pipe.execute()
+        replies = await pipe.execute(raise_on_error=False)
+        self._check_listed(replies)
         fields = {"spec": spec.to_json(), **encode_state(task, task.nodes)}
         version = await self._commit(task.id, -1, fields, {}, [], [], 0)
         if version is None:
