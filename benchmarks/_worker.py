@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -103,9 +102,7 @@ async def drain(args: argparse.Namespace) -> None:
         cpu0, t0, started_at = time.process_time(), time.perf_counter(), time.time()
         await worker.drain()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        stats = dataclasses.asdict(worker.statistics())
-        # Keyed by (role, outcome) tuples, which JSON cannot carry; the totals say the same here.
-        del stats["by_role"], stats["dead_by_role"]
+        stats = worker.statistics().to_dict()
         emit(
             "drained",
             elapsed=elapsed,

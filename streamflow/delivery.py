@@ -9,7 +9,7 @@ leases, decisions, settling and metrics all import these types from here, so the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -218,7 +218,12 @@ class Outcome:
 
 @dataclass(slots=True)
 class WorkerStatistics:
-    """Counters of one worker since it started."""
+    """Counters of one worker since it started.
+
+    ``by_role`` and ``dead_by_role`` are keyed by ``(role, outcome)`` tuples, which JSON
+    cannot carry: :meth:`to_dict` gives the snapshot as JSON-ready data, with those two
+    nested as ``{role: {outcome: count}}``.
+    """
 
     received: int = 0
     acked: int = 0
@@ -271,3 +276,23 @@ class WorkerStatistics:
     key_wakes: dict[str, int] = field(default_factory=dict)
     #: Per-key running slots this worker holds now, by role.
     key_slots: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every counter as JSON-ready data (``json.dumps`` or ``orjson.dumps`` takes it).
+
+        Returns:
+            The fields by name, as :func:`dataclasses.asdict` gives them, except ``by_role``
+            and ``dead_by_role``: ``{role: {outcome: count}}`` and ``{role: {reason: count}}``.
+        """
+        data = asdict(self)
+        data["by_role"] = _nested(self.by_role)
+        data["dead_by_role"] = _nested(self.dead_by_role)
+        return data
+
+
+def _nested(counts: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """``{(a, b): n}`` as ``{a: {b: n}}``."""
+    nested: dict[str, dict[str, int]] = {}
+    for (outer, inner), count in sorted(counts.items()):
+        nested.setdefault(outer, {})[inner] = count
+    return nested

@@ -429,7 +429,7 @@ class Worker:
         self._settler.on_settled = hooks.settled if hooks else None
 
     def statistics(self) -> WorkerStatistics:
-        """A snapshot of the worker's counters."""
+        """A snapshot of the worker's counters (``.to_dict()`` for JSON-ready data)."""
         stats = self._settler.stats
         return WorkerStatistics(
             received=stats.received,

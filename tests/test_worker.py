@@ -214,6 +214,12 @@ async def test_malformed_entries_are_dead_lettered_and_neighbours_still_processe
     assert await redis.xlen(stream) == 0
     assert await pending_count(redis, stream) == 0
     assert worker.statistics().dead_lettered == len(BAD_ENTRIES)
+    # The snapshot as JSON: the (role, outcome) keys, which JSON cannot carry, come nested.
+    stats = worker.statistics()
+    data = orjson.loads(orjson.dumps(stats.to_dict()))
+    assert data["by_role"]["orders"]["acked"] == len(good_ids) == stats.by_role["orders", "acked"]
+    assert data["dead_by_role"] == {"orders": {r: n for (_, r), n in stats.dead_by_role.items()}}
+    assert sum(data["dead_by_role"]["orders"].values()) == data["dead_lettered"]
 
 
 async def test_ack_is_refused_for_an_entry_another_consumer_owns(
