@@ -5,7 +5,7 @@ one in-process worker (``Worker.run``, concurrency 32, until every job is acked)
 
 * ``plain``: a role without per-key limits, jobs without a limit key;
 * ``keyed, not binding``: ``key_concurrency=1000``, jobs spread over 100 limit keys: the gate's
-  cost alone (one ``key_limit.lua`` call per read for its jobs' starts, one per sweep for
+  cost alone (one ``key_limit.lua`` call per batch of waiting starts, one per sweep for
   their releases);
 * ``keyed, saturated``: ``key_concurrency=1``, jobs spread over 20 keys: most jobs are parked
   and woken at least once (``park.lua``, ``unpark.lua``, one more read).
@@ -146,9 +146,10 @@ def render(rounds: list[list[Drain]], n: int, date: str) -> str:
         )
     lines += [
         "",
-        "`keyed, not binding` is the gate alone: one `key_limit.lua` call per read for the "
-        "starts of its jobs (grouped by key) and one per sweep for their releases (a sweep "
-        "runs as soon as a handler ends). `keyed, saturated` adds "
+        "`keyed, not binding` is the gate alone: one `key_limit.lua` call per batch of "
+        "waiting starts (grouped by key) and one per sweep for their releases (a sweep runs "
+        "as soon as a handler ends); in this drain a batch is about 15 jobs, not a whole read "
+        '(see "Per-key limits: where the time goes"). `keyed, saturated` adds '
         "parking: each park is one `park.lua`, one more look at the key, and later one "
         "`unpark.lua` and one more read of the job. Per-key limits are for jobs that cost "
         "far more than these (calls to a customer's API), not for no-op handlers.",

@@ -47,10 +47,15 @@ lease TTL as its expiry, renewed every third of it while the job is held, freed 
 its handler ends: the slot of a SIGKILLed worker comes back within the TTL. The rate is a GCRA
 per key (``{flow:<role>}:keyrate:<key>``), like the role's.
 
-**Cost per read, not per job.** The consumers of one read reach the gate in the same turn of
-the event loop; their requests wait one turn, then one ``acquire_many`` call per role answers
-them all, grouped by key (each key's slots and rate read and written once). The slots freed by
-a sweep go in one ``release_many`` call per role.
+**Calls per batch, work per job.** A request waits one turn of the event loop, and those
+waiting then (and those that came while the previous call was out) get one ``acquire_many``
+call per role, grouped by key (each key's slots and rate read and written once). The worker's
+pool wakes idle consumers one per turn, so a batch is what asked during about one round trip,
+not a whole read (about 15 jobs in ``benchmarks/keylimits_cost.py``). The slots freed by a sweep
+go in one ``release_many`` call per role. Each job still costs its key's names and its token as
+arguments of both calls, and its key's commands inside the scripts: with few jobs per key in a
+batch that is most of what the gate costs (``docs/benchmarks.md``, "Per-key limits: where the
+time goes").
 
 **Untrusted keys.** A limit key is 1 to :data:`MAX_LIMIT_KEY` characters of letters, digits and
 ``_.:@+=/-``; ``publish`` refuses anything else, and a worker dead-letters a job of a
