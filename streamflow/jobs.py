@@ -225,8 +225,7 @@ async def _shards(
     if role is not None:
         layout = await layouts.get(role)
         return [(shard, layout.levels) for shard in layout.shards]
-    found = await redis.smembers(keys.known_roles())
-    roles = sorted(streams.text_lenient(name) for name in found)
+    roles = await steps.run(results.registered_roles(redis, keys))
     shards: list[tuple[str, int]] = []
     for name in roles:
         layout = await layouts.get(name)

@@ -19,6 +19,7 @@ buffered events), then a wait on the job's final lifecycle event with a periodic
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -31,8 +32,9 @@ import anyio.lowlevel
 import orjson
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-from streamflow import events
+from streamflow import connect, events, streams
 from streamflow.errors import (
     JobCancelledError,
     JobDeadLetteredError,
@@ -45,6 +47,8 @@ from streamflow.partitions import LayoutCache, read_record
 from streamflow.protocol import PROTOCOL_VERSION, DeadLetterReason, Job, now_ms
 from streamflow.records import FINAL_JOB_TYPES, ErrorInfo, JobOutcome, JobResult
 from streamflow.steps import Steps
+
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -159,10 +163,7 @@ def result_keys(
     The result key is in the job's partition; without ``role``, every partition of every role
     workers registered is a candidate.
     """
-    roles = [role] if role is not None else None
-    if roles is None:
-        found = yield redis.smembers(keys.known_roles())
-        roles = sorted(name.decode() if isinstance(name, bytes) else str(name) for name in found)
+    roles = [role] if role is not None else (yield from registered_roles(redis, keys))
     names: list[str] = []
     for name in roles:
         layout = layouts.cached(name)
@@ -170,6 +171,24 @@ def result_keys(
             layout = layouts.record(name, (yield from read_record(redis, keys, name)))
         names += [keys.result(shard, message_id) for shard in layout.shards]
     return names
+
+
+def registered_roles(redis: Any, keys: Keys) -> Steps[list[str]]:
+    """Every role workers registered (the known roles set), sorted.
+
+    Anyone with a publisher's rights may write another type of key at the set's name: then no
+    role is read, with a warning, rather than the caller failing.
+    """
+    try:
+        found = yield redis.smembers(keys.known_roles())
+    except ResponseError as exc:
+        if connect.is_outage(exc):
+            raise
+        logger.warning(
+            "%s holds another type of key: no registered role is read (DEL it)", keys.known_roles()
+        )
+        return []
+    return sorted(streams.text_lenient(name) for name in found)
 
 
 def read_kept(redis: Any, candidates: list[str]) -> Steps[JobResult | None]:

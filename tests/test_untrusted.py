@@ -1006,3 +1006,22 @@ async def test_client_submit_reads_registry_keys_of_another_type_as_empty(
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     for key in (keys.known_roles(), keys.known_functions(), keys.coordinators()):
         assert len([m for m in warned if key in m]) == 1, warned
+
+
+@pytest.mark.anyio
+async def test_job_and_result_lookups_read_a_known_roles_key_of_another_type_as_no_role(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lookup without a role reads the known roles set: another type of key there made
+    ``Client.job`` and ``Client.result`` fail with WRONGTYPE; now no role is read, with a
+    warning, and the job is simply not found."""
+    keys = Keys(namespace)
+    await redis.hset(keys.known_roles(), "a", "b")
+    caplog.set_level("WARNING", logger="streamflow")
+    async with Client(redis, namespace=namespace) as client:
+        status = await client.job("nosuchjob")
+        assert status.state == "unknown"
+        with pytest.raises(TimeoutError):
+            await client.result("nosuchjob", timeout=0.2)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(keys.known_roles() in m and "another type" in m for m in warned), warned
