@@ -21,12 +21,13 @@ from redis.asyncio import Redis
 
 from streamflow import connect, flow, jobs, partitions, pipelines, results, steps
 from streamflow import events as lifecycle
-from streamflow.client_ops import BadKeys, ControlMethods, TaskMethods, public_method
+from streamflow.client_ops import ControlMethods, TaskMethods, public_method
 from streamflow.dag.store import TaskStore
 from streamflow.deadletters import DeadLetters
 from streamflow.jobs import JobStatus
 from streamflow.keylimits import with_limit_key
 from streamflow.keys import Keys, validate_name
+from streamflow.logs import BadKeys
 from streamflow.middleware import (
     Middleware,
     Publish,

@@ -29,6 +29,7 @@ from streamflow.deadletters import DeadLetterEntry, DeadLetters, ReplayResult
 from streamflow.errors import NoCoordinatorWarning
 from streamflow.functions import BUILTINS
 from streamflow.keys import NAME_PATTERN, Keys, validate_name
+from streamflow.logs import BadKeys
 from streamflow.middleware import Publish, PublishNext
 from streamflow.protocol import check_headers, check_publish_fields, new_message_id, now_ms
 from streamflow.publishing import Publisher
@@ -41,27 +42,6 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
-
-
-class BadKeys:
-    """Registry keys of another type (or unreadable) a client met, by kind.
-
-    Anyone with a worker's rights may write another type of key at a registry's name: the
-    client reads it as empty, warns once and counts once, until the key reads again.
-    """
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._unreadable: set[str] = set()
-
-    def seen(self, kind: str, key: str, problem: str | None) -> None:
-        """Record a read of ``key``: ``problem`` is why it could not be read, or None."""
-        if problem is None:
-            self._unreadable.discard(key)
-        elif key not in self._unreadable:
-            self._unreadable.add(key)
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-            logger.warning("registry key %s: %s", key, problem)
 
 
 @dataclass(slots=True)

@@ -51,6 +51,7 @@ from streamflow.app import format_rate, parse_rate
 from streamflow.delivery import InFlight
 from streamflow.errors import ConfigError, UnknownRoleError
 from streamflow.keys import Keys, validate_name
+from streamflow.logs import BadKeys
 from streamflow.protocol import now_ms
 from streamflow.scripts import Scripts
 from streamflow.steps import Steps
@@ -487,8 +488,8 @@ class Limiter:
         #: Reads a limit held back (the reader waited), by role.
         self.waits: dict[str, int] = {}
         #: Limit keys found holding another type, by kind (``flow_limits``).
-        self.bad_records: dict[str, int] = {}
-        self._broken: set[str] = set()  # roles whose limit keys hold another type
+        self._bad_keys = BadKeys(logger)  # roles whose limit keys hold another type
+        self.bad_records = self._bad_keys.counts
 
     def declares(self, role: str) -> bool:
         """Whether the app declares a limit on ``role``."""
@@ -542,16 +543,14 @@ class Limiter:
                 return [refund, 0]
             return [len(tokens), 0, 0, b""] if op == "acquire" else [0, 0]
         if op == "acquire":  # the one step that reads every limit key
-            self._broken.discard(role)
+            self._bad_keys.ok(role)
         return reply
 
     def _unusable(self, role: str, keys: Sequence[str], exc: ResponseError) -> None:
         """Warn once (until they work again) that a role's limit keys hold another type."""
-        if role in self._broken:
-            return
-        self._broken.add(role)
-        self.bad_records["flow_limits"] = self.bad_records.get("flow_limits", 0) + 1
-        logger.warning(
+        self._bad_keys.bad(
+            "flow_limits",
+            role,
             "the limits of role %s cannot be applied (%s): it is served without them until "
             "they can; a key of another type at %s? DEL it",
             role,

@@ -55,6 +55,7 @@ from streamflow.flow import Limiter, PauseWatch
 from streamflow.keylimits import KeyLimiter
 from streamflow.keys import Keys, role_of_shard
 from streamflow.leases import LeaseKeeper
+from streamflow.logs import BadKeys
 from streamflow.priorities import LevelOrder
 from streamflow.protocol import MESSAGE_FIELD, now_ms
 from streamflow.scripts import Scripts
@@ -381,8 +382,8 @@ class Promoter:
         self._keys = keys
         self._wakeups: dict[str, anyio.Event] = {}
         #: Delayed schedules found holding another type, by kind (``delayed``).
-        self.bad_records: dict[str, int] = {}
-        self._broken: set[str] = set()  # schedules that hold another type
+        self._bad_keys = BadKeys(logger)  # schedules that hold another type
+        self.bad_records = self._bad_keys.counts
 
     def wake_all(self) -> None:
         """Wake every promoter (the worker stops)."""
@@ -425,7 +426,7 @@ class Promoter:
                     return None
                 self._unreadable(schedule, exc)  # polled again: it may be fixed
                 continue
-            self._broken.discard(schedule)
+            self._bad_keys.ok(schedule)
             if moved:
                 logger.debug("moved %d due retries of %s (level %d)", moved, shard, level)
             if next_due is not None and (soonest is None or next_due < soonest):
@@ -437,11 +438,9 @@ class Promoter:
 
         Anyone with a publisher's rights may write another type of key at its name.
         """
-        if schedule in self._broken:
-            return
-        self._broken.add(schedule)
-        self.bad_records["delayed"] = self.bad_records.get("delayed", 0) + 1
-        logger.warning(
+        self._bad_keys.bad(
+            "delayed",
+            schedule,
             "cannot promote the due retries and delayed jobs of %s (%s): they wait until it is "
             "a sorted set again; the role's new jobs are served meanwhile",
             schedule,

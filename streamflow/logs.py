@@ -33,6 +33,39 @@ ELISION = "…"
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+class BadKeys:
+    """Keys of another type (or unreadable) met while reading, by kind: warned of and counted.
+
+    Anyone with a worker's or publisher's rights may write another type of key at one of the
+    namespace's names. A reader goes on without what the key holds, warns once and counts once
+    per key, until the key reads again (:meth:`ok`).
+    """
+
+    def __init__(self, log: logging.Logger | None = None) -> None:
+        self.counts: dict[str, int] = {}
+        self._unreadable: set[str] = set()
+        self._log = log or logging.getLogger("streamflow")
+
+    def ok(self, key: str) -> None:
+        """``key`` read as expected: a later problem with it is warned of again."""
+        self._unreadable.discard(key)
+
+    def bad(self, kind: str, key: str, message: str, *args: object) -> None:
+        """``key`` could not be read: warn (``message % args``) and count, once until :meth:`ok`."""
+        if key in self._unreadable:
+            return
+        self._unreadable.add(key)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self._log.warning(message, *args)
+
+    def seen(self, kind: str, key: str, problem: str | None) -> None:
+        """Record a read of ``key``: ``problem`` is why it could not be read, or None."""
+        if problem is None:
+            self.ok(key)
+        else:
+            self.bad(kind, key, "registry key %s: %s", key, problem)
+
+
 def _escape(char: str) -> str:
     if char in _NAMED:
         return _NAMED[char]

@@ -69,7 +69,7 @@ from streamflow.errors import ConfigError, InvalidNameError, ProtocolError
 from streamflow.events import EventLog
 from streamflow.functions import BUILTINS, Function
 from streamflow.keys import COORDINATORS, Keys, validate_name
-from streamflow.logs import shown
+from streamflow.logs import BadKeys, shown
 from streamflow.protocol import encode, now_ms
 from streamflow.records import EVENT_FIELD, CancelSignal, TaskEvent, decode_event
 from streamflow.scripts import Scripts
@@ -151,7 +151,7 @@ class Coordinator:
         )
         self._streams: list[str] = []
         self._unreadable: set[str] = set()
-        self._bad: dict[str, int] = {}  # registry keys of another type met, by kind
+        self._bad_keys = BadKeys(logger)  # registry keys of another type met, by kind
         # Marks this coordinator's name next to the streams it reads; deletes dead coordinators'.
         self._names = ConsumerNames(
             redis,
@@ -279,7 +279,7 @@ class Coordinator:
 
     def bad_records(self) -> dict[str, int]:
         """Malformed records read back from Redis and skipped so far, by kind."""
-        return {**self._signals.statistics(), **self._bad}
+        return {**self._signals.statistics(), **self._bad_keys.counts}
 
     @property
     def commits(self) -> int:
@@ -378,10 +378,7 @@ class Coordinator:
 
     def _bad_key(self, kind: str, key: str, what: str) -> None:
         """Warn of a registry key of another type, and count it, once until it reads again."""
-        if key not in self._unreadable:
-            self._unreadable.add(key)
-            self._bad[kind] = self._bad.get(kind, 0) + 1
-            logger.warning("%s is not a set: %s", key, what)
+        self._bad_keys.bad(kind, key, "%s is not a set: %s", key, what)
 
     async def _refresh_streams(self) -> None:
         """Follow the events stream of every partition of every known role.
@@ -394,7 +391,7 @@ class Coordinator:
             what = "no role's task events are followed; DEL it, then restart a worker of each role"
             self._bad_key("known_roles", known, what)
         else:
-            self._unreadable.discard(known)
+            self._bad_keys.ok(known)
         wanted = [self._keys.tasks_control(), self._keys.task_submissions()]
         for role in sorted(found or ()):
             with contextlib.suppress(ConfigError, InvalidNameError):

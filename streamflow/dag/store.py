@@ -32,7 +32,7 @@ from streamflow.dag.graph import GraphSpec
 from streamflow.dag.tasks import Invocation, NodeState, Step, TaskState, TaskStatus, failed_state
 from streamflow.errors import InputError, StreamflowError
 from streamflow.keys import Keys
-from streamflow.logs import shown
+from streamflow.logs import BadKeys, shown
 from streamflow.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_batch
 from streamflow.records import CONTROL_SUBMITTED, CONTROL_TASK_FIELD, CONTROL_TYPE_FIELD
 from streamflow.scripts import Scripts
@@ -145,9 +145,9 @@ class TaskStore:
         self.retention_ms = retention_ms
         #: Registry keys of another type met while writing, by kind (``known_roles``): each
         #: warned of and counted once until it is written again (unless ``bad_key`` is given).
-        self.bad_records: dict[str, int] = {}
-        self._roles_unwritable = False
-        self._bad_key = bad_key or self._count_bad_key
+        self._bad_keys = BadKeys(logger)
+        self.bad_records = self._bad_keys.counts
+        self._bad_key = bad_key or self._bad_keys.seen
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cached_nodes = 0
 
@@ -167,17 +167,10 @@ class TaskStore:
             raise listed
         problem = None
         if isinstance(listed, ResponseError):
-            problem = f"another type of key is there ({shown(listed)}), task roles not added"
+            problem = (
+                f"another type of key is there ({shown(listed)}), task roles not added; DEL it"
+            )
         self._bad_key("known_roles", self.keys.known_roles(), problem)
-
-    def _count_bad_key(self, kind: str, key: str, problem: str | None) -> None:
-        """Warn of and count a bad registry key once, until it is written again."""
-        if problem is None:
-            self._roles_unwritable = False
-        elif not self._roles_unwritable:
-            self._roles_unwritable = True
-            self.bad_records[kind] = self.bad_records.get(kind, 0) + 1
-            logger.warning("registry key %s: %s; DEL it", key, problem)
 
     async def create(self, spec: GraphSpec, task: TaskState) -> None:
         """Write a new task and announce it to the coordinators.
