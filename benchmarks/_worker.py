@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -72,6 +73,11 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _counters(stats: dict[str, Any]) -> dict[str, Any]:
+    """The plain counters of an older snapshot's statistics (JSON has no tuple keys)."""
+    return {name: value for name, value in stats.items() if isinstance(value, int | float)}
+
+
 async def drain(args: argparse.Namespace) -> None:
     app = App()
 
@@ -102,7 +108,10 @@ async def drain(args: argparse.Namespace) -> None:
         cpu0, t0, started_at = time.process_time(), time.perf_counter(), time.time()
         await worker.drain()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        stats = worker.statistics().to_dict()
+        statistics = worker.statistics()
+        # Older snapshots (compare_drain.py) have a plain dataclass without to_dict().
+        to_dict = getattr(statistics, "to_dict", None)
+        stats = to_dict() if to_dict else _counters(dataclasses.asdict(statistics))
         emit(
             "drained",
             elapsed=elapsed,
