@@ -101,7 +101,8 @@ async def read_group(
     pieces: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
     if block_ms is not None:
         pieces += ["BLOCK", block_ms]
-    entries: list[Entry] = await redis.execute_command(
+    client: Any = redis  # execute_command is untyped in redis-py
+    entries: list[Entry] = await client.execute_command(
         *pieces, "STREAMS", stream, after, **{_AS_ENTRIES: True}
     )
     return entries
@@ -121,6 +122,9 @@ def _read_entries_on(redis: Redis) -> None:
     carries the ``_AS_ENTRIES`` option, and hands every other XREADGROUP (a user's, a
     pipeline's) to the callback it replaced, so their replies keep redis-py's shape. A cluster
     client shares its callback table with its nodes; a Sentinel master's is a plain client's.
+    The callback it replaced suits the client's protocol: redis-py picks another one only for
+    a connection whose server refused ``HELLO 3``, and Redis 7.0, which streamflow needs,
+    does not.
     """
     callbacks: Any = redis.response_callbacks
     previous = callbacks.get("XREADGROUP")
