@@ -127,8 +127,13 @@ def _walk(children: Iterable[Any], keys: int, depth: int) -> int | None:
         return None
     for child in children:
         kind = type(child)
-        if kind is int:  # the most common scalar first
+        # The most common scalars first, checked here: a call per string costs more than its
+        # check (a fifth of the walk of a payload of a few short strings and numbers).
+        if kind is int:
             if not INT64_MIN <= child <= INT64_MAX:
+                return None
+        elif kind is str:
+            if len(child) > MAX_STRING:
                 return None
         elif kind is dict or kind is list:
             inner = measure(child, depth + 1)
