@@ -57,14 +57,21 @@ def entries(n: int) -> list[Entry]:
     return [Entry(b"%d-0" % i, {b"message": job}) for i, job in enumerate(jobs)]
 
 
+class _Sent:
+    """What a stubbed command returns: awaitable (a script call awaits it), or left alone."""
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
 class _NoPipeline:
-    """Takes the event log's writes and sends nothing."""
+    """Takes the event log's writes (a pipeline, or a script call) and sends nothing."""
 
     def pipeline(self, transaction: bool = True) -> _NoPipeline:
         return self
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _Sent()
 
     async def execute(self) -> list[Any]:
         return []
