@@ -637,8 +637,10 @@ class _Acker:
         settler, kept = self._settler, self._kept
         ids: list[bytes] = []
         records: list[scripts.Kept] = []
-        for delivery in items:
-            record = kept.get(delivery) if kept else None  # kept is empty on the hot path
+        if not kept:  # the hot path: no outcome kept, one comprehension
+            ids = [delivery.entry.id for delivery in items]
+        for delivery in items if kept else ():
+            record = kept.get(delivery)
             if record is None:
                 ids.append(delivery.entry.id)
             else:
