@@ -8,7 +8,7 @@ hex ids) and times, per message:
 * ``process``: per delivery ``_process`` with the handler's runner driven to completion,
   then ``Settler.ack_nowait`` and ``_finished``, as the consumer loop does on the hot path;
 * ``flush``: ``acker.flush()`` with the settle script stubbed to refuse nothing;
-* ``events``: the lifecycle event log's ``flush()`` (entries built, the pipeline stubbed: no
+* ``events``: the lifecycle event log's ``flush()`` (entries built, the write stubbed: no
   round trip), so that work moved from the per-delivery path to the flush is still counted.
 
 ``--events off`` turns the role's lifecycle events off (on by default, as in a default role).

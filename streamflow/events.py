@@ -12,9 +12,10 @@ events as one item, which readers expand).
 Events are best-effort observability, never the truth: a final event is written only after the
 owner-checked settle that it reports was applied (so a refused settle reports nothing), but
 buffered, so a worker that dies in between never writes it, and an outage drops what was
-buffered. The :class:`EventLog` buffers events and writes them every :data:`LINGER` seconds,
-up to :data:`ENTRY_EVENTS` of them per stream entry (not an entry, nor a round trip, per job),
-so that writing them costs a worker little: a plain job's ``started`` joins its millisecond's
+buffered. The :class:`EventLog` buffers events and writes them every :data:`LINGER` seconds
+in one script call (``events.lua``, not a pipeline of ``XADD`` commands), up to
+:data:`ENTRY_EVENTS` of them per stream entry (not an entry, nor a round trip, per job), so
+that writing them costs a worker little: a plain job's ``started`` joins its millisecond's
 group and its ``succeeded`` its acknowledged batch's, a list append or nothing per job, encoded
 together when written (one pass, no object per event). A role can turn them off
 (``@app.role(..., events=False)``).
