@@ -8,7 +8,7 @@ hex ids) and times, per message:
 * ``process``: per delivery ``_process`` with the handler's runner driven to completion,
   then ``Settler.ack_nowait`` and ``_finished``, as the consumer loop does on the hot path;
 * ``flush``: ``acker.flush()`` with the settle script stubbed to refuse nothing;
-* ``events``: the lifecycle event log's ``flush()`` (entries built, the pipeline stubbed: no
+* ``events``: the lifecycle event log's ``flush()`` (entries built, the write stubbed: no
   round trip), so that work moved from the per-delivery path to the flush is still counted.
 
 ``--events off`` turns the role's lifecycle events off (on by default, as in a default role).
@@ -57,14 +57,21 @@ def entries(n: int) -> list[Entry]:
     return [Entry(b"%d-0" % i, {b"message": job}) for i, job in enumerate(jobs)]
 
 
+class _Sent:
+    """What a stubbed command returns: awaitable (a script call awaits it), or left alone."""
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
 class _NoPipeline:
-    """Takes the event log's writes and sends nothing."""
+    """Takes the event log's writes (a pipeline, or a script call) and sends nothing."""
 
     def pipeline(self, transaction: bool = True) -> _NoPipeline:
         return self
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _Sent()
 
     async def execute(self) -> list[Any]:
         return []

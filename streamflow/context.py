@@ -27,6 +27,9 @@ logger = logging.getLogger("streamflow.handler")
 T = TypeVar("T")
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
+#: ``Context._progress_at`` of a run that never reported progress.
+NEVER = -math.inf
+
 #: The largest progress value (a JSON object), encoded.
 MAX_PROGRESS_BYTES = 4096
 
@@ -248,7 +251,7 @@ class Context:
         self._node: NodeRun | None = None
         # Where progress goes (None: the role's events are off), and its rate limit's state.
         self._events: EventLog | None = None
-        self._progress_at = float("-inf")
+        self._progress_at = NEVER  # a constant: float("-inf") parses a string, 0.2 us a message
         self._progress_next: dict[str, Any] | None = None
         # None: running; an Event (set) once the worker began to shut down.
         self._shutdown: anyio.Event | None = None

@@ -12,9 +12,10 @@ events as one item, which readers expand).
 Events are best-effort observability, never the truth: a final event is written only after the
 owner-checked settle that it reports was applied (so a refused settle reports nothing), but
 buffered, so a worker that dies in between never writes it, and an outage drops what was
-buffered. The :class:`EventLog` buffers events and writes them every :data:`LINGER` seconds,
-up to :data:`ENTRY_EVENTS` of them per stream entry (not an entry, nor a round trip, per job),
-so that writing them costs a worker little: a plain job's ``started`` joins its millisecond's
+buffered. The :class:`EventLog` buffers events and writes them every :data:`LINGER` seconds
+in one script call (``events.lua``, not a pipeline of ``XADD`` commands), up to
+:data:`ENTRY_EVENTS` of them per stream entry (not an entry, nor a round trip, per job), so
+that writing them costs a worker little: a plain job's ``started`` joins its millisecond's
 group and its ``succeeded`` its acknowledged batch's, a list append or nothing per job, encoded
 together when written (one pass, no object per event). A role can turn them off
 (``@app.role(..., events=False)``).
@@ -43,8 +44,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from streamflow import connect, streams
-from streamflow.context import check_progress
+from streamflow import connect, scripts, streams
+from streamflow.context import NEVER, check_progress
 from streamflow.errors import InvalidNameError, ProtocolError
 from streamflow.keys import Keys
 from streamflow.protocol import PROTOCOL_VERSION, Job, now_ms
@@ -80,6 +81,7 @@ ENTRY_BYTES = 16 * 1024
 MAX_BUFFERED = 10_000
 
 _ID, _ATTEMPT, _TASK_ID = attrgetter("id"), attrgetter("attempt"), attrgetter("task_id")
+_time_ns = time.time_ns
 
 
 class _Jobs:
@@ -177,6 +179,7 @@ class EventLog:
         progress_interval: float = PROGRESS_INTERVAL,
     ) -> None:
         self._redis = redis
+        self._script = scripts.register(redis, "events.lua")
         self._keys = keys
         self._stream = keys.lifecycle()
         self.consumer = consumer
@@ -219,21 +222,34 @@ class EventLog:
             **fields,
         )
 
-    def started(self, job: Job, role: str) -> None:
-        """Buffer a job's ``started`` event: the hot path, once per job run."""
-        if job.task_id is not None:
-            self.job("started", job, role)  # a task's job: its ids go with it
+    def started(self, ctx: Context) -> None:
+        """Buffer the ``started`` event of the run ``ctx`` is of: the hot path, once per run.
+
+        Its ids are read from the context (slots), not from the job: a pydantic model's
+        attribute costs three times as much to read, and this runs once per job.
+        """
+        if ctx.task_id is not None:  # a task's job: its ids go with it
+            self.add(
+                "started",
+                role=ctx.role,
+                message_id=ctx.message_id,
+                task_id=ctx.task_id,
+                node_id=ctx.node_id,
+                attempt=ctx.attempt,
+                consumer=self.consumer,
+            )
             return
-        at_ms, group = now_ms(), self._open
+        # now_ms() inline: a call more per job costs as much as the rest of this test.
+        at_ms, group, role = _time_ns() // 1_000_000, self._open, ctx.role
         if group is not None and group.at_ms == at_ms and group.role == role:
             if self._buffered < MAX_BUFFERED:
-                group.ids.append(job.id)  # the same millisecond: one more job in its group
-                group.attempts.append(job.attempt)
+                group.ids.append(ctx.message_id)  # the same millisecond: one more in its group
+                group.attempts.append(ctx.attempt)
                 self._buffered += 1
             else:
                 self.dropped += 1
             return
-        group = _Jobs("started", role, at_ms, [job.id], [job.attempt])
+        group = _Jobs("started", role, at_ms, [ctx.message_id], [ctx.attempt])
         if self._push(group, 1):
             self._open = group
 
@@ -295,7 +311,7 @@ class EventLog:
 
         And delete its latest progress (:meth:`Keys.job_progress`), if it reported any.
         """
-        if ctx is None or ctx._progress_at == -math.inf:
+        if ctx is None or ctx._progress_at == NEVER:
             return  # reported none: nothing to write or delete
         self._held_progress(ctx)
         key = _progress_key(self._keys, ctx.message_id)
@@ -371,18 +387,19 @@ class EventLog:
     async def _write(self, batch: list[bytes | _Jobs], latest: dict[str, bytes | None]) -> None:
         # Many events per entry: one XADD per job and event cost Redis half again the work of
         # settling the job (and a draining worker as much of its rate); one per
-        # ENTRY_EVENTS events costs next to nothing.
-        pipe = self._redis.pipeline(transaction=False)
-        for key, raw in latest.items():  # runs that report progress only
-            if raw is None:
-                pipe.delete(key)
-            else:
-                pipe.set(key, raw, px=PROGRESS_TTL_MS)
-        for entry in self._entries(batch):
-            pipe.xadd(
-                self._stream, {LIFECYCLE_FIELD: entry}, maxlen=self._max_len, approximate=True
-            )
-        await pipe.execute()
+        # ENTRY_EVENTS events costs next to nothing. And one script call for all of them, not a
+        # pipeline of XADDs: redis-py packs and parses each pipelined command in Python, which
+        # cost a draining worker ~0.6 us per message (tens of XADDs per flush).
+        await scripts.write_events(
+            self._script,
+            self._redis,
+            stream=self._stream,
+            max_len=self._max_len,
+            field=LIFECYCLE_FIELD,
+            entries=self._entries(batch),
+            latest=latest,
+            ttl_ms=PROGRESS_TTL_MS,
+        )
 
     def _entries(self, batch: list[bytes | _Jobs]) -> list[bytes]:
         """The stream entries (JSON arrays) that hold ``batch``, in order."""

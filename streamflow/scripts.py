@@ -77,6 +77,7 @@ class Scripts:
         self.key_limit = redis.register_script(_load("key_limit.lua", strip))
         self.park = redis.register_script(_load("park.lua", strip))
         self.unpark = redis.register_script(_load("unpark.lua", strip))
+        self.events = redis.register_script(_load("events.lua", strip))
 
     @classmethod
     def source(cls, name: str) -> str:
@@ -92,6 +93,11 @@ class Scripts:
         return f"{shebang}\n{_read('fence.lua')}{body}"
 
 
+def register(redis: Redis, name: str) -> AsyncScript:
+    """Register one Lua script on ``redis`` (for a module that needs only that one)."""
+    return redis.register_script(_load(name, type(redis).__module__.startswith("fakeredis")))
+
+
 def _read(name: str) -> str:
     return resources.files("streamflow").joinpath("lua").joinpath(name).read_text()
 
@@ -105,6 +111,9 @@ def _load(name: str, strip_shebang: bool) -> str:
 
 #: Lua's unpack() has a stack limit; scripts get ids in chunks of this size.
 _CHUNK = 1000
+#: Lifecycle stream entries written by one ``events.lua`` call at most (about a millisecond of
+#: Redis's time for entries of plain jobs; a draining worker writes ~100 per flush).
+EVENT_ENTRIES = 100
 
 
 async def _owned_ids_script(
@@ -145,6 +154,32 @@ async def settle(
         ids,
         lambda chunk: [GROUP, consumer, b'["' + b'","'.join(chunk) + b'"]'],
     )
+
+
+async def write_events(
+    script: AsyncScript,
+    redis: Redis,
+    *,
+    stream: str,
+    max_len: int,
+    field: bytes,
+    entries: Sequence[bytes],
+    latest: Mapping[str, bytes | None],
+    ttl_ms: int,
+) -> None:
+    """Add lifecycle ``entries`` to ``stream`` (capped) and set or delete (None) ``latest``.
+
+    ``script`` is ``events.lua``; every key is in the lifecycle stream's slot. At most
+    :data:`EVENT_ENTRIES` entries per call: a script holds Redis for its whole run, and a full
+    buffer of large progress events is thousands of entries.
+    """
+    keys = [stream, *latest]
+    head: list[bytes | str | int] = [max_len, field, ttl_ms]
+    head += [b"" if raw is None else raw for raw in latest.values()]
+    for start in range(0, max(len(entries), 1), EVENT_ENTRIES):
+        args = head + list(entries[start : start + EVENT_ENTRIES])
+        await script(keys=keys, args=args, client=redis)
+        keys, head = [stream], [max_len, field, ttl_ms]  # the progress keys go once
 
 
 async def dead_letter(

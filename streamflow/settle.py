@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from streamflow import connect, decisions, logs, nodes, results, scripts, streams
+from streamflow.context import NEVER
 from streamflow.delivery import (
     Decision,
     Delivery,
@@ -225,8 +226,11 @@ class Settler:
     def ack_nowait(self, delivery: Delivery, decision: Decision) -> None:
         """Queue an ``ack`` or ``cancelled`` decision for the acker's next batch."""
         # The acker forgets the delivery once acknowledged.
-        if self.events is not None:
-            self.events.last_progress(delivery.context)  # before the job's final event
+        events, ctx = self.events, delivery.context
+        if events is not None and ctx is not None and ctx._progress_at != NEVER:
+            # It reported progress (few do: the test is here, not behind a call per job): the
+            # held-back report goes before the job's final event.
+            events.last_progress(ctx)
         if decision.kind == "ack":
             self.acker.add(delivery)
         else:
@@ -633,8 +637,10 @@ class _Acker:
         settler, kept = self._settler, self._kept
         ids: list[bytes] = []
         records: list[scripts.Kept] = []
-        for delivery in items:
-            record = kept.get(delivery) if kept else None  # kept is empty on the hot path
+        if not kept:  # the hot path: no outcome kept, one comprehension
+            ids = [delivery.entry.id for delivery in items]
+        for delivery in items if kept else ():
+            record = kept.get(delivery)
             if record is None:
                 ids.append(delivery.entry.id)
             else:

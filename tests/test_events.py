@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -35,6 +36,7 @@ from streamflow.records import (
     decode_lifecycle,
     json_schemas,
 )
+from streamflow.scripts import EVENT_ENTRIES
 from tests.dag.helpers import chain, system
 from tests.helpers import CLI, ROOT, clean_env, run_cli, running, wait_for_query, wait_until
 
@@ -350,6 +352,13 @@ def _bare_log() -> EventLog:
     return EventLog(Redis(), Keys("t"), "w-1")
 
 
+def _context(job: Job) -> Context:
+    """The context a worker gives a run of ``job`` (what its ``started`` event is read from)."""
+    return Context(
+        job.id, "1-0", job.role, job.attempt, "w-1", 1, task_id=job.task_id, node_id=job.node_id
+    )
+
+
 def test_a_group_of_jobs_reads_as_the_events_of_the_general_path() -> None:
     jobs = [
         Job(protocol=1, kind="job", id=f"job-{n}", role="r", attempt=n + 1, created_at_ms=1)
@@ -357,7 +366,7 @@ def test_a_group_of_jobs_reads_as_the_events_of_the_general_path() -> None:
     ]
     log = _bare_log()
     for job in jobs:
-        log.started(job, "r")  # the hot path: one group per millisecond
+        log.started(_context(job))  # the hot path: one group per millisecond
     log.succeeded(jobs, "r")  # one group per acknowledged batch
     entries = log._entries(log._buffer)
     docs = [item for entry in entries for item in orjson.loads(entry)]
@@ -400,7 +409,7 @@ def test_entries_are_bounded_in_events_and_bytes() -> None:
 def test_a_task_jobs_events_keep_its_ids() -> None:
     job = Job(protocol=1, kind="job", id="a1", role="r", task_id="t1", created_at_ms=1)
     log = _bare_log()
-    log.started(job, "r")
+    log.started(_context(job))
     log.succeeded([job], "r")
     events = decode_lifecycle({b"events": log._entries(log._buffer)[0]})[0]
     assert [(e.type, e.task_id) for e in events] == [("started", "t1"), ("succeeded", "t1")]
@@ -488,3 +497,55 @@ async def test_a_settle_refused_by_the_owner_check_writes_no_final_event(
 
 async def _absent(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
+
+
+async def test_a_failed_events_write_is_dropped_logged_once_and_never_fails_a_settle(
+    redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events are best effort: a key of another type where they go (anyone with a worker's
+    rights may write one) drops them, says so once, and every job is still acknowledged; once
+    the key is gone they are written again."""
+    caplog.set_level(logging.INFO, logger="streamflow.events")
+    app, ran = App(), []
+
+    @app.role("best")
+    async def best(ctx: Context, payload: Any) -> None:
+        ran.append(payload)
+
+    keys = Keys(namespace)
+    await redis.set(keys.lifecycle(), "not a stream")
+    client = Client(redis, namespace=namespace)
+    one = worker(app, redis, namespace)
+    with anyio.fail_after(20):
+        async with running(one):
+            for n in range(30):
+                await client.publish("best", n)
+            await wait_until(lambda: len(ran) == 30 and one.statistics().acked == 30)
+            await wait_until(lambda: one._events.dropped >= 60)  # started and succeeded
+            await client.publish("best", 30)
+            await wait_until(lambda: one._events.dropped >= 62)
+            dropping = [r for r in caplog.records if "dropping lifecycle events" in r.message]
+            assert len(dropping) == 1
+            await redis.delete(keys.lifecycle())
+            await client.publish("best", 31)
+            await wait_until(lambda: one.statistics().acked == 32)
+            await wait_for_query(lambda: _stored_types(redis, namespace))
+    assert any("writing lifecycle events again" in r.message for r in caplog.records)
+    assert await redis.xlen(keys.lifecycle()) >= 1
+
+
+async def _stored_types(redis: Redis, namespace: str) -> bool:
+    return {e.type for e in await stored(redis, namespace)} == {"started", "succeeded"}
+
+
+async def test_a_write_of_many_entries_goes_in_bounded_calls_in_order(
+    redis: Redis, namespace: str
+) -> None:
+    log = EventLog(redis, Keys(namespace), "w1", max_len=10_000)
+    big = {"blob": "x" * 4000}
+    for n in range(450):  # large events: a few to an entry, more entries than one call takes
+        log.add("progress", role="r", progress=big | {"n": n})
+    await log.flush()
+    assert await redis.xlen(Keys(namespace).lifecycle()) > EVENT_ENTRIES
+    events = await stored(redis, namespace)
+    assert [e.progress["n"] for e in events if isinstance(e.progress, dict)] == list(range(450))
