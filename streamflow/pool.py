@@ -1,15 +1,18 @@
 """The consumer tasks: a worker's deliveries queued, handled and settled.
 
-``concurrency`` consumers take deliveries from one shared queue. An idle consumer waits on an
-event of its own and is woken one at a time: a woken consumer that finds more queued wakes the
-next, so slow handlers fan out over every consumer while a burst of fast ones is drained by one
-or two consumers without a task switch per entry. Each consumer runs decode -> preflight ->
-execute (:mod:`streamflow.runner`) inside its cancel scope and applies the decision through
-:mod:`streamflow.settle`. The worker (:mod:`streamflow.worker`) wires this and runs it.
+``concurrency`` consumers take deliveries from one shared queue. An idle consumer waits on a
+future of its own (an event loop future, not an anyio event: the hand-off from the reader to a
+consumer is on the path of an idle worker's every message) and is woken one at a time: a woken
+consumer that finds more queued wakes the next, so slow handlers fan out over every consumer
+while a burst of fast ones is drained by one or two consumers without a task switch per entry.
+Each consumer runs decode -> preflight -> execute (:mod:`streamflow.runner`) inside its cancel
+scope and applies the decision through :mod:`streamflow.settle`. The worker
+(:mod:`streamflow.worker`) wires this and runs it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -64,7 +67,7 @@ class ConsumerPool:
         self._concurrency = concurrency
         self._unsafe_after = unsafe_after
         self._queue: deque[Delivery] = deque()
-        self._idle: deque[anyio.Event] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
         self._waking = 0
         self._queue_closed = False
         #: Called with the seconds from a cancel's creation to its handler stopping, or None.
@@ -83,7 +86,7 @@ class ConsumerPool:
                 self._queue_closed = True
                 while self._idle:
                     self._waking += 1
-                    self._idle.popleft().set()
+                    _wake(self._idle.popleft())
 
     def dispatch(
         self,
@@ -110,7 +113,7 @@ class ConsumerPool:
         """
         if self._waking == 0 and self._idle:
             self._waking += 1
-            self._idle.popleft().set()
+            _wake(self._idle.popleft())
 
     async def _consume(self) -> None:
         # Handlers run inside one cancel scope per consumer, not one per message (a scope costs
@@ -133,10 +136,7 @@ class ConsumerPool:
             if not queue:
                 if self._queue_closed:
                     return True
-                woken = anyio.Event()
-                self._idle.append(woken)
-                await woken.wait()
-                self._waking -= 1
+                await self._wait_woken()
                 continue
             delivery = queue.popleft()
             if queue:
@@ -169,6 +169,22 @@ class ConsumerPool:
                 # is still queued, instead of after the queue ran dry.
                 await anyio.lowlevel.cancel_shielded_checkpoint()
 
+    async def _wait_woken(self) -> None:
+        """Wait idle until :meth:`_wake_consumer` (or the queue's end) wakes this consumer."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(woken)
+        try:
+            await woken
+        except BaseException:
+            # Cancelled while idle: out of the line, or, if it was being woken, the wake goes on.
+            if woken in self._idle:
+                self._idle.remove(woken)
+            else:
+                self._waking -= 1
+                self._wake_consumer()
+            raise
+        self._waking -= 1
+
     async def _finish(self, delivery: Delivery, decision: Decision) -> None:
         try:
             await self._settler.apply(delivery, decision)
@@ -189,3 +205,9 @@ class ConsumerPool:
         self._read_ahead.finished()
         if delivery.finished is not None:
             delivery.finished.set()
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    """Wake an idle consumer (one cancelled meanwhile has its future done already)."""
+    if not woken.done():
+        woken.set_result(None)
