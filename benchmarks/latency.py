@@ -12,7 +12,10 @@ One private redis-server, consumer processes measured one after another within e
   defaults, the role's lifecycle events on (the default) or off;
 * **before** (with ``--before DIR``): **on** with both the publisher and the worker importing
   the streamflow in ``DIR`` first (a ``git archive <commit> streamflow`` snapshot), so that old
-  and new code are measured in the same rounds.
+  and new code are measured in the same rounds; **before bare+publish**: **bare+publish** with
+  the publisher from ``DIR`` (the publish side of old and new code alone).
+
+``--variants`` picks some of them, ``--paces`` hot or idle only.
 
 The publisher is a process of its own (``_worker.py publish``), one message at a time, each
 stamped with ``time.time_ns()`` just before it is published. Each consumer records
@@ -59,6 +62,7 @@ SETUPS = {
     "on": ("client", "latency", "on"),
     "off": ("client", "latency", "off"),
     "before": ("client", "latency", "on"),
+    "before bare+publish": ("client", "bare", None),
 }
 #: (name, seconds between messages, messages per round, and with --quick)
 PACES = (("hot", 0.002, 500, 100), ("idle", 0.2, 60, 15))
@@ -86,7 +90,7 @@ async def measure(
     namespace = f"lat-{uuid.uuid4().hex[:8]}"
     total = count + WARMUP
     publish, mode, events = SETUPS[variant]
-    path = before if variant == "before" else None
+    path = before if variant.startswith("before") else None
     options = {"expected": total, "events": events}
     async with WorkerProcess(mode, url, namespace, options, pythonpath=path) as worker:
         async with asyncio.timeout(60):
@@ -102,12 +106,17 @@ async def measure(
 
 
 async def run(
-    url: str, rounds: int, quick: bool, variants: Sequence[str], before: str | None
+    url: str,
+    rounds: int,
+    quick: bool,
+    variants: Sequence[str],
+    before: str | None,
+    paces: Sequence[tuple[str, float, int, int]] = PACES,
 ) -> dict[tuple[str, str], Cell]:
-    cells = {(pace, v): Cell() for pace, *_ in PACES for v in variants}
+    cells = {(pace, v): Cell() for pace, *_ in paces for v in variants}
     for r in range(rounds):
         order = variants if r % 2 == 0 else tuple(reversed(variants))
-        for pace, gap, count, quick_count in PACES:
+        for pace, gap, count, quick_count in paces:
             for variant in order:
                 samples = await measure(url, variant, quick_count if quick else count, gap, before)
                 cell = cells[pace, variant]
@@ -130,6 +139,7 @@ LABELS = {
     "on": "events on (default)",
     "off": "events off",
     "before": "before: events on",
+    "before bare+publish": "before: bare loop, Client.publish",
 }
 
 
@@ -139,11 +149,12 @@ def render(
     version: str,
     variants: Sequence[str],
     before: str | None,
+    paces: Sequence[tuple[str, float, int, int]] = PACES,
 ) -> str:
     header = ["case", *(LABELS[v] for v in variants), "status (on)"]
     rows = []
-    for pace, *_ in PACES:
-        on = cells[pace, "on"].samples_ms
+    for pace, *_ in paces:
+        on = cells.get((pace, "on"), Cell()).samples_ms or [float("nan")]
         for label, q in (("p50", 50), ("p99", 99), ("max", 100)):
             row = [f"{pace}, {label}"]
             for v in variants:
@@ -157,7 +168,7 @@ def render(
     per_round = [
         [f"{pace}, p50 by round", *(" / ".join(f"{x:.3f}" for x in cells[pace, v].round_p50s)
                                     for v in variants), ""]
-        for pace, *_ in PACES
+        for pace, *_ in paces
     ]  # fmt: skip
     loads = [x for c in cells.values() for x in c.loads]
     snapshot = f"; before: the streamflow in `{before}`" if before else ""
@@ -179,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--before", metavar="DIR", help="also run 'on' with the streamflow in DIR (a snapshot)"
     )
+    parser.add_argument("--variants", nargs="+", choices=list(SETUPS), help="only these")
+    parser.add_argument("--paces", nargs="+", choices=[p[0] for p in PACES], help="only these")
     return parser.parse_args(argv)
 
 
@@ -186,11 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rounds = 2 if args.quick else args.rounds
     before = str(Path(args.before).resolve()) if args.before else None
-    variants = (*VARIANTS, "before") if before else VARIANTS
+    variants = args.variants or ((*VARIANTS, "before") if before else VARIANTS)
+    paces = [p for p in PACES if not args.paces or p[0] in args.paces]
     with redis_url(args.redis_url) as url:
-        cells = asyncio.run(run(url, rounds, args.quick, variants, before))
+        cells = asyncio.run(run(url, rounds, args.quick, variants, before, paces))
         version = asyncio.run(redis_version(url))
-    text = render(cells, rounds, version, variants, args.before)
+    text = render(cells, rounds, version, variants, args.before, paces)
     print_section(text, DOC, SECTION, write=args.write)
 
 

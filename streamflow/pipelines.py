@@ -286,7 +286,7 @@ class HeldConnection:
         try:
             connection = self._ready()
             try:
-                connection.send_packed_command(connection.pack_commands(commands), False)
+                connection.send_packed_command(_pack(connection, commands), False)
                 return _read_sync(connection, len(commands))
             except BaseException:
                 self._drop()
