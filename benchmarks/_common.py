@@ -44,6 +44,7 @@ class WorkerProcess:
         options: More ``--name value`` options for the worker script.
         profile: Run the worker under cProfile and write the stats to this file.
         script: The worker script (``_worker.py``; ``peers/`` has one for the other queues).
+        pythonpath: A directory to import first (a snapshot of another commit's streamflow).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class WorkerProcess:
         *,
         profile: Path | None = None,
         script: Path = WORKER_SCRIPT,
+        pythonpath: str | None = None,
     ) -> None:
         argv = [str(script), mode, "--url", url, "--namespace", namespace]
         for name, value in (options or {}).items():
@@ -63,12 +65,14 @@ class WorkerProcess:
         prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
         self.argv = [sys.executable, *prefix, *argv]
         self._process: asyncio.subprocess.Process | None = None
+        self._pythonpath = pythonpath
 
     async def __aenter__(self) -> Self:
         env = dict(os.environ)
         # The caller's PYTHONPATH comes first, so that the worker imports the same streamflow
         # as this process (e.g. a snapshot of one commit instead of the work tree).
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
+        first = [self._pythonpath, env.get("PYTHONPATH"), str(REPO_ROOT)]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, first))
         self._process = await asyncio.create_subprocess_exec(
             *self.argv,
             # Not the repo root: `python -m cProfile` puts the cwd first on sys.path, and the

@@ -15,7 +15,13 @@ object per line to stdout:
   messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
   ``--events off`` turns the role's lifecycle events off.
 * ``bare``: no streamflow: a plain redis-py ``XREADGROUP COUNT 100 BLOCK 5000`` + ``XACK`` loop
-  on the role's stream, recording like ``latency`` (the baseline of ``latency.py``).
+  on the role's stream, recording like ``latency`` (the baseline of ``latency.py``); it reads
+  ``t`` from a raw ``{t}`` entry or from a job published by ``Client.publish`` (one orjson
+  parse of the body, no checks).
+* ``publish``: publishes ``--expected`` messages ``--gap`` seconds apart, each stamped with
+  ``time.time_ns()`` just before it is published (``--publish client``: ``Client.publish`` of
+  ``{"t": ...}``; ``raw``: redis-py ``XADD`` of ``{t}``), then prints ``{"event": "published"}``
+  (``latency.py``'s publisher, a process of its own so that it runs the code base it is given).
 * ``soak``: ``Worker.run()``; prints ``{"event": "ready"}``, then an ``rss`` sample every
   ``--interval`` seconds, and a ``done`` sample when ``--expected`` messages were acked (taken
   before the worker shuts down), then exits.
@@ -40,10 +46,11 @@ import time
 from typing import Any
 
 import anyio
+import orjson
 import psutil  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
-from streamflow import App, Context, Outcome, Worker, connect
+from streamflow import App, Client, Context, Outcome, Worker, connect
 from streamflow.keys import GROUP, Keys
 from streamflow.worker import tune_garbage_collector
 
@@ -170,11 +177,32 @@ async def bare(args: argparse.Namespace) -> None:
             reply = await redis.xreadgroup(group, "bare", {stream: ">"}, count=100, block=5000)
             for _, entries in reply or ():
                 for entry_id, fields in entries:
-                    samples.append(time.time_ns() - int(fields[b"t"]))
+                    samples.append(time.time_ns() - stamp_of(fields))
                     await redis.xack(stream, group, entry_id)
         emit("latencies", ns=samples)
     finally:
         await redis.aclose()
+
+
+def stamp_of(fields: dict[bytes, bytes]) -> int:
+    """The publisher's ``t`` of a raw ``{t}`` entry or of a job's payload."""
+    raw = fields.get(b"t")
+    return int(raw) if raw is not None else int(orjson.loads(fields[b"message"])["payload"]["t"])
+
+
+async def publish(args: argparse.Namespace) -> None:
+    client = Client.from_url(args.url, namespace=args.namespace)
+    stream = Keys(args.namespace).role_stream(ROLE)
+    try:
+        for _ in range(args.expected):
+            if args.publish == "raw":
+                await client.redis.xadd(stream, {"t": str(time.time_ns())})
+            else:
+                await client.publish(ROLE, {"t": time.time_ns()})
+            await asyncio.sleep(args.gap)
+        emit("published")
+    finally:
+        await client.aclose()
 
 
 async def run_then_cancel(
@@ -228,7 +256,7 @@ async def soak(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("mode", choices=["drain", "latency", "bare", "soak"])
+    parser.add_argument("mode", choices=["drain", "latency", "bare", "soak", "publish"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--concurrency", type=int)
@@ -245,6 +273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--start-at", type=float, default=0.0, help="drain: Unix time to start")
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+    parser.add_argument("--gap", type=float, default=0.2, help="publish: seconds between messages")
+    parser.add_argument(
+        "--publish", choices=["client", "raw"], default="client", help="publish: how"
+    )
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument(
         "--keep-result", type=float, help="drain, latency: the role keeps results this many s"
@@ -258,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args = parse_args(argv)
-    modes = {"drain": drain, "latency": latency, "bare": bare, "soak": soak}
+    modes = {"drain": drain, "latency": latency, "bare": bare, "soak": soak, "publish": publish}
     anyio.run(modes[args.mode], args, backend_options={"use_uvloop": args.loop == "uvloop"})
 
 

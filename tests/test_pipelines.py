@@ -15,7 +15,7 @@ from streamflow import Client, PayloadError, RedisUnavailable, SyncClient
 from streamflow.errors import CancelledIdWarning, RedisCommandError
 from streamflow.keys import Keys
 from streamflow.ops.server import RedisServer
-from streamflow.pipelines import AutoPipeline
+from streamflow.pipelines import AutoPipeline, _pack
 from streamflow.protocol import decode_job
 
 pytestmark = pytest.mark.anyio
@@ -273,3 +273,15 @@ async def test_a_chosen_id_under_a_cancel_warns_on_the_short_way_too(
             with pytest.warns(CancelledIdWarning, match="message doomed is cancelled"):
                 sync.publish("marked", 2, message_id="doomed")
     assert (await published(redis, namespace, "marked")).count("doomed") == 2  # published anyway
+
+
+async def test_commands_are_packed_as_redis_py_packs_them(redis: Redis) -> None:
+    connection = redis.connection_pool.make_connection()
+    commands = [
+        (b"XADD", "sf:{ns}:role", b"*", b"message", b'{"a":"\\xc3\\xa9"}'),
+        ("EXISTS", "sf:{ns}:cancel:\u00e9", "b"),
+        (b"EVALSHA", b"abc", 1, "key", -7, b""),
+    ]
+    assert _pack(connection, commands) == [b"".join(connection.pack_commands(commands))]
+    odd = [(b"SET", b"k", 1.5)]  # a float: left to redis-py's encoder
+    assert _pack(connection, odd) == connection.pack_commands(odd)
