@@ -145,7 +145,14 @@ async def latency(args: argparse.Namespace) -> None:
     samples: list[int] = []
     worker: Worker | None = None
 
-    @app.role(ROLE, keep_result=args.keep_result, events=args.events == "on")
+    # Only options away from their defaults: an older snapshot (--before) may not know them.
+    options: dict[str, Any] = {}
+    if args.keep_result:
+        options["keep_result"] = args.keep_result
+    if args.events == "off":
+        options["events"] = False
+
+    @app.role(ROLE, **options)
     async def record(ctx: Context, payload: Any) -> None:
         samples.append(time.time_ns() - int(payload["t"]))
         if len(samples) >= args.expected and worker is not None:
