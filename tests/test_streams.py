@@ -59,3 +59,23 @@ def _key(client: Redis, value: str) -> Any:
     """``value`` as the client returns it (str with decoding on, else bytes)."""
     decoding = client.connection_pool.connection_kwargs.get("decode_responses", False)
     return value if decoding else value.encode()
+
+
+async def test_a_worker_read_leaves_the_clients_own_reads_alone_after_a_resp2_fallback(
+    private_redis: Any, namespace: str
+) -> None:
+    """A server (or proxy) that refuses HELLO makes redis-py fall back to RESP2 per connection:
+    the caller's own XREADGROUP on the client a worker reads with still parses."""
+    server = private_redis(extra_args=["--rename-command", "HELLO", ""])
+    client = Redis.from_url(server.url)
+    stream = f"{namespace}:s"
+    try:
+        with anyio.fail_after(10):
+            await streams.ensure_group(client, stream)
+            first = await client.xadd(stream, {"message": b"{}"})
+            entries = await streams.read_group(client, stream, "c", count=10, block_ms=None)
+            assert [(e.id, e.fields) for e in entries] == [(first, {b"message": b"{}"})]
+            plain: Any = await client.xreadgroup(GROUP, "c", {stream: "0"}, count=1)
+            assert plain == [[stream.encode(), [(first, {b"message": b"{}"})]]]
+    finally:
+        await client.aclose()
