@@ -65,18 +65,23 @@ from streamflow.errors import UnknownRoleWarning
 from streamflow.keys import GROUP, Keys
 
 BARE = "bare"
+#: XREADGROUP and EVALSHA calls of a drain.
+Calls = tuple[int, int]
 SCRIPT = Path(__file__).resolve()
 HEADER = [
     "consumer",
     "instructions/msg",
     "of bare",
     "fixed Ir (M)",
-    "Redis calls/1k msgs",
+    "reads/1k msgs",
+    "scripts/1k msgs",
     "runs",
 ]
 #: Valgrind slows the process ~50-100 times: minutes, not seconds, per drain.
 TIMEOUT_S = 300.0
 TIMEOUT_PER_MSG_S = 0.01
+#: About valgrind's slowdown: the worker's timers fire about as often per message as natively.
+TIME_SCALE = 50.0
 
 
 @dataclass
@@ -87,8 +92,9 @@ class Count:
     messages: int
     ir_base: int
     ir_messages: int
-    #: Commands the drain of the big run sent, per 1,000 messages (its batching).
-    calls_per_1k: float
+    #: XREADGROUP and EVALSHA calls of the big run's drain per 1,000 messages (its batching).
+    reads_per_1k: float
+    scripts_per_1k: float
 
     @property
     def per_message(self) -> float:
@@ -114,13 +120,18 @@ def total_ir(out: Path) -> int:
     raise RuntimeError(f"no summary line in {out}")
 
 
-async def drain_calls(admin: Redis) -> int:
-    """Commands Redis served since the last ``CONFIG RESETSTAT``."""
+async def drain_calls(admin: Redis) -> Calls:
+    """XREADGROUP and EVALSHA calls Redis served since the last ``CONFIG RESETSTAT``."""
     stats = await admin.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_config")
+    reads, scripts = (
+        stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("xreadgroup", "evalsha")
+    )
+    return int(reads), int(scripts)
 
 
-async def count_worker(url: str, n: int, prefix: list[str], out: Path) -> tuple[int, int]:
+async def count_worker(
+    url: str, n: int, prefix: list[str], out: Path, args: argparse.Namespace
+) -> tuple[int, Calls]:
     """Publish n jobs, drain them with one worker process under valgrind; its Ir."""
     warnings.simplefilter("ignore", UnknownRoleWarning)  # the worker starts after publishing
     namespace = f"instr-{uuid.uuid4().hex[:8]}"
@@ -131,7 +142,8 @@ async def count_worker(url: str, n: int, prefix: list[str], out: Path) -> tuple[
     try:
         await client.publish_many("bench", [{"i": i} for i in range(n)])
         await admin.config_resetstat()
-        worker = WorkerProcess("drain", url, namespace)
+        options = {"events": args.events, "time_scale": args.time_scale}
+        worker = WorkerProcess("drain", url, namespace, options)
         worker.argv = [*prefix, *worker.argv]  # before it starts: valgrind runs the worker
         async with worker:
             async with asyncio.timeout(TIMEOUT_S + n * TIMEOUT_PER_MSG_S):
@@ -147,7 +159,7 @@ async def count_worker(url: str, n: int, prefix: list[str], out: Path) -> tuple[
         await client.aclose()
 
 
-async def count_bare(url: str, n: int, prefix: list[str], out: Path) -> tuple[int, int]:
+async def count_bare(url: str, n: int, prefix: list[str], out: Path) -> tuple[int, Calls]:
     """XADD n messages (as throughput.py's bare loop), drain them under valgrind; its Ir."""
     key = f"instr-bare-{uuid.uuid4().hex[:8]}:stream"
     admin = Redis.from_url(url)
@@ -190,7 +202,7 @@ async def bare_process(url: str, key: str) -> None:
         await redis.aclose()
 
 
-def measure(variant: str, url: str, sizes: tuple[int, int], tool: str, keep: Path) -> Count:
+def measure(variant: str, url: str, sizes: tuple[int, int], args: argparse.Namespace) -> Count:
     """Count ``variant`` (``bare`` or a snapshot directory) at both sizes."""
     if variant != BARE:
         # Byte-compiled first: a fresh snapshot's first worker would count compiling it.
@@ -199,16 +211,17 @@ def measure(variant: str, url: str, sizes: tuple[int, int], tool: str, keep: Pat
     counts = []
     for n in sizes:
         name = "bare" if variant == BARE else Path(variant).resolve().name
-        out = keep / f"{tool}.{name}.{n}.{uuid.uuid4().hex[:6]}.out"
-        prefix = valgrind_argv(tool, out)
+        out = args.keep / f"{args.tool}.{name}.{n}.{uuid.uuid4().hex[:6]}.out"
+        prefix = valgrind_argv(args.tool, out)
         if variant == BARE:
             counts.append(asyncio.run(count_bare(url, n, prefix, out)))
         else:
             # The snapshot first on the worker's path (WorkerProcess appends the repo root).
             os.environ["PYTHONPATH"] = str(Path(variant).resolve())
-            counts.append(asyncio.run(count_worker(url, n, prefix, out)))
-    (ir_base, _), (ir_messages, calls) = counts
-    return Count(sizes[0], sizes[1], ir_base, ir_messages, calls / sizes[1] * 1000)
+            counts.append(asyncio.run(count_worker(url, n, prefix, out, args)))
+    (ir_base, _), (ir_messages, (reads, scripts)) = counts
+    per_1k = 1000 / sizes[1]
+    return Count(*sizes, ir_base, ir_messages, reads * per_1k, scripts * per_1k)
 
 
 def rows(counts: dict[str, list[Count]]) -> list[list[str]]:
@@ -216,12 +229,17 @@ def rows(counts: dict[str, list[Count]]) -> list[list[str]]:
     out = []
     for variant, runs in counts.items():
         per = statistics.median(c.per_message for c in runs)
-        fixed = statistics.median(c.fixed for c in runs) / 1e6
-        calls = statistics.median(c.calls_per_1k for c in runs)
-        every = ", ".join(f"{c.per_message:,.0f}" for c in runs)
         name = "bare redis-py loop" if variant == BARE else f"worker, {variant}"
         out.append(
-            [name, f"{per:,.0f}", f"{per / bare:.2f}x", f"{fixed:,.0f}", f"{calls:.1f}", every]
+            [
+                name,
+                f"{per:,.0f}",
+                f"{per / bare:.2f}x",
+                f"{statistics.median(c.fixed for c in runs) / 1e6:,.0f}",
+                f"{statistics.median(c.reads_per_1k for c in runs):.1f}",
+                f"{statistics.median(c.scripts_per_1k for c in runs):.1f}",
+                ", ".join(f"{c.per_message:,.0f}" for c in runs),
+            ]
         )
     return out
 
@@ -233,6 +251,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base", type=int, default=2_000, help="N of the small run (2,000)")
     parser.add_argument("--repeats", type=int, default=1, help="count each variant R times (1)")
     parser.add_argument("--tool", choices=["cachegrind", "callgrind"], default="cachegrind")
+    parser.add_argument(
+        "--events",
+        choices=["on", "off"],
+        default="on",
+        help="the role's lifecycle events (on, the default role's; off: no flush every 50 ms)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=TIME_SCALE,
+        help=f"the worker's event-loop clock this many times slower ({TIME_SCALE:g})",
+    )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep valgrind's output files")
     parser.add_argument("--redis-url", help="use this Redis instead of starting a private one")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
@@ -243,7 +273,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, keep: Path) -> dict[str, list[Count]]:
+def run(args: argparse.Namespace) -> dict[str, list[Count]]:
     # The same hash seed in every process: dict and set order, so the counts, repeat exactly.
     os.environ["PYTHONHASHSEED"] = "0"
     counts: dict[str, list[Count]] = {v: [] for v in [BARE, *args.snapshots]}
@@ -251,7 +281,7 @@ def run(args: argparse.Namespace, keep: Path) -> dict[str, list[Count]]:
     with redis_url(args.redis_url) as url:
         for i in range(args.repeats):
             for variant in counts:
-                counts[variant].append(measure(variant, url, sizes, args.tool, keep))
+                counts[variant].append(measure(variant, url, sizes, args))
                 per = counts[variant][-1].per_message
                 print(f"repeat {i + 1}: {variant}: {per:,.0f} Ir/msg", file=sys.stderr, flush=True)
     return counts
@@ -266,10 +296,11 @@ def main() -> None:
         sys.exit("valgrind not found (apt-get install valgrind)")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        counts = run(args, args.keep)
+        counts = run(args)
     else:
         with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
-            counts = run(args, Path(tmp))
+            args.keep = Path(tmp)
+            counts = run(args)
     table = rows(counts)
     print(f"instructions per message = (Ir({args.messages}) - Ir({args.base})) / difference")
     print(text_table(HEADER, table))
