@@ -27,9 +27,18 @@ instruction (about twice as fast as callgrind); ``--tool callgrind`` gives the s
 a per-function profile (``--keep DIR`` keeps the output files: ``callgrind_annotate FILE``).
 ``PYTHONHASHSEED`` is fixed, so that hashing and set order are the same in every run. A figure
 counts only the draining process; it is not a time (a cache miss or a system call counts as
-one instruction), but it moves with the Python work done per message. ``--repeats R`` measures
-every variant R times (the table gives the median and each figure). About a minute per
-variant under load with the defaults.
+one instruction), but it moves with the Python work done per message.
+
+Counting is exact, but the worker's work is not quite the same from run to run: how many
+entries each read and each settle call takes depends on when Redis's replies arrive against
+the worker's event loop (the table gives XREADGROUP and EVALSHA calls per 1,000 messages
+beside each figure), so repeats differ by a few per cent (the bare loop's batches are fixed:
+within ~1%). ``--repeats R`` counts every variant R times (the table gives the median and each
+figure). And under valgrind the worker runs ~50 times slower while its timers (the event log's
+50 ms linger, retry polls, renewals) follow the clock: ``--time-scale`` (50) slows the worker's
+event-loop clock as much (``_worker.py --time-scale``), so that they fire about as often per
+message as natively, and a loaded machine (a longer run) adds few. ``--events off`` counts the
+role without lifecycle events. About a minute per variant and repeat with the defaults.
 """
 
 from __future__ import annotations
