@@ -88,7 +88,8 @@ def slow_loop_clock(scale: float) -> None:
     wall-clock timers (the event log's 50 ms linger, retry promotion polls, lease renewals)
     would fire ~50 times as often per message as natively, and as often as the machine's load
     makes the run long. Every anyio and asyncio timer reads ``loop.time()``; ``time.time()``
-    and what Redis stores keep the real clock.
+    and what Redis stores keep the real clock, and so does the blocked-loop watchdog (a
+    thread), which may then warn that the loop was blocked for 5 s: expected here.
     """
     loop = asyncio.get_running_loop()
     real = loop.time
