@@ -8,8 +8,10 @@ object per line to stdout:
   elapsed wall time and the process CPU time of the drain alone (imports and connecting are
   outside the timed part), and its start and end as Unix times (to time several processes).
   ``--partitions P`` declares the role with P partitions, ``--priorities N`` with N priority
-  levels; ``--events off`` turns its lifecycle events off; ``--role-options JSON`` passes more
-  ``app.role()`` keyword arguments (e.g. ``{"rate_limit": "500/s"}``).
+  levels; ``--events off`` turns its lifecycle events off (if it has them); ``--role-options
+  JSON`` passes more ``app.role()`` keyword arguments (e.g. ``{"rate_limit": "500/s"}``).
+  ``--time-scale F`` runs the event loop's clock F times slower than the wall clock (for a
+  worker under valgrind, see ``slow_loop_clock``).
 * ``latency``: ``Worker.run()``; prints ``{"event": "ready"}`` once the consumer group exists,
   records ``time.time_ns()`` minus the payload's ``t`` for each message, and after ``--expected``
   messages prints ``{"event": "latencies", "ns": [...]}`` and exits.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -85,6 +88,22 @@ def _counters(stats: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in stats.items() if isinstance(value, int | float)}
 
 
+def slow_loop_clock(scale: float) -> None:
+    """Make the event loop's clock run ``scale`` times slower than the wall clock from now on.
+
+    Under valgrind (benchmarks/instructions.py) the process runs ~50 times slower, so its
+    wall-clock timers (the event log's 50 ms linger, retry promotion polls, lease renewals)
+    would fire ~50 times as often per message as natively, and as often as the machine's load
+    makes the run long. Every anyio and asyncio timer reads ``loop.time()``; ``time.time()``
+    and what Redis stores keep the real clock, and so does the blocked-loop watchdog (a
+    thread), which may then warn that the loop was blocked for 5 s: expected here.
+    """
+    loop = asyncio.get_running_loop()
+    real = loop.time
+    start = real()
+    loop.time = lambda: start + (real() - start) / scale  # type: ignore[method-assign]
+
+
 async def drain(args: argparse.Namespace) -> None:
     app = App()
 
@@ -93,7 +112,8 @@ async def drain(args: argparse.Namespace) -> None:
     options: dict[str, Any] = {"partitions": args.partitions}
     if args.keep_result:
         options["keep_result"] = args.keep_result
-    if args.events == "off":
+    # A snapshot older than lifecycle events (no ``events`` option) has none to turn off.
+    if args.events == "off" and "events" in inspect.signature(app.role).parameters:
         options["events"] = False
     if args.priorities > 1:
         options["priorities"] = args.priorities
@@ -110,6 +130,8 @@ async def drain(args: argparse.Namespace) -> None:
         if args.metrics == "on":
             worker.enable_metrics()  # handlers timed (no server: nothing scrapes)
         tune_garbage_collector()
+        if args.time_scale != 1:
+            slow_loop_clock(args.time_scale)
         if args.start_at:  # several processes start draining together
             await anyio.sleep(max(0.0, args.start_at - time.time()))
         cpu0, t0, started_at = time.process_time(), time.perf_counter(), time.time()
@@ -145,7 +167,14 @@ async def latency(args: argparse.Namespace) -> None:
     samples: list[int] = []
     worker: Worker | None = None
 
-    @app.role(ROLE, keep_result=args.keep_result, events=args.events == "on")
+    # Only options away from their defaults: an older snapshot (--before) may not know them.
+    options: dict[str, Any] = {}
+    if args.keep_result:
+        options["keep_result"] = args.keep_result
+    if args.events == "off":
+        options["events"] = False
+
+    @app.role(ROLE, **options)
     async def record(ctx: Context, payload: Any) -> None:
         samples.append(time.time_ns() - int(payload["t"]))
         if len(samples) >= args.expected and worker is not None:
@@ -269,6 +298,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--metrics", choices=["on", "off"], default="off", help="drain: time handlers (metrics)"
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="drain: the loop's clock this many times slower",
     )
     parser.add_argument("--start-at", type=float, default=0.0, help="drain: Unix time to start")
     parser.add_argument("--expected", type=int, default=0, help="messages to wait for")

@@ -100,52 +100,20 @@ async def read_group(
         held: A connection of ``redis``'s pool held for these reads (single Redis or
             Sentinel); used unless it is busy with another read.
     """
-    pieces: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
-    if block_ms is not None:
-        pieces += ["BLOCK", block_ms]
     if held is not None and not held.busy:
         # The pool's checkout and release and redis-py's command path cost about 0.1 ms of an
-        # idle worker's enqueue-to-start latency; the reply is read with the connection's own
-        # socket timeout, as redis-py reads it (above BLOCK: see connect.connect).
+        # idle worker's enqueue-to-start latency. The raw reply is read with the connection's
+        # own socket timeout, as redis-py reads it (above BLOCK: see connect.connect), and
+        # built into entries by its shape on the wire (a RESP2 fallback included).
+        pieces: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+        if block_ms is not None:
+            pieces += ["BLOCK", block_ms]
         return _entries_of_reply(await held.execute((*pieces, "STREAMS", stream, after)))
-    _read_entries_on(redis)
-    client: Any = redis  # execute_command is untyped in redis-py
-    entries: list[Entry] = await client.execute_command(
-        *pieces, "STREAMS", stream, after, **{_AS_ENTRIES: True}
-    )
-    return entries
-
-
-#: The command option that asks for an XREADGROUP reply as :class:`Entry` objects (see
-#: :func:`_read_entries_on`); redis-py hands a command's options to its reply callback.
-_AS_ENTRIES = "streamflow_entries"
-
-
-def _read_entries_on(redis: Redis) -> None:
-    """Let ``redis`` turn an XREADGROUP reply into entries in one pass, when asked to.
-
-    redis-py's own callback builds a tuple and a dict per entry, which :func:`_entries` then
-    turns into an :class:`Entry`: about 0.4 us more per message on a worker's hot path. The
-    callback installed here builds the entries straight from the reply when the command
-    carries the ``_AS_ENTRIES`` option, and hands every other XREADGROUP (a user's, a
-    pipeline's) to the callback it replaced, so their replies keep redis-py's shape. A cluster
-    client shares its callback table with its nodes; a Sentinel master's is a plain client's.
-    The callback it replaced suits the client's protocol: redis-py picks another one only for
-    a connection whose server refused ``HELLO 3``, and Redis 7.0, which streamflow needs,
-    does not.
-    """
-    callbacks: Any = redis.response_callbacks
-    previous = callbacks.get("XREADGROUP")
-    if getattr(previous, "streamflow_entries", False):
-        return
-
-    def reply(response: Any, **options: Any) -> Any:
-        if options.pop(_AS_ENTRIES, False):
-            return _entries_of_reply(response)
-        return response if previous is None else previous(response, **options)
-
-    reply.streamflow_entries = True  # type: ignore[attr-defined]
-    callbacks["XREADGROUP"] = reply
+    # redis-py's own reply parsing, not a callback of ours on the caller's client: a callback
+    # installed there would also serve the caller's own XREADGROUPs, and on a connection that
+    # fell back to RESP2 redis-py hands an installed callback the RESP2 reply.
+    reply = await redis.xreadgroup(group, consumer, {stream: after}, count=count, block=block_ms)
+    return _entries(reply)
 
 
 def _entries_of_reply(reply: Any) -> list[Entry]:
@@ -240,10 +208,17 @@ def text_lenient(value: Any) -> str:
 
 
 def _entries(reply: Any) -> list[Entry]:
+    """redis-py's parsed reply of a one-stream read as entries.
+
+    ``[[stream, [(id, {field: value}), ...]]]`` (RESP2, and RESP3 by default), or
+    ``{stream: [[(id, {...}), ...]]}`` from a client made with ``protocol=3``.
+    """
     if not reply:
         return []
-    # RESP2 reply: [[stream, [(id, {field: value}), ...]]]; one stream per read.
-    _, items = reply[0]
+    if isinstance(reply, dict):
+        (items,) = next(iter(reply.values()))
+    else:
+        _, items = reply[0]
     return [Entry(entry_id, fields or {}) for entry_id, fields in items]
 
 

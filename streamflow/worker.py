@@ -150,8 +150,8 @@ class Worker:
         stall_warning: float | None = None,
         resources: Resources | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        if concurrency < 1 or read_count < 1:
+            raise ValueError("concurrency and read_count must be at least 1")
         if prefetch != "auto" and not (isinstance(prefetch, int) and prefetch >= 0):
             raise ValueError(f"prefetch must be 'auto' or a whole number >= 0, not {prefetch!r}")
         self._app = app

@@ -143,3 +143,30 @@ async def _blocked(redis: Redis, client_id: int) -> bool:
 async def _gone(redis: Redis, client_id: int) -> bool:
     clients: Any = await redis.client_list()
     return all(int(c["id"]) != client_id for c in clients)
+
+
+async def test_a_worker_read_leaves_the_clients_own_reads_alone_after_a_resp2_fallback(
+    private_redis: Any, namespace: str
+) -> None:
+    """A server (or proxy) that refuses HELLO makes redis-py fall back to RESP2 per connection:
+    the caller's own XREADGROUP on the client a worker reads with still parses."""
+    server = private_redis(extra_args=["--rename-command", "HELLO", ""])
+    client = Redis.from_url(server.url)
+    stream = f"{namespace}:s"
+    try:
+        with anyio.fail_after(10):
+            await streams.ensure_group(client, stream)
+            first = await client.xadd(stream, {"message": b"{}"})
+            entries = await streams.read_group(client, stream, "c", count=10, block_ms=None)
+            assert [(e.id, e.fields) for e in entries] == [(first, {b"message": b"{}"})]
+            plain: Any = await client.xreadgroup(GROUP, "c", {stream: "0"}, count=1)
+            assert plain == [[stream.encode(), [(first, {b"message": b"{}"})]]]
+            second = await client.xadd(stream, {"message": b"[]"})
+            held = pipelines.Held(client.connection_pool)
+            entries = await streams.read_group(
+                client, stream, "c", count=10, block_ms=None, held=held
+            )
+            await held.aclose()
+            assert [(e.id, e.fields) for e in entries] == [(second, {b"message": b"[]"})]
+    finally:
+        await client.aclose()

@@ -668,3 +668,12 @@ def test_from_settings_gives_the_worker_every_worker_setting() -> None:
 
 async def _nothing(ctx: Context, payload: Any) -> None:
     pass
+
+
+@pytest.mark.parametrize(
+    "options", [{"concurrency": 0}, {"read_count": 0}, {"prefetch": -1}, {"prefetch": "soon"}]
+)
+def test_settings_that_cannot_work_are_refused_at_construction(options: dict[str, Any]) -> None:
+    # read_count 0 would reach Redis as COUNT 0: no limit, the whole stream in one read.
+    with pytest.raises(ValueError, match="must be"):
+        Worker(App(), FakeRedis(), **options)

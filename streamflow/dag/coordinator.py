@@ -138,8 +138,8 @@ class Coordinator:
         self.role_limits = {
             validate_name(r, "role"): int(n) for r, n in (role_limits or {}).items()
         }
-        if any(n < 1 for n in self.role_limits.values()):
-            raise ValueError("role limits must be at least 1")
+        if read_count < 1 or any(n < 1 for n in self.role_limits.values()):
+            raise ValueError("read_count and role limits must be at least 1")
         self._limited = frozenset(self.role_limits)
         self._lease_ms = int(lease_ttl * 1000)
         self._block_ms = block_ms

@@ -781,3 +781,12 @@ async def test_an_events_group_lost_under_the_read_that_carries_the_acknowledgem
         await _report(redis, keys, task_id, "done", total=0)
         task = await client.wait(task_id, timeout=10)
     assert task.state == "succeeded"
+
+
+@pytest.mark.parametrize("options", [{"read_count": 0}, {"role_limits": {"echo": 0}}])
+async def test_settings_that_cannot_work_are_refused_at_construction(
+    redis: Redis, options: dict[str, Any]
+) -> None:
+    # read_count 0 would reach Redis as COUNT 0: no limit, the whole stream in one read.
+    with pytest.raises(ValueError, match="must be at least 1"):
+        Coordinator(redis, **options)

@@ -136,6 +136,7 @@ SCRIPT_USERS: dict[str, tuple[acl.Part, ...]] = {
     "claim.lua": ("worker", "coordinator"),
     "dead_letter.lua": ("worker",),
     "emit.lua": ("worker",),
+    "events.lua": ("worker", "coordinator"),
     "finish.lua": ("worker",),
     "promote.lua": ("worker",),
     "release.lua": ("worker",),
