@@ -48,7 +48,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from streamflow import connect, flow, scripts, streams
+from streamflow import connect, flow, pipelines, scripts, streams
 from streamflow.app import Role
 from streamflow.delivery import InFlight
 from streamflow.flow import Limiter, PauseWatch
@@ -155,12 +155,34 @@ class GroupReader:
         self._cursors: dict[str, bytes] = {}
         #: Pending entries found deleted from the stream before they were settled, by stream.
         self.trimmed: dict[str, int] = {}
+        # Each stream's reads go on a connection held for them (see pipelines.Held), except on
+        # a cluster: its client sends each command to the node that owns the slot, follows
+        # MOVED and ASK and reloads the slot map after a failover, which a connection held to
+        # one node would bypass; there the reads keep redis-py's command path.
+        self._held: dict[str, pipelines.Held] | None = None if connect.is_cluster(redis) else {}
 
     async def read(self, stream: str, *, count: int, block_ms: int | None) -> list[streams.Entry]:
-        """New entries of one stream (XREADGROUP ``>``)."""
+        """New entries of one stream (XREADGROUP ``>``), on the stream's held connection."""
+        held = None
+        if self._held is not None:
+            held = self._held.get(stream)
+            if held is None:
+                held = self._held[stream] = pipelines.Held(self._redis.connection_pool)
         return await streams.read_group(
-            self._redis, stream, self.consumer, count=count, block_ms=block_ms, group=self.group
+            self._redis,
+            stream,
+            self.consumer,
+            count=count,
+            block_ms=block_ms,
+            group=self.group,
+            held=held,
         )
+
+    async def aclose(self) -> None:
+        """Give the held connections back to the pool (closed first if a read was cut short)."""
+        held, self._held = self._held, None if self._held is None else {}
+        for connection in (held or {}).values():
+            await connection.aclose()
 
     async def read_many(
         self,
@@ -523,6 +545,21 @@ class Intake:
 
         In burst mode due retries are moved to the streams first and nothing is adopted.
         """
+        try:
+            await self._run_readers(roles, shards, burst)
+        finally:
+            # Shielded: a cancelled worker gives the readers' connections back too.
+            with anyio.move_on_after(5, shield=True):
+                await self.reader.aclose()
+        # Free the running slots of what ended; the rest expire after the lease TTL.
+        with anyio.move_on_after(5, shield=True):
+            await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
+            if self.key_limiter is not None:
+                await guarded(self.key_limiter.sweep, connect.Backoff("freeing per-key slots"))
+
+    async def _run_readers(
+        self, roles: Sequence[Role], shards: Mapping[str, Sequence[str]], burst: bool
+    ) -> None:
         async with anyio.create_task_group() as readers:
             if not burst:
                 readers.start_soon(self.flow.run)
@@ -545,11 +582,6 @@ class Intake:
                         readers.start_soon(self.read_levels_loop, role, shard, burst)
                     else:
                         readers.start_soon(self.read_loop, role, shard, burst)
-        # Free the running slots of what ended; the rest expire after the lease TTL.
-        with anyio.move_on_after(5, shield=True):
-            await guarded(self.limiter.sweep, connect.Backoff("freeing running slots"))
-            if self.key_limiter is not None:
-                await guarded(self.key_limiter.sweep, connect.Backoff("freeing per-key slots"))
 
     async def read_loop(self, role: Role, shard: str, burst: bool) -> None:
         """Read a partition's new entries as there is room for them (``burst``: until idle)."""

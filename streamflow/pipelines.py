@@ -17,6 +17,11 @@ when it is cancelled the connection, whose state is then unknown, is reconnected
 
 The blocking client (:class:`HeldConnection`) cannot coalesce for one thread; it only skips the
 pool, and a second thread that finds the held connection busy goes through the pool instead.
+
+:class:`Held` is the asyncio held connection itself (kept, packed writes, reconnected when a
+use failed or was cancelled half-way, closed rather than given back dirty): the publish lane
+above sends on one, a worker's group reader reads on one per stream
+(:func:`streamflow.streams.read_group`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streamflow.sentinel import MasterPool
 
 #: One command: its name and arguments, as redis-py packs them.
 Command = tuple[Any, ...]
@@ -59,10 +66,7 @@ class AutoPipeline:
     """
 
     def __init__(self, redis: Redis) -> None:
-        self._pool: Any = redis.connection_pool
-        self._connection: Any = None
-        #: The held connection may hold unread replies (a batch failed half-way).
-        self._dirty = False
+        self._held = Held(redis.connection_pool)
         self._queue: list[_Call] = []
         #: A batch is on the wire, or a waiting call was handed the next one.
         self._sending = False
@@ -144,21 +148,87 @@ class AutoPipeline:
         ``own`` is raised, and the others fail as if the connection was lost.
         """
         try:
-            connection = await self._ready()
-            self._dirty = True
+            connection = await self._held.begin()
             commands = [command for call in batch for command in call.commands]
             await _write(connection, _pack(connection, commands))
             for call in batch:
                 replies = await _read(connection, len(call.commands))
                 if not call.done.done():
                     call.done.set_result(replies)
-            self._dirty = False
+            self._held.end()
         except Exception as exc:
             _fail(batch, exc)
         except BaseException:
             own.done.cancel()
             _fail(batch, RedisConnectionError("publishing cancelled half-way: batch dropped"))
             raise
+
+    async def aclose(self) -> None:
+        """Give the held connection back to the pool."""
+        await self._held.aclose()
+
+
+class Held:
+    """One connection taken out of a pool and kept, for a user that sends one thing at a time.
+
+    Checking a connection out of redis-py's pool and back costs about as much as a short
+    command's round trip (locks, a condition, observability hooks, the connect-and-retry
+    wrapper): a user that sends all the time (the publish lane, a worker's reader) keeps one.
+    It marks the connection in use (:meth:`begin`) before it writes and clean (:meth:`end`)
+    once every reply is read. A connection left in use (a failure, or a cancellation half-way:
+    a reply may still come) is reconnected before its next use and closed before it goes back
+    to the pool, so no command ever reads another one's reply.
+
+    On a Sentinel client the pool is asked (at most once a
+    :data:`~streamflow.sentinel.MASTER_CHECK_INTERVAL`) whether the master moved, and a held
+    connection opened to a former master is reconnected, as the pool does with the
+    connections it hands out (see :class:`~streamflow.sentinel.MasterPool`).
+
+    Args:
+        pool: A single-node or Sentinel client's connection pool (not a cluster's: a cluster
+            client sends each command to the node of its slot).
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._connection: Any = None
+        #: The held connection may hold unread replies (a use failed or was cancelled).
+        self._dirty = False
+        #: A use is under way (a second user of the same Held goes through the pool).
+        self.busy = False
+        self._follow = pool.keep_current if isinstance(pool, MasterPool) else None
+
+    async def begin(self) -> Any:
+        """The connection, connected and clean, marked in use until :meth:`end`."""
+        connection = await self._ready()
+        self._dirty = True
+        return connection
+
+    def end(self) -> None:
+        """Every reply of this use was read: the connection is clean again."""
+        self._dirty = False
+
+    async def execute(self, command: Command) -> Any:
+        """Send one command and read its raw reply (no reply callback).
+
+        Raises:
+            redis.exceptions.ResponseError: Redis refused the command (its reply was read:
+                the connection stays clean).
+            redis.exceptions.ConnectionError: The connection was lost (or another outage).
+        """
+        self.busy = True
+        try:
+            connection = await self.begin()
+            await _write(connection, _pack(connection, (command,)))
+            try:
+                reply = await connection.read_response()
+            except ResponseError:
+                self._dirty = False
+                raise
+            self._dirty = False
+            return reply
+        finally:
+            self.busy = False
 
     async def _ready(self) -> Any:
         """The held connection, connected and clean (reconnected after Redis went away)."""
@@ -167,16 +237,20 @@ class AutoPipeline:
             connection = self._connection = await self._pool.get_connection()
         elif self._dirty:
             await connection.disconnect()
-        elif await _clean(connection):
+        elif (self._follow is None or await self._follow(connection)) and await _clean(connection):
             return connection  # the usual case, without the pool's connect-and-retry wrapper
         await self._pool.ensure_connection(connection)
         return connection
 
     async def aclose(self) -> None:
-        """Give the held connection back to the pool."""
+        """Give the held connection back to the pool (closed first if it may hold a reply)."""
         connection, self._connection = self._connection, None
-        if connection is not None:
-            await self._pool.release(connection)
+        if connection is None:
+            return
+        if self._dirty:
+            self._dirty = False
+            await connection.disconnect(nowait=True)
+        await self._pool.release(connection)
 
 
 def _fail(batch: list[_Call], exc: Exception) -> None:
@@ -232,7 +306,12 @@ async def _write(connection: Any, packed: list[bytes]) -> None:
     marked dirty by the caller and reconnected before its next use.
     """
     writer = getattr(connection, "_writer", None)
-    if writer is None or getattr(connection, "_send_packed_command", None) is None:
+    if (
+        writer is None
+        or getattr(connection, "_send_packed_command", None) is None
+        # fakeredis's transport (streamflow.testing's harness) has no write buffer to ask.
+        or not hasattr(writer.transport, "get_write_buffer_size")
+    ):
         await connection.send_packed_command(packed, False)  # another redis-py: the public way
         return
     try:

@@ -150,6 +150,20 @@ class MasterPool(SentinelConnectionPool, BlockingConnectionPool):
             await connection.disconnect()
         await super().release(connection)
 
+    async def keep_current(self, connection: Any) -> bool:
+        """For a connection held outside the pool: False if it was closed, its master gone.
+
+        A held connection (see :class:`streamflow.pipelines.Held`) is neither checked out
+        nor released, where the pool follows the master: it asks here before each use, and
+        one opened to a former master is closed (the holder reconnects it to the new one).
+        """
+        await self._follow_master()
+        master = self.master_address
+        if master is None or (connection.host, connection.port) == tuple(master):
+            return True
+        await connection.disconnect()
+        return False
+
     async def aclose(self) -> None:
         """Close the pool and the connections to the sentinels."""
         try:

@@ -24,7 +24,7 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from streamflow import Client, RedisUnavailable, SyncClient, config, connect, sentinel
+from streamflow import Client, RedisUnavailable, SyncClient, config, connect, pipelines, sentinel
 from streamflow.errors import ConfigError
 from streamflow.keys import GROUP, Keys
 from tests.apps import Line, read_trace
@@ -501,3 +501,30 @@ def account(how: str, failover: Failover, publisher: Publisher, trace: list[Line
         duplicated={m: n for m, n in runs.items() if n > 1},
         duplicate_bound=sum(start <= at <= end + DUPLICATE_SLACK for at in started.values()),
     )
+
+
+@pytest.mark.anyio
+async def test_a_held_connection_follows_the_master_after_a_planned_failover(
+    group: LocalSentinel, admin: Redis
+) -> None:
+    """A connection held out of the pool (a client's publishes, a worker's reads) is neither
+    checked out nor released, where the pool follows the master: it asks before each use, and
+    lands on the new master long before the sentinels reconfigure the old one (~10 s)."""
+    await anyio.to_thread.run_sync(group.wait_ready)
+    held = pipelines.Held(admin.connection_pool)
+    try:
+        with anyio.fail_after(30):
+            assert await _port_of(held) == group.master.port
+            await planned_failover(group)
+        with anyio.fail_after(sentinel.MASTER_CHECK_INTERVAL + 3):
+            while await _port_of(held) != group.replica.port:
+                await anyio.sleep(0.05)
+    finally:
+        await held.aclose()
+
+
+async def _port_of(held: pipelines.Held) -> int:
+    """The port of the server the held connection talks to."""
+    info = await held.execute(("INFO", "server"))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return int(text.split("tcp_port:", 1)[1].split()[0])

@@ -329,6 +329,31 @@ async def test_stop_lets_in_flight_handlers_finish_and_acks_them(
     assert await redis.xlen(Keys(namespace).role_stream("slow")) == 0
 
 
+async def test_a_stopped_worker_has_given_every_connection_back_to_the_pool(
+    redis: Redis, namespace: str
+) -> None:
+    """The readers' held connections included (one per stream read, reading when stopped)."""
+    app = App()
+    done = anyio.Event()
+
+    @app.role("plain", partitions=2)
+    async def plain(ctx: Context, payload: Any) -> None:
+        done.set()
+
+    client = Client(redis, namespace=namespace)
+    await client.publish("plain")
+    pool: Any = redis.connection_pool
+    before = set(pool._in_use_connections)  # the client's publish lane holds one
+    worker = Worker(app, redis, namespace=namespace, block_ms=100)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await done.wait()
+            assert len(pool._in_use_connections) > len(before)
+            worker.stop()
+    assert set(pool._in_use_connections) == before
+
+
 async def test_handlers_past_the_shutdown_grace_are_cancelled_and_stay_pending(
     redis: Redis, namespace: str
 ) -> None:
