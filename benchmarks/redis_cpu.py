@@ -1,11 +1,12 @@
 """Redis CPU per message, publish and drain apart, with the commands that spent it.
 
 For each streamflow given (a directory to import it from, as ``PYTHONPATH``; ``.`` for the work
-tree), in alternating rounds against one private redis-server: publish N jobs with
-``Client.publish_many``, then drain them with one default worker process (``_worker.py
-drain``). ``INFO cpu`` is read before publishing, between, and after the drain, and ``INFO
-commandstats`` around the drain: calls and wall µs per message of each command (inside
-scripts too; EVALSHA's time includes the commands its script ran).
+tree; ``bare`` for the bare redis-py loop of ``throughput.py``, XREADGROUP + XACK in this
+process, the reference of the same machine), in alternating rounds against one private
+redis-server: publish N jobs with ``Client.publish_many``, then drain them with one default
+worker process (``_worker.py drain``). ``INFO cpu`` is read before publishing, between, and
+after the drain, and ``INFO commandstats`` around the drain: calls and wall µs per message of
+each command (inside scripts too; EVALSHA's time includes the commands its script ran).
 
     PYTHONPATH=. .venv/bin/python benchmarks/redis_cpu.py --messages 100000 --rounds 2 \\
         /tmp/streamflow-074ce1c .
@@ -17,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import time
 import uuid
 from typing import Any
 
 from _common import ROLE, WorkerProcess, redis_cpu_seconds
 from redis.asyncio import Redis
+from throughput import bare_drain
 
 from streamflow import Client
 from streamflow.keys import Keys
@@ -47,13 +50,16 @@ async def one_run(url: str, n: int, path: str) -> str:
         await client.publish_many(ROLE, [{"i": i} for i in range(n)])
         cpu1 = await redis_cpu_seconds(admin)
         stats0 = await commandstats(admin)
-        async with WorkerProcess("drain", url, namespace) as worker:
-            async with asyncio.timeout(120 + n / 500):
-                report = await worker.wait_event("drained")
-                await worker.wait()
+        if path == BARE:
+            report = await drain_bare(admin, stream, n)
+        else:
+            async with WorkerProcess("drain", url, namespace) as worker:
+                async with asyncio.timeout(120 + n / 500):
+                    report = await worker.wait_event("drained")
+                    await worker.wait()
         cpu2 = await redis_cpu_seconds(admin)
         stats1 = await commandstats(admin)
-        if report["acked"] != n or await admin.xlen(stream):
+        if report["acked"] != n or (path != BARE and await admin.xlen(stream)):
             raise RuntimeError(f"{path}: acked {report['acked']}/{n}, entries left")
     finally:
         await admin.delete(stream)
@@ -72,6 +78,18 @@ async def one_run(url: str, n: int, path: str) -> str:
     return "\n".join(lines)
 
 
+#: The ``path`` that names the bare redis-py loop instead of a streamflow.
+BARE = "bare"
+
+
+async def drain_bare(redis: Redis, stream: str, n: int) -> dict[str, Any]:
+    """The bare loop's drain of ``stream``, reported like the worker's (its entries are kept)."""
+    await redis.xgroup_create(stream, "g", id="0")
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    acked = await bare_drain(redis, stream)
+    return {"acked": acked, "cpu": time.process_time() - cpu0, "elapsed": time.perf_counter() - t0}
+
+
 async def measure(url: str, paths: list[str], messages: int, rounds: int) -> None:
     admin = Redis.from_url(url)
     print("redis-server", (await admin.info("server"))["redis_version"])
@@ -88,7 +106,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--redis-server", default=None, help="redis-server executable")
     args = parser.parse_args()
-    paths = [os.path.abspath(path) for path in args.paths]
+    paths = [path if path == BARE else os.path.abspath(path) for path in args.paths]
     with RedisServer(executable=args.redis_server, appendonly=False) as server:
         asyncio.run(measure(server.url, paths, args.messages, args.rounds))
 
