@@ -180,6 +180,14 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def print_tables(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> None:
+    """Print ``rows`` as a text table, then (``markdown``) as a markdown table too."""
+    print(text_table(header, rows))
+    if markdown:
+        print()
+        print(markdown_table(header, rows))
+
+
 def git_revision() -> str:
     """Which streamflow was measured: the work tree's commit (``+dirty`` with local changes to
     streamflow/), or the directory it was imported from when that is outside the work tree."""

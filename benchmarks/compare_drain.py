@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import markdown_table, redis_url, text_table
+from _common import print_tables, redis_url
 from throughput import Drain, bare_loop, on_loop, worker_drain
 
 HEADER = ["drain", "msgs/s (median)", "of bare", "worker CPU us/msg", "Redis CPU us/msg", "runs"]
@@ -82,10 +82,7 @@ def main() -> None:
             drain_with(snapshot, url, args.messages, profile=out)
             print(f"cProfile stats of the worker ({snapshot}) written to {out}", file=sys.stderr)
     table = rows(runs)
-    print(text_table(HEADER, table))
-    if args.markdown:
-        print()
-        print(markdown_table(HEADER, table))
+    print_tables(HEADER, table, args.markdown)
 
 
 if __name__ == "__main__":

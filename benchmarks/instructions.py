@@ -61,10 +61,9 @@ from _common import (
     BENCH_DIR,
     REPO_ROOT,
     WorkerProcess,
-    markdown_table,
     pending_count,
+    print_tables,
     redis_url,
-    text_table,
 )
 from redis.asyncio import Redis
 from throughput import PUBLISH_CHUNK, bare_drain, sample_body
@@ -312,10 +311,7 @@ def main() -> None:
             counts = run(args)
     table = rows(counts)
     print(f"instructions per message = (Ir({args.messages}) - Ir({args.base})) / difference")
-    print(text_table(HEADER, table))
-    if args.markdown:
-        print()
-        print(markdown_table(HEADER, table))
+    print_tables(HEADER, table, args.markdown)
 
 
 if __name__ == "__main__":
